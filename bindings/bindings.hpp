@@ -1,0 +1,11 @@
+// Internal: one init function per bound area of the core.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+namespace livetrain::bindings {
+
+void init_safetensors(nanobind::module_& m);
+void init_cuda(nanobind::module_& m);
+
+}  // namespace livetrain::bindings

@@ -1,0 +1,101 @@
+// Files owned by RAII (descriptors, read-only mappings) and the one crash-safe write protocol that every
+// livetrain file goes through: write a temporary file beside the target, fsync it, rename it over the
+// target, fsync the directory. docs/durable-writes.md states the protocol and what it guarantees.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+
+namespace livetrain::fs {
+
+// An owned file descriptor; closed on destruction.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& other) noexcept : fd_(other.release()) {}
+  Fd& operator=(Fd&& other) noexcept;
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd();
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// A read-only, shared mapping of a whole file (size 0 is allowed and maps nothing).
+class Mapping {
+ public:
+  Mapping() = default;
+  static Mapping open_readonly(const std::string& path);
+  Mapping(Mapping&& other) noexcept;
+  Mapping& operator=(Mapping&& other) noexcept;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping();
+
+  const uint8_t* data() const { return static_cast<const uint8_t*>(addr_); }
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  void* addr_ = nullptr;
+  size_t size_ = 0;
+  std::string path_;
+};
+
+// Sequential writer over a descriptor: retries short writes and EINTR, counts bytes.
+class Writer {
+ public:
+  Writer(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  void write(const void* data, size_t size);
+  void write(std::string_view s) { write(s.data(), s.size()); }
+  void write_zeros(size_t size);
+  uint64_t bytes_written() const { return written_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  int fd_;
+  std::string path_;
+  uint64_t written_ = 0;
+};
+
+// Replaces `path` by a file whose bytes `fill` writes, so that after a crash at any instant `path` is
+// either its old content (or absent, if it was) or the complete new content; never a mix. The protocol:
+// create `.<name>.livetrain-tmp.<pid>.<n>` in the same directory (mode 0600), fill it, fsync it, set
+// `mode`, rename it over `path`, fsync the directory. If anything fails the temporary file is removed,
+// `path` is untouched, and the error names the step and the file. A symlink at `path` is replaced by a
+// regular file, never written through.
+void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill,
+                       mode_t mode = 0644);
+void write_file_atomic(const std::string& path, std::string_view content, mode_t mode = 0644);
+
+// fsync of a directory, so that a rename or create inside it is durable.
+void fsync_dir(const std::string& dir);
+
+// The whole content of a (small) regular file.
+std::string read_file(const std::string& path);
+
+bool exists(const std::string& path);
+bool is_directory(const std::string& path);
+std::string dirname(const std::string& path);
+std::string basename(const std::string& path);
+std::string join(const std::string& a, const std::string& b);
+
+// Whether `name` is one of the temporary files write_file_atomic leaves behind after a crash.
+bool is_atomic_temp_name(std::string_view name);
+
+}  // namespace livetrain::fs

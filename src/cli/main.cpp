@@ -1,0 +1,129 @@
+// The `livetrain` command: dispatches subcommands; every failure is one line on stderr and a non-zero exit.
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cli/commands.hpp"
+#include "livetrain/cuda.hpp"
+#include "livetrain/error.hpp"
+#include "livetrain/json.hpp"
+
+namespace livetrain::cli {
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: livetrain <command> [options]\n"
+    "\n"
+    "livetrain fine-tunes a model while it is being served; this tool works on its files with no Python.\n"
+    "\n"
+    "commands:\n"
+    "  inspect PATH      list the tensors of a safetensors file or model directory (dtypes, shapes,\n"
+    "                    bytes, shard), validating every header strictly\n"
+    "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
+    "  help [COMMAND]    show this text, or a command's own help\n"
+    "\n"
+    "options:\n"
+    "  -h, --help        help (also after a command: livetrain inspect --help)\n"
+    "  --version         print the version\n";
+
+constexpr const char* kDevicesUsage =
+    "usage: livetrain devices [--json]\n"
+    "\n"
+    "List the CUDA devices visible to this process: ordinal, name, UUID, memory, compute capability.\n"
+    "Ordinals depend on CUDA_VISIBLE_DEVICES; UUIDs identify a GPU across processes.\n"
+    "\n"
+    "options:\n"
+    "  --json            print JSON instead of a table\n";
+
+int run_devices(const std::vector<std::string>& args) {
+  bool as_json = false;
+  for (const std::string& a : args) {
+    if (a == "-h" || a == "--help") {
+      std::fputs(kDevicesUsage, stdout);
+      return 0;
+    }
+    if (a == "--json") as_json = true;
+    else throw UsageError("devices: unknown argument '" + a + "'");
+  }
+  std::string reason;
+  auto devs = cuda::devices(&reason);
+  if (as_json) {
+    json::Value root = json::Value::object();
+    root.set("compiled_with_cuda", json::Value::boolean(cuda::compiled_with_cuda()));
+    json::Value list = json::Value::array();
+    for (const auto& d : devs) {
+      json::Value e = json::Value::object();
+      e.set("ordinal", json::Value::unsigned_integer(static_cast<uint64_t>(d.ordinal)));
+      e.set("name", json::Value::string(d.name));
+      e.set("uuid", json::Value::string(d.uuid));
+      e.set("total_memory", json::Value::unsigned_integer(d.total_memory));
+      e.set("compute_capability", json::Value::string(std::to_string(d.compute_major) + "." +
+                                                       std::to_string(d.compute_minor)));
+      list.push(std::move(e));
+    }
+    root.set("devices", std::move(list));
+    if (devs.empty()) root.set("reason", json::Value::string(reason));
+    std::fputs(root.dump_pretty().c_str(), stdout);
+    return 0;
+  }
+  if (devs.empty()) {
+    std::printf("no CUDA devices: %s\n", reason.c_str());
+    return 0;
+  }
+  for (const auto& d : devs) {
+    std::printf("%d  %-28s %s  %.1f GiB  sm_%d%d  %d SMs\n", d.ordinal, d.name.c_str(), d.uuid.c_str(),
+                static_cast<double>(d.total_memory) / (1ull << 30), d.compute_major, d.compute_minor,
+                d.multiprocessors);
+  }
+  return 0;
+}
+
+int dispatch(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  std::string cmd = args.front();
+  args.erase(args.begin());
+  if (cmd == "-h" || cmd == "--help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (cmd == "--version") {
+    std::printf("livetrain %s (%s)\n", LIVETRAIN_VERSION, cuda::compiled_with_cuda() ? "with CUDA" : "CPU only");
+    return 0;
+  }
+  if (cmd == "help") {
+    if (args.empty()) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    cmd = args.front();
+    args = {"--help"};
+  }
+  if (cmd == "inspect") return run_inspect(args);
+  if (cmd == "devices") return run_devices(args);
+  throw UsageError("unknown command '" + cmd + "' (see livetrain --help)");
+}
+
+}  // namespace
+
+}  // namespace livetrain::cli
+
+int main(int argc, char** argv) {
+  try {
+    return livetrain::cli::dispatch(argc, argv);
+  } catch (const livetrain::cli::UsageError& e) {
+    std::fprintf(stderr, "livetrain: %s\n", e.what());
+    return 2;
+  } catch (const livetrain::Error& e) {
+    std::fprintf(stderr, "livetrain: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "livetrain: internal error: %s\n", e.what());
+    return 3;
+  }
+}

@@ -1,0 +1,182 @@
+// RAII file handles and the crash-safe write protocol (docs/durable-writes.md).
+#include "livetrain/fs.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+#include "livetrain/error.hpp"
+
+namespace livetrain::fs {
+
+Fd& Fd::operator=(Fd&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.release();
+  }
+  return *this;
+}
+
+Fd::~Fd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Mapping Mapping::open_readonly(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    int err = errno;
+    if (err == ENOENT) throw Error(ErrorCode::kNotFound, path + ": no such file");
+    throw io_error("cannot open " + path, err);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) throw io_error("cannot stat " + path);
+  if (!S_ISREG(st.st_mode)) throw Error(ErrorCode::kIo, path + ": not a regular file");
+  Mapping m;
+  m.path_ = path;
+  m.size_ = static_cast<size_t>(st.st_size);
+  if (m.size_ > 0) {
+    void* addr = ::mmap(nullptr, m.size_, PROT_READ, MAP_SHARED, fd.get(), 0);
+    if (addr == MAP_FAILED) throw io_error("cannot mmap " + path);
+    m.addr_ = addr;
+  }
+  return m;
+}
+
+Mapping::Mapping(Mapping&& other) noexcept
+    : addr_(other.addr_), size_(other.size_), path_(std::move(other.path_)) {
+  other.addr_ = nullptr;
+  other.size_ = 0;
+}
+
+Mapping& Mapping::operator=(Mapping&& other) noexcept {
+  if (this != &other) {
+    if (addr_) ::munmap(addr_, size_);
+    addr_ = other.addr_;
+    size_ = other.size_;
+    path_ = std::move(other.path_);
+    other.addr_ = nullptr;
+    other.size_ = 0;
+  }
+  return *this;
+}
+
+Mapping::~Mapping() {
+  if (addr_) ::munmap(addr_, size_);
+}
+
+void Writer::write(const void* data, size_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    ssize_t n = ::write(fd_, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw io_error("cannot write " + path_);
+    }
+    if (n == 0) throw Error(ErrorCode::kIo, "cannot write " + path_ + ": write returned 0");
+    p += n;
+    size -= static_cast<size_t>(n);
+    written_ += static_cast<uint64_t>(n);
+  }
+}
+
+void Writer::write_zeros(size_t size) {
+  static const char kZeros[4096] = {};
+  while (size > 0) {
+    size_t n = size < sizeof(kZeros) ? size : sizeof(kZeros);
+    write(kZeros, n);
+    size -= n;
+  }
+}
+
+std::string dirname(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::string basename(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+std::string join(const std::string& a, const std::string& b) {
+  if (a.empty() || b.empty() || b.front() == '/') return a.empty() ? b : (b.empty() ? a : b);
+  return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static constexpr std::string_view kTempMarker = ".livetrain-tmp.";
+
+bool is_atomic_temp_name(std::string_view name) {
+  return !name.empty() && name.front() == '.' && name.find(kTempMarker) != std::string_view::npos;
+}
+
+void fsync_dir(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) throw io_error("cannot open directory " + dir + " to fsync it");
+  if (::fsync(fd.get()) != 0) throw io_error("fsync of directory " + dir + " failed");
+}
+
+void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill, mode_t mode) {
+  static std::atomic<uint64_t> counter{0};
+  const std::string dir = dirname(path);
+  const std::string tmp = join(dir, "." + basename(path) + std::string(kTempMarker) +
+                                        std::to_string(::getpid()) + "." + std::to_string(counter++));
+  Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd.valid()) throw io_error("cannot create temporary file " + tmp + " for " + path);
+  try {
+    Writer writer(fd.get(), path);
+    fill(writer);
+    // A failed fsync may have dropped the dirty pages: the file is abandoned, never retried.
+    if (::fsync(fd.get()) != 0) throw io_error("fsync of " + path + " (temporary " + tmp + ") failed");
+    if (::fchmod(fd.get(), mode) != 0) throw io_error("cannot set mode of " + tmp);
+    if (::close(fd.release()) != 0) throw io_error("close of " + tmp + " failed");
+    if (::rename(tmp.c_str(), path.c_str()) != 0) throw io_error("cannot rename " + tmp + " to " + path);
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  fsync_dir(dir);
+}
+
+void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {
+  write_file_atomic(path, [&](Writer& w) { w.write(content); }, mode);
+}
+
+std::string read_file(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    int err = errno;
+    if (err == ENOENT) throw Error(ErrorCode::kNotFound, path + ": no such file");
+    throw io_error("cannot open " + path, err);
+  }
+  std::string out;
+  char buf[65536];
+  while (true) {
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw io_error("cannot read " + path);
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+}  // namespace livetrain::fs
