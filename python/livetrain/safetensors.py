@@ -7,6 +7,7 @@ byte-compatible with the reference writer and atomic (temporary file, fsync, ren
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping
 
 import torch
@@ -58,7 +59,14 @@ def _as_tensor(buf, dtype: str, shape, copy: bool) -> torch.Tensor:
     if dtype == "F4":
         # torch packs two E2M1 values per element; the file's shape counts single values.
         shape = tuple(shape[:-1]) + (shape[-1] // 2,)
-    t = torch.from_numpy(buf.copy() if copy else buf)
+    if buf.size == 0:
+        return torch.empty(tuple(shape), dtype=torch_dtype(dtype))
+    if copy:
+        t = torch.from_numpy(buf.copy())
+    else:
+        with warnings.catch_warnings():  # the mapping is read-only, as the docstring says
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(buf)
     return t.view(torch_dtype(dtype)).reshape(tuple(shape))
 
 
