@@ -1,0 +1,122 @@
+// APOLLO, APOLLO-Mini and AdamW steps on one parameter, in place, with CPU and CUDA implementations of the
+// same signature. The math, with the paper's equation numbers, is in docs/optim.md.
+//
+// APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270) keeps AdamW's
+// moments for a random projection R of the gradient G (rank r, along the smaller dimension), turns them
+// into a per-channel (APOLLO) or per-tensor (APOLLO-Mini) scaling factor s = ‖R̃‖ / ‖R‖, and applies the
+// scaled *full-rank* gradient: W ← (W − η·√α·(s/λ)·G)·(1 − lr·wd), with λ the norm-growth limiter.
+//
+// Memory: an m×n matrix with K = max(m, n) keeps M and V of K×r floats and one float for the limiter; the
+// projection P (r×min(m, n)) is regenerated from (seed, step / update_proj_gap) with a counter-based
+// generator (Philox4x32-10) every step and never stored.
+//
+// A step is a pure function of (weight, gradient, state, step counter, seed): the same inputs give the same
+// result on the same device, and stochastic rounding draws its bits from Philox keyed by (seed, step,
+// element), so a step is reproducible.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "livetrain/dtype.hpp"
+
+namespace livetrain::optim {
+
+enum class Rounding : uint8_t { kStochastic = 0, kNearest = 1 };
+enum class Scaling : uint8_t { kChannel = 0, kTensor = 1 };
+
+// Outcome of one parameter's step, written by the step itself (on the device for CUDA steps) so that
+// nothing waits for the host; read it after the stream is synchronized. The step counter lives beside it
+// (same device) and only a successful step advances it, so a skipped step leaves no trace at all.
+enum Status : int32_t {
+  kStatusOk = 0,
+  kStatusNonFiniteGrad = 1,    // the gradient holds NaN or Inf: nothing was written (weight, M, V, limiter)
+  kStatusNonFiniteUpdate = 2,  // the update overflowed: the weight was not written
+};
+
+struct ApolloHyper {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-6f;
+  float weight_decay = 0.0f;
+  int32_t rank = 1;
+  int32_t update_proj_gap = 200;
+  float scale = 1.0f;  // α², the paper's scale: the update is multiplied by √scale
+  Scaling scaling = Scaling::kChannel;
+  bool limiter = true;         // norm-growth limiter, γ = 1.01
+  float max_grad_norm = 0.0f;  // per-parameter clipping of ‖G‖ before the step; 0 = off
+  Rounding rounding = Rounding::kStochastic;
+};
+
+// The APOLLO-Mini settings of the paper: rank 1, tensor-wise scaling, scale 128 (α = √128).
+ApolloHyper apollo_mini_defaults();
+
+// One APOLLO step on a matrix parameter.
+struct ApolloStep {
+  void* weight = nullptr;  // [rows, cols], row stride ld_weight elements; BF16 or F32; updated in place
+  DType weight_dtype = DType::kBF16;
+  int64_t ld_weight = 0;
+  const void* grad = nullptr;  // [rows, cols], contiguous; BF16 or F32
+  DType grad_dtype = DType::kBF16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float* m = nullptr;           // [max(rows, cols), rank] fp32, zero at the first step
+  float* v = nullptr;           // [max(rows, cols), rank] fp32
+  float* prev_norm = nullptr;   // [1] fp32: ‖U‖ of the previous step, < 0 before the first
+  int32_t* status = nullptr;    // [1] out: a Status
+  uint64_t* step = nullptr;     // [1] steps completed (t); incremented by a step that succeeds
+  uint64_t seed = 0;            // the parameter's seed
+  void* workspace = nullptr;    // apollo_workspace_bytes(rows, cols, rank) bytes, same device
+  ApolloHyper hyper;
+};
+
+size_t apollo_workspace_bytes(int64_t rows, int64_t cols, int32_t rank);
+
+// The projection for a step, as the step uses it: P is [rank, cols] when rows >= cols (R = G·Pᵀ), else
+// [rows, rank] (R = Pᵀ·G), entries N(0, 1/rank), regenerated from (seed, step / update_proj_gap).
+void apollo_projection(float* out, int64_t rows, int64_t cols, int32_t rank, uint64_t seed, uint64_t step,
+                       int32_t update_proj_gap);
+
+struct AdamWHyper {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+  float max_grad_norm = 0.0f;
+  Rounding rounding = Rounding::kStochastic;
+};
+
+// One AdamW step (torch.optim.AdamW's math: decoupled decay W ← W·(1 − lr·wd) first) on any parameter.
+struct AdamWStep {
+  void* weight = nullptr;  // [n] contiguous, BF16 or F32
+  DType weight_dtype = DType::kBF16;
+  const void* grad = nullptr;  // [n] contiguous
+  DType grad_dtype = DType::kBF16;
+  int64_t numel = 0;
+  float* m = nullptr;  // [n] fp32
+  float* v = nullptr;  // [n] fp32
+  int32_t* status = nullptr;
+  uint64_t* step = nullptr;  // [1] steps completed; incremented by a step that succeeds
+  uint64_t seed = 0;
+  void* workspace = nullptr;  // adamw_workspace_bytes(numel)
+  AdamWHyper hyper;
+};
+
+size_t adamw_workspace_bytes(int64_t numel);
+
+// CPU implementations (multithreaded; the reference for the CUDA ones).
+void apollo_step_cpu(const ApolloStep& s);
+void adamw_step_cpu(const AdamWStep& s);
+
+// CUDA implementations: every pointer is device memory of the current device; work is queued on `stream`
+// (a cudaStream_t) and nothing synchronizes. Throw Error(kUnsupported) in builds without CUDA.
+void apollo_step_cuda(const ApolloStep& s, void* stream);
+void adamw_step_cuda(const AdamWStep& s, void* stream);
+
+// Checks a step's arguments (dtypes, sizes, non-null pointers); throws Error(kInvalidArg) naming the field.
+void validate(const ApolloStep& s);
+void validate(const AdamWStep& s);
+
+}  // namespace livetrain::optim

@@ -1,0 +1,317 @@
+"""APOLLO, APOLLO-Mini and AdamW as a torch.optim.Optimizer whose steps run in the livetrain core.
+
+Each parameter is stepped on its own (``step_param``), so the optimizer can run from backward hooks and
+free every gradient as soon as it is used (``attach_hooks``): gradient memory is then about one
+parameter, not the whole model. bf16 weights are updated in place with stochastic rounding.
+
+Which algorithm a parameter gets is its group's ``algo``: ``"apollo"`` (matrices), ``"adamw"``, or
+``"auto"`` (the default: matrices whose smaller side is at least ``rank`` get APOLLO, everything else —
+norms, biases — AdamW). ``param_groups(model)`` builds the usual split, with embeddings and lm_head on
+APOLLO unless asked otherwise. docs/optim.md has the math and the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import torch
+
+from livetrain import _core
+from livetrain import safetensors as lst
+
+_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+STATUS_OK, STATUS_NONFINITE_GRAD, STATUS_NONFINITE_UPDATE = 0, 1, 2
+
+
+def _rounding(name: str):
+    try:
+        return getattr(_core.Rounding, name)
+    except AttributeError:
+        raise ValueError(f"rounding must be 'stochastic' or 'nearest', not {name!r}") from None
+
+
+def _scaling(name: str):
+    try:
+        return getattr(_core.Scaling, name)
+    except AttributeError:
+        raise ValueError(f"scaling must be 'channel' or 'tensor', not {name!r}") from None
+
+
+class Apollo(torch.optim.Optimizer):
+    """APOLLO (rank r, channel scaling) with AdamW for the parameters APOLLO does not take.
+
+    Defaults follow the official implementation: betas (0.9, 0.999), eps 1e-6, update_proj_gap 200,
+    scale 1, channel scaling, the norm-growth limiter on. ``max_grad_norm`` clips each parameter's
+    gradient norm before its step (0: off). ``seed`` makes projections and rounding reproducible.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0, scaling: str = "channel",
+                 limiter: bool = True, max_grad_norm: float = 0.0, rounding: str = "stochastic",
+                 adamw_eps: float = 1e-8, algo: str = "auto", seed: int = 0):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if rank < 1 or update_proj_gap < 1 or scale <= 0:
+            raise ValueError("rank and update_proj_gap must be >= 1 and scale > 0")
+        _scaling(scaling), _rounding(rounding)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, scaling=scaling, limiter=limiter,
+                        max_grad_norm=max_grad_norm, rounding=rounding, adamw_eps=adamw_eps, algo=algo)
+        self._param_index: dict = {}
+        super().__init__(params, defaults)
+        self._seed = seed
+        self._workspaces: dict[torch.device, torch.Tensor] = {}
+        index = 0
+        for group in self.param_groups:
+            if group["algo"] not in ("auto", "apollo", "adamw"):
+                raise ValueError(f"algo must be 'auto', 'apollo' or 'adamw', not {group['algo']!r}")
+            for p in group["params"]:
+                index += 1
+                self._param_index[p] = index
+
+    # ---- which algorithm, and its state ----
+    def algorithm(self, p: torch.Tensor, group: dict | None = None) -> str:
+        group = group or self._group_of(p)
+        algo = group["algo"]
+        if algo == "auto":
+            algo = "apollo" if p.dim() == 2 and min(p.shape) >= group["rank"] else "adamw"
+        if algo == "apollo" and (p.dim() != 2 or min(p.shape) < group["rank"]):
+            raise ValueError(f"APOLLO needs a matrix whose smaller side is >= rank {group['rank']}; "
+                             f"got shape {tuple(p.shape)}")
+        return algo
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            algo = self.algorithm(p, group)
+            dev = p.device
+            if algo == "apollo":
+                k = max(p.shape) * group["rank"]
+            else:
+                k = p.numel()
+            state["m"] = torch.zeros(k, dtype=torch.float32, device=dev)
+            state["v"] = torch.zeros(k, dtype=torch.float32, device=dev)
+            state["step"] = torch.zeros(1, dtype=torch.int64, device=dev)
+            state["status"] = torch.zeros(1, dtype=torch.int32, device=dev)
+            if algo == "apollo":
+                state["prev_norm"] = torch.full((1,), -1.0, dtype=torch.float32, device=dev)
+            state["algo"] = algo
+            state["seed"] = (self._seed * 1_000_003 + self._param_index.get(p, 0)) & 0xFFFFFFFFFFFFFFFF
+        return state
+
+    def _workspace(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        ws = self._workspaces.get(device)
+        if ws is None or ws.numel() < nbytes:
+            # Zero-filled once: the steps keep their counters at zero between uses.
+            ws = torch.zeros(max(nbytes, 4096), dtype=torch.uint8, device=device)
+            self._workspaces[device] = ws
+        return ws
+
+    # ---- stepping ----
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """One step of one parameter with ``grad`` (default ``p.grad``), queued on the current stream."""
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            return
+        group = self._group_of(p)
+        state = self._state(p, group)
+        if p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
+            raise TypeError(f"livetrain optimizers update bf16 or fp32 parameters, not {p.dtype} (grad {grad.dtype})")
+        if grad.device != p.device:
+            raise ValueError(f"gradient on {grad.device} but parameter on {p.device}")
+        grad = grad.contiguous()
+        cuda = p.device.type == "cuda"
+        stream = torch.cuda.current_stream(p.device).cuda_stream if cuda else 0
+        wdt, gdt = _DTYPES[p.dtype], _DTYPES[grad.dtype]
+        with torch.cuda.device(p.device) if cuda else _null():
+            if state["algo"] == "apollo":
+                if p.stride(1) != 1:
+                    raise ValueError(f"APOLLO needs rows of the weight contiguous; got strides {p.stride()}")
+                rows, cols = p.shape
+                h = _core.ApolloHyper()
+                h.lr, (h.beta1, h.beta2), h.eps = group["lr"], group["betas"], group["eps"]
+                h.weight_decay, h.rank, h.update_proj_gap = group["weight_decay"], group["rank"], group["update_proj_gap"]
+                h.scale, h.scaling, h.limiter = group["scale"], _scaling(group["scaling"]), group["limiter"]
+                h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
+                ws = self._workspace(p.device, _core.apollo_workspace_bytes(rows, cols, group["rank"])) if cuda else None
+                _core.apollo_step(p.data_ptr(), wdt, p.stride(0), grad.data_ptr(), gdt, rows, cols,
+                                  state["m"].data_ptr(), state["v"].data_ptr(), state["prev_norm"].data_ptr(),
+                                  state["status"].data_ptr(), state["step"].data_ptr(), state["seed"],
+                                  ws.data_ptr() if ws is not None else 0, h, cuda, stream)
+            else:
+                if not p.is_contiguous():
+                    raise ValueError(f"AdamW needs a contiguous parameter; got shape {tuple(p.shape)} strides {p.stride()}")
+                h = _core.AdamWHyper()
+                h.lr, (h.beta1, h.beta2), h.eps = group["lr"], group["betas"], group["adamw_eps"]
+                h.weight_decay, h.max_grad_norm = group["weight_decay"], group["max_grad_norm"]
+                h.rounding = _rounding(group["rounding"])
+                ws = self._workspace(p.device, _core.adamw_workspace_bytes(p.numel())) if cuda else None
+                _core.adamw_step(p.data_ptr(), wdt, grad.data_ptr(), gdt, p.numel(), state["m"].data_ptr(),
+                                 state["v"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr(),
+                                 state["seed"], ws.data_ptr() if ws is not None else 0, h, cuda, stream)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p)
+        return loss
+
+    def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
+        """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
+        ``backward()`` as usual and do not call ``step()``; returns the hook handles."""
+        handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if params is not None and not any(p is q for q in params):
+                    continue
+
+                def hook(param: torch.Tensor) -> None:
+                    self.step_param(param)
+                    param.grad = None
+
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        return handles
+
+    # ---- reporting and state ----
+    def report(self) -> dict:
+        """Steps taken and outcome of each parameter's last step (synchronizes with the device)."""
+        out = {"ok": 0, "skipped_nonfinite_grad": [], "nonfinite_update": [], "steps": {}}
+        names = getattr(self, "param_names", {})
+        for p, state in self.state.items():
+            if "status" not in state:
+                continue
+            status = int(state["status"].item())
+            name = names.get(p, f"param{self._param_index.get(p, 0)}")
+            out["steps"][name] = int(state["step"].item())
+            if status == STATUS_OK:
+                out["ok"] += 1
+            elif status == STATUS_NONFINITE_GRAD:
+                out["skipped_nonfinite_grad"].append(name)
+            else:
+                out["nonfinite_update"].append(name)
+        return out
+
+    def state_bytes(self) -> dict:
+        """Optimizer-state bytes per group and in total, beside what AdamW would keep (8 bytes/param)."""
+        groups, total, adamw = [], 0, 0
+        for i, group in enumerate(self.param_groups):
+            b = 0
+            for p in group["params"]:
+                algo = self.algorithm(p, group)
+                k = max(p.shape) * group["rank"] if algo == "apollo" else p.numel()
+                b += 8 * k + 16 + (4 if algo == "apollo" else 0)
+                adamw += 8 * p.numel()
+            groups.append({"group": i, "algo": group["algo"], "bytes": b})
+            total += b
+        return {"groups": groups, "total": total, "adamw_equivalent": adamw}
+
+    def save_state(self, path: str | os.PathLike, names: dict | None = None) -> None:
+        """Write the optimizer state as a safetensors file: per parameter m, v, step (and prev_norm),
+        with hyperparameters, seeds and algorithms in the metadata. Parameters are keyed by ``names``
+        (parameter -> name) or by their position."""
+        tensors, params = {}, {}
+        for p, state in self.state.items():
+            if "m" not in state:
+                continue
+            key = (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
+            for field in ("m", "v", "step", "prev_norm"):
+                if field in state:
+                    tensors[f"{key}.{field}"] = state[field].detach().cpu()
+            params[key] = {"algo": state["algo"], "seed": state["seed"], "shape": list(p.shape)}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        lst.save_file(tensors, path, metadata={"format": "pt", "livetrain.optimizer": "apollo/1",
+                                               "groups": json.dumps(groups), "params": json.dumps(params)})
+
+    def load_state(self, path: str | os.PathLike, names: dict | None = None) -> None:
+        """Restore what save_state wrote (same parameters, same names or order)."""
+        meta = lst.read_metadata(path) or {}
+        if meta.get("livetrain.optimizer") != "apollo/1":
+            raise _core.Error(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
+        params = json.loads(meta["params"])
+        tensors = lst.load_file(path)
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
+                if key not in params:
+                    continue
+                info = params[key]
+                if list(p.shape) != info["shape"]:
+                    raise _core.Error(f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}")
+                state = self._state(p, group)
+                if state["algo"] != info["algo"]:
+                    raise _core.Error(f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}")
+                for field in ("m", "v", "step", "prev_norm"):
+                    if field in state:
+                        src = tensors[f"{key}.{field}"]
+                        if src.shape != state[field].shape:
+                            raise _core.Error(f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}")
+                        state[field].copy_(src)
+                state["seed"] = info["seed"]
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (α = √128), as in the paper."""
+
+    def __init__(self, params, lr: float = 1e-3, **kw):
+        kw.setdefault("rank", 1)
+        kw.setdefault("scaling", "tensor")
+        kw.setdefault("scale", 128.0)
+        super().__init__(params, lr=lr, **kw)
+
+
+def param_groups(model: torch.nn.Module, embeddings: str = "apollo", weight_decay: float = 0.0) -> list[dict]:
+    """Split a model's trainable parameters the usual way: matrices -> APOLLO, 1-D (norms, biases) ->
+    AdamW without weight decay, embeddings and lm_head -> ``embeddings`` ("apollo", "adamw" or "frozen")."""
+    if embeddings not in ("apollo", "adamw", "frozen"):
+        raise ValueError(f"embeddings must be 'apollo', 'adamw' or 'frozen', not {embeddings!r}")
+    emb_ids = set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Embedding):
+            emb_ids.add(id(mod.weight))
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        emb_ids.add(id(out_emb.weight))
+    mats, vecs, embs, seen = [], [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in emb_ids:
+            embs.append(p)
+        elif p.dim() == 2:
+            mats.append(p)
+        else:
+            vecs.append(p)
+    groups = [{"params": mats, "algo": "apollo", "weight_decay": weight_decay},
+              {"params": vecs, "algo": "adamw", "weight_decay": 0.0}]
+    if embs and embeddings != "frozen":
+        groups.append({"params": embs, "algo": embeddings, "weight_decay": weight_decay})
+    elif embs:
+        for p in embs:
+            p.requires_grad_(False)
+    return [g for g in groups if g["params"]]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,72 @@
+// AdamW step on the CPU (torch.optim.AdamW's math), the reference for src/optim/adamw.cu; used for the
+// parameters APOLLO does not handle (norms, biases, and by option embeddings and lm_head).
+#include <atomic>
+#include <cmath>
+
+#include "livetrain/error.hpp"
+#include "livetrain/parallel.hpp"
+#include "optim/common.hpp"
+
+namespace livetrain::optim {
+
+using namespace detail;
+
+void adamw_step_cpu(const AdamWStep& s) {
+  validate(s);
+  const AdamWHyper& h = s.hyper;
+  auto load = [](const void* p, DType dt, int64_t i) {
+    return dt == DType::kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  };
+  float total = 0.0f;
+  for (int64_t i = 0; i < s.numel; ++i) {
+    float g = load(s.grad, s.grad_dtype, i);
+    total += g * g;
+  }
+  if (!finite(total)) {
+    *s.status = kStatusNonFiniteGrad;
+    return;
+  }
+  const float clip = clip_factor(h.max_grad_norm, total);
+  const uint64_t step = *s.step;
+  const double t = static_cast<double>(step + 1);
+  // Computed exactly as the CUDA step does (double, then rounded once).
+  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), t)));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), t)));
+  const float decay = 1.0f - h.lr * h.weight_decay;
+  std::atomic<int> bad{0};
+  const int64_t groups = (s.numel + 7) / 8;
+  parallel_for(groups, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      U32x4 bits = rounding_bits(s.seed, step, static_cast<uint64_t>(g));
+      for (int lane = 0; lane < 8 && g * 8 + lane < s.numel; ++lane) {
+        int64_t i = g * 8 + lane;
+        float grad = load(s.grad, s.grad_dtype, i) * clip;
+        float m = h.beta1 * s.m[i] + (1.0f - h.beta1) * grad;
+        float v = h.beta2 * s.v[i] + (1.0f - h.beta2) * grad * grad;
+        float w = load(s.weight, s.weight_dtype, i);
+        float nw = w * decay - step_size * m / (std::sqrt(v) / bc2_sqrt + h.eps);
+        s.m[i] = m;
+        s.v[i] = v;
+        if (!finite(nw)) {
+          bad.store(1);
+          continue;
+        }
+        if (s.weight_dtype == DType::kBF16) {
+          uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, lane))
+                                                             : f32_to_bf16_nearest(nw);
+          if ((out & 0x7F80u) == 0x7F80u) {
+            bad.store(1);
+            continue;
+          }
+          static_cast<uint16_t*>(s.weight)[i] = out;
+        } else {
+          static_cast<float*>(s.weight)[i] = nw;
+        }
+      }
+    }
+  });
+  *s.step = step + 1;
+  *s.status = bad.load() ? kStatusNonFiniteUpdate : kStatusOk;
+}
+
+}  // namespace livetrain::optim

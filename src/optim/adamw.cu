@@ -1,0 +1,135 @@
+// AdamW step on CUDA, the same function as src/optim/adamw.cpp: one launch sums ‖G‖² (the last block
+// decides the status and the clipping factor), a second updates M, V and W in place, 8 elements a thread.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/check.hpp"
+#include "livetrain/error.hpp"
+#include "optim/common.hpp"
+#include "optim/workspace.hpp"
+
+namespace livetrain::optim {
+
+using namespace detail;
+
+namespace {
+
+__device__ __forceinline__ float ldv(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ float ldv(const float* p, int64_t i) { return p[i]; }
+
+template <typename TG>
+__global__ void adamw_norm_kernel(const TG* __restrict__ G, int64_t n, float* __restrict__ partials,
+                                  float* __restrict__ scalars, unsigned* counter, int32_t* __restrict__ status,
+                                  uint64_t* step, AdamWHyper h) {
+  float sq = 0.0f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float g = ldv(G, i);
+    sq += g * g;
+  }
+  __shared__ float sh[32];
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+  if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = sq;
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    float b = 0.0f;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) b += sh[w];
+    partials[blockIdx.x] = b;
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (last) {
+      *counter = 0;
+      float total = 0.0f;
+      const volatile float* vp = partials;
+      for (unsigned k = 0; k < gridDim.x; ++k) total += vp[k];
+      scalars[kTotalSq] = total;
+      scalars[kClip] = clip_factor(h.max_grad_norm, total);
+      double t = static_cast<double>(*step + 1);
+      scalars[kStepSize] = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), t)));
+      scalars[kTensorScale] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), t)));  // √bc₂
+      *status = finite(total) ? kStatusOk : kStatusNonFiniteGrad;
+      if (finite(total)) *step += 1;
+    }
+  }
+}
+
+template <typename TW, typename TG>
+__global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G, int64_t n, float* __restrict__ M,
+                                    float* __restrict__ V, const float* __restrict__ scalars,
+                                    int32_t* __restrict__ status, AdamWHyper h, uint64_t seed,
+                                    const uint64_t* step_after) {
+  if (*status != kStatusOk) return;
+  const uint64_t step = *step_after - 1;  // the norm kernel advanced it
+  const float clip = scalars[kClip];
+  const float step_size = scalars[kStepSize];
+  const float bc2_sqrt = scalars[kTensorScale];
+  const float decay = 1.0f - h.lr * h.weight_decay;
+  const int64_t groups = (n + 7) / 8;
+  bool bad = false;
+  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const U32x4 bits = rounding_bits(seed, step, static_cast<uint64_t>(gi));
+    for (int e = 0; e < 8; ++e) {
+      int64_t i = gi * 8 + e;
+      if (i >= n) break;
+      float g = ldv(G, i) * clip;
+      float m = h.beta1 * M[i] + (1.0f - h.beta1) * g;
+      float v = h.beta2 * V[i] + (1.0f - h.beta2) * g * g;
+      M[i] = m;
+      V[i] = v;
+      float w = ldv(W, i);
+      float nw = w * decay - step_size * m / (sqrtf(v) / bc2_sqrt + h.eps);
+      if (!finite(nw)) {
+        bad = true;
+        continue;
+      }
+      if constexpr (sizeof(TW) == 2) {
+        uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, e))
+                                                           : f32_to_bf16_nearest(nw);
+        if ((out & 0x7F80u) == 0x7F80u) {
+          bad = true;
+          continue;
+        }
+        W[i] = out;
+      } else {
+        W[i] = nw;
+      }
+    }
+  }
+  if (bad) atomicMax(status, static_cast<int32_t>(kStatusNonFiniteUpdate));
+}
+
+template <typename TW, typename TG>
+void launch(const AdamWStep& s, cudaStream_t stream) {
+  AdamWWorkspace ws(s.numel);
+  char* base = static_cast<char*>(s.workspace);
+  float* partials = reinterpret_cast<float*>(base + ws.off_partials);
+  float* scalars = reinterpret_cast<float*>(base + ws.off_scalars);
+  unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters);
+  int blocks = static_cast<int>(std::min<int64_t>((s.numel + 255) / 256, 1024));
+  adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(static_cast<const TG*>(s.grad), s.numel, partials, scalars,
+                                                    counter, s.status, s.step, s.hyper);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  int ublocks = static_cast<int>(std::min<int64_t>(((s.numel + 7) / 8 + 255) / 256, 2048));
+  adamw_update_kernel<TW, TG><<<ublocks, 256, 0, stream>>>(static_cast<TW*>(s.weight), static_cast<const TG*>(s.grad),
+                                                           s.numel, s.m, s.v, scalars, s.status, s.hyper, s.seed,
+                                                           s.step);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void adamw_step_cuda(const AdamWStep& s, void* stream) {
+  validate(s);
+  if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  auto st = static_cast<cudaStream_t>(stream);
+  const bool wbf = s.weight_dtype == DType::kBF16, gbf = s.grad_dtype == DType::kBF16;
+  if (wbf && gbf) launch<uint16_t, uint16_t>(s, st);
+  else if (wbf) launch<uint16_t, float>(s, st);
+  else if (gbf) launch<float, uint16_t>(s, st);
+  else launch<float, float>(s, st);
+}
+
+}  // namespace livetrain::optim

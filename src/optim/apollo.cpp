@@ -1,0 +1,176 @@
+// APOLLO / APOLLO-Mini step on the CPU: the reference implementation of src/optim/apollo.cu, multithreaded.
+// Stages (docs/optim.md): project G onto P (Eq. 3), update the low-rank moments (Eq. 4–5), scaling factor
+// per channel or tensor (Eq. 6–7), norm-growth limiter, in-place update of W with stochastic rounding.
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "livetrain/error.hpp"
+#include "livetrain/parallel.hpp"
+#include "optim/common.hpp"
+
+namespace livetrain::optim {
+
+using namespace detail;
+
+namespace {
+
+float load(const void* p, DType dt, int64_t idx) {
+  if (dt == DType::kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[idx]);
+  return static_cast<const float*>(p)[idx];
+}
+
+}  // namespace
+
+void apollo_projection(float* out, int64_t rows, int64_t cols, int32_t rank, uint64_t seed, uint64_t step,
+                       int32_t update_proj_gap) {
+  const int64_t k = rows >= cols ? cols : rows;
+  const int64_t n = k * rank;
+  const uint64_t key = projection_key(seed, step, update_proj_gap);
+  const float inv = 1.0f / std::sqrt(static_cast<float>(rank));
+  parallel_for(n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) out[i] = projection_entry(key, static_cast<uint64_t>(i), inv);
+  });
+}
+
+void apollo_step_cpu(const ApolloStep& s) {
+  validate(s);
+  const ApolloHyper& h = s.hyper;
+  const bool tall = s.rows >= s.cols;
+  const int64_t K = tall ? s.rows : s.cols;  // channels
+  const int64_t k = tall ? s.cols : s.rows;  // the projected dimension
+  const int r = h.rank;
+
+  // P: [r, cols] when tall, [rows, r] when wide (see apollo_projection).
+  std::vector<float> P(static_cast<size_t>(k) * r);
+  const uint64_t t = *s.step;
+  apollo_projection(P.data(), s.rows, s.cols, r, s.seed, t, h.update_proj_gap);
+
+  // R: [K, r] channel-major, and ‖G_channel‖².
+  std::vector<float> R(static_cast<size_t>(K) * r, 0.0f), sumsq(K, 0.0f);
+  if (tall) {
+    parallel_for(K, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> g(k);
+      for (int64_t i = b; i < e; ++i) {
+        float sq = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          g[j] = load(s.grad, s.grad_dtype, i * s.cols + j);
+          sq += g[j] * g[j];
+        }
+        sumsq[i] = sq;
+        for (int q = 0; q < r; ++q) {
+          const float* p = &P[static_cast<size_t>(q) * k];
+          float acc = 0.0f;
+          for (int64_t j = 0; j < k; ++j) acc += g[j] * p[j];
+          R[static_cast<size_t>(i) * r + q] = acc;
+        }
+      }
+    });
+  } else {
+    parallel_for(K, 64, [&](int64_t b, int64_t e) {  // columns [b, e)
+      for (int64_t i = 0; i < s.rows; ++i) {
+        const float* p = &P[static_cast<size_t>(i) * r];
+        for (int64_t j = b; j < e; ++j) {
+          float g = load(s.grad, s.grad_dtype, i * s.cols + j);
+          sumsq[j] += g * g;
+          float* out = &R[static_cast<size_t>(j) * r];
+          for (int q = 0; q < r; ++q) out[q] += p[q] * g;
+        }
+      }
+    });
+  }
+
+  float total = 0.0f;
+  for (int64_t i = 0; i < K; ++i) total += sumsq[i];
+  if (!finite(total)) {
+    *s.status = kStatusNonFiniteGrad;
+    return;
+  }
+  const float clip = clip_factor(h.max_grad_norm, total);
+
+  // Moments, R̃ = M / (√V + ε), and the per-channel norms of R̃ and of the (clipped) R.
+  std::vector<float> a2(K), b2(K);
+  parallel_for(K, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float na = 0.0f, nb = 0.0f;
+      for (int q = 0; q < r; ++q) {
+        size_t idx = static_cast<size_t>(i) * r + q;
+        float x = R[idx] * clip;
+        float m = h.beta1 * s.m[idx] + (1.0f - h.beta1) * x;
+        float v = h.beta2 * s.v[idx] + (1.0f - h.beta2) * x * x;
+        s.m[idx] = m;
+        s.v[idx] = v;
+        float rt = m / (std::sqrt(v) + h.eps);
+        na += rt * rt;
+        nb += x * x;
+      }
+      a2[i] = na;
+      b2[i] = nb;
+    }
+  });
+
+  std::vector<float> scale(K);
+  float norm_u2 = 0.0f;
+  if (h.scaling == Scaling::kChannel) {
+    for (int64_t i = 0; i < K; ++i) {
+      scale[i] = std::sqrt(a2[i]) / (std::sqrt(b2[i]) + 1e-8f);
+      norm_u2 += scale[i] * scale[i] * clip * clip * sumsq[i];
+    }
+  } else {
+    float A = 0.0f, B = 0.0f;
+    for (int64_t i = 0; i < K; ++i) {
+      A += a2[i];
+      B += b2[i];
+    }
+    float t = std::sqrt(A) / (std::sqrt(B) + 1e-8f);
+    for (int64_t i = 0; i < K; ++i) scale[i] = t;
+    norm_u2 = t * t * clip * clip * total;
+  }
+
+  Tail tail = apollo_tail(h, t, clip, std::sqrt(norm_u2), *s.prev_norm);
+  if (tail.status != kStatusOk) {
+    *s.status = tail.status;
+    return;
+  }
+
+  const float decay = 1.0f - h.lr * h.weight_decay;
+  const int64_t groups_per_row = (s.cols + 7) / 8;
+  std::atomic<int> bad{0};
+  parallel_for(s.rows, 8, [&](int64_t b, int64_t e) {
+    bool any_bad = false;
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t g = 0; g < groups_per_row; ++g) {
+        U32x4 bits = rounding_bits(s.seed, t, static_cast<uint64_t>(i * groups_per_row + g));
+        for (int lane = 0; lane < 8 && g * 8 + lane < s.cols; ++lane) {
+          int64_t j = g * 8 + lane;
+          float coef = tail.step_size * tail.multiplier * scale[tall ? i : j];
+          float gval = load(s.grad, s.grad_dtype, i * s.cols + j);
+          int64_t widx = i * s.ld_weight + j;
+          float w = load(s.weight, s.weight_dtype, widx);
+          float nw = (w - coef * gval) * decay;
+          if (!finite(nw)) {
+            any_bad = true;
+            continue;  // keep the old value: nothing non-finite is ever written
+          }
+          if (s.weight_dtype == DType::kBF16) {
+            uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, lane))
+                                                               : f32_to_bf16_nearest(nw);
+            if ((out & 0x7F80u) == 0x7F80u) {  // beyond bf16's range
+              any_bad = true;
+              continue;
+            }
+            static_cast<uint16_t*>(s.weight)[widx] = out;
+          } else {
+            static_cast<float*>(s.weight)[widx] = nw;
+          }
+        }
+      }
+    }
+    if (any_bad) bad.store(1);
+  });
+  *s.prev_norm = tail.new_prev;
+  *s.step = t + 1;
+  *s.status = bad.load() ? kStatusNonFiniteUpdate : kStatusOk;
+}
+
+}  // namespace livetrain::optim

@@ -1,0 +1,69 @@
+// Internal: how a CUDA optimizer step carves its workspace (sizes known on the host, offsets used by the
+// kernels). The workspace must be zero-filled once before its first use; every step leaves its counters
+// at zero again, so one workspace serves all parameters of a stream in turn.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace livetrain::optim {
+
+inline constexpr int kMaxBlocks = 4096;     // cap of every grid whose blocks leave partial sums
+inline constexpr int kWideColsPerBlock = 1024;  // rank-1 wide projection: 128 threads × 8 columns
+
+// Scalars a step passes between its kernels.
+enum Scalar : int { kTotalSq = 0, kClip, kStepSize, kMultiplier, kTensorScale, kNumScalars = 16 };
+
+inline size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
+
+struct ApolloWorkspace {
+  bool tall, rank1;
+  int64_t K, k;
+  int64_t chunks = 1, rows_per_chunk = 0;  // rank-1 wide projection only
+  size_t off_p, off_r, off_sumsq, off_scale, off_partials, off_scalars, off_counters, bytes;
+
+  ApolloWorkspace(int64_t rows, int64_t cols, int32_t rank) {
+    tall = rows >= cols;
+    rank1 = rank == 1;
+    K = tall ? rows : cols;
+    k = tall ? cols : rows;
+    size_t r_elems = static_cast<size_t>(K) * rank, sq_elems = static_cast<size_t>(K);
+    if (!tall && rank1) {
+      int64_t col_blocks = (cols + kWideColsPerBlock - 1) / kWideColsPerBlock;
+      chunks = std::min<int64_t>(64, std::max<int64_t>(1, 1024 / col_blocks));
+      chunks = std::min<int64_t>(chunks, rows);
+      rows_per_chunk = (rows + chunks - 1) / chunks;
+      chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+      r_elems = sq_elems = static_cast<size_t>(chunks) * K;
+    }
+    size_t o = 0;
+    off_p = o;
+    o += align256(sizeof(float) * static_cast<size_t>(k) * rank);
+    off_r = o;
+    o += align256(sizeof(float) * r_elems);
+    off_sumsq = o;
+    o += align256(sizeof(float) * sq_elems);
+    off_scale = o;
+    o += align256(sizeof(float) * static_cast<size_t>(K));
+    off_partials = o;
+    o += align256(sizeof(float) * kMaxBlocks * 4);
+    off_scalars = o;
+    o += align256(sizeof(float) * kNumScalars);
+    off_counters = o;
+    o += align256(sizeof(uint32_t) * 4);
+    bytes = o;
+  }
+};
+
+struct AdamWWorkspace {
+  size_t off_partials, off_scalars, off_counters, bytes;
+  explicit AdamWWorkspace(int64_t) {
+    off_partials = 0;
+    off_scalars = align256(sizeof(float) * kMaxBlocks);
+    off_counters = off_scalars + align256(sizeof(float) * kNumScalars);
+    bytes = off_counters + align256(sizeof(uint32_t) * 4);
+  }
+};
+
+}  // namespace livetrain::optim
