@@ -8,5 +8,6 @@ namespace livetrain::bindings {
 void init_safetensors(nanobind::module_& m);
 void init_cuda(nanobind::module_& m);
 void init_optim(nanobind::module_& m);
+void init_layout(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

@@ -1,0 +1,87 @@
+"""HF parameters as zero-copy views of an inference engine's tensors (the core computes the layout).
+
+``build`` asks the core where every HF parameter of a model lies inside the engine's tensors (vLLM's
+merged tensor-parallel layout, or HF names unchanged); ``views`` turns that into torch tensors with
+``torch.as_strided`` over the engine's own storage, so writes through a view change the served weights.
+``merge`` does the inverse with copies, from the same plan: it builds one rank's engine tensors from HF
+tensors (for tests, tools and the reference engine, never for the live path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Sequence
+
+import torch
+
+from livetrain import _core
+from livetrain.safetensors import dtype_name, torch_dtype
+
+__all__ = ["build", "views", "plan", "merge"]
+
+
+def _config_json(config) -> str:
+    if isinstance(config, Mapping):
+        return json.dumps(config)
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and not config.lstrip().startswith("{")):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return config
+
+
+def _tensor_list(engine_tensors) -> list[tuple[str, str, list[int]]]:
+    if isinstance(engine_tensors, Mapping):
+        return [(n, dtype_name(t.dtype), list(t.shape)) for n, t in engine_tensors.items()]
+    return [(n, d, list(s)) for n, d, s in engine_tensors]
+
+
+def build(config, engine_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, str, Sequence[int]]], *,
+          engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
+          prefixes: tuple[str, str] | None = None) -> dict:
+    """The layout of one rank: ``{"info", "views", "unmapped"}``. ``config`` is a dict, JSON text, a
+    config.json path or a model directory; ``engine_tensors`` maps names to tensors, or lists
+    (name, safetensors dtype, shape). Missing or misshapen engine tensors raise livetrain.Error."""
+    return _core.layout_build(_config_json(config), engine, tp_rank, tp_size, _tensor_list(engine_tensors),
+                              vocab_padding, prefixes)
+
+
+def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF name -> a view sharing the engine tensor's storage (tied parameters are the same view)."""
+    out: dict[str, torch.Tensor] = {}
+    for v in layout["views"]:
+        if v["tied_to"] is not None:
+            out[v["hf_name"]] = out[v["tied_to"]]
+            continue
+        t = engine_tensors[v["engine_name"]]
+        if not t.is_contiguous():
+            raise _core.Error(f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major")
+        if t.dtype != torch_dtype(v["dtype"]):
+            raise _core.Error(f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}")
+        out[v["hf_name"]] = torch.as_strided(t, v["shape"], v["strides"], t.storage_offset() + v["offset"])
+    return out
+
+
+def plan(config, *, engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
+         prefixes: tuple[str, str] | None = None) -> dict:
+    """How one rank's engine tensors are built from HF tensors: ``{"info", "hf_tensors", "engine"}``."""
+    return _core.layout_plan(_config_json(config), engine, tp_rank, tp_size, vocab_padding, prefixes)
+
+
+def merge(config, hf_tensors: Mapping[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+    """One rank's engine tensors built from full HF tensors as the plan says (copies; padding rows zero)."""
+    p = plan(config, **kwargs)
+    out: dict[str, torch.Tensor] = {}
+    for e in p["engine"]:
+        first = hf_tensors[e["pieces"][0][0]]
+        parts = [hf_tensors[name].narrow(e["dim"], start, length) for name, start, length in e["pieces"]]
+        if e["padding"]:
+            shape = list(first.shape)
+            shape[e["dim"]] = e["padding"]
+            parts.append(torch.zeros(shape, dtype=first.dtype))
+        out[e["name"]] = torch.cat(parts, dim=e["dim"]).contiguous()
+        assert tuple(out[e["name"]].shape) == tuple(e["shape"]), e["name"]
+    return out

@@ -1,0 +1,255 @@
+// Reads a model's config.json into ModelInfo through a table of families, so that no model's sizes are
+// ever constants here.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "livetrain/error.hpp"
+#include "livetrain/layout.hpp"
+
+namespace livetrain::layout {
+
+namespace {
+
+enum class Bias { kNone, kAlways, kFromConfig };
+
+// One row per supported model_type. Field defaults are those of the transformers config classes, used
+// only when config.json omits the field (files saved by transformers write every field).
+struct Family {
+  const char* model_type;
+  const char* family;
+  Bias qkv_bias;
+  bool o_bias_follows_attention_bias;  // Llama: o_proj has a bias iff attention_bias
+  bool mlp_bias_from_config;           // Llama: mlp_bias
+  bool qk_norm;
+  bool hybrid;                         // GatedDeltaNet layers, layer_types / full_attention_interval
+};
+
+constexpr Family kFamilies[] = {
+    {"llama", "llama", Bias::kFromConfig, true, true, false, false},
+    {"mistral", "llama", Bias::kNone, false, false, false, false},
+    {"qwen2", "qwen2", Bias::kAlways, false, false, false, false},
+    {"qwen3", "qwen3", Bias::kFromConfig, false, false, true, false},
+    {"qwen3_next", "qwen3_next", Bias::kFromConfig, false, false, true, true},
+    {"qwen3_5_text", "qwen3_5", Bias::kFromConfig, false, false, true, true},
+    {"qwen3_5", "qwen3_5", Bias::kFromConfig, false, false, true, true},
+};
+
+// Known, well-formed, and declined: vLLM's FusedMoE re-lays out expert weights after load (w13/w2
+// stacks, possibly padded or permuted per kernel), so a view of the served memory would not be the
+// HF expert tensor.
+constexpr const char* kMoeTypes[] = {"qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "mixtral",
+                                     "qwen3_next_moe", "llama4", "llama4_text"};
+
+std::string supported_list() {
+  std::string out;
+  for (const Family& f : kFamilies) {
+    if (!out.empty()) out += ", ";
+    out += f.model_type;
+  }
+  return out;
+}
+
+// Field lookup: the text config first, then the top level (multimodal configs keep e.g.
+// tie_word_embeddings at the top).
+class Fields {
+ public:
+  Fields(const json::Value& top, const json::Value* text) : top_(top), text_(text) {}
+
+  const json::Value* find(const char* key) const {
+    if (text_ != nullptr) {
+      if (const json::Value* v = text_->find(key); v != nullptr && !v->is_null()) return v;
+    }
+    const json::Value* v = top_.find(key);
+    return v != nullptr && !v->is_null() ? v : nullptr;
+  }
+
+  uint64_t u64(const char* key) const {
+    const json::Value* v = find(key);
+    if (v == nullptr) throw Error(ErrorCode::kFormat, std::string("config.json: missing field \"") + key + "\"");
+    return checked_u64(key, *v);
+  }
+
+  uint64_t u64_or(const char* key, uint64_t fallback) const {
+    const json::Value* v = find(key);
+    return v == nullptr ? fallback : checked_u64(key, *v);
+  }
+
+  bool boolean_or(const char* key, bool fallback) const {
+    const json::Value* v = find(key);
+    if (v == nullptr) return fallback;
+    if (!v->is_bool()) {
+      throw Error(ErrorCode::kFormat, std::string("config.json: field \"") + key + "\" must be a boolean, not " +
+                                          json::type_name(v->type()));
+    }
+    return v->as_bool();
+  }
+
+ private:
+  static uint64_t checked_u64(const char* key, const json::Value& v) {
+    auto u = v.as_u64();
+    if (!u) {
+      throw Error(ErrorCode::kFormat, std::string("config.json: field \"") + key +
+                                          "\" must be a non-negative integer, not " +
+                                          (v.is_number() ? v.number_text() : json::type_name(v.type())));
+    }
+    return *u;
+  }
+
+  const json::Value& top_;
+  const json::Value* text_;
+};
+
+void require_positive(const char* key, uint64_t v) {
+  if (v == 0) throw Error(ErrorCode::kFormat, std::string("config.json: field \"") + key + "\" must be > 0");
+}
+
+std::vector<std::string> hybrid_layer_types(const Fields& f, uint64_t num_layers) {
+  std::vector<std::string> out;
+  if (const json::Value* lt = f.find("layer_types")) {
+    if (!lt->is_array()) throw Error(ErrorCode::kFormat, "config.json: field \"layer_types\" must be an array");
+    if (lt->items().size() != num_layers) {
+      throw Error(ErrorCode::kFormat, "config.json: \"layer_types\" has " + std::to_string(lt->items().size()) +
+                                          " entries, num_hidden_layers is " + std::to_string(num_layers));
+    }
+    for (size_t i = 0; i < lt->items().size(); ++i) {
+      const json::Value& t = lt->items()[i];
+      if (!t.is_string() || (t.as_string() != "full_attention" && t.as_string() != "linear_attention")) {
+        throw Error(ErrorCode::kUnsupported, "config.json: layer_types[" + std::to_string(i) + "] is " +
+                                                 (t.is_string() ? "\"" + t.as_string() + "\"" : t.dump()) +
+                                                 "; supported: \"full_attention\", \"linear_attention\"");
+      }
+      out.push_back(t.as_string());
+    }
+    return out;
+  }
+  // transformers' Qwen3NextConfig / Qwen3_5TextConfig: every interval-th layer is full attention.
+  uint64_t interval = f.u64_or("full_attention_interval", 4);
+  require_positive("full_attention_interval", interval);
+  for (uint64_t i = 0; i < num_layers; ++i) {
+    out.push_back((i + 1) % interval != 0 ? "linear_attention" : "full_attention");
+  }
+  return out;
+}
+
+// Qwen3-Next declares MoE per layer (vLLM Qwen3NextDecoderLayer): layers outside mlp_only_layers whose
+// index + 1 is a multiple of decoder_sparse_step are sparse when num_experts > 0.
+void reject_moe_layers(const Fields& f, uint64_t num_layers) {
+  uint64_t experts = f.u64_or("num_experts", 512);  // Qwen3NextConfig's default
+  if (experts == 0) return;
+  uint64_t step = f.u64_or("decoder_sparse_step", 1);
+  std::vector<uint64_t> mlp_only;
+  if (const json::Value* m = f.find("mlp_only_layers")) {
+    if (!m->is_array()) throw Error(ErrorCode::kFormat, "config.json: field \"mlp_only_layers\" must be an array");
+    for (const json::Value& v : m->items()) {
+      auto u = v.as_u64();
+      if (!u) throw Error(ErrorCode::kFormat, "config.json: \"mlp_only_layers\" must hold layer indices");
+      mlp_only.push_back(*u);
+    }
+  }
+  for (uint64_t i = 0; i < num_layers; ++i) {
+    bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end();
+    if (!dense && step != 0 && (i + 1) % step == 0) {
+      throw Error(ErrorCode::kUnsupported,
+                  "config.json: layer " + std::to_string(i) + " is a mixture-of-experts layer (num_experts " +
+                      std::to_string(experts) +
+                      "); vLLM re-lays out expert weights after load, so livetrain cannot view them");
+    }
+  }
+}
+
+}  // namespace
+
+ModelInfo model_info(const json::Value& config) {
+  if (!config.is_object()) throw Error(ErrorCode::kFormat, "config.json: not a JSON object");
+  const json::Value* text = config.find("text_config");
+  if (text != nullptr && !text->is_object()) text = nullptr;
+  const json::Value* type_value = nullptr;
+  if (text != nullptr) type_value = text->find("model_type");
+  if (type_value == nullptr) type_value = config.find("model_type");
+  if (type_value == nullptr || !type_value->is_string()) {
+    throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
+  }
+  const std::string& type = type_value->as_string();
+  for (const char* moe : kMoeTypes) {
+    if (type == moe) {
+      throw Error(ErrorCode::kUnsupported,
+                  "config.json: model_type \"" + type +
+                      "\" is mixture-of-experts; vLLM re-lays out expert weights after load, so livetrain "
+                      "cannot view them (supported: " + supported_list() + ")");
+    }
+  }
+  const Family* fam = nullptr;
+  for (const Family& f : kFamilies) {
+    if (type == f.model_type) fam = &f;
+  }
+  if (fam == nullptr) {
+    throw Error(ErrorCode::kUnsupported,
+                "config.json: model_type \"" + type + "\" has no layout (supported: " + supported_list() + ")");
+  }
+
+  Fields f(config, text);
+  ModelInfo m;
+  m.family = fam->family;
+  m.model_type = type;
+  m.multimodal = text != nullptr;
+  m.hidden_size = f.u64("hidden_size");
+  m.num_layers = f.u64("num_hidden_layers");
+  m.vocab_size = f.u64("vocab_size");
+  m.intermediate_size = f.u64("intermediate_size");
+  m.num_heads = f.u64("num_attention_heads");
+  m.num_kv_heads = f.u64_or("num_key_value_heads", m.num_heads);
+  require_positive("hidden_size", m.hidden_size);
+  require_positive("vocab_size", m.vocab_size);
+  require_positive("intermediate_size", m.intermediate_size);
+  require_positive("num_attention_heads", m.num_heads);
+  require_positive("num_key_value_heads", m.num_kv_heads);
+  if (m.num_heads % m.num_kv_heads != 0) {
+    throw Error(ErrorCode::kFormat, "config.json: num_attention_heads " + std::to_string(m.num_heads) +
+                                        " is not a multiple of num_key_value_heads " +
+                                        std::to_string(m.num_kv_heads));
+  }
+  if (f.find("head_dim") != nullptr) {
+    m.head_dim = f.u64("head_dim");
+  } else {
+    if (m.hidden_size % m.num_heads != 0) {
+      throw Error(ErrorCode::kFormat, "config.json: no \"head_dim\", and hidden_size is not a multiple of "
+                                      "num_attention_heads");
+    }
+    m.head_dim = m.hidden_size / m.num_heads;
+  }
+  require_positive("head_dim", m.head_dim);
+
+  bool attention_bias = f.boolean_or("attention_bias", false);
+  m.qkv_bias = fam->qkv_bias == Bias::kAlways || (fam->qkv_bias == Bias::kFromConfig && attention_bias);
+  m.o_bias = fam->o_bias_follows_attention_bias && attention_bias;
+  m.mlp_bias = fam->mlp_bias_from_config && f.boolean_or("mlp_bias", false);
+  m.qk_norm = fam->qk_norm;
+  m.tied_embeddings = f.boolean_or("tie_word_embeddings", false);
+
+  if (fam->hybrid) {
+    // vLLM Qwen3NextAttention: getattr(config, "attn_output_gate", True).
+    m.gated_q = f.boolean_or("attn_output_gate", true);
+    m.linear_num_key_heads = f.u64("linear_num_key_heads");
+    m.linear_num_value_heads = f.u64("linear_num_value_heads");
+    m.linear_key_head_dim = f.u64("linear_key_head_dim");
+    m.linear_value_head_dim = f.u64("linear_value_head_dim");
+    m.linear_conv_kernel = f.u64("linear_conv_kernel_dim");
+    require_positive("linear_num_key_heads", m.linear_num_key_heads);
+    require_positive("linear_num_value_heads", m.linear_num_value_heads);
+    require_positive("linear_key_head_dim", m.linear_key_head_dim);
+    require_positive("linear_value_head_dim", m.linear_value_head_dim);
+    require_positive("linear_conv_kernel_dim", m.linear_conv_kernel);
+    if (m.linear_num_value_heads % m.linear_num_key_heads != 0) {
+      throw Error(ErrorCode::kFormat, "config.json: linear_num_value_heads is not a multiple of "
+                                      "linear_num_key_heads");
+    }
+    m.layer_types = hybrid_layer_types(f, m.num_layers);
+    if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers);
+  } else {
+    m.layer_types.assign(m.num_layers, "full_attention");
+  }
+  return m;
+}
+
+}  // namespace livetrain::layout
