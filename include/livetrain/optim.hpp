@@ -34,10 +34,11 @@ enum Status : int32_t {
   kStatusNonFiniteUpdate = 2,  // the update overflowed: the weight was not written
 };
 
+// Betas are double so that 1 − β is exact before it is rounded to float (1 − 0.999f is 1.3e-5 off 0.001).
 struct ApolloHyper {
   float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
   float eps = 1e-6f;
   float weight_decay = 0.0f;
   int32_t rank = 1;
@@ -80,8 +81,8 @@ void apollo_projection(float* out, int64_t rows, int64_t cols, int32_t rank, uin
 
 struct AdamWHyper {
   float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
   float eps = 1e-8f;
   float weight_decay = 0.0f;
   float max_grad_norm = 0.0f;

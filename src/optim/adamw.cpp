@@ -30,9 +30,11 @@ void adamw_step_cpu(const AdamWStep& s) {
   const uint64_t step = *s.step;
   const double t = static_cast<double>(step + 1);
   // Computed exactly as the CUDA step does (double, then rounded once).
-  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), t)));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), t)));
-  const float decay = 1.0f - h.lr * h.weight_decay;
+  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(h.beta1, t)));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, t)));
+  const float decay = h.lr * h.weight_decay;
+  const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
+  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   std::atomic<int> bad{0};
   const int64_t groups = (s.numel + 7) / 8;
   parallel_for(groups, 1024, [&](int64_t b, int64_t e) {
@@ -41,10 +43,10 @@ void adamw_step_cpu(const AdamWStep& s) {
       for (int lane = 0; lane < 8 && g * 8 + lane < s.numel; ++lane) {
         int64_t i = g * 8 + lane;
         float grad = load(s.grad, s.grad_dtype, i) * clip;
-        float m = h.beta1 * s.m[i] + (1.0f - h.beta1) * grad;
-        float v = h.beta2 * s.v[i] + (1.0f - h.beta2) * grad * grad;
+        float m = beta1 * s.m[i] + omb1 * grad;
+        float v = beta2 * s.v[i] + omb2 * grad * grad;
         float w = load(s.weight, s.weight_dtype, i);
-        float nw = w * decay - step_size * m / (std::sqrt(v) / bc2_sqrt + h.eps);
+        float nw = (w - decay * w) - step_size * m / (std::sqrt(v) / bc2_sqrt + h.eps);
         s.m[i] = m;
         s.v[i] = v;
         if (!finite(nw)) {

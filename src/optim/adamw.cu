@@ -47,8 +47,8 @@ __global__ void adamw_norm_kernel(const TG* __restrict__ G, int64_t n, float* __
       scalars[kTotalSq] = total;
       scalars[kClip] = clip_factor(h.max_grad_norm, total);
       double t = static_cast<double>(*step + 1);
-      scalars[kStepSize] = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), t)));
-      scalars[kTensorScale] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), t)));  // √bc₂
+      scalars[kStepSize] = static_cast<float>(h.lr / (1.0 - pow(h.beta1, t)));
+      scalars[kTensorScale] = static_cast<float>(sqrt(1.0 - pow(h.beta2, t)));  // √bc₂
       *status = finite(total) ? kStatusOk : kStatusNonFiniteGrad;
       if (finite(total)) *step += 1;
     }
@@ -65,7 +65,9 @@ __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G
   const float clip = scalars[kClip];
   const float step_size = scalars[kStepSize];
   const float bc2_sqrt = scalars[kTensorScale];
-  const float decay = 1.0f - h.lr * h.weight_decay;
+  const float decay = h.lr * h.weight_decay;
+  const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
+  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   const int64_t groups = (n + 7) / 8;
   bool bad = false;
   for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
@@ -75,12 +77,12 @@ __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G
       int64_t i = gi * 8 + e;
       if (i >= n) break;
       float g = ldv(G, i) * clip;
-      float m = h.beta1 * M[i] + (1.0f - h.beta1) * g;
-      float v = h.beta2 * V[i] + (1.0f - h.beta2) * g * g;
+      float m = beta1 * M[i] + omb1 * g;
+      float v = beta2 * V[i] + omb2 * g * g;
       M[i] = m;
       V[i] = v;
       float w = ldv(W, i);
-      float nw = w * decay - step_size * m / (sqrtf(v) / bc2_sqrt + h.eps);
+      float nw = (w - decay * w) - step_size * m / (sqrtf(v) / bc2_sqrt + h.eps);
       if (!finite(nw)) {
         bad = true;
         continue;

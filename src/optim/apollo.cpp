@@ -48,40 +48,48 @@ void apollo_step_cpu(const ApolloStep& s) {
 
   // R: [K, r] channel-major, and ‖G_channel‖².
   std::vector<float> R(static_cast<size_t>(K) * r, 0.0f), sumsq(K, 0.0f);
+  std::vector<double> Rd, sumsqd;  // wide case accumulators
   if (tall) {
     parallel_for(K, 16, [&](int64_t b, int64_t e) {
       std::vector<float> g(k);
       for (int64_t i = b; i < e; ++i) {
-        float sq = 0.0f;
+        double sq = 0.0;  // double accumulators: this is the reference the CUDA sums are checked against
         for (int64_t j = 0; j < k; ++j) {
           g[j] = load(s.grad, s.grad_dtype, i * s.cols + j);
-          sq += g[j] * g[j];
+          sq += static_cast<double>(g[j]) * g[j];
         }
-        sumsq[i] = sq;
+        sumsq[i] = static_cast<float>(sq);
         for (int q = 0; q < r; ++q) {
           const float* p = &P[static_cast<size_t>(q) * k];
-          float acc = 0.0f;
-          for (int64_t j = 0; j < k; ++j) acc += g[j] * p[j];
-          R[static_cast<size_t>(i) * r + q] = acc;
+          double acc = 0.0;
+          for (int64_t j = 0; j < k; ++j) acc += static_cast<double>(g[j]) * p[j];
+          R[static_cast<size_t>(i) * r + q] = static_cast<float>(acc);
         }
       }
     });
   } else {
+    Rd.assign(static_cast<size_t>(K) * r, 0.0);
+    sumsqd.assign(K, 0.0);
     parallel_for(K, 64, [&](int64_t b, int64_t e) {  // columns [b, e)
       for (int64_t i = 0; i < s.rows; ++i) {
         const float* p = &P[static_cast<size_t>(i) * r];
         for (int64_t j = b; j < e; ++j) {
-          float g = load(s.grad, s.grad_dtype, i * s.cols + j);
-          sumsq[j] += g * g;
-          float* out = &R[static_cast<size_t>(j) * r];
+          double g = load(s.grad, s.grad_dtype, i * s.cols + j);
+          sumsqd[j] += g * g;
+          double* out = &Rd[static_cast<size_t>(j) * r];
           for (int q = 0; q < r; ++q) out[q] += p[q] * g;
         }
+      }
+      for (int64_t j = b; j < e; ++j) {
+        sumsq[j] = static_cast<float>(sumsqd[j]);
+        for (int q = 0; q < r; ++q) R[static_cast<size_t>(j) * r + q] = static_cast<float>(Rd[static_cast<size_t>(j) * r + q]);
       }
     });
   }
 
-  float total = 0.0f;
-  for (int64_t i = 0; i < K; ++i) total += sumsq[i];
+  double total_d = 0.0;
+  for (int64_t i = 0; i < K; ++i) total_d += sumsq[i];
+  const float total = static_cast<float>(total_d);
   if (!finite(total)) {
     *s.status = kStatusNonFiniteGrad;
     return;
@@ -90,50 +98,52 @@ void apollo_step_cpu(const ApolloStep& s) {
 
   // Moments, R̃ = M / (√V + ε), and the per-channel norms of R̃ and of the (clipped) R.
   std::vector<float> a2(K), b2(K);
+  const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
+  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);
   parallel_for(K, 256, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      float na = 0.0f, nb = 0.0f;
+      double na = 0.0, nb = 0.0;
       for (int q = 0; q < r; ++q) {
         size_t idx = static_cast<size_t>(i) * r + q;
         float x = R[idx] * clip;
-        float m = h.beta1 * s.m[idx] + (1.0f - h.beta1) * x;
-        float v = h.beta2 * s.v[idx] + (1.0f - h.beta2) * x * x;
+        float m = beta1 * s.m[idx] + omb1 * x;
+        float v = beta2 * s.v[idx] + omb2 * x * x;
         s.m[idx] = m;
         s.v[idx] = v;
         float rt = m / (std::sqrt(v) + h.eps);
-        na += rt * rt;
-        nb += x * x;
+        na += static_cast<double>(rt) * rt;
+        nb += static_cast<double>(x) * x;
       }
-      a2[i] = na;
-      b2[i] = nb;
+      a2[i] = static_cast<float>(na);
+      b2[i] = static_cast<float>(nb);
     }
   });
 
   std::vector<float> scale(K);
-  float norm_u2 = 0.0f;
+  double norm_u2 = 0.0;
   if (h.scaling == Scaling::kChannel) {
     for (int64_t i = 0; i < K; ++i) {
       scale[i] = std::sqrt(a2[i]) / (std::sqrt(b2[i]) + 1e-8f);
-      norm_u2 += scale[i] * scale[i] * clip * clip * sumsq[i];
+      norm_u2 += static_cast<double>(scale[i]) * scale[i] * clip * clip * sumsq[i];
     }
   } else {
-    float A = 0.0f, B = 0.0f;
+    double A = 0.0, B = 0.0;
     for (int64_t i = 0; i < K; ++i) {
       A += a2[i];
       B += b2[i];
     }
-    float t = std::sqrt(A) / (std::sqrt(B) + 1e-8f);
-    for (int64_t i = 0; i < K; ++i) scale[i] = t;
-    norm_u2 = t * t * clip * clip * total;
+    float ts = std::sqrt(static_cast<float>(A)) / (std::sqrt(static_cast<float>(B)) + 1e-8f);
+    for (int64_t i = 0; i < K; ++i) scale[i] = ts;
+    norm_u2 = static_cast<double>(ts) * ts * clip * clip * total;
   }
 
-  Tail tail = apollo_tail(h, t, clip, std::sqrt(norm_u2), *s.prev_norm);
+  Tail tail = apollo_tail(h, t, clip, static_cast<float>(std::sqrt(norm_u2)), *s.prev_norm);
   if (tail.status != kStatusOk) {
     *s.status = tail.status;
     return;
   }
 
-  const float decay = 1.0f - h.lr * h.weight_decay;
+  const float decay = h.lr * h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   const int64_t groups_per_row = (s.cols + 7) / 8;
   std::atomic<int> bad{0};
   parallel_for(s.rows, 8, [&](int64_t b, int64_t e) {
@@ -147,7 +157,8 @@ void apollo_step_cpu(const ApolloStep& s) {
           float gval = load(s.grad, s.grad_dtype, i * s.cols + j);
           int64_t widx = i * s.ld_weight + j;
           float w = load(s.weight, s.weight_dtype, widx);
-          float nw = (w - coef * gval) * decay;
+          float u = w - coef * gval;
+          float nw = u - decay * u;
           if (!finite(nw)) {
             any_bad = true;
             continue;  // keep the old value: nothing non-finite is ever written

@@ -301,6 +301,8 @@ __global__ void moments_kernel(const float* __restrict__ R, const float* __restr
     return;
   }
   const float clip = scalars[kClip];
+  const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
+  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);
   const bool warp_mode = rank > 1;
   const int lane = threadIdx.x % kWarp;
   const int64_t per_block = warp_mode ? blockDim.x / kWarp : blockDim.x;
@@ -317,8 +319,8 @@ __global__ void moments_kernel(const float* __restrict__ R, const float* __restr
         r = R[idx];
       }
       float x = r * clip;
-      float m = h.beta1 * M[idx] + (1.0f - h.beta1) * x;
-      float v = h.beta2 * V[idx] + (1.0f - h.beta2) * x * x;
+      float m = beta1 * M[idx] + omb1 * x;
+      float v = beta2 * V[idx] + omb2 * x * x;
       M[idx] = m;
       V[idx] = v;
       float rt = m / (sqrtf(v) + h.eps);
@@ -431,7 +433,8 @@ __global__ void update_kernel(TW* __restrict__ W, int64_t ldw, const TG* __restr
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         float sc = tensor_scaling ? tensor_s : scale[tall ? i : j0 + e];
-        float nw = (wv[e] - base * sc * gv[e]) * decay;
+        float u = wv[e] - base * sc * gv[e];
+        float nw = u - decay * u;
         out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
       }
       st8(w, out);
@@ -439,7 +442,8 @@ __global__ void update_kernel(TW* __restrict__ W, int64_t ldw, const TG* __restr
       for (int e = 0; e < 8 && j0 + e < cols; ++e) {
         float sc = tensor_scaling ? tensor_s : scale[tall ? i : j0 + e];
         float old = ld(w, e);
-        float nw = (old - base * sc * ld(g, e)) * decay;
+        float u = old - base * sc * ld(g, e);
+        float nw = u - decay * u;
         w[e] = to_weight(nw, old, TW{}, rounding, rounding_offset(bits, e), ok);
       }
     }
@@ -525,7 +529,7 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   const int64_t groups = s.rows * ((s.cols + 7) / 8);
   int ublocks = static_cast<int>(std::min<int64_t>((groups + 255) / 256, static_cast<int64_t>(sms) * 16));
   const bool wvec = gvec && s.ld_weight % 8 == 0 && aligned16(W);
-  const float decay = 1.0f - h.lr * h.weight_decay;
+  const float decay = h.lr * h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   const bool tensor = h.scaling == Scaling::kTensor;
   if (wvec) {
     update_kernel<TW, TG, true><<<ublocks, 256, 0, stream>>>(W, s.ld_weight, G, s.rows, s.cols, scale, scalars, s.status,

@@ -133,8 +133,8 @@ struct Tail {
 LT_HD Tail apollo_tail(const ApolloHyper& h, uint64_t step, float clip, float norm_u, float prev) {
   Tail t{};
   double tt = static_cast<double>(step + 1);
-  double bc1 = 1.0 - pow(static_cast<double>(h.beta1), tt);
-  double bc2 = 1.0 - pow(static_cast<double>(h.beta2), tt);
+  double bc1 = 1.0 - pow(h.beta1, tt);
+  double bc2 = 1.0 - pow(h.beta2, tt);
   t.step_size = static_cast<float>(h.lr * sqrt(bc2) / bc1);
   float lim = 1.0f;
   if (h.limiter) {

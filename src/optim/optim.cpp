@@ -38,7 +38,7 @@ void validate(const ApolloStep& s) {
         std::to_string(s.cols) + "]");
   }
   if (h.update_proj_gap < 1) bad("update_proj_gap must be at least 1");
-  if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f) || !(h.beta2 >= 0.0f && h.beta2 < 1.0f)) bad("betas must be in [0, 1)");
+  if (!(h.beta1 >= 0.0 && h.beta1 < 1.0) || !(h.beta2 >= 0.0 && h.beta2 < 1.0)) bad("betas must be in [0, 1)");
   if (!(h.lr >= 0.0f) || !(h.eps >= 0.0f) || !(h.scale > 0.0f) || !(h.max_grad_norm >= 0.0f)) {
     bad("lr, eps, max_grad_norm must be >= 0 and scale > 0");
   }
@@ -50,7 +50,7 @@ void validate(const AdamWStep& s) {
   if (s.numel <= 0) bad("empty parameter");
   if (!s.weight || !s.grad || !s.m || !s.v || !s.status || !s.step) bad("a required pointer is null");
   const AdamWHyper& h = s.hyper;
-  if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f) || !(h.beta2 >= 0.0f && h.beta2 < 1.0f)) bad("betas must be in [0, 1)");
+  if (!(h.beta1 >= 0.0 && h.beta1 < 1.0) || !(h.beta2 >= 0.0 && h.beta2 < 1.0)) bad("betas must be in [0, 1)");
   if (!(h.lr >= 0.0f) || !(h.eps >= 0.0f) || !(h.max_grad_norm >= 0.0f)) bad("lr, eps, max_grad_norm must be >= 0");
 }
 
