@@ -7,5 +7,6 @@ namespace livetrain::bindings {
 
 void init_safetensors(nanobind::module_& m);
 void init_cuda(nanobind::module_& m);
+void init_sharing(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

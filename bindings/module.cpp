@@ -7,10 +7,11 @@
 namespace nb = nanobind;
 
 NB_MODULE(_core, m) {
-  m.doc() = "livetrain core (C++): safetensors, CUDA devices. Use the livetrain package, not this module.";
+  m.doc() = "livetrain core (C++): safetensors, CUDA devices, weight sharing. Use the livetrain package, not this module.";
   m.attr("__version__") = LIVETRAIN_VERSION;
   // One exception class for every livetrain::Error; its message names the file, tensor or field.
   static nb::exception<livetrain::Error> error(m, "Error");
   livetrain::bindings::init_safetensors(m);
   livetrain::bindings::init_cuda(m);
+  livetrain::bindings::init_sharing(m);
 }
