@@ -61,6 +61,10 @@ DType parse_dtype(const std::string& name, const std::string& tensor) {
 
 void init_sharing(nb::module_& m) {
   m.attr("MANIFEST_VERSION") = sh::kManifestVersion;
+  // Tensors handed to torch keep Export/Attachment objects alive, and torch may free them after this
+  // module at interpreter exit; nanobind would report that as a leak although nothing is lost (segments
+  // are unlinked by an atexit hook in livetrain/sharing.py, mappings vanish with the process).
+  nb::set_leak_warnings(false);
 
   nb::class_<sh::Export>(m, "Export",
                          "What an engine shares: shared-memory segments it owns (unlinked when this object "
@@ -95,6 +99,8 @@ void init_sharing(nb::module_& m) {
            },
            nb::arg("path"), nb::arg("model_path"), nb::arg("config_json"), nb::arg("engine"), nb::arg("tp_rank") = 0,
            nb::arg("tp_size") = 1, "Write the manifest (atomically, mode 0600) naming this process as the owner.")
+      .def("unlink_segments", &sh::Export::unlink_segments,
+           "Remove the segments' names now; mappings (the engine's and attached trainers') stay valid.")
       .def_prop_ro("num_buffers", [](const sh::Export& e) { return e.buffers().size(); })
       .def_prop_ro("num_tensors", [](const sh::Export& e) { return e.tensors().size(); });
 
@@ -106,6 +112,13 @@ void init_sharing(nb::module_& m) {
       .def_prop_ro("path", &sh::Attachment::path)
       .def_prop_ro("lease_held", &sh::Attachment::lease_held)
       .def("release_lease", &sh::Attachment::release_lease)
+      .def("buffers", [](const sh::Attachment& a) {
+             nb::list out;
+             for (const sh::BufferView& b : a.buffers()) {
+               out.append(nb::make_tuple(reinterpret_cast<uintptr_t>(b.data), b.size, b.device));
+             }
+             return out;
+           }, "(address, size, device) of every opened buffer, in manifest order; device -1 is host memory.")
       .def("manifest_json", [](const sh::Attachment& a) { return sh::manifest_serialize(a.manifest()); })
       .def("tensors", [](std::shared_ptr<sh::Attachment> a) {
              nb::list out;

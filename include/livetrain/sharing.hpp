@@ -155,12 +155,15 @@ class ShmSegment {
   const std::string& name() const { return name_; }
   uint64_t size() const { return size_; }
   uint8_t* data() const { return static_cast<uint8_t*>(addr_); }
+  // Removes the name now (new attaches fail; existing mappings, ours included, stay valid).
+  void unlink();
 
  private:
   ShmSegment() = default;
   std::string name_;
   uint64_t size_ = 0;
   void* addr_ = nullptr;
+  bool unlinked_ = false;
 };
 
 // A read-write mapping of an existing segment, whose size must be exactly `size`.
@@ -226,6 +229,9 @@ class Export {
   // Creates a segment of `size` bytes; returns its buffer index.
   uint32_t add_shm(uint64_t size, std::string name = "");
   const ShmSegment& shm(uint32_t buffer) const;
+  // Unlinks every segment's name now, for owners whose destructor may run late or never (a Python
+  // interpreter exiting while tensors still reference the segment).
+  void unlink_segments();
   // Records a tensor in an existing buffer (validated against its size).
   void add_tensor(TensorDesc t);
   // Records a CUDA tensor by device pointer: its allocation becomes a buffer (once) and the offset is the
@@ -260,6 +266,13 @@ struct TensorView {
   int device = -1;       // -1: host memory; otherwise the CUDA ordinal in this process
 };
 
+// One opened buffer as seen in this process.
+struct BufferView {
+  void* data = nullptr;
+  uint64_t size = 0;
+  int device = -1;  // -1: host memory; otherwise the CUDA ordinal in this process
+};
+
 // An attached manifest: its lease, and every buffer opened once. Views are valid while it lives.
 class Attachment {
  public:
@@ -271,6 +284,7 @@ class Attachment {
   const Manifest& manifest() const { return manifest_; }
   const std::string& path() const { return path_; }
   const std::vector<TensorView>& views() const { return views_; }
+  const std::vector<BufferView>& buffers() const { return buffers_; }
   const TensorView& view(std::string_view name) const;
   bool lease_held() const { return lease_.held(); }
   // Gives the lease up early; the mappings stay until the Attachment is destroyed.
@@ -283,6 +297,7 @@ class Attachment {
   Lease lease_;
   std::vector<std::unique_ptr<ShmMapping>> shm_;
   std::vector<std::unique_ptr<CudaIpcMapping>> cuda_;
+  std::vector<BufferView> buffers_;  // parallel to manifest_.buffers
   std::vector<TensorView> views_;
 };
 

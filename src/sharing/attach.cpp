@@ -29,6 +29,7 @@ std::shared_ptr<Attachment> Attachment::open(const std::string& manifest_path, A
       throw Error(e.code(), manifest_path + ": buffers[" + std::to_string(i) + "]: " + e.what());
     }
   }
+  for (size_t i = 0; i < m.buffers.size(); ++i) a->buffers_.push_back(BufferView{bases[i], m.buffers[i].size, devices[i]});
   a->views_.reserve(m.tensors.size());
   for (const TensorDesc& t : m.tensors) {
     TensorView v;
@@ -44,6 +45,7 @@ Attachment::~Attachment() {
   // Views point into the mappings: drop them first, then the mappings, and the lease last so that no
   // other trainer can attach while this one still has the memory mapped.
   views_.clear();
+  buffers_.clear();
   cuda_.clear();
   shm_.clear();
 }

@@ -25,6 +25,12 @@ const ShmSegment& Export::shm(uint32_t buffer) const {
   return *segments_[buffer];
 }
 
+void Export::unlink_segments() {
+  for (auto& seg : segments_) {
+    if (seg) seg->unlink();
+  }
+}
+
 void Export::add_tensor(TensorDesc t) {
   // Validate this tensor alone against the buffers, with the same rules the parser applies.
   Manifest probe;

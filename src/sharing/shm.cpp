@@ -43,16 +43,20 @@ std::unique_ptr<ShmSegment> ShmSegment::create(uint64_t size, std::string name) 
     seg->addr_ = map_rw(fd.get(), size, name);
     seg->size_ = size;
   } catch (...) {
-    ::shm_unlink(name.c_str());
-    seg->name_.clear();
+    seg->unlink();
     throw;
   }
   return seg;
 }
 
+void ShmSegment::unlink() {
+  if (!unlinked_) ::shm_unlink(name_.c_str());
+  unlinked_ = true;
+}
+
 ShmSegment::~ShmSegment() {
   if (addr_) ::munmap(addr_, size_);
-  if (!name_.empty()) ::shm_unlink(name_.c_str());
+  unlink();
 }
 
 std::unique_ptr<ShmMapping> ShmMapping::open(const std::string& name, uint64_t size) {
