@@ -37,7 +37,10 @@ def say(**kw) -> None:
 def engine(manifest: str, device: str) -> None:
     torch.manual_seed(0)
     config = tiny_config()
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    # Built on its device, as the trainer builds it: buffers such as rotary inv_freq are then computed by
+    # the same kernels on both sides (CPU and GPU pow may differ in the last bit).
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     params = dict(model.named_parameters())
     config_dict = json.loads(config.to_json_string())
     if device == "cpu":
