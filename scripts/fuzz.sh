@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (ASan + UBSan) in build-fuzz/ and runs each for
-# LIVETRAIN_FUZZ_SECONDS (default 60) from the seed corpus in fuzz/corpus/. Exits non-zero on a finding.
+# LIVETRAIN_FUZZ_SECONDS (default 60) from its seed corpus in fuzz/. Exits non-zero on a finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${LIVETRAIN_FUZZ_SECONDS:-60}
@@ -9,19 +9,31 @@ if [ ! -f build-fuzz/CMakeCache.txt ]; then
     -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLIVETRAIN_FUZZ=ON \
     -DLIVETRAIN_TESTS=OFF -DLIVETRAIN_PYTHON=OFF -DLIVETRAIN_CUDA=OFF >/dev/null
 fi
-.venv/bin/cmake --build build-fuzz --target fuzz_safetensors_header
+.venv/bin/cmake --build build-fuzz --target fuzz_safetensors_header fuzz_manifest
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp fuzz/corpus/* "$work/"
-echo "fuzzing the safetensors header parser for ${seconds}s (ASan + UBSan)"
-rc=0
-build-fuzz/fuzz/fuzz_safetensors_header -max_total_time="$seconds" -max_len=4096 -timeout=10 \
-  -dict=fuzz/safetensors.dict -print_final_stats=1 "$work" >"$work/log" 2>&1 || rc=$?
-if [ "$rc" != 0 ]; then
-  echo "fuzz: FINDING (exit code $rc):"
-  tail -60 "$work/log"
-  mkdir -p fuzz/findings && cp crash-* leak-* timeout-* oom-* fuzz/findings/ 2>/dev/null || true
-  exit 1
-fi
-runs=$(awk '/stat::number_of_executed_units/ {print $2}' "$work/log")
-echo "fuzz: ${runs} executions in ${seconds}s, 0 findings"
+
+# fuzz TARGET CORPUS_DIR DICT WHAT
+fuzz() {
+  local target=$1 corpus=$2 dict=$3 what=$4
+  mkdir -p "$work/$target"
+  cp "$corpus"/* "$work/$target/"
+  echo "fuzzing the $what for ${seconds}s (ASan + UBSan)"
+  local rc=0
+  build-fuzz/fuzz/"$target" -max_total_time="$seconds" -max_len=4096 -timeout=10 \
+    -dict="$dict" -print_final_stats=1 "$work/$target" >"$work/$target.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "fuzz: $target: FINDING (exit code $rc):"
+    tail -60 "$work/$target.log"
+    mkdir -p fuzz/findings && cp crash-* leak-* timeout-* oom-* fuzz/findings/ 2>/dev/null || true
+    return 1
+  fi
+  local runs
+  runs=$(awk '/stat::number_of_executed_units/ {print $2}' "$work/$target.log")
+  echo "fuzz: $target: ${runs} executions in ${seconds}s, 0 findings"
+}
+
+status=0
+fuzz fuzz_safetensors_header fuzz/corpus fuzz/safetensors.dict "safetensors header parser" || status=1
+fuzz fuzz_manifest fuzz/corpus-manifest fuzz/manifest.dict "sharing manifest parser" || status=1
+exit $status

@@ -17,6 +17,8 @@ enum class ErrorCode {
   kOverflow,      // a size computed from outside input does not fit in 64 bits
   kUnsupported,   // well-formed, but livetrain does not handle it (yet or ever)
   kCuda,          // a CUDA call failed
+  kStale,         // a manifest describes an owner process that is gone (dead, pid reused, or rebooted since)
+  kBusy,          // an exclusive resource (a trainer lease) is held by another process
 };
 
 const char* error_code_name(ErrorCode code);

@@ -6,4 +6,15 @@ The core (formats, memory sharing, kernels, checkpoint store) is C++/CUDA in the
 
 from livetrain._core import Error, __version__
 
-__all__ = ["Error", "__version__"]
+__all__ = ["Error", "__version__", "Attached", "Exported", "attach", "build_hf_model", "export_cpu", "export_cuda"]
+
+_SHARING = {"Attached", "Exported", "attach", "build_hf_model", "export_cpu", "export_cuda"}
+
+
+def __getattr__(name: str):
+    # Sharing needs torch; importing it lazily keeps `import livetrain` light for tools that do not.
+    if name in _SHARING:
+        from livetrain import sharing
+
+        return getattr(sharing, name)
+    raise AttributeError(f"module 'livetrain' has no attribute {name!r}")

@@ -21,6 +21,8 @@ constexpr const char* kUsage =
     "commands:\n"
     "  inspect PATH      list the tensors of a safetensors file or model directory (dtypes, shapes,\n"
     "                    bytes, shard), validating every header strictly\n"
+    "  manifest inspect FILE\n"
+    "                    show a sharing manifest: buffers, tensors, whether its owner is alive, lease holder\n"
     "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
     "\n"
@@ -105,6 +107,7 @@ int dispatch(int argc, char** argv) {
     args = {"--help"};
   }
   if (cmd == "inspect") return run_inspect(args);
+  if (cmd == "manifest") return run_manifest(args);
   if (cmd == "devices") return run_devices(args);
   throw UsageError("unknown command '" + cmd + "' (see livetrain --help)");
 }

@@ -14,6 +14,8 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kOverflow: return "overflow";
     case ErrorCode::kUnsupported: return "unsupported";
     case ErrorCode::kCuda: return "cuda";
+    case ErrorCode::kStale: return "stale";
+    case ErrorCode::kBusy: return "busy";
   }
   return "unknown";
 }

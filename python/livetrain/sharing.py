@@ -1,0 +1,230 @@
+"""Weight sharing between an engine and a trainer: export (engine side), attach (trainer side), and a
+Hugging Face model whose parameters are views of the engine's memory.
+
+The core (manifest format, shared memory, CUDA IPC, owner liveness, the single-trainer lease) is C++;
+this module only converts between torch tensors and the core's pointers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import weakref
+from typing import Callable, Mapping
+
+import torch
+
+from livetrain import _core
+from livetrain.safetensors import dtype_name, torch_dtype
+
+__all__ = ["Attached", "Exported", "attach", "export_cpu", "export_cuda", "build_hf_model"]
+
+# Placement of each tensor in a shared-memory segment: aligned to 64 bytes (a cache line, and enough
+# for every vectorised CPU kernel torch uses).
+_ALIGN = 64
+
+
+class Attached:
+    """An attached engine: holds the exclusive trainer lease (unless ``take_lease=False``) and the
+    mappings. ``tensors`` maps engine names to zero-copy torch tensors on CPU or CUDA; they keep the
+    mappings alive even after :meth:`close`, which gives the lease up."""
+
+    def __init__(self, manifest_path: str | os.PathLike, *, check_owner: bool = True, take_lease: bool = True):
+        self.path = os.fspath(manifest_path)
+        self._a = _core.Attachment.open(self.path, check_owner, take_lease)
+        self.manifest: dict = json.loads(self._a.manifest_json())
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, dtype, t in self._a.tensors():
+            want = torch_dtype(dtype)
+            # 8-bit float formats have no DLPack code and cross as uint8: reinterpret, same bytes.
+            self.tensors[name] = t if t.dtype == want else t.view(want)
+
+    @property
+    def config(self) -> dict:
+        """The model's config.json, as the engine recorded it."""
+        return self.manifest["model"]["config"]
+
+    @property
+    def lease_held(self) -> bool:
+        return self._a.lease_held
+
+    def buffers(self) -> list[tuple[int, int, int]]:
+        """(address, size, device) of each mapped buffer; device -1 is host memory."""
+        return self._a.buffers()
+
+    def close(self) -> None:
+        """Release the lease now; another trainer may attach."""
+        self._a.release_lease()
+
+    def __enter__(self) -> "Attached":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def attach(manifest_path: str | os.PathLike, *, check_owner: bool = True, take_lease: bool = True) -> Attached:
+    """Attach to an engine's weights. Raises livetrain.Error if the manifest is malformed or stale (its
+    owner has exited, or the machine rebooted since), or if another trainer holds the lease."""
+    return Attached(manifest_path, check_owner=check_owner, take_lease=take_lease)
+
+
+class Exported:
+    """What an engine has shared. Keep it alive as long as trainers may attach: for CPU exports,
+    destroying it unlinks the shared-memory segment (mappings that trainers already hold stay valid).
+    ``tensors`` are the shared tensors: for CPU, views of the segment that the engine must use as its
+    weights from now on; for CUDA, the engine's own tensors."""
+
+    def __init__(self, export, tensors: dict[str, torch.Tensor], manifest_path: str):
+        self._export = export
+        self.tensors = tensors
+        self.manifest_path = manifest_path
+        # The segments' names must go at exit even if torch still holds views (so the C++ destructor
+        # would never run): /dev/shm would otherwise keep the whole model until reboot.
+        self._unlink = weakref.finalize(self, export.unlink_segments)
+
+    def close(self) -> None:
+        """Stop sharing: new trainers can no longer attach (mappings already made stay valid)."""
+        self._unlink()
+        self._export = None
+        self.tensors = {}
+
+
+def _model_args(manifest_path, model_path, config, engine, tp_rank, tp_size):
+    return dict(path=os.fspath(manifest_path), model_path=os.fspath(model_path) if model_path else "",
+                config_json=json.dumps(dict(config or {})), engine=engine, tp_rank=tp_rank, tp_size=tp_size)
+
+
+def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
+               model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
+               tp_rank: int = 0, tp_size: int = 1) -> Exported:
+    """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest. Returns the
+    segment's views under the same names: the engine must serve from those (e.g. ``param.data = view``),
+    so that a trainer's in-place updates reach it. Entries that are the same tensor share one place."""
+    placed: dict[tuple, int] = {}
+    layout: list[tuple[str, torch.Tensor, int]] = []
+    size = 0
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device) if t.numel() else None
+        if key is not None and key in placed:
+            layout.append((name, t, placed[key]))
+            continue
+        size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        layout.append((name, t, size))
+        if key is not None:
+            placed[key] = size
+        size += t.numel() * t.element_size()
+    exp = _core.Export()
+    buf = exp.add_shm(max(size, 1))
+    raw = exp.shm_tensor(buf)  # uint8, the whole segment
+    views: dict[str, torch.Tensor] = {}
+    copied: set[int] = set()
+    for name, t, offset in layout:
+        n = t.numel() * t.element_size()
+        view = raw[offset:offset + n].view(t.dtype).view(t.shape)
+        if offset not in copied:
+            view.copy_(t.detach())
+            copied.add(offset)
+        views[name] = view
+        exp.add_tensor(name, dtype_name(t.dtype), list(t.shape), list(view.stride()), buf, offset)
+    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    return Exported(exp, views, os.fspath(manifest_path))
+
+
+def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
+                model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
+                tp_rank: int = 0, tp_size: int = 1) -> Exported:
+    """Share CUDA tensors in place (no copy): one IPC handle per underlying cudaMalloc allocation, each
+    tensor recorded by offset and strides. Refuses VMM memory (``expandable_segments``, vLLM sleep mode)
+    with an error saying what to change. Run it after the engine's last reallocation of its weights."""
+    exp = _core.Export()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+            raise _core.Error(f"tensor {name!r}: export_cuda needs CUDA tensors (got "
+                              f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})")
+        if t.numel() == 0:
+            continue  # no allocation to point into
+        if any(s < 0 for s in t.stride()):
+            raise _core.Error(f"tensor {name!r}: negative strides cannot be shared")
+        exp.add_cuda_tensor(name, dtype_name(t.dtype), list(t.shape), list(t.stride()), t.data_ptr())
+    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    return Exported(exp, dict(tensors), os.fspath(manifest_path))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside goes to the meta device (no memory, no init cost), while buffers
+    (rotary inv_freq and the like, which are not in the engine's weights) are computed for real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+# The name-mapping hook. A function from the attached engine to {Hugging Face name: tensor view}. The
+# identity is right when the engine stores weights under their HF names (livetrain's reference engine);
+# the layout subsystem provides the mapping for engines that merge or shard them (vLLM's qkv_proj,
+# gate_up_proj, TP shards): its views are slices of the engine tensors, never copies.
+HfViews = Callable[[Attached], Mapping[str, torch.Tensor]]
+
+
+def _identity_views(attached: Attached) -> Mapping[str, torch.Tensor]:
+    return attached.tensors
+
+
+def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True,
+                   model_class=None) -> torch.nn.Module:
+    """A transformers model for the engine's config whose parameters are the engine's memory.
+
+    The model is built with its parameters on the meta device, then each parameter is replaced by the
+    view of the same HF name (``hf_views``, identity by default); tied parameters stay one Parameter.
+    Buffers are computed on the device of the weights, exactly as ``from_pretrained`` computes them.
+    Raises livetrain.Error naming the parameter when a view is missing or has another shape or dtype."""
+    import transformers
+
+    views = dict((hf_views or _identity_views)(attached))
+    if not views:
+        raise _core.Error(f"{attached.path}: the engine shares no tensors")
+    first = next(iter(views.values()))
+    device, dtype = first.device, first.dtype
+    cfg = dict(attached.config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise _core.Error(f"{attached.path}: model.config has no model_type")
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    with _parameters_on_meta(), torch.device(device):
+        if model_class is None:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = model_class._from_config(config, dtype=dtype)
+
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        new = replaced.get(id(param))
+        if new is None:
+            view = views.get(name)
+            if view is None:
+                raise _core.Error(f"{attached.path}: the engine has no tensor for parameter {name!r} "
+                                  f"(shape {tuple(param.shape)}, {param.dtype})")
+            if tuple(view.shape) != tuple(param.shape) or view.dtype != param.dtype:
+                raise _core.Error(f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
+                                  f"model expects {tuple(param.shape)} {param.dtype}")
+            new = torch.nn.Parameter(view, requires_grad=requires_grad)
+            replaced[id(param)] = new
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = new
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            raise _core.Error(f"buffer {name!r} was not computed (still on the meta device)")
+    return model
