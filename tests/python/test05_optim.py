@@ -302,7 +302,7 @@ def synthetic_batch(gen, batch=32, seq=33, vocab=48):
     return out
 
 
-def train(make_opt, steps=150):
+def train(make_opt, steps=200):
     torch.manual_seed(0)
     model = TinyLM()
     opt = make_opt(model)
@@ -315,16 +315,18 @@ def train(make_opt, steps=150):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return sum(losses[-10:]) / 10
 
 
 def test_apollo_and_mini_converge_within_5_percent_of_adamw():
-    adamw = train(lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3))
-    apollo = train(lambda m: Apollo(param_groups(m), lr=3e-3, rank=16, update_proj_gap=50))
-    mini = train(lambda m: ApolloMini(param_groups(m), lr=3e-3, update_proj_gap=50))
+    # One learning rate for all three (1e-2 is AdamW's best of {3e-3, 1e-2} here); APOLLO at rank n/4
+    # with scale n/r, APOLLO-Mini with the paper's settings.
+    adamw = train(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
+    apollo = train(lambda m: Apollo(param_groups(m), lr=1e-2, rank=16, scale=4.0, update_proj_gap=50))
+    mini = train(lambda m: ApolloMini(param_groups(m), lr=1e-2, update_proj_gap=50))
     print(f"final loss: AdamW {adamw:.4f}, APOLLO {apollo:.4f}, APOLLO-Mini {mini:.4f}")
-    assert adamw < 2.5, "the task did not train at all"
+    assert adamw < 2.0, "the task did not train at all"
     assert apollo <= adamw * 1.05
     assert mini <= adamw * 1.05
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go (for the GPU machine): build the core and the Python module for
+# this machine's Python and torch (sm_80/sm_90a/sm_100 + PTX), run the whole pytest suite (the CUDA tests
+# run here instead of skipping), then the benchmarks. Results land in $OUT (default ./gpu-out):
+# pytest.log, bench-optim.{txt,json}, bench-attach.{txt,json}.
+#
+# usage: bash scripts/gpu.sh [tests|bench|all]   (default all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
+
+echo "== build (build-gpu/)"
+cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v $py)" -DLIVETRAIN_TESTS=OFF \
+  -DCMAKE_BUILD_TYPE=Release > "$out/build.log" 2>&1 && cmake --build build-gpu -j 16 >> "$out/build.log" 2>&1
+rc=$?
+if [ $rc != 0 ]; then tail -50 "$out/build.log"; exit $rc; fi
+build-gpu/livetrain devices | tee -a "$out/device.txt"
+
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  echo "== pytest"
+  LIVETRAIN_CLI=$PWD/build-gpu/livetrain $py -m pytest -q -ra -p no:cacheprovider tests/python 2>&1 | tee "$out/pytest.log" | tail -40
+  status=${PIPESTATUS[0]}
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  echo "== bench/optim.py"
+  $py bench/optim.py --json "$out/bench-optim.json" 2>&1 | tee "$out/bench-optim.txt" | tail -20
+  echo "== bench/attach.py"
+  $py bench/attach.py --json "$out/bench-attach.json" 2>&1 | tee "$out/bench-attach.txt" | tail -8
+fi
+exit $status
