@@ -109,7 +109,7 @@ void launch(const AdamWStep& s, cudaStream_t stream) {
   char* base = static_cast<char*>(s.workspace);
   float* partials = reinterpret_cast<float*>(base + ws.off_partials);
   float* scalars = reinterpret_cast<float*>(base + ws.off_scalars);
-  unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters);
+  unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters) + kCounterAdamW;
   int blocks = static_cast<int>(std::min<int64_t>((s.numel + 255) / 256, 1024));
   adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(static_cast<const TG*>(s.grad), s.numel, partials, scalars,
                                                     counter, s.status, s.step, s.hyper);

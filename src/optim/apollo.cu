@@ -492,10 +492,10 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
     int blocks = static_cast<int>(std::min<int64_t>((s.rows + 7) / 8, kMaxBlocks));
     if (gvec) {
       project_tall_r1_kernel<TG, true><<<blocks, 256, 0, stream>>>(G, s.rows, s.cols, P, R, sumsq, partials, scalars,
-                                                                    counters, h.max_grad_norm);
+                                                                    counters + kCounterProject, h.max_grad_norm);
     } else {
       project_tall_r1_kernel<TG, false><<<blocks, 256, 0, stream>>>(G, s.rows, s.cols, P, R, sumsq, partials, scalars,
-                                                                     counters, h.max_grad_norm);
+                                                                     counters + kCounterProject, h.max_grad_norm);
     }
   } else if (ws.rank1) {
     chunks = static_cast<int>(ws.chunks);
@@ -503,10 +503,10 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>(std::min<int64_t>(col_blocks, kMaxBlocks / chunks)), static_cast<unsigned>(chunks));
     if (gvec) {
       project_wide_r1_kernel<TG, true><<<grid, 128, 0, stream>>>(G, s.rows, s.cols, ws.rows_per_chunk, P, R, sumsq,
-                                                                 partials, scalars, counters, h.max_grad_norm);
+                                                                 partials, scalars, counters + kCounterProject, h.max_grad_norm);
     } else {
       project_wide_r1_kernel<TG, false><<<grid, 128, 0, stream>>>(G, s.rows, s.cols, ws.rows_per_chunk, P, R, sumsq,
-                                                                  partials, scalars, counters, h.max_grad_norm);
+                                                                  partials, scalars, counters + kCounterProject, h.max_grad_norm);
     }
   } else {
     dim3 grid(static_cast<unsigned>((ws.K + kTileM - 1) / kTileM), static_cast<unsigned>((h.rank + kTileN - 1) / kTileN));
@@ -523,7 +523,7 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   const int64_t per_block = h.rank > 1 ? 256 / kWarp : 256;
   int mblocks = static_cast<int>(std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min(kMaxBlocks, sms * 4)));
   moments_kernel<<<mblocks, 256, 0, stream>>>(R, sumsq, ws.K, h.rank, chunks, s.m, s.v, scale, partials, scalars,
-                                              counters + 1, s.prev_norm, s.status, h, s.step);
+                                              counters + kCounterMoments, s.prev_norm, s.status, h, s.step);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 
   const int64_t groups = s.rows * ((s.cols + 7) / 8);

@@ -1,6 +1,7 @@
 // Internal: how a CUDA optimizer step carves its workspace (sizes known on the host, offsets used by the
 // kernels). The workspace must be zero-filled once before its first use; every step leaves its counters
-// at zero again, so one workspace serves all parameters of a stream in turn.
+// at zero again, so one workspace serves all parameters of a stream in turn. The counters sit at the same
+// place (the first 256 bytes) in every layout, so APOLLO and AdamW steps can share one workspace.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,10 @@ inline constexpr int kWideColsPerBlock = 1024;  // rank-1 wide projection: 128 t
 enum Scalar : int { kTotalSq = 0, kClip, kStepSize, kMultiplier, kTensorScale, kNumScalars = 16 };
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
+
+// Completion counters of the last-block reductions, at offset 0 of every workspace.
+enum Counter : int { kCounterProject = 0, kCounterMoments = 1, kCounterAdamW = 2, kNumCounters = 64 };
+inline constexpr size_t kCountersBytes = 256;
 
 struct ApolloWorkspace {
   bool tall, rank1;
@@ -37,7 +42,8 @@ struct ApolloWorkspace {
       chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
       r_elems = sq_elems = static_cast<size_t>(chunks) * K;
     }
-    size_t o = 0;
+    size_t o = kCountersBytes;
+    off_counters = 0;
     off_p = o;
     o += align256(sizeof(float) * static_cast<size_t>(k) * rank);
     off_r = o;
@@ -50,8 +56,6 @@ struct ApolloWorkspace {
     o += align256(sizeof(float) * kMaxBlocks * 4);
     off_scalars = o;
     o += align256(sizeof(float) * kNumScalars);
-    off_counters = o;
-    o += align256(sizeof(uint32_t) * 4);
     bytes = o;
   }
 };
@@ -59,10 +63,10 @@ struct ApolloWorkspace {
 struct AdamWWorkspace {
   size_t off_partials, off_scalars, off_counters, bytes;
   explicit AdamWWorkspace(int64_t) {
-    off_partials = 0;
-    off_scalars = align256(sizeof(float) * kMaxBlocks);
-    off_counters = off_scalars + align256(sizeof(float) * kNumScalars);
-    bytes = off_counters + align256(sizeof(uint32_t) * 4);
+    off_counters = 0;
+    off_partials = kCountersBytes;
+    off_scalars = off_partials + align256(sizeof(float) * kMaxBlocks);
+    bytes = off_scalars + align256(sizeof(float) * kNumScalars);
   }
 };
 
