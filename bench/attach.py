@@ -88,7 +88,7 @@ def main() -> None:
     tensors = att.tensors
     nbytes = sum(x.numel() * x.element_size() for x in tensors.values())
     handles = len(att.buffers())
-    tensors["lm_head.weight"][0, 0] = 1234.0
+    tensors["lm_head.weight"][0, 0] = 1024.0  # exact in bf16
     torch.cuda.synchronize()
     proc.stdin.write("\n")
     proc.stdin.flush()
@@ -109,7 +109,7 @@ def main() -> None:
     rows = [("livetrain attach (CUDA IPC, zero copy)", attach_ms), ("copy device-to-device", d2d_ms),
             ("copy through pinned host memory", via_host_ms)]
     print(f"\n{torch.cuda.get_device_name()}: {len(tensors)} tensors, {nbytes / 2**30:.2f} GiB bf16, "
-          f"{handles} IPC allocations; engine saw the trainer's write: {seen == 1234.0}")
+          f"{handles} IPC allocations; engine saw the trainer's write: {seen == 1024.0}")
     print("| method | ms | × attach |")
     print("|---|---|---|")
     for name, ms in rows:
@@ -117,7 +117,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "bytes": nbytes, "tensors": len(tensors),
-                       "allocations": handles, "write_seen_by_engine": seen == 1234.0,
+                       "allocations": handles, "write_seen_by_engine": seen == 1024.0,
                        "rows": [{"method": n, "ms": ms} for n, ms in rows]}, f, indent=2)
 
 

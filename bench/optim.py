@@ -161,11 +161,30 @@ def run(size: str, steps: int, bw: float, methods: list[str]) -> list[dict]:
     return rows
 
 
+def profile(size: str) -> None:
+    """GPU time per kernel of one APOLLO-Mini step, to see which stage is off its floor."""
+    params = []
+    for r, c in shapes(size, embeddings=False):
+        p = torch.nn.Parameter((torch.randn(r, c, device="cuda") * 0.02).to(torch.bfloat16))
+        p.grad = (torch.randn(r, c, device="cuda") * 1e-3).to(torch.bfloat16)
+        params.append(p)
+    opt = ApolloMini(params, lr=1e-3)
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1b,8b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU time per kernel of one livetrain APOLLO-Mini step (torch.profiler)")
     ap.add_argument("--methods", default="livetrain APOLLO-Mini,livetrain APOLLO r256,"
                                          "PyTorch APOLLO-Mini (official style),torch AdamW fused")
     a = ap.parse_args()
@@ -176,6 +195,8 @@ def main() -> None:
     rows = []
     for size in a.sizes.split(","):
         rows += run(size, a.steps, bw, a.methods.split(","))
+        if a.profile:
+            profile(size)
     print()
     print(f"| set | params | method | step ms | floor ms | × floor | state MiB | state / AdamW | peak extra MiB |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -63,6 +63,8 @@ class Apollo(torch.optim.Optimizer):
                         max_grad_norm=max_grad_norm, rounding=rounding, adamw_eps=adamw_eps, algo=algo)
         self._param_index: dict = {}
         super().__init__(params, defaults)
+        self._groups_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
+        self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         index = 0
@@ -89,6 +91,12 @@ class Apollo(torch.optim.Optimizer):
             if any(q is p for q in group["params"]):
                 return group
         raise KeyError("parameter is not managed by this optimizer")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_groups_by_id"):
+            for p in self.param_groups[-1]["params"]:
+                self._groups_by_id[id(p)] = self.param_groups[-1]
 
     def _state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -118,48 +126,70 @@ class Apollo(torch.optim.Optimizer):
         return ws
 
     # ---- stepping ----
+    def _call(self, p: torch.Tensor, group: dict, state: dict) -> tuple:
+        """The step's fixed arguments, built once per parameter (addresses of its state, sizes, dtypes,
+        a hyperparameter object whose lr and weight decay are refreshed on every step)."""
+        call = self._calls.get(id(p))
+        if call is not None:
+            return call
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"livetrain optimizers update bf16 or fp32 parameters, not {p.dtype}")
+        cuda = p.device.type == "cuda"
+        if state["algo"] == "apollo":
+            if p.stride(1) != 1:
+                raise ValueError(f"APOLLO needs rows of the weight contiguous; got strides {p.stride()}")
+            rows, cols = p.shape
+            h = _core.ApolloHyper()
+            (h.beta1, h.beta2), h.eps = group["betas"], group["eps"]
+            h.rank, h.update_proj_gap = group["rank"], group["update_proj_gap"]
+            h.scale, h.scaling, h.limiter = group["scale"], _scaling(group["scaling"]), group["limiter"]
+            h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
+            ws = self._workspace(p.device, _core.apollo_workspace_bytes(rows, cols, group["rank"])) if cuda else None
+            call = ("apollo", h, (rows, cols, p.stride(0)), (state["m"].data_ptr(), state["v"].data_ptr(),
+                    state["prev_norm"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr()), ws, cuda)
+        else:
+            if not p.is_contiguous():
+                raise ValueError(f"AdamW needs a contiguous parameter; got shape {tuple(p.shape)} strides {p.stride()}")
+            h = _core.AdamWHyper()
+            (h.beta1, h.beta2), h.eps = group["betas"], group["adamw_eps"]
+            h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
+            ws = self._workspace(p.device, _core.adamw_workspace_bytes(p.numel())) if cuda else None
+            call = ("adamw", h, (p.numel(),), (state["m"].data_ptr(), state["v"].data_ptr(),
+                    state["status"].data_ptr(), state["step"].data_ptr()), ws, cuda)
+        self._calls[id(p)] = call
+        return call
+
     @torch.no_grad()
-    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
-        """One step of one parameter with ``grad`` (default ``p.grad``), queued on the current stream."""
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None, stream: int | None = None) -> None:
+        """One step of one parameter with ``grad`` (default ``p.grad``), queued on ``stream`` (default: the
+        current stream of the parameter's device)."""
         grad = p.grad if grad is None else grad
         if grad is None:
             return
-        group = self._group_of(p)
-        state = self._state(p, group)
-        if p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
-            raise TypeError(f"livetrain optimizers update bf16 or fp32 parameters, not {p.dtype} (grad {grad.dtype})")
-        if grad.device != p.device:
-            raise ValueError(f"gradient on {grad.device} but parameter on {p.device}")
-        grad = grad.contiguous()
-        cuda = p.device.type == "cuda"
-        stream = torch.cuda.current_stream(p.device).cuda_stream if cuda else 0
+        group = self._groups_by_id.get(id(p)) or self._group_of(p)
+        state = self.state[p] if p in self.state else self._state(p, group)
+        algo, h, sizes, ptrs, ws, cuda = self._call(p, group, state)
+        if grad.dtype not in _DTYPES or grad.device != p.device:
+            raise TypeError(f"gradient must be bf16 or fp32 on {p.device}; got {grad.dtype} on {grad.device}")
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        h.lr, h.weight_decay = group["lr"], group["weight_decay"]
+        if cuda:
+            # The workspace may have grown since this call was built: always pass the current one.
+            ws = self._workspaces[p.device]
+            if stream is None:
+                stream = torch.cuda.current_stream(p.device).cuda_stream
+            if torch.cuda.current_device() != p.device.index:
+                torch.cuda.set_device(p.device)
         wdt, gdt = _DTYPES[p.dtype], _DTYPES[grad.dtype]
-        with torch.cuda.device(p.device) if cuda else _null():
-            if state["algo"] == "apollo":
-                if p.stride(1) != 1:
-                    raise ValueError(f"APOLLO needs rows of the weight contiguous; got strides {p.stride()}")
-                rows, cols = p.shape
-                h = _core.ApolloHyper()
-                h.lr, (h.beta1, h.beta2), h.eps = group["lr"], group["betas"], group["eps"]
-                h.weight_decay, h.rank, h.update_proj_gap = group["weight_decay"], group["rank"], group["update_proj_gap"]
-                h.scale, h.scaling, h.limiter = group["scale"], _scaling(group["scaling"]), group["limiter"]
-                h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
-                ws = self._workspace(p.device, _core.apollo_workspace_bytes(rows, cols, group["rank"])) if cuda else None
-                _core.apollo_step(p.data_ptr(), wdt, p.stride(0), grad.data_ptr(), gdt, rows, cols,
-                                  state["m"].data_ptr(), state["v"].data_ptr(), state["prev_norm"].data_ptr(),
-                                  state["status"].data_ptr(), state["step"].data_ptr(), state["seed"],
-                                  ws.data_ptr() if ws is not None else 0, h, cuda, stream)
-            else:
-                if not p.is_contiguous():
-                    raise ValueError(f"AdamW needs a contiguous parameter; got shape {tuple(p.shape)} strides {p.stride()}")
-                h = _core.AdamWHyper()
-                h.lr, (h.beta1, h.beta2), h.eps = group["lr"], group["betas"], group["adamw_eps"]
-                h.weight_decay, h.max_grad_norm = group["weight_decay"], group["max_grad_norm"]
-                h.rounding = _rounding(group["rounding"])
-                ws = self._workspace(p.device, _core.adamw_workspace_bytes(p.numel())) if cuda else None
-                _core.adamw_step(p.data_ptr(), wdt, grad.data_ptr(), gdt, p.numel(), state["m"].data_ptr(),
-                                 state["v"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr(),
-                                 state["seed"], ws.data_ptr() if ws is not None else 0, h, cuda, stream)
+        if algo == "apollo":
+            rows, cols, ld = sizes
+            _core.apollo_step(p.data_ptr(), wdt, ld, grad.data_ptr(), gdt, rows, cols, *ptrs[:4], ptrs[4],
+                              state["seed"], ws.data_ptr() if cuda else 0, h, cuda, stream or 0)
+        else:
+            m, v, status, step = ptrs
+            _core.adamw_step(p.data_ptr(), wdt, grad.data_ptr(), gdt, sizes[0], m, v, status, step,
+                             state["seed"], ws.data_ptr() if cuda else 0, h, cuda, stream or 0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,10 +197,16 @@ class Apollo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        streams: dict = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self.step_param(p)
+                    stream = None
+                    if p.device.type == "cuda":
+                        stream = streams.get(p.device)
+                        if stream is None:
+                            stream = streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream
+                    self.step_param(p, stream=stream)
         return loss
 
     def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
@@ -264,6 +300,7 @@ class Apollo(torch.optim.Optimizer):
                             raise _core.Error(f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}")
                         state[field].copy_(src)
                 state["seed"] = info["seed"]
+                self._calls.pop(id(p), None)
 
 
 class ApolloMini(Apollo):
@@ -307,11 +344,3 @@ def param_groups(model: torch.nn.Module, embeddings: str = "apollo", weight_deca
         for p in embs:
             p.requires_grad_(False)
     return [g for g in groups if g["params"]]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
