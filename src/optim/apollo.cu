@@ -89,13 +89,28 @@ __device__ bool is_last_block(unsigned* counter) {
   return last;
 }
 
-// Thread 0 of the last block: ‖G‖² from the blocks' partials, in block order (deterministic), and the
-// clipping factor.
+// The last block: sums of the grid's partials (laid out [block][stride]) in a fixed order per grid
+// size, all threads taking part; the result is valid in thread 0. __ldcg: other blocks wrote them, so
+// read from L2, never from this SM's L1.
+template <int N>
+__device__ void sum_partials(const float* partials, int nblocks, int stride, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = 0.0f;
+  for (int b = threadIdx.x; b < nblocks; b += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] += __ldcg(&partials[b * stride + i]);
+  }
+  block_sum(out);
+}
+
+// The last block: ‖G‖² and the clipping factor from the blocks' partials.
 __device__ void finish_total(const float* partials, int nblocks, float* scalars, float max_grad_norm) {
-  float total = 0.0f;
-  for (int b = 0; b < nblocks; ++b) total += *reinterpret_cast<const volatile float*>(&partials[b]);
-  scalars[kTotalSq] = total;
-  scalars[kClip] = clip_factor(max_grad_norm, total);
+  float total[1];
+  sum_partials(partials, nblocks, 1, total);
+  if (threadIdx.x == 0) {
+    scalars[kTotalSq] = total[0];
+    scalars[kClip] = clip_factor(max_grad_norm, total[0]);
+  }
 }
 
 __global__ void gen_projection_kernel(float* __restrict__ P, int64_t n, uint64_t seed, const uint64_t* step,
@@ -119,15 +134,25 @@ __global__ void project_tall_r1_kernel(const TG* __restrict__ G, int64_t rows, i
        row += static_cast<int64_t>(gridDim.x) * wpb) {
     const TG* g = G + row * cols;
     float dot = 0.0f, sq = 0.0f;
-    if (kVec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...
-      for (int64_t j = lane * 8; j < cols; j += kWarp * 8) {
-        float v[8], pv[8];
-        ld8(g + j, v);
-        ld8(p + j, pv);
+    if (kVec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 4 loads in flight
+      constexpr int kU = 4;
+      for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kU) {
+        float v[kU][8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          dot += v[e] * pv[e];
-          sq += v[e] * v[e];
+        for (int u = 0; u < kU; ++u) {
+          if (j + u * kWarp * 8 < cols) ld8(g + j + u * kWarp * 8, v[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t jj = j + u * kWarp * 8;
+          if (jj >= cols) break;
+          float pv[8];
+          ld8(p + jj, pv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            dot += v[u][e] * pv[e];
+            sq += v[u][e] * v[u][e];
+          }
         }
       }
     } else {
@@ -147,7 +172,7 @@ __global__ void project_tall_r1_kernel(const TG* __restrict__ G, int64_t rows, i
   }
   block_sum(block_sq);
   if (threadIdx.x == 0) partials[blockIdx.x] = block_sq[0];
-  if (is_last_block(counter) && threadIdx.x == 0) finish_total(partials, gridDim.x, scalars, max_grad_norm);
+  if (is_last_block(counter)) finish_total(partials, gridDim.x, scalars, max_grad_norm);
 }
 
 // Rank 1, rows < cols: blockIdx.y takes a chunk of rows, each thread 8 adjacent columns; partial R and
@@ -165,20 +190,30 @@ __global__ void project_wide_r1_kernel(const TG* __restrict__ G, int64_t rows, i
        j0 += static_cast<int64_t>(gridDim.x) * blockDim.x * 8) {
     float acc[8] = {}, sq[8] = {};
     const bool full = j0 + 8 <= cols;
-    for (int64_t i = r0; i < r1; ++i) {
-      const float pi = p[i];
-      const TG* g = G + i * cols + j0;
-      float v[8];
-      if (kVec && full) {
-        ld8(g, v);
-      } else {
+    constexpr int kU = 4;  // rows whose loads are in flight together
+    for (int64_t i = r0; i < r1; i += kU) {
+      float v[kU][8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = j0 + e < cols ? ld(g, e) : 0.0f;
+      for (int u = 0; u < kU; ++u) {
+        const TG* g = G + (i + u) * cols + j0;
+        if (i + u >= r1) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
+        } else if (kVec && full) {
+          ld8(g, v[u]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = j0 + e < cols ? ld(g, e) : 0.0f;
+        }
       }
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        acc[e] += pi * v[e];
-        sq[e] += v[e] * v[e];
+      for (int u = 0; u < kU; ++u) {
+        const float pi = i + u < r1 ? p[i + u] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          acc[e] += pi * v[u][e];
+          sq[e] += v[u][e] * v[u][e];
+        }
       }
     }
     for (int e = 0; e < 8 && j0 + e < cols; ++e) {
@@ -190,9 +225,7 @@ __global__ void project_wide_r1_kernel(const TG* __restrict__ G, int64_t rows, i
   block_sum(block_sq);
   const int bid = blockIdx.y * gridDim.x + blockIdx.x;
   if (threadIdx.x == 0) partials[bid] = block_sq[0];
-  if (is_last_block(counter) && threadIdx.x == 0) {
-    finish_total(partials, gridDim.x * gridDim.y, scalars, max_grad_norm);
-  }
+  if (is_last_block(counter)) finish_total(partials, gridDim.x * gridDim.y, scalars, max_grad_norm);
 }
 
 // Rank > 1: R[c, q] = Σ_k A(c, k)·B(q, k) with A = G (tall) or Gᵀ (wide) and B = P (tall) or Pᵀ (wide);
@@ -349,14 +382,11 @@ __global__ void moments_kernel(const float* __restrict__ R, const float* __restr
     partials[blockIdx.x * 4 + 1] = acc[1];
     partials[blockIdx.x * 4 + 2] = acc[2];
   }
-  if (!is_last_block(counter) || threadIdx.x != 0) return;
-  float u2 = 0.0f, A = 0.0f, B = 0.0f;
-  const volatile float* vp = partials;
-  for (unsigned b = 0; b < gridDim.x; ++b) {
-    u2 += vp[b * 4 + 0];
-    A += vp[b * 4 + 1];
-    B += vp[b * 4 + 2];
-  }
+  if (!is_last_block(counter)) return;
+  float sums[3];
+  sum_partials(partials, gridDim.x, 4, sums);
+  if (threadIdx.x != 0) return;
+  float u2 = sums[0], A = sums[1], B = sums[2];
   if (h.scaling == Scaling::kTensor) {
     float s = sqrtf(A) / (sqrtf(B) + 1e-8f);
     scalars[kTensorScale] = s;
