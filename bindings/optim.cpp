@@ -2,8 +2,12 @@
 // with dtype and sizes, so a step costs a couple of microseconds of Python; python/livetrain/optim.py
 // owns the tensors and checks devices, dtypes and shapes before calling.
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "bindings.hpp"
 #include "livetrain/error.hpp"
@@ -89,6 +93,47 @@ void init_optim(nb::module_& m) {
         else optim::apollo_step_cpu(s);
       },
       "One APOLLO step on a matrix (addresses of weight, grad, m, v, prev_norm, status, step, workspace).");
+
+  m.def(
+      "apollo_step_many",
+      [](const std::vector<std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t, uintptr_t,
+                                      uintptr_t, uintptr_t, uintptr_t, uint64_t, const optim::ApolloHyper*>>& items,
+         const std::vector<uintptr_t>& grads, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        if (items.size() != grads.size()) throw Error(ErrorCode::kInvalidArg, "apollo_step_many: one gradient per item");
+        std::vector<optim::ApolloStep> steps(items.size());
+        for (size_t i = 0; i < items.size(); ++i) {
+          const auto& [weight, wdt, ld, gdt, rows, cols, m_, v_, prev, status, step, seed, h] = items[i];
+          optim::ApolloStep& s = steps[i];
+          s.weight = ptr<void>(weight);
+          s.weight_dtype = parse_dtype(wdt);
+          s.ld_weight = ld;
+          s.grad = ptr<const void>(grads[i]);
+          s.grad_dtype = parse_dtype(gdt);
+          s.rows = rows;
+          s.cols = cols;
+          s.m = ptr<float>(m_);
+          s.v = ptr<float>(v_);
+          s.prev_norm = ptr<float>(prev);
+          s.status = ptr<int32_t>(status);
+          s.step = ptr<uint64_t>(step);
+          s.seed = seed;
+          s.hyper = *h;
+        }
+        nb::gil_scoped_release release;
+        optim::apollo_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace),
+                                     workspace_bytes, reinterpret_cast<void*>(stream));
+      },
+      "APOLLO steps of many matrices on CUDA, batched (items: weight, weight dtype, ld, grad dtype, rows, cols, "
+      "m, v, prev_norm, status, step, seed, hyper; grads: their gradients' addresses).");
+
+  m.def(
+      "apollo_many_workspace_bytes",
+      [](const std::vector<std::tuple<int64_t, int64_t, int32_t>>& shapes) {
+        size_t total = 0;
+        for (const auto& [rows, cols, rank] : shapes) total += optim::apollo_workspace_bytes(rows, cols, rank);
+        return total;
+      },
+      "Workspace bytes of apollo_step_many for (rows, cols, rank) items.");
 
   m.def(
       "adamw_step",

@@ -116,6 +116,13 @@ void adamw_step_cpu(const AdamWStep& s);
 void apollo_step_cuda(const ApolloStep& s, void* stream);
 void adamw_step_cuda(const AdamWStep& s, void* stream);
 
+// Many APOLLO steps at once (an optimizer's whole step()): rank-1 steps with the same dtypes are launched
+// together, four launches per batch of up to 64 parameters instead of four per parameter; others run one
+// by one. Each step gets its own slice of `workspace` (apollo_many_workspace_bytes; zero-filled before
+// first use); the steps' own `workspace` fields are ignored.
+size_t apollo_many_workspace_bytes(const ApolloStep* steps, int n);
+void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream);
+
 // Checks a step's arguments (dtypes, sizes, non-null pointers); throws Error(kInvalidArg) naming the field.
 void validate(const ApolloStep& s);
 void validate(const AdamWStep& s);

@@ -65,6 +65,8 @@ class Apollo(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._groups_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
+        self._batch_workspaces: dict = {}     # per device: the workspace of batched steps (see step)
+        self._batch_bytes: dict = {}
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         index = 0
@@ -193,21 +195,53 @@ class Apollo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Step every parameter that has a gradient. On CUDA, the rank-1 APOLLO steps (APOLLO-Mini) of each
+        device are launched together (the core batches up to 64 matrices per launch)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         streams: dict = {}
+        batches: dict = {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    stream = None
-                    if p.device.type == "cuda":
-                        stream = streams.get(p.device)
-                        if stream is None:
-                            stream = streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream
-                    self.step_param(p, stream=stream)
+                if p.grad is None:
+                    continue
+                stream = None
+                if p.device.type == "cuda":
+                    stream = streams.get(p.device)
+                    if stream is None:
+                        stream = streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream
+                    state = self.state[p] if p in self.state else self._state(p, group)
+                    if state["algo"] == "apollo" and group["rank"] == 1 and p.grad.dtype in _DTYPES:
+                        batches.setdefault(p.device, []).append((p, group, state))
+                        continue
+                self.step_param(p, stream=stream)
+        for device, entries in batches.items():
+            self._step_batch(device, entries, streams[device])
         return loss
+
+    def _step_batch(self, device: torch.device, entries: list, stream: int) -> None:
+        items, grads, keep, shapes = [], [], [], []
+        for p, group, state in entries:
+            _, h, (rows, cols, ld), (m, v, prev, status, step), _, _ = self._call(p, group, state)
+            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
+            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            keep.append(g)
+            items.append((p.data_ptr(), _DTYPES[p.dtype], ld, _DTYPES[g.dtype], rows, cols, m, v, prev, status, step,
+                          state["seed"], h))
+            grads.append(g.data_ptr())
+            shapes.append((rows, cols, 1))
+        key = (device, tuple(shapes))
+        nbytes = self._batch_bytes.get(key)
+        if nbytes is None:
+            nbytes = self._batch_bytes[key] = _core.apollo_many_workspace_bytes(shapes)
+        ws = self._batch_workspaces.get(device)
+        if ws is None or ws.numel() < nbytes:
+            ws = self._batch_workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        if torch.cuda.current_device() != device.index:
+            torch.cuda.set_device(device)
+        _core.apollo_step_many(items, grads, ws.data_ptr(), ws.numel(), stream)
 
     def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call

@@ -1,6 +1,6 @@
 // APOLLO / APOLLO-Mini step on CUDA, the same function as src/optim/apollo.cpp (docs/optim.md, Eq. 3–7).
 //
-// Launches per matrix, all on the caller's stream, none waiting for the host:
+// Stages, all on the caller's stream, none waiting for the host:
 //   1. generate P from (seed, step / gap)                                   [rank × min(m, n)] floats
 //   2. project: R = G·Pᵀ (tall) or Pᵀ·G (wide), ‖G_channel‖², and ‖G‖²      reads G once
 //      rank 1: warp per row (tall) or column strips × row chunks (wide); the last block sums ‖G‖²
@@ -9,6 +9,11 @@
 //   4. update W in place (stochastic rounding), reading G and W once and writing W once
 // Bytes of G and W moved: 2 + 2 + 2 + 2 = 8 per bf16 parameter (the floor of any APOLLO step: G is needed
 // for R before s is known, then again for the update). Everything else is O(max(m, n)·rank).
+//
+// Each stage is a device function of (one parameter's step, block index within that parameter, its
+// number of blocks). A single step launches each stage with one parameter's grid; apollo_step_many_cuda
+// launches each stage once for up to kBatch rank-1 parameters, the blocks of every parameter side by side,
+// so a step over a whole model costs four launches per kBatch parameters instead of four per parameter.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -74,14 +79,13 @@ __device__ void block_sum(float (&v)[N]) {
   __syncthreads();
 }
 
-// Whether this block is the last of the grid to finish (threadfence reduction); its partials written
+// Whether this block is the last of `blocks` blocks (of one parameter) to finish (threadfence reduction); its partials written
 // before the call are then visible to it. The last block resets the counter for the next step.
-__device__ bool is_last_block(unsigned* counter) {
+__device__ bool is_last_block(unsigned* counter, unsigned blocks) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    unsigned blocks = gridDim.x * gridDim.y;
     last = atomicAdd(counter, 1u) == blocks - 1;
     if (last) *counter = 0;
   }
@@ -111,121 +115,6 @@ __device__ void finish_total(const float* partials, int nblocks, float* scalars,
     scalars[kTotalSq] = total[0];
     scalars[kClip] = clip_factor(max_grad_norm, total[0]);
   }
-}
-
-__global__ void gen_projection_kernel(float* __restrict__ P, int64_t n, uint64_t seed, const uint64_t* step,
-                                      int32_t gap, float inv) {
-  const uint64_t key = projection_key(seed, *step, gap);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    P[i] = projection_entry(key, static_cast<uint64_t>(i), inv);
-  }
-}
-
-// Rank 1, rows >= cols: one warp per row computes R[i] = G[i,:]·p and ‖G[i,:]‖².
-template <typename TG, bool kVec>
-__global__ void project_tall_r1_kernel(const TG* __restrict__ G, int64_t rows, int64_t cols,
-                                       const float* __restrict__ p, float* __restrict__ R,
-                                       float* __restrict__ sumsq, float* __restrict__ partials,
-                                       float* __restrict__ scalars, unsigned* counter, float max_grad_norm) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, wpb = blockDim.x / kWarp;
-  float block_sq[1] = {0.0f};
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(wpb) + warp; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * wpb) {
-    const TG* g = G + row * cols;
-    float dot = 0.0f, sq = 0.0f;
-    if (kVec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 4 loads in flight
-      constexpr int kU = 4;
-      for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kU) {
-        float v[kU][8];
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          if (j + u * kWarp * 8 < cols) ld8(g + j + u * kWarp * 8, v[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int64_t jj = j + u * kWarp * 8;
-          if (jj >= cols) break;
-          float pv[8];
-          ld8(p + jj, pv);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            dot += v[u][e] * pv[e];
-            sq += v[u][e] * v[u][e];
-          }
-        }
-      }
-    } else {
-      for (int64_t j = lane; j < cols; j += kWarp) {
-        float v = ld(g, j);
-        dot += v * p[j];
-        sq += v * v;
-      }
-    }
-    dot = warp_sum(dot);
-    sq = warp_sum(sq);
-    if (lane == 0) {
-      R[row] = dot;
-      sumsq[row] = sq;
-      block_sq[0] += sq;
-    }
-  }
-  block_sum(block_sq);
-  if (threadIdx.x == 0) partials[blockIdx.x] = block_sq[0];
-  if (is_last_block(counter)) finish_total(partials, gridDim.x, scalars, max_grad_norm);
-}
-
-// Rank 1, rows < cols: blockIdx.y takes a chunk of rows, each thread 8 adjacent columns; partial R and
-// ‖G[:,j]‖² per chunk, summed per column by the moments kernel.
-template <typename TG, bool kVec>
-__global__ void project_wide_r1_kernel(const TG* __restrict__ G, int64_t rows, int64_t cols,
-                                       int64_t rows_per_chunk, const float* __restrict__ p,
-                                       float* __restrict__ Rpart, float* __restrict__ sqpart,
-                                       float* __restrict__ partials, float* __restrict__ scalars,
-                                       unsigned* counter, float max_grad_norm) {
-  const int64_t r0 = blockIdx.y * rows_per_chunk;
-  const int64_t r1 = min(rows, r0 + rows_per_chunk);
-  float block_sq[1] = {0.0f};
-  for (int64_t j0 = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * 8; j0 < cols;
-       j0 += static_cast<int64_t>(gridDim.x) * blockDim.x * 8) {
-    float acc[8] = {}, sq[8] = {};
-    const bool full = j0 + 8 <= cols;
-    constexpr int kU = 4;  // rows whose loads are in flight together
-    for (int64_t i = r0; i < r1; i += kU) {
-      float v[kU][8];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const TG* g = G + (i + u) * cols + j0;
-        if (i + u >= r1) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
-        } else if (kVec && full) {
-          ld8(g, v[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[u][e] = j0 + e < cols ? ld(g, e) : 0.0f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const float pi = i + u < r1 ? p[i + u] : 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          acc[e] += pi * v[u][e];
-          sq[e] += v[u][e] * v[u][e];
-        }
-      }
-    }
-    for (int e = 0; e < 8 && j0 + e < cols; ++e) {
-      Rpart[blockIdx.y * cols + j0 + e] = acc[e];
-      sqpart[blockIdx.y * cols + j0 + e] = sq[e];
-      block_sq[0] += sq[e];
-    }
-  }
-  block_sum(block_sq);
-  const int bid = blockIdx.y * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0) partials[bid] = block_sq[0];
-  if (is_last_block(counter)) finish_total(partials, gridDim.x * gridDim.y, scalars, max_grad_norm);
 }
 
 // Rank > 1: R[c, q] = Σ_k A(c, k)·B(q, k) with A = G (tall) or Gᵀ (wide) and B = P (tall) or Pᵀ (wide);
@@ -321,41 +210,186 @@ __global__ void total_kernel(const float* __restrict__ sumsq, int64_t K, float* 
   }
 }
 
-// Moments (Eq. 4–5), R̃ = M/(√V+ε), per-channel (or tensor) scaling factor (Eq. 6–7) and ‖U‖; the last
-// block applies the limiter and writes the step's scalars and status. Warp per channel when rank > 1.
-__global__ void moments_kernel(const float* __restrict__ R, const float* __restrict__ sumsq, int64_t K,
-                               int rank, int chunks, float* __restrict__ M, float* __restrict__ V,
-                               float* __restrict__ scale, float* __restrict__ partials,
-                               float* __restrict__ scalars, unsigned* counter, float* __restrict__ prev_norm,
-                               int32_t* __restrict__ status, ApolloHyper h, uint64_t* step) {
-  const float total = scalars[kTotalSq];
+
+// One parameter's step as the kernels see it: addresses, sizes, hyperparameters, workspace regions.
+struct Item {
+  void* W;
+  const void* G;
+  int64_t rows, cols, ldw;
+  float* M;
+  float* V;
+  float* prev_norm;
+  int32_t* status;
+  uint64_t* step;
+  uint64_t seed;
+  float* P;
+  float* R;
+  float* sumsq;
+  float* scale;
+  float* partials;
+  float* scalars;
+  unsigned* counters;
+  int64_t K, k, chunks, rows_per_chunk;
+  int32_t proj_blocks, mom_blocks, upd_blocks, gen_blocks;
+  bool tall, gvec, wvec;
+  ApolloHyper h;
+};
+
+// ---- stage 1: the projection ----
+__device__ void gen_body(const Item& it, int block, int nblocks) {
+  // Runs first: the completion counters of this parameter's later stages start from zero, whatever the
+  // workspace held before (a batch's layout moves when its set of parameters changes).
+  if (block == 0 && threadIdx.x < kNumCounters) it.counters[threadIdx.x] = 0;
+  const uint64_t key = projection_key(it.seed, *it.step, it.h.update_proj_gap);
+  const float inv = 1.0f / sqrtf(static_cast<float>(it.h.rank));  // as the CPU computes it
+  const int64_t n = it.k * it.h.rank;
+  for (int64_t i = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(nblocks) * blockDim.x) {
+    it.P[i] = projection_entry(key, static_cast<uint64_t>(i), inv);
+  }
+}
+
+// ---- stage 2, rank 1 ----
+// rows >= cols: one warp per row computes R[i] = G[i,:]·p and ‖G[i,:]‖².
+template <typename TG>
+__device__ void project_tall_body(const Item& it, int block, int nblocks) {
+  const TG* G = static_cast<const TG*>(it.G);
+  const float* p = it.P;
+  const int64_t cols = it.cols;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, wpb = blockDim.x / kWarp;
+  float block_sq[1] = {0.0f};
+  for (int64_t row = block * static_cast<int64_t>(wpb) + warp; row < it.rows; row += static_cast<int64_t>(nblocks) * wpb) {
+    const TG* g = G + row * cols;
+    float dot = 0.0f, sq = 0.0f;
+    if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 4 loads in flight
+      constexpr int kU = 4;
+      for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kU) {
+        float v[kU][8];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          if (j + u * kWarp * 8 < cols) ld8(g + j + u * kWarp * 8, v[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t jj = j + u * kWarp * 8;
+          if (jj >= cols) break;
+          float pv[8];
+          ld8(p + jj, pv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            dot += v[u][e] * pv[e];
+            sq += v[u][e] * v[u][e];
+          }
+        }
+      }
+    } else {
+      for (int64_t j = lane; j < cols; j += kWarp) {
+        float v = ld(g, j);
+        dot += v * p[j];
+        sq += v * v;
+      }
+    }
+    dot = warp_sum(dot);
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      it.R[row] = dot;
+      it.sumsq[row] = sq;
+      block_sq[0] += sq;
+    }
+  }
+  block_sum(block_sq);
+  if (threadIdx.x == 0) it.partials[block] = block_sq[0];
+  if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
+}
+
+// rows < cols: a block takes a strip of columns (8 per thread) of one chunk of rows; partial R and
+// ‖G[:,j]‖² per chunk, summed per column by the moments stage.
+template <typename TG>
+__device__ void project_wide_body(const Item& it, int block, int nblocks) {
+  const TG* G = static_cast<const TG*>(it.G);
+  const int64_t cols = it.cols;
+  const int64_t strips = nblocks / it.chunks;  // blocks are [chunk][strip]
+  const int64_t chunk = block / strips, strip = block % strips;
+  const int64_t r0 = chunk * it.rows_per_chunk;
+  const int64_t r1 = min(it.rows, r0 + it.rows_per_chunk);
+  float block_sq[1] = {0.0f};
+  for (int64_t j0 = (strip * static_cast<int64_t>(blockDim.x) + threadIdx.x) * 8; j0 < cols;
+       j0 += strips * blockDim.x * 8) {
+    float acc[8] = {}, sq[8] = {};
+    const bool full = j0 + 8 <= cols;
+    constexpr int kU = 4;  // rows whose loads are in flight together
+    for (int64_t i = r0; i < r1; i += kU) {
+      float v[kU][8];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const TG* g = G + (i + u) * cols + j0;
+        if (i + u >= r1) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
+        } else if (it.gvec && full) {
+          ld8(g, v[u]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = j0 + e < cols ? ld(g, e) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const float pi = i + u < r1 ? it.P[i + u] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          acc[e] += pi * v[u][e];
+          sq[e] += v[u][e] * v[u][e];
+        }
+      }
+    }
+    for (int e = 0; e < 8 && j0 + e < cols; ++e) {
+      it.R[chunk * cols + j0 + e] = acc[e];
+      it.sumsq[chunk * cols + j0 + e] = sq[e];
+      block_sq[0] += sq[e];
+    }
+  }
+  block_sum(block_sq);
+  if (threadIdx.x == 0) it.partials[block] = block_sq[0];
+  if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
+}
+
+// ---- stage 3: moments (Eq. 4–5), R̃ = M/(√V+ε), per-channel (or tensor) scaling factor (Eq. 6–7) and
+// ‖U‖; the last block applies the limiter and writes the step's scalars and status. Warp per channel
+// when rank > 1. ----
+__device__ void moments_body(const Item& it, int block, int nblocks) {
+  const ApolloHyper& h = it.h;
+  const float total = it.scalars[kTotalSq];
   if (!finite(total)) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) *status = kStatusNonFiniteGrad;
+    if (block == 0 && threadIdx.x == 0) *it.status = kStatusNonFiniteGrad;
     return;
   }
-  const float clip = scalars[kClip];
+  const float clip = it.scalars[kClip];
   const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
   const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);
+  const int rank = h.rank;
+  const int64_t K = it.K;
+  const int chunks = static_cast<int>(it.chunks);
   const bool warp_mode = rank > 1;
   const int lane = threadIdx.x % kWarp;
   const int64_t per_block = warp_mode ? blockDim.x / kWarp : blockDim.x;
-  const int64_t first = blockIdx.x * per_block + (warp_mode ? threadIdx.x / kWarp : threadIdx.x);
+  const int64_t first = block * per_block + (warp_mode ? threadIdx.x / kWarp : threadIdx.x);
   float acc[3] = {0.0f, 0.0f, 0.0f};  // Σ s²c²‖G_c‖² (channel) | Σ‖R̃‖², Σ‖R‖² (tensor)
-  for (int64_t c = first; c < K; c += static_cast<int64_t>(gridDim.x) * per_block) {
+  for (int64_t c = first; c < K; c += static_cast<int64_t>(nblocks) * per_block) {
     float na = 0.0f, nb = 0.0f, sq = 0.0f;
     for (int q = warp_mode ? lane : 0; q < rank; q += warp_mode ? kWarp : 1) {
       int64_t idx = c * rank + q;
       float r = 0.0f;
-      if (chunks > 1 || rank == 1) {
-        for (int ch = 0; ch < chunks; ++ch) r += R[ch * K + c];  // rank 1: chunk partials (1 when tall)
+      if (rank == 1) {
+        for (int ch = 0; ch < chunks; ++ch) r += it.R[ch * K + c];  // chunk partials (one chunk when tall)
       } else {
-        r = R[idx];
+        r = it.R[idx];
       }
       float x = r * clip;
-      float m = beta1 * M[idx] + omb1 * x;
-      float v = beta2 * V[idx] + omb2 * x * x;
-      M[idx] = m;
-      V[idx] = v;
+      float m = beta1 * it.M[idx] + omb1 * x;
+      float v = beta2 * it.V[idx] + omb2 * x * x;
+      it.M[idx] = m;
+      it.V[idx] = v;
       float rt = m / (sqrtf(v) + h.eps);
       na += rt * rt;
       nb += x * x;
@@ -365,11 +399,11 @@ __global__ void moments_kernel(const float* __restrict__ R, const float* __restr
       nb = warp_sum(nb);
     }
     if (!warp_mode || lane == 0) {
-      for (int ch = 0; ch < chunks; ++ch) sq += sumsq[ch * K + c];
+      for (int ch = 0; ch < chunks; ++ch) sq += it.sumsq[ch * K + c];
       if (h.scaling == Scaling::kChannel) {
-        float s = sqrtf(na) / (sqrtf(nb) + 1e-8f);
-        scale[c] = s;
-        acc[0] += s * s * clip * clip * sq;
+        float sc = sqrtf(na) / (sqrtf(nb) + 1e-8f);
+        it.scale[c] = sc;
+        acc[0] += sc * sc * clip * clip * sq;
       } else {
         acc[1] += na;
         acc[2] += nb;
@@ -378,28 +412,28 @@ __global__ void moments_kernel(const float* __restrict__ R, const float* __restr
   }
   block_sum(acc);
   if (threadIdx.x == 0) {
-    partials[blockIdx.x * 4 + 0] = acc[0];
-    partials[blockIdx.x * 4 + 1] = acc[1];
-    partials[blockIdx.x * 4 + 2] = acc[2];
+    it.partials[block * 4 + 0] = acc[0];
+    it.partials[block * 4 + 1] = acc[1];
+    it.partials[block * 4 + 2] = acc[2];
   }
-  if (!is_last_block(counter)) return;
+  if (!is_last_block(it.counters + kCounterMoments, nblocks)) return;
   float sums[3];
-  sum_partials(partials, gridDim.x, 4, sums);
+  sum_partials(it.partials, nblocks, 4, sums);
   if (threadIdx.x != 0) return;
   float u2 = sums[0], A = sums[1], B = sums[2];
   if (h.scaling == Scaling::kTensor) {
-    float s = sqrtf(A) / (sqrtf(B) + 1e-8f);
-    scalars[kTensorScale] = s;
-    u2 = s * s * clip * clip * total;
+    float sc = sqrtf(A) / (sqrtf(B) + 1e-8f);
+    it.scalars[kTensorScale] = sc;
+    u2 = sc * sc * clip * clip * total;
   }
-  Tail tail = apollo_tail(h, *step, clip, sqrtf(u2), *prev_norm);
+  Tail tail = apollo_tail(h, *it.step, clip, sqrtf(u2), *it.prev_norm);
   if (tail.status == kStatusOk) {
-    *prev_norm = tail.new_prev;
-    *step += 1;
-    scalars[kStepSize] = tail.step_size;
-    scalars[kMultiplier] = tail.multiplier;
+    *it.prev_norm = tail.new_prev;
+    *it.step += 1;
+    it.scalars[kStepSize] = tail.step_size;
+    it.scalars[kMultiplier] = tail.multiplier;
   }
-  *status = tail.status;
+  *it.status = tail.status;
 }
 
 // The new value in the weight's dtype, or the old one (and ok = false) when the new one is not finite
@@ -434,35 +468,38 @@ __device__ __forceinline__ void st8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
 }
 
-// W ← (W − η·mult·s_c·G)·(1 − lr·wd), one thread per 8 adjacent elements of a row (one Philox block of
-// rounding bits). Skipped entirely unless the moments kernel reported success.
-template <typename TW, typename TG, bool kVec>
-__global__ void update_kernel(TW* __restrict__ W, int64_t ldw, const TG* __restrict__ G, int64_t rows, int64_t cols,
-                              const float* __restrict__ scale, const float* __restrict__ scalars,
-                              int32_t* __restrict__ status, bool tall, bool tensor_scaling, float decay,
-                              Rounding rounding, uint64_t seed, const uint64_t* step_after) {
-  if (*status != kStatusOk) return;
-  const uint64_t step = *step_after - 1;  // the moments kernel advanced it
-  const float base = scalars[kStepSize] * scalars[kMultiplier];
-  const float tensor_s = scalars[kTensorScale];
+// ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
+// Philox block of rounding bits). Skipped entirely unless the moments stage reported success. ----
+template <typename TW, typename TG>
+__device__ void update_body(const Item& it, int block, int nblocks) {
+  if (*it.status != kStatusOk) return;
+  TW* W = static_cast<TW*>(it.W);
+  const TG* G = static_cast<const TG*>(it.G);
+  const int64_t rows = it.rows, cols = it.cols;
+  const float base = it.scalars[kStepSize] * it.scalars[kMultiplier];
+  const float tensor_s = it.scalars[kTensorScale];
+  const bool tensor_scaling = it.h.scaling == Scaling::kTensor;
+  const float decay = it.h.lr * it.h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
+  const Rounding rounding = it.h.rounding;
+  const uint64_t step = *it.step - 1;  // the moments stage advanced it
   const int64_t gpr = (cols + 7) / 8;
   const int64_t groups = rows * gpr;
   bool bad = false;
-  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
-       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t gi = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(nblocks) * blockDim.x) {
     const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
-    const U32x4 bits = rounding_bits(seed, step, static_cast<uint64_t>(gi));
+    const U32x4 bits = rounding_bits(it.seed, step, static_cast<uint64_t>(gi));
     const TG* g = G + i * cols + j0;
-    TW* w = W + i * ldw + j0;
+    TW* w = W + i * it.ldw + j0;
     bool ok = true;
-    if (kVec && j0 + 8 <= cols) {
+    if (it.wvec && j0 + 8 <= cols) {
       float gv[8], wv[8];
       TW out[8];
       ld8(g, gv);
       ld8(w, wv);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float sc = tensor_scaling ? tensor_s : scale[tall ? i : j0 + e];
+        float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
         float u = wv[e] - base * sc * gv[e];
         float nw = u - decay * u;
         out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
@@ -470,7 +507,7 @@ __global__ void update_kernel(TW* __restrict__ W, int64_t ldw, const TG* __restr
       st8(w, out);
     } else {
       for (int e = 0; e < 8 && j0 + e < cols; ++e) {
-        float sc = tensor_scaling ? tensor_s : scale[tall ? i : j0 + e];
+        float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
         float old = ld(w, e);
         float u = old - base * sc * ld(g, e);
         float nw = u - decay * u;
@@ -479,7 +516,68 @@ __global__ void update_kernel(TW* __restrict__ W, int64_t ldw, const TG* __restr
     }
     bad |= !ok;
   }
-  if (bad) atomicMax(status, static_cast<int32_t>(kStatusNonFiniteUpdate));
+  if (bad) atomicMax(it.status, static_cast<int32_t>(kStatusNonFiniteUpdate));
+}
+
+// ---- kernels: one parameter ----
+__global__ void gen_kernel(const Item it) { gen_body(it, blockIdx.x, gridDim.x); }
+
+template <typename TG>
+__global__ void project_r1_kernel(const Item it) {
+  if (it.tall) project_tall_body<TG>(it, blockIdx.x, gridDim.x);
+  else project_wide_body<TG>(it, blockIdx.x, gridDim.x);
+}
+
+__global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
+
+template <typename TW, typename TG>
+__global__ void update_kernel(const Item it) { update_body<TW, TG>(it, blockIdx.x, gridDim.x); }
+
+// ---- kernels: many rank-1 parameters, each with its own run of blocks ----
+constexpr int kBatch = 64;
+
+enum Stage : int { kGen = 0, kProject, kMoments, kUpdate, kNumStages };
+
+struct Batch {
+  int n;
+  int first[kNumStages][kBatch + 1];  // first block of item i in each stage's grid; first[s][n] = grid size
+  Item items[kBatch];
+};
+
+// Which item block `b` of stage `s` belongs to, and its index inside that item's run.
+__device__ __forceinline__ int find_item(const Batch& b, int s, int block, int* local) {
+  int lo = 0, hi = b.n - 1;
+  while (lo < hi) {  // the last i with first[s][i] <= block
+    int mid = (lo + hi + 1) / 2;
+    if (b.first[s][mid] <= block) lo = mid;
+    else hi = mid - 1;
+  }
+  *local = block - b.first[s][lo];
+  return lo;
+}
+
+__global__ void gen_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kGen, blockIdx.x, &local);
+  gen_body(b.items[i], local, b.items[i].gen_blocks);
+}
+
+template <typename TG>
+__global__ void project_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kProject, blockIdx.x, &local);
+  const Item& it = b.items[i];
+  if (it.tall) project_tall_body<TG>(it, local, it.proj_blocks);
+  else project_wide_body<TG>(it, local, it.proj_blocks);
+}
+
+__global__ void moments_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kMoments, blockIdx.x, &local);
+  moments_body(b.items[i], local, b.items[i].mom_blocks);
+}
+
+template <typename TW, typename TG>
+__global__ void update_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kUpdate, blockIdx.x, &local);
+  update_body<TW, TG>(b.items[i], local, b.items[i].upd_blocks);
 }
 
 int sm_count() {
@@ -494,81 +592,116 @@ int sm_count() {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename TW, typename TG>
-void launch(const ApolloStep& s, cudaStream_t stream) {
+// The kernels' view of one step, its workspace carved per ApolloWorkspace, and each stage's grid.
+Item make_item(const ApolloStep& s, void* workspace) {
   const ApolloHyper& h = s.hyper;
   ApolloWorkspace ws(s.rows, s.cols, h.rank);
-  char* base = static_cast<char*>(s.workspace);
-  float* P = reinterpret_cast<float*>(base + ws.off_p);
-  float* R = reinterpret_cast<float*>(base + ws.off_r);
-  float* sumsq = reinterpret_cast<float*>(base + ws.off_sumsq);
-  float* scale = reinterpret_cast<float*>(base + ws.off_scale);
-  float* partials = reinterpret_cast<float*>(base + ws.off_partials);
-  float* scalars = reinterpret_cast<float*>(base + ws.off_scalars);
-  unsigned* counters = reinterpret_cast<unsigned*>(base + ws.off_counters);
-  const TG* G = static_cast<const TG*>(s.grad);
-  TW* W = static_cast<TW*>(s.weight);
+  char* base = static_cast<char*>(workspace);
+  Item it{};
+  it.W = s.weight;
+  it.G = s.grad;
+  it.rows = s.rows;
+  it.cols = s.cols;
+  it.ldw = s.ld_weight;
+  it.M = s.m;
+  it.V = s.v;
+  it.prev_norm = s.prev_norm;
+  it.status = s.status;
+  it.step = s.step;
+  it.seed = s.seed;
+  it.P = reinterpret_cast<float*>(base + ws.off_p);
+  it.R = reinterpret_cast<float*>(base + ws.off_r);
+  it.sumsq = reinterpret_cast<float*>(base + ws.off_sumsq);
+  it.scale = reinterpret_cast<float*>(base + ws.off_scale);
+  it.partials = reinterpret_cast<float*>(base + ws.off_partials);
+  it.scalars = reinterpret_cast<float*>(base + ws.off_scalars);
+  it.counters = reinterpret_cast<unsigned*>(base + ws.off_counters);
+  it.K = ws.K;
+  it.k = ws.k;
+  it.chunks = ws.chunks;
+  it.rows_per_chunk = ws.rows_per_chunk;
+  it.tall = ws.tall;
+  it.gvec = s.cols % 8 == 0 && aligned16(s.grad);
+  it.wvec = it.gvec && s.ld_weight % 8 == 0 && aligned16(s.weight);
+  it.h = h;
   const int sms = sm_count();
-
-  const int64_t pn = ws.k * h.rank;
-  int gblocks = static_cast<int>(std::min<int64_t>((pn + 255) / 256, sms * 8));
-  gen_projection_kernel<<<gblocks, 256, 0, stream>>>(P, pn, s.seed, s.step, h.update_proj_gap,
-                                                     1.0f / sqrtf(static_cast<float>(h.rank)));
-  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-
-  const bool gvec = s.cols % 8 == 0 && aligned16(G);
-  int chunks = 1;
+  it.gen_blocks = static_cast<int32_t>(std::min<int64_t>((ws.k * h.rank + 255) / 256, sms * 8));
   if (ws.rank1 && ws.tall) {
-    int blocks = static_cast<int>(std::min<int64_t>((s.rows + 7) / 8, kMaxBlocks));
-    if (gvec) {
-      project_tall_r1_kernel<TG, true><<<blocks, 256, 0, stream>>>(G, s.rows, s.cols, P, R, sumsq, partials, scalars,
-                                                                    counters + kCounterProject, h.max_grad_norm);
-    } else {
-      project_tall_r1_kernel<TG, false><<<blocks, 256, 0, stream>>>(G, s.rows, s.cols, P, R, sumsq, partials, scalars,
-                                                                     counters + kCounterProject, h.max_grad_norm);
-    }
+    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + 7) / 8, kMaxBlocks));
   } else if (ws.rank1) {
-    chunks = static_cast<int>(ws.chunks);
-    int64_t col_blocks = (s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock;
-    dim3 grid(static_cast<unsigned>(std::min<int64_t>(col_blocks, kMaxBlocks / chunks)), static_cast<unsigned>(chunks));
-    if (gvec) {
-      project_wide_r1_kernel<TG, true><<<grid, 128, 0, stream>>>(G, s.rows, s.cols, ws.rows_per_chunk, P, R, sumsq,
-                                                                 partials, scalars, counters + kCounterProject, h.max_grad_norm);
-    } else {
-      project_wide_r1_kernel<TG, false><<<grid, 128, 0, stream>>>(G, s.rows, s.cols, ws.rows_per_chunk, P, R, sumsq,
-                                                                  partials, scalars, counters + kCounterProject, h.max_grad_norm);
-    }
-  } else {
-    dim3 grid(static_cast<unsigned>((ws.K + kTileM - 1) / kTileM), static_cast<unsigned>((h.rank + kTileN - 1) / kTileN));
-    if (ws.tall) {
-      project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, h.rank, P, R, sumsq);
-    } else {
-      project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, h.rank, P, R, sumsq);
-    }
-    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-    total_kernel<<<1, 1024, 0, stream>>>(sumsq, ws.K, scalars, h.max_grad_norm);
+    int64_t strips = std::min<int64_t>((s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock, kMaxBlocks / ws.chunks);
+    it.proj_blocks = static_cast<int32_t>(strips * ws.chunks);
   }
-  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-
   const int64_t per_block = h.rank > 1 ? 256 / kWarp : 256;
-  int mblocks = static_cast<int>(std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min(kMaxBlocks, sms * 4)));
-  moments_kernel<<<mblocks, 256, 0, stream>>>(R, sumsq, ws.K, h.rank, chunks, s.m, s.v, scale, partials, scalars,
-                                              counters + kCounterMoments, s.prev_norm, s.status, h, s.step);
-  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-
+  it.mom_blocks = static_cast<int32_t>(std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min(kMaxBlocks, sms * 4)));
   const int64_t groups = s.rows * ((s.cols + 7) / 8);
-  int ublocks = static_cast<int>(std::min<int64_t>((groups + 255) / 256, static_cast<int64_t>(sms) * 16));
-  const bool wvec = gvec && s.ld_weight % 8 == 0 && aligned16(W);
-  const float decay = h.lr * h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
-  const bool tensor = h.scaling == Scaling::kTensor;
-  if (wvec) {
-    update_kernel<TW, TG, true><<<ublocks, 256, 0, stream>>>(W, s.ld_weight, G, s.rows, s.cols, scale, scalars, s.status,
-                                                            ws.tall, tensor, decay, h.rounding, s.seed, s.step);
+  it.upd_blocks = static_cast<int32_t>(std::min<int64_t>((groups + 255) / 256, static_cast<int64_t>(sms) * 16));
+  return it;
+}
+
+template <typename TW, typename TG>
+void launch(const ApolloStep& s, cudaStream_t stream) {
+  const Item it = make_item(s, s.workspace);
+  gen_kernel<<<it.gen_blocks, 256, 0, stream>>>(it);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  if (s.hyper.rank == 1) {
+    project_r1_kernel<TG><<<it.proj_blocks, it.tall ? 256 : 128, 0, stream>>>(it);
   } else {
-    update_kernel<TW, TG, false><<<ublocks, 256, 0, stream>>>(W, s.ld_weight, G, s.rows, s.cols, scale, scalars,
-                                                             s.status, ws.tall, tensor, decay, h.rounding, s.seed, s.step);
+    const TG* G = static_cast<const TG*>(s.grad);
+    dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM), static_cast<unsigned>((s.hyper.rank + kTileN - 1) / kTileN));
+    if (it.tall) project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
+    else project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
+    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+    total_kernel<<<1, 1024, 0, stream>>>(it.sumsq, it.K, it.scalars, s.hyper.max_grad_norm);
   }
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  moments_kernel<<<it.mom_blocks, 256, 0, stream>>>(it);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  update_kernel<TW, TG><<<it.upd_blocks, 256, 0, stream>>>(it);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+}
+
+// Up to kBatch rank-1 steps with the same dtypes: one launch per stage, except the projection, launched
+// once for the tall items (256-thread blocks, warp per row) and once for the wide ones (128 threads).
+template <typename TW, typename TG>
+void launch_many(const ApolloStep* steps, int n, void* workspace, cudaStream_t stream) {
+  Batch b{};
+  b.n = n;
+  size_t offset = 0;
+  for (int i = 0; i < n; ++i) {
+    b.items[i] = make_item(steps[i], static_cast<char*>(workspace) + offset);
+    offset += ApolloWorkspace(steps[i].rows, steps[i].cols, 1).bytes;
+  }
+  auto fill = [&](Stage st, auto blocks_of) {
+    b.first[st][0] = 0;
+    for (int i = 0; i < n; ++i) b.first[st][i + 1] = b.first[st][i] + blocks_of(b.items[i]);
+    return b.first[st][n];
+  };
+  int g = fill(kGen, [](const Item& it) { return it.gen_blocks; });
+  int m = fill(kMoments, [](const Item& it) { return it.mom_blocks; });
+  int u = fill(kUpdate, [](const Item& it) { return it.upd_blocks; });
+  gen_many_kernel<<<g, 256, 0, stream>>>(b);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  // Tall and wide projections want different block sizes: one launch each, over the items of that kind.
+  for (int want_tall = 1; want_tall >= 0; --want_tall) {
+    int p = fill(kProject, [&](const Item& it) { return it.tall == static_cast<bool>(want_tall) ? it.proj_blocks : 0; });
+    if (p == 0) continue;
+    project_many_kernel<TG><<<p, want_tall ? 256 : 128, 0, stream>>>(b);
+    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  }
+  moments_many_kernel<<<m, 256, 0, stream>>>(b);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  update_many_kernel<TW, TG><<<u, 256, 0, stream>>>(b);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename F>
+void dispatch(DType w, DType g, F&& f) {
+  const bool wbf = w == DType::kBF16, gbf = g == DType::kBF16;
+  if (wbf && gbf) f(uint16_t{}, uint16_t{});
+  else if (wbf) f(uint16_t{}, float{});
+  else if (gbf) f(float{}, uint16_t{});
+  else f(float{}, float{});
 }
 
 }  // namespace
@@ -576,12 +709,46 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
 void apollo_step_cuda(const ApolloStep& s, void* stream) {
   validate(s);
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
+    launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
+  });
+}
+
+void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  const bool wbf = s.weight_dtype == DType::kBF16, gbf = s.grad_dtype == DType::kBF16;
-  if (wbf && gbf) launch<uint16_t, uint16_t>(s, st);
-  else if (wbf) launch<uint16_t, float>(s, st);
-  else if (gbf) launch<float, uint16_t>(s, st);
-  else launch<float, float>(s, st);
+  if (apollo_many_workspace_bytes(steps, n) > workspace_bytes) {
+    throw Error(ErrorCode::kInvalidArg, "optimizer step: the batch needs a workspace of " +
+                                            std::to_string(apollo_many_workspace_bytes(steps, n)) + " bytes, got " +
+                                            std::to_string(workspace_bytes));
+  }
+  // Rank-1 steps with the same dtypes go in batches; anything else runs alone in its own workspace slice.
+  char* ws = static_cast<char*>(workspace);
+  int i = 0;
+  while (i < n) {
+    validate(steps[i]);
+    const size_t bytes_i = ApolloWorkspace(steps[i].rows, steps[i].cols, steps[i].hyper.rank).bytes;
+    if (steps[i].hyper.rank != 1) {
+      ApolloStep one = steps[i];
+      one.workspace = ws;
+      apollo_step_cuda(one, stream);
+      ws += bytes_i;
+      ++i;
+      continue;
+    }
+    int j = i;
+    size_t bytes = 0;
+    while (j < n && j - i < kBatch && steps[j].hyper.rank == 1 && steps[j].weight_dtype == steps[i].weight_dtype &&
+           steps[j].grad_dtype == steps[i].grad_dtype) {
+      validate(steps[j]);
+      bytes += ApolloWorkspace(steps[j].rows, steps[j].cols, 1).bytes;
+      ++j;
+    }
+    dispatch(steps[i].weight_dtype, steps[i].grad_dtype, [&](auto w, auto g) {
+      launch_many<decltype(w), decltype(g)>(steps + i, j - i, ws, st);
+    });
+    ws += bytes;
+    i = j;
+  }
 }
 
 }  // namespace livetrain::optim

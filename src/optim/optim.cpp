@@ -60,11 +60,20 @@ size_t apollo_workspace_bytes(int64_t rows, int64_t cols, int32_t rank) {
 
 size_t adamw_workspace_bytes(int64_t numel) { return AdamWWorkspace(numel).bytes; }
 
+size_t apollo_many_workspace_bytes(const ApolloStep* steps, int n) {
+  size_t total = 0;
+  for (int i = 0; i < n; ++i) total += ApolloWorkspace(steps[i].rows, steps[i].cols, steps[i].hyper.rank).bytes;
+  return total;
+}
+
 #ifndef LIVETRAIN_WITH_CUDA
 void apollo_step_cuda(const ApolloStep&, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
 }
 void adamw_step_cuda(const AdamWStep&, void*) {
+  throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
+}
+void apollo_step_many_cuda(const ApolloStep*, int, void*, size_t, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
 }
 #endif

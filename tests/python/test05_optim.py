@@ -401,3 +401,52 @@ def test_cuda_strided_weight_and_guard_and_rounding():
     exact = w0.float() - 1e-3 * gb.float() / (gb.float().abs() + 1e-8)
     z = (mean - exact).abs() / (bf16_ulp(exact) / 2 / math.sqrt(draws))
     assert float(z.max()) < 5.0 and float(z.mean()) < 1.2
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_batched_step_equals_one_by_one():
+    # 70 matrices (more than one batch of 64), tall, wide, odd, strided, bf16 and fp32 mixed, plus a
+    # vector (AdamW) and a rank-4 group (not batched): step() must equal stepping each parameter alone.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(257, 129), (129, 257), (1, 1000), (1000, 1), (64, 64), (4096, 96), (96, 4096), (300, 1031)]
+    def make():
+        torch.manual_seed(0)
+        ps = []
+        for i in range(70):
+            r, c = shapes[i % len(shapes)]
+            dt = torch.bfloat16 if i % 3 else torch.float32
+            if i % 5 == 0 and c > 8:
+                base = torch.randn(r, c + 8, generator=gen).to(dt).cuda()
+                ps.append(torch.nn.Parameter(base[:, 3:3 + c]))  # ld > cols, misaligned start
+            else:
+                ps.append(torch.nn.Parameter(torch.randn(r, c, generator=gen).to(dt).cuda()))
+        return ps
+    a, b = make(), make()
+    vec_a, vec_b = torch.nn.Parameter(torch.randn(33).cuda()), torch.nn.Parameter(torch.randn(33).cuda())
+    r4_a, r4_b = torch.nn.Parameter(torch.randn(80, 40).cuda()), torch.nn.Parameter(torch.randn(80, 40).cuda())
+    r4_b.data.copy_(r4_a.data)
+    vec_b.data.copy_(vec_a.data)
+    for x, y in zip(a, b):
+        y.data.copy_(x.data)
+    oa = ApolloMini([{"params": a}, {"params": [vec_a]}, {"params": [r4_a], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2)
+    ob = ApolloMini([{"params": b}, {"params": [vec_b]}, {"params": [r4_b], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype).cuda() for p in a + [vec_a, r4_a]]
+        for p, g in zip(a + [vec_a, r4_a], grads):
+            p.grad = g
+        for p, g in zip(b + [vec_b, r4_b], grads):
+            p.grad = g.clone()
+        if step == 1:
+            a[7].grad[0, 0] = float("nan")
+            b[7].grad[0, 0] = float("nan")
+        oa.step()
+        for p in b + [vec_b, r4_b]:
+            ob.step_param(p)
+    torch.cuda.synchronize()
+    for i, (x, y) in enumerate(zip(a + [vec_a, r4_a], b + [vec_b, r4_b])):
+        assert torch.equal(x.detach(), y.detach()), i
+        for k in ("m", "v", "step", "prev_norm"):
+            if k in oa.state[x]:
+                assert torch.equal(oa.state[x][k], ob.state[y][k]), (i, k)
+    assert oa.report()["skipped_nonfinite_grad"] == ob.report()["skipped_nonfinite_grad"] == []
+    assert int(oa.state[a[7]]["step"]) == 2 and int(oa.state[a[0]]["step"]) == 3
