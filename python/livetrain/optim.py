@@ -66,7 +66,7 @@ class Apollo(torch.optim.Optimizer):
         self._groups_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._batch_workspaces: dict = {}     # per device: the workspace of batched steps (see step)
-        self._batch_bytes: dict = {}
+        self._batches: dict = {}              # per (device, parameters): cached batch items
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         index = 0
@@ -222,26 +222,33 @@ class Apollo(torch.optim.Optimizer):
         return loss
 
     def _step_batch(self, device: torch.device, entries: list, stream: int) -> None:
-        items, grads, keep, shapes = [], [], [], []
-        for p, group, state in entries:
-            _, h, (rows, cols, ld), (m, v, prev, status, step), _, _ = self._call(p, group, state)
-            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
+        # The items (addresses of weights and state, sizes, hyperparameters) are built once per set of
+        # parameters and reused: per step only the gradients' addresses and the learning rates change.
+        key = (device, tuple(id(p) for p, _, _ in entries))
+        cached = self._batches.get(key)
+        if cached is None:
+            items, shapes = [], []
+            for p, group, state in entries:
+                _, h, (rows, cols, ld), (m, v, prev, status, step), _, _ = self._call(p, group, state)
+                items.append([p.data_ptr(), _DTYPES[p.dtype], ld, None, rows, cols, m, v, prev, status, step,
+                              state["seed"], h])
+                shapes.append((rows, cols, 1))
+            cached = self._batches[key] = (items, _core.apollo_many_workspace_bytes(shapes))
+        items, nbytes = cached
+        grads, keep = [], []
+        for (p, group, _), item in zip(entries, items):
             g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
             keep.append(g)
-            items.append((p.data_ptr(), _DTYPES[p.dtype], ld, _DTYPES[g.dtype], rows, cols, m, v, prev, status, step,
-                          state["seed"], h))
             grads.append(g.data_ptr())
-            shapes.append((rows, cols, 1))
-        key = (device, tuple(shapes))
-        nbytes = self._batch_bytes.get(key)
-        if nbytes is None:
-            nbytes = self._batch_bytes[key] = _core.apollo_many_workspace_bytes(shapes)
+            item[3] = _DTYPES[g.dtype]
+            h = item[12]
+            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
         ws = self._batch_workspaces.get(device)
         if ws is None or ws.numel() < nbytes:
             ws = self._batch_workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         if torch.cuda.current_device() != device.index:
             torch.cuda.set_device(device)
-        _core.apollo_step_many(items, grads, ws.data_ptr(), ws.numel(), stream)
+        _core.apollo_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
 
     def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
