@@ -250,7 +250,8 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
 }
 
 // ---- stage 2, rank 1 ----
-// rows >= cols: one warp per row computes R[i] = G[i,:]·p and ‖G[i,:]‖².
+// rows >= cols: one warp per pair of rows computes R[i] = G[i,:]·p and ‖G[i,:]‖² (two rows share each
+// load of p, and keep twice the loads in flight).
 template <typename TG>
 __device__ void project_tall_body(const Item& it, int block, int nblocks) {
   const TG* G = static_cast<const TG*>(it.G);
@@ -258,16 +259,23 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
   const int64_t cols = it.cols;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, wpb = blockDim.x / kWarp;
   float block_sq[1] = {0.0f};
-  for (int64_t row = block * static_cast<int64_t>(wpb) + warp; row < it.rows; row += static_cast<int64_t>(nblocks) * wpb) {
-    const TG* g = G + row * cols;
-    float dot = 0.0f, sq = 0.0f;
-    if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 4 loads in flight
+  for (int64_t row0 = (block * static_cast<int64_t>(wpb) + warp) * 2; row0 < it.rows;
+       row0 += static_cast<int64_t>(nblocks) * wpb * 2) {
+    const bool two = row0 + 1 < it.rows;
+    const TG* g0 = G + row0 * cols;
+    const TG* g1 = two ? g0 + cols : g0;
+    float dot0 = 0.0f, sq0 = 0.0f, dot1 = 0.0f, sq1 = 0.0f;
+    if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 8 loads in flight
       constexpr int kU = 4;
       for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kU) {
-        float v[kU][8];
+        float v0[kU][8], v1[kU][8];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          if (j + u * kWarp * 8 < cols) ld8(g + j + u * kWarp * 8, v[u]);
+          const int64_t jj = j + u * kWarp * 8;
+          if (jj < cols) {
+            ld8(g0 + jj, v0[u]);
+            ld8(g1 + jj, v1[u]);
+          }
         }
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -277,24 +285,35 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
           ld8(p + jj, pv);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            dot += v[u][e] * pv[e];
-            sq += v[u][e] * v[u][e];
+            dot0 += v0[u][e] * pv[e];
+            sq0 += v0[u][e] * v0[u][e];
+            dot1 += v1[u][e] * pv[e];
+            sq1 += v1[u][e] * v1[u][e];
           }
         }
       }
     } else {
       for (int64_t j = lane; j < cols; j += kWarp) {
-        float v = ld(g, j);
-        dot += v * p[j];
-        sq += v * v;
+        float a = ld(g0, j), b = ld(g1, j);
+        dot0 += a * p[j];
+        sq0 += a * a;
+        dot1 += b * p[j];
+        sq1 += b * b;
       }
     }
-    dot = warp_sum(dot);
-    sq = warp_sum(sq);
+    dot0 = warp_sum(dot0);
+    sq0 = warp_sum(sq0);
+    dot1 = warp_sum(dot1);
+    sq1 = warp_sum(sq1);
     if (lane == 0) {
-      it.R[row] = dot;
-      it.sumsq[row] = sq;
-      block_sq[0] += sq;
+      it.R[row0] = dot0;
+      it.sumsq[row0] = sq0;
+      block_sq[0] += sq0;
+      if (two) {
+        it.R[row0 + 1] = dot1;
+        it.sumsq[row0 + 1] = sq1;
+        block_sq[0] += sq1;
+      }
     }
   }
   block_sum(block_sq);
@@ -627,7 +646,7 @@ Item make_item(const ApolloStep& s, void* workspace) {
   const int sms = sm_count();
   it.gen_blocks = static_cast<int32_t>(std::min<int64_t>((ws.k * h.rank + 255) / 256, sms * 8));
   if (ws.rank1 && ws.tall) {
-    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + 7) / 8, kMaxBlocks));
+    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + 15) / 16, kMaxBlocks));  // 8 warps × 2 rows
   } else if (ws.rank1) {
     int64_t strips = std::min<int64_t>((s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock, kMaxBlocks / ws.chunks);
     it.proj_blocks = static_cast<int32_t>(strips * ws.chunks);
