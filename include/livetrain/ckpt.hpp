@@ -226,6 +226,9 @@ class Store {
   Store(Store&&) = default;
   Store& operator=(Store&&) = default;
 
+  // Releases the lock and the host copy; the object is unusable afterwards (reopen to continue).
+  void close();
+
   const Commit& commit() const { return commit_; }
   const std::string& dir() const { return dir_; }
   const std::string& model_dir() const { return model_dir_; }

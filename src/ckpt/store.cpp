@@ -126,6 +126,12 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, Pr
   return s;
 }
 
+void Store::close() {
+  lock_ = fs::Fd();
+  std::vector<std::vector<uint8_t>>().swap(head_);
+  broken_ = true;
+}
+
 void Store::check_usable() const {
   if (broken_) {
     throw Error(ErrorCode::kIo, "checkpoint store " + dir_ + ": an earlier commit failed part-way; reopen the store");
