@@ -278,7 +278,7 @@ class Store {
 
 // Test hook: when the environment variable LIVETRAIN_CKPT_CRASH_AT equals `point`, the process kills
 // itself with SIGKILL there (points: "delta-written", "journal-written", "apply-half", "applied",
-// "materialize-committed").
+// "materialize-committed", "recovered-applied").
 void crash_point(std::string_view point);
 
 }  // namespace livetrain::ckpt

@@ -40,7 +40,7 @@ void report(const Progress& p, std::string_view what, uint64_t done, uint64_t to
 }  // namespace
 
 void crash_point(std::string_view point) {
-  static const char* at = std::getenv("LIVETRAIN_CKPT_CRASH_AT");
+  const char* at = std::getenv("LIVETRAIN_CKPT_CRASH_AT");  // read each time: set after fork in tests
   if (at && point == at) ::kill(::getpid(), SIGKILL);
 }
 
