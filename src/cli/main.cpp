@@ -23,6 +23,8 @@ constexpr const char* kUsage =
     "                    bytes, shard), validating every header strictly\n"
     "  manifest inspect FILE\n"
     "                    show a sharing manifest: buffers, tensors, whether its owner is alive, lease holder\n"
+    "  checkpoint save|list|restore|verify|materialize|gc MODEL\n"
+    "                    the delta checkpoint store of a model's live weights\n"
     "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
     "\n"
@@ -108,6 +110,7 @@ int dispatch(int argc, char** argv) {
   }
   if (cmd == "inspect") return run_inspect(args);
   if (cmd == "manifest") return run_manifest(args);
+  if (cmd == "checkpoint") return run_checkpoint(args);
   if (cmd == "devices") return run_devices(args);
   throw UsageError("unknown command '" + cmd + "' (see livetrain --help)");
 }

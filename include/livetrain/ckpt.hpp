@@ -1,0 +1,284 @@
+// The delta checkpoint store: generations of the live weights as element-level XOR deltas against the
+// last durable state, a commit record written last, materialization into the model's own safetensors
+// files through a redo journal, restore/rollback to any generation, verify and gc.
+//
+// Format, version 1 (docs/checkpoint.md is the full specification). A store is a directory
+// (`<model>/.livetrain-store/` unless another is given) holding:
+//
+//   COMMIT                 JSON, written last with fs::write_file_atomic; the only thing that says what
+//                          is committed. {"magic": "livetrain-checkpoint", "version": 1, "head": g,
+//                          "oldest": g, "materialized": g, "hash": "xxh64-4k",
+//                          "files": [{"name", "size", "hash"}],         model files at `materialized`
+//                          "tensors": [{"name", "dtype", "shape", "file", "offset", "nbytes"}],
+//                          "generations": [{"generation", "parent", "time_ms", "weight_version",
+//                                           "delta": file|null, "bytes", "changed", "delta_hash",
+//                                           "optimizer_state": file|null}]}
+//                          Hashes are 16 lowercase hex digits. Generations run oldest..head, one each.
+//   gen-<20 digits>.delta  XOR of generation g against g-1 (all integers little-endian):
+//                            0  "LTCKDLT1"   8 bytes
+//                            8  u32 version = 1, u32 record count
+//                           16  u64 generation, u64 parent
+//                           32  records, in the order of the commit's tensor table:
+//                                 u32 name length, name (UTF-8),
+//                                 u8 dtype (livetrain::DType), u8 unit (bytes compared as one element:
+//                                 the element size, 1 for sub-byte types), u8 encoding (0 = gaps,
+//                                 1 = bitmap), u8 0,
+//                                 u64 units (elements of the tensor), u64 changed,
+//                                 u64 positions length P, P bytes of positions,
+//                                 changed × unit bytes: new bits XOR old bits, in position order,
+//                                 u64 XXH64 of the record from its name length to here
+//                           end-8  u64 XXH64 of the whole file before it
+//                          Positions, gaps: LEB128 varints, the first position, then each next position
+//                          minus the previous minus 1. Bitmap: ceil(units / 8) bytes, bit i of byte
+//                          i/8 (LSB first) set when element i changed. Whichever is smaller is written
+//                          (gaps on a tie). Tensors with no change have no record.
+//   gen-<20 digits>.optim  optional: a copy of the optimizer-state file saved with that generation
+//   materialize.journal    only during materialize (redo journal, see below)
+//
+// XOR deltas are self-inverse, so from the generation the model files hold (`materialized`) any
+// generation in [oldest, head] is reached by XOR-ing the deltas in between, forwards or backwards.
+//
+// Content hash ("xxh64-4k"): XXH64 (seed 0) of every 4 KiB block of the file (the last block may be
+// shorter), then XXH64 (seed 0) of those block hashes as u64 little-endian in order. The empty file hashes
+// to XXH64 of no bytes. Block hashes make it parallel; XXH64 is Yann Collet's (xxhash.h, spec v0.1.1).
+//
+// Journal "materialize.journal" (written with fs::write_file_atomic before any model byte changes):
+//     0  "LTCKJRN1", u32 version = 1, u32 entry count, u64 from generation, u64 to generation
+//    32  entries: u32 file index (into COMMIT "files"), u32 0, u64 offset, u64 length, new bytes,
+//        u64 XXH64 of the entry
+//   end-8  u64 XXH64 of the whole file before it
+//
+// Crash safety: delta and optimizer files are written with fs::write_file_atomic and then COMMIT; a
+// delta that COMMIT does not name is ignored and removed on the next open. Materialize writes the
+// journal, applies it in place, fsyncs the files, commits `materialized` (with the files' new hashes),
+// then removes the journal; open redoes a journal whose `from` is the committed `materialized`, and
+// discards one whose `to` already is.
+//
+// The last durable state (generation `head`) is kept in host memory, one copy of every tensor (as much
+// memory as the model's weights): saves diff the live weights against it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "livetrain/dtype.hpp"
+#include "livetrain/fs.hpp"
+
+namespace livetrain::ckpt {
+
+inline constexpr std::string_view kCommitMagic = "livetrain-checkpoint";
+inline constexpr uint64_t kCommitVersion = 1;
+inline constexpr std::string_view kDeltaMagic = "LTCKDLT1";
+inline constexpr uint32_t kDeltaVersion = 1;
+inline constexpr std::string_view kJournalMagic = "LTCKJRN1";
+inline constexpr uint32_t kJournalVersion = 1;
+inline constexpr std::string_view kCommitFileName = "COMMIT";
+inline constexpr std::string_view kJournalFileName = "materialize.journal";
+inline constexpr std::string_view kDefaultStoreDirName = ".livetrain-store";
+inline constexpr size_t kHashBlock = 4096;
+
+// ---- hashing ----
+
+uint64_t xxh64(const void* data, size_t size, uint64_t seed = 0);
+// The "xxh64-4k" content hash of a byte range (parallel over blocks).
+uint64_t content_hash(const uint8_t* data, size_t size);
+std::string hash_hex(uint64_t h);
+std::optional<uint64_t> hash_from_hex(std::string_view s);
+
+// ---- delta codec ----
+
+enum class PositionEncoding : uint8_t { kGaps = 0, kBitmap = 1 };
+
+// The number of bytes compared as one element of `dtype`.
+uint32_t unit_bytes(DType dtype);
+
+// Appends to `out` the record of the elements where `now` differs from `old` (both `units × unit` bytes)
+// and returns how many changed; appends nothing when none did. `now` is read exactly once per byte, so
+// a tensor being written concurrently (HOGWILD training) still yields a consistent record of what was read.
+uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uint64_t units, const uint8_t* old,
+                       const uint8_t* now);
+
+// A parsed record: views into the delta file's bytes.
+struct DeltaRecord {
+  std::string_view name;
+  DType dtype = DType::kU8;
+  uint32_t unit = 1;
+  PositionEncoding encoding = PositionEncoding::kGaps;
+  uint64_t units = 0;
+  uint64_t changed = 0;
+  std::string_view positions;
+  std::string_view values;
+};
+
+struct DeltaHeader {
+  uint64_t generation = 0;
+  uint64_t parent = 0;
+  uint32_t records = 0;
+};
+
+// The header of a delta file, then a record's bytes after the header, and the file checksum trailer.
+std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t records);
+
+// Parses a whole delta file, checking magic, version, bounds and every checksum; calls `fn` for each
+// record. Errors are kFormat naming `what` (the file), the record index and tensor name.
+DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what,
+                        const std::function<void(const DeltaRecord&)>& fn);
+
+// XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Validates positions while decoding.
+void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
+
+// ---- commit record ----
+
+struct ModelFile {
+  std::string name;  // relative to the model directory
+  uint64_t size = 0;
+  uint64_t hash = 0;
+};
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<uint64_t> shape;
+  uint32_t file = 0;    // index into Commit::files
+  uint64_t offset = 0;  // absolute byte offset of the tensor's data in that file
+  uint64_t nbytes = 0;
+};
+
+struct Generation {
+  uint64_t generation = 0;
+  uint64_t parent = 0;
+  int64_t time_ms = 0;  // Unix time of the save, milliseconds
+  uint64_t weight_version = 0;
+  std::string delta;  // file name in the store; empty for the oldest generation (the base)
+  uint64_t bytes = 0;  // delta file size (+ optimizer state size)
+  uint64_t changed = 0;
+  uint64_t delta_hash = 0;  // XXH64 checksum trailer of the delta file
+  std::string optimizer_state;  // file name in the store, or empty
+};
+
+struct Commit {
+  uint64_t head = 0;
+  uint64_t oldest = 0;
+  uint64_t materialized = 0;
+  std::vector<ModelFile> files;
+  std::vector<TensorEntry> tensors;
+  std::vector<Generation> generations;  // oldest..head
+
+  const Generation* find(uint64_t generation) const;
+};
+
+std::string commit_serialize(const Commit& c);
+Commit commit_parse(std::string_view text, std::string_view what);
+Commit commit_read(const std::string& store_dir);
+std::string delta_file_name(uint64_t generation);
+
+// ---- the store ----
+
+// A tensor of the live weights: contiguous host memory holding the bytes of `dtype`/`shape`.
+struct LiveTensor {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<uint64_t> shape;
+  void* data = nullptr;
+};
+
+using Progress = std::function<void(std::string_view what, uint64_t done, uint64_t total)>;
+
+struct SaveOptions {
+  uint64_t weight_version = 0;
+  std::string optimizer_state;  // a file to copy into the store with this generation, or empty
+  bool save_if_unchanged = false;  // write a generation even when no element changed
+  Progress progress;
+};
+
+struct SaveResult {
+  bool written = false;  // false: nothing changed and save_if_unchanged was not set
+  uint64_t generation = 0;
+  uint64_t bytes = 0;
+  uint64_t changed = 0;
+  uint64_t elements = 0;  // elements of the model
+  uint64_t model_bytes = 0;
+};
+
+struct LiveDiff {
+  uint64_t tensors = 0;   // tensors that differ
+  uint64_t elements = 0;  // elements that differ
+  std::string first;      // name of the first differing tensor
+};
+
+std::string default_store_dir(const std::string& model_dir);
+
+class Store {
+ public:
+  // Creates a store for the model directory (generation 0 = the files as they are now). Fails if one
+  // exists. An empty `store_dir` means default_store_dir(model_dir).
+  static Store create(const std::string& model_dir, const std::string& store_dir = "");
+  // Opens a store: takes its lock (kBusy if another process holds it), finishes or discards a leftover
+  // journal, removes uncommitted files, checks the model files against the commit's hashes, and loads
+  // the head generation into host memory.
+  static Store open(const std::string& model_dir, const std::string& store_dir = "", Progress progress = {});
+
+  Store(Store&&) = default;
+  Store& operator=(Store&&) = default;
+
+  // Releases the lock and the host copy; the object is unusable afterwards (reopen to continue).
+  void close();
+
+  const Commit& commit() const { return commit_; }
+  const std::string& dir() const { return dir_; }
+  const std::string& model_dir() const { return model_dir_; }
+
+  // Writes a new generation holding the elements of `live` that differ from the head, then commits it.
+  // `live` must name exactly the store's tensors with their dtypes and shapes.
+  SaveResult save(const std::vector<LiveTensor>& live, const SaveOptions& options = {});
+  // Sets the live weights to `generation` (any in [oldest, head]); the head does not change.
+  void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
+  // Writes `generation` as a new model directory (same file names and tensor split; index copied).
+  void restore_to_dir(uint64_t generation, const std::string& out_dir);
+  // Compares live weights with a generation.
+  LiveDiff compare_live(uint64_t generation, const std::vector<LiveTensor>& live);
+  // Checks every delta file's checksums and the model files' hashes; returns the problems found.
+  std::vector<std::string> verify(Progress progress = {});
+  // Brings the model directory's safetensors files to `generation`, crash-safe (redo journal). A model
+  // file that is a symlink is refused unless `copy_symlinks`, which first replaces it by a real copy.
+  void materialize(uint64_t generation, bool copy_symlinks = false, Progress progress = {});
+  // Forgets the generations before `keep_from` (which becomes the oldest); materializes `keep_from` first
+  // when the model files are older than it. Deletes the dropped deltas.
+  void gc(uint64_t keep_from, Progress progress = {});
+
+  // Every tensor's bytes at `generation` (commit order), for tests and restore.
+  std::vector<std::vector<uint8_t>> state(uint64_t generation);
+
+ private:
+  Store() = default;
+  void check_usable() const;
+  void check_live(const std::vector<LiveTensor>& live) const;
+  void write_commit(const Commit& c);
+  // XORs the deltas of generations in (a, b] into `bufs` (direction does not matter).
+  void xor_range(uint64_t a, uint64_t b, std::vector<uint8_t*>& bufs);
+  void xor_generation(uint64_t g, const std::function<void(size_t tensor, const DeltaRecord&)>& fn);
+  void recover_journal();
+  void remove_uncommitted();
+  // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
+  uint64_t apply_journal(const uint8_t* bytes, size_t size, const std::string& what);
+  void commit_materialized(uint64_t generation);
+
+  std::string model_dir_;
+  std::string dir_;
+  fs::Fd lock_;
+  Commit commit_;
+  std::vector<std::vector<uint8_t>> head_;  // host copy of generation `head`, per tensor (commit order)
+  bool broken_ = false;  // a commit step failed after the point where memory and disk may disagree
+};
+
+// Test hook: when the environment variable LIVETRAIN_CKPT_CRASH_AT equals `point`, the process kills
+// itself with SIGKILL there (points: "delta-written", "journal-written", "apply-half", "applied",
+// "materialize-committed", "recovered-applied").
+void crash_point(std::string_view point);
+
+}  // namespace livetrain::ckpt

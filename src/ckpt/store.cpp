@@ -1,0 +1,451 @@
+// The checkpoint store: create/open (lock, recovery, loading the head into host memory), save, restore,
+// compare, verify and gc. Materialization and its journal are in materialize.cpp.
+#include <dirent.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+#include <unordered_map>
+
+#include "livetrain/ckpt.hpp"
+#include "livetrain/error.hpp"
+#include "livetrain/parallel.hpp"
+#include "livetrain/safetensors.hpp"
+
+namespace livetrain::ckpt {
+
+namespace {
+
+std::string shape_text(const std::vector<uint64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
+  if (p) p(what, done, total);
+}
+
+}  // namespace
+
+void crash_point(std::string_view point) {
+  const char* at = std::getenv("LIVETRAIN_CKPT_CRASH_AT");  // read each time: set after fork in tests
+  if (at && point == at) ::kill(::getpid(), SIGKILL);
+}
+
+std::string default_store_dir(const std::string& model_dir) {
+  return fs::join(model_dir, std::string(kDefaultStoreDirName));
+}
+
+Store Store::create(const std::string& model_dir, const std::string& store_dir) {
+  std::string dir = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
+  if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
+    throw Error(ErrorCode::kInvalidArg, "a checkpoint store already exists at " + dir);
+  }
+  if (!fs::is_directory(model_dir)) {
+    throw Error(ErrorCode::kNotFound, "model directory " + model_dir + " does not exist or is not a directory");
+  }
+  safetensors::Model model = safetensors::Model::open(model_dir);
+  Commit c;
+  std::unordered_map<const safetensors::File*, uint32_t> file_index;
+  for (const auto& shard : model.shards()) {
+    if (fs::dirname(shard->path()) != fs::dirname(fs::join(model_dir, "x"))) {
+      throw Error(ErrorCode::kUnsupported, shard->path() + ": model files must be inside " + model_dir);
+    }
+    file_index[shard.get()] = static_cast<uint32_t>(c.files.size());
+    fs::Mapping map = fs::Mapping::open_readonly(shard->path());
+    c.files.push_back(ModelFile{fs::basename(shard->path()), map.size(), content_hash(map.data(), map.size())});
+  }
+  for (const std::string& name : model.names()) {
+    const auto& e = model.tensor(name);
+    c.tensors.push_back(TensorEntry{name, e.info->dtype, e.info->shape, file_index.at(e.file),
+                                    e.file->header().data_start() + e.info->begin, e.info->nbytes()});
+  }
+  Generation g0;
+  g0.time_ms = now_ms();
+  c.generations.push_back(g0);
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create store directory " + dir);
+  fs::fsync_dir(fs::dirname(dir));
+  fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
+  return open(model_dir, dir);
+}
+
+Store Store::open(const std::string& model_dir, const std::string& store_dir, Progress progress) {
+  Store s;
+  s.model_dir_ = model_dir;
+  s.dir_ = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
+  s.commit_ = commit_read(s.dir_);  // before the lock file is created: a missing store stays missing
+  std::string lock_path = fs::join(s.dir_, "LOCK");
+  s.lock_ = fs::Fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!s.lock_.valid()) throw io_error("open " + lock_path);
+  if (::flock(s.lock_.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + " is in use by another process");
+    throw io_error("lock " + lock_path);
+  }
+  s.commit_ = commit_read(s.dir_);  // again, under the lock
+  s.recover_journal();
+  s.remove_uncommitted();
+
+  // Generation `materialized` from the model files, checked against the commit's hashes.
+  const Commit& c = s.commit_;
+  std::vector<fs::Mapping> maps;
+  for (size_t i = 0; i < c.files.size(); ++i) {
+    std::string path = fs::join(model_dir, c.files[i].name);
+    if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "model file " + path + " named by the store is missing");
+    maps.push_back(fs::Mapping::open_readonly(path));
+    report(progress, "hash model files", i, c.files.size());
+    uint64_t h = content_hash(maps.back().data(), maps.back().size());
+    if (maps.back().size() != c.files[i].size || h != c.files[i].hash) {
+      throw Error(ErrorCode::kFormat, "model file " + path + " does not match the checkpoint store (size " +
+                                          std::to_string(maps.back().size()) + ", hash " + hash_hex(h) + "; expected " +
+                                          std::to_string(c.files[i].size) + ", " + hash_hex(c.files[i].hash) +
+                                          "): it was changed outside livetrain, or this is another model");
+    }
+  }
+  s.head_.resize(c.tensors.size());
+  for (size_t i = 0; i < c.tensors.size(); ++i) {
+    const TensorEntry& t = c.tensors[i];
+    const uint8_t* src = maps[t.file].data() + t.offset;
+    s.head_[i].assign(src, src + t.nbytes);
+  }
+  report(progress, "replay deltas", 0, c.head - c.materialized);
+  std::vector<uint8_t*> ptrs;
+  for (auto& b : s.head_) ptrs.push_back(b.data());
+  s.xor_range(c.materialized, c.head, ptrs);
+  return s;
+}
+
+void Store::close() {
+  lock_ = fs::Fd();
+  std::vector<std::vector<uint8_t>>().swap(head_);
+  broken_ = true;
+}
+
+void Store::check_usable() const {
+  if (broken_) {
+    throw Error(ErrorCode::kIo, "checkpoint store " + dir_ + ": an earlier commit failed part-way; reopen the store");
+  }
+}
+
+void Store::check_live(const std::vector<LiveTensor>& live) const {
+  std::unordered_map<std::string_view, const LiveTensor*> by_name;
+  for (const auto& t : live) {
+    if (!by_name.emplace(t.name, &t).second) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" given twice");
+  }
+  for (const auto& t : commit_.tensors) {
+    auto it = by_name.find(t.name);
+    if (it == by_name.end()) {
+      throw Error(ErrorCode::kInvalidArg, "live weights have no tensor \"" + t.name + "\" (the store's model has it)");
+    }
+    const LiveTensor& l = *it->second;
+    if (l.dtype != t.dtype || l.shape != t.shape) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
+                                              shape_text(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
+                                              " " + shape_text(t.shape));
+    }
+    if (!l.data && t.nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" has no data");
+  }
+  if (live.size() != commit_.tensors.size()) {
+    for (const auto& l : live) {
+      bool known = std::any_of(commit_.tensors.begin(), commit_.tensors.end(), [&](const auto& t) { return t.name == l.name; });
+      if (!known) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is not in the store's model");
+    }
+  }
+}
+
+// Live tensors in the order of the commit's tensor table.
+static std::vector<uint8_t*> live_pointers(const Commit& c, const std::vector<LiveTensor>& live) {
+  std::unordered_map<std::string_view, void*> by_name;
+  for (const auto& l : live) by_name[l.name] = l.data;
+  std::vector<uint8_t*> out;
+  for (const auto& t : c.tensors) out.push_back(static_cast<uint8_t*>(by_name.at(t.name)));
+  return out;
+}
+
+void Store::xor_generation(uint64_t g, const std::function<void(size_t, const DeltaRecord&)>& fn) {
+  const Generation* gen = commit_.find(g);
+  std::string path = fs::join(dir_, gen->delta);
+  if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
+  fs::Mapping map = fs::Mapping::open_readonly(path);
+  if (map.size() < 8) throw Error(ErrorCode::kFormat, path + ": truncated delta file");
+  uint64_t trailer;
+  std::memcpy(&trailer, map.data() + map.size() - 8, 8);
+  if (trailer != gen->delta_hash) {
+    throw Error(ErrorCode::kFormat, path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(gen->delta_hash));
+  }
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  // Parse (and so check every checksum) before changing anything, then apply.
+  std::vector<std::pair<size_t, DeltaRecord>> recs;
+  DeltaHeader h = delta_parse(map.data(), map.size(), path, [&](const DeltaRecord& r) {
+    auto it = index.find(r.name);
+    if (it == index.end()) throw Error(ErrorCode::kFormat, path + ": tensor \"" + std::string(r.name) + "\" is not in the store's model");
+    const TensorEntry& t = commit_.tensors[it->second];
+    if (r.dtype != t.dtype || r.units * r.unit != t.nbytes) {
+      throw Error(ErrorCode::kFormat, path + ": tensor \"" + t.name + "\": record dtype/size does not match the model");
+    }
+    recs.emplace_back(it->second, r);
+  });
+  if (h.generation != g) throw Error(ErrorCode::kFormat, path + ": holds generation " + std::to_string(h.generation) + ", expected " + std::to_string(g));
+  for (const auto& [i, r] : recs) fn(i, r);
+}
+
+void Store::xor_range(uint64_t a, uint64_t b, std::vector<uint8_t*>& bufs) {
+  if (a > b) std::swap(a, b);
+  for (uint64_t g = a + 1; g <= b; ++g) {
+    xor_generation(g, [&](size_t i, const DeltaRecord& r) { apply_record(r, bufs[i], commit_.tensors[i].name); });
+  }
+}
+
+std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
+  check_usable();
+  if (!commit_.find(generation)) {
+    throw Error(ErrorCode::kNotFound, "generation " + std::to_string(generation) + " is not in the store (it holds " +
+                                          std::to_string(commit_.oldest) + ".." + std::to_string(commit_.head) + ")");
+  }
+  std::vector<std::vector<uint8_t>> bufs = head_;
+  std::vector<uint8_t*> ptrs;
+  for (auto& b : bufs) ptrs.push_back(b.data());
+  xor_range(generation, commit_.head, ptrs);
+  return bufs;
+}
+
+void Store::write_commit(const Commit& c) {
+  std::string path = fs::join(dir_, std::string(kCommitFileName));
+  try {
+    fs::write_file_atomic(path, commit_serialize(c));
+  } catch (...) {
+    // If the rename happened (only the directory fsync failed), disk and memory now disagree.
+    try {
+      if (commit_read(dir_).head != commit_.head || commit_read(dir_).materialized != commit_.materialized) broken_ = true;
+    } catch (...) {
+      broken_ = true;
+    }
+    throw;
+  }
+}
+
+SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& options) {
+  check_usable();
+  check_live(live);
+  std::vector<uint8_t*> now = live_pointers(commit_, live);
+  const size_t n = commit_.tensors.size();
+  std::vector<std::string> records(n);
+  std::vector<uint64_t> changed(n, 0);
+  SaveResult res;
+  for (const auto& t : commit_.tensors) {
+    res.elements += t.nbytes / unit_bytes(t.dtype);
+    res.model_bytes += t.nbytes;
+  }
+  report(options.progress, "diff", 0, n);
+  parallel_for(static_cast<int64_t>(n), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const TensorEntry& t = commit_.tensors[i];
+      changed[i] = encode_record(records[i], t.name, t.dtype, t.nbytes / unit_bytes(t.dtype), head_[i].data(), now[i]);
+    }
+  });
+  uint32_t count = 0;
+  size_t total = 40;
+  for (size_t i = 0; i < n; ++i) {
+    res.changed += changed[i];
+    count += changed[i] ? 1 : 0;
+    total += records[i].size();
+  }
+  if (res.changed == 0 && !options.save_if_unchanged) {
+    res.generation = commit_.head;
+    return res;
+  }
+  uint64_t g = commit_.head + 1;
+  std::string file = delta_file_header(g, commit_.head, count);
+  file.reserve(total);
+  for (auto& r : records) {
+    file += r;
+    std::string().swap(r);
+  }
+  uint64_t sum = xxh64(file.data(), file.size());
+  file.append(reinterpret_cast<const char*>(&sum), 8);
+
+  Generation gen;
+  gen.generation = g;
+  gen.parent = commit_.head;
+  gen.time_ms = now_ms();
+  gen.weight_version = options.weight_version;
+  gen.delta = delta_file_name(g);
+  gen.bytes = file.size();
+  gen.changed = res.changed;
+  gen.delta_hash = sum;
+  std::string delta_path = fs::join(dir_, gen.delta);
+  std::string optim_path;
+  report(options.progress, "write delta", 0, file.size());
+  fs::write_file_atomic(delta_path, file);
+  crash_point("delta-written");
+  try {
+    if (!options.optimizer_state.empty()) {
+      fs::Mapping m = fs::Mapping::open_readonly(options.optimizer_state);
+      gen.optimizer_state = gen.delta.substr(0, gen.delta.size() - 6) + ".optim";
+      optim_path = fs::join(dir_, gen.optimizer_state);
+      fs::write_file_atomic(optim_path, std::string_view(reinterpret_cast<const char*>(m.data()), m.size()));
+      gen.bytes += m.size();
+    }
+    Commit c = commit_;
+    c.head = g;
+    c.generations.push_back(gen);
+    write_commit(c);
+  } catch (...) {
+    if (!broken_) {  // the commit did not happen: the new files are garbage
+      ::unlink(delta_path.c_str());
+      if (!optim_path.empty()) ::unlink(optim_path.c_str());
+    }
+    throw;
+  }
+  commit_.head = g;
+  commit_.generations.push_back(gen);
+  // The head copy follows from the bytes just committed, through the same code that replays on open.
+  std::vector<uint8_t*> ptrs;
+  for (auto& b : head_) ptrs.push_back(b.data());
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < n; ++i) index[commit_.tensors[i].name] = i;
+  delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), delta_path,
+              [&](const DeltaRecord& r) { apply_record(r, ptrs[index.at(r.name)], delta_path); });
+  res.written = true;
+  res.generation = g;
+  res.bytes = gen.bytes;
+  return res;
+}
+
+void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& live) {
+  check_usable();
+  check_live(live);
+  if (!commit_.find(generation)) (void)state(generation);  // throws the not-found error
+  // Validate every delta on the way before touching the live weights.
+  for (uint64_t g = std::min(generation, commit_.head) + 1; g <= commit_.head; ++g) xor_generation(g, [](size_t, const DeltaRecord&) {});
+  std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
+  for (size_t i = 0; i < ptrs.size(); ++i) std::memcpy(ptrs[i], head_[i].data(), head_[i].size());
+  xor_range(generation, commit_.head, ptrs);
+}
+
+LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>& live) {
+  check_live(live);
+  std::vector<std::vector<uint8_t>> other;
+  const std::vector<std::vector<uint8_t>>* ref = &head_;
+  if (generation != commit_.head) {
+    other = state(generation);
+    ref = &other;
+  }
+  std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
+  LiveDiff d;
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    const auto& t = commit_.tensors[i];
+    const uint8_t* a = (*ref)[i].data();
+    if (std::memcmp(a, ptrs[i], t.nbytes) == 0) continue;
+    uint32_t u = unit_bytes(t.dtype);
+    uint64_t diff = 0;
+    for (uint64_t k = 0; k < t.nbytes / u; ++k) diff += std::memcmp(a + k * u, ptrs[i] + k * u, u) != 0;
+    if (d.tensors++ == 0) d.first = t.name;
+    d.elements += diff;
+  }
+  return d;
+}
+
+void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+  std::vector<std::vector<uint8_t>> bufs = state(generation);
+  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create directory " + out_dir);
+  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+    const std::string& name = commit_.files[f].name;
+    safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
+    std::vector<safetensors::TensorRef> refs;
+    for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+      const TensorEntry& t = commit_.tensors[i];
+      if (t.file == f) refs.push_back(safetensors::TensorRef{t.name, t.dtype, t.shape, bufs[i].data(), t.nbytes});
+    }
+    safetensors::WriteOptions opt;
+    opt.metadata = orig.header().metadata;
+    safetensors::write_file(fs::join(out_dir, name), refs, opt);
+  }
+  // The index (if any) last: it commits the set, as in safetensors::write_model.
+  std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
+  if (fs::exists(index)) fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+}
+
+std::vector<std::string> Store::verify(Progress progress) {
+  std::vector<std::string> problems;
+  for (uint64_t g = commit_.oldest + 1; g <= commit_.head; ++g) {
+    report(progress, "check deltas", g - commit_.oldest, commit_.head - commit_.oldest);
+    try {
+      xor_generation(g, [](size_t, const DeltaRecord&) {});
+    } catch (const Error& e) {
+      problems.push_back(e.what());
+    }
+    const Generation* gen = commit_.find(g);
+    if (!gen->optimizer_state.empty() && !fs::exists(fs::join(dir_, gen->optimizer_state))) {
+      problems.push_back("optimizer state " + fs::join(dir_, gen->optimizer_state) + " is missing");
+    }
+  }
+  for (size_t i = 0; i < commit_.files.size(); ++i) {
+    report(progress, "hash model files", i, commit_.files.size());
+    std::string path = fs::join(model_dir_, commit_.files[i].name);
+    try {
+      fs::Mapping m = fs::Mapping::open_readonly(path);
+      uint64_t h = content_hash(m.data(), m.size());
+      if (h != commit_.files[i].hash || m.size() != commit_.files[i].size) {
+        problems.push_back("model file " + path + " does not match the store (hash " + hash_hex(h) + ", expected " +
+                           hash_hex(commit_.files[i].hash) + ")");
+      }
+    } catch (const Error& e) {
+      problems.push_back(e.what());
+    }
+  }
+  return problems;
+}
+
+void Store::remove_uncommitted() {
+  std::set<std::string> named = {std::string(kCommitFileName), "LOCK", std::string(kJournalFileName)};
+  for (const auto& g : commit_.generations) {
+    if (!g.delta.empty()) named.insert(g.delta);
+    if (!g.optimizer_state.empty()) named.insert(g.optimizer_state);
+  }
+  DIR* d = ::opendir(dir_.c_str());
+  if (!d) throw io_error("open directory " + dir_);
+  std::vector<std::string> doomed;
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    bool ours = fs::is_atomic_temp_name(name) || name.rfind("gen-", 0) == 0;
+    if (ours && !named.count(name)) doomed.push_back(name);
+  }
+  ::closedir(d);
+  for (const auto& name : doomed) ::unlink(fs::join(dir_, name).c_str());
+  if (!doomed.empty()) fs::fsync_dir(dir_);
+}
+
+void Store::gc(uint64_t keep_from, Progress progress) {
+  check_usable();
+  if (!commit_.find(keep_from)) (void)state(keep_from);  // throws the not-found error
+  if (keep_from == commit_.oldest) return;
+  if (commit_.materialized < keep_from) materialize(keep_from, false, progress);
+  Commit c = commit_;
+  std::vector<std::string> dropped;
+  for (const auto& g : c.generations) {
+    if (g.generation <= keep_from && !g.delta.empty()) dropped.push_back(g.delta);
+    if (g.generation < keep_from && !g.optimizer_state.empty()) dropped.push_back(g.optimizer_state);
+  }
+  c.generations.erase(c.generations.begin(), c.generations.begin() + static_cast<long>(keep_from - c.oldest));
+  c.generations.front().delta.clear();  // the new base: reached through the model files, not a delta
+  c.oldest = keep_from;
+  write_commit(c);
+  commit_ = c;
+  for (const auto& name : dropped) ::unlink(fs::join(dir_, name).c_str());
+  fs::fsync_dir(dir_);
+}
+
+}  // namespace livetrain::ckpt

@@ -1,0 +1,258 @@
+// `livetrain checkpoint save|list|restore|verify|materialize|gc`: the delta checkpoint store from the
+// command line (cron, scripts), reaching live weights through a sharing manifest.
+#include <cstdio>
+#include <ctime>
+#include <memory>
+#include <string>
+
+#include "cli/commands.hpp"
+#include "livetrain/ckpt.hpp"
+#include "livetrain/error.hpp"
+#include "livetrain/json.hpp"
+#include "livetrain/sharing.hpp"
+
+namespace livetrain::cli {
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: livetrain checkpoint <save|list|restore|verify|materialize|gc> MODEL [options]\n"
+    "\n"
+    "A delta checkpoint store (docs/checkpoint.md) keeps generations of a model's live weights as\n"
+    "element-level XOR deltas in MODEL/.livetrain-store (or --store DIR).\n"
+    "\n"
+    "  save MODEL --manifest FILE      write the live weights' changes as a new generation (creates the\n"
+    "                                  store on first use); --weight-version N, --optimizer-state FILE\n"
+    "  list MODEL                      the committed generations\n"
+    "  restore MODEL GEN --manifest FILE   set the live weights to generation GEN\n"
+    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory\n"
+    "  verify MODEL [--manifest FILE [--generation GEN]]\n"
+    "                                  check the store's checksums and the model files' hashes, and\n"
+    "                                  whether the live weights equal GEN (default: the head)\n"
+    "  materialize MODEL GEN           bring MODEL's safetensors files to GEN in place (crash-safe);\n"
+    "                                  --copy-symlinks replaces symlinked files (HF cache) by copies first\n"
+    "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed)\n"
+    "\n"
+    "options:\n"
+    "  --store DIR       the store directory (default MODEL/.livetrain-store)\n"
+    "  --json            print one JSON object on stdout\n"
+    "  -q, --quiet       no progress on stderr\n";
+
+struct Args {
+  std::string sub, model, store, manifest, out, optimizer_state;
+  std::optional<uint64_t> generation, weight_version, keep_from;
+  bool as_json = false, quiet = false, copy_symlinks = false;
+};
+
+uint64_t parse_u64(const std::string& s, const std::string& what) {
+  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos || s.size() > 19) {
+    throw UsageError("checkpoint: " + what + " must be a non-negative integer, not '" + s + "'");
+  }
+  return std::stoull(s);
+}
+
+Args parse(const std::vector<std::string>& args) {
+  Args a;
+  std::vector<std::string> pos;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& s = args[i];
+    auto value = [&](const char* name) -> std::string {
+      if (i + 1 >= args.size()) throw UsageError(std::string("checkpoint: ") + name + " needs a value");
+      return args[++i];
+    };
+    if (s == "--json") a.as_json = true;
+    else if (s == "-q" || s == "--quiet") a.quiet = true;
+    else if (s == "--copy-symlinks") a.copy_symlinks = true;
+    else if (s == "--store") a.store = value("--store");
+    else if (s == "--manifest") a.manifest = value("--manifest");
+    else if (s == "--out") a.out = value("--out");
+    else if (s == "--optimizer-state") a.optimizer_state = value("--optimizer-state");
+    else if (s == "--weight-version") a.weight_version = parse_u64(value("--weight-version"), "--weight-version");
+    else if (s == "--generation") a.generation = parse_u64(value("--generation"), "--generation");
+    else if (s == "--keep-from") a.keep_from = parse_u64(value("--keep-from"), "--keep-from");
+    else if (!s.empty() && s[0] == '-') throw UsageError("checkpoint: unknown option '" + s + "'");
+    else pos.push_back(s);
+  }
+  if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
+  a.sub = pos[0];
+  if (pos.size() < 2) throw UsageError("checkpoint " + a.sub + ": missing MODEL (see livetrain checkpoint --help)");
+  a.model = pos[1];
+  if (pos.size() >= 3) a.generation = parse_u64(pos[2], "GEN");
+  if (pos.size() > 3) throw UsageError("checkpoint " + a.sub + ": unexpected argument '" + pos[3] + "'");
+  return a;
+}
+
+// The live weights behind a manifest, as host tensors (the shm path; CUDA weights are not reachable here).
+struct Live {
+  std::shared_ptr<sharing::Attachment> attachment;
+  std::vector<ckpt::LiveTensor> tensors;
+};
+
+Live attach(const std::string& manifest) {
+  Live l;
+  l.attachment = sharing::Attachment::open(manifest);
+  for (const auto& v : l.attachment->views()) {
+    if (v.device >= 0) {
+      throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name +
+                                               "\" is in GPU memory; the CLI checkpoints host (shared-memory) weights only");
+    }
+    if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
+      throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
+    }
+    l.tensors.push_back(ckpt::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data});
+  }
+  return l;
+}
+
+ckpt::Progress progress(const Args& a) {
+  if (a.quiet) return {};
+  return [](std::string_view what, uint64_t done, uint64_t total) {
+    std::fprintf(stderr, "checkpoint: %.*s %llu/%llu\n", static_cast<int>(what.size()), what.data(),
+                 static_cast<unsigned long long>(done), static_cast<unsigned long long>(total));
+  };
+}
+
+std::string store_dir(const Args& a) { return a.store.empty() ? ckpt::default_store_dir(a.model) : a.store; }
+
+json::Value generation_json(const ckpt::Generation& g) {
+  json::Value o = json::Value::object();
+  o.set("generation", json::Value::unsigned_integer(g.generation));
+  o.set("parent", json::Value::unsigned_integer(g.parent));
+  o.set("time_ms", json::Value::number_text(std::to_string(g.time_ms)));
+  o.set("weight_version", json::Value::unsigned_integer(g.weight_version));
+  o.set("bytes", json::Value::unsigned_integer(g.bytes));
+  o.set("changed", json::Value::unsigned_integer(g.changed));
+  o.set("optimizer_state", g.optimizer_state.empty() ? json::Value::null() : json::Value::string(g.optimizer_state));
+  return o;
+}
+
+void print_json(const json::Value& v) {
+  std::fputs(v.dump_pretty().c_str(), stdout);
+  std::fputs("\n", stdout);
+}
+
+int run_list(const Args& a) {
+  ckpt::Commit c = ckpt::commit_read(store_dir(a));
+  if (a.as_json) {
+    json::Value root = json::Value::object();
+    root.set("store", json::Value::string(store_dir(a)));
+    root.set("head", json::Value::unsigned_integer(c.head));
+    root.set("oldest", json::Value::unsigned_integer(c.oldest));
+    root.set("materialized", json::Value::unsigned_integer(c.materialized));
+    json::Value gens = json::Value::array();
+    for (const auto& g : c.generations) gens.push(generation_json(g));
+    root.set("generations", std::move(gens));
+    print_json(root);
+    return 0;
+  }
+  std::printf("store %s: generations %llu..%llu, head %llu, model files at %llu\n", store_dir(a).c_str(),
+              static_cast<unsigned long long>(c.oldest), static_cast<unsigned long long>(c.head),
+              static_cast<unsigned long long>(c.head), static_cast<unsigned long long>(c.materialized));
+  std::printf("%10s  %-19s  %14s  %12s  %10s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes");
+  for (const auto& g : c.generations) {
+    std::time_t t = static_cast<std::time_t>(g.time_ms / 1000);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
+    std::printf("%10llu  %-19s  %14llu  %12llu  %10s%s%s\n", static_cast<unsigned long long>(g.generation), buf,
+                static_cast<unsigned long long>(g.weight_version), static_cast<unsigned long long>(g.changed),
+                human_bytes(g.bytes).c_str(), g.generation == c.head ? "  head" : "",
+                g.generation == c.materialized ? "  materialized" : "");
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_checkpoint(const std::vector<std::string>& args) {
+  for (const auto& s : args) {
+    if (s == "-h" || s == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+  }
+  Args a = parse(args);
+  if (a.sub == "list") return run_list(a);
+  json::Value out = json::Value::object();
+  std::string text;
+  if (a.sub == "save") {
+    if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
+    Live live = attach(a.manifest);
+    ckpt::Store s = fs::exists(fs::join(store_dir(a), std::string(ckpt::kCommitFileName)))
+                        ? ckpt::Store::open(a.model, a.store, progress(a))
+                        : ckpt::Store::create(a.model, a.store);
+    ckpt::SaveOptions o;
+    o.weight_version = a.weight_version.value_or(0);
+    o.optimizer_state = a.optimizer_state;
+    o.progress = progress(a);
+    ckpt::SaveResult r = s.save(live.tensors, o);
+    out.set("written", json::Value::boolean(r.written));
+    out.set("generation", json::Value::unsigned_integer(r.generation));
+    out.set("bytes", json::Value::unsigned_integer(r.bytes));
+    out.set("changed", json::Value::unsigned_integer(r.changed));
+    out.set("elements", json::Value::unsigned_integer(r.elements));
+    out.set("model_bytes", json::Value::unsigned_integer(r.model_bytes));
+    text = r.written ? "saved generation " + std::to_string(r.generation) + ": " + std::to_string(r.changed) + " of " +
+                           std::to_string(r.elements) + " elements changed, " + human_bytes(r.bytes) + " written"
+                     : "nothing changed since generation " + std::to_string(r.generation) + "; nothing written";
+  } else if (a.sub == "restore") {
+    if (!a.generation) throw UsageError("checkpoint restore: missing GEN");
+    if (a.manifest.empty() == a.out.empty()) throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
+    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    if (!a.manifest.empty()) {
+      Live live = attach(a.manifest);
+      s.restore_live(*a.generation, live.tensors);
+      text = "live weights set to generation " + std::to_string(*a.generation);
+    } else {
+      s.restore_to_dir(*a.generation, a.out);
+      text = "generation " + std::to_string(*a.generation) + " written to " + a.out;
+      out.set("out", json::Value::string(a.out));
+    }
+    out.set("generation", json::Value::unsigned_integer(*a.generation));
+  } else if (a.sub == "verify") {
+    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    std::vector<std::string> problems = s.verify(progress(a));
+    json::Value list = json::Value::array();
+    for (const auto& p : problems) list.push(json::Value::string(p));
+    out.set("problems", std::move(list));
+    bool ok = problems.empty();
+    text = ok ? "store OK: generations " + std::to_string(s.commit().oldest) + ".." + std::to_string(s.commit().head)
+              : "store has " + std::to_string(problems.size()) + " problem(s): " + problems.front();
+    if (!a.manifest.empty()) {
+      Live live = attach(a.manifest);
+      uint64_t g = a.generation.value_or(s.commit().head);
+      ckpt::LiveDiff d = s.compare_live(g, live.tensors);
+      out.set("generation", json::Value::unsigned_integer(g));
+      out.set("live_equal", json::Value::boolean(d.tensors == 0));
+      out.set("differing_tensors", json::Value::unsigned_integer(d.tensors));
+      out.set("differing_elements", json::Value::unsigned_integer(d.elements));
+      text += d.tensors == 0 ? "; live weights equal generation " + std::to_string(g)
+                             : "; live weights differ from generation " + std::to_string(g) + " in " +
+                                   std::to_string(d.elements) + " elements of " + std::to_string(d.tensors) +
+                                   " tensors (first: " + d.first + ")";
+      ok = ok && d.tensors == 0;
+    }
+    out.set("ok", json::Value::boolean(ok));
+    if (a.as_json) print_json(out);
+    else std::printf("%s\n", text.c_str());
+    return ok ? 0 : 1;
+  } else if (a.sub == "materialize") {
+    if (!a.generation) throw UsageError("checkpoint materialize: missing GEN");
+    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    s.materialize(*a.generation, a.copy_symlinks, progress(a));
+    out.set("materialized", json::Value::unsigned_integer(*a.generation));
+    text = "model files now hold generation " + std::to_string(*a.generation);
+  } else if (a.sub == "gc") {
+    if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
+    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    s.gc(*a.keep_from, progress(a));
+    out.set("oldest", json::Value::unsigned_integer(s.commit().oldest));
+    text = "generations before " + std::to_string(*a.keep_from) + " removed";
+  } else {
+    throw UsageError("checkpoint: unknown subcommand '" + a.sub + "' (see livetrain checkpoint --help)");
+  }
+  if (a.as_json) print_json(out);
+  else std::printf("%s\n", text.c_str());
+  return 0;
+}
+
+}  // namespace livetrain::cli

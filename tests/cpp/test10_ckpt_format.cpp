@@ -1,0 +1,154 @@
+// The checkpoint formats: XXH64 against published vectors, golden bytes of a delta record and file, the
+// codec's round trip (gaps and bitmap), and clear errors for corrupt or truncated deltas.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "livetrain/ckpt.hpp"
+#include "livetrain/error.hpp"
+
+namespace ckpt = livetrain::ckpt;
+using livetrain::DType;
+using livetrain::Error;
+
+namespace {
+
+std::string hex(const std::string& s) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out += d[c >> 4];
+    out += d[c & 15];
+  }
+  return out;
+}
+
+std::vector<uint8_t> apply_all(const std::string& file, std::vector<uint8_t> buf) {
+  ckpt::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
+                    [&](const ckpt::DeltaRecord& r) { ckpt::apply_record(r, buf.data(), "t.delta"); });
+  return buf;
+}
+
+std::string make_file(const std::string& records, uint32_t count) {
+  std::string f = ckpt::delta_file_header(3, 2, count) + records;
+  uint64_t sum = ckpt::xxh64(f.data(), f.size());
+  f.append(reinterpret_cast<const char*>(&sum), 8);
+  return f;
+}
+
+}  // namespace
+
+TEST(CkptHash, Xxh64MatchesPublishedVectors) {
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64("", 0)), "ef46db3751d8e999");
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64("a", 1)), "d24ec4f1a98c6e5b");
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64("abc", 3)), "44bc2cf5ad770999");
+  std::string s = "Nobody inspects the spammish repetition";
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64(s.data(), s.size())), "fbcea83c8a378bf1");
+}
+
+TEST(CkptHash, ContentHashIsXxh64OfBlockHashes) {
+  std::vector<uint8_t> data(3 * 4096 + 5);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i * 7);
+  std::vector<uint64_t> blocks;
+  for (size_t off = 0; off < data.size(); off += 4096) blocks.push_back(ckpt::xxh64(data.data() + off, std::min<size_t>(4096, data.size() - off)));
+  EXPECT_EQ(ckpt::content_hash(data.data(), data.size()), ckpt::xxh64(blocks.data(), blocks.size() * 8));
+  EXPECT_EQ(ckpt::content_hash(nullptr, 0), ckpt::xxh64("", 0));
+}
+
+// Pins the record and file layout of docs/checkpoint.md byte by byte.
+TEST(CkptDelta, GoldenBytes) {
+  std::vector<uint16_t> old(10, 0x3f80), now = old;
+  now[1] = 0x3f81;
+  now[7] = 0xbf80;
+  std::string rec;
+  uint64_t changed = ckpt::encode_record(rec, "w", DType::kBF16, 10, reinterpret_cast<const uint8_t*>(old.data()),
+                                         reinterpret_cast<const uint8_t*>(now.data()));
+  EXPECT_EQ(changed, 2u);
+  EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
+            "01000000" "77"              // name
+            "0e" "02" "00" "00"          // BF16, unit 2, gaps, reserved
+            "0a00000000000000"           // units
+            "0200000000000000"           // changed
+            "0200000000000000" "01" "05" // positions: 1, then 7-1-1
+            "0100" "0080");              // XOR values
+  uint64_t sum = ckpt::xxh64(rec.data(), rec.size() - 8);
+  EXPECT_EQ(rec.substr(rec.size() - 8), std::string(reinterpret_cast<const char*>(&sum), 8));
+  std::string file = make_file(rec, 1);
+  EXPECT_EQ(hex(file.substr(0, 32)), "4c54434b444c5431" "01000000" "01000000" "0300000000000000" "0200000000000000");
+  EXPECT_EQ(file.size(), 32 + rec.size() + 8);
+  // The whole file, pinned: any change to the encoding changes this.
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64(file.data(), file.size())), "99edb73a3ff46909");
+}
+
+TEST(CkptDelta, BitmapWhenDenseAndRoundTrip) {
+  std::mt19937_64 rng(1);
+  for (double frac : {0.0005, 0.01, 0.3, 1.0}) {
+    for (uint64_t units : {1ull, 7ull, 1000ull, 4099ull}) {
+      std::vector<uint8_t> old(units * 2), now;
+      for (auto& b : old) b = static_cast<uint8_t>(rng());
+      now = old;
+      std::uniform_real_distribution<double> u(0, 1);
+      for (uint64_t i = 0; i < units; ++i) if (u(rng) < frac) now[2 * i + (rng() & 1)] ^= 0x10;
+      std::string rec;
+      uint64_t c = ckpt::encode_record(rec, "t", DType::kBF16, units, old.data(), now.data());
+      if (c == 0) {
+        EXPECT_TRUE(rec.empty());
+        continue;
+      }
+      std::string file = make_file(rec, 1);
+      EXPECT_EQ(apply_all(file, old), now) << frac << " " << units;
+      EXPECT_EQ(apply_all(file, now), old) << "XOR deltas are self-inverse";
+      // Position bytes never exceed the bitmap's size.
+      EXPECT_LE(rec.size(), 4 + 1 + 4 + 24 + (units + 7) / 8 + c * 2 + 8);
+      if (frac == 1.0 && units > 100) {
+        EXPECT_EQ(rec[7], 1) << "dense changes use the bitmap";
+      }
+    }
+  }
+}
+
+TEST(CkptDelta, OtherElementSizes) {
+  for (DType dt : {DType::kU8, DType::kF32, DType::kF64, DType::kF4}) {
+    uint32_t unit = ckpt::unit_bytes(dt);
+    std::vector<uint8_t> old(33 * unit, 1), now = old;
+    now[5 * unit + unit - 1] = 9;
+    now[32 * unit] = 3;
+    std::string rec;
+    EXPECT_EQ(ckpt::encode_record(rec, "t", dt, 33, old.data(), now.data()), 2u);
+    EXPECT_EQ(apply_all(make_file(rec, 1), old), now);
+  }
+}
+
+TEST(CkptDelta, CorruptAndTruncatedAreClearErrors) {
+  std::vector<uint16_t> old(100, 1), now = old;
+  now[50] = 2;
+  std::string rec;
+  ckpt::encode_record(rec, "w", DType::kBF16, 100, reinterpret_cast<const uint8_t*>(old.data()),
+                      reinterpret_cast<const uint8_t*>(now.data()));
+  std::string file = make_file(rec, 1);
+  auto parse = [](const std::string& f) {
+    ckpt::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "g.delta", [](const ckpt::DeltaRecord&) {});
+  };
+  auto expect_error = [&](const std::string& f, const std::string& needle) {
+    try {
+      parse(f);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("g.delta"), std::string::npos) << e.what();
+    }
+  };
+  for (size_t cut : {0ul, 10ul, 39ul, file.size() - 1}) expect_error(file.substr(0, cut), cut < 40 ? "truncated" : "checksum");
+  std::string flipped = file;
+  flipped[40] ^= 1;
+  expect_error(flipped, "checksum");
+  std::string magic = file;
+  magic[0] = 'X';
+  expect_error(magic, "bad magic");
+  // A record whose own checksum is wrong but the file checksum recomputed: the record is named.
+  std::string bad_rec = rec;
+  bad_rec[bad_rec.size() - 9] ^= 1;
+  expect_error(make_file(bad_rec, 1), "record 0 (w): record checksum mismatch");
+  // More records announced than present.
+  expect_error(make_file(rec, 2), "record 1: truncated");
+}
