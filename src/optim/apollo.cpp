@@ -1,6 +1,7 @@
 // APOLLO / APOLLO-Mini step on the CPU: the reference implementation of src/optim/apollo.cu, multithreaded.
-// Stages (docs/optim.md): project G onto P (Eq. 3), update the low-rank moments (Eq. 4–5), scaling factor
-// per channel or tensor (Eq. 6–7), norm-growth limiter, in-place update of W with stochastic rounding.
+// Stages (docs/optim.md, steps 1–7 of the paper's Algorithm 1): project G onto P, update the low-rank
+// moments, scaling factor per channel or tensor, norm-growth limiter, in-place update of W with stochastic
+// rounding.
 #include <atomic>
 #include <cmath>
 #include <vector>

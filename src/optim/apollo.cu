@@ -1,4 +1,4 @@
-// APOLLO / APOLLO-Mini step on CUDA, the same function as src/optim/apollo.cpp (docs/optim.md, Eq. 3–7).
+// APOLLO / APOLLO-Mini step on CUDA, the same function as src/optim/apollo.cpp (docs/optim.md).
 //
 // Stages, all on the caller's stream, none waiting for the host:
 //   1. generate P from (seed, step / gap)                                   [rank × min(m, n)] floats
@@ -373,7 +373,7 @@ __device__ void project_wide_body(const Item& it, int block, int nblocks) {
   if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
 }
 
-// ---- stage 3: moments (Eq. 4–5), R̃ = M/(√V+ε), per-channel (or tensor) scaling factor (Eq. 6–7) and
+// ---- stage 3: moments, R̃ = M/(√V+ε), per-channel (or tensor) scaling factor (docs/optim.md steps 3–5) and
 // ‖U‖; the last block applies the limiter and writes the step's scalars and status. Warp per channel
 // when rank > 1. ----
 __device__ void moments_body(const Item& it, int block, int nblocks) {
