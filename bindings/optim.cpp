@@ -30,6 +30,29 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// An ApolloStep from addresses and sizes; the workspace is set by the caller.
+optim::ApolloStep apollo_step_of(uintptr_t weight, const std::string& weight_dtype, int64_t ld_weight, uintptr_t grad,
+                                 const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m,
+                                 uintptr_t v, uintptr_t prev, uintptr_t status, uintptr_t step, uint64_t seed,
+                                 const optim::ApolloHyper& h) {
+  optim::ApolloStep s;
+  s.weight = ptr<void>(weight);
+  s.weight_dtype = parse_dtype(weight_dtype);
+  s.ld_weight = ld_weight;
+  s.grad = ptr<const void>(grad);
+  s.grad_dtype = parse_dtype(grad_dtype);
+  s.rows = rows;
+  s.cols = cols;
+  s.m = ptr<float>(m);
+  s.v = ptr<float>(v);
+  s.prev_norm = ptr<float>(prev);
+  s.status = ptr<int32_t>(status);
+  s.step = ptr<uint64_t>(step);
+  s.seed = seed;
+  s.hyper = h;
+  return s;
+}
+
 }  // namespace
 
 void init_optim(nb::module_& m) {
@@ -72,22 +95,9 @@ void init_optim(nb::module_& m) {
          const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m_, uintptr_t v_, uintptr_t prev,
          uintptr_t status, uintptr_t step, uint64_t seed, uintptr_t workspace, const optim::ApolloHyper& h,
          bool cuda, uintptr_t stream) {
-        optim::ApolloStep s;
-        s.weight = ptr<void>(weight);
-        s.weight_dtype = parse_dtype(weight_dtype);
-        s.ld_weight = ld_weight;
-        s.grad = ptr<const void>(grad);
-        s.grad_dtype = parse_dtype(grad_dtype);
-        s.rows = rows;
-        s.cols = cols;
-        s.m = ptr<float>(m_);
-        s.v = ptr<float>(v_);
-        s.prev_norm = ptr<float>(prev);
-        s.status = ptr<int32_t>(status);
-        s.step = ptr<uint64_t>(step);
-        s.seed = seed;
+        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_, prev,
+                                             status, step, seed, h);
         s.workspace = ptr<void>(workspace);
-        s.hyper = h;
         nb::gil_scoped_release release;
         if (cuda) optim::apollo_step_cuda(s, reinterpret_cast<void*>(stream));
         else optim::apollo_step_cpu(s);
@@ -103,21 +113,7 @@ void init_optim(nb::module_& m) {
         std::vector<optim::ApolloStep> steps(items.size());
         for (size_t i = 0; i < items.size(); ++i) {
           const auto& [weight, wdt, ld, gdt, rows, cols, m_, v_, prev, status, step, seed, h] = items[i];
-          optim::ApolloStep& s = steps[i];
-          s.weight = ptr<void>(weight);
-          s.weight_dtype = parse_dtype(wdt);
-          s.ld_weight = ld;
-          s.grad = ptr<const void>(grads[i]);
-          s.grad_dtype = parse_dtype(gdt);
-          s.rows = rows;
-          s.cols = cols;
-          s.m = ptr<float>(m_);
-          s.v = ptr<float>(v_);
-          s.prev_norm = ptr<float>(prev);
-          s.status = ptr<int32_t>(status);
-          s.step = ptr<uint64_t>(step);
-          s.seed = seed;
-          s.hyper = *h;
+          steps[i] = apollo_step_of(weight, wdt, ld, grads[i], gdt, rows, cols, m_, v_, prev, status, step, seed, *h);
         }
         nb::gil_scoped_release release;
         optim::apollo_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace),

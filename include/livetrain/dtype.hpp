@@ -1,9 +1,11 @@
-// Element types, named as safetensors names them, with their sizes in bits.
+// Element types, named as safetensors names them, with their sizes in bits; and how shapes print.
 #pragma once
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <vector>
 
 namespace livetrain {
 
@@ -40,5 +42,8 @@ std::string_view dtype_name(DType dtype);
 std::optional<DType> dtype_from_name(std::string_view name);
 // Size of one element in bits (4 for F4, 6 for the F6 types, 8 × bytes for the rest).
 uint32_t dtype_bits(DType dtype);
+
+// "[d0, d1, ...]", as error messages and the CLI print shapes.
+std::string shape_string(const std::vector<uint64_t>& shape);
 
 }  // namespace livetrain

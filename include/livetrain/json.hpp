@@ -94,4 +94,7 @@ bool is_valid_utf8(std::string_view bytes, size_t* bad_offset = nullptr);
 // Appends `s` as a JSON string literal (with quotes) to `out`.
 void append_quoted(std::string& out, std::string_view s);
 
+// `s` as a JSON string literal: how error messages quote names from outside (escapes included).
+std::string quoted(std::string_view s);
+
 }  // namespace livetrain::json

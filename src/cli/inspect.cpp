@@ -27,15 +27,6 @@ constexpr const char* kInspectUsage =
     "  --json            print one JSON object: path, sharded, files [{name, bytes, tensors, metadata}],\n"
     "                    tensors [{name, dtype, shape, bytes, file, offset}], total_bytes\n";
 
-std::string shape_text(const std::vector<uint64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 }  // namespace
 
 std::string human_bytes(unsigned long long bytes) {
@@ -117,7 +108,7 @@ int run_inspect(const std::vector<std::string>& args) {
   size_t name_w = 4, shape_w = 5;
   for (const std::string& name : names) {
     name_w = std::max(name_w, name.size());
-    shape_w = std::max(shape_w, shape_text(model.tensor(name).info->shape).size());
+    shape_w = std::max(shape_w, shape_string(model.tensor(name).info->shape).size());
   }
   std::printf("%-*s  %-11s  %-*s  %14s  %s\n", static_cast<int>(name_w), "name", "dtype",
               static_cast<int>(shape_w), "shape", "bytes", "file");
@@ -127,7 +118,7 @@ int run_inspect(const std::vector<std::string>& args) {
     std::string dt(dtype_name(e.info->dtype));
     by_dtype[dt] += e.info->nbytes();
     std::printf("%-*s  %-11s  %-*s  %14llu  %s\n", static_cast<int>(name_w), name.c_str(), dt.c_str(),
-                static_cast<int>(shape_w), shape_text(e.info->shape).c_str(),
+                static_cast<int>(shape_w), shape_string(e.info->shape).c_str(),
                 static_cast<unsigned long long>(e.info->nbytes()), short_name(e.file->path()).c_str());
   }
   unsigned long long numel = 0;

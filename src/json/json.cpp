@@ -148,6 +148,12 @@ void append_quoted(std::string& out, std::string_view s) {
   out.push_back('"');
 }
 
+std::string quoted(std::string_view s) {
+  std::string out;
+  append_quoted(out, s);
+  return out;
+}
+
 void Value::dump_to(std::string& out) const {
   switch (type_) {
     case Type::kNull: out += "null"; break;

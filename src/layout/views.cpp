@@ -13,12 +13,6 @@ namespace livetrain::layout {
 
 namespace {
 
-std::string shape_text(const std::vector<uint64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 // The other naming schemes seen in practice, tried when the implied one does not match the engine.
 const Prefixes kKnownPrefixes[] = {
     {"model.", ""},
@@ -67,8 +61,8 @@ Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_
     }
     if (it->second->shape != et.shape) {
       throw Error(ErrorCode::kInvalidArg,
-                  "layout: engine tensor \"" + et.name + "\" has shape " + shape_text(it->second->shape) +
-                      ", the config implies " + shape_text(et.shape) + " (" + engine_name(options.engine) +
+                  "layout: engine tensor \"" + et.name + "\" has shape " + shape_string(it->second->shape) +
+                      ", the config implies " + shape_string(et.shape) + " (" + engine_name(options.engine) +
                       ", tp rank " + std::to_string(options.tp_rank) + " of " + std::to_string(options.tp_size) +
                       ")");
     }

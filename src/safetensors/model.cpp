@@ -11,12 +11,6 @@ namespace livetrain::safetensors {
 
 namespace {
 
-std::string quote(std::string_view s) {
-  std::string out;
-  json::append_quoted(out, s);
-  return out;
-}
-
 // A shard named by an index must be a plain file name inside the model directory.
 bool is_plain_file_name(std::string_view name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string_view::npos &&
@@ -54,12 +48,12 @@ Model Model::open(const std::string& path) {
     throw Error(ErrorCode::kFormat, index_path + ": missing object \"weight_map\"");
   }
   if (auto dup = weight_map->find_duplicate_key()) {
-    throw Error(ErrorCode::kFormat, index_path + ": weight_map lists tensor " + quote(*dup) + " twice");
+    throw Error(ErrorCode::kFormat, index_path + ": weight_map lists tensor " + json::quoted(*dup) + " twice");
   }
   std::unordered_map<std::string, File*> by_name;
   for (const auto& [tensor, file] : weight_map->members()) {
     if (!file.is_string() || !is_plain_file_name(file.as_string())) {
-      throw Error(ErrorCode::kFormat, index_path + ": weight_map entry for tensor " + quote(tensor) +
+      throw Error(ErrorCode::kFormat, index_path + ": weight_map entry for tensor " + json::quoted(tensor) +
                                           " is not a file name inside the model directory");
     }
     const std::string& shard_name = file.as_string();
@@ -70,7 +64,7 @@ Model Model::open(const std::string& path) {
     }
     const TensorInfo* info = it->second->find(tensor);
     if (!info) {
-      throw Error(ErrorCode::kFormat, index_path + ": tensor " + quote(tensor) + " is mapped to " + shard_name +
+      throw Error(ErrorCode::kFormat, index_path + ": tensor " + json::quoted(tensor) + " is mapped to " + shard_name +
                                           ", which does not contain it");
     }
     m.entries_.emplace(tensor, Entry{it->second, info});
@@ -93,7 +87,7 @@ const Model::Entry* Model::find(std::string_view name) const {
 
 const Model::Entry& Model::tensor(std::string_view name) const {
   const Entry* e = find(name);
-  if (!e) throw Error(ErrorCode::kNotFound, path_ + ": no tensor " + quote(name));
+  if (!e) throw Error(ErrorCode::kNotFound, path_ + ": no tensor " + json::quoted(name));
   return *e;
 }
 

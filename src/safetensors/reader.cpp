@@ -11,12 +11,6 @@ namespace livetrain::safetensors {
 
 namespace {
 
-std::string quote(std::string_view s) {
-  std::string out;
-  json::append_quoted(out, s);
-  return out;
-}
-
 [[noreturn]] void fail(std::string_view file, const std::string& message,
                        ErrorCode code = ErrorCode::kFormat) {
   throw Error(code, std::string(file) + ": " + message);
@@ -24,23 +18,14 @@ std::string quote(std::string_view s) {
 
 [[noreturn]] void fail_tensor(std::string_view file, std::string_view tensor, const std::string& message,
                               ErrorCode code = ErrorCode::kFormat) {
-  fail(file, "tensor " + quote(tensor) + ": " + message, code);
+  fail(file, "tensor " + json::quoted(tensor) + ": " + message, code);
 }
 
 bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
-std::string shape_text(const std::vector<uint64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 TensorInfo parse_tensor(std::string_view file, const std::string& name, const json::Value& v) {
   if (!v.is_object()) fail_tensor(file, name, std::string("expected an object, found ") + json::type_name(v.type()));
-  if (auto dup = v.find_duplicate_key()) fail_tensor(file, name, "field " + quote(*dup) + " appears twice");
+  if (auto dup = v.find_duplicate_key()) fail_tensor(file, name, "field " + json::quoted(*dup) + " appears twice");
   TensorInfo info;
   info.name = name;
 
@@ -48,7 +33,7 @@ TensorInfo parse_tensor(std::string_view file, const std::string& name, const js
   if (!dtype) fail_tensor(file, name, "missing field \"dtype\"");
   if (!dtype->is_string()) fail_tensor(file, name, "field \"dtype\" is not a string");
   auto dt = dtype_from_name(dtype->as_string());
-  if (!dt) fail_tensor(file, name, "unknown dtype " + quote(dtype->as_string()));
+  if (!dt) fail_tensor(file, name, "unknown dtype " + json::quoted(dtype->as_string()));
   info.dtype = *dt;
 
   const json::Value* shape = v.find("shape");
@@ -80,7 +65,7 @@ TensorInfo parse_tensor(std::string_view file, const std::string& name, const js
 uint64_t TensorInfo::numel() const {
   uint64_t n = 1;
   for (uint64_t d : shape) {
-    if (!checked_mul(n, d, &n)) throw Error(ErrorCode::kOverflow, "tensor " + quote(name) + ": shape overflows");
+    if (!checked_mul(n, d, &n)) throw Error(ErrorCode::kOverflow, "tensor " + json::quoted(name) + ": shape overflows");
   }
   return n;
 }
@@ -108,7 +93,7 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
 
   json::Value root = json::parse(text, std::string(file_name) + ": header");
   if (!root.is_object()) fail(file_name, "header is not a JSON object");
-  if (auto dup = root.find_duplicate_key()) fail(file_name, "header lists " + quote(*dup) + " twice");
+  if (auto dup = root.find_duplicate_key()) fail(file_name, "header lists " + json::quoted(*dup) + " twice");
 
   Header h;
   h.header_size = n;
@@ -116,11 +101,11 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
     if (key == "__metadata__") {
       if (value.is_null()) continue;
       if (!value.is_object()) fail(file_name, "__metadata__ is not an object of strings");
-      if (auto dup = value.find_duplicate_key()) fail(file_name, "__metadata__ lists " + quote(*dup) + " twice");
+      if (auto dup = value.find_duplicate_key()) fail(file_name, "__metadata__ lists " + json::quoted(*dup) + " twice");
       Metadata md;
       for (const auto& [mk, mv] : value.members()) {
         if (!mv.is_string()) {
-          fail(file_name, "__metadata__ value of " + quote(mk) + " is a " + json::type_name(mv.type()) +
+          fail(file_name, "__metadata__ value of " + json::quoted(mk) + " is a " + json::type_name(mv.type()) +
                               ", not a string");
         }
         md.emplace_back(mk, mv.as_string());
@@ -145,20 +130,20 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
     uint64_t numel = 1, bits = 0;
     for (uint64_t d : t.shape) {
       if (!checked_mul(numel, d, &numel)) {
-        fail_tensor(file_name, t.name, "shape " + shape_text(t.shape) + " overflows 64 bits", ErrorCode::kOverflow);
+        fail_tensor(file_name, t.name, "shape " + shape_string(t.shape) + " overflows 64 bits", ErrorCode::kOverflow);
       }
     }
     if (!checked_mul(numel, dtype_bits(t.dtype), &bits)) {
-      fail_tensor(file_name, t.name, "size of shape " + shape_text(t.shape) + " overflows 64 bits", ErrorCode::kOverflow);
+      fail_tensor(file_name, t.name, "size of shape " + shape_string(t.shape) + " overflows 64 bits", ErrorCode::kOverflow);
     }
     if (bits % 8 != 0) {
-      fail_tensor(file_name, t.name, "shape " + shape_text(t.shape) + " of sub-byte dtype " +
+      fail_tensor(file_name, t.name, "shape " + shape_string(t.shape) + " of sub-byte dtype " +
                                          std::string(dtype_name(t.dtype)) + " does not end on a byte boundary");
     }
     if (bits / 8 != t.end - t.begin) {
       fail_tensor(file_name, t.name, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
                                          "] hold " + std::to_string(t.end - t.begin) + " bytes but dtype " +
-                                         std::string(dtype_name(t.dtype)) + " shape " + shape_text(t.shape) +
+                                         std::string(dtype_name(t.dtype)) + " shape " + shape_string(t.shape) +
                                          " needs " + std::to_string(bits / 8));
     }
   }
@@ -182,7 +167,7 @@ File File::open(const std::string& path) {
 
 const TensorInfo& File::tensor(std::string_view name) const {
   const TensorInfo* t = find(name);
-  if (!t) throw Error(ErrorCode::kNotFound, path() + ": no tensor " + quote(name));
+  if (!t) throw Error(ErrorCode::kNotFound, path() + ": no tensor " + json::quoted(name));
   return *t;
 }
 
