@@ -103,6 +103,13 @@ uint32_t unit_bytes(DType dtype);
 uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uint64_t units, const uint8_t* old,
                        const uint8_t* now);
 
+// Appends the record of a diff already computed: `changed` elements, `bitmap` (ceil(units/8) bytes, bit i
+// LSB first set when element i changed, no bits past the end) and `values` (changed × unit bytes, XOR, in
+// position order). Picks gaps or bitmap like encode_record; nothing is appended when changed == 0. The
+// GPU save path encodes delta_diff_cuda's output through this.
+void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
+                         const uint8_t* bitmap, const uint8_t* values);
+
 // A parsed record: views into the delta file's bytes.
 struct DeltaRecord {
   std::string_view name;
@@ -131,6 +138,34 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
 
 // XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Validates positions while decoding.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
+
+// ---- journal codec ----
+
+// One entry of a materialize journal: `length` new bytes for file `file` at `offset`; `bytes` points into
+// the journal's buffer.
+struct JournalEntry {
+  uint32_t file = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  const uint8_t* bytes = nullptr;
+};
+
+struct Journal {
+  uint64_t from = 0;
+  uint64_t to = 0;
+  std::vector<JournalEntry> entries;
+};
+
+// Building a journal: the header (entry count 0), then entries (each append bumps the count in the
+// header), then the checksum trailer.
+std::string journal_header(uint64_t from, uint64_t to);
+void journal_append(std::string& journal, uint32_t file, uint64_t offset, const uint8_t* bytes, uint64_t length);
+void journal_finish(std::string& journal);
+
+// Parses a whole journal held in memory (no file I/O), checking magic, version, every checksum, reserved
+// fields, and that every entry lies inside the model file it names (`file_sizes[file]` bytes). Errors are
+// kFormat naming `what` and the entry index.
+Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, const std::vector<uint64_t>& file_sizes);
 
 // ---- commit record ----
 
