@@ -139,6 +139,66 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
 // XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Validates positions while decoding.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
 
+// ---- the diff of live weights against the last durable state (CPU reference and CUDA) ----
+
+// One tensor to diff: `units` elements of `unit` bytes (1, 2, 4 or 8), compared bit for bit.
+struct DiffTensor {
+  const void* now = nullptr;  // [units × unit] the live weights (device memory for delta_diff_cuda)
+  const void* old = nullptr;  // [units × unit] the last durable bytes (for delta_diff_cuda: device memory,
+                              // or pinned host memory, which the kernel then reads over PCIe)
+  uint64_t units = 0;
+  uint32_t unit = 2;
+};
+
+// Host memory that frees itself (pinned, from cudaMallocHost, when written by delta_diff_cuda).
+struct HostBytes {
+  uint8_t* data = nullptr;
+  size_t size = 0;
+  void (*release)(uint8_t*) = nullptr;
+
+  HostBytes() = default;
+  HostBytes(HostBytes&& o) noexcept : data(o.data), size(o.size), release(o.release) { o.data = nullptr; o.size = 0; }
+  HostBytes& operator=(HostBytes&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data = o.data;
+      size = o.size;
+      release = o.release;
+      o.data = nullptr;
+      o.size = 0;
+    }
+    return *this;
+  }
+  HostBytes(const HostBytes&) = delete;
+  HostBytes& operator=(const HostBytes&) = delete;
+  ~HostBytes() { reset(); }
+  void reset() {
+    if (data && release) release(data);
+    data = nullptr;
+    size = 0;
+  }
+};
+
+// The diff of every tensor, in host memory: only the changed elements' values and the bitmaps travel.
+struct DiffOutput {
+  std::vector<uint64_t> changed;        // [tensors] elements whose bits differ
+  std::vector<uint64_t> bitmap_offset;  // [tensors] into `bitmaps`: ceil(units / 8) bytes, LSB first
+  std::vector<uint64_t> value_offset;   // [tensors] into `values`: changed × unit bytes, now XOR old
+  HostBytes bitmaps;
+  HostBytes values;
+};
+
+// CPU reference (multithreaded over tensors); `now` and `old` are host memory.
+void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out);
+// The same result computed on the current CUDA device: a count pass (per-warp ballots write the bitmap,
+// per-block counts), a prefix sum over the block counts, then a compaction pass that places each
+// changed element's XOR by its rank, and copies of only the bitmaps and the compacted values into pinned
+// host memory. Positions come from the count pass's bitmap, so the record stays self-consistent while
+// the weights are written concurrently (an element changed back in between is recorded with XOR 0,
+// which applies as no change). Synchronizes `stream` (a cudaStream_t) before returning. Throws
+// Error(kUnsupported) in builds without CUDA.
+void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream);
+
 // ---- journal codec ----
 
 // One entry of a materialize journal: `length` new bytes for file `file` at `offset`; `bytes` points into
