@@ -10,5 +10,6 @@ void init_cuda(nanobind::module_& m);
 void init_optim(nanobind::module_& m);
 void init_layout(nanobind::module_& m);
 void init_sharing(nanobind::module_& m);
+void init_ckpt(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

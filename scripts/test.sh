@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every livetrain test on a fresh machine: setup (system packages, .venv, build), the C++ suite
-# (ctest), the header-parser fuzzer for LIVETRAIN_FUZZ_SECONDS (default 60), then the Python suite
+# (ctest), the parser fuzzers for LIVETRAIN_FUZZ_SECONDS in total (default 120), then the Python suite
 # (pytest), whose summary is the last line. GPU tests skip when no GPU is visible.
 set -euo pipefail
 cd "$(dirname "$0")/.."

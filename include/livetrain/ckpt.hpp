@@ -103,6 +103,13 @@ uint32_t unit_bytes(DType dtype);
 uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uint64_t units, const uint8_t* old,
                        const uint8_t* now);
 
+// Appends the record of a diff already computed: `changed` elements, `bitmap` (ceil(units/8) bytes, bit i
+// LSB first set when element i changed, no bits past the end) and `values` (changed × unit bytes, XOR, in
+// position order). Picks gaps or bitmap like encode_record; nothing is appended when changed == 0. The
+// GPU save path encodes delta_diff_cuda's output through this.
+void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
+                         const uint8_t* bitmap, const uint8_t* values);
+
 // A parsed record: views into the delta file's bytes.
 struct DeltaRecord {
   std::string_view name;
@@ -131,6 +138,94 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
 
 // XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Validates positions while decoding.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
+
+// ---- the diff of live weights against the last durable state (CPU reference and CUDA) ----
+
+// One tensor to diff: `units` elements of `unit` bytes (1, 2, 4 or 8), compared bit for bit.
+struct DiffTensor {
+  const void* now = nullptr;  // [units × unit] the live weights (device memory for delta_diff_cuda)
+  const void* old = nullptr;  // [units × unit] the last durable bytes (for delta_diff_cuda: device memory,
+                              // or pinned host memory, which the kernel then reads over PCIe)
+  uint64_t units = 0;
+  uint32_t unit = 2;
+};
+
+// Host memory that frees itself (pinned, from cudaMallocHost, when written by delta_diff_cuda).
+struct HostBytes {
+  uint8_t* data = nullptr;
+  size_t size = 0;
+  void (*release)(uint8_t*) = nullptr;
+
+  HostBytes() = default;
+  HostBytes(HostBytes&& o) noexcept : data(o.data), size(o.size), release(o.release) { o.data = nullptr; o.size = 0; }
+  HostBytes& operator=(HostBytes&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data = o.data;
+      size = o.size;
+      release = o.release;
+      o.data = nullptr;
+      o.size = 0;
+    }
+    return *this;
+  }
+  HostBytes(const HostBytes&) = delete;
+  HostBytes& operator=(const HostBytes&) = delete;
+  ~HostBytes() { reset(); }
+  void reset() {
+    if (data && release) release(data);
+    data = nullptr;
+    size = 0;
+  }
+};
+
+// The diff of every tensor, in host memory: only the changed elements' values and the bitmaps travel.
+struct DiffOutput {
+  std::vector<uint64_t> changed;        // [tensors] elements whose bits differ
+  std::vector<uint64_t> bitmap_offset;  // [tensors] into `bitmaps`: ceil(units / 8) bytes, LSB first
+  std::vector<uint64_t> value_offset;   // [tensors] into `values`: changed × unit bytes, now XOR old
+  HostBytes bitmaps;
+  HostBytes values;
+};
+
+// CPU reference (multithreaded over tensors); `now` and `old` are host memory.
+void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out);
+// The same result computed on the current CUDA device: a count pass (per-warp ballots write the bitmap,
+// per-block counts), a prefix sum over the block counts, then a compaction pass that places each
+// changed element's XOR by its rank, and copies of only the bitmaps and the compacted values into pinned
+// host memory. Positions come from the count pass's bitmap, so the record stays self-consistent while
+// the weights are written concurrently (an element changed back in between is recorded with XOR 0,
+// which applies as no change). Synchronizes `stream` (a cudaStream_t) before returning. Throws
+// Error(kUnsupported) in builds without CUDA.
+void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream);
+
+// ---- journal codec ----
+
+// One entry of a materialize journal: `length` new bytes for file `file` at `offset`; `bytes` points into
+// the journal's buffer.
+struct JournalEntry {
+  uint32_t file = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  const uint8_t* bytes = nullptr;
+};
+
+struct Journal {
+  uint64_t from = 0;
+  uint64_t to = 0;
+  std::vector<JournalEntry> entries;
+};
+
+// Building a journal: the header (entry count 0), then entries (each append bumps the count in the
+// header), then the checksum trailer.
+std::string journal_header(uint64_t from, uint64_t to);
+void journal_append(std::string& journal, uint32_t file, uint64_t offset, const uint8_t* bytes, uint64_t length);
+void journal_finish(std::string& journal);
+
+// Parses a whole journal held in memory (no file I/O), checking magic, version, every checksum, reserved
+// fields, and that every entry lies inside the model file it names (`file_sizes[file]` bytes). Errors are
+// kFormat naming `what` and the entry index.
+Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, const std::vector<uint64_t>& file_sizes);
 
 // ---- commit record ----
 

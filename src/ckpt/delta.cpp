@@ -90,42 +90,23 @@ uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vecto
   return changed;
 }
 
-}  // namespace
-
-uint32_t unit_bytes(DType dtype) {
-  uint32_t bits = dtype_bits(dtype);
-  return bits >= 8 && bits % 8 == 0 ? bits / 8 : 1;  // packed sub-byte types are compared per byte
-}
-
-uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uint64_t units, const uint8_t* old,
-                       const uint8_t* now) {
-  uint32_t unit = unit_bytes(dtype);
-  uint64_t bitmap_bytes = (units + 7) / 8;
-  std::vector<uint8_t> bitmap(bitmap_bytes, 0);
-  std::string values;
-  uint64_t gap_bytes = 0, changed = 0;
-  switch (unit) {
-    case 1: changed = scan<uint8_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 2: changed = scan<uint16_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 4: changed = scan<uint32_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 8: changed = scan<uint64_t>(units, old, now, bitmap, values, gap_bytes); break;
-    default: throw Error(ErrorCode::kUnsupported, "checkpoint: element size " + std::to_string(unit));
-  }
-  if (changed == 0) return 0;
-
+// Appends a record from its parts (bitmap, XOR values, and the size the gap encoding would take).
+void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
+                  const uint8_t* bitmap, const uint8_t* values, uint64_t gap_bytes) {
+  const uint64_t bitmap_bytes = (units + 7) / 8;
   size_t start = out.size();
   put<uint32_t>(out, static_cast<uint32_t>(name.size()));
   out.append(name);
   PositionEncoding enc = bitmap_bytes < gap_bytes ? PositionEncoding::kBitmap : PositionEncoding::kGaps;
   out.push_back(static_cast<char>(dtype));
-  out.push_back(static_cast<char>(unit));
+  out.push_back(static_cast<char>(unit_bytes(dtype)));
   out.push_back(static_cast<char>(enc));
   out.push_back(0);
   put<uint64_t>(out, units);
   put<uint64_t>(out, changed);
   if (enc == PositionEncoding::kBitmap) {
     put<uint64_t>(out, bitmap_bytes);
-    out.append(reinterpret_cast<const char*>(bitmap.data()), bitmap.size());
+    out.append(reinterpret_cast<const char*>(bitmap), bitmap_bytes);
   } else {
     put<uint64_t>(out, gap_bytes);
     size_t pos_start = out.size();
@@ -141,9 +122,50 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
     }
     if (out.size() - pos_start != gap_bytes) throw Error(ErrorCode::kInvalidArg, "checkpoint: gap size mismatch");
   }
-  out.append(values);
+  out.append(reinterpret_cast<const char*>(values), changed * unit_bytes(dtype));
   put<uint64_t>(out, xxh64(out.data() + start, out.size() - start));
+}
+
+}  // namespace
+
+uint32_t unit_bytes(DType dtype) {
+  uint32_t bits = dtype_bits(dtype);
+  return bits >= 8 && bits % 8 == 0 ? bits / 8 : 1;  // packed sub-byte types are compared per byte
+}
+
+uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uint64_t units, const uint8_t* old,
+                       const uint8_t* now) {
+  uint32_t unit = unit_bytes(dtype);
+  std::vector<uint8_t> bitmap((units + 7) / 8, 0);
+  std::string values;
+  uint64_t gap_bytes = 0, changed = 0;
+  switch (unit) {
+    case 1: changed = scan<uint8_t>(units, old, now, bitmap, values, gap_bytes); break;
+    case 2: changed = scan<uint16_t>(units, old, now, bitmap, values, gap_bytes); break;
+    case 4: changed = scan<uint32_t>(units, old, now, bitmap, values, gap_bytes); break;
+    case 8: changed = scan<uint64_t>(units, old, now, bitmap, values, gap_bytes); break;
+    default: throw Error(ErrorCode::kUnsupported, "checkpoint: element size " + std::to_string(unit));
+  }
+  if (changed == 0) return 0;
+  encode_parts(out, name, dtype, units, changed, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()), gap_bytes);
   return changed;
+}
+
+void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
+                         const uint8_t* bitmap, const uint8_t* values) {
+  if (changed == 0) return;
+  // The gap encoding's size, from the bitmap: one more pass over units / 8 bytes.
+  uint64_t gap_bytes = 0, prev = 0, k = 0;
+  for (uint64_t byte = 0; byte < (units + 7) / 8; ++byte) {
+    for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
+      uint64_t i = byte * 8 + static_cast<uint64_t>(std::countr_zero(bits));
+      gap_bytes += varint_size(k == 0 ? i : i - prev - 1);
+      prev = i;
+      ++k;
+    }
+  }
+  if (k != changed) throw Error(ErrorCode::kInvalidArg, "checkpoint: bitmap holds " + std::to_string(k) + " changes, not " + std::to_string(changed));
+  encode_parts(out, name, dtype, units, changed, bitmap, values, gap_bytes);
 }
 
 std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t records) {
@@ -190,6 +212,9 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
     rec.encoding = static_cast<PositionEncoding>(enc);
     if (c.get<uint8_t>("reserved") != 0) throw format_error(what, c.where + "reserved byte is not 0");
     rec.units = c.get<uint64_t>("units");
+    // units × unit is the tensor's byte size, which callers compare with the model's: it must not wrap,
+    // or a crafted record could pass that check and then write far past the buffer.
+    if (rec.units > std::numeric_limits<uint64_t>::max() / rec.unit) throw format_error(what, c.where + "units overflow");
     rec.changed = c.get<uint64_t>("changed");
     if (rec.changed == 0 || rec.changed > rec.units) throw format_error(what, c.where + "bad changed count");
     uint64_t plen = c.get<uint64_t>("positions length");
@@ -218,7 +243,8 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
   const uint8_t* p = reinterpret_cast<const uint8_t*>(rec.positions.data());
   const uint8_t* end = p + rec.positions.size();
   if (rec.encoding == PositionEncoding::kBitmap) {
-    if (rec.positions.size() != (rec.units + 7) / 8) throw Error(ErrorCode::kFormat, where + "bitmap size mismatch");
+    // Not (units + 7) / 8: that wraps for units near 2^64, and an empty bitmap would then pass.
+    if (rec.positions.size() != rec.units / 8 + (rec.units % 8 != 0)) throw Error(ErrorCode::kFormat, where + "bitmap size mismatch");
     // Validate fully before writing, so a bad record changes nothing.
     uint64_t count = 0;
     for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));

@@ -14,11 +14,6 @@ namespace livetrain::ckpt {
 namespace {
 
 template <typename T>
-void put(std::string& out, T v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
-}
-
-template <typename T>
 T get(const uint8_t* p) {
   T v;
   std::memcpy(&v, p, sizeof(T));
@@ -28,13 +23,6 @@ T get(const uint8_t* p) {
 // Byte runs closer than this are merged into one journal entry: an entry costs 32 bytes of framing.
 constexpr uint64_t kMergeGap = 32;
 
-struct Entry {
-  uint32_t file;
-  uint64_t offset;
-  uint64_t length;
-  const uint8_t* bytes;
-};
-
 void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
   if (p) p(what, done, total);
 }
@@ -42,35 +30,16 @@ void report(const Progress& p, std::string_view what, uint64_t done, uint64_t to
 }  // namespace
 
 uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::string& what) {
-  auto bad = [&](const std::string& msg) { return Error(ErrorCode::kFormat, what + ": " + msg); };
-  if (size < 40 || std::memcmp(bytes, kJournalMagic.data(), 8) != 0) throw bad("not a livetrain journal");
-  if (get<uint32_t>(bytes + 8) != kJournalVersion) throw bad("unsupported journal version");
-  if (xxh64(bytes, size - 8) != get<uint64_t>(bytes + size - 8)) throw bad("journal checksum mismatch");
-  uint32_t count = get<uint32_t>(bytes + 12);
-  uint64_t to = get<uint64_t>(bytes + 24);
   // Check every entry before writing anything.
-  std::vector<Entry> entries;
-  size_t pos = 32, end = size - 8;
-  for (uint32_t i = 0; i < count; ++i) {
-    if (end - pos < 24) throw bad("entry " + std::to_string(i) + " truncated");
-    Entry e{get<uint32_t>(bytes + pos), get<uint64_t>(bytes + pos + 8), get<uint64_t>(bytes + pos + 16), nullptr};
-    if (e.file >= commit_.files.size()) throw bad("entry " + std::to_string(i) + ": file index out of range");
-    if (e.length > end - pos - 24 || end - pos - 24 - e.length < 8) throw bad("entry " + std::to_string(i) + " truncated");
-    e.bytes = bytes + pos + 24;
-    if (e.offset > commit_.files[e.file].size || e.length > commit_.files[e.file].size - e.offset) {
-      throw bad("entry " + std::to_string(i) + ": range past the end of " + commit_.files[e.file].name);
-    }
-    if (xxh64(bytes + pos, 24 + e.length) != get<uint64_t>(bytes + pos + 24 + e.length)) {
-      throw bad("entry " + std::to_string(i) + ": checksum mismatch");
-    }
-    pos += 24 + e.length + 8;
-    entries.push_back(e);
-  }
-  if (pos != end) throw bad("trailing bytes after the last entry");
+  std::vector<uint64_t> sizes;
+  for (const auto& f : commit_.files) sizes.push_back(f.size);
+  Journal j = journal_parse(bytes, size, what, sizes);
+  const std::vector<JournalEntry>& entries = j.entries;
+  const uint64_t to = j.to;
 
   std::vector<fs::Fd> fds(commit_.files.size());
   for (size_t i = 0; i < entries.size(); ++i) {
-    const Entry& e = entries[i];
+    const JournalEntry& e = entries[i];
     std::string path = fs::join(model_dir_, commit_.files[e.file].name);
     if (!fds[e.file].valid()) {
       // O_NOFOLLOW: never write through a symlink into a shared cache blob.
@@ -161,11 +130,7 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
     }
   }
   report(progress, "build journal", 0, commit_.tensors.size());
-  std::string journal(kJournalMagic);
-  put<uint32_t>(journal, kJournalVersion);
-  put<uint32_t>(journal, 0);  // entry count, filled in below
-  put<uint64_t>(journal, commit_.materialized);
-  put<uint64_t>(journal, generation);
+  std::string journal = journal_header(commit_.materialized, generation);
   uint32_t count = 0;
   for (size_t i = 0; i < commit_.tensors.size(); ++i) {
     const TensorEntry& t = commit_.tensors[i];
@@ -181,20 +146,12 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
       for (++k; k < t.nbytes && k - last <= kMergeGap; ++k) {
         if (cur[k] != want[k]) last = k;
       }
-      size_t at = journal.size();
-      put<uint32_t>(journal, t.file);
-      put<uint32_t>(journal, 0);
-      put<uint64_t>(journal, t.offset + start);
-      put<uint64_t>(journal, last + 1 - start);
-      journal.append(reinterpret_cast<const char*>(want + start), last + 1 - start);
-      put<uint64_t>(journal, xxh64(journal.data() + at, journal.size() - at));
+      journal_append(journal, t.file, t.offset + start, want + start, last + 1 - start);
       ++count;
       k = last + 1;
     }
   }
-  std::memcpy(journal.data() + 12, &count, 4);
-  uint64_t sum = xxh64(journal.data(), journal.size());
-  put<uint64_t>(journal, sum);
+  journal_finish(journal);
   maps.clear();
 
   std::string jpath = fs::join(dir_, std::string(kJournalFileName));

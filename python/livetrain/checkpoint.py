@@ -1,0 +1,125 @@
+"""The delta checkpoint store for torch tensors: a thin wrapper over ``livetrain._core.CheckpointStore``.
+
+The store itself (format, diff, crash safety) is C++ (docs/checkpoint.md). This module only turns a
+``{name: tensor}`` dict into (name, dtype, shape, address) tuples. The core diffs host memory, so CUDA
+tensors are staged through pinned host copies here (the GPU diff kernel, ``delta_diff_cuda``, is not yet
+wired into the store's save path).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from livetrain import _core
+from livetrain.safetensors import dtype_name
+
+__all__ = ["CheckpointStore"]
+
+
+def _host_views(tensors: Mapping[str, torch.Tensor]):
+    """(core tuples, host tensors, CUDA originals) for a dict of tensors; CUDA ones get a pinned copy."""
+    args, host, cuda = [], {}, {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_contiguous():
+            raise ValueError(f"tensor {name!r} is not contiguous: the store reads its bytes in place")
+        if t.device.type == "cuda":
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t)
+            cuda[name] = t
+            t = h
+        elif t.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {t.device}; the store takes CPU or CUDA tensors")
+        host[name] = t
+        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr()))
+    return args, host, cuda
+
+
+class CheckpointStore:
+    """Generations of a model's weights as XOR deltas against the model directory's safetensors files.
+
+    ``CheckpointStore.create(model_dir)`` makes generation 0 from the files as they are;
+    ``CheckpointStore(model_dir)`` opens an existing store (exclusive: one process at a time).
+    Use as a context manager, or call ``close()``, to release the lock and the host copy of the head.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, _core_store=None):
+        self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""))
+
+    @classmethod
+    def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
+        return cls(model_dir, store_dir, _core_store=_core.CheckpointStore.create(str(model_dir), str(store_dir or "")))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._s.close()
+
+    @property
+    def dir(self) -> str:
+        return self._s.dir
+
+    @property
+    def head(self) -> int:
+        return self._s.head
+
+    @property
+    def oldest(self) -> int:
+        return self._s.oldest
+
+    @property
+    def materialized(self) -> int:
+        return self._s.materialized
+
+    def list(self) -> list[dict]:
+        """The committed generations, oldest first."""
+        return self._s.generations()
+
+    def save(self, tensors: Mapping[str, torch.Tensor], *, weight_version: int = 0,
+             optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False) -> dict:
+        """Commits the elements of ``tensors`` that differ from the head as a new generation.
+
+        Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
+        written when nothing changed (unless ``save_if_unchanged``).
+        """
+        args, _host, _ = _host_views(tensors)  # _host keeps the staged copies alive during the call
+        return self._s.save(args, weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
+                            save_if_unchanged=save_if_unchanged)
+
+    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                out_dir: str | os.PathLike | None = None) -> None:
+        """Sets ``tensors`` (in place) to ``generation``, or writes it as a new model directory ``out_dir``."""
+        if (tensors is None) == (out_dir is None):
+            raise ValueError("restore needs exactly one of tensors= or out_dir=")
+        if out_dir is not None:
+            self._s.restore_to_dir(generation, str(out_dir))
+            return
+        args, host, cuda = _host_views(tensors)
+        self._s.restore_live(generation, args)
+        for name, t in cuda.items():
+            t.copy_(host[name])
+
+    def compare(self, generation: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+        """How ``tensors`` differ from ``generation``: ``{"tensors", "elements", "first"}``."""
+        args, _host, _ = _host_views(tensors)
+        return self._s.compare_live(generation, args)
+
+    def verify(self) -> list[str]:
+        """Checks every delta's checksums and the model files' hashes; the problems found (empty: none)."""
+        return self._s.verify()
+
+    def materialize(self, generation: int, *, copy_symlinks: bool = False) -> None:
+        """Writes ``generation`` into the model directory's own files, crash-safe."""
+        self._s.materialize(generation, copy_symlinks)
+
+    def gc(self, keep_from: int) -> None:
+        """Forgets generations before ``keep_from``."""
+        self._s.gc(keep_from)

@@ -1,0 +1,239 @@
+// The live-weights diff on CUDA (delta_diff_cuda; CPU reference delta_diff_cpu in diff.cpp, same output
+// bytes): a count pass writes the bitmap with warp ballots and one count per block, the host turns the
+// block counts into prefix sums (value offsets), a compaction pass writes each changed element's XOR at
+// its rank, and only the bitmaps and the compacted values are copied to pinned host memory.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "ckpt/diff.hpp"
+#include "cuda/check.hpp"
+#include "livetrain/ckpt.hpp"
+#include "livetrain/error.hpp"
+
+namespace livetrain::ckpt {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Elements per block ("chunk"). A multiple of kThreads, so every warp's 32 elements start at a multiple of
+// 32 within the tensor and its ballot is exactly one 32-bit word of the tensor's bitmap: no two blocks or
+// warps ever write the same word, so no atomics and no memset are needed.
+constexpr uint64_t kChunk = 8192;
+static_assert(kChunk % kThreads == 0);
+
+struct DevTensor {
+  const uint8_t* now;    // [units × unit]
+  const uint8_t* old;    // [units × unit], device or pinned host memory
+  uint64_t units;
+  uint64_t first_chunk;  // global index of the tensor's first chunk
+  uint64_t bitmap_word;  // offset of its bitmap in the bitmap buffer, in 32-bit words
+  uint32_t unit;
+};
+
+// The tensor a chunk belongs to: the last one whose first_chunk <= c (tensors with no elements have no
+// chunk and share first_chunk with the next tensor, which this picks).
+__device__ int find_tensor(const DevTensor* ts, int n, uint64_t c) {
+  int lo = 0, hi = n;  // first index with first_chunk > c is in [lo, hi]
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    if (ts[mid].first_chunk <= c) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo - 1;
+}
+
+template <typename T>
+__device__ __forceinline__ T load(const uint8_t* p, uint64_t i) {
+  return reinterpret_cast<const T*>(p)[i];
+}
+
+__device__ __forceinline__ bool differs(const DevTensor& t, uint64_t i) {
+  switch (t.unit) {
+    case 1: return load<uint8_t>(t.now, i) != load<uint8_t>(t.old, i);
+    case 2: return load<uint16_t>(t.now, i) != load<uint16_t>(t.old, i);
+    case 4: return load<uint32_t>(t.now, i) != load<uint32_t>(t.old, i);
+    default: return load<unsigned long long>(t.now, i) != load<unsigned long long>(t.old, i);
+  }
+}
+
+__device__ __forceinline__ void write_xor(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank) {
+  switch (t.unit) {
+    case 1: reinterpret_cast<uint8_t*>(out)[rank] = load<uint8_t>(t.now, i) ^ load<uint8_t>(t.old, i); break;
+    case 2: reinterpret_cast<uint16_t*>(out)[rank] = load<uint16_t>(t.now, i) ^ load<uint16_t>(t.old, i); break;
+    case 4: reinterpret_cast<uint32_t*>(out)[rank] = load<uint32_t>(t.now, i) ^ load<uint32_t>(t.old, i); break;
+    default:
+      reinterpret_cast<unsigned long long*>(out)[rank] = load<unsigned long long>(t.now, i) ^ load<unsigned long long>(t.old, i);
+  }
+}
+
+// Pass 1, one block per chunk: bitmap words and the chunk's changed count.
+__global__ void __launch_bounds__(kThreads) diff_count_kernel(const DevTensor* __restrict__ ts, int n,
+                                                              uint32_t* __restrict__ bitmap,         // [bitmap words]
+                                                              uint32_t* __restrict__ chunk_counts) {  // [chunks]
+  const uint64_t c = blockIdx.x;
+  const DevTensor t = ts[find_tensor(ts, n, c)];
+  const uint64_t begin = (c - t.first_chunk) * kChunk;
+  const uint64_t end = min(begin + kChunk, t.units);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned count = 0;
+  for (uint64_t i0 = begin; i0 < end; i0 += kThreads) {
+    const uint64_t w0 = i0 + warp * 32;  // this warp's first element, a multiple of 32
+    const uint64_t i = w0 + lane;
+    const unsigned ballot = __ballot_sync(0xFFFFFFFFu, i < end && differs(t, i));
+    if (lane == 0 && w0 < end) {
+      bitmap[t.bitmap_word + w0 / 32] = ballot;  // bit k = element w0 + k: LSB first, as the file format
+      count += __popc(ballot);
+    }
+  }
+  __shared__ unsigned warp_counts[kWarps];
+  if (lane == 0) warp_counts[warp] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned total = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_counts[w];
+    chunk_counts[c] = total;
+  }
+}
+
+// Pass 2, one block per chunk: each changed element (by pass 1's bitmap, not re-evaluated, so the count
+// and the offsets stay exact even if the weights changed in between) writes its XOR at its rank.
+__global__ void __launch_bounds__(kThreads) diff_compact_kernel(const DevTensor* __restrict__ ts, int n,
+                                                                const uint32_t* __restrict__ bitmap,
+                                                                const uint64_t* __restrict__ chunk_offsets,  // [chunks] bytes
+                                                                uint8_t* __restrict__ values) {
+  const uint64_t c = blockIdx.x;
+  const DevTensor t = ts[find_tensor(ts, n, c)];
+  const uint64_t begin = (c - t.first_chunk) * kChunk;
+  const uint64_t end = min(begin + kChunk, t.units);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  uint8_t* out = values + chunk_offsets[c];
+  __shared__ unsigned warp_counts[kWarps];
+  uint64_t written = 0;  // elements this chunk placed in earlier iterations (the same in every thread)
+  for (uint64_t i0 = begin; i0 < end; i0 += kThreads) {
+    const uint64_t w0 = i0 + warp * 32;
+    const unsigned word = w0 < end ? bitmap[t.bitmap_word + w0 / 32] : 0u;
+    if (lane == 0) warp_counts[warp] = __popc(word);
+    __syncthreads();
+    unsigned before = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const unsigned k = warp_counts[w];
+      before += w < warp ? k : 0u;
+      total += k;
+    }
+    if ((word >> lane) & 1u) {
+      const uint64_t rank = written + before + __popc(word & ((1u << lane) - 1u));
+      write_xor(t, w0 + lane, out, rank);
+    }
+    written += total;
+    __syncthreads();  // everyone has read warp_counts before the next iteration overwrites it
+  }
+}
+
+// Device memory owned by scope (cudaFree synchronizes, so a throw with kernels in flight is still safe).
+struct DeviceBuffer {
+  void* p = nullptr;
+  explicit DeviceBuffer(size_t bytes) { LIVETRAIN_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1)); }
+  ~DeviceBuffer() { if (p) cudaFree(p); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <typename T>
+  T* as() const { return static_cast<T*>(p); }
+};
+
+void free_pinned(uint8_t* p) { cudaFreeHost(p); }
+
+HostBytes pinned_alloc(size_t bytes) {
+  HostBytes b;
+  void* p = nullptr;
+  LIVETRAIN_CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 1));
+  b.data = static_cast<uint8_t*>(p);
+  b.size = bytes;
+  b.release = free_pinned;
+  return b;
+}
+
+}  // namespace
+
+void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream_ptr) {
+  delta_diff_check(tensors);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const size_t n = tensors.size();
+  if (n > static_cast<size_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: too many tensors");
+
+  std::vector<DevTensor> table(n);
+  uint64_t chunks = 0, words = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const DiffTensor& t = tensors[i];
+    const auto now = reinterpret_cast<uintptr_t>(t.now), old = reinterpret_cast<uintptr_t>(t.old);
+    if (now % t.unit || old % t.unit) {
+      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is not aligned to its element size " + std::to_string(t.unit));
+    }
+    table[i] = DevTensor{static_cast<const uint8_t*>(t.now), static_cast<const uint8_t*>(t.old), t.units, chunks, words, t.unit};
+    chunks += (t.units + kChunk - 1) / kChunk;
+    words += (t.units + 31) / 32;
+  }
+  if (chunks > static_cast<uint64_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: tensors too large for one launch");
+
+  DeviceBuffer d_table(n * sizeof(DevTensor));
+  DeviceBuffer d_bitmap(words * 4);
+  DeviceBuffer d_counts(chunks * sizeof(uint32_t));
+  DeviceBuffer d_offsets(chunks * sizeof(uint64_t));
+  HostBytes h_counts = pinned_alloc(chunks * sizeof(uint32_t));
+  HostBytes h_offsets = pinned_alloc(chunks * sizeof(uint64_t));
+  HostBytes h_table = pinned_alloc(n * sizeof(DevTensor));
+  std::copy(table.begin(), table.end(), reinterpret_cast<DevTensor*>(h_table.data));
+  LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_table.p, h_table.data, n * sizeof(DevTensor), cudaMemcpyHostToDevice, stream));
+
+  // Pass 1: count.
+  if (chunks) {
+    diff_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_table.as<DevTensor>(), static_cast<int>(n),
+                                                                            d_bitmap.as<uint32_t>(), d_counts.as<uint32_t>());
+    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, stream));
+  }
+  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  // Prefix sums over the block counts, on the host: a few MB for a large model, and it gives the
+  // per-tensor totals the record headers need anyway. Each tensor's values start 8-byte aligned.
+  const auto* counts = reinterpret_cast<const uint32_t*>(h_counts.data);
+  auto* offsets = reinterpret_cast<uint64_t*>(h_offsets.data);
+  out.changed.assign(n, 0);
+  out.bitmap_offset.assign(n, 0);
+  out.value_offset.assign(n, 0);
+  uint64_t value_total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    value_total = (value_total + 7) / 8 * 8;
+    out.value_offset[i] = value_total;
+    out.bitmap_offset[i] = table[i].bitmap_word * 4;
+    const uint64_t last = i + 1 < n ? table[i + 1].first_chunk : chunks;
+    uint64_t changed = 0;
+    for (uint64_t c = table[i].first_chunk; c < last; ++c) {
+      offsets[c] = value_total + changed * tensors[i].unit;
+      changed += counts[c];
+    }
+    out.changed[i] = changed;
+    value_total += changed * tensors[i].unit;
+  }
+
+  // Pass 2: compact, then copy only the delta (bitmaps and changed values) to pinned host memory.
+  DeviceBuffer d_values(value_total);
+  out.bitmaps = pinned_alloc(words * 4);
+  out.values = pinned_alloc(value_total);
+  if (chunks) {
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
+    if (value_total) {
+      diff_compact_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+          d_table.as<DevTensor>(), static_cast<int>(n), d_bitmap.as<uint32_t>(), d_offsets.as<uint64_t>(), d_values.as<uint8_t>());
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.values.data, d_values.p, value_total, cudaMemcpyDeviceToHost, stream));
+    }
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.bitmaps.data, d_bitmap.p, words * 4, cudaMemcpyDeviceToHost, stream));
+  }
+  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+}  // namespace livetrain::ckpt

@@ -1,0 +1,127 @@
+"""livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import livetrain
+from livetrain import safetensors as lst
+from livetrain.checkpoint import CheckpointStore
+
+
+@pytest.fixture
+def model(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": (torch.randn(257, 63) * 0.02).to(torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": (torch.randn(112, 64) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(65),
+    }
+    d = tmp_path / "model"
+    d.mkdir()
+    lst.save_model(d, tensors, max_shard_bytes=20000)
+    return d, tensors
+
+
+def step(tensors, fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    for t in tensors.values():
+        mask = torch.rand(t.shape, generator=g) < fraction
+        t[mask] = (t[mask].float() * 1.01 + 1e-3).to(t.dtype)
+
+
+def snapshot(tensors):
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def load_dir(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_save_list_restore_verify(model, tmp_path):
+    d, live = model
+    g0 = snapshot(live)
+    with CheckpointStore.create(d) as store:
+        assert store.head == 0 and store.verify() == []
+        assert store.save(live)["written"] is False  # nothing changed
+        step(live, 0.01, 1)
+        r1 = store.save(live, weight_version=7)
+        g1 = snapshot(live)
+        assert r1["written"] and r1["generation"] == 1 and 0 < r1["changed"] < r1["elements"]
+        step(live, 0.2, 2)
+        r2 = store.save(live)
+        g2 = snapshot(live)
+        assert r2["generation"] == 2 and r2["bytes"] > r1["bytes"]
+        gens = store.list()
+        assert [g["generation"] for g in gens] == [0, 1, 2]
+        assert gens[1]["weight_version"] == 7 and gens[1]["changed"] == r1["changed"]
+
+        store.restore(1, live)
+        assert same(live, g1)
+        assert store.compare(2, live)["elements"] > 0
+        store.restore(0, live)
+        assert same(live, g0)
+        store.restore(2, out_dir=tmp_path / "g2")
+        assert same(load_dir(tmp_path / "g2"), g2)
+        assert store.verify() == []
+    # Reopened, the head is generation 2.
+    with CheckpointStore(d) as store:
+        assert store.head == 2
+        assert store.compare(2, g2)["elements"] == 0
+
+
+def test_save_after_rollback_and_materialize(model):
+    d, live = model
+    with CheckpointStore.create(d) as store:
+        step(live, 0.05, 3)
+        store.save(live)
+        g1 = snapshot(live)
+        store.materialize(1)
+        assert store.materialized == 1
+        assert same(load_dir(d), g1)
+        store.gc(1)
+        assert store.oldest == 1
+
+
+def test_bad_input_is_a_livetrain_error(model, tmp_path):
+    d, live = model
+    with pytest.raises(livetrain.Error, match="no checkpoint store|COMMIT|not"):
+        CheckpointStore(d)
+    with CheckpointStore.create(d) as store:
+        with pytest.raises(livetrain.Error, match="in use by another process"):
+            CheckpointStore(d)
+        wrong = dict(live)
+        wrong["model.norm.weight"] = torch.ones(64)
+        with pytest.raises(livetrain.Error, match="model.norm.weight"):
+            store.save(wrong)
+        missing = {k: v for k, v in live.items() if k != "model.norm.weight"}
+        with pytest.raises(livetrain.Error, match="model.norm.weight"):
+            store.save(missing)
+        with pytest.raises(ValueError, match="not contiguous"):
+            store.save({**live, "model.layers.0.mlp.up_proj.weight": live["model.layers.0.mlp.up_proj.weight"].t()})
+        with pytest.raises(livetrain.Error, match="generation 5"):
+            store.restore(5, live)
+        with pytest.raises(ValueError):
+            store.restore(0)
+    with pytest.raises(livetrain.Error, match="already exists"):
+        CheckpointStore.create(d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cuda_tensors_are_staged(model):
+    d, live = model
+    cuda = {k: v.cuda() for k, v in live.items()}
+    with CheckpointStore.create(d) as store:
+        step(live, 0.1, 4)
+        for k in cuda:
+            cuda[k].copy_(live[k])
+        assert store.save(cuda)["generation"] == 1
+        store.restore(0, cuda)
+        assert store.compare(0, {k: v.cpu() for k, v in cuda.items()})["elements"] == 0
