@@ -173,6 +173,11 @@ class Trainer:
             with open(self.meta_path) as f:
                 self.weight_version = int(json.load(f).get("weight_version", 0))
 
+        # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
+        # the training thread mutates.
+        self.opt_steps = max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
+        self.opt_bytes = self.opt.state_bytes()["total"]
+
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.lock = threading.Lock()  # guards what status() reads
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -227,14 +232,11 @@ class Trainer:
                 "weight_version": self.weight_version,
                 "loss_history": list(self.losses),
                 "tokens_per_s": round(self.tokens_per_s, 1),
-                "optimizer": {"name": "apollo-mini", "state_bytes": self.opt.state_bytes()["total"],
-                              "restored": self.restored, "steps": self.optimizer_steps()},
+                "optimizer": {"name": "apollo-mini", "state_bytes": self.opt_bytes, "restored": self.restored,
+                              "steps": self.opt_steps},
                 "gradient_checkpointing": self.grad_checkpointing,
                 "device": str(self.device),
             }
-
-    def optimizer_steps(self) -> int:
-        return max((int(s["step"].item()) for s in self.opt.state.values() if "step" in s), default=0)
 
     # ---- training ----
     def _batch(self, examples):
@@ -279,6 +281,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 with self.lock:
                     self.weight_version += 1
+                    self.opt_steps += 1
                     info["step"], info["loss"] = s + 1, loss
                     self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
                     self.tokens_per_s = ntok / dt if dt > 0 else 0.0
