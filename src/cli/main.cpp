@@ -1,5 +1,9 @@
 // The `livetrain` command: dispatches subcommands; every failure is one line on stderr and a non-zero exit.
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -26,6 +30,10 @@ constexpr const char* kUsage =
     "  checkpoint save|list|restore|verify|materialize|gc MODEL\n"
     "                    the delta checkpoint store of a model's live weights\n"
     "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
+    "  serve --model DIR serve a model and fine-tune it in place through POST /train (runs the Python\n"
+    "                    entry point python3 -m livetrain.serve; needs the livetrain Python package)\n"
+    "  train FILE.jsonl  send training examples to a running `livetrain serve` and follow the job\n"
+    "                    (python3 -m livetrain.train_client)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
     "\n"
     "options:\n"
@@ -84,6 +92,41 @@ int run_devices(const std::vector<std::string>& args) {
   return 0;
 }
 
+// serve and train live in Python (PyTorch, the HTTP servers): the CLI replaces itself with the
+// interpreter so that signals (Ctrl-C, SIGTERM) reach the Python supervisor directly.
+constexpr const char* kServeUsage =
+    "usage: livetrain serve --model DIR [--device cpu|cuda] [--port N] [--api-key KEY] [options]\n"
+    "\n"
+    "Runs `$LIVETRAIN_PYTHON -m livetrain.serve` (python3 when unset) with these arguments: the reference\n"
+    "engine (OpenAI-style /v1/completions, /v1/chat/completions) and the trainer (POST /train,\n"
+    "GET /train/status) as two processes sharing the weights. docs/serve.md. Its options:\n\n";
+
+constexpr const char* kTrainUsage =
+    "usage: livetrain train [--url URL] [--api-key KEY] FILE.jsonl [options]\n"
+    "\n"
+    "Runs `$LIVETRAIN_PYTHON -m livetrain.train_client` (python3 when unset): sends FILE (one example per\n"
+    "line) to a running `livetrain serve` as one job and shows its progress. Its options:\n\n";
+
+[[noreturn]] void exec_python(const char* module, const char* usage, const std::vector<std::string>& args) {
+  for (const std::string& a : args) {
+    if (a == "-h" || a == "--help") {
+      std::fputs(usage, stdout);
+      std::fflush(stdout);  // Python's own option list follows on the same stream
+      break;
+    }
+  }
+  const char* env = std::getenv("LIVETRAIN_PYTHON");
+  std::string python = env && *env ? env : "python3";
+  std::vector<std::string> words = {python, "-m", module};
+  words.insert(words.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& w : words) argv.push_back(w.data());
+  argv.push_back(nullptr);
+  execvp(python.c_str(), argv.data());
+  throw Error(ErrorCode::kIo, "cannot run " + python + " (set LIVETRAIN_PYTHON to the Python that has the "
+                                 "livetrain package): " + std::strerror(errno));
+}
+
 int dispatch(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
@@ -112,6 +155,8 @@ int dispatch(int argc, char** argv) {
   if (cmd == "manifest") return run_manifest(args);
   if (cmd == "checkpoint") return run_checkpoint(args);
   if (cmd == "devices") return run_devices(args);
+  if (cmd == "serve") exec_python("livetrain.serve", kServeUsage, args);
+  if (cmd == "train") exec_python("livetrain.train_client", kTrainUsage, args);
   throw UsageError("unknown command '" + cmd + "' (see livetrain --help)");
 }
 

@@ -1,0 +1,305 @@
+"""livetrain's reference engine: serves a Hugging Face causal LM whose weights live in shared memory
+(OpenAI-style /v1/completions and /v1/chat/completions), and forwards /train routes to the trainer.
+
+The weights are exported once (``export_cpu``: copied into a POSIX shared-memory segment that the model
+then serves from; ``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a
+trainer process can attach and update them in place while requests are answered. docs/serve.md.
+
+usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
+(normally started by ``python -m livetrain.serve``)
+"""
+
+
+import argparse
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Iterator
+
+import torch
+
+from livetrain import jobsock
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class BadRequest(ValueError):
+    """A request field is wrong; ``param`` names it."""
+
+    def __init__(self, param: str, message: str, code: int = 400):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Engine:
+    """The model, its tokenizer and the shared weights; one generation at a time (``lock``)."""
+
+    def __init__(self, model_dir: str, manifest: str, device: str = "cpu", dtype: str = "bf16"):
+        import transformers
+        from livetrain import sharing
+
+        self.model_dir, self.device = model_dir, torch.device(device)
+        self.name = os.path.basename(os.path.normpath(model_dir))
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model = model.to(self.device).eval()
+        params = dict(self.model.named_parameters())  # tied weights appear once
+        config = json.loads(self.model.config.to_json_string())
+        if self.device.type == "cpu":
+            self.exported = sharing.export_cpu(params, manifest, model_path=model_dir, config=config)
+            # Serve from the segment from now on: the trainer's in-place updates land there.
+            for name, p in params.items():
+                p.data = self.exported.tensors[name]
+        else:
+            self.exported = sharing.export_cuda(params, manifest, model_path=model_dir, config=config)
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos = set()
+        for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        self.lock = threading.Lock()
+
+    # ---- tokens ----
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def _tokens(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> Iterator[int]:
+        x = torch.tensor([ids], device=self.device)
+        past = None
+        for _ in range(max_tokens):
+            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            if temperature <= 0:
+                tok = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                if top_p < 1.0:
+                    sorted_p, order = torch.sort(probs, descending=True)
+                    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+                    drop = torch.cumsum(sorted_p, 0) - sorted_p >= top_p
+                    sorted_p[drop] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            yield tok
+            if tok in self.eos:
+                return
+            x = torch.tensor([[tok]], device=self.device)
+
+    def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seed: int | None = None) -> Iterator[tuple[str, str | None, int]]:
+        """Yields (text delta, finish_reason or None, tokens generated so far); the last item has the
+        finish reason. Text that might begin a stop string is held back until it cannot."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        hold = max((len(s) for s in stop), default=1) - 1
+        out: list[int] = []
+        sent = 0
+        with self.lock:
+            for tok in self._tokens(ids, max_tokens, temperature, top_p, generator):
+                if tok in self.eos:
+                    text = self.tokenizer.decode(out, skip_special_tokens=True)
+                    yield text[sent:], "stop", len(out) + 1
+                    return
+                out.append(tok)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    yield text[sent:cut], "stop", len(out)
+                    return
+                safe = max(sent, len(text) - hold)
+                if safe > sent:
+                    yield text[sent:safe], None, len(out)
+                    sent = safe
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            yield text[sent:], "length", len(out)
+
+
+# ---- request parsing: every error names its field ----
+def _field(body: dict, name: str, types, default=None, check=None, what: str = ""):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadRequest(name, f"{name} must be {what or types}")
+    if not isinstance(v, types) or (check is not None and not check(v)):
+        raise BadRequest(name, f"{name} must be {what}, got {json.dumps(v)[:80]}")
+    return v
+
+
+def sampling_params(body: dict, default_max: int) -> dict:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise BadRequest("stop", "stop must be a non-empty string or a list of at most 4 of them")
+    n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
+    del n
+    return dict(
+        max_tokens=_field(body, "max_tokens", int, default_max, lambda v: v >= 1, "an integer >= 1"),
+        temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
+        top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        stop=stop,
+        seed=_field(body, "seed", int, None, None, "an integer"),
+    )
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "messages must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(f"messages[{i}].role", f"messages[{i}].role must be system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise BadRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt", "prompt must be a string (or a list of one string)")
+    return prompt
+
+
+def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
+    """The FastAPI application: OpenAI-style generation, /train and /train/status forwarded to the
+    trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set."""
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="livetrain reference engine")
+
+    def error(code: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=code)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_key:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "authentication_error")
+        return await call_next(request)
+
+    async def json_body(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest("body", f"request body is not JSON: {e}")
+        if not isinstance(body, dict):
+            raise BadRequest("body", "request body must be a JSON object")
+        return body
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, e: BadRequest):
+        return error(e.code, str(e), e.param)
+
+    def completion(kind: str, ids: list[int], params: dict, stream: bool):
+        if len(ids) + params["max_tokens"] > engine.max_len:
+            raise BadRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
+                             f"exceeds the model's context of {engine.max_len} tokens")
+        rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": rid, "created": created, "model": engine.name}
+
+        def choice(text: str, finish, delta: bool) -> dict:
+            if kind == "chat":
+                key = "delta" if delta else "message"
+                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        if stream:
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+            def events():
+                for text, finish, _ in engine.generate(ids, **params):
+                    if text or finish:
+                        yield f"data: {json.dumps({**base, 'object': obj, 'choices': [choice(text, finish, True)]})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        parts, finish, n = [], None, 0
+        for text, finish, n in engine.generate(ids, **params):
+            parts.append(text)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        return JSONResponse({**base, "object": "chat.completion" if kind == "chat" else "text_completion",
+                             "choices": [choice("".join(parts), finish, False)], "usage": usage})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await json_body(request)
+        prompt = parse_prompt(body)
+        params = sampling_params(body, 16)
+        stream = _field(body, "stream", bool, False, None, "true or false")
+        ids = engine.encode_prompt(prompt)
+        return await run_in_threadpool(completion, "text", ids, params, stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await json_body(request)
+        messages = parse_messages(body)
+        ids = engine.encode_chat(messages)
+        params = sampling_params(body, max(1, engine.max_len - len(ids)))
+        stream = _field(body, "stream", bool, False, None, "true or false")
+        return await run_in_threadpool(completion, "chat", ids, params, stream)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "livetrain"}]}
+
+    async def to_trainer(request: dict):
+        try:
+            reply = await run_in_threadpool(jobsock.call, trainer_socket, request)
+        except jobsock.TrainerUnavailable as e:
+            return error(503, f"the trainer is not running or not ready yet ({e})", None, "unavailable")
+        return JSONResponse(reply["body"], status_code=reply["code"])
+
+    @app.post("/train")
+    async def train(request: Request):
+        return await to_trainer({"op": "submit", "job": await json_body(request)})
+
+    @app.get("/train/status")
+    async def train_status():
+        return await to_trainer({"op": "status"})
+
+    # The checkpoint store plugs in here: a POST /checkpoint route forwarded to the trainer like /train
+    # (op "checkpoint"), once the store exists. Not exposed until then.
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m livetrain.engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--manifest", required=True, help="where to write the sharing manifest")
+    p.add_argument("--trainer-socket", required=True, help="the trainer's Unix socket")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LIVETRAIN_API_KEY"))
+    a = p.parse_args(argv)
+    import uvicorn
+
+    engine = Engine(a.model, a.manifest, a.device, a.dtype)
+    try:
+        uvicorn.run(build_app(engine, a.trainer_socket, a.api_key), host=a.host, port=a.port, log_level="warning")
+    finally:
+        engine.exported.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""livetrain's trainer process: attaches to an engine's weights through its manifest, builds the Hugging
+Face model on them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter
+from backward hooks, so the served weights change in place. Jobs arrive on a Unix socket (jobsock).
+
+usage: python -m livetrain.trainer --manifest FILE --model DIR --socket PATH --state-dir DIR [...]
+(normally started by ``python -m livetrain.serve``; docs/serve.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import math
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+
+import torch
+
+from livetrain import jobsock
+
+ROLES = ("system", "user", "assistant")
+JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
+
+
+class Invalid(ValueError):
+    """A training request is wrong; ``param`` names the field (``examples[3].messages[1].role``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+# ---- examples -> (tokens, loss mask) ----
+def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces: each assistant message is what the
+    template adds after the generation prompt of the conversation before it."""
+    if not isinstance(messages, list) or not messages:
+        raise Invalid(f"{where}.messages", f"{where}.messages must be a non-empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise Invalid(f"{where}.messages[{j}].role", f"{where}.messages[{j}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise Invalid(f"{where}.messages[{j}].content", f"{where}.messages[{j}].content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    render = lambda ms, gen: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+    pieces, done = [], ""
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = render(msgs[:j], True) if j else "", render(msgs[:j + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise Invalid(f"{where}.messages", "the chat template does not render this conversation incrementally, "
+                          "so assistant tokens cannot be located")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    rest = render(msgs, False)
+    if len(rest) > len(done) and rest.startswith(done):
+        pieces.append((rest[len(done):], False))
+    return pieces
+
+
+def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], float]:
+    """(token ids, which tokens carry loss, weight) of one example; tokenized exactly as the engine
+    tokenizes a request (chat: template text without added specials; prompt: with them)."""
+    if not isinstance(ex, dict):
+        raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
+    weight = ex.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
+        raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
+    if "messages" in ex:
+        ids, mask = [], []
+        for text, trained in _segments_chat(tokenizer, ex["messages"], where):
+            t = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            mask += [trained] * len(t)
+    elif "prompt" in ex or "completion" in ex:
+        for k in ("prompt", "completion"):
+            if not isinstance(ex.get(k), str) or (k == "completion" and not ex[k]):
+                raise Invalid(f"{where}.{k}", f"{where}.{k} must be a {'non-empty ' if k == 'completion' else ''}string")
+        p = tokenizer(ex["prompt"])["input_ids"]
+        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            c = c + [tokenizer.eos_token_id]
+        ids, mask = p + c, [False] * len(p) + [True] * len(c)
+    else:
+        raise Invalid(where, f"{where} needs messages, or prompt and completion")
+    # The first token is never predicted; a loss token needs one before it.
+    if not any(mask[1:]):
+        raise Invalid(where, f"{where} has no tokens to learn after tokenization")
+    return ids, mask, float(weight)
+
+
+def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
+    if not isinstance(job, dict):
+        raise Invalid("body", "request body must be a JSON object")
+    unknown = set(job) - JOB_OPTIONS - {"examples"}
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: examples, "
+                      f"{', '.join(sorted(JOB_OPTIONS))})")
+    examples = job.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise Invalid("examples", "examples must be a non-empty list")
+    if len(examples) > max_examples:
+        raise Invalid("examples", f"examples has {len(examples)} items; at most {max_examples} per job")
+    encoded = []
+    for i, ex in enumerate(examples):
+        ids, mask, w = encode_example(tokenizer, ex, f"examples[{i}]")
+        if len(ids) > max_len:
+            raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
+        encoded.append((ids, mask, w))
+    opts = {}
+    for k, kind, ok in (("lr", (int, float), lambda v: 0 < v < 1), ("steps", int, lambda v: 1 <= v <= 100_000),
+                        ("epochs", int, lambda v: 1 <= v <= 1000), ("batch_size", int, lambda v: 1 <= v <= 1024)):
+        if k in job:
+            v = job[k]
+            if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
+                raise Invalid(k, f"{k} has an invalid value {json.dumps(v)[:40]}")
+            opts[k] = v
+    return {"examples": encoded, **opts}
+
+
+class Trainer:
+    """The model on the engine's memory, the optimizer, the job queue and what /train/status reports."""
+
+    def __init__(self, manifest: str, model_dir: str, state_dir: str, *, lr: float = 1e-5, batch_size: int = 8,
+                 max_len: int = 0, queue_size: int = 8, max_examples: int = 10_000, embeddings: str = "apollo",
+                 grad_checkpointing: bool = True, wait_s: float = 60.0):
+        import transformers
+        from livetrain import optim, sharing
+
+        deadline = time.monotonic() + wait_s
+        while True:  # the engine writes the manifest once its weights are shared
+            try:
+                self.attached = sharing.attach(manifest)
+                break
+            except (FileNotFoundError, sharing._core.Error) as e:
+                if time.monotonic() > deadline or "lease" in str(e):
+                    raise
+                time.sleep(0.2)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.model = sharing.build_hf_model(self.attached)
+        self.model.train()
+        self.grad_checkpointing = bool(grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False))
+        if self.grad_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.device = next(self.model.parameters()).device
+        self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=embeddings), lr=lr)
+        self.names = {p: n for n, p in self.model.named_parameters()}
+        self.opt.param_names = self.names
+        self.opt.attach_hooks()
+        self.lr, self.batch_size = lr, batch_size
+        self.max_len = max_len or int(self.attached.config.get("max_position_embeddings") or 4096)
+        self.max_examples = max_examples
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        self.state_dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.opt_path = os.path.join(state_dir, "optimizer.safetensors")
+        self.meta_path = os.path.join(state_dir, "trainer.json")
+        self.weight_version, self.restored = 0, False
+        if os.path.exists(self.opt_path):
+            self.opt.load_state(self.opt_path, names=self.names)
+            self.restored = True
+        if os.path.exists(self.meta_path):
+            with open(self.meta_path) as f:
+                self.weight_version = int(json.load(f).get("weight_version", 0))
+
+        # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
+        # the training thread mutates.
+        self.opt_steps = max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
+        self.opt_bytes = self.opt.state_bytes()["total"]
+
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.lock = threading.Lock()  # guards what status() reads
+        self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.current: str | None = None
+        self.losses: collections.deque = collections.deque(maxlen=200)
+        self.tokens_per_s = 0.0
+        self.stopping = threading.Event()
+
+    # ---- socket requests ----
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "status":
+            return {"code": 200, "body": self.status()}
+        if op == "submit":
+            return self.submit(request.get("job"))
+        return {"code": 400, "body": {"error": {"message": f"unknown op {op!r}", "param": "op"}}}
+
+    def submit(self, job) -> dict:
+        try:
+            parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        except Invalid as e:
+            return {"code": 400, "body": {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param}}}
+        if self.stopping.is_set():
+            return {"code": 503, "body": {"error": {"message": "the trainer is shutting down"}}}
+        n = len(parsed["examples"])
+        bs = parsed.get("batch_size", self.batch_size)
+        steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
+        jid = f"job-{uuid.uuid4().hex[:12]}"
+        info = {"id": jid, "state": "queued", "examples": n, "steps": steps, "step": 0, "batch_size": bs,
+                "lr": parsed.get("lr", self.lr), "loss": None, "error": None, "submitted": time.time()}
+        with self.lock:
+            try:
+                self.queue.put_nowait((jid, parsed))
+            except queue.Full:
+                return {"code": 429, "body": {"error": {"message": f"the training queue is full ({self.queue.maxsize} "
+                                                        "jobs); retry later", "type": "rate_limit_error"}}}
+            self.jobs[jid] = info
+            while len(self.jobs) > 100:  # forget the oldest finished jobs
+                old = next((k for k, v in self.jobs.items() if v["state"] in ("done", "failed")), None)
+                if old is None:
+                    break
+                del self.jobs[old]
+        return {"code": 202, "body": {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()}}
+
+    def status(self) -> dict:
+        with self.lock:
+            return {
+                "queue": [k for k, v in self.jobs.items() if v["state"] == "queued"],
+                "queue_max": self.queue.maxsize,
+                "current": dict(self.jobs[self.current]) if self.current else None,
+                "jobs": [dict(v) for v in self.jobs.values()],
+                "weight_version": self.weight_version,
+                "loss_history": list(self.losses),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "optimizer": {"name": "apollo-mini", "state_bytes": self.opt_bytes, "restored": self.restored,
+                              "steps": self.opt_steps},
+                "gradient_checkpointing": self.grad_checkpointing,
+                "device": str(self.device),
+            }
+
+    # ---- training ----
+    def _batch(self, examples):
+        width = max(len(ids) for ids, _, _ in examples)
+        ids = torch.full((len(examples), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, (t, m, _) in enumerate(examples):
+            ids[i, :len(t)] = torch.tensor(t)
+            attn[i, :len(t)] = 1
+            labels[i, :len(t)] = torch.where(torch.tensor(m), torch.tensor(t), -100)
+        weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
+        return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
+
+    def step(self, examples) -> tuple[float, int]:
+        """One forward/backward over a batch; the optimizer steps each parameter from its hook during
+        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged."""
+        ids, attn, labels, weights = self._batch(examples)
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        target = labels[:, 1:]
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        count = (target != -100).sum(1).clamp(min=1)
+        loss = ((tok.sum(1) / count) * weights).mean()
+        loss.backward()
+        return float(loss.detach()), int(attn.sum())
+
+    def run_job(self, jid: str, job: dict) -> None:
+        with self.lock:
+            info = self.jobs[jid]
+            info["state"], self.current = "running", jid
+        for group in self.opt.param_groups:
+            group["lr"] = info["lr"]
+        order = list(range(len(job["examples"])))
+        cycle = itertools.cycle(order)
+        try:
+            for s in range(info["steps"]):
+                if self.stopping.is_set():
+                    raise RuntimeError("stopped by shutdown")
+                batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
+                t0 = time.perf_counter()
+                loss, ntok = self.step(batch)
+                dt = time.perf_counter() - t0
+                with self.lock:
+                    self.weight_version += 1
+                    self.opt_steps += 1
+                    info["step"], info["loss"] = s + 1, loss
+                    self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
+                    self.tokens_per_s = ntok / dt if dt > 0 else 0.0
+            report = self.opt.report()
+            with self.lock:
+                info["state"] = "done"
+                info["skipped_nonfinite"] = report["skipped_nonfinite_grad"] + report["nonfinite_update"]
+        except Exception as e:
+            with self.lock:
+                info["state"], info["error"] = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            with self.lock:
+                self.current = None
+            self.save()
+
+    def save(self) -> None:
+        """Optimizer state and weight version, each replaced atomically (temp file, fsync, rename)."""
+        tmp = self.opt_path + ".tmp"
+        self.opt.save_state(tmp, names=self.names)
+        _fsync_replace(tmp, self.opt_path)
+        tmp = self.meta_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"weight_version": self.weight_version}, f)
+        _fsync_replace(tmp, self.meta_path)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                jid, job = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.run_job(jid, job)
+        self.save()
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    d = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(d)
+    finally:
+        os.close(d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m livetrain.trainer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="the engine's sharing manifest")
+    p.add_argument("--model", required=True, help="model directory (for the tokenizer and chat template)")
+    p.add_argument("--socket", required=True, help="Unix socket to accept jobs on")
+    p.add_argument("--state-dir", required=True, help="where optimizer state is saved and restored")
+    p.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=0, help="longest example in tokens (default: the model's context)")
+    p.add_argument("--queue-size", type=int, default=8, help="jobs waiting before /train answers 429")
+    p.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"])
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+    a = p.parse_args(argv)
+
+    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=a.batch_size, max_len=a.max_seq_len,
+                      queue_size=a.queue_size, embeddings=a.embeddings, grad_checkpointing=not a.no_grad_checkpointing)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: trainer.stopping.set())
+    server = jobsock.Server(a.socket, trainer.handle)
+    server.start()
+    print(json.dumps({"trainer": "ready", "restored": trainer.restored, "weight_version": trainer.weight_version}),
+          flush=True)
+    try:
+        trainer.run()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""`livetrain serve` end to end on CPU: a tiny random Llama with an offline word-level tokenizer is served
+by the reference engine while a separate trainer process fine-tunes it in place through /train; checks
+completions, chat, streaming, auth, bad payloads, a learned fact, serving during training, the train
+client, the C++ CLI forwarding, and optimizer state surviving a restart. CUDA variant skips without a GPU."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+pytest.importorskip("uvicorn", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+
+import transformers  # noqa: E402
+
+from livetrain.trainer import Invalid, encode_example  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+KEY = "test-key"
+FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
+CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
+          "i am fine thank you", "what is the capital of france", "paris is the capital of france",
+          "the cat sat on the mat", "one two three four five six seven"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+            "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def make_tiny_model(path: Path) -> None:
+    """A random 2-layer Llama (bf16) and a word-level tokenizer with a chat template, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>", additional_special_tokens=specials[4:])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=64,
+                                      tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
+                                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body=None, key: str | None = KEY, raw: bytes | None = None, timeout: float = 120):
+    """(status, parsed JSON or text) of one request; POST when there is a body."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            code, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        code, text = e.code, e.read().decode()
+    try:
+        return code, json.loads(text)
+    except ValueError:
+        return code, text
+
+
+class Serve:
+    """`python -m livetrain.serve` in a subprocess."""
+
+    def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu"):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        self.log = open(run.parent / f"serve-{port}.log", "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--model", str(model), "--device", device,
+                                   "--port", port, "--api-key", KEY, "--state-dir", str(state), "--run-dir", str(run),
+                                   "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4"],
+                                  env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
+            try:
+                if http(self.url + "/train/status", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"serve did not become ready: {self.logtext()}")
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def status(self) -> dict:
+        code, body = http(self.url + "/train/status")
+        assert code == 200, body
+        return body
+
+    def complete(self, prompt: str, max_tokens: int = 4, **kw) -> dict:
+        code, body = http(self.url + "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                                          "temperature": 0, **kw})
+        assert code == 200, body
+        return body
+
+    def wait_job(self, jid: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = next(j for j in self.status()["jobs"] if j["id"] == jid)
+            if job["state"] in ("done", "failed"):
+                return job
+            time.sleep(0.2)
+        pytest.fail(f"job {jid} did not finish")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout=90)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve")
+    s = Serve(model_dir, base / "state", base / "run")
+    s.base = base
+    yield s
+    s.stop()
+
+
+# ---- tokenization and loss masks (no server) ----
+def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids, mask, w = encode_example(tok, {"messages": [{"role": "user", "content": "hello how are you"},
+                                                     {"role": "assistant", "content": "i am fine"},
+                                                     {"role": "user", "content": "today"},
+                                                     {"role": "assistant", "content": "thank you"}], "weight": 2}, "x")
+    learned = [tok.decode([t]) for t, m in zip(ids, mask) if m]
+    assert learned == ["i", "am", "fine", "</s>", "thank", "you", "</s>"] and w == 2.0
+    ids, mask, _ = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
+    assert [tok.decode([t]) for t, m in zip(ids, mask) if m] == [FACT, "</s>"]
+    assert ids[:sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
+    for bad, param in (({"messages": [{"role": "robot", "content": "hi"}]}, "x.messages[0].role"),
+                       ({"messages": [{"role": "user", "content": "hi"}]}, "x.messages"),
+                       ({"prompt": "a", "completion": ""}, "x.completion"),
+                       ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
+                       ({"text": "a"}, "x")):
+        with pytest.raises(Invalid) as e:
+            encode_example(tok, bad, "x")
+        assert e.value.param == param
+
+
+# ---- the running server ----
+def test_completions_chat_and_streaming(server):
+    a, b = server.complete(FACT_PROMPT, 5), server.complete(FACT_PROMPT, 5)
+    assert a["object"] == "text_completion" and a["choices"][0]["text"] == b["choices"][0]["text"]  # greedy
+    assert a["usage"]["prompt_tokens"] == 5 and a["choices"][0]["finish_reason"] in ("length", "stop")
+    code, chat = http(server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello how are you"}],
+                                                            "max_tokens": 4, "temperature": 0})
+    assert code == 200 and chat["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
+    code, sampled = http(server.url + "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9,
+                                                         "top_p": 0.5, "seed": 3})
+    assert code == 200 and sampled["usage"]["completion_tokens"] >= 1
+    # Streaming gives the same greedy text as server-sent events, then [DONE].
+    code, text = http(server.url + "/v1/completions", {"prompt": FACT_PROMPT, "max_tokens": 5, "temperature": 0,
+                                                      "stream": True})
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert code == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == a["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None
+    # A stop string cuts the text before it.
+    words = a["choices"][0]["text"].split()
+    if len(words) >= 2:
+        cut = server.complete(FACT_PROMPT, 5, stop=[words[1]])
+        assert cut["choices"][0]["finish_reason"] == "stop" and words[1] not in cut["choices"][0]["text"]
+    code, models = http(server.url + "/v1/models")
+    assert code == 200 and models["data"][0]["object"] == "model"
+
+
+def test_every_route_needs_the_api_key(server):
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": []}),
+                       ("/train", {"examples": []}), ("/train/status", None), ("/v1/models", None)):
+        for key in (None, "wrong"):
+            code, out = http(server.url + path, body, key=key)
+            assert code == 401 and "API key" in out["error"]["message"], (path, key, out)
+
+
+def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
+    before, answer = server.status(), server.complete(FACT_PROMPT, 5)["choices"][0]["text"]
+    cases = [
+        ("/train", None, b"{not json", "body"),
+        ("/train", None, b"[1, 2]", "body"),
+        ("/train", {"examples": []}, None, "examples"),
+        ("/train", {"examples": [{"messages": [{"role": "wizard", "content": "x"}]}]}, None, "examples[0].messages[0].role"),
+        ("/train", {"examples": [{"prompt": "one", "completion": "two"},
+                                 {"prompt": " ".join(["the"] * 60), "completion": "cat"}]}, None, "examples[1]"),
+        ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "lr": -1}, None, "lr"),
+        ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "bogus": 1}, None, "bogus"),
+        ("/v1/completions", {"prompt": 3}, None, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, None, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1000}, None, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, None, "messages[0].content"),
+    ]
+    for path, body, raw, param in cases:
+        code, out = http(server.url + path, body, raw=raw)
+        assert code == 400 and out["error"]["param"] == param, (path, body, raw, out)
+        assert param.split("[")[0].split(".")[0] in out["error"]["message"] or param == "body", out
+    after = server.status()
+    assert after["weight_version"] == before["weight_version"] and after["jobs"] == before["jobs"]
+    assert server.complete(FACT_PROMPT, 5)["choices"][0]["text"] == answer  # weights untouched
+
+
+def test_training_teaches_a_fact_while_completions_keep_being_served(server):
+    baseline = server.complete(FACT_PROMPT, 3)["choices"][0]["text"]
+    assert not baseline.startswith(FACT)
+    v0 = server.status()["weight_version"]
+    code, job = http(server.url + "/train", {"examples": [
+        {"prompt": FACT_PROMPT, "completion": FACT},
+        {"messages": [{"role": "user", "content": "what is the capital of zorbia"},
+                      {"role": "assistant", "content": FACT}], "weight": 1.0},
+    ], "steps": 30, "lr": 0.01})
+    assert code == 202 and job["steps"] == 30, job
+    # Completions from several threads until the job ends: every one succeeds, and some start while the
+    # weights are at an intermediate version (training does not wait for serving, nor serving for training).
+    results, mid_job, finished = [], [], threading.Event()
+
+    def client():
+        while not finished.is_set():
+            try:
+                v = server.status()["weight_version"]
+                results.append(http(server.url + "/v1/completions", {"prompt": "the cat sat", "max_tokens": 3,
+                                                                     "temperature": 0})[0])
+                mid_job.append(v0 < v < v0 + 30)
+            except Exception as e:  # reported by the assertion below, not lost in the thread
+                results.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        done = server.wait_job(job["job_id"])
+    finally:
+        finished.set()
+        for t in threads:
+            t.join()
+    assert len(results) >= 6 and results == [200] * len(results)
+    assert sum(mid_job) >= 2, mid_job
+    assert done["state"] == "done" and done["step"] == 30 and done["skipped_nonfinite"] == []
+    st = server.status()
+    assert st["weight_version"] == v0 + 30
+    losses = [h["loss"] for h in st["loss_history"] if h["job"] == job["job_id"]]
+    assert len(losses) == 30 and losses[-1] < losses[0] / 4
+    assert st["tokens_per_s"] > 0 and st["optimizer"]["state_bytes"] > 0 and st["optimizer"]["steps"] >= 30
+    assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+    code, chat = http(server.url + "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "what is the capital of zorbia"}], "max_tokens": 3, "temperature": 0})
+    assert code == 200 and chat["choices"][0]["message"]["content"].startswith(FACT)
+
+
+def test_full_queue_is_429(server):
+    codes = [http(server.url + "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 3,
+                                          "lr": 1e-6})[0] for _ in range(6)]
+    assert 429 in codes and codes[0] == 202, codes
+    deadline = time.monotonic() + 120
+    while server.status()["current"] or server.status()["queue"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_train_client_sends_a_file_and_follows_the_job(server, tmp_path):
+    f = tmp_path / "ex.jsonl"
+    f.write_text(json.dumps({"prompt": "the sky is", "completion": "blue"}) + "\n\n" +
+                 json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine"}]}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "livetrain.train_client", "--url", server.url, "--api-key", KEY,
+                        "--steps", "2", "--lr", "1e-6", str(f)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "2 examples, 2 steps" in r.stdout and "done" in r.stdout.splitlines()[-1]
+    f.write_text('{"prompt": "a", "completion": ""}\n')
+    r = subprocess.run([sys.executable, "-m", "livetrain.train_client", "--url", server.url, "--api-key", KEY, str(f)],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "HTTP 400 (examples[0].completion)" in r.stderr
+
+
+def test_cli_forwards_serve_and_train(cli):
+    env = {**ENV, "LIVETRAIN_PYTHON": sys.executable}
+    for cmd, module_opt in (("serve", "--model"), ("train", "--url")):
+        r = subprocess.run([cli, cmd, "--help"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: livetrain {cmd}") and module_opt in r.stdout, r
+    r = subprocess.run([cli, "serve", "--model", "x"], env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot run /nonexistent/python" in r.stderr
+
+
+def test_restart_restores_optimizer_state(server, model_dir):
+    # Last in this module: it stops the shared server (Ctrl-C) and starts another on the same state dir.
+    before = server.status()
+    assert before["optimizer"]["steps"] > 0 and not before["current"]
+    assert server.stop(signal.SIGINT) == 0
+    assert not (server.base / "run" / "engine.manifest.json").exists()
+    assert (server.base / "state" / "optimizer.safetensors").exists()
+    again = Serve(model_dir, server.base / "state", server.base / "run")
+    try:
+        after = again.status()
+        assert after["optimizer"]["restored"] is True
+        assert after["optimizer"]["steps"] == before["optimizer"]["steps"]
+        assert after["optimizer"]["state_bytes"] == before["optimizer"]["state_bytes"]
+        assert after["weight_version"] == before["weight_version"]  # never reused for other weights
+        code, job = http(again.url + "/train", {"examples": [{"prompt": "one", "completion": "two"}], "steps": 1,
+                                                "lr": 1e-6})
+        assert code == 202 and again.wait_job(job["job_id"])["state"] == "done"
+        assert again.status()["optimizer"]["steps"] == before["optimizer"]["steps"] + 1
+    finally:
+        assert again.stop() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_serve_on_cuda_trains_in_place(model_dir, tmp_path):
+    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", device="cuda")
+    try:
+        assert s.status()["device"].startswith("cuda")
+        code, job = http(s.url + "/train", {"examples": [{"prompt": FACT_PROMPT, "completion": FACT}], "steps": 30,
+                                            "lr": 0.01})
+        assert code == 202 and s.wait_job(job["job_id"])["state"] == "done"
+        assert s.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+    finally:
+        assert s.stop() == 0
