@@ -18,7 +18,7 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["Attached", "Exported", "attach", "export_cpu", "export_cuda", "build_hf_model"]
+__all__ = ["Attached", "Exported", "attach", "export_cpu", "export_cuda", "build_hf_model", "layout_views"]
 
 # Placement of each tensor in a shared-memory segment: aligned to 64 bytes (a cache line, and enough
 # for every vectorised CPU kernel torch uses).
@@ -183,17 +183,39 @@ def _identity_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     return attached.tensors
 
 
+def layout_views(attached: Attached) -> Mapping[str, torch.Tensor]:
+    """HF name -> zero-copy view for an engine that lays its weights out its own way (vLLM's merged
+    qkv_proj and gate_up_proj, padded vocabularies, ...), from the manifest's config and engine kind
+    (livetrain.layout). A tensor-parallel rank holds shards, from which no full HF model can be built."""
+    from livetrain import layout
+
+    model = attached.manifest["model"]
+    if model["tp_size"] != 1:
+        raise _core.Error(f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
+                          f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1")
+    lay = layout.build(model["config"], attached.tensors, engine=model["engine"])
+    return layout.views(lay, attached.tensors)
+
+
+def _default_views(attached: Attached) -> Mapping[str, torch.Tensor]:
+    # vLLM merges and pads; every engine livetrain runs itself shares tensors under their HF names.
+    if attached.manifest["model"]["engine"] == "vllm":
+        return layout_views(attached)
+    return _identity_views(attached)
+
+
 def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True,
                    model_class=None) -> torch.nn.Module:
     """A transformers model for the engine's config whose parameters are the engine's memory.
 
     The model is built with its parameters on the meta device, then each parameter is replaced by the
-    view of the same HF name (``hf_views``, identity by default); tied parameters stay one Parameter.
+    view of the same HF name (``hf_views``; by default the layout views for a ``vllm`` engine, the engine's
+    own tensors otherwise); tied parameters stay one Parameter.
     Buffers are computed on the device of the weights, exactly as ``from_pretrained`` computes them.
     Raises livetrain.Error naming the parameter when a view is missing or has another shape or dtype."""
     import transformers
 
-    views = dict((hf_views or _identity_views)(attached))
+    views = dict((hf_views or _default_views)(attached))
     if not views:
         raise _core.Error(f"{attached.path}: the engine shares no tensors")
     first = next(iter(views.values()))

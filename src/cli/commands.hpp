@@ -16,6 +16,7 @@ class UsageError : public std::runtime_error {
 int run_inspect(const std::vector<std::string>& args);
 int run_manifest(const std::vector<std::string>& args);
 int run_checkpoint(const std::vector<std::string>& args);
+int run_diagnose(const std::vector<std::string>& args);
 
 std::string human_bytes(unsigned long long bytes);
 

@@ -27,6 +27,9 @@ constexpr const char* kUsage =
     "                    bytes, shard), validating every header strictly\n"
     "  manifest inspect FILE\n"
     "                    show a sharing manifest: buffers, tensors, whether its owner is alive, lease holder\n"
+    "  diagnose --manifest FILE [--model-dir DIR]\n"
+    "                    compare an engine's shared tensors, mapped through the model's layout, with the\n"
+    "                    model's safetensors files: matched, only in engine, only on disk, mismatched\n"
     "  checkpoint save|list|restore|verify|materialize|gc MODEL\n"
     "                    the delta checkpoint store of a model's live weights\n"
     "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
@@ -154,6 +157,7 @@ int dispatch(int argc, char** argv) {
   if (cmd == "inspect") return run_inspect(args);
   if (cmd == "manifest") return run_manifest(args);
   if (cmd == "checkpoint") return run_checkpoint(args);
+  if (cmd == "diagnose") return run_diagnose(args);
   if (cmd == "devices") return run_devices(args);
   if (cmd == "serve") exec_python("livetrain.serve", kServeUsage, args);
   if (cmd == "train") exec_python("livetrain.train_client", kTrainUsage, args);
