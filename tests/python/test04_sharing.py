@@ -126,3 +126,19 @@ def test_malformed_manifest_names_the_field(tmp_path, cli):
 def test_export_cuda_without_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(livetrain.Error, match="export_cuda needs CUDA tensors"):
         livetrain.export_cuda({"w": torch.ones(3)}, tmp_path / "m.json")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_export_cuda_refuses_expandable_segments(tmp_path):
+    # PyTorch's expandable segments are VMM allocations, which cudaIpcGetMemHandle cannot share: the
+    # export must refuse them with an error that says what to change.
+    code = ("import torch, livetrain.sharing as s\n"
+            "t = torch.ones(1 << 20, device='cuda')\n"
+            f"s.export_cuda({{'w': t}}, {str(tmp_path / 'm.json')!r})\n")
+    pkg = str(Path(livetrain.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg, os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    assert "expandable_segments" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "m.json").exists()
