@@ -2,9 +2,12 @@
 # Everything that needs a GPU, in one go (for the GPU machine): build the core and the Python module for
 # this machine's Python and torch (sm_80/sm_90a/sm_100 + PTX), run the whole pytest suite (the CUDA tests
 # run here instead of skipping), then the benchmarks. Results land in $OUT (default ./gpu-out):
-# pytest.log, bench-optim.{txt,json}, bench-attach.{txt,json}.
+# pytest.log, bench-{optim,attach,convergence,ckpt}.{txt,json}.
 #
-# usage: bash scripts/gpu.sh [tests|bench|all]   (default all)
+# The serve tests need fastapi and uvicorn (requirements/dev.txt); on a machine without a registry, bring
+# their wheels and put them on PYTHONPATH first (they skip themselves otherwise).
+#
+# usage: bash scripts/gpu.sh [tests|bench|all|none]   (default all; none only builds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -34,5 +37,9 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   $py bench/optim.py --json "$out/bench-optim.json" 2>&1 | tee "$out/bench-optim.txt" | tail -20
   echo "== bench/attach.py"
   $py bench/attach.py --json "$out/bench-attach.json" 2>&1 | tee "$out/bench-attach.txt" | tail -8
+  echo "== bench/convergence.py"
+  $py bench/convergence.py --json "$out/bench-convergence.json" 2>&1 | tee "$out/bench-convergence.txt" | tail -8
+  echo "== bench/ckpt.py"
+  $py bench/ckpt.py --json "$out/bench-ckpt.json" 2>&1 | tee "$out/bench-ckpt.txt" | tail -10
 fi
 exit $status
