@@ -52,8 +52,8 @@ def ask(url: str, question: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12, help="training steps of the job")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the job (APOLLO-Mini)")
+    p.add_argument("--steps", type=int, default=8, help="training steps of the job (default 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the job (APOLLO-Mini; default 1e-4)")
     p.add_argument("--dtype", default="fp32", help="weight dtype of the served model (fp32: CPU bf16 matmuls are slow)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--python", default=sys.executable, help="Python that runs livetrain serve")
@@ -117,7 +117,7 @@ def main() -> int:
             time.sleep(0.5)
         if info["state"] != "done":
             raise RuntimeError(f"the training job failed: {info['error']}")
-        say(f"job done (skipped non-finite updates: {info.get('skipped_nonfinite', 0)})")
+        say(f"job done; skipped non-finite updates: {info.get('skipped_nonfinite') or 'none'}")
 
         print(f"\nQ: {QUESTION}", flush=True)
         after = ask(url, QUESTION)
