@@ -53,7 +53,7 @@ def ask(url: str, question: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="training steps of the job (default 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the job (APOLLO-Mini; default 1e-4)")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the job (APOLLO-Mini; default 5e-5)")
     p.add_argument("--dtype", default="fp32", help="weight dtype of the served model (fp32: CPU bf16 matmuls are slow)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--python", default=sys.executable, help="Python that runs livetrain serve")
