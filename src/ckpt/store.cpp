@@ -22,12 +22,6 @@ namespace livetrain::ckpt {
 
 namespace {
 
-std::string shape_text(const std::vector<uint64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
-
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -151,8 +145,8 @@ void Store::check_live(const std::vector<LiveTensor>& live) const {
     const LiveTensor& l = *it->second;
     if (l.dtype != t.dtype || l.shape != t.shape) {
       throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
-                                              shape_text(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
-                                              " " + shape_text(t.shape));
+                                              shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
+                                              " " + shape_string(t.shape));
     }
     if (!l.data && t.nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" has no data");
   }

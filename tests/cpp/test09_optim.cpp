@@ -63,23 +63,32 @@ TEST(Optim, ProjectionIsDeterministicAndRefreshes) {
   for (float v : a) EXPECT_TRUE(std::isfinite(v));
 }
 
-TEST(Optim, RejectsBadArguments) {
-  float w[6] = {}, g[6] = {}, m[3] = {}, v[3] = {}, prev = -1;
+// A 3×2 fp32 step over caller-owned buffers.
+struct SmallStep {
+  float w[6] = {1, 2, 3, 4, 5, 6}, g[6] = {1, 1, 1, 1, 1, 1}, m[3] = {}, v[3] = {}, prev = -1;
   int32_t status = 0;
   uint64_t step = 0;
   opt::ApolloStep s;
-  s.weight = w;
-  s.weight_dtype = livetrain::DType::kF32;
-  s.grad = g;
-  s.grad_dtype = livetrain::DType::kF32;
-  s.rows = 3;
-  s.cols = 2;
-  s.ld_weight = 2;
-  s.m = m;
-  s.v = v;
-  s.prev_norm = &prev;
-  s.status = &status;
-  s.step = &step;
+  SmallStep() {
+    s.weight = w;
+    s.weight_dtype = livetrain::DType::kF32;
+    s.grad = g;
+    s.grad_dtype = livetrain::DType::kF32;
+    s.rows = 3;
+    s.cols = 2;
+    s.ld_weight = 2;
+    s.m = m;
+    s.v = v;
+    s.prev_norm = &prev;
+    s.status = &status;
+    s.step = &step;
+  }
+  SmallStep(const SmallStep&) = delete;
+};
+
+TEST(Optim, RejectsBadArguments) {
+  SmallStep small;
+  const opt::ApolloStep& s = small.s;
   EXPECT_NO_THROW(opt::apollo_step_cpu(s));
   auto expect_error = [&](opt::ApolloStep bad, const char* what) {
     try {
@@ -108,22 +117,10 @@ TEST(Optim, RejectsBadArguments) {
 }
 
 TEST(Optim, NonFiniteGradientLeavesEverythingUntouched) {
-  float w[6] = {1, 2, 3, 4, 5, 6}, g[6] = {1, 1, NAN, 1, 1, 1}, m[3] = {}, v[3] = {}, prev = -1;
-  int32_t status = 0;
-  uint64_t step = 4;
-  opt::ApolloStep s;
-  s.weight = w;
-  s.weight_dtype = livetrain::DType::kF32;
-  s.grad = g;
-  s.grad_dtype = livetrain::DType::kF32;
-  s.rows = 3;
-  s.cols = 2;
-  s.ld_weight = 2;
-  s.m = m;
-  s.v = v;
-  s.prev_norm = &prev;
-  s.status = &status;
-  s.step = &step;
+  SmallStep small;
+  auto& [w, g, m, v, prev, status, step, s] = small;
+  g[2] = NAN;
+  step = 4;
   opt::apollo_step_cpu(s);
   EXPECT_EQ(status, opt::kStatusNonFiniteGrad);
   EXPECT_EQ(step, 4u);
