@@ -6,15 +6,13 @@
 
 #include "livetrain/ckpt.hpp"
 #include "livetrain/error.hpp"
+#include "ckpt/bytes.hpp"
 
 namespace livetrain::ckpt {
 
 namespace {
 
-template <typename T>
-void put(std::string& out, T v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
-}
+using bytes::put;
 
 void put_varint(std::string& out, uint64_t v) {
   while (v >= 0x80) {

@@ -4,22 +4,14 @@
 
 #include "livetrain/ckpt.hpp"
 #include "livetrain/error.hpp"
+#include "ckpt/bytes.hpp"
 
 namespace livetrain::ckpt {
 
 namespace {
 
-template <typename T>
-void put(std::string& out, T v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
-}
-
-template <typename T>
-T get(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
+using bytes::get;
+using bytes::put;
 
 constexpr size_t kHeaderBytes = 32;
 constexpr size_t kEntryFraming = 24;  // file, reserved, offset, length; then the bytes and a u64 checksum

@@ -8,17 +8,13 @@
 
 #include "livetrain/ckpt.hpp"
 #include "livetrain/error.hpp"
+#include "ckpt/bytes.hpp"
 
 namespace livetrain::ckpt {
 
 namespace {
 
-template <typename T>
-T get(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
+using bytes::get;
 
 // Byte runs closer than this are merged into one journal entry: an entry costs 32 bytes of framing.
 constexpr uint64_t kMergeGap = 32;
