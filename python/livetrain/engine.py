@@ -11,7 +11,6 @@ usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket P
 
 
 import argparse
-import hmac
 import json
 import os
 import threading
@@ -21,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from livetrain import jobsock
+from livetrain import routes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -184,24 +183,18 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
     app = FastAPI(title="livetrain reference engine")
 
     def error(code: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=code)
+        return JSONResponse(routes.error_body(message, param, kind), status_code=code)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if api_key:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "authentication_error")
+        if not routes.authorized(request.headers.get("authorization"), api_key):
+            return error(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "authentication_error")
         return await call_next(request)
 
     async def json_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise BadRequest("body", f"request body is not JSON: {e}")
-        if not isinstance(body, dict):
-            raise BadRequest("body", "request body must be a JSON object")
+        body, bad = routes.parse_json_object(await request.body(), empty_ok=False)
+        if bad is not None:
+            raise BadRequest("body", bad["error"]["message"])
         return body
 
     @app.exception_handler(BadRequest)
@@ -260,23 +253,8 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "livetrain"}]}
 
-    async def to_trainer(request: dict):
-        try:
-            reply = await run_in_threadpool(jobsock.call, trainer_socket, request)
-        except jobsock.TrainerUnavailable as e:
-            return error(503, f"the trainer is not running or not ready yet ({e})", None, "unavailable")
-        return JSONResponse(reply["body"], status_code=reply["code"])
-
-    @app.post("/train")
-    async def train(request: Request):
-        return await to_trainer({"op": "submit", "job": await json_body(request)})
-
-    @app.get("/train/status")
-    async def train_status():
-        return await to_trainer({"op": "status"})
-
-    # The checkpoint store plugs in here: a POST /checkpoint route forwarded to the trainer like /train
-    # (op "checkpoint"), once the store exists. Not exposed until then.
+    # /train, /train/status, /checkpoint, /checkpoints, /rollback: forwarded to the trainer (routes.py).
+    app.include_router(routes.training_router(trainer_socket))
 
     return app
 

@@ -1,0 +1,87 @@
+"""The training routes, shared by every engine: livetrain's reference engine mounts them on its app, the
+vLLM plugin on vLLM's API server. Clients cannot tell the engines apart because both serve this router.
+
+Every route forwards one request to the trainer over its Unix socket (jobsock) and answers with the
+trainer's reply, so validation and state live in one place: the trainer. docs/serve.md lists the routes.
+"""
+
+import hmac
+import json
+from typing import Callable
+
+from livetrain import jobsock
+
+# route → (HTTP method, trainer op, whether the route takes a JSON body)
+ROUTES = {
+    "/train": ("POST", "submit", True),
+    "/train/status": ("GET", "status", False),
+    "/checkpoint": ("POST", "checkpoint", True),
+    "/checkpoints": ("GET", "checkpoints", False),
+    "/rollback": ("POST", "rollback", True),
+}
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    """The OpenAI-style error object every livetrain route answers with."""
+    return {"error": {"message": message, "type": kind, "param": param}}
+
+
+def parse_json_object(raw: bytes, empty_ok: bool) -> tuple[dict | None, dict | None]:
+    """(body, None) for a JSON object, (None, error body) otherwise. An empty body is ``{}`` when allowed."""
+    if not raw.strip() and empty_ok:
+        return {}, None
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        return None, error_body(f"request body is not JSON: {e}", "body")
+    if not isinstance(body, dict):
+        return None, error_body("request body must be a JSON object", "body")
+    return body, None
+
+
+def authorized(header: str | None, api_key: str | None) -> bool:
+    """Whether an ``Authorization`` header carries the key (always true without a key)."""
+    if not api_key:
+        return True
+    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
+
+
+def training_router(trainer_socket: str | Callable[[], str], api_key: str | None = None):
+    """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
+
+    ``trainer_socket`` is the trainer's socket path, or a callable returning it (read at each request,
+    for servers that learn it late). With ``api_key`` the router checks ``Authorization: Bearer KEY``
+    itself (for hosts whose own authentication does not cover these paths); leave it None where the app
+    already authenticates every route.
+    """
+    from fastapi import APIRouter, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+
+    router = APIRouter()
+    socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
+
+    def make(op: str, has_body: bool):
+        async def handler(request: Request):
+            if not authorized(request.headers.get("authorization"), api_key):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", None,
+                                               "authentication_error"), status_code=401)
+            message = {"op": op}
+            if has_body:
+                body, bad = parse_json_object(await request.body(), empty_ok=(op != "submit"))
+                if bad is not None:
+                    return JSONResponse(bad, status_code=400)
+                message["job" if op == "submit" else "args"] = body
+            try:
+                reply = await run_in_threadpool(jobsock.call, socket_path(), message)
+            except jobsock.TrainerUnavailable as e:
+                return JSONResponse(error_body(f"the trainer is not running or not ready yet ({e})", None,
+                                               "unavailable"), status_code=503)
+            return JSONResponse(reply["body"], status_code=reply["code"])
+
+        handler.__name__ = f"livetrain_{op}"
+        return handler
+
+    for path, (method, op, has_body) in ROUTES.items():
+        router.add_api_route(path, make(op, has_body), methods=[method])
+    return router
