@@ -23,14 +23,16 @@ void write(const std::string& path, const std::string& bytes) {
 }
 
 // One record of `units` elements of `dtype` where a `fraction` of the elements changed.
-std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, uint64_t units, double fraction) {
+// With `small_step`, each change flips the lowest bit only (XOR planes of one value: coded blocks).
+std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, uint64_t units, double fraction,
+                   bool small_step = false) {
   const uint32_t unit = ckpt::unit_bytes(dtype);
   std::vector<uint8_t> old(units * unit), now;
   for (auto& b : old) b = static_cast<uint8_t>(rng());
   now = old;
   std::uniform_real_distribution<double> u(0, 1);
   for (uint64_t i = 0; i < units; ++i) {
-    if (u(rng) < fraction) now[i * unit] ^= static_cast<uint8_t>(1 + rng() % 255);
+    if (u(rng) < fraction) now[i * unit] ^= small_step ? 1 : static_cast<uint8_t>(1 + rng() % 255);
   }
   now[0] ^= 1;  // at least one change, so the record exists
   std::string rec;
@@ -60,6 +62,8 @@ int main(int argc, char** argv) {
   write(d + "/dense_bitmap_bf16.delta", delta(3, {record(rng, "model.layers.0.mlp.up_proj.weight", DType::kBF16, 201, 0.5)}));
   write(d + "/mixed.delta", delta(4, {record(rng, "a", DType::kF32, 33, 0.1), record(rng, "b", DType::kF64, 9, 1.0),
                                       record(rng, "c", DType::kU8, 17, 0.3), record(rng, "d", DType::kF4, 40, 0.05)}));
+  write(d + "/blocks_bf16.delta", delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true),
+                                            record(rng, "f", DType::kF32, 700, 0.9, true)}));
 
   // Journals against the file sizes fuzz_ckpt_journal checks them with: {4096, 100, 0, 70000}.
   std::vector<uint8_t> bytes(300);

@@ -2,7 +2,7 @@
 // last durable state, a commit record written last, materialization into the model's own safetensors
 // files through a redo journal, restore/rollback to any generation, verify and gc.
 //
-// Format, version 1 (docs/checkpoint.md is the full specification). A store is a directory
+// Format: commit version 1, delta version 2 (docs/checkpoint.md is the full specification). A store is a directory
 // (`<model>/.livetrain-store/` unless another is given) holding:
 //
 //   COMMIT                 JSON, written last with fs::write_file_atomic; the only thing that says what
@@ -16,22 +16,30 @@
 //                          Hashes are 16 lowercase hex digits. Generations run oldest..head, one each.
 //   gen-<20 digits>.delta  XOR of generation g against g-1 (all integers little-endian):
 //                            0  "LTCKDLT1"   8 bytes
-//                            8  u32 version = 1, u32 record count
+//                            8  u32 version = 2, u32 record count
 //                           16  u64 generation, u64 parent
 //                           32  records, in the order of the commit's tensor table:
 //                                 u32 name length, name (UTF-8),
 //                                 u8 dtype (livetrain::DType), u8 unit (bytes compared as one element:
 //                                 the element size, 1 for sub-byte types), u8 encoding (0 = gaps,
-//                                 1 = bitmap), u8 0,
+//                                 1 = bitmap, 2 = blocks), u8 0,
 //                                 u64 units (elements of the tensor), u64 changed,
 //                                 u64 positions length P, P bytes of positions,
-//                                 changed × unit bytes: new bits XOR old bits, in position order,
+//                                 for gaps and bitmap: changed × unit bytes, new bits XOR old bits, in
+//                                 position order (blocks carry their values inside P),
 //                                 u64 XXH64 of the record from its name length to here
 //                           end-8  u64 XXH64 of the whole file before it
 //                          Positions, gaps: LEB128 varints, the first position, then each next position
 //                          minus the previous minus 1. Bitmap: ceil(units / 8) bytes, bit i of byte
-//                          i/8 (LSB first) set when element i changed. Whichever is smaller is written
-//                          (gaps on a tie). Tensors with no change have no record.
+//                          i/8 (LSB first) set when element i changed. Blocks: u64 block size B (a
+//                          multiple of 64, at most 2^26; the writer uses kBlockUnits), then per block of
+//                          B elements (the last may be shorter): u64 changed in the block, and when that
+//                          is not 0, 1 + unit coded streams: the block's bitmap bytes, then byte plane k
+//                          (byte k of every changed element's XOR, in position order) for k < unit. A
+//                          coded stream is raw, one repeated byte, or canonical Huffman (src/ckpt/
+//                          entropy.hpp), so the mostly-zero high bytes of small updates cost little.
+//                          The smallest of the three encodings is written (gaps, then bitmap, on a
+//                          tie). Tensors with no change have no record.
 //   gen-<20 digits>.optim  optional: a copy of the optimizer-state file saved with that generation
 //   materialize.journal    only during materialize (redo journal, see below)
 //
@@ -74,7 +82,9 @@ namespace livetrain::ckpt {
 inline constexpr std::string_view kCommitMagic = "livetrain-checkpoint";
 inline constexpr uint64_t kCommitVersion = 1;
 inline constexpr std::string_view kDeltaMagic = "LTCKDLT1";
-inline constexpr uint32_t kDeltaVersion = 1;
+inline constexpr uint32_t kDeltaVersion = 2;
+// Elements per block of the kBlocks encoding: blocks are coded and decoded in parallel.
+inline constexpr uint64_t kBlockUnits = uint64_t{1} << 20;
 inline constexpr std::string_view kJournalMagic = "LTCKJRN1";
 inline constexpr uint32_t kJournalVersion = 1;
 inline constexpr std::string_view kCommitFileName = "COMMIT";
@@ -92,7 +102,7 @@ std::optional<uint64_t> hash_from_hex(std::string_view s);
 
 // ---- delta codec ----
 
-enum class PositionEncoding : uint8_t { kGaps = 0, kBitmap = 1 };
+enum class PositionEncoding : uint8_t { kGaps = 0, kBitmap = 1, kBlocks = 2 };
 
 // The number of bytes compared as one element of `dtype`.
 uint32_t unit_bytes(DType dtype);
@@ -105,8 +115,8 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
 
 // Appends the record of a diff already computed: `changed` elements, `bitmap` (ceil(units/8) bytes, bit i
 // LSB first set when element i changed, no bits past the end) and `values` (changed × unit bytes, XOR, in
-// position order). Picks gaps or bitmap like encode_record; nothing is appended when changed == 0. The
-// GPU save path encodes delta_diff_cuda's output through this.
+// position order). Picks the encoding like encode_record; nothing is appended when changed == 0. Every
+// save encodes delta_diff_cpu's or delta_diff_cuda's output through this (in parallel over blocks).
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values);
 
@@ -118,8 +128,8 @@ struct DeltaRecord {
   PositionEncoding encoding = PositionEncoding::kGaps;
   uint64_t units = 0;
   uint64_t changed = 0;
-  std::string_view positions;
-  std::string_view values;
+  std::string_view positions;  // for kBlocks: the whole coded payload
+  std::string_view values;     // empty for kBlocks
 };
 
 struct DeltaHeader {
@@ -136,7 +146,8 @@ std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t rec
 DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what,
                         const std::function<void(const DeltaRecord&)>& fn);
 
-// XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Validates positions while decoding.
+// XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Decodes and validates the whole
+// record before writing anything, so a bad record changes nothing; with `buf` null it only validates.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
 
 // ---- the diff of live weights against the last durable state (CPU reference and CUDA) ----

@@ -1,5 +1,6 @@
 // The delta codec: encodes a tensor's changed elements (positions as LEB128 gaps or a bitmap, values as
 // XOR with the old bits), and parses/validates delta files record by record.
+#include <algorithm>
 #include <bit>
 #include <cstring>
 #include <limits>
@@ -7,6 +8,8 @@
 #include "livetrain/ckpt.hpp"
 #include "livetrain/error.hpp"
 #include "ckpt/bytes.hpp"
+#include "ckpt/entropy.hpp"
+#include "livetrain/parallel.hpp"
 
 namespace livetrain::ckpt {
 
@@ -51,18 +54,13 @@ struct Cursor {
 };
 
 // Scans `units` elements of T; reads `now` once per word so a concurrently written tensor still yields
-// the XOR of what this read saw. Marks changes in `bitmap`, appends XOR values to `values`, and sums the
-// bytes that gap encoding would take.
+// the XOR of what this read saw. Marks changes in `bitmap` and appends XOR values to `values`.
 template <typename T>
-uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vector<uint8_t>& bitmap,
-              std::string& values, uint64_t& gap_bytes) {
+uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vector<uint8_t>& bitmap, std::string& values) {
   uint64_t changed = 0;
-  uint64_t prev = 0;
   auto hit = [&](uint64_t i, T x) {
     bitmap[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
     put(values, x);
-    gap_bytes += varint_size(changed == 0 ? i : i - prev - 1);
-    prev = i;
     ++changed;
   };
   constexpr uint64_t per_word = 8 / sizeof(T);
@@ -88,39 +86,126 @@ uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vecto
   return changed;
 }
 
-// Appends a record from its parts (bitmap, XOR values, and the size the gap encoding would take).
+// Block b of a tensor: elements [b·B, min(units, (b+1)·B)); its bitmap bytes start at b·B/8 (B is a
+// multiple of 64).
+uint64_t block_len(uint64_t units, uint64_t block, uint64_t b) { return std::min(block, units - b * block); }
+
+// One block of the kBlocks encoding, plus what the gap encoding of the same positions would cost.
+struct EncodedBlock {
+  std::string bytes;
+  uint64_t changed = 0;
+  uint64_t first = 0, last = 0;  // first and last changed position (when changed > 0)
+  uint64_t inner_gap_bytes = 0;  // varint bytes of the gaps between this block's own positions
+};
+
+void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, const uint8_t* bitmap,
+                  const uint8_t* values, std::vector<uint8_t>& plane) {
+  const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
+  const uint8_t* bits = bitmap + begin / 8;
+  const uint64_t nbytes = (len + 7) / 8;
+  uint64_t k = 0, prev = 0;
+  for (uint64_t byte = 0; byte < nbytes; ++byte) {
+    for (unsigned w = bits[byte]; w; w &= w - 1) {
+      uint64_t i = begin + byte * 8 + static_cast<uint64_t>(std::countr_zero(w));
+      if (k == 0) out.first = i;
+      else out.inner_gap_bytes += varint_size(i - prev - 1);
+      prev = i;
+      ++k;
+    }
+  }
+  out.changed = k;
+  out.last = prev;
+  put<uint64_t>(out.bytes, k);
+  if (k == 0) return;
+  entropy::encode(bits, nbytes, out.bytes);
+  plane.resize(k);
+  for (uint32_t p = 0; p < unit; ++p) {
+    for (uint64_t j = 0; j < k; ++j) plane[j] = values[j * unit + p];
+    entropy::encode(plane.data(), k, out.bytes);
+  }
+}
+
+// Appends a record from its parts (bitmap and XOR values), in the smallest of the three encodings.
 void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
-                  const uint8_t* bitmap, const uint8_t* values, uint64_t gap_bytes) {
+                  const uint8_t* bitmap, const uint8_t* values) {
+  const uint32_t unit = unit_bytes(dtype);
   const uint64_t bitmap_bytes = (units + 7) / 8;
+  const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
+  // Each block's values start at the rank of its first change: count first, then encode in parallel.
+  std::vector<uint64_t> value_start(nblocks + 1, 0);
+  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const uint8_t* bits = bitmap + b * kBlockUnits / 8;
+      uint64_t c = 0;
+      for (uint64_t i = 0; i < (block_len(units, kBlockUnits, b) + 7) / 8; ++i) c += static_cast<uint64_t>(std::popcount(bits[i]));
+      value_start[b + 1] = c;
+    }
+  });
+  for (uint64_t b = 0; b < nblocks; ++b) value_start[b + 1] += value_start[b];
+  if (value_start[nblocks] != changed) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint: bitmap holds " + std::to_string(value_start[nblocks]) + " changes, not " + std::to_string(changed));
+  }
+  std::vector<EncodedBlock> blocks(nblocks);
+  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint8_t> plane;
+    for (int64_t b = lo; b < hi; ++b) encode_block(blocks[b], units, unit, b, bitmap, values + value_start[b] * unit, plane);
+  });
+  uint64_t gap_bytes = 0, blocks_bytes = 8, prev = 0;
+  bool first = true;
+  for (const auto& blk : blocks) {
+    blocks_bytes += blk.bytes.size();
+    if (!blk.changed) continue;
+    gap_bytes += varint_size(first ? blk.first : blk.first - prev - 1) + blk.inner_gap_bytes;
+    prev = blk.last;
+    first = false;
+  }
+  const uint64_t raw_values = changed * unit;
+  PositionEncoding enc = PositionEncoding::kGaps;
+  uint64_t best = gap_bytes + raw_values;
+  if (bitmap_bytes + raw_values < best) enc = PositionEncoding::kBitmap, best = bitmap_bytes + raw_values;
+  if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
+
   size_t start = out.size();
   put<uint32_t>(out, static_cast<uint32_t>(name.size()));
   out.append(name);
-  PositionEncoding enc = bitmap_bytes < gap_bytes ? PositionEncoding::kBitmap : PositionEncoding::kGaps;
   out.push_back(static_cast<char>(dtype));
-  out.push_back(static_cast<char>(unit_bytes(dtype)));
+  out.push_back(static_cast<char>(unit));
   out.push_back(static_cast<char>(enc));
   out.push_back(0);
   put<uint64_t>(out, units);
   put<uint64_t>(out, changed);
-  if (enc == PositionEncoding::kBitmap) {
-    put<uint64_t>(out, bitmap_bytes);
-    out.append(reinterpret_cast<const char*>(bitmap), bitmap_bytes);
-  } else {
-    put<uint64_t>(out, gap_bytes);
-    size_t pos_start = out.size();
-    uint64_t prev = 0;
-    bool first = true;
-    for (uint64_t byte = 0; byte < bitmap_bytes; ++byte) {
-      for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
-        uint64_t i = byte * 8 + static_cast<uint64_t>(std::countr_zero(bits));
-        put_varint(out, first ? i : i - prev - 1);
-        prev = i;
-        first = false;
+  switch (enc) {
+    case PositionEncoding::kBitmap:
+      put<uint64_t>(out, bitmap_bytes);
+      out.append(reinterpret_cast<const char*>(bitmap), bitmap_bytes);
+      out.append(reinterpret_cast<const char*>(values), raw_values);
+      break;
+    case PositionEncoding::kGaps: {
+      put<uint64_t>(out, gap_bytes);
+      size_t pos_start = out.size();
+      prev = 0;
+      first = true;
+      for (uint64_t byte = 0; byte < bitmap_bytes; ++byte) {
+        for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
+          uint64_t i = byte * 8 + static_cast<uint64_t>(std::countr_zero(bits));
+          put_varint(out, first ? i : i - prev - 1);
+          prev = i;
+          first = false;
+        }
       }
+      if (out.size() - pos_start != gap_bytes) throw Error(ErrorCode::kInvalidArg, "checkpoint: gap size mismatch");
+      out.append(reinterpret_cast<const char*>(values), raw_values);
+      break;
     }
-    if (out.size() - pos_start != gap_bytes) throw Error(ErrorCode::kInvalidArg, "checkpoint: gap size mismatch");
+    case PositionEncoding::kBlocks:
+      put<uint64_t>(out, blocks_bytes);
+      put<uint64_t>(out, kBlockUnits);
+      for (auto& blk : blocks) {
+        out += blk.bytes;
+        std::string().swap(blk.bytes);
+      }
+      break;
   }
-  out.append(reinterpret_cast<const char*>(values), changed * unit_bytes(dtype));
   put<uint64_t>(out, xxh64(out.data() + start, out.size() - start));
 }
 
@@ -136,34 +221,23 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
   uint32_t unit = unit_bytes(dtype);
   std::vector<uint8_t> bitmap((units + 7) / 8, 0);
   std::string values;
-  uint64_t gap_bytes = 0, changed = 0;
+  uint64_t changed = 0;
   switch (unit) {
-    case 1: changed = scan<uint8_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 2: changed = scan<uint16_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 4: changed = scan<uint32_t>(units, old, now, bitmap, values, gap_bytes); break;
-    case 8: changed = scan<uint64_t>(units, old, now, bitmap, values, gap_bytes); break;
+    case 1: changed = scan<uint8_t>(units, old, now, bitmap, values); break;
+    case 2: changed = scan<uint16_t>(units, old, now, bitmap, values); break;
+    case 4: changed = scan<uint32_t>(units, old, now, bitmap, values); break;
+    case 8: changed = scan<uint64_t>(units, old, now, bitmap, values); break;
     default: throw Error(ErrorCode::kUnsupported, "checkpoint: element size " + std::to_string(unit));
   }
   if (changed == 0) return 0;
-  encode_parts(out, name, dtype, units, changed, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()), gap_bytes);
+  encode_parts(out, name, dtype, units, changed, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()));
   return changed;
 }
 
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
-  // The gap encoding's size, from the bitmap: one more pass over units / 8 bytes.
-  uint64_t gap_bytes = 0, prev = 0, k = 0;
-  for (uint64_t byte = 0; byte < (units + 7) / 8; ++byte) {
-    for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
-      uint64_t i = byte * 8 + static_cast<uint64_t>(std::countr_zero(bits));
-      gap_bytes += varint_size(k == 0 ? i : i - prev - 1);
-      prev = i;
-      ++k;
-    }
-  }
-  if (k != changed) throw Error(ErrorCode::kInvalidArg, "checkpoint: bitmap holds " + std::to_string(k) + " changes, not " + std::to_string(changed));
-  encode_parts(out, name, dtype, units, changed, bitmap, values, gap_bytes);
+  encode_parts(out, name, dtype, units, changed, bitmap, values);
 }
 
 std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t records) {
@@ -206,7 +280,7 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
     rec.unit = c.get<uint8_t>("unit");
     if (rec.unit != unit_bytes(rec.dtype)) throw format_error(what, c.where + "unit does not match dtype");
     uint8_t enc = c.get<uint8_t>("encoding");
-    if (enc > 1) throw format_error(what, c.where + "unknown position encoding " + std::to_string(enc));
+    if (enc > 2) throw format_error(what, c.where + "unknown position encoding " + std::to_string(enc));
     rec.encoding = static_cast<PositionEncoding>(enc);
     if (c.get<uint8_t>("reserved") != 0) throw format_error(what, c.where + "reserved byte is not 0");
     rec.units = c.get<uint64_t>("units");
@@ -218,7 +292,8 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
     uint64_t plen = c.get<uint64_t>("positions length");
     rec.positions = std::string_view(reinterpret_cast<const char*>(c.take(plen, "positions")), plen);
     if (rec.changed > std::numeric_limits<uint64_t>::max() / rec.unit) throw format_error(what, c.where + "overflow");
-    uint64_t vlen = rec.changed * rec.unit;
+    // kBlocks carries its values inside the positions field, coded per block.
+    uint64_t vlen = rec.encoding == PositionEncoding::kBlocks ? 0 : rec.changed * rec.unit;
     rec.values = std::string_view(reinterpret_cast<const char*>(c.take(vlen, "values")), vlen);
     size_t covered = static_cast<size_t>(c.p - rec_start);
     uint64_t sum = c.get<uint64_t>("checksum");
@@ -229,7 +304,94 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
   return h;
 }
 
+namespace {
+
+// A kBlocks record decoded: per block, the bitmap bytes and the XOR values (changed × unit, interleaved).
+struct DecodedBlock {
+  uint64_t changed = 0;
+  const uint8_t* streams = nullptr;  // the block's coded streams in the record
+  std::vector<uint8_t> bitmap, values;
+};
+
+void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where) {
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(rec.positions.data());
+  const uint8_t* end = p + rec.positions.size();
+  if (end - p < 8) throw Error(ErrorCode::kFormat, where + "truncated block size");
+  const uint64_t block = bytes::get<uint64_t>(p);
+  p += 8;
+  if (block < 64 || block > (uint64_t{1} << 26) || block % 64) {
+    throw Error(ErrorCode::kFormat, where + "bad block size " + std::to_string(block));
+  }
+  const uint64_t nblocks = rec.units / block + (rec.units % block != 0);
+  if (nblocks > static_cast<uint64_t>(end - p) / 8) throw Error(ErrorCode::kFormat, where + "truncated block table");
+  // Walk the block table once (sizes only), then decode the blocks in parallel and check each; nothing
+  // is written until every block has decoded.
+  std::vector<DecodedBlock> blocks(nblocks);
+  uint64_t total = 0;
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    if (end - p < 8) throw Error(ErrorCode::kFormat, where + "truncated block table");
+    const uint64_t changed = bytes::get<uint64_t>(p);
+    p += 8;
+    if (changed > block_len(rec.units, block, b)) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": bad changed count");
+    total += changed;
+    blocks[b].changed = changed;
+    if (!changed) continue;
+    blocks[b].streams = p;
+    for (uint32_t s = 0; s < 1 + rec.unit; ++s) {
+      if (end - p < 9) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": truncated stream");
+      const uint64_t len = bytes::get<uint64_t>(p + 1);
+      if (len > static_cast<uint64_t>(end - p - 9)) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": stream longer than its record");
+      p += 9 + len;
+    }
+  }
+  if (p != end) throw Error(ErrorCode::kFormat, where + "bytes after the last block");
+  if (total != rec.changed) throw Error(ErrorCode::kFormat, where + "blocks hold " + std::to_string(total) + " changes, the record " + std::to_string(rec.changed));
+  const uint32_t unit = rec.unit;
+  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint8_t> plane;
+    for (int64_t b = lo; b < hi; ++b) {
+      DecodedBlock& d = blocks[b];
+      if (!d.changed) continue;
+      const std::string at = where + "block " + std::to_string(b) + ": ";
+      const uint64_t len = block_len(rec.units, block, b), nbytes = (len + 7) / 8;
+      const uint8_t* q = d.streams;
+      d.bitmap.resize(nbytes);
+      entropy::decode(&q, end, d.bitmap.data(), nbytes, at);
+      uint64_t count = 0;
+      for (uint8_t v : d.bitmap) count += static_cast<uint64_t>(std::popcount(v));
+      if (len % 8 && (d.bitmap.back() >> (len % 8))) throw Error(ErrorCode::kFormat, at + "bitmap bits past the end");
+      if (count != d.changed) throw Error(ErrorCode::kFormat, at + "bitmap count does not match");
+      d.values.resize(d.changed * unit);
+      plane.resize(d.changed);
+      for (uint32_t k = 0; k < unit; ++k) {
+        entropy::decode(&q, end, plane.data(), d.changed, at);
+        for (uint64_t j = 0; j < d.changed; ++j) d.values[j * unit + k] = plane[j];
+      }
+    }
+  });
+  if (!buf) return;
+  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const DecodedBlock& d = blocks[b];
+      uint64_t k = 0;
+      for (uint64_t byte = 0; byte < d.bitmap.size(); ++byte) {
+        for (unsigned bits = d.bitmap[byte]; bits; bits &= bits - 1) {
+          uint8_t* dst = buf + (b * block + byte * 8 + static_cast<uint64_t>(std::countr_zero(bits))) * unit;
+          const uint8_t* src = d.values.data() + k++ * unit;
+          for (uint32_t u = 0; u < unit; ++u) dst[u] ^= src[u];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
+  if (rec.encoding == PositionEncoding::kBlocks) {
+    apply_blocks(rec, buf, std::string(what) + ": " + std::string(rec.name) + ": ");
+    return;
+  }
   const uint8_t* vals = reinterpret_cast<const uint8_t*>(rec.values.data());
   const uint32_t unit = rec.unit;
   std::string where = std::string(what) + ": " + std::string(rec.name) + ": ";
@@ -248,6 +410,7 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
     for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));
     if (rec.units % 8 && (end[-1] >> (rec.units % 8))) throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
     if (count != rec.changed) throw Error(ErrorCode::kFormat, where + "bitmap count does not match");
+    if (!buf) return;
     uint64_t k = 0;
     for (uint64_t byte = 0; p + byte < end; ++byte) {
       for (unsigned bits = p[byte]; bits; bits &= bits - 1) xor_at(byte * 8 + std::countr_zero(bits), k++);
@@ -272,7 +435,7 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
       if ((k > 0 && next <= pos) || next >= rec.units) throw Error(ErrorCode::kFormat, where + "position out of range");
       pos = next;
       if (k >= rec.changed) throw Error(ErrorCode::kFormat, where + "more positions than changed elements");
-      if (pass == 1) xor_at(pos, k);
+      if (pass == 1 && buf) xor_at(pos, k);
       ++k;
     }
     if (k != rec.changed) throw Error(ErrorCode::kFormat, where + "fewer positions than changed elements");

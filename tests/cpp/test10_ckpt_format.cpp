@@ -75,10 +75,58 @@ TEST(CkptDelta, GoldenBytes) {
   uint64_t sum = ckpt::xxh64(rec.data(), rec.size() - 8);
   EXPECT_EQ(rec.substr(rec.size() - 8), std::string(reinterpret_cast<const char*>(&sum), 8));
   std::string file = make_file(rec, 1);
-  EXPECT_EQ(hex(file.substr(0, 32)), "4c54434b444c5431" "01000000" "01000000" "0300000000000000" "0200000000000000");
+  EXPECT_EQ(hex(file.substr(0, 32)), "4c54434b444c5431" "02000000" "01000000" "0300000000000000" "0200000000000000");
   EXPECT_EQ(file.size(), 32 + rec.size() + 8);
   // The whole file, pinned: any change to the encoding changes this.
-  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64(file.data(), file.size())), "99edb73a3ff46909");
+  EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64(file.data(), file.size())), "399631584826e34d");
+}
+
+// Pins the blocks encoding: 128 bf16 elements all changed by XOR 0x0001 (the last mantissa bit).
+TEST(CkptDelta, GoldenBytesOfBlocks) {
+  std::vector<uint16_t> old(128, 0x3f80), now(128, 0x3f81);
+  std::string rec;
+  ASSERT_EQ(ckpt::encode_record(rec, "w", DType::kBF16, 128, reinterpret_cast<const uint8_t*>(old.data()),
+                                reinterpret_cast<const uint8_t*>(now.data())), 128u);
+  EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
+            "01000000" "77"                // name
+            "0e" "02" "02" "00"            // BF16, unit 2, blocks, reserved
+            "8000000000000000"             // units
+            "8000000000000000"             // changed
+            "2e00000000000000"             // payload length 46
+            "0000100000000000"             // block size 2^20
+            "8000000000000000"             // block 0: 128 changed
+            "01" "0100000000000000" "ff"   // bitmap: 16 × 0xff
+            "01" "0100000000000000" "01"   // byte plane 0: all 0x01
+            "01" "0100000000000000" "00"); // byte plane 1: all 0x00
+  std::string file = make_file(rec, 1);
+  std::vector<uint8_t> buf(reinterpret_cast<const uint8_t*>(old.data()), reinterpret_cast<const uint8_t*>(old.data()) + 256);
+  std::vector<uint8_t> want(reinterpret_cast<const uint8_t*>(now.data()), reinterpret_cast<const uint8_t*>(now.data()) + 256);
+  EXPECT_EQ(apply_all(file, buf), want);
+}
+
+// Blocks over several kBlockUnits blocks (the last one short), with a small-step XOR distribution.
+TEST(CkptDelta, MultiBlockRoundTripIsSmall) {
+  const uint64_t units = 2 * ckpt::kBlockUnits + 4099;
+  std::mt19937_64 rng(5);
+  std::vector<uint16_t> old(units), now;
+  for (auto& v : old) v = static_cast<uint16_t>(0x3c00 + rng() % 0x400);
+  now = old;
+  uint64_t want_changed = 0;
+  for (uint64_t i = 0; i < units; ++i) {
+    if (rng() % 5 == 0) {
+      now[i] = static_cast<uint16_t>(now[i] + ((rng() & 1) ? 1 : -1));  // ±1 ulp, as a step at lr 1e-5
+      want_changed += now[i] != old[i];
+    }
+  }
+  std::string rec;
+  const auto* o = reinterpret_cast<const uint8_t*>(old.data());
+  const auto* n = reinterpret_cast<const uint8_t*>(now.data());
+  ASSERT_EQ(ckpt::encode_record(rec, "big", DType::kBF16, units, o, n), want_changed);
+  EXPECT_EQ(rec[9], 2) << "blocks";
+  EXPECT_LT(rec.size(), units * 2 / 10) << "under 10% of the tensor's bytes for ~20% changed elements";
+  std::string file = make_file(rec, 1);
+  std::vector<uint8_t> buf(o, o + units * 2);
+  EXPECT_EQ(apply_all(file, buf), std::vector<uint8_t>(n, n + units * 2));
 }
 
 TEST(CkptDelta, BitmapWhenDenseAndRoundTrip) {
@@ -102,7 +150,7 @@ TEST(CkptDelta, BitmapWhenDenseAndRoundTrip) {
       // Position bytes never exceed the bitmap's size.
       EXPECT_LE(rec.size(), 4 + 1 + 4 + 24 + (units + 7) / 8 + c * 2 + 8);
       if (frac == 1.0 && units > 100) {
-        EXPECT_EQ(rec[7], 1) << "dense changes use the bitmap";
+        EXPECT_EQ(rec[7], 2) << "dense changes with few distinct XOR bytes use coded blocks";
       }
     }
   }
