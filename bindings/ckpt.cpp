@@ -19,15 +19,16 @@ namespace livetrain::bindings {
 
 namespace {
 
-using TensorArg = std::tuple<std::string, std::string, std::vector<uint64_t>, uintptr_t>;
+// (name, dtype name, shape, data address, device: -1 host memory, else the CUDA ordinal)
+using TensorArg = std::tuple<std::string, std::string, std::vector<uint64_t>, uintptr_t, int>;
 
 std::vector<ckpt::LiveTensor> live_tensors(const std::vector<TensorArg>& args) {
   std::vector<ckpt::LiveTensor> out;
   out.reserve(args.size());
-  for (const auto& [name, dtype, shape, ptr] : args) {
+  for (const auto& [name, dtype, shape, ptr, device] : args) {
     auto dt = dtype_from_name(dtype);
     if (!dt) throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\": unknown dtype \"" + dtype + "\"");
-    out.push_back(ckpt::LiveTensor{name, *dt, shape, reinterpret_cast<void*>(ptr)});
+    out.push_back(ckpt::LiveTensor{name, *dt, shape, reinterpret_cast<void*>(ptr), device});
   }
   return out;
 }
@@ -109,6 +110,9 @@ void init_ckpt(nb::module_& m) {
             d["changed"] = r.changed;
             d["elements"] = r.elements;
             d["model_bytes"] = r.model_bytes;
+            d["diff_seconds"] = r.diff_seconds;
+            d["encode_seconds"] = r.encode_seconds;
+            d["write_seconds"] = r.write_seconds;
             return d;
           },
           nb::arg("tensors"), nb::arg("weight_version") = 0, nb::arg("optimizer_state") = "",

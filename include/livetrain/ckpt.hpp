@@ -63,7 +63,9 @@
 // discards one whose `to` already is.
 //
 // The last durable state (generation `head`) is kept in host memory, one copy of every tensor (as much
-// memory as the model's weights): saves diff the live weights against it.
+// memory as the model's weights): saves diff the live weights against it. For live weights in GPU
+// memory the copy is page-locked on the first save (cudaHostRegister) and the GPU diff kernel reads it
+// over PCIe; only the encoded delta's parts (bitmaps and changed values) come back to the host.
 #pragma once
 
 #include <cstddef>
@@ -119,6 +121,10 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
 // save encodes delta_diff_cpu's or delta_diff_cuda's output through this (in parallel over blocks).
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values);
+
+// XORs a diff's `values` (changed × unit bytes, position order) into `buf` at the positions `bitmap` marks
+// (ceil(units/8) bytes, LSB first); parallel over blocks. The inverse of itself.
+void xor_diff(uint8_t* buf, uint64_t units, uint32_t unit, const uint8_t* bitmap, const uint8_t* values);
 
 // A parsed record: views into the delta file's bytes.
 struct DeltaRecord {
@@ -285,12 +291,15 @@ std::string delta_file_name(uint64_t generation);
 
 // ---- the store ----
 
-// A tensor of the live weights: contiguous host memory holding the bytes of `dtype`/`shape`.
+// A tensor of the live weights: contiguous memory holding the bytes of `dtype`/`shape`, in host memory
+// (device -1) or in the memory of CUDA device `device` (this process's ordinal). All the tensors of one
+// call are on the same device.
 struct LiveTensor {
   std::string name;
   DType dtype = DType::kU8;
   std::vector<uint64_t> shape;
   void* data = nullptr;
+  int device = -1;
 };
 
 using Progress = std::function<void(std::string_view what, uint64_t done, uint64_t total)>;
@@ -309,6 +318,9 @@ struct SaveResult {
   uint64_t changed = 0;
   uint64_t elements = 0;  // elements of the model
   uint64_t model_bytes = 0;
+  // Wall time of the phases: the diff (GPU or CPU, with the copy of bitmaps and values to the host), the
+  // encoding, and writing + fsync + commit + updating the head copy.
+  double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
 };
 
 struct LiveDiff {
@@ -340,9 +352,11 @@ class Store {
   const std::string& model_dir() const { return model_dir_; }
 
   // Writes a new generation holding the elements of `live` that differ from the head, then commits it.
-  // `live` must name exactly the store's tensors with their dtypes and shapes.
+  // `live` must name exactly the store's tensors with their dtypes and shapes. Host weights are diffed
+  // on the CPU (delta_diff_cpu), GPU weights on their GPU (delta_diff_cuda).
   SaveResult save(const std::vector<LiveTensor>& live, const SaveOptions& options = {});
-  // Sets the live weights to `generation` (any in [oldest, head]); the head does not change.
+  // Sets the live weights to `generation` (any in [oldest, head]); the head does not change. GPU weights
+  // are staged through host memory (a second copy of the model's bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
   // Writes `generation` as a new model directory (same file names and tensor split; index copied).
   void restore_to_dir(uint64_t generation, const std::string& out_dir);
@@ -378,7 +392,30 @@ class Store {
   std::string dir_;
   fs::Fd lock_;
   Commit commit_;
-  std::vector<std::vector<uint8_t>> head_;  // host copy of generation `head`, per tensor (commit order)
+  // The host copy of generation `head`: every tensor in one page-aligned anonymous mapping (one range to
+  // page-lock for the GPU), at 64-byte aligned offsets, in commit order.
+  class HeadCopy {
+   public:
+    HeadCopy() = default;
+    explicit HeadCopy(const std::vector<TensorEntry>& tensors);
+    HeadCopy(HeadCopy&& o) noexcept;
+    HeadCopy& operator=(HeadCopy&& o) noexcept;
+    HeadCopy(const HeadCopy&) = delete;
+    HeadCopy& operator=(const HeadCopy&) = delete;
+    ~HeadCopy();
+    uint8_t* tensor(size_t i) const { return base_ + offsets_[i]; }
+    // The address GPU kernels read tensor i at; page-locks the copy on first use.
+    const uint8_t* gpu_tensor(size_t i);
+
+   private:
+    void release() noexcept;
+    uint8_t* base_ = nullptr;
+    size_t size_ = 0;
+    std::vector<size_t> offsets_;
+    uint8_t* gpu_base_ = nullptr;  // set once page-locked
+  };
+
+  HeadCopy head_;
   bool broken_ = false;  // a commit step failed after the point where memory and disk may disagree
 };
 

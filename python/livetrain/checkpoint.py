@@ -1,9 +1,8 @@
 """The delta checkpoint store for torch tensors: a thin wrapper over ``livetrain._core.CheckpointStore``.
 
 The store itself (format, diff, crash safety) is C++ (docs/checkpoint.md). This module only turns a
-``{name: tensor}`` dict into (name, dtype, shape, address) tuples. The core diffs host memory, so CUDA
-tensors are staged through pinned host copies here (the GPU diff kernel, ``delta_diff_cuda``, is not yet
-wired into the store's save path).
+``{name: tensor}`` dict into (name, dtype, shape, address, device) tuples. CPU tensors are diffed on the
+CPU; CUDA tensors in place on their GPU, against the store's page-locked host copy of the head.
 """
 
 from __future__ import annotations
@@ -19,24 +18,27 @@ from livetrain.safetensors import dtype_name
 __all__ = ["CheckpointStore"]
 
 
-def _host_views(tensors: Mapping[str, torch.Tensor]):
-    """(core tuples, host tensors, CUDA originals) for a dict of tensors; CUDA ones get a pinned copy."""
-    args, host, cuda = [], {}, {}
+def _live(tensors: Mapping[str, torch.Tensor]) -> list[tuple]:
+    """The core's (name, dtype, shape, address, device) tuples; CUDA tensors are passed in place (the core
+    diffs them on their GPU), after the device has finished pending writes."""
+    args, devices = [], set()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_contiguous():
             raise ValueError(f"tensor {name!r} is not contiguous: the store reads its bytes in place")
-        if t.device.type == "cuda":
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t)
-            cuda[name] = t
-            t = h
-        elif t.device.type != "cpu":
+        if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"tensor {name!r} is on {t.device}; the store takes CPU or CUDA tensors")
-        host[name] = t
-        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr()))
-    return args, host, cuda
+        device = t.device.index if t.device.type == "cuda" else -1
+        if device is None:
+            device = torch.cuda.current_device()
+        devices.add(device)
+        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr(), device))
+    if len(devices) > 1:
+        raise ValueError(f"tensors are on several devices ({sorted(devices)}); pass the weights of one device")
+    for d in devices - {-1}:
+        torch.cuda.synchronize(d)
+    return args
 
 
 class CheckpointStore:
@@ -90,8 +92,7 @@ class CheckpointStore:
         Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
         written when nothing changed (unless ``save_if_unchanged``).
         """
-        args, _host, _ = _host_views(tensors)  # _host keeps the staged copies alive during the call
-        return self._s.save(args, weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
+        return self._s.save(_live(tensors), weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
                             save_if_unchanged=save_if_unchanged)
 
     def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
@@ -102,15 +103,11 @@ class CheckpointStore:
         if out_dir is not None:
             self._s.restore_to_dir(generation, str(out_dir))
             return
-        args, host, cuda = _host_views(tensors)
-        self._s.restore_live(generation, args)
-        for name, t in cuda.items():
-            t.copy_(host[name])
+        self._s.restore_live(generation, _live(tensors))
 
     def compare(self, generation: int, tensors: Mapping[str, torch.Tensor]) -> dict:
         """How ``tensors`` differ from ``generation``: ``{"tensors", "elements", "first"}``."""
-        args, _host, _ = _host_views(tensors)
-        return self._s.compare_live(generation, args)
+        return self._s.compare_live(generation, _live(tensors))
 
     def verify(self) -> list[str]:
         """Checks every delta's checksums and the model files' hashes; the problems found (empty: none)."""

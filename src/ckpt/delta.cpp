@@ -98,40 +98,36 @@ struct EncodedBlock {
   uint64_t inner_gap_bytes = 0;  // varint bytes of the gaps between this block's own positions
 };
 
-void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, const uint8_t* bitmap,
-                  const uint8_t* values, std::vector<uint8_t>& plane) {
+// Encodes block b (`k` changed elements, values starting at `values`); with `gaps`, also measures what
+// the gap encoding of its positions would take.
+void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, uint64_t k, const uint8_t* bitmap,
+                  const uint8_t* values, bool gaps) {
   const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
   const uint8_t* bits = bitmap + begin / 8;
   const uint64_t nbytes = (len + 7) / 8;
-  uint64_t k = 0, prev = 0;
-  for (uint64_t byte = 0; byte < nbytes; ++byte) {
-    for (unsigned w = bits[byte]; w; w &= w - 1) {
-      uint64_t i = begin + byte * 8 + static_cast<uint64_t>(std::countr_zero(w));
-      if (k == 0) out.first = i;
-      else out.inner_gap_bytes += varint_size(i - prev - 1);
-      prev = i;
-      ++k;
-    }
-  }
   out.changed = k;
-  out.last = prev;
+  if (gaps && k) {
+    uint64_t j = 0, prev = 0;
+    for (uint64_t byte = 0; byte < nbytes; ++byte) {
+      for (unsigned w = bits[byte]; w; w &= w - 1) {
+        uint64_t i = begin + byte * 8 + static_cast<uint64_t>(std::countr_zero(w));
+        if (j++ == 0) out.first = i;
+        else out.inner_gap_bytes += varint_size(i - prev - 1);
+        prev = i;
+      }
+    }
+    out.last = prev;
+  }
   put<uint64_t>(out.bytes, k);
   if (k == 0) return;
   entropy::encode(bits, nbytes, out.bytes);
-  plane.resize(k);
-  for (uint32_t p = 0; p < unit; ++p) {
-    for (uint64_t j = 0; j < k; ++j) plane[j] = values[j * unit + p];
-    entropy::encode(plane.data(), k, out.bytes);
-  }
+  for (uint32_t p = 0; p < unit; ++p) entropy::encode(values + p, k, out.bytes, unit);
 }
 
-// Appends a record from its parts (bitmap and XOR values), in the smallest of the three encodings.
-void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
-                  const uint8_t* bitmap, const uint8_t* values) {
-  const uint32_t unit = unit_bytes(dtype);
-  const uint64_t bitmap_bytes = (units + 7) / 8;
+// value_start[b]: the rank of block b's first change (popcounts of the blocks before it, in parallel);
+// value_start[nblocks] is the total.
+std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) {
   const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
-  // Each block's values start at the rank of its first change: count first, then encode in parallel.
   std::vector<uint64_t> value_start(nblocks + 1, 0);
   parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
@@ -142,13 +138,28 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
     }
   });
   for (uint64_t b = 0; b < nblocks; ++b) value_start[b + 1] += value_start[b];
+  return value_start;
+}
+
+// Appends a record from its parts (bitmap and XOR values), in the smallest of the three encodings.
+void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
+                  const uint8_t* bitmap, const uint8_t* values) {
+  const uint32_t unit = unit_bytes(dtype);
+  const uint64_t bitmap_bytes = (units + 7) / 8;
+  const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
+  // Each block's values start at the rank of its first change: count first, then encode in parallel.
+  const std::vector<uint64_t> value_start = block_value_starts(units, bitmap);
   if (value_start[nblocks] != changed) {
     throw Error(ErrorCode::kInvalidArg, "checkpoint: bitmap holds " + std::to_string(value_start[nblocks]) + " changes, not " + std::to_string(changed));
   }
+  // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8) bytes
+  // when no more elements than that changed, so their size is only measured then.
+  const bool gaps = changed <= (units + 7) / 8;
   std::vector<EncodedBlock> blocks(nblocks);
   parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint8_t> plane;
-    for (int64_t b = lo; b < hi; ++b) encode_block(blocks[b], units, unit, b, bitmap, values + value_start[b] * unit, plane);
+    for (int64_t b = lo; b < hi; ++b) {
+      encode_block(blocks[b], units, unit, b, value_start[b + 1] - value_start[b], bitmap, values + value_start[b] * unit, gaps);
+    }
   });
   uint64_t gap_bytes = 0, blocks_bytes = 8, prev = 0;
   bool first = true;
@@ -160,9 +171,9 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
     first = false;
   }
   const uint64_t raw_values = changed * unit;
-  PositionEncoding enc = PositionEncoding::kGaps;
-  uint64_t best = gap_bytes + raw_values;
-  if (bitmap_bytes + raw_values < best) enc = PositionEncoding::kBitmap, best = bitmap_bytes + raw_values;
+  PositionEncoding enc = PositionEncoding::kBitmap;
+  uint64_t best = bitmap_bytes + raw_values;
+  if (gaps && gap_bytes + raw_values <= best) enc = PositionEncoding::kGaps, best = gap_bytes + raw_values;
   if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
 
   size_t start = out.size();
@@ -238,6 +249,23 @@ void encode_record_parts(std::string& out, std::string_view name, DType dtype, u
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
   encode_parts(out, name, dtype, units, changed, bitmap, values);
+}
+
+void xor_diff(uint8_t* buf, uint64_t units, uint32_t unit, const uint8_t* bitmap, const uint8_t* values) {
+  const std::vector<uint64_t> value_start = block_value_starts(units, bitmap);
+  parallel_for(static_cast<int64_t>(value_start.size() - 1), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const uint64_t begin = b * kBlockUnits, nbytes = (block_len(units, kBlockUnits, b) + 7) / 8;
+      const uint8_t* src = values + value_start[b] * unit;
+      for (uint64_t byte = 0; byte < nbytes; ++byte) {
+        for (unsigned bits = bitmap[begin / 8 + byte]; bits; bits &= bits - 1) {
+          uint8_t* dst = buf + (begin + byte * 8 + static_cast<uint64_t>(std::countr_zero(bits))) * unit;
+          for (uint32_t u = 0; u < unit; ++u) dst[u] ^= src[u];
+          src += unit;
+        }
+      }
+    }
+  });
 }
 
 std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t records) {

@@ -95,19 +95,20 @@ Error bad(std::string_view where, const std::string& msg) { return Error(ErrorCo
 
 }  // namespace
 
-void encode(const uint8_t* in, size_t n, std::string& out) {
+void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  if (n > (size_t{1} << 31)) throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
   std::array<uint64_t, 256> freq{};
   {
     // Four histograms break the store-to-load dependency on runs of one value.
-    std::array<std::array<uint64_t, 256>, 4> h{};
+    std::array<std::array<uint32_t, 256>, 4> h{};
     size_t i = 0;
     for (; i + 4 <= n; i += 4) {
-      h[0][in[i]]++;
-      h[1][in[i + 1]]++;
-      h[2][in[i + 2]]++;
-      h[3][in[i + 3]]++;
+      h[0][in[i * stride]]++;
+      h[1][in[(i + 1) * stride]]++;
+      h[2][in[(i + 2) * stride]]++;
+      h[3][in[(i + 3) * stride]]++;
     }
-    for (; i < n; ++i) h[0][in[i]]++;
+    for (; i < n; ++i) h[0][in[i * stride]]++;
     for (int s = 0; s < 256; ++s) freq[s] = h[0][s] + h[1][s] + h[2][s] + h[3][s];
   }
   int used = 0;
@@ -126,7 +127,13 @@ void encode(const uint8_t* in, size_t n, std::string& out) {
   const uint64_t huff_bytes = kTableBytes + (bits + 7) / 8;
   if (used < 2 || huff_bytes >= n) {
     put_header(out, Mode::kRaw, n);
-    out.append(reinterpret_cast<const char*>(in), n);
+    if (stride == 1) {
+      out.append(reinterpret_cast<const char*>(in), n);
+    } else {
+      const size_t start = out.size();
+      out.resize(start + n);
+      for (size_t i = 0; i < n; ++i) out[start + i] = static_cast<char>(in[i * stride]);
+    }
     return;
   }
   put_header(out, Mode::kHuffman, huff_bytes);
@@ -138,9 +145,12 @@ void encode(const uint8_t* in, size_t n, std::string& out) {
   uint8_t* dst = reinterpret_cast<uint8_t*>(out.data()) + start;
   uint64_t acc = 0;
   int nbits = 0;
+  std::array<uint32_t, 256> code{};  // reversed code | length << 16: one load per symbol
+  for (int s = 0; s < 256; ++s) code[s] = rev[s] | (static_cast<uint32_t>(len[s]) << 16);
   for (size_t i = 0; i < n; ++i) {
-    acc |= static_cast<uint64_t>(rev[in[i]]) << nbits;
-    nbits += len[in[i]];
+    const uint32_t c = code[in[i * stride]];
+    acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
+    nbits += static_cast<int>(c >> 16);
     if (nbits >= 32) {
       std::memcpy(dst, &acc, 4);  // little-endian host (bytes.hpp): the low bits go first
       dst += 4;

@@ -1,6 +1,7 @@
 // The checkpoint store: create/open (lock, recovery, loading the head into host memory), save, restore,
 // compare, verify and gc. Materialization and its journal are in materialize.cpp.
 #include <dirent.h>
+#include <sys/mman.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "ckpt/cuda_host.hpp"
 #include "livetrain/ckpt.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
@@ -31,7 +33,65 @@ void report(const Progress& p, std::string_view what, uint64_t done, uint64_t to
   if (p) p(what, done, total);
 }
 
+// The one device of a call's live tensors (-1: host memory); mixing is refused.
+int live_device(const std::vector<LiveTensor>& live) {
+  int device = live.empty() ? -1 : live.front().device;
+  for (const auto& t : live) {
+    if (t.device != device) {
+      throw Error(ErrorCode::kInvalidArg, "live tensors \"" + live.front().name + "\" and \"" + t.name +
+                                              "\" are on different devices; pass the weights of one device");
+    }
+  }
+  return device;
+}
+
 }  // namespace
+
+Store::HeadCopy::HeadCopy(const std::vector<TensorEntry>& tensors) {
+  for (const auto& t : tensors) {
+    size_ = (size_ + 63) / 64 * 64;
+    offsets_.push_back(size_);
+    size_ += t.nbytes;
+  }
+  if (size_ == 0) return;
+  void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw io_error("allocate " + std::to_string(size_) + " bytes for the checkpoint store's head copy");
+  ::madvise(p, size_, MADV_HUGEPAGE);  // fewer TLB misses on scans; a hint only
+  base_ = static_cast<uint8_t*>(p);
+}
+
+Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
+    : base_(o.base_), size_(o.size_), offsets_(std::move(o.offsets_)), gpu_base_(o.gpu_base_) {
+  o.base_ = o.gpu_base_ = nullptr;
+  o.size_ = 0;
+}
+
+Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
+  if (this != &o) {
+    release();
+    base_ = o.base_;
+    size_ = o.size_;
+    offsets_ = std::move(o.offsets_);
+    gpu_base_ = o.gpu_base_;
+    o.base_ = o.gpu_base_ = nullptr;
+    o.size_ = 0;
+  }
+  return *this;
+}
+
+Store::HeadCopy::~HeadCopy() { release(); }
+
+void Store::HeadCopy::release() noexcept {
+  if (gpu_base_) cuda_host::unpin(base_);
+  if (base_) ::munmap(base_, size_);
+  base_ = gpu_base_ = nullptr;
+  size_ = 0;
+}
+
+const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
+  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda_host::pin(base_, size_));
+  return (gpu_base_ ? gpu_base_ : base_) + offsets_[i];
+}
 
 void crash_point(std::string_view point) {
   const char* at = std::getenv("LIVETRAIN_CKPT_CRASH_AT");  // read each time: set after fork in tests
@@ -107,22 +167,23 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, Pr
                                           "): it was changed outside livetrain, or this is another model");
     }
   }
-  s.head_.resize(c.tensors.size());
-  for (size_t i = 0; i < c.tensors.size(); ++i) {
-    const TensorEntry& t = c.tensors[i];
-    const uint8_t* src = maps[t.file].data() + t.offset;
-    s.head_[i].assign(src, src + t.nbytes);
-  }
+  s.head_ = HeadCopy(c.tensors);
+  parallel_for(static_cast<int64_t>(c.tensors.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const TensorEntry& t = c.tensors[i];
+      std::memcpy(s.head_.tensor(i), maps[t.file].data() + t.offset, t.nbytes);
+    }
+  });
   report(progress, "replay deltas", 0, c.head - c.materialized);
   std::vector<uint8_t*> ptrs;
-  for (auto& b : s.head_) ptrs.push_back(b.data());
+  for (size_t i = 0; i < c.tensors.size(); ++i) ptrs.push_back(s.head_.tensor(i));
   s.xor_range(c.materialized, c.head, ptrs);
   return s;
 }
 
 void Store::close() {
   lock_ = fs::Fd();
-  std::vector<std::vector<uint8_t>>().swap(head_);
+  head_ = HeadCopy();
   broken_ = true;
 }
 
@@ -208,9 +269,12 @@ std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
     throw Error(ErrorCode::kNotFound, "generation " + std::to_string(generation) + " is not in the store (it holds " +
                                           std::to_string(commit_.oldest) + ".." + std::to_string(commit_.head) + ")");
   }
-  std::vector<std::vector<uint8_t>> bufs = head_;
+  std::vector<std::vector<uint8_t>> bufs(commit_.tensors.size());
   std::vector<uint8_t*> ptrs;
-  for (auto& b : bufs) ptrs.push_back(b.data());
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    bufs[i].assign(head_.tensor(i), head_.tensor(i) + commit_.tensors[i].nbytes);
+    ptrs.push_back(bufs[i].data());
+  }
   xor_range(generation, commit_.head, ptrs);
   return bufs;
 }
@@ -233,42 +297,50 @@ void Store::write_commit(const Commit& c) {
 SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& options) {
   check_usable();
   check_live(live);
+  const int device = live_device(live);
   std::vector<uint8_t*> now = live_pointers(commit_, live);
   const size_t n = commit_.tensors.size();
-  std::vector<std::string> records(n);
-  std::vector<uint64_t> changed(n, 0);
   SaveResult res;
-  for (const auto& t : commit_.tensors) {
-    res.elements += t.nbytes / unit_bytes(t.dtype);
-    res.model_bytes += t.nbytes;
-  }
-  report(options.progress, "diff", 0, n);
-  parallel_for(static_cast<int64_t>(n), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const TensorEntry& t = commit_.tensors[i];
-      changed[i] = encode_record(records[i], t.name, t.dtype, t.nbytes / unit_bytes(t.dtype), head_[i].data(), now[i]);
-    }
-  });
-  uint32_t count = 0;
-  size_t total = 40;
+  std::vector<DiffTensor> diff(n);
+  if (device >= 0) cuda_host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
-    res.changed += changed[i];
-    count += changed[i] ? 1 : 0;
-    total += records[i].size();
+    const TensorEntry& t = commit_.tensors[i];
+    const uint32_t unit = unit_bytes(t.dtype);
+    res.elements += t.nbytes / unit;
+    res.model_bytes += t.nbytes;
+    diff[i] = DiffTensor{now[i], device >= 0 ? head_.gpu_tensor(i) : head_.tensor(i), t.nbytes / unit, unit};
+  }
+  // The diff: bitmaps and the changed elements' XOR values, in host memory either way.
+  report(options.progress, device >= 0 ? "diff on the GPU" : "diff", 0, n);
+  using clock = std::chrono::steady_clock;
+  auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
+  auto t0 = clock::now();
+  DiffOutput d;
+  if (device >= 0) delta_diff_cuda(diff, d, nullptr);
+  else delta_diff_cpu(diff, d);
+  res.diff_seconds = seconds_since(t0);
+  uint32_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    res.changed += d.changed[i];
+    count += d.changed[i] ? 1 : 0;
   }
   if (res.changed == 0 && !options.save_if_unchanged) {
     res.generation = commit_.head;
     return res;
   }
-  uint64_t g = commit_.head + 1;
+  t0 = clock::now();
+  const uint64_t g = commit_.head + 1;
   std::string file = delta_file_header(g, commit_.head, count);
-  file.reserve(total);
-  for (auto& r : records) {
-    file += r;
-    std::string().swap(r);
+  for (size_t i = 0; i < n; ++i) {
+    report(options.progress, "encode", i, n);
+    const TensorEntry& t = commit_.tensors[i];
+    encode_record_parts(file, t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
+                        d.values.data + d.value_offset[i]);
   }
   uint64_t sum = xxh64(file.data(), file.size());
   file.append(reinterpret_cast<const char*>(&sum), 8);
+  res.encode_seconds = seconds_since(t0);
+  t0 = clock::now();
 
   Generation gen;
   gen.generation = g;
@@ -305,13 +377,11 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   }
   commit_.head = g;
   commit_.generations.push_back(gen);
-  // The head copy follows from the bytes just committed, through the same code that replays on open.
-  std::vector<uint8_t*> ptrs;
-  for (auto& b : head_) ptrs.push_back(b.data());
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < n; ++i) index[commit_.tensors[i].name] = i;
-  delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), delta_path,
-              [&](const DeltaRecord& r) { apply_record(r, ptrs[index.at(r.name)], delta_path); });
+  // The head copy follows the committed delta: the same bitmaps and values the file was encoded from.
+  for (size_t i = 0; i < n; ++i) {
+    if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
+  }
+  res.write_seconds = seconds_since(t0);
   res.written = true;
   res.generation = g;
   res.bytes = gen.bytes;
@@ -325,27 +395,39 @@ void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& liv
   // Validate every delta on the way before touching the live weights.
   for (uint64_t g = std::min(generation, commit_.head) + 1; g <= commit_.head; ++g) xor_generation(g, [](size_t, const DeltaRecord&) {});
   std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
-  for (size_t i = 0; i < ptrs.size(); ++i) std::memcpy(ptrs[i], head_[i].data(), head_[i].size());
+  if (const int device = live_device(live); device >= 0) {
+    // Staged in host memory (state() checks every delta on the way), then copied tensor by tensor.
+    std::vector<std::vector<uint8_t>> bufs = state(generation);
+    cuda_host::set_device(device);
+    for (size_t i = 0; i < ptrs.size(); ++i) cuda_host::to_device(ptrs[i], bufs[i].data(), bufs[i].size());
+    return;
+  }
+  for (size_t i = 0; i < ptrs.size(); ++i) std::memcpy(ptrs[i], head_.tensor(i), commit_.tensors[i].nbytes);
   xor_range(generation, commit_.head, ptrs);
 }
 
 LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>& live) {
   check_live(live);
+  const int device = live_device(live);
   std::vector<std::vector<uint8_t>> other;
-  const std::vector<std::vector<uint8_t>>* ref = &head_;
-  if (generation != commit_.head) {
-    other = state(generation);
-    ref = &other;
-  }
+  if (generation != commit_.head) other = state(generation);
   std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
+  if (device >= 0) cuda_host::set_device(device);
+  std::vector<uint8_t> staged;
   LiveDiff d;
   for (size_t i = 0; i < ptrs.size(); ++i) {
     const auto& t = commit_.tensors[i];
-    const uint8_t* a = (*ref)[i].data();
-    if (std::memcmp(a, ptrs[i], t.nbytes) == 0) continue;
+    const uint8_t* a = other.empty() ? head_.tensor(i) : other[i].data();
+    const uint8_t* b = ptrs[i];
+    if (device >= 0) {
+      staged.resize(t.nbytes);
+      cuda_host::to_host(staged.data(), ptrs[i], t.nbytes);
+      b = staged.data();
+    }
+    if (std::memcmp(a, b, t.nbytes) == 0) continue;
     uint32_t u = unit_bytes(t.dtype);
     uint64_t diff = 0;
-    for (uint64_t k = 0; k < t.nbytes / u; ++k) diff += std::memcmp(a + k * u, ptrs[i] + k * u, u) != 0;
+    for (uint64_t k = 0; k < t.nbytes / u; ++k) diff += std::memcmp(a + k * u, b + k * u, u) != 0;
     if (d.tensors++ == 0) d.first = t.name;
     d.elements += diff;
   }

@@ -82,7 +82,7 @@ Args parse(const std::vector<std::string>& args) {
   return a;
 }
 
-// The live weights behind a manifest, as host tensors (the shm path; CUDA weights are not reachable here).
+// The live weights behind a manifest: host tensors (shared memory) or GPU tensors (CUDA IPC), in place.
 struct Live {
   std::shared_ptr<sharing::Attachment> attachment;
   std::vector<ckpt::LiveTensor> tensors;
@@ -92,14 +92,10 @@ Live attach(const std::string& manifest) {
   Live l;
   l.attachment = sharing::Attachment::open(manifest);
   for (const auto& v : l.attachment->views()) {
-    if (v.device >= 0) {
-      throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name +
-                                               "\" is in GPU memory; the CLI checkpoints host (shared-memory) weights only");
-    }
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
     }
-    l.tensors.push_back(ckpt::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data});
+    l.tensors.push_back(ckpt::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
   }
   return l;
 }

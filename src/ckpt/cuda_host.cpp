@@ -1,0 +1,50 @@
+// The CUDA runtime calls of the store's GPU path (cuda_host.hpp).
+#include "ckpt/cuda_host.hpp"
+
+#include "livetrain/error.hpp"
+
+#ifdef LIVETRAIN_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/check.hpp"
+
+namespace livetrain::ckpt::cuda_host {
+
+void set_device(int device) { LIVETRAIN_CUDA_CHECK(cudaSetDevice(device)); }
+
+void* pin(void* p, size_t n) {
+  LIVETRAIN_CUDA_CHECK(cudaHostRegister(p, n, cudaHostRegisterPortable | cudaHostRegisterMapped));
+  void* dev = nullptr;
+  if (cudaError_t e = cudaHostGetDevicePointer(&dev, p, 0); e != cudaSuccess) {
+    cudaHostUnregister(p);
+    LIVETRAIN_CUDA_CHECK(e);
+  }
+  return dev;
+}
+
+void unpin(void* p) noexcept { cudaHostUnregister(p); }
+
+void to_device(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
+void to_host(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
+
+}  // namespace livetrain::ckpt::cuda_host
+
+#else
+
+namespace livetrain::ckpt::cuda_host {
+
+namespace {
+[[noreturn]] void no_cuda() {
+  throw Error(ErrorCode::kUnsupported, "checkpoint: live weights in GPU memory, but this build of livetrain has no CUDA code");
+}
+}  // namespace
+
+void set_device(int) { no_cuda(); }
+void* pin(void*, size_t) { no_cuda(); }
+void unpin(void*) noexcept {}
+void to_device(void*, const void*, size_t) { no_cuda(); }
+void to_host(void*, const void*, size_t) { no_cuda(); }
+
+}  // namespace livetrain::ckpt::cuda_host
+
+#endif
