@@ -97,6 +97,20 @@ inline constexpr size_t kHashBlock = 4096;
 // ---- hashing ----
 
 uint64_t xxh64(const void* data, size_t size, uint64_t seed = 0);
+// XXH64 of data given in pieces: digest() equals xxh64() of everything passed to update() so far.
+class Xxh64Stream {
+ public:
+  explicit Xxh64Stream(uint64_t seed = 0);
+  void update(const void* data, size_t size);
+  uint64_t digest() const;
+
+ private:
+  uint64_t v_[4];
+  uint64_t seed_;
+  uint64_t total_ = 0;
+  uint8_t buf_[32] = {};
+  size_t buffered_ = 0;
+};
 // The "xxh64-4k" content hash of a byte range (parallel over blocks).
 uint64_t content_hash(const uint8_t* data, size_t size);
 std::string hash_hex(uint64_t h);

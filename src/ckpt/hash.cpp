@@ -1,4 +1,5 @@
 // XXH64 (Yann Collet's xxHash, spec v0.1.1) and the "xxh64-4k" content hash of model and delta files.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -31,29 +32,10 @@ inline uint64_t merge(uint64_t acc, uint64_t val) { return (acc ^ round(0, val))
 
 }  // namespace
 
-uint64_t xxh64(const void* data, size_t size, uint64_t seed) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  const uint8_t* end = p + size;
-  uint64_t h;
-  if (size >= 32) {
-    uint64_t v1 = seed + kP1 + kP2, v2 = seed + kP2, v3 = seed, v4 = seed - kP1;
-    const uint8_t* limit = end - 32;
-    do {
-      v1 = round(v1, read64(p));
-      v2 = round(v2, read64(p + 8));
-      v3 = round(v3, read64(p + 16));
-      v4 = round(v4, read64(p + 24));
-      p += 32;
-    } while (p <= limit);
-    h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-    h = merge(h, v1);
-    h = merge(h, v2);
-    h = merge(h, v3);
-    h = merge(h, v4);
-  } else {
-    h = seed + kP5;
-  }
-  h += size;
+namespace {
+
+// The tail of XXH64: `h` (after the stripes and the length) mixed with the last < 32 bytes, avalanched.
+uint64_t finish(uint64_t h, const uint8_t* p, const uint8_t* end) {
   while (p + 8 <= end) {
     h ^= round(0, read64(p));
     h = rotl(h, 27) * kP1 + kP4;
@@ -75,6 +57,63 @@ uint64_t xxh64(const void* data, size_t size, uint64_t seed) {
   h *= kP3;
   h ^= h >> 32;
   return h;
+}
+
+uint64_t converge(const uint64_t v[4]) {
+  uint64_t h = rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18);
+  for (int i = 0; i < 4; ++i) h = merge(h, v[i]);
+  return h;
+}
+
+}  // namespace
+
+uint64_t xxh64(const void* data, size_t size, uint64_t seed) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  const uint8_t* end = p + size;
+  uint64_t h;
+  if (size >= 32) {
+    uint64_t v[4] = {seed + kP1 + kP2, seed + kP2, seed, seed - kP1};
+    const uint8_t* limit = end - 32;
+    do {
+      v[0] = round(v[0], read64(p));
+      v[1] = round(v[1], read64(p + 8));
+      v[2] = round(v[2], read64(p + 16));
+      v[3] = round(v[3], read64(p + 24));
+      p += 32;
+    } while (p <= limit);
+    h = converge(v);
+  } else {
+    h = seed + kP5;
+  }
+  return finish(h + size, p, end);
+}
+
+Xxh64Stream::Xxh64Stream(uint64_t seed) : v_{seed + kP1 + kP2, seed + kP2, seed, seed - kP1}, seed_(seed) {}
+
+void Xxh64Stream::update(const void* data, size_t size) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  const uint8_t* end = p + size;
+  total_ += size;
+  auto stripe = [&](const uint8_t* q) {
+    for (int i = 0; i < 4; ++i) v_[i] = round(v_[i], read64(q + 8 * i));
+  };
+  if (buffered_) {
+    size_t take = std::min<size_t>(32 - buffered_, size);
+    std::memcpy(buf_ + buffered_, p, take);
+    buffered_ += take;
+    p += take;
+    if (buffered_ < 32) return;
+    stripe(buf_);
+    buffered_ = 0;
+  }
+  for (; end - p >= 32; p += 32) stripe(p);
+  std::memcpy(buf_, p, static_cast<size_t>(end - p));
+  buffered_ = static_cast<size_t>(end - p);
+}
+
+uint64_t Xxh64Stream::digest() const {
+  uint64_t h = total_ >= 32 ? converge(v_) : seed_ + kP5;
+  return finish(h + total_, buf_, buf_ + buffered_);
 }
 
 uint64_t content_hash(const uint8_t* data, size_t size) {

@@ -9,6 +9,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <set>
@@ -32,6 +37,45 @@ int64_t now_ms() {
 void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
   if (p) p(what, done, total);
 }
+
+// A queue of byte strings from the encoding thread to the writer thread of a save.
+class PartQueue {
+ public:
+  void push(std::string part) {
+    std::lock_guard<std::mutex> lock(mu_);
+    parts_.push_back(std::move(part));
+    cv_.notify_one();
+  }
+  // The next part; nullopt once closed and drained, or aborted.
+  std::optional<std::string> pop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return aborted_ || closed_ || !parts_.empty(); });
+    if (aborted_ || parts_.empty()) return std::nullopt;
+    std::string part = std::move(parts_.front());
+    parts_.pop_front();
+    return part;
+  }
+  void close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    cv_.notify_one();
+  }
+  void abort() {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    cv_.notify_one();
+  }
+  bool aborted() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return aborted_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> parts_;
+  bool closed_ = false, aborted_ = false;
+};
 
 // The one device of a call's live tensors (-1: host memory); mixing is refused.
 int live_device(const std::vector<LiveTensor>& live) {
@@ -330,31 +374,74 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   }
   t0 = clock::now();
   const uint64_t g = commit_.head + 1;
-  std::string file = delta_file_header(g, commit_.head, count);
-  for (size_t i = 0; i < n; ++i) {
-    report(options.progress, "encode", i, n);
-    const TensorEntry& t = commit_.tensors[i];
-    encode_record_parts(file, t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
-                        d.values.data + d.value_offset[i]);
-  }
-  uint64_t sum = xxh64(file.data(), file.size());
-  file.append(reinterpret_cast<const char*>(&sum), 8);
-  res.encode_seconds = seconds_since(t0);
-  t0 = clock::now();
-
   Generation gen;
   gen.generation = g;
   gen.parent = commit_.head;
   gen.time_ms = now_ms();
   gen.weight_version = options.weight_version;
   gen.delta = delta_file_name(g);
-  gen.bytes = file.size();
   gen.changed = res.changed;
-  gen.delta_hash = sum;
-  std::string delta_path = fs::join(dir_, gen.delta);
+  const std::string delta_path = fs::join(dir_, gen.delta);
   std::string optim_path;
-  report(options.progress, "write delta", 0, file.size());
-  fs::write_file_atomic(delta_path, file);
+
+  // The head copy follows the delta being written: the same bitmaps and values the file is encoded
+  // from. It is updated while the writer drains, and XORed back (deltas are self-inverse) if the
+  // generation does not commit.
+  bool head_moved = false;
+  auto move_head = [&] {
+    for (size_t i = 0; i < n; ++i) {
+      if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
+    }
+    head_moved = !head_moved;
+  };
+  try {
+    // Encoding and writing overlap: this thread encodes the records in order (each in parallel over its
+    // blocks), a writer thread appends each finished record to the temporary file and hashes it.
+    fs::write_file_atomic(delta_path, [&](fs::Writer& w) {
+      PartQueue queue;
+      Xxh64Stream hash;
+      std::exception_ptr write_error;
+      std::thread writer([&] {
+        try {
+          while (std::optional<std::string> part = queue.pop()) {
+            hash.update(part->data(), part->size());
+            w.write(*part);
+          }
+        } catch (...) {
+          write_error = std::current_exception();
+          queue.abort();
+        }
+      });
+      try {
+        queue.push(delta_file_header(g, commit_.head, count));
+        for (size_t i = 0; i < n && !queue.aborted(); ++i) {
+          if (!d.changed[i]) continue;
+          report(options.progress, "encode and write", i, n);
+          std::string rec;
+          const TensorEntry& t = commit_.tensors[i];
+          encode_record_parts(rec, t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
+                              d.values.data + d.value_offset[i]);
+          queue.push(std::move(rec));
+        }
+        res.encode_seconds = seconds_since(t0);
+        t0 = clock::now();
+        if (!queue.aborted()) move_head();
+      } catch (...) {
+        queue.abort();
+        writer.join();
+        throw;
+      }
+      queue.close();
+      writer.join();
+      if (write_error) std::rethrow_exception(write_error);
+      gen.delta_hash = hash.digest();
+      w.write(&gen.delta_hash, 8);
+      gen.bytes = w.bytes_written();
+    });
+  } catch (...) {
+    if (head_moved) move_head();
+    throw;
+  }
   crash_point("delta-written");
   try {
     if (!options.optimizer_state.empty()) {
@@ -369,18 +456,15 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     c.generations.push_back(gen);
     write_commit(c);
   } catch (...) {
-    if (!broken_) {  // the commit did not happen: the new files are garbage
+    if (!broken_) {  // the commit did not happen: the new files are garbage, the head goes back
       ::unlink(delta_path.c_str());
       if (!optim_path.empty()) ::unlink(optim_path.c_str());
+      move_head();
     }
     throw;
   }
   commit_.head = g;
   commit_.generations.push_back(gen);
-  // The head copy follows the committed delta: the same bitmaps and values the file was encoded from.
-  for (size_t i = 0; i < n; ++i) {
-    if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
-  }
   res.write_seconds = seconds_since(t0);
   res.written = true;
   res.generation = g;

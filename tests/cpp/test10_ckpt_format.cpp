@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <algorithm>
 #include <random>
 
 #include "livetrain/ckpt.hpp"
@@ -45,6 +46,20 @@ TEST(CkptHash, Xxh64MatchesPublishedVectors) {
   EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64("abc", 3)), "44bc2cf5ad770999");
   std::string s = "Nobody inspects the spammish repetition";
   EXPECT_EQ(ckpt::hash_hex(ckpt::xxh64(s.data(), s.size())), "fbcea83c8a378bf1");
+}
+
+TEST(CkptHash, StreamingEqualsOneShotForEverySplit) {
+  std::mt19937_64 rng(9);
+  std::string data(300, '\0');
+  for (auto& c : data) c = static_cast<char>(rng());
+  for (size_t n : {0ul, 1ul, 31ul, 32ul, 33ul, 64ul, 100ul, 300ul}) {
+    const uint64_t want = ckpt::xxh64(data.data(), n, 7);
+    for (size_t piece : {1ul, 5ul, 31ul, 32ul, 33ul, 300ul}) {
+      ckpt::Xxh64Stream h(7);
+      for (size_t at = 0; at < n; at += piece) h.update(data.data() + at, std::min(piece, n - at));
+      EXPECT_EQ(h.digest(), want) << n << " in pieces of " << piece;
+    }
+  }
 }
 
 TEST(CkptHash, ContentHashIsXxh64OfBlockHashes) {
