@@ -144,3 +144,38 @@ def test_bad_input_is_one_line_and_nonzero(cli, live, tmp_path):
     for form in (["checkpoint", "--help"], ["help", "checkpoint"]):
         r = run(cli, *form)
         assert r.returncode == 0 and r.stdout.startswith("usage: livetrain checkpoint")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cli_checkpoints_gpu_weights_through_a_cuda_manifest(cli, tmp_path):
+    """The cron case against a GPU engine: this process exports CUDA weights (CUDA IPC), the CLI attaches,
+    diffs them on the GPU, saves, verifies and restores them in place."""
+    torch.manual_seed(1)
+    host = {
+        "model.embed_tokens.weight": (torch.randn(1100, 1024) * 0.02).to(torch.bfloat16),  # two blocks
+        "model.norm.weight": torch.ones(64),
+    }
+    model = tmp_path / "model"
+    model.mkdir()
+    lst.save_model(model, host, max_shard_bytes=1 << 20)
+    tensors = {k: v.cuda() for k, v in host.items()}
+    exported = livetrain.export_cuda(tensors, tmp_path / "m.json", model_path=str(model))
+    manifest = str(tmp_path / "m.json")
+    try:
+        states = [{k: v.cpu() for k, v in tensors.items()}]
+        for g, frac in enumerate([0.2, 0.01], start=1):
+            with torch.no_grad():
+                for t in tensors.values():
+                    mask = torch.rand(t.shape, device="cuda") < frac
+                    t[mask] = (t[mask].float() * 1.01 + 1e-3).to(t.dtype)
+            torch.cuda.synchronize()
+            states.append({k: v.cpu() for k, v in tensors.items()})
+            r = ok_json(cli, "checkpoint", "save", str(model), "--manifest", manifest, "--weight-version", str(g))
+            assert r["written"] and r["generation"] == g and r["changed"] > 0
+        assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", manifest)["ok"]
+        ok_json(cli, "checkpoint", "restore", str(model), "1", "--manifest", manifest)
+        assert equal({k: v.cpu() for k, v in tensors.items()}, states[1])
+        ok_json(cli, "checkpoint", "restore", str(model), "2", "--out", str(tmp_path / "out"))
+        assert equal(load_dir(tmp_path / "out"), states[2])
+    finally:
+        exported.close()
