@@ -136,6 +136,20 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values);
 
+// One record to encode from a diff's parts (as encode_record_parts takes them).
+struct RecordParts {
+  std::string_view name;
+  DType dtype = DType::kU8;
+  uint64_t units = 0;
+  uint64_t changed = 0;
+  const uint8_t* bitmap = nullptr;
+  const uint8_t* values = nullptr;
+};
+
+// Encodes several records, each as encode_record_parts would, with one parallel region over all their
+// blocks; outs[i] receives record i (empty when its changed == 0).
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs);
+
 // XORs a diff's `values` (changed × unit bytes, position order) into `buf` at the positions `bitmap` marks
 // (ceil(units/8) bytes, LSB first); parallel over blocks. The inverse of itself.
 void xor_diff(uint8_t* buf, uint64_t units, uint32_t unit, const uint8_t* bitmap, const uint8_t* values);
@@ -176,7 +190,8 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
 struct DiffTensor {
   const void* now = nullptr;  // [units × unit] the live weights (device memory for delta_diff_cuda)
   const void* old = nullptr;  // [units × unit] the last durable bytes (for delta_diff_cuda: device memory,
-                              // or pinned host memory, which the kernel then reads over PCIe)
+                              // or pinned host memory, which the kernel then reads over PCIe; written
+                              // when delta_diff_cuda is asked to update it)
   uint64_t units = 0;
   uint32_t unit = 2;
 };
@@ -221,14 +236,28 @@ struct DiffOutput {
 
 // CPU reference (multithreaded over tensors); `now` and `old` are host memory.
 void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out);
-// The same result computed on the current CUDA device: a count pass (per-warp ballots write the bitmap,
+
+// Page-locked, GPU-mapped host buffers for delta_diff_cuda's outputs, kept between calls and grown as
+// needed (by a quarter more than asked), so that a store's saves stop allocating once sizes settle.
+struct DiffWorkspace {
+  HostBytes bitmaps, values;
+};
+// Sizes a workspace ahead of time (page-locking is slow: a store does it on its first GPU save).
+void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value_bytes);
+
+// The same result computed on the current CUDA device: a count pass (per-warp ballots give the bitmap,
 // per-block counts), a prefix sum over the block counts, then a compaction pass that places each
-// changed element's XOR by its rank, and copies of only the bitmaps and the compacted values into pinned
-// host memory. Positions come from the count pass's bitmap, so the record stays self-consistent while
-// the weights are written concurrently (an element changed back in between is recorded with XOR 0,
-// which applies as no change). Synchronizes `stream` (a cudaStream_t) before returning. Throws
-// Error(kUnsupported) in builds without CUDA.
-void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream);
+// changed element's XOR by its rank. The bitmaps are written straight into page-locked host memory;
+// the values go through a bounded device scratch buffer (256 MiB) and are copied to page-locked host
+// memory group by group. Positions come from the count pass's bitmap, so the record stays
+// self-consistent while the weights are written concurrently (an element changed back in between is
+// recorded with XOR 0, which applies as no change). With `workspace`, the outputs are views into it
+// (valid until its next use); without, `out` owns them. With `update_old`, each `old` is afterwards
+// the state the output describes (old ^ XOR at every marked position, i.e. the `now` bits read there),
+// written back by whole 32-element rows that hold a change; `old` must then be writable. Synchronizes
+// `stream` (a cudaStream_t) before returning. Throws Error(kUnsupported) in builds without CUDA.
+void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream,
+                     DiffWorkspace* workspace = nullptr, bool update_old = false);
 
 // ---- journal codec ----
 
@@ -430,6 +459,7 @@ class Store {
   };
 
   HeadCopy head_;
+  DiffWorkspace diff_workspace_;  // for GPU saves: the diff's page-locked outputs, reused
   bool broken_ = false;  // a commit step failed after the point where memory and disk may disagree
 };
 

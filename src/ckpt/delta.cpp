@@ -124,43 +124,10 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
   for (uint32_t p = 0; p < unit; ++p) entropy::encode(values + p, k, out.bytes, unit);
 }
 
-// value_start[b]: the rank of block b's first change (popcounts of the blocks before it, in parallel);
-// value_start[nblocks] is the total.
-std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) {
-  const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
-  std::vector<uint64_t> value_start(nblocks + 1, 0);
-  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const uint8_t* bits = bitmap + b * kBlockUnits / 8;
-      uint64_t c = 0;
-      for (uint64_t i = 0; i < (block_len(units, kBlockUnits, b) + 7) / 8; ++i) c += static_cast<uint64_t>(std::popcount(bits[i]));
-      value_start[b + 1] = c;
-    }
-  });
-  for (uint64_t b = 0; b < nblocks; ++b) value_start[b + 1] += value_start[b];
-  return value_start;
-}
-
-// Appends a record from its parts (bitmap and XOR values), in the smallest of the three encodings.
-void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
-                  const uint8_t* bitmap, const uint8_t* values) {
-  const uint32_t unit = unit_bytes(dtype);
-  const uint64_t bitmap_bytes = (units + 7) / 8;
-  const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
-  // Each block's values start at the rank of its first change: count first, then encode in parallel.
-  const std::vector<uint64_t> value_start = block_value_starts(units, bitmap);
-  if (value_start[nblocks] != changed) {
-    throw Error(ErrorCode::kInvalidArg, "checkpoint: bitmap holds " + std::to_string(value_start[nblocks]) + " changes, not " + std::to_string(changed));
-  }
-  // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8) bytes
-  // when no more elements than that changed, so their size is only measured then.
-  const bool gaps = changed <= (units + 7) / 8;
-  std::vector<EncodedBlock> blocks(nblocks);
-  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      encode_block(blocks[b], units, unit, b, value_start[b + 1] - value_start[b], bitmap, values + value_start[b] * unit, gaps);
-    }
-  });
+// Appends record `r` from its encoded blocks, in the smallest of the three encodings.
+void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps) {
+  const uint32_t unit = unit_bytes(r.dtype);
+  const uint64_t bitmap_bytes = (r.units + 7) / 8;
   uint64_t gap_bytes = 0, blocks_bytes = 8, prev = 0;
   bool first = true;
   for (const auto& blk : blocks) {
@@ -170,26 +137,27 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
     prev = blk.last;
     first = false;
   }
-  const uint64_t raw_values = changed * unit;
+  const uint64_t raw_values = r.changed * unit;
   PositionEncoding enc = PositionEncoding::kBitmap;
   uint64_t best = bitmap_bytes + raw_values;
   if (gaps && gap_bytes + raw_values <= best) enc = PositionEncoding::kGaps, best = gap_bytes + raw_values;
   if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
 
   size_t start = out.size();
-  put<uint32_t>(out, static_cast<uint32_t>(name.size()));
-  out.append(name);
-  out.push_back(static_cast<char>(dtype));
+  out.reserve(start + best + r.name.size() + 64);
+  put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
+  out.append(r.name);
+  out.push_back(static_cast<char>(r.dtype));
   out.push_back(static_cast<char>(unit));
   out.push_back(static_cast<char>(enc));
   out.push_back(0);
-  put<uint64_t>(out, units);
-  put<uint64_t>(out, changed);
+  put<uint64_t>(out, r.units);
+  put<uint64_t>(out, r.changed);
   switch (enc) {
     case PositionEncoding::kBitmap:
       put<uint64_t>(out, bitmap_bytes);
-      out.append(reinterpret_cast<const char*>(bitmap), bitmap_bytes);
-      out.append(reinterpret_cast<const char*>(values), raw_values);
+      out.append(reinterpret_cast<const char*>(r.bitmap), bitmap_bytes);
+      out.append(reinterpret_cast<const char*>(r.values), raw_values);
       break;
     case PositionEncoding::kGaps: {
       put<uint64_t>(out, gap_bytes);
@@ -197,7 +165,7 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
       prev = 0;
       first = true;
       for (uint64_t byte = 0; byte < bitmap_bytes; ++byte) {
-        for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
+        for (unsigned bits = r.bitmap[byte]; bits; bits &= bits - 1) {
           uint64_t i = byte * 8 + static_cast<uint64_t>(std::countr_zero(bits));
           put_varint(out, first ? i : i - prev - 1);
           prev = i;
@@ -205,7 +173,7 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
         }
       }
       if (out.size() - pos_start != gap_bytes) throw Error(ErrorCode::kInvalidArg, "checkpoint: gap size mismatch");
-      out.append(reinterpret_cast<const char*>(values), raw_values);
+      out.append(reinterpret_cast<const char*>(r.values), raw_values);
       break;
     }
     case PositionEncoding::kBlocks:
@@ -220,7 +188,81 @@ void encode_parts(std::string& out, std::string_view name, DType dtype, uint64_t
   put<uint64_t>(out, xxh64(out.data() + start, out.size() - start));
 }
 
+// The changes in block b of a bitmap (popcount of its bytes, eight at a time).
+uint64_t block_count(const uint8_t* bitmap, uint64_t units, uint64_t b) {
+  const uint8_t* bits = bitmap + b * kBlockUnits / 8;
+  const uint64_t nbytes = (block_len(units, kBlockUnits, b) + 7) / 8;
+  uint64_t c = 0, i = 0;
+  for (; i + 8 <= nbytes; i += 8) c += static_cast<uint64_t>(std::popcount(bytes::get<uint64_t>(bits + i)));
+  for (; i < nbytes; ++i) c += static_cast<uint64_t>(std::popcount(bits[i]));
+  return c;
+}
+
+// value_start[b]: the rank of block b's first change; value_start[nblocks] is the total.
+std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) {
+  const uint64_t nblocks = (units + kBlockUnits - 1) / kBlockUnits;
+  std::vector<uint64_t> value_start(nblocks + 1, 0);
+  parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) value_start[b + 1] = block_count(bitmap, units, b);
+  });
+  for (uint64_t b = 0; b < nblocks; ++b) value_start[b + 1] += value_start[b];
+  return value_start;
+}
+
 }  // namespace
+
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs) {
+  // Every block of every record in one list, so that one parallel region covers them all (tensors of a
+  // few blocks would otherwise leave most threads idle).
+  struct Task {
+    size_t record;
+    uint64_t block;
+  };
+  std::vector<Task> tasks;
+  std::vector<size_t> first_task(records.size() + 1, 0);
+  for (size_t r = 0; r < records.size(); ++r) {
+    first_task[r] = tasks.size();
+    if (records[r].changed == 0) continue;
+    for (uint64_t b = 0; b < (records[r].units + kBlockUnits - 1) / kBlockUnits; ++b) tasks.push_back(Task{r, b});
+  }
+  first_task[records.size()] = tasks.size();
+  // Each block's values start at the rank of its first change: count (in parallel), then rank.
+  std::vector<uint64_t> count(tasks.size()), rank(tasks.size());
+  parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) count[t] = block_count(records[tasks[t].record].bitmap, records[tasks[t].record].units, tasks[t].block);
+  });
+  for (size_t r = 0; r < records.size(); ++r) {
+    uint64_t total = 0;
+    for (size_t t = first_task[r]; t < first_task[r + 1]; ++t) {
+      rank[t] = total;
+      total += count[t];
+    }
+    if (total != records[r].changed) {
+      throw Error(ErrorCode::kInvalidArg, "checkpoint: " + std::string(records[r].name) + ": bitmap holds " +
+                                              std::to_string(total) + " changes, not " + std::to_string(records[r].changed));
+    }
+  }
+  std::vector<EncodedBlock> blocks(tasks.size());
+  parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const RecordParts& r = records[tasks[t].record];
+      const uint32_t unit = unit_bytes(r.dtype);
+      // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8)
+      // bytes when no more elements than that changed, so their size is only measured then.
+      encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
+                   r.changed <= (r.units + 7) / 8);
+    }
+  });
+  outs.assign(records.size(), std::string());
+  parallel_for(static_cast<int64_t>(records.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      if (records[r].changed == 0) continue;
+      std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
+                                     std::make_move_iterator(blocks.begin() + first_task[r + 1]));
+      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8);
+    }
+  });
+}
 
 uint32_t unit_bytes(DType dtype) {
   uint32_t bits = dtype_bits(dtype);
@@ -241,14 +283,16 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
     default: throw Error(ErrorCode::kUnsupported, "checkpoint: element size " + std::to_string(unit));
   }
   if (changed == 0) return 0;
-  encode_parts(out, name, dtype, units, changed, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()));
+  encode_record_parts(out, name, dtype, units, changed, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()));
   return changed;
 }
 
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
-  encode_parts(out, name, dtype, units, changed, bitmap, values);
+  std::vector<std::string> outs;
+  encode_records({RecordParts{name, dtype, units, changed, bitmap, values}}, outs);
+  out += outs[0];
 }
 
 void xor_diff(uint8_t* buf, uint64_t units, uint32_t unit, const uint8_t* bitmap, const uint8_t* values) {

@@ -24,10 +24,12 @@ constexpr int kWarps = kThreads / 32;
 // warps ever write the same word, so no atomics and no memset are needed.
 constexpr uint64_t kChunk = 8192;
 static_assert(kChunk % kThreads == 0);
+// Device scratch for the compacted values of pass 2 (bounded, whatever the model's size).
+constexpr uint64_t kScratchBytes = uint64_t{256} << 20;
 
 struct DevTensor {
   const uint8_t* now;    // [units × unit]
-  const uint8_t* old;    // [units × unit], device or pinned host memory
+  uint8_t* old;          // [units × unit], device or pinned host memory (written when update_old)
   uint64_t units;
   uint64_t first_chunk;  // global index of the tensor's first chunk
   uint64_t bitmap_word;  // offset of its bitmap in the bitmap buffer, in 32-bit words
@@ -60,13 +62,31 @@ __device__ __forceinline__ bool differs(const DevTensor& t, uint64_t i) {
   }
 }
 
-__device__ __forceinline__ void write_xor(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank) {
+// The XOR of element i at `rank` in `out`; with `update`, `old` takes the value of `now` that was read
+// (so old ^ XOR stays exactly what the delta records, even while `now` is being written).
+template <typename T>
+__device__ __forceinline__ void xor_one(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
+  const T a = load<T>(t.now, i), b = load<T>(t.old, i);
+  reinterpret_cast<T*>(out)[rank] = a ^ b;
+  if (update) reinterpret_cast<T*>(t.old)[i] = a;
+}
+
+__device__ __forceinline__ void write_xor(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
   switch (t.unit) {
-    case 1: reinterpret_cast<uint8_t*>(out)[rank] = load<uint8_t>(t.now, i) ^ load<uint8_t>(t.old, i); break;
-    case 2: reinterpret_cast<uint16_t*>(out)[rank] = load<uint16_t>(t.now, i) ^ load<uint16_t>(t.old, i); break;
-    case 4: reinterpret_cast<uint32_t*>(out)[rank] = load<uint32_t>(t.now, i) ^ load<uint32_t>(t.old, i); break;
-    default:
-      reinterpret_cast<unsigned long long*>(out)[rank] = load<unsigned long long>(t.now, i) ^ load<unsigned long long>(t.old, i);
+    case 1: xor_one<uint8_t>(t, i, out, rank, update); break;
+    case 2: xor_one<uint16_t>(t, i, out, rank, update); break;
+    case 4: xor_one<uint32_t>(t, i, out, rank, update); break;
+    default: xor_one<unsigned long long>(t, i, out, rank, update);
+  }
+}
+
+// Rewrites an unchanged element of `old` with itself, so that the warp's store to `old` is one whole row.
+__device__ __forceinline__ void copy_old(const DevTensor& t, uint64_t i) {
+  switch (t.unit) {
+    case 1: t.old[i] = t.old[i]; break;
+    case 2: reinterpret_cast<uint16_t*>(t.old)[i] = load<uint16_t>(t.old, i); break;
+    case 4: reinterpret_cast<uint32_t*>(t.old)[i] = load<uint32_t>(t.old, i); break;
+    default: reinterpret_cast<unsigned long long*>(t.old)[i] = load<unsigned long long>(t.old, i);
   }
 }
 
@@ -79,13 +99,14 @@ __global__ void __launch_bounds__(kThreads) diff_count_kernel(const DevTensor* _
   const uint64_t begin = (c - t.first_chunk) * kChunk;
   const uint64_t end = min(begin + kChunk, t.units);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __shared__ uint32_t words[kChunk / 32];
   unsigned count = 0;
   for (uint64_t i0 = begin; i0 < end; i0 += kThreads) {
     const uint64_t w0 = i0 + warp * 32;  // this warp's first element, a multiple of 32
     const uint64_t i = w0 + lane;
     const unsigned ballot = __ballot_sync(0xFFFFFFFFu, i < end && differs(t, i));
     if (lane == 0 && w0 < end) {
-      bitmap[t.bitmap_word + w0 / 32] = ballot;  // bit k = element w0 + k: LSB first, as the file format
+      words[(w0 - begin) / 32] = ballot;  // bit k = element w0 + k: LSB first, as the file format
       count += __popc(ballot);
     }
   }
@@ -97,25 +118,37 @@ __global__ void __launch_bounds__(kThreads) diff_count_kernel(const DevTensor* _
     for (int w = 0; w < kWarps; ++w) total += warp_counts[w];
     chunk_counts[c] = total;
   }
+  // The chunk's bitmap words leave together, coalesced (the bitmap is usually host memory over PCIe).
+  const uint64_t nwords = (end - begin + 31) / 32;
+  for (uint64_t k = threadIdx.x; k < nwords; k += kThreads) bitmap[t.bitmap_word + begin / 32 + k] = words[k];
 }
 
 // Pass 2, one block per chunk: each changed element (by pass 1's bitmap, not re-evaluated, so the count
 // and the offsets stay exact even if the weights changed in between) writes its XOR at its rank.
+// With update_old, every warp whose 32 elements hold a change also writes them back into `old` (the new
+// bits where the bitmap is set, the old ones elsewhere): whole coalesced rows, not scattered elements,
+// because `old` is usually page-locked host memory written over PCIe.
+// Launched over chunks [chunk0, chunk0 + gridDim.x); `values` holds the bytes from offset `value_base` on.
 __global__ void __launch_bounds__(kThreads) diff_compact_kernel(const DevTensor* __restrict__ ts, int n,
                                                                 const uint32_t* __restrict__ bitmap,
                                                                 const uint64_t* __restrict__ chunk_offsets,  // [chunks] bytes
-                                                                uint8_t* __restrict__ values) {
-  const uint64_t c = blockIdx.x;
+                                                                uint64_t chunk0, uint64_t value_base,
+                                                                uint8_t* __restrict__ values, bool update_old) {
+  const uint64_t c = chunk0 + blockIdx.x;
   const DevTensor t = ts[find_tensor(ts, n, c)];
   const uint64_t begin = (c - t.first_chunk) * kChunk;
   const uint64_t end = min(begin + kChunk, t.units);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  uint8_t* out = values + chunk_offsets[c];
+  uint8_t* out = values + (chunk_offsets[c] - value_base);
+  __shared__ uint32_t words[kChunk / 32];  // the chunk's bitmap, read once, coalesced
+  const uint64_t nwords = (end - begin + 31) / 32;
+  for (uint64_t k = threadIdx.x; k < nwords; k += kThreads) words[k] = bitmap[t.bitmap_word + begin / 32 + k];
+  __syncthreads();
   __shared__ unsigned warp_counts[kWarps];
   uint64_t written = 0;  // elements this chunk placed in earlier iterations (the same in every thread)
   for (uint64_t i0 = begin; i0 < end; i0 += kThreads) {
     const uint64_t w0 = i0 + warp * 32;
-    const unsigned word = w0 < end ? bitmap[t.bitmap_word + w0 / 32] : 0u;
+    const unsigned word = w0 < end ? words[(w0 - begin) / 32] : 0u;
     if (lane == 0) warp_counts[warp] = __popc(word);
     __syncthreads();
     unsigned before = 0, total = 0;
@@ -126,7 +159,9 @@ __global__ void __launch_bounds__(kThreads) diff_compact_kernel(const DevTensor*
     }
     if ((word >> lane) & 1u) {
       const uint64_t rank = written + before + __popc(word & ((1u << lane) - 1u));
-      write_xor(t, w0 + lane, out, rank);
+      write_xor(t, w0 + lane, out, rank, update_old);
+    } else if (update_old && word != 0u && w0 + lane < end) {
+      copy_old(t, w0 + lane);
     }
     written += total;
     __syncthreads();  // everyone has read warp_counts before the next iteration overwrites it
@@ -146,19 +181,46 @@ struct DeviceBuffer {
 
 void free_pinned(uint8_t* p) { cudaFreeHost(p); }
 
+// Page-locked host memory the GPU can write (mapped), freed with the HostBytes.
 HostBytes pinned_alloc(size_t bytes) {
   HostBytes b;
   void* p = nullptr;
-  LIVETRAIN_CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 1));
+  LIVETRAIN_CUDA_CHECK(cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocMapped | cudaHostAllocPortable));
   b.data = static_cast<uint8_t*>(p);
   b.size = bytes;
   b.release = free_pinned;
   return b;
 }
 
+// A buffer of at least `bytes`: `owned` grows (by a quarter more, so that sizes creeping up do not
+// reallocate every time) and the result is a non-owning view of it.
+HostBytes view_of(HostBytes& owned, size_t bytes) {
+  if (owned.size < bytes || !owned.data) {
+    owned.reset();
+    owned = pinned_alloc(bytes + bytes / 4);
+  }
+  HostBytes v;
+  v.data = owned.data;
+  v.size = bytes;
+  return v;
+}
+
+template <typename T>
+T* device_view(const HostBytes& b) {
+  void* d = nullptr;
+  LIVETRAIN_CUDA_CHECK(cudaHostGetDevicePointer(&d, b.data, 0));
+  return static_cast<T*>(d);
+}
+
 }  // namespace
 
-void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream_ptr) {
+void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value_bytes) {
+  (void)view_of(ws.bitmaps, bitmap_bytes);
+  (void)view_of(ws.values, value_bytes);
+}
+
+void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream_ptr, DiffWorkspace* ws,
+                     bool update_old) {
   delta_diff_check(tensors);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const size_t n = tensors.size();
@@ -172,14 +234,18 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     if (now % t.unit || old % t.unit) {
       throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is not aligned to its element size " + std::to_string(t.unit));
     }
-    table[i] = DevTensor{static_cast<const uint8_t*>(t.now), static_cast<const uint8_t*>(t.old), t.units, chunks, words, t.unit};
+    table[i] = DevTensor{static_cast<const uint8_t*>(t.now), static_cast<uint8_t*>(const_cast<void*>(t.old)), t.units, chunks, words, t.unit};
     chunks += (t.units + kChunk - 1) / kChunk;
     words += (t.units + 31) / 32;
   }
   if (chunks > static_cast<uint64_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: tensors too large for one launch");
 
+  // The bitmaps and values are written by the kernels straight into page-locked host memory (coalesced
+  // rows over PCIe): no device scratch the size of the delta, and no copy afterwards.
+  DiffWorkspace local;
+  DiffWorkspace& w = ws ? *ws : local;
+  HostBytes bitmaps = view_of(w.bitmaps, words * 4);
   DeviceBuffer d_table(n * sizeof(DevTensor));
-  DeviceBuffer d_bitmap(words * 4);
   DeviceBuffer d_counts(chunks * sizeof(uint32_t));
   DeviceBuffer d_offsets(chunks * sizeof(uint64_t));
   HostBytes h_counts = pinned_alloc(chunks * sizeof(uint32_t));
@@ -191,7 +257,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // Pass 1: count.
   if (chunks) {
     diff_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_table.as<DevTensor>(), static_cast<int>(n),
-                                                                            d_bitmap.as<uint32_t>(), d_counts.as<uint32_t>());
+                                                                            device_view<uint32_t>(bitmaps), d_counts.as<uint32_t>());
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, stream));
   }
@@ -201,6 +267,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // per-tensor totals the record headers need anyway. Each tensor's values start 8-byte aligned.
   const auto* counts = reinterpret_cast<const uint32_t*>(h_counts.data);
   auto* offsets = reinterpret_cast<uint64_t*>(h_offsets.data);
+  std::vector<uint64_t> ends(chunks);  // end of each chunk's values
   out.changed.assign(n, 0);
   out.bitmap_offset.assign(n, 0);
   out.value_offset.assign(n, 0);
@@ -214,26 +281,46 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     for (uint64_t c = table[i].first_chunk; c < last; ++c) {
       offsets[c] = value_total + changed * tensors[i].unit;
       changed += counts[c];
+      ends[c] = value_total + changed * tensors[i].unit;
     }
     out.changed[i] = changed;
     value_total += changed * tensors[i].unit;
   }
 
-  // Pass 2: compact, then copy only the delta (bitmaps and changed values) to pinned host memory.
-  DeviceBuffer d_values(value_total);
-  out.bitmaps = pinned_alloc(words * 4);
-  out.values = pinned_alloc(value_total);
-  if (chunks) {
+  // Pass 2: compact (and move `old` along, when asked), in groups of chunks whose values fit a bounded
+  // device scratch buffer, each group's values copied to the host after its kernel: coalesced writes
+  // to device memory and one DMA per group, instead of small scattered writes over PCIe.
+  HostBytes values = view_of(w.values, value_total);
+  if (chunks && value_total) {
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
-    if (value_total) {
-      diff_compact_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-          d_table.as<DevTensor>(), static_cast<int>(n), d_bitmap.as<uint32_t>(), d_offsets.as<uint64_t>(), d_values.as<uint8_t>());
+    const uint64_t cap = std::min<uint64_t>(value_total, kScratchBytes);  // >= any one chunk's values
+    DeviceBuffer d_values(cap);
+    for (uint64_t c0 = 0; c0 < chunks;) {
+      const uint64_t base = offsets[c0];
+      uint64_t c1 = c0 + 1;
+      while (c1 < chunks && ends[c1] - base <= cap) ++c1;
+      diff_compact_kernel<<<static_cast<unsigned>(c1 - c0), kThreads, 0, stream>>>(
+          d_table.as<DevTensor>(), static_cast<int>(n), device_view<uint32_t>(bitmaps), d_offsets.as<uint64_t>(), c0,
+          base, d_values.as<uint8_t>(), update_old);
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.values.data, d_values.p, value_total, cudaMemcpyDeviceToHost, stream));
+      if (ends[c1 - 1] > base) {
+        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values.p, ends[c1 - 1] - base, cudaMemcpyDeviceToHost, stream));
+      }
+      c0 = c1;
     }
-    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.bitmaps.data, d_bitmap.p, words * 4, cudaMemcpyDeviceToHost, stream));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));  // before d_values goes
   }
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (ws) {
+    out.bitmaps = std::move(bitmaps);  // views into the workspace
+    out.values = std::move(values);
+  } else {
+    // The outputs own their memory: hand over the local workspace's buffers.
+    out.bitmaps = std::move(local.bitmaps);
+    out.bitmaps.size = words * 4;
+    out.values = std::move(local.values);
+    out.values.size = value_total;
+  }
 }
 
 }  // namespace livetrain::ckpt

@@ -108,7 +108,11 @@ void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out) {
 }
 
 #ifndef LIVETRAIN_WITH_CUDA
-void delta_diff_cuda(const std::vector<DiffTensor>&, DiffOutput&, void*) {
+void delta_diff_cuda(const std::vector<DiffTensor>&, DiffOutput&, void*, DiffWorkspace*, bool) {
+  throw Error(ErrorCode::kUnsupported, "delta diff on CUDA: this build of livetrain has no CUDA code");
+}
+
+void diff_workspace_reserve(DiffWorkspace&, size_t, size_t) {
   throw Error(ErrorCode::kUnsupported, "delta diff on CUDA: this build of livetrain has no CUDA code");
 }
 #endif

@@ -360,8 +360,20 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   auto t0 = clock::now();
   DiffOutput d;
-  if (device >= 0) delta_diff_cuda(diff, d, nullptr);
-  else delta_diff_cpu(diff, d);
+  bool head_moved = false;  // the head copy already holds what this save records
+  if (device >= 0) {
+    if (!diff_workspace_.bitmaps.data) {
+      // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
+      uint64_t bitmap_bytes = 0;
+      for (const auto& t : diff) bitmap_bytes += (t.units + 31) / 32 * 4;
+      diff_workspace_reserve(diff_workspace_, bitmap_bytes, res.model_bytes / 4);
+    }
+    // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
+    delta_diff_cuda(diff, d, nullptr, &diff_workspace_, true);
+    head_moved = true;
+  } else {
+    delta_diff_cpu(diff, d);
+  }
   res.diff_seconds = seconds_since(t0);
   uint32_t count = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -370,7 +382,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   }
   if (res.changed == 0 && !options.save_if_unchanged) {
     res.generation = commit_.head;
-    return res;
+    return res;  // nothing changed: the head copy was not touched either
   }
   t0 = clock::now();
   const uint64_t g = commit_.head + 1;
@@ -385,9 +397,8 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   std::string optim_path;
 
   // The head copy follows the delta being written: the same bitmaps and values the file is encoded
-  // from. It is updated while the writer drains, and XORed back (deltas are self-inverse) if the
-  // generation does not commit.
-  bool head_moved = false;
+  // from. It is updated by the GPU diff, or (CPU path) while the writer drains, and XORed back (deltas
+  // are self-inverse) if the generation does not commit.
   auto move_head = [&] {
     for (size_t i = 0; i < n; ++i) {
       if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
@@ -414,18 +425,29 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
       });
       try {
         queue.push(delta_file_header(g, commit_.head, count));
+        // Records in batches of whole tensors with enough blocks between them to keep every thread busy.
+        const uint64_t batch_blocks = 8 * static_cast<uint64_t>(num_threads());
+        std::vector<RecordParts> batch;
+        uint64_t blocks = 0;
         for (size_t i = 0; i < n && !queue.aborted(); ++i) {
-          if (!d.changed[i]) continue;
-          report(options.progress, "encode and write", i, n);
-          std::string rec;
-          const TensorEntry& t = commit_.tensors[i];
-          encode_record_parts(rec, t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
-                              d.values.data + d.value_offset[i]);
-          queue.push(std::move(rec));
+          if (d.changed[i]) {
+            const TensorEntry& t = commit_.tensors[i];
+            batch.push_back(RecordParts{t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
+                                        d.values.data + d.value_offset[i]});
+            blocks += (diff[i].units + kBlockUnits - 1) / kBlockUnits;
+          }
+          if (!batch.empty() && (blocks >= batch_blocks || i + 1 == n)) {
+            report(options.progress, "encode and write", i + 1, n);
+            std::vector<std::string> recs;
+            encode_records(batch, recs);
+            for (auto& rec : recs) queue.push(std::move(rec));
+            batch.clear();
+            blocks = 0;
+          }
         }
         res.encode_seconds = seconds_since(t0);
         t0 = clock::now();
-        if (!queue.aborted()) move_head();
+        if (!queue.aborted() && !head_moved) move_head();
       } catch (...) {
         queue.abort();
         writer.join();

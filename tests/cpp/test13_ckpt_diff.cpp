@@ -166,4 +166,58 @@ TEST(CkptDiffCuda, MatchesCpuWithOldOnDeviceAndPinnedHost) {
   cudaStreamDestroy(stream);
   for (void* h : pinned) cudaFreeHost(h);
 }
+
+// The store's way: outputs in a reused workspace, and `old` (mapped page-locked host memory) moved to the
+// recorded state by the kernel; a second diff then finds nothing. One tensor's values exceed the 256 MiB
+// device scratch, so pass 2 runs in several groups.
+TEST(CkptDiffCuda, WorkspaceAndUpdateOld) {
+  if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
+  Data d = make(12);
+  {
+    const uint64_t units = (uint64_t{300} << 20) / 2 + 12345;  // ~300 MiB of bf16, every element changed
+    std::vector<uint8_t> old(units * 2), now(units * 2);
+    std::mt19937_64 rng(3);
+    for (uint64_t i = 0; i < units; ++i) {
+      const uint64_t r = rng();
+      std::memcpy(&old[2 * i], &r, 2);
+      const uint16_t x = static_cast<uint16_t>(r) ^ static_cast<uint16_t>(1 + (r >> 20) % 65535);
+      std::memcpy(&now[2 * i], &x, 2);
+    }
+    d.old.push_back(std::move(old));
+    d.now.push_back(std::move(now));
+    d.tensors.push_back({d.now.back().data(), d.old.back().data(), units, 2});
+    for (size_t i = 0; i + 1 < d.tensors.size(); ++i) d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
+  }
+  ckpt::DiffOutput cpu;
+  ckpt::delta_diff_cpu(d.tensors, cpu);
+
+  std::vector<std::unique_ptr<DeviceCopy>> now;
+  std::vector<void*> pinned;
+  std::vector<ckpt::DiffTensor> t = d.tensors;
+  for (size_t i = 0; i < d.tensors.size(); ++i) {
+    now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
+    void* h = nullptr;
+    ASSERT_EQ(cudaHostAlloc(&h, d.old[i].size() + 1, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
+    std::memcpy(h, d.old[i].data(), d.old[i].size());
+    pinned.push_back(h);
+    t[i].now = now.back()->p;
+    t[i].old = h;
+  }
+  ckpt::DiffWorkspace ws;
+  ckpt::DiffOutput gpu;
+  ckpt::delta_diff_cuda(t, gpu, nullptr, &ws, true);
+  ASSERT_EQ(gpu.changed.size(), d.tensors.size());
+  for (size_t i = 0; i < d.tensors.size(); ++i) {
+    ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << i;
+    const uint64_t bitmap_bytes = (d.tensors[i].units + 7) / 8, value_bytes = cpu.changed[i] * d.tensors[i].unit;
+    EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], bitmap_bytes), 0) << i;
+    EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], value_bytes), 0) << i;
+    EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0) << "old was moved to the recorded state: " << i;
+  }
+  ckpt::DiffOutput again;
+  ckpt::delta_diff_cuda(t, again, nullptr, &ws, true);
+  for (size_t i = 0; i < d.tensors.size(); ++i) EXPECT_EQ(again.changed[i], 0u) << i;
+  EXPECT_EQ(again.values.data, gpu.values.data) << "the workspace is reused";
+  for (void* h : pinned) cudaFreeHost(h);
+}
 #endif
