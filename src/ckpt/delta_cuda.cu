@@ -80,16 +80,6 @@ __device__ __forceinline__ void write_xor(const DevTensor& t, uint64_t i, uint8_
   }
 }
 
-// Rewrites an unchanged element of `old` with itself, so that the warp's store to `old` is one whole row.
-__device__ __forceinline__ void copy_old(const DevTensor& t, uint64_t i) {
-  switch (t.unit) {
-    case 1: t.old[i] = t.old[i]; break;
-    case 2: reinterpret_cast<uint16_t*>(t.old)[i] = load<uint16_t>(t.old, i); break;
-    case 4: reinterpret_cast<uint32_t*>(t.old)[i] = load<uint32_t>(t.old, i); break;
-    default: reinterpret_cast<unsigned long long*>(t.old)[i] = load<unsigned long long>(t.old, i);
-  }
-}
-
 // Pass 1, one block per chunk: bitmap words and the chunk's changed count.
 __global__ void __launch_bounds__(kThreads) diff_count_kernel(const DevTensor* __restrict__ ts, int n,
                                                               uint32_t* __restrict__ bitmap,         // [bitmap words]
@@ -125,19 +115,22 @@ __global__ void __launch_bounds__(kThreads) diff_count_kernel(const DevTensor* _
 
 // Pass 2, one block per chunk: each changed element (by pass 1's bitmap, not re-evaluated, so the count
 // and the offsets stay exact even if the weights changed in between) writes its XOR at its rank.
-// With update_old, every warp whose 32 elements hold a change also writes them back into `old` (the new
-// bits where the bitmap is set, the old ones elsewhere): whole coalesced rows, not scattered elements,
-// because `old` is usually page-locked host memory written over PCIe.
-// Launched over chunks [chunk0, chunk0 + gridDim.x); `values` holds the bytes from offset `value_base` on.
+// Launched over chunks [chunk0, chunk0 + gridDim.x); `values` holds the bytes from offset `value_base`
+// on. With `stage` (moving `old` along), the chunk's old bytes are read from, and the recorded new bits
+// written to, device memory at stage + stage_offsets[blockIdx.x], which the host copies in and out
+// with DMA: the GPU writing rows of page-locked host memory directly runs at a fraction of PCIe speed.
 __global__ void __launch_bounds__(kThreads) diff_compact_kernel(const DevTensor* __restrict__ ts, int n,
                                                                 const uint32_t* __restrict__ bitmap,
                                                                 const uint64_t* __restrict__ chunk_offsets,  // [chunks] bytes
                                                                 uint64_t chunk0, uint64_t value_base,
-                                                                uint8_t* __restrict__ values, bool update_old) {
+                                                                uint8_t* __restrict__ values, uint8_t* stage,
+                                                                const uint64_t* __restrict__ stage_offsets) {
   const uint64_t c = chunk0 + blockIdx.x;
-  const DevTensor t = ts[find_tensor(ts, n, c)];
+  DevTensor t = ts[find_tensor(ts, n, c)];
   const uint64_t begin = (c - t.first_chunk) * kChunk;
   const uint64_t end = min(begin + kChunk, t.units);
+  // Element i of this chunk is at old + i * unit: with a stage, old points `begin` elements before it.
+  if (stage) t.old = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(stage + stage_offsets[blockIdx.x]) - begin * t.unit);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   uint8_t* out = values + (chunk_offsets[c] - value_base);
   __shared__ uint32_t words[kChunk / 32];  // the chunk's bitmap, read once, coalesced
@@ -159,9 +152,7 @@ __global__ void __launch_bounds__(kThreads) diff_compact_kernel(const DevTensor*
     }
     if ((word >> lane) & 1u) {
       const uint64_t rank = written + before + __popc(word & ((1u << lane) - 1u));
-      write_xor(t, w0 + lane, out, rank, update_old);
-    } else if (update_old && word != 0u && w0 + lane < end) {
-      copy_old(t, w0 + lane);
+      write_xor(t, w0 + lane, out, rank, stage != nullptr);
     }
     written += total;
     __syncthreads();  // everyone has read warp_counts before the next iteration overwrites it
@@ -177,6 +168,15 @@ struct DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   template <typename T>
   T* as() const { return static_cast<T*>(p); }
+};
+
+// A non-blocking stream owned by scope.
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { LIVETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { if (s) cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
 };
 
 void free_pinned(uint8_t* p) { cudaFreeHost(p); }
@@ -287,28 +287,86 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     value_total += changed * tensors[i].unit;
   }
 
-  // Pass 2: compact (and move `old` along, when asked), in groups of chunks whose values fit a bounded
-  // device scratch buffer, each group's values copied to the host after its kernel: coalesced writes
-  // to device memory and one DMA per group, instead of small scattered writes over PCIe.
+  // Pass 2: compact (and move `old` along, when asked), in groups of chunks whose bytes fit bounded
+  // device scratch buffers, each group's values copied to the host after its kernel: coalesced writes
+  // to device memory and DMA, instead of small writes over PCIe.
   HostBytes values = view_of(w.values, value_total);
   if (chunks && value_total) {
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
-    const uint64_t cap = std::min<uint64_t>(value_total, kScratchBytes);  // >= any one chunk's values
-    DeviceBuffer d_values(cap);
-    for (uint64_t c0 = 0; c0 < chunks;) {
-      const uint64_t base = offsets[c0];
-      uint64_t c1 = c0 + 1;
-      while (c1 < chunks && ends[c1] - base <= cap) ++c1;
-      diff_compact_kernel<<<static_cast<unsigned>(c1 - c0), kThreads, 0, stream>>>(
-          d_table.as<DevTensor>(), static_cast<int>(n), device_view<uint32_t>(bitmaps), d_offsets.as<uint64_t>(), c0,
-          base, d_values.as<uint8_t>(), update_old);
-      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-      if (ends[c1 - 1] > base) {
-        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values.p, ends[c1 - 1] - base, cudaMemcpyDeviceToHost, stream));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+    auto chunk_tensor = [&](uint64_t c) {  // the last tensor whose first chunk is <= c
+      return static_cast<size_t>(std::upper_bound(table.begin(), table.end(), c, [](uint64_t x, const DevTensor& t) { return x < t.first_chunk; }) - table.begin()) - 1;
+    };
+    auto chunk_bytes = [&](uint64_t c, size_t i) {
+      const uint64_t begin = (c - table[i].first_chunk) * kChunk;
+      return (std::min(begin + kChunk, table[i].units) - begin) * table[i].unit;
+    };
+    // Groups: consecutive chunks with at most kScratchBytes of values, and (when staging `old`) of elements.
+    struct Segment {
+      uint8_t* old;
+      uint64_t stage_offset, bytes;
+    };
+    struct Group {
+      uint64_t c0, c1;
+      std::vector<Segment> segments;
+    };
+    std::vector<Group> groups;
+    std::vector<uint64_t> stage_offsets(chunks, 0);
+    for (uint64_t c = 0; c < chunks;) {
+      Group g{c, c, {}};
+      uint64_t staged = 0;
+      size_t i = chunk_tensor(c);
+      while (c < chunks) {
+        while (i + 1 < n && table[i + 1].first_chunk <= c) ++i;
+        const uint64_t bytes = chunk_bytes(c, i);
+        // A chunk continues its tensor's segment, or starts a new one at a 16-byte aligned offset (the
+        // kernel reads elements of up to 8 bytes there).
+        const bool continues = c > g.c0 && c != table[i].first_chunk;
+        const uint64_t at = continues ? staged : (staged + 15) / 16 * 16;
+        if (c > g.c0 && (ends[c] - offsets[g.c0] > kScratchBytes || (update_old && at + bytes > kScratchBytes))) break;
+        if (update_old) {
+          stage_offsets[c] = at;
+          uint8_t* old = table[i].old + (c - table[i].first_chunk) * kChunk * table[i].unit;
+          if (continues) g.segments.back().bytes += bytes;
+          else g.segments.push_back(Segment{old, at, bytes});
+          staged = at + bytes;
+        }
+        ++c;
       }
-      c0 = c1;
+      g.c1 = c;
+      groups.push_back(std::move(g));
     }
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));  // before d_values goes
+    DeviceBuffer d_stage_offsets(update_old ? chunks * sizeof(uint64_t) : 0);
+    if (update_old) {
+      LIVETRAIN_CUDA_CHECK(cudaMemcpy(d_stage_offsets.p, stage_offsets.data(), chunks * sizeof(uint64_t), cudaMemcpyHostToDevice));
+    }
+    // Two buffers and two streams: one group's copies overlap the other's kernel and copies.
+    const uint64_t cap = std::min<uint64_t>(value_total, kScratchBytes);  // >= any one chunk's values
+    DeviceBuffer d_values0(cap), d_values1(cap);
+    DeviceBuffer d_stage0(update_old ? kScratchBytes : 0), d_stage1(update_old ? kScratchBytes : 0);
+    Stream s0, s1;
+    for (size_t k = 0; k < groups.size(); ++k) {
+      const Group& g = groups[k];
+      cudaStream_t st = k % 2 ? s1.s : s0.s;
+      uint8_t* d_values = (k % 2 ? d_values1 : d_values0).as<uint8_t>();
+      uint8_t* d_stage = update_old ? (k % 2 ? d_stage1 : d_stage0).as<uint8_t>() : nullptr;
+      for (const Segment& sg : g.segments) {
+        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
+      }
+      const uint64_t base = offsets[g.c0];
+      diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(
+          d_table.as<DevTensor>(), static_cast<int>(n), device_view<uint32_t>(bitmaps), d_offsets.as<uint64_t>(), g.c0,
+          base, d_values, d_stage, update_old ? d_stage_offsets.as<uint64_t>() + g.c0 : nullptr);
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      if (ends[g.c1 - 1] > base) {
+        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
+      }
+      for (const Segment& sg : g.segments) {
+        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
+      }
+    }
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));  // before the buffers go
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.s));
   }
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (ws) {
