@@ -171,6 +171,7 @@ def full_write(staging: dict, live: dict, directory: str) -> dict:
     """The whole model as safetensors (pinned host copies of the live weights), fsynced."""
     from livetrain import safetensors as lst
 
+    os.makedirs(directory)
     t = time.perf_counter()
     for name, w in live.items():
         staging[name].copy_(w, non_blocking=True)
