@@ -54,7 +54,9 @@ def _extension_problem(qualname: str) -> str | None:
 
 class TrainerProcess:
     """The trainer as a child of the API server: in its own session (a terminal's Ctrl-C reaches vLLM,
-    which stops it in order), sent SIGTERM when the API server exits, and by the kernel if it dies."""
+    which stops it in order), sent SIGTERM when the API server exits, and by the kernel if it dies.
+    The kernel's signal follows the thread that started the child: vLLM runs ``init_state`` on its main
+    thread's event loop, which lives as long as the server."""
 
     def __init__(self, cmd: list[str], env: dict | None = None):
         self.cmd = cmd
