@@ -213,6 +213,8 @@ class EndpointPlugin:
         if facts.prefix_caching:
             logger.info("livetrain: vLLM's prefix cache is reset after every training step (running requests "
                         "are preempted and recomputed); --no-enable-prefix-caching avoids that cost")
+        else:
+            logger.info("livetrain: prefix caching is off; nothing to reset after training steps")
         installed = api.installed_vllm_version()
         set_version = installed is not None and api.version_at_least(installed, api.WEIGHT_VERSION_SINCE)
         from livetrain import jobsock
