@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import livetrain  # noqa: E402
 from livetrain import checkpoint, layout, routes, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
@@ -135,11 +133,18 @@ def test_a_plain_configuration_is_not_refused(monkeypatch):
     assert worker.refusals(facts) == []
 
 
-def test_export_of_cpu_weights_is_a_clear_error(tmp_path):
+def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
     config = make_model_dir(tmp_path / "model")
-    w = plain_worker(tmp_path / "model", VllmLikeModel(config, hf_tensors(tmp_path / "model")))
-    with pytest.raises(livetrain.Error, match="export_cuda needs CUDA tensors"):
+    with checkpoint.CheckpointStore.create(tmp_path / "model") as store:  # a restore would be due
+        trained = {k: v + 1 for k, v in hf_tensors(tmp_path / "model").items()}
+        store.save(trained)
+    served = VllmLikeModel(config, hf_tensors(tmp_path / "model"))
+    before = {n: p.clone() for n, p in served.named_parameters()}
+    w = plain_worker(tmp_path / "model", served)
+    with pytest.raises(worker.Refused, match=r"parameter 'model\.embed_tokens\.weight' is on cpu: .*CUDA IPC"):
         worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert all(torch.equal(p, before[n]) for n, p in served.named_parameters())
+    assert not (tmp_path / "run").exists()
 
 
 # ---- restore at start-up ----

@@ -151,6 +151,7 @@ class EndpointPlugin:
         self.watcher: VersionWatcher | None = None
         self.exports: list[dict] = []
         self._lock_fd: int | None = None
+        self._reported_exit = False
 
     @property
     def socket(self) -> str:
@@ -219,8 +220,14 @@ class EndpointPlugin:
         set_version = installed is not None and api.version_at_least(installed, api.WEIGHT_VERSION_SINCE)
         from livetrain import jobsock
 
-        self.watcher = VersionWatcher(lambda: jobsock.call(self.socket, {"op": "status"}, timeout=10),
-                                      weight_version_action(engine_client, facts.prefix_caching, set_version))
+        def status() -> dict:
+            if self.trainer is not None and self.trainer.proc.poll() is not None and not self._reported_exit:
+                self._reported_exit = True
+                logger.error("livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
+                             self.trainer.proc.returncode)
+            return jobsock.call(self.socket, {"op": "status"}, timeout=10)
+
+        self.watcher = VersionWatcher(status, weight_version_action(engine_client, facts.prefix_caching, set_version))
         self.watcher.start()
 
     def _supervise(self, run_dir: str) -> bool:

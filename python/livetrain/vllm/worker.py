@@ -67,9 +67,7 @@ def refusals(facts: api.Facts, env=os.environ) -> list[str]:
 def raise_refusals(facts: api.Facts, env=os.environ) -> None:
     problems = refusals(facts, env)
     if problems:
-        msg = "livetrain cannot train this vLLM in place: " + "; ".join(problems)
-        logger.error(msg)
-        raise Refused(msg)
+        raise Refused("livetrain cannot train this vLLM in place: " + "; ".join(problems))
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> str:
@@ -134,12 +132,24 @@ def export(worker, run_dir: str, env=os.environ) -> dict:
     done = getattr(worker, "_livetrain_export", None)
     if done is not None:
         return done["info"]
+    try:
+        return _export(worker, run_dir, env)
+    except Refused as e:  # in the worker's own log too: vLLM may report a worker's error in fewer words
+        logger.error("%s", e)
+        raise
+
+
+def _export(worker, run_dir: str, env) -> dict:
     from livetrain import sharing
 
     facts = api.config_facts(api.worker_config(worker))
     raise_refusals(facts, env)
     tp_rank, tp_size = api.tp_rank_size(worker)
     params = dict(api.worker_model(worker).named_parameters())
+    elsewhere = next(((n, t.device) for n, t in params.items() if t.device.type != "cuda"), None)
+    if elsewhere:
+        raise Refused(f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
+                      "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported")
     model_dir = resolve_model_dir(facts.model, facts.revision)
     config = read_config(model_dir)
     restored = restore_newer(model_dir, params, config, tp_rank, tp_size, env)
@@ -160,7 +170,11 @@ class WorkerExtension:
     def init_worker_extension(self) -> None:
         """vLLM >= 0.33 calls this after device initialisation and before the model loads: a configuration
         livetrain refuses fails here, before minutes of loading."""
-        raise_refusals(api.config_facts(api.worker_config(self)))
+        try:
+            raise_refusals(api.config_facts(api.worker_config(self)))
+        except Refused as e:
+            logger.error("%s", e)
+            raise
 
     def livetrain_export(self, run_dir: str) -> dict:
         """collective_rpc target: refuse, restore, share (``export``)."""
