@@ -208,9 +208,11 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
         from livetrain import safetensors as lst
         att = livetrain.attach({info['manifest']!r})
         model = livetrain.build_hf_model(att, requires_grad=False).eval()
-        ref = transformers.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.bfloat16)
-        ref.load_state_dict(lst.load_file({str(tmp_path / 'trained.safetensors')!r}), strict=False)
-        ref = ref.cuda().eval()
+        # Built on the GPU, as build_hf_model builds its buffers (rotary inv_freq): same kernels, same bits.
+        config = transformers.AutoConfig.from_pretrained({str(model_dir)!r})
+        with torch.device("cuda"):
+            ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        ref.load_state_dict(lst.load_file({str(tmp_path / 'trained.safetensors')!r}))
         x = torch.tensor([[2, 5, 7, 9, 11]], device="cuda")
         with torch.no_grad():
             same = torch.equal(model(x).logits, ref(x).logits)
@@ -223,8 +225,9 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1]) == {"same": True}
-    q_rows = config["num_attention_heads"] * config["hidden_size"] // config["num_attention_heads"]
-    assert float(served.model.layers[0].self_attn.qkv_proj.weight[q_rows, 0]) == 3.0
+    q_rows = config["hidden_size"]  # the q heads come first in qkv_proj: heads x head_dim rows
+    qkv = dict(served.named_parameters())["model.layers.0.self_attn.qkv_proj.weight"]
+    assert float(qkv[q_rows, 0]) == 3.0
 
 
 # ---- the endpoint plugin ----

@@ -102,6 +102,8 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
     """If the checkpoint store holds a generation newer than the model files, write it into ``params``
     (vLLM's own tensors, through layout views: in place, no reallocation). Returns what was done:
     ``{"store", "generation", "restored"}`` (``generation`` None without a store)."""
+    import torch
+
     from livetrain import checkpoint, layout
 
     sdir = store_dir(model_dir, env)
@@ -121,7 +123,8 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
         views = layout.views(lay, params)
         # A tied lm_head is the embedding itself, and a model file does not store it twice.
         tied = {v["hf_name"] for v in lay["views"] if v["tied_to"] is not None}
-        store.restore(head, {n: t for n, t in views.items() if n not in tied})
+        with torch.no_grad():  # vLLM's parameters are leaves; an in-place write must not be recorded
+            store.restore(head, {n: t for n, t in views.items() if n not in tied})
     logger.info("livetrain: restored checkpoint generation %d (the model files hold %d) from %s", head, files, sdir)
     return {"store": sdir, "generation": head, "restored": True}
 
