@@ -166,6 +166,8 @@ EDITS = [
      "    prefix_caching: bool = True", ["CacheConfig.enable_prefix_caching", "not defined"]),
     ("get_model removed", "vllm.v1.worker.gpu_model_runner", "    def get_model(self) -> nn.Module:",
      "    def model_module(self) -> nn.Module:", ["GPUModelRunner.get_model", "not defined"]),
+    ("vLLM routes /checkpoint itself", "vllm.entrypoints.serve.instrumentator.health", '@router.get("/health"',
+     '@router.get("/checkpoint"', ["vllm/entrypoints/serve/instrumentator/health.py uses '/checkpoint'"]),
 ]
 
 

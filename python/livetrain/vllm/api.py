@@ -32,6 +32,8 @@ class Api:
                    how vLLM drives the plugin
       ``mentions`` the body of ``name`` (a function or ``Class.method``; empty: the module) refers to
                    every identifier or string in ``words``
+      ``unused``   no string constant anywhere in the ``module`` package equals one of ``words`` (e.g. no
+                   vLLM route of its own has one of livetrain's paths)
     module: the dotted module (or modules, the first that defines it wins) where vLLM defines it.
     since: the first vLLM version that has it; livetrain uses it only from that version on.
     """
@@ -104,6 +106,10 @@ _uses(
     Api("call", "vllm", "init_state", "vLLM awaits plugin.init_state(engine_client, state, args) before serving",
         nargs=3, awaited=True, words=("endpoint_plugins",)),
 )
+
+# vLLM < 0.31 keeps its own route first when a plugin adds the same path: livetrain's paths must be free.
+_uses(Api("unused", "vllm", "", "the training routes' paths are not vLLM's",
+          words=("/train", "/train/status", "/checkpoint", "/checkpoints", "/rollback")))
 
 # ---- the worker extension ----
 _uses(

@@ -184,10 +184,21 @@ def _check_call(src: Source, api: Api) -> list[str]:
     return [f"{api}: no call {how}{near} anywhere in {api.module} ({api.why})"]
 
 
+def _check_unused(src: Source, api: Api) -> list[str]:
+    problems = []
+    for word in api.words:
+        for path in src.files_containing(api.module, word):
+            if any(isinstance(n, ast.Constant) and n.value == word for n in ast.walk(src.tree(path))):
+                problems.append(f"{api}: {os.path.relpath(path, src.root)} uses {word!r} ({api.why})")
+    return problems
+
+
 def check_api(src: Source, api: Api) -> list[str]:
     """Problems with one relied-on definition in this source tree (empty: it is there as livetrain uses it)."""
     if api.kind == "call":
         return _check_call(src, api)
+    if api.kind == "unused":
+        return _check_unused(src, api)
     node, path = _find(src, api)
     if path is None:
         return [f"{api}: module {_where(api)} does not exist ({api.why})"]
