@@ -7,7 +7,7 @@ trainer's reply, so validation and state live in one place: the trainer. docs/se
 
 import hmac
 import json
-from typing import Callable
+from typing import Callable, Sequence
 
 from livetrain import jobsock
 
@@ -39,20 +39,27 @@ def parse_json_object(raw: bytes, empty_ok: bool) -> tuple[dict | None, dict | N
     return body, None
 
 
-def authorized(header: str | None, api_key: str | None) -> bool:
-    """Whether an ``Authorization`` header carries the key (always true without a key)."""
-    if not api_key:
+Keys = str | Sequence[str] | None
+
+
+def authorized(header: str | None, api_key: Keys) -> bool:
+    """Whether an ``Authorization`` header carries the key, or one of the keys (always true without)."""
+    keys = [k for k in ([api_key] if isinstance(api_key, str) else api_key or ()) if k]
+    if not keys:
         return True
-    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
+    got = (header or "").encode()
+    # Every key is compared, so the time taken does not tell which one nearly matched.
+    return sum(hmac.compare_digest(got, f"Bearer {k}".encode()) for k in keys) > 0
 
 
-def training_router(trainer_socket: str | Callable[[], str], api_key: str | None = None):
+def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Callable[[], Keys] = None):
     """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
 
     ``trainer_socket`` is the trainer's socket path, or a callable returning it (read at each request,
-    for servers that learn it late). With ``api_key`` the router checks ``Authorization: Bearer KEY``
-    itself (for hosts whose own authentication does not cover these paths); leave it None where the app
-    already authenticates every route.
+    for servers that learn it late; an empty path answers 503). With ``api_key`` (a key, a list of keys,
+    or a callable returning either, read at each request) the router checks ``Authorization: Bearer KEY``
+    itself, for hosts whose own authentication does not cover these paths (vLLM's covers only /v1, /v2,
+    /inference and /cohere); leave it None where the app already authenticates every route.
     """
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
@@ -60,10 +67,11 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: str | None
 
     router = APIRouter()
     socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
+    keys = api_key if callable(api_key) else (lambda: api_key)
 
     def make(op: str, has_body: bool):
         async def handler(request: Request):
-            if not authorized(request.headers.get("authorization"), api_key):
+            if not authorized(request.headers.get("authorization"), keys()):
                 return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", None,
                                                "authentication_error"), status_code=401)
             message = {"op": op}
@@ -73,7 +81,10 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: str | None
                     return JSONResponse(bad, status_code=400)
                 message["job" if op == "submit" else "args"] = body
             try:
-                reply = await run_in_threadpool(jobsock.call, socket_path(), message)
+                path = socket_path()
+                if not path:
+                    raise jobsock.TrainerUnavailable("no trainer has been started")
+                reply = await run_in_threadpool(jobsock.call, path, message)
             except jobsock.TrainerUnavailable as e:
                 return JSONResponse(error_body(f"the trainer is not running or not ready yet ({e})", None,
                                                "unavailable"), status_code=503)

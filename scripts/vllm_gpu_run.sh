@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The vLLM plugin on a GPU, end to end (for the GPU machine; docs/vllm.md): builds the core for this
+# machine if needed, makes livetrain's vLLM entry points visible, then runs scripts/vllm_gpu_run.py:
+# a tiny model served by `vllm serve` with the plugin, /train changes the answer, the weights are
+# checkpointed, vLLM restarts and serves the trained weights. Results: $OUT (default gpu-out)/vllm-run.json
+# and vllm-{1,2}.log.
+#
+# vLLM must be importable: vLLM 0.26.0 is the release built for torch 2.11 (CUDA 13). The wheels the GPU
+# machine lacks are listed, with sizes and sha256, in scripts/vllm_gpu_wheels.txt; install them with
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+# and point SITE at that directory (default /tmp/site).
+#
+# usage: bash scripts/vllm_gpu_run.sh [--checkpoint http|api] [--vllm-args "..."]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+site=${SITE:-/tmp/site}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+# The core module for this Python (scripts/gpu.sh builds it in place; "none" = build only).
+suffix=$($py -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+if [ ! -f "python/livetrain/_core$suffix" ]; then
+  bash scripts/gpu.sh none || exit $?
+fi
+
+# vLLM finds plugins through installed packages' entry points. livetrain runs from the source tree here,
+# so give it the .dist-info an install would write (name, version, entry_points.txt from pyproject.toml).
+ep=$(mktemp -d /tmp/livetrain-ep.XXXXXX)
+$py - "$ep" <<'PY' || exit $?
+import sys, tomllib, pathlib
+meta = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+d = pathlib.Path(sys.argv[1]) / f"livetrain-{meta['version']}.dist-info"
+d.mkdir()
+(d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: livetrain\nVersion: {meta['version']}\n")
+(d / "entry_points.txt").write_text("".join(
+    f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n"
+    for group, eps in meta["entry-points"].items()))
+PY
+export PYTHONPATH="$PWD/python:$ep:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$site/bin:$PATH"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+$py -c "import torch, importlib.metadata as m; print('torch', torch.__version__, 'vllm', m.version('vllm'))" \
+  | tee -a "$out/device.txt" || exit 1
+echo "== the installed vLLM against livetrain's contract"
+$py -m livetrain.vllm.contract | tee "$out/vllm-contract.txt" || exit 1
+echo "== vllm serve with the plugin"
+$py scripts/vllm_gpu_run.py --out "$out" "$@"
+status=$?
+rm -rf "$ep"
+exit $status

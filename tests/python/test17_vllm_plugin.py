@@ -1,0 +1,422 @@
+"""The vLLM plugin's own logic, without vLLM: the worker extension's methods run on a plain worker object
+shaped as vLLM's (``vllm_config``, ``model_runner.get_model()``: the names test16 checks in vLLM's source)
+holding a real torch module in vLLM's layout; the endpoint plugin is mounted on a real FastAPI app and
+driven through ``init_state`` with an engine client that records what the plugin asks of vLLM, and a real
+trainer process trains the weights through /train. CUDA export runs only on a GPU."""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from livetrain import checkpoint, layout, routes, sharing  # noqa: E402
+from livetrain import safetensors as lst  # noqa: E402
+from livetrain.vllm import api, endpoint, worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EXT = "livetrain.vllm.WorkerExtension"
+CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+            "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def make_model_dir(path: Path, model_type: str = "llama", tied: bool = False) -> dict:
+    """A random 2-layer bf16 model with a word-level tokenizer, saved as Hugging Face files; its config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>", additional_special_tokens=specials[4:])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=len(fast), max_position_embeddings=64, tie_word_embeddings=tied,
+                  bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = (transformers.Qwen3Config(head_dim=16, **common) if model_type == "qwen3"
+              else transformers.LlamaConfig(**common))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    return json.loads((path / "config.json").read_text())
+
+
+def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(lst.load_file(f))
+    return out
+
+
+class VllmLikeModel(torch.nn.Module):
+    """A torch module whose parameters have vLLM's names and layout (merged qkv_proj, gate_up_proj, padded
+    vocabulary), built from HF tensors with livetrain.layout.merge: what ``get_model()`` returns."""
+
+    def __init__(self, config: dict, hf: dict[str, torch.Tensor], device: str = "cpu"):
+        super().__init__()
+        for name, t in layout.merge(config, hf).items():
+            owner, _, leaf = name.rpartition(".")
+            mod = self
+            for part in owner.split(".") if owner else []:
+                if not hasattr(mod, part):
+                    mod.add_module(part, torch.nn.Module())
+                mod = getattr(mod, part)
+            mod.register_parameter(leaf, torch.nn.Parameter(t.to(device), requires_grad=False))
+
+
+def plain_worker(model_dir, module, **over) -> SimpleNamespace:
+    """An object with the attributes livetrain.vllm.api reads from a vLLM worker."""
+    m = dict(model=str(model_dir), revision=None, quantization=None, enable_sleep_mode=False)
+    p = dict(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1, worker_extension_cls=EXT)
+    top = dict(lora_config=None, kv_transfer_config=None)
+    prefix_caching = over.pop("enable_prefix_caching", True)
+    for k, v in over.items():
+        (m if k in m else p if k in p else top)[k] = v
+    cfg = SimpleNamespace(model_config=SimpleNamespace(**m), parallel_config=SimpleNamespace(**p),
+                          cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching), **top)
+    return SimpleNamespace(vllm_config=cfg, model_runner=SimpleNamespace(get_model=lambda: module))
+
+
+# ---- refusals ----
+REFUSED = [
+    ({"quantization": "fp8"}, {}, "quantized (fp8)"),
+    ({"enable_sleep_mode": True}, {}, "--enable-sleep-mode"),
+    ({}, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64,expandable_segments:True"}, "expandable_segments:True"),
+    ({}, {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, "CUDA IPC cannot share"),
+    ({"pipeline_parallel_size": 2}, {}, "pipeline parallelism (2 stages)"),
+    ({"data_parallel_size": 2}, {}, "data parallelism (2 replicas)"),
+    ({"lora_config": object()}, {}, "--enable-lora"),
+    ({"kv_transfer_config": object()}, {}, "--kv-transfer-config"),
+]
+
+
+@pytest.mark.parametrize("over,env,words", REFUSED, ids=[r[2] for r in REFUSED])
+def test_refused_configurations_say_why(tmp_path, monkeypatch, over, env, words):
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    w = plain_worker(tmp_path / "model", torch.nn.Linear(2, 2), **over)
+    with pytest.raises(worker.Refused, match="livetrain cannot train this vLLM in place: .*" + _re(words)):
+        worker.WorkerExtension.init_worker_extension(w)
+    with pytest.raises(worker.Refused, match=_re(words)):
+        worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _re(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def test_a_plain_configuration_is_not_refused(monkeypatch):
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    facts = api.config_facts(plain_worker("m", None).vllm_config)
+    assert facts.prefix_caching and facts.worker_extension == EXT and facts.tensor_parallel == 1
+    assert worker.refusals(facts) == []
+
+
+def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
+    config = make_model_dir(tmp_path / "model")
+    with checkpoint.CheckpointStore.create(tmp_path / "model") as store:  # a restore would be due
+        trained = {k: v + 1 for k, v in hf_tensors(tmp_path / "model").items()}
+        store.save(trained)
+    served = VllmLikeModel(config, hf_tensors(tmp_path / "model"))
+    before = {n: p.clone() for n, p in served.named_parameters()}
+    w = plain_worker(tmp_path / "model", served)
+    with pytest.raises(worker.Refused, match=r"parameter 'model\.embed_tokens\.weight' is on cpu: .*CUDA IPC"):
+        worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert all(torch.equal(p, before[n]) for n, p in served.named_parameters())
+    assert not (tmp_path / "run").exists()
+
+
+# ---- restore at start-up ----
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen3", True)])
+def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_place(tmp_path, model_type, tied):
+    model_dir = tmp_path / "model"
+    config = make_model_dir(model_dir, model_type, tied)
+    original = hf_tensors(model_dir)
+    assert ("lm_head.weight" in original) == (not tied)
+    with checkpoint.CheckpointStore.create(model_dir) as store:
+        trained = {k: v.clone() for k, v in original.items()}
+        g = torch.Generator().manual_seed(1)
+        for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                     "model.embed_tokens.weight", "model.norm.weight"):
+            trained[name] += (torch.randn(trained[name].shape, generator=g) * 0.05).to(torch.bfloat16)
+        assert store.save(trained, weight_version=7)["generation"] == 1
+    served = VllmLikeModel(config, original)
+    params = dict(served.named_parameters())
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+
+    info = worker.restore_newer(str(model_dir), params, config, 0, 1, env={})
+    assert info == {"store": str(model_dir / ".livetrain-store"), "generation": 1, "restored": True}
+    want = layout.merge(config, trained)
+    for name, p in params.items():
+        assert p.data_ptr() == ptrs[name], f"{name} was reallocated"
+        assert torch.equal(p, want[name]), name
+
+    # Tensor parallelism: no restore into shards; the message says how to get there.
+    with pytest.raises(worker.Refused, match=r"tensor parallelism 2.*livetrain checkpoint materialize .* 1"):
+        worker.restore_newer(str(model_dir), params, config, 0, 2, env={})
+    # Once the files hold the generation, nothing is left to restore.
+    with checkpoint.CheckpointStore(model_dir) as store:
+        store.materialize(1)
+    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={})["restored"] is False
+    # No store at all.
+    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={"LIVETRAIN_STORE_DIR": str(tmp_path / "none")}) \
+        == {"store": str(tmp_path / "none"), "generation": None, "restored": False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
+    model_dir = tmp_path / "model"
+    config = make_model_dir(model_dir)
+    original = hf_tensors(model_dir)
+    with checkpoint.CheckpointStore.create(model_dir) as store:
+        trained = {k: v.clone() for k, v in original.items()}
+        trained["model.layers.1.self_attn.v_proj.weight"] += 0.25
+        store.save(trained, weight_version=1)
+    served = VllmLikeModel(config, original, device="cuda")
+    w = plain_worker(model_dir, served)
+    info = worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert info["restore"]["restored"] and info["manifest"] == str(tmp_path / "run" / "tp0.manifest.json")
+    assert worker.WorkerExtension.livetrain_export(w, str(tmp_path / "elsewhere")) == info  # idempotent
+    manifest = json.loads(Path(info["manifest"]).read_text())
+    assert manifest["model"]["engine"] == "vllm" and manifest["model"]["path"] == str(model_dir)
+    assert all(b["kind"] == "cuda_ipc" for b in manifest["buffers"])
+    # Another process attaches, builds the HF model on the shared memory, compares it with the trained
+    # files' model, and writes through a view.
+    code = textwrap.dedent(f"""
+        import json, torch, transformers, livetrain
+        from livetrain import safetensors as lst
+        att = livetrain.attach({info['manifest']!r})
+        model = livetrain.build_hf_model(att, requires_grad=False).eval()
+        # Built on the GPU, as build_hf_model builds its buffers (rotary inv_freq): same kernels, same bits.
+        config = transformers.AutoConfig.from_pretrained({str(model_dir)!r})
+        with torch.device("cuda"):
+            ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        ref.load_state_dict(lst.load_file({str(tmp_path / 'trained.safetensors')!r}))
+        x = torch.tensor([[2, 5, 7, 9, 11]], device="cuda")
+        with torch.no_grad():
+            same = torch.equal(model(x).logits, ref(x).logits)
+            model.model.layers[0].self_attn.k_proj.weight[0, 0] = 3.0
+        torch.cuda.synchronize()
+        print(json.dumps({{"same": same}}))
+    """)
+    lst.save_file(trained, tmp_path / "trained.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == {"same": True}
+    q_rows = config["hidden_size"]  # the q heads come first in qkv_proj: heads x head_dim rows
+    qkv = dict(served.named_parameters())["model.layers.0.self_attn.qkv_proj.weight"]
+    assert float(qkv[q_rows, 0]) == 3.0
+
+
+# ---- the endpoint plugin ----
+class RecordingEngineClient:
+    """Stands in for vLLM's EngineClient (the names test16 checks): ``collective_rpc`` runs the
+    extension's method on plain worker objects, or answers with ``exports`` (a CPU export the test made,
+    since a CPU worker cannot export); every call is recorded."""
+
+    def __init__(self, vllm_config, workers=(), exports=None):
+        self.vllm_config, self.workers, self.exports = vllm_config, list(workers), exports
+        self.calls: list[tuple] = []
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(("collective_rpc", method, args))
+        if self.exports is not None:
+            return self.exports
+        return [getattr(worker.WorkerExtension, method)(w, *args) for w in self.workers]
+
+    async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.calls.append(("reset_prefix_cache", reset_running_requests))
+        return True
+
+    async def update_weight_version(self, new_version):
+        self.calls.append(("update_weight_version", new_version))
+
+
+def app_with_plugin():
+    from fastapi import FastAPI
+
+    app, plugin = FastAPI(), endpoint.EndpointPlugin()
+    plugin.attach_router(app)
+    return app, plugin
+
+
+def test_routes_are_mounted_and_check_vllms_api_keys():
+    from fastapi.testclient import TestClient
+
+    app, plugin = app_with_plugin()
+    with TestClient(app) as c:
+        for path, (method, _, _) in routes.ROUTES.items():  # every route is there and forwards
+            r = c.request(method, path, json={} if method == "POST" else None)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", (path, r.text)
+            assert "no trainer has been started" in r.json()["error"]["message"]
+        plugin.keys = api.api_keys(argparse.Namespace(api_key=["k1", "k2"]))
+        r = c.get("/train/status")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/train/status", headers={"Authorization": "Bearer k3"}).status_code == 401
+        assert c.get("/train/status", headers={"Authorization": "Bearer k2"}).status_code == 503
+
+
+def test_api_keys_follow_vllm(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "env-key")
+    assert api.api_keys(argparse.Namespace(api_key=None)) == ["env-key"]
+    assert api.api_keys(argparse.Namespace(api_key=["cli"])) == ["cli"]  # --api-key wins, as in vLLM
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert api.api_keys(argparse.Namespace(api_key=None)) == []
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"worker_extension_cls": ""}, "started without --worker-extension-cls livetrain.vllm.WorkerExtension"),
+    ({"worker_extension_cls": "nowhere.Ext"}, "--worker-extension-cls nowhere.Ext cannot be imported"),
+    ({"worker_extension_cls": "livetrain.vllm.endpoint.EndpointPlugin"}, "is not livetrain.vllm.WorkerExtension"),
+    ({"quantization": "awq"}, "quantized (awq)"),
+])
+def test_init_state_refuses_before_exporting(tmp_path, over, words):
+    client = RecordingEngineClient(plain_worker(tmp_path, None, **over).vllm_config)
+    plugin = endpoint.EndpointPlugin()
+    with pytest.raises(worker.Refused, match=_re(words)):
+        asyncio.run(plugin.init_state(client, SimpleNamespace(), argparse.Namespace(api_key=None)))
+    assert client.calls == []
+
+
+def test_version_watcher_acts_once_per_new_version():
+    from livetrain import jobsock
+
+    replies = iter([jobsock.TrainerUnavailable("starting"), {"code": 200, "body": {"weight_version": 0}},
+                    {"code": 200, "body": {"weight_version": 0}}, {"code": 503, "body": {}},
+                    {"code": 200, "body": {"weight_version": 2}}])
+
+    def status():
+        r = next(replies)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    seen = []
+
+    async def on_change(v):
+        seen.append(v)
+
+    async def run():
+        w = endpoint.VersionWatcher(status, on_change)
+        return [await w.poll() for _ in range(5)]
+
+    assert asyncio.run(run()) == [False, True, False, False, True] and seen == [0, 2]
+
+
+@pytest.mark.parametrize("prefix_caching,set_version", [(True, True), (False, True), (True, False)])
+def test_weight_change_resets_the_prefix_cache_and_sets_vllms_version(prefix_caching, set_version):
+    client = RecordingEngineClient(None)
+    asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version)(5))
+    assert client.calls == ([("reset_prefix_cache", True)] if prefix_caching else []) + \
+        ([("update_weight_version", "5")] if set_version else [])
+
+
+def test_trainer_stops_with_the_api_server(tmp_path):
+    """Normal exit: SIGTERM from atexit (the trainer saves its state). Killed: SIGTERM from the kernel."""
+    child = ("import signal, sys, time, pathlib\n"
+             f"p = pathlib.Path({str(tmp_path)!r})\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (p.joinpath(sys.argv[1] + '.term').write_text('x'), sys.exit(0)))\n"
+             "p.joinpath(sys.argv[1] + '.up').write_text('x')\n"
+             "time.sleep(120)\n")
+    parent = ("import sys, time\n"
+              "from livetrain.vllm.endpoint import TrainerProcess\n"
+              f"t = TrainerProcess([sys.executable, '-c', {child!r}, sys.argv[1]])\n"
+              "print(t.proc.pid, flush=True)\n"
+              "if sys.argv[2] == 'wait':\n"
+              "    time.sleep(120)\n"
+              f"while not __import__('os').path.exists({str(tmp_path)!r} + '/' + sys.argv[1] + '.up'):\n"
+              "    time.sleep(0.05)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    r = subprocess.run([sys.executable, "-c", parent, "a", "exit"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and (tmp_path / "a.term").exists(), r.stderr
+    p = subprocess.Popen([sys.executable, "-c", parent, "b", "wait"], stdout=subprocess.PIPE, text=True, env=env)
+    pid = int(p.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "b.up").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    while not (tmp_path / "b.term").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "b.term").exists(), f"trainer {pid} did not get SIGTERM when its parent was killed"
+
+
+def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monkeypatch):
+    """init_state with the weights of a (CPU) vLLM-layout engine: the trainer starts on them, /train on the
+    plugin's routes changes them in place, and each new weight version resets vLLM's prefix cache."""
+    from fastapi.testclient import TestClient
+
+    model_dir, run_dir = tmp_path / "model", tmp_path / "run"
+    config = make_model_dir(model_dir)
+    run_dir.mkdir()
+    engine_tensors = layout.merge(config, hf_tensors(model_dir))
+    manifest = worker.manifest_path(str(run_dir), 0)
+    exported = sharing.export_cpu(engine_tensors, manifest, model_path=model_dir, config=config, engine="vllm")
+    before = {k: v.clone() for k, v in exported.tensors.items()}
+    info = {"run_dir": str(run_dir), "manifest": manifest, "tp_rank": 0, "tp_size": 1, "pid": os.getpid(),
+            "model_dir": str(model_dir), "tensors": len(engine_tensors),
+            "restore": {"store": "", "generation": None, "restored": False}}
+    client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
+    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    app, plugin = app_with_plugin()
+    auth = {"Authorization": "Bearer sk"}
+    try:
+        with TestClient(app) as c:
+            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            assert client.calls == [("collective_rpc", worker.EXPORT_METHOD, (str(run_dir),))]
+            assert plugin.trainer is not None and plugin.socket == str(run_dir / "trainer.sock")
+            deadline = time.monotonic() + 180
+            while (r := c.get("/train/status", headers=auth)).status_code == 503 and time.monotonic() < deadline:
+                assert plugin.trainer.proc.poll() is None, "the trainer exited"
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["weight_version"] == 0, r.text
+            assert c.post("/train", json={"examples": []}).status_code == 401
+            r = c.post("/train", headers=auth, json={"examples": [{"prompt": "the capital of zorbia is",
+                                                                   "completion": "quuxville"}], "steps": 3, "lr": 0.01})
+            assert r.status_code == 202 and r.json()["steps"] == 3, r.text
+            while time.monotonic() < deadline:
+                st = c.get("/train/status", headers=auth).json()
+                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed"):
+                    break
+                time.sleep(0.2)
+            assert st["jobs"][-1]["state"] == "done" and st["weight_version"] == 3, st
+            while plugin.watcher.version != 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            resets = [c for c in client.calls if c[0] == "reset_prefix_cache"]
+            assert plugin.watcher.version == 3 and resets and all(c == ("reset_prefix_cache", True) for c in resets)
+            # Stopped from the thread that started it: the kernel's parent-death signal follows that
+            # thread (the test client's; vLLM's main thread in a server), and must not arrive as a second one.
+            assert plugin.trainer.stop() == 0
+    finally:
+        if plugin.trainer is not None and plugin.trainer.proc.poll() is None:
+            plugin.trainer.proc.kill()
+    changed = [k for k, v in exported.tensors.items() if not torch.equal(v, before[k])]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in changed and "model.layers.1.mlp.gate_up_proj.weight" in changed
+    assert (tmp_path / "state" / "trainer.json").exists()  # the trainer saved its state when stopped
+    exported.close()
