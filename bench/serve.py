@@ -1,0 +1,815 @@
+"""Training beside serving (issue #6), in one run: GPU memory and tokens/s of livetrain's trainer against a
+plain Hugging Face training loop with torch.optim.AdamW, and the engine's completion throughput with and
+without a concurrent training job.
+
+The model is Qwen3-8B-shaped (hidden 4096, 36 layers, 32 heads, 8 KV heads, head_dim 128, intermediate
+12288, vocab 151936, untied) with random bf16 weights. Each variant runs in its own process, so that no
+peak mixes with another:
+
+  engine   livetrain's reference engine (livetrain.engine.Engine, exported with export_cuda: CUDA IPC,
+           or export_cpu), serving /v1/completions over HTTP (build_app + uvicorn) when fastapi and
+           uvicorn are importable. Its weights are created at random on the device: the only thing
+           replaced is the engine's from_pretrained (by from_config), so no 16 GB file is written or read.
+  trainer  livetrain.trainer.Trainer as `livetrain serve` runs it: attach through the manifest,
+           build_hf_model on the views, gradient checkpointing, APOLLO-Mini stepped from backward hooks.
+           It steps one example of --tokens tokens (a prompt/completion pair tokenized by the trainer's
+           own parse_job) directly, then serves its job socket; the concurrent job is a real POST /train.
+  adamw    the same model (from_config, bf16) in a plain HF loop: gradient checkpointing, loss from
+           `labels`, torch.optim.AdamW (fused on CUDA; its states are bf16 like the weights), one process,
+           no engine on the GPU. An out-of-memory error is caught and reported.
+
+Memory of a training process beyond the weights = its peak reserved by PyTorch's caching allocator
+(max_memory_reserved) + its CUDA context (and anything else allocated outside the allocator), minus the
+weights where the process holds them itself (AdamW). The context is the device's memory.used from
+nvidia-smi while the process is alive and idle, minus memory.used before it started, minus what its
+allocator held at that moment. The target of the issue: the trainer's extra memory <= 15% of the weights.
+
+Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens) for
+--gen-seconds after one warm-up request; with training, the window starts after the job's first step and
+training tokens/s counts the steps that ran entirely inside it.
+
+usage: python bench/serve.py [--size 8b|tiny] [--device cuda|cpu] [--layers 36,8] [--tokens 2048]
+                             [--client auto|http|inproc] [--json out.json]
+Prints a markdown table; with $OUT set also writes $OUT/serve.md and $OUT/serve.json.
+"""
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+SHAPES = {
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+               tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128, vocab_size=512, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False),
+}
+DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1"}
+MARK = "@@serve-bench "  # child -> orchestrator JSON lines start with this; other stdout lines pass through
+GiB = 2**30
+TARGET = 0.15
+TEXT = "The quick brown fox jumps over the lazy dog while the engine keeps answering requests. "
+
+
+def log(msg: str) -> None:
+    print(f"[serve bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the model directory: config.json and a byte-level tokenizer, no weights ----
+def build_tokenizer(vocab_size: int):
+    """One token per byte (so n ASCII characters are n tokens), three special tokens at the end of the
+    vocabulary, and placeholders `<tN>` for the ids in between, so every id the random model emits decodes."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for i in range(len(vocab), vocab_size - len(specials)):
+        vocab[f"<t{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                pad_token="<|endoftext|>")
+    assert len(fast) == vocab_size, (len(fast), vocab_size)
+    return fast
+
+
+def write_model_dir(path: str, size: str, layers: int, tokenizer) -> None:
+    import transformers
+
+    os.makedirs(path, exist_ok=True)
+    shape = dict(SHAPES[size], num_hidden_layers=layers)
+    transformers.Qwen3Config(**shape, eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def train_example(tokens: int) -> dict:
+    """A prompt/completion pair that the byte-level tokenizer makes exactly `tokens` long (the completion
+    gets EOS appended): loss on the second half."""
+    text = TEXT * (tokens // len(TEXT) + 2)
+    half = tokens // 2
+    return {"prompt": text[:half], "completion": text[half:tokens - 1]}
+
+
+def prompt(i: int) -> str:
+    return f"Request {i}. " + TEXT * 2  # about 200 tokens
+
+
+def random_model(model_dir: str, device: str, dtype=None):
+    """The model of model_dir's config.json with random weights (transformers' own init), made on the device."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype or torch.bfloat16)
+
+
+# ---- memory: PyTorch's allocator in the process, the device's memory.used from outside ----
+def allocator_stats(device) -> dict | None:
+    import torch
+
+    if device.type != "cuda":
+        return None  # no allocator statistics for CPU memory; the table shows "-"
+    torch.cuda.synchronize(device)
+    return {"peak_allocated": torch.cuda.max_memory_allocated(device),
+            "peak_reserved": torch.cuda.max_memory_reserved(device),
+            "allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+
+
+def reset_peaks(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_used(device: str) -> int | None:
+    """Bytes in use on the benchmark's GPU (nvidia-smi memory.used), or None on CPU / without nvidia-smi.
+    Queried from the orchestrator, which never creates a CUDA context of its own."""
+    if device != "cuda":
+        return None
+    gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", gpu],
+                             capture_output=True, text=True, timeout=30)
+        return int(out.stdout.strip().splitlines()[0]) * 2**20
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def outside_allocator(before: int | None, after: int | None, reserved: int | None) -> int | None:
+    """The process's memory that its allocator does not account for (CUDA context, module images, ...)."""
+    if before is None or after is None or reserved is None:
+        return None
+    return max(0, after - before - reserved)
+
+
+# ---- children: a JSON command loop on stdin, answers on stdout ----
+def reply(obj: dict) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def command_loop(handlers: dict) -> None:
+    """Answers {"op": name, ...} lines until {"op": "quit"} or end of input."""
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.pop("op")
+        if op == "quit":
+            return
+        try:
+            reply(handlers[op](**msg))
+        except Exception as e:
+            traceback.print_exc()
+            reply({"error": f"{op}: {type(e).__name__}: {e}"})
+
+
+def completion_loop(one, seconds: float) -> dict:
+    """Sequential requests: one warm-up, then until `seconds` have passed (at least 2). one(i) -> tokens."""
+    one(0)
+    spans, i = [], 1
+    while len(spans) < 2 or spans[-1][1] - spans[0][0] < seconds:
+        t0 = time.monotonic()
+        n = one(i)
+        spans.append((t0, time.monotonic(), n))
+        i += 1
+    tokens = sum(n for _, _, n in spans)
+    wall = spans[-1][1] - spans[0][0]
+    return {"requests": len(spans), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "start": spans[0][0], "end": spans[-1][1]}
+
+
+def role_engine(a) -> None:
+    import torch
+    import transformers
+
+    from livetrain import engine as eng
+
+    # The one replacement: random weights made on the device instead of reading a 16 GB model from disk.
+    transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(path, a.device,
+                                                                                                  dtype)
+    t = time.perf_counter()
+    engine = eng.Engine(a.model, a.manifest, a.device, "bf16")
+    seconds = time.perf_counter() - t
+    tensors = engine.exported.tensors
+    weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in tensors.values()}.values())
+    server = thread = None
+    if a.port:
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(eng.build_app(engine, a.trainer_socket), host="127.0.0.1", port=a.port,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+    stats = allocator_stats(engine.device)
+    reply({"ready": True, "seconds": seconds, "weights_bytes": weights, "tensors": len(tensors),
+           "params": sum(x.numel() for x in tensors.values()), "reserved": stats and stats["reserved"],
+           "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"})
+
+    def generate(max_tokens: int, seconds: float) -> dict:
+        def one(i: int) -> int:
+            n = 0
+            for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
+                pass
+            return n
+        return completion_loop(one, seconds)
+
+    try:
+        command_loop({"generate": generate})
+    finally:
+        if server is not None:
+            server.should_exit = True
+            thread.join(30)
+        engine.exported.close()
+
+
+def role_trainer(a) -> None:
+    import torch
+
+    from livetrain import jobsock
+    from livetrain.trainer import Trainer, parse_job
+
+    t = time.perf_counter()
+    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1)
+    setup_s = time.perf_counter() - t
+    dev = trainer.device
+    examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
+    if len(examples[0][0]) != a.tokens:
+        raise RuntimeError(f"the example is {len(examples[0][0])} tokens, not {a.tokens}")
+    sync(dev)
+    setup = allocator_stats(dev)
+    # Where the peak is: the allocator's peak when the logits are made (end of the forward), first step.
+    at_logits = []
+
+    def logits_made(*_) -> None:
+        if not at_logits:
+            at_logits.append(allocator_stats(dev))
+
+    hook = trainer.model.get_output_embeddings().register_forward_hook(logits_made)
+    reset_peaks(dev)
+    times, losses = [], []
+    for _ in range(1 + a.steps):  # the first step creates the optimizer state and workspaces: not timed
+        t = time.perf_counter()
+        loss, ntok = trainer.step(examples)
+        sync(dev)
+        times.append(time.perf_counter() - t)
+        losses.append(loss)
+    hook.remove()
+    mem = allocator_stats(dev)
+    report = trainer.opt.report()
+    attached = trainer.attached.tensors
+    weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in attached.values()}.values())
+    timed = times[1:]
+    reply({"setup_seconds": setup_s, "weights_bytes": weights, "tokens": ntok, "step_seconds": timed,
+           "warmup_seconds": times[0], "tokens_per_s": ntok * len(timed) / sum(timed), "losses": losses,
+           "setup_allocated": setup and setup["allocated"], "memory": mem,
+           "forward_peak_allocated": at_logits[0]["peak_allocated"] if at_logits and at_logits[0] else None,
+           "optimizer_state_bytes": trainer.opt.state_bytes()["total"], "grad_checkpointing": trainer.grad_checkpointing,
+           "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
+           "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"})
+
+    # From here on the trainer runs jobs as in `livetrain serve`; each step's span is recorded.
+    spans = []
+    step = trainer.step
+
+    def recorded(batch):
+        t0 = time.monotonic()
+        out = step(batch)
+        sync(dev)
+        spans.append((t0, time.monotonic(), out[1]))
+        return out
+
+    trainer.step = recorded
+    server = jobsock.Server(a.socket, trainer.handle)
+    server.start()
+    runner = threading.Thread(target=trainer.run, name="trainer", daemon=True)
+    runner.start()
+
+    def window(start: float, end: float) -> dict:
+        inside = [s for s in spans if s[0] >= start and s[1] <= end]
+        if not inside:
+            return {"steps": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
+        secs = inside[-1][1] - inside[0][0]
+        return {"steps": len(inside), "tokens": sum(n for _, _, n in inside), "seconds": secs,
+                "tokens_per_s": sum(n for _, _, n in inside) / secs}
+
+    def stop() -> dict:
+        trainer.stopping.set()  # the running job stops after its current step
+        runner.join(600)
+        return {"stopped": not runner.is_alive(), "steps": len(spans), "weight_version": trainer.weight_version}
+
+    try:
+        command_loop({"submit": lambda job: trainer.submit(job),
+                      "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
+                      "window": window, "stop": stop})
+    finally:
+        trainer.stopping.set()
+        runner.join(600)
+        server.close()
+
+
+def role_adamw(a) -> None:
+    import torch
+    import transformers
+
+    from livetrain.trainer import encode_example
+
+    device = torch.device(a.device)
+    tok = transformers.AutoTokenizer.from_pretrained(a.model)
+    ids, mask, _ = encode_example(tok, train_example(a.tokens), "example")
+    result: dict = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    phase, times, losses = "model", [], []
+
+    def enter(name: str) -> None:
+        nonlocal phase
+        phase = name
+        if a.simulate_oom == name:  # exercises the OOM report on machines where none happens
+            raise torch.cuda.OutOfMemoryError(f"simulated out of memory in {name} (--simulate-oom)")
+
+    try:
+        enter("model")
+        model = random_model(a.model, a.device)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        result["fused"] = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, fused=result["fused"])
+        x = torch.tensor([ids], device=device)
+        labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]], device=device)
+        reset_peaks(device)
+        for _ in range(1 + a.steps):
+            t = time.perf_counter()
+            enter("forward")
+            loss = model(input_ids=x, labels=labels, use_cache=False).loss
+            enter("backward")
+            loss.backward()
+            enter("optimizer step")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            sync(device)
+            times.append(time.perf_counter() - t)
+        phase = "done"
+    except torch.cuda.OutOfMemoryError as e:
+        result["oom"] = {"phase": phase, "step": len(times), "message": str(e).strip().splitlines()[0][:300]}
+    result["memory"] = allocator_stats(device)
+    if phase == "done":
+        timed = times[1:]
+        result.update(tokens=len(ids), step_seconds=timed, warmup_seconds=times[0], losses=losses,
+                      tokens_per_s=len(ids) * len(timed) / sum(timed))
+    reply(result)
+    command_loop({})  # alive and idle until the orchestrator has read the device's memory
+
+
+# ---- the orchestrator ----
+class Child:
+    """A bench process in another role, talked to through JSON lines."""
+
+    def __init__(self, role: str, args: list[str], env: dict):
+        self.role = role
+        cmd = [sys.executable, os.path.abspath(__file__), "--role", role] + args
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                self.lines.put(json.loads(line[len(MARK):]))
+            else:
+                sys.stderr.write(line)
+        self.lines.put(None)
+
+    def expect(self, timeout: float) -> dict:
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{self.role}: no answer in {timeout:.0f} s") from None
+        if msg is None:
+            raise RuntimeError(f"the {self.role} process exited with status {self.proc.wait()}")
+        if "error" in msg:
+            raise RuntimeError(f"{self.role}: {msg['error']}")
+        return msg
+
+    def ask(self, timeout: float, op: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self.expect(timeout)
+
+    def close(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"the {self.role} process did not exit in {timeout:.0f} s; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http(url + "/v1/models", timeout=5)[0] == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the engine's HTTP server did not come up at {url}")
+        time.sleep(0.2)
+
+
+def wait_released(device: str, baseline: int | None, timeout: float = 20) -> int | None:
+    """memory.used once the processes that exited have given their memory back (or after `timeout`)."""
+    used = device_used(device)
+    deadline = time.monotonic() + timeout
+    while used is not None and baseline is not None and used > baseline + 256 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        used = device_used(device)
+    return used
+
+
+def extra(mem: dict | None, context: int | None, weights_inside: int) -> dict:
+    """Memory beyond the weights: allocator peaks minus the weights the process holds itself, + context."""
+    if mem is None:
+        return {}
+    out = {"peak_allocated_extra": mem["peak_allocated"] - weights_inside,
+           "peak_reserved_extra": mem["peak_reserved"] - weights_inside, "context": context}
+    out["total_extra"] = out["peak_reserved_extra"] + (context or 0)
+    return out
+
+
+def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict, client: str) -> None:
+    """Engine + trainer for res["layers"] layers (and completions for the first set); fills `res` as it goes."""
+    layers = res["layers"]
+    d = os.path.join(work, f"layers{layers}")
+    model = os.path.join(d, "model")
+    write_model_dir(model, a.size, layers, tokenizer)
+    manifest, sock = os.path.join(d, "engine.manifest.json"), os.path.join(d, "trainer.sock")
+    port = free_port() if client == "http" else 0
+    url = f"http://127.0.0.1:{port}"
+    engine_env = dict(env)
+    if "expandable_segments" in engine_env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        engine_env.pop("PYTORCH_CUDA_ALLOC_CONF")  # CUDA IPC cannot share VMM memory (export_cuda refuses it)
+        log("PYTORCH_CUDA_ALLOC_CONF with expandable_segments removed for the engine (CUDA IPC needs cudaMalloc)")
+
+    engine = trainer = None
+    try:
+        before = device_used(a.device)
+        log(f"{layers} layers: starting the engine ({a.device}, random bf16 weights made on the device)")
+        engine = Child("engine", child_args(a, model) + ["--manifest", manifest, "--trainer-socket", sock,
+                                                          "--port", str(port)], engine_env)
+        e = engine.expect(a.timeout)
+        if port:
+            wait_http(url, engine.proc, 120)
+        after = device_used(a.device)
+        res["weights_bytes"], res["params"], res["device_name"] = e["weights_bytes"], e["params"], e["device_name"]
+        res["engine"] = {"seconds": e["seconds"], "reserved": e["reserved"],
+                         "outside_allocator": outside_allocator(before, after, e["reserved"])}
+        log(f"{layers} layers: engine ready in {e['seconds']:.1f} s: {count(e['params'])} parameters, "
+            f"{e['weights_bytes'] / GiB:.2f} GiB of weights in {e['tensors']} tensors"
+            + (f"; allocator {gib(e['reserved'])} GiB, outside it {gib(res['engine']['outside_allocator'])} GiB"
+               if e["reserved"] is not None else ""))
+
+        log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
+        trainer = Child("trainer", child_args(a, model) + ["--manifest", manifest, "--socket", sock,
+                                                           "--state-dir", os.path.join(d, "state")], env)
+        t = trainer.expect(a.timeout)
+        during = device_used(a.device)
+        mem = t["memory"]
+        context = outside_allocator(after, during, mem and mem["reserved"])
+        if t["weights_bytes"] != e["weights_bytes"]:
+            raise RuntimeError(f"the trainer attached {t['weights_bytes']} bytes, the engine shares {e['weights_bytes']}")
+        res["livetrain"] = {**{k: t[k] for k in ("setup_seconds", "tokens", "step_seconds", "warmup_seconds",
+                                                 "tokens_per_s", "losses", "setup_allocated", "forward_peak_allocated",
+                                                 "optimizer_state_bytes",
+                                                 "grad_checkpointing", "skipped_nonfinite")},
+                            "memory": mem, **extra(mem, context, 0)}
+        lt = res["livetrain"]
+        steps = ", ".join(f"{x:.2f}" for x in t["step_seconds"])
+        log(f"{layers} layers: trainer {rate(t['tokens_per_s'])} tokens/s (steps {steps} s, warm-up "
+            f"{t['warmup_seconds']:.2f} s), loss {t['losses'][0]:.3f} -> {t['losses'][-1]:.3f}"
+            + (f", extra memory {lt['total_extra'] / GiB:.2f} GiB = {lt['total_extra'] / t['weights_bytes']:.1%} "
+               "of the weights" if mem else ""))
+
+        if main_set and a.gen_seconds > 0:
+            res["completions"] = {}
+            completions(a, res["completions"], engine, trainer, client, url, layers)
+    finally:
+        for child in (trainer, engine):
+            if child is not None:
+                child.close()
+
+
+def run_adamw(a, res: dict, work: str, env: dict, idle: int | None) -> None:
+    """The plain HF loop with torch AdamW for res["layers"] layers, alone on the device."""
+    layers = res["layers"]
+    model = os.path.join(work, f"layers{layers}", "model")
+    log(f"{layers} layers: plain HF loop with torch AdamW, alone on the device")
+    before = wait_released(a.device, idle)
+    adamw = Child("adamw", child_args(a, model), env)
+    try:
+        r = adamw.expect(a.timeout)
+        during = device_used(a.device)
+    finally:
+        adamw.close()
+    mem = r["memory"]
+    context = outside_allocator(before, during, mem and mem["reserved"])
+    res["adamw"] = {**r, **extra(mem, context, r.get("weights_bytes", 0))}
+    if "oom" in r:
+        log(f"{layers} layers: AdamW out of memory in {r['oom']['phase']} of step {r['oom']['step'] + 1}"
+            + (f" ({mem['peak_reserved'] / GiB:.1f} GiB reserved at the peak)" if mem else ""))
+    else:
+        log(f"{layers} layers: AdamW {rate(r['tokens_per_s'])} tokens/s, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+            + (f", extra memory {res['adamw']['total_extra'] / GiB:.2f} GiB" if mem else ""))
+    wait_released(a.device, idle)
+
+
+def child_args(a, model: str) -> list[str]:
+    return ["--model", model, "--device", a.device, "--tokens", str(a.tokens), "--steps", str(a.steps),
+            "--lr", str(a.lr)] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
+
+
+def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
+    """Completion throughput alone, then while a /train job runs; fills `out` as it goes."""
+    def measure() -> dict:
+        if client == "inproc":
+            return engine.ask(a.gen_seconds + a.timeout, "generate", max_tokens=a.gen_tokens, seconds=a.gen_seconds)
+
+        def one(i: int) -> int:
+            body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
+            code, body = http(url + "/v1/completions", body)
+            if code != 200:
+                raise RuntimeError(f"/v1/completions answered {code}: {body}")
+            return body["usage"]["completion_tokens"]
+        return completion_loop(one, a.gen_seconds)
+
+    log(f"{layers} layers: completions alone ({client}), {a.gen_seconds:g} s of {a.gen_tokens}-token requests")
+    out["alone"] = measure()
+    log(f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests")
+
+    job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr}
+    if client == "http":
+        code, body = http(url + "/train", job)
+    else:
+        r = trainer.ask(60, "submit", job=job)
+        code, body = r["code"], r["body"]
+    if code != 202:
+        raise RuntimeError(f"/train answered {code}: {body}")
+    first = trainer.ask(60, "status")["steps"]
+    deadline = time.monotonic() + a.timeout
+    while trainer.ask(60, "status")["steps"] <= first:  # the window starts once the job is stepping
+        if time.monotonic() > deadline:
+            raise TimeoutError("the training job made no step")
+        time.sleep(0.1)
+    log(f"{layers} layers: completions while the /train job runs")
+    out["training"] = measure()
+    out["concurrent_training"] = trainer.ask(60, "window", start=out["training"]["start"], end=out["training"]["end"])
+    stopped = trainer.ask(a.timeout, "stop")
+    out["training"]["job_steps"] = stopped["steps"]
+    ct = out["concurrent_training"]
+    log(f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s; training meanwhile "
+        f"{rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)")
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def ratio(x: float, y: float) -> str:
+    return f"{x / y:.2f}x" if y else "-"
+
+
+def gib(x) -> str:
+    return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def render(results: dict) -> str:
+    if results["device"] == "cuda":
+        how = "context = nvidia-smi memory.used delta minus the process's reserved bytes"
+    else:
+        how = "on CPU: no memory figures"
+    lines = [f"{results['device_name']}; torch {results['torch']}, transformers {results['transformers']}; "
+             f"{results['size']}-shaped Qwen3, random bf16 weights; one sequence of {results['tokens']} tokens per step, "
+             f"1 warm-up + {results['steps']} timed steps; {how}", "",
+             "| layers | params | weights GiB | method | peak alloc. beyond weights GiB | peak reserved beyond weights GiB "
+             "| context GiB | extra GiB | extra / weights | train tokens/s |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for s in results["sets"]:
+        w = s.get("weights_bytes")
+        head = f"| {s['layers']} | {count(s['params'])} | {gib(w)} |" if w else f"| {s['layers']} | - | - |"
+        adamw = s.get("adamw") or {}
+        for name, r in (("livetrain trainer (APOLLO-Mini, hooks, grad. ckpt)", s.get("livetrain")),
+                        (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw"))):
+            if r is None:
+                continue
+            if "oom" in r:
+                peak = r["memory"]["peak_reserved"] if r.get("memory") else None
+                total = f"{gib(peak)} reserved in all" if peak is not None else "-"
+                lines.append(f"{head} {name} | OOM in {r['oom']['phase']} | {total} | | | | - |")
+                continue
+            share = f"{r['total_extra'] / w:.1%}" if r.get("total_extra") is not None and w else "-"
+            cells = [gib(r.get(k)) for k in ("peak_allocated_extra", "peak_reserved_extra", "context", "total_extra")]
+            lines.append(f"{head} {name} | {' | '.join(cells)} | {share} | {rate(r['tokens_per_s'])} |")
+        eng = s.get("engine") or {}
+        if eng.get("reserved") is not None:
+            notes.append(f"{s['layers']} layers: the engine process holds {gib(eng['reserved'])} GiB in its allocator "
+                         f"(the weights) and {gib(eng['outside_allocator'])} GiB outside it (its context).")
+        lt = s.get("livetrain")
+        if lt and lt.get("total_extra") is not None and w:
+            ok = "met" if lt["total_extra"] <= TARGET * w else "not met"
+            notes.append(f"{s['layers']} layers: the trainer's extra memory is {lt['total_extra'] / w:.1%} of the weights "
+                         f"(target <= {TARGET:.0%}: {ok}); APOLLO-Mini state {lt['optimizer_state_bytes'] / 2**20:.1f} MiB; "
+                         f"allocated after set-up {gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward "
+                         f"(logits made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
+                         f"{gib(lt['memory']['peak_allocated'])} GiB.")
+        if lt and adamw and "oom" not in adamw and adamw.get("total_extra") and lt.get("total_extra"):
+            notes.append(f"{s['layers']} layers: AdamW's extra memory is {ratio(adamw['total_extra'], lt['total_extra'])} the "
+                         f"trainer's; the trainer's tokens/s are {ratio(lt['tokens_per_s'], adamw['tokens_per_s'])} AdamW's.")
+        if "oom" in adamw:
+            notes.append(f"{s['layers']} layers: AdamW ran out of memory ({adamw['oom']['message']}); weights, gradients "
+                         f"and its two bf16 states alone are 4 x {gib(w)} GiB.")
+        for err in s.get("errors", []):
+            notes.append(f"{s['layers']} layers: FAILED: {err}")
+    if notes:
+        lines += [""] + notes
+    gen = [s for s in results["sets"] if s.get("completions")]
+    if gen:
+        via = "HTTP /v1/completions" if results["client"] == "http" else "Engine.generate in the engine process"
+        lines += ["", f"Completions ({via}): "
+                  f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each, "
+                  f"{results['gen_seconds']:g} s per measurement", "",
+                  "| layers | engine | requests | tokens | completion tokens/s | ms/token | training tokens/s meanwhile |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for s in gen:
+            c = s["completions"]
+            for name, key in (("alone", "alone"), ("with a /train job running", "training")):
+                r = c.get(key)
+                if r is None:
+                    continue
+                train = "-"
+                if key == "training" and "concurrent_training" in c:
+                    train = rate(c["concurrent_training"]["tokens_per_s"])
+                lines.append(f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
+                             f"{1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |")
+            if c.get("concurrent_training", {}).get("steps", 2) < 2:
+                lines.append(f"\n{s['layers']} layers: only {c['concurrent_training']['steps']} training steps ran entirely "
+                             "inside the window: lengthen --gen-seconds for a training rate.")
+            if "alone" in c and "concurrent_training" in c:
+                lines.append(f"\n{s['layers']} layers: with training, completions run at "
+                             f"{ratio(c['training']['tokens_per_s'], c['alone']['tokens_per_s'])} their speed alone; training at "
+                             f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone.")
+    lines.append(f"\nTotal run time {results['seconds']:.0f} s.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="8b", choices=sorted(SHAPES), help="model shape (default 8b: Qwen3-8B)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--layers", default=None, help="comma-separated layer counts, each a full run; the first also "
+                    "measures completions (default 36,8 for 8b, 2,1 for tiny)")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per training step (one sequence)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--client", default="auto", choices=["auto", "http", "inproc"],
+                    help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process")
+    ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
+    ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
+    ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline")
+    ap.add_argument("--timeout", type=float, default=300.0, help="longest wait for one answer from a process")
+    ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
+    for hidden in ("--model", "--manifest", "--trainer-socket", "--socket", "--state-dir", "--simulate-oom"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.role:
+        {"engine": role_engine, "trainer": role_trainer, "adamw": role_adamw}[a.role](a)
+        return 0
+
+    import torch
+    import transformers
+
+    t_start = time.monotonic()
+    layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.size]).split(",")]
+    if a.steps < 1:
+        ap.error("--steps must be >= 1")
+    if a.tokens < 4 or a.tokens > SHAPES[a.size]["max_position_embeddings"]:
+        ap.error(f"--tokens must be in [4, {SHAPES[a.size]['max_position_embeddings']}]")
+    try:  # imported, not just found: a package whose own dependencies are missing counts as absent
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+        has_http = True
+    except ImportError as e:
+        has_http = False
+        log(f"no HTTP server ({e}): completions are measured with Engine.generate in the engine process")
+    client = a.client if a.client != "auto" else ("http" if has_http else "inproc")
+    if client == "http" and not has_http:
+        ap.error("--client http needs fastapi and uvicorn")
+    if a.device == "cuda" and shutil.which("nvidia-smi") is None:
+        log("nvidia-smi not found: the CUDA context of each process is not measured (reported as -)")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    work = tempfile.mkdtemp(prefix="livetrain-serve-bench-")
+    log(f"{a.size}-shaped Qwen3, layers {layer_sets}, {a.tokens} tokens per step, device {a.device}, "
+        f"completions via {client}, in {work}")
+    tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
+    idle = device_used(a.device)
+    results = {"size": a.size, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
+               "gen_tokens": a.gen_tokens, "gen_seconds": a.gen_seconds, "torch": torch.__version__,
+               "transformers": transformers.__version__, "device_name": a.device, "idle_used": idle, "sets": []}
+    failed = False
+
+    def write(final: bool) -> None:
+        """The table and the numbers so far: rewritten after every part, so a run cut short keeps them."""
+        results["seconds"] = time.monotonic() - t_start
+        table = render(results)
+        if final:
+            print("\n" + table)
+        outputs = [(a.json, None)] if a.json else []
+        if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
+            outputs += [(os.path.join(os.environ["OUT"], "serve.json"), None),
+                        (os.path.join(os.environ["OUT"], "serve.md"), table)]
+        for path, text in outputs:
+            with open(path, "w") as f:
+                f.write(text + "\n" if text is not None else json.dumps(results, indent=2))
+
+    try:
+        for i, layers in enumerate(layer_sets):
+            s = {"layers": layers}
+            results["sets"].append(s)
+            parts = [lambda: run_livetrain(a, s, i == 0, work, tokenizer, env, client)]
+            if not a.no_adamw:
+                parts.append(lambda: run_adamw(a, s, work, env, idle))
+            for part in parts:
+                try:
+                    part()
+                except Exception as e:  # keep what the other parts measure
+                    traceback.print_exc()
+                    log(f"{layers} layers: failed: {type(e).__name__}: {e}")
+                    s.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+                    failed = True
+                results["device_name"] = s.get("device_name", results["device_name"])
+                write(final=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write(final=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
