@@ -1,0 +1,77 @@
+"""livetrain.loss: the chunked linear cross-entropy equals the full-logits loss (value and gradients of
+every parameter), with ignored tokens, per-example weights, chunks that do not divide the tokens, fp32
+and bf16; and models whose output layer it cannot take fall back to the logits."""
+
+import pytest
+import torch
+import transformers
+
+from livetrain import loss
+
+
+def tiny(dtype, tied=False):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+                                      tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 17), generator=g)
+    attn = torch.ones_like(ids)
+    attn[2, 12:] = 0
+    labels = ids.clone()
+    labels[0, :5] = -100  # prompt tokens are not trained
+    labels[2, 12:] = -100
+    labels[1, 3] = -100
+    return ids, attn, labels, torch.tensor([1.0, 2.5, 0.5])
+
+
+def reference(model, ids, attn, labels, weights):
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+    target = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return ((tok.sum(1) / (target != -100).sum(1).clamp(min=1)) * weights).mean()
+
+
+def grads(model, fn):
+    model.zero_grad()
+    value = fn()
+    value.backward()
+    return value.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype,tied", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1000])
+def test_chunked_equals_full_logits(dtype, tied, chunk_tokens, monkeypatch):
+    model = tiny(dtype, tied)
+    assert loss.output_projection(model) is not None
+    monkeypatch.setattr(loss, "CHUNK_BYTES", chunk_tokens * 4 * 300)
+    b = batch()
+    want, want_grads = grads(model, lambda: reference(model, *b))
+    got, got_grads = grads(model, lambda: loss.causal_lm_loss(model, *b))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+    for name, g in want_grads.items():
+        assert torch.isfinite(got_grads[name]).all(), name
+        # bf16: the projection's gradient is rounded once per chunk instead of once
+        torch.testing.assert_close(got_grads[name].float(), g.float(), **tol, msg=name)
+
+
+def test_models_it_cannot_take_use_the_logits():
+    model = tiny(torch.float32)
+    model.config.final_logit_softcapping = 30.0
+    assert loss.output_projection(model) is None
+    b = batch()
+    torch.testing.assert_close(loss.causal_lm_loss(model, *b), reference(model, *b))
+
+
+def test_no_trained_token_gives_zero_loss_and_gradients():
+    model = tiny(torch.float32)
+    ids, attn, labels, weights = batch()
+    labels[:] = -100
+    value, g = grads(model, lambda: loss.causal_lm_loss(model, ids, attn, labels, weights))
+    assert value.item() == 0.0
+    assert all(float(t.abs().max()) == 0.0 for t in g.values())
