@@ -15,6 +15,7 @@ usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket P
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -294,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         c = engine.checkpoint
         print(f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
               f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}", file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
+    # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
+    # left in /dev/shm until reboot).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(build_app(engine, a.trainer_socket, a.api_key), host=a.host, port=a.port, log_level="warning")
     finally:
