@@ -485,6 +485,15 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
         assert ck["generation"] in (1, 2) and ck["error"] is None
         time.sleep(1.5)
         assert s.status()["checkpoint"]["generation"] == ck["generation"]
+        # POST /checkpoint during a job: taken between two of its steps, and the job goes on.
+        code, job = http(s.url + "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150,
+                                            "lr": 1e-6})
+        assert code == 202
+        while not s.status()["current"] or s.status()["current"]["step"] < 2:
+            time.sleep(0.05)
+        code, mid = http(s.url + "/checkpoint", {})
+        assert code == 200 and mid["written"] and 2 + 2 <= mid["weight_version"] < 2 + 150, mid
+        assert s.wait_job(job["job_id"])["state"] == "done" and s.status()["weight_version"] == 2 + 150
     finally:
         assert s.stop() == 0
     # --no-store: the model files as they are, no store written, the store routes answer 409.
