@@ -72,9 +72,11 @@ def main() -> int:
 
     say(f"starting livetrain serve --model default --device cpu on {url} (log: {log_path})")
     log = open(log_path, "w")
-    # A fresh --state-dir: the optimizer state of an earlier run must not carry over into this demo.
+    # A fresh --state-dir and checkpoint store: the optimizer state and checkpoints of an earlier run (or of
+    # the default store in the model's cache) must not carry over into this demo.
     serve = subprocess.Popen([a.python, "-m", "livetrain.serve", "--model", "default", "--device", "cpu", "--dtype", a.dtype,
-                              "--port", str(port), "--state-dir", os.path.join(work, "state")],
+                              "--port", str(port), "--state-dir", os.path.join(work, "state"),
+                              "--store", os.path.join(work, "store")],
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600  # the first run converts the model (about a minute)

@@ -3,6 +3,8 @@
 The store itself (format, diff, crash safety) is C++ (docs/checkpoint.md). This module only turns a
 ``{name: tensor}`` dict into (name, dtype, shape, address, device) tuples. CPU tensors are diffed on the
 CPU; CUDA tensors in place on their GPU, against the store's page-locked host copy of the head.
+``restore_latest`` is what an engine calls at start-up so that it serves the last checkpointed weights
+(docs/serve.md, "Restart").
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name
 
-__all__ = ["CheckpointStore"]
+__all__ = ["CheckpointStore", "open_store", "restore_latest", "store_path"]
+
+# The store's default place inside the model directory and its commit file (include/livetrain/ckpt.hpp:
+# kDefaultStoreDirName, kCommitFileName).
+DEFAULT_STORE_DIR = ".livetrain-store"
+COMMIT_FILE = "COMMIT"
 
 
 def _live(tensors: Mapping[str, torch.Tensor]) -> list[tuple]:
@@ -81,6 +88,10 @@ class CheckpointStore:
     def materialized(self) -> int:
         return self._s.materialized
 
+    def tensors(self) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype name, shape) of every tensor of the model, in the store's order."""
+        return [(n, d, list(shape)) for n, d, shape in self._s.tensors()]
+
     def list(self) -> list[dict]:
         """The committed generations, oldest first."""
         return self._s.generations()
@@ -120,3 +131,53 @@ class CheckpointStore:
     def gc(self, keep_from: int) -> None:
         """Forgets generations before ``keep_from``."""
         self._s.gc(keep_from)
+
+
+def store_path(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> str:
+    """Where the store of ``model_dir`` is: ``store_dir``, or ``MODEL/.livetrain-store``."""
+    return str(store_dir) if store_dir else os.path.join(str(model_dir), DEFAULT_STORE_DIR)
+
+
+def open_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
+               create: bool = False) -> CheckpointStore:
+    """Opens the store of ``model_dir``; with ``create``, makes it first when it does not exist yet
+    (generation 0 = the model files as they are)."""
+    path = store_path(model_dir, store_dir)
+    if create and not os.path.exists(os.path.join(path, COMMIT_FILE)):
+        try:
+            return CheckpointStore.create(model_dir, path)
+        except _core.Error:
+            if not os.path.exists(os.path.join(path, COMMIT_FILE)):
+                raise
+            # another process created it first: open that one
+    return CheckpointStore(model_dir, path)
+
+
+def restore_latest(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike,
+                   store_dir: str | os.PathLike | None = None, *, create: bool = True) -> dict:
+    """Writes the store's head generation into ``tensors`` (``{Hugging Face name: tensor}``, every tensor
+    of the model files, in place) unless the model files already hold it, creating the store when it is
+    missing (``create``). Call it after loading the weights from ``model_dir`` and before serving them.
+
+    The store is closed (its lock released) on return, so that the trainer can open it. Returns
+    ``{"store", "generation", "weight_version", "restored", "created"}``: the head generation, the weight
+    version recorded with it, whether ``tensors`` were changed, and whether the store was created.
+    """
+    path = store_path(model_dir, store_dir)
+    created = create and not os.path.exists(os.path.join(path, COMMIT_FILE))
+    with open_store(model_dir, path, create=create) as store:
+        for name, dtype, shape in store.tensors():
+            t = tensors.get(name)
+            if t is None:
+                raise _core.Error(f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)")
+            if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
+                raise _core.Error(
+                    f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
+                    f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
+                    "in that dtype or without a store")
+        head = store.list()[-1]
+        restored = store.head != store.materialized
+        if restored:
+            store.restore(store.head, tensors)
+        return {"store": store.dir, "generation": store.head, "weight_version": head["weight_version"],
+                "restored": restored, "created": created}

