@@ -214,7 +214,7 @@ def role_engine(a) -> None:
     transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(path, a.device,
                                                                                                   dtype)
     t = time.perf_counter()
-    engine = eng.Engine(a.model, a.manifest, a.device, "bf16")
+    engine = eng.Engine(a.model, a.manifest, a.device, "bf16", store=False)  # no checkpoint store in a benchmark
     seconds = time.perf_counter() - t
     tensors = engine.exported.tensors
     weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in tensors.values()}.values())
@@ -255,7 +255,7 @@ def role_trainer(a) -> None:
     from livetrain.trainer import Trainer, parse_job
 
     t = time.perf_counter()
-    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1)
+    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False)
     setup_s = time.perf_counter() - t
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -263,14 +263,15 @@ def role_trainer(a) -> None:
         raise RuntimeError(f"the example is {len(examples[0][0])} tokens, not {a.tokens}")
     sync(dev)
     setup = allocator_stats(dev)
-    # Where the peak is: the allocator's peak when the logits are made (end of the forward), first step.
+    # Where the peak is: the allocator's peak at the end of the decoder's forward (the final hidden states;
+    # the trainer's loss then makes the logits chunk by chunk, livetrain/loss.py), first step.
     at_logits = []
 
     def logits_made(*_) -> None:
         if not at_logits:
             at_logits.append(allocator_stats(dev))
 
-    hook = trainer.model.get_output_embeddings().register_forward_hook(logits_made)
+    hook = trainer.model.model.register_forward_hook(logits_made)
     reset_peaks(dev)
     times, losses = [], []
     for _ in range(1 + a.steps):  # the first step creates the optimizer state and workspaces: not timed
@@ -674,7 +675,7 @@ def render(results: dict) -> str:
             notes.append(f"{s['layers']} layers: the trainer's extra memory is {lt['total_extra'] / w:.1%} of the weights "
                          f"(target <= {TARGET:.0%}: {ok}); APOLLO-Mini state {lt['optimizer_state_bytes'] / 2**20:.1f} MiB; "
                          f"allocated after set-up {gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward "
-                         f"(logits made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
+                         f"(hidden states made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
                          f"{gib(lt['memory']['peak_allocated'])} GiB.")
         if lt and adamw and "oom" not in adamw and adamw.get("total_extra") and lt.get("total_extra"):
             notes.append(f"{s['layers']} layers: AdamW's extra memory is {ratio(adamw['total_extra'], lt['total_extra'])} the "
