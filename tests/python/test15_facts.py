@@ -213,7 +213,7 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
                     mid_job.append(v0 < v < v0 + STEPS)
                 except Exception as e:  # reported by the assertion below, not lost in the thread
                     codes.append(repr(e))
-                time.sleep(0.2)
+                time.sleep(1.0)  # a steady client, not one that takes the CPU cores from training
 
         thread = threading.Thread(target=client)
         thread.start()
