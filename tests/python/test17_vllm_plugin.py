@@ -180,8 +180,15 @@ def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_plac
         store.materialize(1)
     assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={})["restored"] is False
     # No store at all.
-    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={"LIVETRAIN_STORE_DIR": str(tmp_path / "none")}) \
-        == {"store": str(tmp_path / "none"), "generation": None, "restored": False}
+    # A missing store is created (generation 0 = the files) so that the trainer can checkpoint into it;
+    # at TP > 1, where no trainer runs, it is left missing.
+    fresh = tmp_path / "fresh"
+    assert worker.restore_newer(str(model_dir), params, config, 0, 2, env={"LIVETRAIN_STORE_DIR": str(fresh)}) \
+        == {"store": str(fresh), "generation": None, "restored": False}
+    assert not (fresh / "COMMIT").exists()
+    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={"LIVETRAIN_STORE_DIR": str(fresh)}) \
+        == {"store": str(fresh), "generation": 0, "restored": False}
+    assert (fresh / "COMMIT").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -375,9 +382,11 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     manifest = worker.manifest_path(str(run_dir), 0)
     exported = sharing.export_cpu(engine_tensors, manifest, model_path=model_dir, config=config, engine="vllm")
     before = {k: v.clone() for k, v in exported.tensors.items()}
+    # What the worker's export did before answering (restore_newer): the store exists, at generation 0.
+    store_info = worker.restore_newer(str(model_dir), engine_tensors, config, 0, 1, env={})
+    assert store_info["generation"] == 0
     info = {"run_dir": str(run_dir), "manifest": manifest, "tp_rank": 0, "tp_size": 1, "pid": os.getpid(),
-            "model_dir": str(model_dir), "tensors": len(engine_tensors),
-            "restore": {"store": "", "generation": None, "restored": False}}
+            "model_dir": str(model_dir), "tensors": len(engine_tensors), "restore": store_info}
     client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
     monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
     monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))

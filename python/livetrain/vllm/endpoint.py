@@ -30,9 +30,11 @@ TRAINER_MODES = ("plugin", "external")
 
 
 def trainer_command(manifest: str, model_dir: str, socket: str, state_dir: str, extra: str = "") -> list[str]:
-    """``python -m livetrain.trainer ...`` for a manifest (extra: ``$LIVETRAIN_TRAINER_ARGS``, shell words)."""
+    """``python -m livetrain.trainer ...`` for a manifest (extra: ``$LIVETRAIN_TRAINER_ARGS``, shell words);
+    the store is the one the workers restore from (``$LIVETRAIN_STORE_DIR`` when set)."""
+    store = os.environ.get("LIVETRAIN_STORE_DIR")
     return [sys.executable, "-m", "livetrain.trainer", "--manifest", manifest, "--model", model_dir,
-            "--socket", socket, "--state-dir", state_dir, *shlex.split(extra)]
+            "--socket", socket, "--state-dir", state_dir, *(["--store", store] if store else []), *shlex.split(extra)]
 
 
 def _extension_problem(qualname: str) -> str | None:

@@ -108,7 +108,12 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
 
     sdir = store_dir(model_dir, env)
     if not os.path.exists(os.path.join(sdir, "COMMIT")):
-        return {"store": sdir, "generation": None, "restored": False}
+        if tp_size != 1:  # no trainer runs at TP > 1, so nothing will checkpoint
+            return {"store": sdir, "generation": None, "restored": False}
+        # Generation 0 = the model files, so that the trainer's /checkpoint has a store to write to.
+        checkpoint.open_store(model_dir, sdir, create=True).close()
+        logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
+        return {"store": sdir, "generation": 0, "restored": False}
     with checkpoint.CheckpointStore(model_dir, sdir) as store:
         head, files = store.head, store.materialized
         if head <= files:
