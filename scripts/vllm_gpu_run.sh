@@ -39,6 +39,8 @@ d.mkdir()
     for group, eps in meta["entry-points"].items()))
 PY
 export PYTHONPATH="$PWD/python:$ep:$site${PYTHONPATH:+:$PYTHONPATH}"
+# vLLM's sampler imports flashinfer unless told not to use it; the GPU machine has no flashinfer.
+$py -c "import flashinfer" 2>/dev/null || export VLLM_USE_FLASHINFER_SAMPLER=0
 export PATH="$site/bin:$PATH"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
