@@ -255,7 +255,7 @@ def role_trainer(a) -> None:
     from livetrain.trainer import Trainer, parse_job
 
     t = time.perf_counter()
-    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False)
+    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False, embeddings=a.embeddings)
     setup_s = time.perf_counter() - t
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -521,8 +521,10 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                if e["reserved"] is not None else ""))
 
         log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
+        from livetrain.trainer import process_env
+
         trainer = Child("trainer", child_args(a, model) + ["--manifest", manifest, "--socket", sock,
-                                                           "--state-dir", os.path.join(d, "state")], env)
+                                                           "--state-dir", os.path.join(d, "state")], process_env(env))
         t = trainer.expect(a.timeout)
         during = device_used(a.device)
         mem = t["memory"]
@@ -576,7 +578,7 @@ def run_adamw(a, res: dict, work: str, env: dict, idle: int | None) -> None:
 
 def child_args(a, model: str) -> list[str]:
     return ["--model", model, "--device", a.device, "--tokens", str(a.tokens), "--steps", str(a.steps),
-            "--lr", str(a.lr)] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
+            "--lr", str(a.lr), "--embeddings", a.embeddings] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
 
 
 def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
@@ -653,7 +655,7 @@ def render(results: dict) -> str:
         w = s.get("weights_bytes")
         head = f"| {s['layers']} | {count(s['params'])} | {gib(w)} |" if w else f"| {s['layers']} | - | - |"
         adamw = s.get("adamw") or {}
-        for name, r in (("livetrain trainer (APOLLO-Mini, hooks, grad. ckpt)", s.get("livetrain")),
+        for name, r in ((f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')})", s.get("livetrain")),
                         (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw"))):
             if r is None:
                 continue
@@ -726,6 +728,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per training step (one sequence)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"],
+                    help="how the trainer treats embeddings and lm_head (livetrain serve --embeddings; default apollo)")
     ap.add_argument("--client", default="auto", choices=["auto", "http", "inproc"],
                     help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process")
     ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
@@ -769,7 +773,7 @@ def main() -> int:
         f"completions via {client}, in {work}")
     tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
     idle = device_used(a.device)
-    results = {"size": a.size, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
+    results = {"size": a.size, "embeddings": a.embeddings, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
                "gen_tokens": a.gen_tokens, "gen_seconds": a.gen_seconds, "torch": torch.__version__,
                "transformers": transformers.__version__, "device_name": a.device, "idle_used": idle, "sets": []}
     failed = False

@@ -122,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda s, _f: stop.append(s))
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the two in order.
     engine = subprocess.Popen(engine_cmd, env=env, start_new_session=True)
+    from livetrain.trainer import process_env
+
+    trainer_env = process_env(env)
     trainer = None
     print(f"livetrain serve: engine pid {engine.pid}, run dir {run_dir}", file=sys.stderr, flush=True)
     code = 0
     try:
         while not stop:
             if trainer is None and os.path.exists(manifest):
-                trainer = subprocess.Popen(trainer_cmd, env=env, start_new_session=True)
+                trainer = subprocess.Popen(trainer_cmd, env=trainer_env, start_new_session=True)
                 print(f"livetrain serve: trainer pid {trainer.pid}; http://{a.host}:{a.port}", file=sys.stderr,
                       flush=True)
             dead = [(n, p) for n, p in (("engine", engine), ("trainer", trainer)) if p is not None and p.poll() is not None]

@@ -63,7 +63,9 @@ class TrainerProcess:
     def __init__(self, cmd: list[str], env: dict | None = None):
         self.cmd = cmd
         wrapped = [sys.executable, "-m", "livetrain.vllm.endpoint", "--exec-tied-to", str(os.getpid()), "--", *cmd]
-        self.proc = subprocess.Popen(wrapped, env=env, start_new_session=True)
+        from livetrain.trainer import process_env
+
+        self.proc = subprocess.Popen(wrapped, env=process_env(os.environ if env is None else env), start_new_session=True)
         atexit.register(self.stop)
 
     def stop(self, timeout: float = 60.0) -> int | None:
