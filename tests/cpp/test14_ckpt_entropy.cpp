@@ -89,8 +89,12 @@ TEST(CkptEntropy, RoundTripsAndCompressesXorPlanes) {
       std::string s = encode(cases[c]);
       EXPECT_EQ(decode(s, n), cases[c]) << "n " << n << " case " << c;
       EXPECT_LE(s.size(), n + 9) << "never more than raw";
-      if (n == 100000 && c == 0) EXPECT_LT(s.size(), n / 3) << "about 2 bits per low byte";
-      if (n == 100000 && c == 1) EXPECT_LT(s.size(), n / 7) << "about 1 bit per mostly-zero byte";
+      if (n == 100000 && c == 0) {
+        EXPECT_LT(s.size(), n / 3) << "about 2 bits per low byte";
+      }
+      if (n == 100000 && c == 1) {
+        EXPECT_LT(s.size(), n / 7) << "about 1 bit per mostly-zero byte";
+      }
     }
   }
 }
