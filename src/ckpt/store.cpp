@@ -228,6 +228,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, Pr
 void Store::close() {
   lock_ = fs::Fd();
   head_ = HeadCopy();
+  diff_workspace_ = DiffWorkspace();  // the GPU diff's page-locked outputs
   broken_ = true;
 }
 
