@@ -255,7 +255,8 @@ def role_trainer(a) -> None:
     from livetrain.trainer import Trainer, parse_job
 
     t = time.perf_counter()
-    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False, embeddings=a.embeddings)
+    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False, embeddings=a.embeddings,
+                      release_cached=not a.keep_cache)
     setup_s = time.perf_counter() - t
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -578,7 +579,8 @@ def run_adamw(a, res: dict, work: str, env: dict, idle: int | None) -> None:
 
 def child_args(a, model: str) -> list[str]:
     return ["--model", model, "--device", a.device, "--tokens", str(a.tokens), "--steps", str(a.steps),
-            "--lr", str(a.lr), "--embeddings", a.embeddings] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
+            "--lr", str(a.lr), "--embeddings", a.embeddings] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else []) \
+        + (["--keep-cache"] if a.keep_cache else [])
 
 
 def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
@@ -655,7 +657,8 @@ def render(results: dict) -> str:
         w = s.get("weights_bytes")
         head = f"| {s['layers']} | {count(s['params'])} | {gib(w)} |" if w else f"| {s['layers']} | - | - |"
         adamw = s.get("adamw") or {}
-        for name, r in ((f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')})", s.get("livetrain")),
+        for name, r in ((f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')}"
+                        f"{', cache kept' if results.get('keep_cache') else ''})", s.get("livetrain")),
                         (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw"))):
             if r is None:
                 continue
@@ -735,6 +738,9 @@ def main() -> int:
     ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
     ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
     ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="the trainer keeps its allocator's free pages before the vocabulary-sized gradients "
+                         "(Trainer(release_cached=False)): what releasing them saves and costs")
     ap.add_argument("--timeout", type=float, default=300.0, help="longest wait for one answer from a process")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
@@ -773,7 +779,7 @@ def main() -> int:
         f"completions via {client}, in {work}")
     tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
     idle = device_used(a.device)
-    results = {"size": a.size, "embeddings": a.embeddings, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
+    results = {"size": a.size, "embeddings": a.embeddings, "keep_cache": a.keep_cache, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
                "gen_tokens": a.gen_tokens, "gen_seconds": a.gen_seconds, "torch": torch.__version__,
                "transformers": transformers.__version__, "device_name": a.device, "idle_used": idle, "sets": []}
     failed = False

@@ -10,12 +10,22 @@ states and the projection at once. Peak extra memory: one chunk's logits (``chun
 Numerics follow Hugging Face's path (logits from the bf16 projection, then fp32 softmax; the gradient
 reaches the projection in the weights' dtype). The projection's gradient is accumulated over chunks in
 its own dtype (one rounding per chunk instead of one in total).
+
+The projection's gradient is as large as the vocabulary (1.16 GiB for Qwen3-8B in bf16). Computed in the
+loss's backward, it exists while every layer's saved activations still do: the trainer's peak. With an
+``OutputGradient`` passed to ``causal_lm_loss``, backward leaves it out and ``OutputGradient.apply``
+computes it after the rest of backward has finished (and freed the activations), by slices of the
+vocabulary, each slice's rows in one product (one rounding), and hands it to the optimizer.
 """
+
+from typing import Callable
 
 import torch
 
 # Logits of at most this many bytes exist at once (fp32).
 CHUNK_BYTES = 256 << 20
+# OutputGradient: logits of at most this many bytes per vocabulary slice (fp32).
+SLICE_BYTES = 64 << 20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -23,7 +33,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor,
-                chunk: int):
+                chunk: int, later: "OutputGradient | None" = None):
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -37,7 +47,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += (ce * token_weight[s:s + chunk]).sum()
             del logits
         ctx.save_for_backward(hidden, weight, safe_target, valid, token_weight, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.later = chunk, later
         return total
 
     @staticmethod
@@ -45,8 +55,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, target, valid, token_weight, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         scale = token_weight * valid * grad_out  # d loss / d CE_i
+        later = ctx.later
+        if later is not None and ctx.needs_input_grad[1]:
+            later._pending = (hidden, target, scale)  # the projection's gradient: OutputGradient.apply
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and later is None else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             logits = (h @ weight.t()).float()
@@ -60,7 +73,59 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h)
             del logits, grad
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class OutputGradient:
+    """The output projection's gradient, deferred until after backward (see the module's docstring).
+
+    Pass one to ``causal_lm_loss``; after ``loss.backward()``, ``apply(fn)`` computes the gradient and
+    calls ``fn(weight, grad)`` once, then drops it. ``active`` says whether the loss deferred it (not for
+    a projection tied to the input embeddings, whose two contributions autograd must add, nor for a frozen
+    one, nor when the loss fell back to full logits); when inactive, autograd produced it as usual.
+    """
+
+    def __init__(self, slice_bytes: int | None = None):
+        self.slice_bytes = slice_bytes
+        self.active = False
+        self.weight = None     # the projection (the model's own parameter object, as the optimizer keys it)
+        self._pending = None
+
+    @torch.no_grad()
+    def gradient(self) -> torch.Tensor | None:
+        """The deferred gradient (None when nothing was deferred or backward has not run); forgets it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        hidden, target, scale = pending
+        weight = self.weight
+        n, vocab = hidden.shape[0], weight.shape[0]
+        budget = self.slice_bytes or SLICE_BYTES
+        width = min(vocab, max(128, budget // (4 * max(n, 1)) // 128 * 128))
+        slices = [(v, min(v + width, vocab)) for v in range(0, vocab, width)]
+        # Each token's log-sum-exp from the same products as the gradient below, so that every softmax
+        # sums to one exactly as computed here (the forward's token chunks may round logits differently).
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        for v0, v1 in slices:
+            lse = torch.logaddexp(lse, torch.logsumexp((hidden @ weight[v0:v1].t()).float(), dim=-1))
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        for v0, v1 in slices:
+            grad = (hidden @ weight[v0:v1].t()).float().sub_(lse[:, None]).exp_()
+            # minus one at each token's target where it falls in this slice (no host sync)
+            inside = ((target >= v0) & (target < v1)).to(torch.float32)
+            grad.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None], -inside[:, None])
+            grad.mul_(scale[:, None])
+            torch.mm(grad.to(weight.dtype).t(), hidden, out=out[v0:v1])
+            del grad
+        return out
+
+    def apply(self, fn: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
+        """Compute the deferred gradient and call ``fn(weight, gradient)``; False when there was none."""
+        grad = self.gradient()
+        if grad is None:
+            return False
+        fn(self.weight, grad)
+        return True
 
 
 def output_projection(model) -> torch.Tensor | None:
@@ -80,10 +145,13 @@ def output_projection(model) -> torch.Tensor | None:
 
 
 def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
+                   weights: torch.Tensor, later: OutputGradient | None = None) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
-    output layer allows it, else from the full logits."""
+    output layer allows it, else from the full logits. With ``later``, the output projection's gradient
+    is left to ``later.apply`` where it can be (``later.active``)."""
+    if later is not None:
+        later.active, later.weight, later._pending = False, None, None
     target = labels[:, 1:]
     count = (target != -100).sum(1).clamp(min=1)
     head = output_projection(model)
@@ -95,4 +163,10 @@ def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.T
     b, t, h = hidden.shape
     token_weight = (weights / count / b)[:, None].expand(b, t).reshape(-1).to(torch.float32)
     chunk = max(1, CHUNK_BYTES // (4 * head.shape[0]))
-    return LinearCrossEntropy.apply(hidden.reshape(b * t, h), head, target.reshape(-1), token_weight, chunk)
+    if later is not None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        tied = embeddings is None or getattr(embeddings, "weight", None) is head
+        later.active = head.requires_grad and torch.is_grad_enabled() and not tied
+        later.weight = head if later.active else None
+    return LinearCrossEntropy.apply(hidden.reshape(b * t, h), head, target.reshape(-1), token_weight, chunk,
+                                    later if later is not None and later.active else None)

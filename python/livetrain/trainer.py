@@ -26,7 +26,7 @@ import uuid
 import torch
 
 from livetrain import jobsock
-from livetrain.loss import causal_lm_loss
+from livetrain.loss import OutputGradient, causal_lm_loss
 
 ROLES = ("system", "user", "assistant")
 
@@ -179,12 +179,18 @@ class Trainer:
     ``store``: use the model's checkpoint store (at ``store_dir``, default ``MODEL/.livetrain-store``),
     which the engine has created and restored from before exporting its weights; ``checkpoint_every``:
     seconds between automatic checkpoints when the weights changed (0: only on request).
+
+    ``release_cached`` (CUDA): just before each vocabulary-sized gradient is made (the input embeddings'
+    at the end of backward, the output projection's after it), give the allocator's free pages back to
+    the device (``torch.cuda.empty_cache``). By then the freed activations are broken up by the few
+    tensors still alive, no free range is large enough, and the allocator would map new memory for the
+    gradient while keeping the old: 0.7 GiB more at the peak for an 8B model (bench/RESULTS.md).
     """
 
     def __init__(self, manifest: str, model_dir: str, state_dir: str, *, lr: float = 1e-5, batch_size: int = 8,
                  max_len: int = 0, queue_size: int = 8, max_examples: int = 10_000, embeddings: str = "apollo",
                  grad_checkpointing: bool = True, wait_s: float = 60.0, store: bool = True,
-                 store_dir: str | None = None, checkpoint_every: float = 0.0):
+                 store_dir: str | None = None, checkpoint_every: float = 0.0, release_cached: bool = True):
         import transformers
         from livetrain import checkpoint, optim, sharing
 
@@ -210,6 +216,10 @@ class Trainer:
         self.weights = {n: p.data for n, p in self.model.named_parameters()}
         self.opt.param_names = self.names
         self.opt.attach_hooks()
+        self.release_cached = release_cached
+        embeddings_module = self.model.get_input_embeddings()
+        if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
+            embeddings_module.register_forward_hook(self._embeddings_forward)
         self.lr, self.batch_size = lr, batch_size
         self.max_len = max_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
@@ -446,9 +456,25 @@ class Trainer:
         backward. Loss: per example, the mean over its trained tokens, times its weight; averaged."""
         ids, attn, labels, weights = self._batch(examples)
         # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
-        loss = causal_lm_loss(self.model, ids, attn, labels, weights)
+        # The output projection's vocabulary-sized gradient is made after backward, once the layers'
+        # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
+        later = OutputGradient()
+        loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later)
         loss.backward()
+        if later.active and self.release_cached:
+            self._release()
+        later.apply(self.opt.step_param)
         return float(loss.detach()), int(attn.sum())
+
+    def _embeddings_forward(self, _module, _inputs, out) -> None:
+        # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda _grad: self._release())
+
+    def _release(self) -> None:
+        """Give the allocator's free pages back before a vocabulary-sized gradient (see release_cached)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def run_job(self, jid: str, job: dict) -> None:
         with self.lock:

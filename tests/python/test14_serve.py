@@ -30,6 +30,8 @@ from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 from livetrain.trainer import Invalid, encode_example  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -38,30 +40,10 @@ FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
 CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
           "i am fine thank you", "what is the capital of france", "paris is the capital of france",
           "the cat sat on the mat", "one two three four five six seven"]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-            "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
 def make_tiny_model(path: Path) -> None:
-    """A random 2-layer Llama (bf16) and a word-level tokenizer with a chat template, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()  # joins words with spaces
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>", additional_special_tokens=specials[4:])
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=64,
-                                      tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
-                                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tiny_model.make_model_dir(path, CORPUS, intermediate_size=128)
 
 
 def free_port() -> int:

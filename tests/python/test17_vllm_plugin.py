@@ -24,36 +24,15 @@ from livetrain import checkpoint, layout, routes, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EXT = "livetrain.vllm.WorkerExtension"
 CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-            "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
 def make_model_dir(path: Path, model_type: str = "llama", tied: bool = False) -> dict:
-    """A random 2-layer bf16 model with a word-level tokenizer, saved as Hugging Face files; its config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>", additional_special_tokens=specials[4:])
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=len(fast), max_position_embeddings=64, tie_word_embeddings=tied,
-                  bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    config = (transformers.Qwen3Config(head_dim=16, **common) if model_type == "qwen3"
-              else transformers.LlamaConfig(**common))
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    return json.loads((path / "config.json").read_text())
+    return tiny_model.make_model_dir(path, CORPUS, model_type, tied)
 
 
 def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -75,3 +75,67 @@ def test_no_trained_token_gives_zero_loss_and_gradients():
     value, g = grads(model, lambda: loss.causal_lm_loss(model, ids, attn, labels, weights))
     assert value.item() == 0.0
     assert all(float(t.abs().max()) == 0.0 for t in g.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slice_bytes", [1, 4 * 48 * 256, 1 << 30])  # slices of 128 rows (the last 44), 256, all 300
+def test_output_gradient_is_deferred_and_equal(dtype, slice_bytes):
+    model = tiny(dtype)
+    b = batch()
+    want, want_grads = grads(model, lambda: reference(model, *b))
+    model.zero_grad()
+    later = loss.OutputGradient(slice_bytes=slice_bytes)
+    got = loss.causal_lm_loss(model, *b, later=later)
+    assert later.active and later.weight is model.lm_head.weight
+    got.backward()
+    head = model.lm_head.weight
+    assert head.grad is None  # backward left it out
+    calls = []
+    assert later.apply(lambda w, g: calls.append((w, g)))
+    assert len(calls) == 1 and calls[0][0] is head
+    assert not later.apply(lambda w, g: calls.append((w, g)))  # made once, then forgotten
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got.detach(), want, **tol)
+    torch.testing.assert_close(calls[0][1].float(), want_grads["lm_head.weight"].float(), **tol)
+    for name, p in model.named_parameters():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(p.grad.float(), want_grads[name].float(), **tol, msg=name)
+
+
+def test_output_gradient_stays_with_autograd_when_tied_or_frozen():
+    b = batch()
+    tied = tiny(torch.float32, tied=True)
+    later = loss.OutputGradient()
+    _, g = grads(tied, lambda: loss.causal_lm_loss(tied, *b, later=later))
+    assert not later.active and not later.apply(lambda w, grad: pytest.fail("nothing was deferred"))
+    _, want = grads(tied, lambda: reference(tied, *b))
+    torch.testing.assert_close(g["model.embed_tokens.weight"], want["model.embed_tokens.weight"], rtol=1e-5, atol=1e-6)
+    frozen = tiny(torch.float32)
+    frozen.lm_head.weight.requires_grad_(False)
+    later = loss.OutputGradient()
+    loss.causal_lm_loss(frozen, *b, later=later).backward()
+    assert not later.active and frozen.lm_head.weight.grad is None
+    assert not later.apply(lambda w, grad: pytest.fail("nothing was deferred"))
+
+
+def test_output_gradient_steps_the_head_beside_the_hooks():
+    """As the trainer runs it: every other parameter stepped from its hook during backward, the head by
+    apply afterwards with the optimizer's step_param; each parameter is stepped exactly once and the head
+    moves as far as stepping it from a hook would (fp32, same gradient to rounding)."""
+    from livetrain import optim
+    b = batch()
+    moved = {}
+    for deferred in (False, True):
+        model = tiny(torch.float32)
+        before = model.lm_head.weight.detach().clone()
+        opt = optim.ApolloMini(optim.param_groups(model), lr=1e-3, rank=1)
+        opt.attach_hooks()
+        later = loss.OutputGradient() if deferred else None
+        loss.causal_lm_loss(model, *b, later=later).backward()
+        if deferred:
+            assert later.apply(opt.step_param)
+        report = opt.report()
+        assert report["ok"] == len(list(model.parameters())) and set(report["steps"].values()) == {1}
+        moved[deferred] = model.lm_head.weight.detach() - before
+    assert moved[True].abs().max() > 0
+    torch.testing.assert_close(moved[True], moved[False], rtol=1e-3, atol=1e-7)
