@@ -100,6 +100,9 @@ class OutputGradient:
         hidden, target, scale = pending
         weight = self.weight
         n, vocab = hidden.shape[0], weight.shape[0]
+        # First, while the memory of a gradient of this size just freed (the input embeddings') is free
+        # in one piece: the slices below must not split it.
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         budget = self.slice_bytes or SLICE_BYTES
         width = min(vocab, max(128, budget // (4 * max(n, 1)) // 128 * 128))
         slices = [(v, min(v + width, vocab)) for v in range(0, vocab, width)]
@@ -108,7 +111,6 @@ class OutputGradient:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         for v0, v1 in slices:
             lse = torch.logaddexp(lse, torch.logsumexp((hidden @ weight[v0:v1].t()).float(), dim=-1))
-        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         for v0, v1 in slices:
             grad = (hidden @ weight[v0:v1].t()).float().sub_(lse[:, None]).exp_()
             # minus one at each token's target where it falls in this slice (no host sync)

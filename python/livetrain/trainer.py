@@ -180,11 +180,12 @@ class Trainer:
     which the engine has created and restored from before exporting its weights; ``checkpoint_every``:
     seconds between automatic checkpoints when the weights changed (0: only on request).
 
-    ``release_cached`` (CUDA): just before each vocabulary-sized gradient is made (the input embeddings'
-    at the end of backward, the output projection's after it), give the allocator's free pages back to
-    the device (``torch.cuda.empty_cache``). By then the freed activations are broken up by the few
-    tensors still alive, no free range is large enough, and the allocator would map new memory for the
-    gradient while keeping the old: 0.7 GiB more at the peak for an 8B model (bench/RESULTS.md).
+    ``release_cached`` (CUDA): once per step, just before the first vocabulary-sized gradient is made
+    (the input embeddings' at the end of backward, else the output projection's after it), give the
+    allocator's free pages back to the device (``torch.cuda.empty_cache``). By then the freed
+    activations are broken up by the few tensors still alive, no free range is large enough, and the
+    allocator would map new memory for the gradient while keeping the old: 0.5 GiB more at the peak for
+    an 8B model (bench/RESULTS.md). The second such gradient reuses the first one's memory.
     """
 
     def __init__(self, manifest: str, model_dir: str, state_dir: str, *, lr: float = 1e-5, batch_size: int = 8,
@@ -217,6 +218,7 @@ class Trainer:
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
+        self._released = False  # in this step's backward (see step)
         embeddings_module = self.model.get_input_embeddings()
         if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
             embeddings_module.register_forward_hook(self._embeddings_forward)
@@ -460,8 +462,11 @@ class Trainer:
         # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
         later = OutputGradient()
         loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later)
+        self._released = False
         loss.backward()
-        if later.active and self.release_cached:
+        # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
+        # its place: release only when that did not happen (embeddings tied or frozen).
+        if later.active and self.release_cached and not self._released:
             self._release()
         later.apply(self.opt.step_param)
         return float(loss.detach()), int(attn.sum())
@@ -469,7 +474,11 @@ class Trainer:
     def _embeddings_forward(self, _module, _inputs, out) -> None:
         # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda _grad: self._release())
+            out.register_hook(self._before_embeddings_gradient)
+
+    def _before_embeddings_gradient(self, _grad) -> None:
+        self._released = True
+        self._release()
 
     def _release(self) -> None:
         """Give the allocator's free pages back before a vocabulary-sized gradient (see release_cached)."""
