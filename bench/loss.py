@@ -100,7 +100,7 @@ def main() -> int:
         peak = torch.cuda.max_memory_allocated(dev) - before
         err_h = float((gh.float() - ref_h).norm() / ref_h.norm())
         err_w = float((gw.float() - ref_w).norm() / ref_w.norm())
-        loss_err = abs(float(value) - float(ref)) / abs(float(ref))
+        loss_err = abs(float(value.detach()) - float(ref)) / abs(float(ref))
         del value, gh, gw
         seconds = timed(fn, a.reps)
         rows.append({"method": name, "seconds": seconds, "peak_bytes": peak, "err_hidden_grad": err_h,
