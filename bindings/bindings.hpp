@@ -8,6 +8,7 @@ namespace livetrain::bindings {
 void init_safetensors(nanobind::module_& m);
 void init_cuda(nanobind::module_& m);
 void init_optim(nanobind::module_& m);
+void init_loss(nanobind::module_& m);
 void init_layout(nanobind::module_& m);
 void init_sharing(nanobind::module_& m);
 void init_ckpt(nanobind::module_& m);

@@ -5,11 +5,14 @@ autograd keeps them and their gradient (2.5 GB): for an 8B model that is more th
 budget beside the engine (15% of 16 GB). ``LinearCrossEntropy`` computes the same loss from the final
 hidden states and the output projection, ``chunk`` tokens at a time, keeping only each token's
 log-sum-exp; backward recomputes each chunk's logits and turns them into the gradients of the hidden
-states and the projection at once. Peak extra memory: one chunk's logits (``chunk × vocab × 4`` bytes).
+states and the projection at once. Peak extra memory: one chunk's logits (``chunk × vocab`` elements in
+the weights' dtype). The row-wise work on each chunk (log-sum-exp; softmax minus one-hot, scaled) runs as
+two fused passes of the core (include/livetrain/loss.hpp, CPU and CUDA) for bf16 and fp32 logits, and
+as torch operations otherwise.
 
 Numerics follow Hugging Face's path (logits from the bf16 projection, then fp32 softmax; the gradient
-reaches the projection in the weights' dtype). The projection's gradient is accumulated over chunks in
-its own dtype (one rounding per chunk instead of one in total).
+reaches the projection in the weights' dtype, rounded once per element). The projection's gradient is
+accumulated over chunks in its own dtype (one rounding per chunk instead of one in total).
 
 The projection's gradient is as large as the vocabulary (1.16 GiB for Qwen3-8B in bf16). Computed in the
 loss's backward, it exists while every layer's saved activations still do: the trainer's peak. With an
@@ -22,10 +25,49 @@ from typing import Callable
 
 import torch
 
-# Logits of at most this many bytes exist at once (fp32).
+from livetrain import _core
+
+# Tokens per chunk: as many as make this many bytes of fp32 logits (the logits exist in the weights' dtype).
 CHUNK_BYTES = 256 << 20
-# OutputGradient: logits of at most this many bytes per vocabulary slice (fp32).
+# OutputGradient: vocabulary rows per slice, as many as make this many bytes of fp32 logits.
 SLICE_BYTES = 64 << 20
+
+_FUSED = {torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the core's fused passes take this block of logits (bf16/fp32 rows, CPU or CUDA)."""
+    return x.dtype in _FUSED and x.dim() == 2 and x.stride(1) == 1 and x.device.type in ("cpu", "cuda")
+
+
+def _stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
+
+
+def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
+    """lse ← log(exp(lse) + Σ_j exp(x[:, j])), in place: folds a block of logits' columns into running
+    fp32 log-sum-exps (start them at −inf). One read of x (the core's pass), else torch operations."""
+    if _fused(x) and x.shape[0] > 0:
+        _core.ce_logsumexp_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
+                                x.device.type == "cuda", _stream(x))
+    else:
+        torch.logaddexp(lse, torch.logsumexp(x.float(), dim=-1), out=lse)
+
+
+def softmax_grad_(x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, col0: int,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """x ← (exp(x − lse) − onehot(target − col0)) · scale, row by row, in place, in x's dtype: the gradient
+    of Σ_i scale_i · CE_i over a block of logits that holds vocabulary columns [col0, col0 + width).
+    Computed in fp32 and rounded once; one read and one write of x (the core's pass)."""
+    if _fused(x) and x.shape[0] > 0:
+        _core.ce_softmax_grad_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
+                                   target.data_ptr(), col0, scale.data_ptr(), x.device.type == "cuda", _stream(x))
+        return x
+    grad = x.float().sub_(lse[:, None]).exp_()
+    width = x.shape[1]
+    inside = ((target >= col0) & (target < col0 + width)).to(torch.float32)
+    grad.scatter_add_(1, (target - col0).clamp(0, width - 1)[:, None], -inside[:, None])
+    return x.copy_(grad.mul_(scale[:, None]))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -39,10 +81,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = target != -100
         safe_target = torch.where(valid, target, 0)
+        lse.fill_(float("-inf"))
         for s in range(0, n, chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float()
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_target[s:s + chunk, None])[:, 0]
+            logits = hidden[s:s + chunk] @ weight.t()
+            logsumexp_into(logits, lse[s:s + chunk])
+            picked = logits.gather(1, safe_target[s:s + chunk, None])[:, 0].float()
             ce = (lse[s:s + chunk] - picked) * valid[s:s + chunk]
             total += (ce * token_weight[s:s + chunk]).sum()
             del logits
@@ -62,17 +105,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and later is None else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = (h @ weight.t()).float()
             # softmax - onehot, scaled: the gradient of the chunk's logits, in place
-            grad = logits.sub_(lse[s:s + chunk, None]).exp_()
-            grad.scatter_add_(1, target[s:s + chunk, None], -torch.ones_like(lse[s:s + chunk, None]))
-            grad.mul_(scale[s:s + chunk, None])
-            grad = grad.to(weight.dtype)
+            grad = softmax_grad_(h @ weight.t(), lse[s:s + chunk], target[s:s + chunk], 0, scale[s:s + chunk])
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[s:s + chunk])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h)
-            del logits, grad
+            del grad
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -110,14 +149,10 @@ class OutputGradient:
         # sums to one exactly as computed here (the forward's token chunks may round logits differently).
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         for v0, v1 in slices:
-            lse = torch.logaddexp(lse, torch.logsumexp((hidden @ weight[v0:v1].t()).float(), dim=-1))
+            logsumexp_into(hidden @ weight[v0:v1].t(), lse)
         for v0, v1 in slices:
-            grad = (hidden @ weight[v0:v1].t()).float().sub_(lse[:, None]).exp_()
-            # minus one at each token's target where it falls in this slice (no host sync)
-            inside = ((target >= v0) & (target < v1)).to(torch.float32)
-            grad.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None], -inside[:, None])
-            grad.mul_(scale[:, None])
-            torch.mm(grad.to(weight.dtype).t(), hidden, out=out[v0:v1])
+            grad = softmax_grad_(hidden @ weight[v0:v1].t(), lse, target, v0, scale)
+            torch.mm(grad.t(), hidden, out=out[v0:v1])
             del grad
         return out
 

@@ -139,3 +139,48 @@ def test_output_gradient_steps_the_head_beside_the_hooks():
         moved[deferred] = model.lm_head.weight.detach() - before
     assert moved[True].abs().max() > 0
     torch.testing.assert_close(moved[True], moved[False], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_block_passes_equal_torch(dtype, device, monkeypatch):
+    """The core's fused passes (bf16, fp32; CPU and CUDA) against the same math in torch operations (which
+    fp16 always takes), on a block that is a column slice of a wider tensor (row stride > width), folded
+    in two parts."""
+    g = torch.Generator().manual_seed(3)
+    wide = (torch.randn(37, 1029, generator=g) * 4).to(dtype).to(device)
+    block = wide[:, 5:1000]  # 995 columns of a vocabulary starting at column 5; rows strided by 1029
+    target = torch.randint(0, 1100, (37,), generator=g).to(device)  # some outside the block
+    scale = torch.rand(37, generator=g).to(device)
+
+    def run():
+        lse = torch.full((37,), float("-inf"), device=device)
+        loss.logsumexp_into(block[:, :400], lse)
+        loss.logsumexp_into(block[:, 400:], lse)
+        grad = loss.softmax_grad_(block.clone(), lse, target, 5, scale)
+        return lse, grad
+
+    fused_lse, fused_grad = run()
+    monkeypatch.setattr(loss, "_fused", lambda x: False)
+    ref_lse, ref_grad = run()
+    want = torch.logsumexp(block.float(), dim=-1)
+    torch.testing.assert_close(fused_lse, want, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(ref_lse, want, rtol=2e-6, atol=1e-5)
+    assert fused_grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(fused_grad.float(), ref_grad.float(), **tol)
+    rows = torch.arange(37, device=device)
+    inside = (target >= 5) & (target < 1000)
+    assert (fused_grad.float()[rows[inside], target[inside] - 5] < 0).all()  # minus one where the target is
+
+
+def test_block_passes_nonfinite_rows_are_nan():
+    x = torch.randn(3, 300).to(torch.bfloat16)
+    x[0, 7], x[1, 299] = float("nan"), float("inf")
+    x[2] = float("-inf")
+    lse = torch.full((3,), float("-inf"))
+    loss.logsumexp_into(x, lse)
+    assert lse[0].isnan() and lse[1].isnan() and lse[2] == float("-inf")
+    grad = loss.softmax_grad_(x.clone(), lse, torch.zeros(3, dtype=torch.long), 0, torch.ones(3))
+    assert grad[0].isnan().all() and grad[1].isnan().all()  # the optimizer refuses such gradients
