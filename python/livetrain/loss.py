@@ -40,6 +40,14 @@ def _fused(x: torch.Tensor) -> bool:
     return x.dtype in _FUSED and x.dim() == 2 and x.stride(1) == 1 and x.device.type in ("cpu", "cuda")
 
 
+def _check_rows(x: torch.Tensor, **rows: tuple[torch.Tensor, torch.dtype]) -> None:
+    """The per-row vectors the core reads by address: one element per row, contiguous, on x's device."""
+    for name, (v, dtype) in rows.items():
+        if v.dtype != dtype or v.dim() != 1 or v.shape[0] != x.shape[0] or not v.is_contiguous() or v.device != x.device:
+            raise ValueError(f"{name} must be a contiguous {dtype} vector of {x.shape[0]} on {x.device}; got "
+                             f"{v.dtype} of shape {tuple(v.shape)} on {v.device}")
+
+
 def _stream(x: torch.Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
 
@@ -47,6 +55,7 @@ def _stream(x: torch.Tensor) -> int:
 def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
     """lse ← log(exp(lse) + Σ_j exp(x[:, j])), in place: folds a block of logits' columns into running
     fp32 log-sum-exps (start them at −inf). One read of x (the core's pass), else torch operations."""
+    _check_rows(x, lse=(lse, torch.float32))
     if _fused(x) and x.shape[0] > 0:
         _core.ce_logsumexp_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
                                 x.device.type == "cuda", _stream(x))
@@ -59,6 +68,7 @@ def softmax_grad_(x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, col0
     """x ← (exp(x − lse) − onehot(target − col0)) · scale, row by row, in place, in x's dtype: the gradient
     of Σ_i scale_i · CE_i over a block of logits that holds vocabulary columns [col0, col0 + width).
     Computed in fp32 and rounded once; one read and one write of x (the core's pass)."""
+    _check_rows(x, lse=(lse, torch.float32), target=(target, torch.int64), scale=(scale, torch.float32))
     if _fused(x) and x.shape[0] > 0:
         _core.ce_softmax_grad_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
                                    target.data_ptr(), col0, scale.data_ptr(), x.device.type == "cuda", _stream(x))

@@ -184,3 +184,15 @@ def test_block_passes_nonfinite_rows_are_nan():
     assert lse[0].isnan() and lse[1].isnan() and lse[2] == float("-inf")
     grad = loss.softmax_grad_(x.clone(), lse, torch.zeros(3, dtype=torch.long), 0, torch.ones(3))
     assert grad[0].isnan().all() and grad[1].isnan().all()  # the optimizer refuses such gradients
+
+
+def test_block_passes_refuse_vectors_they_cannot_read():
+    x = torch.randn(4, 10)
+    ok = dict(lse=torch.zeros(4), target=torch.zeros(4, dtype=torch.long), scale=torch.ones(4))
+    for name, bad in (("lse", torch.zeros(4, dtype=torch.float64)), ("target", torch.zeros(4, dtype=torch.int32)),
+                      ("scale", torch.ones(8)[::2]), ("lse", torch.zeros(3))):
+        args = {**ok, name: bad}
+        with pytest.raises(ValueError, match=name):
+            loss.softmax_grad_(x.clone(), args["lse"], args["target"], 0, args["scale"])
+    with pytest.raises(ValueError, match="lse"):
+        loss.logsumexp_into(x, torch.zeros(4, 1))
