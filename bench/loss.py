@@ -5,6 +5,7 @@
   chunked+later    the same, the projection's gradient made after backward by OutputGradient (what the
                    trainer does: it then never coexists with the layers' activations)
 
+Both chunked methods run their row-wise work as the core's fused passes (include/livetrain/loss.hpp).
 One sequence of --tokens hidden states (bf16) and the vocabulary x hidden projection (bf16), random, with
 an fp32 reference of every gradient. Memory = the allocator's peak during the call beyond what was
 allocated before it; every method ends holding both gradients (the projection's is 1.16 GiB at 8B), so the
