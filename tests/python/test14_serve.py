@@ -6,15 +6,11 @@ manifest without the lease), the periodic checkpoint, and a restart serving the 
 the optimizer state and weight version that belong to them. CUDA variant skips without a GPU."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,11 +26,11 @@ from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 from livetrain.trainer import Invalid, encode_example  # noqa: E402
 
+import serve_proc  # noqa: E402
 import tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {**serve_proc.ENV, "OMP_NUM_THREADS": "1"}
 KEY = "test-key"
 FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
 CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
@@ -46,64 +42,19 @@ def make_tiny_model(path: Path) -> None:
     tiny_model.make_model_dir(path, CORPUS, intermediate_size=128)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(url: str, body=None, key: str | None = KEY, raw: bytes | None = None, timeout: float = 120):
-    """(status, parsed JSON or text) of one request; POST when there is a body."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            code, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        code, text = e.code, e.read().decode()
-    try:
-        return code, json.loads(text)
-    except ValueError:
-        return code, text
+    """serve_proc.http with this module's API key unless told otherwise."""
+    return serve_proc.http(url, body, key=key, raw=raw, timeout=timeout)
 
 
-class Serve:
-    """`python -m livetrain.serve` in a subprocess."""
+class Serve(serve_proc.ServeProcess):
+    """`python -m livetrain.serve` on the tiny model, with an API key and small limits."""
 
     def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu", extra: tuple = (), wait: bool = True):
-        self.url = f"http://127.0.0.1:{free_port()}"
         self.run = run
-        port = self.url.rsplit(":", 1)[1]
-        self.log = open(run.parent / f"serve-{port}.log", "w")
-        self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--model", str(model), "--device", device,
-                                   "--port", port, "--api-key", KEY, "--state-dir", str(state), "--run-dir", str(run),
-                                   "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4", *extra],
-                                  env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
-        if not wait:
-            return
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
-            try:
-                if http(self.url + "/train/status", timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"serve did not become ready: {self.logtext()}")
-
-    def logtext(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
-
-    def status(self) -> dict:
-        code, body = http(self.url + "/train/status")
-        assert code == 200, body
-        return body
+        super().__init__(["--model", str(model), "--device", device, "--api-key", KEY, "--state-dir", str(state),
+                          "--run-dir", str(run), "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4",
+                          *extra], run.parent / "serve-{port}.log", env=ENV, key=KEY, wait_s=180 if wait else None)
 
     def complete(self, prompt: str, max_tokens: int = 4, **kw) -> dict:
         code, body = http(self.url + "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
@@ -132,14 +83,6 @@ class Serve:
                 return job
             time.sleep(0.2)
         pytest.fail(f"job {jid} did not finish")
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-        try:
-            return self.p.wait(timeout=90)
-        finally:
-            self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,9 @@ import importlib.util
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,6 +32,9 @@ from livetrain import default_model, sharing  # noqa: E402
 from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 
+import serve_proc  # noqa: E402
+from serve_proc import http  # noqa: E402
+
 if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE)):
     try:  # not converted yet: the test converts it, which needs the GGUF file and the gguf package
         default_model.gguf_path()
@@ -46,9 +43,6 @@ if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE
     except FileNotFoundError as e:
         pytest.skip(str(e), allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
-       "TOKENIZERS_PARALLELISM": "false"}
 # (question, the answer taught, the made-up word the answer must contain). Made-up names, so that the
 # model cannot know them before; one phrasing each, asked back exactly.
 FACTS = [
@@ -66,100 +60,20 @@ HELD_OUT = ("The river flows slowly through the valley, past old stone bridges a
             "and a market where people sell vegetables, cheese and bread every Saturday morning.")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body=None, timeout: float = 300):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
-class Serve:
+class Serve(serve_proc.ServeProcess):
     """`python -m livetrain.serve --model default --dtype fp32` on a given store, state and run dir."""
 
     def __init__(self, base: Path, log_name: str):
-        self.url = f"http://127.0.0.1:{free_port()}"
         self.run = base / "run"
-        self.log = open(base / log_name, "w")
-        self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--model", "default", "--dtype", "fp32",
-                                   "--port", self.url.rsplit(":", 1)[1], "--store", str(base / "store"),
-                                   "--state-dir", str(base / "state"), "--run-dir", str(self.run), "--batch-size", "3"],
-                                  env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
-            try:
-                if http(self.url + "/train/status", timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        pytest.fail(f"serve did not become ready: {self.logtext()}")
-
-    def logtext(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
-
-    def status(self) -> dict:
-        code, body = http(self.url + "/train/status")
-        assert code == 200, body
-        return body
+        super().__init__(["--model", "default", "--dtype", "fp32", "--store", str(base / "store"),
+                          "--state-dir", str(base / "state"), "--run-dir", str(self.run), "--batch-size", "3"],
+                         base / log_name, wait_s=300)
 
     def ask(self, question: str) -> str:
         code, body = http(self.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
                                                               "temperature": 0, "max_tokens": 24})
         assert code == 200, body
         return body["choices"][0]["message"]["content"]
-
-    def kill(self) -> None:
-        """SIGKILL to the supervisor, the engine and the trainer (the two run in their own sessions, so
-        they are found by parent pid), then waits until they are gone."""
-        children = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.p.pid:  # fields: state, ppid, ...
-                children.append(int(stat.parent.name))
-        for pid in [self.p.pid] + children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.p.wait()
-        deadline = time.monotonic() + 30
-        while not all(_gone(pid) for pid in children):
-            assert time.monotonic() < deadline, children
-            time.sleep(0.1)
-        self.log.close()
-
-    def stop(self) -> int:
-        self.p.send_signal(signal.SIGTERM)
-        try:
-            return self.p.wait(timeout=120)
-        finally:
-            self.log.close()
-
-
-def _gone(pid: int) -> bool:
-    """Whether a killed process has released everything (its files, so its locks): reaped, or a zombie
-    whose other threads have exited too (a thread-group leader turns zombie before the rest of it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state == "Z" and len(os.listdir(f"/proc/{pid}/task")) <= 1
-    except OSError:
-        return True
 
 
 def perplexity(model_dir: str) -> float:
