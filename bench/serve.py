@@ -522,7 +522,7 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                if e["reserved"] is not None else ""))
 
         log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
-        from livetrain.trainer import process_env
+        from livetrain.serve import process_env
 
         trainer = Child("trainer", child_args(a, model) + ["--manifest", manifest, "--socket", sock,
                                                            "--state-dir", os.path.join(d, "state")], process_env(env))

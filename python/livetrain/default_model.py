@@ -70,10 +70,11 @@ def convert(gguf: str, out: str) -> None:
 
 def cast(src: str, out: str, dtype: str) -> None:
     """The bf16 directory ``src`` with its weights in ``dtype`` → HF directory ``out`` (exact for fp32)."""
-    import torch
     import transformers
 
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
+    from livetrain.engine import DTYPES
+
+    dt = DTYPES[dtype]
     transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dt).save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(src).save_pretrained(out)
 

@@ -18,6 +18,16 @@ import tempfile
 import time
 
 
+def process_env(env) -> dict:
+    """The environment to start a trainer process with: PyTorch's expandable segments for its own
+    allocations (activations and one gradient at a time come and go in many sizes; measured on the H100,
+    see bench/RESULTS.md) unless PYTORCH_CUDA_ALLOC_CONF is set. The engine must not use them (CUDA IPC
+    cannot export such memory); the trainer only imports the engine's memory, which is unaffected."""
+    env = dict(env)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="livetrain serve", description="Serve a Hugging Face causal LM (OpenAI-style "
                                 "/v1/completions and /v1/chat/completions) and fine-tune it in place through "
@@ -122,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda s, _f: stop.append(s))
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the two in order.
     engine = subprocess.Popen(engine_cmd, env=env, start_new_session=True)
-    from livetrain.trainer import process_env
-
     trainer_env = process_env(env)
     trainer = None
     print(f"livetrain serve: engine pid {engine.pid}, run dir {run_dir}", file=sys.stderr, flush=True)

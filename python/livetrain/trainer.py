@@ -29,16 +29,6 @@ from livetrain import jobsock
 from livetrain.loss import OutputGradient, causal_lm_loss
 
 ROLES = ("system", "user", "assistant")
-
-
-def process_env(env) -> dict:
-    """The environment to start a trainer process with: PyTorch's expandable segments for its own
-    allocations (activations and one gradient at a time come and go in many sizes; measured on the H100,
-    see bench/RESULTS.md) unless PYTORCH_CUDA_ALLOC_CONF is set. The engine must not use them (CUDA IPC
-    cannot export such memory); the trainer only imports the engine's memory, which is unaffected."""
-    env = dict(env)
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    return env
 JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
 ROLLBACK_FIELDS = {"generation"}
 

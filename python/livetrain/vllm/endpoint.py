@@ -32,7 +32,7 @@ TRAINER_MODES = ("plugin", "external")
 def trainer_command(manifest: str, model_dir: str, socket: str, state_dir: str, extra: str = "") -> list[str]:
     """``python -m livetrain.trainer ...`` for a manifest (extra: ``$LIVETRAIN_TRAINER_ARGS``, shell words);
     the store is the one the workers restore from (``$LIVETRAIN_STORE_DIR`` when set)."""
-    store = os.environ.get("LIVETRAIN_STORE_DIR")
+    store = os.environ.get(worker.STORE_ENV)
     return [sys.executable, "-m", "livetrain.trainer", "--manifest", manifest, "--model", model_dir,
             "--socket", socket, "--state-dir", state_dir, *(["--store", store] if store else []), *shlex.split(extra)]
 
@@ -63,7 +63,7 @@ class TrainerProcess:
     def __init__(self, cmd: list[str], env: dict | None = None):
         self.cmd = cmd
         wrapped = [sys.executable, "-m", "livetrain.vllm.endpoint", "--exec-tied-to", str(os.getpid()), "--", *cmd]
-        from livetrain.trainer import process_env
+        from livetrain.serve import process_env
 
         self.proc = subprocess.Popen(wrapped, env=process_env(os.environ if env is None else env), start_new_session=True)
         atexit.register(self.stop)

@@ -95,19 +95,19 @@ def read_config(model_dir: str) -> dict:
 
 def store_dir(model_dir: str, env=os.environ) -> str:
     """``$LIVETRAIN_STORE_DIR``, else the checkpoint store's default (docs/checkpoint.md)."""
-    return env.get(STORE_ENV) or os.path.join(model_dir, ".livetrain-store")
+    from livetrain import checkpoint
+
+    return checkpoint.store_path(model_dir, env.get(STORE_ENV))
 
 
 def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: int, env=os.environ) -> dict:
     """If the checkpoint store holds a generation newer than the model files, write it into ``params``
     (vLLM's own tensors, through layout views: in place, no reallocation). Returns what was done:
     ``{"store", "generation", "restored"}`` (``generation`` None without a store)."""
-    import torch
-
     from livetrain import checkpoint, layout
 
     sdir = store_dir(model_dir, env)
-    if not os.path.exists(os.path.join(sdir, "COMMIT")):
+    if not os.path.exists(os.path.join(sdir, checkpoint.COMMIT_FILE)):
         if tp_size != 1:  # no trainer runs at TP > 1, so nothing will checkpoint
             return {"store": sdir, "generation": None, "restored": False}
         # Generation 0 = the model files, so that the trainer's /checkpoint has a store to write to.
@@ -128,8 +128,8 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
         views = layout.views(lay, params)
         # A tied lm_head is the embedding itself, and a model file does not store it twice.
         tied = {v["hf_name"] for v in lay["views"] if v["tied_to"] is not None}
-        with torch.no_grad():  # vLLM's parameters are leaves; an in-place write must not be recorded
-            store.restore(head, {n: t for n, t in views.items() if n not in tied})
+        # the core writes the tensors' memory itself: no torch operation, nothing for autograd to see
+        store.restore(head, {n: t for n, t in views.items() if n not in tied})
     logger.info("livetrain: restored checkpoint generation %d (the model files hold %d) from %s", head, files, sdir)
     return {"store": sdir, "generation": head, "restored": True}
 
