@@ -81,7 +81,7 @@ def main() -> int:
             h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
             out = loss.OutputGradient() if later else None
             if out is not None:
-                out.active, out.weight = True, w
+                out.weight = w
             chunk = max(1, loss.CHUNK_BYTES // (4 * a.vocab))
             value = loss.LinearCrossEntropy.apply(h, w, target, token_weight, chunk, out)
             value.backward()

@@ -26,13 +26,14 @@ from typing import Callable
 import torch
 
 from livetrain import _core
+from livetrain.safetensors import dtype_name
 
 # Tokens per chunk: as many as make this many bytes of fp32 logits (the logits exist in the weights' dtype).
 CHUNK_BYTES = 256 << 20
 # OutputGradient: vocabulary rows per slice, as many as make this many bytes of fp32 logits.
 SLICE_BYTES = 64 << 20
 
-_FUSED = {torch.bfloat16: "BF16", torch.float32: "F32"}
+_FUSED = (torch.bfloat16, torch.float32)  # what the core's passes take
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -57,7 +58,7 @@ def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
     fp32 log-sum-exps (start them at −inf). One read of x (the core's pass), else torch operations."""
     _check_rows(x, lse=(lse, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_logsumexp_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
+        _core.ce_logsumexp_rows(x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
                                 x.device.type == "cuda", _stream(x))
     else:
         torch.logaddexp(lse, torch.logsumexp(x.float(), dim=-1), out=lse)
@@ -70,8 +71,9 @@ def softmax_grad_(x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, col0
     Computed in fp32 and rounded once; one read and one write of x (the core's pass)."""
     _check_rows(x, lse=(lse, torch.float32), target=(target, torch.int64), scale=(scale, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_softmax_grad_rows(x.data_ptr(), _FUSED[x.dtype], x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
-                                   target.data_ptr(), col0, scale.data_ptr(), x.device.type == "cuda", _stream(x))
+        _core.ce_softmax_grad_rows(x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0),
+                                   lse.data_ptr(), target.data_ptr(), col0, scale.data_ptr(), x.device.type == "cuda",
+                                   _stream(x))
         return x
     grad = x.float().sub_(lse[:, None]).exp_()
     width = x.shape[1]
@@ -87,11 +89,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor,
                 chunk: int, later: "OutputGradient | None" = None):
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = target != -100
         safe_target = torch.where(valid, target, 0)
-        lse.fill_(float("-inf"))
         for s in range(0, n, chunk):
             logits = hidden[s:s + chunk] @ weight.t()
             logsumexp_into(logits, lse[s:s + chunk])
@@ -136,9 +137,12 @@ class OutputGradient:
 
     def __init__(self, slice_bytes: int | None = None):
         self.slice_bytes = slice_bytes
-        self.active = False
-        self.weight = None     # the projection (the model's own parameter object, as the optimizer keys it)
+        self.weight = None     # the deferred projection (the model's own parameter object, as the optimizer keys it)
         self._pending = None
+
+    @property
+    def active(self) -> bool:
+        return self.weight is not None
 
     @torch.no_grad()
     def gradient(self) -> torch.Tensor | None:
@@ -198,7 +202,7 @@ def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.T
     output layer allows it, else from the full logits. With ``later``, the output projection's gradient
     is left to ``later.apply`` where it can be (``later.active``)."""
     if later is not None:
-        later.active, later.weight, later._pending = False, None, None
+        later.weight, later._pending = None, None
     target = labels[:, 1:]
     count = (target != -100).sum(1).clamp(min=1)
     head = output_projection(model)
@@ -213,7 +217,6 @@ def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.T
     if later is not None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is None or getattr(embeddings, "weight", None) is head
-        later.active = head.requires_grad and torch.is_grad_enabled() and not tied
-        later.weight = head if later.active else None
+        later.weight = head if head.requires_grad and torch.is_grad_enabled() and not tied else None
     return LinearCrossEntropy.apply(hidden.reshape(b * t, h), head, target.reshape(-1), token_weight, chunk,
                                     later if later is not None and later.active else None)

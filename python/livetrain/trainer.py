@@ -254,7 +254,7 @@ class Trainer:
 
         # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
         # the training thread mutates.
-        self.opt_steps = max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
+        self.opt_steps = self._optimizer_steps()
         self.opt_bytes = self.opt.state_bytes()["total"]
 
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -336,7 +336,7 @@ class Trainer:
         try:
             parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
         except Invalid as e:
-            return {"code": 400, "body": {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param}}}
+            return _error(400, str(e), e.param)
         if self.stopping.is_set():
             return {"code": 503, "body": {"error": {"message": "the trainer is shutting down"}}}
         n = len(parsed["examples"])
@@ -419,7 +419,7 @@ class Trainer:
         self.opt.reset_state()
         if gen["optimizer_state"]:
             self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
-        steps = max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
+        steps = self._optimizer_steps()
         with self.lock:
             self.weight_version += 1
             self.opt_steps = steps
@@ -429,6 +429,10 @@ class Trainer:
                                       "generation": r["generation"], "written": r["written"],
                                       "weight_version": self.weight_version,
                                       "seconds": round(time.perf_counter() - t0, 3)}}
+
+    def _optimizer_steps(self) -> int:
+        """Steps of the most-stepped parameter (synchronizes with the device)."""
+        return max((int(st["step"].item()) for st in self.opt.state.values() if "step" in st), default=0)
 
     # ---- training ----
     def _batch(self, examples):
