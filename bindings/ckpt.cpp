@@ -26,9 +26,8 @@ std::vector<ckpt::LiveTensor> live_tensors(const std::vector<TensorArg>& args) {
   std::vector<ckpt::LiveTensor> out;
   out.reserve(args.size());
   for (const auto& [name, dtype, shape, ptr, device] : args) {
-    auto dt = dtype_from_name(dtype);
-    if (!dt) throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\": unknown dtype \"" + dtype + "\"");
-    out.push_back(ckpt::LiveTensor{name, *dt, shape, reinterpret_cast<void*>(ptr), device});
+    out.push_back(ckpt::LiveTensor{name, parse_dtype(dtype, "tensor \"" + name + "\""), shape,
+                                   reinterpret_cast<void*>(ptr), device});
   }
   return out;
 }

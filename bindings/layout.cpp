@@ -80,9 +80,7 @@ void init_layout(nb::module_& m) {
         std::vector<lo::EngineTensor> in;
         in.reserve(tensors.size());
         for (const auto& [name, dtype, shape] : tensors) {
-          auto dt = dtype_from_name(dtype);
-          if (!dt) throw Error(ErrorCode::kInvalidArg, "engine tensor \"" + name + "\": unknown dtype \"" + dtype + "\"");
-          in.push_back(lo::EngineTensor{name, *dt, shape});
+          in.push_back(lo::EngineTensor{name, parse_dtype(dtype, "engine tensor \"" + name + "\""), shape});
         }
         lo::Layout layout;
         {

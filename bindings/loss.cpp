@@ -15,11 +15,9 @@ namespace livetrain::bindings {
 namespace {
 
 loss::Logits logits_of(uintptr_t data, const std::string& dtype, int64_t rows, int64_t cols, int64_t ld) {
-  auto dt = dtype_from_name(dtype);
-  if (!dt) throw Error(ErrorCode::kInvalidArg, "unknown dtype \"" + dtype + "\"");
   loss::Logits x;
   x.data = reinterpret_cast<void*>(data);
-  x.dtype = *dt;
+  x.dtype = parse_dtype(dtype);
   x.rows = rows;
   x.cols = cols;
   x.ld = ld;

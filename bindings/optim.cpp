@@ -19,12 +19,6 @@ namespace livetrain::bindings {
 
 namespace {
 
-DType parse_dtype(const std::string& name) {
-  auto dt = dtype_from_name(name);
-  if (!dt) throw Error(ErrorCode::kInvalidArg, "unknown dtype \"" + name + "\"");
-  return *dt;
-}
-
 template <typename T>
 T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);

@@ -63,9 +63,8 @@ std::vector<st::TensorRef> to_refs(const std::vector<PyTensor>& tensors) {
   std::vector<st::TensorRef> refs;
   refs.reserve(tensors.size());
   for (const PyTensor& t : tensors) {
-    auto dt = dtype_from_name(t.dtype);
-    if (!dt) throw Error(ErrorCode::kInvalidArg, "tensor \"" + t.name + "\": unknown dtype \"" + t.dtype + "\"");
-    refs.push_back(st::TensorRef{t.name, *dt, t.shape, t.data.data(), static_cast<uint64_t>(t.data.size())});
+    refs.push_back(st::TensorRef{t.name, parse_dtype(t.dtype, "tensor \"" + t.name + "\""), t.shape, t.data.data(),
+                                 static_cast<uint64_t>(t.data.size())});
   }
   return refs;
 }

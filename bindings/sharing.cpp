@@ -51,11 +51,6 @@ sh::ModelDesc model_desc(const std::string& path, const std::string& config_json
   return m;
 }
 
-DType parse_dtype(const std::string& name, const std::string& tensor) {
-  auto dt = dtype_from_name(name);
-  if (!dt) throw Error(ErrorCode::kInvalidArg, "tensor \"" + tensor + "\": unknown dtype \"" + name + "\"");
-  return *dt;
-}
 
 }  // namespace
 
@@ -82,13 +77,13 @@ void init_sharing(nb::module_& m) {
       .def("add_tensor",
            [](sh::Export& e, const std::string& name, const std::string& dtype, std::vector<uint64_t> shape,
               std::vector<uint64_t> strides, uint32_t buffer, uint64_t offset) {
-             e.add_tensor(sh::TensorDesc{name, parse_dtype(dtype, name), std::move(shape), std::move(strides), buffer, offset});
+             e.add_tensor(sh::TensorDesc{name, parse_dtype(dtype, "tensor \"" + name + "\""), std::move(shape), std::move(strides), buffer, offset});
            },
            nb::arg("name"), nb::arg("dtype"), nb::arg("shape"), nb::arg("strides"), nb::arg("buffer"), nb::arg("offset"))
       .def("add_cuda_tensor",
            [](sh::Export& e, const std::string& name, const std::string& dtype, std::vector<uint64_t> shape,
               std::vector<uint64_t> strides, uint64_t device_ptr) {
-             e.add_cuda_tensor(name, parse_dtype(dtype, name), std::move(shape), std::move(strides), device_ptr);
+             e.add_cuda_tensor(name, parse_dtype(dtype, "tensor \"" + name + "\""), std::move(shape), std::move(strides), device_ptr);
            },
            nb::arg("name"), nb::arg("dtype"), nb::arg("shape"), nb::arg("strides"), nb::arg("device_ptr"),
            "Record a CUDA tensor by device pointer (strides in elements); its allocation is exported once.")
