@@ -181,7 +181,7 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
                         const std::function<void(const DeltaRecord&)>& fn);
 
 // XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Decodes and validates the whole
-// record before writing anything, so a bad record changes nothing; with `buf` null it only validates.
+// record before writing anything, so a bad record changes nothing.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
 
 // ---- the diff of live weights against the last durable state (CPU reference and CUDA) ----

@@ -441,7 +441,6 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
       }
     }
   });
-  if (!buf) return;
   parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const DecodedBlock& d = blocks[b];
@@ -460,13 +459,13 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
 }  // namespace
 
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
+  const std::string where = std::string(what) + ": " + std::string(rec.name) + ": ";
   if (rec.encoding == PositionEncoding::kBlocks) {
-    apply_blocks(rec, buf, std::string(what) + ": " + std::string(rec.name) + ": ");
+    apply_blocks(rec, buf, where);
     return;
   }
   const uint8_t* vals = reinterpret_cast<const uint8_t*>(rec.values.data());
   const uint32_t unit = rec.unit;
-  std::string where = std::string(what) + ": " + std::string(rec.name) + ": ";
   auto xor_at = [&](uint64_t pos, uint64_t k) {
     uint8_t* dst = buf + pos * unit;
     const uint8_t* src = vals + k * unit;
@@ -482,7 +481,6 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
     for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));
     if (rec.units % 8 && (end[-1] >> (rec.units % 8))) throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
     if (count != rec.changed) throw Error(ErrorCode::kFormat, where + "bitmap count does not match");
-    if (!buf) return;
     uint64_t k = 0;
     for (uint64_t byte = 0; p + byte < end; ++byte) {
       for (unsigned bits = p[byte]; bits; bits &= bits - 1) xor_at(byte * 8 + std::countr_zero(bits), k++);
@@ -507,7 +505,7 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
       if ((k > 0 && next <= pos) || next >= rec.units) throw Error(ErrorCode::kFormat, where + "position out of range");
       pos = next;
       if (k >= rec.changed) throw Error(ErrorCode::kFormat, where + "more positions than changed elements");
-      if (pass == 1 && buf) xor_at(pos, k);
+      if (pass == 1) xor_at(pos, k);
       ++k;
     }
     if (k != rec.changed) throw Error(ErrorCode::kFormat, where + "fewer positions than changed elements");
