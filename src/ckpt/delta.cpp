@@ -295,19 +295,29 @@ void encode_record_parts(std::string& out, std::string_view name, DType dtype, u
   out += outs[0];
 }
 
+namespace {
+
+// XORs `values` (consecutive elements of `unit` bytes) into the elements of `buf` whose bits are set in
+// bitmap[0, nbytes), bit 0 standing for element `first`, in order.
+void xor_marked(uint8_t* buf, uint64_t first, const uint8_t* bitmap, uint64_t nbytes, const uint8_t* values,
+                uint32_t unit) {
+  for (uint64_t byte = 0; byte < nbytes; ++byte) {
+    for (unsigned bits = bitmap[byte]; bits; bits &= bits - 1) {
+      uint8_t* dst = buf + (first + byte * 8 + static_cast<uint64_t>(std::countr_zero(bits))) * unit;
+      for (uint32_t u = 0; u < unit; ++u) dst[u] ^= values[u];
+      values += unit;
+    }
+  }
+}
+
+}  // namespace
+
 void xor_diff(uint8_t* buf, uint64_t units, uint32_t unit, const uint8_t* bitmap, const uint8_t* values) {
   const std::vector<uint64_t> value_start = block_value_starts(units, bitmap);
   parallel_for(static_cast<int64_t>(value_start.size() - 1), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const uint64_t begin = b * kBlockUnits, nbytes = (block_len(units, kBlockUnits, b) + 7) / 8;
-      const uint8_t* src = values + value_start[b] * unit;
-      for (uint64_t byte = 0; byte < nbytes; ++byte) {
-        for (unsigned bits = bitmap[begin / 8 + byte]; bits; bits &= bits - 1) {
-          uint8_t* dst = buf + (begin + byte * 8 + static_cast<uint64_t>(std::countr_zero(bits))) * unit;
-          for (uint32_t u = 0; u < unit; ++u) dst[u] ^= src[u];
-          src += unit;
-        }
-      }
+      xor_marked(buf, begin, bitmap + begin / 8, nbytes, values + value_start[b] * unit, unit);
     }
   });
 }
@@ -444,14 +454,7 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
   parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const DecodedBlock& d = blocks[b];
-      uint64_t k = 0;
-      for (uint64_t byte = 0; byte < d.bitmap.size(); ++byte) {
-        for (unsigned bits = d.bitmap[byte]; bits; bits &= bits - 1) {
-          uint8_t* dst = buf + (b * block + byte * 8 + static_cast<uint64_t>(std::countr_zero(bits))) * unit;
-          const uint8_t* src = d.values.data() + k++ * unit;
-          for (uint32_t u = 0; u < unit; ++u) dst[u] ^= src[u];
-        }
-      }
+      xor_marked(buf, b * block, d.bitmap.data(), d.bitmap.size(), d.values.data(), unit);
     }
   });
 }
@@ -481,10 +484,7 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
     for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));
     if (rec.units % 8 && (end[-1] >> (rec.units % 8))) throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
     if (count != rec.changed) throw Error(ErrorCode::kFormat, where + "bitmap count does not match");
-    uint64_t k = 0;
-    for (uint64_t byte = 0; p + byte < end; ++byte) {
-      for (unsigned bits = p[byte]; bits; bits &= bits - 1) xor_at(byte * 8 + std::countr_zero(bits), k++);
-    }
+    xor_marked(buf, 0, p, rec.positions.size(), vals, unit);
     return;
   }
   // Gaps: decode once to validate (bounds, count), then again to apply.
