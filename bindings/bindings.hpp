@@ -24,6 +24,6 @@ void init_optim(nanobind::module_& m);
 void init_loss(nanobind::module_& m);
 void init_layout(nanobind::module_& m);
 void init_sharing(nanobind::module_& m);
-void init_ckpt(nanobind::module_& m);
+void init_checkpoint(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

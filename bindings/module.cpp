@@ -17,5 +17,5 @@ NB_MODULE(_core, m) {
   livetrain::bindings::init_loss(m);
   livetrain::bindings::init_layout(m);
   livetrain::bindings::init_sharing(m);
-  livetrain::bindings::init_ckpt(m);
+  livetrain::bindings::init_checkpoint(m);
 }

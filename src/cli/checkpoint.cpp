@@ -6,7 +6,7 @@
 #include <string>
 
 #include "cli/commands.hpp"
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
@@ -85,7 +85,7 @@ Args parse(const std::vector<std::string>& args) {
 // The live weights behind a manifest: host tensors (shared memory) or GPU tensors (CUDA IPC), in place.
 struct Live {
   std::shared_ptr<sharing::Attachment> attachment;
-  std::vector<ckpt::LiveTensor> tensors;
+  std::vector<checkpoint::LiveTensor> tensors;
 };
 
 Live attach(const std::string& manifest) {
@@ -95,12 +95,12 @@ Live attach(const std::string& manifest) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
     }
-    l.tensors.push_back(ckpt::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
+    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
   }
   return l;
 }
 
-ckpt::Progress progress(const Args& a) {
+checkpoint::Progress progress(const Args& a) {
   if (a.quiet) return {};
   return [](std::string_view what, uint64_t done, uint64_t total) {
     std::fprintf(stderr, "checkpoint: %.*s %llu/%llu\n", static_cast<int>(what.size()), what.data(),
@@ -108,9 +108,9 @@ ckpt::Progress progress(const Args& a) {
   };
 }
 
-std::string store_dir(const Args& a) { return a.store.empty() ? ckpt::default_store_dir(a.model) : a.store; }
+std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
 
-json::Value generation_json(const ckpt::Generation& g) {
+json::Value generation_json(const checkpoint::Generation& g) {
   json::Value o = json::Value::object();
   o.set("generation", json::Value::unsigned_integer(g.generation));
   o.set("parent", json::Value::unsigned_integer(g.parent));
@@ -128,7 +128,7 @@ void print_json(const json::Value& v) {
 }
 
 int run_list(const Args& a) {
-  ckpt::Commit c = ckpt::commit_read(store_dir(a));
+  checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
   if (a.as_json) {
     json::Value root = json::Value::object();
     root.set("store", json::Value::string(store_dir(a)));
@@ -173,14 +173,14 @@ int run_checkpoint(const std::vector<std::string>& args) {
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
-    ckpt::Store s = fs::exists(fs::join(store_dir(a), std::string(ckpt::kCommitFileName)))
-                        ? ckpt::Store::open(a.model, a.store, progress(a))
-                        : ckpt::Store::create(a.model, a.store);
-    ckpt::SaveOptions o;
+    checkpoint::Store s = fs::exists(fs::join(store_dir(a), std::string(checkpoint::kCommitFileName)))
+                        ? checkpoint::Store::open(a.model, a.store, progress(a))
+                        : checkpoint::Store::create(a.model, a.store);
+    checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
     o.progress = progress(a);
-    ckpt::SaveResult r = s.save(live.tensors, o);
+    checkpoint::SaveResult r = s.save(live.tensors, o);
     out.set("written", json::Value::boolean(r.written));
     out.set("generation", json::Value::unsigned_integer(r.generation));
     out.set("bytes", json::Value::unsigned_integer(r.bytes));
@@ -193,7 +193,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   } else if (a.sub == "restore") {
     if (!a.generation) throw UsageError("checkpoint restore: missing GEN");
     if (a.manifest.empty() == a.out.empty()) throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
       s.restore_live(*a.generation, live.tensors);
@@ -205,7 +205,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     }
     out.set("generation", json::Value::unsigned_integer(*a.generation));
   } else if (a.sub == "verify") {
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     std::vector<std::string> problems = s.verify(progress(a));
     json::Value list = json::Value::array();
     for (const auto& p : problems) list.push(json::Value::string(p));
@@ -216,7 +216,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
       uint64_t g = a.generation.value_or(s.commit().head);
-      ckpt::LiveDiff d = s.compare_live(g, live.tensors);
+      checkpoint::LiveDiff d = s.compare_live(g, live.tensors);
       out.set("generation", json::Value::unsigned_integer(g));
       out.set("live_equal", json::Value::boolean(d.tensors == 0));
       out.set("differing_tensors", json::Value::unsigned_integer(d.tensors));
@@ -233,13 +233,13 @@ int run_checkpoint(const std::vector<std::string>& args) {
     return ok ? 0 : 1;
   } else if (a.sub == "materialize") {
     if (!a.generation) throw UsageError("checkpoint materialize: missing GEN");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     s.materialize(*a.generation, a.copy_symlinks, progress(a));
     out.set("materialized", json::Value::unsigned_integer(*a.generation));
     text = "model files now hold generation " + std::to_string(*a.generation);
   } else if (a.sub == "gc") {
     if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     s.gc(*a.keep_from, progress(a));
     out.set("oldest", json::Value::unsigned_integer(s.commit().oldest));
     text = "generations before " + std::to_string(*a.keep_from) + " removed";

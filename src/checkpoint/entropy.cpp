@@ -1,16 +1,16 @@
 // The byte-stream coder of the checkpoint delta format: raw, constant or canonical Huffman with codes of
 // at most 11 bits (format in entropy.hpp). Built for the byte planes of XOR deltas, whose high bytes are
 // almost all zero and whose low bytes after a small step hold few distinct values.
-#include "ckpt/entropy.hpp"
+#include "checkpoint/entropy.hpp"
 
 #include <algorithm>
 #include <array>
 #include <cstring>
 
-#include "ckpt/bytes.hpp"
+#include "checkpoint/bytes.hpp"
 #include "livetrain/error.hpp"
 
-namespace livetrain::ckpt::entropy {
+namespace livetrain::checkpoint::entropy {
 
 namespace {
 
@@ -230,4 +230,4 @@ void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std:
   *pp = stop;
 }
 
-}  // namespace livetrain::ckpt::entropy
+}  // namespace livetrain::checkpoint::entropy

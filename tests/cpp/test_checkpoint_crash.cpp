@@ -13,11 +13,11 @@
 #include <random>
 #include <thread>
 
-#include "ckpt_helpers.hpp"
+#include "checkpoint_helpers.hpp"
 #include "helpers.hpp"
 #include "livetrain/error.hpp"
 
-namespace ckpt = livetrain::ckpt;
+namespace checkpoint = livetrain::checkpoint;
 using livetrain::testing::LiveModel;
 
 namespace {
@@ -43,20 +43,20 @@ struct Expected {
 };
 
 [[noreturn]] void child_save(const std::string& model) {
-  ckpt::Store s = ckpt::Store::open(model);
+  checkpoint::Store s = checkpoint::Store::open(model);
   Expected exp;
   LiveModel live = exp.at(0);
   s.restore_live(s.commit().head, live.views());
   for (uint64_t g = s.commit().head + 1;; ++g) {
     live = exp.at(g);
-    ckpt::SaveOptions o;
+    checkpoint::SaveOptions o;
     o.weight_version = g;
     s.save(live.views(), o);
   }
 }
 
 [[noreturn]] void child_materialize(const std::string& model, uint64_t seed) {
-  ckpt::Store s = ckpt::Store::open(model);
+  checkpoint::Store s = checkpoint::Store::open(model);
   std::mt19937_64 rng(seed);
   for (;;) s.materialize(rng() % (s.commit().head + 1));
 }
@@ -65,7 +65,7 @@ struct Expected {
 void run_and_kill(const std::function<void()>& fn, int delay_us, const char* crash_at = nullptr) {
   pid_t pid = fork();
   if (pid == 0) {
-    if (crash_at) setenv("LIVETRAIN_CKPT_CRASH_AT", crash_at, 1);
+    if (crash_at) setenv("LIVETRAIN_CHECKPOINT_CRASH_AT", crash_at, 1);
     try {
       fn();
     } catch (const std::exception& e) {
@@ -85,8 +85,8 @@ void run_and_kill(const std::function<void()>& fn, int delay_us, const char* cra
 
 // Opens the store (recovering) and checks it against the expected generations.
 void check(const std::string& model, Expected& exp, const LiveModel& like) {
-  ckpt::Store s = ckpt::Store::open(model);
-  const ckpt::Commit& c = s.commit();
+  checkpoint::Store s = checkpoint::Store::open(model);
+  const checkpoint::Commit& c = s.commit();
   EXPECT_FALSE(std::filesystem::exists(s.dir() + "/materialize.journal"));
   for (const auto& e : std::filesystem::directory_iterator(s.dir())) {
     EXPECT_FALSE(livetrain::fs::is_atomic_temp_name(e.path().filename().string())) << e.path();
@@ -106,13 +106,13 @@ void check(const std::string& model, Expected& exp, const LiveModel& like) {
 
 }  // namespace
 
-TEST(CkptCrash, KilledAtRandomInstants) {
+TEST(CheckpointCrash, KilledAtRandomInstants) {
   (void)kOneThread;
   livetrain::testing::TempDir tmp;
   std::string model = tmp.file("model");
   Expected exp;
   livetrain::testing::write_model_dir(model, exp.at(0));
-  { ckpt::Store::create(model); }
+  { checkpoint::Store::create(model); }
   std::mt19937_64 rng(42);
   int n = iterations();
   for (int i = 0; i < n; ++i) {
@@ -124,23 +124,23 @@ TEST(CkptCrash, KilledAtRandomInstants) {
     if (HasFatalFailure()) return;
   }
   std::printf("[ measured ] %d kills; store reached generation %llu\n", 2 * n,
-              static_cast<unsigned long long>(ckpt::commit_read(ckpt::default_store_dir(model)).head));
+              static_cast<unsigned long long>(checkpoint::commit_read(checkpoint::default_store_dir(model)).head));
 }
 
-TEST(CkptCrash, KilledAtEachCrashPoint) {
+TEST(CheckpointCrash, KilledAtEachCrashPoint) {
   livetrain::testing::TempDir tmp;
   std::string model = tmp.file("model");
   Expected exp;
   livetrain::testing::write_model_dir(model, exp.at(0));
-  { ckpt::Store::create(model); }
+  { checkpoint::Store::create(model); }
   run_and_kill([&] { child_save(model); }, -1, "delta-written");
   check(model, exp, exp.at(0));
-  EXPECT_EQ(ckpt::commit_read(ckpt::default_store_dir(model)).head, 0u) << "an uncommitted delta is ignored";
+  EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).head, 0u) << "an uncommitted delta is ignored";
   // Three committed generations to move between.
   {
-    ckpt::Store s = ckpt::Store::open(model);
+    checkpoint::Store s = checkpoint::Store::open(model);
     for (uint64_t g = 1; g <= 3; ++g) {
-      ckpt::SaveOptions o;
+      checkpoint::SaveOptions o;
       o.weight_version = g;
       LiveModel live = exp.at(g);
       s.save(live.views(), o);
@@ -148,13 +148,13 @@ TEST(CkptCrash, KilledAtEachCrashPoint) {
   }
   uint64_t target = 3;
   for (const char* point : {"journal-written", "apply-half", "applied", "materialize-committed"}) {
-    run_and_kill([&] { ckpt::Store::open(model).materialize(target); }, -1, point);
+    run_and_kill([&] { checkpoint::Store::open(model).materialize(target); }, -1, point);
     // A crash in the middle of recovery, too.
     if (std::string(point) == "apply-half") {
-      run_and_kill([&] { ckpt::Store::open(model); }, -1, "recovered-applied");
+      run_and_kill([&] { checkpoint::Store::open(model); }, -1, "recovered-applied");
     }
     check(model, exp, exp.at(0));
-    EXPECT_EQ(ckpt::commit_read(ckpt::default_store_dir(model)).materialized, target) << point;
+    EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).materialized, target) << point;
     target = target == 3 ? 1 : 3;
   }
 }

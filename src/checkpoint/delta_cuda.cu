@@ -8,12 +8,12 @@
 #include <cstdint>
 #include <string>
 
-#include "ckpt/diff.hpp"
+#include "checkpoint/diff.hpp"
 #include "cuda/check.hpp"
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -381,4 +381,4 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   }
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

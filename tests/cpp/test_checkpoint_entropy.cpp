@@ -1,4 +1,4 @@
-// The delta format's byte-stream coder (src/ckpt/entropy.hpp): golden bytes of each mode, round trips
+// The delta format's byte-stream coder (src/checkpoint/entropy.hpp): golden bytes of each mode, round trips
 // over the distributions XOR deltas produce (and ones that force the 11-bit length limit), and strict
 // rejection of malformed streams.
 #include <gtest/gtest.h>
@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/entropy.hpp"
+#include "checkpoint/entropy.hpp"
 #include "livetrain/error.hpp"
 
-namespace entropy = livetrain::ckpt::entropy;
+namespace entropy = livetrain::checkpoint::entropy;
 
 namespace {
 
@@ -52,7 +52,7 @@ void expect_format_error(const std::string& s, size_t n, const char* why) {
 
 }  // namespace
 
-TEST(CkptEntropy, GoldenBytesOfEachMode) {
+TEST(CheckpointEntropy, GoldenBytesOfEachMode) {
   EXPECT_EQ(hex(encode({})), "00" "0000000000000000");
   EXPECT_EQ(hex(encode({7, 7, 7})), "01" "0100000000000000" "07");
   EXPECT_EQ(hex(encode({1, 2, 3})), "00" "0300000000000000" "010203");  // Huffman would not be smaller
@@ -72,7 +72,7 @@ TEST(CkptEntropy, GoldenBytesOfEachMode) {
   EXPECT_EQ(decode(s, in.size()), in);
 }
 
-TEST(CkptEntropy, RoundTripsAndCompressesXorPlanes) {
+TEST(CheckpointEntropy, RoundTripsAndCompressesXorPlanes) {
   std::mt19937_64 rng(3);
   for (size_t n : {1ul, 2ul, 5ul, 255ul, 4096ul, 100000ul}) {
     // The low byte of bf16 XORs after a small step (mostly 1, 3, 7, ...), a mostly-zero high byte,
@@ -99,7 +99,7 @@ TEST(CkptEntropy, RoundTripsAndCompressesXorPlanes) {
   }
 }
 
-TEST(CkptEntropy, DeepTreesAreLimitedTo11Bits) {
+TEST(CheckpointEntropy, DeepTreesAreLimitedTo11Bits) {
   // Fibonacci frequencies give an optimal code as deep as the alphabet; the coder must flatten it.
   std::vector<uint8_t> in;
   uint64_t a = 1, b = 1;
@@ -118,7 +118,7 @@ TEST(CkptEntropy, DeepTreesAreLimitedTo11Bits) {
   EXPECT_EQ(decode(s, in.size()), in);
 }
 
-TEST(CkptEntropy, MalformedStreamsAreRejected) {
+TEST(CheckpointEntropy, MalformedStreamsAreRejected) {
   std::vector<uint8_t> in(200, 'a');
   in.insert(in.end(), 100, 'b');
   in.insert(in.end(), 100, 'c');

@@ -4,7 +4,7 @@
 
 #include <cstddef>
 
-namespace livetrain::ckpt::cuda_host {
+namespace livetrain::checkpoint::cuda_host {
 
 // Makes `device` current for this thread.
 void set_device(int device);
@@ -17,4 +17,4 @@ void unpin(void* p) noexcept;
 void to_device(void* dst, const void* src, size_t n);
 void to_host(void* dst, const void* src, size_t n);
 
-}  // namespace livetrain::ckpt::cuda_host
+}  // namespace livetrain::checkpoint::cuda_host

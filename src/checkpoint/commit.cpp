@@ -1,11 +1,11 @@
 // The commit record (COMMIT): serialization and strict parsing; it alone says what the store holds.
 #include <cstdio>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -197,4 +197,4 @@ Commit commit_read(const std::string& store_dir) {
   return commit_parse(fs::read_file(path), path);
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

@@ -6,11 +6,11 @@
 
 #include <cstring>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
-#include "ckpt/bytes.hpp"
+#include "checkpoint/bytes.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -163,4 +163,4 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
   fs::fsync_dir(dir_);
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

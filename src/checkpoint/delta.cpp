@@ -5,13 +5,13 @@
 #include <cstring>
 #include <limits>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
-#include "ckpt/bytes.hpp"
-#include "ckpt/entropy.hpp"
+#include "checkpoint/bytes.hpp"
+#include "checkpoint/entropy.hpp"
 #include "livetrain/parallel.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -512,4 +512,4 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
   }
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/safetensors.hpp"
 
 namespace livetrain::testing {
@@ -19,9 +19,9 @@ struct LiveModel {
   std::vector<DType> dtypes;
   std::vector<std::vector<uint8_t>> data;
 
-  std::vector<ckpt::LiveTensor> views() {
-    std::vector<ckpt::LiveTensor> v;
-    for (size_t i = 0; i < names.size(); ++i) v.push_back(ckpt::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data()});
+  std::vector<checkpoint::LiveTensor> views() {
+    std::vector<checkpoint::LiveTensor> v;
+    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data()});
     return v;
   }
   std::vector<safetensors::TensorRef> refs() const {
@@ -38,7 +38,7 @@ inline LiveModel make_live(uint64_t seed, uint64_t scale = 1) {
   auto add = [&](std::string name, DType dt, std::vector<uint64_t> shape) {
     uint64_t n = 1;
     for (auto d : shape) n *= d;
-    std::vector<uint8_t> bytes(n * ckpt::unit_bytes(dt));
+    std::vector<uint8_t> bytes(n * checkpoint::unit_bytes(dt));
     for (auto& b : bytes) b = static_cast<uint8_t>(rng());
     if (dt == DType::kBF16) {  // finite bf16: clear the top exponent bit
       for (size_t i = 1; i < bytes.size(); i += 2) bytes[i] &= 0xBF;
@@ -60,7 +60,7 @@ inline void perturb(LiveModel& m, uint64_t seed, double fraction) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> u(0, 1);
   for (size_t t = 0; t < m.names.size(); ++t) {
-    uint32_t unit = ckpt::unit_bytes(m.dtypes[t]);
+    uint32_t unit = checkpoint::unit_bytes(m.dtypes[t]);
     for (size_t e = 0; e < m.data[t].size() / unit; ++e) {
       if (u(rng) < fraction) m.data[t][e * unit] ^= static_cast<uint8_t>(1 + rng() % 7);
     }

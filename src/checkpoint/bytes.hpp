@@ -6,7 +6,7 @@
 #include <cstring>
 #include <string>
 
-namespace livetrain::ckpt::bytes {
+namespace livetrain::checkpoint::bytes {
 
 // The formats are little-endian; these copy native integers, which is only right on a little-endian host.
 static_assert(std::endian::native == std::endian::little, "checkpoint formats assume a little-endian host");
@@ -23,4 +23,4 @@ T get(const uint8_t* p) {
   return v;
 }
 
-}  // namespace livetrain::ckpt::bytes
+}  // namespace livetrain::checkpoint::bytes

@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 
-namespace ckpt = livetrain::ckpt;
+namespace checkpoint = livetrain::checkpoint;
 
 namespace {
 
@@ -28,7 +28,7 @@ uint64_t get64(const std::string& s, size_t at) {
 // Random bytes almost never carry valid XXH64 checksums, and the parser checks the file's checksum
 // before anything else, so without this the fuzzer would only ever explore the first 40 bytes. Walks the
 // records as leniently as possible and rewrites each record checksum and the file trailer; the checksum
-// comparisons themselves are covered by test10_ckpt_format (CorruptAndTruncatedAreClearErrors).
+// comparisons themselves are covered by test_checkpoint_format (CorruptAndTruncatedAreClearErrors).
 void fix_checksums(std::string& f) {
   if (f.size() < 40) return;
   const size_t end = f.size() - 8;
@@ -53,11 +53,11 @@ void fix_checksums(std::string& f) {
     const uint64_t vlen = blocks ? 0 : changed * unit;
     if (vlen > end - pos || end - pos - vlen < 8) break;
     pos += vlen;
-    const uint64_t sum = ckpt::xxh64(f.data() + start, pos - start);
+    const uint64_t sum = checkpoint::xxh64(f.data() + start, pos - start);
     std::memcpy(f.data() + pos, &sum, 8);
     pos += 8;
   }
-  const uint64_t sum = ckpt::xxh64(f.data(), end);
+  const uint64_t sum = checkpoint::xxh64(f.data(), end);
   std::memcpy(f.data() + end, &sum, 8);
 }
 
@@ -68,11 +68,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fix_checksums(file);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(file.data());
   try {
-    ckpt::delta_parse(bytes, file.size(), "fuzz", [&](const ckpt::DeltaRecord& rec) {
+    checkpoint::delta_parse(bytes, file.size(), "fuzz", [&](const checkpoint::DeltaRecord& rec) {
       // The invariants the store relies on after a successful parse.
-      if (rec.unit != ckpt::unit_bytes(rec.dtype) || rec.changed == 0 || rec.changed > rec.units) std::abort();
+      if (rec.unit != checkpoint::unit_bytes(rec.dtype) || rec.changed == 0 || rec.changed > rec.units) std::abort();
       if (rec.units > std::numeric_limits<uint64_t>::max() / rec.unit) std::abort();
-      const bool blocks = rec.encoding == ckpt::PositionEncoding::kBlocks;
+      const bool blocks = rec.encoding == checkpoint::PositionEncoding::kBlocks;
       if (rec.values.size() != (blocks ? 0 : rec.changed * rec.unit)) std::abort();
       const auto* lo = reinterpret_cast<const char*>(bytes);
       if (rec.values.data() < lo || rec.values.data() + rec.values.size() > lo + file.size()) std::abort();
@@ -80,30 +80,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (nbytes > kMaxDecodeBytes) return;
       std::vector<uint8_t> zero(nbytes, 0), buf(nbytes, 0);
       try {
-        ckpt::apply_record(rec, buf.data(), "fuzz");
+        checkpoint::apply_record(rec, buf.data(), "fuzz");
       } catch (const livetrain::Error&) {
         if (buf != zero) std::abort();  // a rejected record must change nothing
         return;
       }
       // Re-encoding what the record did must give a record that does exactly the same.
       std::string again;
-      uint64_t changed = ckpt::encode_record(again, rec.name, rec.dtype, rec.units, zero.data(), buf.data());
+      uint64_t changed = checkpoint::encode_record(again, rec.name, rec.dtype, rec.units, zero.data(), buf.data());
       if (changed > rec.changed) std::abort();  // zero XOR values in the input are no change
       if (changed) {
-        std::string f2 = ckpt::delta_file_header(1, 0, 1) + again;
-        uint64_t sum = ckpt::xxh64(f2.data(), f2.size());
+        std::string f2 = checkpoint::delta_file_header(1, 0, 1) + again;
+        uint64_t sum = checkpoint::xxh64(f2.data(), f2.size());
         f2.append(reinterpret_cast<const char*>(&sum), 8);
         std::vector<uint8_t> buf2(nbytes, 0);
         try {
-          ckpt::delta_parse(reinterpret_cast<const uint8_t*>(f2.data()), f2.size(), "fuzz re-encoded",
-                            [&](const ckpt::DeltaRecord& r2) { ckpt::apply_record(r2, buf2.data(), "fuzz re-encoded"); });
+          checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f2.data()), f2.size(), "fuzz re-encoded",
+                            [&](const checkpoint::DeltaRecord& r2) { checkpoint::apply_record(r2, buf2.data(), "fuzz re-encoded"); });
         } catch (const livetrain::Error&) {
           std::abort();  // our own encoder's output must parse
         }
         if (buf2 != buf) std::abort();
       }
       try {
-        ckpt::apply_record(rec, buf.data(), "fuzz");  // XOR twice is the identity
+        checkpoint::apply_record(rec, buf.data(), "fuzz");  // XOR twice is the identity
       } catch (const livetrain::Error&) {
         std::abort();  // it was accepted once
       }

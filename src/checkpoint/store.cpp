@@ -19,13 +19,13 @@
 #include <set>
 #include <unordered_map>
 
-#include "ckpt/cuda_host.hpp"
-#include "livetrain/ckpt.hpp"
+#include "checkpoint/cuda_host.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -138,7 +138,7 @@ const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
 }
 
 void crash_point(std::string_view point) {
-  const char* at = std::getenv("LIVETRAIN_CKPT_CRASH_AT");  // read each time: set after fork in tests
+  const char* at = std::getenv("LIVETRAIN_CHECKPOINT_CRASH_AT");  // read each time: set after fork in tests
   if (at && point == at) ::kill(::getpid(), SIGKILL);
 }
 
@@ -631,4 +631,4 @@ void Store::gc(uint64_t keep_from, Progress progress) {
   fs::fsync_dir(dir_);
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

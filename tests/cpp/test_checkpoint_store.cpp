@@ -11,11 +11,11 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "ckpt_helpers.hpp"
+#include "checkpoint_helpers.hpp"
 #include "helpers.hpp"
 #include "livetrain/error.hpp"
 
-namespace ckpt = livetrain::ckpt;
+namespace checkpoint = livetrain::checkpoint;
 namespace st = livetrain::safetensors;
 using livetrain::DType;
 using livetrain::Error;
@@ -41,7 +41,7 @@ std::vector<std::vector<uint8_t>> read_dir(const std::string& dir, const LiveMod
 }
 
 // The store's tensor order is sorted by name; LiveModel's order is what make_live gives. Compare by name.
-void expect_state(ckpt::Store& s, uint64_t g, const LiveModel& want) {
+void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want) {
   auto bufs = s.state(g);
   for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
     const auto& name = s.commit().tensors[i].name;
@@ -74,18 +74,18 @@ struct Fixture {
 
 }  // namespace
 
-TEST(CkptStore, GenerationsRoundTripBitExactly) {
+TEST(CheckpointStore, GenerationsRoundTripBitExactly) {
   (void)kOneThread;
   Fixture f;
-  ckpt::Store s = ckpt::Store::create(f.model);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
   EXPECT_GE(s.commit().files.size(), 2u) << "the test model is sharded";
   const double fractions[] = {0.001, 0.2, 0.0, 0.01, 1.0, 0.0005};
   for (int g = 1; g <= 6; ++g) {
     livetrain::testing::perturb(f.live, 100 + g, fractions[g - 1]);
-    ckpt::SaveOptions o;
+    checkpoint::SaveOptions o;
     o.weight_version = 10 * g;
     o.save_if_unchanged = true;
-    ckpt::SaveResult r = s.save(f.live.views(), o);
+    checkpoint::SaveResult r = s.save(f.live.views(), o);
     EXPECT_TRUE(r.written);
     EXPECT_EQ(r.generation, static_cast<uint64_t>(g));
     f.states.push_back(f.live);
@@ -113,15 +113,15 @@ TEST(CkptStore, GenerationsRoundTripBitExactly) {
   EXPECT_TRUE(s.verify().empty());
   // Reopened, the head is the last save.
   s.close();
-  s = ckpt::Store::open(f.model);
+  s = checkpoint::Store::open(f.model);
   EXPECT_EQ(s.commit().head, 6u);
   EXPECT_EQ(s.compare_live(6, f.live.views()).tensors, 0u);
   expect_state(s, 3, f.states[3]);
 }
 
-TEST(CkptStore, MaterializeRollbackRestoreDirAndGc) {
+TEST(CheckpointStore, MaterializeRollbackRestoreDirAndGc) {
   Fixture f;
-  ckpt::Store s = ckpt::Store::create(f.model);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
   for (int g = 1; g <= 5; ++g) {
     livetrain::testing::perturb(f.live, g, g % 2 ? 0.01 : 0.3);
     s.save(f.live.views());
@@ -131,13 +131,13 @@ TEST(CkptStore, MaterializeRollbackRestoreDirAndGc) {
   EXPECT_EQ(read_dir(f.model, f.live), f.states[5].data);
   EXPECT_FALSE(std::filesystem::exists(s.dir() + "/materialize.journal"));
   s.close();
-  s = ckpt::Store::open(f.model);  // the new hashes are committed
+  s = checkpoint::Store::open(f.model);  // the new hashes are committed
   EXPECT_EQ(s.commit().materialized, 5u);
   // Rollback from the materialized newer state to an older generation.
   s.materialize(2);
   EXPECT_EQ(read_dir(f.model, f.live), f.states[2].data);
   s.close();
-  s = ckpt::Store::open(f.model);
+  s = checkpoint::Store::open(f.model);
   for (uint64_t g = 0; g <= 5; ++g) expect_state(s, g, f.states[g]);
   // Restore into a new directory: same files, loadable, equal to the generation.
   s.restore_to_dir(3, f.tmp.file("out"));
@@ -147,20 +147,20 @@ TEST(CkptStore, MaterializeRollbackRestoreDirAndGc) {
   s.gc(4);
   EXPECT_EQ(s.commit().oldest, 4u);
   EXPECT_EQ(s.commit().materialized, 4u);
-  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + ckpt::delta_file_name(4)));
-  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + ckpt::delta_file_name(1)));
-  EXPECT_TRUE(std::filesystem::exists(s.dir() + "/" + ckpt::delta_file_name(5)));
+  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(4)));
+  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(1)));
+  EXPECT_TRUE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(5)));
   expect_error([&] { s.state(3); }, ErrorCode::kNotFound);
   s.close();
-  s = ckpt::Store::open(f.model);
+  s = checkpoint::Store::open(f.model);
   expect_state(s, 4, f.states[4]);
   expect_state(s, 5, f.states[5]);
   EXPECT_TRUE(s.verify().empty());
 }
 
-TEST(CkptStore, WrongModelAndBadLiveInputChangeNothing) {
+TEST(CheckpointStore, WrongModelAndBadLiveInputChangeNothing) {
   Fixture f;
-  ckpt::Store s = ckpt::Store::create(f.model);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
   std::string commit_before = livetrain::fs::read_file(s.dir() + "/COMMIT");
   LiveModel other = livetrain::testing::make_live(1, 3);  // same names, other shapes
   std::string msg = expect_error([&] { s.save(other.views()); }, ErrorCode::kInvalidArg);
@@ -176,32 +176,32 @@ TEST(CkptStore, WrongModelAndBadLiveInputChangeNothing) {
   EXPECT_NE(msg.find("extra"), std::string::npos) << msg;
   EXPECT_EQ(livetrain::fs::read_file(s.dir() + "/COMMIT"), commit_before);
   expect_error([&] { s.state(7); }, ErrorCode::kNotFound);
-  expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kBusy);
-  expect_error([&] { ckpt::Store::create(f.model); }, ErrorCode::kInvalidArg);
-  expect_error([&] { ckpt::Store::open(f.tmp.file("nothing")); }, ErrorCode::kNotFound);
+  expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kBusy);
+  expect_error([&] { checkpoint::Store::create(f.model); }, ErrorCode::kInvalidArg);
+  expect_error([&] { checkpoint::Store::open(f.tmp.file("nothing")); }, ErrorCode::kNotFound);
 }
 
-TEST(CkptStore, MissingOrChangedBaseAndCorruptDeltas) {
+TEST(CheckpointStore, MissingOrChangedBaseAndCorruptDeltas) {
   Fixture f;
   {
-    ckpt::Store s = ckpt::Store::create(f.model);
+    checkpoint::Store s = checkpoint::Store::create(f.model);
     livetrain::testing::perturb(f.live, 3, 0.05);
     s.save(f.live.views());
   }
-  std::string dir = ckpt::default_store_dir(f.model);
-  std::string shard = f.model + "/" + ckpt::commit_read(dir).files[0].name;
-  std::string delta = dir + "/" + ckpt::delta_file_name(1);
+  std::string dir = checkpoint::default_store_dir(f.model);
+  std::string shard = f.model + "/" + checkpoint::commit_read(dir).files[0].name;
+  std::string delta = dir + "/" + checkpoint::delta_file_name(1);
   std::string orig = livetrain::testing::read_bytes(shard);
   // Hash mismatch: one byte of a model file changed behind the store's back.
   std::string changed = orig;
   changed[changed.size() - 1] ^= 1;
   livetrain::testing::write_bytes(shard, changed);
-  std::string msg = expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kFormat);
+  std::string msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find(shard), std::string::npos);
   EXPECT_NE(msg.find("does not match"), std::string::npos) << msg;
   // Missing base file.
   std::filesystem::remove(shard);
-  msg = expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kNotFound);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kNotFound);
   EXPECT_NE(msg.find(shard), std::string::npos) << msg;
   livetrain::testing::write_bytes(shard, orig);
   // Corrupt and truncated delta: named, and nothing written.
@@ -209,21 +209,21 @@ TEST(CkptStore, MissingOrChangedBaseAndCorruptDeltas) {
   std::string bad = d;
   bad[60] ^= 0x40;
   livetrain::testing::write_bytes(delta, bad);
-  msg = expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kFormat);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find(delta), std::string::npos) << msg;
   livetrain::testing::write_bytes(delta, d.substr(0, d.size() / 2));
-  msg = expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kFormat);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find(delta), std::string::npos) << msg;
   std::filesystem::remove(delta);
-  msg = expect_error([&] { ckpt::Store::open(f.model); }, ErrorCode::kNotFound);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kNotFound);
   EXPECT_NE(msg.find(delta), std::string::npos) << msg;
   livetrain::testing::write_bytes(delta, d);
   EXPECT_EQ(livetrain::testing::read_bytes(shard), orig) << "no partial write";
-  ckpt::Store s = ckpt::Store::open(f.model);
+  checkpoint::Store s = checkpoint::Store::open(f.model);
   EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
 }
 
-TEST(CkptStore, SymlinkedModelFilesAreNeverWrittenThrough) {
+TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   Fixture f;
   // A Hugging Face-style snapshot: the model file is a link to a blob.
   std::string blobs = f.tmp.file("blobs");
@@ -235,7 +235,7 @@ TEST(CkptStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   std::filesystem::rename(f.model + "/" + name, blobs + "/abc123");
   std::filesystem::create_symlink(blobs + "/abc123", f.model + "/" + name);
   std::string blob = livetrain::testing::read_bytes(blobs + "/abc123");
-  ckpt::Store s = ckpt::Store::create(f.model);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
   livetrain::testing::perturb(f.live, 5, 1.0);
   s.save(f.live.views());
   std::string msg = expect_error([&] { s.materialize(1); }, ErrorCode::kInvalidArg);
@@ -249,15 +249,15 @@ TEST(CkptStore, SymlinkedModelFilesAreNeverWrittenThrough) {
 }
 
 // A full disk mid-save (RLIMIT_FSIZE → EFBIG, as in test04): a clear error, the previous generation intact.
-TEST(CkptStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
+TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
   Fixture f;
-  { ckpt::Store s = ckpt::Store::create(f.model); }
+  { checkpoint::Store s = checkpoint::Store::create(f.model); }
   LiveModel next = f.live;
   livetrain::testing::perturb(next, 9, 1.0);
   pid_t pid = fork();
   if (pid == 0) {
     signal(SIGXFSZ, SIG_IGN);
-    ckpt::Store s = ckpt::Store::open(f.model);
+    checkpoint::Store s = checkpoint::Store::open(f.model);
     rlimit lim{4096, 4096};
     setrlimit(RLIMIT_FSIZE, &lim);
     try {
@@ -272,7 +272,7 @@ TEST(CkptStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
   waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0);
-  ckpt::Store s = ckpt::Store::open(f.model);
+  checkpoint::Store s = checkpoint::Store::open(f.model);
   EXPECT_EQ(s.commit().head, 0u);
   EXPECT_EQ(s.compare_live(0, f.live.views()).tensors, 0u);
   for (const auto& e : std::filesystem::directory_iterator(s.dir())) {

@@ -3,12 +3,12 @@
 
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 // Throws kInvalidArg naming the tensor index for an element size other than 1, 2, 4 or 8, missing data,
 // or a size whose byte count could overflow the offsets.
 void delta_diff_check(const std::vector<DiffTensor>& tensors);
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

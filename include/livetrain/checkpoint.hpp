@@ -36,7 +36,7 @@
 //                          B elements (the last may be shorter): u64 changed in the block, and when that
 //                          is not 0, 1 + unit coded streams: the block's bitmap bytes, then byte plane k
 //                          (byte k of every changed element's XOR, in position order) for k < unit. A
-//                          coded stream is raw, one repeated byte, or canonical Huffman (src/ckpt/
+//                          coded stream is raw, one repeated byte, or canonical Huffman (src/checkpoint/
 //                          entropy.hpp), so the mostly-zero high bytes of small updates cost little.
 //                          The smallest of the three encodings is written (gaps, then bitmap, on a
 //                          tie). Tensors with no change have no record.
@@ -79,7 +79,7 @@
 #include "livetrain/dtype.hpp"
 #include "livetrain/fs.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 inline constexpr std::string_view kCommitMagic = "livetrain-checkpoint";
 inline constexpr uint64_t kCommitVersion = 1;
@@ -463,9 +463,9 @@ class Store {
   bool broken_ = false;  // a commit step failed after the point where memory and disk may disagree
 };
 
-// Test hook: when the environment variable LIVETRAIN_CKPT_CRASH_AT equals `point`, the process kills
+// Test hook: when the environment variable LIVETRAIN_CHECKPOINT_CRASH_AT equals `point`, the process kills
 // itself with SIGKILL there (points: "delta-written", "journal-written", "apply-half", "applied",
 // "materialize-committed", "recovered-applied").
 void crash_point(std::string_view point);
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
 
@@ -15,7 +15,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
-namespace ckpt = livetrain::ckpt;
+namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;
 
 namespace {
@@ -45,7 +45,7 @@ std::vector<Case> cases() {
 
 struct Data {
   std::vector<std::vector<uint8_t>> old, now;
-  std::vector<ckpt::DiffTensor> tensors;  // host pointers
+  std::vector<checkpoint::DiffTensor> tensors;  // host pointers
 };
 
 Data make(uint64_t seed) {
@@ -53,7 +53,7 @@ Data make(uint64_t seed) {
   std::uniform_real_distribution<double> u(0, 1);
   Data d;
   for (const Case& c : cases()) {
-    const uint32_t unit = ckpt::unit_bytes(c.dtype);
+    const uint32_t unit = checkpoint::unit_bytes(c.dtype);
     std::vector<uint8_t> old(c.units * unit), now;
     for (auto& b : old) b = static_cast<uint8_t>(rng());
     now = old;
@@ -65,40 +65,40 @@ Data make(uint64_t seed) {
   }
   const auto cs = cases();
   for (size_t i = 0; i < cs.size(); ++i) {
-    d.tensors.push_back({d.now[i].data(), d.old[i].data(), cs[i].units, ckpt::unit_bytes(cs[i].dtype)});
+    d.tensors.push_back({d.now[i].data(), d.old[i].data(), cs[i].units, checkpoint::unit_bytes(cs[i].dtype)});
   }
   return d;
 }
 
 // One tensor's output as a record, through the encoder the save path uses.
-std::string record_of(const ckpt::DiffOutput& out, size_t i, const Case& c) {
+std::string record_of(const checkpoint::DiffOutput& out, size_t i, const Case& c) {
   std::string rec;
-  ckpt::encode_record_parts(rec, "t", c.dtype, c.units, out.changed[i], out.bitmaps.data + out.bitmap_offset[i],
+  checkpoint::encode_record_parts(rec, "t", c.dtype, c.units, out.changed[i], out.bitmaps.data + out.bitmap_offset[i],
                             out.values.data + out.value_offset[i]);
   return rec;
 }
 
 }  // namespace
 
-TEST(CkptDiff, CpuMatchesTheRecordEncoder) {
+TEST(CheckpointDiff, CpuMatchesTheRecordEncoder) {
   Data d = make(7);
-  ckpt::DiffOutput out;
-  ckpt::delta_diff_cpu(d.tensors, out);
+  checkpoint::DiffOutput out;
+  checkpoint::delta_diff_cpu(d.tensors, out);
   const auto cs = cases();
   for (size_t i = 0; i < cs.size(); ++i) {
     std::string want;
-    uint64_t changed = ckpt::encode_record(want, "t", cs[i].dtype, cs[i].units, d.old[i].data(), d.now[i].data());
+    uint64_t changed = checkpoint::encode_record(want, "t", cs[i].dtype, cs[i].units, d.old[i].data(), d.now[i].data());
     EXPECT_EQ(out.changed[i], changed) << i;
     EXPECT_EQ(record_of(out, i, cs[i]), want) << "tensor " << i << " (" << cs[i].units << " units)";
   }
 }
 
-TEST(CkptDiff, BadArgumentsAreClearErrors) {
+TEST(CheckpointDiff, BadArgumentsAreClearErrors) {
   uint16_t a = 1, b = 2;
-  ckpt::DiffOutput out;
-  EXPECT_THROW(ckpt::delta_diff_cpu({{&a, &b, 1, 3}}, out), livetrain::Error);
-  EXPECT_THROW(ckpt::delta_diff_cpu({{nullptr, &b, 1, 2}}, out), livetrain::Error);
-  ckpt::delta_diff_cpu({}, out);
+  checkpoint::DiffOutput out;
+  EXPECT_THROW(checkpoint::delta_diff_cpu({{&a, &b, 1, 3}}, out), livetrain::Error);
+  EXPECT_THROW(checkpoint::delta_diff_cpu({{nullptr, &b, 1, 2}}, out), livetrain::Error);
+  checkpoint::delta_diff_cpu({}, out);
   EXPECT_TRUE(out.changed.empty());
 }
 
@@ -114,7 +114,7 @@ struct DeviceCopy {
   ~DeviceCopy() { cudaFree(p); }
 };
 
-void expect_same(const ckpt::DiffOutput& gpu, const ckpt::DiffOutput& cpu, const Data& d) {
+void expect_same(const checkpoint::DiffOutput& gpu, const checkpoint::DiffOutput& cpu, const Data& d) {
   const auto cs = cases();
   ASSERT_EQ(gpu.changed.size(), cs.size());
   for (size_t i = 0; i < cs.size(); ++i) {
@@ -130,15 +130,15 @@ void expect_same(const ckpt::DiffOutput& gpu, const ckpt::DiffOutput& cpu, const
 
 }  // namespace
 
-TEST(CkptDiffCuda, MatchesCpuWithOldOnDeviceAndPinnedHost) {
+TEST(CheckpointDiffCuda, MatchesCpuWithOldOnDeviceAndPinnedHost) {
   if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
   Data d = make(11);
-  ckpt::DiffOutput cpu;
-  ckpt::delta_diff_cpu(d.tensors, cpu);
+  checkpoint::DiffOutput cpu;
+  checkpoint::delta_diff_cpu(d.tensors, cpu);
 
   std::vector<std::unique_ptr<DeviceCopy>> now, old;
   std::vector<void*> pinned;
-  std::vector<ckpt::DiffTensor> on_device = d.tensors, old_pinned = d.tensors;
+  std::vector<checkpoint::DiffTensor> on_device = d.tensors, old_pinned = d.tensors;
   for (size_t i = 0; i < d.tensors.size(); ++i) {
     now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
     old.push_back(std::make_unique<DeviceCopy>(d.old[i]));
@@ -154,13 +154,13 @@ TEST(CkptDiffCuda, MatchesCpuWithOldOnDeviceAndPinnedHost) {
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
   {
-    ckpt::DiffOutput gpu;
-    ckpt::delta_diff_cuda(on_device, gpu, stream);
+    checkpoint::DiffOutput gpu;
+    checkpoint::delta_diff_cuda(on_device, gpu, stream);
     expect_same(gpu, cpu, d);
   }
   {
-    ckpt::DiffOutput gpu;
-    ckpt::delta_diff_cuda(old_pinned, gpu, stream);
+    checkpoint::DiffOutput gpu;
+    checkpoint::delta_diff_cuda(old_pinned, gpu, stream);
     expect_same(gpu, cpu, d);
   }
   cudaStreamDestroy(stream);
@@ -170,7 +170,7 @@ TEST(CkptDiffCuda, MatchesCpuWithOldOnDeviceAndPinnedHost) {
 // The store's way: outputs in a reused workspace, and `old` (mapped page-locked host memory) moved to the
 // recorded state by the kernel; a second diff then finds nothing. One tensor's values exceed the 256 MiB
 // device scratch, so pass 2 runs in several groups.
-TEST(CkptDiffCuda, WorkspaceAndUpdateOld) {
+TEST(CheckpointDiffCuda, WorkspaceAndUpdateOld) {
   if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
   Data d = make(12);
   {
@@ -188,12 +188,12 @@ TEST(CkptDiffCuda, WorkspaceAndUpdateOld) {
     d.tensors.push_back({d.now.back().data(), d.old.back().data(), units, 2});
     for (size_t i = 0; i + 1 < d.tensors.size(); ++i) d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
   }
-  ckpt::DiffOutput cpu;
-  ckpt::delta_diff_cpu(d.tensors, cpu);
+  checkpoint::DiffOutput cpu;
+  checkpoint::delta_diff_cpu(d.tensors, cpu);
 
   std::vector<std::unique_ptr<DeviceCopy>> now;
   std::vector<void*> pinned;
-  std::vector<ckpt::DiffTensor> t = d.tensors;
+  std::vector<checkpoint::DiffTensor> t = d.tensors;
   for (size_t i = 0; i < d.tensors.size(); ++i) {
     now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
     void* h = nullptr;
@@ -203,9 +203,9 @@ TEST(CkptDiffCuda, WorkspaceAndUpdateOld) {
     t[i].now = now.back()->p;
     t[i].old = h;
   }
-  ckpt::DiffWorkspace ws;
-  ckpt::DiffOutput gpu;
-  ckpt::delta_diff_cuda(t, gpu, nullptr, &ws, true);
+  checkpoint::DiffWorkspace ws;
+  checkpoint::DiffOutput gpu;
+  checkpoint::delta_diff_cuda(t, gpu, nullptr, &ws, true);
   ASSERT_EQ(gpu.changed.size(), d.tensors.size());
   for (size_t i = 0; i < d.tensors.size(); ++i) {
     ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << i;
@@ -214,8 +214,8 @@ TEST(CkptDiffCuda, WorkspaceAndUpdateOld) {
     EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], value_bytes), 0) << i;
     EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0) << "old was moved to the recorded state: " << i;
   }
-  ckpt::DiffOutput again;
-  ckpt::delta_diff_cuda(t, again, nullptr, &ws, true);
+  checkpoint::DiffOutput again;
+  checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true);
   for (size_t i = 0; i < d.tensors.size(); ++i) EXPECT_EQ(again.changed[i], 0u) << i;
   EXPECT_EQ(again.values.data, gpu.values.data) << "the workspace is reused";
   for (void* h : pinned) cudaFreeHost(h);

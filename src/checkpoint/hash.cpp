@@ -3,10 +3,10 @@
 #include <cstring>
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/parallel.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -150,4 +150,4 @@ std::optional<uint64_t> hash_from_hex(std::string_view s) {
   return h;
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

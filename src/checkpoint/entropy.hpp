@@ -19,7 +19,7 @@
 #include <string>
 #include <string_view>
 
-namespace livetrain::ckpt::entropy {
+namespace livetrain::checkpoint::entropy {
 
 inline constexpr int kMaxCodeBits = 11;
 inline constexpr size_t kTableBytes = 128;
@@ -34,4 +34,4 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // it. Throws Error(kFormat) with `where` on anything malformed.
 void decode(const uint8_t** p, const uint8_t* end, uint8_t* out, size_t n, std::string_view where);
 
-}  // namespace livetrain::ckpt::entropy
+}  // namespace livetrain::checkpoint::entropy

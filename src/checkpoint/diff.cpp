@@ -3,12 +3,12 @@
 #include <bit>
 #include <cstring>
 
-#include "ckpt/diff.hpp"
-#include "livetrain/ckpt.hpp"
+#include "checkpoint/diff.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -117,4 +117,4 @@ void diff_workspace_reserve(DiffWorkspace&, size_t, size_t) {
 }
 #endif
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint

@@ -1,15 +1,15 @@
-// Writes the seed corpora of fuzz_ckpt_delta and fuzz_ckpt_journal with the real encoders
+// Writes the seed corpora of fuzz_checkpoint_delta and fuzz_checkpoint_journal with the real encoders
 // (encode_record, journal_append), so the seeds are valid files of every shape the store writes:
-//   build-fuzz/fuzz/make_ckpt_corpus fuzz/corpus-ckpt-delta fuzz/corpus-ckpt-journal
+//   build-fuzz/fuzz/make_checkpoint_corpus fuzz/corpus-checkpoint-delta fuzz/corpus-checkpoint-journal
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 
-namespace ckpt = livetrain::ckpt;
+namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;
 
 namespace {
@@ -26,7 +26,7 @@ void write(const std::string& path, const std::string& bytes) {
 // With `small_step`, each change flips the lowest bit only (XOR planes of one value: coded blocks).
 std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, uint64_t units, double fraction,
                    bool small_step = false) {
-  const uint32_t unit = ckpt::unit_bytes(dtype);
+  const uint32_t unit = checkpoint::unit_bytes(dtype);
   std::vector<uint8_t> old(units * unit), now;
   for (auto& b : old) b = static_cast<uint8_t>(rng());
   now = old;
@@ -36,14 +36,14 @@ std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, u
   }
   now[0] ^= 1;  // at least one change, so the record exists
   std::string rec;
-  ckpt::encode_record(rec, name, dtype, units, old.data(), now.data());
+  checkpoint::encode_record(rec, name, dtype, units, old.data(), now.data());
   return rec;
 }
 
 std::string delta(uint64_t generation, const std::vector<std::string>& records) {
-  std::string f = ckpt::delta_file_header(generation, generation - 1, static_cast<uint32_t>(records.size()));
+  std::string f = checkpoint::delta_file_header(generation, generation - 1, static_cast<uint32_t>(records.size()));
   for (const auto& r : records) f += r;
-  uint64_t sum = ckpt::xxh64(f.data(), f.size());
+  uint64_t sum = checkpoint::xxh64(f.data(), f.size());
   f.append(reinterpret_cast<const char*>(&sum), 8);
   return f;
 }
@@ -65,22 +65,22 @@ int main(int argc, char** argv) {
   write(d + "/blocks_bf16.delta", delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true),
                                             record(rng, "f", DType::kF32, 700, 0.9, true)}));
 
-  // Journals against the file sizes fuzz_ckpt_journal checks them with: {4096, 100, 0, 70000}.
+  // Journals against the file sizes fuzz_checkpoint_journal checks them with: {4096, 100, 0, 70000}.
   std::vector<uint8_t> bytes(300);
   for (auto& b : bytes) b = static_cast<uint8_t>(rng());
-  std::string empty = ckpt::journal_header(0, 1);
-  ckpt::journal_finish(empty);
+  std::string empty = checkpoint::journal_header(0, 1);
+  checkpoint::journal_finish(empty);
   write(j + "/empty.journal", empty);
-  std::string one = ckpt::journal_header(1, 2);
-  ckpt::journal_append(one, 0, 4000, bytes.data(), 96);
-  ckpt::journal_finish(one);
+  std::string one = checkpoint::journal_header(1, 2);
+  checkpoint::journal_append(one, 0, 4000, bytes.data(), 96);
+  checkpoint::journal_finish(one);
   write(j + "/one.journal", one);
-  std::string many = ckpt::journal_header(5, 3);
-  ckpt::journal_append(many, 0, 0, bytes.data(), 1);
-  ckpt::journal_append(many, 1, 98, bytes.data() + 1, 2);
-  ckpt::journal_append(many, 2, 0, bytes.data(), 0);
-  ckpt::journal_append(many, 3, 69800, bytes.data() + 3, 200);
-  ckpt::journal_finish(many);
+  std::string many = checkpoint::journal_header(5, 3);
+  checkpoint::journal_append(many, 0, 0, bytes.data(), 1);
+  checkpoint::journal_append(many, 1, 98, bytes.data() + 1, 2);
+  checkpoint::journal_append(many, 2, 0, bytes.data(), 0);
+  checkpoint::journal_append(many, 3, 69800, bytes.data() + 3, 200);
+  checkpoint::journal_finish(many);
   write(j + "/many.journal", many);
   return 0;
 }

@@ -14,7 +14,7 @@ the delta to disk at the measured sequential write + fsync bandwidth (the issue'
 also reads the host copy of the head over PCIe; that time is printed beside the table. The first save
 after opening a store page-locks its host copy; it is measured as its own row.
 
-usage: python bench/ckpt.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
+usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
 """
 
 import argparse
@@ -35,7 +35,7 @@ BLOCK = 4096
 
 
 def log(msg: str) -> None:
-    print(f"[ckpt bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[checkpoint bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def model_shapes(gib: float):
@@ -207,19 +207,19 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/ckpt.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
+        print("bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
         return 2
     from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
 
     shapes = model_shapes(a.gib)
     model_bytes = sum(2 * (s[0] * (s[1] if len(s) > 1 else 1)) for _, s in shapes)
-    work = tempfile.mkdtemp(prefix="livetrain-ckpt-bench-", dir=a.dir)
+    work = tempfile.mkdtemp(prefix="livetrain-checkpoint-bench-", dir=a.dir)
     free = shutil.disk_usage(work).free
     need = int(model_bytes * 2.7) + 2**31  # files + deltas + the whole-model write + the bandwidth probe
     if free < need:
         shutil.rmtree(work, ignore_errors=True)
-        print(f"bench/ckpt.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB", file=sys.stderr)
+        print(f"bench/checkpoint.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB", file=sys.stderr)
         return 2
     log(f"{len(shapes)} tensors, {model_bytes / 2**30:.2f} GiB bf16, in {work}")
     rows = []

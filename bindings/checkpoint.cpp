@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "bindings.hpp"
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
 
 namespace nb = nanobind;
@@ -22,17 +22,17 @@ namespace {
 // (name, dtype name, shape, data address, device: -1 host memory, else the CUDA ordinal)
 using TensorArg = std::tuple<std::string, std::string, std::vector<uint64_t>, uintptr_t, int>;
 
-std::vector<ckpt::LiveTensor> live_tensors(const std::vector<TensorArg>& args) {
-  std::vector<ckpt::LiveTensor> out;
+std::vector<checkpoint::LiveTensor> live_tensors(const std::vector<TensorArg>& args) {
+  std::vector<checkpoint::LiveTensor> out;
   out.reserve(args.size());
   for (const auto& [name, dtype, shape, ptr, device] : args) {
-    out.push_back(ckpt::LiveTensor{name, parse_dtype(dtype, "tensor \"" + name + "\""), shape,
+    out.push_back(checkpoint::LiveTensor{name, parse_dtype(dtype, "tensor \"" + name + "\""), shape,
                                    reinterpret_cast<void*>(ptr), device});
   }
   return out;
 }
 
-nb::dict generation_dict(const ckpt::Generation& g) {
+nb::dict generation_dict(const checkpoint::Generation& g) {
   nb::dict d;
   d["generation"] = g.generation;
   d["parent"] = g.parent;
@@ -41,40 +41,40 @@ nb::dict generation_dict(const ckpt::Generation& g) {
   d["delta"] = g.delta;
   d["bytes"] = g.bytes;
   d["changed"] = g.changed;
-  d["delta_hash"] = ckpt::hash_hex(g.delta_hash);
+  d["delta_hash"] = checkpoint::hash_hex(g.delta_hash);
   d["optimizer_state"] = g.optimizer_state;
   return d;
 }
 
 }  // namespace
 
-void init_ckpt(nb::module_& m) {
-  nb::class_<ckpt::Store>(m, "CheckpointStore",
+void init_checkpoint(nb::module_& m) {
+  nb::class_<checkpoint::Store>(m, "CheckpointStore",
                           "The delta checkpoint store of a model directory (docs/checkpoint.md). Holds the store's "
                           "lock and a host copy of the head generation until close().")
       .def_static(
           "create",
           [](const std::string& model_dir, const std::string& store_dir) {
             nb::gil_scoped_release release;
-            return ckpt::Store::create(model_dir, store_dir);
+            return checkpoint::Store::create(model_dir, store_dir);
           },
           nb::arg("model_dir"), nb::arg("store_dir") = "")
       .def_static(
           "open",
           [](const std::string& model_dir, const std::string& store_dir) {
             nb::gil_scoped_release release;
-            return ckpt::Store::open(model_dir, store_dir);
+            return checkpoint::Store::open(model_dir, store_dir);
           },
           nb::arg("model_dir"), nb::arg("store_dir") = "")
-      .def("close", &ckpt::Store::close)
-      .def_prop_ro("dir", &ckpt::Store::dir)
-      .def_prop_ro("model_dir", &ckpt::Store::model_dir)
-      .def_prop_ro("head", [](const ckpt::Store& s) { return s.commit().head; })
-      .def_prop_ro("oldest", [](const ckpt::Store& s) { return s.commit().oldest; })
-      .def_prop_ro("materialized", [](const ckpt::Store& s) { return s.commit().materialized; })
+      .def("close", &checkpoint::Store::close)
+      .def_prop_ro("dir", &checkpoint::Store::dir)
+      .def_prop_ro("model_dir", &checkpoint::Store::model_dir)
+      .def_prop_ro("head", [](const checkpoint::Store& s) { return s.commit().head; })
+      .def_prop_ro("oldest", [](const checkpoint::Store& s) { return s.commit().oldest; })
+      .def_prop_ro("materialized", [](const checkpoint::Store& s) { return s.commit().materialized; })
       .def(
           "tensors",
-          [](const ckpt::Store& s) {
+          [](const checkpoint::Store& s) {
             std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>>> out;
             for (const auto& t : s.commit().tensors) out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape);
             return out;
@@ -82,7 +82,7 @@ void init_ckpt(nb::module_& m) {
           "(name, dtype, shape) of every tensor, in the store's order.")
       .def(
           "generations",
-          [](const ckpt::Store& s) {
+          [](const checkpoint::Store& s) {
             nb::list out;
             for (const auto& g : s.commit().generations) out.append(generation_dict(g));
             return out;
@@ -90,14 +90,14 @@ void init_ckpt(nb::module_& m) {
           "The committed generations, oldest first, as dicts.")
       .def(
           "save",
-          [](ckpt::Store& s, const std::vector<TensorArg>& tensors, uint64_t weight_version,
+          [](checkpoint::Store& s, const std::vector<TensorArg>& tensors, uint64_t weight_version,
              const std::string& optimizer_state, bool save_if_unchanged) {
-            std::vector<ckpt::LiveTensor> live = live_tensors(tensors);
-            ckpt::SaveOptions o;
+            std::vector<checkpoint::LiveTensor> live = live_tensors(tensors);
+            checkpoint::SaveOptions o;
             o.weight_version = weight_version;
             o.optimizer_state = optimizer_state;
             o.save_if_unchanged = save_if_unchanged;
-            ckpt::SaveResult r;
+            checkpoint::SaveResult r;
             {
               nb::gil_scoped_release release;
               r = s.save(live, o);
@@ -118,24 +118,24 @@ void init_ckpt(nb::module_& m) {
           nb::arg("save_if_unchanged") = false)
       .def(
           "restore_live",
-          [](ckpt::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {
-            std::vector<ckpt::LiveTensor> live = live_tensors(tensors);
+          [](checkpoint::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {
+            std::vector<checkpoint::LiveTensor> live = live_tensors(tensors);
             nb::gil_scoped_release release;
             s.restore_live(generation, live);
           },
           nb::arg("generation"), nb::arg("tensors"))
       .def(
           "restore_to_dir",
-          [](ckpt::Store& s, uint64_t generation, const std::string& out_dir) {
+          [](checkpoint::Store& s, uint64_t generation, const std::string& out_dir) {
             nb::gil_scoped_release release;
             s.restore_to_dir(generation, out_dir);
           },
           nb::arg("generation"), nb::arg("out_dir"))
       .def(
           "compare_live",
-          [](ckpt::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {
-            std::vector<ckpt::LiveTensor> live = live_tensors(tensors);
-            ckpt::LiveDiff r;
+          [](checkpoint::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {
+            std::vector<checkpoint::LiveTensor> live = live_tensors(tensors);
+            checkpoint::LiveDiff r;
             {
               nb::gil_scoped_release release;
               r = s.compare_live(generation, live);
@@ -149,21 +149,21 @@ void init_ckpt(nb::module_& m) {
           nb::arg("generation"), nb::arg("tensors"))
       .def(
           "verify",
-          [](ckpt::Store& s) {
+          [](checkpoint::Store& s) {
             nb::gil_scoped_release release;
             return s.verify();
           },
           "Checks deltas and model files; returns the problems found (empty when all is well).")
       .def(
           "materialize",
-          [](ckpt::Store& s, uint64_t generation, bool copy_symlinks) {
+          [](checkpoint::Store& s, uint64_t generation, bool copy_symlinks) {
             nb::gil_scoped_release release;
             s.materialize(generation, copy_symlinks);
           },
           nb::arg("generation"), nb::arg("copy_symlinks") = false)
       .def(
           "gc",
-          [](ckpt::Store& s, uint64_t keep_from) {
+          [](checkpoint::Store& s, uint64_t keep_from) {
             nb::gil_scoped_release release;
             s.gc(keep_from);
           },

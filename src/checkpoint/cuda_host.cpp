@@ -1,5 +1,5 @@
 // The CUDA runtime calls of the store's GPU path (cuda_host.hpp).
-#include "ckpt/cuda_host.hpp"
+#include "checkpoint/cuda_host.hpp"
 
 #include "livetrain/error.hpp"
 
@@ -8,7 +8,7 @@
 
 #include "cuda/check.hpp"
 
-namespace livetrain::ckpt::cuda_host {
+namespace livetrain::checkpoint::cuda_host {
 
 void set_device(int device) { LIVETRAIN_CUDA_CHECK(cudaSetDevice(device)); }
 
@@ -27,11 +27,11 @@ void unpin(void* p) noexcept { cudaHostUnregister(p); }
 void to_device(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
 void to_host(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
 
-}  // namespace livetrain::ckpt::cuda_host
+}  // namespace livetrain::checkpoint::cuda_host
 
 #else
 
-namespace livetrain::ckpt::cuda_host {
+namespace livetrain::checkpoint::cuda_host {
 
 namespace {
 [[noreturn]] void no_cuda() {
@@ -45,6 +45,6 @@ void unpin(void*) noexcept {}
 void to_device(void*, const void*, size_t) { no_cuda(); }
 void to_host(void*, const void*, size_t) { no_cuda(); }
 
-}  // namespace livetrain::ckpt::cuda_host
+}  // namespace livetrain::checkpoint::cuda_host
 
 #endif

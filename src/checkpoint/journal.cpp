@@ -2,11 +2,11 @@
 // that materialize, recovery and the fuzz target share one parser of these outside bytes.
 #include <cstring>
 
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint.hpp"
 #include "livetrain/error.hpp"
-#include "ckpt/bytes.hpp"
+#include "checkpoint/bytes.hpp"
 
-namespace livetrain::ckpt {
+namespace livetrain::checkpoint {
 
 namespace {
 
@@ -90,4 +90,4 @@ Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, 
   return j;
 }
 
-}  // namespace livetrain::ckpt
+}  // namespace livetrain::checkpoint
