@@ -3,7 +3,7 @@
 #include <cstring>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/parallel.hpp"
 
 namespace livetrain::checkpoint {

@@ -20,7 +20,11 @@
 #include <unordered_map>
 
 #include "checkpoint/cuda_host.hpp"
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/commit.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/diff.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
