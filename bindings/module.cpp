@@ -68,9 +68,10 @@ void register_errors(nb::module_& m) {
 }  // namespace
 
 NB_MODULE(_core, m) {
-  m.doc() = "livetrain core (C++): safetensors, weight sharing, layouts, optimizer steps, loss passes, CUDA devices, checkpoint store.";
+  m.doc() = "livetrain core (C++): durable writes, safetensors, weight sharing, layouts, optimizer steps, loss passes, CUDA devices, checkpoint store.";
   m.attr("__version__") = LIVETRAIN_VERSION;
   register_errors(m);
+  livetrain::bindings::init_fs(m);
   livetrain::bindings::init_safetensors(m);
   livetrain::bindings::init_cuda(m);
   livetrain::bindings::init_optim(m);
