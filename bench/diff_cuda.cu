@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <vector>
-#include "livetrain/ckpt.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 using namespace livetrain;
 __global__ void init(uint16_t* now, uint16_t* old, uint64_t n, uint64_t seed) {
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
@@ -36,14 +36,14 @@ int main() {
   cudaDeviceSynchronize();
   auto run = [&](const char* what, bool on_device, bool update) {
     std::memcpy(host, backup.data(), bytes);
-    std::vector<ckpt::DiffTensor> ts;
+    std::vector<checkpoint::DiffTensor> ts;
     for (int t = 0; t < T; ++t) ts.push_back({now[t], on_device ? (void*)dold[t] : (void*)(host + t * units * 2), units, 2});
-    ckpt::DiffWorkspace ws; ckpt::diff_workspace_reserve(ws, bytes / 16, bytes / 4);
+    checkpoint::DiffWorkspace ws; checkpoint::diff_workspace_reserve(ws, bytes / 16, bytes / 4);
     for (int rep = 0; rep < 2; ++rep) {
       std::memcpy(host, backup.data(), bytes);
-      ckpt::DiffOutput out;
+      checkpoint::DiffOutput out;
       auto t0 = std::chrono::steady_clock::now();
-      ckpt::delta_diff_cuda(ts, out, nullptr, &ws, update);
+      checkpoint::delta_diff_cuda(ts, out, nullptr, &ws, update);
       double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       uint64_t c = 0; for (auto x : out.changed) c += x;
       std::printf("%-40s rep %d: %.3f s (changed %.1f%%)\n", what, rep, s, 100.0 * c / (units * T));

@@ -18,12 +18,13 @@ inline DType parse_dtype(const std::string& name, const std::string& what = {}) 
   return *dt;
 }
 
+void init_fs(nanobind::module_& m);
 void init_safetensors(nanobind::module_& m);
 void init_cuda(nanobind::module_& m);
 void init_optim(nanobind::module_& m);
 void init_loss(nanobind::module_& m);
 void init_layout(nanobind::module_& m);
 void init_sharing(nanobind::module_& m);
-void init_ckpt(nanobind::module_& m);
+void init_checkpoint(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

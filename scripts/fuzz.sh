@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 total=${LIVETRAIN_FUZZ_SECONDS:-120}
 tools=${LIVETRAIN_TOOLS:-.venv/bin}
 tools=$(cd "$tools" && pwd)
-targets=(fuzz_safetensors_header fuzz_manifest fuzz_ckpt_delta fuzz_ckpt_journal)
+targets=(fuzz_safetensors_header fuzz_manifest fuzz_checkpoint_delta fuzz_checkpoint_journal)
 seconds=$((total / ${#targets[@]}))
 [ "$seconds" -ge 5 ] || seconds=5
 if [ ! -f build-fuzz/CMakeCache.txt ]; then
@@ -42,8 +42,8 @@ fuzz() {
 }
 
 status=0
-fuzz fuzz_safetensors_header fuzz/corpus fuzz/safetensors.dict "safetensors header parser" || status=1
+fuzz fuzz_safetensors_header fuzz/corpus-safetensors fuzz/safetensors.dict "safetensors header parser" || status=1
 fuzz fuzz_manifest fuzz/corpus-manifest fuzz/manifest.dict "sharing manifest parser" || status=1
-fuzz fuzz_ckpt_delta fuzz/corpus-ckpt-delta fuzz/ckpt.dict "checkpoint delta parser" || status=1
-fuzz fuzz_ckpt_journal fuzz/corpus-ckpt-journal fuzz/ckpt.dict "checkpoint journal parser" || status=1
+fuzz fuzz_checkpoint_delta fuzz/corpus-checkpoint-delta fuzz/checkpoint.dict "checkpoint delta parser" || status=1
+fuzz fuzz_checkpoint_journal fuzz/corpus-checkpoint-journal fuzz/checkpoint.dict "checkpoint journal parser" || status=1
 exit $status

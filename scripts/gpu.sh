@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one go (for the GPU machine): build the core and the Python module for
 # this machine's Python and torch (sm_80/sm_90a/sm_100 + PTX), run the whole pytest suite (the CUDA tests
 # run here instead of skipping), then the benchmarks. Results land in $OUT (default ./gpu-out):
-# pytest.log, bench-{optim,attach,convergence,ckpt}.{txt,json}.
+# pytest.log, bench-{optim,attach,convergence,checkpoint}.{txt,json}.
 #
 # The serve tests need fastapi and uvicorn (requirements/dev.txt); on a machine without a registry, bring
 # their wheels and put them on PYTHONPATH first (they skip themselves otherwise).
@@ -39,7 +39,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   $py bench/attach.py --json "$out/bench-attach.json" 2>&1 | tee "$out/bench-attach.txt" | tail -8
   echo "== bench/convergence.py"
   $py bench/convergence.py --json "$out/bench-convergence.json" 2>&1 | tee "$out/bench-convergence.txt" | tail -8
-  echo "== bench/ckpt.py"
-  $py bench/ckpt.py --json "$out/bench-ckpt.json" 2>&1 | tee "$out/bench-ckpt.txt" | tail -10
+  echo "== bench/checkpoint.py"
+  $py bench/checkpoint.py --json "$out/bench-checkpoint.json" 2>&1 | tee "$out/bench-checkpoint.txt" | tail -10
 fi
 exit $status

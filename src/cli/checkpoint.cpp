@@ -3,10 +3,12 @@
 #include <cstdio>
 #include <ctime>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cli/commands.hpp"
-#include "livetrain/ckpt.hpp"
+#include "cli/command_line.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
@@ -51,28 +53,26 @@ uint64_t parse_u64(const std::string& s, const std::string& what) {
   return std::stoull(s);
 }
 
-Args parse(const std::vector<std::string>& args) {
+// The arguments, or nullopt when -h/--help was given (the usage is then printed).
+std::optional<Args> parse(const std::vector<std::string>& args) {
   Args a;
   std::vector<std::string> pos;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& s = args[i];
-    auto value = [&](const char* name) -> std::string {
-      if (i + 1 >= args.size()) throw UsageError(std::string("checkpoint: ") + name + " needs a value");
-      return args[++i];
-    };
-    if (s == "--json") a.as_json = true;
-    else if (s == "-q" || s == "--quiet") a.quiet = true;
-    else if (s == "--copy-symlinks") a.copy_symlinks = true;
-    else if (s == "--store") a.store = value("--store");
-    else if (s == "--manifest") a.manifest = value("--manifest");
-    else if (s == "--out") a.out = value("--out");
-    else if (s == "--optimizer-state") a.optimizer_state = value("--optimizer-state");
-    else if (s == "--weight-version") a.weight_version = parse_u64(value("--weight-version"), "--weight-version");
-    else if (s == "--generation") a.generation = parse_u64(value("--generation"), "--generation");
-    else if (s == "--keep-from") a.keep_from = parse_u64(value("--keep-from"), "--keep-from");
-    else if (!s.empty() && s[0] == '-') throw UsageError("checkpoint: unknown option '" + s + "'");
-    else pos.push_back(s);
-  }
+  auto number = [](std::optional<uint64_t>& out, const char* name) {
+    return [&out, name](const std::string& v) { out = parse_u64(v, name); };
+  };
+  CommandLine cmdline("checkpoint", kUsage);
+  cmdline.flag({"--json"}, a.as_json)
+      .flag({"-q", "--quiet"}, a.quiet)
+      .flag({"--copy-symlinks"}, a.copy_symlinks)
+      .value("--store", a.store)
+      .value("--manifest", a.manifest)
+      .value("--out", a.out)
+      .value("--optimizer-state", a.optimizer_state)
+      .value("--weight-version", number(a.weight_version, "--weight-version"))
+      .value("--generation", number(a.generation, "--generation"))
+      .value("--keep-from", number(a.keep_from, "--keep-from"))
+      .positional(pos);
+  if (!cmdline.parse(args)) return std::nullopt;
   if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
   a.sub = pos[0];
   if (pos.size() < 2) throw UsageError("checkpoint " + a.sub + ": missing MODEL (see livetrain checkpoint --help)");
@@ -85,7 +85,7 @@ Args parse(const std::vector<std::string>& args) {
 // The live weights behind a manifest: host tensors (shared memory) or GPU tensors (CUDA IPC), in place.
 struct Live {
   std::shared_ptr<sharing::Attachment> attachment;
-  std::vector<ckpt::LiveTensor> tensors;
+  std::vector<checkpoint::LiveTensor> tensors;
 };
 
 Live attach(const std::string& manifest) {
@@ -95,12 +95,12 @@ Live attach(const std::string& manifest) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
     }
-    l.tensors.push_back(ckpt::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
+    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
   }
   return l;
 }
 
-ckpt::Progress progress(const Args& a) {
+checkpoint::Progress progress(const Args& a) {
   if (a.quiet) return {};
   return [](std::string_view what, uint64_t done, uint64_t total) {
     std::fprintf(stderr, "checkpoint: %.*s %llu/%llu\n", static_cast<int>(what.size()), what.data(),
@@ -108,9 +108,9 @@ ckpt::Progress progress(const Args& a) {
   };
 }
 
-std::string store_dir(const Args& a) { return a.store.empty() ? ckpt::default_store_dir(a.model) : a.store; }
+std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
 
-json::Value generation_json(const ckpt::Generation& g) {
+json::Value generation_json(const checkpoint::Generation& g) {
   json::Value o = json::Value::object();
   o.set("generation", json::Value::unsigned_integer(g.generation));
   o.set("parent", json::Value::unsigned_integer(g.parent));
@@ -128,7 +128,7 @@ void print_json(const json::Value& v) {
 }
 
 int run_list(const Args& a) {
-  ckpt::Commit c = ckpt::commit_read(store_dir(a));
+  checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
   if (a.as_json) {
     json::Value root = json::Value::object();
     root.set("store", json::Value::string(store_dir(a)));
@@ -160,27 +160,23 @@ int run_list(const Args& a) {
 }  // namespace
 
 int run_checkpoint(const std::vector<std::string>& args) {
-  for (const auto& s : args) {
-    if (s == "-h" || s == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  }
-  Args a = parse(args);
+  std::optional<Args> parsed = parse(args);
+  if (!parsed) return 0;
+  const Args& a = *parsed;
   if (a.sub == "list") return run_list(a);
   json::Value out = json::Value::object();
   std::string text;
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
-    ckpt::Store s = fs::exists(fs::join(store_dir(a), std::string(ckpt::kCommitFileName)))
-                        ? ckpt::Store::open(a.model, a.store, progress(a))
-                        : ckpt::Store::create(a.model, a.store);
-    ckpt::SaveOptions o;
+    checkpoint::Store s = fs::exists(fs::join(store_dir(a), std::string(checkpoint::kCommitFileName)))
+                        ? checkpoint::Store::open(a.model, a.store, progress(a))
+                        : checkpoint::Store::create(a.model, a.store);
+    checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
     o.progress = progress(a);
-    ckpt::SaveResult r = s.save(live.tensors, o);
+    checkpoint::SaveResult r = s.save(live.tensors, o);
     out.set("written", json::Value::boolean(r.written));
     out.set("generation", json::Value::unsigned_integer(r.generation));
     out.set("bytes", json::Value::unsigned_integer(r.bytes));
@@ -193,7 +189,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   } else if (a.sub == "restore") {
     if (!a.generation) throw UsageError("checkpoint restore: missing GEN");
     if (a.manifest.empty() == a.out.empty()) throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
       s.restore_live(*a.generation, live.tensors);
@@ -205,7 +201,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     }
     out.set("generation", json::Value::unsigned_integer(*a.generation));
   } else if (a.sub == "verify") {
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     std::vector<std::string> problems = s.verify(progress(a));
     json::Value list = json::Value::array();
     for (const auto& p : problems) list.push(json::Value::string(p));
@@ -216,7 +212,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
       uint64_t g = a.generation.value_or(s.commit().head);
-      ckpt::LiveDiff d = s.compare_live(g, live.tensors);
+      checkpoint::LiveDiff d = s.compare_live(g, live.tensors);
       out.set("generation", json::Value::unsigned_integer(g));
       out.set("live_equal", json::Value::boolean(d.tensors == 0));
       out.set("differing_tensors", json::Value::unsigned_integer(d.tensors));
@@ -233,13 +229,13 @@ int run_checkpoint(const std::vector<std::string>& args) {
     return ok ? 0 : 1;
   } else if (a.sub == "materialize") {
     if (!a.generation) throw UsageError("checkpoint materialize: missing GEN");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     s.materialize(*a.generation, a.copy_symlinks, progress(a));
     out.set("materialized", json::Value::unsigned_integer(*a.generation));
     text = "model files now hold generation " + std::to_string(*a.generation);
   } else if (a.sub == "gc") {
     if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
-    ckpt::Store s = ckpt::Store::open(a.model, a.store, progress(a));
+    checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     s.gc(*a.keep_from, progress(a));
     out.set("oldest", json::Value::unsigned_integer(s.commit().oldest));
     text = "generations before " + std::to_string(*a.keep_from) + " removed";

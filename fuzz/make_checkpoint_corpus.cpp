@@ -1,0 +1,88 @@
+// Writes the seed corpora of fuzz_checkpoint_delta and fuzz_checkpoint_journal with the real encoders
+// (encode_record, journal_append), so the seeds are valid files of every shape the store writes:
+//   build-fuzz/fuzz/make_checkpoint_corpus fuzz/corpus-checkpoint-delta fuzz/corpus-checkpoint-journal
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
+
+namespace checkpoint = livetrain::checkpoint;
+using livetrain::DType;
+
+namespace {
+
+void write(const std::string& path, const std::string& bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f || std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size() || std::fclose(f) != 0) {
+    std::perror(path.c_str());
+    std::exit(1);
+  }
+}
+
+// One record of `units` elements of `dtype` where a `fraction` of the elements changed.
+// With `small_step`, each change flips the lowest bit only (XOR planes of one value: coded blocks).
+std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, uint64_t units, double fraction,
+                   bool small_step = false) {
+  const uint32_t unit = checkpoint::unit_bytes(dtype);
+  std::vector<uint8_t> old(units * unit), now;
+  for (auto& b : old) b = static_cast<uint8_t>(rng());
+  now = old;
+  std::uniform_real_distribution<double> u(0, 1);
+  for (uint64_t i = 0; i < units; ++i) {
+    if (u(rng) < fraction) now[i * unit] ^= small_step ? 1 : static_cast<uint8_t>(1 + rng() % 255);
+  }
+  now[0] ^= 1;  // at least one change, so the record exists
+  std::string rec;
+  checkpoint::encode_record(rec, name, dtype, units, old.data(), now.data());
+  return rec;
+}
+
+std::string delta(uint64_t generation, const std::vector<std::string>& records) {
+  std::string f = checkpoint::delta_file_header(generation, generation - 1, static_cast<uint32_t>(records.size()));
+  for (const auto& r : records) f += r;
+  uint64_t sum = checkpoint::xxh64(f.data(), f.size());
+  f.append(reinterpret_cast<const char*>(&sum), 8);
+  return f;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s DELTA_CORPUS_DIR JOURNAL_CORPUS_DIR\n", argv[0]);
+    return 2;
+  }
+  const std::string d = argv[1], j = argv[2];
+  std::mt19937_64 rng(20260101);
+  write(d + "/empty.delta", delta(1, {}));
+  write(d + "/sparse_gaps_bf16.delta", delta(2, {record(rng, "w", DType::kBF16, 300, 0.01)}));
+  write(d + "/dense_bitmap_bf16.delta", delta(3, {record(rng, "model.layers.0.mlp.up_proj.weight", DType::kBF16, 201, 0.5)}));
+  write(d + "/mixed.delta", delta(4, {record(rng, "a", DType::kF32, 33, 0.1), record(rng, "b", DType::kF64, 9, 1.0),
+                                      record(rng, "c", DType::kU8, 17, 0.3), record(rng, "d", DType::kF4, 40, 0.05)}));
+  write(d + "/blocks_bf16.delta", delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true),
+                                            record(rng, "f", DType::kF32, 700, 0.9, true)}));
+
+  // Journals against the file sizes fuzz_checkpoint_journal checks them with: {4096, 100, 0, 70000}.
+  std::vector<uint8_t> bytes(300);
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+  std::string empty = checkpoint::journal_header(0, 1);
+  checkpoint::journal_finish(empty);
+  write(j + "/empty.journal", empty);
+  std::string one = checkpoint::journal_header(1, 2);
+  checkpoint::journal_append(one, 0, 4000, bytes.data(), 96);
+  checkpoint::journal_finish(one);
+  write(j + "/one.journal", one);
+  std::string many = checkpoint::journal_header(5, 3);
+  checkpoint::journal_append(many, 0, 0, bytes.data(), 1);
+  checkpoint::journal_append(many, 1, 98, bytes.data() + 1, 2);
+  checkpoint::journal_append(many, 2, 0, bytes.data(), 0);
+  checkpoint::journal_append(many, 3, 69800, bytes.data() + 3, 200);
+  checkpoint::journal_finish(many);
+  write(j + "/many.journal", many);
+  return 0;
+}

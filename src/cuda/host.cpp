@@ -1,0 +1,50 @@
+// Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
+#include "cuda/host.hpp"
+
+#include "livetrain/error.hpp"
+
+#ifdef LIVETRAIN_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/check.hpp"
+
+namespace livetrain::cuda::host {
+
+void set_device(int device) { LIVETRAIN_CUDA_CHECK(cudaSetDevice(device)); }
+
+void* pin(void* p, size_t n) {
+  LIVETRAIN_CUDA_CHECK(cudaHostRegister(p, n, cudaHostRegisterPortable | cudaHostRegisterMapped));
+  void* dev = nullptr;
+  if (cudaError_t e = cudaHostGetDevicePointer(&dev, p, 0); e != cudaSuccess) {
+    cudaHostUnregister(p);
+    LIVETRAIN_CUDA_CHECK(e);
+  }
+  return dev;
+}
+
+void unpin(void* p) noexcept { cudaHostUnregister(p); }
+
+void to_device(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
+void to_host(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
+
+}  // namespace livetrain::cuda::host
+
+#else
+
+namespace livetrain::cuda::host {
+
+namespace {
+[[noreturn]] void no_cuda() {
+  throw Error(ErrorCode::kUnsupported, "memory on a CUDA device, but this build of livetrain has no CUDA code");
+}
+}  // namespace
+
+void set_device(int) { no_cuda(); }
+void* pin(void*, size_t) { no_cuda(); }
+void unpin(void*) noexcept {}
+void to_device(void*, const void*, size_t) { no_cuda(); }
+void to_host(void*, const void*, size_t) { no_cuda(); }
+
+}  // namespace livetrain::cuda::host
+
+#endif

@@ -1,0 +1,156 @@
+// The delta format's byte-stream coder (src/checkpoint/entropy.hpp): golden bytes of each mode, round trips
+// over the distributions XOR deltas produce (and ones that force the 11-bit length limit), and strict
+// rejection of malformed streams.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "checkpoint/entropy.hpp"
+#include "livetrain/error.hpp"
+
+namespace entropy = livetrain::checkpoint::entropy;
+
+namespace {
+
+std::string hex(const std::string& s) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out.push_back(d[c >> 4]);
+    out.push_back(d[c & 15]);
+  }
+  return out;
+}
+
+std::string encode(const std::vector<uint8_t>& in) {
+  std::string out;
+  entropy::encode(in.data(), in.size(), out);
+  return out;
+}
+
+std::vector<uint8_t> decode(const std::string& s, size_t n) {
+  std::vector<uint8_t> out(n, 0xEE);
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  entropy::decode(&p, p + s.size(), out.data(), n, "test: ");
+  EXPECT_EQ(p, reinterpret_cast<const uint8_t*>(s.data()) + s.size()) << "decode consumes the whole stream";
+  return out;
+}
+
+void expect_format_error(const std::string& s, size_t n, const char* why) {
+  std::vector<uint8_t> out(n);
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  try {
+    entropy::decode(&p, p + s.size(), out.data(), n, "test: ");
+    ADD_FAILURE() << "accepted: " << why;
+  } catch (const livetrain::Error& e) {
+    EXPECT_EQ(e.code(), livetrain::ErrorCode::kFormat) << why;
+  }
+}
+
+}  // namespace
+
+TEST(CheckpointEntropy, GoldenBytesOfEachMode) {
+  EXPECT_EQ(hex(encode({})), "00" "0000000000000000");
+  EXPECT_EQ(hex(encode({7, 7, 7})), "01" "0100000000000000" "07");
+  EXPECT_EQ(hex(encode({1, 2, 3})), "00" "0300000000000000" "010203");  // Huffman would not be smaller
+  // 200 × 'a', 100 × 'b', 100 × 'c': lengths a=1, b=2, c=2; canonical codes a=0, b=10, c=11, each
+  // written most significant bit first into bytes least significant bit first.
+  std::vector<uint8_t> in(200, 'a');
+  in.insert(in.end(), 100, 'b');
+  in.insert(in.end(), 100, 'c');
+  std::string s = encode(in);
+  ASSERT_EQ(s.size(), 9u + 128 + 75);  // 200·1 + 200·2 = 600 bits
+  EXPECT_EQ(hex(s.substr(0, 9)), "02" "cb00000000000000");
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'a' / 2]), 0x10);  // 'a' = 97 odd: high nibble 1; 96 unused
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'b' / 2]), 0x22);  // 'b' = 98 low nibble 2, 'c' = 99 high nibble 2
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 128]), 0x00);      // eight a's
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 128 + 25]), 0x55);  // b = "10" → bits 1,0 → byte 0b01010101
+  EXPECT_EQ(static_cast<uint8_t>(s.back()), 0xFF);        // c = "11"
+  EXPECT_EQ(decode(s, in.size()), in);
+}
+
+TEST(CheckpointEntropy, RoundTripsAndCompressesXorPlanes) {
+  std::mt19937_64 rng(3);
+  for (size_t n : {1ul, 2ul, 5ul, 255ul, 4096ul, 100000ul}) {
+    // The low byte of bf16 XORs after a small step (mostly 1, 3, 7, ...), a mostly-zero high byte,
+    // uniform bytes, and every symbol once.
+    std::vector<std::vector<uint8_t>> cases(4, std::vector<uint8_t>(n));
+    for (size_t i = 0; i < n; ++i) {
+      int run = std::countr_one(rng());
+      cases[0][i] = static_cast<uint8_t>((1u << std::min(run + 1, 8)) - 1);
+      cases[1][i] = rng() % 1000 == 0 ? static_cast<uint8_t>(rng()) : 0;
+      cases[2][i] = static_cast<uint8_t>(rng());
+      cases[3][i] = static_cast<uint8_t>(i);
+    }
+    for (size_t c = 0; c < cases.size(); ++c) {
+      std::string s = encode(cases[c]);
+      EXPECT_EQ(decode(s, n), cases[c]) << "n " << n << " case " << c;
+      EXPECT_LE(s.size(), n + 9) << "never more than raw";
+      if (n == 100000 && c == 0) {
+        EXPECT_LT(s.size(), n / 3) << "about 2 bits per low byte";
+      }
+      if (n == 100000 && c == 1) {
+        EXPECT_LT(s.size(), n / 7) << "about 1 bit per mostly-zero byte";
+      }
+    }
+  }
+}
+
+TEST(CheckpointEntropy, DeepTreesAreLimitedTo11Bits) {
+  // Fibonacci frequencies give an optimal code as deep as the alphabet; the coder must flatten it.
+  std::vector<uint8_t> in;
+  uint64_t a = 1, b = 1;
+  for (int s = 0; s < 24; ++s) {
+    in.insert(in.end(), a, static_cast<uint8_t>(s));
+    uint64_t c = a + b;
+    a = b;
+    b = c;
+  }
+  std::string s = encode(in);
+  ASSERT_EQ(s[0], 2) << "Huffman";
+  for (int k = 0; k < 128; ++k) {
+    EXPECT_LE(static_cast<uint8_t>(s[9 + k]) & 15, entropy::kMaxCodeBits);
+    EXPECT_LE(static_cast<uint8_t>(s[9 + k]) >> 4, entropy::kMaxCodeBits);
+  }
+  EXPECT_EQ(decode(s, in.size()), in);
+}
+
+TEST(CheckpointEntropy, MalformedStreamsAreRejected) {
+  std::vector<uint8_t> in(200, 'a');
+  in.insert(in.end(), 100, 'b');
+  in.insert(in.end(), 100, 'c');
+  const std::string good = encode(in);
+  expect_format_error(good.substr(0, 5), in.size(), "truncated header");
+  expect_format_error(good.substr(0, good.size() - 1), in.size(), "truncated stream");
+  expect_format_error(good, in.size() + 1, "ends early");
+  std::string s = good;
+  s[0] = 9;
+  expect_format_error(s, in.size(), "unknown mode");
+  s = good;
+  s[9 + 'a' / 2] = 0x20;  // 'a' length 2: lengths 2,2,2 are incomplete
+  expect_format_error(s, in.size(), "incomplete code");
+  s = good;
+  s[9 + 'a' / 2] = 0x10 | 0x01;  // 96 gets length 1 too: over-subscribed
+  expect_format_error(s, in.size(), "over-subscribed code");
+  s = good;
+  s[9 + 'a' / 2] = 0xC0;  // length 12
+  expect_format_error(s, in.size(), "length over the limit");
+  s = good;
+  s.back() = static_cast<char>(0xFF);
+  s += std::string(1, '\x00');
+  s[1] = static_cast<char>(s[1] + 1);  // one more byte, declared
+  expect_format_error(s, in.size(), "bytes after the last code");
+  expect_format_error(encode({1, 2, 3}), 4, "raw length mismatch");
+  expect_format_error(std::string("\x01\x01\0\0\0\0\0\0\0\x07", 10), 0, "constant stream of nothing");
+  // Set padding bits: 3 symbols of a 2-symbol code leave 5 bits in the last byte.
+  std::string pad = std::string("\x02") + std::string(8, '\0') + std::string(128, '\0') + "\x02";
+  pad[0] = 2;
+  pad[1] = static_cast<char>(129);
+  pad[9] = 0x11;  // symbols 0 and 1, length 1 each
+  EXPECT_EQ(decode(pad, 3), (std::vector<uint8_t>{0, 1, 0}));
+  pad.back() = static_cast<char>(0x02 | 0x80);
+  expect_format_error(pad, 3, "set padding bits");
+}

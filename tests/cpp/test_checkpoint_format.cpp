@@ -1,0 +1,299 @@
+// The checkpoint formats: XXH64 against published vectors, golden bytes of a delta record and file, the
+// codec's round trip (gaps and bitmap), and clear errors for corrupt or truncated deltas.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <algorithm>
+#include <random>
+
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
+#include "livetrain/error.hpp"
+
+namespace checkpoint = livetrain::checkpoint;
+using livetrain::DType;
+using livetrain::Error;
+
+namespace {
+
+std::string hex(const std::string& s) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out += d[c >> 4];
+    out += d[c & 15];
+  }
+  return out;
+}
+
+std::vector<uint8_t> apply_all(const std::string& file, std::vector<uint8_t> buf) {
+  checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
+                    [&](const checkpoint::DeltaRecord& r) { checkpoint::apply_record(r, buf.data(), "t.delta"); });
+  return buf;
+}
+
+std::string make_file(const std::string& records, uint32_t count) {
+  std::string f = checkpoint::delta_file_header(3, 2, count) + records;
+  uint64_t sum = checkpoint::xxh64(f.data(), f.size());
+  f.append(reinterpret_cast<const char*>(&sum), 8);
+  return f;
+}
+
+}  // namespace
+
+TEST(CheckpointHash, Xxh64MatchesPublishedVectors) {
+  EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64("", 0)), "ef46db3751d8e999");
+  EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64("a", 1)), "d24ec4f1a98c6e5b");
+  EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64("abc", 3)), "44bc2cf5ad770999");
+  std::string s = "Nobody inspects the spammish repetition";
+  EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64(s.data(), s.size())), "fbcea83c8a378bf1");
+}
+
+TEST(CheckpointHash, StreamingEqualsOneShotForEverySplit) {
+  std::mt19937_64 rng(9);
+  std::string data(300, '\0');
+  for (auto& c : data) c = static_cast<char>(rng());
+  for (size_t n : {0ul, 1ul, 31ul, 32ul, 33ul, 64ul, 100ul, 300ul}) {
+    const uint64_t want = checkpoint::xxh64(data.data(), n, 7);
+    for (size_t piece : {1ul, 5ul, 31ul, 32ul, 33ul, 300ul}) {
+      checkpoint::Xxh64Stream h(7);
+      for (size_t at = 0; at < n; at += piece) h.update(data.data() + at, std::min(piece, n - at));
+      EXPECT_EQ(h.digest(), want) << n << " in pieces of " << piece;
+    }
+  }
+}
+
+TEST(CheckpointHash, ContentHashIsXxh64OfBlockHashes) {
+  std::vector<uint8_t> data(3 * 4096 + 5);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i * 7);
+  std::vector<uint64_t> blocks;
+  for (size_t off = 0; off < data.size(); off += 4096) blocks.push_back(checkpoint::xxh64(data.data() + off, std::min<size_t>(4096, data.size() - off)));
+  EXPECT_EQ(checkpoint::content_hash(data.data(), data.size()), checkpoint::xxh64(blocks.data(), blocks.size() * 8));
+  EXPECT_EQ(checkpoint::content_hash(nullptr, 0), checkpoint::xxh64("", 0));
+}
+
+// Pins the record and file layout of docs/checkpoint.md byte by byte.
+TEST(CheckpointDelta, GoldenBytes) {
+  std::vector<uint16_t> old(10, 0x3f80), now = old;
+  now[1] = 0x3f81;
+  now[7] = 0xbf80;
+  std::string rec;
+  uint64_t changed = checkpoint::encode_record(rec, "w", DType::kBF16, 10, reinterpret_cast<const uint8_t*>(old.data()),
+                                         reinterpret_cast<const uint8_t*>(now.data()));
+  EXPECT_EQ(changed, 2u);
+  EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
+            "01000000" "77"              // name
+            "0e" "02" "00" "00"          // BF16, unit 2, gaps, reserved
+            "0a00000000000000"           // units
+            "0200000000000000"           // changed
+            "0200000000000000" "01" "05" // positions: 1, then 7-1-1
+            "0100" "0080");              // XOR values
+  uint64_t sum = checkpoint::xxh64(rec.data(), rec.size() - 8);
+  EXPECT_EQ(rec.substr(rec.size() - 8), std::string(reinterpret_cast<const char*>(&sum), 8));
+  std::string file = make_file(rec, 1);
+  EXPECT_EQ(hex(file.substr(0, 32)), "4c54434b444c5431" "02000000" "01000000" "0300000000000000" "0200000000000000");
+  EXPECT_EQ(file.size(), 32 + rec.size() + 8);
+  // The whole file, pinned: any change to the encoding changes this.
+  EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64(file.data(), file.size())), "399631584826e34d");
+}
+
+// Pins the blocks encoding: 128 bf16 elements all changed by XOR 0x0001 (the last mantissa bit).
+TEST(CheckpointDelta, GoldenBytesOfBlocks) {
+  std::vector<uint16_t> old(128, 0x3f80), now(128, 0x3f81);
+  std::string rec;
+  ASSERT_EQ(checkpoint::encode_record(rec, "w", DType::kBF16, 128, reinterpret_cast<const uint8_t*>(old.data()),
+                                reinterpret_cast<const uint8_t*>(now.data())), 128u);
+  EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
+            "01000000" "77"                // name
+            "0e" "02" "02" "00"            // BF16, unit 2, blocks, reserved
+            "8000000000000000"             // units
+            "8000000000000000"             // changed
+            "2e00000000000000"             // payload length 46
+            "0000100000000000"             // block size 2^20
+            "8000000000000000"             // block 0: 128 changed
+            "01" "0100000000000000" "ff"   // bitmap: 16 × 0xff
+            "01" "0100000000000000" "01"   // byte plane 0: all 0x01
+            "01" "0100000000000000" "00"); // byte plane 1: all 0x00
+  std::string file = make_file(rec, 1);
+  std::vector<uint8_t> buf(reinterpret_cast<const uint8_t*>(old.data()), reinterpret_cast<const uint8_t*>(old.data()) + 256);
+  std::vector<uint8_t> want(reinterpret_cast<const uint8_t*>(now.data()), reinterpret_cast<const uint8_t*>(now.data()) + 256);
+  EXPECT_EQ(apply_all(file, buf), want);
+}
+
+// Blocks over several kBlockUnits blocks (the last one short), with a small-step XOR distribution.
+TEST(CheckpointDelta, MultiBlockRoundTripIsSmall) {
+  const uint64_t units = 2 * checkpoint::kBlockUnits + 4099;
+  std::mt19937_64 rng(5);
+  std::vector<uint16_t> old(units), now;
+  for (auto& v : old) v = static_cast<uint16_t>(0x3c00 + rng() % 0x400);
+  now = old;
+  uint64_t want_changed = 0;
+  for (uint64_t i = 0; i < units; ++i) {
+    if (rng() % 5 == 0) {
+      now[i] = static_cast<uint16_t>(now[i] + ((rng() & 1) ? 1 : -1));  // ±1 ulp, as a step at lr 1e-5
+      want_changed += now[i] != old[i];
+    }
+  }
+  std::string rec;
+  const auto* o = reinterpret_cast<const uint8_t*>(old.data());
+  const auto* n = reinterpret_cast<const uint8_t*>(now.data());
+  ASSERT_EQ(checkpoint::encode_record(rec, "big", DType::kBF16, units, o, n), want_changed);
+  EXPECT_EQ(rec[9], 2) << "blocks";
+  EXPECT_LT(rec.size(), units * 2 / 10) << "under 10% of the tensor's bytes for ~20% changed elements";
+  std::string file = make_file(rec, 1);
+  std::vector<uint8_t> buf(o, o + units * 2);
+  EXPECT_EQ(apply_all(file, buf), std::vector<uint8_t>(n, n + units * 2));
+}
+
+TEST(CheckpointDelta, BitmapWhenDenseAndRoundTrip) {
+  std::mt19937_64 rng(1);
+  for (double frac : {0.0005, 0.01, 0.3, 1.0}) {
+    for (uint64_t units : {1ull, 7ull, 1000ull, 4099ull}) {
+      std::vector<uint8_t> old(units * 2), now;
+      for (auto& b : old) b = static_cast<uint8_t>(rng());
+      now = old;
+      std::uniform_real_distribution<double> u(0, 1);
+      for (uint64_t i = 0; i < units; ++i) if (u(rng) < frac) now[2 * i + (rng() & 1)] ^= 0x10;
+      std::string rec;
+      uint64_t c = checkpoint::encode_record(rec, "t", DType::kBF16, units, old.data(), now.data());
+      if (c == 0) {
+        EXPECT_TRUE(rec.empty());
+        continue;
+      }
+      std::string file = make_file(rec, 1);
+      EXPECT_EQ(apply_all(file, old), now) << frac << " " << units;
+      EXPECT_EQ(apply_all(file, now), old) << "XOR deltas are self-inverse";
+      // Position bytes never exceed the bitmap's size.
+      EXPECT_LE(rec.size(), 4 + 1 + 4 + 24 + (units + 7) / 8 + c * 2 + 8);
+      if (frac == 1.0 && units > 100) {
+        EXPECT_EQ(rec[7], 2) << "dense changes with few distinct XOR bytes use coded blocks";
+      }
+    }
+  }
+}
+
+TEST(CheckpointDelta, OtherElementSizes) {
+  for (DType dt : {DType::kU8, DType::kF32, DType::kF64, DType::kF4}) {
+    uint32_t unit = checkpoint::unit_bytes(dt);
+    std::vector<uint8_t> old(33 * unit, 1), now = old;
+    now[5 * unit + unit - 1] = 9;
+    now[32 * unit] = 3;
+    std::string rec;
+    EXPECT_EQ(checkpoint::encode_record(rec, "t", dt, 33, old.data(), now.data()), 2u);
+    EXPECT_EQ(apply_all(make_file(rec, 1), old), now);
+  }
+}
+
+TEST(CheckpointDelta, CorruptAndTruncatedAreClearErrors) {
+  std::vector<uint16_t> old(100, 1), now = old;
+  now[50] = 2;
+  std::string rec;
+  checkpoint::encode_record(rec, "w", DType::kBF16, 100, reinterpret_cast<const uint8_t*>(old.data()),
+                      reinterpret_cast<const uint8_t*>(now.data()));
+  std::string file = make_file(rec, 1);
+  auto parse = [](const std::string& f) {
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "g.delta", [](const checkpoint::DeltaRecord&) {});
+  };
+  auto expect_error = [&](const std::string& f, const std::string& needle) {
+    try {
+      parse(f);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("g.delta"), std::string::npos) << e.what();
+    }
+  };
+  for (size_t cut : {0ul, 10ul, 39ul, file.size() - 1}) expect_error(file.substr(0, cut), cut < 40 ? "truncated" : "checksum");
+  std::string flipped = file;
+  flipped[40] ^= 1;
+  expect_error(flipped, "checksum");
+  std::string magic = file;
+  magic[0] = 'X';
+  expect_error(magic, "bad magic");
+  // A record whose own checksum is wrong but the file checksum recomputed: the record is named.
+  std::string bad_rec = rec;
+  bad_rec[bad_rec.size() - 9] ^= 1;
+  expect_error(make_file(bad_rec, 1), "record 0 (w): record checksum mismatch");
+  // More records announced than present.
+  expect_error(make_file(rec, 2), "record 1: truncated");
+}
+
+// Pins the journal layout of docs/checkpoint.md and the parser's checks (the parser materialize and
+// recovery use, and fuzz_checkpoint_journal fuzzes).
+TEST(CheckpointJournal, GoldenBytesAndRoundTrip) {
+  const uint8_t a[3] = {0xAA, 0xBB, 0xCC};
+  std::string j = checkpoint::journal_header(4, 5);
+  checkpoint::journal_append(j, 1, 0x10, a, 3);
+  checkpoint::journal_finish(j);
+  EXPECT_EQ(hex(j.substr(0, 32 + 24 + 3)),
+            "4c54434b4a524e31" "01000000" "01000000"  // magic, version, 1 entry
+            "0400000000000000" "0500000000000000"     // from, to
+            "01000000" "00000000" "1000000000000000" "0300000000000000" "aabbcc");
+  EXPECT_EQ(j.size(), 32u + 24 + 3 + 8 + 8);
+  checkpoint::Journal p = checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 100});
+  EXPECT_EQ(p.from, 4u);
+  EXPECT_EQ(p.to, 5u);
+  ASSERT_EQ(p.entries.size(), 1u);
+  EXPECT_EQ(p.entries[0].file, 1u);
+  EXPECT_EQ(p.entries[0].offset, 0x10u);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(p.entries[0].bytes), 3), "\xAA\xBB\xCC");
+}
+
+TEST(CheckpointJournal, BadInputIsAClearError) {
+  const uint8_t a[4] = {1, 2, 3, 4};
+  auto make = [&](uint32_t file, uint64_t offset) {
+    std::string j = checkpoint::journal_header(0, 1);
+    checkpoint::journal_append(j, file, offset, a, 4);
+    checkpoint::journal_finish(j);
+    return j;
+  };
+  auto expect_error = [](const std::string& j, const std::string& needle) {
+    try {
+      checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {8});
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("m.journal"), std::string::npos) << e.what();
+    }
+  };
+  auto refix = [](std::string j) {  // recompute the trailer so the field check is what fails
+    uint64_t sum = checkpoint::xxh64(j.data(), j.size() - 8);
+    std::memcpy(j.data() + j.size() - 8, &sum, 8);
+    return j;
+  };
+  expect_error(make(0, 4).substr(0, 30), "truncated");
+  expect_error(make(0, 5), "range past the end of file 0");
+  expect_error(make(1, 0), "file index 1 out of range");
+  std::string flipped = make(0, 0);
+  flipped[60] ^= 1;
+  expect_error(flipped, "journal checksum mismatch");
+  expect_error(refix(flipped), "entry 0: checksum mismatch");
+  std::string reserved = make(0, 0);
+  reserved[36] = 1;
+  expect_error(refix(reserved), "entry 0: reserved field is not 0");
+  std::string more = make(0, 0);
+  more[12] = 2;
+  expect_error(refix(more), "entry 1 truncated");
+}
+
+// Regression test: a record whose units × unit wraps around 2^64 could match a small tensor's byte size
+// and then be decoded far past the buffer; the parser now refuses it.
+TEST(CheckpointDelta, UnitsOverflowIsRefused) {
+  std::vector<uint16_t> old(4, 1), now = old;
+  now[1] = 2;
+  std::string rec;
+  checkpoint::encode_record(rec, "w", DType::kBF16, 4, reinterpret_cast<const uint8_t*>(old.data()),
+                      reinterpret_cast<const uint8_t*>(now.data()));
+  uint64_t units = (1ull << 63) + 4;  // × 2 wraps to 8, the real tensor's byte size
+  std::memcpy(rec.data() + 4 + 1 + 4, &units, 8);
+  uint64_t sum = checkpoint::xxh64(rec.data(), rec.size() - 8);
+  std::memcpy(rec.data() + rec.size() - 8, &sum, 8);
+  std::string file = make_file(rec, 1);
+  try {
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "g.delta", [](const checkpoint::DeltaRecord&) {});
+    ADD_FAILURE() << "accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("units overflow"), std::string::npos) << e.what();
+  }
+}

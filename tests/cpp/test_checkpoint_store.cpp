@@ -1,0 +1,282 @@
+// The checkpoint store: generations of sparse and dense bf16 changes restored bit-exactly, rollback after
+// materializing a newer state, restore into a new directory, gc, symlink refusal, EFBIG mid-save, and
+// clear errors (no partial write) for a wrong model, a missing or changed base and corrupt deltas.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "checkpoint_helpers.hpp"
+#include "helpers.hpp"
+#include "livetrain/error.hpp"
+
+namespace checkpoint = livetrain::checkpoint;
+namespace st = livetrain::safetensors;
+using livetrain::DType;
+using livetrain::Error;
+using livetrain::ErrorCode;
+using livetrain::testing::LiveModel;
+using livetrain::testing::TempDir;
+
+namespace {
+
+// Tests fork; the thread pool must not exist in the parent when they do.
+const int kOneThread = setenv("LIVETRAIN_NUM_THREADS", "1", 1);
+
+// The model directory's tensors, by name, as the safetensors reader sees them.
+std::vector<std::vector<uint8_t>> read_dir(const std::string& dir, const LiveModel& like) {
+  st::Model m = st::Model::open(dir);
+  std::vector<std::vector<uint8_t>> out;
+  for (const auto& name : like.names) {
+    const auto& e = m.tensor(name);
+    const uint8_t* p = e.file->data(*e.info);
+    out.emplace_back(p, p + e.info->nbytes());
+  }
+  return out;
+}
+
+// The store's tensor order is sorted by name; LiveModel's order is what make_live gives. Compare by name.
+void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want) {
+  auto bufs = s.state(g);
+  for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
+    const auto& name = s.commit().tensors[i].name;
+    size_t k = std::find(want.names.begin(), want.names.end(), name) - want.names.begin();
+    ASSERT_EQ(bufs[i], want.data[k]) << "generation " << g << " tensor " << name;
+  }
+}
+
+std::string expect_error(const std::function<void()>& fn, ErrorCode code) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "no error";
+  return "";
+}
+
+struct Fixture {
+  TempDir tmp;
+  std::string model = tmp.file("model");
+  LiveModel live = livetrain::testing::make_live(1, 8);
+  std::vector<LiveModel> states;  // states[g]
+  Fixture() {
+    livetrain::testing::write_model_dir(model, live);
+    states.push_back(live);
+  }
+};
+
+}  // namespace
+
+TEST(CheckpointStore, GenerationsRoundTripBitExactly) {
+  (void)kOneThread;
+  Fixture f;
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  EXPECT_GE(s.commit().files.size(), 2u) << "the test model is sharded";
+  const double fractions[] = {0.001, 0.2, 0.0, 0.01, 1.0, 0.0005};
+  for (int g = 1; g <= 6; ++g) {
+    livetrain::testing::perturb(f.live, 100 + g, fractions[g - 1]);
+    checkpoint::SaveOptions o;
+    o.weight_version = 10 * g;
+    o.save_if_unchanged = true;
+    checkpoint::SaveResult r = s.save(f.live.views(), o);
+    EXPECT_TRUE(r.written);
+    EXPECT_EQ(r.generation, static_cast<uint64_t>(g));
+    f.states.push_back(f.live);
+    std::printf("[ measured ] %.2f%% of elements changed: %llu delta bytes for a %llu-byte model\n", fractions[g - 1] * 100,
+                static_cast<unsigned long long>(r.bytes), static_cast<unsigned long long>(r.model_bytes));
+    if (g == 1 || g == 6) {
+      EXPECT_LT(r.bytes * 20, r.model_bytes) << "a sparse change writes a small delta";
+    }
+  }
+  // Unchanged weights write nothing unless asked.
+  EXPECT_FALSE(s.save(f.live.views()).written);
+  EXPECT_EQ(s.commit().generations[3].changed, 0u);
+  EXPECT_EQ(s.commit().generations[2].weight_version, 20u);
+  for (uint64_t g = 0; g <= 6; ++g) expect_state(s, g, f.states[g]);
+  // Restore into live memory, backwards and forwards.
+  for (uint64_t g : {2u, 0u, 5u, 6u}) {
+    LiveModel scratch = livetrain::testing::make_live(99, 8);
+    s.restore_live(g, scratch.views());
+    EXPECT_EQ(scratch.data, f.states[g].data) << g;
+    EXPECT_EQ(s.compare_live(g, scratch.views()).tensors, 0u);
+    if (g != 6) {
+      EXPECT_GT(s.compare_live(6, scratch.views()).elements, 0u);
+    }
+  }
+  EXPECT_TRUE(s.verify().empty());
+  // Reopened, the head is the last save.
+  s.close();
+  s = checkpoint::Store::open(f.model);
+  EXPECT_EQ(s.commit().head, 6u);
+  EXPECT_EQ(s.compare_live(6, f.live.views()).tensors, 0u);
+  expect_state(s, 3, f.states[3]);
+}
+
+TEST(CheckpointStore, MaterializeRollbackRestoreDirAndGc) {
+  Fixture f;
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  for (int g = 1; g <= 5; ++g) {
+    livetrain::testing::perturb(f.live, g, g % 2 ? 0.01 : 0.3);
+    s.save(f.live.views());
+    f.states.push_back(f.live);
+  }
+  s.materialize(5);
+  EXPECT_EQ(read_dir(f.model, f.live), f.states[5].data);
+  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/materialize.journal"));
+  s.close();
+  s = checkpoint::Store::open(f.model);  // the new hashes are committed
+  EXPECT_EQ(s.commit().materialized, 5u);
+  // Rollback from the materialized newer state to an older generation.
+  s.materialize(2);
+  EXPECT_EQ(read_dir(f.model, f.live), f.states[2].data);
+  s.close();
+  s = checkpoint::Store::open(f.model);
+  for (uint64_t g = 0; g <= 5; ++g) expect_state(s, g, f.states[g]);
+  // Restore into a new directory: same files, loadable, equal to the generation.
+  s.restore_to_dir(3, f.tmp.file("out"));
+  EXPECT_TRUE(std::filesystem::exists(f.tmp.file("out/model.safetensors.index.json")));
+  EXPECT_EQ(read_dir(f.tmp.file("out"), f.live), f.states[3].data);
+  // gc: generations before 4 are forgotten; the model files move to 4 first (they held 2).
+  s.gc(4);
+  EXPECT_EQ(s.commit().oldest, 4u);
+  EXPECT_EQ(s.commit().materialized, 4u);
+  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(4)));
+  EXPECT_FALSE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(1)));
+  EXPECT_TRUE(std::filesystem::exists(s.dir() + "/" + checkpoint::delta_file_name(5)));
+  expect_error([&] { s.state(3); }, ErrorCode::kNotFound);
+  s.close();
+  s = checkpoint::Store::open(f.model);
+  expect_state(s, 4, f.states[4]);
+  expect_state(s, 5, f.states[5]);
+  EXPECT_TRUE(s.verify().empty());
+}
+
+TEST(CheckpointStore, WrongModelAndBadLiveInputChangeNothing) {
+  Fixture f;
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  std::string commit_before = livetrain::fs::read_file(s.dir() + "/COMMIT");
+  LiveModel other = livetrain::testing::make_live(1, 3);  // same names, other shapes
+  std::string msg = expect_error([&] { s.save(other.views()); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find("model.embed_tokens.weight"), std::string::npos) << msg;
+  auto views = f.live.views();
+  views.pop_back();
+  msg = expect_error([&] { s.save(views); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find("no tensor"), std::string::npos) << msg;
+  views = f.live.views();
+  views.push_back(views[0]);
+  views.back().name = "extra";
+  msg = expect_error([&] { s.save(views); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find("extra"), std::string::npos) << msg;
+  EXPECT_EQ(livetrain::fs::read_file(s.dir() + "/COMMIT"), commit_before);
+  expect_error([&] { s.state(7); }, ErrorCode::kNotFound);
+  expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kBusy);
+  expect_error([&] { checkpoint::Store::create(f.model); }, ErrorCode::kInvalidArg);
+  expect_error([&] { checkpoint::Store::open(f.tmp.file("nothing")); }, ErrorCode::kNotFound);
+}
+
+TEST(CheckpointStore, MissingOrChangedBaseAndCorruptDeltas) {
+  Fixture f;
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model);
+    livetrain::testing::perturb(f.live, 3, 0.05);
+    s.save(f.live.views());
+  }
+  std::string dir = checkpoint::default_store_dir(f.model);
+  std::string shard = f.model + "/" + checkpoint::commit_read(dir).files[0].name;
+  std::string delta = dir + "/" + checkpoint::delta_file_name(1);
+  std::string orig = livetrain::testing::read_bytes(shard);
+  // Hash mismatch: one byte of a model file changed behind the store's back.
+  std::string changed = orig;
+  changed[changed.size() - 1] ^= 1;
+  livetrain::testing::write_bytes(shard, changed);
+  std::string msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
+  EXPECT_NE(msg.find(shard), std::string::npos);
+  EXPECT_NE(msg.find("does not match"), std::string::npos) << msg;
+  // Missing base file.
+  std::filesystem::remove(shard);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kNotFound);
+  EXPECT_NE(msg.find(shard), std::string::npos) << msg;
+  livetrain::testing::write_bytes(shard, orig);
+  // Corrupt and truncated delta: named, and nothing written.
+  std::string d = livetrain::testing::read_bytes(delta);
+  std::string bad = d;
+  bad[60] ^= 0x40;
+  livetrain::testing::write_bytes(delta, bad);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
+  EXPECT_NE(msg.find(delta), std::string::npos) << msg;
+  livetrain::testing::write_bytes(delta, d.substr(0, d.size() / 2));
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kFormat);
+  EXPECT_NE(msg.find(delta), std::string::npos) << msg;
+  std::filesystem::remove(delta);
+  msg = expect_error([&] { checkpoint::Store::open(f.model); }, ErrorCode::kNotFound);
+  EXPECT_NE(msg.find(delta), std::string::npos) << msg;
+  livetrain::testing::write_bytes(delta, d);
+  EXPECT_EQ(livetrain::testing::read_bytes(shard), orig) << "no partial write";
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
+}
+
+TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
+  Fixture f;
+  // A Hugging Face-style snapshot: the model file is a link to a blob.
+  std::string blobs = f.tmp.file("blobs");
+  std::filesystem::create_directory(blobs);
+  std::string name;
+  for (const auto& e : std::filesystem::directory_iterator(f.model)) {
+    if (e.path().filename().string().rfind("model-00001-of-", 0) == 0) name = e.path().filename().string();
+  }
+  std::filesystem::rename(f.model + "/" + name, blobs + "/abc123");
+  std::filesystem::create_symlink(blobs + "/abc123", f.model + "/" + name);
+  std::string blob = livetrain::testing::read_bytes(blobs + "/abc123");
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  livetrain::testing::perturb(f.live, 5, 1.0);
+  s.save(f.live.views());
+  std::string msg = expect_error([&] { s.materialize(1); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find(name), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--copy-symlinks"), std::string::npos) << msg;
+  EXPECT_EQ(livetrain::testing::read_bytes(blobs + "/abc123"), blob);
+  s.materialize(1, /*copy_symlinks=*/true);
+  EXPECT_FALSE(std::filesystem::is_symlink(f.model + "/" + name));
+  EXPECT_EQ(livetrain::testing::read_bytes(blobs + "/abc123"), blob) << "the blob is untouched";
+  EXPECT_EQ(read_dir(f.model, f.live), f.live.data);
+}
+
+// A full disk mid-save (RLIMIT_FSIZE → EFBIG, as in test04): a clear error, the previous generation intact.
+TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
+  Fixture f;
+  { checkpoint::Store s = checkpoint::Store::create(f.model); }
+  LiveModel next = f.live;
+  livetrain::testing::perturb(next, 9, 1.0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    signal(SIGXFSZ, SIG_IGN);
+    checkpoint::Store s = checkpoint::Store::open(f.model);
+    rlimit lim{4096, 4096};
+    setrlimit(RLIMIT_FSIZE, &lim);
+    try {
+      s.save(next.views());
+    } catch (const Error& e) {
+      std::string m = e.what();
+      _exit(m.find("File too large") != std::string::npos && m.find("gen-") != std::string::npos ? 0 : 2);
+    }
+    _exit(1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  EXPECT_EQ(s.commit().head, 0u);
+  EXPECT_EQ(s.compare_live(0, f.live.views()).tensors, 0u);
+  for (const auto& e : std::filesystem::directory_iterator(s.dir())) {
+    std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "COMMIT" || n == "LOCK") << "left behind: " << n;
+  }
+}
