@@ -6,11 +6,11 @@ The model is Qwen3-8B-shaped (hidden 4096, 36 layers, 32 heads, 8 KV heads, head
 12288, vocab 151936, untied) with random bf16 weights. Each variant runs in its own process, so that no
 peak mixes with another:
 
-  engine   livetrain's reference engine (livetrain.engine.Engine, exported with export_cuda: CUDA IPC,
+  engine   livetrain's reference engine (livetrain.engines.reference.Engine, exported with export_cuda: CUDA IPC,
            or export_cpu), serving /v1/completions over HTTP (build_app + uvicorn) when fastapi and
            uvicorn are importable. Its weights are created at random on the device: the only thing
            replaced is the engine's from_pretrained (by from_config), so no 16 GB file is written or read.
-  trainer  livetrain.trainer.Trainer as `livetrain serve` runs it: attach through the manifest,
+  trainer  livetrain.trainer.service.Trainer as `livetrain serve` runs it: attach through the manifest,
            build_hf_model on the views, gradient checkpointing, APOLLO-Mini stepped from backward hooks.
            It steps one example of --tokens tokens (a prompt/completion pair tokenized by the trainer's
            own parse_job) directly, then serves its job socket; the concurrent job is a real POST /train.
@@ -38,17 +38,17 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from livetrain.trainer import process  # noqa: E402
+from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
 
 SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -208,7 +208,7 @@ def role_engine(a) -> None:
     import torch
     import transformers
 
-    from livetrain import engine as eng
+    from livetrain.engines import reference as eng
 
     # The one replacement: random weights made on the device instead of reading a 16 GB model from disk.
     transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(path, a.device,
@@ -251,8 +251,9 @@ def role_engine(a) -> None:
 def role_trainer(a) -> None:
     import torch
 
-    from livetrain import jobsock
-    from livetrain.trainer import Trainer, parse_job
+    from livetrain.trainer import protocol
+    from livetrain.trainer.examples import parse_job
+    from livetrain.trainer.service import Trainer
 
     t = time.perf_counter()
     trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False, embeddings=a.embeddings,
@@ -307,7 +308,7 @@ def role_trainer(a) -> None:
         return out
 
     trainer.step = recorded
-    server = jobsock.Server(a.socket, trainer.handle)
+    server = protocol.Server(a.socket, trainer.handle)
     server.start()
     runner = threading.Thread(target=trainer.run, name="trainer", daemon=True)
     runner.start()
@@ -326,7 +327,7 @@ def role_trainer(a) -> None:
         return {"stopped": not runner.is_alive(), "steps": len(spans), "weight_version": trainer.weight_version}
 
     try:
-        command_loop({"submit": lambda job: trainer.submit(job),
+        command_loop({"submit": lambda job: trainer.submit(job)._asdict(),
                       "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
                       "window": window, "stop": stop})
     finally:
@@ -339,7 +340,7 @@ def role_adamw(a) -> None:
     import torch
     import transformers
 
-    from livetrain.trainer import encode_example
+    from livetrain.trainer.examples import encode_example
 
     device = torch.device(a.device)
     tok = transformers.AutoTokenizer.from_pretrained(a.model)
@@ -439,36 +440,6 @@ class Child:
         return self.proc.returncode
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http(url + "/v1/models", timeout=5)[0] == 200:
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the engine's HTTP server did not come up at {url}")
-        time.sleep(0.2)
-
-
 def wait_released(device: str, baseline: int | None, timeout: float = 20) -> int | None:
     """memory.used once the processes that exited have given their memory back (or after `timeout`)."""
     used = device_used(device)
@@ -511,7 +482,7 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                                                           "--port", str(port)], engine_env)
         e = engine.expect(a.timeout)
         if port:
-            wait_http(url, engine.proc, 120)
+            wait_ready(url, engine.proc, 120, path="/v1/models")
         after = device_used(a.device)
         res["weights_bytes"], res["params"], res["device_name"] = e["weights_bytes"], e["params"], e["device_name"]
         res["engine"] = {"seconds": e["seconds"], "reserved": e["reserved"],
@@ -522,10 +493,9 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                if e["reserved"] is not None else ""))
 
         log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
-        from livetrain.serve import process_env
-
         trainer = Child("trainer", child_args(a, model) + ["--manifest", manifest, "--socket", sock,
-                                                           "--state-dir", os.path.join(d, "state")], process_env(env))
+                                                           "--state-dir", os.path.join(d, "state")],
+                        process.environment(env))
         t = trainer.expect(a.timeout)
         during = device_used(a.device)
         mem = t["memory"]
@@ -591,7 +561,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
 
         def one(i: int) -> int:
             body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
-            code, body = http(url + "/v1/completions", body)
+            code, body = http(url + "/v1/completions", body, timeout=600)
             if code != 200:
                 raise RuntimeError(f"/v1/completions answered {code}: {body}")
             return body["usage"]["completion_tokens"]
@@ -603,7 +573,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
 
     job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr}
     if client == "http":
-        code, body = http(url + "/train", job)
+        code, body = http(url + "/train", job, timeout=600)
     else:
         r = trainer.ask(60, "submit", job=job)
         code, body = r["code"], r["body"]

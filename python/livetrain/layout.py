@@ -18,7 +18,14 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["build", "views", "plan", "merge"]
+__all__ = ["build", "views", "plan", "merge", "engine_layout"]
+
+
+def engine_layout(engine: str) -> str:
+    """The layout kind of a sharing manifest's engine: ``vllm`` for vLLM, whose tensors are merged, padded
+    and sharded; ``hf`` for every engine livetrain runs itself (``reference``, ...), which shares its
+    tensors under their Hugging Face names and shapes."""
+    return "vllm" if engine == "vllm" else "hf"
 
 
 def _config_json(config) -> str:
@@ -58,9 +65,9 @@ def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str,
             continue
         t = engine_tensors[v["engine_name"]]
         if not t.is_contiguous():
-            raise _core.Error(f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major")
+            raise _core.InvalidArgumentError(f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major")
         if t.dtype != torch_dtype(v["dtype"]):
-            raise _core.Error(f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}")
+            raise _core.InvalidArgumentError(f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}")
         out[v["hf_name"]] = torch.as_strided(t, v["shape"], v["strides"], t.storage_offset() + v["offset"])
     return out
 

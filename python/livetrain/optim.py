@@ -320,7 +320,7 @@ class Apollo(torch.optim.Optimizer):
         """Restore what save_state wrote (same parameters, same names or order)."""
         meta = lst.read_metadata(path) or {}
         if meta.get("livetrain.optimizer") != "apollo/1":
-            raise _core.Error(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
+            raise _core.FormatError(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
         params = json.loads(meta["params"])
         tensors = lst.load_file(path)
         for group in self.param_groups:
@@ -330,15 +330,15 @@ class Apollo(torch.optim.Optimizer):
                     continue
                 info = params[key]
                 if list(p.shape) != info["shape"]:
-                    raise _core.Error(f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}")
+                    raise _core.FormatError(f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}")
                 state = self._state(p, group)
                 if state["algo"] != info["algo"]:
-                    raise _core.Error(f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}")
+                    raise _core.InvalidArgumentError(f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}")
                 for field in ("m", "v", "step", "prev_norm"):
                     if field in state:
                         src = tensors[f"{key}.{field}"]
                         if src.shape != state[field].shape:
-                            raise _core.Error(f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}")
+                            raise _core.FormatError(f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}")
                         state[field].copy_(src)
                 state["seed"] = info["seed"]
                 self._calls.pop(id(p), None)

@@ -38,13 +38,16 @@ for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F8_E4M3FNUZ", "float8_e4m3
         _TO_TORCH[_name] = getattr(torch, _attr)
 _FROM_TORCH: dict[torch.dtype, str] = {v: k for k, v in _TO_TORCH.items()}
 
+# The weight dtypes livetrain serves a model in, by the names its commands take (``--dtype``).
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name."""
     try:
         return _TO_TORCH[name]
     except KeyError:
-        raise _core.Error(f"safetensors dtype {name!r} has no torch equivalent") from None
+        raise _core.UnsupportedError(f"safetensors dtype {name!r} has no torch equivalent") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -52,7 +55,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _FROM_TORCH[dtype]
     except KeyError:
-        raise _core.Error(f"torch dtype {dtype} has no safetensors name") from None
+        raise _core.UnsupportedError(f"torch dtype {dtype} has no safetensors name") from None
 
 
 def _as_tensor(buf, dtype: str, shape, copy: bool) -> torch.Tensor:

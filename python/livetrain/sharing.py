@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from livetrain import _core
+from livetrain import _core, layout
 from livetrain.safetensors import dtype_name, torch_dtype
 
 __all__ = ["Attached", "Exported", "attach", "export_cpu", "export_cuda", "build_hf_model", "layout_views"]
@@ -103,17 +103,17 @@ def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Path
     segment's views under the same names: the engine must serve from those (e.g. ``param.data = view``),
     so that a trainer's in-place updates reach it. Entries that are the same tensor share one place."""
     placed: dict[tuple, int] = {}
-    layout: list[tuple[str, torch.Tensor, int]] = []
+    offsets: list[tuple[str, torch.Tensor, int]] = []
     size = 0
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device) if t.numel() else None
         if key is not None and key in placed:
-            layout.append((name, t, placed[key]))
+            offsets.append((name, t, placed[key]))
             continue
         size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        layout.append((name, t, size))
+        offsets.append((name, t, size))
         if key is not None:
             placed[key] = size
         size += t.numel() * t.element_size()
@@ -122,7 +122,7 @@ def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Path
     raw = exp.shm_tensor(buf)  # uint8, the whole segment
     views: dict[str, torch.Tensor] = {}
     copied: set[int] = set()
-    for name, t, offset in layout:
+    for name, t, offset in offsets:
         n = t.numel() * t.element_size()
         view = raw[offset:offset + n].view(t.dtype).view(t.shape)
         if offset not in copied:
@@ -143,12 +143,12 @@ def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Pat
     exp = _core.Export()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-            raise _core.Error(f"tensor {name!r}: export_cuda needs CUDA tensors (got "
+            raise _core.InvalidArgumentError(f"tensor {name!r}: export_cuda needs CUDA tensors (got "
                               f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})")
         if t.numel() == 0:
             continue  # no allocation to point into
         if any(s < 0 for s in t.stride()):
-            raise _core.Error(f"tensor {name!r}: negative strides cannot be shared")
+            raise _core.UnsupportedError(f"tensor {name!r}: negative strides cannot be shared")
         exp.add_cuda_tensor(name, dtype_name(t.dtype), list(t.shape), list(t.stride()), t.data_ptr())
     exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
     return Exported(exp, dict(tensors), os.fspath(manifest_path))
@@ -187,21 +187,19 @@ def layout_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     """HF name -> zero-copy view for an engine that lays its weights out its own way (vLLM's merged
     qkv_proj and gate_up_proj, padded vocabularies, ...), from the manifest's config and engine kind
     (livetrain.layout). A tensor-parallel rank holds shards, from which no full HF model can be built."""
-    from livetrain import layout
-
     model = attached.manifest["model"]
     if model["tp_size"] != 1:
-        raise _core.Error(f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
+        raise _core.UnsupportedError(f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
                           f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1")
-    lay = layout.build(model["config"], attached.tensors, engine=model["engine"])
+    lay = layout.build(model["config"], attached.tensors, engine=layout.engine_layout(model["engine"]))
     return layout.views(lay, attached.tensors)
 
 
 def _default_views(attached: Attached) -> Mapping[str, torch.Tensor]:
-    # vLLM merges and pads; every engine livetrain runs itself shares tensors under their HF names.
-    if attached.manifest["model"]["engine"] == "vllm":
-        return layout_views(attached)
-    return _identity_views(attached)
+    # An "hf" layout maps every tensor to itself: no views to compute (and any model family works).
+    if layout.engine_layout(attached.manifest["model"]["engine"]) == "hf":
+        return _identity_views(attached)
+    return layout_views(attached)
 
 
 def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True,
@@ -217,13 +215,13 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
 
     views = dict((hf_views or _default_views)(attached))
     if not views:
-        raise _core.Error(f"{attached.path}: the engine shares no tensors")
+        raise _core.FormatError(f"{attached.path}: the engine shares no tensors")
     first = next(iter(views.values()))
     device, dtype = first.device, first.dtype
     cfg = dict(attached.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
-        raise _core.Error(f"{attached.path}: model.config has no model_type")
+        raise _core.FormatError(f"{attached.path}: model.config has no model_type")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
     with _parameters_on_meta(), torch.device(device):
         if model_class is None:
@@ -237,10 +235,10 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
         if new is None:
             view = views.get(name)
             if view is None:
-                raise _core.Error(f"{attached.path}: the engine has no tensor for parameter {name!r} "
+                raise _core.NotFoundError(f"{attached.path}: the engine has no tensor for parameter {name!r} "
                                   f"(shape {tuple(param.shape)}, {param.dtype})")
             if tuple(view.shape) != tuple(param.shape) or view.dtype != param.dtype:
-                raise _core.Error(f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
+                raise _core.InvalidArgumentError(f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
                                   f"model expects {tuple(param.shape)} {param.dtype}")
             new = torch.nn.Parameter(view, requires_grad=requires_grad)
             replaced[id(param)] = new
@@ -248,5 +246,5 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
         model.get_submodule(owner)._parameters[leaf] = new
     for name, buf in model.named_buffers():
         if buf.device.type == "meta":
-            raise _core.Error(f"buffer {name!r} was not computed (still on the meta device)")
+            raise _core.UnsupportedError(f"buffer {name!r} was not computed (still on the meta device)")
     return model

@@ -1,7 +1,7 @@
 """Every vLLM name livetrain relies on, in one place: the functions below are the plugin's only contact
 with vLLM objects, and each declares (``_uses``) the vLLM definitions it needs. ``RELIED_ON`` is what
 ``livetrain.vllm.contract`` checks against the source of each supported vLLM version (tests/python/
-test16_vllm_contract.py), so a vLLM release that renames or drops one of them fails loudly.
+test_vllm_contract.py), so a vLLM release that renames or drops one of them fails loudly.
 
 Nothing here imports vLLM at module load; the one function that must (the tensor-parallel rank) imports
 it when called.

@@ -107,14 +107,13 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
     from livetrain import checkpoint, layout
 
     sdir = store_dir(model_dir, env)
-    if not os.path.exists(os.path.join(sdir, checkpoint.COMMIT_FILE)):
-        if tp_size != 1:  # no trainer runs at TP > 1, so nothing will checkpoint
-            return {"store": sdir, "generation": None, "restored": False}
-        # Generation 0 = the model files, so that the trainer's /checkpoint has a store to write to.
-        checkpoint.open_store(model_dir, sdir, create=True).close()
-        logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
-        return {"store": sdir, "generation": 0, "restored": False}
-    with checkpoint.CheckpointStore(model_dir, sdir) as store:
+    if tp_size != 1 and not checkpoint.store_exists(model_dir, sdir):
+        # No trainer runs at TP > 1, so nothing would checkpoint into a new store.
+        return {"store": sdir, "generation": None, "restored": False}
+    # Created when missing (generation 0 = the model files), so that the trainer's /checkpoint has a store.
+    with checkpoint.open_store(model_dir, sdir, create=True) as store:
+        if store.created:
+            logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
         head, files = store.head, store.materialized
         if head <= files:
             return {"store": sdir, "generation": head, "restored": False}
@@ -129,7 +128,7 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
         # A tied lm_head is the embedding itself, and a model file does not store it twice.
         tied = {v["hf_name"] for v in lay["views"] if v["tied_to"] is not None}
         # the core writes the tensors' memory itself: no torch operation, nothing for autograd to see
-        store.restore(head, {n: t for n, t in views.items() if n not in tied})
+        checkpoint.restore_head(store, {n: t for n, t in views.items() if n not in tied})
     logger.info("livetrain: restored checkpoint generation %d (the model files hold %d) from %s", head, files, sdir)
     return {"store": sdir, "generation": head, "restored": True}
 

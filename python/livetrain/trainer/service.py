@@ -1,149 +1,40 @@
-"""livetrain's trainer process: attaches to an engine's weights through its manifest, builds the Hugging
-Face model on them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter
-from backward hooks, so the served weights change in place. Jobs arrive on a Unix socket (jobsock), and
-so do checkpoint and rollback requests, which the training thread runs between two steps, writing to
-the model's checkpoint store (livetrain.checkpoint).
-
-usage: python -m livetrain.trainer --manifest FILE --model DIR --socket PATH --state-dir DIR [...]
-(normally started by ``python -m livetrain.serve``; docs/serve.md)
+"""The trainer: attaches to an engine's weights through its manifest, builds the Hugging Face model on
+them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter from backward hooks,
+so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
+trainer.protocol); checkpoint and rollback requests run on the training thread between two steps, writing
+to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.trainer`` runs it as a process.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import json
 import math
 import os
 import queue
-import signal
-import sys
 import threading
 import time
 import uuid
 
 import torch
 
-from livetrain import jobsock
+from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
+from livetrain.trainer.examples import parse_job
+from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
-ROLES = ("system", "user", "assistant")
-JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
 ROLLBACK_FIELDS = {"generation"}
 
 
-class Invalid(ValueError):
-    """A training request is wrong; ``param`` names the field (``examples[3].messages[1].role``)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-# ---- examples -> (tokens, loss mask) ----
-def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, trained) pieces: each assistant message is what the
-    template adds after the generation prompt of the conversation before it."""
-    if not isinstance(messages, list) or not messages:
-        raise Invalid(f"{where}.messages", f"{where}.messages must be a non-empty list")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise Invalid(f"{where}.messages[{j}].role", f"{where}.messages[{j}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise Invalid(f"{where}.messages[{j}].content", f"{where}.messages[{j}].content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    render = lambda ms, gen: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
-    pieces, done = [], ""
-    for j, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prompt, full = render(msgs[:j], True) if j else "", render(msgs[:j + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise Invalid(f"{where}.messages", "the chat template does not render this conversation incrementally, "
-                          "so assistant tokens cannot be located")
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
-        done = full
-    rest = render(msgs, False)
-    if len(rest) > len(done) and rest.startswith(done):
-        pieces.append((rest[len(done):], False))
-    return pieces
-
-
-def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], float]:
-    """(token ids, which tokens carry loss, weight) of one example; tokenized exactly as the engine
-    tokenizes a request (chat: template text without added specials; prompt: with them)."""
-    if not isinstance(ex, dict):
-        raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
-    weight = ex.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
-        raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
-    if "messages" in ex:
-        ids, mask = [], []
-        for text, trained in _segments_chat(tokenizer, ex["messages"], where):
-            t = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += t
-            mask += [trained] * len(t)
-    elif "prompt" in ex or "completion" in ex:
-        for k in ("prompt", "completion"):
-            if not isinstance(ex.get(k), str) or (k == "completion" and not ex[k]):
-                raise Invalid(f"{where}.{k}", f"{where}.{k} must be a {'non-empty ' if k == 'completion' else ''}string")
-        p = tokenizer(ex["prompt"])["input_ids"]
-        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            c = c + [tokenizer.eos_token_id]
-        ids, mask = p + c, [False] * len(p) + [True] * len(c)
-    else:
-        raise Invalid(where, f"{where} needs messages, or prompt and completion")
-    # The first token is never predicted; a loss token needs one before it.
-    if not any(mask[1:]):
-        raise Invalid(where, f"{where} has no tokens to learn after tokenization")
-    return ids, mask, float(weight)
-
-
-def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
-    if not isinstance(job, dict):
-        raise Invalid("body", "request body must be a JSON object")
-    unknown = set(job) - JOB_OPTIONS - {"examples"}
-    if unknown:
-        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: examples, "
-                      f"{', '.join(sorted(JOB_OPTIONS))})")
-    examples = job.get("examples")
-    if not isinstance(examples, list) or not examples:
-        raise Invalid("examples", "examples must be a non-empty list")
-    if len(examples) > max_examples:
-        raise Invalid("examples", f"examples has {len(examples)} items; at most {max_examples} per job")
-    encoded = []
-    for i, ex in enumerate(examples):
-        ids, mask, w = encode_example(tokenizer, ex, f"examples[{i}]")
-        if len(ids) > max_len:
-            raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
-        encoded.append((ids, mask, w))
-    opts = {}
-    for k, kind, ok in (("lr", (int, float), lambda v: 0 < v < 1), ("steps", int, lambda v: 1 <= v <= 100_000),
-                        ("epochs", int, lambda v: 1 <= v <= 1000), ("batch_size", int, lambda v: 1 <= v <= 1024)):
-        if k in job:
-            v = job[k]
-            if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
-                raise Invalid(k, f"{k} has an invalid value {json.dumps(v)[:40]}")
-            opts[k] = v
-    return {"examples": encoded, **opts}
-
-
-def parse_checkpoint_args(args) -> None:
+def parse_checkpoint_args(args: dict) -> None:
     """POST /checkpoint takes an empty body or ``{}``."""
-    if not isinstance(args, dict):
-        raise Invalid("body", "request body must be a JSON object")
     if args:
         raise Invalid(sorted(args)[0], f"unknown field {sorted(args)[0]!r} (POST /checkpoint takes no fields)")
 
 
-def parse_rollback_args(args, generations: list[int]) -> int:
+def parse_rollback_args(args: dict, generations: list[int]) -> int:
     """The generation of ``{"generation": N}``; ``generations`` are those the store holds."""
-    if not isinstance(args, dict):
-        raise Invalid("body", "request body must be a JSON object")
     unknown = set(args) - ROLLBACK_FIELDS
     if unknown:
         raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: generation)")
@@ -156,10 +47,6 @@ def parse_rollback_args(args, generations: list[int]) -> int:
         raise Invalid("generation", f"generation {g} is not in the checkpoint store (it holds "
                       f"{generations[0]}..{generations[-1]})")
     return g
-
-
-def _error(code: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"code": code, "body": {"error": {"message": message, "type": kind, "param": param}}}
 
 
 class Trainer:
@@ -190,8 +77,10 @@ class Trainer:
             try:
                 self.attached = sharing.attach(manifest)
                 break
-            except (FileNotFoundError, sharing._core.Error) as e:
-                if time.monotonic() > deadline or "lease" in str(e):
+            except _core.BusyError:  # another trainer holds the lease: waiting would not help
+                raise
+            except (FileNotFoundError, _core.Error):
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -268,31 +157,29 @@ class Trainer:
         self.pending: collections.deque = collections.deque()
         self.closed = False  # set when the training thread takes no more of them
 
-    # ---- socket requests ----
-    def handle(self, request: dict) -> dict:
-        op = request.get("op")
+    # ---- requests (trainer.protocol); an Invalid raised here is answered 400 naming its field ----
+    def handle(self, op: str, body: bytes) -> Reply:
+        """One request: ``op`` and its body as the HTTP route received it."""
+        if op == "version":  # what watchers poll: no copy of the job list
+            return Reply(200, {"weight_version": self.weight_version})
         if op == "status":
-            return {"code": 200, "body": self.status()}
+            return Reply(200, self.status())
         if op == "submit":
-            return self.submit(request.get("job"))
+            return self.submit(parse_body(body, empty_ok=False))
         if op in ("checkpoint", "checkpoints", "rollback"):
             if self.store is None:
-                return _error(409, "this server has no checkpoint store (it was started with --no-store)", None,
-                              "conflict")
-            args = request.get("args", {})
-            try:
-                if op == "checkpoints":
-                    return {"code": 200, "body": self.checkpoints()}
-                if op == "checkpoint":
-                    parse_checkpoint_args(args)
-                    return self.between_steps(self.checkpoint)
-                with self.lock:
-                    known = [g["generation"] for g in self.generations]
-                g = parse_rollback_args(args, known)
-                return self.between_steps(lambda: self.rollback(g))
-            except Invalid as e:
-                return _error(400, str(e), e.param)
-        return {"code": 400, "body": {"error": {"message": f"unknown op {op!r}", "param": "op"}}}
+                return error(409, "this server has no checkpoint store (it was started with --no-store)")
+            if op == "checkpoints":
+                return Reply(200, self.checkpoints())
+            args = parse_body(body, empty_ok=True)
+            if op == "checkpoint":
+                parse_checkpoint_args(args)
+                return self.between_steps(self.checkpoint)
+            with self.lock:
+                known = [g["generation"] for g in self.generations]
+            g = parse_rollback_args(args, known)
+            return self.between_steps(lambda: self.rollback(g))
+        return error(400, f"unknown op {op!r}", "op")
 
     def between_steps(self, fn) -> dict:
         """Runs ``fn`` on the training thread between two steps (or while it is idle); returns its reply.
@@ -300,7 +187,7 @@ class Trainer:
         item = [fn, threading.Event(), None]
         with self.lock:
             if self.closed:
-                return _error(503, "the trainer is shutting down", None, "unavailable")
+                return error(503, "the trainer is shutting down")
             self.pending.append(item)
         item[1].wait()
         return item[2]
@@ -316,11 +203,11 @@ class Trainer:
             try:
                 item[2] = item[0]()
             except Exception as e:
-                item[2] = _error(500, f"{type(e).__name__}: {e}", None, "server_error")
+                item[2] = error(500, f"{type(e).__name__}: {e}")
             item[1].set()
         if timer and self.checkpoint_due():
             try:
-                r = self.checkpoint()["body"]
+                r = self.checkpoint().body
                 print(json.dumps({"checkpoint": r}), flush=True)
             except Exception as e:  # reported in /train/status; tried again after another period
                 self.last_checkpoint = time.monotonic()
@@ -332,13 +219,11 @@ class Trainer:
         return (self.store is not None and self.checkpoint_every > 0 and self.weight_version != self.saved_version
                 and time.monotonic() - self.last_checkpoint >= self.checkpoint_every)
 
-    def submit(self, job) -> dict:
-        try:
-            parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
-        except Invalid as e:
-            return _error(400, str(e), e.param)
+    def submit(self, job: dict) -> Reply:
+        """Checks and tokenizes a /train body (``Invalid`` naming the field), then queues it."""
+        parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
         if self.stopping.is_set():
-            return {"code": 503, "body": {"error": {"message": "the trainer is shutting down"}}}
+            return error(503, "the trainer is shutting down")
         n = len(parsed["examples"])
         bs = parsed.get("batch_size", self.batch_size)
         steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
@@ -349,15 +234,14 @@ class Trainer:
             try:
                 self.queue.put_nowait((jid, parsed))
             except queue.Full:
-                return {"code": 429, "body": {"error": {"message": f"the training queue is full ({self.queue.maxsize} "
-                                                        "jobs); retry later", "type": "rate_limit_error"}}}
+                return error(429, f"the training queue is full ({self.queue.maxsize} jobs); retry later")
             self.jobs[jid] = info
             while len(self.jobs) > 100:  # forget the oldest finished jobs
                 old = next((k for k, v in self.jobs.items() if v["state"] in ("done", "failed")), None)
                 if old is None:
                     break
                 del self.jobs[old]
-        return {"code": 202, "body": {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()}}
+        return Reply(202, {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()})
 
     def status(self) -> dict:
         with self.lock:
@@ -401,15 +285,15 @@ class Trainer:
         self.saved_version, self.last_checkpoint = self.weight_version, time.monotonic()
         return r
 
-    def checkpoint(self) -> dict:
+    def checkpoint(self) -> Reply:
         t0 = time.perf_counter()
         r = self._commit()
         head = self.generations[-1]
-        return {"code": 200, "body": {"generation": r["generation"], "written": r["written"], "bytes": r["bytes"],
-                                      "changed": r["changed"], "seconds": round(time.perf_counter() - t0, 3),
-                                      "weight_version": head["weight_version"]}}
+        return Reply(200, {"generation": r["generation"], "written": r["written"], "bytes": r["bytes"],
+                           "changed": r["changed"], "seconds": round(time.perf_counter() - t0, 3),
+                           "weight_version": head["weight_version"]})
 
-    def rollback(self, generation: int) -> dict:
+    def rollback(self, generation: int) -> Reply:
         """Generation ``generation`` into the live weights, its optimizer state (or a fresh one when it has
         none) into the optimizer, a new weight version, and all of it committed as a new generation so
         that a restart serves the rolled-back weights too."""
@@ -424,11 +308,10 @@ class Trainer:
             self.weight_version += 1
             self.opt_steps = steps
         r = self._commit()
-        return {"code": 200, "body": {"rolled_back_to": generation, "restored_weight_version": gen["weight_version"],
-                                      "optimizer": "restored" if gen["optimizer_state"] else "reset",
-                                      "generation": r["generation"], "written": r["written"],
-                                      "weight_version": self.weight_version,
-                                      "seconds": round(time.perf_counter() - t0, 3)}}
+        return Reply(200, {"rolled_back_to": generation, "restored_weight_version": gen["weight_version"],
+                           "optimizer": "restored" if gen["optimizer_state"] else "reset",
+                           "generation": r["generation"], "written": r["written"], "weight_version": self.weight_version,
+                           "seconds": round(time.perf_counter() - t0, 3)})
 
     def _optimizer_steps(self) -> int:
         """Steps of the most-stepped parameter (synchronizes with the device)."""
@@ -515,14 +398,10 @@ class Trainer:
             self.save()
 
     def save(self) -> None:
-        """Optimizer state and weight version, each replaced atomically (temp file, fsync, rename)."""
-        tmp = self.opt_path + ".tmp"
-        self.opt.save_state(tmp, names=self.names)
-        _fsync_replace(tmp, self.opt_path)
-        tmp = self.meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"weight_version": self.weight_version}, f)
-        _fsync_replace(tmp, self.meta_path)
+        """Optimizer state and weight version, each replaced crash-safely by the core (temp file, fsync,
+        rename, fsync of the directory)."""
+        self.opt.save_state(self.opt_path, names=self.names)
+        _core.write_file_atomic(self.meta_path, json.dumps({"weight_version": self.weight_version}).encode())
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -541,64 +420,3 @@ class Trainer:
         """Releases the checkpoint store (its lock and host copy)."""
         if self.store is not None:
             self.store.close()
-
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    d = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(d)
-    finally:
-        os.close(d)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m livetrain.trainer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="the engine's sharing manifest")
-    p.add_argument("--model", required=True, help="model directory (for the tokenizer and chat template)")
-    p.add_argument("--socket", required=True, help="Unix socket to accept jobs on")
-    p.add_argument("--state-dir", required=True, help="where optimizer state is saved and restored")
-    p.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=0, help="longest example in tokens (default: the model's context)")
-    p.add_argument("--queue-size", type=int, default=8, help="jobs waiting before /train answers 429")
-    p.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"])
-    p.add_argument("--no-grad-checkpointing", action="store_true")
-    p.add_argument("--store", default=None, help="the checkpoint store (default MODEL/.livetrain-store); the engine "
-                   "creates it")
-    p.add_argument("--no-store", action="store_true", help="no checkpoint store: /checkpoint and /rollback answer 409")
-    p.add_argument("--checkpoint-every", type=float, default=0.0,
-                   help="seconds between automatic checkpoints when the weights changed (default 0: off)")
-    a = p.parse_args(argv)
-    if a.checkpoint_every < 0:
-        p.error("--checkpoint-every must be >= 0")
-
-    from livetrain import Error
-
-    try:
-        trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=a.batch_size, max_len=a.max_seq_len,
-                          queue_size=a.queue_size, embeddings=a.embeddings,
-                          grad_checkpointing=not a.no_grad_checkpointing, store=not a.no_store, store_dir=a.store,
-                          checkpoint_every=a.checkpoint_every)
-    except Error as e:  # a stale manifest, a busy lease or store, a bad state file: the message names it
-        sys.exit(f"livetrain trainer: {e}")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: trainer.stopping.set())
-    server = jobsock.Server(a.socket, trainer.handle)
-    server.start()
-    print(json.dumps({"trainer": "ready", "restored": trainer.restored_from, "weight_version": trainer.weight_version,
-                      "checkpoint": trainer.status()["checkpoint"]}), flush=True)
-    try:
-        trainer.run()
-    finally:
-        server.close()
-        trainer.close()
-
-
-if __name__ == "__main__":
-    main()
