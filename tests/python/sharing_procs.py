@@ -1,4 +1,4 @@
-"""The two processes of the sharing tests (test04_sharing.py runs them with subprocess): an engine that
+"""The two processes of the sharing tests (test_sharing.py runs them with subprocess): an engine that
 serves a small random Llama from shared memory (CPU) or CUDA IPC memory, and trainers that attach.
 
 usage: python sharing_procs.py engine MANIFEST DEVICE   (then commands on stdin: "logits", "quit")

@@ -32,8 +32,7 @@ from livetrain import default_model, sharing  # noqa: E402
 from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 
-import serve_proc  # noqa: E402
-from serve_proc import http  # noqa: E402
+import servers  # noqa: E402
 
 if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE)):
     try:  # not converted yet: the test converts it, which needs the GGUF file and the gguf package
@@ -60,7 +59,7 @@ HELD_OUT = ("The river flows slowly through the valley, past old stone bridges a
             "and a market where people sell vegetables, cheese and bread every Saturday morning.")
 
 
-class Serve(serve_proc.ServeProcess):
+class Serve(servers.ServeProcess):
     """`python -m livetrain.serve --model default --dtype fp32` on a given store, state and run dir."""
 
     def __init__(self, base: Path, log_name: str):
@@ -70,7 +69,7 @@ class Serve(serve_proc.ServeProcess):
                          base / log_name, wait_s=300)
 
     def ask(self, question: str) -> str:
-        code, body = http(self.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+        code, body = self.http("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
                                                               "temperature": 0, "max_tokens": 24})
         assert code == 200, body
         return body["choices"][0]["message"]["content"]
@@ -110,7 +109,7 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
         for q, _, word in FACTS:
             assert word.lower() not in s.ask(q).lower()
         v0 = s.status()["weight_version"]
-        code, job = http(s.url + "/train", {"examples": [
+        code, job = s.http("/train", {"examples": [
             {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in FACTS],
             "steps": STEPS, "lr": LR, "batch_size": len(FACTS)})
         assert code == 202 and job["steps"] == STEPS, job
@@ -122,7 +121,7 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
             while not finished.is_set():
                 try:
                     v = s.status()["weight_version"]
-                    codes.append(http(s.url + "/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
+                    codes.append(s.http("/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
                                                                  "temperature": 0})[0])
                     mid_job.append(v0 < v < v0 + STEPS)
                 except Exception as e:  # reported by the assertion below, not lost in the thread
@@ -132,13 +131,7 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
         thread = threading.Thread(target=client)
         thread.start()
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                info = next(j for j in s.status()["jobs"] if j["id"] == job["job_id"])
-                if info["state"] in ("done", "failed"):
-                    break
-                assert time.monotonic() < deadline, info
-                time.sleep(0.5)
+            info = s.wait_job(job["job_id"], timeout=600)
         finally:
             finished.set()
             thread.join()
@@ -150,7 +143,7 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
         for q, _, word in FACTS:
             assert word.lower() in answers[q].lower(), (q, answers[q])
 
-        code, ck = http(s.url + "/checkpoint", {})
+        code, ck = s.http("/checkpoint", {})
         assert code == 200 and ck["written"] and ck["generation"] == 1 and ck["weight_version"] == v0 + STEPS, ck
     finally:
         s.kill()

@@ -1,46 +1,22 @@
-"""`python -m livetrain.serve` in a subprocess for the end-to-end tests (test14, test15): a free port, one
-HTTP helper, start and wait until /train/status answers, stop with a signal, or SIGKILL every process."""
+"""Servers and processes for the end-to-end tests: the environment a child Python process needs, and
+`python -m livetrain.serve` in a subprocess (free port, wait until /train/status answers, stop with a
+signal, or SIGKILL every process). HTTP goes through livetrain.trainer.client, as `livetrain train` does."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from livetrain.trainer.client import free_port, http, wait_job, wait_ready
+
 ROOT = Path(__file__).resolve().parents[2]
+# For child Python processes: this checkout's package first, and no tokenizer threads fighting the tests'.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
        "TOKENIZERS_PARALLELISM": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body=None, key: str | None = None, raw: bytes | None = None, timeout: float = 120):
-    """(status, parsed JSON or text) of one request; POST when there is a body (``raw``: sent as is)."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            code, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        code, text = e.code, e.read().decode()
-    try:
-        return code, json.loads(text)
-    except ValueError:
-        return code, text
 
 
 class ServeProcess:
@@ -58,26 +34,27 @@ class ServeProcess:
             self.wait_ready(wait_s)
 
     def wait_ready(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.p.poll() is None, f"serve exited with {self.p.returncode}: {self.logtext()}"
-            try:
-                if http(self.url + "/train/status", key=self.key, timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        pytest.fail(f"serve did not become ready: {self.logtext()}")
+        try:
+            wait_ready(self.url, self.p, seconds, key=self.key)
+        except (RuntimeError, TimeoutError) as e:
+            self.kill()
+            pytest.fail(f"serve did not become ready ({e}): {self.logtext()}")
 
     def logtext(self) -> str:
         self.log.flush()
         return Path(self.log.name).read_text()[-3000:]
 
+    def http(self, path: str, body=None, raw: bytes | None = None, key: str | None = "", timeout: float = 120):
+        """One request to this server, with its key unless ``key`` says otherwise (None: no key)."""
+        return http(self.url + path, body, key=self.key if key == "" else key, raw=raw, timeout=timeout)
+
     def status(self) -> dict:
-        code, body = http(self.url + "/train/status", key=self.key)
+        code, body = self.http("/train/status")
         assert code == 200, body
         return body
+
+    def wait_job(self, jid: str, timeout: float = 240) -> dict:
+        return wait_job(self.url, jid, key=self.key, timeout=timeout, interval=0.2)
 
     def stop(self, sig=signal.SIGTERM) -> int:
         """Sends ``sig`` (a clean stop) and returns the exit status."""

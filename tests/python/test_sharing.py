@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import livetrain
+from servers import ENV
 
 PROCS = str(Path(__file__).with_name("sharing_procs.py"))
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "python"),
-       "TOKENIZERS_PARALLELISM": "false"}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
@@ -135,9 +134,7 @@ def test_export_cuda_refuses_expandable_segments(tmp_path):
     code = ("import torch, livetrain.sharing as s\n"
             "t = torch.ones(1 << 20, device='cuda')\n"
             f"s.export_cuda({{'w': t}}, {str(tmp_path / 'm.json')!r})\n")
-    pkg = str(Path(livetrain.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
-               PYTHONPATH=os.pathsep.join(p for p in (pkg, os.environ.get("PYTHONPATH")) if p))
+    env = dict(ENV, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0
     assert "expandable_segments" in r.stderr, r.stderr[-2000:]

@@ -1,5 +1,5 @@
 """The vLLM plugin's own logic, without vLLM: the worker extension's methods run on a plain worker object
-shaped as vLLM's (``vllm_config``, ``model_runner.get_model()``: the names test16 checks in vLLM's source)
+shaped as vLLM's (``vllm_config``, ``model_runner.get_model()``: the names test_vllm_contract.py checks in vLLM's source)
 holding a real torch module in vLLM's layout; the endpoint plugin is mounted on a real FastAPI app and
 driven through ``init_state`` with an engine client that records what the plugin asks of vLLM, and a real
 trainer process trains the weights through /train. CUDA export runs only on a GPU."""
@@ -20,13 +20,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from livetrain import checkpoint, layout, routes, sharing  # noqa: E402
+from livetrain import checkpoint, layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
+from livetrain.trainer import protocol, routes  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
 
 import tiny_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+from servers import ENV  # noqa: E402
 EXT = "livetrain.vllm.WorkerExtension"
 CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
 
@@ -207,8 +207,7 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
         print(json.dumps({{"same": same}}))
     """)
     lst.save_file(trained, tmp_path / "trained.safetensors")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1]) == {"same": True}
     q_rows = config["hidden_size"]  # the q heads come first in qkv_proj: heads x head_dim rows
@@ -218,7 +217,7 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
 
 # ---- the endpoint plugin ----
 class RecordingEngineClient:
-    """Stands in for vLLM's EngineClient (the names test16 checks): ``collective_rpc`` runs the
+    """Stands in for vLLM's EngineClient (the names test_vllm_contract.py checks): ``collective_rpc`` runs the
     extension's method on plain worker objects, or answers with ``exports`` (a CPU export the test made,
     since a CPU worker cannot export); every call is recorded."""
 
@@ -287,13 +286,9 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
 
 
 def test_version_watcher_acts_once_per_new_version():
-    from livetrain import jobsock
+    replies = iter([protocol.TrainerUnavailable("starting"), 0, 0, None, 2])
 
-    replies = iter([jobsock.TrainerUnavailable("starting"), {"code": 200, "body": {"weight_version": 0}},
-                    {"code": 200, "body": {"weight_version": 0}}, {"code": 503, "body": {}},
-                    {"code": 200, "body": {"weight_version": 2}}])
-
-    def status():
+    def read():
         r = next(replies)
         if isinstance(r, Exception):
             raise r
@@ -305,7 +300,7 @@ def test_version_watcher_acts_once_per_new_version():
         seen.append(v)
 
     async def run():
-        w = endpoint.VersionWatcher(status, on_change)
+        w = endpoint.VersionWatcher(read, on_change)
         return [await w.poll() for _ in range(5)]
 
     assert asyncio.run(run()) == [False, True, False, False, True] and seen == [0, 2]
@@ -327,17 +322,16 @@ def test_trainer_stops_with_the_api_server(tmp_path):
              "p.joinpath(sys.argv[1] + '.up').write_text('x')\n"
              "time.sleep(120)\n")
     parent = ("import sys, time\n"
-              "from livetrain.vllm.endpoint import TrainerProcess\n"
-              f"t = TrainerProcess([sys.executable, '-c', {child!r}, sys.argv[1]])\n"
-              "print(t.proc.pid, flush=True)\n"
+              "from livetrain.trainer.process import Process\n"
+              f"t = Process([sys.executable, '-c', {child!r}, sys.argv[1]], tied=True)\n"
+              "print(t.pid, flush=True)\n"
               "if sys.argv[2] == 'wait':\n"
               "    time.sleep(120)\n"
               f"while not __import__('os').path.exists({str(tmp_path)!r} + '/' + sys.argv[1] + '.up'):\n"
               "    time.sleep(0.05)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    r = subprocess.run([sys.executable, "-c", parent, "a", "exit"], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-c", parent, "a", "exit"], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0 and (tmp_path / "a.term").exists(), r.stderr
-    p = subprocess.Popen([sys.executable, "-c", parent, "b", "wait"], stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-c", parent, "b", "wait"], stdout=subprocess.PIPE, text=True, env=ENV)
     pid = int(p.stdout.readline())
     deadline = time.monotonic() + 30
     while not (tmp_path / "b.up").exists() and time.monotonic() < deadline:
@@ -369,7 +363,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
     monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
     monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     app, plugin = app_with_plugin()
@@ -381,7 +375,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
             assert plugin.trainer is not None and plugin.socket == str(run_dir / "trainer.sock")
             deadline = time.monotonic() + 180
             while (r := c.get("/train/status", headers=auth)).status_code == 503 and time.monotonic() < deadline:
-                assert plugin.trainer.proc.poll() is None, "the trainer exited"
+                assert plugin.trainer.poll() is None, "the trainer exited"
                 time.sleep(0.2)
             assert r.status_code == 200 and r.json()["weight_version"] == 0, r.text
             assert c.post("/train", json={"examples": []}).status_code == 401
@@ -402,7 +396,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
             # thread (the test client's; vLLM's main thread in a server), and must not arrive as a second one.
             assert plugin.trainer.stop() == 0
     finally:
-        if plugin.trainer is not None and plugin.trainer.proc.poll() is None:
+        if plugin.trainer is not None and plugin.trainer.poll() is None:
             plugin.trainer.proc.kill()
     changed = [k for k, v in exported.tensors.items() if not torch.equal(v, before[k])]
     assert "model.layers.0.self_attn.qkv_proj.weight" in changed and "model.layers.1.mlp.gate_up_proj.weight" in changed

@@ -7,8 +7,9 @@ in place."""
 import pytest
 import torch
 
-from livetrain.engine import Engine
-from livetrain.trainer import Trainer, parse_job
+from livetrain.engines.reference import Engine
+from livetrain.trainer.examples import parse_job
+from livetrain.trainer.service import Trainer
 
 import tiny_model
 

@@ -26,7 +26,7 @@ import pytest
 
 from livetrain.vllm import api, contract
 
-ROOT = Path(__file__).resolve().parents[2]
+from servers import ENV, ROOT
 PINS = json.loads((Path(__file__).with_name("vllm_sdists.json")).read_text())["sdists"]
 PLUGIN = ROOT / "python" / "livetrain" / "vllm"
 
@@ -195,7 +195,7 @@ def test_since_skips_definitions_newer_than_the_version(newest_copy):
 
 
 def test_contract_cli(newest_copy):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    env = ENV
     r = subprocess.run([sys.executable, "-m", "livetrain.vllm.contract", str(newest_copy)], capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode == 0 and f"vLLM {NEWEST['version']} at" in r.stdout and "0 problems" in r.stdout, r.stdout + r.stderr
@@ -233,5 +233,5 @@ def test_general_plugin_is_idempotent_and_imports_neither_torch_nor_vllm():
             "v.register(); v.register()\n"
             "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+                       env=ENV)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
