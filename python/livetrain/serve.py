@@ -34,12 +34,7 @@ def parse(argv):
     p.add_argument("--api-key", default=os.environ.get(routes.API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every route (default ${routes.API_KEY_ENV})")
     p.add_argument("--run-dir", default=None, help="manifest and socket (default: a new temporary directory)")
-    options.add_options(p)
-    a = p.parse_args(argv)
-    problem = options.check(a)
-    if problem:
-        p.error(problem)
-    return a
+    return options.parse_args(p, argv)
 
 
 def _remove_stale(manifest: str, sock: str) -> None:

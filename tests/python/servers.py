@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,32 @@ class ServeProcess:
 
     def wait_job(self, jid: str, timeout: float = 240) -> dict:
         return wait_job(self.url, jid, key=self.key, timeout=timeout, interval=0.2)
+
+    def complete_during_job(self, jid: str, request: dict, *, clients: int = 1, pause: float = 0.0,
+                            timeout: float = 240) -> tuple[dict, list, list[int]]:
+        """Sends ``request`` to /v1/completions from ``clients`` threads (each waiting ``pause`` s between
+        requests) until job ``jid`` ends. Returns the job's entry, the status of every answer (or the repr
+        of what a request raised, not lost in its thread), and the weight version read before each."""
+        codes, versions, finished = [], [], threading.Event()
+
+        def client():
+            while not finished.is_set():
+                try:
+                    versions.append(self.status()["weight_version"])
+                    codes.append(self.http("/v1/completions", request)[0])
+                except Exception as e:
+                    codes.append(repr(e))
+                time.sleep(pause)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        try:
+            return self.wait_job(jid, timeout), codes, versions
+        finally:
+            finished.set()
+            for t in threads:
+                t.join()
 
     def stop(self, sig=signal.SIGTERM) -> int:
         """Sends ``sig`` (a clean stop) and returns the exit status."""

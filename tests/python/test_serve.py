@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -184,29 +183,10 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     assert code == 202 and job["steps"] == 30, job
     # Completions from several threads until the job ends: every one succeeds, and some start while the
     # weights are at an intermediate version (training does not wait for serving, nor serving for training).
-    results, mid_job, finished = [], [], threading.Event()
-
-    def client():
-        while not finished.is_set():
-            try:
-                v = server.status()["weight_version"]
-                results.append(server.http("/v1/completions", {"prompt": "the cat sat", "max_tokens": 3,
-                                                                     "temperature": 0})[0])
-                mid_job.append(v0 < v < v0 + 30)
-            except Exception as e:  # reported by the assertion below, not lost in the thread
-                results.append(repr(e))
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        done = server.wait_job(job["job_id"])
-    finally:
-        finished.set()
-        for t in threads:
-            t.join()
+    done, results, versions = server.complete_during_job(
+        job["job_id"], {"prompt": "the cat sat", "max_tokens": 3, "temperature": 0}, clients=3)
     assert len(results) >= 6 and results == [200] * len(results)
-    assert sum(mid_job) >= 2, mid_job
+    assert sum(v0 < v < v0 + 30 for v in versions) >= 2, versions
     assert done["state"] == "done" and done["step"] == 30 and done["skipped_nonfinite"] == []
     st = server.status()
     assert st["weight_version"] == v0 + 30

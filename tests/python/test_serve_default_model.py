@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -114,30 +113,14 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
             "steps": STEPS, "lr": LR, "batch_size": len(FACTS)})
         assert code == 202 and job["steps"] == STEPS, job
 
-        # Completions while the job runs: every one answered, some while the weights are mid-job.
-        codes, mid_job, finished = [], [], threading.Event()
-
-        def client():
-            while not finished.is_set():
-                try:
-                    v = s.status()["weight_version"]
-                    codes.append(s.http("/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
-                                                                 "temperature": 0})[0])
-                    mid_job.append(v0 < v < v0 + STEPS)
-                except Exception as e:  # reported by the assertion below, not lost in the thread
-                    codes.append(repr(e))
-                time.sleep(1.0)  # a steady client, not one that takes the CPU cores from training
-
-        thread = threading.Thread(target=client)
-        thread.start()
-        try:
-            info = s.wait_job(job["job_id"], timeout=600)
-        finally:
-            finished.set()
-            thread.join()
+        # Completions while the job runs: every one answered, some while the weights are mid-job. A steady
+        # client (one request a second), not one that takes the CPU cores from training.
+        info, codes, versions = s.complete_during_job(
+            job["job_id"], {"prompt": "The weather today is", "max_tokens": 4, "temperature": 0}, pause=1.0,
+            timeout=600)
         assert info["state"] == "done" and info["step"] == STEPS and info["skipped_nonfinite"] == [], info
         assert len(codes) >= 2 and codes == [200] * len(codes), codes
-        assert any(mid_job), mid_job
+        assert any(v0 < v < v0 + STEPS for v in versions), versions
         mark(f"trained ({len(codes)} completions answered meanwhile)")
         answers = {q: s.ask(q) for q, _, _ in FACTS}
         for q, _, word in FACTS:

@@ -21,11 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--manifest", required=True, help="the engine's sharing manifest")
     p.add_argument("--model", required=True, help="model directory (for the tokenizer and chat template)")
     p.add_argument("--socket", required=True, help="Unix socket to answer the training routes on")
-    options.add_options(p)
-    a = p.parse_args(argv)
-    problem = options.check(a)
-    if problem:
-        p.error(problem)
+    a = options.parse_args(p, argv)
 
     from livetrain import Error
     from livetrain.trainer.service import Trainer

@@ -65,17 +65,23 @@ def argv(ns: argparse.Namespace) -> list[str]:
             *(["--no-grad-checkpointing"] if ns.no_grad_checkpointing else [])]
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser``'s arguments with the training options added and checked (``parser.error`` when a
+    combination is wrong): what every launcher with a command line of its own calls."""
+    add_options(parser)
+    ns = parser.parse_args(argv)
+    problem = check(ns)
+    if problem:
+        parser.error(problem)
+    return ns
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ValueError(message)
 
 
 def parse(words: list[str]) -> argparse.Namespace:
-    """The options from words (``$LIVETRAIN_TRAINER_ARGS``); ValueError with argparse's message."""
-    parser = _Parser(prog="trainer options", add_help=False)
-    add_options(parser)
-    ns = parser.parse_args(words)
-    problem = check(ns)
-    if problem:
-        raise ValueError(problem)
-    return ns
+    """The training options alone from words (``$LIVETRAIN_TRAINER_ARGS``); ValueError with argparse's
+    message."""
+    return parse_args(_Parser(prog="trainer options", add_help=False), words)
