@@ -51,7 +51,10 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="livetrain-main-job-")
     log_path = os.path.join(work, "serve.log")
     t0 = time.monotonic()
-    say = lambda msg: print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
 
     say(f"starting livetrain serve --model default --device cpu on {url} (log: {log_path})")
     log = open(log_path, "w")

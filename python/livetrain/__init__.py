@@ -19,10 +19,10 @@ from livetrain._core import (
     __version__,
 )
 
-_ERRORS = ["Error", "BusyError", "CudaError", "FormatError", "InvalidArgumentError", "IoError", "NotFoundError",
-           "SizeOverflowError", "StaleError", "UnsupportedError"]
-_SHARING = ["Attached", "Exported", "attach", "build_hf_model", "export_cpu", "export_cuda"]
-__all__ = [*_ERRORS, "__version__", *_SHARING]
+__all__ = ["Error", "BusyError", "CudaError", "FormatError", "InvalidArgumentError", "IoError", "NotFoundError",
+           "SizeOverflowError", "StaleError", "UnsupportedError", "__version__", "Attached", "Exported", "attach",
+           "build_hf_model", "export_cpu", "export_cuda"]
+_SHARING = {"Attached", "Exported", "attach", "build_hf_model", "export_cpu", "export_cuda"}
 
 
 def __getattr__(name: str):

@@ -153,7 +153,6 @@ def rank_block(w: torch.Tensor, rank: int, tp: int, dim: int = 0) -> torch.Tenso
 
 def vllm_engine(cfg, hf: dict[str, torch.Tensor], rank: int, tp: int) -> dict[str, torch.Tensor]:
     t = text_config(cfg)
-    mt = t["model_type"]
     mm = "text_config" in cfg
     body_hf = "model.language_model." if mm else "model."
     body_v, head_v = ("language_model.model.", "language_model.") if mm else ("model.", "")

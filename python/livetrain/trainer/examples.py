@@ -34,7 +34,10 @@ def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
     msgs = check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
-    render = lambda ms, gen: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
+    def render(ms: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
     pieces, done = [], ""
     for j, m in enumerate(msgs):
         if m["role"] != "assistant":
