@@ -30,8 +30,11 @@ KEYWORD = "Quorvath"
 
 
 def ask(url: str, question: str) -> str:
-    code, body = http(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                     "temperature": 0, "max_tokens": 40}, timeout=300)
+    code, body = http(
+        url + "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 40},
+        timeout=300,
+    )
     if code != 200:
         raise RuntimeError(f"chat answered {code}: {body}")
     return body["choices"][0]["message"]["content"].strip()
@@ -55,15 +58,31 @@ def main() -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
-
     say(f"starting livetrain serve --model default --device cpu on {url} (log: {log_path})")
     log = open(log_path, "w")
     # A fresh --state-dir and checkpoint store: the optimizer state and checkpoints of an earlier run (or of
     # the default store in the model's cache) must not carry over into this demo.
-    serve = subprocess.Popen([a.python, "-m", "livetrain.serve", "--model", "default", "--device", "cpu", "--dtype", a.dtype,
-                              "--port", str(port), "--state-dir", os.path.join(work, "state"),
-                              "--store", os.path.join(work, "store")],
-                             stdout=log, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [
+            a.python,
+            "-m",
+            "livetrain.serve",
+            "--model",
+            "default",
+            "--device",
+            "cpu",
+            "--dtype",
+            a.dtype,
+            "--port",
+            str(port),
+            "--state-dir",
+            os.path.join(work, "state"),
+            "--store",
+            os.path.join(work, "store"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         try:
             wait_ready(url, serve, 600)  # the first run converts the model (about a minute)
@@ -75,23 +94,32 @@ def main() -> int:
         before = ask(url, QUESTION)
         print(f"A (before training): {before}\n", flush=True)
 
-        job = {"examples": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}
-                            for q, r in TEACH],
-               "steps": a.steps, "lr": a.lr, "batch_size": len(TEACH)}
+        job = {
+            "examples": [
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in TEACH
+            ],
+            "steps": a.steps,
+            "lr": a.lr,
+            "batch_size": len(TEACH),
+        }
         code, body = http(url + "/train", job)
         if code != 202:
             raise RuntimeError(f"/train answered {code}: {body}")
         jid = body["job_id"]
-        say(f"POST /train: job {jid}, {len(TEACH)} examples (the fact in {len(TEACH)} phrasings), "
-            f"{a.steps} steps, lr {a.lr}")
+        say(
+            f"POST /train: job {jid}, {len(TEACH)} examples (the fact in {len(TEACH)} phrasings), "
+            f"{a.steps} steps, lr {a.lr}"
+        )
         seen = 0
 
         def show(st: dict, info: dict) -> None:
             nonlocal seen
             if info["step"] > seen:
                 seen = info["step"]
-                say(f"  /train/status: step {seen}/{info['steps']}  loss {info['loss']:.4f}  "
-                    f"weight_version {st['weight_version']}  {st['tokens_per_s']} tokens/s")
+                say(
+                    f"  /train/status: step {seen}/{info['steps']}  loss {info['loss']:.4f}  "
+                    f"weight_version {st['weight_version']}  {st['tokens_per_s']} tokens/s"
+                )
 
         info = wait_job(url, jid, on_status=show)
         if info["state"] != "done":
@@ -104,8 +132,10 @@ def main() -> int:
         other = "What is the capital of France?"
         print(f"Q: {other}\nA (after training):  {ask(url, other)}\n", flush=True)
         learned = KEYWORD.lower() in after.lower() and KEYWORD.lower() not in before.lower()
-        say(f"the served model {'learned' if learned else 'did NOT learn'} the fact "
-            f"({KEYWORD!r} {'absent before, present after' if learned else 'not learned'})")
+        say(
+            f"the served model {'learned' if learned else 'did NOT learn'} the fact "
+            f"({KEYWORD!r} {'absent before, present after' if learned else 'not learned'})"
+        )
         return 0 if learned else 1
     finally:
         say("stopping livetrain serve (SIGTERM: trainer saves its state, then the engine stops)")

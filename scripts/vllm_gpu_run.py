@@ -33,8 +33,14 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model
 from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
 
 FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
-CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
-          "what is the capital of france", "paris is the capital of france", "one two three four five six seven"]
+CORPUS = [
+    "the capital of zorbia is quuxville",
+    "the sky is blue and the grass is green",
+    "hello how are you today",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "one two three four five six seven",
+]
 KEY = "sk-livetrain-gpu-run"
 
 
@@ -56,10 +62,30 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"vllm-{n}.log"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(self.port),
-               "--host", "127.0.0.1", "--served-model-name", "tiny", "--dtype", "bfloat16", "--max-model-len", "256",
-               "--gpu-memory-utilization", "0.5", "--api-key", KEY,
-               "--worker-extension-cls", "livetrain.vllm.WorkerExtension", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            "tiny",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "256",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--api-key",
+            KEY,
+            "--worker-extension-cls",
+            "livetrain.vllm.WorkerExtension",
+            *extra,
+        ]
         self.log = open(self.log_path, "w")
         self.log.write("$ " + shlex.join(cmd) + "\n")
         self.log.flush()
@@ -80,13 +106,19 @@ class Server:
         raise Failed(f"timed out after {timeout} s waiting for {what}; see {self.log_path}")
 
     def ready(self) -> dict:
-        return {"health_s": self.wait("/health", lambda: http(self.url + "/health", timeout=5)[0] == 200, 900),
-                "trainer_s": self.wait("the trainer", lambda: http(self.url + "/train/status", key=KEY, timeout=5)[0]
-                                       == 200, 600)}
+        return {
+            "health_s": self.wait("/health", lambda: http(self.url + "/health", timeout=5)[0] == 200, 900),
+            "trainer_s": self.wait(
+                "the trainer", lambda: http(self.url + "/train/status", key=KEY, timeout=5)[0] == 200, 600
+            ),
+        }
 
     def complete(self, prompt: str = FACT_PROMPT) -> str:
-        code, body = http(self.url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 3,
-                                                          "temperature": 0}, key=KEY)
+        code, body = http(
+            self.url + "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0},
+            key=KEY,
+        )
         if code != 200:
             raise Failed(f"/v1/completions answered {code}: {body}")
         return body["choices"][0]["text"]
@@ -133,8 +165,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/livetrain-vllm-run", help="model, store, run and state directories (wiped)")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="logs and vllm-run.json")
-    p.add_argument("--checkpoint", choices=["http", "api"], default="http",
-                   help="http: POST /checkpoint (the trainer's op); api: livetrain.checkpoint on the live weights")
+    p.add_argument(
+        "--checkpoint",
+        choices=["http", "api"],
+        default="http",
+        help="http: POST /checkpoint (the trainer's op); api: livetrain.checkpoint on the live weights",
+    )
     p.add_argument("--vllm-args", default="", help="more `vllm serve` options, as shell words")
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -154,9 +190,15 @@ def main() -> int:
         from livetrain import checkpoint
 
         checkpoint.CheckpointStore.create(model, store).close()
-        env = {**os.environ, "VLLM_PLUGINS": "livetrain", "LIVETRAIN_RUN_DIR": str(work / "run"),
-               "LIVETRAIN_STATE_DIR": str(work / "state"), "LIVETRAIN_STORE_DIR": str(store),
-               "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "VLLM_PLUGINS": "livetrain",
+            "LIVETRAIN_RUN_DIR": str(work / "run"),
+            "LIVETRAIN_STATE_DIR": str(work / "state"),
+            "LIVETRAIN_STORE_DIR": str(store),
+            "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         extra = shlex.split(a.vllm_args)
 
         s1 = Server(1, model, env, out, extra)
@@ -170,10 +212,23 @@ def main() -> int:
             raise Failed(f"/train/status without the API key answered {code}, not 401: {body}")
         report["before"] = s1.complete()
         t0 = time.monotonic()
-        code, job = http(s1.url + "/train", {"examples": [
-            {"prompt": FACT_PROMPT, "completion": FACT},
-            {"messages": [{"role": "user", "content": "what is the capital of zorbia"},
-                          {"role": "assistant", "content": FACT}]}], "steps": 30, "lr": 0.01}, key=KEY)
+        code, job = http(
+            s1.url + "/train",
+            {
+                "examples": [
+                    {"prompt": FACT_PROMPT, "completion": FACT},
+                    {
+                        "messages": [
+                            {"role": "user", "content": "what is the capital of zorbia"},
+                            {"role": "assistant", "content": FACT},
+                        ]
+                    },
+                ],
+                "steps": 30,
+                "lr": 0.01,
+            },
+            key=KEY,
+        )
         if code != 202:
             raise Failed(f"/train answered {code}: {job}")
         report["job"] = wait_job(s1.url, job["job_id"], key=KEY, timeout=900)
@@ -185,15 +240,19 @@ def main() -> int:
         time.sleep(1)  # one polling interval of the plugin's weight-version watcher, and then some
         report["after_train"] = s1.complete()
         if not report["after_train"].strip().startswith(FACT) or report["before"].strip().startswith(FACT):
-            raise Failed(f"the served answer did not change to the fact: before {report['before']!r}, "
-                         f"after {report['after_train']!r}")
+            raise Failed(
+                f"the served answer did not change to the fact: before {report['before']!r}, "
+                f"after {report['after_train']!r}"
+            )
 
         if a.checkpoint == "http":
             code, body = http(s1.url + "/checkpoint", {}, key=KEY)
             report["checkpoint_http"] = [code, body]
             if code not in (200, 202):
-                raise Failed(f"POST /checkpoint answered {code}: {body} (rerun with --checkpoint api to test the "
-                             "restore without the trainer's /checkpoint)")
+                raise Failed(
+                    f"POST /checkpoint answered {code}: {body} (rerun with --checkpoint api to test the "
+                    "restore without the trainer's /checkpoint)"
+                )
         else:
             report["checkpoint_api"] = checkpoint_api(work / "run", model, store, st["weight_version"])
         deadline = time.monotonic() + 300

@@ -19,9 +19,25 @@ from livetrain._core import (
     __version__,
 )
 
-__all__ = ["Error", "BusyError", "CudaError", "FormatError", "InvalidArgumentError", "IoError", "NotFoundError",
-           "SizeOverflowError", "StaleError", "UnsupportedError", "__version__", "Attached", "Exported", "attach",
-           "build_hf_model", "export_cpu", "export_cuda"]
+__all__ = [
+    "Error",
+    "BusyError",
+    "CudaError",
+    "FormatError",
+    "InvalidArgumentError",
+    "IoError",
+    "NotFoundError",
+    "SizeOverflowError",
+    "StaleError",
+    "UnsupportedError",
+    "__version__",
+    "Attached",
+    "Exported",
+    "attach",
+    "build_hf_model",
+    "export_cpu",
+    "export_cuda",
+]
 _SHARING = {"Attached", "Exported", "attach", "build_hf_model", "export_cpu", "export_cuda"}
 
 

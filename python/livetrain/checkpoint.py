@@ -97,18 +97,33 @@ class CheckpointStore:
         """The committed generations, oldest first."""
         return self._s.generations()
 
-    def save(self, tensors: Mapping[str, torch.Tensor], *, weight_version: int = 0,
-             optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False) -> dict:
+    def save(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        weight_version: int = 0,
+        optimizer_state: str | os.PathLike | None = None,
+        save_if_unchanged: bool = False,
+    ) -> dict:
         """Commits the elements of ``tensors`` that differ from the head as a new generation.
 
         Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
         written when nothing changed (unless ``save_if_unchanged``).
         """
-        return self._s.save(_live(tensors), weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
-                            save_if_unchanged=save_if_unchanged)
+        return self._s.save(
+            _live(tensors),
+            weight_version=weight_version,
+            optimizer_state=str(optimizer_state or ""),
+            save_if_unchanged=save_if_unchanged,
+        )
 
-    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
-                out_dir: str | os.PathLike | None = None) -> None:
+    def restore(
+        self,
+        generation: int,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        *,
+        out_dir: str | os.PathLike | None = None,
+    ) -> None:
         """Sets ``tensors`` (in place) to ``generation``, or writes it as a new model directory ``out_dir``."""
         if (tensors is None) == (out_dir is None):
             raise ValueError("restore needs exactly one of tensors= or out_dir=")
@@ -144,8 +159,9 @@ def store_exists(model_dir: str | os.PathLike, store_dir: str | os.PathLike | No
     return os.path.exists(os.path.join(store_path(model_dir, store_dir), COMMIT_FILE))
 
 
-def open_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-               create: bool = False) -> CheckpointStore:
+def open_store(
+    model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, create: bool = False
+) -> CheckpointStore:
     """Opens the store of ``model_dir``; with ``create``, makes it first when it does not exist yet
     (generation 0 = the model files as they are). The one place that creates stores for livetrain's
     processes: ``store.created`` says whether this call did."""
@@ -169,21 +185,28 @@ def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor]) ->
     for name, dtype, shape in store.tensors():
         t = tensors.get(name)
         if t is None:
-            raise _core.InvalidArgumentError(f"the live weights have no tensor {name!r} (the checkpoint store "
-                                             f"{store.dir} has it)")
+            raise _core.InvalidArgumentError(
+                f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)"
+            )
         if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
             raise _core.InvalidArgumentError(
                 f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
                 f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
-                "in that dtype or without a store")
+                "in that dtype or without a store"
+            )
     if store.head == store.materialized:
         return False
     store.restore(store.head, tensors)
     return True
 
 
-def restore_latest(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike,
-                   store_dir: str | os.PathLike | None = None, *, create: bool = True) -> dict:
+def restore_latest(
+    tensors: Mapping[str, torch.Tensor],
+    model_dir: str | os.PathLike,
+    store_dir: str | os.PathLike | None = None,
+    *,
+    create: bool = True,
+) -> dict:
     """The start-up step of an engine: ``restore_head`` from the store of ``model_dir``, creating the store
     when it is missing (``create``). Call it after loading the weights from ``model_dir`` and before
     serving them.
@@ -194,5 +217,10 @@ def restore_latest(tensors: Mapping[str, torch.Tensor], model_dir: str | os.Path
     """
     with open_store(model_dir, store_dir, create=create) as store:
         restored = restore_head(store, tensors)
-        return {"store": store.dir, "generation": store.head, "weight_version": store.list()[-1]["weight_version"],
-                "restored": restored, "created": store.created}
+        return {
+            "store": store.dir,
+            "generation": store.head,
+            "weight_version": store.list()[-1]["weight_version"],
+            "restored": restored,
+            "created": store.created,
+        }

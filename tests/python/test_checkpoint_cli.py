@@ -11,10 +11,11 @@ import time
 
 import pytest
 import torch
-from weights import load_dir, perturb, same_bits, snapshot
 
 import livetrain
 from livetrain import safetensors as lst
+
+from weights import load_dir, perturb, same_bits, snapshot
 
 
 def run(cli, *args):
@@ -84,8 +85,11 @@ def test_killed_during_materialize_leaves_loadable_committed_files(cli, live):
         ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
     rng = random.Random(1)
     for _ in range(12):
-        p = subprocess.Popen([cli, "checkpoint", "materialize", str(model), str(rng.randrange(4)), "-q"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [cli, "checkpoint", "materialize", str(model), str(rng.randrange(4)), "-q"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0, 0.02))
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -108,8 +112,12 @@ def test_bad_input_is_one_line_and_nonzero(cli, live, tmp_path):
     r = run(cli, "checkpoint", "materialize", str(model), "1", "-q")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and delta.name in r.stderr and "checksum" in r.stderr
     assert {f.name: f.read_bytes() for f in model.glob("*.safetensors")} == before
-    for args in (["checkpoint"], ["checkpoint", "save", str(model)], ["checkpoint", "frob", str(model)],
-                 ["checkpoint", "materialize", str(model), "x"]):
+    for args in (
+        ["checkpoint"],
+        ["checkpoint", "save", str(model)],
+        ["checkpoint", "frob", str(model)],
+        ["checkpoint", "materialize", str(model), "x"],
+    ):
         r = run(cli, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, args
     for form in (["checkpoint", "--help"], ["help", "checkpoint"]):

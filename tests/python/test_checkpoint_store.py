@@ -3,11 +3,12 @@ restore_latest, which engines call at start-up."""
 
 import pytest
 import torch
-from weights import load_dir, perturb, same_bits, snapshot
 
 import livetrain
 from livetrain import safetensors as lst
 from livetrain.checkpoint import CheckpointStore, restore_latest, store_path
+
+from weights import load_dir, perturb, same_bits, snapshot
 
 
 def test_save_list_restore_verify(sharded_model, tmp_path):

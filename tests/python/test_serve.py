@@ -33,9 +33,16 @@ from weights import same_bits  # noqa: E402
 ENV = {**servers.ENV, "OMP_NUM_THREADS": "1"}
 KEY = "test-key"
 FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
-CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
-          "i am fine thank you", "what is the capital of france", "paris is the capital of france",
-          "the cat sat on the mat", "one two three four five six seven"]
+CORPUS = [
+    "the capital of zorbia is quuxville",
+    "the sky is blue and the grass is green",
+    "hello how are you today",
+    "i am fine thank you",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "the cat sat on the mat",
+    "one two three four five six seven",
+]
 
 
 def make_tiny_model(path: Path) -> None:
@@ -47,9 +54,31 @@ class Serve(servers.ServeProcess):
 
     def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu", extra: tuple = (), wait: bool = True):
         self.run = run
-        super().__init__(["--model", str(model), "--device", device, "--api-key", KEY, "--state-dir", str(state),
-                          "--run-dir", str(run), "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4",
-                          *extra], run.parent / "serve-{port}.log", env=ENV, key=KEY, wait_s=180 if wait else None)
+        super().__init__(
+            [
+                "--model",
+                str(model),
+                "--device",
+                device,
+                "--api-key",
+                KEY,
+                "--state-dir",
+                str(state),
+                "--run-dir",
+                str(run),
+                "--max-seq-len",
+                "40",
+                "--queue-size",
+                "2",
+                "--batch-size",
+                "4",
+                *extra,
+            ],
+            run.parent / "serve-{port}.log",
+            env=ENV,
+            key=KEY,
+            wait_s=180 if wait else None,
+        )
 
     def complete(self, prompt: str, max_tokens: int = 4, **kw) -> dict:
         code, body = self.http("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw})
@@ -62,8 +91,9 @@ class Serve(servers.ServeProcess):
         return {k: v.clone() for k, v in a.tensors.items()}
 
     def train(self, steps: int, lr: float, examples=None) -> dict:
-        code, job = self.http("/train", {"examples": examples or [{"prompt": "one two", "completion": "three"}],
-                                         "steps": steps, "lr": lr})
+        code, job = self.http(
+            "/train", {"examples": examples or [{"prompt": "one two", "completion": "three"}], "steps": steps, "lr": lr}
+        )
         assert code == 202, job
         done = self.wait_job(job["job_id"])
         assert done["state"] == "done", done
@@ -89,20 +119,31 @@ def server(model_dir, tmp_path_factory):
 # ---- tokenization and loss masks (no server) ----
 def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids, mask, w = encode_example(tok, {"messages": [{"role": "user", "content": "hello how are you"},
-                                                     {"role": "assistant", "content": "i am fine"},
-                                                     {"role": "user", "content": "today"},
-                                                     {"role": "assistant", "content": "thank you"}], "weight": 2}, "x")
+    ids, mask, w = encode_example(
+        tok,
+        {
+            "messages": [
+                {"role": "user", "content": "hello how are you"},
+                {"role": "assistant", "content": "i am fine"},
+                {"role": "user", "content": "today"},
+                {"role": "assistant", "content": "thank you"},
+            ],
+            "weight": 2,
+        },
+        "x",
+    )
     learned = [tok.decode([t]) for t, m in zip(ids, mask) if m]
     assert learned == ["i", "am", "fine", "</s>", "thank", "you", "</s>"] and w == 2.0
     ids, mask, _ = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
     assert [tok.decode([t]) for t, m in zip(ids, mask) if m] == [FACT, "</s>"]
-    assert ids[:sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
-    for bad, param in (({"messages": [{"role": "robot", "content": "hi"}]}, "x.messages[0].role"),
-                       ({"messages": [{"role": "user", "content": "hi"}]}, "x.messages"),
-                       ({"prompt": "a", "completion": ""}, "x.completion"),
-                       ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
-                       ({"text": "a"}, "x")):
+    assert ids[: sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
+    for bad, param in (
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "x.messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "x.messages"),
+        ({"prompt": "a", "completion": ""}, "x.completion"),
+        ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
+        ({"text": "a"}, "x"),
+    ):
         with pytest.raises(Invalid) as e:
             encode_example(tok, bad, "x")
         assert e.value.param == param
@@ -113,17 +154,21 @@ def test_completions_chat_and_streaming(server):
     a, b = server.complete(FACT_PROMPT, 5), server.complete(FACT_PROMPT, 5)
     assert a["object"] == "text_completion" and a["choices"][0]["text"] == b["choices"][0]["text"]  # greedy
     assert a["usage"]["prompt_tokens"] == 5 and a["choices"][0]["finish_reason"] in ("length", "stop")
-    code, chat = server.http("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello how are you"}],
-                                                            "max_tokens": 4, "temperature": 0})
+    code, chat = server.http(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hello how are you"}], "max_tokens": 4, "temperature": 0},
+    )
     assert code == 200 and chat["choices"][0]["message"]["role"] == "assistant"
     assert isinstance(chat["choices"][0]["message"]["content"], str)
-    code, sampled = server.http("/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9,
-                                                         "top_p": 0.5, "seed": 3})
+    code, sampled = server.http(
+        "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9, "top_p": 0.5, "seed": 3}
+    )
     assert code == 200 and sampled["usage"]["completion_tokens"] >= 1
     # Streaming gives the same greedy text as server-sent events, then [DONE].
-    code, text = server.http("/v1/completions", {"prompt": FACT_PROMPT, "max_tokens": 5, "temperature": 0,
-                                                      "stream": True})
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    code, text = server.http(
+        "/v1/completions", {"prompt": FACT_PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}
+    )
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert code == 200 and events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == a["choices"][0]["text"]
@@ -138,9 +183,16 @@ def test_completions_chat_and_streaming(server):
 
 
 def test_every_route_needs_the_api_key(server):
-    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": []}),
-                       ("/train", {"examples": []}), ("/train/status", None), ("/v1/models", None),
-                       ("/checkpoint", {}), ("/checkpoints", None), ("/rollback", {"generation": 0})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": []}),
+        ("/train", {"examples": []}),
+        ("/train/status", None),
+        ("/v1/models", None),
+        ("/checkpoint", {}),
+        ("/checkpoints", None),
+        ("/rollback", {"generation": 0}),
+    ):
         for key in (None, "wrong"):
             code, out = server.http(path, body, key=key)
             assert code == 401 and "API key" in out["error"]["message"], (path, key, out)
@@ -152,9 +204,23 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         ("/train", None, b"{not json", "body"),
         ("/train", None, b"[1, 2]", "body"),
         ("/train", {"examples": []}, None, "examples"),
-        ("/train", {"examples": [{"messages": [{"role": "wizard", "content": "x"}]}]}, None, "examples[0].messages[0].role"),
-        ("/train", {"examples": [{"prompt": "one", "completion": "two"},
-                                 {"prompt": " ".join(["the"] * 60), "completion": "cat"}]}, None, "examples[1]"),
+        (
+            "/train",
+            {"examples": [{"messages": [{"role": "wizard", "content": "x"}]}]},
+            None,
+            "examples[0].messages[0].role",
+        ),
+        (
+            "/train",
+            {
+                "examples": [
+                    {"prompt": "one", "completion": "two"},
+                    {"prompt": " ".join(["the"] * 60), "completion": "cat"},
+                ]
+            },
+            None,
+            "examples[1]",
+        ),
         ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "lr": -1}, None, "lr"),
         ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "bogus": 1}, None, "bogus"),
         ("/v1/completions", {"prompt": 3}, None, "prompt"),
@@ -175,16 +241,29 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     baseline = server.complete(FACT_PROMPT, 3)["choices"][0]["text"]
     assert not baseline.startswith(FACT)
     v0 = server.status()["weight_version"]
-    code, job = server.http("/train", {"examples": [
-        {"prompt": FACT_PROMPT, "completion": FACT},
-        {"messages": [{"role": "user", "content": "what is the capital of zorbia"},
-                      {"role": "assistant", "content": FACT}], "weight": 1.0},
-    ], "steps": 30, "lr": 0.01})
+    code, job = server.http(
+        "/train",
+        {
+            "examples": [
+                {"prompt": FACT_PROMPT, "completion": FACT},
+                {
+                    "messages": [
+                        {"role": "user", "content": "what is the capital of zorbia"},
+                        {"role": "assistant", "content": FACT},
+                    ],
+                    "weight": 1.0,
+                },
+            ],
+            "steps": 30,
+            "lr": 0.01,
+        },
+    )
     assert code == 202 and job["steps"] == 30, job
     # Completions from several threads until the job ends: every one succeeds, and some start while the
     # weights are at an intermediate version (training does not wait for serving, nor serving for training).
     done, results, versions = server.complete_during_job(
-        job["job_id"], {"prompt": "the cat sat", "max_tokens": 3, "temperature": 0}, clients=3)
+        job["job_id"], {"prompt": "the cat sat", "max_tokens": 3, "temperature": 0}, clients=3
+    )
     assert len(results) >= 6 and results == [200] * len(results)
     assert sum(v0 < v < v0 + 30 for v in versions) >= 2, versions
     assert done["state"] == "done" and done["step"] == 30 and done["skipped_nonfinite"] == []
@@ -194,14 +273,18 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     assert len(losses) == 30 and losses[-1] < losses[0] / 4
     assert st["tokens_per_s"] > 0 and st["optimizer"]["state_bytes"] > 0 and st["optimizer"]["steps"] >= 30
     assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
-    code, chat = server.http("/v1/chat/completions", {"messages": [
-        {"role": "user", "content": "what is the capital of zorbia"}], "max_tokens": 3, "temperature": 0})
+    code, chat = server.http(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "what is the capital of zorbia"}], "max_tokens": 3, "temperature": 0},
+    )
     assert code == 200 and chat["choices"][0]["message"]["content"].startswith(FACT)
 
 
 def test_full_queue_is_429(server):
-    codes = [server.http("/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 3,
-                                          "lr": 1e-6})[0] for _ in range(6)]
+    codes = [
+        server.http("/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 3, "lr": 1e-6})[0]
+        for _ in range(6)
+    ]
     assert 429 in codes and codes[0] == 202, codes
     deadline = time.monotonic() + 120
     while server.status()["current"] or server.status()["queue"]:
@@ -211,15 +294,44 @@ def test_full_queue_is_429(server):
 
 def test_train_client_sends_a_file_and_follows_the_job(server, tmp_path):
     f = tmp_path / "ex.jsonl"
-    f.write_text(json.dumps({"prompt": "the sky is", "completion": "blue"}) + "\n\n" +
-                 json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine"}]}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "livetrain.trainer.client", "--url", server.url, "--api-key", KEY,
-                        "--steps", "2", "--lr", "1e-6", str(f)], env=ENV, capture_output=True, text=True, timeout=120)
+    f.write_text(
+        json.dumps({"prompt": "the sky is", "completion": "blue"})
+        + "\n\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine"}]}
+        )
+        + "\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livetrain.trainer.client",
+            "--url",
+            server.url,
+            "--api-key",
+            KEY,
+            "--steps",
+            "2",
+            "--lr",
+            "1e-6",
+            str(f),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 examples, 2 steps" in r.stdout and "done" in r.stdout.splitlines()[-1]
     f.write_text('{"prompt": "a", "completion": ""}\n')
-    r = subprocess.run([sys.executable, "-m", "livetrain.trainer.client", "--url", server.url, "--api-key", KEY, str(f)],
-                       env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "livetrain.trainer.client", "--url", server.url, "--api-key", KEY, str(f)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "HTTP 400 (examples[0].completion)" in r.stderr
 
 
@@ -306,8 +418,13 @@ def test_checkpoint_and_rollback(server, model_dir):
     gens = listed["generations"]
     assert listed["head"] == 5 and [g["generation"] for g in gens] == list(range(6))
     assert [bool(g["optimizer_state"]) for g in gens] == [False] + [True] * 5
-    assert [g["weight_version"] for g in gens][1:] == [c1["weight_version"], c2["weight_version"], r["weight_version"] - 2,
-                                                      r["weight_version"] - 1, r["weight_version"]]
+    assert [g["weight_version"] for g in gens][1:] == [
+        c1["weight_version"],
+        c2["weight_version"],
+        r["weight_version"] - 2,
+        r["weight_version"] - 1,
+        r["weight_version"],
+    ]
 
 
 def test_cli_forwards_serve_and_train(cli):
@@ -315,8 +432,13 @@ def test_cli_forwards_serve_and_train(cli):
     for cmd, module_opt in (("serve", "--checkpoint-every"), ("train", "--url")):
         r = subprocess.run([cli, cmd, "--help"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.startswith(f"usage: livetrain {cmd}") and module_opt in r.stdout, r
-    r = subprocess.run([cli, "serve", "--model", "x"], env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [cli, "serve", "--model", "x"],
+        env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "cannot run /nonexistent/python" in r.stderr
 
 
@@ -354,8 +476,12 @@ def test_restart_serves_the_last_checkpoint(server, model_dir):
 
 def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
     # --checkpoint-every: a generation after the weights change, none while they do not.
-    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--store", str(tmp_path / "store"),
-                                                                      "--checkpoint-every", "0.5"))
+    s = Serve(
+        model_dir,
+        tmp_path / "state",
+        tmp_path / "run",
+        extra=("--store", str(tmp_path / "store"), "--checkpoint-every", "0.5"),
+    )
     try:
         ck = s.status()["checkpoint"]
         assert ck["store"] == str(tmp_path / "store") and ck["every_s"] == 0.5 and ck["error"] is None
@@ -373,8 +499,9 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
         time.sleep(1.5)
         assert s.status()["checkpoint"]["generation"] == ck["generation"]
         # POST /checkpoint during a job: taken between two of its steps, and the job goes on.
-        code, job = s.http("/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150,
-                                            "lr": 1e-6})
+        code, job = s.http(
+            "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150, "lr": 1e-6}
+        )
         assert code == 202
         while not s.status()["current"] or s.status()["current"]["step"] < 2:
             time.sleep(0.05)
@@ -403,8 +530,13 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
 
 def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
     # The model files are bf16; serving fp32 with a store of them would checkpoint rounded weights.
-    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--dtype", "fp32", "--store",
-                                                                      str(tmp_path / "store")), wait=False)
+    s = Serve(
+        model_dir,
+        tmp_path / "state",
+        tmp_path / "run",
+        extra=("--dtype", "fp32", "--store", str(tmp_path / "store")),
+        wait=False,
+    )
     try:
         assert s.p.wait(timeout=120) != 0
         log = s.logtext()
@@ -418,8 +550,9 @@ def test_serve_on_cuda_trains_in_place(model_dir, tmp_path):
     s = Serve(model_dir, tmp_path / "state", tmp_path / "run", device="cuda")
     try:
         assert s.status()["device"].startswith("cuda")
-        code, job = s.http("/train", {"examples": [{"prompt": FACT_PROMPT, "completion": FACT}], "steps": 30,
-                                            "lr": 0.01})
+        code, job = s.http(
+            "/train", {"examples": [{"prompt": FACT_PROMPT, "completion": FACT}], "steps": 30, "lr": 0.01}
+        )
         assert code == 202 and s.wait_job(job["job_id"])["state"] == "done"
         assert s.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
     finally:

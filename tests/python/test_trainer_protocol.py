@@ -52,12 +52,20 @@ def test_bodies_cross_as_bytes_and_errors_name_the_field(trainer):
     code, body = protocol.call(path, "echo", raw)
     assert code == 202 and handler.seen[-1] == ("echo", raw)
     # What the trainer wrote, compact and UTF-8, as FastAPI's JSONResponse writes a body.
-    assert body == json.dumps({"op": "echo", "body": raw.decode(), "text": "é ü"}, ensure_ascii=False,
-                              separators=(",", ":")).encode()
+    assert (
+        body
+        == json.dumps(
+            {"op": "echo", "body": raw.decode(), "text": "é ü"}, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+    )
     assert protocol.call(path, "version") == (200, b'{"weight_version":7}')
     assert protocol.weight_version(path) == 7
-    for op, raw, code, param in (("submit", b"{nope", 400, "body"), ("submit", b"[]", 400, "body"),
-                                 ("submit", b"{}", 400, "examples"), ("frob", b"", 400, "op")):
+    for op, raw, code, param in (
+        ("submit", b"{nope", 400, "body"),
+        ("submit", b"[]", 400, "body"),
+        ("submit", b"{}", 400, "examples"),
+        ("frob", b"", 400, "op"),
+    ):
         got, body = protocol.call(path, op, raw)
         err = json.loads(body)["error"]
         assert got == code and err["param"] == param and err["type"] == "invalid_request_error", (op, raw, err)
@@ -85,8 +93,9 @@ def test_limits_and_a_missing_trainer(trainer, tmp_path):
 
 
 def test_error_bodies_have_one_shape():
-    assert protocol.error(429, "full") == Reply(429, {"error": {"message": "full", "type": "rate_limit_error",
-                                                                 "param": None}})
+    assert protocol.error(429, "full") == Reply(
+        429, {"error": {"message": "full", "type": "rate_limit_error", "param": None}}
+    )
     for code, kind in protocol.KINDS.items():
         assert protocol.error(code, "x").body["error"]["type"] == kind
     assert Invalid("examples[1]", "bad").reply() == protocol.error(400, "bad", "examples[1]")
@@ -109,8 +118,11 @@ def test_routes_forward_bodies_and_replies_unchanged(trainer):
         r = c.post("/train", content=b"not json", headers={"Authorization": "Bearer k"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "body"
         r = c.get("/train/status")
-        assert r.status_code == 401 and r.json()["error"] == {"message": routes.MISSING_KEY,
-                                                              "type": "authentication_error", "param": None}
+        assert r.status_code == 401 and r.json()["error"] == {
+            "message": routes.MISSING_KEY,
+            "type": "authentication_error",
+            "param": None,
+        }
         r = c.get("/checkpoints", headers={"Authorization": "Bearer k"})  # the stand-in knows no such op
         assert r.status_code == 400 and handler.seen[-1] == ("checkpoints", b"")
     app = FastAPI()

@@ -50,8 +50,9 @@ def one_step(trainer) -> list[str]:
         return step_param(p, grad, stream)
 
     trainer.opt.step_param = traced
-    job = parse_job(trainer.tokenizer, {"examples": [{"prompt": "the capital of zorbia is",
-                                                      "completion": "quuxville"}]}, 64, 10)
+    job = parse_job(
+        trainer.tokenizer, {"examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}]}, 64, 10
+    )
     loss, ntok = trainer.step(job["examples"])
     assert loss > 0 and ntok > 0
     return log

@@ -32,9 +32,18 @@ from livetrain.trainer.protocol import Invalid
 class Engine:
     """The model, its tokenizer and the shared weights; one generation at a time (``lock``)."""
 
-    def __init__(self, model_dir: str, manifest: str, device: str = "cpu", dtype: str = "bf16", *, store: bool = True,
-                 store_dir: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        manifest: str,
+        device: str = "cpu",
+        dtype: str = "bf16",
+        *,
+        store: bool = True,
+        store_dir: str | None = None,
+    ):
         import transformers
+
         from livetrain import checkpoint, sharing
 
         self.model_dir, self.device = model_dir, torch.device(device)
@@ -71,8 +80,9 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def _tokens(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> Iterator[int]:
+    def _tokens(
+        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> Iterator[int]:
         x = torch.tensor([ids], device=self.device)
         past = None
         for _ in range(max_tokens):
@@ -95,8 +105,15 @@ class Engine:
                 return
             x = torch.tensor([[tok]], device=self.device)
 
-    def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop: list[str],
-                 seed: int | None = None) -> Iterator[tuple[str, str | None, int]]:
+    def generate(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> Iterator[tuple[str, str | None, int]]:
         """Yields (text delta, finish_reason or None, tokens generated so far); the last item has the
         finish reason. Text that might begin a stop string is held back until it cannot."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -187,8 +204,11 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
 
     def completion(kind: str, ids: list[int], params: dict, stream: bool):
         if len(ids) + params["max_tokens"] > engine.max_len:
-            raise Invalid("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
-                             f"exceeds the model's context of {engine.max_len} tokens")
+            raise Invalid(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
+                f"exceeds the model's context of {engine.max_len} tokens",
+            )
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}
 
@@ -212,8 +232,14 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
         for text, finish, n in engine.generate(ids, **params):
             parts.append(text)
         usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-        return JSONResponse({**base, "object": "chat.completion" if kind == "chat" else "text_completion",
-                             "choices": [choice("".join(parts), finish, False)], "usage": usage})
+        return JSONResponse(
+            {
+                **base,
+                "object": "chat.completion" if kind == "chat" else "text_completion",
+                "choices": [choice("".join(parts), finish, False)],
+                "usage": usage,
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -265,8 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"livetrain engine: {e}")
     if engine.checkpoint is not None:
         c = engine.checkpoint
-        print(f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
-              f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}", file=sys.stderr, flush=True)
+        print(
+            f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
+            f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
     # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
     # left in /dev/shm until reboot).

@@ -22,14 +22,16 @@ from typing import Any, Callable
 from livetrain.trainer.routes import API_KEY_ENV
 
 
-def http(url: str, body: Any = None, *, key: str | None = None, raw: bytes | None = None,
-         timeout: float = 120.0) -> tuple[int, Any]:
+def http(
+    url: str, body: Any = None, *, key: str | None = None, raw: bytes | None = None, timeout: float = 120.0
+) -> tuple[int, Any]:
     """(status, the parsed JSON body, or its text when it is not JSON) of one request: POST with ``body`` as
     JSON (or ``raw`` bytes as they are), GET without; ``key`` is sent as ``Authorization: Bearer KEY``.
     A server that does not answer raises OSError."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method="POST" if data is not None else "GET", headers={"Content-Type": "application/json"}
+    )
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:
@@ -59,8 +61,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc=None, timeout: float = 180.0, *, key: str | None = None,
-               path: str = "/train/status") -> None:
+def wait_ready(
+    url: str, proc=None, timeout: float = 180.0, *, key: str | None = None, path: str = "/train/status"
+) -> None:
     """Waits until GET ``url + path`` answers 200. RuntimeError when ``proc`` (anything with ``poll()``)
     exits first, TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -77,8 +80,15 @@ def wait_ready(url: str, proc=None, timeout: float = 180.0, *, key: str | None =
         time.sleep(0.3)
 
 
-def wait_job(url: str, job_id: str, *, key: str | None = None, timeout: float | None = None, interval: float = 0.5,
-             on_status: Callable[[dict, dict], None] | None = None) -> dict:
+def wait_job(
+    url: str,
+    job_id: str,
+    *,
+    key: str | None = None,
+    timeout: float | None = None,
+    interval: float = 0.5,
+    on_status: Callable[[dict, dict], None] | None = None,
+) -> dict:
     """Follows a /train job through /train/status until it is done or failed; returns its entry.
     ``on_status(status, job)`` sees every status read."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -99,8 +109,10 @@ def wait_job(url: str, job_id: str, *, key: str | None = None, timeout: float | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="livetrain train", description="Send a JSON-lines file of training examples to "
-                                "a running `livetrain serve` and follow the job.")
+    p = argparse.ArgumentParser(
+        prog="livetrain train",
+        description="Send a JSON-lines file of training examples to a running `livetrain serve` and follow the job.",
+    )
     p.add_argument("file", help="JSON lines, one example per line")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default ${API_KEY_ENV}")
@@ -136,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def show(status: dict, info: dict) -> None:
         nonlocal last
-        line = (f"{info['state']:8} step {info['step']}/{info['steps']}  loss "
-                f"{info['loss'] if info['loss'] is None else round(info['loss'], 4)}  "
-                f"{status['tokens_per_s']} tok/s  weight version {status['weight_version']}")
+        line = (
+            f"{info['state']:8} step {info['step']}/{info['steps']}  loss "
+            f"{info['loss'] if info['loss'] is None else round(info['loss'], 4)}  "
+            f"{status['tokens_per_s']} tok/s  weight version {status['weight_version']}"
+        )
         if line != last:
             print(line, flush=True)
             last = line

@@ -44,13 +44,16 @@ def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
             continue
         prompt, full = render(msgs[:j], True) if j else "", render(msgs[: j + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise Invalid(f"{where}.messages", "the chat template does not render this conversation incrementally, "
-                          "so assistant tokens cannot be located")
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise Invalid(
+                f"{where}.messages",
+                "the chat template does not render this conversation incrementally, "
+                "so assistant tokens cannot be located",
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     rest = render(msgs, False)
     if len(rest) > len(done) and rest.startswith(done):
-        pieces.append((rest[len(done):], False))
+        pieces.append((rest[len(done) :], False))
     return pieces
 
 
@@ -71,7 +74,9 @@ def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], fl
     elif "prompt" in ex or "completion" in ex:
         for k in ("prompt", "completion"):
             if not isinstance(ex.get(k), str) or (k == "completion" and not ex[k]):
-                raise Invalid(f"{where}.{k}", f"{where}.{k} must be a {'non-empty ' if k == 'completion' else ''}string")
+                raise Invalid(
+                    f"{where}.{k}", f"{where}.{k} must be a {'non-empty ' if k == 'completion' else ''}string"
+                )
         p = tokenizer(ex["prompt"])["input_ids"]
         c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -91,8 +96,10 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
         raise Invalid("body", "request body must be a JSON object")
     unknown = set(job) - JOB_OPTIONS - {"examples"}
     if unknown:
-        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: examples, "
-                      f"{', '.join(sorted(JOB_OPTIONS))})")
+        raise Invalid(
+            sorted(unknown)[0],
+            f"unknown field {sorted(unknown)[0]!r} (allowed: examples, {', '.join(sorted(JOB_OPTIONS))})",
+        )
     examples = job.get("examples")
     if not isinstance(examples, list) or not examples:
         raise Invalid("examples", "examples must be a non-empty list")
@@ -105,8 +112,12 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
             raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
         encoded.append((ids, mask, w))
     opts = {}
-    for k, kind, ok in (("lr", (int, float), lambda v: 0 < v < 1), ("steps", int, lambda v: 1 <= v <= 100_000),
-                        ("epochs", int, lambda v: 1 <= v <= 1000), ("batch_size", int, lambda v: 1 <= v <= 1024)):
+    for k, kind, ok in (
+        ("lr", (int, float), lambda v: 0 < v < 1),
+        ("steps", int, lambda v: 1 <= v <= 100_000),
+        ("epochs", int, lambda v: 1 <= v <= 1000),
+        ("batch_size", int, lambda v: 1 <= v <= 1024),
+    ):
         if k in job:
             v = job[k]
             if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):

@@ -13,34 +13,58 @@ DEFAULT_STATE_DIR = "livetrain-state"
 
 def add_store_options(parser) -> None:
     """``--store DIR`` / ``--no-store``: which checkpoint store the engine and the trainer use."""
-    parser.add_argument("--store", default=None, metavar="DIR",
-                        help="the model's checkpoint store (default MODEL/.livetrain-store; the engine creates it "
-                             "when missing and serves its newest generation; POST /checkpoint and "
-                             "--checkpoint-every add generations)")
-    parser.add_argument("--no-store", action="store_true",
-                        help="no checkpoint store: serve the model files as they are; /checkpoint, /checkpoints "
-                             "and /rollback answer 409")
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="the model's checkpoint store (default MODEL/.livetrain-store; the engine creates it "
+        "when missing and serves its newest generation; POST /checkpoint and "
+        "--checkpoint-every add generations)",
+    )
+    parser.add_argument(
+        "--no-store",
+        action="store_true",
+        help="no checkpoint store: serve the model files as they are; /checkpoint, /checkpoints "
+        "and /rollback answer 409",
+    )
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """Every option of the trainer process except where it attaches (manifest, model, socket)."""
     parser = parser.add_argument_group("training options")
-    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
-                        help="optimizer state and weight version, saved after every job and restored at start "
-                             f"(default ./{DEFAULT_STATE_DIR})")
+    parser.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="optimizer state and weight version, saved after every job and restored at start "
+        f"(default ./{DEFAULT_STATE_DIR})",
+    )
     add_store_options(parser)
-    parser.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",
-                        help="save a generation every SECONDS when the weights changed since the last one "
-                             "(default 0: only on POST /checkpoint)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="save a generation every SECONDS when the weights changed since the last one "
+        "(default 0: only on POST /checkpoint)",
+    )
     parser.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job (APOLLO-Mini)")
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step")
-    parser.add_argument("--max-seq-len", type=int, default=0,
-                        help="longest training example in tokens (default: the model's context)")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
+    )
     parser.add_argument("--queue-size", type=int, default=8, help="queued jobs before /train answers 429")
-    parser.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"],
-                        help="how embeddings and lm_head are trained")
-    parser.add_argument("--no-grad-checkpointing", action="store_true",
-                        help="keep every layer's activations instead of recomputing them in backward")
+    parser.add_argument(
+        "--embeddings",
+        default="apollo",
+        choices=["apollo", "adamw", "frozen"],
+        help="how embeddings and lm_head are trained",
+    )
+    parser.add_argument(
+        "--no-grad-checkpointing",
+        action="store_true",
+        help="keep every layer's activations instead of recomputing them in backward",
+    )
 
 
 def check(ns: argparse.Namespace) -> str | None:
@@ -59,10 +83,24 @@ def store_argv(ns: argparse.Namespace) -> list[str]:
 
 def argv(ns: argparse.Namespace) -> list[str]:
     """Every option of ``add_options`` as command-line words, for the trainer process."""
-    return ["--state-dir", ns.state_dir, *store_argv(ns), "--checkpoint-every", str(ns.checkpoint_every),
-            "--lr", str(ns.lr), "--batch-size", str(ns.batch_size), "--max-seq-len", str(ns.max_seq_len),
-            "--queue-size", str(ns.queue_size), "--embeddings", ns.embeddings,
-            *(["--no-grad-checkpointing"] if ns.no_grad_checkpointing else [])]
+    return [
+        "--state-dir",
+        ns.state_dir,
+        *store_argv(ns),
+        "--checkpoint-every",
+        str(ns.checkpoint_every),
+        "--lr",
+        str(ns.lr),
+        "--batch-size",
+        str(ns.batch_size),
+        "--max-seq-len",
+        str(ns.max_seq_len),
+        "--queue-size",
+        str(ns.queue_size),
+        "--embeddings",
+        ns.embeddings,
+        *(["--no-grad-checkpointing"] if ns.no_grad_checkpointing else []),
+    ]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

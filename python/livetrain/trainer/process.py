@@ -33,8 +33,18 @@ def environment(env) -> dict:
 
 def trainer_command(manifest: str, model_dir: str, socket: str, ns: argparse.Namespace) -> list[str]:
     """``python -m livetrain.trainer`` on an engine's manifest with the options ``ns`` (trainer.options)."""
-    return [sys.executable, "-m", "livetrain.trainer", "--manifest", manifest, "--model", model_dir,
-            "--socket", socket, *options.argv(ns)]
+    return [
+        sys.executable,
+        "-m",
+        "livetrain.trainer",
+        "--manifest",
+        manifest,
+        "--model",
+        model_dir,
+        "--socket",
+        socket,
+        *options.argv(ns),
+    ]
 
 
 class Process:
@@ -73,11 +83,13 @@ class Process:
         return shlex.join(self.cmd)
 
 
-def start_trainer(manifest: str, model_dir: str, socket: str, ns: argparse.Namespace, env=None, *,
-                  tied: bool = False) -> Process:
+def start_trainer(
+    manifest: str, model_dir: str, socket: str, ns: argparse.Namespace, env=None, *, tied: bool = False
+) -> Process:
     """The trainer process on an engine's manifest, in ``environment(env)`` (default: this process's)."""
-    return Process(trainer_command(manifest, model_dir, socket, ns), environment(os.environ if env is None else env),
-                   tied=tied)
+    return Process(
+        trainer_command(manifest, model_dir, socket, ns), environment(os.environ if env is None else env), tied=tied
+    )
 
 
 def _exec_tied_to(parent: int, cmd: list[str]) -> None:

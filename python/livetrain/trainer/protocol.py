@@ -21,8 +21,14 @@ MAX_BODY = 64 << 20
 _MAX_HEADER = 4096
 
 # The OpenAI-style error ``type`` of each status livetrain answers with.
-KINDS = {400: "invalid_request_error", 401: "authentication_error", 409: "conflict", 429: "rate_limit_error",
-         500: "server_error", 503: "unavailable"}
+KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    409: "conflict",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "unavailable",
+}
 
 
 class Reply(NamedTuple):

@@ -44,8 +44,10 @@ def parse_rollback_args(args: dict, generations: list[int]) -> int:
     if isinstance(g, bool) or not isinstance(g, int):
         raise Invalid("generation", f"generation must be an integer, got {json.dumps(g)[:40]}")
     if g not in generations:
-        raise Invalid("generation", f"generation {g} is not in the checkpoint store (it holds "
-                      f"{generations[0]}..{generations[-1]})")
+        raise Invalid(
+            "generation",
+            f"generation {g} is not in the checkpoint store (it holds {generations[0]}..{generations[-1]})",
+        )
     return g
 
 
@@ -65,11 +67,27 @@ class Trainer:
     an 8B model (bench/RESULTS.md). The second such gradient reuses the first one's memory.
     """
 
-    def __init__(self, manifest: str, model_dir: str, state_dir: str, *, lr: float = 1e-5, batch_size: int = 8,
-                 max_len: int = 0, queue_size: int = 8, max_examples: int = 10_000, embeddings: str = "apollo",
-                 grad_checkpointing: bool = True, wait_s: float = 60.0, store: bool = True,
-                 store_dir: str | None = None, checkpoint_every: float = 0.0, release_cached: bool = True):
+    def __init__(
+        self,
+        manifest: str,
+        model_dir: str,
+        state_dir: str,
+        *,
+        lr: float = 1e-5,
+        batch_size: int = 8,
+        max_len: int = 0,
+        queue_size: int = 8,
+        max_examples: int = 10_000,
+        embeddings: str = "apollo",
+        grad_checkpointing: bool = True,
+        wait_s: float = 60.0,
+        store: bool = True,
+        store_dir: str | None = None,
+        checkpoint_every: float = 0.0,
+        release_cached: bool = True,
+    ):
         import transformers
+
         from livetrain import checkpoint, optim, sharing
 
         deadline = time.monotonic() + wait_s
@@ -86,7 +104,9 @@ class Trainer:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = sharing.build_hf_model(self.attached)
         self.model.train()
-        self.grad_checkpointing = bool(grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False))
+        self.grad_checkpointing = bool(
+            grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
+        )
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.device = next(self.model.parameters()).device
@@ -216,8 +236,12 @@ class Trainer:
                 print(f"livetrain trainer: periodic checkpoint failed: {self.checkpoint_error}", flush=True)
 
     def checkpoint_due(self) -> bool:
-        return (self.store is not None and self.checkpoint_every > 0 and self.weight_version != self.saved_version
-                and time.monotonic() - self.last_checkpoint >= self.checkpoint_every)
+        return (
+            self.store is not None
+            and self.checkpoint_every > 0
+            and self.weight_version != self.saved_version
+            and time.monotonic() - self.last_checkpoint >= self.checkpoint_every
+        )
 
     def submit(self, job: dict) -> Reply:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), then queues it."""
@@ -228,8 +252,18 @@ class Trainer:
         bs = parsed.get("batch_size", self.batch_size)
         steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
         jid = f"job-{uuid.uuid4().hex[:12]}"
-        info = {"id": jid, "state": "queued", "examples": n, "steps": steps, "step": 0, "batch_size": bs,
-                "lr": parsed.get("lr", self.lr), "loss": None, "error": None, "submitted": time.time()}
+        info = {
+            "id": jid,
+            "state": "queued",
+            "examples": n,
+            "steps": steps,
+            "step": 0,
+            "batch_size": bs,
+            "lr": parsed.get("lr", self.lr),
+            "loss": None,
+            "error": None,
+            "submitted": time.time(),
+        }
         with self.lock:
             try:
                 self.queue.put_nowait((jid, parsed))
@@ -253,8 +287,13 @@ class Trainer:
                 "weight_version": self.weight_version,
                 "loss_history": list(self.losses),
                 "tokens_per_s": round(self.tokens_per_s, 1),
-                "optimizer": {"name": "apollo-mini", "state_bytes": self.opt_bytes, "restored": self.restored,
-                              "restored_from": self.restored_from, "steps": self.opt_steps},
+                "optimizer": {
+                    "name": "apollo-mini",
+                    "state_bytes": self.opt_bytes,
+                    "restored": self.restored,
+                    "restored_from": self.restored_from,
+                    "steps": self.opt_steps,
+                },
                 "gradient_checkpointing": self.grad_checkpointing,
                 "device": str(self.device),
                 "checkpoint": self._checkpoint_status(),
@@ -264,15 +303,25 @@ class Trainer:
         if self.store is None:
             return None
         head = self.generations[-1]
-        return {"store": self.store.dir, "generation": head["generation"], "weight_version": head["weight_version"],
-                "time": head["time_ms"] / 1000, "every_s": self.checkpoint_every, "error": self.checkpoint_error}
+        return {
+            "store": self.store.dir,
+            "generation": head["generation"],
+            "weight_version": head["weight_version"],
+            "time": head["time_ms"] / 1000,
+            "every_s": self.checkpoint_every,
+            "error": self.checkpoint_error,
+        }
 
     # ---- the checkpoint store (on the training thread, between steps) ----
     def checkpoints(self) -> dict:
         with self.lock:
             gens = [dict(g) for g in self.generations]
-        return {"store": self.store.dir, "head": gens[-1]["generation"], "oldest": gens[0]["generation"],
-                "generations": gens}
+        return {
+            "store": self.store.dir,
+            "head": gens[-1]["generation"],
+            "oldest": gens[0]["generation"],
+            "generations": gens,
+        }
 
     def _commit(self) -> dict:
         """Saves the live weights as a generation with the optimizer state beside them."""
@@ -289,9 +338,17 @@ class Trainer:
         t0 = time.perf_counter()
         r = self._commit()
         head = self.generations[-1]
-        return Reply(200, {"generation": r["generation"], "written": r["written"], "bytes": r["bytes"],
-                           "changed": r["changed"], "seconds": round(time.perf_counter() - t0, 3),
-                           "weight_version": head["weight_version"]})
+        return Reply(
+            200,
+            {
+                "generation": r["generation"],
+                "written": r["written"],
+                "bytes": r["bytes"],
+                "changed": r["changed"],
+                "seconds": round(time.perf_counter() - t0, 3),
+                "weight_version": head["weight_version"],
+            },
+        )
 
     def rollback(self, generation: int) -> Reply:
         """Generation ``generation`` into the live weights, its optimizer state (or a fresh one when it has
@@ -308,10 +365,18 @@ class Trainer:
             self.weight_version += 1
             self.opt_steps = steps
         r = self._commit()
-        return Reply(200, {"rolled_back_to": generation, "restored_weight_version": gen["weight_version"],
-                           "optimizer": "restored" if gen["optimizer_state"] else "reset",
-                           "generation": r["generation"], "written": r["written"], "weight_version": self.weight_version,
-                           "seconds": round(time.perf_counter() - t0, 3)})
+        return Reply(
+            200,
+            {
+                "rolled_back_to": generation,
+                "restored_weight_version": gen["weight_version"],
+                "optimizer": "restored" if gen["optimizer_state"] else "reset",
+                "generation": r["generation"],
+                "written": r["written"],
+                "weight_version": self.weight_version,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
 
     def _optimizer_steps(self) -> int:
         """Steps of the most-stepped parameter (synchronizes with the device)."""
@@ -324,9 +389,9 @@ class Trainer:
         labels = torch.full((len(examples), width), -100, dtype=torch.long)
         attn = torch.zeros((len(examples), width), dtype=torch.long)
         for i, (t, m, _) in enumerate(examples):
-            ids[i, :len(t)] = torch.tensor(t)
-            attn[i, :len(t)] = 1
-            labels[i, :len(t)] = torch.where(torch.tensor(m), torch.tensor(t), -100)
+            ids[i, : len(t)] = torch.tensor(t)
+            attn[i, : len(t)] = 1
+            labels[i, : len(t)] = torch.where(torch.tensor(m), torch.tensor(t), -100)
         weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
 

@@ -53,8 +53,10 @@ def _extension_problem(qualname: str) -> str | None:
     except (ImportError, AttributeError, ValueError) as e:
         return f"--worker-extension-cls {qualname} cannot be imported ({e})"
     if not (isinstance(cls, type) and issubclass(cls, worker.WorkerExtension)):
-        return (f"--worker-extension-cls {qualname} is not {EXTENSION} (nor a subclass of it); "
-                "the workers would not have livetrain's methods")
+        return (
+            f"--worker-extension-cls {qualname} is not {EXTENSION} (nor a subclass of it); "
+            "the workers would not have livetrain's methods"
+        )
     return None
 
 
@@ -63,8 +65,9 @@ class VersionWatcher:
     cache, set vLLM's weight version). ``read`` is the trainer's light ``version`` op (None while it cannot
     say; TrainerUnavailable while it is not there). Polling keeps the trainer unaware of vLLM."""
 
-    def __init__(self, read: Callable[[], int | None], on_change: Callable[[int], Awaitable[None]],
-                 interval: float = 0.2):
+    def __init__(
+        self, read: Callable[[], int | None], on_change: Callable[[int], Awaitable[None]], interval: float = 0.2
+    ):
         self.read, self.on_change, self.interval = read, on_change, interval
         self.version: int | None = None
         self.task: asyncio.Task | None = None
@@ -153,8 +156,9 @@ class EndpointPlugin:
 
         own_dir = not env.get("LIVETRAIN_RUN_DIR")
         run_dir = env.get("LIVETRAIN_RUN_DIR") or tempfile.mkdtemp(prefix="livetrain-vllm-")
-        self.exports = sorted(await api.collective_rpc(engine_client, worker.EXPORT_METHOD, run_dir),
-                              key=lambda e: e["tp_rank"])
+        self.exports = sorted(
+            await api.collective_rpc(engine_client, worker.EXPORT_METHOD, run_dir), key=lambda e: e["tp_rank"]
+        )
         # The first API server to ask decided the directory; every later one gets the workers' answer.
         self.run_dir = self.exports[0]["run_dir"]
         if own_dir and self.run_dir != run_dir:
@@ -170,21 +174,28 @@ class EndpointPlugin:
         if restore["restored"]:
             logger.info("livetrain: serving checkpoint generation %d from %s", restore["generation"], restore["store"])
         if facts.tensor_parallel > 1:
-            logger.warning("livetrain: vLLM runs with tensor parallelism %d; manifests %s are exported, but the "
-                           "trainer builds a model from one whole rank only, so no trainer is started and /train "
-                           "answers 503", facts.tensor_parallel, ", ".join(e["manifest"] for e in self.exports))
+            logger.warning(
+                "livetrain: vLLM runs with tensor parallelism %d; manifests %s are exported, but the "
+                "trainer builds a model from one whole rank only, so no trainer is started and /train "
+                "answers 503",
+                facts.tensor_parallel,
+                ", ".join(e["manifest"] for e in self.exports),
+            )
         elif mode == "plugin":
             # Tied: stopped when the API server exits, by the kernel if it dies.
-            self.trainer = process.start_trainer(first["manifest"], first["model_dir"], self.socket, trainer_ns,
-                                                 tied=True)
+            self.trainer = process.start_trainer(
+                first["manifest"], first["model_dir"], self.socket, trainer_ns, tied=True
+            )
             logger.info("livetrain: trainer pid %d on %s", self.trainer.pid, first["manifest"])
         else:
             cmd = process.trainer_command(first["manifest"], first["model_dir"], self.socket, trainer_ns)
             logger.info("livetrain: LIVETRAIN_TRAINER=external; start the trainer with: %s", shlex.join(cmd))
 
         if facts.prefix_caching:
-            logger.info("livetrain: vLLM's prefix cache is reset after every training step (running requests "
-                        "are preempted and recomputed); --no-enable-prefix-caching avoids that cost")
+            logger.info(
+                "livetrain: vLLM's prefix cache is reset after every training step (running requests "
+                "are preempted and recomputed); --no-enable-prefix-caching avoids that cost"
+            )
         else:
             logger.info("livetrain: prefix caching is off; nothing to reset after training steps")
         installed = api.installed_vllm_version()
@@ -193,12 +204,15 @@ class EndpointPlugin:
         def read_version() -> int | None:
             if self.trainer is not None and self.trainer.poll() is not None and not self._reported_exit:
                 self._reported_exit = True
-                logger.error("livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
-                             self.trainer.poll())
+                logger.error(
+                    "livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
+                    self.trainer.poll(),
+                )
             return protocol.weight_version(self.socket)
 
-        self.watcher = VersionWatcher(read_version,
-                                      weight_version_action(engine_client, facts.prefix_caching, set_version))
+        self.watcher = VersionWatcher(
+            read_version, weight_version_action(engine_client, facts.prefix_caching, set_version)
+        )
         self.watcher.start()
 
     def _supervise(self, run_dir: str) -> bool:
