@@ -57,8 +57,15 @@ def _check_rows(x: torch.Tensor, **rows: tuple[torch.Tensor, torch.dtype]) -> No
             )
 
 
-def _stream(x: torch.Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
+def _rows(x: torch.Tensor) -> tuple:
+    """How the core's passes take a block of logits: address, dtype name, rows, columns, row stride."""
+    return x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0)
+
+
+def _device(x: torch.Tensor) -> tuple[bool, int]:
+    """Where the core's passes run: on CUDA (on the current stream), or on the CPU."""
+    cuda = x.device.type == "cuda"
+    return cuda, torch.cuda.current_stream(x.device).cuda_stream if cuda else 0
 
 
 def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
@@ -66,16 +73,7 @@ def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
     fp32 log-sum-exps (start them at −inf). One read of x (the core's pass), else torch operations."""
     _check_rows(x, lse=(lse, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_logsumexp_rows(
-            x.data_ptr(),
-            dtype_name(x.dtype),
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            lse.data_ptr(),
-            x.device.type == "cuda",
-            _stream(x),
-        )
+        _core.ce_logsumexp_rows(*_rows(x), lse.data_ptr(), *_device(x))
     else:
         torch.logaddexp(lse, torch.logsumexp(x.float(), dim=-1), out=lse)
 
@@ -88,19 +86,7 @@ def softmax_grad_(
     Computed in fp32 and rounded once; one read and one write of x (the core's pass)."""
     _check_rows(x, lse=(lse, torch.float32), target=(target, torch.int64), scale=(scale, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_softmax_grad_rows(
-            x.data_ptr(),
-            dtype_name(x.dtype),
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            lse.data_ptr(),
-            target.data_ptr(),
-            col0,
-            scale.data_ptr(),
-            x.device.type == "cuda",
-            _stream(x),
-        )
+        _core.ce_softmax_grad_rows(*_rows(x), lse.data_ptr(), target.data_ptr(), col0, scale.data_ptr(), *_device(x))
         return x
     grad = x.float().sub_(lse[:, None]).exp_()
     width = x.shape[1]

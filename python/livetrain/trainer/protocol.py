@@ -38,11 +38,11 @@ class Reply(NamedTuple):
     body: dict
 
 
-def error(code: int, message: str, param: str | None = None, kind: str | None = None) -> Reply:
-    """The one error reply: ``{"error": {"message", "type", "param"}}`` with ``param`` naming the offending
-    field (``examples[1].messages[0].role``, ``body``, ...), answered by the trainer, the routes and the
-    reference engine alike."""
-    return Reply(code, {"error": {"message": message, "type": kind or KINDS[code], "param": param}})
+def error(code: int, message: str, param: str | None = None) -> Reply:
+    """The one error reply: ``{"error": {"message", "type", "param"}}``, ``type`` from the status and
+    ``param`` naming the offending field (``examples[1].messages[0].role``, ``body``, ...), answered by the
+    trainer, the routes and the reference engine alike."""
+    return Reply(code, {"error": {"message": message, "type": KINDS[code], "param": param}})
 
 
 class Invalid(ValueError):
@@ -106,8 +106,10 @@ def call(path: str, op: str, body: bytes = b"", timeout: float = 30.0) -> tuple[
             s.connect(path)
             s.sendall(json.dumps({"op": op, "length": len(body)}).encode() + b"\n" + body)
             with s.makefile("rb") as f:
-                header = _read_header(f, f"trainer socket {path}")
-                return header["code"], _read_exactly(f, header["length"], f"trainer socket {path}")
+                header = _read_header(f, "reply")
+                if not isinstance(header.get("code"), int):
+                    raise ValueError(f"reply header without a status: {header}")
+                return header["code"], _read_exactly(f, header["length"], "reply")
     except (OSError, ValueError) as e:
         raise TrainerUnavailable(f"trainer socket {path}: {e}") from e
 

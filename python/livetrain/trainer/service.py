@@ -201,7 +201,7 @@ class Trainer:
             return self.between_steps(lambda: self.rollback(g))
         return error(400, f"unknown op {op!r}", "op")
 
-    def between_steps(self, fn) -> dict:
+    def between_steps(self, fn) -> Reply:
         """Runs ``fn`` on the training thread between two steps (or while it is idle); returns its reply.
         Serving goes on meanwhile: only training waits."""
         item = [fn, threading.Event(), None]
