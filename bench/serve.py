@@ -47,34 +47,26 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from livetrain.trainer import process  # noqa: E402
+from livetrain.trainer import options, process  # noqa: E402
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
 
+# Qwen3 shapes (rms_norm_eps 1e-6, untied): hidden, layers, heads, KV heads, head_dim, intermediate, vocabulary, positions.
+_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
 SHAPES = {
-    "8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=12288,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        vocab_size=512,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
+    name: dict(zip(_FIELDS, sizes), rms_norm_eps=1e-6, tie_word_embeddings=False)
+    for name, sizes in {
+        "8b": (4096, 36, 32, 8, 128, 12288, 151936, 40960),
+        "tiny": (64, 2, 4, 2, 16, 128, 512, 4096),
+    }.items()
 }
 DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1"}
 MARK = "@@serve-bench "  # child -> orchestrator JSON lines start with this; other stdout lines pass through
@@ -299,16 +291,10 @@ def role_trainer(a) -> None:
     from livetrain.trainer.service import Trainer
 
     t = time.perf_counter()
-    trainer = Trainer(
-        a.manifest,
-        a.model,
-        a.state_dir,
-        lr=a.lr,
-        batch_size=1,
-        store=False,
-        embeddings=a.embeddings,
-        release_cached=not a.keep_cache,
-    )
+    settings = options.parse(
+        ["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", str(a.lr), "--embeddings", a.embeddings]
+    )  # no checkpoint store in a benchmark
+    trainer = Trainer(a.manifest, a.model, settings, release_cached=not a.keep_cache)
     setup_s = time.perf_counter() - t
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -871,12 +857,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per training step (one sequence)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument(
-        "--embeddings",
-        default="apollo",
-        choices=["apollo", "adamw", "frozen"],
-        help="how the trainer treats embeddings and lm_head (livetrain serve --embeddings; default apollo)",
-    )
+    ap.add_argument("--embeddings", default="apollo", choices=options.EMBEDDINGS, help="as livetrain serve's")
     ap.add_argument(
         "--client",
         default="auto",

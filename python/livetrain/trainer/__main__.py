@@ -27,20 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from livetrain.trainer.service import Trainer
 
     try:
-        trainer = Trainer(
-            a.manifest,
-            a.model,
-            a.state_dir,
-            lr=a.lr,
-            batch_size=a.batch_size,
-            max_len=a.max_seq_len,
-            queue_size=a.queue_size,
-            embeddings=a.embeddings,
-            grad_checkpointing=not a.no_grad_checkpointing,
-            store=not a.no_store,
-            store_dir=a.store,
-            checkpoint_every=a.checkpoint_every,
-        )
+        trainer = Trainer(a.manifest, a.model, a)
     except Error as e:  # a stale manifest, a busy lease or store, a bad state file: the message names it
         sys.exit(f"livetrain trainer: {e}")
     for sig in (signal.SIGTERM, signal.SIGINT):

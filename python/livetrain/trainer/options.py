@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
+# How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
+EMBEDDINGS = ("apollo", "adamw", "frozen")
 
 
 def add_store_options(parser) -> None:
@@ -55,10 +57,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--queue-size", type=int, default=8, help="queued jobs before /train answers 429")
     parser.add_argument(
-        "--embeddings",
-        default="apollo",
-        choices=["apollo", "adamw", "frozen"],
-        help="how embeddings and lm_head are trained",
+        "--embeddings", default="apollo", choices=EMBEDDINGS, help="how embeddings and lm_head are trained"
     )
     parser.add_argument(
         "--no-grad-checkpointing",

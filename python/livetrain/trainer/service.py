@@ -7,6 +7,7 @@ to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.tr
 
 from __future__ import annotations
 
+import argparse
 import collections
 import itertools
 import json
@@ -21,6 +22,7 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
+from livetrain.trainer import options
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
@@ -55,9 +57,10 @@ class Trainer:
     """The model on the engine's memory, the optimizer, the job queue, the checkpoint store and what
     /train/status reports.
 
-    ``store``: use the model's checkpoint store (at ``store_dir``, default ``MODEL/.livetrain-store``),
-    which the engine has created and restored from before exporting its weights; ``checkpoint_every``:
-    seconds between automatic checkpoints when the weights changed (0: only on request).
+    ``settings``: the trainer's options as livetrain.trainer.options parses them (``options.parse([...])``;
+    default: every option's default). The checkpoint store (``--store``, default ``MODEL/.livetrain-store``)
+    is the one the engine created and restored from before exporting its weights; with ``--no-store``
+    there is none.
 
     ``release_cached`` (CUDA): once per step, just before the first vocabulary-sized gradient is made
     (the input embeddings' at the end of backward, else the output projection's after it), give the
@@ -71,19 +74,10 @@ class Trainer:
         self,
         manifest: str,
         model_dir: str,
-        state_dir: str,
+        settings: argparse.Namespace | None = None,
         *,
-        lr: float = 1e-5,
-        batch_size: int = 8,
-        max_len: int = 0,
-        queue_size: int = 8,
         max_examples: int = 10_000,
-        embeddings: str = "apollo",
-        grad_checkpointing: bool = True,
         wait_s: float = 60.0,
-        store: bool = True,
-        store_dir: str | None = None,
-        checkpoint_every: float = 0.0,
         release_cached: bool = True,
     ):
         import transformers
@@ -104,13 +98,14 @@ class Trainer:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = sharing.build_hf_model(self.attached)
         self.model.train()
+        s = settings or options.parse([])
         self.grad_checkpointing = bool(
-            grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
+            not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.device = next(self.model.parameters()).device
-        self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=embeddings), lr=lr)
+        self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
         self.names = {p: n for n, p in self.model.named_parameters()}
         # Hugging Face name -> the engine's memory, as the checkpoint store takes them (tied weights once).
         self.weights = {n: p.data for n, p in self.model.named_parameters()}
@@ -121,15 +116,15 @@ class Trainer:
         embeddings_module = self.model.get_input_embeddings()
         if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
             embeddings_module.register_forward_hook(self._embeddings_forward)
-        self.lr, self.batch_size = lr, batch_size
-        self.max_len = max_len or int(self.attached.config.get("max_position_embeddings") or 4096)
+        self.lr, self.batch_size = s.lr, s.batch_size
+        self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-        self.state_dir = state_dir
-        os.makedirs(state_dir, exist_ok=True)
-        self.opt_path = os.path.join(state_dir, "optimizer.safetensors")
-        self.meta_path = os.path.join(state_dir, "trainer.json")
+        self.state_dir = s.state_dir
+        os.makedirs(s.state_dir, exist_ok=True)
+        self.opt_path = os.path.join(s.state_dir, "optimizer.safetensors")
+        self.meta_path = os.path.join(s.state_dir, "trainer.json")
         saved_version = None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
@@ -138,8 +133,8 @@ class Trainer:
         # state recorded with that generation belongs to these weights; the state dir's is newer (training
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
         self.store, head = None, None
-        if store:
-            self.store = checkpoint.open_store(model_dir, store_dir)
+        if not s.no_store:
+            self.store = checkpoint.open_store(model_dir, s.store)
             head = self.store.list()[-1]
         self.restored_from = None
         if head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
@@ -156,7 +151,7 @@ class Trainer:
             hv = head["weight_version"]
             self.weight_version = self.weight_version + 1 if self.weight_version > hv else hv
         self.saved_version = self.weight_version  # the version the store's head holds (see checkpoint_due)
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
         self.checkpoint_error: str | None = None
@@ -166,7 +161,7 @@ class Trainer:
         self.opt_steps = self._optimizer_steps()
         self.opt_bytes = self.opt.state_bytes()["total"]
 
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue = queue.Queue(maxsize=s.queue_size)
         self.lock = threading.Lock()  # guards what status() reads
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.current: str | None = None
