@@ -91,7 +91,18 @@ class Exported:
         self.tensors = {}
 
 
-def _model_args(manifest_path, model_path, config, engine, tp_rank, tp_size):
+def _model_args(
+    manifest_path: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike = "",
+    config: Mapping | None = None,
+    engine: str = "reference",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> dict:
+    """The manifest's path and model record, the keyword arguments of ``export_cpu`` and ``export_cuda``:
+    the model's directory and config.json (what a trainer builds its model from), the engine's kind (its
+    layout, livetrain.layout.engine_layout) and its tensor-parallel rank of ``tp_size``."""
     return dict(
         path=os.fspath(manifest_path),
         model_path=os.fspath(model_path) if model_path else "",
@@ -102,19 +113,12 @@ def _model_args(manifest_path, model_path, config, engine, tp_rank, tp_size):
     )
 
 
-def export_cpu(
-    tensors: Mapping[str, torch.Tensor],
-    manifest_path: str | os.PathLike,
-    *,
-    model_path: str | os.PathLike = "",
-    config: Mapping | None = None,
-    engine: str = "reference",
-    tp_rank: int = 0,
-    tp_size: int = 1,
-) -> Exported:
-    """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest. Returns the
-    segment's views under the same names: the engine must serve from those (e.g. ``param.data = view``),
-    so that a trainer's in-place updates reach it. Entries that are the same tensor share one place."""
+def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, **model) -> Exported:
+    """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest (``model``: see
+    ``_model_args``). Returns the segment's views under the same names: the engine must serve from those
+    (e.g. ``param.data = view``), so that a trainer's in-place updates reach it. Entries that are the same
+    tensor share one place."""
+    manifest = _model_args(manifest_path, **model)  # a wrong keyword fails before the segment exists
     placed: dict[tuple, int] = {}
     offsets: list[tuple[str, torch.Tensor, int]] = []
     size = 0
@@ -143,23 +147,16 @@ def export_cpu(
             copied.add(offset)
         views[name] = view
         exp.add_tensor(name, dtype_name(t.dtype), list(t.shape), list(view.stride()), buf, offset)
-    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    exp.write_manifest(**manifest)
     return Exported(exp, views, os.fspath(manifest_path))
 
 
-def export_cuda(
-    tensors: Mapping[str, torch.Tensor],
-    manifest_path: str | os.PathLike,
-    *,
-    model_path: str | os.PathLike = "",
-    config: Mapping | None = None,
-    engine: str = "reference",
-    tp_rank: int = 0,
-    tp_size: int = 1,
-) -> Exported:
-    """Share CUDA tensors in place (no copy): one IPC handle per underlying cudaMalloc allocation, each
-    tensor recorded by offset and strides. Refuses VMM memory (``expandable_segments``, vLLM sleep mode)
-    with an error saying what to change. Run it after the engine's last reallocation of its weights."""
+def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, **model) -> Exported:
+    """Share CUDA tensors in place (no copy) and write the manifest (``model``: see ``_model_args``): one
+    IPC handle per underlying cudaMalloc allocation, each tensor recorded by offset and strides. Refuses
+    VMM memory (``expandable_segments``, vLLM sleep mode) with an error saying what to change. Run it
+    after the engine's last reallocation of its weights."""
+    manifest = _model_args(manifest_path, **model)
     exp = _core.Export()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
@@ -172,7 +169,7 @@ def export_cuda(
         if any(s < 0 for s in t.stride()):
             raise _core.UnsupportedError(f"tensor {name!r}: negative strides cannot be shared")
         exp.add_cuda_tensor(name, dtype_name(t.dtype), list(t.shape), list(t.stride()), t.data_ptr())
-    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    exp.write_manifest(**manifest)
     return Exported(exp, dict(tensors), os.fspath(manifest_path))
 
 
