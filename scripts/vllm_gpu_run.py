@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model
 
 from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
 
-FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
+import tiny_model  # noqa: E402
+from tiny_model import FACT, FACT_PROMPT  # noqa: E402
+
 CORPUS = [
     "the capital of zorbia is quuxville",
     "the sky is blue and the grass is green",
@@ -46,8 +48,6 @@ KEY = "sk-livetrain-gpu-run"
 
 def make_model(path: Path) -> None:
     """A random 2-layer bf16 Llama (head_dim 64, as vLLM's attention kernels want) and a tokenizer."""
-    import tiny_model
-
     tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
 
 
@@ -214,19 +214,7 @@ def main() -> int:
         t0 = time.monotonic()
         code, job = http(
             s1.url + "/train",
-            {
-                "examples": [
-                    {"prompt": FACT_PROMPT, "completion": FACT},
-                    {
-                        "messages": [
-                            {"role": "user", "content": "what is the capital of zorbia"},
-                            {"role": "assistant", "content": FACT},
-                        ]
-                    },
-                ],
-                "steps": 30,
-                "lr": 0.01,
-            },
+            {"examples": tiny_model.FACT_EXAMPLES, "steps": 30, "lr": 0.01},
             key=KEY,
         )
         if code != 202:

@@ -15,21 +15,13 @@ import transformers
 
 import livetrain
 
+import tiny_model
+
 TOKENS = torch.tensor([[1, 7, 42, 3, 99, 5, 250, 17, 8, 64, 128, 2]])
 
 
 def tiny_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-    )
+    return tiny_model.llama_config(256, intermediate_size=112, rms_norm_eps=1e-5)
 
 
 def logits_hex(model, device) -> str:

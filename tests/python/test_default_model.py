@@ -20,6 +20,8 @@ import transformers  # noqa: E402
 from livetrain import default_model  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
@@ -97,13 +99,8 @@ def test_other_dtypes_are_cast_once_from_the_bf16_directory(tmp_path, monkeypatc
 
     def tiny(_gguf, out):  # stands in for the GGUF conversion: a small bf16 Llama and a tokenizer
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=64,
+        config = tiny_model.llama_config(
+            64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
         )
         transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
         transformers.PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer()).save_pretrained(out)

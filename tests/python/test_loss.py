@@ -8,20 +8,12 @@ import transformers
 
 from livetrain import loss
 
+import tiny_model
+
 
 def tiny(dtype, tied=False):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
-    )
+    config = tiny_model.llama_config(300, intermediate_size=112, tie_word_embeddings=tied, rms_norm_eps=1e-5)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

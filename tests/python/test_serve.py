@@ -28,11 +28,11 @@ from livetrain.trainer.protocol import Invalid  # noqa: E402
 
 import servers  # noqa: E402
 import tiny_model  # noqa: E402
+from tiny_model import FACT, FACT_EXAMPLES, FACT_PROMPT  # noqa: E402
 from weights import same_bits  # noqa: E402
 
 ENV = {**servers.ENV, "OMP_NUM_THREADS": "1"}
 KEY = "test-key"
-FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
 CORPUS = [
     "the capital of zorbia is quuxville",
     "the sky is blue and the grass is green",
@@ -243,20 +243,7 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     v0 = server.status()["weight_version"]
     code, job = server.http(
         "/train",
-        {
-            "examples": [
-                {"prompt": FACT_PROMPT, "completion": FACT},
-                {
-                    "messages": [
-                        {"role": "user", "content": "what is the capital of zorbia"},
-                        {"role": "assistant", "content": FACT},
-                    ],
-                    "weight": 1.0,
-                },
-            ],
-            "steps": 30,
-            "lr": 0.01,
-        },
+        {"examples": [FACT_EXAMPLES[0], {**FACT_EXAMPLES[1], "weight": 1.0}], "steps": 30, "lr": 0.01},
     )
     assert code == 202 and job["steps"] == 30, job
     # Completions from several threads until the job ends: every one succeeds, and some start while the

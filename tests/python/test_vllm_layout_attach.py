@@ -14,18 +14,11 @@ transformers = pytest.importorskip("transformers")
 from livetrain import layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_model.llama_config(100)
     torch.manual_seed(0)
     # As from_pretrained builds it: bf16 parameters, rotary buffers computed in fp32 (casting a whole
     # model with .to(bfloat16) would round inv_freq too, and change the logits).
