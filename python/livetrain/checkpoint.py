@@ -17,7 +17,7 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name
 
-__all__ = ["CheckpointStore", "open_store", "restore_latest", "store_path"]
+__all__ = ["CheckpointStore", "open_store", "restore_head", "restore_latest", "store_exists", "store_path"]
 
 # The store's default place inside the model directory and its commit file (include/livetrain/ckpt.hpp:
 # kDefaultStoreDirName, kCommitFileName).
@@ -58,6 +58,7 @@ class CheckpointStore:
 
     def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, _core_store=None):
         self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""))
+        self.created = False  # set by open_store when it made the store
 
     @classmethod
     def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
@@ -96,18 +97,33 @@ class CheckpointStore:
         """The committed generations, oldest first."""
         return self._s.generations()
 
-    def save(self, tensors: Mapping[str, torch.Tensor], *, weight_version: int = 0,
-             optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False) -> dict:
+    def save(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        weight_version: int = 0,
+        optimizer_state: str | os.PathLike | None = None,
+        save_if_unchanged: bool = False,
+    ) -> dict:
         """Commits the elements of ``tensors`` that differ from the head as a new generation.
 
         Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
         written when nothing changed (unless ``save_if_unchanged``).
         """
-        return self._s.save(_live(tensors), weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
-                            save_if_unchanged=save_if_unchanged)
+        return self._s.save(
+            _live(tensors),
+            weight_version=weight_version,
+            optimizer_state=str(optimizer_state or ""),
+            save_if_unchanged=save_if_unchanged,
+        )
 
-    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
-                out_dir: str | os.PathLike | None = None) -> None:
+    def restore(
+        self,
+        generation: int,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        *,
+        out_dir: str | os.PathLike | None = None,
+    ) -> None:
         """Sets ``tensors`` (in place) to ``generation``, or writes it as a new model directory ``out_dir``."""
         if (tensors is None) == (out_dir is None):
             raise ValueError("restore needs exactly one of tensors= or out_dir=")
@@ -138,46 +154,73 @@ def store_path(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     return str(store_dir) if store_dir else os.path.join(str(model_dir), DEFAULT_STORE_DIR)
 
 
-def open_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-               create: bool = False) -> CheckpointStore:
+def store_exists(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the store of ``model_dir`` has been created (its commit record exists)."""
+    return os.path.exists(os.path.join(store_path(model_dir, store_dir), COMMIT_FILE))
+
+
+def open_store(
+    model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, create: bool = False
+) -> CheckpointStore:
     """Opens the store of ``model_dir``; with ``create``, makes it first when it does not exist yet
-    (generation 0 = the model files as they are)."""
+    (generation 0 = the model files as they are). The one place that creates stores for livetrain's
+    processes: ``store.created`` says whether this call did."""
     path = store_path(model_dir, store_dir)
-    if create and not os.path.exists(os.path.join(path, COMMIT_FILE)):
+    if create and not store_exists(model_dir, path):
         try:
-            return CheckpointStore.create(model_dir, path)
+            store = CheckpointStore.create(model_dir, path)
+            store.created = True
+            return store
         except _core.Error:
-            if not os.path.exists(os.path.join(path, COMMIT_FILE)):
+            if not store_exists(model_dir, path):
                 raise
             # another process created it first: open that one
     return CheckpointStore(model_dir, path)
 
 
-def restore_latest(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike,
-                   store_dir: str | os.PathLike | None = None, *, create: bool = True) -> dict:
-    """Writes the store's head generation into ``tensors`` (``{Hugging Face name: tensor}``, every tensor
-    of the model files, in place) unless the model files already hold it, creating the store when it is
-    missing (``create``). Call it after loading the weights from ``model_dir`` and before serving them.
+def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Writes the store's head generation into ``tensors`` (``{Hugging Face name: tensor}``, every tensor of
+    the model files, in place) unless the model files already hold it; whether it did. The tensors are
+    checked against the store first, so that a mismatch is an error naming the tensor before any write."""
+    for name, dtype, shape in store.tensors():
+        t = tensors.get(name)
+        if t is None:
+            raise _core.InvalidArgumentError(
+                f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)"
+            )
+        if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
+            raise _core.InvalidArgumentError(
+                f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
+                f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
+                "in that dtype or without a store"
+            )
+    if store.head == store.materialized:
+        return False
+    store.restore(store.head, tensors)
+    return True
+
+
+def restore_latest(
+    tensors: Mapping[str, torch.Tensor],
+    model_dir: str | os.PathLike,
+    store_dir: str | os.PathLike | None = None,
+    *,
+    create: bool = True,
+) -> dict:
+    """The start-up step of an engine: ``restore_head`` from the store of ``model_dir``, creating the store
+    when it is missing (``create``). Call it after loading the weights from ``model_dir`` and before
+    serving them.
 
     The store is closed (its lock released) on return, so that the trainer can open it. Returns
     ``{"store", "generation", "weight_version", "restored", "created"}``: the head generation, the weight
     version recorded with it, whether ``tensors`` were changed, and whether the store was created.
     """
-    path = store_path(model_dir, store_dir)
-    created = create and not os.path.exists(os.path.join(path, COMMIT_FILE))
-    with open_store(model_dir, path, create=create) as store:
-        for name, dtype, shape in store.tensors():
-            t = tensors.get(name)
-            if t is None:
-                raise _core.Error(f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)")
-            if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
-                raise _core.Error(
-                    f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
-                    f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
-                    "in that dtype or without a store")
-        head = store.list()[-1]
-        restored = store.head != store.materialized
-        if restored:
-            store.restore(store.head, tensors)
-        return {"store": store.dir, "generation": store.head, "weight_version": head["weight_version"],
-                "restored": restored, "created": created}
+    with open_store(model_dir, store_dir, create=create) as store:
+        restored = restore_head(store, tensors)
+        return {
+            "store": store.dir,
+            "generation": store.head,
+            "weight_version": store.list()[-1]["weight_version"],
+            "restored": restored,
+            "created": store.created,
+        }
