@@ -19,7 +19,7 @@ from livetrain.safetensors import dtype_name
 
 __all__ = ["CheckpointStore", "open_store", "restore_head", "restore_latest", "store_exists", "store_path"]
 
-# The store's default place inside the model directory and its commit file (include/livetrain/ckpt.hpp:
+# The store's default place inside the model directory and its commit file (include/livetrain/checkpoint/format.hpp:
 # kDefaultStoreDirName, kCommitFileName).
 DEFAULT_STORE_DIR = ".livetrain-store"
 COMMIT_FILE = "COMMIT"
