@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <vector>
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 using namespace livetrain;
 __global__ void init(uint16_t* now, uint16_t* old, uint64_t n, uint64_t seed) {
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {

@@ -10,7 +10,8 @@
 #include <vector>
 
 #include "bindings.hpp"
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 
 namespace nb = nanobind;

@@ -8,7 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 
 namespace checkpoint = livetrain::checkpoint;

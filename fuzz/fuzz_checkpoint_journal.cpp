@@ -7,7 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/error.hpp"
 
 namespace checkpoint = livetrain::checkpoint;

@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 
 namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;

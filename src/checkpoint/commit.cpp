@@ -1,8 +1,10 @@
 // The commit record (COMMIT): serialization and strict parsing; it alone says what the store holds.
 #include <cstdio>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/commit.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
 
 namespace livetrain::checkpoint {

@@ -5,7 +5,8 @@
 #include <cstring>
 #include <limits>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 #include "checkpoint/bytes.hpp"
 #include "checkpoint/entropy.hpp"

@@ -8,9 +8,9 @@
 #include <cstdint>
 #include <string>
 
-#include "checkpoint/diff.hpp"
+#include "checkpoint/diff_check.hpp"
 #include "cuda/check.hpp"
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/error.hpp"
 
 namespace livetrain::checkpoint {

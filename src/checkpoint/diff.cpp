@@ -3,8 +3,8 @@
 #include <bit>
 #include <cstring>
 
-#include "checkpoint/diff.hpp"
-#include "livetrain/checkpoint.hpp"
+#include "checkpoint/diff_check.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 

@@ -2,7 +2,8 @@
 // that materialize, recovery and the fuzz target share one parser of these outside bytes.
 #include <cstring>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/error.hpp"
 #include "checkpoint/bytes.hpp"
 

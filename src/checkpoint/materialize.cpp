@@ -6,7 +6,9 @@
 
 #include <cstring>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "checkpoint/bytes.hpp"
 

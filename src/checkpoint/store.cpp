@@ -19,8 +19,12 @@
 #include <set>
 #include <unordered_map>
 
-#include "checkpoint/cuda_host.hpp"
-#include "livetrain/checkpoint.hpp"
+#include "cuda/host.hpp"
+#include "livetrain/checkpoint/commit.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/diff.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
@@ -126,14 +130,14 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
 Store::HeadCopy::~HeadCopy() { release(); }
 
 void Store::HeadCopy::release() noexcept {
-  if (gpu_base_) cuda_host::unpin(base_);
+  if (gpu_base_) cuda::host::unpin(base_);
   if (base_) ::munmap(base_, size_);
   base_ = gpu_base_ = nullptr;
   size_ = 0;
 }
 
 const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
-  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda_host::pin(base_, size_));
+  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda::host::pin(base_, size_));
   return (gpu_base_ ? gpu_base_ : base_) + offsets_[i];
 }
 
@@ -347,7 +351,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   const size_t n = commit_.tensors.size();
   SaveResult res;
   std::vector<DiffTensor> diff(n);
-  if (device >= 0) cuda_host::set_device(device);
+  if (device >= 0) cuda::host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[i];
     const uint32_t unit = unit_bytes(t.dtype);
@@ -505,8 +509,8 @@ void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& liv
   if (const int device = live_device(live); device >= 0) {
     // Staged in host memory (state() checks every delta on the way), then copied tensor by tensor.
     std::vector<std::vector<uint8_t>> bufs = state(generation);
-    cuda_host::set_device(device);
-    for (size_t i = 0; i < ptrs.size(); ++i) cuda_host::to_device(ptrs[i], bufs[i].data(), bufs[i].size());
+    cuda::host::set_device(device);
+    for (size_t i = 0; i < ptrs.size(); ++i) cuda::host::to_device(ptrs[i], bufs[i].data(), bufs[i].size());
     return;
   }
   for (size_t i = 0; i < ptrs.size(); ++i) std::memcpy(ptrs[i], head_.tensor(i), commit_.tensors[i].nbytes);
@@ -519,7 +523,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
   std::vector<std::vector<uint8_t>> other;
   if (generation != commit_.head) other = state(generation);
   std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
-  if (device >= 0) cuda_host::set_device(device);
+  if (device >= 0) cuda::host::set_device(device);
   std::vector<uint8_t> staged;
   LiveDiff d;
   for (size_t i = 0; i < ptrs.size(); ++i) {
@@ -528,7 +532,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
     const uint8_t* b = ptrs[i];
     if (device >= 0) {
       staged.resize(t.nbytes);
-      cuda_host::to_host(staged.data(), ptrs[i], t.nbytes);
+      cuda::host::to_host(staged.data(), ptrs[i], t.nbytes);
       b = staged.data();
     }
     if (std::memcmp(a, b, t.nbytes) == 0) continue;

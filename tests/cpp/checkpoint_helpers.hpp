@@ -7,7 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/format.hpp"
+#include "livetrain/checkpoint/store.hpp"
 #include "livetrain/safetensors.hpp"
 
 namespace livetrain::testing {

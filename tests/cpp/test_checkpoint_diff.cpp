@@ -7,7 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
 

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <random>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/delta.hpp"
+#include "livetrain/checkpoint/hash.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/error.hpp"
 
 namespace checkpoint = livetrain::checkpoint;

@@ -3,7 +3,7 @@
 
 #include <vector>
 
-#include "livetrain/checkpoint.hpp"
+#include "livetrain/checkpoint/diff.hpp"
 
 namespace livetrain::checkpoint {
 
