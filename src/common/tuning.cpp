@@ -40,7 +40,7 @@ const std::array<Spec, kNumKnobs>& specs() {
       {"checkpoint.pipeline", 0, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
       {"checkpoint.diff", 0, {0, 1}, 0, 0,
        "GPU diff: 0 two passes reading the head copy in mapped memory, 1 one pass over DMA-staged groups"},
-      {"checkpoint.group_mib", 256, {}, 16, 2048, "device scratch per group of the GPU diff, MiB"},
+      {"checkpoint.group_mib", 256, {}, 1, 2048, "device scratch per group of the GPU diff, MiB"},
       {"checkpoint.digests", 0, {0, 1}, 0, 0,
        "1: skip chunks whose device-resident 64-bit digest matches the head copy's"},
       {"checkpoint.encode_batch", 8, {}, 1, 256, "blocks of records per encode batch, per CPU thread"},
