@@ -216,6 +216,7 @@ def profile(size: str) -> None:
 # combination measured at the end.
 SWEEP_GRID = [
     ("shipped", "shipped (H100-tuned)", {}),
+    ("split", "tall and wide projections as two kernels", {"apollo.split_projection": 1}),
     ("tall", "tall rows 1, loads 4", {"apollo.tall_rows": 1, "apollo.tall_loads": 4}),
     ("tall", "tall rows 1, loads 8", {"apollo.tall_rows": 1, "apollo.tall_loads": 8}),
     ("tall", "tall rows 2, loads 2", {"apollo.tall_rows": 2, "apollo.tall_loads": 2}),

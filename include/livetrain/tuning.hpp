@@ -21,6 +21,7 @@ enum Knob : int {
   // APOLLO rank-1 steps (src/optim/apollo.cu)
   kApolloBatch = 0,          // matrices per batched launch (apollo_step_many_cuda)
   kApolloStreams,            // streams the batches alternate over (2: one batch's update overlaps the next's projection)
+  kApolloSplitProjection,    // 1: tall and wide projections as separate kernels (implied by their variants)
   kApolloTallThreads,        // threads per block of the tall projection (rows >= cols)
   kApolloTallRows,           // rows per warp in the tall projection
   kApolloTallLoads,          // 16-byte loads in flight per row and lane in the tall projection

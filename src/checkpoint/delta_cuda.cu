@@ -495,8 +495,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       w.digests = fresh;
       digests = fresh.get();
     }
-    d_flags = DeviceBuffer(chunks + sizeof(unsigned long long));
-    auto* d_flagged = reinterpret_cast<unsigned long long*>(d_flags.as<uint8_t>() + chunks);
+    const uint64_t counter_at = (chunks + 7) / 8 * 8;  // the flagged-chunk counter, 8-byte aligned for atomicAdd
+    d_flags = DeviceBuffer(counter_at + sizeof(unsigned long long));
+    auto* d_flagged = reinterpret_cast<unsigned long long*>(d_flags.as<uint8_t>() + counter_at);
     HostBytes h_flagged = pinned_alloc(sizeof(unsigned long long));
     LIVETRAIN_CUDA_CHECK(cudaMemsetAsync(d_flagged, 0, sizeof(unsigned long long), stream));
     flag_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(ts, n, 0, nullptr, 0), digests->d.as<uint64_t>(),

@@ -26,6 +26,8 @@ const std::array<Spec, kNumKnobs>& specs() {
   static const std::array<Spec, kNumKnobs> s = {{
       {"apollo.batch", 64, {}, 1, 64, "rank-1 matrices per batched launch"},
       {"apollo.streams", 1, {1, 2}, 0, 0, "streams the batches alternate over"},
+      {"apollo.split_projection", 0, {0, 1}, 0, 0,
+       "1: tall and wide projections as two kernels, each with its own registers (any variant of theirs implies it)"},
       {"apollo.tall_threads", 256, {128, 256, 512}, 0, 0, "threads per block, tall projection"},
       {"apollo.tall_rows", 2, {1, 2, 4}, 0, 0, "rows per warp, tall projection"},
       {"apollo.tall_loads", 4, {2, 4, 8}, 0, 0,
@@ -34,7 +36,7 @@ const std::array<Spec, kNumKnobs>& specs() {
        "target blocks per wide matrix (chunks x strips; chunks stay within the workspace's)"},
       {"apollo.wide_loads", 4, {2, 4, 8}, 0, 0, "rows in flight per thread, wide projection"},
       {"apollo.moments_blocks_per_sm", 4, {}, 1, 32, "moments grid cap per multiprocessor"},
-      {"apollo.update_threads", 256, {128, 256, 512, 1024}, 0, 0, "threads per block, update"},
+      {"apollo.update_threads", 256, {128, 256, 512}, 0, 0, "threads per block, update"},
       {"apollo.update_blocks_per_sm", 16, {}, 1, 64, "update grid cap per matrix and multiprocessor"},
       {"apollo.update_unroll", 1, {1, 2, 4}, 0, 0, "groups of 8 elements per thread and iteration, update"},
       {"checkpoint.pipeline", 0, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},

@@ -543,15 +543,19 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   const int64_t stride = static_cast<int64_t>(nblocks) * blockDim.x;
   bool bad = false;
   for (int64_t g0 = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; g0 < groups; g0 += stride * kUnroll) {
+    // kUnroll > 1: every group's loads are issued before the rounding bits of the first are computed
+    // (kept packed); kUnroll == 1 is the shipped order (bits, then the loads), at 32 registers.
     Raw<TG> gr[kUnroll];
     Raw<TW> wr[kUnroll];
+    if constexpr (kUnroll > 1) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * stride;
-      const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
-      if (gi < groups && it.wvec && j0 + 8 <= cols) {
-        gr[u].load(G + i * cols + j0);
-        wr[u].load(W + i * it.ldw + j0);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t gi = g0 + u * stride;
+        const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
+        if (gi < groups && it.wvec && j0 + 8 <= cols) {
+          gr[u].load(G + i * cols + j0);
+          wr[u].load(W + i * it.ldw + j0);
+        }
       }
     }
 #pragma unroll
@@ -564,14 +568,21 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
       TW* w = W + i * it.ldw + j0;
       bool ok = true;
       if (it.wvec && j0 + 8 <= cols) {
+        float gv[8], wv[8];
         TW out[8];
+        if constexpr (kUnroll > 1) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
+        } else {
+          ld8(g, gv);
+          ld8(w, wv);
+        }
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          const float wv = wr[u].at(e);
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-          float x = wv - base * sc * gr[u].at(e);
+          float x = wv[e] - base * sc * gv[e];
           float nw = x - decay * x;
-          out[e] = to_weight(nw, wv, TW{}, rounding, rounding_offset(bits, e), ok);
+          out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
         }
         st8(w, out);
       } else {
@@ -592,16 +603,28 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
 // ---- kernels: one parameter ----
 __global__ void gen_kernel(const Item it) { gen_body(it, blockIdx.x, gridDim.x); }
 
+// At most 512 threads per block (apollo.tall_threads, apollo.update_threads): registers are capped so that
+// every variant launches at every allowed block size.
+constexpr int kMaxVariantThreads = 512;
+
 template <typename TG, int kRows, int kLoads>
-__global__ void project_tall_kernel(const Item it) { project_tall_body<TG, kRows, kLoads>(it, blockIdx.x, gridDim.x); }
+__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_kernel(const Item it) { project_tall_body<TG, kRows, kLoads>(it, blockIdx.x, gridDim.x); }
 
 template <typename TG, int kLoads>
 __global__ void project_wide_kernel(const Item it) { project_wide_body<TG, kLoads>(it, blockIdx.x, gridDim.x); }
 
+// The shipped projection: one kernel for tall and wide matrices (the shipped variants of each), so its
+// registers are the larger body's; apollo.split_projection launches them as separate kernels instead.
+template <typename TG>
+__global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const Item it) {
+  if (it.tall) project_tall_body<TG, 2, 4>(it, blockIdx.x, gridDim.x);
+  else project_wide_body<TG, 4>(it, blockIdx.x, gridDim.x);
+}
+
 __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
 
 template <typename TW, typename TG, int kUnroll>
-__global__ void update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
+__global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----
 constexpr int kBatch = 64;  // the most a batch holds (its kernel parameter is ~16 KB); apollo.batch may ask fewer
@@ -632,7 +655,7 @@ __global__ void gen_many_kernel(const __grid_constant__ Batch b) {
 }
 
 template <typename TG, int kRows, int kLoads>
-__global__ void project_tall_many_kernel(const __grid_constant__ Batch b) {
+__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kProject, blockIdx.x, &local);
   project_tall_body<TG, kRows, kLoads>(b.items[i], local, b.items[i].proj_blocks);
 }
@@ -643,13 +666,21 @@ __global__ void project_wide_many_kernel(const __grid_constant__ Batch b) {
   project_wide_body<TG, kLoads>(b.items[i], local, b.items[i].proj_blocks);
 }
 
+template <typename TG>
+__global__ void __launch_bounds__(kMaxVariantThreads) project_fused_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kProject, blockIdx.x, &local);
+  const Item& it = b.items[i];
+  if (it.tall) project_tall_body<TG, 2, 4>(it, local, it.proj_blocks);
+  else project_wide_body<TG, 4>(it, local, it.proj_blocks);
+}
+
 __global__ void moments_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kMoments, blockIdx.x, &local);
   moments_body(b.items[i], local, b.items[i].mom_blocks);
 }
 
 template <typename TW, typename TG, int kUnroll>
-__global__ void update_many_kernel(const __grid_constant__ Batch b) {
+__global__ void __launch_bounds__(kMaxVariantThreads) update_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kUpdate, blockIdx.x, &local);
   update_body<TW, TG, kUnroll>(b.items[i], local, b.items[i].upd_blocks);
 }
@@ -671,14 +702,17 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
+  bool split;  // tall and wide projections as separate kernels (any projection variant but the shipped one)
   static Shape current() {
     using tuning::get;
-    return Shape{static_cast<int>(get(tuning::kApolloTallThreads)), static_cast<int>(get(tuning::kApolloTallRows)),
-                 static_cast<int>(get(tuning::kApolloTallLoads)), static_cast<int>(get(tuning::kApolloWideBlocks)),
-                 static_cast<int>(get(tuning::kApolloWideLoads)), static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
-                 static_cast<int>(get(tuning::kApolloUpdateThreads)), static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
-                 static_cast<int>(get(tuning::kApolloUpdateUnroll)), static_cast<int>(get(tuning::kApolloBatch)),
-                 static_cast<int>(get(tuning::kApolloStreams))};
+    Shape s{static_cast<int>(get(tuning::kApolloTallThreads)), static_cast<int>(get(tuning::kApolloTallRows)),
+            static_cast<int>(get(tuning::kApolloTallLoads)), static_cast<int>(get(tuning::kApolloWideBlocks)),
+            static_cast<int>(get(tuning::kApolloWideLoads)), static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateThreads)), static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateUnroll)), static_cast<int>(get(tuning::kApolloBatch)),
+            static_cast<int>(get(tuning::kApolloStreams)), get(tuning::kApolloSplitProjection) == 1};
+    s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
+    return s;
   }
 };
 constexpr int kWideThreads = kWideColsPerBlock / 8;  // 8 columns per thread
@@ -782,7 +816,9 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   const Item it = make_item(s, s.workspace, shape);
   gen_kernel<<<it.gen_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  if (s.hyper.rank == 1 && it.tall) {
+  if (s.hyper.rank == 1 && !shape.split) {
+    project_fused_kernel<TG><<<it.proj_blocks, it.tall ? shape.tall_threads : kWideThreads, 0, stream>>>(it);
+  } else if (s.hyper.rank == 1 && it.tall) {
     tall_variant(shape.tall_rows, shape.tall_loads, [&](auto rows, auto loads) {
       project_tall_kernel<TG, rows(), loads()><<<it.proj_blocks, shape.tall_threads, 0, stream>>>(it);
     });
@@ -831,7 +867,9 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   for (int want_tall = 1; want_tall >= 0; --want_tall) {
     int p = fill(kProject, [&](const Item& it) { return it.tall == static_cast<bool>(want_tall) ? it.proj_blocks : 0; });
     if (p == 0) continue;
-    if (want_tall) {
+    if (!shape.split) {
+      project_fused_many_kernel<TG><<<p, want_tall ? shape.tall_threads : kWideThreads, 0, stream>>>(b);
+    } else if (want_tall) {
       tall_variant(shape.tall_rows, shape.tall_loads, [&](auto rows, auto loads) {
         project_tall_many_kernel<TG, rows(), loads()><<<p, shape.tall_threads, 0, stream>>>(b);
       });

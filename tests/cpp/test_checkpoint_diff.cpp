@@ -155,6 +155,30 @@ struct DeviceCopy {
   ~DeviceCopy() { cudaFree(p); }
 };
 
+// The store's layout of a diff's inputs: `now` copied to the device, `old` to mapped page-locked host
+// memory (freed with the object).
+struct StoreLayout {
+  std::vector<std::unique_ptr<DeviceCopy>> now;
+  std::vector<void*> pinned;
+  std::vector<checkpoint::DiffTensor> t;
+  explicit StoreLayout(const Data& d) : t(d.tensors) {
+    for (size_t i = 0; i < t.size(); ++i) {
+      now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
+      void* h = nullptr;
+      EXPECT_EQ(cudaHostAlloc(&h, d.old[i].size() + 1, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
+      std::memcpy(h, d.old[i].data(), d.old[i].size());
+      pinned.push_back(h);
+      t[i].now = now.back()->p;
+      t[i].old = h;
+    }
+  }
+  ~StoreLayout() {
+    for (void* h : pinned) cudaFreeHost(h);
+  }
+  StoreLayout(const StoreLayout&) = delete;
+  StoreLayout& operator=(const StoreLayout&) = delete;
+};
+
 void expect_same(const checkpoint::DiffOutput& gpu, const checkpoint::DiffOutput& cpu, const Data& d) {
   const auto cs = cases();
   ASSERT_EQ(gpu.changed.size(), cs.size());
@@ -232,18 +256,9 @@ TEST(CheckpointDiffCuda, WorkspaceAndUpdateOld) {
   checkpoint::DiffOutput cpu;
   checkpoint::delta_diff_cpu(d.tensors, cpu);
 
-  std::vector<std::unique_ptr<DeviceCopy>> now;
-  std::vector<void*> pinned;
-  std::vector<checkpoint::DiffTensor> t = d.tensors;
-  for (size_t i = 0; i < d.tensors.size(); ++i) {
-    now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
-    void* h = nullptr;
-    ASSERT_EQ(cudaHostAlloc(&h, d.old[i].size() + 1, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
-    std::memcpy(h, d.old[i].data(), d.old[i].size());
-    pinned.push_back(h);
-    t[i].now = now.back()->p;
-    t[i].old = h;
-  }
+  StoreLayout layout(d);
+  const std::vector<checkpoint::DiffTensor>& t = layout.t;
+  const std::vector<void*>& pinned = layout.pinned;
   checkpoint::DiffWorkspace ws;
   checkpoint::DiffOutput gpu;
   checkpoint::delta_diff_cuda(t, gpu, nullptr, &ws, true);
@@ -259,7 +274,6 @@ TEST(CheckpointDiffCuda, WorkspaceAndUpdateOld) {
   checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true);
   for (size_t i = 0; i < d.tensors.size(); ++i) EXPECT_EQ(again.changed[i], 0u) << i;
   EXPECT_EQ(again.values.data, gpu.values.data) << "the workspace is reused";
-  for (void* h : pinned) cudaFreeHost(h);
 }
 
 // The GPU digests equal the CPU's, for `now` in device memory and `old` in mapped page-locked memory, on
@@ -350,18 +364,10 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
     checkpoint::DiffOutput cpu;
     checkpoint::delta_diff_cpu(d.tensors, cpu);
 
-    std::vector<std::unique_ptr<DeviceCopy>> now;
-    std::vector<void*> pinned;
-    std::vector<checkpoint::DiffTensor> t = d.tensors;
-    for (size_t i = 0; i < t.size(); ++i) {
-      now.push_back(std::make_unique<DeviceCopy>(d.now[i]));
-      void* h = nullptr;
-      ASSERT_EQ(cudaHostAlloc(&h, d.old[i].size() + 1, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
-      std::memcpy(h, d.old[i].data(), d.old[i].size());
-      pinned.push_back(h);
-      t[i].now = now.back()->p;
-      t[i].old = h;
-    }
+    StoreLayout layout(d);
+    const std::vector<checkpoint::DiffTensor>& t = layout.t;
+    const auto& now = layout.now;
+    const std::vector<void*>& pinned = layout.pinned;
     checkpoint::DiffWorkspace ws;
     checkpoint::diff_workspace_reserve(ws, 1 << 22, 64);
     checkpoint::DiffOutput gpu;
@@ -402,7 +408,6 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
     for (size_t i = 0; i < t.size(); ++i) {
       EXPECT_EQ(third.changed[i], (i == 3 || i == last) && t[i].units ? 1u : 0u) << i;
     }
-    for (void* h : pinned) cudaFreeHost(h);
   }
 }
 #endif

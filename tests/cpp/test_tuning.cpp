@@ -354,8 +354,9 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
     expect_close(run_cuda(ms, steps, false), cpu, ms, what);
   }
   const std::vector<Settings> bit_identical = {
-      {{"apollo.update_unroll", 2}},      {{"apollo.update_unroll", 4}},       {{"apollo.update_threads", 128}},
-      {{"apollo.update_threads", 1024}},  {{"apollo.update_blocks_per_sm", 1}}, {{"apollo.batch", 1}},
+      {{"apollo.split_projection", 1}},   {{"apollo.update_unroll", 2}},      {{"apollo.update_unroll", 4}},
+      {{"apollo.update_threads", 128}},
+      {{"apollo.update_threads", 512}},  {{"apollo.update_blocks_per_sm", 1}}, {{"apollo.batch", 1}},
       {{"apollo.batch", 7}},              {{"apollo.streams", 2}},
       {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_unroll", 4}, {"apollo.update_threads", 512}},
   };
