@@ -685,7 +685,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     if (k + 1 == groups.size()) place_rest();
     if (value_total > values_capacity) {
       // Outgrown (a step changed more than the store reserved for): a bigger buffer with the values so
-      // far (every earlier group has completed); the old one stays alive for addresses already handed out.
+      // far, once every earlier group has completed; the old one stays alive for addresses handed out.
+      for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].e));
       HostBytes bigger = pinned_alloc(value_total + value_total / 2);
       if (base) std::memcpy(bigger.data, w.values.data, base);
       w.retired.push_back(std::move(w.values));
@@ -720,14 +721,29 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     }
     LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
   };
+  // Groups are announced in order as they complete; the host waits only for counts (and, at the end, for
+  // the rest), so one group's back half runs while the next one's front half does.
+  size_t announced = 0;
+  auto announce = [&](size_t upto, bool wait) {
+    for (; announced < upto; ++announced) {
+      if (wait) {
+        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].e));
+      } else {
+        const cudaError_t e = cudaEventQuery(done[announced].e);
+        if (e == cudaErrorNotReady) return;
+        LIVETRAIN_CUDA_CHECK(e);
+      }
+      if (ready && groups[announced].tensors_done < n) ready(groups[announced].tensors_done, bitmaps.data, values.data);
+    }
+  };
   for (size_t k = 0; k < std::min<size_t>(2, groups.size()); ++k) front(k);
   for (size_t k = 0; k < groups.size(); ++k) {
     LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(counted[k].e));
     back(k);
     if (k + 2 < groups.size()) front(k + 2);  // same stream: after this group's back has used the slot
-    LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[k].e));
-    if (ready && groups[k].tensors_done < n) ready(groups[k].tensors_done, bitmaps.data, values.data);
+    announce(k + 1, false);
   }
+  announce(groups.size(), true);
   if (groups.empty()) place_rest();
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.s));
