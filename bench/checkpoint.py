@@ -327,7 +327,10 @@ def byte_check(tensors: list, lr: float, parent: str | None) -> dict:
     return out
 
 
-def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands: tuple) -> list[dict]:
+def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands: tuple,
+                on_row=lambda rows: None) -> list[dict]:
+    """The sweep on one shape set; on_row(rows so far) after each setting (the caller saves them, so a run
+    cut short keeps what it measured)."""
     from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
 
@@ -376,6 +379,7 @@ def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands
                 except Exception as e:  # a failing setting is reported and the sweep goes on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
+                on_row(rows)
                 if "error" in row:
                     log(f"sweep {shape_set} {label}: {row['error']}")
                 else:
@@ -469,17 +473,21 @@ def main() -> int:
         log(f"bandwidths: device copy {bands[0] / 1e9:.0f} GB/s, pinned D2H {bands[1] / 1e9:.1f} GB/s, "
             f"disk write+fsync {bands[2] / 1e9:.2f} GB/s")
         rows = []
+
+        def save(partial: list) -> None:
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "lr": a.lr, "gib": a.gib,
+                               "device_copy_bandwidth": bands[0], "pinned_d2h_bandwidth": bands[1],
+                               "disk_write_bandwidth": bands[2], "sweep": rows + partial}, f, indent=2)
+
         for x in shape_sets:
             try:
-                rows += sweep_shape(x, a.gib, a.lr, a.dir, bands)
+                rows += sweep_shape(x, a.gib, a.lr, a.dir, bands, on_row=save)
             except Exception as e:  # a shape that cannot even be set up is reported; the next one runs
                 log(f"sweep {x}: {type(e).__name__}: {e}")
+        save([])
         print_sweep(rows, bands, a.lr)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "lr": a.lr, "gib": a.gib,
-                           "device_copy_bandwidth": bands[0], "pinned_d2h_bandwidth": bands[1],
-                           "disk_write_bandwidth": bands[2], "sweep": rows}, f, indent=2)
         return 0
 
     shapes = model_shapes(a.gib)

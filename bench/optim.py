@@ -311,7 +311,9 @@ class SweepCheck:
         return f"rel. diff {rel:.1e}" + (" FAILED" if not rel < 1e-2 else "")
 
 
-def sweep_set(size: str, steps: int, bw: float, embeddings: bool) -> list[dict]:
+def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda rows: None) -> list[dict]:
+    """The sweep on one matrix set; on_row(rows so far) after each setting (the caller saves them, so a run
+    cut short keeps what it measured)."""
     shape_list = shapes(size, embeddings)
     params = make_params(shape_list, seed=0)
     n = sum(p.numel() for p in params)
@@ -344,6 +346,7 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool) -> list[dict]:
         shown = f"{row['step_ms']:.2f} ms ({row['x_floor']:.2f}x floor)" if row.get("step_ms") else row.get("error")
         print(f"  {size} {label}: {shown}; {row.get('check', '-')}", flush=True)
         rows.append(row)
+        on_row(rows)
         return row
 
     for family, label, knobs in SWEEP_GRID:
@@ -412,12 +415,16 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
     if a.sweep:
         rows = []
+
+        def save(partial: list) -> None:
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows + partial}, f, indent=2)
+
         for size in sizes:
-            rows += sweep_set(size, steps, bw, a.embeddings)
+            rows += sweep_set(size, steps, bw, a.embeddings, on_row=save)
+        save([])
         print_sweep(rows)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows}, f, indent=2)
         return
     rows = []
     for size in sizes:

@@ -9,9 +9,10 @@
 #
 # sweep (docs/tuning.md): builds for this GPU only (sm_90a), then times the APOLLO-Mini step and the
 # checkpoint save under grids of their internal tuning knobs, 8B and 27B shapes, each bench in its own
-# process with a time limit (SWEEP_OPTIM_S, default 150 s; SWEEP_CHECKPOINT_S, default 300 s; SWEEP_GIB,
+# process with a time limit (SWEEP_OPTIM_S, default 150 s; SWEEP_CHECKPOINT_S, default 270 s; SWEEP_GIB,
 # default 6): sweep-{optim,checkpoint}.{txt,json}. A failing setting is reported in its row and the sweep
-# goes on; progress lines come as each setting finishes, tables at the end of each bench.
+# goes on; progress lines come as each setting finishes (the JSON is rewritten after each), tables at the
+# end of each bench.
 #
 # usage: bash scripts/gpu.sh [tests|bench|all|none|sweep]   (default all; none only builds)
 set -uo pipefail
@@ -39,8 +40,8 @@ status=0
 if [ "$what" = sweep ]; then
   echo "== bench/optim.py --sweep (8b, 27b; limit ${SWEEP_OPTIM_S:-150} s)"
   timeout "${SWEEP_OPTIM_S:-150}" $py bench/optim.py --sweep --json "$out/sweep-optim.json" 2>&1 | tee "$out/sweep-optim.txt"
-  echo "== bench/checkpoint.py --sweep (8b, 27b at ${SWEEP_GIB:-6} GiB; limit ${SWEEP_CHECKPOINT_S:-300} s)"
-  timeout "${SWEEP_CHECKPOINT_S:-300}" $py bench/checkpoint.py --sweep --gib "${SWEEP_GIB:-6}" \
+  echo "== bench/checkpoint.py --sweep (8b, 27b at ${SWEEP_GIB:-6} GiB; limit ${SWEEP_CHECKPOINT_S:-270} s)"
+  timeout "${SWEEP_CHECKPOINT_S:-270}" $py bench/checkpoint.py --sweep --gib "${SWEEP_GIB:-6}" \
     --json "$out/sweep-checkpoint.json" 2>&1 | tee "$out/sweep-checkpoint.txt"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
