@@ -147,7 +147,8 @@ struct Matrix {
 };
 
 // Tall, wide, odd (no 16-byte rows), strided, a vector-shaped matrix each way, and sizes that leave
-// partial warps, row chunks and column strips; 70 matrices, so that a batch of 64 is followed by another.
+// partial warps, row chunks and column strips; 70 matrices, so that a batch of 64 is followed by another;
+// some get a NaN gradient in their second step.
 std::vector<Matrix> matrices(int steps) {
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{769, 5125}, {5125, 769}, {4096, 96}, {96, 4096}, {300, 1031},
                                                            {1000, 1},   {1, 1000},   {257, 2048}, {2048, 264}, {4100, 512}};
@@ -162,6 +163,7 @@ std::vector<Matrix> matrices(int steps) {
     for (int s = 0; s < steps; ++s) {
       std::vector<uint16_t> g(static_cast<size_t>(r * c));
       for (auto& x : g) x = to_bf16((s == 1 ? 5.0f : 1.0f) * n01(rng));  // step 1: the limiter acts
+      if (s == 1 && i % 9 == 4) g[g.size() / 2] = 0x7FC0;  // a NaN: that step writes nothing, on both sides
       m.grads.push_back(std::move(g));
     }
     out.push_back(std::move(m));
