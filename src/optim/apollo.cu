@@ -926,6 +926,8 @@ struct SideStream {
 void apollo_step_cuda(const ApolloStep& s, void* stream) {
   validate(s);
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  // The projection reads P with 16-byte vector loads at offsets the workspace layout keeps aligned.
+  if (!aligned16(s.workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
     launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
   });
@@ -939,6 +941,9 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
                                             std::to_string(workspace_bytes));
   }
   for (int i = 0; i < n; ++i) validate(steps[i]);
+  // Each step's slice is a whole number of 256-byte regions from here (optim/workspace.hpp), so this
+  // keeps every slice's 16-byte vector loads of P aligned.
+  if (n && !aligned16(workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
