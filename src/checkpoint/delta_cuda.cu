@@ -4,10 +4,10 @@
 // its rank, and only the bitmaps and the compacted values are copied to pinned host memory.
 //
 // Two shapes of the same computation (knob checkpoint.diff, docs/tuning.md):
-//   0  (shipped) the count pass over every chunk reads `old` where it lies (page-locked host memory over
+//   0  the count pass over every chunk reads `old` where it lies (page-locked host memory over
 //      PCIe), then the compaction runs in groups of chunks whose `old` bytes are staged in device memory
 //      by DMA; `old` crosses PCIe twice.
-//   1  one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
+//   1  (shipped) one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
 //      written back; `old` crosses PCIe once each way, and groups on two streams overlap copies in both
 //      directions with the kernels.
 // With digests (checkpoint.digests, src/checkpoint/digest.hpp), chunks whose digest of the live bytes
