@@ -14,6 +14,11 @@
 # goes on; progress lines come as each setting finishes (the JSON is rewritten after each), tables at the
 # end of each bench.
 #
+# Before the sweeps, sweep mode runs the CUDA regression tests of what the sweeps exercise (checks.log):
+# the GPU diff on odd sizes and unaligned offsets under every checkpoint variant, every APOLLO variant and
+# the one-kernel step against the CPU (the C++ tests, when GoogleTest is installed: it configures the
+# build with them), and the Python tests of the store and the optimizer.
+#
 # usage: bash scripts/gpu.sh [tests|bench|all|none|sweep]   (default all; none only builds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +33,12 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 echo "== build (build-gpu/)"
 arch=(-DLIVETRAIN_CUDA_GENCODE=)  # every architecture CMakeLists.txt names
-if [ "$what" = sweep ]; then arch=(-DLIVETRAIN_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a"); fi
-cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v $py)" -DLIVETRAIN_TESTS=OFF \
+gtests=OFF
+if [ "$what" = sweep ]; then
+  arch=(-DLIVETRAIN_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a")
+  if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then gtests=ON; fi
+fi
+cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v $py)" -DLIVETRAIN_TESTS=$gtests \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="--threads=0" "${arch[@]}" > "$out/build.log" 2>&1 &&
   cmake --build build-gpu -j 16 >> "$out/build.log" 2>&1
 rc=$?
@@ -38,6 +47,19 @@ build-gpu/livetrain devices | tee -a "$out/device.txt"
 
 status=0
 if [ "$what" = sweep ]; then
+  echo "== CUDA regression tests (checks.log)"
+  {
+    if [ $gtests = ON ]; then
+      build-gpu/tests/cpp/test_checkpoint_diff || status=1
+      build-gpu/tests/cpp/test_tuning --gtest_filter='TuningCuda.*' || status=1
+      build-gpu/tests/cpp/test_optim || status=1
+    else
+      echo "C++ tests skipped: no GoogleTest on this machine"
+    fi
+    LIVETRAIN_CLI=$PWD/build-gpu/livetrain $py -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
+      tests/python/test_optim.py || status=1
+  } > "$out/checks.log" 2>&1
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no" "$out/checks.log"
   echo "== bench/optim.py --sweep (8b, 27b; limit ${SWEEP_OPTIM_S:-150} s)"
   timeout "${SWEEP_OPTIM_S:-150}" $py bench/optim.py --sweep --json "$out/sweep-optim.json" 2>&1 | tee "$out/sweep-optim.txt"
   echo "== bench/checkpoint.py --sweep (8b, 27b at ${SWEEP_GIB:-6} GiB; limit ${SWEEP_CHECKPOINT_S:-270} s)"
