@@ -305,8 +305,10 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
 
 def test_version_watcher_acts_once_per_new_version():
     replies = iter([protocol.TrainerUnavailable("starting"), 0, 0, None, 2])
+    known = []
 
-    def read():
+    def read(version):
+        known.append(version)  # what the trainer is asked to wait past
         r = next(replies)
         if isinstance(r, Exception):
             raise r
@@ -322,15 +324,56 @@ def test_version_watcher_acts_once_per_new_version():
         return [await w.poll() for _ in range(5)]
 
     assert asyncio.run(run()) == [False, True, False, False, True] and seen == [0, 2]
+    assert known == [None, None, 0, 0, 0]
 
 
 @pytest.mark.parametrize("prefix_caching,set_version", [(True, True), (False, True), (True, False)])
 def test_weight_change_resets_the_prefix_cache_and_sets_vllms_version(prefix_caching, set_version):
     client = RecordingEngineClient(None)
-    asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version)(5))
+    served = []
+    asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version, served.append)(5))
     assert client.calls == ([("reset_prefix_cache", True)] if prefix_caching else []) + (
         [("update_weight_version", "5")] if set_version else []
     )
+    assert served == [5]  # told to the trainer once vLLM serves it
+
+
+def test_watcher_waits_on_the_trainer_and_reports_what_vllm_serves(tmp_path):
+    """Against a real socket server: the watcher's look at the trainer returns as soon as the version
+    moves past the one it knows (not a poll later), and the trainer hears which version vLLM serves."""
+    import threading
+
+    state = {"version": 4, "served": []}
+    cond = threading.Condition()
+
+    def handle(op, body):
+        args = protocol.parse_body(body, empty_ok=True)
+        if op == "version":
+            with cond:
+                cond.wait_for(lambda: state["version"] != args.get("after"), args.get("wait_s", 0))
+                return protocol.Reply(200, {"weight_version": state["version"]})
+        state["served"].append(args["weight_version"])
+        return protocol.Reply(200, {})
+
+    server = protocol.Server(str(tmp_path / "t.sock"), handle)
+    server.start()
+    try:
+        assert protocol.weight_version(server.path, after=None) == 4
+        def step():
+            with cond:
+                state["version"] = 5
+                cond.notify_all()
+
+        threading.Timer(0.3, step).start()
+        t0 = time.monotonic()
+        assert protocol.weight_version(server.path, after=4, wait_s=20) == 5
+        assert 0.25 < time.monotonic() - t0 < 10
+        assert protocol.weight_version(server.path, after=5, wait_s=0.2) == 5  # nothing new: answered after wait_s
+        endpoint.report_served(server.path, 5)
+        assert state["served"] == [5]
+    finally:
+        server.close()
+    endpoint.report_served(server.path, 6)  # the trainer is gone: nothing raised
 
 
 def test_trainer_stops_with_the_api_server(tmp_path):
@@ -430,6 +473,12 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
                 time.sleep(0.05)
             resets = [c for c in client.calls if c[0] == "reset_prefix_cache"]
             assert plugin.watcher.version == 3 and resets and all(c == ("reset_prefix_cache", True) for c in resets)
+            while (served := c.get("/train/status", headers=auth).json()["served"]) is None or served[
+                "weight_version"
+            ] != 3:
+                assert time.monotonic() < deadline, served
+                time.sleep(0.05)
+            assert 0 <= served["seconds_after_step"] < 60  # from the end of step 3 to its prefix cache reset
             # Stopped from the thread that started it: the kernel's parent-death signal follows that
             # thread (the test client's; vLLM's main thread in a server), and must not arrive as a second one.
             assert plugin.trainer.stop() == 0

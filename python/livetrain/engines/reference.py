@@ -44,13 +44,17 @@ class Engine:
     ):
         import transformers
 
-        from livetrain import checkpoint, sharing
+        from livetrain import checkpoint, kernels, sharing
 
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         self.model = model.to(self.device).eval()
+        # Generation runs the same layers as training: the fused kernels they got, or the torch path.
+        self.kernels = kernels.report(self.model)
+        for warning in kernels.warnings(self.model, self.device):
+            print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
         params = dict(self.model.named_parameters())  # tied weights appear once
         config = json.loads(self.model.config.to_json_string())
         # Before the manifest exists: the trainer attaches (and opens the store) only after it, so the
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    if engine.kernels:
+        print(f"livetrain engine: kernels {json.dumps(engine.kernels)}", file=sys.stderr, flush=True)
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
     # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
     # left in /dev/shm until reboot).
