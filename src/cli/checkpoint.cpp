@@ -95,7 +95,7 @@ Live attach(const std::string& manifest) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
     }
-    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
+    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device, {}});
   }
   return l;
 }
@@ -118,7 +118,20 @@ json::Value generation_json(const checkpoint::Generation& g) {
   o.set("weight_version", json::Value::unsigned_integer(g.weight_version));
   o.set("bytes", json::Value::unsigned_integer(g.bytes));
   o.set("changed", json::Value::unsigned_integer(g.changed));
-  o.set("optimizer_state", g.optimizer_state.empty() ? json::Value::null() : json::Value::string(g.optimizer_state));
+  o.set("ranks", json::Value::unsigned_integer(g.ranks));
+  json::Value parts = json::Value::array();
+  for (const auto& p : g.parts) {
+    json::Value q = json::Value::object();
+    q.set("rank", json::Value::unsigned_integer(p.rank));
+    q.set("file", p.file.empty() ? json::Value::null() : json::Value::string(p.file));
+    q.set("changed", json::Value::unsigned_integer(p.changed));
+    q.set("optimizer_state", p.optimizer_state.empty() ? json::Value::null() : json::Value::string(p.optimizer_state));
+    parts.push(std::move(q));
+  }
+  o.set("parts", std::move(parts));
+  // A single-process generation's optimizer state (as before parts existed).
+  const checkpoint::Part* p0 = g.ranks == 1 ? g.part(0) : nullptr;
+  o.set("optimizer_state", p0 && !p0->optimizer_state.empty() ? json::Value::string(p0->optimizer_state) : json::Value::null());
   return o;
 }
 
