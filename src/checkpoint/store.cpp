@@ -191,6 +191,9 @@ std::string first_differing_tensor(const std::string& model_dir, const Commit& c
         return "tensor \"" + t.name + "\" is " + std::string(dtype_name(e.info->dtype)) + " " + shape_string(e.info->shape) +
                " in the model files, " + std::string(dtype_name(t.dtype)) + " " + shape_string(t.shape) + " in the store";
       }
+    }
+    for (const TensorEntry& t : c.tensors) {  // same tensors: did one move to another file or offset?
+      const auto& e = m.tensor(t.name);
       if (fs::basename(e.file->path()) != c.files[t.file].name || e.file->header().data_start() + e.info->begin != t.offset) {
         return "tensor \"" + t.name + "\" moved within the model files";
       }
