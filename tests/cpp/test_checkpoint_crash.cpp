@@ -326,7 +326,7 @@ TEST(CheckpointCrash, PartsOfTwoRanksKilledAtRandomInstants) {
   int n = iterations();
   for (int i = 0; i < n; ++i) {
     // Up to ~5 lockstep generations per run on 2 cores: kills land in every phase of the protocol.
-    int d0 = static_cast<int>(rng() % 150000), d1 = static_cast<int>(rng() % 150000);
+    int d0 = static_cast<int>(40000 + rng() % 200000), d1 = static_cast<int>(40000 + rng() % 200000);
     run_ranks(model, d0, d1);
     check_parts(model, exp);
     if (HasFatalFailure()) return;
