@@ -1,8 +1,14 @@
 """The delta checkpoint store for torch tensors: a thin wrapper over ``livetrain._core.CheckpointStore``.
 
-The store itself (format, diff, crash safety) is C++ (docs/checkpoint.md). This module only turns a
-``{name: tensor}`` dict into (name, dtype, shape, address, device) tuples. CPU tensors are diffed on the
-CPU; CUDA tensors in place on their GPU, against the store's page-locked host copy of the head.
+The store itself (format, diff, crash safety, the protocol of a generation written by several
+tensor-parallel ranks) is C++ (docs/checkpoint.md). This module only turns torch tensors into (name,
+dtype, shape, address, device, region start) tuples. CPU tensors are diffed on the CPU; CUDA tensors in
+place on their GPU, against the store's page-locked host copy of the head.
+
+A process may pass any subset of the model's tensors (those its engine serves): the others keep the model
+files' bytes. Under tensor parallelism each rank passes :class:`Shard` regions of the Hugging Face
+tensors (``shards`` derives them from a rank's layout views), saves them with ``save_part``, and rank 0
+commits every rank's descriptor with ``commit``; a store written at one TP size restores at any other.
 ``restore_latest`` is what an engine calls at start-up so that it serves the last checkpointed weights
 (docs/serve.md, "Restart").
 """
@@ -10,42 +16,101 @@ CPU; CUDA tensors in place on their GPU, against the store's page-locked host co
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from livetrain import _core
 from livetrain.safetensors import dtype_name
 
-__all__ = ["CheckpointStore", "open_store", "restore_latest", "store_path"]
+__all__ = ["CheckpointStore", "Shard", "shards", "save_distributed", "open_store", "restore_latest", "store_path"]
 
-# The store's default place inside the model directory and its commit file (include/livetrain/ckpt.hpp:
-# kDefaultStoreDirName, kCommitFileName).
+# The store's default place inside the model directory and its commit file (include/livetrain/checkpoint/
+# format.hpp: kDefaultStoreDirName, kCommitFileName).
 DEFAULT_STORE_DIR = ".livetrain-store"
 COMMIT_FILE = "COMMIT"
 
 
-def _live(tensors: Mapping[str, torch.Tensor]) -> list[tuple]:
-    """The core's (name, dtype, shape, address, device) tuples; CUDA tensors are passed in place (the core
-    diffs them on their GPU), after the device has finished pending writes."""
+class Shard(NamedTuple):
+    """A region of a Hugging Face tensor held in ``tensor``: it starts at ``start`` (one index per dim of
+    the full tensor) and has ``tensor``'s shape. ``saved``: this rank saves it (a replicated tensor is
+    saved by rank 0 only; every rank restores it)."""
+
+    name: str
+    start: tuple[int, ...]
+    tensor: torch.Tensor
+    saved: bool = True
+
+
+def shards(layout: dict, views: Mapping[str, torch.Tensor], rank: int) -> list[Shard]:
+    """The regions of the Hugging Face tensors that one rank's layout views hold (``livetrain.layout.build``
+    and ``views`` of that rank): a column-parallel view is a block of rows, a row-parallel one a block of
+    columns, a view split into several segments (conv1d's q, k, v parts) one region per segment, a
+    replicated view the whole tensor (saved by rank 0 only). Tied views are skipped (the tensor they are
+    tied to is the same memory); empty regions (vocabulary padding beyond the real rows) too."""
+    out: list[Shard] = []
+    for v in layout["views"]:
+        if v["tied_to"] is not None:
+            continue
+        t = views[v["hf_name"]]
+        ndim = len(v["hf_shape"])
+        if v["shard"] is None:
+            out.append(Shard(v["hf_name"], (0,) * ndim, t, rank == 0))
+            continue
+        dim, segments = v["shard"]
+        offset = 0
+        for start, length in segments:
+            part = t.narrow(dim, offset, length)
+            offset += length
+            if length == 0:
+                continue
+            where = [0] * ndim
+            where[dim] = start
+            out.append(Shard(v["hf_name"], tuple(where), part, True))
+    return out
+
+
+def _live(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], *, only_saved: bool = False) -> list[tuple]:
+    """The core's (name, dtype, shape, address, device, start) tuples from whole tensors by name, or from
+    Shards; CUDA tensors are passed in place (the core diffs them on their GPU), after the device has
+    finished pending writes."""
+    items = ([(n, t, []) for n, t in tensors.items()] if isinstance(tensors, Mapping)
+             else [(s.name, s.tensor, list(s.start)) for s in tensors if s.saved or not only_saved])
     args, devices = [], set()
-    for name, t in tensors.items():
+    for name, t, start in items:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_contiguous():
             raise ValueError(f"tensor {name!r} is not contiguous: the store reads its bytes in place")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"tensor {name!r} is on {t.device}; the store takes CPU or CUDA tensors")
+        if start and len(start) != t.dim():
+            raise ValueError(f"tensor {name!r}: region start {start} has {len(start)} dims, the tensor {t.dim()}")
         device = t.device.index if t.device.type == "cuda" else -1
         if device is None:
             device = torch.cuda.current_device()
         devices.add(device)
-        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr(), device))
+        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr(), device, start))
     if len(devices) > 1:
         raise ValueError(f"tensors are on several devices ({sorted(devices)}); pass the weights of one device")
     for d in devices - {-1}:
         torch.cuda.synchronize(d)
     return args
+
+
+def _held(held) -> list[tuple] | None:
+    """(name, start, shape) regions for the core; None: every tensor whole."""
+    if held is None:
+        return None
+    out = []
+    for h in held:
+        if isinstance(h, Shard):
+            if h.saved:
+                out.append((h.name, list(h.start), list(h.tensor.shape)))
+        else:
+            name, start, shape = h
+            out.append((name, list(start), list(shape)))
+    return out
 
 
 class CheckpointStore:
@@ -56,8 +121,16 @@ class CheckpointStore:
     Use as a context manager, or call ``close()``, to release the lock and the host copy of the head.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, _core_store=None):
-        self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""))
+    def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, rank: int = 0,
+                 ranks: int = 1, held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+                 group: str = "", _core_store=None):
+        """Opens the store of ``model_dir``. One process per tensor-parallel rank: ``rank`` of ``ranks``
+        (rank 0 first; it holds the store's lock, recovers, and commits), ``held`` the regions it keeps a
+        head copy of and saves (Shards, of which those with ``saved``, or (name, start, shape); default:
+        every tensor whole; ``[]``: none, for a process that only restores), ``group`` the engine the ranks
+        serve (parts of another group are refused at commit)."""
+        self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""), rank, ranks,
+                                                             _held(held), group)
 
     @classmethod
     def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
@@ -79,6 +152,14 @@ class CheckpointStore:
     @property
     def head(self) -> int:
         return self._s.head
+
+    @property
+    def rank(self) -> int:
+        return self._s.rank
+
+    @property
+    def ranks(self) -> int:
+        return self._s.ranks
 
     @property
     def oldest(self) -> int:
@@ -106,9 +187,32 @@ class CheckpointStore:
         return self._s.save(_live(tensors), weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
                             save_if_unchanged=save_if_unchanged)
 
-    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
+    def save_part(self, tensors: Iterable[Shard] | Mapping[str, torch.Tensor], *,
+                  optimizer_state: str | os.PathLike | None = None) -> dict:
+        """This rank's part of the next generation (its ``saved`` Shards, each a held region; written and
+        durable on return, even when nothing changed). Returns the descriptor (a dict: ``generation``,
+        ``rank``, ``ranks``, ``group``, ``file``, ``bytes``, ``hash``, ``changed``, ``optimizer_state``, ...)
+        to gather on rank 0 for :meth:`commit`. Every rank calls :meth:`refresh` after rank 0 committed."""
+        return self._s.save_part(_live(tensors, only_saved=True), optimizer_state=str(optimizer_state or ""))
+
+    def commit(self, generation: int, parts: Sequence[dict], *, weight_version: int = 0,
+               save_if_unchanged: bool = False) -> dict:
+        """Rank 0: checks every rank's part of ``generation`` (one per rank, same TP size and group; each file
+        read back against its hash) and commits them. Returns what ``save`` returns; nothing is committed
+        when no part changed anything (unless ``save_if_unchanged``)."""
+        if generation != self.head + 1:
+            raise _core.Error(f"generation {generation} cannot be committed: the next generation is {self.head + 1}")
+        return self._s.commit_parts(list(parts), weight_version=weight_version, save_if_unchanged=save_if_unchanged)
+
+    def refresh(self) -> int:
+        """Rereads the commit: confirms this rank's last part (or puts its head copy back when rank 0 did
+        not commit it) and catches up with generations committed since. Returns the head."""
+        return self._s.refresh()
+
+    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard] | None = None, *,
                 out_dir: str | os.PathLike | None = None) -> None:
-        """Sets ``tensors`` (in place) to ``generation``, or writes it as a new model directory ``out_dir``."""
+        """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
+        ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched."""
         if (tensors is None) == (out_dir is None):
             raise ValueError("restore needs exactly one of tensors= or out_dir=")
         if out_dir is not None:
@@ -116,12 +220,14 @@ class CheckpointStore:
             return
         self._s.restore_live(generation, _live(tensors))
 
-    def compare(self, generation: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+    def compare(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> dict:
         """How ``tensors`` differ from ``generation``: ``{"tensors", "elements", "first"}``."""
         return self._s.compare_live(generation, _live(tensors))
 
     def verify(self) -> list[str]:
-        """Checks every delta's checksums and the model files' hashes; the problems found (empty: none)."""
+        """Checks every file each generation names (deltas and parts against their hashes and record
+        checksums, optimizer states against their sizes and hashes) and the model files' hashes; the
+        problems found (empty: none)."""
         return self._s.verify()
 
     def materialize(self, generation: int, *, copy_symlinks: bool = False) -> None:
@@ -131,6 +237,46 @@ class CheckpointStore:
     def gc(self, keep_from: int) -> None:
         """Forgets generations before ``keep_from``."""
         self._s.gc(keep_from)
+
+
+def save_distributed(store: CheckpointStore, tensors: Iterable[Shard], *, weight_version: int = 0,
+                     optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False,
+                     process_group=None) -> dict:
+    """One generation written by every rank of ``process_group`` (torch.distributed; the store's rank must
+    be the rank in that group): each rank saves its part, the descriptors are gathered, rank 0 commits them
+    (docs/checkpoint.md, "Generations written by several processes"), and every rank refreshes. Call it on
+    every rank at the same point. Returns rank 0's result on every rank; raises on every rank if the
+    commit failed (nothing is committed then)."""
+    import torch.distributed as dist
+
+    if dist.get_rank(process_group) != store.rank or dist.get_world_size(process_group) != store.ranks:
+        raise _core.Error(f"the store is open as rank {store.rank} of {store.ranks}, but this process is rank "
+                          f"{dist.get_rank(process_group)} of {dist.get_world_size(process_group)} of its process group")
+    error, part = None, None
+    try:
+        part = store.save_part(tensors, optimizer_state=optimizer_state)
+    except Exception as e:  # every rank must reach the collectives below, or the others wait forever
+        error = f"rank {store.rank}: {type(e).__name__}: {e}"
+    parts: list = [None] * store.ranks
+    dist.all_gather_object(parts, (part, error), group=process_group)
+    result: dict = {}
+    if store.rank == 0:
+        errors = [err for _, err in parts if err]
+        if errors:
+            result = {"error": "; ".join(errors)}
+        else:
+            try:
+                result = store.commit(parts[0][0]["generation"], [p for p, _ in parts], weight_version=weight_version,
+                                      save_if_unchanged=save_if_unchanged)
+            except Exception as e:
+                result = {"error": f"rank 0: {type(e).__name__}: {e}"}
+    box = [result]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0) if process_group is not None else 0,
+                               group=process_group)
+    store.refresh()
+    if "error" in box[0]:
+        raise _core.Error(f"checkpoint not committed: {box[0]['error']}")
+    return box[0]
 
 
 def store_path(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> str:
@@ -153,31 +299,43 @@ def open_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     return CheckpointStore(model_dir, path)
 
 
-def restore_latest(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike,
-                   store_dir: str | os.PathLike | None = None, *, create: bool = True) -> dict:
-    """Writes the store's head generation into ``tensors`` (``{Hugging Face name: tensor}``, every tensor
-    of the model files, in place) unless the model files already hold it, creating the store when it is
-    missing (``create``). Call it after loading the weights from ``model_dir`` and before serving them.
+def restore_latest(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], model_dir: str | os.PathLike,
+                   store_dir: str | os.PathLike | None = None, *, create: bool = True, rank: int = 0,
+                   ranks: int = 1) -> dict:
+    """Writes the store's head generation into ``tensors`` (in place: ``{Hugging Face name: tensor}``, or one
+    rank's Shards) unless the model files already hold it, creating the store when it is missing
+    (``create``, rank 0 only). Call it after loading the weights from ``model_dir`` and before serving them.
+    ``tensors`` are the tensors the engine serves: every one must be in the model files with the same dtype
+    and shape; tensors of the files it does not serve (a vision tower, an MTP head) stay as the files hold
+    them and are listed in ``not_served``.
 
-    The store is closed (its lock released) on return, so that the trainer can open it. Returns
-    ``{"store", "generation", "weight_version", "restored", "created"}``: the head generation, the weight
-    version recorded with it, whether ``tensors`` were changed, and whether the store was created.
+    The store is opened without a head copy and closed (its lock released) on return, so that the trainer
+    can open it. Returns ``{"store", "generation", "weight_version", "restored", "created", "not_served"}``:
+    the head generation, the weight version recorded with it, whether ``tensors`` were changed, whether
+    the store was created, and the store's tensors that ``tensors`` leave out.
     """
     path = store_path(model_dir, store_dir)
-    created = create and not os.path.exists(os.path.join(path, COMMIT_FILE))
-    with open_store(model_dir, path, create=create) as store:
-        for name, dtype, shape in store.tensors():
-            t = tensors.get(name)
-            if t is None:
-                raise _core.Error(f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)")
-            if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
+    created = create and rank == 0 and not os.path.exists(os.path.join(path, COMMIT_FILE))
+    if created:
+        open_store(model_dir, path, create=True).close()
+    given = ({n: (t.dtype, list(t.shape), None) for n, t in tensors.items()} if isinstance(tensors, Mapping)
+             else {s.name: (s.tensor.dtype, None, s.start) for s in tensors})
+    with CheckpointStore(model_dir, path, rank=rank, ranks=ranks, held=[]) as store:
+        known = {name: (dtype, shape) for name, dtype, shape in store.tensors()}
+        for name, (dtype, shape, _) in given.items():
+            if name not in known:
+                raise _core.Error(f"the live weights have a tensor {name!r} that the checkpoint store {store.dir} does not "
+                                  f"have (the store was made from other files, or the engine names its tensors "
+                                  f"differently from the model files)")
+            want_dtype, want_shape = known[name]
+            if dtype_name(dtype) != want_dtype or (shape is not None and shape != want_shape):
                 raise _core.Error(
-                    f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
-                    f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
-                    "in that dtype or without a store")
+                    f"tensor {name!r} is {dtype_name(dtype)} {shape if shape is not None else ''} in the live weights but "
+                    f"{want_dtype} {want_shape} in the checkpoint store {store.dir}: the store keeps the model files' dtype, "
+                    "so serve the model in that dtype or without a store")
         head = store.list()[-1]
         restored = store.head != store.materialized
         if restored:
             store.restore(store.head, tensors)
         return {"store": store.dir, "generation": store.head, "weight_version": head["weight_version"],
-                "restored": restored, "created": created}
+                "restored": restored, "created": created, "not_served": sorted(set(known) - set(given))}
