@@ -18,6 +18,7 @@ inline DType parse_dtype(const std::string& name, const std::string& what = {}) 
   return *dt;
 }
 
+void init_fs(nanobind::module_& m);
 void init_safetensors(nanobind::module_& m);
 void init_cuda(nanobind::module_& m);
 void init_optim(nanobind::module_& m);

@@ -86,6 +86,17 @@ void write_file_atomic(const std::string& path, std::string_view content, mode_t
 // fsync of a directory, so that a rename or create inside it is durable.
 void fsync_dir(const std::string& dir);
 
+// Makes a directory that was filled under a temporary name appear under its final name, complete and
+// durable, in one step (the directory form of write_file_atomic): fsyncs every regular file below
+// `tmp_dir` and every directory there (tmp_dir included; symlinks are not followed), renames tmp_dir to
+// `final_dir`, and fsyncs the parent directory of each (one, when they share it). Never replaces
+// anything: when `final_dir` exists (a file, or a directory even if empty) it throws kIo naming
+// final_dir and renames nothing. The refusal is atomic where renameat2(RENAME_NOREPLACE) works (Linux
+// ext4, xfs, btrfs, tmpfs, ...); elsewhere it is a check followed by rename, so a final_dir created by
+// another process in between could still be replaced if it is an empty directory. The two paths must be
+// on one filesystem.
+void publish_directory(const std::string& tmp_dir, const std::string& final_dir);
+
 // The whole content of a (small) regular file.
 std::string read_file(const std::string& path);
 

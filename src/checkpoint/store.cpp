@@ -19,7 +19,7 @@
 #include <set>
 #include <unordered_map>
 
-#include "checkpoint/cuda_host.hpp"
+#include "cuda/host.hpp"
 #include "livetrain/checkpoint/commit.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
@@ -118,14 +118,14 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
 Store::HeadCopy::~HeadCopy() { release(); }
 
 void Store::HeadCopy::release() noexcept {
-  if (gpu_base_) cuda_host::unpin(base_);
+  if (gpu_base_) cuda::host::unpin(base_);
   if (base_) ::munmap(base_, size_);
   base_ = gpu_base_ = nullptr;
   size_ = 0;
 }
 
 const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
-  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda_host::pin(base_, size_));
+  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda::host::pin(base_, size_));
   return (gpu_base_ ? gpu_base_ : base_) + offsets_[i];
 }
 
@@ -569,7 +569,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   const size_t n = live.size();
   w.diff.resize(n);
   w.held.resize(n);
-  if (device >= 0) cuda_host::set_device(device);
+  if (device >= 0) cuda::host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[live[i].tensor];
     const uint32_t unit = unit_bytes(t.dtype);
@@ -1007,8 +1007,8 @@ void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& liv
   }
   fill(generation, targets);  // checks every delta on the way before writing any target
   if (device >= 0) {
-    cuda_host::set_device(device);
-    for (size_t i = 0; i < checked.size(); ++i) cuda_host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
+    cuda::host::set_device(device);
+    for (size_t i = 0; i < checked.size(); ++i) cuda::host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
   }
 }
 
@@ -1033,7 +1033,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
     }
   }
   fill(generation, targets);
-  if (device >= 0) cuda_host::set_device(device);
+  if (device >= 0) cuda::host::set_device(device);
   std::vector<uint8_t> staged;
   LiveDiff d;
   for (size_t i = 0; i < checked.size(); ++i) {
@@ -1043,7 +1043,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
     const uint8_t* b = static_cast<const uint8_t*>(checked[i].live->data);
     if (device >= 0) {
       staged.resize(nbytes);
-      cuda_host::to_host(staged.data(), b, nbytes);
+      cuda::host::to_host(staged.data(), b, nbytes);
       b = staged.data();
     }
     if (std::memcmp(a, b, nbytes) == 0) continue;

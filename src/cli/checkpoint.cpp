@@ -3,9 +3,11 @@
 #include <cstdio>
 #include <ctime>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cli/commands.hpp"
+#include "cli/command_line.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
@@ -51,28 +53,26 @@ uint64_t parse_u64(const std::string& s, const std::string& what) {
   return std::stoull(s);
 }
 
-Args parse(const std::vector<std::string>& args) {
+// The arguments, or nullopt when -h/--help was given (the usage is then printed).
+std::optional<Args> parse(const std::vector<std::string>& args) {
   Args a;
   std::vector<std::string> pos;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& s = args[i];
-    auto value = [&](const char* name) -> std::string {
-      if (i + 1 >= args.size()) throw UsageError(std::string("checkpoint: ") + name + " needs a value");
-      return args[++i];
-    };
-    if (s == "--json") a.as_json = true;
-    else if (s == "-q" || s == "--quiet") a.quiet = true;
-    else if (s == "--copy-symlinks") a.copy_symlinks = true;
-    else if (s == "--store") a.store = value("--store");
-    else if (s == "--manifest") a.manifest = value("--manifest");
-    else if (s == "--out") a.out = value("--out");
-    else if (s == "--optimizer-state") a.optimizer_state = value("--optimizer-state");
-    else if (s == "--weight-version") a.weight_version = parse_u64(value("--weight-version"), "--weight-version");
-    else if (s == "--generation") a.generation = parse_u64(value("--generation"), "--generation");
-    else if (s == "--keep-from") a.keep_from = parse_u64(value("--keep-from"), "--keep-from");
-    else if (!s.empty() && s[0] == '-') throw UsageError("checkpoint: unknown option '" + s + "'");
-    else pos.push_back(s);
-  }
+  auto number = [](std::optional<uint64_t>& out, const char* name) {
+    return [&out, name](const std::string& v) { out = parse_u64(v, name); };
+  };
+  CommandLine cmdline("checkpoint", kUsage);
+  cmdline.flag({"--json"}, a.as_json)
+      .flag({"-q", "--quiet"}, a.quiet)
+      .flag({"--copy-symlinks"}, a.copy_symlinks)
+      .value("--store", a.store)
+      .value("--manifest", a.manifest)
+      .value("--out", a.out)
+      .value("--optimizer-state", a.optimizer_state)
+      .value("--weight-version", number(a.weight_version, "--weight-version"))
+      .value("--generation", number(a.generation, "--generation"))
+      .value("--keep-from", number(a.keep_from, "--keep-from"))
+      .positional(pos);
+  if (!cmdline.parse(args)) return std::nullopt;
   if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
   a.sub = pos[0];
   if (pos.size() < 2) throw UsageError("checkpoint " + a.sub + ": missing MODEL (see livetrain checkpoint --help)");
@@ -173,13 +173,9 @@ int run_list(const Args& a) {
 }  // namespace
 
 int run_checkpoint(const std::vector<std::string>& args) {
-  for (const auto& s : args) {
-    if (s == "-h" || s == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  }
-  Args a = parse(args);
+  std::optional<Args> parsed = parse(args);
+  if (!parsed) return 0;
+  const Args& a = *parsed;
   if (a.sub == "list") return run_list(a);
   json::Value out = json::Value::object();
   std::string text;

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cli/commands.hpp"
+#include "cli/command_line.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
@@ -49,21 +50,9 @@ layout::Engine engine_of(const std::string& name) {
 int run_diagnose(const std::vector<std::string>& args) {
   std::string manifest_path, model_dir;
   bool as_json = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a == "-h" || a == "--help") {
-      std::fputs(kDiagnoseUsage, stdout);
-      return 0;
-    }
-    if (a == "--json") {
-      as_json = true;
-    } else if (a == "--manifest" || a == "--model-dir") {
-      if (i + 1 >= args.size()) throw UsageError("diagnose: " + a + " needs a value");
-      (a == "--manifest" ? manifest_path : model_dir) = args[++i];
-    } else {
-      throw UsageError("diagnose: unknown argument '" + a + "' (see livetrain diagnose --help)");
-    }
-  }
+  CommandLine cmdline("diagnose", kDiagnoseUsage);
+  cmdline.value("--manifest", manifest_path).value("--model-dir", model_dir).flag({"--json"}, as_json);
+  if (!cmdline.parse(args)) return 0;
   if (manifest_path.empty()) throw UsageError("diagnose: --manifest FILE is required");
 
   sharing::Manifest m = sharing::manifest_read(manifest_path);

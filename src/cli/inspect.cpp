@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cli/commands.hpp"
+#include "cli/command_line.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/safetensors.hpp"
@@ -44,24 +45,13 @@ std::string human_bytes(unsigned long long bytes) {
 }
 
 int run_inspect(const std::vector<std::string>& args) {
-  std::string path;
+  std::vector<std::string> paths;
   bool as_json = false;
-  for (const std::string& a : args) {
-    if (a == "-h" || a == "--help") {
-      std::fputs(kInspectUsage, stdout);
-      return 0;
-    }
-    if (a == "--json") {
-      as_json = true;
-    } else if (!a.empty() && a[0] == '-') {
-      throw UsageError("inspect: unknown option '" + a + "'");
-    } else if (path.empty()) {
-      path = a;
-    } else {
-      throw UsageError("inspect: more than one PATH given");
-    }
-  }
-  if (path.empty()) throw UsageError("inspect: missing PATH (see livetrain inspect --help)");
+  CommandLine cmdline("inspect", kInspectUsage);
+  cmdline.flag({"--json"}, as_json).positional(paths, 1, "more than one PATH given");
+  if (!cmdline.parse(args)) return 0;
+  if (paths.empty() || paths[0].empty()) throw UsageError("inspect: missing PATH (see livetrain inspect --help)");
+  const std::string& path = paths[0];
 
   safetensors::Model model = safetensors::Model::open(path);
   auto short_name = [](const std::string& p) { return fs::basename(p); };

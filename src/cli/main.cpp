@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/commands.hpp"
+#include "cli/command_line.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
@@ -56,14 +57,7 @@ constexpr const char* kDevicesUsage =
 
 int run_devices(const std::vector<std::string>& args) {
   bool as_json = false;
-  for (const std::string& a : args) {
-    if (a == "-h" || a == "--help") {
-      std::fputs(kDevicesUsage, stdout);
-      return 0;
-    }
-    if (a == "--json") as_json = true;
-    else throw UsageError("devices: unknown argument '" + a + "'");
-  }
+  if (!CommandLine("devices", kDevicesUsage).flag({"--json"}, as_json).parse(args)) return 0;
   std::string reason;
   auto devs = cuda::devices(&reason);
   if (as_json) {

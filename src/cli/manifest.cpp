@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cli/commands.hpp"
+#include "cli/command_line.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
 
@@ -108,25 +109,12 @@ int run_manifest_inspect(const std::string& path, bool as_json) {
 }  // namespace
 
 int run_manifest(const std::vector<std::string>& args) {
-  std::string sub, path;
+  std::vector<std::string> pos;  // SUBCOMMAND FILE
   bool as_json = false;
-  for (const std::string& a : args) {
-    if (a == "-h" || a == "--help") {
-      std::fputs(kManifestUsage, stdout);
-      return 0;
-    }
-    if (a == "--json") {
-      as_json = true;
-    } else if (!a.empty() && a[0] == '-') {
-      throw UsageError("manifest: unknown option '" + a + "'");
-    } else if (sub.empty()) {
-      sub = a;
-    } else if (path.empty()) {
-      path = a;
-    } else {
-      throw UsageError("manifest: more than one FILE given");
-    }
-  }
+  CommandLine cmdline("manifest", kManifestUsage);
+  cmdline.flag({"--json"}, as_json).positional(pos, 2, "more than one FILE given");
+  if (!cmdline.parse(args)) return 0;
+  const std::string sub = pos.size() > 0 ? pos[0] : "", path = pos.size() > 1 ? pos[1] : "";
   if (sub.empty()) throw UsageError("manifest: missing subcommand (see livetrain manifest --help)");
   if (sub != "inspect") throw UsageError("manifest: unknown subcommand '" + sub + "' (only 'inspect')");
   if (path.empty()) throw UsageError("manifest inspect: missing FILE (see livetrain manifest --help)");

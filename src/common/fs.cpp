@@ -1,7 +1,9 @@
 // RAII file handles and the crash-safe write protocol (docs/durable-writes.md).
 #include "livetrain/fs.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 
 #include "livetrain/error.hpp"
 
@@ -130,6 +133,76 @@ void fsync_dir(const std::string& dir) {
   Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) throw io_error("cannot open directory " + dir + " to fsync it");
   if (::fsync(fd.get()) != 0) throw io_error("fsync of directory " + dir + " failed");
+}
+
+namespace {
+
+// fsyncs every regular file and directory below `dir`, then `dir` itself (children first, so that a
+// directory's fsync follows its entries'). Symlinks and special files are left alone.
+void fsync_tree(const std::string& dir) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
+  if (!d) throw io_error("cannot open directory " + dir);
+  while (true) {
+    errno = 0;
+    dirent* e = ::readdir(d.get());
+    if (!e) {
+      if (errno != 0) throw io_error("cannot read directory " + dir);
+      break;
+    }
+    const std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    const std::string path = join(dir, name);
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) throw io_error("cannot stat " + path);
+    if (S_ISDIR(st.st_mode)) {
+      fsync_tree(path);
+    } else if (S_ISREG(st.st_mode)) {
+      Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!fd.valid()) throw io_error("cannot open " + path + " to fsync it");
+      if (::fsync(fd.get()) != 0) throw io_error("fsync of " + path + " failed");
+    }
+  }
+  fsync_dir(dir);
+}
+
+// rename(2) that fails with EEXIST instead of replacing an existing `to`.
+int rename_noreplace(const char* from, const char* to) {
+#ifdef RENAME_NOREPLACE
+  if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0) return 0;
+  if (errno != EINVAL && errno != ENOSYS) return -1;  // EINVAL/ENOSYS: the filesystem or kernel lacks it
+#endif
+  struct stat st {};
+  if (::lstat(to, &st) == 0) {
+    errno = EEXIST;
+    return -1;
+  }
+  return ::rename(from, to);
+}
+
+}  // namespace
+
+void publish_directory(const std::string& tmp_dir, const std::string& final_dir) {
+  if (!is_directory(tmp_dir)) {
+    throw Error(exists(tmp_dir) ? ErrorCode::kIo : ErrorCode::kNotFound,
+                "cannot publish " + tmp_dir + " as " + final_dir + ": " + tmp_dir + " is not a directory");
+  }
+  if (exists(final_dir)) {
+    throw Error(ErrorCode::kIo, "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
+  }
+  fsync_tree(tmp_dir);
+  if (rename_noreplace(tmp_dir.c_str(), final_dir.c_str()) != 0) {
+    if (errno == EEXIST || errno == ENOTEMPTY) {
+      throw Error(ErrorCode::kIo, "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
+    }
+    throw io_error("cannot rename " + tmp_dir + " to " + final_dir);
+  }
+  auto parent = [](std::string p) {
+    while (p.size() > 1 && p.back() == '/') p.pop_back();  // "a/b/" is "a/b", whose parent is "a"
+    return dirname(p);
+  };
+  const std::string from_parent = parent(tmp_dir), to_parent = parent(final_dir);
+  fsync_dir(to_parent);
+  if (from_parent != to_parent) fsync_dir(from_parent);
 }
 
 void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill, mode_t mode) {

@@ -4,15 +4,12 @@
 #include <limits>
 #include <string>
 
+#include "common/bf16.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/loss.hpp"
 #include "livetrain/parallel.hpp"
-#include "optim/common.hpp"
 
 namespace livetrain::loss {
-
-using optim::detail::bf16_to_f32;
-using optim::detail::f32_to_bf16_nearest;
 
 void validate(const Logits& x) {
   if (x.dtype != DType::kBF16 && x.dtype != DType::kF32)

@@ -5,15 +5,12 @@
 
 #include <cstdint>
 
+#include "common/bf16.hpp"
 #include "cuda/check.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/loss.hpp"
-#include "optim/common.hpp"
 
 namespace livetrain::loss {
-
-using optim::detail::bf16_to_f32;
-using optim::detail::f32_to_bf16_nearest;
 
 namespace {
 

@@ -1,18 +1,14 @@
 // Internal: arithmetic shared bit-for-bit by the CPU and CUDA optimizer steps: Philox4x32-10, the Gaussian
-// projection entries, bf16 rounding (nearest-even and stochastic) and the scalar tail of an APOLLO step.
+// projection entries, the random offsets of stochastic rounding and the scalar tail of an APOLLO step
+// (the bf16 conversions themselves are common/bf16.hpp).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "common/bf16.hpp"
 #include "livetrain/optim.hpp"
-
-#if defined(__CUDACC__)
-#define LT_HD __host__ __device__ __forceinline__
-#else
-#define LT_HD inline
-#endif
 
 namespace livetrain::optim::detail {
 
@@ -80,44 +76,6 @@ LT_HD U32x4 rounding_bits(uint64_t seed, uint64_t step, uint64_t group) {
 LT_HD uint16_t rounding_offset(const U32x4& bits, int lane) {  // lane in [0, 8)
   uint32_t word = lane < 2 ? bits.x : lane < 4 ? bits.y : lane < 6 ? bits.z : bits.w;
   return static_cast<uint16_t>((lane & 1) ? (word >> 16) : (word & 0xFFFFu));
-}
-
-LT_HD uint32_t f32_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-LT_HD float bits_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
-LT_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
-
-LT_HD uint16_t f32_to_bf16_nearest(float f) {
-  uint32_t u = f32_bits(f);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// Stochastic rounding: add a uniform 16-bit offset below the bf16 mantissa and truncate, so the result is
-// the upper neighbour with probability equal to the discarded fraction (E[round(x)] = x). A carry into
-// the exponent past the largest finite bf16 would give Inf; then round to nearest instead.
-LT_HD uint16_t f32_to_bf16_stochastic(float f, uint16_t offset) {
-  uint32_t u = f32_bits(f);
-  uint32_t r = (u + offset) >> 16;
-  if ((r & 0x7F80u) == 0x7F80u && (u & 0x7F800000u) != 0x7F800000u) return f32_to_bf16_nearest(f);
-  return static_cast<uint16_t>(r);
 }
 
 LT_HD bool finite(float x) { return (f32_bits(x) & 0x7F800000u) != 0x7F800000u; }

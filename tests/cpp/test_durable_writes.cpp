@@ -1,5 +1,6 @@
 // The crash-safe write protocol: after SIGKILL at any instant the target holds the old or the new content,
 // never a mix; a failure leaves the old file and no temporary behind; symlinks are never written through.
+// Its directory form, publish_directory: a published name holds a complete tree and never replaces one.
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -170,4 +171,100 @@ TEST(AtomicWrite, SurvivesKillAtRandomPoints) {
   }
   RecordProperty("kills", iterations);
   RecordProperty("temporaries_left_by_kills", temps_left);
+}
+
+namespace {
+
+// A directory holding a file, a subdirectory with a file, and a symlink, as a converter would fill it.
+void fill_tree(const std::string& dir, uint64_t version) {
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  ASSERT_EQ(mkdir((dir + "/sub").c_str(), 0755), 0);
+  livetrain::testing::write_bytes(dir + "/a", content(version));
+  livetrain::testing::write_bytes(dir + "/sub/b", content(version + 1));
+  ASSERT_EQ(symlink("a", (dir + "/link").c_str()), 0);
+}
+
+// Whether `dir` is exactly what fill_tree(dir, version) wrote.
+bool complete_tree(const std::string& dir, uint64_t version) {
+  char target[8] = {};
+  return check(livetrain::testing::read_bytes(dir + "/a")) == static_cast<int64_t>(version) &&
+         check(livetrain::testing::read_bytes(dir + "/sub/b")) == static_cast<int64_t>(version + 1) &&
+         readlink((dir + "/link").c_str(), target, sizeof(target)) == 1 && target[0] == 'a';
+}
+
+}  // namespace
+
+TEST(PublishDirectory, RenamesAFilledDirectoryIntoPlace) {
+  livetrain::testing::TempDir dir;
+  fill_tree(dir.file(".tmp-model"), 7);
+  fs::publish_directory(dir.file(".tmp-model"), dir.file("model") + "/");  // a trailing slash is allowed
+  EXPECT_FALSE(fs::exists(dir.file(".tmp-model")));
+  EXPECT_TRUE(complete_tree(dir.file("model"), 7));
+}
+
+TEST(PublishDirectory, NeverReplacesWhatExists) {
+  livetrain::testing::TempDir dir;
+  fill_tree(dir.file("tmp"), 1);
+  const std::string tmp = dir.file("tmp");
+  // An empty directory (which plain rename would replace), a full one, and a file.
+  ASSERT_EQ(mkdir(dir.file("empty").c_str(), 0755), 0);
+  fill_tree(dir.file("full"), 5);
+  fs::write_file_atomic(dir.file("file"), "x");
+  for (const char* name : {"empty", "full", "file"}) {
+    const std::string final_dir = dir.file(name);
+    try {
+      fs::publish_directory(tmp, final_dir);
+      ADD_FAILURE() << "published over " << final_dir;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), livetrain::ErrorCode::kIo);
+      EXPECT_NE(std::string(e.what()).find(final_dir + " already exists"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(complete_tree(tmp, 1)) << name;
+  }
+  EXPECT_TRUE(fs::is_directory(dir.file("empty")));
+  EXPECT_TRUE(complete_tree(dir.file("full"), 5));
+  EXPECT_EQ(fs::read_file(dir.file("file")), "x");
+}
+
+TEST(PublishDirectory, MissingSourceIsNotFound) {
+  livetrain::testing::TempDir dir;
+  try {
+    fs::publish_directory(dir.file("absent"), dir.file("model"));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), livetrain::ErrorCode::kNotFound);
+    EXPECT_NE(std::string(e.what()).find(dir.file("absent")), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir.file("model")));
+}
+
+// A child fills and publishes directories one after another and is killed with SIGKILL at a random
+// instant: every published name must hold a complete tree (a temporary may be left half-filled).
+TEST(PublishDirectory, SurvivesKillAtRandomPoints) {
+  livetrain::testing::TempDir dir;
+  std::mt19937_64 rng(777);
+  uint64_t next = 0;
+  for (int it = 0; it < 40; ++it) {
+    const uint64_t first = next;
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      for (uint64_t v = first;; v += 2) {
+        const std::string tmp = dir.file(".tmp-" + std::to_string(v)), final_dir = dir.file("v" + std::to_string(v));
+        fill_tree(tmp, v);
+        fs::publish_directory(tmp, final_dir);
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20000));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "the writer died on its own at iteration " << it;
+    for (uint64_t v = first;; v += 2) {
+      if (!fs::exists(dir.file("v" + std::to_string(v)))) break;
+      ASSERT_TRUE(complete_tree(dir.file("v" + std::to_string(v)), v)) << "torn directory v" << v;
+      next = v + 2;
+    }
+    next += 2;  // a half-filled temporary of the next version may be left; never reuse its name
+  }
 }

@@ -10,10 +10,10 @@
 #include <random>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/loss.hpp"
-#include "optim/common.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -21,8 +21,8 @@
 
 namespace loss = livetrain::loss;
 using livetrain::DType;
-using livetrain::optim::detail::bf16_to_f32;
-using livetrain::optim::detail::f32_to_bf16_nearest;
+using livetrain::bf16_to_f32;
+using livetrain::f32_to_bf16_nearest;
 
 namespace {
 

@@ -8,6 +8,7 @@
 
 #include "livetrain/error.hpp"
 #include "livetrain/optim.hpp"
+#include "common/bf16.hpp"
 #include "optim/common.hpp"
 
 namespace opt = livetrain::optim;
@@ -35,21 +36,21 @@ TEST(Optim, PhiloxKnownAnswers) {
 TEST(Optim, Bf16Rounding) {
   // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): nearest-even gives 1.
   float mid = 1.0f + std::ldexp(1.0f, -8);
-  EXPECT_EQ(d::f32_to_bf16_nearest(mid), 0x3F80);
+  EXPECT_EQ(livetrain::f32_to_bf16_nearest(mid), 0x3F80);
   // Stochastic: offset 0 truncates, the largest offset carries into the next value.
-  EXPECT_EQ(d::f32_to_bf16_stochastic(mid, 0), 0x3F80);
-  EXPECT_EQ(d::f32_to_bf16_stochastic(mid, 0xFFFF), 0x3F81);
+  EXPECT_EQ(livetrain::f32_to_bf16_stochastic(mid, 0), 0x3F80);
+  EXPECT_EQ(livetrain::f32_to_bf16_stochastic(mid, 0xFFFF), 0x3F81);
   // Exactly representable values never move.
-  EXPECT_EQ(d::f32_to_bf16_stochastic(1.0f, 0xFFFF), 0x3F80);
-  EXPECT_EQ(d::f32_to_bf16_stochastic(-2.0f, 0xFFFF), 0xC000);
+  EXPECT_EQ(livetrain::f32_to_bf16_stochastic(1.0f, 0xFFFF), 0x3F80);
+  EXPECT_EQ(livetrain::f32_to_bf16_stochastic(-2.0f, 0xFFFF), 0xC000);
   // Just above the largest bf16 (but nearer to it than to the next power of two): stochastic rounding
   // never carries it into Inf; it falls back to nearest, which stays finite.
-  float big = d::bits_f32(0x7F7F7FFFu);
-  EXPECT_EQ(d::f32_to_bf16_stochastic(big, 0xFFFF), 0x7F7F);
+  float big = livetrain::bits_f32(0x7F7F7FFFu);
+  EXPECT_EQ(livetrain::f32_to_bf16_stochastic(big, 0xFFFF), 0x7F7F);
   // Over all offsets, the mean of the two outcomes is the input (unbiased).
   float x = 1.0f + 0.3f * std::ldexp(1.0f, -7);
   double sum = 0;
-  for (uint32_t o = 0; o < 65536; ++o) sum += d::bf16_to_f32(d::f32_to_bf16_stochastic(x, static_cast<uint16_t>(o)));
+  for (uint32_t o = 0; o < 65536; ++o) sum += livetrain::bf16_to_f32(livetrain::f32_to_bf16_stochastic(x, static_cast<uint16_t>(o)));
   EXPECT_NEAR(sum / 65536, x, 1e-6);
 }
 

@@ -69,7 +69,8 @@
 //
 // Content hash ("xxh64-4k"): XXH64 (seed 0) of every 4 KiB block of the file (the last block may be
 // shorter), then XXH64 (seed 0) of those block hashes as u64 little-endian in order. The empty file hashes
-// to XXH64 of no bytes. Block hashes make it parallel; XXH64 is Yann Collet's (xxhash.h, spec v0.1.1).
+// to XXH64 of no bytes. Block hashes make it parallel; XXH64 is Yann Collet's (spec v0.1.1; the
+// xxHash library in third_party/xxhash computes it).
 //
 // Journal "materialize.journal" (written with fs::write_file_atomic before any model byte changes):
 //     0  "LTCKJRN1", u32 version = 1, u32 entry count, u64 from generation, u64 to generation

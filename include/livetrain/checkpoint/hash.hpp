@@ -1,5 +1,5 @@
-// The checkpoint store's hashes: XXH64 (the xxHash library, spec v0.1.1) and the "xxh64-4k" content hash of
-// model and delta files (format.hpp).
+// The checkpoint store's hashes: XXH64 (seed-able, one-shot or streamed) computed by the xxHash library, and
+// the "xxh64-4k" content hash of model and delta files built on it (format.hpp).
 #pragma once
 
 #include <cstddef>
@@ -22,11 +22,9 @@ class Xxh64Stream {
   uint64_t digest() const;
 
  private:
-  uint64_t v_[4];
-  uint64_t seed_;
-  uint64_t total_ = 0;
-  uint8_t buf_[32] = {};
-  size_t buffered_ = 0;
+  // The library's XXH64_state_t, held inline (no allocation, no xxhash.h in this header); the constructor
+  // checks that it fits.
+  alignas(8) unsigned char state_[88];
 };
 // The "xxh64-4k" content hash of a byte range (parallel over blocks).
 uint64_t content_hash(const uint8_t* data, size_t size);

@@ -1,5 +1,5 @@
-// The CUDA runtime calls of the store's GPU path (cuda_host.hpp).
-#include "checkpoint/cuda_host.hpp"
+// Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
+#include "cuda/host.hpp"
 
 #include "livetrain/error.hpp"
 
@@ -8,7 +8,7 @@
 
 #include "cuda/check.hpp"
 
-namespace livetrain::checkpoint::cuda_host {
+namespace livetrain::cuda::host {
 
 void set_device(int device) { LIVETRAIN_CUDA_CHECK(cudaSetDevice(device)); }
 
@@ -27,15 +27,15 @@ void unpin(void* p) noexcept { cudaHostUnregister(p); }
 void to_device(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
 void to_host(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
 
-}  // namespace livetrain::checkpoint::cuda_host
+}  // namespace livetrain::cuda::host
 
 #else
 
-namespace livetrain::checkpoint::cuda_host {
+namespace livetrain::cuda::host {
 
 namespace {
 [[noreturn]] void no_cuda() {
-  throw Error(ErrorCode::kUnsupported, "checkpoint: live weights in GPU memory, but this build of livetrain has no CUDA code");
+  throw Error(ErrorCode::kUnsupported, "memory on a CUDA device, but this build of livetrain has no CUDA code");
 }
 }  // namespace
 
@@ -45,6 +45,6 @@ void unpin(void*) noexcept {}
 void to_device(void*, const void*, size_t) { no_cuda(); }
 void to_host(void*, const void*, size_t) { no_cuda(); }
 
-}  // namespace livetrain::checkpoint::cuda_host
+}  // namespace livetrain::cuda::host
 
 #endif

@@ -1,10 +1,11 @@
-// Internal: the CUDA runtime calls the store's GPU save/restore path needs, so store.cpp itself does not
-// depend on CUDA. In builds without CUDA every function throws Error(kUnsupported).
+// Internal: host-side CUDA runtime calls (current device, page-locking host memory, synchronous copies) for
+// core code that must compile without CUDA, such as the checkpoint store's GPU save/restore path. In builds
+// without CUDA every function throws Error(kUnsupported), except unpin, which does nothing.
 #pragma once
 
 #include <cstddef>
 
-namespace livetrain::checkpoint::cuda_host {
+namespace livetrain::cuda::host {
 
 // Makes `device` current for this thread.
 void set_device(int device);
@@ -17,4 +18,4 @@ void unpin(void* p) noexcept;
 void to_device(void* dst, const void* src, size_t n);
 void to_host(void* dst, const void* src, size_t n);
 
-}  // namespace livetrain::checkpoint::cuda_host
+}  // namespace livetrain::cuda::host
