@@ -167,6 +167,16 @@ struct Layout {
 Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_tensors,
              const Options& options);
 
+// The Hugging Face prefixes of the text model in the model files: "model." / "" for a causal LM,
+// "model.language_model." / "" inside a multimodal wrapper.
+Prefixes hf_prefixes(const ModelInfo& info);
+
+// Whether a tensor of the model files belongs to the text model that the layouts serve (under the body
+// prefix, or the lm_head). A multimodal checkpoint's vision tower (model.visual.*) and a release's
+// multi-token-prediction head (mtp.*) do not: engines do not serve them, and the checkpoint store carries
+// them unchanged.
+bool in_text_model(const ModelInfo& info, std::string_view hf_name);
+
 // Row-major strides (in elements) of a contiguous tensor of `shape`.
 std::vector<uint64_t> contiguous_strides(const std::vector<uint64_t>& shape);
 

@@ -191,6 +191,34 @@ TEST(Layout, UnsupportedModelTypesAreNamed) {
   EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos);
 }
 
+// Issue #15: what livetrain cannot map is refused with the architecture named and what is supported.
+TEST(Layout, QuantizedCheckpointsAndUnknownWrappersNameTheArchitecture) {
+  // kQwen35 with fields added at the top level.
+  auto qwen35_with = [](const std::string& fields) { return json::parse("{" + fields + ", " + std::string(kQwen35).substr(1)); };
+  json::Value c = qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"])");
+  EXPECT_EQ(lo::model_info(c).family, "qwen3_5");
+  Error e = error_of([&] {
+    lo::model_info(qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"], "quantization_config": {"quant_method": "fp8"})"));
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("Qwen3_5ForConditionalGeneration"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("quant_method \"fp8\""), std::string::npos) << e.what();
+  e = error_of([&] { lo::model_info(qwen35_with(R"("architectures": ["InternVLChatModel"])")); });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("architecture InternVLChatModel"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("LlavaForConditionalGeneration"), std::string::npos) << e.what();
+  e = error_of([] {
+    lo::model_info(json::parse(R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]})"));
+  });
+  EXPECT_NE(std::string(e.what()).find("Qwen3MoeForCausalLM"), std::string::npos) << e.what();
+  // The text model's tensors, and what lies outside it (not served).
+  lo::ModelInfo info = lo::model_info(c);
+  EXPECT_TRUE(lo::in_text_model(info, "model.language_model.layers.0.mlp.up_proj.weight"));
+  EXPECT_TRUE(lo::in_text_model(info, "lm_head.weight"));
+  EXPECT_FALSE(lo::in_text_model(info, "model.visual.blocks.0.attn.qkv.weight"));
+  EXPECT_FALSE(lo::in_text_model(info, "mtp.fc.weight"));
+}
+
 TEST(Layout, EngineMismatchesAreNamed) {
   json::Value c = json::parse(kLlama);
   auto o = vllm(0, 2);

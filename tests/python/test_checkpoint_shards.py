@@ -201,3 +201,22 @@ def test_mismatched_parts_are_refused_with_the_ranks_named(qwen35, tmp_path):
     assert s0.compare(1, whole)["tensors"] == 0
     s1.close()
     s0.close()
+
+
+def test_diagnose_lists_the_vision_tower_and_mtp_head_as_not_served(cli, qwen35, tmp_path):
+    from livetrain import sharing
+
+    src, config = qwen35
+    files = load_file(str(src / "model.safetensors"))
+    engine = layout.merge(config, {n: t for n, t in files.items() if n in text_names(config)}, engine="vllm")
+    exported = sharing.export_cpu(engine, tmp_path / "engine.json", config=config, engine="vllm", model_path=src)
+    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--json"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] and doc["only_on_disk"] == [] and doc["mismatched"] == []
+    assert doc["not_served"] == sorted(set(files) - text_names(config))
+    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and f"{len(doc['not_served'])} not served: the engine and the files agree" in r.stdout
+    del exported
