@@ -157,14 +157,15 @@ int run_list(const Args& a) {
   std::printf("store %s: generations %llu..%llu, head %llu, model files at %llu\n", store_dir(a).c_str(),
               static_cast<unsigned long long>(c.oldest), static_cast<unsigned long long>(c.head),
               static_cast<unsigned long long>(c.head), static_cast<unsigned long long>(c.materialized));
-  std::printf("%10s  %-19s  %14s  %12s  %10s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes");
+  std::printf("%10s  %-19s  %14s  %12s  %10s  %5s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes",
+              "ranks");
   for (const auto& g : c.generations) {
     std::time_t t = static_cast<std::time_t>(g.time_ms / 1000);
     char buf[32];
     std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
-    std::printf("%10llu  %-19s  %14llu  %12llu  %10s%s%s\n", static_cast<unsigned long long>(g.generation), buf,
+    std::printf("%10llu  %-19s  %14llu  %12llu  %10s  %5u%s%s\n", static_cast<unsigned long long>(g.generation), buf,
                 static_cast<unsigned long long>(g.weight_version), static_cast<unsigned long long>(g.changed),
-                human_bytes(g.bytes).c_str(), g.generation == c.head ? "  head" : "",
+                human_bytes(g.bytes).c_str(), g.ranks, g.generation == c.head ? "  head" : "",
                 g.generation == c.materialized ? "  materialized" : "");
   }
   return 0;
