@@ -77,6 +77,10 @@ struct Shard {
   bool replicated = true;
   uint32_t dim = 0;
   std::vector<Segment> segments;
+  // Whether this rank is the lowest rank holding these elements of the HF tensor: false for a replicated
+  // tensor on ranks > 0 and for a KV head that tp_size / num_key_value_heads ranks share, on all but the
+  // first of them. The one rank that saves them in a checkpoint (the others' copies are the same weights).
+  bool primary = true;
 };
 
 // One HF parameter as a strided view into one engine tensor; offset and strides count elements.

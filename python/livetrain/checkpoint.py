@@ -46,16 +46,19 @@ def shards(layout: dict, views: Mapping[str, torch.Tensor], rank: int) -> list[S
     """The regions of the Hugging Face tensors that one rank's layout views hold (``livetrain.layout.build``
     and ``views`` of that rank): a column-parallel view is a block of rows, a row-parallel one a block of
     columns, a view split into several segments (conv1d's q, k, v parts) one region per segment, a
-    replicated view the whole tensor (saved by rank 0 only). Tied views are skipped (the tensor they are
-    tied to is the same memory); empty regions (vocabulary padding beyond the real rows) too."""
+    replicated view the whole tensor. Only the lowest rank holding an element saves it (the layout's
+    ``primary``): rank 0 for replicated tensors, the first of the ranks sharing a KV head when the TP size
+    exceeds the KV heads. Tied views are skipped (the tensor they are tied to is the same memory); empty
+    regions (vocabulary padding beyond the real rows) too."""
     out: list[Shard] = []
     for v in layout["views"]:
         if v["tied_to"] is not None:
             continue
         t = views[v["hf_name"]]
         ndim = len(v["hf_shape"])
+        saved = bool(v.get("primary", rank == 0 if v["shard"] is None else True))
         if v["shard"] is None:
-            out.append(Shard(v["hf_name"], (0,) * ndim, t, rank == 0))
+            out.append(Shard(v["hf_name"], (0,) * ndim, t, saved))
             continue
         dim, segments = v["shard"]
         offset = 0
@@ -66,7 +69,7 @@ def shards(layout: dict, views: Mapping[str, torch.Tensor], rank: int) -> list[S
                 continue
             where = [0] * ndim
             where[dim] = start
-            out.append(Shard(v["hf_name"], tuple(where), part, True))
+            out.append(Shard(v["hf_name"], tuple(where), part, saved))
     return out
 
 

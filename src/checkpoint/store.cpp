@@ -246,8 +246,10 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   // recovery; another rank waits until no journal is left, and rereads COMMIT if it changed meanwhile.
   std::vector<fs::Mapping> maps;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  const std::string commit_path = fs::join(s.dir_, std::string(kCommitFileName));
   for (;;) {
-    s.commit_ = commit_read(s.dir_);  // again, under the lock
+    const std::string text = fs::read_file(commit_path);  // again, under the lock
+    s.commit_ = commit_parse(text, commit_path);
     if (o.rank == 0) {
       s.recover_journal();
       s.remove_uncommitted();
@@ -275,7 +277,8 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
       }
     }
     if (mismatch.empty()) break;
-    if (o.rank != 0 && (fs::exists(journal) || fs::read_file(fs::join(s.dir_, std::string(kCommitFileName))) != commit_serialize(c))) {
+    if (o.rank != 0 && std::chrono::steady_clock::now() < deadline &&
+        (fs::exists(journal) || fs::read_file(commit_path) != text)) {
       continue;  // rank 0 is finishing a materialize: read again once it is done
     }
     std::string first = first_differing_tensor(model_dir, c);

@@ -113,6 +113,21 @@ TEST(Layout, KvHeadsReplicatedWhenTpExceedsThem) {
   }
 }
 
+// Each element of an HF tensor has one primary rank (the one that saves it in a checkpoint): rank 0 for
+// replicated tensors, the first of the ranks sharing a KV head.
+TEST(Layout, ThePrimaryRankOfSharedKvHeadsAndReplicatedTensors) {
+  json::Value c = json::parse(kLlama);  // 8 heads, 2 KV heads: at TP 4, ranks 0-1 share KV head 0, ranks 2-3 head 1
+  for (uint32_t r = 0; r < 4; ++r) {
+    auto o = vllm(r, 4);
+    lo::Layout l = lo::build(c, engine_of(c, o), o);
+    EXPECT_TRUE(view(l, "model.layers.0.self_attn.q_proj.weight").shard.primary) << r;
+    EXPECT_EQ(view(l, "model.layers.0.self_attn.k_proj.weight").shard.primary, r % 2 == 0) << r;
+    EXPECT_EQ(view(l, "model.layers.0.self_attn.v_proj.bias").shard.primary, r % 2 == 0) << r;
+    EXPECT_EQ(view(l, "model.norm.weight").shard.primary, r == 0) << r;
+    EXPECT_TRUE(view(l, "model.layers.1.mlp.down_proj.weight").shard.primary) << r;
+  }
+}
+
 TEST(Layout, PaddedVocabulary) {
   json::Value c = json::parse(kLlama);
   // 77 rows pad to 128; TP 4 gives 32-row blocks: 32, 32, 13 real rows, then none.
