@@ -220,3 +220,47 @@ def test_diagnose_lists_the_vision_tower_and_mtp_head_as_not_served(cli, qwen35,
                        timeout=60)
     assert r.returncode == 0 and f"{len(doc['not_served'])} not served: the engine and the files agree" in r.stdout
     del exported
+
+
+def test_kv_heads_shared_by_ranks_are_saved_once(tmp_path):
+    """At TP 4 with 2 KV heads, ranks 0-1 and 2-3 share one each: only the first of each pair saves it, so
+    the parts are disjoint and the TP 1 state is exact (four ranks' stores in one process)."""
+    import transformers
+
+    from livetrain import safetensors as lst
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=100, attention_bias=True)
+    config = cfg.to_dict()
+    torch.manual_seed(0)
+    full = {n: t.detach().to(torch.bfloat16).clone()
+            for n, t in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    d = tmp_path / "model"
+    d.mkdir()
+    lst.save_model(d, full)
+    (d / "config.json").write_text(json.dumps(config))
+    CheckpointStore.create(d).close()
+    ranks = []
+    for r in range(4):
+        engine = layout.merge(config, full, engine="vllm", tp_rank=r, tp_size=4)
+        lay = layout.build(config, engine, engine="vllm", tp_rank=r, tp_size=4)
+        ranks.append(checkpoint.shards(lay, layout.views(lay, engine), r))
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert [[s.saved for s in sh if s.name == k] for sh in ranks] == [[True], [False], [True], [False]]
+    stores = [CheckpointStore(d, rank=r, ranks=4, held=ranks[r]) for r in range(4)]
+    step(full, 5, 0.3)
+    for r in range(4):  # every rank's memory follows the same step (shared KV heads alike)
+        for s in ranks[r]:
+            region = full[s.name]
+            for dim, start in enumerate(s.start):
+                region = region.narrow(dim, start, s.tensor.shape[dim])
+            s.tensor.copy_(region)
+    parts = [stores[r].save_part(ranks[r]) for r in range(4)]
+    assert stores[0].commit(1, parts)["written"]
+    for s in stores:
+        s.refresh()
+        s.close()
+    with CheckpointStore(d) as store:
+        got = {n: torch.zeros_like(t) for n, t in full.items()}
+        store.restore(1, got)
+        assert all(torch.equal(got[n], full[n]) for n in full)
