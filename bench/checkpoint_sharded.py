@@ -30,26 +30,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkpoint import model_shapes  # noqa: E402  (bench/checkpoint.py: the same Llama-8B-shaped set)
 
 
 def log(msg: str) -> None:
     print(f"[sharded checkpoint bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def model_shapes(gib: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Llama-3.1-8B-shaped bf16 matrices (embeddings, then layers with a norm each) until `gib` GiB."""
-    h, inter, kv, vocab = 4096, 14336, 1024, 128256
-    out, total, layer = [("model.embed_tokens.weight", (vocab, h))], vocab * h * 2, 0
-    while total < gib * 2**30:
-        for name, shape in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
-                            ("mlp.down_proj", (h, inter))]:
-            out.append((f"model.layers.{layer}.{name}.weight", shape))
-            total += shape[0] * shape[1] * 2
-        out.append((f"model.layers.{layer}.input_layernorm.weight", (h,)))
-        total += h * 2
-        layer += 1
-    return out
 
 
 def write_model(directory: str, gib: float) -> None:

@@ -43,6 +43,20 @@ nb::object hash_or_none(const std::optional<uint64_t>& h) {
   return h ? nb::cast(checkpoint::hash_hex(*h)) : nb::none();
 }
 
+// A part of a generation, as COMMIT records it (None for what a version-1 COMMIT did not record).
+nb::dict part_dict(const checkpoint::Part& p) {
+  nb::dict q;
+  q["rank"] = p.rank;
+  q["file"] = p.file;
+  q["bytes"] = p.bytes ? nb::cast(*p.bytes) : nb::none();
+  q["hash"] = checkpoint::hash_hex(p.hash);
+  q["changed"] = p.changed;
+  q["optimizer_state"] = p.optimizer_state;
+  q["optimizer_bytes"] = p.optimizer_bytes ? nb::cast(*p.optimizer_bytes) : nb::none();
+  q["optimizer_hash"] = hash_or_none(p.optimizer_hash);
+  return q;
+}
+
 nb::dict generation_dict(const checkpoint::Generation& g) {
   nb::dict d;
   d["generation"] = g.generation;
@@ -53,18 +67,7 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   d["changed"] = g.changed;
   d["ranks"] = g.ranks;
   nb::list parts;
-  for (const auto& p : g.parts) {
-    nb::dict q;
-    q["rank"] = p.rank;
-    q["file"] = p.file;
-    q["bytes"] = p.bytes ? nb::cast(*p.bytes) : nb::none();
-    q["hash"] = checkpoint::hash_hex(p.hash);
-    q["changed"] = p.changed;
-    q["optimizer_state"] = p.optimizer_state;
-    q["optimizer_bytes"] = p.optimizer_bytes ? nb::cast(*p.optimizer_bytes) : nb::none();
-    q["optimizer_hash"] = hash_or_none(p.optimizer_hash);
-    parts.append(q);
-  }
+  for (const auto& p : g.parts) parts.append(part_dict(p));
   d["parts"] = parts;
   // A single-process generation's files, as before generations had parts ("" when none).
   const checkpoint::Part* p0 = g.ranks == 1 ? g.part(0) : nullptr;
@@ -73,20 +76,13 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   return d;
 }
 
+// save_part's descriptor: the part's fields, and the generation, TP size, group and timings.
 nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
-  nb::dict d;
+  nb::dict d = part_dict(p.part);
   d["generation"] = p.generation;
   d["parent"] = p.parent;
-  d["rank"] = p.rank;
   d["ranks"] = p.ranks;
   d["group"] = p.group;
-  d["file"] = p.file;
-  d["bytes"] = p.bytes;
-  d["hash"] = checkpoint::hash_hex(p.hash);
-  d["changed"] = p.changed;
-  d["optimizer_state"] = p.optimizer_state;
-  d["optimizer_bytes"] = p.optimizer_bytes;
-  d["optimizer_hash"] = checkpoint::hash_hex(p.optimizer_hash);
   d["elements"] = p.elements;
   d["model_bytes"] = p.model_bytes;
   d["diff_seconds"] = p.diff_seconds;
@@ -126,18 +122,21 @@ checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
   checkpoint::PartDescriptor p;
   p.generation = u64("generation");
   p.parent = u64("parent");
-  p.rank = static_cast<uint32_t>(u64("rank"));
   p.ranks = static_cast<uint32_t>(u64("ranks"));
   p.group = text("group");
-  p.file = text("file");
-  p.bytes = u64("bytes");
-  p.hash = hash("hash");
-  p.changed = u64("changed");
-  p.optimizer_state = text("optimizer_state");
-  p.optimizer_bytes = u64("optimizer_bytes");
-  p.optimizer_hash = hash("optimizer_hash");
   p.elements = u64("elements");
   p.model_bytes = u64("model_bytes");
+  checkpoint::Part& part = p.part;
+  part.rank = static_cast<uint32_t>(u64("rank"));
+  part.file = text("file");
+  part.bytes = u64("bytes");
+  part.hash = hash("hash");
+  part.changed = u64("changed");
+  part.optimizer_state = text("optimizer_state");
+  if (!part.optimizer_state.empty()) {
+    part.optimizer_bytes = u64("optimizer_bytes");
+    part.optimizer_hash = hash("optimizer_hash");
+  }
   return p;
 }
 

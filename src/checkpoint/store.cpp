@@ -765,19 +765,20 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   PartDescriptor d;
   d.generation = commit_.head + 1;
   d.parent = commit_.head;
-  d.rank = rank_;
   d.ranks = ranks_;
   d.group = group_;
-  d.file = part_file_name(d.generation, rank_, ranks_);
-  const std::string path = fs::join(dir_, d.file);
+  Part& part = d.part;
+  part.rank = rank_;
+  part.file = part_file_name(d.generation, rank_, ranks_);
+  const std::string path = fs::join(dir_, part.file);
   Written w;
   write_delta(checked, path, [&](uint32_t count) { return part_file_header(d.generation, d.parent, count, rank_, ranks_); },
               true, options.progress, w);
   auto t0 = std::chrono::steady_clock::now();
   if (!options.optimizer_state.empty()) {
-    d.optimizer_state = optimizer_file_name(d.file);
+    part.optimizer_state = optimizer_file_name(part.file);
     try {
-      std::tie(d.optimizer_bytes, d.optimizer_hash) = copy_optimizer_state(options.optimizer_state, d.optimizer_state);
+      std::tie(part.optimizer_bytes, part.optimizer_hash) = copy_optimizer_state(options.optimizer_state, part.optimizer_state);
     } catch (...) {
       ::unlink(path.c_str());
       move_head(w);
@@ -785,9 +786,9 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
     }
   }
   crash_point("part-written");
-  d.bytes = w.bytes;
-  d.hash = w.hash;
-  d.changed = w.changed;
+  part.bytes = w.bytes;
+  part.hash = w.hash;
+  part.changed = w.changed;
   d.elements = w.elements;
   d.model_bytes = w.model_bytes;
   d.diff_seconds = w.diff_seconds;
@@ -804,14 +805,14 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                                             " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
   }
   const uint64_t g = commit_.head + 1;
-  auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.rank); };
+  auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.part.rank); };
   std::vector<const PartDescriptor*> by_rank(ranks_, nullptr);
   for (const PartDescriptor& p : parts) {
-    if (p.ranks != ranks_ || p.rank >= ranks_) {
+    if (p.ranks != ranks_ || p.part.rank >= ranks_) {
       throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part was written at tensor-parallel size " + std::to_string(p.ranks) +
                                               "; this store is open at size " + std::to_string(ranks_) + " (rank 0)");
     }
-    if (by_rank[p.rank]) throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is given twice");
+    if (by_rank[p.part.rank]) throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is given twice");
     if (p.group != group_) {
       throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part comes from \"" + p.group + "\", rank 0's from \"" + group_ +
                                               "\": the ranks serve different engines");
@@ -821,7 +822,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                                               " (parent " + std::to_string(p.parent) + "); the next generation is " +
                                               std::to_string(g) + " (parent " + std::to_string(commit_.head) + ")");
     }
-    by_rank[p.rank] = &p;
+    by_rank[p.part.rank] = &p;
   }
   std::string missing;
   for (uint32_t r = 0; r < ranks_; ++r) {
@@ -831,8 +832,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     throw Error(ErrorCode::kInvalidArg, "the parts of rank(s) " + missing + " are missing (tensor-parallel size " +
                                             std::to_string(ranks_) + ")");
   }
-  if (!pending_ || pending_->part.file != by_rank[0]->file || pending_->part.hash != by_rank[0]->hash) {
-    throw Error(ErrorCode::kInvalidArg, "rank 0's part " + by_rank[0]->file + " is not the part this process wrote with save_part");
+  if (!pending_ || pending_->part.part.file != by_rank[0]->part.file || pending_->part.part.hash != by_rank[0]->part.hash) {
+    throw Error(ErrorCode::kInvalidArg, "rank 0's part " + by_rank[0]->part.file + " is not the part this process wrote with save_part");
   }
   // Every part read back: size, checksum, records; optimizer files: size, hash. Then regions disjoint.
   struct Seen {
@@ -842,18 +843,15 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   };
   std::vector<std::vector<Seen>> seen(ranks_);
   std::vector<std::string> errors(ranks_);
-  std::vector<Part> committed(ranks_);
   parallel_for(static_cast<int64_t>(ranks_), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const PartDescriptor& p = *by_rank[r];
-      Part& part = committed[r];
-      part = Part{p.rank, p.file, p.bytes, p.hash, p.changed, p.optimizer_state, std::nullopt, std::nullopt};
+      const Part& p = by_rank[r]->part;
       try {
         std::string path = fs::join(dir_, p.file);
         if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "part file " + path + " is missing");
         fs::Mapping map = fs::Mapping::open_readonly(path);
         uint64_t changed = 0;
-        check_part_file(g, ranks_, part, map, [&](size_t tensor, const DeltaRecord& rec, const Region& region) {
+        check_part_file(g, ranks_, p, map, [&](size_t tensor, const DeltaRecord& rec, const Region& region) {
           seen[r].push_back(Seen{p.rank, tensor, region});
           changed += rec.changed;
         });
@@ -865,11 +863,10 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
           std::string opath = fs::join(dir_, p.optimizer_state);
           if (!fs::exists(opath)) throw Error(ErrorCode::kNotFound, "optimizer state " + opath + " is missing");
           fs::Mapping m = fs::Mapping::open_readonly(opath);
-          if (m.size() != p.optimizer_bytes || content_hash(m.data(), m.size()) != p.optimizer_hash) {
+          if (m.size() != p.optimizer_bytes.value_or(~uint64_t{0}) ||
+              content_hash(m.data(), m.size()) != p.optimizer_hash.value_or(0)) {
             throw Error(ErrorCode::kFormat, "optimizer state " + opath + " does not match its descriptor (size or hash)");
           }
-          part.optimizer_bytes = p.optimizer_bytes;
-          part.optimizer_hash = p.optimizer_hash;
         }
       } catch (const std::exception& e) {
         errors[r] = e.what();
@@ -894,10 +891,10 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   }
   SaveResult res;
   for (const PartDescriptor* p : by_rank) {
-    res.changed += p->changed;
+    res.changed += p->part.changed;
     res.elements += p->elements;
     res.model_bytes += p->model_bytes;
-    res.bytes += p->bytes + p->optimizer_bytes;
+    res.bytes += p->part.bytes.value_or(0) + p->part.optimizer_bytes.value_or(0);
     res.diff_seconds = std::max(res.diff_seconds, p->diff_seconds);
     res.encode_seconds = std::max(res.encode_seconds, p->encode_seconds);
     res.write_seconds = std::max(res.write_seconds, p->write_seconds);
@@ -905,8 +902,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).
     for (const PartDescriptor* p : by_rank) {
-      ::unlink(fs::join(dir_, p->file).c_str());
-      if (!p->optimizer_state.empty()) ::unlink(fs::join(dir_, p->optimizer_state).c_str());
+      ::unlink(fs::join(dir_, p->part.file).c_str());
+      if (!p->part.optimizer_state.empty()) ::unlink(fs::join(dir_, p->part.optimizer_state).c_str());
     }
     move_head(pending_->written);
     pending_.reset();
@@ -923,7 +920,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   gen.bytes = res.bytes;
   gen.changed = res.changed;
   gen.ranks = ranks_;
-  gen.parts = committed;
+  for (const PartDescriptor* p : by_rank) gen.parts.push_back(p->part);
   Commit c = commit_;
   c.head = g;
   c.generations.push_back(gen);
@@ -942,7 +939,7 @@ void Store::sync() {
   if (pending_) {
     const Generation* gen = c.find(pending_->part.generation);
     const Part* p = gen ? gen->part(rank_) : nullptr;
-    if (p && p->file == pending_->part.file && p->hash == pending_->part.hash) {
+    if (p && p->file == pending_->part.part.file && p->hash == pending_->part.part.hash) {
       head_generation_ = pending_->part.generation;
     } else {
       move_head(pending_->written);  // not committed (yet): if it is later, the replay below brings it in

@@ -170,9 +170,9 @@ namespace {
 void send_part(int fd, const checkpoint::PartDescriptor& p) {
   char line[512];
   int n = std::snprintf(line, sizeof line, "%llu %llu %u %u %s %llu %s %llu %llu %llu\n", (unsigned long long)p.generation,
-                        (unsigned long long)p.parent, p.rank, p.ranks, p.file.c_str(), (unsigned long long)p.bytes,
-                        checkpoint::hash_hex(p.hash).c_str(), (unsigned long long)p.changed, (unsigned long long)p.elements,
-                        (unsigned long long)p.model_bytes);
+                        (unsigned long long)p.parent, p.part.rank, p.ranks, p.part.file.c_str(),
+                        (unsigned long long)p.part.bytes.value_or(0), checkpoint::hash_hex(p.part.hash).c_str(),
+                        (unsigned long long)p.part.changed, (unsigned long long)p.elements, (unsigned long long)p.model_bytes);
   if (write(fd, line, static_cast<size_t>(n)) != n) _exit(4);
 }
 
@@ -184,16 +184,16 @@ checkpoint::PartDescriptor receive_part(int fd) {
   checkpoint::PartDescriptor p;
   char file[256], hash[32];
   unsigned long long g, parent, bytes, changed, elements, model_bytes;
-  if (std::sscanf(line.c_str(), "%llu %llu %u %u %255s %llu %31s %llu %llu %llu", &g, &parent, &p.rank, &p.ranks, file, &bytes,
-                  hash, &changed, &elements, &model_bytes) != 10) {
+  if (std::sscanf(line.c_str(), "%llu %llu %u %u %255s %llu %31s %llu %llu %llu", &g, &parent, &p.part.rank, &p.ranks, file,
+                  &bytes, hash, &changed, &elements, &model_bytes) != 10) {
     _exit(6);
   }
   p.generation = g;
   p.parent = parent;
-  p.file = file;
-  p.bytes = bytes;
-  p.hash = *checkpoint::hash_from_hex(hash);
-  p.changed = changed;
+  p.part.file = file;
+  p.part.bytes = bytes;
+  p.part.hash = *checkpoint::hash_from_hex(hash);
+  p.part.changed = changed;
   p.elements = elements;
   p.model_bytes = model_bytes;
   return p;

@@ -24,7 +24,9 @@ namespace checkpoint = livetrain::checkpoint;
 using checkpoint::Region;
 using livetrain::DType;
 using livetrain::Error;
+using livetrain::testing::hex;
 using livetrain::ErrorCode;
+using livetrain::testing::expect_error;
 using livetrain::testing::LiveModel;
 using livetrain::testing::RankShard;
 using livetrain::testing::TempDir;
@@ -33,26 +35,15 @@ namespace {
 
 const int kOneThread = setenv("LIVETRAIN_NUM_THREADS", "1", 1);  // no pool before any fork
 
-std::string hex(const std::string& s) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : s) {
-    out += d[c >> 4];
-    out += d[c & 15];
+// A model directory written from make_live(seed, scale); `m` is the live copy tests change.
+struct ModelDir {
+  TempDir tmp;
+  std::string path = tmp.file("model");
+  LiveModel m;
+  ModelDir(uint64_t seed, uint64_t scale) : m(livetrain::testing::make_live(seed, scale)) {
+    livetrain::testing::write_model_dir(path, m);
   }
-  return out;
-}
-
-std::string expect_error(const std::function<void()>& fn, ErrorCode code) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error";
-  return "";
-}
+};
 
 checkpoint::Store open_rank(const std::string& model, uint32_t rank, uint32_t ranks, const RankShard& shard,
                             const std::string& group = "engine-a") {
@@ -217,10 +208,9 @@ TEST(CheckpointCommit, Version1IsReadAsOnePartPerGeneration) {
 
 // Issue #15: a multimodal checkpoint's engine serves its text model only; the other tensors are carried.
 TEST(CheckpointStore, TensorsNoSaveNamesStayBitExact) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(3, 4);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(3, 4);
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   LiveModel first = m;
   checkpoint::Store s = checkpoint::Store::create(model);
   // The "served" set: every tensor but the norm (standing for a vision tower or an MTP head).
@@ -259,10 +249,10 @@ TEST(CheckpointStore, TensorsNoSaveNamesStayBitExact) {
 }
 
 TEST(CheckpointStore, ModelFilesOfAnotherDtypeNameTheFirstDifferingTensor) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(3, 1);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(3, 1);
+  TempDir& tmp = md.tmp;
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   const std::string store = tmp.file("store");  // outside the model directory, which is replaced
   { checkpoint::Store::create(model, store); }
   LiveModel other = m;
@@ -277,10 +267,10 @@ TEST(CheckpointStore, ModelFilesOfAnotherDtypeNameTheFirstDifferingTensor) {
 
 // Regression test for issue #13 item 10: `verify` said "store OK" for a truncated optimizer state.
 TEST(CheckpointStore, VerifyChecksTheOptimizerStateHash) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(3, 1);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(3, 1);
+  TempDir& tmp = md.tmp;
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   std::string optim = tmp.file("optim.safetensors");
   livetrain::testing::write_bytes(optim, std::string(10000, 'x'));
   checkpoint::Store s = checkpoint::Store::create(model);
@@ -305,10 +295,9 @@ TEST(CheckpointStore, VerifyChecksTheOptimizerStateHash) {
 
 // A store written before parts existed (COMMIT version 1, version-2 deltas) opens, restores and grows.
 TEST(CheckpointStore, AVersion1StoreIsReadAndExtended) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(4, 2);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(4, 2);
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   std::vector<LiveModel> states = {m};
   {
     checkpoint::Store s = checkpoint::Store::create(model);
@@ -352,10 +341,9 @@ TEST(CheckpointStore, AVersion1StoreIsReadAndExtended) {
 }
 
 TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(5, 8);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(5, 8);
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   std::vector<LiveModel> states = {m};
   { checkpoint::Store::create(model); }
   {
@@ -438,10 +426,9 @@ TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
 }
 
 TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
-  TempDir tmp;
-  std::string model = tmp.file("model");
-  LiveModel m = livetrain::testing::make_live(6, 2);
-  livetrain::testing::write_model_dir(model, m);
+  ModelDir md(6, 2);
+  const std::string& model = md.path;
+  LiveModel& m = md.m;
   { checkpoint::Store::create(model); }
   std::vector<checkpoint::Store> stores;
   for (uint32_t r = 0; r < 2; ++r) stores.push_back(open_rank(model, r, 2, livetrain::testing::shard_of(m, r, 2)));
@@ -468,10 +455,10 @@ TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
   msg = expect_error([&] { stores[0].commit_parts({p0, bad}); }, ErrorCode::kInvalidArg);
   EXPECT_NE(msg.find("rank 1's part is for generation 7"), std::string::npos) << msg;
   bad = p1;
-  bad.hash ^= 1;
+  bad.part.hash ^= 1;
   msg = expect_error([&] { stores[0].commit_parts({p0, bad}); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find("rank 1's part"), std::string::npos) << msg;
-  EXPECT_NE(msg.find(p1.file), std::string::npos) << msg;
+  EXPECT_NE(msg.find(p1.part.file), std::string::npos) << msg;
   msg = expect_error([&] { stores[1].commit_parts({p0, p1}); }, ErrorCode::kInvalidArg);
   EXPECT_NE(msg.find("rank 1 cannot commit"), std::string::npos) << msg;
   EXPECT_EQ(livetrain::fs::read_file(stores[0].dir() + "/COMMIT"), commit_before) << "nothing committed";

@@ -20,6 +20,7 @@ namespace st = livetrain::safetensors;
 using livetrain::DType;
 using livetrain::Error;
 using livetrain::ErrorCode;
+using livetrain::testing::expect_error;
 using livetrain::testing::LiveModel;
 using livetrain::testing::TempDir;
 
@@ -48,17 +49,6 @@ void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want) {
     size_t k = std::find(want.names.begin(), want.names.end(), name) - want.names.begin();
     ASSERT_EQ(bufs[i], want.data[k]) << "generation " << g << " tensor " << name;
   }
-}
-
-std::string expect_error(const std::function<void()>& fn, ErrorCode code) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error";
-  return "";
 }
 
 struct Fixture {

@@ -97,20 +97,14 @@ struct SaveOptions {
   Progress progress;
 };
 
-// What save_part wrote: rank 0 passes every rank's descriptor to commit_parts.
+// What save_part wrote: rank 0 passes every rank's descriptor to commit_parts, which commits `part` as it
+// is (after reading its files back).
 struct PartDescriptor {
   uint64_t generation = 0;
   uint64_t parent = 0;
-  uint32_t rank = 0;
   uint32_t ranks = 1;
   std::string group;
-  std::string file;  // in the store directory
-  uint64_t bytes = 0;
-  uint64_t hash = 0;  // the file's XXH64 trailer
-  uint64_t changed = 0;
-  std::string optimizer_state;  // in the store directory, or empty
-  uint64_t optimizer_bytes = 0;
-  uint64_t optimizer_hash = 0;  // xxh64-4k content hash
+  Part part;  // rank, file, bytes, hash (the file's XXH64 trailer), changed, optimizer state, size and hash
   uint64_t elements = 0;     // elements this rank diffed
   uint64_t model_bytes = 0;  // their bytes
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
