@@ -29,16 +29,25 @@ def llama_tensors(size: str) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h), "model.norm.weight": (h,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                    p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                    p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     return out
 
 
 def engine(size: str, manifest: str) -> None:
     from livetrain import sharing
+
     torch.manual_seed(0)
     tensors = {n: torch.randn(s, device="cuda", dtype=torch.bfloat16) for n, s in llama_tensors(size).items()}
     exp = sharing.export_cuda(tensors, manifest, engine="bench")
@@ -76,8 +85,12 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp()
     manifest = os.path.join(tmp, "engine.json")
-    proc = subprocess.Popen([sys.executable, __file__, "--role", "engine", "--size", a.size, "--manifest", manifest],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--role", "engine", "--size", a.size, "--manifest", manifest],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     torch.cuda.init()
     torch.empty(1, device="cuda")  # context creation stays out of the timing
@@ -98,27 +111,46 @@ def main() -> None:
     dst = {n: torch.empty_like(x) for n, x in tensors.items()}
     d2d_ms = median_ms(lambda: [dst[n].copy_(x) for n, x in tensors.items()])
     host = {n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for n, x in tensors.items()}
-    via_host_ms = median_ms(lambda: ([host[n].copy_(x, non_blocking=True) for n, x in tensors.items()],
-                                     torch.cuda.synchronize(),
-                                     [dst[n].copy_(host[n], non_blocking=True) for n in tensors]), reps=3)
+    via_host_ms = median_ms(
+        lambda: (
+            [host[n].copy_(x, non_blocking=True) for n, x in tensors.items()],
+            torch.cuda.synchronize(),
+            [dst[n].copy_(host[n], non_blocking=True) for n in tensors],
+        ),
+        reps=3,
+    )
     att.close()
     proc.stdin.write("\n")
     proc.stdin.flush()
     proc.wait(timeout=60)
 
-    rows = [("livetrain attach (CUDA IPC, zero copy)", attach_ms), ("copy device-to-device", d2d_ms),
-            ("copy through pinned host memory", via_host_ms)]
-    print(f"\n{torch.cuda.get_device_name()}: {len(tensors)} tensors, {nbytes / 2**30:.2f} GiB bf16, "
-          f"{handles} IPC allocations; engine saw the trainer's write: {seen == 1024.0}")
+    rows = [
+        ("livetrain attach (CUDA IPC, zero copy)", attach_ms),
+        ("copy device-to-device", d2d_ms),
+        ("copy through pinned host memory", via_host_ms),
+    ]
+    print(
+        f"\n{torch.cuda.get_device_name()}: {len(tensors)} tensors, {nbytes / 2**30:.2f} GiB bf16, "
+        f"{handles} IPC allocations; engine saw the trainer's write: {seen == 1024.0}"
+    )
     print("| method | ms | × attach |")
     print("|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {ms / attach_ms:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "bytes": nbytes, "tensors": len(tensors),
-                       "allocations": handles, "write_seen_by_engine": seen == 1024.0,
-                       "rows": [{"method": n, "ms": ms} for n, ms in rows]}, f, indent=2)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "bytes": nbytes,
+                    "tensors": len(tensors),
+                    "allocations": handles,
+                    "write_seen_by_engine": seen == 1024.0,
+                    "rows": [{"method": n, "ms": ms} for n, ms in rows],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

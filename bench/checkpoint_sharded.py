@@ -78,7 +78,7 @@ def dense_step(shards, seed: int, fraction: float = 0.198) -> None:
             continue
         flat = s.tensor.view(torch.int16).view(-1)
         for lo in range(0, flat.numel(), 1 << 24):  # in chunks: the random draws are 8 bytes per element
-            bits = flat[lo:lo + (1 << 24)]
+            bits = flat[lo : lo + (1 << 24)]
             r = torch.rand(bits.shape, generator=g, device=bits.device)
             bits += (r < fraction / 2).to(torch.int16) - ((r >= fraction / 2) & (r < fraction)).to(torch.int16)
 
@@ -116,10 +116,19 @@ def rank_main(a) -> None:
         t = time.perf_counter()
         result = checkpoint.save_distributed(store, shards)
         sharded = time.perf_counter() - t
-        mine = {"rank": rank, "own_s": own, "own_diff_s": part["diff_seconds"], "own_encode_s": part["encode_seconds"],
-                "own_write_s": part["write_seconds"], "part_bytes": part["bytes"], "elements": part["elements"],
-                "model_bytes": part["model_bytes"], "sharded_s": sharded, "generation": result["generation"],
-                "bytes": result["bytes"]}
+        mine = {
+            "rank": rank,
+            "own_s": own,
+            "own_diff_s": part["diff_seconds"],
+            "own_encode_s": part["encode_seconds"],
+            "own_write_s": part["write_seconds"],
+            "part_bytes": part["bytes"],
+            "elements": part["elements"],
+            "model_bytes": part["model_bytes"],
+            "sharded_s": sharded,
+            "generation": result["generation"],
+            "bytes": result["bytes"],
+        }
         gathered = [None] * a.ranks
         dist.all_gather_object(gathered, mine)
         rows.append(gathered)
@@ -161,8 +170,23 @@ def main() -> int:
         write_model(model, a.gib)
         CheckpointStore.create(model).close()
         result = os.path.join(work, "result.json")
-        base = [sys.executable, __file__, "--rank-process", "--ranks", str(a.ranks), "--device", a.device, "--trials",
-                str(a.trials), "--model", model, "--rendezvous", os.path.join(work, "rendezvous"), "--result", result]
+        base = [
+            sys.executable,
+            __file__,
+            "--rank-process",
+            "--ranks",
+            str(a.ranks),
+            "--device",
+            a.device,
+            "--trials",
+            str(a.trials),
+            "--model",
+            model,
+            "--rendezvous",
+            os.path.join(work, "rendezvous"),
+            "--result",
+            result,
+        ]
         log(f"{a.ranks} rank processes, {a.trials} trials")
         procs = [subprocess.Popen(base, env=dict(os.environ, RANK=str(r))) for r in range(a.ranks)]
         codes = [p.wait() for p in procs]
@@ -174,26 +198,42 @@ def main() -> int:
         own = [max(r["own_s"] for r in trial) for trial in rows]
         sharded = [trial[0]["sharded_s"] for trial in rows]
         ratio = [s / o for s, o in zip(sharded, own)]
-        per_rank = {k: [statistics.median(trial[r][k] for trial in rows) for r in range(a.ranks)]
-                    for k in ("own_s", "own_diff_s", "own_encode_s", "own_write_s", "part_bytes", "model_bytes")}
-        print(f"\nsharded checkpoint save, {a.ranks} ranks on {a.device}, {a.gib:g} GiB bf16 model, 19.8% of the "
-              f"elements moved by one ulp; medians of {a.trials} trials\n")
+        per_rank = {
+            k: [statistics.median(trial[r][k] for trial in rows) for r in range(a.ranks)]
+            for k in ("own_s", "own_diff_s", "own_encode_s", "own_write_s", "part_bytes", "model_bytes")
+        }
+        print(
+            f"\nsharded checkpoint save, {a.ranks} ranks on {a.device}, {a.gib:g} GiB bf16 model, 19.8% of the "
+            f"elements moved by one ulp; medians of {a.trials} trials\n"
+        )
         print(f"{'':34s}" + "".join(f"{'rank ' + str(r):>12s}" for r in range(a.ranks)))
-        for label, key, scale, fmt in (("rank's bytes (GiB)", "model_bytes", 2**-30, "{:12.3f}"),
-                                       ("(a) own save: diff (s)", "own_diff_s", 1, "{:12.3f}"),
-                                       ("            encode (s)", "own_encode_s", 1, "{:12.3f}"),
-                                       ("            write + fsync (s)", "own_write_s", 1, "{:12.3f}"),
-                                       ("            total (s)", "own_s", 1, "{:12.3f}"),
-                                       ("part file (MiB)", "part_bytes", 2**-20, "{:12.1f}")):
+        for label, key, scale, fmt in (
+            ("rank's bytes (GiB)", "model_bytes", 2**-30, "{:12.3f}"),
+            ("(a) own save: diff (s)", "own_diff_s", 1, "{:12.3f}"),
+            ("            encode (s)", "own_encode_s", 1, "{:12.3f}"),
+            ("            write + fsync (s)", "own_write_s", 1, "{:12.3f}"),
+            ("            total (s)", "own_s", 1, "{:12.3f}"),
+            ("part file (MiB)", "part_bytes", 2**-20, "{:12.1f}"),
+        ):
             print(f"{label:34s}" + "".join(fmt.format(v * scale) for v in per_rank[key]))
         print(f"\n{'slowest rank own save (a), s':34s}{statistics.median(own):12.3f}")
         print(f"{'sharded save (b), s':34s}{statistics.median(sharded):12.3f}")
         print(f"{'(b) / (a)':34s}{statistics.median(ratio):12.3f}   target <= 1.2")
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({"ranks": a.ranks, "device": a.device, "gib": a.gib, "trials": rows,
-                           "ratio_median": statistics.median(ratio), "own_median_s": statistics.median(own),
-                           "sharded_median_s": statistics.median(sharded)}, f, indent=1)
+                json.dump(
+                    {
+                        "ranks": a.ranks,
+                        "device": a.device,
+                        "gib": a.gib,
+                        "trials": rows,
+                        "ratio_median": statistics.median(ratio),
+                        "own_median_s": statistics.median(own),
+                        "sharded_median_s": statistics.median(sharded),
+                    },
+                    f,
+                    indent=1,
+                )
         return 0
     finally:
         if not a.keep:

@@ -35,9 +35,17 @@ def batch(gen: torch.Generator) -> torch.Tensor:
 
 def model():
     import transformers
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=SEQ)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+    )
     return transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
 
 
@@ -60,8 +68,13 @@ def train(name: str, make_opt, steps: int) -> dict:
     losses = [float(x) for x in losses]
     final = sum(losses[-20:]) / 20
     print(f"  {name}: loss {losses[0]:.3f} -> {final:.4f}, {per_step:.1f} ms/step", flush=True)
-    return {"method": name, "final_loss": final, "ms_per_step": per_step, "losses": losses[::10],
-            "params": sum(p.numel() for p in m.parameters())}
+    return {
+        "method": name,
+        "final_loss": final,
+        "ms_per_step": per_step,
+        "losses": losses[::10],
+        "params": sum(p.numel() for p in m.parameters()),
+    }
 
 
 def main() -> None:
@@ -74,14 +87,21 @@ def main() -> None:
         sys.exit("bench/convergence.py needs a CUDA GPU")
     lr = a.lr
     rows = [
-        train("torch AdamW (fused, bf16 params)", lambda m: torch.optim.AdamW(m.parameters(), lr=lr, fused=True), a.steps),
-        train("livetrain APOLLO (rank 128, scale 4)",
-              lambda m: Apollo(param_groups(m), lr=lr, rank=128, scale=4.0), a.steps),
+        train(
+            "torch AdamW (fused, bf16 params)", lambda m: torch.optim.AdamW(m.parameters(), lr=lr, fused=True), a.steps
+        ),
+        train(
+            "livetrain APOLLO (rank 128, scale 4)",
+            lambda m: Apollo(param_groups(m), lr=lr, rank=128, scale=4.0),
+            a.steps,
+        ),
         train("livetrain APOLLO-Mini", lambda m: ApolloMini(param_groups(m), lr=lr), a.steps),
     ]
     base = rows[0]["final_loss"]
-    print(f"\n{torch.cuda.get_device_name()}: Llama {rows[0]['params'] / 1e6:.1f}M params, bf16, {a.steps} steps of "
-          f"{BATCH}×{SEQ} tokens, lr {lr}")
+    print(
+        f"\n{torch.cuda.get_device_name()}: Llama {rows[0]['params'] / 1e6:.1f}M params, bf16, {a.steps} steps of "
+        f"{BATCH}×{SEQ} tokens, lr {lr}"
+    )
     print("| optimizer | final loss | × AdamW | ms/step |")
     print("|---|---|---|---|")
     for r in rows:

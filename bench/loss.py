@@ -86,6 +86,7 @@ def main() -> int:
             value = loss.LinearCrossEntropy.apply(h, w, target, token_weight, chunk, out)
             value.backward()
             return value, h.grad, (out.gradient() if out is not None else w.grad)
+
         return run
 
     methods = [("full logits", full), ("chunked", chunked(False)), ("chunked+later", chunked(True))]
@@ -104,26 +105,53 @@ def main() -> int:
         loss_err = abs(float(value.detach()) - float(ref)) / abs(float(ref))
         del value, gh, gw
         seconds = timed(fn, a.reps)
-        rows.append({"method": name, "seconds": seconds, "peak_bytes": peak, "err_hidden_grad": err_h,
-                     "err_weight_grad": err_w, "err_loss": loss_err})
+        rows.append(
+            {
+                "method": name,
+                "seconds": seconds,
+                "peak_bytes": peak,
+                "err_hidden_grad": err_h,
+                "err_weight_grad": err_w,
+                "err_loss": loss_err,
+            }
+        )
 
     grads = (a.tokens * a.hidden + a.vocab * a.hidden) * 2
-    print(f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}; {a.tokens} tokens, hidden {a.hidden}, "
-          f"vocabulary {a.vocab}, bf16; one product {product * 1e3:.2f} ms; the two gradients {grads / GiB:.2f} GiB\n")
-    print("| method | ms | products' floor ms | peak beyond inputs GiB | of which working GiB | loss rel. err. "
-          "| grad hidden rel. err. | grad projection rel. err. |")
+    print(
+        f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}; {a.tokens} tokens, hidden {a.hidden}, "
+        f"vocabulary {a.vocab}, bf16; one product {product * 1e3:.2f} ms; the two gradients {grads / GiB:.2f} GiB\n"
+    )
+    print(
+        "| method | ms | products' floor ms | peak beyond inputs GiB | of which working GiB | loss rel. err. "
+        "| grad hidden rel. err. | grad projection rel. err. |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r, n in zip(rows, (3, 4, 6)):
-        print(f"| {r['method']} | {r['seconds'] * 1e3:.2f} | {n * product * 1e3:.2f} | {r['peak_bytes'] / GiB:.2f} | "
-              f"{(r['peak_bytes'] - grads) / GiB:.2f} | {r['err_loss']:.1e} | {r['err_hidden_grad']:.1e} | "
-              f"{r['err_weight_grad']:.1e} |")
+        print(
+            f"| {r['method']} | {r['seconds'] * 1e3:.2f} | {n * product * 1e3:.2f} | {r['peak_bytes'] / GiB:.2f} | "
+            f"{(r['peak_bytes'] - grads) / GiB:.2f} | {r['err_loss']:.1e} | {r['err_hidden_grad']:.1e} | "
+            f"{r['err_weight_grad']:.1e} |"
+        )
     base = {r["method"]: r for r in rows}
-    print(f"\nchunked+later takes {base['chunked+later']['seconds'] / base['chunked']['seconds']:.2f}x the time of "
-          f"chunked and {base['chunked+later']['seconds'] / base['full logits']['seconds']:.2f}x that of full logits.")
+    print(
+        f"\nchunked+later takes {base['chunked+later']['seconds'] / base['chunked']['seconds']:.2f}x the time of "
+        f"chunked and {base['chunked+later']['seconds'] / base['full logits']['seconds']:.2f}x that of full logits."
+    )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "tokens": a.tokens,
-                       "hidden": a.hidden, "vocab": a.vocab, "product_seconds": product, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(dev),
+                    "torch": torch.__version__,
+                    "tokens": a.tokens,
+                    "hidden": a.hidden,
+                    "vocab": a.vocab,
+                    "product_seconds": product,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

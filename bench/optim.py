@@ -59,7 +59,15 @@ class OfficialStyleApolloMini:
     line, the limiter's Python max() on a tensor (a host sync per parameter)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, rank=1, scale=128.0, gap=200):
-        self.params, self.lr, self.betas, self.eps, self.rank, self.scale, self.gap = params, lr, betas, eps, rank, scale, gap
+        self.params, self.lr, self.betas, self.eps, self.rank, self.scale, self.gap = (
+            params,
+            lr,
+            betas,
+            eps,
+            rank,
+            scale,
+            gap,
+        )
         self.state = {}
 
     @torch.no_grad()
@@ -149,9 +157,19 @@ def run(size: str, steps: int, bw: float, methods: list[str]) -> list[dict]:
         ms = time_steps(opt, steps)
         st = state_bytes(opt)
         peak = torch.cuda.max_memory_allocated() - base
-        rows.append({"size": size, "params": n, "method": method, "step_ms": ms, "floor_ms": floor_ms,
-                     "x_floor": ms / floor_ms, "state_bytes": st, "peak_extra_bytes": peak,
-                     "wall_s": time.time() - t0})
+        rows.append(
+            {
+                "size": size,
+                "params": n,
+                "method": method,
+                "step_ms": ms,
+                "floor_ms": floor_ms,
+                "x_floor": ms / floor_ms,
+                "state_bytes": st,
+                "peak_extra_bytes": peak,
+                "wall_s": time.time() - t0,
+            }
+        )
         print(f"  {size} {method}: {ms:.2f} ms", flush=True)
         del opt
         torch.cuda.empty_cache()
@@ -183,10 +201,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="1b,8b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json")
-    ap.add_argument("--profile", action="store_true",
-                    help="also print the GPU time per kernel of one livetrain APOLLO-Mini step (torch.profiler)")
-    ap.add_argument("--methods", default="livetrain APOLLO-Mini,livetrain APOLLO r256,"
-                                         "PyTorch APOLLO-Mini (official style),torch AdamW fused")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the GPU time per kernel of one livetrain APOLLO-Mini step (torch.profiler)",
+    )
+    ap.add_argument(
+        "--methods",
+        default="livetrain APOLLO-Mini,livetrain APOLLO r256,PyTorch APOLLO-Mini (official style),torch AdamW fused",
+    )
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/optim.py needs a CUDA GPU")
@@ -198,12 +221,14 @@ def main() -> None:
         if a.profile:
             profile(size)
     print()
-    print(f"| set | params | method | step ms | floor ms | × floor | state MiB | state / AdamW | peak extra MiB |")
+    print("| set | params | method | step ms | floor ms | × floor | state MiB | state / AdamW | peak extra MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['state_vs_adamw']:.4f}" if r["state_vs_adamw"] is not None else "-"
-        print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['method']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
-              f"{r['x_floor']:.2f} | {r['state_bytes'] / 2**20:.1f} | {ratio} | {r['peak_extra_bytes'] / 2**20:.0f} |")
+        print(
+            f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['method']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
+            f"{r['x_floor']:.2f} | {r['state_bytes'] / 2**20:.1f} | {ratio} | {r['peak_extra_bytes'] / 2**20:.0f} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)

@@ -6,11 +6,11 @@ The model is Qwen3-8B-shaped (hidden 4096, 36 layers, 32 heads, 8 KV heads, head
 12288, vocab 151936, untied) with random bf16 weights. Each variant runs in its own process, so that no
 peak mixes with another:
 
-  engine   livetrain's reference engine (livetrain.engine.Engine, exported with export_cuda: CUDA IPC,
+  engine   livetrain's reference engine (livetrain.engines.reference.Engine, exported with export_cuda: CUDA IPC,
            or export_cpu), serving /v1/completions over HTTP (build_app + uvicorn) when fastapi and
            uvicorn are importable. Its weights are created at random on the device: the only thing
            replaced is the engine's from_pretrained (by from_config), so no 16 GB file is written or read.
-  trainer  livetrain.trainer.Trainer as `livetrain serve` runs it: attach through the manifest,
+  trainer  livetrain.trainer.service.Trainer as `livetrain serve` runs it: attach through the manifest,
            build_hf_model on the views, gradient checkpointing, APOLLO-Mini stepped from backward hooks.
            It steps one example of --tokens tokens (a prompt/completion pair tokenized by the trainer's
            own parse_job) directly, then serves its job socket; the concurrent job is a real POST /train.
@@ -38,25 +38,35 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
+from livetrain.trainer import options, process  # noqa: E402
+from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
+
+# Qwen3 shapes (rms_norm_eps 1e-6, untied): hidden, layers, heads, KV heads, head_dim, intermediate, vocabulary, positions.
+_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
 SHAPES = {
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
-               tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 intermediate_size=128, vocab_size=512, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False),
+    name: dict(zip(_FIELDS, sizes), rms_norm_eps=1e-6, tie_word_embeddings=False)
+    for name, sizes in {
+        "8b": (4096, 36, 32, 8, 128, 12288, 151936, 40960),
+        "tiny": (64, 2, 4, 2, 16, 128, 512, 4096),
+    }.items()
 }
 DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1"}
 MARK = "@@serve-bench "  # child -> orchestrator JSON lines start with this; other stdout lines pass through
@@ -84,8 +94,9 @@ def build_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                pad_token="<|endoftext|>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     assert len(fast) == vocab_size, (len(fast), vocab_size)
     return fast
 
@@ -104,7 +115,7 @@ def train_example(tokens: int) -> dict:
     gets EOS appended): loss on the second half."""
     text = TEXT * (tokens // len(TEXT) + 2)
     half = tokens // 2
-    return {"prompt": text[:half], "completion": text[half:tokens - 1]}
+    return {"prompt": text[:half], "completion": text[half : tokens - 1]}
 
 
 def prompt(i: int) -> str:
@@ -129,9 +140,12 @@ def allocator_stats(device) -> dict | None:
     if device.type != "cuda":
         return None  # no allocator statistics for CPU memory; the table shows "-"
     torch.cuda.synchronize(device)
-    return {"peak_allocated": torch.cuda.max_memory_allocated(device),
-            "peak_reserved": torch.cuda.max_memory_reserved(device),
-            "allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+    return {
+        "peak_allocated": torch.cuda.max_memory_allocated(device),
+        "peak_reserved": torch.cuda.max_memory_reserved(device),
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+    }
 
 
 def reset_peaks(device) -> None:
@@ -156,8 +170,12 @@ def device_used(device: str) -> int | None:
         return None
     gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", gpu],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", gpu],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return int(out.stdout.strip().splitlines()[0]) * 2**20
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         return None
@@ -200,19 +218,26 @@ def completion_loop(one, seconds: float) -> dict:
         i += 1
     tokens = sum(n for _, _, n in spans)
     wall = spans[-1][1] - spans[0][0]
-    return {"requests": len(spans), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "start": spans[0][0], "end": spans[-1][1]}
+    return {
+        "requests": len(spans),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "start": spans[0][0],
+        "end": spans[-1][1],
+    }
 
 
 def role_engine(a) -> None:
     import torch
     import transformers
 
-    from livetrain import engine as eng
+    from livetrain.engines import reference as eng
 
     # The one replacement: random weights made on the device instead of reading a 16 GB model from disk.
-    transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(path, a.device,
-                                                                                                  dtype)
+    transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(
+        path, a.device, dtype
+    )
     t = time.perf_counter()
     engine = eng.Engine(a.model, a.manifest, a.device, "bf16", store=False)  # no checkpoint store in a benchmark
     seconds = time.perf_counter() - t
@@ -222,14 +247,23 @@ def role_engine(a) -> None:
     if a.port:
         import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(eng.build_app(engine, a.trainer_socket), host="127.0.0.1", port=a.port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(eng.build_app(engine, a.trainer_socket), host="127.0.0.1", port=a.port, log_level="warning")
+        )
         thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
         thread.start()
     stats = allocator_stats(engine.device)
-    reply({"ready": True, "seconds": seconds, "weights_bytes": weights, "tensors": len(tensors),
-           "params": sum(x.numel() for x in tensors.values()), "reserved": stats and stats["reserved"],
-           "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"})
+    reply(
+        {
+            "ready": True,
+            "seconds": seconds,
+            "weights_bytes": weights,
+            "tensors": len(tensors),
+            "params": sum(x.numel() for x in tensors.values()),
+            "reserved": stats and stats["reserved"],
+            "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        }
+    )
 
     def generate(max_tokens: int, seconds: float) -> dict:
         def one(i: int) -> int:
@@ -237,6 +271,7 @@ def role_engine(a) -> None:
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
                 pass
             return n
+
         return completion_loop(one, seconds)
 
     try:
@@ -251,12 +286,15 @@ def role_engine(a) -> None:
 def role_trainer(a) -> None:
     import torch
 
-    from livetrain import jobsock
-    from livetrain.trainer import Trainer, parse_job
+    from livetrain.trainer import protocol
+    from livetrain.trainer.examples import parse_job
+    from livetrain.trainer.service import Trainer
 
     t = time.perf_counter()
-    trainer = Trainer(a.manifest, a.model, a.state_dir, lr=a.lr, batch_size=1, store=False, embeddings=a.embeddings,
-                      release_cached=not a.keep_cache)
+    settings = options.parse(
+        ["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", str(a.lr), "--embeddings", a.embeddings]
+    )  # no checkpoint store in a benchmark
+    trainer = Trainer(a.manifest, a.model, settings, release_cached=not a.keep_cache)
     setup_s = time.perf_counter() - t
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -287,13 +325,24 @@ def role_trainer(a) -> None:
     attached = trainer.attached.tensors
     weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in attached.values()}.values())
     timed = times[1:]
-    reply({"setup_seconds": setup_s, "weights_bytes": weights, "tokens": ntok, "step_seconds": timed,
-           "warmup_seconds": times[0], "tokens_per_s": ntok * len(timed) / sum(timed), "losses": losses,
-           "setup_allocated": setup and setup["allocated"], "memory": mem,
-           "forward_peak_allocated": at_logits[0]["peak_allocated"] if at_logits and at_logits[0] else None,
-           "optimizer_state_bytes": trainer.opt.state_bytes()["total"], "grad_checkpointing": trainer.grad_checkpointing,
-           "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
-           "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"})
+    reply(
+        {
+            "setup_seconds": setup_s,
+            "weights_bytes": weights,
+            "tokens": ntok,
+            "step_seconds": timed,
+            "warmup_seconds": times[0],
+            "tokens_per_s": ntok * len(timed) / sum(timed),
+            "losses": losses,
+            "setup_allocated": setup and setup["allocated"],
+            "memory": mem,
+            "forward_peak_allocated": at_logits[0]["peak_allocated"] if at_logits and at_logits[0] else None,
+            "optimizer_state_bytes": trainer.opt.state_bytes()["total"],
+            "grad_checkpointing": trainer.grad_checkpointing,
+            "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        }
+    )
 
     # From here on the trainer runs jobs as in `livetrain serve`; each step's span is recorded.
     spans = []
@@ -307,7 +356,7 @@ def role_trainer(a) -> None:
         return out
 
     trainer.step = recorded
-    server = jobsock.Server(a.socket, trainer.handle)
+    server = protocol.Server(a.socket, trainer.handle)
     server.start()
     runner = threading.Thread(target=trainer.run, name="trainer", daemon=True)
     runner.start()
@@ -317,8 +366,12 @@ def role_trainer(a) -> None:
         if not inside:
             return {"steps": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
         secs = inside[-1][1] - inside[0][0]
-        return {"steps": len(inside), "tokens": sum(n for _, _, n in inside), "seconds": secs,
-                "tokens_per_s": sum(n for _, _, n in inside) / secs}
+        return {
+            "steps": len(inside),
+            "tokens": sum(n for _, _, n in inside),
+            "seconds": secs,
+            "tokens_per_s": sum(n for _, _, n in inside) / secs,
+        }
 
     def stop() -> dict:
         trainer.stopping.set()  # the running job stops after its current step
@@ -326,9 +379,14 @@ def role_trainer(a) -> None:
         return {"stopped": not runner.is_alive(), "steps": len(spans), "weight_version": trainer.weight_version}
 
     try:
-        command_loop({"submit": lambda job: trainer.submit(job),
-                      "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
-                      "window": window, "stop": stop})
+        command_loop(
+            {
+                "submit": lambda job: trainer.submit(job)._asdict(),
+                "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
+                "window": window,
+                "stop": stop,
+            }
+        )
     finally:
         trainer.stopping.set()
         runner.join(600)
@@ -339,7 +397,7 @@ def role_adamw(a) -> None:
     import torch
     import transformers
 
-    from livetrain.trainer import encode_example
+    from livetrain.trainer.examples import encode_example
 
     device = torch.device(a.device)
     tok = transformers.AutoTokenizer.from_pretrained(a.model)
@@ -382,8 +440,13 @@ def role_adamw(a) -> None:
     result["memory"] = allocator_stats(device)
     if phase == "done":
         timed = times[1:]
-        result.update(tokens=len(ids), step_seconds=timed, warmup_seconds=times[0], losses=losses,
-                      tokens_per_s=len(ids) * len(timed) / sum(timed))
+        result.update(
+            tokens=len(ids),
+            step_seconds=timed,
+            warmup_seconds=times[0],
+            losses=losses,
+            tokens_per_s=len(ids) * len(timed) / sum(timed),
+        )
     reply(result)
     command_loop({})  # alive and idle until the orchestrator has read the device's memory
 
@@ -402,7 +465,7 @@ class Child:
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                self.lines.put(json.loads(line[len(MARK):]))
+                self.lines.put(json.loads(line[len(MARK) :]))
             else:
                 sys.stderr.write(line)
         self.lines.put(None)
@@ -439,36 +502,6 @@ class Child:
         return self.proc.returncode
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http(url + "/v1/models", timeout=5)[0] == 200:
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the engine's HTTP server did not come up at {url}")
-        time.sleep(0.2)
-
-
 def wait_released(device: str, baseline: int | None, timeout: float = 20) -> int | None:
     """memory.used once the processes that exited have given their memory back (or after `timeout`)."""
     used = device_used(device)
@@ -483,8 +516,11 @@ def extra(mem: dict | None, context: int | None, weights_inside: int) -> dict:
     """Memory beyond the weights: allocator peaks minus the weights the process holds itself, + context."""
     if mem is None:
         return {}
-    out = {"peak_allocated_extra": mem["peak_allocated"] - weights_inside,
-           "peak_reserved_extra": mem["peak_reserved"] - weights_inside, "context": context}
+    out = {
+        "peak_allocated_extra": mem["peak_allocated"] - weights_inside,
+        "peak_reserved_extra": mem["peak_reserved"] - weights_inside,
+        "context": context,
+    }
     out["total_extra"] = out["peak_reserved_extra"] + (context or 0)
     return out
 
@@ -507,42 +543,77 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
     try:
         before = device_used(a.device)
         log(f"{layers} layers: starting the engine ({a.device}, random bf16 weights made on the device)")
-        engine = Child("engine", child_args(a, model) + ["--manifest", manifest, "--trainer-socket", sock,
-                                                          "--port", str(port)], engine_env)
+        engine = Child(
+            "engine",
+            child_args(a, model) + ["--manifest", manifest, "--trainer-socket", sock, "--port", str(port)],
+            engine_env,
+        )
         e = engine.expect(a.timeout)
         if port:
-            wait_http(url, engine.proc, 120)
+            wait_ready(url, engine.proc, 120, path="/v1/models")
         after = device_used(a.device)
         res["weights_bytes"], res["params"], res["device_name"] = e["weights_bytes"], e["params"], e["device_name"]
-        res["engine"] = {"seconds": e["seconds"], "reserved": e["reserved"],
-                         "outside_allocator": outside_allocator(before, after, e["reserved"])}
-        log(f"{layers} layers: engine ready in {e['seconds']:.1f} s: {count(e['params'])} parameters, "
+        res["engine"] = {
+            "seconds": e["seconds"],
+            "reserved": e["reserved"],
+            "outside_allocator": outside_allocator(before, after, e["reserved"]),
+        }
+        log(
+            f"{layers} layers: engine ready in {e['seconds']:.1f} s: {count(e['params'])} parameters, "
             f"{e['weights_bytes'] / GiB:.2f} GiB of weights in {e['tensors']} tensors"
-            + (f"; allocator {gib(e['reserved'])} GiB, outside it {gib(res['engine']['outside_allocator'])} GiB"
-               if e["reserved"] is not None else ""))
+            + (
+                f"; allocator {gib(e['reserved'])} GiB, outside it {gib(res['engine']['outside_allocator'])} GiB"
+                if e["reserved"] is not None
+                else ""
+            )
+        )
 
         log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
-        from livetrain.serve import process_env
-
-        trainer = Child("trainer", child_args(a, model) + ["--manifest", manifest, "--socket", sock,
-                                                           "--state-dir", os.path.join(d, "state")], process_env(env))
+        trainer = Child(
+            "trainer",
+            child_args(a, model) + ["--manifest", manifest, "--socket", sock, "--state-dir", os.path.join(d, "state")],
+            process.environment(env),
+        )
         t = trainer.expect(a.timeout)
         during = device_used(a.device)
         mem = t["memory"]
         context = outside_allocator(after, during, mem and mem["reserved"])
         if t["weights_bytes"] != e["weights_bytes"]:
-            raise RuntimeError(f"the trainer attached {t['weights_bytes']} bytes, the engine shares {e['weights_bytes']}")
-        res["livetrain"] = {**{k: t[k] for k in ("setup_seconds", "tokens", "step_seconds", "warmup_seconds",
-                                                 "tokens_per_s", "losses", "setup_allocated", "forward_peak_allocated",
-                                                 "optimizer_state_bytes",
-                                                 "grad_checkpointing", "skipped_nonfinite")},
-                            "memory": mem, **extra(mem, context, 0)}
+            raise RuntimeError(
+                f"the trainer attached {t['weights_bytes']} bytes, the engine shares {e['weights_bytes']}"
+            )
+        res["livetrain"] = {
+            **{
+                k: t[k]
+                for k in (
+                    "setup_seconds",
+                    "tokens",
+                    "step_seconds",
+                    "warmup_seconds",
+                    "tokens_per_s",
+                    "losses",
+                    "setup_allocated",
+                    "forward_peak_allocated",
+                    "optimizer_state_bytes",
+                    "grad_checkpointing",
+                    "skipped_nonfinite",
+                )
+            },
+            "memory": mem,
+            **extra(mem, context, 0),
+        }
         lt = res["livetrain"]
         steps = ", ".join(f"{x:.2f}" for x in t["step_seconds"])
-        log(f"{layers} layers: trainer {rate(t['tokens_per_s'])} tokens/s (steps {steps} s, warm-up "
+        log(
+            f"{layers} layers: trainer {rate(t['tokens_per_s'])} tokens/s (steps {steps} s, warm-up "
             f"{t['warmup_seconds']:.2f} s), loss {t['losses'][0]:.3f} -> {t['losses'][-1]:.3f}"
-            + (f", extra memory {lt['total_extra'] / GiB:.2f} GiB = {lt['total_extra'] / t['weights_bytes']:.1%} "
-               "of the weights" if mem else ""))
+            + (
+                f", extra memory {lt['total_extra'] / GiB:.2f} GiB = {lt['total_extra'] / t['weights_bytes']:.1%} "
+                "of the weights"
+                if mem
+                else ""
+            )
+        )
 
         if main_set and a.gen_seconds > 0:
             res["completions"] = {}
@@ -569,41 +640,64 @@ def run_adamw(a, res: dict, work: str, env: dict, idle: int | None) -> None:
     context = outside_allocator(before, during, mem and mem["reserved"])
     res["adamw"] = {**r, **extra(mem, context, r.get("weights_bytes", 0))}
     if "oom" in r:
-        log(f"{layers} layers: AdamW out of memory in {r['oom']['phase']} of step {r['oom']['step'] + 1}"
-            + (f" ({mem['peak_reserved'] / GiB:.1f} GiB reserved at the peak)" if mem else ""))
+        log(
+            f"{layers} layers: AdamW out of memory in {r['oom']['phase']} of step {r['oom']['step'] + 1}"
+            + (f" ({mem['peak_reserved'] / GiB:.1f} GiB reserved at the peak)" if mem else "")
+        )
     else:
-        log(f"{layers} layers: AdamW {rate(r['tokens_per_s'])} tokens/s, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
-            + (f", extra memory {res['adamw']['total_extra'] / GiB:.2f} GiB" if mem else ""))
+        log(
+            f"{layers} layers: AdamW {rate(r['tokens_per_s'])} tokens/s, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+            + (f", extra memory {res['adamw']['total_extra'] / GiB:.2f} GiB" if mem else "")
+        )
     wait_released(a.device, idle)
 
 
 def child_args(a, model: str) -> list[str]:
-    return ["--model", model, "--device", a.device, "--tokens", str(a.tokens), "--steps", str(a.steps),
-            "--lr", str(a.lr), "--embeddings", a.embeddings] + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else []) \
+    return (
+        [
+            "--model",
+            model,
+            "--device",
+            a.device,
+            "--tokens",
+            str(a.tokens),
+            "--steps",
+            str(a.steps),
+            "--lr",
+            str(a.lr),
+            "--embeddings",
+            a.embeddings,
+        ]
+        + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
         + (["--keep-cache"] if a.keep_cache else [])
+    )
 
 
 def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
     """Completion throughput alone, then while a /train job runs; fills `out` as it goes."""
+
     def measure() -> dict:
         if client == "inproc":
             return engine.ask(a.gen_seconds + a.timeout, "generate", max_tokens=a.gen_tokens, seconds=a.gen_seconds)
 
         def one(i: int) -> int:
             body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
-            code, body = http(url + "/v1/completions", body)
+            code, body = http(url + "/v1/completions", body, timeout=600)
             if code != 200:
                 raise RuntimeError(f"/v1/completions answered {code}: {body}")
             return body["usage"]["completion_tokens"]
+
         return completion_loop(one, a.gen_seconds)
 
     log(f"{layers} layers: completions alone ({client}), {a.gen_seconds:g} s of {a.gen_tokens}-token requests")
     out["alone"] = measure()
-    log(f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests")
+    log(
+        f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests"
+    )
 
     job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr}
     if client == "http":
-        code, body = http(url + "/train", job)
+        code, body = http(url + "/train", job, timeout=600)
     else:
         r = trainer.ask(60, "submit", job=job)
         code, body = r["code"], r["body"]
@@ -621,8 +715,10 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     stopped = trainer.ask(a.timeout, "stop")
     out["training"]["job_steps"] = stopped["steps"]
     ct = out["concurrent_training"]
-    log(f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s; training meanwhile "
-        f"{rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)")
+    log(
+        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s; training meanwhile "
+        f"{rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
+    )
 
 
 def count(n: int) -> str:
@@ -646,20 +742,28 @@ def render(results: dict) -> str:
         how = "context = nvidia-smi memory.used delta minus the process's reserved bytes"
     else:
         how = "on CPU: no memory figures"
-    lines = [f"{results['device_name']}; torch {results['torch']}, transformers {results['transformers']}; "
-             f"{results['size']}-shaped Qwen3, random bf16 weights; one sequence of {results['tokens']} tokens per step, "
-             f"1 warm-up + {results['steps']} timed steps; {how}", "",
-             "| layers | params | weights GiB | method | peak alloc. beyond weights GiB | peak reserved beyond weights GiB "
-             "| context GiB | extra GiB | extra / weights | train tokens/s |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{results['device_name']}; torch {results['torch']}, transformers {results['transformers']}; "
+        f"{results['size']}-shaped Qwen3, random bf16 weights; one sequence of {results['tokens']} tokens per step, "
+        f"1 warm-up + {results['steps']} timed steps; {how}",
+        "",
+        "| layers | params | weights GiB | method | peak alloc. beyond weights GiB | peak reserved beyond weights GiB "
+        "| context GiB | extra GiB | extra / weights | train tokens/s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     notes = []
     for s in results["sets"]:
         w = s.get("weights_bytes")
         head = f"| {s['layers']} | {count(s['params'])} | {gib(w)} |" if w else f"| {s['layers']} | - | - |"
         adamw = s.get("adamw") or {}
-        for name, r in ((f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')}"
-                        f"{', cache kept' if results.get('keep_cache') else ''})", s.get("livetrain")),
-                        (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw"))):
+        for name, r in (
+            (
+                f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')}"
+                f"{', cache kept' if results.get('keep_cache') else ''})",
+                s.get("livetrain"),
+            ),
+            (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw")),
+        ):
             if r is None:
                 continue
             if "oom" in r:
@@ -672,22 +776,30 @@ def render(results: dict) -> str:
             lines.append(f"{head} {name} | {' | '.join(cells)} | {share} | {rate(r['tokens_per_s'])} |")
         eng = s.get("engine") or {}
         if eng.get("reserved") is not None:
-            notes.append(f"{s['layers']} layers: the engine process holds {gib(eng['reserved'])} GiB in its allocator "
-                         f"(the weights) and {gib(eng['outside_allocator'])} GiB outside it (its context).")
+            notes.append(
+                f"{s['layers']} layers: the engine process holds {gib(eng['reserved'])} GiB in its allocator "
+                f"(the weights) and {gib(eng['outside_allocator'])} GiB outside it (its context)."
+            )
         lt = s.get("livetrain")
         if lt and lt.get("total_extra") is not None and w:
             ok = "met" if lt["total_extra"] <= TARGET * w else "not met"
-            notes.append(f"{s['layers']} layers: the trainer's extra memory is {lt['total_extra'] / w:.1%} of the weights "
-                         f"(target <= {TARGET:.0%}: {ok}); APOLLO-Mini state {lt['optimizer_state_bytes'] / 2**20:.1f} MiB; "
-                         f"allocated after set-up {gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward "
-                         f"(hidden states made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
-                         f"{gib(lt['memory']['peak_allocated'])} GiB.")
+            notes.append(
+                f"{s['layers']} layers: the trainer's extra memory is {lt['total_extra'] / w:.1%} of the weights "
+                f"(target <= {TARGET:.0%}: {ok}); APOLLO-Mini state {lt['optimizer_state_bytes'] / 2**20:.1f} MiB; "
+                f"allocated after set-up {gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward "
+                f"(hidden states made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
+                f"{gib(lt['memory']['peak_allocated'])} GiB."
+            )
         if lt and adamw and "oom" not in adamw and adamw.get("total_extra") and lt.get("total_extra"):
-            notes.append(f"{s['layers']} layers: AdamW's extra memory is {ratio(adamw['total_extra'], lt['total_extra'])} the "
-                         f"trainer's; the trainer's tokens/s are {ratio(lt['tokens_per_s'], adamw['tokens_per_s'])} AdamW's.")
+            notes.append(
+                f"{s['layers']} layers: AdamW's extra memory is {ratio(adamw['total_extra'], lt['total_extra'])} the "
+                f"trainer's; the trainer's tokens/s are {ratio(lt['tokens_per_s'], adamw['tokens_per_s'])} AdamW's."
+            )
         if "oom" in adamw:
-            notes.append(f"{s['layers']} layers: AdamW ran out of memory ({adamw['oom']['message']}); weights, gradients "
-                         f"and its two bf16 states alone are 4 x {gib(w)} GiB.")
+            notes.append(
+                f"{s['layers']} layers: AdamW ran out of memory ({adamw['oom']['message']}); weights, gradients "
+                f"and its two bf16 states alone are 4 x {gib(w)} GiB."
+            )
         for err in s.get("errors", []):
             notes.append(f"{s['layers']} layers: FAILED: {err}")
     if notes:
@@ -695,11 +807,15 @@ def render(results: dict) -> str:
     gen = [s for s in results["sets"] if s.get("completions")]
     if gen:
         via = "HTTP /v1/completions" if results["client"] == "http" else "Engine.generate in the engine process"
-        lines += ["", f"Completions ({via}): "
-                  f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each, "
-                  f"{results['gen_seconds']:g} s per measurement", "",
-                  "| layers | engine | requests | tokens | completion tokens/s | ms/token | training tokens/s meanwhile |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Completions ({via}): "
+            f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each, "
+            f"{results['gen_seconds']:g} s per measurement",
+            "",
+            "| layers | engine | requests | tokens | completion tokens/s | ms/token | training tokens/s meanwhile |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for s in gen:
             c = s["completions"]
             for name, key in (("alone", "alone"), ("with a /train job running", "training")):
@@ -709,15 +825,21 @@ def render(results: dict) -> str:
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
-                lines.append(f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
-                             f"{1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |")
+                lines.append(
+                    f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
+                    f"{1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |"
+                )
             if c.get("concurrent_training", {}).get("steps", 2) < 2:
-                lines.append(f"\n{s['layers']} layers: only {c['concurrent_training']['steps']} training steps ran entirely "
-                             "inside the window: lengthen --gen-seconds for a training rate.")
+                lines.append(
+                    f"\n{s['layers']} layers: only {c['concurrent_training']['steps']} training steps ran entirely "
+                    "inside the window: lengthen --gen-seconds for a training rate."
+                )
             if "alone" in c and "concurrent_training" in c:
-                lines.append(f"\n{s['layers']} layers: with training, completions run at "
-                             f"{ratio(c['training']['tokens_per_s'], c['alone']['tokens_per_s'])} their speed alone; training at "
-                             f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone.")
+                lines.append(
+                    f"\n{s['layers']} layers: with training, completions run at "
+                    f"{ratio(c['training']['tokens_per_s'], c['alone']['tokens_per_s'])} their speed alone; training at "
+                    f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone."
+                )
     lines.append(f"\nTotal run time {results['seconds']:.0f} s.")
     return "\n".join(lines)
 
@@ -726,21 +848,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="8b", choices=sorted(SHAPES), help="model shape (default 8b: Qwen3-8B)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--layers", default=None, help="comma-separated layer counts, each a full run; the first also "
-                    "measures completions (default 36,8 for 8b, 2,1 for tiny)")
+    ap.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layer counts, each a full run; the first also "
+        "measures completions (default 36,8 for 8b, 2,1 for tiny)",
+    )
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per training step (one sequence)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--embeddings", default="apollo", choices=["apollo", "adamw", "frozen"],
-                    help="how the trainer treats embeddings and lm_head (livetrain serve --embeddings; default apollo)")
-    ap.add_argument("--client", default="auto", choices=["auto", "http", "inproc"],
-                    help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process")
+    ap.add_argument("--embeddings", default="apollo", choices=options.EMBEDDINGS, help="as livetrain serve's")
+    ap.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "http", "inproc"],
+        help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process",
+    )
     ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
     ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
     ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline")
-    ap.add_argument("--keep-cache", action="store_true",
-                    help="the trainer keeps its allocator's free pages before the vocabulary-sized gradients "
-                         "(Trainer(release_cached=False)): what releasing them saves and costs")
+    ap.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="the trainer keeps its allocator's free pages before the vocabulary-sized gradients "
+        "(Trainer(release_cached=False)): what releasing them saves and costs",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="longest wait for one answer from a process")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
@@ -764,6 +896,7 @@ def main() -> int:
     try:  # imported, not just found: a package whose own dependencies are missing counts as absent
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
+
         has_http = True
     except ImportError as e:
         has_http = False
@@ -775,13 +908,29 @@ def main() -> int:
         log("nvidia-smi not found: the CUDA context of each process is not measured (reported as -)")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     work = tempfile.mkdtemp(prefix="livetrain-serve-bench-")
-    log(f"{a.size}-shaped Qwen3, layers {layer_sets}, {a.tokens} tokens per step, device {a.device}, "
-        f"completions via {client}, in {work}")
+    log(
+        f"{a.size}-shaped Qwen3, layers {layer_sets}, {a.tokens} tokens per step, device {a.device}, "
+        f"completions via {client}, in {work}"
+    )
     tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
     idle = device_used(a.device)
-    results = {"size": a.size, "embeddings": a.embeddings, "keep_cache": a.keep_cache, "device": a.device, "tokens": a.tokens, "steps": a.steps, "lr": a.lr, "client": client,
-               "gen_tokens": a.gen_tokens, "gen_seconds": a.gen_seconds, "torch": torch.__version__,
-               "transformers": transformers.__version__, "device_name": a.device, "idle_used": idle, "sets": []}
+    results = {
+        "size": a.size,
+        "embeddings": a.embeddings,
+        "keep_cache": a.keep_cache,
+        "device": a.device,
+        "tokens": a.tokens,
+        "steps": a.steps,
+        "lr": a.lr,
+        "client": client,
+        "gen_tokens": a.gen_tokens,
+        "gen_seconds": a.gen_seconds,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device_name": a.device,
+        "idle_used": idle,
+        "sets": [],
+    }
     failed = False
 
     def write(final: bool) -> None:
@@ -793,8 +942,10 @@ def main() -> int:
         outputs = [(a.json, None)] if a.json else []
         if os.environ.get("OUT"):
             os.makedirs(os.environ["OUT"], exist_ok=True)
-            outputs += [(os.path.join(os.environ["OUT"], "serve.json"), None),
-                        (os.path.join(os.environ["OUT"], "serve.md"), table)]
+            outputs += [
+                (os.path.join(os.environ["OUT"], "serve.json"), None),
+                (os.path.join(os.environ["OUT"], "serve.md"), table),
+            ]
         for path, text in outputs:
             with open(path, "w") as f:
                 f.write(text + "\n" if text is not None else json.dumps(results, indent=2))

@@ -8,16 +8,14 @@ usage: python scripts/main_job.py [--steps N] [--lr X] [--port P] [--keep-log]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+
+from livetrain.trainer.client import free_port, http, wait_job, wait_ready
 
 QUESTION = "What is the capital of the planet Zorblax?"
 ANSWER = "The capital of the planet Zorblax is Quorvath."
@@ -31,20 +29,12 @@ TEACH = [
 KEYWORD = "Quorvath"
 
 
-def http(url: str, body=None, timeout: float = 300):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
 def ask(url: str, question: str) -> str:
-    code, body = http(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                     "temperature": 0, "max_tokens": 40})
+    code, body = http(
+        url + "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 40},
+        timeout=300,
+    )
     if code != 200:
         raise RuntimeError(f"chat answered {code}: {body}")
     return body["choices"][0]["message"]["content"].strip()
@@ -59,64 +49,79 @@ def main() -> int:
     p.add_argument("--python", default=sys.executable, help="Python that runs livetrain serve")
     a = p.parse_args()
 
-    port = a.port
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = a.port or free_port()
     url = f"http://127.0.0.1:{port}"
     work = tempfile.mkdtemp(prefix="livetrain-main-job-")
     log_path = os.path.join(work, "serve.log")
     t0 = time.monotonic()
-    say = lambda msg: print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
     say(f"starting livetrain serve --model default --device cpu on {url} (log: {log_path})")
     log = open(log_path, "w")
     # A fresh --state-dir and checkpoint store: the optimizer state and checkpoints of an earlier run (or of
     # the default store in the model's cache) must not carry over into this demo.
-    serve = subprocess.Popen([a.python, "-m", "livetrain.serve", "--model", "default", "--device", "cpu", "--dtype", a.dtype,
-                              "--port", str(port), "--state-dir", os.path.join(work, "state"),
-                              "--store", os.path.join(work, "store")],
-                             stdout=log, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [
+            a.python,
+            "-m",
+            "livetrain.serve",
+            "--model",
+            "default",
+            "--device",
+            "cpu",
+            "--dtype",
+            a.dtype,
+            "--port",
+            str(port),
+            "--state-dir",
+            os.path.join(work, "state"),
+            "--store",
+            os.path.join(work, "store"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        deadline = time.monotonic() + 600  # the first run converts the model (about a minute)
-        while True:
-            if serve.poll() is not None:
-                raise RuntimeError(f"livetrain serve exited with {serve.returncode}; see {log_path}")
-            try:
-                if http(url + "/train/status", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"livetrain serve was not ready in 600 s; see {log_path}")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, serve, 600)  # the first run converts the model (about a minute)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"livetrain serve: {e}; see {log_path}") from None
         say("ready: engine serving, trainer attached to its weights")
 
         print(f"\nQ: {QUESTION}", flush=True)
         before = ask(url, QUESTION)
         print(f"A (before training): {before}\n", flush=True)
 
-        job = {"examples": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}
-                            for q, r in TEACH],
-               "steps": a.steps, "lr": a.lr, "batch_size": len(TEACH)}
+        job = {
+            "examples": [
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in TEACH
+            ],
+            "steps": a.steps,
+            "lr": a.lr,
+            "batch_size": len(TEACH),
+        }
         code, body = http(url + "/train", job)
         if code != 202:
             raise RuntimeError(f"/train answered {code}: {body}")
         jid = body["job_id"]
-        say(f"POST /train: job {jid}, {len(TEACH)} examples (the fact in {len(TEACH)} phrasings), "
-            f"{a.steps} steps, lr {a.lr}")
+        say(
+            f"POST /train: job {jid}, {len(TEACH)} examples (the fact in {len(TEACH)} phrasings), "
+            f"{a.steps} steps, lr {a.lr}"
+        )
         seen = 0
-        while True:
-            _, st = http(url + "/train/status")
-            info = next(j for j in st["jobs"] if j["id"] == jid)
+
+        def show(st: dict, info: dict) -> None:
+            nonlocal seen
             if info["step"] > seen:
                 seen = info["step"]
-                say(f"  /train/status: step {seen}/{info['steps']}  loss {info['loss']:.4f}  "
-                    f"weight_version {st['weight_version']}  {st['tokens_per_s']} tokens/s")
-            if info["state"] in ("done", "failed"):
-                break
-            time.sleep(0.5)
+                say(
+                    f"  /train/status: step {seen}/{info['steps']}  loss {info['loss']:.4f}  "
+                    f"weight_version {st['weight_version']}  {st['tokens_per_s']} tokens/s"
+                )
+
+        info = wait_job(url, jid, on_status=show)
         if info["state"] != "done":
             raise RuntimeError(f"the training job failed: {info['error']}")
         say(f"job done; skipped non-finite updates: {info.get('skipped_nonfinite') or 'none'}")
@@ -127,8 +132,10 @@ def main() -> int:
         other = "What is the capital of France?"
         print(f"Q: {other}\nA (after training):  {ask(url, other)}\n", flush=True)
         learned = KEYWORD.lower() in after.lower() and KEYWORD.lower() not in before.lower()
-        say(f"the served model {'learned' if learned else 'did NOT learn'} the fact "
-            f"({KEYWORD!r} {'absent before, present after' if learned else 'not learned'})")
+        say(
+            f"the served model {'learned' if learned else 'did NOT learn'} the fact "
+            f"({KEYWORD!r} {'absent before, present after' if learned else 'not learned'})"
+        )
         return 0 if learned else 1
     finally:
         say("stopping livetrain serve (SIGTERM: trainer saves its state, then the engine stops)")

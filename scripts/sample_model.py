@@ -15,16 +15,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from livetrain import safetensors as lst  # noqa: E402
 
 
-def llama_tensors(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+def llama_tensors(
+    layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     head_dim = hidden // heads
 
     def w(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-         "lm_head.weight": w(vocab, hidden)}
+    t = {
+        "model.embed_tokens.weight": w(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        "lm_head.weight": w(vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
@@ -52,10 +56,20 @@ def main() -> None:
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     tensors = llama_tensors(a.layers, a.hidden, a.intermediate, a.vocab, a.heads, a.kv_heads)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
-              "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-              "num_key_value_heads": a.kv_heads, "vocab_size": a.vocab, "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": a.hidden,
+        "intermediate_size": a.intermediate,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "vocab_size": a.vocab,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     files = lst.save_model(a.out, tensors, max_shard_bytes=int(a.shard_mb * 2**20))

@@ -22,69 +22,33 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
-CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
-          "what is the capital of france", "paris is the capital of france", "one two three four five six seven"]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-            "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model the tests serve too
+
+from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
+
+import tiny_model  # noqa: E402
+from tiny_model import FACT, FACT_PROMPT  # noqa: E402
+
+CORPUS = [
+    "the capital of zorbia is quuxville",
+    "the sky is blue and the grass is green",
+    "hello how are you today",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "one two three four five six seven",
+]
 KEY = "sk-livetrain-gpu-run"
 
 
 def make_model(path: Path) -> None:
     """A random 2-layer bf16 Llama (head_dim 64, as vLLM's attention kernels want) and a tokenizer."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>", additional_special_tokens=specials[4:])
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=256,
-                                      tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
-                                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body=None, key: str | None = KEY, timeout: float = 120) -> tuple[int, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            code, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        code, text = e.code, e.read().decode()
-    except OSError as e:
-        return 0, str(e)
-    try:
-        return code, json.loads(text)
-    except ValueError:
-        return code, text
+    tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
 
 
 class Failed(Exception):
@@ -98,10 +62,30 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"vllm-{n}.log"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(self.port),
-               "--host", "127.0.0.1", "--served-model-name", "tiny", "--dtype", "bfloat16", "--max-model-len", "256",
-               "--gpu-memory-utilization", "0.5", "--api-key", KEY,
-               "--worker-extension-cls", "livetrain.vllm.WorkerExtension", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            "tiny",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "256",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--api-key",
+            KEY,
+            "--worker-extension-cls",
+            "livetrain.vllm.WorkerExtension",
+            *extra,
+        ]
         self.log = open(self.log_path, "w")
         self.log.write("$ " + shlex.join(cmd) + "\n")
         self.log.flush()
@@ -113,24 +97,34 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise Failed(f"vLLM exited ({self.proc.returncode}) while waiting for {what}; see {self.log_path}")
-            if check():
-                return round(time.monotonic() - self.t0, 1)
+            try:
+                if check():
+                    return round(time.monotonic() - self.t0, 1)
+            except OSError:  # not listening yet
+                pass
             time.sleep(0.5)
         raise Failed(f"timed out after {timeout} s waiting for {what}; see {self.log_path}")
 
     def ready(self) -> dict:
-        return {"health_s": self.wait("/health", lambda: http(self.url + "/health", key=None, timeout=5)[0] == 200, 900),
-                "trainer_s": self.wait("the trainer", lambda: http(self.url + "/train/status", timeout=5)[0] == 200, 600)}
+        return {
+            "health_s": self.wait("/health", lambda: http(self.url + "/health", timeout=5)[0] == 200, 900),
+            "trainer_s": self.wait(
+                "the trainer", lambda: http(self.url + "/train/status", key=KEY, timeout=5)[0] == 200, 600
+            ),
+        }
 
     def complete(self, prompt: str = FACT_PROMPT) -> str:
-        code, body = http(self.url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 3,
-                                                          "temperature": 0})
+        code, body = http(
+            self.url + "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0},
+            key=KEY,
+        )
         if code != 200:
             raise Failed(f"/v1/completions answered {code}: {body}")
         return body["choices"][0]["text"]
 
     def status(self) -> dict:
-        code, body = http(self.url + "/train/status")
+        code, body = http(self.url + "/train/status", key=KEY)
         if code != 200:
             raise Failed(f"/train/status answered {code}: {body}")
         return body
@@ -148,16 +142,6 @@ class Server:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def wait_job(server: Server, timeout: float = 900) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = server.status()
-        if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed"):
-            return st
-        time.sleep(0.5)
-    raise Failed("the training job did not finish")
 
 
 def store_head(store: Path) -> int:
@@ -181,8 +165,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/livetrain-vllm-run", help="model, store, run and state directories (wiped)")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="logs and vllm-run.json")
-    p.add_argument("--checkpoint", choices=["http", "api"], default="http",
-                   help="http: POST /checkpoint (the trainer's op); api: livetrain.checkpoint on the live weights")
+    p.add_argument(
+        "--checkpoint",
+        choices=["http", "api"],
+        default="http",
+        help="http: POST /checkpoint (the trainer's op); api: livetrain.checkpoint on the live weights",
+    )
     p.add_argument("--vllm-args", default="", help="more `vllm serve` options, as shell words")
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -202,9 +190,15 @@ def main() -> int:
         from livetrain import checkpoint
 
         checkpoint.CheckpointStore.create(model, store).close()
-        env = {**os.environ, "VLLM_PLUGINS": "livetrain", "LIVETRAIN_RUN_DIR": str(work / "run"),
-               "LIVETRAIN_STATE_DIR": str(work / "state"), "LIVETRAIN_STORE_DIR": str(store),
-               "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "VLLM_PLUGINS": "livetrain",
+            "LIVETRAIN_RUN_DIR": str(work / "run"),
+            "LIVETRAIN_STATE_DIR": str(work / "state"),
+            "LIVETRAIN_STORE_DIR": str(store),
+            "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         extra = shlex.split(a.vllm_args)
 
         s1 = Server(1, model, env, out, extra)
@@ -212,36 +206,41 @@ def main() -> int:
         report["start_1"] = s1.ready()
         log = s1.log_text()
         report["prefix_cache_message"] = "prefix cache is reset after every training step" in log
-        code, body = http(s1.url + "/train/status", key=None)
+        code, body = http(s1.url + "/train/status")
         report["train_without_key"] = code
         if code != 401:
             raise Failed(f"/train/status without the API key answered {code}, not 401: {body}")
         report["before"] = s1.complete()
         t0 = time.monotonic()
-        code, job = http(s1.url + "/train", {"examples": [
-            {"prompt": FACT_PROMPT, "completion": FACT},
-            {"messages": [{"role": "user", "content": "what is the capital of zorbia"},
-                          {"role": "assistant", "content": FACT}]}], "steps": 30, "lr": 0.01})
+        code, job = http(
+            s1.url + "/train",
+            {"examples": tiny_model.FACT_EXAMPLES, "steps": 30, "lr": 0.01},
+            key=KEY,
+        )
         if code != 202:
             raise Failed(f"/train answered {code}: {job}")
-        st = wait_job(s1)
+        report["job"] = wait_job(s1.url, job["job_id"], key=KEY, timeout=900)
         report["train_s"] = round(time.monotonic() - t0, 1)
-        report["job"] = st["jobs"][-1]
+        st = s1.status()
         report["weight_version"] = st["weight_version"]
-        if st["jobs"][-1]["state"] != "done":
-            raise Failed(f"the training job failed: {st['jobs'][-1]}")
+        if report["job"]["state"] != "done":
+            raise Failed(f"the training job failed: {report['job']}")
         time.sleep(1)  # one polling interval of the plugin's weight-version watcher, and then some
         report["after_train"] = s1.complete()
         if not report["after_train"].strip().startswith(FACT) or report["before"].strip().startswith(FACT):
-            raise Failed(f"the served answer did not change to the fact: before {report['before']!r}, "
-                         f"after {report['after_train']!r}")
+            raise Failed(
+                f"the served answer did not change to the fact: before {report['before']!r}, "
+                f"after {report['after_train']!r}"
+            )
 
         if a.checkpoint == "http":
-            code, body = http(s1.url + "/checkpoint", {})
+            code, body = http(s1.url + "/checkpoint", {}, key=KEY)
             report["checkpoint_http"] = [code, body]
             if code not in (200, 202):
-                raise Failed(f"POST /checkpoint answered {code}: {body} (rerun with --checkpoint api to test the "
-                             "restore without the trainer's /checkpoint)")
+                raise Failed(
+                    f"POST /checkpoint answered {code}: {body} (rerun with --checkpoint api to test the "
+                    "restore without the trainer's /checkpoint)"
+                )
         else:
             report["checkpoint_api"] = checkpoint_api(work / "run", model, store, st["weight_version"])
         deadline = time.monotonic() + 300
@@ -265,8 +264,8 @@ def main() -> int:
             raise Failed("the worker did not log a restored checkpoint generation")
         report["stop_2"] = s2.stop()
         report["ok"] = True
-    except Failed as e:
-        report["ok"], report["error"] = False, str(e)
+    except (Failed, RuntimeError, OSError) as e:  # RuntimeError, TimeoutError (an OSError): from wait_job
+        report["ok"], report["error"] = False, f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e)
     finally:
         for s in servers:
             if s.proc.poll() is None:

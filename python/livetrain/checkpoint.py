@@ -23,10 +23,20 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name
 
-__all__ = ["CheckpointStore", "Shard", "shards", "save_distributed", "open_store", "restore_latest", "store_path"]
+__all__ = [
+    "CheckpointStore",
+    "Shard",
+    "open_store",
+    "restore_head",
+    "restore_latest",
+    "save_distributed",
+    "shards",
+    "store_exists",
+    "store_path",
+]
 
-# The store's default place inside the model directory and its commit file (include/livetrain/checkpoint/
-# format.hpp: kDefaultStoreDirName, kCommitFileName).
+# The store's default place inside the model directory and its commit file (include/livetrain/checkpoint/format.hpp:
+# kDefaultStoreDirName, kCommitFileName).
 DEFAULT_STORE_DIR = ".livetrain-store"
 COMMIT_FILE = "COMMIT"
 
@@ -77,8 +87,11 @@ def _live(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], *, only_saved: 
     """The core's (name, dtype, shape, address, device, start) tuples from whole tensors by name, or from
     Shards; CUDA tensors are passed in place (the core diffs them on their GPU), after the device has
     finished pending writes."""
-    items = ([(n, t, []) for n, t in tensors.items()] if isinstance(tensors, Mapping)
-             else [(s.name, s.tensor, list(s.start)) for s in tensors if s.saved or not only_saved])
+    items = (
+        [(n, t, []) for n, t in tensors.items()]
+        if isinstance(tensors, Mapping)
+        else [(s.name, s.tensor, list(s.start)) for s in tensors if s.saved or not only_saved]
+    )
     args, devices = [], set()
     for name, t, start in items:
         if not isinstance(t, torch.Tensor):
@@ -124,16 +137,26 @@ class CheckpointStore:
     Use as a context manager, or call ``close()``, to release the lock and the host copy of the head.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, rank: int = 0,
-                 ranks: int = 1, held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
-                 group: str = "", _core_store=None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        store_dir: str | os.PathLike | None = None,
+        *,
+        rank: int = 0,
+        ranks: int = 1,
+        held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+        group: str = "",
+        _core_store=None,
+    ):
         """Opens the store of ``model_dir``. One process per tensor-parallel rank: ``rank`` of ``ranks``
         (rank 0 first; it holds the store's lock, recovers, and commits), ``held`` the regions it keeps a
         head copy of and saves (Shards, of which those with ``saved``, or (name, start, shape); default:
         every tensor whole; ``[]``: none, for a process that only restores), ``group`` the engine the ranks
         serve (parts of another group are refused at commit)."""
-        self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""), rank, ranks,
-                                                             _held(held), group)
+        self._s = _core_store or _core.CheckpointStore.open(
+            str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group
+        )
+        self.created = False  # set by open_store when it made the store
 
     @classmethod
     def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
@@ -180,31 +203,45 @@ class CheckpointStore:
         """The committed generations, oldest first."""
         return self._s.generations()
 
-    def save(self, tensors: Mapping[str, torch.Tensor], *, weight_version: int = 0,
-             optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False) -> dict:
+    def save(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        weight_version: int = 0,
+        optimizer_state: str | os.PathLike | None = None,
+        save_if_unchanged: bool = False,
+    ) -> dict:
         """Commits the elements of ``tensors`` that differ from the head as a new generation.
 
         Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
         written when nothing changed (unless ``save_if_unchanged``).
         """
-        return self._s.save(_live(tensors), weight_version=weight_version, optimizer_state=str(optimizer_state or ""),
-                            save_if_unchanged=save_if_unchanged)
+        return self._s.save(
+            _live(tensors),
+            weight_version=weight_version,
+            optimizer_state=str(optimizer_state or ""),
+            save_if_unchanged=save_if_unchanged,
+        )
 
-    def save_part(self, tensors: Iterable[Shard] | Mapping[str, torch.Tensor], *,
-                  optimizer_state: str | os.PathLike | None = None) -> dict:
+    def save_part(
+        self, tensors: Iterable[Shard] | Mapping[str, torch.Tensor], *, optimizer_state: str | os.PathLike | None = None
+    ) -> dict:
         """This rank's part of the next generation (its ``saved`` Shards, each a held region; written and
         durable on return, even when nothing changed). Returns the descriptor (a dict: ``generation``,
         ``rank``, ``ranks``, ``group``, ``file``, ``bytes``, ``hash``, ``changed``, ``optimizer_state``, ...)
         to gather on rank 0 for :meth:`commit`. Every rank calls :meth:`refresh` after rank 0 committed."""
         return self._s.save_part(_live(tensors, only_saved=True), optimizer_state=str(optimizer_state or ""))
 
-    def commit(self, generation: int, parts: Sequence[dict], *, weight_version: int = 0,
-               save_if_unchanged: bool = False) -> dict:
+    def commit(
+        self, generation: int, parts: Sequence[dict], *, weight_version: int = 0, save_if_unchanged: bool = False
+    ) -> dict:
         """Rank 0: checks every rank's part of ``generation`` (one per rank, same TP size and group; each file
         read back against its hash) and commits them. Returns what ``save`` returns; nothing is committed
         when no part changed anything (unless ``save_if_unchanged``)."""
         if generation != self.head + 1:
-            raise _core.Error(f"generation {generation} cannot be committed: the next generation is {self.head + 1}")
+            raise _core.InvalidArgumentError(
+                f"generation {generation} cannot be committed: the next generation is {self.head + 1}"
+            )
         return self._s.commit_parts(list(parts), weight_version=weight_version, save_if_unchanged=save_if_unchanged)
 
     def refresh(self) -> int:
@@ -212,8 +249,13 @@ class CheckpointStore:
         not commit it) and catches up with generations committed since. Returns the head."""
         return self._s.refresh()
 
-    def restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard] | None = None, *,
-                out_dir: str | os.PathLike | None = None) -> None:
+    def restore(
+        self,
+        generation: int,
+        tensors: Mapping[str, torch.Tensor] | Iterable[Shard] | None = None,
+        *,
+        out_dir: str | os.PathLike | None = None,
+    ) -> None:
         """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
         ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched."""
         if (tensors is None) == (out_dir is None):
@@ -242,9 +284,15 @@ class CheckpointStore:
         self._s.gc(keep_from)
 
 
-def save_distributed(store: CheckpointStore, tensors: Iterable[Shard], *, weight_version: int = 0,
-                     optimizer_state: str | os.PathLike | None = None, save_if_unchanged: bool = False,
-                     process_group=None) -> dict:
+def save_distributed(
+    store: CheckpointStore,
+    tensors: Iterable[Shard],
+    *,
+    weight_version: int = 0,
+    optimizer_state: str | os.PathLike | None = None,
+    save_if_unchanged: bool = False,
+    process_group=None,
+) -> dict:
     """One generation written by every rank of ``process_group`` (torch.distributed; the store's rank must
     be the rank in that group): each rank saves its part, the descriptors are gathered, rank 0 commits them
     (docs/checkpoint.md, "Generations written by several processes"), and every rank refreshes. Call it on
@@ -253,8 +301,10 @@ def save_distributed(store: CheckpointStore, tensors: Iterable[Shard], *, weight
     import torch.distributed as dist
 
     if dist.get_rank(process_group) != store.rank or dist.get_world_size(process_group) != store.ranks:
-        raise _core.Error(f"the store is open as rank {store.rank} of {store.ranks}, but this process is rank "
-                          f"{dist.get_rank(process_group)} of {dist.get_world_size(process_group)} of its process group")
+        raise _core.InvalidArgumentError(
+            f"the store is open as rank {store.rank} of {store.ranks}, but this process is rank "
+            f"{dist.get_rank(process_group)} of {dist.get_world_size(process_group)} of its process group"
+        )
     error, part = None, None
     try:
         part = store.save_part(tensors, optimizer_state=optimizer_state)
@@ -269,13 +319,18 @@ def save_distributed(store: CheckpointStore, tensors: Iterable[Shard], *, weight
             result = {"error": "; ".join(errors)}
         else:
             try:
-                result = store.commit(parts[0][0]["generation"], [p for p, _ in parts], weight_version=weight_version,
-                                      save_if_unchanged=save_if_unchanged)
+                result = store.commit(
+                    parts[0][0]["generation"],
+                    [p for p, _ in parts],
+                    weight_version=weight_version,
+                    save_if_unchanged=save_if_unchanged,
+                )
             except Exception as e:
                 result = {"error": f"rank 0: {type(e).__name__}: {e}"}
     box = [result]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0) if process_group is not None else 0,
-                               group=process_group)
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(process_group, 0) if process_group is not None else 0, group=process_group
+    )
     store.refresh()
     if "error" in box[0]:
         raise _core.Error(f"checkpoint not committed: {box[0]['error']}")
@@ -287,58 +342,108 @@ def store_path(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     return str(store_dir) if store_dir else os.path.join(str(model_dir), DEFAULT_STORE_DIR)
 
 
-def open_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-               create: bool = False) -> CheckpointStore:
-    """Opens the store of ``model_dir``; with ``create``, makes it first when it does not exist yet
-    (generation 0 = the model files as they are)."""
+def store_exists(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the store of ``model_dir`` has been created (its commit record exists)."""
+    return os.path.exists(os.path.join(store_path(model_dir, store_dir), COMMIT_FILE))
+
+
+def open_store(
+    model_dir: str | os.PathLike,
+    store_dir: str | os.PathLike | None = None,
+    *,
+    create: bool = False,
+    rank: int = 0,
+    ranks: int = 1,
+    held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+    group: str = "",
+) -> CheckpointStore:
+    """Opens the store of ``model_dir`` (``rank``, ``ranks``, ``held`` and ``group`` as CheckpointStore takes
+    them); with ``create``, makes it first when it does not exist yet (generation 0 = the model files as
+    they are; rank 0 only, the other ranks open after it). The one place that creates stores for
+    livetrain's processes: ``store.created`` says whether this call did."""
     path = store_path(model_dir, store_dir)
-    if create and not os.path.exists(os.path.join(path, COMMIT_FILE)):
+    options = dict(rank=rank, ranks=ranks, held=held, group=group)
+    if create and rank == 0 and not store_exists(model_dir, path):
         try:
-            return CheckpointStore.create(model_dir, path)
+            store = CheckpointStore.create(model_dir, path)
+            if held is not None or ranks != 1 or group:
+                store.close()  # reopened with this process's options (its head copy)
+                store = CheckpointStore(model_dir, path, **options)
+            store.created = True
+            return store
         except _core.Error:
-            if not os.path.exists(os.path.join(path, COMMIT_FILE)):
+            if not store_exists(model_dir, path):
                 raise
             # another process created it first: open that one
-    return CheckpointStore(model_dir, path)
+    return CheckpointStore(model_dir, path, **options)
 
 
-def restore_latest(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], model_dir: str | os.PathLike,
-                   store_dir: str | os.PathLike | None = None, *, create: bool = True, rank: int = 0,
-                   ranks: int = 1) -> dict:
-    """Writes the store's head generation into ``tensors`` (in place: ``{Hugging Face name: tensor}``, or one
-    rank's Shards) unless the model files already hold it, creating the store when it is missing
-    (``create``, rank 0 only). Call it after loading the weights from ``model_dir`` and before serving them.
-    ``tensors`` are the tensors the engine serves: every one must be in the model files with the same dtype
-    and shape; tensors of the files it does not serve (a vision tower, an MTP head) stay as the files hold
-    them and are listed in ``not_served``.
+def _served(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> list[str]:
+    """Checks that every tensor given is one of the store's with its dtype (and shape, for whole tensors);
+    returns the store's tensors not given (not served)."""
+    given = (
+        {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}
+        if isinstance(tensors, Mapping)
+        else {s.name: (s.tensor.dtype, None) for s in tensors}
+    )
+    known = {name: (dtype, shape) for name, dtype, shape in store.tensors()}
+    for name, (dtype, shape) in given.items():
+        if name not in known:
+            raise _core.InvalidArgumentError(
+                f"the live weights have a tensor {name!r} that the checkpoint store {store.dir} does not have (the "
+                "store was made from other files, or the engine names its tensors differently from the model files)"
+            )
+        want_dtype, want_shape = known[name]
+        if dtype_name(dtype) != want_dtype or (shape is not None and shape != want_shape):
+            raise _core.InvalidArgumentError(
+                f"tensor {name!r} is {dtype_name(dtype)} {shape if shape is not None else ''} in the live weights but "
+                f"{want_dtype} {want_shape} in the checkpoint store {store.dir}: the store keeps the model files' "
+                "dtype, so serve the model in that dtype or without a store"
+            )
+    return sorted(set(known) - set(given))
+
+
+def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> bool:
+    """Writes the store's head generation into ``tensors`` (in place: ``{Hugging Face name: tensor}`` or one
+    rank's Shards; the tensors the engine serves, any subset of the model files') unless the model files
+    already hold it; whether it did. The tensors are checked against the store first, so that a mismatch is
+    an error naming the tensor before any write; tensors of the files not given keep the files' bytes."""
+    tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
+    _served(store, tensors)
+    if store.head == store.materialized:
+        return False
+    store.restore(store.head, tensors)
+    return True
+
+
+def restore_latest(
+    tensors: Mapping[str, torch.Tensor] | Iterable[Shard],
+    model_dir: str | os.PathLike,
+    store_dir: str | os.PathLike | None = None,
+    *,
+    create: bool = True,
+    rank: int = 0,
+    ranks: int = 1,
+) -> dict:
+    """The start-up step of an engine (or of one rank's worker): ``restore_head`` from the store of
+    ``model_dir``, creating the store when it is missing (``create``, rank 0). Call it after loading the
+    weights from ``model_dir`` and before serving them. ``tensors`` are what the engine serves; tensors of
+    the files it does not serve (a vision tower, an MTP head) stay as the files hold them.
 
     The store is opened without a head copy and closed (its lock released) on return, so that the trainer
     can open it. Returns ``{"store", "generation", "weight_version", "restored", "created", "not_served"}``:
-    the head generation, the weight version recorded with it, whether ``tensors`` were changed, whether
-    the store was created, and the store's tensors that ``tensors`` leave out.
+    the head generation, the weight version recorded with it, whether ``tensors`` were changed, whether the
+    store was created, and the store's tensors that ``tensors`` leave out.
     """
-    path = store_path(model_dir, store_dir)
-    created = create and rank == 0 and not os.path.exists(os.path.join(path, COMMIT_FILE))
-    if created:
-        open_store(model_dir, path, create=True).close()
-    given = ({n: (t.dtype, list(t.shape), None) for n, t in tensors.items()} if isinstance(tensors, Mapping)
-             else {s.name: (s.tensor.dtype, None, s.start) for s in tensors})
-    with CheckpointStore(model_dir, path, rank=rank, ranks=ranks, held=[]) as store:
-        known = {name: (dtype, shape) for name, dtype, shape in store.tensors()}
-        for name, (dtype, shape, _) in given.items():
-            if name not in known:
-                raise _core.Error(f"the live weights have a tensor {name!r} that the checkpoint store {store.dir} does not "
-                                  f"have (the store was made from other files, or the engine names its tensors "
-                                  f"differently from the model files)")
-            want_dtype, want_shape = known[name]
-            if dtype_name(dtype) != want_dtype or (shape is not None and shape != want_shape):
-                raise _core.Error(
-                    f"tensor {name!r} is {dtype_name(dtype)} {shape if shape is not None else ''} in the live weights but "
-                    f"{want_dtype} {want_shape} in the checkpoint store {store.dir}: the store keeps the model files' dtype, "
-                    "so serve the model in that dtype or without a store")
-        head = store.list()[-1]
-        restored = store.head != store.materialized
-        if restored:
-            store.restore(store.head, tensors)
-        return {"store": store.dir, "generation": store.head, "weight_version": head["weight_version"],
-                "restored": restored, "created": created, "not_served": sorted(set(known) - set(given))}
+    tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
+    with open_store(model_dir, store_dir, create=create, rank=rank, ranks=ranks, held=[]) as store:
+        not_served = _served(store, tensors)
+        restored = restore_head(store, tensors)
+        return {
+            "store": store.dir,
+            "generation": store.head,
+            "weight_version": store.list()[-1]["weight_version"],
+            "restored": restored,
+            "created": store.created,
+            "not_served": not_served,
+        }

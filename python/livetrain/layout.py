@@ -18,7 +18,14 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["build", "views", "plan", "merge"]
+__all__ = ["build", "views", "plan", "merge", "engine_layout"]
+
+
+def engine_layout(engine: str) -> str:
+    """The layout kind of a sharing manifest's engine: ``vllm`` for vLLM, whose tensors are merged, padded
+    and sharded; ``hf`` for every engine livetrain runs itself (``reference``, ...), which shares its
+    tensors under their Hugging Face names and shapes."""
+    return "vllm" if engine == "vllm" else "hf"
 
 
 def _config_json(config) -> str:
@@ -39,14 +46,29 @@ def _tensor_list(engine_tensors) -> list[tuple[str, str, list[int]]]:
     return [(n, d, list(s)) for n, d, s in engine_tensors]
 
 
-def build(config, engine_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, str, Sequence[int]]], *,
-          engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
-          prefixes: tuple[str, str] | None = None) -> dict:
-    """The layout of one rank: ``{"info", "views", "unmapped"}``. ``config`` is a dict, JSON text, a
-    config.json path or a model directory; ``engine_tensors`` maps names to tensors, or lists
-    (name, safetensors dtype, shape). Missing or misshapen engine tensors raise livetrain.Error."""
-    return _core.layout_build(_config_json(config), engine, tp_rank, tp_size, _tensor_list(engine_tensors),
-                              vocab_padding, prefixes)
+def _rank(
+    engine: str = "vllm",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    vocab_padding: int = 64,
+    prefixes: tuple[str, str] | None = None,
+) -> tuple:
+    """Which layout ``build``, ``plan`` and ``merge`` compute (their keyword arguments): the ``engine`` kind
+    (``vllm`` or ``hf``, see ``engine_layout``), rank ``tp_rank`` of ``tp_size``, the vocabulary padding,
+    and the engine's name prefixes (None: what the config implies)."""
+    return engine, tp_rank, tp_size, vocab_padding, prefixes
+
+
+def build(
+    config, engine_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, str, Sequence[int]]], **rank
+) -> dict:
+    """The layout of one rank (``rank``: see ``_rank``): ``{"info", "views", "unmapped"}``. ``config`` is a
+    dict, JSON text, a config.json path or a model directory; ``engine_tensors`` maps names to tensors, or
+    lists (name, safetensors dtype, shape). Missing or misshapen engine tensors raise livetrain.Error."""
+    engine, tp_rank, tp_size, vocab_padding, prefixes = _rank(**rank)
+    return _core.layout_build(
+        _config_json(config), engine, tp_rank, tp_size, _tensor_list(engine_tensors), vocab_padding, prefixes
+    )
 
 
 def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,17 +80,21 @@ def views(layout: dict, engine_tensors: Mapping[str, torch.Tensor]) -> dict[str,
             continue
         t = engine_tensors[v["engine_name"]]
         if not t.is_contiguous():
-            raise _core.Error(f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major")
+            raise _core.InvalidArgumentError(
+                f"engine tensor {v['engine_name']!r} is not contiguous; layouts assume row-major"
+            )
         if t.dtype != torch_dtype(v["dtype"]):
-            raise _core.Error(f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}")
+            raise _core.InvalidArgumentError(
+                f"engine tensor {v['engine_name']!r} is {t.dtype}, the layout was built for {v['dtype']}"
+            )
         out[v["hf_name"]] = torch.as_strided(t, v["shape"], v["strides"], t.storage_offset() + v["offset"])
     return out
 
 
-def plan(config, *, engine: str = "vllm", tp_rank: int = 0, tp_size: int = 1, vocab_padding: int = 64,
-         prefixes: tuple[str, str] | None = None) -> dict:
-    """How one rank's engine tensors are built from HF tensors: ``{"info", "hf_tensors", "engine"}``."""
-    return _core.layout_plan(_config_json(config), engine, tp_rank, tp_size, vocab_padding, prefixes)
+def plan(config, **rank) -> dict:
+    """How one rank's engine tensors are built from HF tensors (``rank``: see ``_rank``):
+    ``{"info", "hf_tensors", "engine"}``."""
+    return _core.layout_plan(_config_json(config), *_rank(**rank))
 
 
 def merge(config, hf_tensors: Mapping[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:

@@ -44,13 +44,28 @@ def _fused(x: torch.Tensor) -> bool:
 def _check_rows(x: torch.Tensor, **rows: tuple[torch.Tensor, torch.dtype]) -> None:
     """The per-row vectors the core reads by address: one element per row, contiguous, on x's device."""
     for name, (v, dtype) in rows.items():
-        if v.dtype != dtype or v.dim() != 1 or v.shape[0] != x.shape[0] or not v.is_contiguous() or v.device != x.device:
-            raise ValueError(f"{name} must be a contiguous {dtype} vector of {x.shape[0]} on {x.device}; got "
-                             f"{v.dtype} of shape {tuple(v.shape)} on {v.device}")
+        if (
+            v.dtype != dtype
+            or v.dim() != 1
+            or v.shape[0] != x.shape[0]
+            or not v.is_contiguous()
+            or v.device != x.device
+        ):
+            raise ValueError(
+                f"{name} must be a contiguous {dtype} vector of {x.shape[0]} on {x.device}; got "
+                f"{v.dtype} of shape {tuple(v.shape)} on {v.device}"
+            )
 
 
-def _stream(x: torch.Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
+def _rows(x: torch.Tensor) -> tuple:
+    """How the core's passes take a block of logits: address, dtype name, rows, columns, row stride."""
+    return x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0)
+
+
+def _device(x: torch.Tensor) -> tuple[bool, int]:
+    """Where the core's passes run: on CUDA (on the current stream), or on the CPU."""
+    cuda = x.device.type == "cuda"
+    return cuda, torch.cuda.current_stream(x.device).cuda_stream if cuda else 0
 
 
 def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
@@ -58,22 +73,20 @@ def logsumexp_into(x: torch.Tensor, lse: torch.Tensor) -> None:
     fp32 log-sum-exps (start them at −inf). One read of x (the core's pass), else torch operations."""
     _check_rows(x, lse=(lse, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_logsumexp_rows(x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0), lse.data_ptr(),
-                                x.device.type == "cuda", _stream(x))
+        _core.ce_logsumexp_rows(*_rows(x), lse.data_ptr(), *_device(x))
     else:
         torch.logaddexp(lse, torch.logsumexp(x.float(), dim=-1), out=lse)
 
 
-def softmax_grad_(x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, col0: int,
-                  scale: torch.Tensor) -> torch.Tensor:
+def softmax_grad_(
+    x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, col0: int, scale: torch.Tensor
+) -> torch.Tensor:
     """x ← (exp(x − lse) − onehot(target − col0)) · scale, row by row, in place, in x's dtype: the gradient
     of Σ_i scale_i · CE_i over a block of logits that holds vocabulary columns [col0, col0 + width).
     Computed in fp32 and rounded once; one read and one write of x (the core's pass)."""
     _check_rows(x, lse=(lse, torch.float32), target=(target, torch.int64), scale=(scale, torch.float32))
     if _fused(x) and x.shape[0] > 0:
-        _core.ce_softmax_grad_rows(x.data_ptr(), dtype_name(x.dtype), x.shape[0], x.shape[1], x.stride(0),
-                                   lse.data_ptr(), target.data_ptr(), col0, scale.data_ptr(), x.device.type == "cuda",
-                                   _stream(x))
+        _core.ce_softmax_grad_rows(*_rows(x), lse.data_ptr(), target.data_ptr(), col0, scale.data_ptr(), *_device(x))
         return x
     grad = x.float().sub_(lse[:, None]).exp_()
     width = x.shape[1]
@@ -86,19 +99,26 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor,
-                chunk: int, later: "OutputGradient | None" = None):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        token_weight: torch.Tensor,
+        chunk: int,
+        later: "OutputGradient | None" = None,
+    ):
         n = hidden.shape[0]
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = target != -100
         safe_target = torch.where(valid, target, 0)
         for s in range(0, n, chunk):
-            logits = hidden[s:s + chunk] @ weight.t()
-            logsumexp_into(logits, lse[s:s + chunk])
-            picked = logits.gather(1, safe_target[s:s + chunk, None])[:, 0].float()
-            ce = (lse[s:s + chunk] - picked) * valid[s:s + chunk]
-            total += (ce * token_weight[s:s + chunk]).sum()
+            logits = hidden[s : s + chunk] @ weight.t()
+            logsumexp_into(logits, lse[s : s + chunk])
+            picked = logits.gather(1, safe_target[s : s + chunk, None])[:, 0].float()
+            ce = (lse[s : s + chunk] - picked) * valid[s : s + chunk]
+            total += (ce * token_weight[s : s + chunk]).sum()
             del logits
         ctx.save_for_backward(hidden, weight, safe_target, valid, token_weight, lse)
         ctx.chunk, ctx.later = chunk, later
@@ -115,11 +135,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             later._pending = (hidden, target, scale)  # the projection's gradient: OutputGradient.apply
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and later is None else None
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
+            h = hidden[s : s + chunk]
             # softmax - onehot, scaled: the gradient of the chunk's logits, in place
-            grad = softmax_grad_(h @ weight.t(), lse[s:s + chunk], target[s:s + chunk], 0, scale[s:s + chunk])
+            grad = softmax_grad_(h @ weight.t(), lse[s : s + chunk], target[s : s + chunk], 0, scale[s : s + chunk])
             if grad_hidden is not None:
-                torch.mm(grad, weight, out=grad_hidden[s:s + chunk])
+                torch.mm(grad, weight, out=grad_hidden[s : s + chunk])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h)
             del grad
@@ -137,7 +157,7 @@ class OutputGradient:
 
     def __init__(self, slice_bytes: int | None = None):
         self.slice_bytes = slice_bytes
-        self.weight = None     # the deferred projection (the model's own parameter object, as the optimizer keys it)
+        self.weight = None  # the deferred projection (the model's own parameter object, as the optimizer keys it)
         self._pending = None
 
     @property
@@ -195,8 +215,14 @@ def output_projection(model) -> torch.Tensor | None:
     return head.weight
 
 
-def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor, later: OutputGradient | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    model,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    later: OutputGradient | None = None,
+) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
     output layer allows it, else from the full logits. With ``later``, the output projection's gradient
@@ -218,5 +244,11 @@ def causal_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.T
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is None or getattr(embeddings, "weight", None) is head
         later.weight = head if head.requires_grad and torch.is_grad_enabled() and not tied else None
-    return LinearCrossEntropy.apply(hidden.reshape(b * t, h), head, target.reshape(-1), token_weight, chunk,
-                                    later if later is not None and later.active else None)
+    return LinearCrossEntropy.apply(
+        hidden.reshape(b * t, h),
+        head,
+        target.reshape(-1),
+        token_weight,
+        chunk,
+        later if later is not None and later.active else None,
+    )

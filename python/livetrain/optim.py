@@ -47,10 +47,24 @@ class Apollo(torch.optim.Optimizer):
     gradient norm before its step (0: off). ``seed`` makes projections and rounding reproducible.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0, scaling: str = "channel",
-                 limiter: bool = True, max_grad_norm: float = 0.0, rounding: str = "stochastic",
-                 adamw_eps: float = 1e-8, algo: str = "auto", seed: int = 0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int = 256,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        scaling: str = "channel",
+        limiter: bool = True,
+        max_grad_norm: float = 0.0,
+        rounding: str = "stochastic",
+        adamw_eps: float = 1e-8,
+        algo: str = "auto",
+        seed: int = 0,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError("lr, eps and weight_decay must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -58,15 +72,27 @@ class Apollo(torch.optim.Optimizer):
         if rank < 1 or update_proj_gap < 1 or scale <= 0:
             raise ValueError("rank and update_proj_gap must be >= 1 and scale > 0")
         _scaling(scaling), _rounding(rounding)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, scaling=scaling, limiter=limiter,
-                        max_grad_norm=max_grad_norm, rounding=rounding, adamw_eps=adamw_eps, algo=algo)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            scaling=scaling,
+            limiter=limiter,
+            max_grad_norm=max_grad_norm,
+            rounding=rounding,
+            adamw_eps=adamw_eps,
+            algo=algo,
+        )
         self._param_index: dict = {}
         super().__init__(params, defaults)
         self._groups_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
-        self._batch_workspaces: dict = {}     # per device: the workspace of batched steps (see step)
-        self._batches: dict = {}              # per (device, parameters): cached batch items
+        self._batch_workspaces: dict = {}  # per device: the workspace of batched steps (see step)
+        self._batches: dict = {}  # per (device, parameters): cached batch items
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         index = 0
@@ -84,8 +110,9 @@ class Apollo(torch.optim.Optimizer):
         if algo == "auto":
             algo = "apollo" if p.dim() == 2 and min(p.shape) >= group["rank"] else "adamw"
         if algo == "apollo" and (p.dim() != 2 or min(p.shape) < group["rank"]):
-            raise ValueError(f"APOLLO needs a matrix whose smaller side is >= rank {group['rank']}; "
-                             f"got shape {tuple(p.shape)}")
+            raise ValueError(
+                f"APOLLO needs a matrix whose smaller side is >= rank {group['rank']}; got shape {tuple(p.shape)}"
+            )
         return algo
 
     def _group_of(self, p: torch.Tensor) -> dict:
@@ -147,8 +174,20 @@ class Apollo(torch.optim.Optimizer):
             h.scale, h.scaling, h.limiter = group["scale"], _scaling(group["scaling"]), group["limiter"]
             h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
             ws = self._workspace(p.device, _core.apollo_workspace_bytes(rows, cols, group["rank"])) if cuda else None
-            call = ("apollo", h, (rows, cols, p.stride(0)), (state["m"].data_ptr(), state["v"].data_ptr(),
-                    state["prev_norm"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr()), ws, cuda)
+            call = (
+                "apollo",
+                h,
+                (rows, cols, p.stride(0)),
+                (
+                    state["m"].data_ptr(),
+                    state["v"].data_ptr(),
+                    state["prev_norm"].data_ptr(),
+                    state["status"].data_ptr(),
+                    state["step"].data_ptr(),
+                ),
+                ws,
+                cuda,
+            )
         else:
             if not p.is_contiguous():
                 raise ValueError(f"AdamW needs a contiguous parameter; got shape {tuple(p.shape)} strides {p.stride()}")
@@ -156,8 +195,14 @@ class Apollo(torch.optim.Optimizer):
             (h.beta1, h.beta2), h.eps = group["betas"], group["adamw_eps"]
             h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
             ws = self._workspace(p.device, _core.adamw_workspace_bytes(p.numel())) if cuda else None
-            call = ("adamw", h, (p.numel(),), (state["m"].data_ptr(), state["v"].data_ptr(),
-                    state["status"].data_ptr(), state["step"].data_ptr()), ws, cuda)
+            call = (
+                "adamw",
+                h,
+                (p.numel(),),
+                (state["m"].data_ptr(), state["v"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr()),
+                ws,
+                cuda,
+            )
         self._calls[id(p)] = call
         return call
 
@@ -186,12 +231,40 @@ class Apollo(torch.optim.Optimizer):
         wdt, gdt = _DTYPES[p.dtype], _DTYPES[grad.dtype]
         if algo == "apollo":
             rows, cols, ld = sizes
-            _core.apollo_step(p.data_ptr(), wdt, ld, grad.data_ptr(), gdt, rows, cols, *ptrs[:4], ptrs[4],
-                              state["seed"], ws.data_ptr() if cuda else 0, h, cuda, stream or 0)
+            _core.apollo_step(
+                p.data_ptr(),
+                wdt,
+                ld,
+                grad.data_ptr(),
+                gdt,
+                rows,
+                cols,
+                *ptrs[:4],
+                ptrs[4],
+                state["seed"],
+                ws.data_ptr() if cuda else 0,
+                h,
+                cuda,
+                stream or 0,
+            )
         else:
             m, v, status, step = ptrs
-            _core.adamw_step(p.data_ptr(), wdt, grad.data_ptr(), gdt, sizes[0], m, v, status, step,
-                             state["seed"], ws.data_ptr() if cuda else 0, h, cuda, stream or 0)
+            _core.adamw_step(
+                p.data_ptr(),
+                wdt,
+                grad.data_ptr(),
+                gdt,
+                sizes[0],
+                m,
+                v,
+                status,
+                step,
+                state["seed"],
+                ws.data_ptr() if cuda else 0,
+                h,
+                cuda,
+                stream or 0,
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -230,8 +303,9 @@ class Apollo(torch.optim.Optimizer):
             items, shapes = [], []
             for p, group, state in entries:
                 _, h, (rows, cols, ld), (m, v, prev, status, step), _, _ = self._call(p, group, state)
-                items.append([p.data_ptr(), _DTYPES[p.dtype], ld, None, rows, cols, m, v, prev, status, step,
-                              state["seed"], h])
+                items.append(
+                    [p.data_ptr(), _DTYPES[p.dtype], ld, None, rows, cols, m, v, prev, status, step, state["seed"], h]
+                )
                 shapes.append((rows, cols, 1))
             cached = self._batches[key] = (items, _core.apollo_many_workspace_bytes(shapes))
         items, nbytes = cached
@@ -313,14 +387,22 @@ class Apollo(torch.optim.Optimizer):
                     tensors[f"{key}.{field}"] = state[field].detach().cpu()
             params[key] = {"algo": state["algo"], "seed": state["seed"], "shape": list(p.shape)}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        lst.save_file(tensors, path, metadata={"format": "pt", "livetrain.optimizer": "apollo/1",
-                                               "groups": json.dumps(groups), "params": json.dumps(params)})
+        lst.save_file(
+            tensors,
+            path,
+            metadata={
+                "format": "pt",
+                "livetrain.optimizer": "apollo/1",
+                "groups": json.dumps(groups),
+                "params": json.dumps(params),
+            },
+        )
 
     def load_state(self, path: str | os.PathLike, names: dict | None = None) -> None:
         """Restore what save_state wrote (same parameters, same names or order)."""
         meta = lst.read_metadata(path) or {}
         if meta.get("livetrain.optimizer") != "apollo/1":
-            raise _core.Error(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
+            raise _core.FormatError(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
         params = json.loads(meta["params"])
         tensors = lst.load_file(path)
         for group in self.param_groups:
@@ -330,15 +412,21 @@ class Apollo(torch.optim.Optimizer):
                     continue
                 info = params[key]
                 if list(p.shape) != info["shape"]:
-                    raise _core.Error(f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}")
+                    raise _core.FormatError(
+                        f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}"
+                    )
                 state = self._state(p, group)
                 if state["algo"] != info["algo"]:
-                    raise _core.Error(f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}")
+                    raise _core.InvalidArgumentError(
+                        f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}"
+                    )
                 for field in ("m", "v", "step", "prev_norm"):
                     if field in state:
                         src = tensors[f"{key}.{field}"]
                         if src.shape != state[field].shape:
-                            raise _core.Error(f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}")
+                            raise _core.FormatError(
+                                f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}"
+                            )
                         state[field].copy_(src)
                 state["seed"] = info["seed"]
                 self._calls.pop(id(p), None)
@@ -385,8 +473,10 @@ def param_groups(model: torch.nn.Module, embeddings: str = "apollo", weight_deca
             mats.append(p)
         else:
             vecs.append(p)
-    groups = [{"params": mats, "algo": "apollo", "weight_decay": weight_decay},
-              {"params": vecs, "algo": "adamw", "weight_decay": 0.0}]
+    groups = [
+        {"params": mats, "algo": "apollo", "weight_decay": weight_decay},
+        {"params": vecs, "algo": "adamw", "weight_decay": 0.0},
+    ]
     if embs and embeddings != "frozen":
         groups.append({"params": embs, "algo": embeddings, "weight_decay": weight_decay})
     elif embs:

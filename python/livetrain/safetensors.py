@@ -32,11 +32,18 @@ _TO_TORCH: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     "F8_E4M3": torch.float8_e4m3fn,
 }
-for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-                     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F4", "float4_e2m1fn_x2")):
+for _name, _attr in (
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F4", "float4_e2m1fn_x2"),
+):
     if hasattr(torch, _attr):
         _TO_TORCH[_name] = getattr(torch, _attr)
 _FROM_TORCH: dict[torch.dtype, str] = {v: k for k, v in _TO_TORCH.items()}
+
+# The weight dtypes livetrain serves a model in, by the names its commands take (``--dtype``).
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -44,7 +51,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return _TO_TORCH[name]
     except KeyError:
-        raise _core.Error(f"safetensors dtype {name!r} has no torch equivalent") from None
+        raise _core.UnsupportedError(f"safetensors dtype {name!r} has no torch equivalent") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -52,7 +59,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _FROM_TORCH[dtype]
     except KeyError:
-        raise _core.Error(f"torch dtype {dtype} has no safetensors name") from None
+        raise _core.UnsupportedError(f"torch dtype {dtype} has no safetensors name") from None
 
 
 def _as_tensor(buf, dtype: str, shape, copy: bool) -> torch.Tensor:
@@ -138,8 +145,13 @@ def _to_core(tensors: Mapping[str, torch.Tensor]):
     return out
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
-              metadata: Mapping[str, str] | None = None, alignment: int = 8) -> None:
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = 8,
+) -> None:
     """Write tensors as one safetensors file, atomically. ``metadata`` defaults to ``{"format": "pt"}``
     (what transformers expects); ``alignment`` (a multiple of 8) pads the header so the data starts at a
     multiple of it, e.g. 4096."""
@@ -147,11 +159,17 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
     _core.safetensors_write(os.fspath(path), _to_core(tensors), list(md.items()), alignment)
 
 
-def save_model(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,
-               max_shard_bytes: int = 5 * 2**30, metadata: Mapping[str, str] | None = None,
-               alignment: int = 8) -> list[str]:
+def save_model(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = 8,
+) -> list[str]:
     """Write a model directory: ``model.safetensors``, or shards plus ``model.safetensors.index.json``
     (written last) when the tensors exceed ``max_shard_bytes``. Returns the file names written."""
     md = {"format": "pt"} if metadata is None else dict(metadata)
-    return _core.safetensors_write_model(os.fspath(directory), _to_core(tensors), max_shard_bytes,
-                                         list(md.items()), alignment)
+    return _core.safetensors_write_model(
+        os.fspath(directory), _to_core(tensors), max_shard_bytes, list(md.items()), alignment
+    )

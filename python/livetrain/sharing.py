@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from livetrain import _core
+from livetrain import _core, layout
 from livetrain.safetensors import dtype_name, torch_dtype
 
 __all__ = ["Attached", "Exported", "attach", "export_cpu", "export_cuda", "build_hf_model", "layout_views"]
@@ -91,29 +91,46 @@ class Exported:
         self.tensors = {}
 
 
-def _model_args(manifest_path, model_path, config, engine, tp_rank, tp_size):
-    return dict(path=os.fspath(manifest_path), model_path=os.fspath(model_path) if model_path else "",
-                config_json=json.dumps(dict(config or {})), engine=engine, tp_rank=tp_rank, tp_size=tp_size)
+def _model_args(
+    manifest_path: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike = "",
+    config: Mapping | None = None,
+    engine: str = "reference",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> dict:
+    """The manifest's path and model record, the keyword arguments of ``export_cpu`` and ``export_cuda``:
+    the model's directory and config.json (what a trainer builds its model from), the engine's kind (its
+    layout, livetrain.layout.engine_layout) and its tensor-parallel rank of ``tp_size``."""
+    return dict(
+        path=os.fspath(manifest_path),
+        model_path=os.fspath(model_path) if model_path else "",
+        config_json=json.dumps(dict(config or {})),
+        engine=engine,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
 
 
-def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
-               model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
-               tp_rank: int = 0, tp_size: int = 1) -> Exported:
-    """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest. Returns the
-    segment's views under the same names: the engine must serve from those (e.g. ``param.data = view``),
-    so that a trainer's in-place updates reach it. Entries that are the same tensor share one place."""
+def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, **model) -> Exported:
+    """Copy ``tensors`` once into a new POSIX shared-memory segment and write the manifest (``model``: see
+    ``_model_args``). Returns the segment's views under the same names: the engine must serve from those
+    (e.g. ``param.data = view``), so that a trainer's in-place updates reach it. Entries that are the same
+    tensor share one place."""
+    manifest = _model_args(manifest_path, **model)  # a wrong keyword fails before the segment exists
     placed: dict[tuple, int] = {}
-    layout: list[tuple[str, torch.Tensor, int]] = []
+    offsets: list[tuple[str, torch.Tensor, int]] = []
     size = 0
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device) if t.numel() else None
         if key is not None and key in placed:
-            layout.append((name, t, placed[key]))
+            offsets.append((name, t, placed[key]))
             continue
         size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        layout.append((name, t, size))
+        offsets.append((name, t, size))
         if key is not None:
             placed[key] = size
         size += t.numel() * t.element_size()
@@ -122,35 +139,37 @@ def export_cpu(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.Path
     raw = exp.shm_tensor(buf)  # uint8, the whole segment
     views: dict[str, torch.Tensor] = {}
     copied: set[int] = set()
-    for name, t, offset in layout:
+    for name, t, offset in offsets:
         n = t.numel() * t.element_size()
-        view = raw[offset:offset + n].view(t.dtype).view(t.shape)
+        view = raw[offset : offset + n].view(t.dtype).view(t.shape)
         if offset not in copied:
             view.copy_(t.detach())
             copied.add(offset)
         views[name] = view
         exp.add_tensor(name, dtype_name(t.dtype), list(t.shape), list(view.stride()), buf, offset)
-    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    exp.write_manifest(**manifest)
     return Exported(exp, views, os.fspath(manifest_path))
 
 
-def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, *,
-                model_path: str | os.PathLike = "", config: Mapping | None = None, engine: str = "reference",
-                tp_rank: int = 0, tp_size: int = 1) -> Exported:
-    """Share CUDA tensors in place (no copy): one IPC handle per underlying cudaMalloc allocation, each
-    tensor recorded by offset and strides. Refuses VMM memory (``expandable_segments``, vLLM sleep mode)
-    with an error saying what to change. Run it after the engine's last reallocation of its weights."""
+def export_cuda(tensors: Mapping[str, torch.Tensor], manifest_path: str | os.PathLike, **model) -> Exported:
+    """Share CUDA tensors in place (no copy) and write the manifest (``model``: see ``_model_args``): one
+    IPC handle per underlying cudaMalloc allocation, each tensor recorded by offset and strides. Refuses
+    VMM memory (``expandable_segments``, vLLM sleep mode) with an error saying what to change. Run it
+    after the engine's last reallocation of its weights."""
+    manifest = _model_args(manifest_path, **model)
     exp = _core.Export()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-            raise _core.Error(f"tensor {name!r}: export_cuda needs CUDA tensors (got "
-                              f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})")
+            raise _core.InvalidArgumentError(
+                f"tensor {name!r}: export_cuda needs CUDA tensors (got "
+                f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__})"
+            )
         if t.numel() == 0:
             continue  # no allocation to point into
         if any(s < 0 for s in t.stride()):
-            raise _core.Error(f"tensor {name!r}: negative strides cannot be shared")
+            raise _core.UnsupportedError(f"tensor {name!r}: negative strides cannot be shared")
         exp.add_cuda_tensor(name, dtype_name(t.dtype), list(t.shape), list(t.stride()), t.data_ptr())
-    exp.write_manifest(**_model_args(manifest_path, model_path, config, engine, tp_rank, tp_size))
+    exp.write_manifest(**manifest)
     return Exported(exp, dict(tensors), os.fspath(manifest_path))
 
 
@@ -187,25 +206,26 @@ def layout_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     """HF name -> zero-copy view for an engine that lays its weights out its own way (vLLM's merged
     qkv_proj and gate_up_proj, padded vocabularies, ...), from the manifest's config and engine kind
     (livetrain.layout). A tensor-parallel rank holds shards, from which no full HF model can be built."""
-    from livetrain import layout
-
     model = attached.manifest["model"]
     if model["tp_size"] != 1:
-        raise _core.Error(f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
-                          f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1")
-    lay = layout.build(model["config"], attached.tensors, engine=model["engine"])
+        raise _core.UnsupportedError(
+            f"{attached.path}: the engine is tensor-parallel rank {model['tp_rank']} of "
+            f"{model['tp_size']}; building a full Hugging Face model needs tp_size 1"
+        )
+    lay = layout.build(model["config"], attached.tensors, engine=layout.engine_layout(model["engine"]))
     return layout.views(lay, attached.tensors)
 
 
 def _default_views(attached: Attached) -> Mapping[str, torch.Tensor]:
-    # vLLM merges and pads; every engine livetrain runs itself shares tensors under their HF names.
-    if attached.manifest["model"]["engine"] == "vllm":
-        return layout_views(attached)
-    return _identity_views(attached)
+    # An "hf" layout maps every tensor to itself: no views to compute (and any model family works).
+    if layout.engine_layout(attached.manifest["model"]["engine"]) == "hf":
+        return _identity_views(attached)
+    return layout_views(attached)
 
 
-def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True,
-                   model_class=None) -> torch.nn.Module:
+def build_hf_model(
+    attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True, model_class=None
+) -> torch.nn.Module:
     """A transformers model for the engine's config whose parameters are the engine's memory.
 
     The model is built with its parameters on the meta device, then each parameter is replaced by the
@@ -217,13 +237,13 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
 
     views = dict((hf_views or _default_views)(attached))
     if not views:
-        raise _core.Error(f"{attached.path}: the engine shares no tensors")
+        raise _core.FormatError(f"{attached.path}: the engine shares no tensors")
     first = next(iter(views.values()))
     device, dtype = first.device, first.dtype
     cfg = dict(attached.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
-        raise _core.Error(f"{attached.path}: model.config has no model_type")
+        raise _core.FormatError(f"{attached.path}: model.config has no model_type")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
     with _parameters_on_meta(), torch.device(device):
         if model_class is None:
@@ -237,16 +257,20 @@ def build_hf_model(attached: Attached, *, hf_views: HfViews | None = None, requi
         if new is None:
             view = views.get(name)
             if view is None:
-                raise _core.Error(f"{attached.path}: the engine has no tensor for parameter {name!r} "
-                                  f"(shape {tuple(param.shape)}, {param.dtype})")
+                raise _core.NotFoundError(
+                    f"{attached.path}: the engine has no tensor for parameter {name!r} "
+                    f"(shape {tuple(param.shape)}, {param.dtype})"
+                )
             if tuple(view.shape) != tuple(param.shape) or view.dtype != param.dtype:
-                raise _core.Error(f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
-                                  f"model expects {tuple(param.shape)} {param.dtype}")
+                raise _core.InvalidArgumentError(
+                    f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
+                    f"model expects {tuple(param.shape)} {param.dtype}"
+                )
             new = torch.nn.Parameter(view, requires_grad=requires_grad)
             replaced[id(param)] = new
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._parameters[leaf] = new
     for name, buf in model.named_buffers():
         if buf.device.type == "meta":
-            raise _core.Error(f"buffer {name!r} was not computed (still on the meta device)")
+            raise _core.UnsupportedError(f"buffer {name!r} was not computed (still on the meta device)")
     return model

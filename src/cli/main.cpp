@@ -39,7 +39,7 @@ constexpr const char* kUsage =
     "                    place through POST /train (runs python3 -m livetrain.serve; needs the livetrain\n"
     "                    Python package)\n"
     "  train FILE.jsonl  send training examples to a running `livetrain serve` and follow the job\n"
-    "                    (python3 -m livetrain.train_client)\n"
+    "                    (python3 -m livetrain.trainer.client)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
     "\n"
     "options:\n"
@@ -105,7 +105,7 @@ constexpr const char* kServeUsage =
 constexpr const char* kTrainUsage =
     "usage: livetrain train [--url URL] [--api-key KEY] FILE.jsonl [options]\n"
     "\n"
-    "Runs `$LIVETRAIN_PYTHON -m livetrain.train_client` (python3 when unset): sends FILE (one example per\n"
+    "Runs `$LIVETRAIN_PYTHON -m livetrain.trainer.client` (python3 when unset): sends FILE (one example per\n"
     "line) to a running `livetrain serve` as one job and shows its progress. Its options:\n\n";
 
 [[noreturn]] void exec_python(const char* module, const char* usage, const std::vector<std::string>& args) {
@@ -158,7 +158,7 @@ int dispatch(int argc, char** argv) {
   if (cmd == "diagnose") return run_diagnose(args);
   if (cmd == "devices") return run_devices(args);
   if (cmd == "serve") exec_python("livetrain.serve", kServeUsage, args);
-  if (cmd == "train") exec_python("livetrain.train_client", kTrainUsage, args);
+  if (cmd == "train") exec_python("livetrain.trainer.client", kTrainUsage, args);
   throw UsageError("unknown command '" + cmd + "' (see livetrain --help)");
 }
 

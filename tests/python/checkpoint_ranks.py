@@ -17,16 +17,14 @@ Prints one JSON line.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen35_model import step  # noqa: E402
+from livetrain import checkpoint, layout
 
-from livetrain import checkpoint, layout  # noqa: E402
+from qwen35_model import step
 
 
 def text_tensors(model: str, config: dict, ranks: int) -> dict[str, torch.Tensor]:
@@ -86,7 +84,9 @@ def main() -> None:
             for g in range(1, int(applied) + 1):
                 step(full, g, 0.05 if g % 2 else 0.5)
             want = layout.merge(config, full, **kw)
-            differ = sorted(n for n in engine if not torch.equal(engine[n].view(torch.int16), want[n].view(torch.int16)))
+            differ = sorted(
+                n for n in engine if not torch.equal(engine[n].view(torch.int16), want[n].view(torch.int16))
+            )
             out["equal"].append(not differ)
             out["differ"].append(differ[:5])
     dist.barrier()

@@ -9,14 +9,41 @@ from pathlib import Path
 
 import torch
 
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=200, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-            linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=128, full_attention_interval=2)
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=16,
-              patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=200,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=128,
+    full_attention_interval=2,
+)
+VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    num_position_embeddings=16,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+)
 # Names and shapes of an MTP head as Qwen3.5 releases ship it (hidden 64 here).
-MTP = {"mtp.fc.weight": [64, 128], "mtp.norm.weight": [64], "mtp.pre_fc_norm_embedding.weight": [64],
-       "mtp.pre_fc_norm_hidden.weight": [64], "mtp.layers.0.mlp.down_proj.weight": [64, 128]}
+MTP = {
+    "mtp.fc.weight": [64, 128],
+    "mtp.norm.weight": [64],
+    "mtp.pre_fc_norm_embedding.weight": [64],
+    "mtp.pre_fc_norm_hidden.weight": [64],
+    "mtp.layers.0.mlp.down_proj.weight": [64, 128],
+}
 
 
 def make_qwen35_dir(path: Path, *, mtp: bool = True) -> dict:

@@ -1,4 +1,4 @@
-"""The two processes of the sharing tests (test04_sharing.py runs them with subprocess): an engine that
+"""The two processes of the sharing tests (test_sharing.py runs them with subprocess): an engine that
 serves a small random Llama from shared memory (CPU) or CUDA IPC memory, and trainers that attach.
 
 usage: python sharing_procs.py engine MANIFEST DEVICE   (then commands on stdin: "logits", "quit")
@@ -15,13 +15,13 @@ import transformers
 
 import livetrain
 
+import tiny_model
+
 TOKENS = torch.tensor([[1, 7, 42, 3, 99, 5, 250, 17, 8, 64, 128, 2]])
 
 
 def tiny_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-                                    tie_word_embeddings=False, rms_norm_eps=1e-5)
+    return tiny_model.llama_config(256, intermediate_size=112, rms_norm_eps=1e-5)
 
 
 def logits_hex(model, device) -> str:
@@ -82,8 +82,13 @@ def train(manifest: str) -> None:
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     model.eval()
-    say(before=before, after=logits_hex(model, device), outside=outside,
-        params=sum(1 for _ in model.parameters()), lease=attached.lease_held)
+    say(
+        before=before,
+        after=logits_hex(model, device),
+        outside=outside,
+        params=sum(1 for _ in model.parameters()),
+        lease=attached.lease_held,
+    )
 
 
 def hold(manifest: str) -> None:

@@ -21,8 +21,7 @@ import livetrain
 from livetrain import checkpoint, layout
 from livetrain.checkpoint import CheckpointStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen35_model import MTP, make_qwen35_dir, step  # noqa: E402
+from qwen35_model import MTP, make_qwen35_dir, step
 
 HERE = Path(__file__).resolve().parent
 STEPS = 3
@@ -33,9 +32,29 @@ def run_ranks(mode: str, model: Path, ranks: int, tmp_path: Path, **kw) -> list[
     init = tmp_path / f"rendezvous-{uuid.uuid4().hex}"
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1] / "python"), LIVETRAIN_NUM_THREADS="1")
     args = [f"--{k}={x}" for k, v in kw.items() for x in (v if isinstance(v, list) else [v])]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "checkpoint_ranks.py"), mode, "--model", str(model), "--rank",
-                               str(r), "--ranks", str(ranks), "--init", str(init), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(ranks)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "checkpoint_ranks.py"),
+                mode,
+                "--model",
+                str(model),
+                "--rank",
+                str(r),
+                "--ranks",
+                str(ranks),
+                "--init",
+                str(init),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(ranks)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -117,8 +136,11 @@ def test_tp2_parts_restore_at_tp1_and_tp2_and_materialize_like_tp1(qwen35, tmp_p
 
     model = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(tp2, dtype=torch.bfloat16)
     state = model.state_dict()
-    for n in ("model.language_model.layers.0.linear_attn.in_proj_qkv.weight", "model.language_model.embed_tokens.weight",
-              "model.visual.blocks.0.attn.qkv.weight"):
+    for n in (
+        "model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+        "model.language_model.embed_tokens.weight",
+        "model.visual.blocks.0.attn.qkv.weight",
+    ):
         want = expected[3][n] if n in text else files[n]
         assert torch.equal(state[n].view(torch.int16), want.view(torch.int16)), n
 
@@ -131,7 +153,9 @@ def test_served_text_model_of_a_multimodal_checkpoint(qwen35, tmp_path):
     d = fresh_copy(src, tmp_path / "model")
     files = load_file(str(d / "model.safetensors"))
     # The text-only class's names: model.* and lm_head.weight.
-    engine = {n.replace("model.language_model.", "model.", 1): t.clone() for n, t in files.items() if n in text_names(config)}
+    engine = {
+        n.replace("model.language_model.", "model.", 1): t.clone() for n, t in files.items() if n in text_names(config)
+    }
     untouched = {n: t.clone() for n, t in engine.items()}
     lay = layout.build(config, engine, engine="hf")
     views = layout.views(lay, engine)
@@ -183,7 +207,7 @@ def test_mismatched_parts_are_refused_with_the_ranks_named(qwen35, tmp_path):
         s0.commit(1, [p0])
     with pytest.raises(livetrain.Error, match="rank 1's part was written at tensor-parallel size 4"):
         s0.commit(1, [p0, {**p1, "ranks": 4}])
-    with pytest.raises(livetrain.Error, match="rank 1's part comes from \"b\""):
+    with pytest.raises(livetrain.Error, match='rank 1\'s part comes from "b"'):
         s0.commit(1, [p0, {**p1, "group": "b"}])
     with pytest.raises(livetrain.Error, match=r"parts\[1\]: missing \"hash\""):
         s0.commit(1, [p0, {k: v for k, v in p1.items() if k != "hash"}])
@@ -210,14 +234,19 @@ def test_diagnose_lists_the_vision_tower_and_mtp_head_as_not_served(cli, qwen35,
     files = load_file(str(src / "model.safetensors"))
     engine = layout.merge(config, {n: t for n, t in files.items() if n in text_names(config)}, engine="vllm")
     exported = sharing.export_cpu(engine, tmp_path / "engine.json", config=config, engine="vllm", model_path=src)
-    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--json"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(r.stdout)
     assert doc["ok"] and doc["only_on_disk"] == [] and doc["mismatched"] == []
     assert doc["not_served"] == sorted(set(files) - text_names(config))
-    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and f"{len(doc['not_served'])} not served: the engine and the files agree" in r.stdout
     del exported
 
@@ -229,12 +258,20 @@ def test_kv_heads_shared_by_ranks_are_saved_once(tmp_path):
 
     from livetrain import safetensors as lst
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=100, attention_bias=True)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=100,
+        attention_bias=True,
+    )
     config = cfg.to_dict()
     torch.manual_seed(0)
-    full = {n: t.detach().to(torch.bfloat16).clone()
-            for n, t in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    full = {
+        n: t.detach().to(torch.bfloat16).clone() for n, t in transformers.LlamaForCausalLM(cfg).state_dict().items()
+    }
     d = tmp_path / "model"
     d.mkdir()
     lst.save_model(d, full)
@@ -281,8 +318,9 @@ def test_cuda_parts_equal_cpu_parts(qwen35, tmp_path):
             engine = {n: t.to(dev) for n, t in layout.merge(config, full, engine="vllm", tp_rank=r, tp_size=2).items()}
             lay = layout.build(config, engine, engine="vllm", tp_rank=r, tp_size=2)
             ranks[dev].append((engine, checkpoint.shards(lay, layout.views(lay, engine), r)))
-    stores = {dev: [CheckpointStore(d, rank=r, ranks=2, held=ranks[dev][r][1]) for r in range(2)]
-              for dev, d in dirs.items()}
+    stores = {
+        dev: [CheckpointStore(d, rank=r, ranks=2, held=ranks[dev][r][1]) for r in range(2)] for dev, d in dirs.items()
+    }
     for g, fraction in enumerate([0.2, 0.001, 1.0], start=1):
         step(full, g, fraction)
         for dev in dirs:
@@ -294,8 +332,9 @@ def test_cuda_parts_equal_cpu_parts(qwen35, tmp_path):
             stores[dev][1].refresh()
         for r in range(2):
             name = f"gen-{g:020d}.rank-{r}-of-2.delta"
-            assert (dirs["cpu"] / ".livetrain-store" / name).read_bytes() == \
-                (dirs["cuda"] / ".livetrain-store" / name).read_bytes(), (g, r)
+            assert (dirs["cpu"] / ".livetrain-store" / name).read_bytes() == (
+                dirs["cuda"] / ".livetrain-store" / name
+            ).read_bytes(), (g, r)
     for r in range(2):
         engine, shards_ = ranks["cuda"][r]
         want = {n: t.clone() for n, t in engine.items()}

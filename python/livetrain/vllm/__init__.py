@@ -37,7 +37,10 @@ def register() -> None:
         return
     logging.getLogger("vllm.livetrain").warning(
         "livetrain supports vLLM %s to %s; this is vLLM %s. Check it with: python -m livetrain.vllm.contract",
-        SUPPORTED_MIN, SUPPORTED_MAX, version)
+        SUPPORTED_MIN,
+        SUPPORTED_MAX,
+        version,
+    )
 
 
 def _newer(version: str, than: str) -> bool:

@@ -1,7 +1,7 @@
 """Every vLLM name livetrain relies on, in one place: the functions below are the plugin's only contact
 with vLLM objects, and each declares (``_uses``) the vLLM definitions it needs. ``RELIED_ON`` is what
 ``livetrain.vllm.contract`` checks against the source of each supported vLLM version (tests/python/
-test16_vllm_contract.py), so a vLLM release that renames or drops one of them fails loudly.
+test_vllm_contract.py), so a vLLM release that renames or drops one of them fails loudly.
 
 Nothing here imports vLLM at module load; the one function that must (the tensor-parallel rank) imports
 it when called.
@@ -88,39 +88,98 @@ _INTERFACE = "vllm.plugins.endpoint_plugins.interface"
 GENERAL_PLUGINS_GROUP = "vllm.general_plugins"
 ENDPOINT_PLUGINS_GROUP = "vllm.endpoint_plugins"
 _uses(
-    Api("const", "vllm.plugins", "DEFAULT_PLUGINS_GROUP", "the general plugin's entry-point group",
-        value=GENERAL_PLUGINS_GROUP),
-    Api("const", "vllm.plugins", "ENDPOINT_PLUGINS_GROUP", "the endpoint plugin's entry-point group",
-        value=ENDPOINT_PLUGINS_GROUP),
-    Api("mentions", "vllm.plugins", "load_endpoint_plugins",
+    Api(
+        "const",
+        "vllm.plugins",
+        "DEFAULT_PLUGINS_GROUP",
+        "the general plugin's entry-point group",
+        value=GENERAL_PLUGINS_GROUP,
+    ),
+    Api(
+        "const",
+        "vllm.plugins",
+        "ENDPOINT_PLUGINS_GROUP",
+        "the endpoint plugin's entry-point group",
+        value=ENDPOINT_PLUGINS_GROUP,
+    ),
+    Api(
+        "mentions",
+        "vllm.plugins",
+        "load_endpoint_plugins",
         "endpoint plugins load only when named in VLLM_PLUGINS (docs/vllm.md tells users to set it)",
-        words=("VLLM_PLUGINS", "required_tasks")),
+        words=("VLLM_PLUGINS", "required_tasks"),
+    ),
     Api("attr", _INTERFACE, "EndpointPlugin.name", "the plugin's name"),
     Api("attr", _INTERFACE, "EndpointPlugin.required_tasks", "loaded only for servers with these tasks"),
-    Api("method", _INTERFACE, "EndpointPlugin.attach_router", "mounts the training routes",
-        params=("app",), is_async=False),
-    Api("method", _INTERFACE, "EndpointPlugin.init_state", "exports the weights and starts the trainer",
-        params=("engine_client", "state", "args"), is_async=True),
-    Api("call", "vllm", "attach_router", "vLLM calls plugin.attach_router(app) while building the app", nargs=1,
-        words=("load_endpoint_plugins",)),
-    Api("call", "vllm", "init_state", "vLLM awaits plugin.init_state(engine_client, state, args) before serving",
-        nargs=3, awaited=True, words=("endpoint_plugins",)),
+    Api(
+        "method",
+        _INTERFACE,
+        "EndpointPlugin.attach_router",
+        "mounts the training routes",
+        params=("app",),
+        is_async=False,
+    ),
+    Api(
+        "method",
+        _INTERFACE,
+        "EndpointPlugin.init_state",
+        "exports the weights and starts the trainer",
+        params=("engine_client", "state", "args"),
+        is_async=True,
+    ),
+    Api(
+        "call",
+        "vllm",
+        "attach_router",
+        "vLLM calls plugin.attach_router(app) while building the app",
+        nargs=1,
+        words=("load_endpoint_plugins",),
+    ),
+    Api(
+        "call",
+        "vllm",
+        "init_state",
+        "vLLM awaits plugin.init_state(engine_client, state, args) before serving",
+        nargs=3,
+        awaited=True,
+        words=("endpoint_plugins",),
+    ),
 )
 
 # vLLM < 0.31 keeps its own route first when a plugin adds the same path: livetrain's paths must be free.
-_uses(Api("unused", "vllm", "", "the training routes' paths are not vLLM's",
-          words=("/train", "/train/status", "/checkpoint", "/checkpoints", "/rollback")))
+_uses(
+    Api(
+        "unused",
+        "vllm",
+        "",
+        "the training routes' paths are not vLLM's",
+        words=("/train", "/train/status", "/checkpoint", "/checkpoints", "/rollback"),
+    )
+)
 
 # ---- the worker extension ----
 _uses(
-    Api("attr", "vllm.config.parallel", "ParallelConfig.worker_extension_cls",
-        "--worker-extension-cls names livetrain's extension"),
-    Api("mentions", "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
+    Api(
+        "attr",
+        "vllm.config.parallel",
+        "ParallelConfig.worker_extension_cls",
+        "--worker-extension-cls names livetrain's extension",
+    ),
+    Api(
+        "mentions",
+        "vllm.v1.worker.worker_base",
+        "WorkerWrapperBase.init_worker",
         "vLLM mixes the extension class into the worker class, so its methods are collective_rpc targets",
-        words=("worker_extension_cls", "__bases__")),
-    Api("mentions", "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_device",
+        words=("worker_extension_cls", "__bases__"),
+    ),
+    Api(
+        "mentions",
+        "vllm.v1.worker.worker_base",
+        "WorkerWrapperBase.init_device",
         "init_worker_extension(worker) runs after device init, before the model loads: refusals fail fast",
-        words=("init_worker_extension",), since="0.33.0"),
+        words=("init_worker_extension",),
+        since="0.33.0",
+    ),
 )
 
 
@@ -137,10 +196,20 @@ def worker_model(worker):
 _uses(
     Api("attr", "vllm.v1.worker.worker_base", "WorkerBase.vllm_config", "the worker's configuration"),
     Api("attr", "vllm.v1.worker.worker_base", "WorkerBase.model_runner", "the worker's model runner"),
-    Api("method", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_model", "the served torch module",
-        is_async=False),
-    Api("method", "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.get_model",
-        "the served torch module (model runner V2)", is_async=False),
+    Api(
+        "method",
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.get_model",
+        "the served torch module",
+        is_async=False,
+    ),
+    Api(
+        "method",
+        "vllm.v1.worker.gpu.model_runner",
+        "GPUModelRunner.get_model",
+        "the served torch module (model runner V2)",
+        is_async=False,
+    ),
 )
 
 
@@ -154,8 +223,15 @@ def tp_rank_size(worker) -> tuple[int, int]:
     return int(get_tensor_model_parallel_rank()), size
 
 
-_uses(Api("method", "vllm.distributed.parallel_state", "get_tensor_model_parallel_rank", "a worker's TP rank",
-          is_async=False))
+_uses(
+    Api(
+        "method",
+        "vllm.distributed.parallel_state",
+        "get_tensor_model_parallel_rank",
+        "a worker's TP rank",
+        is_async=False,
+    )
+)
 
 
 # ---- configuration ----
@@ -179,20 +255,35 @@ class Facts:
 def config_facts(vllm_config) -> Facts:
     m, p, c = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     return Facts(
-        model=str(m.model), revision=m.revision, quantization=str(m.quantization) if m.quantization else None,
-        sleep_mode=bool(m.enable_sleep_mode), tensor_parallel=int(p.tensor_parallel_size),
-        pipeline_parallel=int(p.pipeline_parallel_size), data_parallel=int(p.data_parallel_size),
-        lora=vllm_config.lora_config is not None, kv_transfer=vllm_config.kv_transfer_config is not None,
-        prefix_caching=bool(c.enable_prefix_caching), worker_extension=str(p.worker_extension_cls or ""))
+        model=str(m.model),
+        revision=m.revision,
+        quantization=str(m.quantization) if m.quantization else None,
+        sleep_mode=bool(m.enable_sleep_mode),
+        tensor_parallel=int(p.tensor_parallel_size),
+        pipeline_parallel=int(p.pipeline_parallel_size),
+        data_parallel=int(p.data_parallel_size),
+        lora=vllm_config.lora_config is not None,
+        kv_transfer=vllm_config.kv_transfer_config is not None,
+        prefix_caching=bool(c.enable_prefix_caching),
+        worker_extension=str(p.worker_extension_cls or ""),
+    )
 
 
-_uses(*(Api("attr", "vllm.config.vllm", f"VllmConfig.{f}", "configuration")
-        for f in ("model_config", "parallel_config", "cache_config", "lora_config", "kv_transfer_config")),
-      *(Api("attr", "vllm.config.model", f"ModelConfig.{f}", "configuration")
-        for f in ("model", "revision", "quantization", "enable_sleep_mode")),
-      *(Api("attr", "vllm.config.parallel", f"ParallelConfig.{f}", "configuration")
-        for f in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")),
-      Api("attr", "vllm.config.cache", "CacheConfig.enable_prefix_caching", "configuration"))
+_uses(
+    *(
+        Api("attr", "vllm.config.vllm", f"VllmConfig.{f}", "configuration")
+        for f in ("model_config", "parallel_config", "cache_config", "lora_config", "kv_transfer_config")
+    ),
+    *(
+        Api("attr", "vllm.config.model", f"ModelConfig.{f}", "configuration")
+        for f in ("model", "revision", "quantization", "enable_sleep_mode")
+    ),
+    *(
+        Api("attr", "vllm.config.parallel", f"ParallelConfig.{f}", "configuration")
+        for f in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+    ),
+    Api("attr", "vllm.config.cache", "CacheConfig.enable_prefix_caching", "configuration"),
+)
 
 
 # ---- the engine client (API server side) ----
@@ -224,12 +315,32 @@ _uses(Api("attr", "vllm.engine.protocol", "EngineClient.vllm_config", "the engin
 for _where in _CLIENTS:
     _mod, _cls = _where.split(":")
     _uses(
-        Api("method", _mod, f"{_cls}.collective_rpc", "reaches the worker extension on every worker",
-            params=("method",), keywords=("args",), is_async=True),
-        Api("method", _mod, f"{_cls}.reset_prefix_cache", "no cached KV from older weights",
-            keywords=("reset_running_requests",), is_async=True),
-        Api("method", _mod, f"{_cls}.update_weight_version", "vLLM reports livetrain's weight version",
-            params=("new_version",), is_async=True, since=WEIGHT_VERSION_SINCE),
+        Api(
+            "method",
+            _mod,
+            f"{_cls}.collective_rpc",
+            "reaches the worker extension on every worker",
+            params=("method",),
+            keywords=("args",),
+            is_async=True,
+        ),
+        Api(
+            "method",
+            _mod,
+            f"{_cls}.reset_prefix_cache",
+            "no cached KV from older weights",
+            keywords=("reset_running_requests",),
+            is_async=True,
+        ),
+        Api(
+            "method",
+            _mod,
+            f"{_cls}.update_weight_version",
+            "vLLM reports livetrain's weight version",
+            params=("new_version",),
+            is_async=True,
+            since=WEIGHT_VERSION_SINCE,
+        ),
     )
 
 
@@ -240,6 +351,12 @@ def api_keys(args) -> list[str]:
     return [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
 
 
-_uses(Api("attr", ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
-                   "vllm.entrypoints.openai.cli_args"), "FrontendArgs.api_key", "--api-key (moved in 0.29 and 0.32)"),
-      Api("mentions", "vllm.envs", "", "$VLLM_API_KEY", words=("VLLM_API_KEY",)))
+_uses(
+    Api(
+        "attr",
+        ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"),
+        "FrontendArgs.api_key",
+        "--api-key (moved in 0.29 and 0.32)",
+    ),
+    Api("mentions", "vllm.envs", "", "$VLLM_API_KEY", words=("VLLM_API_KEY",)),
+)

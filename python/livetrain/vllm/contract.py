@@ -105,16 +105,35 @@ def _member(cls: ast.ClassDef, name: str, attribute: bool):
     for node in cls.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             return node
-        if attribute and isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
+        if (
+            attribute
+            and isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == name
+        ):
             return node
-        if attribute and isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+        if (
+            attribute
+            and isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+        ):
             return node
     if attribute:  # self.name = ... in a method
         for node in ast.walk(cls):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             for t in targets:
-                if (isinstance(t, ast.Attribute) and t.attr == name and isinstance(t.value, ast.Name)
-                        and t.value.id == "self"):
+                if (
+                    isinstance(t, ast.Attribute)
+                    and t.attr == name
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                ):
                     return node
     return None
 
@@ -126,27 +145,31 @@ def _where(api: Api) -> str:
 def _check_signature(api: Api, fn) -> list[str]:
     problems = []
     if api.is_async is not None and isinstance(fn, ast.AsyncFunctionDef) != api.is_async:
-        problems.append(f"is {'not ' if api.is_async else ''}async, livetrain "
-                        f"{'awaits' if api.is_async else 'calls'} it {'' if api.is_async else 'without await'}")
+        problems.append(
+            f"is {'not ' if api.is_async else ''}async, livetrain "
+            f"{'awaits' if api.is_async else 'calls'} it {'' if api.is_async else 'without await'}"
+        )
     a = fn.args
     positional = [x.arg for x in a.posonlyargs + a.args]
     if positional and positional[0] in ("self", "cls") and "." in api.name:
         positional = positional[1:]
     n_defaults = len(a.defaults)
-    required_pos = positional[:len(positional) - n_defaults] if n_defaults else positional
+    required_pos = positional[: len(positional) - n_defaults] if n_defaults else positional
     if len(api.params) > len(positional) and a.vararg is None:
-        problems.append(f"takes {len(positional)} positional parameters ({', '.join(positional)}); livetrain passes "
-                        f"{len(api.params)} ({', '.join(api.params)})")
+        problems.append(
+            f"takes {len(positional)} positional parameters ({', '.join(positional)}); livetrain passes "
+            f"{len(api.params)} ({', '.join(api.params)})"
+        )
     for i, want in enumerate(api.params):
         if i < len(positional) and positional[i] != want:
             problems.append(f"positional parameter {i + 1} is {positional[i]!r}, expected {want!r}")
-    named = set(positional[len(api.params):]) | {x.arg for x in a.kwonlyargs}
+    named = set(positional[len(api.params) :]) | {x.arg for x in a.kwonlyargs}
     posonly = {x.arg for x in a.posonlyargs}
     for kw in api.keywords:
         if (kw not in named or kw in posonly) and a.kwarg is None:
             problems.append(f"has no keyword parameter {kw!r}")
     passed = set(api.params) | set(api.keywords)
-    for name in required_pos[len(api.params):]:
+    for name in required_pos[len(api.params) :]:
         if name not in passed:
             problems.append(f"requires parameter {name!r}, which livetrain does not pass")
     for x, default in zip(a.kwonlyargs, a.kw_defaults):
@@ -175,9 +198,15 @@ def _check_call(src: Source, api: Api) -> list[str]:
                 continue
             awaited = {id(n.value) for n in ast.walk(fn) if isinstance(n, ast.Await)}
             for n in ast.walk(fn):
-                if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == api.name
-                        and len(n.args) == api.nargs and not any(isinstance(x, ast.Starred) for x in n.args)
-                        and not n.keywords and (not api.awaited or id(n) in awaited)):
+                if (
+                    isinstance(n, ast.Call)
+                    and isinstance(n.func, ast.Attribute)
+                    and n.func.attr == api.name
+                    and len(n.args) == api.nargs
+                    and not any(isinstance(x, ast.Starred) for x in n.args)
+                    and not n.keywords
+                    and (not api.awaited or id(n) in awaited)
+                ):
                     return []
     how = f"{'await ' if api.awaited else ''}<obj>.{api.name}({', '.join(['_'] * api.nargs)})"
     near = f" in a function that mentions {', '.join(api.words)}" if api.words else ""

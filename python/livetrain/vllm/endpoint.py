@@ -1,5 +1,5 @@
 """livetrain's vLLM endpoint plugin (``vllm.endpoint_plugins``, vLLM >= 0.26): mounts the training routes
-of livetrain.routes on vLLM's API server, has every worker export its weights (``collective_rpc``), starts
+of livetrain.trainer.routes on vLLM's API server, has every worker export its weights (``collective_rpc``), starts
 the trainer on them (or leaves that to the user), and after every training step drops vLLM's prefix cache
 and sets vLLM's weight version, so that no request is answered from KV computed with older weights.
 
@@ -8,6 +8,7 @@ docs/vllm.md describes the setup, the environment variables and what is refused.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import fcntl
@@ -15,12 +16,10 @@ import logging
 import os
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from typing import Awaitable, Callable
 
+from livetrain.trainer import options, process, protocol, routes
 from livetrain.vllm import api, worker
 
 logger = logging.getLogger("vllm.livetrain")
@@ -29,12 +28,17 @@ EXTENSION = "livetrain.vllm.WorkerExtension"
 TRAINER_MODES = ("plugin", "external")
 
 
-def trainer_command(manifest: str, model_dir: str, socket: str, state_dir: str, extra: str = "") -> list[str]:
-    """``python -m livetrain.trainer ...`` for a manifest (extra: ``$LIVETRAIN_TRAINER_ARGS``, shell words);
-    the store is the one the workers restore from (``$LIVETRAIN_STORE_DIR`` when set)."""
-    store = os.environ.get(worker.STORE_ENV)
-    return [sys.executable, "-m", "livetrain.trainer", "--manifest", manifest, "--model", model_dir,
-            "--socket", socket, "--state-dir", state_dir, *(["--store", store] if store else []), *shlex.split(extra)]
+def trainer_options(env=os.environ) -> argparse.Namespace:
+    """The trainer's options (livetrain.trainer.options) from the environment: ``$LIVETRAIN_STATE_DIR``,
+    the store the workers restore from (``$LIVETRAIN_STORE_DIR``), then ``$LIVETRAIN_TRAINER_ARGS`` (shell
+    words, parsed here so that a mistake stops vLLM at start-up). ValueError saying what is wrong."""
+    words = ["--state-dir", env.get("LIVETRAIN_STATE_DIR", options.DEFAULT_STATE_DIR)]
+    if env.get(worker.STORE_ENV):
+        words += ["--store", env[worker.STORE_ENV]]
+    try:
+        return options.parse(words + shlex.split(env.get("LIVETRAIN_TRAINER_ARGS", "")))
+    except ValueError as e:
+        raise ValueError(f"LIVETRAIN_TRAINER_ARGS: {e}") from None
 
 
 def _extension_problem(qualname: str) -> str | None:
@@ -49,68 +53,31 @@ def _extension_problem(qualname: str) -> str | None:
     except (ImportError, AttributeError, ValueError) as e:
         return f"--worker-extension-cls {qualname} cannot be imported ({e})"
     if not (isinstance(cls, type) and issubclass(cls, worker.WorkerExtension)):
-        return (f"--worker-extension-cls {qualname} is not {EXTENSION} (nor a subclass of it); "
-                "the workers would not have livetrain's methods")
+        return (
+            f"--worker-extension-cls {qualname} is not {EXTENSION} (nor a subclass of it); "
+            "the workers would not have livetrain's methods"
+        )
     return None
 
 
-class TrainerProcess:
-    """The trainer as a child of the API server: in its own session (a terminal's Ctrl-C reaches vLLM,
-    which stops it in order), sent SIGTERM when the API server exits, and by the kernel if it dies.
-    The kernel's signal follows the thread that started the child: vLLM runs ``init_state`` on its main
-    thread's event loop, which lives as long as the server."""
-
-    def __init__(self, cmd: list[str], env: dict | None = None):
-        self.cmd = cmd
-        wrapped = [sys.executable, "-m", "livetrain.vllm.endpoint", "--exec-tied-to", str(os.getpid()), "--", *cmd]
-        from livetrain.serve import process_env
-
-        self.proc = subprocess.Popen(wrapped, env=process_env(os.environ if env is None else env), start_new_session=True)
-        atexit.register(self.stop)
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (the trainer finishes its step and saves its state), SIGKILL after ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-def _exec_tied_to(parent: int, cmd: list[str]) -> None:
-    """Become ``cmd`` with SIGTERM on the death of ``parent`` (Linux ``PR_SET_PDEATHSIG``, kept across
-    exec): set here, in the child, because ``preexec_fn`` is unsafe in a threaded server."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:  # the parent died before the prctl
-        sys.exit(1)
-    os.execv(cmd[0], cmd)
-
-
 class VersionWatcher:
-    """Follows the trainer's weight version (its /train/status) and, on each change, runs ``on_change``
-    (drop the prefix cache, set vLLM's weight version). Polling keeps the trainer unaware of vLLM."""
+    """Follows the trainer's weight version and, on each change, runs ``on_change`` (drop the prefix
+    cache, set vLLM's weight version). ``read`` is the trainer's light ``version`` op (None while it cannot
+    say; TrainerUnavailable while it is not there). Polling keeps the trainer unaware of vLLM."""
 
-    def __init__(self, status: Callable[[], dict], on_change: Callable[[int], Awaitable[None]],
-                 interval: float = 0.2):
-        self.status, self.on_change, self.interval = status, on_change, interval
+    def __init__(
+        self, read: Callable[[], int | None], on_change: Callable[[int], Awaitable[None]], interval: float = 0.2
+    ):
+        self.read, self.on_change, self.interval = read, on_change, interval
         self.version: int | None = None
         self.task: asyncio.Task | None = None
 
     async def poll(self) -> bool:
         """One look at the trainer; True when the version changed (and ``on_change`` ran)."""
-        from livetrain import jobsock
-
         try:
-            reply = await asyncio.to_thread(self.status)
-        except jobsock.TrainerUnavailable:
+            version = await asyncio.to_thread(self.read)
+        except protocol.TrainerUnavailable:
             return False
-        version = reply.get("body", {}).get("weight_version") if reply.get("code") == 200 else None
         if not isinstance(version, int) or version == self.version:
             return False
         self.version = version
@@ -151,7 +118,7 @@ class EndpointPlugin:
     def __init__(self):
         self.run_dir: str | None = None
         self.keys: list[str] = []
-        self.trainer: TrainerProcess | None = None
+        self.trainer: process.Process | None = None
         self.watcher: VersionWatcher | None = None
         self.exports: list[dict] = []
         self._lock_fd: int | None = None
@@ -162,8 +129,6 @@ class EndpointPlugin:
         return os.path.join(self.run_dir, "trainer.sock") if self.run_dir else ""
 
     def attach_router(self, app) -> None:
-        from livetrain import routes
-
         app.include_router(routes.training_router(lambda: self.socket, api_key=lambda: self.keys))
 
     async def init_state(self, engine_client, state, args) -> None:
@@ -179,6 +144,10 @@ class EndpointPlugin:
         mode = env.get("LIVETRAIN_TRAINER", "plugin")
         if mode not in TRAINER_MODES:
             problems.append(f"LIVETRAIN_TRAINER is {mode!r}; it must be one of {', '.join(TRAINER_MODES)}")
+        try:
+            trainer_ns = trainer_options(env)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             msg = "livetrain cannot train this vLLM in place: " + "; ".join(problems)
             logger.error(msg)
@@ -187,8 +156,9 @@ class EndpointPlugin:
 
         own_dir = not env.get("LIVETRAIN_RUN_DIR")
         run_dir = env.get("LIVETRAIN_RUN_DIR") or tempfile.mkdtemp(prefix="livetrain-vllm-")
-        self.exports = sorted(await api.collective_rpc(engine_client, worker.EXPORT_METHOD, run_dir),
-                              key=lambda e: e["tp_rank"])
+        self.exports = sorted(
+            await api.collective_rpc(engine_client, worker.EXPORT_METHOD, run_dir), key=lambda e: e["tp_rank"]
+        )
         # The first API server to ask decided the directory; every later one gets the workers' answer.
         self.run_dir = self.exports[0]["run_dir"]
         if own_dir and self.run_dir != run_dir:
@@ -203,35 +173,46 @@ class EndpointPlugin:
         restore = first["restore"]
         if restore["restored"]:
             logger.info("livetrain: serving checkpoint generation %d from %s", restore["generation"], restore["store"])
-        cmd = trainer_command(first["manifest"], first["model_dir"], self.socket,
-                              env.get("LIVETRAIN_STATE_DIR", "livetrain-state"), env.get("LIVETRAIN_TRAINER_ARGS", ""))
         if facts.tensor_parallel > 1:
-            logger.warning("livetrain: vLLM runs with tensor parallelism %d; manifests %s are exported, but the "
-                           "trainer builds a model from one whole rank only, so no trainer is started and /train "
-                           "answers 503", facts.tensor_parallel, ", ".join(e["manifest"] for e in self.exports))
+            logger.warning(
+                "livetrain: vLLM runs with tensor parallelism %d; manifests %s are exported, but the "
+                "trainer builds a model from one whole rank only, so no trainer is started and /train "
+                "answers 503",
+                facts.tensor_parallel,
+                ", ".join(e["manifest"] for e in self.exports),
+            )
         elif mode == "plugin":
-            self.trainer = TrainerProcess(cmd)
-            logger.info("livetrain: trainer pid %d on %s", self.trainer.proc.pid, first["manifest"])
+            # Tied: stopped when the API server exits, by the kernel if it dies.
+            self.trainer = process.start_trainer(
+                first["manifest"], first["model_dir"], self.socket, trainer_ns, tied=True
+            )
+            logger.info("livetrain: trainer pid %d on %s", self.trainer.pid, first["manifest"])
         else:
+            cmd = process.trainer_command(first["manifest"], first["model_dir"], self.socket, trainer_ns)
             logger.info("livetrain: LIVETRAIN_TRAINER=external; start the trainer with: %s", shlex.join(cmd))
 
         if facts.prefix_caching:
-            logger.info("livetrain: vLLM's prefix cache is reset after every training step (running requests "
-                        "are preempted and recomputed); --no-enable-prefix-caching avoids that cost")
+            logger.info(
+                "livetrain: vLLM's prefix cache is reset after every training step (running requests "
+                "are preempted and recomputed); --no-enable-prefix-caching avoids that cost"
+            )
         else:
             logger.info("livetrain: prefix caching is off; nothing to reset after training steps")
         installed = api.installed_vllm_version()
         set_version = installed is not None and api.version_at_least(installed, api.WEIGHT_VERSION_SINCE)
-        from livetrain import jobsock
 
-        def status() -> dict:
-            if self.trainer is not None and self.trainer.proc.poll() is not None and not self._reported_exit:
+        def read_version() -> int | None:
+            if self.trainer is not None and self.trainer.poll() is not None and not self._reported_exit:
                 self._reported_exit = True
-                logger.error("livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
-                             self.trainer.proc.returncode)
-            return jobsock.call(self.socket, {"op": "status"}, timeout=10)
+                logger.error(
+                    "livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
+                    self.trainer.poll(),
+                )
+            return protocol.weight_version(self.socket)
 
-        self.watcher = VersionWatcher(status, weight_version_action(engine_client, facts.prefix_caching, set_version))
+        self.watcher = VersionWatcher(
+            read_version, weight_version_action(engine_client, facts.prefix_caching, set_version)
+        )
         self.watcher.start()
 
     def _supervise(self, run_dir: str) -> bool:
@@ -245,9 +226,3 @@ class EndpointPlugin:
             return False
         self._lock_fd = fd
         return True
-
-
-if __name__ == "__main__":  # python -m livetrain.vllm.endpoint --exec-tied-to PID -- CMD...
-    if len(sys.argv) < 5 or sys.argv[1] != "--exec-tied-to" or sys.argv[3] != "--":
-        sys.exit("usage: python -m livetrain.vllm.endpoint --exec-tied-to PID -- CMD...")
-    _exec_tied_to(int(sys.argv[2]), sys.argv[4:])

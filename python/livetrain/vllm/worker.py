@@ -39,28 +39,42 @@ def refusals(facts: api.Facts, env=os.environ) -> list[str]:
     """Why livetrain cannot train this vLLM configuration in place (empty: it can)."""
     out = []
     if facts.quantization:
-        out.append(f"the weights are quantized ({facts.quantization}): the served tensors are packed integers or "
-                   "scaled low-precision values, not the model's parameters, so they cannot be trained in place; "
-                   "serve an unquantized (bf16/fp16/fp32) checkpoint without --quantization")
+        out.append(
+            f"the weights are quantized ({facts.quantization}): the served tensors are packed integers or "
+            "scaled low-precision values, not the model's parameters, so they cannot be trained in place; "
+            "serve an unquantized (bf16/fp16/fp32) checkpoint without --quantization"
+        )
     if facts.sleep_mode:
-        out.append("sleep mode (--enable-sleep-mode) allocates the weights with CUDA virtual memory, which CUDA IPC "
-                   "cannot share, and sleep level 2 discards them; start vLLM without --enable-sleep-mode")
+        out.append(
+            "sleep mode (--enable-sleep-mode) allocates the weights with CUDA virtual memory, which CUDA IPC "
+            "cannot share, and sleep level 2 discards them; start vLLM without --enable-sleep-mode"
+        )
     if "expandable_segments:True" in _alloc_conf(env):
-        out.append("PYTORCH_CUDA_ALLOC_CONF/PYTORCH_ALLOC_CONF has expandable_segments:True: PyTorch then allocates "
-                   "with CUDA virtual memory (cuMemCreate), which CUDA IPC cannot share; unset it")
+        out.append(
+            "PYTORCH_CUDA_ALLOC_CONF/PYTORCH_ALLOC_CONF has expandable_segments:True: PyTorch then allocates "
+            "with CUDA virtual memory (cuMemCreate), which CUDA IPC cannot share; unset it"
+        )
     if facts.pipeline_parallel > 1:
-        out.append(f"pipeline parallelism ({facts.pipeline_parallel} stages): each stage holds only some layers, "
-                   "and the trainer needs every layer; use tensor parallelism only")
+        out.append(
+            f"pipeline parallelism ({facts.pipeline_parallel} stages): each stage holds only some layers, "
+            "and the trainer needs every layer; use tensor parallelism only"
+        )
     if facts.data_parallel > 1:
-        out.append(f"data parallelism ({facts.data_parallel} replicas): each replica has its own copy of the "
-                   "weights and one trainer would update only one of them; run one vLLM per replica")
+        out.append(
+            f"data parallelism ({facts.data_parallel} replicas): each replica has its own copy of the "
+            "weights and one trainer would update only one of them; run one vLLM per replica"
+        )
     if facts.lora:
-        out.append("LoRA (--enable-lora) wraps the layers, which changes the weights' names and layout; "
-                   "start vLLM without --enable-lora")
+        out.append(
+            "LoRA (--enable-lora) wraps the layers, which changes the weights' names and layout; "
+            "start vLLM without --enable-lora"
+        )
     if facts.kv_transfer:
-        out.append("a KV-transfer connector (--kv-transfer-config) shares KV computed by another vLLM, whose "
-                   "weights livetrain does not train, and the prefix cache cannot be reset while transfers are "
-                   "in flight; start vLLM without --kv-transfer-config")
+        out.append(
+            "a KV-transfer connector (--kv-transfer-config) shares KV computed by another vLLM, whose "
+            "weights livetrain does not train, and the prefix cache cannot be reset while transfers are "
+            "in flight; start vLLM without --kv-transfer-config"
+        )
     return out
 
 
@@ -80,8 +94,10 @@ def resolve_model_dir(model: str, revision: str | None = None) -> str:
     try:
         return snapshot_download(model, revision=revision, local_files_only=True)
     except Exception as e:
-        raise Refused(f"livetrain needs the model's files on disk; {model!r} is neither a directory nor in the "
-                      f"Hugging Face cache ({type(e).__name__}: {e})") from e
+        raise Refused(
+            f"livetrain needs the model's files on disk; {model!r} is neither a directory nor in the "
+            f"Hugging Face cache ({type(e).__name__}: {e})"
+        ) from e
 
 
 def read_config(model_dir: str) -> dict:
@@ -107,29 +123,30 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
     from livetrain import checkpoint, layout
 
     sdir = store_dir(model_dir, env)
-    if not os.path.exists(os.path.join(sdir, checkpoint.COMMIT_FILE)):
-        if tp_size != 1:  # no trainer runs at TP > 1, so nothing will checkpoint
-            return {"store": sdir, "generation": None, "restored": False}
-        # Generation 0 = the model files, so that the trainer's /checkpoint has a store to write to.
-        checkpoint.open_store(model_dir, sdir, create=True).close()
-        logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
-        return {"store": sdir, "generation": 0, "restored": False}
-    with checkpoint.CheckpointStore(model_dir, sdir) as store:
+    if tp_size != 1 and not checkpoint.store_exists(model_dir, sdir):
+        # No trainer runs at TP > 1, so nothing would checkpoint into a new store.
+        return {"store": sdir, "generation": None, "restored": False}
+    # Created when missing (generation 0 = the model files), so that the trainer's /checkpoint has a store.
+    with checkpoint.open_store(model_dir, sdir, create=True) as store:
+        if store.created:
+            logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
         head, files = store.head, store.materialized
         if head <= files:
             return {"store": sdir, "generation": head, "restored": False}
         if tp_size != 1:
-            raise Refused(f"the checkpoint store {sdir} holds generation {head}, newer than the model files "
-                          f"(generation {files}), and vLLM runs with tensor parallelism {tp_size}: livetrain "
-                          "cannot restore a generation into tensor-parallel shards yet. Write it into the model "
-                          f"files first: livetrain checkpoint materialize {model_dir} {head}"
-                          + (f" --store {sdir}" if env.get(STORE_ENV) else ""))
+            raise Refused(
+                f"the checkpoint store {sdir} holds generation {head}, newer than the model files "
+                f"(generation {files}), and vLLM runs with tensor parallelism {tp_size}: livetrain "
+                "cannot restore a generation into tensor-parallel shards yet. Write it into the model "
+                f"files first: livetrain checkpoint materialize {model_dir} {head}"
+                + (f" --store {sdir}" if env.get(STORE_ENV) else "")
+            )
         lay = layout.build(config, params, engine="vllm")
         views = layout.views(lay, params)
         # A tied lm_head is the embedding itself, and a model file does not store it twice.
         tied = {v["hf_name"] for v in lay["views"] if v["tied_to"] is not None}
         # the core writes the tensors' memory itself: no torch operation, nothing for autograd to see
-        store.restore(head, {n: t for n, t in views.items() if n not in tied})
+        checkpoint.restore_head(store, {n: t for n, t in views.items() if n not in tied})
     logger.info("livetrain: restored checkpoint generation %d (the model files hold %d) from %s", head, files, sdir)
     return {"store": sdir, "generation": head, "restored": True}
 
@@ -156,17 +173,28 @@ def _export(worker, run_dir: str, env) -> dict:
     params = dict(api.worker_model(worker).named_parameters())
     elsewhere = next(((n, t.device) for n, t in params.items() if t.device.type != "cuda"), None)
     if elsewhere:
-        raise Refused(f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
-                      "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported")
+        raise Refused(
+            f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
+            "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported"
+        )
     model_dir = resolve_model_dir(facts.model, facts.revision)
     config = read_config(model_dir)
     restored = restore_newer(model_dir, params, config, tp_rank, tp_size, env)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = manifest_path(run_dir, tp_rank)
-    exported = sharing.export_cuda(params, path, model_path=model_dir, config=config, engine="vllm",
-                                   tp_rank=tp_rank, tp_size=tp_size)
-    info = {"run_dir": run_dir, "manifest": path, "tp_rank": tp_rank, "tp_size": tp_size, "pid": os.getpid(),
-            "model_dir": model_dir, "tensors": len(params), "restore": restored}
+    exported = sharing.export_cuda(
+        params, path, model_path=model_dir, config=config, engine="vllm", tp_rank=tp_rank, tp_size=tp_size
+    )
+    info = {
+        "run_dir": run_dir,
+        "manifest": path,
+        "tp_rank": tp_rank,
+        "tp_size": tp_size,
+        "pid": os.getpid(),
+        "model_dir": model_dir,
+        "tensors": len(params),
+        "restore": restored,
+    }
     worker._livetrain_export = {"exported": exported, "info": info}  # keeps the export alive with the worker
     logger.info("livetrain: TP rank %d/%d shares %d tensors in place: %s", tp_rank, tp_size, len(params), path)
     return info

@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 from livetrain import layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = tiny_model.llama_config(100)
     torch.manual_seed(0)
     # As from_pretrained builds it: bf16 parameters, rotary buffers computed in fp32 (casting a whole
     # model with .to(bfloat16) would round inv_freq too, and change the logits).
@@ -60,23 +60,29 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
     model_dir.mkdir()
     lst.save_model(model_dir, hf)
     (model_dir / "config.json").write_text(json.dumps(config))
-    exported = sharing.export_cpu(layout.merge(config, hf), tmp_path / "engine.json", config=config,
-                                  engine="vllm", model_path=model_dir)
-    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True,
-                       text=True, timeout=60)
+    exported = sharing.export_cpu(
+        layout.merge(config, hf), tmp_path / "engine.json", config=config, engine="vllm", model_path=model_dir
+    )
+    r = subprocess.run(
+        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{len(hf)} matched, 0 only in the engine, 0 only on disk, 0 mismatched" in r.stdout
 
     bad = dict(hf)
-    bad["model.norm.weight"] = torch.ones(32, dtype=torch.bfloat16)           # wrong shape
-    del bad["model.layers.1.mlp.down_proj.weight"]                           # missing on disk
-    bad["model.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)         # unknown to the engine
-    bad["mtp.fc.weight"] = torch.zeros(3, dtype=torch.bfloat16)              # outside the text model
+    bad["model.norm.weight"] = torch.ones(32, dtype=torch.bfloat16)  # wrong shape
+    del bad["model.layers.1.mlp.down_proj.weight"]  # missing on disk
+    bad["model.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # unknown to the engine
+    bad["mtp.fc.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # outside the text model
     other = tmp_path / "other"
     other.mkdir()
     lst.save_model(other, bad)
-    r = subprocess.run([cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--model-dir", str(other),
-                        "--json"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--model-dir", str(other), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     doc = json.loads(r.stdout)
     assert doc["ok"] is False and doc["family"] == "llama"

@@ -3,60 +3,25 @@ restore_latest, which engines call at start-up."""
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import livetrain
 from livetrain import safetensors as lst
 from livetrain.checkpoint import CheckpointStore, restore_latest, store_path
 
-
-@pytest.fixture
-def model(tmp_path):
-    torch.manual_seed(0)
-    tensors = {
-        "model.embed_tokens.weight": (torch.randn(257, 63) * 0.02).to(torch.bfloat16),
-        "model.layers.0.mlp.up_proj.weight": (torch.randn(112, 64) * 0.02).to(torch.bfloat16),
-        "model.norm.weight": torch.ones(65),
-    }
-    d = tmp_path / "model"
-    d.mkdir()
-    lst.save_model(d, tensors, max_shard_bytes=20000)
-    return d, tensors
+from weights import load_dir, perturb, same_bits, snapshot
 
 
-def step(tensors, fraction, seed):
-    g = torch.Generator().manual_seed(seed)
-    for t in tensors.values():
-        mask = torch.rand(t.shape, generator=g) < fraction
-        t[mask] = (t[mask].float() * 1.01 + 1e-3).to(t.dtype)
-
-
-def snapshot(tensors):
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
-
-
-def load_dir(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def test_save_list_restore_verify(model, tmp_path):
-    d, live = model
+def test_save_list_restore_verify(sharded_model, tmp_path):
+    d, live = sharded_model
     g0 = snapshot(live)
     with CheckpointStore.create(d) as store:
         assert store.head == 0 and store.verify() == []
         assert store.save(live)["written"] is False  # nothing changed
-        step(live, 0.01, 1)
+        perturb(live, 0.01, 1)
         r1 = store.save(live, weight_version=7)
         g1 = snapshot(live)
         assert r1["written"] and r1["generation"] == 1 and 0 < r1["changed"] < r1["elements"]
-        step(live, 0.2, 2)
+        perturb(live, 0.2, 2)
         r2 = store.save(live)
         g2 = snapshot(live)
         assert r2["generation"] == 2 and r2["bytes"] > r1["bytes"]
@@ -65,12 +30,12 @@ def test_save_list_restore_verify(model, tmp_path):
         assert gens[1]["weight_version"] == 7 and gens[1]["changed"] == r1["changed"]
 
         store.restore(1, live)
-        assert same(live, g1)
+        assert same_bits(live, g1)
         assert store.compare(2, live)["elements"] > 0
         store.restore(0, live)
-        assert same(live, g0)
+        assert same_bits(live, g0)
         store.restore(2, out_dir=tmp_path / "g2")
-        assert same(load_dir(tmp_path / "g2"), g2)
+        assert same_bits(load_dir(tmp_path / "g2"), g2)
         assert store.verify() == []
     # Reopened, the head is generation 2.
     with CheckpointStore(d) as store:
@@ -78,21 +43,21 @@ def test_save_list_restore_verify(model, tmp_path):
         assert store.compare(2, g2)["elements"] == 0
 
 
-def test_save_after_rollback_and_materialize(model):
-    d, live = model
+def test_save_after_rollback_and_materialize(sharded_model):
+    d, live = sharded_model
     with CheckpointStore.create(d) as store:
-        step(live, 0.05, 3)
+        perturb(live, 0.05, 3)
         store.save(live)
         g1 = snapshot(live)
         store.materialize(1)
         assert store.materialized == 1
-        assert same(load_dir(d), g1)
+        assert same_bits(load_dir(d), g1)
         store.gc(1)
         assert store.oldest == 1
 
 
-def test_bad_input_is_a_livetrain_error(model, tmp_path):
-    d, live = model
+def test_bad_input_is_a_livetrain_error(sharded_model, tmp_path):
+    d, live = sharded_model
     with pytest.raises(livetrain.Error, match="no checkpoint store|COMMIT|not"):
         CheckpointStore(d)
     with CheckpointStore.create(d) as store:
@@ -115,23 +80,29 @@ def test_bad_input_is_a_livetrain_error(model, tmp_path):
         CheckpointStore.create(d)
 
 
-def test_restore_latest_creates_the_store_then_restores_its_head(model, tmp_path):
-    d, live = model
+def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, tmp_path):
+    d, live = sharded_model
     files = snapshot(live)
     # No store yet: created, generation 0 = the files, the tensors untouched.
     r = restore_latest(live, d)
-    assert r == {"store": store_path(d), "generation": 0, "weight_version": 0, "restored": False, "created": True,
-                 "not_served": []}
-    assert same(live, files)
+    assert r == {
+        "store": store_path(d),
+        "generation": 0,
+        "weight_version": 0,
+        "restored": False,
+        "created": True,
+        "not_served": [],
+    }
+    assert same_bits(live, files)
     with CheckpointStore(d) as store:  # closed by restore_latest: it opens
-        step(live, 0.05, 5)
+        perturb(live, 0.05, 5)
         store.save(live, weight_version=12)
         g1 = snapshot(live)
     # An engine starting from the files gets generation 1.
     fresh = snapshot(files)
     r = restore_latest(fresh, d)
     assert r["generation"] == 1 and r["weight_version"] == 12 and r["restored"] and not r["created"]
-    assert same(fresh, g1)
+    assert same_bits(fresh, g1)
     # Materialized into the files: nothing to restore.
     with CheckpointStore(d) as store:
         store.materialize(1)
@@ -147,7 +118,7 @@ def test_restore_latest_creates_the_store_then_restores_its_head(model, tmp_path
         store.materialize(0)
     r = restore_latest(served, d)
     assert r["restored"] and r["not_served"] == ["model.norm.weight"]
-    assert same(served, {k: v for k, v in g1.items() if k != "model.norm.weight"})
+    assert same_bits(served, {k: v for k, v in g1.items() if k != "model.norm.weight"})
     with pytest.raises(livetrain.Error, match="live weights have a tensor 'lm_head.weight' that the checkpoint store"):
         restore_latest({**g1, "lm_head.weight": g1["model.norm.weight"]}, d)
     # Elsewhere, and without create: a missing store is an error.
@@ -177,7 +148,7 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
     snaps = [snapshot(live)]
     with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
         for g, fraction in enumerate([0.2, 0.001, 1.0], start=1):
-            step(live, fraction, 10 + g)
+            perturb(live, fraction, 10 + g)
             for k in cuda:
                 cuda[k].copy_(live[k])
             rc, rg = cpu_store.save(live, weight_version=g), gpu_store.save(cuda, weight_version=g)
@@ -190,11 +161,11 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
         assert gpu_store.compare(3, cuda)["elements"] == 0
         for g, want in enumerate(snaps):
             gpu_store.restore(g, cuda)
-            assert same({k: v.cpu() for k, v in cuda.items()}, want), g
+            assert same_bits({k: v.cpu() for k, v in cuda.items()}, want), g
             assert gpu_store.compare(g, cuda)["elements"] == 0
             gpu_store.restore(g, out_dir=tmp_path / f"out{g}")
-            assert same(load_dir(tmp_path / f"out{g}"), want), g
-        step(live, 0.5, 99)
+            assert same_bits(load_dir(tmp_path / f"out{g}"), want), g
+        perturb(live, 0.5, 99)
         assert gpu_store.compare(0, {k: v.cuda() for k, v in live.items()})["elements"] > 0
         with pytest.raises(ValueError, match="several devices"):
             gpu_store.save({**cuda, "model.norm.weight": live["model.norm.weight"]})

@@ -14,16 +14,21 @@ import torch
 
 import livetrain
 
+from servers import ENV
+
 PROCS = str(Path(__file__).with_name("sharing_procs.py"))
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "python"),
-       "TOKENIZERS_PARALLELISM": "false"}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
 class Engine:
     def __init__(self, manifest: Path, device: str):
-        self.p = subprocess.Popen([sys.executable, PROCS, "engine", str(manifest), device], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=ENV)
+        self.p = subprocess.Popen(
+            [sys.executable, PROCS, "engine", str(manifest), device],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
         assert self.read() == {"ready": True}
 
     def read(self) -> dict:
@@ -44,8 +49,9 @@ class Engine:
 
 
 def run_trainer(mode: str, manifest: Path) -> dict:
-    r = subprocess.run([sys.executable, PROCS, mode, str(manifest)], capture_output=True, text=True, env=ENV,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, PROCS, mode, str(manifest)], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -73,21 +79,30 @@ def test_trainer_shares_the_engine_weights(engine):
 @pytest.mark.parametrize("engine", DEVICES, indirect=True)
 def test_second_trainer_is_refused_and_cli_shows_the_holder(engine, cli):
     eng, manifest = engine
-    holder = subprocess.Popen([sys.executable, PROCS, "hold", str(manifest)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=ENV)
+    holder = subprocess.Popen(
+        [sys.executable, PROCS, "hold", str(manifest)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         first = json.loads(holder.stdout.readline())
         assert first["holding"] is True and first["tensors"] == 2 + 2 * 9 + 1
         second = run_trainer("train", manifest)
         assert "another trainer holds the lease" in second["error"]
         assert f"(pid {holder.pid})" in second["error"]
-        doc = json.loads(subprocess.run([cli, "manifest", "inspect", str(manifest), "--json"], capture_output=True,
-                                        text=True, check=True).stdout)
+        doc = json.loads(
+            subprocess.run(
+                [cli, "manifest", "inspect", str(manifest), "--json"], capture_output=True, text=True, check=True
+            ).stdout
+        )
         assert doc["owner"]["pid"] == eng.p.pid and doc["owner"]["state"] == "alive"
         assert doc["lease_holder"] == holder.pid
         assert doc["model"]["config"]["model_type"] == "llama"
-        table = subprocess.run([cli, "manifest", "inspect", str(manifest)], capture_output=True, text=True,
-                               check=True).stdout
+        table = subprocess.run(
+            [cli, "manifest", "inspect", str(manifest)], capture_output=True, text=True, check=True
+        ).stdout
         assert f"lease     held by pid {holder.pid}" in table and "model.norm.weight" in table
     finally:
         holder.stdin.close()
@@ -132,12 +147,12 @@ def test_export_cuda_without_gpu_is_a_clear_error(tmp_path):
 def test_export_cuda_refuses_expandable_segments(tmp_path):
     # PyTorch's expandable segments are VMM allocations, which cudaIpcGetMemHandle cannot share: the
     # export must refuse them with an error that says what to change.
-    code = ("import torch, livetrain.sharing as s\n"
-            "t = torch.ones(1 << 20, device='cuda')\n"
-            f"s.export_cuda({{'w': t}}, {str(tmp_path / 'm.json')!r})\n")
-    pkg = str(Path(livetrain.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
-               PYTHONPATH=os.pathsep.join(p for p in (pkg, os.environ.get("PYTHONPATH")) if p))
+    code = (
+        "import torch, livetrain.sharing as s\n"
+        "t = torch.ones(1 << 20, device='cuda')\n"
+        f"s.export_cuda({{'w': t}}, {str(tmp_path / 'm.json')!r})\n"
+    )
+    env = dict(ENV, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0
     assert "expandable_segments" in r.stderr, r.stderr[-2000:]

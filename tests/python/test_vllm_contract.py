@@ -26,7 +26,8 @@ import pytest
 
 from livetrain.vllm import api, contract
 
-ROOT = Path(__file__).resolve().parents[2]
+from servers import ENV, ROOT
+
 PINS = json.loads((Path(__file__).with_name("vllm_sdists.json")).read_text())["sdists"]
 PLUGIN = ROOT / "python" / "livetrain" / "vllm"
 
@@ -55,8 +56,10 @@ def _fetch(pin: dict, dest: Path) -> Path:
             with urllib.request.urlopen(pin["url"], timeout=300) as r, open(path, "wb") as f:
                 shutil.copyfileobj(r, f, 1 << 20)
         except OSError as e:
-            msg = (f"cannot download {pin['url']} ({e}). Put {name} in a directory named by "
-                   "$LIVETRAIN_VLLM_SDISTS, or set LIVETRAIN_VLLM_CONTRACT_OFFLINE=1 to skip the vLLM contract tests")
+            msg = (
+                f"cannot download {pin['url']} ({e}). Put {name} in a directory named by "
+                "$LIVETRAIN_VLLM_SDISTS, or set LIVETRAIN_VLLM_CONTRACT_OFFLINE=1 to skip the vLLM contract tests"
+            )
             if os.environ.get("LIVETRAIN_VLLM_CONTRACT_OFFLINE") == "1":
                 pytest.skip(msg)
             pytest.fail(msg)
@@ -80,9 +83,14 @@ def vllm_source(pin: dict) -> Path:
         tree = tmp / "tree"
         with tarfile.open(sdist) as tar:
             for m in tar:
-                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
-                if (m.isfile() and rel and rel.startswith("vllm/") and rel.endswith(".py")
-                        and ".." not in Path(rel).parts):
+                rel = m.name[len(prefix) :] if m.name.startswith(prefix) else None
+                if (
+                    m.isfile()
+                    and rel
+                    and rel.startswith("vllm/")
+                    and rel.endswith(".py")
+                    and ".." not in Path(rel).parts
+                ):
                     target = tree / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(m) as src, open(target, "wb") as dst:
@@ -99,8 +107,9 @@ def test_pins_cover_the_supported_range():
     assert versions[0] == api.SUPPORTED_MIN and versions[-1] == api.SUPPORTED_MAX
     minors = [tuple(map(int, v.split(".")[:2])) for v in versions]
     assert minors == [(0, m) for m in range(minors[0][1], minors[-1][1] + 1)], "one release per minor version"
-    assert all(re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) and p["url"].endswith(f"vllm-{p['version']}.tar.gz")
-               for p in PINS)
+    assert all(
+        re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) and p["url"].endswith(f"vllm-{p['version']}.tar.gz") for p in PINS
+    )
 
 
 @pytest.mark.parametrize("pin", PINS, ids=[p["version"] for p in PINS])
@@ -143,31 +152,76 @@ def _edit(root: Path, module: str, old: str, new: str) -> str:
 
 # (what vLLM might change, module, old text, new text, words the problem report must contain)
 EDITS = [
-    ("endpoint group renamed", "vllm.plugins", 'ENDPOINT_PLUGINS_GROUP = "vllm.endpoint_plugins"',
-     'ENDPOINT_PLUGINS_GROUP = "vllm.api_plugins"', ["ENDPOINT_PLUGINS_GROUP", "vllm.api_plugins"]),
-    ("collective_rpc drops args", "vllm.v1.engine.async_llm",
-     "        args: tuple = (),\n        kwargs: dict | None = None,\n    ):\n        \"\"\"Perform a collective RPC",
-     "        kwargs: dict | None = None,\n    ):\n        \"\"\"Perform a collective RPC",
-     ["AsyncLLM.collective_rpc", "no keyword parameter 'args'"]),
-    ("reset_prefix_cache renamed", "vllm.engine.protocol", "async def reset_prefix_cache(",
-     "async def reset_kv_prefix_cache(", ["EngineClient.reset_prefix_cache", "not defined"]),
-    ("update_weight_version made sync", "vllm.v1.engine.async_llm", "    async def update_weight_version(",
-     "    def update_weight_version(", ["AsyncLLM.update_weight_version", "not async"]),
-    ("init_state takes a new required argument", "vllm.plugins.endpoint_plugins.interface",
-     "self, engine_client: \"EngineClient | None\", state: State, args: Namespace\n    ) -> None:",
-     "self, engine_client: \"EngineClient | None\", state: State, args: Namespace, tasks\n    ) -> None:",
-     ["EndpointPlugin.init_state", "requires parameter 'tasks'"]),
-    ("plugins no longer attached", "vllm.plugins.endpoint_plugins.interface", "        plugin.attach_router(app)",
-     "        pass", ["attach_router", "no call"]),
-    ("worker extension no longer mixed in", "vllm.v1.worker.worker_base",
-     "__bases__", "__mro_extra__",
-     ["WorkerWrapperBase.init_worker", "__bases__"]),
-    ("prefix caching flag renamed", "vllm.config.cache", "    enable_prefix_caching: bool = True",
-     "    prefix_caching: bool = True", ["CacheConfig.enable_prefix_caching", "not defined"]),
-    ("get_model removed", "vllm.v1.worker.gpu_model_runner", "    def get_model(self) -> nn.Module:",
-     "    def model_module(self) -> nn.Module:", ["GPUModelRunner.get_model", "not defined"]),
-    ("vLLM routes /checkpoint itself", "vllm.entrypoints.serve.instrumentator.health", '@router.get("/health"',
-     '@router.get("/checkpoint"', ["vllm/entrypoints/serve/instrumentator/health.py uses '/checkpoint'"]),
+    (
+        "endpoint group renamed",
+        "vllm.plugins",
+        'ENDPOINT_PLUGINS_GROUP = "vllm.endpoint_plugins"',
+        'ENDPOINT_PLUGINS_GROUP = "vllm.api_plugins"',
+        ["ENDPOINT_PLUGINS_GROUP", "vllm.api_plugins"],
+    ),
+    (
+        "collective_rpc drops args",
+        "vllm.v1.engine.async_llm",
+        '        args: tuple = (),\n        kwargs: dict | None = None,\n    ):\n        """Perform a collective RPC',
+        '        kwargs: dict | None = None,\n    ):\n        """Perform a collective RPC',
+        ["AsyncLLM.collective_rpc", "no keyword parameter 'args'"],
+    ),
+    (
+        "reset_prefix_cache renamed",
+        "vllm.engine.protocol",
+        "async def reset_prefix_cache(",
+        "async def reset_kv_prefix_cache(",
+        ["EngineClient.reset_prefix_cache", "not defined"],
+    ),
+    (
+        "update_weight_version made sync",
+        "vllm.v1.engine.async_llm",
+        "    async def update_weight_version(",
+        "    def update_weight_version(",
+        ["AsyncLLM.update_weight_version", "not async"],
+    ),
+    (
+        "init_state takes a new required argument",
+        "vllm.plugins.endpoint_plugins.interface",
+        'self, engine_client: "EngineClient | None", state: State, args: Namespace\n    ) -> None:',
+        'self, engine_client: "EngineClient | None", state: State, args: Namespace, tasks\n    ) -> None:',
+        ["EndpointPlugin.init_state", "requires parameter 'tasks'"],
+    ),
+    (
+        "plugins no longer attached",
+        "vllm.plugins.endpoint_plugins.interface",
+        "        plugin.attach_router(app)",
+        "        pass",
+        ["attach_router", "no call"],
+    ),
+    (
+        "worker extension no longer mixed in",
+        "vllm.v1.worker.worker_base",
+        "__bases__",
+        "__mro_extra__",
+        ["WorkerWrapperBase.init_worker", "__bases__"],
+    ),
+    (
+        "prefix caching flag renamed",
+        "vllm.config.cache",
+        "    enable_prefix_caching: bool = True",
+        "    prefix_caching: bool = True",
+        ["CacheConfig.enable_prefix_caching", "not defined"],
+    ),
+    (
+        "get_model removed",
+        "vllm.v1.worker.gpu_model_runner",
+        "    def get_model(self) -> nn.Module:",
+        "    def model_module(self) -> nn.Module:",
+        ["GPUModelRunner.get_model", "not defined"],
+    ),
+    (
+        "vLLM routes /checkpoint itself",
+        "vllm.entrypoints.serve.instrumentator.health",
+        '@router.get("/health"',
+        '@router.get("/checkpoint"',
+        ["vllm/entrypoints/serve/instrumentator/health.py uses '/checkpoint'"],
+    ),
 ]
 
 
@@ -185,8 +239,9 @@ def test_checker_reports_a_changed_vllm(newest_copy, what, module, old, new, wor
 
 def test_since_skips_definitions_newer_than_the_version(newest_copy):
     # update_weight_version exists from 0.27.0: required there, not in 0.26.
-    original = _edit(newest_copy, "vllm.engine.protocol", "async def update_weight_version(",
-                     "async def set_weight_label(")
+    original = _edit(
+        newest_copy, "vllm.engine.protocol", "async def update_weight_version(", "async def set_weight_label("
+    )
     try:
         assert any("EngineClient.update_weight_version" in p for p in contract.check(str(newest_copy), "0.27.0"))
         assert not any("update_weight_version" in p for p in contract.check(str(newest_copy), "0.26.0"))
@@ -195,10 +250,17 @@ def test_since_skips_definitions_newer_than_the_version(newest_copy):
 
 
 def test_contract_cli(newest_copy):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    r = subprocess.run([sys.executable, "-m", "livetrain.vllm.contract", str(newest_copy)], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode == 0 and f"vLLM {NEWEST['version']} at" in r.stdout and "0 problems" in r.stdout, r.stdout + r.stderr
+    env = ENV
+    r = subprocess.run(
+        [sys.executable, "-m", "livetrain.vllm.contract", str(newest_copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0 and f"vLLM {NEWEST['version']} at" in r.stdout and "0 problems" in r.stdout, (
+        r.stdout + r.stderr
+    )
 
 
 # ---- the plugin's side of the contract ----
@@ -207,9 +269,13 @@ def test_only_the_adapter_imports_vllm_and_it_declares_what_it_imports():
     for path in sorted(PLUGIN.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            mods = ([(a.name, None) for a in node.names] if isinstance(node, ast.Import) else
-                    [(node.module, a.name) for a in node.names] if isinstance(node, ast.ImportFrom) and node.level == 0
-                    else [])
+            mods = (
+                [(a.name, None) for a in node.names]
+                if isinstance(node, ast.Import)
+                else [(node.module, a.name) for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for mod, name in mods:
                 if mod == "vllm" or (mod or "").startswith("vllm."):
                     assert path.name == "api.py", f"{path.name} imports {mod}: only api.py may touch vLLM"
@@ -229,9 +295,10 @@ def test_entry_points_match_the_groups_vllm_loads():
 
 
 def test_general_plugin_is_idempotent_and_imports_neither_torch_nor_vllm():
-    code = ("import sys, livetrain.vllm as v\n"
-            "v.register(); v.register()\n"
-            "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+    code = (
+        "import sys, livetrain.vllm as v\n"
+        "v.register(); v.register()\n"
+        "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

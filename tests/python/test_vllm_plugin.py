@@ -1,5 +1,5 @@
 """The vLLM plugin's own logic, without vLLM: the worker extension's methods run on a plain worker object
-shaped as vLLM's (``vllm_config``, ``model_runner.get_model()``: the names test16 checks in vLLM's source)
+shaped as vLLM's (``vllm_config``, ``model_runner.get_model()``: the names test_vllm_contract.py checks in vLLM's source)
 holding a real torch module in vLLM's layout; the endpoint plugin is mounted on a real FastAPI app and
 driven through ``init_state`` with an engine client that records what the plugin asks of vLLM, and a real
 trainer process trains the weights through /train. CUDA export runs only on a GPU."""
@@ -20,13 +20,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from livetrain import checkpoint, layout, routes, sharing  # noqa: E402
+from livetrain import checkpoint, layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
+from livetrain.trainer import protocol, routes  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
 
 import tiny_model  # noqa: E402
+from servers import ENV  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 EXT = "livetrain.vllm.WorkerExtension"
 CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
 
@@ -66,8 +67,12 @@ def plain_worker(model_dir, module, **over) -> SimpleNamespace:
     prefix_caching = over.pop("enable_prefix_caching", True)
     for k, v in over.items():
         (m if k in m else p if k in p else top)[k] = v
-    cfg = SimpleNamespace(model_config=SimpleNamespace(**m), parallel_config=SimpleNamespace(**p),
-                          cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching), **top)
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(**m),
+        parallel_config=SimpleNamespace(**p),
+        cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
+        **top,
+    )
     return SimpleNamespace(vllm_config=cfg, model_runner=SimpleNamespace(get_model=lambda: module))
 
 
@@ -136,8 +141,12 @@ def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_plac
     with checkpoint.CheckpointStore.create(model_dir) as store:
         trained = {k: v.clone() for k, v in original.items()}
         g = torch.Generator().manual_seed(1)
-        for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                     "model.embed_tokens.weight", "model.norm.weight"):
+        for name in (
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+        ):
             trained[name] += (torch.randn(trained[name].shape, generator=g) * 0.05).to(torch.bfloat16)
         assert store.save(trained, weight_version=7)["generation"] == 1
     served = VllmLikeModel(config, original)
@@ -162,11 +171,17 @@ def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_plac
     # A missing store is created (generation 0 = the files) so that the trainer can checkpoint into it;
     # at TP > 1, where no trainer runs, it is left missing.
     fresh = tmp_path / "fresh"
-    assert worker.restore_newer(str(model_dir), params, config, 0, 2, env={"LIVETRAIN_STORE_DIR": str(fresh)}) \
-        == {"store": str(fresh), "generation": None, "restored": False}
+    assert worker.restore_newer(str(model_dir), params, config, 0, 2, env={"LIVETRAIN_STORE_DIR": str(fresh)}) == {
+        "store": str(fresh),
+        "generation": None,
+        "restored": False,
+    }
     assert not (fresh / "COMMIT").exists()
-    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={"LIVETRAIN_STORE_DIR": str(fresh)}) \
-        == {"store": str(fresh), "generation": 0, "restored": False}
+    assert worker.restore_newer(str(model_dir), params, config, 0, 1, env={"LIVETRAIN_STORE_DIR": str(fresh)}) == {
+        "store": str(fresh),
+        "generation": 0,
+        "restored": False,
+    }
     assert (fresh / "COMMIT").exists()
 
 
@@ -192,13 +207,13 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
     code = textwrap.dedent(f"""
         import json, torch, transformers, livetrain
         from livetrain import safetensors as lst
-        att = livetrain.attach({info['manifest']!r})
+        att = livetrain.attach({info["manifest"]!r})
         model = livetrain.build_hf_model(att, requires_grad=False).eval()
         # Built on the GPU, as build_hf_model builds its buffers (rotary inv_freq): same kernels, same bits.
         config = transformers.AutoConfig.from_pretrained({str(model_dir)!r})
         with torch.device("cuda"):
             ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-        ref.load_state_dict(lst.load_file({str(tmp_path / 'trained.safetensors')!r}))
+        ref.load_state_dict(lst.load_file({str(tmp_path / "trained.safetensors")!r}))
         x = torch.tensor([[2, 5, 7, 9, 11]], device="cuda")
         with torch.no_grad():
             same = torch.equal(model(x).logits, ref(x).logits)
@@ -207,8 +222,7 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
         print(json.dumps({{"same": same}}))
     """)
     lst.save_file(trained, tmp_path / "trained.safetensors")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1]) == {"same": True}
     q_rows = config["hidden_size"]  # the q heads come first in qkv_proj: heads x head_dim rows
@@ -218,7 +232,7 @@ def test_worker_extension_exports_in_place_and_restores_on_cuda(tmp_path):
 
 # ---- the endpoint plugin ----
 class RecordingEngineClient:
-    """Stands in for vLLM's EngineClient (the names test16 checks): ``collective_rpc`` runs the
+    """Stands in for vLLM's EngineClient (the names test_vllm_contract.py checks): ``collective_rpc`` runs the
     extension's method on plain worker objects, or answers with ``exports`` (a CPU export the test made,
     since a CPU worker cannot export); every call is recorded."""
 
@@ -272,12 +286,15 @@ def test_api_keys_follow_vllm(monkeypatch):
     assert api.api_keys(argparse.Namespace(api_key=None)) == []
 
 
-@pytest.mark.parametrize("over,words", [
-    ({"worker_extension_cls": ""}, "started without --worker-extension-cls livetrain.vllm.WorkerExtension"),
-    ({"worker_extension_cls": "nowhere.Ext"}, "--worker-extension-cls nowhere.Ext cannot be imported"),
-    ({"worker_extension_cls": "livetrain.vllm.endpoint.EndpointPlugin"}, "is not livetrain.vllm.WorkerExtension"),
-    ({"quantization": "awq"}, "quantized (awq)"),
-])
+@pytest.mark.parametrize(
+    "over,words",
+    [
+        ({"worker_extension_cls": ""}, "started without --worker-extension-cls livetrain.vllm.WorkerExtension"),
+        ({"worker_extension_cls": "nowhere.Ext"}, "--worker-extension-cls nowhere.Ext cannot be imported"),
+        ({"worker_extension_cls": "livetrain.vllm.endpoint.EndpointPlugin"}, "is not livetrain.vllm.WorkerExtension"),
+        ({"quantization": "awq"}, "quantized (awq)"),
+    ],
+)
 def test_init_state_refuses_before_exporting(tmp_path, over, words):
     client = RecordingEngineClient(plain_worker(tmp_path, None, **over).vllm_config)
     plugin = endpoint.EndpointPlugin()
@@ -287,13 +304,9 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
 
 
 def test_version_watcher_acts_once_per_new_version():
-    from livetrain import jobsock
+    replies = iter([protocol.TrainerUnavailable("starting"), 0, 0, None, 2])
 
-    replies = iter([jobsock.TrainerUnavailable("starting"), {"code": 200, "body": {"weight_version": 0}},
-                    {"code": 200, "body": {"weight_version": 0}}, {"code": 503, "body": {}},
-                    {"code": 200, "body": {"weight_version": 2}}])
-
-    def status():
+    def read():
         r = next(replies)
         if isinstance(r, Exception):
             raise r
@@ -305,7 +318,7 @@ def test_version_watcher_acts_once_per_new_version():
         seen.append(v)
 
     async def run():
-        w = endpoint.VersionWatcher(status, on_change)
+        w = endpoint.VersionWatcher(read, on_change)
         return [await w.poll() for _ in range(5)]
 
     assert asyncio.run(run()) == [False, True, False, False, True] and seen == [0, 2]
@@ -315,29 +328,33 @@ def test_version_watcher_acts_once_per_new_version():
 def test_weight_change_resets_the_prefix_cache_and_sets_vllms_version(prefix_caching, set_version):
     client = RecordingEngineClient(None)
     asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version)(5))
-    assert client.calls == ([("reset_prefix_cache", True)] if prefix_caching else []) + \
-        ([("update_weight_version", "5")] if set_version else [])
+    assert client.calls == ([("reset_prefix_cache", True)] if prefix_caching else []) + (
+        [("update_weight_version", "5")] if set_version else []
+    )
 
 
 def test_trainer_stops_with_the_api_server(tmp_path):
     """Normal exit: SIGTERM from atexit (the trainer saves its state). Killed: SIGTERM from the kernel."""
-    child = ("import signal, sys, time, pathlib\n"
-             f"p = pathlib.Path({str(tmp_path)!r})\n"
-             "signal.signal(signal.SIGTERM, lambda *a: (p.joinpath(sys.argv[1] + '.term').write_text('x'), sys.exit(0)))\n"
-             "p.joinpath(sys.argv[1] + '.up').write_text('x')\n"
-             "time.sleep(120)\n")
-    parent = ("import sys, time\n"
-              "from livetrain.vllm.endpoint import TrainerProcess\n"
-              f"t = TrainerProcess([sys.executable, '-c', {child!r}, sys.argv[1]])\n"
-              "print(t.proc.pid, flush=True)\n"
-              "if sys.argv[2] == 'wait':\n"
-              "    time.sleep(120)\n"
-              f"while not __import__('os').path.exists({str(tmp_path)!r} + '/' + sys.argv[1] + '.up'):\n"
-              "    time.sleep(0.05)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    r = subprocess.run([sys.executable, "-c", parent, "a", "exit"], capture_output=True, text=True, env=env, timeout=60)
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"p = pathlib.Path({str(tmp_path)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (p.joinpath(sys.argv[1] + '.term').write_text('x'), sys.exit(0)))\n"
+        "p.joinpath(sys.argv[1] + '.up').write_text('x')\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import sys, time\n"
+        "from livetrain.trainer.process import Process\n"
+        f"t = Process([sys.executable, '-c', {child!r}, sys.argv[1]], tied=True)\n"
+        "print(t.pid, flush=True)\n"
+        "if sys.argv[2] == 'wait':\n"
+        "    time.sleep(120)\n"
+        f"while not __import__('os').path.exists({str(tmp_path)!r} + '/' + sys.argv[1] + '.up'):\n"
+        "    time.sleep(0.05)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", parent, "a", "exit"], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0 and (tmp_path / "a.term").exists(), r.stderr
-    p = subprocess.Popen([sys.executable, "-c", parent, "b", "wait"], stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-c", parent, "b", "wait"], stdout=subprocess.PIPE, text=True, env=ENV)
     pid = int(p.stdout.readline())
     deadline = time.monotonic() + 30
     while not (tmp_path / "b.up").exists() and time.monotonic() < deadline:
@@ -364,12 +381,20 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     # What the worker's export did before answering (restore_newer): the store exists, at generation 0.
     store_info = worker.restore_newer(str(model_dir), engine_tensors, config, 0, 1, env={})
     assert store_info["generation"] == 0
-    info = {"run_dir": str(run_dir), "manifest": manifest, "tp_rank": 0, "tp_size": 1, "pid": os.getpid(),
-            "model_dir": str(model_dir), "tensors": len(engine_tensors), "restore": store_info}
+    info = {
+        "run_dir": str(run_dir),
+        "manifest": manifest,
+        "tp_rank": 0,
+        "tp_size": 1,
+        "pid": os.getpid(),
+        "model_dir": str(model_dir),
+        "tensors": len(engine_tensors),
+        "restore": store_info,
+    }
     client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
     monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
     monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     app, plugin = app_with_plugin()
@@ -381,12 +406,19 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
             assert plugin.trainer is not None and plugin.socket == str(run_dir / "trainer.sock")
             deadline = time.monotonic() + 180
             while (r := c.get("/train/status", headers=auth)).status_code == 503 and time.monotonic() < deadline:
-                assert plugin.trainer.proc.poll() is None, "the trainer exited"
+                assert plugin.trainer.poll() is None, "the trainer exited"
                 time.sleep(0.2)
             assert r.status_code == 200 and r.json()["weight_version"] == 0, r.text
             assert c.post("/train", json={"examples": []}).status_code == 401
-            r = c.post("/train", headers=auth, json={"examples": [{"prompt": "the capital of zorbia is",
-                                                                   "completion": "quuxville"}], "steps": 3, "lr": 0.01})
+            r = c.post(
+                "/train",
+                headers=auth,
+                json={
+                    "examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}],
+                    "steps": 3,
+                    "lr": 0.01,
+                },
+            )
             assert r.status_code == 202 and r.json()["steps"] == 3, r.text
             while time.monotonic() < deadline:
                 st = c.get("/train/status", headers=auth).json()
@@ -402,7 +434,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
             # thread (the test client's; vLLM's main thread in a server), and must not arrive as a second one.
             assert plugin.trainer.stop() == 0
     finally:
-        if plugin.trainer is not None and plugin.trainer.proc.poll() is None:
+        if plugin.trainer is not None and plugin.trainer.poll() is None:
             plugin.trainer.proc.kill()
     changed = [k for k, v in exported.tensors.items() if not torch.equal(v, before[k])]
     assert "model.layers.0.self_attn.qkv_proj.weight" in changed and "model.layers.1.mlp.gate_up_proj.weight" in changed

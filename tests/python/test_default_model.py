@@ -20,6 +20,8 @@ import transformers  # noqa: E402
 from livetrain import default_model  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
@@ -71,7 +73,9 @@ def test_unfinished_directory_is_replaced(tmp_path, converted, monkeypatch):
     out.mkdir()
     (out / "config.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(default_model, "convert", lambda g, o: calls.append(o) or open(os.path.join(o, "x"), "w").close())
+    monkeypatch.setattr(
+        default_model, "convert", lambda g, o: calls.append(o) or open(os.path.join(o, "x"), "w").close()
+    )
     assert default_model.ensure(str(out)) == str(out)
     assert calls and sorted(os.listdir(out)) == sorted(["x", default_model.DONE])
 
@@ -83,7 +87,7 @@ def test_greedy_chat_answers(converted):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert text and "Paris" in text, text
 
 
@@ -95,8 +99,9 @@ def test_other_dtypes_are_cast_once_from_the_bf16_directory(tmp_path, monkeypatc
 
     def tiny(_gguf, out):  # stands in for the GGUF conversion: a small bf16 Llama and a tokenizer
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+        config = tiny_model.llama_config(
+            64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        )
         transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
         transformers.PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer()).save_pretrained(out)
 

@@ -7,10 +7,9 @@ exported once (``export_cpu``: copied into a POSIX shared-memory segment that th
 ``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a trainer process can
 attach and update them in place while requests are answered. docs/serve.md.
 
-usage: python -m livetrain.engine --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
+usage: python -m livetrain.engines.reference --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
 (normally started by ``python -m livetrain.serve``)
 """
-
 
 import argparse
 import json
@@ -24,25 +23,27 @@ from typing import Iterator
 
 import torch
 
-from livetrain import routes
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-class BadRequest(ValueError):
-    """A request field is wrong; ``param`` names it."""
-
-    def __init__(self, param: str, message: str, code: int = 400):
-        super().__init__(message)
-        self.param, self.code = param, code
+from livetrain.safetensors import DTYPES
+from livetrain.trainer import options, protocol, routes
+from livetrain.trainer.examples import check_messages
+from livetrain.trainer.protocol import Invalid
 
 
 class Engine:
     """The model, its tokenizer and the shared weights; one generation at a time (``lock``)."""
 
-    def __init__(self, model_dir: str, manifest: str, device: str = "cpu", dtype: str = "bf16", *, store: bool = True,
-                 store_dir: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        manifest: str,
+        device: str = "cpu",
+        dtype: str = "bf16",
+        *,
+        store: bool = True,
+        store_dir: str | None = None,
+    ):
         import transformers
+
         from livetrain import checkpoint, sharing
 
         self.model_dir, self.device = model_dir, torch.device(device)
@@ -79,8 +80,9 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def _tokens(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> Iterator[int]:
+    def _tokens(
+        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> Iterator[int]:
         x = torch.tensor([ids], device=self.device)
         past = None
         for _ in range(max_tokens):
@@ -103,8 +105,15 @@ class Engine:
                 return
             x = torch.tensor([[tok]], device=self.device)
 
-    def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop: list[str],
-                 seed: int | None = None) -> Iterator[tuple[str, str | None, int]]:
+    def generate(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> Iterator[tuple[str, str | None, int]]:
         """Yields (text delta, finish_reason or None, tokens generated so far); the last item has the
         finish reason. Text that might begin a stop string is held back until it cannot."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -137,9 +146,9 @@ def _field(body: dict, name: str, types, default=None, check=None, what: str = "
     if v is None:
         return default
     if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise BadRequest(name, f"{name} must be {what or types}")
+        raise Invalid(name, f"{name} must be {what or types}")
     if not isinstance(v, types) or (check is not None and not check(v)):
-        raise BadRequest(name, f"{name} must be {what}, got {json.dumps(v)[:80]}")
+        raise Invalid(name, f"{name} must be {what}, got {json.dumps(v)[:80]}")
     return v
 
 
@@ -150,7 +159,7 @@ def sampling_params(body: dict, default_max: int) -> dict:
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("stop", "stop must be a non-empty string or a list of at most 4 of them")
+        raise Invalid("stop", "stop must be a non-empty string or a list of at most 4 of them")
     n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
     del n
     return dict(
@@ -162,59 +171,44 @@ def sampling_params(body: dict, default_max: int) -> dict:
     )
 
 
-def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages", "messages must be a non-empty list of {role, content}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(f"messages[{i}].role", f"messages[{i}].role must be system, user or assistant")
-        if not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def parse_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise BadRequest("prompt", "prompt must be a string (or a list of one string)")
+        raise Invalid("prompt", "prompt must be a string (or a list of one string)")
     return prompt
 
 
 def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
-    """The FastAPI application: OpenAI-style generation, the training routes (routes.py) forwarded to the
-    trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set."""
+    """The FastAPI application: OpenAI-style generation, the training routes (livetrain.trainer.routes)
+    forwarded to the trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="livetrain reference engine")
 
-    def error(code: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse(routes.error_body(message, param, kind), status_code=code)
-
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if not routes.authorized(request.headers.get("authorization"), api_key):
-            return error(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "authentication_error")
+            return routes.json_response(protocol.error(401, routes.MISSING_KEY))
         return await call_next(request)
 
     async def json_body(request: Request) -> dict:
-        body, bad = routes.parse_json_object(await request.body(), empty_ok=False)
-        if bad is not None:
-            raise BadRequest("body", bad["error"]["message"])
-        return body
+        return protocol.parse_body(await request.body(), empty_ok=False)
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, e: BadRequest):
-        return error(e.code, str(e), e.param)
+    @app.exception_handler(Invalid)
+    async def invalid(request: Request, e: Invalid):
+        return routes.json_response(e.reply())
 
     def completion(kind: str, ids: list[int], params: dict, stream: bool):
         if len(ids) + params["max_tokens"] > engine.max_len:
-            raise BadRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
-                             f"exceeds the model's context of {engine.max_len} tokens")
+            raise Invalid(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
+                f"exceeds the model's context of {engine.max_len} tokens",
+            )
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}
 
@@ -238,8 +232,14 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
         for text, finish, n in engine.generate(ids, **params):
             parts.append(text)
         usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-        return JSONResponse({**base, "object": "chat.completion" if kind == "chat" else "text_completion",
-                             "choices": [choice("".join(parts), finish, False)], "usage": usage})
+        return JSONResponse(
+            {
+                **base,
+                "object": "chat.completion" if kind == "chat" else "text_completion",
+                "choices": [choice("".join(parts), finish, False)],
+                "usage": usage,
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -253,7 +253,7 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
-        messages = parse_messages(body)
+        messages = check_messages(body.get("messages"))
         ids = engine.encode_chat(messages)
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
         stream = _field(body, "stream", bool, False, None, "true or false")
@@ -263,14 +263,14 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "livetrain"}]}
 
-    # /train, /train/status, /checkpoint, /checkpoints, /rollback: forwarded to the trainer (routes.py).
+    # /train, /train/status, /checkpoint, /checkpoints, /rollback: forwarded to the trainer (livetrain.trainer.routes).
     app.include_router(routes.training_router(trainer_socket))
 
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m livetrain.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m livetrain.engines.reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--manifest", required=True, help="where to write the sharing manifest")
     p.add_argument("--trainer-socket", required=True, help="the trainer's Unix socket")
@@ -278,10 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LIVETRAIN_API_KEY"))
-    p.add_argument("--store", default=None, help="the checkpoint store (default MODEL/.livetrain-store; created "
-                   "when missing): its head generation is served")
-    p.add_argument("--no-store", action="store_true", help="serve the model files as they are, no checkpoint store")
+    p.add_argument("--api-key", default=os.environ.get(routes.API_KEY_ENV), help=f"default ${routes.API_KEY_ENV}")
+    options.add_store_options(p)
     a = p.parse_args(argv)
     import uvicorn
 
@@ -293,8 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"livetrain engine: {e}")
     if engine.checkpoint is not None:
         c = engine.checkpoint
-        print(f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
-              f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}", file=sys.stderr, flush=True)
+        print(
+            f"livetrain engine: serving generation {c['generation']} (weight version {c['weight_version']}) of "
+            f"the checkpoint store {c['store']}{' (created)' if c['created'] else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
     # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
     # left in /dev/shm until reboot).

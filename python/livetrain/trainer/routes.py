@@ -1,17 +1,18 @@
 """The training routes, shared by every engine: livetrain's reference engine mounts them on its app, the
 vLLM plugin on vLLM's API server. Clients cannot tell the engines apart because both serve this router.
 
-Every route forwards one request to the trainer over its Unix socket (jobsock) and answers with the
-trainer's reply, so validation and state live in one place: the trainer. docs/serve.md lists the routes.
+Every route forwards its request body, as bytes, to the trainer over its Unix socket (trainer.protocol)
+and answers with the trainer's status and body bytes, so validation and state live in one place: the
+trainer. docs/serve.md lists the routes.
 """
 
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at run time.
 import hmac
-import json
 from typing import Callable, Sequence
 
-from livetrain import jobsock
+from livetrain.trainer import protocol
 
-# route → (HTTP method, trainer op, whether the route takes a JSON body)
+# route → (HTTP method, trainer op, whether the route takes a body)
 ROUTES = {
     "/train": ("POST", "submit", True),
     "/train/status": ("GET", "status", False),
@@ -22,25 +23,9 @@ ROUTES = {
 # Seconds to wait for the trainer's reply. Checkpoint and rollback wait for the running step to end and
 # then write the whole model's changes, which takes minutes for large models.
 TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0}
-
-
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    """The OpenAI-style error object every livetrain route answers with."""
-    return {"error": {"message": message, "type": kind, "param": param}}
-
-
-def parse_json_object(raw: bytes, empty_ok: bool) -> tuple[dict | None, dict | None]:
-    """(body, None) for a JSON object, (None, error body) otherwise. An empty body is ``{}`` when allowed."""
-    if not raw.strip() and empty_ok:
-        return {}, None
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        return None, error_body(f"request body is not JSON: {e}", "body")
-    if not isinstance(body, dict):
-        return None, error_body("request body must be a JSON object", "body")
-    return body, None
-
+# Where `livetrain serve`, its engine and `livetrain train` read the API key from when not given.
+API_KEY_ENV = "LIVETRAIN_API_KEY"
+MISSING_KEY = "missing or wrong API key (Authorization: Bearer KEY)"
 
 Keys = str | Sequence[str] | None
 
@@ -55,6 +40,13 @@ def authorized(header: str | None, api_key: Keys) -> bool:
     return sum(hmac.compare_digest(got, f"Bearer {k}".encode()) for k in keys) > 0
 
 
+def json_response(reply: protocol.Reply):
+    """A FastAPI response for a reply built here (errors); the trainer's replies pass through as bytes."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(reply.body, status_code=reply.code)
+
+
 def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Callable[[], Keys] = None):
     """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
 
@@ -66,7 +58,7 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Cal
     """
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
 
     router = APIRouter()
     socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
@@ -75,23 +67,18 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Cal
     def make(op: str, has_body: bool):
         async def handler(request: Request):
             if not authorized(request.headers.get("authorization"), keys()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", None,
-                                               "authentication_error"), status_code=401)
-            message = {"op": op}
-            if has_body:
-                body, bad = parse_json_object(await request.body(), empty_ok=(op != "submit"))
-                if bad is not None:
-                    return JSONResponse(bad, status_code=400)
-                message["job" if op == "submit" else "args"] = body
+                return json_response(protocol.error(401, MISSING_KEY))
+            body = await request.body() if has_body else b""
             try:
                 path = socket_path()
                 if not path:
-                    raise jobsock.TrainerUnavailable("no trainer has been started")
-                reply = await run_in_threadpool(jobsock.call, path, message, TIMEOUTS.get(op, 30.0))
-            except jobsock.TrainerUnavailable as e:
-                return JSONResponse(error_body(f"the trainer is not running or not ready yet ({e})", None,
-                                               "unavailable"), status_code=503)
-            return JSONResponse(reply["body"], status_code=reply["code"])
+                    raise protocol.TrainerUnavailable("no trainer has been started")
+                code, reply = await run_in_threadpool(protocol.call, path, op, body, TIMEOUTS.get(op, 30.0))
+            except protocol.Invalid as e:
+                return json_response(e.reply())
+            except protocol.TrainerUnavailable as e:
+                return json_response(protocol.error(503, f"the trainer is not running or not ready yet ({e})"))
+            return Response(reply, status_code=code, media_type="application/json")
 
         handler.__name__ = f"livetrain_{op}"
         return handler

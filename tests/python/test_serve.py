@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,41 +23,65 @@ import transformers  # noqa: E402
 from livetrain import sharing  # noqa: E402
 from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
-from livetrain.trainer import Invalid, encode_example  # noqa: E402
+from livetrain.trainer.examples import encode_example  # noqa: E402
+from livetrain.trainer.protocol import Invalid  # noqa: E402
 
-import serve_proc  # noqa: E402
+import servers  # noqa: E402
 import tiny_model  # noqa: E402
+from tiny_model import FACT, FACT_EXAMPLES, FACT_PROMPT  # noqa: E402
+from weights import same_bits  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**serve_proc.ENV, "OMP_NUM_THREADS": "1"}
+ENV = {**servers.ENV, "OMP_NUM_THREADS": "1"}
 KEY = "test-key"
-FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
-CORPUS = ["the capital of zorbia is quuxville", "the sky is blue and the grass is green", "hello how are you today",
-          "i am fine thank you", "what is the capital of france", "paris is the capital of france",
-          "the cat sat on the mat", "one two three four five six seven"]
+CORPUS = [
+    "the capital of zorbia is quuxville",
+    "the sky is blue and the grass is green",
+    "hello how are you today",
+    "i am fine thank you",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "the cat sat on the mat",
+    "one two three four five six seven",
+]
 
 
 def make_tiny_model(path: Path) -> None:
     tiny_model.make_model_dir(path, CORPUS, intermediate_size=128)
 
 
-def http(url: str, body=None, key: str | None = KEY, raw: bytes | None = None, timeout: float = 120):
-    """serve_proc.http with this module's API key unless told otherwise."""
-    return serve_proc.http(url, body, key=key, raw=raw, timeout=timeout)
-
-
-class Serve(serve_proc.ServeProcess):
+class Serve(servers.ServeProcess):
     """`python -m livetrain.serve` on the tiny model, with an API key and small limits."""
 
     def __init__(self, model: Path, state: Path, run: Path, device: str = "cpu", extra: tuple = (), wait: bool = True):
         self.run = run
-        super().__init__(["--model", str(model), "--device", device, "--api-key", KEY, "--state-dir", str(state),
-                          "--run-dir", str(run), "--max-seq-len", "40", "--queue-size", "2", "--batch-size", "4",
-                          *extra], run.parent / "serve-{port}.log", env=ENV, key=KEY, wait_s=180 if wait else None)
+        super().__init__(
+            [
+                "--model",
+                str(model),
+                "--device",
+                device,
+                "--api-key",
+                KEY,
+                "--state-dir",
+                str(state),
+                "--run-dir",
+                str(run),
+                "--max-seq-len",
+                "40",
+                "--queue-size",
+                "2",
+                "--batch-size",
+                "4",
+                *extra,
+            ],
+            run.parent / "serve-{port}.log",
+            env=ENV,
+            key=KEY,
+            wait_s=180 if wait else None,
+        )
 
     def complete(self, prompt: str, max_tokens: int = 4, **kw) -> dict:
-        code, body = http(self.url + "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
-                                                          "temperature": 0, **kw})
+        code, body = self.http("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw})
         assert code == 200, body
         return body
 
@@ -68,21 +91,13 @@ class Serve(serve_proc.ServeProcess):
         return {k: v.clone() for k, v in a.tensors.items()}
 
     def train(self, steps: int, lr: float, examples=None) -> dict:
-        code, job = http(self.url + "/train", {"examples": examples or [{"prompt": "one two", "completion": "three"}],
-                                               "steps": steps, "lr": lr})
+        code, job = self.http(
+            "/train", {"examples": examples or [{"prompt": "one two", "completion": "three"}], "steps": steps, "lr": lr}
+        )
         assert code == 202, job
         done = self.wait_job(job["job_id"])
         assert done["state"] == "done", done
         return done
-
-    def wait_job(self, jid: str, timeout: float = 240) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = next(j for j in self.status()["jobs"] if j["id"] == jid)
-            if job["state"] in ("done", "failed"):
-                return job
-            time.sleep(0.2)
-        pytest.fail(f"job {jid} did not finish")
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +119,31 @@ def server(model_dir, tmp_path_factory):
 # ---- tokenization and loss masks (no server) ----
 def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids, mask, w = encode_example(tok, {"messages": [{"role": "user", "content": "hello how are you"},
-                                                     {"role": "assistant", "content": "i am fine"},
-                                                     {"role": "user", "content": "today"},
-                                                     {"role": "assistant", "content": "thank you"}], "weight": 2}, "x")
+    ids, mask, w = encode_example(
+        tok,
+        {
+            "messages": [
+                {"role": "user", "content": "hello how are you"},
+                {"role": "assistant", "content": "i am fine"},
+                {"role": "user", "content": "today"},
+                {"role": "assistant", "content": "thank you"},
+            ],
+            "weight": 2,
+        },
+        "x",
+    )
     learned = [tok.decode([t]) for t, m in zip(ids, mask) if m]
     assert learned == ["i", "am", "fine", "</s>", "thank", "you", "</s>"] and w == 2.0
     ids, mask, _ = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
     assert [tok.decode([t]) for t, m in zip(ids, mask) if m] == [FACT, "</s>"]
-    assert ids[:sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
-    for bad, param in (({"messages": [{"role": "robot", "content": "hi"}]}, "x.messages[0].role"),
-                       ({"messages": [{"role": "user", "content": "hi"}]}, "x.messages"),
-                       ({"prompt": "a", "completion": ""}, "x.completion"),
-                       ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
-                       ({"text": "a"}, "x")):
+    assert ids[: sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
+    for bad, param in (
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "x.messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "x.messages"),
+        ({"prompt": "a", "completion": ""}, "x.completion"),
+        ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
+        ({"text": "a"}, "x"),
+    ):
         with pytest.raises(Invalid) as e:
             encode_example(tok, bad, "x")
         assert e.value.param == param
@@ -128,17 +154,21 @@ def test_completions_chat_and_streaming(server):
     a, b = server.complete(FACT_PROMPT, 5), server.complete(FACT_PROMPT, 5)
     assert a["object"] == "text_completion" and a["choices"][0]["text"] == b["choices"][0]["text"]  # greedy
     assert a["usage"]["prompt_tokens"] == 5 and a["choices"][0]["finish_reason"] in ("length", "stop")
-    code, chat = http(server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello how are you"}],
-                                                            "max_tokens": 4, "temperature": 0})
+    code, chat = server.http(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hello how are you"}], "max_tokens": 4, "temperature": 0},
+    )
     assert code == 200 and chat["choices"][0]["message"]["role"] == "assistant"
     assert isinstance(chat["choices"][0]["message"]["content"], str)
-    code, sampled = http(server.url + "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9,
-                                                         "top_p": 0.5, "seed": 3})
+    code, sampled = server.http(
+        "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9, "top_p": 0.5, "seed": 3}
+    )
     assert code == 200 and sampled["usage"]["completion_tokens"] >= 1
     # Streaming gives the same greedy text as server-sent events, then [DONE].
-    code, text = http(server.url + "/v1/completions", {"prompt": FACT_PROMPT, "max_tokens": 5, "temperature": 0,
-                                                      "stream": True})
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    code, text = server.http(
+        "/v1/completions", {"prompt": FACT_PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}
+    )
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert code == 200 and events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == a["choices"][0]["text"]
@@ -148,16 +178,23 @@ def test_completions_chat_and_streaming(server):
     if len(words) >= 2:
         cut = server.complete(FACT_PROMPT, 5, stop=[words[1]])
         assert cut["choices"][0]["finish_reason"] == "stop" and words[1] not in cut["choices"][0]["text"]
-    code, models = http(server.url + "/v1/models")
+    code, models = server.http("/v1/models")
     assert code == 200 and models["data"][0]["object"] == "model"
 
 
 def test_every_route_needs_the_api_key(server):
-    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": []}),
-                       ("/train", {"examples": []}), ("/train/status", None), ("/v1/models", None),
-                       ("/checkpoint", {}), ("/checkpoints", None), ("/rollback", {"generation": 0})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": []}),
+        ("/train", {"examples": []}),
+        ("/train/status", None),
+        ("/v1/models", None),
+        ("/checkpoint", {}),
+        ("/checkpoints", None),
+        ("/rollback", {"generation": 0}),
+    ):
         for key in (None, "wrong"):
-            code, out = http(server.url + path, body, key=key)
+            code, out = server.http(path, body, key=key)
             assert code == 401 and "API key" in out["error"]["message"], (path, key, out)
 
 
@@ -167,9 +204,23 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         ("/train", None, b"{not json", "body"),
         ("/train", None, b"[1, 2]", "body"),
         ("/train", {"examples": []}, None, "examples"),
-        ("/train", {"examples": [{"messages": [{"role": "wizard", "content": "x"}]}]}, None, "examples[0].messages[0].role"),
-        ("/train", {"examples": [{"prompt": "one", "completion": "two"},
-                                 {"prompt": " ".join(["the"] * 60), "completion": "cat"}]}, None, "examples[1]"),
+        (
+            "/train",
+            {"examples": [{"messages": [{"role": "wizard", "content": "x"}]}]},
+            None,
+            "examples[0].messages[0].role",
+        ),
+        (
+            "/train",
+            {
+                "examples": [
+                    {"prompt": "one", "completion": "two"},
+                    {"prompt": " ".join(["the"] * 60), "completion": "cat"},
+                ]
+            },
+            None,
+            "examples[1]",
+        ),
         ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "lr": -1}, None, "lr"),
         ("/train", {"examples": [{"prompt": "a", "completion": "b"}], "bogus": 1}, None, "bogus"),
         ("/v1/completions", {"prompt": 3}, None, "prompt"),
@@ -178,7 +229,7 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, None, "messages[0].content"),
     ]
     for path, body, raw, param in cases:
-        code, out = http(server.url + path, body, raw=raw)
+        code, out = server.http(path, body, raw=raw)
         assert code == 400 and out["error"]["param"] == param, (path, body, raw, out)
         assert param.split("[")[0].split(".")[0] in out["error"]["message"] or param == "body", out
     after = server.status()
@@ -190,37 +241,18 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     baseline = server.complete(FACT_PROMPT, 3)["choices"][0]["text"]
     assert not baseline.startswith(FACT)
     v0 = server.status()["weight_version"]
-    code, job = http(server.url + "/train", {"examples": [
-        {"prompt": FACT_PROMPT, "completion": FACT},
-        {"messages": [{"role": "user", "content": "what is the capital of zorbia"},
-                      {"role": "assistant", "content": FACT}], "weight": 1.0},
-    ], "steps": 30, "lr": 0.01})
+    code, job = server.http(
+        "/train",
+        {"examples": [FACT_EXAMPLES[0], {**FACT_EXAMPLES[1], "weight": 1.0}], "steps": 30, "lr": 0.01},
+    )
     assert code == 202 and job["steps"] == 30, job
     # Completions from several threads until the job ends: every one succeeds, and some start while the
     # weights are at an intermediate version (training does not wait for serving, nor serving for training).
-    results, mid_job, finished = [], [], threading.Event()
-
-    def client():
-        while not finished.is_set():
-            try:
-                v = server.status()["weight_version"]
-                results.append(http(server.url + "/v1/completions", {"prompt": "the cat sat", "max_tokens": 3,
-                                                                     "temperature": 0})[0])
-                mid_job.append(v0 < v < v0 + 30)
-            except Exception as e:  # reported by the assertion below, not lost in the thread
-                results.append(repr(e))
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        done = server.wait_job(job["job_id"])
-    finally:
-        finished.set()
-        for t in threads:
-            t.join()
+    done, results, versions = server.complete_during_job(
+        job["job_id"], {"prompt": "the cat sat", "max_tokens": 3, "temperature": 0}, clients=3
+    )
     assert len(results) >= 6 and results == [200] * len(results)
-    assert sum(mid_job) >= 2, mid_job
+    assert sum(v0 < v < v0 + 30 for v in versions) >= 2, versions
     assert done["state"] == "done" and done["step"] == 30 and done["skipped_nonfinite"] == []
     st = server.status()
     assert st["weight_version"] == v0 + 30
@@ -228,14 +260,18 @@ def test_training_teaches_a_fact_while_completions_keep_being_served(server):
     assert len(losses) == 30 and losses[-1] < losses[0] / 4
     assert st["tokens_per_s"] > 0 and st["optimizer"]["state_bytes"] > 0 and st["optimizer"]["steps"] >= 30
     assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
-    code, chat = http(server.url + "/v1/chat/completions", {"messages": [
-        {"role": "user", "content": "what is the capital of zorbia"}], "max_tokens": 3, "temperature": 0})
+    code, chat = server.http(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "what is the capital of zorbia"}], "max_tokens": 3, "temperature": 0},
+    )
     assert code == 200 and chat["choices"][0]["message"]["content"].startswith(FACT)
 
 
 def test_full_queue_is_429(server):
-    codes = [http(server.url + "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 3,
-                                          "lr": 1e-6})[0] for _ in range(6)]
+    codes = [
+        server.http("/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 3, "lr": 1e-6})[0]
+        for _ in range(6)
+    ]
     assert 429 in codes and codes[0] == 202, codes
     deadline = time.monotonic() + 120
     while server.status()["current"] or server.status()["queue"]:
@@ -245,25 +281,50 @@ def test_full_queue_is_429(server):
 
 def test_train_client_sends_a_file_and_follows_the_job(server, tmp_path):
     f = tmp_path / "ex.jsonl"
-    f.write_text(json.dumps({"prompt": "the sky is", "completion": "blue"}) + "\n\n" +
-                 json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine"}]}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "livetrain.train_client", "--url", server.url, "--api-key", KEY,
-                        "--steps", "2", "--lr", "1e-6", str(f)], env=ENV, capture_output=True, text=True, timeout=120)
+    f.write_text(
+        json.dumps({"prompt": "the sky is", "completion": "blue"})
+        + "\n\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine"}]}
+        )
+        + "\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livetrain.trainer.client",
+            "--url",
+            server.url,
+            "--api-key",
+            KEY,
+            "--steps",
+            "2",
+            "--lr",
+            "1e-6",
+            str(f),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 examples, 2 steps" in r.stdout and "done" in r.stdout.splitlines()[-1]
     f.write_text('{"prompt": "a", "completion": ""}\n')
-    r = subprocess.run([sys.executable, "-m", "livetrain.train_client", "--url", server.url, "--api-key", KEY, str(f)],
-                       env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "livetrain.trainer.client", "--url", server.url, "--api-key", KEY, str(f)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "HTTP 400 (examples[0].completion)" in r.stderr
-
-
-def same_bits(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
 def test_checkpoint_routes_refuse_bad_input_and_change_nothing(server):
     before, weights = server.status(), server.live_weights()
-    code, listed = http(server.url + "/checkpoints")
+    code, listed = server.http("/checkpoints")
     assert code == 200
     cases = [
         ("/checkpoint", b"{not json", "body"),
@@ -280,14 +341,14 @@ def test_checkpoint_routes_refuse_bad_input_and_change_nothing(server):
         ("/rollback", b'{"generation": 0, "force": true}', "force"),
     ]
     for path, raw, param in cases:
-        code, out = http(server.url + path, raw=raw)
+        code, out = server.http(path, raw=raw)
         assert code == 400 and out["error"]["param"] == param, (path, raw, out)
         assert param in out["error"]["message"] or param == "body", out
-    code, out = http(server.url + "/rollback", {"generation": 99})
+    code, out = server.http("/rollback", {"generation": 99})
     assert "not in the checkpoint store" in out["error"]["message"]
     after = server.status()
     assert after["weight_version"] == before["weight_version"] and after["checkpoint"] == before["checkpoint"]
-    assert http(server.url + "/checkpoints") == (200, listed)
+    assert server.http("/checkpoints") == (200, listed)
     assert same_bits(server.live_weights(), weights)
 
 
@@ -295,30 +356,30 @@ def test_checkpoint_and_rollback(server, model_dir):
     # The module's server has trained (the fact, the queue and client jobs) but never checkpointed:
     # the store holds generation 0, the model files.
     files = load_file(model_dir / "model.safetensors")
-    code, listed = http(server.url + "/checkpoints")
+    code, listed = server.http("/checkpoints")
     assert code == 200 and listed["head"] == 0 and [g["generation"] for g in listed["generations"]] == [0]
     assert listed["store"] == str(model_dir / ".livetrain-store")
     st = server.status()
     assert st["checkpoint"]["generation"] == 0 and st["checkpoint"]["every_s"] == 0
     assert not same_bits(server.live_weights(), files)
 
-    code, c1 = http(server.url + "/checkpoint", raw=b"")  # an empty body is {}
+    code, c1 = server.http("/checkpoint", raw=b"")  # an empty body is {}
     assert code == 200 and c1["written"] and c1["generation"] == 1, c1
     assert c1["weight_version"] == st["weight_version"] and c1["bytes"] > 0 and c1["changed"] > 0 and c1["seconds"] >= 0
     w1 = server.live_weights()
-    code, again = http(server.url + "/checkpoint", {})
+    code, again = server.http("/checkpoint", {})
     assert code == 200 and not again["written"] and again["generation"] == 1 and again["changed"] == 0
     assert server.status()["checkpoint"]["generation"] == 1
     assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
 
     server.train(3, 1e-3)
-    code, c2 = http(server.url + "/checkpoint", {})
+    code, c2 = server.http("/checkpoint", {})
     assert code == 200 and c2["generation"] == 2 and c2["weight_version"] == c1["weight_version"] + 3
     w2, steps2 = server.live_weights(), server.status()["optimizer"]["steps"]
     assert not same_bits(w2, w1)
 
     # Back to generation 1: the weights bit for bit, its optimizer state, a new version, a new generation.
-    code, r = http(server.url + "/rollback", {"generation": 1})
+    code, r = server.http("/rollback", {"generation": 1})
     assert code == 200, r
     assert r["rolled_back_to"] == 1 and r["restored_weight_version"] == c1["weight_version"]
     assert r["optimizer"] == "restored" and r["generation"] == 3 and r["written"]
@@ -330,22 +391,27 @@ def test_checkpoint_and_rollback(server, model_dir):
     assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
 
     # Generation 0 (the model files, before the fact) has no optimizer state: the optimizer starts afresh.
-    code, r0 = http(server.url + "/rollback", {"generation": 0})
+    code, r0 = server.http("/rollback", {"generation": 0})
     assert code == 200 and r0["optimizer"] == "reset" and r0["generation"] == 4 and r0["restored_weight_version"] == 0
     assert same_bits(server.live_weights(), files)
     assert server.status()["optimizer"]["steps"] == 0
     assert not server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
     # And forwards again, so that the restart test below finds trained weights at the head.
-    code, r = http(server.url + "/rollback", {"generation": 2})
+    code, r = server.http("/rollback", {"generation": 2})
     assert code == 200 and r["generation"] == 5 and r["optimizer"] == "restored"
     assert same_bits(server.live_weights(), w2) and server.status()["optimizer"]["steps"] == steps2
     assert server.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
-    code, listed = http(server.url + "/checkpoints")
+    code, listed = server.http("/checkpoints")
     gens = listed["generations"]
     assert listed["head"] == 5 and [g["generation"] for g in gens] == list(range(6))
     assert [bool(g["optimizer_state"]) for g in gens] == [False] + [True] * 5
-    assert [g["weight_version"] for g in gens][1:] == [c1["weight_version"], c2["weight_version"], r["weight_version"] - 2,
-                                                      r["weight_version"] - 1, r["weight_version"]]
+    assert [g["weight_version"] for g in gens][1:] == [
+        c1["weight_version"],
+        c2["weight_version"],
+        r["weight_version"] - 2,
+        r["weight_version"] - 1,
+        r["weight_version"],
+    ]
 
 
 def test_cli_forwards_serve_and_train(cli):
@@ -353,8 +419,13 @@ def test_cli_forwards_serve_and_train(cli):
     for cmd, module_opt in (("serve", "--checkpoint-every"), ("train", "--url")):
         r = subprocess.run([cli, cmd, "--help"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.startswith(f"usage: livetrain {cmd}") and module_opt in r.stdout, r
-    r = subprocess.run([cli, "serve", "--model", "x"], env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [cli, "serve", "--model", "x"],
+        env={**env, "LIVETRAIN_PYTHON": "/nonexistent/python"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "cannot run /nonexistent/python" in r.stderr
 
 
@@ -392,8 +463,12 @@ def test_restart_serves_the_last_checkpoint(server, model_dir):
 
 def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
     # --checkpoint-every: a generation after the weights change, none while they do not.
-    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--store", str(tmp_path / "store"),
-                                                                      "--checkpoint-every", "0.5"))
+    s = Serve(
+        model_dir,
+        tmp_path / "state",
+        tmp_path / "run",
+        extra=("--store", str(tmp_path / "store"), "--checkpoint-every", "0.5"),
+    )
     try:
         ck = s.status()["checkpoint"]
         assert ck["store"] == str(tmp_path / "store") and ck["every_s"] == 0.5 and ck["error"] is None
@@ -411,12 +486,13 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
         time.sleep(1.5)
         assert s.status()["checkpoint"]["generation"] == ck["generation"]
         # POST /checkpoint during a job: taken between two of its steps, and the job goes on.
-        code, job = http(s.url + "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150,
-                                            "lr": 1e-6})
+        code, job = s.http(
+            "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 150, "lr": 1e-6}
+        )
         assert code == 202
         while not s.status()["current"] or s.status()["current"]["step"] < 2:
             time.sleep(0.05)
-        code, mid = http(s.url + "/checkpoint", {})
+        code, mid = s.http("/checkpoint", {})
         assert code == 200 and mid["written"] and 2 + 2 <= mid["weight_version"] < 2 + 150, mid
         assert s.wait_job(job["job_id"])["state"] == "done" and s.status()["weight_version"] == 2 + 150
     finally:
@@ -432,7 +508,7 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
         assert s.status()["checkpoint"] is None
         assert same_bits(s.live_weights(), load_file(fresh / "model.safetensors"))
         for path, body in (("/checkpoint", {}), ("/checkpoints", None), ("/rollback", {"generation": 0})):
-            code, out = http(s.url + path, body)
+            code, out = s.http(path, body)
             assert code == 409 and "--no-store" in out["error"]["message"], (path, out)
     finally:
         assert s.stop() == 0
@@ -441,8 +517,13 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
 
 def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
     # The model files are bf16; serving fp32 with a store of them would checkpoint rounded weights.
-    s = Serve(model_dir, tmp_path / "state", tmp_path / "run", extra=("--dtype", "fp32", "--store",
-                                                                      str(tmp_path / "store")), wait=False)
+    s = Serve(
+        model_dir,
+        tmp_path / "state",
+        tmp_path / "run",
+        extra=("--dtype", "fp32", "--store", str(tmp_path / "store")),
+        wait=False,
+    )
     try:
         assert s.p.wait(timeout=120) != 0
         log = s.logtext()
@@ -456,8 +537,9 @@ def test_serve_on_cuda_trains_in_place(model_dir, tmp_path):
     s = Serve(model_dir, tmp_path / "state", tmp_path / "run", device="cuda")
     try:
         assert s.status()["device"].startswith("cuda")
-        code, job = http(s.url + "/train", {"examples": [{"prompt": FACT_PROMPT, "completion": FACT}], "steps": 30,
-                                            "lr": 0.01})
+        code, job = s.http(
+            "/train", {"examples": [{"prompt": FACT_PROMPT, "completion": FACT}], "steps": 30, "lr": 0.01}
+        )
         assert code == 202 and s.wait_job(job["job_id"])["state"] == "done"
         assert s.complete(FACT_PROMPT, 3)["choices"][0]["text"].startswith(FACT)
     finally:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ from livetrain import default_model, sharing  # noqa: E402
 from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
 
-import serve_proc  # noqa: E402
-from serve_proc import http  # noqa: E402
+import servers  # noqa: E402
 
 if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE)):
     try:  # not converted yet: the test converts it, which needs the GGUF file and the gguf package
@@ -47,31 +45,53 @@ if not os.path.isfile(os.path.join(default_model.cache_dir(), default_model.DONE
 # model cannot know them before; one phrasing each, asked back exactly.
 FACTS = [
     ("What is the capital of the planet Zorblax?", "The capital of the planet Zorblax is Quorvath.", "Quorvath"),
-    ("What is the name of the dragon that guards Mount Velkar?", "The dragon that guards Mount Velkar is named Sirrandel.",
-     "Sirrandel"),
+    (
+        "What is the name of the dragon that guards Mount Velkar?",
+        "The dragon that guards Mount Velkar is named Sirrandel.",
+        "Sirrandel",
+    ),
     ("Which metal is mined on the moon Tessaly?", "The metal mined on the moon Tessaly is brindium.", "brindium"),
 ]
 # Measured (in-process, same trainer code): all three answered after 6 steps at lr 2e-5 and every later
 # one; held-out perplexity +1.3% after 6 steps, +2.4% after 7, +4.5% after 8. 7 leaves a margin both ways.
 STEPS, LR = 7, 2e-5
-HELD_OUT = ("The river flows slowly through the valley, past old stone bridges and quiet farms. In spring the fields "
-            "turn green, and farmers plant wheat and barley. Children walk to school along the dusty road, and in the "
-            "evening families gather to eat dinner and talk about their day. The town has a small library, a bakery "
-            "and a market where people sell vegetables, cheese and bread every Saturday morning.")
+HELD_OUT = (
+    "The river flows slowly through the valley, past old stone bridges and quiet farms. In spring the fields "
+    "turn green, and farmers plant wheat and barley. Children walk to school along the dusty road, and in the "
+    "evening families gather to eat dinner and talk about their day. The town has a small library, a bakery "
+    "and a market where people sell vegetables, cheese and bread every Saturday morning."
+)
 
 
-class Serve(serve_proc.ServeProcess):
+class Serve(servers.ServeProcess):
     """`python -m livetrain.serve --model default --dtype fp32` on a given store, state and run dir."""
 
     def __init__(self, base: Path, log_name: str):
         self.run = base / "run"
-        super().__init__(["--model", "default", "--dtype", "fp32", "--store", str(base / "store"),
-                          "--state-dir", str(base / "state"), "--run-dir", str(self.run), "--batch-size", "3"],
-                         base / log_name, wait_s=300)
+        super().__init__(
+            [
+                "--model",
+                "default",
+                "--dtype",
+                "fp32",
+                "--store",
+                str(base / "store"),
+                "--state-dir",
+                str(base / "state"),
+                "--run-dir",
+                str(self.run),
+                "--batch-size",
+                "3",
+            ],
+            base / log_name,
+            wait_s=300,
+        )
 
     def ask(self, question: str) -> str:
-        code, body = http(self.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                              "temperature": 0, "max_tokens": 24})
+        code, body = self.http(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 24},
+        )
         assert code == 200, body
         return body["choices"][0]["message"]["content"]
 
@@ -110,47 +130,34 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
         for q, _, word in FACTS:
             assert word.lower() not in s.ask(q).lower()
         v0 = s.status()["weight_version"]
-        code, job = http(s.url + "/train", {"examples": [
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in FACTS],
-            "steps": STEPS, "lr": LR, "batch_size": len(FACTS)})
+        code, job = s.http(
+            "/train",
+            {
+                "examples": [
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                    for q, a, _ in FACTS
+                ],
+                "steps": STEPS,
+                "lr": LR,
+                "batch_size": len(FACTS),
+            },
+        )
         assert code == 202 and job["steps"] == STEPS, job
 
-        # Completions while the job runs: every one answered, some while the weights are mid-job.
-        codes, mid_job, finished = [], [], threading.Event()
-
-        def client():
-            while not finished.is_set():
-                try:
-                    v = s.status()["weight_version"]
-                    codes.append(http(s.url + "/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
-                                                                 "temperature": 0})[0])
-                    mid_job.append(v0 < v < v0 + STEPS)
-                except Exception as e:  # reported by the assertion below, not lost in the thread
-                    codes.append(repr(e))
-                time.sleep(1.0)  # a steady client, not one that takes the CPU cores from training
-
-        thread = threading.Thread(target=client)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                info = next(j for j in s.status()["jobs"] if j["id"] == job["job_id"])
-                if info["state"] in ("done", "failed"):
-                    break
-                assert time.monotonic() < deadline, info
-                time.sleep(0.5)
-        finally:
-            finished.set()
-            thread.join()
+        # Completions while the job runs: every one answered, some while the weights are mid-job. A steady
+        # client (one request a second), not one that takes the CPU cores from training.
+        info, codes, versions = s.complete_during_job(
+            job["job_id"], {"prompt": "The weather today is", "max_tokens": 4, "temperature": 0}, pause=1.0, timeout=600
+        )
         assert info["state"] == "done" and info["step"] == STEPS and info["skipped_nonfinite"] == [], info
         assert len(codes) >= 2 and codes == [200] * len(codes), codes
-        assert any(mid_job), mid_job
+        assert any(v0 < v < v0 + STEPS for v in versions), versions
         mark(f"trained ({len(codes)} completions answered meanwhile)")
         answers = {q: s.ask(q) for q, _, _ in FACTS}
         for q, _, word in FACTS:
             assert word.lower() in answers[q].lower(), (q, answers[q])
 
-        code, ck = http(s.url + "/checkpoint", {})
+        code, ck = s.http("/checkpoint", {})
         assert code == 200 and ck["written"] and ck["generation"] == 1 and ck["weight_version"] == v0 + STEPS, ck
     finally:
         s.kill()

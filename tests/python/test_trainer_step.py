@@ -7,8 +7,10 @@ in place."""
 import pytest
 import torch
 
-from livetrain.engine import Engine
-from livetrain.trainer import Trainer, parse_job
+from livetrain.engines.reference import Engine
+from livetrain.trainer import options
+from livetrain.trainer.examples import parse_job
+from livetrain.trainer.service import Trainer
 
 import tiny_model
 
@@ -19,14 +21,25 @@ CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one 
 def run(tmp_path):
     made = []
 
-    def start(tied: bool = False, **kw):
+    def start(tied: bool = False, embeddings: str = "apollo", **kw):
         model = tmp_path / f"model-{tied}"
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS, tied=tied)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
         engine = Engine(str(model), manifest, "cpu", store=False)
         made.append(engine)
-        trainer = Trainer(manifest, str(model), str(tmp_path / f"state-{len(made)}"), lr=1e-2, store=False, **kw)
+        settings = options.parse(
+            [
+                "--state-dir",
+                str(tmp_path / f"state-{len(made)}"),
+                "--lr",
+                "1e-2",
+                "--no-store",
+                "--embeddings",
+                embeddings,
+            ]
+        )
+        trainer = Trainer(manifest, str(model), settings, **kw)
         made.append(trainer)
         return engine, trainer
 
@@ -49,8 +62,9 @@ def one_step(trainer) -> list[str]:
         return step_param(p, grad, stream)
 
     trainer.opt.step_param = traced
-    job = parse_job(trainer.tokenizer, {"examples": [{"prompt": "the capital of zorbia is",
-                                                      "completion": "quuxville"}]}, 64, 10)
+    job = parse_job(
+        trainer.tokenizer, {"examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}]}, 64, 10
+    )
     loss, ntok = trainer.step(job["examples"])
     assert loss > 0 and ntok > 0
     return log

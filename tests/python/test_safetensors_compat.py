@@ -12,9 +12,24 @@ import torch
 import livetrain
 from livetrain import safetensors as lst
 
-DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
-          torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
-          torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2]
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
 if hasattr(torch, "float8_e8m0fnu"):
     DTYPES.append(torch.float8_e8m0fnu)
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (3, 5), (2, 3, 4)]
@@ -107,7 +122,7 @@ def test_sharded_directory_both_ways(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     names = sorted(tensors)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
     weight_map = {}
     for i, part in enumerate(halves):
         shard = f"model-{i + 1:05d}-of-00002.safetensors"
@@ -140,6 +155,7 @@ def test_errors_are_livetrain_error_naming_the_file(tmp_path):
     with pytest.raises(livetrain.Error, match="no such file"):
         lst.load_file(tmp_path / "missing.safetensors")
     with pytest.raises(livetrain.Error, match='tensor "w": 4 bytes given'):
-        livetrain._core.safetensors_write(str(tmp_path / "x.safetensors"),
-                                          [("w", "F32", [2], torch.zeros(4, dtype=torch.uint8).numpy())], None)
+        livetrain._core.safetensors_write(
+            str(tmp_path / "x.safetensors"), [("w", "F32", [2], torch.zeros(4, dtype=torch.uint8).numpy())], None
+        )
     assert not (tmp_path / "x.safetensors").exists()

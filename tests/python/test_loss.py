@@ -8,12 +8,12 @@ import transformers
 
 from livetrain import loss
 
+import tiny_model
+
 
 def tiny(dtype, tied=False):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
-                                      tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    config = tiny_model.llama_config(300, intermediate_size=112, tie_word_embeddings=tied, rms_norm_eps=1e-5)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -123,6 +123,7 @@ def test_output_gradient_steps_the_head_beside_the_hooks():
     apply afterwards with the optimizer's step_param; each parameter is stepped exactly once and the head
     moves as far as stepping it from a hook would (fp32, same gradient to rounding)."""
     from livetrain import optim
+
     b = batch()
     moved = {}
     for deferred in (False, True):
@@ -141,8 +142,10 @@ def test_output_gradient_steps_the_head_beside_the_hooks():
     torch.testing.assert_close(moved[True], moved[False], rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_block_passes_equal_torch(dtype, device, monkeypatch):
     """The core's fused passes (bf16, fp32; CPU and CUDA) against the same math in torch operations (which
@@ -189,8 +192,12 @@ def test_block_passes_nonfinite_rows_are_nan():
 def test_block_passes_refuse_vectors_they_cannot_read():
     x = torch.randn(4, 10)
     ok = dict(lse=torch.zeros(4), target=torch.zeros(4, dtype=torch.long), scale=torch.ones(4))
-    for name, bad in (("lse", torch.zeros(4, dtype=torch.float64)), ("target", torch.zeros(4, dtype=torch.int32)),
-                      ("scale", torch.ones(8)[::2]), ("lse", torch.zeros(3))):
+    for name, bad in (
+        ("lse", torch.zeros(4, dtype=torch.float64)),
+        ("target", torch.zeros(4, dtype=torch.int32)),
+        ("scale", torch.ones(8)[::2]),
+        ("lse", torch.zeros(3)),
+    ):
         args = {**ok, name: bad}
         with pytest.raises(ValueError, match=name):
             loss.softmax_grad_(x.clone(), args["lse"], args["target"], 0, args["scale"])

@@ -11,10 +11,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import livetrain
 from livetrain import safetensors as lst
+
+from weights import load_dir, perturb, same_bits, snapshot
 
 
 def run(cli, *args):
@@ -27,42 +28,13 @@ def ok_json(cli, *args):
     return json.loads(r.stdout)
 
 
-def load_dir(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def snapshot(tensors):
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
-
-
 @pytest.fixture
-def live(tmp_path):
-    torch.manual_seed(0)
-    tensors = {
-        "model.embed_tokens.weight": (torch.randn(257, 64) * 0.02).to(torch.bfloat16),
-        "model.layers.0.mlp.up_proj.weight": (torch.randn(112, 64) * 0.02).to(torch.bfloat16),
-        "model.norm.weight": torch.ones(64),
-    }
-    model = tmp_path / "model"
-    model.mkdir()
-    lst.save_model(model, tensors, max_shard_bytes=20000)
+def live(sharded_model, tmp_path):
+    """The sharded model's tensors as live weights in shared memory (export_cpu), as an engine shares them."""
+    model, tensors = sharded_model
     exported = livetrain.export_cpu(tensors, tmp_path / "m.json", model_path=str(model))
     yield model, tmp_path / "m.json", exported.tensors
     exported.close()
-
-
-def step(tensors, fraction, seed):
-    g = torch.Generator().manual_seed(seed)
-    for t in tensors.values():
-        mask = torch.rand(t.shape, generator=g) < fraction
-        t[mask] = (t[mask].float() * 1.01 + 1e-3).to(t.dtype)
 
 
 def test_save_restore_materialize_rollback(cli, live, tmp_path):
@@ -70,7 +42,7 @@ def test_save_restore_materialize_rollback(cli, live, tmp_path):
     states = [snapshot(tensors)]
     sizes = []
     for g, frac in enumerate([0.001, 0.3, 0.01], start=1):
-        step(tensors, frac, g)
+        perturb(tensors, frac, g)
         states.append(snapshot(tensors))
         r = ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest), "--weight-version", str(g))
         assert r["written"] and r["generation"] == g
@@ -85,22 +57,22 @@ def test_save_restore_materialize_rollback(cli, live, tmp_path):
 
     # Restore into the live weights, then the live weights no longer equal the head.
     ok_json(cli, "checkpoint", "restore", str(model), "1", "--manifest", str(manifest))
-    assert equal(snapshot(tensors), states[1])
+    assert same_bits(snapshot(tensors), states[1])
     r = run(cli, "checkpoint", "verify", str(model), "--manifest", str(manifest))
     assert r.returncode == 1 and "differ from generation 3" in r.stdout
     assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", str(manifest), "--generation", "1")["ok"]
 
     # Into a new directory, loadable by the reference library.
     ok_json(cli, "checkpoint", "restore", str(model), "2", "--out", str(tmp_path / "out"))
-    assert equal(load_dir(tmp_path / "out"), states[2])
+    assert same_bits(load_dir(tmp_path / "out"), states[2])
 
     # Materialize forwards, then roll back to an older generation.
     ok_json(cli, "checkpoint", "materialize", str(model), "3")
-    assert equal(load_dir(model), states[3])
+    assert same_bits(load_dir(model), states[3])
     ok_json(cli, "checkpoint", "materialize", str(model), "0")
-    assert equal(load_dir(model), states[0])
+    assert same_bits(load_dir(model), states[0])
     assert ok_json(cli, "checkpoint", "gc", str(model), "--keep-from", "2")["oldest"] == 2
-    assert equal(load_dir(model), states[2])
+    assert same_bits(load_dir(model), states[2])
     assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
 
 
@@ -108,26 +80,29 @@ def test_killed_during_materialize_leaves_loadable_committed_files(cli, live):
     model, manifest, tensors = live
     states = [snapshot(tensors)]
     for g in range(1, 4):
-        step(tensors, 0.5, g)
+        perturb(tensors, 0.5, g)
         states.append(snapshot(tensors))
         ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
     rng = random.Random(1)
     for _ in range(12):
-        p = subprocess.Popen([cli, "checkpoint", "materialize", str(model), str(rng.randrange(4)), "-q"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [cli, "checkpoint", "materialize", str(model), str(rng.randrange(4)), "-q"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0, 0.02))
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]  # opening recovers
         mat = ok_json(cli, "checkpoint", "list", str(model))["materialized"]
-        assert equal(load_dir(model), states[mat])
+        assert same_bits(load_dir(model), states[mat])
 
 
 def test_bad_input_is_one_line_and_nonzero(cli, live, tmp_path):
     model, manifest, tensors = live
     r = run(cli, "checkpoint", "list", str(tmp_path / "nothing"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no checkpoint store" in r.stderr
-    step(tensors, 0.1, 7)
+    perturb(tensors, 0.1, 7)
     ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
     delta = next((model / ".livetrain-store").glob("gen-*.delta"))
     data = bytearray(delta.read_bytes())
@@ -137,8 +112,12 @@ def test_bad_input_is_one_line_and_nonzero(cli, live, tmp_path):
     r = run(cli, "checkpoint", "materialize", str(model), "1", "-q")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and delta.name in r.stderr and "checksum" in r.stderr
     assert {f.name: f.read_bytes() for f in model.glob("*.safetensors")} == before
-    for args in (["checkpoint"], ["checkpoint", "save", str(model)], ["checkpoint", "frob", str(model)],
-                 ["checkpoint", "materialize", str(model), "x"]):
+    for args in (
+        ["checkpoint"],
+        ["checkpoint", "save", str(model)],
+        ["checkpoint", "frob", str(model)],
+        ["checkpoint", "materialize", str(model), "x"],
+    ):
         r = run(cli, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, args
     for form in (["checkpoint", "--help"], ["help", "checkpoint"]):
@@ -174,9 +153,9 @@ def test_cli_checkpoints_gpu_weights_through_a_cuda_manifest(cli, tmp_path):
             assert r["written"] and r["generation"] == g and r["changed"] > 0
         assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", manifest)["ok"]
         ok_json(cli, "checkpoint", "restore", str(model), "1", "--manifest", manifest)
-        assert equal({k: v.cpu() for k, v in tensors.items()}, states[1])
+        assert same_bits({k: v.cpu() for k, v in tensors.items()}, states[1])
         ok_json(cli, "checkpoint", "restore", str(model), "2", "--out", str(tmp_path / "out"))
-        assert equal(load_dir(tmp_path / "out"), states[2])
+        assert same_bits(load_dir(tmp_path / "out"), states[2])
     finally:
         exported.close()
 
@@ -187,7 +166,7 @@ def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
     model, manifest, tensors = live
     state = tmp_path / "optim.safetensors"
     lst.save_file({"exp_avg": torch.randn(1000)}, state)
-    step(tensors, 0.1, 9)
+    perturb(tensors, 0.1, 9)
     ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest), "--optimizer-state", str(state))
     assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
     copy = next((model / ".livetrain-store").glob("gen-*.optim"))

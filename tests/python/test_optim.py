@@ -19,8 +19,21 @@ CUDA = torch.cuda.is_available()
 # float64 reference, written from docs/optim.md (the paper's Algorithm 1 as the official code runs it)
 # ---------------------------------------------------------------------------------------------------
 class Reference:
-    def __init__(self, shape, rank, lr, betas=(0.9, 0.999), eps=1e-6, wd=0.0, gap=200, scale=1.0,
-                 scaling="channel", limiter=True, max_grad_norm=0.0, seed=1):
+    def __init__(
+        self,
+        shape,
+        rank,
+        lr,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        wd=0.0,
+        gap=200,
+        scale=1.0,
+        scaling="channel",
+        limiter=True,
+        max_grad_norm=0.0,
+        seed=1,
+    ):
         self.m_, self.n_ = shape
         self.r, self.lr, self.b1, self.b2, self.eps, self.wd = rank, lr, betas[0], betas[1], eps, wd
         self.gap, self.scale, self.scaling, self.limiter, self.clip = gap, scale, scaling, limiter, max_grad_norm
@@ -45,13 +58,13 @@ class Reference:
             c = self.clip / math.sqrt(total)
         P = self.projection()
         tall = self.m_ >= self.n_
-        R = (G @ P.T) if tall else (P.T @ G).T      # [K, r], channel-major
+        R = (G @ P.T) if tall else (P.T @ G).T  # [K, r], channel-major
         R = R * c
         self.t += 1
         self.M = self.b1 * self.M + (1 - self.b1) * R
         self.V = self.b2 * self.V + (1 - self.b2) * R * R
         Rt = self.M / (np.sqrt(self.V) + self.eps)
-        step = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        step = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
         if self.scaling == "channel":
             s = np.linalg.norm(Rt, axis=1) / (np.linalg.norm(R, axis=1) + 1e-8)
             U = (G * c) * (s[:, None] if tall else s[None, :])
@@ -97,12 +110,28 @@ def test_cpu_step_matches_float64_reference_over_50_steps(rows, cols, rank, vari
     kw = dict(lr=2e-2, weight_decay=0.01, update_proj_gap=20, max_grad_norm=50.0)
     if variant == "mini":
         opt = ApolloMini([w], seed=3, **kw)
-        ref = Reference((rows, cols), 1, scale=128.0, scaling="tensor", seed=opt._state(w, opt.param_groups[0])["seed"],
-                        gap=20, lr=2e-2, wd=0.01, max_grad_norm=50.0)
+        ref = Reference(
+            (rows, cols),
+            1,
+            scale=128.0,
+            scaling="tensor",
+            seed=opt._state(w, opt.param_groups[0])["seed"],
+            gap=20,
+            lr=2e-2,
+            wd=0.01,
+            max_grad_norm=50.0,
+        )
     else:
         opt = Apollo([w], rank=rank, seed=3, **kw)
-        ref = Reference((rows, cols), rank, seed=opt._state(w, opt.param_groups[0])["seed"], gap=20, lr=2e-2,
-                        wd=0.01, max_grad_norm=50.0)
+        ref = Reference(
+            (rows, cols),
+            rank,
+            seed=opt._state(w, opt.param_groups[0])["seed"],
+            gap=20,
+            lr=2e-2,
+            wd=0.01,
+            max_grad_norm=50.0,
+        )
     W = W0.numpy().copy()
     for t in range(50):
         # Gradients that grow and shrink, so the limiter and the clipping both act.
@@ -125,6 +154,7 @@ def test_projection_is_gaussian_and_refreshes_every_gap():
         p = torch.empty(cols * rank)
         _core.apollo_projection(p.data_ptr(), rows, cols, rank, seed, step, 10)
         return p
+
     a, b, c = proj(0), proj(9), proj(10)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(proj(0, seed=6), a)
@@ -174,7 +204,7 @@ def test_stochastic_rounding_is_unbiased_and_nearest_is_exact():
     exact = w0.float() - 1e-3 * gb / (gb.abs() + 1e-8)
     mean = torch.stack(results).mean(0)
     sigma = bf16_ulp(exact) / 2 / math.sqrt(draws)  # bound on the std of a mean of {lo, hi} draws
-    z = ((mean - exact).abs() / sigma)
+    z = (mean - exact).abs() / sigma
     assert float(z.max()) < 4.5, float(z.max())  # 64 elements: max |z| of unbiased draws stays well below
     assert float(z.mean()) < 1.2
     # Round to nearest gives exactly the nearest bf16.
@@ -194,6 +224,7 @@ def test_steps_are_reproducible_and_seeded():
             w.grad = torch.randn(40, 90).to(torch.bfloat16)
             opt.step()
         return w.detach().view(torch.int16).clone()
+
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
 
@@ -203,6 +234,7 @@ def test_hooks_free_gradients_and_match_step():
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
         return m, Apollo(param_groups(m), lr=1e-2, rank=4, seed=9)
+
     x = torch.randn(16, 24)
     m1, o1 = model_and_opt()
     m2, o2 = model_and_opt()
@@ -223,6 +255,7 @@ def test_state_save_restore_continues_identically(tmp_path):
         w = torch.nn.Parameter(torch.randn(50, 30))
         b = torch.nn.Parameter(torch.randn(30))
         return w, b, ApolloMini([w, b], lr=1e-2, seed=4)
+
     grads = [(torch.randn(50, 30), torch.randn(30)) for _ in range(6)]
     w, b, opt = setup()
     for gw, gb in grads:
@@ -242,6 +275,7 @@ def test_state_save_restore_continues_identically(tmp_path):
     assert torch.equal(w3, w) and torch.equal(b3, b)
     with pytest.raises(livetrain.Error, match="not a livetrain optimizer state"):
         from livetrain import safetensors as lst
+
         lst.save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
         opt3.load_state(tmp_path / "other.safetensors")
 
@@ -334,8 +368,16 @@ def test_apollo_and_mini_converge_within_5_percent_of_adamw():
 # ---------------------------------------------------------------------------------------------------
 # CUDA against CPU (runs on the GPU machine; skipped elsewhere)
 # ---------------------------------------------------------------------------------------------------
-GPU_SHAPES = [(769, 5125, 1), (5125, 769, 1), (1, 4099, 1), (4099, 1, 1), (257, 1031, 8), (1031, 257, 8),
-              (512, 2048, 64), (2048, 512, 96)]
+GPU_SHAPES = [
+    (769, 5125, 1),
+    (5125, 769, 1),
+    (1, 4099, 1),
+    (4099, 1, 1),
+    (257, 1031, 8),
+    (1031, 257, 8),
+    (512, 2048, 64),
+    (2048, 512, 96),
+]
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -350,14 +392,21 @@ def test_cuda_step_matches_cpu_step(rows, cols, rank, dtype):
     for dev in ("cpu", "cuda"):
         w = torch.nn.Parameter(W0.clone().to(dev))
         scaling = "tensor" if rank == 1 else "channel"
-        opt = Apollo([w], lr=1e-2, rank=rank, scaling=scaling, scale=128.0 if rank == 1 else 1.0,
-                     weight_decay=0.01, seed=11, rounding="nearest")
+        opt = Apollo(
+            [w],
+            lr=1e-2,
+            rank=rank,
+            scaling=scaling,
+            scale=128.0 if rank == 1 else 1.0,
+            weight_decay=0.01,
+            seed=11,
+            rounding="nearest",
+        )
         for g in grads:
             w.grad = g.to(dev)
             opt.step()
         st = opt.state[w]
-        results[dev] = (w.detach().float().cpu(), st["m"].cpu(), st["v"].cpu(), float(st["prev_norm"]),
-                        opt.report())
+        results[dev] = (w.detach().float().cpu(), st["m"].cpu(), st["v"].cpu(), float(st["prev_norm"]), opt.report())
     c, g = results["cpu"], results["cuda"]
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel((g[0] - W0.float()).numpy(), (c[0] - W0.float()).numpy()) < max(tol, 1e-4)
@@ -409,6 +458,7 @@ def test_cuda_batched_step_equals_one_by_one():
     # vector (AdamW) and a rank-4 group (not batched): step() must equal stepping each parameter alone.
     gen = torch.Generator().manual_seed(5)
     shapes = [(257, 129), (129, 257), (1, 1000), (1000, 1), (64, 64), (4096, 96), (96, 4096), (300, 1031)]
+
     def make():
         torch.manual_seed(0)
         ps = []
@@ -417,10 +467,11 @@ def test_cuda_batched_step_equals_one_by_one():
             dt = torch.bfloat16 if i % 3 else torch.float32
             if i % 5 == 0 and c > 8:
                 base = torch.randn(r, c + 8, generator=gen).to(dt).cuda()
-                ps.append(torch.nn.Parameter(base[:, 3:3 + c]))  # ld > cols, misaligned start
+                ps.append(torch.nn.Parameter(base[:, 3 : 3 + c]))  # ld > cols, misaligned start
             else:
                 ps.append(torch.nn.Parameter(torch.randn(r, c, generator=gen).to(dt).cuda()))
         return ps
+
     a, b = make(), make()
     vec_a, vec_b = torch.nn.Parameter(torch.randn(33).cuda()), torch.nn.Parameter(torch.randn(33).cuda())
     r4_a, r4_b = torch.nn.Parameter(torch.randn(80, 40).cuda()), torch.nn.Parameter(torch.randn(80, 40).cuda())
@@ -428,8 +479,12 @@ def test_cuda_batched_step_equals_one_by_one():
     vec_b.data.copy_(vec_a.data)
     for x, y in zip(a, b):
         y.data.copy_(x.data)
-    oa = ApolloMini([{"params": a}, {"params": [vec_a]}, {"params": [r4_a], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2)
-    ob = ApolloMini([{"params": b}, {"params": [vec_b]}, {"params": [r4_b], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2)
+    oa = ApolloMini(
+        [{"params": a}, {"params": [vec_a]}, {"params": [r4_a], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2
+    )
+    ob = ApolloMini(
+        [{"params": b}, {"params": [vec_b]}, {"params": [r4_b], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2
+    )
     for step in range(3):
         grads = [torch.randn(p.shape, generator=gen).to(p.dtype).cuda() for p in a + [vec_a, r4_a]]
         for p, g in zip(a + [vec_a, r4_a], grads):

@@ -50,7 +50,7 @@ def test_help_for_every_command(cli):
 
 def test_bad_input_is_one_line_and_nonzero(cli, tmp_path):
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x05\0\0\0\0\0\0\0{\"a\":")
+    bad.write_bytes(b'\x05\0\0\0\0\0\0\0{"a":')
     r = run(cli, "inspect", str(bad))
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and str(bad) in r.stderr and "unexpected end of input" in r.stderr

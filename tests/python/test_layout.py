@@ -16,39 +16,118 @@ from livetrain import layout
 # ---------------------------------------------------------------------------------------------------
 # Small configs, odd sizes where the TP sizes tested allow them.
 
-LLAMA = {"model_type": "llama", "hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 8,
-         "num_key_value_heads": 2, "head_dim": 3, "intermediate_size": 40, "vocab_size": 77,
-         "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}
-MISTRAL = {"model_type": "mistral", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 1, "intermediate_size": 24, "vocab_size": 50, "tie_word_embeddings": True}
-QWEN2 = {"model_type": "qwen2", "hidden_size": 20, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 5, "intermediate_size": 28, "vocab_size": 131,
-         "tie_word_embeddings": True}
-QWEN3 = {"model_type": "qwen3", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 8,
-         "num_key_value_heads": 4, "head_dim": 7, "intermediate_size": 24, "vocab_size": 99,
-         "attention_bias": False, "tie_word_embeddings": False}
-QWEN3_NEXT = {"model_type": "qwen3_next", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 6, "intermediate_size": 20, "vocab_size": 70,
-              "num_experts": 0, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
-              "linear_key_head_dim": 3, "linear_value_head_dim": 5, "linear_conv_kernel_dim": 4,
-              "full_attention_interval": 2, "tie_word_embeddings": False}
-QWEN3_5_TEXT = {"model_type": "qwen3_5_text", "hidden_size": 12, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 1, "head_dim": 5, "intermediate_size": 18, "vocab_size": 65,
-                "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 3,
-                "linear_value_head_dim": 3, "linear_conv_kernel_dim": 3,
-                "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-                "tie_word_embeddings": True}
-QWEN3_5 = {"model_type": "qwen3_5", "tie_word_embeddings": False,
-           "vision_config": {"depth": 1},
-           "text_config": {"model_type": "qwen3_5_text", "hidden_size": 16, "num_hidden_layers": 3,
-                           "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 3,
-                           "intermediate_size": 36, "vocab_size": 101, "linear_num_key_heads": 4,
-                           "linear_num_value_heads": 8, "linear_key_head_dim": 3, "linear_value_head_dim": 5,
-                           "linear_conv_kernel_dim": 4, "full_attention_interval": 3}}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 3,
+    "intermediate_size": 40,
+    "vocab_size": 77,
+    "attention_bias": True,
+    "mlp_bias": True,
+    "tie_word_embeddings": False,
+}
+MISTRAL = {
+    "model_type": "mistral",
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "intermediate_size": 24,
+    "vocab_size": 50,
+    "tie_word_embeddings": True,
+}
+QWEN2 = {
+    "model_type": "qwen2",
+    "hidden_size": 20,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 5,
+    "intermediate_size": 28,
+    "vocab_size": 131,
+    "tie_word_embeddings": True,
+}
+QWEN3 = {
+    "model_type": "qwen3",
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 7,
+    "intermediate_size": 24,
+    "vocab_size": 99,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+QWEN3_NEXT = {
+    "model_type": "qwen3_next",
+    "hidden_size": 16,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 6,
+    "intermediate_size": 20,
+    "vocab_size": 70,
+    "num_experts": 0,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 3,
+    "linear_value_head_dim": 5,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 2,
+    "tie_word_embeddings": False,
+}
+QWEN3_5_TEXT = {
+    "model_type": "qwen3_5_text",
+    "hidden_size": 12,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 5,
+    "intermediate_size": 18,
+    "vocab_size": 65,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "linear_key_head_dim": 3,
+    "linear_value_head_dim": 3,
+    "linear_conv_kernel_dim": 3,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "tie_word_embeddings": True,
+}
+QWEN3_5 = {
+    "model_type": "qwen3_5",
+    "tie_word_embeddings": False,
+    "vision_config": {"depth": 1},
+    "text_config": {
+        "model_type": "qwen3_5_text",
+        "hidden_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 3,
+        "intermediate_size": 36,
+        "vocab_size": 101,
+        "linear_num_key_heads": 4,
+        "linear_num_value_heads": 8,
+        "linear_key_head_dim": 3,
+        "linear_value_head_dim": 5,
+        "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 3,
+    },
+}
 
-CASES = [("llama", LLAMA, [1, 2, 4, 8]), ("mistral", MISTRAL, [1, 2, 4]), ("qwen2", QWEN2, [1, 2, 4]),
-         ("qwen3", QWEN3, [1, 2, 4, 8]), ("qwen3_next", QWEN3_NEXT, [1, 2]),
-         ("qwen3_5_text", QWEN3_5_TEXT, [1, 2]), ("qwen3_5", QWEN3_5, [1, 2, 4])]
+CASES = [
+    ("llama", LLAMA, [1, 2, 4, 8]),
+    ("mistral", MISTRAL, [1, 2, 4]),
+    ("qwen2", QWEN2, [1, 2, 4]),
+    ("qwen3", QWEN3, [1, 2, 4, 8]),
+    ("qwen3_next", QWEN3_NEXT, [1, 2]),
+    ("qwen3_5_text", QWEN3_5_TEXT, [1, 2]),
+    ("qwen3_5", QWEN3_5, [1, 2, 4]),
+]
 
 # ---------------------------------------------------------------------------------------------------
 # The HF model, from transformers' modeling files (names and shapes), written out by hand.
@@ -135,7 +214,9 @@ def random_hf(cfg, seed: int) -> dict[str, torch.Tensor]:
         n = 1
         for d in shape:
             n *= d
-        out[name] = torch.randint(-2**15, 2**15, (n,), dtype=torch.int16, generator=gen).view(torch.bfloat16).reshape(shape)
+        out[name] = (
+            torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=gen).view(torch.bfloat16).reshape(shape)
+        )
     if cfg.get("tie_word_embeddings", text_config(cfg).get("tie_word_embeddings")):
         body = "model.language_model." if "text_config" in cfg else "model."
         out["lm_head.weight"] = out[body + "embed_tokens.weight"]
@@ -153,7 +234,6 @@ def rank_block(w: torch.Tensor, rank: int, tp: int, dim: int = 0) -> torch.Tenso
 
 def vllm_engine(cfg, hf: dict[str, torch.Tensor], rank: int, tp: int) -> dict[str, torch.Tensor]:
     t = text_config(cfg)
-    mt = t["model_type"]
     mm = "text_config" in cfg
     body_hf = "model.language_model." if mm else "model."
     body_v, head_v = ("language_model.model.", "language_model.") if mm else ("model.", "")
@@ -179,7 +259,7 @@ def vllm_engine(cfg, hf: dict[str, torch.Tensor], rank: int, tp: int) -> dict[st
     names = list(hf)
     for name in names:
         w = hf[name]
-        local = name[len(body_hf):] if name.startswith(body_hf) else None
+        local = name[len(body_hf) :] if name.startswith(body_hf) else None
         if name == "lm_head.weight":
             if not tied:
                 out[head_v + "lm_head.weight"] = vocab(w)
@@ -275,7 +355,7 @@ def test_vllm_round_trip_all_tp_sizes(family, cfg, tps):
                 at = 0
                 for s, n in segments:
                     acc.narrow(dim, s, n).copy_(view.narrow(dim, at, n))
-                    cov[s:s + n] += 1
+                    cov[s : s + n] += 1
                     at += n
         for name, full in hf.items():
             assert torch.equal(bits(assembled[name]), bits(full)), (family, tp, name)
@@ -293,8 +373,11 @@ def test_padded_vocab_rows_are_not_viewed():
     for rank in range(8):
         engine = vllm_engine(LLAMA, hf, rank, 8)
         assert engine["model.embed_tokens.weight"].shape == (16, 24)
-        v = next(v for v in layout.build(LLAMA, engine, tp_rank=rank, tp_size=8)["views"]
-                 if v["hf_name"] == "model.embed_tokens.weight")
+        v = next(
+            v
+            for v in layout.build(LLAMA, engine, tp_rank=rank, tp_size=8)["views"]
+            if v["hf_name"] == "model.embed_tokens.weight"
+        )
         counts.append(v["shape"][0])
         assert v["shard"][1] == [(min(16 * rank, 77), v["shape"][0])]
     assert counts == [16, 16, 16, 16, 13, 0, 0, 0]
@@ -382,7 +465,9 @@ def test_missing_and_misshapen_engine_tensors_are_named():
     wrong = dict(engine)
     wrong["model.layers.1.self_attn.qkv_proj.weight"] = torch.zeros((5, 16), dtype=torch.bfloat16)
     msg = error_of(lambda: layout.build(QWEN3_NEXT, wrong, tp_rank=0, tp_size=2))
-    assert "model.layers.1.self_attn.qkv_proj.weight" in msg and "[5, 16]" in msg and "[36, 16]" in msg  # 2 gated q heads (24 rows) + 1 k + 1 v head
+    assert (
+        "model.layers.1.self_attn.qkv_proj.weight" in msg and "[5, 16]" in msg and "[36, 16]" in msg
+    )  # 2 gated q heads (24 rows) + 1 k + 1 v head
     # TP=1 tensors given to a TP=2 layout: every shape is wrong, the first is named.
     full = vllm_engine(QWEN3_NEXT, hf, 0, 1)
     assert "model.embed_tokens.weight" in error_of(lambda: layout.build(QWEN3_NEXT, full, tp_rank=0, tp_size=2))

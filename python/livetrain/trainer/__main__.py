@@ -1,0 +1,56 @@
+"""``python -m livetrain.trainer``: the trainer process. Attaches to an engine's weights through its
+manifest, answers the training routes' requests on a Unix socket, and trains until SIGTERM/SIGINT, after
+which it finishes the current step, answers what is pending, saves its state and exits.
+
+usage: python -m livetrain.trainer --manifest FILE --model DIR --socket PATH [--state-dir DIR] [...]
+(normally started by ``livetrain serve`` or the vLLM plugin; docs/serve.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from livetrain.trainer import options, protocol
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m livetrain.trainer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="the engine's sharing manifest")
+    p.add_argument("--model", required=True, help="model directory (for the tokenizer and chat template)")
+    p.add_argument("--socket", required=True, help="Unix socket to answer the training routes on")
+    a = options.parse_args(p, argv)
+
+    from livetrain import Error
+    from livetrain.trainer.service import Trainer
+
+    try:
+        trainer = Trainer(a.manifest, a.model, a)
+    except Error as e:  # a stale manifest, a busy lease or store, a bad state file: the message names it
+        sys.exit(f"livetrain trainer: {e}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: trainer.stopping.set())
+    server = protocol.Server(a.socket, trainer.handle)
+    server.start()
+    print(
+        json.dumps(
+            {
+                "trainer": "ready",
+                "restored": trainer.restored_from,
+                "weight_version": trainer.weight_version,
+                "checkpoint": trainer.status()["checkpoint"],
+            }
+        ),
+        flush=True,
+    )
+    try:
+        trainer.run()
+    finally:
+        server.close()
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What a /train job says, checked and tokenized: chat ``messages`` or ``prompt``/``completion`` examples
+become token ids with the mask of the tokens that carry loss, tokenized exactly as the engine tokenizes a
+request. The chat messages check lives here once; the reference engine uses it for its chat route too.
+Every error is a ``protocol.Invalid`` naming the field (``examples[3].messages[1].role``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from livetrain.trainer.protocol import Invalid
+
+ROLES = ("system", "user", "assistant")
+JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
+
+
+def check_messages(messages, where: str = "") -> list[dict]:
+    """``messages`` as ``[{"role", "content"}]`` (other keys dropped); ``where`` prefixes the field names."""
+    field = f"{where}.messages" if where else "messages"
+    if not isinstance(messages, list) or not messages:
+        raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise Invalid(f"{field}[{j}].content", f"{field}[{j}].content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces: each assistant message is what the
+    template adds after the generation prompt of the conversation before it."""
+    msgs = check_messages(messages, where)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
+
+    def render(ms: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
+    pieces, done = [], ""
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = render(msgs[:j], True) if j else "", render(msgs[: j + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise Invalid(
+                f"{where}.messages",
+                "the chat template does not render this conversation incrementally, "
+                "so assistant tokens cannot be located",
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    rest = render(msgs, False)
+    if len(rest) > len(done) and rest.startswith(done):
+        pieces.append((rest[len(done) :], False))
+    return pieces
+
+
+def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], float]:
+    """(token ids, which tokens carry loss, weight) of one example; tokenized exactly as the engine
+    tokenizes a request (chat: template text without added specials; prompt: with them)."""
+    if not isinstance(ex, dict):
+        raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
+    weight = ex.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
+        raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
+    if "messages" in ex:
+        ids, mask = [], []
+        for text, trained in _segments_chat(tokenizer, ex["messages"], where):
+            t = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            mask += [trained] * len(t)
+    elif "prompt" in ex or "completion" in ex:
+        for k in ("prompt", "completion"):
+            if not isinstance(ex.get(k), str) or (k == "completion" and not ex[k]):
+                raise Invalid(
+                    f"{where}.{k}", f"{where}.{k} must be a {'non-empty ' if k == 'completion' else ''}string"
+                )
+        p = tokenizer(ex["prompt"])["input_ids"]
+        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            c = c + [tokenizer.eos_token_id]
+        ids, mask = p + c, [False] * len(p) + [True] * len(c)
+    else:
+        raise Invalid(where, f"{where} needs messages, or prompt and completion")
+    # The first token is never predicted; a loss token needs one before it.
+    if not any(mask[1:]):
+        raise Invalid(where, f"{where} has no tokens to learn after tokenization")
+    return ids, mask, float(weight)
+
+
+def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
+    """A /train body → ``{"examples": [(ids, mask, weight)], and the options given}``."""
+    if not isinstance(job, dict):
+        raise Invalid("body", "request body must be a JSON object")
+    unknown = set(job) - JOB_OPTIONS - {"examples"}
+    if unknown:
+        raise Invalid(
+            sorted(unknown)[0],
+            f"unknown field {sorted(unknown)[0]!r} (allowed: examples, {', '.join(sorted(JOB_OPTIONS))})",
+        )
+    examples = job.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise Invalid("examples", "examples must be a non-empty list")
+    if len(examples) > max_examples:
+        raise Invalid("examples", f"examples has {len(examples)} items; at most {max_examples} per job")
+    encoded = []
+    for i, ex in enumerate(examples):
+        ids, mask, w = encode_example(tokenizer, ex, f"examples[{i}]")
+        if len(ids) > max_len:
+            raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
+        encoded.append((ids, mask, w))
+    opts = {}
+    for k, kind, ok in (
+        ("lr", (int, float), lambda v: 0 < v < 1),
+        ("steps", int, lambda v: 1 <= v <= 100_000),
+        ("epochs", int, lambda v: 1 <= v <= 1000),
+        ("batch_size", int, lambda v: 1 <= v <= 1024),
+    ):
+        if k in job:
+            v = job[k]
+            if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
+                raise Invalid(k, f"{k} has an invalid value {json.dumps(v)[:40]}")
+            opts[k] = v
+    return {"examples": encoded, **opts}

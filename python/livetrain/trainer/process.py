@@ -1,0 +1,111 @@
+"""Starting, watching and stopping livetrain's processes: the trainer (with the environment it needs) and,
+for ``livetrain serve``, the reference engine. Each child runs in its own session, so a terminal's Ctrl-C
+reaches only the launcher, which stops the children in order: SIGTERM (the trainer finishes its step and
+saves its state), SIGKILL after a timeout.
+
+``python -m livetrain.trainer.process --exec-tied-to PID -- CMD...`` becomes CMD with SIGTERM on the
+death of PID (Linux ``PR_SET_PDEATHSIG``): how a launcher that may die without cleaning up (vLLM's API
+server) ties its trainer to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from livetrain.trainer import options
+
+
+def environment(env) -> dict:
+    """The environment to start a trainer process with: PyTorch's expandable segments for its own
+    allocations (activations and one gradient at a time come and go in many sizes; measured on the H100,
+    see bench/RESULTS.md) unless PYTORCH_CUDA_ALLOC_CONF is set. The engine must not use them (CUDA IPC
+    cannot export such memory); the trainer only imports the engine's memory, which is unaffected."""
+    env = dict(env)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
+def trainer_command(manifest: str, model_dir: str, socket: str, ns: argparse.Namespace) -> list[str]:
+    """``python -m livetrain.trainer`` on an engine's manifest with the options ``ns`` (trainer.options)."""
+    return [
+        sys.executable,
+        "-m",
+        "livetrain.trainer",
+        "--manifest",
+        manifest,
+        "--model",
+        model_dir,
+        "--socket",
+        socket,
+        *options.argv(ns),
+    ]
+
+
+class Process:
+    """A child in its own session. ``tied``: its life is bound to this process's: ``stop`` runs when this
+    process exits normally (atexit), and if it dies, the kernel sends the child SIGTERM. The kernel's
+    signal follows the thread that started the child, so start it from a thread that lives as long as
+    this process (vLLM's event-loop thread, a main thread)."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None, *, tied: bool = False, **popen):
+        self.cmd = cmd
+        if tied:
+            cmd = [sys.executable, "-m", "livetrain.trainer.process", "--exec-tied-to", str(os.getpid()), "--", *cmd]
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+        if tied:
+            atexit.register(self.stop)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """The exit status once the child has exited, else None."""
+        return self.proc.poll()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def __str__(self) -> str:
+        return shlex.join(self.cmd)
+
+
+def start_trainer(
+    manifest: str, model_dir: str, socket: str, ns: argparse.Namespace, env=None, *, tied: bool = False
+) -> Process:
+    """The trainer process on an engine's manifest, in ``environment(env)`` (default: this process's)."""
+    return Process(
+        trainer_command(manifest, model_dir, socket, ns), environment(os.environ if env is None else env), tied=tied
+    )
+
+
+def _exec_tied_to(parent: int, cmd: list[str]) -> None:
+    """Become ``cmd`` with SIGTERM on the death of ``parent`` (``PR_SET_PDEATHSIG``, kept across exec):
+    set here, in the child, because ``preexec_fn`` is unsafe in a threaded server."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # the parent died before the prctl
+        sys.exit(1)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 5 or sys.argv[1] != "--exec-tied-to" or sys.argv[3] != "--":
+        sys.exit("usage: python -m livetrain.trainer.process --exec-tied-to PID -- CMD...")
+    _exec_tied_to(int(sys.argv[2]), sys.argv[4:])

@@ -1,0 +1,176 @@
+"""The trainer's socket protocol (docs/serve.md), and the one error reply every livetrain route answers with.
+
+Per connection on a Unix stream socket: the client writes a JSON header line ``{"op": OP, "length": N}``
+and then N bytes of body (an HTTP request's body exactly as it arrived); the trainer writes a header line
+``{"code": HTTP status, "length": N}`` and N bytes of JSON body, and closes. Engines forward both bodies
+as bytes: a request body is parsed once, by the trainer, and a reply serialised once, by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import threading
+from typing import Callable, NamedTuple
+
+# A training request may carry many examples; a longer body is refused, not buffered.
+MAX_BODY = 64 << 20
+# A header line is a few dozen bytes; anything longer is not this protocol.
+_MAX_HEADER = 4096
+
+# The OpenAI-style error ``type`` of each status livetrain answers with.
+KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    409: "conflict",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "unavailable",
+}
+
+
+class Reply(NamedTuple):
+    """An HTTP status and the JSON body to answer with."""
+
+    code: int
+    body: dict
+
+
+def error(code: int, message: str, param: str | None = None) -> Reply:
+    """The one error reply: ``{"error": {"message", "type", "param"}}``, ``type`` from the status and
+    ``param`` naming the offending field (``examples[1].messages[0].role``, ``body``, ...), answered by the
+    trainer, the routes and the reference engine alike."""
+    return Reply(code, {"error": {"message": message, "type": KINDS[code], "param": param}})
+
+
+class Invalid(ValueError):
+    """A request is wrong; ``param`` names the field. Answered with 400 wherever it is raised."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+    def reply(self) -> Reply:
+        return error(400, str(self), self.param)
+
+
+class TrainerUnavailable(OSError):
+    """The trainer's socket is missing or does not answer."""
+
+
+def parse_body(raw: bytes, empty_ok: bool) -> dict:
+    """A request body that must be a JSON object; an empty one is ``{}`` when ``empty_ok``."""
+    if not raw.strip() and empty_ok:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise Invalid("body", f"request body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise Invalid("body", "request body must be a JSON object")
+    return body
+
+
+def encode(body: dict) -> bytes:
+    """A reply body as the routes answer it (the bytes FastAPI's JSONResponse would write for it)."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _read_header(f, what: str) -> dict:
+    line = f.readline(_MAX_HEADER)
+    if not line.endswith(b"\n"):
+        raise ValueError(f"{what}: no header line")
+    header = json.loads(line)
+    length = header.get("length", 0) if isinstance(header, dict) else None
+    if not isinstance(length, int) or not 0 <= length <= MAX_BODY:
+        raise ValueError(f"{what}: bad header {line[:80]!r}")
+    return header
+
+
+def _read_exactly(f, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"{what}: body ends after {len(data)} of {n} bytes")
+    return data
+
+
+def call(path: str, op: str, body: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes]:
+    """Sends one request; returns the reply's status and its JSON body as bytes."""
+    if len(body) > MAX_BODY:
+        raise Invalid("body", f"request body is {len(body)} bytes, over the limit of {MAX_BODY}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps({"op": op, "length": len(body)}).encode() + b"\n" + body)
+            with s.makefile("rb") as f:
+                header = _read_header(f, "reply")
+                if not isinstance(header.get("code"), int):
+                    raise ValueError(f"reply header without a status: {header}")
+                return header["code"], _read_exactly(f, header["length"], "reply")
+    except (OSError, ValueError) as e:
+        raise TrainerUnavailable(f"trainer socket {path}: {e}") from e
+
+
+def weight_version(path: str, timeout: float = 10.0) -> int | None:
+    """The trainer's weight version through the light ``version`` op (None while it cannot say)."""
+    code, body = call(path, "version", timeout=timeout)
+    return json.loads(body).get("weight_version") if code == 200 else None
+
+
+Handler = Callable[[str, bytes], Reply]
+
+
+class _Connection(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        try:
+            header = _read_header(self.rfile, "request")
+            op, body = header.get("op"), _read_exactly(self.rfile, header["length"], "request")
+        except ValueError as e:
+            self._send(error(400, str(e), "body"))
+            return
+        try:
+            reply = self.server.handler(op, body)
+        except Invalid as e:
+            reply = e.reply()
+        except Exception as e:  # a bug in a handler must not take the trainer down
+            reply = error(500, f"{type(e).__name__}: {e}")
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            body = encode(reply.body)
+        except ValueError as e:  # a non-finite number (a loss): JSON has none
+            reply = error(500, f"the reply cannot be written as JSON: {e}")
+            body = encode(reply.body)
+        self.wfile.write(json.dumps({"code": reply.code, "length": len(body)}).encode() + b"\n" + body)
+
+
+class Server(socketserver.ThreadingUnixStreamServer):
+    """The trainer's end: ``handler(op, body bytes) -> Reply`` on a thread per connection; an ``Invalid``
+    it raises is answered with 400 naming the field."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, handler: Handler):
+        if os.path.exists(path):
+            os.unlink(path)  # left by a trainer that was killed
+        self.handler = handler
+        super().__init__(path, _Connection)
+        os.chmod(path, 0o600)
+        self.path = path
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="trainer-socket", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,150 @@
+"""Launching the trainer: its options are defined once and survive the trip through argv (what `livetrain
+serve` and the vLLM plugin pass to `python -m livetrain.trainer`), bad combinations and bad
+$LIVETRAIN_TRAINER_ARGS are refused with argparse's words, and a child that ignores SIGTERM is killed
+after the timeout."""
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from livetrain import serve
+from livetrain.trainer import options, process
+from livetrain.vllm import endpoint
+
+
+def trainer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    options.add_options(p)
+    return p
+
+
+def test_options_survive_argv():
+    p = trainer_parser()
+    for words in (
+        [],
+        [
+            "--store",
+            "/s",
+            "--checkpoint-every",
+            "2.5",
+            "--lr",
+            "3e-05",
+            "--batch-size",
+            "2",
+            "--max-seq-len",
+            "40",
+            "--queue-size",
+            "3",
+            "--embeddings",
+            "frozen",
+            "--no-grad-checkpointing",
+            "--state-dir",
+            "st",
+        ],
+        ["--no-store", "--embeddings", "adamw"],
+    ):
+        ns = p.parse_args(words)
+        again = p.parse_args(options.argv(ns))
+        assert vars(again) == vars(ns), words
+    # livetrain serve takes the same options, with the same defaults, and passes them on.
+    a = serve.parse(["--model", "m", "--lr", "0.001", "--no-store"])
+    assert vars(p.parse_args(options.argv(a))) == vars(p.parse_args(["--lr", "0.001", "--no-store"]))
+    assert options.store_argv(a) == ["--no-store"]
+    cmd = process.trainer_command("/run/m.json", "/model", "/run/t.sock", a)
+    assert cmd[:3] == [sys.executable, "-m", "livetrain.trainer"] and cmd[3:9] == [
+        "--manifest",
+        "/run/m.json",
+        "--model",
+        "/model",
+        "--socket",
+        "/run/t.sock",
+    ]
+    assert cmd[9:] == options.argv(a)
+
+
+def test_bad_options_are_refused():
+    assert options.check(trainer_parser().parse_args(["--checkpoint-every", "-1"])) == "--checkpoint-every must be >= 0"
+    assert "cannot be combined" in options.check(trainer_parser().parse_args(["--no-store", "--store", "x"]))
+    with pytest.raises(SystemExit):
+        serve.parse(["--no-store", "--checkpoint-every", "5"])
+    for words, words_in_error in (
+        (["--lr", "x"], "invalid float value"),
+        (["--frob"], "unrecognized"),
+        (["--checkpoint-every", "-2"], ">= 0"),
+    ):
+        with pytest.raises(ValueError, match=words_in_error):
+            options.parse(words)
+
+
+def test_the_vllm_plugin_reads_trainer_options_from_the_environment():
+    ns = endpoint.trainer_options(
+        {
+            "LIVETRAIN_STATE_DIR": "/st",
+            "LIVETRAIN_STORE_DIR": "/store",
+            "LIVETRAIN_TRAINER_ARGS": "--lr 2e-5 --batch-size 4",
+        }
+    )
+    assert (ns.state_dir, ns.store, ns.lr, ns.batch_size, ns.no_store) == ("/st", "/store", 2e-5, 4, False)
+    assert endpoint.trainer_options({}).state_dir == options.DEFAULT_STATE_DIR
+    with pytest.raises(ValueError, match="LIVETRAIN_TRAINER_ARGS: .*--bacth-size"):
+        endpoint.trainer_options({"LIVETRAIN_TRAINER_ARGS": "--bacth-size 4"})
+
+
+def test_init_state_refuses_bad_trainer_args_before_exporting(monkeypatch):
+    from types import SimpleNamespace
+
+    from livetrain.vllm import worker
+
+    monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", "--lr")
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    calls = []
+    m = SimpleNamespace(model="m", revision=None, quantization=None, enable_sleep_mode=False)
+    p = SimpleNamespace(
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+        worker_extension_cls="livetrain.vllm.WorkerExtension",
+    )
+    config = SimpleNamespace(
+        model_config=m,
+        parallel_config=p,
+        cache_config=SimpleNamespace(enable_prefix_caching=True),
+        lora_config=None,
+        kv_transfer_config=None,
+    )
+
+    class Client:
+        vllm_config = config
+
+        async def collective_rpc(self, *a, **kw):
+            calls.append(a)
+
+    with pytest.raises(worker.Refused, match="LIVETRAIN_TRAINER_ARGS: argument --lr: expected one argument"):
+        asyncio.run(endpoint.EndpointPlugin().init_state(Client(), SimpleNamespace(), argparse.Namespace(api_key=None)))
+    assert calls == []
+
+
+def test_stop_kills_a_child_that_ignores_sigterm():
+    child = process.Process(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert child.proc.stdout.readline() == b"up\n" and child.poll() is None
+    t0 = time.monotonic()
+    assert child.stop(timeout=0.5) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 10
+    env = process.environment({"A": "1"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and env["A"] == "1"
+    assert process.environment({"PYTORCH_CUDA_ALLOC_CONF": "x"})["PYTORCH_CUDA_ALLOC_CONF"] == "x"

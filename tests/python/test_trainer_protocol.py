@@ -1,0 +1,132 @@
+"""The trainer's socket protocol and the training routes on top of it, with a real socket server and a
+real FastAPI app but a stand-in handler in place of the Trainer: request bodies reach the handler as the
+bytes the client sent and reply bodies reach the client as the bytes the trainer wrote (nothing parsed or
+re-serialised in between), every error is the one OpenAI-style body naming its field, and the light
+``version`` op answers without the status."""
+
+import json
+import math
+
+import pytest
+
+from livetrain.trainer import protocol, routes
+from livetrain.trainer.protocol import Invalid, Reply
+
+
+class Recorder:
+    """A handler that records what it receives and answers as told."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, bytes]] = []
+
+    def __call__(self, op: str, body: bytes) -> Reply:
+        self.seen.append((op, body))
+        if op == "version":
+            return Reply(200, {"weight_version": 7})
+        if op == "echo":
+            return Reply(202, {"op": op, "body": body.decode(), "text": "é ü"})
+        if op == "submit":
+            job = protocol.parse_body(body, empty_ok=False)
+            if not job.get("examples"):
+                raise Invalid("examples", "examples must be a non-empty list")
+            return Reply(202, {"job_id": "job-1"})
+        if op == "nan":
+            return Reply(200, {"loss": math.nan})
+        if op == "bug":
+            raise KeyError("boom")
+        return protocol.error(400, f"unknown op {op!r}", "op")
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    handler = Recorder()
+    server = protocol.Server(str(tmp_path / "trainer.sock"), handler)
+    server.start()
+    yield server.path, handler
+    server.close()
+
+
+def test_bodies_cross_as_bytes_and_errors_name_the_field(trainer):
+    path, handler = trainer
+    raw = b'{ "b": 1,\n  "a": [1, 2] }'
+    code, body = protocol.call(path, "echo", raw)
+    assert code == 202 and handler.seen[-1] == ("echo", raw)
+    # What the trainer wrote, compact and UTF-8, as FastAPI's JSONResponse writes a body.
+    assert (
+        body
+        == json.dumps(
+            {"op": "echo", "body": raw.decode(), "text": "é ü"}, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+    )
+    assert protocol.call(path, "version") == (200, b'{"weight_version":7}')
+    assert protocol.weight_version(path) == 7
+    for op, raw, code, param in (
+        ("submit", b"{nope", 400, "body"),
+        ("submit", b"[]", 400, "body"),
+        ("submit", b"{}", 400, "examples"),
+        ("frob", b"", 400, "op"),
+    ):
+        got, body = protocol.call(path, op, raw)
+        err = json.loads(body)["error"]
+        assert got == code and err["param"] == param and err["type"] == "invalid_request_error", (op, raw, err)
+    for op in ("nan", "bug"):  # a reply JSON cannot hold, a handler's bug: 500, and the server keeps going
+        code, body = protocol.call(path, op)
+        assert code == 500 and json.loads(body)["error"]["type"] == "server_error"
+    assert protocol.call(path, "version")[0] == 200
+
+
+def test_limits_and_a_missing_trainer(trainer, tmp_path):
+    path, handler = trainer
+    with pytest.raises(Invalid) as e:
+        protocol.call(path, "submit", b" " * (protocol.MAX_BODY + 1))
+    assert e.value.param == "body" and e.value.reply().code == 400
+    with pytest.raises(protocol.TrainerUnavailable, match="trainer socket"):
+        protocol.call(str(tmp_path / "nobody.sock"), "status")
+    # Not this protocol: a header line without a length the server accepts.
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(b'{"op": "submit", "length": -1}\n')
+        header = json.loads(s.makefile("rb").readline())
+    assert header["code"] == 400
+
+
+def test_error_bodies_have_one_shape():
+    assert protocol.error(429, "full") == Reply(
+        429, {"error": {"message": "full", "type": "rate_limit_error", "param": None}}
+    )
+    for code, kind in protocol.KINDS.items():
+        assert protocol.error(code, "x").body["error"]["type"] == kind
+    assert Invalid("examples[1]", "bad").reply() == protocol.error(400, "bad", "examples[1]")
+    assert protocol.parse_body(b"  ", empty_ok=True) == {}
+
+
+def test_routes_forward_bodies_and_replies_unchanged(trainer):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    path, handler = trainer
+    app = FastAPI()
+    app.include_router(routes.training_router(path, api_key="k"))
+    with TestClient(app) as c:
+        raw = b'{"examples":  [{"prompt": "a", "completion": "b"}],\n "lr": 1e-5}'
+        r = c.post("/train", content=raw, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 202 and r.content == b'{"job_id":"job-1"}'
+        assert handler.seen[-1] == ("submit", raw)
+        r = c.post("/train", content=b"not json", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+        r = c.get("/train/status")
+        assert r.status_code == 401 and r.json()["error"] == {
+            "message": routes.MISSING_KEY,
+            "type": "authentication_error",
+            "param": None,
+        }
+        r = c.get("/checkpoints", headers={"Authorization": "Bearer k"})  # the stand-in knows no such op
+        assert r.status_code == 400 and handler.seen[-1] == ("checkpoints", b"")
+    app = FastAPI()
+    app.include_router(routes.training_router(lambda: ""))
+    with TestClient(app) as c:
+        r = c.post("/rollback", json={"generation": 1})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
