@@ -15,6 +15,7 @@ commits every rank's descriptor with ``commit``; a store written at one TP size 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -26,6 +27,7 @@ from livetrain.safetensors import dtype_name
 __all__ = [
     "CheckpointStore",
     "Shard",
+    "by_file_names",
     "open_store",
     "restore_head",
     "restore_latest",
@@ -81,6 +83,24 @@ def shards(layout: dict, views: Mapping[str, torch.Tensor], rank: int) -> list[S
             where[dim] = start
             out.append(Shard(v["hf_name"], tuple(where), part, saved))
     return out
+
+
+def by_file_names(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An engine's tensors (named as the transformers class it serves names its parameters) under the names of
+    the model files, which the checkpoint store uses. They differ for a multimodal checkpoint served as its
+    text model (``model.language_model.*`` in the files of a ``Qwen3_5ForConditionalGeneration``,
+    ``model.*`` in its text-only class): the layout of the files' config.json maps them (docs/layouts.md), and
+    refuses, naming the architecture, a wrapper or a quantized checkpoint it cannot map. Other models'
+    names are the files' already. A tied parameter is left out (the files store it once)."""
+    from livetrain import layout
+
+    with open(os.path.join(os.fspath(model_dir), "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if "text_config" not in config and "quantization_config" not in config:
+        return dict(tensors)
+    lay = layout.build(config, tensors, engine="hf")
+    views = layout.views(lay, tensors)
+    return {v["hf_name"]: views[v["hf_name"]] for v in lay["views"] if v["tied_to"] is None}
 
 
 def _live(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], *, only_saved: bool = False) -> list[tuple]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+import tiny_model
+
 TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -46,13 +48,45 @@ MTP = {
 }
 
 
-def make_qwen35_dir(path: Path, *, mtp: bool = True) -> dict:
-    """Writes the checkpoint (bf16, one safetensors file, no tokenizer) under ``path``; returns config.json.
-    Same bytes for the same arguments (seeded)."""
+def save_tokenizer(path: Path, corpus: list[str]):
+    """A byte-level BPE tokenizer of ``corpus`` with tiny_model's special tokens and chat template, saved under
+    ``path``: transformers loads a ``qwen3_5`` checkpoint's tokenizer as ``Qwen3_5Tokenizer``, which rebuilds
+    a byte-level BPE from the saved vocabulary and merges (a word-level one would lose every word)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=tiny_model.SPECIALS, initial_alphabet=alphabet)
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=tiny_model.SPECIALS[4:],
+    )
+    fast.chat_template = tiny_model.TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_qwen35_dir(path: Path, *, mtp: bool = True, corpus: list[str] | None = None) -> dict:
+    """Writes the checkpoint (bf16, one safetensors file) under ``path``, with a tokenizer of ``corpus`` when
+    given (to serve it); returns config.json. Same bytes for the same arguments (seeded)."""
     import transformers
     from safetensors.torch import load_file, save_file
 
-    config = transformers.Qwen3_5Config(text_config=TEXT, vision_config=VISION, tie_word_embeddings=False)
+    text = dict(TEXT)
+    if corpus is not None:
+        fast = save_tokenizer(path, corpus)
+        text.update(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+        text["vocab_size"] = max(text["vocab_size"], len(fast))
+    config = transformers.Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.Qwen3_5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
     if mtp:
