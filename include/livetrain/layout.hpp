@@ -77,6 +77,10 @@ struct Shard {
   bool replicated = true;
   uint32_t dim = 0;
   std::vector<Segment> segments;
+  // Whether this rank is the lowest rank holding these elements of the HF tensor: false for a replicated
+  // tensor on ranks > 0 and for a KV head that tp_size / num_key_value_heads ranks share, on all but the
+  // first of them. The one rank that saves them in a checkpoint (the others' copies are the same weights).
+  bool primary = true;
 };
 
 // One HF parameter as a strided view into one engine tensor; offset and strides count elements.
@@ -166,6 +170,16 @@ struct Layout {
 // is missing, or whose shape differs, is an Error naming it (kNotFound / kInvalidArg).
 Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_tensors,
              const Options& options);
+
+// The Hugging Face prefixes of the text model in the model files: "model." / "" for a causal LM,
+// "model.language_model." / "" inside a multimodal wrapper.
+Prefixes hf_prefixes(const ModelInfo& info);
+
+// Whether a tensor of the model files belongs to the text model that the layouts serve (under the body
+// prefix, or the lm_head). A multimodal checkpoint's vision tower (model.visual.*) and a release's
+// multi-token-prediction head (mtp.*) do not: engines do not serve them, and the checkpoint store carries
+// them unchanged.
+bool in_text_model(const ModelInfo& info, std::string_view hf_name);
 
 // Row-major strides (in elements) of a contiguous tensor of `shape`.
 std::vector<uint64_t> contiguous_strides(const std::vector<uint64_t>& shape);

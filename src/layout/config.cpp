@@ -41,6 +41,21 @@ constexpr Family kFamilies[] = {
 constexpr const char* kMoeTypes[] = {"qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "mixtral",
                                      "qwen3_next_moe", "llama4", "llama4_text"};
 
+// Multimodal wrappers whose text model the layouts map: Hugging Face files name it model.language_model.*
+// (transformers >= 4.52 checkpoints), vLLM language_model.model.* (its hf_to_vllm_mapper). Another wrapper
+// may lay its files out otherwise, so it is refused by name rather than mapped by guess.
+constexpr const char* kMultimodalWrappers[] = {"Qwen3_5ForConditionalGeneration", "LlavaForConditionalGeneration",
+                                               "Mistral3ForConditionalGeneration"};
+
+// The first name of config.json's "architectures", or "" when it has none.
+std::string architecture(const json::Value& config) {
+  const json::Value* a = config.find("architectures");
+  if (a == nullptr || !a->is_array() || a->items().empty() || !a->items()[0].is_string()) return "";
+  return a->items()[0].as_string();
+}
+
+std::string named(const std::string& arch) { return arch.empty() ? std::string() : " (architecture " + arch + ")"; }
+
 std::string supported_list() {
   std::string out;
   for (const Family& f : kFamilies) {
@@ -171,11 +186,12 @@ ModelInfo model_info(const json::Value& config) {
     throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
   }
   const std::string& type = type_value->as_string();
+  const std::string arch = architecture(config);
   for (const char* moe : kMoeTypes) {
     if (type == moe) {
       throw Error(ErrorCode::kUnsupported,
-                  "config.json: model_type \"" + type +
-                      "\" is mixture-of-experts; vLLM re-lays out expert weights after load, so livetrain "
+                  "config.json: model_type \"" + type + "\"" + named(arch) +
+                      " is mixture-of-experts; vLLM re-lays out expert weights after load, so livetrain "
                       "cannot view them (supported: " + supported_list() + ")");
     }
   }
@@ -184,8 +200,27 @@ ModelInfo model_info(const json::Value& config) {
     if (type == f.model_type) fam = &f;
   }
   if (fam == nullptr) {
+    throw Error(ErrorCode::kUnsupported, "config.json: model_type \"" + type + "\"" + named(arch) +
+                                             " has no layout (supported: " + supported_list() + ")");
+  }
+  // Quantized weights are packed (and come with scales): a view of them is not the HF parameter.
+  for (const json::Value* cfg : {&config, text}) {
+    const json::Value* q = cfg == nullptr ? nullptr : cfg->find("quantization_config");
+    if (q == nullptr || q->is_null()) continue;
+    const json::Value* method = q->is_object() ? q->find("quant_method") : nullptr;
     throw Error(ErrorCode::kUnsupported,
-                "config.json: model_type \"" + type + "\" has no layout (supported: " + supported_list() + ")");
+                "config.json: the checkpoint" + named(arch) + " is quantized" +
+                    (method && method->is_string() ? " (quant_method \"" + method->as_string() + "\")" : std::string()) +
+                    "; livetrain trains unquantized bf16, fp16 or fp32 weights (supported model types: " +
+                    supported_list() + ")");
+  }
+  if (text != nullptr && !arch.empty() &&
+      std::none_of(std::begin(kMultimodalWrappers), std::end(kMultimodalWrappers), [&](const char* w) { return arch == w; })) {
+    std::string wrappers;
+    for (const char* w : kMultimodalWrappers) wrappers += std::string(wrappers.empty() ? "" : ", ") + w;
+    throw Error(ErrorCode::kUnsupported, "config.json: architecture " + arch + " wraps a \"" + type +
+                                             "\" text model in a way livetrain has no layout for (supported "
+                                             "multimodal wrappers: " + wrappers + ")");
   }
 
   Fields f(config, text);

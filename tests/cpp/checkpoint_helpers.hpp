@@ -22,7 +22,7 @@ struct LiveModel {
 
   std::vector<checkpoint::LiveTensor> views() {
     std::vector<checkpoint::LiveTensor> v;
-    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data()});
+    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data(), -1, {}});
     return v;
   }
   std::vector<safetensors::TensorRef> refs() const {

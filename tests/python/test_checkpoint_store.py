@@ -67,9 +67,9 @@ def test_bad_input_is_a_livetrain_error(sharded_model, tmp_path):
         wrong["model.norm.weight"] = torch.ones(64)
         with pytest.raises(livetrain.Error, match="model.norm.weight"):
             store.save(wrong)
-        missing = {k: v for k, v in live.items() if k != "model.norm.weight"}
-        with pytest.raises(livetrain.Error, match="model.norm.weight"):
-            store.save(missing)
+        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in live.items()}
+        with pytest.raises(livetrain.Error, match="model.language_model.*is not in the checkpoint store"):
+            store.save(renamed)
         with pytest.raises(ValueError, match="not contiguous"):
             store.save({**live, "model.layers.0.mlp.up_proj.weight": live["model.layers.0.mlp.up_proj.weight"].t()})
         with pytest.raises(livetrain.Error, match="generation 5"):
@@ -85,7 +85,14 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
     files = snapshot(live)
     # No store yet: created, generation 0 = the files, the tensors untouched.
     r = restore_latest(live, d)
-    assert r == {"store": store_path(d), "generation": 0, "weight_version": 0, "restored": False, "created": True}
+    assert r == {
+        "store": store_path(d),
+        "generation": 0,
+        "weight_version": 0,
+        "restored": False,
+        "created": True,
+        "not_served": [],
+    }
     assert same_bits(live, files)
     with CheckpointStore(d) as store:  # closed by restore_latest: it opens
         perturb(live, 0.05, 5)
@@ -105,8 +112,15 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
     other = {k: v.float() for k, v in files.items()}
     with pytest.raises(livetrain.Error, match=r"model.embed_tokens.weight' is F32 .* BF16 .* store keeps the model"):
         restore_latest(other, d)
-    with pytest.raises(livetrain.Error, match="live weights have no tensor 'model.norm.weight'"):
-        restore_latest({k: v for k, v in g1.items() if k != "model.norm.weight"}, d)
+    # A tensor the engine does not serve keeps the files' bytes; one the store lacks is refused.
+    served = {k: v.clone() for k, v in files.items() if k != "model.norm.weight"}
+    with CheckpointStore(d) as store:
+        store.materialize(0)
+    r = restore_latest(served, d)
+    assert r["restored"] and r["not_served"] == ["model.norm.weight"]
+    assert same_bits(served, {k: v for k, v in g1.items() if k != "model.norm.weight"})
+    with pytest.raises(livetrain.Error, match="live weights have a tensor 'lm_head.weight' that the checkpoint store"):
+        restore_latest({**g1, "lm_head.weight": g1["model.norm.weight"]}, d)
     # Elsewhere, and without create: a missing store is an error.
     with pytest.raises(livetrain.Error, match="no checkpoint store"):
         restore_latest(g1, d, tmp_path / "elsewhere", create=False)

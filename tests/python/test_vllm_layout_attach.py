@@ -72,7 +72,8 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
     bad = dict(hf)
     bad["model.norm.weight"] = torch.ones(32, dtype=torch.bfloat16)  # wrong shape
     del bad["model.layers.1.mlp.down_proj.weight"]  # missing on disk
-    bad["extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # unknown to the engine
+    bad["model.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # unknown to the engine
+    bad["mtp.fc.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # outside the text model
     other = tmp_path / "other"
     other.mkdir()
     lst.save_model(other, bad)
@@ -86,6 +87,7 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["ok"] is False and doc["family"] == "llama"
     assert doc["only_in_engine"] == ["model.layers.1.mlp.down_proj.weight"]
-    assert doc["only_on_disk"] == ["extra.weight"]
+    assert doc["only_on_disk"] == ["model.extra.weight"]
+    assert doc["not_served"] == ["mtp.fc.weight"]
     assert doc["mismatched"] == ["model.norm.weight: shape [64] in the engine, [32] on disk"]
     del exported

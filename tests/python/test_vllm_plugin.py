@@ -47,9 +47,11 @@ class VllmLikeModel(torch.nn.Module):
     """A torch module whose parameters have vLLM's names and layout (merged qkv_proj, gate_up_proj, padded
     vocabulary), built from HF tensors with livetrain.layout.merge: what ``get_model()`` returns."""
 
-    def __init__(self, config: dict, hf: dict[str, torch.Tensor], device: str = "cpu"):
+    def __init__(
+        self, config: dict, hf: dict[str, torch.Tensor], device: str = "cpu", tp_rank: int = 0, tp_size: int = 1
+    ):
         super().__init__()
-        for name, t in layout.merge(config, hf).items():
+        for name, t in layout.merge(config, hf, tp_rank=tp_rank, tp_size=tp_size).items():
             owner, _, leaf = name.rpartition(".")
             mod = self
             for part in owner.split(".") if owner else []:
@@ -160,9 +162,13 @@ def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_plac
         assert p.data_ptr() == ptrs[name], f"{name} was reallocated"
         assert torch.equal(p, want[name]), name
 
-    # Tensor parallelism: no restore into shards; the message says how to get there.
-    with pytest.raises(worker.Refused, match=r"tensor parallelism 2.*livetrain checkpoint materialize .* 1"):
-        worker.restore_newer(str(model_dir), params, config, 0, 2, env={})
+    # Tensor parallelism: every rank restores its own shards of the generation.
+    for rank in (1, 0):
+        shard = dict(VllmLikeModel(config, original, tp_rank=rank, tp_size=2).named_parameters())
+        info = worker.restore_newer(str(model_dir), shard, config, rank, 2, env={})
+        assert info == {"store": str(model_dir / ".livetrain-store"), "generation": 1, "restored": True}
+        want = layout.merge(config, trained, tp_rank=rank, tp_size=2)
+        assert all(torch.equal(p, want[n]) for n, p in shard.items()), rank
     # Once the files hold the generation, nothing is left to restore.
     with checkpoint.CheckpointStore(model_dir) as store:
         store.materialize(1)

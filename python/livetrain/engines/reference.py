@@ -57,11 +57,15 @@ class Engine:
             print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
         params = dict(self.model.named_parameters())  # tied weights appear once
         config = json.loads(self.model.config.to_json_string())
+        # The weights under the model files' names (a multimodal checkpoint is served as its text model;
+        # its other tensors are not served): what the store saves and restores. Refuses, at start, a
+        # checkpoint whose names livetrain cannot map, naming its architecture.
+        served = checkpoint.by_file_names({n: p.data for n, p in params.items()}, model_dir)
         # Before the manifest exists: the trainer attaches (and opens the store) only after it, so the
         # store's lock is free by then.
         self.checkpoint = None
         if store:
-            self.checkpoint = checkpoint.restore_latest({n: p.data for n, p in params.items()}, model_dir, store_dir)
+            self.checkpoint = checkpoint.restore_latest(served, model_dir, store_dir)
         if self.device.type == "cpu":
             self.exported = sharing.export_cpu(params, manifest, model_path=model_dir, config=config)
             # Serve from the segment from now on: the trainer's in-place updates land there.

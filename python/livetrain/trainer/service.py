@@ -116,7 +116,7 @@ class Trainer:
     ):
         import transformers
 
-        from livetrain import checkpoint, kernels, optim, sharing
+        from livetrain import checkpoint, kernels, optim, safetensors, sharing
 
         deadline = time.monotonic() + wait_s
         while True:  # the engine writes the manifest once its weights are shared
@@ -145,8 +145,12 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
         self.names = {p: n for n, p in self.model.named_parameters()}
-        # Hugging Face name -> the engine's memory, as the checkpoint store takes them (tied weights once).
-        self.weights = {n: p.data for n, p in self.model.named_parameters()}
+        # The model files' names -> the engine's memory, as the checkpoint store takes them (tied weights once;
+        # a multimodal checkpoint's text model under its names in the files).
+        self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+        # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
+        # trained; the checkpoint store carries them unchanged.
+        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - set(self.weights))
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
@@ -351,6 +355,11 @@ class Trainer:
                 "gradient_checkpointing": self.grad_checkpointing,
                 "kernels": self.kernels,
                 "device": str(self.device),
+                "not_trained": {
+                    "tensors": self.not_trained,
+                    "why": "in the model files but outside the text model this engine serves (e.g. a vision tower "
+                    "or an MTP head): never trained, kept unchanged by the checkpoint store",
+                },
                 "checkpoint": self._checkpoint_status(),
             }
 
