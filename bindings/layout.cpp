@@ -104,6 +104,12 @@ void init_layout(nb::module_& m) {
       "these elements) and unmapped engine names.");
 
   m.def(
+      "layout_check", [](const std::string& config_json) { lo::check_trainable(json::parse(config_json, "config.json")); },
+      nb::arg("config_json"),
+      "Raises UnsupportedError, naming the architecture and what is supported, for a checkpoint livetrain cannot "
+      "train in place whatever the engine: mixture-of-experts, quantized, or a multimodal wrapper without a layout.");
+
+  m.def(
       "layout_plan",
       [](const std::string& config_json, const std::string& engine, uint32_t tp_rank, uint32_t tp_size,
          uint64_t vocab_padding, std::optional<std::tuple<std::string, std::string>> prefixes) {

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model
 
 from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
 
+import qwen35_model  # noqa: E402
 import tiny_model  # noqa: E402
 from tiny_model import FACT, FACT_PROMPT  # noqa: E402
 
@@ -78,18 +79,18 @@ QWEN35_TEXT = dict(
         "mrope_interleaved": True,
     },
 )
-ARCHS = {
-    # head_dim 64 (hidden 256, 4 heads), as vLLM's attention kernels want
-    "llama": dict(model_type="llama", sizes=dict(hidden_size=256, intermediate_size=512, max_position_embeddings=256),
-                  vllm_args=[]),
-    "qwen3_5": dict(model_type="qwen3_5", sizes=QWEN35_TEXT, vllm_args=["--language-model-only"]),
-}
+# vLLM's options for each model: the multimodal checkpoint is served text-only (no vision tower is built).
+ARCHS = {"llama": [], "qwen3_5": ["--language-model-only"]}
 
 
 def make_model(path: Path, arch: str) -> None:
-    """A random bf16 model of ``arch`` (ARCHS) and a tokenizer."""
-    a = ARCHS[arch]
-    tiny_model.make_model_dir(path, CORPUS, a["model_type"], **a["sizes"])
+    """A random bf16 model of ``arch`` and a tokenizer: a Llama of head_dim 64 (hidden 256, 4 heads), as
+    vLLM's attention kernels want; or the Qwen3.5 multimodal checkpoint of tests/python/qwen35_model.py with
+    the text model of QWEN35_TEXT (and its vision tower and MTP head)."""
+    if arch == "qwen3_5":
+        qwen35_model.make_qwen35_dir(path, corpus=CORPUS, text=QWEN35_TEXT)
+    else:
+        tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
 
 
 def outside_text_model(name: str) -> bool:
@@ -133,7 +134,7 @@ class Server:
     """One `vllm serve` with the plugin, its log in OUT/vllm-N.log."""
 
     def __init__(self, n: int, model: Path, env: dict, out: Path, extra: list[str]):
-        # extra: ARCHS' vLLM options, then --vllm-args
+        # extra: the model's vLLM options (ARCHS), then --vllm-args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"vllm-{n}.log"
@@ -191,7 +192,7 @@ class Server:
     def complete(self, prompt: str = FACT_PROMPT) -> str:
         code, body = http(
             self.url + "/v1/completions",
-            {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0},
+            {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0},
             key=KEY,
         )
         if code != 200:
@@ -282,7 +283,7 @@ def main() -> int:
             "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        extra = ARCHS[a.arch]["vllm_args"] + shlex.split(a.vllm_args)
+        extra = ARCHS[a.arch] + shlex.split(a.vllm_args)
 
         s1 = Server(1, model, env, out, extra)
         servers.append(s1)

@@ -124,8 +124,15 @@ struct ModelInfo {
   std::vector<std::string> layer_types;  // "full_attention" or "linear_attention", one per layer
 };
 
-// Reads config.json (already parsed). Unsupported model_type, MoE layers, or a missing/ill-typed field
-// is an Error naming it.
+// Refuses (kUnsupported, naming config.json's architecture and what is supported) a checkpoint that
+// livetrain cannot train in place whatever the engine: mixture-of-experts (by model_type, by an
+// architecture named *Moe*, or by an expert count: num_experts, num_local_experts, n_routed_experts),
+// quantized (quantization_config), or a multimodal wrapper without a layout. A dense model of a family
+// without a layout passes: an engine that serves tensors under their Hugging Face names needs none.
+void check_trainable(const json::Value& config);
+
+// Reads config.json (already parsed): check_trainable, then the family's fields. A model_type without
+// a layout, MoE layers, or a missing/ill-typed field is an Error naming it.
 ModelInfo model_info(const json::Value& config);
 
 // Step (2) of the layout, the inverse of the views: how the engine builds each of its tensors from HF

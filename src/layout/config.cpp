@@ -1,6 +1,7 @@
 // Reads a model's config.json into ModelInfo through a table of families, so that no model's sizes are
 // ever constants here.
 #include <algorithm>
+#include <cctype>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,47 @@ std::string architecture(const json::Value& config) {
 }
 
 std::string named(const std::string& arch) { return arch.empty() ? std::string() : " (architecture " + arch + ")"; }
+
+// A multimodal wrapper's text config (an object), or nullptr.
+const json::Value* text_config(const json::Value& config) {
+  const json::Value* text = config.find("text_config");
+  return text != nullptr && text->is_object() ? text : nullptr;
+}
+
+// config.json's model_type (the text config's, inside a multimodal wrapper).
+std::string model_type_of(const json::Value& config) {
+  if (!config.is_object()) throw Error(ErrorCode::kFormat, "config.json: not a JSON object");
+  const json::Value* text = text_config(config);
+  const json::Value* type_value = nullptr;
+  if (text != nullptr) type_value = text->find("model_type");
+  if (type_value == nullptr) type_value = config.find("model_type");
+  if (type_value == nullptr || !type_value->is_string()) {
+    throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
+  }
+  return type_value->as_string();
+}
+
+// Experts per MoE layer as configs of the MoE families name the count (transformers' Qwen2/3 MoE, Mixtral,
+// DeepSeek); 0 when none is set. Qwen3-Next declares its MoE layers one by one (reject_moe_layers).
+uint64_t expert_count(const json::Value& config, const json::Value* text) {
+  for (const json::Value* cfg : {text, &config}) {
+    if (cfg == nullptr) continue;
+    for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
+      const json::Value* v = cfg->find(key);
+      if (v == nullptr || v->is_null()) continue;
+      if (auto n = v->as_u64(); n && *n > 0) return *n;
+    }
+  }
+  return 0;
+}
+
+// Whether an architecture's class name says mixture-of-experts (Qwen3MoeForCausalLM, OlmoeForCausalLM,
+// PhiMoEForCausalLM, ...).
+bool moe_architecture(const std::string& arch) {
+  std::string lower(arch);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  return lower.find("moe") != std::string::npos;
+}
 
 std::string supported_list() {
   std::string out;
@@ -149,7 +191,7 @@ std::vector<std::string> hybrid_layer_types(const Fields& f, uint64_t num_layers
 
 // Qwen3-Next declares MoE per layer (vLLM Qwen3NextDecoderLayer): layers outside mlp_only_layers whose
 // index + 1 is a multiple of decoder_sparse_step are sparse when num_experts > 0.
-void reject_moe_layers(const Fields& f, uint64_t num_layers) {
+void reject_moe_layers(const Fields& f, uint64_t num_layers, const std::string& arch) {
   uint64_t experts = f.u64_or("num_experts", 512);  // Qwen3NextConfig's default
   if (experts == 0) return;
   uint64_t step = f.u64_or("decoder_sparse_step", 1);
@@ -166,42 +208,29 @@ void reject_moe_layers(const Fields& f, uint64_t num_layers) {
     bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end();
     if (!dense && step != 0 && (i + 1) % step == 0) {
       throw Error(ErrorCode::kUnsupported,
-                  "config.json: layer " + std::to_string(i) + " is a mixture-of-experts layer (num_experts " +
-                      std::to_string(experts) +
-                      "); vLLM re-lays out expert weights after load, so livetrain cannot view them");
+                  "config.json" + named(arch) + ": layer " + std::to_string(i) +
+                      " is a mixture-of-experts layer (num_experts " + std::to_string(experts) +
+                      "); vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
+                      "trains dense models (supported: " + supported_list() + ")");
     }
   }
 }
 
 }  // namespace
 
-ModelInfo model_info(const json::Value& config) {
-  if (!config.is_object()) throw Error(ErrorCode::kFormat, "config.json: not a JSON object");
-  const json::Value* text = config.find("text_config");
-  if (text != nullptr && !text->is_object()) text = nullptr;
-  const json::Value* type_value = nullptr;
-  if (text != nullptr) type_value = text->find("model_type");
-  if (type_value == nullptr) type_value = config.find("model_type");
-  if (type_value == nullptr || !type_value->is_string()) {
-    throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
-  }
-  const std::string& type = type_value->as_string();
+void check_trainable(const json::Value& config) {
+  const std::string type = model_type_of(config);
+  const json::Value* text = text_config(config);
   const std::string arch = architecture(config);
-  for (const char* moe : kMoeTypes) {
-    if (type == moe) {
-      throw Error(ErrorCode::kUnsupported,
-                  "config.json: model_type \"" + type + "\"" + named(arch) +
-                      " is mixture-of-experts; vLLM re-lays out expert weights after load, so livetrain "
-                      "cannot view them (supported: " + supported_list() + ")");
-    }
-  }
-  const Family* fam = nullptr;
-  for (const Family& f : kFamilies) {
-    if (type == f.model_type) fam = &f;
-  }
-  if (fam == nullptr) {
-    throw Error(ErrorCode::kUnsupported, "config.json: model_type \"" + type + "\"" + named(arch) +
-                                             " has no layout (supported: " + supported_list() + ")");
+  // Mixture-of-experts, by type, by class name or by expert count (Qwen3-Next: per layer, in model_info).
+  const bool moe_type = std::any_of(std::begin(kMoeTypes), std::end(kMoeTypes), [&](const char* m) { return type == m; });
+  const uint64_t experts = type == "qwen3_next" ? 0 : expert_count(config, text);
+  if (moe_type || moe_architecture(arch) || experts > 0) {
+    throw Error(ErrorCode::kUnsupported,
+                "config.json: model_type \"" + type + "\"" + named(arch) + " is mixture-of-experts" +
+                    (experts > 0 ? " (" + std::to_string(experts) + " experts)" : std::string()) +
+                    "; vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
+                    "trains dense models (supported: " + supported_list() + ")");
   }
   // Quantized weights are packed (and come with scales): a view of them is not the HF parameter.
   for (const json::Value* cfg : {&config, text}) {
@@ -221,6 +250,21 @@ ModelInfo model_info(const json::Value& config) {
     throw Error(ErrorCode::kUnsupported, "config.json: architecture " + arch + " wraps a \"" + type +
                                              "\" text model in a way livetrain has no layout for (supported "
                                              "multimodal wrappers: " + wrappers + ")");
+  }
+}
+
+ModelInfo model_info(const json::Value& config) {
+  check_trainable(config);
+  const std::string type = model_type_of(config);
+  const json::Value* text = text_config(config);
+  const std::string arch = architecture(config);
+  const Family* fam = nullptr;
+  for (const Family& f : kFamilies) {
+    if (type == f.model_type) fam = &f;
+  }
+  if (fam == nullptr) {
+    throw Error(ErrorCode::kUnsupported, "config.json: model_type \"" + type + "\"" + named(arch) +
+                                             " has no layout (supported: " + supported_list() + ")");
   }
 
   Fields f(config, text);
@@ -280,7 +324,7 @@ ModelInfo model_info(const json::Value& config) {
                                       "linear_num_key_heads");
     }
     m.layer_types = hybrid_layer_types(f, m.num_layers);
-    if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers);
+    if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers, arch);
   } else {
     m.layer_types.assign(m.num_layers, "full_attention");
   }

@@ -234,6 +234,40 @@ TEST(Layout, QuantizedCheckpointsAndUnknownWrappersNameTheArchitecture) {
   EXPECT_FALSE(lo::in_text_model(info, "mtp.fc.weight"));
 }
 
+// Issue #15: what no engine can train in place is refused before anything loads (check_trainable), whatever
+// names the MoE: its model_type, its architecture, or an expert count; a dense family without a layout
+// passes it (the reference engine serves it under HF names) and only the layout refuses it.
+TEST(Layout, CheckTrainableRefusesMixtureOfExpertsByTypeArchitectureOrExpertCount) {
+  auto refused = [](const char* config) {
+    Error e = error_of([&] { lo::check_trainable(json::parse(config)); });
+    EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+    EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("supported: llama"), std::string::npos) << e.what();
+    return std::string(e.what());
+  };
+  EXPECT_NE(refused(R"({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]})").find("architecture OlmoeForCausalLM"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"model_type": "deepseek_v3", "n_routed_experts": 256})").find("(256 experts)"), std::string::npos);
+  EXPECT_NE(refused(R"({"model_type": "llama", "num_local_experts": 8})").find("\"llama\""), std::string::npos);
+  refused(R"({"model_type": "qwen3_5", "text_config": {"model_type": "qwen3_5_moe_text", "num_experts": 256}})");
+  // Dense: no expert count, or zero experts.
+  lo::check_trainable(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})"));
+  lo::check_trainable(json::parse(R"({"model_type": "llama", "num_experts": 0})"));
+  lo::check_trainable(json::parse(kLlama));
+  Error e = error_of([] { lo::model_info(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})")); });
+  EXPECT_NE(std::string(e.what()).find("has no layout"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("GPT2LMHeadModel"), std::string::npos) << e.what();
+  // Qwen3-Next names its MoE layers one by one: the layout refuses the first, naming the architecture.
+  const char* next = R"({"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "num_experts": 8,
+      "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 8,
+      "linear_num_key_heads": 1, "linear_num_value_heads": 1, "linear_key_head_dim": 1, "linear_value_head_dim": 1,
+      "linear_conv_kernel_dim": 1})";
+  lo::check_trainable(json::parse(next));
+  e = error_of([&] { lo::model_info(json::parse(next)); });
+  EXPECT_NE(std::string(e.what()).find("(architecture Qwen3NextForCausalLM): layer 0 is a mixture-of-experts layer"),
+            std::string::npos) << e.what();
+}
+
 TEST(Layout, EngineMismatchesAreNamed) {
   json::Value c = json::parse(kLlama);
   auto o = vllm(0, 2);

@@ -133,6 +133,34 @@ def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+MOE = [
+    ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3MoeForCausalLM"),
+    ({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]}, "OlmoeForCausalLM"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_local_experts": 8}, "(8 experts)"),
+]
+
+
+@pytest.mark.parametrize("config,named", MOE, ids=[m[1] for m in MOE])
+def test_a_checkpoint_livetrain_cannot_train_is_refused_before_loading_and_before_exporting(tmp_path, config, named):
+    """vLLM serves mixture-of-experts models, but re-lays their experts out: refused by the worker before the
+    model loads (vLLM >= 0.33 calls init_worker_extension first) and again before anything is shared, the
+    message naming the architecture and what is supported."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    w = plain_worker(model, None)  # no weights needed: refused from config.json alone
+    for call in (
+        lambda: worker.WorkerExtension.init_worker_extension(w),
+        lambda: worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run")),
+    ):
+        with pytest.raises(worker.Refused, match="livetrain cannot train this vLLM in place") as e:
+            call()
+        assert named in str(e.value) and "mixture-of-experts" in str(e.value) and "supported: llama" in str(e.value)
+    assert not (tmp_path / "run").exists() and not (model / ".livetrain-store").exists()
+    # A model whose files are not on disk yet (a repo id vLLM has not downloaded) is checked at export.
+    worker.WorkerExtension.init_worker_extension(plain_worker("org/not-downloaded", None))
+
+
 # ---- restore at start-up ----
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen3", True)])
 def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_place(tmp_path, model_type, tied):

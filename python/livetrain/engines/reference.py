@@ -44,8 +44,11 @@ class Engine:
     ):
         import transformers
 
-        from livetrain import checkpoint, kernels, sharing
+        from livetrain import checkpoint, kernels, layout, sharing
 
+        # Before minutes of loading: a checkpoint livetrain cannot train in place (mixture-of-experts,
+        # quantized, an unknown multimodal wrapper) is refused, naming its architecture and what is supported.
+        layout.check(model_dir)
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -78,8 +78,25 @@ def refusals(facts: api.Facts, env=os.environ) -> list[str]:
     return out
 
 
-def raise_refusals(facts: api.Facts, env=os.environ) -> None:
+def model_refusal(config: dict, tp_size: int) -> str | None:
+    """Why the layouts cannot map this checkpoint onto vLLM's tensors (mixture-of-experts, quantized, a
+    model family or multimodal wrapper without a layout, a TP size its heads do not divide), naming its
+    architecture and what is supported; None when they can."""
+    from livetrain import Error, layout
+
+    try:
+        layout.plan(config, engine="vllm", tp_size=tp_size)
+    except Error as e:
+        return str(e)
+    return None
+
+
+def raise_refusals(facts: api.Facts, env=os.environ, config: dict | None = None) -> None:
+    """Refused: what ``refusals`` finds, and with the model's ``config``, what ``model_refusal`` finds."""
     problems = refusals(facts, env)
+    problem = model_refusal(config, facts.tensor_parallel) if config is not None else None
+    if problem:
+        problems.append(problem)
     if problems:
         raise Refused("livetrain cannot train this vLLM in place: " + "; ".join(problems))
 
@@ -164,6 +181,9 @@ def _export(worker, run_dir: str, env) -> dict:
 
     facts = api.config_facts(api.worker_config(worker))
     raise_refusals(facts, env)
+    model_dir = resolve_model_dir(facts.model, facts.revision)
+    config = read_config(model_dir)
+    raise_refusals(facts, env, config)  # the checkpoint itself, before its store is created or anything shared
     tp_rank, tp_size = api.tp_rank_size(worker)
     params = dict(api.worker_model(worker).named_parameters())
     elsewhere = next(((n, t.device) for n, t in params.items() if t.device.type != "cuda"), None)
@@ -172,8 +192,6 @@ def _export(worker, run_dir: str, env) -> dict:
             f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
             "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported"
         )
-    model_dir = resolve_model_dir(facts.model, facts.revision)
-    config = read_config(model_dir)
     restored = restore_newer(model_dir, params, config, tp_rank, tp_size, env)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = manifest_path(run_dir, tp_rank)
@@ -200,9 +218,15 @@ class WorkerExtension:
 
     def init_worker_extension(self) -> None:
         """vLLM >= 0.33 calls this after device initialisation and before the model loads: a configuration
-        livetrain refuses fails here, before minutes of loading."""
+        or a checkpoint (when its files are on disk already) livetrain refuses fails here, before minutes of
+        loading."""
+        facts = api.config_facts(api.worker_config(self))
         try:
-            raise_refusals(api.config_facts(api.worker_config(self)))
+            config = read_config(resolve_model_dir(facts.model, facts.revision))
+        except Refused:  # not downloaded yet: livetrain_export checks it after vLLM has loaded it
+            config = None
+        try:
+            raise_refusals(facts, config=config)
         except Refused as e:
             logger.error("%s", e)
             raise
