@@ -133,3 +133,55 @@ def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
         assert f"\n{step} " in r.stdout, step
     r = run(["bash", "scripts/gpu.sh", "build", "bench-nothing"])
     assert r.returncode == 2 and "unknown step bench-nothing" in r.stderr
+
+
+def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
+    """scripts/vllm_gpu_run.py --arch qwen3_5 with a CPU engine in vLLM's layout in place of vLLM: the worker's
+    start-up restore, the plugin's trainer (the text model built on the views), steps, POST /checkpoint's
+    save, the store's head written out, a restart's restore, and materialize: the vision and MTP tensors
+    stay bit-identical to the original files, the text model's are the trained ones everywhere."""
+    from livetrain import checkpoint, layout, sharing
+    from livetrain.trainer import options
+    from livetrain.trainer.examples import parse_job
+    from livetrain.trainer.service import Trainer
+    from livetrain.vllm import worker
+
+    import tiny_model
+
+    vr = load(ROOT / "scripts" / "vllm_gpu_run.py", "vllm_gpu_run")
+    model, store = tmp_path / "model", tmp_path / "model" / ".livetrain-store"
+    vr.make_model(model, "qwen3_5")
+    original = vr.model_tensors(model)
+    config = json.loads((model / "config.json").read_text())
+    checkpoint.CheckpointStore.create(model, store).close()
+    env = {worker.STORE_ENV: str(store)}
+
+    def engine():  # what vLLM loads from the files: the text model, in its layout
+        return layout.merge(config, {n: t for n, t in original.items() if not vr.outside_text_model(n)}, engine="vllm")
+
+    served = engine()
+    assert not worker.restore_newer(str(model), served, config, 0, 1, env=env)["restored"]
+    exported = sharing.export_cpu(served, tmp_path / "tp0.json", model_path=model, config=config, engine="vllm")
+    settings = options.parse(["--state-dir", str(tmp_path / "state"), "--store", str(store), "--lr", "1e-2"])
+    trainer = Trainer(str(tmp_path / "tp0.json"), str(model), settings)
+    try:
+        job = parse_job(trainer.tokenizer, {"examples": tiny_model.FACT_EXAMPLES}, 64, 10)
+        trainer.step(job["examples"])
+        saved = trainer.checkpoint().body
+        assert saved["written"] and saved["generation"] == 1
+    finally:
+        trainer.close()
+    trained = {n: t.clone() for n, t in exported.tensors.items()}
+    exported.close()
+    with checkpoint.CheckpointStore(model, store) as s:
+        s.restore(s.head, out_dir=tmp_path / "head")
+    head = vr.model_tensors(tmp_path / "head")
+    assert vr.compare_outside(original, head, "head")["outside_identical"] == sum(map(vr.outside_text_model, original))
+    restarted = engine()
+    assert worker.restore_newer(str(model), restarted, config, 0, 1, env=env)["restored"]
+    assert all(torch.equal(restarted[n], trained[n]) for n in trained)
+    with checkpoint.CheckpointStore(model, store) as s:
+        s.materialize(s.head)
+    files = vr.model_tensors(model)
+    vr.compare_outside(original, files, "materialized")
+    assert [n for n in head if not vr.torch_equal_bytes(head[n], files[n])] == []
