@@ -39,6 +39,19 @@ std::vector<checkpoint::LiveTensor> live_tensors(const std::vector<TensorArg>& a
   return out;
 }
 
+checkpoint::OpenOptions open_options(uint32_t rank, uint32_t ranks, const std::optional<std::vector<HeldArg>>& held,
+                                     const std::string& group) {
+  checkpoint::OpenOptions o;
+  o.rank = rank;
+  o.ranks = ranks;
+  o.group = group;
+  if (held) {
+    o.held.emplace();
+    for (const auto& [name, start, shape] : *held) o.held->push_back(checkpoint::HeldRegion{name, {start, shape}});
+  }
+  return o;
+}
+
 nb::object hash_or_none(const std::optional<uint64_t>& h) {
   return h ? nb::cast(checkpoint::hash_hex(*h)) : nb::none();
 }
@@ -162,23 +175,20 @@ void init_checkpoint(nb::module_& m) {
                           "lock and a host copy of the head generation until close().")
       .def_static(
           "create",
-          [](const std::string& model_dir, const std::string& store_dir) {
+          [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
+             std::optional<std::vector<HeldArg>> held, const std::string& group) {
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
             nb::gil_scoped_release release;
-            return checkpoint::Store::create(model_dir, store_dir);
+            return checkpoint::Store::create(model_dir, store_dir, o);
           },
-          nb::arg("model_dir"), nb::arg("store_dir") = "")
+          nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
+          nb::arg("held") = nb::none(), nb::arg("group") = "",
+          "Creates a store (generation 0 = the model files), then opens it as open() does.")
       .def_static(
           "open",
           [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
              std::optional<std::vector<HeldArg>> held, const std::string& group) {
-            checkpoint::OpenOptions o;
-            o.rank = rank;
-            o.ranks = ranks;
-            o.group = group;
-            if (held) {
-              o.held.emplace();
-              for (const auto& [name, start, shape] : *held) o.held->push_back(checkpoint::HeldRegion{name, {start, shape}});
-            }
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
             nb::gil_scoped_release release;
             return checkpoint::Store::open(model_dir, store_dir, o);
           },

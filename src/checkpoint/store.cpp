@@ -139,6 +139,10 @@ std::string default_store_dir(const std::string& model_dir) {
 }
 
 Store Store::create(const std::string& model_dir, const std::string& store_dir) {
+  return create(model_dir, store_dir, OpenOptions{});
+}
+
+Store Store::create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options) {
   std::string dir = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
   if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
     throw Error(ErrorCode::kInvalidArg, "a checkpoint store already exists at " + dir);
@@ -168,7 +172,7 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir) 
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create store directory " + dir);
   fs::fsync_dir(fs::dirname(dir));
   fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
-  return open(model_dir, dir);
+  return open(model_dir, dir, options);
 }
 
 namespace {

@@ -135,6 +135,8 @@ class Store {
   // Creates a store for the model directory (generation 0 = the files as they are now). Fails if one
   // exists. An empty `store_dir` means default_store_dir(model_dir).
   static Store create(const std::string& model_dir, const std::string& store_dir = "");
+  // The same, then opened with `options` (e.g. without a head copy: held = {}).
+  static Store create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options);
   // Opens a store: takes its lock (kBusy if another process holds it), finishes or discards a leftover
   // journal, removes uncommitted files, checks the model files against the commit's hashes, and loads
   // the head generation into host memory.
