@@ -21,7 +21,13 @@
 #                               checkpoint served text-only, vision/MTP kept)
 # vllm-transfer   7 min         bench/vllm_transfer.py: livetrain in place vs vLLM's   transfer.{md,json}
 #                               IPC weight transfer, same vLLM server, 8B shape
-# all                           every step above in order (several commands' worth)
+# sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
+#                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
+#                               and 27B shapes, each in its own process with a time
+#                               limit (SWEEP_OPTIM_S, default 150 s; SWEEP_CHECKPOINT_S,
+#                               default 270 s; SWEEP_GIB, default 6); a failing setting
+#                               is reported in its row and the sweep goes on
+# all                           every step above but sweep, in order (several commands' worth)
 #
 # The vLLM steps, the serve benchmarks and bench-gdn need the packages the GPU machine lacks (vLLM 0.26.0,
 # fastapi/uvicorn, flash-linear-attention; requirements/gpu-machine.txt), carried there by
@@ -46,8 +52,8 @@ steps=("$@")
 if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
 if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
 for s in "${steps[@]}"; do
-  if [[ " ${known[*]} " != *" $s "* ]]; then
-    echo "gpu.sh: unknown step $s (steps: ${known[*]}, all)" >&2
+  if [[ " ${known[*]} sweep " != *" $s "* ]]; then
+    echo "gpu.sh: unknown step $s (steps: ${known[*]}, sweep, all)" >&2
     exit 2
   fi
 done
@@ -79,7 +85,7 @@ run_step() {
     local gencode=()
     if [ -n "${GPU_GENCODE:-}" ]; then gencode=(-DLIVETRAIN_CUDA_GENCODE="$GPU_GENCODE"); fi
     cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v "$py")" -DLIVETRAIN_TESTS=OFF \
-      -DCMAKE_BUILD_TYPE=Release "${gencode[@]}" > "$out/build.log" 2>&1 &&
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="--threads=0" "${gencode[@]}" > "$out/build.log" 2>&1 &&
       cmake --build build-gpu -j "$(nproc)" >> "$out/build.log" 2>&1
     rc=$?
     if [ $rc != 0 ]; then tail -50 "$out/build.log"; return $rc; fi
@@ -115,6 +121,13 @@ run_step() {
   vllm-transfer)
     bash scripts/vllm_gpu_run.sh bench/vllm_transfer.py 2>&1 | tee "$out/transfer-log.txt" | tail -30
     rc=${PIPESTATUS[0]}
+    ;;
+  sweep)
+    echo "== bench/optim.py --sweep (8b, 27b; limit ${SWEEP_OPTIM_S:-150} s)"
+    timeout "${SWEEP_OPTIM_S:-150}" "$py" bench/optim.py --sweep --json "$out/sweep-optim.json" 2>&1 | tee "$out/sweep-optim.txt"
+    echo "== bench/checkpoint.py --sweep (8b, 27b at ${SWEEP_GIB:-6} GiB; limit ${SWEEP_CHECKPOINT_S:-270} s)"
+    timeout "${SWEEP_CHECKPOINT_S:-270}" "$py" bench/checkpoint.py --sweep --gib "${SWEEP_GIB:-6}" \
+      --json "$out/sweep-checkpoint.json" 2>&1 | tee "$out/sweep-checkpoint.txt"
     ;;
   esac
   echo "gpu.sh: $step exited $rc"

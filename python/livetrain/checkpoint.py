@@ -179,8 +179,20 @@ class CheckpointStore:
         self.created = False  # set by open_store when it made the store
 
     @classmethod
-    def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
-        return cls(model_dir, store_dir, _core_store=_core.CheckpointStore.create(str(model_dir), str(store_dir or "")))
+    def create(
+        cls,
+        model_dir: str | os.PathLike,
+        store_dir: str | os.PathLike | None = None,
+        *,
+        rank: int = 0,
+        ranks: int = 1,
+        held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+        group: str = "",
+    ) -> "CheckpointStore":
+        """Creates the store (generation 0 = the model files as they are; fails if one exists), then opens it
+        with the options ``CheckpointStore()`` takes: e.g. ``held=[]`` keeps no head copy."""
+        core = _core.CheckpointStore.create(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group)
+        return cls(model_dir, store_dir, _core_store=core)
 
     def __enter__(self):
         return self
@@ -385,10 +397,7 @@ def open_store(
     options = dict(rank=rank, ranks=ranks, held=held, group=group)
     if create and rank == 0 and not store_exists(model_dir, path):
         try:
-            store = CheckpointStore.create(model_dir, path)
-            if held is not None or ranks != 1 or group:
-                store.close()  # reopened with this process's options (its head copy)
-                store = CheckpointStore(model_dir, path, **options)
+            store = CheckpointStore.create(model_dir, path, **options)
             store.created = True
             return store
         except _core.Error:

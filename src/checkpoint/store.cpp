@@ -28,6 +28,7 @@
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -79,6 +80,124 @@ class PartQueue {
   std::condition_variable cv_;
   std::deque<std::string> parts_;
   bool closed_ = false, aborted_ = false;
+};
+
+// Encodes a save's records on its own thread, in tensor order, as the diff completes tensors (all at once
+// unless checkpoint.pipeline); finished records wait in `records` for the writer. `kinds` holds one record
+// per diffed tensor or region (name, dtype, units, region) for the encoder to complete with the diff's
+// counts, bitmaps and values: a save's whole tensors and a save_part's regions go the same way. Records are encoded in
+// batches of whole tensors with enough blocks between them to keep every CPU thread busy, or fewer when
+// the diff has not completed more.
+class RecordEncoder {
+ public:
+  RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
+      : kinds_(std::move(kinds)), d_(d), progress_(progress),
+        batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
+        thread_([this] { run(); }) {}
+  ~RecordEncoder() {
+    if (thread_.joinable()) {
+      abort();
+      thread_.join();
+    }
+  }
+  RecordEncoder(const RecordEncoder&) = delete;
+  RecordEncoder& operator=(const RecordEncoder&) = delete;
+
+  // Tensors [0, done) are complete, their bitmaps and values at these bases (from the diff's thread).
+  void ready(size_t done, const uint8_t* bitmaps, const uint8_t* values) {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = std::max(done_, done);
+    bitmaps_ = bitmaps;
+    values_ = values;
+    cv_.notify_one();
+  }
+  // No more tensors will become ready (the diff returned, or failed).
+  void end_of_input() {
+    std::lock_guard<std::mutex> lock(mu_);
+    input_over_ = true;
+    cv_.notify_one();
+  }
+  void abort() {
+    records.abort();
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    cv_.notify_one();
+  }
+  // Waits for the thread; rethrows what the encoding threw. Returns the seconds spent encoding.
+  double join() {
+    end_of_input();
+    thread_.join();
+    if (error_) std::rethrow_exception(error_);
+    return busy_seconds_;
+  }
+
+  PartQueue records;
+  std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
+
+ private:
+  void run() {
+    try {
+      size_t next = 0;
+      while (true) {
+        size_t done;
+        const uint8_t *bitmaps, *values;
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return aborted_ || input_over_ || done_ > next; });
+          if (aborted_ || done_ <= next) break;  // aborted, or the input is over and all of it encoded
+          done = done_;
+          bitmaps = bitmaps_;
+          values = values_;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        encode(next, done, bitmaps, values);
+        busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        next = done;
+      }
+      finished_at = std::chrono::steady_clock::now();
+      records.close();
+    } catch (...) {
+      error_ = std::current_exception();
+      records.abort();
+    }
+  }
+
+  void encode(size_t begin, size_t end, const uint8_t* bitmaps, const uint8_t* values) {
+    std::vector<RecordParts> batch;
+    uint64_t blocks = 0;
+    for (size_t i = begin; i < end && !records.aborted(); ++i) {
+      if (d_.changed[i]) {
+        RecordParts r = kinds_[i];
+        r.changed = d_.changed[i];
+        r.bitmap = bitmaps + d_.bitmap_offset[i];
+        r.values = values + d_.value_offset[i];
+        batch.push_back(std::move(r));
+        blocks += (kinds_[i].units + kBlockUnits - 1) / kBlockUnits;
+      }
+      if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
+        report(progress_, "encode and write", i + 1, kinds_.size());
+        std::vector<std::string> recs;
+        encode_records(batch, recs);
+        for (auto& rec : recs) records.push(std::move(rec));
+        batch.clear();
+        blocks = 0;
+      }
+    }
+  }
+
+  const std::vector<RecordParts> kinds_;
+  const DiffOutput& d_;
+  const Progress& progress_;
+  const uint64_t batch_blocks_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t done_ = 0;
+  const uint8_t* bitmaps_ = nullptr;
+  const uint8_t* values_ = nullptr;
+  bool input_over_ = false, aborted_ = false;
+  std::exception_ptr error_;
+  double busy_seconds_ = 0;
+  std::thread thread_;  // last: starts once everything above is initialized
 };
 
 }  // namespace
@@ -560,6 +679,7 @@ void Store::move_head(Written& w) {
                w.out.values.data + w.out.value_offset[i]);
     }
   }
+  diff_workspace_.digests.reset();  // the head copy changed outside the GPU diff: its digests are stale
   w.head_moved = !w.head_moved;
 }
 
@@ -586,11 +706,23 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     w.diff[i] = DiffTensor{live[i].live->data, device >= 0 ? head_.gpu_tensor(w.held[i]) : head_.tensor(w.held[i]),
                            live[i].nbytes / unit, unit};
   }
-  // The diff: bitmaps and the changed elements' XOR values, in host memory either way.
+  // The diff: bitmaps and the changed elements' XOR values, in host memory either way. The encoder runs
+  // beside it (checkpoint.pipeline: it starts on the tensors the GPU diff has completed) or after it.
   report(progress, device >= 0 ? "diff on the GPU" : "diff", 0, n);
   using clock = std::chrono::steady_clock;
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   auto t0 = clock::now();
+  std::vector<RecordParts> kinds(n);
+  for (size_t i = 0; i < n; ++i) {
+    const TensorEntry& t = commit_.tensors[live[i].tensor];
+    kinds[i].name = t.name;
+    kinds[i].dtype = t.dtype;
+    kinds[i].units = w.diff[i].units;
+    if (!is_whole(live[i].region, t.shape)) kinds[i].region = live[i].region;
+  }
+  const bool pipeline = device >= 0 && tuning::get(tuning::kCheckpointPipeline) == 1;
+  std::optional<RecordEncoder> encoder;
+  if (pipeline) encoder.emplace(kinds, w.out, progress);
   if (device >= 0) {
     if (!diff_workspace_.bitmaps.data) {
       // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
@@ -599,7 +731,16 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       diff_workspace_reserve(diff_workspace_, bitmap_bytes, w.model_bytes / 4);
     }
     // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
-    delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true);
+    try {
+      delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true, [&](size_t done, const uint8_t* b, const uint8_t* v) {
+        if (encoder) encoder->ready(done, b, v);
+      });
+    } catch (...) {
+      // Part of the head copy may have moved: it matches no generation any more.
+      broken_ = true;
+      diff_workspace_.digests.reset();
+      throw;
+    }
     w.head_moved = true;
   } else {
     delta_diff_cpu(w.diff, w.out);
@@ -610,69 +751,50 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     w.changed += w.out.changed[i];
     count += w.out.changed[i] ? 1 : 0;
   }
-  if (w.changed == 0 && !write_if_unchanged) return false;  // nothing changed: the head copy was not touched either
+  if (w.changed == 0 && !write_if_unchanged) {
+    if (encoder) w.encode_seconds = encoder->join();  // it had nothing to encode
+    return false;  // nothing changed: the head copy was not touched either
+  }
+  if (!encoder) {
+    encoder.emplace(std::move(kinds), w.out, progress);
+    encoder->ready(n, w.out.bitmaps.data, w.out.values.data);
+  }
+  encoder->end_of_input();  // the diff is over: the encoder stops once it has encoded every tensor
   t0 = clock::now();
   // The head copy follows the delta being written: the same bitmaps and values the file is encoded
-  // from. It is updated by the GPU diff, or (CPU path) while the writer drains, and XORed back (deltas
-  // are self-inverse) if the file is not written.
+  // from. It is updated by the GPU diff, or (CPU path) once encoded, and XORed back (deltas are
+  // self-inverse) if the file is not written.
   try {
-    // Encoding and writing overlap: this thread encodes the records in order (each in parallel over its
-    // blocks), a writer thread appends each finished record to the temporary file and hashes it.
+    // Encoding and writing overlap: the encoder's thread encodes the records in order (each batch in
+    // parallel over its blocks), this thread appends each finished record to the temporary file and
+    // hashes it.
     fs::write_file_atomic(path, [&](fs::Writer& fw) {
-      PartQueue queue;
       Xxh64Stream hash;
-      std::exception_ptr write_error;
-      std::thread writer([&] {
-        try {
-          while (std::optional<std::string> part = queue.pop()) {
-            hash.update(part->data(), part->size());
-            fw.write(*part);
-          }
-        } catch (...) {
-          write_error = std::current_exception();
-          queue.abort();
-        }
-      });
       try {
-        queue.push(header(count));
-        // Records in batches of whole tensors with enough blocks between them to keep every thread busy.
-        const uint64_t batch_blocks = 8 * static_cast<uint64_t>(num_threads());
-        std::vector<RecordParts> batch;
-        uint64_t blocks = 0;
-        for (size_t i = 0; i < n && !queue.aborted(); ++i) {
-          if (w.out.changed[i]) {
-            const TensorEntry& t = commit_.tensors[live[i].tensor];
-            RecordParts r{t.name, t.dtype, w.diff[i].units, w.out.changed[i], w.out.bitmaps.data + w.out.bitmap_offset[i],
-                          w.out.values.data + w.out.value_offset[i], {}};
-            if (!is_whole(live[i].region, t.shape)) r.region = live[i].region;
-            batch.push_back(std::move(r));
-            blocks += (w.diff[i].units + kBlockUnits - 1) / kBlockUnits;
-          }
-          if (!batch.empty() && (blocks >= batch_blocks || i + 1 == n)) {
-            report(progress, "encode and write", i + 1, n);
-            std::vector<std::string> recs;
-            encode_records(batch, recs);
-            for (auto& rec : recs) queue.push(std::move(rec));
-            batch.clear();
-            blocks = 0;
-          }
+        const std::string head = header(count);
+        hash.update(head.data(), head.size());
+        fw.write(head);
+        while (std::optional<std::string> part = encoder->records.pop()) {
+          hash.update(part->data(), part->size());
+          fw.write(*part);
         }
-        w.encode_seconds = seconds_since(t0);
-        t0 = clock::now();
-        if (!queue.aborted() && !w.head_moved) move_head(w);
       } catch (...) {
-        queue.abort();
-        writer.join();
+        encoder->abort();
+        try {
+          (void)encoder->join();
+        } catch (...) {  // its own error, if any, is secondary to this one
+        }
         throw;
       }
-      queue.close();
-      writer.join();
-      if (write_error) std::rethrow_exception(write_error);
+      w.encode_seconds = encoder->join();  // rethrows an encoding error (the records stopped early)
+      t0 = encoder->finished_at;
+      if (!w.head_moved) move_head(w);
       w.hash = hash.digest();
       fw.write(&w.hash, 8);
       w.bytes = fw.bytes_written();
     });
   } catch (...) {
+    encoder.reset();
     if (w.head_moved) move_head(w);
     throw;
   }
@@ -959,6 +1081,7 @@ void Store::sync() {
   const uint64_t from = head_generation_;
   commit_ = std::move(c);
   if (from == commit_.head) return;
+  diff_workspace_.digests.reset();  // the head copy moves to generations other ranks committed
   std::vector<Target> targets;
   for (size_t i = 0; i < held_.size(); ++i) targets.push_back(Target{held_[i].tensor, held_[i].region, head_.tensor(i)});
   if (from >= commit_.oldest) {

@@ -304,9 +304,25 @@ def test_kv_heads_shared_by_ranks_are_saved_once(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
-def test_cuda_parts_equal_cpu_parts(qwen35, tmp_path):
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, {"checkpoint.pipeline": 1, "checkpoint.diff": 1, "checkpoint.digests": 1, "checkpoint.group_mib": 1}],
+    ids=["defaults", "pipeline-onepass-digests"],
+)
+def test_cuda_parts_equal_cpu_parts(qwen35, tmp_path, knobs):
     """Parts saved from CUDA shards (diffed on the GPU against each rank's page-locked head copy of its
-    regions) are byte-identical to parts saved from the same weights on the CPU; both restore bit-exact."""
+    regions) are byte-identical to parts saved from the same weights on the CPU; both restore bit-exact. Under
+    the default tuning and with every GPU-save knob on (docs/tuning.md: the encoder pipelined with the diff,
+    the one-pass staged diff in 1 MiB groups, chunk digests): save_part takes save's path."""
+    for name, value in knobs.items():
+        livetrain._core.tuning_set(name, value)
+    try:
+        _cuda_parts_equal_cpu_parts(qwen35, tmp_path)
+    finally:
+        livetrain._core.tuning_reset()
+
+
+def _cuda_parts_equal_cpu_parts(qwen35, tmp_path):
     src, config = qwen35
     full = {n: t for n, t in load_file(str(src / "model.safetensors")).items() if n in text_names(config)}
     dirs = {dev: fresh_copy(src, tmp_path / dev) for dev in ("cpu", "cuda")}

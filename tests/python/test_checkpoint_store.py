@@ -1,12 +1,14 @@
 """livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors), and
 restore_latest, which engines call at start-up."""
 
+import shutil
+
 import pytest
 import torch
 
 import livetrain
 from livetrain import safetensors as lst
-from livetrain.checkpoint import CheckpointStore, restore_latest, store_path
+from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_path
 
 from weights import load_dir, perturb, same_bits, snapshot
 
@@ -125,6 +127,27 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
     with pytest.raises(livetrain.Error, match="no checkpoint store"):
         restore_latest(g1, d, tmp_path / "elsewhere", create=False)
     assert restore_latest(g1, d, tmp_path / "elsewhere")["created"]
+
+
+def test_create_opens_with_the_given_options(sharded_model):
+    """create() opens the new store as CheckpointStore() would with the same options: with held=[] no head copy
+    (it restores, and refuses to save naming the tensor); open_store(create=True) passes them through."""
+    d, live = sharded_model
+    files = snapshot(live)
+    with CheckpointStore.create(d, held=[]) as store:
+        assert store.head == 0 and store.rank == 0 and store.ranks == 1
+        perturb(live, 0.05, 9)
+        with pytest.raises(livetrain.Error, match="model.embed_tokens.weight"):
+            store.save(live)
+        store.restore(0, live)
+        assert same_bits(live, files)
+    with pytest.raises(livetrain.Error, match="already exists"):
+        CheckpointStore.create(d)
+    shutil.rmtree(store_path(d))
+    with open_store(d, create=True, held=[]) as store:
+        assert store.created
+        with pytest.raises(livetrain.Error, match="model.embed_tokens.weight"):
+            store.save(live)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
