@@ -166,33 +166,25 @@ class CheckpointStore:
         ranks: int = 1,
         held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
         group: str = "",
-        _core_store=None,
+        _create: bool = False,
     ):
         """Opens the store of ``model_dir``. One process per tensor-parallel rank: ``rank`` of ``ranks``
         (rank 0 first; it holds the store's lock, recovers, and commits), ``held`` the regions it keeps a
         head copy of and saves (Shards, of which those with ``saved``, or (name, start, shape); default:
         every tensor whole; ``[]``: none, for a process that only restores), ``group`` the engine the ranks
         serve (parts of another group are refused at commit)."""
-        self._s = _core_store or _core.CheckpointStore.open(
-            str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group
-        )
+        make = _core.CheckpointStore.create if _create else _core.CheckpointStore.open
+        self._s = make(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group)
         self.created = False  # set by open_store when it made the store
 
     @classmethod
     def create(
-        cls,
-        model_dir: str | os.PathLike,
-        store_dir: str | os.PathLike | None = None,
-        *,
-        rank: int = 0,
-        ranks: int = 1,
-        held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
-        group: str = "",
+        cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, **options
     ) -> "CheckpointStore":
         """Creates the store (generation 0 = the model files as they are; fails if one exists), then opens it
-        with the options ``CheckpointStore()`` takes: e.g. ``held=[]`` keeps no head copy."""
-        core = _core.CheckpointStore.create(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group)
-        return cls(model_dir, store_dir, _core_store=core)
+        with ``options`` as ``CheckpointStore()`` takes them (rank, ranks, held, group): e.g. ``held=[]``
+        keeps no head copy."""
+        return cls(model_dir, store_dir, **options, _create=True)
 
     def __enter__(self):
         return self

@@ -20,7 +20,6 @@
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
-#include "livetrain/tuning.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -517,64 +516,48 @@ TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
 // changes at TP 2; the committed generations restore and verify.
 TEST(CheckpointPartsCuda, EveryTuningWritesTheCpuPartsBytes) {
   if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
-  struct Knobs {
-    ~Knobs() { livetrain::tuning::reset(); }
-  } reset_after;
-  int combo = 0;
-  for (int pipeline : {0, 1}) {
-    for (int diff : {0, 1}) {
-      for (int digests : {0, 1}) {
-        const int mib = combo++ % 2 ? 1 : 256;
-        SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) + " digests=" +
-                     std::to_string(digests) + " group_mib=" + std::to_string(mib));
-        ModelDir host_md(8, 200), gpu_md(8, 200);  // the same bytes: a 2.4 MiB embedding, several 1 MiB groups
-        LiveModel& m = host_md.m;
-        std::vector<checkpoint::Store> host, gpu;
-        for (uint32_t r = 0; r < 2; ++r) {
-          host.push_back(open_rank(host_md.path, r, 2, livetrain::testing::shard_of(m, r, 2)));
-          gpu.push_back(open_rank(gpu_md.path, r, 2, livetrain::testing::shard_of(m, r, 2)));
-        }
-        livetrain::tuning::reset();
-        livetrain::tuning::set("checkpoint.pipeline", pipeline);
-        livetrain::tuning::set("checkpoint.diff", diff);
-        livetrain::tuning::set("checkpoint.digests", digests);
-        livetrain::tuning::set("checkpoint.group_mib", mib);
-        const double fractions[] = {0.01, 0.0, 1.0, 0.2, 0.0};
-        for (int step = 0; step < 5; ++step) {
-          livetrain::testing::perturb(m, 300 + step, fractions[step]);
-          std::vector<checkpoint::PartDescriptor> hp, gp;
-          for (uint32_t r = 0; r < 2; ++r) {
-            RankShard shard = livetrain::testing::shard_of(m, r, 2);
-            hp.push_back(host[r].save_part(shard.live(true)));
-            std::vector<checkpoint::LiveTensor> v = shard.live(true);
-            std::vector<void*> dev(v.size());
-            for (size_t i = 0; i < v.size(); ++i) {
-              const size_t bytes = checkpoint::region_units(Region{v[i].start, v[i].shape}) * checkpoint::unit_bytes(v[i].dtype);
-              ASSERT_EQ(cudaMalloc(&dev[i], bytes), cudaSuccess);
-              ASSERT_EQ(cudaMemcpy(dev[i], v[i].data, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-              v[i].data = dev[i];
-              v[i].device = 0;
-            }
-            gp.push_back(gpu[r].save_part(v));
-            for (void* p : dev) cudaFree(p);
-            EXPECT_EQ(hp[r].part.changed, gp[r].part.changed) << "step " << step << " rank " << r;
-            EXPECT_EQ(livetrain::fs::read_file(livetrain::fs::join(host[r].dir(), hp[r].part.file)),
-                      livetrain::fs::read_file(livetrain::fs::join(gpu[r].dir(), gp[r].part.file)))
-                << "step " << step << " rank " << r;
-          }
-          const checkpoint::SaveResult a = host[0].commit_parts(hp), b = gpu[0].commit_parts(gp);
-          ASSERT_EQ(a.written, b.written) << "step " << step;
-          EXPECT_EQ(a.changed, b.changed) << "step " << step;
-          for (auto& s : host) s.refresh();
-          for (auto& s : gpu) s.refresh();
-        }
-        for (uint32_t r = 0; r < 2; ++r) {
-          RankShard shard = livetrain::testing::shard_of(m, r, 2);
-          EXPECT_EQ(gpu[r].compare_live(gpu[0].commit().head, shard.live()).elements, 0u) << "rank " << r;
-        }
-        EXPECT_TRUE(gpu[0].verify().empty());
-      }
+  livetrain::testing::for_each_gpu_save_tuning([&] {
+    ModelDir host_md(8, 200), gpu_md(8, 200);  // the same bytes: a 2.4 MiB embedding, several 1 MiB groups
+    LiveModel& m = host_md.m;
+    std::vector<checkpoint::Store> host, gpu;
+    for (uint32_t r = 0; r < 2; ++r) {
+      host.push_back(open_rank(host_md.path, r, 2, livetrain::testing::shard_of(m, r, 2)));
+      gpu.push_back(open_rank(gpu_md.path, r, 2, livetrain::testing::shard_of(m, r, 2)));
     }
-  }
+    const double fractions[] = {0.01, 0.0, 1.0, 0.2, 0.0};
+    for (int step = 0; step < 5; ++step) {
+      livetrain::testing::perturb(m, 300 + step, fractions[step]);
+      std::vector<checkpoint::PartDescriptor> hp, gp;
+      for (uint32_t r = 0; r < 2; ++r) {
+        RankShard shard = livetrain::testing::shard_of(m, r, 2);
+        hp.push_back(host[r].save_part(shard.live(true)));
+        std::vector<checkpoint::LiveTensor> v = shard.live(true);
+        std::vector<void*> dev(v.size());
+        for (size_t i = 0; i < v.size(); ++i) {
+          const size_t bytes = checkpoint::region_units(Region{v[i].start, v[i].shape}) * checkpoint::unit_bytes(v[i].dtype);
+          ASSERT_EQ(cudaMalloc(&dev[i], bytes), cudaSuccess);
+          ASSERT_EQ(cudaMemcpy(dev[i], v[i].data, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+          v[i].data = dev[i];
+          v[i].device = 0;
+        }
+        gp.push_back(gpu[r].save_part(v));
+        for (void* p : dev) cudaFree(p);
+        EXPECT_EQ(hp[r].part.changed, gp[r].part.changed) << "step " << step << " rank " << r;
+        EXPECT_EQ(livetrain::fs::read_file(livetrain::fs::join(host[r].dir(), hp[r].part.file)),
+                  livetrain::fs::read_file(livetrain::fs::join(gpu[r].dir(), gp[r].part.file)))
+            << "step " << step << " rank " << r;
+      }
+      const checkpoint::SaveResult a = host[0].commit_parts(hp), b = gpu[0].commit_parts(gp);
+      ASSERT_EQ(a.written, b.written) << "step " << step;
+      EXPECT_EQ(a.changed, b.changed) << "step " << step;
+      for (auto& s : host) s.refresh();
+      for (auto& s : gpu) s.refresh();
+    }
+    for (uint32_t r = 0; r < 2; ++r) {
+      RankShard shard = livetrain::testing::shard_of(m, r, 2);
+      EXPECT_EQ(gpu[r].compare_live(gpu[0].commit().head, shard.live()).elements, 0u) << "rank " << r;
+    }
+    EXPECT_TRUE(gpu[0].verify().empty());
+  });
 }
 #endif
