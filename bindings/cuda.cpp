@@ -14,6 +14,9 @@ void init_cuda(nb::module_& m) {
   m.def("cuda_support", &cuda::support_summary,
         "One line on this build's CUDA support: the runtime and the GPU code it has, or that it was built "
         "without CUDA support.");
+  m.def("cuda_device_problem", &cuda::device_problem, nb::arg("ordinal"),
+        "Why this build cannot run its kernels on CUDA device `ordinal` ('' when it can): no CUDA support in "
+        "the build, no such device visible (and why), or no code of this build for that GPU.");
   m.def(
       "cuda_devices",
       []() {

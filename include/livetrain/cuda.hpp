@@ -51,6 +51,12 @@ inline constexpr const char* kNoCudaSupport =
 std::string code_for(int major, int minor, const std::vector<std::string>& compiled, int driver_version,
                      int runtime_version, std::string* problem);
 
+// Why this build cannot run its kernels on CUDA device `ordinal` ("" when it can): the build has no CUDA
+// support (kNoCudaSupport), no such device is visible (with devices()' reason when there is none), or this
+// build has no code for that GPU (its name and code_problem). What `--device cuda:N` and the vLLM plugin check
+// before they load anything.
+std::string device_problem(int ordinal);
+
 // The devices visible to this process, each with the code of this build that runs on it (code_for). Empty
 // when the build has no CUDA, no driver is installed, the driver is older than this build's CUDA runtime, or
 // no GPU is visible; then `reason`, if given, says which. Creates no CUDA context.

@@ -183,4 +183,17 @@ std::vector<DeviceInfo> devices(std::string* reason) {
   return out;
 }
 
+std::string device_problem(int ordinal) {
+  if (!compiled_with_cuda()) return kNoCudaSupport;
+  std::string reason;
+  std::vector<DeviceInfo> devs = devices(&reason);
+  if (devs.empty()) return "no CUDA device: " + reason;
+  if (ordinal < 0 || static_cast<size_t>(ordinal) >= devs.size()) {
+    return "no CUDA device " + std::to_string(ordinal) + " (" + std::to_string(devs.size()) +
+           " visible; CUDA_VISIBLE_DEVICES decides which)";
+  }
+  const DeviceInfo& d = devs[static_cast<size_t>(ordinal)];
+  return d.code.empty() ? d.name + ": " + d.code_problem : "";
+}
+
 }  // namespace livetrain::cuda

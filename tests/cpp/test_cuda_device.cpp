@@ -86,6 +86,7 @@ TEST(CudaSupport, TheBuildDescribesItself) {
     EXPECT_TRUE(compiled_code().empty());
     EXPECT_TRUE(devs.empty());
     EXPECT_EQ(reason, kNoCudaSupport);
+    EXPECT_EQ(device_problem(0), kNoCudaSupport);
     return;
   }
   EXPECT_NE(summary.find("CUDA " + std::to_string(runtime_version() / 1000) + "."), std::string::npos) << summary;
@@ -96,8 +97,13 @@ TEST(CudaSupport, TheBuildDescribesItself) {
   }
   if (devs.empty()) {
     EXPECT_FALSE(reason.empty());  // no driver here, an old one, or no GPU: each says so
+    EXPECT_EQ(device_problem(0), "no CUDA device: " + reason);
   }
-  for (const DeviceInfo& d : devs) EXPECT_NE(d.code.empty(), d.code_problem.empty()) << d.name;
+  for (const DeviceInfo& d : devs) {
+    EXPECT_NE(d.code.empty(), d.code_problem.empty()) << d.name;
+    EXPECT_EQ(device_problem(d.ordinal), d.code.empty() ? d.name + ": " + d.code_problem : "");
+  }
+  EXPECT_NE(device_problem(static_cast<int>(devs.size()) + 1).find("no CUDA device"), std::string::npos);
 }
 
 }  // namespace

@@ -14,17 +14,14 @@ from livetrain.trainer import options
 
 from servers import ENV
 
-V100 = {
-    "ordinal": 0,
-    "name": "Tesla V100-SXM2-32GB",
-    "code": "",
-    "code_problem": "this build of livetrain has no code for a sm_70 GPU (it has: sm_80 sm_90a sm_100 compute_100)",
-}
-H200 = {"ordinal": 0, "name": "NVIDIA H200", "code": "sm_90a", "code_problem": ""}
+V100_PROBLEM = (
+    "Tesla V100-SXM2-32GB: this build of livetrain has no code for a sm_70 GPU "
+    "(it has: sm_80 sm_90a sm_100 compute_100)"
+)
 
 
 def usable_gpu() -> bool:
-    return _core.cuda_compiled() and any(d["code"] for d in _core.cuda_devices()[0])
+    return _core.cuda_device_problem(0) == ""
 
 
 def test_cpu_and_malformed_values():
@@ -34,35 +31,27 @@ def test_cpu_and_malformed_values():
             options.device(bad)
 
 
-def test_refused_by_a_build_without_cuda(monkeypatch):
-    monkeypatch.setattr(_core, "cuda_compiled", lambda: False)
-    monkeypatch.setattr(_core, "cuda_support", lambda: "livetrain was built without CUDA support (nvcc ...)")
-    with pytest.raises(argparse.ArgumentTypeError, match=r"^cuda:1: livetrain was built without CUDA support"):
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "livetrain was built without CUDA support (nvcc was not found when its core was compiled)",
+        "no CUDA device: the NVIDIA driver supports CUDA 12.8, older than the CUDA 13.0 runtime",
+        V100_PROBLEM,
+    ],
+)
+def test_refused_with_the_cores_reason(monkeypatch, problem):
+    asked = []
+    monkeypatch.setattr(_core, "cuda_device_problem", lambda ordinal: asked.append(ordinal) or problem)
+    with pytest.raises(argparse.ArgumentTypeError) as e:
         options.device("cuda:1")
-
-
-def test_refused_without_a_device(monkeypatch):
-    monkeypatch.setattr(_core, "cuda_compiled", lambda: True)
-    reason = "the NVIDIA driver supports CUDA 12.8, older than the CUDA 13.0 runtime livetrain was built with"
-    monkeypatch.setattr(_core, "cuda_devices", lambda: ([], reason))
-    with pytest.raises(
-        argparse.ArgumentTypeError, match=r"^cuda: no CUDA device: the NVIDIA driver supports CUDA 12\.8"
-    ):
+    assert str(e.value) == f"cuda:1: {problem}" and asked == [1]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^cuda: "):
         options.device("cuda")
-
-
-def test_refused_for_a_gpu_this_build_has_no_code_for(monkeypatch):
-    monkeypatch.setattr(_core, "cuda_compiled", lambda: True)
-    monkeypatch.setattr(_core, "cuda_devices", lambda: ([V100], ""))
-    with pytest.raises(argparse.ArgumentTypeError, match=r"^cuda \(Tesla V100-SXM2-32GB\): .*no code for a sm_70 GPU"):
-        options.device("cuda")
-    with pytest.raises(argparse.ArgumentTypeError, match=r"^cuda:1: 1 CUDA device\(s\) visible"):
-        options.device("cuda:1")
+    assert asked == [1, 0]
 
 
 def test_accepted_where_the_code_runs(monkeypatch):
-    monkeypatch.setattr(_core, "cuda_compiled", lambda: True)
-    monkeypatch.setattr(_core, "cuda_devices", lambda: ([H200, dict(V100, ordinal=1)], ""))
+    monkeypatch.setattr(_core, "cuda_device_problem", lambda ordinal: "" if ordinal == 0 else V100_PROBLEM)
     assert options.device("cuda") == "cuda" and options.device("cuda:0") == "cuda:0"
     with pytest.raises(argparse.ArgumentTypeError, match="sm_70"):
         options.device("cuda:1")
@@ -75,10 +64,14 @@ def test_this_build_reports_itself():
         assert "built without CUDA support" in summary and reason == summary
     else:
         assert summary.startswith("CUDA ") and "kernels for" in summary
-    if not devices:
-        assert reason
+    if not _core.cuda_compiled():
+        assert _core.cuda_device_problem(0) == summary
+    elif not devices:
+        assert reason and _core.cuda_device_problem(0) == f"no CUDA device: {reason}"
     for d in devices:
         assert bool(d["code"]) != bool(d["code_problem"]), d
+        assert _core.cuda_device_problem(d["ordinal"]) == ("" if d["code"] else f"{d['name']}: {d['code_problem']}")
+    assert "no CUDA device" in _core.cuda_device_problem(len(devices) + 1)
 
 
 def test_devices_command_names_the_support(cli):
@@ -106,6 +99,5 @@ def test_cuda_refused_before_anything_loads(module, tmp_path):
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "argument --device: cuda: " in last, last
-    expected = _core.cuda_support() if not _core.cuda_compiled() else _core.cuda_devices()[1] or "no code"
-    assert expected in last, last
+    assert last.endswith(f"argument --device: cuda: {_core.cuda_device_problem(0)}"), last
     assert not (tmp_path / "m.json").exists()

@@ -16,7 +16,7 @@ EMBEDDINGS = ("apollo", "adamw", "frozen")
 def device(value: str) -> str:
     """The ``--device`` of ``livetrain serve`` and the reference engine (an argparse type): ``cpu``, ``cuda`` or
     ``cuda:N``. A CUDA device is refused here, with the core's reason, when this build of the core has no CUDA
-    support, sees no GPU, or has no code that runs on that GPU: failing at the first kernel, after the model
+    support, sees no such GPU, or has no code that runs on it: failing at the first kernel, after the model
     has loaded, would say less and later."""
     if value == "cpu":
         return value
@@ -25,16 +25,9 @@ def device(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
     from livetrain import _core
 
-    if not _core.cuda_compiled():
-        raise argparse.ArgumentTypeError(f"{value}: {_core.cuda_support()}")
-    devices, reason = _core.cuda_devices()
-    ordinal = int(index) if colon else 0
-    if ordinal >= len(devices):
-        seen = f"{len(devices)} CUDA device(s) visible" if devices else f"no CUDA device: {reason}"
-        raise argparse.ArgumentTypeError(f"{value}: {seen}")
-    gpu = devices[ordinal]
-    if not gpu["code"]:
-        raise argparse.ArgumentTypeError(f"{value} ({gpu['name']}): {gpu['code_problem']}")
+    problem = _core.cuda_device_problem(int(index) if colon else 0)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
     return value
 
 
