@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# The vLLM plugin on a GPU, end to end (for the GPU machine; docs/vllm.md): builds the core for this
-# machine if needed, makes livetrain's vLLM entry points visible, then runs scripts/vllm_gpu_run.py:
-# a tiny model served by `vllm serve` with the plugin, /train changes the answer, the weights are
-# checkpointed, vLLM restarts and serves the trained weights. Results: $OUT (default gpu-out)/vllm-run.json
-# and vllm-{1,2}.log.
+# The vLLM plugin on a GPU, end to end, from the installed package (for the GPU machine; docs/vllm.md):
+# installs livetrain's wheel with pip into SITE, beside vLLM, the way a vLLM user installs a plugin (vLLM
+# finds the plugin through the wheel's own entry points; the source tree is not on sys.path), checks that
+# pip accepts the wheel's requirements against what is installed (torch, vLLM, fastapi, ...), then runs
+# scripts/vllm_gpu_run.py: a tiny model served by `vllm serve` with the plugin, /train changes the answer,
+# the weights are checkpointed, vLLM restarts and serves the trained weights. Results: $OUT (default
+# gpu-out)/vllm-run.json and vllm-{1,2}.log.
+#
+# The wheel: WHEEL, else the newest dist/livetrain-*.whl this Python can install. Build it beforehand
+# with `bash scripts/wheel.sh --python python3.12` (a cp312-abi3 wheel; Python 3.12 like the GPU machine's)
+# and carry dist/; or, on a machine with nvcc and the build tools but no network, let this script build it
+# (scripts/wheel.sh --python python3 --no-isolation) when dist/ has none.
 #
 # vLLM must be importable: vLLM 0.26.0 is the release built for torch 2.11 (CUDA 13). The wheels the GPU
-# machine lacks are listed, with sizes and sha256, in scripts/vllm_gpu_wheels.txt; install them with
-#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
-# and point SITE at that directory (default /tmp/site).
+# machine lacks are listed in requirements/gpu-machine.txt; scripts/gpu_carry.sh brings them and unpacks
+# them into SITE (default /tmp/site), whose bin/ goes first on PATH.
 #
-# usage: bash scripts/vllm_gpu_run.sh [--checkpoint http|api] [--vllm-args "..."]
+# usage: [WHEEL=FILE] bash scripts/vllm_gpu_run.sh [--checkpoint http|api] [--vllm-args "..."]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -18,38 +24,52 @@ site=${SITE:-/tmp/site}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$site/bin:$PATH"
 
-# The core module for this Python (scripts/gpu.sh builds it in place; "none" = build only).
-suffix=$($py -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-if [ ! -f "python/livetrain/_core$suffix" ]; then
-  bash scripts/gpu.sh none || exit $?
-fi
-
-# vLLM finds plugins through installed packages' entry points. livetrain runs from the source tree here,
-# so give it the .dist-info an install would write (name, version, entry_points.txt from pyproject.toml).
-ep=$(mktemp -d /tmp/livetrain-ep.XXXXXX)
-$py - "$ep" <<'PY' || exit $?
-import sys, tomllib, pathlib
-meta = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
-d = pathlib.Path(sys.argv[1]) / f"livetrain-{meta['version']}.dist-info"
-d.mkdir()
-(d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: livetrain\nVersion: {meta['version']}\n")
-(d / "entry_points.txt").write_text("".join(
-    f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n"
-    for group, eps in meta["entry-points"].items()))
+wheel=${WHEEL:-}
+if [ -z "$wheel" ]; then
+  # The newest wheel in dist/ whose tags this Python accepts.
+  wheel=$($py - <<'PY'
+import glob, os
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+ok = set(sys_tags())
+found = [w for w in glob.glob("dist/livetrain-*.whl") if ok & set(parse_wheel_filename(os.path.basename(w))[3])]
+print(max(found, key=os.path.getmtime) if found else "")
 PY
-export PYTHONPATH="$PWD/python:$ep:$site${PYTHONPATH:+:$PYTHONPATH}"
+)
+fi
+if [ -z "$wheel" ]; then
+  echo "== no wheel for $($py --version) in dist/: building one here"
+  wheel=$(bash scripts/wheel.sh --python "$py" --no-isolation | tail -1) || exit 1
+fi
+echo "== installing $wheel into $site"
+$py -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheel" || exit 1
+# pip's resolver on the wheel's requirements and its [vllm] extra against what is installed (no network):
+# torch in range, vLLM in the supported range, fastapi/uvicorn/transformers new enough.
+$py -m pip install --dry-run --no-index "$wheel[vllm]" 2>&1 | tee "$out/pip-check.txt" | tail -3
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 # vLLM's sampler imports flashinfer unless told not to use it; the GPU machine has no flashinfer.
 $py -c "import flashinfer" 2>/dev/null || export VLLM_USE_FLASHINFER_SAMPLER=0
-export PATH="$site/bin:$PATH"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, importlib.metadata as m; print('torch', torch.__version__, 'vllm', m.version('vllm'))" \
   | tee -a "$out/device.txt" || exit 1
+# livetrain from the installed wheel, not the source tree; its CUDA code for this GPU; vLLM's view of the plugin.
+(cd /tmp && $py - <<'PY') 2>&1 | tee -a "$out/device.txt" || exit 1
+import importlib.metadata as md
+import livetrain
+from livetrain import _core
+print("livetrain", md.version("livetrain"), "from", livetrain.__file__)
+print(_core.cuda_support())
+for d in _core.cuda_devices()[0]:
+    print(f"GPU {d['ordinal']} {d['name']}: runs {d['code'] or 'nothing: ' + d['code_problem']}")
+for group in ("vllm.general_plugins", "vllm.endpoint_plugins"):
+    print(group, [f"{ep.name} = {ep.value}" for ep in md.entry_points(group=group)])
+PY
+livetrain devices | tee -a "$out/device.txt"
 echo "== the installed vLLM against livetrain's contract"
 $py -m livetrain.vllm.contract | tee "$out/vllm-contract.txt" || exit 1
 echo "== vllm serve with the plugin"
 $py scripts/vllm_gpu_run.py --out "$out" "$@"
-status=$?
-rm -rf "$ep"
-exit $status
