@@ -42,7 +42,7 @@ PY
 fi
 if [ -z "$wheel" ]; then
   echo "== no wheel for $($py --version) in dist/: building one here"
-  wheel=$(bash scripts/wheel.sh --python "$py" --no-isolation | tail -1) || exit 1
+  wheel=$(bash scripts/wheel.sh --python "$py" --no-isolation) || exit 1
 fi
 echo "== installing $wheel into $site"
 $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheel" || exit 1

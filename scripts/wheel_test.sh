@@ -18,8 +18,7 @@ root=$PWD
 if [ $# -ge 1 ]; then
   wheel=$(realpath "$1")
 else
-  wheel=$(bash scripts/wheel.sh --ci | tail -1)
-  wheel=$root/$wheel
+  wheel=$root/$(bash scripts/wheel.sh --ci)
 fi
 printf '\n== installing %s into a new venv\n' "$(basename "$wheel")"
 work=$(mktemp -d /tmp/livetrain-wheel-test.XXXXXX)
