@@ -57,18 +57,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch, importlib.metadata as m; print('torch', torch.__version__, 'vllm', m.version('vllm'))" \
   | tee -a "$out/device.txt" || exit 1
 # livetrain from the installed wheel, not the source tree; its CUDA code for this GPU; vLLM's view of the plugin.
-(cd /tmp && $py - <<'PY') 2>&1 | tee -a "$out/device.txt" || exit 1
+(cd /tmp && $py - "$(realpath "$site")" <<'PY') 2>&1 | tee -a "$out/device.txt" || exit 1
 import importlib.metadata as md
+import os, sys
 import livetrain
 from livetrain import _core
 print("livetrain", md.version("livetrain"), "from", livetrain.__file__)
+where, site = os.path.realpath(livetrain.__file__), sys.argv[1]
+assert where.startswith(site + os.sep), f"livetrain was imported from {where}, not from the installed wheel in {site}"
 print(_core.cuda_support())
 for d in _core.cuda_devices()[0]:
     print(f"GPU {d['ordinal']} {d['name']}: runs {d['code'] or 'nothing: ' + d['code_problem']}")
 for group in ("vllm.general_plugins", "vllm.endpoint_plugins"):
     print(group, [f"{ep.name} = {ep.value}" for ep in md.entry_points(group=group)])
 PY
-livetrain devices | tee -a "$out/device.txt"
+# The console script pip put in SITE/bin: the C++ CLI inside the package, run by this environment's Python.
+echo "livetrain command: $(command -v livetrain)" | tee -a "$out/device.txt"
+livetrain devices | tee -a "$out/device.txt" || exit 1
 echo "== the installed vLLM against livetrain's contract"
 $py -m livetrain.vllm.contract | tee "$out/vllm-contract.txt" || exit 1
 echo "== vllm serve with the plugin"
