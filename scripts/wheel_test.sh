@@ -7,7 +7,7 @@
 #     python3 has no livetrain), and stops on SIGTERM;
 #   - the vLLM entry points (vllm.general_plugins, vllm.endpoint_plugins) are found by importlib.metadata,
 #     as vLLM finds them, and load without vLLM;
-#   - pip refuses a torch outside the supported range, naming the range.
+#   - pip refuses a torch, and a Python, outside the supported ranges, naming the range.
 # scripts/test.sh runs it before pytest; LIVETRAIN_WHEEL_TEST=0 skips it there.
 #
 # usage: bash scripts/wheel_test.sh [WHEEL]   (default: build the CI wheel first)
@@ -125,4 +125,33 @@ if "$work/venv/bin/python" -m pip install --dry-run --disable-pip-version-check 
 fi
 # pip names the range ("livetrain 0.1.0 depends on torch<3 and >=2.4") and the conflicting request.
 grep -E "depends on torch.*2\.4" "$work/refusal.txt" || { cat "$work/refusal.txt"; exit 1; }
+
+printf '\n== pip refuses a Python outside the supported range\n'
+# The wheels' tags alone only say "not a supported wheel"; the range is named from the package index, which
+# serves the Requires-Python of the source distribution's metadata (PyPI's data-requires-python). A one-package
+# index of this checkout's sdist, as PyPI would serve it, asked for by a Python 3.9.
+mkdir -p "$work/index/simple/livetrain"
+(cd "$root" && .venv/bin/python -c "import sys; from scikit_build_core.build import build_sdist; build_sdist(sys.argv[1])" \
+  "$work/index" > /dev/null)
+"$work/venv/bin/python" - "$work/index" <<'PY'
+import email, glob, html, os, sys, tarfile
+
+index = sys.argv[1]
+sdist = glob.glob(f"{index}/livetrain-*.tar.gz")[0]
+with tarfile.open(sdist) as t:
+    info = next(m for m in t.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))
+    requires = email.message_from_bytes(t.extractfile(info).read())["Requires-Python"]
+assert requires == ">=3.10", requires
+name = os.path.basename(sdist)
+with open(f"{index}/simple/livetrain/index.html", "w") as f:
+    f.write(f'<a href="../../{name}" data-requires-python="{html.escape(requires)}">{name}</a>\n')
+PY
+if "$work/venv/bin/python" -m pip install --dry-run --no-deps --python-version 3.9 --target "$work/py39" \
+    --disable-pip-version-check --index-url "file://$work/index/simple" livetrain > "$work/refusal-py.txt" 2>&1; then
+  cat "$work/refusal-py.txt"
+  echo "wheel_test: pip accepted livetrain for Python 3.9" >&2
+  exit 1
+fi
+grep "require a different python version: .*Requires-Python >=3.10" "$work/refusal-py.txt" ||
+  { cat "$work/refusal-py.txt"; exit 1; }
 echo "wheel test: passed"
