@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM plugin on a GPU, end to end, from the installed package (for the GPU machine; docs/vllm.md):
-# installs livetrain's wheel with pip into SITE, beside vLLM, the way a vLLM user installs a plugin (vLLM
-# finds the plugin through the wheel's own entry points; the source tree is not on sys.path), checks that
+# installs livetrain's wheel with pip into LIVETRAIN_SITE, on sys.path beside vLLM's SITE, the way a vLLM user
+# installs a plugin (vLLM finds the plugin through the wheel's own entry points; the source tree is not on
+# sys.path, which the script checks), checks that
 # pip accepts the wheel's requirements against what is installed (torch, vLLM, fastapi, ...), then runs
 # scripts/vllm_gpu_run.py: a tiny model served by `vllm serve` with the plugin, /train changes the answer,
 # the weights are checkpointed, vLLM restarts and serves the trained weights. Results: $OUT (default
@@ -14,18 +15,22 @@
 #
 # vLLM must be importable: vLLM 0.26.0 is the release built for torch 2.11 (CUDA 13). The wheels the GPU
 # machine lacks are listed in requirements/gpu-machine.txt; scripts/gpu_carry.sh brings them and unpacks
-# them into SITE (default /tmp/site), whose bin/ goes first on PATH.
+# them into SITE (default /tmp/site), whose bin/ goes on PATH. livetrain goes into its own directory,
+# LIVETRAIN_SITE (default /tmp/livetrain-site, emptied first; its bin/ first on PATH, for the console script
+# `livetrain`): pip --target --upgrade replaces whole top-level directories, so installing into SITE would
+# replace SITE/bin, vLLM's commands included.
 #
 # usage: [WHEEL=FILE] bash scripts/vllm_gpu_run.sh [--checkpoint http|api] [--vllm-args "..."]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 site=${SITE:-/tmp/site}
+lt_site=${LIVETRAIN_SITE:-/tmp/livetrain-site}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$site/bin:$PATH"
+export PYTHONPATH="$lt_site:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$lt_site/bin:$site/bin:$PATH"
 
 wheel=${WHEEL:-}
 if [ -z "$wheel" ]; then
@@ -44,8 +49,9 @@ if [ -z "$wheel" ]; then
   echo "== no wheel for $($py --version) in dist/: building one here"
   wheel=$(bash scripts/wheel.sh --python "$py" --no-isolation) || exit 1
 fi
-echo "== installing $wheel into $site"
-$py -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheel" || exit 1
+echo "== installing $wheel into $lt_site"
+rm -rf "$lt_site"
+$py -m pip install -q --no-index --no-deps --no-compile --target "$lt_site" "$wheel" || exit 1
 # pip's resolver on the wheel's requirements and its [vllm] extra against what is installed (no network):
 # torch in range, vLLM in the supported range, fastapi/uvicorn/transformers new enough.
 $py -m pip install --dry-run --no-index "$wheel[vllm]" 2>&1 | tee "$out/pip-check.txt" | tail -3
@@ -57,7 +63,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch, importlib.metadata as m; print('torch', torch.__version__, 'vllm', m.version('vllm'))" \
   | tee -a "$out/device.txt" || exit 1
 # livetrain from the installed wheel, not the source tree; its CUDA code for this GPU; vLLM's view of the plugin.
-(cd /tmp && $py - "$(realpath "$site")" <<'PY') 2>&1 | tee -a "$out/device.txt" || exit 1
+(cd /tmp && $py - "$(realpath "$lt_site")" <<'PY') 2>&1 | tee -a "$out/device.txt" || exit 1
 import importlib.metadata as md
 import os, sys
 import livetrain
@@ -71,7 +77,7 @@ for d in _core.cuda_devices()[0]:
 for group in ("vllm.general_plugins", "vllm.endpoint_plugins"):
     print(group, [f"{ep.name} = {ep.value}" for ep in md.entry_points(group=group)])
 PY
-# The console script pip put in SITE/bin: the C++ CLI inside the package, run by this environment's Python.
+# The console script pip put in LIVETRAIN_SITE/bin: the C++ CLI inside the package, run by this environment's Python.
 echo "livetrain command: $(command -v livetrain)" | tee -a "$out/device.txt"
 livetrain devices | tee -a "$out/device.txt" || exit 1
 echo "== the installed vLLM against livetrain's contract"
