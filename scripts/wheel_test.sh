@@ -77,7 +77,9 @@ printf '\n== vLLM entry points\n'
 "$work/venv/bin/python" - <<'PY'
 import importlib.metadata as md
 
-want = {"vllm.general_plugins": "livetrain.vllm:register", "vllm.endpoint_plugins": "livetrain.vllm.endpoint:EndpointPlugin"}
+from livetrain.vllm import api  # the group names the contract check finds in vLLM's sources; imports no vLLM
+
+want = {api.GENERAL_PLUGINS_GROUP: "livetrain.vllm:register", api.ENDPOINT_PLUGINS_GROUP: "livetrain.vllm.endpoint:EndpointPlugin"}
 for group, value in want.items():
     found = [ep for ep in md.entry_points(group=group) if ep.name == "livetrain"]
     assert [ep.value for ep in found] == [value], (group, found)
