@@ -2,25 +2,27 @@
 # The vLLM plugin on a GPU, end to end, from the installed package (for the GPU machine; docs/vllm.md):
 # installs livetrain's wheel with pip into LIVETRAIN_SITE, on sys.path beside vLLM's SITE, the way a vLLM user
 # installs a plugin (vLLM finds the plugin through the wheel's own entry points; the source tree is not on
-# sys.path, which the script checks), checks that
-# pip accepts the wheel's requirements against what is installed (torch, vLLM, fastapi, ...), then runs
-# scripts/vllm_gpu_run.py: a tiny model served by `vllm serve` with the plugin, /train changes the answer,
-# the weights are checkpointed, vLLM restarts and serves the trained weights. Results: $OUT (default
-# gpu-out)/vllm-run.json and vllm-{1,2}.log.
+# sys.path, which the script checks), checks that pip accepts the wheel's requirements against what is
+# installed (torch, vLLM, fastapi, ...), then runs scripts/vllm_gpu_run.py: a tiny model served by `vllm
+# serve` with the plugin (--arch llama, or qwen3_5: a multimodal Qwen3.5 checkpoint served text-only), /train
+# changes the answer, the weights are checkpointed, vLLM restarts and serves the trained weights. Results:
+# $OUT (default gpu-out)/vllm-run.json and vllm-{1,2}.log.
 #
-# The wheel: WHEEL, else the newest dist/livetrain-*.whl this Python can install. Build it beforehand
-# with `bash scripts/wheel.sh --python python3.12` (a cp312-abi3 wheel; Python 3.12 like the GPU machine's)
-# and carry dist/; or, on a machine with nvcc and the build tools but no network, let this script build it
-# (scripts/wheel.sh --python python3 --no-isolation) when dist/ has none.
+# The wheel: WHEEL, else the newest dist/livetrain-*.whl this Python can install, unless a source file is
+# newer than it; else one built here with `scripts/wheel.sh --python python3 --no-isolation` (the machine's
+# nvcc and build tools, no network; incremental in build/<wheel tag>). Python 3.12 like the GPU machine's
+# gives one cp312-abi3 wheel.
 #
-# vLLM must be importable: vLLM 0.26.0 is the release built for torch 2.11 (CUDA 13). The wheels the GPU
-# machine lacks are listed in requirements/gpu-machine.txt; scripts/gpu_carry.sh brings them and unpacks
-# them into SITE (default /tmp/site), whose bin/ goes on PATH. livetrain goes into its own directory,
-# LIVETRAIN_SITE (default /tmp/livetrain-site, emptied first; its bin/ first on PATH, for the console script
-# `livetrain`): pip --target --upgrade replaces whole top-level directories, so installing into SITE would
-# replace SITE/bin, vLLM's commands included.
+# vLLM must be importable: vLLM 0.26.0 is the release built for torch 2.11 (CUDA 13). The packages the GPU
+# machine lacks (requirements/gpu-machine.txt) reach it through scripts/gpu_carry.sh, unpacked into SITE
+# (default /tmp/site), whose bin/ goes on PATH. livetrain goes into its own directory, LIVETRAIN_SITE
+# (default /tmp/livetrain-site, emptied first; its bin/ first on PATH, for the console script `livetrain`):
+# pip --target --upgrade replaces whole top-level directories, so installing into SITE would replace
+# SITE/bin, vLLM's commands included.
 #
-# usage: [WHEEL=FILE] bash scripts/vllm_gpu_run.sh [--checkpoint http|api] [--vllm-args "..."]
+# usage: [WHEEL=FILE] bash scripts/vllm_gpu_run.sh [--arch llama|qwen3_5] [--checkpoint http|api] [--vllm-args "..."]
+#        [WHEEL=FILE] bash scripts/vllm_gpu_run.sh SCRIPT.py [ARGS...]   another script in the same environment
+#                                                    (e.g. bench/vllm_transfer.py), $OUT passed on
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -44,9 +46,16 @@ found = [w for w in glob.glob("dist/livetrain-*.whl") if ok & set(parse_wheel_fi
 print(max(found, key=os.path.getmtime) if found else "")
 PY
 )
+  # A wheel older than the sources it would stand for is rebuilt (incrementally) rather than tested.
+  if [ -n "$wheel" ] && [ -n "$(find python src bindings include CMakeLists.txt pyproject.toml -newer "$wheel" \
+      \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.hpp' -o -name '*.h' -o -name '*.txt' \
+      -o -name '*.toml' \) -print -quit)" ]; then
+    echo "== $wheel is older than the sources: rebuilding it"
+    wheel=
+  fi
 fi
 if [ -z "$wheel" ]; then
-  echo "== no wheel for $($py --version) in dist/: building one here"
+  echo "== no current wheel for $($py --version) in dist/: building one here"
   wheel=$(bash scripts/wheel.sh --python "$py" --no-isolation) || exit 1
 fi
 echo "== installing $wheel into $lt_site"
@@ -82,5 +91,12 @@ echo "livetrain command: $(command -v livetrain)" | tee -a "$out/device.txt"
 livetrain devices | tee -a "$out/device.txt" || exit 1
 echo "== the installed vLLM against livetrain's contract"
 $py -m livetrain.vllm.contract | tee "$out/vllm-contract.txt" || exit 1
-echo "== vllm serve with the plugin"
-$py scripts/vllm_gpu_run.py --out "$out" "$@"
+if [[ "${1:-}" == *.py ]]; then
+  script=$1
+  shift
+  echo "== $script"
+  OUT=$out $py "$script" "$@"
+else
+  echo "== vllm serve with the plugin"
+  $py scripts/vllm_gpu_run.py --out "$out" "$@"
+fi
