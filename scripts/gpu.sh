@@ -7,6 +7,11 @@
 # build           3 min         cmake + ninja into build-gpu/ for this Python and      build.log, device.txt
 #                               torch (core, CLI, the Python module put in python/
 #                               livetrain/); every other step needs it, once per machine
+# wheel           3 min         scripts/wheel.sh: the release wheel (every GPU code    wheel.log, wheel.txt
+#                               CMakeLists.txt names) in dist/, which the vllm steps
+#                               install with pip; they build it themselves (adding
+#                               these minutes) when it is missing or older than the
+#                               sources. Needs no build step
 # tests           7 min         the whole pytest suite, CUDA tests included            pytest.log
 # bench-core      5 min         bench/optim.py, attach.py, convergence.py, loss.py,    bench-NAME.{txt,json}
 #                               checkpoint.py (8 GiB)
@@ -53,7 +58,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
-known=(build checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+known=(build wheel checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
 steps=("$@")
 if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
 if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
@@ -80,7 +85,7 @@ run_step() {
   out=$out_root/$step
   mkdir -p "$out"
   export OUT=$out
-  if [ "$step" != build ] && ! built; then
+  if [ "$step" != build ] && [ "$step" != wheel ] && ! built; then
     echo "gpu.sh: $step needs the build first: bash scripts/gpu.sh build $step" >&2
     return 1
   fi
@@ -96,6 +101,14 @@ run_step() {
     rc=$?
     if [ $rc != 0 ]; then tail -50 "$out/build.log"; return $rc; fi
     build-gpu/livetrain devices | tee -a "$out/device.txt"
+    ;;
+  wheel)
+    # nvcc compiles the GPU codes of a file in parallel (--threads=0), as in the build step.
+    CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=--threads=0" bash scripts/wheel.sh --python "$py" --no-isolation \
+      > "$out/wheel.txt" 2> "$out/wheel.log"
+    rc=$?
+    tail -"$([ $rc = 0 ] && echo 3 || echo 40)" "$out/wheel.log"
+    cat "$out/wheel.txt"
     ;;
   checks)
     if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from livetrain import checkpoint, layout, sharing  # noqa: E402
+from livetrain import _core, checkpoint, layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 from livetrain.trainer import protocol, routes  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
@@ -131,6 +131,23 @@ def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
         worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
     assert all(torch.equal(p, before[n]) for n, p in served.named_parameters())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_core_that_cannot_run_on_the_gpu_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
+    # Weights on CUDA device 1, a core built without CUDA support (or with no code for that GPU): refused with the
+    # core's reason before the store, the run directory or the weights are touched.
+    make_model_dir(tmp_path / "model")
+    weight = SimpleNamespace(device=torch.device("cuda", 1))  # only its device is read before the refusal
+    asked = []
+    problem = "livetrain was built without CUDA support (nvcc was not found when its core was compiled)"
+    monkeypatch.setattr(_core, "cuda_device_problem", lambda ordinal: asked.append(ordinal) or problem)
+    module = SimpleNamespace(named_parameters=lambda: iter([("model.embed_tokens.weight", weight)]))
+    w = plain_worker(tmp_path / "model", module)
+    with pytest.raises(
+        worker.Refused, match=r"core cannot run on vLLM's GPU: livetrain was built without CUDA support"
+    ):
+        worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert asked == [1] and not (tmp_path / "run").exists() and not (tmp_path / "model" / ".livetrain-store").exists()
 
 
 MOE = [

@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--socket", required=True, help="Unix socket to answer the training routes on")
     a = options.parse_args(p, argv)
 
-    from livetrain import Error
+    from livetrain import Error, _core
     from livetrain.trainer.service import Trainer
+
+    # What this core can do on a GPU, first in the log: an engine sharing CUDA memory needs CUDA support.
+    print(f"livetrain trainer: {_core.cuda_support()}", file=sys.stderr, flush=True)
 
     try:
         trainer = Trainer(a.manifest, a.model, a)

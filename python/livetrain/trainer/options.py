@@ -13,6 +13,24 @@ DEFAULT_STATE_DIR = "livetrain-state"
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 
 
+def device(value: str) -> str:
+    """The ``--device`` of ``livetrain serve`` and the reference engine (an argparse type): ``cpu``, ``cuda`` or
+    ``cuda:N``. A CUDA device is refused here, with the core's reason, when this build of the core has no CUDA
+    support, sees no such GPU, or has no code that runs on it: failing at the first kernel, after the model
+    has loaded, would say less and later."""
+    if value == "cpu":
+        return value
+    kind, colon, index = value.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
+    from livetrain import _core
+
+    problem = _core.cuda_device_problem(int(index) if colon else 0)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
+    return value
+
+
 def add_store_options(parser) -> None:
     """``--store DIR`` / ``--no-store``: which checkpoint store the engine and the trainer use."""
     parser.add_argument(
