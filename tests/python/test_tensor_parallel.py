@@ -13,8 +13,6 @@ by one bf16 ulp; the test bounds the share of such elements.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +23,14 @@ import transformers
 
 from livetrain import _core
 from livetrain import safetensors as lst
+from livetrain.trainer.client import free_port
 
 import tp_ranks
+from servers import ENV
 
 HERE = Path(__file__).resolve().parent
 CUDA = torch.cuda.is_available()
 VOCAB = 160  # padded to 192: at TP 4, rank 3 holds 16 rows (uneven shards, padding on the last rank)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model(d: Path, kind: str, dtype: torch.dtype) -> dict:
@@ -74,27 +68,17 @@ def make_model(d: Path, kind: str, dtype: torch.dtype) -> dict:
     return json.loads((d / "model" / "config.json").read_text())
 
 
-def run_ranks(d: Path, size: int, timeout: float = 300) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "tp_ranks.py"), str(d), str(r), str(size)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(size)
-    ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} of {size} failed:\n{out[-4000:]}"
+def run_ranks(d: Path, size: int, timeout: float = 600) -> None:
+    """The SIZE ranks of tp_ranks.py (forked by one process that imports torch once)."""
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    p = subprocess.run(
+        [sys.executable, str(HERE / "tp_ranks.py"), str(d), str(size)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )
+    assert p.returncode == 0, f"{p.returncode} of {size} ranks failed:\n{p.stdout.decode(errors='replace')[-6000:]}"
 
 
 def assemble(d: Path, size: int, prefix: str) -> dict[str, torch.Tensor]:
@@ -166,6 +150,60 @@ def test_fp32_loss_gradients_and_weights_equal_tp1(tmp_path, size):
         change = tp1[f"weight.{name}"].double() - before[name].double()
         assert float(change.norm()) > 0, f"{name} did not change at TP 1"
         assert rel_err(w.double() - before[name].double(), change) < 1e-3, name
+    check_state_reshards(d, size)
+
+
+def _local_shape(sh) -> list[int]:
+    shape = list(sh.full_shape)
+    if sh.dim >= 0:
+        shape[sh.dim] = sum(length for _, length in sh.segments)
+    return shape
+
+
+def _state_of(opt, names) -> dict[str, dict[str, torch.Tensor]]:
+    return {names[p]: {f: st[f].clone() for f in ("m", "v", "step")} for p, st in opt.state.items() if "m" in st}
+
+
+def check_state_reshards(d: Path, size: int) -> None:
+    """The ranks' optimizer states loaded at TP 1 equal TP 1's own state (moments within 1e-4 of their
+    norm, the step counts equal); TP 1's loaded into each rank's parts equal that rank's own."""
+    from livetrain.optim import ApolloMini, ParamShard
+
+    full = lst.load_file(d / "model" / "model.safetensors")
+    params = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
+    names = {p: n for n, p in params.items()}
+
+    def optimizer(ps: dict, shards: dict | None = None):
+        groups = [{"params": [p for n, p in ps.items() if p.dim() == 2], "algo": "apollo"},
+                  {"params": [p for n, p in ps.items() if p.dim() != 2], "algo": "adamw"}]  # fmt: skip
+        opt = ApolloMini(groups)
+        if shards is not None:
+            opt.tensor_parallel(object(), shards)  # the group is not used by load_state
+        return opt
+
+    own = optimizer(params)
+    own.load_state(d / "rank-tp1.optim.safetensors", names)
+    resharded = optimizer(params)
+    resharded.load_state([d / f"rank-{r}.optim.safetensors" for r in range(size)], names)
+    a, b = _state_of(own, names), _state_of(resharded, names)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        assert torch.equal(a[n]["step"], b[n]["step"]), n
+        for f in ("m", "v"):
+            assert rel_err(b[n][f], a[n][f]) < 1e-4, f"{n}.{f}"
+    for r in range(size):
+        info = json.loads((d / f"rank-{r}.json").read_text())["shards"]
+        by_name = {n: ParamShard(tuple(s[0]), s[1], tuple(map(tuple, s[2])), s[3]) for n, s in info.items()}
+        parts = {n: torch.nn.Parameter(torch.zeros(_local_shape(sh))) for n, sh in by_name.items()}
+        pnames = {p: n for n, p in parts.items()}
+        shards = {p: by_name[n] for n, p in parts.items()}
+        mine, from_tp1 = optimizer(parts, shards), optimizer(parts, shards)
+        mine.load_state(d / f"rank-{r}.optim.safetensors", pnames)
+        from_tp1.load_state(d / "rank-tp1.optim.safetensors", pnames)
+        a, b = _state_of(mine, pnames), _state_of(from_tp1, pnames)
+        for n in a:
+            for f in ("m", "v"):
+                assert rel_err(b[n][f], a[n][f]) < 1e-4, f"rank {r} {n}.{f}"
 
 
 def test_bf16_qwen3_replicated_kv_heads_with_gradient_checkpointing(tmp_path):
@@ -215,7 +253,7 @@ def test_adamw_shards_equal_the_whole_step(device, dim):
     from livetrain.optim import Apollo, ParamShard
 
     torch.manual_seed(0)
-    full_w = (torch.randn(24, 3, 5) * 0.1).to(torch.bfloat16).to(device)
+    full_w = (torch.randn(24, 12, 5) * 0.1).to(torch.bfloat16).to(device)
     size = 3
     segs = _shards_of(full_w.shape[dim], size, pieces=2)
     whole = torch.nn.Parameter(full_w.clone())

@@ -19,6 +19,7 @@ from livetrain.trainer import options, process, protocol
 from livetrain.trainer.ranks import manifest_mismatch
 
 import tiny_model
+from servers import ENV
 
 CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
 JOB = {"examples": tiny_model.FACT_EXAMPLES, "steps": 3, "lr": 1e-3, "batch_size": 2}
@@ -70,7 +71,7 @@ def engine(tmp_path):
 def start(tmp_path, model, manifests, *extra):
     ns = options.parse(["--no-store", "--state-dir", str(tmp_path / "state"), "--tp-timeout", "120", *extra])
     sock = str(tmp_path / "trainer.sock")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(ENV, OMP_NUM_THREADS="1")
     return process.start_trainer_group(manifests, str(model), sock, ns, env), sock
 
 

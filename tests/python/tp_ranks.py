@@ -1,11 +1,13 @@
 """One tensor-parallel training rank for the tests, and the same steps at TP 1 for comparison.
 
-``python tp_ranks.py DIR RANK SIZE`` (with MASTER_ADDR / MASTER_PORT set, gloo): builds rank RANK's engine
+``python tp_ranks.py DIR SIZE`` (with MASTER_ADDR / MASTER_PORT set) imports what the ranks need once and
+forks SIZE rank processes (nothing has run a thread pool yet), which join one gloo group. Rank RANK builds its engine
 tensors from DIR/model (vLLM's layout, ``layout.merge``), shares them (``export_cpu``) and attaches to them as
 a trainer does, builds the rank's model (``tensor_parallel.build_model``), then on DIR/batch.json: one
 backward without a step (the gradients), then DIR/job.json's number of APOLLO-Mini steps from backward hooks,
 the output projection's gradient made after backward, as the trainer runs them. Writes DIR/rank-RANK.safetensors
-(``grad.NAME`` and ``weight.NAME`` of its parts), DIR/rank-RANK.json (losses and each parameter's shard).
+(``grad.NAME`` and ``weight.NAME`` of its parts), DIR/rank-RANK.json (losses and each parameter's shard),
+DIR/rank-RANK.optim.safetensors (its optimizer state).
 
 ``run_tp1(DIR)`` does the same in this process on the whole model, the path that TP 1 trains on.
 """
@@ -66,6 +68,7 @@ def _train(d: Path, model, shards, group, vocab, out_name: str, extra: dict) -> 
         later.apply(opt.step_param)
         losses.append(float(loss))
     report = opt.report()
+    opt.save_state(d / f"{out_name}.optim.safetensors", names=names)
     for p, n in names.items():
         out[f"weight.{n}"] = p.detach().clone().contiguous()
     lst.save_file(out, d / f"{out_name}.safetensors")
@@ -105,8 +108,31 @@ def main(d: Path, rank: int, size: int) -> None:
     dist.destroy_process_group()
 
 
+def fork_ranks(d: Path, size: int) -> int:
+    """The SIZE ranks as children of this process; the number of ranks that failed."""
+    import traceback
+
+    import torch.distributed  # noqa: F401  (imported once, before the fork)
+
+    from livetrain import tensor_parallel  # noqa: F401
+
+    pids = []
+    for rank in range(size):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                torch.set_num_threads(1)
+                main(d, rank, size)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        pids.append(pid)
+    return sum(os.waitpid(pid, 0)[1] != 0 for pid in pids)
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
-    sys.stdout.flush()
-    os._exit(0)
+    sys.exit(fork_ranks(Path(sys.argv[1]), int(sys.argv[2])))

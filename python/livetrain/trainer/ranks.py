@@ -287,6 +287,16 @@ class Ranks:
             self.abort()
         return RankFailure(self.failure)
 
+    def broken(self, error: BaseException) -> bool:
+        """Whether ``error`` (raised on rank 0 while the ranks worked together) means the group can no longer
+        work: a timeout or a transport error of torch.distributed (gloo reports a peer's closed sockets as a
+        plain RuntimeError, so a rank that is gone or left a failure message counts too)."""
+        import torch.distributed as dist
+
+        if self.failure or isinstance(error, (dist.DistError, RankFailure)):
+            return True
+        return any(not _alive(p) or os.path.exists(self.failure_path(r)) for r, p in enumerate(self.pids) if r)
+
     def abort(self) -> None:
         """Tear the process groups down: ranks waiting in a collective with this one get an error."""
         import torch.distributed as dist

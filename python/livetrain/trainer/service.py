@@ -258,11 +258,7 @@ class Trainer:
     def _failed(self, e: Exception) -> str:
         """What to report of an error; under tensor parallelism, one of the transport (a rank died or timed
         out, RankFailure) breaks the group (trainer.ranks)."""
-        import torch.distributed as dist
-
-        from livetrain.trainer.ranks import RankFailure
-
-        if self.ranks is not None and isinstance(e, (dist.DistError, RankFailure)):
+        if self.ranks is not None and self.ranks.broken(e):
             return str(self.ranks.fail(e))
         return f"{type(e).__name__}: {e}"
 
