@@ -45,15 +45,9 @@ def model_shapes(gib: float):
     out, total = [("model.embed_tokens.weight", (vocab, h))], vocab * h * 2
     layer = 0
     while total < target:
-        for name, shape in [
-            ("self_attn.q_proj", (h, h)),
-            ("self_attn.k_proj", (kv, h)),
-            ("self_attn.v_proj", (kv, h)),
-            ("self_attn.o_proj", (h, h)),
-            ("mlp.gate_proj", (inter, h)),
-            ("mlp.up_proj", (inter, h)),
-            ("mlp.down_proj", (h, inter)),
-        ]:
+        for name, shape in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                            ("mlp.down_proj", (h, inter))]:
             out.append((f"model.layers.{layer}.{name}.weight", shape))
             total += shape[0] * shape[1] * 2
         out.append((f"model.layers.{layer}.input_layernorm.weight", (h,)))
@@ -153,7 +147,7 @@ def baseline_block_sync(live: dict, loc: dict) -> dict:
             changed = np.nonzero((a != b).any(axis=1))[0]
             for k in changed:
                 start = int(k) * BLOCK
-                chunk = now[start : start + BLOCK]
+                chunk = now[start:start + BLOCK]
                 os.pwrite(fd, chunk.tobytes(), off + start)
                 written += chunk.size
         for fd in fds.values():
@@ -168,15 +162,9 @@ def livetrain_save(store, live: dict) -> dict:
     torch.cuda.synchronize()
     t = time.perf_counter()
     r = store.save(live)
-    return {
-        "seconds": time.perf_counter() - t,
-        "bytes_written": r["bytes"] if r["written"] else 0,
-        "changed": r["changed"],
-        "elements": r["elements"],
-        "diff_seconds": r["diff_seconds"],
-        "encode_seconds": r["encode_seconds"],
-        "write_seconds": r["write_seconds"],
-    }
+    return {"seconds": time.perf_counter() - t, "bytes_written": r["bytes"] if r["written"] else 0,
+            "changed": r["changed"], "elements": r["elements"], "diff_seconds": r["diff_seconds"],
+            "encode_seconds": r["encode_seconds"], "write_seconds": r["write_seconds"]}
 
 
 def full_write(staging: dict, live: dict, directory: str) -> dict:
@@ -202,7 +190,7 @@ def apollo_like_step(live: dict, lr: float, seed: int) -> None:
     for w in live.values():
         flat = w.view(-1)
         for s in range(0, flat.numel(), 2**26):  # bounded temporaries
-            part = flat[s : s + 2**26]
+            part = flat[s:s + 2**26]
             x = part.float() + lr * torch.randn(part.shape, device="cuda", generator=g)
             bits = x.view(torch.int32)
             noise = torch.randint(0, 1 << 16, part.shape, device="cuda", dtype=torch.int32, generator=g)
@@ -219,10 +207,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print(
-            "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
-            file=sys.stderr,
-        )
+        print("bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
         return 2
     from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
@@ -234,19 +219,14 @@ def main() -> int:
     need = int(model_bytes * 2.7) + 2**31  # files + deltas + the whole-model write + the bandwidth probe
     if free < need:
         shutil.rmtree(work, ignore_errors=True)
-        print(
-            f"bench/checkpoint.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB",
-            file=sys.stderr,
-        )
+        print(f"bench/checkpoint.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB", file=sys.stderr)
         return 2
     log(f"{len(shapes)} tensors, {model_bytes / 2**30:.2f} GiB bf16, in {work}")
     rows = []
     try:
         bw_dev, bw_pcie, bw_disk = device_copy_bandwidth(), pinned_d2h_bandwidth(), disk_write_bandwidth(work)
-        log(
-            f"bandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
-            f"disk write+fsync {bw_disk / 1e9:.2f} GB/s"
-        )
+        log(f"bandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
+            f"disk write+fsync {bw_disk / 1e9:.2f} GB/s")
 
         torch.manual_seed(0)
         live, staging = {}, {}
@@ -265,14 +245,8 @@ def main() -> int:
         try:
             log("first save after open (page-locks the host copy of the head; nothing changed)")
             r = livetrain_save(store, live)
-            rows.append(
-                {
-                    "scenario": "first save after open",
-                    "method": "livetrain store save",
-                    **r,
-                    "floor_seconds": 2 * model_bytes / bw_dev,
-                }
-            )
+            rows.append({"scenario": "first save after open", "method": "livetrain store save", **r,
+                         "floor_seconds": 2 * model_bytes / bw_dev})
             for scenario in ("no change", f"dense step lr {a.lr:g}"):
                 if scenario != "no change":
                     log("applying the APOLLO-like dense update on the GPU")
@@ -286,18 +260,10 @@ def main() -> int:
                 log(f"{scenario}: block-diff baseline (page cache evicted first)")
                 evict(files)
                 b = baseline_block_sync(live, loc)
-                rows.append(
-                    {"scenario": scenario, "method": "4 KiB block sync (bf16-repaired)", **b, "floor_seconds": None}
-                )
+                rows.append({"scenario": scenario, "method": "4 KiB block sync (bf16-repaired)", **b, "floor_seconds": None})
             log("whole model written as safetensors, for scale")
-            rows.append(
-                {
-                    "scenario": "any",
-                    "method": "whole model to safetensors + fsync",
-                    **full_write(staging, live, os.path.join(work, "full")),
-                    "floor_seconds": None,
-                }
-            )
+            rows.append({"scenario": "any", "method": "whole model to safetensors + fsync",
+                         **full_write(staging, live, os.path.join(work, "full")), "floor_seconds": None})
         finally:
             store.close()
     finally:
@@ -306,51 +272,28 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(
-        f"\nmodel {model_bytes / 2**30:.2f} GiB bf16 ({len(shapes)} tensors), {torch.cuda.get_device_name()}; "
-        f"device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, disk write+fsync {bw_disk / 1e9:.2f} GB/s; "
-        f"reading the head copy over PCIe at that rate: {model_bytes / bw_pcie:.3f} s\n"
-    )
-    print(
-        "| scenario | method | wall s | diff / encode / write s | bytes written | % of model | elements changed | floor s | wall / floor |"
-    )
+    print(f"\nmodel {model_bytes / 2**30:.2f} GiB bf16 ({len(shapes)} tensors), {torch.cuda.get_device_name()}; "
+          f"device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, disk write+fsync {bw_disk / 1e9:.2f} GB/s; "
+          f"reading the head copy over PCIe at that rate: {model_bytes / bw_pcie:.3f} s\n")
+    print("| scenario | method | wall s | diff / encode / write s | bytes written | % of model | elements changed | floor s | wall / floor |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         changed = f"{r['changed'] / r['elements']:.1%}" if "changed" in r else "-"
         floor = f"{r['floor_seconds']:.3f}" if r["floor_seconds"] is not None else "-"
         ratio = f"{r['seconds'] / r['floor_seconds']:.1f}x" if r["floor_seconds"] else "-"
-        phases = (
-            f"{r['diff_seconds']:.2f} / {r['encode_seconds']:.2f} / {r['write_seconds']:.2f}"
-            if "diff_seconds" in r
-            else "-"
-        )
-        print(
-            f"| {r['scenario']} | {r['method']} | {r['seconds']:.2f} | {phases} | {r['bytes_written']:,} | "
-            f"{r['bytes_written'] / model_bytes:.1%} | {changed} | {floor} | {ratio} |"
-        )
+        phases = f"{r['diff_seconds']:.2f} / {r['encode_seconds']:.2f} / {r['write_seconds']:.2f}" if "diff_seconds" in r else "-"
+        print(f"| {r['scenario']} | {r['method']} | {r['seconds']:.2f} | {phases} | {r['bytes_written']:,} | "
+              f"{r['bytes_written'] / model_bytes:.1%} | {changed} | {floor} | {ratio} |")
     by = {(r["scenario"], r["method"]): r for r in rows}
     for scenario in ("no change", f"dense step lr {a.lr:g}"):
         ours, base = by[(scenario, "livetrain store save")], by[(scenario, "4 KiB block sync (bf16-repaired)")]
-        print(
-            f"{scenario}: livetrain {base['seconds'] / ours['seconds']:.1f}x faster than the baseline, "
-            f"{ours['bytes_written'] / model_bytes:.1%} of the model's bytes written"
-        )
+        print(f"{scenario}: livetrain {base['seconds'] / ours['seconds']:.1f}x faster than the baseline, "
+              f"{ours['bytes_written'] / model_bytes:.1%} of the model's bytes written")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(
-                {
-                    "device": torch.cuda.get_device_name(),
-                    "model_bytes": model_bytes,
-                    "tensors": len(shapes),
-                    "lr": a.lr,
-                    "device_copy_bandwidth": bw_dev,
-                    "pinned_d2h_bandwidth": bw_pcie,
-                    "disk_write_bandwidth": bw_disk,
-                    "rows": rows,
-                },
-                f,
-                indent=2,
-            )
+            json.dump({"device": torch.cuda.get_device_name(), "model_bytes": model_bytes, "tensors": len(shapes),
+                       "lr": a.lr, "device_copy_bandwidth": bw_dev, "pinned_d2h_bandwidth": bw_pcie,
+                       "disk_write_bandwidth": bw_disk, "rows": rows}, f, indent=2)
     return 0
 
 
