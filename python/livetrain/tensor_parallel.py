@@ -118,13 +118,20 @@ class RankModel(NamedTuple):
     size: int
 
 
-def _holders(group, mine: dict) -> dict:
-    """For each parameter name: the ranks (in ``group``) whose shard of it is the same as this rank's."""
+def _holders(group, mine: dict) -> tuple[dict, list]:
+    """For each parameter name: the ranks (in ``group``) whose shard of it is the same as this rank's; and
+    every set of two or more such ranks on any rank, sorted (``dist.new_group`` must be called by every rank
+    for every subgroup, in the same order, including the subgroups this rank is not in)."""
     import torch.distributed as dist
 
     every: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
-    return {name: [r for r, theirs in enumerate(every) if theirs.get(name) == shard] for name, shard in mine.items()}
+
+    def holding(name, shard):
+        return tuple(r for r, theirs in enumerate(every) if theirs.get(name) == shard)
+
+    subgroups = {holding(n, s) for theirs in every for n, s in theirs.items()}
+    return {name: list(holding(name, shard)) for name, shard in mine.items()}, sorted(g for g in subgroups if len(g) > 1)
 
 
 def _sum_gradient(group):
@@ -176,7 +183,7 @@ def build_model(attached: sharing.Attached, group, *, requires_grad: bool = True
         for v in lay["views"]
         if v["shard"] is not None and v["tied_to"] is None
     }
-    holders = _holders(group, mine)
+    holders, shared = _holders(group, mine)
     params = dict(model.named_parameters())
     shards = {}
     for name, p in params.items():
@@ -187,11 +194,11 @@ def build_model(attached: sharing.Attached, group, *, requires_grad: bool = True
             d, segments = v["shard"]
             shards[p] = ParamShard(tuple(v["hf_shape"]), d, tuple(tuple(s) for s in segments), holders[name][0] == rank)
 
-    _install(model, params, shards, holders, group, config, vocab_start, vocab_rows, model_rec["config"])
+    _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, model_rec["config"])
     return RankModel(model, shards, VocabSlice(vocab_start, group), lay, views, rank, size)
 
 
-def _install(model, params, shards, holders, group, config, vocab_start, vocab_rows, full_config) -> None:
+def _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, full_config) -> None:
     """The Megatron operators of the module's docstring, on the model's modules (their parameters and names
     stay as transformers made them)."""
     import torch.distributed as dist
@@ -228,11 +235,7 @@ def _install(model, params, shards, holders, group, config, vocab_start, vocab_r
 
     # Gradients each rank sees only part of: replicated parameters inside a block (not a row-parallel layer's
     # bias, added after the sum), and blocks several ranks hold.
-    subgroups = {}
-    for ranks in sorted({tuple(h) for h in holders.values() if len(h) > 1}):
-        subgroups[ranks] = dist.new_group(
-            [dist.get_global_rank(group, r) for r in ranks]
-        )  # every rank creates every group
+    subgroups = {ranks: dist.new_group([dist.get_global_rank(group, r) for r in ranks]) for ranks in shared}
     for name, p in params.items():
         sh, mod = shards[p], owner[id(p)]
         inside = any(mod == b or mod.startswith(b + ".") for b in blocks) and mod not in row_parallel
