@@ -5,11 +5,13 @@ that several ranks hold are bit-identical on each of them, and the optimizer's p
 its whole step on their own (CPU here; the CUDA phases against the CPU ones on a GPU).
 
 Bounds. fp32 weights: the ranks sum partial products and norms in another order than one process does,
-so gradients and updates agree to float rounding (relative error 1e-4 of their norm). bf16 weights:
-additionally each activation summed over ranks is rounded to bf16 once more; the updates then agree to
-within stochastic-rounding noise: the rounding offsets are the TP-1 step's (keyed by the full tensor's
-element), so an element differs only where its fp32 value before rounding moved across a rounding step,
-by one bf16 ulp; the test bounds the share of such elements.
+so gradients and updates agree to float rounding (relative error 1e-4 of their norm). bf16 weights: every
+activation and gradient is rounded to bf16 (2^-8 relative), and the partial sums of the ranks are rounded
+before they are summed, so the gradients themselves differ by about 1e-2 of their norm; the update's
+stochastic rounding uses the same offsets at TP N as at TP 1 (keyed by the full tensor's element), so a
+weight element moves to another bf16 value only where its fp32 value before rounding moved across a rounding
+step (one ulp); Adam's first steps are nearly sign(g)·lr, so a gradient element near zero whose sign the
+bf16 noise flips moves its weight by up to 2 lr per step the other way. The bf16 test states its bounds.
 """
 
 import json
@@ -208,26 +210,34 @@ def check_state_reshards(d: Path, size: int) -> None:
 
 def test_bf16_qwen3_replicated_kv_heads_with_gradient_checkpointing(tmp_path):
     """Qwen3 (q_norm, k_norm), bf16, TP 4 over 2 KV heads (each KV head held by two ranks, their gradients
-    summed between them), gradient checkpointing on, embeddings on AdamW: after 3 steps every weight
-    equals TP 1's but for stochastic-rounding noise: at most 2% of the elements of a tensor differ, each by
-    at most 2 bf16 ulps (the bound's reasoning: the module's docstring)."""
-    d, _ = _setup(tmp_path, "qwen3", torch.bfloat16, steps=3, grad_checkpointing=True, embeddings="adamw")
+    summed between them), gradient checkpointing on, embeddings on AdamW, 3 steps at lr 1e-3. Bounds (the
+    module's docstring says why): the losses within 2e-3 relative; each gradient within 3e-2 of TP 1's norm
+    (bf16 activations and gradients rounded at 2^-8 each, summed over ranks in another order; seen: 1-2e-2);
+    every weight element within one bf16 ulp of TP 1's plus 2 lr per step (Adam turns a gradient element
+    near zero whose sign differs into an update of opposite sign; seen: 2.2 lr after 3 steps); the
+    APOLLO-Mini matrices within 0.1 of TP 1's change in norm (seen: 2-4e-2)."""
+    steps, lr = 3, 1e-3
+    d, _ = _setup(tmp_path, "qwen3", torch.bfloat16, steps=steps, lr=lr, grad_checkpointing=True, embeddings="adamw")
     tp1, info1 = _tp1(d)
+    before = lst.load_file(d / "model" / "model.safetensors")
     run_ranks(d, 4)
     info = json.loads((d / "rank-0.json").read_text())
     assert info["skipped"] == []
     for a, b in zip(info["losses"], info1["losses"]):
-        assert a == pytest.approx(b, rel=2e-2)
+        assert a == pytest.approx(b, rel=2e-3)
     # Ranks 1 and 3 hold a KV head that ranks 0 and 2 hold too: not the primary holders.
     secondary = json.loads((d / "rank-1.json").read_text())["shards"]
     assert not secondary["model.layers.0.self_attn.k_proj.weight"][3]
     assert secondary["model.layers.0.self_attn.q_proj.weight"][3]
-    weights = assemble(d, 4, "weight")
-    for name, w in weights.items():
-        ref = tp1[f"weight.{name}"]
-        diff = (w.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
-        assert int(diff.max()) <= 2, f"{name}: {int(diff.max())} ulps apart"
-        assert float((diff > 0).float().mean()) <= 0.02, f"{name}: {float((diff > 0).float().mean()):.2%} differ"
+    for name, g in assemble(d, 4, "grad").items():
+        assert rel_err(g, tp1[f"grad.{name}"]) < 3e-2, name
+    for name, w in assemble(d, 4, "weight").items():
+        ref, w0, w = tp1[f"weight.{name}"].double(), before[name].double(), w.double()
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+        excess = float(((w - ref).abs() - ulp).max())
+        assert excess <= 2 * lr * steps, f"{name}: {excess / lr:.2f} lr beyond one ulp of TP 1's"
+        if w.dim() == 2 and "embed" not in name and "lm_head" not in name:  # APOLLO-Mini's
+            assert rel_err(w - w0, ref - w0) < 0.1, name
 
 
 # ---- the optimizer's phases on their own (no processes): each rank's part, sums by hand ----

@@ -52,7 +52,7 @@ def _train(d: Path, model, shards, group, vocab, out_name: str, extra: dict) -> 
     loss = causal_lm_loss(model, ids, attn, labels, weights, later=later, vocab=vocab)
     loss.backward()
     later.apply(lambda w, g: setattr(w, "grad", g))
-    losses.append(float(loss))
+    losses.append(float(loss.detach()))
     for p, n in names.items():
         out[f"grad.{n}"] = p.grad.detach().clone().contiguous()
         p.grad = None
@@ -66,7 +66,7 @@ def _train(d: Path, model, shards, group, vocab, out_name: str, extra: dict) -> 
         loss = causal_lm_loss(model, ids, attn, labels, weights, later=later, vocab=vocab)
         loss.backward()
         later.apply(opt.step_param)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     report = opt.report()
     opt.save_state(d / f"{out_name}.optim.safetensors", names=names)
     for p, n in names.items():
