@@ -21,7 +21,10 @@ from livetrain.trainer.ranks import manifest_mismatch
 import tiny_model
 from servers import ENV
 
-CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"]
+# 24 words of the fact and the specials, 30 more: 54 rows padded to 64, 32 on rank 0 and 22 on rank 1.
+CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one two three four five six"] + [
+    " ".join(f"filler{i}" for i in range(30))
+]
 JOB = {"examples": tiny_model.FACT_EXAMPLES, "steps": 3, "lr": 1e-3, "batch_size": 2}
 
 
@@ -62,7 +65,8 @@ class Engine:
 @pytest.fixture
 def engine(tmp_path):
     model = tmp_path / "model"
-    tiny_model.make_model_dir(model, CORPUS, vocab_size=160)  # padded to 192: 96 rows a rank
+    config = tiny_model.make_model_dir(model, CORPUS)
+    assert 32 < config["vocab_size"] < 64, config["vocab_size"]
     e = Engine(model, tmp_path, 2)
     yield model, e
     e.close()
