@@ -153,8 +153,10 @@ def role_trainer(a) -> None:
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         }
     )
-    if ranks is not None and ranks.rank == 0:
-        ranks.lead("stop")  # the other ranks wait in their command loop (trainer.ranks.Ranks.follow)
+    if ranks is not None:  # every rank stepped on its own here (no command loop): leave together
+        import torch.distributed as dist
+
+        dist.barrier(group=ranks.control)
     trainer.close()
 
 
