@@ -130,36 +130,28 @@ class Ranks:
 
     # ---- the checkpoint store: each rank saves its regions, rank 0 commits (docs/checkpoint.md) ----
     def regions(self, rank_model):
-        """The regions of the Hugging Face tensors this rank holds, as the checkpoint store saves them (None
-        when this build's store has no generations written by several ranks)."""
+        """The regions of the Hugging Face tensors this rank holds, as the checkpoint store saves and
+        restores them (``checkpoint.shards``: replicated tensors and shared KV heads saved by their first
+        holder only)."""
         from livetrain import checkpoint
 
-        shards = getattr(checkpoint, "shards", None)
-        return None if shards is None else shards(rank_model.layout, rank_model.views, self.rank)
+        return checkpoint.shards(rank_model.layout, rank_model.views, self.rank)
 
     def open_store(self, model_dir: str, store_dir: str | None, regions):
-        """The model's store, opened as this rank (rank 0 first: it recovers; then the others)."""
+        """The model's store, opened as this rank: rank 0 first (it recovers), then the others. The engine
+        created it at start (``checkpoint.restore_latest``)."""
         import torch.distributed as dist
 
         from livetrain import checkpoint
 
-        if regions is None:
-            raise _core.UnsupportedError(
-                "this livetrain's checkpoint store cannot save generations from several tensor-parallel ranks; "
-                "start the trainer with --no-store"
+        def open_it():
+            return checkpoint.open_store(
+                model_dir, store_dir, rank=self.rank, ranks=self.size, held=regions, group=self.engine_group
             )
-        path = checkpoint.store_path(model_dir, store_dir)
-        store = None
-        if self.rank == 0:
-            store = checkpoint.CheckpointStore(
-                model_dir, path, rank=0, ranks=self.size, held=regions, group=self.engine_group
-            )
+
+        store = open_it() if self.rank == 0 else None
         dist.barrier(group=self.control)
-        if self.rank > 0:
-            store = checkpoint.CheckpointStore(
-                model_dir, path, rank=self.rank, ranks=self.size, held=regions, group=self.engine_group
-            )
-        return store
+        return store if self.rank == 0 else open_it()
 
     def commit(self, store, regions, weight_version: int, optimizer_state: str) -> dict:
         """One generation from every rank's part (each rank calls it at once): rank 0's result everywhere."""
