@@ -130,8 +130,8 @@ def _holders(group, mine: dict) -> tuple[dict, list]:
     def holding(name, shard):
         return tuple(r for r, theirs in enumerate(every) if theirs.get(name) == shard)
 
-    subgroups = {holding(n, s) for theirs in every for n, s in theirs.items()}
-    return {name: list(holding(name, shard)) for name, shard in mine.items()}, sorted(g for g in subgroups if len(g) > 1)
+    shared = sorted({g for theirs in every for n, s in theirs.items() if len(g := holding(n, s)) > 1})
+    return {name: list(holding(name, shard)) for name, shard in mine.items()}, shared
 
 
 def _sum_gradient(group):

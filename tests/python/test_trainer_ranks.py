@@ -72,8 +72,9 @@ def engine(tmp_path):
     e.close()
 
 
-def start(tmp_path, model, manifests, *extra):
-    ns = options.parse(["--no-store", "--state-dir", str(tmp_path / "state"), "--tp-timeout", "120", *extra])
+def start(tmp_path, model, manifests, *extra, store: bool = False):
+    args = ["--state-dir", str(tmp_path / "state"), "--tp-timeout", "120", *extra]
+    ns = options.parse(args if store else ["--no-store", *args])
     sock = str(tmp_path / "trainer.sock")
     env = dict(ENV, OMP_NUM_THREADS="1")
     return process.start_trainer_group(manifests, str(model), sock, ns, env), sock
@@ -150,6 +151,48 @@ def test_a_job_trains_both_ranks_in_lockstep(tmp_path, engine):
         ]
     finally:
         group.stop(10)
+
+
+def test_sharded_checkpoint_restores_at_tp1_and_rolls_back(tmp_path, engine):
+    """With the model's store: a job, then /checkpoint writes one generation of two parts (each rank's
+    regions and optimizer state); /rollback to generation 0 puts both ranks' weights back as the files
+    hold them; restored at TP 1 into whole tensors, the trained generation equals both ranks' trained weights."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    before = e.snapshot()
+    checkpoint.CheckpointStore.create(model).close()  # what the engine does at start (restore_latest)
+    group, sock = start(tmp_path, model, e.manifests, store=True)
+    try:
+        wait_ready(group, sock)
+        assert run_job(sock, JOB)["state"] == "done"
+        code, reply = call(sock, "checkpoint", {})
+        assert code == 200, reply
+        gen = reply["generation"]
+        head = next(g for g in call(sock, "checkpoints")[1]["generations"] if g["generation"] == gen)
+        assert [p["rank"] for p in head["parts"]] == [0, 1] and all(p["optimizer_state"] for p in head["parts"])
+        trained = e.snapshot()
+
+        code, reply = call(sock, "rollback", {"generation": 0})
+        assert code == 200, reply
+        for r in range(2):
+            for n, t in e.views[r].items():
+                assert torch.equal(t, before[r][n]), f"rank {r} {n} not rolled back"
+    finally:
+        group.stop(30)
+
+    # TP 1 (the group stopped: the store's lock is free): whole tensors from the store equal every rank's regions.
+    full = {n: t.clone() for n, t in lst.load_file(model / "model.safetensors").items()}
+    with checkpoint.CheckpointStore(model, held=[]) as store:
+        store.restore(gen, full)
+    config = json.loads((model / "config.json").read_text())
+    for r in range(2):
+        lay = layout.build(config, e.exports[r].tensors, engine="vllm", tp_rank=r, tp_size=2)
+        for region in checkpoint.shards(lay, trained[r], r):
+            whole = full[region.name]
+            for d, (first, length) in enumerate(zip(region.start, region.tensor.shape)):
+                whole = whole.narrow(d, first, length)
+            assert torch.equal(whole, region.tensor), f"rank {r} {region.name}"
 
 
 def math_ok(x) -> bool:
