@@ -27,6 +27,7 @@ from livetrain import _core
 from livetrain import safetensors as lst
 from livetrain.trainer.client import free_port
 
+import tiny_model
 import tp_ranks
 from servers import ENV
 
@@ -39,17 +40,7 @@ def make_model(d: Path, kind: str, dtype: torch.dtype) -> dict:
     """A random tiny model of ``kind`` (llama with biases everywhere, qwen3 with q/k norms) in ``d/model``,
     and a batch of two sequences with masked labels and example weights."""
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=3,
-    )
+    common = tiny_model.tiny_sizes(VOCAB, pad_token_id=3)
     if kind == "qwen3":
         config = transformers.Qwen3Config(head_dim=16, **common)
     else:
