@@ -82,6 +82,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep every layer's activations instead of recomputing them in backward",
     )
+    parser.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="tensor parallelism: how long a trainer rank waits for the others in one collective before the "
+        "job fails on every rank (default 1800; a rank that dies is noticed at once on CPU)",
+    )
 
 
 def check(ns: argparse.Namespace) -> str | None:
@@ -90,6 +98,8 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--checkpoint-every must be >= 0"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
+    if ns.tp_timeout <= 0:
+        return "--tp-timeout must be > 0"
     return None
 
 
@@ -117,6 +127,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--embeddings",
         ns.embeddings,
         *(["--no-grad-checkpointing"] if ns.no_grad_checkpointing else []),
+        "--tp-timeout",
+        str(ns.tp_timeout),
     ]
 
 

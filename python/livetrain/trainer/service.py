@@ -3,6 +3,8 @@ them, and runs training jobs from a queue with APOLLO-Mini steps applied per par
 so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
 trainer.protocol); checkpoint and rollback requests run on the training thread between two steps, writing
 to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.trainer`` runs it as a process.
+Under tensor parallelism one Trainer runs per engine rank (trainer.ranks): rank 0 as described, the others
+following its commands; each step, checkpoint and rollback then runs on every rank at once.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Trainer:
         max_examples: int = 10_000,
         wait_s: float = 60.0,
         release_cached: bool = True,
+        ranks=None,
     ):
         import transformers
 
@@ -130,7 +133,15 @@ class Trainer:
                     raise
                 time.sleep(0.2)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.model = sharing.build_hf_model(self.attached)
+        # Tensor parallelism (trainer.ranks): this rank's model on its engine rank's shards; None at TP 1.
+        self.ranks, self.rank_model, self.vocab = ranks, None, None
+        if ranks is None:
+            self.model = sharing.build_hf_model(self.attached)
+        else:
+            os.makedirs(ranks.state_dir, exist_ok=True)  # where a failing rank leaves its message
+            ranks.start(next(iter(self.attached.tensors.values())).device)
+            self.rank_model = ranks.build_model(self.attached)
+            self.model, self.vocab = self.rank_model.model, self.rank_model.vocab
         self.model.train()
         self.device = next(self.model.parameters()).device
         # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
@@ -144,13 +155,21 @@ class Trainer:
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
+        if ranks is not None:
+            self.opt.tensor_parallel(ranks.group, self.rank_model.shards)
         self.names = {p: n for n, p in self.model.named_parameters()}
         # The model files' names -> the engine's memory, as the checkpoint store takes them (tied weights once;
-        # a multimodal checkpoint's text model under its names in the files).
-        self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+        # a multimodal checkpoint's text model under its names in the files); under tensor parallelism, this
+        # rank's regions of them (trainer.ranks).
+        if ranks is None:
+            self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+            held = set(self.weights)
+        else:
+            self.weights = ranks.regions(self.rank_model)
+            held = {region.name for region in self.weights}
         # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
         # trained; the checkpoint store carries them unchanged.
-        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - set(self.weights))
+        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - held)
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
@@ -165,7 +184,9 @@ class Trainer:
 
         self.state_dir = s.state_dir
         os.makedirs(s.state_dir, exist_ok=True)
-        self.opt_path = os.path.join(s.state_dir, "optimizer.safetensors")
+        self.opt_path = os.path.join(
+            s.state_dir, ranks.file_name("optimizer.safetensors") if ranks else "optimizer.safetensors"
+        )
         self.meta_path = os.path.join(s.state_dir, "trainer.json")
         saved_version = None
         if os.path.exists(self.meta_path):
@@ -176,14 +197,19 @@ class Trainer:
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
         self.store, head = None, None
         if not s.no_store:
-            self.store = checkpoint.open_store(model_dir, s.store)
+            self.store = (
+                checkpoint.open_store(model_dir, s.store)
+                if ranks is None
+                else ranks.open_store(model_dir, s.store, self.weights)
+            )
             head = self.store.list()[-1]
         self.restored_from = None
-        if head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
-            self.opt.load_state(os.path.join(self.store.dir, head["optimizer_state"]), names=self.names)
+        head_state = self._generation_state(head) if head is not None else None
+        if head_state and saved_version != head["weight_version"]:
+            self._load_state(head_state)
             self.restored_from = f"generation {head['generation']}"
         elif os.path.exists(self.opt_path):
-            self.opt.load_state(self.opt_path, names=self.names)
+            self._load_state([self.opt_path])
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
@@ -241,6 +267,8 @@ class Trainer:
             return Reply(200, {})
         if op == "status":
             return Reply(200, self.status())
+        if op in ("submit", "checkpoint", "rollback") and self.ranks is not None and self.ranks.failure:
+            return error(503, self.ranks.failure)
         if op == "submit":
             return self.submit(parse_body(body, empty_ok=False))
         if op in ("checkpoint", "checkpoints", "rollback"):
@@ -280,7 +308,7 @@ class Trainer:
             try:
                 item[2] = item[0]()
             except Exception as e:
-                item[2] = error(500, f"{type(e).__name__}: {e}")
+                item[2] = error(500, self._failed(e))
             item[1].set()
         if timer and self.checkpoint_due():
             try:
@@ -289,8 +317,15 @@ class Trainer:
             except Exception as e:  # reported in /train/status; tried again after another period
                 self.last_checkpoint = time.monotonic()
                 with self.lock:
-                    self.checkpoint_error = f"{type(e).__name__}: {e}"
+                    self.checkpoint_error = self._failed(e)
                 print(f"livetrain trainer: periodic checkpoint failed: {self.checkpoint_error}", flush=True)
+
+    def _failed(self, e: Exception) -> str:
+        """What to report of an error; under tensor parallelism, one of the transport (a rank died or timed
+        out, RankFailure) breaks the group (trainer.ranks)."""
+        if self.ranks is not None and self.ranks.broken(e):
+            return str(self.ranks.fail(e))
+        return f"{type(e).__name__}: {e}"
 
     def checkpoint_due(self) -> bool:
         return (
@@ -361,6 +396,7 @@ class Trainer:
                     "or an MTP head): never trained, kept unchanged by the checkpoint store",
                 },
                 "checkpoint": self._checkpoint_status(),
+                "tensor_parallel": self.ranks.status() if self.ranks is not None else None,
             }
 
     def _checkpoint_status(self) -> dict | None:
@@ -388,15 +424,24 @@ class Trainer:
         }
 
     def _commit(self) -> dict:
-        """Saves the live weights as a generation with the optimizer state beside them."""
-        self.save()  # the optimizer-state file that the generation records
-        r = self.store.save(self.weights, weight_version=self.weight_version, optimizer_state=self.opt_path)
+        """Saves the live weights as a generation with the optimizer state beside them (under tensor
+        parallelism every rank saves its part, rank 0 commits them: commit_rank)."""
+        if self.ranks is not None:
+            self.ranks.lead("commit", self.weight_version)
+        r = self.commit_rank(self.weight_version)
         gens = self.store.list()
         with self.lock:
             self.generations = gens
             self.checkpoint_error = None
         self.saved_version, self.last_checkpoint = self.weight_version, time.monotonic()
         return r
+
+    def commit_rank(self, weight_version: int) -> dict:
+        """This rank's part of ``_commit`` (every rank, at once, under tensor parallelism)."""
+        self.save_rank(weight_version)  # the optimizer-state file that the generation records
+        if self.ranks is None:
+            return self.store.save(self.weights, weight_version=weight_version, optimizer_state=self.opt_path)
+        return self.ranks.commit(self.store, self.weights, weight_version, self.opt_path)
 
     def checkpoint(self) -> Reply:
         t0 = time.perf_counter()
@@ -420,10 +465,9 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
-        self.store.restore(generation, self.weights)
-        self.opt.reset_state()
-        if gen["optimizer_state"]:
-            self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
+        if self.ranks is not None:
+            self.ranks.lead("rollback", generation)
+        self.rollback_rank(generation)
         steps = self._optimizer_steps()
         with self.lock:
             self._new_version()
@@ -434,13 +478,46 @@ class Trainer:
             {
                 "rolled_back_to": generation,
                 "restored_weight_version": gen["weight_version"],
-                "optimizer": "restored" if gen["optimizer_state"] else "reset",
+                "optimizer": "restored" if self._generation_state(gen) else "reset",
                 "generation": r["generation"],
                 "written": r["written"],
                 "weight_version": self.weight_version,
                 "seconds": round(time.perf_counter() - t0, 3),
             },
         )
+
+    def rollback_rank(self, generation: int) -> None:
+        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``."""
+
+        def restore():
+            gen = next(g for g in self.store.list() if g["generation"] == generation)
+            self.store.restore(generation, self.weights)
+            self.opt.reset_state()
+            files = self._generation_state(gen)
+            if files:
+                self._load_state(files)
+
+        self._together("rollback", restore)
+
+    def _together(self, what: str, fn, *args):
+        """``fn`` on this rank; under tensor parallelism, an error on any rank is raised on every rank."""
+        return fn(*args) if self.ranks is None else self.ranks.together(what, fn, *args)
+
+    def _generation_state(self, gen: dict) -> list[str] | None:
+        """The optimizer-state files a generation records, one per rank that wrote it (None: it has none)."""
+        parts = gen.get("parts")
+        files = [p.get("optimizer_state") for p in parts] if parts else [gen.get("optimizer_state")]
+        if not files or not all(files):
+            return None
+        return [os.path.join(self.store.dir, f) for f in files]
+
+    def _load_state(self, files: list[str]) -> None:
+        """The optimizer state from its files: this rank's own, or (saved at another tensor-parallel size)
+        each parameter's state assembled from every rank's file and cut to this rank's part."""
+        mine = files[self.ranks.rank] if self.ranks is not None and len(files) == self.ranks.size else None
+        if len(files) == 1:
+            mine = files[0]
+        self.opt.load_state(mine if mine is not None else files, names=self.names)
 
     def _new_version(self) -> None:
         """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
@@ -475,8 +552,8 @@ class Trainer:
         # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
         # The output projection's vocabulary-sized gradient is made after backward, once the layers'
         # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
-        later = OutputGradient()
-        loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later)
+        later = OutputGradient(vocab=self.vocab)
+        loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later, vocab=self.vocab)
         self._released = False
         loss.backward()
         # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
@@ -484,7 +561,15 @@ class Trainer:
         if later.active and self.release_cached and not self._released:
             self._release()
         later.apply(self.opt.step_param)
+        if self.ranks is not None:
+            self.ranks.end_step()
         return float(loss.detach()), int(attn.sum())
+
+    def train_step(self, examples, lr: float) -> tuple[float, int]:
+        """A training step at ``lr`` (every rank, at once, under tensor parallelism)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return self.step(examples)
 
     def _embeddings_forward(self, _module, _inputs, out) -> None:
         # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
@@ -504,8 +589,6 @@ class Trainer:
         with self.lock:
             info = self.jobs[jid]
             info["state"], self.current = "running", jid
-        for group in self.opt.param_groups:
-            group["lr"] = info["lr"]
         order = list(range(len(job["examples"])))
         cycle = itertools.cycle(order)
         try:
@@ -515,7 +598,9 @@ class Trainer:
                     raise RuntimeError("stopped by shutdown")
                 batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
                 t0 = time.perf_counter()
-                loss, ntok = self.step(batch)
+                if self.ranks is not None:
+                    self.ranks.lead("step", batch, info["lr"])
+                loss, ntok = self.train_step(batch, info["lr"])
                 dt = time.perf_counter() - t0
                 with self.lock:
                     self._new_version()
@@ -528,31 +613,56 @@ class Trainer:
                 info["state"] = "done"
                 info["skipped_nonfinite"] = report["skipped_nonfinite_grad"] + report["nonfinite_update"]
         except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+            if self.ranks is not None and not (isinstance(e, RuntimeError) and str(e) == "stopped by shutdown"):
+                message = str(self.ranks.fail(e))  # a step failed on a rank: the group cannot go on (trainer.ranks)
             with self.lock:
-                info["state"], info["error"] = "failed", f"{type(e).__name__}: {e}"
+                info["state"], info["error"] = "failed", message
         finally:
             with self.lock:
                 self.current = None
             self.save()
 
     def save(self) -> None:
-        """Optimizer state and weight version, each replaced crash-safely by the core (temp file, fsync,
-        rename, fsync of the directory)."""
+        """Optimizer state (every rank's, under tensor parallelism) and weight version, each replaced
+        crash-safely by the core (temp file, fsync, rename, fsync of the directory)."""
+        if self.ranks is not None and not self.ranks.failure:
+            try:
+                self.ranks.lead("save", self.weight_version)
+            except Exception:  # the group broke (recorded in ranks.failure): this rank's state still counts
+                self._save_files(self.weight_version)
+                return
+        self.save_rank(self.weight_version)
+
+    def save_rank(self, weight_version: int) -> None:
+        """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
+        if self.ranks is None or self.ranks.failure:
+            self._save_files(weight_version)
+        else:
+            self.ranks.together("save", self._save_files, weight_version)
+
+    def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
-        _core.write_file_atomic(self.meta_path, json.dumps({"weight_version": self.weight_version}).encode())
+        if self.ranks is None or self.ranks.rank == 0:  # rank 0 keeps the weight version
+            _core.write_file_atomic(self.meta_path, json.dumps({"weight_version": weight_version}).encode())
 
     def run(self) -> None:
+        """The training thread (rank 0): jobs from the queue and the requests between them, until stopped."""
         while not self.stopping.is_set():
             self.run_pending()
             try:
                 jid, job = self.queue.get(timeout=0.05)
             except queue.Empty:
+                if self.ranks is not None:
+                    self.ranks.heartbeat()
                 continue
             self.run_job(jid, job)
         with self.lock:
             self.closed = True
         self.run_pending(timer=False)  # requests that arrived before the shutdown are still answered
         self.save()
+        if self.ranks is not None and not self.ranks.failure:
+            self.ranks.lead("stop")
 
     def close(self) -> None:
         """Releases the checkpoint store (its lock and host copy)."""
