@@ -96,7 +96,9 @@ def softmax_grad_(
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100."""
+    """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100. With ``token_ce``
+    (an fp32 vector of one element per token), forward also writes each token's CE there (0 where the target
+    is -100): a by-product of the loss, not differentiated."""
 
     @staticmethod
     def forward(
@@ -107,6 +109,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         token_weight: torch.Tensor,
         chunk: int,
         later: "OutputGradient | None" = None,
+        token_ce: torch.Tensor | None = None,
     ):
         n = hidden.shape[0]
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
@@ -119,6 +122,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_target[s : s + chunk, None])[:, 0].float()
             ce = (lse[s : s + chunk] - picked) * valid[s : s + chunk]
             total += (ce * token_weight[s : s + chunk]).sum()
+            if token_ce is not None:
+                token_ce[s : s + chunk] = ce
             del logits
         ctx.save_for_backward(hidden, weight, safe_target, valid, token_weight, lse)
         ctx.chunk, ctx.later = chunk, later
@@ -143,7 +148,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h)
             del grad
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class OutputGradient:
@@ -222,11 +227,14 @@ def causal_lm_loss(
     labels: torch.Tensor,
     weights: torch.Tensor,
     later: OutputGradient | None = None,
+    per_example: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
     output layer allows it, else from the full logits. With ``later``, the output projection's gradient
-    is left to ``later.apply`` where it can be (``later.active``)."""
+    is left to ``later.apply`` where it can be (``later.active``). With ``per_example`` (fp32, one element
+    per example), each example's mean cross-entropy, unweighted, is written there from the same forward:
+    what the trainer reports per example and stops a job on, at no extra pass."""
     if later is not None:
         later.weight, later._pending = None, None
     target = labels[:, 1:]
@@ -235,20 +243,30 @@ def causal_lm_loss(
     if head is None:
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        return ((tok.sum(1) / count) * weights).mean()
+        mean = tok.sum(1) / count
+        if per_example is not None:
+            per_example.copy_(mean.detach())
+        return (mean * weights).mean()
     hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
     b, t, h = hidden.shape
+    token_ce = None
+    if per_example is not None:
+        token_ce = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     token_weight = (weights / count / b)[:, None].expand(b, t).reshape(-1).to(torch.float32)
     chunk = max(1, CHUNK_BYTES // (4 * head.shape[0]))
     if later is not None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is None or getattr(embeddings, "weight", None) is head
         later.weight = head if head.requires_grad and torch.is_grad_enabled() and not tied else None
-    return LinearCrossEntropy.apply(
+    loss = LinearCrossEntropy.apply(
         hidden.reshape(b * t, h),
         head,
         target.reshape(-1),
         token_weight,
         chunk,
         later if later is not None and later.active else None,
+        token_ce,
     )
+    if per_example is not None:
+        per_example.copy_(token_ce.view(b, t).sum(1) / count)
+    return loss
