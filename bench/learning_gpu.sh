@@ -53,14 +53,14 @@ receive)
 sweep)
   prepare
   mkdir -p "$out"
-  "$py" bench/learning_sweep.py --device cuda --dtype bf16 --lr "${LRS:-3e-5,1e-4,3e-4}" --warmup "${WARMUPS:-0,5}" \
+  timeout "${SWEEP_SECONDS:-480}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --lr "${LRS:-5e-5,1e-4,2e-4}" --warmup "${WARMUPS:-0,5}" \
     --replay "${REPLAYS:-0,2,4}" --until "${UNTILS:-1,0.3,0.1,0.03}" --json "$out/learning-sweep.jsonl" \
     2>&1 | tee "$out/learning-sweep.txt"
   ;;
 bench)
   prepare
   mkdir -p "$out"
-  "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
+  timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
   ;;
 *)
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'

@@ -47,7 +47,21 @@ class InProcess:
         self.dir = tempfile.mkdtemp(prefix="livetrain-sweep-")
         model_dir = default_model.ensure(dtype=dtype)
         manifest = os.path.join(self.dir, "engine.manifest.json")
-        self.engine = Engine(model_dir, manifest, device, dtype, store=False)
+        self.child = None
+        if device.startswith("cuda"):
+            # CUDA IPC handles cannot be opened by the process that exported them: the engine's weights live
+            # in a child process (loaded and exported only, no HTTP), as in `livetrain serve`.
+            import subprocess
+
+            cmd = [sys.executable, os.path.abspath(__file__), "--engine-child", model_dir, manifest, device, dtype]
+            self.child = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            deadline = time.monotonic() + 600
+            while not os.path.exists(manifest):
+                if self.child.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"learning_sweep: the engine child exited ({self.child.poll()}) or timed out")
+                time.sleep(0.2)
+        else:
+            self.engine = Engine(model_dir, manifest, device, dtype, store=False)
         settings = options.parse(
             ["--no-store", "--state-dir", os.path.join(self.dir, "state"), "--batch-size", str(batch_size)]
         )
@@ -85,7 +99,20 @@ class InProcess:
         return sum(xs) / len(xs)
 
 
+def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
+    """The engine's weights on the GPU, exported for the trainer in the parent; lives until stdin closes."""
+    from livetrain.engines.reference import Engine
+
+    engine = Engine(model_dir, manifest, device, dtype, store=False)
+    sys.stdin.read()
+    engine.exported.close()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--engine-child"]:
+        return engine_child(*argv[1:5])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--facts", type=int, default=32, help="the first N facts of bench/learning_data.json")
     p.add_argument("--lr", type=floats, default=[1e-4])
