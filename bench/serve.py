@@ -62,13 +62,24 @@ _FIELDS = (
     "max_position_embeddings",
 )
 SHAPES = {
-    name: dict(zip(_FIELDS, sizes), rms_norm_eps=1e-6, tie_word_embeddings=False)
-    for name, sizes in {
-        "8b": (4096, 36, 32, 8, 128, 12288, 151936, 40960),
-        "tiny": (64, 2, 4, 2, 16, 128, 512, 4096),
-    }.items()
+    **{
+        name: dict(zip(_FIELDS, sizes), rms_norm_eps=1e-6, tie_word_embeddings=False)
+        for name, sizes in {
+            "8b": (4096, 36, 32, 8, 128, 12288, 151936, 40960),
+            "tiny": (64, 2, 4, 2, 16, 128, 512, 4096),
+        }.items()
+    },
+    # Qwen/Qwen3.5-27B's text model (config.json text_config, model_type qwen3_5_text): every 4th layer full
+    # attention with an output gate, the others Gated DeltaNet; ~26.9B parameters, ~54 GB in bf16. Needs
+    # transformers' Qwen3_5TextConfig (model_type below), not Qwen3Config.
+    "qwen3.5-27b": dict(model_type="qwen3_5_text", hidden_size=5120, num_hidden_layers=64, num_attention_heads=24,
+                        num_key_value_heads=4, head_dim=256, attn_output_gate=True, full_attention_interval=4,
+                        linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
+                        linear_value_head_dim=128, linear_conv_kernel_dim=4, intermediate_size=17408,
+                        vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                        partial_rotary_factor=0.25, rope_theta=10000000.0, tie_word_embeddings=False),
 }
-DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1"}
+DEFAULT_LAYERS = {"8b": "36,8", "qwen3.5-27b": "64", "tiny": "2,1"}
 MARK = "@@serve-bench "  # child -> orchestrator JSON lines start with this; other stdout lines pass through
 GiB = 2**30
 TARGET = 0.15

@@ -28,6 +28,7 @@
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -79,6 +80,122 @@ class PartQueue {
   std::condition_variable cv_;
   std::deque<std::string> parts_;
   bool closed_ = false, aborted_ = false;
+};
+
+// Encodes a save's records on its own thread, in tensor order, as the diff completes tensors (all at once
+// unless checkpoint.pipeline); finished records wait in `records` for the writer. Records are encoded in
+// batches of whole tensors with enough blocks between them to keep every CPU thread busy, or fewer when
+// the diff has not completed more.
+class RecordEncoder {
+ public:
+  RecordEncoder(const std::vector<TensorEntry>& tensors, const std::vector<DiffTensor>& diff, const DiffOutput& d,
+                const Progress& progress)
+      : tensors_(tensors), diff_(diff), d_(d), progress_(progress),
+        batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
+        thread_([this] { run(); }) {}
+  ~RecordEncoder() {
+    if (thread_.joinable()) {
+      abort();
+      thread_.join();
+    }
+  }
+  RecordEncoder(const RecordEncoder&) = delete;
+  RecordEncoder& operator=(const RecordEncoder&) = delete;
+
+  // Tensors [0, done) are complete, their bitmaps and values at these bases (from the diff's thread).
+  void ready(size_t done, const uint8_t* bitmaps, const uint8_t* values) {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = std::max(done_, done);
+    bitmaps_ = bitmaps;
+    values_ = values;
+    cv_.notify_one();
+  }
+  // No more tensors will become ready (the diff returned, or failed).
+  void end_of_input() {
+    std::lock_guard<std::mutex> lock(mu_);
+    input_over_ = true;
+    cv_.notify_one();
+  }
+  void abort() {
+    records.abort();
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    cv_.notify_one();
+  }
+  // Waits for the thread; rethrows what the encoding threw. Returns the seconds spent encoding.
+  double join() {
+    end_of_input();
+    thread_.join();
+    if (error_) std::rethrow_exception(error_);
+    return busy_seconds_;
+  }
+
+  PartQueue records;
+  std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
+
+ private:
+  void run() {
+    try {
+      size_t next = 0;
+      while (true) {
+        size_t done;
+        const uint8_t *bitmaps, *values;
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return aborted_ || input_over_ || done_ > next; });
+          if (aborted_ || done_ <= next) break;  // aborted, or the input is over and all of it encoded
+          done = done_;
+          bitmaps = bitmaps_;
+          values = values_;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        encode(next, done, bitmaps, values);
+        busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        next = done;
+      }
+      finished_at = std::chrono::steady_clock::now();
+      records.close();
+    } catch (...) {
+      error_ = std::current_exception();
+      records.abort();
+    }
+  }
+
+  void encode(size_t begin, size_t end, const uint8_t* bitmaps, const uint8_t* values) {
+    std::vector<RecordParts> batch;
+    uint64_t blocks = 0;
+    for (size_t i = begin; i < end && !records.aborted(); ++i) {
+      if (d_.changed[i]) {
+        const TensorEntry& t = tensors_[i];
+        batch.push_back(RecordParts{t.name, t.dtype, diff_[i].units, d_.changed[i], bitmaps + d_.bitmap_offset[i],
+                                    values + d_.value_offset[i]});
+        blocks += (diff_[i].units + kBlockUnits - 1) / kBlockUnits;
+      }
+      if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
+        report(progress_, "encode and write", i + 1, tensors_.size());
+        std::vector<std::string> recs;
+        encode_records(batch, recs);
+        for (auto& rec : recs) records.push(std::move(rec));
+        batch.clear();
+        blocks = 0;
+      }
+    }
+  }
+
+  const std::vector<TensorEntry>& tensors_;
+  const std::vector<DiffTensor>& diff_;
+  const DiffOutput& d_;
+  const Progress& progress_;
+  const uint64_t batch_blocks_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t done_ = 0;
+  const uint8_t* bitmaps_ = nullptr;
+  const uint8_t* values_ = nullptr;
+  bool input_over_ = false, aborted_ = false;
+  std::exception_ptr error_;
+  double busy_seconds_ = 0;
+  std::thread thread_;  // last: starts once everything above is initialized
 };
 
 // The one device of a call's live tensors (-1: host memory); mixing is refused.
@@ -359,13 +476,28 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     res.model_bytes += t.nbytes;
     diff[i] = DiffTensor{now[i], device >= 0 ? head_.gpu_tensor(i) : head_.tensor(i), t.nbytes / unit, unit};
   }
-  // The diff: bitmaps and the changed elements' XOR values, in host memory either way.
+  // The diff: bitmaps and the changed elements' XOR values, in host memory either way. The encoder runs
+  // beside it (checkpoint.pipeline: it starts on the tensors the GPU diff has completed) or after it.
   report(options.progress, device >= 0 ? "diff on the GPU" : "diff", 0, n);
   using clock = std::chrono::steady_clock;
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   auto t0 = clock::now();
   DiffOutput d;
+  const bool pipeline = device >= 0 && tuning::get(tuning::kCheckpointPipeline) == 1;
+  std::optional<RecordEncoder> encoder;
+  if (pipeline) encoder.emplace(commit_.tensors, diff, d, options.progress);
   bool head_moved = false;  // the head copy already holds what this save records
+  // The head copy follows the delta being written: the same bitmaps and values the file is encoded
+  // from. It is updated by the GPU diff, or (CPU path) once encoded, and XORed back (deltas are
+  // self-inverse) if the generation does not commit. Changed that way, it no longer matches the GPU
+  // diff's digests of it.
+  auto move_head = [&] {
+    for (size_t i = 0; i < n; ++i) {
+      if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
+    }
+    diff_workspace_.digests.reset();
+    head_moved = !head_moved;
+  };
   if (device >= 0) {
     if (!diff_workspace_.bitmaps.data) {
       // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
@@ -374,7 +506,16 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
       diff_workspace_reserve(diff_workspace_, bitmap_bytes, res.model_bytes / 4);
     }
     // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
-    delta_diff_cuda(diff, d, nullptr, &diff_workspace_, true);
+    try {
+      delta_diff_cuda(diff, d, nullptr, &diff_workspace_, true, [&](size_t done, const uint8_t* b, const uint8_t* v) {
+        if (encoder) encoder->ready(done, b, v);
+      });
+    } catch (...) {
+      // Part of the head copy may have moved: it matches no generation any more.
+      broken_ = true;
+      diff_workspace_.digests.reset();
+      throw;
+    }
     head_moved = true;
   } else {
     delta_diff_cpu(diff, d);
@@ -386,9 +527,15 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     count += d.changed[i] ? 1 : 0;
   }
   if (res.changed == 0 && !options.save_if_unchanged) {
+    if (encoder) res.encode_seconds = encoder->join();  // it had nothing to encode
     res.generation = commit_.head;
     return res;  // nothing changed: the head copy was not touched either
   }
+  if (!encoder) {
+    encoder.emplace(commit_.tensors, diff, d, options.progress);
+    encoder->ready(n, d.bitmaps.data, d.values.data);
+  }
+  encoder->end_of_input();  // the diff is over: the encoder stops once it has encoded every tensor
   t0 = clock::now();
   const uint64_t g = commit_.head + 1;
   Generation gen;
@@ -401,71 +548,37 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   const std::string delta_path = fs::join(dir_, gen.delta);
   std::string optim_path;
 
-  // The head copy follows the delta being written: the same bitmaps and values the file is encoded
-  // from. It is updated by the GPU diff, or (CPU path) while the writer drains, and XORed back (deltas
-  // are self-inverse) if the generation does not commit.
-  auto move_head = [&] {
-    for (size_t i = 0; i < n; ++i) {
-      if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
-    }
-    head_moved = !head_moved;
-  };
   try {
-    // Encoding and writing overlap: this thread encodes the records in order (each in parallel over its
-    // blocks), a writer thread appends each finished record to the temporary file and hashes it.
+    // Encoding and writing overlap: the encoder's thread encodes the records in order (each batch in
+    // parallel over its blocks), this thread appends each finished record to the temporary file and
+    // hashes it.
     fs::write_file_atomic(delta_path, [&](fs::Writer& w) {
-      PartQueue queue;
       Xxh64Stream hash;
-      std::exception_ptr write_error;
-      std::thread writer([&] {
-        try {
-          while (std::optional<std::string> part = queue.pop()) {
-            hash.update(part->data(), part->size());
-            w.write(*part);
-          }
-        } catch (...) {
-          write_error = std::current_exception();
-          queue.abort();
-        }
-      });
       try {
-        queue.push(delta_file_header(g, commit_.head, count));
-        // Records in batches of whole tensors with enough blocks between them to keep every thread busy.
-        const uint64_t batch_blocks = 8 * static_cast<uint64_t>(num_threads());
-        std::vector<RecordParts> batch;
-        uint64_t blocks = 0;
-        for (size_t i = 0; i < n && !queue.aborted(); ++i) {
-          if (d.changed[i]) {
-            const TensorEntry& t = commit_.tensors[i];
-            batch.push_back(RecordParts{t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
-                                        d.values.data + d.value_offset[i]});
-            blocks += (diff[i].units + kBlockUnits - 1) / kBlockUnits;
-          }
-          if (!batch.empty() && (blocks >= batch_blocks || i + 1 == n)) {
-            report(options.progress, "encode and write", i + 1, n);
-            std::vector<std::string> recs;
-            encode_records(batch, recs);
-            for (auto& rec : recs) queue.push(std::move(rec));
-            batch.clear();
-            blocks = 0;
-          }
+        const std::string header = delta_file_header(g, commit_.head, count);
+        hash.update(header.data(), header.size());
+        w.write(header);
+        while (std::optional<std::string> part = encoder->records.pop()) {
+          hash.update(part->data(), part->size());
+          w.write(*part);
         }
-        res.encode_seconds = seconds_since(t0);
-        t0 = clock::now();
-        if (!queue.aborted() && !head_moved) move_head();
       } catch (...) {
-        queue.abort();
-        writer.join();
+        encoder->abort();
+        try {
+          (void)encoder->join();
+        } catch (...) {  // its own error, if any, is secondary to this one
+        }
         throw;
       }
-      queue.close();
-      writer.join();
-      if (write_error) std::rethrow_exception(write_error);
+      res.encode_seconds = encoder->join();  // rethrows an encoding error (the records stopped early)
+      t0 = encoder->finished_at;
+      if (!head_moved) move_head();
       gen.delta_hash = hash.digest();
       w.write(&gen.delta_hash, 8);
       gen.bytes = w.bytes_written();
     });
   } catch (...) {
+    encoder.reset();
     if (head_moved) move_head();
     throw;
   }

@@ -13,7 +13,13 @@
 
 #include "checkpoint_helpers.hpp"
 #include "helpers.hpp"
+#include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/tuning.hpp"
+
+#ifdef LIVETRAIN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 namespace checkpoint = livetrain::checkpoint;
 namespace st = livetrain::safetensors;
@@ -280,3 +286,62 @@ TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
     EXPECT_TRUE(n == "COMMIT" || n == "LOCK") << "left behind: " << n;
   }
 }
+
+#ifdef LIVETRAIN_WITH_CUDA
+// A save from GPU weights writes the same delta file as a save of the same bytes from host memory, under
+// every tuning of the GPU save (the pipeline, the one-pass diff, digests, small groups), for sparse,
+// dense (values outgrow the reserved buffer) and no changes; the head copy stays right across them.
+TEST(CheckpointStoreCuda, EveryTuningWritesTheCpuSavesBytes) {
+  if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
+  struct Knobs {
+    ~Knobs() { livetrain::tuning::reset(); }
+  } reset_after;
+  int combo = 0;
+  for (int pipeline : {0, 1}) {
+    for (int diff : {0, 1}) {
+      for (int digests : {0, 1}) {
+        const int mib = combo++ % 2 ? 1 : 256;
+        SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) + " digests=" +
+                     std::to_string(digests) + " group_mib=" + std::to_string(mib));
+        TempDir tmp;
+        const std::string model = tmp.file("model");
+        LiveModel live = livetrain::testing::make_live(3, 200);  // a 2.4 MiB embedding: several 1 MiB groups
+        livetrain::testing::write_model_dir(model, live);
+        checkpoint::Store host = checkpoint::Store::create(model, tmp.file("store-host"));
+        checkpoint::Store gpu = checkpoint::Store::create(model, tmp.file("store-gpu"));
+        std::vector<void*> dev(live.names.size());
+        for (size_t i = 0; i < dev.size(); ++i) ASSERT_EQ(cudaMalloc(&dev[i], live.data[i].size()), cudaSuccess);
+        auto device_views = [&] {
+          std::vector<checkpoint::LiveTensor> v = live.views();
+          for (size_t i = 0; i < v.size(); ++i) {
+            EXPECT_EQ(cudaMemcpy(dev[i], live.data[i].data(), live.data[i].size(), cudaMemcpyHostToDevice), cudaSuccess);
+            v[i].data = dev[i];
+            v[i].device = 0;
+          }
+          return v;
+        };
+        livetrain::tuning::reset();
+        livetrain::tuning::set("checkpoint.pipeline", pipeline);
+        livetrain::tuning::set("checkpoint.diff", diff);
+        livetrain::tuning::set("checkpoint.digests", digests);
+        livetrain::tuning::set("checkpoint.group_mib", mib);
+        const double fractions[] = {0.01, 0.0, 1.0, 0.2, 0.0};
+        for (int step = 0; step < 5; ++step) {
+          livetrain::testing::perturb(live, 200 + step, fractions[step]);
+          const checkpoint::SaveResult a = host.save(live.views());
+          const checkpoint::SaveResult b = gpu.save(device_views());
+          ASSERT_EQ(a.written, b.written) << "step " << step;
+          EXPECT_EQ(a.changed, b.changed) << "step " << step;
+          if (!a.written) continue;
+          const std::string name = checkpoint::delta_file_name(a.generation);
+          EXPECT_EQ(livetrain::fs::read_file(tmp.file("store-host/" + name)), livetrain::fs::read_file(tmp.file("store-gpu/" + name)))
+              << "step " << step;
+        }
+        EXPECT_EQ(gpu.compare_live(gpu.commit().head, live.views()).elements, 0u);
+        EXPECT_TRUE(gpu.verify().empty());
+        for (void* p : dev) cudaFree(p);
+      }
+    }
+  }
+}
+#endif

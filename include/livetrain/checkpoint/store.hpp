@@ -41,7 +41,7 @@ struct SaveOptions {
   uint64_t weight_version = 0;
   std::string optimizer_state;  // a file to copy into the store with this generation, or empty
   bool save_if_unchanged = false;  // write a generation even when no element changed
-  Progress progress;
+  Progress progress;  // called from the save's encoding thread too
 };
 
 struct SaveResult {
@@ -51,8 +51,9 @@ struct SaveResult {
   uint64_t changed = 0;
   uint64_t elements = 0;  // elements of the model
   uint64_t model_bytes = 0;
-  // Wall time of the phases: the diff (GPU or CPU, with the copy of bitmaps and values to the host), the
-  // encoding, and writing + fsync + commit + updating the head copy.
+  // Time of the phases: the diff (wall time, GPU or CPU, with the copy of bitmaps and values to the host),
+  // the encoding (time the encoder spent; with checkpoint.pipeline it overlaps the diff), and from the
+  // last encoded record to the commit (the writes still queued, fsync, commit, updating the head copy).
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
 };
 
