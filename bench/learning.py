@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+sys.path.insert(0, PYTHON_DIR)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import learning_questions as lq  # noqa: E402
@@ -59,7 +60,7 @@ class Server:
         cmd = [sys.executable, "-m", "livetrain.serve", "--model", a.model, "--dtype", a.dtype]
         cmd += ["--device", a.device, "--port", str(port), "--run-dir", run]
         cmd += ["--store", os.path.join(self.dir, "store"), "--state-dir", os.path.join(self.dir, "state")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")]))}
         self.log_path = os.path.join(self.dir, "serve.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
