@@ -53,9 +53,14 @@ receive)
 sweep)
   prepare
   mkdir -p "$out"
-  timeout "${SWEEP_SECONDS:-480}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --lr "${LRS:-5e-5,1e-4,2e-4}" --warmup "${WARMUPS:-0,5}" \
-    --replay "${REPLAYS:-0,2,4}" --until "${UNTILS:-1,0.3,0.1,0.03}" --json "$out/learning-sweep.jsonl" \
-    2>&1 | tee "$out/learning-sweep.txt"
+  # learning rate × replay first (warm-up 0), then warm-up 5 at the two larger rates; each part time-limited
+  # so that what was measured comes back whatever happens; rows stream into the .txt and the .jsonl.
+  timeout "${SWEEP_SECONDS:-330}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
+    --lr "${LRS:-5e-5,1e-4,2e-4}" --warmup 0 --replay "${REPLAYS:-0,1,2,4}" --until "${UNTILS:-1,0.3,0.1,0.03}" \
+    --json "$out/learning-sweep.jsonl" 2>&1 | tee "$out/learning-sweep.txt" || true
+  timeout "${WARMUP_SECONDS:-150}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
+    --lr 1e-4,2e-4 --warmup 5 --replay 2 --until "${UNTILS:-1,0.3,0.1,0.03}" \
+    --json "$out/learning-sweep.jsonl" 2>&1 | tee -a "$out/learning-sweep.txt" || true
   ;;
 bench)
   prepare
