@@ -67,56 +67,50 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The learning options that take a value: (flag, key in LEARNING, type, metavar, what it sets).
+_LEARNING_OPTIONS = (
+    ("--lr", "lr", float, "LR", "default learning rate of a job (APOLLO-Mini)"),
+    ("--warmup", "warmup", int, "STEPS", "default linear warm-up of the learning rate, in steps"),
+    (
+        "--until-loss",
+        "until_loss",
+        float,
+        "LOSS",
+        "a job without steps or epochs trains until every example's mean loss on its trained tokens is below LOSS",
+    ),
+    ("--max-steps", "max_steps", int, "N", "... or until it has taken N steps"),
+    (
+        "--replay",
+        "replay",
+        int,
+        "N",
+        "retention examples (prompts with the model's own answers before the job) added to every batch of a "
+        "guarded job",
+    ),
+    (
+        "--guard-threshold",
+        "guard_threshold",
+        float,
+        "NATS",
+        "roll a guarded job back when the retention loss (nats per token of the model's own answers to the "
+        "held-out retention prompts) rose by more than NATS",
+    ),
+)
+
+
 def add_learning_options(parser) -> None:
     """The defaults of a job's learning (each a job field too) and of its forgetting guard; the numbers
     that chose them are in docs/learning.md."""
-    parser.add_argument(
-        "--lr", type=float, default=LEARNING["lr"], help=f"default learning rate of a job (default {LEARNING['lr']})"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=LEARNING["warmup"],
-        metavar="STEPS",
-        help=f"default linear warm-up of the learning rate, in steps (default {LEARNING['warmup']})",
-    )
+    for flag, key, kind, metavar, what in _LEARNING_OPTIONS:
+        parser.add_argument(
+            flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
+        )
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
-    parser.add_argument(
-        "--until-loss",
-        type=float,
-        default=LEARNING["until_loss"],
-        metavar="LOSS",
-        help="a job without steps or epochs trains until every example's mean loss on its trained tokens "
-        f"is below LOSS (default {LEARNING['until_loss']})",
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=LEARNING["max_steps"],
-        metavar="N",
-        help=f"... or until it has taken N steps (default {LEARNING['max_steps']})",
-    )
-    parser.add_argument(
-        "--replay",
-        type=int,
-        default=LEARNING["replay"],
-        metavar="N",
-        help="retention examples (prompts with the model's own answers before the job) added to every "
-        f"batch of a guarded job (default {LEARNING['replay']})",
-    )
     parser.add_argument(
         "--no-guard",
         action="store_true",
         help="jobs are not guarded by default: no retention measured, no replay, no automatic rollback "
         '(a job can still ask for "guard": true)',
-    )
-    parser.add_argument(
-        "--guard-threshold",
-        type=float,
-        default=LEARNING["guard_threshold"],
-        metavar="NATS",
-        help="roll a guarded job back when the retention loss (nats per token of the model's own answers) "
-        f"rose by more than NATS (default {LEARNING['guard_threshold']})",
     )
     parser.add_argument(
         "--retention",
