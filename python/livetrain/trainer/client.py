@@ -184,12 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"livetrain train: {e}", file=sys.stderr)
         return 1
-    reason = info.get("stop_reason")
-    print(
-        f"{info['state']}: {info['step']} steps, {STOP_REASONS.get(reason, reason)}; examples' loss "
-        f"{info.get('loss_before')} -> {info.get('loss_after')}",
-        flush=True,
-    )
     g = info.get("guard")
     if g and g.get("passed") is not None:
         print(
@@ -197,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             f"threshold {g['threshold']}): {'kept' if g['passed'] else 'rolled back' if g['rolled_back'] else g['rollback']}",
             flush=True,
         )
+    reason = info.get("stop_reason")
+    print(  # last: the job's outcome
+        f"{info['state']}: {info['step']} steps, {STOP_REASONS.get(reason, reason)}; examples' loss "
+        f"{info.get('loss_before')} -> {info.get('loss_after')}",
+        flush=True,
+    )
     if info["error"]:
         print(f"livetrain train: job failed: {info['error']}", file=sys.stderr)
     return 0 if info["state"] == "done" else 1
