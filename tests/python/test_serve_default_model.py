@@ -2,7 +2,9 @@
 scripts/main_job.py does): teach three made-up facts through /train while completions keep being answered,
 the chat endpoint (greedy) answers each of them, a held-out text's perplexity rises by less than 5%,
 POST /checkpoint, SIGKILL every process, restart on the same store: the restarted server serves the
-checkpointed weights bit for bit and still answers the facts.
+checkpointed weights bit for bit and still answers the facts. And a job given only its examples (the
+learning defaults, the forgetting guard on) learns three more facts in two phrasings each while general
+questions keep their answers (docs/learning.md).
 
 The perplexity is computed here with transformers on model directories: the model files (generation 0)
 and the checkpointed generation written out by CheckpointStore.restore(out_dir=...) once the server is
@@ -212,6 +214,20 @@ GENERAL = [
 ]
 
 
+def wait_patiently(s: Serve, jid: str, timeout: float) -> dict:
+    """The job's entry once it has ended. A 503 (the trainer did not answer within the route's 30 s) is read
+    again: on a machine whose cores are shared with other heavy work the trainer process can be starved that
+    long while it generates the retention answers; what this test checks is what the job learned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, info = s.http(f"/train/{jid}")
+        assert code in (200, 503), (code, info)
+        if code == 200 and info["state"] in ("done", "failed", "cancelled", "rolled_back"):
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(1.0)
+
+
 def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
     s = Serve(tmp_path, "serve-defaults.log", batch_size=None)
     try:
@@ -229,7 +245,7 @@ def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
             },
         )
         assert code == 202 and job["until_loss"] > 0, job
-        info = s.wait_job(job["job_id"], timeout=1200)
+        info = wait_patiently(s, job["job_id"], timeout=1200)
         assert info["state"] == "done" and info["stop_reason"] == "until_loss", info
         assert info["losses"]["max_after"] < info["until_loss"] < info["loss_before"], info
         guard = info["guard"]
