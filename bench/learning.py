@@ -128,6 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="weight dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--cases", default=",".join(CASES), help=f"which cases, in order (default {','.join(CASES)})")
     p.add_argument("--facts", type=int, default=0, help="the first N facts only (default: all)")
+    p.add_argument("--general", type=int, default=0, help="the first N general questions only (default: all)")
+    p.add_argument(
+        "--destructive",
+        default=f"{DESTRUCTIVE['lr']},{DESTRUCTIVE['steps']}",
+        help=f"lr,steps of the destructive case (default {DESTRUCTIVE['lr']},{DESTRUCTIVE['steps']})",
+    )
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer (default 24)")
     p.add_argument("--clients", type=int, default=8, help="questions asked at a time (default 8)")
     p.add_argument(
@@ -144,6 +150,12 @@ def main(argv=None) -> int:
         p.error(f"--cases: unknown case {bad[0]!r} (choose from {', '.join(CASES)})")
 
     facts, general = lq.load(facts=a.facts or None)
+    general = general[: a.general] if a.general else general
+    try:
+        lr, steps = a.destructive.split(",")
+        destructive = {"lr": float(lr), "steps": int(steps)}
+    except ValueError:
+        p.error(f"--destructive must be LR,STEPS, not {a.destructive!r}")
     examples = lq.examples(facts)
     asked = lq.questions(facts, general)
     questions = [q for _, q, _ in asked]
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
                     p.error("--cases: plain without defaults before it needs --plain-steps")
                 body.update(steps=steps, guard=False)
             elif case == "destructive":
-                body.update(DESTRUCTIVE)
+                body.update(destructive)
             job = server.call("/train", body)
             info = wait_job(server.url, job["job_id"], timeout=3600, interval=0.5)
             if case == "defaults":
