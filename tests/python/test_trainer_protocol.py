@@ -12,7 +12,6 @@ import pytest
 from livetrain.trainer import protocol, routes
 from livetrain.trainer.protocol import Invalid, Reply
 
-
 # A ``metrics`` reply as Trainer.metrics makes it.
 METRICS = {
     "weight_version": 12,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +29,8 @@ from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
+# The longest a ``version`` request may wait for a new version (the plugin's watcher asks again after it).
+MAX_VERSION_WAIT_S = 30.0
 
 
 def parse_job_id(args: dict) -> str:
@@ -51,6 +54,37 @@ def parse_checkpoint_args(args: dict) -> None:
     """POST /checkpoint takes an empty body or ``{}``."""
     if args:
         raise Invalid(sorted(args)[0], f"unknown field {sorted(args)[0]!r} (POST /checkpoint takes no fields)")
+
+
+def _integer(args: dict, field: str, what: str) -> int:
+    v = args[field]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Invalid(field, f"{field} must be an integer ({what}), got {json.dumps(v)[:40]}")
+    return v
+
+
+def parse_version_args(args: dict) -> tuple[int | None, float]:
+    """The ``version`` op's optional ``{"after": N, "wait_s": S}``: answer once the weight version is not N,
+    or after S seconds (at most MAX_VERSION_WAIT_S), so that a watcher learns of a step as it ends instead
+    of at its next poll. Empty: answer at once."""
+    unknown = set(args) - {"after", "wait_s"}
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: after, wait_s)")
+    after = _integer(args, "after", "the weight version the caller has") if "after" in args else None
+    wait = args.get("wait_s", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_VERSION_WAIT_S:
+        raise Invalid("wait_s", f"wait_s must be a number of seconds in [0, {MAX_VERSION_WAIT_S:g}]")
+    return after, float(wait)
+
+
+def parse_served_args(args: dict) -> int:
+    """The ``served`` op's ``{"weight_version": N}``: the engine serves version N (its caches reset)."""
+    unknown = set(args) - {"weight_version"}
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: weight_version)")
+    if "weight_version" not in args:
+        raise Invalid("weight_version", "weight_version is required")
+    return _integer(args, "weight_version", "the version the engine now serves")
 
 
 def parse_rollback_args(args: dict, generations: list[int]) -> int:
@@ -100,7 +134,7 @@ class Trainer:
     ):
         import transformers
 
-        from livetrain import checkpoint, optim, sharing
+        from livetrain import checkpoint, kernels, optim, safetensors, sharing
 
         deadline = time.monotonic() + wait_s
         while True:  # the engine writes the manifest once its weights are shared
@@ -116,17 +150,25 @@ class Trainer:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = sharing.build_hf_model(self.attached)
         self.model.train()
+        self.device = next(self.model.parameters()).device
+        # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
+        for warning in kernels.prepare(self.model, self.device, backward=True):
+            print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.device = next(self.model.parameters()).device
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
         self.names = {p: n for n, p in self.model.named_parameters()}
-        # Hugging Face name -> the engine's memory, as the checkpoint store takes them (tied weights once).
-        self.weights = {n: p.data for n, p in self.model.named_parameters()}
+        # The model files' names -> the engine's memory, as the checkpoint store takes them (tied weights once;
+        # a multimodal checkpoint's text model under its names in the files).
+        self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+        # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
+        # trained; the checkpoint store carries them unchanged.
+        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - set(self.weights))
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
@@ -187,6 +229,12 @@ class Trainer:
 
         self.queue: queue.Queue = queue.Queue(maxsize=s.queue_size)
         self.lock = threading.Lock()  # guards what status() reads
+        # Notified on every new weight version: what a waiting ``version`` request (the plugin) waits on.
+        self.version_changed = threading.Condition(self.lock)
+        # When each recent version was made (monotonic, the end of its step), and the last version an
+        # engine reported serving (``served``) with the seconds from the one to the other.
+        self.made_at: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self.served: dict | None = None
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.current: str | None = None
         self.losses: collections.deque = collections.deque(maxlen=200)
@@ -202,7 +250,21 @@ class Trainer:
     def handle(self, op: str, body: bytes) -> Reply:
         """One request: ``op`` and its body as the HTTP route received it."""
         if op == "version":  # what watchers poll: no copy of the job list
-            return Reply(200, {"weight_version": self.weight_version})
+            after, wait_s = parse_version_args(parse_body(body, empty_ok=True))
+            with self.version_changed:
+                if after is not None:
+                    self.version_changed.wait_for(lambda: self.weight_version != after, wait_s)
+                return Reply(200, {"weight_version": self.weight_version})
+        if op == "served":
+            version = parse_served_args(parse_body(body, empty_ok=False))
+            now = time.monotonic()
+            with self.lock:
+                made = self.made_at.get(version)
+                self.served = {
+                    "weight_version": version,
+                    "seconds_after_step": None if made is None else round(now - made, 4),
+                }
+            return Reply(200, {})
         if op == "status":
             return Reply(200, self.status())
         if op == "submit":
@@ -384,6 +446,7 @@ class Trainer:
                 "current": dict(self.jobs[self.current]) if self.current else None,
                 "jobs": [dict(v) for v in self.jobs.values()],
                 "weight_version": self.weight_version,
+                "served": dict(self.served) if self.served else None,
                 "loss_history": list(self.losses),
                 "tokens_per_s": round(self.tokens_per_s, 1),
                 "optimizer": {
@@ -394,7 +457,13 @@ class Trainer:
                     "steps": self.opt_steps,
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
+                "kernels": self.kernels,
                 "device": str(self.device),
+                "not_trained": {
+                    "tensors": self.not_trained,
+                    "why": "in the model files but outside the text model this engine serves (e.g. a vision tower "
+                    "or an MTP head): never trained, kept unchanged by the checkpoint store",
+                },
                 "checkpoint": self._checkpoint_status(),
                 "guard": {
                     "default": not self.settings.no_guard,
@@ -469,7 +538,7 @@ class Trainer:
             self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
         steps = self._optimizer_steps()
         with self.lock:
-            self.weight_version += 1
+            self._new_version()
             self.opt_steps = steps
         r = self._commit()
         return Reply(
@@ -484,6 +553,15 @@ class Trainer:
                 "seconds": round(time.perf_counter() - t0, 3),
             },
         )
+
+    def _new_version(self) -> None:
+        """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
+        ``version`` requests woken."""
+        self.weight_version += 1
+        self.made_at[self.weight_version] = time.monotonic()
+        while len(self.made_at) > 64:
+            self.made_at.popitem(last=False)
+        self.version_changed.notify_all()
 
     def _optimizer_steps(self) -> int:
         """Steps of the most-stepped parameter (synchronizes with the device)."""
@@ -626,7 +704,7 @@ class Trainer:
                 losses.record(idx, per_example[: len(idx)])
                 summary = losses.summary(plan.until_loss)
                 with self.lock:
-                    self.weight_version += 1
+                    self._new_version()
                     self.opt_steps += 1
                     self.counts["steps"] += 1
                     self.counts["tokens"] += ntok
