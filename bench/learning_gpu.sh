@@ -7,6 +7,7 @@
 #
 #   here:   bash bench/learning_gpu.sh pack      cut the GGUF + packages into .gpu-model/part0{0,1}
 #   there:  bash bench/learning_gpu.sh receive   in each call carrying .gpu-model/partNN: keep its piece
+#           bash bench/learning_gpu.sh prepare   (after both pieces) join, check, convert into $LIVETRAIN_CACHE
 #           bash bench/learning_gpu.sh sweep     (after both pieces and a build, `bash scripts/gpu.sh none`):
 #                                                bench/learning_sweep.py's grid on cuda/bf16 into $OUT
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
@@ -53,6 +54,9 @@ receive)
   mkdir -p "$home"
   for d in .gpu-model/part*; do [ -d "$d" ] && cp "$d"/* "$home"/ && echo "learning_gpu: kept $(ls "$d")"; done
   ;;
+prepare)
+  prepare
+  ;;
 sweep)
   prepare
   mkdir -p "$out"
@@ -71,7 +75,7 @@ bench)
   timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
   ;;
 *)
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n "2,15p" "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac
