@@ -11,7 +11,7 @@ import argparse
 DEFAULT_STATE_DIR = "livetrain-state"
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
-# The learning defaults, chosen by measurement (docs/learning.md "How the defaults were chosen").
+# The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {"lr": 1e-4, "warmup": 0, "until_loss": 0.1, "max_steps": 200, "replay": 2, "guard_threshold": 0.1}
 
 
