@@ -133,7 +133,9 @@ def _reduce_over_ranks(x: torch.Tensor, vocab: VocabSlice | None) -> torch.Tenso
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100; with ``vocab``,
-    W is this rank's rows of the projection (VocabSlice) and the sum is over the whole vocabulary."""
+    W is this rank's rows of the projection (VocabSlice) and the sum is over the whole vocabulary. With
+    ``token_ce`` (an fp32 vector of one element per token), forward also writes each token's CE there (0
+    where the target is -100): a by-product of the loss, not differentiated."""
 
     @staticmethod
     def forward(
@@ -145,6 +147,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         later: "OutputGradient | None" = None,
         vocab: VocabSlice | None = None,
+        token_ce: torch.Tensor | None = None,
     ):
         n = hidden.shape[0]
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
@@ -162,7 +165,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             del logits
         picked *= inside
         lse, picked = _over_ranks(lse, picked, vocab)
-        total = (((lse - picked) * valid) * token_weight).sum()
+        ce = (lse - picked) * valid
+        total = (ce * token_weight).sum()
+        if token_ce is not None:
+            token_ce.copy_(ce)
         ctx.save_for_backward(hidden, weight, safe_target, valid, token_weight, lse)
         ctx.chunk, ctx.later, ctx.vocab = chunk, later, vocab
         return total
@@ -189,7 +195,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             del grad
         if grad_hidden is not None:  # each rank's slice of the vocabulary adds its part
             _reduce_over_ranks(grad_hidden, vocab)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 class OutputGradient:
@@ -272,12 +278,15 @@ def causal_lm_loss(
     weights: torch.Tensor,
     later: OutputGradient | None = None,
     vocab: VocabSlice | None = None,
+    per_example: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
     output layer allows it, else from the full logits. With ``later``, the output projection's gradient
     is left to ``later.apply`` where it can be (``later.active``). ``vocab``: the model is a
-    tensor-parallel rank's, whose output projection holds that slice of the vocabulary."""
+    tensor-parallel rank's, whose output projection holds that slice of the vocabulary. With ``per_example``
+    (fp32, one element per example), each example's mean cross-entropy, unweighted, is written there from
+    the same forward: what the trainer reports per example and stops a job on, at no extra pass."""
     if later is not None:
         later.weight, later._pending = None, None
     target = labels[:, 1:]
@@ -288,16 +297,22 @@ def causal_lm_loss(
     if head is None:
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        return ((tok.sum(1) / count) * weights).mean()
+        mean = tok.sum(1) / count
+        if per_example is not None:
+            per_example.copy_(mean.detach())
+        return (mean * weights).mean()
     hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
     b, t, h = hidden.shape
+    token_ce = None
+    if per_example is not None:
+        token_ce = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     token_weight = (weights / count / b)[:, None].expand(b, t).reshape(-1).to(torch.float32)
     chunk = max(1, CHUNK_BYTES // (4 * head.shape[0]))
     if later is not None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is None or getattr(embeddings, "weight", None) is head
         later.weight = head if head.requires_grad and torch.is_grad_enabled() and not tied else None
-    return LinearCrossEntropy.apply(
+    loss = LinearCrossEntropy.apply(
         hidden.reshape(b * t, h),
         head,
         target.reshape(-1),
@@ -305,4 +320,8 @@ def causal_lm_loss(
         chunk,
         later if later is not None and later.active else None,
         vocab,
+        token_ce,
     )
+    if per_example is not None:
+        per_example.copy_(token_ce.view(b, t).sum(1) / count)
+    return loss

@@ -12,6 +12,17 @@ import pytest
 from livetrain.trainer import protocol, routes
 from livetrain.trainer.protocol import Invalid, Reply
 
+# A ``metrics`` reply as Trainer.metrics makes it.
+METRICS = {
+    "weight_version": 12,
+    "counts": {"steps": 12, "tokens": 3400, "guard_rollbacks": 1, "nonfinite_stops": 0},
+    "loss": 0.25,
+    "tokens_per_s": 410.5,
+    "jobs": {"queued": 1, "running": 1, "done": 3, "failed": 0, "cancelled": 0, "rolled_back": 1},
+    "checkpoint_time": 1000.0,
+    "running": "job-2",
+}
+
 
 class Recorder:
     """A handler that records what it receives and answers as told."""
@@ -30,6 +41,10 @@ class Recorder:
             if not job.get("examples"):
                 raise Invalid("examples", "examples must be a non-empty list")
             return Reply(202, {"job_id": "job-1"})
+        if op in ("job", "cancel"):
+            return Reply(200, {"op": op, **json.loads(body)})
+        if op == "metrics":
+            return Reply(200, METRICS)
         if op == "nan":
             return Reply(200, {"loss": math.nan})
         if op == "bug":
@@ -130,3 +145,43 @@ def test_routes_forward_bodies_and_replies_unchanged(trainer):
     with TestClient(app) as c:
         r = c.post("/rollback", json={"generation": 1})
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+
+
+def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    path, handler = trainer
+    app = FastAPI()
+    app.include_router(routes.training_router(path))
+    with TestClient(app) as c:
+        for method, url, op in (
+            ("GET", "/train/job-7", "job"),
+            ("DELETE", "/train/job-7", "cancel"),
+            ("POST", "/train/job-7/cancel", "cancel"),
+        ):
+            r = c.request(method, url)
+            assert r.status_code == 200 and r.json() == {"op": op, "job_id": "job-7"}, (method, url, r.text)
+            assert handler.seen[-1] == (op, b'{"job_id": "job-7"}')
+        r = c.get("/train/status")  # a fixed path, not a job id
+        assert handler.seen[-1] == ("status", b"")
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
+        assert samples[("livetrain_trainer_up", ())] == 1
+        assert samples[("livetrain_steps_total", ())] == 12 and samples[("livetrain_tokens_total", ())] == 3400
+        assert samples[("livetrain_weight_version", ())] == 12 and samples[("livetrain_loss", ())] == 0.25
+        assert samples[("livetrain_jobs", (("state", "rolled_back"),))] == 1
+        assert samples[("livetrain_guard_rollbacks_total", ())] == 1
+        assert samples[("livetrain_last_checkpoint_age_seconds", ())] > 0
+    app = FastAPI()
+    app.include_router(routes.training_router(lambda: ""))
+    with TestClient(app) as c:  # no trainer: the metrics say so instead of failing the scrape
+        r = c.get("/metrics")
+        assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text and "livetrain_steps" not in r.text

@@ -318,10 +318,15 @@ def test_routes_are_mounted_and_check_vllms_api_keys():
 
     app, plugin = app_with_plugin()
     with TestClient(app) as c:
-        for path, (method, _, _) in routes.ROUTES.items():  # every route is there and forwards
-            r = c.request(method, path, json={} if method == "POST" else None)
+        for route in routes.ROUTES:  # every route is there and forwards
+            path = route.path.replace("{job_id}", "job-0")
+            r = c.request(route.method, path, json={} if route.method in ("POST", "PUT") else None)
             assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", (path, r.text)
             assert "no trainer has been started" in r.json()["error"]["message"]
+        # The metrics, beside vLLM's own /metrics: the trainer is down, and says so.
+        r = c.get(routes.VLLM_METRICS_PATH)
+        assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text, r.text
+        assert c.get("/metrics").status_code == 404
         plugin.keys = api.api_keys(argparse.Namespace(api_key=["k1", "k2"]))
         r = c.get("/train/status")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

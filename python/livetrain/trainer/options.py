@@ -11,6 +11,8 @@ import argparse
 DEFAULT_STATE_DIR = "livetrain-state"
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
+# The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
+LEARNING = {"lr": 1e-4, "warmup": 0, "until_loss": 0.1, "max_steps": 200, "replay": 2, "guard_threshold": 0.1}
 
 
 def device(value: str) -> str:
@@ -68,8 +70,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="save a generation every SECONDS when the weights changed since the last one "
         "(default 0: only on POST /checkpoint)",
     )
-    parser.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job (APOLLO-Mini)")
-    parser.add_argument("--batch-size", type=int, default=8, help="default examples per step")
+    add_learning_options(parser)
     parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
     )
@@ -92,10 +93,70 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The learning options that take a value: (flag, key in LEARNING, type, metavar, what it sets).
+_LEARNING_OPTIONS = (
+    ("--lr", "lr", float, "LR", "default learning rate of a job (APOLLO-Mini)"),
+    ("--warmup", "warmup", int, "STEPS", "default linear warm-up of the learning rate, in steps"),
+    (
+        "--until-loss",
+        "until_loss",
+        float,
+        "LOSS",
+        "a job without steps or epochs trains until every example's mean loss on its trained tokens is below LOSS",
+    ),
+    ("--max-steps", "max_steps", int, "N", "... or until it has taken N steps"),
+    (
+        "--replay",
+        "replay",
+        int,
+        "N",
+        "retention examples (prompts with the model's own answers before the job) added to every batch of a "
+        "guarded job",
+    ),
+    (
+        "--guard-threshold",
+        "guard_threshold",
+        float,
+        "NATS",
+        "roll a guarded job back when the retention loss (nats per token of the model's own answers to the "
+        "held-out retention prompts) rose by more than NATS",
+    ),
+)
+
+
+def add_learning_options(parser) -> None:
+    """The defaults of a job's learning (each a job field too) and of its forgetting guard; the numbers
+    that chose them are in docs/learning.md."""
+    for flag, key, kind, metavar, what in _LEARNING_OPTIONS:
+        parser.add_argument(
+            flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
+        )
+    parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="jobs are not guarded by default: no retention measured, no replay, no automatic rollback "
+        '(a job can still ask for "guard": true)',
+    )
+    parser.add_argument(
+        "--retention",
+        default=None,
+        metavar="FILE",
+        help="the user's own retention prompts, added to the built-in ones: JSON lines, each a string "
+        '(a user message) or {"messages": [...]} ending with a user message (also PUT /train/retention)',
+    )
+
+
 def check(ns: argparse.Namespace) -> str | None:
     """What is wrong with a combination of the options (None: nothing)."""
     if ns.checkpoint_every < 0:
         return "--checkpoint-every must be >= 0"
+    if not 0 < ns.lr < 1:
+        return "--lr must be in (0, 1)"
+    if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
+        return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
+    if not ns.until_loss > 0 or not ns.guard_threshold > 0:
+        return "--until-loss and --guard-threshold must be > 0"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
@@ -118,8 +179,20 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.checkpoint_every),
         "--lr",
         str(ns.lr),
+        "--warmup",
+        str(ns.warmup),
         "--batch-size",
         str(ns.batch_size),
+        "--until-loss",
+        str(ns.until_loss),
+        "--max-steps",
+        str(ns.max_steps),
+        "--replay",
+        str(ns.replay),
+        *(["--no-guard"] if ns.no_guard else []),
+        "--guard-threshold",
+        str(ns.guard_threshold),
+        *(["--retention", ns.retention] if ns.retention else []),
         "--max-seq-len",
         str(ns.max_seq_len),
         "--queue-size",

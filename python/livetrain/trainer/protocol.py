@@ -24,6 +24,7 @@ _MAX_HEADER = 4096
 KINDS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    404: "not_found_error",
     409: "conflict",
     429: "rate_limit_error",
     500: "server_error",

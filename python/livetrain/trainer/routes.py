@@ -8,18 +8,39 @@ trainer. docs/serve.md lists the routes.
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at run time.
 import hmac
-from typing import Callable, Sequence
+import json
+from typing import Callable, NamedTuple, Sequence
 
 from livetrain.trainer import protocol
 
-# route → (HTTP method, trainer op, whether the route takes a body)
-ROUTES = {
-    "/train": ("POST", "submit", True),
-    "/train/status": ("GET", "status", False),
-    "/checkpoint": ("POST", "checkpoint", True),
-    "/checkpoints": ("GET", "checkpoints", False),
-    "/rollback": ("POST", "rollback", True),
-}
+
+class Route(NamedTuple):
+    """A training route: what it forwards to the trainer. ``body``: the request's body as it arrived
+    (True), none (False), or, for the routes of one job, ``{"job_id": ...}`` from the URL ("job_id")."""
+
+    path: str
+    method: str
+    op: str
+    body: bool | str
+
+
+# In matching order: fixed paths before /train/{job_id}.
+ROUTES = [
+    Route("/train", "POST", "submit", True),
+    Route("/train/status", "GET", "status", False),
+    Route("/train/retention", "GET", "retention", False),
+    Route("/train/retention", "PUT", "set_retention", True),
+    Route("/train/{job_id}", "GET", "job", "job_id"),
+    Route("/train/{job_id}", "DELETE", "cancel", "job_id"),
+    Route("/train/{job_id}/cancel", "POST", "cancel", "job_id"),
+    Route("/checkpoint", "POST", "checkpoint", True),
+    Route("/checkpoints", "GET", "checkpoints", False),
+    Route("/rollback", "POST", "rollback", True),
+]
+# Where the reference engine serves the trainer's Prometheus metrics; the vLLM plugin, whose server has a
+# /metrics of its own, serves them at VLLM_METRICS_PATH.
+METRICS_PATH = "/metrics"
+VLLM_METRICS_PATH = "/livetrain/metrics"
 # Seconds to wait for the trainer's reply. Checkpoint and rollback wait for the running step to end and
 # then write the whole model's changes, which takes minutes for large models.
 TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0}
@@ -47,8 +68,13 @@ def json_response(reply: protocol.Reply):
     return JSONResponse(reply.body, status_code=reply.code)
 
 
-def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Callable[[], Keys] = None):
-    """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
+def training_router(
+    trainer_socket: str | Callable[[], str],
+    api_key: Keys | Callable[[], Keys] = None,
+    metrics_path: str = METRICS_PATH,
+):
+    """A FastAPI ``APIRouter`` with the training routes (``ROUTES``) and the trainer's Prometheus metrics
+    at ``metrics_path`` (livetrain.trainer.metrics).
 
     ``trainer_socket`` is the trainer's socket path, or a callable returning it (read at each request,
     for servers that learn it late; an empty path answers 503). With ``api_key`` (a key, a list of keys,
@@ -64,11 +90,14 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Cal
     socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
     keys = api_key if callable(api_key) else (lambda: api_key)
 
-    def make(op: str, has_body: bool):
+    def make(op: str, has_body: bool | str):
         async def handler(request: Request):
             if not authorized(request.headers.get("authorization"), keys()):
                 return json_response(protocol.error(401, MISSING_KEY))
-            body = await request.body() if has_body else b""
+            if has_body == "job_id":
+                body = json.dumps({"job_id": request.path_params["job_id"]}).encode()
+            else:
+                body = await request.body() if has_body else b""
             try:
                 path = socket_path()
                 if not path:
@@ -83,6 +112,23 @@ def training_router(trainer_socket: str | Callable[[], str], api_key: Keys | Cal
         handler.__name__ = f"livetrain_{op}"
         return handler
 
-    for path, (method, op, has_body) in ROUTES.items():
-        router.add_api_route(path, make(op, has_body), methods=[method])
+    for r in ROUTES:
+        router.add_api_route(r.path, make(r.op, r.body), methods=[r.method], name=f"livetrain_{r.op}_{r.method}")
+
+    async def metrics(request: Request):
+        from livetrain.trainer import metrics as prometheus
+
+        if not authorized(request.headers.get("authorization"), keys()):
+            return json_response(protocol.error(401, MISSING_KEY))
+        snapshot = None
+        try:
+            path = socket_path()
+            if path:
+                code, reply = await run_in_threadpool(protocol.call, path, "metrics", b"", 10.0)
+                snapshot = json.loads(reply) if code == 200 else None
+        except (protocol.TrainerUnavailable, ValueError):
+            pass  # livetrain_trainer_up 0
+        return Response(prometheus.render(snapshot), media_type=prometheus.CONTENT_TYPE)
+
+    router.add_api_route(metrics_path, metrics, methods=["GET"], name="livetrain_metrics")
     return router

@@ -25,13 +25,31 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
-from livetrain.trainer import options
+from livetrain.trainer import guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
+RETENTION_FIELDS = {"prompts", "builtin"}
 # The longest a ``version`` request may wait for a new version (the plugin's watcher asks again after it).
 MAX_VERSION_WAIT_S = 30.0
+
+
+def parse_job_id(args: dict) -> str:
+    """The ``{"job_id": ...}`` the job routes send (the id from the URL)."""
+    jid = args.get("job_id")
+    if not isinstance(jid, str) or not jid:
+        raise Invalid("job_id", "job_id must be a job id string (POST /train answers it)")
+    return jid
+
+
+class NonFinite(Exception):
+    """A step met a non-finite loss or gradient. ``applied``: whether some parameters had been stepped
+    (a finite loss whose backward overflowed in some parameters only)."""
+
+    def __init__(self, message: str, applied: bool, parameters: list[str]):
+        super().__init__(message)
+        self.applied, self.parameters = applied, parameters
 
 
 def parse_checkpoint_args(args: dict) -> None:
@@ -177,10 +195,20 @@ class Trainer:
         embeddings_module = self.model.get_input_embeddings()
         if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
             embeddings_module.register_forward_hook(self._embeddings_forward)
+        if ranks is not None and not s.no_guard:
+            # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0})
+            print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
+        self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        try:
+            user = guard.read_prompts(s.retention) if s.retention else None
+        except (OSError, ValueError) as e:
+            raise _core.InvalidArgumentError(f"--retention: {e}") from None
+        self.retention = guard.Retention(self.tokenizer, user)
 
         self.state_dir = s.state_dir
         os.makedirs(s.state_dir, exist_ok=True)
@@ -241,6 +269,8 @@ class Trainer:
         self.current: str | None = None
         self.losses: collections.deque = collections.deque(maxlen=200)
         self.tokens_per_s = 0.0
+        # What /metrics counts since this process started (trainer.metrics).
+        self.counts = {"steps": 0, "tokens": 0, "guard_rollbacks": 0, "nonfinite_stops": 0}
         self.stopping = threading.Event()
         # Requests that must run between two steps (checkpoint, rollback): [function, done, reply].
         self.pending: collections.deque = collections.deque()
@@ -271,6 +301,17 @@ class Trainer:
             return error(503, self.ranks.failure)
         if op == "submit":
             return self.submit(parse_body(body, empty_ok=False))
+        if op == "job":
+            return self.job(parse_job_id(parse_body(body, empty_ok=False)))
+        if op == "cancel":
+            return self.cancel(parse_job_id(parse_body(body, empty_ok=False)))
+        if op == "metrics":
+            return Reply(200, self.metrics())
+        if op == "retention":
+            return self.between_steps(lambda: Reply(200, self.retention.describe()))
+        if op == "set_retention":
+            prompts, builtin = self.parse_retention(parse_body(body, empty_ok=False))
+            return self.between_steps(lambda: self.set_retention(prompts, builtin))
         if op in ("checkpoint", "checkpoints", "rollback"):
             if self.store is None:
                 return error(409, "this server has no checkpoint store (it was started with --no-store)")
@@ -338,36 +379,111 @@ class Trainer:
     def submit(self, job: dict) -> Reply:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        n = len(parsed["examples"])
+        plan = schedule.plan(parsed, self.settings, n)
+        if self.ranks is not None and (plan.guard or plan.replay):
+            # The retention answers and losses are generated on rank 0 alone, while a tensor-parallel
+            # forward needs every rank: not built yet (issue #16).
+            raise Invalid(
+                "guard",
+                "the forgetting guard and retention replay do not run under tensor parallelism yet; send "
+                '"guard": false and "replay": 0 (the defaults under tensor parallelism)',
+            )
         if self.stopping.is_set():
             return error(503, "the trainer is shutting down")
-        n = len(parsed["examples"])
-        bs = parsed.get("batch_size", self.batch_size)
-        steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
         jid = f"job-{uuid.uuid4().hex[:12]}"
         info = {
             "id": jid,
             "state": "queued",
             "examples": n,
-            "steps": steps,
+            "steps": plan.budget,  # the most it takes: exactly this many when fixed
             "step": 0,
-            "batch_size": bs,
-            "lr": parsed.get("lr", self.lr),
+            "batch_size": plan.batch_size,
+            "lr": plan.lr,
+            "until_loss": plan.until_loss,
+            "plan": plan.describe(),
             "loss": None,
+            "loss_before": None,
+            "loss_after": None,
+            "losses": None,
+            "stop_reason": None,
+            "guard": None,
             "error": None,
             "submitted": time.time(),
+            "started": None,
+            "finished": None,
+            "seconds": None,
         }
         with self.lock:
             try:
-                self.queue.put_nowait((jid, parsed))
+                self.queue.put_nowait((jid, {"examples": parsed["examples"], "plan": plan}))
             except queue.Full:
                 return error(429, f"the training queue is full ({self.queue.maxsize} jobs); retry later")
             self.jobs[jid] = info
             while len(self.jobs) > 100:  # forget the oldest finished jobs
-                old = next((k for k, v in self.jobs.items() if v["state"] in ("done", "failed")), None)
+                old = next((k for k, v in self.jobs.items() if v["state"] in schedule.FINAL), None)
                 if old is None:
                     break
                 del self.jobs[old]
-        return Reply(202, {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()})
+        reply = {"job_id": jid, "steps": plan.budget, "until_loss": plan.until_loss, "examples": n}
+        return Reply(202, {**reply, "queued": self.queue.qsize()})
+
+    def job(self, jid: str) -> Reply:
+        """GET /train/{job_id}: the job's entry, as /train/status lists it."""
+        with self.lock:
+            info = self.jobs.get(jid)
+            if info is None:
+                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+            return Reply(200, dict(info))
+
+    def cancel(self, jid: str) -> Reply:
+        """Cancels a queued job at once, a running one after its current step (202); 409 once it ended."""
+        with self.lock:
+            info = self.jobs.get(jid)
+            if info is None:
+                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+            if info["state"] in schedule.FINAL:
+                return error(409, f"job {jid} has already ended ({info['state']})", "job_id")
+            info["cancel"] = True
+            if info["state"] == "queued":  # the training thread skips it when it reaches it in the queue
+                info.update(state="cancelled", stop_reason="cancelled", finished=time.time())
+                return Reply(200, dict(info))
+            return Reply(202, dict(info))
+
+    def parse_retention(self, args: dict) -> tuple[list, bool]:
+        """PUT /train/retention: ``{"prompts": [...], "builtin": true}``."""
+        unknown = set(args) - RETENTION_FIELDS
+        if unknown:
+            name = sorted(unknown)[0]
+            raise Invalid(name, f"unknown field {name!r} (allowed: prompts, builtin)")
+        if "prompts" not in args:
+            raise Invalid("prompts", "prompts is required: a list of strings or {messages} objects")
+        builtin = args.get("builtin", True)
+        if not isinstance(builtin, bool):
+            raise Invalid("builtin", "builtin must be true or false")
+        prompts = guard.check_prompts(args["prompts"])
+        if not builtin and len(prompts) < 2:
+            raise Invalid("prompts", "without the built-in prompts, give at least two (one replayed, one held out)")
+        return prompts, builtin
+
+    def set_retention(self, prompts: list, builtin: bool) -> Reply:
+        self.retention.set_user(prompts, builtin)
+        return Reply(200, self.retention.describe())
+
+    def metrics(self) -> dict:
+        """What /metrics exports (trainer.metrics turns it into Prometheus metrics)."""
+        with self.lock:
+            states = collections.Counter(v["state"] for v in self.jobs.values())
+            last = self.losses[-1]["loss"] if self.losses else None
+            return {
+                "weight_version": self.weight_version,
+                "counts": dict(self.counts),
+                "loss": last,
+                "tokens_per_s": self.tokens_per_s,
+                "jobs": {state: states.get(state, 0) for state in schedule.STATES},
+                "checkpoint_time": self.generations[-1]["time_ms"] / 1000 if self.store is not None else None,
+                "running": self.current,
+            }
 
     def status(self) -> dict:
         with self.lock:
@@ -397,6 +513,14 @@ class Trainer:
                 },
                 "checkpoint": self._checkpoint_status(),
                 "tensor_parallel": self.ranks.status() if self.ranks is not None else None,
+                "guard": {
+                    "default": not self.settings.no_guard,
+                    "threshold": self.settings.guard_threshold,
+                    "replay": self.settings.replay,
+                    "rollbacks": self.counts["guard_rollbacks"],
+                    "can_roll_back": self.store is not None,
+                    "retention_prompts": len(self.retention.prompts),
+                },
             }
 
     def _checkpoint_status(self) -> dict | None:
@@ -545,15 +669,30 @@ class Trainer:
         weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
 
-    def step(self, examples) -> tuple[float, int]:
+    def step(self, examples) -> tuple[float, int, list[float]]:
         """One forward/backward over a batch; the optimizer steps each parameter from its hook during
-        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged."""
+        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged.
+        Returns the loss, the batch's tokens and each example's loss (unweighted).
+
+        ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
+        some parameter's gradient or update was (the others were stepped: ``applied``)."""
         ids, attn, labels, weights = self._batch(examples)
         # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
         # The output projection's vocabulary-sized gradient is made after backward, once the layers'
         # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
         later = OutputGradient(vocab=self.vocab)
-        loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later, vocab=self.vocab)
+        per_example = torch.empty(len(examples), dtype=torch.float32, device=self.device)
+        loss = causal_lm_loss(
+            self.model, ids, attn, labels, weights, later=later, vocab=self.vocab, per_example=per_example
+        )
+        value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
+        if not math.isfinite(value):
+            # Before backward: the hooks step parameters one by one as gradients appear, so a step that
+            # starts cannot be taken back. A non-finite loss never starts one.
+            raise NonFinite(f"the loss is {value}", applied=False, parameters=[])
+        statuses = [st["status"] for st in self.opt.state.values() if "status" in st]
+        if statuses:
+            torch._foreach_zero_(statuses)  # each parameter's step writes its outcome there (optim.Status)
         self._released = False
         loss.backward()
         # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
@@ -563,9 +702,43 @@ class Trainer:
         later.apply(self.opt.step_param)
         if self.ranks is not None:
             self.ranks.end_step()
-        return float(loss.detach()), int(attn.sum())
+        self._check_step()
+        return value, int(attn.sum()), per_example.tolist()
 
-    def train_step(self, examples, lr: float) -> tuple[float, int]:
+    def _check_step(self) -> None:
+        """``NonFinite`` when a parameter's step of this batch met a non-finite gradient or update (one read
+        of every status: one synchronization)."""
+        entries = [(p, st) for p, st in self.opt.state.items() if "status" in st]
+        codes = torch.cat([st["status"] for _, st in entries]).tolist() if entries else []
+        bad = [self.names.get(p, "?") for (p, _), c in zip(entries, codes) if c != 0]
+        if bad:
+            applied = len(bad) < len(entries) or any(c == 2 for c in codes)  # 2: optim.STATUS_NONFINITE_UPDATE
+            raise NonFinite(
+                f"non-finite gradient or update in {len(bad)} of {len(entries)} parameters ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})",
+                applied=applied,
+                parameters=bad,
+            )
+
+    @torch.no_grad()
+    def example_losses(self, examples, batch_size: int | None = None) -> list[float]:
+        """Each example's mean loss over its trained tokens on the live weights (forward only, eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[float] = []
+        try:
+            bs = batch_size or self.batch_size
+            for b in range(0, len(examples), bs):
+                chunk = examples[b : b + bs]
+                ids, attn, labels, weights = self._batch(chunk)
+                per_example = torch.empty(len(chunk), dtype=torch.float32, device=self.device)
+                causal_lm_loss(self.model, ids, attn, labels, weights, per_example=per_example)
+                out += per_example.tolist()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def train_step(self, examples, lr: float) -> tuple[float, int, list[float]]:
         """A training step at ``lr`` (every rank, at once, under tensor parallelism)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -586,42 +759,208 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def run_job(self, jid: str, job: dict) -> None:
+        """Runs a job (trainer.schedule): its steps until it has learned its examples, its budget, or a
+        cancel; the guard around it (trainer.guard); what /train/status reports of it."""
+        plan: schedule.Plan = job["plan"]
+        examples = job["examples"]
         with self.lock:
             info = self.jobs[jid]
-            info["state"], self.current = "running", jid
-        order = list(range(len(job["examples"])))
-        cycle = itertools.cycle(order)
+            if info["state"] != "queued":  # cancelled while it waited
+                return
+            info["state"], info["started"], self.current = "running", time.time(), jid
+        t_job = time.perf_counter()
+        losses = schedule.Losses(len(examples))
+        reason, state, undo, restored = None, "done", None, False
         try:
-            for s in range(info["steps"]):
+            undo = self._undo_point() if plan.guard else None
+            watch = self._guard_start(plan) if plan.guard or plan.replay else None
+            if watch is not None:
+                with self.lock:
+                    info["guard"] = watch["report"]
+            replay = itertools.cycle(watch["replay"]) if watch and plan.replay and watch["replay"] else None
+            order = schedule.batches(len(examples), plan.batch_size)
+            for s in range(plan.budget):
                 self.run_pending()
                 if self.stopping.is_set():
-                    raise RuntimeError("stopped by shutdown")
-                batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
+                    reason = "shutdown"
+                    break
+                if info.get("cancel"):
+                    reason = "cancelled"
+                    break
+                idx = next(order)
+                batch = [examples[i] for i in idx] + ([next(replay) for _ in range(plan.replay)] if replay else [])
+                lr = plan.lr_at(s)
                 t0 = time.perf_counter()
-                if self.ranks is not None:
-                    self.ranks.lead("step", batch, info["lr"])
-                loss, ntok = self.train_step(batch, info["lr"])
+                try:
+                    if self.ranks is not None:
+                        self.ranks.lead("step", batch, lr)
+                    loss, ntok, per_example = self.train_step(batch, lr)
+                except NonFinite as e:
+                    reason, state = "nonfinite", "failed"
+                    restored = self._nonfinite_stop(info, e, undo)
+                    break
                 dt = time.perf_counter() - t0
+                losses.record(idx, per_example[: len(idx)])
+                summary = losses.summary(plan.until_loss)
                 with self.lock:
                     self._new_version()
                     self.opt_steps += 1
+                    self.counts["steps"] += 1
+                    self.counts["tokens"] += ntok
                     info["step"], info["loss"] = s + 1, loss
+                    info["loss_before"], info["loss_after"], info["losses"] = (
+                        summary["before"],
+                        summary["after"],
+                        summary,
+                    )
                     self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
                     self.tokens_per_s = ntok / dt if dt > 0 else 0.0
-            report = self.opt.report()
-            with self.lock:
-                info["state"] = "done"
-                info["skipped_nonfinite"] = report["skipped_nonfinite_grad"] + report["nonfinite_update"]
+                print(
+                    f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
+                    f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
+                    + (f", {summary['below']}/{len(examples)} below {plan.until_loss:g}" if plan.until_loss else "")
+                    + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
+                    f"weight version {self.weight_version}",
+                    flush=True,
+                )
+                if losses.learned(plan.until_loss):
+                    reason = "until_loss"
+                    break
+            else:
+                reason = "steps" if plan.steps is not None else "max_steps"
+            if reason == "cancelled":
+                state = "cancelled"
+            # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
+            if watch is not None and plan.guard and info["step"] > 0 and reason != "shutdown" and not restored:
+                state = self._guard_end(jid, info, watch, undo, state)
         except Exception as e:
+            reason, state = "error", "failed"
             message = f"{type(e).__name__}: {e}"
-            if self.ranks is not None and not (isinstance(e, RuntimeError) and str(e) == "stopped by shutdown"):
+            if self.ranks is not None:
                 message = str(self.ranks.fail(e))  # a step failed on a rank: the group cannot go on (trainer.ranks)
             with self.lock:
-                info["state"], info["error"] = "failed", message
+                info["error"] = message
         finally:
             with self.lock:
+                if reason == "shutdown":
+                    state, info["error"] = "failed", "stopped by shutdown"
+                info["state"], info["stop_reason"] = state, reason or "error"
+                info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
+                info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
+            print(
+                f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
+                f"{schedule.STOP_REASONS.get(reason, '')}); examples' loss {info['loss_before']} -> "
+                f"{info['loss_after']}; {info['seconds']} s",
+                flush=True,
+            )
             self.save()
+
+    def _undo_point(self) -> dict | None:
+        """The store's generation that holds the weights as they are before a guarded job (saved now when
+        the weights changed since the head; the store writes only what changed): what a guard rollback or
+        a half-applied step goes back to. None without a store."""
+        if self.store is None:
+            return None
+        if self.weight_version != self.saved_version:
+            self._commit()
+        return self.generations[-1]
+
+    def _guard_start(self, plan: schedule.Plan) -> dict:
+        """Before a guarded job (or one that replays): the retention answers on the live weights (made again
+        only when the weights changed since), the replay and held-out examples, the retention loss."""
+        t0 = time.perf_counter()
+        made = self.retention.refresh(self.model, self.weight_version, self.pad)
+        replay = self._fit(self.retention.replay())
+        held_out = self._fit(self.retention.held_out())
+        before = None
+        if plan.guard and held_out:
+            before = _mean(self.example_losses(held_out))
+        report = {
+            "retention_loss_before": _round(before),
+            "retention_loss_after": None,
+            "rise": None,
+            "threshold": self.settings.guard_threshold,
+            "passed": None,
+            "rolled_back": False,
+            "rollback": None,
+            "replayed_prompts": len(replay) if plan.replay else 0,
+            "held_out_prompts": len(held_out),
+            "answers_made": made,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return {"replay": replay, "held_out": held_out, "before": before, "report": report}
+
+    def _fit(self, examples: list) -> list:
+        """Retention examples cut to the trainer's longest example (answers shortened; prompts that do not
+        fit leave the set)."""
+        out = []
+        for ids, mask, w in examples:
+            if len(ids) > self.max_len:
+                ids, mask = ids[: self.max_len], mask[: self.max_len]
+            if any(mask[1:]):
+                out.append((ids, mask, w))
+        return out
+
+    def _guard_end(self, jid: str, info: dict, watch: dict, undo: dict | None, state: str) -> str:
+        """After a guarded job: the retention loss again; a rise over the threshold rolls the weights back to
+        ``undo`` (bit for bit, through the store). Returns the job's final state."""
+        t0 = time.perf_counter()
+        report = dict(watch["report"])
+        if watch["before"] is None:
+            report["passed"] = True
+        else:
+            after = _mean(self.example_losses(watch["held_out"]))
+            rise = after - watch["before"] if math.isfinite(after) else math.inf
+            report["retention_loss_after"] = _round(after) if math.isfinite(after) else None
+            report["rise"] = _round(rise) if math.isfinite(rise) else None
+            report["passed"] = rise <= self.settings.guard_threshold
+        if not report["passed"]:
+            if undo is None:
+                report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
+            else:
+                r = self.rollback(undo["generation"]).body
+                report["rolled_back"] = True  # also after a non-finite stop: the state says where the weights are
+                report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+                state = "rolled_back"
+                with self.lock:
+                    self.counts["guard_rollbacks"] += 1
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
+        with self.lock:
+            info["guard"] = report
+        print(
+            f"livetrain trainer: {jid} guard: retention loss {report['retention_loss_before']} -> "
+            f"{report['retention_loss_after']} (rise {report['rise']}, threshold {report['threshold']}): "
+            + (
+                "kept" if report["passed"] else "rolled back" if report["rolled_back"] else "NOT rolled back (no store)"
+            ),
+            flush=True,
+        )
+        return state
+
+    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None) -> bool:
+        """A job stopped by a non-finite loss or gradient: the weights as they were before that step. When
+        the step was half applied (some parameters stepped), that means the job's undo point. True when the
+        weights were rolled back to it."""
+        restored = None
+        if e.applied and undo is not None:
+            restored = self.rollback(undo["generation"]).body["rolled_back_to"]
+        with self.lock:
+            self.counts["nonfinite_stops"] += 1
+            info["skipped_nonfinite"] = e.parameters
+            if not e.applied:
+                info["error"] = f"stopped at step {info['step'] + 1}: {e}; nothing of that step was applied"
+            elif restored is not None:
+                info["error"] = (
+                    f"stopped at step {info['step'] + 1}: {e}; the other parameters had been stepped, so the "
+                    f"weights were rolled back to generation {restored}, as they were before the job"
+                )
+            else:
+                info["error"] = (
+                    f"stopped at step {info['step'] + 1}: {e}; the other parameters of that step were applied "
+                    "(the job kept no undo point: it was not guarded, or the trainer has no checkpoint store)"
+                )
+        return restored is not None
 
     def save(self) -> None:
         """Optimizer state (every rank's, under tensor parallelism) and weight version, each replaced
@@ -668,3 +1007,11 @@ class Trainer:
         """Releases the checkpoint store (its lock and host copy)."""
         if self.store is not None:
             self.store.close()
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 5)
