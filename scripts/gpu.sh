@@ -12,9 +12,9 @@
 #                               checkpoint.py (8 GiB)
 # bench-gdn       2 min         bench/gdn.py: Gated DeltaNet layers, fused kernels     gdn.{md,json}
 #                               (flash-linear-attention) against the torch path
-# bench-serve8b   5 min         bench/serve.py --size 8b (engine + trainer, AdamW      serve.{md,json}
+# bench-serve8b   5 min         bench/serve.py --shape 8b (engine + trainer, AdamW     serve.{md,json}
 #                               baselines, completions alone / during a job)
-# bench-serve27b  8 min         bench/serve.py --size qwen3.5-27b (54 GB, 2,048 and    serve.{md,json}
+# bench-serve27b  8 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
 #                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
 # vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
 # vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
@@ -105,10 +105,10 @@ run_step() {
     bench gdn-log 14 bench/gdn.py || rc=$?
     ;;
   bench-serve8b)
-    bench serve-log 30 bench/serve.py --size 8b --gen-seconds 12 || rc=$?
+    bench serve-log 30 bench/serve.py --shape 8b --gen-seconds 12 || rc=$?
     ;;
   bench-serve27b)
-    bench serve-log 40 bench/serve.py --size qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
+    bench serve-log 40 bench/serve.py --shape qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
     ;;
   vllm-llama)
     bash scripts/vllm_gpu_run.sh --arch llama 2>&1 | tail -25
