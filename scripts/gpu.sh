@@ -21,6 +21,12 @@
 #                               checkpoint served text-only, vision/MTP kept)
 # vllm-transfer   7 min         bench/vllm_transfer.py: livetrain in place vs vLLM's   transfer.{md,json}
 #                               IPC weight transfer, same vLLM server, 8B shape
+# checks          2 min         the CUDA tests of the tuned code: the GPU diff on odd  checks.log
+#                               sizes and unaligned offsets under every checkpoint
+#                               variant, every APOLLO variant and the one-kernel step
+#                               against the CPU (C++, when GoogleTest is installed:
+#                               adds the test targets to build-gpu/), and pytest's
+#                               test_checkpoint_store.py and test_optim.py
 # sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
 #                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
 #                               and 27B shapes, each in its own process with a time
@@ -47,7 +53,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
-known=(build tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+known=(build checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
 steps=("$@")
 if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
 if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
@@ -90,6 +96,20 @@ run_step() {
     rc=$?
     if [ $rc != 0 ]; then tail -50 "$out/build.log"; return $rc; fi
     build-gpu/livetrain devices | tee -a "$out/device.txt"
+    ;;
+  checks)
+    if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
+      {
+        cmake -S . -B build-gpu -DLIVETRAIN_TESTS=ON > "$out/build-tests.log" 2>&1 &&
+          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
+          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
+      } > "$out/checks.log" 2>&1 || rc=1
+    else
+      echo "C++ tests skipped: no GoogleTest on this machine" > "$out/checks.log"
+    fi
+    LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
+      tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no|error" "$out/checks.log" | tail -20
     ;;
   tests)
     LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python 2>&1 |

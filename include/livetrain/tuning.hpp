@@ -31,6 +31,7 @@ enum Knob : int {
   kApolloUpdateThreads,      // threads per block of the update
   kApolloUpdateBlocksPerSm,  // cap of the update's grid (per matrix), per multiprocessor
   kApolloUpdateUnroll,       // groups of 8 elements per thread and iteration of the update (loads in flight)
+  kApolloFusedStep,          // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between stages
   // checkpoint save (src/checkpoint/)
   kCheckpointPipeline,       // 1: records are encoded while the GPU diff runs, tensor group by group
   kCheckpointDiff,           // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups

@@ -4,10 +4,10 @@
 // its rank, and only the bitmaps and the compacted values are copied to pinned host memory.
 //
 // Two shapes of the same computation (knob checkpoint.diff, docs/tuning.md):
-//   0  (shipped) the count pass over every chunk reads `old` where it lies (page-locked host memory over
+//   0  the count pass over every chunk reads `old` where it lies (page-locked host memory over
 //      PCIe), then the compaction runs in groups of chunks whose `old` bytes are staged in device memory
 //      by DMA; `old` crosses PCIe twice.
-//   1  one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
+//   1  (shipped) one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
 //      written back; `old` crosses PCIe once each way, and groups on two streams overlap copies in both
 //      directions with the kernels.
 // With digests (checkpoint.digests, src/checkpoint/digest.hpp), chunks whose digest of the live bytes
@@ -20,6 +20,7 @@
 #include <string>
 
 #include "checkpoint/diff_check.hpp"
+#include "checkpoint/diff_plan.hpp"
 #include "checkpoint/digest.hpp"
 #include "cuda/check.hpp"
 #include "livetrain/checkpoint/diff.hpp"
@@ -39,21 +40,12 @@ constexpr uint64_t kChunk = kDiffChunk;
 static_assert(kChunk % kThreads == 0);
 constexpr uint64_t kChunkWords = kChunk / 32;
 
-struct DevTensor {
-  const uint8_t* now;    // [units × unit]
-  uint8_t* old;          // [units × unit], device or pinned host memory (written when update_old)
-  uint64_t units;
-  uint64_t first_chunk;  // global index of the tensor's first chunk
-  uint64_t bitmap_word;  // offset of its bitmap in the bitmap buffer, in 32-bit words
-  uint32_t unit;
-};
-
 // Where a kernel finds the chunks of one launch: chunks [chunk0, chunk0 + gridDim.x); the bitmap words of
 // the launch start at word `word0` of `bitmap`; with `stage`, chunk chunk0 + b's `old` bytes are at
 // stage + stage_offsets[b] (device memory) instead of the tensor's `old`; with `flags`, chunks whose flag
 // is 0 are known unchanged (their digests matched) and are not read.
 struct Launch {
-  const DevTensor* ts;
+  const DiffChunkTensor* ts;
   int n;
   uint64_t chunk0;
   uint32_t* bitmap;
@@ -65,7 +57,7 @@ struct Launch {
 
 // The tensor a chunk belongs to: the last one whose first_chunk <= c (tensors with no elements have no
 // chunk and share first_chunk with the next tensor, which this picks).
-__device__ int find_tensor(const DevTensor* ts, int n, uint64_t c) {
+__device__ int find_tensor(const DiffChunkTensor* ts, int n, uint64_t c) {
   int lo = 0, hi = n;  // first index with first_chunk > c is in [lo, hi]
   while (lo < hi) {
     int mid = (lo + hi) / 2;
@@ -78,7 +70,7 @@ __device__ int find_tensor(const DevTensor* ts, int n, uint64_t c) {
 // The chunk this block works on: its tensor (with `old` redirected to the stage), its element range, and
 // where its bitmap words are.
 struct Chunk {
-  DevTensor t;
+  DiffChunkTensor t;
   uint64_t c, begin, end;
   uint32_t* words;  // the chunk's first bitmap word
   bool skip;        // known unchanged
@@ -102,7 +94,7 @@ __device__ __forceinline__ T load(const uint8_t* p, uint64_t i) {
   return reinterpret_cast<const T*>(p)[i];
 }
 
-__device__ __forceinline__ bool differs(const DevTensor& t, uint64_t i) {
+__device__ __forceinline__ bool differs(const DiffChunkTensor& t, uint64_t i) {
   switch (t.unit) {
     case 1: return load<uint8_t>(t.now, i) != load<uint8_t>(t.old, i);
     case 2: return load<uint16_t>(t.now, i) != load<uint16_t>(t.old, i);
@@ -114,13 +106,13 @@ __device__ __forceinline__ bool differs(const DevTensor& t, uint64_t i) {
 // The XOR of element i at `rank` in `out`; with `update`, `old` takes the value of `now` that was read
 // (so old ^ XOR stays exactly what the delta records, even while `now` is being written).
 template <typename T>
-__device__ __forceinline__ void xor_one(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
+__device__ __forceinline__ void xor_one(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
   const T a = load<T>(t.now, i), b = load<T>(t.old, i);
   reinterpret_cast<T*>(out)[rank] = a ^ b;
   if (update) reinterpret_cast<T*>(t.old)[i] = a;
 }
 
-__device__ __forceinline__ void write_xor(const DevTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
+__device__ __forceinline__ void write_xor(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
   switch (t.unit) {
     case 1: xor_one<uint8_t>(t, i, out, rank, update); break;
     case 2: xor_one<uint16_t>(t, i, out, rank, update); break;
@@ -316,26 +308,6 @@ T* device_view(const HostBytes& b) {
   return static_cast<T*>(d);
 }
 
-// Device addresses for `old` pointers that are mapped page-locked host memory (the store's head copy is
-// registered with cudaHostRegisterMapped; unified addressing makes the host address valid on the device).
-std::vector<DevTensor> build_table(const std::vector<DiffTensor>& tensors, uint64_t& chunks, uint64_t& words) {
-  const size_t n = tensors.size();
-  std::vector<DevTensor> table(n);
-  chunks = words = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const DiffTensor& t = tensors[i];
-    const auto now = reinterpret_cast<uintptr_t>(t.now), old = reinterpret_cast<uintptr_t>(t.old);
-    if (now % t.unit || old % t.unit) {
-      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is not aligned to its element size " + std::to_string(t.unit));
-    }
-    table[i] = DevTensor{static_cast<const uint8_t*>(t.now), static_cast<uint8_t*>(const_cast<void*>(t.old)), t.units, chunks, words, t.unit};
-    chunks += (t.units + kChunk - 1) / kChunk;
-    words += (t.units + 31) / 32;
-  }
-  if (chunks > static_cast<uint64_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: tensors too large for one launch");
-  return table;
-}
-
 // The stored digests of a workspace: one per chunk of `old`, in device memory, for the tensor list `key`
 // describes (old addresses and sizes).
 struct Digests {
@@ -343,73 +315,16 @@ struct Digests {
   uint64_t chunks = 0, key = 0;
 };
 
-uint64_t table_key(const std::vector<DevTensor>& table) {
+uint64_t table_key(const std::vector<DiffChunkTensor>& table) {
   uint64_t h = digest_mix(table.size() + 1);
-  for (const DevTensor& t : table) {
+  for (const DiffChunkTensor& t : table) {
     h = digest_mix(h ^ reinterpret_cast<uintptr_t>(t.old));
     h = digest_mix(h ^ (t.units * 8 + t.unit));
   }
   return h;
 }
 
-// The groups of a pass over staged `old` bytes: consecutive chunks, each group's staged bytes (and so its
-// values: at most one XOR per element) within `group_bytes`; only the chunks `use` keeps are staged.
-struct Segment {
-  uint8_t* old;
-  uint64_t stage_offset, bytes;
-};
-struct Group {
-  uint64_t c0, c1;
-  std::vector<Segment> segments;
-  uint64_t staged = 0;  // bytes
-  size_t tensors_done = 0;  // tensors whose last chunk is in this group or before
-};
-
-template <typename Use>
-std::vector<Group> make_groups(const std::vector<DevTensor>& table, uint64_t chunks, uint64_t group_bytes,
-                               std::vector<uint64_t>& stage_offsets, Use use) {
-  const size_t n = table.size();
-  std::vector<Group> groups;
-  size_t i = 0;
-  for (uint64_t c = 0; c < chunks;) {
-    Group g{c, c, {}};
-    bool open = false;  // the last segment may take the next chunk
-    while (c < chunks) {
-      while (i + 1 < n && table[i + 1].first_chunk <= c) ++i;
-      const uint64_t begin = (c - table[i].first_chunk) * kChunk;
-      const uint64_t bytes = (std::min(begin + kChunk, table[i].units) - begin) * table[i].unit;
-      if (c > g.c0 && (c - g.c0) * kChunk >= group_bytes) break;  // bounds the group's bitmap words too
-      if (!use(c)) {  // known unchanged: counted (as 0), not staged
-        open = false;
-        ++c;
-        continue;
-      }
-      const bool continues = open && c != table[i].first_chunk;
-      // A segment starts at a 16-byte aligned offset (the kernels read elements of up to 8 bytes there).
-      const uint64_t at = continues ? g.staged : (g.staged + 15) / 16 * 16;
-      if (c > g.c0 && at + bytes > group_bytes) break;
-      stage_offsets[c] = at;
-      uint8_t* old = table[i].old + begin * table[i].unit;
-      if (continues) g.segments.back().bytes += bytes;
-      else g.segments.push_back(Segment{old, at, bytes});
-      g.staged = at + bytes;
-      open = true;
-      ++c;
-    }
-    g.c1 = c;
-    groups.push_back(std::move(g));
-  }
-  // Tensors complete after each group: those whose chunks all lie before its end.
-  size_t t = 0;
-  for (Group& g : groups) {
-    while (t < n && (t + 1 < n ? table[t + 1].first_chunk : chunks) <= g.c1) ++t;
-    g.tensors_done = t;
-  }
-  if (!groups.empty()) groups.back().tensors_done = n;
-  return groups;
-}
-
-Launch launch_of(const DevTensor* ts, size_t n, uint64_t chunk0, uint32_t* bitmap, uint64_t word0, uint8_t* stage = nullptr,
+Launch launch_of(const DiffChunkTensor* ts, size_t n, uint64_t chunk0, uint32_t* bitmap, uint64_t word0, uint8_t* stage = nullptr,
                  const uint64_t* stage_offsets = nullptr, const uint8_t* flags = nullptr) {
   return Launch{ts, static_cast<int>(n), chunk0, bitmap, word0, stage, stage_offsets, flags};
 }
@@ -425,12 +340,12 @@ void chunk_digests_cuda(const std::vector<DiffTensor>& tensors, bool of_old, std
   delta_diff_check(tensors);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   uint64_t chunks = 0, words = 0;
-  std::vector<DevTensor> table = build_table(tensors, chunks, words);
+  std::vector<DiffChunkTensor> table = diff_chunk_table(tensors, chunks, words);
   out.assign(chunks, 0);
   if (!chunks) return;
-  DeviceBuffer d_table(table.size() * sizeof(DevTensor)), d_out(chunks * sizeof(uint64_t));
-  LIVETRAIN_CUDA_CHECK(cudaMemcpy(d_table.p, table.data(), table.size() * sizeof(DevTensor), cudaMemcpyHostToDevice));
-  digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(d_table.as<DevTensor>(), table.size(), 0, nullptr, 0),
+  DeviceBuffer d_table(table.size() * sizeof(DiffChunkTensor)), d_out(chunks * sizeof(uint64_t));
+  LIVETRAIN_CUDA_CHECK(cudaMemcpy(d_table.p, table.data(), table.size() * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice));
+  digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(d_table.as<DiffChunkTensor>(), table.size(), 0, nullptr, 0),
                                                                        of_old, d_out.as<uint64_t>());
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.data(), d_out.p, chunks * sizeof(uint64_t), cudaMemcpyDeviceToHost, stream));
@@ -444,7 +359,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   const size_t n = tensors.size();
   if (n > static_cast<size_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: too many tensors");
   uint64_t chunks = 0, words = 0;
-  const std::vector<DevTensor> table = build_table(tensors, chunks, words);
+  const std::vector<DiffChunkTensor> table = diff_chunk_table(tensors, chunks, words);
   const bool one_pass = tuning::get(tuning::kCheckpointDiff) == 1;
   const uint64_t group_bytes = static_cast<uint64_t>(tuning::get(tuning::kCheckpointGroupMib)) << 20;
   const bool use_digests = ws && update_old && tuning::get(tuning::kCheckpointDigests) == 1;
@@ -471,11 +386,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     }
   };
 
-  DeviceBuffer d_table(n * sizeof(DevTensor));
-  HostBytes h_table = pinned_alloc(n * sizeof(DevTensor));
-  std::copy(table.begin(), table.end(), reinterpret_cast<DevTensor*>(h_table.data));
-  LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_table.p, h_table.data, n * sizeof(DevTensor), cudaMemcpyHostToDevice, stream));
-  const DevTensor* ts = d_table.as<DevTensor>();
+  DeviceBuffer d_table(n * sizeof(DiffChunkTensor));
+  HostBytes h_table = pinned_alloc(n * sizeof(DiffChunkTensor));
+  std::copy(table.begin(), table.end(), reinterpret_cast<DiffChunkTensor*>(h_table.data));
+  LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_table.p, h_table.data, n * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice, stream));
+  const DiffChunkTensor* ts = d_table.as<DiffChunkTensor>();
 
   // Digests: flag the chunks whose live bytes may differ from `old`; none flagged means no change.
   DeviceBuffer d_flags;
@@ -523,33 +438,14 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   HostBytes h_offsets = pinned_alloc(chunks * sizeof(uint64_t));
   const auto* counts = reinterpret_cast<const uint32_t*>(h_counts.data);
   auto* offsets = reinterpret_cast<uint64_t*>(h_offsets.data);
-  std::vector<uint64_t> ends(chunks);  // end of each chunk's values
   std::vector<uint64_t> stage_offsets(chunks, 0);
-  // Running prefix sum over the chunks' counts, on the host: a few MB for a large model, and it gives
-  // the per-tensor totals the record headers need anyway. Each tensor's values start 8-byte aligned.
-  uint64_t value_total = 0;
-  size_t next_tensor = 0;  // the first tensor whose value offset is not set yet
-  auto place = [&](uint64_t c0, uint64_t c1) {
-    for (uint64_t c = c0; c < c1; ++c) {
-      while (next_tensor < n && table[next_tensor].first_chunk <= c) {
-        value_total = (value_total + 7) / 8 * 8;
-        out.value_offset[next_tensor++] = value_total;
-      }
-      const size_t i = next_tensor - 1;
-      offsets[c] = value_total;
-      value_total += static_cast<uint64_t>(counts[c]) * table[i].unit;
-      ends[c] = value_total;
-      out.changed[i] += counts[c];
-    }
-  };
-  auto place_rest = [&] {  // trailing tensors with no elements
-    while (next_tensor < n) {
-      value_total = (value_total + 7) / 8 * 8;
-      out.value_offset[next_tensor++] = value_total;
-    }
-  };
+  DiffValuePlan plan(table, chunks, offsets, out);
+  const std::vector<uint64_t>& ends = plan.ends;
+  const uint64_t& value_total = plan.total;
+  auto place = [&](uint64_t c0, uint64_t c1) { plan.place(c0, c1, counts); };
+  auto place_rest = [&] { plan.place_rest(); };
 
-  const std::vector<Group> groups = make_groups(table, chunks, group_bytes, stage_offsets, use);
+  const std::vector<DiffGroup> groups = diff_groups(table, chunks, group_bytes, stage_offsets, use);
   DeviceBuffer d_stage_offsets(chunks * sizeof(uint64_t));
   if (chunks) {
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage_offsets.p, stage_offsets.data(), chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
@@ -581,20 +477,22 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, s0.s));
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.e, s0.s));
       LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.s, joined.e, 0));
-      // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor.
-      const uint64_t cap = std::min<uint64_t>(value_total, group_bytes + 8 * n);
+      // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
+      // from diff_value_shift(base) bytes in (diff_plan.hpp).
+      const uint64_t cap = std::min<uint64_t>(value_total, group_bytes + 8 * n) + kDiffScratchAlign;
       DeviceBuffer d_values0(cap), d_values1(cap);
       DeviceBuffer d_stage0(update_old ? group_bytes : 0), d_stage1(update_old ? group_bytes : 0);
       for (size_t k = 0; k < groups.size(); ++k) {
-        const Group& g = groups[k];
+        const DiffGroup& g = groups[k];
         cudaStream_t st = k % 2 ? s1.s : s0.s;
-        uint8_t* d_values = (k % 2 ? d_values1 : d_values0).as<uint8_t>();
+        uint8_t* d_scratch = (k % 2 ? d_values1 : d_values0).as<uint8_t>();
         uint8_t* d_stage = update_old ? (k % 2 ? d_stage1 : d_stage0).as<uint8_t>() : nullptr;
         if (g.c1 > g.c0) {
-          for (const Segment& sg : g.segments) {
+          for (const DiffSegment& sg : g.segments) {
             if (update_old) LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
           }
           const uint64_t base = offsets[g.c0];
+          uint8_t* d_values = d_scratch + diff_value_shift(base);
           const Launch L = launch_of(ts, n, g.c0, device_view<uint32_t>(bitmaps), 0, d_stage, update_old ? d_so + g.c0 : nullptr, d_flag_ptr);
           diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base, d_values);
           LIVETRAIN_CUDA_CHECK(cudaGetLastError());
@@ -605,7 +503,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
           if (ends[g.c1 - 1] > base) {
             LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
           }
-          for (const Segment& sg : g.segments) {
+          for (const DiffSegment& sg : g.segments) {
             if (update_old) LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
           }
         }
@@ -631,25 +529,26 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // the host, `old` moved along).
   uint64_t max_words = 0;
   // Bitmap words of a group: from its first chunk's first word to its last chunk's last.
-  auto word_range = [&](const Group& g, uint64_t& first, uint64_t& last) {
+  auto word_range = [&](const DiffGroup& g, uint64_t& first, uint64_t& last) {
     auto tensor_of = [&](uint64_t c) {
-      return static_cast<size_t>(std::upper_bound(table.begin(), table.end(), c, [](uint64_t x, const DevTensor& t) { return x < t.first_chunk; }) - table.begin()) - 1;
+      return static_cast<size_t>(std::upper_bound(table.begin(), table.end(), c, [](uint64_t x, const DiffChunkTensor& t) { return x < t.first_chunk; }) - table.begin()) - 1;
     };
     const size_t a = tensor_of(g.c0), b = tensor_of(g.c1 - 1);
     first = table[a].bitmap_word + (g.c0 - table[a].first_chunk) * kChunkWords;
     const uint64_t last_begin = (g.c1 - 1 - table[b].first_chunk) * kChunk;
     last = table[b].bitmap_word + (std::min(last_begin + kChunk, table[b].units) + 31) / 32;
   };
-  for (const Group& g : groups) {
+  for (const DiffGroup& g : groups) {
     if (g.c1 == g.c0) continue;
     uint64_t a, b;
     word_range(g, a, b);
     max_words = std::max(max_words, b - a);
   }
   uint64_t slot_bytes = 16;
-  for (const Group& g : groups) slot_bytes = std::max(slot_bytes, g.staged);
-  // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor.
-  const uint64_t slot_values = slot_bytes + 8 * n;
+  for (const DiffGroup& g : groups) slot_bytes = std::max(slot_bytes, g.staged);
+  // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
+  // from diff_value_shift(base) bytes in (diff_plan.hpp).
+  const uint64_t slot_values = slot_bytes + 8 * n + kDiffScratchAlign;
   DeviceBuffer d_stage[2] = {DeviceBuffer(slot_bytes), DeviceBuffer(slot_bytes)};
   DeviceBuffer d_values[2] = {DeviceBuffer(slot_values), DeviceBuffer(slot_values)};
   DeviceBuffer d_bitmap[2] = {DeviceBuffer(max_words * 4), DeviceBuffer(max_words * 4)};
@@ -657,11 +556,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   std::vector<Event> counted(groups.size());
   // Zero words for the chunks a group does not stage (not flagged): they are unchanged.
   auto front = [&](size_t k) {
-    const Group& g = groups[k];
+    const DiffGroup& g = groups[k];
     const int slot = static_cast<int>(k % 2);
     cudaStream_t st = slot_stream[slot];
     if (g.c1 > g.c0) {
-      for (const Segment& sg : g.segments) {
+      for (const DiffSegment& sg : g.segments) {
         LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
       }
       uint64_t first_word, last_word;
@@ -677,7 +576,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   HostBytes values = view_of(w.values, 0);
   uint64_t values_capacity = w.values.size;
   auto back = [&](size_t k) {
-    const Group& g = groups[k];
+    const DiffGroup& g = groups[k];
     const int slot = static_cast<int>(k % 2);
     cudaStream_t st = slot_stream[slot];
     const uint64_t base = value_total;
@@ -703,19 +602,20 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     uint64_t first_word, last_word;
     word_range(g, first_word, last_word);
     const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(), d_so + g.c0, d_flag_ptr);
-    diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base, d_values[slot].as<uint8_t>());
+    uint8_t* d_group_values = d_values[slot].as<uint8_t>() + diff_value_shift(base);
+    diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base, d_group_values);
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     if (digests) {
       digest_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, true, digests->d.as<uint64_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     }
     if (ends[g.c1 - 1] > base) {
-      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values[slot].p, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
+      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_group_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
     }
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(bitmaps.data + first_word * 4, d_bitmap[slot].p, (last_word - first_word) * 4,
                                          cudaMemcpyDeviceToHost, st));
     if (update_old) {
-      for (const Segment& sg : g.segments) {
+      for (const DiffSegment& sg : g.segments) {
         LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
       }
     }

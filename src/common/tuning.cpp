@@ -21,29 +21,34 @@ struct Spec {
   const char* help;
 };
 
-// Defaults are today's behaviour (the H100-tuned constants of apollo.cu and the save path of store.cpp).
+// Defaults are what ships, the best of the first H200 sweep (docs/tuning.md): for APOLLO split projections
+// with two loads in flight (bit-identical to the H100-tuned shapes before them), for the checkpoint the
+// pipelined one-pass diff with digests (byte-identical files; the only setting under 0.1 s per 10 GB after
+// no change).
 const std::array<Spec, kNumKnobs>& specs() {
   static const std::array<Spec, kNumKnobs> s = {{
       {"apollo.batch", 64, {}, 1, 64, "rank-1 matrices per batched launch"},
       {"apollo.streams", 1, {1, 2}, 0, 0, "streams the batches alternate over"},
-      {"apollo.split_projection", 0, {0, 1}, 0, 0,
+      {"apollo.split_projection", 1, {0, 1}, 0, 0,
        "1: tall and wide projections as two kernels, each with its own registers (any variant of theirs implies it)"},
       {"apollo.tall_threads", 256, {128, 256, 512}, 0, 0, "threads per block, tall projection"},
       {"apollo.tall_rows", 2, {1, 2, 4}, 0, 0, "rows per warp, tall projection"},
-      {"apollo.tall_loads", 4, {2, 4, 8}, 0, 0,
+      {"apollo.tall_loads", 2, {2, 4, 8}, 0, 0,
        "16-byte loads in flight per row and lane, tall projection (rows x loads <= 16)"},
       {"apollo.wide_blocks", 1024, {}, 16, 1024,
        "target blocks per wide matrix (chunks x strips; chunks stay within the workspace's)"},
-      {"apollo.wide_loads", 4, {2, 4, 8}, 0, 0, "rows in flight per thread, wide projection"},
+      {"apollo.wide_loads", 2, {2, 4, 8}, 0, 0, "rows in flight per thread, wide projection"},
       {"apollo.moments_blocks_per_sm", 4, {}, 1, 32, "moments grid cap per multiprocessor"},
       {"apollo.update_threads", 256, {128, 256, 512}, 0, 0, "threads per block, update"},
       {"apollo.update_blocks_per_sm", 16, {}, 1, 64, "update grid cap per matrix and multiprocessor"},
       {"apollo.update_unroll", 1, {1, 2, 4}, 0, 0, "groups of 8 elements per thread and iteration, update"},
-      {"checkpoint.pipeline", 0, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
-      {"checkpoint.diff", 0, {0, 1}, 0, 0,
+      {"apollo.fused_step", 0, {0, 1}, 0, 0,
+       "1: one matrix's rank-1 step (backward hooks) as one cooperative kernel with grid-wide barriers"},
+      {"checkpoint.pipeline", 1, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
+      {"checkpoint.diff", 1, {0, 1}, 0, 0,
        "GPU diff: 0 two passes reading the head copy in mapped memory, 1 one pass over DMA-staged groups"},
       {"checkpoint.group_mib", 256, {}, 1, 2048, "device scratch per group of the GPU diff, MiB"},
-      {"checkpoint.digests", 0, {0, 1}, 0, 0,
+      {"checkpoint.digests", 1, {0, 1}, 0, 0,
        "1: skip chunks whose device-resident 64-bit digest matches the head copy's"},
       {"checkpoint.encode_batch", 8, {}, 1, 256, "blocks of records per encode batch, per CPU thread"},
   }};

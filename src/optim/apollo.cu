@@ -14,8 +14,13 @@
 // number of blocks). A single step launches each stage with one parameter's grid; apollo_step_many_cuda
 // launches each stage once for up to kBatch rank-1 parameters, the blocks of every parameter side by side,
 // so a step over a whole model costs four launches per kBatch parameters instead of four per parameter.
+// With apollo.fused_step, a single rank-1 step is one cooperative kernel that runs the four stages with
+// a grid-wide barrier between them (the backward hooks step one matrix at a time: no launch gaps, and no
+// stage's tail waits for a launch).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -281,7 +286,7 @@ __device__ __forceinline__ float Raw<float>::at(int e) const {
 }
 
 // rows >= cols: one warp per kRows rows computes R[i] = G[i,:]·p and ‖G[i,:]‖² for each (the rows share
-// each load of p); each lane keeps kRows × kLoads 16-byte loads in flight. Shipped: kRows 2, kLoads 4
+// each load of p); each lane keeps kRows × kLoads 16-byte loads in flight. Shipped: kRows 2, kLoads 2 (H100: 4)
 // (apollo.tall_rows, apollo.tall_loads).
 template <typename TG, int kRows, int kLoads>
 __device__ void project_tall_body(const Item& it, int block, int nblocks) {
@@ -357,7 +362,7 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
 
 // rows < cols: a block takes a strip of columns (8 per thread) of one chunk of rows; partial R and
 // ‖G[:,j]‖² per chunk, summed per column by the moments stage. kLoads rows are in flight per thread
-// (shipped: 4, apollo.wide_loads).
+// (shipped: 2, H100: 4; apollo.wide_loads).
 template <typename TG, int kLoads>
 __device__ void project_wide_body(const Item& it, int block, int nblocks) {
   const TG* G = static_cast<const TG*>(it.G);
@@ -613,8 +618,8 @@ __global__ void __launch_bounds__(kMaxVariantThreads) project_tall_kernel(const 
 template <typename TG, int kLoads>
 __global__ void project_wide_kernel(const Item it) { project_wide_body<TG, kLoads>(it, blockIdx.x, gridDim.x); }
 
-// The shipped projection: one kernel for tall and wide matrices (the shipped variants of each), so its
-// registers are the larger body's; apollo.split_projection launches them as separate kernels instead.
+// The H100-tuned projection (apollo.split_projection=0): one kernel for tall and wide matrices (their H100
+// variants), so its registers are the larger body's; split, they launch as separate kernels (the default).
 template <typename TG>
 __global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const Item it) {
   if (it.tall) project_tall_body<TG, 2, 4>(it, blockIdx.x, gridDim.x);
@@ -625,6 +630,30 @@ __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gri
 
 template <typename TW, typename TG, int kUnroll>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
+
+// apollo.fused_step: one rank-1 step as one cooperative kernel. Its blocks stay resident and take the
+// blocks of each stage's grid (sized by make_item for kFusedThreads per block) round-robin, with a
+// grid-wide barrier between stages where the separate kernels have a launch boundary; the stage bodies,
+// their partial sums and last-block reductions are the separate kernels' own. The projection variants are
+// the defaults (tall rows 2 × loads 2, wide loads 2); the update is unroll 1.
+constexpr int kFusedThreads = kWideColsPerBlock / 8;  // the wide projection's block; every stage runs at it
+constexpr int kFusedMinBlocks = 8;                    // per SM: <= 64 registers, 32 warps resident
+
+template <typename TW, typename TG>
+__global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_kernel(const Item it) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  for (int b = blockIdx.x; b < it.gen_blocks; b += gridDim.x) gen_body(it, b, it.gen_blocks);
+  grid.sync();
+  for (int b = blockIdx.x; b < it.proj_blocks; b += gridDim.x) {
+    if (it.tall) project_tall_body<TG, 2, 2>(it, b, it.proj_blocks);
+    else project_wide_body<TG, 2>(it, b, it.proj_blocks);
+  }
+  grid.sync();
+  for (int b = blockIdx.x; b < it.mom_blocks; b += gridDim.x) moments_body(it, b, it.mom_blocks);
+  grid.sync();
+  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x) update_body<TW, TG, 1>(it, b, it.upd_blocks);
+}
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----
 constexpr int kBatch = 64;  // the most a batch holds (its kernel parameter is ~16 KB); apollo.batch may ask fewer
@@ -698,11 +727,12 @@ int sm_count() {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Launch shapes of a step, read from the tuning knobs once per call (docs/tuning.md); the defaults are the
-// shapes measured best on the H100.
+// shapes measured best on the H200 (the H100's: apollo.split_projection=0, tall_loads=4, wide_loads=4).
 struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
-  bool split;  // tall and wide projections as separate kernels (any projection variant but the shipped one)
+  bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
+  bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
   static Shape current() {
     using tuning::get;
     Shape s{static_cast<int>(get(tuning::kApolloTallThreads)), static_cast<int>(get(tuning::kApolloTallRows)),
@@ -710,7 +740,8 @@ struct Shape {
             static_cast<int>(get(tuning::kApolloWideLoads)), static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
             static_cast<int>(get(tuning::kApolloUpdateThreads)), static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
             static_cast<int>(get(tuning::kApolloUpdateUnroll)), static_cast<int>(get(tuning::kApolloBatch)),
-            static_cast<int>(get(tuning::kApolloStreams)), get(tuning::kApolloSplitProjection) == 1};
+            static_cast<int>(get(tuning::kApolloStreams)), get(tuning::kApolloSplitProjection) == 1,
+            get(tuning::kApolloFusedStep) == 1};
     s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
     return s;
   }
@@ -810,9 +841,38 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape) {
   return it;
 }
 
+// The resident blocks of step_fused_kernel<TW, TG> on this device (cooperative launches need them all
+// resident at once).
+template <typename TW, typename TG>
+int fused_blocks() {
+  static const int n = [] {
+    int per_sm = 0;
+    LIVETRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG>, kFusedThreads, 0));
+    if (per_sm < 1) throw Error(ErrorCode::kUnsupported, "optimizer step: apollo.fused_step: its kernel cannot be resident on this device");
+    return per_sm * sm_count();
+  }();
+  return n;
+}
+
+template <typename TW, typename TG>
+void launch_fused(const ApolloStep& s, Shape shape, cudaStream_t stream) {
+  // Stage grids sized for kFusedThreads-thread blocks, so every block of a stage does the work the
+  // separate kernels' would at that block size.
+  shape.tall_threads = shape.update_threads = kFusedThreads;
+  shape.tall_rows = 2;  // the compiled variants (step_fused_kernel)
+  shape.update_unroll = 1;
+  Item it = make_item(s, s.workspace, shape);
+  const int want = std::max(std::max(it.gen_blocks, it.proj_blocks), std::max(it.mom_blocks, it.upd_blocks));
+  const int grid = std::max(1, std::min(want, fused_blocks<TW, TG>()));
+  void* args[] = {&it};
+  LIVETRAIN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(step_fused_kernel<TW, TG>), dim3(grid),
+                                                   dim3(kFusedThreads), args, 0, stream));
+}
+
 template <typename TW, typename TG>
 void launch(const ApolloStep& s, cudaStream_t stream) {
   const Shape shape = Shape::current();
+  if (s.hyper.rank == 1 && shape.fused) return launch_fused<TW, TG>(s, shape, stream);
   const Item it = make_item(s, s.workspace, shape);
   gen_kernel<<<it.gen_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
@@ -926,6 +986,8 @@ struct SideStream {
 void apollo_step_cuda(const ApolloStep& s, void* stream) {
   validate(s);
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  // The projection reads P with 16-byte vector loads at offsets the workspace layout keeps aligned.
+  if (!aligned16(s.workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
     launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
   });
@@ -939,6 +1001,9 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
                                             std::to_string(workspace_bytes));
   }
   for (int i = 0; i < n; ++i) validate(steps[i]);
+  // Each step's slice is a whole number of 256-byte regions from here (optim/workspace.hpp), so this
+  // keeps every slice's 16-byte vector loads of P aligned.
+  if (n && !aligned16(workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);

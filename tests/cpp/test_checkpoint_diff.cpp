@@ -2,13 +2,16 @@
 // and the CUDA kernel (delta_diff_cuda) against the CPU reference byte for byte (skipped without a GPU).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "checkpoint/diff_plan.hpp"
 #include "checkpoint/digest.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
@@ -141,6 +144,108 @@ TEST(CheckpointDiff, ChunkDigests) {
   std::vector<uint8_t> zeros(16, 0);
   EXPECT_NE(checkpoint::chunk_digest(zeros.data(), 8), checkpoint::chunk_digest(zeros.data(), 16));
   EXPECT_NE(checkpoint::chunk_digest(zeros.data(), 15), checkpoint::chunk_digest(zeros.data(), 16));
+}
+
+// Regression test for the GPU diff's cudaErrorMisalignedAddress on the 27b shapes (issue #15's sweep): a
+// group of chunks may start inside a tensor, at any multiple of its element size, and the group's values
+// went to device scratch from offset 0, so a fp32 tensor after a split bf16 one with an odd changed count
+// was written at an address ≡ 2 mod 4. This checks the host-side plan (diff_plan.hpp) the kernels follow:
+// every value and every staged element of every group lands at a multiple of its element size in
+// device memory, within the scratch the kernels are given, for odd sizes, unaligned tensor addresses,
+// small groups, skipped (digest-matched) chunks and random changed counts.
+TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
+  struct Shape {
+    uint64_t units;
+    uint32_t unit;
+  };
+  // Qwen3.5-27B-like: split bf16 matrices of odd size, fp32 A_log [48], bf16 dt_bias [48], conv1d [C,1,4],
+  // norms of odd size, plus 1- and 8-byte elements and an empty tensor.
+  const std::vector<Shape> shapes = {{777777, 2}, {48, 4}, {48, 2},  {10240 * 4, 2}, {5121, 4}, {0, 2},
+                                     {600001, 2}, {515, 8}, {999, 1}, {262147, 4},    {33, 2},   {48, 4}};
+  std::vector<checkpoint::DiffTensor> tensors;
+  uintptr_t at = uintptr_t{1} << 32;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    // Unaligned to 16 (one element past a 256-byte boundary) but aligned to the element, as the
+    // kernels require; never dereferenced here.
+    const uintptr_t p = (at + 255) / 256 * 256 + shapes[i].unit;
+    tensors.push_back({reinterpret_cast<const void*>(p), reinterpret_cast<const void*>(p + (uintptr_t{1} << 36)), shapes[i].units, shapes[i].unit});
+    at = p + shapes[i].units * shapes[i].unit;
+  }
+  const size_t n = tensors.size();
+  uint64_t chunks = 0, words = 0;
+  const auto table = checkpoint::diff_chunk_table(tensors, chunks, words);
+  auto tensor_of = [&](uint64_t c) {
+    size_t i = 0;
+    while (i + 1 < n && table[i + 1].first_chunk <= c) ++i;
+    return i;
+  };
+  std::mt19937_64 rng(15);
+  uint64_t unshifted_misaligned = 0;  // accesses the plan before the fix would have made
+  for (uint64_t group_bytes : {uint64_t{1} << 16, uint64_t{1} << 20, (uint64_t{1} << 20) + 6}) {
+    for (int skip : {0, 1}) {
+      for (int trial = 0; trial < 8; ++trial) {
+        SCOPED_TRACE("group_bytes " + std::to_string(group_bytes) + " skip " + std::to_string(skip) + " trial " + std::to_string(trial));
+        std::vector<uint8_t> used(chunks);
+        for (auto& u : used) u = !skip || rng() % 3 != 0;
+        std::vector<uint32_t> counts(chunks);
+        for (uint64_t c = 0; c < chunks; ++c) {
+          const auto& t = table[tensor_of(c)];
+          const uint64_t len = std::min(checkpoint::kDiffChunk, t.units - (c - t.first_chunk) * checkpoint::kDiffChunk);
+          counts[c] = used[c] ? static_cast<uint32_t>(rng() % (len + 1)) : 0;
+        }
+        std::vector<uint64_t> stage_offsets(chunks, 0), offsets(chunks, 0);
+        const auto groups = checkpoint::diff_groups(table, chunks, group_bytes, stage_offsets, [&](uint64_t c) { return used[c] != 0; });
+        uint64_t slot_bytes = 16;
+        for (const auto& g : groups) slot_bytes = std::max(slot_bytes, g.staged);
+        checkpoint::DiffOutput out;
+        out.changed.assign(n, 0);
+        out.value_offset.assign(n, 0);
+        checkpoint::DiffValuePlan plan(table, chunks, offsets.data(), out);
+        ASSERT_FALSE(groups.empty());
+        EXPECT_EQ(groups.front().c0, 0u);
+        EXPECT_EQ(groups.back().c1, chunks);
+        for (size_t k = 0; k < groups.size(); ++k) {
+          const auto& g = groups[k];
+          if (k) EXPECT_EQ(g.c0, groups[k - 1].c1);
+          const uint64_t base = plan.total;  // the one-pass diff's base; the two-pass one's is offsets[g.c0]
+          plan.place(g.c0, g.c1, counts.data());
+          if (k + 1 == groups.size()) plan.place_rest();
+          if (g.c1 == g.c0) continue;
+          // (first value's host offset, scratch bytes) as delta_cuda.cu has them: one pass, two passes.
+          const std::pair<uint64_t, uint64_t> modes[2] = {{base, slot_bytes + 8 * n + checkpoint::kDiffScratchAlign},
+                                                         {offsets[g.c0], group_bytes + 8 * n + checkpoint::kDiffScratchAlign}};
+          for (const auto& [first, cap] : modes) {
+            const uint64_t shift = checkpoint::diff_value_shift(first);
+            for (uint64_t c = g.c0; c < g.c1; ++c) {
+              const uint32_t unit = table[tensor_of(c)].unit;
+              ASSERT_GE(offsets[c], first);
+              const uint64_t dev = shift + offsets[c] - first;
+              ASSERT_EQ(dev % unit, 0u) << "values of chunk " << c << " (tensor " << tensor_of(c) << ") at scratch offset " << dev;
+              ASSERT_LE(shift + plan.ends[c] - first, cap) << "chunk " << c;
+              if (counts[c] && (offsets[c] - first) % unit) ++unshifted_misaligned;
+            }
+          }
+          for (uint64_t c = g.c0; c < g.c1; ++c) {
+            if (!used[c]) continue;
+            const auto& t = table[tensor_of(c)];
+            const uint64_t begin = (c - t.first_chunk) * checkpoint::kDiffChunk;
+            const uint64_t bytes = (std::min(begin + checkpoint::kDiffChunk, t.units) - begin) * t.unit;
+            ASSERT_EQ(stage_offsets[c] % t.unit, 0u) << "staged chunk " << c;
+            ASSERT_LE(stage_offsets[c] + bytes, g.staged) << "staged chunk " << c;
+            ASSERT_TRUE(g.c1 - g.c0 == 1 || g.staged <= group_bytes + checkpoint::kDiffScratchAlign) << "group " << k;
+          }
+          for (const auto& sg : g.segments) EXPECT_EQ(sg.stage_offset % checkpoint::kDiffScratchAlign, 0u);
+        }
+        for (size_t i = 0; i < n; ++i) {
+          EXPECT_EQ(out.value_offset[i] % 8, 0u) << "tensor " << i;
+          uint64_t want = 0;
+          for (uint64_t c = table[i].first_chunk; c < (i + 1 < n ? table[i + 1].first_chunk : chunks); ++c) want += counts[c];
+          EXPECT_EQ(out.changed[i], want) << "tensor " << i;
+        }
+      }
+    }
+  }
+  EXPECT_GT(unshifted_misaligned, 0u) << "the shapes no longer reproduce the case the shift exists for";
 }
 
 #ifdef LIVETRAIN_WITH_CUDA
@@ -408,6 +513,69 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
     for (size_t i = 0; i < t.size(); ++i) {
       EXPECT_EQ(third.changed[i], (i == 3 || i == last) && t[i].units ? 1u : 0u) << i;
     }
+  }
+}
+// Regression test for the 27b shapes' cudaErrorMisalignedAddress (see GroupPlanKeepsEveryDeviceAccessAligned):
+// odd sizes and element sizes mixed so that 1 MiB groups start inside bf16 tensors with odd changed
+// counts and end in fp32 / fp64 ones, every tensor one element past a 16-byte boundary (in device memory
+// and in mapped page-locked memory), under every variant, against the CPU reference; `old` moved along.
+TEST(CheckpointDiffCuda, OddSizesAndUnalignedOffsetsUnderEveryVariant) {
+  if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
+  const std::vector<std::pair<uint64_t, DType>> shapes = {
+      {777777, DType::kBF16}, {48, DType::kF32},   {48, DType::kBF16},  {40960, DType::kBF16}, {5121, DType::kF32},
+      {600001, DType::kBF16}, {515, DType::kF64},  {999, DType::kU8},   {262147, DType::kF32}, {33, DType::kBF16},
+      {48, DType::kF32}};
+  for (const Variant& v : variants()) {
+    SCOPED_TRACE(name_of(v));
+    KnobScope knobs(v);
+    std::mt19937_64 rng(27);
+    std::vector<std::vector<uint8_t>> olds, nows;
+    std::vector<checkpoint::DiffTensor> host;
+    for (const auto& [units, dtype] : shapes) {
+      const uint32_t unit = checkpoint::unit_bytes(dtype);
+      std::vector<uint8_t> old(units * unit), now;
+      for (auto& b : old) b = static_cast<uint8_t>(rng());
+      now = old;
+      for (uint64_t i = 0; i < units; ++i) {
+        if (rng() % 2) now[i * unit + rng() % unit] ^= static_cast<uint8_t>(1 + rng() % 255);
+      }
+      olds.push_back(std::move(old));
+      nows.push_back(std::move(now));
+    }
+    for (size_t i = 0; i < shapes.size(); ++i) host.push_back({nows[i].data(), olds[i].data(), shapes[i].first, checkpoint::unit_bytes(shapes[i].second)});
+    checkpoint::DiffOutput cpu;
+    checkpoint::delta_diff_cpu(host, cpu);
+
+    std::vector<void*> device, pinned;
+    std::vector<checkpoint::DiffTensor> t = host;
+    for (size_t i = 0; i < t.size(); ++i) {
+      const uint32_t unit = t[i].unit;
+      void* d = nullptr;
+      ASSERT_EQ(cudaMalloc(&d, nows[i].size() + 16), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(d) + unit, nows[i].data(), nows[i].size(), cudaMemcpyHostToDevice), cudaSuccess);
+      void* h = nullptr;
+      ASSERT_EQ(cudaHostAlloc(&h, olds[i].size() + 16, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
+      std::memcpy(static_cast<uint8_t*>(h) + unit, olds[i].data(), olds[i].size());
+      device.push_back(d);
+      pinned.push_back(h);
+      t[i].now = static_cast<uint8_t*>(d) + unit;
+      t[i].old = static_cast<uint8_t*>(h) + unit;
+    }
+    checkpoint::DiffWorkspace ws;
+    checkpoint::DiffOutput gpu;
+    checkpoint::delta_diff_cuda(t, gpu, nullptr, &ws, true);
+    ASSERT_EQ(gpu.changed.size(), t.size());
+    for (size_t i = 0; i < t.size(); ++i) {
+      ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << "tensor " << i;
+      EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], (t[i].units + 7) / 8), 0) << i;
+      EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], cpu.changed[i] * t[i].unit), 0) << i;
+      EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(pinned[i]) + t[i].unit, nows[i].data(), nows[i].size()), 0) << "old moved along: " << i;
+    }
+    checkpoint::DiffOutput again;
+    checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true);
+    for (size_t i = 0; i < t.size(); ++i) EXPECT_EQ(again.changed[i], 0u) << i;
+    for (void* d : device) cudaFree(d);
+    for (void* h : pinned) cudaFreeHost(h);
   }
 }
 #endif

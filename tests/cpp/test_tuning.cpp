@@ -58,7 +58,7 @@ TEST(Tuning, DefaultsSetResetAndList) {
   }
   EXPECT_EQ(tuning::get(tuning::kApolloBatch), 64);
   EXPECT_EQ(tuning::get(tuning::kApolloTallRows), 2);
-  EXPECT_EQ(tuning::get(tuning::kCheckpointPipeline), 0);
+  EXPECT_EQ(tuning::get(tuning::kCheckpointPipeline), 1);
   tuning::set("apollo.tall_rows", 4);
   tuning::set("checkpoint.group_mib", 64);
   EXPECT_EQ(tuning::get(tuning::kApolloTallRows), 4);
@@ -95,9 +95,9 @@ TEST(Tuning, EnvironmentVariable) {
     }
     std::exit(0);
   };
-  EXPECT_EXIT(run("apollo.batch=8,checkpoint.pipeline=1"), ::testing::ExitedWithCode(0), "batch=8 pipeline=1");
-  EXPECT_EXIT(run(""), ::testing::ExitedWithCode(0), "batch=64 pipeline=0");
-  EXPECT_EXIT(run("apollo.batch=8,,"), ::testing::ExitedWithCode(0), "batch=8 pipeline=0");
+  EXPECT_EXIT(run("apollo.batch=8,checkpoint.pipeline=0"), ::testing::ExitedWithCode(0), "batch=8 pipeline=0");
+  EXPECT_EXIT(run(""), ::testing::ExitedWithCode(0), "batch=64 pipeline=1");
+  EXPECT_EXIT(run("apollo.batch=8,,"), ::testing::ExitedWithCode(0), "batch=8 pipeline=1");
   EXPECT_EXIT(run("apollo.batch"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: \"apollo.batch\" is not name=value");
   EXPECT_EXIT(run("apollo.batch=eight"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: value of apollo.batch");
   EXPECT_EXIT(run("apollo.batch=0"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: tuning knob apollo.batch = 0");
@@ -348,12 +348,24 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
       {{"apollo.tall_threads", 512}},                      {{"apollo.wide_loads", 2}},
       {{"apollo.wide_loads", 8}},                          {{"apollo.wide_blocks", 16}},
       {{"apollo.wide_blocks", 256}},                       {{"apollo.moments_blocks_per_sm", 1}},
+      // The H100-tuned shapes that shipped before the H200 sweep (one fused projection kernel).
+      {{"apollo.split_projection", 0}, {"apollo.tall_loads", 4}, {"apollo.wide_loads", 4}},
   };
   for (const Settings& s : summation_order) {
     Knobs k(s);
     std::string what;
     for (const auto& [n, v] : s) what += n + "=" + std::to_string(v) + " ";
     expect_close(run_cuda(ms, steps, false), cpu, ms, what);
+  }
+  {
+    // The one-kernel step (cooperative, grid-wide barriers) of the one-at-a-time path: odd sizes, strided
+    // weights, NaN gradients and the limiter, as the CPU step; alone and with other knobs that it overrides.
+    Knobs k({{"apollo.fused_step", 1}});
+    const Result fused = run_cuda(ms, steps, true);
+    expect_close(fused, cpu, ms, "apollo.fused_step=1");
+    EXPECT_TRUE(same(run_cuda(ms, steps, true), fused)) << "apollo.fused_step=1 is deterministic";
+    Knobs k2({{"apollo.fused_step", 1}, {"apollo.update_unroll", 4}, {"apollo.tall_threads", 512}});
+    EXPECT_TRUE(same(run_cuda(ms, steps, true), fused)) << "apollo.fused_step=1 fixes its own launch shapes";
   }
   const std::vector<Settings> bit_identical = {
       {{"apollo.split_projection", 1}},   {{"apollo.update_unroll", 2}},      {{"apollo.update_unroll", 4}},

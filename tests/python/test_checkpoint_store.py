@@ -195,3 +195,55 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
     with CheckpointStore(b) as reopened:
         assert reopened.head == 3
         assert reopened.compare(3, {k: v.cuda() for k, v in snaps[3].items()})["elements"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+@pytest.mark.parametrize("knobs", [{}, {"checkpoint.diff": 1}, {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1}])
+def test_cuda_save_of_odd_sized_mixed_dtypes_in_small_groups(tmp_path, knobs):
+    """Regression test for issue #15's cudaErrorMisalignedAddress on the Qwen3.5-27B shapes: a bf16 tensor
+    of odd size that 1 MiB groups of the GPU diff split (odd changed counts), followed in the same group by
+    fp32 ones (A_log [48]) and odd-sized bf16 ones (conv1d [C, 1, 4], norms); the GPU save writes the CPU
+    save's bytes under the shipped diff and its variants."""
+    import shutil
+
+    from livetrain import _core
+
+    torch.manual_seed(2)
+    live = {
+        "model.layers.0.linear_attn.in_proj_qkvz.weight": (torch.randn(777777) * 0.02).to(torch.bfloat16),
+        "model.layers.0.linear_attn.A_log": torch.randn(48),
+        "model.layers.0.linear_attn.dt_bias": (torch.randn(48)).to(torch.bfloat16),
+        "model.layers.0.linear_attn.conv1d.weight": (torch.randn(1281, 1, 4) * 0.1).to(torch.bfloat16),
+        "model.layers.0.linear_attn.norm.weight": torch.randn(129),
+        "model.layers.1.mlp.down_proj.weight": (torch.randn(300001) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(5121),
+    }
+    a, b = tmp_path / "cpu", tmp_path / "gpu"
+    a.mkdir()
+    lst.save_model(a, live)
+    shutil.copytree(a, b)
+    cuda = {k: v.cuda() for k, v in live.items()}
+    try:
+        _core.tuning_reset()
+        _core.tuning_set("checkpoint.group_mib", 1)
+        for name, value in knobs.items():
+            _core.tuning_set(name, value)
+        with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
+            for g, fraction in enumerate([0.5, 0.3], start=1):
+                split = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+                perturb({k: v for k, v in live.items() if k != split}, fraction, 40 + g)
+                # One change in the split tensor's first group (its next group then starts at an offset of
+                # 2 mod 4) and more after the 1 MiB boundary; the fp32 norm that follows has changes too.
+                live[split][0] += 1.0
+                tail = live[split][700000:]
+                perturb({"t": tail}, fraction, 50 + g)
+                for k in cuda:
+                    cuda[k].copy_(live[k])
+                rc, rg = cpu_store.save(live), gpu_store.save(cuda)
+                assert rc["changed"] == rg["changed"] > 0
+                name = f"gen-{g:020d}.delta"
+                assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes()
+            assert gpu_store.save(cuda)["written"] is False
+            assert gpu_store.compare(2, cuda)["elements"] == 0
+    finally:
+        _core.tuning_reset()
