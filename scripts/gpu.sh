@@ -25,8 +25,9 @@
 #                               sizes and unaligned offsets under every checkpoint
 #                               variant, every APOLLO variant and the one-kernel step
 #                               against the CPU (C++, when GoogleTest is installed:
-#                               adds the test targets to build-gpu/), and pytest's
-#                               test_checkpoint_store.py and test_optim.py
+#                               adds the test targets to build-gpu/; save and
+#                               save_part under every GPU-save knob), and pytest's
+#                               test_checkpoint_store/_shards.py and test_optim.py
 # sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
 #                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
 #                               and 27B shapes, each in its own process with a time
@@ -101,14 +102,16 @@ run_step() {
     if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
       {
         cmake -S . -B build-gpu -DLIVETRAIN_TESTS=ON > "$out/build-tests.log" 2>&1 &&
-          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
-          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
+          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_checkpoint_store test_checkpoint_parts \
+            test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
+          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_checkpoint_store &&
+          build-gpu/tests/cpp/test_checkpoint_parts && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
       } > "$out/checks.log" 2>&1 || rc=1
     else
       echo "C++ tests skipped: no GoogleTest on this machine" > "$out/checks.log"
     fi
     LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
-      tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
+      tests/python/test_checkpoint_shards.py tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no|error" "$out/checks.log" | tail -20
     ;;
   tests)
