@@ -17,9 +17,9 @@
 #                               checkpoint.py (8 GiB)
 # bench-gdn       2 min         bench/gdn.py: Gated DeltaNet layers, fused kernels     gdn.{md,json}
 #                               (flash-linear-attention) against the torch path
-# bench-serve8b   5 min         bench/serve.py --size 8b (engine + trainer, AdamW      serve.{md,json}
+# bench-serve8b   5 min         bench/serve.py --shape 8b (engine + trainer, AdamW     serve.{md,json}
 #                               baselines, completions alone / during a job)
-# bench-serve27b  8 min         bench/serve.py --size qwen3.5-27b (54 GB, 2,048 and    serve.{md,json}
+# bench-serve27b  8 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
 #                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
 # vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
 # vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
@@ -30,8 +30,9 @@
 #                               sizes and unaligned offsets under every checkpoint
 #                               variant, every APOLLO variant and the one-kernel step
 #                               against the CPU (C++, when GoogleTest is installed:
-#                               adds the test targets to build-gpu/), and pytest's
-#                               test_checkpoint_store.py and test_optim.py
+#                               adds the test targets to build-gpu/; save and
+#                               save_part under every GPU-save knob), and pytest's
+#                               test_checkpoint_store/_shards.py and test_optim.py
 # sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
 #                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
 #                               and 27B shapes, each in its own process with a time
@@ -114,14 +115,16 @@ run_step() {
     if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
       {
         cmake -S . -B build-gpu -DLIVETRAIN_TESTS=ON > "$out/build-tests.log" 2>&1 &&
-          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
-          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
+          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_checkpoint_store test_checkpoint_parts \
+            test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
+          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_checkpoint_store &&
+          build-gpu/tests/cpp/test_checkpoint_parts && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
       } > "$out/checks.log" 2>&1 || rc=1
     else
       echo "C++ tests skipped: no GoogleTest on this machine" > "$out/checks.log"
     fi
     LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
-      tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
+      tests/python/test_checkpoint_shards.py tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no|error" "$out/checks.log" | tail -20
     ;;
   tests)
@@ -138,10 +141,10 @@ run_step() {
     bench gdn-log 14 bench/gdn.py || rc=$?
     ;;
   bench-serve8b)
-    bench serve-log 30 bench/serve.py --size 8b --gen-seconds 12 || rc=$?
+    bench serve-log 30 bench/serve.py --shape 8b --gen-seconds 12 || rc=$?
     ;;
   bench-serve27b)
-    bench serve-log 40 bench/serve.py --size qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
+    bench serve-log 40 bench/serve.py --shape qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
     ;;
   vllm-llama)
     bash scripts/vllm_gpu_run.sh --arch llama 2>&1 | tail -25
