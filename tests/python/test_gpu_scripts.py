@@ -128,7 +128,7 @@ def test_vllm_transfer_ray_stand_in_and_table(tmp_path):
 def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
     r = run(["bash", "scripts/gpu.sh"])
     assert r.returncode == 2
-    for step in ("build", "tests", "bench-core", "bench-gdn", "bench-serve8b", "bench-serve27b", "vllm-llama",
+    for step in ("build", "checks", "tests", "bench-core", "bench-gdn", "bench-serve8b", "bench-serve27b", "vllm-llama",
                  "vllm-qwen35", "vllm-transfer"):
         assert f"\n{step} " in r.stdout, step
     r = run(["bash", "scripts/gpu.sh", "build", "bench-nothing"])
