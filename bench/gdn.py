@@ -197,6 +197,10 @@ def main() -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device (use --device cpu --shape tiny)")
     stack = build_layers(a.shape, a.layers, device)
+    # The trainer's start-up check: a kernel that fails or disagrees on this GPU is not used (the report
+    # then says why, and the rows measure the torch path alone).
+    for message in kernels.verify(stack, device, backward=True) if device.type == "cuda" else []:
+        log(f"warning: {message}")
     report = kernels.report(stack)
     f = kernels.kernel_functions(stack)[RULE]
     fused = f["implementation"] is not f["fallback"]
@@ -213,7 +217,7 @@ def main() -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "kernels": report,
-        "fused_name": report[RULE] if fused else "fused (flash-linear-attention not installed)",
+        "fused_name": report[RULE] if fused else f"fused: not used, {report[RULE]}",
         "rows": [],
     }
     log(f"{a.layers} layers on {r['device_name']}; {RULE}: {report[RULE]}")
@@ -229,7 +233,7 @@ def main() -> int:
                 reference = run(stack, unit, x, gy) if fused and i == 0 else None
             log(f"{tokens} tokens, {unit}: torch path {row['torch']['tokens_per_s']:.0f} tokens/s")
             if not fused:
-                row["skipped"] = "flash-linear-attention not installed"
+                row["skipped"] = report[RULE]
                 continue
             with rule(stack, "fused"):
                 if reference is not None:

@@ -40,7 +40,7 @@ def test_gdn_bench_runs_the_torch_path_and_says_the_kernels_are_missing(tmp_path
                                                                       (128, "layer")]
     assert all(row["torch"]["tokens_per_s"] > 0 and "fused" not in row for row in doc["rows"])
     assert doc["kernels"]["chunk_gated_delta_rule"] == "torch (install flash-linear-attention)"
-    assert "| 128 | layer | fused (flash-linear-attention not installed) | - |" in r.stdout
+    assert "| 128 | layer | fused: not used, torch (install flash-linear-attention) | - |" in r.stdout
 
 
 def test_serve_bench_qwen35_steps_each_length_and_times_the_checkpoint_saves(tmp_path):

@@ -136,3 +136,149 @@ def test_trainer_reports_kernels_in_status_and_trains_the_gdn_layers_on_cpu(tmp_
     finally:
         trainer.close()
         engine.exported.close()
+
+
+def make_kernel_module(monkeypatch, kernel):
+    """A stand-in ``fla`` whose ``chunk_gated_delta_rule`` is ``kernel``, and a modeling module whose
+    transformers-decorated function falls back to transformers' real torch delta rule."""
+    from transformers.integrations import use_kernel_func_from_hub_with_fallback
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    fla = types.ModuleType("fla")
+    fla.__version__ = "9.9.2"
+    ops = types.ModuleType("fla.ops")
+    rule = types.ModuleType("fla.ops.gated_delta_rule")
+    kernel.__module__ = "fla.ops.gated_delta_rule.chunk"
+    rule.chunk_gated_delta_rule = kernel
+    fla.ops, ops.gated_delta_rule = ops, rule
+    for name, mod in (("fla", fla), ("fla.ops", ops), ("fla.ops.gated_delta_rule", rule)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    reference = modeling_qwen3_5.torch_chunk_gated_delta_rule.__closure__[
+        modeling_qwen3_5.torch_chunk_gated_delta_rule.__code__.co_freevars.index("torch_function")
+    ].cell_contents
+
+    modeling = types.ModuleType("livetrain_test_modeling_verify")
+    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
+
+    @use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "fla")
+    def torch_chunk_gated_delta_rule(
+        query,
+        key,
+        value,
+        g,
+        beta,
+        chunk_size=64,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        **kwargs,
+    ):
+        return reference(
+            query, key, value, g, beta, chunk_size, initial_state, output_final_state, use_qk_l2norm_in_kernel
+        )
+
+    class Layer(torch.nn.Module):
+        pass
+
+    Layer.__module__ = modeling.__name__
+    modeling.torch_chunk_gated_delta_rule = torch_chunk_gated_delta_rule
+    modeling.Layer = Layer
+    monkeypatch.setattr(kernels, "_refused", {})
+    return torch.nn.Sequential(Layer()), modeling, reference
+
+
+class Refused(torch.autograd.Function):
+    """Forward as the torch path; backward raises as flash-linear-attention 0.6.0 does on Hopper with an
+    older Triton."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results (see #640).")
+
+
+def test_verify_replaces_a_kernel_whose_backward_raises_and_the_layers_run_the_torch_path(monkeypatch):
+    holder = {}
+
+    def kernel(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=None,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        cu_seqlens=None,
+    ):
+        out, state = holder["reference"](
+            q, k, v, g, beta, 64, initial_state, output_final_state, use_qk_l2norm_in_kernel
+        )
+        return Refused.apply(out), state
+
+    model, modeling, holder["reference"] = make_kernel_module(monkeypatch, kernel)
+    assert kernels.report(model) == {"chunk_gated_delta_rule": "fla 9.9.2"}
+    # The engine decodes without a backward pass: the kernel's forward is right, so it is kept there.
+    assert kernels.verify(model, torch.device("cpu"), backward=False) == []
+    messages = kernels.verify(model, torch.device("cpu"), backward=True)
+    assert len(messages) == 1 and messages[0].startswith("chunk_gated_delta_rule: fla 9.9.2 failed on cpu: ")
+    assert "RuntimeError: Triton >= 3.4.0" in messages[0] and "torch path is used instead" in messages[0]
+    assert kernels.report(model)["chunk_gated_delta_rule"].startswith("torch (fla 9.9.2 failed on cpu: Runtime")
+    assert kernels.warnings(model, torch.device("cuda", 0)) == []  # said once, by verify, not as "install"
+    # The layers' call now runs the torch path, gradients included (cu_seqlens still accepted).
+    q = torch.randn(1, 64, 2, 16, requires_grad=True)
+    out, _ = modeling.torch_chunk_gated_delta_rule(
+        q,
+        torch.randn(1, 64, 2, 16),
+        torch.randn(1, 64, 2, 16),
+        g=-torch.rand(1, 64, 2),
+        beta=torch.rand(1, 64, 2),
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=None,
+    )
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_verify_keeps_a_kernel_that_agrees_and_replaces_one_that_differs(monkeypatch):
+    holder = {}
+
+    def agrees(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=None,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        cu_seqlens=None,
+    ):
+        return holder["reference"](q, k, v, g, beta, 64, initial_state, output_final_state, use_qk_l2norm_in_kernel)
+
+    model, _, holder["reference"] = make_kernel_module(monkeypatch, agrees)
+    assert kernels.verify(model, torch.device("cpu")) == []
+    assert kernels.report(model) == {"chunk_gated_delta_rule": "fla 9.9.2"}
+
+    def differs(*args, **kw):
+        out, state = agrees(*args, **kw)
+        return out * 1.5, state
+
+    model, _, holder["reference"] = make_kernel_module(monkeypatch, differs)
+    messages = kernels.verify(model, torch.device("cpu"))
+    assert len(messages) == 1 and "differs from the torch path (relative error 1.25 > 0.05)" in messages[0]
+
+    def gives_nan(*args, **kw):
+        out, state = agrees(*args, **kw)
+        return out * float("nan"), state
+
+    model, _, holder["reference"] = make_kernel_module(monkeypatch, gives_nan)
+    assert "differs from the torch path (relative error nan" in kernels.verify(model, torch.device("cpu"))[0]
+    assert kernels.prepare(model, torch.device("cpu")) == []  # on CPU nothing is probed or said

@@ -55,9 +55,9 @@ class Engine:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         self.model = model.to(self.device).eval()
         # Generation runs the same layers as training: the fused kernels they got, or the torch path.
-        self.kernels = kernels.report(self.model)
-        for warning in kernels.warnings(self.model, self.device):
+        for warning in kernels.prepare(self.model, self.device, backward=False):
             print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
         params = dict(self.model.named_parameters())  # tied weights appear once
         config = json.loads(self.model.config.to_json_string())
         # The weights under the model files' names (a multimodal checkpoint is served as its text model;

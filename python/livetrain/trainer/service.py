@@ -134,9 +134,9 @@ class Trainer:
         self.model.train()
         self.device = next(self.model.parameters()).device
         # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
-        self.kernels = kernels.report(self.model)
-        for warning in kernels.warnings(self.model, self.device):
+        for warning in kernels.prepare(self.model, self.device, backward=True):
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
