@@ -117,6 +117,9 @@ class Apollo(torch.optim.Optimizer):
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._batch_workspaces: dict = {}  # per device: the workspace of batched steps (see step)
         self._batches: dict = {}  # per (device, parameters): cached batch items
+        self._hook_batch_bytes = 0  # attach_hooks(batch_bytes=...)
+        self._ready: dict = {}  # per device: parameters whose gradients wait for a batched step (step_ready)
+        self._ready_bytes: dict = {}  # per device: their gradients' bytes
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         self._shards: dict[int, ParamShard] = {}  # tensor parallelism: id(param) -> its shard (tensor_parallel)
@@ -465,21 +468,64 @@ class Apollo(torch.optim.Optimizer):
             torch.cuda.set_device(device)
         _core.apollo_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
 
-    def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
+    def attach_hooks(self, params: Iterable[torch.Tensor] | None = None, batch_bytes: int = 0) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
-        ``backward()`` as usual and do not call ``step()``; returns the hook handles."""
+        ``backward()`` as usual and do not call ``step()``; returns the hook handles.
+
+        ``batch_bytes`` > 0 batches the rank-1 APOLLO steps on CUDA (APOLLO-Mini): parameters whose
+        gradients are ready wait and step together, in one batched launch as ``step()`` does, once their
+        gradients hold ``batch_bytes``; the rest step when the backward pass ends. Their gradients live
+        until then: up to ``batch_bytes`` (plus the last gradient) more memory at the peak. The result is
+        the same bits as stepping one at a time. Other parameters step at once."""
+        if batch_bytes < 0:
+            raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
+        self._hook_batch_bytes = int(batch_bytes)
         handles = []
         for group in self.param_groups:
             for p in group["params"]:
                 if params is not None and not any(p is q for q in params):
                     continue
-
-                def hook(param: torch.Tensor) -> None:
-                    self.step_param(param)
-                    param.grad = None
-
-                handles.append(p.register_post_accumulate_grad_hook(hook))
+                handles.append(p.register_post_accumulate_grad_hook(self.step_ready))
         return handles
+
+    @torch.no_grad()
+    def step_ready(self, p: torch.Tensor) -> None:
+        """What the hooks do with a parameter whose gradient is ready: step it and free the gradient, or
+        (attach_hooks' ``batch_bytes``) queue it for a batched step. Inside a backward pass the queue is
+        stepped when the pass ends; outside one, call ``flush_ready()``."""
+        if p.grad is None:
+            return
+        limit = self._hook_batch_bytes
+        if limit > 0 and p.device.type == "cuda" and p.grad.dtype in _DTYPES:
+            group = self._groups_by_id.get(id(p)) or self._group_of(p)
+            state = self.state[p] if p in self.state else self._state(p, group)
+            if state["algo"] == "apollo" and group["rank"] == 1:
+                self._ready.setdefault(p.device, []).append((p, group, state))
+                self._ready_bytes[p.device] = self._ready_bytes.get(p.device, 0) + p.grad.nbytes
+                try:  # once per queued parameter: a pass that fails before its end leaves no stale flag
+                    torch.autograd.Variable._execution_engine.queue_callback(self.flush_ready)
+                except RuntimeError:  # not inside a backward pass: the caller flushes
+                    pass
+                if self._ready_bytes[p.device] >= limit:
+                    self._flush_device(p.device)
+                return
+        self.step_param(p)
+        p.grad = None
+
+    @torch.no_grad()
+    def flush_ready(self) -> None:
+        """Steps every parameter that step_ready queued, and frees their gradients."""
+        for device in list(self._ready):
+            self._flush_device(device)
+
+    def _flush_device(self, device: torch.device) -> None:
+        entries = self._ready.pop(device, [])
+        self._ready_bytes.pop(device, None)
+        if not entries:
+            return
+        self._step_batch(device, entries, torch.cuda.current_stream(device).cuda_stream)
+        for p, _, _ in entries:
+            p.grad = None
 
     # ---- reporting and state ----
     def report(self) -> dict:

@@ -196,6 +196,8 @@ def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
     assert r.returncode == 2
     for step in (
         "build",
+        "wheel",
+        "checks",
         "tests",
         "bench-core",
         "bench-gdn",
