@@ -62,7 +62,7 @@ def role_engine(a) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     config = json.load(open(os.path.join(a.model, "config.json")))
-    plan = layout.plan(config, engine="vllm", tp_rank=a.rank, tp_size=a.tp)
+    plan = layout.plan(config, engine="vllm", tp_rank=a.rank, tp_size=int(a.tp))
     g = torch.Generator(device=device).manual_seed(a.rank)
     tensors = {}
     for e in plan["engine"]:
@@ -79,7 +79,7 @@ def role_engine(a) -> None:
         config=config,
         engine="vllm",
         tp_rank=a.rank,
-        tp_size=a.tp,
+        tp_size=int(a.tp),
         group=a.group,
     )
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -114,7 +114,7 @@ def role_trainer(a) -> None:
     times = []
     for _ in range(a.steps):
         t = time.perf_counter()
-        loss, ntok = trainer.step(examples)
+        loss, ntok, _ = trainer.step(examples)
         sync()
         times.append(time.perf_counter() - t)
     mem = allocator_stats(dev)

@@ -187,7 +187,10 @@ class Trainer:
             held = {region.name for region in self.weights}
         # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
         # trained; the checkpoint store carries them unchanged.
-        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - held)
+        try:
+            self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - held)
+        except _core.NotFoundError:  # no model files (an engine with random weights, --no-store): none to list
+            self.not_trained = []
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
