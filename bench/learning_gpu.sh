@@ -42,7 +42,9 @@ pack)
   # gguf reads the file; transformers needs accelerate (and accelerate psutil, an abi3 wheel) to load a GGUF:
   # all pure Python or abi3, so the copies installed here run on the GPU machine's CPython 3.12 too.
   mkdir -p "$stage/site" && cp "$gguf" "$stage/model.gguf"
-  for pkg in gguf accelerate psutil; do cp -r "$site/$pkg" "$stage/site/"; done
+  # With their .dist-info: transformers reads gguf's version from its metadata (without it, "N/A", and
+  # loading a GGUF fails on the GPU machine with InvalidVersion).
+  for pkg in gguf accelerate psutil; do cp -r "$site/$pkg" "$site/$pkg"-*.dist-info "$stage/site/"; done
   tar -cf "$stage/pieces.tar" -C "$stage" site model.gguf
   rm -rf .gpu-model && mkdir -p .gpu-model/part00 .gpu-model/part01
   sha256sum "$stage/pieces.tar" | cut -d' ' -f1 > .gpu-model/part00/pieces.sha256
