@@ -551,6 +551,18 @@ __device__ __forceinline__ void st8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// (w − base·s·g)·(1 − decay) as the CPU step computes it (apollo.cpp: update), each product and difference
+// rounded on its own. Written with plain operators, ptxas may fuse a product into the following difference
+// (an FFMA, one rounding fewer) or not, depending on the code around it: since the rounding-offset branch of
+// a sharded step sits in this loop, the PTX of update_many_kernel<bf16> has lanes 4 and 6's product and
+// difference in different blocks, and the batched step stopped matching the one-by-one step in the last bit
+// of some bf16 weights (test_optim: test_cuda_batched_step_equals_one_by_one). The _rn intrinsics are never
+// fused.
+__device__ __forceinline__ float updated(float w, float base, float sc, float g, float decay) {
+  const float x = __fsub_rn(w, __fmul_rn(__fmul_rn(base, sc), g));
+  return __fsub_rn(x, __fmul_rn(decay, x));
+}
+
 // ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
 // Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
 // loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
@@ -626,8 +638,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-          float x = wv[e] - base * sc * gv[e];
-          float nw = x - decay * x;
+          const float nw = updated(wv[e], base, sc, gv[e], decay);
           out[e] = to_weight(nw, wv[e], TW{}, rounding, offset(e), ok);
         }
         st8(w, out);
@@ -635,8 +646,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         for (int e = 0; e < 8 && j0 + e < cols; ++e) {
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
           float old = ld(w, e);
-          float x = old - base * sc * ld(g, e);
-          float nw = x - decay * x;
+          const float nw = updated(old, base, sc, ld(g, e), decay);
           w[e] = to_weight(nw, old, TW{}, rounding, offset(e), ok);
         }
       }
