@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
+# Tokens one training step may compute (rows × the longest row). Measured on the default model
+# (SmolLM2-135M, fp32, CPU, gradient checkpointing): the trainer's peak memory grows by about
+# MEASURED_MIB_PER_TOKEN per token of a step, so 4,096 tokens keep it near 1 GiB above its idle size
+# (bench/RESULTS.md, "Trainer memory per token"); issue #13's 8 × 1,050 tokens grew it past 5.6 GiB.
+DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 
@@ -53,6 +58,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job (APOLLO-Mini)")
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step")
     parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        metavar="N",
+        help="tokens one step may compute (examples × the longest, padding included): a job whose batches "
+        "would exceed it runs in smaller batches, or is refused with a 400 naming the limit when it set "
+        f"batch_size itself or one example is longer (default {DEFAULT_MAX_BATCH_TOKENS}, chosen from the "
+        "trainer's measured memory per token)",
+    )
+    parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
     )
     parser.add_argument("--queue-size", type=int, default=8, help="queued jobs before /train answers 429")
@@ -70,6 +85,8 @@ def check(ns: argparse.Namespace) -> str | None:
     """What is wrong with a combination of the options (None: nothing)."""
     if ns.checkpoint_every < 0:
         return "--checkpoint-every must be >= 0"
+    if ns.max_batch_tokens < 1:
+        return "--max-batch-tokens must be >= 1"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     return None
@@ -92,6 +109,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.lr),
         "--batch-size",
         str(ns.batch_size),
+        "--max-batch-tokens",
+        str(ns.max_batch_tokens),
         "--max-seq-len",
         str(ns.max_seq_len),
         "--queue-size",

@@ -22,8 +22,8 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
-from livetrain.trainer import options
-from livetrain.trainer.examples import parse_job
+from livetrain.trainer import admission, options
+from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -117,6 +117,8 @@ class Trainer:
         if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         self.lr, self.batch_size = s.lr, s.batch_size
+        self.max_batch_tokens = s.max_batch_tokens
+        self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -125,10 +127,20 @@ class Trainer:
         os.makedirs(s.state_dir, exist_ok=True)
         self.opt_path = os.path.join(s.state_dir, "optimizer.safetensors")
         self.meta_path = os.path.join(s.state_dir, "trainer.json")
-        saved_version = None
+        # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
+        # step may have used (written before the step: versions never repeat, whatever crashes when), and
+        # the engine the weights were trained on.
+        saved_version, reserved, engine = None, 0, None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
-                saved_version = int(json.load(f).get("weight_version", 0))
+                meta = json.load(f)
+            saved_version = int(meta.get("weight_version", 0))
+            reserved, engine = int(meta.get("reserved", 0)), meta.get("engine")
+        self.engine = dict(self.attached.manifest["owner"])
+        # The same engine still runs: only the trainer restarted (it died, and its launcher started it
+        # again). The engine serves the weights as the last trainer left them, not the store's head, and
+        # the state dir's optimizer state is the newest one of them.
+        same_engine = engine == self.engine
         # The engine serves the store's head generation (it restored it before exporting), so the optimizer
         # state recorded with that generation belongs to these weights; the state dir's is newer (training
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
@@ -137,7 +149,10 @@ class Trainer:
             self.store = checkpoint.open_store(model_dir, s.store)
             head = self.store.list()[-1]
         self.restored_from = None
-        if head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
+        if same_engine and os.path.exists(self.opt_path):
+            self.opt.load_state(self.opt_path, names=self.names)
+            self.restored_from = "state-dir"
+        elif not same_engine and head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
             self.opt.load_state(os.path.join(self.store.dir, head["optimizer_state"]), names=self.names)
             self.restored_from = f"generation {head['generation']}"
         elif os.path.exists(self.opt_path):
@@ -145,11 +160,17 @@ class Trainer:
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
-        # get a new version rather than a number that named other weights.
-        self.weight_version = saved_version or 0
-        if head is not None:
+        # get a new version rather than a number that named other weights; after a trainer-only restart,
+        # the steps the last trainer may have taken since its save make the weights new too.
+        top = max(saved_version or 0, reserved)
+        self.weight_version = top
+        if same_engine:
+            self.weight_version = top + 1 if reserved > (saved_version or 0) else top
+        elif head is not None:
             hv = head["weight_version"]
-            self.weight_version = self.weight_version + 1 if self.weight_version > hv else hv
+            self.weight_version = top + 1 if top > hv else hv
+        self.reserved = self.weight_version
+        self.state_version = saved_version or 0  # the version of the optimizer state in --state-dir
         self.saved_version = self.weight_version  # the version the store's head holds (see checkpoint_due)
         self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
@@ -173,14 +194,16 @@ class Trainer:
         self.closed = False  # set when the training thread takes no more of them
 
     # ---- requests (trainer.protocol); an Invalid raised here is answered 400 naming its field ----
-    def handle(self, op: str, body: bytes) -> Reply:
-        """One request: ``op`` and its body as the HTTP route received it."""
+    def handle(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
+        """One request: ``op`` and its body as the HTTP route received it (and its Idempotency-Key)."""
         if op == "version":  # what watchers poll: no copy of the job list
             return Reply(200, {"weight_version": self.weight_version})
         if op == "status":
             return Reply(200, self.status())
         if op == "submit":
-            return self.submit(parse_body(body, empty_ok=False))
+            job = parse_body(body, empty_ok=False)
+            key = admission.job_key(idempotency_key, job_id(job))
+            return self.retries.run(key, body, lambda: self.submit(job))
         if op in ("checkpoint", "checkpoints", "rollback"):
             if self.store is None:
                 return error(409, "this server has no checkpoint store (it was started with --no-store)")
@@ -239,14 +262,16 @@ class Trainer:
         )
 
     def submit(self, job: dict) -> Reply:
-        """Checks and tokenizes a /train body (``Invalid`` naming the field), then queues it."""
+        """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
+        per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
         if self.stopping.is_set():
             return error(503, "the trainer is shutting down")
         n = len(parsed["examples"])
-        bs = parsed.get("batch_size", self.batch_size)
+        asked = parsed.get("batch_size", self.batch_size)
+        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens)
         steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
-        jid = f"job-{uuid.uuid4().hex[:12]}"
+        jid = job_id(job) or f"job-{uuid.uuid4().hex[:12]}"
         info = {
             "id": jid,
             "state": "queued",
@@ -260,6 +285,8 @@ class Trainer:
             "submitted": time.time(),
         }
         with self.lock:
+            if jid in self.jobs:
+                return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
                 self.queue.put_nowait((jid, parsed))
             except queue.Full:
@@ -270,7 +297,14 @@ class Trainer:
                 if old is None:
                     break
                 del self.jobs[old]
-        return Reply(202, {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()})
+        reply = {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()}
+        if bs != asked:
+            reply["batch_size"] = bs
+            reply["split"] = (
+                f"batches of {bs} examples rather than {asked}, to stay within --max-batch-tokens "
+                f"{self.max_batch_tokens} tokens per step"
+            )
+        return Reply(202, reply)
 
     def status(self) -> dict:
         with self.lock:
@@ -351,11 +385,13 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
+        self.reserve(self.weight_version + 1)  # before the weights change
         self.store.restore(generation, self.weights)
         self.opt.reset_state()
         if gen["optimizer_state"]:
             self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
         steps = self._optimizer_steps()
+        self.reserve(self.weight_version + 1)
         with self.lock:
             self.weight_version += 1
             self.opt_steps = steps
@@ -436,6 +472,7 @@ class Trainer:
                 if self.stopping.is_set():
                     raise RuntimeError("stopped by shutdown")
                 batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
+                self.reserve(self.weight_version + 1)  # before the step writes the weights
                 t0 = time.perf_counter()
                 loss, ntok = self.step(batch)
                 dt = time.perf_counter() - t0
@@ -461,7 +498,20 @@ class Trainer:
         """Optimizer state and weight version, each replaced crash-safely by the core (temp file, fsync,
         rename, fsync of the directory)."""
         self.opt.save_state(self.opt_path, names=self.names)
-        _core.write_file_atomic(self.meta_path, json.dumps({"weight_version": self.weight_version}).encode())
+        self.state_version = self.weight_version
+        self._write_meta()
+
+    def reserve(self, version: int) -> None:
+        """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
+        killed at any instant restarts above every version it handed out (issue #13: after a SIGKILL
+        mid-job the version went from 10 back to 8)."""
+        if version > self.reserved:
+            self.reserved = version
+            self._write_meta()
+
+    def _write_meta(self) -> None:
+        meta = {"weight_version": self.state_version, "reserved": self.reserved, "engine": self.engine}
+        _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
 
     def run(self) -> None:
         while not self.stopping.is_set():
