@@ -128,6 +128,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[_Row] = []
+        self._admitting = 0  # taken from the queue, being prefilled: neither waiting nor a row yet
         self._cache = None
         self._length = 0  # the cache's sequence length (the longest row plus the padding of the others)
         self._stop = False
@@ -151,7 +152,7 @@ class Scheduler:
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is shutting down")
-            if len(self._waiting) + len(self._rows) >= self.max_batch + self.max_queue:
+            if len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_queue:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(seq)
             self._cond.notify()
@@ -194,14 +195,18 @@ class Scheduler:
                 admit = []
                 while self._waiting and len(self._rows) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
+                self._admitting = len(admit)
             for seq in admit:
-                if seq.cancelled:
-                    seq.emit(None, "cancelled")
-                    continue
                 try:
-                    self._prefill(seq)
+                    if seq.cancelled:
+                        seq.emit(None, "cancelled")
+                    else:
+                        self._prefill(seq)
                 except Exception as e:  # this request alone: the batch goes on
                     seq.emit(None, "error", f"{type(e).__name__}: {e}")
+                finally:
+                    with self._cond:
+                        self._admitting -= 1
             if self._rows:
                 try:
                     self._decode()

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from livetrain.trainer import protocol
 
 DEFAULT_MAX_BODY_MIB = 16
+# How much of an oversized body is read and dropped so the client can read its 413 (see read_body).
+DRAIN_BYTES = 64 << 20
 # Methods that change something: they need the same-origin checks below.
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 API_KEY_ENV = "LIVETRAIN_API_KEY"
@@ -34,17 +36,25 @@ class TooLarge(ValueError):
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The body of a Starlette request, refused (``TooLarge``) as soon as it is known to exceed ``limit``
-    bytes: from Content-Length before reading, else while it streams in, so a huge body is never held."""
+    """The body of a Starlette request, refused (``TooLarge``) once it is known to exceed ``limit`` bytes,
+    never held beyond it. The rest of an oversized body is read and dropped (up to ``DRAIN_BYTES`` more)
+    before the 413 goes out: a client still sending when the server answers and closes gets a broken pipe
+    instead of the answer (urllib, requests). Beyond that the connection is simply closed."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+    declared = int(declared) if declared is not None and declared.strip().isdigit() else None
+    if declared is not None and declared > limit + DRAIN_BYTES:
         raise TooLarge(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
+        if size > limit + DRAIN_BYTES:
             raise TooLarge(limit)
+        if size > limit or (declared is not None and declared > limit):
+            chunks = []  # draining
+            continue
         chunks.append(chunk)
+    if size > limit or (declared is not None and declared > limit):
+        raise TooLarge(limit)
     return b"".join(chunks)
 
 
