@@ -149,6 +149,19 @@ def _field(body: dict, name: str, types, default=None, check=None, what: str = "
     return v
 
 
+def stream_mode(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage): ``stream_options.include_usage`` (OpenAI's) adds a last chunk with the
+    token counts to a stream."""
+    stream = _field(body, "stream", bool, False, None, "true or false")
+    opts = _field(body, "stream_options", dict, {}, None, "an object")
+    if opts and not stream:
+        raise Invalid("stream_options", "stream_options is only allowed with stream: true")
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise Invalid("stream_options.include_usage", "stream_options.include_usage must be true or false")
+    return stream, usage
+
+
 def sampling_params(body: dict, default_max: int) -> dict:
     stop = body.get("stop")
     if stop is None:
@@ -211,7 +224,7 @@ def build_app(
     async def too_large(request: Request, e: guard.TooLarge):
         return routes.json_response(e.reply())
 
-    async def completion(kind: str, ids: list[int], params: dict, stream: bool):
+    async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
         if len(ids) + params["max_tokens"] > engine.max_len:
             raise Invalid(
                 "max_tokens",
@@ -252,7 +265,11 @@ def build_app(
                 return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
-        if stream:
+        def usage() -> dict:
+            n = text.tokens
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        if stream[0]:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
             async def events_sse():
@@ -260,6 +277,8 @@ def build_app(
                     async for delta, finish in pieces():
                         chunk = {**base, "object": obj, "choices": [choice(delta, finish, True)]}
                         yield f"data: {json.dumps(chunk)}\n\n"
+                    if stream[1]:
+                        yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
                 except RuntimeError as e:
                     yield f"data: {json.dumps(protocol.error(500, f'generation failed: {e}').body)}\n\n"
                 yield "data: [DONE]\n\n"
@@ -271,14 +290,12 @@ def build_app(
                 parts.append(delta)
         except RuntimeError as e:
             return routes.json_response(protocol.error(500, f"generation failed: {e}"))
-        n = text.tokens
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
         return JSONResponse(
             {
                 **base,
                 "object": "chat.completion" if kind == "chat" else "text_completion",
                 "choices": [choice("".join(parts), finish, False)],
-                "usage": usage,
+                "usage": usage(),
             }
         )
 
@@ -287,7 +304,7 @@ def build_app(
         body = await json_body(request)
         prompt = parse_prompt(body)
         params = sampling_params(body, 16)
-        stream = _field(body, "stream", bool, False, None, "true or false")
+        stream = stream_mode(body)
         ids = await run_in_threadpool(engine.encode_prompt, prompt)
         return await completion("text", ids, params, stream)
 
@@ -295,9 +312,9 @@ def build_app(
     async def chat_completions(request: Request):
         body = await json_body(request)
         messages = check_messages(body.get("messages"))
+        stream = stream_mode(body)
         ids = await run_in_threadpool(engine.encode_chat, messages)
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
-        stream = _field(body, "stream", bool, False, None, "true or false")
         return await completion("chat", ids, params, stream)
 
     @app.get("/v1/models")
