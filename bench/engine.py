@@ -9,7 +9,11 @@ lengths) for ``--seconds`` after a warm-up. Aggregate completion tokens/s = the 
 of every answer that arrived inside the window, over the window. A fraction ``--stream`` of the clients
 stream their answers (SSE), the rest do not.
 
-usage: python bench/engine.py [--model default|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
+``--model random`` (for machines without the default model's file): a SmolLM2-135M-shaped Llama (hidden 576,
+30 layers, 9 heads, 3 KV heads, intermediate 1536) with random bf16 weights and a word-level tokenizer over
+this file's words (tests/python/tiny_model.py), written to a temporary directory.
+
+usage: python bench/engine.py [--model default|random|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
                               [--batches 1,16] [--seconds 20] [--max-tokens 32] [--stream 0.33]
 Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json.
 """
@@ -166,9 +170,31 @@ def measure(url: str, clients: int, a) -> dict:
     }
 
 
+def random_model(path: str) -> str:
+    """A SmolLM2-135M-shaped model with random weights under ``path`` (see the module's docstring)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+    import tiny_model
+
+    tiny_model.make_model_dir(
+        path,
+        [" ".join(WORDS)],
+        intermediate_size=1536,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+    )
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default", help="model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model directory, 'default' (SmolLM2-135M-Instruct) or 'random' (its shape, random weights)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
@@ -177,14 +203,16 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--stream", type=float, default=1 / 3, help="fraction of clients that stream (default a third)")
     a = p.parse_args()
-    if a.model == "default":
-        from livetrain import default_model
-
-        a.model = default_model.resolve("default", a.dtype)
     clients = [int(c) for c in a.clients.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        if a.model == "default":
+            from livetrain import default_model
+
+            a.model = default_model.resolve("default", a.dtype)
+        elif a.model == "random":
+            a.model = random_model(os.path.join(tmp, "random-smollm2-135m"))
         for batch in batches:
             engine = Engine(a, batch, tmp)
             try:

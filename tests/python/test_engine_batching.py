@@ -272,3 +272,25 @@ def test_cross_site_requests_are_refused_without_a_key(server):
     assert post("/train", {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": "evil.example"}) == 403
     assert post("/rollback", {"Content-Type": "application/json", "Host": "rebound.example:80"}) == 403
     assert post("/v1/completions", {"Content-Type": "application/json", "Origin": server.url}) == 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path):
+    # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
+    # decoded alone by the same engine with --max-batch 1.
+    n = 12
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", store=False, max_batch=1)
+    try:
+        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
+    finally:
+        alone.close()
+    engine = Engine(str(model_dir), str(tmp_path / "m.json"), "cuda", store=False, max_batch=8)
+    try:
+        got = concurrently(
+            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
+            [(p,) for p in PROMPTS],
+        )
+        assert engine.scheduler.load()["peak_batch"] >= 2
+    finally:
+        engine.close()
+    assert got == want
