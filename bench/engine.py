@@ -4,9 +4,9 @@ what the engine did before batching: one request decoded alone, the next waiting
 
 Each variant is a real engine process (``python -m livetrain.engines.reference``: the shared-memory or
 CUDA IPC export, the HTTP app, the scheduler) on the same model; clients are threads of this process,
-each sending greedy /v1/completions one after the other (every client its own prompts, of different
-lengths) for ``--seconds`` after a warm-up. Aggregate completion tokens/s = the ``usage.completion_tokens``
-of every answer that arrived inside the window, over the window. A fraction ``--stream`` of the clients
+each sending ``--requests`` greedy /v1/completions one after the other (every client its own prompts, of
+different lengths) after a warm-up. Aggregate completion tokens/s = the ``usage.completion_tokens`` of
+every answer, over the time from the first request to the last answer. A fraction ``--stream`` of the clients
 stream their answers (SSE), the rest do not.
 
 ``--model random`` (for machines without the default model's file): a SmolLM2-135M-shaped Llama (hidden 576,
@@ -14,7 +14,7 @@ stream their answers (SSE), the rest do not.
 this file's words (tests/python/tiny_model.py), written to a temporary directory.
 
 usage: python bench/engine.py [--model default|random|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
-                              [--batches 1,16] [--seconds 20] [--max-tokens 32] [--stream 0.33]
+                              [--batches 1,16] [--requests 8] [--max-tokens 32] [--stream 0.33]
 Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json.
 """
 
@@ -117,27 +117,24 @@ class Engine:
 
 
 def measure(url: str, clients: int, a) -> dict:
-    """Aggregate completion tokens/s of ``clients`` threads over ``a.seconds``."""
+    """Aggregate completion tokens/s of ``clients`` threads sending ``a.requests`` requests each: every
+    token answered over the time from the first request to the last answer (a fixed amount of work, so a
+    slow step cannot leave a window without finished requests)."""
     lock = threading.Lock()
     tokens, answers, errors, latencies = [0], [0], [], []
-    start = time.monotonic() + 0.5  # every thread started
-    end = start + a.seconds
     n_stream = round(clients * a.stream) if clients > 1 else 0
+    go = threading.Event()
 
     def client(c: int):
-        i = 0
-        while time.monotonic() < start:
-            time.sleep(0.01)
-        while True:
+        go.wait()
+        for i in range(a.requests):
             t0 = time.monotonic()
-            if t0 >= end:
-                return
             body = {"prompt": prompt(c, i), "max_tokens": a.max_tokens, "temperature": 0}
             try:
                 if c < n_stream:
-                    n = streamed(url, body, 600)
+                    n = streamed(url, body, 3600)
                 else:
-                    code, reply = http(url + "/v1/completions", body, timeout=600)
+                    code, reply = http(url + "/v1/completions", body, timeout=3600)
                     if code != 200:
                         raise RuntimeError(f"HTTP {code}: {reply}")
                     n = reply["usage"]["completion_tokens"]
@@ -145,26 +142,27 @@ def measure(url: str, clients: int, a) -> dict:
                 with lock:
                     errors.append(repr(e)[:200])
                 return
-            t1 = time.monotonic()
-            if t1 <= end:
-                with lock:
-                    tokens[0] += n
-                    answers[0] += 1
-                    latencies.append(t1 - t0)
-            i += 1
+            with lock:
+                tokens[0] += n
+                answers[0] += 1
+                latencies.append(time.monotonic() - t0)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    t0 = time.monotonic()
+    go.set()
     for t in threads:
         t.join()
+    elapsed = time.monotonic() - t0
     latencies.sort()
     return {
         "clients": clients,
         "streaming": n_stream,
         "answers": answers[0],
         "tokens": tokens[0],
-        "tokens_per_s": tokens[0] / a.seconds,
+        "seconds": elapsed,
+        "tokens_per_s": tokens[0] / elapsed,
         "p50_s": latencies[len(latencies) // 2] if latencies else None,
         "errors": errors,
     }
@@ -199,7 +197,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--batches", default="1,16", help="comma-separated --max-batch values (1: one at a time)")
-    p.add_argument("--seconds", type=float, default=20.0, help="measuring window per row")
+    p.add_argument("--requests", type=int, default=8, help="requests per client in each row")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--stream", type=float, default=1 / 3, help="fraction of clients that stream (default a third)")
     a = p.parse_args()
@@ -227,19 +225,19 @@ def main() -> int:
     base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
     lines = [
         f"Reference engine, {os.path.basename(os.path.normpath(a.model))} {a.dtype} on {a.device}, greedy, "
-        f"{a.max_tokens} completion tokens per request, {a.seconds:.0f} s per row, a fraction {a.stream:.2f} of "
-        "the clients streaming",
+        f"{a.max_tokens} completion tokens per request, {a.requests} requests per client, a fraction "
+        f"{a.stream:.2f} of the clients streaming",
         "",
-        "| --max-batch | clients (streaming) | answers | completion tokens/s | p50 latency s | vs one at a time | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| --max-batch | clients (streaming) | answers | seconds | completion tokens/s | p50 latency s | vs one at a time | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["tokens_per_s"] / base[r["clients"]] if base.get(r["clients"]) else None
         lines.append(
-            f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | {r['answers']} | {r['tokens_per_s']:.1f} | "
+            f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | {r['answers']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
             f"{r['p50_s']:.2f} | {f'{ratio:.2f}x' if ratio else '-'} | {len(r['errors'])} |"
             if r["p50_s"] is not None
-            else f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | 0 | 0 | - | - | {len(r['errors'])} |"
+            else f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | 0 | - | 0 | - | - | {len(r['errors'])} |"
         )
     table = "\n".join(lines)
     print(table)
