@@ -152,6 +152,9 @@ def test_files_are_private(server):
     assert any(p.name == "trainer.json" for p in files)
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, (p, oct(p.stat().st_mode))
+    # The key is on no command line (ps shows those to every local user).
+    for pid in [server.p.pid, *children(server.p.pid)]:
+        assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_planted_run_dirs_and_readable_key_files_are_refused(model_dir, tmp_path):
@@ -191,7 +194,7 @@ def test_planted_run_dirs_and_readable_key_files_are_refused(model_dir, tmp_path
 def test_an_engine_killed_leaves_no_shared_memory(model_dir, tmp_path):
     # Regression test for issue #13: after a SIGKILL of the engine the supervisor deleted the manifest, and
     # the segment it named (as large as the model) stayed in /dev/shm for good.
-    s = serve(model_dir, tmp_path)
+    s = serve(model_dir, tmp_path, "--store", str(tmp_path / "store"))  # the module's server holds the model's
     s.base = tmp_path
     import json
 
@@ -199,7 +202,7 @@ def test_an_engine_killed_leaves_no_shared_memory(model_dir, tmp_path):
     segments = ["/dev/shm/" + b["name"].lstrip("/") for b in m["buffers"] if b["kind"] == "shm"]
     assert segments and all(os.path.exists(p) for p in segments)
     os.kill(m["owner"]["pid"], signal.SIGKILL)
-    assert s.p.wait(120) != 0
+    assert s.p.wait(300) != 0
     s.log.close()
     assert not [p for p in segments if os.path.exists(p)], Path(s.log.name).read_text()[-2000:]
     assert "removed the engine's shared memory" in Path(s.log.name).read_text()
