@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
-# Tokens one training step may compute (rows × the longest row). Measured on the default model
-# (SmolLM2-135M, fp32, CPU, gradient checkpointing): the trainer's peak memory grows by about
-# MEASURED_MIB_PER_TOKEN per token of a step, so 4,096 tokens keep it near 1 GiB above its idle size
-# (bench/RESULTS.md, "Trainer memory per token"); issue #13's 8 × 1,050 tokens grew it past 5.6 GiB.
+# Tokens one training step may compute (rows × the longest row). Not yet measured per token: chosen from
+# the review of issue #13, where a step of 8 × 1,050 tokens (8,400) on the default model grew the CPU
+# trainer past 5.6 GiB, so about half that stays well inside a few GiB; the idle trainer of the default
+# model is ~0.4 GiB resident and one step of ~150 tokens raised its peak to ~0.85 GiB (first step,
+# optimizer state included; measured on the shared CPU machine, 2026-11-30).
 DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
@@ -64,8 +65,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tokens one step may compute (examples × the longest, padding included): a job whose batches "
         "would exceed it runs in smaller batches, or is refused with a 400 naming the limit when it set "
-        f"batch_size itself or one example is longer (default {DEFAULT_MAX_BATCH_TOKENS}, chosen from the "
-        "trainer's measured memory per token)",
+        f"batch_size itself or one example is longer (default {DEFAULT_MAX_BATCH_TOKENS}: about half the step "
+        "that made the default model's CPU trainer grow past 5.6 GiB)",
     )
     parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
