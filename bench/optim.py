@@ -6,7 +6,15 @@
 All parameters and gradients are bf16 (the serving dtype). The floor uses the device-to-device copy
 bandwidth measured in the same run. Prints a table; --json FILE also writes the numbers.
 
+--sweep instead times livetrain's APOLLO-Mini step under a grid of launch settings (the internal tuning
+knobs, docs/tuning.md) on the 8B and 27B matrix sets ("27b": Qwen3.5-27B's text model), one table per set,
+each row against the floor of the same run and against the H100-tuned shapes that shipped before, every
+setting checked against those on a smaller set of the same shapes (bit-identical, or the relative
+difference of the weights' change), then the settings that won combined, and the one-by-one path the
+trainer's backward hooks take (with the host time it spends per matrix), including the one-kernel step.
+
 usage: python bench/optim.py [--sizes 1b,8b] [--steps 10] [--json out.json]
+       python bench/optim.py --sweep [--sizes 8b,27b] [--steps 5] [--json out.json]
 """
 
 import argparse
@@ -24,8 +32,34 @@ from livetrain.optim import Apollo, ApolloMini  # noqa: E402
 # (hidden, intermediate, layers, kv_dim, vocab): Llama-3.2-1B and Llama-3.1-8B.
 SIZES = {"1b": (2048, 8192, 16, 512, 128256), "8b": (4096, 14336, 32, 1024, 128256)}
 
+# Qwen3.5-27B's text model (Qwen/Qwen3.5-27B config.json, text_config): hidden 5120, 64 layers, every 4th
+# full attention (24 heads of 256 with an output gate, 4 KV heads), the others Gated DeltaNet (16 key and
+# 48 value heads of 128), MLP 17408, vocabulary 248320, untied.
+QWEN35_27B = dict(hidden=5120, layers=64, interval=4, heads=24, kv_heads=4, head_dim=256, lin_k_heads=16,
+                  lin_v_heads=48, lin_head_dim=128, inter=17408, vocab=248320)
+
+
+def qwen35_27b_shapes(embeddings: bool):
+    """The 2-D weights of Qwen3.5-27B's text model, in model order (APOLLO's matrices)."""
+    c = QWEN35_27B
+    h, hd, ld = c["hidden"], c["head_dim"], c["lin_head_dim"]
+    out = [(c["vocab"], h)] if embeddings else []
+    for layer in range(c["layers"]):
+        if layer % c["interval"] == c["interval"] - 1:  # full attention
+            out += [(2 * c["heads"] * hd, h), (c["kv_heads"] * hd, h), (c["kv_heads"] * hd, h), (h, c["heads"] * hd)]
+        else:  # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
+            qkv = 2 * c["lin_k_heads"] * ld + c["lin_v_heads"] * ld
+            out += [(qkv, h), (c["lin_v_heads"] * ld, h), (c["lin_v_heads"], h), (c["lin_v_heads"], h),
+                    (h, c["lin_v_heads"] * ld)]
+        out += [(c["inter"], h), (c["inter"], h), (h, c["inter"])]
+    if embeddings:
+        out.append((c["vocab"], h))
+    return out
+
 
 def shapes(size: str, embeddings: bool):
+    if size == "27b":
+        return qwen35_27b_shapes(embeddings)
     h, inter, layers, kv, vocab = SIZES[size]
     per_layer = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
     out = per_layer * layers
@@ -129,10 +163,10 @@ def time_steps(opt, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run(size: str, steps: int, bw: float, methods: list[str]) -> list[dict]:
+def run(size: str, steps: int, bw: float, methods: list[str], embeddings: bool = False) -> list[dict]:
     torch.manual_seed(0)
     params = []
-    for r, c in shapes(size, embeddings=False):
+    for r, c in shapes(size, embeddings=embeddings):
         p = torch.nn.Parameter((torch.randn(r, c, device="cuda") * 0.02).to(torch.bfloat16))
         p.grad = (torch.randn(r, c, device="cuda") * 1e-3).to(torch.bfloat16)
         params.append(p)
@@ -196,10 +230,198 @@ def profile(size: str) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
+# ---- --sweep: the APOLLO-Mini step under launch settings (internal tuning knobs) ----
+# (family, label, knobs); the first is the reference the others are compared with (the H100-tuned shapes
+# that shipped before the first H200 sweep), the second the shipped defaults. A family's best setting
+# joins the combination measured at the end. Only what the first H200 sweep left undecided is here
+# (docs/tuning.md has its numbers); the one-matrix-at-a-time rows follow.
+H100_SHAPES = {"apollo.split_projection": 0, "apollo.tall_loads": 4, "apollo.wide_loads": 4}
+SWEEP_GRID = [
+    ("before", "H100-tuned shapes (the defaults before)", H100_SHAPES),
+    ("shipped", "shipped defaults", {}),
+    ("tall", "tall rows 1, loads 4", {"apollo.tall_rows": 1, "apollo.tall_loads": 4}),
+    ("update", "update 128 threads", {"apollo.update_threads": 128}),
+    ("update", "update 8 blocks/SM", {"apollo.update_blocks_per_sm": 8}),
+    ("launch", "2 streams", {"apollo.streams": 2}),
+]
+# The path the trainer's backward hooks take: one launch sequence (or one kernel) per matrix.
+HOOK_GRID = [
+    ("H100-tuned shapes, one matrix at a time", H100_SHAPES),
+    ("shipped, one matrix at a time", {}),
+    ("one kernel per matrix (fused step), one at a time", {"apollo.fused_step": 1}),
+]
+
+
+def set_knobs(knobs: dict) -> None:
+    from livetrain import _core
+
+    _core.tuning_reset()
+    for name, value in knobs.items():
+        _core.tuning_set(name, value)
+
+
+def knob_text(knobs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+
+
+def make_params(shape_list, seed: int):
+    torch.manual_seed(seed)
+    params = []
+    for r, c in shape_list:
+        p = torch.nn.Parameter((torch.randn(r, c, device="cuda") * 0.02).to(torch.bfloat16))
+        p.grad = (torch.randn(r, c, device="cuda") * 1e-3).to(torch.bfloat16)
+        params.append(p)
+    return params
+
+
+class SweepCheck:
+    """A few matrices of the set's shapes (one of each kind, capped in size), stepped twice from the same
+    start under each setting; compared with the shipped setting's result."""
+
+    def __init__(self, shape_list):
+        picked, seen = [], set()
+        for r, c in shape_list:
+            kind = (r >= c, c % 8 == 0, min(r, c) < 64)
+            if kind not in seen and r * c <= 120_000_000:
+                seen.add(kind)
+                picked.append((r, c))
+        self.params = make_params(picked, seed=1)
+        self.w0 = [p.detach().clone() for p in self.params]
+        self.reference = None
+
+    def run(self, one_by_one: bool = False):
+        for p, w in zip(self.params, self.w0):
+            p.data.copy_(w)
+        opt = ApolloMini(self.params, lr=1e-3, seed=3)
+        for _ in range(2):
+            if one_by_one:
+                for p in self.params:
+                    opt.step_param(p)
+            else:
+                opt.step()
+        torch.cuda.synchronize()
+        out = [p.detach().clone() for p in self.params]
+        del opt
+        return out
+
+    def compare(self, result) -> str:
+        if self.reference is None:
+            self.reference = result
+            return "reference"
+        if all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(result, self.reference)):
+            return "bit-identical"
+        num = den = 0.0
+        for a, b, w in zip(result, self.reference, self.w0):
+            da, db = (a.float() - w.float()), (b.float() - w.float())
+            num += float(((da - db) ** 2).sum())
+            den += float((db ** 2).sum())
+        rel = math.sqrt(num / den) if den else float("inf")
+        return f"rel. diff {rel:.1e}" + (" FAILED" if not rel < 1e-2 else "")
+
+
+def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda rows: None) -> list[dict]:
+    """The sweep on one matrix set; on_row(rows so far) after each setting (the caller saves them, so a run
+    cut short keeps what it measured)."""
+    shape_list = shapes(size, embeddings)
+    params = make_params(shape_list, seed=0)
+    n = sum(p.numel() for p in params)
+    floor_ms = 8 * n / bw * 1e3
+    check = SweepCheck(shape_list)
+    print(f"\n== sweep {size}: {len(params)} matrices, {n / 1e9:.2f}B parameters, floor {floor_ms:.2f} ms "
+          f"(embeddings {'in' if embeddings else 'out'})", flush=True)
+    rows = []
+
+    def measure(family: str, label: str, knobs: dict, one_by_one: bool = False) -> dict:
+        row = {"size": size, "params": n, "family": family, "setting": label, "knobs": knobs, "floor_ms": floor_ms}
+        try:
+            set_knobs(knobs)
+            row["check"] = check.compare(check.run(one_by_one))
+            opt = ApolloMini(params, lr=1e-3)
+            host = []
+            if one_by_one:
+                class OneByOne:  # what the backward hooks do: one launch sequence per matrix
+                    def step(self_inner):
+                        t0 = time.perf_counter()
+                        for p in params:
+                            opt.step_param(p)
+                        host.append(time.perf_counter() - t0)
+                ms = time_steps(OneByOne(), steps)
+                # Host time to issue one matrix's step (Python + binding + launches): when it exceeds the
+                # GPU time of the small matrices, the GPU waits for the host.
+                row["host_us_per_matrix"] = sorted(host)[len(host) // 2] / len(params) * 1e6
+            else:
+                ms = time_steps(opt, steps)
+            row.update(step_ms=ms, x_floor=ms / floor_ms)
+            del opt
+        except Exception as e:  # a failing setting is reported and the sweep goes on
+            row.update(step_ms=None, x_floor=None, error=f"{type(e).__name__}: {e}"[:200])
+        finally:
+            torch.cuda.empty_cache()
+        shown = f"{row['step_ms']:.2f} ms ({row['x_floor']:.2f}x floor)" if row.get("step_ms") else row.get("error")
+        if row.get("host_us_per_matrix"):
+            shown += f", host {row['host_us_per_matrix']:.1f} us per matrix"
+        print(f"  {size} {label}: {shown}; {row.get('check', '-')}", flush=True)
+        rows.append(row)
+        on_row(rows)
+        return row
+
+    for family, label, knobs in SWEEP_GRID:
+        measure(family, label, knobs)
+    shipped = rows[1]["step_ms"] or float("inf")
+    best = {}
+    for r in rows[2:]:
+        ok = r.get("step_ms") and "FAILED" not in r.get("check", "")
+        if ok and r["step_ms"] < 0.99 * shipped and (r["family"] not in best or r["step_ms"] < best[r["family"]]["step_ms"]):
+            best[r["family"]] = r
+    combined = {}
+    for r in best.values():
+        combined.update(r["knobs"])
+    if len(best) > 1:
+        measure("combined", "best of each family combined", combined)
+    for label, knobs in HOOK_GRID:
+        measure("hooks", label, knobs, one_by_one=True)
+    if combined:
+        measure("hooks", "combined, one matrix at a time", combined, one_by_one=True)
+    set_knobs({})
+    del params, check
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    for size in dict.fromkeys(r["size"] for r in rows):
+        mine = [r for r in rows if r["size"] == size]
+        before = mine[0].get("step_ms")
+        print(f"\n### APOLLO-Mini step, {size} ({mine[0]['params'] / 1e9:.2f}B parameters), floor {mine[0]['floor_ms']:.2f} ms\n")
+        print("| setting | knobs | step ms | × floor | vs H100-tuned | host µs / matrix | check |")
+        print("|---|---|---:|---:|---:|---:|---|")
+        for r in mine:
+            host = f"{r['host_us_per_matrix']:.1f}" if r.get("host_us_per_matrix") else "-"
+            if r.get("step_ms"):
+                vs = f"{before / r['step_ms']:.2f}x" if before else "-"
+                print(f"| {r['setting']} | {knob_text(r['knobs'])} | {r['step_ms']:.2f} | {r['x_floor']:.2f} | {vs} | {host} | "
+                      f"{r.get('check', '-')} |")
+            else:
+                print(f"| {r['setting']} | {knob_text(r['knobs'])} | - | - | - | - | {r.get('error', 'failed')} |")
+        good = [r for r in mine if r.get("step_ms") and r["family"] != "hooks" and "FAILED" not in r.get("check", "")]
+        if good:
+            b = min(good, key=lambda r: r["step_ms"])
+            shipped = next((r for r in mine if r["family"] == "shipped"), mine[0])
+            print(f"\nbest ({size}): {b['setting']} [{knob_text(b['knobs'])}]: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor "
+                  f"(shipped {shipped.get('x_floor') or float('nan'):.2f}x; target <= 1.3x)")
+        hooks = [r for r in mine if r.get("step_ms") and r["family"] == "hooks"]
+        if hooks:
+            b = min(hooks, key=lambda r: r["step_ms"])
+            print(f"best one matrix at a time ({size}): {b['setting']}: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1b,8b")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sizes", default=None, help="matrix sets: 1b, 8b, 27b (default 1b,8b; with --sweep 8b,27b)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per row, median taken (default 10; --sweep 5)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time livetrain APOLLO-Mini under a grid of launch settings (internal tuning knobs) instead")
+    ap.add_argument("--embeddings", action="store_true", help="include the embedding and output matrices in the sets")
     ap.add_argument("--json")
     ap.add_argument(
         "--profile",
@@ -211,13 +433,31 @@ def main() -> None:
         default="livetrain APOLLO-Mini,livetrain APOLLO r256,PyTorch APOLLO-Mini (official style),torch AdamW fused",
     )
     a = ap.parse_args()
+    sizes = (a.sizes or ("8b,27b" if a.sweep else "1b,8b")).split(",")
+    for size in sizes:
+        if size not in SIZES and size != "27b":
+            ap.error(f"--sizes: unknown set {size!r} (1b, 8b, 27b)")
+    steps = a.steps or (5 if a.sweep else 10)
     if not torch.cuda.is_available():
         sys.exit("bench/optim.py needs a CUDA GPU")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
+    if a.sweep:
+        rows = []
+
+        def save(partial: list) -> None:
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows + partial}, f, indent=2)
+
+        for size in sizes:
+            rows += sweep_set(size, steps, bw, a.embeddings, on_row=save)
+        save([])
+        print_sweep(rows)
+        return
     rows = []
-    for size in a.sizes.split(","):
-        rows += run(size, a.steps, bw, a.methods.split(","))
+    for size in sizes:
+        rows += run(size, steps, bw, a.methods.split(","), a.embeddings)
         if a.profile:
             profile(size)
     print()

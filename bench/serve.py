@@ -3,8 +3,10 @@ plain Hugging Face training loop with torch.optim.AdamW, and the engine's comple
 without a concurrent training job.
 
 The model is Qwen3-8B-shaped (hidden 4096, 36 layers, 32 heads, 8 KV heads, head_dim 128, intermediate
-12288, vocab 151936, untied) with random bf16 weights. Each variant runs in its own process, so that no
-peak mixes with another:
+12288, vocab 151936, untied), or with --size qwen3.5-27b Qwen3.5-27B's text model (64 layers, three Gated
+DeltaNet layers to one gated full-attention layer, hidden 5120, vocab 248320; 54 GB), with random bf16
+weights made on the GPU (transformers' init, on the device). Each variant runs in its own process, so that
+no peak mixes with another:
 
   engine   livetrain's reference engine (livetrain.engines.reference.Engine, exported with export_cuda: CUDA IPC,
            or export_cpu), serving /v1/completions over HTTP (build_app + uvicorn) when fastapi and
@@ -12,11 +14,18 @@ peak mixes with another:
            replaced is the engine's from_pretrained (by from_config), so no 16 GB file is written or read.
   trainer  livetrain.trainer.service.Trainer as `livetrain serve` runs it: attach through the manifest,
            build_hf_model on the views, gradient checkpointing, APOLLO-Mini stepped from backward hooks.
-           It steps one example of --tokens tokens (a prompt/completion pair tokenized by the trainer's
-           own parse_job) directly, then serves its job socket; the concurrent job is a real POST /train.
+           It steps one example of each --tokens length (a prompt/completion pair tokenized by the
+           trainer's own parse_job) directly, then serves its job socket; the concurrent job is a real
+           POST /train. With --checkpoint the engine first writes the weights as the model's files and
+           creates its checkpoint store, and the trainer times its saves: the first after opening the store
+           (page-locks its host copy), and one after exactly one step, against the floor (the largest of
+           the GPU scan, the delta over PCIe and the delta to disk at bandwidths measured in the run).
+           On a GPU it then times an APOLLO-Mini step over every trained parameter against its floor
+           (8 bytes per parameter at the measured device copy bandwidth).
   adamw    the same model (from_config, bf16) in a plain HF loop: gradient checkpointing, loss from
            `labels`, torch.optim.AdamW (fused on CUDA; its states are bf16 like the weights), one process,
-           no engine on the GPU. An out-of-memory error is caught and reported.
+           no engine on the GPU. An out-of-memory error is caught and reported. Not run for 27B (four
+           copies of 54 GB do not fit one GPU).
 
 Memory of a training process beyond the weights = its peak reserved by PyTorch's caching allocator
 (max_memory_reserved) + its CUDA context (and anything else allocated outside the allocator), minus the
@@ -28,8 +37,9 @@ Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-to
 --gen-seconds after one warm-up request; with training, the window starts after the job's first step and
 training tokens/s counts the steps that ran entirely inside it.
 
-usage: python bench/serve.py [--size 8b|tiny] [--device cuda|cpu] [--layers 36,8] [--tokens 2048]
-                             [--client auto|http|inproc] [--json out.json]
+usage: python bench/serve.py [--size 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
+                             [--tokens 2048[,8192]] [--checkpoint] [--dir DIR] [--client auto|http|inproc]
+                             [--json out.json]
 Prints a markdown table; with $OUT set also writes $OUT/serve.md and $OUT/serve.json.
 """
 
@@ -68,10 +78,57 @@ SHAPES = {
         "tiny": (64, 2, 4, 2, 16, 128, 512, 4096),
     }.items()
 }
-DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1"}
+# Qwen/Qwen3.5-27B's text model (its config.json's text_config, model_type qwen3_5_text): every 4th layer
+# full attention with an output gate, the others Gated DeltaNet; ~26.9B parameters, ~54 GB in bf16.
+_QWEN35 = dict(
+    model_type="qwen3_5_text",
+    attn_output_gate=True,
+    full_attention_interval=4,
+    linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6,
+    partial_rotary_factor=0.25,
+    rope_theta=10000000.0,
+    tie_word_embeddings=False,
+)
+SHAPES["qwen3.5-27b"] = dict(
+    _QWEN35,
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=24,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=48,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    intermediate_size=17408,
+    vocab_size=248320,
+    max_position_embeddings=262144,
+)
+# The same layer kinds at toy sizes: the 27B run's code paths on a CPU (tests/python/test_gpu_scripts.py).
+SHAPES["qwen3.5-tiny"] = dict(
+    _QWEN35,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=4096,
+)
+DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1", "qwen3.5-27b": "64", "qwen3.5-tiny": "4"}
+DEFAULT_TOKENS = {"qwen3.5-27b": "2048,8192"}
+# Shapes whose AdamW baseline cannot fit one GPU (weights, gradients and two bf16 states: 4 x 54 GB).
+NO_ADAMW = {"qwen3.5-27b": "AdamW needs weights, gradients and two states, 4 x the weights: 216 GB for 27B"}
 MARK = "@@serve-bench "  # child -> orchestrator JSON lines start with this; other stdout lines pass through
 GiB = 2**30
-TARGET = 0.15
+TARGET = 0.15  # the trainer's extra memory / the weights
+COMPLETIONS_TARGET = 0.9  # completions' speed during a job / alone
 TEXT = "The quick brown fox jumps over the lazy dog while the engine keeps answering requests. "
 
 
@@ -106,7 +163,9 @@ def write_model_dir(path: str, size: str, layers: int, tokenizer) -> None:
 
     os.makedirs(path, exist_ok=True)
     shape = dict(SHAPES[size], num_hidden_layers=layers)
-    transformers.Qwen3Config(**shape, eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    model_type = shape.pop("model_type", "qwen3")
+    config = transformers.AutoConfig.for_model(model_type, **shape, eos_token_id=tokenizer.eos_token_id)
+    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
@@ -120,6 +179,17 @@ def train_example(tokens: int) -> dict:
 
 def prompt(i: int) -> str:
     return f"Request {i}. " + TEXT * 2  # about 200 tokens
+
+
+def weights_bytes(model_dir: str) -> int:
+    """Bytes of the weights of model_dir's config.json in bf16, from a model built on the meta device."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def random_model(model_dir: str, device: str, dtype=None):
@@ -234,12 +304,33 @@ def role_engine(a) -> None:
 
     from livetrain.engines import reference as eng
 
-    # The one replacement: random weights made on the device instead of reading a 16 GB model from disk.
-    transformers.AutoModelForCausalLM.from_pretrained = lambda path, dtype=None, **_: random_model(
-        path, a.device, dtype
-    )
+    from livetrain import safetensors as lst
+
+    # With --checkpoint the random weights are written as the model's files, which the checkpoint store the
+    # engine then creates takes as generation 0: only when the disk has room for them and a step's delta.
+    files: dict = {}
+    if a.checkpoint:
+        need = weights_bytes(a.model)
+        free = shutil.disk_usage(a.model).free
+        if free < need * 1.15 + 2 * GiB:
+            files["skipped"] = (
+                f"{free / 1e9:.0f} GB free in {a.model}; the model files and a step's delta need "
+                f"{(need * 1.15 + 2 * GiB) / 1e9:.0f} GB (--dir elsewhere, or --no-checkpoint)"
+            )
+
+    def from_pretrained(path, dtype=None, **_):
+        # The one replacement: random weights made on the device instead of reading the model from disk.
+        model = random_model(path, a.device, dtype)
+        if a.checkpoint and "skipped" not in files:
+            t = time.perf_counter()
+            lst.save_model(path, dict(model.named_parameters()))
+            files["seconds"] = time.perf_counter() - t
+        return model
+
+    transformers.AutoModelForCausalLM.from_pretrained = from_pretrained
+    store = a.checkpoint and "skipped" not in files
     t = time.perf_counter()
-    engine = eng.Engine(a.model, a.manifest, a.device, "bf16", store=False)  # no checkpoint store in a benchmark
+    engine = eng.Engine(a.model, a.manifest, a.device, "bf16", store=store)
     seconds = time.perf_counter() - t
     tensors = engine.exported.tensors
     weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in tensors.values()}.values())
@@ -262,6 +353,9 @@ def role_engine(a) -> None:
             "params": sum(x.numel() for x in tensors.values()),
             "reserved": stats and stats["reserved"],
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+            "kernels": engine.kernels,
+            "store": engine.checkpoint["store"] if engine.checkpoint else None,
+            "files": files,
         }
     )
 
@@ -283,6 +377,52 @@ def role_engine(a) -> None:
         engine.exported.close()
 
 
+def optim_step_times(trainer, reps: int) -> dict:
+    """APOLLO-Mini stepping every trained parameter once with a random gradient: batched (``step()``, the
+    core's batched launches) and one parameter at a time (``step_param``, as the backward hooks do), best of
+    ``reps`` after a warm-up. One gradient buffer of the largest parameter's size serves every parameter."""
+    import torch
+
+    params = [p for g in trainer.opt.param_groups for p in g["params"] if p.requires_grad]
+    grad = torch.randn(max(p.numel() for p in params), device=trainer.device, dtype=torch.bfloat16) * 1e-3
+
+    def views():
+        return [(p, grad[: p.numel()].view_as(p)) for p in params]
+
+    def batched():
+        for p, g in views():
+            p.grad = g
+        trainer.opt.step()
+        for p in params:
+            p.grad = None
+
+    def each():
+        for p, g in views():
+            trainer.opt.step_param(p, g)
+
+    out = {"params": sum(p.numel() for p in params), "tensors": len(params)}
+    for name, fn in (("batched_seconds", batched), ("per_parameter_seconds", each)):
+        best = float("inf")
+        for _ in range(1 + reps):
+            sync(trainer.device)
+            t = time.perf_counter()
+            fn()
+            sync(trainer.device)
+            best = min(best, time.perf_counter() - t)
+        out[name] = best
+    return out
+
+
+def checkpoint_save(trainer, scenario: str) -> dict:
+    """One save of the live weights into the trainer's checkpoint store, timed (weights only: the
+    optimizer state that POST /checkpoint adds is not part of the floor)."""
+    sync(trainer.device)
+    t = time.perf_counter()
+    r = trainer.store.save(trainer.weights, weight_version=trainer.weight_version)
+    keys = ("written", "bytes", "changed", "elements", "model_bytes", "diff_seconds", "encode_seconds", "write_seconds")
+    return {"scenario": scenario, "seconds": time.perf_counter() - t, **{k: r.get(k) for k in keys}}
+
+
 def role_trainer(a) -> None:
     import torch
 
@@ -291,17 +431,18 @@ def role_trainer(a) -> None:
     from livetrain.trainer.service import Trainer
 
     t = time.perf_counter()
+    store = ["--store", a.store] if a.store else ["--no-store"]  # the engine made one only with --checkpoint
     settings = options.parse(
-        ["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", str(a.lr), "--embeddings", a.embeddings]
-    )  # no checkpoint store in a benchmark
+        ["--state-dir", a.state_dir, *store, "--batch-size", "1", "--lr", str(a.lr), "--embeddings", a.embeddings]
+    )
     trainer = Trainer(a.manifest, a.model, settings, release_cached=not a.keep_cache)
     setup_s = time.perf_counter() - t
     dev = trainer.device
-    examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
-    if len(examples[0][0]) != a.tokens:
-        raise RuntimeError(f"the example is {len(examples[0][0])} tokens, not {a.tokens}")
     sync(dev)
     setup = allocator_stats(dev)
+    saves = []
+    if trainer.store is not None:
+        saves.append(checkpoint_save(trainer, "first save after open (page-locks the host copy; nothing changed)"))
     # Where the peak is: the allocator's peak at the end of the decoder's forward (the final hidden states;
     # the trainer's loss then makes the logits chunk by chunk, livetrain/loss.py), first step.
     at_logits = []
@@ -311,38 +452,69 @@ def role_trainer(a) -> None:
             at_logits.append(allocator_stats(dev))
 
     hook = trainer.model.model.register_forward_hook(logits_made)
-    reset_peaks(dev)
-    times, losses = [], []
-    for _ in range(1 + a.steps):  # the first step creates the optimizer state and workspaces: not timed
-        t = time.perf_counter()
-        loss, ntok = trainer.step(examples)
-        sync(dev)
-        times.append(time.perf_counter() - t)
-        losses.append(loss)
+    runs = []
+    for i, tokens in enumerate(a.token_list):
+        job = parse_job(trainer.tokenizer, {"examples": [train_example(tokens)]}, trainer.max_len, 1)
+        examples = job["examples"]
+        if len(examples[0][0]) != tokens:
+            raise RuntimeError(f"the example is {len(examples[0][0])} tokens, not {tokens}")
+        if i and dev.type == "cuda":
+            torch.cuda.empty_cache()  # each length's peak from what the trainer keeps, not the last one's cache
+        reset_peaks(dev)
+        times, losses = [], []
+        for k in range(1 + a.steps):  # the first step creates the optimizer state and workspaces: not timed
+            t = time.perf_counter()
+            loss, ntok = trainer.step(examples)
+            sync(dev)
+            times.append(time.perf_counter() - t)
+            losses.append(loss)
+            if k == 0 and i == 0 and trainer.store is not None:
+                saves.append(checkpoint_save(trainer, "after one step"))
+        timed = times[1:]
+        runs.append(
+            {
+                "tokens": ntok,
+                "step_seconds": timed,
+                "warmup_seconds": times[0],
+                "tokens_per_s": ntok * len(timed) / sum(timed),
+                "losses": losses,
+                "memory": allocator_stats(dev),
+            }
+        )
     hook.remove()
-    mem = allocator_stats(dev)
     report = trainer.opt.report()
     attached = trainer.attached.tensors
     weights = sum(x.numel() * x.element_size() for x in {x.data_ptr(): x for x in attached.values()}.values())
-    timed = times[1:]
     reply(
         {
+            **runs[0],
+            "runs": runs,
+            "memory": runs[-1]["memory"],  # as the process is now (the orchestrator reads the device meanwhile)
             "setup_seconds": setup_s,
             "weights_bytes": weights,
-            "tokens": ntok,
-            "step_seconds": timed,
-            "warmup_seconds": times[0],
-            "tokens_per_s": ntok * len(timed) / sum(timed),
-            "losses": losses,
             "setup_allocated": setup and setup["allocated"],
-            "memory": mem,
             "forward_peak_allocated": at_logits[0]["peak_allocated"] if at_logits and at_logits[0] else None,
             "optimizer_state_bytes": trainer.opt.state_bytes()["total"],
             "grad_checkpointing": trainer.grad_checkpointing,
             "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
+            "kernels": trainer.kernels,
+            "checkpoint": saves,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         }
     )
+
+    def floors() -> dict:
+        """The bandwidths the floors are made of, measured here and now, and the APOLLO-Mini step over every
+        trained parameter against its floor (8 bytes per parameter at the device copy bandwidth)."""
+        if dev.type != "cuda":
+            return {}
+        import checkpoint as ck  # bench/checkpoint.py's measurements (this script's directory is on sys.path)
+
+        out = {"device_copy": ck.device_copy_bandwidth(), "pinned_d2h": ck.pinned_d2h_bandwidth()}
+        out["disk_write"] = ck.disk_write_bandwidth(trainer.store.dir if trainer.store else a.state_dir)
+        out["optim"] = optim_step_times(trainer, a.steps)
+        out["optim"]["floor_seconds"] = 8 * out["optim"]["params"] / out["device_copy"]
+        return out
 
     # From here on the trainer runs jobs as in `livetrain serve`; each step's span is recorded.
     spans = []
@@ -385,6 +557,7 @@ def role_trainer(a) -> None:
                 "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
                 "window": window,
                 "stop": stop,
+                "floors": floors,
             }
         )
     finally:
@@ -453,11 +626,11 @@ def role_adamw(a) -> None:
 
 # ---- the orchestrator ----
 class Child:
-    """A bench process in another role, talked to through JSON lines."""
+    """A bench process in another role (of ``script``, default this one), talked to through JSON lines."""
 
-    def __init__(self, role: str, args: list[str], env: dict):
+    def __init__(self, role: str, args: list[str], env: dict, script: str = __file__):
         self.role = role
-        cmd = [sys.executable, os.path.abspath(__file__), "--role", role] + args
+        cmd = [sys.executable, os.path.abspath(script), "--role", role] + args
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -568,10 +741,17 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
             )
         )
 
-        log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of {a.tokens} tokens")
+        res["files"] = e["files"]
+        if e["files"].get("skipped"):
+            log(f"{layers} layers: no checkpoint measurement: {e['files']['skipped']}")
+        elif "seconds" in e["files"]:
+            log(f"{layers} layers: model files written in {e['files']['seconds']:.1f} s; checkpoint store {e['store']}")
+        log(f"{layers} layers: starting the trainer; 1 + {a.steps} steps of each of {a.token_list} tokens")
         trainer = Child(
             "trainer",
-            child_args(a, model) + ["--manifest", manifest, "--socket", sock, "--state-dir", os.path.join(d, "state")],
+            child_args(a, model)
+            + ["--manifest", manifest, "--socket", sock, "--state-dir", os.path.join(d, "state")]
+            + (["--store", e["store"]] if e["store"] else []),
             process.environment(env),
         )
         t = trainer.expect(a.timeout)
@@ -597,10 +777,14 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                     "optimizer_state_bytes",
                     "grad_checkpointing",
                     "skipped_nonfinite",
+                    "kernels",
+                    "checkpoint",
                 )
             },
-            "memory": mem,
-            **extra(mem, context, 0),
+            "memory": t["runs"][0]["memory"],
+            **extra(t["runs"][0]["memory"], context, 0),
+            # every length stepped, each with its own peaks and the process's one context
+            "runs": [{**r, **extra(r["memory"], context, 0)} for r in t["runs"]],
         }
         lt = res["livetrain"]
         steps = ", ".join(f"{x:.2f}" for x in t["step_seconds"])
@@ -615,6 +799,9 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
             )
         )
 
+        if a.device == "cuda":
+            log(f"{layers} layers: bandwidths for the floors, APOLLO-Mini step over every trained parameter")
+            res["floors"] = trainer.ask(a.timeout, "floors")
         if main_set and a.gen_seconds > 0:
             res["completions"] = {}
             completions(a, res["completions"], engine, trainer, client, url, layers)
@@ -660,7 +847,7 @@ def child_args(a, model: str) -> list[str]:
             "--device",
             a.device,
             "--tokens",
-            str(a.tokens),
+            ",".join(map(str, a.token_list)),
             "--steps",
             str(a.steps),
             "--lr",
@@ -670,6 +857,7 @@ def child_args(a, model: str) -> list[str]:
         ]
         + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
         + (["--keep-cache"] if a.keep_cache else [])
+        + (["--checkpoint"] if a.checkpoint else [])
     )
 
 
@@ -737,58 +925,122 @@ def gib(x) -> str:
     return "-" if x is None else f"{x / GiB:.2f}"
 
 
+def render_floors(results: dict) -> list[str]:
+    """The checkpoint saves and the APOLLO-Mini step against their floors, measured in the same run."""
+    lines = []
+    for s in results["sets"]:
+        f, lt = s.get("floors") or {}, s.get("livetrain") or {}
+        saves = lt.get("checkpoint") or []
+        if s.get("files", {}).get("skipped"):
+            lines += ["", f"{s['layers']} layers: checkpoint not measured: {s['files']['skipped']}."]
+        if saves and f:
+            bw = (
+                f"device copy {f['device_copy'] / 1e9:.0f} GB/s, pinned device-to-host {f['pinned_d2h'] / 1e9:.1f} "
+                f"GB/s, disk write + fsync {f['disk_write'] / 1e9:.2f} GB/s"
+            )
+            lines += [
+                "",
+                f"Checkpoint saves of the live weights by the trainer ({s['layers']} layers; the model files written "
+                f"in {s['files'].get('seconds', 0):.0f} s first). Floor: the largest of the GPU scan of now + old at "
+                f"device bandwidth, the delta over PCIe and the delta to disk, at the bandwidths measured in this run "
+                f"({bw}).",
+                "",
+                "| save | wall s | diff / encode / write s | bytes written | % of model | elements changed | floor s "
+                "| wall / floor |",
+                "|---|---:|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in saves:
+                model = r["model_bytes"] or s["weights_bytes"]
+                delta = r["bytes"] if r["written"] else 0
+                floor = max(2 * model / f["device_copy"], delta / f["pinned_d2h"], delta / f["disk_write"])
+                phases = " / ".join(f"{r[k]:.2f}" for k in ("diff_seconds", "encode_seconds", "write_seconds"))
+                share = f"{r['changed'] / r['elements']:.1%}" if r.get("elements") else "-"
+                lines.append(
+                    f"| {r['scenario']} | {r['seconds']:.2f} | {phases} | {delta:,} | {delta / model:.1%} | {share} | "
+                    f"{floor:.3f} | {r['seconds'] / floor:.1f}x |"
+                )
+        o = f.get("optim")
+        if o:
+            floor = o["floor_seconds"]
+            lines += [
+                "",
+                f"APOLLO-Mini step over every trained parameter ({s['layers']} layers: {count(o['params'])} in "
+                f"{o['tensors']} tensors, random bf16 gradients), best of {results['steps']} after a warm-up. Floor: 8 "
+                f"bytes per parameter at the device copy bandwidth measured in this run "
+                f"({f['device_copy'] / 1e9:.0f} GB/s).",
+                "",
+                "| step | ms | floor ms | x floor |",
+                "|---|---:|---:|---:|",
+                f"| batched (`step()`) | {1e3 * o['batched_seconds']:.1f} | {1e3 * floor:.1f} | "
+                f"{o['batched_seconds'] / floor:.2f} |",
+                f"| per parameter (`step_param`, as from backward hooks) | {1e3 * o['per_parameter_seconds']:.1f} | "
+                f"{1e3 * floor:.1f} | {o['per_parameter_seconds'] / floor:.2f} |",
+            ]
+    return lines
+
+
 def render(results: dict) -> str:
     if results["device"] == "cuda":
         how = "context = nvidia-smi memory.used delta minus the process's reserved bytes"
     else:
         how = "on CPU: no memory figures"
+    lengths = ", ".join(f"{n:,}" for n in results.get("token_list", [results["tokens"]]))
     lines = [
         f"{results['device_name']}; torch {results['torch']}, transformers {results['transformers']}; "
-        f"{results['size']}-shaped Qwen3, random bf16 weights; one sequence of {results['tokens']} tokens per step, "
+        f"{results['size']}-shaped model, random bf16 weights; one sequence of {lengths} tokens per step, "
         f"1 warm-up + {results['steps']} timed steps; {how}",
         "",
-        "| layers | params | weights GiB | method | peak alloc. beyond weights GiB | peak reserved beyond weights GiB "
-        "| context GiB | extra GiB | extra / weights | train tokens/s |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| layers | params | weights GiB | method | tokens | peak alloc. beyond weights GiB "
+        "| peak reserved beyond weights GiB | context GiB | extra GiB | extra / weights | train tokens/s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for s in results["sets"]:
         w = s.get("weights_bytes")
         head = f"| {s['layers']} | {count(s['params'])} | {gib(w)} |" if w else f"| {s['layers']} | - | - |"
         adamw = s.get("adamw") or {}
-        for name, r in (
-            (
-                f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')}"
-                f"{', cache kept' if results.get('keep_cache') else ''})",
-                s.get("livetrain"),
-            ),
-            (f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw")),
-        ):
+        lt = s.get("livetrain")
+        trainer = (
+            f"livetrain trainer (APOLLO-Mini, hooks, grad. ckpt, embeddings {results.get('embeddings', 'apollo')}"
+            f"{', cache kept' if results.get('keep_cache') else ''})"
+        )
+        rows = [(trainer, r) for r in (lt.get("runs") or [lt])] if lt else []
+        rows.append((f"HF loop, torch AdamW{' (fused)' if adamw.get('fused') else ''}, grad. ckpt", s.get("adamw")))
+        for name, r in rows:
             if r is None:
                 continue
+            tokens = f"{r.get('tokens', results['tokens']):,}"
             if "oom" in r:
                 peak = r["memory"]["peak_reserved"] if r.get("memory") else None
                 total = f"{gib(peak)} reserved in all" if peak is not None else "-"
-                lines.append(f"{head} {name} | OOM in {r['oom']['phase']} | {total} | | | | - |")
+                lines.append(f"{head} {name} | {tokens} | OOM in {r['oom']['phase']} | {total} | | | | - |")
                 continue
             share = f"{r['total_extra'] / w:.1%}" if r.get("total_extra") is not None and w else "-"
             cells = [gib(r.get(k)) for k in ("peak_allocated_extra", "peak_reserved_extra", "context", "total_extra")]
-            lines.append(f"{head} {name} | {' | '.join(cells)} | {share} | {rate(r['tokens_per_s'])} |")
+            lines.append(f"{head} {name} | {tokens} | {' | '.join(cells)} | {share} | {rate(r['tokens_per_s'])} |")
+        if results.get("adamw_skipped"):
+            notes.append(f"{s['layers']} layers: no AdamW baseline: {results['adamw_skipped']}.")
         eng = s.get("engine") or {}
         if eng.get("reserved") is not None:
             notes.append(
                 f"{s['layers']} layers: the engine process holds {gib(eng['reserved'])} GiB in its allocator "
                 f"(the weights) and {gib(eng['outside_allocator'])} GiB outside it (its context)."
             )
-        lt = s.get("livetrain")
         if lt and lt.get("total_extra") is not None and w:
             ok = "met" if lt["total_extra"] <= TARGET * w else "not met"
             notes.append(
-                f"{s['layers']} layers: the trainer's extra memory is {lt['total_extra'] / w:.1%} of the weights "
-                f"(target <= {TARGET:.0%}: {ok}); APOLLO-Mini state {lt['optimizer_state_bytes'] / 2**20:.1f} MiB; "
-                f"allocated after set-up {gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward "
-                f"(hidden states made) {gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps "
-                f"{gib(lt['memory']['peak_allocated'])} GiB."
+                f"{s['layers']} layers: at {lt['tokens']:,} tokens the trainer's extra memory is "
+                f"{lt['total_extra'] / w:.1%} of the weights (target <= {TARGET:.0%}: {ok}); APOLLO-Mini state "
+                f"{lt['optimizer_state_bytes'] / 2**20:.1f} MiB; allocated after set-up "
+                f"{gib(lt.get('setup_allocated'))} GiB, peak by the end of the first forward (hidden states made) "
+                f"{gib(lt.get('forward_peak_allocated'))} GiB, peak of the steps {gib(lt['memory']['peak_allocated'])} GiB"
+                + ("; the context includes the checkpoint store's GPU buffers." if lt.get("checkpoint") else ".")
+            )
+        if lt and lt.get("kernels"):
+            notes.append(
+                f"{s['layers']} layers: kernels of the trainer's layers: "
+                + ", ".join(f"{k} = {v}" for k, v in lt["kernels"].items())
+                + "."
             )
         if lt and adamw and "oom" not in adamw and adamw.get("total_extra") and lt.get("total_extra"):
             notes.append(
@@ -804,6 +1056,7 @@ def render(results: dict) -> str:
             notes.append(f"{s['layers']} layers: FAILED: {err}")
     if notes:
         lines += [""] + notes
+    lines += render_floors(results)
     gen = [s for s in results["sets"] if s.get("completions")]
     if gen:
         via = "HTTP /v1/completions" if results["client"] == "http" else "Engine.generate in the engine process"
@@ -835,9 +1088,10 @@ def render(results: dict) -> str:
                     "inside the window: lengthen --gen-seconds for a training rate."
                 )
             if "alone" in c and "concurrent_training" in c:
+                share = c["training"]["tokens_per_s"] / c["alone"]["tokens_per_s"]
                 lines.append(
-                    f"\n{s['layers']} layers: with training, completions run at "
-                    f"{ratio(c['training']['tokens_per_s'], c['alone']['tokens_per_s'])} their speed alone; training at "
+                    f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone "
+                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}); training at "
                     f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone."
                 )
     lines.append(f"\nTotal run time {results['seconds']:.0f} s.")
@@ -846,15 +1100,25 @@ def render(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="8b", choices=sorted(SHAPES), help="model shape (default 8b: Qwen3-8B)")
+    ap.add_argument(
+        "--size",
+        default="8b",
+        choices=sorted(SHAPES),
+        help="model shape (default 8b: Qwen3-8B; qwen3.5-27b: Qwen3.5-27B's text model)",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument(
         "--layers",
         default=None,
         help="comma-separated layer counts, each a full run; the first also "
-        "measures completions (default 36,8 for 8b, 2,1 for tiny)",
+        "measures completions (default 36,8 for 8b, 64 for qwen3.5-27b, 2,1 for tiny)",
     )
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens per training step (one sequence)")
+    ap.add_argument(
+        "--tokens",
+        default=None,
+        help="tokens per training step (one sequence); comma-separated: each length stepped by the same "
+        "trainer, the first also used by AdamW and the concurrent job (default 2048; 2048,8192 for qwen3.5-27b)",
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--embeddings", default="apollo", choices=options.EMBEDDINGS, help="as livetrain serve's")
@@ -866,7 +1130,14 @@ def main() -> int:
     )
     ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
     ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
-    ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline")
+    ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline (always skipped for 27B)")
+    ap.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="write the random weights as the model's files, let the engine create its checkpoint store, and "
+        "time the trainer's saves: the first after opening the store, and after one step (against its floor)",
+    )
+    ap.add_argument("--dir", default=None, help="work directory (model files with --checkpoint; default: a temp dir)")
     ap.add_argument(
         "--keep-cache",
         action="store_true",
@@ -876,10 +1147,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="longest wait for one answer from a process")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
-    for hidden in ("--model", "--manifest", "--trainer-socket", "--socket", "--state-dir", "--simulate-oom"):
+    for hidden in ("--model", "--manifest", "--trainer-socket", "--socket", "--state-dir", "--simulate-oom", "--store"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    try:
+        a.token_list = [int(x) for x in (a.tokens or DEFAULT_TOKENS.get(a.size, "2048")).split(",")]
+    except ValueError:
+        ap.error(f"--tokens must be comma-separated integers, not {a.tokens!r}")
+    a.tokens = a.token_list[0]
     if a.role:
         {"engine": role_engine, "trainer": role_trainer, "adamw": role_adamw}[a.role](a)
         return 0
@@ -891,8 +1167,11 @@ def main() -> int:
     layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.size]).split(",")]
     if a.steps < 1:
         ap.error("--steps must be >= 1")
-    if a.tokens < 4 or a.tokens > SHAPES[a.size]["max_position_embeddings"]:
+    if any(n < 4 or n > SHAPES[a.size]["max_position_embeddings"] for n in a.token_list):
         ap.error(f"--tokens must be in [4, {SHAPES[a.size]['max_position_embeddings']}]")
+    if a.size in NO_ADAMW and not a.no_adamw:
+        log(f"no AdamW baseline for {a.size}: {NO_ADAMW[a.size]}")
+        a.no_adamw = True
     try:  # imported, not just found: a package whose own dependencies are missing counts as absent
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -907,9 +1186,11 @@ def main() -> int:
     if a.device == "cuda" and shutil.which("nvidia-smi") is None:
         log("nvidia-smi not found: the CUDA context of each process is not measured (reported as -)")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    work = tempfile.mkdtemp(prefix="livetrain-serve-bench-")
+    if a.dir:
+        os.makedirs(a.dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="livetrain-serve-bench-", dir=a.dir)
     log(
-        f"{a.size}-shaped Qwen3, layers {layer_sets}, {a.tokens} tokens per step, device {a.device}, "
+        f"{a.size}-shaped model, layers {layer_sets}, {a.token_list} tokens per step, device {a.device}, "
         f"completions via {client}, in {work}"
     )
     tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
@@ -920,6 +1201,9 @@ def main() -> int:
         "keep_cache": a.keep_cache,
         "device": a.device,
         "tokens": a.tokens,
+        "token_list": a.token_list,
+        "adamw_skipped": NO_ADAMW.get(a.size),
+        "checkpoint": a.checkpoint,
         "steps": a.steps,
         "lr": a.lr,
         "client": client,

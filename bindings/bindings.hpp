@@ -26,5 +26,6 @@ void init_loss(nanobind::module_& m);
 void init_layout(nanobind::module_& m);
 void init_sharing(nanobind::module_& m);
 void init_checkpoint(nanobind::module_& m);
+void init_tuning(nanobind::module_& m);
 
 }  // namespace livetrain::bindings

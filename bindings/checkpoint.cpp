@@ -1,10 +1,13 @@
-// Bindings: the checkpoint store (create/open, save, list, restore, compare, verify, materialize, gc).
+// Bindings: the checkpoint store (create/open, save, save_part/commit_parts/refresh, list, restore, compare,
+// verify, materialize, gc).
 // Tensors cross as (name, dtype name, shape, address of contiguous host memory); python/livetrain/
 // checkpoint.py owns the torch tensors and checks device, contiguity, dtype and shape before calling.
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -20,17 +23,51 @@ namespace livetrain::bindings {
 
 namespace {
 
-// (name, dtype name, shape, data address, device: -1 host memory, else the CUDA ordinal)
-using TensorArg = std::tuple<std::string, std::string, std::vector<uint64_t>, uintptr_t, int>;
+// (name, dtype name, shape, data address, device: -1 host memory, else the CUDA ordinal, region start:
+// empty for the whole tensor, else where the region of `shape` starts along every dim)
+using TensorArg = std::tuple<std::string, std::string, std::vector<uint64_t>, uintptr_t, int, std::vector<uint64_t>>;
+// (name, region start, region shape); empty lists: the whole tensor
+using HeldArg = std::tuple<std::string, std::vector<uint64_t>, std::vector<uint64_t>>;
 
 std::vector<checkpoint::LiveTensor> live_tensors(const std::vector<TensorArg>& args) {
   std::vector<checkpoint::LiveTensor> out;
   out.reserve(args.size());
-  for (const auto& [name, dtype, shape, ptr, device] : args) {
+  for (const auto& [name, dtype, shape, ptr, device, start] : args) {
     out.push_back(checkpoint::LiveTensor{name, parse_dtype(dtype, "tensor \"" + name + "\""), shape,
-                                   reinterpret_cast<void*>(ptr), device});
+                                         reinterpret_cast<void*>(ptr), device, start});
   }
   return out;
+}
+
+checkpoint::OpenOptions open_options(uint32_t rank, uint32_t ranks, const std::optional<std::vector<HeldArg>>& held,
+                                     const std::string& group) {
+  checkpoint::OpenOptions o;
+  o.rank = rank;
+  o.ranks = ranks;
+  o.group = group;
+  if (held) {
+    o.held.emplace();
+    for (const auto& [name, start, shape] : *held) o.held->push_back(checkpoint::HeldRegion{name, {start, shape}});
+  }
+  return o;
+}
+
+nb::object hash_or_none(const std::optional<uint64_t>& h) {
+  return h ? nb::cast(checkpoint::hash_hex(*h)) : nb::none();
+}
+
+// A part of a generation, as COMMIT records it (None for what a version-1 COMMIT did not record).
+nb::dict part_dict(const checkpoint::Part& p) {
+  nb::dict q;
+  q["rank"] = p.rank;
+  q["file"] = p.file;
+  q["bytes"] = p.bytes ? nb::cast(*p.bytes) : nb::none();
+  q["hash"] = checkpoint::hash_hex(p.hash);
+  q["changed"] = p.changed;
+  q["optimizer_state"] = p.optimizer_state;
+  q["optimizer_bytes"] = p.optimizer_bytes ? nb::cast(*p.optimizer_bytes) : nb::none();
+  q["optimizer_hash"] = hash_or_none(p.optimizer_hash);
+  return q;
 }
 
 nb::dict generation_dict(const checkpoint::Generation& g) {
@@ -39,11 +76,94 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   d["parent"] = g.parent;
   d["time_ms"] = g.time_ms;
   d["weight_version"] = g.weight_version;
-  d["delta"] = g.delta;
   d["bytes"] = g.bytes;
   d["changed"] = g.changed;
-  d["delta_hash"] = checkpoint::hash_hex(g.delta_hash);
-  d["optimizer_state"] = g.optimizer_state;
+  d["ranks"] = g.ranks;
+  nb::list parts;
+  for (const auto& p : g.parts) parts.append(part_dict(p));
+  d["parts"] = parts;
+  // A single-process generation's files, as before generations had parts ("" when none).
+  const checkpoint::Part* p0 = g.ranks == 1 ? g.part(0) : nullptr;
+  d["delta"] = p0 ? p0->file : std::string();
+  d["optimizer_state"] = p0 ? p0->optimizer_state : std::string();
+  return d;
+}
+
+// save_part's descriptor: the part's fields, and the generation, TP size, group and timings.
+nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
+  nb::dict d = part_dict(p.part);
+  d["generation"] = p.generation;
+  d["parent"] = p.parent;
+  d["ranks"] = p.ranks;
+  d["group"] = p.group;
+  d["elements"] = p.elements;
+  d["model_bytes"] = p.model_bytes;
+  d["diff_seconds"] = p.diff_seconds;
+  d["encode_seconds"] = p.encode_seconds;
+  d["write_seconds"] = p.write_seconds;
+  return d;
+}
+
+// A descriptor back from the dict save_part returned (gathered from another rank's process).
+checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
+  const std::string what = "parts[" + std::to_string(i) + "]";
+  if (!nb::isinstance<nb::dict>(obj)) throw Error(ErrorCode::kInvalidArg, what + ": expected the dict save_part returned");
+  nb::dict d = nb::borrow<nb::dict>(obj);
+  auto field = [&](const char* key) -> nb::handle {
+    if (!d.contains(key)) throw Error(ErrorCode::kInvalidArg, what + ": missing \"" + key + "\"");
+    return d[key];
+  };
+  auto u64 = [&](const char* key) {
+    try {
+      return nb::cast<uint64_t>(field(key));
+    } catch (const nb::cast_error&) {
+      throw Error(ErrorCode::kInvalidArg, what + "." + key + ": expected a non-negative integer");
+    }
+  };
+  auto text = [&](const char* key) {
+    try {
+      return nb::cast<std::string>(field(key));
+    } catch (const nb::cast_error&) {
+      throw Error(ErrorCode::kInvalidArg, what + "." + key + ": expected a string");
+    }
+  };
+  auto hash = [&](const char* key) {
+    auto h = checkpoint::hash_from_hex(text(key));
+    if (!h) throw Error(ErrorCode::kInvalidArg, what + "." + key + ": expected 16 lowercase hex digits");
+    return *h;
+  };
+  checkpoint::PartDescriptor p;
+  p.generation = u64("generation");
+  p.parent = u64("parent");
+  p.ranks = static_cast<uint32_t>(u64("ranks"));
+  p.group = text("group");
+  p.elements = u64("elements");
+  p.model_bytes = u64("model_bytes");
+  checkpoint::Part& part = p.part;
+  part.rank = static_cast<uint32_t>(u64("rank"));
+  part.file = text("file");
+  part.bytes = u64("bytes");
+  part.hash = hash("hash");
+  part.changed = u64("changed");
+  part.optimizer_state = text("optimizer_state");
+  if (!part.optimizer_state.empty()) {
+    part.optimizer_bytes = u64("optimizer_bytes");
+    part.optimizer_hash = hash("optimizer_hash");
+  }
+  return p;
+}
+
+nb::dict save_result_dict(const checkpoint::SaveResult& r) {
+  nb::dict d;
+  d["written"] = r.written;
+  d["generation"] = r.generation;
+  d["bytes"] = r.bytes;
+  d["changed"] = r.changed;
+  d["elements"] = r.elements;
+  d["model_bytes"] = r.model_bytes;
+  d["diff_seconds"] = r.diff_seconds;
+  d["encode_seconds"] = r.encode_seconds;
+  d["write_seconds"] = r.write_seconds;
   return d;
 }
 
@@ -55,18 +175,27 @@ void init_checkpoint(nb::module_& m) {
                           "lock and a host copy of the head generation until close().")
       .def_static(
           "create",
-          [](const std::string& model_dir, const std::string& store_dir) {
+          [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
+             std::optional<std::vector<HeldArg>> held, const std::string& group) {
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
             nb::gil_scoped_release release;
-            return checkpoint::Store::create(model_dir, store_dir);
+            return checkpoint::Store::create(model_dir, store_dir, o);
           },
-          nb::arg("model_dir"), nb::arg("store_dir") = "")
+          nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
+          nb::arg("held") = nb::none(), nb::arg("group") = "",
+          "Creates a store (generation 0 = the model files), then opens it as open() does.")
       .def_static(
           "open",
-          [](const std::string& model_dir, const std::string& store_dir) {
+          [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
+             std::optional<std::vector<HeldArg>> held, const std::string& group) {
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
             nb::gil_scoped_release release;
-            return checkpoint::Store::open(model_dir, store_dir);
+            return checkpoint::Store::open(model_dir, store_dir, o);
           },
-          nb::arg("model_dir"), nb::arg("store_dir") = "")
+          nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
+          nb::arg("held") = nb::none(), nb::arg("group") = "",
+          "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
+          "[]: none).")
       .def("close", &checkpoint::Store::close)
       .def_prop_ro("dir", &checkpoint::Store::dir)
       .def_prop_ro("model_dir", &checkpoint::Store::model_dir)
@@ -89,6 +218,8 @@ void init_checkpoint(nb::module_& m) {
             return out;
           },
           "The committed generations, oldest first, as dicts.")
+      .def_prop_ro("rank", &checkpoint::Store::rank)
+      .def_prop_ro("ranks", &checkpoint::Store::ranks)
       .def(
           "save",
           [](checkpoint::Store& s, const std::vector<TensorArg>& tensors, uint64_t weight_version,
@@ -103,20 +234,46 @@ void init_checkpoint(nb::module_& m) {
               nb::gil_scoped_release release;
               r = s.save(live, o);
             }
-            nb::dict d;
-            d["written"] = r.written;
-            d["generation"] = r.generation;
-            d["bytes"] = r.bytes;
-            d["changed"] = r.changed;
-            d["elements"] = r.elements;
-            d["model_bytes"] = r.model_bytes;
-            d["diff_seconds"] = r.diff_seconds;
-            d["encode_seconds"] = r.encode_seconds;
-            d["write_seconds"] = r.write_seconds;
-            return d;
+            return save_result_dict(r);
           },
           nb::arg("tensors"), nb::arg("weight_version") = 0, nb::arg("optimizer_state") = "",
           nb::arg("save_if_unchanged") = false)
+      .def(
+          "save_part",
+          [](checkpoint::Store& s, const std::vector<TensorArg>& tensors, const std::string& optimizer_state) {
+            std::vector<checkpoint::LiveTensor> live = live_tensors(tensors);
+            checkpoint::SaveOptions o;
+            o.optimizer_state = optimizer_state;
+            checkpoint::PartDescriptor d;
+            {
+              nb::gil_scoped_release release;
+              d = s.save_part(live, o);
+            }
+            return descriptor_dict(d);
+          },
+          nb::arg("tensors"), nb::arg("optimizer_state") = "",
+          "Writes this rank's part of the next generation; returns its descriptor (a dict) for commit_parts.")
+      .def(
+          "commit_parts",
+          [](checkpoint::Store& s, const nb::list& parts, uint64_t weight_version, bool save_if_unchanged) {
+            std::vector<checkpoint::PartDescriptor> ps;
+            for (size_t i = 0; i < parts.size(); ++i) ps.push_back(descriptor_from(parts[i], i));
+            checkpoint::SaveResult r;
+            {
+              nb::gil_scoped_release release;
+              r = s.commit_parts(ps, weight_version, save_if_unchanged);
+            }
+            return save_result_dict(r);
+          },
+          nb::arg("parts"), nb::arg("weight_version") = 0, nb::arg("save_if_unchanged") = false,
+          "Rank 0: checks every rank's part and commits them as the next generation.")
+      .def(
+          "refresh",
+          [](checkpoint::Store& s) {
+            nb::gil_scoped_release release;
+            return s.refresh();
+          },
+          "Confirms or puts back this rank's pending part against COMMIT; returns the head.")
       .def(
           "restore_live",
           [](checkpoint::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {

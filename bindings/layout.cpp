@@ -65,6 +65,7 @@ nb::dict view_dict(const lo::View& v) {
     d["shard"] = nb::make_tuple(v.shard.dim, segs);
   }
   d["tied_to"] = v.tied_to.empty() ? nb::none() : nb::cast(v.tied_to);
+  d["primary"] = v.shard.primary;
   return d;
 }
 
@@ -99,7 +100,14 @@ void init_layout(nb::module_& m) {
       nb::arg("vocab_padding") = lo::kVllmVocabPadding, nb::arg("prefixes").none() = nb::none(),
       "Views of every HF parameter inside the engine's tensors ((name, dtype, shape) tuples): a dict with "
       "info, views (dicts: hf_name, engine_name, dtype, offset, shape, strides in elements, hf_shape, "
-      "shard = None when replicated else (dim, [(start, length), ...]), tied_to) and unmapped engine names.");
+      "shard = None when replicated else (dim, [(start, length), ...]), tied_to, primary: the lowest rank holding "
+      "these elements) and unmapped engine names.");
+
+  m.def(
+      "layout_check", [](const std::string& config_json) { lo::check_trainable(json::parse(config_json, "config.json")); },
+      nb::arg("config_json"),
+      "Raises UnsupportedError, naming the architecture and what is supported, for a checkpoint livetrain cannot "
+      "train in place whatever the engine: mixture-of-experts, quantized, or a multimodal wrapper without a layout.");
 
   m.def(
       "layout_plan",

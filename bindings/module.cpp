@@ -79,4 +79,5 @@ NB_MODULE(_core, m) {
   livetrain::bindings::init_layout(m);
   livetrain::bindings::init_sharing(m);
   livetrain::bindings::init_checkpoint(m);
+  livetrain::bindings::init_tuning(m);
 }

@@ -1,5 +1,5 @@
-// libFuzzer target: the checkpoint delta parser (delta_parse) and record decoder (apply_record) on
-// arbitrary bytes. Every input must either be rejected with livetrain::Error or parse into records whose
+// libFuzzer target: the checkpoint delta parser (delta_parse, versions 2 and 3 with region records) and
+// record decoder (apply_record) on arbitrary bytes. Every input must either be rejected with livetrain::Error or parse into records whose
 // sizes do not overflow, whose XOR is self-inverse, and whose re-encoding decodes to the same bytes.
 #include <cstdint>
 #include <cstdlib>
@@ -33,9 +33,12 @@ uint64_t get64(const std::string& s, size_t at) {
 void fix_checksums(std::string& f) {
   if (f.size() < 40) return;
   const size_t end = f.size() - 8;
-  uint32_t records;
+  uint32_t version, records;
+  std::memcpy(&version, f.data() + 8, 4);
   std::memcpy(&records, f.data() + 12, 4);
-  size_t pos = 32;
+  const bool part = version == checkpoint::kPartVersion;  // a rank's part: 8 more header bytes, regions
+  size_t pos = part ? 40 : 32;
+  if (pos > end) return;
   for (uint32_t r = 0; r < records; ++r) {
     const size_t start = pos;
     if (end - pos < 4) break;
@@ -43,11 +46,13 @@ void fix_checksums(std::string& f) {
     std::memcpy(&name_len, f.data() + pos, 4);
     if (end - pos - 4 < name_len) break;
     pos += 4 + name_len;
-    if (end - pos < 4 + 24) break;
+    if (end - pos < 4) break;
     const uint8_t unit = static_cast<uint8_t>(f[pos + 1]);
     const bool blocks = static_cast<uint8_t>(f[pos + 2]) == 2;  // values inside the positions field
-    const uint64_t changed = get64(f, pos + 12), plen = get64(f, pos + 20);
-    pos += 28;
+    const size_t region = part ? 16 * static_cast<size_t>(static_cast<uint8_t>(f[pos + 3])) : 0;
+    if (end - pos < 4 + region + 24) break;
+    const uint64_t changed = get64(f, pos + 12 + region), plen = get64(f, pos + 20 + region);
+    pos += 28 + region;
     if (plen > end - pos) break;
     pos += plen;
     if (unit != 0 && changed > std::numeric_limits<uint64_t>::max() / unit) break;

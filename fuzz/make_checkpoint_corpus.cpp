@@ -10,6 +10,7 @@
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
+#include "livetrain/checkpoint/region.hpp"
 
 namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;
@@ -42,8 +43,31 @@ std::string record(std::mt19937_64& rng, const std::string& name, DType dtype, u
   return rec;
 }
 
-std::string delta(uint64_t generation, const std::vector<std::string>& records) {
-  std::string f = checkpoint::delta_file_header(generation, generation - 1, static_cast<uint32_t>(records.size()));
+// The record of a region of a tensor (as a tensor-parallel rank writes it): `region` elements, a
+// `fraction` changed.
+std::string region_record(std::mt19937_64& rng, const std::string& name, DType dtype, const checkpoint::Region& region,
+                          double fraction) {
+  const uint32_t unit = checkpoint::unit_bytes(dtype);
+  const uint64_t units = checkpoint::region_units(region);
+  std::vector<uint8_t> bitmap((units + 7) / 8, 0), values;
+  std::uniform_real_distribution<double> u(0, 1);
+  uint64_t changed = 0;
+  for (uint64_t i = 0; i < units; ++i) {
+    if (i == 0 || u(rng) < fraction) {
+      bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+      for (uint32_t b = 0; b < unit; ++b) values.push_back(static_cast<uint8_t>(b == 0 ? 1 + rng() % 255 : rng()));
+      ++changed;
+    }
+  }
+  std::vector<std::string> outs;
+  checkpoint::encode_records({{name, dtype, units, changed, bitmap.data(), values.data(), region}}, outs);
+  return outs[0];
+}
+
+std::string delta(uint64_t generation, const std::vector<std::string>& records, int rank = -1, uint32_t ranks = 1) {
+  const uint32_t n = static_cast<uint32_t>(records.size());
+  std::string f = rank < 0 ? checkpoint::delta_file_header(generation, generation - 1, n)
+                           : checkpoint::part_file_header(generation, generation - 1, n, static_cast<uint32_t>(rank), ranks);
   for (const auto& r : records) f += r;
   uint64_t sum = checkpoint::xxh64(f.data(), f.size());
   f.append(reinterpret_cast<const char*>(&sum), 8);
@@ -66,6 +90,15 @@ int main(int argc, char** argv) {
                                       record(rng, "c", DType::kU8, 17, 0.3), record(rng, "d", DType::kF4, 40, 0.05)}));
   write(d + "/blocks_bf16.delta", delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true),
                                             record(rng, "f", DType::kF32, 700, 0.9, true)}));
+  // Parts of a tensor-parallel generation: rows, columns, a 3-d segment, and a whole tensor (no region).
+  // Their own generator, so the other seeds stay as they were.
+  std::mt19937_64 prng(20261130);
+  write(d + "/part_rank1_regions.delta",
+        delta(6, {region_record(prng, "rows", DType::kBF16, {{40, 0}, {40, 16}}, 0.2),
+                  region_record(prng, "cols", DType::kBF16, {{0, 8}, {12, 8}}, 0.5),
+                  region_record(prng, "conv", DType::kBF16, {{6, 0, 0}, {3, 1, 4}}, 1.0),
+                  record(prng, "norm", DType::kF32, 16, 0.5)},
+              1, 2));
 
   // Journals against the file sizes fuzz_checkpoint_journal checks them with: {4096, 100, 0, 70000}.
   std::vector<uint8_t> bytes(300);

@@ -1,45 +1,163 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (for the GPU machine): build the core and the Python module for
-# this machine's Python and torch (sm_80/sm_90a/sm_100 + PTX), run the whole pytest suite (the CUDA tests
-# run here instead of skipping), then the benchmarks. Results land in $OUT (default ./gpu-out):
-# pytest.log, bench-{optim,attach,convergence,checkpoint}.{txt,json}.
+# Everything that needs a GPU, as steps that each fit one 10-minute command of the GPU machine (H200):
 #
-# The serve tests need fastapi and uvicorn (requirements/dev.txt); on a machine without a registry, bring
-# their wheels and put them on PYTHONPATH first (they skip themselves otherwise).
+#   bash scripts/gpu.sh STEP [STEP ...]        e.g.  bash scripts/gpu.sh build bench-gdn vllm-qwen35
 #
-# usage: bash scripts/gpu.sh [tests|bench|all|none]   (default all; none only builds)
+# step            about (H200)  what                                                   results in $OUT/STEP/
+# build           3 min         cmake + ninja into build-gpu/ for this Python and      build.log, device.txt
+#                               torch (core, CLI, the Python module put in python/
+#                               livetrain/); every other step needs it, once per machine
+# tests           7 min         the whole pytest suite, CUDA tests included            pytest.log
+# bench-core      5 min         bench/optim.py, attach.py, convergence.py, loss.py,    bench-NAME.{txt,json}
+#                               checkpoint.py (8 GiB)
+# bench-gdn       2 min         bench/gdn.py: Gated DeltaNet layers, fused kernels     gdn.{md,json}
+#                               (flash-linear-attention) against the torch path
+# bench-serve8b   5 min         bench/serve.py --size 8b (engine + trainer, AdamW      serve.{md,json}
+#                               baselines, completions alone / during a job)
+# bench-serve27b  8 min         bench/serve.py --size qwen3.5-27b (54 GB, 2,048 and    serve.{md,json}
+#                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
+# vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
+# vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
+#                               checkpoint served text-only, vision/MTP kept)
+# vllm-transfer   7 min         bench/vllm_transfer.py: livetrain in place vs vLLM's   transfer.{md,json}
+#                               IPC weight transfer, same vLLM server, 8B shape
+# checks          2 min         the CUDA tests of the tuned code: the GPU diff on odd  checks.log
+#                               sizes and unaligned offsets under every checkpoint
+#                               variant, every APOLLO variant and the one-kernel step
+#                               against the CPU (C++, when GoogleTest is installed:
+#                               adds the test targets to build-gpu/), and pytest's
+#                               test_checkpoint_store.py and test_optim.py
+# sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
+#                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
+#                               and 27B shapes, each in its own process with a time
+#                               limit (SWEEP_OPTIM_S, default 150 s; SWEEP_CHECKPOINT_S,
+#                               default 270 s; SWEEP_GIB, default 6); a failing setting
+#                               is reported in its row and the sweep goes on
+# all                           every step above but sweep, in order (several commands' worth)
+#
+# The vLLM steps, the serve benchmarks and bench-gdn need the packages the GPU machine lacks (vLLM 0.26.0,
+# fastapi/uvicorn, flash-linear-attention; requirements/gpu-machine.txt), carried there by
+# scripts/gpu_carry.sh and unpacked into $SITE (default /tmp/site), which this script puts on PYTHONPATH
+# when it exists. Without them those steps skip what they cannot run and say so.
+#
+# Environment: OUT (default ./gpu-out), PYTHON (default python3), SITE (default /tmp/site), GPU_GENCODE
+# (build: nvcc -gencode flags instead of every architecture CMakeLists.txt names, e.g.
+# "-gencode=arch=compute_90a,code=sm_90a" for an H200 only, where CMake takes LIVETRAIN_CUDA_GENCODE).
+# Exit status: the first failing step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}
-out=${OUT:-gpu-out}
-mkdir -p "$out"
+out_root=${OUT:-gpu-out}
 py=${PYTHON:-python3}
+site=${SITE:-/tmp/site}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
+known=(build checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+steps=("$@")
+if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
+if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
+for s in "${steps[@]}"; do
+  if [[ " ${known[*]} sweep " != *" $s "* ]]; then
+    echo "gpu.sh: unknown step $s (steps: ${known[*]}, sweep, all)" >&2
+    exit 2
+  fi
+done
 
-echo "== build (build-gpu/)"
-cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v $py)" -DLIVETRAIN_TESTS=OFF \
-  -DCMAKE_BUILD_TYPE=Release > "$out/build.log" 2>&1 && cmake --build build-gpu -j 16 >> "$out/build.log" 2>&1
-rc=$?
-if [ $rc != 0 ]; then tail -50 "$out/build.log"; exit $rc; fi
-build-gpu/livetrain devices | tee -a "$out/device.txt"
+built() { [ -x build-gpu/livetrain ] && [ -f "python/livetrain/_core$($py -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")" ]; }
+
+# One benchmark: its output in $out/NAME.txt, the tail shown; its status kept.
+bench() {
+  local name=$1 tail_n=$2
+  shift 2
+  echo "== $*"
+  "$py" "$@" 2>&1 | tee "$out/$name.txt" | tail -"$tail_n"
+  return "${PIPESTATUS[0]}"
+}
+
+run_step() {
+  local step=$1 rc=0
+  out=$out_root/$step
+  mkdir -p "$out"
+  export OUT=$out
+  if [ "$step" != build ] && ! built; then
+    echo "gpu.sh: $step needs the build first: bash scripts/gpu.sh build $step" >&2
+    return 1
+  fi
+  case "$step" in
+  build)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
+    local gencode=()
+    if [ -n "${GPU_GENCODE:-}" ]; then gencode=(-DLIVETRAIN_CUDA_GENCODE="$GPU_GENCODE"); fi
+    cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v "$py")" -DLIVETRAIN_TESTS=OFF \
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="--threads=0" "${gencode[@]}" > "$out/build.log" 2>&1 &&
+      cmake --build build-gpu -j "$(nproc)" >> "$out/build.log" 2>&1
+    rc=$?
+    if [ $rc != 0 ]; then tail -50 "$out/build.log"; return $rc; fi
+    build-gpu/livetrain devices | tee -a "$out/device.txt"
+    ;;
+  checks)
+    if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
+      {
+        cmake -S . -B build-gpu -DLIVETRAIN_TESTS=ON > "$out/build-tests.log" 2>&1 &&
+          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
+          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
+      } > "$out/checks.log" 2>&1 || rc=1
+    else
+      echo "C++ tests skipped: no GoogleTest on this machine" > "$out/checks.log"
+    fi
+    LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
+      tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no|error" "$out/checks.log" | tail -20
+    ;;
+  tests)
+    LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python 2>&1 |
+      tee "$out/pytest.log" | tail -40
+    rc=${PIPESTATUS[0]}
+    ;;
+  bench-core)
+    for b in optim attach convergence loss checkpoint; do
+      bench "bench-$b" 12 "bench/$b.py" --json "$out/bench-$b.json" || rc=$?
+    done
+    ;;
+  bench-gdn)
+    bench gdn-log 14 bench/gdn.py || rc=$?
+    ;;
+  bench-serve8b)
+    bench serve-log 30 bench/serve.py --size 8b --gen-seconds 12 || rc=$?
+    ;;
+  bench-serve27b)
+    bench serve-log 40 bench/serve.py --size qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
+    ;;
+  vllm-llama)
+    bash scripts/vllm_gpu_run.sh --arch llama 2>&1 | tail -25
+    rc=${PIPESTATUS[0]}
+    ;;
+  vllm-qwen35)
+    bash scripts/vllm_gpu_run.sh --arch qwen3_5 2>&1 | tail -25
+    rc=${PIPESTATUS[0]}
+    ;;
+  vllm-transfer)
+    bash scripts/vllm_gpu_run.sh bench/vllm_transfer.py 2>&1 | tee "$out/transfer-log.txt" | tail -30
+    rc=${PIPESTATUS[0]}
+    ;;
+  sweep)
+    echo "== bench/optim.py --sweep (8b, 27b; limit ${SWEEP_OPTIM_S:-150} s)"
+    timeout "${SWEEP_OPTIM_S:-150}" "$py" bench/optim.py --sweep --json "$out/sweep-optim.json" 2>&1 | tee "$out/sweep-optim.txt"
+    echo "== bench/checkpoint.py --sweep (8b, 27b at ${SWEEP_GIB:-6} GiB; limit ${SWEEP_CHECKPOINT_S:-270} s)"
+    timeout "${SWEEP_CHECKPOINT_S:-270}" "$py" bench/checkpoint.py --sweep --gib "${SWEEP_GIB:-6}" \
+      --json "$out/sweep-checkpoint.json" 2>&1 | tee "$out/sweep-checkpoint.txt"
+    ;;
+  esac
+  echo "gpu.sh: $step exited $rc"
+  return $rc
+}
 
 status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  echo "== pytest"
-  LIVETRAIN_CLI=$PWD/build-gpu/livetrain $py -m pytest -q -ra -p no:cacheprovider tests/python 2>&1 | tee "$out/pytest.log" | tail -40
-  status=${PIPESTATUS[0]}
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  echo "== bench/optim.py"
-  $py bench/optim.py --json "$out/bench-optim.json" 2>&1 | tee "$out/bench-optim.txt" | tail -20
-  echo "== bench/attach.py"
-  $py bench/attach.py --json "$out/bench-attach.json" 2>&1 | tee "$out/bench-attach.txt" | tail -8
-  echo "== bench/convergence.py"
-  $py bench/convergence.py --json "$out/bench-convergence.json" 2>&1 | tee "$out/bench-convergence.txt" | tail -8
-  echo "== bench/checkpoint.py"
-  $py bench/checkpoint.py --json "$out/bench-checkpoint.json" 2>&1 | tee "$out/bench-checkpoint.txt" | tail -10
-fi
+for s in "${steps[@]}"; do
+  t0=$SECONDS
+  run_step "$s" || { rc=$?; [ $status = 0 ] && status=$rc; }
+  echo "gpu.sh: $s took $((SECONDS - t0)) s"
+done
 exit $status

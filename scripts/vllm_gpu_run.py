@@ -1,6 +1,9 @@
 """The vLLM plugin end to end on a GPU (run by scripts/vllm_gpu_run.sh, which prepares the environment):
 
-1. writes a tiny random bf16 Llama with a word-level tokenizer (offline) and creates its checkpoint store;
+1. writes a tiny random bf16 model with a word-level tokenizer (offline) and creates its checkpoint store:
+   ``--arch llama`` a Llama; ``--arch qwen3_5`` a ``Qwen3_5ForConditionalGeneration`` checkpoint as releases
+   ship it (Gated DeltaNet and gated attention layers with the published head shapes, a vision tower,
+   ``mtp.*`` tensors), served text-only (``--language-model-only``: vLLM builds no vision tower);
 2. starts `vllm serve` with the plugin (VLLM_PLUGINS=livetrain, --worker-extension-cls, --api-key, CUDA
    graphs and prefix caching on), waits for /health and for the trainer the plugin starts;
 3. asks for a greedy completion, POSTs /train teaching a made-up fact, waits for the job, asks again:
@@ -10,10 +13,15 @@
    Python store API on the live weights through the manifest (--checkpoint api); the store's head must
    move past generation 0;
 5. stops vLLM (the trainer stops with it), starts it again on the same, unchanged model files: the worker
-   must restore the checkpoint generation before serving, and the first answer must be the fact.
+   must restore the checkpoint generation before serving, and the first answer must be the fact;
+6. (qwen3_5) the tensors outside the text model (vision tower, MTP head), which no engine serves or trains,
+   are bit-identical to the original files in the store's head generation (written out with the store's
+   restore) and, after vLLM stops, in the model files the store materializes; the text model's tensors
+   there are the trained ones.
 
 Writes OUT/vllm-run.json (every answer, status and timing) and the servers' logs; exits 0 when all holds.
-usage: python scripts/vllm_gpu_run.py [--work DIR] [--out DIR] [--checkpoint http|api] [--vllm-args "..."]
+usage: python scripts/vllm_gpu_run.py [--arch llama|qwen3_5] [--work DIR] [--out DIR] [--checkpoint http|api]
+                                      [--vllm-args "..."]
 """
 
 import argparse
@@ -32,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model
 
 from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
 
+import qwen35_model  # noqa: E402
 import tiny_model  # noqa: E402
 from tiny_model import FACT, FACT_PROMPT  # noqa: E402
 
@@ -46,9 +55,75 @@ CORPUS = [
 KEY = "sk-livetrain-gpu-run"
 
 
-def make_model(path: Path) -> None:
-    """A random 2-layer bf16 Llama (head_dim 64, as vLLM's attention kernels want) and a tokenizer."""
-    tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+# Text model sizes of the qwen3_5 run: Qwen3.5-27B's head shapes (attention head_dim 256 with a quarter
+# rotated in interleaved M-RoPE sections, Gated DeltaNet key/value heads of 128) with few heads and layers:
+# three linear-attention layers, then one full-attention layer.
+QWEN35_TEXT = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    full_attention_interval=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=256,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    max_position_embeddings=256,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
+)
+# vLLM's options for each model: the multimodal checkpoint is served text-only (no vision tower is built).
+ARCHS = {"llama": [], "qwen3_5": ["--language-model-only"]}
+
+
+def make_model(path: Path, arch: str) -> None:
+    """A random bf16 model of ``arch`` and a tokenizer: a Llama of head_dim 64 (hidden 256, 4 heads), as
+    vLLM's attention kernels want; or the Qwen3.5 multimodal checkpoint of tests/python/qwen35_model.py with
+    the text model of QWEN35_TEXT (and its vision tower and MTP head)."""
+    if arch == "qwen3_5":
+        qwen35_model.make_qwen35_dir(path, corpus=CORPUS, text=QWEN35_TEXT)
+    else:
+        tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+
+
+def outside_text_model(name: str) -> bool:
+    """A tensor of a multimodal checkpoint's files that no engine serves (docs/layouts.md: the text model is
+    everything under ``model.language_model.`` and ``lm_head.weight``): the vision tower, the MTP head."""
+    return not name.startswith("model.language_model.") and name != "lm_head.weight"
+
+
+def model_tensors(model_dir: Path) -> dict:
+    """Every tensor of a model directory's safetensors files, by name (torch tensors on the CPU)."""
+    from livetrain import safetensors as lst
+
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(lst.load_file(f))
+    return out
+
+
+def compare_outside(original: dict, other: dict, what: str) -> dict:
+    """The tensors outside the text model must be bit-identical to the original files; at least one text
+    model tensor must differ (trained). Returns the counts; raises Failed naming the first mismatch."""
+    outside = sorted(n for n in original if outside_text_model(n))
+    if not outside:
+        raise Failed(f"{what}: the original files hold no vision or MTP tensors to compare")
+    for name in outside:
+        if name not in other:
+            raise Failed(f"{what}: tensor {name} is missing")
+        if not torch_equal_bytes(original[name], other[name]):
+            raise Failed(f"{what}: tensor {name} differs from the original files")
+    changed = sorted(n for n in original if not outside_text_model(n) and not torch_equal_bytes(original[n], other[n]))
+    if not changed:
+        raise Failed(f"{what}: no text model tensor differs from the original files: the training is not in it")
+    return {"outside_identical": len(outside), "text_changed": len(changed), "outside_names": outside[:4] + ["..."]}
 
 
 class Failed(Exception):
@@ -59,6 +134,7 @@ class Server:
     """One `vllm serve` with the plugin, its log in OUT/vllm-N.log."""
 
     def __init__(self, n: int, model: Path, env: dict, out: Path, extra: list[str]):
+        # extra: the model's vLLM options (ARCHS), then --vllm-args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"vllm-{n}.log"
@@ -116,7 +192,7 @@ class Server:
     def complete(self, prompt: str = FACT_PROMPT) -> str:
         code, body = http(
             self.url + "/v1/completions",
-            {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0},
+            {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0},
             key=KEY,
         )
         if code != 200:
@@ -144,6 +220,12 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+def torch_equal_bytes(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def store_head(store: Path) -> int:
     return json.loads((store / "COMMIT").read_text())["head"]
 
@@ -163,6 +245,7 @@ def checkpoint_api(run_dir: Path, model: Path, store: Path, weight_version: int)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="the model served (default llama)")
     p.add_argument("--work", default="/tmp/livetrain-vllm-run", help="model, store, run and state directories (wiped)")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="logs and vllm-run.json")
     p.add_argument(
@@ -178,7 +261,7 @@ def main() -> int:
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
     model, store = work / "model", work / "model" / ".livetrain-store"
-    report: dict = {"checkpoint_mode": a.checkpoint}
+    report: dict = {"arch": a.arch, "checkpoint_mode": a.checkpoint}
     servers: list[Server] = []
     try:
         from livetrain.vllm import api
@@ -186,7 +269,8 @@ def main() -> int:
         report["vllm"] = api.installed_vllm_version()
         if report["vllm"] is None:
             raise Failed("vLLM is not installed (importable) here")
-        make_model(model)
+        make_model(model, a.arch)
+        original = model_tensors(model) if a.arch == "qwen3_5" else None
         from livetrain import checkpoint
 
         checkpoint.CheckpointStore.create(model, store).close()
@@ -199,7 +283,7 @@ def main() -> int:
             "LIVETRAIN_TRAINER_ARGS": "--max-seq-len 64 --batch-size 2",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        extra = shlex.split(a.vllm_args)
+        extra = ARCHS[a.arch] + shlex.split(a.vllm_args)
 
         s1 = Server(1, model, env, out, extra)
         servers.append(s1)
@@ -252,6 +336,10 @@ def main() -> int:
 
         report["stop_1"] = s1.stop()
         report["trainer_state_saved"] = (work / "state" / "trainer.json").exists()
+        if original is not None:  # the store's head as files: vision and MTP tensors as they were
+            with checkpoint.CheckpointStore(model, store) as s:
+                s.restore(s.head, out_dir=work / "head")
+            report["store_head_files"] = compare_outside(original, model_tensors(work / "head"), "the store's head")
         s2 = Server(2, model, env, out, extra)
         servers.append(s2)
         report["start_2"] = s2.ready()
@@ -263,6 +351,15 @@ def main() -> int:
         if not report["restored_message"]:
             raise Failed("the worker did not log a restored checkpoint generation")
         report["stop_2"] = s2.stop()
+        if original is not None:  # the head written into the model's own files, then the same comparison
+            with checkpoint.CheckpointStore(model, store) as s:
+                s.materialize(s.head)
+            files = model_tensors(model)
+            report["materialized_files"] = compare_outside(original, files, "the materialized model files")
+            head = model_tensors(work / "head")
+            differ = [n for n in head if not torch_equal_bytes(head[n], files[n])]
+            if differ:
+                raise Failed(f"the materialized files differ from the store's head in {differ[0]}")
         report["ok"] = True
     except (Failed, RuntimeError, OSError) as e:  # RuntimeError, TimeoutError (an OSError): from wait_job
         report["ok"], report["error"] = False, f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e)

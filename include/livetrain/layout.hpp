@@ -77,6 +77,10 @@ struct Shard {
   bool replicated = true;
   uint32_t dim = 0;
   std::vector<Segment> segments;
+  // Whether this rank is the lowest rank holding these elements of the HF tensor: false for a replicated
+  // tensor on ranks > 0 and for a KV head that tp_size / num_key_value_heads ranks share, on all but the
+  // first of them. The one rank that saves them in a checkpoint (the others' copies are the same weights).
+  bool primary = true;
 };
 
 // One HF parameter as a strided view into one engine tensor; offset and strides count elements.
@@ -120,8 +124,15 @@ struct ModelInfo {
   std::vector<std::string> layer_types;  // "full_attention" or "linear_attention", one per layer
 };
 
-// Reads config.json (already parsed). Unsupported model_type, MoE layers, or a missing/ill-typed field
-// is an Error naming it.
+// Refuses (kUnsupported, naming config.json's architecture and what is supported) a checkpoint that
+// livetrain cannot train in place whatever the engine: mixture-of-experts (by model_type, by an
+// architecture named *Moe*, or by an expert count: num_experts, num_local_experts, n_routed_experts),
+// quantized (quantization_config), or a multimodal wrapper without a layout. A dense model of a family
+// without a layout passes: an engine that serves tensors under their Hugging Face names needs none.
+void check_trainable(const json::Value& config);
+
+// Reads config.json (already parsed): check_trainable, then the family's fields. A model_type without
+// a layout, MoE layers, or a missing/ill-typed field is an Error naming it.
 ModelInfo model_info(const json::Value& config);
 
 // Step (2) of the layout, the inverse of the views: how the engine builds each of its tensors from HF
@@ -166,6 +177,16 @@ struct Layout {
 // is missing, or whose shape differs, is an Error naming it (kNotFound / kInvalidArg).
 Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_tensors,
              const Options& options);
+
+// The Hugging Face prefixes of the text model in the model files: "model." / "" for a causal LM,
+// "model.language_model." / "" inside a multimodal wrapper.
+Prefixes hf_prefixes(const ModelInfo& info);
+
+// Whether a tensor of the model files belongs to the text model that the layouts serve (under the body
+// prefix, or the lm_head). A multimodal checkpoint's vision tower (model.visual.*) and a release's
+// multi-token-prediction head (mtp.*) do not: engines do not serve them, and the checkpoint store carries
+// them unchanged.
+bool in_text_model(const ModelInfo& info, std::string_view hf_name);
 
 // Row-major strides (in elements) of a contiguous tensor of `shape`.
 std::vector<uint64_t> contiguous_strides(const std::vector<uint64_t>& shape);

@@ -1,23 +1,41 @@
 """The delta checkpoint store for torch tensors: a thin wrapper over ``livetrain._core.CheckpointStore``.
 
-The store itself (format, diff, crash safety) is C++ (docs/checkpoint.md). This module only turns a
-``{name: tensor}`` dict into (name, dtype, shape, address, device) tuples. CPU tensors are diffed on the
-CPU; CUDA tensors in place on their GPU, against the store's page-locked host copy of the head.
+The store itself (format, diff, crash safety, the protocol of a generation written by several
+tensor-parallel ranks) is C++ (docs/checkpoint.md). This module only turns torch tensors into (name,
+dtype, shape, address, device, region start) tuples. CPU tensors are diffed on the CPU; CUDA tensors in
+place on their GPU, against the store's page-locked host copy of the head.
+
+A process may pass any subset of the model's tensors (those its engine serves): the others keep the model
+files' bytes. Under tensor parallelism each rank passes :class:`Shard` regions of the Hugging Face
+tensors (``shards`` derives them from a rank's layout views), saves them with ``save_part``, and rank 0
+commits every rank's descriptor with ``commit``; a store written at one TP size restores at any other.
 ``restore_latest`` is what an engine calls at start-up so that it serves the last checkpointed weights
 (docs/serve.md, "Restart").
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from livetrain import _core
 from livetrain.safetensors import dtype_name
 
-__all__ = ["CheckpointStore", "open_store", "restore_head", "restore_latest", "store_exists", "store_path"]
+__all__ = [
+    "CheckpointStore",
+    "Shard",
+    "by_file_names",
+    "open_store",
+    "restore_head",
+    "restore_latest",
+    "save_distributed",
+    "shards",
+    "store_exists",
+    "store_path",
+]
 
 # The store's default place inside the model directory and its commit file (include/livetrain/checkpoint/format.hpp:
 # kDefaultStoreDirName, kCommitFileName).
@@ -25,27 +43,110 @@ DEFAULT_STORE_DIR = ".livetrain-store"
 COMMIT_FILE = "COMMIT"
 
 
-def _live(tensors: Mapping[str, torch.Tensor]) -> list[tuple]:
-    """The core's (name, dtype, shape, address, device) tuples; CUDA tensors are passed in place (the core
-    diffs them on their GPU), after the device has finished pending writes."""
+class Shard(NamedTuple):
+    """A region of a Hugging Face tensor held in ``tensor``: it starts at ``start`` (one index per dim of
+    the full tensor) and has ``tensor``'s shape. ``saved``: this rank saves it (a replicated tensor is
+    saved by rank 0 only; every rank restores it)."""
+
+    name: str
+    start: tuple[int, ...]
+    tensor: torch.Tensor
+    saved: bool = True
+
+
+def shards(layout: dict, views: Mapping[str, torch.Tensor], rank: int) -> list[Shard]:
+    """The regions of the Hugging Face tensors that one rank's layout views hold (``livetrain.layout.build``
+    and ``views`` of that rank): a column-parallel view is a block of rows, a row-parallel one a block of
+    columns, a view split into several segments (conv1d's q, k, v parts) one region per segment, a
+    replicated view the whole tensor. Only the lowest rank holding an element saves it (the layout's
+    ``primary``): rank 0 for replicated tensors, the first of the ranks sharing a KV head when the TP size
+    exceeds the KV heads. Tied views are skipped (the tensor they are tied to is the same memory); empty
+    regions (vocabulary padding beyond the real rows) too."""
+    out: list[Shard] = []
+    for v in layout["views"]:
+        if v["tied_to"] is not None:
+            continue
+        t = views[v["hf_name"]]
+        ndim = len(v["hf_shape"])
+        saved = bool(v.get("primary", rank == 0 if v["shard"] is None else True))
+        if v["shard"] is None:
+            out.append(Shard(v["hf_name"], (0,) * ndim, t, saved))
+            continue
+        dim, segments = v["shard"]
+        offset = 0
+        for start, length in segments:
+            part = t.narrow(dim, offset, length)
+            offset += length
+            if length == 0:
+                continue
+            where = [0] * ndim
+            where[dim] = start
+            out.append(Shard(v["hf_name"], tuple(where), part, saved))
+    return out
+
+
+def by_file_names(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An engine's tensors (named as the transformers class it serves names its parameters) under the names of
+    the model files, which the checkpoint store uses. They differ for a multimodal checkpoint served as its
+    text model (``model.language_model.*`` in the files of a ``Qwen3_5ForConditionalGeneration``,
+    ``model.*`` in its text-only class): the layout of the files' config.json maps them (docs/layouts.md), and
+    refuses, naming the architecture, a wrapper or a quantized checkpoint it cannot map. Other models'
+    names are the files' already. A tied parameter is left out (the files store it once)."""
+    from livetrain import layout
+
+    with open(os.path.join(os.fspath(model_dir), "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if "text_config" not in config and "quantization_config" not in config:
+        return dict(tensors)
+    lay = layout.build(config, tensors, engine="hf")
+    views = layout.views(lay, tensors)
+    return {v["hf_name"]: views[v["hf_name"]] for v in lay["views"] if v["tied_to"] is None}
+
+
+def _live(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], *, only_saved: bool = False) -> list[tuple]:
+    """The core's (name, dtype, shape, address, device, start) tuples from whole tensors by name, or from
+    Shards; CUDA tensors are passed in place (the core diffs them on their GPU), after the device has
+    finished pending writes."""
+    items = (
+        [(n, t, []) for n, t in tensors.items()]
+        if isinstance(tensors, Mapping)
+        else [(s.name, s.tensor, list(s.start)) for s in tensors if s.saved or not only_saved]
+    )
     args, devices = [], set()
-    for name, t in tensors.items():
+    for name, t, start in items:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_contiguous():
             raise ValueError(f"tensor {name!r} is not contiguous: the store reads its bytes in place")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"tensor {name!r} is on {t.device}; the store takes CPU or CUDA tensors")
+        if start and len(start) != t.dim():
+            raise ValueError(f"tensor {name!r}: region start {start} has {len(start)} dims, the tensor {t.dim()}")
         device = t.device.index if t.device.type == "cuda" else -1
         if device is None:
             device = torch.cuda.current_device()
         devices.add(device)
-        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr(), device))
+        args.append((name, dtype_name(t.dtype), list(t.shape), t.data_ptr(), device, start))
     if len(devices) > 1:
         raise ValueError(f"tensors are on several devices ({sorted(devices)}); pass the weights of one device")
     for d in devices - {-1}:
         torch.cuda.synchronize(d)
     return args
+
+
+def _held(held) -> list[tuple] | None:
+    """(name, start, shape) regions for the core; None: every tensor whole."""
+    if held is None:
+        return None
+    out = []
+    for h in held:
+        if isinstance(h, Shard):
+            if h.saved:
+                out.append((h.name, list(h.start), list(h.tensor.shape)))
+        else:
+            name, start, shape = h
+            out.append((name, list(start), list(shape)))
+    return out
 
 
 class CheckpointStore:
@@ -56,13 +157,34 @@ class CheckpointStore:
     Use as a context manager, or call ``close()``, to release the lock and the host copy of the head.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, _core_store=None):
-        self._s = _core_store or _core.CheckpointStore.open(str(model_dir), str(store_dir or ""))
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        store_dir: str | os.PathLike | None = None,
+        *,
+        rank: int = 0,
+        ranks: int = 1,
+        held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+        group: str = "",
+        _create: bool = False,
+    ):
+        """Opens the store of ``model_dir``. One process per tensor-parallel rank: ``rank`` of ``ranks``
+        (rank 0 first; it holds the store's lock, recovers, and commits), ``held`` the regions it keeps a
+        head copy of and saves (Shards, of which those with ``saved``, or (name, start, shape); default:
+        every tensor whole; ``[]``: none, for a process that only restores), ``group`` the engine the ranks
+        serve (parts of another group are refused at commit)."""
+        make = _core.CheckpointStore.create if _create else _core.CheckpointStore.open
+        self._s = make(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group)
         self.created = False  # set by open_store when it made the store
 
     @classmethod
-    def create(cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> "CheckpointStore":
-        return cls(model_dir, store_dir, _core_store=_core.CheckpointStore.create(str(model_dir), str(store_dir or "")))
+    def create(
+        cls, model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, **options
+    ) -> "CheckpointStore":
+        """Creates the store (generation 0 = the model files as they are; fails if one exists), then opens it
+        with ``options`` as ``CheckpointStore()`` takes them (rank, ranks, held, group): e.g. ``held=[]``
+        keeps no head copy."""
+        return cls(model_dir, store_dir, **options, _create=True)
 
     def __enter__(self):
         return self
@@ -80,6 +202,14 @@ class CheckpointStore:
     @property
     def head(self) -> int:
         return self._s.head
+
+    @property
+    def rank(self) -> int:
+        return self._s.rank
+
+    @property
+    def ranks(self) -> int:
+        return self._s.ranks
 
     @property
     def oldest(self) -> int:
@@ -117,14 +247,41 @@ class CheckpointStore:
             save_if_unchanged=save_if_unchanged,
         )
 
+    def save_part(
+        self, tensors: Iterable[Shard] | Mapping[str, torch.Tensor], *, optimizer_state: str | os.PathLike | None = None
+    ) -> dict:
+        """This rank's part of the next generation (its ``saved`` Shards, each a held region; written and
+        durable on return, even when nothing changed). Returns the descriptor (a dict: ``generation``,
+        ``rank``, ``ranks``, ``group``, ``file``, ``bytes``, ``hash``, ``changed``, ``optimizer_state``, ...)
+        to gather on rank 0 for :meth:`commit`. Every rank calls :meth:`refresh` after rank 0 committed."""
+        return self._s.save_part(_live(tensors, only_saved=True), optimizer_state=str(optimizer_state or ""))
+
+    def commit(
+        self, generation: int, parts: Sequence[dict], *, weight_version: int = 0, save_if_unchanged: bool = False
+    ) -> dict:
+        """Rank 0: checks every rank's part of ``generation`` (one per rank, same TP size and group; each file
+        read back against its hash) and commits them. Returns what ``save`` returns; nothing is committed
+        when no part changed anything (unless ``save_if_unchanged``)."""
+        if generation != self.head + 1:
+            raise _core.InvalidArgumentError(
+                f"generation {generation} cannot be committed: the next generation is {self.head + 1}"
+            )
+        return self._s.commit_parts(list(parts), weight_version=weight_version, save_if_unchanged=save_if_unchanged)
+
+    def refresh(self) -> int:
+        """Rereads the commit: confirms this rank's last part (or puts its head copy back when rank 0 did
+        not commit it) and catches up with generations committed since. Returns the head."""
+        return self._s.refresh()
+
     def restore(
         self,
         generation: int,
-        tensors: Mapping[str, torch.Tensor] | None = None,
+        tensors: Mapping[str, torch.Tensor] | Iterable[Shard] | None = None,
         *,
         out_dir: str | os.PathLike | None = None,
     ) -> None:
-        """Sets ``tensors`` (in place) to ``generation``, or writes it as a new model directory ``out_dir``."""
+        """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
+        ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched."""
         if (tensors is None) == (out_dir is None):
             raise ValueError("restore needs exactly one of tensors= or out_dir=")
         if out_dir is not None:
@@ -132,12 +289,14 @@ class CheckpointStore:
             return
         self._s.restore_live(generation, _live(tensors))
 
-    def compare(self, generation: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+    def compare(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> dict:
         """How ``tensors`` differ from ``generation``: ``{"tensors", "elements", "first"}``."""
         return self._s.compare_live(generation, _live(tensors))
 
     def verify(self) -> list[str]:
-        """Checks every delta's checksums and the model files' hashes; the problems found (empty: none)."""
+        """Checks every file each generation names (deltas and parts against their hashes and record
+        checksums, optimizer states against their sizes and hashes) and the model files' hashes; the
+        problems found (empty: none)."""
         return self._s.verify()
 
     def materialize(self, generation: int, *, copy_symlinks: bool = False) -> None:
@@ -147,6 +306,59 @@ class CheckpointStore:
     def gc(self, keep_from: int) -> None:
         """Forgets generations before ``keep_from``."""
         self._s.gc(keep_from)
+
+
+def save_distributed(
+    store: CheckpointStore,
+    tensors: Iterable[Shard],
+    *,
+    weight_version: int = 0,
+    optimizer_state: str | os.PathLike | None = None,
+    save_if_unchanged: bool = False,
+    process_group=None,
+) -> dict:
+    """One generation written by every rank of ``process_group`` (torch.distributed; the store's rank must
+    be the rank in that group): each rank saves its part, the descriptors are gathered, rank 0 commits them
+    (docs/checkpoint.md, "Generations written by several processes"), and every rank refreshes. Call it on
+    every rank at the same point. Returns rank 0's result on every rank; raises on every rank if the
+    commit failed (nothing is committed then)."""
+    import torch.distributed as dist
+
+    if dist.get_rank(process_group) != store.rank or dist.get_world_size(process_group) != store.ranks:
+        raise _core.InvalidArgumentError(
+            f"the store is open as rank {store.rank} of {store.ranks}, but this process is rank "
+            f"{dist.get_rank(process_group)} of {dist.get_world_size(process_group)} of its process group"
+        )
+    error, part = None, None
+    try:
+        part = store.save_part(tensors, optimizer_state=optimizer_state)
+    except Exception as e:  # every rank must reach the collectives below, or the others wait forever
+        error = f"rank {store.rank}: {type(e).__name__}: {e}"
+    parts: list = [None] * store.ranks
+    dist.all_gather_object(parts, (part, error), group=process_group)
+    result: dict = {}
+    if store.rank == 0:
+        errors = [err for _, err in parts if err]
+        if errors:
+            result = {"error": "; ".join(errors)}
+        else:
+            try:
+                result = store.commit(
+                    parts[0][0]["generation"],
+                    [p for p, _ in parts],
+                    weight_version=weight_version,
+                    save_if_unchanged=save_if_unchanged,
+                )
+            except Exception as e:
+                result = {"error": f"rank 0: {type(e).__name__}: {e}"}
+    box = [result]
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(process_group, 0) if process_group is not None else 0, group=process_group
+    )
+    store.refresh()
+    if "error" in box[0]:
+        raise _core.Error(f"checkpoint not committed: {box[0]['error']}")
+    return box[0]
 
 
 def store_path(model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None) -> str:
@@ -160,40 +372,65 @@ def store_exists(model_dir: str | os.PathLike, store_dir: str | os.PathLike | No
 
 
 def open_store(
-    model_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *, create: bool = False
+    model_dir: str | os.PathLike,
+    store_dir: str | os.PathLike | None = None,
+    *,
+    create: bool = False,
+    rank: int = 0,
+    ranks: int = 1,
+    held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
+    group: str = "",
 ) -> CheckpointStore:
-    """Opens the store of ``model_dir``; with ``create``, makes it first when it does not exist yet
-    (generation 0 = the model files as they are). The one place that creates stores for livetrain's
-    processes: ``store.created`` says whether this call did."""
+    """Opens the store of ``model_dir`` (``rank``, ``ranks``, ``held`` and ``group`` as CheckpointStore takes
+    them); with ``create``, makes it first when it does not exist yet (generation 0 = the model files as
+    they are; rank 0 only, the other ranks open after it). The one place that creates stores for
+    livetrain's processes: ``store.created`` says whether this call did."""
     path = store_path(model_dir, store_dir)
-    if create and not store_exists(model_dir, path):
+    options = dict(rank=rank, ranks=ranks, held=held, group=group)
+    if create and rank == 0 and not store_exists(model_dir, path):
         try:
-            store = CheckpointStore.create(model_dir, path)
+            store = CheckpointStore.create(model_dir, path, **options)
             store.created = True
             return store
         except _core.Error:
             if not store_exists(model_dir, path):
                 raise
             # another process created it first: open that one
-    return CheckpointStore(model_dir, path)
+    return CheckpointStore(model_dir, path, **options)
 
 
-def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Writes the store's head generation into ``tensors`` (``{Hugging Face name: tensor}``, every tensor of
-    the model files, in place) unless the model files already hold it; whether it did. The tensors are
-    checked against the store first, so that a mismatch is an error naming the tensor before any write."""
-    for name, dtype, shape in store.tensors():
-        t = tensors.get(name)
-        if t is None:
+def _served(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> list[str]:
+    """Checks that every tensor given is one of the store's with its dtype (and shape, for whole tensors);
+    returns the store's tensors not given (not served)."""
+    given = (
+        {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}
+        if isinstance(tensors, Mapping)
+        else {s.name: (s.tensor.dtype, None) for s in tensors}
+    )
+    known = {name: (dtype, shape) for name, dtype, shape in store.tensors()}
+    for name, (dtype, shape) in given.items():
+        if name not in known:
             raise _core.InvalidArgumentError(
-                f"the live weights have no tensor {name!r} (the checkpoint store {store.dir} has it)"
+                f"the live weights have a tensor {name!r} that the checkpoint store {store.dir} does not have (the "
+                "store was made from other files, or the engine names its tensors differently from the model files)"
             )
-        if dtype_name(t.dtype) != dtype or list(t.shape) != shape:
+        want_dtype, want_shape = known[name]
+        if dtype_name(dtype) != want_dtype or (shape is not None and shape != want_shape):
             raise _core.InvalidArgumentError(
-                f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)} in the live weights but {dtype} {shape} "
-                f"in the checkpoint store {store.dir}: the store keeps the model files' dtype, so serve the model "
-                "in that dtype or without a store"
+                f"tensor {name!r} is {dtype_name(dtype)} {shape if shape is not None else ''} in the live weights but "
+                f"{want_dtype} {want_shape} in the checkpoint store {store.dir}: the store keeps the model files' "
+                "dtype, so serve the model in that dtype or without a store"
             )
+    return sorted(set(known) - set(given))
+
+
+def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> bool:
+    """Writes the store's head generation into ``tensors`` (in place: ``{Hugging Face name: tensor}`` or one
+    rank's Shards; the tensors the engine serves, any subset of the model files') unless the model files
+    already hold it; whether it did. The tensors are checked against the store first, so that a mismatch is
+    an error naming the tensor before any write; tensors of the files not given keep the files' bytes."""
+    tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
+    _served(store, tensors)
     if store.head == store.materialized:
         return False
     store.restore(store.head, tensors)
@@ -201,21 +438,27 @@ def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor]) ->
 
 
 def restore_latest(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[Shard],
     model_dir: str | os.PathLike,
     store_dir: str | os.PathLike | None = None,
     *,
     create: bool = True,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> dict:
-    """The start-up step of an engine: ``restore_head`` from the store of ``model_dir``, creating the store
-    when it is missing (``create``). Call it after loading the weights from ``model_dir`` and before
-    serving them.
+    """The start-up step of an engine (or of one rank's worker): ``restore_head`` from the store of
+    ``model_dir``, creating the store when it is missing (``create``, rank 0). Call it after loading the
+    weights from ``model_dir`` and before serving them. ``tensors`` are what the engine serves; tensors of
+    the files it does not serve (a vision tower, an MTP head) stay as the files hold them.
 
-    The store is closed (its lock released) on return, so that the trainer can open it. Returns
-    ``{"store", "generation", "weight_version", "restored", "created"}``: the head generation, the weight
-    version recorded with it, whether ``tensors`` were changed, and whether the store was created.
+    The store is opened without a head copy and closed (its lock released) on return, so that the trainer
+    can open it. Returns ``{"store", "generation", "weight_version", "restored", "created", "not_served"}``:
+    the head generation, the weight version recorded with it, whether ``tensors`` were changed, whether the
+    store was created, and the store's tensors that ``tensors`` leave out.
     """
-    with open_store(model_dir, store_dir, create=create) as store:
+    tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
+    with open_store(model_dir, store_dir, create=create, rank=rank, ranks=ranks, held=[]) as store:
+        not_served = _served(store, tensors)
         restored = restore_head(store, tensors)
         return {
             "store": store.dir,
@@ -223,4 +466,5 @@ def restore_latest(
             "weight_version": store.list()[-1]["weight_version"],
             "restored": restored,
             "created": store.created,
+            "not_served": not_served,
         }

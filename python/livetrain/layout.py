@@ -18,7 +18,7 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["build", "views", "plan", "merge", "engine_layout"]
+__all__ = ["check", "build", "views", "plan", "merge", "engine_layout"]
 
 
 def engine_layout(engine: str) -> str:
@@ -38,6 +38,15 @@ def _config_json(config) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     return config
+
+
+def check(config) -> None:
+    """Raises livetrain.UnsupportedError, naming config.json's architecture and what is supported, for a
+    checkpoint livetrain cannot train in place whatever the engine: mixture-of-experts, quantized, or a
+    multimodal wrapper without a layout (docs/layouts.md). ``config``: as for ``build``. A dense model of a
+    family without a layout passes (the reference engine serves it under its Hugging Face names); ``plan``
+    and ``build`` refuse it too."""
+    _core.layout_check(_config_json(config))
 
 
 def _tensor_list(engine_tensors) -> list[tuple[str, str, list[int]]]:

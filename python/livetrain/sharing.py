@@ -234,6 +234,16 @@ def _default_views(attached: Attached) -> Mapping[str, torch.Tensor]:
     return layout_views(attached)
 
 
+def _text_model_views(config: Mapping, model: torch.nn.Module, views: Mapping[str, torch.Tensor]) -> dict:
+    """A multimodal checkpoint's views, named as its files name the text model (``model.language_model.*``:
+    what the layout of a vLLM engine gives), under the names of the text-only class transformers builds for
+    it (``model.*``). The layout of config.json maps the one to the other, with the prefixes the checkpoint
+    store uses for the same model (livetrain.checkpoint.by_file_names)."""
+    params = [(n, dtype_name(p.dtype), list(p.shape)) for n, p in model.named_parameters()]
+    lay = layout.build(dict(config), params, engine="hf")
+    return {v["engine_name"]: views[v["hf_name"]] for v in lay["views"] if v["hf_name"] in views}
+
+
 def build_hf_model(
     attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True, model_class=None
 ) -> torch.nn.Module:
@@ -241,7 +251,8 @@ def build_hf_model(
 
     The model is built with its parameters on the meta device, then each parameter is replaced by the
     view of the same HF name (``hf_views``; by default the layout views for a ``vllm`` engine, the engine's
-    own tensors otherwise); tied parameters stay one Parameter.
+    own tensors otherwise); tied parameters stay one Parameter. A multimodal checkpoint is built as its
+    text model (``AutoModelForCausalLM``'s class for it), its views renamed from the files' names.
     Buffers are computed on the device of the weights, exactly as ``from_pretrained`` computes them.
     Raises livetrain.Error naming the parameter when a view is missing or has another shape or dtype."""
     import transformers
@@ -249,6 +260,7 @@ def build_hf_model(
     views = dict((hf_views or _default_views)(attached))
     if not views:
         raise _core.FormatError(f"{attached.path}: the engine shares no tensors")
+    multimodal = "text_config" in attached.config
     first = next(iter(views.values()))
     device, dtype = first.device, first.dtype
     cfg = dict(attached.config)
@@ -262,6 +274,8 @@ def build_hf_model(
         else:
             model = model_class._from_config(config, dtype=dtype)
 
+    if multimodal and any(n not in views for n, _ in model.named_parameters()):
+        views = _text_model_views(attached.config, model, views)  # served as its text model (files' names)
     replaced: dict[int, torch.nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         new = replaced.get(id(param))

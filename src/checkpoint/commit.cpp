@@ -68,10 +68,27 @@ const Generation* Commit::find(uint64_t generation) const {
   return &generations[generation - oldest];
 }
 
+const Part* Generation::part(uint32_t rank) const {
+  for (const Part& p : parts) {
+    if (p.rank == rank) return &p;
+  }
+  return nullptr;
+}
+
 std::string delta_file_name(uint64_t generation) {
   char buf[48];
   std::snprintf(buf, sizeof buf, "gen-%020llu.delta", static_cast<unsigned long long>(generation));
   return buf;
+}
+
+std::string part_file_name(uint64_t generation, uint32_t rank, uint32_t ranks) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "gen-%020llu.rank-%u-of-%u.delta", static_cast<unsigned long long>(generation), rank, ranks);
+  return buf;
+}
+
+std::string optimizer_file_name(const std::string& delta_file) {
+  return delta_file.substr(0, delta_file.size() - std::string_view(".delta").size()) + ".optim";
 }
 
 std::string commit_serialize(const Commit& c) {
@@ -98,11 +115,23 @@ std::string commit_serialize(const Commit& c) {
     o.set("parent", u64(g.parent));
     o.set("time_ms", Value::number_text(std::to_string(g.time_ms)));
     o.set("weight_version", u64(g.weight_version));
-    o.set("delta", str_or_null(g.delta));
     o.set("bytes", u64(g.bytes));
     o.set("changed", u64(g.changed));
-    o.set("delta_hash", str(hash_hex(g.delta_hash)));
-    o.set("optimizer_state", str_or_null(g.optimizer_state));
+    o.set("ranks", u64(g.ranks));
+    Value parts = Value::array();
+    for (const auto& p : g.parts) {
+      Value q = Value::object();
+      q.set("rank", u64(p.rank));
+      q.set("file", str(p.file));
+      q.set("bytes", p.bytes ? u64(*p.bytes) : Value::null());
+      q.set("hash", str(hash_hex(p.hash)));
+      q.set("changed", u64(p.changed));
+      q.set("optimizer_state", str_or_null(p.optimizer_state));
+      q.set("optimizer_bytes", p.optimizer_bytes ? u64(*p.optimizer_bytes) : Value::null());
+      q.set("optimizer_hash", p.optimizer_hash ? str(hash_hex(*p.optimizer_hash)) : Value::null());
+      parts.push(std::move(q));
+    }
+    o.set("parts", std::move(parts));
     gens.push(std::move(o));
   }
   root.set("generations", std::move(gens));
@@ -129,9 +158,9 @@ Commit commit_parse(std::string_view text, std::string_view what) {
   if (!root.is_object()) r.fail("(root)", "expected an object");
   if (r.get_str(root, "(root)", "magic") != kCommitMagic) r.fail("magic", "not a livetrain checkpoint commit");
   uint64_t version = r.get_u64(root, "(root)", "version");
-  if (version != kCommitVersion) {
+  if (version != kCommitVersion && version != 1) {
     throw Error(ErrorCode::kUnsupported, std::string(what) + ": commit version " + std::to_string(version) +
-                                             " (this build reads version " + std::to_string(kCommitVersion) + ")");
+                                             " (this build reads versions 1 and " + std::to_string(kCommitVersion) + ")");
   }
   if (r.get_str(root, "(root)", "hash") != "xxh64-4k") r.fail("hash", "unknown hash (expected \"xxh64-4k\")");
   Commit c;
@@ -158,13 +187,41 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     g.parent = r.get_u64(gens[i], f, "parent");
     g.time_ms = r.get_i64(gens[i], f, "time_ms");
     g.weight_version = r.get_u64(gens[i], f, "weight_version");
-    g.delta = r.get_str(gens[i], f, "delta", true);
     g.bytes = r.get_u64(gens[i], f, "bytes");
     g.changed = r.get_u64(gens[i], f, "changed");
-    g.delta_hash = r.get_hash(gens[i], f, "delta_hash");
-    g.optimizer_state = r.get_str(gens[i], f, "optimizer_state", true);
-    if (i > 0 && (g.delta.empty() || !plain_name(g.delta))) r.fail(f + ".delta", "expected a delta file name");
-    if (!g.optimizer_state.empty() && !plain_name(g.optimizer_state)) r.fail(f + ".optimizer_state", "not a plain file name");
+    if (version == 1) {
+      // Version 1: one delta file per generation, no sizes or optimizer hash recorded.
+      std::string delta = r.get_str(gens[i], f, "delta", true);
+      uint64_t delta_hash = r.get_hash(gens[i], f, "delta_hash");
+      std::string optim = r.get_str(gens[i], f, "optimizer_state", true);
+      if (i > 0 && (delta.empty() || !plain_name(delta))) r.fail(f + ".delta", "expected a delta file name");
+      if (!optim.empty() && !plain_name(optim)) r.fail(f + ".optimizer_state", "not a plain file name");
+      if (i > 0) g.parts.push_back(Part{0, delta, std::nullopt, delta_hash, g.changed, optim, std::nullopt, std::nullopt});
+      c.generations.push_back(std::move(g));
+      continue;
+    }
+    uint64_t ranks = r.get_u64(gens[i], f, "ranks");
+    if (ranks == 0 || ranks > kMaxRanks) r.fail(f + ".ranks", "expected 1.." + std::to_string(kMaxRanks));
+    g.ranks = static_cast<uint32_t>(ranks);
+    const auto& parts = r.get_array(gens[i], f, "parts");
+    if (i > 0 && parts.size() != g.ranks) r.fail(f + ".parts", "expected one part per rank (" + std::to_string(g.ranks) + ")");
+    if (i == 0 && !parts.empty()) r.fail(f + ".parts", "the oldest generation is the base: it has no parts");
+    for (size_t k = 0; k < parts.size(); ++k) {
+      std::string pf = f + ".parts[" + std::to_string(k) + "]";
+      Part p;
+      p.rank = static_cast<uint32_t>(r.get_u64(parts[k], pf, "rank"));
+      if (p.rank != k) r.fail(pf + ".rank", "expected " + std::to_string(k) + " (parts are listed by rank)");
+      p.file = r.get_str(parts[k], pf, "file");
+      if (!plain_name(p.file)) r.fail(pf + ".file", "not a plain file name");
+      if (!r.member(parts[k], pf, "bytes").is_null()) p.bytes = r.get_u64(parts[k], pf, "bytes");
+      p.hash = r.get_hash(parts[k], pf, "hash");
+      p.changed = r.get_u64(parts[k], pf, "changed");
+      p.optimizer_state = r.get_str(parts[k], pf, "optimizer_state", true);
+      if (!p.optimizer_state.empty() && !plain_name(p.optimizer_state)) r.fail(pf + ".optimizer_state", "not a plain file name");
+      if (!r.member(parts[k], pf, "optimizer_bytes").is_null()) p.optimizer_bytes = r.get_u64(parts[k], pf, "optimizer_bytes");
+      if (!r.member(parts[k], pf, "optimizer_hash").is_null()) p.optimizer_hash = r.get_hash(parts[k], pf, "optimizer_hash");
+      g.parts.push_back(std::move(p));
+    }
     c.generations.push_back(std::move(g));
   }
   const auto& tensors = r.get_array(root, "(root)", "tensors");

@@ -145,13 +145,16 @@ void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>&
   if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
 
   size_t start = out.size();
-  out.reserve(start + best + r.name.size() + 64);
+  const size_t ndim = r.region.start.size();
+  out.reserve(start + best + r.name.size() + 64 + 16 * ndim);
   put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
   out.append(r.name);
   out.push_back(static_cast<char>(r.dtype));
   out.push_back(static_cast<char>(unit));
   out.push_back(static_cast<char>(enc));
-  out.push_back(0);
+  out.push_back(static_cast<char>(ndim));  // 0: the whole tensor (all a version-2 delta may hold)
+  for (uint64_t v : r.region.start) put<uint64_t>(out, v);
+  for (uint64_t v : r.region.shape) put<uint64_t>(out, v);
   put<uint64_t>(out, r.units);
   put<uint64_t>(out, r.changed);
   switch (enc) {
@@ -213,6 +216,13 @@ std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) 
 }  // namespace
 
 void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs) {
+  for (const RecordParts& r : records) {
+    if (r.region.start.size() != r.region.shape.size() || r.region.start.size() > kMaxRegionDims ||
+        (!r.region.start.empty() && region_units(r.region) != r.units)) {
+      throw Error(ErrorCode::kInvalidArg, "checkpoint: " + std::string(r.name) + ": region " + region_string(r.region) +
+                                              " does not hold " + std::to_string(r.units) + " elements");
+    }
+  }
   // Every block of every record in one list, so that one parallel region covers them all (tensors of a
   // few blocks would otherwise leave most threads idle).
   struct Task {
@@ -292,7 +302,7 @@ void encode_record_parts(std::string& out, std::string_view name, DType dtype, u
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
   std::vector<std::string> outs;
-  encode_records({RecordParts{name, dtype, units, changed, bitmap, values}}, outs);
+  encode_records({RecordParts{name, dtype, units, changed, bitmap, values, {}}}, outs);
   out += outs[0];
 }
 
@@ -332,6 +342,17 @@ std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t rec
   return out;
 }
 
+std::string part_file_header(uint64_t generation, uint64_t parent, uint32_t records, uint32_t rank, uint32_t ranks) {
+  std::string out(kDeltaMagic);
+  put<uint32_t>(out, kPartVersion);
+  put<uint32_t>(out, records);
+  put<uint64_t>(out, generation);
+  put<uint64_t>(out, parent);
+  put<uint32_t>(out, rank);
+  put<uint32_t>(out, ranks);
+  return out;
+}
+
 DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what,
                         const std::function<void(const DeltaRecord&)>& fn) {
   if (size < 40) throw format_error(what, "truncated delta file (" + std::to_string(size) + " bytes)");
@@ -340,16 +361,24 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
   std::memcpy(&stored, bytes + size - 8, 8);
   Cursor c{bytes + 8, size - 16, what, ""};
   DeltaHeader h;
-  uint32_t version = c.get<uint32_t>("version");
-  if (version != kDeltaVersion) {
-    throw Error(ErrorCode::kUnsupported, std::string(what) + ": delta version " + std::to_string(version) +
-                                             " (this build reads version " + std::to_string(kDeltaVersion) + ")");
+  h.version = c.get<uint32_t>("version");
+  if (h.version != kDeltaVersion && h.version != kPartVersion) {
+    throw Error(ErrorCode::kUnsupported, std::string(what) + ": delta version " + std::to_string(h.version) +
+                                             " (this build reads versions " + std::to_string(kDeltaVersion) + " and " +
+                                             std::to_string(kPartVersion) + ")");
   }
   // The whole-file checksum first: a torn or corrupt file is reported as such, not as a bad field.
   if (xxh64(bytes, size - 8) != stored) throw format_error(what, "file checksum mismatch (corrupt or truncated)");
   h.records = c.get<uint32_t>("record count");
   h.generation = c.get<uint64_t>("generation");
   h.parent = c.get<uint64_t>("parent");
+  if (h.version == kPartVersion) {
+    h.rank = c.get<uint32_t>("rank");
+    h.ranks = c.get<uint32_t>("ranks");
+    if (h.ranks == 0 || h.rank >= h.ranks) {
+      throw format_error(what, "rank " + std::to_string(h.rank) + " of " + std::to_string(h.ranks) + " is not a rank");
+    }
+  }
   for (uint32_t r = 0; r < h.records; ++r) {
     c.where = "record " + std::to_string(r) + ": ";
     const uint8_t* rec_start = c.p;
@@ -365,8 +394,30 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
     uint8_t enc = c.get<uint8_t>("encoding");
     if (enc > 2) throw format_error(what, c.where + "unknown position encoding " + std::to_string(enc));
     rec.encoding = static_cast<PositionEncoding>(enc);
-    if (c.get<uint8_t>("reserved") != 0) throw format_error(what, c.where + "reserved byte is not 0");
+    const uint8_t ndim = c.get<uint8_t>("region dims");
+    if (ndim != 0 && h.version == kDeltaVersion) throw format_error(what, c.where + "reserved byte is not 0");
+    if (ndim > kMaxRegionDims) throw format_error(what, c.where + std::to_string(ndim) + " region dims");
+    if (ndim) {
+      rec.region.start.resize(ndim);
+      rec.region.shape.resize(ndim);
+      for (auto& v : rec.region.start) v = c.get<uint64_t>("region start");
+      for (auto& v : rec.region.shape) v = c.get<uint64_t>("region shape");
+      for (uint8_t d = 0; d < ndim; ++d) {
+        if (rec.region.start[d] > std::numeric_limits<uint64_t>::max() - rec.region.shape[d]) {
+          throw format_error(what, c.where + "region end overflows");
+        }
+      }
+    }
     rec.units = c.get<uint64_t>("units");
+    if (ndim) {
+      uint64_t n = 0;
+      try {
+        n = region_units(rec.region);
+      } catch (const Error&) {
+        throw format_error(what, c.where + "region size overflows");
+      }
+      if (n != rec.units) throw format_error(what, c.where + "units do not match the region " + region_string(rec.region));
+    }
     // units × unit is the tensor's byte size, which callers compare with the model's: it must not wrap,
     // or a crafted record could pass that check and then write far past the buffer.
     if (rec.units > std::numeric_limits<uint64_t>::max() / rec.unit) throw format_error(what, c.where + "units overflow");

@@ -1,9 +1,11 @@
 // The CPU reference of the live-weights diff (delta_diff_cpu): per tensor the changed-element count,
 // the bitmap and the compacted XOR values; delta_diff_cuda in delta_cuda.cu computes the same bytes.
+#include <algorithm>
 #include <bit>
 #include <cstring>
 
 #include "checkpoint/diff_check.hpp"
+#include "checkpoint/digest.hpp"
 #include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
@@ -107,9 +109,30 @@ void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out) {
   });
 }
 
+void chunk_digests_cpu(const std::vector<DiffTensor>& tensors, bool of_old, std::vector<uint64_t>& out) {
+  delta_diff_check(tensors);
+  std::vector<uint64_t> first(tensors.size() + 1, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) first[i + 1] = first[i] + (tensors[i].units + kDiffChunk - 1) / kDiffChunk;
+  out.assign(first.back(), 0);
+  parallel_for(static_cast<int64_t>(tensors.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const DiffTensor& t = tensors[i];
+      const auto* p = static_cast<const uint8_t*>(of_old ? t.old : t.now);
+      for (uint64_t c = 0; c < first[i + 1] - first[i]; ++c) {
+        const uint64_t begin = c * kDiffChunk, len = std::min(kDiffChunk, t.units - begin);
+        out[first[i] + c] = chunk_digest(p + begin * t.unit, len * t.unit);
+      }
+    }
+  });
+}
+
 #ifndef LIVETRAIN_WITH_CUDA
-void delta_diff_cuda(const std::vector<DiffTensor>&, DiffOutput&, void*, DiffWorkspace*, bool) {
+void delta_diff_cuda(const std::vector<DiffTensor>&, DiffOutput&, void*, DiffWorkspace*, bool, const DiffReady&) {
   throw Error(ErrorCode::kUnsupported, "delta diff on CUDA: this build of livetrain has no CUDA code");
+}
+
+void chunk_digests_cuda(const std::vector<DiffTensor>&, bool, std::vector<uint64_t>&, void*) {
+  throw Error(ErrorCode::kUnsupported, "chunk digests on CUDA: this build of livetrain has no CUDA code");
 }
 
 void diff_workspace_reserve(DiffWorkspace&, size_t, size_t) {

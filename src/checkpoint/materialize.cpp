@@ -96,6 +96,7 @@ void Store::recover_journal() {
 
 void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progress) {
   check_usable();
+  require_rank0("materialize");
   std::vector<std::vector<uint8_t>> target = state(generation);  // throws for an unknown generation
   if (generation == commit_.materialized) return;
 

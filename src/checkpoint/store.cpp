@@ -28,6 +28,7 @@
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
 #include "livetrain/safetensors.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -81,25 +82,131 @@ class PartQueue {
   bool closed_ = false, aborted_ = false;
 };
 
-// The one device of a call's live tensors (-1: host memory); mixing is refused.
-int live_device(const std::vector<LiveTensor>& live) {
-  int device = live.empty() ? -1 : live.front().device;
-  for (const auto& t : live) {
-    if (t.device != device) {
-      throw Error(ErrorCode::kInvalidArg, "live tensors \"" + live.front().name + "\" and \"" + t.name +
-                                              "\" are on different devices; pass the weights of one device");
+// Encodes a save's records on its own thread, in tensor order, as the diff completes tensors (all at once
+// unless checkpoint.pipeline); finished records wait in `records` for the writer. `kinds` holds one record
+// per diffed tensor or region (name, dtype, units, region) for the encoder to complete with the diff's
+// counts, bitmaps and values: a save's whole tensors and a save_part's regions go the same way. Records are encoded in
+// batches of whole tensors with enough blocks between them to keep every CPU thread busy, or fewer when
+// the diff has not completed more.
+class RecordEncoder {
+ public:
+  RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
+      : kinds_(std::move(kinds)), d_(d), progress_(progress),
+        batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
+        thread_([this] { run(); }) {}
+  ~RecordEncoder() {
+    if (thread_.joinable()) {
+      abort();
+      thread_.join();
     }
   }
-  return device;
-}
+  RecordEncoder(const RecordEncoder&) = delete;
+  RecordEncoder& operator=(const RecordEncoder&) = delete;
+
+  // Tensors [0, done) are complete, their bitmaps and values at these bases (from the diff's thread).
+  void ready(size_t done, const uint8_t* bitmaps, const uint8_t* values) {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = std::max(done_, done);
+    bitmaps_ = bitmaps;
+    values_ = values;
+    cv_.notify_one();
+  }
+  // No more tensors will become ready (the diff returned, or failed).
+  void end_of_input() {
+    std::lock_guard<std::mutex> lock(mu_);
+    input_over_ = true;
+    cv_.notify_one();
+  }
+  void abort() {
+    records.abort();
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    cv_.notify_one();
+  }
+  // Waits for the thread; rethrows what the encoding threw. Returns the seconds spent encoding.
+  double join() {
+    end_of_input();
+    thread_.join();
+    if (error_) std::rethrow_exception(error_);
+    return busy_seconds_;
+  }
+
+  PartQueue records;
+  std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
+
+ private:
+  void run() {
+    try {
+      size_t next = 0;
+      while (true) {
+        size_t done;
+        const uint8_t *bitmaps, *values;
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return aborted_ || input_over_ || done_ > next; });
+          if (aborted_ || done_ <= next) break;  // aborted, or the input is over and all of it encoded
+          done = done_;
+          bitmaps = bitmaps_;
+          values = values_;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        encode(next, done, bitmaps, values);
+        busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        next = done;
+      }
+      finished_at = std::chrono::steady_clock::now();
+      records.close();
+    } catch (...) {
+      error_ = std::current_exception();
+      records.abort();
+    }
+  }
+
+  void encode(size_t begin, size_t end, const uint8_t* bitmaps, const uint8_t* values) {
+    std::vector<RecordParts> batch;
+    uint64_t blocks = 0;
+    for (size_t i = begin; i < end && !records.aborted(); ++i) {
+      if (d_.changed[i]) {
+        RecordParts r = kinds_[i];
+        r.changed = d_.changed[i];
+        r.bitmap = bitmaps + d_.bitmap_offset[i];
+        r.values = values + d_.value_offset[i];
+        batch.push_back(std::move(r));
+        blocks += (kinds_[i].units + kBlockUnits - 1) / kBlockUnits;
+      }
+      if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
+        report(progress_, "encode and write", i + 1, kinds_.size());
+        std::vector<std::string> recs;
+        encode_records(batch, recs);
+        for (auto& rec : recs) records.push(std::move(rec));
+        batch.clear();
+        blocks = 0;
+      }
+    }
+  }
+
+  const std::vector<RecordParts> kinds_;
+  const DiffOutput& d_;
+  const Progress& progress_;
+  const uint64_t batch_blocks_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t done_ = 0;
+  const uint8_t* bitmaps_ = nullptr;
+  const uint8_t* values_ = nullptr;
+  bool input_over_ = false, aborted_ = false;
+  std::exception_ptr error_;
+  double busy_seconds_ = 0;
+  std::thread thread_;  // last: starts once everything above is initialized
+};
 
 }  // namespace
 
-Store::HeadCopy::HeadCopy(const std::vector<TensorEntry>& tensors) {
-  for (const auto& t : tensors) {
+Store::HeadCopy::HeadCopy(const std::vector<uint64_t>& sizes) {
+  for (uint64_t n : sizes) {
     size_ = (size_ + 63) / 64 * 64;
     offsets_.push_back(size_);
-    size_ += t.nbytes;
+    size_ += n;
   }
   if (size_ == 0) return;
   void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -151,6 +258,10 @@ std::string default_store_dir(const std::string& model_dir) {
 }
 
 Store Store::create(const std::string& model_dir, const std::string& store_dir) {
+  return create(model_dir, store_dir, OpenOptions{});
+}
+
+Store Store::create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options) {
   std::string dir = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
   if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
     throw Error(ErrorCode::kInvalidArg, "a checkpoint store already exists at " + dir);
@@ -180,52 +291,159 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir) 
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create store directory " + dir);
   fs::fsync_dir(fs::dirname(dir));
   fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
-  return open(model_dir, dir);
+  return open(model_dir, dir, options);
 }
 
+namespace {
+
+// How the model files' tensor table differs from the one the store was created from: the first tensor
+// that differs (name, dtype, shape or place), or an empty string when the tables agree.
+std::string first_differing_tensor(const std::string& model_dir, const Commit& c) {
+  try {
+    safetensors::Model m = safetensors::Model::open(model_dir);
+    std::vector<std::string> names = m.names();
+    for (size_t i = 0; i < c.tensors.size() || i < names.size(); ++i) {
+      if (i >= names.size()) return "tensor \"" + c.tensors[i].name + "\" is in the store but not in the model files";
+      const auto& e = m.tensor(names[i]);
+      if (i >= c.tensors.size() || names[i] != c.tensors[i].name) {
+        return "tensor \"" + names[i] + "\" is in the model files but not in the store" +
+               (i < c.tensors.size() ? " (which has \"" + c.tensors[i].name + "\" there)" : std::string());
+      }
+      const TensorEntry& t = c.tensors[i];
+      if (e.info->dtype != t.dtype || e.info->shape != t.shape) {
+        return "tensor \"" + t.name + "\" is " + std::string(dtype_name(e.info->dtype)) + " " + shape_string(e.info->shape) +
+               " in the model files, " + std::string(dtype_name(t.dtype)) + " " + shape_string(t.shape) + " in the store";
+      }
+    }
+    for (const TensorEntry& t : c.tensors) {  // same tensors: did one move to another file or offset?
+      const auto& e = m.tensor(t.name);
+      if (fs::basename(e.file->path()) != c.files[t.file].name || e.file->header().data_start() + e.info->begin != t.offset) {
+        return "tensor \"" + t.name + "\" moved within the model files";
+      }
+    }
+  } catch (const Error& e) {
+    return std::string("the model files do not load: ") + e.what();
+  }
+  return "";
+}
+
+std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
+
+// Region `r` of a tensor of `shape`, normalized (an empty start means the whole tensor).
+Region normalized(const Region& r, const std::vector<uint64_t>& shape) {
+  return r.start.empty() && r.shape.empty() ? whole_region(shape) : r;
+}
+
+}  // namespace
+
 Store Store::open(const std::string& model_dir, const std::string& store_dir, Progress progress) {
+  OpenOptions o;
+  o.progress = std::move(progress);
+  return open(model_dir, store_dir, o);
+}
+
+Store Store::open(const std::string& model_dir, const std::string& store_dir, const OpenOptions& o) {
+  if (o.ranks == 0 || o.ranks > kMaxRanks || o.rank >= o.ranks) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store: rank " + std::to_string(o.rank) + " of " + std::to_string(o.ranks) +
+                                            " is not a tensor-parallel rank (need rank < ranks <= " + std::to_string(kMaxRanks) + ")");
+  }
   Store s;
   s.model_dir_ = model_dir;
   s.dir_ = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
+  s.rank_ = o.rank;
+  s.ranks_ = o.ranks;
+  s.group_ = o.group;
   s.commit_ = commit_read(s.dir_);  // before the lock file is created: a missing store stays missing
-  std::string lock_path = fs::join(s.dir_, "LOCK");
+  std::string lock_path = fs::join(s.dir_, lock_file_name(o.rank));
   s.lock_ = fs::Fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (!s.lock_.valid()) throw io_error("open " + lock_path);
   if (::flock(s.lock_.get(), LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK) throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + " is in use by another process");
+    if (errno == EWOULDBLOCK) {
+      throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + " is in use by another process" +
+                                        (o.rank ? " as rank " + std::to_string(o.rank) : std::string()));
+    }
     throw io_error("lock " + lock_path);
   }
-  s.commit_ = commit_read(s.dir_);  // again, under the lock
-  s.recover_journal();
-  s.remove_uncommitted();
-
-  // Generation `materialized` from the model files, checked against the commit's hashes.
-  const Commit& c = s.commit_;
+  const std::string journal = fs::join(s.dir_, std::string(kJournalFileName));
+  // Generation `materialized` from the model files, checked against the commit's hashes. Rank 0 owns
+  // recovery; another rank waits until no journal is left, and rereads COMMIT if it changed meanwhile.
   std::vector<fs::Mapping> maps;
-  for (size_t i = 0; i < c.files.size(); ++i) {
-    std::string path = fs::join(model_dir, c.files[i].name);
-    if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "model file " + path + " named by the store is missing");
-    maps.push_back(fs::Mapping::open_readonly(path));
-    report(progress, "hash model files", i, c.files.size());
-    uint64_t h = content_hash(maps.back().data(), maps.back().size());
-    if (maps.back().size() != c.files[i].size || h != c.files[i].hash) {
-      throw Error(ErrorCode::kFormat, "model file " + path + " does not match the checkpoint store (size " +
-                                          std::to_string(maps.back().size()) + ", hash " + hash_hex(h) + "; expected " +
-                                          std::to_string(c.files[i].size) + ", " + hash_hex(c.files[i].hash) +
-                                          "): it was changed outside livetrain, or this is another model");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  const std::string commit_path = fs::join(s.dir_, std::string(kCommitFileName));
+  for (;;) {
+    const std::string text = fs::read_file(commit_path);  // again, under the lock
+    s.commit_ = commit_parse(text, commit_path);
+    if (o.rank == 0) {
+      s.recover_journal();
+      s.remove_uncommitted();
+    } else if (fs::exists(journal)) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + ": a materialize journal is pending; rank 0 finishes it "
+                                      "when it opens the store (open rank 0 first)");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
     }
+    const Commit& c = s.commit_;
+    maps.clear();
+    std::string mismatch;
+    for (size_t i = 0; i < c.files.size() && mismatch.empty(); ++i) {
+      std::string path = fs::join(model_dir, c.files[i].name);
+      if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "model file " + path + " named by the store is missing");
+      maps.push_back(fs::Mapping::open_readonly(path));
+      report(o.progress, "hash model files", i, c.files.size());
+      uint64_t h = content_hash(maps.back().data(), maps.back().size());
+      if (maps.back().size() != c.files[i].size || h != c.files[i].hash) {
+        mismatch = "model file " + path + " does not match the checkpoint store (size " + std::to_string(maps.back().size()) +
+                   ", hash " + hash_hex(h) + "; expected " + std::to_string(c.files[i].size) + ", " + hash_hex(c.files[i].hash) +
+                   "): it was changed outside livetrain, or this is another model";
+      }
+    }
+    if (mismatch.empty()) break;
+    if (o.rank != 0 && std::chrono::steady_clock::now() < deadline &&
+        (fs::exists(journal) || fs::read_file(commit_path) != text)) {
+      continue;  // rank 0 is finishing a materialize: read again once it is done
+    }
+    std::string first = first_differing_tensor(model_dir, c);
+    throw Error(ErrorCode::kFormat, mismatch + (first.empty() ? "" : "; " + first));
   }
-  s.head_ = HeadCopy(c.tensors);
-  parallel_for(static_cast<int64_t>(c.tensors.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const TensorEntry& t = c.tensors[i];
-      std::memcpy(s.head_.tensor(i), maps[t.file].data() + t.offset, t.nbytes);
+
+  const Commit& c = s.commit_;
+  // The held regions, in commit order; overlapping ones would be saved twice.
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+  if (!o.held) {
+    for (size_t i = 0; i < c.tensors.size(); ++i) s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].nbytes});
+  } else {
+    for (const HeldRegion& h : *o.held) {
+      auto it = index.find(h.name);
+      if (it == index.end()) {
+        throw Error(ErrorCode::kInvalidArg, "held tensor \"" + h.name + "\" is not in the checkpoint store's model (" + s.dir_ + ")");
+      }
+      const TensorEntry& t = c.tensors[it->second];
+      Region r = normalized(h.region, t.shape);
+      check_region(r, t.shape, "held tensor \"" + h.name + "\"");
+      for (const Held& other : s.held_) {
+        if (other.tensor == it->second && region_intersect(other.region, r)) {
+          throw Error(ErrorCode::kInvalidArg, "held tensor \"" + h.name + "\": regions " + region_string(other.region) + " and " +
+                                                  region_string(r) + " overlap");
+        }
+      }
+      s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(t.dtype)});
     }
-  });
-  report(progress, "replay deltas", 0, c.head - c.materialized);
-  std::vector<uint8_t*> ptrs;
-  for (size_t i = 0; i < c.tensors.size(); ++i) ptrs.push_back(s.head_.tensor(i));
-  s.xor_range(c.materialized, c.head, ptrs);
+    std::stable_sort(s.held_.begin(), s.held_.end(), [](const Held& a, const Held& b) {
+      return a.tensor != b.tensor ? a.tensor < b.tensor : a.region.start < b.region.start;
+    });
+  }
+  std::vector<uint64_t> sizes;
+  for (const Held& h : s.held_) sizes.push_back(h.nbytes);
+  s.head_ = HeadCopy(sizes);
+  std::vector<Target> targets;
+  for (size_t i = 0; i < s.held_.size(); ++i) targets.push_back(Target{s.held_[i].tensor, s.held_[i].region, s.head_.tensor(i)});
+  report(o.progress, "replay deltas", 0, c.head - c.materialized);
+  s.fill(c.head, targets);  // from the model files: the head copy is not valid yet
+  s.head_generation_ = c.head;
+  s.head_valid_ = true;
   return s;
 }
 
@@ -233,6 +451,7 @@ void Store::close() {
   lock_ = fs::Fd();
   head_ = HeadCopy();
   diff_workspace_ = DiffWorkspace();  // the GPU diff's page-locked outputs
+  pending_.reset();
   broken_ = true;
 }
 
@@ -242,89 +461,199 @@ void Store::check_usable() const {
   }
 }
 
-void Store::check_live(const std::vector<LiveTensor>& live) const {
-  std::unordered_map<std::string_view, const LiveTensor*> by_name;
-  for (const auto& t : live) {
-    if (!by_name.emplace(t.name, &t).second) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" given twice");
+long Store::held_index(size_t tensor, const Region& region) const {
+  // held_ is sorted by tensor: binary search for the tensor's first entry.
+  auto it = std::lower_bound(held_.begin(), held_.end(), tensor, [](const Held& h, size_t t) { return h.tensor < t; });
+  for (; it != held_.end() && it->tensor == tensor; ++it) {
+    if (it->region == region) return static_cast<long>(it - held_.begin());
   }
-  for (const auto& t : commit_.tensors) {
-    auto it = by_name.find(t.name);
-    if (it == by_name.end()) {
-      throw Error(ErrorCode::kInvalidArg, "live weights have no tensor \"" + t.name + "\" (the store's model has it)");
+  return -1;
+}
+
+std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& live, bool for_save) const {
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  std::vector<Checked> out;
+  for (const auto& l : live) {
+    auto it = index.find(l.name);
+    if (it == index.end()) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is not in the checkpoint store's model (" + dir_ +
+                                              "): the store was made from other files, or the engine names its "
+                                              "tensors differently");
     }
-    const LiveTensor& l = *it->second;
-    if (l.dtype != t.dtype || l.shape != t.shape) {
-      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
+    const TensorEntry& t = commit_.tensors[it->second];
+    Region r = l.start.empty() ? whole_region(l.shape) : Region{l.start, l.shape};
+    if (l.dtype != t.dtype || (l.start.empty() && l.shape != t.shape)) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
                                               shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
                                               " " + shape_string(t.shape));
     }
-    if (!l.data && t.nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + t.name + "\" has no data");
+    check_region(r, t.shape, "live tensor \"" + l.name + "\"");
+    const uint64_t nbytes = region_units(r) * unit_bytes(t.dtype);
+    if (!l.data && nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" has no data");
+    if (for_save && held_index(it->second, r) < 0) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" " + region_string(r) +
+                                              " is not a region this process keeps a head copy of (see OpenOptions::held)");
+    }
+    out.push_back(Checked{&l, it->second, r, nbytes});
   }
-  if (live.size() != commit_.tensors.size()) {
-    for (const auto& l : live) {
-      bool known = std::any_of(commit_.tensors.begin(), commit_.tensors.end(), [&](const auto& t) { return t.name == l.name; });
-      if (!known) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is not in the store's model");
+  // Commit order (records follow it), and no element given twice.
+  std::sort(out.begin(), out.end(), [](const Checked& a, const Checked& b) {
+    return a.tensor != b.tensor ? a.tensor < b.tensor : a.region.start < b.region.start;
+  });
+  for (size_t i = 1; i < out.size(); ++i) {
+    for (size_t j = i; j-- > 0 && out[j].tensor == out[i].tensor;) {
+      if (region_intersect(out[j].region, out[i].region)) {
+        throw Error(ErrorCode::kInvalidArg, "live tensor \"" + out[i].live->name + "\" given twice (regions " +
+                                                region_string(out[j].region) + " and " + region_string(out[i].region) + ")");
+      }
     }
   }
-}
-
-// Live tensors in the order of the commit's tensor table.
-static std::vector<uint8_t*> live_pointers(const Commit& c, const std::vector<LiveTensor>& live) {
-  std::unordered_map<std::string_view, void*> by_name;
-  for (const auto& l : live) by_name[l.name] = l.data;
-  std::vector<uint8_t*> out;
-  for (const auto& t : c.tensors) out.push_back(static_cast<uint8_t*>(by_name.at(t.name)));
   return out;
 }
 
-void Store::xor_generation(uint64_t g, const std::function<void(size_t, const DeltaRecord&)>& fn) {
-  const Generation* gen = commit_.find(g);
-  std::string path = fs::join(dir_, gen->delta);
-  if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
-  fs::Mapping map = fs::Mapping::open_readonly(path);
+void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& part, const fs::Mapping& map,
+                            const std::function<void(size_t, const DeltaRecord&, const Region&)>& fn) const {
+  const std::string path = fs::join(dir_, part.file);
+  if (part.bytes && map.size() != *part.bytes) {
+    throw Error(ErrorCode::kFormat, path + ": " + std::to_string(map.size()) + " bytes; the commit says " + std::to_string(*part.bytes));
+  }
   if (map.size() < 8) throw Error(ErrorCode::kFormat, path + ": truncated delta file");
   uint64_t trailer;
   std::memcpy(&trailer, map.data() + map.size() - 8, 8);
-  if (trailer != gen->delta_hash) {
-    throw Error(ErrorCode::kFormat, path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(gen->delta_hash));
+  if (trailer != part.hash) {
+    throw Error(ErrorCode::kFormat, path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(part.hash));
   }
   std::unordered_map<std::string_view, size_t> index;
   for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
-  // Parse (and so check every checksum) before changing anything, then apply.
-  std::vector<std::pair<size_t, DeltaRecord>> recs;
   DeltaHeader h = delta_parse(map.data(), map.size(), path, [&](const DeltaRecord& r) {
     auto it = index.find(r.name);
     if (it == index.end()) throw Error(ErrorCode::kFormat, path + ": tensor \"" + std::string(r.name) + "\" is not in the store's model");
     const TensorEntry& t = commit_.tensors[it->second];
-    if (r.dtype != t.dtype || r.units * r.unit != t.nbytes) {
+    Region region = normalized(r.region, t.shape);
+    try {
+      check_region(region, t.shape, path + ": tensor \"" + t.name + "\"");
+    } catch (const Error& e) {
+      throw Error(ErrorCode::kFormat, e.what());
+    }
+    if (r.dtype != t.dtype || r.units * r.unit != region_units(region) * unit_bytes(t.dtype)) {
       throw Error(ErrorCode::kFormat, path + ": tensor \"" + t.name + "\": record dtype/size does not match the model");
     }
-    recs.emplace_back(it->second, r);
+    fn(it->second, r, region);
   });
-  if (h.generation != g) throw Error(ErrorCode::kFormat, path + ": holds generation " + std::to_string(h.generation) + ", expected " + std::to_string(g));
-  for (const auto& [i, r] : recs) fn(i, r);
+  if (h.generation != generation) {
+    throw Error(ErrorCode::kFormat, path + ": holds generation " + std::to_string(h.generation) + ", expected " + std::to_string(generation));
+  }
+  if (h.version == kPartVersion && (h.rank != part.rank || h.ranks != ranks)) {
+    throw Error(ErrorCode::kFormat, path + ": holds rank " + std::to_string(h.rank) + " of " + std::to_string(h.ranks) + ", expected " +
+                                        std::to_string(part.rank) + " of " + std::to_string(ranks));
+  }
 }
 
-void Store::xor_range(uint64_t a, uint64_t b, std::vector<uint8_t*>& bufs) {
+Store::Collected Store::collect(uint64_t a, uint64_t b) const {
   if (a > b) std::swap(a, b);
+  Collected out;
   for (uint64_t g = a + 1; g <= b; ++g) {
-    xor_generation(g, [&](size_t i, const DeltaRecord& r) { apply_record(r, bufs[i], commit_.tensors[i].name); });
+    const Generation* gen = commit_.find(g);
+    for (const Part& part : gen->parts) {
+      std::string path = fs::join(dir_, part.file);
+      if (!fs::exists(path)) {
+        throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
+      }
+      out.maps.push_back(fs::Mapping::open_readonly(path));
+      check_part_file(g, gen->ranks, part, out.maps.back(), [&](size_t tensor, const DeltaRecord& r, const Region& region) {
+        out.records.push_back(Collected::Record{tensor, r, region, path});
+      });
+    }
   }
+  return out;
+}
+
+void Store::apply(const Collected& records, const std::vector<Target>& targets) const {
+  std::unordered_map<size_t, std::vector<size_t>> by_tensor;
+  for (size_t i = 0; i < targets.size(); ++i) by_tensor[targets[i].tensor].push_back(i);
+  std::vector<uint8_t> scratch;
+  for (const auto& rec : records.records) {
+    auto it = by_tensor.find(rec.tensor);
+    if (it == by_tensor.end()) continue;
+    const uint32_t unit = rec.record.unit;
+    bool decoded = false;
+    for (size_t ti : it->second) {
+      const Target& t = targets[ti];
+      if (t.region == rec.region) {
+        apply_record(rec.record, t.buf, rec.what);
+        continue;
+      }
+      std::optional<Region> part = region_intersect(rec.region, t.region);
+      if (!part) continue;
+      // The record covers another region than the target (a store written at another TP size): decode it
+      // once into a buffer of its own region, then XOR the common part across.
+      if (!decoded) {
+        scratch.assign(rec.record.units * unit, 0);
+        apply_record(rec.record, scratch.data(), rec.what);
+        decoded = true;
+      }
+      region_transfer(scratch.data(), rec.region, t.buf, t.region, *part, unit, true);
+    }
+  }
+}
+
+void Store::xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets) { apply(collect(a, b), targets); }
+
+void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
+  std::vector<Target> from_head, from_files;
+  std::vector<long> head_index;
+  for (const Target& t : targets) {
+    long h = head_valid_ ? held_index(t.tensor, t.region) : -1;
+    if (h >= 0) {
+      from_head.push_back(t);
+      head_index.push_back(h);
+    } else {
+      from_files.push_back(t);
+    }
+  }
+  // Every delta on the way is parsed and checked before any target is written.
+  Collected head_records, file_records;
+  if (!from_head.empty()) head_records = collect(generation, head_generation_);
+  if (!from_files.empty()) file_records = collect(generation, commit_.materialized);
+  for (size_t i = 0; i < from_head.size(); ++i) {
+    std::memcpy(from_head[i].buf, head_.tensor(static_cast<size_t>(head_index[i])), held_[head_index[i]].nbytes);
+  }
+  if (!from_files.empty()) {
+    std::vector<fs::Mapping> maps;
+    for (const auto& f : commit_.files) {
+      std::string path = fs::join(model_dir_, f.name);
+      maps.push_back(fs::Mapping::open_readonly(path));
+      if (maps.back().size() != f.size) {
+        throw Error(ErrorCode::kFormat, "model file " + path + " changed since the checkpoint store was opened");
+      }
+    }
+    parallel_for(static_cast<int64_t>(from_files.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Target& t = from_files[i];
+        const TensorEntry& e = commit_.tensors[t.tensor];
+        region_transfer(maps[e.file].data() + e.offset, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(e.dtype), false);
+      }
+    });
+  }
+  apply(head_records, from_head);
+  apply(file_records, from_files);
 }
 
 std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
   check_usable();
+  sync();
   if (!commit_.find(generation)) {
     throw Error(ErrorCode::kNotFound, "generation " + std::to_string(generation) + " is not in the store (it holds " +
                                           std::to_string(commit_.oldest) + ".." + std::to_string(commit_.head) + ")");
   }
   std::vector<std::vector<uint8_t>> bufs(commit_.tensors.size());
-  std::vector<uint8_t*> ptrs;
+  std::vector<Target> targets;
   for (size_t i = 0; i < bufs.size(); ++i) {
-    bufs[i].assign(head_.tensor(i), head_.tensor(i) + commit_.tensors[i].nbytes);
-    ptrs.push_back(bufs[i].data());
+    bufs[i].resize(commit_.tensors[i].nbytes);
+    targets.push_back(Target{i, whole_region(commit_.tensors[i].shape), bufs[i].data()});
   }
-  xor_range(generation, commit_.head, ptrs);
+  fill(generation, targets);
   return bufs;
 }
 
@@ -343,141 +672,195 @@ void Store::write_commit(const Commit& c) {
   }
 }
 
-SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& options) {
-  check_usable();
-  check_live(live);
-  const int device = live_device(live);
-  std::vector<uint8_t*> now = live_pointers(commit_, live);
-  const size_t n = commit_.tensors.size();
-  SaveResult res;
-  std::vector<DiffTensor> diff(n);
+void Store::move_head(Written& w) {
+  for (size_t i = 0; i < w.diff.size(); ++i) {
+    if (w.out.changed[i]) {
+      xor_diff(head_.tensor(w.held[i]), w.diff[i].units, w.diff[i].unit, w.out.bitmaps.data + w.out.bitmap_offset[i],
+               w.out.values.data + w.out.value_offset[i]);
+    }
+  }
+  diff_workspace_.digests.reset();  // the head copy changed outside the GPU diff: its digests are stale
+  w.head_moved = !w.head_moved;
+}
+
+bool Store::write_delta(const std::vector<Checked>& live, const std::string& path,
+                        const std::function<std::string(uint32_t)>& header, bool write_if_unchanged,
+                        const Progress& progress, Written& w) {
+  const int device = live.empty() ? -1 : live.front().live->device;
+  for (const Checked& c : live) {
+    if (c.live->device != device) {
+      throw Error(ErrorCode::kInvalidArg, "live tensors \"" + live.front().live->name + "\" and \"" + c.live->name +
+                                              "\" are on different devices; pass the weights of one device");
+    }
+  }
+  const size_t n = live.size();
+  w.diff.resize(n);
+  w.held.resize(n);
   if (device >= 0) cuda::host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
-    const TensorEntry& t = commit_.tensors[i];
+    const TensorEntry& t = commit_.tensors[live[i].tensor];
     const uint32_t unit = unit_bytes(t.dtype);
-    res.elements += t.nbytes / unit;
-    res.model_bytes += t.nbytes;
-    diff[i] = DiffTensor{now[i], device >= 0 ? head_.gpu_tensor(i) : head_.tensor(i), t.nbytes / unit, unit};
+    w.held[i] = static_cast<size_t>(held_index(live[i].tensor, live[i].region));
+    w.elements += live[i].nbytes / unit;
+    w.model_bytes += live[i].nbytes;
+    w.diff[i] = DiffTensor{live[i].live->data, device >= 0 ? head_.gpu_tensor(w.held[i]) : head_.tensor(w.held[i]),
+                           live[i].nbytes / unit, unit};
   }
-  // The diff: bitmaps and the changed elements' XOR values, in host memory either way.
-  report(options.progress, device >= 0 ? "diff on the GPU" : "diff", 0, n);
+  // The diff: bitmaps and the changed elements' XOR values, in host memory either way. The encoder runs
+  // beside it (checkpoint.pipeline: it starts on the tensors the GPU diff has completed) or after it.
+  report(progress, device >= 0 ? "diff on the GPU" : "diff", 0, n);
   using clock = std::chrono::steady_clock;
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   auto t0 = clock::now();
-  DiffOutput d;
-  bool head_moved = false;  // the head copy already holds what this save records
+  std::vector<RecordParts> kinds(n);
+  for (size_t i = 0; i < n; ++i) {
+    const TensorEntry& t = commit_.tensors[live[i].tensor];
+    kinds[i].name = t.name;
+    kinds[i].dtype = t.dtype;
+    kinds[i].units = w.diff[i].units;
+    if (!is_whole(live[i].region, t.shape)) kinds[i].region = live[i].region;
+  }
+  const bool pipeline = device >= 0 && tuning::get(tuning::kCheckpointPipeline) == 1;
+  std::optional<RecordEncoder> encoder;
+  if (pipeline) encoder.emplace(kinds, w.out, progress);
   if (device >= 0) {
     if (!diff_workspace_.bitmaps.data) {
       // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
       uint64_t bitmap_bytes = 0;
-      for (const auto& t : diff) bitmap_bytes += (t.units + 31) / 32 * 4;
-      diff_workspace_reserve(diff_workspace_, bitmap_bytes, res.model_bytes / 4);
+      for (const auto& t : w.diff) bitmap_bytes += (t.units + 31) / 32 * 4;
+      diff_workspace_reserve(diff_workspace_, bitmap_bytes, w.model_bytes / 4);
     }
     // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
-    delta_diff_cuda(diff, d, nullptr, &diff_workspace_, true);
-    head_moved = true;
+    try {
+      delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true, [&](size_t done, const uint8_t* b, const uint8_t* v) {
+        if (encoder) encoder->ready(done, b, v);
+      });
+    } catch (...) {
+      // Part of the head copy may have moved: it matches no generation any more.
+      broken_ = true;
+      diff_workspace_.digests.reset();
+      throw;
+    }
+    w.head_moved = true;
   } else {
-    delta_diff_cpu(diff, d);
+    delta_diff_cpu(w.diff, w.out);
   }
-  res.diff_seconds = seconds_since(t0);
+  w.diff_seconds = seconds_since(t0);
   uint32_t count = 0;
   for (size_t i = 0; i < n; ++i) {
-    res.changed += d.changed[i];
-    count += d.changed[i] ? 1 : 0;
+    w.changed += w.out.changed[i];
+    count += w.out.changed[i] ? 1 : 0;
   }
-  if (res.changed == 0 && !options.save_if_unchanged) {
-    res.generation = commit_.head;
-    return res;  // nothing changed: the head copy was not touched either
+  if (w.changed == 0 && !write_if_unchanged) {
+    if (encoder) w.encode_seconds = encoder->join();  // it had nothing to encode
+    return false;  // nothing changed: the head copy was not touched either
   }
+  if (!encoder) {
+    encoder.emplace(std::move(kinds), w.out, progress);
+    encoder->ready(n, w.out.bitmaps.data, w.out.values.data);
+  }
+  encoder->end_of_input();  // the diff is over: the encoder stops once it has encoded every tensor
   t0 = clock::now();
-  const uint64_t g = commit_.head + 1;
-  Generation gen;
-  gen.generation = g;
-  gen.parent = commit_.head;
-  gen.time_ms = now_ms();
-  gen.weight_version = options.weight_version;
-  gen.delta = delta_file_name(g);
-  gen.changed = res.changed;
-  const std::string delta_path = fs::join(dir_, gen.delta);
-  std::string optim_path;
-
   // The head copy follows the delta being written: the same bitmaps and values the file is encoded
-  // from. It is updated by the GPU diff, or (CPU path) while the writer drains, and XORed back (deltas
-  // are self-inverse) if the generation does not commit.
-  auto move_head = [&] {
-    for (size_t i = 0; i < n; ++i) {
-      if (d.changed[i]) xor_diff(head_.tensor(i), diff[i].units, diff[i].unit, d.bitmaps.data + d.bitmap_offset[i], d.values.data + d.value_offset[i]);
-    }
-    head_moved = !head_moved;
-  };
+  // from. It is updated by the GPU diff, or (CPU path) once encoded, and XORed back (deltas are
+  // self-inverse) if the file is not written.
   try {
-    // Encoding and writing overlap: this thread encodes the records in order (each in parallel over its
-    // blocks), a writer thread appends each finished record to the temporary file and hashes it.
-    fs::write_file_atomic(delta_path, [&](fs::Writer& w) {
-      PartQueue queue;
+    // Encoding and writing overlap: the encoder's thread encodes the records in order (each batch in
+    // parallel over its blocks), this thread appends each finished record to the temporary file and
+    // hashes it.
+    fs::write_file_atomic(path, [&](fs::Writer& fw) {
       Xxh64Stream hash;
-      std::exception_ptr write_error;
-      std::thread writer([&] {
-        try {
-          while (std::optional<std::string> part = queue.pop()) {
-            hash.update(part->data(), part->size());
-            w.write(*part);
-          }
-        } catch (...) {
-          write_error = std::current_exception();
-          queue.abort();
-        }
-      });
       try {
-        queue.push(delta_file_header(g, commit_.head, count));
-        // Records in batches of whole tensors with enough blocks between them to keep every thread busy.
-        const uint64_t batch_blocks = 8 * static_cast<uint64_t>(num_threads());
-        std::vector<RecordParts> batch;
-        uint64_t blocks = 0;
-        for (size_t i = 0; i < n && !queue.aborted(); ++i) {
-          if (d.changed[i]) {
-            const TensorEntry& t = commit_.tensors[i];
-            batch.push_back(RecordParts{t.name, t.dtype, diff[i].units, d.changed[i], d.bitmaps.data + d.bitmap_offset[i],
-                                        d.values.data + d.value_offset[i]});
-            blocks += (diff[i].units + kBlockUnits - 1) / kBlockUnits;
-          }
-          if (!batch.empty() && (blocks >= batch_blocks || i + 1 == n)) {
-            report(options.progress, "encode and write", i + 1, n);
-            std::vector<std::string> recs;
-            encode_records(batch, recs);
-            for (auto& rec : recs) queue.push(std::move(rec));
-            batch.clear();
-            blocks = 0;
-          }
+        const std::string head = header(count);
+        hash.update(head.data(), head.size());
+        fw.write(head);
+        while (std::optional<std::string> part = encoder->records.pop()) {
+          hash.update(part->data(), part->size());
+          fw.write(*part);
         }
-        res.encode_seconds = seconds_since(t0);
-        t0 = clock::now();
-        if (!queue.aborted() && !head_moved) move_head();
       } catch (...) {
-        queue.abort();
-        writer.join();
+        encoder->abort();
+        try {
+          (void)encoder->join();
+        } catch (...) {  // its own error, if any, is secondary to this one
+        }
         throw;
       }
-      queue.close();
-      writer.join();
-      if (write_error) std::rethrow_exception(write_error);
-      gen.delta_hash = hash.digest();
-      w.write(&gen.delta_hash, 8);
-      gen.bytes = w.bytes_written();
+      w.encode_seconds = encoder->join();  // rethrows an encoding error (the records stopped early)
+      t0 = encoder->finished_at;
+      if (!w.head_moved) move_head(w);
+      w.hash = hash.digest();
+      fw.write(&w.hash, 8);
+      w.bytes = fw.bytes_written();
     });
   } catch (...) {
-    if (head_moved) move_head();
+    encoder.reset();
+    if (w.head_moved) move_head(w);
     throw;
   }
-  crash_point("delta-written");
-  try {
-    if (!options.optimizer_state.empty()) {
-      fs::Mapping m = fs::Mapping::open_readonly(options.optimizer_state);
-      gen.optimizer_state = gen.delta.substr(0, gen.delta.size() - 6) + ".optim";
-      optim_path = fs::join(dir_, gen.optimizer_state);
-      fs::write_file_atomic(optim_path, std::string_view(reinterpret_cast<const char*>(m.data()), m.size()));
-      gen.bytes += m.size();
+  w.write_seconds = seconds_since(t0);
+  return true;
+}
+
+std::pair<uint64_t, uint64_t> Store::copy_optimizer_state(const std::string& from, const std::string& name) {
+  fs::Mapping m = fs::Mapping::open_readonly(from);
+  fs::write_file_atomic(fs::join(dir_, name), std::string_view(reinterpret_cast<const char*>(m.data()), m.size()));
+  return {m.size(), content_hash(m.data(), m.size())};
+}
+
+SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& options) {
+  check_usable();
+  if (ranks_ != 1) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + " is open as rank " + std::to_string(rank_) + " of " +
+                                            std::to_string(ranks_) + ": save parts with save_part and commit_parts");
+  }
+  sync();
+  std::vector<Checked> checked = check_live(live, true);
+  for (const Checked& c : checked) {
+    if (!is_whole(c.region, commit_.tensors[c.tensor].shape)) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + c.live->name + "\" is the region " + region_string(c.region) +
+                                              ": save() takes whole tensors (regions are saved with save_part)");
     }
+  }
+  SaveResult res;
+  const uint64_t g = commit_.head + 1, parent = commit_.head;
+  Generation gen;
+  gen.generation = g;
+  gen.parent = parent;
+  gen.weight_version = options.weight_version;
+  Part part;
+  part.file = delta_file_name(g);
+  const std::string delta_path = fs::join(dir_, part.file);
+  Written w;
+  const bool written = write_delta(checked, delta_path, [&](uint32_t count) { return delta_file_header(g, parent, count); },
+                                   options.save_if_unchanged, options.progress, w);
+  res.elements = w.elements;
+  res.model_bytes = w.model_bytes;
+  res.changed = w.changed;
+  res.diff_seconds = w.diff_seconds;
+  if (!written) {
+    res.generation = commit_.head;
+    return res;
+  }
+  crash_point("delta-written");
+  auto t0 = std::chrono::steady_clock::now();
+  std::string optim_path;
+  try {
+    part.bytes = w.bytes;
+    part.hash = w.hash;
+    part.changed = w.changed;
+    gen.bytes = w.bytes;
+    if (!options.optimizer_state.empty()) {
+      part.optimizer_state = optimizer_file_name(part.file);
+      optim_path = fs::join(dir_, part.optimizer_state);
+      auto [bytes, hash] = copy_optimizer_state(options.optimizer_state, part.optimizer_state);
+      part.optimizer_bytes = bytes;
+      part.optimizer_hash = hash;
+      gen.bytes += bytes;
+    }
+    gen.changed = w.changed;
+    gen.time_ms = now_ms();
+    gen.parts.push_back(part);
     Commit c = commit_;
     c.head = g;
     c.generations.push_back(gen);
@@ -486,59 +869,314 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     if (!broken_) {  // the commit did not happen: the new files are garbage, the head goes back
       ::unlink(delta_path.c_str());
       if (!optim_path.empty()) ::unlink(optim_path.c_str());
-      move_head();
+      move_head(w);
     }
     throw;
   }
   commit_.head = g;
   commit_.generations.push_back(gen);
-  res.write_seconds = seconds_since(t0);
+  head_generation_ = g;
+  res.encode_seconds = w.encode_seconds;
+  res.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   res.written = true;
   res.generation = g;
   res.bytes = gen.bytes;
   return res;
 }
 
+PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveOptions& options) {
+  check_usable();
+  sync();  // a part of an earlier generation is confirmed or put back first
+  std::vector<Checked> checked = check_live(live, true);
+  PartDescriptor d;
+  d.generation = commit_.head + 1;
+  d.parent = commit_.head;
+  d.ranks = ranks_;
+  d.group = group_;
+  Part& part = d.part;
+  part.rank = rank_;
+  part.file = part_file_name(d.generation, rank_, ranks_);
+  const std::string path = fs::join(dir_, part.file);
+  Written w;
+  write_delta(checked, path, [&](uint32_t count) { return part_file_header(d.generation, d.parent, count, rank_, ranks_); },
+              true, options.progress, w);
+  auto t0 = std::chrono::steady_clock::now();
+  if (!options.optimizer_state.empty()) {
+    part.optimizer_state = optimizer_file_name(part.file);
+    try {
+      std::tie(part.optimizer_bytes, part.optimizer_hash) = copy_optimizer_state(options.optimizer_state, part.optimizer_state);
+    } catch (...) {
+      ::unlink(path.c_str());
+      move_head(w);
+      throw;
+    }
+  }
+  crash_point("part-written");
+  part.bytes = w.bytes;
+  part.hash = w.hash;
+  part.changed = w.changed;
+  d.elements = w.elements;
+  d.model_bytes = w.model_bytes;
+  d.diff_seconds = w.diff_seconds;
+  d.encode_seconds = w.encode_seconds;
+  d.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  pending_ = Pending{d, std::move(w)};
+  return d;
+}
+
+SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_t weight_version, bool save_if_unchanged) {
+  check_usable();
+  if (rank_ != 0) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + ": rank " + std::to_string(rank_) +
+                                            " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
+  }
+  const uint64_t g = commit_.head + 1;
+  auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.part.rank); };
+  std::vector<const PartDescriptor*> by_rank(ranks_, nullptr);
+  for (const PartDescriptor& p : parts) {
+    if (p.ranks != ranks_ || p.part.rank >= ranks_) {
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part was written at tensor-parallel size " + std::to_string(p.ranks) +
+                                              "; this store is open at size " + std::to_string(ranks_) + " (rank 0)");
+    }
+    if (by_rank[p.part.rank]) throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is given twice");
+    if (p.group != group_) {
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part comes from \"" + p.group + "\", rank 0's from \"" + group_ +
+                                              "\": the ranks serve different engines");
+    }
+    if (p.generation != g || p.parent != commit_.head) {
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is for generation " + std::to_string(p.generation) +
+                                              " (parent " + std::to_string(p.parent) + "); the next generation is " +
+                                              std::to_string(g) + " (parent " + std::to_string(commit_.head) + ")");
+    }
+    by_rank[p.part.rank] = &p;
+  }
+  std::string missing;
+  for (uint32_t r = 0; r < ranks_; ++r) {
+    if (!by_rank[r]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (!missing.empty()) {
+    throw Error(ErrorCode::kInvalidArg, "the parts of rank(s) " + missing + " are missing (tensor-parallel size " +
+                                            std::to_string(ranks_) + ")");
+  }
+  if (!pending_ || pending_->part.part.file != by_rank[0]->part.file || pending_->part.part.hash != by_rank[0]->part.hash) {
+    throw Error(ErrorCode::kInvalidArg, "rank 0's part " + by_rank[0]->part.file + " is not the part this process wrote with save_part");
+  }
+  // Every part read back: size, checksum, records; optimizer files: size, hash. Then regions disjoint.
+  struct Seen {
+    uint32_t rank;
+    size_t tensor;
+    Region region;
+  };
+  std::vector<std::vector<Seen>> seen(ranks_);
+  std::vector<std::string> errors(ranks_);
+  parallel_for(static_cast<int64_t>(ranks_), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const Part& p = by_rank[r]->part;
+      try {
+        std::string path = fs::join(dir_, p.file);
+        if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "part file " + path + " is missing");
+        fs::Mapping map = fs::Mapping::open_readonly(path);
+        uint64_t changed = 0;
+        check_part_file(g, ranks_, p, map, [&](size_t tensor, const DeltaRecord& rec, const Region& region) {
+          seen[r].push_back(Seen{p.rank, tensor, region});
+          changed += rec.changed;
+        });
+        if (changed != p.changed) {
+          throw Error(ErrorCode::kFormat, path + ": holds " + std::to_string(changed) + " changes; the descriptor says " +
+                                              std::to_string(p.changed));
+        }
+        if (!p.optimizer_state.empty()) {
+          std::string opath = fs::join(dir_, p.optimizer_state);
+          if (!fs::exists(opath)) throw Error(ErrorCode::kNotFound, "optimizer state " + opath + " is missing");
+          fs::Mapping m = fs::Mapping::open_readonly(opath);
+          if (m.size() != p.optimizer_bytes.value_or(~uint64_t{0}) ||
+              content_hash(m.data(), m.size()) != p.optimizer_hash.value_or(0)) {
+            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " does not match its descriptor (size or hash)");
+          }
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    }
+  });
+  for (uint32_t r = 0; r < ranks_; ++r) {
+    if (!errors[r].empty()) throw Error(ErrorCode::kFormat, "rank " + std::to_string(r) + "'s part: " + errors[r]);
+  }
+  std::vector<Seen> all;
+  for (auto& v : seen) all.insert(all.end(), v.begin(), v.end());
+  std::sort(all.begin(), all.end(), [](const Seen& a, const Seen& b) { return a.tensor < b.tensor; });
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (size_t j = i + 1; j < all.size() && all[j].tensor == all[i].tensor; ++j) {
+      if (region_intersect(all[i].region, all[j].region)) {
+        throw Error(ErrorCode::kInvalidArg, "tensor \"" + commit_.tensors[all[i].tensor].name + "\": rank " + std::to_string(all[i].rank) +
+                                                "'s region " + region_string(all[i].region) + " and rank " + std::to_string(all[j].rank) +
+                                                "'s region " + region_string(all[j].region) +
+                                                " overlap (a replicated tensor is saved by rank 0 only)");
+      }
+    }
+  }
+  SaveResult res;
+  for (const PartDescriptor* p : by_rank) {
+    res.changed += p->part.changed;
+    res.elements += p->elements;
+    res.model_bytes += p->model_bytes;
+    res.bytes += p->part.bytes.value_or(0) + p->part.optimizer_bytes.value_or(0);
+    res.diff_seconds = std::max(res.diff_seconds, p->diff_seconds);
+    res.encode_seconds = std::max(res.encode_seconds, p->encode_seconds);
+    res.write_seconds = std::max(res.write_seconds, p->write_seconds);
+  }
+  if (res.changed == 0 && !save_if_unchanged) {
+    // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).
+    for (const PartDescriptor* p : by_rank) {
+      ::unlink(fs::join(dir_, p->part.file).c_str());
+      if (!p->part.optimizer_state.empty()) ::unlink(fs::join(dir_, p->part.optimizer_state).c_str());
+    }
+    move_head(pending_->written);
+    pending_.reset();
+    res.generation = commit_.head;
+    res.bytes = 0;
+    return res;
+  }
+  crash_point("parts-verified");
+  Generation gen;
+  gen.generation = g;
+  gen.parent = commit_.head;
+  gen.time_ms = now_ms();
+  gen.weight_version = weight_version;
+  gen.bytes = res.bytes;
+  gen.changed = res.changed;
+  gen.ranks = ranks_;
+  for (const PartDescriptor* p : by_rank) gen.parts.push_back(p->part);
+  Commit c = commit_;
+  c.head = g;
+  c.generations.push_back(gen);
+  write_commit(c);  // on failure the pending part stays; sync() puts the head copy back
+  commit_ = std::move(c);
+  head_generation_ = g;
+  pending_.reset();
+  res.written = true;
+  res.generation = g;
+  return res;
+}
+
+void Store::sync() {
+  if (ranks_ == 1 && !pending_) return;  // a single process: COMMIT changes only through this object
+  Commit c = commit_read(dir_);
+  if (pending_) {
+    const Generation* gen = c.find(pending_->part.generation);
+    const Part* p = gen ? gen->part(rank_) : nullptr;
+    if (p && p->file == pending_->part.part.file && p->hash == pending_->part.part.hash) {
+      head_generation_ = pending_->part.generation;
+    } else {
+      move_head(pending_->written);  // not committed (yet): if it is later, the replay below brings it in
+    }
+    pending_.reset();
+  }
+  if (c.head < head_generation_) {
+    broken_ = true;
+    throw Error(ErrorCode::kFormat, "checkpoint store " + dir_ + ": COMMIT went back from generation " +
+                                        std::to_string(head_generation_) + " to " + std::to_string(c.head) +
+                                        " (another process rewrote the store); reopen it");
+  }
+  const uint64_t from = head_generation_;
+  commit_ = std::move(c);
+  if (from == commit_.head) return;
+  diff_workspace_.digests.reset();  // the head copy moves to generations other ranks committed
+  std::vector<Target> targets;
+  for (size_t i = 0; i < held_.size(); ++i) targets.push_back(Target{held_[i].tensor, held_[i].region, head_.tensor(i)});
+  if (from >= commit_.oldest) {
+    xor_generations(from, commit_.head, targets);
+  } else {  // the generations in between were collected: rebuild from the model files
+    head_valid_ = false;
+    fill(commit_.head, targets);
+    head_valid_ = true;
+  }
+  head_generation_ = commit_.head;
+}
+
+uint64_t Store::refresh() {
+  check_usable();
+  sync();
+  return commit_.head;
+}
+
+namespace {
+
+// Live tensors on a GPU: their memory staged through host buffers.
+int live_device(const std::vector<LiveTensor>& live) {
+  int device = live.empty() ? -1 : live.front().device;
+  for (const auto& t : live) {
+    if (t.device != device) {
+      throw Error(ErrorCode::kInvalidArg, "live tensors \"" + live.front().name + "\" and \"" + t.name +
+                                              "\" are on different devices; pass the weights of one device");
+    }
+  }
+  return device;
+}
+
+}  // namespace
+
 void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& live) {
   check_usable();
-  check_live(live);
+  sync();
+  std::vector<Checked> checked = check_live(live, false);
   if (!commit_.find(generation)) (void)state(generation);  // throws the not-found error
-  // Validate every delta on the way before touching the live weights.
-  for (uint64_t g = std::min(generation, commit_.head) + 1; g <= commit_.head; ++g) xor_generation(g, [](size_t, const DeltaRecord&) {});
-  std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
-  if (const int device = live_device(live); device >= 0) {
-    // Staged in host memory (state() checks every delta on the way), then copied tensor by tensor.
-    std::vector<std::vector<uint8_t>> bufs = state(generation);
-    cuda::host::set_device(device);
-    for (size_t i = 0; i < ptrs.size(); ++i) cuda::host::to_device(ptrs[i], bufs[i].data(), bufs[i].size());
-    return;
+  const int device = live_device(live);
+  std::vector<Target> targets;
+  std::vector<std::vector<uint8_t>> staged(device >= 0 ? checked.size() : 0);
+  for (size_t i = 0; i < checked.size(); ++i) {
+    uint8_t* buf = static_cast<uint8_t*>(checked[i].live->data);
+    if (device >= 0) {  // staged in host memory, then copied tensor by tensor
+      staged[i].resize(checked[i].nbytes);
+      buf = staged[i].data();
+    }
+    targets.push_back(Target{checked[i].tensor, checked[i].region, buf});
   }
-  for (size_t i = 0; i < ptrs.size(); ++i) std::memcpy(ptrs[i], head_.tensor(i), commit_.tensors[i].nbytes);
-  xor_range(generation, commit_.head, ptrs);
+  fill(generation, targets);  // checks every delta on the way before writing any target
+  if (device >= 0) {
+    cuda::host::set_device(device);
+    for (size_t i = 0; i < checked.size(); ++i) cuda::host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
+  }
 }
 
 LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>& live) {
-  check_live(live);
+  check_usable();
+  sync();
+  std::vector<Checked> checked = check_live(live, false);
+  if (!commit_.find(generation)) (void)state(generation);  // throws the not-found error
   const int device = live_device(live);
-  std::vector<std::vector<uint8_t>> other;
-  if (generation != commit_.head) other = state(generation);
-  std::vector<uint8_t*> ptrs = live_pointers(commit_, live);
+  // The expected bytes: the head copy itself where it holds the region at this generation, else filled.
+  std::vector<const uint8_t*> expected(checked.size());
+  std::vector<std::vector<uint8_t>> bufs(checked.size());
+  std::vector<Target> targets;
+  for (size_t i = 0; i < checked.size(); ++i) {
+    long h = generation == head_generation_ ? held_index(checked[i].tensor, checked[i].region) : -1;
+    if (h >= 0) {
+      expected[i] = head_.tensor(static_cast<size_t>(h));
+    } else {
+      bufs[i].resize(checked[i].nbytes);
+      expected[i] = bufs[i].data();
+      targets.push_back(Target{checked[i].tensor, checked[i].region, bufs[i].data()});
+    }
+  }
+  fill(generation, targets);
   if (device >= 0) cuda::host::set_device(device);
   std::vector<uint8_t> staged;
   LiveDiff d;
-  for (size_t i = 0; i < ptrs.size(); ++i) {
-    const auto& t = commit_.tensors[i];
-    const uint8_t* a = other.empty() ? head_.tensor(i) : other[i].data();
-    const uint8_t* b = ptrs[i];
+  for (size_t i = 0; i < checked.size(); ++i) {
+    const auto& t = commit_.tensors[checked[i].tensor];
+    const uint64_t nbytes = checked[i].nbytes;
+    const uint8_t* a = expected[i];
+    const uint8_t* b = static_cast<const uint8_t*>(checked[i].live->data);
     if (device >= 0) {
-      staged.resize(t.nbytes);
-      cuda::host::to_host(staged.data(), ptrs[i], t.nbytes);
+      staged.resize(nbytes);
+      cuda::host::to_host(staged.data(), b, nbytes);
       b = staged.data();
     }
-    if (std::memcmp(a, b, t.nbytes) == 0) continue;
+    if (std::memcmp(a, b, nbytes) == 0) continue;
     uint32_t u = unit_bytes(t.dtype);
     uint64_t diff = 0;
-    for (uint64_t k = 0; k < t.nbytes / u; ++k) diff += std::memcmp(a + k * u, b + k * u, u) != 0;
+    for (uint64_t k = 0; k < nbytes / u; ++k) diff += std::memcmp(a + k * u, b + k * u, u) != 0;
     if (d.tensors++ == 0) d.first = t.name;
     d.elements += diff;
   }
@@ -567,16 +1205,39 @@ void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
 
 std::vector<std::string> Store::verify(Progress progress) {
   std::vector<std::string> problems;
-  for (uint64_t g = commit_.oldest + 1; g <= commit_.head; ++g) {
+  for (uint64_t g = commit_.oldest; g <= commit_.head; ++g) {
     report(progress, "check deltas", g - commit_.oldest, commit_.head - commit_.oldest);
-    try {
-      xor_generation(g, [](size_t, const DeltaRecord&) {});
-    } catch (const Error& e) {
-      problems.push_back(e.what());
-    }
     const Generation* gen = commit_.find(g);
-    if (!gen->optimizer_state.empty() && !fs::exists(fs::join(dir_, gen->optimizer_state))) {
-      problems.push_back("optimizer state " + fs::join(dir_, gen->optimizer_state) + " is missing");
+    for (const Part& part : gen->parts) {
+      if (!part.file.empty()) {
+        std::string path = fs::join(dir_, part.file);
+        try {
+          if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
+          fs::Mapping map = fs::Mapping::open_readonly(path);
+          check_part_file(g, gen->ranks, part, map, [](size_t, const DeltaRecord&, const Region&) {});
+        } catch (const Error& e) {
+          problems.push_back(e.what());
+        }
+      }
+      if (part.optimizer_state.empty()) continue;
+      std::string opath = fs::join(dir_, part.optimizer_state);
+      try {
+        if (!fs::exists(opath)) throw Error(ErrorCode::kNotFound, "optimizer state " + opath + " is missing");
+        fs::Mapping m = fs::Mapping::open_readonly(opath);
+        if (part.optimizer_bytes && m.size() != *part.optimizer_bytes) {
+          throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has " + std::to_string(m.size()) +
+                                              " bytes; the commit says " + std::to_string(*part.optimizer_bytes) + " (truncated or replaced)");
+        }
+        if (part.optimizer_hash) {
+          uint64_t h = content_hash(m.data(), m.size());
+          if (h != *part.optimizer_hash) {
+            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has hash " + hash_hex(h) + "; the commit says " +
+                                                hash_hex(*part.optimizer_hash) + " (corrupt or replaced)");
+          }
+        }
+      } catch (const Error& e) {
+        problems.push_back(e.what());
+      }
     }
   }
   for (size_t i = 0; i < commit_.files.size(); ++i) {
@@ -597,10 +1258,12 @@ std::vector<std::string> Store::verify(Progress progress) {
 }
 
 void Store::remove_uncommitted() {
-  std::set<std::string> named = {std::string(kCommitFileName), "LOCK", std::string(kJournalFileName)};
+  std::set<std::string> named = {std::string(kCommitFileName), std::string(kJournalFileName)};
   for (const auto& g : commit_.generations) {
-    if (!g.delta.empty()) named.insert(g.delta);
-    if (!g.optimizer_state.empty()) named.insert(g.optimizer_state);
+    for (const Part& p : g.parts) {
+      if (!p.file.empty()) named.insert(p.file);
+      if (!p.optimizer_state.empty()) named.insert(p.optimizer_state);
+    }
   }
   DIR* d = ::opendir(dir_.c_str());
   if (!d) throw io_error("open directory " + dir_);
@@ -615,19 +1278,40 @@ void Store::remove_uncommitted() {
   if (!doomed.empty()) fs::fsync_dir(dir_);
 }
 
+void Store::require_rank0(const char* what) const {
+  if (rank_ != 0) {
+    throw Error(ErrorCode::kInvalidArg, std::string("checkpoint store ") + dir_ + ": " + what + " is rank 0's (it holds the LOCK); this is rank " +
+                                            std::to_string(rank_));
+  }
+}
+
 void Store::gc(uint64_t keep_from, Progress progress) {
   check_usable();
+  require_rank0("gc");
+  sync();
   if (!commit_.find(keep_from)) (void)state(keep_from);  // throws the not-found error
   if (keep_from == commit_.oldest) return;
   if (commit_.materialized < keep_from) materialize(keep_from, false, progress);
   Commit c = commit_;
   std::vector<std::string> dropped;
   for (const auto& g : c.generations) {
-    if (g.generation <= keep_from && !g.delta.empty()) dropped.push_back(g.delta);
-    if (g.generation < keep_from && !g.optimizer_state.empty()) dropped.push_back(g.optimizer_state);
+    for (const Part& p : g.parts) {
+      if (g.generation <= keep_from && !p.file.empty()) dropped.push_back(p.file);
+      if (g.generation < keep_from && !p.optimizer_state.empty()) dropped.push_back(p.optimizer_state);
+    }
   }
   c.generations.erase(c.generations.begin(), c.generations.begin() + static_cast<long>(keep_from - c.oldest));
-  c.generations.front().delta.clear();  // the new base: reached through the model files, not a delta
+  // The new base is reached through the model files, not deltas; its optimizer states stay.
+  Generation& base = c.generations.front();
+  std::vector<Part> kept;
+  for (Part& p : base.parts) {
+    if (p.optimizer_state.empty()) continue;
+    p.file.clear();
+    p.bytes.reset();
+    p.hash = 0;
+    kept.push_back(p);
+  }
+  base.parts = kept;
   c.oldest = keep_from;
   write_commit(c);
   commit_ = c;

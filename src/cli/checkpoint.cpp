@@ -95,7 +95,7 @@ Live attach(const std::string& manifest) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
     }
-    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device});
+    l.tensors.push_back(checkpoint::LiveTensor{v.desc->name, v.desc->dtype, v.desc->shape, v.data, v.device, {}});
   }
   return l;
 }
@@ -118,7 +118,20 @@ json::Value generation_json(const checkpoint::Generation& g) {
   o.set("weight_version", json::Value::unsigned_integer(g.weight_version));
   o.set("bytes", json::Value::unsigned_integer(g.bytes));
   o.set("changed", json::Value::unsigned_integer(g.changed));
-  o.set("optimizer_state", g.optimizer_state.empty() ? json::Value::null() : json::Value::string(g.optimizer_state));
+  o.set("ranks", json::Value::unsigned_integer(g.ranks));
+  json::Value parts = json::Value::array();
+  for (const auto& p : g.parts) {
+    json::Value q = json::Value::object();
+    q.set("rank", json::Value::unsigned_integer(p.rank));
+    q.set("file", p.file.empty() ? json::Value::null() : json::Value::string(p.file));
+    q.set("changed", json::Value::unsigned_integer(p.changed));
+    q.set("optimizer_state", p.optimizer_state.empty() ? json::Value::null() : json::Value::string(p.optimizer_state));
+    parts.push(std::move(q));
+  }
+  o.set("parts", std::move(parts));
+  // A single-process generation's optimizer state (as before parts existed).
+  const checkpoint::Part* p0 = g.ranks == 1 ? g.part(0) : nullptr;
+  o.set("optimizer_state", p0 && !p0->optimizer_state.empty() ? json::Value::string(p0->optimizer_state) : json::Value::null());
   return o;
 }
 
@@ -144,14 +157,15 @@ int run_list(const Args& a) {
   std::printf("store %s: generations %llu..%llu, head %llu, model files at %llu\n", store_dir(a).c_str(),
               static_cast<unsigned long long>(c.oldest), static_cast<unsigned long long>(c.head),
               static_cast<unsigned long long>(c.head), static_cast<unsigned long long>(c.materialized));
-  std::printf("%10s  %-19s  %14s  %12s  %10s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes");
+  std::printf("%10s  %-19s  %14s  %12s  %10s  %5s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes",
+              "ranks");
   for (const auto& g : c.generations) {
     std::time_t t = static_cast<std::time_t>(g.time_ms / 1000);
     char buf[32];
     std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
-    std::printf("%10llu  %-19s  %14llu  %12llu  %10s%s%s\n", static_cast<unsigned long long>(g.generation), buf,
+    std::printf("%10llu  %-19s  %14llu  %12llu  %10s  %5u%s%s\n", static_cast<unsigned long long>(g.generation), buf,
                 static_cast<unsigned long long>(g.weight_version), static_cast<unsigned long long>(g.changed),
-                human_bytes(g.bytes).c_str(), g.generation == c.head ? "  head" : "",
+                human_bytes(g.bytes).c_str(), g.ranks, g.generation == c.head ? "  head" : "",
                 g.generation == c.materialized ? "  materialized" : "");
   }
   return 0;

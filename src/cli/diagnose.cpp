@@ -30,15 +30,17 @@ constexpr const char* kDiagnoseUsage =
     "engine's names are HF names), then compared with the safetensors files of DIR (default: the model\n"
     "path recorded in the manifest). Nothing is mapped and no lease is taken.\n"
     "\n"
-    "Reports: matched parameters; parameters only the engine has; tensors only on disk; dtype or shape\n"
-    "mismatches (under tensor parallelism the full HF shape is compared); engine tensors the layout does\n"
-    "not use. Exit code 0 when everything matches, 1 when anything does not (or the layout itself fails,\n"
+    "Reports: matched parameters; parameters only the engine has; tensors of the text model only on disk;\n"
+    "dtype or shape mismatches (under tensor parallelism the full HF shape is compared); tensors not served\n"
+    "(outside the text model: a multimodal checkpoint's vision tower, an MTP head; not a mismatch, the\n"
+    "checkpoint store carries them unchanged); engine tensors the layout does not use. Exit code 0 when everything matches, 1 when anything does not (or the layout itself fails,\n"
     "e.g. a missing engine tensor or an unsupported model family), 2 for bad arguments.\n"
     "\n"
     "options:\n"
     "  --manifest FILE   the engine's sharing manifest\n"
     "  --model-dir DIR   the model directory or .safetensors file to compare with\n"
-    "  --json            print one JSON object: matched, only_in_engine, only_on_disk, mismatched, unmapped\n";
+    "  --json            print one JSON object: matched, only_in_engine, only_on_disk, mismatched, not_served,\n"
+    "                    unmapped\n";
 
 layout::Engine engine_of(const std::string& name) {
   // The layout's engine kinds; every engine livetrain itself runs shares tensors under HF names.
@@ -91,9 +93,12 @@ int run_diagnose(const std::vector<std::string>& args) {
     if (problem.empty()) matched.push_back(v.hf_name);
     else mismatched.push_back(v.hf_name + ": " + problem);
   }
-  std::vector<std::string> only_disk;
+  // Tensors on disk that no view uses: outside the text model (a vision tower, an MTP head) they are not
+  // served, which is no mismatch (the checkpoint store carries them unchanged); inside, they are.
+  std::vector<std::string> only_disk, not_served;
   for (const std::string& name : disk.names()) {
-    if (!seen.count(name)) only_disk.push_back(name);
+    if (seen.count(name)) continue;
+    (layout::in_text_model(lay.info, name) ? only_disk : not_served).push_back(name);
   }
   const bool ok = only_engine.empty() && only_disk.empty() && mismatched.empty();
 
@@ -112,6 +117,7 @@ int run_diagnose(const std::vector<std::string>& args) {
     root.set("matched", list(matched));
     root.set("only_in_engine", list(only_engine));
     root.set("only_on_disk", list(only_disk));
+    root.set("not_served", list(not_served));
     root.set("mismatched", list(mismatched));
     root.set("unmapped", list(lay.unmapped));
     std::fputs(root.dump_pretty().c_str(), stdout);
@@ -128,9 +134,11 @@ int run_diagnose(const std::vector<std::string>& args) {
   section("only in the engine", only_engine);
   section("only on disk", only_disk);
   section("mismatched", mismatched);
+  section("not served (outside the text model: carried unchanged by the checkpoint store, never trained)", not_served);
   section("engine tensors the layout does not use", lay.unmapped);
-  std::printf("\n%zu matched, %zu only in the engine, %zu only on disk, %zu mismatched: %s\n", matched.size(),
-              only_engine.size(), only_disk.size(), mismatched.size(), ok ? "the engine and the files agree" : "MISMATCH");
+  std::printf("\n%zu matched, %zu only in the engine, %zu only on disk, %zu mismatched, %zu not served: %s\n",
+              matched.size(), only_engine.size(), only_disk.size(), mismatched.size(), not_served.size(),
+              ok ? "the engine and the files agree" : "MISMATCH");
   return ok ? 0 : 1;
 }
 

@@ -1,6 +1,7 @@
 // Reads a model's config.json into ModelInfo through a table of families, so that no model's sizes are
 // ever constants here.
 #include <algorithm>
+#include <cctype>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,62 @@ constexpr Family kFamilies[] = {
 // HF expert tensor.
 constexpr const char* kMoeTypes[] = {"qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "mixtral",
                                      "qwen3_next_moe", "llama4", "llama4_text"};
+
+// Multimodal wrappers whose text model the layouts map: Hugging Face files name it model.language_model.*
+// (transformers >= 4.52 checkpoints), vLLM language_model.model.* (its hf_to_vllm_mapper). Another wrapper
+// may lay its files out otherwise, so it is refused by name rather than mapped by guess.
+constexpr const char* kMultimodalWrappers[] = {"Qwen3_5ForConditionalGeneration", "LlavaForConditionalGeneration",
+                                               "Mistral3ForConditionalGeneration"};
+
+// The first name of config.json's "architectures", or "" when it has none.
+std::string architecture(const json::Value& config) {
+  const json::Value* a = config.find("architectures");
+  if (a == nullptr || !a->is_array() || a->items().empty() || !a->items()[0].is_string()) return "";
+  return a->items()[0].as_string();
+}
+
+std::string named(const std::string& arch) { return arch.empty() ? std::string() : " (architecture " + arch + ")"; }
+
+// A multimodal wrapper's text config (an object), or nullptr.
+const json::Value* text_config(const json::Value& config) {
+  const json::Value* text = config.find("text_config");
+  return text != nullptr && text->is_object() ? text : nullptr;
+}
+
+// config.json's model_type (the text config's, inside a multimodal wrapper).
+std::string model_type_of(const json::Value& config) {
+  if (!config.is_object()) throw Error(ErrorCode::kFormat, "config.json: not a JSON object");
+  const json::Value* text = text_config(config);
+  const json::Value* type_value = nullptr;
+  if (text != nullptr) type_value = text->find("model_type");
+  if (type_value == nullptr) type_value = config.find("model_type");
+  if (type_value == nullptr || !type_value->is_string()) {
+    throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
+  }
+  return type_value->as_string();
+}
+
+// Experts per MoE layer as configs of the MoE families name the count (transformers' Qwen2/3 MoE, Mixtral,
+// DeepSeek); 0 when none is set. Qwen3-Next declares its MoE layers one by one (reject_moe_layers).
+uint64_t expert_count(const json::Value& config, const json::Value* text) {
+  for (const json::Value* cfg : {text, &config}) {
+    if (cfg == nullptr) continue;
+    for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
+      const json::Value* v = cfg->find(key);
+      if (v == nullptr || v->is_null()) continue;
+      if (auto n = v->as_u64(); n && *n > 0) return *n;
+    }
+  }
+  return 0;
+}
+
+// Whether an architecture's class name says mixture-of-experts (Qwen3MoeForCausalLM, OlmoeForCausalLM,
+// PhiMoEForCausalLM, ...).
+bool moe_architecture(const std::string& arch) {
+  std::string lower(arch);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  return lower.find("moe") != std::string::npos;
+}
 
 std::string supported_list() {
   std::string out;
@@ -134,7 +191,7 @@ std::vector<std::string> hybrid_layer_types(const Fields& f, uint64_t num_layers
 
 // Qwen3-Next declares MoE per layer (vLLM Qwen3NextDecoderLayer): layers outside mlp_only_layers whose
 // index + 1 is a multiple of decoder_sparse_step are sparse when num_experts > 0.
-void reject_moe_layers(const Fields& f, uint64_t num_layers) {
+void reject_moe_layers(const Fields& f, uint64_t num_layers, const std::string& arch) {
   uint64_t experts = f.u64_or("num_experts", 512);  // Qwen3NextConfig's default
   if (experts == 0) return;
   uint64_t step = f.u64_or("decoder_sparse_step", 1);
@@ -151,41 +208,63 @@ void reject_moe_layers(const Fields& f, uint64_t num_layers) {
     bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end();
     if (!dense && step != 0 && (i + 1) % step == 0) {
       throw Error(ErrorCode::kUnsupported,
-                  "config.json: layer " + std::to_string(i) + " is a mixture-of-experts layer (num_experts " +
-                      std::to_string(experts) +
-                      "); vLLM re-lays out expert weights after load, so livetrain cannot view them");
+                  "config.json" + named(arch) + ": layer " + std::to_string(i) +
+                      " is a mixture-of-experts layer (num_experts " + std::to_string(experts) +
+                      "); vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
+                      "trains dense models (supported: " + supported_list() + ")");
     }
   }
 }
 
 }  // namespace
 
+void check_trainable(const json::Value& config) {
+  const std::string type = model_type_of(config);
+  const json::Value* text = text_config(config);
+  const std::string arch = architecture(config);
+  // Mixture-of-experts, by type, by class name or by expert count (Qwen3-Next: per layer, in model_info).
+  const bool moe_type = std::any_of(std::begin(kMoeTypes), std::end(kMoeTypes), [&](const char* m) { return type == m; });
+  const uint64_t experts = type == "qwen3_next" ? 0 : expert_count(config, text);
+  if (moe_type || moe_architecture(arch) || experts > 0) {
+    throw Error(ErrorCode::kUnsupported,
+                "config.json: model_type \"" + type + "\"" + named(arch) + " is mixture-of-experts" +
+                    (experts > 0 ? " (" + std::to_string(experts) + " experts)" : std::string()) +
+                    "; vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
+                    "trains dense models (supported: " + supported_list() + ")");
+  }
+  // Quantized weights are packed (and come with scales): a view of them is not the HF parameter.
+  for (const json::Value* cfg : {&config, text}) {
+    const json::Value* q = cfg == nullptr ? nullptr : cfg->find("quantization_config");
+    if (q == nullptr || q->is_null()) continue;
+    const json::Value* method = q->is_object() ? q->find("quant_method") : nullptr;
+    throw Error(ErrorCode::kUnsupported,
+                "config.json: the checkpoint" + named(arch) + " is quantized" +
+                    (method && method->is_string() ? " (quant_method \"" + method->as_string() + "\")" : std::string()) +
+                    "; livetrain trains unquantized bf16, fp16 or fp32 weights (supported model types: " +
+                    supported_list() + ")");
+  }
+  if (text != nullptr && !arch.empty() &&
+      std::none_of(std::begin(kMultimodalWrappers), std::end(kMultimodalWrappers), [&](const char* w) { return arch == w; })) {
+    std::string wrappers;
+    for (const char* w : kMultimodalWrappers) wrappers += std::string(wrappers.empty() ? "" : ", ") + w;
+    throw Error(ErrorCode::kUnsupported, "config.json: architecture " + arch + " wraps a \"" + type +
+                                             "\" text model in a way livetrain has no layout for (supported "
+                                             "multimodal wrappers: " + wrappers + ")");
+  }
+}
+
 ModelInfo model_info(const json::Value& config) {
-  if (!config.is_object()) throw Error(ErrorCode::kFormat, "config.json: not a JSON object");
-  const json::Value* text = config.find("text_config");
-  if (text != nullptr && !text->is_object()) text = nullptr;
-  const json::Value* type_value = nullptr;
-  if (text != nullptr) type_value = text->find("model_type");
-  if (type_value == nullptr) type_value = config.find("model_type");
-  if (type_value == nullptr || !type_value->is_string()) {
-    throw Error(ErrorCode::kFormat, "config.json: missing string field \"model_type\"");
-  }
-  const std::string& type = type_value->as_string();
-  for (const char* moe : kMoeTypes) {
-    if (type == moe) {
-      throw Error(ErrorCode::kUnsupported,
-                  "config.json: model_type \"" + type +
-                      "\" is mixture-of-experts; vLLM re-lays out expert weights after load, so livetrain "
-                      "cannot view them (supported: " + supported_list() + ")");
-    }
-  }
+  check_trainable(config);
+  const std::string type = model_type_of(config);
+  const json::Value* text = text_config(config);
+  const std::string arch = architecture(config);
   const Family* fam = nullptr;
   for (const Family& f : kFamilies) {
     if (type == f.model_type) fam = &f;
   }
   if (fam == nullptr) {
-    throw Error(ErrorCode::kUnsupported,
-                "config.json: model_type \"" + type + "\" has no layout (supported: " + supported_list() + ")");
+    throw Error(ErrorCode::kUnsupported, "config.json: model_type \"" + type + "\"" + named(arch) +
+                                             " has no layout (supported: " + supported_list() + ")");
   }
 
   Fields f(config, text);
@@ -245,7 +324,7 @@ ModelInfo model_info(const json::Value& config) {
                                       "linear_num_key_heads");
     }
     m.layer_types = hybrid_layer_types(f, m.num_layers);
-    if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers);
+    if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers, arch);
   } else {
     m.layer_types.assign(m.num_layers, "full_attention");
   }

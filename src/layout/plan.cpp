@@ -26,13 +26,18 @@ std::vector<uint64_t> contiguous_strides(const std::vector<uint64_t>& shape) {
   return s;
 }
 
-namespace {
-
-using Shape = std::vector<uint64_t>;
-
 Prefixes hf_prefixes(const ModelInfo& m) {
   return m.multimodal ? Prefixes{"model.language_model.", ""} : Prefixes{"model.", ""};
 }
+
+bool in_text_model(const ModelInfo& info, std::string_view hf_name) {
+  const Prefixes p = hf_prefixes(info);
+  return hf_name.substr(0, p.body.size()) == p.body || hf_name == p.head + "lm_head.weight";
+}
+
+namespace {
+
+using Shape = std::vector<uint64_t>;
 
 Prefixes default_engine_prefixes(const ModelInfo& m, Engine engine) {
   if (engine == Engine::kHf) return hf_prefixes(m);

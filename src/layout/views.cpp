@@ -107,6 +107,25 @@ Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_
     view_index[t.name] = out.views.size();
     out.views.push_back(std::move(v));
   }
+  // Which elements lower ranks hold (plans only: arithmetic), so that each element has one primary rank.
+  if (options.tp_rank > 0) {
+    std::unordered_map<std::string, std::vector<Segment>> lower;
+    for (uint32_t r = 0; r < options.tp_rank; ++r) {
+      Options o = options;
+      o.tp_rank = r;
+      for (const EngineTensorPlan& et : plan_with_prefixes(info, o, detect_prefixes(info, options, by_name)).engine) {
+        for (const Piece& piece : et.pieces) lower[piece.hf_name].push_back(Segment{piece.start, piece.length});
+      }
+    }
+    for (View& v : out.views) {
+      v.shard.primary = !v.shard.replicated;
+      for (const Segment& mine : v.shard.segments) {
+        for (const Segment& theirs : lower[v.hf_name]) {
+          if (mine.start < theirs.start + theirs.length && theirs.start < mine.start + mine.length) v.shard.primary = false;
+        }
+      }
+    }
+  }
   // Tied parameters are the same memory as the tensor they are tied to, in model order.
   std::vector<View> ordered;
   for (const HfTensor& t : p.hf_tensors) {

@@ -14,14 +14,23 @@
 // number of blocks). A single step launches each stage with one parameter's grid; apollo_step_many_cuda
 // launches each stage once for up to kBatch rank-1 parameters, the blocks of every parameter side by side,
 // so a step over a whole model costs four launches per kBatch parameters instead of four per parameter.
+// With apollo.fused_step, a single rank-1 step is one cooperative kernel that runs the four stages with
+// a grid-wide barrier between them (the backward hooks step one matrix at a time: no launch gaps, and no
+// stage's tail waits for a launch).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
 
 #include "cuda/check.hpp"
 #include "livetrain/error.hpp"
 #include "optim/common.hpp"
 #include "optim/workspace.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::optim {
 
@@ -250,69 +259,99 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
 }
 
 // ---- stage 2, rank 1 ----
-// rows >= cols: one warp per pair of rows computes R[i] = G[i,:]·p and ‖G[i,:]‖² (two rows share each
-// load of p, and keep twice the loads in flight).
+// Sixteen bytes of G as loaded (8 bf16 or 4 fp32 values per word): kept packed until used, so that many
+// loads can be in flight without holding 8 floats each.
 template <typename TG>
+struct Raw {
+  static constexpr int kWords = sizeof(TG) * 8 / 16;  // 16-byte words per 8 values
+  uint4 w[kWords];
+  __device__ __forceinline__ void load(const TG* p) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = make_uint4(0, 0, 0, 0);
+  }
+  __device__ __forceinline__ float at(int e) const;
+};
+template <>
+__device__ __forceinline__ float Raw<uint16_t>::at(int e) const {
+  const uint32_t u = (&w[0].x)[e / 2];
+  return bits_f32(e % 2 ? u & 0xFFFF0000u : u << 16);
+}
+template <>
+__device__ __forceinline__ float Raw<float>::at(int e) const {
+  return __uint_as_float((&w[e / 4].x)[e % 4]);
+}
+
+// rows >= cols: one warp per kRows rows computes R[i] = G[i,:]·p and ‖G[i,:]‖² for each (the rows share
+// each load of p); each lane keeps kRows × kLoads 16-byte loads in flight. Shipped: kRows 2, kLoads 2 (H100: 4)
+// (apollo.tall_rows, apollo.tall_loads).
+template <typename TG, int kRows, int kLoads>
 __device__ void project_tall_body(const Item& it, int block, int nblocks) {
   const TG* G = static_cast<const TG*>(it.G);
   const float* p = it.P;
   const int64_t cols = it.cols;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, wpb = blockDim.x / kWarp;
   float block_sq[1] = {0.0f};
-  for (int64_t row0 = (block * static_cast<int64_t>(wpb) + warp) * 2; row0 < it.rows;
-       row0 += static_cast<int64_t>(nblocks) * wpb * 2) {
-    const bool two = row0 + 1 < it.rows;
-    const TG* g0 = G + row0 * cols;
-    const TG* g1 = two ? g0 + cols : g0;
-    float dot0 = 0.0f, sq0 = 0.0f, dot1 = 0.0f, sq1 = 0.0f;
-    if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...; 8 loads in flight
-      constexpr int kU = 4;
-      for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kU) {
-        float v0[kU][8], v1[kU][8];
+  for (int64_t row0 = (block * static_cast<int64_t>(wpb) + warp) * kRows; row0 < it.rows;
+       row0 += static_cast<int64_t>(nblocks) * wpb * kRows) {
+    const TG* g[kRows];
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
+    for (int r = 0; r < kRows; ++r) g[r] = G + (row0 + r < it.rows ? row0 + r : row0) * cols;  // past the end: reread row0
+    float dot[kRows] = {}, sq[kRows] = {};
+    if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...
+      for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kLoads) {
+        Raw<TG> v[kRows][kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
           const int64_t jj = j + u * kWarp * 8;
-          if (jj < cols) {
-            ld8(g0 + jj, v0[u]);
-            ld8(g1 + jj, v1[u]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            if (jj < cols) v[r][u].load(g[r] + jj);
+            else v[r][u].zero();
           }
         }
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
+        for (int u = 0; u < kLoads; ++u) {
           const int64_t jj = j + u * kWarp * 8;
           if (jj >= cols) break;
           float pv[8];
           ld8(p + jj, pv);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            dot0 += v0[u][e] * pv[e];
-            sq0 += v0[u][e] * v0[u][e];
-            dot1 += v1[u][e] * pv[e];
-            sq1 += v1[u][e] * v1[u][e];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+              const float x = v[r][u].at(e);
+              dot[r] += x * pv[e];
+              sq[r] += x * x;
+            }
           }
         }
       }
     } else {
       for (int64_t j = lane; j < cols; j += kWarp) {
-        float a = ld(g0, j), b = ld(g1, j);
-        dot0 += a * p[j];
-        sq0 += a * a;
-        dot1 += b * p[j];
-        sq1 += b * b;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float x = ld(g[r], j);
+          dot[r] += x * p[j];
+          sq[r] += x * x;
+        }
       }
     }
-    dot0 = warp_sum(dot0);
-    sq0 = warp_sum(sq0);
-    dot1 = warp_sum(dot1);
-    sq1 = warp_sum(sq1);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      dot[r] = warp_sum(dot[r]);
+      sq[r] = warp_sum(sq[r]);
+    }
     if (lane == 0) {
-      it.R[row0] = dot0;
-      it.sumsq[row0] = sq0;
-      block_sq[0] += sq0;
-      if (two) {
-        it.R[row0 + 1] = dot1;
-        it.sumsq[row0 + 1] = sq1;
-        block_sq[0] += sq1;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (row0 + r >= it.rows) break;
+        it.R[row0 + r] = dot[r];
+        it.sumsq[row0 + r] = sq[r];
+        block_sq[0] += sq[r];
       }
     }
   }
@@ -322,8 +361,9 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
 }
 
 // rows < cols: a block takes a strip of columns (8 per thread) of one chunk of rows; partial R and
-// ‖G[:,j]‖² per chunk, summed per column by the moments stage.
-template <typename TG>
+// ‖G[:,j]‖² per chunk, summed per column by the moments stage. kLoads rows are in flight per thread
+// (shipped: 2, H100: 4; apollo.wide_loads).
+template <typename TG, int kLoads>
 __device__ void project_wide_body(const Item& it, int block, int nblocks) {
   const TG* G = static_cast<const TG*>(it.G);
   const int64_t cols = it.cols;
@@ -336,7 +376,7 @@ __device__ void project_wide_body(const Item& it, int block, int nblocks) {
        j0 += strips * blockDim.x * 8) {
     float acc[8] = {}, sq[8] = {};
     const bool full = j0 + 8 <= cols;
-    constexpr int kU = 4;  // rows whose loads are in flight together
+    constexpr int kU = kLoads;  // rows whose loads are in flight together
     for (int64_t i = r0; i < r1; i += kU) {
       float v[kU][8];
 #pragma unroll
@@ -488,8 +528,10 @@ __device__ __forceinline__ void st8(float* p, const float (&v)[8]) {
 }
 
 // ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
-// Philox block of rounding bits). Skipped entirely unless the moments stage reported success. ----
-template <typename TW, typename TG>
+// Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
+// loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
+// result does not depend on kUnroll or the grid. ----
+template <typename TW, typename TG, int kUnroll>
 __device__ void update_body(const Item& it, int block, int nblocks) {
   if (*it.status != kStatusOk) return;
   TW* W = static_cast<TW*>(it.W);
@@ -503,37 +545,62 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   const uint64_t step = *it.step - 1;  // the moments stage advanced it
   const int64_t gpr = (cols + 7) / 8;
   const int64_t groups = rows * gpr;
+  const int64_t stride = static_cast<int64_t>(nblocks) * blockDim.x;
   bool bad = false;
-  for (int64_t gi = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
-       gi += static_cast<int64_t>(nblocks) * blockDim.x) {
-    const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
-    const U32x4 bits = rounding_bits(it.seed, step, static_cast<uint64_t>(gi));
-    const TG* g = G + i * cols + j0;
-    TW* w = W + i * it.ldw + j0;
-    bool ok = true;
-    if (it.wvec && j0 + 8 <= cols) {
-      float gv[8], wv[8];
-      TW out[8];
-      ld8(g, gv);
-      ld8(w, wv);
+  for (int64_t g0 = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; g0 < groups; g0 += stride * kUnroll) {
+    // kUnroll > 1: every group's loads are issued before the rounding bits of the first are computed
+    // (kept packed); kUnroll == 1 is the shipped order (bits, then the loads), at 32 registers.
+    Raw<TG> gr[kUnroll];
+    Raw<TW> wr[kUnroll];
+    if constexpr (kUnroll > 1) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-        float u = wv[e] - base * sc * gv[e];
-        float nw = u - decay * u;
-        out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
-      }
-      st8(w, out);
-    } else {
-      for (int e = 0; e < 8 && j0 + e < cols; ++e) {
-        float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-        float old = ld(w, e);
-        float u = old - base * sc * ld(g, e);
-        float nw = u - decay * u;
-        w[e] = to_weight(nw, old, TW{}, rounding, rounding_offset(bits, e), ok);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t gi = g0 + u * stride;
+        const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
+        if (gi < groups && it.wvec && j0 + 8 <= cols) {
+          gr[u].load(G + i * cols + j0);
+          wr[u].load(W + i * it.ldw + j0);
+        }
       }
     }
-    bad |= !ok;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t gi = g0 + u * stride;
+      if (gi >= groups) break;
+      const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
+      const U32x4 bits = rounding_bits(it.seed, step, static_cast<uint64_t>(gi));
+      const TG* g = G + i * cols + j0;
+      TW* w = W + i * it.ldw + j0;
+      bool ok = true;
+      if (it.wvec && j0 + 8 <= cols) {
+        float gv[8], wv[8];
+        TW out[8];
+        if constexpr (kUnroll > 1) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
+        } else {
+          ld8(g, gv);
+          ld8(w, wv);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
+          float x = wv[e] - base * sc * gv[e];
+          float nw = x - decay * x;
+          out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
+        }
+        st8(w, out);
+      } else {
+        for (int e = 0; e < 8 && j0 + e < cols; ++e) {
+          float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
+          float old = ld(w, e);
+          float x = old - base * sc * ld(g, e);
+          float nw = x - decay * x;
+          w[e] = to_weight(nw, old, TW{}, rounding, rounding_offset(bits, e), ok);
+        }
+      }
+      bad |= !ok;
+    }
   }
   if (bad) atomicMax(it.status, static_cast<int32_t>(kStatusNonFiniteUpdate));
 }
@@ -541,19 +608,55 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
 // ---- kernels: one parameter ----
 __global__ void gen_kernel(const Item it) { gen_body(it, blockIdx.x, gridDim.x); }
 
+// At most 512 threads per block (apollo.tall_threads, apollo.update_threads): registers are capped so that
+// every variant launches at every allowed block size.
+constexpr int kMaxVariantThreads = 512;
+
+template <typename TG, int kRows, int kLoads>
+__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_kernel(const Item it) { project_tall_body<TG, kRows, kLoads>(it, blockIdx.x, gridDim.x); }
+
+template <typename TG, int kLoads>
+__global__ void project_wide_kernel(const Item it) { project_wide_body<TG, kLoads>(it, blockIdx.x, gridDim.x); }
+
+// The H100-tuned projection (apollo.split_projection=0): one kernel for tall and wide matrices (their H100
+// variants), so its registers are the larger body's; split, they launch as separate kernels (the default).
 template <typename TG>
-__global__ void project_r1_kernel(const Item it) {
-  if (it.tall) project_tall_body<TG>(it, blockIdx.x, gridDim.x);
-  else project_wide_body<TG>(it, blockIdx.x, gridDim.x);
+__global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const Item it) {
+  if (it.tall) project_tall_body<TG, 2, 4>(it, blockIdx.x, gridDim.x);
+  else project_wide_body<TG, 4>(it, blockIdx.x, gridDim.x);
 }
 
 __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
 
+template <typename TW, typename TG, int kUnroll>
+__global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
+
+// apollo.fused_step: one rank-1 step as one cooperative kernel. Its blocks stay resident and take the
+// blocks of each stage's grid (sized by make_item for kFusedThreads per block) round-robin, with a
+// grid-wide barrier between stages where the separate kernels have a launch boundary; the stage bodies,
+// their partial sums and last-block reductions are the separate kernels' own. The projection variants are
+// the defaults (tall rows 2 × loads 2, wide loads 2); the update is unroll 1.
+constexpr int kFusedThreads = kWideColsPerBlock / 8;  // the wide projection's block; every stage runs at it
+constexpr int kFusedMinBlocks = 8;                    // per SM: <= 64 registers, 32 warps resident
+
 template <typename TW, typename TG>
-__global__ void update_kernel(const Item it) { update_body<TW, TG>(it, blockIdx.x, gridDim.x); }
+__global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_kernel(const Item it) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  for (int b = blockIdx.x; b < it.gen_blocks; b += gridDim.x) gen_body(it, b, it.gen_blocks);
+  grid.sync();
+  for (int b = blockIdx.x; b < it.proj_blocks; b += gridDim.x) {
+    if (it.tall) project_tall_body<TG, 2, 2>(it, b, it.proj_blocks);
+    else project_wide_body<TG, 2>(it, b, it.proj_blocks);
+  }
+  grid.sync();
+  for (int b = blockIdx.x; b < it.mom_blocks; b += gridDim.x) moments_body(it, b, it.mom_blocks);
+  grid.sync();
+  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x) update_body<TW, TG, 1>(it, b, it.upd_blocks);
+}
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----
-constexpr int kBatch = 64;
+constexpr int kBatch = 64;  // the most a batch holds (its kernel parameter is ~16 KB); apollo.batch may ask fewer
 
 enum Stage : int { kGen = 0, kProject, kMoments, kUpdate, kNumStages };
 
@@ -580,12 +683,24 @@ __global__ void gen_many_kernel(const __grid_constant__ Batch b) {
   gen_body(b.items[i], local, b.items[i].gen_blocks);
 }
 
+template <typename TG, int kRows, int kLoads>
+__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kProject, blockIdx.x, &local);
+  project_tall_body<TG, kRows, kLoads>(b.items[i], local, b.items[i].proj_blocks);
+}
+
+template <typename TG, int kLoads>
+__global__ void project_wide_many_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kProject, blockIdx.x, &local);
+  project_wide_body<TG, kLoads>(b.items[i], local, b.items[i].proj_blocks);
+}
+
 template <typename TG>
-__global__ void project_many_kernel(const __grid_constant__ Batch b) {
+__global__ void __launch_bounds__(kMaxVariantThreads) project_fused_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kProject, blockIdx.x, &local);
   const Item& it = b.items[i];
-  if (it.tall) project_tall_body<TG>(it, local, it.proj_blocks);
-  else project_wide_body<TG>(it, local, it.proj_blocks);
+  if (it.tall) project_tall_body<TG, 2, 4>(it, local, it.proj_blocks);
+  else project_wide_body<TG, 4>(it, local, it.proj_blocks);
 }
 
 __global__ void moments_many_kernel(const __grid_constant__ Batch b) {
@@ -593,10 +708,10 @@ __global__ void moments_many_kernel(const __grid_constant__ Batch b) {
   moments_body(b.items[i], local, b.items[i].mom_blocks);
 }
 
-template <typename TW, typename TG>
-__global__ void update_many_kernel(const __grid_constant__ Batch b) {
+template <typename TW, typename TG, int kUnroll>
+__global__ void __launch_bounds__(kMaxVariantThreads) update_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kUpdate, blockIdx.x, &local);
-  update_body<TW, TG>(b.items[i], local, b.items[i].upd_blocks);
+  update_body<TW, TG, kUnroll>(b.items[i], local, b.items[i].upd_blocks);
 }
 
 int sm_count() {
@@ -611,8 +726,65 @@ int sm_count() {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Launch shapes of a step, read from the tuning knobs once per call (docs/tuning.md); the defaults are the
+// shapes measured best on the H200 (the H100's: apollo.split_projection=0, tall_loads=4, wide_loads=4).
+struct Shape {
+  int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
+      update_unroll, batch, streams;
+  bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
+  bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
+  static Shape current() {
+    using tuning::get;
+    Shape s{static_cast<int>(get(tuning::kApolloTallThreads)), static_cast<int>(get(tuning::kApolloTallRows)),
+            static_cast<int>(get(tuning::kApolloTallLoads)), static_cast<int>(get(tuning::kApolloWideBlocks)),
+            static_cast<int>(get(tuning::kApolloWideLoads)), static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateThreads)), static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateUnroll)), static_cast<int>(get(tuning::kApolloBatch)),
+            static_cast<int>(get(tuning::kApolloStreams)), get(tuning::kApolloSplitProjection) == 1,
+            get(tuning::kApolloFusedStep) == 1};
+    s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
+    return s;
+  }
+};
+constexpr int kWideThreads = kWideColsPerBlock / 8;  // 8 columns per thread
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// f(Int<rows>, Int<loads>) for a compiled variant of the tall projection (rows × loads <= 16 loads in flight).
+template <typename F>
+void tall_variant(int rows, int loads, F&& f) {
+  switch (rows * 100 + loads) {
+    case 102: return f(Int<1>{}, Int<2>{});
+    case 104: return f(Int<1>{}, Int<4>{});
+    case 108: return f(Int<1>{}, Int<8>{});
+    case 202: return f(Int<2>{}, Int<2>{});
+    case 204: return f(Int<2>{}, Int<4>{});
+    case 208: return f(Int<2>{}, Int<8>{});
+    case 402: return f(Int<4>{}, Int<2>{});
+    case 404: return f(Int<4>{}, Int<4>{});
+    default:
+      throw Error(ErrorCode::kInvalidArg, "tuning: apollo.tall_rows " + std::to_string(rows) + " with apollo.tall_loads " +
+                                              std::to_string(loads) + " is not a compiled variant (rows x loads <= 16)");
+  }
+}
+
+template <typename F>
+void loads_variant(int loads, F&& f) {  // 2, 4 or 8 (the knob's choices)
+  if (loads == 2) f(Int<2>{});
+  else if (loads == 8) f(Int<8>{});
+  else f(Int<4>{});
+}
+
+template <typename F>
+void unroll_variant(int unroll, F&& f) {  // 1, 2 or 4 (the knob's choices)
+  if (unroll == 2) f(Int<2>{});
+  else if (unroll == 4) f(Int<4>{});
+  else f(Int<1>{});
+}
+
 // The kernels' view of one step, its workspace carved per ApolloWorkspace, and each stage's grid.
-Item make_item(const ApolloStep& s, void* workspace) {
+Item make_item(const ApolloStep& s, void* workspace, const Shape& shape) {
   const ApolloHyper& h = s.hyper;
   ApolloWorkspace ws(s.rows, s.cols, h.rank);
   char* base = static_cast<char*>(workspace);
@@ -646,25 +818,74 @@ Item make_item(const ApolloStep& s, void* workspace) {
   const int sms = sm_count();
   it.gen_blocks = static_cast<int32_t>(std::min<int64_t>((ws.k * h.rank + 255) / 256, sms * 8));
   if (ws.rank1 && ws.tall) {
-    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + 15) / 16, kMaxBlocks));  // 8 warps × 2 rows
+    const int64_t rows_per_block = shape.tall_threads / kWarp * shape.tall_rows;
+    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
   } else if (ws.rank1) {
-    int64_t strips = std::min<int64_t>((s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock, kMaxBlocks / ws.chunks);
-    it.proj_blocks = static_cast<int32_t>(strips * ws.chunks);
+    const int64_t col_blocks = (s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock;
+    // Fewer row chunks than the workspace holds when apollo.wide_blocks asks for fewer blocks.
+    const int64_t want = std::max<int64_t>(1, shape.wide_blocks / col_blocks);
+    if (want < ws.chunks) {
+      it.rows_per_chunk = (s.rows + want - 1) / want;
+      it.chunks = (s.rows + it.rows_per_chunk - 1) / it.rows_per_chunk;
+    }
+    const int64_t strips = std::min<int64_t>(col_blocks, kMaxBlocks / it.chunks);
+    it.proj_blocks = static_cast<int32_t>(strips * it.chunks);
   }
   const int64_t per_block = h.rank > 1 ? 256 / kWarp : 256;
-  it.mom_blocks = static_cast<int32_t>(std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min(kMaxBlocks, sms * 4)));
+  it.mom_blocks = static_cast<int32_t>(
+      std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min<int64_t>(kMaxBlocks, int64_t{sms} * shape.moments_bps)));
   const int64_t groups = s.rows * ((s.cols + 7) / 8);
-  it.upd_blocks = static_cast<int32_t>(std::min<int64_t>((groups + 255) / 256, static_cast<int64_t>(sms) * 16));
+  const int64_t per_update_block = int64_t{shape.update_threads} * shape.update_unroll;
+  it.upd_blocks = static_cast<int32_t>(
+      std::min<int64_t>((groups + per_update_block - 1) / per_update_block, int64_t{sms} * shape.update_bps));
   return it;
+}
+
+// The resident blocks of step_fused_kernel<TW, TG> on this device (cooperative launches need them all
+// resident at once).
+template <typename TW, typename TG>
+int fused_blocks() {
+  static const int n = [] {
+    int per_sm = 0;
+    LIVETRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG>, kFusedThreads, 0));
+    if (per_sm < 1) throw Error(ErrorCode::kUnsupported, "optimizer step: apollo.fused_step: its kernel cannot be resident on this device");
+    return per_sm * sm_count();
+  }();
+  return n;
+}
+
+template <typename TW, typename TG>
+void launch_fused(const ApolloStep& s, Shape shape, cudaStream_t stream) {
+  // Stage grids sized for kFusedThreads-thread blocks, so every block of a stage does the work the
+  // separate kernels' would at that block size.
+  shape.tall_threads = shape.update_threads = kFusedThreads;
+  shape.tall_rows = 2;  // the compiled variants (step_fused_kernel)
+  shape.update_unroll = 1;
+  Item it = make_item(s, s.workspace, shape);
+  const int want = std::max(std::max(it.gen_blocks, it.proj_blocks), std::max(it.mom_blocks, it.upd_blocks));
+  const int grid = std::max(1, std::min(want, fused_blocks<TW, TG>()));
+  void* args[] = {&it};
+  LIVETRAIN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(step_fused_kernel<TW, TG>), dim3(grid),
+                                                   dim3(kFusedThreads), args, 0, stream));
 }
 
 template <typename TW, typename TG>
 void launch(const ApolloStep& s, cudaStream_t stream) {
-  const Item it = make_item(s, s.workspace);
+  const Shape shape = Shape::current();
+  if (s.hyper.rank == 1 && shape.fused) return launch_fused<TW, TG>(s, shape, stream);
+  const Item it = make_item(s, s.workspace, shape);
   gen_kernel<<<it.gen_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  if (s.hyper.rank == 1) {
-    project_r1_kernel<TG><<<it.proj_blocks, it.tall ? 256 : 128, 0, stream>>>(it);
+  if (s.hyper.rank == 1 && !shape.split) {
+    project_fused_kernel<TG><<<it.proj_blocks, it.tall ? shape.tall_threads : kWideThreads, 0, stream>>>(it);
+  } else if (s.hyper.rank == 1 && it.tall) {
+    tall_variant(shape.tall_rows, shape.tall_loads, [&](auto rows, auto loads) {
+      project_tall_kernel<TG, rows(), loads()><<<it.proj_blocks, shape.tall_threads, 0, stream>>>(it);
+    });
+  } else if (s.hyper.rank == 1) {
+    loads_variant(shape.wide_loads, [&](auto loads) {
+      project_wide_kernel<TG, loads()><<<it.proj_blocks, kWideThreads, 0, stream>>>(it);
+    });
   } else {
     const TG* G = static_cast<const TG*>(s.grad);
     dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM), static_cast<unsigned>((s.hyper.rank + kTileN - 1) / kTileN));
@@ -676,19 +897,21 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   moments_kernel<<<it.mom_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  update_kernel<TW, TG><<<it.upd_blocks, 256, 0, stream>>>(it);
+  unroll_variant(shape.update_unroll, [&](auto unroll) {
+    update_kernel<TW, TG, unroll()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+  });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
 // Up to kBatch rank-1 steps with the same dtypes: one launch per stage, except the projection, launched
-// once for the tall items (256-thread blocks, warp per row) and once for the wide ones (128 threads).
+// once for the tall items and once for the wide ones (they want different block sizes).
 template <typename TW, typename TG>
-void launch_many(const ApolloStep* steps, int n, void* workspace, cudaStream_t stream) {
+void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& shape, cudaStream_t stream) {
   Batch b{};
   b.n = n;
   size_t offset = 0;
   for (int i = 0; i < n; ++i) {
-    b.items[i] = make_item(steps[i], static_cast<char*>(workspace) + offset);
+    b.items[i] = make_item(steps[i], static_cast<char*>(workspace) + offset, shape);
     offset += ApolloWorkspace(steps[i].rows, steps[i].cols, 1).bytes;
   }
   auto fill = [&](Stage st, auto blocks_of) {
@@ -701,16 +924,25 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, cudaStream_t s
   int u = fill(kUpdate, [](const Item& it) { return it.upd_blocks; });
   gen_many_kernel<<<g, 256, 0, stream>>>(b);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  // Tall and wide projections want different block sizes: one launch each, over the items of that kind.
   for (int want_tall = 1; want_tall >= 0; --want_tall) {
     int p = fill(kProject, [&](const Item& it) { return it.tall == static_cast<bool>(want_tall) ? it.proj_blocks : 0; });
     if (p == 0) continue;
-    project_many_kernel<TG><<<p, want_tall ? 256 : 128, 0, stream>>>(b);
+    if (!shape.split) {
+      project_fused_many_kernel<TG><<<p, want_tall ? shape.tall_threads : kWideThreads, 0, stream>>>(b);
+    } else if (want_tall) {
+      tall_variant(shape.tall_rows, shape.tall_loads, [&](auto rows, auto loads) {
+        project_tall_many_kernel<TG, rows(), loads()><<<p, shape.tall_threads, 0, stream>>>(b);
+      });
+    } else {
+      loads_variant(shape.wide_loads, [&](auto loads) { project_wide_many_kernel<TG, loads()><<<p, kWideThreads, 0, stream>>>(b); });
+    }
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   }
   moments_many_kernel<<<m, 256, 0, stream>>>(b);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  update_many_kernel<TW, TG><<<u, 256, 0, stream>>>(b);
+  unroll_variant(shape.update_unroll, [&](auto unroll) {
+    update_many_kernel<TW, TG, unroll()><<<u, shape.update_threads, 0, stream>>>(b);
+  });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -723,11 +955,39 @@ void dispatch(DType w, DType g, F&& f) {
   else f(float{}, float{});
 }
 
+// A stream and two events owned by scope, for apollo.streams = 2: batches alternate between the caller's
+// stream and this one, which starts after the work queued before the call and which the caller's stream
+// waits for at the end. Batches use disjoint workspace slices, so nothing else orders them.
+struct SideStream {
+  cudaStream_t side = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  explicit SideStream(cudaStream_t main) {
+    LIVETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(fork, main));
+    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(side, fork, 0));
+  }
+  void join_into(cudaStream_t main) {
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(join, side));
+    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(main, join, 0));
+  }
+  ~SideStream() {  // resources are released once the queued work completes
+    if (join) cudaEventDestroy(join);
+    if (fork) cudaEventDestroy(fork);
+    if (side) cudaStreamDestroy(side);
+  }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+};
+
 }  // namespace
 
 void apollo_step_cuda(const ApolloStep& s, void* stream) {
   validate(s);
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  // The projection reads P with 16-byte vector loads at offsets the workspace layout keeps aligned.
+  if (!aligned16(s.workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
     launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
   });
@@ -740,34 +1000,43 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
                                             std::to_string(apollo_many_workspace_bytes(steps, n)) + " bytes, got " +
                                             std::to_string(workspace_bytes));
   }
+  for (int i = 0; i < n; ++i) validate(steps[i]);
+  // Each step's slice is a whole number of 256-byte regions from here (optim/workspace.hpp), so this
+  // keeps every slice's 16-byte vector loads of P aligned.
+  if (n && !aligned16(workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
+  const Shape shape = Shape::current();
+  std::optional<SideStream> side;
+  if (shape.streams == 2) side.emplace(st);
+  int batches = 0;
+  auto next_stream = [&] { return side && batches++ % 2 ? side->side : st; };
   // Rank-1 steps with the same dtypes go in batches; anything else runs alone in its own workspace slice.
   char* ws = static_cast<char*>(workspace);
   int i = 0;
   while (i < n) {
-    validate(steps[i]);
     const size_t bytes_i = ApolloWorkspace(steps[i].rows, steps[i].cols, steps[i].hyper.rank).bytes;
     if (steps[i].hyper.rank != 1) {
       ApolloStep one = steps[i];
       one.workspace = ws;
-      apollo_step_cuda(one, stream);
+      apollo_step_cuda(one, next_stream());
       ws += bytes_i;
       ++i;
       continue;
     }
     int j = i;
     size_t bytes = 0;
-    while (j < n && j - i < kBatch && steps[j].hyper.rank == 1 && steps[j].weight_dtype == steps[i].weight_dtype &&
-           steps[j].grad_dtype == steps[i].grad_dtype) {
-      validate(steps[j]);
+    while (j < n && j - i < std::min(kBatch, shape.batch) && steps[j].hyper.rank == 1 &&
+           steps[j].weight_dtype == steps[i].weight_dtype && steps[j].grad_dtype == steps[i].grad_dtype) {
       bytes += ApolloWorkspace(steps[j].rows, steps[j].cols, 1).bytes;
       ++j;
     }
+    cudaStream_t on = next_stream();
     dispatch(steps[i].weight_dtype, steps[i].grad_dtype, [&](auto w, auto g) {
-      launch_many<decltype(w), decltype(g)>(steps + i, j - i, ws, st);
+      launch_many<decltype(w), decltype(g)>(steps + i, j - i, ws, shape, on);
     });
     ws += bytes;
     i = j;
   }
+  if (side) side->join_into(st);
 }
 
 }  // namespace livetrain::optim

@@ -7,9 +7,12 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "livetrain/checkpoint/format.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/safetensors.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::testing {
 
@@ -22,7 +25,7 @@ struct LiveModel {
 
   std::vector<checkpoint::LiveTensor> views() {
     std::vector<checkpoint::LiveTensor> v;
-    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data()});
+    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data(), -1, {}});
     return v;
   }
   std::vector<safetensors::TensorRef> refs() const {
@@ -72,6 +75,32 @@ inline void perturb(LiveModel& m, uint64_t seed, double fraction) {
 inline void write_model_dir(const std::string& dir, const LiveModel& m) {
   std::filesystem::create_directories(dir);
   safetensors::write_model(dir, m.refs(), 16 * 1024);
+}
+
+// Runs `body` under every tuning of a GPU save (docs/tuning.md): checkpoint.pipeline, .diff and .digests
+// each 0 and 1, checkpoint.group_mib alternately 256 and 1 (1 MiB: several groups per large tensor); the
+// combination is in the failure messages, and every knob is back at its default afterwards.
+template <class Body>
+void for_each_gpu_save_tuning(Body body) {
+  struct Reset {
+    ~Reset() { tuning::reset(); }
+  } reset_after;
+  int combo = 0;
+  for (int pipeline : {0, 1}) {
+    for (int diff : {0, 1}) {
+      for (int digests : {0, 1}) {
+        const int mib = combo++ % 2 ? 1 : 256;
+        SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) + " digests=" +
+                     std::to_string(digests) + " group_mib=" + std::to_string(mib));
+        tuning::reset();
+        tuning::set("checkpoint.pipeline", pipeline);
+        tuning::set("checkpoint.diff", diff);
+        tuning::set("checkpoint.digests", digests);
+        tuning::set("checkpoint.group_mib", mib);
+        body();
+      }
+    }
+  }
 }
 
 }  // namespace livetrain::testing

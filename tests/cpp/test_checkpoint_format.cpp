@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <random>
 
+#include "helpers.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
@@ -14,18 +15,9 @@
 namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;
 using livetrain::Error;
+using livetrain::testing::hex;
 
 namespace {
-
-std::string hex(const std::string& s) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : s) {
-    out += d[c >> 4];
-    out += d[c & 15];
-  }
-  return out;
-}
 
 std::vector<uint8_t> apply_all(const std::string& file, std::vector<uint8_t> buf) {
   checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",

@@ -113,6 +113,21 @@ TEST(Layout, KvHeadsReplicatedWhenTpExceedsThem) {
   }
 }
 
+// Each element of an HF tensor has one primary rank (the one that saves it in a checkpoint): rank 0 for
+// replicated tensors, the first of the ranks sharing a KV head.
+TEST(Layout, ThePrimaryRankOfSharedKvHeadsAndReplicatedTensors) {
+  json::Value c = json::parse(kLlama);  // 8 heads, 2 KV heads: at TP 4, ranks 0-1 share KV head 0, ranks 2-3 head 1
+  for (uint32_t r = 0; r < 4; ++r) {
+    auto o = vllm(r, 4);
+    lo::Layout l = lo::build(c, engine_of(c, o), o);
+    EXPECT_TRUE(view(l, "model.layers.0.self_attn.q_proj.weight").shard.primary) << r;
+    EXPECT_EQ(view(l, "model.layers.0.self_attn.k_proj.weight").shard.primary, r % 2 == 0) << r;
+    EXPECT_EQ(view(l, "model.layers.0.self_attn.v_proj.bias").shard.primary, r % 2 == 0) << r;
+    EXPECT_EQ(view(l, "model.norm.weight").shard.primary, r == 0) << r;
+    EXPECT_TRUE(view(l, "model.layers.1.mlp.down_proj.weight").shard.primary) << r;
+  }
+}
+
 TEST(Layout, PaddedVocabulary) {
   json::Value c = json::parse(kLlama);
   // 77 rows pad to 128; TP 4 gives 32-row blocks: 32, 32, 13 real rows, then none.
@@ -189,6 +204,68 @@ TEST(Layout, UnsupportedModelTypesAreNamed) {
   e = error_of([] { lo::model_info(json::parse(R"({"model_type": "qwen3_5_moe", "text_config": {"model_type": "qwen3_5_moe_text"}})")); });
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos);
+}
+
+// Issue #15: what livetrain cannot map is refused with the architecture named and what is supported.
+TEST(Layout, QuantizedCheckpointsAndUnknownWrappersNameTheArchitecture) {
+  // kQwen35 with fields added at the top level.
+  auto qwen35_with = [](const std::string& fields) { return json::parse("{" + fields + ", " + std::string(kQwen35).substr(1)); };
+  json::Value c = qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"])");
+  EXPECT_EQ(lo::model_info(c).family, "qwen3_5");
+  Error e = error_of([&] {
+    lo::model_info(qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"], "quantization_config": {"quant_method": "fp8"})"));
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("Qwen3_5ForConditionalGeneration"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("quant_method \"fp8\""), std::string::npos) << e.what();
+  e = error_of([&] { lo::model_info(qwen35_with(R"("architectures": ["InternVLChatModel"])")); });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("architecture InternVLChatModel"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("LlavaForConditionalGeneration"), std::string::npos) << e.what();
+  e = error_of([] {
+    lo::model_info(json::parse(R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]})"));
+  });
+  EXPECT_NE(std::string(e.what()).find("Qwen3MoeForCausalLM"), std::string::npos) << e.what();
+  // The text model's tensors, and what lies outside it (not served).
+  lo::ModelInfo info = lo::model_info(c);
+  EXPECT_TRUE(lo::in_text_model(info, "model.language_model.layers.0.mlp.up_proj.weight"));
+  EXPECT_TRUE(lo::in_text_model(info, "lm_head.weight"));
+  EXPECT_FALSE(lo::in_text_model(info, "model.visual.blocks.0.attn.qkv.weight"));
+  EXPECT_FALSE(lo::in_text_model(info, "mtp.fc.weight"));
+}
+
+// Issue #15: what no engine can train in place is refused before anything loads (check_trainable), whatever
+// names the MoE: its model_type, its architecture, or an expert count; a dense family without a layout
+// passes it (the reference engine serves it under HF names) and only the layout refuses it.
+TEST(Layout, CheckTrainableRefusesMixtureOfExpertsByTypeArchitectureOrExpertCount) {
+  auto refused = [](const char* config) {
+    Error e = error_of([&] { lo::check_trainable(json::parse(config)); });
+    EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+    EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("supported: llama"), std::string::npos) << e.what();
+    return std::string(e.what());
+  };
+  EXPECT_NE(refused(R"({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]})").find("architecture OlmoeForCausalLM"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"model_type": "deepseek_v3", "n_routed_experts": 256})").find("(256 experts)"), std::string::npos);
+  EXPECT_NE(refused(R"({"model_type": "llama", "num_local_experts": 8})").find("\"llama\""), std::string::npos);
+  refused(R"({"model_type": "qwen3_5", "text_config": {"model_type": "qwen3_5_moe_text", "num_experts": 256}})");
+  // Dense: no expert count, or zero experts.
+  lo::check_trainable(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})"));
+  lo::check_trainable(json::parse(R"({"model_type": "llama", "num_experts": 0})"));
+  lo::check_trainable(json::parse(kLlama));
+  Error e = error_of([] { lo::model_info(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})")); });
+  EXPECT_NE(std::string(e.what()).find("has no layout"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("GPT2LMHeadModel"), std::string::npos) << e.what();
+  // Qwen3-Next names its MoE layers one by one: the layout refuses the first, naming the architecture.
+  const char* next = R"({"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "num_experts": 8,
+      "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 8,
+      "linear_num_key_heads": 1, "linear_num_value_heads": 1, "linear_key_head_dim": 1, "linear_value_head_dim": 1,
+      "linear_conv_kernel_dim": 1})";
+  lo::check_trainable(json::parse(next));
+  e = error_of([&] { lo::model_info(json::parse(next)); });
+  EXPECT_NE(std::string(e.what()).find("(architecture Qwen3NextForCausalLM): layer 0 is a mixture-of-experts layer"),
+            std::string::npos) << e.what();
 }
 
 TEST(Layout, EngineMismatchesAreNamed) {

@@ -115,6 +115,26 @@ TEST(Optim, RejectsBadArguments) {
   opt::ApolloStep b = s;
   b.hyper.beta2 = 1.0;
   expect_error(b, "betas must be in [0, 1)");
+#ifdef LIVETRAIN_WITH_CUDA
+  // The CUDA step's 16-byte loads of its workspace (the alignment audit of issue #15): a misaligned
+  // workspace is refused before anything reaches a device, so this runs without a GPU too.
+  alignas(16) static char ws[64];
+  opt::ApolloStep w = s;
+  w.workspace = ws + 4;
+  try {
+    opt::apollo_step_cuda(w, nullptr);
+    ADD_FAILURE() << "misaligned workspace accepted";
+  } catch (const livetrain::Error& e) {
+    EXPECT_EQ(e.code(), livetrain::ErrorCode::kInvalidArg);
+    EXPECT_NE(std::string(e.what()).find("workspace is not 16-byte aligned"), std::string::npos) << e.what();
+  }
+  try {
+    opt::apollo_step_many_cuda(&w, 1, ws + 4, opt::apollo_many_workspace_bytes(&w, 1), nullptr);
+    ADD_FAILURE() << "misaligned batch workspace accepted";
+  } catch (const livetrain::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("workspace is not 16-byte aligned"), std::string::npos) << e.what();
+  }
+#endif
 }
 
 TEST(Optim, NonFiniteGradientLeavesEverythingUntouched) {

@@ -158,3 +158,18 @@ def test_cli_checkpoints_gpu_weights_through_a_cuda_manifest(cli, tmp_path):
         assert same_bits(load_dir(tmp_path / "out"), states[2])
     finally:
         exported.close()
+
+
+# Regression test for issue #13 item 10: verify said "store OK" for a truncated optimizer-state file (and
+# then `serve` refused to start on that store). COMMIT now records its size and hash.
+def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
+    model, manifest, tensors = live
+    state = tmp_path / "optim.safetensors"
+    lst.save_file({"exp_avg": torch.randn(1000)}, state)
+    perturb(tensors, 0.1, 9)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest), "--optimizer-state", str(state))
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+    copy = next((model / ".livetrain-store").glob("gen-*.optim"))
+    copy.write_bytes(copy.read_bytes()[:-100])
+    r = run(cli, "checkpoint", "verify", str(model))
+    assert r.returncode == 1 and copy.name in r.stdout and "truncated" in r.stdout, r.stdout

@@ -1,12 +1,14 @@
 """livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors), and
 restore_latest, which engines call at start-up."""
 
+import shutil
+
 import pytest
 import torch
 
 import livetrain
 from livetrain import safetensors as lst
-from livetrain.checkpoint import CheckpointStore, restore_latest, store_path
+from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_path
 
 from weights import load_dir, perturb, same_bits, snapshot
 
@@ -67,9 +69,9 @@ def test_bad_input_is_a_livetrain_error(sharded_model, tmp_path):
         wrong["model.norm.weight"] = torch.ones(64)
         with pytest.raises(livetrain.Error, match="model.norm.weight"):
             store.save(wrong)
-        missing = {k: v for k, v in live.items() if k != "model.norm.weight"}
-        with pytest.raises(livetrain.Error, match="model.norm.weight"):
-            store.save(missing)
+        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in live.items()}
+        with pytest.raises(livetrain.Error, match="model.language_model.*is not in the checkpoint store"):
+            store.save(renamed)
         with pytest.raises(ValueError, match="not contiguous"):
             store.save({**live, "model.layers.0.mlp.up_proj.weight": live["model.layers.0.mlp.up_proj.weight"].t()})
         with pytest.raises(livetrain.Error, match="generation 5"):
@@ -85,7 +87,14 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
     files = snapshot(live)
     # No store yet: created, generation 0 = the files, the tensors untouched.
     r = restore_latest(live, d)
-    assert r == {"store": store_path(d), "generation": 0, "weight_version": 0, "restored": False, "created": True}
+    assert r == {
+        "store": store_path(d),
+        "generation": 0,
+        "weight_version": 0,
+        "restored": False,
+        "created": True,
+        "not_served": [],
+    }
     assert same_bits(live, files)
     with CheckpointStore(d) as store:  # closed by restore_latest: it opens
         perturb(live, 0.05, 5)
@@ -105,12 +114,40 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
     other = {k: v.float() for k, v in files.items()}
     with pytest.raises(livetrain.Error, match=r"model.embed_tokens.weight' is F32 .* BF16 .* store keeps the model"):
         restore_latest(other, d)
-    with pytest.raises(livetrain.Error, match="live weights have no tensor 'model.norm.weight'"):
-        restore_latest({k: v for k, v in g1.items() if k != "model.norm.weight"}, d)
+    # A tensor the engine does not serve keeps the files' bytes; one the store lacks is refused.
+    served = {k: v.clone() for k, v in files.items() if k != "model.norm.weight"}
+    with CheckpointStore(d) as store:
+        store.materialize(0)
+    r = restore_latest(served, d)
+    assert r["restored"] and r["not_served"] == ["model.norm.weight"]
+    assert same_bits(served, {k: v for k, v in g1.items() if k != "model.norm.weight"})
+    with pytest.raises(livetrain.Error, match="live weights have a tensor 'lm_head.weight' that the checkpoint store"):
+        restore_latest({**g1, "lm_head.weight": g1["model.norm.weight"]}, d)
     # Elsewhere, and without create: a missing store is an error.
     with pytest.raises(livetrain.Error, match="no checkpoint store"):
         restore_latest(g1, d, tmp_path / "elsewhere", create=False)
     assert restore_latest(g1, d, tmp_path / "elsewhere")["created"]
+
+
+def test_create_opens_with_the_given_options(sharded_model):
+    """create() opens the new store as CheckpointStore() would with the same options: with held=[] no head copy
+    (it restores, and refuses to save naming the tensor); open_store(create=True) passes them through."""
+    d, live = sharded_model
+    files = snapshot(live)
+    with CheckpointStore.create(d, held=[]) as store:
+        assert store.head == 0 and store.rank == 0 and store.ranks == 1
+        perturb(live, 0.05, 9)
+        with pytest.raises(livetrain.Error, match="model.embed_tokens.weight"):
+            store.save(live)
+        store.restore(0, live)
+        assert same_bits(live, files)
+    with pytest.raises(livetrain.Error, match="already exists"):
+        CheckpointStore.create(d)
+    shutil.rmtree(store_path(d))
+    with open_store(d, create=True, held=[]) as store:
+        assert store.created
+        with pytest.raises(livetrain.Error, match="model.embed_tokens.weight"):
+            store.save(live)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
@@ -158,3 +195,55 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
     with CheckpointStore(b) as reopened:
         assert reopened.head == 3
         assert reopened.compare(3, {k: v.cuda() for k, v in snaps[3].items()})["elements"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+@pytest.mark.parametrize("knobs", [{}, {"checkpoint.diff": 1}, {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1}])
+def test_cuda_save_of_odd_sized_mixed_dtypes_in_small_groups(tmp_path, knobs):
+    """Regression test for issue #15's cudaErrorMisalignedAddress on the Qwen3.5-27B shapes: a bf16 tensor
+    of odd size that 1 MiB groups of the GPU diff split (odd changed counts), followed in the same group by
+    fp32 ones (A_log [48]) and odd-sized bf16 ones (conv1d [C, 1, 4], norms); the GPU save writes the CPU
+    save's bytes under the shipped diff and its variants."""
+    import shutil
+
+    from livetrain import _core
+
+    torch.manual_seed(2)
+    live = {
+        "model.layers.0.linear_attn.in_proj_qkvz.weight": (torch.randn(777777) * 0.02).to(torch.bfloat16),
+        "model.layers.0.linear_attn.A_log": torch.randn(48),
+        "model.layers.0.linear_attn.dt_bias": (torch.randn(48)).to(torch.bfloat16),
+        "model.layers.0.linear_attn.conv1d.weight": (torch.randn(1281, 1, 4) * 0.1).to(torch.bfloat16),
+        "model.layers.0.linear_attn.norm.weight": torch.randn(129),
+        "model.layers.1.mlp.down_proj.weight": (torch.randn(300001) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(5121),
+    }
+    a, b = tmp_path / "cpu", tmp_path / "gpu"
+    a.mkdir()
+    lst.save_model(a, live)
+    shutil.copytree(a, b)
+    cuda = {k: v.cuda() for k, v in live.items()}
+    try:
+        _core.tuning_reset()
+        _core.tuning_set("checkpoint.group_mib", 1)
+        for name, value in knobs.items():
+            _core.tuning_set(name, value)
+        with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
+            for g, fraction in enumerate([0.5, 0.3], start=1):
+                split = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+                perturb({k: v for k, v in live.items() if k != split}, fraction, 40 + g)
+                # One change in the split tensor's first group (its next group then starts at an offset of
+                # 2 mod 4) and more after the 1 MiB boundary; the fp32 norm that follows has changes too.
+                live[split][0] += 1.0
+                tail = live[split][700000:]
+                perturb({"t": tail}, fraction, 50 + g)
+                for k in cuda:
+                    cuda[k].copy_(live[k])
+                rc, rg = cpu_store.save(live), gpu_store.save(cuda)
+                assert rc["changed"] == rg["changed"] > 0
+                name = f"gen-{g:020d}.delta"
+                assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes()
+            assert gpu_store.save(cuda)["written"] is False
+            assert gpu_store.compare(2, cuda)["elements"] == 0
+    finally:
+        _core.tuning_reset()

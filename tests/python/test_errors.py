@@ -15,8 +15,17 @@ from livetrain import _core
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
 # livetrain::ErrorCode (include/livetrain/error.hpp) → its Python class.
-CLASSES = ["IoError", "FormatError", "InvalidArgumentError", "NotFoundError", "SizeOverflowError",
-           "UnsupportedError", "CudaError", "StaleError", "BusyError"]
+CLASSES = [
+    "IoError",
+    "FormatError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "SizeOverflowError",
+    "UnsupportedError",
+    "CudaError",
+    "StaleError",
+    "BusyError",
+]
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -54,8 +63,7 @@ def test_missing_file_is_not_found(tmp_path):
 
 def test_shape_overflowing_64_bits_is_a_size_overflow(tmp_path):
     bad = tmp_path / "huge.safetensors"
-    bad.write_bytes(safetensors_bytes(
-        '{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'))
+    bad.write_bytes(safetensors_bytes('{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'))
     with pytest.raises(_core.SizeOverflowError, match='"a"'):
         _core.SafetensorsFile.open(str(bad))
 
@@ -109,8 +117,10 @@ def test_a_held_lease_is_busy_and_a_dead_owner_is_stale(tmp_path):
 
     # An engine process that exported and exited: its manifest names a dead owner.
     gone = tmp_path / "gone.manifest.json"
-    code = ("import sys; from livetrain import _core; e = _core.Export(); b = e.add_shm(16); "
-            "e.add_tensor('w', 'BF16', [8], [1], b, 0); e.write_manifest(sys.argv[1], '', '{}', 'reference')")
+    code = (
+        "import sys; from livetrain import _core; e = _core.Export(); b = e.add_shm(16); "
+        "e.add_tensor('w', 'BF16', [8], [1], b, 0); e.write_manifest(sys.argv[1], '', '{}', 'reference')"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code, str(gone)], check=True, env=env)
     with pytest.raises(_core.StaleError, match="stale manifest"):

@@ -455,6 +455,20 @@ def test_unsupported_model_type_names_it():
     assert "layer_types[2]" in error_of(lambda: layout.plan(bad_types))
 
 
+def test_check_refuses_what_no_engine_can_train_and_passes_dense_families():
+    moe = dict(QWEN3, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
+    for cfg in (moe, dict(LLAMA, num_experts=4), dict(LLAMA, architectures=["PhiMoEForCausalLM"])):
+        msg = error_of(lambda: layout.check(cfg))
+        assert "mixture-of-experts" in msg and "supported: llama" in msg, msg
+    assert "Qwen3MoeForCausalLM" in error_of(lambda: layout.check(moe))
+    quantized = dict(LLAMA, quantization_config={"quant_method": "gptq"})
+    assert 'quant_method "gptq"' in error_of(lambda: layout.check(quantized))
+    layout.check(LLAMA)
+    gpt2 = dict(LLAMA, model_type="gpt2")
+    layout.check(gpt2)  # dense: servable under its HF names, though no layout maps it onto vLLM
+    assert "has no layout" in error_of(lambda: layout.plan(gpt2))
+
+
 def test_missing_and_misshapen_engine_tensors_are_named():
     hf = random_hf(QWEN3_NEXT, 6)
     engine = vllm_engine(QWEN3_NEXT, hf, 0, 2)

@@ -532,6 +532,31 @@ def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
         s.stop()
 
 
+@pytest.mark.parametrize(
+    "config,named",
+    [
+        ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3MoeForCausalLM"),
+        ({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 256},
+         "(256 experts)"),
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "awq"}},
+         'quant_method "awq"'),
+    ],
+    ids=["moe type", "expert count", "quantized"],
+)
+def test_engine_refuses_what_livetrain_cannot_train_before_loading(tmp_path, config, named):
+    from livetrain import UnsupportedError
+    from livetrain.engines.reference import Engine
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))  # no weights, no tokenizer: refused before either
+    with pytest.raises(UnsupportedError) as e:
+        Engine(str(model), str(tmp_path / "engine.json"))
+    assert named in str(e.value) and config["architectures"][0] in str(e.value), str(e.value)
+    assert "supported" in str(e.value)
+    assert not (tmp_path / "engine.json").exists() and not (model / ".livetrain-store").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_serve_on_cuda_trains_in_place(model_dir, tmp_path):
     s = Serve(model_dir, tmp_path / "state", tmp_path / "run", device="cuda")

@@ -105,3 +105,40 @@ def test_without_release_and_with_frozen_embeddings(run):
     _, frozen = run(embeddings="frozen")
     assert one_step(frozen) == []  # neither vocabulary-sized gradient exists
     assert not frozen.model.get_output_embeddings().weight.requires_grad
+
+
+def test_version_requests_wait_for_the_next_step_and_served_reports_its_delay(run):
+    """What the vLLM plugin's watcher relies on: ``version`` with ``after`` answers when a step makes a new
+    version (or after ``wait_s``), and ``served`` records how long after that step the engine served it."""
+    import threading
+    import time
+
+    from livetrain.trainer.protocol import Invalid
+
+    _, trainer = run()
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(trainer.handle("version", b'{"after": 0, "wait_s": 30}')))
+    waiter.start()
+    time.sleep(0.3)
+    assert answers == []  # still waiting: no step yet
+    trainer.submit({"examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}], "steps": 1})
+    trainer.run_job(*trainer.queue.get_nowait())
+    waiter.join(30)
+    assert answers[0].body == {"weight_version": 1}
+    assert trainer.handle("version", b"").body == {"weight_version": 1}
+    t0 = time.monotonic()
+    assert trainer.handle("version", b'{"after": 1, "wait_s": 0.3}').body == {"weight_version": 1}
+    assert time.monotonic() - t0 >= 0.3
+    assert trainer.status()["served"] is None  # no engine has said so (the reference engine never does)
+    assert trainer.handle("served", b'{"weight_version": 1}').code == 200
+    served = trainer.status()["served"]
+    assert served["weight_version"] == 1 and 0 <= served["seconds_after_step"] < 60
+    for op, body, field in [
+        ("served", b'{"weight_version": "1"}', "weight_version"),
+        ("served", b"{}", "weight_version"),
+        ("version", b'{"after": 0, "wait_s": 99}', "wait_s"),
+        ("version", b'{"since": 0}', "since"),
+    ]:
+        with pytest.raises(Invalid) as e:
+            trainer.handle(op, body)
+        assert e.value.param == field, (op, body)

@@ -72,7 +72,8 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
     bad = dict(hf)
     bad["model.norm.weight"] = torch.ones(32, dtype=torch.bfloat16)  # wrong shape
     del bad["model.layers.1.mlp.down_proj.weight"]  # missing on disk
-    bad["extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # unknown to the engine
+    bad["model.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # unknown to the engine
+    bad["mtp.fc.weight"] = torch.zeros(3, dtype=torch.bfloat16)  # outside the text model
     other = tmp_path / "other"
     other.mkdir()
     lst.save_model(other, bad)
@@ -86,6 +87,49 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["ok"] is False and doc["family"] == "llama"
     assert doc["only_in_engine"] == ["model.layers.1.mlp.down_proj.weight"]
-    assert doc["only_on_disk"] == ["extra.weight"]
+    assert doc["only_on_disk"] == ["model.extra.weight"]
+    assert doc["not_served"] == ["mtp.fc.weight"]
     assert doc["mismatched"] == ["model.norm.weight: shape [64] in the engine, [32] on disk"]
     del exported
+
+
+def test_multimodal_checkpoint_in_vllms_layout_is_trained_as_its_text_model(tmp_path):
+    """A Qwen3_5ForConditionalGeneration served by vLLM text-only (its tensors language_model.model.*, Gated
+    DeltaNet merged into in_proj_qkvz/in_proj_ba): the trainer builds transformers' text-only class on the
+    views (renamed from the files' model.language_model.*), computes the original model's logits, and a
+    step changes vLLM's own tensors in place."""
+    from qwen35_model import make_qwen35_dir
+
+    from livetrain.trainer import options
+    from livetrain.trainer.examples import parse_job
+    from livetrain.trainer.service import Trainer
+
+    model_dir = tmp_path / "model"
+    config = make_qwen35_dir(model_dir, corpus=["the capital of zorbia is quuxville", "hello how are you"])
+    files = lst.load_file(model_dir / "model.safetensors")
+    text = {n: t for n, t in files.items() if n.startswith("model.language_model.") or n == "lm_head.weight"}
+    engine = layout.merge(config, text, engine="vllm")
+    assert "language_model.model.layers.0.linear_attn.in_proj_qkvz.weight" in engine
+    before = {n: t.clone() for n, t in engine.items()}
+    exported = sharing.export_cpu(engine, tmp_path / "engine.json", model_path=model_dir, config=config, engine="vllm")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with sharing.attach(tmp_path / "engine.json") as att:
+        model = sharing.build_hf_model(att, requires_grad=False).eval()
+        assert type(model) is type(ref)  # the text-only class (Qwen3_5ForCausalLM)
+        x = torch.randint(0, 200, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, ref(x).logits)
+    settings = options.parse(["--state-dir", str(tmp_path / "state"), "--no-store", "--lr", "1e-2"])
+    trainer = Trainer(str(tmp_path / "engine.json"), str(model_dir), settings)
+    try:
+        job = parse_job(trainer.tokenizer, {"examples": tiny_model.FACT_EXAMPLES[:1]}, 64, 10)
+        trainer.step(job["examples"])
+        changed = {n for n, t in exported.tensors.items() if not torch.equal(t, before[n])}
+        assert "language_model.model.layers.0.linear_attn.in_proj_qkvz.weight" in changed
+        assert "language_model.model.layers.1.self_attn.qkv_proj.weight" in changed
+        # The store's names are the files' (vision tower and MTP head outside: never trained).
+        assert set(trainer.weights) <= set(files) and "model.language_model.embed_tokens.weight" in trainer.weights
+        assert any(n.startswith("mtp.") for n in trainer.not_trained)
+    finally:
+        trainer.close()
+        exported.close()

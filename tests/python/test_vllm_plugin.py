@@ -47,9 +47,11 @@ class VllmLikeModel(torch.nn.Module):
     """A torch module whose parameters have vLLM's names and layout (merged qkv_proj, gate_up_proj, padded
     vocabulary), built from HF tensors with livetrain.layout.merge: what ``get_model()`` returns."""
 
-    def __init__(self, config: dict, hf: dict[str, torch.Tensor], device: str = "cpu"):
+    def __init__(
+        self, config: dict, hf: dict[str, torch.Tensor], device: str = "cpu", tp_rank: int = 0, tp_size: int = 1
+    ):
         super().__init__()
-        for name, t in layout.merge(config, hf).items():
+        for name, t in layout.merge(config, hf, tp_rank=tp_rank, tp_size=tp_size).items():
             owner, _, leaf = name.rpartition(".")
             mod = self
             for part in owner.split(".") if owner else []:
@@ -131,6 +133,34 @@ def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+MOE = [
+    ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3MoeForCausalLM"),
+    ({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]}, "OlmoeForCausalLM"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_local_experts": 8}, "(8 experts)"),
+]
+
+
+@pytest.mark.parametrize("config,named", MOE, ids=[m[1] for m in MOE])
+def test_a_checkpoint_livetrain_cannot_train_is_refused_before_loading_and_before_exporting(tmp_path, config, named):
+    """vLLM serves mixture-of-experts models, but re-lays their experts out: refused by the worker before the
+    model loads (vLLM >= 0.33 calls init_worker_extension first) and again before anything is shared, the
+    message naming the architecture and what is supported."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    w = plain_worker(model, None)  # no weights needed: refused from config.json alone
+    for call in (
+        lambda: worker.WorkerExtension.init_worker_extension(w),
+        lambda: worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run")),
+    ):
+        with pytest.raises(worker.Refused, match="livetrain cannot train this vLLM in place") as e:
+            call()
+        assert named in str(e.value) and "mixture-of-experts" in str(e.value) and "supported: llama" in str(e.value)
+    assert not (tmp_path / "run").exists() and not (model / ".livetrain-store").exists()
+    # A model whose files are not on disk yet (a repo id vLLM has not downloaded) is checked at export.
+    worker.WorkerExtension.init_worker_extension(plain_worker("org/not-downloaded", None))
+
+
 # ---- restore at start-up ----
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen3", True)])
 def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_place(tmp_path, model_type, tied):
@@ -160,9 +190,13 @@ def test_newer_checkpoint_generation_is_restored_into_the_served_weights_in_plac
         assert p.data_ptr() == ptrs[name], f"{name} was reallocated"
         assert torch.equal(p, want[name]), name
 
-    # Tensor parallelism: no restore into shards; the message says how to get there.
-    with pytest.raises(worker.Refused, match=r"tensor parallelism 2.*livetrain checkpoint materialize .* 1"):
-        worker.restore_newer(str(model_dir), params, config, 0, 2, env={})
+    # Tensor parallelism: every rank restores its own shards of the generation.
+    for rank in (1, 0):
+        shard = dict(VllmLikeModel(config, original, tp_rank=rank, tp_size=2).named_parameters())
+        info = worker.restore_newer(str(model_dir), shard, config, rank, 2, env={})
+        assert info == {"store": str(model_dir / ".livetrain-store"), "generation": 1, "restored": True}
+        want = layout.merge(config, trained, tp_rank=rank, tp_size=2)
+        assert all(torch.equal(p, want[n]) for n, p in shard.items()), rank
     # Once the files hold the generation, nothing is left to restore.
     with checkpoint.CheckpointStore(model_dir) as store:
         store.materialize(1)
@@ -305,8 +339,10 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
 
 def test_version_watcher_acts_once_per_new_version():
     replies = iter([protocol.TrainerUnavailable("starting"), 0, 0, None, 2])
+    known = []
 
-    def read():
+    def read(version):
+        known.append(version)  # what the trainer is asked to wait past
         r = next(replies)
         if isinstance(r, Exception):
             raise r
@@ -322,15 +358,56 @@ def test_version_watcher_acts_once_per_new_version():
         return [await w.poll() for _ in range(5)]
 
     assert asyncio.run(run()) == [False, True, False, False, True] and seen == [0, 2]
+    assert known == [None, None, 0, 0, 0]
 
 
 @pytest.mark.parametrize("prefix_caching,set_version", [(True, True), (False, True), (True, False)])
 def test_weight_change_resets_the_prefix_cache_and_sets_vllms_version(prefix_caching, set_version):
     client = RecordingEngineClient(None)
-    asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version)(5))
+    served = []
+    asyncio.run(endpoint.weight_version_action(client, prefix_caching, set_version, served.append)(5))
     assert client.calls == ([("reset_prefix_cache", True)] if prefix_caching else []) + (
         [("update_weight_version", "5")] if set_version else []
     )
+    assert served == [5]  # told to the trainer once vLLM serves it
+
+
+def test_watcher_waits_on_the_trainer_and_reports_what_vllm_serves(tmp_path):
+    """Against a real socket server: the watcher's look at the trainer returns as soon as the version
+    moves past the one it knows (not a poll later), and the trainer hears which version vLLM serves."""
+    import threading
+
+    state = {"version": 4, "served": []}
+    cond = threading.Condition()
+
+    def handle(op, body):
+        args = protocol.parse_body(body, empty_ok=True)
+        if op == "version":
+            with cond:
+                cond.wait_for(lambda: state["version"] != args.get("after"), args.get("wait_s", 0))
+                return protocol.Reply(200, {"weight_version": state["version"]})
+        state["served"].append(args["weight_version"])
+        return protocol.Reply(200, {})
+
+    server = protocol.Server(str(tmp_path / "t.sock"), handle)
+    server.start()
+    try:
+        assert protocol.weight_version(server.path, after=None) == 4
+        def step():
+            with cond:
+                state["version"] = 5
+                cond.notify_all()
+
+        threading.Timer(0.3, step).start()
+        t0 = time.monotonic()
+        assert protocol.weight_version(server.path, after=4, wait_s=20) == 5
+        assert 0.25 < time.monotonic() - t0 < 10
+        assert protocol.weight_version(server.path, after=5, wait_s=0.2) == 5  # nothing new: answered after wait_s
+        endpoint.report_served(server.path, 5)
+        assert state["served"] == [5]
+    finally:
+        server.close()
+    endpoint.report_served(server.path, 6)  # the trainer is gone: nothing raised
 
 
 def test_trainer_stops_with_the_api_server(tmp_path):
@@ -430,6 +507,12 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
                 time.sleep(0.05)
             resets = [c for c in client.calls if c[0] == "reset_prefix_cache"]
             assert plugin.watcher.version == 3 and resets and all(c == ("reset_prefix_cache", True) for c in resets)
+            while (served := c.get("/train/status", headers=auth).json()["served"]) is None or served[
+                "weight_version"
+            ] != 3:
+                assert time.monotonic() < deadline, served
+                time.sleep(0.05)
+            assert 0 <= served["seconds_after_step"] < 60  # from the end of step 3 to its prefix cache reset
             # Stopped from the thread that started it: the kernel's parent-death signal follows that
             # thread (the test client's; vLLM's main thread in a server), and must not arrive as a second one.
             assert plugin.trainer.stop() == 0

@@ -1,6 +1,7 @@
 """The tests' tiny models: the config of a 2-layer Llama of width 64 (``llama_config``), and a random model
-directory for the tests that serve or train (``make_model_dir``: a bf16 Llama or Qwen3 and an offline
-word-level tokenizer with a chat template, saved as Hugging Face files), with the made-up fact they teach."""
+directory for the tests that serve or train (``make_model_dir``: a bf16 Llama, Qwen3 or Qwen3.5 text model
+and an offline word-level tokenizer with a chat template, saved as Hugging Face files), with the made-up
+fact they teach. A Qwen3.5 multimodal checkpoint is qwen35_model.py's."""
 
 import json
 from pathlib import Path
@@ -16,6 +17,16 @@ TEMPLATE = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Sizes of every tiny model here (any of them can be changed per test).
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+# A Qwen3.5 text model's Gated DeltaNet sizes: layer 0 linear attention, layer 1 full attention.
+QWEN35_LINEAR = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    full_attention_interval=2,
+)
 # A made-up fact (no model knows it before training), as a prompt/completion and as a chat.
 FACT_PROMPT, FACT = "the capital of zorbia is", "quuxville"
 FACT_EXAMPLES = [
@@ -42,7 +53,8 @@ def make_model_dir(
     path: Path, corpus: list[str], model_type: str = "llama", tied: bool = False, intermediate_size: int = 96, **sizes
 ) -> dict:
     """Writes the model and tokenizer (vocabulary: the special tokens and the corpus's words) under
-    ``path``; returns the config as saved. Same weights for the same arguments (seeded). ``sizes``
+    ``path``; returns the config as saved. ``model_type``: ``llama``, ``qwen3`` or ``qwen3_5_text`` (Gated
+    DeltaNet and gated full attention). Same weights for the same arguments (seeded). ``sizes``
     overrides the sizes (``hidden_size``, ``max_position_embeddings``, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -70,7 +82,11 @@ def make_model_dir(
         pad_token_id=fast.pad_token_id,
         **sizes,
     )
-    qwen3 = model_type == "qwen3"
-    config = transformers.Qwen3Config(head_dim=16, **fields) if qwen3 else transformers.LlamaConfig(**fields)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**fields),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **fields),
+        "qwen3_5_text": lambda: transformers.Qwen3_5TextConfig(**{**QWEN35_LINEAR, **fields}),
+    }
+    config = configs[model_type]()
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return json.loads((Path(path) / "config.json").read_text())

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "livetrain/checkpoint/format.hpp"
+#include "livetrain/checkpoint/region.hpp"
 #include "livetrain/dtype.hpp"
 
 namespace livetrain::checkpoint {
@@ -31,10 +32,13 @@ void encode_record_parts(std::string& out, std::string_view name, DType dtype, u
 struct RecordParts {
   std::string_view name;
   DType dtype = DType::kU8;
-  uint64_t units = 0;
+  uint64_t units = 0;  // elements of the region (of the tensor when whole)
   uint64_t changed = 0;
   const uint8_t* bitmap = nullptr;
   const uint8_t* values = nullptr;
+  // The part of the tensor the record covers (positions count its elements, row-major); an empty
+  // `region.start` means the whole tensor, written as no region (the only form a version-2 delta holds).
+  Region region;
 };
 
 // Encodes several records, each as encode_record_parts would, with one parallel region over all their
@@ -55,24 +59,33 @@ struct DeltaRecord {
   uint64_t changed = 0;
   std::string_view positions;  // for kBlocks: the whole coded payload
   std::string_view values;     // empty for kBlocks
+  Region region;  // empty `start`: the whole tensor; else `units` is the region's element count
 };
 
 struct DeltaHeader {
+  uint32_t version = kDeltaVersion;
   uint64_t generation = 0;
   uint64_t parent = 0;
   uint32_t records = 0;
+  uint32_t rank = 0;   // version 3: the tensor-parallel rank that wrote this part, of `ranks`
+  uint32_t ranks = 1;
 };
 
 // The header of a delta file, then a record's bytes after the header, and the file checksum trailer.
+// delta_file_header writes version 2 (one process's whole-tensor delta), part_file_header version 3 (one
+// rank's part of a generation; its records may carry regions).
 std::string delta_file_header(uint64_t generation, uint64_t parent, uint32_t records);
+std::string part_file_header(uint64_t generation, uint64_t parent, uint32_t records, uint32_t rank, uint32_t ranks);
 
-// Parses a whole delta file, checking magic, version, bounds and every checksum; calls `fn` for each
-// record. Errors are kFormat naming `what` (the file), the record index and tensor name.
+// Parses a whole delta file (version 2 or 3), checking magic, version, bounds and every checksum; calls
+// `fn` for each record. Errors are kFormat naming `what` (the file), the record index and tensor name. A
+// record's region is checked for overflow here; whether it lies inside its tensor is the caller's check
+// (the tensor's shape is in COMMIT, not in the delta).
 DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what,
                         const std::function<void(const DeltaRecord&)>& fn);
 
-// XORs a record's values into `buf` (`rec.units × rec.unit` bytes). Decodes and validates the whole
-// record before writing anything, so a bad record changes nothing.
+// XORs a record's values into `buf` (`rec.units × rec.unit` bytes: the record's region, row-major).
+// Decodes and validates the whole record before writing anything, so a bad record changes nothing.
 void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what);
 
 }  // namespace livetrain::checkpoint

@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <vector>
 
 namespace livetrain::checkpoint {
@@ -63,6 +65,13 @@ void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out);
 // needed (by a quarter more than asked), so that a store's saves stop allocating once sizes settle.
 struct DiffWorkspace {
   HostBytes bitmaps, values;
+  // Values buffers outgrown during the last call (one pass over staged groups learns the total only at
+  // the end): kept until the next call, so that addresses handed to its DiffReady stay valid.
+  std::vector<HostBytes> retired;
+  // With the knob checkpoint.digests and update_old: one 64-bit digest per chunk of `old`, in device
+  // memory (src/checkpoint/digest.hpp), kept for the same list of tensors. Whoever changes `old` other
+  // than through delta_diff_cuda must reset it (the next call then hashes `old` again).
+  std::shared_ptr<void> digests;
 };
 // Sizes a workspace ahead of time (page-locking is slow: a store does it on its first GPU save).
 void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value_bytes);
@@ -78,7 +87,19 @@ void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value
 // the state the output describes (old ^ XOR at every marked position, i.e. the `now` bits read there),
 // written back by whole 32-element rows that hold a change; `old` must then be writable. Synchronizes
 // `stream` (a cudaStream_t) before returning. Throws Error(kUnsupported) in builds without CUDA.
+//
+// Tuning (docs/tuning.md): checkpoint.diff = 1 replaces the two passes by one pass over groups of chunks
+// whose `old` bytes are staged in device memory by DMA (read once over PCIe, not twice);
+// checkpoint.group_mib sizes the groups; checkpoint.digests skips chunks whose digest matches (see
+// DiffWorkspace::digests). Every variant gives the same output.
+//
+// `ready`, if given, is called on the calling thread each time the outputs of more tensors are complete
+// in host memory: tensors [0, done) may then be read (out.changed, the offsets, and the bytes at
+// `bitmaps` + bitmap_offset and `values` + value_offset; the values buffer may move while the call runs,
+// the addresses passed stay valid until the next call with the same workspace, or the return without
+// one). out.changed and the offsets are sized before the first call. The last call has done = tensors.
+using DiffReady = std::function<void(size_t done, const uint8_t* bitmaps, const uint8_t* values)>;
 void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, void* stream,
-                     DiffWorkspace* workspace = nullptr, bool update_old = false);
+                     DiffWorkspace* workspace = nullptr, bool update_old = false, const DiffReady& ready = {});
 
 }  // namespace livetrain::checkpoint

@@ -1,19 +1,30 @@
 // The file formats of the delta checkpoint store, byte by byte, and their constants; the codecs are
 // delta.hpp, journal.hpp, commit.hpp and hash.hpp beside this header.
 //
-// Format: commit version 1, delta version 2 (docs/checkpoint.md is the full specification). A store is a directory
+// Format: commit version 2 (version 1 is read), delta version 2 (single-process deltas) and 3 (parts of
+// a tensor-parallel generation); docs/checkpoint.md is the full specification. A store is a directory
 // (`<model>/.livetrain-store/` unless another is given) holding:
 //
 //   COMMIT                 JSON, written last with fs::write_file_atomic; the only thing that says what
-//                          is committed. {"magic": "livetrain-checkpoint", "version": 1, "head": g,
+//                          is committed. {"magic": "livetrain-checkpoint", "version": 2, "head": g,
 //                          "oldest": g, "materialized": g, "hash": "xxh64-4k",
 //                          "files": [{"name", "size", "hash"}],         model files at `materialized`
 //                          "tensors": [{"name", "dtype", "shape", "file", "offset", "nbytes"}],
 //                          "generations": [{"generation", "parent", "time_ms", "weight_version",
-//                                           "delta": file|null, "bytes", "changed", "delta_hash",
-//                                           "optimizer_state": file|null}]}
-//                          Hashes are 16 lowercase hex digits. Generations run oldest..head, one each.
-//   gen-<20 digits>.delta  XOR of generation g against g-1 (all integers little-endian):
+//                                           "bytes", "changed", "ranks",
+//                                           "parts": [{"rank", "file", "bytes", "hash", "changed",
+//                                                      "optimizer_state": file|null, "optimizer_bytes",
+//                                                      "optimizer_hash"}]}]}
+//                          Hashes are 16 lowercase hex digits. Generations run oldest..head, one each;
+//                          a generation has one part per rank 0..ranks-1, listed by rank (the oldest
+//                          generation, the base, has none). A part's "hash" is its file's XXH64 trailer,
+//                          "optimizer_hash" the optimizer file's xxh64-4k content hash; "bytes",
+//                          "optimizer_bytes" and "optimizer_hash" are null only in generations carried
+//                          over from a version-1 COMMIT, whose generations were {"generation", "parent",
+//                          "time_ms", "weight_version", "delta": file|null, "bytes", "changed",
+//                          "delta_hash", "optimizer_state": file|null} (read as one part of rank 0).
+//   gen-<20 digits>.delta  XOR of generation g against g-1, written by one process (all integers
+//                          little-endian):
 //                            0  "LTCKDLT1"   8 bytes
 //                            8  u32 version = 2, u32 record count
 //                           16  u64 generation, u64 parent
@@ -21,8 +32,9 @@
 //                                 u32 name length, name (UTF-8),
 //                                 u8 dtype (livetrain::DType), u8 unit (bytes compared as one element:
 //                                 the element size, 1 for sub-byte types), u8 encoding (0 = gaps,
-//                                 1 = bitmap, 2 = blocks), u8 0,
-//                                 u64 units (elements of the tensor), u64 changed,
+//                                 1 = bitmap, 2 = blocks), u8 region dims D (0 in version 2),
+//                                 version 3 with D > 0: D × u64 region start, D × u64 region length,
+//                                 u64 units (elements of the tensor, or of the region), u64 changed,
 //                                 u64 positions length P, P bytes of positions,
 //                                 for gaps and bitmap: changed × unit bytes, new bits XOR old bits, in
 //                                 position order (blocks carry their values inside P),
@@ -39,7 +51,17 @@
 //                          entropy.hpp), so the mostly-zero high bytes of small updates cost little.
 //                          The smallest of the three encodings is written (gaps, then bitmap, on a
 //                          tie). Tensors with no change have no record.
-//   gen-<20 digits>.optim  optional: a copy of the optimizer-state file saved with that generation
+//   gen-<20 digits>.rank-<r>-of-<n>.delta
+//                          rank r's part of generation g written at tensor-parallel size n: the same
+//                          layout with version = 3 and, after the parent, u32 rank r, u32 ranks n
+//                          (records start at byte 40). A record with D > 0 covers the region
+//                          [start[d], start[d] + length[d]) of its tensor along every dim d (D = the
+//                          tensor's rank; units = the product of the lengths), and its positions count
+//                          the region's elements row-major: a column-parallel shard is a block of rows,
+//                          a row-parallel one a block of columns. D = 0: the whole tensor. The regions of
+//                          one generation's records of a tensor are disjoint, whichever part holds them.
+//   gen-<20 digits>[.rank-<r>-of-<n>].optim
+//                          optional: a copy of the optimizer-state file saved with that delta or part
 //   materialize.journal    only during materialize (redo journal, see below)
 //
 // XOR deltas are self-inverse, so from the generation the model files hold (`materialized`) any
@@ -57,7 +79,8 @@
 //   end-8  u64 XXH64 of the whole file before it
 //
 // Crash safety: delta and optimizer files are written with fs::write_file_atomic and then COMMIT; a
-// delta that COMMIT does not name is ignored and removed on the next open. Materialize writes the
+// delta or part that COMMIT does not name is ignored and removed on the next open (store.hpp gives the
+// protocol of a generation written by several processes). Materialize writes the
 // journal, applies it in place, fsyncs the files, commits `materialized` (with the files' new hashes),
 // then removes the journal; open redoes a journal whose `from` is the committed `materialized`, and
 // discards one whose `to` already is.
@@ -72,9 +95,13 @@
 namespace livetrain::checkpoint {
 
 inline constexpr std::string_view kCommitMagic = "livetrain-checkpoint";
-inline constexpr uint64_t kCommitVersion = 1;
+inline constexpr uint64_t kCommitVersion = 2;
 inline constexpr std::string_view kDeltaMagic = "LTCKDLT1";
-inline constexpr uint32_t kDeltaVersion = 2;
+inline constexpr uint32_t kDeltaVersion = 2;  // a single process's delta of whole tensors
+inline constexpr uint32_t kPartVersion = 3;   // one rank's part: a rank header, records with regions
+// Bounds a parser enforces on outside input: region dims of a record, ranks of a generation.
+inline constexpr uint32_t kMaxRegionDims = 8;
+inline constexpr uint32_t kMaxRanks = 4096;
 // Elements per block of the kBlocks encoding: blocks are coded and decoded in parallel.
 inline constexpr uint64_t kBlockUnits = uint64_t{1} << 20;
 inline constexpr std::string_view kJournalMagic = "LTCKJRN1";

@@ -3,15 +3,46 @@
 // files through a redo journal, restore/rollback to any generation, verify and gc. The bytes on disk are
 // in format.hpp.
 //
-// The last durable state (generation `head`) is kept in host memory, one copy of every tensor (as much
-// memory as the model's weights): saves diff the live weights against it. For live weights in GPU
-// memory the copy is page-locked on the first save (cudaHostRegister) and the GPU diff kernel reads it
-// over PCIe; only the encoded delta's parts (bitmaps and changed values) come back to the host.
+// The last durable state (generation `head`) is kept in host memory, one copy of every tensor this
+// process saves (as much memory as those weights): saves diff the live weights against it. For live
+// weights in GPU memory the copy is page-locked on the first save (cudaHostRegister) and the GPU diff
+// kernel reads it over PCIe; only the encoded delta's parts (bitmaps and changed values) come back.
+//
+// Served subsets. The store holds every tensor of the model files; a process may save, restore and compare
+// any subset of them (the tensors its engine serves: a multimodal checkpoint's text model). Tensors no
+// save names keep the files' bytes in every generation (they have no records), so restore and materialize
+// leave them bit-exact.
+//
+// Generations written by several processes (tensor parallelism). At TP size N, rank r's engine holds a
+// region of each Hugging Face tensor (region.hpp: a block of rows or columns, or all of it when the tensor
+// is replicated). One process per rank opens the store with OpenOptions{rank, ranks = N, held = its
+// regions}; rank 0 takes LOCK, rank r > 0 takes LOCK-rank-<r>, so two groups (or a single-process store
+// and a group) never write at once. Rank 0 opens first: it finishes a leftover materialize journal and
+// removes uncommitted files; a rank r > 0 waits while a journal exists and never removes anything.
+// Replicated tensors are saved by rank 0 only (the other ranks' copies are the same weights; writing them
+// once keeps records disjoint, and restore gives every rank the same bytes). Generation g = head + 1:
+//   1. every rank: save_part() diffs its held regions against its head copy (which then holds g), writes
+//      gen-<g>.rank-<r>-of-<N>.delta (and its optimizer state, if given) with fs::write_file_atomic, so the
+//      part is durable when save_part returns, and returns a PartDescriptor (file, size, XXH64, changes);
+//   2. the caller gathers the descriptors on rank 0 (torch.distributed in the trainer);
+//   3. rank 0: commit_parts() checks one part per rank 0..N-1, all for generation g, from the same TP
+//      size and group (refusing with the ranks named), reads every part file back (size, checksum equal to
+//      the descriptor's, every record's checksum, regions inside their tensors and disjoint across parts)
+//      and every optimizer file (size, hash), then writes COMMIT naming all parts: the commit point;
+//   4. every rank, after rank 0's commit (a barrier): refresh() confirms its part when COMMIT names it,
+//      else XORs its head copy back to the head (a later refresh replays any generation committed since).
+// A crash before a part's rename leaves a temporary file; after it, an unnamed part file; before
+// COMMIT's rename, COMMIT still names g - 1. Either way no generation g exists, and rank 0's next open
+// removes the files. After COMMIT's rename, g exists and every part it names was durable before step 3.
+// A reader trusts COMMIT alone: a generation exists if and only if COMMIT lists it, with all its parts.
+// Restore, compare, materialize and gc read whichever parts a generation has, so a store written at one
+// TP size restores at another: each record's region is XORed into the part of it a target region holds.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,29 +50,64 @@
 #include "livetrain/checkpoint/commit.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
+#include "livetrain/checkpoint/region.hpp"
 #include "livetrain/dtype.hpp"
 #include "livetrain/fs.hpp"
 
 namespace livetrain::checkpoint {
 
-// A tensor of the live weights: contiguous memory holding the bytes of `dtype`/`shape`, in host memory
-// (device -1) or in the memory of CUDA device `device` (this process's ordinal). All the tensors of one
-// call are on the same device.
+// A tensor of the live weights, or a region of one: contiguous memory holding the bytes of `dtype`/
+// `shape`, in host memory (device -1) or in the memory of CUDA device `device` (this process's ordinal).
+// All the tensors of one call are on the same device.
 struct LiveTensor {
   std::string name;
   DType dtype = DType::kU8;
-  std::vector<uint64_t> shape;
+  std::vector<uint64_t> shape;  // the tensor's shape; with `start`, the region's
   void* data = nullptr;
   int device = -1;
+  // Empty: the memory is the whole tensor. Else the region of the tensor it holds starts here along
+  // every dim (and has `shape`); its elements are row-major over the region.
+  std::vector<uint64_t> start;
+};
+
+// A region of a tensor that a process keeps a head copy of (and saves).
+struct HeldRegion {
+  std::string name;
+  Region region;  // an empty `start` means the whole tensor
 };
 
 using Progress = std::function<void(std::string_view what, uint64_t done, uint64_t total)>;
 
-struct SaveOptions {
-  uint64_t weight_version = 0;
-  std::string optimizer_state;  // a file to copy into the store with this generation, or empty
-  bool save_if_unchanged = false;  // write a generation even when no element changed
+struct OpenOptions {
+  uint32_t rank = 0;   // this process's tensor-parallel rank, of `ranks`
+  uint32_t ranks = 1;
+  // The regions this process keeps a head copy of, and so may save. Unset: every tensor, whole (a
+  // single-process store). Empty: none, and no host copy of the weights (a process that only restores,
+  // compares, verifies or materializes, such as an engine restoring at start).
+  std::optional<std::vector<HeldRegion>> held;
+  // Who the ranks serve (e.g. the engine's instance id): commit_parts refuses parts of another group.
+  std::string group;
   Progress progress;
+};
+
+struct SaveOptions {
+  uint64_t weight_version = 0;  // save(); for parts, commit_parts takes it
+  std::string optimizer_state;  // a file to copy into the store with this generation (or part), or empty
+  bool save_if_unchanged = false;  // save(): write a generation even when no element changed
+  Progress progress;  // called from the save's encoding thread too
+};
+
+// What save_part wrote: rank 0 passes every rank's descriptor to commit_parts, which commits `part` as it
+// is (after reading its files back).
+struct PartDescriptor {
+  uint64_t generation = 0;
+  uint64_t parent = 0;
+  uint32_t ranks = 1;
+  std::string group;
+  Part part;  // rank, file, bytes, hash (the file's XXH64 trailer), changed, optimizer state, size and hash
+  uint64_t elements = 0;     // elements this rank diffed
+  uint64_t model_bytes = 0;  // their bytes
+  double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
 };
 
 struct SaveResult {
@@ -49,10 +115,11 @@ struct SaveResult {
   uint64_t generation = 0;
   uint64_t bytes = 0;
   uint64_t changed = 0;
-  uint64_t elements = 0;  // elements of the model
-  uint64_t model_bytes = 0;
-  // Wall time of the phases: the diff (GPU or CPU, with the copy of bitmaps and values to the host), the
-  // encoding, and writing + fsync + commit + updating the head copy.
+  uint64_t elements = 0;     // elements diffed (of the live tensors; of every part, for commit_parts)
+  uint64_t model_bytes = 0;  // their bytes
+  // Time of the phases: the diff (wall time, GPU or CPU, with the copy of bitmaps and values to the host),
+  // the encoding (time the encoder spent; with checkpoint.pipeline it overlaps the diff), and from the
+  // last encoded record to the commit (the writes still queued, fsync, commit, updating the head copy).
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
 };
 
@@ -69,10 +136,15 @@ class Store {
   // Creates a store for the model directory (generation 0 = the files as they are now). Fails if one
   // exists. An empty `store_dir` means default_store_dir(model_dir).
   static Store create(const std::string& model_dir, const std::string& store_dir = "");
+  // The same, then opened with `options` (e.g. without a head copy: held = {}).
+  static Store create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options);
   // Opens a store: takes its lock (kBusy if another process holds it), finishes or discards a leftover
   // journal, removes uncommitted files, checks the model files against the commit's hashes, and loads
   // the head generation into host memory.
   static Store open(const std::string& model_dir, const std::string& store_dir = "", Progress progress = {});
+  // The same with a rank, held regions and a group (see the top of this header); a rank r > 0 takes
+  // LOCK-rank-<r>, waits (up to 60 s) while a materialize journal exists, and removes nothing.
+  static Store open(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options);
 
   Store(Store&&) = default;
   Store& operator=(Store&&) = default;
@@ -83,19 +155,36 @@ class Store {
   const Commit& commit() const { return commit_; }
   const std::string& dir() const { return dir_; }
   const std::string& model_dir() const { return model_dir_; }
+  uint32_t rank() const { return rank_; }
+  uint32_t ranks() const { return ranks_; }
 
-  // Writes a new generation holding the elements of `live` that differ from the head, then commits it.
-  // `live` must name exactly the store's tensors with their dtypes and shapes. Host weights are diffed
-  // on the CPU (delta_diff_cpu), GPU weights on their GPU (delta_diff_cuda).
+  // Writes a new generation holding the elements of `live` that differ from the head, then commits it
+  // (a single-process store: ranks 1). `live` names whole tensors of the store with their dtypes and
+  // shapes; tensors it leaves out are unchanged in the new generation. Host weights are diffed on the
+  // CPU (delta_diff_cpu), GPU weights on their GPU (delta_diff_cuda).
   SaveResult save(const std::vector<LiveTensor>& live, const SaveOptions& options = {});
-  // Sets the live weights to `generation` (any in [oldest, head]); the head does not change. GPU weights
-  // are staged through host memory (a second copy of the model's bytes while it runs).
+  // Step 1 of a generation written by several ranks: writes this rank's part of generation head + 1
+  // (every region of `live` must be a held region; a part is written even when nothing changed) and
+  // returns its descriptor; the head copy holds the new state until refresh() or commit_parts() settle it.
+  PartDescriptor save_part(const std::vector<LiveTensor>& live, const SaveOptions& options = {});
+  // Step 3, rank 0 only: checks and commits the parts of every rank (this one's included) as generation
+  // head + 1. Nothing is committed when no part changed anything, unless `save_if_unchanged`.
+  SaveResult commit_parts(const std::vector<PartDescriptor>& parts, uint64_t weight_version = 0,
+                          bool save_if_unchanged = false);
+  // Step 4: rereads COMMIT; confirms this rank's pending part, or puts the head copy back, and replays
+  // generations committed since. Returns the head. Every other call does this first when needed.
+  uint64_t refresh();
+  // Sets the live weights (whole tensors or regions, any subset of the store's tensors) to
+  // `generation` (any in [oldest, head]); the head does not change. GPU weights are staged through
+  // host memory (a second copy of their bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
   // Writes `generation` as a new model directory (same file names and tensor split; index copied).
   void restore_to_dir(uint64_t generation, const std::string& out_dir);
-  // Compares live weights with a generation.
+  // Compares live weights (whole tensors or regions) with a generation.
   LiveDiff compare_live(uint64_t generation, const std::vector<LiveTensor>& live);
-  // Checks every delta file's checksums and the model files' hashes; returns the problems found.
+  // Checks every file each generation names (delta and part files: size, committed checksum, every
+  // record's checksum; optimizer state files: size and hash) and the model files' hashes; returns the
+  // problems found.
   std::vector<std::string> verify(Progress progress = {});
   // Brings the model directory's safetensors files to `generation`, crash-safe (redo journal). A model
   // file that is a symlink is refused unless `copy_symlinks`, which first replaces it by a real copy.
@@ -109,12 +198,80 @@ class Store {
 
  private:
   Store() = default;
+  // A region this process keeps in its head copy.
+  struct Held {
+    size_t tensor = 0;  // index into commit_.tensors
+    Region region;      // normalized: start and shape of the tensor's rank
+    uint64_t nbytes = 0;
+  };
+  // Where the bytes of a region of generation g go (a head copy region, live memory, a staging buffer).
+  struct Target {
+    size_t tensor = 0;
+    Region region;
+    uint8_t* buf = nullptr;
+  };
+  // A live tensor checked against the commit: its tensor index and normalized region.
+  struct Checked {
+    const LiveTensor* live = nullptr;
+    size_t tensor = 0;
+    Region region;
+    uint64_t nbytes = 0;
+  };
+  // The diff of a save, encoded and written; the head copy holds its state until moved back.
+  struct Written {
+    std::vector<size_t> held;        // held index of each diffed tensor
+    std::vector<DiffTensor> diff;
+    DiffOutput out;
+    bool head_moved = false;
+    uint64_t changed = 0, elements = 0, model_bytes = 0, bytes = 0, hash = 0;
+    double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
+  };
+  // This rank's part written by save_part and not yet confirmed in COMMIT.
+  struct Pending {
+    PartDescriptor part;
+    Written written;
+  };
+
   void check_usable() const;
-  void check_live(const std::vector<LiveTensor>& live) const;
+  std::vector<Checked> check_live(const std::vector<LiveTensor>& live, bool for_save) const;
+  // The held entry of exactly this region, or -1.
+  long held_index(size_t tensor, const Region& region) const;
   void write_commit(const Commit& c);
-  // XORs the deltas of generations in (a, b] into `bufs` (direction does not matter).
-  void xor_range(uint64_t a, uint64_t b, std::vector<uint8_t*>& bufs);
-  void xor_generation(uint64_t g, const std::function<void(size_t tensor, const DeltaRecord&)>& fn);
+  // Diffs `live` (held regions) against the head copy; unless nothing changed and !write_if_unchanged,
+  // writes the records after `header(record count)` to `path` durably, with the head copy moved to the
+  // recorded state. Returns false (nothing written, head copy unchanged) when nothing changed.
+  bool write_delta(const std::vector<Checked>& live, const std::string& path,
+                   const std::function<std::string(uint32_t)>& header, bool write_if_unchanged,
+                   const Progress& progress, Written& w);
+  void move_head(Written& w);  // XORs a written diff into (or back out of) the head copy
+  // Copies an optimizer state file into the store as `name`; returns (bytes, hash).
+  std::pair<uint64_t, uint64_t> copy_optimizer_state(const std::string& from, const std::string& name);
+  // The records of a range of generations, parsed and checked, with the mappings they point into.
+  struct Collected {
+    struct Record {
+      size_t tensor = 0;
+      DeltaRecord record;
+      Region region;  // normalized
+      std::string what;  // the file
+    };
+    std::vector<fs::Mapping> maps;
+    std::vector<Record> records;
+  };
+  // Checks a delta or part file of `generation` against its commit entry (size, committed checksum,
+  // header, every record: tensor, dtype, region inside the tensor) and calls `fn` for each record.
+  void check_part_file(uint64_t generation, uint32_t ranks, const Part& part, const fs::Mapping& map,
+                       const std::function<void(size_t tensor, const DeltaRecord&, const Region&)>& fn) const;
+  Collected collect(uint64_t a, uint64_t b) const;  // generations in (a, b], either order
+  // XORs every collected record into the part of each target it intersects.
+  void apply(const Collected& records, const std::vector<Target>& targets) const;
+  // Fills every target with its region at `generation`: from the head copy for held regions, else from
+  // the model files; every delta on the way is checked before any target is written.
+  void fill(uint64_t generation, const std::vector<Target>& targets);
+  // XORs into the targets every record of generations in (a, b] that intersects them (either order).
+  void xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets);
+  void require_rank0(const char* what) const;
+  // Resolves a pending part and catches the head copy up with COMMIT (refresh without the result).
+  void sync();
   void recover_journal();
   void remove_uncommitted();
   // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
@@ -125,19 +282,25 @@ class Store {
   std::string dir_;
   fs::Fd lock_;
   Commit commit_;
-  // The host copy of generation `head`: every tensor in one page-aligned anonymous mapping (one range to
-  // page-lock for the GPU), at 64-byte aligned offsets, in commit order.
+  uint32_t rank_ = 0, ranks_ = 1;
+  std::string group_;
+  std::vector<Held> held_;  // in head copy order
+  uint64_t head_generation_ = 0;  // the generation the head copy holds
+  bool head_valid_ = false;       // false while open() fills it
+  std::optional<Pending> pending_;
+  // The host copy of generation `head_generation_`: every held region in one page-aligned anonymous
+  // mapping (one range to page-lock for the GPU), at 64-byte aligned offsets, in held order.
   class HeadCopy {
    public:
     HeadCopy() = default;
-    explicit HeadCopy(const std::vector<TensorEntry>& tensors);
+    explicit HeadCopy(const std::vector<uint64_t>& sizes);
     HeadCopy(HeadCopy&& o) noexcept;
     HeadCopy& operator=(HeadCopy&& o) noexcept;
     HeadCopy(const HeadCopy&) = delete;
     HeadCopy& operator=(const HeadCopy&) = delete;
     ~HeadCopy();
     uint8_t* tensor(size_t i) const { return base_ + offsets_[i]; }
-    // The address GPU kernels read tensor i at; page-locks the copy on first use.
+    // The address GPU kernels read entry i at; page-locks the copy on first use.
     const uint8_t* gpu_tensor(size_t i);
 
    private:
@@ -154,8 +317,8 @@ class Store {
 };
 
 // Test hook: when the environment variable LIVETRAIN_CHECKPOINT_CRASH_AT equals `point`, the process kills
-// itself with SIGKILL there (points: "delta-written", "journal-written", "apply-half", "applied",
-// "materialize-committed", "recovered-applied").
+// itself with SIGKILL there (points: "delta-written", "part-written", "parts-verified", "journal-written",
+// "apply-half", "applied", "materialize-committed", "recovered-applied").
 void crash_point(std::string_view point);
 
 }  // namespace livetrain::checkpoint

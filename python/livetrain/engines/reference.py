@@ -50,20 +50,31 @@ class Engine:
     ):
         import transformers
 
-        from livetrain import checkpoint, sharing
+        from livetrain import checkpoint, kernels, layout, sharing
 
+        # Before minutes of loading: a checkpoint livetrain cannot train in place (mixture-of-experts,
+        # quantized, an unknown multimodal wrapper) is refused, naming its architecture and what is supported.
+        layout.check(model_dir)
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         self.model = model.to(self.device).eval()
+        # Generation runs the same layers as training: the fused kernels they got, or the torch path.
+        for warning in kernels.prepare(self.model, self.device, backward=False):
+            print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
         params = dict(self.model.named_parameters())  # tied weights appear once
         config = json.loads(self.model.config.to_json_string())
+        # The weights under the model files' names (a multimodal checkpoint is served as its text model;
+        # its other tensors are not served): what the store saves and restores. Refuses, at start, a
+        # checkpoint whose names livetrain cannot map, naming its architecture.
+        served = checkpoint.by_file_names({n: p.data for n, p in params.items()}, model_dir)
         # Before the manifest exists: the trainer attaches (and opens the store) only after it, so the
         # store's lock is free by then.
         self.checkpoint = None
         if store:
-            self.checkpoint = checkpoint.restore_latest({n: p.data for n, p in params.items()}, model_dir, store_dir)
+            self.checkpoint = checkpoint.restore_latest(served, model_dir, store_dir)
         if self.device.type == "cpu":
             self.exported = sharing.export_cpu(params, manifest, model_path=model_dir, config=config)
             # Serve from the segment from now on: the trainer's in-place updates land there.
@@ -381,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    if engine.kernels:
+        print(f"livetrain engine: kernels {json.dumps(engine.kernels)}", file=sys.stderr, flush=True)
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
     # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
     # left in /dev/shm until reboot).

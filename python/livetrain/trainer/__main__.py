@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                 "trainer": "ready",
                 "restored": trainer.restored_from,
                 "weight_version": trainer.weight_version,
+                "kernels": trainer.kernels,
                 "checkpoint": trainer.status()["checkpoint"],
             }
         ),

@@ -226,10 +226,12 @@ def read_down(path: str) -> str | None:
         return None
 
 
-def weight_version(path: str, timeout: float = 10.0) -> int | None:
-    """The trainer's weight version through the light ``version`` op (None while it cannot say)."""
-    code, body = call(path, "version", timeout=timeout)
-    return json.loads(body).get("weight_version") if code == 200 else None
+def weight_version(path: str, timeout: float = 10.0, *, after: int | None = None, wait_s: float = 0.0) -> int | None:
+    """The trainer's weight version through the light ``version`` op (None while it cannot say). With
+    ``after``, the trainer answers once its version is no longer ``after`` or ``wait_s`` seconds have passed."""
+    body = b"" if after is None else json.dumps({"after": after, "wait_s": wait_s}).encode()
+    code, reply = call(path, "version", body, timeout=timeout + wait_s)
+    return json.loads(reply).get("weight_version") if code == 200 else None
 
 
 # handler(op, body bytes, idempotency_key or None) -> Reply

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -27,12 +28,45 @@ from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
+# The longest a ``version`` request may wait for a new version (the plugin's watcher asks again after it).
+MAX_VERSION_WAIT_S = 30.0
 
 
 def parse_checkpoint_args(args: dict) -> None:
     """POST /checkpoint takes an empty body or ``{}``."""
     if args:
         raise Invalid(sorted(args)[0], f"unknown field {sorted(args)[0]!r} (POST /checkpoint takes no fields)")
+
+
+def _integer(args: dict, field: str, what: str) -> int:
+    v = args[field]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Invalid(field, f"{field} must be an integer ({what}), got {json.dumps(v)[:40]}")
+    return v
+
+
+def parse_version_args(args: dict) -> tuple[int | None, float]:
+    """The ``version`` op's optional ``{"after": N, "wait_s": S}``: answer once the weight version is not N,
+    or after S seconds (at most MAX_VERSION_WAIT_S), so that a watcher learns of a step as it ends instead
+    of at its next poll. Empty: answer at once."""
+    unknown = set(args) - {"after", "wait_s"}
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: after, wait_s)")
+    after = _integer(args, "after", "the weight version the caller has") if "after" in args else None
+    wait = args.get("wait_s", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_VERSION_WAIT_S:
+        raise Invalid("wait_s", f"wait_s must be a number of seconds in [0, {MAX_VERSION_WAIT_S:g}]")
+    return after, float(wait)
+
+
+def parse_served_args(args: dict) -> int:
+    """The ``served`` op's ``{"weight_version": N}``: the engine serves version N (its caches reset)."""
+    unknown = set(args) - {"weight_version"}
+    if unknown:
+        raise Invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r} (allowed: weight_version)")
+    if "weight_version" not in args:
+        raise Invalid("weight_version", "weight_version is required")
+    return _integer(args, "weight_version", "the version the engine now serves")
 
 
 def parse_rollback_args(args: dict, generations: list[int]) -> int:
@@ -82,7 +116,7 @@ class Trainer:
     ):
         import transformers
 
-        from livetrain import checkpoint, optim, sharing
+        from livetrain import checkpoint, kernels, optim, safetensors, sharing
 
         deadline = time.monotonic() + wait_s
         while True:  # the engine writes the manifest once its weights are shared
@@ -98,17 +132,25 @@ class Trainer:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = sharing.build_hf_model(self.attached)
         self.model.train()
+        self.device = next(self.model.parameters()).device
+        # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
+        for warning in kernels.prepare(self.model, self.device, backward=True):
+            print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.device = next(self.model.parameters()).device
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
         self.names = {p: n for n, p in self.model.named_parameters()}
-        # Hugging Face name -> the engine's memory, as the checkpoint store takes them (tied weights once).
-        self.weights = {n: p.data for n, p in self.model.named_parameters()}
+        # The model files' names -> the engine's memory, as the checkpoint store takes them (tied weights once;
+        # a multimodal checkpoint's text model under its names in the files).
+        self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+        # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
+        # trained; the checkpoint store carries them unchanged.
+        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - set(self.weights))
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
@@ -184,6 +226,12 @@ class Trainer:
 
         self.queue: queue.Queue = queue.Queue(maxsize=s.queue_size)
         self.lock = threading.Lock()  # guards what status() reads
+        # Notified on every new weight version: what a waiting ``version`` request (the plugin) waits on.
+        self.version_changed = threading.Condition(self.lock)
+        # When each recent version was made (monotonic, the end of its step), and the last version an
+        # engine reported serving (``served``) with the seconds from the one to the other.
+        self.made_at: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self.served: dict | None = None
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.current: str | None = None
         self.losses: collections.deque = collections.deque(maxlen=200)
@@ -197,7 +245,21 @@ class Trainer:
     def handle(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
         """One request: ``op`` and its body as the HTTP route received it (and its Idempotency-Key)."""
         if op == "version":  # what watchers poll: no copy of the job list
-            return Reply(200, {"weight_version": self.weight_version})
+            after, wait_s = parse_version_args(parse_body(body, empty_ok=True))
+            with self.version_changed:
+                if after is not None:
+                    self.version_changed.wait_for(lambda: self.weight_version != after, wait_s)
+                return Reply(200, {"weight_version": self.weight_version})
+        if op == "served":
+            version = parse_served_args(parse_body(body, empty_ok=False))
+            now = time.monotonic()
+            with self.lock:
+                made = self.made_at.get(version)
+                self.served = {
+                    "weight_version": version,
+                    "seconds_after_step": None if made is None else round(now - made, 4),
+                }
+            return Reply(200, {})
         if op == "status":
             return Reply(200, self.status())
         if op == "submit":
@@ -314,6 +376,7 @@ class Trainer:
                 "current": dict(self.jobs[self.current]) if self.current else None,
                 "jobs": [dict(v) for v in self.jobs.values()],
                 "weight_version": self.weight_version,
+                "served": dict(self.served) if self.served else None,
                 "loss_history": list(self.losses),
                 "tokens_per_s": round(self.tokens_per_s, 1),
                 "optimizer": {
@@ -324,7 +387,13 @@ class Trainer:
                     "steps": self.opt_steps,
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
+                "kernels": self.kernels,
                 "device": str(self.device),
+                "not_trained": {
+                    "tensors": self.not_trained,
+                    "why": "in the model files but outside the text model this engine serves (e.g. a vision tower "
+                    "or an MTP head): never trained, kept unchanged by the checkpoint store",
+                },
                 "checkpoint": self._checkpoint_status(),
             }
 
@@ -393,7 +462,7 @@ class Trainer:
         steps = self._optimizer_steps()
         self.reserve(self.weight_version + 1)
         with self.lock:
-            self.weight_version += 1
+            self._new_version()
             self.opt_steps = steps
         r = self._commit()
         return Reply(
@@ -408,6 +477,15 @@ class Trainer:
                 "seconds": round(time.perf_counter() - t0, 3),
             },
         )
+
+    def _new_version(self) -> None:
+        """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
+        ``version`` requests woken."""
+        self.weight_version += 1
+        self.made_at[self.weight_version] = time.monotonic()
+        while len(self.made_at) > 64:
+            self.made_at.popitem(last=False)
+        self.version_changed.notify_all()
 
     def _optimizer_steps(self) -> int:
         """Steps of the most-stepped parameter (synchronizes with the device)."""
@@ -477,7 +555,7 @@ class Trainer:
                 loss, ntok = self.step(batch)
                 dt = time.perf_counter() - t0
                 with self.lock:
-                    self.weight_version += 1
+                    self._new_version()
                     self.opt_steps += 1
                     info["step"], info["loss"] = s + 1, loss
                     self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import atexit
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -26,6 +27,9 @@ logger = logging.getLogger("vllm.livetrain")
 
 EXTENSION = "livetrain.vllm.WorkerExtension"
 TRAINER_MODES = ("plugin", "external")
+# How long one look at the trainer waits for a new weight version (its ``version`` op answers as soon as a
+# step ends), so that the prefix cache is reset within milliseconds of a step rather than a poll later.
+VERSION_WAIT_S = 2.0
 
 
 def trainer_options(env=os.environ) -> argparse.Namespace:
@@ -62,11 +66,16 @@ def _extension_problem(qualname: str) -> str | None:
 
 class VersionWatcher:
     """Follows the trainer's weight version and, on each change, runs ``on_change`` (drop the prefix
-    cache, set vLLM's weight version). ``read`` is the trainer's light ``version`` op (None while it cannot
-    say; TrainerUnavailable while it is not there). Polling keeps the trainer unaware of vLLM."""
+    cache, set vLLM's weight version, tell the trainer). ``read(known)`` is the trainer's light ``version``
+    op, which may wait until the version is no longer ``known`` (None while it cannot say;
+    TrainerUnavailable while it is not there). Asking keeps the trainer unaware of vLLM; after a change the
+    watcher asks again at once, otherwise after ``interval``."""
 
     def __init__(
-        self, read: Callable[[], int | None], on_change: Callable[[int], Awaitable[None]], interval: float = 0.2
+        self,
+        read: Callable[[int | None], int | None],
+        on_change: Callable[[int], Awaitable[None]],
+        interval: float = 0.2,
     ):
         self.read, self.on_change, self.interval = read, on_change, interval
         self.version: int | None = None
@@ -75,7 +84,7 @@ class VersionWatcher:
     async def poll(self) -> bool:
         """One look at the trainer; True when the version changed (and ``on_change`` ran)."""
         try:
-            version = await asyncio.to_thread(self.read)
+            version = await asyncio.to_thread(self.read, self.version)
         except protocol.TrainerUnavailable:
             return False
         if not isinstance(version, int) or version == self.version:
@@ -87,7 +96,8 @@ class VersionWatcher:
     async def run(self) -> None:
         while True:
             try:
-                await self.poll()
+                if await self.poll():
+                    continue
             except Exception:  # a failed reset must not stop the watching
                 logger.exception("livetrain: reacting to a new weight version failed")
             await asyncio.sleep(self.interval)
@@ -96,17 +106,29 @@ class VersionWatcher:
         self.task = asyncio.get_running_loop().create_task(self.run(), name="livetrain-version-watcher")
 
 
-def weight_version_action(engine_client, prefix_caching: bool, set_version: bool):
-    """What to do when the weights change: drop the prefix cache (when vLLM has one) and tell vLLM the
-    version (vLLM >= 0.27)."""
+def weight_version_action(
+    engine_client, prefix_caching: bool, set_version: bool, served: Callable[[int], None] | None = None
+):
+    """What to do when the weights change: drop the prefix cache (when vLLM has one), tell vLLM the
+    version (vLLM >= 0.27), then tell the trainer that vLLM serves it (``served``, in /train/status)."""
 
     async def on_change(version: int) -> None:
         if prefix_caching and not await api.reset_prefix_cache(engine_client):
             logger.warning("livetrain: vLLM did not reset its prefix cache after weight version %d", version)
         if set_version:
             await api.set_weight_version(engine_client, str(version))
+        if served is not None:
+            await asyncio.to_thread(served, version)
 
     return on_change
+
+
+def report_served(socket: str, version: int) -> None:
+    """Tells the trainer that vLLM serves ``version`` (nothing lost if it is gone: it is only a report)."""
+    try:
+        protocol.call(socket, "served", json.dumps({"weight_version": version}).encode(), timeout=10)
+    except protocol.TrainerUnavailable:
+        pass
 
 
 class EndpointPlugin:
@@ -201,17 +223,20 @@ class EndpointPlugin:
         installed = api.installed_vllm_version()
         set_version = installed is not None and api.version_at_least(installed, api.WEIGHT_VERSION_SINCE)
 
-        def read_version() -> int | None:
+        def read_version(known: int | None) -> int | None:
             if self.trainer is not None and self.trainer.poll() is not None and not self._reported_exit:
                 self._reported_exit = True
                 logger.error(
                     "livetrain: the trainer exited with status %s; /train answers 503 until vLLM restarts",
                     self.trainer.poll(),
                 )
-            return protocol.weight_version(self.socket)
+            return protocol.weight_version(self.socket, after=known, wait_s=VERSION_WAIT_S if known is not None else 0)
 
         self.watcher = VersionWatcher(
-            read_version, weight_version_action(engine_client, facts.prefix_caching, set_version)
+            read_version,
+            weight_version_action(
+                engine_client, facts.prefix_caching, set_version, lambda v: report_served(self.socket, v)
+            ),
         )
         self.watcher.start()
 

@@ -78,8 +78,25 @@ def refusals(facts: api.Facts, env=os.environ) -> list[str]:
     return out
 
 
-def raise_refusals(facts: api.Facts, env=os.environ) -> None:
+def model_refusal(config: dict, tp_size: int) -> str | None:
+    """Why the layouts cannot map this checkpoint onto vLLM's tensors (mixture-of-experts, quantized, a
+    model family or multimodal wrapper without a layout, a TP size its heads do not divide), naming its
+    architecture and what is supported; None when they can."""
+    from livetrain import Error, layout
+
+    try:
+        layout.plan(config, engine="vllm", tp_size=tp_size)
+    except Error as e:
+        return str(e)
+    return None
+
+
+def raise_refusals(facts: api.Facts, env=os.environ, config: dict | None = None) -> None:
+    """Refused: what ``refusals`` finds, and with the model's ``config``, what ``model_refusal`` finds."""
     problems = refusals(facts, env)
+    problem = model_refusal(config, facts.tensor_parallel) if config is not None else None
+    if problem:
+        problems.append(problem)
     if problems:
         raise Refused("livetrain cannot train this vLLM in place: " + "; ".join(problems))
 
@@ -118,37 +135,32 @@ def store_dir(model_dir: str, env=os.environ) -> str:
 
 def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: int, env=os.environ) -> dict:
     """If the checkpoint store holds a generation newer than the model files, write it into ``params``
-    (vLLM's own tensors, through layout views: in place, no reallocation). Returns what was done:
-    ``{"store", "generation", "restored"}`` (``generation`` None without a store)."""
+    (vLLM's own tensors of this rank, through layout views: in place, no reallocation); at tensor
+    parallelism every rank restores its own shards, whatever TP size wrote the generation. Returns what was
+    done: ``{"store", "generation", "restored"}`` (``generation`` None without a store)."""
     from livetrain import checkpoint, layout
 
     sdir = store_dir(model_dir, env)
     if tp_size != 1 and not checkpoint.store_exists(model_dir, sdir):
-        # No trainer runs at TP > 1, so nothing would checkpoint into a new store.
+        # Ranks open the store concurrently and only rank 0 could create it; no TP trainer writes one yet.
         return {"store": sdir, "generation": None, "restored": False}
-    # Created when missing (generation 0 = the model files), so that the trainer's /checkpoint has a store.
-    with checkpoint.open_store(model_dir, sdir, create=True) as store:
-        if store.created:
-            logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
-        head, files = store.head, store.materialized
-        if head <= files:
-            return {"store": sdir, "generation": head, "restored": False}
-        if tp_size != 1:
-            raise Refused(
-                f"the checkpoint store {sdir} holds generation {head}, newer than the model files "
-                f"(generation {files}), and vLLM runs with tensor parallelism {tp_size}: livetrain "
-                "cannot restore a generation into tensor-parallel shards yet. Write it into the model "
-                f"files first: livetrain checkpoint materialize {model_dir} {head}"
-                + (f" --store {sdir}" if env.get(STORE_ENV) else "")
-            )
-        lay = layout.build(config, params, engine="vllm")
-        views = layout.views(lay, params)
-        # A tied lm_head is the embedding itself, and a model file does not store it twice.
-        tied = {v["hf_name"] for v in lay["views"] if v["tied_to"] is not None}
-        # the core writes the tensors' memory itself: no torch operation, nothing for autograd to see
-        checkpoint.restore_head(store, {n: t for n, t in views.items() if n not in tied})
-    logger.info("livetrain: restored checkpoint generation %d (the model files hold %d) from %s", head, files, sdir)
-    return {"store": sdir, "generation": head, "restored": True}
+    lay = layout.build(config, params, engine="vllm", tp_rank=tp_rank, tp_size=tp_size)
+    # This rank's regions of the Hugging Face tensors (a tied lm_head is the embedding itself, left out).
+    shards = checkpoint.shards(lay, layout.views(lay, params), tp_rank)
+    # Created when missing (generation 0 = the model files), so that the trainer's /checkpoint has a store;
+    # the core writes the tensors' memory itself: no torch operation, nothing for autograd to see.
+    r = checkpoint.restore_latest(shards, model_dir, sdir, create=tp_size == 1, rank=tp_rank, ranks=tp_size)
+    if r["created"]:
+        logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
+    if r["restored"]:
+        logger.info(
+            "livetrain: TP rank %d/%d restored checkpoint generation %d from %s",
+            tp_rank,
+            tp_size,
+            r["generation"],
+            sdir,
+        )
+    return {"store": sdir, "generation": r["generation"], "restored": r["restored"]}
 
 
 def export(worker, run_dir: str, env=os.environ) -> dict:
@@ -169,6 +181,9 @@ def _export(worker, run_dir: str, env) -> dict:
 
     facts = api.config_facts(api.worker_config(worker))
     raise_refusals(facts, env)
+    model_dir = resolve_model_dir(facts.model, facts.revision)
+    config = read_config(model_dir)
+    raise_refusals(facts, env, config)  # the checkpoint itself, before its store is created or anything shared
     tp_rank, tp_size = api.tp_rank_size(worker)
     params = dict(api.worker_model(worker).named_parameters())
     elsewhere = next(((n, t.device) for n, t in params.items() if t.device.type != "cuda"), None)
@@ -177,8 +192,6 @@ def _export(worker, run_dir: str, env) -> dict:
             f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
             "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported"
         )
-    model_dir = resolve_model_dir(facts.model, facts.revision)
-    config = read_config(model_dir)
     restored = restore_newer(model_dir, params, config, tp_rank, tp_size, env)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = manifest_path(run_dir, tp_rank)
@@ -205,9 +218,15 @@ class WorkerExtension:
 
     def init_worker_extension(self) -> None:
         """vLLM >= 0.33 calls this after device initialisation and before the model loads: a configuration
-        livetrain refuses fails here, before minutes of loading."""
+        or a checkpoint (when its files are on disk already) livetrain refuses fails here, before minutes of
+        loading."""
+        facts = api.config_facts(api.worker_config(self))
         try:
-            raise_refusals(api.config_facts(api.worker_config(self)))
+            config = read_config(resolve_model_dir(facts.model, facts.revision))
+        except Refused:  # not downloaded yet: livetrain_export checks it after vLLM has loaded it
+            config = None
+        try:
+            raise_refusals(facts, config=config)
         except Refused as e:
             logger.error("%s", e)
             raise

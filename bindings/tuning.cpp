@@ -1,0 +1,36 @@
+// Bindings: the internal performance knobs (include/livetrain/tuning.hpp), for the benchmarks' sweeps.
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
+#include <nanobind/stl/vector.h>
+
+#include "bindings.hpp"
+#include "livetrain/tuning.hpp"
+
+namespace nb = nanobind;
+
+namespace livetrain::bindings {
+
+void init_tuning(nb::module_& m) {
+  m.def(
+      "tuning",
+      []() {
+        nb::dict out;
+        for (const auto& k : tuning::list()) {
+          nb::dict d;
+          d["value"] = k.value;
+          d["default"] = k.default_value;
+          d["choices"] = k.choices;
+          d["min"] = k.min;
+          d["max"] = k.max;
+          d["help"] = k.help;
+          out[k.name.c_str()] = d;
+        }
+        return out;
+      },
+      "The internal performance knobs (docs/tuning.md): {name: {value, default, choices, min, max, help}}.");
+  m.def("tuning_set", &tuning::set, nb::arg("name"), nb::arg("value"),
+        "Sets an internal performance knob for the following steps and saves (benchmarks only).");
+  m.def("tuning_reset", &tuning::reset, "Every internal performance knob back to its default.");
+}
+
+}  // namespace livetrain::bindings

@@ -1,0 +1,62 @@
+// Internal performance knobs: launch shapes, batch sizes and pipeline choices of the optimizer step and the
+// checkpoint save, settable without rebuilding so that a benchmark can compare candidate code paths in one
+// run (`bench/optim.py --sweep`, `bench/checkpoint.py --sweep`, docs/tuning.md). Not an API: knobs come
+// and go as defaults are measured, and every knob's default is the behaviour that ships.
+//
+// Values come from the environment variable LIVETRAIN_TUNING ("name=value,name=value", read once, on
+// first use; a bad entry is an Error naming it) and from set() (bound as _core.tuning_set). A knob is read
+// when a step or a save starts: changing one between calls is safe, changing one during a call is not
+// (the call may see either value). No knob changes a result's bytes except where its help says so (the
+// projection's summation order), nor any buffer size a caller allocates.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace livetrain::tuning {
+
+enum Knob : int {
+  // APOLLO rank-1 steps (src/optim/apollo.cu)
+  kApolloBatch = 0,          // matrices per batched launch (apollo_step_many_cuda)
+  kApolloStreams,            // streams the batches alternate over (2: one batch's update overlaps the next's projection)
+  kApolloSplitProjection,    // 1: tall and wide projections as separate kernels (implied by their variants)
+  kApolloTallThreads,        // threads per block of the tall projection (rows >= cols)
+  kApolloTallRows,           // rows per warp in the tall projection
+  kApolloTallLoads,          // 16-byte loads in flight per row and lane in the tall projection
+  kApolloWideBlocks,         // blocks per wide matrix in the projection (row chunks × column strips)
+  kApolloWideLoads,          // rows in flight per thread in the wide projection
+  kApolloMomentsBlocksPerSm, // cap of the moments stage's grid, per multiprocessor
+  kApolloUpdateThreads,      // threads per block of the update
+  kApolloUpdateBlocksPerSm,  // cap of the update's grid (per matrix), per multiprocessor
+  kApolloUpdateUnroll,       // groups of 8 elements per thread and iteration of the update (loads in flight)
+  kApolloFusedStep,          // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between stages
+  // checkpoint save (src/checkpoint/)
+  kCheckpointPipeline,       // 1: records are encoded while the GPU diff runs, tensor group by group
+  kCheckpointDiff,           // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups
+  kCheckpointGroupMib,       // device scratch per group of the GPU diff, MiB
+  kCheckpointDigests,        // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
+  kCheckpointEncodeBatch,    // blocks of records encoded per batch, per CPU thread
+  kNumKnobs
+};
+
+struct KnobInfo {
+  std::string name;
+  int64_t value = 0;
+  int64_t default_value = 0;
+  std::vector<int64_t> choices;  // the allowed values, or empty for [min, max]
+  int64_t min = 0, max = 0;
+  std::string help;
+};
+
+// The knob's current value (from LIVETRAIN_TUNING or set(), else its default).
+int64_t get(Knob knob);
+// Sets a knob by name; Error(kInvalidArg) naming the knob and its allowed values for an unknown name or a
+// value out of range.
+void set(std::string_view name, int64_t value);
+// Every knob back to its default (the environment is not read again).
+void reset();
+std::vector<KnobInfo> list();
+
+}  // namespace livetrain::tuning

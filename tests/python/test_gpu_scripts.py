@@ -1,0 +1,187 @@
+"""What the GPU runs do that a CPU can check: bench/gdn.py's comparison on a tiny stack, bench/serve.py's
+Qwen3.5 path (several token counts in one trainer, the checkpoint saves after opening the store and after
+one step), scripts/vllm_gpu_run.py's multimodal Qwen3.5 checkpoint and its vision/MTP comparison,
+bench/vllm_transfer.py's Ray stand-in and table, and scripts/gpu.sh's steps."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from servers import ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT, **kw)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is not None, reason="flash-linear-attention is installed")
+def test_gdn_bench_runs_the_torch_path_and_says_the_kernels_are_missing(tmp_path):
+    r = run(
+        [sys.executable, "bench/gdn.py", "--shape", "tiny", "--device", "cpu", "--layers", "2", "--tokens", "64,128",
+         "--reps", "1", "--json", str(tmp_path / "gdn.json")]
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "gdn.json").read_text())
+    assert [(row["tokens"], row["unit"]) for row in doc["rows"]] == [(64, "mixer"), (64, "layer"), (128, "mixer"),
+                                                                      (128, "layer")]
+    assert all(row["torch"]["tokens_per_s"] > 0 and "fused" not in row for row in doc["rows"])
+    assert doc["kernels"]["chunk_gated_delta_rule"] == "torch (install flash-linear-attention)"
+    assert "| 128 | layer | fused: not used, torch (install flash-linear-attention) | - |" in r.stdout
+
+
+def test_serve_bench_qwen35_steps_each_length_and_times_the_checkpoint_saves(tmp_path):
+    r = run(
+        [sys.executable, "bench/serve.py", "--size", "qwen3.5-tiny", "--device", "cpu", "--tokens", "32,48",
+         "--steps", "1", "--gen-seconds", "0", "--no-adamw", "--checkpoint", "--dir", str(tmp_path), "--json",
+         str(tmp_path / "serve.json")],
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "serve.json").read_text())
+    s = doc["sets"][0]
+    assert doc["token_list"] == [32, 48] and doc["adamw_skipped"] is None
+    lt = s["livetrain"]
+    assert [run["tokens"] for run in lt["runs"]] == [32, 48] and all(run["tokens_per_s"] > 0 for run in lt["runs"])
+    assert set(lt["kernels"]) == {"chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                                  "causal_conv1d_update"}
+    first, one = lt["checkpoint"]
+    assert first["scenario"].startswith("first save after open") and not first["written"]
+    assert one["scenario"] == "after one step" and one["written"] and one["changed"] > 0
+    assert s["files"]["seconds"] > 0
+    assert "| 4 | " in r.stdout and "| 48 |" in r.stdout
+
+
+def test_vllm_run_qwen35_checkpoint_and_the_vision_mtp_comparison(tmp_path):
+    vr = load(ROOT / "scripts" / "vllm_gpu_run.py", "vllm_gpu_run")
+    model = tmp_path / "model"
+    vr.make_model(model, "qwen3_5")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    assert config["text_config"]["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+    assert config["text_config"]["rope_parameters"]["mrope_section"] == [11, 11, 10]
+    original = vr.model_tensors(model)
+    outside = sorted(n for n in original if vr.outside_text_model(n))
+    assert any(n.startswith("model.visual.") for n in outside) and any(n.startswith("mtp.") for n in outside)
+    assert "lm_head.weight" not in outside and not any(n.startswith("model.language_model.") for n in outside)
+
+    trained = {n: t.clone() for n, t in original.items()}
+    name = "model.language_model.layers.0.linear_attn.in_proj_qkv.weight"
+    trained[name].view(torch.int16)[0, 0] ^= 1
+    got = vr.compare_outside(original, trained, "trained")
+    assert got["outside_identical"] == len(outside) and got["text_changed"] == 1
+    with pytest.raises(vr.Failed, match="no text model tensor differs"):
+        vr.compare_outside(original, original, "untrained")
+    trained[outside[0]].view(torch.int16).view(-1)[0] ^= 1
+    with pytest.raises(vr.Failed, match=f"tensor {outside[0]} differs from the original files"):
+        vr.compare_outside(original, trained, "changed vision")
+    del trained[outside[0]]
+    with pytest.raises(vr.Failed, match=f"tensor {outside[0]} is missing"):
+        vr.compare_outside(original, trained, "lost vision")
+
+
+def test_vllm_transfer_ray_stand_in_and_table(tmp_path):
+    vt = load(ROOT / "bench" / "vllm_transfer.py", "vllm_transfer")
+    d = vt.stand_in_ray(tmp_path)
+    if d is None:
+        pytest.skip("Ray is installed: no stand-in is written")
+    code = (
+        "import ray\n"
+        "try:\n    from ray.util import placement_group_table\nexcept ImportError as e:\n    print('import', type(e).__name__)\n"
+        "try:\n    ray.init()\nexcept AttributeError as e:\n    print('attr', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "PYTHONPATH": d})
+    assert r.stdout.splitlines() == ["import ModuleNotFoundError",
+                                     "attr ray is not installed: ray.init is not available (stand-in module)"]
+    result = {
+        "device": "GPU", "vllm": "0.26.0", "torch": "2.11", "size": "8b", "weights_bytes": 2**34, "params": 8e9,
+        "max_model_len": 4096, "rounds": 2, "startup": {"files_s": 10.0, "health_s": 60.0, "trainer_s": 80.0},
+        "methods": [
+            {"name": "livetrain in place", "seconds": vt.stats([0.01, 0.02]), "extra_bytes": 3 * 2**30,
+             "includes": "reset"},
+            {"name": "vLLM IPC unpacked", "seconds": vt.stats([1.0, 1.2]), "extra_bytes": 17 * 2**30,
+             "includes": "all", "phases": {"send": 0.8}},
+            {"name": "vLLM IPC packed", "error": "RuntimeError: boom"},
+        ],
+        "compare": {"tensors": 3, "identical": 3, "differ": [], "missing": []}, "ray_stand_in": True,
+        "errors": [], "seconds": 100.0,
+    }
+    table = vt.render(result)
+    assert "| livetrain in place | 3.00 | 0.015 | 0.010–0.020 | reset |" in table
+    assert "| vLLM IPC packed | - | - | - | FAILED: RuntimeError: boom |" in table
+    assert "3 of 3 tensors identical" in table and "stand-in" in table
+
+
+def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
+    r = run(["bash", "scripts/gpu.sh"])
+    assert r.returncode == 2
+    for step in ("build", "tests", "bench-core", "bench-gdn", "bench-serve8b", "bench-serve27b", "vllm-llama",
+                 "vllm-qwen35", "vllm-transfer"):
+        assert f"\n{step} " in r.stdout, step
+    r = run(["bash", "scripts/gpu.sh", "build", "bench-nothing"])
+    assert r.returncode == 2 and "unknown step bench-nothing" in r.stderr
+
+
+def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
+    """scripts/vllm_gpu_run.py --arch qwen3_5 with a CPU engine in vLLM's layout in place of vLLM: the worker's
+    start-up restore, the plugin's trainer (the text model built on the views), steps, POST /checkpoint's
+    save, the store's head written out, a restart's restore, and materialize: the vision and MTP tensors
+    stay bit-identical to the original files, the text model's are the trained ones everywhere."""
+    from livetrain import checkpoint, layout, sharing
+    from livetrain.trainer import options
+    from livetrain.trainer.examples import parse_job
+    from livetrain.trainer.service import Trainer
+    from livetrain.vllm import worker
+
+    import tiny_model
+
+    vr = load(ROOT / "scripts" / "vllm_gpu_run.py", "vllm_gpu_run")
+    model, store = tmp_path / "model", tmp_path / "model" / ".livetrain-store"
+    vr.make_model(model, "qwen3_5")
+    original = vr.model_tensors(model)
+    config = json.loads((model / "config.json").read_text())
+    checkpoint.CheckpointStore.create(model, store).close()
+    env = {worker.STORE_ENV: str(store)}
+
+    def engine():  # what vLLM loads from the files: the text model, in its layout
+        return layout.merge(config, {n: t for n, t in original.items() if not vr.outside_text_model(n)}, engine="vllm")
+
+    served = engine()
+    assert not worker.restore_newer(str(model), served, config, 0, 1, env=env)["restored"]
+    exported = sharing.export_cpu(served, tmp_path / "tp0.json", model_path=model, config=config, engine="vllm")
+    settings = options.parse(["--state-dir", str(tmp_path / "state"), "--store", str(store), "--lr", "1e-2"])
+    trainer = Trainer(str(tmp_path / "tp0.json"), str(model), settings)
+    try:
+        job = parse_job(trainer.tokenizer, {"examples": tiny_model.FACT_EXAMPLES}, 64, 10)
+        trainer.step(job["examples"])
+        saved = trainer.checkpoint().body
+        assert saved["written"] and saved["generation"] == 1
+    finally:
+        trainer.close()
+    trained = {n: t.clone() for n, t in exported.tensors.items()}
+    exported.close()
+    with checkpoint.CheckpointStore(model, store) as s:
+        s.restore(s.head, out_dir=tmp_path / "head")
+    head = vr.model_tensors(tmp_path / "head")
+    assert vr.compare_outside(original, head, "head")["outside_identical"] == sum(map(vr.outside_text_model, original))
+    restarted = engine()
+    assert worker.restore_newer(str(model), restarted, config, 0, 1, env=env)["restored"]
+    assert all(torch.equal(restarted[n], trained[n]) for n in trained)
+    with checkpoint.CheckpointStore(model, store) as s:
+        s.materialize(s.head)
+    files = vr.model_tensors(model)
+    vr.compare_outside(original, files, "materialized")
+    assert [n for n in head if not vr.torch_equal_bytes(head[n], files[n])] == []
