@@ -102,14 +102,16 @@ class Serve:
                 return pid
         return None
 
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait()
+    def stop(self, sig: int | None = signal.SIGTERM) -> None:
+        """Sends ``sig`` to the supervisor (None: nothing, it is stopping already), waits 120 s for it to
+        exit, then kills its whole session."""
+        if sig is not None and self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            self.p.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
         self.log.close()
 
 
@@ -305,12 +307,7 @@ def probe_segments(a, tmp: str) -> tuple[bool, str]:
         named += ["/dev/shm/" + b["name"].lstrip("/") for b in m["buffers"] if b.get("kind") == "shm"]
         pids.append(m["owner"]["pid"])
         os.kill(m["owner"]["pid"], signal.SIGKILL)
-        try:
-            s.p.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(s.p.pid, signal.SIGKILL)
-            s.p.wait()
-        s.log.close()
+        s.stop(None)  # the supervisor stops when its engine dies
     left = [n for n in named if os.path.exists(n)]
     # Any other object these engines created (named /livetrain-<pid>-...); other users' are not counted.
     others = [n for pid in pids for n in glob.glob(f"/dev/shm/livetrain-{pid}-*") if n not in named]

@@ -257,13 +257,10 @@ TEST(Shm, ExportAttachAcrossProcessesSharesMemory) {
   EXPECT_EQ(rc2, 0) << msg2;
 }
 
-TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
-  auto first = sh::Attachment::open(manifest);
-  auto [rc, msg] = in_child([&](std::string& out) {
+// Attaches to `manifest` in a child process: 0 when that is refused as busy (the lease is held), 1 when
+// it attaches, 2 on another error; and the error's message.
+static std::pair<int, std::string> attach_in_child_expecting_busy(const std::string& manifest) {
+  return in_child([&](std::string& out) {
     try {
       sh::Attachment::open(manifest);
       return 1;
@@ -272,6 +269,15 @@ TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
       return e.code() == ErrorCode::kBusy ? 0 : 2;
     }
   });
+}
+
+TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  auto first = sh::Attachment::open(manifest);
+  auto [rc, msg] = attach_in_child_expecting_busy(manifest);
   EXPECT_EQ(rc, 0) << msg;
   EXPECT_TRUE(has_text(msg, "another trainer holds the lease")) << msg;
   // Inspection without the lease is still possible.
@@ -288,15 +294,7 @@ TEST(Shm, CopiedManifestDoesNotBypassTheLease) {
   engine.exp.write_manifest(manifest, tiny_model());
   livetrain::fs::write_file_atomic(copy, livetrain::fs::read_file(manifest));
   auto first = sh::Attachment::open(manifest);
-  auto [rc, msg] = in_child([&](std::string& out) {
-    try {
-      sh::Attachment::open(copy);
-      return 1;
-    } catch (const Error& e) {
-      out = e.what();
-      return e.code() == ErrorCode::kBusy ? 0 : 2;
-    }
-  });
+  auto [rc, msg] = attach_in_child_expecting_busy(copy);
   EXPECT_EQ(rc, 0) << msg;
   EXPECT_TRUE(has_text(msg, "(pid " + std::to_string(::getpid()) + ",")) << msg;
 }
