@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from livetrain.engines import options as engine_options
-from livetrain.trainer import guard, options, process, protocol, routes
+from livetrain.trainer import options, process, protocol, routes, security
 
 # Seconds before restarting a trainer that died: doubling per death in a row, reset once one ran RESTART_RESET_S.
 RESTART_DELAYS = (1, 2, 4, 8, 16, 32, 60)
@@ -49,7 +49,7 @@ def parse(argv):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    guard.add_api_key_options(p)
+    security.add_api_key_options(p)
     p.add_argument(
         "--run-dir",
         default=None,
@@ -62,7 +62,7 @@ def parse(argv):
     if problem:
         p.error(problem)
     try:
-        ns.api_key = guard.api_key(ns)
+        ns.api_key = security.api_key(ns)
     except (OSError, ValueError) as e:
         p.error(str(e))
     return ns
@@ -141,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     from livetrain import default_model
 
-    guard.private_files()
-    warning = guard.exposure_warning(a.host, a.api_key)
+    security.private_files()
+    warning = security.exposure_warning(a.host, a.api_key)
     if warning:
         print(f"livetrain serve: warning: {warning}", file=sys.stderr, flush=True)
     a.model = default_model.resolve(a.model, a.dtype)  # the default model's files in the served dtype
     try:
-        run_dir = guard.private_dir(a.run_dir) if a.run_dir else tempfile.mkdtemp(prefix="livetrain-")
+        run_dir = security.private_dir(a.run_dir) if a.run_dir else tempfile.mkdtemp(prefix="livetrain-")
     except (OSError, ValueError) as e:
         print(f"livetrain serve: --run-dir: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from livetrain.trainer import guard, protocol
+from livetrain.trainer import protocol, security
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 64
@@ -34,10 +34,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-body-mib",
         type=int,
-        default=guard.DEFAULT_MAX_BODY_MIB,
+        default=security.DEFAULT_MAX_BODY_MIB,
         metavar="MIB",
         help=f"largest request body in MiB; larger ones get 413 before they are read (default "
-        f"{guard.DEFAULT_MAX_BODY_MIB}, at most {protocol.MAX_BODY >> 20}: the trainer socket's limit)",
+        f"{security.DEFAULT_MAX_BODY_MIB}, at most {protocol.MAX_BODY >> 20}: the trainer socket's limit)",
     )
 
 

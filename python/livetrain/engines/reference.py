@@ -27,7 +27,7 @@ import torch
 from livetrain.engines import batching
 from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
-from livetrain.trainer import guard, options, protocol, routes
+from livetrain.trainer import options, protocol, routes, security
 from livetrain.trainer.examples import check_messages
 from livetrain.trainer.protocol import Invalid
 
@@ -202,11 +202,11 @@ def parse_prompt(body: dict) -> str:
 
 
 def build_app(
-    engine: Engine, trainer_socket: str, api_key: str | None = None, max_body: int = guard.DEFAULT_MAX_BODY_MIB << 20
+    engine: Engine, trainer_socket: str, api_key: str | None = None, max_body: int = security.DEFAULT_MAX_BODY_MIB << 20
 ):
     """The FastAPI application: OpenAI-style generation, the training routes (livetrain.trainer.routes)
     forwarded to the trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set,
-    and without one, cross-site requests refused (livetrain.trainer.guard). Bodies over ``max_body``
+    and without one, cross-site requests refused (livetrain.trainer.security). Bodies over ``max_body``
     bytes are 413; parsing and tokenization run off the event loop, generation in the engine's
     scheduler: no route waits for another."""
     from fastapi import FastAPI, Request
@@ -219,20 +219,20 @@ def build_app(
     async def authenticate(request: Request, call_next):
         if not routes.authorized(request.headers.get("authorization"), api_key):
             return routes.json_response(protocol.error(401, routes.MISSING_KEY))
-        refused = None if api_key else guard.cross_site(request.method, request.headers)
+        refused = None if api_key else security.cross_site(request.method, request.headers)
         if refused is not None:
             return routes.json_response(refused)
         return await call_next(request)
 
     async def json_body(request: Request) -> dict:
-        return await run_in_threadpool(protocol.parse_body, await guard.read_body(request, max_body), False)
+        return await run_in_threadpool(protocol.parse_body, await security.read_body(request, max_body), False)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, e: Invalid):
         return routes.json_response(e.reply())
 
-    @app.exception_handler(guard.TooLarge)
-    async def too_large(request: Request, e: guard.TooLarge):
+    @app.exception_handler(security.TooLarge)
+    async def too_large(request: Request, e: security.TooLarge):
         return routes.json_response(e.reply())
 
     async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    guard.add_api_key_options(p)
+    security.add_api_key_options(p)
     options.add_store_options(p)
     engine_options.add_options(p)
     a = p.parse_args(argv)
@@ -356,10 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         p.error(problem)
     try:
-        api_key = guard.api_key(a)
+        api_key = security.api_key(a)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    guard.private_files()
+    security.private_files()
     import uvicorn
 
     from livetrain import Error

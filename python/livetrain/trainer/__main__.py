@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 
-from livetrain.trainer import guard, options, protocol
+from livetrain.trainer import options, protocol, security
 
 
 def sacrifice_first() -> None:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--socket", required=True, help="Unix socket to answer the training routes on")
     a = options.parse_args(p, argv)
     sacrifice_first()
-    guard.private_files()
+    security.private_files()
 
     from livetrain import Error
     from livetrain.trainer.service import Trainer

@@ -10,7 +10,7 @@ trainer. docs/serve.md lists the routes.
 import hmac
 from typing import Callable, Sequence
 
-from livetrain.trainer import guard, protocol
+from livetrain.trainer import protocol, security
 
 # route → (HTTP method, trainer op, whether the route takes a body)
 ROUTES = {
@@ -25,7 +25,7 @@ ROUTES = {
 # to tokenize (a retry with the same Idempotency-Key gets the same job, never a second one).
 TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0, "submit": 600.0}
 # Where `livetrain serve`, its engine and `livetrain train` read the API key from when not given.
-API_KEY_ENV = guard.API_KEY_ENV
+API_KEY_ENV = security.API_KEY_ENV
 MISSING_KEY = "missing or wrong API key (Authorization: Bearer KEY)"
 
 Keys = str | Sequence[str] | None
@@ -68,7 +68,7 @@ def training_router(
     api_key: Keys | Callable[[], Keys] = None,
     *,
     same_origin: bool = True,
-    max_body: int = guard.DEFAULT_MAX_BODY_MIB << 20,
+    max_body: int = security.DEFAULT_MAX_BODY_MIB << 20,
 ):
     """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
 
@@ -78,7 +78,7 @@ def training_router(
     itself, for hosts whose own authentication does not cover these paths (vLLM's covers only /v1, /v2,
     /inference and /cohere); leave it None where the app already authenticates every route. Without
     keys and with ``same_origin`` (leave it False where the app already applies it to every route), the
-    router refuses cross-site requests (``guard.cross_site``). Bodies over ``max_body`` bytes are 413.
+    router refuses cross-site requests (``security.cross_site``). Bodies over ``max_body`` bytes are 413.
     """
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
@@ -93,19 +93,19 @@ def training_router(
             allowed = keys()
             if not authorized(request.headers.get("authorization"), allowed):
                 return json_response(protocol.error(401, MISSING_KEY))
-            refused = guard.cross_site(request.method, request.headers) if same_origin and not allowed else None
+            refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
             if refused is not None:
                 return json_response(refused)
             path = ""
             try:
-                body = await guard.read_body(request, max_body) if has_body else b""
+                body = await security.read_body(request, max_body) if has_body else b""
                 path = socket_path()
                 if not path:
                     raise protocol.TrainerUnavailable("no trainer has been started")
                 code, reply = await run_in_threadpool(
                     protocol.call, path, op, body, TIMEOUTS.get(op, 30.0), request.headers.get("idempotency-key")
                 )
-            except (protocol.Invalid, guard.TooLarge) as e:
+            except (protocol.Invalid, security.TooLarge) as e:
                 return json_response(e.reply())
             except protocol.TrainerUnavailable as e:
                 return json_response(unavailable(path, e))
