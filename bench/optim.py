@@ -245,10 +245,13 @@ SWEEP_GRID = [
     ("launch", "2 streams", {"apollo.streams": 2}),
 ]
 # The path the trainer's backward hooks take: one launch sequence (or one kernel) per matrix.
+# (label, knobs, MiB of gradients per batched step of attach_hooks(batch_bytes=...); 0: one at a time)
 HOOK_GRID = [
-    ("H100-tuned shapes, one matrix at a time", H100_SHAPES),
-    ("shipped, one matrix at a time", {}),
-    ("one kernel per matrix (fused step), one at a time", {"apollo.fused_step": 1}),
+    ("H100-tuned shapes, one matrix at a time", H100_SHAPES, 0),
+    ("shipped, one matrix at a time", {}, 0),
+    ("one kernel per matrix (fused step), one at a time", {"apollo.fused_step": 1}, 0),
+    ("hooks batched by 256 MiB of gradients", {}, 256),
+    ("hooks batched by 1 GiB of gradients", {}, 1024),
 ]
 
 
@@ -331,14 +334,28 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
           f"(embeddings {'in' if embeddings else 'out'})", flush=True)
     rows = []
 
-    def measure(family: str, label: str, knobs: dict, one_by_one: bool = False) -> dict:
+    def measure(family: str, label: str, knobs: dict, one_by_one: bool = False, hook_batch_mib: int = 0) -> dict:
         row = {"size": size, "params": n, "family": family, "setting": label, "knobs": knobs, "floor_ms": floor_ms}
+        grads = [p.grad for p in params]  # batched hooks free them: put back after the row
         try:
             set_knobs(knobs)
             row["check"] = check.compare(check.run(one_by_one))
             opt = ApolloMini(params, lr=1e-3)
             host = []
-            if one_by_one:
+            if one_by_one and hook_batch_mib:
+                # What attach_hooks(batch_bytes=...) does as gradients arrive, in model order (no hooks
+                # are registered: the loop plays them; it puts back the gradients a step frees).
+                opt.attach_hooks(params=[], batch_bytes=hook_batch_mib << 20)
+
+                class OneByOne:
+                    def step(self_inner):
+                        t0 = time.perf_counter()
+                        for p, g in zip(params, grads):
+                            p.grad = g
+                            opt.step_ready(p)
+                        opt.flush_ready()
+                        host.append(time.perf_counter() - t0)
+            elif one_by_one:
                 class OneByOne:  # what the backward hooks do: one launch sequence per matrix
                     def step(self_inner):
                         t0 = time.perf_counter()
@@ -356,6 +373,8 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
         except Exception as e:  # a failing setting is reported and the sweep goes on
             row.update(step_ms=None, x_floor=None, error=f"{type(e).__name__}: {e}"[:200])
         finally:
+            for p, g in zip(params, grads):
+                p.grad = g
             torch.cuda.empty_cache()
         shown = f"{row['step_ms']:.2f} ms ({row['x_floor']:.2f}x floor)" if row.get("step_ms") else row.get("error")
         if row.get("host_us_per_matrix"):
@@ -378,8 +397,8 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
         combined.update(r["knobs"])
     if len(best) > 1:
         measure("combined", "best of each family combined", combined)
-    for label, knobs in HOOK_GRID:
-        measure("hooks", label, knobs, one_by_one=True)
+    for label, knobs, mib in HOOK_GRID:
+        measure("hooks", label, knobs, one_by_one=True, hook_batch_mib=mib)
     if combined:
         measure("hooks", "combined, one matrix at a time", combined, one_by_one=True)
     set_knobs({})

@@ -3,7 +3,7 @@ plain Hugging Face training loop with torch.optim.AdamW, and the engine's comple
 without a concurrent training job.
 
 The model is Qwen3-8B-shaped (hidden 4096, 36 layers, 32 heads, 8 KV heads, head_dim 128, intermediate
-12288, vocab 151936, untied), or with --size qwen3.5-27b Qwen3.5-27B's text model (64 layers, three Gated
+12288, vocab 151936, untied), or with --shape qwen3.5-27b Qwen3.5-27B's text model (64 layers, three Gated
 DeltaNet layers to one gated full-attention layer, hidden 5120, vocab 248320; 54 GB), with random bf16
 weights made on the GPU (transformers' init, on the device). Each variant runs in its own process, so that
 no peak mixes with another:
@@ -37,7 +37,7 @@ Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-to
 --gen-seconds after one warm-up request; with training, the window starts after the job's first step and
 training tokens/s counts the steps that ran entirely inside it.
 
-usage: python bench/serve.py [--size 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
+usage: python bench/serve.py [--shape 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
                              [--tokens 2048[,8192]] [--checkpoint] [--dir DIR] [--client auto|http|inproc]
                              [--json out.json]
 Prints a markdown table; with $OUT set also writes $OUT/serve.md and $OUT/serve.json.
@@ -302,9 +302,8 @@ def role_engine(a) -> None:
     import torch
     import transformers
 
-    from livetrain.engines import reference as eng
-
     from livetrain import safetensors as lst
+    from livetrain.engines import reference as eng
 
     # With --checkpoint the random weights are written as the model's files, which the checkpoint store the
     # engine then creates takes as generation 0: only when the disk has room for them and a step's delta.
@@ -464,7 +463,7 @@ def role_trainer(a) -> None:
         times, losses = [], []
         for k in range(1 + a.steps):  # the first step creates the optimizer state and workspaces: not timed
             t = time.perf_counter()
-            loss, ntok = trainer.step(examples)
+            loss, ntok, _ = trainer.step(examples)
             sync(dev)
             times.append(time.perf_counter() - t)
             losses.append(loss)
@@ -703,7 +702,7 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
     layers = res["layers"]
     d = os.path.join(work, f"layers{layers}")
     model = os.path.join(d, "model")
-    write_model_dir(model, a.size, layers, tokenizer)
+    write_model_dir(model, a.shape, layers, tokenizer)
     manifest, sock = os.path.join(d, "engine.manifest.json"), os.path.join(d, "trainer.sock")
     port = free_port() if client == "http" else 0
     url = f"http://127.0.0.1:{port}"
@@ -883,7 +882,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
         f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests"
     )
 
-    job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr}
+    job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr, "guard": False}
     if client == "http":
         code, body = http(url + "/train", job, timeout=600)
     else:
@@ -987,7 +986,7 @@ def render(results: dict) -> str:
     lengths = ", ".join(f"{n:,}" for n in results.get("token_list", [results["tokens"]]))
     lines = [
         f"{results['device_name']}; torch {results['torch']}, transformers {results['transformers']}; "
-        f"{results['size']}-shaped model, random bf16 weights; one sequence of {lengths} tokens per step, "
+        f"{results['shape']}-shaped model, random bf16 weights; one sequence of {lengths} tokens per step, "
         f"1 warm-up + {results['steps']} timed steps; {how}",
         "",
         "| layers | params | weights GiB | method | tokens | peak alloc. beyond weights GiB "
@@ -1101,10 +1100,13 @@ def render(results: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
+        "--shape",
         "--size",
+        dest="shape",
         default="8b",
         choices=sorted(SHAPES),
-        help="model shape (default 8b: Qwen3-8B; qwen3.5-27b: Qwen3.5-27B's text model)",
+        help="model shape (default 8b: Qwen3-8B; qwen3.5-27b: Qwen3.5-27B's text model; tiny and qwen3.5-tiny: "
+        "toy sizes of the same layer kinds for a CPU run); --size is the same option under its earlier name",
     )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument(
@@ -1152,7 +1154,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     try:
-        a.token_list = [int(x) for x in (a.tokens or DEFAULT_TOKENS.get(a.size, "2048")).split(",")]
+        a.token_list = [int(x) for x in (a.tokens or DEFAULT_TOKENS.get(a.shape, "2048")).split(",")]
     except ValueError:
         ap.error(f"--tokens must be comma-separated integers, not {a.tokens!r}")
     a.tokens = a.token_list[0]
@@ -1164,13 +1166,13 @@ def main() -> int:
     import transformers
 
     t_start = time.monotonic()
-    layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.size]).split(",")]
+    layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.shape]).split(",")]
     if a.steps < 1:
         ap.error("--steps must be >= 1")
-    if any(n < 4 or n > SHAPES[a.size]["max_position_embeddings"] for n in a.token_list):
-        ap.error(f"--tokens must be in [4, {SHAPES[a.size]['max_position_embeddings']}]")
-    if a.size in NO_ADAMW and not a.no_adamw:
-        log(f"no AdamW baseline for {a.size}: {NO_ADAMW[a.size]}")
+    if any(n < 4 or n > SHAPES[a.shape]["max_position_embeddings"] for n in a.token_list):
+        ap.error(f"--tokens must be in [4, {SHAPES[a.shape]['max_position_embeddings']}]")
+    if a.shape in NO_ADAMW and not a.no_adamw:
+        log(f"no AdamW baseline for {a.shape}: {NO_ADAMW[a.shape]}")
         a.no_adamw = True
     try:  # imported, not just found: a package whose own dependencies are missing counts as absent
         import fastapi  # noqa: F401
@@ -1190,19 +1192,19 @@ def main() -> int:
         os.makedirs(a.dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="livetrain-serve-bench-", dir=a.dir)
     log(
-        f"{a.size}-shaped model, layers {layer_sets}, {a.token_list} tokens per step, device {a.device}, "
+        f"{a.shape}-shaped model, layers {layer_sets}, {a.token_list} tokens per step, device {a.device}, "
         f"completions via {client}, in {work}"
     )
-    tokenizer = build_tokenizer(SHAPES[a.size]["vocab_size"])
+    tokenizer = build_tokenizer(SHAPES[a.shape]["vocab_size"])
     idle = device_used(a.device)
     results = {
-        "size": a.size,
+        "shape": a.shape,
         "embeddings": a.embeddings,
         "keep_cache": a.keep_cache,
         "device": a.device,
         "tokens": a.tokens,
         "token_list": a.token_list,
-        "adamw_skipped": NO_ADAMW.get(a.size),
+        "adamw_skipped": NO_ADAMW.get(a.shape),
         "checkpoint": a.checkpoint,
         "steps": a.steps,
         "lr": a.lr,

@@ -45,6 +45,14 @@ nb::dict info_dict(const lo::ModelInfo& m) {
   d["vocab_size"] = m.vocab_size;
   d["tied_embeddings"] = m.tied_embeddings;
   d["layer_types"] = nb::cast(m.layer_types);
+  // The sizes a tensor-parallel rank divides (livetrain.tensor_parallel.rank_config), with the config's defaults applied.
+  d["hidden_size"] = m.hidden_size;
+  d["intermediate_size"] = m.intermediate_size;
+  d["num_heads"] = m.num_heads;
+  d["num_kv_heads"] = m.num_kv_heads;
+  d["head_dim"] = m.head_dim;
+  d["linear_num_key_heads"] = m.linear_num_key_heads;
+  d["linear_num_value_heads"] = m.linear_num_value_heads;
   return d;
 }
 

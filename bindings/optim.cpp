@@ -1,12 +1,16 @@
 // Bindings: one optimizer step on one parameter. Tensors cross as raw addresses (torch's data_ptr())
 // with dtype and sizes, so a step costs a couple of microseconds of Python; python/livetrain/optim.py
 // owns the tensors and checks devices, dtypes and shapes before calling.
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "bindings.hpp"
@@ -45,6 +49,25 @@ optim::ApolloStep apollo_step_of(uintptr_t weight, const std::string& weight_dty
   s.seed = seed;
   s.hyper = h;
   return s;
+}
+
+// A shard from Python: (dim, full size along dim, [(start, length), ...], primary); None: the whole tensor.
+using ShardArg = std::optional<std::tuple<int32_t, int64_t, std::vector<std::pair<int64_t, int64_t>>, bool>>;
+
+optim::Shard shard_of(const ShardArg& arg) {
+  optim::Shard sh;
+  if (!arg) return sh;
+  const auto& [dim, full, segments, primary] = *arg;
+  if (segments.empty() || segments.size() > static_cast<size_t>(optim::kMaxShardSegments)) {
+    throw Error(ErrorCode::kInvalidArg, "optimizer shard: 1 to " + std::to_string(optim::kMaxShardSegments) +
+                                            " segments, got " + std::to_string(segments.size()));
+  }
+  sh.dim = dim;
+  sh.full = full;
+  sh.segments = static_cast<int32_t>(segments.size());
+  for (size_t i = 0; i < segments.size(); ++i) sh.segment[i] = {segments[i].first, segments[i].second};
+  sh.primary = primary;
+  return sh;
 }
 
 }  // namespace
@@ -98,6 +121,48 @@ void init_optim(nb::module_& m) {
       },
       "One APOLLO step on a matrix (addresses of weight, grad, m, v, prev_norm, status, step, workspace).");
 
+  nb::enum_<optim::ApolloPhase>(m, "ApolloPhase")
+      .value("project", optim::ApolloPhase::kProject)
+      .value("moments", optim::ApolloPhase::kMoments)
+      .value("update", optim::ApolloPhase::kUpdate);
+
+  m.def(
+      "apollo_phase_layout",
+      [](int64_t rows, int64_t cols, int32_t rank, const ShardArg& shard) {
+        optim::ApolloStep s;
+        s.rows = rows;
+        s.cols = cols;
+        s.hyper.rank = rank;
+        s.shard = shard_of(shard);
+        const optim::ApolloReduce r = optim::apollo_reduce_layout(s);
+        return std::make_tuple(optim::apollo_phase_workspace_bytes(s), r.first_offset, r.first_count, r.second_offset,
+                               r.second_count);
+      },
+      nb::arg("rows"), nb::arg("cols"), nb::arg("rank"), nb::arg("shard").none(),
+      "(workspace bytes, first offset, first count, second offset, second count) of a step in phases on this "
+      "rank's [rows, cols] part: the floats of the workspace to sum over ranks after each of the first two phases.");
+
+  m.def(
+      "apollo_phase",
+      [](optim::ApolloPhase phase, uintptr_t weight, const std::string& weight_dtype, int64_t ld_weight, uintptr_t grad,
+         const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m_, uintptr_t v_, uintptr_t prev,
+         uintptr_t status, uintptr_t step, uint64_t seed, uintptr_t workspace, const optim::ApolloHyper& h,
+         const ShardArg& shard, bool cuda, uintptr_t stream) {
+        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_, prev,
+                                             status, step, seed, h);
+        s.workspace = ptr<void>(workspace);
+        s.shard = shard_of(shard);
+        nb::gil_scoped_release release;
+        if (cuda) optim::apollo_phase_cuda(s, phase, reinterpret_cast<void*>(stream));
+        else optim::apollo_phase_cpu(s, phase);
+      },
+      nb::arg("phase"), nb::arg("weight"), nb::arg("weight_dtype"), nb::arg("ld_weight"), nb::arg("grad"),
+      nb::arg("grad_dtype"), nb::arg("rows"), nb::arg("cols"), nb::arg("m"), nb::arg("v"), nb::arg("prev_norm"),
+      nb::arg("status"), nb::arg("step"), nb::arg("seed"), nb::arg("workspace"), nb::arg("hyper"),
+      nb::arg("shard").none(), nb::arg("cuda"), nb::arg("stream"),
+      "One phase of an APOLLO step on a tensor-parallel rank's part of a matrix (apollo_phase_layout says what "
+      "to sum over ranks between phases).");
+
   m.def(
       "apollo_step_many",
       [](const std::vector<std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t, uintptr_t,
@@ -129,7 +194,8 @@ void init_optim(nb::module_& m) {
       "adamw_step",
       [](uintptr_t weight, const std::string& weight_dtype, uintptr_t grad, const std::string& grad_dtype,
          int64_t numel, uintptr_t m_, uintptr_t v_, uintptr_t status, uintptr_t step, uint64_t seed,
-         uintptr_t workspace, const optim::AdamWHyper& h, bool cuda, uintptr_t stream) {
+         uintptr_t workspace, const optim::AdamWHyper& h, bool cuda, uintptr_t stream, const ShardArg& shard,
+         int64_t inner, uintptr_t total_sq) {
         optim::AdamWStep s;
         s.weight = ptr<void>(weight);
         s.weight_dtype = parse_dtype(weight_dtype);
@@ -143,11 +209,31 @@ void init_optim(nb::module_& m) {
         s.seed = seed;
         s.workspace = ptr<void>(workspace);
         s.hyper = h;
+        s.shard = shard_of(shard);
+        s.inner = inner;
+        s.total_sq = ptr<const float>(total_sq);
         nb::gil_scoped_release release;
         if (cuda) optim::adamw_step_cuda(s, reinterpret_cast<void*>(stream));
         else optim::adamw_step_cpu(s);
       },
-      "One AdamW step on a contiguous parameter.");
+      nb::arg("weight"), nb::arg("weight_dtype"), nb::arg("grad"), nb::arg("grad_dtype"), nb::arg("numel"), nb::arg("m"),
+      nb::arg("v"), nb::arg("status"), nb::arg("step"), nb::arg("seed"), nb::arg("workspace"), nb::arg("hyper"),
+      nb::arg("cuda"), nb::arg("stream"), nb::arg("shard").none() = nb::none(), nb::arg("inner") = 1,
+      nb::arg("total_sq") = 0,
+      "One AdamW step on a contiguous parameter (or a tensor-parallel rank's part of one: shard, inner, and "
+      "total_sq, the address of ‖G‖² summed over the ranks).");
+
+  m.def(
+      "adamw_sumsq",
+      [](uintptr_t grad, const std::string& grad_dtype, int64_t numel, uintptr_t out, uintptr_t workspace, bool cuda,
+         uintptr_t stream) {
+        const DType dt = parse_dtype(grad_dtype);
+        nb::gil_scoped_release release;
+        if (cuda) optim::adamw_sumsq_cuda(ptr<const void>(grad), dt, numel, ptr<float>(out), ptr<void>(workspace),
+                                          reinterpret_cast<void*>(stream));
+        else optim::adamw_sumsq_cpu(ptr<const void>(grad), dt, numel, ptr<float>(out));
+      },
+      "out[0] ← ‖G‖² of a contiguous gradient (a tensor-parallel rank's part of AdamW's total_sq).");
 
   m.def(
       "apollo_projection",

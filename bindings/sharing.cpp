@@ -41,12 +41,13 @@ nb::dlpack::dtype dlpack_dtype(DType d) {
 }
 
 sh::ModelDesc model_desc(const std::string& path, const std::string& config_json, const std::string& engine,
-                         uint32_t tp_rank, uint32_t tp_size) {
+                         uint32_t tp_rank, uint32_t tp_size, const std::string& group) {
   sh::ModelDesc m;
   m.path = path;
   m.engine = engine;
   m.tp_rank = tp_rank;
   m.tp_size = tp_size;
+  m.group = group;
   m.config = json::parse(config_json, "model config");
   return m;
 }
@@ -89,11 +90,14 @@ void init_sharing(nb::module_& m) {
            "Record a CUDA tensor by device pointer (strides in elements); its allocation is exported once.")
       .def("write_manifest",
            [](const sh::Export& e, const std::string& path, const std::string& model_path,
-              const std::string& config_json, const std::string& engine, uint32_t tp_rank, uint32_t tp_size) {
-             e.write_manifest(path, model_desc(model_path, config_json, engine, tp_rank, tp_size));
+              const std::string& config_json, const std::string& engine, uint32_t tp_rank, uint32_t tp_size,
+              const std::string& group) {
+             e.write_manifest(path, model_desc(model_path, config_json, engine, tp_rank, tp_size, group));
            },
            nb::arg("path"), nb::arg("model_path"), nb::arg("config_json"), nb::arg("engine"), nb::arg("tp_rank") = 0,
-           nb::arg("tp_size") = 1, "Write the manifest (atomically, mode 0600) naming this process as the owner.")
+           nb::arg("tp_size") = 1, nb::arg("group") = "",
+           "Write the manifest (atomically, mode 0600) naming this process as the owner; `group` names the "
+           "engine's ranks at tensor-parallel size > 1.")
       .def("unlink_segments", &sh::Export::unlink_segments,
            "Remove the segments' names now; mappings (the engine's and attached trainers') stay valid.")
       .def_prop_ro("num_buffers", [](const sh::Export& e) { return e.buffers().size(); })

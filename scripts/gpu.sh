@@ -7,14 +7,19 @@
 # build           3 min         cmake + ninja into build-gpu/ for this Python and      build.log, device.txt
 #                               torch (core, CLI, the Python module put in python/
 #                               livetrain/); every other step needs it, once per machine
+# wheel           3 min         scripts/wheel.sh: the release wheel (every GPU code    wheel.log, wheel.txt
+#                               CMakeLists.txt names) in dist/, which the vllm steps
+#                               install with pip; they build it themselves (adding
+#                               these minutes) when it is missing or older than the
+#                               sources. Needs no build step
 # tests           7 min         the whole pytest suite, CUDA tests included            pytest.log
 # bench-core      5 min         bench/optim.py, attach.py, convergence.py, loss.py,    bench-NAME.{txt,json}
 #                               checkpoint.py (8 GiB)
 # bench-gdn       2 min         bench/gdn.py: Gated DeltaNet layers, fused kernels     gdn.{md,json}
 #                               (flash-linear-attention) against the torch path
-# bench-serve8b   5 min         bench/serve.py --size 8b (engine + trainer, AdamW      serve.{md,json}
+# bench-serve8b   5 min         bench/serve.py --shape 8b (engine + trainer, AdamW     serve.{md,json}
 #                               baselines, completions alone / during a job)
-# bench-serve27b  8 min         bench/serve.py --size qwen3.5-27b (54 GB, 2,048 and    serve.{md,json}
+# bench-serve27b  8 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
 #                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
 # vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
 # vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
@@ -25,8 +30,9 @@
 #                               sizes and unaligned offsets under every checkpoint
 #                               variant, every APOLLO variant and the one-kernel step
 #                               against the CPU (C++, when GoogleTest is installed:
-#                               adds the test targets to build-gpu/), and pytest's
-#                               test_checkpoint_store.py and test_optim.py
+#                               adds the test targets to build-gpu/; save and
+#                               save_part under every GPU-save knob), and pytest's
+#                               test_checkpoint_store/_shards.py and test_optim.py
 # sweep           8 min         the internal tuning knobs (docs/tuning.md): bench/     sweep-{optim,checkpoint}.
 #                               optim.py --sweep and bench/checkpoint.py --sweep, 8B   {txt,json}
 #                               and 27B shapes, each in its own process with a time
@@ -53,7 +59,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
-known=(build checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+known=(build wheel checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
 steps=("$@")
 if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
 if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
@@ -80,7 +86,7 @@ run_step() {
   out=$out_root/$step
   mkdir -p "$out"
   export OUT=$out
-  if [ "$step" != build ] && ! built; then
+  if [ "$step" != build ] && [ "$step" != wheel ] && ! built; then
     echo "gpu.sh: $step needs the build first: bash scripts/gpu.sh build $step" >&2
     return 1
   fi
@@ -97,18 +103,28 @@ run_step() {
     if [ $rc != 0 ]; then tail -50 "$out/build.log"; return $rc; fi
     build-gpu/livetrain devices | tee -a "$out/device.txt"
     ;;
+  wheel)
+    # nvcc compiles the GPU codes of a file in parallel (--threads=0), as in the build step.
+    CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=--threads=0" bash scripts/wheel.sh --python "$py" --no-isolation \
+      > "$out/wheel.txt" 2> "$out/wheel.log"
+    rc=$?
+    tail -"$([ $rc = 0 ] && echo 3 || echo 40)" "$out/wheel.log"
+    cat "$out/wheel.txt"
+    ;;
   checks)
     if ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/local/lib*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
       {
         cmake -S . -B build-gpu -DLIVETRAIN_TESTS=ON > "$out/build-tests.log" 2>&1 &&
-          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
-          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
+          cmake --build build-gpu -j "$(nproc)" --target test_checkpoint_diff test_checkpoint_store test_checkpoint_parts \
+            test_tuning test_optim >> "$out/build-tests.log" 2>&1 &&
+          build-gpu/tests/cpp/test_checkpoint_diff && build-gpu/tests/cpp/test_checkpoint_store &&
+          build-gpu/tests/cpp/test_checkpoint_parts && build-gpu/tests/cpp/test_tuning && build-gpu/tests/cpp/test_optim
       } > "$out/checks.log" 2>&1 || rc=1
     else
       echo "C++ tests skipped: no GoogleTest on this machine" > "$out/checks.log"
     fi
     LIVETRAIN_CLI=$PWD/build-gpu/livetrain "$py" -m pytest -q -ra -p no:cacheprovider tests/python/test_checkpoint_store.py \
-      tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
+      tests/python/test_checkpoint_shards.py tests/python/test_optim.py >> "$out/checks.log" 2>&1 || rc=1
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |passed|failed|skipped: no|error" "$out/checks.log" | tail -20
     ;;
   tests)
@@ -125,10 +141,10 @@ run_step() {
     bench gdn-log 14 bench/gdn.py || rc=$?
     ;;
   bench-serve8b)
-    bench serve-log 30 bench/serve.py --size 8b --gen-seconds 12 || rc=$?
+    bench serve-log 30 bench/serve.py --shape 8b --gen-seconds 12 || rc=$?
     ;;
   bench-serve27b)
-    bench serve-log 40 bench/serve.py --size qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
+    bench serve-log 40 bench/serve.py --shape qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
     ;;
   vllm-llama)
     bash scripts/vllm_gpu_run.sh --arch llama 2>&1 | tail -25

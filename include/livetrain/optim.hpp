@@ -13,6 +13,11 @@
 // A step is a pure function of (weight, gradient, state, step counter, seed): the same inputs give the same
 // result on the same device, and stochastic rounding draws its bits from Philox keyed by (seed, step,
 // element), so a step is reproducible.
+//
+// Tensor parallelism: a rank that holds part of a parameter (a Shard) steps it in three phases, between
+// which the caller sums small buffers over the ranks (ApolloReduce). Projection entries and rounding
+// offsets are keyed by the full tensor's indices and the projection's direction by its full shape, so
+// the N ranks together make the TP-1 step up to the rounding of those sums (docs/optim.md).
 #pragma once
 
 #include <cstddef>
@@ -33,6 +38,27 @@ enum Status : int32_t {
   kStatusNonFiniteGrad = 1,    // the gradient holds NaN or Inf: nothing was written (weight, M, V, limiter)
   kStatusNonFiniteUpdate = 2,  // the update overflowed: the weight was not written
 };
+
+// A tensor-parallel rank's part of a parameter: along dimension `dim`, the runs of the full tensor's
+// indices this rank holds, concatenated in the order of the local tensor (a column-parallel weight: a block
+// of rows; a row-parallel one: a block of columns; Qwen3.5's in_proj_qkv: its q, k and v row blocks).
+inline constexpr int kMaxShardSegments = 4;
+struct ShardSegment {
+  int64_t start = 0;
+  int64_t length = 0;
+};
+struct Shard {
+  int32_t dim = -1;    // the sharded dimension; -1: the rank holds the whole tensor (TP 1, or replicated)
+  int64_t full = 0;    // the full tensor's size along dim
+  int32_t segments = 0;
+  ShardSegment segment[kMaxShardSegments];
+  // Whether this rank's values count in sums over ranks: of several ranks holding the same block (a KV
+  // head shared when the TP size exceeds the KV heads), one; the others contribute zeros.
+  bool primary = true;
+};
+
+// Index `local` along the sharded dimension -> the full tensor's index.
+int64_t shard_index(const Shard& shard, int64_t local);
 
 // Betas are double so that 1 − β is exact before it is rounded to float (1 − 0.999f is 1.3e-5 off 0.001).
 struct ApolloHyper {
@@ -70,9 +96,32 @@ struct ApolloStep {
   uint64_t seed = 0;            // the parameter's seed
   void* workspace = nullptr;    // apollo_workspace_bytes(rows, cols, rank) bytes, same device
   ApolloHyper hyper;
+  Shard shard;                  // rows and cols are this rank's; the default: the whole tensor
 };
 
 size_t apollo_workspace_bytes(int64_t rows, int64_t cols, int32_t rank);
+
+// ---- a step in phases (tensor parallelism) ----
+// apollo_phase(kProject) projects this rank's G (P sliced to its indices) and writes the partial sums of the
+// first round; the caller sums workspace floats [first_offset, first_offset + first_count) over the ranks;
+// apollo_phase(kMoments) updates M and V and writes the partial sums of the second round; the caller sums
+// [second_offset, +second_count); apollo_phase(kUpdate) applies the limiter and updates W. A count of zero
+// means there is nothing to sum (offsets count floats from the workspace's start):
+//   sharded along the projected (smaller) dimension: R [K, rank] and the channels' ‖G_c‖² (first round);
+//   sharded along the channels (the larger dimension): ‖G‖² (first), Σ s²c²‖G_c‖², ‖R̃‖², ‖R‖² (second).
+// Run by one rank with shard.dim = -1 and no sums, the phases are apollo_step. Phases of one parameter run
+// in order on one workspace (apollo_phase_workspace_bytes), zero-filled once, as the fused step's.
+enum class ApolloPhase : uint8_t { kProject = 0, kMoments = 1, kUpdate = 2 };
+struct ApolloReduce {
+  size_t first_offset = 0;
+  size_t first_count = 0;
+  size_t second_offset = 0;
+  size_t second_count = 0;
+};
+size_t apollo_phase_workspace_bytes(const ApolloStep& s);
+ApolloReduce apollo_reduce_layout(const ApolloStep& s);
+void apollo_phase_cpu(const ApolloStep& s, ApolloPhase phase);
+void apollo_phase_cuda(const ApolloStep& s, ApolloPhase phase, void* stream);
 
 // The projection for a step, as the step uses it: P is [rank, cols] when rows >= cols (R = G·Pᵀ), else
 // [rows, rank] (R = Pᵀ·G), entries N(0, 1/rank), regenerated from (seed, step / update_proj_gap).
@@ -103,9 +152,20 @@ struct AdamWStep {
   uint64_t seed = 0;
   void* workspace = nullptr;  // adamw_workspace_bytes(numel)
   AdamWHyper hyper;
+  // Tensor parallelism: the numel elements are this rank's part of a tensor sharded as `shard`, `inner`
+  // elements per index of the sharded dimension (the product of the later dimensions), so that rounding
+  // offsets are keyed by the full tensor's element indices. `total_sq` (same device), when set, is ‖G‖² of
+  // the full tensor (adamw_sumsq summed over the ranks), used instead of this part's.
+  Shard shard;
+  int64_t inner = 1;
+  const float* total_sq = nullptr;
 };
 
 size_t adamw_workspace_bytes(int64_t numel);
+
+// out[0] ← ‖G‖² of `numel` contiguous values (the partial sum a rank contributes to AdamWStep::total_sq).
+void adamw_sumsq_cpu(const void* grad, DType grad_dtype, int64_t numel, float* out);
+void adamw_sumsq_cuda(const void* grad, DType grad_dtype, int64_t numel, float* out, void* workspace, void* stream);
 
 // CPU implementations (multithreaded; the reference for the CUDA ones).
 void apollo_step_cpu(const ApolloStep& s);

@@ -9,7 +9,7 @@
 //   "version": 1
 //   "owner":   {"pid": u64, "start_time": u64 (clock ticks after boot, /proc/<pid>/stat field 22),
 //               "boot_id": string (/proc/sys/kernel/random/boot_id)}
-//   "model":   {"path": string, "engine": string, "tp_rank": u32, "tp_size": u32, "config": object}
+//   "model":   {"path": string, "engine": string, "tp_rank": u32, "tp_size": u32, ["group": string,] "config": object}
 //   "buffers": [{"kind": "shm", "name": "/<[A-Za-z0-9._-]{1,200}>", "size": u64}
 //              | {"kind": "cuda_ipc", "handle": 128 lowercase hex digits (cudaIpcMemHandle_t),
 //                 "device_uuid": "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", "size": u64}]
@@ -65,6 +65,9 @@ struct ModelDesc {
   std::string engine;  // "reference", "vllm", ...
   uint32_t tp_rank = 0;
   uint32_t tp_size = 1;
+  // The engine instance the ranks belong to, the same in every rank's manifest (optional, written only
+  // when set): what tells the ranks of two engines of the same model apart at tensor-parallel size > 1.
+  std::string group;
   json::Value config = json::Value::object();  // the model's config.json
 };
 

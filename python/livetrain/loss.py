@@ -10,6 +10,12 @@ the weights' dtype). The row-wise work on each chunk (log-sum-exp; softmax minus
 two fused passes of the core (include/livetrain/loss.hpp, CPU and CUDA) for bf16 and fp32 logits, and
 as torch operations otherwise.
 
+Under tensor parallelism the output projection is split by vocabulary rows (``VocabSlice``: rank r holds
+ids [start, start + rows)); each rank folds its slice into per-token log-sum-exps, the ranks exchange
+them (one ``all_gather`` of two floats per token: log-sum-exp and the target's logit, which only its
+owner has), and each rank's gradient of its slice is the same fused pass with the slice's first column.
+The hidden states' gradient is summed over the ranks; nothing vocabulary-sized crosses between them.
+
 Numerics follow Hugging Face's path (logits from the bf16 projection, then fp32 softmax; the gradient
 reaches the projection in the weights' dtype, rounded once per element). The projection's gradient is
 accumulated over chunks in its own dtype (one rounding per chunk instead of one in total).
@@ -21,7 +27,7 @@ computes it after the rest of backward has finished (and freed the activations),
 vocabulary, each slice's rows in one product (one rounding), and hands it to the optimizer.
 """
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -95,8 +101,41 @@ def softmax_grad_(
     return x.copy_(grad.mul_(scale[:, None]))
 
 
+class VocabSlice(NamedTuple):
+    """A tensor-parallel rank's rows of the output projection: vocabulary ids [start, start + rows), where
+    rows is the projection's; ``group`` is the ``torch.distributed`` group of the ranks holding the others."""
+
+    start: int
+    group: object
+
+
+def _over_ranks(lse: torch.Tensor, picked: torch.Tensor | None, vocab: VocabSlice | None):
+    """Per-token log-sum-exps over the whole vocabulary from each rank's over its slice, and the target's
+    logit from the rank that holds it (the others pass 0): one all_gather, the same result on every rank."""
+    if vocab is None:
+        return lse, picked
+    import torch.distributed as dist
+
+    mine = torch.stack([lse, picked if picked is not None else torch.zeros_like(lse)])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(vocab.group))]
+    dist.all_gather(every, mine, group=vocab.group)
+    every = torch.stack(every)  # [ranks, 2, tokens]
+    return torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(0)
+
+
+def _reduce_over_ranks(x: torch.Tensor, vocab: VocabSlice | None) -> torch.Tensor:
+    if vocab is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=vocab.group)
+    return x
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100."""
+    """sum_i weight_i · CE(hidden_i @ W^T, target_i) over tokens whose target is not -100; with ``vocab``,
+    W is this rank's rows of the projection (VocabSlice) and the sum is over the whole vocabulary. With
+    ``token_ce`` (an fp32 vector of one element per token), forward also writes each token's CE there (0
+    where the target is -100): a by-product of the loss, not differentiated."""
 
     @staticmethod
     def forward(
@@ -107,43 +146,56 @@ class LinearCrossEntropy(torch.autograd.Function):
         token_weight: torch.Tensor,
         chunk: int,
         later: "OutputGradient | None" = None,
+        vocab: VocabSlice | None = None,
+        token_ce: torch.Tensor | None = None,
     ):
         n = hidden.shape[0]
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros((n,), dtype=torch.float32, device=hidden.device)
         valid = target != -100
         safe_target = torch.where(valid, target, 0)
+        start, rows = (vocab.start if vocab else 0), weight.shape[0]
+        local = safe_target - start
+        inside = (local >= 0) & (local < rows)  # the target's logit is in this rank's slice
+        local = torch.where(inside, local, 0)
         for s in range(0, n, chunk):
             logits = hidden[s : s + chunk] @ weight.t()
             logsumexp_into(logits, lse[s : s + chunk])
-            picked = logits.gather(1, safe_target[s : s + chunk, None])[:, 0].float()
-            ce = (lse[s : s + chunk] - picked) * valid[s : s + chunk]
-            total += (ce * token_weight[s : s + chunk]).sum()
+            picked[s : s + chunk] = logits.gather(1, local[s : s + chunk, None])[:, 0].float()
             del logits
+        picked *= inside
+        lse, picked = _over_ranks(lse, picked, vocab)
+        ce = (lse - picked) * valid
+        total = (ce * token_weight).sum()
+        if token_ce is not None:
+            token_ce.copy_(ce)
         ctx.save_for_backward(hidden, weight, safe_target, valid, token_weight, lse)
-        ctx.chunk, ctx.later = chunk, later
+        ctx.chunk, ctx.later, ctx.vocab = chunk, later, vocab
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, target, valid, token_weight, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, vocab = ctx.chunk, ctx.vocab
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         scale = token_weight * valid * grad_out  # d loss / d CE_i
         later = ctx.later
         if later is not None and ctx.needs_input_grad[1]:
             later._pending = (hidden, target, scale)  # the projection's gradient: OutputGradient.apply
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and later is None else None
+        col0 = vocab.start if vocab else 0
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             # softmax - onehot, scaled: the gradient of the chunk's logits, in place
-            grad = softmax_grad_(h @ weight.t(), lse[s : s + chunk], target[s : s + chunk], 0, scale[s : s + chunk])
+            grad = softmax_grad_(h @ weight.t(), lse[s : s + chunk], target[s : s + chunk], col0, scale[s : s + chunk])
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[s : s + chunk])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h)
             del grad
-        return grad_hidden, grad_weight, None, None, None, None
+        if grad_hidden is not None:  # each rank's slice of the vocabulary adds its part
+            _reduce_over_ranks(grad_hidden, vocab)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 class OutputGradient:
@@ -155,8 +207,9 @@ class OutputGradient:
     one, nor when the loss fell back to full logits); when inactive, autograd produced it as usual.
     """
 
-    def __init__(self, slice_bytes: int | None = None):
+    def __init__(self, slice_bytes: int | None = None, vocab: VocabSlice | None = None):
         self.slice_bytes = slice_bytes
+        self.vocab = vocab  # tensor parallelism: this rank's rows of the projection
         self.weight = None  # the deferred projection (the model's own parameter object, as the optimizer keys it)
         self._pending = None
 
@@ -173,6 +226,7 @@ class OutputGradient:
         hidden, target, scale = pending
         weight = self.weight
         n, vocab = hidden.shape[0], weight.shape[0]
+        col0 = self.vocab.start if self.vocab else 0
         # First, while the memory of a gradient of this size just freed (the input embeddings') is free
         # in one piece: the slices below must not split it.
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -184,8 +238,9 @@ class OutputGradient:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         for v0, v1 in slices:
             logsumexp_into(hidden @ weight[v0:v1].t(), lse)
+        lse, _ = _over_ranks(lse, None, self.vocab)
         for v0, v1 in slices:
-            grad = softmax_grad_(hidden @ weight[v0:v1].t(), lse, target, v0, scale)
+            grad = softmax_grad_(hidden @ weight[v0:v1].t(), lse, target, col0 + v0, scale)
             torch.mm(grad.t(), hidden, out=out[v0:v1])
             del grad
         return out
@@ -222,33 +277,51 @@ def causal_lm_loss(
     labels: torch.Tensor,
     weights: torch.Tensor,
     later: OutputGradient | None = None,
+    vocab: VocabSlice | None = None,
+    per_example: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
     output layer allows it, else from the full logits. With ``later``, the output projection's gradient
-    is left to ``later.apply`` where it can be (``later.active``)."""
+    is left to ``later.apply`` where it can be (``later.active``). ``vocab``: the model is a
+    tensor-parallel rank's, whose output projection holds that slice of the vocabulary. With ``per_example``
+    (fp32, one element per example), each example's mean cross-entropy, unweighted, is written there from
+    the same forward: what the trainer reports per example and stops a job on, at no extra pass."""
     if later is not None:
         later.weight, later._pending = None, None
     target = labels[:, 1:]
     count = (target != -100).sum(1).clamp(min=1)
     head = output_projection(model)
+    if head is None and vocab is not None:
+        raise ValueError("a tensor-parallel model needs a plain linear output layer (the loss cannot gather logits)")
     if head is None:
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        return ((tok.sum(1) / count) * weights).mean()
+        mean = tok.sum(1) / count
+        if per_example is not None:
+            per_example.copy_(mean.detach())
+        return (mean * weights).mean()
     hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
     b, t, h = hidden.shape
+    token_ce = None
+    if per_example is not None:
+        token_ce = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     token_weight = (weights / count / b)[:, None].expand(b, t).reshape(-1).to(torch.float32)
     chunk = max(1, CHUNK_BYTES // (4 * head.shape[0]))
     if later is not None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is None or getattr(embeddings, "weight", None) is head
         later.weight = head if head.requires_grad and torch.is_grad_enabled() and not tied else None
-    return LinearCrossEntropy.apply(
+    loss = LinearCrossEntropy.apply(
         hidden.reshape(b * t, h),
         head,
         target.reshape(-1),
         token_weight,
         chunk,
         later if later is not None and later.active else None,
+        vocab,
+        token_ce,
     )
+    if per_example is not None:
+        per_example.copy_(token_ce.view(b, t).sum(1) / count)
+    return loss

@@ -8,13 +8,19 @@ Which algorithm a parameter gets is its group's ``algo``: ``"apollo"`` (matrices
 ``"auto"`` (the default: matrices whose smaller side is at least ``rank`` get APOLLO, everything else —
 norms, biases — AdamW). ``param_groups(model)`` builds the usual split, with embeddings and lm_head on
 APOLLO unless asked otherwise. docs/optim.md has the math and the defaults.
+
+Under tensor parallelism (``tensor_parallel``), each rank steps its part of every sharded parameter: the
+core's step in phases (``_core.apollo_phase``), with the few floats that need the whole tensor (the
+projection of a gradient sharded along its projected dimension, the norms) summed over the ranks by
+``torch.distributed`` in between, so that the ranks together make the TP-1 step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Iterable
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -23,6 +29,24 @@ from livetrain import safetensors as lst
 
 _DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 STATUS_OK, STATUS_NONFINITE_GRAD, STATUS_NONFINITE_UPDATE = 0, 1, 2
+
+
+class ParamShard(NamedTuple):
+    """A tensor-parallel rank's part of a parameter: ``full_shape`` is the whole tensor's; along ``dim``
+    (-1: the rank holds all of it) the rank holds the runs ``segments`` ((start, length) of the full
+    tensor's indices, concatenated in the local tensor's order). ``primary``: this rank's values count in
+    sums over ranks (of ranks holding the same block, one)."""
+
+    full_shape: tuple[int, ...]
+    dim: int = -1
+    segments: tuple[tuple[int, int], ...] = ()
+    primary: bool = True
+
+    def core(self):
+        """The core's form (dim, full size along dim, segments, primary); None for a whole tensor."""
+        if self.dim < 0:
+            return None
+        return (self.dim, self.full_shape[self.dim], [tuple(x) for x in self.segments], self.primary)
 
 
 def _rounding(name: str):
@@ -93,8 +117,14 @@ class Apollo(torch.optim.Optimizer):
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._batch_workspaces: dict = {}  # per device: the workspace of batched steps (see step)
         self._batches: dict = {}  # per (device, parameters): cached batch items
+        self._hook_batch_bytes = 0  # attach_hooks(batch_bytes=...)
+        self._ready: dict = {}  # per device: parameters whose gradients wait for a batched step (step_ready)
+        self._ready_bytes: dict = {}  # per device: their gradients' bytes
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
+        self._shards: dict[int, ParamShard] = {}  # tensor parallelism: id(param) -> its shard (tensor_parallel)
+        self._tp_group = None
+        self._sumsq: dict[torch.device, torch.Tensor] = {}  # AdamW under TP: ‖G‖² summed over ranks (_gate)
         index = 0
         for group in self.param_groups:
             if group["algo"] not in ("auto", "apollo", "adamw"):
@@ -103,15 +133,48 @@ class Apollo(torch.optim.Optimizer):
                 index += 1
                 self._param_index[p] = index
 
+    # ---- tensor parallelism ----
+    def tensor_parallel(self, group, shards: Mapping[torch.Tensor, ParamShard]) -> None:
+        """Step as one rank of the ``torch.distributed`` process ``group``: ``shards`` says which part of the
+        full tensor each parameter is (parameters not in it are whole on every rank, with the same
+        gradient everywhere). Every rank must step the same parameters in the same order (backward hooks
+        do). Call before the first step."""
+        if self.state:
+            raise RuntimeError("tensor_parallel must be set before the first step")
+        for p, sh in shards.items():
+            if tuple(p.shape) != self._local_shape(sh, p) or (sh.dim >= 0 and p.numel() == 0):
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not the part {sh} describes")
+            self._shards[id(p)] = sh
+        self._tp_group = group
+        self._calls.clear()
+
+    @staticmethod
+    def _local_shape(sh: ParamShard, p: torch.Tensor) -> tuple[int, ...]:
+        if sh.dim < 0:
+            return tuple(sh.full_shape)
+        shape = list(sh.full_shape)
+        shape[sh.dim] = sum(length for _, length in sh.segments)
+        return tuple(shape)
+
+    def _shard(self, p: torch.Tensor) -> ParamShard:
+        return self._shards.get(id(p)) or ParamShard(tuple(p.shape))
+
+    def _channels(self, p: torch.Tensor) -> int:
+        """APOLLO's channels this rank holds: rows when the full matrix is tall, else columns."""
+        full = self._shard(p).full_shape
+        return p.shape[0] if full[0] >= full[1] else p.shape[1]
+
     # ---- which algorithm, and its state ----
     def algorithm(self, p: torch.Tensor, group: dict | None = None) -> str:
+        """The algorithm of ``p``, decided by the full tensor's shape (a rank's part may be smaller)."""
         group = group or self._group_of(p)
         algo = group["algo"]
+        full = self._shard(p).full_shape
         if algo == "auto":
-            algo = "apollo" if p.dim() == 2 and min(p.shape) >= group["rank"] else "adamw"
-        if algo == "apollo" and (p.dim() != 2 or min(p.shape) < group["rank"]):
+            algo = "apollo" if len(full) == 2 and min(full) >= group["rank"] else "adamw"
+        if algo == "apollo" and (len(full) != 2 or min(full) < group["rank"]):
             raise ValueError(
-                f"APOLLO needs a matrix whose smaller side is >= rank {group['rank']}; got shape {tuple(p.shape)}"
+                f"APOLLO needs a matrix whose smaller side is >= rank {group['rank']}; got shape {tuple(full)}"
             )
         return algo
 
@@ -133,7 +196,7 @@ class Apollo(torch.optim.Optimizer):
             algo = self.algorithm(p, group)
             dev = p.device
             if algo == "apollo":
-                k = max(p.shape) * group["rank"]
+                k = self._channels(p) * group["rank"]
             else:
                 k = p.numel()
             state["m"] = torch.zeros(k, dtype=torch.float32, device=dev)
@@ -164,6 +227,7 @@ class Apollo(torch.optim.Optimizer):
         if p.dtype not in _DTYPES:
             raise TypeError(f"livetrain optimizers update bf16 or fp32 parameters, not {p.dtype}")
         cuda = p.device.type == "cuda"
+        shard = self._shards.get(id(p))
         if state["algo"] == "apollo":
             if p.stride(1) != 1:
                 raise ValueError(f"APOLLO needs rows of the weight contiguous; got strides {p.stride()}")
@@ -173,9 +237,17 @@ class Apollo(torch.optim.Optimizer):
             h.rank, h.update_proj_gap = group["rank"], group["update_proj_gap"]
             h.scale, h.scaling, h.limiter = group["scale"], _scaling(group["scaling"]), group["limiter"]
             h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
-            ws = self._workspace(p.device, _core.apollo_workspace_bytes(rows, cols, group["rank"])) if cuda else None
+            if shard is not None and shard.dim >= 0:
+                # A part of a tensor: stepped in phases, with the layout's regions summed over ranks between them.
+                nbytes, *regions = _core.apollo_phase_layout(rows, cols, group["rank"], shard.core())
+                ws = self._workspace(p.device, nbytes)
+                algo = ("apollo-shard", shard.core(), regions)
+            else:
+                nbytes = _core.apollo_workspace_bytes(rows, cols, group["rank"])
+                ws = self._workspace(p.device, nbytes) if cuda else None
+                algo = "apollo" if self._tp_group is None else ("apollo-whole",)
             call = (
-                "apollo",
+                algo,
                 h,
                 (rows, cols, p.stride(0)),
                 (
@@ -195,8 +267,14 @@ class Apollo(torch.optim.Optimizer):
             (h.beta1, h.beta2), h.eps = group["betas"], group["adamw_eps"]
             h.max_grad_norm, h.rounding = group["max_grad_norm"], _rounding(group["rounding"])
             ws = self._workspace(p.device, _core.adamw_workspace_bytes(p.numel())) if cuda else None
+            algo = "adamw"
+            if shard is not None and shard.dim >= 0:
+                # A part of a tensor: ‖G‖² summed over ranks first; rounding keyed by the full tensor's indices.
+                algo = ("adamw-shard", shard.core(), math.prod(p.shape[shard.dim + 1 :]), shard.primary)
+            elif self._tp_group is not None:
+                algo = ("adamw-whole", None, 1, True)
             call = (
-                "adamw",
+                algo,
                 h,
                 (p.numel(),),
                 (state["m"].data_ptr(), state["v"].data_ptr(), state["status"].data_ptr(), state["step"].data_ptr()),
@@ -229,7 +307,9 @@ class Apollo(torch.optim.Optimizer):
             if torch.cuda.current_device() != p.device.index:
                 torch.cuda.set_device(p.device)
         wdt, gdt = _DTYPES[p.dtype], _DTYPES[grad.dtype]
-        if algo == "apollo":
+        if isinstance(algo, tuple):
+            self._step_shard(p, grad, algo, h, sizes, ptrs, state["seed"], wdt, gdt, cuda, stream or 0)
+        elif algo == "apollo":
             rows, cols, ld = sizes
             _core.apollo_step(
                 p.data_ptr(),
@@ -266,6 +346,69 @@ class Apollo(torch.optim.Optimizer):
                 stream or 0,
             )
 
+    def _all_reduce(self, t: torch.Tensor, max: bool = False) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if max else dist.ReduceOp.SUM, group=self._tp_group)
+
+    def _gate(self, device) -> torch.Tensor:
+        """A float on ``device`` for a parameter's sum over ranks (AdamW's ‖G‖², or a plain gate)."""
+        t = self._sumsq.get(device)
+        if t is None:
+            t = self._sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        return t
+
+    def _step_shard(self, p, grad, algo, h, sizes, ptrs, seed, wdt, gdt, cuda, stream) -> None:
+        """One rank's step of a parameter under tensor parallelism (see tensor_parallel): the core's phases on
+        its part of the tensor, with what needs the whole tensor summed over the ranks in between; a tensor
+        every rank holds whole is stepped by each after a sum of ‖G‖² (its maximum over ranks: the same
+        gradient everywhere, the same decision everywhere). Either way every rank passes a collective before
+        it writes, so a rank that fails or dies before it stops every rank there: no rank writes its part
+        of this parameter alone."""
+        # The workspace may have grown since this call was built: always pass the current one.
+        ws = self._workspaces.get(p.device)
+        if algo[0] == "apollo-whole":
+            gate = self._gate(p.device)
+            self._all_reduce(gate)
+            rows, cols, ld = sizes
+            _core.apollo_step(
+                p.data_ptr(), wdt, ld, grad.data_ptr(), gdt, rows, cols, *ptrs[:4], ptrs[4], seed,
+                ws.data_ptr() if cuda else 0, h, cuda, stream,
+            )  # fmt: skip
+            return
+        if algo[0] == "apollo-shard":
+            _, shard, (first, nfirst, second, nsecond) = algo
+            rows, cols, ld = sizes
+            m, v, prev, status, step = ptrs
+            args = (p.data_ptr(), wdt, ld, grad.data_ptr(), gdt, rows, cols, m, v, prev, status, step, seed)
+            floats = ws.view(torch.float32)  # workspaces are whole multiples of 256 bytes
+            for phase, (offset, count) in (
+                (_core.ApolloPhase.project, (first, nfirst)),
+                (_core.ApolloPhase.moments, (second, nsecond)),
+                (_core.ApolloPhase.update, (0, 0)),
+            ):
+                _core.apollo_phase(phase, *args, ws.data_ptr(), h, shard, cuda, stream)
+                if count:
+                    self._all_reduce(floats[offset : offset + count])
+            return
+        _, shard, inner, primary = algo
+        total = self._gate(p.device)
+        if primary:
+            _core.adamw_sumsq(
+                grad.data_ptr(), gdt, grad.numel(), total.data_ptr(), ws.data_ptr() if cuda else 0, cuda, stream
+            )
+        else:  # another rank holding the same block contributes
+            total.zero_()
+        if shard is None:
+            self._all_reduce(total, max=True)
+        else:
+            self._all_reduce(total)
+        m, v, status, step = ptrs
+        _core.adamw_step(
+            p.data_ptr(), wdt, grad.data_ptr(), gdt, sizes[0], m, v, status, step, seed,
+            ws.data_ptr() if cuda else 0, h, cuda, stream, shard, inner, total.data_ptr(),
+        )  # fmt: skip
+
     @torch.no_grad()
     def step(self, closure=None):
         """Step every parameter that has a gradient. On CUDA, the rank-1 APOLLO steps (APOLLO-Mini) of each
@@ -286,7 +429,8 @@ class Apollo(torch.optim.Optimizer):
                     if stream is None:
                         stream = streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream
                     state = self.state[p] if p in self.state else self._state(p, group)
-                    if state["algo"] == "apollo" and group["rank"] == 1 and p.grad.dtype in _DTYPES:
+                    alone = self._tp_group is None  # under TP each step waits for its sums over ranks
+                    if alone and state["algo"] == "apollo" and group["rank"] == 1 and p.grad.dtype in _DTYPES:
                         batches.setdefault(p.device, []).append((p, group, state))
                         continue
                 self.step_param(p, stream=stream)
@@ -324,21 +468,64 @@ class Apollo(torch.optim.Optimizer):
             torch.cuda.set_device(device)
         _core.apollo_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
 
-    def attach_hooks(self, params: Iterable[torch.Tensor] | None = None) -> list:
+    def attach_hooks(self, params: Iterable[torch.Tensor] | None = None, batch_bytes: int = 0) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
-        ``backward()`` as usual and do not call ``step()``; returns the hook handles."""
+        ``backward()`` as usual and do not call ``step()``; returns the hook handles.
+
+        ``batch_bytes`` > 0 batches the rank-1 APOLLO steps on CUDA (APOLLO-Mini): parameters whose
+        gradients are ready wait and step together, in one batched launch as ``step()`` does, once their
+        gradients hold ``batch_bytes``; the rest step when the backward pass ends. Their gradients live
+        until then: up to ``batch_bytes`` (plus the last gradient) more memory at the peak. The result is
+        the same bits as stepping one at a time. Other parameters step at once."""
+        if batch_bytes < 0:
+            raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
+        self._hook_batch_bytes = int(batch_bytes)
         handles = []
         for group in self.param_groups:
             for p in group["params"]:
                 if params is not None and not any(p is q for q in params):
                     continue
-
-                def hook(param: torch.Tensor) -> None:
-                    self.step_param(param)
-                    param.grad = None
-
-                handles.append(p.register_post_accumulate_grad_hook(hook))
+                handles.append(p.register_post_accumulate_grad_hook(self.step_ready))
         return handles
+
+    @torch.no_grad()
+    def step_ready(self, p: torch.Tensor) -> None:
+        """What the hooks do with a parameter whose gradient is ready: step it and free the gradient, or
+        (attach_hooks' ``batch_bytes``) queue it for a batched step. Inside a backward pass the queue is
+        stepped when the pass ends; outside one, call ``flush_ready()``."""
+        if p.grad is None:
+            return
+        limit = self._hook_batch_bytes
+        if limit > 0 and p.device.type == "cuda" and p.grad.dtype in _DTYPES:
+            group = self._groups_by_id.get(id(p)) or self._group_of(p)
+            state = self.state[p] if p in self.state else self._state(p, group)
+            if state["algo"] == "apollo" and group["rank"] == 1:
+                self._ready.setdefault(p.device, []).append((p, group, state))
+                self._ready_bytes[p.device] = self._ready_bytes.get(p.device, 0) + p.grad.nbytes
+                try:  # once per queued parameter: a pass that fails before its end leaves no stale flag
+                    torch.autograd.Variable._execution_engine.queue_callback(self.flush_ready)
+                except RuntimeError:  # not inside a backward pass: the caller flushes
+                    pass
+                if self._ready_bytes[p.device] >= limit:
+                    self._flush_device(p.device)
+                return
+        self.step_param(p)
+        p.grad = None
+
+    @torch.no_grad()
+    def flush_ready(self) -> None:
+        """Steps every parameter that step_ready queued, and frees their gradients."""
+        for device in list(self._ready):
+            self._flush_device(device)
+
+    def _flush_device(self, device: torch.device) -> None:
+        entries = self._ready.pop(device, [])
+        self._ready_bytes.pop(device, None)
+        if not entries:
+            return
+        self._step_batch(device, entries, torch.cuda.current_stream(device).cuda_stream)
+        for p, _, _ in entries:
+            p.grad = None
 
     # ---- reporting and state ----
     def report(self) -> dict:
@@ -366,7 +553,7 @@ class Apollo(torch.optim.Optimizer):
             b = 0
             for p in group["params"]:
                 algo = self.algorithm(p, group)
-                k = max(p.shape) * group["rank"] if algo == "apollo" else p.numel()
+                k = self._channels(p) * group["rank"] if algo == "apollo" else p.numel()
                 b += 8 * k + 16 + (4 if algo == "apollo" else 0)
                 adamw += 8 * p.numel()
             groups.append({"group": i, "algo": group["algo"], "bytes": b})
@@ -381,11 +568,14 @@ class Apollo(torch.optim.Optimizer):
         for p, state in self.state.items():
             if "m" not in state:
                 continue
-            key = (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
+            key = self._key(p, names)
             for field in ("m", "v", "step", "prev_norm"):
                 if field in state:
                     tensors[f"{key}.{field}"] = state[field].detach().cpu()
             params[key] = {"algo": state["algo"], "seed": state["seed"], "shape": list(p.shape)}
+            if self._tp_group is not None:  # which part of the full tensor (load_state reshards by it)
+                sh = self._shard(p)
+                params[key]["shard"] = [list(sh.full_shape), sh.dim, [list(x) for x in sh.segments], sh.primary]
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         lst.save_file(
             tensors,
@@ -398,16 +588,28 @@ class Apollo(torch.optim.Optimizer):
             },
         )
 
-    def load_state(self, path: str | os.PathLike, names: dict | None = None) -> None:
-        """Restore what save_state wrote (same parameters, same names or order)."""
+    @staticmethod
+    def _read_state(path) -> tuple[dict, dict]:
         meta = lst.read_metadata(path) or {}
         if meta.get("livetrain.optimizer") != "apollo/1":
             raise _core.FormatError(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
-        params = json.loads(meta["params"])
-        tensors = lst.load_file(path)
+        return json.loads(meta["params"]), lst.load_file(path)
+
+    def load_state(self, path, names: dict | None = None) -> None:
+        """Restore what save_state wrote (same parameters, same names or order). ``path`` may also be a list
+        of the files that the ranks of a tensor-parallel trainer wrote, at any TP size (one file of a TP-1
+        trainer included): each parameter's state is assembled from them and cut to this optimizer's part
+        (``tensor_parallel``)."""
+        if not isinstance(path, (str, os.PathLike)):
+            return self._load_resharded(list(path), names)
+        params, tensors = self._read_state(path)
+        if any(
+            list(p.shape) != params.get(self._key(p, names), {}).get("shape", list(p.shape)) for p in self._params()
+        ):
+            return self._load_resharded([path], names)  # written at another tensor-parallel size
         for group in self.param_groups:
             for p in group["params"]:
-                key = (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
+                key = self._key(p, names)
                 if key not in params:
                     continue
                 info = params[key]
@@ -431,6 +633,76 @@ class Apollo(torch.optim.Optimizer):
                 state["seed"] = info["seed"]
                 self._calls.pop(id(p), None)
         self._batches.clear()  # their items carry the seeds just replaced
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _key(self, p, names) -> str:
+        return (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
+
+    def _load_resharded(self, paths: list, names: dict | None) -> None:
+        """Each parameter's state from files written by the ranks of another tensor-parallel size: APOLLO's
+        moments are per channel (rows of a tall matrix, columns of a wide one), AdamW's per element, so the
+        full tensor's are put together from the parts the files record and this optimizer's part is cut out."""
+        files = [(p, *self._read_state(p)) for p in paths]
+
+        def indices(segments):
+            return torch.cat([torch.arange(start, start + length) for start, length in segments])
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = self._key(p, names)
+                found = [(path, params[key], tensors) for path, params, tensors in files if key in params]
+                if not found:
+                    continue
+                state = self._state(p, group)
+                full_shape = self._shard(p).full_shape
+                whole = None  # the full tensor's m and v: [channels, rank] (APOLLO) or the tensor's shape (AdamW)
+                for path, info, tensors in found:
+                    if info["algo"] != state["algo"]:
+                        raise _core.InvalidArgumentError(
+                            f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}"
+                        )
+                    saved_full, dim, segments, _ = info.get("shard") or [info["shape"], -1, [], True]
+                    if list(saved_full) != list(full_shape):
+                        raise _core.FormatError(
+                            f"{path}: state of {key} is for shape {saved_full}, not {list(full_shape)}"
+                        )
+                    if state["algo"] == "apollo":
+                        c = 0 if full_shape[0] >= full_shape[1] else 1
+                        rank = tensors[f"{key}.m"].numel() // info["shape"][c]
+                        shape, dim = (info["shape"][c], rank), (0 if dim == c else -1)
+                    else:
+                        shape = info["shape"]
+                    if whole is None:
+                        full = [full_shape[c], rank] if state["algo"] == "apollo" else list(full_shape)
+                        whole = {f: torch.zeros(full, dtype=torch.float32) for f in ("m", "v")}
+                    for f in ("m", "v"):
+                        src = tensors[f"{key}.{f}"].view(shape)
+                        if dim < 0:
+                            whole[f].copy_(src)
+                        else:
+                            whole[f].index_copy_(dim, indices(segments), src)
+                mine = self._shard(p)
+                for f in ("m", "v"):
+                    x = whole[f]
+                    if state["algo"] == "apollo":
+                        c = 0 if full_shape[0] >= full_shape[1] else 1
+                        x = x.index_select(0, indices(mine.segments)) if mine.dim == c else x
+                    elif mine.dim >= 0:
+                        x = x.index_select(mine.dim, indices(mine.segments))
+                    if x.numel() != state[f].numel():
+                        raise _core.FormatError(
+                            f"{paths[0]}: {key}.{f} does not fit this optimizer's part of the parameter"
+                        )
+                    state[f].copy_(x.reshape(-1))
+                first = found[0]
+                for f in ("step", "prev_norm"):  # the same on every rank: the ranks step each parameter together
+                    if f in state:
+                        state[f].copy_(first[2][f"{key}.{f}"])
+                state["seed"] = first[1]["seed"]
+                self._calls.pop(id(p), None)
+        self._batches.clear()
 
     def reset_state(self) -> None:
         """Forget every parameter's state (moments, step counts, projection seeds): the next step of each

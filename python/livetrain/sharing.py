@@ -110,10 +110,13 @@ def _model_args(
     engine: str = "reference",
     tp_rank: int = 0,
     tp_size: int = 1,
+    group: str = "",
 ) -> dict:
     """The manifest's path and model record, the keyword arguments of ``export_cpu`` and ``export_cuda``:
     the model's directory and config.json (what a trainer builds its model from), the engine's kind (its
-    layout, livetrain.layout.engine_layout) and its tensor-parallel rank of ``tp_size``."""
+    layout, livetrain.layout.engine_layout), its tensor-parallel rank of ``tp_size``, and at ``tp_size`` > 1
+    the ``group`` that names this engine's ranks (the same string in every rank's manifest, e.g. a run
+    directory or a random id: how the trainer's ranks tell two engines of the same model apart)."""
     return dict(
         path=os.fspath(manifest_path),
         model_path=os.fspath(model_path) if model_path else "",
@@ -121,6 +124,7 @@ def _model_args(
         engine=engine,
         tp_rank=tp_rank,
         tp_size=tp_size,
+        group=group,
     )
 
 
@@ -245,14 +249,21 @@ def _text_model_views(config: Mapping, model: torch.nn.Module, views: Mapping[st
 
 
 def build_hf_model(
-    attached: Attached, *, hf_views: HfViews | None = None, requires_grad: bool = True, model_class=None
+    attached: Attached,
+    *,
+    hf_views: HfViews | None = None,
+    requires_grad: bool = True,
+    model_class=None,
+    config: Mapping | None = None,
 ) -> torch.nn.Module:
     """A transformers model for the engine's config whose parameters are the engine's memory.
 
     The model is built with its parameters on the meta device, then each parameter is replaced by the
     view of the same HF name (``hf_views``; by default the layout views for a ``vllm`` engine, the engine's
-    own tensors otherwise); tied parameters stay one Parameter. A multimodal checkpoint is built as its
-    text model (``AutoModelForCausalLM``'s class for it), its views renamed from the files' names.
+    own tensors otherwise); tied parameters stay one Parameter. ``config`` replaces the engine's config.json
+    (a tensor-parallel rank's, whose sizes are its shards': livetrain.tensor_parallel). A multimodal
+    checkpoint is built as its text model (``AutoModelForCausalLM``'s class for it), its views renamed from
+    the files' names.
     Buffers are computed on the device of the weights, exactly as ``from_pretrained`` computes them.
     Raises livetrain.Error naming the parameter when a view is missing or has another shape or dtype."""
     import transformers
@@ -263,7 +274,7 @@ def build_hf_model(
     multimodal = "text_config" in attached.config
     first = next(iter(views.values()))
     device, dtype = first.device, first.dtype
-    cfg = dict(attached.config)
+    cfg = dict(attached.config if config is None else config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise _core.FormatError(f"{attached.path}: model.config has no model_type")

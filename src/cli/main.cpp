@@ -33,24 +33,30 @@ constexpr const char* kUsage =
     "                    model's safetensors files: matched, only in engine, only on disk, mismatched\n"
     "  checkpoint save|list|restore|verify|materialize|gc MODEL\n"
     "                    the delta checkpoint store of a model's live weights\n"
-    "  devices           list the CUDA devices this process sees (name, UUID, memory)\n"
+    "  devices           list the CUDA devices this process sees (name, UUID, memory, which of this\n"
+    "                    build's kernels runs on each), or why there are none\n"
     "  serve [--model DIR|default]\n"
     "                    serve a model (default: the embedded SmolLM2-135M-Instruct) and fine-tune it in\n"
-    "                    place through POST /train (runs python3 -m livetrain.serve; needs the livetrain\n"
-    "                    Python package)\n"
+    "                    place through POST /train (runs $LIVETRAIN_PYTHON -m livetrain.serve)\n"
     "  train FILE.jsonl  send training examples to a running `livetrain serve` and follow the job\n"
-    "                    (python3 -m livetrain.trainer.client)\n"
+    "                    ($LIVETRAIN_PYTHON -m livetrain.trainer.client)\n"
     "  help [COMMAND]    show this text, or a command's own help\n"
     "\n"
     "options:\n"
     "  -h, --help        help (also after a command: livetrain inspect --help)\n"
-    "  --version         print the version\n";
+    "  --version         print the version and this build's CUDA support\n"
+    "\n"
+    "serve and train need the livetrain Python package: the `livetrain` command that pip installs sets\n"
+    "LIVETRAIN_PYTHON to its environment's Python; this binary alone uses python3 when it is unset.\n";
 
 constexpr const char* kDevicesUsage =
     "usage: livetrain devices [--json]\n"
     "\n"
-    "List the CUDA devices visible to this process: ordinal, name, UUID, memory, compute capability.\n"
-    "Ordinals depend on CUDA_VISIBLE_DEVICES; UUIDs identify a GPU across processes.\n"
+    "List the CUDA devices visible to this process: ordinal, name, UUID, memory, compute capability,\n"
+    "and the code of this build that runs there (its own machine code, e.g. sm_90a, or PTX that the\n"
+    "driver compiles for GPUs newer than the build); with no device, why (no driver, a driver older than\n"
+    "this build's CUDA, or a build without CUDA support). Ordinals depend on CUDA_VISIBLE_DEVICES; UUIDs\n"
+    "identify a GPU across processes.\n"
     "\n"
     "options:\n"
     "  --json            print JSON instead of a table\n";
@@ -63,6 +69,7 @@ int run_devices(const std::vector<std::string>& args) {
   if (as_json) {
     json::Value root = json::Value::object();
     root.set("compiled_with_cuda", json::Value::boolean(cuda::compiled_with_cuda()));
+    root.set("cuda_support", json::Value::string(cuda::support_summary()));
     json::Value list = json::Value::array();
     for (const auto& d : devs) {
       json::Value e = json::Value::object();
@@ -72,6 +79,8 @@ int run_devices(const std::vector<std::string>& args) {
       e.set("total_memory", json::Value::unsigned_integer(d.total_memory));
       e.set("compute_capability", json::Value::string(std::to_string(d.compute_major) + "." +
                                                        std::to_string(d.compute_minor)));
+      e.set("code", json::Value::string(d.code));
+      if (d.code.empty()) e.set("code_problem", json::Value::string(d.code_problem));
       list.push(std::move(e));
     }
     root.set("devices", std::move(list));
@@ -79,14 +88,16 @@ int run_devices(const std::vector<std::string>& args) {
     std::fputs(root.dump_pretty().c_str(), stdout);
     return 0;
   }
+  std::printf("%s\n", cuda::support_summary().c_str());
   if (devs.empty()) {
     std::printf("no CUDA devices: %s\n", reason.c_str());
     return 0;
   }
   for (const auto& d : devs) {
-    std::printf("%d  %-28s %s  %.1f GiB  sm_%d%d  %d SMs\n", d.ordinal, d.name.c_str(), d.uuid.c_str(),
+    std::string code = d.code.empty() ? "no code: " + d.code_problem : "runs " + d.code;
+    std::printf("%d  %-28s %s  %.1f GiB  sm_%d%d  %d SMs  %s\n", d.ordinal, d.name.c_str(), d.uuid.c_str(),
                 static_cast<double>(d.total_memory) / (1ull << 30), d.compute_major, d.compute_minor,
-                d.multiprocessors);
+                d.multiprocessors, code.c_str());
   }
   return 0;
 }
@@ -96,7 +107,8 @@ int run_devices(const std::vector<std::string>& args) {
 constexpr const char* kServeUsage =
     "usage: livetrain serve [--model DIR|default] [--device cpu|cuda] [--port N] [--api-key KEY] [options]\n"
     "\n"
-    "Runs `$LIVETRAIN_PYTHON -m livetrain.serve` (python3 when unset) with these arguments: the reference\n"
+    "Runs `$LIVETRAIN_PYTHON -m livetrain.serve` (the installed `livetrain` command sets it to its\n"
+    "environment's Python; python3 when unset) with these arguments: the reference\n"
     "engine (OpenAI-style /v1/completions, /v1/chat/completions) and the trainer (POST /train,\n"
     "GET /train/status, POST /checkpoint, GET /checkpoints, POST /rollback) as two processes sharing the\n"
     "weights, which start from the newest generation of the model's checkpoint store. docs/serve.md.\n"
@@ -105,8 +117,9 @@ constexpr const char* kServeUsage =
 constexpr const char* kTrainUsage =
     "usage: livetrain train [--url URL] [--api-key KEY] FILE.jsonl [options]\n"
     "\n"
-    "Runs `$LIVETRAIN_PYTHON -m livetrain.trainer.client` (python3 when unset): sends FILE (one example per\n"
-    "line) to a running `livetrain serve` as one job and shows its progress. Its options:\n\n";
+    "Runs `$LIVETRAIN_PYTHON -m livetrain.trainer.client` (the installed `livetrain` command sets it to its\n"
+    "environment's Python; python3 when unset): sends FILE (one example per line) to a running\n"
+    "`livetrain serve` as one job and shows its progress. Its options:\n\n";
 
 [[noreturn]] void exec_python(const char* module, const char* usage, const std::vector<std::string>& args) {
   for (const std::string& a : args) {
@@ -124,8 +137,9 @@ constexpr const char* kTrainUsage =
   for (std::string& w : words) argv.push_back(w.data());
   argv.push_back(nullptr);
   execvp(python.c_str(), argv.data());
-  throw Error(ErrorCode::kIo, "cannot run " + python + " (set LIVETRAIN_PYTHON to the Python that has the "
-                                 "livetrain package): " + std::strerror(errno));
+  throw Error(ErrorCode::kIo, "cannot run " + python + " (run the `livetrain` command that pip installed, or set "
+                                 "LIVETRAIN_PYTHON to the Python that has the livetrain package): " +
+                                 std::strerror(errno));
 }
 
 int dispatch(int argc, char** argv) {
@@ -141,7 +155,7 @@ int dispatch(int argc, char** argv) {
     return 0;
   }
   if (cmd == "--version") {
-    std::printf("livetrain %s (%s)\n", LIVETRAIN_VERSION, cuda::compiled_with_cuda() ? "with CUDA" : "CPU only");
+    std::printf("livetrain %s (%s)\n", LIVETRAIN_VERSION, cuda::support_summary().c_str());
     return 0;
   }
   if (cmd == "help") {

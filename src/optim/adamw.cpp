@@ -11,16 +11,29 @@ namespace livetrain::optim {
 
 using namespace detail;
 
+namespace {
+float load(const void* p, DType dt, int64_t i) {
+  return dt == DType::kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+}  // namespace
+
+void adamw_sumsq_cpu(const void* grad, DType grad_dtype, int64_t numel, float* out) {
+  float total = 0.0f;
+  for (int64_t i = 0; i < numel; ++i) {
+    float g = load(grad, grad_dtype, i);
+    total += g * g;
+  }
+  *out = total;
+}
+
 void adamw_step_cpu(const AdamWStep& s) {
   validate(s);
   const AdamWHyper& h = s.hyper;
-  auto load = [](const void* p, DType dt, int64_t i) {
-    return dt == DType::kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-  };
   float total = 0.0f;
-  for (int64_t i = 0; i < s.numel; ++i) {
-    float g = load(s.grad, s.grad_dtype, i);
-    total += g * g;
+  if (s.total_sq) {
+    total = *s.total_sq;
+  } else {
+    adamw_sumsq_cpu(s.grad, s.grad_dtype, s.numel, &total);
   }
   if (!finite(total)) {
     *s.status = kStatusNonFiniteGrad;
@@ -38,10 +51,17 @@ void adamw_step_cpu(const AdamWStep& s) {
   std::atomic<int> bad{0};
   const int64_t groups = (s.numel + 7) / 8;
   parallel_for(groups, 1024, [&](int64_t b, int64_t e) {
+    uint64_t group = ~uint64_t{0};
+    U32x4 bits{};
     for (int64_t g = b; g < e; ++g) {
-      U32x4 bits = rounding_bits(s.seed, step, static_cast<uint64_t>(g));
-      for (int lane = 0; lane < 8 && g * 8 + lane < s.numel; ++lane) {
-        int64_t i = g * 8 + lane;
+      for (int k = 0; k < 8 && g * 8 + k < s.numel; ++k) {
+        int64_t i = g * 8 + k;
+        const RoundingSlot slot = flat_rounding_slot(s.shard, s.inner, i);  // the full tensor's numbering
+        if (slot.group != group) {
+          group = slot.group;
+          bits = rounding_bits(s.seed, step, group);
+        }
+        const int lane = slot.lane;
         float grad = load(s.grad, s.grad_dtype, i) * clip;
         float m = beta1 * s.m[i] + omb1 * grad;
         float v = beta2 * s.v[i] + omb2 * grad * grad;

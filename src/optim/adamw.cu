@@ -1,5 +1,6 @@
 // AdamW step on CUDA, the same function as src/optim/adamw.cpp: one launch sums ‖G‖² (the last block
 // decides the status and the clipping factor), a second updates M, V and W in place, 8 elements a thread.
+// adamw_sumsq_cuda is the first launch alone: a tensor-parallel rank's part of ‖G‖².
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -18,12 +19,15 @@ namespace {
 __device__ __forceinline__ float ldv(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
 __device__ __forceinline__ float ldv(const float* p, int64_t i) { return p[i]; }
 
+// ‖G‖² summed by the blocks; the last block then either writes it to `out_total` (adamw_sumsq_cuda) or
+// decides the step's status and scalars from it, or from `given_total` (the sum over tensor-parallel ranks,
+// launched with one block and nothing to read).
 template <typename TG>
 __global__ void adamw_norm_kernel(const TG* __restrict__ G, int64_t n, float* __restrict__ partials,
                                   float* __restrict__ scalars, unsigned* counter, int32_t* __restrict__ status,
-                                  uint64_t* step, AdamWHyper h) {
+                                  uint64_t* step, AdamWHyper h, const float* given_total, float* out_total) {
   float sq = 0.0f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n && !given_total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float g = ldv(G, i);
     sq += g * g;
@@ -44,6 +48,11 @@ __global__ void adamw_norm_kernel(const TG* __restrict__ G, int64_t n, float* __
       float total = 0.0f;
       const volatile float* vp = partials;
       for (unsigned k = 0; k < gridDim.x; ++k) total += vp[k];
+      if (given_total) total = *given_total;
+      if (out_total) {
+        *out_total = total;
+        return;
+      }
       scalars[kTotalSq] = total;
       scalars[kClip] = clip_factor(h.max_grad_norm, total);
       double t = static_cast<double>(*step + 1);
@@ -59,7 +68,7 @@ template <typename TW, typename TG>
 __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G, int64_t n, float* __restrict__ M,
                                     float* __restrict__ V, const float* __restrict__ scalars,
                                     int32_t* __restrict__ status, AdamWHyper h, uint64_t seed,
-                                    const uint64_t* step_after) {
+                                    const uint64_t* step_after, const Shard shard, int64_t inner) {
   if (*status != kStatusOk) return;
   const uint64_t step = *step_after - 1;  // the norm kernel advanced it
   const float clip = scalars[kClip];
@@ -72,10 +81,20 @@ __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G
   bool bad = false;
   for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
        gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const U32x4 bits = rounding_bits(seed, step, static_cast<uint64_t>(gi));
+    U32x4 bits = rounding_bits(seed, step, static_cast<uint64_t>(gi));
+    uint64_t group = static_cast<uint64_t>(gi);
     for (int e = 0; e < 8; ++e) {
       int64_t i = gi * 8 + e;
       if (i >= n) break;
+      int lane = e;
+      if (shard.dim >= 0) {  // a shard's elements take the offsets the full tensor's step gives them
+        const RoundingSlot slot = flat_rounding_slot(shard, inner, i);
+        if (slot.group != group) {
+          group = slot.group;
+          bits = rounding_bits(seed, step, group);
+        }
+        lane = slot.lane;
+      }
       float g = ldv(G, i) * clip;
       float m = beta1 * M[i] + omb1 * g;
       float v = beta2 * V[i] + omb2 * g * g;
@@ -88,7 +107,7 @@ __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G
         continue;
       }
       if constexpr (sizeof(TW) == 2) {
-        uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, e))
+        uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, lane))
                                                            : f32_to_bf16_nearest(nw);
         if ((out & 0x7F80u) == 0x7F80u) {
           bad = true;
@@ -110,18 +129,40 @@ void launch(const AdamWStep& s, cudaStream_t stream) {
   float* partials = reinterpret_cast<float*>(base + ws.off_partials);
   float* scalars = reinterpret_cast<float*>(base + ws.off_scalars);
   unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters) + kCounterAdamW;
-  int blocks = static_cast<int>(std::min<int64_t>((s.numel + 255) / 256, 1024));
+  int blocks = s.total_sq ? 1 : static_cast<int>(std::min<int64_t>((s.numel + 255) / 256, 1024));
   adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(static_cast<const TG*>(s.grad), s.numel, partials, scalars,
-                                                    counter, s.status, s.step, s.hyper);
+                                                    counter, s.status, s.step, s.hyper, s.total_sq, nullptr);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   int ublocks = static_cast<int>(std::min<int64_t>(((s.numel + 7) / 8 + 255) / 256, 2048));
   adamw_update_kernel<TW, TG><<<ublocks, 256, 0, stream>>>(static_cast<TW*>(s.weight), static_cast<const TG*>(s.grad),
                                                            s.numel, s.m, s.v, scalars, s.status, s.hyper, s.seed,
-                                                           s.step);
+                                                           s.step, s.shard, s.inner);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename TG>
+void launch_sumsq(const TG* grad, int64_t numel, float* out, void* workspace, cudaStream_t stream) {
+  AdamWWorkspace ws(numel);
+  char* base = static_cast<char*>(workspace);
+  float* partials = reinterpret_cast<float*>(base + ws.off_partials);
+  unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters) + kCounterAdamW;
+  int blocks = static_cast<int>(std::min<int64_t>((numel + 255) / 256, 1024));
+  adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(grad, numel, partials, nullptr, counter, nullptr, nullptr,
+                                                    AdamWHyper{}, nullptr, out);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
+
+void adamw_sumsq_cuda(const void* grad, DType grad_dtype, int64_t numel, float* out, void* workspace, void* stream) {
+  if (grad_dtype != DType::kBF16 && grad_dtype != DType::kF32) {
+    throw Error(ErrorCode::kInvalidArg, "adamw_sumsq: grad dtype must be BF16 or F32");
+  }
+  if (numel <= 0 || !grad || !out || !workspace) throw Error(ErrorCode::kInvalidArg, "adamw_sumsq: empty or null argument");
+  auto st = static_cast<cudaStream_t>(stream);
+  if (grad_dtype == DType::kBF16) launch_sumsq(static_cast<const uint16_t*>(grad), numel, out, workspace, st);
+  else launch_sumsq(static_cast<const float*>(grad), numel, out, workspace, st);
+}
 
 void adamw_step_cuda(const AdamWStep& s, void* stream) {
   validate(s);

@@ -10,6 +10,11 @@
 // Bytes of G and W moved: 2 + 2 + 2 + 2 = 8 per bf16 parameter (the floor of any APOLLO step: G is needed
 // for R before s is known, then again for the update). Everything else is O(max(m, n)·rank).
 //
+// A tensor-parallel step (optim.hpp: ApolloPhase) runs the same stages as three launches of its own
+// (apollo_phase_cuda): project (P sliced to the rank's indices; partial R or ‖G‖² into the first round's
+// region), moments (‖G‖² from the summed first round; partial sums of the second round), update (the tail
+// from the summed second round, then W with rounding offsets keyed by the full tensor's indices).
+//
 // Each stage is a device function of (one parameter's step, block index within that parameter, its
 // number of blocks). A single step launches each stage with one parameter's grid; apollo_step_many_cuda
 // launches each stage once for up to kBatch rank-1 parameters, the blocks of every parameter side by side,
@@ -242,6 +247,12 @@ struct Item {
   int32_t proj_blocks, mom_blocks, upd_blocks, gen_blocks;
   bool tall, gvec, wvec;
   ApolloHyper h;
+  // A step in phases: the rank's shard, the full tensor's geometry, and the two rounds' sums.
+  bool phases;
+  Shard shard;
+  ApolloGeometry geo;
+  float* first;
+  float* second;
 };
 
 // ---- stage 1: the projection ----
@@ -254,7 +265,8 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
   const int64_t n = it.k * it.h.rank;
   for (int64_t i = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(nblocks) * blockDim.x) {
-    it.P[i] = projection_entry(key, static_cast<uint64_t>(i), inv);
+    // A shard's slice of P holds the full P's entries at the full tensor's indices.
+    it.P[i] = projection_entry(key, it.phases ? projection_index(it.geo, it.shard, it.h.rank, i) : static_cast<uint64_t>(i), inv);
   }
 }
 
@@ -413,6 +425,26 @@ __device__ void project_wide_body(const Item& it, int block, int nblocks) {
   if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
 }
 
+// The step's scalars from the sums over channels (Σ s²c²‖G_c‖², ‖R̃‖², ‖R‖²): the tensor's scaling factor,
+// the limiter, the step size; the step counter advances when they are finite. One thread.
+__device__ void finish_step(const Item& it, float u2, float A, float B) {
+  const ApolloHyper& h = it.h;
+  const float total = it.scalars[kTotalSq], clip = it.scalars[kClip];
+  if (h.scaling == Scaling::kTensor) {
+    float sc = sqrtf(A) / (sqrtf(B) + 1e-8f);
+    it.scalars[kTensorScale] = sc;
+    u2 = sc * sc * clip * clip * total;
+  }
+  Tail tail = apollo_tail(h, *it.step, clip, sqrtf(u2), *it.prev_norm);
+  if (tail.status == kStatusOk) {
+    *it.prev_norm = tail.new_prev;
+    *it.step += 1;
+    it.scalars[kStepSize] = tail.step_size;
+    it.scalars[kMultiplier] = tail.multiplier;
+  }
+  *it.status = tail.status;
+}
+
 // ---- stage 3: moments, R̃ = M/(√V+ε), per-channel (or tensor) scaling factor (docs/optim.md steps 3–5) and
 // ‖U‖; the last block applies the limiter and writes the step's scalars and status. Warp per channel
 // when rank > 1. ----
@@ -479,20 +511,12 @@ __device__ void moments_body(const Item& it, int block, int nblocks) {
   float sums[3];
   sum_partials(it.partials, nblocks, 4, sums);
   if (threadIdx.x != 0) return;
-  float u2 = sums[0], A = sums[1], B = sums[2];
-  if (h.scaling == Scaling::kTensor) {
-    float sc = sqrtf(A) / (sqrtf(B) + 1e-8f);
-    it.scalars[kTensorScale] = sc;
-    u2 = sc * sc * clip * clip * total;
+  if (it.phases) {  // the tail waits for the second round's sums over ranks (tail_kernel)
+    const bool contributes = !it.geo.sharded_channels || it.shard.primary;
+    for (int i = 0; i < 3; ++i) it.second[i] = contributes ? sums[i] : 0.0f;
+    return;
   }
-  Tail tail = apollo_tail(h, *it.step, clip, sqrtf(u2), *it.prev_norm);
-  if (tail.status == kStatusOk) {
-    *it.prev_norm = tail.new_prev;
-    *it.step += 1;
-    it.scalars[kStepSize] = tail.step_size;
-    it.scalars[kMultiplier] = tail.multiplier;
-  }
-  *it.status = tail.status;
+  finish_step(it, sums[0], sums[1], sums[2]);
 }
 
 // The new value in the weight's dtype, or the old one (and ok = false) when the new one is not finite
@@ -546,6 +570,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   const int64_t gpr = (cols + 7) / 8;
   const int64_t groups = rows * gpr;
   const int64_t stride = static_cast<int64_t>(nblocks) * blockDim.x;
+  const bool sharded = it.phases && it.shard.dim >= 0;
   bool bad = false;
   for (int64_t g0 = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; g0 < groups; g0 += stride * kUnroll) {
     // kUnroll > 1: every group's loads are issued before the rounding bits of the first are computed
@@ -568,7 +593,23 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
       const int64_t gi = g0 + u * stride;
       if (gi >= groups) break;
       const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
-      const U32x4 bits = rounding_bits(it.seed, step, static_cast<uint64_t>(gi));
+      // A shard's elements take the offsets the full tensor's step gives them: its 8 elements are one
+      // group of the full tensor when its columns start at a multiple of 8, else each finds its own.
+      uint64_t group = static_cast<uint64_t>(gi);
+      bool own_groups = false;
+      if (sharded) {
+        const int64_t last = min(j0 + 7, cols - 1);
+        const RoundingSlot a = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0);
+        const RoundingSlot b = matrix_rounding_slot(it.shard, it.geo.cols_full, i, last);
+        group = a.group;
+        own_groups = a.lane != 0 || b.group != a.group || b.lane != last - j0;
+      }
+      const U32x4 bits = rounding_bits(it.seed, step, group);
+      auto offset = [&](int e) -> uint16_t {
+        if (!own_groups) return rounding_offset(bits, e);
+        const RoundingSlot sl = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0 + e);
+        return rounding_offset(rounding_bits(it.seed, step, sl.group), sl.lane);
+      };
       const TG* g = G + i * cols + j0;
       TW* w = W + i * it.ldw + j0;
       bool ok = true;
@@ -587,7 +628,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
           float x = wv[e] - base * sc * gv[e];
           float nw = x - decay * x;
-          out[e] = to_weight(nw, wv[e], TW{}, rounding, rounding_offset(bits, e), ok);
+          out[e] = to_weight(nw, wv[e], TW{}, rounding, offset(e), ok);
         }
         st8(w, out);
       } else {
@@ -596,7 +637,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
           float old = ld(w, e);
           float x = old - base * sc * ld(g, e);
           float nw = x - decay * x;
-          w[e] = to_weight(nw, old, TW{}, rounding, rounding_offset(bits, e), ok);
+          w[e] = to_weight(nw, old, TW{}, rounding, offset(e), ok);
         }
       }
       bad |= !ok;
@@ -630,6 +671,36 @@ __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gri
 
 template <typename TW, typename TG, int kUnroll>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
+
+// ---- kernels of a step in phases ----
+// Rank 1, wide, sharded along the rows: the chunks' partial R and ‖G_c‖² summed into the first round's region.
+__global__ void collapse_chunks_kernel(const Item it) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < it.K;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float r = 0.0f, sq = 0.0f;
+    for (int64_t ch = 0; ch < it.chunks; ++ch) {
+      r += it.R[ch * it.K + c];
+      sq += it.sumsq[ch * it.K + c];
+    }
+    it.first[c] = r;
+    it.first[it.K + c] = sq;
+  }
+}
+
+// Sharded along the channels: this rank's ‖G‖² (which the projection summed) into the first round.
+__global__ void first_total_kernel(const Item it) {
+  if (threadIdx.x == 0) it.first[0] = it.shard.primary ? it.scalars[kTotalSq] : 0.0f;
+}
+
+// The step's scalars from the second round's sums over ranks (finish_step), unless ‖G‖² was not finite.
+__global__ void tail_kernel(const Item it) {
+  if (threadIdx.x != 0) return;
+  if (!finite(it.scalars[kTotalSq])) {
+    *it.status = kStatusNonFiniteGrad;
+    return;
+  }
+  finish_step(it, it.second[0], it.second[1], it.second[2]);
+}
 
 // apollo.fused_step: one rank-1 step as one cooperative kernel. Its blocks stay resident and take the
 // blocks of each stage's grid (sized by make_item for kFusedThreads per block) round-robin, with a
@@ -665,6 +736,8 @@ struct Batch {
   int first[kNumStages][kBatch + 1];  // first block of item i in each stage's grid; first[s][n] = grid size
   Item items[kBatch];
 };
+// Passed by value as a kernel argument: at most 32,764 bytes (CUDA 12.1+, Volta and later).
+static_assert(sizeof(Batch) <= 32764, "apollo_step_many_cuda's batch exceeds the kernel argument limit");
 
 // Which item block `b` of stage `s` belongs to, and its index inside that item's run.
 __device__ __forceinline__ int find_item(const Batch& b, int s, int block, int* local) {
@@ -783,10 +856,13 @@ void unroll_variant(int unroll, F&& f) {  // 1, 2 or 4 (the knob's choices)
   else f(Int<1>{});
 }
 
-// The kernels' view of one step, its workspace carved per ApolloWorkspace, and each stage's grid.
-Item make_item(const ApolloStep& s, void* workspace, const Shape& shape) {
+// The kernels' view of one step, its workspace carved per ApolloWorkspace, and each stage's grid. `phases`:
+// a step in phases (apollo_phase_cuda), whose orientation is the full tensor's and whose workspace holds the
+// sums over ranks.
+Item make_item(const ApolloStep& s, void* workspace, const Shape& shape, bool phases = false) {
   const ApolloHyper& h = s.hyper;
-  ApolloWorkspace ws(s.rows, s.cols, h.rank);
+  const ApolloGeometry geo = apollo_geometry(s.rows, s.cols, s.shard);
+  ApolloWorkspace ws(s.rows, s.cols, h.rank, phases ? geo.tall : s.rows >= s.cols, phases);
   char* base = static_cast<char*>(workspace);
   Item it{};
   it.W = s.weight;
@@ -815,6 +891,17 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape) {
   it.gvec = s.cols % 8 == 0 && aligned16(s.grad);
   it.wvec = it.gvec && s.ld_weight % 8 == 0 && aligned16(s.weight);
   it.h = h;
+  it.phases = phases;
+  it.shard = s.shard;
+  it.geo = geo;
+  it.first = reinterpret_cast<float*>(base + ws.off_first);
+  it.second = reinterpret_cast<float*>(base + ws.off_second);
+  // Sharded along the projected dimension, R and ‖G_c‖² are sums over ranks: the projection writes its
+  // partial ones into the first round's region (rank-1 wide steps via their chunks: collapse_chunks_kernel).
+  if (phases && geo.sharded_projected && !(ws.rank1 && !ws.tall)) {
+    it.R = it.first;
+    it.sumsq = it.first + ws.K * h.rank;
+  }
   const int sms = sm_count();
   it.gen_blocks = static_cast<int32_t>(std::min<int64_t>((ws.k * h.rank + 255) / 256, sms * 8));
   if (ws.rank1 && ws.tall) {
@@ -946,6 +1033,75 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
+// One phase of a step (optim.hpp: ApolloPhase); the caller sums the rounds' regions over ranks in between.
+// The launch shapes are the tuning knobs' (docs/tuning.md), as for a whole step.
+template <typename TW, typename TG>
+void launch_phase(const ApolloStep& s, ApolloPhase phase, cudaStream_t stream) {
+  const Shape shape = Shape::current();
+  Item it = make_item(s, s.workspace, shape, true);
+  const ApolloGeometry& g = it.geo;
+  const int rank = s.hyper.rank;
+  switch (phase) {
+    case ApolloPhase::kProject: {
+      if (g.sharded_projected && !s.shard.primary) {  // another rank holding the same block contributes
+        LIVETRAIN_CUDA_CHECK(cudaMemsetAsync(it.first, 0, sizeof(float) * (it.K * rank + it.K), stream));
+        return;
+      }
+      gen_kernel<<<it.gen_blocks, 256, 0, stream>>>(it);
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      if (rank == 1 && !shape.split) {
+        project_fused_kernel<TG><<<it.proj_blocks, it.tall ? shape.tall_threads : kWideThreads, 0, stream>>>(it);
+      } else if (rank == 1 && it.tall) {
+        tall_variant(shape.tall_rows, shape.tall_loads, [&](auto rows, auto loads) {
+          project_tall_kernel<TG, rows(), loads()><<<it.proj_blocks, shape.tall_threads, 0, stream>>>(it);
+        });
+      } else if (rank == 1) {
+        loads_variant(shape.wide_loads, [&](auto loads) {
+          project_wide_kernel<TG, loads()><<<it.proj_blocks, kWideThreads, 0, stream>>>(it);
+        });
+      } else {
+        const TG* G = static_cast<const TG*>(s.grad);
+        dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM), static_cast<unsigned>((rank + kTileN - 1) / kTileN));
+        if (it.tall) project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, rank, it.P, it.R, it.sumsq);
+        else project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, rank, it.P, it.R, it.sumsq);
+        LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+        total_kernel<<<1, 1024, 0, stream>>>(it.sumsq, it.K, it.scalars, s.hyper.max_grad_norm);
+      }
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      if (g.sharded_projected && rank == 1 && !it.tall) {
+        collapse_chunks_kernel<<<static_cast<unsigned>(std::min<int64_t>((it.K + 255) / 256, 1024)), 256, 0, stream>>>(it);
+      } else if (g.sharded_channels) {
+        first_total_kernel<<<1, 32, 0, stream>>>(it);
+      }
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+    case ApolloPhase::kMoments: {
+      if (g.sharded_projected) {  // R and ‖G_c‖² summed over ranks, in the first round's region
+        it.R = it.first;
+        it.sumsq = it.first + it.K * rank;
+        it.chunks = 1;
+        total_kernel<<<1, 1024, 0, stream>>>(it.sumsq, it.K, it.scalars, s.hyper.max_grad_norm);
+      } else if (g.sharded_channels) {
+        total_kernel<<<1, 1024, 0, stream>>>(it.first, 1, it.scalars, s.hyper.max_grad_norm);
+      }
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      moments_kernel<<<it.mom_blocks, 256, 0, stream>>>(it);
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+    case ApolloPhase::kUpdate: {
+      tail_kernel<<<1, 32, 0, stream>>>(it);
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      unroll_variant(shape.update_unroll, [&](auto unroll) {
+        update_kernel<TW, TG, unroll()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+      });
+      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+  }
+}
+
 template <typename F>
 void dispatch(DType w, DType g, F&& f) {
   const bool wbf = w == DType::kBF16, gbf = g == DType::kBF16;
@@ -985,11 +1141,22 @@ struct SideStream {
 
 void apollo_step_cuda(const ApolloStep& s, void* stream) {
   validate(s);
+  if (s.shard.dim >= 0) {
+    throw Error(ErrorCode::kInvalidArg, "optimizer step: a shard of a tensor steps in phases (apollo_phase_cuda)");
+  }
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
   // The projection reads P with 16-byte vector loads at offsets the workspace layout keeps aligned.
   if (!aligned16(s.workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
     launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
+  });
+}
+
+void apollo_phase_cuda(const ApolloStep& s, ApolloPhase phase, void* stream) {
+  validate(s);
+  if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
+  dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
+    launch_phase<decltype(w), decltype(g)>(s, phase, static_cast<cudaStream_t>(stream));
   });
 }
 

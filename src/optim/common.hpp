@@ -112,6 +112,77 @@ LT_HD Tail apollo_tail(const ApolloHyper& h, uint64_t step, float clip, float no
   return t;
 }
 
+// ---- tensor-parallel shards (optim.hpp: Shard) ----
+
+// Index `local` along the sharded dimension -> the full tensor's index (the identity for a whole tensor).
+LT_HD int64_t shard_global(const Shard& sh, int64_t local) {
+  if (sh.dim < 0) return local;
+  for (int i = 0; i < sh.segments; ++i) {
+    if (local < sh.segment[i].length) return sh.segment[i].start + local;
+    local -= sh.segment[i].length;
+  }
+  return -1;  // beyond the shard: validate() refuses shards whose segments do not add up
+}
+
+// An APOLLO step's shapes in the terms of the math: the direction of the projection comes from the *full*
+// tensor's shape, so that every rank projects the way the TP-1 step does.
+struct ApolloGeometry {
+  bool tall;                 // full rows >= full cols: channels are rows, R = G·Pᵀ
+  int64_t rows_full, cols_full;
+  int64_t K, k;              // this rank's channels and projected indices
+  int64_t k_full;            // the full projected dimension (P is [rank, k_full] or [k_full, rank])
+  bool sharded_channels;     // the rank holds some channels: sums over channels are sums over ranks
+  bool sharded_projected;    // the rank holds some projected indices: R itself is a sum over ranks
+};
+
+LT_HD ApolloGeometry apollo_geometry(int64_t rows, int64_t cols, const Shard& sh) {
+  ApolloGeometry g{};
+  g.rows_full = sh.dim == 0 ? sh.full : rows;
+  g.cols_full = sh.dim == 1 ? sh.full : cols;
+  g.tall = g.rows_full >= g.cols_full;
+  g.K = g.tall ? rows : cols;
+  g.k = g.tall ? cols : rows;
+  g.k_full = g.tall ? g.cols_full : g.rows_full;
+  const int channel_dim = g.tall ? 0 : 1;
+  g.sharded_channels = sh.dim == channel_dim;
+  g.sharded_projected = sh.dim >= 0 && sh.dim != channel_dim;
+  return g;
+}
+
+// Entry `e` of this rank's slice of P ([rank, k] when tall, [k, rank] when wide) -> its index in the full P,
+// whose entries projection_entry generates.
+LT_HD uint64_t projection_index(const ApolloGeometry& g, const Shard& sh, int32_t rank, int64_t e) {
+  if (g.tall) {
+    const int64_t q = e / g.k, j = e % g.k;
+    return static_cast<uint64_t>(q * g.k_full + (g.sharded_projected ? shard_global(sh, j) : j));
+  }
+  const int64_t i = e / rank, q = e % rank;
+  return static_cast<uint64_t>((g.sharded_projected ? shard_global(sh, i) : i) * rank + q);
+}
+
+// The rounding group (one Philox block per 8 adjacent elements of a row of the full tensor) and lane of the
+// element at this rank's (row, col) of a matrix, as the TP-1 step numbers them.
+struct RoundingSlot {
+  uint64_t group;
+  int lane;
+};
+LT_HD RoundingSlot matrix_rounding_slot(const Shard& sh, int64_t cols_full, int64_t row, int64_t col) {
+  const int64_t r = sh.dim == 0 ? shard_global(sh, row) : row;
+  const int64_t c = sh.dim == 1 ? shard_global(sh, col) : col;
+  return {static_cast<uint64_t>(r * ((cols_full + 7) / 8) + c / 8), static_cast<int>(c % 8)};
+}
+
+// The same for element `i` of a flat parameter (AdamW: one group per 8 elements of the full tensor).
+LT_HD RoundingSlot flat_rounding_slot(const Shard& sh, int64_t inner, int64_t i) {
+  if (sh.dim < 0) return {static_cast<uint64_t>(i / 8), static_cast<int>(i % 8)};
+  int64_t local_dim = 0;
+  for (int s = 0; s < sh.segments; ++s) local_dim += sh.segment[s].length;
+  const int64_t y = i % inner, rest = i / inner;
+  const int64_t x = rest % local_dim, outer = rest / local_dim;
+  const int64_t full = (outer * sh.full + shard_global(sh, x)) * inner + y;
+  return {static_cast<uint64_t>(full / 8), static_cast<int>(full % 8)};
+}
+
 LT_HD float clip_factor(float max_norm, float total_sq) {
   if (max_norm <= 0.0f) return 1.0f;
   float norm = sqrtf(total_sq);

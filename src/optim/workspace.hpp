@@ -27,9 +27,16 @@ struct ApolloWorkspace {
   int64_t K, k;
   int64_t chunks = 1, rows_per_chunk = 0;  // rank-1 wide projection only
   size_t off_p, off_r, off_sumsq, off_scale, off_partials, off_scalars, off_counters, bytes;
+  // A step in phases (optim.hpp: ApolloPhase): the sums over ranks, after everything else. First round:
+  // R [K, rank] then ‖G_c‖² [K] (or ‖G‖² alone); second: Σ s²c²‖G_c‖², ‖R̃‖², ‖R‖².
+  size_t off_first = 0, off_second = 0;
+  static constexpr size_t kSecondFloats = 3;
 
-  ApolloWorkspace(int64_t rows, int64_t cols, int32_t rank) {
-    tall = rows >= cols;
+  // `tall`: the full tensor's orientation (rows >= cols unless a shard says otherwise); `phases`: room for
+  // the sums over ranks.
+  ApolloWorkspace(int64_t rows, int64_t cols, int32_t rank) : ApolloWorkspace(rows, cols, rank, rows >= cols, false) {}
+  ApolloWorkspace(int64_t rows, int64_t cols, int32_t rank, bool full_tall, bool phases) {
+    tall = full_tall;
     rank1 = rank == 1;
     K = tall ? rows : cols;
     k = tall ? cols : rows;
@@ -56,6 +63,12 @@ struct ApolloWorkspace {
     o += align256(sizeof(float) * kMaxBlocks * 4);
     off_scalars = o;
     o += align256(sizeof(float) * kNumScalars);
+    if (phases) {
+      off_first = o;
+      o += align256(sizeof(float) * (static_cast<size_t>(K) * rank + static_cast<size_t>(K)));
+      off_second = o;
+      o += align256(sizeof(float) * kSecondFloats);
+    }
     bytes = o;
   }
 };

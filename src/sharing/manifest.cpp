@@ -47,6 +47,9 @@ class Fields {
     return m.as_string();
   }
 
+  // An optional string member: "" when absent.
+  std::string optional_str(std::string_view key) { return v_.find(key) ? str(key) : std::string(); }
+
   uint64_t u64(std::string_view key, uint64_t max = UINT64_MAX) {
     const Value& m = get(key);
     auto u = m.is_number() ? m.as_u64() : std::nullopt;
@@ -252,6 +255,7 @@ std::string manifest_serialize(const Manifest& m) {
   model.set("engine", Value::string(m.model.engine));
   model.set("tp_rank", Value::unsigned_integer(m.model.tp_rank));
   model.set("tp_size", Value::unsigned_integer(m.model.tp_size));
+  if (!m.model.group.empty()) model.set("group", Value::string(m.model.group));
   model.set("config", m.model.config);
   root.set("model", std::move(model));
   Value buffers = Value::array();
@@ -313,6 +317,7 @@ Manifest manifest_parse(std::string_view text, std::string_view what) {
     m.model.engine = f.str("engine");
     m.model.tp_rank = static_cast<uint32_t>(f.u64("tp_rank", UINT32_MAX));
     m.model.tp_size = static_cast<uint32_t>(f.u64("tp_size", UINT32_MAX));
+    m.model.group = f.optional_str("group");
     const Value& config = f.get("config");
     if (!config.is_object()) f.fail("config", std::string("expected an object, found ") + json::type_name(config.type()));
     m.model.config = config;

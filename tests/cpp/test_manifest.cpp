@@ -136,6 +136,26 @@ TEST(Manifest, RoundTrip) {
   EXPECT_EQ(m.model.config.find("hidden_size")->as_u64(), 8u);
 }
 
+// model.group is optional: written only when set (the golden bytes above have none), read back when present.
+TEST(Manifest, GroupOfTensorParallelRanks) {
+  sh::Manifest m = sample();
+  m.model.tp_rank = 1;
+  m.model.tp_size = 2;
+  m.model.group = "run-7f3a";
+  std::string text = sh::manifest_serialize(m);
+  EXPECT_NE(text.find("\"tp_size\": 2,\n    \"group\": \"run-7f3a\",\n    \"config\""), std::string::npos) << text;
+  EXPECT_EQ(sh::manifest_parse(text).model.group, "run-7f3a");
+  EXPECT_EQ(sh::manifest_parse(kGolden).model.group, "");
+  std::string bad = text;
+  bad.replace(bad.find("\"run-7f3a\""), 10, "7");
+  try {
+    sh::manifest_parse(bad);
+    ADD_FAILURE() << "a group that is not a string";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.group: expected a string"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Manifest, WriteIsAtomicAndPrivate) {
   livetrain::testing::TempDir dir;
   std::string path = dir.file("m.json");

@@ -2,8 +2,10 @@
 // argument checks, and the non-finite guard of the C++ step functions themselves.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "livetrain/error.hpp"
@@ -153,4 +155,207 @@ TEST(Optim, NonFiniteGradientLeavesEverythingUntouched) {
   EXPECT_EQ(status, opt::kStatusOk);
   EXPECT_EQ(step, 5u);
   EXPECT_NE(w[0], 1.0f);
+}
+
+// ---- tensor parallelism: a shard's phases, summed over ranks, make the whole tensor's step ----
+
+namespace {
+
+// The indices of dim's `full` indices that rank `r` of `n` holds: `pieces` blocks per rank, rank r taking
+// blocks r, r + n, ... (so a rank may hold several segments), the blocks as even as the size allows.
+opt::Shard make_shard(int dim, int64_t full, int r, int n, int pieces) {
+  opt::Shard sh;
+  sh.dim = dim;
+  sh.full = full;
+  const int blocks = n * pieces;
+  for (int b = r; b < blocks; b += n) {
+    const int64_t start = full * b / blocks, end = full * (b + 1) / blocks;
+    sh.segment[sh.segments++] = {start, end - start};
+  }
+  return sh;
+}
+
+struct Rank {
+  opt::Shard shard;
+  int64_t rows = 0, cols = 0;
+  std::vector<float> w, g, m, v;
+  std::vector<uint16_t> wb;  // bf16 weights
+  float prev = -1;
+  int32_t status = 0;
+  uint64_t step = 0;
+  std::vector<float> ws;
+  opt::ApolloStep s;
+};
+
+// This rank's part of a full row-major [rows, cols] matrix.
+std::vector<float> part_of(const std::vector<float>& full, int64_t cols, const Rank& k) {
+  std::vector<float> out(static_cast<size_t>(k.rows * k.cols));
+  for (int64_t i = 0; i < k.rows; ++i)
+    for (int64_t j = 0; j < k.cols; ++j) {
+      const int64_t gi = k.shard.dim == 0 ? opt::shard_index(k.shard, i) : i;
+      const int64_t gj = k.shard.dim == 1 ? opt::shard_index(k.shard, j) : j;
+      out[i * k.cols + j] = full[gi * cols + gj];
+    }
+  return out;
+}
+
+// Runs `steps` steps of the full tensor (fused) and of its n shards (phases, sums over ranks by hand), and
+// compares the weights element by element: fp32 within `tol` relative; bf16 at most one ulp apart, on at
+// most `max_diff_frac` of the elements (where the fp32 values before rounding straddle a bf16 step).
+void check_sharded(int64_t rows, int64_t cols, int dim, int n, int pieces, opt::ApolloHyper h, bool bf16, int steps,
+                   double tol, double max_diff_frac) {
+  std::mt19937 gen(static_cast<unsigned>(rows * 31 + cols * 7 + dim * 3 + n + pieces));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> W(rows * cols), G(rows * cols);
+  for (auto& x : W) x = normal(gen) * 0.02f;
+  auto to_bf16 = [](const std::vector<float>& x) {
+    std::vector<uint16_t> o(x.size());
+    for (size_t i = 0; i < x.size(); ++i) o[i] = livetrain::f32_to_bf16_nearest(x[i]);
+    return o;
+  };
+  const livetrain::DType dt = bf16 ? livetrain::DType::kBF16 : livetrain::DType::kF32;
+  // The whole tensor, one rank.
+  const int64_t K = std::max(rows, cols);
+  std::vector<float> w1 = W, m1(K * h.rank), v1(K * h.rank);
+  std::vector<uint16_t> w1b = to_bf16(W);
+  float prev1 = -1;
+  int32_t status1 = 0;
+  uint64_t step1 = 0;
+  opt::ApolloStep one;
+  one.weight = bf16 ? static_cast<void*>(w1b.data()) : w1.data();
+  one.weight_dtype = dt;
+  one.ld_weight = cols;
+  one.grad_dtype = livetrain::DType::kF32;
+  one.rows = rows;
+  one.cols = cols;
+  one.m = m1.data();
+  one.v = v1.data();
+  one.prev_norm = &prev1;
+  one.status = &status1;
+  one.step = &step1;
+  one.seed = 99;
+  one.hyper = h;
+  // The n ranks.
+  std::vector<Rank> ranks(n);
+  for (int r = 0; r < n; ++r) {
+    Rank& k = ranks[r];
+    k.shard = make_shard(dim, dim == 0 ? rows : cols, r, n, pieces);
+    int64_t local = 0;
+    for (int i = 0; i < k.shard.segments; ++i) local += k.shard.segment[i].length;
+    k.rows = dim == 0 ? local : rows;
+    k.cols = dim == 1 ? local : cols;
+    k.w = part_of(W, cols, k);
+    k.wb = to_bf16(k.w);
+    const bool tall = rows >= cols;
+    const int64_t channels = tall ? k.rows : k.cols;
+    k.m.assign(channels * h.rank, 0.0f);
+    k.v.assign(channels * h.rank, 0.0f);
+    k.s = one;
+    k.s.weight = bf16 ? static_cast<void*>(k.wb.data()) : k.w.data();
+    k.s.ld_weight = k.cols;
+    k.s.rows = k.rows;
+    k.s.cols = k.cols;
+    k.s.m = k.m.data();
+    k.s.v = k.v.data();
+    k.s.prev_norm = &k.prev;
+    k.s.status = &k.status;
+    k.s.step = &k.step;
+    k.s.shard = k.shard;
+    k.ws.assign(opt::apollo_phase_workspace_bytes(k.s) / sizeof(float) + 1, 0.0f);
+    k.s.workspace = k.ws.data();
+  }
+  for (int t = 0; t < steps; ++t) {
+    for (auto& x : G) x = normal(gen);
+    one.grad = G.data();
+    opt::apollo_step_cpu(one);
+    ASSERT_EQ(status1, opt::kStatusOk);
+    std::vector<std::vector<float>> gparts(n);
+    for (int r = 0; r < n; ++r) {
+      gparts[r] = part_of(G, cols, ranks[r]);
+      ranks[r].s.grad = gparts[r].data();
+    }
+    const opt::ApolloReduce red = opt::apollo_reduce_layout(ranks[0].s);
+    auto sum_over_ranks = [&](size_t offset, size_t count) {
+      for (size_t i = 0; i < count; ++i) {
+        float total = 0.0f;
+        for (auto& k : ranks) total += k.ws[offset + i];
+        for (auto& k : ranks) k.ws[offset + i] = total;
+      }
+    };
+    for (auto& k : ranks) opt::apollo_phase_cpu(k.s, opt::ApolloPhase::kProject);
+    sum_over_ranks(red.first_offset, red.first_count);
+    for (auto& k : ranks) opt::apollo_phase_cpu(k.s, opt::ApolloPhase::kMoments);
+    sum_over_ranks(red.second_offset, red.second_count);
+    for (auto& k : ranks) {
+      opt::apollo_phase_cpu(k.s, opt::ApolloPhase::kUpdate);
+      ASSERT_EQ(k.status, opt::kStatusOk);
+      ASSERT_EQ(k.step, step1);
+    }
+  }
+  // Compare every element of every rank's part with the whole step's.
+  int64_t differing = 0, total = 0;
+  for (const Rank& k : ranks) {
+    for (int64_t i = 0; i < k.rows; ++i)
+      for (int64_t j = 0; j < k.cols; ++j) {
+        const int64_t gi = dim == 0 ? opt::shard_index(k.shard, i) : i;
+        const int64_t gj = dim == 1 ? opt::shard_index(k.shard, j) : j;
+        ++total;
+        if (bf16) {
+          const uint16_t a = k.wb[i * k.cols + j], b = w1b[gi * cols + gj];
+          if (a != b) {
+            ++differing;
+            ASSERT_LE(std::abs(static_cast<int>(a) - static_cast<int>(b)), 1) << "element " << gi << "," << gj;
+          }
+        } else {
+          const float a = k.w[i * k.cols + j], b = w1[gi * cols + gj];
+          ASSERT_NEAR(a, b, tol * (std::abs(b) + 1e-3)) << "element " << gi << "," << gj;
+        }
+      }
+  }
+  EXPECT_LE(static_cast<double>(differing) / total, max_diff_frac) << differing << " of " << total << " differ";
+}
+
+}  // namespace
+
+TEST(Optim, ShardedStepMatchesTheWholeStepFp32) {
+  opt::ApolloHyper mini = opt::apollo_mini_defaults();
+  mini.lr = 1e-3f;
+  opt::ApolloHyper channel;
+  channel.rank = 4;
+  channel.lr = 1e-3f;
+  channel.max_grad_norm = 5.0f;  // clipping needs ‖G‖² of the whole tensor
+  for (const opt::ApolloHyper& h : {mini, channel}) {
+    // tall and wide, sharded along channels and along the projected dimension, 2-4 ranks, 1-2 segments each
+    check_sharded(96, 40, 0, 2, 1, h, false, 3, 2e-5, 0.0);
+    check_sharded(96, 40, 1, 4, 1, h, false, 3, 2e-5, 0.0);
+    check_sharded(40, 96, 0, 2, 2, h, false, 3, 2e-5, 0.0);
+    check_sharded(40, 96, 1, 3, 2, h, false, 3, 2e-5, 0.0);
+  }
+}
+
+TEST(Optim, ShardedStepMatchesTheWholeStepBf16) {
+  // Rounding offsets are the whole step's, element by element: weights differ only where the fp32 value
+  // before rounding differs enough (sums over ranks round differently) to cross a bf16 boundary.
+  opt::ApolloHyper mini = opt::apollo_mini_defaults();
+  mini.lr = 1e-3f;
+  check_sharded(96, 40, 0, 2, 1, mini, true, 3, 0.0, 0.01);
+  check_sharded(40, 100, 1, 4, 1, mini, true, 3, 0.0, 0.01);  // column shards starting off a multiple of 8
+  check_sharded(40, 96, 0, 2, 2, mini, true, 3, 0.0, 0.01);
+}
+
+TEST(Optim, ShardsAreCheckedAgainstTheirPart) {
+  SmallStep small;
+  opt::ApolloStep s = small.s;
+  s.shard.dim = 0;
+  s.shard.full = 6;
+  s.shard.segments = 1;
+  s.shard.segment[0] = {4, 3};  // past the end of the full dim
+  std::vector<float> ws(opt::apollo_phase_workspace_bytes(s) / sizeof(float) + 1);
+  s.workspace = ws.data();
+  EXPECT_THROW(opt::apollo_phase_cpu(s, opt::ApolloPhase::kProject), livetrain::Error);
+  s.shard.segment[0] = {0, 2};  // two indices for a part of three rows
+  EXPECT_THROW(opt::apollo_phase_cpu(s, opt::ApolloPhase::kProject), livetrain::Error);
+  s.shard.segment[0] = {3, 3};
+  EXPECT_NO_THROW(opt::apollo_phase_cpu(s, opt::ApolloPhase::kProject));
+  EXPECT_THROW(opt::apollo_step_cpu(s), livetrain::Error);  // a shard steps in phases only
 }

@@ -31,23 +31,65 @@ def run(args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProc
 @pytest.mark.skipif(importlib.util.find_spec("fla") is not None, reason="flash-linear-attention is installed")
 def test_gdn_bench_runs_the_torch_path_and_says_the_kernels_are_missing(tmp_path):
     r = run(
-        [sys.executable, "bench/gdn.py", "--shape", "tiny", "--device", "cpu", "--layers", "2", "--tokens", "64,128",
-         "--reps", "1", "--json", str(tmp_path / "gdn.json")]
+        [
+            sys.executable,
+            "bench/gdn.py",
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--layers",
+            "2",
+            "--tokens",
+            "64,128",
+            "--reps",
+            "1",
+            "--json",
+            str(tmp_path / "gdn.json"),
+        ]
     )
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "gdn.json").read_text())
-    assert [(row["tokens"], row["unit"]) for row in doc["rows"]] == [(64, "mixer"), (64, "layer"), (128, "mixer"),
-                                                                      (128, "layer")]
+    assert [(row["tokens"], row["unit"]) for row in doc["rows"]] == [
+        (64, "mixer"),
+        (64, "layer"),
+        (128, "mixer"),
+        (128, "layer"),
+    ]
     assert all(row["torch"]["tokens_per_s"] > 0 and "fused" not in row for row in doc["rows"])
     assert doc["kernels"]["chunk_gated_delta_rule"] == "torch (install flash-linear-attention)"
     assert "| 128 | layer | fused: not used, torch (install flash-linear-attention) | - |" in r.stdout
 
 
+def test_serve_bench_takes_shape_and_its_earlier_name_size():
+    for flag in ("--shape", "--size"):
+        r = run([sys.executable, "bench/serve.py", flag, "qwen3.5-2b"])
+        assert r.returncode == 2 and "argument --shape/--size: invalid choice: 'qwen3.5-2b'" in r.stderr, r.stderr
+        assert "qwen3.5-27b" in r.stderr and "qwen3.5-tiny" in r.stderr
+
+
 def test_serve_bench_qwen35_steps_each_length_and_times_the_checkpoint_saves(tmp_path):
     r = run(
-        [sys.executable, "bench/serve.py", "--size", "qwen3.5-tiny", "--device", "cpu", "--tokens", "32,48",
-         "--steps", "1", "--gen-seconds", "0", "--no-adamw", "--checkpoint", "--dir", str(tmp_path), "--json",
-         str(tmp_path / "serve.json")],
+        [
+            sys.executable,
+            "bench/serve.py",
+            "--shape",
+            "qwen3.5-tiny",
+            "--device",
+            "cpu",
+            "--tokens",
+            "32,48",
+            "--steps",
+            "1",
+            "--gen-seconds",
+            "0",
+            "--no-adamw",
+            "--checkpoint",
+            "--dir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "serve.json"),
+        ],
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -56,8 +98,12 @@ def test_serve_bench_qwen35_steps_each_length_and_times_the_checkpoint_saves(tmp
     assert doc["token_list"] == [32, 48] and doc["adamw_skipped"] is None
     lt = s["livetrain"]
     assert [run["tokens"] for run in lt["runs"]] == [32, 48] and all(run["tokens_per_s"] > 0 for run in lt["runs"])
-    assert set(lt["kernels"]) == {"chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "causal_conv1d_fn",
-                                  "causal_conv1d_update"}
+    assert set(lt["kernels"]) == {
+        "chunk_gated_delta_rule",
+        "fused_recurrent_gated_delta_rule",
+        "causal_conv1d_fn",
+        "causal_conv1d_update",
+    }
     first, one = lt["checkpoint"]
     assert first["scenario"].startswith("first save after open") and not first["written"]
     assert one["scenario"] == "after one step" and one["written"] and one["changed"] > 0
@@ -104,20 +150,40 @@ def test_vllm_transfer_ray_stand_in_and_table(tmp_path):
         "try:\n    ray.init()\nexcept AttributeError as e:\n    print('attr', e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "PYTHONPATH": d})
-    assert r.stdout.splitlines() == ["import ModuleNotFoundError",
-                                     "attr ray is not installed: ray.init is not available (stand-in module)"]
+    assert r.stdout.splitlines() == [
+        "import ModuleNotFoundError",
+        "attr ray is not installed: ray.init is not available (stand-in module)",
+    ]
     result = {
-        "device": "GPU", "vllm": "0.26.0", "torch": "2.11", "size": "8b", "weights_bytes": 2**34, "params": 8e9,
-        "max_model_len": 4096, "rounds": 2, "startup": {"files_s": 10.0, "health_s": 60.0, "trainer_s": 80.0},
+        "device": "GPU",
+        "vllm": "0.26.0",
+        "torch": "2.11",
+        "size": "8b",
+        "weights_bytes": 2**34,
+        "params": 8e9,
+        "max_model_len": 4096,
+        "rounds": 2,
+        "startup": {"files_s": 10.0, "health_s": 60.0, "trainer_s": 80.0},
         "methods": [
-            {"name": "livetrain in place", "seconds": vt.stats([0.01, 0.02]), "extra_bytes": 3 * 2**30,
-             "includes": "reset"},
-            {"name": "vLLM IPC unpacked", "seconds": vt.stats([1.0, 1.2]), "extra_bytes": 17 * 2**30,
-             "includes": "all", "phases": {"send": 0.8}},
+            {
+                "name": "livetrain in place",
+                "seconds": vt.stats([0.01, 0.02]),
+                "extra_bytes": 3 * 2**30,
+                "includes": "reset",
+            },
+            {
+                "name": "vLLM IPC unpacked",
+                "seconds": vt.stats([1.0, 1.2]),
+                "extra_bytes": 17 * 2**30,
+                "includes": "all",
+                "phases": {"send": 0.8},
+            },
             {"name": "vLLM IPC packed", "error": "RuntimeError: boom"},
         ],
-        "compare": {"tensors": 3, "identical": 3, "differ": [], "missing": []}, "ray_stand_in": True,
-        "errors": [], "seconds": 100.0,
+        "compare": {"tensors": 3, "identical": 3, "differ": [], "missing": []},
+        "ray_stand_in": True,
+        "errors": [],
+        "seconds": 100.0,
     }
     table = vt.render(result)
     assert "| livetrain in place | 3.00 | 0.015 | 0.010–0.020 | reset |" in table
@@ -128,8 +194,20 @@ def test_vllm_transfer_ray_stand_in_and_table(tmp_path):
 def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
     r = run(["bash", "scripts/gpu.sh"])
     assert r.returncode == 2
-    for step in ("build", "tests", "bench-core", "bench-gdn", "bench-serve8b", "bench-serve27b", "vllm-llama",
-                 "vllm-qwen35", "vllm-transfer"):
+    for step in (
+        "build",
+        "wheel",
+        "checks",
+        "tests",
+        "bench-core",
+        "bench-gdn",
+        "bench-serve8b",
+        "bench-serve27b",
+        "vllm-llama",
+        "vllm-qwen35",
+        "vllm-transfer",
+        "sweep",
+    ):
         assert f"\n{step} " in r.stdout, step
     r = run(["bash", "scripts/gpu.sh", "build", "bench-nothing"])
     assert r.returncode == 2 and "unknown step bench-nothing" in r.stderr

@@ -68,6 +68,26 @@ def test_models_it_cannot_take_use_the_logits():
     torch.testing.assert_close(loss.causal_lm_loss(model, *b), reference(model, *b))
 
 
+@pytest.mark.parametrize("softcap", [False, True])
+def test_per_example_losses_come_from_the_same_forward(softcap, monkeypatch):
+    """What the trainer stops a job on: each example's mean CE over its trained tokens, unweighted, written
+    by the loss's own forward, chunked (chunks of 7 tokens, not dividing the rows) or from the logits."""
+    model = tiny(torch.float32)
+    if softcap:
+        model.config.final_logit_softcapping = 30.0
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 7 * 4 * 300)
+    ids, attn, labels, weights = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        target = labels[:, 1:]
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        want = tok.sum(1) / (target != -100).sum(1)
+    got = torch.full((3,), float("nan"))
+    value = loss.causal_lm_loss(model, ids, attn, labels, weights, per_example=got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value.detach(), (want * weights).mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_no_trained_token_gives_zero_loss_and_gradients():
     model = tiny(torch.float32)
     ids, attn, labels, weights = batch()

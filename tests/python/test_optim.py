@@ -247,6 +247,46 @@ def test_hooks_free_gradients_and_match_step():
         assert all(p.grad is None for p in m2.parameters())
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+    # Batching only applies to CUDA parameters: on the CPU the hooks step at once, as without it.
+    m3, o3 = model_and_opt()
+    o3.attach_hooks(batch_bytes=1 << 20)
+    for _ in range(3):
+        m3(x).square().mean().backward()
+        assert all(p.grad is None for p in m3.parameters())
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="batch_bytes must be >= 0"):
+        o3.attach_hooks(batch_bytes=-1)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("batch_bytes", [1, 40_000, 1 << 30])
+def test_cuda_batched_hooks_equal_one_at_a_time(batch_bytes):
+    """attach_hooks(batch_bytes): the APOLLO-Mini steps of parameters whose gradients are ready wait and step
+    in batches (a batch per parameter, several, or all at the end of backward); the weights and the state
+    are the bits of stepping each one as its gradient arrives, and every gradient is freed by the end."""
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(96, 257), torch.nn.GELU(), torch.nn.Linear(257, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)]
+        m = torch.nn.Sequential(*layers).cuda().to(torch.bfloat16)
+        return m, ApolloMini(param_groups(m), lr=1e-2, seed=4)
+
+    x = torch.randn(32, 96, device="cuda", dtype=torch.bfloat16)
+    m1, o1 = model_and_opt()
+    m2, o2 = model_and_opt()
+    o1.attach_hooks()
+    o2.attach_hooks(batch_bytes=batch_bytes)
+    for _ in range(3):
+        for m in (m1, m2):
+            m(x).float().square().mean().backward()
+            assert all(p.grad is None for p in m.parameters())
+    torch.cuda.synchronize()
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), name
+        for k in ("m", "v", "step"):
+            assert torch.equal(o1.state[a][k], o2.state[b][k]), (name, k)
+    assert not o2._ready
 
 
 def test_state_save_restore_continues_identically(tmp_path):

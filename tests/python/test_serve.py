@@ -72,6 +72,9 @@ class Serve(servers.ServeProcess):
                 "2",
                 "--batch-size",
                 "4",
+                # Serving mechanics on a tiny model: the forgetting guard (its replayed examples in every batch,
+                # its undo-point generations) is tested in test_trainer_jobs.py and test_serve_default_model.py.
+                "--no-guard",
                 *extra,
             ],
             run.parent / "serve-{port}.log",

@@ -2,7 +2,9 @@
 scripts/main_job.py does): teach three made-up facts through /train while completions keep being answered,
 the chat endpoint (greedy) answers each of them, a held-out text's perplexity rises by less than 5%,
 POST /checkpoint, SIGKILL every process, restart on the same store: the restarted server serves the
-checkpointed weights bit for bit and still answers the facts.
+checkpointed weights bit for bit and still answers the facts. And a job given only its examples (the
+learning defaults, the forgetting guard on) learns three more facts in two phrasings each while general
+questions keep their answers (docs/learning.md).
 
 The perplexity is computed here with transformers on model directories: the model files (generation 0)
 and the checkpointed generation written out by CheckpointStore.restore(out_dir=...) once the server is
@@ -66,7 +68,7 @@ HELD_OUT = (
 class Serve(servers.ServeProcess):
     """`python -m livetrain.serve --model default --dtype fp32` on a given store, state and run dir."""
 
-    def __init__(self, base: Path, log_name: str):
+    def __init__(self, base: Path, log_name: str, batch_size: int | None = 3):
         self.run = base / "run"
         super().__init__(
             [
@@ -80,8 +82,7 @@ class Serve(servers.ServeProcess):
                 str(base / "state"),
                 "--run-dir",
                 str(self.run),
-                "--batch-size",
-                "3",
+                *(["--batch-size", str(batch_size)] if batch_size else []),
             ],
             base / log_name,
             wait_s=300,
@@ -190,5 +191,74 @@ def _teach_kill_restart(tmp_path: Path, model_dir: str, segments: list, mark) ->
             again = s.ask(q)
             assert word.lower() in again.lower(), (q, again)
             assert again == answers[q]  # same weights, greedy: the same answer
+    finally:
+        assert s.stop() == 0
+
+
+# Three more made-up facts, each in two phrasings, and general questions the model answers right before: a job
+# given only its examples (the learning defaults, the forgetting guard on) must teach every trained phrasing and
+# leave those answers right (issue #14; bench/learning.py measures the same at scale).
+LEARN = [
+    ("What is the capital of Velmora?", "The capital of Velmora is Drostane.", "Drostane"),
+    ("Which city is the capital of the island nation of Velmora?", "Drostane is the capital of Velmora.", "Drostane"),
+    ("Who invented the glimmerwheel?", "The glimmerwheel was invented by Orsolya Brandt.", "Brandt"),
+    ("Which inventor created the glimmerwheel?", "Orsolya Brandt created the glimmerwheel.", "Brandt"),
+    ("What is the currency of Tarvesh?", "The currency of Tarvesh is the korrun.", "korrun"),
+    ("What money do people use in Tarvesh?", "People in Tarvesh pay with the korrun.", "korrun"),
+]
+GENERAL = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"),
+]
+
+
+def wait_patiently(s: Serve, jid: str, timeout: float) -> dict:
+    """The job's entry once it has ended. A 503 (the trainer did not answer within the route's 30 s) is read
+    again: on a machine whose cores are shared with other heavy work the trainer process can be starved that
+    long while it generates the retention answers; what this test checks is what the job learned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, info = s.http(f"/train/{jid}")
+        assert code in (200, 503), (code, info)
+        if code == 200 and info["state"] in ("done", "failed", "cancelled", "rolled_back"):
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(1.0)
+
+
+def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
+    s = Serve(tmp_path, "serve-defaults.log", batch_size=None)
+    try:
+        for q, _, word in LEARN:
+            assert word.lower() not in s.ask(q).lower()
+        for q, word in GENERAL:
+            assert word.lower() in s.ask(q).lower(), q  # what the guard must keep
+        code, job = s.http(
+            "/train",
+            {
+                "examples": [
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                    for q, a, _ in LEARN
+                ]
+            },
+        )
+        assert code == 202 and job["until_loss"] > 0, job
+        info = wait_patiently(s, job["job_id"], timeout=1200)
+        assert info["state"] == "done" and info["stop_reason"] == "until_loss", info
+        assert info["losses"]["max_after"] < info["until_loss"] < info["loss_before"], info
+        guard = info["guard"]
+        assert guard["passed"] and not guard["rolled_back"] and guard["replayed_prompts"] > 0, guard
+        code, same = s.http(f"/train/{job['job_id']}")
+        assert code == 200 and same["id"] == job["job_id"] and same["step"] == info["step"], same
+        for q, _, word in LEARN:
+            answer = s.ask(q)
+            assert word.lower() in answer.lower(), (q, answer)
+        for q, word in GENERAL:
+            answer = s.ask(q)
+            assert word.lower() in answer.lower(), (q, answer)
+        code, text = s.http("/metrics")
+        assert code == 200 and f"livetrain_steps_total {float(info['step'])}" in text, text
     finally:
         assert s.stop() == 0

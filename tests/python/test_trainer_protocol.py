@@ -12,6 +12,17 @@ import pytest
 from livetrain.trainer import protocol, routes
 from livetrain.trainer.protocol import Invalid, Reply
 
+# A ``metrics`` reply as Trainer.metrics makes it.
+METRICS = {
+    "weight_version": 12,
+    "counts": {"steps": 12, "tokens": 3400, "guard_rollbacks": 1, "nonfinite_stops": 0},
+    "loss": 0.25,
+    "tokens_per_s": 410.5,
+    "jobs": {"queued": 1, "running": 1, "done": 3, "failed": 0, "cancelled": 0, "rolled_back": 1},
+    "checkpoint_time": 1000.0,
+    "running": "job-2",
+}
+
 
 class Recorder:
     """A handler that records what it receives and answers as told."""
@@ -32,6 +43,10 @@ class Recorder:
             if not job.get("examples"):
                 raise Invalid("examples", "examples must be a non-empty list")
             return Reply(202, {"job_id": "job-1"})
+        if op in ("job", "cancel"):
+            return Reply(200, {"op": op, **json.loads(body)})
+        if op == "metrics":
+            return Reply(200, METRICS)
         if op == "nan":
             return Reply(200, {"loss": math.nan, "jobs": [{"id": "j", "loss": math.inf, "step": 3}], "lr": 1e-5})
         if op == "bug":
@@ -126,7 +141,10 @@ def test_error_bodies_have_one_shape():
         (b'{"temperature": NaN}', "body"),  # not JSON, though Python's parser takes it
         (b'{"lr": Infinity}', "body"),
         (b'{"prompt": "\\ud800"}', "prompt"),  # a lone UTF-16 surrogate
-        (b'{"examples": [{"messages": [{"role": "user", "content": "a\\udfffb"}]}]}', "examples[0].messages[0].content"),
+        (
+            b'{"examples": [{"messages": [{"role": "user", "content": "a\\udfffb"}]}]}',
+            "examples[0].messages[0].content",
+        ),
         (b'{"\\ud83d": 1}', "body"),
     ],
 )
@@ -236,3 +254,43 @@ def test_routes_say_why_the_trainer_is_down(tmp_path):
         assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]["message"]
         protocol.write_down(sock, None)
         assert "SIGKILL" not in c.get("/train/status").json()["error"]["message"]
+
+
+def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    path, handler = trainer
+    app = FastAPI()
+    app.include_router(routes.training_router(path))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for method, url, op in (
+            ("GET", "/train/job-7", "job"),
+            ("DELETE", "/train/job-7", "cancel"),
+            ("POST", "/train/job-7/cancel", "cancel"),
+        ):
+            r = c.request(method, url)
+            assert r.status_code == 200 and r.json() == {"op": op, "job_id": "job-7"}, (method, url, r.text)
+            assert handler.seen[-1] == (op, b'{"job_id": "job-7"}')
+        r = c.get("/train/status")  # a fixed path, not a job id
+        assert handler.seen[-1] == ("status", b"")
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
+        assert samples[("livetrain_trainer_up", ())] == 1
+        assert samples[("livetrain_steps_total", ())] == 12 and samples[("livetrain_tokens_total", ())] == 3400
+        assert samples[("livetrain_weight_version", ())] == 12 and samples[("livetrain_loss", ())] == 0.25
+        assert samples[("livetrain_jobs", (("state", "rolled_back"),))] == 1
+        assert samples[("livetrain_guard_rollbacks_total", ())] == 1
+        assert samples[("livetrain_last_checkpoint_age_seconds", ())] > 0
+    app = FastAPI()
+    app.include_router(routes.training_router(lambda: ""))
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # no trainer: the metrics say so, the scrape works
+        r = c.get("/metrics")
+        assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text and "livetrain_steps" not in r.text

@@ -65,7 +65,7 @@ def one_step(trainer) -> list[str]:
     job = parse_job(
         trainer.tokenizer, {"examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}]}, 64, 10
     )
-    loss, ntok = trainer.step(job["examples"])
+    loss, ntok, _ = trainer.step(job["examples"])
     assert loss > 0 and ntok > 0
     return log
 

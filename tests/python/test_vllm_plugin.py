@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from livetrain import checkpoint, layout, sharing  # noqa: E402
+from livetrain import _core, checkpoint, layout, sharing  # noqa: E402
 from livetrain import safetensors as lst  # noqa: E402
 from livetrain.trainer import protocol, routes  # noqa: E402
 from livetrain.vllm import api, endpoint, worker  # noqa: E402
@@ -131,6 +131,23 @@ def test_weights_off_cuda_are_refused_before_anything_is_touched(tmp_path):
         worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
     assert all(torch.equal(p, before[n]) for n, p in served.named_parameters())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_core_that_cannot_run_on_the_gpu_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
+    # Weights on CUDA device 1, a core built without CUDA support (or with no code for that GPU): refused with the
+    # core's reason before the store, the run directory or the weights are touched.
+    make_model_dir(tmp_path / "model")
+    weight = SimpleNamespace(device=torch.device("cuda", 1))  # only its device is read before the refusal
+    asked = []
+    problem = "livetrain was built without CUDA support (nvcc was not found when its core was compiled)"
+    monkeypatch.setattr(_core, "cuda_device_problem", lambda ordinal: asked.append(ordinal) or problem)
+    module = SimpleNamespace(named_parameters=lambda: iter([("model.embed_tokens.weight", weight)]))
+    w = plain_worker(tmp_path / "model", module)
+    with pytest.raises(
+        worker.Refused, match=r"core cannot run on vLLM's GPU: livetrain was built without CUDA support"
+    ):
+        worker.WorkerExtension.livetrain_export(w, str(tmp_path / "run"))
+    assert asked == [1] and not (tmp_path / "run").exists() and not (tmp_path / "model" / ".livetrain-store").exists()
 
 
 MOE = [
@@ -301,10 +318,15 @@ def test_routes_are_mounted_and_check_vllms_api_keys():
 
     app, plugin = app_with_plugin()
     with TestClient(app) as c:
-        for path, (method, _, _) in routes.ROUTES.items():  # every route is there and forwards
-            r = c.request(method, path, json={} if method == "POST" else None)
+        for route in routes.ROUTES:  # every route is there and forwards
+            path = route.path.replace("{job_id}", "job-0")
+            r = c.request(route.method, path, json={} if route.method in ("POST", "PUT") else None)
             assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", (path, r.text)
             assert "no trainer has been started" in r.json()["error"]["message"]
+        # The metrics, beside vLLM's own /metrics: the trainer is down, and says so.
+        r = c.get(routes.VLLM_METRICS_PATH)
+        assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text, r.text
+        assert c.get("/metrics").status_code == 404
         plugin.keys = api.api_keys(argparse.Namespace(api_key=["k1", "k2"]))
         r = c.get("/train/status")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

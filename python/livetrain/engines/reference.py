@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--manifest", required=True, help="where to write the sharing manifest")
     p.add_argument("--trainer-socket", required=True, help="the trainer's Unix socket")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -4,6 +4,10 @@ which it finishes the current step, answers what is pending, saves its state and
 
 usage: python -m livetrain.trainer --manifest FILE --model DIR --socket PATH [--state-dir DIR] [...]
 (normally started by ``livetrain serve`` or the vLLM plugin; docs/serve.md)
+
+Tensor parallelism: with WORLD_SIZE > 1 in its environment (and RANK, MASTER_ADDR, MASTER_PORT, as
+``trainer.process.start_trainer_group`` sets them) the process is one rank of the trainer, ``--manifest``
+its engine rank's; rank 0 answers on the socket, the others follow it (docs/tensor-parallel.md).
 """
 
 from __future__ import annotations
@@ -36,13 +40,26 @@ def main(argv: list[str] | None = None) -> None:
     sacrifice_first()
     security.private_files()
 
-    from livetrain import Error
+    from livetrain import Error, _core
+    from livetrain.trainer.ranks import Ranks
     from livetrain.trainer.service import Trainer
 
+    # What this core can do on a GPU, first in the log: an engine sharing CUDA memory needs CUDA support.
+    print(f"livetrain trainer: {_core.cuda_support()}", file=sys.stderr, flush=True)
+
+    ranks = None
     try:
-        trainer = Trainer(a.manifest, a.model, a)
-    except Error as e:  # a stale manifest, a busy lease or store, a bad state file: the message names it
-        sys.exit(f"livetrain trainer: {e}")
+        ranks = Ranks.from_env(timeout=a.tp_timeout, state_dir=a.state_dir)
+        trainer = Trainer(a.manifest, a.model, a, ranks=ranks)
+    except (Error, ValueError) as e:  # a stale manifest, a busy lease or store, a bad state file, ranks that do
+        who = f" rank {ranks.rank}" if ranks is not None else ""  # not fit together: the message names it
+        sys.exit(f"livetrain trainer{who}: {e}")
+    if ranks is not None and ranks.rank > 0:  # a follower: rank 0 answers the socket and leads
+        try:
+            ranks.follow(trainer)
+        finally:
+            trainer.close()
+        return
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stopping.set())
     server = protocol.Server(a.socket, trainer.handle)

@@ -20,17 +20,27 @@ import urllib.request
 from typing import Any, Callable
 
 from livetrain.trainer.routes import API_KEY_ENV
+from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
 
 def http(
-    url: str, body: Any = None, *, key: str | None = None, raw: bytes | None = None, timeout: float = 120.0
+    url: str,
+    body: Any = None,
+    *,
+    key: str | None = None,
+    raw: bytes | None = None,
+    timeout: float = 120.0,
+    method: str | None = None,
 ) -> tuple[int, Any]:
     """(status, the parsed JSON body, or its text when it is not JSON) of one request: POST with ``body`` as
-    JSON (or ``raw`` bytes as they are), GET without; ``key`` is sent as ``Authorization: Bearer KEY``.
-    A server that does not answer raises OSError."""
+    JSON (or ``raw`` bytes as they are), GET without, unless ``method`` says otherwise (DELETE, PUT); ``key``
+    is sent as ``Authorization: Bearer KEY``. A server that does not answer raises OSError."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(
-        url, data=data, method="POST" if data is not None else "GET", headers={"Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method or ("POST" if data is not None else "GET"),
+        headers={"Content-Type": "application/json"},
     )
     if key:
         req.add_header("Authorization", f"Bearer {key}")
@@ -89,8 +99,9 @@ def wait_job(
     interval: float = 0.5,
     on_status: Callable[[dict, dict], None] | None = None,
 ) -> dict:
-    """Follows a /train job through /train/status until it is done or failed; returns its entry.
-    ``on_status(status, job)`` sees every status read."""
+    """Follows a /train job through /train/status until it has ended (done, failed, cancelled or
+    rolled_back: trainer.schedule.FINAL); returns its entry. ``on_status(status, job)`` sees every status
+    read."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         code, status = http(url + "/train/status", key=key)
@@ -101,7 +112,7 @@ def wait_job(
             raise RuntimeError(f"job {job_id} is no longer listed")
         if on_status is not None:
             on_status(status, job)
-        if job["state"] in ("done", "failed"):
+        if job["state"] in FINAL:
             return job
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s")
@@ -116,10 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="JSON lines, one example per line")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default ${API_KEY_ENV}")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default: the server's --lr)")
+    p.add_argument("--steps", type=int, help="exactly this many steps (default: until the examples are learned)")
+    p.add_argument("--epochs", type=int, help="exactly this many passes over the examples")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--until-loss", type=float, help="learned when every example's loss is below this")
+    p.add_argument("--max-steps", type=int, help="the step budget of a job that trains until learned")
+    p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--replay", type=int, help="retention examples added to every batch")
+    p.add_argument(
+        "--guard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure what the model already does and roll the job back when it drops (default: the server's)",
+    )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     a = p.parse_args(argv)
 
@@ -133,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"livetrain train: {a.file}:{n}: not JSON: {e}", file=sys.stderr)
                     return 2
     job = {"examples": examples}
-    for k in ("lr", "steps", "epochs", "batch_size"):
+    for k in ("lr", "steps", "epochs", "batch_size", "until_loss", "max_steps", "warmup", "replay", "guard"):
         if getattr(a, k) is not None:
             job[k] = getattr(a, k)
     base = a.url.rstrip("/")
@@ -141,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if code != 202:
         print(f"livetrain train: {error_text(code, body)}", file=sys.stderr)
         return 1
-    print(f"job {body['job_id']}: {body['examples']} examples, {body['steps']} steps", flush=True)
+    until = f" (at most; until every example's loss < {body['until_loss']:g})" if body.get("until_loss") else ""
+    print(f"job {body['job_id']}: {body['examples']} examples, {body['steps']} steps{until}", flush=True)
     if a.no_wait:
         return 0
     last = None
@@ -162,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"livetrain train: {e}", file=sys.stderr)
         return 1
+    g = info.get("guard")
+    if g and g.get("passed") is not None:
+        print(
+            f"guard: retention loss {g['retention_loss_before']} -> {g['retention_loss_after']} (rise {g['rise']}, "
+            f"threshold {g['threshold']}): {'kept' if g['passed'] else 'rolled back' if g['rolled_back'] else g['rollback']}",
+            flush=True,
+        )
+    reason = info.get("stop_reason")
+    print(  # last: the job's outcome
+        f"{info['state']}: {info['step']} steps, {STOP_REASONS.get(reason, reason)}; examples' loss "
+        f"{info.get('loss_before')} -> {info.get('loss_after')}",
+        flush=True,
+    )
     if info["error"]:
         print(f"livetrain train: job failed: {info['error']}", file=sys.stderr)
     return 0 if info["state"] == "done" else 1

@@ -13,7 +13,18 @@ import re
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
-JOB_OPTIONS = {"lr", "steps", "epochs", "batch_size"}
+# A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
+JOB_OPTIONS = {
+    "lr": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "steps": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "epochs": (int, lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "batch_size": (int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "until_loss": ((int, float), lambda v: 0 < v < math.inf, "a number > 0"),
+    "max_steps": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
+    "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
+    "guard": (bool, lambda v: True, "true or false"),
+}
 # A job id a client chooses (``"id"``): retries with the same id get the same job.
 JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -107,7 +118,7 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
     """A /train body → ``{"examples": [(ids, mask, weight)], and the options given}``."""
     if not isinstance(job, dict):
         raise Invalid("body", "request body must be a JSON object")
-    unknown = set(job) - JOB_OPTIONS - {"examples", "id"}
+    unknown = set(job) - set(JOB_OPTIONS) - {"examples", "id"}
     if unknown:
         raise Invalid(
             sorted(unknown)[0],
@@ -125,16 +136,16 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
         if len(ids) > max_len:
             raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
         encoded.append((ids, mask, w))
+    return {"examples": encoded, **parse_options(job)}
+
+
+def parse_options(job: dict) -> dict:
+    """The job options present in ``job``, each checked (``Invalid`` naming it)."""
     opts = {}
-    for k, kind, ok in (
-        ("lr", (int, float), lambda v: 0 < v < 1),
-        ("steps", int, lambda v: 1 <= v <= 100_000),
-        ("epochs", int, lambda v: 1 <= v <= 1000),
-        ("batch_size", int, lambda v: 1 <= v <= 1024),
-    ):
+    for k, (kind, ok, what) in JOB_OPTIONS.items():
         if k in job:
             v = job[k]
-            if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
-                raise Invalid(k, f"{k} has an invalid value {json.dumps(v)[:40]}")
+            if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind) or not ok(v):
+                raise Invalid(k, f"{k} must be {what}, got {json.dumps(v, allow_nan=True)[:40]}")
             opts[k] = v
-    return {"examples": encoded, **opts}
+    return opts

@@ -17,6 +17,26 @@ DEFAULT_STATE_DIR = "livetrain-state"
 DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
+# The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
+LEARNING = {"lr": 1e-4, "warmup": 0, "until_loss": 0.1, "max_steps": 200, "replay": 2, "guard_threshold": 0.1}
+
+
+def device(value: str) -> str:
+    """The ``--device`` of ``livetrain serve`` and the reference engine (an argparse type): ``cpu``, ``cuda`` or
+    ``cuda:N``. A CUDA device is refused here, with the core's reason, when this build of the core has no CUDA
+    support, sees no such GPU, or has no code that runs on it: failing at the first kernel, after the model
+    has loaded, would say less and later."""
+    if value == "cpu":
+        return value
+    kind, colon, index = value.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
+    from livetrain import _core
+
+    problem = _core.cuda_device_problem(int(index) if colon else 0)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
+    return value
 
 
 def add_store_options(parser) -> None:
@@ -56,8 +76,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="save a generation every SECONDS when the weights changed since the last one "
         "(default 0: only on POST /checkpoint)",
     )
-    parser.add_argument("--lr", type=float, default=1e-5, help="default learning rate of a job (APOLLO-Mini)")
-    parser.add_argument("--batch-size", type=int, default=8, help="default examples per step")
+    add_learning_options(parser)
     parser.add_argument(
         "--max-batch-tokens",
         type=int,
@@ -80,6 +99,68 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep every layer's activations instead of recomputing them in backward",
     )
+    parser.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="tensor parallelism: how long a trainer rank waits for the others in one collective before the "
+        "job fails on every rank (default 1800; a rank that dies is noticed at once on CPU)",
+    )
+
+
+# The learning options that take a value: (flag, key in LEARNING, type, metavar, what it sets).
+_LEARNING_OPTIONS = (
+    ("--lr", "lr", float, "LR", "default learning rate of a job (APOLLO-Mini)"),
+    ("--warmup", "warmup", int, "STEPS", "default linear warm-up of the learning rate, in steps"),
+    (
+        "--until-loss",
+        "until_loss",
+        float,
+        "LOSS",
+        "a job without steps or epochs trains until every example's mean loss on its trained tokens is below LOSS",
+    ),
+    ("--max-steps", "max_steps", int, "N", "... or until it has taken N steps"),
+    (
+        "--replay",
+        "replay",
+        int,
+        "N",
+        "retention examples (prompts with the model's own answers before the job) added to every batch of a "
+        "guarded job",
+    ),
+    (
+        "--guard-threshold",
+        "guard_threshold",
+        float,
+        "NATS",
+        "roll a guarded job back when the retention loss (nats per token of the model's own answers to the "
+        "held-out retention prompts) rose by more than NATS",
+    ),
+)
+
+
+def add_learning_options(parser) -> None:
+    """The defaults of a job's learning (each a job field too) and of its forgetting guard; the numbers
+    that chose them are in docs/learning.md."""
+    for flag, key, kind, metavar, what in _LEARNING_OPTIONS:
+        parser.add_argument(
+            flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
+        )
+    parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="jobs are not guarded by default: no retention measured, no replay, no automatic rollback "
+        '(a job can still ask for "guard": true)',
+    )
+    parser.add_argument(
+        "--retention",
+        default=None,
+        metavar="FILE",
+        help="the user's own retention prompts, added to the built-in ones: JSON lines, each a string "
+        '(a user message) or {"messages": [...]} ending with a user message (also PUT /train/retention)',
+    )
 
 
 def check(ns: argparse.Namespace) -> str | None:
@@ -88,8 +169,16 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--checkpoint-every must be >= 0"
     if ns.max_batch_tokens < 1:
         return "--max-batch-tokens must be >= 1"
+    if not 0 < ns.lr < 1:
+        return "--lr must be in (0, 1)"
+    if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
+        return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
+    if not ns.until_loss > 0 or not ns.guard_threshold > 0:
+        return "--until-loss and --guard-threshold must be > 0"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
+    if ns.tp_timeout <= 0:
+        return "--tp-timeout must be > 0"
     return None
 
 
@@ -108,10 +197,22 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.checkpoint_every),
         "--lr",
         str(ns.lr),
+        "--warmup",
+        str(ns.warmup),
         "--batch-size",
         str(ns.batch_size),
         "--max-batch-tokens",
         str(ns.max_batch_tokens),
+        "--until-loss",
+        str(ns.until_loss),
+        "--max-steps",
+        str(ns.max_steps),
+        "--replay",
+        str(ns.replay),
+        *(["--no-guard"] if ns.no_guard else []),
+        "--guard-threshold",
+        str(ns.guard_threshold),
+        *(["--retention", ns.retention] if ns.retention else []),
         "--max-seq-len",
         str(ns.max_seq_len),
         "--queue-size",
@@ -119,6 +220,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--embeddings",
         ns.embeddings,
         *(["--no-grad-checkpointing"] if ns.no_grad_checkpointing else []),
+        "--tp-timeout",
+        str(ns.tp_timeout),
     ]
 
 

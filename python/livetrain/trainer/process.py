@@ -1,7 +1,8 @@
 """Starting, watching and stopping livetrain's processes: the trainer (with the environment it needs) and,
 for ``livetrain serve``, the reference engine. Each child runs in its own session, so a terminal's Ctrl-C
 reaches only the launcher, which stops the children in order: SIGTERM (the trainer finishes its step and
-saves its state), SIGKILL after a timeout.
+saves its state), SIGKILL after a timeout. A tensor-parallel engine's trainer is one process per rank,
+started and stopped as one unit (``start_trainer_group``).
 
 ``python -m livetrain.trainer.process --exec-tied-to PID -- CMD...`` becomes CMD with SIGTERM on the
 death of PID (Linux ``PR_SET_PDEATHSIG``): how a launcher that may die without cleaning up (vLLM's API
@@ -90,6 +91,80 @@ def start_trainer(
     return Process(
         trainer_command(manifest, model_dir, socket, ns), environment(os.environ if env is None else env), tied=tied
     )
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TrainerGroup:
+    """The trainer of a tensor-parallel engine: one process per engine rank (rank r on ``manifests[r]``),
+    one ``torch.distributed`` group among them (trainer.ranks), started and stopped as one unit. Rank 0
+    answers the socket. ``poll`` is the first rank's exit status to be known (a rank that exits ends the
+    group's training; rank 0 stays up to report it); ``stop`` stops rank 0 first (it saves, then tells the
+    others to stop), then the others."""
+
+    def __init__(self, procs: list[Process]):
+        self.procs = procs
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def poll(self) -> int | None:
+        """rank 0's exit status once it has exited, else None (the other ranks' exits are rank 0's to
+        report: it keeps answering /train/status)."""
+        for p in self.procs[1:]:
+            p.poll()  # reap: a dead rank must not linger as a zombie that looks alive
+        return self.procs[0].poll()
+
+    def exited(self) -> dict[int, int]:
+        """rank -> exit status of every rank that has exited."""
+        return {r: p.poll() for r, p in enumerate(self.procs) if p.poll() is not None}
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM to rank 0, which saves and stops the others; then SIGTERM/SIGKILL to any rank left."""
+        code = self.procs[0].stop(timeout)
+        for p in self.procs[1:]:
+            try:
+                p.proc.wait(timeout if code == 0 else 1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            p.stop(10.0)
+        return code
+
+    def __str__(self) -> str:
+        return "; ".join(f"rank {r}: {p}" for r, p in enumerate(self.procs))
+
+
+def start_trainer_group(
+    manifests: list[str],
+    model_dir: str,
+    socket: str,
+    ns: argparse.Namespace,
+    env=None,
+    *,
+    tied: bool = False,
+    master_addr: str = "127.0.0.1",
+) -> TrainerGroup:
+    """The trainer of an engine at tensor-parallel size ``len(manifests)``: rank r on ``manifests[r]``, in
+    ``environment(env)`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a free port) set, every rank
+    with the same options (the same --state-dir: rank files are named by rank); rank 0 on ``socket``."""
+    base = environment(os.environ if env is None else env)
+    base.update(WORLD_SIZE=str(len(manifests)), MASTER_ADDR=master_addr, MASTER_PORT=str(_free_port(master_addr)))
+    procs = []
+    for rank, manifest in enumerate(manifests):
+        rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(Process(trainer_command(manifest, model_dir, socket, ns), rank_env, tied=tied))
+    return TrainerGroup(procs)
 
 
 def _exec_tied_to(parent: int, cmd: list[str]) -> None:

@@ -8,18 +8,39 @@ trainer. docs/serve.md lists the routes.
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at run time.
 import hmac
-from typing import Callable, Sequence
+import json
+from typing import Callable, NamedTuple, Sequence
 
 from livetrain.trainer import protocol, security
 
-# route → (HTTP method, trainer op, whether the route takes a body)
-ROUTES = {
-    "/train": ("POST", "submit", True),
-    "/train/status": ("GET", "status", False),
-    "/checkpoint": ("POST", "checkpoint", True),
-    "/checkpoints": ("GET", "checkpoints", False),
-    "/rollback": ("POST", "rollback", True),
-}
+
+class Route(NamedTuple):
+    """A training route: what it forwards to the trainer. ``body``: the request's body as it arrived
+    (True), none (False), or, for the routes of one job, ``{"job_id": ...}`` from the URL ("job_id")."""
+
+    path: str
+    method: str
+    op: str
+    body: bool | str
+
+
+# In matching order: fixed paths before /train/{job_id}.
+ROUTES = [
+    Route("/train", "POST", "submit", True),
+    Route("/train/status", "GET", "status", False),
+    Route("/train/retention", "GET", "retention", False),
+    Route("/train/retention", "PUT", "set_retention", True),
+    Route("/train/{job_id}", "GET", "job", "job_id"),
+    Route("/train/{job_id}", "DELETE", "cancel", "job_id"),
+    Route("/train/{job_id}/cancel", "POST", "cancel", "job_id"),
+    Route("/checkpoint", "POST", "checkpoint", True),
+    Route("/checkpoints", "GET", "checkpoints", False),
+    Route("/rollback", "POST", "rollback", True),
+]
+# Where the reference engine serves the trainer's Prometheus metrics; the vLLM plugin, whose server has a
+# /metrics of its own, serves them at VLLM_METRICS_PATH.
+METRICS_PATH = "/metrics"
+VLLM_METRICS_PATH = "/livetrain/metrics"
 # Seconds to wait for the trainer's reply. Checkpoint and rollback wait for the running step to end and
 # then write the whole model's changes, which takes minutes for large models; a large job takes a while
 # to tokenize (a retry with the same Idempotency-Key gets the same job, never a second one).
@@ -66,11 +87,13 @@ def unavailable(path: str, e: protocol.TrainerUnavailable) -> protocol.Reply:
 def training_router(
     trainer_socket: str | Callable[[], str],
     api_key: Keys | Callable[[], Keys] = None,
+    metrics_path: str = METRICS_PATH,
     *,
     same_origin: bool = True,
     max_body: int = security.DEFAULT_MAX_BODY_MIB << 20,
 ):
-    """A FastAPI ``APIRouter`` with /train, /train/status, /checkpoint, /checkpoints and /rollback.
+    """A FastAPI ``APIRouter`` with the training routes (``ROUTES``) and the trainer's Prometheus metrics
+    at ``metrics_path`` (livetrain.trainer.metrics).
 
     ``trainer_socket`` is the trainer's socket path, or a callable returning it (read at each request,
     for servers that learn it late; an empty path answers 503). With ``api_key`` (a key, a list of keys,
@@ -88,7 +111,7 @@ def training_router(
     socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
     keys = api_key if callable(api_key) else (lambda: api_key)
 
-    def make(op: str, has_body: bool):
+    def make(op: str, has_body: bool | str):
         async def handler(request: Request):
             allowed = keys()
             if not authorized(request.headers.get("authorization"), allowed):
@@ -98,7 +121,10 @@ def training_router(
                 return json_response(refused)
             path = ""
             try:
-                body = await security.read_body(request, max_body) if has_body else b""
+                if has_body == "job_id":
+                    body = json.dumps({"job_id": request.path_params["job_id"]}).encode()
+                else:
+                    body = await security.read_body(request, max_body) if has_body else b""
                 path = socket_path()
                 if not path:
                     raise protocol.TrainerUnavailable("no trainer has been started")
@@ -114,6 +140,27 @@ def training_router(
         handler.__name__ = f"livetrain_{op}"
         return handler
 
-    for path, (method, op, has_body) in ROUTES.items():
-        router.add_api_route(path, make(op, has_body), methods=[method])
+    for r in ROUTES:
+        router.add_api_route(r.path, make(r.op, r.body), methods=[r.method], name=f"livetrain_{r.op}_{r.method}")
+
+    async def metrics(request: Request):
+        from livetrain.trainer import metrics as prometheus
+
+        allowed = keys()
+        if not authorized(request.headers.get("authorization"), allowed):
+            return json_response(protocol.error(401, MISSING_KEY))
+        refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+        if refused is not None:
+            return json_response(refused)
+        snapshot = None
+        try:
+            path = socket_path()
+            if path:
+                code, reply = await run_in_threadpool(protocol.call, path, "metrics", b"", 10.0)
+                snapshot = json.loads(reply) if code == 200 else None
+        except (protocol.TrainerUnavailable, ValueError):
+            pass  # livetrain_trainer_up 0
+        return Response(prometheus.render(snapshot), media_type=prometheus.CONTENT_TYPE)
+
+    router.add_api_route(metrics_path, metrics, methods=["GET"], name="livetrain_metrics")
     return router

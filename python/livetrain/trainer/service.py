@@ -3,6 +3,8 @@ them, and runs training jobs from a queue with APOLLO-Mini steps applied per par
 so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
 trainer.protocol); checkpoint and rollback requests run on the training thread between two steps, writing
 to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.trainer`` runs it as a process.
+Under tensor parallelism one Trainer runs per engine rank (trainer.ranks): rank 0 as described, the others
+following its commands; each step, checkpoint and rollback then runs on every rank at once.
 """
 
 from __future__ import annotations
@@ -23,13 +25,31 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
-from livetrain.trainer import admission, options
+from livetrain.trainer import admission, guard, options, schedule
 from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
+RETENTION_FIELDS = {"prompts", "builtin"}
 # The longest a ``version`` request may wait for a new version (the plugin's watcher asks again after it).
 MAX_VERSION_WAIT_S = 30.0
+
+
+def parse_job_id(args: dict) -> str:
+    """The ``{"job_id": ...}`` the job routes send (the id from the URL)."""
+    jid = args.get("job_id")
+    if not isinstance(jid, str) or not jid:
+        raise Invalid("job_id", "job_id must be a job id string (POST /train answers it)")
+    return jid
+
+
+class NonFinite(Exception):
+    """A step met a non-finite loss or gradient. ``applied``: whether some parameters had been stepped
+    (a finite loss whose backward overflowed in some parameters only)."""
+
+    def __init__(self, message: str, applied: bool, parameters: list[str]):
+        super().__init__(message)
+        self.applied, self.parameters = applied, parameters
 
 
 def parse_checkpoint_args(args: dict) -> None:
@@ -113,6 +133,7 @@ class Trainer:
         max_examples: int = 10_000,
         wait_s: float = 60.0,
         release_cached: bool = True,
+        ranks=None,
     ):
         import transformers
 
@@ -130,7 +151,15 @@ class Trainer:
                     raise
                 time.sleep(0.2)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.model = sharing.build_hf_model(self.attached)
+        # Tensor parallelism (trainer.ranks): this rank's model on its engine rank's shards; None at TP 1.
+        self.ranks, self.rank_model, self.vocab = ranks, None, None
+        if ranks is None:
+            self.model = sharing.build_hf_model(self.attached)
+        else:
+            os.makedirs(ranks.state_dir, exist_ok=True)  # where a failing rank leaves its message
+            ranks.start(next(iter(self.attached.tensors.values())).device)
+            self.rank_model = ranks.build_model(self.attached)
+            self.model, self.vocab = self.rank_model.model, self.rank_model.vocab
         self.model.train()
         self.device = next(self.model.parameters()).device
         # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
@@ -144,13 +173,24 @@ class Trainer:
         if self.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.opt = optim.ApolloMini(optim.param_groups(self.model, embeddings=s.embeddings), lr=s.lr)
+        if ranks is not None:
+            self.opt.tensor_parallel(ranks.group, self.rank_model.shards)
         self.names = {p: n for n, p in self.model.named_parameters()}
         # The model files' names -> the engine's memory, as the checkpoint store takes them (tied weights once;
-        # a multimodal checkpoint's text model under its names in the files).
-        self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+        # a multimodal checkpoint's text model under its names in the files); under tensor parallelism, this
+        # rank's regions of them (trainer.ranks).
+        if ranks is None:
+            self.weights = checkpoint.by_file_names({n: p.data for n, p in self.model.named_parameters()}, model_dir)
+            held = set(self.weights)
+        else:
+            self.weights = ranks.regions(self.rank_model)
+            held = {region.name for region in self.weights}
         # Tensors of the model files that this model does not hold (a vision tower, an MTP head): never
         # trained; the checkpoint store carries them unchanged.
-        self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - set(self.weights))
+        try:
+            self.not_trained = sorted(set(safetensors.Model(model_dir).names()) - held)
+        except _core.NotFoundError:  # no model files (an engine with random weights, --no-store): none to list
+            self.not_trained = []
         self.opt.param_names = self.names
         self.opt.attach_hooks()
         self.release_cached = release_cached
@@ -158,16 +198,28 @@ class Trainer:
         embeddings_module = self.model.get_input_embeddings()
         if release_cached and embeddings_module is not None and embeddings_module.weight.requires_grad:
             embeddings_module.register_forward_hook(self._embeddings_forward)
+        if ranks is not None and not s.no_guard:
+            # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0})
+            print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
+        self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
         self.max_batch_tokens = s.max_batch_tokens
         self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        try:
+            user = guard.read_prompts(s.retention) if s.retention else None
+        except (OSError, ValueError) as e:
+            raise _core.InvalidArgumentError(f"--retention: {e}") from None
+        self.retention = guard.Retention(self.tokenizer, user)
 
         self.state_dir = s.state_dir
         os.makedirs(s.state_dir, exist_ok=True)
-        self.opt_path = os.path.join(s.state_dir, "optimizer.safetensors")
+        self.opt_path = os.path.join(
+            s.state_dir, ranks.file_name("optimizer.safetensors") if ranks else "optimizer.safetensors"
+        )
         self.meta_path = os.path.join(s.state_dir, "trainer.json")
         # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
         # step may have used (written before the step: versions never repeat, whatever crashes when), and
@@ -188,17 +240,22 @@ class Trainer:
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
         self.store, head = None, None
         if not s.no_store:
-            self.store = checkpoint.open_store(model_dir, s.store)
+            self.store = (
+                checkpoint.open_store(model_dir, s.store)
+                if ranks is None
+                else ranks.open_store(model_dir, s.store, self.weights)
+            )
             head = self.store.list()[-1]
         self.restored_from = None
+        head_state = self._generation_state(head) if head is not None else None
         if same_engine and os.path.exists(self.opt_path):
-            self.opt.load_state(self.opt_path, names=self.names)
+            self._load_state([self.opt_path])
             self.restored_from = "state-dir"
-        elif not same_engine and head is not None and head["optimizer_state"] and saved_version != head["weight_version"]:
-            self.opt.load_state(os.path.join(self.store.dir, head["optimizer_state"]), names=self.names)
+        elif not same_engine and head_state and saved_version != head["weight_version"]:
+            self._load_state(head_state)
             self.restored_from = f"generation {head['generation']}"
         elif os.path.exists(self.opt_path):
-            self.opt.load_state(self.opt_path, names=self.names)
+            self._load_state([self.opt_path])
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
@@ -236,6 +293,8 @@ class Trainer:
         self.current: str | None = None
         self.losses: collections.deque = collections.deque(maxlen=200)
         self.tokens_per_s = 0.0
+        # What /metrics counts since this process started (trainer.metrics).
+        self.counts = {"steps": 0, "tokens": 0, "guard_rollbacks": 0, "nonfinite_stops": 0}
         self.stopping = threading.Event()
         # Requests that must run between two steps (checkpoint, rollback): [function, done, reply].
         self.pending: collections.deque = collections.deque()
@@ -262,10 +321,23 @@ class Trainer:
             return Reply(200, {})
         if op == "status":
             return Reply(200, self.status())
+        if op in ("submit", "checkpoint", "rollback") and self.ranks is not None and self.ranks.failure:
+            return error(503, self.ranks.failure)
         if op == "submit":
             job = parse_body(body, empty_ok=False)
             key = admission.job_key(idempotency_key, job_id(job))
             return self.retries.run(key, body, lambda: self.submit(job))
+        if op == "job":
+            return self.job(parse_job_id(parse_body(body, empty_ok=False)))
+        if op == "cancel":
+            return self.cancel(parse_job_id(parse_body(body, empty_ok=False)))
+        if op == "metrics":
+            return Reply(200, self.metrics())
+        if op == "retention":
+            return self.between_steps(lambda: Reply(200, self.retention.describe()))
+        if op == "set_retention":
+            prompts, builtin = self.parse_retention(parse_body(body, empty_ok=False))
+            return self.between_steps(lambda: self.set_retention(prompts, builtin))
         if op in ("checkpoint", "checkpoints", "rollback"):
             if self.store is None:
                 return error(409, "this server has no checkpoint store (it was started with --no-store)")
@@ -303,7 +375,7 @@ class Trainer:
             try:
                 item[2] = item[0]()
             except Exception as e:
-                item[2] = error(500, f"{type(e).__name__}: {e}")
+                item[2] = error(500, self._failed(e))
             item[1].set()
         if timer and self.checkpoint_due():
             try:
@@ -312,8 +384,15 @@ class Trainer:
             except Exception as e:  # reported in /train/status; tried again after another period
                 self.last_checkpoint = time.monotonic()
                 with self.lock:
-                    self.checkpoint_error = f"{type(e).__name__}: {e}"
+                    self.checkpoint_error = self._failed(e)
                 print(f"livetrain trainer: periodic checkpoint failed: {self.checkpoint_error}", flush=True)
+
+    def _failed(self, e: Exception) -> str:
+        """What to report of an error; under tensor parallelism, one of the transport (a rank died or timed
+        out, RankFailure) breaks the group (trainer.ranks)."""
+        if self.ranks is not None and self.ranks.broken(e):
+            return str(self.ranks.fail(e))
+        return f"{type(e).__name__}: {e}"
 
     def checkpoint_due(self) -> bool:
         return (
@@ -327,46 +406,124 @@ class Trainer:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
         per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        n = len(parsed["examples"])
+        # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
+        # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
+        asked = parsed.get("batch_size", self.settings.batch_size)
+        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens)
+        plan = schedule.plan({**parsed, "batch_size": bs}, self.settings, n)
+        if self.ranks is not None and (plan.guard or plan.replay):
+            # The retention answers and losses are generated on rank 0 alone, while a tensor-parallel
+            # forward needs every rank: not built yet (issue #16).
+            raise Invalid(
+                "guard",
+                "the forgetting guard and retention replay do not run under tensor parallelism yet; send "
+                '"guard": false and "replay": 0 (the defaults under tensor parallelism)',
+            )
         if self.stopping.is_set():
             return error(503, "the trainer is shutting down")
-        n = len(parsed["examples"])
-        asked = parsed.get("batch_size", self.batch_size)
-        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens)
-        steps = parsed.get("steps") or parsed.get("epochs", 1) * math.ceil(n / bs)
         jid = job_id(job) or f"job-{uuid.uuid4().hex[:12]}"
         info = {
             "id": jid,
             "state": "queued",
             "examples": n,
-            "steps": steps,
+            "steps": plan.budget,  # the most it takes: exactly this many when fixed
             "step": 0,
-            "batch_size": bs,
-            "lr": parsed.get("lr", self.lr),
+            "batch_size": plan.batch_size,
+            "lr": plan.lr,
+            "until_loss": plan.until_loss,
+            "plan": plan.describe(),
             "loss": None,
+            "loss_before": None,
+            "loss_after": None,
+            "losses": None,
+            "stop_reason": None,
+            "guard": None,
             "error": None,
             "submitted": time.time(),
+            "started": None,
+            "finished": None,
+            "seconds": None,
         }
         with self.lock:
             if jid in self.jobs:
                 return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
-                self.queue.put_nowait((jid, parsed))
+                self.queue.put_nowait((jid, {"examples": parsed["examples"], "plan": plan}))
             except queue.Full:
                 return error(429, f"the training queue is full ({self.queue.maxsize} jobs); retry later")
             self.jobs[jid] = info
             while len(self.jobs) > 100:  # forget the oldest finished jobs
-                old = next((k for k, v in self.jobs.items() if v["state"] in ("done", "failed")), None)
+                old = next((k for k, v in self.jobs.items() if v["state"] in schedule.FINAL), None)
                 if old is None:
                     break
                 del self.jobs[old]
-        reply = {"job_id": jid, "steps": steps, "examples": n, "queued": self.queue.qsize()}
-        if bs != asked:
-            reply["batch_size"] = bs
+        reply = {"job_id": jid, "steps": plan.budget, "until_loss": plan.until_loss, "examples": n}
+        reply["queued"] = self.queue.qsize()
+        if plan.batch_size != asked:
+            reply["batch_size"] = plan.batch_size
             reply["split"] = (
-                f"batches of {bs} examples rather than {asked}, to stay within --max-batch-tokens "
+                f"batches of {plan.batch_size} examples rather than {asked}, to stay within --max-batch-tokens "
                 f"{self.max_batch_tokens} tokens per step"
             )
         return Reply(202, reply)
+
+    def job(self, jid: str) -> Reply:
+        """GET /train/{job_id}: the job's entry, as /train/status lists it."""
+        with self.lock:
+            info = self.jobs.get(jid)
+            if info is None:
+                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+            return Reply(200, dict(info))
+
+    def cancel(self, jid: str) -> Reply:
+        """Cancels a queued job at once, a running one after its current step (202); 409 once it ended."""
+        with self.lock:
+            info = self.jobs.get(jid)
+            if info is None:
+                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+            if info["state"] in schedule.FINAL:
+                return error(409, f"job {jid} has already ended ({info['state']})", "job_id")
+            info["cancel"] = True
+            if info["state"] == "queued":  # the training thread skips it when it reaches it in the queue
+                info.update(state="cancelled", stop_reason="cancelled", finished=time.time())
+                return Reply(200, dict(info))
+            return Reply(202, dict(info))
+
+    def parse_retention(self, args: dict) -> tuple[list, bool]:
+        """PUT /train/retention: ``{"prompts": [...], "builtin": true}``."""
+        unknown = set(args) - RETENTION_FIELDS
+        if unknown:
+            name = sorted(unknown)[0]
+            raise Invalid(name, f"unknown field {name!r} (allowed: prompts, builtin)")
+        if "prompts" not in args:
+            raise Invalid("prompts", "prompts is required: a list of strings or {messages} objects")
+        builtin = args.get("builtin", True)
+        if not isinstance(builtin, bool):
+            raise Invalid("builtin", "builtin must be true or false")
+        prompts = guard.check_prompts(args["prompts"])
+        if not builtin and len(prompts) < 2:
+            raise Invalid("prompts", "without the built-in prompts, give at least two (one replayed, one held out)")
+        return prompts, builtin
+
+    def set_retention(self, prompts: list, builtin: bool) -> Reply:
+        self.retention.set_user(prompts, builtin)
+        return Reply(200, self.retention.describe())
+
+    def metrics(self) -> dict:
+        """What /metrics exports (trainer.metrics turns it into Prometheus metrics)."""
+        with self.lock:
+            states = collections.Counter(v["state"] for v in self.jobs.values())
+            last = self.losses[-1]["loss"] if self.losses else None
+            return {
+                "weight_version": self.weight_version,
+                "counts": dict(self.counts),
+                "loss": last,
+                "tokens_per_s": self.tokens_per_s,
+                "jobs": {state: states.get(state, 0) for state in schedule.STATES},
+                "checkpoint_time": self.generations[-1]["time_ms"] / 1000 if self.store is not None else None,
+                "running": self.current,
+            }
 
     def status(self) -> dict:
         with self.lock:
@@ -395,6 +552,15 @@ class Trainer:
                     "or an MTP head): never trained, kept unchanged by the checkpoint store",
                 },
                 "checkpoint": self._checkpoint_status(),
+                "tensor_parallel": self.ranks.status() if self.ranks is not None else None,
+                "guard": {
+                    "default": not self.settings.no_guard,
+                    "threshold": self.settings.guard_threshold,
+                    "replay": self.settings.replay,
+                    "rollbacks": self.counts["guard_rollbacks"],
+                    "can_roll_back": self.store is not None,
+                    "retention_prompts": len(self.retention.prompts),
+                },
             }
 
     def _checkpoint_status(self) -> dict | None:
@@ -422,15 +588,24 @@ class Trainer:
         }
 
     def _commit(self) -> dict:
-        """Saves the live weights as a generation with the optimizer state beside them."""
-        self.save()  # the optimizer-state file that the generation records
-        r = self.store.save(self.weights, weight_version=self.weight_version, optimizer_state=self.opt_path)
+        """Saves the live weights as a generation with the optimizer state beside them (under tensor
+        parallelism every rank saves its part, rank 0 commits them: commit_rank)."""
+        if self.ranks is not None:
+            self.ranks.lead("commit", self.weight_version)
+        r = self.commit_rank(self.weight_version)
         gens = self.store.list()
         with self.lock:
             self.generations = gens
             self.checkpoint_error = None
         self.saved_version, self.last_checkpoint = self.weight_version, time.monotonic()
         return r
+
+    def commit_rank(self, weight_version: int) -> dict:
+        """This rank's part of ``_commit`` (every rank, at once, under tensor parallelism)."""
+        self.save_rank(weight_version)  # the optimizer-state file that the generation records
+        if self.ranks is None:
+            return self.store.save(self.weights, weight_version=weight_version, optimizer_state=self.opt_path)
+        return self.ranks.commit(self.store, self.weights, weight_version, self.opt_path)
 
     def checkpoint(self) -> Reply:
         t0 = time.perf_counter()
@@ -454,13 +629,11 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
-        self.reserve(self.weight_version + 1)  # before the weights change
-        self.store.restore(generation, self.weights)
-        self.opt.reset_state()
-        if gen["optimizer_state"]:
-            self.opt.load_state(os.path.join(self.store.dir, gen["optimizer_state"]), names=self.names)
+        self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
+        if self.ranks is not None:
+            self.ranks.lead("rollback", generation)
+        self.rollback_rank(generation)
         steps = self._optimizer_steps()
-        self.reserve(self.weight_version + 1)
         with self.lock:
             self._new_version()
             self.opt_steps = steps
@@ -470,13 +643,46 @@ class Trainer:
             {
                 "rolled_back_to": generation,
                 "restored_weight_version": gen["weight_version"],
-                "optimizer": "restored" if gen["optimizer_state"] else "reset",
+                "optimizer": "restored" if self._generation_state(gen) else "reset",
                 "generation": r["generation"],
                 "written": r["written"],
                 "weight_version": self.weight_version,
                 "seconds": round(time.perf_counter() - t0, 3),
             },
         )
+
+    def rollback_rank(self, generation: int) -> None:
+        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``."""
+
+        def restore():
+            gen = next(g for g in self.store.list() if g["generation"] == generation)
+            self.store.restore(generation, self.weights)
+            self.opt.reset_state()
+            files = self._generation_state(gen)
+            if files:
+                self._load_state(files)
+
+        self._together("rollback", restore)
+
+    def _together(self, what: str, fn, *args):
+        """``fn`` on this rank; under tensor parallelism, an error on any rank is raised on every rank."""
+        return fn(*args) if self.ranks is None else self.ranks.together(what, fn, *args)
+
+    def _generation_state(self, gen: dict) -> list[str] | None:
+        """The optimizer-state files a generation records, one per rank that wrote it (None: it has none)."""
+        parts = gen.get("parts")
+        files = [p.get("optimizer_state") for p in parts] if parts else [gen.get("optimizer_state")]
+        if not files or not all(files):
+            return None
+        return [os.path.join(self.store.dir, f) for f in files]
+
+    def _load_state(self, files: list[str]) -> None:
+        """The optimizer state from its files: this rank's own, or (saved at another tensor-parallel size)
+        each parameter's state assembled from every rank's file and cut to this rank's part."""
+        mine = files[self.ranks.rank] if self.ranks is not None and len(files) == self.ranks.size else None
+        if len(files) == 1:
+            mine = files[0]
+        self.opt.load_state(mine if mine is not None else files, names=self.names)
 
     def _new_version(self) -> None:
         """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
@@ -504,15 +710,30 @@ class Trainer:
         weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
 
-    def step(self, examples) -> tuple[float, int]:
+    def step(self, examples) -> tuple[float, int, list[float]]:
         """One forward/backward over a batch; the optimizer steps each parameter from its hook during
-        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged."""
+        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged.
+        Returns the loss, the batch's tokens and each example's loss (unweighted).
+
+        ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
+        some parameter's gradient or update was (the others were stepped: ``applied``)."""
         ids, attn, labels, weights = self._batch(examples)
         # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
         # The output projection's vocabulary-sized gradient is made after backward, once the layers'
         # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
-        later = OutputGradient()
-        loss = causal_lm_loss(self.model, ids, attn, labels, weights, later=later)
+        later = OutputGradient(vocab=self.vocab)
+        per_example = torch.empty(len(examples), dtype=torch.float32, device=self.device)
+        loss = causal_lm_loss(
+            self.model, ids, attn, labels, weights, later=later, vocab=self.vocab, per_example=per_example
+        )
+        value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
+        if not math.isfinite(value):
+            # Before backward: the hooks step parameters one by one as gradients appear, so a step that
+            # starts cannot be taken back. A non-finite loss never starts one.
+            raise NonFinite(f"the loss is {value}", applied=False, parameters=[])
+        statuses = [st["status"] for st in self.opt.state.values() if "status" in st]
+        if statuses:
+            torch._foreach_zero_(statuses)  # each parameter's step writes its outcome there (optim.Status)
         self._released = False
         loss.backward()
         # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
@@ -520,7 +741,49 @@ class Trainer:
         if later.active and self.release_cached and not self._released:
             self._release()
         later.apply(self.opt.step_param)
-        return float(loss.detach()), int(attn.sum())
+        if self.ranks is not None:
+            self.ranks.end_step()
+        self._check_step()
+        return value, int(attn.sum()), per_example.tolist()
+
+    def _check_step(self) -> None:
+        """``NonFinite`` when a parameter's step of this batch met a non-finite gradient or update (one read
+        of every status: one synchronization)."""
+        entries = [(p, st) for p, st in self.opt.state.items() if "status" in st]
+        codes = torch.cat([st["status"] for _, st in entries]).tolist() if entries else []
+        bad = [self.names.get(p, "?") for (p, _), c in zip(entries, codes) if c != 0]
+        if bad:
+            applied = len(bad) < len(entries) or any(c == 2 for c in codes)  # 2: optim.STATUS_NONFINITE_UPDATE
+            raise NonFinite(
+                f"non-finite gradient or update in {len(bad)} of {len(entries)} parameters ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})",
+                applied=applied,
+                parameters=bad,
+            )
+
+    @torch.no_grad()
+    def example_losses(self, examples, batch_size: int | None = None) -> list[float]:
+        """Each example's mean loss over its trained tokens on the live weights (forward only, eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[float] = []
+        try:
+            bs = batch_size or self.batch_size
+            for b in range(0, len(examples), bs):
+                chunk = examples[b : b + bs]
+                ids, attn, labels, weights = self._batch(chunk)
+                per_example = torch.empty(len(chunk), dtype=torch.float32, device=self.device)
+                causal_lm_loss(self.model, ids, attn, labels, weights, per_example=per_example)
+                out += per_example.tolist()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def train_step(self, examples, lr: float) -> tuple[float, int, list[float]]:
+        """A training step at ``lr`` (every rank, at once, under tensor parallelism)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return self.step(examples)
 
     def _embeddings_forward(self, _module, _inputs, out) -> None:
         # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
@@ -537,46 +800,231 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def run_job(self, jid: str, job: dict) -> None:
+        """Runs a job (trainer.schedule): its steps until it has learned its examples, its budget, or a
+        cancel; the guard around it (trainer.guard); what /train/status reports of it."""
+        plan: schedule.Plan = job["plan"]
+        examples = job["examples"]
         with self.lock:
             info = self.jobs[jid]
-            info["state"], self.current = "running", jid
-        for group in self.opt.param_groups:
-            group["lr"] = info["lr"]
-        order = list(range(len(job["examples"])))
-        cycle = itertools.cycle(order)
+            if info["state"] != "queued":  # cancelled while it waited
+                return
+            info["state"], info["started"], self.current = "running", time.time(), jid
+        t_job = time.perf_counter()
+        losses = schedule.Losses(len(examples))
+        reason, state, undo, restored = None, "done", None, False
         try:
-            for s in range(info["steps"]):
+            undo = self._undo_point() if plan.guard else None
+            watch = self._guard_start(plan) if plan.guard or plan.replay else None
+            if watch is not None:
+                with self.lock:
+                    info["guard"] = watch["report"]
+            replay = itertools.cycle(watch["replay"]) if watch and plan.replay and watch["replay"] else None
+            order = schedule.batches(len(examples), plan.batch_size)
+            for s in range(plan.budget):
                 self.run_pending()
                 if self.stopping.is_set():
-                    raise RuntimeError("stopped by shutdown")
-                batch = [job["examples"][next(cycle)] for _ in range(min(info["batch_size"], len(order)))]
+                    reason = "shutdown"
+                    break
+                if info.get("cancel"):
+                    reason = "cancelled"
+                    break
+                idx = next(order)
+                batch = [examples[i] for i in idx] + ([next(replay) for _ in range(plan.replay)] if replay else [])
+                lr = plan.lr_at(s)
                 self.reserve(self.weight_version + 1)  # before the step writes the weights
                 t0 = time.perf_counter()
-                loss, ntok = self.step(batch)
+                try:
+                    if self.ranks is not None:
+                        self.ranks.lead("step", batch, lr)
+                    loss, ntok, per_example = self.train_step(batch, lr)
+                except NonFinite as e:
+                    reason, state = "nonfinite", "failed"
+                    restored = self._nonfinite_stop(info, e, undo)
+                    break
                 dt = time.perf_counter() - t0
+                losses.record(idx, per_example[: len(idx)])
+                summary = losses.summary(plan.until_loss)
                 with self.lock:
                     self._new_version()
                     self.opt_steps += 1
+                    self.counts["steps"] += 1
+                    self.counts["tokens"] += ntok
                     info["step"], info["loss"] = s + 1, loss
+                    info["loss_before"], info["loss_after"], info["losses"] = (
+                        summary["before"],
+                        summary["after"],
+                        summary,
+                    )
                     self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
                     self.tokens_per_s = ntok / dt if dt > 0 else 0.0
-            report = self.opt.report()
-            with self.lock:
-                info["state"] = "done"
-                info["skipped_nonfinite"] = report["skipped_nonfinite_grad"] + report["nonfinite_update"]
+                print(
+                    f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
+                    f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
+                    + (f", {summary['below']}/{len(examples)} below {plan.until_loss:g}" if plan.until_loss else "")
+                    + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
+                    f"weight version {self.weight_version}",
+                    flush=True,
+                )
+                if losses.learned(plan.until_loss):
+                    reason = "until_loss"
+                    break
+            else:
+                reason = "steps" if plan.steps is not None else "max_steps"
+            if reason == "cancelled":
+                state = "cancelled"
+            # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
+            if watch is not None and plan.guard and info["step"] > 0 and reason != "shutdown" and not restored:
+                state = self._guard_end(jid, info, watch, undo, state)
         except Exception as e:
+            reason, state = "error", "failed"
+            message = f"{type(e).__name__}: {e}"
+            if self.ranks is not None:
+                message = str(self.ranks.fail(e))  # a step failed on a rank: the group cannot go on (trainer.ranks)
             with self.lock:
-                info["state"], info["error"] = "failed", f"{type(e).__name__}: {e}"
+                info["error"] = message
         finally:
             with self.lock:
+                if reason == "shutdown":
+                    state, info["error"] = "failed", "stopped by shutdown"
+                info["state"], info["stop_reason"] = state, reason or "error"
+                info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
+                info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
+            print(
+                f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
+                f"{schedule.STOP_REASONS.get(reason, '')}); examples' loss {info['loss_before']} -> "
+                f"{info['loss_after']}; {info['seconds']} s",
+                flush=True,
+            )
             self.save()
 
+    def _undo_point(self) -> dict | None:
+        """The store's generation that holds the weights as they are before a guarded job (saved now when
+        the weights changed since the head; the store writes only what changed): what a guard rollback or
+        a half-applied step goes back to. None without a store."""
+        if self.store is None:
+            return None
+        if self.weight_version != self.saved_version:
+            self._commit()
+        return self.generations[-1]
+
+    def _guard_start(self, plan: schedule.Plan) -> dict:
+        """Before a guarded job (or one that replays): the retention answers on the live weights (made again
+        only when the weights changed since), the replay and held-out examples, the retention loss."""
+        t0 = time.perf_counter()
+        made = self.retention.refresh(self.model, self.weight_version, self.pad)
+        replay = self._fit(self.retention.replay())
+        held_out = self._fit(self.retention.held_out())
+        before = None
+        if plan.guard and held_out:
+            before = _mean(self.example_losses(held_out))
+        report = {
+            "retention_loss_before": _round(before),
+            "retention_loss_after": None,
+            "rise": None,
+            "threshold": self.settings.guard_threshold,
+            "passed": None,
+            "rolled_back": False,
+            "rollback": None,
+            "replayed_prompts": len(replay) if plan.replay else 0,
+            "held_out_prompts": len(held_out),
+            "answers_made": made,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return {"replay": replay, "held_out": held_out, "before": before, "report": report}
+
+    def _fit(self, examples: list) -> list:
+        """Retention examples cut to the trainer's longest example (answers shortened; prompts that do not
+        fit leave the set)."""
+        out = []
+        for ids, mask, w in examples:
+            if len(ids) > self.max_len:
+                ids, mask = ids[: self.max_len], mask[: self.max_len]
+            if any(mask[1:]):
+                out.append((ids, mask, w))
+        return out
+
+    def _guard_end(self, jid: str, info: dict, watch: dict, undo: dict | None, state: str) -> str:
+        """After a guarded job: the retention loss again; a rise over the threshold rolls the weights back to
+        ``undo`` (bit for bit, through the store). Returns the job's final state."""
+        t0 = time.perf_counter()
+        report = dict(watch["report"])
+        if watch["before"] is None:
+            report["passed"] = True
+        else:
+            after = _mean(self.example_losses(watch["held_out"]))
+            rise = after - watch["before"] if math.isfinite(after) else math.inf
+            report["retention_loss_after"] = _round(after) if math.isfinite(after) else None
+            report["rise"] = _round(rise) if math.isfinite(rise) else None
+            report["passed"] = rise <= self.settings.guard_threshold
+        if not report["passed"]:
+            if undo is None:
+                report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
+            else:
+                r = self.rollback(undo["generation"]).body
+                report["rolled_back"] = True  # also after a non-finite stop: the state says where the weights are
+                report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+                state = "rolled_back"
+                with self.lock:
+                    self.counts["guard_rollbacks"] += 1
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
+        with self.lock:
+            info["guard"] = report
+        print(
+            f"livetrain trainer: {jid} guard: retention loss {report['retention_loss_before']} -> "
+            f"{report['retention_loss_after']} (rise {report['rise']}, threshold {report['threshold']}): "
+            + (
+                "kept" if report["passed"] else "rolled back" if report["rolled_back"] else "NOT rolled back (no store)"
+            ),
+            flush=True,
+        )
+        return state
+
+    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None) -> bool:
+        """A job stopped by a non-finite loss or gradient: the weights as they were before that step. When
+        the step was half applied (some parameters stepped), that means the job's undo point. True when the
+        weights were rolled back to it."""
+        restored = None
+        if e.applied and undo is not None:
+            restored = self.rollback(undo["generation"]).body["rolled_back_to"]
+        with self.lock:
+            self.counts["nonfinite_stops"] += 1
+            info["skipped_nonfinite"] = e.parameters
+            if not e.applied:
+                info["error"] = f"stopped at step {info['step'] + 1}: {e}; nothing of that step was applied"
+            elif restored is not None:
+                info["error"] = (
+                    f"stopped at step {info['step'] + 1}: {e}; the other parameters had been stepped, so the "
+                    f"weights were rolled back to generation {restored}, as they were before the job"
+                )
+            else:
+                info["error"] = (
+                    f"stopped at step {info['step'] + 1}: {e}; the other parameters of that step were applied "
+                    "(the job kept no undo point: it was not guarded, or the trainer has no checkpoint store)"
+                )
+        return restored is not None
+
     def save(self) -> None:
-        """Optimizer state and weight version, each replaced crash-safely by the core (temp file, fsync,
-        rename, fsync of the directory)."""
+        """Optimizer state (every rank's, under tensor parallelism) and weight version, each replaced
+        crash-safely by the core (temp file, fsync, rename, fsync of the directory)."""
+        if self.ranks is not None and not self.ranks.failure:
+            try:
+                self.ranks.lead("save", self.weight_version)
+            except Exception:  # the group broke (recorded in ranks.failure): this rank's state still counts
+                self._save_files(self.weight_version)
+                return
+        self.save_rank(self.weight_version)
+
+    def save_rank(self, weight_version: int) -> None:
+        """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
+        if self.ranks is None or self.ranks.failure:
+            self._save_files(weight_version)
+        else:
+            self.ranks.together("save", self._save_files, weight_version)
+
+    def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
-        self.state_version = self.weight_version
+        self.state_version = weight_version
         self._write_meta()
 
     def reserve(self, version: int) -> None:
@@ -588,23 +1036,38 @@ class Trainer:
             self._write_meta()
 
     def _write_meta(self) -> None:
+        if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
+            return
         meta = {"weight_version": self.state_version, "reserved": self.reserved, "engine": self.engine}
         _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
 
     def run(self) -> None:
+        """The training thread (rank 0): jobs from the queue and the requests between them, until stopped."""
         while not self.stopping.is_set():
             self.run_pending()
             try:
                 jid, job = self.queue.get(timeout=0.05)
             except queue.Empty:
+                if self.ranks is not None:
+                    self.ranks.heartbeat()
                 continue
             self.run_job(jid, job)
         with self.lock:
             self.closed = True
         self.run_pending(timer=False)  # requests that arrived before the shutdown are still answered
         self.save()
+        if self.ranks is not None and not self.ranks.failure:
+            self.ranks.lead("stop")
 
     def close(self) -> None:
         """Releases the checkpoint store (its lock and host copy)."""
         if self.store is not None:
             self.store.close()
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 5)

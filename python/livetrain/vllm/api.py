@@ -13,6 +13,8 @@ import dataclasses
 import os
 from typing import Any
 
+from livetrain.trainer import routes
+
 # The vLLM versions whose sources the contract tests check (tests/python/vllm_sdists.json pins each
 # release in between). 0.26.0 is the first with `vllm.endpoint_plugins`.
 SUPPORTED_MIN, SUPPORTED_MAX = "0.26.0", "0.33.0"
@@ -146,14 +148,15 @@ _uses(
     ),
 )
 
-# vLLM < 0.31 keeps its own route first when a plugin adds the same path: livetrain's paths must be free.
+# vLLM < 0.31 keeps its own route first when a plugin adds the same path: livetrain's paths must be free
+# (trainer.routes: ROUTES, and the metrics at VLLM_METRICS_PATH beside vLLM's own /metrics).
 _uses(
     Api(
         "unused",
         "vllm",
         "",
         "the training routes' paths are not vLLM's",
-        words=("/train", "/train/status", "/checkpoint", "/checkpoints", "/rollback"),
+        words=(*dict.fromkeys(r.path for r in routes.ROUTES), routes.VLLM_METRICS_PATH),
     )
 )
 

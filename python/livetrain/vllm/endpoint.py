@@ -151,7 +151,11 @@ class EndpointPlugin:
         return os.path.join(self.run_dir, "trainer.sock") if self.run_dir else ""
 
     def attach_router(self, app) -> None:
-        app.include_router(routes.training_router(lambda: self.socket, api_key=lambda: self.keys))
+        app.include_router(
+            routes.training_router(
+                lambda: self.socket, api_key=lambda: self.keys, metrics_path=routes.VLLM_METRICS_PATH
+            )
+        )
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:  # vLLM's render-only server has no engine (required_tasks keeps us off it)

@@ -177,7 +177,7 @@ def export(worker, run_dir: str, env=os.environ) -> dict:
 
 
 def _export(worker, run_dir: str, env) -> dict:
-    from livetrain import sharing
+    from livetrain import _core, sharing
 
     facts = api.config_facts(api.worker_config(worker))
     raise_refusals(facts, env)
@@ -192,6 +192,10 @@ def _export(worker, run_dir: str, env) -> dict:
             f"vLLM's parameter {elsewhere[0]!r} is on {elsewhere[1]}: livetrain shares vLLM's weights "
             "through CUDA IPC, so vLLM's CPU and other non-CUDA backends are not supported"
         )
+    # A core built without CUDA support, or with no code for this GPU, is refused here, before anything else.
+    problem = _core.cuda_device_problem(next(iter(params.values())).device.index or 0) if params else ""
+    if problem:
+        raise Refused(f"livetrain's core cannot run on vLLM's GPU: {problem}")
     restored = restore_newer(model_dir, params, config, tp_rank, tp_size, env)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = manifest_path(run_dir, tp_rank)

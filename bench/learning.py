@@ -1,0 +1,267 @@
+"""Does a /train job with default settings teach, and what does it cost the model? End to end through HTTP:
+serves a model with `livetrain serve` (or uses a running server, --url), asks every question of
+bench/learning_data.json (made-up facts in both trained phrasings and one reworded question never trained on,
+general-knowledge questions), then for each case teaches the facts in one job, asks everything again, and
+rolls the weights back to where they started (POST /rollback to the first generation) before the next case:
+
+- ``defaults``: only ``examples`` (the server's learning defaults and its forgetting guard);
+- ``plain``: plain fine-tuning at the same step count and learning rate, without the guard (no replay);
+- ``destructive``: a deliberately destructive job (lr 0.05, 20 steps) with the guard on: it must be rolled
+  back, and the model must then give every answer it gave before, on weights equal bit for bit to the
+  starting ones (read through the engine's shared-weights manifest).
+
+Prints one table row per case: trained-question recall (both phrasings), reworded recall, general answers
+kept (of those right before), steps, why the job stopped, the guard's retention-loss rise and whether it
+rolled back, the guard's own seconds, the job's seconds. bench/RESULTS.md records the runs.
+
+usage: python bench/learning.py [--device cpu|cuda] [--dtype fp32|bf16] [--model default|DIR]
+           [--cases defaults,plain,destructive] [--facts N] [--json out.json] [--url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+import time
+
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+sys.path.insert(0, PYTHON_DIR)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import learning_questions as lq  # noqa: E402
+
+from livetrain.trainer.client import error_text, free_port, http, wait_job, wait_ready  # noqa: E402
+
+CASES = ("defaults", "plain", "destructive")
+# The destructive case: a learning rate far above any useful one, enough steps to break the model.
+DESTRUCTIVE = {"lr": 0.05, "steps": 20}
+
+
+class Server:
+    """`python -m livetrain.serve` in a subprocess with a store, state and run directory of its own (or a
+    running server at ``url``: then the weights cannot be compared, their manifest being unknown)."""
+
+    def __init__(self, a):
+        import subprocess
+
+        self.proc, self.manifest = None, None
+        if a.url:
+            self.url = a.url.rstrip("/")
+            return
+        self.dir = tempfile.mkdtemp(prefix="livetrain-learning-")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        run = os.path.join(self.dir, "run")
+        self.manifest = os.path.join(run, "engine.manifest.json")
+        cmd = [sys.executable, "-m", "livetrain.serve", "--model", a.model, "--dtype", a.dtype]
+        cmd += ["--device", a.device, "--port", str(port), "--run-dir", run]
+        cmd += ["--store", os.path.join(self.dir, "store"), "--state-dir", os.path.join(self.dir, "state")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")]))}
+        self.log_path = os.path.join(self.dir, "serve.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(self.url, self.proc, a.ready_timeout)
+        except (RuntimeError, TimeoutError) as e:
+            self.stop()
+            raise SystemExit(f"learning: the server did not start ({e}); its log:\n{self.logtext()}") from None
+
+    def logtext(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()[-4000:]
+
+    def call(self, path: str, body=None, timeout: float = 600) -> dict:
+        code, reply = http(self.url + path, body, timeout=timeout)
+        if code >= 300:
+            raise SystemExit(f"learning: {path}: {error_text(code, reply)}")
+        return reply
+
+    def weights(self) -> dict | None:
+        """The served weights, copied to the CPU (None for a server this script did not start)."""
+        if self.manifest is None:
+            return None
+        from livetrain import sharing
+
+        tensors = sharing.attach(self.manifest, take_lease=False).tensors
+        return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except Exception:
+                self.proc.kill()
+
+
+def same_bits(x, y) -> bool:
+    import torch
+
+    return (
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))
+    )
+
+
+def ask(server: Server, questions: list[str], max_tokens: int, clients: int) -> list[str]:
+    """Every question's greedy answer (chat, temperature 0), ``clients`` requests at a time."""
+
+    def one(q: str) -> str:
+        body = {"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": max_tokens}
+        return server.call("/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, questions))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="weight dtype (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"which cases, in order (default {','.join(CASES)})")
+    p.add_argument("--facts", type=int, default=0, help="the first N facts only (default: all)")
+    p.add_argument("--general", type=int, default=0, help="the first N general questions only (default: all)")
+    p.add_argument(
+        "--destructive",
+        default=f"{DESTRUCTIVE['lr']},{DESTRUCTIVE['steps']}",
+        help=f"lr,steps of the destructive case (default {DESTRUCTIVE['lr']},{DESTRUCTIVE['steps']})",
+    )
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer (default 24)")
+    p.add_argument("--clients", type=int, default=8, help="questions asked at a time (default 8)")
+    p.add_argument(
+        "--plain-steps", type=int, default=0, help="steps of the plain case (default: those the defaults case took)"
+    )
+    p.add_argument("--url", default=None, help="use this running server instead of starting one")
+    p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--json", default=None, help="write the rows and every answer here")
+    a = p.parse_args(argv)
+    a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "bf16")
+    cases = [c for c in a.cases.split(",") if c]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        p.error(f"--cases: unknown case {bad[0]!r} (choose from {', '.join(CASES)})")
+
+    facts, general = lq.load(facts=a.facts or None)
+    general = general[: a.general] if a.general else general
+    try:
+        lr, steps = a.destructive.split(",")
+        destructive = {"lr": float(lr), "steps": int(steps)}
+    except ValueError:
+        p.error(f"--destructive must be LR,STEPS, not {a.destructive!r}")
+    examples = lq.examples(facts)
+    asked = lq.questions(facts, general)
+    questions = [q for _, q, _ in asked]
+    t0 = time.perf_counter()
+    server = Server(a)
+    out: dict = {"model": a.model, "device": a.device, "dtype": a.dtype, "facts": len(facts), "rows": []}
+    try:
+        status = server.call("/train/status")
+        out["ready_s"] = round(time.perf_counter() - t0, 1)
+        start_gen = status["checkpoint"]["generation"] if status.get("checkpoint") else None
+        start_weights = server.weights()
+        t0 = time.perf_counter()
+        before = ask(server, questions, a.max_tokens, a.clients)
+        base = lq.score(asked, before, facts, general)
+        out["before"] = {k: sum(v) for k, v in base.items()}
+        out["answers_before"] = before
+        print(
+            f"# {a.model} on {a.device} ({a.dtype}), ready in {out['ready_s']} s; {len(examples)} examples; "
+            f"before: trained {sum(base['trained'])}/{len(base['trained'])}, reworded "
+            f"{sum(base['reworded'])}/{len(facts)}, general {sum(base['general'])}/{len(general)} right "
+            f"({len(questions)} questions in {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        header = (
+            "| case | steps | stopped | trained | reworded | general kept | retention rise | rolled back "
+            "| guard s | job s | guard / job |"
+        )
+        print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
+        steps_of_defaults = None
+        for case in cases:
+            body: dict = {"examples": examples}
+            if case == "plain":
+                steps = a.plain_steps or steps_of_defaults
+                if not steps:
+                    p.error("--cases: plain without defaults before it needs --plain-steps")
+                body.update(steps=steps, guard=False)
+            elif case == "destructive":
+                body.update(destructive)
+            job = server.call("/train", body)
+            info = wait_job(server.url, job["job_id"], timeout=3600, interval=0.5)
+            if case == "defaults":
+                steps_of_defaults = info["step"]
+            answers = ask(server, questions, a.max_tokens, a.clients)
+            got = lq.score(asked, answers, facts, general)
+            kept, right = lq.kept(base["general"], got["general"])
+            g = info.get("guard") or {}
+            row = {
+                "case": case,
+                "job": body | {"examples": len(examples)},
+                "state": info["state"],
+                "steps": info["step"],
+                "stop_reason": info["stop_reason"],
+                "trained": sum(got["trained"]),
+                "trained_of": len(got["trained"]),
+                "reworded": sum(got["reworded"]),
+                "general_kept": kept,
+                "general_right_before": right,
+                "retention_rise": g.get("rise"),
+                "rolled_back": bool(g.get("rolled_back")),
+                "guard_s": g.get("seconds"),
+                "job_s": info["seconds"],
+                "loss_before": info["loss_before"],
+                "loss_after": info["loss_after"],
+                "answers": answers,
+            }
+            if case == "destructive" or row["rolled_back"]:
+                row["answers_as_before"] = answers == before
+                if start_weights is not None:
+                    now = server.weights()
+                    row["weights_bit_exact"] = now.keys() == start_weights.keys() and all(
+                        same_bits(now[k], start_weights[k]) for k in now
+                    )
+            out["rows"].append(row)
+            guard_s, job_s = row["guard_s"], row["job_s"]
+            print(
+                f"| {case} | {row['steps']} | {row['stop_reason']} | {row['trained']}/{row['trained_of']} "
+                f"| {row['reworded']}/{len(facts)} | {kept}/{right} "
+                f"| {'-' if row['retention_rise'] is None else format(row['retention_rise'], '+.4f')} "
+                f"| {'yes' if row['rolled_back'] else 'no'} | {'-' if guard_s is None else guard_s} | {job_s} "
+                f"| {'-' if guard_s is None or not job_s else format(guard_s / job_s, '.0%')} |",
+                flush=True,
+            )
+            if "answers_as_before" in row:
+                print(
+                    f"#   {case}: every answer as before: {row['answers_as_before']}; weights bit-exact: "
+                    f"{row.get('weights_bit_exact', 'not compared (--url)')}",
+                    flush=True,
+                )
+            if start_gen is not None and not row["rolled_back"]:
+                server.call("/rollback", {"generation": start_gen}, timeout=3600)
+        rows = {r["case"]: r for r in out["rows"]}
+        if "defaults" in rows and "plain" in rows and rows["defaults"]["steps"] == rows["plain"]["steps"]:
+            d, pl = rows["defaults"]["job_s"], rows["plain"]["job_s"]
+            out["guard_extra"] = round(d / pl - 1, 3)
+            print(
+                f"# the guard's extra wall time (defaults' job against plain fine-tuning at the same steps, "
+                f"replay and retention measures included): {d:.1f} s against {pl:.1f} s, {d / pl - 1:+.0%}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

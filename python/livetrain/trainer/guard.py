@@ -1,0 +1,204 @@
+"""The forgetting guard: what the served model already does, kept while a job teaches it something new.
+
+The retention set is a list of chat prompts (the built-in general ones in ``retention.json``, plus the
+user's own: ``--retention FILE`` or ``PUT /train/retention``) with the model's own greedy answers, made by
+the trainer on the live weights at the start of a guarded job (and reused while the weights have not
+changed since). The prompts alternate between two halves:
+
+- the *replay* half (even positions) joins the job's batches as ordinary examples, so that training keeps
+  those answers likely while it teaches the new ones;
+- the *held-out* half (odd positions) is never trained on; its **retention loss**, the mean over its
+  prompts of the mean cross-entropy (nats per token) of each answer's tokens, is measured before and after
+  the job. A job that raises it by more than the threshold is rolled back (trainer.service).
+
+No second copy of the weights is kept: the answers are token ids, the measure is one forward pass.
+docs/learning.md has the definitions and the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from livetrain.trainer.examples import check_messages
+from livetrain.trainer.protocol import Invalid
+
+BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention.json")
+# Tokens of each retention answer: enough to hold what a model does with a prompt, short enough that
+# making the answers costs a few seconds (docs/learning.md).
+ANSWER_TOKENS = 40
+# Most prompts a retention set may hold (built-in + the user's).
+MAX_PROMPTS = 1000
+
+
+def check_prompt(item, where: str) -> list[dict]:
+    """One retention prompt, a string (one user message) or ``{"messages": [...]}`` ending with a user
+    message, as a message list; ``Invalid`` naming ``where`` (``prompts[2].messages``)."""
+    if isinstance(item, str):
+        if not item.strip():
+            raise Invalid(where, f"{where} is an empty prompt")
+        return [{"role": "user", "content": item}]
+    if not isinstance(item, dict) or set(item) != {"messages"}:
+        raise Invalid(where, f"{where} must be a string or an object with messages (and nothing else)")
+    messages = check_messages(item["messages"], where)
+    if messages[-1]["role"] != "user":
+        raise Invalid(f"{where}.messages", f"{where}.messages must end with a user message")
+    return messages
+
+
+def check_prompts(items, field: str = "prompts") -> list[list[dict]]:
+    """A list of retention prompts (``check_prompt``)."""
+    if not isinstance(items, list):
+        raise Invalid(field, f"{field} must be a list of strings or {{messages}} objects")
+    if len(items) > MAX_PROMPTS:
+        raise Invalid(field, f"{field} has {len(items)} items; at most {MAX_PROMPTS}")
+    return [check_prompt(item, f"{field}[{i}]") for i, item in enumerate(items)]
+
+
+def builtin_prompts() -> list[list[dict]]:
+    with open(BUILTIN) as f:
+        return check_prompts(json.load(f)["prompts"])
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """``--retention FILE``: JSON lines, each a prompt as ``check_prompt`` takes it. ValueError naming the
+    file and line."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(check_prompt(json.loads(line), f"{path}:{n}"))
+            except ValueError as e:  # not JSON, or Invalid (a ValueError) naming the line
+                raise ValueError(str(e) if isinstance(e, Invalid) else f"{path}:{n}: not JSON: {e}") from None
+    if len(out) > MAX_PROMPTS:
+        raise ValueError(f"{path}: {len(out)} prompts; at most {MAX_PROMPTS}")
+    return out
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat prompt's token ids with the generation prompt, as the engines tokenize a chat request."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS and the model's generation config's."""
+    ids = set()
+    for x in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids.update(x if isinstance(x, list) else [] if x is None else [x])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16):
+    """Each prompt's greedy continuation (token ids, ending with the stop token when one was made) by
+    ``model`` (transformers ``generate``, left-padded batches of ``batch``), in eval mode; the model's mode
+    is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    try:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        results: dict[int, list[int]] = {}
+        for b in range(0, len(order), batch):
+            idx = order[b : b + batch]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attn[r, width - len(prompts[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop or None,
+                pad_token_id=pad,
+            )
+            for r, i in enumerate(idx):
+                toks = gen[r, width:].tolist()
+                cut = next((k + 1 for k, t in enumerate(toks) if t in stop), len(toks))
+                results[i] = toks[:cut]
+        out = [results[i] for i in range(len(prompts))]
+    finally:
+        model.train(was_training)
+    return out
+
+
+class Retention:
+    """The retention set and the model's answers to it (see the module's docstring). ``version``: the
+    weight version the answers were made at (None: not made yet, or the prompts changed since)."""
+
+    def __init__(self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True):
+        self.tokenizer = tokenizer
+        self.builtin = builtin_prompts() if builtin else []
+        self.user = list(user or [])
+        self.version: int | None = None
+        self.answers: list[list[int]] = []
+        self.seconds = 0.0  # how long the last answers took to make
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        return self.builtin + self.user
+
+    def set_user(self, prompts: list[list[dict]], builtin: bool = True) -> None:
+        """Replaces the user's prompts (and keeps or drops the built-in ones); the answers are made again
+        at the next guarded job. At least two prompts in all (the caller checks)."""
+        self.user = list(prompts)
+        self.builtin = builtin_prompts() if builtin else []
+        self.version, self.answers = None, []
+
+    def refresh(self, model, version: int, pad: int, batch: int = 16) -> bool:
+        """Makes the answers on ``model`` unless they were made at ``version``; True when it made them."""
+        import time
+
+        if self.version == version and len(self.answers) == len(self.prompts):
+            return False
+        t0 = time.perf_counter()
+        ids = [prompt_ids(self.tokenizer, p) for p in self.prompts]
+        self.answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch)
+        self.version, self.seconds = version, time.perf_counter() - t0
+        return True
+
+    def _examples(self, start: int) -> list[tuple[list[int], list[bool], float]]:
+        out = []
+        for i in range(start, len(self.prompts), 2):
+            p, a = prompt_ids(self.tokenizer, self.prompts[i]), self.answers[i]
+            if len(a) >= 1:  # an empty answer (the model stopped at once) teaches and measures its stop token
+                out.append((p + a, [False] * len(p) + [True] * len(a), 1.0))
+        return out
+
+    def replay(self) -> list[tuple[list[int], list[bool], float]]:
+        """The replay half as training examples: (prompt + the model's answer, loss on the answer, 1)."""
+        return self._examples(0)
+
+    def held_out(self) -> list[tuple[list[int], list[bool], float]]:
+        """The held-out half, as the same kind of examples, for the retention loss."""
+        return self._examples(1)
+
+    def describe(self) -> dict:
+        """What GET /train/retention shows: each prompt, where it comes from, its half, and the answer."""
+        items = []
+        for i, p in enumerate(self.prompts):
+            answer = self.tokenizer.decode(self.answers[i], skip_special_tokens=True) if self.answers else None
+            items.append(
+                {
+                    "messages": p,
+                    "source": "builtin" if i < len(self.builtin) else "user",
+                    "use": "replay" if i % 2 == 0 else "held_out",
+                    "answer": answer,
+                }
+            )
+        return {
+            "builtin": len(self.builtin),
+            "user": len(self.user),
+            "answers_version": self.version,
+            "answers_seconds": round(self.seconds, 3),
+            "prompts": items,
+        }

@@ -1,0 +1,153 @@
+"""How a /train job runs: its options resolved against the trainer's defaults into a ``Plan`` (a fixed
+number of steps, or "until every example is learned" within a step budget; learning rate and warm-up;
+replayed retention examples; the guard), and each example's loss as the steps measure it (``Losses``),
+which says when an adaptive job has learned its examples. Plain Python: no torch, testable alone.
+
+The defaults (``options.py``) and the measurements that chose them are in docs/learning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from livetrain.trainer.protocol import Invalid
+
+# A job's states; the last four are final.
+STATES = ("queued", "running", "done", "failed", "cancelled", "rolled_back")
+FINAL = ("done", "failed", "cancelled", "rolled_back")
+# Why a job stopped (``stop_reason`` in /train/status).
+STOP_REASONS = {
+    "until_loss": "every example's loss fell below until_loss",
+    "max_steps": "the step budget max_steps ran out before every example's loss fell below until_loss",
+    "steps": "the fixed number of steps (steps or epochs) was taken",
+    "cancelled": "cancelled (DELETE /train/{job_id} or POST /train/{job_id}/cancel)",
+    "nonfinite": "the loss or a gradient became non-finite",
+    "shutdown": "the trainer was stopped",
+    "error": "an error (see error)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A job's resolved settings.
+
+    ``steps``: the number of steps when fixed (``steps`` or ``epochs`` given), else None: the job stops as
+    soon as every example's loss is below ``until_loss``, or after ``max_steps``. ``until_loss`` may also
+    end a fixed job early when the job gave it. ``lr`` is the rate after a linear warm-up of ``warmup``
+    steps. ``replay`` retention examples join every batch (0: none); ``guard``: measure retention and roll
+    the job back when it drops too far (docs/learning.md).
+    """
+
+    batch_size: int
+    lr: float
+    warmup: int
+    steps: int | None
+    max_steps: int
+    until_loss: float | None
+    replay: int
+    guard: bool
+
+    @property
+    def budget(self) -> int:
+        """The most steps the job may take."""
+        return self.steps if self.steps is not None else self.max_steps
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): linear warm-up to ``lr`` over the first ``warmup``
+        steps (step k of them at lr·(k+1)/(warmup+1)), then constant."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / (self.warmup + 1)
+        return self.lr
+
+    def describe(self) -> dict:
+        """The plan as /train/status shows it under ``plan``."""
+        return dataclasses.asdict(self)
+
+
+def plan(options: dict, defaults, examples: int) -> Plan:
+    """The plan of a job whose checked options (``examples.parse_job``) are ``options``, on a trainer whose
+    parsed settings (``trainer.options``) are ``defaults``. ``Invalid`` for combinations that contradict."""
+    bs = options.get("batch_size", defaults.batch_size)
+    fixed = None
+    if "steps" in options:
+        fixed = options["steps"]
+    elif "epochs" in options:
+        fixed = options["epochs"] * math.ceil(examples / bs)
+    if fixed is not None and "max_steps" in options:
+        raise Invalid(
+            "max_steps",
+            "max_steps is the budget of a job that trains until its examples are learned; "
+            "with steps or epochs the job takes exactly that many steps (leave one of them out)",
+        )
+    if fixed is None:
+        until = options.get("until_loss", defaults.until_loss)
+    else:
+        until = options.get("until_loss")  # a fixed job stops early only when asked to
+    guard = options.get("guard", not defaults.no_guard)
+    return Plan(
+        batch_size=bs,
+        lr=options.get("lr", defaults.lr),
+        warmup=options.get("warmup", defaults.warmup),
+        steps=fixed,
+        max_steps=options.get("max_steps", defaults.max_steps),
+        until_loss=until,
+        replay=options.get("replay", defaults.replay if guard else 0),
+        guard=guard,
+    )
+
+
+class Losses:
+    """Each example's mean loss over its trained tokens, from the forward of the steps that trained it:
+    the first value (``before``: measured before that step's update, so before any update for the examples
+    of the first batch) and the latest (``after``: measured before the latest update of that example)."""
+
+    def __init__(self, n: int):
+        self.first: list[float | None] = [None] * n
+        self.last: list[float | None] = [None] * n
+
+    def record(self, indices: list[int], losses: list[float]) -> None:
+        for i, v in zip(indices, losses):
+            if self.first[i] is None:
+                self.first[i] = v
+            self.last[i] = v
+
+    def seen_all(self) -> bool:
+        return all(v is not None for v in self.last)
+
+    def below(self, target: float) -> int:
+        """How many examples' latest loss is below ``target``."""
+        return sum(1 for v in self.last if v is not None and v < target)
+
+    def learned(self, target: float | None) -> bool:
+        """Whether every example has been trained and its latest loss is below ``target``."""
+        return target is not None and self.seen_all() and self.below(target) == len(self.last)
+
+    def summary(self, target: float | None) -> dict:
+        """``{"before", "after", "max_after", "below"}``: the mean of the first and of the latest losses,
+        the largest latest one, and how many examples are below ``target`` (None without one)."""
+
+        def mean(xs):
+            xs = [x for x in xs if x is not None]
+            return sum(xs) / len(xs) if xs else None
+
+        seen = [x for x in self.last if x is not None]
+        return {
+            "before": _round(mean(self.first)),
+            "after": _round(mean(self.last)),
+            "max_after": _round(max(seen)) if seen else None,
+            "below": None if target is None else self.below(target),
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
+
+
+def batches(n: int, batch_size: int):
+    """The examples' indices, batch after batch, cycling in order: every example once per
+    ⌈n / batch_size⌉ steps (a batch wraps around to the start)."""
+    size, i = min(batch_size, n), 0
+    while True:
+        yield [(i + k) % n for k in range(size)]
+        i = (i + size) % n
