@@ -6,10 +6,10 @@ requests are refused when no key is set."""
 
 import http.client as httpclient
 import json
-import urllib.error
-import urllib.request
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest

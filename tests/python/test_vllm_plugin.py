@@ -415,6 +415,7 @@ def test_watcher_waits_on_the_trainer_and_reports_what_vllm_serves(tmp_path):
     server.start()
     try:
         assert protocol.weight_version(server.path, after=None) == 4
+
         def step():
             with cond:
                 state["version"] = 5
