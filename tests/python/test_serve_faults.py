@@ -118,9 +118,10 @@ def test_a_job_over_the_token_budget_is_split_or_refused(server):
 
 def test_retries_of_one_train_request_make_one_job(server):
     # Regression test for issue #13: a client retrying a /train that timed out trained twice.
-    from livetrain.trainer.client import http
     import json
     import urllib.request
+
+    from livetrain.trainer.client import http
 
     def post(headers, body=JOB):
         req = urllib.request.Request(
