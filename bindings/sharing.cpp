@@ -104,10 +104,12 @@ void init_sharing(nb::module_& m) {
       .def_prop_ro("num_tensors", [](const sh::Export& e) { return e.tensors().size(); });
 
   nb::class_<sh::Attachment>(m, "Attachment", "An attached manifest: lease, mappings and tensor views.")
-      .def_static("open", [](const std::string& path, bool check_owner, bool take_lease) {
+      .def_static("open", [](const std::string& path, bool check_owner, bool take_lease,
+                             std::optional<uint32_t> owner_uid) {
              nb::gil_scoped_release release;
-             return sh::Attachment::open(path, sh::AttachOptions{check_owner, take_lease});
-           }, nb::arg("path"), nb::arg("check_owner") = true, nb::arg("take_lease") = true)
+             return sh::Attachment::open(path, sh::AttachOptions{check_owner, take_lease, owner_uid});
+           }, nb::arg("path"), nb::arg("check_owner") = true, nb::arg("take_lease") = true,
+           nb::arg("owner_uid") = nb::none())
       .def_prop_ro("path", &sh::Attachment::path)
       .def_prop_ro("lease_held", &sh::Attachment::lease_held)
       .def("release_lease", &sh::Attachment::release_lease)

@@ -1,5 +1,6 @@
 // Weight sharing between an engine and a trainer: the manifest format, export (POSIX shared memory for
-// CPU engines, CUDA IPC for GPU engines) and attach (owner liveness, single-trainer lease, zero-copy views).
+// CPU engines, CUDA IPC for GPU engines) and attach (owner liveness and identity, single-trainer lease,
+// zero-copy views).
 //
 // Manifest format, version 1 (docs/manifest.md is the full specification). A UTF-8 JSON file, mode 0600,
 // written with fs::write_file_atomic; one object whose members are, in this order:
@@ -113,16 +114,25 @@ enum class OwnerState { kAlive, kDead, kPidReused, kOtherBoot };
 OwnerState owner_state(const OwnerDesc& owner, std::string* detail = nullptr);
 // Throws Error(kStale), "stale manifest <path>: ...", unless the owner is alive.
 void owner_check(const OwnerDesc& owner, const std::string& manifest_path);
+// The real uid of a running process (the owner of /proc/<pid>), or nullopt if there is no such process.
+std::optional<uint32_t> process_uid(uint64_t pid);
+// Whether process `pid` maps the file (device, inode) (from /proc/<pid>/maps); nullopt when its maps
+// cannot be read.
+std::optional<bool> process_maps_file(uint64_t pid, uint64_t device, uint64_t inode);
 
-// ---- lease: one trainer per manifest ----
+// ---- lease: one trainer per engine ----
 
-// An exclusive, non-blocking flock on "<manifest>.lease", released on destruction (or by the kernel when
-// the holder dies). The holder's pid is written into the file for people and error messages.
+// An exclusive, non-blocking flock keyed on the memory a manifest shares, never on the manifest's path (a
+// copy of the manifest elsewhere names the same memory, and must not let a second trainer in): on the
+// first shared-memory segment itself, or, for CUDA IPC, on a lock object in POSIX shared memory named
+// after the first buffer's IPC handle (lease_object). Released on destruction, or by the kernel when the
+// holder dies; the holder is found in /proc/locks.
 class Lease {
  public:
   Lease() = default;
-  // Throws Error(kBusy) naming the holder's pid when another process holds the lease.
-  static Lease acquire(const std::string& manifest_path);
+  // Throws Error(kBusy) naming the holder's pid when another process holds the lease of `m` (read from
+  // `manifest_path`, which messages name).
+  static Lease acquire(const Manifest& m, const std::string& manifest_path);
   Lease(Lease&& other) noexcept;
   Lease& operator=(Lease&& other) noexcept;
   Lease(const Lease&) = delete;
@@ -130,17 +140,25 @@ class Lease {
   ~Lease();
 
   bool held() const { return fd_ >= 0; }
-  const std::string& path() const { return path_; }
+  // The POSIX shared-memory name the lease is keyed on.
+  const std::string& object() const { return object_; }
+  // (device, inode) of the locked object.
+  uint64_t device() const { return device_; }
+  uint64_t inode() const { return inode_; }
   void release();
 
  private:
   int fd_ = -1;
-  std::string path_;
+  std::string object_;
+  bool remove_ = false;  // a lock object of our own making: unlinked on release, while still locked
+  uint64_t device_ = 0, inode_ = 0;
 };
 
-std::string lease_path(const std::string& manifest_path);
-// The pid holding the lease of a manifest, found without taking the lock (from /proc/locks, else from the
-// file); nullopt when nobody holds it.
+// The POSIX shared-memory name the lease of `m` is keyed on: its first shm segment's name, else
+// "/livetrain-lease-<16 hex digits>" from the first CUDA buffer's device and IPC handle.
+std::string lease_object(const Manifest& m);
+// The pid holding the lease of a manifest, found without taking the lock (from /proc/locks); nullopt when
+// nobody holds it (or /proc/locks cannot be read).
 std::optional<uint64_t> lease_holder(const std::string& manifest_path);
 
 // ---- shared memory ----
@@ -169,7 +187,7 @@ class ShmSegment {
   bool unlinked_ = false;
 };
 
-// A read-write mapping of an existing segment, whose size must be exactly `size`.
+// A read-write mapping of an existing segment, whose size must be exactly `size`, and who owns it.
 class ShmMapping {
  public:
   static std::unique_ptr<ShmMapping> open(const std::string& name, uint64_t size);
@@ -178,11 +196,17 @@ class ShmMapping {
   ~ShmMapping();
   uint8_t* data() const { return static_cast<uint8_t*>(addr_); }
   uint64_t size() const { return size_; }
+  // The segment's owner and identity as fstat saw them when it was opened.
+  uint32_t uid() const { return uid_; }
+  uint64_t device() const { return device_; }
+  uint64_t inode() const { return inode_; }
 
  private:
   ShmMapping() = default;
   void* addr_ = nullptr;
   uint64_t size_ = 0;
+  uint32_t uid_ = 0;
+  uint64_t device_ = 0, inode_ = 0;
 };
 
 // ---- CUDA IPC (compiled with CUDA; without it every call throws kUnsupported) ----
@@ -258,8 +282,13 @@ class Export {
 // ---- attach (trainer side) ----
 
 struct AttachOptions {
-  bool check_owner = true;  // refuse a manifest whose owner is gone
-  bool take_lease = true;   // hold the exclusive lease while attached
+  // Refuse a manifest whose owner is gone, is another process than the one that exported the memory (it
+  // must map each shared-memory segment the manifest names), or runs as another user.
+  bool check_owner = true;
+  bool take_lease = true;  // hold the exclusive lease while attached
+  // The user the engine and its segments must belong to; by default this process's. Set it to attach,
+  // deliberately, to another user's engine (a root trainer, say).
+  std::optional<uint32_t> owner_uid;
 };
 
 // A tensor of the engine as seen in this process.

@@ -1,8 +1,11 @@
 """`livetrain serve`: starts the reference engine and the trainer as two processes sharing the model's
 weights, and stops both on Ctrl-C / SIGTERM (trainer first, so it saves its optimizer state). Both use
-the model's checkpoint store: the engine serves its head generation, the trainer writes new ones.
+the model's checkpoint store: the engine serves its head generation, the trainer writes new ones. If the
+trainer dies (out of memory, a crash), the engine keeps serving, /train answers 503 with the reason, and
+the trainer is started again after a back-off; if the engine dies, both stop, and the shared-memory
+segments it named are removed.
 
-usage: python -m livetrain.serve [--model DIR|default] [--device cpu|cuda] [--port 8000] [--api-key KEY] ...
+usage: python -m livetrain.serve [--model DIR|default] [--device cpu|cuda] [--port 8000] [--api-key-file FILE] ...
 docs/serve.md describes the processes, the socket protocol and the HTTP API.
 """
 
@@ -11,12 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
 
-from livetrain.trainer import options, process, routes
+from livetrain.engines import options as engine_options
+from livetrain.trainer import options, process, protocol, routes, security
+
+# Seconds before restarting a trainer that died: doubling per death in a row, reset once one ran RESTART_RESET_S.
+RESTART_DELAYS = (1, 2, 4, 8, 16, 32, 60)
+RESTART_RESET_S = 120.0
+# The shared-memory segments livetrain's engines create (sharing::ShmSegment::create): the only names
+# the supervisor ever unlinks.
+SEGMENT_NAME = re.compile(r"/livetrain-[A-Za-z0-9._-]{1,200}")
 
 
 def parse(argv):
@@ -41,15 +53,60 @@ def parse(argv):
         "or no code for the GPU (`livetrain devices` says which)",
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    security.add_api_key_options(p)
     p.add_argument(
-        "--api-key",
-        default=os.environ.get(routes.API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' on every route (default ${routes.API_KEY_ENV})",
+        "--run-dir",
+        default=None,
+        help="manifest and socket: created with mode 0700, or refused when it exists with another owner or "
+        "a looser mode (default: a new temporary directory)",
     )
-    p.add_argument("--run-dir", default=None, help="manifest and socket (default: a new temporary directory)")
-    return options.parse_args(p, argv)
+    engine_options.add_options(p)
+    ns = options.parse_args(p, argv)
+    problem = engine_options.check(ns)
+    if problem:
+        p.error(problem)
+    try:
+        ns.api_key = security.api_key(ns)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    return ns
+
+
+def own_segments(manifest: str) -> list[str]:
+    """The shared-memory segments a manifest names that are livetrain's and this user's (a manifest
+    someone else wrote could name any object in /dev/shm)."""
+    from livetrain import _core
+
+    try:
+        buffers = json.loads(_core.manifest_read(manifest))["buffers"]
+    except (_core.Error, OSError, ValueError):  # unreadable: nothing in it to trust
+        return []
+    names = []
+    for b in buffers:
+        name = b.get("name", "")
+        if b.get("kind") != "shm" or not SEGMENT_NAME.fullmatch(name):
+            continue
+        try:
+            if os.lstat(os.path.join("/dev/shm", name[1:])).st_uid == os.getuid():
+                names.append(name)
+        except OSError:
+            pass
+    return names
+
+
+def remove_segments(names: list[str]) -> list[str]:
+    """Unlinks the segments that still exist (POSIX shared memory is a file in /dev/shm on Linux); returns
+    those it removed."""
+    removed = []
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name[1:]))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _remove_stale(manifest: str, sock: str) -> None:
@@ -61,32 +118,45 @@ def _remove_stale(manifest: str, sock: str) -> None:
     if os.path.exists(manifest):
         try:
             alive, _ = _core.manifest_owner_state(manifest)
-            buffers = json.loads(_core.manifest_read(manifest))["buffers"]
         except _core.Error:  # unreadable: nothing in it to clean up
-            alive, buffers = False, []
+            alive = False
         if alive:
             raise SystemExit(
                 f"livetrain serve: {manifest} belongs to an engine that is still running; "
                 "stop it or use another --run-dir"
             )
-        for b in buffers:
-            if b.get("kind") == "shm":
-                try:  # POSIX shared memory is a file in /dev/shm on Linux
-                    os.unlink(os.path.join("/dev/shm", b["name"].lstrip("/")))
-                except FileNotFoundError:
-                    pass
-    for stale in (manifest, sock, manifest + ".lease"):
+        remove_segments(own_segments(manifest))
+    for stale in (manifest, sock, manifest + ".lease", protocol.down_path(sock)):
         if os.path.exists(stale):
             os.unlink(stale)
+
+
+def death(status: int) -> str:
+    """How a child ended, in words, for logs and the routes' 503s."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        why = " (the kernel's out-of-memory killer, or kill -9)" if -status == signal.SIGKILL else ""
+        return f"was killed by {name}{why}"
+    return f"exited with status {status} (its log says why)"
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     from livetrain import default_model
 
+    security.private_files()
+    warning = security.exposure_warning(a.host, a.api_key)
+    if warning:
+        print(f"livetrain serve: warning: {warning}", file=sys.stderr, flush=True)
     a.model = default_model.resolve(a.model, a.dtype)  # the default model's files in the served dtype
-    run_dir = a.run_dir or tempfile.mkdtemp(prefix="livetrain-")
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        run_dir = security.private_dir(a.run_dir) if a.run_dir else tempfile.mkdtemp(prefix="livetrain-")
+    except (OSError, ValueError) as e:
+        print(f"livetrain serve: --run-dir: {e}", file=sys.stderr)
+        return 2
     manifest, sock = os.path.join(run_dir, "engine.manifest.json"), os.path.join(run_dir, "trainer.sock")
     _remove_stale(manifest, sock)
     engine_cmd = [
@@ -108,39 +178,58 @@ def main(argv: list[str] | None = None) -> int:
         "--port",
         str(a.port),
         *options.store_argv(a),
+        *engine_options.argv(a),
     ]
     env = dict(os.environ)
+    env.pop(routes.API_KEY_ENV, None)
     if a.api_key:
         env[routes.API_KEY_ENV] = a.api_key  # not on the command line, where ps would show it
 
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: stop.append(s))
-    engine = process.Process(engine_cmd, env)
-    trainer = None
+    # Tied: if this supervisor is killed, the kernel sends the engine SIGTERM and it removes its segment.
+    engine = process.Process(engine_cmd, env, tied=True)
+    trainer, started, next_start, deaths, segments, down = None, 0.0, 0.0, 0, [], False
     print(f"livetrain serve: engine pid {engine.pid}, run dir {run_dir}", file=sys.stderr, flush=True)
     code = 0
     try:
         while not stop:
-            if trainer is None and os.path.exists(manifest):  # the engine has shared its weights
-                trainer = process.start_trainer(manifest, a.model, sock, a, env)
+            shared = os.path.exists(manifest)  # the engine has shared its weights
+            if shared and not segments:
+                segments = own_segments(manifest)
+            if trainer is None and shared and time.monotonic() >= next_start:
+                trainer, started = process.start_trainer(manifest, a.model, sock, a, env, tied=True), time.monotonic()
                 print(
                     f"livetrain serve: trainer pid {trainer.pid}; http://{a.host}:{a.port}", file=sys.stderr, flush=True
                 )
-            dead = [
-                (n, p) for n, p in (("engine", engine), ("trainer", trainer)) if p is not None and p.poll() is not None
-            ]
-            if dead:
-                name, proc = dead[0]
-                print(f"livetrain serve: the {name} exited with status {proc.poll()}; stopping", file=sys.stderr)
-                code = proc.poll() or 1
+            if engine.poll() is not None:
+                print(f"livetrain serve: the engine {death(engine.poll())}; stopping", file=sys.stderr, flush=True)
+                code = engine.poll() or 1
                 break
+            if trainer is not None and trainer.poll() is not None:
+                # Serving goes on: the routes answer 503 with the reason until the trainer is back.
+                deaths = 1 if time.monotonic() - started > RESTART_RESET_S else deaths + 1
+                delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+                why = f"the trainer {death(trainer.poll())}"
+                protocol.write_down(sock, f"{why}; it is restarted from its last saved state in {delay} s")
+                print(f"livetrain serve: {why}; restarting it in {delay} s", file=sys.stderr, flush=True)
+                if os.path.exists(sock):
+                    os.unlink(sock)  # the dead trainer's: the next one's appears when it listens
+                trainer, next_start, down = None, time.monotonic() + delay, True
+            elif down and trainer is not None and os.path.exists(sock):
+                protocol.write_down(sock, None)  # listening again
+                down = False
             time.sleep(0.1)
     finally:
         if trainer is not None:
             trainer.stop(60)
         engine.stop(30)
-        for path in (manifest, sock, manifest + ".lease"):
+        # An engine that was killed (or had to be) left its segment, as large as the model.
+        removed = remove_segments(segments or own_segments(manifest))
+        if removed:
+            print(f"livetrain serve: removed the engine's shared memory {', '.join(removed)}", file=sys.stderr)
+        for path in (manifest, sock, manifest + ".lease", protocol.down_path(sock)):
             if os.path.exists(path):
                 os.unlink(path)
     return code

@@ -30,9 +30,16 @@ class Attached:
     mappings. ``tensors`` maps engine names to zero-copy torch tensors on CPU or CUDA; they keep the
     mappings alive even after :meth:`close`, which gives the lease up."""
 
-    def __init__(self, manifest_path: str | os.PathLike, *, check_owner: bool = True, take_lease: bool = True):
+    def __init__(
+        self,
+        manifest_path: str | os.PathLike,
+        *,
+        check_owner: bool = True,
+        take_lease: bool = True,
+        owner_uid: int | None = None,
+    ):
         self.path = os.fspath(manifest_path)
-        self._a = _core.Attachment.open(self.path, check_owner, take_lease)
+        self._a = _core.Attachment.open(self.path, check_owner, take_lease, owner_uid)
         self.manifest: dict = json.loads(self._a.manifest_json())
         self.tensors: dict[str, torch.Tensor] = {}
         for name, dtype, t in self._a.tensors():
@@ -64,10 +71,14 @@ class Attached:
         self.close()
 
 
-def attach(manifest_path: str | os.PathLike, *, check_owner: bool = True, take_lease: bool = True) -> Attached:
+def attach(
+    manifest_path: str | os.PathLike, *, check_owner: bool = True, take_lease: bool = True, owner_uid: int | None = None
+) -> Attached:
     """Attach to an engine's weights. Raises livetrain.Error if the manifest is malformed or stale (its
-    owner has exited, or the machine rebooted since), or if another trainer holds the lease."""
-    return Attached(manifest_path, check_owner=check_owner, take_lease=take_lease)
+    owner has exited, or the machine rebooted since, or it is not the process that maps the memory), if
+    the engine or its memory belongs to another user than ``owner_uid`` (default: this process's), or if
+    another trainer holds the lease (keyed on the memory, whatever path the manifest is read from)."""
+    return Attached(manifest_path, check_owner=check_owner, take_lease=take_lease, owner_uid=owner_uid)
 
 
 class Exported:

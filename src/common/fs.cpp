@@ -205,6 +205,19 @@ void publish_directory(const std::string& tmp_dir, const std::string& final_dir)
   if (from_parent != to_parent) fsync_dir(from_parent);
 }
 
+// The process's umask, read without changing it (umask(2) can only set it, which would race with other
+// threads creating files): "Umask:" of /proc/self/status (Linux 4.7+); 022 where that is unreadable.
+static mode_t current_umask() {
+  std::unique_ptr<FILE, int (*)(FILE*)> f(::fopen("/proc/self/status", "re"), ::fclose);
+  if (!f) return 022;
+  char line[256];
+  while (::fgets(line, sizeof line, f.get()) != nullptr) {
+    unsigned mask = 0;
+    if (::sscanf(line, "Umask: %o", &mask) == 1) return static_cast<mode_t>(mask & 0777);
+  }
+  return 022;
+}
+
 void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill, mode_t mode) {
   static std::atomic<uint64_t> counter{0};
   const std::string dir = dirname(path);
@@ -217,7 +230,8 @@ void write_file_atomic(const std::string& path, const std::function<void(Writer&
     fill(writer);
     // A failed fsync may have dropped the dirty pages: the file is abandoned, never retried.
     if (::fsync(fd.get()) != 0) throw io_error("fsync of " + path + " (temporary " + tmp + ") failed");
-    if (::fchmod(fd.get(), mode) != 0) throw io_error("cannot set mode of " + tmp);
+    // As open(2) would create it: the umask applies (livetrain's processes set 077, issue #13).
+    if (::fchmod(fd.get(), mode & ~current_umask()) != 0) throw io_error("cannot set mode of " + tmp);
     if (::close(fd.release()) != 0) throw io_error("close of " + tmp + " failed");
     if (::rename(tmp.c_str(), path.c_str()) != 0) throw io_error("cannot rename " + tmp + " to " + path);
   } catch (...) {

@@ -1,16 +1,60 @@
-// The trainer side of sharing: check the owner, take the lease, open each buffer once, expose views.
+// The trainer side of sharing: check the owner (alive, this user's, the process that maps the memory), open
+// each buffer once, take the lease on the memory itself, expose views.
+#include <unistd.h>
+
 #include "livetrain/error.hpp"
 #include "livetrain/sharing.hpp"
 
 namespace livetrain::sharing {
+
+namespace {
+
+// A manifest proves nothing by itself (issue #13: any live pid passed, another user's segment was mapped
+// read-write): the owner must run as the expected user, and must itself map every segment it names.
+void check_identity(const Manifest& m, const std::string& path, uint32_t uid,
+                    const std::vector<std::unique_ptr<ShmMapping>>& shm, bool check_owner) {
+  for (size_t i = 0, s = 0; i < m.buffers.size(); ++i) {
+    if (m.buffers[i].kind != BufferKind::kShm) continue;
+    const ShmMapping& seg = *shm[s++];
+    if (seg.uid() != uid) {
+      throw Error(ErrorCode::kStale, path + ": buffers[" + std::to_string(i) + "]: shared memory " +
+                                         m.buffers[i].shm_name + " belongs to uid " + std::to_string(seg.uid()) +
+                                         ", not uid " + std::to_string(uid) +
+                                         "; refusing to map another user's memory (set the expected owner uid "
+                                         "to attach to it deliberately)");
+    }
+    if (!check_owner) continue;
+    std::optional<bool> mapped = process_maps_file(m.owner.pid, seg.device(), seg.inode());
+    if (!mapped || !*mapped) {
+      throw Error(ErrorCode::kStale,
+                  path + ": buffers[" + std::to_string(i) + "]: the owner, pid " + std::to_string(m.owner.pid) +
+                      (mapped ? ", does not map shared memory " : ", cannot be checked to map shared memory (" +
+                                                                      std::string("/proc/") +
+                                                                      std::to_string(m.owner.pid) + "/maps unreadable) ") +
+                      m.buffers[i].shm_name + ": this manifest was not written by the engine that shares it");
+    }
+  }
+}
+
+}  // namespace
 
 std::shared_ptr<Attachment> Attachment::open(const std::string& manifest_path, AttachOptions options) {
   std::shared_ptr<Attachment> a(new Attachment());
   a->path_ = manifest_path;
   a->manifest_ = manifest_read(manifest_path);
   const Manifest& m = a->manifest_;
-  if (options.check_owner) owner_check(m.owner, manifest_path);
-  if (options.take_lease) a->lease_ = Lease::acquire(manifest_path);
+  uint32_t uid = options.owner_uid.value_or(static_cast<uint32_t>(::getuid()));
+  if (options.check_owner) {
+    owner_check(m.owner, manifest_path);
+    std::optional<uint32_t> owner_uid = process_uid(m.owner.pid);
+    if (owner_uid && *owner_uid != uid) {
+      throw Error(ErrorCode::kStale, "manifest " + manifest_path + ": its owner, pid " + std::to_string(m.owner.pid) +
+                                         ", runs as uid " + std::to_string(*owner_uid) + ", not uid " +
+                                         std::to_string(uid) +
+                                         "; refusing another user's engine (set the expected owner uid to "
+                                         "attach to it deliberately)");
+    }
+  }
 
   std::vector<uint8_t*> bases(m.buffers.size(), nullptr);
   std::vector<int> devices(m.buffers.size(), -1);
@@ -27,6 +71,16 @@ std::shared_ptr<Attachment> Attachment::open(const std::string& manifest_path, A
       }
     } catch (const Error& e) {
       throw Error(e.code(), manifest_path + ": buffers[" + std::to_string(i) + "]: " + e.what());
+    }
+  }
+  check_identity(m, manifest_path, uid, a->shm_, options.check_owner);
+  if (options.take_lease) {
+    a->lease_ = Lease::acquire(m, manifest_path);
+    // The lease's segment must be the one just mapped, not one put under the same name in between.
+    if (!a->shm_.empty() && m.buffers.front().kind == BufferKind::kShm &&
+        (a->lease_.inode() != a->shm_.front()->inode() || a->lease_.device() != a->shm_.front()->device())) {
+      throw Error(ErrorCode::kStale, manifest_path + ": shared memory " + m.buffers.front().shm_name +
+                                         " was replaced while attaching");
     }
   }
   for (size_t i = 0; i < m.buffers.size(); ++i) a->buffers_.push_back(BufferView{bases[i], m.buffers[i].size, devices[i]});

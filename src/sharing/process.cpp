@@ -1,8 +1,13 @@
-// Owner liveness: a manifest names its owner by (boot id, pid, start time) because a pid alone is reused.
+// Owner liveness: a manifest names its owner by (boot id, pid, start time) because a pid alone is reused;
+// and what the kernel says about that process (its user, the files it maps) to check that it is the owner.
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <sstream>
 #include <string>
 
 #include "livetrain/error.hpp"
@@ -47,6 +52,34 @@ std::optional<uint64_t> process_start_time(uint64_t pid) {
     pos = end;
   }
   throw Error(ErrorCode::kFormat, "/proc/" + std::to_string(pid) + "/stat: cannot read field 22 (starttime)");
+}
+
+std::optional<uint32_t> process_uid(uint64_t pid) {
+  if (pid == 0 || pid > 0x7fffffff) return std::nullopt;
+  struct stat st {};
+  if (::stat(("/proc/" + std::to_string(pid)).c_str(), &st) != 0) return std::nullopt;
+  return static_cast<uint32_t>(st.st_uid);
+}
+
+std::optional<bool> process_maps_file(uint64_t pid, uint64_t device, uint64_t inode) {
+  std::string maps;
+  try {
+    maps = fs::read_file("/proc/" + std::to_string(pid) + "/maps");
+  } catch (const Error&) {
+    return std::nullopt;
+  }
+  // "7f2c1a000000-7f2c1a400000 rw-s 00000000 00:1a 1234567   /dev/shm/livetrain-..."
+  std::istringstream lines(maps);
+  std::string line;
+  while (std::getline(lines, line)) {
+    std::istringstream f(line);
+    std::string range, perms, offset, dev;
+    unsigned long long ino = 0;
+    if (!(f >> range >> perms >> offset >> dev >> ino) || ino != inode) continue;
+    unsigned maj = 0, min = 0;
+    if (std::sscanf(dev.c_str(), "%x:%x", &maj, &min) == 2 && makedev(maj, min) == device) return true;
+  }
+  return false;
 }
 
 OwnerDesc current_owner() {

@@ -77,6 +77,9 @@ std::unique_ptr<ShmMapping> ShmMapping::open(const std::string& name, uint64_t s
   std::unique_ptr<ShmMapping> m(new ShmMapping());
   m->addr_ = map_rw(fd.get(), size, name);
   m->size_ = size;
+  m->uid_ = static_cast<uint32_t>(st.st_uid);
+  m->device_ = st.st_dev;
+  m->inode_ = st.st_ino;
   return m;
 }
 

@@ -84,6 +84,19 @@ TEST(AtomicWrite, ReplacesContentAndSetsMode) {
   EXPECT_EQ(count_temps(dir.path(), false), 0);
 }
 
+TEST(AtomicWrite, ModeIsLessTheUmask) {
+  // Regression test for issue #13: the store's and the trainer's files were 0644 although livetrain's
+  // processes set umask 077 (fchmod does not apply the umask; open(2) does).
+  livetrain::testing::TempDir dir;
+  std::string path = dir.file("f");
+  const mode_t old = ::umask(077);
+  fs::write_file_atomic(path, "secret");
+  ::umask(old);
+  struct stat st {};
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
 TEST(AtomicWrite, FailureLeavesOldFileAndNoTemporary) {
   livetrain::testing::TempDir dir;
   std::string path = dir.file("f");

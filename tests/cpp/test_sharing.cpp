@@ -1,17 +1,22 @@
 // Sharing between real processes: shm export/attach across fork with in-place updates seen by both sides,
-// owner liveness (dead pid, reused pid, other boot), the single-trainer lease, and CUDA paths failing
-// cleanly on machines without a GPU.
+// owner liveness (dead pid, reused pid, other boot) and identity (another user, a process that does not
+// map the segment), the single-trainer lease keyed on the memory, and CUDA paths failing cleanly on
+// machines without a GPU.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include "helpers.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/sharing.hpp"
 
 using livetrain::DType;
@@ -143,12 +148,16 @@ TEST(Owner, StartTimeParsesOddProcessNames) {
 TEST(Lease, SecondTrainerIsRefusedWithTheHolderPid) {
   livetrain::testing::TempDir dir;
   std::string manifest = dir.file("m.json");
-  sh::Lease lease = sh::Lease::acquire(manifest);
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  sh::Manifest m = sh::manifest_read(manifest);
+  sh::Lease lease = sh::Lease::acquire(m, manifest);
   ASSERT_TRUE(lease.held());
+  EXPECT_EQ(lease.object(), engine.exp.shm(0).name());  // keyed on the segment itself
   EXPECT_EQ(sh::lease_holder(manifest), static_cast<uint64_t>(::getpid()));
   auto [rc, msg] = in_child([&](std::string& out) {
     try {
-      sh::Lease::acquire(manifest);
+      sh::Lease::acquire(m, manifest);
       out = "acquired";
       return 1;
     } catch (const Error& e) {
@@ -157,25 +166,60 @@ TEST(Lease, SecondTrainerIsRefusedWithTheHolderPid) {
     }
   });
   EXPECT_EQ(rc, 0) << msg;
-  EXPECT_TRUE(has_text(msg, "(pid " + std::to_string(::getpid()) + ")")) << msg;
+  EXPECT_TRUE(has_text(msg, "(pid " + std::to_string(::getpid()) + ",")) << msg;
   lease.release();
   EXPECT_FALSE(sh::lease_holder(manifest).has_value());
-  auto [rc2, msg2] = in_child([&](std::string&) { return sh::Lease::acquire(manifest).held() ? 0 : 1; });
+  auto [rc2, msg2] = in_child([&](std::string&) { return sh::Lease::acquire(m, manifest).held() ? 0 : 1; });
   EXPECT_EQ(rc2, 0) << msg2;
 }
 
 TEST(Lease, HolderThatDiesReleasesIt) {
   livetrain::testing::TempDir dir;
   std::string manifest = dir.file("m.json");
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  sh::Manifest m = sh::manifest_read(manifest);
   // The child takes the lease and exits without releasing it (as a crash would).
   auto [rc, msg] = in_child([&](std::string&) {
     static sh::Lease leaked;
-    leaked = sh::Lease::acquire(manifest);
+    leaked = sh::Lease::acquire(m, manifest);
     ::_exit(0);
     return 0;
   });
   EXPECT_EQ(rc, 0) << msg;
-  EXPECT_NO_THROW(sh::Lease::acquire(manifest));
+  EXPECT_NO_THROW(sh::Lease::acquire(m, manifest));
+}
+
+TEST(Lease, CudaLeaseIsAnObjectNamedAfterTheHandle) {
+  // No GPU needed: the lease of a CUDA manifest is a lock object named after its first IPC handle, made
+  // by the first trainer and removed by the last one that held it.
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  sh::Manifest m;
+  m.owner = sh::current_owner();
+  m.model = tiny_model();
+  m.buffers.push_back(sh::BufferDesc{sh::BufferKind::kCudaIpc, "", std::string(127, 'a') + "1",
+                                     "GPU-01234567-89ab-cdef-0123-456789abcdef", 4096});
+  std::string object = sh::lease_object(m);
+  EXPECT_EQ(object.rfind("/livetrain-lease-", 0), 0u) << object;
+  sh::Manifest other = m;
+  other.buffers[0].ipc_handle = std::string(127, 'a') + "2";
+  EXPECT_NE(sh::lease_object(other), object);
+  {
+    sh::Lease lease = sh::Lease::acquire(m, manifest);
+    auto [rc, msg] = in_child([&](std::string& out) {
+      try {
+        sh::Lease::acquire(m, dir.file("copy.json"));
+        return 1;
+      } catch (const Error& e) {
+        out = e.what();
+        return e.code() == ErrorCode::kBusy ? 0 : 2;
+      }
+    });
+    EXPECT_EQ(rc, 0) << msg;
+  }
+  EXPECT_FALSE(std::filesystem::exists("/dev/shm" + object));  // removed with the lease
+  EXPECT_NO_THROW(sh::Lease::acquire(m, manifest));
 }
 
 TEST(Shm, ExportAttachAcrossProcessesSharesMemory) {
@@ -213,13 +257,10 @@ TEST(Shm, ExportAttachAcrossProcessesSharesMemory) {
   EXPECT_EQ(rc2, 0) << msg2;
 }
 
-TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
-  auto first = sh::Attachment::open(manifest);
-  auto [rc, msg] = in_child([&](std::string& out) {
+// Attaches to `manifest` in a child process: 0 when that is refused as busy (the lease is held), 1 when
+// it attaches, 2 on another error; and the error's message.
+static std::pair<int, std::string> attach_in_child_expecting_busy(const std::string& manifest) {
+  return in_child([&](std::string& out) {
     try {
       sh::Attachment::open(manifest);
       return 1;
@@ -228,11 +269,98 @@ TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
       return e.code() == ErrorCode::kBusy ? 0 : 2;
     }
   });
+}
+
+TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  auto first = sh::Attachment::open(manifest);
+  auto [rc, msg] = attach_in_child_expecting_busy(manifest);
   EXPECT_EQ(rc, 0) << msg;
   EXPECT_TRUE(has_text(msg, "another trainer holds the lease")) << msg;
   // Inspection without the lease is still possible.
-  auto reader = sh::Attachment::open(manifest, sh::AttachOptions{true, false});
+  auto reader = sh::Attachment::open(manifest, sh::AttachOptions{true, false, std::nullopt});
   EXPECT_EQ(static_cast<float*>(reader->view("w").data)[1], 1.0f);
+}
+
+TEST(Shm, CopiedManifestDoesNotBypassTheLease) {
+  // Regression test for issue #13: a byte-identical copy of the manifest at another path had a lease
+  // file of its own, and let a second trainer write the same weights.
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json"), copy = dir.file("elsewhere.json");
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  livetrain::fs::write_file_atomic(copy, livetrain::fs::read_file(manifest));
+  auto first = sh::Attachment::open(manifest);
+  auto [rc, msg] = attach_in_child_expecting_busy(copy);
+  EXPECT_EQ(rc, 0) << msg;
+  EXPECT_TRUE(has_text(msg, "(pid " + std::to_string(::getpid()) + ",")) << msg;
+}
+
+TEST(Shm, ManifestWhoseOwnerDoesNotMapTheSegmentIsRefused) {
+  // Regression test for issue #13: liveness accepted any live pid. Here the named owner (this process)
+  // is alive but never mapped the segment: a forged manifest pointing at someone's memory.
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  std::string name = "/livetrain-test-" + std::to_string(::getpid()) + "-forged";
+  int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 4096), 0);
+  ::close(fd);
+  sh::Manifest m;
+  m.owner = sh::current_owner();
+  m.model = tiny_model();
+  m.buffers.push_back(sh::BufferDesc{sh::BufferKind::kShm, name, "", "", 4096});
+  m.tensors.push_back(sh::TensorDesc{"w", DType::kF32, {4}, {1}, 0, 0});
+  sh::manifest_write(manifest, m);
+  auto [rc, msg] = in_child([&](std::string& out) {
+    try {
+      sh::Attachment::open(manifest);
+      return 1;
+    } catch (const Error& e) {
+      out = e.what();
+      return e.code() == ErrorCode::kStale ? 0 : 2;
+    }
+  });
+  ::shm_unlink(name.c_str());
+  EXPECT_EQ(rc, 0) << msg;
+  EXPECT_TRUE(has_text(msg, "does not map shared memory " + name)) << msg;
+}
+
+TEST(Shm, AnotherUsersEngineOrSegmentIsRefused) {
+  // Regression test for issue #13: a segment owned by another user was attached read-write.
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  Engine engine;
+  engine.exp.write_manifest(manifest, tiny_model());
+  uint32_t other = static_cast<uint32_t>(::getuid()) + 1;
+  sh::AttachOptions expect_other;
+  expect_other.owner_uid = other;
+  try {
+    sh::Attachment::open(manifest, expect_other);  // the engine (this process) runs as another uid than expected
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kStale);
+    EXPECT_TRUE(has_text(e.what(), "runs as uid " + std::to_string(::getuid()))) << e.what();
+  }
+  expect_other.check_owner = false;  // without the owner checks, the segment's own uid is still checked
+  try {
+    sh::Attachment::open(manifest, expect_other);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_TRUE(has_text(e.what(), "belongs to uid " + std::to_string(::getuid()))) << e.what();
+  }
+  if (::geteuid() != 0) GTEST_SKIP() << "chown of a segment to another user needs root";
+  std::string path = "/dev/shm" + engine.exp.shm(0).name();
+  ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0);
+  try {
+    sh::Attachment::open(manifest);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_TRUE(has_text(e.what(), "belongs to uid 65534")) << e.what();
+  }
 }
 
 TEST(Shm, DeadOwnerIsRefusedBeforeMapping) {

@@ -91,7 +91,7 @@ def test_second_trainer_is_refused_and_cli_shows_the_holder(engine, cli):
         assert first["holding"] is True and first["tensors"] == 2 + 2 * 9 + 1
         second = run_trainer("train", manifest)
         assert "another trainer holds the lease" in second["error"]
-        assert f"(pid {holder.pid})" in second["error"]
+        assert f"(pid {holder.pid}, lock on /livetrain-" in second["error"]
         doc = json.loads(
             subprocess.run(
                 [cli, "manifest", "inspect", str(manifest), "--json"], capture_output=True, text=True, check=True

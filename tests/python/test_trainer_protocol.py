@@ -29,9 +29,11 @@ class Recorder:
 
     def __init__(self):
         self.seen: list[tuple[str, bytes]] = []
+        self.keys: list[str | None] = []
 
-    def __call__(self, op: str, body: bytes) -> Reply:
+    def __call__(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
         self.seen.append((op, body))
+        self.keys.append(idempotency_key)
         if op == "version":
             return Reply(200, {"weight_version": 7})
         if op == "echo":
@@ -46,7 +48,7 @@ class Recorder:
         if op == "metrics":
             return Reply(200, METRICS)
         if op == "nan":
-            return Reply(200, {"loss": math.nan})
+            return Reply(200, {"loss": math.nan, "jobs": [{"id": "j", "loss": math.inf, "step": 3}], "lr": 1e-5})
         if op == "bug":
             raise KeyError("boom")
         return protocol.error(400, f"unknown op {op!r}", "op")
@@ -84,10 +86,24 @@ def test_bodies_cross_as_bytes_and_errors_name_the_field(trainer):
         got, body = protocol.call(path, op, raw)
         err = json.loads(body)["error"]
         assert got == code and err["param"] == param and err["type"] == "invalid_request_error", (op, raw, err)
-    for op in ("nan", "bug"):  # a reply JSON cannot hold, a handler's bug: 500, and the server keeps going
-        code, body = protocol.call(path, op)
-        assert code == 500 and json.loads(body)["error"]["type"] == "server_error"
+    code, body = protocol.call(path, "bug")  # a handler's bug: 500, and the server keeps going
+    assert code == 500 and json.loads(body)["error"]["type"] == "server_error"
     assert protocol.call(path, "version")[0] == 200
+
+
+def test_non_finite_numbers_are_null_and_flagged(trainer):
+    # Regression test for issue #13: a loss of inf (an example weighted 1e300) made every /train/status
+    # a 500 until the job aged out, because JSON has no inf.
+    path, _ = trainer
+    code, body = protocol.call(path, "nan")
+    assert code == 200
+    assert json.loads(body) == {
+        "loss": None,
+        "nonfinite": ["loss"],
+        "jobs": [{"id": "j", "loss": None, "step": 3, "nonfinite": ["loss"]}],
+        "lr": 1e-5,
+    }
+    assert protocol.finite({"a": 1.5, "b": [1, 2]}) == {"a": 1.5, "b": [1, 2]}
 
 
 def test_limits_and_a_missing_trainer(trainer, tmp_path):
@@ -117,6 +133,28 @@ def test_error_bodies_have_one_shape():
     assert protocol.parse_body(b"  ", empty_ok=True) == {}
 
 
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "body"),  # deeper than Python's parser goes
+        (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "body"),
+        (b'{"temperature": NaN}', "body"),  # not JSON, though Python's parser takes it
+        (b'{"lr": Infinity}', "body"),
+        (b'{"prompt": "\\ud800"}', "prompt"),  # a lone UTF-16 surrogate
+        (
+            b'{"examples": [{"messages": [{"role": "user", "content": "a\\udfffb"}]}]}',
+            "examples[0].messages[0].content",
+        ),
+        (b'{"\\ud83d": 1}', "body"),
+    ],
+)
+def test_hostile_bodies_are_400_naming_the_field(raw, param):
+    # Regression test for issue #13: these were 500s.
+    with pytest.raises(Invalid) as e:
+        protocol.parse_body(raw, empty_ok=False)
+    assert e.value.param == param and e.value.reply().code == 400
+
+
 def test_routes_forward_bodies_and_replies_unchanged(trainer):
     pytest.importorskip("fastapi")
     from fastapi import FastAPI
@@ -142,9 +180,80 @@ def test_routes_forward_bodies_and_replies_unchanged(trainer):
         assert r.status_code == 400 and handler.seen[-1] == ("checkpoints", b"")
     app = FastAPI()
     app.include_router(routes.training_router(lambda: ""))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost:8000") as c:
         r = c.post("/rollback", json={"generation": 1})
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+
+
+def test_routes_refuse_cross_site_requests_without_a_key(trainer):
+    # Regression test for issue #13: with no key, a web page could POST /train (text/plain, its own Origin,
+    # or its own domain name rebound to 127.0.0.1) and get 202.
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    path, handler = trainer
+    app = FastAPI()
+    app.include_router(routes.training_router(path, max_body=1000))
+    job = b'{"examples": [{"prompt": "a", "completion": "b"}]}'
+    json_type = {"Content-Type": "application/json"}
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        n = len(handler.seen)
+        for headers, code, param in (
+            ({"Content-Type": "text/plain"}, 415, "Content-Type"),
+            ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+            ({**json_type, "Origin": "https://evil.example"}, 403, "Origin"),
+            ({**json_type, "Origin": "null"}, 403, "Origin"),
+            ({**json_type, "Origin": "http://127.0.0.1:9999"}, 403, "Origin"),  # another port, another origin
+            ({**json_type, "Host": "evil.example:8000"}, 403, "Host"),  # DNS rebinding
+            ({**json_type, "Host": "evil.example:8000", "Origin": "http://evil.example:8000"}, 403, "Host"),
+        ):
+            for route in ("/train", "/rollback", "/checkpoint"):
+                r = c.post(route, content=job, headers=headers)
+                assert r.status_code == code and r.json()["error"]["param"] == param, (route, headers, r.json())
+        r = c.get("/train/status", headers={"Host": "attacker.example"})
+        assert r.status_code == 403
+        assert len(handler.seen) == n  # none reached the trainer
+        # The server's own origin, clients that are not browsers (no Origin), and IP or localhost names pass.
+        for headers in (
+            {**json_type, "Origin": "http://127.0.0.1:8000"},
+            json_type,
+            {**json_type, "Host": "localhost:8000", "Origin": "http://localhost:8000"},
+            {**json_type, "Host": "[::1]:8000"},
+        ):
+            r = c.post("/train", content=job, headers=headers)
+            assert r.status_code == 202, (headers, r.json())
+        # Bodies over the limit: 413 before they are read (Content-Length) or while they stream in.
+        r = c.post("/train", content=b" " * 1001, headers=json_type)
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        r = c.post("/train", content=iter([b" " * 600, b" " * 600]), headers=json_type)
+        assert r.status_code == 413
+        # The Idempotency-Key travels to the trainer.
+        c.post("/train", content=job, headers={**json_type, "Idempotency-Key": "retry-1"})
+        assert handler.keys[-1] == "retry-1"
+    # With a key, the key is the protection: a browser cannot send it cross-site without a preflight.
+    app = FastAPI()
+    app.include_router(routes.training_router(path, api_key="k"))
+    with TestClient(app, base_url="http://evil.example") as c:
+        r = c.post("/train", content=job, headers={"Authorization": "Bearer k", "Origin": "http://evil.example"})
+        assert r.status_code == 202
+
+
+def test_routes_say_why_the_trainer_is_down(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    sock = str(tmp_path / "trainer.sock")
+    app = FastAPI()
+    app.include_router(routes.training_router(sock))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert c.get("/train/status").status_code == 503
+        protocol.write_down(sock, "the trainer was killed by SIGKILL; it is restarted in 4 s")
+        r = c.post("/train", json={"examples": []})
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]["message"]
+        protocol.write_down(sock, None)
+        assert "SIGKILL" not in c.get("/train/status").json()["error"]["message"]
 
 
 def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
@@ -156,7 +265,7 @@ def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
     path, handler = trainer
     app = FastAPI()
     app.include_router(routes.training_router(path))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         for method, url, op in (
             ("GET", "/train/job-7", "job"),
             ("DELETE", "/train/job-7", "cancel"),
@@ -182,6 +291,6 @@ def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
         assert samples[("livetrain_last_checkpoint_age_seconds", ())] > 0
     app = FastAPI()
     app.include_router(routes.training_router(lambda: ""))
-    with TestClient(app) as c:  # no trainer: the metrics say so instead of failing the scrape
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # no trainer: the metrics say so, the scrape works
         r = c.get("/metrics")
         assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text and "livetrain_steps" not in r.text

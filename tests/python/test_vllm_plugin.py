@@ -317,7 +317,7 @@ def test_routes_are_mounted_and_check_vllms_api_keys():
     from fastapi.testclient import TestClient
 
     app, plugin = app_with_plugin()
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # an address of this machine (security.cross_site)
         for route in routes.ROUTES:  # every route is there and forwards
             path = route.path.replace("{job_id}", "job-0")
             r = c.request(route.method, path, json={} if route.method in ("POST", "PUT") else None)
@@ -402,7 +402,7 @@ def test_watcher_waits_on_the_trainer_and_reports_what_vllm_serves(tmp_path):
     state = {"version": 4, "served": []}
     cond = threading.Condition()
 
-    def handle(op, body):
+    def handle(op, body, idempotency_key=None):
         args = protocol.parse_body(body, empty_ok=True)
         if op == "version":
             with cond:
@@ -415,6 +415,7 @@ def test_watcher_waits_on_the_trainer_and_reports_what_vllm_serves(tmp_path):
     server.start()
     try:
         assert protocol.weight_version(server.path, after=None) == 4
+
         def step():
             with cond:
                 state["version"] = 5

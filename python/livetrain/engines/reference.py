@@ -12,25 +12,29 @@ usage: python -m livetrain.engines.reference --model DIR --manifest FILE --train
 """
 
 import argparse
+import asyncio
 import json
 import os
+import queue
 import signal
 import sys
-import threading
 import time
 import uuid
 from typing import Iterator
 
 import torch
 
+from livetrain.engines import batching
+from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
-from livetrain.trainer import options, protocol, routes
+from livetrain.trainer import options, protocol, routes, security
 from livetrain.trainer.examples import check_messages
 from livetrain.trainer.protocol import Invalid
 
 
 class Engine:
-    """The model, its tokenizer and the shared weights; one generation at a time (``lock``)."""
+    """The model, its tokenizer, the shared weights, and the scheduler that decodes requests in batches
+    (livetrain.engines.batching: ``max_batch`` at once, ``max_queue`` waiting)."""
 
     def __init__(
         self,
@@ -41,6 +45,8 @@ class Engine:
         *,
         store: bool = True,
         store_dir: str | None = None,
+        max_batch: int = engine_options.DEFAULT_MAX_BATCH,
+        max_queue: int = engine_options.DEFAULT_MAX_QUEUE,
     ):
         import transformers
 
@@ -80,41 +86,36 @@ class Engine:
         self.eos = set()
         for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
             self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        self.lock = threading.Lock()
+        self.scheduler = batching.Scheduler(self.model, self.eos, max_batch=max_batch, max_queue=max_queue)
 
-    # ---- tokens ----
+    def close(self) -> None:
+        """Stops the scheduler (waiting requests get an error) and the sharing."""
+        self.scheduler.close()
+        self.exported.close()
+
+    # ---- tokens (called off the event loop: a long text takes a while) ----
+    def _encode(self, text: str, field: str, **kw) -> list[int]:
+        # A text far longer than the context is refused from its beginning alone: tokenizing megabytes
+        # only to refuse them would take the CPU for a minute (issue #13). A prefix never has many more
+        # tokens than the whole text has.
+        probe = 16 * min(self.max_len, 1 << 20) + 64
+        if len(text) > probe and len(self.tokenizer(text[:probe], **kw)["input_ids"]) > self.max_len + 16:
+            raise Invalid(field, f"{field} is longer than the model's context of {self.max_len} tokens")
+        return self.tokenizer(text, **kw)["input_ids"]
+
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        return self._encode(prompt, "prompt")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._encode(text, "messages", add_special_tokens=False)
 
-    @torch.inference_mode()
-    def _tokens(
-        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None
-    ) -> Iterator[int]:
-        x = torch.tensor([ids], device=self.device)
-        past = None
-        for _ in range(max_tokens):
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1].float()
-            if temperature <= 0:
-                tok = int(torch.argmax(logits))
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:
-                    sorted_p, order = torch.sort(probs, descending=True)
-                    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-                    drop = torch.cumsum(sorted_p, 0) - sorted_p >= top_p
-                    sorted_p[drop] = 0.0
-                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-            yield tok
-            if tok in self.eos:
-                return
-            x = torch.tensor([[tok]], device=self.device)
+    def sequence(self, ids: list[int], params: dict, sink: batching.Sink) -> batching.Sequence:
+        """A request for the scheduler (``params``: ``sampling_params``; ``stop`` is the TextStream's)."""
+        return batching.Sequence(ids, params["max_tokens"], params["temperature"], params["top_p"], params["seed"], sink)
+
+    def text(self, params: dict) -> batching.TextStream:
+        return batching.TextStream(self.tokenizer, params["stop"], self.eos)
 
     def generate(
         self,
@@ -126,29 +127,25 @@ class Engine:
         seed: int | None = None,
     ) -> Iterator[tuple[str, str | None, int]]:
         """Yields (text delta, finish_reason or None, tokens generated so far); the last item has the
-        finish reason. Text that might begin a stop string is held back until it cannot."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        hold = max((len(s) for s in stop), default=1) - 1
-        out: list[int] = []
-        sent = 0
-        with self.lock:
-            for tok in self._tokens(ids, max_tokens, temperature, top_p, generator):
-                if tok in self.eos:
-                    text = self.tokenizer.decode(out, skip_special_tokens=True)
-                    yield text[sent:], "stop", len(out) + 1
+        finish reason. Blocks the calling thread (the HTTP routes use the same scheduler asynchronously);
+        QueueFull when the admission queue is full."""
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq = self.sequence(ids, params, lambda *e: events.put(e))
+        text = self.text(params)
+        self.scheduler.submit(seq)
+        try:
+            while True:
+                tok, finish, error = events.get()
+                if error is not None:
+                    raise RuntimeError(f"generation failed: {error}")
+                delta, reason = text.feed(tok, finish)
+                if reason is not None or delta:
+                    yield delta, reason, text.tokens
+                if reason is not None:
                     return
-                out.append(tok)
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    yield text[sent:cut], "stop", len(out)
-                    return
-                safe = max(sent, len(text) - hold)
-                if safe > sent:
-                    yield text[sent:safe], None, len(out)
-                    sent = safe
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            yield text[sent:], "length", len(out)
+        finally:
+            self.scheduler.cancel(seq)  # a stop string, or a caller that stopped iterating
 
 
 # ---- request parsing: every error names its field ----
@@ -161,6 +158,19 @@ def _field(body: dict, name: str, types, default=None, check=None, what: str = "
     if not isinstance(v, types) or (check is not None and not check(v)):
         raise Invalid(name, f"{name} must be {what}, got {json.dumps(v)[:80]}")
     return v
+
+
+def stream_mode(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage): ``stream_options.include_usage`` (OpenAI's) adds a last chunk with the
+    token counts to a stream."""
+    stream = _field(body, "stream", bool, False, None, "true or false")
+    opts = _field(body, "stream_options", dict, {}, None, "an object")
+    if opts and not stream:
+        raise Invalid("stream_options", "stream_options is only allowed with stream: true")
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise Invalid("stream_options.include_usage", "stream_options.include_usage must be true or false")
+    return stream, usage
 
 
 def sampling_params(body: dict, default_max: int) -> dict:
@@ -178,7 +188,7 @@ def sampling_params(body: dict, default_max: int) -> dict:
         temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
         top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         stop=stop,
-        seed=_field(body, "seed", int, None, None, "an integer"),
+        seed=_field(body, "seed", int, None, lambda v: -(1 << 63) <= v < 1 << 64, "an integer in [-2^63, 2^64)"),
     )
 
 
@@ -191,9 +201,14 @@ def parse_prompt(body: dict) -> str:
     return prompt
 
 
-def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
+def build_app(
+    engine: Engine, trainer_socket: str, api_key: str | None = None, max_body: int = security.DEFAULT_MAX_BODY_MIB << 20
+):
     """The FastAPI application: OpenAI-style generation, the training routes (livetrain.trainer.routes)
-    forwarded to the trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set."""
+    forwarded to the trainer, every route behind ``Authorization: Bearer <api_key>`` when a key is set,
+    and without one, cross-site requests refused (livetrain.trainer.security). Bodies over ``max_body``
+    bytes are 413; parsing and tokenization run off the event loop, generation in the engine's
+    scheduler: no route waits for another."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -204,16 +219,23 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
     async def authenticate(request: Request, call_next):
         if not routes.authorized(request.headers.get("authorization"), api_key):
             return routes.json_response(protocol.error(401, routes.MISSING_KEY))
+        refused = None if api_key else security.cross_site(request.method, request.headers)
+        if refused is not None:
+            return routes.json_response(refused)
         return await call_next(request)
 
     async def json_body(request: Request) -> dict:
-        return protocol.parse_body(await request.body(), empty_ok=False)
+        return await run_in_threadpool(protocol.parse_body, await security.read_body(request, max_body), False)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, e: Invalid):
         return routes.json_response(e.reply())
 
-    def completion(kind: str, ids: list[int], params: dict, stream: bool):
+    @app.exception_handler(security.TooLarge)
+    async def too_large(request: Request, e: security.TooLarge):
+        return routes.json_response(e.reply())
+
+    async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
         if len(ids) + params["max_tokens"] > engine.max_len:
             raise Invalid(
                 "max_tokens",
@@ -222,6 +244,31 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
             )
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq = engine.sequence(ids, params, lambda *e: loop.call_soon_threadsafe(events.put_nowait, e))
+        text = engine.text(params)
+        try:
+            engine.scheduler.submit(seq)
+        except batching.QueueFull as e:
+            r = protocol.error(503, str(e))
+            return JSONResponse(r.body, status_code=r.code, headers={"Retry-After": str(e.retry_after)})
+
+        async def pieces():
+            """(text delta, finish reason) as the scheduler decodes; the request leaves the batch when
+            this ends, however it ends (a stop string, the client gone)."""
+            try:
+                while True:
+                    tok, finish, error = await events.get()
+                    if error is not None:
+                        raise RuntimeError(error)
+                    delta, reason = text.feed(tok, finish)
+                    if reason is not None or delta:
+                        yield delta, reason
+                    if reason is not None:
+                        return
+            finally:
+                engine.scheduler.cancel(seq)
 
         def choice(text: str, finish, delta: bool) -> dict:
             if kind == "chat":
@@ -229,26 +276,37 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
                 return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
-        if stream:
+        def usage() -> dict:
+            n = text.tokens
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        if stream[0]:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-            def events():
-                for text, finish, _ in engine.generate(ids, **params):
-                    if text or finish:
-                        yield f"data: {json.dumps({**base, 'object': obj, 'choices': [choice(text, finish, True)]})}\n\n"
+            async def events_sse():
+                try:
+                    async for delta, finish in pieces():
+                        chunk = {**base, "object": obj, "choices": [choice(delta, finish, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    if stream[1]:
+                        yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
+                except RuntimeError as e:
+                    yield f"data: {json.dumps(protocol.error(500, f'generation failed: {e}').body)}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        parts, finish, n = [], None, 0
-        for text, finish, n in engine.generate(ids, **params):
-            parts.append(text)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            return StreamingResponse(events_sse(), media_type="text/event-stream")
+        parts, finish = [], None
+        try:
+            async for delta, finish in pieces():
+                parts.append(delta)
+        except RuntimeError as e:
+            return routes.json_response(protocol.error(500, f"generation failed: {e}"))
         return JSONResponse(
             {
                 **base,
                 "object": "chat.completion" if kind == "chat" else "text_completion",
                 "choices": [choice("".join(parts), finish, False)],
-                "usage": usage,
+                "usage": usage(),
             }
         )
 
@@ -257,25 +315,26 @@ def build_app(engine: Engine, trainer_socket: str, api_key: str | None = None):
         body = await json_body(request)
         prompt = parse_prompt(body)
         params = sampling_params(body, 16)
-        stream = _field(body, "stream", bool, False, None, "true or false")
-        ids = engine.encode_prompt(prompt)
-        return await run_in_threadpool(completion, "text", ids, params, stream)
+        stream = stream_mode(body)
+        ids = await run_in_threadpool(engine.encode_prompt, prompt)
+        return await completion("text", ids, params, stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
         messages = check_messages(body.get("messages"))
-        ids = engine.encode_chat(messages)
+        stream = stream_mode(body)
+        ids = await run_in_threadpool(engine.encode_chat, messages)
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
-        stream = _field(body, "stream", bool, False, None, "true or false")
-        return await run_in_threadpool(completion, "chat", ids, params, stream)
+        return await completion("chat", ids, params, stream)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "livetrain"}]}
 
     # /train, /train/status, /checkpoint, /checkpoints, /rollback: forwarded to the trainer (livetrain.trainer.routes).
-    app.include_router(routes.training_router(trainer_socket))
+    # Authentication and the cross-site checks are the middleware's above, for every route.
+    app.include_router(routes.training_router(trainer_socket, same_origin=False, max_body=max_body))
 
     return app
 
@@ -289,15 +348,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get(routes.API_KEY_ENV), help=f"default ${routes.API_KEY_ENV}")
+    security.add_api_key_options(p)
     options.add_store_options(p)
+    engine_options.add_options(p)
     a = p.parse_args(argv)
+    problem = engine_options.check(a)
+    if problem:
+        p.error(problem)
+    try:
+        api_key = security.api_key(a)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    security.private_files()
     import uvicorn
 
     from livetrain import Error
 
     try:
-        engine = Engine(a.model, a.manifest, a.device, a.dtype, store=not a.no_store, store_dir=a.store)
+        engine = Engine(
+            a.model,
+            a.manifest,
+            a.device,
+            a.dtype,
+            store=not a.no_store,
+            store_dir=a.store,
+            max_batch=a.max_batch,
+            max_queue=a.max_queue,
+        )
     except Error as e:  # a bad model directory or checkpoint store: the message names it
         sys.exit(f"livetrain engine: {e}")
     if engine.checkpoint is not None:
@@ -308,6 +385,13 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    if not engine.scheduler.batchable and a.max_batch > 1:
+        print(
+            "livetrain engine: this model's cache is not a plain key/value cache (sliding windows or linear "
+            "attention): requests are decoded one at a time",
+            file=sys.stderr,
+            flush=True,
+        )
     if engine.kernels:
         print(f"livetrain engine: kernels {json.dumps(engine.kernels)}", file=sys.stderr, flush=True)
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
@@ -315,9 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     # left in /dev/shm until reboot).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(build_app(engine, a.trainer_socket, a.api_key), host=a.host, port=a.port, log_level="warning")
+        app = build_app(engine, a.trainer_socket, api_key, a.max_body_mib << 20)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     finally:
-        engine.exported.close()
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,18 @@ import json
 import signal
 import sys
 
-from livetrain.trainer import options, protocol
+from livetrain.trainer import options, protocol, security
+
+
+def sacrifice_first() -> None:
+    """Makes this process the one the kernel's out-of-memory killer picks first (``oom_score_adj`` 1000):
+    when training and serving together run out of memory, the trainer dies and its launcher restarts it,
+    while the engine keeps serving. The engine leaves its own score alone."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:  # not Linux, or a sandbox that forbids it: nothing else to do
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="model directory (for the tokenizer and chat template)")
     p.add_argument("--socket", required=True, help="Unix socket to answer the training routes on")
     a = options.parse_args(p, argv)
+    sacrifice_first()
+    security.private_files()
 
     from livetrain import Error, _core
     from livetrain.trainer.ranks import Ranks

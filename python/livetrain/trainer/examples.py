@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from livetrain.trainer.protocol import Invalid
 
@@ -24,6 +25,18 @@ JOB_OPTIONS = {
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "guard": (bool, lambda v: True, "true or false"),
 }
+# A job id a client chooses (``"id"``): retries with the same id get the same job.
+JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def job_id(job: dict) -> str | None:
+    """The client's job id of a /train body (``"id"``), checked; None when it has none."""
+    v = job.get("id")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not JOB_ID.fullmatch(v):
+        raise Invalid("id", "id must be 1 to 64 characters of A-Z a-z 0-9 . _ : -")
+    return v
 
 
 def check_messages(messages, where: str = "") -> list[dict]:
@@ -105,12 +118,13 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
     """A /train body → ``{"examples": [(ids, mask, weight)], and the options given}``."""
     if not isinstance(job, dict):
         raise Invalid("body", "request body must be a JSON object")
-    unknown = set(job) - set(JOB_OPTIONS) - {"examples"}
+    unknown = set(job) - set(JOB_OPTIONS) - {"examples", "id"}
     if unknown:
         raise Invalid(
             sorted(unknown)[0],
-            f"unknown field {sorted(unknown)[0]!r} (allowed: examples, {', '.join(sorted(JOB_OPTIONS))})",
+            f"unknown field {sorted(unknown)[0]!r} (allowed: examples, id, {', '.join(sorted(JOB_OPTIONS))})",
         )
+    job_id(job)
     examples = job.get("examples")
     if not isinstance(examples, list) or not examples:
         raise Invalid("examples", "examples must be a non-empty list")

@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
+# Tokens one training step may compute (rows × the longest row). Not yet measured per token: chosen from
+# the review of issue #13, where a step of 8 × 1,050 tokens (8,400) on the default model grew the CPU
+# trainer past 5.6 GiB, so about half that stays well inside a few GiB; the idle trainer of the default
+# model is ~0.4 GiB resident and one step of ~150 tokens raised its peak to ~0.85 GiB (first step,
+# optimizer state included; measured on the shared CPU machine, 2026-11-30).
+DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
@@ -71,6 +77,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "(default 0: only on POST /checkpoint)",
     )
     add_learning_options(parser)
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        metavar="N",
+        help="tokens one step may compute (examples × the longest, padding included): a job whose batches "
+        "would exceed it runs in smaller batches, or is refused with a 400 naming the limit when it set "
+        f"batch_size itself or one example is longer (default {DEFAULT_MAX_BATCH_TOKENS}: about half the step "
+        "that made the default model's CPU trainer grow past 5.6 GiB)",
+    )
     parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
     )
@@ -151,6 +167,8 @@ def check(ns: argparse.Namespace) -> str | None:
     """What is wrong with a combination of the options (None: nothing)."""
     if ns.checkpoint_every < 0:
         return "--checkpoint-every must be >= 0"
+    if ns.max_batch_tokens < 1:
+        return "--max-batch-tokens must be >= 1"
     if not 0 < ns.lr < 1:
         return "--lr must be in (0, 1)"
     if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
@@ -183,6 +201,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.warmup),
         "--batch-size",
         str(ns.batch_size),
+        "--max-batch-tokens",
+        str(ns.max_batch_tokens),
         "--until-loss",
         str(ns.until_loss),
         "--max-steps",

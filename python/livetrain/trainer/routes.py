@@ -11,7 +11,7 @@ import hmac
 import json
 from typing import Callable, NamedTuple, Sequence
 
-from livetrain.trainer import protocol
+from livetrain.trainer import protocol, security
 
 
 class Route(NamedTuple):
@@ -42,10 +42,11 @@ ROUTES = [
 METRICS_PATH = "/metrics"
 VLLM_METRICS_PATH = "/livetrain/metrics"
 # Seconds to wait for the trainer's reply. Checkpoint and rollback wait for the running step to end and
-# then write the whole model's changes, which takes minutes for large models.
-TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0}
+# then write the whole model's changes, which takes minutes for large models; a large job takes a while
+# to tokenize (a retry with the same Idempotency-Key gets the same job, never a second one).
+TIMEOUTS = {"checkpoint": 3600.0, "rollback": 3600.0, "submit": 600.0}
 # Where `livetrain serve`, its engine and `livetrain train` read the API key from when not given.
-API_KEY_ENV = "LIVETRAIN_API_KEY"
+API_KEY_ENV = security.API_KEY_ENV
 MISSING_KEY = "missing or wrong API key (Authorization: Bearer KEY)"
 
 Keys = str | Sequence[str] | None
@@ -68,10 +69,28 @@ def json_response(reply: protocol.Reply):
     return JSONResponse(reply.body, status_code=reply.code)
 
 
+def unavailable(path: str, e: protocol.TrainerUnavailable) -> protocol.Reply:
+    """The reply when the trainer does not answer: 504 when it took the request and may still act on it,
+    else 503 with the reason its launcher recorded (it died and is being restarted, ...)."""
+    if isinstance(e, protocol.TrainerTimeout):
+        return protocol.error(
+            504,
+            f"the trainer did not answer in time ({e}); it may still act on the request: retry with the same "
+            "Idempotency-Key (or job id) to get the same job rather than a second one",
+        )
+    down = protocol.read_down(path) if path else None
+    if down:
+        return protocol.error(503, f"the trainer is not running: {down}; serving goes on")
+    return protocol.error(503, f"the trainer is not running or not ready yet ({e})")
+
+
 def training_router(
     trainer_socket: str | Callable[[], str],
     api_key: Keys | Callable[[], Keys] = None,
     metrics_path: str = METRICS_PATH,
+    *,
+    same_origin: bool = True,
+    max_body: int = security.DEFAULT_MAX_BODY_MIB << 20,
 ):
     """A FastAPI ``APIRouter`` with the training routes (``ROUTES``) and the trainer's Prometheus metrics
     at ``metrics_path`` (livetrain.trainer.metrics).
@@ -80,7 +99,9 @@ def training_router(
     for servers that learn it late; an empty path answers 503). With ``api_key`` (a key, a list of keys,
     or a callable returning either, read at each request) the router checks ``Authorization: Bearer KEY``
     itself, for hosts whose own authentication does not cover these paths (vLLM's covers only /v1, /v2,
-    /inference and /cohere); leave it None where the app already authenticates every route.
+    /inference and /cohere); leave it None where the app already authenticates every route. Without
+    keys and with ``same_origin`` (leave it False where the app already applies it to every route), the
+    router refuses cross-site requests (``security.cross_site``). Bodies over ``max_body`` bytes are 413.
     """
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
@@ -92,21 +113,28 @@ def training_router(
 
     def make(op: str, has_body: bool | str):
         async def handler(request: Request):
-            if not authorized(request.headers.get("authorization"), keys()):
+            allowed = keys()
+            if not authorized(request.headers.get("authorization"), allowed):
                 return json_response(protocol.error(401, MISSING_KEY))
-            if has_body == "job_id":
-                body = json.dumps({"job_id": request.path_params["job_id"]}).encode()
-            else:
-                body = await request.body() if has_body else b""
+            refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+            if refused is not None:
+                return json_response(refused)
+            path = ""
             try:
+                if has_body == "job_id":
+                    body = json.dumps({"job_id": request.path_params["job_id"]}).encode()
+                else:
+                    body = await security.read_body(request, max_body) if has_body else b""
                 path = socket_path()
                 if not path:
                     raise protocol.TrainerUnavailable("no trainer has been started")
-                code, reply = await run_in_threadpool(protocol.call, path, op, body, TIMEOUTS.get(op, 30.0))
-            except protocol.Invalid as e:
+                code, reply = await run_in_threadpool(
+                    protocol.call, path, op, body, TIMEOUTS.get(op, 30.0), request.headers.get("idempotency-key")
+                )
+            except (protocol.Invalid, security.TooLarge) as e:
                 return json_response(e.reply())
             except protocol.TrainerUnavailable as e:
-                return json_response(protocol.error(503, f"the trainer is not running or not ready yet ({e})"))
+                return json_response(unavailable(path, e))
             return Response(reply, status_code=code, media_type="application/json")
 
         handler.__name__ = f"livetrain_{op}"
@@ -118,8 +146,12 @@ def training_router(
     async def metrics(request: Request):
         from livetrain.trainer import metrics as prometheus
 
-        if not authorized(request.headers.get("authorization"), keys()):
+        allowed = keys()
+        if not authorized(request.headers.get("authorization"), allowed):
             return json_response(protocol.error(401, MISSING_KEY))
+        refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+        if refused is not None:
+            return json_response(refused)
         snapshot = None
         try:
             path = socket_path()

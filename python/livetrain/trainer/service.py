@@ -25,8 +25,8 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
-from livetrain.trainer import guard, options, schedule
-from livetrain.trainer.examples import parse_job
+from livetrain.trainer import admission, guard, options, schedule
+from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -204,6 +204,8 @@ class Trainer:
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
+        self.max_batch_tokens = s.max_batch_tokens
+        self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -219,10 +221,20 @@ class Trainer:
             s.state_dir, ranks.file_name("optimizer.safetensors") if ranks else "optimizer.safetensors"
         )
         self.meta_path = os.path.join(s.state_dir, "trainer.json")
-        saved_version = None
+        # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
+        # step may have used (written before the step: versions never repeat, whatever crashes when), and
+        # the engine the weights were trained on.
+        saved_version, reserved, engine = None, 0, None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
-                saved_version = int(json.load(f).get("weight_version", 0))
+                meta = json.load(f)
+            saved_version = int(meta.get("weight_version", 0))
+            reserved, engine = int(meta.get("reserved", 0)), meta.get("engine")
+        self.engine = dict(self.attached.manifest["owner"])
+        # The same engine still runs: only the trainer restarted (it died, and its launcher started it
+        # again). The engine serves the weights as the last trainer left them, not the store's head, and
+        # the state dir's optimizer state is the newest one of them.
+        same_engine = engine == self.engine
         # The engine serves the store's head generation (it restored it before exporting), so the optimizer
         # state recorded with that generation belongs to these weights; the state dir's is newer (training
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
@@ -236,7 +248,10 @@ class Trainer:
             head = self.store.list()[-1]
         self.restored_from = None
         head_state = self._generation_state(head) if head is not None else None
-        if head_state and saved_version != head["weight_version"]:
+        if same_engine and os.path.exists(self.opt_path):
+            self._load_state([self.opt_path])
+            self.restored_from = "state-dir"
+        elif not same_engine and head_state and saved_version != head["weight_version"]:
             self._load_state(head_state)
             self.restored_from = f"generation {head['generation']}"
         elif os.path.exists(self.opt_path):
@@ -244,11 +259,17 @@ class Trainer:
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
-        # get a new version rather than a number that named other weights.
-        self.weight_version = saved_version or 0
-        if head is not None:
+        # get a new version rather than a number that named other weights; after a trainer-only restart,
+        # the steps the last trainer may have taken since its save make the weights new too.
+        top = max(saved_version or 0, reserved)
+        self.weight_version = top
+        if same_engine:
+            self.weight_version = top + 1 if reserved > (saved_version or 0) else top
+        elif head is not None:
             hv = head["weight_version"]
-            self.weight_version = self.weight_version + 1 if self.weight_version > hv else hv
+            self.weight_version = top + 1 if top > hv else hv
+        self.reserved = self.weight_version
+        self.state_version = saved_version or 0  # the version of the optimizer state in --state-dir
         self.saved_version = self.weight_version  # the version the store's head holds (see checkpoint_due)
         self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
@@ -280,8 +301,8 @@ class Trainer:
         self.closed = False  # set when the training thread takes no more of them
 
     # ---- requests (trainer.protocol); an Invalid raised here is answered 400 naming its field ----
-    def handle(self, op: str, body: bytes) -> Reply:
-        """One request: ``op`` and its body as the HTTP route received it."""
+    def handle(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
+        """One request: ``op`` and its body as the HTTP route received it (and its Idempotency-Key)."""
         if op == "version":  # what watchers poll: no copy of the job list
             after, wait_s = parse_version_args(parse_body(body, empty_ok=True))
             with self.version_changed:
@@ -303,7 +324,9 @@ class Trainer:
         if op in ("submit", "checkpoint", "rollback") and self.ranks is not None and self.ranks.failure:
             return error(503, self.ranks.failure)
         if op == "submit":
-            return self.submit(parse_body(body, empty_ok=False))
+            job = parse_body(body, empty_ok=False)
+            key = admission.job_key(idempotency_key, job_id(job))
+            return self.retries.run(key, body, lambda: self.submit(job))
         if op == "job":
             return self.job(parse_job_id(parse_body(body, empty_ok=False)))
         if op == "cancel":
@@ -380,10 +403,15 @@ class Trainer:
         )
 
     def submit(self, job: dict) -> Reply:
-        """Checks and tokenizes a /train body (``Invalid`` naming the field), then queues it."""
+        """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
+        per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
         n = len(parsed["examples"])
-        plan = schedule.plan(parsed, self.settings, n)
+        # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
+        # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
+        asked = parsed.get("batch_size", self.settings.batch_size)
+        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens)
+        plan = schedule.plan({**parsed, "batch_size": bs}, self.settings, n)
         if self.ranks is not None and (plan.guard or plan.replay):
             # The retention answers and losses are generated on rank 0 alone, while a tensor-parallel
             # forward needs every rank: not built yet (issue #16).
@@ -394,7 +422,7 @@ class Trainer:
             )
         if self.stopping.is_set():
             return error(503, "the trainer is shutting down")
-        jid = f"job-{uuid.uuid4().hex[:12]}"
+        jid = job_id(job) or f"job-{uuid.uuid4().hex[:12]}"
         info = {
             "id": jid,
             "state": "queued",
@@ -418,6 +446,8 @@ class Trainer:
             "seconds": None,
         }
         with self.lock:
+            if jid in self.jobs:
+                return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
                 self.queue.put_nowait((jid, {"examples": parsed["examples"], "plan": plan}))
             except queue.Full:
@@ -429,7 +459,14 @@ class Trainer:
                     break
                 del self.jobs[old]
         reply = {"job_id": jid, "steps": plan.budget, "until_loss": plan.until_loss, "examples": n}
-        return Reply(202, {**reply, "queued": self.queue.qsize()})
+        reply["queued"] = self.queue.qsize()
+        if plan.batch_size != asked:
+            reply["batch_size"] = plan.batch_size
+            reply["split"] = (
+                f"batches of {plan.batch_size} examples rather than {asked}, to stay within --max-batch-tokens "
+                f"{self.max_batch_tokens} tokens per step"
+            )
+        return Reply(202, reply)
 
     def job(self, jid: str) -> Reply:
         """GET /train/{job_id}: the job's entry, as /train/status lists it."""
@@ -592,6 +629,7 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
+        self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
         self.rollback_rank(generation)
@@ -793,6 +831,7 @@ class Trainer:
                 idx = next(order)
                 batch = [examples[i] for i in idx] + ([next(replay) for _ in range(plan.replay)] if replay else [])
                 lr = plan.lr_at(s)
+                self.reserve(self.weight_version + 1)  # before the step writes the weights
                 t0 = time.perf_counter()
                 try:
                     if self.ranks is not None:
@@ -985,8 +1024,22 @@ class Trainer:
 
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
-        if self.ranks is None or self.ranks.rank == 0:  # rank 0 keeps the weight version
-            _core.write_file_atomic(self.meta_path, json.dumps({"weight_version": weight_version}).encode())
+        self.state_version = weight_version
+        self._write_meta()
+
+    def reserve(self, version: int) -> None:
+        """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
+        killed at any instant restarts above every version it handed out (issue #13: after a SIGKILL
+        mid-job the version went from 10 back to 8)."""
+        if version > self.reserved:
+            self.reserved = version
+            self._write_meta()
+
+    def _write_meta(self) -> None:
+        if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
+            return
+        meta = {"weight_version": self.state_version, "reserved": self.reserved, "engine": self.engine}
+        _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
 
     def run(self) -> None:
         """The training thread (rank 0): jobs from the queue and the requests between them, until stopped."""

@@ -1,0 +1,393 @@
+"""Continuous batching for the reference engine: requests join the running batch and leave it at
+decode-step boundaries, streaming or not, and nothing waits on a client while holding the model.
+
+Written here rather than taken from transformers (5.18: ``init_continuous_batching`` / ``generate_batch``)
+because that one does not fit this engine: on CPU it falls back to ``paged|sdpa`` with a dense mask over
+its whole page pool (its warm-up did not finish in 300 s for a 2-layer, 64-wide model on this project's
+CPU machine), it samples every request with one generation config (no per-request seed, temperature,
+top_p or stop strings), and its paged kernels give logits other than one-at-a-time decoding does. This
+scheduler calls the model's own forward and cache (``DynamicCache``):
+
+- a new request is prefilled alone (no padding: exactly today's one-at-a-time prefill), then its KV cache
+  is merged into the batch's, left-padded to the longest row;
+- each decode step runs every row's next token in one forward; the attention of each row is computed on
+  its own, unpadded slice of the cache (``_row_attention``), so a row's logits do not depend on its
+  batch-mates and greedy answers equal one-at-a-time decoding (bit for bit in bf16, tests/python/
+  test_engine_batching.py), while the weight matrices are read once per step for the whole batch;
+- finished, stopped and cancelled rows leave between two steps; the cache's leading padding shared by
+  every remaining row is trimmed.
+
+Models whose cache holds anything but plain full-attention layers (sliding windows, linear attention)
+are served one request at a time by the same loop (``Scheduler.batchable`` is False).
+
+One thread runs the model. Requests wait in a bounded admission queue (``QueueFull`` beyond it, which
+the engine answers with 503 and Retry-After); tokens go to each request's ``sink`` from that thread.
+``TextStream`` turns a request's tokens into text deltas (stop strings, EOS) on the consumer's side.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable
+
+import torch
+
+# The scheduler thread's decode step: each row's first real cache position (its left padding). None
+# outside a batched decode step: the attention is then the model's own.
+_ROWS = threading.local()
+ROW_ATTENTION = "livetrain_rows"
+
+
+def _row_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of a batched decode step, row by row on each row's unpadded keys and values: the same
+    call, with the same shapes, as one-at-a-time decoding makes (query [B, heads, 1, head_dim]; key and
+    value [B, kv_heads, T, head_dim], left-padded)."""
+    from transformers import AttentionInterface
+
+    base = AttentionInterface._global_mapping[getattr(_ROWS, "base", "sdpa")]
+    starts = getattr(_ROWS, "starts", None)
+    if starts is None:
+        return base(module, query, key, value, attention_mask, **kwargs)
+    outs, weights = [], None
+    for b, s in enumerate(starts):
+        out, weights = base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 0), None
+
+
+def _use_row_attention(model) -> str | None:
+    """Switches ``model`` to ``_row_attention`` over its own attention implementation; returns that
+    implementation's name, or None when it cannot be wrapped (then the model is served one at a time)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    base = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if base not in AttentionInterface._global_mapping or base not in AttentionMaskInterface._global_mapping:
+        return None
+    name = f"{ROW_ATTENTION}_{base}"
+    AttentionInterface.register(name, _row_attention)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    model.set_attn_implementation(name)
+    return base
+
+
+class QueueFull(RuntimeError):
+    """The admission queue is full: answer 503 with ``Retry-After``."""
+
+    def __init__(self, waiting: int):
+        super().__init__(f"the engine is busy: {waiting} requests are waiting; retry later")
+        self.retry_after = 1
+
+
+# What a sink receives: (token or None, finish reason or None, error message or None). Finish reasons:
+# "stop" (an EOS token, which is the token passed), "length", "cancelled", "error".
+Sink = Callable[[int | None, str | None, str | None], None]
+
+
+class Sequence:
+    """One request in the scheduler: prompt ids, sampling, and where its tokens go."""
+
+    def __init__(
+        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None, sink: Sink
+    ):
+        self.ids, self.max_tokens, self.temperature, self.top_p = ids, max_tokens, temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.sink = sink
+        self.generated = 0
+        self.cancelled = False  # set by any thread; read by the scheduler between two steps
+
+    def emit(self, tok: int | None, finish: str | None, error: str | None = None) -> None:
+        try:
+            self.sink(tok, finish, error)
+        except Exception:  # the consumer is gone (its event loop closed): nobody to tell
+            self.cancelled = True
+
+
+class _Row:
+    __slots__ = ("seq", "start", "length", "last")
+
+    def __init__(self, seq: Sequence, start: int, length: int, last: int):
+        self.seq, self.start, self.length, self.last = seq, start, length, last
+
+
+class Scheduler:
+    """The model's one thread: admits requests, prefills them, and decodes every running row in one
+    forward per step. ``max_batch`` rows at most (1: one request at a time, as the engine did before
+    batching); ``max_queue`` requests may wait for a row."""
+
+    def __init__(self, model, eos: set[int], *, max_batch: int = 16, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.eos = model, eos
+        self.device = next(model.parameters()).device
+        self.base = _use_row_attention(model) if max_batch > 1 and self._plain_kv_cache() else None
+        self.batchable = self.base is not None
+        self.max_batch = max_batch if self.batchable else 1
+        self.max_queue = max_queue
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._rows: list[_Row] = []
+        self._admitting = 0  # taken from the queue, being prefilled: neither waiting nor a row yet
+        self._cache = None
+        self._length = 0  # the cache's sequence length (the longest row plus the padding of the others)
+        self._stop = False
+        self.steps = 0  # decode steps run
+        self.peak_batch = 0  # the most rows one decode step ran
+        self._thread = threading.Thread(target=self._run, name="livetrain-scheduler", daemon=True)
+        self._thread.start()
+
+    def _plain_kv_cache(self) -> bool:
+        """Whether every layer's cache is a plain full-attention key/value cache (what rows can be merged
+        and split in)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=self.model.config).layers
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    # ---- any thread ----
+    def submit(self, seq: Sequence) -> None:
+        """Queues ``seq``; QueueFull when ``max_batch`` requests run and ``max_queue`` more already wait."""
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the engine is shutting down")
+            if len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_queue:
+                raise QueueFull(len(self._waiting))
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stops generating for ``seq`` at the next step boundary (a client that went away)."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def load(self) -> dict:
+        """Rows decoding now, requests waiting, and the most rows one decode step has run so far."""
+        with self._cond:
+            return {
+                "running": len(self._rows),
+                "waiting": len(self._waiting),
+                "max_batch": self.max_batch,
+                "peak_batch": self.peak_batch,
+                "steps": self.steps,
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(60)
+
+    # ---- the scheduler thread ----
+    def _run(self) -> None:
+        _ROWS.base, _ROWS.starts = self.base or "sdpa", None
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._cond.wait()
+                if self._stop:
+                    left = list(self._waiting) + [r.seq for r in self._rows]
+                    self._waiting.clear()
+                    self._rows = []
+                    break
+                admit = []
+                while self._waiting and len(self._rows) + len(admit) < self.max_batch:
+                    admit.append(self._waiting.popleft())
+                self._admitting = len(admit)
+            for seq in admit:
+                try:
+                    if seq.cancelled:
+                        seq.emit(None, "cancelled")
+                    else:
+                        self._prefill(seq)
+                except Exception as e:  # this request alone: the batch goes on
+                    seq.emit(None, "error", f"{type(e).__name__}: {e}")
+                finally:
+                    with self._cond:
+                        self._admitting -= 1
+            if self._rows:
+                try:
+                    self._decode()
+                except Exception as e:  # every running row fails; the next requests start afresh
+                    for r in self._rows:
+                        r.seq.emit(None, "error", f"{type(e).__name__}: {e}")
+                    with self._cond:
+                        self._rows, self._cache, self._length = [], None, 0
+        for seq in left:
+            seq.emit(None, "error", "the engine is shutting down")
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row of ``logits`` [rows, vocab] (float32), as one-at-a-time decoding samples."""
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for i, seq in enumerate(seqs):
+            if seq.temperature <= 0:
+                out.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i] / seq.temperature, dim=-1)
+            if seq.top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+                drop = torch.cumsum(sorted_p, 0) - sorted_p >= seq.top_p
+                sorted_p[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            out.append(int(torch.multinomial(probs.cpu(), 1, generator=seq.generator)))
+        return out
+
+    def _finish(self, seq: Sequence, tok: int) -> str | None:
+        """Delivers ``tok``; the finish reason when ``seq`` ends with it."""
+        seq.generated += 1
+        if tok in self.eos:
+            finish = "stop"
+        elif seq.generated >= seq.max_tokens:
+            finish = "length"
+        else:
+            finish = None
+        seq.emit(tok, finish)
+        return finish
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> None:
+        _ROWS.starts = None
+        out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
+        tok = self._sample(out.logits[:, -1].float(), [seq])[0]
+        if self._finish(seq, tok) is not None:
+            return
+        self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
+
+    def _join(self, row: _Row, cache) -> None:
+        """Merges a prefilled row's cache into the batch's, left-padding the shorter side."""
+        if not self._rows:
+            with self._cond:
+                self._cache, self._length, self._rows = cache, row.length, [row]
+            return
+        length = max(self._length, row.length)
+        grow, row.start = length - self._length, length - row.length
+        pad = torch.nn.functional.pad
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, row.start, 0))])
+            mine.values = torch.cat([pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, row.start, 0))])
+        for r in self._rows:
+            r.start += grow
+        self._length = length
+        with self._cond:
+            self._rows.append(row)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        rows = self._rows
+        x = torch.tensor([[r.last] for r in rows], device=self.device)
+        if len(rows) == 1 and rows[0].start == 0:
+            # One row without padding: the call one-at-a-time decoding makes.
+            _ROWS.starts = None
+            out = self.model(input_ids=x, past_key_values=self._cache, use_cache=True)
+        else:
+            mask = torch.ones((len(rows), self._length + 1), dtype=torch.long)
+            for b, r in enumerate(rows):
+                mask[b, : r.start] = 0
+            positions = torch.tensor([[r.length] for r in rows], device=self.device)
+            _ROWS.starts = [r.start for r in rows]
+            try:
+                out = self.model(
+                    input_ids=x,
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions,
+                    past_key_values=self._cache,
+                    use_cache=True,
+                )
+            finally:
+                _ROWS.starts = None
+        self._length += 1
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        toks = self._sample(out.logits[:, -1].float(), [r.seq for r in rows])
+        keep = []
+        for i, (r, tok) in enumerate(zip(rows, toks)):
+            r.length += 1
+            r.last = tok
+            if r.seq.cancelled:
+                r.seq.emit(None, "cancelled")
+            elif self._finish(r.seq, tok) is None:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._leave(keep)
+
+    def _leave(self, keep: list[int]) -> None:
+        """Keeps the rows ``keep`` (indices); trims the padding every remaining row has."""
+        rows = [self._rows[i] for i in keep]
+        if not rows:
+            with self._cond:
+                self._rows, self._cache, self._length = [], None, 0
+            return
+        trim = min(r.start for r in rows)
+        index = torch.tensor(keep, device=self.device)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        for r in rows:
+            r.start -= trim
+        self._length -= trim
+        with self._cond:
+            self._rows = rows
+
+
+class TextStream:
+    """The text of one request as its tokens arrive: ``push`` returns the text that can be sent now
+    (text that might begin a stop string is held back until it cannot) and the finish reason when the
+    request ends there (an EOS token, which is not text, or a stop string, cut before it).
+
+    Tokens are decoded a few at a time (a window before the newest ones, as incremental detokenizers do)
+    rather than the whole text again per token, and a character cut in half by a token boundary waits
+    for the next token."""
+
+    _WINDOW = 6
+
+    def __init__(self, tokenizer, stop: list[str], eos: set[int]):
+        self.tokenizer, self.stop, self.eos = tokenizer, stop, eos
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.prefix = self.read = 0  # ids[prefix:read] is the decoded window before the unread ids
+        self.tokens = 0  # completion tokens, EOS included
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, tok: int) -> tuple[str, str | None]:
+        self.tokens += 1
+        if tok in self.eos:
+            return self.flush(), "stop"
+        self.ids.append(tok)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = max(self.prefix, len(self.ids) - self._WINDOW), len(self.ids)
+        cut = min((i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            delta, self.sent = self.text[self.sent : cut], cut
+            return delta, "stop"
+        safe = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent : safe], safe
+        return delta, None
+
+    def feed(self, tok: int | None, finish: str | None) -> tuple[str, str | None]:
+        """One scheduler event of this request (``Sink``): the text to send and the finish reason when the
+        request ends here ("stop", "length"; "cancelled" for a request nobody waits for)."""
+        if tok is None:
+            return self.flush(), finish
+        delta, reason = self.push(tok)
+        if reason is None and finish == "length":
+            return delta + self.flush(), "length"
+        return delta, reason
+
+    def flush(self) -> str:
+        """The rest of the text (at the end: a character still incomplete is decoded as it is)."""
+        if self.read < len(self.ids):
+            self.text += self._decode(self.ids[self.prefix :])[len(self._decode(self.ids[self.prefix : self.read])) :]
+            self.read = len(self.ids)
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta

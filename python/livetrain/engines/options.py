@@ -1,0 +1,64 @@
+"""The reference engine's serving options, defined once for the engine and for ``livetrain serve``, which
+passes them on (``argv``): how many requests run in one batch, how many may wait, how large a request
+body may be. Light: no torch here, so the supervisor starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from livetrain.trainer import protocol, security
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 64
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("serving options")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help=f"completions decoded together in one forward pass (continuous batching; default "
+        f"{DEFAULT_MAX_BATCH}; 1: one request at a time)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        metavar="N",
+        help=f"completions that may wait for a place in the batch; beyond them the engine answers 503 with "
+        f"Retry-After (default {DEFAULT_MAX_QUEUE})",
+    )
+    g.add_argument(
+        "--max-body-mib",
+        type=int,
+        default=security.DEFAULT_MAX_BODY_MIB,
+        metavar="MIB",
+        help=f"largest request body in MiB; larger ones get 413 before they are read (default "
+        f"{security.DEFAULT_MAX_BODY_MIB}, at most {protocol.MAX_BODY >> 20}: the trainer socket's limit)",
+    )
+
+
+def check(ns: argparse.Namespace) -> str | None:
+    """What is wrong with the serving options (None: nothing)."""
+    if ns.max_batch < 1:
+        return "--max-batch must be >= 1"
+    if ns.max_queue < 0:
+        return "--max-queue must be >= 0"
+    if not 1 <= ns.max_body_mib <= protocol.MAX_BODY >> 20:
+        return f"--max-body-mib must be between 1 and {protocol.MAX_BODY >> 20}"
+    return None
+
+
+def argv(ns: argparse.Namespace) -> list[str]:
+    """The serving options as command-line words, for the engine process."""
+    return [
+        "--max-batch",
+        str(ns.max_batch),
+        "--max-queue",
+        str(ns.max_queue),
+        "--max-body-mib",
+        str(ns.max_body_mib),
+    ]

@@ -1,0 +1,297 @@
+"""The reference engine under load and hostile input (issue #13), in process on a tiny random Llama: greedy
+answers decoded in a batch equal one-at-a-time decoding; a stream left unread never stops other requests
+(the deadlock of issue #13); a full admission queue is 503 with Retry-After; bodies over the limit are
+413 and a huge prompt is refused without stalling other routes; hostile bodies are 400s; cross-site
+requests are refused when no key is set."""
+
+import http.client as httpclient
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("fastapi", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+pytest.importorskip("uvicorn", reason="fastapi/uvicorn are not installed (requirements/dev.txt)")
+
+import uvicorn  # noqa: E402
+
+from livetrain.engines import batching  # noqa: E402
+from livetrain.engines.reference import Engine, build_app  # noqa: E402
+from livetrain.trainer.client import free_port, http  # noqa: E402
+
+import tiny_model  # noqa: E402
+
+CORPUS = [
+    "the capital of zorbia is quuxville",
+    "the sky is blue and the grass is green",
+    "hello how are you today",
+    "i am fine thank you",
+    "the cat sat on the mat",
+    "one two three four five six seven",
+]
+PROMPTS = [
+    "the capital of zorbia is",
+    "hello how",
+    "the cat sat on the mat and the",
+    "one two three",
+    "the sky",
+    "zorbia",
+    "i am fine thank",
+    "the grass is green and the sky is blue and the cat",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.make_model_dir(path, CORPUS, intermediate_size=128)
+    return path
+
+
+class Server:
+    """The engine's app under uvicorn in a thread of this process (no trainer: the training routes 503)."""
+
+    def __init__(self, engine: Engine, tmp: Path, **app):
+        self.engine, port = engine, free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(build_app(engine, str(tmp / "trainer.sock"), **app), port=port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    s = Server(Engine(str(model_dir), str(tmp / "m.json"), "cpu", store=False, max_batch=8, max_queue=64), tmp)
+    yield s
+    s.close()
+
+
+def one_at_a_time(model_dir: Path, prompt: str, n: int) -> str:
+    """Greedy decoding as the engine did before batching: the model's own forward, one token at a time."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    x, past, out = torch.tensor([tok(prompt)["input_ids"]]), None, []
+    with torch.inference_mode():
+        for _ in range(n):
+            o = model(input_ids=x, past_key_values=past, use_cache=True)
+            past, t = o.past_key_values, int(o.logits[0, -1].float().argmax())
+            if t == tok.eos_token_id:
+                break
+            out.append(t)
+            x = torch.tensor([[t]])
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def concurrently(fn, args: list) -> list:
+    out = [None] * len(args)
+
+    def run(i):
+        try:
+            out[i] = fn(*args[i])
+        except Exception as e:  # reported, not lost in its thread
+            out[i] = repr(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_decoding(model_dir, tmp_path, server):
+    n = 12
+    want = [one_at_a_time(model_dir, p, n) for p in PROMPTS]
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cpu", store=False, max_batch=1)
+    try:
+        assert not alone.scheduler.batchable or alone.scheduler.max_batch == 1
+        got_alone = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
+    finally:
+        alone.close()
+    engine = server.engine
+    assert engine.scheduler.batchable and engine.scheduler.max_batch == 8
+    steps = engine.scheduler.load()["steps"]
+
+    def gen(p):
+        return "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, []))
+
+    got = concurrently(gen, [(p,) for p in PROMPTS])
+    assert got_alone == want
+    assert got == want
+    load = engine.scheduler.load()
+    assert load["peak_batch"] >= 4 and load["steps"] - steps < len(PROMPTS) * n / 2  # decoded together
+    # Seeded sampling gives the same text alone and among others.
+    seeded = [(PROMPTS[0], 0.9, 0.8, 7), (PROMPTS[1], 1.0, 1.0, 3)]
+    ref = [list(engine.generate(engine.encode_prompt(p), 10, t, tp, [], s)) for p, t, tp, s in seeded]
+
+    def sample(p, t, tp, s):
+        return list(engine.generate(engine.encode_prompt(p), 10, t, tp, [], s))
+
+    mixed = concurrently(sample, seeded + [(p, 0.0, 1.0, None) for p in PROMPTS])
+    assert mixed[:2] == ref
+
+
+def test_a_stream_left_unread_does_not_stop_other_requests(server):
+    # Regression test for issue #13: one streaming completion followed by >= 40 plain ones deadlocked the
+    # engine for good (its generation lock was held across the stream's yield, while the stream needed a
+    # worker thread of the pool the waiting requests filled).
+    host, port = server.url[len("http://") :].split(":")
+    conn = httpclient.HTTPConnection(host, int(port), timeout=60)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": PROMPTS[0], "max_tokens": 50, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")  # then left unread
+
+    t0 = time.monotonic()
+    body = {"prompt": "hello how", "max_tokens": 8, "temperature": 0}
+    codes = concurrently(lambda: http(server.url + "/v1/completions", body, timeout=120)[0], [()] * 45)
+    assert codes == [200] * 45, codes
+    code, status = http(server.url + "/train/status", timeout=30)  # no trainer here: answered, 503
+    assert code == 503 and status["error"]["type"] == "unavailable"
+    assert time.monotonic() - t0 < 240
+    rest = stream.read().decode()  # the stream ran on meanwhile, and ends properly
+    assert rest.rstrip().endswith("data: [DONE]")
+    conn.close()
+
+
+def test_a_full_admission_queue_is_503_with_retry_after(model_dir, tmp_path):
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=1, max_queue=0), tmp_path)
+    try:
+        release = threading.Event()
+        seq = batching.Sequence(s.engine.encode_prompt("hello"), 40, 0.0, 1.0, None, lambda *e: release.wait(5))
+        s.engine.scheduler.submit(seq)  # holds the one place (its sink is slow)
+        code, body = http(s.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert code == 503 and "busy" in body["error"]["message"]
+
+        req = urllib.request.Request(
+            s.url + "/v1/completions", json.dumps({"prompt": "hi"}).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("not refused")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and e.headers["Retry-After"] == "1"
+        s.engine.scheduler.cancel(seq)
+        release.set()
+        deadline = time.monotonic() + 60
+        while http(s.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        s.close()
+
+
+def test_bodies_over_the_limit_and_huge_prompts(server, model_dir, tmp_path):
+    # Regression test for issue #13: a 20 MiB prompt took 53 s and 1.7 GiB and stalled every route; a
+    # /train body over 64 MiB was a 503 "Broken pipe".
+    big = json.dumps({"prompt": "the cat " * (2 << 20)}).encode()  # 16 MiB of prompt
+    for path in ("/v1/completions", "/train"):
+        code, body = http(server.url + path, raw=big + b" " * (1 << 20), timeout=120)
+        assert code == 413 and body["error"]["param"] == "body", (path, body)
+    # Under a larger limit, the same prompt is refused from its beginning, and other routes answer meanwhile.
+    s = Server(
+        Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2),
+        tmp_path,
+        max_body=64 << 20,
+    )
+    try:
+        answered = []
+
+        def probe():
+            t = time.monotonic()
+            answered.append((http(s.url + "/v1/models", timeout=30)[0], time.monotonic() - t))
+
+        t0 = time.monotonic()
+        refuse = threading.Thread(target=lambda: answered.append(http(s.url + "/v1/completions", raw=big, timeout=120)))
+        refuse.start()
+        time.sleep(0.3)
+        probe()
+        refuse.join(120)
+        assert time.monotonic() - t0 < 60
+        # In either order: the refusal may be over before the probe is sent.
+        (models, latency), (code, body) = sorted(answered, key=lambda a: isinstance(a[1], dict))
+        assert models == 200 and latency < 5, answered
+        assert code == 400 and body["error"]["param"] == "prompt" and "context" in body["error"]["message"]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"prompt": "hi", "seed": 18446744073709551616}', "seed"),  # >= 2^64
+        (b'{"prompt": "hi", "seed": -9223372036854775809}', "seed"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+        (b'{"prompt": "\\ud800 hi"}', "prompt"),
+        (b'{"prompt": "hi", "temperature": NaN}', "body"),
+        (b'{"prompt": "hi", "max_tokens": 1e400}', "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": 100000000000000000000000}', "max_tokens"),
+        (b'{"prompt": "hi", "stop": ["\\udfff"]}', "stop[0]"),
+    ],
+)
+def test_hostile_completion_bodies_are_400(server, raw, param):
+    # Regression test for issue #13: deeply nested JSON, seed >= 2^64 and a lone UTF-16 surrogate were 500s.
+    code, body = http(server.url + "/v1/completions", raw=raw, timeout=60)
+    assert code == 400 and body["error"]["param"] == param, body
+
+
+def test_cross_site_requests_are_refused_without_a_key(server):
+    # Regression test for issue #13: with no key, text/plain with a foreign Origin and Host was served.
+
+    def post(path, headers, body=b'{"prompt": "hi", "max_tokens": 2}'):
+        req = urllib.request.Request(server.url + path, body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post("/v1/completions", {"Content-Type": "text/plain"}) == 415
+    assert post("/v1/completions", {"Content-Type": "application/json", "Origin": "http://evil.example"}) == 403
+    assert post("/train", {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": "evil.example"}) == 403
+    assert post("/rollback", {"Content-Type": "application/json", "Host": "rebound.example:80"}) == 403
+    assert post("/v1/completions", {"Content-Type": "application/json", "Origin": server.url}) == 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path):
+    # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
+    # decoded alone by the same engine with --max-batch 1.
+    n = 12
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", store=False, max_batch=1)
+    try:
+        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
+    finally:
+        alone.close()
+    engine = Engine(str(model_dir), str(tmp_path / "m.json"), "cuda", store=False, max_batch=8)
+    try:
+        got = concurrently(
+            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
+            [(p,) for p in PROMPTS],
+        )
+        assert engine.scheduler.load()["peak_batch"] >= 2
+    finally:
+        engine.close()
+    assert got == want
