@@ -362,6 +362,7 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
                         for p in params:
                             opt.step_param(p)
                         host.append(time.perf_counter() - t0)
+            if one_by_one:  # both kinds of one-at-a-time rows: hooks batched by bytes, or none
                 ms = time_steps(OneByOne(), steps)
                 # Host time to issue one matrix's step (Python + binding + launches): when it exceeds the
                 # GPU time of the small matrices, the GPU waits for the host.

@@ -98,11 +98,11 @@ def test_multimodal_checkpoint_in_vllms_layout_is_trained_as_its_text_model(tmp_
     DeltaNet merged into in_proj_qkvz/in_proj_ba): the trainer builds transformers' text-only class on the
     views (renamed from the files' model.language_model.*), computes the original model's logits, and a
     step changes vLLM's own tensors in place."""
-    from qwen35_model import make_qwen35_dir
-
     from livetrain.trainer import options
     from livetrain.trainer.examples import parse_job
     from livetrain.trainer.service import Trainer
+
+    from qwen35_model import make_qwen35_dir
 
     model_dir = tmp_path / "model"
     config = make_qwen35_dir(model_dir, corpus=["the capital of zorbia is quuxville", "hello how are you"])
