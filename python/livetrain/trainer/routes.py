@@ -111,12 +111,17 @@ def training_router(
     socket_path = trainer_socket if callable(trainer_socket) else (lambda: trainer_socket)
     keys = api_key if callable(api_key) else (lambda: api_key)
 
+    def refusal(request) -> protocol.Reply | None:
+        """Why a request is refused before it reaches the trainer: a missing or wrong key (401), or, with no
+        key set, a cross-site request (security.cross_site); None when it may go on."""
+        allowed = keys()
+        if not authorized(request.headers.get("authorization"), allowed):
+            return protocol.error(401, MISSING_KEY)
+        return security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+
     def make(op: str, has_body: bool | str):
         async def handler(request: Request):
-            allowed = keys()
-            if not authorized(request.headers.get("authorization"), allowed):
-                return json_response(protocol.error(401, MISSING_KEY))
-            refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+            refused = refusal(request)
             if refused is not None:
                 return json_response(refused)
             path = ""
@@ -146,10 +151,7 @@ def training_router(
     async def metrics(request: Request):
         from livetrain.trainer import metrics as prometheus
 
-        allowed = keys()
-        if not authorized(request.headers.get("authorization"), allowed):
-            return json_response(protocol.error(401, MISSING_KEY))
-        refused = security.cross_site(request.method, request.headers) if same_origin and not allowed else None
+        refused = refusal(request)
         if refused is not None:
             return json_response(refused)
         snapshot = None
