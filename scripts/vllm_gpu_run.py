@@ -14,10 +14,13 @@
    move past generation 0;
 5. stops vLLM (the trainer stops with it), starts it again on the same, unchanged model files: the worker
    must restore the checkpoint generation before serving, and the first answer must be the fact;
-6. (qwen3_5) the tensors outside the text model (vision tower, MTP head), which no engine serves or trains,
-   are bit-identical to the original files in the store's head generation (written out with the store's
-   restore) and, after vLLM stops, in the model files the store materializes; the text model's tensors
-   there are the trained ones.
+6. (qwen3_5) vLLM serves Gated DeltaNet's A_log in float32 over the files' bf16: the store must record it
+   so (docs/checkpoint.md, "Served dtypes"); the tensors outside the text model (vision tower, MTP head),
+   which no engine serves or trains, are bit-identical to the original files in the store's head
+   generation (written out with the store's restore, A_log in float32 where bf16 cannot hold it) and, after
+   vLLM stops, in the model files the store materializes; the text model's tensors there are the trained
+   ones. A trained float32 A_log does not fit the bf16 files: materialize must then be refused naming it,
+   leaving the files as they were.
 
 Writes OUT/vllm-run.json (every answer, status and timing) and the servers' logs; exits 0 when all holds.
 usage: python scripts/vllm_gpu_run.py [--arch llama|qwen3_5] [--work DIR] [--out DIR] [--checkpoint http|api]
@@ -368,13 +371,16 @@ def main() -> int:
                     if not named:
                         raise Failed(f"materialize was refused without naming a tensor kept in float32: {e}")
             files = model_tensors(model)
-            if "materialize_refused" in report:  # the files are the original ones; the head is the export
-                files = model_tensors(work / "head")
-            report["materialized_files"] = compare_outside(original, files, "the materialized model files")
-            head = model_tensors(work / "head")
-            differ = [n for n in head if not torch_equal_bytes(head[n], files[n])]
-            if differ:
-                raise Failed(f"the materialized files differ from the store's head in {differ[0]}")
+            if "materialize_refused" in report:  # refused before any write: the files are the original ones
+                differ = [n for n in original if not torch_equal_bytes(original[n], files[n])]
+                if differ:
+                    raise Failed(f"the refused materialize changed the model files ({differ[0]})")
+            else:
+                report["materialized_files"] = compare_outside(original, files, "the materialized model files")
+                head = model_tensors(work / "head")
+                differ = [n for n in head if not torch_equal_bytes(head[n], files[n])]
+                if differ:
+                    raise Failed(f"the materialized files differ from the store's head in {differ[0]}")
         report["ok"] = True
     except (Failed, RuntimeError, OSError) as e:  # RuntimeError, TimeoutError (an OSError): from wait_job
         report["ok"], report["error"] = False, f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e)
