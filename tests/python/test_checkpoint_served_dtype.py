@@ -121,3 +121,29 @@ def test_conversions_livetrain_does_not_accept_are_refused_naming_the_tensor(tmp
 
 def dtype_name(d: torch.dtype) -> str:
     return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[d]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cuda_weights_with_a_float32_tensor_over_bf16_files_save_and_restore_like_cpu_ones(tmp_path):
+    # The GPU diff over head copies of mixed served dtypes (bf16 and the float32 A_log), against the CPU save.
+    g = torch.Generator().manual_seed(3)
+    files = {
+        "layers.0.linear_attn.A_log": torch.randn(48, generator=g).bfloat16(),
+        "layers.0.mlp.weight": torch.randn(257, 129, generator=g).bfloat16(),
+    }
+    served = {n: t.float() if n.endswith("A_log") else t for n, t in files.items()}  # as vLLM loads them
+    trained = {n: t + (torch.randn(t.shape, generator=g) * 1e-2).to(t.dtype) for n, t in served.items()}
+    for device in ("cpu", "cuda"):
+        model = make_model(tmp_path / device, files)
+        live = {n: t.clone().to(device) for n, t in served.items()}
+        restore_latest(live, model)
+        with CheckpointStore(model) as store:
+            for n, t in live.items():
+                t.copy_(trained[n])
+            saved = store.save(live)
+            assert saved["generation"] == 1 and saved["changed"] > 0
+        fresh = {n: t.clone().to(device) for n, t in served.items()}
+        assert restore_latest(fresh, model)["restored"]
+        assert all(torch.equal(fresh[n].cpu(), trained[n]) for n in files)
+    cpu, cuda = (tmp_path / d / ".livetrain-store" / "gen-00000000000000000001.delta" for d in ("cpu", "cuda"))
+    assert cpu.read_bytes() == cuda.read_bytes()
