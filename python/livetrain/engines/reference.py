@@ -59,6 +59,10 @@ class Engine:
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        # Served as vLLM serves them (Gated DeltaNet's A_log in float32, widened from the files' dtype).
+        for name, p in model.named_parameters():
+            if layout.served_in_fp32(name):
+                p.data = p.data.float()
         self.model = model.to(self.device).eval()
         # Generation runs the same layers as training: the fused kernels they got, or the torch path.
         for warning in kernels.prepare(self.model, self.device, backward=False):
