@@ -149,6 +149,46 @@ def test_batched_greedy_answers_equal_one_at_a_time_decoding(model_dir, tmp_path
     assert mixed[:2] == ref
 
 
+def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(model_dir, tmp_path):
+    # --batch-attention masked: one attention call per layer over the left-padded batch (fewer kernel
+    # launches on a GPU). In fp32 the masked padding changes nothing but the order of the sums, so greedy
+    # answers equal one-at-a-time decoding's; the rows really ran in one step.
+    n = 12
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cpu", "fp32", store=False, max_batch=1)
+    try:
+        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
+    finally:
+        alone.close()
+    engine = Engine(
+        str(model_dir), str(tmp_path / "m.json"), "cpu", "fp32", store=False, max_batch=8, batch_attention="masked"
+    )
+    calls = []
+    base = batching._row_attention
+
+    def counted(module, query, *args, **kwargs):
+        calls.append((query.shape[0], batching._ROWS.starts))
+        return base(module, query, *args, **kwargs)
+
+    from transformers import AttentionInterface  # the model looks its attention up by name at each call
+
+    name = engine.model.config._attn_implementation
+    AttentionInterface.register(name, counted)
+    try:
+        got = concurrently(
+            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
+            [(p,) for p in PROMPTS],
+        )
+        assert engine.scheduler.load()["peak_batch"] >= 4
+    finally:
+        AttentionInterface.register(name, base)
+        engine.close()
+    assert got == want
+    batched = [c for c in calls if c[0] > 1]
+    assert batched and all(starts is None for _, starts in batched)  # one call for the whole batch
+    with pytest.raises(ValueError, match="attention must be one of rows, masked"):
+        batching.Scheduler(engine.model, set(), attention="padded")
+
+
 def test_a_stream_left_unread_does_not_stop_other_requests(server):
     # Regression test for issue #13: one streaming completion followed by >= 40 plain ones deadlocked the
     # engine for good (its generation lock was held across the stream's yield, while the stream needed a
@@ -276,16 +316,20 @@ def test_cross_site_requests_are_refused_without_a_key(server):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path):
+@pytest.mark.parametrize("attention,dtype", [("rows", "bf16"), ("masked", "fp32")])
+def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path, attention, dtype):
     # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
-    # decoded alone by the same engine with --max-batch 1.
+    # decoded alone by the same engine with --max-batch 1 (bit for bit per row; the masked batch in fp32,
+    # where only the order of its sums differs).
     n = 12
-    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", store=False, max_batch=1)
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", dtype, store=False, max_batch=1)
     try:
         want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
     finally:
         alone.close()
-    engine = Engine(str(model_dir), str(tmp_path / "m.json"), "cuda", store=False, max_batch=8)
+    engine = Engine(
+        str(model_dir), str(tmp_path / "m.json"), "cuda", dtype, store=False, max_batch=8, batch_attention=attention
+    )
     try:
         got = concurrently(
             lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
