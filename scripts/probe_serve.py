@@ -347,7 +347,10 @@ def _steps(s: Serve, n: int, kill: int) -> str:
 
 def _cancel(s: Serve, jid: str) -> None:
     """Cancels job ``jid`` and waits until it has ended."""
-    post(s.url, f"/train/{jid}/cancel", b"", {})
+    # urllib would call an empty body a form (which a server without a key refuses, 415): say JSON.
+    code = post(s.url, f"/train/{jid}/cancel", b"", {"Content-Type": "application/json"})
+    if code not in (200, 202, 409):  # 409: it had ended already
+        raise RuntimeError(f"POST /train/{jid}/cancel answered {code}")
     deadline = time.monotonic() + 600
     while http(s.url + f"/train/{jid}")[1].get("state") in ("queued", "running"):
         if time.monotonic() > deadline:
