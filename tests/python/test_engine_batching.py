@@ -149,44 +149,47 @@ def test_batched_greedy_answers_equal_one_at_a_time_decoding(model_dir, tmp_path
     assert mixed[:2] == ref
 
 
-def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(model_dir, tmp_path):
-    # --batch-attention masked: one attention call per layer over the left-padded batch (fewer kernel
-    # launches on a GPU). In fp32 the masked padding changes nothing but the order of the sums, so greedy
-    # answers equal one-at-a-time decoding's; the rows really ran in one step.
-    n = 12
-    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cpu", "fp32", store=False, max_batch=1)
+def greedy(engine: Engine, prompt: str, n: int) -> str:
+    return "".join(t for t, _, _ in engine.generate(engine.encode_prompt(prompt), n, 0.0, 1.0, []))
+
+
+def alone_and_together(model_dir: Path, tmp_path: Path, device: str, dtype: str, attention: str, n: int = 12):
+    """PROMPTS' greedy answers from an engine with --max-batch 1, then sent at once to one with --max-batch
+    8 and ``attention`` (that engine's most rows in one step too)."""
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), device, dtype, store=False, max_batch=1)
     try:
-        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
+        want = [greedy(alone, p, n) for p in PROMPTS]
     finally:
         alone.close()
     engine = Engine(
-        str(model_dir), str(tmp_path / "m.json"), "cpu", "fp32", store=False, max_batch=8, batch_attention="masked"
+        str(model_dir), str(tmp_path / "m.json"), device, dtype, store=False, max_batch=8, batch_attention=attention
     )
+    try:
+        got = concurrently(lambda p: greedy(engine, p, n), [(p,) for p in PROMPTS])
+        return want, got, engine.scheduler.load()["peak_batch"]
+    finally:
+        engine.close()
+
+
+def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(model_dir, tmp_path, monkeypatch):
+    # --batch-attention masked: one attention call per layer over the left-padded batch (fewer kernel
+    # launches on a GPU). In fp32 the masked padding changes nothing but the order of the sums, so greedy
+    # answers equal one-at-a-time decoding's; the rows really ran in one step, in one call per layer.
+    from transformers import AttentionInterface  # the model looks its attention up by name at each call
+
     calls = []
-    base = batching._row_attention
+    base = AttentionInterface._global_mapping["sdpa"]
 
     def counted(module, query, *args, **kwargs):
         calls.append((query.shape[0], batching._ROWS.starts))
         return base(module, query, *args, **kwargs)
 
-    from transformers import AttentionInterface  # the model looks its attention up by name at each call
-
-    name = engine.model.config._attn_implementation
-    AttentionInterface.register(name, counted)
-    try:
-        got = concurrently(
-            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
-            [(p,) for p in PROMPTS],
-        )
-        assert engine.scheduler.load()["peak_batch"] >= 4
-    finally:
-        AttentionInterface.register(name, base)
-        engine.close()
-    assert got == want
-    batched = [c for c in calls if c[0] > 1]
-    assert batched and all(starts is None for _, starts in batched)  # one call for the whole batch
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted)  # what the row wrapper calls
+    want, got, peak = alone_and_together(model_dir, tmp_path, "cpu", "fp32", "masked")
+    assert got == want and peak >= 4
+    assert any(rows > 1 for rows, _ in calls) and all(starts is None for _, starts in calls)
     with pytest.raises(ValueError, match="attention must be one of rows, masked"):
-        batching.Scheduler(engine.model, set(), attention="padded")
+        batching.Scheduler(torch.nn.Linear(1, 1), set(), attention="padded")
 
 
 def test_a_stream_left_unread_does_not_stop_other_requests(server):
@@ -321,21 +324,5 @@ def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, 
     # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
     # decoded alone by the same engine with --max-batch 1 (bit for bit per row; the masked batch in fp32,
     # where only the order of its sums differs).
-    n = 12
-    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", dtype, store=False, max_batch=1)
-    try:
-        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
-    finally:
-        alone.close()
-    engine = Engine(
-        str(model_dir), str(tmp_path / "m.json"), "cuda", dtype, store=False, max_batch=8, batch_attention=attention
-    )
-    try:
-        got = concurrently(
-            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
-            [(p,) for p in PROMPTS],
-        )
-        assert engine.scheduler.load()["peak_batch"] >= 2
-    finally:
-        engine.close()
-    assert got == want
+    want, got, peak = alone_and_together(model_dir, tmp_path, "cuda", dtype, attention)
+    assert got == want and peak >= 2
