@@ -267,6 +267,8 @@ def probe_load(s: Serve, requests: int) -> tuple[bool, str]:
                 done[0] += 1
                 if ok is not True:
                     bad.append(ok)
+                if done[0] % (16 * requests // 10 or 1) == 0:  # a long probe says how far it got
+                    print(f"load: {done[0]} of {16 * requests} answered, {len(bad)} not 200", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
