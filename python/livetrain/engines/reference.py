@@ -47,6 +47,7 @@ class Engine:
         store_dir: str | None = None,
         max_batch: int = engine_options.DEFAULT_MAX_BATCH,
         max_queue: int = engine_options.DEFAULT_MAX_QUEUE,
+        batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
     ):
         import transformers
 
@@ -90,7 +91,9 @@ class Engine:
         self.eos = set()
         for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
             self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        self.scheduler = batching.Scheduler(self.model, self.eos, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = batching.Scheduler(
+            self.model, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
+        )
 
     def close(self) -> None:
         """Stops the scheduler (waiting requests get an error) and the sharing."""
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             store_dir=a.store,
             max_batch=a.max_batch,
             max_queue=a.max_queue,
+            batch_attention=a.batch_attention,
         )
     except Error as e:  # a bad model directory or checkpoint store: the message names it
         sys.exit(f"livetrain engine: {e}")
