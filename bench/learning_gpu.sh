@@ -9,7 +9,9 @@
 #   there:  bash bench/learning_gpu.sh receive   in each call carrying .gpu-model/partNN: keep its piece
 #           bash bench/learning_gpu.sh prepare   (after both pieces) join, check, convert into $LIVETRAIN_CACHE
 #           bash bench/learning_gpu.sh sweep     (after both pieces and a build, `bash scripts/gpu.sh none`):
-#                                                bench/learning_sweep.py's grid on cuda/bf16 into $OUT
+#                                                bench/learning_sweep.py's knobs grid on cuda/bf16 into $OUT
+#           bash bench/learning_gpu.sh sweep2    the preset grid sweep2 (issue #14's candidates; sweep2b: the
+#                                                rest of them), <= 8 min (timeout 450 s), into $OUT
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
 #                                                uvicorn: scripts/gpu_carry.sh install, PYTHONPATH=/tmp/site)
 set -euo pipefail
@@ -71,13 +73,19 @@ sweep)
     --lr 1e-4,2e-4 --warmup 5 --replay 2 --until "${UNTILS:-1,0.3,0.1,0.03}" \
     --json "$out/learning-sweep.jsonl" 2>&1 | tee -a "$out/learning-sweep.txt" || true
   ;;
+sweep2 | sweep2b)
+  prepare
+  mkdir -p "$out"
+  timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \
+    --json "$out/learning-$what.jsonl" 2>&1 | tee "$out/learning-$what.txt" || true
+  ;;
 bench)
   prepare
   mkdir -p "$out"
   timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
   ;;
 *)
-  sed -n "2,15p" "$0" | sed 's/^# \{0,1\}//'
+  sed -n "2,17p" "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

@@ -46,6 +46,9 @@ class Plan:
     max_steps: int
     until_loss: float | None
     replay: int
+    anchor: float
+    train: str
+    reword: bool
     guard: bool
 
     @property
@@ -93,6 +96,9 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
         replay=options.get("replay", defaults.replay if guard else 0),
+        anchor=float(options.get("anchor", defaults.anchor)),
+        train=options.get("train", defaults.train),
+        reword=options.get("reword", defaults.reword),
         guard=guard,
     )
 
