@@ -242,6 +242,7 @@ def main(argv=None) -> int:
             "kl": g.get("kl"),
             "answers_kept": g.get("answers_kept"),
             "answers_compared": g.get("answers_compared"),
+            "answers_kept_at": g.get("answers_kept_at"),
             "guard_passed": g.get("passed"),
             "reworded_examples": (info["reworded"] or {}).get("examples"),
             "reworded_questions": (info["reworded"] or {}).get("questions"),

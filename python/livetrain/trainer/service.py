@@ -1024,9 +1024,14 @@ class Trainer:
             report["passed"] = True
         else:
             kl = watch["reference"].kl(self.model)
-            same = guard.kept(watch["kept_before"], self._kept_answers())
+            after = self._kept_answers()
+            same = guard.kept(watch["kept_before"], after)
             report["kl"] = _round(kl)
             report["answers_kept"], report["answers_compared"] = sum(same), len(same)
+            # The same count over shorter beginnings: how much of the change is in the wording further on.
+            report["answers_kept_at"] = {
+                str(k): sum(guard.kept(watch["kept_before"], after, k)) for k in (4, 8, guard.KEPT_TOKENS)
+            }
             report["passed"] = (
                 math.isfinite(kl)
                 and kl <= self.settings.guard_threshold
