@@ -109,8 +109,10 @@ def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
 
 
 # The candidates of issue #14 (docs/learning.md "How the defaults were chosen"), each one job from the start:
-# replay as one-hot examples or as a KL anchor, the embeddings / output projection trained or not, the
-# model rewording the questions, the learning rate, and a destructive job the guard must refuse. Keys left
+# replay as one-hot examples or as a KL anchor (of growing weight, over more retention sequences per step:
+# the facts share templates with general questions, "the capital of X is ..."), the model rewording the
+# questions, the learning rate, and a destructive job the guard must refuse; sweep2b: the embeddings /
+# output projection frozen (train "layers"), plain fine-tuning, lr 1e-4, a looser until_loss. Keys left
 # out take ROW's values. "sweep2" is what one GPU call of <= 8 min holds; "sweep2b" the rest.
 ROW = {
     "lr": 5e-5,
@@ -126,21 +128,21 @@ GRIDS = {
     "sweep2": [
         {"name": "replay"},
         {"name": "destructive", "lr": 1e-3, "replay": 0, "steps": 30},
-        {"name": "layers", "replay": 0, "train": "layers"},
         {"name": "anchor1", "anchor": 1.0},
-        {"name": "anchor1+layers", "anchor": 1.0, "train": "layers"},
-        {"name": "anchor4+layers", "anchor": 4.0, "replay": 4, "train": "layers"},
-        {"name": "lr1e-4 anchor1+layers", "lr": 1e-4, "anchor": 1.0, "train": "layers"},
-        {"name": "lr1e-4 anchor4+layers", "lr": 1e-4, "anchor": 4.0, "replay": 4, "train": "layers"},
-        {"name": "anchor1+layers+reword", "anchor": 1.0, "train": "layers", "reword": True},
+        {"name": "anchor4 r4", "anchor": 4.0, "replay": 4},
+        {"name": "anchor16 r8", "anchor": 16.0, "replay": 8},
+        {"name": "replay8", "replay": 8},
+        {"name": "lr1e-4 anchor4 r4", "lr": 1e-4, "anchor": 4.0, "replay": 4},
+        {"name": "anchor4 r4 reword", "anchor": 4.0, "replay": 4, "reword": True},
     ],
     "sweep2b": [
         {"name": "plain", "replay": 0},
-        {"name": "replay+layers", "train": "layers"},
+        {"name": "layers", "replay": 0, "train": "layers"},
+        {"name": "anchor4 r4 layers", "anchor": 4.0, "replay": 4, "train": "layers"},
         {"name": "lr1e-4 replay", "lr": 1e-4},
-        {"name": "replay+reword", "reword": True},
-        {"name": "anchor1+layers u0.3", "anchor": 1.0, "train": "layers", "until": 0.3},
-        {"name": "lr2e-5 anchor1+layers", "lr": 2e-5, "anchor": 1.0, "train": "layers", "max_steps": 400},
+        {"name": "lr1e-4 anchor16 r8", "lr": 1e-4, "anchor": 16.0, "replay": 8},
+        {"name": "anchor4 r4 u0.3", "anchor": 4.0, "replay": 4, "until": 0.3},
+        {"name": "replay reword", "reword": True},
     ],
 }
 
