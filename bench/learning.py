@@ -6,7 +6,7 @@ rolls the weights back to where they started (POST /rollback to the first genera
 
 - ``defaults``: only ``examples`` (the server's learning defaults and its forgetting guard);
 - ``plain``: plain fine-tuning at the same step count and learning rate, without the guard (no replay, no
-  anchor, every parameter trained, no rewording);
+  anchor, no rewording);
 - ``destructive``: a deliberately destructive job (lr 0.05, 20 steps) with the guard on: it must be rolled
   back, and the model must then give every answer it gave before, on weights equal bit for bit to the
   starting ones (read through the engine's shared-weights manifest).
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                 steps = a.plain_steps or steps_of_defaults
                 if not steps:
                     p.error("--cases: plain without defaults before it needs --plain-steps")
-                body.update(steps=steps, guard=False, train="all", reword=False)
+                body.update(steps=steps, guard=False, reword=False)
             elif case == "destructive":
                 body.update(destructive)
             job = server.call("/train", body)

@@ -8,10 +8,10 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --train × --reword × --until).
+of the knobs (--lr × --warmup × --replay × --anchor × --reword × --until).
 
 usage: python bench/learning_sweep.py [--grid sweep2|sweep2b] [--facts 32] [--lr 1e-4,5e-5] [--warmup 0]
-           [--replay 0,2] [--anchor 0,1] [--train all,layers] [--reword 0,1] [--until 0.1] [--max-steps 200]
+           [--replay 0,2] [--anchor 0,1] [--reword 0,1] [--until 0.1] [--max-steps 300]
            [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
@@ -108,40 +108,36 @@ def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
     return 0
 
 
-# The candidates of issue #14 (docs/learning.md "How the defaults were chosen"), each one job from the start:
-# replay as one-hot examples or as a KL anchor (of growing weight, over more retention sequences per step:
-# the facts share templates with general questions, "the capital of X is ..."), the model rewording the
-# questions, the learning rate, and a destructive job the guard must refuse; sweep2b: the embeddings /
-# output projection frozen (train "layers"), plain fine-tuning, lr 1e-4, a looser until_loss. Keys left
-# out take ROW's values. "sweep2" is what one GPU call of <= 8 min holds; "sweep2b" the rest.
+# The candidates of issue #14 (docs/learning.md "How the defaults were chosen"), each one job from the start.
+# The first H200 run (docs/learning.md) measured one-hot replay, the KL anchor at 1 (the default since) and
+# the embeddings frozen; what it did not reach comes first here: the anchor's weight and sequences per step
+# (the facts share templates with general questions, "the capital of X is ..."), the model rewording the
+# questions, lr 1e-4, and a destructive job the guard must refuse. Keys left out take ROW's values. "sweep2"
+# is what one GPU call of <= 8 min holds; "sweep2b" the rest.
 ROW = {
     "lr": 5e-5,
     "warmup": 0,
     "replay": 2,
     "anchor": 0.0,
-    "train": "all",
     "reword": False,
     "until": 0.1,
-    "max_steps": 200,
+    "max_steps": 300,
 }
 GRIDS = {
     "sweep2": [
-        {"name": "replay"},
-        {"name": "destructive", "lr": 1e-3, "replay": 0, "steps": 30},
         {"name": "anchor1", "anchor": 1.0},
+        {"name": "destructive", "lr": 1e-3, "replay": 0, "steps": 30},
+        {"name": "anchor1 reword", "anchor": 1.0, "reword": True},
         {"name": "anchor4 r4", "anchor": 4.0, "replay": 4},
         {"name": "anchor16 r8", "anchor": 16.0, "replay": 8},
-        {"name": "replay8", "replay": 8},
-        {"name": "lr1e-4 anchor4 r4", "lr": 1e-4, "anchor": 4.0, "replay": 4},
-        {"name": "anchor4 r4 reword", "anchor": 4.0, "replay": 4, "reword": True},
+        {"name": "lr1e-4 anchor1", "lr": 1e-4, "anchor": 1.0},
+        {"name": "replay", "anchor": 0.0},
     ],
     "sweep2b": [
         {"name": "plain", "replay": 0},
-        {"name": "layers", "replay": 0, "train": "layers"},
-        {"name": "anchor4 r4 layers", "anchor": 4.0, "replay": 4, "train": "layers"},
-        {"name": "lr1e-4 replay", "lr": 1e-4},
-        {"name": "lr1e-4 anchor16 r8", "lr": 1e-4, "anchor": 16.0, "replay": 8},
-        {"name": "anchor4 r4 u0.3", "anchor": 4.0, "replay": 4, "until": 0.3},
+        {"name": "replay8", "replay": 8},
+        {"name": "lr1e-4 anchor4 r4", "lr": 1e-4, "anchor": 4.0, "replay": 4},
+        {"name": "anchor1 u0.3", "anchor": 1.0, "until": 0.3},
         {"name": "replay reword", "reword": True},
     ],
 }
@@ -158,10 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=ints, default=[0])
     p.add_argument("--replay", type=ints, default=[2])
     p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
-    p.add_argument("--train", type=lambda s: s.split(","), default=["all"], help="all,layers")
     p.add_argument("--reword", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1")
     p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
-    p.add_argument("--max-steps", type=int, default=200, help="budget of each job")
+    p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
     p.add_argument("--dtype", default="fp32")
@@ -175,12 +170,11 @@ def main(argv=None) -> int:
         rows = [{**ROW, **r} for r in GRIDS[a.grid]]
     else:
         rows = [
-            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "train": t, "reword": x, "until": u}
+            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "reword": x, "until": u}
             for lr in a.lr
             for w in a.warmup
             for r in a.replay
             for b in a.anchor
-            for t in a.train
             for x in a.reword
             for u in a.until
         ]
@@ -204,7 +198,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | train | reword | until | steps | trained | reworded | general kept | KL "
+        "| row | lr | replay | anchor | reword | until | steps | trained | reworded | general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
     )
@@ -217,7 +211,6 @@ def main(argv=None) -> int:
             "warmup": r["warmup"],
             "replay": r["replay"],
             "anchor": r["anchor"],
-            "train": r["train"],
             "reword": r["reword"],
             "guard": True,
         }
@@ -257,7 +250,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['train']} "
+            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {until} "
             f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
             f"| {kept}/{right} | {row['kl']} | {row['answers_kept']}/{row['answers_compared']} | {verdict} "

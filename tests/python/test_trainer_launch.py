@@ -44,8 +44,6 @@ def test_options_survive_argv():
             "frozen",
             "--anchor",
             "2.5",
-            "--train",
-            "layers",
             "--reword",
             "--guard-min-kept",
             "0.5",

@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
     p.add_argument("--replay", type=int, help="retention examples trained on at every step")
     p.add_argument("--anchor", type=float, help="> 0: train the replayed ones by KL to the model before the job")
-    p.add_argument("--train", choices=("all", "layers"), help="layers: leave the embeddings and output projection")
     p.add_argument(
         "--reword",
         action=argparse.BooleanOptionalAction,

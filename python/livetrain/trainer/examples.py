@@ -24,7 +24,6 @@ JOB_OPTIONS = {
     "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
-    "train": (str, lambda v: v in ("all", "layers"), '"all" or "layers"'),
     "reword": (bool, lambda v: True, "true or false"),
     "guard": (bool, lambda v: True, "true or false"),
 }

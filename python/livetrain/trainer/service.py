@@ -200,9 +200,7 @@ class Trainer:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         if ranks is not None and not s.no_guard:
             # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
-            s = argparse.Namespace(
-                **{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "train": "all", "reword": False}
-            )
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False})
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
@@ -422,8 +420,6 @@ class Trainer:
                 "the forgetting guard and retention replay do not run under tensor parallelism yet; send "
                 '"guard": false and "replay": 0 (the defaults under tensor parallelism)',
             )
-        if self.ranks is not None and plan.train != "all":
-            raise Invalid("train", 'a job trains "all" parameters under tensor parallelism (every rank steps them)')
         if self.ranks is not None and plan.reword:
             raise Invalid("reword", "rewording runs the model on rank 0 alone: not under tensor parallelism yet")
         if self.stopping.is_set():
@@ -569,7 +565,6 @@ class Trainer:
                     "min_kept": self.settings.guard_min_kept,
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
-                    "train": self.settings.train,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
@@ -792,15 +787,6 @@ class Trainer:
             group["lr"] = lr
         return self.step(examples, anchor) if anchor is not None else self.step(examples)
 
-    def _embeddings(self) -> list:
-        """The input embeddings' and the output projection's parameters (one when tied) that train."""
-        out = []
-        for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
-            w = getattr(module, "weight", None)
-            if w is not None and w.requires_grad and not any(w is o for o in out):
-                out.append(w)
-        return out
-
     def _embeddings_forward(self, _module, _inputs, out) -> None:
         # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
         if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -827,12 +813,7 @@ class Trainer:
             info["state"], info["started"], self.current = "running", time.time(), jid
         t_job = time.perf_counter()
         reason, state, undo, restored = None, "done", None, False
-        # "train": "layers": the embeddings and output projection take no gradient for this job (so their
-        # hooks never step them); given back at its end.
-        frozen = self._embeddings() if plan.train == "layers" else []
         try:
-            for w in frozen:
-                w.requires_grad_(False)
             undo = self._undo_point() if plan.guard else None
             watch = self._guard_start(plan) if plan.guard or plan.replay else None
             if watch is not None:
@@ -914,8 +895,6 @@ class Trainer:
             with self.lock:
                 info["error"] = message
         finally:
-            for w in frozen:
-                w.requires_grad_(True)
             with self.lock:
                 if reason == "shutdown":
                     state, info["error"] = "failed", "stopped by shutdown"
