@@ -5,14 +5,15 @@ general-knowledge questions), then for each case teaches the facts in one job, a
 rolls the weights back to where they started (POST /rollback to the first generation) before the next case:
 
 - ``defaults``: only ``examples`` (the server's learning defaults and its forgetting guard);
-- ``plain``: plain fine-tuning at the same step count and learning rate, without the guard (no replay);
+- ``plain``: plain fine-tuning at the same step count and learning rate, without the guard (no replay, no
+  anchor, no rewording);
 - ``destructive``: a deliberately destructive job (lr 0.05, 20 steps) with the guard on: it must be rolled
   back, and the model must then give every answer it gave before, on weights equal bit for bit to the
   starting ones (read through the engine's shared-weights manifest).
 
 Prints one table row per case: trained-question recall (both phrasings), reworded recall, general answers
-kept (of those right before), steps, why the job stopped, the guard's retention-loss rise and whether it
-rolled back, the guard's own seconds, the job's seconds. bench/RESULTS.md records the runs.
+kept (of those right before), steps, why the job stopped, the guard's measures on its held-out retention
+prompts (KL divergence from the starting model, answers kept) and whether it rolled back, the guard's own seconds, the job's seconds. bench/RESULTS.md records the runs.
 
 usage: python bench/learning.py [--device cpu|cuda] [--dtype fp32|bf16] [--model default|DIR]
            [--cases defaults,plain,destructive] [--facts N] [--json out.json] [--url URL]
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
             flush=True,
         )
         header = (
-            "| case | steps | stopped | trained | reworded | general kept | retention rise | rolled back "
+            "| case | steps | stopped | trained | reworded | general kept | guard KL | answers kept | rolled back "
             "| guard s | job s | guard / job |"
         )
         print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
                 steps = a.plain_steps or steps_of_defaults
                 if not steps:
                     p.error("--cases: plain without defaults before it needs --plain-steps")
-                body.update(steps=steps, guard=False)
+                body.update(steps=steps, guard=False, reword=False)
             elif case == "destructive":
                 body.update(destructive)
             job = server.call("/train", body)
@@ -213,7 +214,9 @@ def main(argv=None) -> int:
                 "reworded": sum(got["reworded"]),
                 "general_kept": kept,
                 "general_right_before": right,
-                "retention_rise": g.get("rise"),
+                "guard_kl": g.get("kl"),
+                "answers_kept": g.get("answers_kept"),
+                "answers_compared": g.get("answers_compared"),
                 "rolled_back": bool(g.get("rolled_back")),
                 "guard_s": g.get("seconds"),
                 "job_s": info["seconds"],
@@ -230,10 +233,12 @@ def main(argv=None) -> int:
                     )
             out["rows"].append(row)
             guard_s, job_s = row["guard_s"], row["job_s"]
+            answers_kept = "-" if row["answers_kept"] is None else f"{row['answers_kept']}/{row['answers_compared']}"
             print(
                 f"| {case} | {row['steps']} | {row['stop_reason']} | {row['trained']}/{row['trained_of']} "
                 f"| {row['reworded']}/{len(facts)} | {kept}/{right} "
-                f"| {'-' if row['retention_rise'] is None else format(row['retention_rise'], '+.4f')} "
+                f"| {'-' if row['guard_kl'] is None else row['guard_kl']} "
+                f"| {answers_kept} "
                 f"| {'yes' if row['rolled_back'] else 'no'} | {'-' if guard_s is None else guard_s} | {job_s} "
                 f"| {'-' if guard_s is None or not job_s else format(guard_s / job_s, '.0%')} |",
                 flush=True,

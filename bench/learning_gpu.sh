@@ -8,8 +8,9 @@
 #   here:   bash bench/learning_gpu.sh pack      cut the GGUF + packages into .gpu-model/part0{0,1}
 #   there:  bash bench/learning_gpu.sh receive   in each call carrying .gpu-model/partNN: keep its piece
 #           bash bench/learning_gpu.sh prepare   (after both pieces) join, check, convert into $LIVETRAIN_CACHE
-#           bash bench/learning_gpu.sh sweep     (after both pieces and a build, `bash scripts/gpu.sh none`):
-#                                                bench/learning_sweep.py's grid on cuda/bf16 into $OUT
+#           bash bench/learning_gpu.sh sweep2    (after both pieces and a build, `bash scripts/gpu.sh none`):
+#                                                bench/learning_sweep.py's preset grid sweep2 on cuda/bf16
+#                                                (sweep2b: the rest of it), <= 8 min (timeout 450 s), into $OUT
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
 #                                                uvicorn: scripts/gpu_carry.sh install, PYTHONPATH=/tmp/site)
 set -euo pipefail
@@ -59,17 +60,11 @@ receive)
 prepare)
   prepare
   ;;
-sweep)
+sweep2 | sweep2b)
   prepare
   mkdir -p "$out"
-  # learning rate × replay first (warm-up 0), then warm-up 5 at the two larger rates; each part time-limited
-  # so that what was measured comes back whatever happens; rows stream into the .txt and the .jsonl.
-  timeout "${SWEEP_SECONDS:-330}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
-    --lr "${LRS:-5e-5,1e-4,2e-4}" --warmup 0 --replay "${REPLAYS:-0,1,2,4}" --until "${UNTILS:-1,0.3,0.1,0.03}" \
-    --json "$out/learning-sweep.jsonl" 2>&1 | tee "$out/learning-sweep.txt" || true
-  timeout "${WARMUP_SECONDS:-150}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 \
-    --lr 1e-4,2e-4 --warmup 5 --replay 2 --until "${UNTILS:-1,0.3,0.1,0.03}" \
-    --json "$out/learning-sweep.jsonl" 2>&1 | tee -a "$out/learning-sweep.txt" || true
+  timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \
+    --json "$out/learning-$what.jsonl" 2>&1 | tee "$out/learning-$what.txt" || true
   ;;
 bench)
   prepare

@@ -1,13 +1,18 @@
 """The measurements behind livetrain's learning defaults (docs/learning.md): the trainer in process, no
-HTTP, on the default model, teaching bench/learning_data.json's facts with one setting after another
-(learning rate × warm-up × replay), each from the same starting weights, and asking the questions at
-several points of each run: when every example's loss first falls below each of ``--until`` (one job per
-threshold, continuing from the previous one, the retention answers of the starting weights throughout).
-Prints one row per (setting, threshold): steps so far, trained / reworded recall, general answers kept,
-the retention loss's rise on the guard's held-out prompts, seconds.
+HTTP, on the default model, teaching bench/learning_data.json's facts with one setting after another, each
+from the same starting weights (one guarded job per row, without a store: the guard measures and decides,
+nothing is rolled back), then asking the trained questions, a reworded question per fact (never trained on)
+and the general questions (batched greedy generation). Prints one markdown row per setting: steps, trained
+/ reworded recall, general answers kept (of those right before), the guard's two measures on its held-out
+retention prompts (KL divergence from the starting model, answers kept) and its verdict, the job's training
+and guard seconds; ``--json`` appends each row as a JSON line.
 
-usage: python bench/learning_sweep.py [--facts 32] [--lr 1e-4,5e-5] [--warmup 0] [--replay 0,2]
-           [--until 1,0.3,0.1,0.03] [--max-steps 200] [--json out.json]
+The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
+of the knobs (--lr × --warmup × --replay × --anchor × --reword × --until).
+
+usage: python bench/learning_sweep.py [--grid sweep2|sweep2b] [--facts 32] [--lr 1e-4,5e-5] [--warmup 0]
+           [--replay 0,2] [--anchor 0,1] [--reword 0,1] [--until 0.1] [--max-steps 300]
+           [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -92,12 +97,6 @@ class InProcess:
         out = guard.greedy(t.model, ids, max_tokens, guard.stop_ids(t.tokenizer, t.model), t.pad, batch=32)
         return [t.tokenizer.decode(a, skip_special_tokens=True) for a in out]
 
-    def retention_loss(self) -> float:
-        t = self.trainer
-        held = t._fit(t.retention.held_out())
-        xs = t.example_losses(held)
-        return sum(xs) / len(xs)
-
 
 def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
     """The engine's weights on the GPU, exported for the trainer in the parent; lives until stdin closes."""
@@ -109,17 +108,55 @@ def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
     return 0
 
 
+# The candidates of issue #14 (docs/learning.md "How the defaults were chosen"), each one job from the start.
+# The first H200 run (docs/learning.md) measured one-hot replay, the KL anchor at 1 (the default since) and
+# the embeddings frozen; what it did not reach comes first here: the anchor's weight and sequences per step
+# (the facts share templates with general questions, "the capital of X is ..."), the model rewording the
+# questions, lr 1e-4, and a destructive job the guard must refuse. Keys left out take ROW's values. "sweep2"
+# is what one GPU call of <= 8 min holds; "sweep2b" the rest.
+ROW = {
+    "lr": 5e-5,
+    "warmup": 0,
+    "replay": 2,
+    "anchor": 0.0,
+    "reword": False,
+    "until": 0.1,
+    "max_steps": 300,
+}
+GRIDS = {
+    "sweep2": [
+        {"name": "anchor1", "anchor": 1.0},
+        {"name": "destructive", "lr": 1e-3, "replay": 0, "steps": 30},
+        {"name": "anchor1 reword", "anchor": 1.0, "reword": True},
+        {"name": "anchor4 r4", "anchor": 4.0, "replay": 4},
+        {"name": "anchor16 r8", "anchor": 16.0, "replay": 8},
+        {"name": "lr1e-4 anchor1", "lr": 1e-4, "anchor": 1.0},
+        {"name": "replay", "anchor": 0.0},
+    ],
+    "sweep2b": [
+        {"name": "plain", "replay": 0},
+        {"name": "replay8", "replay": 8},
+        {"name": "lr1e-4 anchor4 r4", "lr": 1e-4, "anchor": 4.0, "replay": 4},
+        {"name": "anchor1 u0.3", "anchor": 1.0, "until": 0.3},
+        {"name": "replay reword", "reword": True},
+    ],
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--engine-child"]:
         return engine_child(*argv[1:5])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", choices=sorted(GRIDS), help="a named grid of rows instead of the knobs' product")
     p.add_argument("--facts", type=int, default=32, help="the first N facts of bench/learning_data.json")
-    p.add_argument("--lr", type=floats, default=[1e-4])
+    p.add_argument("--lr", type=floats, default=[5e-5])
     p.add_argument("--warmup", type=ints, default=[0])
-    p.add_argument("--replay", type=ints, default=[0, 2])
-    p.add_argument("--until", type=floats, default=[1.0, 0.3, 0.1, 0.03], help="thresholds, decreasing")
-    p.add_argument("--max-steps", type=int, default=200, help="budget of each threshold's job")
+    p.add_argument("--replay", type=ints, default=[2])
+    p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
+    p.add_argument("--reword", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1")
+    p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
+    p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
     p.add_argument("--dtype", default="fp32")
@@ -129,75 +166,103 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.grid:
+        rows = [{**ROW, **r} for r in GRIDS[a.grid]]
+    else:
+        rows = [
+            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "reword": x, "until": u}
+            for lr in a.lr
+            for w in a.warmup
+            for r in a.replay
+            for b in a.anchor
+            for x in a.reword
+            for u in a.until
+        ]
+        for r in rows:
+            r["max_steps"] = a.max_steps
 
     facts, general = lq.load(facts=a.facts)
-    body = {"examples": lq.examples(facts), "guard": False}
+    examples = lq.examples(facts)
     asked = lq.questions(facts, general, both_phrasings=False)
     t0 = time.perf_counter()
     ip = InProcess(a.dtype, a.device, a.batch_size)
-    print(f"# loaded in {time.perf_counter() - t0:.0f} s; {len(body['examples'])} examples", flush=True)
+    print(f"# loaded in {time.perf_counter() - t0:.0f} s; {len(examples)} examples", flush=True)
     t0 = time.perf_counter()
     ip.trainer.retention.refresh(ip.trainer.model, ip.trainer.weight_version, ip.trainer.pad)
     print(f"# retention answers: {len(ip.trainer.retention.prompts)} in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
     base = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
-    r0 = ip.retention_loss()
     print(
         f"# before: trained {sum(base['trained'])}/{len(facts)}, reworded {sum(base['reworded'])}/{len(facts)}, "
-        f"general {sum(base['general'])}/{len(general)} right; retention loss {r0:.4f}; "
-        f"asked in {time.perf_counter() - t0:.0f} s",
+        f"general {sum(base['general'])}/{len(general)} right; asked in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
-    header = "| lr | warmup | replay | until | steps | trained | reworded | general kept | retention rise | train s |"
+    header = (
+        "| row | lr | replay | anchor | reword | until | steps | trained | reworded | general kept | KL "
+        "| answers kept "
+        "| guard | train s | guard s | ask s |"
+    )
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
-    for lr in a.lr:
-        for warmup in a.warmup:
-            for replay in a.replay:
-                ip.reset()
-                steps, seconds = 0, 0.0
-                for k, until in enumerate(a.until):
-                    job = {
-                        **body,
-                        "lr": lr,
-                        "warmup": warmup if k == 0 else 0,
-                        "replay": replay,
-                        "until_loss": until,
-                        "max_steps": a.max_steps,
-                    }
-                    t0 = time.perf_counter()
-                    info = ip.job(job)
-                    seconds += time.perf_counter() - t0
-                    steps += info["step"]
-                    got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
-                    kept, right = lq.kept(base["general"], got["general"])
-                    rise = ip.retention_loss() - r0
-                    row = {
-                        "lr": lr,
-                        "warmup": warmup,
-                        "replay": replay,
-                        "until": until,
-                        "reason": info["stop_reason"],
-                        "steps": steps,
-                        "trained": sum(got["trained"]),
-                        "reworded": sum(got["reworded"]),
-                        "facts": len(facts),
-                        "general_kept": kept,
-                        "general_right_before": right,
-                        "retention_rise": round(rise, 4),
-                        "loss_max": info["losses"]["max_after"],
-                        "train_s": round(seconds, 1),
-                    }
-                    print(
-                        f"| {lr:g} | {warmup} | {replay} | {until:g}{'' if row['reason'] == 'until_loss' else ' (budget)'} "
-                        f"| {steps} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
-                        f"| {kept}/{right} | {rise:+.4f} | {seconds:.0f} |",
-                        flush=True,
-                    )
-                    if a.json:
-                        with open(a.json, "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                    if info["stop_reason"] not in ("until_loss",):
-                        break
+    for r in rows:
+        ip.reset()
+        job = {
+            "examples": examples,
+            "lr": r["lr"],
+            "warmup": r["warmup"],
+            "replay": r["replay"],
+            "anchor": r["anchor"],
+            "reword": r["reword"],
+            "guard": True,
+        }
+        if "steps" in r:
+            job["steps"] = r["steps"]
+        else:
+            job.update(until_loss=r["until"], max_steps=r["max_steps"])
+        info = ip.job(job)
+        g = info["guard"] or {}
+        t0 = time.perf_counter()
+        got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
+        ask_s = time.perf_counter() - t0
+        kept, right = lq.kept(base["general"], got["general"])
+        guard_s = g.get("seconds") or 0.0
+        row = {
+            **r,
+            "reason": info["stop_reason"],
+            "steps": info["step"],
+            "trained": sum(got["trained"]),
+            "reworded": sum(got["reworded"]),
+            "facts": len(facts),
+            "general_kept": kept,
+            "general_right_before": right,
+            "kl": g.get("kl"),
+            "answers_kept": g.get("answers_kept"),
+            "answers_compared": g.get("answers_compared"),
+            "answers_kept_at": g.get("answers_kept_at"),
+            "guard_passed": g.get("passed"),
+            "reworded_examples": (info["reworded"] or {}).get("examples"),
+            "reworded_questions": (info["reworded"] or {}).get("questions"),
+            "loss_max": (info["losses"] or {}).get("max_after"),
+            "train_s": round(info["seconds"] - guard_s, 1),
+            "guard_s": round(guard_s, 2),
+            "ask_s": round(ask_s, 1),
+        }
+        stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
+        verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
+        until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
+        print(
+            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} "
+            f"| {(info['reworded'] or {}).get('examples', '-')} | {until} "
+            f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
+            f"| {kept}/{right} | {row['kl']} | {row['answers_kept']}/{row['answers_compared']} | {verdict} "
+            f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",
+            flush=True,
+        )
+        if info["error"]:
+            row["error"] = info["error"]
+            print(f"#   {r['name']}: {info['state']}: {info['error']}", flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training jobs of the real trainer, in process, on a tiny model's shared CPU weights (no HTTP; the routes
 are tested in test_trainer_protocol.py and test_serve.py): a job with only examples trains until every
 example's loss is below until_loss and reports its losses before and after; fixed steps stay exact; the
-forgetting guard measures the retention loss, keeps a harmless job and rolls a destructive one back bit for
+forgetting guard measures the KL divergence and the answers kept, keeps a harmless job and rolls a destructive one back bit for
 bit through the checkpoint store (and says it cannot without one); a non-finite loss stops the job before
 backward with nothing applied, a step half applied by a non-finite gradient is undone; cancel, the job's
 own entry, the metrics snapshot, retention prompts and bad job fields."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from livetrain.engines.reference import Engine
-from livetrain.trainer import admission, guard, options, schedule
+from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.service import Trainer
@@ -93,36 +93,37 @@ def test_warmup_and_replay_shape_the_steps(run):
     lrs, sizes = [], []
     step = trainer.step
 
-    def traced(batch):
+    def traced(batch, *anchor):
         lrs.append(trainer.opt.param_groups[0]["lr"])
         sizes.append(len(batch))
-        return step(batch)
+        return step(batch, *anchor)
 
     trainer.step = traced
-    info = job(trainer, {"examples": FACTS, "steps": 4, "warmup": 3, "lr": 0.01, "replay": 3})
+    info = job(trainer, {"examples": FACTS, "steps": 4, "warmup": 3, "lr": 0.01, "replay": 3, "anchor": 0})
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and sizes == [5] * 4
     assert info["plan"]["replay"] == 3 and info["guard"]["replayed_prompts"] > 0
     assert info["guard"]["passed"] is None  # replay without the guard: nothing measured, nothing rolled back
 
 
-def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run):
+def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run, monkeypatch):
     # Regression test for issue #13's leftover: the per-step token budget (--max-batch-tokens) counted the
     # job's rows only, while the guard's replayed rows joined every step and the held-out retention losses
     # were evaluated in batches of --batch-size rows, whatever their length.
     budget = 40
     _, trainer = run("--max-batch-tokens", str(budget), "--batch-size", "8")
     steps, evals = [], []
-    step, losses = trainer.step, trainer.example_losses
+    step, logits = trainer.step, guard.answer_logits
 
-    def traced(batch):
+    def traced(batch, *anchor):
         steps.append(len(batch) * max(len(ids) for ids, _, _ in batch))
-        return step(batch)
+        return step(batch, *anchor)
 
-    def traced_losses(examples, batch_size=None):
+    def traced_logits(model, examples, *args, **kwargs):  # every forward of the guard's measures and anchor
         evals.append([len(ids) for ids, _, _ in examples])
-        return losses(examples, batch_size)
+        return logits(model, examples, *args, **kwargs)
 
-    trainer.step, trainer.example_losses = traced, traced_losses
+    trainer.step = traced
+    monkeypatch.setattr(guard, "answer_logits", traced_logits)
     longest = max(
         len(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": FACTS}, trainer.max_len, 100)["examples"]
     )
@@ -135,12 +136,7 @@ def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run):
     # Every step within the budget: the replayed rows (those that kept an answer token once cut to their
     # share of it) included.
     assert len(steps) == 3 and max(steps) <= budget, steps
-    assert evals and all(
-        len(c) * max(c) <= budget or len(c) == 1
-        for lengths in evals
-        for b, e in admission.chunks(lengths, 8, budget)
-        for c in [lengths[b:e]]
-    )
+    assert evals and all(len(c) * max(c) <= budget or len(c) == 1 for c in evals), evals
     # Refused, naming the field, when even one example and its replayed rows do not fit.
     with pytest.raises(Invalid) as e:
         trainer.handle("submit", json.dumps({"examples": FACTS, "replay": budget}).encode())
@@ -169,7 +165,7 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
     assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
-    assert g["retention_loss_before"] > 0 and abs(g["rise"]) < g["threshold"]
+    assert 0 <= g["kl"] < g["threshold"] and g["answers_compared"] == g["held_out_prompts"] >= g["answers_kept"]
     assert g["answers_made"] and g["seconds"] > 0
 
     before, version = weights(engine), trainer.weight_version
@@ -177,7 +173,7 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     bad = job(trainer, {"examples": FACTS, "steps": 3, "lr": 0.9})
     g = bad["guard"]
     assert bad["state"] == "rolled_back" and not g["passed"] and g["rolled_back"], bad
-    assert g["rise"] is None or g["rise"] > g["threshold"]
+    assert g["kl"] is None or g["kl"] > g["threshold"] or g["answers_kept"] < g["min_kept"] * g["answers_compared"]
     # The undo point (the weights changed since the head: saved at the job's start as a new generation),
     # restored bit for bit; it is the head, so the rollback has nothing new to commit.
     assert len(trainer.generations) == gens + 1 and g["rollback"]["rolled_back_to"] == gens
@@ -185,6 +181,85 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     assert trainer.weight_version == version + 3 + 1 == g["rollback"]["weight_version"]
     assert trainer.metrics()["counts"]["guard_rollbacks"] == 1
     assert trainer.metrics()["jobs"]["rolled_back"] == 1
+
+
+def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
+    _, trainer = run()
+    anchors = []
+    step = trainer.step
+
+    def traced(batch, anchor=None):
+        anchors.append((len(batch), anchor))
+        return step(batch, anchor)
+
+    trainer.step = traced
+    info = job(trainer, {"examples": FACTS, "steps": 3, "replay": 2, "anchor": 2.0})
+    assert info["state"] == "done" and info["plan"]["anchor"] == 2.0 and info["guard"]["anchor"] == 2.0, info
+    # The anchor's sequences are the replayed ones (not added to the batch), two per step, cycling.
+    reference = anchors[0][1][0]
+    assert len(reference) == info["guard"]["replayed_prompts"]
+    assert [a[1][1] for a in anchors] == [[0, 1], [2, 3], [4, 5]] and all(a[1][2] == 2.0 for a in anchors)
+    assert [a[0] for a in anchors] == [len(FACTS)] * 3
+    # After the job's steps the replayed sequences' KL is above zero, and the term carries a gradient.
+    loss = reference.anchor(trainer.model, [0, 1])
+    assert loss.requires_grad and float(loss.detach()) > 0
+
+
+def test_reword_trains_the_models_rewordings_too(run):
+    _, trainer = run("--no-guard")
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f["prompt"] + "?"},
+                {"role": "assistant", "content": f["completion"]},
+            ]
+        }
+        for f in FACTS
+    ]
+    sizes = []
+    step = trainer.step
+
+    def traced(batch, *anchor):
+        sizes.append(len(batch))
+        return step(batch, *anchor)
+
+    trainer.step = traced
+    info = job(trainer, {"examples": chats + FACTS, "steps": 2, "reword": True, "batch_size": 8})
+    r = info["reworded"]
+    # The tiny model's replies are rarely questions: whatever it made joined the job, nothing else.
+    assert (
+        r["examples"] == len(r["questions"]) <= len(chats)
+        and info["examples"] == len(chats) + len(FACTS) + r["examples"]
+    )
+    assert sizes == [info["examples"]] * 2 and info["plan"]["reword"] is True
+    assert augment.question('"Which city is the capital of Zorbia?"\nok', "the capital of zorbia is?") == (
+        "Which city is the capital of Zorbia?"
+    )
+    assert augment.question("Quuxville.", "q?") is None and augment.question("What is X?", "what is x") is None
+    assert job(trainer, {"examples": chats, "steps": 1})["reworded"] is None
+
+
+def test_topk_kl_and_the_reference():
+    torch.manual_seed(0)
+    ref = torch.randn(5, 50)
+    now = ref + 0.5 * torch.randn(5, 50)
+    full = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - now.log_softmax(-1))).sum(-1)
+    lp, ids = ref.log_softmax(-1).topk(50, dim=-1)
+    assert torch.allclose(guard.topk_kl(now, ids, lp), full, atol=1e-5)  # k = vocabulary: the full KL
+    lp, ids = ref.log_softmax(-1).topk(8, dim=-1)
+    coarse = guard.topk_kl(now, ids, lp)
+    assert (coarse >= -1e-6).all() and (coarse <= full + 1e-5).all() and coarse.sum() > 0
+    assert torch.allclose(guard.topk_kl(ref, ids, lp), torch.zeros(5), atol=1e-5)  # unchanged: zero
+    assert guard.kept([[1, 2, 3], [4, 5], [6]], [[1, 2, 9], [4, 5], [7]], tokens=2) == [True, True, False]
+
+
+def test_guard_rolls_back_a_job_that_changes_answers_even_at_a_small_kl(run):
+    engine, trainer = run("--guard-min-kept", "1", "--guard-threshold", "1000")
+    before = weights(engine)
+    info = job(trainer, {"examples": FACTS, "steps": 3, "lr": 0.05, "replay": 0})
+    g = info["guard"]
+    assert g["kl"] < g["threshold"] and g["answers_kept"] < g["answers_compared"], g
+    assert info["state"] == "rolled_back" and g["rolled_back"] and same_bits(weights(engine), before)
 
 
 def test_guard_without_a_store_measures_but_cannot_roll_back(run):
@@ -279,6 +354,8 @@ def test_cancel_a_queued_and_a_running_job(run):
         ({"examples": FACTS, "warmup": -1}, "warmup"),
         ({"examples": FACTS, "replay": True}, "replay"),
         ({"examples": FACTS, "until": 0.1}, "until"),
+        ({"examples": FACTS, "anchor": -1}, "anchor"),
+        ({"examples": FACTS, "anchor": "1"}, "anchor"),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):
@@ -327,6 +404,23 @@ def test_retention_prompts(run, tmp_path):
         guard.read_prompts(str(path))
 
 
+def test_builtin_retention_prompts_are_not_the_benchmarks_questions():
+    # bench/learning.py and bench/learning_sweep.py count general answers kept on their own questions: a
+    # retention prompt among them would be trained on (replay) or be the guard's own measure.
+    import os
+    import re
+
+    def norm(q):
+        return re.sub(r"[^a-z0-9 ]", "", q.lower()).strip()
+
+    data = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "learning_data.json")
+    with open(data) as f:
+        asked = {norm(g["q"]) for g in json.load(f)["general"]}
+    prompts = [norm(p[-1]["content"]) for p in guard.builtin_prompts()]
+    assert len(prompts) == len(set(prompts)) >= 80
+    assert not asked & set(prompts), asked & set(prompts)
+
+
 def test_plan_resolution():
     defaults = options.parse([])
     p = schedule.plan({}, defaults, 10)
@@ -337,6 +431,9 @@ def test_plan_resolution():
     assert schedule.plan({"guard": False}, defaults, 10).replay == 0
     assert schedule.plan({"guard": False, "replay": 1}, defaults, 10).replay == 1
     assert schedule.plan({}, options.parse(["--no-guard"]), 10).guard is False
+    assert p.anchor == defaults.anchor and p.reword == defaults.reword
+    p = schedule.plan({"anchor": 3, "reword": True}, options.parse(["--anchor", "0", "--no-reword"]), 10)
+    assert (p.anchor, p.reword) == (3.0, True)
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3]
     )

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
+from livetrain.trainer.examples import JOB_OPTIONS
 from livetrain.trainer.routes import API_KEY_ENV
 from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
@@ -134,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until-loss", type=float, help="learned when every example's loss is below this")
     p.add_argument("--max-steps", type=int, help="the step budget of a job that trains until learned")
     p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
-    p.add_argument("--replay", type=int, help="retention examples added to every batch")
+    p.add_argument("--replay", type=int, help="retention examples trained on at every step")
+    p.add_argument("--anchor", type=float, help="> 0: train the replayed ones by KL to the model before the job")
+    p.add_argument(
+        "--reword",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the model rewords each question once and the job trains those too (default: the server's)",
+    )
     p.add_argument(
         "--guard",
         action=argparse.BooleanOptionalAction,
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"livetrain train: {a.file}:{n}: not JSON: {e}", file=sys.stderr)
                     return 2
     job = {"examples": examples}
-    for k in ("lr", "steps", "epochs", "batch_size", "until_loss", "max_steps", "warmup", "replay", "guard"):
+    for k in JOB_OPTIONS:
         if getattr(a, k) is not None:
             job[k] = getattr(a, k)
     base = a.url.rstrip("/")
@@ -187,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     g = info.get("guard")
     if g and g.get("passed") is not None:
         print(
-            f"guard: retention loss {g['retention_loss_before']} -> {g['retention_loss_after']} (rise {g['rise']}, "
-            f"threshold {g['threshold']}): {'kept' if g['passed'] else 'rolled back' if g['rolled_back'] else g['rollback']}",
+            f"guard: KL {g['kl']} nats/token (threshold {g['threshold']}), answers kept {g['answers_kept']}/"
+            f"{g['answers_compared']} (at least {g['min_kept']:.0%}): "
+            f"{'kept' if g['passed'] else 'rolled back' if g['rolled_back'] else g['rollback']}",
             flush=True,
         )
     reason = info.get("stop_reason")

@@ -23,6 +23,8 @@ JOB_OPTIONS = {
     "max_steps": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
+    "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
+    "reword": (bool, lambda v: True, "true or false"),
     "guard": (bool, lambda v: True, "true or false"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.

@@ -5,23 +5,31 @@ user's own: ``--retention FILE`` or ``PUT /train/retention``) with the model's o
 the trainer on the live weights at the start of a guarded job (and reused while the weights have not
 changed since). The prompts alternate between two halves:
 
-- the *replay* half (even positions) joins the job's batches as ordinary examples, so that training keeps
-  those answers likely while it teaches the new ones;
-- the *held-out* half (odd positions) is never trained on; its **retention loss**, the mean over its
-  prompts of the mean cross-entropy (nats per token) of each answer's tokens, is measured before and after
-  the job. A job that raises it by more than the threshold is rolled back (trainer.service).
+- the *replay* half (even positions) is trained on during the job, so that training keeps what the model
+  does there: either as ordinary examples (prompt + the model's own answer, one-hot cross-entropy), or,
+  with an ``anchor`` weight, by a KL divergence to the starting model's next-token distributions
+  (``Reference``: its top-``TOP_K`` log-probs at each answer token, stored at the job's start);
+- the *held-out* half (odd positions) is never trained on. After the job two measures say whether the
+  model still does what it did there: the **KL divergence** (nats per answer token) from the starting
+  model's next-token distributions to the new ones (one forward pass), and the share of **answers kept**
+  (each prompt's greedy answer, made before and after the job: the same first ``KEPT_TOKENS`` tokens). A job that moves either
+  past its threshold is rolled back (trainer.service).
 
-No second copy of the weights is kept: the answers are token ids, the measure is one forward pass.
-docs/learning.md has the definitions and the measurements behind the defaults.
+No second copy of the weights is kept: the answers are token ids and the reference is TOP_K (id,
+log-prob) pairs per answer token (kilobytes). docs/learning.md has the definitions and the
+measurements behind the defaults.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
+from livetrain.loss import output_projection
+from livetrain.trainer import admission
 from livetrain.trainer.examples import check_messages
 from livetrain.trainer.protocol import Invalid
 
@@ -29,6 +37,15 @@ BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention.js
 # Tokens of each retention answer: enough to hold what a model does with a prompt, short enough that
 # making the answers costs a few seconds (docs/learning.md).
 ANSWER_TOKENS = 40
+# Next-token log-probs of the starting model kept per answer token (``Reference``): the mass a small
+# model's next-token distribution spreads beyond its 32 likeliest tokens is mostly well under 5%, and the
+# rest is kept as one bucket, so the KL measured is a lower bound of the full one that moves with it.
+TOP_K = 32
+BATCH = 8  # rows per forward of the reference's measures, at most
+# An answer counts as kept when its first KEPT_TOKENS tokens are the same as before the job: where a short
+# factual answer says what it says ("The capital of Spain is Madrid."), without counting changes of
+# wording late in a long answer.
+KEPT_TOKENS = 16
 # Most prompts a retention set may hold (built-in + the user's).
 MAX_PROMPTS = 1000
 
@@ -129,6 +146,113 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
     finally:
         model.train(was_training)
     return out
+
+
+def _answer_batch(examples, pad: int, device):
+    """Right-padded ``ids``/``attn`` of (ids, mask, weight) examples, and ``sel``: the positions whose
+    next-token prediction is an answer token (mask shifted by one)."""
+    width = max(len(t) for t, _, _ in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    sel = torch.zeros((len(examples), width - 1), dtype=torch.bool)
+    for i, (t, m, _) in enumerate(examples):
+        ids[i, : len(t)] = torch.tensor(t)
+        attn[i, : len(t)] = 1
+        sel[i, : len(t) - 1] = torch.tensor(m[1:], dtype=torch.bool)
+    return ids.to(device), attn.to(device), sel.to(device)
+
+
+def answer_logits(model, examples, pad: int, detach_head: bool = False) -> torch.Tensor:
+    """fp32 logits [answer tokens of all ``examples``, vocabulary] that predict each answer token, in the
+    examples' order; only those rows of the vocabulary-sized product are made. ``detach_head``: no
+    gradient reaches the output projection through them (the trainer defers that projection's gradient,
+    livetrain.loss.OutputGradient, and steps it once per step)."""
+    device = next(model.parameters()).device
+    ids, attn, sel = _answer_batch(examples, pad, device)
+    head = output_projection(model)
+    if head is None:
+        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel].float()
+    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1][sel]
+    return (hidden @ (head.detach() if detach_head else head).t()).float()
+
+
+def topk_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(reference || now) over the reference's top-k tokens plus one bucket for the rest of the
+    vocabulary: a true KL divergence of the two distributions so coarsened (>= 0, <= the full one).
+    ``logits`` [n, vocab]; ``ref_ids``/``ref_lp`` [n, k]: the reference's token ids and log-probs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    now = lp.gather(1, ref_ids.long())
+    p_ref = ref_lp.exp()
+    rest_ref = (1 - p_ref.sum(1)).clamp_min(1e-12)
+    rest_now = (1 - now.exp().sum(1)).clamp_min(1e-12)
+    return (p_ref * (ref_lp - now)).sum(1) + rest_ref * (rest_ref.log() - rest_now.log())
+
+
+class Reference:
+    """The starting model's top-``k`` next-token log-probs at every answer token of some retention
+    examples (made once, at the start of a job), and the KL divergence of the live model from them:
+    measured (``kl``, the guard) or as a loss term with its gradient (``anchor``, training)."""
+
+    def __init__(
+        self, model, examples: list, pad: int, k: int = TOP_K, batch: int = BATCH, max_tokens: int | None = None
+    ):
+        self.examples, self.pad = list(examples), pad
+        # Forwards of at most ``batch`` rows and ``max_tokens`` padded tokens (the trainer's step budget; a
+        # longer row goes alone), here and in ``kl``.
+        lengths = [len(ids) for ids, _, _ in self.examples]
+        self.chunks = admission.chunks(lengths, batch, max_tokens or max(lengths, default=0) * batch)
+        self.ids: list[torch.Tensor] = []  # per example, [answer tokens, k] int32
+        self.lps: list[torch.Tensor] = []  # per example, [answer tokens, k] fp32
+        with torch.no_grad(), _eval(model):
+            for b, e in self.chunks:
+                chunk = self.examples[b:e]
+                logits = answer_logits(model, chunk, pad)
+                lp, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)
+                counts = [sum(m[1:]) for _, m, _ in chunk]
+                self.ids += list(ids.to(torch.int32).split(counts))
+                self.lps += list(lp.split(counts))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _kl(self, model, indices: list[int], detach_head: bool = False) -> torch.Tensor:
+        logits = answer_logits(model, [self.examples[i] for i in indices], self.pad, detach_head)
+        ids = torch.cat([self.ids[i] for i in indices])
+        lps = torch.cat([self.lps[i] for i in indices])
+        return topk_kl(logits, ids, lps)
+
+    def anchor(self, model, indices: list[int], detach_head: bool = False) -> torch.Tensor:
+        """The mean per answer token of the KL divergence over examples ``indices``, with its gradient."""
+        return self._kl(model, indices, detach_head).mean()
+
+    @torch.no_grad()
+    def kl(self, model) -> float:
+        """The mean per answer token of the KL divergence over every example (eval mode, no gradient)."""
+        total, n = 0.0, 0
+        with _eval(model):
+            for b, e in self.chunks:
+                per_token = self._kl(model, list(range(b, e)))
+                total, n = total + float(per_token.double().sum()), n + per_token.numel()
+        return total / n if n else math.nan
+
+
+class _eval:
+    """The model in eval mode inside the block; its mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
+def kept(before: list[list[int]], after: list[list[int]], tokens: int = KEPT_TOKENS) -> list[bool]:
+    """Per answer, whether its first ``tokens`` tokens are the same before and after."""
+    return [a[:tokens] == b[:tokens] for a, b in zip(before, after)]
 
 
 class Retention:

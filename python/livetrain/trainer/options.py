@@ -19,7 +19,17 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
-LEARNING = {"lr": 1e-4, "warmup": 0, "until_loss": 0.1, "max_steps": 200, "replay": 2, "guard_threshold": 0.1}
+LEARNING = {
+    "lr": 5e-5,
+    "warmup": 0,
+    "until_loss": 0.1,
+    "max_steps": 300,
+    "replay": 2,
+    "anchor": 1.0,
+    "reword": False,
+    "guard_threshold": 0.3,
+    "guard_min_kept": 0.0,
+}
 
 
 def device(value: str) -> str:
@@ -127,16 +137,32 @@ _LEARNING_OPTIONS = (
         "replay",
         int,
         "N",
-        "retention examples (prompts with the model's own answers before the job) added to every batch of a "
-        "guarded job",
+        "retention examples (prompts with the model's own answers before the job) trained on at every step "
+        "of a guarded job",
+    ),
+    (
+        "--anchor",
+        "anchor",
+        float,
+        "BETA",
+        "0: the replayed retention examples are trained as ordinary examples (one-hot, the model's own "
+        "answers); > 0: as BETA x the KL divergence from the starting model's next-token distributions",
     ),
     (
         "--guard-threshold",
         "guard_threshold",
         float,
         "NATS",
-        "roll a guarded job back when the retention loss (nats per token of the model's own answers to the "
-        "held-out retention prompts) rose by more than NATS",
+        "roll a guarded job back when the KL divergence from the starting model's next-token distributions on "
+        "the held-out retention answers (nats per answer token) exceeds NATS",
+    ),
+    (
+        "--guard-min-kept",
+        "guard_min_kept",
+        float,
+        "FRACTION",
+        "... or when fewer than FRACTION of the held-out retention prompts keep their greedy answer (its "
+        "first 16 tokens); 0: not checked (answers kept are still reported)",
     ),
 )
 
@@ -148,6 +174,13 @@ def add_learning_options(parser) -> None:
         parser.add_argument(
             flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
         )
+    parser.add_argument(
+        "--reword",
+        action=argparse.BooleanOptionalAction,
+        default=LEARNING["reword"],
+        help="by default, the served model rewords each chat example's last question once and a job trains "
+        f"the reworded questions too (default {LEARNING['reword']})",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
     parser.add_argument(
         "--no-guard",
@@ -176,6 +209,8 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
     if not ns.until_loss > 0 or not ns.guard_threshold > 0:
         return "--until-loss and --guard-threshold must be > 0"
+    if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
+        return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
@@ -210,9 +245,14 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.max_steps),
         "--replay",
         str(ns.replay),
+        "--anchor",
+        str(ns.anchor),
+        "--reword" if ns.reword else "--no-reword",
         *(["--no-guard"] if ns.no_guard else []),
         "--guard-threshold",
         str(ns.guard_threshold),
+        "--guard-min-kept",
+        str(ns.guard_min_kept),
         *(["--retention", ns.retention] if ns.retention else []),
         "--max-seq-len",
         str(ns.max_seq_len),

@@ -35,8 +35,11 @@ class Plan:
     ``steps``: the number of steps when fixed (``steps`` or ``epochs`` given), else None: the job stops as
     soon as every example's loss is below ``until_loss``, or after ``max_steps``. ``until_loss`` may also
     end a fixed job early when the job gave it. ``lr`` is the rate after a linear warm-up of ``warmup``
-    steps. ``replay`` retention examples join every batch (0: none); ``guard``: measure retention and roll
-    the job back when it drops too far (docs/learning.md).
+    steps. ``replay`` retention examples are trained on at every step (0: none): as examples with the model's
+    own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
+    model's next-token distributions on them. ``reword``: the model rewords each example's question once and
+    the job trains those too (trainer.augment). ``guard``: measure retention and roll the job back when it
+    drops too far (docs/learning.md).
     """
 
     batch_size: int
@@ -46,6 +49,8 @@ class Plan:
     max_steps: int
     until_loss: float | None
     replay: int
+    anchor: float
+    reword: bool
     guard: bool
 
     @property
@@ -93,6 +98,8 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
         replay=options.get("replay", defaults.replay if guard else 0),
+        anchor=float(options.get("anchor", defaults.anchor)),
+        reword=options.get("reword", defaults.reword),
         guard=guard,
     )
 

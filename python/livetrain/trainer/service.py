@@ -25,7 +25,7 @@ import torch
 
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss
-from livetrain.trainer import admission, guard, options, schedule
+from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
@@ -200,7 +200,7 @@ class Trainer:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         if ranks is not None and not s.no_guard:
             # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
-            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0})
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False})
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
@@ -421,6 +421,8 @@ class Trainer:
                 "the forgetting guard and retention replay do not run under tensor parallelism yet; send "
                 '"guard": false and "replay": 0 (the defaults under tensor parallelism)',
             )
+        if self.ranks is not None and plan.reword:
+            raise Invalid("reword", "rewording runs the model on rank 0 alone: not under tensor parallelism yet")
         if self.stopping.is_set():
             return error(503, "the trainer is shutting down")
         jid = job_id(job) or f"job-{uuid.uuid4().hex[:12]}"
@@ -439,6 +441,7 @@ class Trainer:
             "loss_after": None,
             "losses": None,
             "stop_reason": None,
+            "reworded": None,
             "guard": None,
             "error": None,
             "submitted": time.time(),
@@ -450,7 +453,10 @@ class Trainer:
             if jid in self.jobs:
                 return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
-                self.queue.put_nowait((jid, {"examples": parsed["examples"], "plan": plan}))
+                queued = {"examples": parsed["examples"], "plan": plan}
+                if plan.reword:
+                    queued["raw"] = job["examples"]  # the chat text the model rewords (trainer.augment)
+                self.queue.put_nowait((jid, queued))
             except queue.Full:
                 return error(429, f"the training queue is full ({self.queue.maxsize} jobs); retry later")
             self.jobs[jid] = info
@@ -557,7 +563,9 @@ class Trainer:
                 "guard": {
                     "default": not self.settings.no_guard,
                     "threshold": self.settings.guard_threshold,
+                    "min_kept": self.settings.guard_min_kept,
                     "replay": self.settings.replay,
+                    "anchor": self.settings.anchor,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
@@ -711,10 +719,13 @@ class Trainer:
         weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
 
-    def step(self, examples) -> tuple[float, int, list[float]]:
+    def step(self, examples, anchor=None) -> tuple[float, int, list[float]]:
         """One forward/backward over a batch; the optimizer steps each parameter from its hook during
-        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged.
-        Returns the loss, the batch's tokens and each example's loss (unweighted).
+        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged; plus,
+        with ``anchor`` = (guard.Reference, indices, beta), beta × the mean KL divergence from the
+        reference's distributions on those of its examples (one more forward, the same backward).
+        Returns the loss (without the anchor's term), the batch's tokens and each example's loss
+        (unweighted).
 
         ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
         some parameter's gradient or update was (the others were stepped: ``applied``)."""
@@ -728,6 +739,15 @@ class Trainer:
             self.model, ids, attn, labels, weights, later=later, vocab=self.vocab, per_example=per_example
         )
         value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
+        if anchor is not None:
+            reference, indices, beta = anchor
+            # The output projection's gradient, when deferred (later.active), comes from the main loss alone:
+            # its deferred step runs once, after backward.
+            term = reference.anchor(self.model, indices, detach_head=later.active)
+            kl = float(term.detach())
+            if not math.isfinite(kl):
+                raise NonFinite(f"the retention anchor's KL divergence is {kl}", applied=False, parameters=[])
+            loss = loss + beta * term
         if not math.isfinite(value):
             # Before backward: the hooks step parameters one by one as gradients appear, so a step that
             # starts cannot be taken back. A non-finite loss never starts one.
@@ -762,30 +782,11 @@ class Trainer:
                 parameters=bad,
             )
 
-    @torch.no_grad()
-    def example_losses(self, examples, batch_size: int | None = None) -> list[float]:
-        """Each example's mean loss over its trained tokens on the live weights (forward only, eval mode)."""
-        was_training = self.model.training
-        self.model.eval()
-        out: list[float] = []
-        try:
-            bs = batch_size or self.batch_size
-            lengths = [len(ids) for ids, _, _ in examples]
-            for b, e in admission.chunks(lengths, bs, self.max_batch_tokens):  # within the step budget
-                chunk = examples[b:e]
-                ids, attn, labels, weights = self._batch(chunk)
-                per_example = torch.empty(len(chunk), dtype=torch.float32, device=self.device)
-                causal_lm_loss(self.model, ids, attn, labels, weights, per_example=per_example)
-                out += per_example.tolist()
-        finally:
-            self.model.train(was_training)
-        return out
-
-    def train_step(self, examples, lr: float) -> tuple[float, int, list[float]]:
-        """A training step at ``lr`` (every rank, at once, under tensor parallelism)."""
+    def train_step(self, examples, lr: float, anchor=None) -> tuple[float, int, list[float]]:
+        """A training step at ``lr`` (every rank, at once, under tensor parallelism); ``anchor``: see step."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-        return self.step(examples)
+        return self.step(examples, anchor) if anchor is not None else self.step(examples)
 
     def _embeddings_forward(self, _module, _inputs, out) -> None:
         # A hook on the gradient of the embeddings' output runs just before their own gradient is made.
@@ -812,19 +813,29 @@ class Trainer:
                 return
             info["state"], info["started"], self.current = "running", time.time(), jid
         t_job = time.perf_counter()
-        losses = schedule.Losses(len(examples))
         reason, state, undo, restored = None, "done", None, False
         try:
             undo = self._undo_point() if plan.guard else None
-            watch = self._guard_start(plan) if plan.guard or plan.replay else None
-            if watch and plan.replay:  # cut to their share of the step budget (trainer.admission)
-                width = admission.replay_width(self.max_batch_tokens, min(plan.batch_size, len(examples)), plan.replay)
-                watch["replay"] = self._fit(watch["replay"], width)
-                watch["report"]["replayed_prompts"] = len(watch["replay"])
+            # Replayed rows are cut to their share of the step budget (trainer.admission), before the anchor's
+            # reference distributions are taken on them.
+            width = (
+                admission.replay_width(self.max_batch_tokens, min(plan.batch_size, len(examples)), plan.replay)
+                if plan.replay
+                else None
+            )
+            watch = self._guard_start(plan, width) if plan.guard or plan.replay else None
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
-            replay = itertools.cycle(watch["replay"]) if watch and plan.replay and watch["replay"] else None
+            if plan.reword:
+                examples = examples + self._reword(info, job["raw"], examples)
+            losses = schedule.Losses(len(examples))
+            replay, anchor = None, None
+            if watch and plan.replay and watch["replay"]:
+                if watch["anchor"] is not None:  # the replayed examples' indices into the reference
+                    anchor = itertools.cycle(range(len(watch["anchor"])))
+                else:
+                    replay = itertools.cycle(watch["replay"])
             order = schedule.batches(len(examples), plan.batch_size)
             for s in range(plan.budget):
                 self.run_pending()
@@ -842,7 +853,10 @@ class Trainer:
                 try:
                     if self.ranks is not None:
                         self.ranks.lead("step", batch, lr)
-                    loss, ntok, per_example = self.train_step(batch, lr)
+                    step_anchor = None
+                    if anchor is not None:
+                        step_anchor = (watch["anchor"], [next(anchor) for _ in range(plan.replay)], plan.anchor)
+                    loss, ntok, per_example = self.train_step(batch, lr, step_anchor)
                 except NonFinite as e:
                     reason, state = "nonfinite", "failed"
                     restored = self._nonfinite_stop(info, e, undo)
@@ -904,6 +918,21 @@ class Trainer:
             )
             self.save()
 
+    def _reword(self, info: dict, raw: list, examples: list) -> list:
+        """The job's examples with their questions reworded by the model (trainer.augment), at most as long
+        as its longest example (its batches were fitted to the token budget at submit)."""
+        t0 = time.perf_counter()
+        longest = max(len(ids) for ids, _, _ in examples)
+        extra, texts = augment.reworded(self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest))
+        with self.lock:
+            info["examples"] = len(examples) + len(extra)
+            info["reworded"] = {
+                "examples": len(extra),
+                "questions": texts,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        return extra
+
     def _undo_point(self) -> dict | None:
         """The store's generation that holds the weights as they are before a guarded job (saved now when
         the weights changed since the head; the store writes only what changed): what a guard rollback or
@@ -914,30 +943,56 @@ class Trainer:
             self._commit()
         return self.generations[-1]
 
-    def _guard_start(self, plan: schedule.Plan) -> dict:
+    def _guard_start(self, plan: schedule.Plan, replay_width: int | None = None) -> dict:
         """Before a guarded job (or one that replays): the retention answers on the live weights (made again
-        only when the weights changed since), the replay and held-out examples, the retention loss."""
+        only when the weights changed since), the replay and held-out examples, and the starting model's
+        next-token distributions on the held-out answers (the guard's KL) and, with an anchor, on the
+        replayed ones (guard.Reference)."""
         t0 = time.perf_counter()
         made = self.retention.refresh(self.model, self.weight_version, self.pad)
-        replay = self._fit(self.retention.replay())
+        replay = self._fit(self.retention.replay(), replay_width)
         held_out = self._fit(self.retention.held_out())
-        before = None
-        if plan.guard and held_out:
-            before = _mean(self.example_losses(held_out))
+        reference = None
+        if plan.guard and held_out:  # its forwards within the step budget
+            reference = guard.Reference(self.model, held_out, self.pad, max_tokens=self.max_batch_tokens)
+        kept_before = None
+        if reference is not None:
+            # The held-out answers' first tokens, made exactly as they are made again after the job (the same
+            # prompts in the same batches): batched greedy decoding is not bit-stable across batch shapes, and
+            # a near-tie that flips for that reason alone is not forgetting.
+            kept_before = self._kept_answers()
+        anchor = None
+        if plan.anchor > 0 and plan.replay and replay:  # measured in the steps' own shape: plan.replay rows
+            anchor = guard.Reference(self.model, replay, self.pad, batch=plan.replay)
         report = {
-            "retention_loss_before": _round(before),
-            "retention_loss_after": None,
-            "rise": None,
+            "kl": None,
             "threshold": self.settings.guard_threshold,
+            "answers_kept": None,
+            "answers_compared": None,
+            "min_kept": self.settings.guard_min_kept,
             "passed": None,
             "rolled_back": False,
             "rollback": None,
             "replayed_prompts": len(replay) if plan.replay else 0,
+            "anchor": plan.anchor if anchor is not None else 0.0,
             "held_out_prompts": len(held_out),
             "answers_made": made,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        return {"replay": replay, "held_out": held_out, "before": before, "report": report}
+        return {
+            "replay": replay,
+            "anchor": anchor,
+            "reference": reference,
+            "kept_before": kept_before,
+            "report": report,
+        }
+
+    def _kept_answers(self) -> list[list[int]]:
+        """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
+        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.prompts[1::2]]
+        return guard.greedy(
+            self.model, prompts, guard.KEPT_TOKENS, guard.stop_ids(self.tokenizer, self.model), self.pad
+        )
 
     def _fit(self, examples: list, limit: int | None = None) -> list:
         """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
@@ -952,18 +1007,28 @@ class Trainer:
         return out
 
     def _guard_end(self, jid: str, info: dict, watch: dict, undo: dict | None, state: str) -> str:
-        """After a guarded job: the retention loss again; a rise over the threshold rolls the weights back to
-        ``undo`` (bit for bit, through the store). Returns the job's final state."""
+        """After a guarded job: the KL divergence on the held-out answers and the answers kept; either past
+        its threshold rolls the weights back to ``undo`` (bit for bit, through the store). Returns the job's
+        final state."""
         t0 = time.perf_counter()
         report = dict(watch["report"])
-        if watch["before"] is None:
+        if watch["reference"] is None:
             report["passed"] = True
         else:
-            after = _mean(self.example_losses(watch["held_out"]))
-            rise = after - watch["before"] if math.isfinite(after) else math.inf
-            report["retention_loss_after"] = _round(after) if math.isfinite(after) else None
-            report["rise"] = _round(rise) if math.isfinite(rise) else None
-            report["passed"] = rise <= self.settings.guard_threshold
+            kl = watch["reference"].kl(self.model)
+            after = self._kept_answers()
+            same = guard.kept(watch["kept_before"], after)
+            report["kl"] = _round(kl)
+            report["answers_kept"], report["answers_compared"] = sum(same), len(same)
+            # The same count over shorter beginnings: how much of the change is in the wording further on.
+            report["answers_kept_at"] = {
+                str(k): sum(guard.kept(watch["kept_before"], after, k)) for k in (4, 8, guard.KEPT_TOKENS)
+            }
+            report["passed"] = (
+                math.isfinite(kl)
+                and kl <= self.settings.guard_threshold
+                and sum(same) >= self.settings.guard_min_kept * len(same)
+            )
         if not report["passed"]:
             if undo is None:
                 report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
@@ -978,8 +1043,9 @@ class Trainer:
         with self.lock:
             info["guard"] = report
         print(
-            f"livetrain trainer: {jid} guard: retention loss {report['retention_loss_before']} -> "
-            f"{report['retention_loss_after']} (rise {report['rise']}, threshold {report['threshold']}): "
+            f"livetrain trainer: {jid} guard: KL {report['kl']} nats/token (threshold {report['threshold']}), "
+            f"answers kept {report['answers_kept']}/{report['answers_compared']} (at least "
+            f"{report['min_kept']:.0%}): "
             + (
                 "kept" if report["passed"] else "rolled back" if report["rolled_back"] else "NOT rolled back (no store)"
             ),
@@ -1070,10 +1136,6 @@ class Trainer:
         """Releases the checkpoint store (its lock and host copy)."""
         if self.store is not None:
             self.store.close()
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
 
 
 def _round(x: float | None) -> float | None:

@@ -1,0 +1,64 @@
+"""Cheap augmentation of a job's chat examples (the job's ``reword``): the served model itself rewords each
+example's last question once (greedy decoding, before the job's first step), and the reworded question with
+the same answer joins the job as one more example. A fact trained in more phrasings is more likely to be
+answered when asked in yet another one (the "reworded" column of bench/learning_sweep.py measures it;
+docs/learning.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import re
+
+from livetrain.trainer import guard
+from livetrain.trainer.examples import encode_example
+from livetrain.trainer.protocol import Invalid
+
+# What the model is asked; its reply's first line is the reworded question.
+INSTRUCTION = "Rewrite the following question using different words. Reply with the rewritten question only.\n\n{q}"
+# Tokens of a reply: a question is a line.
+REPLY_TOKENS = 48
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def question(reply: str, original: str) -> str | None:
+    """The reworded question in a model's reply: its first line, unquoted, when that is a question other
+    than ``original``; else None."""
+    lines = reply.strip().splitlines()
+    text = lines[0].strip().strip('"').strip() if lines else ""
+    if not text.endswith("?") or _norm(text) == _norm(original):
+        return None
+    return text
+
+
+def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list, list[str]]:
+    """For each chat example of ``raw`` (a /train body's examples, already checked) that ends with a user
+    question and its answer: the example with that question reworded by ``model``, encoded as the job's
+    examples are; replies that are empty, not a question, or the same question are left out. Returns the
+    encoded examples and the reworded questions."""
+    chats = []
+    for ex in raw:
+        msgs = ex.get("messages") if isinstance(ex, dict) else None
+        if msgs and len(msgs) >= 2 and msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user":
+            chats.append(ex)
+    prompts = [
+        guard.prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
+        for ex in chats
+    ]
+    replies = guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad) if prompts else []
+    out, texts = [], []
+    for ex, reply in zip(chats, replies):
+        text = question(tokenizer.decode(reply, skip_special_tokens=True), ex["messages"][-2]["content"])
+        if text is None:
+            continue
+        new = {**ex, "messages": [*ex["messages"][:-2], {"role": "user", "content": text}, ex["messages"][-1]]}
+        try:
+            ids, mask, weight = encode_example(tokenizer, new, "reworded")
+        except Invalid:
+            continue
+        if len(ids) <= max_len:
+            out.append((ids, mask, weight))
+            texts.append(text)
+    return out, texts
