@@ -152,10 +152,20 @@ def check_tensor_parallel(model_dir: str, size: int) -> str | None:
         return None
     from livetrain import Error, layout
 
+    path = os.path.join(model_dir, "config.json")
     try:
-        layout.plan(os.path.join(model_dir, "config.json"), engine="vllm", tp_size=size)
+        layout.plan(path, engine="vllm", tp_size=size)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
     except (Error, OSError, ValueError) as e:
         return str(e)
+    vocab = (config.get("text_config") or config).get("vocab_size") or config.get("vocab_size") or 0
+    block = -(-vocab // 64) * 64 // size  # vLLM pads the vocabulary to a multiple of 64, split in equal blocks
+    if vocab <= (size - 1) * block:
+        return (
+            f"{path}: vocab_size {vocab}, padded to a multiple of 64 and split in {size} blocks of {block} rows, "
+            f"leaves rank {size - 1} no vocabulary rows; use fewer ranks"
+        )
     return None
 
 

@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> None:
                 weights = engine_ranks.load(
                     ranks, a.model, a.manifest, device, DTYPES[a.dtype], store=not a.no_store, store_dir=a.store
                 )
-            except Error as e:
-                sys.exit(f"livetrain engine rank {ranks.rank}: {e}")
+            except Exception as e:  # rank 0 says why too when the reason is the model's (it loads the same)
+                sys.exit(f"livetrain engine rank {ranks.rank}: {type(e).__name__}: {e}")
             engine_ranks.serve_rank(ranks, weights, device)
             return
     try:
