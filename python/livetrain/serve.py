@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer, started, next_start, deaths, segments, down = None, 0.0, 0.0, 0, [], False
     rank_gone = None  # when a trainer rank > 0 was first seen exited (TP > 1)
     pids = ", ".join(str(e.pid) for e in engines)
-    print(f"livetrain serve: engine pid{'s' if size > 1 else ''} {pids}, run dir {run_dir}", file=sys.stderr, flush=True)
+    print(
+        f"livetrain serve: engine pid{'s' if size > 1 else ''} {pids}, run dir {run_dir}", file=sys.stderr, flush=True
+    )
     code = 0
     try:
         while not stop:
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         removed = remove_segments(segments or [n for m in manifests for n in own_segments(m)])
         if removed:
             print(f"livetrain serve: removed the engine's shared memory {', '.join(removed)}", file=sys.stderr)
-        for path in (*manifests, sock, *(m + ".lease" for m in manifests), protocol.down_path(sock)):
+        failures = [os.path.join(run_dir, f"rank-{r}.failure") for r in range(size)] if size > 1 else []
+        for path in (*manifests, sock, *(m + ".lease" for m in manifests), protocol.down_path(sock), *failures):
             if os.path.exists(path):
                 os.unlink(path)
     return code

@@ -178,16 +178,12 @@ def test_a_size_that_does_not_divide_the_model_is_refused(model_dir, tmp_path):
 
 
 def test_a_rank_without_vocabulary_rows_is_refused(tmp_path):
+    from livetrain import serve
+
     tiny_model.make_model_dir(tmp_path, CORPUS[:2])  # fewer than 33 tokens: rank 1's block would be padding
-    r = subprocess.run(
-        [sys.executable, "-m", "livetrain.serve", "--model", str(tmp_path), "--tensor-parallel", "2"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 2, r.stderr
-    assert "vocab_size" in r.stderr and "rank 1" in r.stderr, r.stderr
+    problem = serve.check_tensor_parallel(str(tmp_path), 2)
+    assert problem is not None and "vocab_size" in problem and "rank 1" in problem, problem
+    assert serve.check_tensor_parallel(str(tmp_path), 1) is None
 
 
 def test_greedy_answers_equal_tp1(server, model_dir, device):

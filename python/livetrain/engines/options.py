@@ -40,7 +40,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         f"{security.DEFAULT_MAX_BODY_MIB}, at most {protocol.MAX_BODY >> 20}: the trainer socket's limit)",
     )
 
-
     g.add_argument(
         "--tensor-parallel",
         type=int,
@@ -58,8 +57,7 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--tensor-parallel must be >= 1"
     if ns.tensor_parallel > 1 and getattr(ns, "device", "cpu") not in ("cpu", "cuda"):
         return (
-            f"--device {ns.device}: at --tensor-parallel {ns.tensor_parallel} give cpu or cuda "
-            "(rank r runs on cuda:r)"
+            f"--device {ns.device}: at --tensor-parallel {ns.tensor_parallel} give cpu or cuda (rank r runs on cuda:r)"
         )
     if ns.max_batch < 1:
         return "--max-batch must be >= 1"

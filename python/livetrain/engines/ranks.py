@@ -30,7 +30,7 @@ import torch
 from livetrain.engines import batching
 from livetrain.trainer.ranks import RankFailure, Ranks
 
-__all__ = ["Driven", "RankWeights", "TPScheduler", "follow", "load", "start"]
+__all__ = ["Driven", "RankWeights", "TPScheduler", "follow", "gather_logits", "load", "serve_rank", "start"]
 
 # Seconds between two checks whether rank 0, idle, must send the others a no-op (Ranks.heartbeat).
 HEARTBEAT_CHECK_S = 10.0
@@ -77,9 +77,12 @@ def load(
     rank, size = ranks.rank, ranks.size
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).state_dict()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    # Under the files' names (a multimodal checkpoint's text model: model.language_model.*), as the layout's
+    # plan names the HF tensors.
+    full = checkpoint.by_file_names({n: p.data for n, p in loaded.named_parameters()}, model_dir)
     tensors = layout.merge(config, full, engine="vllm", tp_rank=rank, tp_size=size)
-    del full
+    del full, loaded
     tensors = {n: t.to(device) for n, t in tensors.items()}
     lay = layout.build(config, tensors, engine="vllm", tp_rank=rank, tp_size=size)
     restored = None
@@ -130,7 +133,9 @@ def gather_logits(logits: torch.Tensor, ranks: Ranks, rows: list[int]) -> torch.
 
 def _tensors(kwargs: dict, device=None) -> dict:
     """A model call's keyword arguments to send (tensors on the CPU) or as received (on ``device``)."""
-    return {k: (v.to(device) if device is not None else v.cpu()) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    return {
+        k: (v.to(device) if device is not None else v.cpu()) if torch.is_tensor(v) else v for k, v in kwargs.items()
+    }
 
 
 class Driven:
@@ -265,7 +270,11 @@ def serve_rank(ranks: Ranks, weights: RankWeights, device: torch.device) -> None
 
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     threading.Thread(target=run, name="livetrain-engine-rank", daemon=True).start()
-    print(f"livetrain engine: tensor-parallel rank {ranks.rank} of {ranks.size} follows rank 0", file=sys.stderr, flush=True)
+    print(
+        f"livetrain engine: tensor-parallel rank {ranks.rank} of {ranks.size} follows rank 0",
+        file=sys.stderr,
+        flush=True,
+    )
     while not done.wait(1.0):
         pass
     weights.exported.close()

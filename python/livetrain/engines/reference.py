@@ -99,7 +99,9 @@ class Engine:
         from livetrain.engines import ranks as engine_ranks
 
         self.device = engine_ranks.rank_device(str(self.device), 0)
-        w = engine_ranks.load(ranks, self.model_dir, manifest, self.device, DTYPES[dtype], store=store, store_dir=store_dir)
+        w = engine_ranks.load(
+            ranks, self.model_dir, manifest, self.device, DTYPES[dtype], store=store, store_dir=store_dir
+        )
         self.model, self.exported, self.checkpoint = w.model, w.exported, w.checkpoint
         try:  # the model was built from config.json: its generation config (EOS ids) is the files'
             self.model.generation_config = transformers.GenerationConfig.from_pretrained(self.model_dir)
@@ -402,7 +404,6 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from livetrain import Error
-
     from livetrain.engines import ranks as engine_ranks
 
     ranks = None

@@ -244,7 +244,11 @@ class Ranks:
                 if op in fatal or isinstance(e, dist.DistError):
                     self._record(f"{op}: {type(e).__name__}: {e}")
                     raise SystemExit(1) from None
-                print(f"livetrain {self.role} rank {self.rank}: {op}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(
+                    f"livetrain {self.role} rank {self.rank}: {op}: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def end_step(self) -> None:
         """Every rank, after its step's last write: once this returns, every rank's part of the step is in
@@ -312,7 +316,9 @@ class Ranks:
     def status(self) -> dict:
         alive = [_alive(p) for p in self.pids]
         # A rank gone while the group was idle: its failure is known at the next command; say it now.
-        gone = "; ".join(f"rank {r} (pid {p}) is not running" for r, (p, a) in enumerate(zip(self.pids, alive)) if not a)
+        gone = "; ".join(
+            f"rank {r} (pid {p}) is not running" for r, (p, a) in enumerate(zip(self.pids, alive)) if not a
+        )
         return {
             "size": self.size,
             "pids": list(self.pids),

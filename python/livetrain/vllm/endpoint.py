@@ -218,7 +218,9 @@ class EndpointPlugin:
         manifests = [e["manifest"] for e in self.exports]
         if mode == "plugin" and len(manifests) > 1:
             # One trainer rank per worker, one process group (trainer.ranks); tied as at TP 1.
-            self.trainer = process.start_trainer_group(manifests, first["model_dir"], self.socket, trainer_ns, tied=True)
+            self.trainer = process.start_trainer_group(
+                manifests, first["model_dir"], self.socket, trainer_ns, tied=True
+            )
             logger.info("livetrain: trainer ranks, pids %s, on %s", self.trainer.pids, ", ".join(manifests))
         elif mode == "plugin":
             # Tied: stopped when the API server exits, by the kernel if it dies.
