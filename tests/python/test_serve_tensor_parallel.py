@@ -3,8 +3,9 @@ shards of a tiny Llama from its own shared memory, and two trainer ranks attache
 (gloo on CPU; NCCL and one GPU per rank on CUDA, which skips without two GPUs). Greedy completions equal
 TP 1's (transformers' own greedy decoding of the same weights, which the TP 1 engine's batching matches
 bit for bit: test_engine_batching.py); a /train job teaches the fact on both ranks, and what TP 2 then
-serves equals TP 1's greedy answers on the trained weights read back from the two ranks' shards; a
-checkpoint survives SIGKILL of every process; a killed trainer rank makes /train answer 503 naming it while
+serves equals TP 1's greedy answers on the trained weights read back from the two ranks' shards; the
+checkpoint the two ranks write restores at TP 1 into whole tensors equal to them, and survives SIGKILL of
+every process (the restarted TP 2 server serves the same answers from bit-identical shards); a killed trainer rank makes /train answer 503 naming it while
 completions go on; a killed engine rank makes generation 503 with the reason and stops the server. A model
 whose heads 3 ranks cannot divide is refused at start, naming the field."""
 
@@ -210,6 +211,11 @@ def test_train_checkpoint_sigkill_restart(server, model_dir, device):
     code, saved = s.http("/checkpoint", {})
     assert code == 200 and saved["written"], saved
     s.kill()  # every process, no clean-up: the next server starts from the store
+    # The generation the two ranks wrote, restored at TP 1 into whole tensors: the trained weights.
+    whole = {n: t.clone() for n, t in lst.load_file(model_dir / "model.safetensors").items()}
+    with checkpoint.CheckpointStore(model_dir, held=[]) as store:
+        store.restore(saved["generation"], whole)
+    assert all(torch.equal(whole[n], weights[n]) for n in weights)
     s2 = Serve(model_dir, server["base"], device)
     server["server"] = s2
     assert s2.answers() == trained

@@ -216,6 +216,8 @@ class TPScheduler(batching.Scheduler):
 def follow(ranks: Ranks, model, device: torch.device, rows: list[int]) -> None:
     """Ranks > 0: runs rank 0's model calls and cache changes on this rank's model until rank 0 says stop
     (or is gone: then this process's failure is recorded and it exits)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # a thread starts on GPU 0; this rank's collectives and kernels are on its GPU
     state = {"new": None, "batch": None}  # the cache of the row being prefilled, the batch's
 
     @torch.inference_mode()
