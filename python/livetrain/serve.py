@@ -3,7 +3,8 @@ weights, and stops both on Ctrl-C / SIGTERM (trainer first, so it saves its opti
 the model's checkpoint store: the engine serves its head generation, the trainer writes new ones. If the
 trainer dies (out of memory, a crash), the engine keeps serving, /train answers 503 with the reason, and
 the trainer is started again after a back-off; if the engine dies, both stop, and the shared-memory
-segments it named are removed.
+segments it named are removed. With ``--tensor-parallel N`` the engine and the trainer are N processes each
+(one per rank, started and stopped together; docs/tensor-parallel.md).
 
 usage: python -m livetrain.serve [--model DIR|default] [--device cpu|cuda] [--port 8000] [--api-key-file FILE] ...
 docs/serve.md describes the processes, the socket protocol and the HTTP API.

@@ -466,6 +466,15 @@ def test_trainer_stops_with_the_api_server(tmp_path):
     assert (tmp_path / "b.term").exists(), f"trainer {pid} did not get SIGTERM when its parent was killed"
 
 
+def trainer_env(monkeypatch, run_dir: Path, state_dir: Path) -> None:
+    """The environment of a plugin that starts trainer processes from this checkout."""
+    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
 def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monkeypatch):
     """init_state with the weights of a (CPU) vLLM-layout engine: the trainer starts on them, /train on the
     plugin's routes changes them in place, and each new weight version resets vLLM's prefix cache."""
@@ -492,11 +501,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
         "restore": store_info,
     }
     client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
-    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
-    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    trainer_env(monkeypatch, run_dir, tmp_path / "state")
     app, plugin = app_with_plugin()
     auth = {"Authorization": "Bearer sk"}
     try:
@@ -590,12 +595,8 @@ def test_plugin_at_tp2_starts_one_trainer_rank_per_worker(tmp_path, monkeypatch)
     before = [{k: v.clone() for k, v in e.tensors.items()} for e in exports]
     assert not checkpoint.store_exists(model_dir)
     client = RecordingEngineClient(plain_worker(model_dir, None, tensor_parallel_size=2).vllm_config, exports=infos)
-    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
-    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
+    trainer_env(monkeypatch, run_dir, tmp_path / "state")
     monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", "--tp-timeout 120")
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     app, plugin = app_with_plugin()
     auth = {"Authorization": "Bearer sk"}
     try:

@@ -7,6 +7,10 @@ exported once (``export_cpu``: copied into a POSIX shared-memory segment that th
 ``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a trainer process can
 attach and update them in place while requests are answered. docs/serve.md.
 
+At ``--tensor-parallel N`` (started by ``livetrain serve --tensor-parallel N``) this process is one rank of N:
+its weights are its shards in vLLM's layout, and rank 0 serves HTTP and drives the others
+(livetrain.engines.ranks).
+
 usage: python -m livetrain.engines.reference --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
 (normally started by ``python -m livetrain.serve``)
 """
