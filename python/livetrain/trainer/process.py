@@ -164,7 +164,12 @@ def start_trainer_group(
     for rank, manifest in enumerate(manifests):
         rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
         procs.append(Process(trainer_command(manifest, model_dir, socket, ns), rank_env, tied=tied))
-    return TrainerGroup(procs)
+    group = TrainerGroup(procs)
+    if tied:
+        # atexit runs last-registered first: the group's ordered stop (rank 0 saves and stops the others)
+        # before each rank's own SIGTERM, which would otherwise reach the last rank first.
+        atexit.register(group.stop)
+    return group
 
 
 def _exec_tied_to(parent: int, cmd: list[str]) -> None:
