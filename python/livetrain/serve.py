@@ -188,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     a.model = default_model.resolve(a.model, a.dtype)  # the default model's files in the served dtype
     size = a.tensor_parallel
     problem = check_tensor_parallel(a.model, size)
+    if problem is None and size > 1 and a.device == "cuda":  # rank r runs on cuda:r
+        from livetrain import _core
+
+        problem = next(
+            (f"rank {r}'s GPU cuda:{r}: {p}" for r in range(size) if (p := _core.cuda_device_problem(r))), None
+        )
     if problem:
         print(f"livetrain serve: --tensor-parallel {size}: {problem}", file=sys.stderr)
         return 2
