@@ -151,14 +151,17 @@ def check_tensor_parallel(model_dir: str, size: int) -> str | None:
     or vocabulary that ``size`` does not divide, naming the field), None when it can."""
     if size == 1:
         return None
-    from livetrain import Error, layout
+    # The core's plan, not livetrain.layout's wrapper: the supervisor never imports torch (light, and on the
+    # GPU machine torch's import crashed after the core's CUDA runtime was loaded in the same process).
+    from livetrain import _core
 
     path = os.path.join(model_dir, "config.json")
     try:
-        layout.plan(path, engine="vllm", tp_size=size)
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (Error, OSError, ValueError) as e:
+            text = f.read()
+        config = json.loads(text)
+        _core.layout_plan(text, "vllm", 0, size, 64, None)  # engine, tp_rank, tp_size, vocab padding, prefixes
+    except (_core.Error, OSError, ValueError) as e:
         return str(e)
     vocab = (config.get("text_config") or config).get("vocab_size") or config.get("vocab_size") or 0
     block = -(-vocab // 64) * 64 // size  # vLLM pads the vocabulary to a multiple of 64, split in equal blocks

@@ -179,12 +179,17 @@ def test_a_size_that_does_not_divide_the_model_is_refused(model_dir, tmp_path):
 
 
 def test_a_rank_without_vocabulary_rows_is_refused(tmp_path):
-    from livetrain import serve
-
+    """In the supervisor, without importing torch (which crashed on the GPU machine after the core was loaded)."""
     tiny_model.make_model_dir(tmp_path, CORPUS[:2])  # fewer than 33 tokens: rank 1's block would be padding
-    problem = serve.check_tensor_parallel(str(tmp_path), 2)
-    assert problem is not None and "vocab_size" in problem and "rank 1" in problem, problem
-    assert serve.check_tensor_parallel(str(tmp_path), 1) is None
+    check = (
+        "import sys; from livetrain import serve; "
+        f"print(serve.check_tensor_parallel({str(tmp_path)!r}, 2)); "
+        f"assert serve.check_tensor_parallel({str(tmp_path)!r}, 1) is None; "
+        "assert 'torch' not in sys.modules, 'the supervisor imported torch'"
+    )
+    r = subprocess.run([sys.executable, "-c", check], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "vocab_size" in r.stdout and "rank 1" in r.stdout, r.stdout
 
 
 def test_greedy_answers_equal_tp1(server, model_dir, device):
