@@ -216,6 +216,16 @@ def test_train_checkpoint_sigkill_restart(server, model_dir, device):
     code, saved = s.http("/checkpoint", {})
     assert code == 200 and saved["written"], saved
     s.kill()  # every process, no clean-up: the next server starts from the store
+    # Killed engines are zombies until something reaps them (the supervisor is gone); the next server refuses
+    # a run directory whose engine still looks alive.
+    from livetrain import _core
+
+    deadline = time.monotonic() + 60
+    for r in range(SIZE):
+        m = str(s.run / f"tp{r}.manifest.json")
+        while os.path.exists(m) and _core.manifest_owner_state(m)[0]:
+            assert time.monotonic() < deadline, f"engine rank {r} still looks alive"
+            time.sleep(0.2)
     # The generation the two ranks wrote, restored at TP 1 into whole tensors: the trained weights.
     whole = {n: t.clone() for n, t in lst.load_file(model_dir / "model.safetensors").items()}
     with checkpoint.CheckpointStore(model_dir, held=[]) as store:
