@@ -1,6 +1,8 @@
 """Completion throughput of the reference engine under concurrent clients (issue #13), in one run:
 continuous batching (``--max-batch 16``, the default) against one request at a time (``--max-batch 1``,
-what the engine did before batching: one request decoded alone, the next waiting), at 1, 4 and 16 clients.
+what the engine did before batching: one request decoded alone, the next waiting), at 1, 4 and 16 clients;
+batches written ``16:masked`` run with ``--batch-attention masked`` (one attention call per layer over the
+padded batch instead of one per request: engines/batching.py).
 
 Each variant is a real engine process (``python -m livetrain.engines.reference``: the shared-memory or
 CUDA IPC export, the HTTP app, the scheduler) on the same model; clients are threads of this process,
@@ -14,7 +16,7 @@ stream their answers (SSE), the rest do not.
 this file's words (tests/python/tiny_model.py), written to a temporary directory.
 
 usage: python bench/engine.py [--model default|random|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
-                              [--batches 1,16] [--requests 8] [--max-tokens 32] [--stream 0.33]
+                              [--batches 1,16,16:masked] [--requests 8] [--max-tokens 32] [--stream 0.33]
 Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json.
 """
 
@@ -66,9 +68,9 @@ def streamed(url: str, body: dict, timeout: float) -> int:
 
 
 class Engine:
-    """One engine process with ``--max-batch batch``."""
+    """One engine process with ``--max-batch batch`` and ``--batch-attention attention``."""
 
-    def __init__(self, a, batch: int, tmp: str):
+    def __init__(self, a, batch: int, tmp: str, attention: str = "rows"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         run = tempfile.mkdtemp(prefix=f"engine-b{batch}-", dir=tmp)
@@ -93,6 +95,8 @@ class Engine:
                 "--no-store",
                 "--max-batch",
                 str(batch),
+                "--batch-attention",
+                attention,
                 "--max-queue",
                 "256",
             ],
@@ -196,13 +200,20 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
-    p.add_argument("--batches", default="1,16", help="comma-separated --max-batch values (1: one at a time)")
+    p.add_argument(
+        "--batches",
+        default="1,16,16:masked",
+        help="comma-separated --max-batch values (1: one at a time), each with ':masked' for --batch-attention masked",
+    )
     p.add_argument("--requests", type=int, default=8, help="requests per client in each row")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--stream", type=float, default=1 / 3, help="fraction of clients that stream (default a third)")
     a = p.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
-    batches = [int(b) for b in a.batches.split(",")]
+    batches = []
+    for b in a.batches.split(","):
+        size, _, attention = b.partition(":")
+        batches.append((int(size), attention or "rows"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         if a.model == "default":
@@ -211,15 +222,15 @@ def main() -> int:
             a.model = default_model.resolve("default", a.dtype)
         elif a.model == "random":
             a.model = random_model(os.path.join(tmp, "random-smollm2-135m"))
-        for batch in batches:
-            engine = Engine(a, batch, tmp)
+        for batch, attention in batches:
+            engine = Engine(a, batch, tmp, attention)
             try:
                 http(engine.url + "/v1/completions", {"prompt": "warm up", "max_tokens": 4}, timeout=600)
                 for c in clients:
                     r = measure(engine.url, c, a)
-                    r["max_batch"] = batch
+                    r["max_batch"], r["attention"] = batch, attention
                     rows.append(r)
-                    print(f"max_batch {batch}, {c} clients: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                    print(f"max_batch {batch} ({attention}), {c} clients: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
             finally:
                 engine.stop()
     base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
@@ -228,16 +239,16 @@ def main() -> int:
         f"{a.max_tokens} completion tokens per request, {a.requests} requests per client, a fraction "
         f"{a.stream:.2f} of the clients streaming",
         "",
-        "| --max-batch | clients (streaming) | answers | seconds | completion tokens/s | p50 latency s | vs one at a time | errors |",
+        "| --max-batch (attention) | clients (streaming) | answers | seconds | completion tokens/s | p50 latency s | vs one at a time | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["tokens_per_s"] / base[r["clients"]] if base.get(r["clients"]) else None
         lines.append(
-            f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | {r['answers']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
+            f"| {r['max_batch']} ({r['attention']}) | {r['clients']} ({r['streaming']}) | {r['answers']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
             f"{r['p50_s']:.2f} | {f'{ratio:.2f}x' if ratio else '-'} | {len(r['errors'])} |"
             if r["p50_s"] is not None
-            else f"| {r['max_batch']} | {r['clients']} ({r['streaming']}) | 0 | - | 0 | - | - | {len(r['errors'])} |"
+            else f"| {r['max_batch']} ({r['attention']}) | {r['clients']} ({r['streaming']}) | 0 | - | 0 | - | - | {len(r['errors'])} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -121,7 +121,21 @@ SHAPES["qwen3.5-tiny"] = dict(
     vocab_size=512,
     max_position_embeddings=4096,
 )
-DEFAULT_LAYERS = {"8b": "36,8", "tiny": "2,1", "qwen3.5-27b": "64", "qwen3.5-tiny": "4"}
+# SmolLM2-135M-Instruct's shape (livetrain's default model; Llama, tied embeddings): bench/train_memory.py.
+SHAPES["smollm2-135m"] = dict(
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+DEFAULT_LAYERS = {"smollm2-135m": "30", "8b": "36,8", "tiny": "2,1", "qwen3.5-27b": "64", "qwen3.5-tiny": "4"}
 DEFAULT_TOKENS = {"qwen3.5-27b": "2048,8192"}
 # Shapes whose AdamW baseline cannot fit one GPU (weights, gradients and two bf16 states: 4 x 54 GB).
 NO_ADAMW = {"qwen3.5-27b": "AdamW needs weights, gradients and two states, 4 x the weights: 216 GB for 27B"}

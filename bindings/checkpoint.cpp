@@ -3,6 +3,7 @@
 // Tensors cross as (name, dtype name, shape, address of contiguous host memory); python/livetrain/
 // checkpoint.py owns the torch tensors and checks device, contiguity, dtype and shape before calling.
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
@@ -10,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "bindings.hpp"
@@ -205,11 +207,13 @@ void init_checkpoint(nb::module_& m) {
       .def(
           "tensors",
           [](const checkpoint::Store& s) {
-            std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>>> out;
-            for (const auto& t : s.commit().tensors) out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape);
+            std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, std::string>> out;
+            for (const auto& t : s.commit().tensors) {
+              out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape, std::string(dtype_name(t.served)));
+            }
             return out;
           },
-          "(name, dtype, shape) of every tensor, in the store's order.")
+          "(name, dtype in the model files, shape, dtype served in) of every tensor, in the store's order.")
       .def(
           "generations",
           [](const checkpoint::Store& s) {
@@ -286,9 +290,22 @@ void init_checkpoint(nb::module_& m) {
           "restore_to_dir",
           [](checkpoint::Store& s, uint64_t generation, const std::string& out_dir) {
             nb::gil_scoped_release release;
-            s.restore_to_dir(generation, out_dir);
+            return s.restore_to_dir(generation, out_dir);
           },
           nb::arg("generation"), nb::arg("out_dir"))
+      .def(
+          "set_served",
+          [](checkpoint::Store& s, const std::vector<std::pair<std::string, std::string>>& served) {
+            std::vector<std::pair<std::string, DType>> v;
+            for (const auto& [name, dtype] : served) {
+              auto d = dtype_from_name(dtype);
+              if (!d) throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\": unknown dtype " + dtype);
+              v.emplace_back(name, *d);
+            }
+            nb::gil_scoped_release release;
+            s.set_served(v);
+          },
+          nb::arg("served"))
       .def(
           "compare_live",
           [](checkpoint::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {

@@ -11,10 +11,18 @@ the review did) and prints a table of the issue's targets:
                of requests not answered 200
   version      SIGKILL of the trainer in the middle of a job: the weight version read after the
                supervisor restarted it, against the one before (must not decrease)
+  crash        --trainer-kills SIGKILLs of the trainer, alternately in the middle of a job's steps and
+               of a POST /checkpoint, on servers with a checkpoint store (--restarts kills per server,
+               then a new server on the same store and state): the weight version rises across each,
+               completions are answered while the trainer is down, the store verifies at the end
   segments     --kills starts of a server whose engine is then SIGKILLed: shared-memory segments left
                in /dev/shm afterwards
 
-usage: python scripts/probe_serve.py [--model default|DIR] [--requests 200] [--kills 20] [--only a,b]
+The defaults are the issue's full size (200 requests per client, 20 trainer and 20 engine SIGKILLs): about
+an hour on a busy 2-core CPU with the default model; `--requests 10 --kills 3 --trainer-kills 4` is a quick run.
+
+usage: python scripts/probe_serve.py [--model default|tiny|DIR] [--requests 200] [--kills 20] [--trainer-kills 20]
+                                     [--restarts 4] [--only deadlock,malformed,cross-site,load,version,crash,segments]
 Exit status 0 when every target is met. Each probe's servers log under a temporary directory, kept and
 named when a probe fails.
 """
@@ -56,11 +64,11 @@ JOB = {
 class Serve:
     """`python -m livetrain.serve` in its own run dir, no API key."""
 
-    def __init__(self, a, tmp: str, name: str, extra: tuple = ()):
+    def __init__(self, a, tmp: str, name: str, extra: tuple = (), store: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.run = os.path.join(tmp, name)
-        self.log = open(os.path.join(tmp, f"{name}.log"), "w")
+        self.log = open(os.path.join(tmp, f"{name}.log"), "a")  # a server started again on the same state appends
         self.p = subprocess.Popen(
             [
                 sys.executable,
@@ -74,7 +82,7 @@ class Serve:
                 self.run,
                 "--state-dir",
                 os.path.join(tmp, f"{name}-state"),
-                "--no-store",
+                *(("--store", store) if store else ("--no-store",)),
                 *extra,
             ],
             env=ENV,
@@ -259,6 +267,8 @@ def probe_load(s: Serve, requests: int) -> tuple[bool, str]:
                 done[0] += 1
                 if ok is not True:
                     bad.append(ok)
+                if done[0] % (16 * requests // 10 or 1) == 0:  # a long probe says how far it got
+                    print(f"load: {done[0]} of {16 * requests} answered, {len(bad)} not 200", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
@@ -299,6 +309,136 @@ def probe_version(s: Serve) -> tuple[bool, str]:
     )
 
 
+def _status(s: Serve, timeout: float = 60) -> tuple[int, dict]:
+    try:
+        return http(s.url + "/train/status", timeout=timeout)
+    except OSError as e:
+        return -1, {"error": repr(e)}
+
+
+def _trainer_back(s: Serve, old_pid: int, deadline: float) -> dict:
+    """/train/status once a trainer other than ``old_pid`` answers it; while none does, a completion must
+    still be answered (serving goes on without the trainer). RuntimeError past ``deadline``."""
+    served = False
+    while True:
+        code, st = _status(s)
+        pid = s.trainer_pid()
+        if code == 200 and pid is not None and pid != old_pid:
+            return {**st, "served_while_down": served}
+        if not served and code != 200:
+            served = _code(s.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2}, 120) == 200
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the trainer was not back in time: /train/status {code} {st}")
+        time.sleep(0.5)
+
+
+def _steps(s: Serve, n: int, kill: int) -> str:
+    """Starts a long job and waits until it has taken ``n`` steps; its id."""
+    # Unguarded: the guard's retention answers would take most of the probe's time on a CPU.
+    code, job = http(s.url + "/train", {**JOB, "steps": 100000, "guard": False})
+    if code != 202:
+        raise RuntimeError(f"kill {kill}: the job was refused: {code} {job}")
+    start = _status(s)[1]["weight_version"]
+    deadline = time.monotonic() + 600
+    while _status(s)[1].get("weight_version", 0) < start + n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"kill {kill}: the job did not take {n} steps in 600 s")
+        time.sleep(0.2)
+    return job["job_id"]
+
+
+def _cancel(s: Serve, jid: str) -> None:
+    """Cancels job ``jid`` and waits until it has ended."""
+    # urllib would call an empty body a form (which a server without a key refuses, 415): say JSON.
+    code = post(s.url, f"/train/{jid}/cancel", b"", {"Content-Type": "application/json"})
+    if code not in (200, 202, 409):  # 409: it had ended already
+        raise RuntimeError(f"POST /train/{jid}/cancel answered {code}")
+    deadline = time.monotonic() + 600
+    while http(s.url + f"/train/{jid}")[1].get("state") in ("queued", "running"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {jid} did not stop in 600 s after its cancel")
+        time.sleep(0.2)
+
+
+def probe_crash(a, tmp: str) -> tuple[bool, str]:
+    """SIGKILLs of the trainer, alternately in the middle of a job's steps and in the middle of a
+    POST /checkpoint (of weights changed by a job, at 20-80% of the time one takes), on servers with a
+    checkpoint store; ``a.restarts`` kills per server (the supervisor's back-off doubles per death in a
+    row), then the server is stopped and started again on the same store and state. Checked after each
+    kill: the weight version is above the one before (a killed step may have changed the weights: they
+    need a new number), completions were answered while the trainer was down, /train answers again; at
+    the end, the store verifies (every generation's files against their hashes) and its weight versions
+    increase with the generations."""
+    store, problems, rows = os.path.join(tmp, "crash-store"), [], []
+    kills = mid_checkpoint = mid_job = 0
+    seen = 0  # the highest weight version read so far, across servers
+    seconds = None  # how long one checkpoint takes
+    while kills < a.trainer_kills:
+        s = Serve(a, tmp, "crash", store=store)
+        try:
+            code, st = _status(s)
+            if code != 200 or st["weight_version"] < seen:
+                problems.append(f"restart: /train/status {code}, weight version {st.get('weight_version')} < {seen}")
+            for _ in range(min(a.restarts, a.trainer_kills - kills)):
+                jid = _steps(s, 2, kills + 1)
+                pid = s.trainer_pid()
+                answered = None
+                if kills % 2 == 1:  # in the middle of a checkpoint (no step running: the checkpoint starts at once)
+                    _cancel(s, jid)
+                    if seconds is None:  # how long a checkpoint takes here, measured on one not killed
+                        t0 = time.monotonic()
+                        code = post(s.url, "/checkpoint", b"{}", {"Content-Type": "application/json"}, 600)
+                        seconds = time.monotonic() - t0
+                        if code != 200:
+                            problems.append(f"kill {kills + 1}: POST /checkpoint answered {code}")
+                        _cancel(s, _steps(s, 1, kills + 1))  # changes for the killed checkpoint to write
+                    before = _status(s)[1]["weight_version"]  # no step runs: it stays until the kill
+                    done = threading.Event()
+
+                    def checkpoint():
+                        post(s.url, "/checkpoint", b"{}", {"Content-Type": "application/json"}, 600)
+                        done.set()
+
+                    threading.Thread(target=checkpoint, daemon=True).start()
+                    done.wait(seconds * (0.2 + 0.6 * ((kills // 2) % 4) / 3))  # at 20%, 40%, 60%, 80% of it
+                    answered = done.is_set()
+                else:
+                    before = _status(s)[1]["weight_version"]
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+                if answered is None:
+                    mid_job += 1
+                elif not answered:
+                    mid_checkpoint += 1
+                st = _trainer_back(s, pid, time.monotonic() + 600)
+                after = st["weight_version"]
+                seen = max(seen, after)
+                rows.append((before, after))
+                if after < before or (answered is None and after == before):
+                    # A step killed half-way may have changed the weights: they need a number of their own.
+                    problems.append(f"kill {kills}: weight version {before} before, {after} after")
+                if not st["served_while_down"]:
+                    problems.append(f"kill {kills}: no completion answered while the trainer was down")
+        finally:
+            s.stop()
+    with_store = __import__("livetrain.checkpoint", fromlist=["CheckpointStore"]).CheckpointStore
+    with with_store(a.model, store) as cs:
+        bad = cs.verify()
+        gens = cs.list()
+    versions = [g["weight_version"] for g in gens]
+    if bad:
+        problems.append(f"store verify: {bad[:3]}")
+    if versions != sorted(versions) or len(set(versions)) != len(versions):
+        problems.append(f"store weight versions not increasing: {versions}")
+    return not problems, (
+        f"{kills} trainer SIGKILLs ({mid_job} mid-job, {mid_checkpoint} mid-checkpoint, "
+        f"{kills - mid_job - mid_checkpoint} just after a checkpoint) on "
+        f"{-(-kills // a.restarts)} servers sharing one store: weight version before -> after "
+        f"{', '.join(f'{b}->{x}' for b, x in rows)}; store: {len(gens)} generations, verify "
+        f"{'OK' if not bad else 'FAILED'}; problems: {len(problems)} {problems[:3]}"
+    )
+
+
 def probe_segments(a, tmp: str) -> tuple[bool, str]:
     named, pids = [], []
     for k in range(a.kills):
@@ -317,19 +457,47 @@ def probe_segments(a, tmp: str) -> tuple[bool, str]:
     )
 
 
+def tiny_model_dir(path: str) -> str:
+    """A 2-layer Llama with random weights and a word-level tokenizer over this script's prompts
+    (tests/python/tiny_model.py): the probes' mechanics at a fraction of the default model's CPU time."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+    import tiny_model
+
+    words = [JOB["examples"][0]["prompt"] + JOB["examples"][0]["completion"], "Tell me a long story about a dragon."]
+    words += ["Hello, how are you", "Question what is plus ? hi", " ".join(str(i) for i in range(200))]
+    tiny_model.make_model_dir(path, words, intermediate_size=128, max_position_embeddings=512)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default", help="model directory or 'default'")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model directory, 'default' (SmolLM2-135M-Instruct) or 'tiny' (a 2-layer random Llama: a loaded CPU)",
+    )
     p.add_argument("--requests", type=int, default=200, help="completions per client in the load probe")
     p.add_argument("--kills", type=int, default=20, help="engine SIGKILLs in the segments probe")
+    p.add_argument(
+        "--trainer-kills", type=int, default=20, help="trainer SIGKILLs in the crash probe (mid-job and mid-checkpoint)"
+    )
+    p.add_argument("--restarts", type=int, default=4, help="trainer SIGKILLs per server in the crash probe")
+    p.add_argument(
+        "--checkpoint-delay",
+        type=float,
+        default=0.5,
+        help="seconds between POST /checkpoint and the trainer's SIGKILL in the crash probe",
+    )
     p.add_argument("--only", default="", help="comma-separated probes to run (default all)")
     a = p.parse_args()
     only = set(filter(None, a.only.split(",")))
+    tmp = tempfile.mkdtemp(prefix="probe-serve-")
     if a.model == "default":
         from livetrain import default_model
 
         a.model = default_model.resolve("default", "bf16")
-    tmp = tempfile.mkdtemp(prefix="probe-serve-")
+    elif a.model == "tiny":
+        a.model = tiny_model_dir(os.path.join(tmp, "tiny-llama"))
     rows, keep = [], False
 
     def run(name: str, target: str, fn):
@@ -346,7 +514,7 @@ def main() -> int:
         print(f"{name}: {'met' if ok else 'NOT MET'}: {detail}", file=sys.stderr, flush=True)
 
     s = None
-    if not only or only - {"segments"}:
+    if not only or only - {"segments", "crash", "version"}:
         s = Serve(a, tmp, "serve")
     try:
         run("deadlock", "0 deadlocks", lambda: probe_deadlock(s))
@@ -362,6 +530,11 @@ def main() -> int:
             run("version", "weight version never decreases across a trainer SIGKILL", lambda: probe_version(v))
         finally:
             v.stop()
+    run(
+        "crash",
+        f"{a.trainer_kills} trainer SIGKILLs mid-job/mid-checkpoint: versions up, serving on, store verifies",
+        lambda: probe_crash(a, tmp),
+    )
     run("segments", f"0 leaked segments after {a.kills} engine SIGKILLs", lambda: probe_segments(a, tmp))
     print("| probe | target | result | measured | s |\n|---|---|---|---|---|")
     for name, target, result, detail, secs in rows:

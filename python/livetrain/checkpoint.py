@@ -220,8 +220,23 @@ class CheckpointStore:
         return self._s.materialized
 
     def tensors(self) -> list[tuple[str, str, list[int]]]:
-        """(name, dtype name, shape) of every tensor of the model, in the store's order."""
-        return [(n, d, list(shape)) for n, d, shape in self._s.tensors()]
+        """(name, dtype name, shape) of every tensor of the model, in the store's order; the dtype is the one
+        the engine serves it in (deltas, restore and compare use it), the model files' unless
+        :meth:`set_served` changed it (:meth:`file_dtypes` gives those)."""
+        return [(n, served, list(shape)) for n, _, shape, served in self._s.tensors()]
+
+    def file_dtypes(self) -> dict[str, str]:
+        """{name: dtype in the model files} of the tensors served in another dtype (see :meth:`set_served`)."""
+        return {n: d for n, d, _, served in self._s.tensors() if served != d}
+
+    def set_served(self, served: Mapping[str, torch.dtype | str]) -> None:
+        """Records that the engine serves these tensors (files' names) in other dtypes than the model files
+        (vLLM keeps Qwen3.5's ``A_log`` in float32 while the files hold bfloat16): their base becomes the
+        files' values converted to that dtype (exact from bf16/fp16 to fp32; torch's round-to-nearest-even
+        from fp32 to bf16/fp16) and their deltas are in it. Any other conversion, or a tensor that saved
+        generations hold in another dtype, is refused naming the tensor and both dtypes. Rank 0, in a store
+        opened with ``held=[]``; a no-op when nothing changes."""
+        self._s.set_served([(n, d if isinstance(d, str) else dtype_name(d)) for n, d in served.items()])
 
     def list(self) -> list[dict]:
         """The committed generations, oldest first."""
@@ -279,14 +294,16 @@ class CheckpointStore:
         tensors: Mapping[str, torch.Tensor] | Iterable[Shard] | None = None,
         *,
         out_dir: str | os.PathLike | None = None,
-    ) -> None:
+    ) -> list[str] | None:
         """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
-        ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched."""
+        ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched.
+        With ``out_dir``, returns the tensors written in their served dtype: a tensor served in another dtype
+        than the files' is written in the files' dtype when all its values convert back exactly, else in the
+        served dtype (nothing is rounded)."""
         if (tensors is None) == (out_dir is None):
             raise ValueError("restore needs exactly one of tensors= or out_dir=")
         if out_dir is not None:
-            self._s.restore_to_dir(generation, str(out_dir))
-            return
+            return self._s.restore_to_dir(generation, str(out_dir))
         self._s.restore_live(generation, _live(tensors))
 
     def compare(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> dict:
@@ -408,6 +425,7 @@ def _served(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterab
         else {s.name: (s.tensor.dtype, None) for s in tensors}
     )
     known = {name: (dtype, shape) for name, dtype, shape in store.tensors()}
+    files = store.file_dtypes()
     for name, (dtype, shape) in given.items():
         if name not in known:
             raise _core.InvalidArgumentError(
@@ -418,10 +436,25 @@ def _served(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterab
         if dtype_name(dtype) != want_dtype or (shape is not None and shape != want_shape):
             raise _core.InvalidArgumentError(
                 f"tensor {name!r} is {dtype_name(dtype)} {shape if shape is not None else ''} in the live weights but "
-                f"{want_dtype} {want_shape} in the checkpoint store {store.dir}: the store keeps the model files' "
-                "dtype, so serve the model in that dtype or without a store"
+                f"{want_dtype} {want_shape} in the checkpoint store {store.dir}"
+                + (f" (served as {want_dtype}, {files[name]} in the model files)" if name in files else "")
+                + ": the store keeps the dtype the engine served it in when the store was started"
             )
     return sorted(set(known) - set(given))
+
+
+def _adopt_served_dtypes(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> None:
+    """Start-up, rank 0: records the dtypes the engine serves tensors in where they differ from the store's
+    (CheckpointStore.set_served decides what it accepts and says why not)."""
+    given = (
+        {n: t.dtype for n, t in tensors.items()}
+        if isinstance(tensors, Mapping)
+        else {s.name: s.tensor.dtype for s in tensors}
+    )
+    known = {name: dtype for name, dtype, _ in store.tensors()}
+    changed = {n: d for n, d in given.items() if n in known and dtype_name(d) != known[n]}
+    if changed:
+        store.set_served(changed)
 
 
 def restore_head(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> bool:
@@ -458,6 +491,8 @@ def restore_latest(
     """
     tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
     with open_store(model_dir, store_dir, create=create, rank=rank, ranks=ranks, held=[]) as store:
+        if rank == 0:
+            _adopt_served_dtypes(store, tensors)
         not_served = _served(store, tensors)
         restored = restore_head(store, tensors)
         return {

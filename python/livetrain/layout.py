@@ -18,7 +18,18 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["check", "build", "views", "plan", "merge", "engine_layout"]
+__all__ = ["check", "build", "views", "plan", "merge", "engine_layout", "served_in_fp32"]
+
+# Parameters the engines keep in float32 whatever the model's dtype: vLLM's GatedDeltaNetAttention (Qwen3-Next,
+# Qwen3.5) creates A_log in float32 and widens the files' bf16 into it, while transformers keeps the files'
+# dtype. The reference engine serves them as vLLM does (so the CPU path meets vLLM's case), the trainer's
+# model takes them as served, and the checkpoint store keeps their deltas in float32 (CheckpointStore.set_served).
+FP32_PARAMETER_SUFFIXES = (".linear_attn.A_log",)
+
+
+def served_in_fp32(name: str) -> bool:
+    """Whether the engines serve parameter ``name`` (any prefix) in float32 whatever the model's dtype."""
+    return name.endswith(FP32_PARAMETER_SUFFIXES)
 
 
 def engine_layout(engine: str) -> str:

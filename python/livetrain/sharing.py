@@ -272,7 +272,8 @@ def build_hf_model(
     if not views:
         raise _core.FormatError(f"{attached.path}: the engine shares no tensors")
     multimodal = "text_config" in attached.config
-    first = next(iter(views.values()))
+    # The model's dtype: any view's but one an engine keeps in float32 whatever the model's (vLLM's A_log).
+    first = next((v for n, v in views.items() if not layout.served_in_fp32(n)), next(iter(views.values())))
     device, dtype = first.device, first.dtype
     cfg = dict(attached.config if config is None else config)
     model_type = cfg.pop("model_type", None)
@@ -297,7 +298,8 @@ def build_hf_model(
                     f"{attached.path}: the engine has no tensor for parameter {name!r} "
                     f"(shape {tuple(param.shape)}, {param.dtype})"
                 )
-            if tuple(view.shape) != tuple(param.shape) or view.dtype != param.dtype:
+            served_fp32 = view.dtype == torch.float32 and layout.served_in_fp32(name)  # vLLM's A_log
+            if tuple(view.shape) != tuple(param.shape) or (view.dtype != param.dtype and not served_fp32):
                 raise _core.InvalidArgumentError(
                     f"{attached.path}: tensor {name!r} is {tuple(view.shape)} {view.dtype}, the "
                     f"model expects {tuple(param.shape)} {param.dtype}"

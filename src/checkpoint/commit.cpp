@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "livetrain/checkpoint/commit.hpp"
+#include "livetrain/checkpoint/convert.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
@@ -94,7 +95,11 @@ std::string optimizer_file_name(const std::string& delta_file) {
 std::string commit_serialize(const Commit& c) {
   Value root = Value::object();
   root.set("magic", str(std::string(kCommitMagic)));
-  root.set("version", u64(kCommitVersion));
+  // Version 3 only when a tensor is served in another dtype: a store without one stays readable by builds
+  // that know version 2, and one with one is refused by them instead of misread.
+  bool served_differs = false;
+  for (const auto& t : c.tensors) served_differs = served_differs || t.served != t.dtype;
+  root.set("version", u64(served_differs ? kCommitVersionServed : kCommitVersion));
   root.set("head", u64(c.head));
   root.set("oldest", u64(c.oldest));
   root.set("materialized", u64(c.materialized));
@@ -146,6 +151,7 @@ std::string commit_serialize(const Commit& c) {
     o.set("file", u64(t.file));
     o.set("offset", u64(t.offset));
     o.set("nbytes", u64(t.nbytes));
+    if (t.served != t.dtype) o.set("served", str(std::string(dtype_name(t.served))));
     tensors.push(std::move(o));
   }
   root.set("tensors", std::move(tensors));
@@ -158,9 +164,9 @@ Commit commit_parse(std::string_view text, std::string_view what) {
   if (!root.is_object()) r.fail("(root)", "expected an object");
   if (r.get_str(root, "(root)", "magic") != kCommitMagic) r.fail("magic", "not a livetrain checkpoint commit");
   uint64_t version = r.get_u64(root, "(root)", "version");
-  if (version != kCommitVersion && version != 1) {
+  if (version != kCommitVersion && version != kCommitVersionServed && version != 1) {
     throw Error(ErrorCode::kUnsupported, std::string(what) + ": commit version " + std::to_string(version) +
-                                             " (this build reads versions 1 and " + std::to_string(kCommitVersion) + ")");
+                                             " (this build reads versions 1 to " + std::to_string(kCommitVersionServed) + ")");
   }
   if (r.get_str(root, "(root)", "hash") != "xxh64-4k") r.fail("hash", "unknown hash (expected \"xxh64-4k\")");
   Commit c;
@@ -243,6 +249,13 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     t.nbytes = r.get_u64(tensors[i], f, "nbytes");
     if (t.nbytes > c.files[t.file].size || t.offset > c.files[t.file].size - t.nbytes) r.fail(f, "extends past its file");
     if (t.nbytes % unit_bytes(t.dtype)) r.fail(f + ".nbytes", "not a whole number of elements");
+    t.served = t.dtype;
+    if (version == kCommitVersionServed && tensors[i].find("served")) {
+      auto sd = dtype_from_name(r.get_str(tensors[i], f, "served"));
+      if (!sd) r.fail(f + ".served", "unknown dtype");
+      if (std::string why = served_conversion_refusal(t.dtype, *sd); !why.empty()) r.fail(f + ".served", why);
+      t.served = *sd;
+    }
     c.tensors.push_back(std::move(t));
   }
   return c;

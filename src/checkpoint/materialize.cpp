@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "livetrain/checkpoint/convert.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/store.hpp"
@@ -135,6 +136,29 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
     const TensorEntry& t = commit_.tensors[i];
     const uint8_t* cur = maps[t.file].data() + t.offset;
     const uint8_t* want = target[i].data();
+    std::vector<uint8_t> file_bytes;
+    if (t.served != t.dtype) {
+      // The files hold a generation when their values converted to the served dtype are its values: an
+      // element whose served value did not change keeps the file's bits (an F32 file keeps its precision
+      // under a BF16 engine); a changed one is written converted back, which must be exact.
+      const uint32_t uf = unit_bytes(t.dtype), us = unit_bytes(t.served);
+      file_bytes.assign(cur, cur + t.nbytes);
+      uint8_t now[8];
+      for (uint64_t k = 0; k < t.nbytes / uf; ++k) {
+        convert_elements(cur + k * uf, t.dtype, now, t.served, 1);
+        if (std::memcmp(now, want + k * us, us) == 0) continue;
+        if (!converts_back_exactly(want + k * us, t.served, t.dtype)) {
+          throw Error(ErrorCode::kUnsupported,
+                      "materialize generation " + std::to_string(generation) + ": tensor \"" + t.name + "\" is served as " +
+                          std::string(dtype_name(t.served)) + " and element " + std::to_string(k) + " holds a value " +
+                          std::string(dtype_name(t.dtype)) + " (its dtype in the model files) cannot represent; the files "
+                          "would not hold the generation. Write it as a new directory instead (livetrain checkpoint "
+                          "restore --out DIR: such tensors are written as " + std::string(dtype_name(t.served)) + " there)");
+        }
+        convert_elements(want + k * us, t.served, file_bytes.data() + k * uf, t.dtype, 1);
+      }
+      want = file_bytes.data();
+    }
     uint64_t k = 0;
     while (k < t.nbytes) {
       if (cur[k] == want[k]) {

@@ -21,6 +21,7 @@
 
 #include "cuda/host.hpp"
 #include "livetrain/checkpoint/commit.hpp"
+#include "livetrain/checkpoint/convert.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/checkpoint/hash.hpp"
@@ -283,7 +284,7 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir, 
   for (const std::string& name : model.names()) {
     const auto& e = model.tensor(name);
     c.tensors.push_back(TensorEntry{name, e.info->dtype, e.info->shape, file_index.at(e.file),
-                                    e.file->header().data_start() + e.info->begin, e.info->nbytes()});
+                                    e.file->header().data_start() + e.info->begin, e.info->nbytes(), e.info->dtype});
   }
   Generation g0;
   g0.time_ms = now_ms();
@@ -413,7 +414,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   std::unordered_map<std::string_view, size_t> index;
   for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
   if (!o.held) {
-    for (size_t i = 0; i < c.tensors.size(); ++i) s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].nbytes});
+    for (size_t i = 0; i < c.tensors.size(); ++i) s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].served_nbytes()});
   } else {
     for (const HeldRegion& h : *o.held) {
       auto it = index.find(h.name);
@@ -429,7 +430,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
                                                   region_string(r) + " overlap");
         }
       }
-      s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(t.dtype)});
+      s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(t.served)});
     }
     std::stable_sort(s.held_.begin(), s.held_.end(), [](const Held& a, const Held& b) {
       return a.tensor != b.tensor ? a.tensor < b.tensor : a.region.start < b.region.start;
@@ -483,13 +484,16 @@ std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& liv
     }
     const TensorEntry& t = commit_.tensors[it->second];
     Region r = l.start.empty() ? whole_region(l.shape) : Region{l.start, l.shape};
-    if (l.dtype != t.dtype || (l.start.empty() && l.shape != t.shape)) {
+    if (l.dtype != t.served || (l.start.empty() && l.shape != t.shape)) {
       throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
-                                              shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
-                                              " " + shape_string(t.shape));
+                                              shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.served)) +
+                                              " " + shape_string(t.shape) +
+                                              (t.served != t.dtype ? " (served as " + std::string(dtype_name(t.served)) +
+                                                                         ", " + std::string(dtype_name(t.dtype)) + " in the files)"
+                                                                   : std::string()));
     }
     check_region(r, t.shape, "live tensor \"" + l.name + "\"");
-    const uint64_t nbytes = region_units(r) * unit_bytes(t.dtype);
+    const uint64_t nbytes = region_units(r) * unit_bytes(t.served);
     if (!l.data && nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" has no data");
     if (for_save && held_index(it->second, r) < 0) {
       throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" " + region_string(r) +
@@ -536,7 +540,7 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
     } catch (const Error& e) {
       throw Error(ErrorCode::kFormat, e.what());
     }
-    if (r.dtype != t.dtype || r.units * r.unit != region_units(region) * unit_bytes(t.dtype)) {
+    if (r.dtype != t.served || r.units * r.unit != region_units(region) * unit_bytes(t.served)) {
       throw Error(ErrorCode::kFormat, path + ": tensor \"" + t.name + "\": record dtype/size does not match the model");
     }
     fn(it->second, r, region);
@@ -632,7 +636,14 @@ void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
       for (int64_t i = lo; i < hi; ++i) {
         const Target& t = from_files[i];
         const TensorEntry& e = commit_.tensors[t.tensor];
-        region_transfer(maps[e.file].data() + e.offset, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(e.dtype), false);
+        const uint8_t* bytes = maps[e.file].data() + e.offset;
+        std::vector<uint8_t> converted;  // the base of a tensor served in another dtype: the files' values in it
+        if (e.served != e.dtype) {
+          converted.resize(e.served_nbytes());
+          convert_elements(bytes, e.dtype, converted.data(), e.served, e.nbytes / unit_bytes(e.dtype));
+          bytes = converted.data();
+        }
+        region_transfer(bytes, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(e.served), false);
       }
     });
   }
@@ -650,7 +661,7 @@ std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
   std::vector<std::vector<uint8_t>> bufs(commit_.tensors.size());
   std::vector<Target> targets;
   for (size_t i = 0; i < bufs.size(); ++i) {
-    bufs[i].resize(commit_.tensors[i].nbytes);
+    bufs[i].resize(commit_.tensors[i].served_nbytes());
     targets.push_back(Target{i, whole_region(commit_.tensors[i].shape), bufs[i].data()});
   }
   fill(generation, targets);
@@ -699,7 +710,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   if (device >= 0) cuda::host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[live[i].tensor];
-    const uint32_t unit = unit_bytes(t.dtype);
+    const uint32_t unit = unit_bytes(t.served);
     w.held[i] = static_cast<size_t>(held_index(live[i].tensor, live[i].region));
     w.elements += live[i].nbytes / unit;
     w.model_bytes += live[i].nbytes;
@@ -716,7 +727,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[live[i].tensor];
     kinds[i].name = t.name;
-    kinds[i].dtype = t.dtype;
+    kinds[i].dtype = t.served;
     kinds[i].units = w.diff[i].units;
     if (!is_whole(live[i].region, t.shape)) kinds[i].region = live[i].region;
   }
@@ -1174,7 +1185,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
       b = staged.data();
     }
     if (std::memcmp(a, b, nbytes) == 0) continue;
-    uint32_t u = unit_bytes(t.dtype);
+    uint32_t u = unit_bytes(t.served);
     uint64_t diff = 0;
     for (uint64_t k = 0; k < nbytes / u; ++k) diff += std::memcmp(a + k * u, b + k * u, u) != 0;
     if (d.tensors++ == 0) d.first = t.name;
@@ -1183,8 +1194,28 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
   return d;
 }
 
-void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
   std::vector<std::vector<uint8_t>> bufs = state(generation);
+  // A tensor served in another dtype goes out in the files' dtype when every value converts back exactly
+  // (always when the served dtype is the narrower), else in the served dtype: nothing is rounded.
+  std::vector<DType> out_dtype(commit_.tensors.size());
+  std::vector<std::string> as_served;
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+    const TensorEntry& t = commit_.tensors[i];
+    out_dtype[i] = t.dtype;
+    if (t.served == t.dtype) continue;
+    const uint32_t u = unit_bytes(t.served);
+    bool exact = true;
+    for (uint64_t k = 0; exact && k < bufs[i].size() / u; ++k) exact = converts_back_exactly(bufs[i].data() + k * u, t.served, t.dtype);
+    if (!exact) {
+      out_dtype[i] = t.served;
+      as_served.push_back(t.name);
+      continue;
+    }
+    std::vector<uint8_t> file_bytes(t.nbytes);
+    convert_elements(bufs[i].data(), t.served, file_bytes.data(), t.dtype, bufs[i].size() / u);
+    bufs[i] = std::move(file_bytes);
+  }
   if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create directory " + out_dir);
   for (uint32_t f = 0; f < commit_.files.size(); ++f) {
     const std::string& name = commit_.files[f].name;
@@ -1192,7 +1223,7 @@ void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
     std::vector<safetensors::TensorRef> refs;
     for (size_t i = 0; i < commit_.tensors.size(); ++i) {
       const TensorEntry& t = commit_.tensors[i];
-      if (t.file == f) refs.push_back(safetensors::TensorRef{t.name, t.dtype, t.shape, bufs[i].data(), t.nbytes});
+      if (t.file == f) refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bufs[i].data(), bufs[i].size()});
     }
     safetensors::WriteOptions opt;
     opt.metadata = orig.header().metadata;
@@ -1201,6 +1232,52 @@ void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
   // The index (if any) last: it commits the set, as in safetensors::write_model.
   std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
   if (fs::exists(index)) fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+  return as_served;
+}
+
+void Store::set_served(const std::vector<std::pair<std::string, DType>>& served) {
+  check_usable();
+  require_rank0("setting the served dtype");
+  sync();
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  Commit c = commit_;
+  std::set<size_t> changed;
+  for (const auto& [name, dtype] : served) {
+    auto it = index.find(name);
+    if (it == index.end()) {
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ + ")");
+    }
+    TensorEntry& t = c.tensors[it->second];
+    if (t.served == dtype) continue;
+    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
+      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
+                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
+                                               " by the engine; the checkpoint store " + dir_ + " cannot keep it: " + why);
+    }
+    t.served = dtype;
+    changed.insert(it->second);
+  }
+  if (changed.empty()) return;
+  for (const Held& h : held_) {
+    if (changed.count(h.tensor)) {
+      throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + ": the served dtype of \"" + c.tensors[h.tensor].name +
+                                              "\" changes only in a store opened without a head copy of it (held=[])");
+    }
+  }
+  // Saved generations hold that tensor's changes in the dtype it was served in then: they would not
+  // apply to the other one.
+  for (const auto& rec : collect(commit_.oldest, commit_.head).records) {
+    if (changed.count(rec.tensor)) {
+      const TensorEntry& t = commit_.tensors[rec.tensor];
+      throw Error(ErrorCode::kInvalidArg, "tensor \"" + t.name + "\" is served as " + std::string(dtype_name(c.tensors[rec.tensor].served)) +
+                                              " but the checkpoint store " + dir_ + " has generations of it saved as " +
+                                              std::string(dtype_name(t.served)) + " (" + rec.what + "): serve it as " +
+                                              std::string(dtype_name(t.served)) + ", or materialize and start a new store");
+    }
+  }
+  write_commit(c);
+  commit_ = c;
 }
 
 std::vector<std::string> Store::verify(Progress progress) {

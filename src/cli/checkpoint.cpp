@@ -35,6 +35,11 @@ constexpr const char* kUsage =
     "                                  --copy-symlinks replaces symlinked files (HF cache) by copies first\n"
     "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed)\n"
     "\n"
+    "A tensor the engine serves in another dtype than the files' (vLLM keeps Qwen3.5's A_log in F32) is\n"
+    "saved and restored in the served dtype (verify lists them). restore --out writes it in the files'\n"
+    "dtype when its values fit exactly, else in the served dtype (and names it); materialize refuses a\n"
+    "generation whose values the files' dtype cannot hold.\n"
+    "\n"
     "options:\n"
     "  --store DIR       the store directory (default MODEL/.livetrain-store)\n"
     "  --json            print one JSON object on stdout\n"
@@ -209,9 +214,15 @@ int run_checkpoint(const std::vector<std::string>& args) {
       s.restore_live(*a.generation, live.tensors);
       text = "live weights set to generation " + std::to_string(*a.generation);
     } else {
-      s.restore_to_dir(*a.generation, a.out);
+      std::vector<std::string> as_served = s.restore_to_dir(*a.generation, a.out);
       text = "generation " + std::to_string(*a.generation) + " written to " + a.out;
+      json::Value served = json::Value::array();
+      for (const std::string& name : as_served) {
+        text += "\n  " + name + ": written in its served dtype (the files' dtype cannot hold its values)";
+        served.push(json::Value::string(name));
+      }
       out.set("out", json::Value::string(a.out));
+      out.set("written_as_served", std::move(served));
     }
     out.set("generation", json::Value::unsigned_integer(*a.generation));
   } else if (a.sub == "verify") {
@@ -223,6 +234,19 @@ int run_checkpoint(const std::vector<std::string>& args) {
     bool ok = problems.empty();
     text = ok ? "store OK: generations " + std::to_string(s.commit().oldest) + ".." + std::to_string(s.commit().head)
               : "store has " + std::to_string(problems.size()) + " problem(s): " + problems.front();
+    // Tensors the engine serves in another dtype: their deltas and restored values are in that dtype.
+    json::Value served = json::Value::array();
+    for (const auto& t : s.commit().tensors) {
+      if (t.served == t.dtype) continue;
+      json::Value o = json::Value::object();
+      o.set("name", json::Value::string(t.name));
+      o.set("dtype", json::Value::string(std::string(dtype_name(t.dtype))));
+      o.set("served", json::Value::string(std::string(dtype_name(t.served))));
+      served.push(std::move(o));
+      text += "\n  " + t.name + ": " + std::string(dtype_name(t.dtype)) + " in the model files, saved and restored as " +
+              std::string(dtype_name(t.served)) + " (as served)";
+    }
+    out.set("served_in_other_dtype", std::move(served));
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
       uint64_t g = a.generation.value_or(s.commit().head);

@@ -9,6 +9,7 @@
 
 #include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "livetrain/checkpoint/convert.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
@@ -31,7 +32,9 @@ constexpr const char* kDiagnoseUsage =
     "path recorded in the manifest). Nothing is mapped and no lease is taken.\n"
     "\n"
     "Reports: matched parameters; parameters only the engine has; tensors of the text model only on disk;\n"
-    "dtype or shape mismatches (under tensor parallelism the full HF shape is compared); tensors not served\n"
+    "dtype or shape mismatches (under tensor parallelism the full HF shape is compared; a dtype the engine\n"
+    "serves in and the checkpoint store converts, e.g. vLLM's F32 A_log over BF16 files, is listed apart,\n"
+    "not a mismatch); tensors not served\n"
     "(outside the text model: a multimodal checkpoint's vision tower, an MTP head; not a mismatch, the\n"
     "checkpoint store carries them unchanged); engine tensors the layout does not use. Exit code 0 when everything matches, 1 when anything does not (or the layout itself fails,\n"
     "e.g. a missing engine tensor or an unsupported model family), 2 for bad arguments.\n"
@@ -71,7 +74,7 @@ int run_diagnose(const std::vector<std::string>& args) {
   layout::Layout lay = layout::build(m.model.config, engine_tensors, options);
   safetensors::Model disk = safetensors::Model::open(model_dir);
 
-  std::vector<std::string> matched, only_engine, mismatched;
+  std::vector<std::string> matched, only_engine, mismatched, converted;
   std::set<std::string> seen;
   for (const layout::View& v : lay.views) {
     seen.insert(v.hf_name);
@@ -82,6 +85,13 @@ int run_diagnose(const std::vector<std::string>& args) {
       continue;
     }
     std::string problem;
+    if (e->info->dtype != v.dtype && e->info->shape == v.hf_shape &&
+        checkpoint::served_conversion_refusal(e->info->dtype, v.dtype).empty()) {
+      // vLLM's A_log in F32 over BF16 files: the checkpoint store keeps it in the served dtype.
+      converted.push_back(v.hf_name + ": " + std::string(dtype_name(e->info->dtype)) + " on disk, served as " +
+                          std::string(dtype_name(v.dtype)));
+      continue;
+    }
     if (e->info->dtype != v.dtype) {
       problem += "dtype " + std::string(dtype_name(v.dtype)) + " in the engine, " +
                  std::string(dtype_name(e->info->dtype)) + " on disk";
@@ -119,6 +129,7 @@ int run_diagnose(const std::vector<std::string>& args) {
     root.set("only_on_disk", list(only_disk));
     root.set("not_served", list(not_served));
     root.set("mismatched", list(mismatched));
+    root.set("served_in_other_dtype", list(converted));
     root.set("unmapped", list(lay.unmapped));
     std::fputs(root.dump_pretty().c_str(), stdout);
     return ok ? 0 : 1;
@@ -134,6 +145,7 @@ int run_diagnose(const std::vector<std::string>& args) {
   section("only in the engine", only_engine);
   section("only on disk", only_disk);
   section("mismatched", mismatched);
+  section("served in another dtype (the checkpoint store saves them so: docs/checkpoint.md)", converted);
   section("not served (outside the text model: carried unchanged by the checkpoint store, never trained)", not_served);
   section("engine tensors the layout does not use", lay.unmapped);
   std::printf("\n%zu matched, %zu only in the engine, %zu only on disk, %zu mismatched, %zu not served: %s\n",

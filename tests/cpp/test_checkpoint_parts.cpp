@@ -205,10 +205,35 @@ TEST(CheckpointCommit, Version1IsReadAsOnePartPerGeneration) {
   EXPECT_EQ(again.generations[1].parts[0].file, p.file);
   EXPECT_FALSE(again.generations[1].parts[0].optimizer_hash);
   EXPECT_NE(checkpoint::commit_serialize(c).find("\"version\": 2"), std::string::npos);
-  std::string v3 = v1;
-  v3.replace(v3.find("\"version\": 1"), 12, "\"version\": 3");
-  std::string msg = expect_error([&] { checkpoint::commit_parse(v3, "COMMIT"); }, ErrorCode::kUnsupported);
-  EXPECT_NE(msg.find("versions 1 and 2"), std::string::npos) << msg;
+  std::string v4 = v1;
+  v4.replace(v4.find("\"version\": 1"), 12, "\"version\": 4");
+  std::string msg = expect_error([&] { checkpoint::commit_parse(v4, "COMMIT"); }, ErrorCode::kUnsupported);
+  EXPECT_NE(msg.find("versions 1 to 3"), std::string::npos) << msg;
+}
+
+// Issue #15: a tensor served in another dtype than the files' makes the COMMIT version 3 with "served".
+TEST(CheckpointCommit, AServedDtypeIsWrittenAsVersion3AndConversionsAreChecked) {
+  const std::string v1 = R"({"magic": "livetrain-checkpoint", "version": 1, "head": 0, "oldest": 0, "materialized": 0,
+    "hash": "xxh64-4k", "files": [{"name": "model.safetensors", "size": 100, "hash": "0000000000000001"}],
+    "generations": [{"generation": 0, "parent": 0, "time_ms": 1, "weight_version": 0, "delta": null, "bytes": 0,
+       "changed": 0, "delta_hash": "0000000000000000", "optimizer_state": null}],
+    "tensors": [{"name": "w", "dtype": "BF16", "shape": [2], "file": 0, "offset": 8, "nbytes": 4}]})";
+  checkpoint::Commit c = checkpoint::commit_parse(v1, "COMMIT");
+  EXPECT_EQ(c.tensors[0].served, DType::kBF16);
+  EXPECT_EQ(c.tensors[0].served_nbytes(), 4u);
+  c.tensors[0].served = DType::kF32;
+  std::string text = checkpoint::commit_serialize(c);
+  EXPECT_NE(text.find("\"version\": 3"), std::string::npos) << text;
+  EXPECT_NE(text.find("\"served\": \"F32\""), std::string::npos) << text;
+  checkpoint::Commit again = checkpoint::commit_parse(text, "COMMIT");
+  EXPECT_EQ(again.tensors[0].served, DType::kF32);
+  EXPECT_EQ(again.tensors[0].served_nbytes(), 8u);
+  std::string f16 = text;
+  f16.replace(f16.find("\"served\": \"F32\""), 15, "\"served\": \"F16\"");
+  std::string msg = expect_error([&] { checkpoint::commit_parse(f16, "COMMIT"); }, ErrorCode::kFormat);
+  EXPECT_NE(msg.find("tensors[0].served"), std::string::npos) << msg;
+  c.tensors[0].served = DType::kBF16;  // back to the files' dtype: version 2, no "served"
+  EXPECT_NE(checkpoint::commit_serialize(c).find("\"version\": 2"), std::string::npos);
 }
 
 // Issue #15: a multimodal checkpoint's engine serves its text model only; the other tensors are carried.

@@ -110,9 +110,10 @@ def test_restore_latest_creates_the_store_then_restores_its_head(sharded_model, 
         store.materialize(1)
     r = restore_latest(g1, d)
     assert r["generation"] == 1 and not r["restored"]
-    # Another dtype than the files' is refused before anything is written, naming the tensor and both dtypes.
+    # Another dtype than the one generations were saved in is refused before anything is written, naming the
+    # tensor and both dtypes (test_checkpoint_served_dtype.py: a served dtype set before any save).
     other = {k: v.float() for k, v in files.items()}
-    with pytest.raises(livetrain.Error, match=r"model.embed_tokens.weight' is F32 .* BF16 .* store keeps the model"):
+    with pytest.raises(livetrain.Error, match=r'"model.embed_tokens.weight" is served as F32 .* saved as BF16'):
         restore_latest(other, d)
     # A tensor the engine does not serve keeps the files' bytes; one the store lacks is refused.
     served = {k: v.clone() for k, v in files.items() if k != "model.norm.weight"}

@@ -149,6 +149,49 @@ def test_batched_greedy_answers_equal_one_at_a_time_decoding(model_dir, tmp_path
     assert mixed[:2] == ref
 
 
+def greedy(engine: Engine, prompt: str, n: int) -> str:
+    return "".join(t for t, _, _ in engine.generate(engine.encode_prompt(prompt), n, 0.0, 1.0, []))
+
+
+def alone_and_together(model_dir: Path, tmp_path: Path, device: str, dtype: str, attention: str, n: int = 12):
+    """PROMPTS' greedy answers from an engine with --max-batch 1, then sent at once to one with --max-batch
+    8 and ``attention`` (that engine's most rows in one step too)."""
+    alone = Engine(str(model_dir), str(tmp_path / "one.json"), device, dtype, store=False, max_batch=1)
+    try:
+        want = [greedy(alone, p, n) for p in PROMPTS]
+    finally:
+        alone.close()
+    engine = Engine(
+        str(model_dir), str(tmp_path / "m.json"), device, dtype, store=False, max_batch=8, batch_attention=attention
+    )
+    try:
+        got = concurrently(lambda p: greedy(engine, p, n), [(p,) for p in PROMPTS])
+        return want, got, engine.scheduler.load()["peak_batch"]
+    finally:
+        engine.close()
+
+
+def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(model_dir, tmp_path, monkeypatch):
+    # --batch-attention masked: one attention call per layer over the left-padded batch (fewer kernel
+    # launches on a GPU). In fp32 the masked padding changes nothing but the order of the sums, so greedy
+    # answers equal one-at-a-time decoding's; the rows really ran in one step, in one call per layer.
+    from transformers import AttentionInterface  # the model looks its attention up by name at each call
+
+    calls = []
+    base = AttentionInterface._global_mapping["sdpa"]
+
+    def counted(module, query, *args, **kwargs):
+        calls.append((query.shape[0], batching._ROWS.starts))
+        return base(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted)  # what the row wrapper calls
+    want, got, peak = alone_and_together(model_dir, tmp_path, "cpu", "fp32", "masked")
+    assert got == want and peak >= 4
+    assert any(rows > 1 for rows, _ in calls) and all(starts is None for _, starts in calls)
+    with pytest.raises(ValueError, match="attention must be one of rows, masked"):
+        batching.Scheduler(torch.nn.Linear(1, 1), set(), attention="padded")
+
+
 def test_a_stream_left_unread_does_not_stop_other_requests(server):
     # Regression test for issue #13: one streaming completion followed by >= 40 plain ones deadlocked the
     # engine for good (its generation lock was held across the stream's yield, while the stream needed a
@@ -276,22 +319,10 @@ def test_cross_site_requests_are_refused_without_a_key(server):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path):
+@pytest.mark.parametrize("attention,dtype", [("rows", "bf16"), ("masked", "fp32")])
+def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path, attention, dtype):
     # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
-    # decoded alone by the same engine with --max-batch 1.
-    n = 12
-    alone = Engine(str(model_dir), str(tmp_path / "one.json"), "cuda", store=False, max_batch=1)
-    try:
-        want = ["".join(t for t, _, _ in alone.generate(alone.encode_prompt(p), n, 0.0, 1.0, [])) for p in PROMPTS]
-    finally:
-        alone.close()
-    engine = Engine(str(model_dir), str(tmp_path / "m.json"), "cuda", store=False, max_batch=8)
-    try:
-        got = concurrently(
-            lambda p: "".join(t for t, _, _ in engine.generate(engine.encode_prompt(p), n, 0.0, 1.0, [])),
-            [(p,) for p in PROMPTS],
-        )
-        assert engine.scheduler.load()["peak_batch"] >= 2
-    finally:
-        engine.close()
-    assert got == want
+    # decoded alone by the same engine with --max-batch 1 (bit for bit per row; the masked batch in fp32,
+    # where only the order of its sums differs).
+    want, got, peak = alone_and_together(model_dir, tmp_path, "cuda", dtype, attention)
+    assert got == want and peak >= 2

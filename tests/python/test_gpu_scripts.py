@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import livetrain
+
 from servers import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,8 +218,9 @@ def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
 def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     """scripts/vllm_gpu_run.py --arch qwen3_5 with a CPU engine in vLLM's layout in place of vLLM: the worker's
     start-up restore, the plugin's trainer (the text model built on the views), steps, POST /checkpoint's
-    save, the store's head written out, a restart's restore, and materialize: the vision and MTP tensors
-    stay bit-identical to the original files, the text model's are the trained ones everywhere."""
+    save, the store's head written out, a restart's restore: the vision and MTP tensors stay bit-identical to
+    the original files, the text model's are the trained ones everywhere. A_log is float32 as vLLM serves it,
+    trained so: the export writes it in float32 and materialize into the bf16 files is refused, naming it."""
     from livetrain import checkpoint, layout, sharing
     from livetrain.trainer import options
     from livetrain.trainer.examples import parse_job
@@ -234,8 +237,10 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     checkpoint.CheckpointStore.create(model, store).close()
     env = {worker.STORE_ENV: str(store)}
 
-    def engine():  # what vLLM loads from the files: the text model, in its layout
-        return layout.merge(config, {n: t for n, t in original.items() if not vr.outside_text_model(n)}, engine="vllm")
+    def engine():  # what vLLM loads from the files: the text model, in its layout, A_log widened to float32
+        text = {n: t for n, t in original.items() if not vr.outside_text_model(n)}
+        merged = layout.merge(config, text, engine="vllm")
+        return {n: t.float() if layout.served_in_fp32(n) else t for n, t in merged.items()}
 
     served = engine()
     assert not worker.restore_newer(str(model), served, config, 0, 1, env=env)["restored"]
@@ -252,14 +257,15 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     trained = {n: t.clone() for n, t in exported.tensors.items()}
     exported.close()
     with checkpoint.CheckpointStore(model, store) as s:
-        s.restore(s.head, out_dir=tmp_path / "head")
+        a_log = sorted(s.file_dtypes())
+        assert a_log and all(n.endswith(".linear_attn.A_log") for n in a_log)
+        assert s.restore(s.head, out_dir=tmp_path / "head") == a_log  # trained in float32: written so
     head = vr.model_tensors(tmp_path / "head")
     assert vr.compare_outside(original, head, "head")["outside_identical"] == sum(map(vr.outside_text_model, original))
     restarted = engine()
     assert worker.restore_newer(str(model), restarted, config, 0, 1, env=env)["restored"]
     assert all(torch.equal(restarted[n], trained[n]) for n in trained)
-    with checkpoint.CheckpointStore(model, store) as s:
-        s.materialize(s.head)
-    files = vr.model_tensors(model)
-    vr.compare_outside(original, files, "materialized")
-    assert [n for n in head if not vr.torch_equal_bytes(head[n], files[n])] == []
+    with checkpoint.CheckpointStore(model, store) as s:  # the bf16 files cannot hold the float32 A_log
+        with pytest.raises(livetrain.UnsupportedError, match=r"linear_attn\.A_log.* served as F32 .* BF16"):
+            s.materialize(s.head)
+    assert all(vr.torch_equal_bytes(t, original[n]) for n, t in vr.model_tensors(model).items())

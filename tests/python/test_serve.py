@@ -519,18 +519,19 @@ def test_checkpoint_timer_and_no_store(model_dir, tmp_path):
 
 
 def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
-    # The model files are bf16; serving fp32 with a store of them would checkpoint rounded weights.
+    # The model files are bf16; fp16 rounds bf16 values and back, so no store can keep fp16 weights of them
+    # (fp32 is accepted: the store keeps the served float32 bits, test_checkpoint_served_dtype.py).
     s = Serve(
         model_dir,
         tmp_path / "state",
         tmp_path / "run",
-        extra=("--dtype", "fp32", "--store", str(tmp_path / "store")),
+        extra=("--dtype", "fp16", "--store", str(tmp_path / "store")),
         wait=False,
     )
     try:
         assert s.p.wait(timeout=120) != 0
         log = s.logtext()
-        assert "is F32" in log and "BF16" in log and "the store keeps the model files' dtype" in log, log
+        assert "is BF16 in the model files and served as F16" in log and "each round the other" in log, log
     finally:
         s.stop()
 

@@ -109,11 +109,17 @@ def test_a_job_over_the_token_budget_is_split_or_refused(server):
     code, body = server.http("/train", {"examples": [long]})
     assert code == 400 and body["error"]["param"] == "examples[0]" and "--max-batch-tokens" in body["error"]["message"]
     six = {"prompt": "one two three four five", "completion": "six"}  # 7 tokens: 3 fit in 24
-    code, body = server.http("/train", {"examples": [six] * 4, "batch_size": 4})
+    code, body = server.http("/train", {"examples": [six] * 4, "batch_size": 4, "replay": 0})
     assert code == 400 and body["error"]["param"] == "batch_size" and "at most 3 fit" in body["error"]["message"]
-    code, body = server.http("/train", {"examples": [six] * 4, "steps": 1})
+    code, body = server.http("/train", {"examples": [six] * 4, "steps": 1, "replay": 0})
     assert code == 202 and body["batch_size"] == 3 and "--max-batch-tokens" in body["split"], body
     server.wait_job(body["job_id"])
+    # The guard's replayed rows (2 by default) join every step: they count (then 1 example fits), and a
+    # job whose one example and replayed rows do not fit is refused naming "replay".
+    code, body = server.http("/train", {"examples": [six] * 4, "batch_size": 4})
+    assert code == 400 and "2 replayed retention rows" in body["error"]["message"] and "at most 1 fit" in str(body)
+    code, body = server.http("/train", {"examples": [six] * 4, "replay": 3})
+    assert code == 400 and body["error"]["param"] == "replay", body
 
 
 def test_retries_of_one_train_request_make_one_job(server):

@@ -6,6 +6,7 @@ vision tower and MTP head bit for bit as they were. A checkpoint livetrain canno
 naming its architecture."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,23 +60,40 @@ def test_a_qwen35_multimodal_checkpoint_is_served_trained_and_restored_as_its_te
     finally:
         assert s.stop() == 0
 
-    # A restart serves generation 1 (the text model), the store says nothing else changed.
+    # Gated DeltaNet's A_log is served in float32 as vLLM serves it (the files hold bf16), and trained so.
+    a_log = sorted(n for n in trained if n.endswith(".linear_attn.A_log"))
+    assert a_log and all(trained[n].dtype == torch.float32 and files[n].dtype == torch.bfloat16 for n in a_log)
+    assert any(not torch.equal(trained[n], files[n].float()) for n in a_log)
+
+    # A restart serves generation 1 (the text model, A_log's float32 bits included), the store says nothing
+    # else changed.
     s = serve(model, tmp_path, "again")
     try:
-        assert all(torch.equal(t, trained[n]) for n, t in served_weights(tmp_path, model).items())
+        again = served_weights(tmp_path, model)
+        assert all(t.dtype == trained[n].dtype and torch.equal(t, trained[n]) for n, t in again.items())
         assert s.status()["checkpoint"]["generation"] == 1
     finally:
         assert s.stop() == 0
     with CheckpointStore(model) as store:
-        store.materialize(1)
-    after = load_file(str(model / "model.safetensors"))
+        assert store.file_dtypes() == {n: "BF16" for n in a_log}
+        # bf16 files cannot hold the trained float32 A_log: materializing in place is refused, naming it ...
+        with pytest.raises(livetrain.UnsupportedError, match=r"linear_attn\.A_log.*served as F32.*BF16"):
+            store.materialize(1)
+        # ... and a new directory holds it in float32, everything else in the files' dtype.
+        as_served = store.restore(1, out_dir=tmp_path / "export")
+    assert as_served == [n for n in a_log if not torch.equal(trained[n], trained[n].bfloat16().float())]
+    shutil.copy(model / "config.json", tmp_path / "export")
+    after = load_file(str(tmp_path / "export" / "model.safetensors"))
     for n in unserved:
         assert torch.equal(after[n].view(torch.int16), files[n].view(torch.int16)), n
+    for n, t in trained.items():
+        assert torch.equal(after[n].to(t.dtype), t) and (after[n].dtype == torch.float32) == (n in a_log), n
     import transformers
 
-    loaded = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(model, dtype=torch.bfloat16).state_dict()
+    loaded = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.bfloat16)
+    loaded = loaded.state_dict()
     for n, t in trained.items():
-        assert torch.equal(loaded[n], t), n
+        assert torch.equal(loaded[n], t.to(torch.bfloat16)), n
     assert torch.equal(loaded["model.visual.patch_embed.proj.weight"], files["model.visual.patch_embed.proj.weight"])
 
 

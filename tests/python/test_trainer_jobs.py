@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from livetrain.engines.reference import Engine
-from livetrain.trainer import guard, options, schedule
+from livetrain.trainer import admission, guard, options, schedule
+from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.service import Trainer
 
@@ -102,6 +103,64 @@ def test_warmup_and_replay_shape_the_steps(run):
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and sizes == [5] * 4
     assert info["plan"]["replay"] == 3 and info["guard"]["replayed_prompts"] > 0
     assert info["guard"]["passed"] is None  # replay without the guard: nothing measured, nothing rolled back
+
+
+def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run):
+    # Regression test for issue #13's leftover: the per-step token budget (--max-batch-tokens) counted the
+    # job's rows only, while the guard's replayed rows joined every step and the held-out retention losses
+    # were evaluated in batches of --batch-size rows, whatever their length.
+    budget = 40
+    _, trainer = run("--max-batch-tokens", str(budget), "--batch-size", "8")
+    steps, evals = [], []
+    step, losses = trainer.step, trainer.example_losses
+
+    def traced(batch):
+        steps.append(len(batch) * max(len(ids) for ids, _, _ in batch))
+        return step(batch)
+
+    def traced_losses(examples, batch_size=None):
+        evals.append([len(ids) for ids, _, _ in examples])
+        return losses(examples, batch_size)
+
+    trainer.step, trainer.example_losses = traced, traced_losses
+    longest = max(
+        len(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": FACTS}, trainer.max_len, 100)["examples"]
+    )
+    reply = trainer.handle("submit", json.dumps({"examples": FACTS * 4, "steps": 3, "replay": 2, "lr": 1e-6}).encode())
+    assert reply.code == 202 and reply.body["batch_size"] == budget // longest - 2, reply.body
+    jid, queued = trainer.queue.get_nowait()
+    trainer.run_job(jid, queued)
+    info = trainer.handle("job", json.dumps({"job_id": jid}).encode()).body
+    assert info["state"] == "done" and info["guard"]["held_out_prompts"] > 0, info
+    # Every step within the budget: the replayed rows (those that kept an answer token once cut to their
+    # share of it) included.
+    assert len(steps) == 3 and max(steps) <= budget, steps
+    assert evals and all(
+        len(c) * max(c) <= budget or len(c) == 1
+        for lengths in evals
+        for b, e in admission.chunks(lengths, 8, budget)
+        for c in [lengths[b:e]]
+    )
+    # Refused, naming the field, when even one example and its replayed rows do not fit.
+    with pytest.raises(Invalid) as e:
+        trainer.handle("submit", json.dumps({"examples": FACTS, "replay": budget}).encode())
+    assert e.value.param == "replay" and "--max-batch-tokens" in str(e.value)
+
+
+def test_admission_chunks_and_fit():
+    assert admission.chunks([3, 3, 3, 3], 8, 9) == [(0, 3), (3, 4)]
+    assert admission.chunks([2, 10, 2], 8, 12) == [(0, 1), (1, 2), (2, 3)]  # 2 rows of 10 would be 20
+    assert admission.chunks([20, 1, 1], 8, 10) == [(0, 1), (1, 3)]  # a row over the budget goes alone
+    assert admission.chunks([1] * 5, 2, 100) == [(0, 2), (2, 4), (4, 5)]
+    assert admission.chunks([], 2, 100) == []
+    ex = [([0] * 10, [True] * 10, 1.0)] * 6
+    assert admission.fit_batch(ex, 8, False, 100) == 8
+    assert admission.fit_batch(ex, 8, False, 100, replay=2) == 8  # 6 rows + 2 = 80 tokens
+    assert admission.fit_batch(ex, 8, False, 60, replay=2) == 4
+    with pytest.raises(Invalid) as e:
+        admission.fit_batch(ex, 8, True, 60, replay=2)
+    assert e.value.param == "batch_size" and "2 replayed retention rows" in str(e.value) and "at most 4" in str(e.value)
+    assert admission.replay_width(60, 4, 2) == 10
 
 
 def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):

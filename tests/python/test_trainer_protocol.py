@@ -256,6 +256,37 @@ def test_routes_say_why_the_trainer_is_down(tmp_path):
         assert "SIGKILL" not in c.get("/train/status").json()["error"]["message"]
 
 
+def test_metrics_scrapes_without_a_key(trainer):
+    # Issue #13's leftover: /metrics takes the same refusal check as the training routes. A Prometheus
+    # scraper sends no Origin and a Host naming the target it was given: an IP address, localhost or this
+    # machine's name are served; a domain name other than the machine's is refused (DNS rebinding would
+    # let a web page read the metrics), and a key (Prometheus' "authorization" setting) serves any name.
+    pytest.importorskip("fastapi")
+    import socket
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    path, _ = trainer
+    app = FastAPI()
+    app.include_router(routes.training_router(path))
+    scraper = {"User-Agent": "Prometheus/3.0.0", "Accept": "text/plain;version=0.0.4"}
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        for host in ("127.0.0.1:8000", "10.1.2.3:8000", "[::1]:8000", "localhost:8000", socket.gethostname()):
+            r = c.get("/metrics", headers={**scraper, "Host": host})
+            assert r.status_code == 200 and "livetrain_trainer_up 1.0" in r.text, (host, r.text)
+        # A page of another origin may send the GET, but gets no CORS header: the browser hides the answer.
+        r = c.get("/metrics", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = c.get("/metrics", headers={**scraper, "Host": "livetrain.monitoring.svc:8000"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "Host"
+    app = FastAPI()
+    app.include_router(routes.training_router(path, api_key="k"))
+    with TestClient(app, base_url="http://livetrain.monitoring.svc:8000") as c:
+        assert c.get("/metrics", headers=scraper).status_code == 401
+        assert c.get("/metrics", headers={**scraper, "Authorization": "Bearer k"}).status_code == 200
+
+
 def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
     pytest.importorskip("fastapi")
     from fastapi import FastAPI

@@ -25,6 +25,10 @@ struct TensorEntry {
   uint32_t file = 0;    // index into Commit::files
   uint64_t offset = 0;  // absolute byte offset of the tensor's data in that file
   uint64_t nbytes = 0;
+  // The dtype the engine serves the tensor in (convert.hpp): deltas, head copies and restored bytes are in
+  // it, and the files' bytes converted to it are the base. Equal to `dtype` unless set_served changed it.
+  DType served = DType::kU8;
+  uint64_t served_nbytes() const { return served == dtype ? nbytes : nbytes / unit_bytes(dtype) * unit_bytes(served); }
 };
 
 // One file of a generation's delta: the whole delta of a single-process save (rank 0 of 1), or the part

@@ -1,7 +1,7 @@
 // The file formats of the delta checkpoint store, byte by byte, and their constants; the codecs are
 // delta.hpp, journal.hpp, commit.hpp and hash.hpp beside this header.
 //
-// Format: commit version 2 (version 1 is read), delta version 2 (single-process deltas) and 3 (parts of
+// Format: commit version 2, or 3 when a tensor is served in another dtype (version 1 is read), delta version 2 (single-process deltas) and 3 (parts of
 // a tensor-parallel generation); docs/checkpoint.md is the full specification. A store is a directory
 // (`<model>/.livetrain-store/` unless another is given) holding:
 //
@@ -9,7 +9,9 @@
 //                          is committed. {"magic": "livetrain-checkpoint", "version": 2, "head": g,
 //                          "oldest": g, "materialized": g, "hash": "xxh64-4k",
 //                          "files": [{"name", "size", "hash"}],         model files at `materialized`
-//                          "tensors": [{"name", "dtype", "shape", "file", "offset", "nbytes"}],
+//                          "tensors": [{"name", "dtype", "shape", "file", "offset", "nbytes",
+//                                       "served" (version 3, only when the engine serves the tensor in
+//                                       another dtype: deltas are in it; base = files converted to it)}],
 //                          "generations": [{"generation", "parent", "time_ms", "weight_version",
 //                                           "bytes", "changed", "ranks",
 //                                           "parts": [{"rank", "file", "bytes", "hash", "changed",
@@ -96,6 +98,8 @@ namespace livetrain::checkpoint {
 
 inline constexpr std::string_view kCommitMagic = "livetrain-checkpoint";
 inline constexpr uint64_t kCommitVersion = 2;
+// Written instead of 2 when a tensor is served in another dtype than its files' ("served" in its entry).
+inline constexpr uint64_t kCommitVersionServed = 3;
 inline constexpr std::string_view kDeltaMagic = "LTCKDLT1";
 inline constexpr uint32_t kDeltaVersion = 2;  // a single process's delta of whole tensors
 inline constexpr uint32_t kPartVersion = 3;   // one rank's part: a rank header, records with regions

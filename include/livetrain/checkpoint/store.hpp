@@ -45,6 +45,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "livetrain/checkpoint/commit.hpp"
@@ -178,8 +179,18 @@ class Store {
   // `generation` (any in [oldest, head]); the head does not change. GPU weights are staged through
   // host memory (a second copy of their bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
-  // Writes `generation` as a new model directory (same file names and tensor split; index copied).
-  void restore_to_dir(uint64_t generation, const std::string& out_dir);
+  // Writes `generation` as a new model directory (same file names and tensor split; index copied). A
+  // tensor served in another dtype than its files' is written in the files' dtype when all its values
+  // convert back exactly, else in the served dtype; returns the names of those written in the served dtype.
+  std::vector<std::string> restore_to_dir(uint64_t generation, const std::string& out_dir);
+  // Records the dtype the engine serves tensors in ({files' name, dtype}), where it differs from the model
+  // files' (vLLM keeps Qwen3.5's A_log in F32; an engine may load F32 files as BF16): from then on deltas,
+  // head copies, restore and compare use it, and the base is the files' values converted to it
+  // (convert.hpp: exact widening, or round-to-nearest-even narrowing). Refused, naming the tensor and both
+  // dtypes, for a conversion convert.hpp does not accept, or when saved generations hold the tensor in its
+  // previous served dtype. Rank 0, in a store holding no head copy of the tensors (held = {}); a no-op for
+  // tensors already served so. Writes COMMIT (version 3 while a served dtype differs from the files').
+  void set_served(const std::vector<std::pair<std::string, DType>>& served);
   // Compares live weights (whole tensors or regions) with a generation.
   LiveDiff compare_live(uint64_t generation, const std::vector<LiveTensor>& live);
   // Checks every file each generation names (delta and part files: size, committed checksum, every

@@ -11,9 +11,14 @@ scheduler calls the model's own forward and cache (``DynamicCache``):
 - a new request is prefilled alone (no padding: exactly today's one-at-a-time prefill), then its KV cache
   is merged into the batch's, left-padded to the longest row;
 - each decode step runs every row's next token in one forward; the attention of each row is computed on
-  its own, unpadded slice of the cache (``_row_attention``), so a row's logits do not depend on its
-  batch-mates and greedy answers equal one-at-a-time decoding (bit for bit in bf16, tests/python/
-  test_engine_batching.py), while the weight matrices are read once per step for the whole batch;
+  its own, unpadded slice of the cache (``_row_attention``, ``attention="rows"``, the default), so a row's
+  logits do not depend on its batch-mates and greedy answers equal one-at-a-time decoding (bit for bit in
+  bf16, tests/python/test_engine_batching.py), while the weight matrices are read once per step for the
+  whole batch. That costs one attention call per row and layer; ``attention="masked"`` makes one call per
+  layer over the padded cache with a mask instead (the usual batched decoding: fewer kernel launches,
+  which is what a small model's step on a GPU is made of; the masked padding does not change the math,
+  but the sums run in another order, so answers may differ in the last bits from one-at-a-time
+  decoding);
 - finished, stopped and cancelled rows leave between two steps; the cache's leading padding shared by
   every remaining row is trimmed.
 
@@ -70,6 +75,10 @@ def _use_row_attention(model) -> str | None:
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
     model.set_attn_implementation(name)
     return base
+
+
+# How a batched decode step computes attention (see the module's docstring).
+ATTENTION = ("rows", "masked")
 
 
 def merge_cache(mine, theirs, grow: int, start: int) -> None:
@@ -133,10 +142,12 @@ class Scheduler:
     forward per step. ``max_batch`` rows at most (1: one request at a time, as the engine did before
     batching); ``max_queue`` requests may wait for a row."""
 
-    def __init__(self, model, eos: set[int], *, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model, eos: set[int], *, max_batch: int = 16, max_queue: int = 64, attention: str = "rows"):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        self.model, self.eos = model, eos
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+        self.model, self.eos, self.attention = model, eos, attention
         self.device = next(model.parameters()).device
         self.base = _use_row_attention(model) if max_batch > 1 and self._plain_kv_cache() else None
         self.batchable = self.base is not None
@@ -298,11 +309,11 @@ class Scheduler:
             _ROWS.starts = None
             out = self.model(input_ids=x, past_key_values=self._cache, use_cache=True)
         else:
-            mask = torch.ones((len(rows), self._length + 1), dtype=torch.long)
-            for b, r in enumerate(rows):
-                mask[b, : r.start] = 0
-            positions = torch.tensor([[r.length] for r in rows], device=self.device)
-            _ROWS.starts = [r.start for r in rows]
+            # Each row's first real cache position and its position: one small copy to the device per step.
+            starts, positions = torch.tensor([[r.start, r.length] for r in rows], device=self.device).unbind(1)
+            mask = (torch.arange(self._length + 1, device=self.device) >= starts[:, None]).long()
+            positions = positions[:, None]
+            _ROWS.starts = [r.start for r in rows] if self.attention == "rows" else None
             try:
                 out = self.model(
                     input_ids=x,

@@ -11,6 +11,9 @@ from livetrain.trainer import protocol, security
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 64
+# engines.batching.ATTENTION (not imported: batching imports torch).
+BATCH_ATTENTION = ("rows", "masked")
+DEFAULT_BATCH_ATTENTION = "rows"
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +25,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"completions decoded together in one forward pass (continuous batching; default "
         f"{DEFAULT_MAX_BATCH}; 1: one request at a time)",
+    )
+    g.add_argument(
+        "--batch-attention",
+        default=DEFAULT_BATCH_ATTENTION,
+        choices=BATCH_ATTENTION,
+        help="attention of a batched decode step: 'rows' (each request on its own keys: greedy answers equal "
+        "one-at-a-time decoding bit for bit) or 'masked' (one call per layer over the padded batch: fewer "
+        f"kernel launches; answers may differ in the last bits) (default {DEFAULT_BATCH_ATTENTION})",
     )
     g.add_argument(
         "--max-queue",
@@ -73,6 +84,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
     return [
         "--max-batch",
         str(ns.max_batch),
+        "--batch-attention",
+        ns.batch_attention,
         "--max-queue",
         str(ns.max_queue),
         "--max-body-mib",

@@ -78,6 +78,9 @@ def load(
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    for name, p in loaded.named_parameters():  # served as vLLM serves them (Gated DeltaNet's A_log in float32)
+        if layout.served_in_fp32(name):
+            p.data = p.data.float()
     # Under the files' names (a multimodal checkpoint's text model: model.language_model.*), as the layout's
     # plan names the HF tensors.
     full = checkpoint.by_file_names({n: p.data for n, p in loaded.named_parameters()}, model_dir)

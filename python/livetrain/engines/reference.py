@@ -51,6 +51,7 @@ class Engine:
         store_dir: str | None = None,
         max_batch: int = engine_options.DEFAULT_MAX_BATCH,
         max_queue: int = engine_options.DEFAULT_MAX_QUEUE,
+        batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
         ranks=None,
     ):
         import transformers
@@ -65,9 +66,13 @@ class Engine:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.ranks = ranks  # livetrain.trainer.ranks.Ranks of a tensor-parallel engine's rank 0, else None
         if ranks is not None:
-            self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue)
+            self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention)
             return
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        # Served as vLLM serves them (Gated DeltaNet's A_log in float32, widened from the files' dtype).
+        for name, p in model.named_parameters():
+            if layout.served_in_fp32(name):
+                p.data = p.data.float()
         self.model = model.to(self.device).eval()
         # Generation runs the same layers as training: the fused kernels they got, or the torch path.
         for warning in kernels.prepare(self.model, self.device, backward=False):
@@ -92,9 +97,13 @@ class Engine:
         else:
             self.exported = sharing.export_cuda(params, manifest, model_path=model_dir, config=config)
         self._set_eos()
-        self.scheduler = batching.Scheduler(self.model, self.eos, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = batching.Scheduler(
+            self.model, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
+        )
 
-    def _init_tensor_parallel(self, ranks, dtype, store, store_dir, manifest, max_batch, max_queue) -> None:
+    def _init_tensor_parallel(
+        self, ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention
+    ) -> None:
         """Rank 0 of a tensor-parallel engine (livetrain.engines.ranks): its shards, shared as its own
         manifest, and the scheduler that drives every rank's model."""
         import transformers
@@ -116,7 +125,9 @@ class Engine:
         self.kernels = kernels.report(self.model)
         self._set_eos()
         self.driven = engine_ranks.Driven(self.model, ranks, w.vocab_rows)
-        self.scheduler = engine_ranks.TPScheduler(self.driven, self.eos, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = engine_ranks.TPScheduler(
+            self.driven, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
+        )
 
     def _set_eos(self) -> None:
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -438,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             store_dir=a.store,
             max_batch=a.max_batch,
             max_queue=a.max_queue,
+            batch_attention=a.batch_attention,
             ranks=ranks,
         )
     except Error as e:  # a bad model directory or checkpoint store: the message names it

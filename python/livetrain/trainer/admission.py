@@ -1,6 +1,7 @@
 """What the trainer decides about a /train job before queueing it, beyond checking its fields
 (trainer.examples): whether its steps fit the per-step token budget (``--max-batch-tokens``: a job that
-would not fit is split into smaller batches or refused, never run into an out-of-memory kill), and
+would not fit is split into smaller batches or refused, never run into an out-of-memory kill; the
+guard's replayed rows count, and so do the forward-only batches of loss evaluations), and
 whether it is a retry of a job already taken (``Idempotency-Key`` or a client-chosen job id), which gets
 the first one's answer instead of training twice.
 """
@@ -14,30 +15,65 @@ import threading
 from livetrain.trainer.protocol import Invalid, Reply, error
 
 
-def fit_batch(examples: list, batch_size: int, explicit: bool, max_tokens: int) -> int:
+def fit_batch(examples: list, batch_size: int, explicit: bool, max_tokens: int, replay: int = 0) -> int:
     """The batch size a job runs with so that no step computes more than ``max_tokens`` tokens (rows ×
     the longest of them, padding included): ``batch_size`` when it fits, else, when the client did not
-    ask for it (``explicit``), the largest that fits. Invalid naming the field otherwise."""
+    ask for it (``explicit``), the largest that fits. ``replay`` retention rows join every step (the
+    forgetting guard's replay): they count as rows as long as the job's longest example, and are cut to
+    ``replay_width`` when the job runs, so the step stays within the budget whatever their length.
+    Invalid naming the field otherwise."""
     lengths = [len(ids) for ids, _, _ in examples]
     longest = max(lengths)
+    i = lengths.index(longest)
     if longest > max_tokens:
-        i = lengths.index(longest)
         raise Invalid(
             f"examples[{i}]",
             f"examples[{i}] is {longest} tokens, over the trainer's per-step budget of {max_tokens} tokens "
             "(--max-batch-tokens)",
         )
-    rows = min(batch_size, len(examples))
+    if (1 + replay) * longest > max_tokens:
+        raise Invalid(
+            "replay",
+            f"examples[{i}] is {longest} tokens: with the {replay} replayed retention rows that join every step, "
+            f"one example takes {(1 + replay) * longest} tokens per step, over the trainer's per-step budget of "
+            f'{max_tokens} tokens (--max-batch-tokens); send a smaller "replay" (0: none) or shorter examples',
+        )
+    rows = min(batch_size, len(examples)) + replay
     if rows * longest <= max_tokens:
         return batch_size
-    fit = max_tokens // longest
+    fit = max_tokens // longest - replay
     if explicit:
+        with_replay = f" + {replay} replayed retention rows" if replay else ""
         raise Invalid(
             "batch_size",
-            f"batch_size {batch_size} × {longest} tokens (the longest example) = {rows * longest} tokens per step, "
-            f"over the trainer's per-step budget of {max_tokens} tokens (--max-batch-tokens); at most {fit} fit",
+            f"batch_size {batch_size}{with_replay} × {longest} tokens (the longest example) = {rows * longest} "
+            f"tokens per step, over the trainer's per-step budget of {max_tokens} tokens (--max-batch-tokens); "
+            f"at most {fit} fit",
         )
     return fit
+
+
+def replay_width(max_tokens: int, rows: int, replay: int) -> int:
+    """How many tokens each replayed retention row may keep in a step of ``rows`` job examples and
+    ``replay`` replay rows: the budget's share of one row (at least the job's longest example, since
+    ``fit_batch`` admitted the job)."""
+    return max_tokens // (rows + replay)
+
+
+def chunks(lengths: list[int], max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of rows of ``lengths`` tokens, each at most ``max_rows`` rows and
+    ``max_tokens`` tokens (rows × the longest, padding included; a row longer than the budget goes alone):
+    the forward-only batches of a loss evaluation, so that they stay within the step budget too."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        wider = max(longest, n)
+        if i > start and (i - start >= max_rows or (i - start + 1) * wider > max_tokens):
+            out.append((start, i))
+            start, wider = i, n
+        longest = wider
+    if start < len(lengths):
+        out.append((start, len(lengths)))
+    return out
 
 
 def job_key(idempotency_key: str | None, job_id: str | None) -> str | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
-# Tokens one training step may compute (rows × the longest row). Not yet measured per token: chosen from
+# Tokens one training step may compute (rows × the longest row; the guard's replayed rows count too:
+# trainer.admission). Not yet measured per token on this machine (bench/train_memory.py measures it): chosen from
 # the review of issue #13, where a step of 8 × 1,050 tokens (8,400) on the default model grew the CPU
 # trainer past 5.6 GiB, so about half that stays well inside a few GiB; the idle trainer of the default
 # model is ~0.4 GiB resident and one step of ~150 tokens raised its peak to ~0.85 GiB (first step,

@@ -111,7 +111,10 @@ def cross_site(method: str, headers) -> protocol.Reply | None:
     server without an API key: a Host that is not this machine's (DNS rebinding); and for methods that
     change something, an Origin other than the server's own, or a body that is not application/json
     (what a cross-site form or "simple" fetch can send without a CORS preflight). Clients other than
-    browsers send no Origin and pass."""
+    browsers send no Origin and pass. Reads (GET) are checked for the Host alone: a rebound page reads
+    what its GETs return, while a GET sent with a foreign Origin is answered without CORS headers, which
+    keeps the answer from the page; so a Prometheus scraper of /metrics (no Origin, the Host of its
+    target) passes whenever it names the server by address, localhost or this machine's name."""
     host = headers.get("host")
     if host is not None and not host_is_ours(host):
         return protocol.error(

@@ -410,7 +410,8 @@ class Trainer:
         # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
         # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
         asked = parsed.get("batch_size", self.settings.batch_size)
-        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens)
+        replay = schedule.plan(parsed, self.settings, n).replay  # replayed rows join every step: they count
+        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens, replay)
         plan = schedule.plan({**parsed, "batch_size": bs}, self.settings, n)
         if self.ranks is not None and (plan.guard or plan.replay):
             # The retention answers and losses are generated on rank 0 alone, while a tensor-parallel
@@ -769,8 +770,9 @@ class Trainer:
         out: list[float] = []
         try:
             bs = batch_size or self.batch_size
-            for b in range(0, len(examples), bs):
-                chunk = examples[b : b + bs]
+            lengths = [len(ids) for ids, _, _ in examples]
+            for b, e in admission.chunks(lengths, bs, self.max_batch_tokens):  # within the step budget
+                chunk = examples[b:e]
                 ids, attn, labels, weights = self._batch(chunk)
                 per_example = torch.empty(len(chunk), dtype=torch.float32, device=self.device)
                 causal_lm_loss(self.model, ids, attn, labels, weights, per_example=per_example)
@@ -815,6 +817,10 @@ class Trainer:
         try:
             undo = self._undo_point() if plan.guard else None
             watch = self._guard_start(plan) if plan.guard or plan.replay else None
+            if watch and plan.replay:  # cut to their share of the step budget (trainer.admission)
+                width = admission.replay_width(self.max_batch_tokens, min(plan.batch_size, len(examples)), plan.replay)
+                watch["replay"] = self._fit(watch["replay"], width)
+                watch["report"]["replayed_prompts"] = len(watch["replay"])
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
@@ -933,13 +939,14 @@ class Trainer:
         }
         return {"replay": replay, "held_out": held_out, "before": before, "report": report}
 
-    def _fit(self, examples: list) -> list:
-        """Retention examples cut to the trainer's longest example (answers shortened; prompts that do not
-        fit leave the set)."""
+    def _fit(self, examples: list, limit: int | None = None) -> list:
+        """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
+        shortened; prompts that do not fit leave the set)."""
         out = []
+        limit = min(self.max_len, limit or self.max_len)
         for ids, mask, w in examples:
-            if len(ids) > self.max_len:
-                ids, mask = ids[: self.max_len], mask[: self.max_len]
+            if len(ids) > limit:
+                ids, mask = ids[:limit], mask[:limit]
             if any(mask[1:]):
                 out.append((ids, mask, w))
         return out
