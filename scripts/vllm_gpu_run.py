@@ -24,7 +24,10 @@
 
 Writes OUT/vllm-run.json (every answer, status and timing) and the servers' logs; exits 0 when all holds.
 usage: python scripts/vllm_gpu_run.py [--arch llama|qwen3_5] [--work DIR] [--out DIR] [--checkpoint http|api]
-                                      [--vllm-args "..."]
+                                      [--vllm-args "..."] [--tensor-parallel N]
+
+With ``--tensor-parallel 2`` (two GPUs) vLLM runs at --tensor-parallel-size 2: the plugin starts two trainer
+ranks, one per worker's manifest, /train/status must show both, and every worker must restore its shards.
 """
 
 import argparse
@@ -86,14 +89,20 @@ QWEN35_TEXT = dict(
 ARCHS = {"llama": [], "qwen3_5": ["--language-model-only"]}
 
 
-def make_model(path: Path, arch: str) -> None:
+# At tensor parallelism N the vocabulary, padded to a multiple of 64, is split in N blocks: more words, so that
+# every rank holds real rows of it.
+FILLER = " ".join(f"filler{i}" for i in range(60))
+
+
+def make_model(path: Path, arch: str, tensor_parallel: int = 1) -> None:
     """A random bf16 model of ``arch`` and a tokenizer: a Llama of head_dim 64 (hidden 256, 4 heads), as
     vLLM's attention kernels want; or the Qwen3.5 multimodal checkpoint of tests/python/qwen35_model.py with
     the text model of QWEN35_TEXT (and its vision tower and MTP head)."""
+    corpus = CORPUS + [FILLER] if tensor_parallel > 1 else CORPUS
     if arch == "qwen3_5":
-        qwen35_model.make_qwen35_dir(path, corpus=CORPUS, text=QWEN35_TEXT)
+        qwen35_model.make_qwen35_dir(path, corpus=corpus, text=QWEN35_TEXT)
     else:
-        tiny_model.make_model_dir(path, CORPUS, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+        tiny_model.make_model_dir(path, corpus, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
 
 
 def outside_text_model(name: str) -> bool:
@@ -258,13 +267,22 @@ def main() -> int:
         help="http: POST /checkpoint (the trainer's op); api: livetrain.checkpoint on the live weights",
     )
     p.add_argument("--vllm-args", default="", help="more `vllm serve` options, as shell words")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="vLLM's --tensor-parallel-size (N GPUs): the plugin starts N trainer ranks, one per worker (default 1)",
+    )
     a = p.parse_args()
+    if a.tensor_parallel > 1 and a.checkpoint == "api":
+        p.error("--checkpoint api reads one whole rank's manifest; at --tensor-parallel > 1 use --checkpoint http")
     work, out = Path(a.work), Path(a.out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
     model, store = work / "model", work / "model" / ".livetrain-store"
-    report: dict = {"arch": a.arch, "checkpoint_mode": a.checkpoint}
+    report: dict = {"arch": a.arch, "checkpoint_mode": a.checkpoint, "tensor_parallel": a.tensor_parallel}
     servers: list[Server] = []
     try:
         from livetrain.vllm import api
@@ -272,7 +290,7 @@ def main() -> int:
         report["vllm"] = api.installed_vllm_version()
         if report["vllm"] is None:
             raise Failed("vLLM is not installed (importable) here")
-        make_model(model, a.arch)
+        make_model(model, a.arch, a.tensor_parallel)
         original = model_tensors(model) if a.arch == "qwen3_5" else None
         import livetrain
         from livetrain import checkpoint
@@ -288,6 +306,8 @@ def main() -> int:
             "TOKENIZERS_PARALLELISM": "false",
         }
         extra = ARCHS[a.arch] + shlex.split(a.vllm_args)
+        if a.tensor_parallel > 1:
+            extra += ["--tensor-parallel-size", str(a.tensor_parallel)]
 
         s1 = Server(1, model, env, out, extra)
         servers.append(s1)
@@ -298,6 +318,11 @@ def main() -> int:
         report["train_without_key"] = code
         if code != 401:
             raise Failed(f"/train/status without the API key answered {code}, not 401: {body}")
+        if a.tensor_parallel > 1:  # one trainer rank per worker, in one group
+            tp = s1.status().get("tensor_parallel") or {}
+            report["trainer_ranks"] = tp
+            if tp.get("size") != a.tensor_parallel or tp.get("state") != "ok":
+                raise Failed(f"/train/status has no tensor-parallel trainer of {a.tensor_parallel} ranks: {tp}")
         report["before"] = s1.complete()
         t0 = time.monotonic()
         code, job = http(
@@ -351,7 +376,8 @@ def main() -> int:
         s2 = Server(2, model, env, out, extra)
         servers.append(s2)
         report["start_2"] = s2.ready()
-        report["restored_message"] = "restored checkpoint generation" in s2.log_text()
+        restored = s2.log_text().count("restored checkpoint generation")
+        report["restored_message"] = restored >= a.tensor_parallel  # one line per worker (TP rank r/N)
         report["after_restart"] = s2.complete()
         report["weight_version_after_restart"] = s2.status()["weight_version"]
         if not report["after_restart"].strip().startswith(FACT):

@@ -21,6 +21,7 @@
 # SITE/bin, vLLM's commands included.
 #
 # usage: [WHEEL=FILE] bash scripts/vllm_gpu_run.sh [--arch llama|qwen3_5] [--checkpoint http|api] [--vllm-args "..."]
+#                                                  [--tensor-parallel 2]  (two GPUs: the plugin's trainer ranks)
 #        [WHEEL=FILE] bash scripts/vllm_gpu_run.sh SCRIPT.py [ARGS...]   another script in the same environment
 #                                                    (e.g. bench/vllm_transfer.py), $OUT passed on
 set -uo pipefail

@@ -466,6 +466,15 @@ def test_trainer_stops_with_the_api_server(tmp_path):
     assert (tmp_path / "b.term").exists(), f"trainer {pid} did not get SIGTERM when its parent was killed"
 
 
+def trainer_env(monkeypatch, run_dir: Path, state_dir: Path) -> None:
+    """The environment of a plugin that starts trainer processes from this checkout."""
+    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
 def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monkeypatch):
     """init_state with the weights of a (CPU) vLLM-layout engine: the trainer starts on them, /train on the
     plugin's routes changes them in place, and each new weight version resets vLLM's prefix cache."""
@@ -492,11 +501,7 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
         "restore": store_info,
     }
     client = RecordingEngineClient(plain_worker(model_dir, None).vllm_config, exports=[info])
-    monkeypatch.setenv("LIVETRAIN_RUN_DIR", str(run_dir))
-    monkeypatch.setenv("LIVETRAIN_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    trainer_env(monkeypatch, run_dir, tmp_path / "state")
     app, plugin = app_with_plugin()
     auth = {"Authorization": "Bearer sk"}
     try:
@@ -546,3 +551,87 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     assert "model.layers.0.self_attn.qkv_proj.weight" in changed and "model.layers.1.mlp.gate_up_proj.weight" in changed
     assert (tmp_path / "state" / "trainer.json").exists()  # the trainer saved its state when stopped
     exported.close()
+
+
+def test_plugin_at_tp2_starts_one_trainer_rank_per_worker(tmp_path, monkeypatch):
+    """init_state on a (CPU) vLLM at tensor-parallel size 2: the store is created before the workers'
+    export, the trainer's two ranks start on the two workers' manifests (one process group), and a /train
+    job through the plugin's routes changes both ranks' shards in place."""
+    from fastapi.testclient import TestClient
+
+    model_dir, run_dir = tmp_path / "model", tmp_path / "run"
+    # 24 words and the specials, 20 more: the vocabulary padded to 64 leaves rank 1 real rows.
+    config = tiny_model.make_model_dir(model_dir, CORPUS + [" ".join(f"filler{i}" for i in range(20))])
+    run_dir.mkdir()
+    hf = hf_tensors(model_dir)
+    exports, infos = [], []
+    for r in range(2):
+        manifest = worker.manifest_path(str(run_dir), r)
+        tensors = layout.merge(config, hf, tp_rank=r, tp_size=2)
+        exports.append(
+            sharing.export_cpu(
+                tensors,
+                manifest,
+                model_path=model_dir,
+                config=config,
+                engine="vllm",
+                tp_rank=r,
+                tp_size=2,
+                group=str(run_dir),  # what the worker's export names (the run directory)
+            )
+        )
+        infos.append(
+            {
+                "run_dir": str(run_dir),
+                "manifest": manifest,
+                "tp_rank": r,
+                "tp_size": 2,
+                "pid": os.getpid(),
+                "model_dir": str(model_dir),
+                "tensors": len(tensors),
+                "restore": {"store": None, "generation": None, "restored": False},
+            }
+        )
+    before = [{k: v.clone() for k, v in e.tensors.items()} for e in exports]
+    assert not checkpoint.store_exists(model_dir)
+    client = RecordingEngineClient(plain_worker(model_dir, None, tensor_parallel_size=2).vllm_config, exports=infos)
+    trainer_env(monkeypatch, run_dir, tmp_path / "state")
+    monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", "--tp-timeout 120")
+    app, plugin = app_with_plugin()
+    auth = {"Authorization": "Bearer sk"}
+    try:
+        with TestClient(app) as c:
+            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            assert checkpoint.store_exists(model_dir)  # made before the workers' export (endpoint.ensure_store)
+            assert len(plugin.trainer.pids) == 2
+            deadline = time.monotonic() + 240
+            while (r := c.get("/train/status", headers=auth)).status_code == 503 and time.monotonic() < deadline:
+                assert plugin.trainer.poll() is None, "trainer rank 0 exited"
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+            tp = r.json()["tensor_parallel"]
+            assert tp["size"] == 2 and tp["state"] == "ok" and tp["pids"] == plugin.trainer.pids, tp
+            r = c.post("/train", headers=auth, json={"examples": tiny_model.FACT_EXAMPLES[:1], "steps": 2, "lr": 0.01})
+            assert r.status_code == 202, r.text
+            while time.monotonic() < deadline:
+                st = c.get("/train/status", headers=auth).json()
+                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed"):
+                    break
+                time.sleep(0.2)
+            assert st["jobs"][-1]["state"] == "done" and st["weight_version"] == 2, st
+            assert plugin.trainer.stop() == 0
+    finally:
+        if plugin.trainer is not None:
+            for p in plugin.trainer.procs:
+                if p.poll() is None:
+                    p.proc.kill()
+    for r in range(2):
+        changed = [k for k, v in exports[r].tensors.items() if not torch.equal(v, before[r][k])]
+        assert "model.layers.0.self_attn.qkv_proj.weight" in changed, (r, changed)
+    assert sorted(os.listdir(tmp_path / "state")) == [
+        "optimizer.rank-0-of-2.safetensors",
+        "optimizer.rank-1-of-2.safetensors",
+        "trainer.json",
+    ]
+    for e in exports:
+        e.close()

@@ -81,6 +81,23 @@ def _use_row_attention(model) -> str | None:
 ATTENTION = ("rows", "masked")
 
 
+def merge_cache(mine, theirs, grow: int, start: int) -> None:
+    """Appends the rows of cache ``theirs`` to cache ``mine`` (in place): ``mine``'s rows left-padded by
+    ``grow`` positions, ``theirs`` by ``start`` (a tensor-parallel engine's ranks repeat it on their caches)."""
+    pad = torch.nn.functional.pad
+    for m, t in zip(mine.layers, theirs.layers):
+        m.keys = torch.cat([pad(m.keys, (0, 0, grow, 0)), pad(t.keys, (0, 0, start, 0))])
+        m.values = torch.cat([pad(m.values, (0, 0, grow, 0)), pad(t.values, (0, 0, start, 0))])
+
+
+def select_rows(cache, keep: list[int], trim: int) -> None:
+    """Keeps the rows ``keep`` (indices) of ``cache`` and drops its first ``trim`` positions (in place)."""
+    index = torch.tensor(keep, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+        layer.values = layer.values.index_select(0, index)[:, :, trim:]
+
+
 class QueueFull(RuntimeError):
     """The admission queue is full: answer 503 with ``Retry-After``."""
 
@@ -276,10 +293,7 @@ class Scheduler:
             return
         length = max(self._length, row.length)
         grow, row.start = length - self._length, length - row.length
-        pad = torch.nn.functional.pad
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, row.start, 0))])
-            mine.values = torch.cat([pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, row.start, 0))])
+        merge_cache(self._cache, cache, grow, row.start)
         for r in self._rows:
             r.start += grow
         self._length = length
@@ -333,10 +347,7 @@ class Scheduler:
                 self._rows, self._cache, self._length = [], None, 0
             return
         trim = min(r.start for r in rows)
-        index = torch.tensor(keep, device=self.device)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
-            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        select_rows(self._cache, keep, trim)
         for r in rows:
             r.start -= trim
         self._length -= trim

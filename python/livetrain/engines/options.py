@@ -51,9 +51,25 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         f"{security.DEFAULT_MAX_BODY_MIB}, at most {protocol.MAX_BODY >> 20}: the trainer socket's limit)",
     )
 
+    g.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engine ranks, each holding 1/N of every weight (vLLM's shards): N processes over gloo on CPU, "
+        "one GPU each with --device cuda (rank r on cuda:r); N trainer ranks train them in place "
+        "(docs/tensor-parallel.md; default 1)",
+    )
+
 
 def check(ns: argparse.Namespace) -> str | None:
     """What is wrong with the serving options (None: nothing)."""
+    if ns.tensor_parallel < 1:
+        return "--tensor-parallel must be >= 1"
+    if ns.tensor_parallel > 1 and getattr(ns, "device", "cpu") not in ("cpu", "cuda"):
+        return (
+            f"--device {ns.device}: at --tensor-parallel {ns.tensor_parallel} give cpu or cuda (rank r runs on cuda:r)"
+        )
     if ns.max_batch < 1:
         return "--max-batch must be >= 1"
     if ns.max_queue < 0:
@@ -74,4 +90,6 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.max_queue),
         "--max-body-mib",
         str(ns.max_body_mib),
+        "--tensor-parallel",
+        str(ns.tensor_parallel),
     ]

@@ -7,6 +7,10 @@ exported once (``export_cpu``: copied into a POSIX shared-memory segment that th
 ``export_cuda``: shared in place through CUDA IPC) and the manifest is written, so a trainer process can
 attach and update them in place while requests are answered. docs/serve.md.
 
+At ``--tensor-parallel N`` (started by ``livetrain serve --tensor-parallel N``) this process is one rank of N:
+its weights are its shards in vLLM's layout, and rank 0 serves HTTP and drives the others
+(livetrain.engines.ranks).
+
 usage: python -m livetrain.engines.reference --model DIR --manifest FILE --trainer-socket PATH [--port N] ...
 (normally started by ``python -m livetrain.serve``)
 """
@@ -48,6 +52,7 @@ class Engine:
         max_batch: int = engine_options.DEFAULT_MAX_BATCH,
         max_queue: int = engine_options.DEFAULT_MAX_QUEUE,
         batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
+        ranks=None,
     ):
         import transformers
 
@@ -59,6 +64,10 @@ class Engine:
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.ranks = ranks  # livetrain.trainer.ranks.Ranks of a tensor-parallel engine's rank 0, else None
+        if ranks is not None:
+            self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention)
+            return
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         # Served as vLLM serves them (Gated DeltaNet's A_log in float32, widened from the files' dtype).
         for name, p in model.named_parameters():
@@ -87,17 +96,55 @@ class Engine:
                 p.data = self.exported.tensors[name]
         else:
             self.exported = sharing.export_cuda(params, manifest, model_path=model_dir, config=config)
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.eos = set()
-        for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        self._set_eos()
         self.scheduler = batching.Scheduler(
             self.model, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
         )
 
+    def _init_tensor_parallel(
+        self, ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention
+    ) -> None:
+        """Rank 0 of a tensor-parallel engine (livetrain.engines.ranks): its shards, shared as its own
+        manifest, and the scheduler that drives every rank's model."""
+        import transformers
+
+        from livetrain import kernels
+        from livetrain.engines import ranks as engine_ranks
+
+        self.device = engine_ranks.rank_device(str(self.device), 0)
+        w = engine_ranks.load(
+            ranks, self.model_dir, manifest, self.device, DTYPES[dtype], store=store, store_dir=store_dir
+        )
+        self.model, self.exported, self.checkpoint = w.model, w.exported, w.checkpoint
+        try:  # the model was built from config.json: its generation config (EOS ids) is the files'
+            self.model.generation_config = transformers.GenerationConfig.from_pretrained(self.model_dir)
+        except OSError:
+            pass
+        for warning in kernels.prepare(self.model, self.device, backward=False):
+            print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
+        self.kernels = kernels.report(self.model)
+        self._set_eos()
+        self.driven = engine_ranks.Driven(self.model, ranks, w.vocab_rows)
+        self.scheduler = engine_ranks.TPScheduler(
+            self.driven, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
+        )
+
+    def _set_eos(self) -> None:
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos = set()
+        for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+
+    @property
+    def failure(self) -> str | None:
+        """Why a tensor-parallel engine can no longer generate (a rank died or failed), else None."""
+        return self.ranks.failure if self.ranks is not None else None
+
     def close(self) -> None:
-        """Stops the scheduler (waiting requests get an error) and the sharing."""
+        """Stops the scheduler (waiting requests get an error), the other ranks, and the sharing."""
         self.scheduler.close()
+        if self.ranks is not None:
+            self.driven.close()
         self.exported.close()
 
     # ---- tokens (called off the event loop: a long text takes a while) ----
@@ -249,6 +296,8 @@ def build_app(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
                 f"exceeds the model's context of {engine.max_len} tokens",
             )
+        if engine.failure is not None:  # a tensor-parallel engine's rank died: no generation until a restart
+            return routes.json_response(protocol.error(503, f"the engine cannot generate: {engine.failure}"))
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}
         loop = asyncio.get_running_loop()
@@ -306,8 +355,8 @@ def build_app(
         try:
             async for delta, finish in pieces():
                 parts.append(delta)
-        except RuntimeError as e:
-            return routes.json_response(protocol.error(500, f"generation failed: {e}"))
+        except RuntimeError as e:  # 503 when a tensor-parallel engine's rank died: nothing generates until a restart
+            return routes.json_response(protocol.error(503 if engine.failure else 500, f"generation failed: {e}"))
         return JSONResponse(
             {
                 **base,
@@ -370,7 +419,26 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from livetrain import Error
+    from livetrain.engines import ranks as engine_ranks
 
+    ranks = None
+    if a.tensor_parallel > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) != a.tensor_parallel:
+            p.error(
+                f"--tensor-parallel {a.tensor_parallel}: the engine's ranks are started by `livetrain serve "
+                "--tensor-parallel N`, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            )
+        ranks = engine_ranks.start(a.device, os.path.dirname(os.path.abspath(a.manifest)))
+        if ranks.rank > 0:
+            device = engine_ranks.rank_device(a.device, ranks.rank)
+            try:
+                weights = engine_ranks.load(
+                    ranks, a.model, a.manifest, device, DTYPES[a.dtype], store=not a.no_store, store_dir=a.store
+                )
+            except Exception as e:  # rank 0 says why too when the reason is the model's (it loads the same)
+                sys.exit(f"livetrain engine rank {ranks.rank}: {type(e).__name__}: {e}")
+            engine_ranks.serve_rank(ranks, weights, device)
+            return
     try:
         engine = Engine(
             a.model,
@@ -382,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             max_batch=a.max_batch,
             max_queue=a.max_queue,
             batch_attention=a.batch_attention,
+            ranks=ranks,
         )
     except Error as e:  # a bad model directory or checkpoint store: the message names it
         sys.exit(f"livetrain engine: {e}")

@@ -93,7 +93,7 @@ def start_trainer(
     )
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     import socket
 
     with socket.socket() as s:
@@ -159,12 +159,17 @@ def start_trainer_group(
     ``environment(env)`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a free port) set, every rank
     with the same options (the same --state-dir: rank files are named by rank); rank 0 on ``socket``."""
     base = environment(os.environ if env is None else env)
-    base.update(WORLD_SIZE=str(len(manifests)), MASTER_ADDR=master_addr, MASTER_PORT=str(_free_port(master_addr)))
+    base.update(WORLD_SIZE=str(len(manifests)), MASTER_ADDR=master_addr, MASTER_PORT=str(free_port(master_addr)))
     procs = []
     for rank, manifest in enumerate(manifests):
         rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
         procs.append(Process(trainer_command(manifest, model_dir, socket, ns), rank_env, tied=tied))
-    return TrainerGroup(procs)
+    group = TrainerGroup(procs)
+    if tied:
+        # atexit runs last-registered first: the group's ordered stop (rank 0 saves and stops the others)
+        # before each rank's own SIGTERM, which would otherwise reach the last rank first.
+        atexit.register(group.stop)
+    return group
 
 
 def _exec_tied_to(parent: int, cmd: list[str]) -> None:

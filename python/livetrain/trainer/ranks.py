@@ -52,8 +52,11 @@ class Ranks:
     process group (``group``) and the commands' (``control``). Created from the environment the launcher
     sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; ``from_env``)."""
 
-    def __init__(self, rank: int, size: int, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str = "."):
+    def __init__(
+        self, rank: int, size: int, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str = ".", role: str = "trainer"
+    ):
         self.rank, self.size, self.timeout = rank, size, timeout
+        self.role = role  # "trainer", or "engine" for the reference engine's ranks (livetrain.engines.ranks)
         self.state_dir = state_dir
         self.group = self.control = None  # start()
         self.failure: str | None = None  # why the group can no longer train (rank 0 reports it)
@@ -207,15 +210,22 @@ class Ranks:
     def follow(self, trainer) -> None:
         """Ranks > 0: runs rank 0's commands until it says stop. A failure here is written where rank 0
         reads it (``failure_path``) and ends this process."""
-        import torch.distributed as dist
-
         ops = {
             "step": trainer.train_step,
             "commit": trainer.commit_rank,
             "rollback": trainer.rollback_rank,
             "save": trainer.save_rank,
-            "noop": lambda: None,
         }
+        self.run_commands(ops, fatal={"step"})
+
+    def run_commands(self, ops: dict, fatal) -> None:
+        """Ranks > 0: runs rank 0's commands (``ops``: name -> function of the command's arguments; "noop"
+        and "stop" are known) until it says stop. A command in ``fatal`` that fails (or any failure of
+        torch.distributed) is written where rank 0 reads it (``failure_path``) and ends this process: rank 0
+        is then inside that command's collectives without this rank. Others are logged and the loop goes on."""
+        import torch.distributed as dist
+
+        ops = {"noop": lambda: None, **ops}
         while True:
             box = [None]
             try:
@@ -231,10 +241,14 @@ class Ranks:
             except Exception as e:
                 # A step that failed on this rank leaves the others inside its collectives: the group is done.
                 # Checkpoint, rollback and save fail on every rank alike (``together``) and the group goes on.
-                if op == "step" or isinstance(e, dist.DistError):
+                if op in fatal or isinstance(e, dist.DistError):
                     self._record(f"{op}: {type(e).__name__}: {e}")
                     raise SystemExit(1) from None
-                print(f"livetrain trainer rank {self.rank}: {op}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(
+                    f"livetrain {self.role} rank {self.rank}: {op}: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def end_step(self) -> None:
         """Every rank, after its step's last write: once this returns, every rank's part of the step is in
@@ -255,7 +269,7 @@ class Ranks:
             _core.write_file_atomic(self.failure_path(self.rank), message.encode())
         except Exception:
             pass
-        print(f"livetrain trainer rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        print(f"livetrain {self.role} rank {self.rank}: {message}", file=sys.stderr, flush=True)
 
     def fail(self, error: BaseException) -> RankFailure:
         """Rank 0, after a collective or a step failed: which rank died or failed and how (its pid, or the
@@ -275,7 +289,8 @@ class Ranks:
                     found.append(f"rank {r} (pid {self.pids[r]}) died")
             if not found:
                 found.append(f"rank 0: {type(error).__name__}: {error}")
-            self.failure = "; ".join(found) + "; the tensor-parallel trainer stopped (restart it to train again)"
+            restart = "restart it to train again" if self.role == "trainer" else "restart the server"
+            self.failure = "; ".join(found) + f"; the tensor-parallel {self.role} stopped ({restart})"
             self.abort()
         return RankFailure(self.failure)
 
@@ -299,12 +314,17 @@ class Ranks:
             pass
 
     def status(self) -> dict:
+        alive = [_alive(p) for p in self.pids]
+        # A rank gone while the group was idle: its failure is known at the next command; say it now.
+        gone = "; ".join(
+            f"rank {r} (pid {p}) is not running" for r, (p, a) in enumerate(zip(self.pids, alive)) if not a
+        )
         return {
             "size": self.size,
             "pids": list(self.pids),
-            "alive": [_alive(p) for p in self.pids],
-            "state": "failed" if self.failure else "ok",
-            "error": self.failure,
+            "alive": alive,
+            "state": "failed" if self.failure or gone else "ok",
+            "error": self.failure or gone or None,
         }
 
     def clear_failures(self) -> None:

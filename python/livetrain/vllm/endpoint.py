@@ -131,6 +131,19 @@ def report_served(socket: str, version: int) -> None:
         pass
 
 
+def ensure_store(facts: api.Facts, env=os.environ) -> None:
+    """Creates the model's checkpoint store when it is missing (generation 0 = the model files), before the
+    workers of a tensor-parallel vLLM restore from it: each opens it as its rank, and only rank 0 could create
+    it while the others already look for it."""
+    from livetrain import checkpoint
+
+    model_dir = worker.resolve_model_dir(facts.model, facts.revision)
+    sdir = worker.store_dir(model_dir, env)
+    if not checkpoint.store_exists(model_dir, sdir):
+        checkpoint.open_store(model_dir, sdir, create=True, held=[]).close()
+        logger.info("livetrain: created the checkpoint store %s (generation 0: the model files)", sdir)
+
+
 class EndpointPlugin:
     """The ``vllm.endpoint_plugins`` entry point (vLLM instantiates it with no arguments)."""
 
@@ -180,6 +193,9 @@ class EndpointPlugin:
             raise worker.Refused(msg)
         self.keys = api.api_keys(args)
 
+        if facts.tensor_parallel > 1 and not trainer_ns.no_store:
+            # The workers open the store at once and only rank 0 may create it: it is made here, first.
+            ensure_store(facts, env)
         own_dir = not env.get("LIVETRAIN_RUN_DIR")
         run_dir = env.get("LIVETRAIN_RUN_DIR") or tempfile.mkdtemp(prefix="livetrain-vllm-")
         self.exports = sorted(
@@ -199,14 +215,13 @@ class EndpointPlugin:
         restore = first["restore"]
         if restore["restored"]:
             logger.info("livetrain: serving checkpoint generation %d from %s", restore["generation"], restore["store"])
-        if facts.tensor_parallel > 1:
-            logger.warning(
-                "livetrain: vLLM runs with tensor parallelism %d; manifests %s are exported, but the "
-                "trainer builds a model from one whole rank only, so no trainer is started and /train "
-                "answers 503",
-                facts.tensor_parallel,
-                ", ".join(e["manifest"] for e in self.exports),
+        manifests = [e["manifest"] for e in self.exports]
+        if mode == "plugin" and len(manifests) > 1:
+            # One trainer rank per worker, one process group (trainer.ranks); tied as at TP 1.
+            self.trainer = process.start_trainer_group(
+                manifests, first["model_dir"], self.socket, trainer_ns, tied=True
             )
+            logger.info("livetrain: trainer ranks, pids %s, on %s", self.trainer.pids, ", ".join(manifests))
         elif mode == "plugin":
             # Tied: stopped when the API server exits, by the kernel if it dies.
             self.trainer = process.start_trainer(
@@ -214,8 +229,15 @@ class EndpointPlugin:
             )
             logger.info("livetrain: trainer pid %d on %s", self.trainer.pid, first["manifest"])
         else:
-            cmd = process.trainer_command(first["manifest"], first["model_dir"], self.socket, trainer_ns)
-            logger.info("livetrain: LIVETRAIN_TRAINER=external; start the trainer with: %s", shlex.join(cmd))
+            for r, manifest in enumerate(manifests):
+                cmd = process.trainer_command(manifest, first["model_dir"], self.socket, trainer_ns)
+                ranks = f"RANK={r} WORLD_SIZE={len(manifests)} MASTER_ADDR=127.0.0.1 MASTER_PORT=<a free port> "
+                logger.info(
+                    "livetrain: LIVETRAIN_TRAINER=external; start the trainer%s with: %s%s",
+                    f" rank {r}" if len(manifests) > 1 else "",
+                    ranks if len(manifests) > 1 else "",
+                    shlex.join(cmd),
+                )
 
         if facts.prefix_caching:
             logger.info(

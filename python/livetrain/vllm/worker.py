@@ -142,7 +142,8 @@ def restore_newer(model_dir: str, params, config: dict, tp_rank: int, tp_size: i
 
     sdir = store_dir(model_dir, env)
     if tp_size != 1 and not checkpoint.store_exists(model_dir, sdir):
-        # Ranks open the store concurrently and only rank 0 could create it; no TP trainer writes one yet.
+        # Ranks open the store concurrently and only rank 0 could create it: the endpoint creates it before
+        # the export (endpoint.ensure_store); missing here, it is a store-less run (--no-store).
         return {"store": sdir, "generation": None, "restored": False}
     lay = layout.build(config, params, engine="vllm", tp_rank=tp_rank, tp_size=tp_size)
     # This rank's regions of the Hugging Face tensors (a tied lm_head is the embedding itself, left out).
@@ -200,7 +201,16 @@ def _export(worker, run_dir: str, env) -> dict:
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = manifest_path(run_dir, tp_rank)
     exported = sharing.export_cuda(
-        params, path, model_path=model_dir, config=config, engine="vllm", tp_rank=tp_rank, tp_size=tp_size
+        params,
+        path,
+        model_path=model_dir,
+        config=config,
+        engine="vllm",
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        # The ranks of one vLLM share the run directory (the endpoint passes the same one to every worker):
+        # how the trainer's ranks know their manifests are one engine's.
+        group=os.path.abspath(run_dir) if tp_size > 1 else "",
     )
     info = {
         "run_dir": run_dir,
