@@ -6,8 +6,9 @@
 #
 # On a machine with no GPU (CI), the build's CUDA code is compiled for one architecture (sm_80) unless
 # LIVETRAIN_CMAKE_ARGS names LIVETRAIN_CUDA_GENCODE: nothing runs it there, the build only has to show that it
-# compiles, and the four architectures of a GPU build (CMakeLists.txt) take about four times as long. A GPU
-# build (scripts/gpu.sh build) compiles its GPU's code; the release wheel (scripts/wheel.sh) all four.
+# compiles, and the four codes of a GPU build (CMakeLists.txt) compile every kernel three times to PTX and four
+# times to machine code. A GPU build (scripts/gpu.sh build) compiles its GPU's code; the release wheel
+# (scripts/wheel.sh) all four.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! nvidia-smi -L >/dev/null 2>&1 && [[ "${LIVETRAIN_CMAKE_ARGS:-}" != *LIVETRAIN_CUDA_GENCODE* ]]; then
