@@ -36,7 +36,7 @@ SIZES = {"1b": (2048, 8192, 16, 512, 128256), "8b": (4096, 14336, 32, 1024, 1282
 # full attention (24 heads of 256 with an output gate, 4 KV heads), the others Gated DeltaNet (16 key and
 # 48 value heads of 128), MLP 17408, vocabulary 248320, untied.
 QWEN35_27B = dict(hidden=5120, layers=64, interval=4, heads=24, kv_heads=4, head_dim=256, lin_k_heads=16,
-                  lin_v_heads=48, lin_head_dim=128, inter=17408, vocab=248320)
+                  lin_v_heads=48, lin_head_dim=128, inter=17408, vocab=248320)  # fmt: skip
 
 
 def qwen35_27b_shapes(embeddings: bool):
@@ -49,8 +49,13 @@ def qwen35_27b_shapes(embeddings: bool):
             out += [(2 * c["heads"] * hd, h), (c["kv_heads"] * hd, h), (c["kv_heads"] * hd, h), (h, c["heads"] * hd)]
         else:  # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
             qkv = 2 * c["lin_k_heads"] * ld + c["lin_v_heads"] * ld
-            out += [(qkv, h), (c["lin_v_heads"] * ld, h), (c["lin_v_heads"], h), (c["lin_v_heads"], h),
-                    (h, c["lin_v_heads"] * ld)]
+            out += [
+                (qkv, h),
+                (c["lin_v_heads"] * ld, h),
+                (c["lin_v_heads"], h),
+                (c["lin_v_heads"], h),
+                (h, c["lin_v_heads"] * ld),
+            ]
         out += [(c["inter"], h), (c["inter"], h), (h, c["inter"])]
     if embeddings:
         out.append((c["vocab"], h))
@@ -148,15 +153,16 @@ def state_bytes(opt) -> int:
     return total
 
 
-def time_steps(opt, steps: int) -> float:
+def time_steps(step, steps: int) -> float:
+    """Median GPU time of ``step()`` (an optimizer's step, or a loop of per-matrix steps) in ms."""
     for _ in range(2):  # warm-up: state allocation, first projection, module load
-        opt.step()
+        step()
     torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        opt.step()
+        step()
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
@@ -188,7 +194,7 @@ def run(size: str, steps: int, bw: float, methods: list[str], embeddings: bool =
         else:
             raise ValueError(method)
         t0 = time.time()
-        ms = time_steps(opt, steps)
+        ms = time_steps(opt.step, steps)
         st = state_bytes(opt)
         peak = torch.cuda.max_memory_allocated() - base
         rows.append(
@@ -317,7 +323,7 @@ class SweepCheck:
         for a, b, w in zip(result, self.reference, self.w0):
             da, db = (a.float() - w.float()), (b.float() - w.float())
             num += float(((da - db) ** 2).sum())
-            den += float((db ** 2).sum())
+            den += float((db**2).sum())
         rel = math.sqrt(num / den) if den else float("inf")
         return f"rel. diff {rel:.1e}" + (" FAILED" if not rel < 1e-2 else "")
 
@@ -330,8 +336,11 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
     n = sum(p.numel() for p in params)
     floor_ms = 8 * n / bw * 1e3
     check = SweepCheck(shape_list)
-    print(f"\n== sweep {size}: {len(params)} matrices, {n / 1e9:.2f}B parameters, floor {floor_ms:.2f} ms "
-          f"(embeddings {'in' if embeddings else 'out'})", flush=True)
+    print(
+        f"\n== sweep {size}: {len(params)} matrices, {n / 1e9:.2f}B parameters, floor {floor_ms:.2f} ms "
+        f"(embeddings {'in' if embeddings else 'out'})",
+        flush=True,
+    )
     rows = []
 
     def measure(family: str, label: str, knobs: dict, one_by_one: bool = False, hook_batch_mib: int = 0) -> dict:
@@ -342,35 +351,34 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
             row["check"] = check.compare(check.run(one_by_one))
             opt = ApolloMini(params, lr=1e-3)
             host = []
-            if one_by_one and hook_batch_mib:
+
+            def hooks_batched():
                 # What attach_hooks(batch_bytes=...) does as gradients arrive, in model order (no hooks
                 # are registered: the loop plays them; it puts back the gradients a step frees).
-                opt.attach_hooks(params=[], batch_bytes=hook_batch_mib << 20)
+                t0 = time.perf_counter()
+                for p, g in zip(params, grads):
+                    p.grad = g
+                    opt.step_ready(p)
+                opt.flush_ready()
+                host.append(time.perf_counter() - t0)
 
-                class OneByOne:
-                    def step(self_inner):
-                        t0 = time.perf_counter()
-                        for p, g in zip(params, grads):
-                            p.grad = g
-                            opt.step_ready(p)
-                        opt.flush_ready()
-                        host.append(time.perf_counter() - t0)
-            elif one_by_one:
-                class OneByOne:  # what the backward hooks do: one launch sequence per matrix
-                    def step(self_inner):
-                        t0 = time.perf_counter()
-                        for p in params:
-                            opt.step_param(p)
-                        host.append(time.perf_counter() - t0)
+            def hooks_one_by_one():  # what the backward hooks do: one launch sequence per matrix
+                t0 = time.perf_counter()
+                for p in params:
+                    opt.step_param(p)
+                host.append(time.perf_counter() - t0)
+
             if one_by_one:  # both kinds of one-at-a-time rows: hooks batched by bytes, or none
-                ms = time_steps(OneByOne(), steps)
+                if hook_batch_mib:
+                    opt.attach_hooks(params=[], batch_bytes=hook_batch_mib << 20)
+                ms = time_steps(hooks_batched if hook_batch_mib else hooks_one_by_one, steps)
                 # Host time to issue one matrix's step (Python + binding + launches): when it exceeds the
                 # GPU time of the small matrices, the GPU waits for the host.
                 row["host_us_per_matrix"] = sorted(host)[len(host) // 2] / len(params) * 1e6
             else:
-                ms = time_steps(opt, steps)
+                ms = time_steps(opt.step, steps)
             row.update(step_ms=ms, x_floor=ms / floor_ms)
-            del opt
+            opt = None  # its state goes before empty_cache below
         except Exception as e:  # a failing setting is reported and the sweep goes on
             row.update(step_ms=None, x_floor=None, error=f"{type(e).__name__}: {e}"[:200])
         finally:
@@ -391,7 +399,11 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
     best = {}
     for r in rows[2:]:
         ok = r.get("step_ms") and "FAILED" not in r.get("check", "")
-        if ok and r["step_ms"] < 0.99 * shipped and (r["family"] not in best or r["step_ms"] < best[r["family"]]["step_ms"]):
+        if (
+            ok
+            and r["step_ms"] < 0.99 * shipped
+            and (r["family"] not in best or r["step_ms"] < best[r["family"]]["step_ms"])
+        ):
             best[r["family"]] = r
     combined = {}
     for r in best.values():
@@ -403,7 +415,8 @@ def sweep_set(size: str, steps: int, bw: float, embeddings: bool, on_row=lambda 
     if combined:
         measure("hooks", "combined, one matrix at a time", combined, one_by_one=True)
     set_knobs({})
-    del params, check
+    params.clear()  # the matrices and the check's copies go before empty_cache (measure holds both names)
+    check = None
     torch.cuda.empty_cache()
     return rows
 
@@ -412,35 +425,46 @@ def print_sweep(rows: list[dict]) -> None:
     for size in dict.fromkeys(r["size"] for r in rows):
         mine = [r for r in rows if r["size"] == size]
         before = mine[0].get("step_ms")
-        print(f"\n### APOLLO-Mini step, {size} ({mine[0]['params'] / 1e9:.2f}B parameters), floor {mine[0]['floor_ms']:.2f} ms\n")
+        print(
+            f"\n### APOLLO-Mini step, {size} ({mine[0]['params'] / 1e9:.2f}B parameters), floor {mine[0]['floor_ms']:.2f} ms\n"
+        )
         print("| setting | knobs | step ms | × floor | vs H100-tuned | host µs / matrix | check |")
         print("|---|---|---:|---:|---:|---:|---|")
         for r in mine:
             host = f"{r['host_us_per_matrix']:.1f}" if r.get("host_us_per_matrix") else "-"
             if r.get("step_ms"):
                 vs = f"{before / r['step_ms']:.2f}x" if before else "-"
-                print(f"| {r['setting']} | {knob_text(r['knobs'])} | {r['step_ms']:.2f} | {r['x_floor']:.2f} | {vs} | {host} | "
-                      f"{r.get('check', '-')} |")
+                print(
+                    f"| {r['setting']} | {knob_text(r['knobs'])} | {r['step_ms']:.2f} | {r['x_floor']:.2f} | {vs} | {host} | "
+                    f"{r.get('check', '-')} |"
+                )
             else:
                 print(f"| {r['setting']} | {knob_text(r['knobs'])} | - | - | - | - | {r.get('error', 'failed')} |")
         good = [r for r in mine if r.get("step_ms") and r["family"] != "hooks" and "FAILED" not in r.get("check", "")]
         if good:
             b = min(good, key=lambda r: r["step_ms"])
             shipped = next((r for r in mine if r["family"] == "shipped"), mine[0])
-            print(f"\nbest ({size}): {b['setting']} [{knob_text(b['knobs'])}]: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor "
-                  f"(shipped {shipped.get('x_floor') or float('nan'):.2f}x; target <= 1.3x)")
+            print(
+                f"\nbest ({size}): {b['setting']} [{knob_text(b['knobs'])}]: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor "
+                f"(shipped {shipped.get('x_floor') or float('nan'):.2f}x; target <= 1.3x)"
+            )
         hooks = [r for r in mine if r.get("step_ms") and r["family"] == "hooks"]
         if hooks:
             b = min(hooks, key=lambda r: r["step_ms"])
-            print(f"best one matrix at a time ({size}): {b['setting']}: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor")
+            print(
+                f"best one matrix at a time ({size}): {b['setting']}: {b['step_ms']:.2f} ms = {b['x_floor']:.2f}x floor"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=None, help="matrix sets: 1b, 8b, 27b (default 1b,8b; with --sweep 8b,27b)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row, median taken (default 10; --sweep 5)")
-    ap.add_argument("--sweep", action="store_true",
-                    help="time livetrain APOLLO-Mini under a grid of launch settings (internal tuning knobs) instead")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time livetrain APOLLO-Mini under a grid of launch settings (internal tuning knobs) instead",
+    )
     ap.add_argument("--embeddings", action="store_true", help="include the embedding and output matrices in the sets")
     ap.add_argument("--json")
     ap.add_argument(
@@ -468,7 +492,11 @@ def main() -> None:
         def save(partial: list) -> None:
             if a.json:
                 with open(a.json, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows + partial}, f, indent=2)
+                    json.dump(
+                        {"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows + partial},
+                        f,
+                        indent=2,
+                    )
 
         for size in sizes:
             rows += sweep_set(size, steps, bw, a.embeddings, on_row=save)

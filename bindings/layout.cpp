@@ -112,6 +112,13 @@ void init_layout(nb::module_& m) {
       "these elements) and unmapped engine names.");
 
   m.def(
+      "layout_engine_of",
+      [](const std::string& engine) { return std::string(lo::engine_name(lo::engine_of_manifest(engine))); },
+      nb::arg("engine"),
+      "The layout (\"vllm\" or \"hf\") of the engine a sharing manifest names (its model.engine): \"vllm\" for "
+      "vLLM, \"hf\" for every engine livetrain runs itself.");
+
+  m.def(
       "layout_check", [](const std::string& config_json) { lo::check_trainable(json::parse(config_json, "config.json")); },
       nb::arg("config_json"),
       "Raises UnsupportedError, naming the architecture and what is supported, for a checkpoint livetrain cannot "

@@ -34,6 +34,11 @@ enum class Engine { kHf, kVllm };
 // "hf" or "vllm"; anything else is an Error (kInvalidArg).
 Engine engine_from_name(std::string_view name);
 const char* engine_name(Engine engine);
+// The layout of the engine a sharing manifest names (its model.engine): kVllm for "vllm", whose tensors are
+// merged, padded and sharded; kHf for every engine livetrain runs itself ("reference", ...), which shares
+// its tensors under their Hugging Face names and shapes. The one place that maps engines to layouts (the
+// CLI's diagnose and Python's livetrain.layout.engine_layout ask it).
+Engine engine_of_manifest(std::string_view engine);
 
 // vLLM's DEFAULT_VOCAB_PADDING_SIZE (vocab_parallel_embedding.py).
 inline constexpr uint64_t kVllmVocabPadding = 64;

@@ -35,8 +35,8 @@ def served_in_fp32(name: str) -> bool:
 def engine_layout(engine: str) -> str:
     """The layout kind of a sharing manifest's engine: ``vllm`` for vLLM, whose tensors are merged, padded
     and sharded; ``hf`` for every engine livetrain runs itself (``reference``, ...), which shares its
-    tensors under their Hugging Face names and shapes."""
-    return "vllm" if engine == "vllm" else "hf"
+    tensors under their Hugging Face names and shapes. The core decides (the CLI's ``diagnose`` asks it too)."""
+    return _core.layout_engine_of(engine)
 
 
 def _config_json(config) -> str:

@@ -45,11 +45,6 @@ constexpr const char* kDiagnoseUsage =
     "  --json            print one JSON object: matched, only_in_engine, only_on_disk, mismatched, not_served,\n"
     "                    unmapped\n";
 
-layout::Engine engine_of(const std::string& name) {
-  // The layout's engine kinds; every engine livetrain itself runs shares tensors under HF names.
-  return name == "vllm" ? layout::Engine::kVllm : layout::Engine::kHf;
-}
-
 }  // namespace
 
 int run_diagnose(const std::vector<std::string>& args) {
@@ -68,7 +63,7 @@ int run_diagnose(const std::vector<std::string>& args) {
   std::vector<layout::EngineTensor> engine_tensors;
   for (const auto& t : m.tensors) engine_tensors.push_back({t.name, t.dtype, t.shape});
   layout::Options options;
-  options.engine = engine_of(m.model.engine);
+  options.engine = layout::engine_of_manifest(m.model.engine);
   options.tp_rank = m.model.tp_rank;
   options.tp_size = m.model.tp_size;
   layout::Layout lay = layout::build(m.model.config, engine_tensors, options);

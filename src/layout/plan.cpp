@@ -20,6 +20,8 @@ Engine engine_from_name(std::string_view name) {
 
 const char* engine_name(Engine engine) { return engine == Engine::kHf ? "hf" : "vllm"; }
 
+Engine engine_of_manifest(std::string_view engine) { return engine == "vllm" ? Engine::kVllm : Engine::kHf; }
+
 std::vector<uint64_t> contiguous_strides(const std::vector<uint64_t>& shape) {
   std::vector<uint64_t> s(shape.size(), 1);
   for (size_t i = shape.size(); i-- > 1;) s[i - 1] = s[i] * shape[i];

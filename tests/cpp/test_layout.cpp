@@ -308,3 +308,11 @@ TEST(Layout, ConfigAndTpErrorsNameTheField) {
   EXPECT_NE(std::string(e.what()).find("layer_types"), std::string::npos);
   EXPECT_THROW(lo::engine_from_name("trt"), Error);
 }
+
+TEST(Layout, EngineOfManifest) {
+  // vLLM's tensors are merged and padded; every engine livetrain runs itself shares HF names and shapes.
+  EXPECT_EQ(lo::engine_of_manifest("vllm"), lo::Engine::kVllm);
+  EXPECT_EQ(lo::engine_of_manifest("reference"), lo::Engine::kHf);
+  EXPECT_EQ(lo::engine_of_manifest("hf"), lo::Engine::kHf);
+  EXPECT_EQ(lo::engine_of_manifest(""), lo::Engine::kHf);
+}

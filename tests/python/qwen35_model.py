@@ -12,21 +12,14 @@ import torch
 
 import tiny_model
 
+# The text model: tiny_model's sizes and Gated DeltaNet sizes, with four layers (two of each kind).
 TEXT = dict(
-    hidden_size=64,
+    tiny_model.TINY,
+    **tiny_model.QWEN35_LINEAR,
     intermediate_size=128,
     num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
     vocab_size=200,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    linear_conv_kernel_dim=4,
     max_position_embeddings=128,
-    full_attention_interval=2,
 )
 VISION = dict(
     depth=1,
@@ -66,7 +59,6 @@ def save_tokenizer(path: Path, corpus: list[str]):
     """A byte-level BPE tokenizer of ``corpus`` with tiny_model's special tokens and chat template, saved under
     ``path``: transformers loads a ``qwen3_5`` checkpoint's tokenizer as ``Qwen3_5Tokenizer``, which rebuilds
     a byte-level BPE from the saved vocabulary and merges (a word-level one would lose every word)."""
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -77,22 +69,10 @@ def save_tokenizer(path: Path, corpus: list[str]):
     tok.train_from_iterator(
         corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
     )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=specials[4:],
-    )
-    fast.chat_template = tiny_model.TEMPLATE
-    fast.save_pretrained(path)
-    return fast
+    return tiny_model.save_fast_tokenizer(path, tok, specials)
 
 
-def make_qwen35_dir(
-    path: Path, *, mtp: bool = True, corpus: list[str] | None = None, text: dict | None = None
-) -> dict:
+def make_qwen35_dir(path: Path, *, mtp: bool = True, corpus: list[str] | None = None, text: dict | None = None) -> dict:
     """Writes the checkpoint (bf16, one safetensors file) under ``path``, with a tokenizer of ``corpus`` when
     given (to serve it; the config then names its multimodal tokens); ``text`` changes the text model's
     sizes (``TEXT``). Returns config.json. Same bytes for the same arguments (seeded)."""

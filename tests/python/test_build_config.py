@@ -56,6 +56,30 @@ def test_no_nvcc_fails_unless_allowed(tmp_path):
     assert "livetrain: CUDA OFF" in r.stdout
 
 
+@pytest.mark.skipif(not VENV_CMAKE.exists(), reason="no cmake beside this Python (scripts/setup.sh installs it)")
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_the_release_wheel_configures_every_gpu_code_with_the_cuda_runtime_static(tmp_path):
+    # CI builds its wheel without CUDA (scripts/wheel.sh --ci; the main build compiles the CUDA code): the
+    # release wheel's configuration is checked here instead, as pyproject.toml sets it (no tests, not in
+    # place, no CPU-only fallback, Release, the default architectures), through CMake's configure step.
+    defines = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["scikit-build"]["cmake"]["define"]
+    assert defines["LIVETRAIN_TESTS"] == "OFF" and defines["LIVETRAIN_INPLACE"] == "OFF"
+    assert defines["LIVETRAIN_CUDA_GENCODE"] == {"env": "LIVETRAIN_CUDA_GENCODE", "default": ""}
+    build = tmp_path / "release"
+    r = configure(
+        VENV_CMAKE, build, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={VENV_CMAKE.parent / 'ninja'}",
+        "-DCMAKE_BUILD_TYPE=Release", "-DLIVETRAIN_ALLOW_NO_CUDA=OFF", "-DLIVETRAIN_CUDA_GENCODE=",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "livetrain: CUDA ON sm_80 sm_90a sm_100 compute_100" in r.stdout, r.stdout
+    ninja = (build / "build.ninja").read_text()
+    link = next(line for line in ninja.splitlines() if line.startswith("build livetrain:"))
+    assert "apollo.cu.o" in ninja and "sm_90a" in ninja, "the CUDA kernels are not compiled"
+    # Only the NVIDIA driver needed where the wheel is installed: the CUDA runtime is linked statically.
+    libs = ninja[ninja.index(link) :].split("\n  LINK_LIBRARIES = ", 1)[1].split("\n", 1)[0]
+    assert "libcudart_static.a" in libs and "libcudart.so" not in libs, libs
+
+
 def old_cmake():
     """A CMake older than 3.31 on PATH (Debian 12's 3.25), or None."""
     for candidate in ("/usr/bin/cmake", shutil.which("cmake")):

@@ -424,6 +424,12 @@ def test_hf_engine_views_are_the_tensors(family, cfg, tps):
         assert torch.equal(bits(vs[name]), bits(full))
 
 
+def test_engine_layout_is_the_cores():
+    # The manifest's engine names its layout in one place (the core; the CLI's diagnose asks it too).
+    assert layout.engine_layout("vllm") == "vllm"
+    assert layout.engine_layout("reference") == layout.engine_layout("hf") == "hf"
+
+
 def test_multimodal_prefixes_detected_when_config_disagrees():
     # A text-only config served under a multimodal wrapper's names still maps (prefix auto-detection).
     hf = random_hf(QWEN3, 5)

@@ -268,7 +268,13 @@ def test_cuda_batched_hooks_equal_one_at_a_time(batch_bytes):
 
     def model_and_opt():
         torch.manual_seed(0)
-        layers = [torch.nn.Linear(96, 257), torch.nn.GELU(), torch.nn.Linear(257, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)]
+        layers = [
+            torch.nn.Linear(96, 257),
+            torch.nn.GELU(),
+            torch.nn.Linear(257, 64),
+            torch.nn.GELU(),
+            torch.nn.Linear(64, 10),
+        ]
         m = torch.nn.Sequential(*layers).cuda().to(torch.bfloat16)
         return m, ApolloMini(param_groups(m), lr=1e-2, seed=4)
 
@@ -492,18 +498,22 @@ def test_cuda_strided_weight_and_guard_and_rounding():
     assert float(z.max()) < 5.0 and float(z.mean()) < 1.2
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_cuda_batched_step_equals_one_by_one():
-    # 70 matrices (more than one batch of 64), tall, wide, odd, strided, bf16 and fp32 mixed, plus a
-    # vector (AdamW) and a rank-4 group (not batched): step() must equal stepping each parameter alone.
+BATCH_SHAPES = [(257, 129), (129, 257), (1, 1000), (1000, 1), (64, 64), (4096, 96), (96, 4096), (300, 1031)]
+
+
+def batched_and_one_by_one(on_step=None):
+    """The batched CUDA step against stepping each parameter alone: 70 matrices (more than one batch of 64),
+    tall, wide, odd, strided, bf16 and fp32 mixed, plus a vector (AdamW) and a rank-4 group (not batched),
+    three steps with a NaN gradient in one matrix at the second. ``oa`` steps all at once (step()), ``ob``
+    one at a time (step_param); ``on_step(step, pa, pb)`` after each step. Returns (oa, ob, pa, pb). Also
+    run by scripts/optim_batch_diag.py under several launch shapes, to say where a mismatch comes from."""
     gen = torch.Generator().manual_seed(5)
-    shapes = [(257, 129), (129, 257), (1, 1000), (1000, 1), (64, 64), (4096, 96), (96, 4096), (300, 1031)]
 
     def make():
         torch.manual_seed(0)
         ps = []
         for i in range(70):
-            r, c = shapes[i % len(shapes)]
+            r, c = BATCH_SHAPES[i % len(BATCH_SHAPES)]
             dt = torch.bfloat16 if i % 3 else torch.float32
             if i % 5 == 0 and c > 8:
                 base = torch.randn(r, c + 8, generator=gen).to(dt).cuda()
@@ -525,23 +535,34 @@ def test_cuda_batched_step_equals_one_by_one():
     ob = ApolloMini(
         [{"params": b}, {"params": [vec_b]}, {"params": [r4_b], "rank": 4, "scaling": "channel"}], lr=1e-2, seed=2
     )
+    pa, pb = a + [vec_a, r4_a], b + [vec_b, r4_b]
     for step in range(3):
-        grads = [torch.randn(p.shape, generator=gen).to(p.dtype).cuda() for p in a + [vec_a, r4_a]]
-        for p, g in zip(a + [vec_a, r4_a], grads):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype).cuda() for p in pa]
+        for p, g in zip(pa, grads):
             p.grad = g
-        for p, g in zip(b + [vec_b, r4_b], grads):
+        for p, g in zip(pb, grads):
             p.grad = g.clone()
         if step == 1:
             a[7].grad[0, 0] = float("nan")
             b[7].grad[0, 0] = float("nan")
         oa.step()
-        for p in b + [vec_b, r4_b]:
+        for p in pb:
             ob.step_param(p)
+        if on_step is not None:
+            torch.cuda.synchronize()
+            on_step(step, pa, pb)
     torch.cuda.synchronize()
-    for i, (x, y) in enumerate(zip(a + [vec_a, r4_a], b + [vec_b, r4_b])):
+    return oa, ob, pa, pb
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_batched_step_equals_one_by_one():
+    # step() must equal stepping each parameter alone: weights and every state, bit for bit.
+    oa, ob, pa, pb = batched_and_one_by_one()
+    for i, (x, y) in enumerate(zip(pa, pb)):
         assert torch.equal(x.detach(), y.detach()), i
         for k in ("m", "v", "step", "prev_norm"):
             if k in oa.state[x]:
                 assert torch.equal(oa.state[x][k], ob.state[y][k]), (i, k)
     assert oa.report()["skipped_nonfinite_grad"] == ob.report()["skipped_nonfinite_grad"] == []
-    assert int(oa.state[a[7]]["step"]) == 2 and int(oa.state[a[0]]["step"]) == 3
+    assert int(oa.state[pa[7]]["step"]) == 2 and int(oa.state[pa[0]]["step"]) == 3

@@ -49,6 +49,22 @@ def llama_config(vocab_size: int, **sizes) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(**tiny_sizes(vocab_size, **sizes))
 
 
+def save_fast_tokenizer(path: Path, tok, specials: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """``tok`` (a trained ``tokenizers.Tokenizer`` whose first special tokens are ``SPECIALS``) as a transformers
+    tokenizer with the chat template, saved under ``path``."""
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=specials[4:],
+    )
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
 def make_model_dir(
     path: Path, corpus: list[str], model_type: str = "llama", tied: bool = False, intermediate_size: int = 96, **sizes
 ) -> dict:
@@ -62,16 +78,7 @@ def make_model_dir(
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins words with spaces
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
+    fast = save_fast_tokenizer(path, tok, SPECIALS)
     torch.manual_seed(0)
     fields = tiny_sizes(
         len(fast),
