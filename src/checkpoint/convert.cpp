@@ -54,10 +54,10 @@ uint32_t f16_to_f32(uint16_t h) {
 uint16_t f32_to_f16(uint32_t f) {
   const uint16_t sign = static_cast<uint16_t>((f >> 16) & 0x8000u);
   const uint32_t a = f & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return sign | 0x7E00u;  // NaN: c10's canonical F16 NaN
+  if (a > 0x7F800000u) return sign | 0x7E00u;   // NaN: c10's canonical F16 NaN
   if (a >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to infinity
   const uint32_t exp = a >> 23;
-  if (exp < 113) {  // below the smallest normal F16 (2^-14): a subnormal or zero, rounded to nearest even
+  if (exp < 113) {               // below the smallest normal F16 (2^-14): a subnormal or zero, rounded to nearest even
     if (exp < 102) return sign;  // below half the smallest subnormal (2^-25): rounds to zero
     const uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
     const uint32_t shift = 126 - exp;  // value = mant * 2^(exp-150); F16 subnormal unit 2^-24
@@ -81,8 +81,10 @@ std::string served_conversion_refusal(DType file, DType served) {
   if (file == served) return "";
   if ((is_half(file) && served == DType::kF32) || (file == DType::kF32 && is_half(served))) return "";
   std::string f(dtype_name(file)), s(dtype_name(served));
-  if (is_half(file) && is_half(served)) return f + " and " + s + " each round the other's values, so neither holds the other exactly";
-  return "livetrain converts only between F32 and BF16/F16 (the engines load other dtypes as they are), not " + f + " to " + s;
+  if (is_half(file) && is_half(served))
+    return f + " and " + s + " each round the other's values, so neither holds the other exactly";
+  return "livetrain converts only between F32 and BF16/F16 (the engines load other dtypes as they are), not " + f +
+         " to " + s;
 }
 
 void convert_elements(const uint8_t* src, DType from, uint8_t* dst, DType to, uint64_t n) {
@@ -95,8 +97,8 @@ void convert_elements(const uint8_t* src, DType from, uint8_t* dst, DType to, ui
   } else if (from == DType::kF32 && is_half(to)) {
     for (uint64_t i = 0; i < n; ++i) put_u16(dst + 2 * i, f32_to_half(get_u32(src + 4 * i), to));
   } else {
-    throw Error(ErrorCode::kUnsupported, "convert " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)) + ": " +
-                                             served_conversion_refusal(from, to));
+    throw Error(ErrorCode::kUnsupported, "convert " + std::string(dtype_name(from)) + " to " +
+                                             std::string(dtype_name(to)) + ": " + served_conversion_refusal(from, to));
   }
 }
 

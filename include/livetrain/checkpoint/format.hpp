@@ -1,8 +1,9 @@
 // The file formats of the delta checkpoint store, byte by byte, and their constants; the codecs are
 // delta.hpp, journal.hpp, commit.hpp and hash.hpp beside this header.
 //
-// Format: commit version 2, or 3 when a tensor is served in another dtype (version 1 is read), delta version 2 (single-process deltas) and 3 (parts of
-// a tensor-parallel generation); docs/checkpoint.md is the full specification. A store is a directory
+// Format: commit version 2, or 3 when a tensor is served in another dtype (version 1 is read), delta version 2
+// (single-process deltas) and 3 (parts of a tensor-parallel generation); docs/checkpoint.md is the full specification.
+// A store is a directory
 // (`<model>/.livetrain-store/` unless another is given) holding:
 //
 //   COMMIT                 JSON, written last with fs::write_file_atomic; the only thing that says what
