@@ -30,7 +30,8 @@ import threading
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
+sys.path.insert(0, PYTHON_DIR)
 
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
 
@@ -102,7 +103,9 @@ class Engine:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")},
+            # The repo's python/ before the caller's path, which may hold uvicorn/fastapi (the GPU machine's
+            # carried packages): replacing it made the engine fail there with "No module named 'uvicorn'".
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")]))},
         )
         try:
             wait_ready(self.url, self.p, 600, path="/v1/models")
@@ -230,7 +233,10 @@ def main() -> int:
                     r = measure(engine.url, c, a)
                     r["max_batch"], r["attention"] = batch, attention
                     rows.append(r)
-                    print(f"max_batch {batch} ({attention}), {c} clients: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                    print(
+                        f"max_batch {batch} ({attention}), {c} clients: {r['tokens_per_s']:.1f} tokens/s",
+                        file=sys.stderr,
+                    )
             finally:
                 engine.stop()
     base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}

@@ -49,7 +49,10 @@ from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
 
 ENV = {
     **os.environ,
-    "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"),
+    # The repo's python/ first, the caller's path kept (it may hold fastapi/uvicorn).
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"), os.environ.get("PYTHONPATH")])
+    ),
     "TOKENIZERS_PARALLELISM": "false",
 }
 JOB = {
