@@ -107,7 +107,8 @@ nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
 // A descriptor back from the dict save_part returned (gathered from another rank's process).
 checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
   const std::string what = "parts[" + std::to_string(i) + "]";
-  if (!nb::isinstance<nb::dict>(obj)) throw Error(ErrorCode::kInvalidArg, what + ": expected the dict save_part returned");
+  if (!nb::isinstance<nb::dict>(obj))
+    throw Error(ErrorCode::kInvalidArg, what + ": expected the dict save_part returned");
   nb::dict d = nb::borrow<nb::dict>(obj);
   auto field = [&](const char* key) -> nb::handle {
     if (!d.contains(key)) throw Error(ErrorCode::kInvalidArg, what + ": missing \"" + key + "\"");
@@ -170,9 +171,10 @@ nb::dict save_result_dict(const checkpoint::SaveResult& r) {
 }  // namespace
 
 void init_checkpoint(nb::module_& m) {
-  nb::class_<checkpoint::Store>(m, "CheckpointStore",
-                          "The delta checkpoint store of a model directory (docs/checkpoint.md). Holds the store's "
-                          "lock and a host copy of the head generation until close().")
+  nb::class_<checkpoint::Store>(
+      m, "CheckpointStore",
+      "The delta checkpoint store of a model directory (docs/checkpoint.md). Holds the store's "
+      "lock and a host copy of the head generation until close().")
       .def_static(
           "create",
           [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
@@ -206,7 +208,8 @@ void init_checkpoint(nb::module_& m) {
           "tensors",
           [](const checkpoint::Store& s) {
             std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>>> out;
-            for (const auto& t : s.commit().tensors) out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape);
+            for (const auto& t : s.commit().tensors)
+              out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape);
             return out;
           },
           "(name, dtype, shape) of every tensor, in the store's order.")

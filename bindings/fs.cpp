@@ -14,7 +14,8 @@ void init_fs(nb::module_& m) {
   m.def(
       "write_file_atomic",
       [](const std::string& path, nb::bytes data, uint32_t mode) {
-        if (mode > 07777) throw Error(ErrorCode::kInvalidArg, path + ": mode " + std::to_string(mode) + " is not a file mode");
+        if (mode > 07777)
+          throw Error(ErrorCode::kInvalidArg, path + ": mode " + std::to_string(mode) + " is not a file mode");
         // `data` is immutable and the caller holds it, so its bytes stay valid without the GIL.
         std::string_view content(data.c_str(), data.size());
         nb::gil_scoped_release release;

@@ -45,7 +45,8 @@ nb::dict info_dict(const lo::ModelInfo& m) {
   d["vocab_size"] = m.vocab_size;
   d["tied_embeddings"] = m.tied_embeddings;
   d["layer_types"] = nb::cast(m.layer_types);
-  // The sizes a tensor-parallel rank divides (livetrain.tensor_parallel.rank_config), with the config's defaults applied.
+  // The sizes a tensor-parallel rank divides (livetrain.tensor_parallel.rank_config), with the config's defaults
+  // applied.
   d["hidden_size"] = m.hidden_size;
   d["intermediate_size"] = m.intermediate_size;
   d["num_heads"] = m.num_heads;
@@ -119,7 +120,8 @@ void init_layout(nb::module_& m) {
       "vLLM, \"hf\" for every engine livetrain runs itself.");
 
   m.def(
-      "layout_check", [](const std::string& config_json) { lo::check_trainable(json::parse(config_json, "config.json")); },
+      "layout_check",
+      [](const std::string& config_json) { lo::check_trainable(json::parse(config_json, "config.json")); },
       nb::arg("config_json"),
       "Raises UnsupportedError, naming the architecture and what is supported, for a checkpoint livetrain cannot "
       "train in place whatever the engine: mixture-of-experts, quantized, or a multimodal wrapper without a layout.");

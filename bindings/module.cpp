@@ -29,7 +29,8 @@ constexpr ErrorClass kErrorClasses[] = {
     {ErrorCode::kUnsupported, "UnsupportedError", "Well-formed, but livetrain does not handle it."},
     {ErrorCode::kCuda, "CudaError", "A CUDA call failed."},
     {ErrorCode::kStale, "StaleError", "A manifest describes an owner process that is gone."},
-    {ErrorCode::kBusy, "BusyError", "An exclusive resource (trainer lease, checkpoint store) is held by another process."},
+    {ErrorCode::kBusy, "BusyError",
+     "An exclusive resource (trainer lease, checkpoint store) is held by another process."},
 };
 constexpr size_t kNumErrorClasses = sizeof(kErrorClasses) / sizeof(kErrorClasses[0]);
 
@@ -55,7 +56,8 @@ void register_errors(nb::module_& m) {
   };
   PyObject* base = make("Error", "Every failure of the livetrain core; the subclass says which kind.", PyExc_Exception);
   error_types[kNumErrorClasses] = base;
-  for (size_t i = 0; i < kNumErrorClasses; ++i) error_types[i] = make(kErrorClasses[i].name, kErrorClasses[i].doc, base);
+  for (size_t i = 0; i < kNumErrorClasses; ++i)
+    error_types[i] = make(kErrorClasses[i].name, kErrorClasses[i].doc, base);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -68,7 +70,9 @@ void register_errors(nb::module_& m) {
 }  // namespace
 
 NB_MODULE(_core, m) {
-  m.doc() = "livetrain core (C++): durable writes, safetensors, weight sharing, layouts, optimizer steps, loss passes, CUDA devices, checkpoint store.";
+  m.doc() =
+      "livetrain core (C++): durable writes, safetensors, weight sharing, layouts, optimizer steps, loss passes, CUDA "
+      "devices, checkpoint store.";
   m.attr("__version__") = LIVETRAIN_VERSION;
   register_errors(m);
   livetrain::bindings::init_fs(m);

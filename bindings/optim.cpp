@@ -30,8 +30,8 @@ T* ptr(uintptr_t p) {
 
 // An ApolloStep from addresses and sizes; the workspace is set by the caller.
 optim::ApolloStep apollo_step_of(uintptr_t weight, const std::string& weight_dtype, int64_t ld_weight, uintptr_t grad,
-                                 const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m,
-                                 uintptr_t v, uintptr_t prev, uintptr_t status, uintptr_t step, uint64_t seed,
+                                 const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m, uintptr_t v,
+                                 uintptr_t prev, uintptr_t status, uintptr_t step, uint64_t seed,
                                  const optim::ApolloHyper& h) {
   optim::ApolloStep s;
   s.weight = ptr<void>(weight);
@@ -76,7 +76,9 @@ void init_optim(nb::module_& m) {
   nb::enum_<optim::Rounding>(m, "Rounding")
       .value("stochastic", optim::Rounding::kStochastic)
       .value("nearest", optim::Rounding::kNearest);
-  nb::enum_<optim::Scaling>(m, "Scaling").value("channel", optim::Scaling::kChannel).value("tensor", optim::Scaling::kTensor);
+  nb::enum_<optim::Scaling>(m, "Scaling")
+      .value("channel", optim::Scaling::kChannel)
+      .value("tensor", optim::Scaling::kTensor);
 
   nb::class_<optim::ApolloHyper>(m, "ApolloHyper", "Hyperparameters of an APOLLO step (see docs/optim.md).")
       .def(nb::init<>())
@@ -110,10 +112,10 @@ void init_optim(nb::module_& m) {
       "apollo_step",
       [](uintptr_t weight, const std::string& weight_dtype, int64_t ld_weight, uintptr_t grad,
          const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m_, uintptr_t v_, uintptr_t prev,
-         uintptr_t status, uintptr_t step, uint64_t seed, uintptr_t workspace, const optim::ApolloHyper& h,
-         bool cuda, uintptr_t stream) {
-        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_, prev,
-                                             status, step, seed, h);
+         uintptr_t status, uintptr_t step, uint64_t seed, uintptr_t workspace, const optim::ApolloHyper& h, bool cuda,
+         uintptr_t stream) {
+        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_,
+                                             prev, status, step, seed, h);
         s.workspace = ptr<void>(workspace);
         nb::gil_scoped_release release;
         if (cuda) optim::apollo_step_cuda(s, reinterpret_cast<void*>(stream));
@@ -148,8 +150,8 @@ void init_optim(nb::module_& m) {
          const std::string& grad_dtype, int64_t rows, int64_t cols, uintptr_t m_, uintptr_t v_, uintptr_t prev,
          uintptr_t status, uintptr_t step, uint64_t seed, uintptr_t workspace, const optim::ApolloHyper& h,
          const ShardArg& shard, bool cuda, uintptr_t stream) {
-        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_, prev,
-                                             status, step, seed, h);
+        optim::ApolloStep s = apollo_step_of(weight, weight_dtype, ld_weight, grad, grad_dtype, rows, cols, m_, v_,
+                                             prev, status, step, seed, h);
         s.workspace = ptr<void>(workspace);
         s.shard = shard_of(shard);
         nb::gil_scoped_release release;
@@ -165,10 +167,12 @@ void init_optim(nb::module_& m) {
 
   m.def(
       "apollo_step_many",
-      [](const std::vector<std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t, uintptr_t,
-                                      uintptr_t, uintptr_t, uintptr_t, uint64_t, const optim::ApolloHyper*>>& items,
+      [](const std::vector<std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t,
+                                      uintptr_t, uintptr_t, uintptr_t, uintptr_t, uint64_t, const optim::ApolloHyper*>>&
+             items,
          const std::vector<uintptr_t>& grads, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
-        if (items.size() != grads.size()) throw Error(ErrorCode::kInvalidArg, "apollo_step_many: one gradient per item");
+        if (items.size() != grads.size())
+          throw Error(ErrorCode::kInvalidArg, "apollo_step_many: one gradient per item");
         std::vector<optim::ApolloStep> steps(items.size());
         for (size_t i = 0; i < items.size(); ++i) {
           const auto& [weight, wdt, ld, gdt, rows, cols, m_, v_, prev, status, step, seed, h] = items[i];
@@ -216,9 +220,9 @@ void init_optim(nb::module_& m) {
         if (cuda) optim::adamw_step_cuda(s, reinterpret_cast<void*>(stream));
         else optim::adamw_step_cpu(s);
       },
-      nb::arg("weight"), nb::arg("weight_dtype"), nb::arg("grad"), nb::arg("grad_dtype"), nb::arg("numel"), nb::arg("m"),
-      nb::arg("v"), nb::arg("status"), nb::arg("step"), nb::arg("seed"), nb::arg("workspace"), nb::arg("hyper"),
-      nb::arg("cuda"), nb::arg("stream"), nb::arg("shard").none() = nb::none(), nb::arg("inner") = 1,
+      nb::arg("weight"), nb::arg("weight_dtype"), nb::arg("grad"), nb::arg("grad_dtype"), nb::arg("numel"),
+      nb::arg("m"), nb::arg("v"), nb::arg("status"), nb::arg("step"), nb::arg("seed"), nb::arg("workspace"),
+      nb::arg("hyper"), nb::arg("cuda"), nb::arg("stream"), nb::arg("shard").none() = nb::none(), nb::arg("inner") = 1,
       nb::arg("total_sq") = 0,
       "One AdamW step on a contiguous parameter (or a tensor-parallel rank's part of one: shard, inner, and "
       "total_sq, the address of ‖G‖² summed over the ranks).");
@@ -229,8 +233,9 @@ void init_optim(nb::module_& m) {
          uintptr_t stream) {
         const DType dt = parse_dtype(grad_dtype);
         nb::gil_scoped_release release;
-        if (cuda) optim::adamw_sumsq_cuda(ptr<const void>(grad), dt, numel, ptr<float>(out), ptr<void>(workspace),
-                                          reinterpret_cast<void*>(stream));
+        if (cuda)
+          optim::adamw_sumsq_cuda(ptr<const void>(grad), dt, numel, ptr<float>(out), ptr<void>(workspace),
+                                  reinterpret_cast<void*>(stream));
         else optim::adamw_sumsq_cpu(ptr<const void>(grad), dt, numel, ptr<float>(out));
       },
       "out[0] ← ‖G‖² of a contiguous gradient (a tensor-parallel rank's part of AdamW's total_sq).");

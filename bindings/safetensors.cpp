@@ -76,7 +76,8 @@ st::WriteOptions options(std::optional<st::Metadata> metadata, uint64_t alignmen
   return o;
 }
 
-std::vector<PyTensor> from_tuples(const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& in) {
+std::vector<PyTensor> from_tuples(
+    const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& in) {
   std::vector<PyTensor> out;
   out.reserve(in.size());
   for (const auto& [name, dtype, shape, data] : in) out.push_back(PyTensor{name, dtype, shape, data});
@@ -87,76 +88,97 @@ std::vector<PyTensor> from_tuples(const std::vector<std::tuple<std::string, std:
 
 void init_safetensors(nb::module_& m) {
   nb::class_<st::File>(m, "SafetensorsFile", "A validated, memory-mapped safetensors file.")
-      .def_static("open", [](const std::string& path) {
-        nb::gil_scoped_release release;
-        return std::make_shared<st::File>(st::File::open(path));
-      }, nb::arg("path"))
+      .def_static(
+          "open",
+          [](const std::string& path) {
+            nb::gil_scoped_release release;
+            return std::make_shared<st::File>(st::File::open(path));
+          },
+          nb::arg("path"))
       .def_prop_ro("path", &st::File::path)
       .def_prop_ro("file_size", &st::File::file_size)
       .def_prop_ro("metadata", [](const st::File& f) { return metadata_dict(f.header().metadata); })
-      .def("tensors", [](const st::File& f) {
-        nb::list out;
-        for (const auto& t : f.tensors()) out.append(tensor_info(t, f.header().data_start()));
-        return out;
-      }, "Tensor descriptions (name, dtype, shape, offset in the file, nbytes) in file order.")
-      .def("buffer", [](std::shared_ptr<st::File> f, const std::string& name) {
-        const st::TensorInfo& t = f->tensor(name);
-        return view(f, f->data(t), t.nbytes());
-      }, nb::arg("name"), "The tensor's bytes as a read-only uint8 array sharing the file mapping.");
+      .def(
+          "tensors",
+          [](const st::File& f) {
+            nb::list out;
+            for (const auto& t : f.tensors()) out.append(tensor_info(t, f.header().data_start()));
+            return out;
+          },
+          "Tensor descriptions (name, dtype, shape, offset in the file, nbytes) in file order.")
+      .def(
+          "buffer",
+          [](std::shared_ptr<st::File> f, const std::string& name) {
+            const st::TensorInfo& t = f->tensor(name);
+            return view(f, f->data(t), t.nbytes());
+          },
+          nb::arg("name"), "The tensor's bytes as a read-only uint8 array sharing the file mapping.");
 
   nb::class_<st::Model>(m, "Model", "A safetensors file or model directory (single file or sharded).")
-      .def_static("open", [](const std::string& path) {
-        nb::gil_scoped_release release;
-        return std::make_shared<st::Model>(st::Model::open(path));
-      }, nb::arg("path"))
+      .def_static(
+          "open",
+          [](const std::string& path) {
+            nb::gil_scoped_release release;
+            return std::make_shared<st::Model>(st::Model::open(path));
+          },
+          nb::arg("path"))
       .def_prop_ro("path", &st::Model::path)
       .def_prop_ro("sharded", &st::Model::sharded)
       .def_prop_ro("total_bytes", &st::Model::total_bytes)
-      .def("files", [](const st::Model& mdl) {
-        std::vector<std::string> out;
-        for (const auto& s : mdl.shards()) out.push_back(s->path());
-        return out;
-      })
+      .def("files",
+           [](const st::Model& mdl) {
+             std::vector<std::string> out;
+             for (const auto& s : mdl.shards()) out.push_back(s->path());
+             return out;
+           })
       .def("names", &st::Model::names)
       .def("__len__", &st::Model::size)
       .def("__contains__", [](const st::Model& mdl, const std::string& n) { return mdl.find(n) != nullptr; })
-      .def("info", [](const st::Model& mdl, const std::string& name) {
-        const auto& e = mdl.tensor(name);
-        nb::dict d = tensor_info(*e.info, e.file->header().data_start());
-        d["file"] = e.file->path();
-        return d;
-      }, nb::arg("name"))
-      .def("buffer", [](std::shared_ptr<st::Model> mdl, const std::string& name) {
-        const auto& e = mdl->tensor(name);
-        return view(mdl, e.file->data(*e.info), e.info->nbytes());
-      }, nb::arg("name"), "The tensor's bytes as a read-only uint8 array sharing the file mapping.");
+      .def(
+          "info",
+          [](const st::Model& mdl, const std::string& name) {
+            const auto& e = mdl.tensor(name);
+            nb::dict d = tensor_info(*e.info, e.file->header().data_start());
+            d["file"] = e.file->path();
+            return d;
+          },
+          nb::arg("name"))
+      .def(
+          "buffer",
+          [](std::shared_ptr<st::Model> mdl, const std::string& name) {
+            const auto& e = mdl->tensor(name);
+            return view(mdl, e.file->data(*e.info), e.info->nbytes());
+          },
+          nb::arg("name"), "The tensor's bytes as a read-only uint8 array sharing the file mapping.");
 
-  m.def("safetensors_write",
-        [](const std::string& path,
-           const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& tensors,
-           std::optional<st::Metadata> metadata, uint64_t alignment) {
-          auto py = from_tuples(tensors);
-          auto refs = to_refs(py);
-          auto o = options(std::move(metadata), alignment);
-          nb::gil_scoped_release release;
-          st::write_file(path, refs, o);
-        },
-        nb::arg("path"), nb::arg("tensors"), nb::arg("metadata").none(), nb::arg("alignment") = 8,
-        "Write (name, dtype, shape, uint8 bytes) tuples as one safetensors file, atomically.");
+  m.def(
+      "safetensors_write",
+      [](const std::string& path,
+         const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& tensors,
+         std::optional<st::Metadata> metadata, uint64_t alignment) {
+        auto py = from_tuples(tensors);
+        auto refs = to_refs(py);
+        auto o = options(std::move(metadata), alignment);
+        nb::gil_scoped_release release;
+        st::write_file(path, refs, o);
+      },
+      nb::arg("path"), nb::arg("tensors"), nb::arg("metadata").none(), nb::arg("alignment") = 8,
+      "Write (name, dtype, shape, uint8 bytes) tuples as one safetensors file, atomically.");
 
-  m.def("safetensors_write_model",
-        [](const std::string& dir,
-           const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& tensors,
-           uint64_t max_shard_bytes, std::optional<st::Metadata> metadata, uint64_t alignment) {
-          auto py = from_tuples(tensors);
-          auto refs = to_refs(py);
-          auto o = options(std::move(metadata), alignment);
-          nb::gil_scoped_release release;
-          return st::write_model(dir, refs, max_shard_bytes, o);
-        },
-        nb::arg("dir"), nb::arg("tensors"), nb::arg("max_shard_bytes"), nb::arg("metadata").none(),
-        nb::arg("alignment") = 8,
-        "Write a model directory (one file, or shards plus model.safetensors.index.json); returns file names.");
+  m.def(
+      "safetensors_write_model",
+      [](const std::string& dir,
+         const std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, InBytes>>& tensors,
+         uint64_t max_shard_bytes, std::optional<st::Metadata> metadata, uint64_t alignment) {
+        auto py = from_tuples(tensors);
+        auto refs = to_refs(py);
+        auto o = options(std::move(metadata), alignment);
+        nb::gil_scoped_release release;
+        return st::write_model(dir, refs, max_shard_bytes, o);
+      },
+      nb::arg("dir"), nb::arg("tensors"), nb::arg("max_shard_bytes"), nb::arg("metadata").none(),
+      nb::arg("alignment") = 8,
+      "Write a model directory (one file, or shards plus model.safetensors.index.json); returns file names.");
 }
 
 }  // namespace livetrain::bindings

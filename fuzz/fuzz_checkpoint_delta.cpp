@@ -1,6 +1,6 @@
 // libFuzzer target: the checkpoint delta parser (delta_parse, versions 2 and 3 with region records) and
-// record decoder (apply_record) on arbitrary bytes. Every input must either be rejected with livetrain::Error or parse into records whose
-// sizes do not overflow, whose XOR is self-inverse, and whose re-encoding decodes to the same bytes.
+// record decoder (apply_record) on arbitrary bytes. Every input must either be rejected with livetrain::Error or parse
+// into records whose sizes do not overflow, whose XOR is self-inverse, and whose re-encoding decodes to the same bytes.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -101,8 +101,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         f2.append(reinterpret_cast<const char*>(&sum), 8);
         std::vector<uint8_t> buf2(nbytes, 0);
         try {
-          checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f2.data()), f2.size(), "fuzz re-encoded",
-                            [&](const checkpoint::DeltaRecord& r2) { checkpoint::apply_record(r2, buf2.data(), "fuzz re-encoded"); });
+          checkpoint::delta_parse(
+              reinterpret_cast<const uint8_t*>(f2.data()), f2.size(), "fuzz re-encoded",
+              [&](const checkpoint::DeltaRecord& r2) { checkpoint::apply_record(r2, buf2.data(), "fuzz re-encoded"); });
         } catch (const livetrain::Error&) {
           std::abort();  // our own encoder's output must parse
         }

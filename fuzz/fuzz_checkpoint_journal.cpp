@@ -52,7 +52,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (uint64_t s : kFileSizes) files.emplace_back(s, 0);
     for (const auto& e : j.entries) {
       // The invariants apply_journal relies on before it writes a byte.
-      if (e.file >= kFileSizes.size() || e.offset > kFileSizes[e.file] || e.length > kFileSizes[e.file] - e.offset) std::abort();
+      if (e.file >= kFileSizes.size() || e.offset > kFileSizes[e.file] || e.length > kFileSizes[e.file] - e.offset)
+        std::abort();
       if (e.bytes < bytes || e.bytes + e.length > bytes + input.size()) std::abort();
       if (e.length) std::memcpy(files[e.file].data() + e.offset, e.bytes, e.length);  // what pwrite would do
       checkpoint::journal_append(again, e.file, e.offset, e.bytes, e.length);

@@ -13,7 +13,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     uint64_t end = h.data_start();
     for (const auto& t : h.tensors) {
       // The invariants the rest of livetrain relies on after a successful parse.
-      if (t.end < t.begin || h.data_start() + t.end > size || t.nbytes() * 8 != t.numel() * livetrain::dtype_bits(t.dtype)) {
+      if (t.end < t.begin || h.data_start() + t.end > size ||
+          t.nbytes() * 8 != t.numel() * livetrain::dtype_bits(t.dtype)) {
         std::abort();
       }
       if (h.data_start() + t.begin != end) std::abort();

@@ -66,8 +66,9 @@ std::string region_record(std::mt19937_64& rng, const std::string& name, DType d
 
 std::string delta(uint64_t generation, const std::vector<std::string>& records, int rank = -1, uint32_t ranks = 1) {
   const uint32_t n = static_cast<uint32_t>(records.size());
-  std::string f = rank < 0 ? checkpoint::delta_file_header(generation, generation - 1, n)
-                           : checkpoint::part_file_header(generation, generation - 1, n, static_cast<uint32_t>(rank), ranks);
+  std::string f = rank < 0
+                      ? checkpoint::delta_file_header(generation, generation - 1, n)
+                      : checkpoint::part_file_header(generation, generation - 1, n, static_cast<uint32_t>(rank), ranks);
   for (const auto& r : records) f += r;
   uint64_t sum = checkpoint::xxh64(f.data(), f.size());
   f.append(reinterpret_cast<const char*>(&sum), 8);
@@ -85,20 +86,21 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(20260101);
   write(d + "/empty.delta", delta(1, {}));
   write(d + "/sparse_gaps_bf16.delta", delta(2, {record(rng, "w", DType::kBF16, 300, 0.01)}));
-  write(d + "/dense_bitmap_bf16.delta", delta(3, {record(rng, "model.layers.0.mlp.up_proj.weight", DType::kBF16, 201, 0.5)}));
+  write(d + "/dense_bitmap_bf16.delta",
+        delta(3, {record(rng, "model.layers.0.mlp.up_proj.weight", DType::kBF16, 201, 0.5)}));
   write(d + "/mixed.delta", delta(4, {record(rng, "a", DType::kF32, 33, 0.1), record(rng, "b", DType::kF64, 9, 1.0),
                                       record(rng, "c", DType::kU8, 17, 0.3), record(rng, "d", DType::kF4, 40, 0.05)}));
-  write(d + "/blocks_bf16.delta", delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true),
-                                            record(rng, "f", DType::kF32, 700, 0.9, true)}));
+  write(d + "/blocks_bf16.delta",
+        delta(5, {record(rng, "e", DType::kBF16, 3000, 0.3, true), record(rng, "f", DType::kF32, 700, 0.9, true)}));
   // Parts of a tensor-parallel generation: rows, columns, a 3-d segment, and a whole tensor (no region).
   // Their own generator, so the other seeds stay as they were.
   std::mt19937_64 prng(20261130);
-  write(d + "/part_rank1_regions.delta",
-        delta(6, {region_record(prng, "rows", DType::kBF16, {{40, 0}, {40, 16}}, 0.2),
-                  region_record(prng, "cols", DType::kBF16, {{0, 8}, {12, 8}}, 0.5),
-                  region_record(prng, "conv", DType::kBF16, {{6, 0, 0}, {3, 1, 4}}, 1.0),
-                  record(prng, "norm", DType::kF32, 16, 0.5)},
-              1, 2));
+  write(d + "/part_rank1_regions.delta", delta(6,
+                                               {region_record(prng, "rows", DType::kBF16, {{40, 0}, {40, 16}}, 0.2),
+                                                region_record(prng, "cols", DType::kBF16, {{0, 8}, {12, 8}}, 0.5),
+                                                region_record(prng, "conv", DType::kBF16, {{6, 0, 0}, {3, 1, 4}}, 1.0),
+                                                record(prng, "norm", DType::kF32, 16, 0.5)},
+                                               1, 2));
 
   // Journals against the file sizes fuzz_checkpoint_journal checks them with: {4096, 100, 0, 70000}.
   std::vector<uint8_t> bytes(300);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every livetrain test on a fresh machine: setup (system packages, .venv, build), the C++ suite
-# (ctest), the parser fuzzers for LIVETRAIN_FUZZ_SECONDS in total (default 120), the wheel as pip users get
-# it (scripts/wheel_test.sh: built, installed into a new venv, served from; LIVETRAIN_WHEEL_TEST=0 skips it),
-# then the Python suite (pytest), whose summary is the last line. GPU tests skip when no GPU is visible.
+# Runs every livetrain test on a fresh machine: setup (system packages, .venv, build), the C++/CUDA
+# formatting check (scripts/format.sh --check), the C++ suite (ctest), the parser fuzzers for
+# LIVETRAIN_FUZZ_SECONDS in total (default 120), the wheel as pip users get it (scripts/wheel_test.sh: built,
+# installed into a new venv, served from; LIVETRAIN_WHEEL_TEST=0 skips it), then the Python suite (pytest),
+# whose summary is the last line. GPU tests skip when no GPU is visible.
 #
 # On a machine with no GPU (CI), the build's CUDA code is compiled for one architecture (sm_80) unless
 # LIVETRAIN_CMAKE_ARGS names LIVETRAIN_CUDA_GENCODE: nothing runs it there, the build only has to show that it
@@ -15,6 +16,8 @@ if ! nvidia-smi -L >/dev/null 2>&1 && [[ "${LIVETRAIN_CMAKE_ARGS:-}" != *LIVETRA
   export LIVETRAIN_CMAKE_ARGS="-DLIVETRAIN_CUDA_GENCODE=-gencode=arch=compute_80,code=sm_80 ${LIVETRAIN_CMAKE_ARGS:-}"
 fi
 bash scripts/setup.sh
+printf '\n== C++/CUDA formatting (scripts/format.sh --check)\n'
+bash scripts/format.sh --check
 printf '\n== C++ tests (ctest)\n'
 (cd build && ctest --output-on-failure -j "$(nproc)")
 printf '\n== fuzzing\n'

@@ -13,8 +13,8 @@ namespace livetrain {
 // its alignment order, which decides how its writer sorts tensors, and so how ours does.
 enum class DType : uint8_t {
   kBool,
-  kF4,        // E2M1, two per byte
-  kF6_E2M3,   // four per three bytes
+  kF4,       // E2M1, two per byte
+  kF6_E2M3,  // four per three bytes
   kF6_E3M2,
   kU8,
   kI8,

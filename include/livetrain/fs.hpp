@@ -76,11 +76,10 @@ class Writer {
 // Replaces `path` by a file whose bytes `fill` writes, so that after a crash at any instant `path` is
 // either its old content (or absent, if it was) or the complete new content; never a mix. The protocol:
 // create `.<name>.livetrain-tmp.<pid>.<n>` in the same directory (mode 0600), fill it, fsync it, set
-// `mode` less the process's umask (as open(2) would), rename it over `path`, fsync the directory. If anything fails the temporary file is removed,
-// `path` is untouched, and the error names the step and the file. A symlink at `path` is replaced by a
-// regular file, never written through.
-void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill,
-                       mode_t mode = 0644);
+// `mode` less the process's umask (as open(2) would), rename it over `path`, fsync the directory. If anything fails the
+// temporary file is removed, `path` is untouched, and the error names the step and the file. A symlink at `path` is
+// replaced by a regular file, never written through.
+void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill, mode_t mode = 0644);
 void write_file_atomic(const std::string& path, std::string_view content, mode_t mode = 0644);
 
 // fsync of a directory, so that a rename or create inside it is durable.

@@ -44,8 +44,8 @@ class Value {
   bool is_object() const { return type_ == Type::kObject; }
 
   bool as_bool() const { return bool_; }
-  const std::string& as_string() const { return text_; }           // for strings
-  const std::string& number_text() const { return text_; }         // for numbers, as written
+  const std::string& as_string() const { return text_; }    // for strings
+  const std::string& number_text() const { return text_; }  // for numbers, as written
   // The value as an unsigned 64-bit integer, if it is written as one (no sign, fraction or exponent)
   // and fits; JSON's `1.0`, `1e0` and `-0` are not integers here, as in serde's usize.
   std::optional<uint64_t> as_u64() const;

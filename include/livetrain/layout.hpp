@@ -94,7 +94,7 @@ struct View {
   std::string engine_name;
   DType dtype = DType::kBF16;
   uint64_t offset = 0;
-  std::vector<uint64_t> shape;    // this rank's part
+  std::vector<uint64_t> shape;  // this rank's part
   std::vector<uint64_t> strides;
   std::vector<uint64_t> hf_shape;  // the full HF tensor
   Shard shard;
@@ -104,9 +104,9 @@ struct View {
 
 // What a config.json says about the model, in the terms the layouts need.
 struct ModelInfo {
-  std::string family;        // the row of the family table: llama, qwen2, qwen3, qwen3_next, qwen3_5
-  std::string model_type;    // as written in the (text) config
-  bool multimodal = false;   // the config wraps a text_config (HF prefix model.language_model.)
+  std::string family;       // the row of the family table: llama, qwen2, qwen3, qwen3_next, qwen3_5
+  std::string model_type;   // as written in the (text) config
+  bool multimodal = false;  // the config wraps a text_config (HF prefix model.language_model.)
   uint64_t hidden_size = 0;
   uint64_t num_layers = 0;
   uint64_t vocab_size = 0;
@@ -118,7 +118,7 @@ struct ModelInfo {
   bool o_bias = false;
   bool mlp_bias = false;
   bool qk_norm = false;
-  bool gated_q = false;       // q_proj holds [query; gate] per head (attn_output_gate)
+  bool gated_q = false;  // q_proj holds [query; gate] per head (attn_output_gate)
   bool tied_embeddings = false;
   // GatedDeltaNet (linear_attention layers); zero when the family has none.
   uint64_t linear_num_key_heads = 0;
@@ -160,12 +160,12 @@ struct HfTensor {
   std::string name;
   std::vector<uint64_t> shape;
   bool replicated = false;  // every rank holds all of it
-  std::string tied_to;       // lm_head under tie_word_embeddings: no engine tensor of its own
+  std::string tied_to;      // lm_head under tie_word_embeddings: no engine tensor of its own
 };
 struct Plan {
   ModelInfo info;
-  std::vector<HfTensor> hf_tensors;       // in model order
-  std::vector<EngineTensorPlan> engine;   // this rank's engine tensors
+  std::vector<HfTensor> hf_tensors;      // in model order
+  std::vector<EngineTensorPlan> engine;  // this rank's engine tensors
 };
 
 // The plan for one rank. TP sizes that the config's head counts or sizes do not divide are an Error
@@ -174,14 +174,13 @@ Plan plan(const json::Value& config, const Options& options);
 
 struct Layout {
   ModelInfo info;
-  std::vector<View> views;                 // one per HF parameter, in model order
-  std::vector<std::string> unmapped;       // engine tensors no view uses (vision tower, mtp, ...)
+  std::vector<View> views;            // one per HF parameter, in model order
+  std::vector<std::string> unmapped;  // engine tensors no view uses (vision tower, mtp, ...)
 };
 
 // Views for every HF parameter, checked against the engine's tensor list: a tensor the plan needs that
 // is missing, or whose shape differs, is an Error naming it (kNotFound / kInvalidArg).
-Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_tensors,
-             const Options& options);
+Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_tensors, const Options& options);
 
 // The Hugging Face prefixes of the text model in the model files: "model." / "" for a causal LM,
 // "model.language_model." / "" inside a multimodal wrapper.

@@ -48,8 +48,8 @@ struct ShardSegment {
   int64_t length = 0;
 };
 struct Shard {
-  int32_t dim = -1;    // the sharded dimension; -1: the rank holds the whole tensor (TP 1, or replicated)
-  int64_t full = 0;    // the full tensor's size along dim
+  int32_t dim = -1;  // the sharded dimension; -1: the rank holds the whole tensor (TP 1, or replicated)
+  int64_t full = 0;  // the full tensor's size along dim
   int32_t segments = 0;
   ShardSegment segment[kMaxShardSegments];
   // Whether this rank's values count in sums over ranks: of several ranks holding the same block (a KV
@@ -88,15 +88,15 @@ struct ApolloStep {
   DType grad_dtype = DType::kBF16;
   int64_t rows = 0;
   int64_t cols = 0;
-  float* m = nullptr;           // [max(rows, cols), rank] fp32, zero at the first step
-  float* v = nullptr;           // [max(rows, cols), rank] fp32
-  float* prev_norm = nullptr;   // [1] fp32: ‖U‖ of the previous step, < 0 before the first
-  int32_t* status = nullptr;    // [1] out: a Status
-  uint64_t* step = nullptr;     // [1] steps completed (t); incremented by a step that succeeds
-  uint64_t seed = 0;            // the parameter's seed
-  void* workspace = nullptr;    // apollo_workspace_bytes(rows, cols, rank) bytes, same device
+  float* m = nullptr;          // [max(rows, cols), rank] fp32, zero at the first step
+  float* v = nullptr;          // [max(rows, cols), rank] fp32
+  float* prev_norm = nullptr;  // [1] fp32: ‖U‖ of the previous step, < 0 before the first
+  int32_t* status = nullptr;   // [1] out: a Status
+  uint64_t* step = nullptr;    // [1] steps completed (t); incremented by a step that succeeds
+  uint64_t seed = 0;           // the parameter's seed
+  void* workspace = nullptr;   // apollo_workspace_bytes(rows, cols, rank) bytes, same device
   ApolloHyper hyper;
-  Shard shard;                  // rows and cols are this rank's; the default: the whole tensor
+  Shard shard;  // rows and cols are this rank's; the default: the whole tensor
 };
 
 size_t apollo_workspace_bytes(int64_t rows, int64_t cols, int32_t rank);

@@ -50,7 +50,7 @@ struct TensorInfo {
 };
 
 struct Header {
-  uint64_t header_size = 0;        // N
+  uint64_t header_size = 0;         // N
   std::vector<TensorInfo> tensors;  // in offset order
   std::optional<Metadata> metadata;
   uint64_t data_size = 0;  // bytes of the data buffer
@@ -105,15 +105,14 @@ struct WriteOptions {
 // The header bytes (8-byte length + padded JSON) for these tensors, and the order in which their data
 // must follow. Validates names (non-empty, unique, not `__metadata__`), shapes and byte counts.
 struct Layout {
-  std::string header;          // including the 8-byte length prefix
-  std::vector<size_t> order;   // indices into the input, in file order
+  std::string header;         // including the 8-byte length prefix
+  std::vector<size_t> order;  // indices into the input, in file order
   uint64_t data_size = 0;
 };
 Layout plan(const std::vector<TensorRef>& tensors, const WriteOptions& options);
 
 // Writes a safetensors file atomically (fs::write_file_atomic).
-void write_file(const std::string& path, const std::vector<TensorRef>& tensors,
-                const WriteOptions& options = {});
+void write_file(const std::string& path, const std::vector<TensorRef>& tensors, const WriteOptions& options = {});
 
 // A model: one safetensors file, or a directory holding `model.safetensors` or a sharded set described by
 // `model.safetensors.index.json` ({"metadata": {...}, "weight_map": {tensor: shard file}}).
@@ -137,7 +136,7 @@ class Model {
   std::vector<std::string> names() const;  // sorted
   const Entry* find(std::string_view name) const;
   const Entry& tensor(std::string_view name) const;  // throws kNotFound
-  uint64_t total_bytes() const;                     // sum of tensor bytes
+  uint64_t total_bytes() const;                      // sum of tensor bytes
   size_t size() const { return entries_.size(); }
 
  private:

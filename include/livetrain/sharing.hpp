@@ -214,7 +214,7 @@ class ShmMapping {
 struct CudaAllocation {
   uint64_t base = 0;  // device address of the allocation that holds the pointer
   uint64_t size = 0;
-  int device = 0;     // ordinal in this process
+  int device = 0;  // ordinal in this process
   std::string device_uuid;
 };
 
@@ -263,8 +263,8 @@ class Export {
   void add_tensor(TensorDesc t);
   // Records a CUDA tensor by device pointer: its allocation becomes a buffer (once) and the offset is the
   // pointer's distance from the allocation base.
-  void add_cuda_tensor(std::string name, DType dtype, std::vector<uint64_t> shape,
-                       std::vector<uint64_t> strides, uint64_t device_ptr);
+  void add_cuda_tensor(std::string name, DType dtype, std::vector<uint64_t> shape, std::vector<uint64_t> strides,
+                       uint64_t device_ptr);
 
   // The manifest describing this process as the owner.
   Manifest manifest(const ModelDesc& model) const;

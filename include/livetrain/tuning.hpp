@@ -19,25 +19,26 @@ namespace livetrain::tuning {
 
 enum Knob : int {
   // APOLLO rank-1 steps (src/optim/apollo.cu)
-  kApolloBatch = 0,          // matrices per batched launch (apollo_step_many_cuda)
-  kApolloStreams,            // streams the batches alternate over (2: one batch's update overlaps the next's projection)
-  kApolloSplitProjection,    // 1: tall and wide projections as separate kernels (implied by their variants)
-  kApolloTallThreads,        // threads per block of the tall projection (rows >= cols)
-  kApolloTallRows,           // rows per warp in the tall projection
-  kApolloTallLoads,          // 16-byte loads in flight per row and lane in the tall projection
-  kApolloWideBlocks,         // blocks per wide matrix in the projection (row chunks × column strips)
-  kApolloWideLoads,          // rows in flight per thread in the wide projection
-  kApolloMomentsBlocksPerSm, // cap of the moments stage's grid, per multiprocessor
-  kApolloUpdateThreads,      // threads per block of the update
-  kApolloUpdateBlocksPerSm,  // cap of the update's grid (per matrix), per multiprocessor
-  kApolloUpdateUnroll,       // groups of 8 elements per thread and iteration of the update (loads in flight)
-  kApolloFusedStep,          // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between stages
+  kApolloBatch = 0,        // matrices per batched launch (apollo_step_many_cuda)
+  kApolloStreams,          // streams the batches alternate over (2: one batch's update overlaps the next's projection)
+  kApolloSplitProjection,  // 1: tall and wide projections as separate kernels (implied by their variants)
+  kApolloTallThreads,      // threads per block of the tall projection (rows >= cols)
+  kApolloTallRows,         // rows per warp in the tall projection
+  kApolloTallLoads,        // 16-byte loads in flight per row and lane in the tall projection
+  kApolloWideBlocks,       // blocks per wide matrix in the projection (row chunks × column strips)
+  kApolloWideLoads,        // rows in flight per thread in the wide projection
+  kApolloMomentsBlocksPerSm,  // cap of the moments stage's grid, per multiprocessor
+  kApolloUpdateThreads,       // threads per block of the update
+  kApolloUpdateBlocksPerSm,   // cap of the update's grid (per matrix), per multiprocessor
+  kApolloUpdateUnroll,        // groups of 8 elements per thread and iteration of the update (loads in flight)
+  kApolloFusedStep,  // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between
+                     // stages
   // checkpoint save (src/checkpoint/)
-  kCheckpointPipeline,       // 1: records are encoded while the GPU diff runs, tensor group by group
-  kCheckpointDiff,           // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups
-  kCheckpointGroupMib,       // device scratch per group of the GPU diff, MiB
-  kCheckpointDigests,        // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
-  kCheckpointEncodeBatch,    // blocks of records encoded per batch, per CPU thread
+  kCheckpointPipeline,     // 1: records are encoded while the GPU diff runs, tensor group by group
+  kCheckpointDiff,         // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups
+  kCheckpointGroupMib,     // device scratch per group of the GPU diff, MiB
+  kCheckpointDigests,      // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
+  kCheckpointEncodeBatch,  // blocks of records encoded per batch, per CPU thread
   kNumKnobs
 };
 

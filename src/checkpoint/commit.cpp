@@ -83,7 +83,8 @@ std::string delta_file_name(uint64_t generation) {
 
 std::string part_file_name(uint64_t generation, uint32_t rank, uint32_t ranks) {
   char buf[96];
-  std::snprintf(buf, sizeof buf, "gen-%020llu.rank-%u-of-%u.delta", static_cast<unsigned long long>(generation), rank, ranks);
+  std::snprintf(buf, sizeof buf, "gen-%020llu.rank-%u-of-%u.delta", static_cast<unsigned long long>(generation), rank,
+                ranks);
   return buf;
 }
 
@@ -160,7 +161,8 @@ Commit commit_parse(std::string_view text, std::string_view what) {
   uint64_t version = r.get_u64(root, "(root)", "version");
   if (version != kCommitVersion && version != 1) {
     throw Error(ErrorCode::kUnsupported, std::string(what) + ": commit version " + std::to_string(version) +
-                                             " (this build reads versions 1 and " + std::to_string(kCommitVersion) + ")");
+                                             " (this build reads versions 1 and " + std::to_string(kCommitVersion) +
+                                             ")");
   }
   if (r.get_str(root, "(root)", "hash") != "xxh64-4k") r.fail("hash", "unknown hash (expected \"xxh64-4k\")");
   Commit c;
@@ -196,7 +198,8 @@ Commit commit_parse(std::string_view text, std::string_view what) {
       std::string optim = r.get_str(gens[i], f, "optimizer_state", true);
       if (i > 0 && (delta.empty() || !plain_name(delta))) r.fail(f + ".delta", "expected a delta file name");
       if (!optim.empty() && !plain_name(optim)) r.fail(f + ".optimizer_state", "not a plain file name");
-      if (i > 0) g.parts.push_back(Part{0, delta, std::nullopt, delta_hash, g.changed, optim, std::nullopt, std::nullopt});
+      if (i > 0)
+        g.parts.push_back(Part{0, delta, std::nullopt, delta_hash, g.changed, optim, std::nullopt, std::nullopt});
       c.generations.push_back(std::move(g));
       continue;
     }
@@ -204,7 +207,8 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     if (ranks == 0 || ranks > kMaxRanks) r.fail(f + ".ranks", "expected 1.." + std::to_string(kMaxRanks));
     g.ranks = static_cast<uint32_t>(ranks);
     const auto& parts = r.get_array(gens[i], f, "parts");
-    if (i > 0 && parts.size() != g.ranks) r.fail(f + ".parts", "expected one part per rank (" + std::to_string(g.ranks) + ")");
+    if (i > 0 && parts.size() != g.ranks)
+      r.fail(f + ".parts", "expected one part per rank (" + std::to_string(g.ranks) + ")");
     if (i == 0 && !parts.empty()) r.fail(f + ".parts", "the oldest generation is the base: it has no parts");
     for (size_t k = 0; k < parts.size(); ++k) {
       std::string pf = f + ".parts[" + std::to_string(k) + "]";
@@ -217,9 +221,12 @@ Commit commit_parse(std::string_view text, std::string_view what) {
       p.hash = r.get_hash(parts[k], pf, "hash");
       p.changed = r.get_u64(parts[k], pf, "changed");
       p.optimizer_state = r.get_str(parts[k], pf, "optimizer_state", true);
-      if (!p.optimizer_state.empty() && !plain_name(p.optimizer_state)) r.fail(pf + ".optimizer_state", "not a plain file name");
-      if (!r.member(parts[k], pf, "optimizer_bytes").is_null()) p.optimizer_bytes = r.get_u64(parts[k], pf, "optimizer_bytes");
-      if (!r.member(parts[k], pf, "optimizer_hash").is_null()) p.optimizer_hash = r.get_hash(parts[k], pf, "optimizer_hash");
+      if (!p.optimizer_state.empty() && !plain_name(p.optimizer_state))
+        r.fail(pf + ".optimizer_state", "not a plain file name");
+      if (!r.member(parts[k], pf, "optimizer_bytes").is_null())
+        p.optimizer_bytes = r.get_u64(parts[k], pf, "optimizer_bytes");
+      if (!r.member(parts[k], pf, "optimizer_hash").is_null())
+        p.optimizer_hash = r.get_hash(parts[k], pf, "optimizer_hash");
       g.parts.push_back(std::move(p));
     }
     c.generations.push_back(std::move(g));
@@ -241,7 +248,8 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     if (t.file >= c.files.size()) r.fail(f + ".file", "index out of range");
     t.offset = r.get_u64(tensors[i], f, "offset");
     t.nbytes = r.get_u64(tensors[i], f, "nbytes");
-    if (t.nbytes > c.files[t.file].size || t.offset > c.files[t.file].size - t.nbytes) r.fail(f, "extends past its file");
+    if (t.nbytes > c.files[t.file].size || t.offset > c.files[t.file].size - t.nbytes)
+      r.fail(f, "extends past its file");
     if (t.nbytes % unit_bytes(t.dtype)) r.fail(f + ".nbytes", "not a whole number of elements");
     c.tensors.push_back(std::move(t));
   }

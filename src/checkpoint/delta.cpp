@@ -5,11 +5,11 @@
 #include <cstring>
 #include <limits>
 
+#include "checkpoint/bytes.hpp"
+#include "checkpoint/entropy.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
-#include "checkpoint/bytes.hpp"
-#include "checkpoint/entropy.hpp"
 #include "livetrain/parallel.hpp"
 
 namespace livetrain::checkpoint {
@@ -57,7 +57,8 @@ struct Cursor {
 // Scans `units` elements of T; reads `now` once per word so a concurrently written tensor still yields
 // the XOR of what this read saw. Marks changes in `bitmap` and appends XOR values to `values`.
 template <typename T>
-uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vector<uint8_t>& bitmap, std::string& values) {
+uint64_t scan(uint64_t units, const uint8_t* old, const uint8_t* now, std::vector<uint8_t>& bitmap,
+              std::string& values) {
   uint64_t changed = 0;
   auto hit = [&](uint64_t i, T x) {
     bitmap[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
@@ -240,7 +241,8 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
   // Each block's values start at the rank of its first change: count (in parallel), then rank.
   std::vector<uint64_t> count(tasks.size()), rank(tasks.size());
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) count[t] = block_count(records[tasks[t].record].bitmap, records[tasks[t].record].units, tasks[t].block);
+    for (int64_t t = lo; t < hi; ++t)
+      count[t] = block_count(records[tasks[t].record].bitmap, records[tasks[t].record].units, tasks[t].block);
   });
   for (size_t r = 0; r < records.size(); ++r) {
     uint64_t total = 0;
@@ -250,7 +252,8 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
     }
     if (total != records[r].changed) {
       throw Error(ErrorCode::kInvalidArg, "checkpoint: " + std::string(records[r].name) + ": bitmap holds " +
-                                              std::to_string(total) + " changes, not " + std::to_string(records[r].changed));
+                                              std::to_string(total) + " changes, not " +
+                                              std::to_string(records[r].changed));
     }
   }
   std::vector<EncodedBlock> blocks(tasks.size());
@@ -356,7 +359,8 @@ std::string part_file_header(uint64_t generation, uint64_t parent, uint32_t reco
 DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what,
                         const std::function<void(const DeltaRecord&)>& fn) {
   if (size < 40) throw format_error(what, "truncated delta file (" + std::to_string(size) + " bytes)");
-  if (std::memcmp(bytes, kDeltaMagic.data(), 8) != 0) throw format_error(what, "not a livetrain delta file (bad magic)");
+  if (std::memcmp(bytes, kDeltaMagic.data(), 8) != 0)
+    throw format_error(what, "not a livetrain delta file (bad magic)");
   uint64_t stored;
   std::memcpy(&stored, bytes + size - 8, 8);
   Cursor c{bytes + 8, size - 16, what, ""};
@@ -416,11 +420,13 @@ DeltaHeader delta_parse(const uint8_t* bytes, size_t size, std::string_view what
       } catch (const Error&) {
         throw format_error(what, c.where + "region size overflows");
       }
-      if (n != rec.units) throw format_error(what, c.where + "units do not match the region " + region_string(rec.region));
+      if (n != rec.units)
+        throw format_error(what, c.where + "units do not match the region " + region_string(rec.region));
     }
     // units × unit is the tensor's byte size, which callers compare with the model's: it must not wrap,
     // or a crafted record could pass that check and then write far past the buffer.
-    if (rec.units > std::numeric_limits<uint64_t>::max() / rec.unit) throw format_error(what, c.where + "units overflow");
+    if (rec.units > std::numeric_limits<uint64_t>::max() / rec.unit)
+      throw format_error(what, c.where + "units overflow");
     rec.changed = c.get<uint64_t>("changed");
     if (rec.changed == 0 || rec.changed > rec.units) throw format_error(what, c.where + "bad changed count");
     uint64_t plen = c.get<uint64_t>("positions length");
@@ -466,7 +472,8 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
     if (end - p < 8) throw Error(ErrorCode::kFormat, where + "truncated block table");
     const uint64_t changed = bytes::get<uint64_t>(p);
     p += 8;
-    if (changed > block_len(rec.units, block, b)) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": bad changed count");
+    if (changed > block_len(rec.units, block, b))
+      throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": bad changed count");
     total += changed;
     blocks[b].changed = changed;
     if (!changed) continue;
@@ -474,12 +481,15 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
     for (uint32_t s = 0; s < 1 + rec.unit; ++s) {
       if (end - p < 9) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": truncated stream");
       const uint64_t len = bytes::get<uint64_t>(p + 1);
-      if (len > static_cast<uint64_t>(end - p - 9)) throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": stream longer than its record");
+      if (len > static_cast<uint64_t>(end - p - 9))
+        throw Error(ErrorCode::kFormat, where + "block " + std::to_string(b) + ": stream longer than its record");
       p += 9 + len;
     }
   }
   if (p != end) throw Error(ErrorCode::kFormat, where + "bytes after the last block");
-  if (total != rec.changed) throw Error(ErrorCode::kFormat, where + "blocks hold " + std::to_string(total) + " changes, the record " + std::to_string(rec.changed));
+  if (total != rec.changed)
+    throw Error(ErrorCode::kFormat,
+                where + "blocks hold " + std::to_string(total) + " changes, the record " + std::to_string(rec.changed));
   const uint32_t unit = rec.unit;
   parallel_for(static_cast<int64_t>(nblocks), 1, [&](int64_t lo, int64_t hi) {
     std::vector<uint8_t> plane;
@@ -530,11 +540,13 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
   const uint8_t* end = p + rec.positions.size();
   if (rec.encoding == PositionEncoding::kBitmap) {
     // Not (units + 7) / 8: that wraps for units near 2^64, and an empty bitmap would then pass.
-    if (rec.positions.size() != rec.units / 8 + (rec.units % 8 != 0)) throw Error(ErrorCode::kFormat, where + "bitmap size mismatch");
+    if (rec.positions.size() != rec.units / 8 + (rec.units % 8 != 0))
+      throw Error(ErrorCode::kFormat, where + "bitmap size mismatch");
     // Validate fully before writing, so a bad record changes nothing.
     uint64_t count = 0;
     for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));
-    if (rec.units % 8 && (end[-1] >> (rec.units % 8))) throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
+    if (rec.units % 8 && (end[-1] >> (rec.units % 8)))
+      throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
     if (count != rec.changed) throw Error(ErrorCode::kFormat, where + "bitmap count does not match");
     xor_marked(buf, 0, p, rec.positions.size(), vals, unit);
     return;

@@ -83,7 +83,9 @@ __device__ Chunk chunk_of(const Launch& L) {
   k.begin = (k.c - k.t.first_chunk) * kChunk;
   k.end = min(k.begin + kChunk, k.t.units);
   // Element i of this chunk is at old + i * unit: with a stage, old points `begin` elements before it.
-  if (L.stage) k.t.old = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(L.stage + L.stage_offsets[blockIdx.x]) - k.begin * k.t.unit);
+  if (L.stage)
+    k.t.old = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(L.stage + L.stage_offsets[blockIdx.x]) -
+                                         k.begin * k.t.unit);
   k.words = L.bitmap + (k.t.bitmap_word + k.begin / 32 - L.word0);
   k.skip = L.flags && !L.flags[k.c];
   return k;
@@ -106,13 +108,15 @@ __device__ __forceinline__ bool differs(const DiffChunkTensor& t, uint64_t i) {
 // The XOR of element i at `rank` in `out`; with `update`, `old` takes the value of `now` that was read
 // (so old ^ XOR stays exactly what the delta records, even while `now` is being written).
 template <typename T>
-__device__ __forceinline__ void xor_one(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
+__device__ __forceinline__ void xor_one(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank,
+                                        bool update) {
   const T a = load<T>(t.now, i), b = load<T>(t.old, i);
   reinterpret_cast<T*>(out)[rank] = a ^ b;
   if (update) reinterpret_cast<T*>(t.old)[i] = a;
 }
 
-__device__ __forceinline__ void write_xor(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank, bool update) {
+__device__ __forceinline__ void write_xor(const DiffChunkTensor& t, uint64_t i, uint8_t* out, uint64_t rank,
+                                          bool update) {
   switch (t.unit) {
     case 1: xor_one<uint8_t>(t, i, out, rank, update); break;
     case 2: xor_one<uint16_t>(t, i, out, rank, update); break;
@@ -231,8 +235,9 @@ __global__ void __launch_bounds__(kThreads) digest_kernel(const Launch L, bool o
 
 // One block per chunk: flags[c] = whether the live bytes' digest differs from the stored one; counts the
 // flagged chunks.
-__global__ void __launch_bounds__(kThreads) flag_kernel(const Launch L, const uint64_t* __restrict__ digests,
-                                                        uint8_t* __restrict__ flags, unsigned long long* __restrict__ flagged) {
+__global__ void __launch_bounds__(kThreads)
+    flag_kernel(const Launch L, const uint64_t* __restrict__ digests, uint8_t* __restrict__ flags,
+                unsigned long long* __restrict__ flagged) {
   const Chunk k = chunk_of(L);
   const uint64_t d = block_digest(k.t.now + k.begin * k.t.unit, (k.end - k.begin) * k.t.unit);
   if (threadIdx.x == 0) {
@@ -247,21 +252,27 @@ struct DeviceBuffer {
   void* p = nullptr;
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t bytes) { LIVETRAIN_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1)); }
-  ~DeviceBuffer() { if (p) cudaFree(p); }
+  ~DeviceBuffer() {
+    if (p) cudaFree(p);
+  }
   DeviceBuffer(DeviceBuffer&& o) noexcept : p(o.p) { o.p = nullptr; }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     std::swap(p, o.p);
     return *this;
   }
   template <typename T>
-  T* as() const { return static_cast<T*>(p); }
+  T* as() const {
+    return static_cast<T*>(p);
+  }
 };
 
 // A non-blocking stream owned by scope.
 struct Stream {
   cudaStream_t s = nullptr;
   Stream() { LIVETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  ~Stream() { if (s) cudaStreamDestroy(s); }
+  ~Stream() {
+    if (s) cudaStreamDestroy(s);
+  }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
 };
@@ -270,7 +281,9 @@ struct Stream {
 struct Event {
   cudaEvent_t e = nullptr;
   Event() { LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
-  ~Event() { if (e) cudaEventDestroy(e); }
+  ~Event() {
+    if (e) cudaEventDestroy(e);
+  }
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
 };
@@ -324,8 +337,8 @@ uint64_t table_key(const std::vector<DiffChunkTensor>& table) {
   return h;
 }
 
-Launch launch_of(const DiffChunkTensor* ts, size_t n, uint64_t chunk0, uint32_t* bitmap, uint64_t word0, uint8_t* stage = nullptr,
-                 const uint64_t* stage_offsets = nullptr, const uint8_t* flags = nullptr) {
+Launch launch_of(const DiffChunkTensor* ts, size_t n, uint64_t chunk0, uint32_t* bitmap, uint64_t word0,
+                 uint8_t* stage = nullptr, const uint64_t* stage_offsets = nullptr, const uint8_t* flags = nullptr) {
   return Launch{ts, static_cast<int>(n), chunk0, bitmap, word0, stage, stage_offsets, flags};
 }
 
@@ -336,7 +349,8 @@ void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value
   (void)view_of(ws.values, value_bytes);
 }
 
-void chunk_digests_cuda(const std::vector<DiffTensor>& tensors, bool of_old, std::vector<uint64_t>& out, void* stream_ptr) {
+void chunk_digests_cuda(const std::vector<DiffTensor>& tensors, bool of_old, std::vector<uint64_t>& out,
+                        void* stream_ptr) {
   delta_diff_check(tensors);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   uint64_t chunks = 0, words = 0;
@@ -344,9 +358,10 @@ void chunk_digests_cuda(const std::vector<DiffTensor>& tensors, bool of_old, std
   out.assign(chunks, 0);
   if (!chunks) return;
   DeviceBuffer d_table(table.size() * sizeof(DiffChunkTensor)), d_out(chunks * sizeof(uint64_t));
-  LIVETRAIN_CUDA_CHECK(cudaMemcpy(d_table.p, table.data(), table.size() * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice));
-  digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(d_table.as<DiffChunkTensor>(), table.size(), 0, nullptr, 0),
-                                                                       of_old, d_out.as<uint64_t>());
+  LIVETRAIN_CUDA_CHECK(
+      cudaMemcpy(d_table.p, table.data(), table.size() * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice));
+  digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+      launch_of(d_table.as<DiffChunkTensor>(), table.size(), 0, nullptr, 0), of_old, d_out.as<uint64_t>());
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(out.data(), d_out.p, chunks * sizeof(uint64_t), cudaMemcpyDeviceToHost, stream));
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -366,7 +381,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
 
   DiffWorkspace local;
   DiffWorkspace& w = ws ? *ws : local;
-  w.retired.clear();  // a previous call's outgrown buffers: nobody reads them any more
+  w.retired.clear();                                  // a previous call's outgrown buffers: nobody reads them any more
   if (update_old && !use_digests) w.digests.reset();  // `old` moves without them: they would go stale
   HostBytes bitmaps = view_of(w.bitmaps, words * 4);
   out.changed.assign(n, 0);
@@ -389,7 +404,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   DeviceBuffer d_table(n * sizeof(DiffChunkTensor));
   HostBytes h_table = pinned_alloc(n * sizeof(DiffChunkTensor));
   std::copy(table.begin(), table.end(), reinterpret_cast<DiffChunkTensor*>(h_table.data));
-  LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_table.p, h_table.data, n * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice, stream));
+  LIVETRAIN_CUDA_CHECK(
+      cudaMemcpyAsync(d_table.p, h_table.data, n * sizeof(DiffChunkTensor), cudaMemcpyHostToDevice, stream));
   const DiffChunkTensor* ts = d_table.as<DiffChunkTensor>();
 
   // Digests: flag the chunks whose live bytes may differ from `old`; none flagged means no change.
@@ -405,7 +421,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       fresh->d = DeviceBuffer(chunks * sizeof(uint64_t));
       fresh->chunks = chunks;
       fresh->key = key;
-      digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(ts, n, 0, nullptr, 0), true, fresh->d.as<uint64_t>());
+      digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(ts, n, 0, nullptr, 0), true,
+                                                                            fresh->d.as<uint64_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       w.digests = fresh;
       digests = fresh.get();
@@ -415,10 +432,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     auto* d_flagged = reinterpret_cast<unsigned long long*>(d_flags.as<uint8_t>() + counter_at);
     HostBytes h_flagged = pinned_alloc(sizeof(unsigned long long));
     LIVETRAIN_CUDA_CHECK(cudaMemsetAsync(d_flagged, 0, sizeof(unsigned long long), stream));
-    flag_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(launch_of(ts, n, 0, nullptr, 0), digests->d.as<uint64_t>(),
-                                                                      d_flags.as<uint8_t>(), d_flagged);
+    flag_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+        launch_of(ts, n, 0, nullptr, 0), digests->d.as<uint64_t>(), d_flags.as<uint8_t>(), d_flagged);
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_flagged.data, d_flagged, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
+    LIVETRAIN_CUDA_CHECK(
+        cudaMemcpyAsync(h_flagged.data, d_flagged, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
     LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
     if (*reinterpret_cast<unsigned long long*>(h_flagged.data) == 0) {
       // Nothing changed (up to the digests): no bitmap, no value is read or written.
@@ -448,7 +466,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   const std::vector<DiffGroup> groups = diff_groups(table, chunks, group_bytes, stage_offsets, use);
   DeviceBuffer d_stage_offsets(chunks * sizeof(uint64_t));
   if (chunks) {
-    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage_offsets.p, stage_offsets.data(), chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage_offsets.p, stage_offsets.data(), chunks * sizeof(uint64_t),
+                                         cudaMemcpyHostToDevice, stream));
   }
   const uint64_t* d_so = d_stage_offsets.as<uint64_t>();
   Stream s0, s1;
@@ -463,9 +482,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     // host memory.
     if (chunks) {
       diff_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, s0.s>>>(
-          launch_of(ts, n, 0, device_view<uint32_t>(bitmaps), 0, nullptr, nullptr, d_flag_ptr), d_counts.as<uint32_t>());
+          launch_of(ts, n, 0, device_view<uint32_t>(bitmaps), 0, nullptr, nullptr, d_flag_ptr),
+          d_counts.as<uint32_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, s0.s));
+      LIVETRAIN_CUDA_CHECK(
+          cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, s0.s));
     }
     LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));
     place(0, chunks);
@@ -474,7 +495,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     // Pass 2: compact (and move `old` along, when asked) group by group, on two streams: one group's
     // copies overlap the other's kernel and copies.
     if (chunks && value_total) {
-      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, s0.s));
+      LIVETRAIN_CUDA_CHECK(
+          cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, s0.s));
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.e, s0.s));
       LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.s, joined.e, 0));
       // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
@@ -489,22 +511,27 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
         uint8_t* d_stage = update_old ? (k % 2 ? d_stage1 : d_stage0).as<uint8_t>() : nullptr;
         if (g.c1 > g.c0) {
           for (const DiffSegment& sg : g.segments) {
-            if (update_old) LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
+            if (update_old)
+              LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
           }
           const uint64_t base = offsets[g.c0];
           uint8_t* d_values = d_scratch + diff_value_shift(base);
-          const Launch L = launch_of(ts, n, g.c0, device_view<uint32_t>(bitmaps), 0, d_stage, update_old ? d_so + g.c0 : nullptr, d_flag_ptr);
-          diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base, d_values);
+          const Launch L = launch_of(ts, n, g.c0, device_view<uint32_t>(bitmaps), 0, d_stage,
+                                     update_old ? d_so + g.c0 : nullptr, d_flag_ptr);
+          diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(),
+                                                                                       base, d_values);
           LIVETRAIN_CUDA_CHECK(cudaGetLastError());
           if (digests) {
             digest_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, true, digests->d.as<uint64_t>());
             LIVETRAIN_CUDA_CHECK(cudaGetLastError());
           }
           if (ends[g.c1 - 1] > base) {
-            LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
+            LIVETRAIN_CUDA_CHECK(
+                cudaMemcpyAsync(values.data + base, d_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
           }
           for (const DiffSegment& sg : g.segments) {
-            if (update_old) LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
+            if (update_old)
+              LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
           }
         }
         LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
@@ -531,7 +558,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // Bitmap words of a group: from its first chunk's first word to its last chunk's last.
   auto word_range = [&](const DiffGroup& g, uint64_t& first, uint64_t& last) {
     auto tensor_of = [&](uint64_t c) {
-      return static_cast<size_t>(std::upper_bound(table.begin(), table.end(), c, [](uint64_t x, const DiffChunkTensor& t) { return x < t.first_chunk; }) - table.begin()) - 1;
+      return static_cast<size_t>(
+                 std::upper_bound(table.begin(), table.end(), c,
+                                  [](uint64_t x, const DiffChunkTensor& t) { return x < t.first_chunk; }) -
+                 table.begin()) -
+             1;
     };
     const size_t a = tensor_of(g.c0), b = tensor_of(g.c1 - 1);
     first = table[a].bitmap_word + (g.c0 - table[a].first_chunk) * kChunkWords;
@@ -561,11 +592,13 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     cudaStream_t st = slot_stream[slot];
     if (g.c1 > g.c0) {
       for (const DiffSegment& sg : g.segments) {
-        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
+        LIVETRAIN_CUDA_CHECK(
+            cudaMemcpyAsync(d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, st));
       }
       uint64_t first_word, last_word;
       word_range(g, first_word, last_word);
-      const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(), d_so + g.c0, d_flag_ptr);
+      const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(),
+                                 d_so + g.c0, d_flag_ptr);
       diff_count_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_counts.as<uint32_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_counts.data + g.c0 * sizeof(uint32_t), d_counts.as<uint32_t>() + g.c0,
@@ -597,26 +630,30 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
       return;
     }
-    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.as<uint64_t>() + g.c0, offsets + g.c0, (g.c1 - g.c0) * sizeof(uint64_t),
-                                         cudaMemcpyHostToDevice, st));
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.as<uint64_t>() + g.c0, offsets + g.c0,
+                                         (g.c1 - g.c0) * sizeof(uint64_t), cudaMemcpyHostToDevice, st));
     uint64_t first_word, last_word;
     word_range(g, first_word, last_word);
-    const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(), d_so + g.c0, d_flag_ptr);
+    const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(),
+                               d_so + g.c0, d_flag_ptr);
     uint8_t* d_group_values = d_values[slot].as<uint8_t>() + diff_value_shift(base);
-    diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base, d_group_values);
+    diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base,
+                                                                                 d_group_values);
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     if (digests) {
       digest_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, true, digests->d.as<uint64_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     }
     if (ends[g.c1 - 1] > base) {
-      LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(values.data + base, d_group_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
+      LIVETRAIN_CUDA_CHECK(
+          cudaMemcpyAsync(values.data + base, d_group_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
     }
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(bitmaps.data + first_word * 4, d_bitmap[slot].p, (last_word - first_word) * 4,
                                          cudaMemcpyDeviceToHost, st));
     if (update_old) {
       for (const DiffSegment& sg : g.segments) {
-        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
+        LIVETRAIN_CUDA_CHECK(
+            cudaMemcpyAsync(sg.old, d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
       }
     }
     LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));

@@ -49,7 +49,8 @@ uint64_t diff_dispatch(const DiffTensor& t, uint8_t* bitmap, uint8_t* values) {
     case 2: return diff_one<uint16_t>(now, old, t.units, bitmap, values);
     case 4: return diff_one<uint32_t>(now, old, t.units, bitmap, values);
     case 8: return diff_one<uint64_t>(now, old, t.units, bitmap, values);
-    default: throw Error(ErrorCode::kInvalidArg, "delta diff: element size " + std::to_string(t.unit) + " (1, 2, 4 or 8)");
+    default:
+      throw Error(ErrorCode::kInvalidArg, "delta diff: element size " + std::to_string(t.unit) + " (1, 2, 4 or 8)");
   }
 }
 
@@ -59,10 +60,13 @@ void delta_diff_check(const std::vector<DiffTensor>& tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const DiffTensor& t = tensors[i];
     if (t.unit != 1 && t.unit != 2 && t.unit != 4 && t.unit != 8) {
-      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + ": element size " + std::to_string(t.unit) + " (1, 2, 4 or 8)");
+      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + ": element size " +
+                                              std::to_string(t.unit) + " (1, 2, 4 or 8)");
     }
-    if (t.units && (!t.now || !t.old)) throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " has no data");
-    if (t.units > (uint64_t{1} << 56) / t.unit) throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is too large");
+    if (t.units && (!t.now || !t.old))
+      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " has no data");
+    if (t.units > (uint64_t{1} << 56) / t.unit)
+      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is too large");
   }
 }
 
@@ -81,7 +85,8 @@ void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out) {
   // Pass 1 counts (and fills the bitmaps); pass 2 writes values where pass 1 saw changes. Like the GPU
   // version, positions come from pass 1 so the output is self-consistent under concurrent writes.
   parallel_for(static_cast<int64_t>(n), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) out.changed[i] = diff_dispatch(tensors[i], out.bitmaps.data + out.bitmap_offset[i], nullptr);
+    for (int64_t i = b; i < e; ++i)
+      out.changed[i] = diff_dispatch(tensors[i], out.bitmaps.data + out.bitmap_offset[i], nullptr);
   });
   uint64_t value_total = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -112,7 +117,8 @@ void delta_diff_cpu(const std::vector<DiffTensor>& tensors, DiffOutput& out) {
 void chunk_digests_cpu(const std::vector<DiffTensor>& tensors, bool of_old, std::vector<uint64_t>& out) {
   delta_diff_check(tensors);
   std::vector<uint64_t> first(tensors.size() + 1, 0);
-  for (size_t i = 0; i < tensors.size(); ++i) first[i + 1] = first[i] + (tensors[i].units + kDiffChunk - 1) / kDiffChunk;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    first[i + 1] = first[i] + (tensors[i].units + kDiffChunk - 1) / kDiffChunk;
   out.assign(first.back(), 0);
   parallel_for(static_cast<int64_t>(tensors.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

@@ -28,8 +28,8 @@ namespace livetrain::checkpoint {
 
 // One tensor as the kernels see it.
 struct DiffChunkTensor {
-  const uint8_t* now;    // [units × unit]
-  uint8_t* old;          // [units × unit], device or pinned host memory (written when update_old)
+  const uint8_t* now;  // [units × unit]
+  uint8_t* old;        // [units × unit], device or pinned host memory (written when update_old)
   uint64_t units;
   uint64_t first_chunk;  // global index of the tensor's first chunk
   uint64_t bitmap_word;  // offset of its bitmap in the bitmap buffer, in 32-bit words
@@ -46,7 +46,8 @@ inline uint64_t diff_value_shift(uint64_t base) { return base % kDiffScratchAlig
 // The kernels' table of `tensors`: chunks numbered across tensors, bitmap words likewise. `old` may be
 // mapped page-locked host memory (the store's head copy is registered with cudaHostRegisterMapped):
 // unified addressing makes the host address valid on the device.
-inline std::vector<DiffChunkTensor> diff_chunk_table(const std::vector<DiffTensor>& tensors, uint64_t& chunks, uint64_t& words) {
+inline std::vector<DiffChunkTensor> diff_chunk_table(const std::vector<DiffTensor>& tensors, uint64_t& chunks,
+                                                     uint64_t& words) {
   const size_t n = tensors.size();
   std::vector<DiffChunkTensor> table(n);
   chunks = words = 0;
@@ -54,13 +55,20 @@ inline std::vector<DiffChunkTensor> diff_chunk_table(const std::vector<DiffTenso
     const DiffTensor& t = tensors[i];
     const auto now = reinterpret_cast<uintptr_t>(t.now), old = reinterpret_cast<uintptr_t>(t.old);
     if (now % t.unit || old % t.unit) {
-      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) + " is not aligned to its element size " + std::to_string(t.unit));
+      throw Error(ErrorCode::kInvalidArg, "delta diff: tensor " + std::to_string(i) +
+                                              " is not aligned to its element size " + std::to_string(t.unit));
     }
-    table[i] = DiffChunkTensor{static_cast<const uint8_t*>(t.now), static_cast<uint8_t*>(const_cast<void*>(t.old)), t.units, chunks, words, t.unit};
+    table[i] = DiffChunkTensor{static_cast<const uint8_t*>(t.now),
+                               static_cast<uint8_t*>(const_cast<void*>(t.old)),
+                               t.units,
+                               chunks,
+                               words,
+                               t.unit};
     chunks += (t.units + kDiffChunk - 1) / kDiffChunk;
     words += (t.units + 31) / 32;
   }
-  if (chunks > static_cast<uint64_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: tensors too large for one launch");
+  if (chunks > static_cast<uint64_t>(INT32_MAX))
+    throw Error(ErrorCode::kInvalidArg, "delta diff: tensors too large for one launch");
   return table;
 }
 
@@ -91,13 +99,14 @@ std::vector<DiffGroup> diff_groups(const std::vector<DiffChunkTensor>& table, ui
       const uint64_t begin = (c - table[i].first_chunk) * kDiffChunk;
       const uint64_t bytes = (std::min(begin + kDiffChunk, table[i].units) - begin) * table[i].unit;
       if (c > g.c0 && (c - g.c0) * kDiffChunk >= group_bytes) break;  // bounds the group's bitmap words too
-      if (!use(c)) {  // known unchanged: counted (as 0), not staged
+      if (!use(c)) {                                                  // known unchanged: counted (as 0), not staged
         open = false;
         ++c;
         continue;
       }
       const bool continues = open && c != table[i].first_chunk;
-      const uint64_t at = continues ? g.staged : (g.staged + kDiffScratchAlign - 1) / kDiffScratchAlign * kDiffScratchAlign;
+      const uint64_t at =
+          continues ? g.staged : (g.staged + kDiffScratchAlign - 1) / kDiffScratchAlign * kDiffScratchAlign;
       if (c > g.c0 && at + bytes > group_bytes) break;
       stage_offsets[c] = at;
       uint8_t* old = table[i].old + begin * table[i].unit;
@@ -125,8 +134,8 @@ std::vector<DiffGroup> diff_groups(const std::vector<DiffChunkTensor>& table, ui
 // anyway. Each tensor's values start 8-byte aligned.
 struct DiffValuePlan {
   const std::vector<DiffChunkTensor>& table;
-  uint64_t* offsets;            // [chunks] start of each chunk's values
-  std::vector<uint64_t> ends;   // [chunks] end of each chunk's values
+  uint64_t* offsets;                    // [chunks] start of each chunk's values
+  std::vector<uint64_t> ends;           // [chunks] end of each chunk's values
   std::vector<uint64_t>& changed;       // [tensors] out.changed
   std::vector<uint64_t>& value_offset;  // [tensors] out.value_offset
   uint64_t total = 0;

@@ -28,13 +28,15 @@ int huffman_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
   for (int s = 0; s < 256; ++s) {
     if (freq[s]) leaves[nleaves++] = s;
   }
-  std::sort(leaves.begin(), leaves.begin() + nleaves, [&](int a, int b) { return freq[a] != freq[b] ? freq[a] < freq[b] : a < b; });
+  std::sort(leaves.begin(), leaves.begin() + nleaves,
+            [&](int a, int b) { return freq[a] != freq[b] ? freq[a] < freq[b] : a < b; });
   std::array<Node, 511> nodes{};  // leaves first (in sorted order), then internal nodes in creation order
   for (int i = 0; i < nleaves; ++i) nodes[i] = Node{freq[leaves[i]], -1};
   int next_leaf = 0, next_internal = nleaves, count = nleaves;
   auto take = [&]() {
     // The lighter of the next leaf and the next internal node (internal nodes are created in order of weight).
-    if (next_leaf < nleaves && (next_internal >= count || nodes[next_leaf].weight <= nodes[next_internal].weight)) return next_leaf++;
+    if (next_leaf < nleaves && (next_internal >= count || nodes[next_leaf].weight <= nodes[next_internal].weight))
+      return next_leaf++;
     return next_internal++;
   };
   while (count < 2 * nleaves - 1) {
@@ -91,12 +93,15 @@ void put_header(std::string& out, Mode mode, uint64_t length) {
   bytes::put<uint64_t>(out, length);
 }
 
-Error bad(std::string_view where, const std::string& msg) { return Error(ErrorCode::kFormat, std::string(where) + msg); }
+Error bad(std::string_view where, const std::string& msg) {
+  return Error(ErrorCode::kFormat, std::string(where) + msg);
+}
 
 }  // namespace
 
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
-  if (n > (size_t{1} << 31)) throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
+  if (n > (size_t{1} << 31))
+    throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
   std::array<uint64_t, 256> freq{};
   {
     // Four histograms break the store-to-load dependency on runs of one value.
@@ -189,7 +194,8 @@ void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std:
   const uint8_t* stop = p + length;
   switch (static_cast<Mode>(mode)) {
     case Mode::kRaw:
-      if (length != n) throw bad(where, "raw stream of " + std::to_string(length) + " bytes, expected " + std::to_string(n));
+      if (length != n)
+        throw bad(where, "raw stream of " + std::to_string(length) + " bytes, expected " + std::to_string(n));
       if (n) std::memcpy(out, p, n);
       break;
     case Mode::kConstant:
@@ -212,7 +218,8 @@ void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std:
           ++used;
         }
       }
-      if (used < 2 || kraft != (uint64_t{1} << kMaxCodeBits)) throw bad(where, "Huffman code lengths do not form a complete code");
+      if (used < 2 || kraft != (uint64_t{1} << kMaxCodeBits))
+        throw bad(where, "Huffman code lengths do not form a complete code");
       std::array<uint16_t, 256> rev{};
       canonical_codes(len, rev);
       // A complete code: every kMaxCodeBits-bit window starts with exactly one code.
@@ -241,8 +248,7 @@ void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std:
       if (q != stop || nbits >= 8 || acc != 0) throw bad(where, "Huffman stream has data after its last code");
       break;
     }
-    default:
-      throw bad(where, "unknown stream mode " + std::to_string(mode));
+    default: throw bad(where, "unknown stream mode " + std::to_string(mode));
   }
   *pp = stop;
 }

@@ -2,10 +2,10 @@
 // that materialize, recovery and the fuzz target share one parser of these outside bytes.
 #include <cstring>
 
+#include "checkpoint/bytes.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/error.hpp"
-#include "checkpoint/bytes.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -48,7 +48,8 @@ void journal_finish(std::string& journal) {
   put<uint64_t>(journal, sum);
 }
 
-Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, const std::vector<uint64_t>& file_sizes) {
+Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
+                      const std::vector<uint64_t>& file_sizes) {
   auto bad = [&](const std::string& msg) { return Error(ErrorCode::kFormat, std::string(what) + ": " + msg); };
   if (size < kHeaderBytes + 8) throw bad("truncated journal (" + std::to_string(size) + " bytes)");
   if (std::memcmp(bytes, kJournalMagic.data(), 8) != 0) throw bad("not a livetrain journal (bad magic)");
@@ -58,7 +59,8 @@ Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, 
                                              " (this build reads version " + std::to_string(kJournalVersion) + ")");
   }
   // The whole-file checksum first: a torn journal is reported as such, not as a bad field.
-  if (xxh64(bytes, size - 8) != get<uint64_t>(bytes + size - 8)) throw bad("journal checksum mismatch (corrupt or truncated)");
+  if (xxh64(bytes, size - 8) != get<uint64_t>(bytes + size - 8))
+    throw bad("journal checksum mismatch (corrupt or truncated)");
   Journal j;
   uint32_t count = get<uint32_t>(bytes + 12);
   j.from = get<uint64_t>(bytes + 16);
@@ -69,13 +71,15 @@ Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, 
   for (uint32_t i = 0; i < count; ++i) {
     std::string where = "entry " + std::to_string(i);
     if (end - pos < kEntryFraming) throw bad(where + " truncated");
-    JournalEntry e{get<uint32_t>(bytes + pos), get<uint64_t>(bytes + pos + 8), get<uint64_t>(bytes + pos + 16), nullptr};
+    JournalEntry e{get<uint32_t>(bytes + pos), get<uint64_t>(bytes + pos + 8), get<uint64_t>(bytes + pos + 16),
+                   nullptr};
     if (get<uint32_t>(bytes + pos + 4) != 0) throw bad(where + ": reserved field is not 0");
     // Both sides of each comparison are bounded by `size`, so nothing here can overflow.
     const size_t room = end - pos - kEntryFraming;
     if (e.length > room || room - e.length < 8) throw bad(where + " truncated");
     if (e.file >= file_sizes.size()) {
-      throw bad(where + ": file index " + std::to_string(e.file) + " out of range (" + std::to_string(file_sizes.size()) + " files)");
+      throw bad(where + ": file index " + std::to_string(e.file) + " out of range (" +
+                std::to_string(file_sizes.size()) + " files)");
     }
     if (e.offset > file_sizes[e.file] || e.length > file_sizes[e.file] - e.offset) {
       throw bad(where + ": range past the end of file " + std::to_string(e.file));

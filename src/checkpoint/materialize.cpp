@@ -6,11 +6,11 @@
 
 #include <cstring>
 
+#include "checkpoint/bytes.hpp"
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
-#include "checkpoint/bytes.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -55,7 +55,8 @@ uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::stri
   }
   for (size_t f = 0; f < fds.size(); ++f) {
     // A failed fsync is final (the kernel may have dropped the pages): the journal stays for a redo.
-    if (fds[f].valid() && ::fsync(fds[f].get()) != 0) throw io_error("fsync " + fs::join(model_dir_, commit_.files[f].name));
+    if (fds[f].valid() && ::fsync(fds[f].get()) != 0)
+      throw io_error("fsync " + fs::join(model_dir_, commit_.files[f].name));
   }
   return to;
 }
@@ -86,8 +87,8 @@ void Store::recover_journal() {
     crash_point("recovered-applied");
     commit_materialized(to);
   } else {
-    throw Error(ErrorCode::kFormat, path + ": journal from generation " + std::to_string(from) + " to " + std::to_string(to) +
-                                        " does not fit the committed materialized generation " +
+    throw Error(ErrorCode::kFormat, path + ": journal from generation " + std::to_string(from) + " to " +
+                                        std::to_string(to) + " does not fit the committed materialized generation " +
                                         std::to_string(commit_.materialized));
   }
   if (::unlink(path.c_str()) != 0) throw io_error("remove " + path);
@@ -109,7 +110,8 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
       char target_buf[4096] = {};
       ssize_t n = ::readlink(path.c_str(), target_buf, sizeof target_buf - 1);
       throw Error(ErrorCode::kInvalidArg,
-                  "model file " + path + " is a symlink" + (n > 0 ? " to " + std::string(target_buf, static_cast<size_t>(n)) : "") +
+                  "model file " + path + " is a symlink" +
+                      (n > 0 ? " to " + std::string(target_buf, static_cast<size_t>(n)) : "") +
                       ": materializing would write into the file it points at (a Hugging Face cache blob is shared "
                       "by every snapshot); use --copy-symlinks to replace the link by a real copy first");
     }

@@ -44,8 +44,9 @@ std::optional<Region> region_intersect(const Region& a, const Region& b) {
 
 void check_region(const Region& r, const std::vector<uint64_t>& tensor_shape, const std::string& what) {
   if (r.start.size() != tensor_shape.size() || r.shape.size() != tensor_shape.size()) {
-    throw Error(ErrorCode::kInvalidArg, what + ": region " + region_string(r) + " has " + std::to_string(r.shape.size()) +
-                                            " dims; the tensor has " + std::to_string(tensor_shape.size()));
+    throw Error(ErrorCode::kInvalidArg, what + ": region " + region_string(r) + " has " +
+                                            std::to_string(r.shape.size()) + " dims; the tensor has " +
+                                            std::to_string(tensor_shape.size()));
   }
   for (size_t d = 0; d < tensor_shape.size(); ++d) {
     if (r.start[d] > tensor_shape[d] || r.shape[d] > tensor_shape[d] - r.start[d]) {
@@ -113,7 +114,8 @@ void region_transfer(const uint8_t* src, const Region& src_region, uint8_t* dst,
     }
   };
   // Enough bytes per task that the pool's overhead does not dominate.
-  const int64_t grain = static_cast<int64_t>(std::max<uint64_t>(1, (uint64_t{1} << 20) / std::max<uint64_t>(run_bytes, 1)));
+  const int64_t grain =
+      static_cast<int64_t>(std::max<uint64_t>(1, (uint64_t{1} << 20) / std::max<uint64_t>(run_bytes, 1)));
   parallel_for(static_cast<int64_t>(runs), grain, move);
 }
 

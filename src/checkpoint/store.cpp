@@ -1,22 +1,22 @@
 // The checkpoint store: create/open (lock, recovery, loading the head into host memory), save, restore,
 // compare, verify and gc. Materialization and its journal are in materialize.cpp.
 #include <dirent.h>
-#include <sys/mman.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <optional>
-#include <thread>
-#include <cstdlib>
-#include <cstring>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "cuda/host.hpp"
@@ -91,7 +91,9 @@ class PartQueue {
 class RecordEncoder {
  public:
   RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
-      : kinds_(std::move(kinds)), d_(d), progress_(progress),
+      : kinds_(std::move(kinds)),
+        d_(d),
+        progress_(progress),
         batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
         thread_([this] { run(); }) {}
   ~RecordEncoder() {
@@ -210,7 +212,8 @@ Store::HeadCopy::HeadCopy(const std::vector<uint64_t>& sizes) {
   }
   if (size_ == 0) return;
   void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw io_error("allocate " + std::to_string(size_) + " bytes for the checkpoint store's head copy");
+  if (p == MAP_FAILED)
+    throw io_error("allocate " + std::to_string(size_) + " bytes for the checkpoint store's head copy");
   ::madvise(p, size_, MADV_HUGEPAGE);  // fewer TLB misses on scans; a hint only
   base_ = static_cast<uint8_t*>(p);
 }
@@ -311,13 +314,15 @@ std::string first_differing_tensor(const std::string& model_dir, const Commit& c
       }
       const TensorEntry& t = c.tensors[i];
       if (e.info->dtype != t.dtype || e.info->shape != t.shape) {
-        return "tensor \"" + t.name + "\" is " + std::string(dtype_name(e.info->dtype)) + " " + shape_string(e.info->shape) +
-               " in the model files, " + std::string(dtype_name(t.dtype)) + " " + shape_string(t.shape) + " in the store";
+        return "tensor \"" + t.name + "\" is " + std::string(dtype_name(e.info->dtype)) + " " +
+               shape_string(e.info->shape) + " in the model files, " + std::string(dtype_name(t.dtype)) + " " +
+               shape_string(t.shape) + " in the store";
       }
     }
     for (const TensorEntry& t : c.tensors) {  // same tensors: did one move to another file or offset?
       const auto& e = m.tensor(t.name);
-      if (fs::basename(e.file->path()) != c.files[t.file].name || e.file->header().data_start() + e.info->begin != t.offset) {
+      if (fs::basename(e.file->path()) != c.files[t.file].name ||
+          e.file->header().data_start() + e.info->begin != t.offset) {
         return "tensor \"" + t.name + "\" moved within the model files";
       }
     }
@@ -344,8 +349,9 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, Pr
 
 Store Store::open(const std::string& model_dir, const std::string& store_dir, const OpenOptions& o) {
   if (o.ranks == 0 || o.ranks > kMaxRanks || o.rank >= o.ranks) {
-    throw Error(ErrorCode::kInvalidArg, "checkpoint store: rank " + std::to_string(o.rank) + " of " + std::to_string(o.ranks) +
-                                            " is not a tensor-parallel rank (need rank < ranks <= " + std::to_string(kMaxRanks) + ")");
+    throw Error(ErrorCode::kInvalidArg,
+                "checkpoint store: rank " + std::to_string(o.rank) + " of " + std::to_string(o.ranks) +
+                    " is not a tensor-parallel rank (need rank < ranks <= " + std::to_string(kMaxRanks) + ")");
   }
   Store s;
   s.model_dir_ = model_dir;
@@ -378,8 +384,9 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
       s.remove_uncommitted();
     } else if (fs::exists(journal)) {
       if (std::chrono::steady_clock::now() > deadline) {
-        throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + ": a materialize journal is pending; rank 0 finishes it "
-                                      "when it opens the store (open rank 0 first)");
+        throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ +
+                                          ": a materialize journal is pending; rank 0 finishes it "
+                                          "when it opens the store (open rank 0 first)");
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       continue;
@@ -394,8 +401,9 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
       report(o.progress, "hash model files", i, c.files.size());
       uint64_t h = content_hash(maps.back().data(), maps.back().size());
       if (maps.back().size() != c.files[i].size || h != c.files[i].hash) {
-        mismatch = "model file " + path + " does not match the checkpoint store (size " + std::to_string(maps.back().size()) +
-                   ", hash " + hash_hex(h) + "; expected " + std::to_string(c.files[i].size) + ", " + hash_hex(c.files[i].hash) +
+        mismatch = "model file " + path + " does not match the checkpoint store (size " +
+                   std::to_string(maps.back().size()) + ", hash " + hash_hex(h) + "; expected " +
+                   std::to_string(c.files[i].size) + ", " + hash_hex(c.files[i].hash) +
                    "): it was changed outside livetrain, or this is another model";
       }
     }
@@ -413,20 +421,22 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   std::unordered_map<std::string_view, size_t> index;
   for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
   if (!o.held) {
-    for (size_t i = 0; i < c.tensors.size(); ++i) s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].nbytes});
+    for (size_t i = 0; i < c.tensors.size(); ++i)
+      s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].nbytes});
   } else {
     for (const HeldRegion& h : *o.held) {
       auto it = index.find(h.name);
       if (it == index.end()) {
-        throw Error(ErrorCode::kInvalidArg, "held tensor \"" + h.name + "\" is not in the checkpoint store's model (" + s.dir_ + ")");
+        throw Error(ErrorCode::kInvalidArg,
+                    "held tensor \"" + h.name + "\" is not in the checkpoint store's model (" + s.dir_ + ")");
       }
       const TensorEntry& t = c.tensors[it->second];
       Region r = normalized(h.region, t.shape);
       check_region(r, t.shape, "held tensor \"" + h.name + "\"");
       for (const Held& other : s.held_) {
         if (other.tensor == it->second && region_intersect(other.region, r)) {
-          throw Error(ErrorCode::kInvalidArg, "held tensor \"" + h.name + "\": regions " + region_string(other.region) + " and " +
-                                                  region_string(r) + " overlap");
+          throw Error(ErrorCode::kInvalidArg, "held tensor \"" + h.name + "\": regions " + region_string(other.region) +
+                                                  " and " + region_string(r) + " overlap");
         }
       }
       s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(t.dtype)});
@@ -439,7 +449,8 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   for (const Held& h : s.held_) sizes.push_back(h.nbytes);
   s.head_ = HeadCopy(sizes);
   std::vector<Target> targets;
-  for (size_t i = 0; i < s.held_.size(); ++i) targets.push_back(Target{s.held_[i].tensor, s.held_[i].region, s.head_.tensor(i)});
+  for (size_t i = 0; i < s.held_.size(); ++i)
+    targets.push_back(Target{s.held_[i].tensor, s.held_[i].region, s.head_.tensor(i)});
   report(o.progress, "replay deltas", 0, c.head - c.materialized);
   s.fill(c.head, targets);  // from the model files: the head copy is not valid yet
   s.head_generation_ = c.head;
@@ -477,23 +488,25 @@ std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& liv
   for (const auto& l : live) {
     auto it = index.find(l.name);
     if (it == index.end()) {
-      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is not in the checkpoint store's model (" + dir_ +
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is not in the checkpoint store's model (" +
+                                              dir_ +
                                               "): the store was made from other files, or the engine names its "
                                               "tensors differently");
     }
     const TensorEntry& t = commit_.tensors[it->second];
     Region r = l.start.empty() ? whole_region(l.shape) : Region{l.start, l.shape};
     if (l.dtype != t.dtype || (l.start.empty() && l.shape != t.shape)) {
-      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
-                                              shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.dtype)) +
-                                              " " + shape_string(t.shape));
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" is " + std::string(dtype_name(l.dtype)) +
+                                              " " + shape_string(l.shape) + "; the store has " +
+                                              std::string(dtype_name(t.dtype)) + " " + shape_string(t.shape));
     }
     check_region(r, t.shape, "live tensor \"" + l.name + "\"");
     const uint64_t nbytes = region_units(r) * unit_bytes(t.dtype);
     if (!l.data && nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" has no data");
     if (for_save && held_index(it->second, r) < 0) {
-      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" " + region_string(r) +
-                                              " is not a region this process keeps a head copy of (see OpenOptions::held)");
+      throw Error(ErrorCode::kInvalidArg,
+                  "live tensor \"" + l.name + "\" " + region_string(r) +
+                      " is not a region this process keeps a head copy of (see OpenOptions::held)");
     }
     out.push_back(Checked{&l, it->second, r, nbytes});
   }
@@ -505,7 +518,8 @@ std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& liv
     for (size_t j = i; j-- > 0 && out[j].tensor == out[i].tensor;) {
       if (region_intersect(out[j].region, out[i].region)) {
         throw Error(ErrorCode::kInvalidArg, "live tensor \"" + out[i].live->name + "\" given twice (regions " +
-                                                region_string(out[j].region) + " and " + region_string(out[i].region) + ")");
+                                                region_string(out[j].region) + " and " + region_string(out[i].region) +
+                                                ")");
       }
     }
   }
@@ -516,19 +530,22 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
                             const std::function<void(size_t, const DeltaRecord&, const Region&)>& fn) const {
   const std::string path = fs::join(dir_, part.file);
   if (part.bytes && map.size() != *part.bytes) {
-    throw Error(ErrorCode::kFormat, path + ": " + std::to_string(map.size()) + " bytes; the commit says " + std::to_string(*part.bytes));
+    throw Error(ErrorCode::kFormat,
+                path + ": " + std::to_string(map.size()) + " bytes; the commit says " + std::to_string(*part.bytes));
   }
   if (map.size() < 8) throw Error(ErrorCode::kFormat, path + ": truncated delta file");
   uint64_t trailer;
   std::memcpy(&trailer, map.data() + map.size() - 8, 8);
   if (trailer != part.hash) {
-    throw Error(ErrorCode::kFormat, path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(part.hash));
+    throw Error(ErrorCode::kFormat,
+                path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(part.hash));
   }
   std::unordered_map<std::string_view, size_t> index;
   for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
   DeltaHeader h = delta_parse(map.data(), map.size(), path, [&](const DeltaRecord& r) {
     auto it = index.find(r.name);
-    if (it == index.end()) throw Error(ErrorCode::kFormat, path + ": tensor \"" + std::string(r.name) + "\" is not in the store's model");
+    if (it == index.end())
+      throw Error(ErrorCode::kFormat, path + ": tensor \"" + std::string(r.name) + "\" is not in the store's model");
     const TensorEntry& t = commit_.tensors[it->second];
     Region region = normalized(r.region, t.shape);
     try {
@@ -542,11 +559,12 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
     fn(it->second, r, region);
   });
   if (h.generation != generation) {
-    throw Error(ErrorCode::kFormat, path + ": holds generation " + std::to_string(h.generation) + ", expected " + std::to_string(generation));
+    throw Error(ErrorCode::kFormat, path + ": holds generation " + std::to_string(h.generation) + ", expected " +
+                                        std::to_string(generation));
   }
   if (h.version == kPartVersion && (h.rank != part.rank || h.ranks != ranks)) {
-    throw Error(ErrorCode::kFormat, path + ": holds rank " + std::to_string(h.rank) + " of " + std::to_string(h.ranks) + ", expected " +
-                                        std::to_string(part.rank) + " of " + std::to_string(ranks));
+    throw Error(ErrorCode::kFormat, path + ": holds rank " + std::to_string(h.rank) + " of " + std::to_string(h.ranks) +
+                                        ", expected " + std::to_string(part.rank) + " of " + std::to_string(ranks));
   }
 }
 
@@ -561,9 +579,10 @@ Store::Collected Store::collect(uint64_t a, uint64_t b) const {
         throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
       }
       out.maps.push_back(fs::Mapping::open_readonly(path));
-      check_part_file(g, gen->ranks, part, out.maps.back(), [&](size_t tensor, const DeltaRecord& r, const Region& region) {
-        out.records.push_back(Collected::Record{tensor, r, region, path});
-      });
+      check_part_file(g, gen->ranks, part, out.maps.back(),
+                      [&](size_t tensor, const DeltaRecord& r, const Region& region) {
+                        out.records.push_back(Collected::Record{tensor, r, region, path});
+                      });
     }
   }
   return out;
@@ -598,7 +617,9 @@ void Store::apply(const Collected& records, const std::vector<Target>& targets) 
   }
 }
 
-void Store::xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets) { apply(collect(a, b), targets); }
+void Store::xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets) {
+  apply(collect(a, b), targets);
+}
 
 void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
   std::vector<Target> from_head, from_files;
@@ -632,7 +653,8 @@ void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
       for (int64_t i = lo; i < hi; ++i) {
         const Target& t = from_files[i];
         const TensorEntry& e = commit_.tensors[t.tensor];
-        region_transfer(maps[e.file].data() + e.offset, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(e.dtype), false);
+        region_transfer(maps[e.file].data() + e.offset, whole_region(e.shape), t.buf, t.region, t.region,
+                        unit_bytes(e.dtype), false);
       }
     });
   }
@@ -664,7 +686,8 @@ void Store::write_commit(const Commit& c) {
   } catch (...) {
     // If the rename happened (only the directory fsync failed), disk and memory now disagree.
     try {
-      if (commit_read(dir_).head != commit_.head || commit_read(dir_).materialized != commit_.materialized) broken_ = true;
+      if (commit_read(dir_).head != commit_.head || commit_read(dir_).materialized != commit_.materialized)
+        broken_ = true;
     } catch (...) {
       broken_ = true;
     }
@@ -732,9 +755,10 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     }
     // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
     try {
-      delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true, [&](size_t done, const uint8_t* b, const uint8_t* v) {
-        if (encoder) encoder->ready(done, b, v);
-      });
+      delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true,
+                      [&](size_t done, const uint8_t* b, const uint8_t* v) {
+                        if (encoder) encoder->ready(done, b, v);
+                      });
     } catch (...) {
       // Part of the head copy may have moved: it matches no generation any more.
       broken_ = true;
@@ -753,7 +777,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   }
   if (w.changed == 0 && !write_if_unchanged) {
     if (encoder) w.encode_seconds = encoder->join();  // it had nothing to encode
-    return false;  // nothing changed: the head copy was not touched either
+    return false;                                     // nothing changed: the head copy was not touched either
   }
   if (!encoder) {
     encoder.emplace(std::move(kinds), w.out, progress);
@@ -811,14 +835,16 @@ std::pair<uint64_t, uint64_t> Store::copy_optimizer_state(const std::string& fro
 SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& options) {
   check_usable();
   if (ranks_ != 1) {
-    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + " is open as rank " + std::to_string(rank_) + " of " +
-                                            std::to_string(ranks_) + ": save parts with save_part and commit_parts");
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + " is open as rank " + std::to_string(rank_) +
+                                            " of " + std::to_string(ranks_) +
+                                            ": save parts with save_part and commit_parts");
   }
   sync();
   std::vector<Checked> checked = check_live(live, true);
   for (const Checked& c : checked) {
     if (!is_whole(c.region, commit_.tensors[c.tensor].shape)) {
-      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + c.live->name + "\" is the region " + region_string(c.region) +
+      throw Error(ErrorCode::kInvalidArg, "live tensor \"" + c.live->name + "\" is the region " +
+                                              region_string(c.region) +
                                               ": save() takes whole tensors (regions are saved with save_part)");
     }
   }
@@ -832,8 +858,9 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   part.file = delta_file_name(g);
   const std::string delta_path = fs::join(dir_, part.file);
   Written w;
-  const bool written = write_delta(checked, delta_path, [&](uint32_t count) { return delta_file_header(g, parent, count); },
-                                   options.save_if_unchanged, options.progress, w);
+  const bool written = write_delta(
+      checked, delta_path, [&](uint32_t count) { return delta_file_header(g, parent, count); },
+      options.save_if_unchanged, options.progress, w);
   res.elements = w.elements;
   res.model_bytes = w.model_bytes;
   res.changed = w.changed;
@@ -898,13 +925,15 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   part.file = part_file_name(d.generation, rank_, ranks_);
   const std::string path = fs::join(dir_, part.file);
   Written w;
-  write_delta(checked, path, [&](uint32_t count) { return part_file_header(d.generation, d.parent, count, rank_, ranks_); },
-              true, options.progress, w);
+  write_delta(
+      checked, path, [&](uint32_t count) { return part_file_header(d.generation, d.parent, count, rank_, ranks_); },
+      true, options.progress, w);
   auto t0 = std::chrono::steady_clock::now();
   if (!options.optimizer_state.empty()) {
     part.optimizer_state = optimizer_file_name(part.file);
     try {
-      std::tie(part.optimizer_bytes, part.optimizer_hash) = copy_optimizer_state(options.optimizer_state, part.optimizer_state);
+      std::tie(part.optimizer_bytes, part.optimizer_hash) =
+          copy_optimizer_state(options.optimizer_state, part.optimizer_state);
     } catch (...) {
       ::unlink(path.c_str());
       move_head(w);
@@ -924,24 +953,27 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   return d;
 }
 
-SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_t weight_version, bool save_if_unchanged) {
+SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_t weight_version,
+                               bool save_if_unchanged) {
   check_usable();
   if (rank_ != 0) {
-    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + ": rank " + std::to_string(rank_) +
-                                            " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
+    throw Error(ErrorCode::kInvalidArg,
+                "checkpoint store " + dir_ + ": rank " + std::to_string(rank_) +
+                    " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
   }
   const uint64_t g = commit_.head + 1;
   auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.part.rank); };
   std::vector<const PartDescriptor*> by_rank(ranks_, nullptr);
   for (const PartDescriptor& p : parts) {
     if (p.ranks != ranks_ || p.part.rank >= ranks_) {
-      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part was written at tensor-parallel size " + std::to_string(p.ranks) +
-                                              "; this store is open at size " + std::to_string(ranks_) + " (rank 0)");
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part was written at tensor-parallel size " +
+                                              std::to_string(p.ranks) + "; this store is open at size " +
+                                              std::to_string(ranks_) + " (rank 0)");
     }
     if (by_rank[p.part.rank]) throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is given twice");
     if (p.group != group_) {
-      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part comes from \"" + p.group + "\", rank 0's from \"" + group_ +
-                                              "\": the ranks serve different engines");
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part comes from \"" + p.group + "\", rank 0's from \"" +
+                                              group_ + "\": the ranks serve different engines");
     }
     if (p.generation != g || p.parent != commit_.head) {
       throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part is for generation " + std::to_string(p.generation) +
@@ -958,8 +990,10 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     throw Error(ErrorCode::kInvalidArg, "the parts of rank(s) " + missing + " are missing (tensor-parallel size " +
                                             std::to_string(ranks_) + ")");
   }
-  if (!pending_ || pending_->part.part.file != by_rank[0]->part.file || pending_->part.part.hash != by_rank[0]->part.hash) {
-    throw Error(ErrorCode::kInvalidArg, "rank 0's part " + by_rank[0]->part.file + " is not the part this process wrote with save_part");
+  if (!pending_ || pending_->part.part.file != by_rank[0]->part.file ||
+      pending_->part.part.hash != by_rank[0]->part.hash) {
+    throw Error(ErrorCode::kInvalidArg,
+                "rank 0's part " + by_rank[0]->part.file + " is not the part this process wrote with save_part");
   }
   // Every part read back: size, checksum, records; optimizer files: size, hash. Then regions disjoint.
   struct Seen {
@@ -982,8 +1016,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
           changed += rec.changed;
         });
         if (changed != p.changed) {
-          throw Error(ErrorCode::kFormat, path + ": holds " + std::to_string(changed) + " changes; the descriptor says " +
-                                              std::to_string(p.changed));
+          throw Error(ErrorCode::kFormat, path + ": holds " + std::to_string(changed) +
+                                              " changes; the descriptor says " + std::to_string(p.changed));
         }
         if (!p.optimizer_state.empty()) {
           std::string opath = fs::join(dir_, p.optimizer_state);
@@ -991,7 +1025,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
           fs::Mapping m = fs::Mapping::open_readonly(opath);
           if (m.size() != p.optimizer_bytes.value_or(~uint64_t{0}) ||
               content_hash(m.data(), m.size()) != p.optimizer_hash.value_or(0)) {
-            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " does not match its descriptor (size or hash)");
+            throw Error(ErrorCode::kFormat,
+                        "optimizer state " + opath + " does not match its descriptor (size or hash)");
           }
         }
       } catch (const std::exception& e) {
@@ -1008,10 +1043,11 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   for (size_t i = 0; i < all.size(); ++i) {
     for (size_t j = i + 1; j < all.size() && all[j].tensor == all[i].tensor; ++j) {
       if (region_intersect(all[i].region, all[j].region)) {
-        throw Error(ErrorCode::kInvalidArg, "tensor \"" + commit_.tensors[all[i].tensor].name + "\": rank " + std::to_string(all[i].rank) +
-                                                "'s region " + region_string(all[i].region) + " and rank " + std::to_string(all[j].rank) +
-                                                "'s region " + region_string(all[j].region) +
-                                                " overlap (a replicated tensor is saved by rank 0 only)");
+        throw Error(ErrorCode::kInvalidArg,
+                    "tensor \"" + commit_.tensors[all[i].tensor].name + "\": rank " + std::to_string(all[i].rank) +
+                        "'s region " + region_string(all[i].region) + " and rank " + std::to_string(all[j].rank) +
+                        "'s region " + region_string(all[j].region) +
+                        " overlap (a replicated tensor is saved by rank 0 only)");
       }
     }
   }
@@ -1083,7 +1119,8 @@ void Store::sync() {
   if (from == commit_.head) return;
   diff_workspace_.digests.reset();  // the head copy moves to generations other ranks committed
   std::vector<Target> targets;
-  for (size_t i = 0; i < held_.size(); ++i) targets.push_back(Target{held_[i].tensor, held_[i].region, head_.tensor(i)});
+  for (size_t i = 0; i < held_.size(); ++i)
+    targets.push_back(Target{held_[i].tensor, held_[i].region, head_.tensor(i)});
   if (from >= commit_.oldest) {
     xor_generations(from, commit_.head, targets);
   } else {  // the generations in between were collected: rebuild from the model files
@@ -1135,7 +1172,8 @@ void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& liv
   fill(generation, targets);  // checks every delta on the way before writing any target
   if (device >= 0) {
     cuda::host::set_device(device);
-    for (size_t i = 0; i < checked.size(); ++i) cuda::host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
+    for (size_t i = 0; i < checked.size(); ++i)
+      cuda::host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
   }
 }
 
@@ -1200,7 +1238,8 @@ void Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
   }
   // The index (if any) last: it commits the set, as in safetensors::write_model.
   std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
-  if (fs::exists(index)) fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+  if (fs::exists(index))
+    fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
 }
 
 std::vector<std::string> Store::verify(Progress progress) {
@@ -1212,7 +1251,9 @@ std::vector<std::string> Store::verify(Progress progress) {
       if (!part.file.empty()) {
         std::string path = fs::join(dir_, part.file);
         try {
-          if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
+          if (!fs::exists(path))
+            throw Error(ErrorCode::kNotFound,
+                        "delta file " + path + " of generation " + std::to_string(g) + " is missing");
           fs::Mapping map = fs::Mapping::open_readonly(path);
           check_part_file(g, gen->ranks, part, map, [](size_t, const DeltaRecord&, const Region&) {});
         } catch (const Error& e) {
@@ -1226,13 +1267,15 @@ std::vector<std::string> Store::verify(Progress progress) {
         fs::Mapping m = fs::Mapping::open_readonly(opath);
         if (part.optimizer_bytes && m.size() != *part.optimizer_bytes) {
           throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has " + std::to_string(m.size()) +
-                                              " bytes; the commit says " + std::to_string(*part.optimizer_bytes) + " (truncated or replaced)");
+                                              " bytes; the commit says " + std::to_string(*part.optimizer_bytes) +
+                                              " (truncated or replaced)");
         }
         if (part.optimizer_hash) {
           uint64_t h = content_hash(m.data(), m.size());
           if (h != *part.optimizer_hash) {
-            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has hash " + hash_hex(h) + "; the commit says " +
-                                                hash_hex(*part.optimizer_hash) + " (corrupt or replaced)");
+            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has hash " + hash_hex(h) +
+                                                "; the commit says " + hash_hex(*part.optimizer_hash) +
+                                                " (corrupt or replaced)");
           }
         }
       } catch (const Error& e) {
@@ -1280,8 +1323,8 @@ void Store::remove_uncommitted() {
 
 void Store::require_rank0(const char* what) const {
   if (rank_ != 0) {
-    throw Error(ErrorCode::kInvalidArg, std::string("checkpoint store ") + dir_ + ": " + what + " is rank 0's (it holds the LOCK); this is rank " +
-                                            std::to_string(rank_));
+    throw Error(ErrorCode::kInvalidArg, std::string("checkpoint store ") + dir_ + ": " + what +
+                                            " is rank 0's (it holds the LOCK); this is rank " + std::to_string(rank_));
   }
 }
 

@@ -6,8 +6,8 @@
 #include <optional>
 #include <string>
 
-#include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "cli/commands.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
@@ -131,7 +131,8 @@ json::Value generation_json(const checkpoint::Generation& g) {
   o.set("parts", std::move(parts));
   // A single-process generation's optimizer state (as before parts existed).
   const checkpoint::Part* p0 = g.ranks == 1 ? g.part(0) : nullptr;
-  o.set("optimizer_state", p0 && !p0->optimizer_state.empty() ? json::Value::string(p0->optimizer_state) : json::Value::null());
+  o.set("optimizer_state",
+        p0 && !p0->optimizer_state.empty() ? json::Value::string(p0->optimizer_state) : json::Value::null());
   return o;
 }
 
@@ -184,8 +185,8 @@ int run_checkpoint(const std::vector<std::string>& args) {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
     checkpoint::Store s = fs::exists(fs::join(store_dir(a), std::string(checkpoint::kCommitFileName)))
-                        ? checkpoint::Store::open(a.model, a.store, progress(a))
-                        : checkpoint::Store::create(a.model, a.store);
+                              ? checkpoint::Store::open(a.model, a.store, progress(a))
+                              : checkpoint::Store::create(a.model, a.store);
     checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
@@ -202,7 +203,8 @@ int run_checkpoint(const std::vector<std::string>& args) {
                      : "nothing changed since generation " + std::to_string(r.generation) + "; nothing written";
   } else if (a.sub == "restore") {
     if (!a.generation) throw UsageError("checkpoint restore: missing GEN");
-    if (a.manifest.empty() == a.out.empty()) throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
+    if (a.manifest.empty() == a.out.empty())
+      throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     if (!a.manifest.empty()) {
       Live live = attach(a.manifest);
@@ -231,10 +233,10 @@ int run_checkpoint(const std::vector<std::string>& args) {
       out.set("live_equal", json::Value::boolean(d.tensors == 0));
       out.set("differing_tensors", json::Value::unsigned_integer(d.tensors));
       out.set("differing_elements", json::Value::unsigned_integer(d.elements));
-      text += d.tensors == 0 ? "; live weights equal generation " + std::to_string(g)
-                             : "; live weights differ from generation " + std::to_string(g) + " in " +
-                                   std::to_string(d.elements) + " elements of " + std::to_string(d.tensors) +
-                                   " tensors (first: " + d.first + ")";
+      text += d.tensors == 0
+                  ? "; live weights equal generation " + std::to_string(g)
+                  : "; live weights differ from generation " + std::to_string(g) + " in " + std::to_string(d.elements) +
+                        " elements of " + std::to_string(d.tensors) + " tensors (first: " + d.first + ")";
       ok = ok && d.tensors == 0;
     }
     out.set("ok", json::Value::boolean(ok));

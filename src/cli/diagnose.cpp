@@ -7,8 +7,8 @@
 #include <set>
 #include <string>
 
-#include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "cli/commands.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
@@ -33,7 +33,8 @@ constexpr const char* kDiagnoseUsage =
     "Reports: matched parameters; parameters only the engine has; tensors of the text model only on disk;\n"
     "dtype or shape mismatches (under tensor parallelism the full HF shape is compared); tensors not served\n"
     "(outside the text model: a multimodal checkpoint's vision tower, an MTP head; not a mismatch, the\n"
-    "checkpoint store carries them unchanged); engine tensors the layout does not use. Exit code 0 when everything matches, 1 when anything does not (or the layout itself fails,\n"
+    "checkpoint store carries them unchanged); engine tensors the layout does not use. Exit code 0 when everything "
+    "matches, 1 when anything does not (or the layout itself fails,\n"
     "e.g. a missing engine tensor or an unsupported model family), 2 for bad arguments.\n"
     "\n"
     "options:\n"
@@ -119,8 +120,8 @@ int run_diagnose(const std::vector<std::string>& args) {
     return ok ? 0 : 1;
   }
   std::printf("%s: engine \"%s\" (layout %s, family %s, tp %u/%u) against %s\n", manifest_path.c_str(),
-              m.model.engine.c_str(), layout::engine_name(options.engine), lay.info.family.c_str(),
-              options.tp_rank, options.tp_size, model_dir.c_str());
+              m.model.engine.c_str(), layout::engine_name(options.engine), lay.info.family.c_str(), options.tp_rank,
+              options.tp_size, model_dir.c_str());
   auto section = [](const char* title, const std::vector<std::string>& items) {
     if (items.empty()) return;
     std::printf("\n%s (%zu):\n", title, items.size());

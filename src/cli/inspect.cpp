@@ -4,8 +4,8 @@
 #include <map>
 #include <string>
 
-#include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "cli/commands.hpp"
 #include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/safetensors.hpp"
@@ -100,8 +100,8 @@ int run_inspect(const std::vector<std::string>& args) {
     name_w = std::max(name_w, name.size());
     shape_w = std::max(shape_w, shape_string(model.tensor(name).info->shape).size());
   }
-  std::printf("%-*s  %-11s  %-*s  %14s  %s\n", static_cast<int>(name_w), "name", "dtype",
-              static_cast<int>(shape_w), "shape", "bytes", "file");
+  std::printf("%-*s  %-11s  %-*s  %14s  %s\n", static_cast<int>(name_w), "name", "dtype", static_cast<int>(shape_w),
+              "shape", "bytes", "file");
   std::map<std::string, unsigned long long> by_dtype;
   for (const std::string& name : names) {
     const auto& e = model.tensor(name);

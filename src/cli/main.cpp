@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "cli/commands.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/json.hpp"
@@ -77,8 +77,8 @@ int run_devices(const std::vector<std::string>& args) {
       e.set("name", json::Value::string(d.name));
       e.set("uuid", json::Value::string(d.uuid));
       e.set("total_memory", json::Value::unsigned_integer(d.total_memory));
-      e.set("compute_capability", json::Value::string(std::to_string(d.compute_major) + "." +
-                                                       std::to_string(d.compute_minor)));
+      e.set("compute_capability",
+            json::Value::string(std::to_string(d.compute_major) + "." + std::to_string(d.compute_minor)));
       e.set("code", json::Value::string(d.code));
       if (d.code.empty()) e.set("code_problem", json::Value::string(d.code_problem));
       list.push(std::move(e));
@@ -96,8 +96,8 @@ int run_devices(const std::vector<std::string>& args) {
   for (const auto& d : devs) {
     std::string code = d.code.empty() ? "no code: " + d.code_problem : "runs " + d.code;
     std::printf("%d  %-28s %s  %.1f GiB  sm_%d%d  %d SMs  %s\n", d.ordinal, d.name.c_str(), d.uuid.c_str(),
-                static_cast<double>(d.total_memory) / (1ull << 30), d.compute_major, d.compute_minor,
-                d.multiprocessors, code.c_str());
+                static_cast<double>(d.total_memory) / (1ull << 30), d.compute_major, d.compute_minor, d.multiprocessors,
+                code.c_str());
   }
   return 0;
 }
@@ -137,9 +137,10 @@ constexpr const char* kTrainUsage =
   for (std::string& w : words) argv.push_back(w.data());
   argv.push_back(nullptr);
   execvp(python.c_str(), argv.data());
-  throw Error(ErrorCode::kIo, "cannot run " + python + " (run the `livetrain` command that pip installed, or set "
-                                 "LIVETRAIN_PYTHON to the Python that has the livetrain package): " +
-                                 std::strerror(errno));
+  throw Error(ErrorCode::kIo, "cannot run " + python +
+                                  " (run the `livetrain` command that pip installed, or set "
+                                  "LIVETRAIN_PYTHON to the Python that has the livetrain package): " +
+                                  std::strerror(errno));
 }
 
 int dispatch(int argc, char** argv) {

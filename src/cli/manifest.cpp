@@ -4,8 +4,8 @@
 #include <cstdio>
 #include <string>
 
-#include "cli/commands.hpp"
 #include "cli/command_line.hpp"
+#include "cli/commands.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
 
@@ -67,7 +67,8 @@ int run_manifest_inspect(const std::string& path, bool as_json) {
     return 0;
   }
 
-  std::printf("manifest  %s (version %llu)\n", path.c_str(), static_cast<unsigned long long>(sharing::kManifestVersion));
+  std::printf("manifest  %s (version %llu)\n", path.c_str(),
+              static_cast<unsigned long long>(sharing::kManifestVersion));
   std::printf("model     %s  engine %s  tp %u/%u\n", m.model.path.c_str(), m.model.engine.c_str(), m.model.tp_rank,
               m.model.tp_size);
   std::printf("owner     pid %llu  %s%s%s\n", static_cast<unsigned long long>(m.owner.pid), state_name(state),
@@ -93,8 +94,8 @@ int run_manifest_inspect(const std::string& path, bool as_json) {
     strides_w = std::max(strides_w, list_text(t.strides).size());
   }
   std::printf("\n%zu tensor%s\n", m.tensors.size(), m.tensors.size() == 1 ? "" : "s");
-  std::printf("  %-*s  %-11s  %-*s  %-*s  %6s  %s\n", static_cast<int>(name_w), "name", "dtype", static_cast<int>(shape_w),
-              "shape", static_cast<int>(strides_w), "strides", "buffer", "offset");
+  std::printf("  %-*s  %-11s  %-*s  %-*s  %6s  %s\n", static_cast<int>(name_w), "name", "dtype",
+              static_cast<int>(shape_w), "shape", static_cast<int>(strides_w), "strides", "buffer", "offset");
   for (const auto& t : m.tensors) {
     std::printf("  %-*s  %-11s  %-*s  %-*s  %6u  %llu\n", static_cast<int>(name_w), t.name.c_str(),
                 std::string(dtype_name(t.dtype)).c_str(), static_cast<int>(shape_w), list_text(t.shape).c_str(),

@@ -50,8 +50,7 @@ Mapping Mapping::open_readonly(const std::string& path) {
   return m;
 }
 
-Mapping::Mapping(Mapping&& other) noexcept
-    : addr_(other.addr_), size_(other.size_), path_(std::move(other.path_)) {
+Mapping::Mapping(Mapping&& other) noexcept : addr_(other.addr_), size_(other.size_), path_(std::move(other.path_)) {
   other.addr_ = nullptr;
   other.size_ = 0;
 }
@@ -187,12 +186,14 @@ void publish_directory(const std::string& tmp_dir, const std::string& final_dir)
                 "cannot publish " + tmp_dir + " as " + final_dir + ": " + tmp_dir + " is not a directory");
   }
   if (exists(final_dir)) {
-    throw Error(ErrorCode::kIo, "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
+    throw Error(ErrorCode::kIo,
+                "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
   }
   fsync_tree(tmp_dir);
   if (rename_noreplace(tmp_dir.c_str(), final_dir.c_str()) != 0) {
     if (errno == EEXIST || errno == ENOTEMPTY) {
-      throw Error(ErrorCode::kIo, "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
+      throw Error(ErrorCode::kIo,
+                  "cannot publish " + tmp_dir + " as " + final_dir + ": " + final_dir + " already exists");
     }
     throw io_error("cannot rename " + tmp_dir + " to " + final_dir);
   }
@@ -221,8 +222,8 @@ static mode_t current_umask() {
 void write_file_atomic(const std::string& path, const std::function<void(Writer&)>& fill, mode_t mode) {
   static std::atomic<uint64_t> counter{0};
   const std::string dir = dirname(path);
-  const std::string tmp = join(dir, "." + basename(path) + std::string(kTempMarker) +
-                                        std::to_string(::getpid()) + "." + std::to_string(counter++));
+  const std::string tmp = join(dir, "." + basename(path) + std::string(kTempMarker) + std::to_string(::getpid()) + "." +
+                                        std::to_string(counter++));
   Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
   if (!fd.valid()) throw io_error("cannot create temporary file " + tmp + " for " + path);
   try {
@@ -242,7 +243,8 @@ void write_file_atomic(const std::string& path, const std::function<void(Writer&
 }
 
 void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {
-  write_file_atomic(path, [&](Writer& w) { w.write(content); }, mode);
+  write_file_atomic(
+      path, [&](Writer& w) { w.write(content); }, mode);
 }
 
 std::string read_file(const std::string& path) {

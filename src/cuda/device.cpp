@@ -112,16 +112,18 @@ std::string code_for(int major, int minor, const std::vector<std::string>& compi
   for (const std::string& name : compiled) all += (all.empty() ? "" : " ") + name;
   if (best_ptx.empty()) {
     if (problem) {
-      *problem = "this build of livetrain has no code for a " + gpu + " GPU (it has: " +
-                 (all.empty() ? std::string("none") : all) + ")";
+      *problem = "this build of livetrain has no code for a " + gpu +
+                 " GPU (it has: " + (all.empty() ? std::string("none") : all) + ")";
     }
     return "";
   }
   if (driver_version < runtime_version) {
     if (problem) {
-      *problem = "a " + gpu + " GPU runs this build's " + best_ptx + " PTX, which the driver must compile, but the "
-                 "driver supports CUDA " + version_text(driver_version) + ", older than the CUDA " +
-                 version_text(runtime_version) + " that wrote it: update the NVIDIA driver";
+      *problem = "a " + gpu + " GPU runs this build's " + best_ptx +
+                 " PTX, which the driver must compile, but the "
+                 "driver supports CUDA " +
+                 version_text(driver_version) + ", older than the CUDA " + version_text(runtime_version) +
+                 " that wrote it: update the NVIDIA driver";
     }
     return "";
   }
@@ -132,9 +134,8 @@ std::string code_for(int major, int minor, const std::vector<std::string>& compi
 static std::string format_uuid(const cudaUUID_t& uuid) {
   const auto* b = reinterpret_cast<const unsigned char*>(uuid.bytes);
   char out[64];
-  std::snprintf(out, sizeof(out),
-                "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2],
-                b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+  std::snprintf(out, sizeof(out), "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+                b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
   return out;
 }
 #endif

@@ -24,8 +24,12 @@ void* pin(void* p, size_t n) {
 
 void unpin(void* p) noexcept { cudaHostUnregister(p); }
 
-void to_device(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
-void to_host(void* dst, const void* src, size_t n) { LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
+void to_device(void* dst, const void* src, size_t n) {
+  LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
+}
+void to_host(void* dst, const void* src, size_t n) {
+  LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost));
+}
 
 }  // namespace livetrain::cuda::host
 

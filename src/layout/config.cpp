@@ -23,7 +23,7 @@ struct Family {
   bool o_bias_follows_attention_bias;  // Llama: o_proj has a bias iff attention_bias
   bool mlp_bias_from_config;           // Llama: mlp_bias
   bool qk_norm;
-  bool hybrid;                         // GatedDeltaNet layers, layer_types / full_attention_interval
+  bool hybrid;  // GatedDeltaNet layers, layer_types / full_attention_interval
 };
 
 constexpr Family kFamilies[] = {
@@ -39,8 +39,8 @@ constexpr Family kFamilies[] = {
 // Known, well-formed, and declined: vLLM's FusedMoE re-lays out expert weights after load (w13/w2
 // stacks, possibly padded or permuted per kernel), so a view of the served memory would not be the
 // HF expert tensor.
-constexpr const char* kMoeTypes[] = {"qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "mixtral",
-                                     "qwen3_next_moe", "llama4", "llama4_text"};
+constexpr const char* kMoeTypes[] = {"qwen2_moe", "qwen3_moe",      "qwen3_5_moe", "qwen3_5_moe_text",
+                                     "mixtral",   "qwen3_next_moe", "llama4",      "llama4_text"};
 
 // Multimodal wrappers whose text model the layouts map: Hugging Face files name it model.language_model.*
 // (transformers >= 4.52 checkpoints), vLLM language_model.model.* (its hf_to_vllm_mapper). Another wrapper
@@ -211,7 +211,8 @@ void reject_moe_layers(const Fields& f, uint64_t num_layers, const std::string& 
                   "config.json" + named(arch) + ": layer " + std::to_string(i) +
                       " is a mixture-of-experts layer (num_experts " + std::to_string(experts) +
                       "); vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
-                      "trains dense models (supported: " + supported_list() + ")");
+                      "trains dense models (supported: " +
+                      supported_list() + ")");
     }
   }
 }
@@ -223,33 +224,38 @@ void check_trainable(const json::Value& config) {
   const json::Value* text = text_config(config);
   const std::string arch = architecture(config);
   // Mixture-of-experts, by type, by class name or by expert count (Qwen3-Next: per layer, in model_info).
-  const bool moe_type = std::any_of(std::begin(kMoeTypes), std::end(kMoeTypes), [&](const char* m) { return type == m; });
+  const bool moe_type =
+      std::any_of(std::begin(kMoeTypes), std::end(kMoeTypes), [&](const char* m) { return type == m; });
   const uint64_t experts = type == "qwen3_next" ? 0 : expert_count(config, text);
   if (moe_type || moe_architecture(arch) || experts > 0) {
     throw Error(ErrorCode::kUnsupported,
                 "config.json: model_type \"" + type + "\"" + named(arch) + " is mixture-of-experts" +
                     (experts > 0 ? " (" + std::to_string(experts) + " experts)" : std::string()) +
                     "; vLLM re-lays out expert weights after load, so livetrain cannot view them; livetrain "
-                    "trains dense models (supported: " + supported_list() + ")");
+                    "trains dense models (supported: " +
+                    supported_list() + ")");
   }
   // Quantized weights are packed (and come with scales): a view of them is not the HF parameter.
   for (const json::Value* cfg : {&config, text}) {
     const json::Value* q = cfg == nullptr ? nullptr : cfg->find("quantization_config");
     if (q == nullptr || q->is_null()) continue;
     const json::Value* method = q->is_object() ? q->find("quant_method") : nullptr;
-    throw Error(ErrorCode::kUnsupported,
-                "config.json: the checkpoint" + named(arch) + " is quantized" +
-                    (method && method->is_string() ? " (quant_method \"" + method->as_string() + "\")" : std::string()) +
-                    "; livetrain trains unquantized bf16, fp16 or fp32 weights (supported model types: " +
-                    supported_list() + ")");
+    throw Error(
+        ErrorCode::kUnsupported,
+        "config.json: the checkpoint" + named(arch) + " is quantized" +
+            (method && method->is_string() ? " (quant_method \"" + method->as_string() + "\")" : std::string()) +
+            "; livetrain trains unquantized bf16, fp16 or fp32 weights (supported model types: " + supported_list() +
+            ")");
   }
   if (text != nullptr && !arch.empty() &&
-      std::none_of(std::begin(kMultimodalWrappers), std::end(kMultimodalWrappers), [&](const char* w) { return arch == w; })) {
+      std::none_of(std::begin(kMultimodalWrappers), std::end(kMultimodalWrappers),
+                   [&](const char* w) { return arch == w; })) {
     std::string wrappers;
     for (const char* w : kMultimodalWrappers) wrappers += std::string(wrappers.empty() ? "" : ", ") + w;
     throw Error(ErrorCode::kUnsupported, "config.json: architecture " + arch + " wraps a \"" + type +
                                              "\" text model in a way livetrain has no layout for (supported "
-                                             "multimodal wrappers: " + wrappers + ")");
+                                             "multimodal wrappers: " +
+                                             wrappers + ")");
   }
 }
 
@@ -285,15 +291,15 @@ ModelInfo model_info(const json::Value& config) {
   require_positive("num_key_value_heads", m.num_kv_heads);
   if (m.num_heads % m.num_kv_heads != 0) {
     throw Error(ErrorCode::kFormat, "config.json: num_attention_heads " + std::to_string(m.num_heads) +
-                                        " is not a multiple of num_key_value_heads " +
-                                        std::to_string(m.num_kv_heads));
+                                        " is not a multiple of num_key_value_heads " + std::to_string(m.num_kv_heads));
   }
   if (f.find("head_dim") != nullptr) {
     m.head_dim = f.u64("head_dim");
   } else {
     if (m.hidden_size % m.num_heads != 0) {
-      throw Error(ErrorCode::kFormat, "config.json: no \"head_dim\", and hidden_size is not a multiple of "
-                                      "num_attention_heads");
+      throw Error(ErrorCode::kFormat,
+                  "config.json: no \"head_dim\", and hidden_size is not a multiple of "
+                  "num_attention_heads");
     }
     m.head_dim = m.hidden_size / m.num_heads;
   }
@@ -320,8 +326,9 @@ ModelInfo model_info(const json::Value& config) {
     require_positive("linear_value_head_dim", m.linear_value_head_dim);
     require_positive("linear_conv_kernel_dim", m.linear_conv_kernel);
     if (m.linear_num_value_heads % m.linear_num_key_heads != 0) {
-      throw Error(ErrorCode::kFormat, "config.json: linear_num_value_heads is not a multiple of "
-                                      "linear_num_key_heads");
+      throw Error(ErrorCode::kFormat,
+                  "config.json: linear_num_value_heads is not a multiple of "
+                  "linear_num_key_heads");
     }
     m.layer_types = hybrid_layer_types(f, m.num_layers);
     if (m.family == "qwen3_next") reject_moe_layers(f, m.num_layers, arch);

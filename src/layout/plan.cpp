@@ -6,8 +6,8 @@
 #include <utility>
 #include <vector>
 
-#include "livetrain/error.hpp"
 #include "layout/internal.hpp"
+#include "livetrain/error.hpp"
 #include "livetrain/layout.hpp"
 
 namespace livetrain::layout {
@@ -15,7 +15,8 @@ namespace livetrain::layout {
 Engine engine_from_name(std::string_view name) {
   if (name == "hf") return Engine::kHf;
   if (name == "vllm") return Engine::kVllm;
-  throw Error(ErrorCode::kInvalidArg, "layout: unknown engine \"" + std::string(name) + "\" (expected \"hf\" or \"vllm\")");
+  throw Error(ErrorCode::kInvalidArg,
+              "layout: unknown engine \"" + std::string(name) + "\" (expected \"hf\" or \"vllm\")");
 }
 
 const char* engine_name(Engine engine) { return engine == Engine::kHf ? "hf" : "vllm"; }
@@ -201,8 +202,7 @@ class Planner {
       std::string g = h + "gate_proj." + suffix, u = h + "up_proj." + suffix;
       add_hf(g, shape, false);
       add_hf(u, shape, false);
-      add_engine(e + "gate_up_proj." + suffix, 0,
-                 {block(g, I, "intermediate_size"), block(u, I, "intermediate_size")});
+      add_engine(e + "gate_up_proj." + suffix, 0, {block(g, I, "intermediate_size"), block(u, I, "intermediate_size")});
     }
     row(h + "down_proj.weight", e + "down_proj.weight", {H, I}, "intermediate_size");
     if (m.mlp_bias) replicated(h + "down_proj.bias", e + "down_proj.bias", {H});
@@ -237,9 +237,9 @@ class Planner {
     // mamba_v2_sharded_weight_loader: conv1d's q, k and v channel ranges are each split across ranks.
     std::string conv = h + "conv1d.weight";
     add_hf(conv, {2 * kd + vd, 1, m.linear_conv_kernel}, false);
-    add_engine(e + "conv1d.weight", 0,
-               {Piece{conv, r_ * kd_r, kd_r}, Piece{conv, kd + r_ * kd_r, kd_r},
-                Piece{conv, 2 * kd + r_ * vd_r, vd_r}});
+    add_engine(
+        e + "conv1d.weight", 0,
+        {Piece{conv, r_ * kd_r, kd_r}, Piece{conv, kd + r_ * kd_r, kd_r}, Piece{conv, 2 * kd + r_ * vd_r, vd_r}});
     column(h + "dt_bias", e + "dt_bias", {nv}, "linear_num_value_heads");
     column(h + "A_log", e + "A_log", {nv}, "linear_num_value_heads");
     replicated(h + "norm.weight", e + "norm.weight", {m.linear_value_head_dim});
@@ -283,9 +283,7 @@ Plan plan_with_prefixes(const ModelInfo& info, const Options& options, const Pre
   return Planner(info, options, engine_prefixes).run();
 }
 
-Prefixes implied_engine_prefixes(const ModelInfo& info, Engine engine) {
-  return default_engine_prefixes(info, engine);
-}
+Prefixes implied_engine_prefixes(const ModelInfo& info, Engine engine) { return default_engine_prefixes(info, engine); }
 
 Plan plan(const json::Value& config, const Options& options) {
   ModelInfo info = model_info(config);

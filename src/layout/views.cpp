@@ -63,8 +63,7 @@ Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_
       throw Error(ErrorCode::kInvalidArg,
                   "layout: engine tensor \"" + et.name + "\" has shape " + shape_string(it->second->shape) +
                       ", the config implies " + shape_string(et.shape) + " (" + engine_name(options.engine) +
-                      ", tp rank " + std::to_string(options.tp_rank) + " of " + std::to_string(options.tp_size) +
-                      ")");
+                      ", tp rank " + std::to_string(options.tp_rank) + " of " + std::to_string(options.tp_size) + ")");
     }
     used.insert(et.name);
     for (size_t i = 0; i < et.pieces.size(); ++i) {
@@ -72,7 +71,8 @@ Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_
       // The plan only ever puts one HF tensor's pieces next to each other in one engine tensor; a view
       // needs exactly that.
       if (!fresh && (pl->second.engine != e || pl->second.first + pl->second.count != i)) {
-        throw Error(ErrorCode::kFormat, "layout: internal: pieces of \"" + et.pieces[i].hf_name + "\" are not adjacent");
+        throw Error(ErrorCode::kFormat,
+                    "layout: internal: pieces of \"" + et.pieces[i].hf_name + "\" are not adjacent");
       }
       ++pl->second.count;
     }
@@ -121,7 +121,8 @@ Layout build(const json::Value& config, const std::vector<EngineTensor>& engine_
       v.shard.primary = !v.shard.replicated;
       for (const Segment& mine : v.shard.segments) {
         for (const Segment& theirs : lower[v.hf_name]) {
-          if (mine.start < theirs.start + theirs.length && theirs.start < mine.start + mine.length) v.shard.primary = false;
+          if (mine.start < theirs.start + theirs.length && theirs.start < mine.start + mine.length)
+            v.shard.primary = false;
         }
       }
     }

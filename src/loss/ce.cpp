@@ -15,10 +15,11 @@ void validate(const Logits& x) {
   if (x.dtype != DType::kBF16 && x.dtype != DType::kF32)
     throw Error(ErrorCode::kInvalidArg, "loss: logits must be BF16 or F32, not " + std::string(dtype_name(x.dtype)));
   if (x.rows < 0 || x.cols < 0)
-    throw Error(ErrorCode::kInvalidArg, "loss: negative size [" + std::to_string(x.rows) + ", " + std::to_string(x.cols) + "]");
-  if (x.rows > 0 && x.ld < x.cols)
     throw Error(ErrorCode::kInvalidArg,
-                "loss: row stride " + std::to_string(x.ld) + " is smaller than the row (" + std::to_string(x.cols) + ")");
+                "loss: negative size [" + std::to_string(x.rows) + ", " + std::to_string(x.cols) + "]");
+  if (x.rows > 0 && x.ld < x.cols)
+    throw Error(ErrorCode::kInvalidArg, "loss: row stride " + std::to_string(x.ld) + " is smaller than the row (" +
+                                            std::to_string(x.cols) + ")");
   if (x.rows > 0 && x.cols > 0 && !x.data) throw Error(ErrorCode::kInvalidArg, "loss: logits pointer is null");
 }
 
@@ -68,7 +69,8 @@ void logsumexp_rows_cpu(const Logits& x, float* lse) {
 
 void softmax_grad_rows_cpu(const Logits& x, const float* lse, const int64_t* target, int64_t col0, const float* scale) {
   validate(x);
-  if (x.rows > 0 && (!lse || !target || !scale)) throw Error(ErrorCode::kInvalidArg, "loss: lse, target or scale pointer is null");
+  if (x.rows > 0 && (!lse || !target || !scale))
+    throw Error(ErrorCode::kInvalidArg, "loss: lse, target or scale pointer is null");
   parallel_for(x.rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t t = target[i] - col0;

@@ -143,8 +143,7 @@ void logsumexp_rows_cuda(const Logits& x, float* lse, void* stream) {
   const unsigned grid = static_cast<unsigned>(x.rows);
   if (x.dtype == DType::kBF16)
     logsumexp_kernel<uint16_t><<<grid, kThreads, 0, st>>>(static_cast<const uint16_t*>(x.data), x.cols, x.ld, lse);
-  else
-    logsumexp_kernel<float><<<grid, kThreads, 0, st>>>(static_cast<const float*>(x.data), x.cols, x.ld, lse);
+  else logsumexp_kernel<float><<<grid, kThreads, 0, st>>>(static_cast<const float*>(x.data), x.cols, x.ld, lse);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -157,11 +156,11 @@ void softmax_grad_rows_cuda(const Logits& x, const float* lse, const int64_t* ta
   auto st = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(x.rows);
   if (x.dtype == DType::kBF16)
-    softmax_grad_kernel<uint16_t><<<grid, kThreads, 0, st>>>(static_cast<uint16_t*>(x.data), x.cols, x.ld, lse, target,
-                                                              col0, scale);
+    softmax_grad_kernel<uint16_t>
+        <<<grid, kThreads, 0, st>>>(static_cast<uint16_t*>(x.data), x.cols, x.ld, lse, target, col0, scale);
   else
-    softmax_grad_kernel<float><<<grid, kThreads, 0, st>>>(static_cast<float*>(x.data), x.cols, x.ld, lse, target, col0,
-                                                           scale);
+    softmax_grad_kernel<float>
+        <<<grid, kThreads, 0, st>>>(static_cast<float*>(x.data), x.cols, x.ld, lse, target, col0, scale);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 

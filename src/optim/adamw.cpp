@@ -47,7 +47,8 @@ void adamw_step_cpu(const AdamWStep& s) {
   const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, t)));
   const float decay = h.lr * h.weight_decay;
   const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
-  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
+  const float omb1 = static_cast<float>(1.0 - h.beta1),
+              omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   std::atomic<int> bad{0};
   const int64_t groups = (s.numel + 7) / 8;
   parallel_for(groups, 1024, [&](int64_t b, int64_t e) {

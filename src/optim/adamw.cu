@@ -76,7 +76,8 @@ __global__ void adamw_update_kernel(TW* __restrict__ W, const TG* __restrict__ G
   const float bc2_sqrt = scalars[kTensorScale];
   const float decay = h.lr * h.weight_decay;
   const float beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
-  const float omb1 = static_cast<float>(1.0 - h.beta1), omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
+  const float omb1 = static_cast<float>(1.0 - h.beta1),
+              omb2 = static_cast<float>(1.0 - h.beta2);  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
   const int64_t groups = (n + 7) / 8;
   bool bad = false;
   for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
@@ -130,8 +131,8 @@ void launch(const AdamWStep& s, cudaStream_t stream) {
   float* scalars = reinterpret_cast<float*>(base + ws.off_scalars);
   unsigned* counter = reinterpret_cast<unsigned*>(base + ws.off_counters) + kCounterAdamW;
   int blocks = s.total_sq ? 1 : static_cast<int>(std::min<int64_t>((s.numel + 255) / 256, 1024));
-  adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(static_cast<const TG*>(s.grad), s.numel, partials, scalars,
-                                                    counter, s.status, s.step, s.hyper, s.total_sq, nullptr);
+  adamw_norm_kernel<TG><<<blocks, 256, 0, stream>>>(static_cast<const TG*>(s.grad), s.numel, partials, scalars, counter,
+                                                    s.status, s.step, s.hyper, s.total_sq, nullptr);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   int ublocks = static_cast<int>(std::min<int64_t>(((s.numel + 7) / 8 + 255) / 256, 2048));
   adamw_update_kernel<TW, TG><<<ublocks, 256, 0, stream>>>(static_cast<TW*>(s.weight), static_cast<const TG*>(s.grad),
@@ -158,7 +159,8 @@ void adamw_sumsq_cuda(const void* grad, DType grad_dtype, int64_t numel, float* 
   if (grad_dtype != DType::kBF16 && grad_dtype != DType::kF32) {
     throw Error(ErrorCode::kInvalidArg, "adamw_sumsq: grad dtype must be BF16 or F32");
   }
-  if (numel <= 0 || !grad || !out || !workspace) throw Error(ErrorCode::kInvalidArg, "adamw_sumsq: empty or null argument");
+  if (numel <= 0 || !grad || !out || !workspace)
+    throw Error(ErrorCode::kInvalidArg, "adamw_sumsq: empty or null argument");
   auto st = static_cast<cudaStream_t>(stream);
   if (grad_dtype == DType::kBF16) launch_sumsq(static_cast<const uint16_t*>(grad), numel, out, workspace, st);
   else launch_sumsq(static_cast<const float*>(grad), numel, out, workspace, st);

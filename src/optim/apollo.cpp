@@ -108,7 +108,8 @@ void project(const ApolloStep& s, const Parts& p) {
       }
       for (int64_t j = b; j < e; ++j) {
         sumsq[j] = static_cast<float>(sumsqd[j]);
-        for (int q = 0; q < r; ++q) R[static_cast<size_t>(j) * r + q] = static_cast<float>(Rd[static_cast<size_t>(j) * r + q]);
+        for (int q = 0; q < r; ++q)
+          R[static_cast<size_t>(j) * r + q] = static_cast<float>(Rd[static_cast<size_t>(j) * r + q]);
       }
     });
   }
@@ -235,8 +236,9 @@ void update(const ApolloStep& s, const Parts& p) {
           continue;  // keep the old value: nothing non-finite is ever written
         }
         if (s.weight_dtype == DType::kBF16) {
-          uint16_t out = h.rounding == Rounding::kStochastic ? f32_to_bf16_stochastic(nw, rounding_offset(bits, slot.lane))
-                                                             : f32_to_bf16_nearest(nw);
+          uint16_t out = h.rounding == Rounding::kStochastic
+                             ? f32_to_bf16_stochastic(nw, rounding_offset(bits, slot.lane))
+                             : f32_to_bf16_nearest(nw);
           if ((out & 0x7F80u) == 0x7F80u) {  // beyond bf16's range
             any_bad = true;
             continue;
@@ -272,15 +274,9 @@ void apollo_phase_cpu(const ApolloStep& s, ApolloPhase phase) {
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: a step in phases needs a workspace");
   const Parts p = parts_of(s);
   switch (phase) {
-    case ApolloPhase::kProject:
-      project(s, p);
-      break;
-    case ApolloPhase::kMoments:
-      moments(s, p);
-      break;
-    case ApolloPhase::kUpdate:
-      update(s, p);
-      break;
+    case ApolloPhase::kProject: project(s, p); break;
+    case ApolloPhase::kMoments: moments(s, p); break;
+    case ApolloPhase::kUpdate: update(s, p); break;
   }
 }
 

@@ -33,9 +33,9 @@
 
 #include "cuda/check.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/tuning.hpp"
 #include "optim/common.hpp"
 #include "optim/workspace.hpp"
-#include "livetrain/tuning.hpp"
 
 namespace livetrain::optim {
 
@@ -93,8 +93,8 @@ __device__ void block_sum(float (&v)[N]) {
   __syncthreads();
 }
 
-// Whether this block is the last of `blocks` blocks (of one parameter) to finish (threadfence reduction); its partials written
-// before the call are then visible to it. The last block resets the counter for the next step.
+// Whether this block is the last of `blocks` blocks (of one parameter) to finish (threadfence reduction); its partials
+// written before the call are then visible to it. The last block resets the counter for the next step.
 __device__ bool is_last_block(unsigned* counter, unsigned blocks) {
   __shared__ bool last;
   __threadfence();
@@ -137,9 +137,9 @@ __device__ void finish_total(const float* partials, int nblocks, float* scalars,
 constexpr int kTileM = 64, kTileN = 64, kTileK = 16;
 
 template <typename TG, bool kTall>
-__global__ void __launch_bounds__(256) project_gemm_kernel(const TG* __restrict__ G, int64_t rows, int64_t cols,
-                                                           int rank, const float* __restrict__ P,
-                                                           float* __restrict__ R, float* __restrict__ sumsq) {
+__global__ void __launch_bounds__(256)
+    project_gemm_kernel(const TG* __restrict__ G, int64_t rows, int64_t cols, int rank, const float* __restrict__ P,
+                        float* __restrict__ R, float* __restrict__ sumsq) {
   __shared__ float As[kTileK][kTileM + 1];
   __shared__ float Bs[kTileK][kTileN + 1];
   __shared__ float sq_sh[256][4];
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(256) project_gemm_kernel(const TG* __restrict_
     }
   }
   if (blockIdx.y != 0) return;
-  // ‖A(c, :)‖²: each thread's four squares belong to fixed channels; sum them in a fixed order.
+    // ‖A(c, :)‖²: each thread's four squares belong to fixed channels; sum them in a fixed order.
 #pragma unroll
   for (int e = 0; e < 4; ++e) sq_sh[t][e] = sq[e];
   __syncthreads();
@@ -223,7 +223,6 @@ __global__ void total_kernel(const float* __restrict__ sumsq, int64_t K, float* 
     scalars[kClip] = clip_factor(max_grad_norm, v[0]);
   }
 }
-
 
 // One parameter's step as the kernels see it: addresses, sizes, hyperparameters, workspace regions.
 struct Item {
@@ -266,7 +265,8 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
   for (int64_t i = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(nblocks) * blockDim.x) {
     // A shard's slice of P holds the full P's entries at the full tensor's indices.
-    it.P[i] = projection_entry(key, it.phases ? projection_index(it.geo, it.shard, it.h.rank, i) : static_cast<uint64_t>(i), inv);
+    it.P[i] = projection_entry(
+        key, it.phases ? projection_index(it.geo, it.shard, it.h.rank, i) : static_cast<uint64_t>(i), inv);
   }
 }
 
@@ -311,7 +311,8 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
        row0 += static_cast<int64_t>(nblocks) * wpb * kRows) {
     const TG* g[kRows];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) g[r] = G + (row0 + r < it.rows ? row0 + r : row0) * cols;  // past the end: reread row0
+    for (int r = 0; r < kRows; ++r)
+      g[r] = G + (row0 + r < it.rows ? row0 + r : row0) * cols;  // past the end: reread row0
     float dot[kRows] = {}, sq[kRows] = {};
     if (it.gvec) {  // cols % 8 == 0: lane l takes the groups of 8 numbered l, l + 32, ...
       for (int64_t j = lane * 8; j < cols; j += kWarp * 8 * kLoads) {
@@ -369,7 +370,8 @@ __device__ void project_tall_body(const Item& it, int block, int nblocks) {
   }
   block_sum(block_sq);
   if (threadIdx.x == 0) it.partials[block] = block_sq[0];
-  if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
+  if (is_last_block(it.counters + kCounterProject, nblocks))
+    finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
 }
 
 // rows < cols: a block takes a strip of columns (8 per thread) of one chunk of rows; partial R and
@@ -422,7 +424,8 @@ __device__ void project_wide_body(const Item& it, int block, int nblocks) {
   }
   block_sum(block_sq);
   if (threadIdx.x == 0) it.partials[block] = block_sq[0];
-  if (is_last_block(it.counters + kCounterProject, nblocks)) finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
+  if (is_last_block(it.counters + kCounterProject, nblocks))
+    finish_total(it.partials, nblocks, it.scalars, it.h.max_grad_norm);
 }
 
 // The step's scalars from the sums over channels (Σ s²c²‖G_c‖², ‖R̃‖², ‖R‖²): the tensor's scaling factor,
@@ -664,10 +667,14 @@ __global__ void gen_kernel(const Item it) { gen_body(it, blockIdx.x, gridDim.x);
 constexpr int kMaxVariantThreads = 512;
 
 template <typename TG, int kRows, int kLoads>
-__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_kernel(const Item it) { project_tall_body<TG, kRows, kLoads>(it, blockIdx.x, gridDim.x); }
+__global__ void __launch_bounds__(kMaxVariantThreads) project_tall_kernel(const Item it) {
+  project_tall_body<TG, kRows, kLoads>(it, blockIdx.x, gridDim.x);
+}
 
 template <typename TG, int kLoads>
-__global__ void project_wide_kernel(const Item it) { project_wide_body<TG, kLoads>(it, blockIdx.x, gridDim.x); }
+__global__ void project_wide_kernel(const Item it) {
+  project_wide_body<TG, kLoads>(it, blockIdx.x, gridDim.x);
+}
 
 // The H100-tuned projection (apollo.split_projection=0): one kernel for tall and wide matrices (their H100
 // variants), so its registers are the larger body's; split, they launch as separate kernels (the default).
@@ -680,7 +687,9 @@ __global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const
 __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
 
 template <typename TW, typename TG, int kUnroll>
-__global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) { update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x); }
+__global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) {
+  update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x);
+}
 
 // ---- kernels of a step in phases ----
 // Rank 1, wide, sharded along the rows: the chunks' partial R and ‖G_c‖² summed into the first round's region.
@@ -818,12 +827,18 @@ struct Shape {
   bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
   static Shape current() {
     using tuning::get;
-    Shape s{static_cast<int>(get(tuning::kApolloTallThreads)), static_cast<int>(get(tuning::kApolloTallRows)),
-            static_cast<int>(get(tuning::kApolloTallLoads)), static_cast<int>(get(tuning::kApolloWideBlocks)),
-            static_cast<int>(get(tuning::kApolloWideLoads)), static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
-            static_cast<int>(get(tuning::kApolloUpdateThreads)), static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
-            static_cast<int>(get(tuning::kApolloUpdateUnroll)), static_cast<int>(get(tuning::kApolloBatch)),
-            static_cast<int>(get(tuning::kApolloStreams)), get(tuning::kApolloSplitProjection) == 1,
+    Shape s{static_cast<int>(get(tuning::kApolloTallThreads)),
+            static_cast<int>(get(tuning::kApolloTallRows)),
+            static_cast<int>(get(tuning::kApolloTallLoads)),
+            static_cast<int>(get(tuning::kApolloWideBlocks)),
+            static_cast<int>(get(tuning::kApolloWideLoads)),
+            static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateThreads)),
+            static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
+            static_cast<int>(get(tuning::kApolloUpdateUnroll)),
+            static_cast<int>(get(tuning::kApolloBatch)),
+            static_cast<int>(get(tuning::kApolloStreams)),
+            get(tuning::kApolloSplitProjection) == 1,
             get(tuning::kApolloFusedStep) == 1};
     s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
     return s;
@@ -847,8 +862,9 @@ void tall_variant(int rows, int loads, F&& f) {
     case 402: return f(Int<4>{}, Int<2>{});
     case 404: return f(Int<4>{}, Int<4>{});
     default:
-      throw Error(ErrorCode::kInvalidArg, "tuning: apollo.tall_rows " + std::to_string(rows) + " with apollo.tall_loads " +
-                                              std::to_string(loads) + " is not a compiled variant (rows x loads <= 16)");
+      throw Error(ErrorCode::kInvalidArg, "tuning: apollo.tall_rows " + std::to_string(rows) +
+                                              " with apollo.tall_loads " + std::to_string(loads) +
+                                              " is not a compiled variant (rows x loads <= 16)");
   }
 }
 
@@ -916,7 +932,8 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape, bool ph
   it.gen_blocks = static_cast<int32_t>(std::min<int64_t>((ws.k * h.rank + 255) / 256, sms * 8));
   if (ws.rank1 && ws.tall) {
     const int64_t rows_per_block = shape.tall_threads / kWarp * shape.tall_rows;
-    it.proj_blocks = static_cast<int32_t>(std::min<int64_t>((s.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
+    it.proj_blocks =
+        static_cast<int32_t>(std::min<int64_t>((s.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
   } else if (ws.rank1) {
     const int64_t col_blocks = (s.cols + kWideColsPerBlock - 1) / kWideColsPerBlock;
     // Fewer row chunks than the workspace holds when apollo.wide_blocks asks for fewer blocks.
@@ -929,8 +946,8 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape, bool ph
     it.proj_blocks = static_cast<int32_t>(strips * it.chunks);
   }
   const int64_t per_block = h.rank > 1 ? 256 / kWarp : 256;
-  it.mom_blocks = static_cast<int32_t>(
-      std::min<int64_t>((ws.K + per_block - 1) / per_block, std::min<int64_t>(kMaxBlocks, int64_t{sms} * shape.moments_bps)));
+  it.mom_blocks = static_cast<int32_t>(std::min<int64_t>(
+      (ws.K + per_block - 1) / per_block, std::min<int64_t>(kMaxBlocks, int64_t{sms} * shape.moments_bps)));
   const int64_t groups = s.rows * ((s.cols + 7) / 8);
   const int64_t per_update_block = int64_t{shape.update_threads} * shape.update_unroll;
   it.upd_blocks = static_cast<int32_t>(
@@ -944,8 +961,11 @@ template <typename TW, typename TG>
 int fused_blocks() {
   static const int n = [] {
     int per_sm = 0;
-    LIVETRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG>, kFusedThreads, 0));
-    if (per_sm < 1) throw Error(ErrorCode::kUnsupported, "optimizer step: apollo.fused_step: its kernel cannot be resident on this device");
+    LIVETRAIN_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG>, kFusedThreads, 0));
+    if (per_sm < 1)
+      throw Error(ErrorCode::kUnsupported,
+                  "optimizer step: apollo.fused_step: its kernel cannot be resident on this device");
     return per_sm * sm_count();
   }();
   return n;
@@ -985,9 +1005,12 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
     });
   } else {
     const TG* G = static_cast<const TG*>(s.grad);
-    dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM), static_cast<unsigned>((s.hyper.rank + kTileN - 1) / kTileN));
-    if (it.tall) project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
-    else project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
+    dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM),
+              static_cast<unsigned>((s.hyper.rank + kTileN - 1) / kTileN));
+    if (it.tall)
+      project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
+    else
+      project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, s.hyper.rank, it.P, it.R, it.sumsq);
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
     total_kernel<<<1, 1024, 0, stream>>>(it.sumsq, it.K, it.scalars, s.hyper.max_grad_norm);
   }
@@ -1022,7 +1045,8 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   gen_many_kernel<<<g, 256, 0, stream>>>(b);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   for (int want_tall = 1; want_tall >= 0; --want_tall) {
-    int p = fill(kProject, [&](const Item& it) { return it.tall == static_cast<bool>(want_tall) ? it.proj_blocks : 0; });
+    int p =
+        fill(kProject, [&](const Item& it) { return it.tall == static_cast<bool>(want_tall) ? it.proj_blocks : 0; });
     if (p == 0) continue;
     if (!shape.split) {
       project_fused_many_kernel<TG><<<p, want_tall ? shape.tall_threads : kWideThreads, 0, stream>>>(b);
@@ -1031,15 +1055,15 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
         project_tall_many_kernel<TG, rows(), loads()><<<p, shape.tall_threads, 0, stream>>>(b);
       });
     } else {
-      loads_variant(shape.wide_loads, [&](auto loads) { project_wide_many_kernel<TG, loads()><<<p, kWideThreads, 0, stream>>>(b); });
+      loads_variant(shape.wide_loads,
+                    [&](auto loads) { project_wide_many_kernel<TG, loads()><<<p, kWideThreads, 0, stream>>>(b); });
     }
     LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   }
   moments_many_kernel<<<m, 256, 0, stream>>>(b);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  unroll_variant(shape.update_unroll, [&](auto unroll) {
-    update_many_kernel<TW, TG, unroll()><<<u, shape.update_threads, 0, stream>>>(b);
-  });
+  unroll_variant(shape.update_unroll,
+                 [&](auto unroll) { update_many_kernel<TW, TG, unroll()><<<u, shape.update_threads, 0, stream>>>(b); });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1071,15 +1095,18 @@ void launch_phase(const ApolloStep& s, ApolloPhase phase, cudaStream_t stream) {
         });
       } else {
         const TG* G = static_cast<const TG*>(s.grad);
-        dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM), static_cast<unsigned>((rank + kTileN - 1) / kTileN));
-        if (it.tall) project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, rank, it.P, it.R, it.sumsq);
+        dim3 grid(static_cast<unsigned>((it.K + kTileM - 1) / kTileM),
+                  static_cast<unsigned>((rank + kTileN - 1) / kTileN));
+        if (it.tall)
+          project_gemm_kernel<TG, true><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, rank, it.P, it.R, it.sumsq);
         else project_gemm_kernel<TG, false><<<grid, 256, 0, stream>>>(G, s.rows, s.cols, rank, it.P, it.R, it.sumsq);
         LIVETRAIN_CUDA_CHECK(cudaGetLastError());
         total_kernel<<<1, 1024, 0, stream>>>(it.sumsq, it.K, it.scalars, s.hyper.max_grad_norm);
       }
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       if (g.sharded_projected && rank == 1 && !it.tall) {
-        collapse_chunks_kernel<<<static_cast<unsigned>(std::min<int64_t>((it.K + 255) / 256, 1024)), 256, 0, stream>>>(it);
+        collapse_chunks_kernel<<<static_cast<unsigned>(std::min<int64_t>((it.K + 255) / 256, 1024)), 256, 0, stream>>>(
+            it);
       } else if (g.sharded_channels) {
         first_total_kernel<<<1, 32, 0, stream>>>(it);
       }
@@ -1157,9 +1184,8 @@ void apollo_step_cuda(const ApolloStep& s, void* stream) {
   if (!s.workspace) throw Error(ErrorCode::kInvalidArg, "optimizer step: the CUDA step needs a workspace");
   // The projection reads P with 16-byte vector loads at offsets the workspace layout keeps aligned.
   if (!aligned16(s.workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
-  dispatch(s.weight_dtype, s.grad_dtype, [&](auto w, auto g) {
-    launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream));
-  });
+  dispatch(s.weight_dtype, s.grad_dtype,
+           [&](auto w, auto g) { launch<decltype(w), decltype(g)>(s, static_cast<cudaStream_t>(stream)); });
 }
 
 void apollo_phase_cuda(const ApolloStep& s, ApolloPhase phase, void* stream) {
@@ -1180,7 +1206,8 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
   for (int i = 0; i < n; ++i) validate(steps[i]);
   // Each step's slice is a whole number of 256-byte regions from here (optim/workspace.hpp), so this
   // keeps every slice's 16-byte vector loads of P aligned.
-  if (n && !aligned16(workspace)) throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
+  if (n && !aligned16(workspace))
+    throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
@@ -1207,9 +1234,8 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
       ++j;
     }
     cudaStream_t on = next_stream();
-    dispatch(steps[i].weight_dtype, steps[i].grad_dtype, [&](auto w, auto g) {
-      launch_many<decltype(w), decltype(g)>(steps + i, j - i, ws, shape, on);
-    });
+    dispatch(steps[i].weight_dtype, steps[i].grad_dtype,
+             [&](auto w, auto g) { launch_many<decltype(w), decltype(g)>(steps + i, j - i, ws, shape, on); });
     ws += bytes;
     i = j;
   }

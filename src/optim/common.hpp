@@ -82,9 +82,9 @@ LT_HD bool finite(float x) { return (f32_bits(x) & 0x7F800000u) != 0x7F800000u; 
 
 // The scalar tail of an APOLLO step, from reduced sums. `norm_u_unscaled` is ‖s ⊙ G_clipped‖.
 struct Tail {
-  float step_size;  // η_t = lr·√(1−β₂ᵗ)/(1−β₁ᵗ)
-  float multiplier; // applied to s_i·G: c·√scale/λ
-  float new_prev;   // limiter state after this step
+  float step_size;   // η_t = lr·√(1−β₂ᵗ)/(1−β₁ᵗ)
+  float multiplier;  // applied to s_i·G: c·√scale/λ
+  float new_prev;    // limiter state after this step
   int32_t status;
 };
 
@@ -108,7 +108,7 @@ LT_HD Tail apollo_tail(const ApolloHyper& h, uint64_t step, float clip, float no
   }
   t.multiplier = clip * sqrtf(h.scale) / lim;
   t.status = (finite(norm_u) && finite(lim) && finite(t.step_size) && finite(t.multiplier)) ? kStatusOk
-                                                                                           : kStatusNonFiniteUpdate;
+                                                                                            : kStatusNonFiniteUpdate;
   return t;
 }
 
@@ -127,12 +127,12 @@ LT_HD int64_t shard_global(const Shard& sh, int64_t local) {
 // An APOLLO step's shapes in the terms of the math: the direction of the projection comes from the *full*
 // tensor's shape, so that every rank projects the way the TP-1 step does.
 struct ApolloGeometry {
-  bool tall;                 // full rows >= full cols: channels are rows, R = G·Pᵀ
+  bool tall;  // full rows >= full cols: channels are rows, R = G·Pᵀ
   int64_t rows_full, cols_full;
-  int64_t K, k;              // this rank's channels and projected indices
-  int64_t k_full;            // the full projected dimension (P is [rank, k_full] or [k_full, rank])
-  bool sharded_channels;     // the rank holds some channels: sums over channels are sums over ranks
-  bool sharded_projected;    // the rank holds some projected indices: R itself is a sum over ranks
+  int64_t K, k;            // this rank's channels and projected indices
+  int64_t k_full;          // the full projected dimension (P is [rank, k_full] or [k_full, rank])
+  bool sharded_channels;   // the rank holds some channels: sums over channels are sums over ranks
+  bool sharded_projected;  // the rank holds some projected indices: R itself is a sum over ranks
 };
 
 LT_HD ApolloGeometry apollo_geometry(int64_t rows, int64_t cols, const Shard& sh) {

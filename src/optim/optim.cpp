@@ -53,7 +53,8 @@ ApolloHyper apollo_mini_defaults() {
 void validate(const ApolloStep& s) {
   check_dtype(s.weight_dtype, "weight");
   check_dtype(s.grad_dtype, "grad");
-  if (s.rows <= 0 || s.cols <= 0) bad("matrix shape [" + std::to_string(s.rows) + ", " + std::to_string(s.cols) + "] is empty");
+  if (s.rows <= 0 || s.cols <= 0)
+    bad("matrix shape [" + std::to_string(s.rows) + ", " + std::to_string(s.cols) + "] is empty");
   if (s.ld_weight < s.cols) bad("weight row stride " + std::to_string(s.ld_weight) + " is smaller than its columns");
   if (!s.weight || !s.grad || !s.m || !s.v || !s.prev_norm || !s.status || !s.step) bad("a required pointer is null");
   check_shard(s.shard, 2, s.shard.dim == 0 ? s.rows : s.cols);
@@ -78,7 +79,8 @@ void validate(const AdamWStep& s) {
   if (s.numel <= 0) bad("empty parameter");
   if (!s.weight || !s.grad || !s.m || !s.v || !s.status || !s.step) bad("a required pointer is null");
   if (s.shard.dim >= 0) {
-    if (s.inner < 1 || s.numel % s.inner != 0) bad("inner " + std::to_string(s.inner) + " does not divide the part's size");
+    if (s.inner < 1 || s.numel % s.inner != 0)
+      bad("inner " + std::to_string(s.inner) + " does not divide the part's size");
     int64_t local = 0;
     for (int i = 0; i < s.shard.segments && i < kMaxShardSegments; ++i) local += s.shard.segment[i].length;
     check_shard(s.shard, s.shard.dim + 1, local);

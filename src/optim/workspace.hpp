@@ -10,7 +10,7 @@
 
 namespace livetrain::optim {
 
-inline constexpr int kMaxBlocks = 4096;     // cap of every grid whose blocks leave partial sums
+inline constexpr int kMaxBlocks = 4096;         // cap of every grid whose blocks leave partial sums
 inline constexpr int kWideColsPerBlock = 1024;  // rank-1 wide projection: 128 threads × 8 columns
 
 // Scalars a step passes between its kernels.

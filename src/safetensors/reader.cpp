@@ -11,8 +11,7 @@ namespace livetrain::safetensors {
 
 namespace {
 
-[[noreturn]] void fail(std::string_view file, const std::string& message,
-                       ErrorCode code = ErrorCode::kFormat) {
+[[noreturn]] void fail(std::string_view file, const std::string& message, ErrorCode code = ErrorCode::kFormat) {
   throw Error(code, std::string(file) + ": " + message);
 }
 
@@ -83,12 +82,13 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
     fail(file_name, "header length " + std::to_string(n) + " exceeds the limit of 100000000 bytes");
   }
   if (n > size - 8) {
-    fail(file_name, "header length " + std::to_string(n) + " runs past the end of the file (" +
-                        std::to_string(size) + " bytes)");
+    fail(file_name,
+         "header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) + " bytes)");
   }
   std::string_view text(reinterpret_cast<const char*>(bytes + 8), n);
   size_t bad = 0;
-  if (!json::is_valid_utf8(text, &bad)) fail(file_name, "header is not valid UTF-8 (byte " + std::to_string(8 + bad) + ")");
+  if (!json::is_valid_utf8(text, &bad))
+    fail(file_name, "header is not valid UTF-8 (byte " + std::to_string(8 + bad) + ")");
   if (text.empty() || text.front() != '{') fail(file_name, "header does not start with '{'");
 
   json::Value root = json::parse(text, std::string(file_name) + ": header");
@@ -105,8 +105,8 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
       Metadata md;
       for (const auto& [mk, mv] : value.members()) {
         if (!mv.is_string()) {
-          fail(file_name, "__metadata__ value of " + json::quoted(mk) + " is a " + json::type_name(mv.type()) +
-                              ", not a string");
+          fail(file_name,
+               "__metadata__ value of " + json::quoted(mk) + " is a " + json::type_name(mv.type()) + ", not a string");
         }
         md.emplace_back(mk, mv.as_string());
       }
@@ -122,9 +122,10 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
   uint64_t expected = 0;
   for (const TensorInfo& t : h.tensors) {
     if (t.begin != expected || t.end < t.begin) {
-      fail_tensor(file_name, t.name, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                                         "] do not continue the previous tensor's end at " +
-                                         std::to_string(expected) + " (overlap or hole)");
+      fail_tensor(file_name, t.name,
+                  "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                      "] do not continue the previous tensor's end at " + std::to_string(expected) +
+                      " (overlap or hole)");
     }
     expected = t.end;
     uint64_t numel = 1, bits = 0;
@@ -134,17 +135,19 @@ Header parse_header(const uint8_t* bytes, size_t size, std::string_view file_nam
       }
     }
     if (!checked_mul(numel, dtype_bits(t.dtype), &bits)) {
-      fail_tensor(file_name, t.name, "size of shape " + shape_string(t.shape) + " overflows 64 bits", ErrorCode::kOverflow);
+      fail_tensor(file_name, t.name, "size of shape " + shape_string(t.shape) + " overflows 64 bits",
+                  ErrorCode::kOverflow);
     }
     if (bits % 8 != 0) {
-      fail_tensor(file_name, t.name, "shape " + shape_string(t.shape) + " of sub-byte dtype " +
-                                         std::string(dtype_name(t.dtype)) + " does not end on a byte boundary");
+      fail_tensor(file_name, t.name,
+                  "shape " + shape_string(t.shape) + " of sub-byte dtype " + std::string(dtype_name(t.dtype)) +
+                      " does not end on a byte boundary");
     }
     if (bits / 8 != t.end - t.begin) {
-      fail_tensor(file_name, t.name, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                                         "] hold " + std::to_string(t.end - t.begin) + " bytes but dtype " +
-                                         std::string(dtype_name(t.dtype)) + " shape " + shape_string(t.shape) +
-                                         " needs " + std::to_string(bits / 8));
+      fail_tensor(file_name, t.name,
+                  "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] hold " +
+                      std::to_string(t.end - t.begin) + " bytes but dtype " + std::string(dtype_name(t.dtype)) +
+                      " shape " + shape_string(t.shape) + " needs " + std::to_string(bits / 8));
     }
   }
   h.data_size = expected;

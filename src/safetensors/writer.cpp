@@ -85,7 +85,8 @@ Layout plan(const std::vector<TensorRef>& tensors, const WriteOptions& options) 
   uint64_t a = options.data_alignment;
   uint64_t padded = ((8 + text.size() + a - 1) / a) * a - 8;
   if (padded > kMaxHeaderSize) {
-    throw Error(ErrorCode::kInvalidArg, "header of " + std::to_string(padded) + " bytes exceeds the 100000000-byte limit");
+    throw Error(ErrorCode::kInvalidArg,
+                "header of " + std::to_string(padded) + " bytes exceeds the 100000000-byte limit");
   }
   text.append(padded - text.size(), ' ');
   layout.header.resize(8);

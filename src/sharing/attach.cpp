@@ -28,9 +28,9 @@ void check_identity(const Manifest& m, const std::string& path, uint32_t uid,
     if (!mapped || !*mapped) {
       throw Error(ErrorCode::kStale,
                   path + ": buffers[" + std::to_string(i) + "]: the owner, pid " + std::to_string(m.owner.pid) +
-                      (mapped ? ", does not map shared memory " : ", cannot be checked to map shared memory (" +
-                                                                      std::string("/proc/") +
-                                                                      std::to_string(m.owner.pid) + "/maps unreadable) ") +
+                      (mapped ? ", does not map shared memory "
+                              : ", cannot be checked to map shared memory (" + std::string("/proc/") +
+                                    std::to_string(m.owner.pid) + "/maps unreadable) ") +
                       m.buffers[i].shm_name + ": this manifest was not written by the engine that shares it");
     }
   }
@@ -79,11 +79,12 @@ std::shared_ptr<Attachment> Attachment::open(const std::string& manifest_path, A
     // The lease's segment must be the one just mapped, not one put under the same name in between.
     if (!a->shm_.empty() && m.buffers.front().kind == BufferKind::kShm &&
         (a->lease_.inode() != a->shm_.front()->inode() || a->lease_.device() != a->shm_.front()->device())) {
-      throw Error(ErrorCode::kStale, manifest_path + ": shared memory " + m.buffers.front().shm_name +
-                                         " was replaced while attaching");
+      throw Error(ErrorCode::kStale,
+                  manifest_path + ": shared memory " + m.buffers.front().shm_name + " was replaced while attaching");
     }
   }
-  for (size_t i = 0; i < m.buffers.size(); ++i) a->buffers_.push_back(BufferView{bases[i], m.buffers[i].size, devices[i]});
+  for (size_t i = 0; i < m.buffers.size(); ++i)
+    a->buffers_.push_back(BufferView{bases[i], m.buffers[i].size, devices[i]});
   a->views_.reserve(m.tensors.size());
   for (const TensorDesc& t : m.tensors) {
     TensorView v;

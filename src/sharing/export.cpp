@@ -45,8 +45,8 @@ void Export::add_tensor(TensorDesc t) {
   tensors_.push_back(std::move(t));
 }
 
-void Export::add_cuda_tensor(std::string name, DType dtype, std::vector<uint64_t> shape,
-                             std::vector<uint64_t> strides, uint64_t device_ptr) {
+void Export::add_cuda_tensor(std::string name, DType dtype, std::vector<uint64_t> shape, std::vector<uint64_t> strides,
+                             uint64_t device_ptr) {
   CudaAllocation a = cuda_find_allocation(device_ptr);
   uint32_t index = UINT32_MAX;
   for (size_t i = 0; i < buffers_.size(); ++i) {

@@ -65,7 +65,8 @@ std::string lease_object(const Manifest& m) {
   const BufferDesc& b = m.buffers.front();
   if (b.kind == BufferKind::kShm) return b.shm_name;
   char hex[17];
-  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(fnv1a(b.device_uuid + "/" + b.ipc_handle)));
+  std::snprintf(hex, sizeof(hex), "%016llx",
+                static_cast<unsigned long long>(fnv1a(b.device_uuid + "/" + b.ipc_handle)));
   return std::string("/livetrain-lease-") + hex;
 }
 
@@ -107,8 +108,8 @@ Lease Lease::acquire(const Manifest& m, const std::string& manifest_path) {
       struct stat now {};
       if (!again.valid() || ::fstat(again.get(), &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev) {
         if (attempt < 100) continue;
-        throw Error(ErrorCode::kBusy, "cannot take the lease on " + manifest_path + ": " + lease.object_ +
-                                          " keeps being replaced");
+        throw Error(ErrorCode::kBusy,
+                    "cannot take the lease on " + manifest_path + ": " + lease.object_ + " keeps being replaced");
       }
     }
     lease.remove_ = own_object;

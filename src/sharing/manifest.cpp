@@ -64,8 +64,9 @@ class Fields {
     std::vector<uint64_t> out;
     for (size_t i = 0; i < m.items().size(); ++i) {
       auto u = m.items()[i].is_number() ? m.items()[i].as_u64() : std::nullopt;
-      if (!u) fail(std::string(key) + "[" + std::to_string(i) + "]",
-                   "expected a non-negative integer, found " + describe(m.items()[i]));
+      if (!u)
+        fail(std::string(key) + "[" + std::to_string(i) + "]",
+             "expected a non-negative integer, found " + describe(m.items()[i]));
       out.push_back(*u);
     }
     return out;
@@ -117,8 +118,8 @@ bool valid_uuid(std::string_view s) {
 bool valid_shm_name(std::string_view s) {
   if (s.size() < 2 || s.size() > 201 || s[0] != '/') return false;
   for (char c : s.substr(1)) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-              c == '_' || c == '-';
+    bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
     if (!ok) return false;
   }
   return s != "/." && s != "/..";
@@ -184,7 +185,8 @@ namespace {
 void manifest_validate(const Manifest& m, std::string_view what) {
   if (m.model.tp_size == 0) invalid(what, "model.tp_size", "must be at least 1");
   if (m.model.tp_rank >= m.model.tp_size) {
-    invalid(what, "model.tp_rank", std::to_string(m.model.tp_rank) + " is not below tp_size " + std::to_string(m.model.tp_size));
+    invalid(what, "model.tp_rank",
+            std::to_string(m.model.tp_rank) + " is not below tp_size " + std::to_string(m.model.tp_size));
   }
   if (!m.model.config.is_object()) invalid(what, "model.config", "expected an object");
   if (m.owner.pid == 0 || m.owner.pid > 0x7fffffff) invalid(what, "owner.pid", "not a valid pid");
@@ -200,7 +202,8 @@ void manifest_validate(const Manifest& m, std::string_view what) {
       if (b.ipc_handle.size() != 2 * kIpcHandleBytes || !is_hex(b.ipc_handle)) {
         invalid(what, where + ".handle", "expected " + std::to_string(2 * kIpcHandleBytes) + " lowercase hex digits");
       }
-      if (!valid_uuid(b.device_uuid)) invalid(what, where + ".device_uuid", "\"" + b.device_uuid + "\" is not a GPU UUID");
+      if (!valid_uuid(b.device_uuid))
+        invalid(what, where + ".device_uuid", "\"" + b.device_uuid + "\" is not a GPU UUID");
     }
   }
   std::set<std::string_view> names;
@@ -210,21 +213,26 @@ void manifest_validate(const Manifest& m, std::string_view what) {
     if (t.name.empty()) invalid(what, where + ".name", "empty");
     if (!names.insert(t.name).second) invalid(what, where + ".name", "\"" + t.name + "\" appears twice");
     if (dtype_bits(t.dtype) % 8 != 0) {
-      invalid(what, where + ".dtype", std::string(dtype_name(t.dtype)) + " is packed below one byte per element; "
-                             "share it as U8");
+      invalid(what, where + ".dtype",
+              std::string(dtype_name(t.dtype)) +
+                  " is packed below one byte per element; "
+                  "share it as U8");
     }
     if (t.shape.size() != t.strides.size()) {
-      invalid(what, where + ".strides", std::to_string(t.strides.size()) + " strides for " + std::to_string(t.shape.size()) +
-                                   " dimensions (tensor \"" + t.name + "\")");
+      invalid(what, where + ".strides",
+              std::to_string(t.strides.size()) + " strides for " + std::to_string(t.shape.size()) +
+                  " dimensions (tensor \"" + t.name + "\")");
     }
     if (t.buffer >= m.buffers.size()) {
-      invalid(what, where + ".buffer", std::to_string(t.buffer) + " but there are " + std::to_string(m.buffers.size()) +
-                                  " buffers (tensor \"" + t.name + "\")");
+      invalid(what, where + ".buffer",
+              std::to_string(t.buffer) + " but there are " + std::to_string(m.buffers.size()) + " buffers (tensor \"" +
+                  t.name + "\")");
     }
     uint64_t elem = dtype_bits(t.dtype) / 8;
     if (t.offset % elem != 0) {
-      invalid(what, where + ".offset", std::to_string(t.offset) + " is not a multiple of the element size " +
-                                  std::to_string(elem) + " (tensor \"" + t.name + "\")");
+      invalid(what, where + ".offset",
+              std::to_string(t.offset) + " is not a multiple of the element size " + std::to_string(elem) +
+                  " (tensor \"" + t.name + "\")");
     }
     uint64_t extent, end;
     try {
@@ -234,9 +242,10 @@ void manifest_validate(const Manifest& m, std::string_view what) {
     }
     uint64_t size = m.buffers[t.buffer].size;
     if (add_overflows(t.offset, extent, &end) || end > size) {
-      invalid(what, where, "tensor \"" + t.name + "\" spans bytes [" + std::to_string(t.offset) + ", " +
-                      std::to_string(t.offset) + "+" + std::to_string(extent) + ") but buffer " +
-                      std::to_string(t.buffer) + " has " + std::to_string(size) + " bytes");
+      invalid(what, where,
+              "tensor \"" + t.name + "\" spans bytes [" + std::to_string(t.offset) + ", " + std::to_string(t.offset) +
+                  "+" + std::to_string(extent) + ") but buffer " + std::to_string(t.buffer) + " has " +
+                  std::to_string(size) + " bytes");
     }
   }
 }
@@ -319,7 +328,8 @@ Manifest manifest_parse(std::string_view text, std::string_view what) {
     m.model.tp_size = static_cast<uint32_t>(f.u64("tp_size", UINT32_MAX));
     m.model.group = f.optional_str("group");
     const Value& config = f.get("config");
-    if (!config.is_object()) f.fail("config", std::string("expected an object, found ") + json::type_name(config.type()));
+    if (!config.is_object())
+      f.fail("config", std::string("expected an object, found ") + json::type_name(config.type()));
     m.model.config = config;
     f.finish();
   }

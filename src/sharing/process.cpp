@@ -115,8 +115,8 @@ OwnerState owner_state(const OwnerDesc& owner, std::string* detail) {
 void owner_check(const OwnerDesc& owner, const std::string& manifest_path) {
   std::string detail;
   if (owner_state(owner, &detail) != OwnerState::kAlive) {
-    throw Error(ErrorCode::kStale, "stale manifest " + manifest_path + ": " + detail +
-                                       "; restart the engine's export or remove the file");
+    throw Error(ErrorCode::kStale,
+                "stale manifest " + manifest_path + ": " + detail + "; restart the engine's export or remove the file");
   }
 }
 

@@ -64,7 +64,8 @@ std::unique_ptr<ShmMapping> ShmMapping::open(const std::string& name, uint64_t s
   if (!fd.valid()) {
     int err = errno;
     if (err == ENOENT) {
-      throw Error(ErrorCode::kStale, "shared memory " + name + " does not exist (the engine that exported it has exited)");
+      throw Error(ErrorCode::kStale,
+                  "shared memory " + name + " does not exist (the engine that exported it has exited)");
     }
     throw io_error("cannot open shared memory " + name, err);
   }

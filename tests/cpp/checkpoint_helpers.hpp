@@ -25,12 +25,14 @@ struct LiveModel {
 
   std::vector<checkpoint::LiveTensor> views() {
     std::vector<checkpoint::LiveTensor> v;
-    for (size_t i = 0; i < names.size(); ++i) v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data(), -1, {}});
+    for (size_t i = 0; i < names.size(); ++i)
+      v.push_back(checkpoint::LiveTensor{names[i], dtypes[i], shapes[i], data[i].data(), -1, {}});
     return v;
   }
   std::vector<safetensors::TensorRef> refs() const {
     std::vector<safetensors::TensorRef> r;
-    for (size_t i = 0; i < names.size(); ++i) r.push_back({names[i], dtypes[i], shapes[i], data[i].data(), data[i].size()});
+    for (size_t i = 0; i < names.size(); ++i)
+      r.push_back({names[i], dtypes[i], shapes[i], data[i].data(), data[i].size()});
     return r;
   }
 };
@@ -90,8 +92,8 @@ void for_each_gpu_save_tuning(Body body) {
     for (int diff : {0, 1}) {
       for (int digests : {0, 1}) {
         const int mib = combo++ % 2 ? 1 : 256;
-        SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) + " digests=" +
-                     std::to_string(digests) + " group_mib=" + std::to_string(mib));
+        SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) +
+                     " digests=" + std::to_string(digests) + " group_mib=" + std::to_string(mib));
         tuning::reset();
         tuning::set("checkpoint.pipeline", pipeline);
         tuning::set("checkpoint.diff", diff);

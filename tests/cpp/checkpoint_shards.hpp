@@ -66,7 +66,8 @@ inline RankShard shard_of(const LiveModel& m, uint32_t rank, uint32_t ranks) {
     s.dtypes.push_back(m.dtypes[i]);
     s.saved.push_back(!replicated || rank == 0 || ranks == 1);
     s.bufs.emplace_back(checkpoint::region_units(r) * unit);
-    checkpoint::region_transfer(m.data[i].data(), checkpoint::whole_region(m.shapes[i]), s.bufs.back().data(), r, r, unit, false);
+    checkpoint::region_transfer(m.data[i].data(), checkpoint::whole_region(m.shapes[i]), s.bufs.back().data(), r, r,
+                                unit, false);
     s.regions.push_back(std::move(r));
   }
   return s;

@@ -18,8 +18,8 @@
 
 #include "checkpoint_helpers.hpp"
 #include "checkpoint_shards.hpp"
-#include "livetrain/checkpoint/hash.hpp"
 #include "helpers.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 
 namespace checkpoint = livetrain::checkpoint;
@@ -140,7 +140,8 @@ TEST(CheckpointCrash, KilledAtEachCrashPoint) {
   { checkpoint::Store::create(model); }
   run_and_kill([&] { child_save(model); }, -1, "delta-written");
   check(model, exp, exp.at(0));
-  EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).head, 0u) << "an uncommitted delta is ignored";
+  EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).head, 0u)
+      << "an uncommitted delta is ignored";
   // Three committed generations to move between.
   {
     checkpoint::Store s = checkpoint::Store::open(model);
@@ -169,10 +170,11 @@ namespace {
 // A descriptor through a pipe, as one text line (the test's own wire format).
 void send_part(int fd, const checkpoint::PartDescriptor& p) {
   char line[512];
-  int n = std::snprintf(line, sizeof line, "%llu %llu %u %u %s %llu %s %llu %llu %llu\n", (unsigned long long)p.generation,
-                        (unsigned long long)p.parent, p.part.rank, p.ranks, p.part.file.c_str(),
-                        (unsigned long long)p.part.bytes.value_or(0), checkpoint::hash_hex(p.part.hash).c_str(),
-                        (unsigned long long)p.part.changed, (unsigned long long)p.elements, (unsigned long long)p.model_bytes);
+  int n = std::snprintf(line, sizeof line, "%llu %llu %u %u %s %llu %s %llu %llu %llu\n",
+                        (unsigned long long)p.generation, (unsigned long long)p.parent, p.part.rank, p.ranks,
+                        p.part.file.c_str(), (unsigned long long)p.part.bytes.value_or(0),
+                        checkpoint::hash_hex(p.part.hash).c_str(), (unsigned long long)p.part.changed,
+                        (unsigned long long)p.elements, (unsigned long long)p.model_bytes);
   if (write(fd, line, static_cast<size_t>(n)) != n) _exit(4);
 }
 
@@ -184,8 +186,8 @@ checkpoint::PartDescriptor receive_part(int fd) {
   checkpoint::PartDescriptor p;
   char file[256], hash[32];
   unsigned long long g, parent, bytes, changed, elements, model_bytes;
-  if (std::sscanf(line.c_str(), "%llu %llu %u %u %255s %llu %31s %llu %llu %llu", &g, &parent, &p.part.rank, &p.ranks, file,
-                  &bytes, hash, &changed, &elements, &model_bytes) != 10) {
+  if (std::sscanf(line.c_str(), "%llu %llu %u %u %255s %llu %31s %llu %llu %llu", &g, &parent, &p.part.rank, &p.ranks,
+                  file, &bytes, hash, &changed, &elements, &model_bytes) != 10) {
     _exit(6);
   }
   p.generation = g;
@@ -246,7 +248,8 @@ checkpoint::Store open_rank(const std::string& model, uint32_t rank, const LiveM
 
 // Starts both ranks; kills them after the delays (-1: let it die at its crash point, the other is then
 // killed); returns once both are gone.
-void run_ranks(const std::string& model, int delay0_us, int delay1_us, const char* crash_at = nullptr, int crash_rank = 0) {
+void run_ranks(const std::string& model, int delay0_us, int delay1_us, const char* crash_at = nullptr,
+               int crash_rank = 0) {
   int a[2], b[2];  // a: rank 0 -> rank 1, b: rank 1 -> rank 0
   ASSERT_EQ(pipe(a), 0);
   ASSERT_EQ(pipe(b), 0);
@@ -343,10 +346,12 @@ TEST(CheckpointCrash, PartsKilledAtEachCrashPoint) {
   { checkpoint::Store::create(model); }
   // Rank 1 dies once its part is durable (rank 0 waits for it forever); rank 0 dies with both parts
   // verified, before COMMIT; then once after its own part is written.
-  for (auto [point, rank] : {std::pair{"part-written", 1}, std::pair{"parts-verified", 0}, std::pair{"part-written", 0}}) {
+  for (auto [point, rank] :
+       {std::pair{"part-written", 1}, std::pair{"parts-verified", 0}, std::pair{"part-written", 0}}) {
     const uint64_t before = checkpoint::commit_read(checkpoint::default_store_dir(model)).head;
     run_ranks(model, 0, 0, point, rank);
     check_parts(model, exp);
-    EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).head, before) << point << " on rank " << rank;
+    EXPECT_EQ(checkpoint::commit_read(checkpoint::default_store_dir(model)).head, before)
+        << point << " on rank " << rank;
   }
 }

@@ -66,7 +66,8 @@ Data make(uint64_t seed) {
     for (auto& b : old) b = static_cast<uint8_t>(rng());
     now = old;
     for (uint64_t i = 0; i < c.units; ++i) {
-      if (c.fraction >= 1.0 || u(rng) < c.fraction) now[i * unit + rng() % unit] ^= static_cast<uint8_t>(1 + rng() % 255);
+      if (c.fraction >= 1.0 || u(rng) < c.fraction)
+        now[i * unit + rng() % unit] ^= static_cast<uint8_t>(1 + rng() % 255);
     }
     d.old.push_back(std::move(old));
     d.now.push_back(std::move(now));
@@ -82,7 +83,7 @@ Data make(uint64_t seed) {
 std::string record_of(const checkpoint::DiffOutput& out, size_t i, const Case& c) {
   std::string rec;
   checkpoint::encode_record_parts(rec, "t", c.dtype, c.units, out.changed[i], out.bitmaps.data + out.bitmap_offset[i],
-                            out.values.data + out.value_offset[i]);
+                                  out.values.data + out.value_offset[i]);
   return rec;
 }
 
@@ -124,7 +125,8 @@ TEST(CheckpointDiff, ChunkDigests) {
   checkpoint::chunk_digests_cpu(t, true, old);
   ASSERT_EQ(now.size(), 4u);
   EXPECT_EQ(now, old);
-  for (size_t pos : {size_t{0}, size_t{7}, size_t{8}, checkpoint::kDiffChunk * 2 - 1, checkpoint::kDiffChunk * 2, a.size() - 2}) {
+  for (size_t pos :
+       {size_t{0}, size_t{7}, size_t{8}, checkpoint::kDiffChunk * 2 - 1, checkpoint::kDiffChunk * 2, a.size() - 2}) {
     for (uint8_t x : {uint8_t{1}, uint8_t{0x80}}) {
       std::vector<uint8_t> c = a;
       c[pos] ^= x;
@@ -160,7 +162,7 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
   };
   // Qwen3.5-27B-like: split bf16 matrices of odd size, fp32 A_log [48], bf16 dt_bias [48], conv1d [C,1,4],
   // norms of odd size, plus 1- and 8-byte elements and an empty tensor.
-  const std::vector<Shape> shapes = {{777777, 2}, {48, 4}, {48, 2},  {10240 * 4, 2}, {5121, 4}, {0, 2},
+  const std::vector<Shape> shapes = {{777777, 2}, {48, 4},  {48, 2},  {10240 * 4, 2}, {5121, 4}, {0, 2},
                                      {600001, 2}, {515, 8}, {999, 1}, {262147, 4},    {33, 2},   {48, 4}};
   std::vector<checkpoint::DiffTensor> tensors;
   uintptr_t at = uintptr_t{1} << 32;
@@ -168,7 +170,8 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
     // Unaligned to 16 (one element past a 256-byte boundary) but aligned to the element, as the
     // kernels require; never dereferenced here.
     const uintptr_t p = (at + 255) / 256 * 256 + shapes[i].unit;
-    tensors.push_back({reinterpret_cast<const void*>(p), reinterpret_cast<const void*>(p + (uintptr_t{1} << 36)), shapes[i].units, shapes[i].unit});
+    tensors.push_back({reinterpret_cast<const void*>(p), reinterpret_cast<const void*>(p + (uintptr_t{1} << 36)),
+                       shapes[i].units, shapes[i].unit});
     at = p + shapes[i].units * shapes[i].unit;
   }
   const size_t n = tensors.size();
@@ -184,7 +187,8 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
   for (uint64_t group_bytes : {uint64_t{1} << 16, uint64_t{1} << 20, (uint64_t{1} << 20) + 6}) {
     for (int skip : {0, 1}) {
       for (int trial = 0; trial < 8; ++trial) {
-        SCOPED_TRACE("group_bytes " + std::to_string(group_bytes) + " skip " + std::to_string(skip) + " trial " + std::to_string(trial));
+        SCOPED_TRACE("group_bytes " + std::to_string(group_bytes) + " skip " + std::to_string(skip) + " trial " +
+                     std::to_string(trial));
         std::vector<uint8_t> used(chunks);
         for (auto& u : used) u = !skip || rng() % 3 != 0;
         std::vector<uint32_t> counts(chunks);
@@ -194,7 +198,8 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
           counts[c] = used[c] ? static_cast<uint32_t>(rng() % (len + 1)) : 0;
         }
         std::vector<uint64_t> stage_offsets(chunks, 0), offsets(chunks, 0);
-        const auto groups = checkpoint::diff_groups(table, chunks, group_bytes, stage_offsets, [&](uint64_t c) { return used[c] != 0; });
+        const auto groups = checkpoint::diff_groups(table, chunks, group_bytes, stage_offsets,
+                                                    [&](uint64_t c) { return used[c] != 0; });
         uint64_t slot_bytes = 16;
         for (const auto& g : groups) slot_bytes = std::max(slot_bytes, g.staged);
         checkpoint::DiffOutput out;
@@ -212,15 +217,17 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
           if (k + 1 == groups.size()) plan.place_rest();
           if (g.c1 == g.c0) continue;
           // (first value's host offset, scratch bytes) as delta_cuda.cu has them: one pass, two passes.
-          const std::pair<uint64_t, uint64_t> modes[2] = {{base, slot_bytes + 8 * n + checkpoint::kDiffScratchAlign},
-                                                         {offsets[g.c0], group_bytes + 8 * n + checkpoint::kDiffScratchAlign}};
+          const std::pair<uint64_t, uint64_t> modes[2] = {
+              {base, slot_bytes + 8 * n + checkpoint::kDiffScratchAlign},
+              {offsets[g.c0], group_bytes + 8 * n + checkpoint::kDiffScratchAlign}};
           for (const auto& [first, cap] : modes) {
             const uint64_t shift = checkpoint::diff_value_shift(first);
             for (uint64_t c = g.c0; c < g.c1; ++c) {
               const uint32_t unit = table[tensor_of(c)].unit;
               ASSERT_GE(offsets[c], first);
               const uint64_t dev = shift + offsets[c] - first;
-              ASSERT_EQ(dev % unit, 0u) << "values of chunk " << c << " (tensor " << tensor_of(c) << ") at scratch offset " << dev;
+              ASSERT_EQ(dev % unit, 0u) << "values of chunk " << c << " (tensor " << tensor_of(c)
+                                        << ") at scratch offset " << dev;
               ASSERT_LE(shift + plan.ends[c] - first, cap) << "chunk " << c;
               if (counts[c] && (offsets[c] - first) % unit) ++unshifted_misaligned;
             }
@@ -239,7 +246,8 @@ TEST(CheckpointDiff, GroupPlanKeepsEveryDeviceAccessAligned) {
         for (size_t i = 0; i < n; ++i) {
           EXPECT_EQ(out.value_offset[i] % 8, 0u) << "tensor " << i;
           uint64_t want = 0;
-          for (uint64_t c = table[i].first_chunk; c < (i + 1 < n ? table[i + 1].first_chunk : chunks); ++c) want += counts[c];
+          for (uint64_t c = table[i].first_chunk; c < (i + 1 < n ? table[i + 1].first_chunk : chunks); ++c)
+            want += counts[c];
           EXPECT_EQ(out.changed[i], want) << "tensor " << i;
         }
       }
@@ -290,7 +298,8 @@ void expect_same(const checkpoint::DiffOutput& gpu, const checkpoint::DiffOutput
   for (size_t i = 0; i < cs.size(); ++i) {
     ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << "tensor " << i;
     const uint64_t bitmap_bytes = (cs[i].units + 7) / 8, value_bytes = cpu.changed[i] * d.tensors[i].unit;
-    EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], bitmap_bytes), 0)
+    EXPECT_EQ(
+        std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], bitmap_bytes), 0)
         << "bitmap of tensor " << i << " (" << cs[i].units << " units)";
     EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], value_bytes), 0)
         << "values of tensor " << i << " (" << cs[i].units << " units)";
@@ -356,7 +365,8 @@ TEST(CheckpointDiffCuda, WorkspaceAndUpdateOld) {
     d.old.push_back(std::move(old));
     d.now.push_back(std::move(now));
     d.tensors.push_back({d.now.back().data(), d.old.back().data(), units, 2});
-    for (size_t i = 0; i + 1 < d.tensors.size(); ++i) d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
+    for (size_t i = 0; i + 1 < d.tensors.size(); ++i)
+      d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
   }
   checkpoint::DiffOutput cpu;
   checkpoint::delta_diff_cpu(d.tensors, cpu);
@@ -371,9 +381,13 @@ TEST(CheckpointDiffCuda, WorkspaceAndUpdateOld) {
   for (size_t i = 0; i < d.tensors.size(); ++i) {
     ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << i;
     const uint64_t bitmap_bytes = (d.tensors[i].units + 7) / 8, value_bytes = cpu.changed[i] * d.tensors[i].unit;
-    EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], bitmap_bytes), 0) << i;
-    EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], value_bytes), 0) << i;
-    EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0) << "old was moved to the recorded state: " << i;
+    EXPECT_EQ(
+        std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], bitmap_bytes), 0)
+        << i;
+    EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], value_bytes), 0)
+        << i;
+    EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0)
+        << "old was moved to the recorded state: " << i;
   }
   checkpoint::DiffOutput again;
   checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true);
@@ -418,7 +432,8 @@ struct Variant {
   int diff, digests, group_mib;
 };
 std::string name_of(const Variant& v) {
-  return "diff=" + std::to_string(v.diff) + " digests=" + std::to_string(v.digests) + " group_mib=" + std::to_string(v.group_mib);
+  return "diff=" + std::to_string(v.diff) + " digests=" + std::to_string(v.digests) +
+         " group_mib=" + std::to_string(v.group_mib);
 }
 std::vector<Variant> variants() {
   std::vector<Variant> out;
@@ -464,7 +479,8 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
         d.now.push_back(std::move(now));
         d.tensors.push_back({nullptr, nullptr, units, 2});
       }
-      for (size_t i = 0; i < d.tensors.size(); ++i) d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
+      for (size_t i = 0; i < d.tensors.size(); ++i)
+        d.tensors[i] = {d.now[i].data(), d.old[i].data(), d.tensors[i].units, d.tensors[i].unit};
     }
     checkpoint::DiffOutput cpu;
     checkpoint::delta_diff_cpu(d.tensors, cpu);
@@ -482,8 +498,14 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
       EXPECT_LE(done, t.size());
       for (size_t i = seen; i < done; ++i) {  // complete when announced, at the addresses given
         ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << i;
-        EXPECT_EQ(std::memcmp(bitmaps + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], (t[i].units + 7) / 8), 0) << i;
-        EXPECT_EQ(std::memcmp(values + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], cpu.changed[i] * t[i].unit), 0) << i;
+        EXPECT_EQ(
+            std::memcmp(bitmaps + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], (t[i].units + 7) / 8),
+            0)
+            << i;
+        EXPECT_EQ(std::memcmp(values + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i],
+                              cpu.changed[i] * t[i].unit),
+                  0)
+            << i;
       }
       seen = done;
     };
@@ -491,13 +513,18 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
     EXPECT_EQ(seen, t.size());
     for (size_t i = 0; i < t.size(); ++i) {
       ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << i;
-      EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], cpu.changed[i] * t[i].unit), 0) << i;
-      EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0) << "old was moved to the recorded state: " << i;
+      EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i],
+                            cpu.changed[i] * t[i].unit),
+                0)
+          << i;
+      EXPECT_EQ(std::memcmp(pinned[i], d.now[i].data(), d.now[i].size()), 0)
+          << "old was moved to the recorded state: " << i;
     }
     EXPECT_EQ(ws.digests != nullptr, v.digests == 1);
     checkpoint::DiffOutput again;
     seen = 0;
-    checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true, [&](size_t done, const uint8_t*, const uint8_t*) { seen = done; });
+    checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true,
+                                [&](size_t done, const uint8_t*, const uint8_t*) { seen = done; });
     EXPECT_EQ(seen, t.size());
     for (size_t i = 0; i < t.size(); ++i) EXPECT_EQ(again.changed[i], 0u) << i;
     // Change one element of tensor 3 and the last element of the last tensor, on the device only.
@@ -506,7 +533,8 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
       if (t[i].units == 0) continue;
       const uint64_t e = i == last ? t[i].units - 1 : 0;
       uint8_t byte = d.now[i][e * t[i].unit] ^ 0x10;
-      ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(now[i]->p) + e * t[i].unit, &byte, 1, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(now[i]->p) + e * t[i].unit, &byte, 1, cudaMemcpyHostToDevice),
+                cudaSuccess);
     }
     checkpoint::DiffOutput third;
     checkpoint::delta_diff_cuda(t, third, nullptr, &ws, true);
@@ -522,9 +550,9 @@ TEST(CheckpointDiffCuda, EveryVariantMatchesCpuAndReportsTensorsAsTheyComplete) 
 TEST(CheckpointDiffCuda, OddSizesAndUnalignedOffsetsUnderEveryVariant) {
   if (livetrain::cuda::devices().empty()) GTEST_SKIP() << "no GPU visible";
   const std::vector<std::pair<uint64_t, DType>> shapes = {
-      {777777, DType::kBF16}, {48, DType::kF32},   {48, DType::kBF16},  {40960, DType::kBF16}, {5121, DType::kF32},
-      {600001, DType::kBF16}, {515, DType::kF64},  {999, DType::kU8},   {262147, DType::kF32}, {33, DType::kBF16},
-      {48, DType::kF32}};
+      {777777, DType::kBF16}, {48, DType::kF32},      {48, DType::kBF16}, {40960, DType::kBF16},
+      {5121, DType::kF32},    {600001, DType::kBF16}, {515, DType::kF64}, {999, DType::kU8},
+      {262147, DType::kF32},  {33, DType::kBF16},     {48, DType::kF32}};
   for (const Variant& v : variants()) {
     SCOPED_TRACE(name_of(v));
     KnobScope knobs(v);
@@ -542,7 +570,8 @@ TEST(CheckpointDiffCuda, OddSizesAndUnalignedOffsetsUnderEveryVariant) {
       olds.push_back(std::move(old));
       nows.push_back(std::move(now));
     }
-    for (size_t i = 0; i < shapes.size(); ++i) host.push_back({nows[i].data(), olds[i].data(), shapes[i].first, checkpoint::unit_bytes(shapes[i].second)});
+    for (size_t i = 0; i < shapes.size(); ++i)
+      host.push_back({nows[i].data(), olds[i].data(), shapes[i].first, checkpoint::unit_bytes(shapes[i].second)});
     checkpoint::DiffOutput cpu;
     checkpoint::delta_diff_cpu(host, cpu);
 
@@ -552,7 +581,8 @@ TEST(CheckpointDiffCuda, OddSizesAndUnalignedOffsetsUnderEveryVariant) {
       const uint32_t unit = t[i].unit;
       void* d = nullptr;
       ASSERT_EQ(cudaMalloc(&d, nows[i].size() + 16), cudaSuccess);
-      ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(d) + unit, nows[i].data(), nows[i].size(), cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(d) + unit, nows[i].data(), nows[i].size(), cudaMemcpyHostToDevice),
+                cudaSuccess);
       void* h = nullptr;
       ASSERT_EQ(cudaHostAlloc(&h, olds[i].size() + 16, cudaHostAllocMapped | cudaHostAllocPortable), cudaSuccess);
       std::memcpy(static_cast<uint8_t*>(h) + unit, olds[i].data(), olds[i].size());
@@ -567,9 +597,16 @@ TEST(CheckpointDiffCuda, OddSizesAndUnalignedOffsetsUnderEveryVariant) {
     ASSERT_EQ(gpu.changed.size(), t.size());
     for (size_t i = 0; i < t.size(); ++i) {
       ASSERT_EQ(gpu.changed[i], cpu.changed[i]) << "tensor " << i;
-      EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i], (t[i].units + 7) / 8), 0) << i;
-      EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i], cpu.changed[i] * t[i].unit), 0) << i;
-      EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(pinned[i]) + t[i].unit, nows[i].data(), nows[i].size()), 0) << "old moved along: " << i;
+      EXPECT_EQ(std::memcmp(gpu.bitmaps.data + gpu.bitmap_offset[i], cpu.bitmaps.data + cpu.bitmap_offset[i],
+                            (t[i].units + 7) / 8),
+                0)
+          << i;
+      EXPECT_EQ(std::memcmp(gpu.values.data + gpu.value_offset[i], cpu.values.data + cpu.value_offset[i],
+                            cpu.changed[i] * t[i].unit),
+                0)
+          << i;
+      EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(pinned[i]) + t[i].unit, nows[i].data(), nows[i].size()), 0)
+          << "old moved along: " << i;
     }
     checkpoint::DiffOutput again;
     checkpoint::delta_diff_cuda(t, again, nullptr, &ws, true);

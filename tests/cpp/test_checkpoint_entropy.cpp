@@ -53,9 +53,17 @@ void expect_format_error(const std::string& s, size_t n, const char* why) {
 }  // namespace
 
 TEST(CheckpointEntropy, GoldenBytesOfEachMode) {
-  EXPECT_EQ(hex(encode({})), "00" "0000000000000000");
-  EXPECT_EQ(hex(encode({7, 7, 7})), "01" "0100000000000000" "07");
-  EXPECT_EQ(hex(encode({1, 2, 3})), "00" "0300000000000000" "010203");  // Huffman would not be smaller
+  EXPECT_EQ(hex(encode({})),
+            "00"
+            "0000000000000000");
+  EXPECT_EQ(hex(encode({7, 7, 7})),
+            "01"
+            "0100000000000000"
+            "07");
+  EXPECT_EQ(hex(encode({1, 2, 3})),
+            "00"
+            "0300000000000000"
+            "010203");  // Huffman would not be smaller
   // 200 × 'a', 100 × 'b', 100 × 'c': lengths a=1, b=2, c=2; canonical codes a=0, b=10, c=11, each
   // written most significant bit first into bytes least significant bit first.
   std::vector<uint8_t> in(200, 'a');
@@ -63,12 +71,14 @@ TEST(CheckpointEntropy, GoldenBytesOfEachMode) {
   in.insert(in.end(), 100, 'c');
   std::string s = encode(in);
   ASSERT_EQ(s.size(), 9u + 128 + 75);  // 200·1 + 200·2 = 600 bits
-  EXPECT_EQ(hex(s.substr(0, 9)), "02" "cb00000000000000");
-  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'a' / 2]), 0x10);  // 'a' = 97 odd: high nibble 1; 96 unused
-  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'b' / 2]), 0x22);  // 'b' = 98 low nibble 2, 'c' = 99 high nibble 2
-  EXPECT_EQ(static_cast<uint8_t>(s[9 + 128]), 0x00);      // eight a's
+  EXPECT_EQ(hex(s.substr(0, 9)),
+            "02"
+            "cb00000000000000");
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'a' / 2]), 0x10);   // 'a' = 97 odd: high nibble 1; 96 unused
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 'b' / 2]), 0x22);   // 'b' = 98 low nibble 2, 'c' = 99 high nibble 2
+  EXPECT_EQ(static_cast<uint8_t>(s[9 + 128]), 0x00);       // eight a's
   EXPECT_EQ(static_cast<uint8_t>(s[9 + 128 + 25]), 0x55);  // b = "10" → bits 1,0 → byte 0b01010101
-  EXPECT_EQ(static_cast<uint8_t>(s.back()), 0xFF);        // c = "11"
+  EXPECT_EQ(static_cast<uint8_t>(s.back()), 0xFF);         // c = "11"
   EXPECT_EQ(decode(s, in.size()), in);
 }
 

@@ -2,8 +2,8 @@
 // codec's round trip (gaps and bitmap), and clear errors for corrupt or truncated deltas.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <algorithm>
+#include <cstring>
 #include <random>
 
 #include "helpers.hpp"
@@ -20,8 +20,9 @@ using livetrain::testing::hex;
 namespace {
 
 std::vector<uint8_t> apply_all(const std::string& file, std::vector<uint8_t> buf) {
-  checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
-                    [&](const checkpoint::DeltaRecord& r) { checkpoint::apply_record(r, buf.data(), "t.delta"); });
+  checkpoint::delta_parse(
+      reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
+      [&](const checkpoint::DeltaRecord& r) { checkpoint::apply_record(r, buf.data(), "t.delta"); });
   return buf;
 }
 
@@ -60,7 +61,8 @@ TEST(CheckpointHash, ContentHashIsXxh64OfBlockHashes) {
   std::vector<uint8_t> data(3 * 4096 + 5);
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i * 7);
   std::vector<uint64_t> blocks;
-  for (size_t off = 0; off < data.size(); off += 4096) blocks.push_back(checkpoint::xxh64(data.data() + off, std::min<size_t>(4096, data.size() - off)));
+  for (size_t off = 0; off < data.size(); off += 4096)
+    blocks.push_back(checkpoint::xxh64(data.data() + off, std::min<size_t>(4096, data.size() - off)));
   EXPECT_EQ(checkpoint::content_hash(data.data(), data.size()), checkpoint::xxh64(blocks.data(), blocks.size() * 8));
   EXPECT_EQ(checkpoint::content_hash(nullptr, 0), checkpoint::xxh64("", 0));
 }
@@ -72,19 +74,31 @@ TEST(CheckpointDelta, GoldenBytes) {
   now[7] = 0xbf80;
   std::string rec;
   uint64_t changed = checkpoint::encode_record(rec, "w", DType::kBF16, 10, reinterpret_cast<const uint8_t*>(old.data()),
-                                         reinterpret_cast<const uint8_t*>(now.data()));
+                                               reinterpret_cast<const uint8_t*>(now.data()));
   EXPECT_EQ(changed, 2u);
   EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
-            "01000000" "77"              // name
-            "0e" "02" "00" "00"          // BF16, unit 2, gaps, reserved
-            "0a00000000000000"           // units
-            "0200000000000000"           // changed
-            "0200000000000000" "01" "05" // positions: 1, then 7-1-1
-            "0100" "0080");              // XOR values
+            "01000000"
+            "77"  // name
+            "0e"
+            "02"
+            "00"
+            "00"                // BF16, unit 2, gaps, reserved
+            "0a00000000000000"  // units
+            "0200000000000000"  // changed
+            "0200000000000000"
+            "01"
+            "05"  // positions: 1, then 7-1-1
+            "0100"
+            "0080");  // XOR values
   uint64_t sum = checkpoint::xxh64(rec.data(), rec.size() - 8);
   EXPECT_EQ(rec.substr(rec.size() - 8), std::string(reinterpret_cast<const char*>(&sum), 8));
   std::string file = make_file(rec, 1);
-  EXPECT_EQ(hex(file.substr(0, 32)), "4c54434b444c5431" "02000000" "01000000" "0300000000000000" "0200000000000000");
+  EXPECT_EQ(hex(file.substr(0, 32)),
+            "4c54434b444c5431"
+            "02000000"
+            "01000000"
+            "0300000000000000"
+            "0200000000000000");
   EXPECT_EQ(file.size(), 32 + rec.size() + 8);
   // The whole file, pinned: any change to the encoding changes this.
   EXPECT_EQ(checkpoint::hash_hex(checkpoint::xxh64(file.data(), file.size())), "399631584826e34d");
@@ -95,21 +109,34 @@ TEST(CheckpointDelta, GoldenBytesOfBlocks) {
   std::vector<uint16_t> old(128, 0x3f80), now(128, 0x3f81);
   std::string rec;
   ASSERT_EQ(checkpoint::encode_record(rec, "w", DType::kBF16, 128, reinterpret_cast<const uint8_t*>(old.data()),
-                                reinterpret_cast<const uint8_t*>(now.data())), 128u);
+                                      reinterpret_cast<const uint8_t*>(now.data())),
+            128u);
   EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
-            "01000000" "77"                // name
-            "0e" "02" "02" "00"            // BF16, unit 2, blocks, reserved
-            "8000000000000000"             // units
-            "8000000000000000"             // changed
-            "2e00000000000000"             // payload length 46
-            "0000100000000000"             // block size 2^20
-            "8000000000000000"             // block 0: 128 changed
-            "01" "0100000000000000" "ff"   // bitmap: 16 × 0xff
-            "01" "0100000000000000" "01"   // byte plane 0: all 0x01
-            "01" "0100000000000000" "00"); // byte plane 1: all 0x00
+            "01000000"
+            "77"  // name
+            "0e"
+            "02"
+            "02"
+            "00"                // BF16, unit 2, blocks, reserved
+            "8000000000000000"  // units
+            "8000000000000000"  // changed
+            "2e00000000000000"  // payload length 46
+            "0000100000000000"  // block size 2^20
+            "8000000000000000"  // block 0: 128 changed
+            "01"
+            "0100000000000000"
+            "ff"  // bitmap: 16 × 0xff
+            "01"
+            "0100000000000000"
+            "01"  // byte plane 0: all 0x01
+            "01"
+            "0100000000000000"
+            "00");  // byte plane 1: all 0x00
   std::string file = make_file(rec, 1);
-  std::vector<uint8_t> buf(reinterpret_cast<const uint8_t*>(old.data()), reinterpret_cast<const uint8_t*>(old.data()) + 256);
-  std::vector<uint8_t> want(reinterpret_cast<const uint8_t*>(now.data()), reinterpret_cast<const uint8_t*>(now.data()) + 256);
+  std::vector<uint8_t> buf(reinterpret_cast<const uint8_t*>(old.data()),
+                           reinterpret_cast<const uint8_t*>(old.data()) + 256);
+  std::vector<uint8_t> want(reinterpret_cast<const uint8_t*>(now.data()),
+                            reinterpret_cast<const uint8_t*>(now.data()) + 256);
   EXPECT_EQ(apply_all(file, buf), want);
 }
 
@@ -146,7 +173,8 @@ TEST(CheckpointDelta, BitmapWhenDenseAndRoundTrip) {
       for (auto& b : old) b = static_cast<uint8_t>(rng());
       now = old;
       std::uniform_real_distribution<double> u(0, 1);
-      for (uint64_t i = 0; i < units; ++i) if (u(rng) < frac) now[2 * i + (rng() & 1)] ^= 0x10;
+      for (uint64_t i = 0; i < units; ++i)
+        if (u(rng) < frac) now[2 * i + (rng() & 1)] ^= 0x10;
       std::string rec;
       uint64_t c = checkpoint::encode_record(rec, "t", DType::kBF16, units, old.data(), now.data());
       if (c == 0) {
@@ -182,10 +210,11 @@ TEST(CheckpointDelta, CorruptAndTruncatedAreClearErrors) {
   now[50] = 2;
   std::string rec;
   checkpoint::encode_record(rec, "w", DType::kBF16, 100, reinterpret_cast<const uint8_t*>(old.data()),
-                      reinterpret_cast<const uint8_t*>(now.data()));
+                            reinterpret_cast<const uint8_t*>(now.data()));
   std::string file = make_file(rec, 1);
   auto parse = [](const std::string& f) {
-    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "g.delta", [](const checkpoint::DeltaRecord&) {});
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "g.delta",
+                            [](const checkpoint::DeltaRecord&) {});
   };
   auto expect_error = [&](const std::string& f, const std::string& needle) {
     try {
@@ -196,7 +225,8 @@ TEST(CheckpointDelta, CorruptAndTruncatedAreClearErrors) {
       EXPECT_NE(std::string(e.what()).find("g.delta"), std::string::npos) << e.what();
     }
   };
-  for (size_t cut : {0ul, 10ul, 39ul, file.size() - 1}) expect_error(file.substr(0, cut), cut < 40 ? "truncated" : "checksum");
+  for (size_t cut : {0ul, 10ul, 39ul, file.size() - 1})
+    expect_error(file.substr(0, cut), cut < 40 ? "truncated" : "checksum");
   std::string flipped = file;
   flipped[40] ^= 1;
   expect_error(flipped, "checksum");
@@ -219,11 +249,19 @@ TEST(CheckpointJournal, GoldenBytesAndRoundTrip) {
   checkpoint::journal_append(j, 1, 0x10, a, 3);
   checkpoint::journal_finish(j);
   EXPECT_EQ(hex(j.substr(0, 32 + 24 + 3)),
-            "4c54434b4a524e31" "01000000" "01000000"  // magic, version, 1 entry
-            "0400000000000000" "0500000000000000"     // from, to
-            "01000000" "00000000" "1000000000000000" "0300000000000000" "aabbcc");
+            "4c54434b4a524e31"
+            "01000000"
+            "01000000"  // magic, version, 1 entry
+            "0400000000000000"
+            "0500000000000000"  // from, to
+            "01000000"
+            "00000000"
+            "1000000000000000"
+            "0300000000000000"
+            "aabbcc");
   EXPECT_EQ(j.size(), 32u + 24 + 3 + 8 + 8);
-  checkpoint::Journal p = checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 100});
+  checkpoint::Journal p =
+      checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 100});
   EXPECT_EQ(p.from, 4u);
   EXPECT_EQ(p.to, 5u);
   ASSERT_EQ(p.entries.size(), 1u);
@@ -276,14 +314,15 @@ TEST(CheckpointDelta, UnitsOverflowIsRefused) {
   now[1] = 2;
   std::string rec;
   checkpoint::encode_record(rec, "w", DType::kBF16, 4, reinterpret_cast<const uint8_t*>(old.data()),
-                      reinterpret_cast<const uint8_t*>(now.data()));
+                            reinterpret_cast<const uint8_t*>(now.data()));
   uint64_t units = (1ull << 63) + 4;  // × 2 wraps to 8, the real tensor's byte size
   std::memcpy(rec.data() + 4 + 1 + 4, &units, 8);
   uint64_t sum = checkpoint::xxh64(rec.data(), rec.size() - 8);
   std::memcpy(rec.data() + rec.size() - 8, &sum, 8);
   std::string file = make_file(rec, 1);
   try {
-    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "g.delta", [](const checkpoint::DeltaRecord&) {});
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "g.delta",
+                            [](const checkpoint::DeltaRecord&) {});
     ADD_FAILURE() << "accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("units overflow"), std::string::npos) << e.what();

@@ -29,9 +29,9 @@ namespace checkpoint = livetrain::checkpoint;
 using checkpoint::Region;
 using livetrain::DType;
 using livetrain::Error;
-using livetrain::testing::hex;
 using livetrain::ErrorCode;
 using livetrain::testing::expect_error;
+using livetrain::testing::hex;
 using livetrain::testing::LiveModel;
 using livetrain::testing::RankShard;
 using livetrain::testing::TempDir;
@@ -71,7 +71,8 @@ void expect_generation(checkpoint::Store& s, uint64_t g, const LiveModel& m) {
 }
 
 // Saves generation `m` at TP `ranks` through every rank's store (parts, then rank 0 commits, then refresh).
-checkpoint::SaveResult save_sharded(std::vector<checkpoint::Store>& stores, const LiveModel& m, uint64_t weight_version) {
+checkpoint::SaveResult save_sharded(std::vector<checkpoint::Store>& stores, const LiveModel& m,
+                                    uint64_t weight_version) {
   std::vector<checkpoint::PartDescriptor> parts;
   std::vector<RankShard> shards;
   const uint32_t ranks = static_cast<uint32_t>(stores.size());
@@ -119,7 +120,11 @@ TEST(CheckpointRegion, TransferMatchesAPlainLoop) {
   EXPECT_EQ(b, want);
   checkpoint::region_transfer(a.data(), rows, b.data(), cols, *common, 2, true);
   EXPECT_EQ(b, std::vector<uint8_t>(b.size(), 0));
-  std::string msg = expect_error([&] { checkpoint::check_region(Region{{0, 4}, {2, 3}}, {2, 6}, "t"); }, ErrorCode::kInvalidArg);
+  std::string msg = expect_error(
+      [&] {
+        checkpoint::check_region(Region{{0, 4}, {2, 3}}, {2, 6}, "t");
+      },
+      ErrorCode::kInvalidArg);
   EXPECT_NE(msg.find("[0:2, 4:7]"), std::string::npos) << msg;
 }
 
@@ -128,23 +133,37 @@ TEST(CheckpointDelta, GoldenBytesOfAPartWithARegion) {
   // Rows 2..3 of a [4, 3] bf16 tensor; element (3, 1) changed by 0x0001.
   std::vector<uint8_t> bitmap = {0x10};
   std::vector<uint16_t> values = {0x0001};
-  std::vector<checkpoint::RecordParts> recs = {
-      {"w", DType::kBF16, 6, 1, bitmap.data(), reinterpret_cast<const uint8_t*>(values.data()), Region{{2, 0}, {2, 3}}}};
+  std::vector<checkpoint::RecordParts> recs = {{"w", DType::kBF16, 6, 1, bitmap.data(),
+                                                reinterpret_cast<const uint8_t*>(values.data()),
+                                                Region{{2, 0}, {2, 3}}}};
   std::vector<std::string> outs;
   checkpoint::encode_records(recs, outs);
   const std::string& rec = outs[0];
   EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
-            "01000000" "77"                            // name
-            "0e" "02" "00" "02"                        // BF16, unit 2, gaps, 2 region dims
-            "0200000000000000" "0000000000000000"      // region start (2, 0)
-            "0200000000000000" "0300000000000000"      // region shape (2, 3)
-            "0600000000000000"                         // units: the region's
-            "0100000000000000"                         // changed
-            "0100000000000000" "04"                    // positions: 4 (row 1, column 1 of the region)
-            "0100");                                   // XOR value
+            "01000000"
+            "77"  // name
+            "0e"
+            "02"
+            "00"
+            "02"  // BF16, unit 2, gaps, 2 region dims
+            "0200000000000000"
+            "0000000000000000"  // region start (2, 0)
+            "0200000000000000"
+            "0300000000000000"  // region shape (2, 3)
+            "0600000000000000"  // units: the region's
+            "0100000000000000"  // changed
+            "0100000000000000"
+            "04"      // positions: 4 (row 1, column 1 of the region)
+            "0100");  // XOR value
   std::string file = checkpoint::part_file_header(5, 4, 1, 1, 2) + rec;
   EXPECT_EQ(hex(file.substr(0, 40)),
-            "4c54434b444c5431" "03000000" "01000000" "0500000000000000" "0400000000000000" "01000000" "02000000");
+            "4c54434b444c5431"
+            "03000000"
+            "01000000"
+            "0500000000000000"
+            "0400000000000000"
+            "01000000"
+            "02000000");
   uint64_t sum = checkpoint::xxh64(file.data(), file.size());
   file.append(reinterpret_cast<const char*>(&sum), 8);
   std::vector<checkpoint::DeltaRecord> parsed;
@@ -167,9 +186,11 @@ TEST(CheckpointDelta, GoldenBytesOfAPartWithARegion) {
     return f;
   };
   auto parse = [](const std::string& f) {
-    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "bad.delta", [](const checkpoint::DeltaRecord&) {});
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(f.data()), f.size(), "bad.delta",
+                            [](const checkpoint::DeltaRecord&) {});
   };
-  std::string msg = expect_error([&] { parse(with_sum(checkpoint::delta_file_header(5, 4, 1) + rec)); }, ErrorCode::kFormat);
+  std::string msg =
+      expect_error([&] { parse(with_sum(checkpoint::delta_file_header(5, 4, 1) + rec)); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find("reserved"), std::string::npos) << msg;
   std::string bad = rec;
   bad[4 + 1 + 4 + 16 + 8] = 9;  // region shape (2, 9): 18 elements, not 6 (the record checksum is rewritten)
@@ -267,7 +288,8 @@ TEST(CheckpointStore, ModelFilesOfAnotherDtypeNameTheFirstDifferingTensor) {
   std::filesystem::remove_all(model);
   livetrain::testing::write_model_dir(model, other);
   std::string msg = expect_error([&] { checkpoint::Store::open(model, store); }, ErrorCode::kFormat);
-  EXPECT_NE(msg.find("\"model.norm.weight\" is BF16 [64] in the model files, F32 [64] in the store"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("\"model.norm.weight\" is BF16 [64] in the model files, F32 [64] in the store"), std::string::npos)
+      << msg;
 }
 
 // Regression test for issue #13 item 10: `verify` said "store OK" for a truncated optimizer state.
@@ -481,7 +503,11 @@ TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
     a = livetrain::testing::shard_of(m2, 0, 2);
     RankShard b2 = livetrain::testing::shard_of(m2, 1, 2);
     b2.saved.assign(b2.saved.size(), true);
-    msg = expect_error([&] { r0.commit_parts({r0.save_part(a.live(true)), r1.save_part(b2.live(true))}); }, ErrorCode::kInvalidArg);
+    msg = expect_error(
+        [&] {
+          r0.commit_parts({r0.save_part(a.live(true)), r1.save_part(b2.live(true))});
+        },
+        ErrorCode::kInvalidArg);
     EXPECT_NE(msg.find("model.norm.weight"), std::string::npos) << msg;
     EXPECT_NE(msg.find("rank 0"), std::string::npos) << msg;
     EXPECT_NE(msg.find("rank 1"), std::string::npos) << msg;
@@ -534,7 +560,8 @@ TEST(CheckpointPartsCuda, EveryTuningWritesTheCpuPartsBytes) {
         std::vector<checkpoint::LiveTensor> v = shard.live(true);
         std::vector<void*> dev(v.size());
         for (size_t i = 0; i < v.size(); ++i) {
-          const size_t bytes = checkpoint::region_units(Region{v[i].start, v[i].shape}) * checkpoint::unit_bytes(v[i].dtype);
+          const size_t bytes =
+              checkpoint::region_units(Region{v[i].start, v[i].shape}) * checkpoint::unit_bytes(v[i].dtype);
           ASSERT_EQ(cudaMalloc(&dev[i], bytes), cudaSuccess);
           ASSERT_EQ(cudaMemcpy(dev[i], v[i].data, bytes, cudaMemcpyHostToDevice), cudaSuccess);
           v[i].data = dev[i];

@@ -85,8 +85,9 @@ TEST(CheckpointStore, GenerationsRoundTripBitExactly) {
     EXPECT_TRUE(r.written);
     EXPECT_EQ(r.generation, static_cast<uint64_t>(g));
     f.states.push_back(f.live);
-    std::printf("[ measured ] %.2f%% of elements changed: %llu delta bytes for a %llu-byte model\n", fractions[g - 1] * 100,
-                static_cast<unsigned long long>(r.bytes), static_cast<unsigned long long>(r.model_bytes));
+    std::printf("[ measured ] %.2f%% of elements changed: %llu delta bytes for a %llu-byte model\n",
+                fractions[g - 1] * 100, static_cast<unsigned long long>(r.bytes),
+                static_cast<unsigned long long>(r.model_bytes));
     if (g == 1 || g == 6) {
       EXPECT_LT(r.bytes * 20, r.model_bytes) << "a sparse change writes a small delta";
     }
@@ -310,7 +311,8 @@ TEST(CheckpointStoreCuda, EveryTuningWritesTheCpuSavesBytes) {
       EXPECT_EQ(a.changed, b.changed) << "step " << step;
       if (!a.written) continue;
       const std::string name = checkpoint::delta_file_name(a.generation);
-      EXPECT_EQ(livetrain::fs::read_file(tmp.file("store-host/" + name)), livetrain::fs::read_file(tmp.file("store-gpu/" + name)))
+      EXPECT_EQ(livetrain::fs::read_file(tmp.file("store-host/" + name)),
+                livetrain::fs::read_file(tmp.file("store-gpu/" + name)))
           << "step " << step;
     }
     EXPECT_EQ(gpu.compare_live(gpu.commit().head, live.views()).elements, 0u);

@@ -66,7 +66,7 @@ TEST(CudaCode, ArchitectureSpecificCodeRunsOnlyOnItsOwnGpu) {
   EXPECT_EQ(code(9, 1, {"sm_90a"}, 13000, &problem), "");
   EXPECT_EQ(code(9, 0, {"sm_90", "sm_90a"}), "sm_90a");  // the build's own code for this GPU is preferred
   EXPECT_EQ(code(9, 0, {"sm_80", "sm_90"}), "sm_90");
-  EXPECT_EQ(code(8, 7, {"sm_80", "sm_86"}), "sm_86");    // the newest that runs
+  EXPECT_EQ(code(8, 7, {"sm_80", "sm_86"}), "sm_86");  // the newest that runs
   EXPECT_EQ(code(9, 0, {"compute_80", "compute_90"}), "compute_90 PTX");
 }
 

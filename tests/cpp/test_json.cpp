@@ -71,9 +71,9 @@ TEST(Json, RejectsMalformedInput) {
   EXPECT_NE(parse_error("\"a\nb\"").find("control character"), std::string::npos);
   EXPECT_NE(parse_error("\"abc").find("unterminated"), std::string::npos);
   EXPECT_NE(parse_error("tru").find("invalid literal"), std::string::npos);
-  EXPECT_NE(parse_error("\"\xC3\x28\"").find("UTF-8"), std::string::npos);   // bad continuation
-  EXPECT_NE(parse_error("\"\xC0\xAF\"").find("UTF-8"), std::string::npos);   // overlong '/'
-  EXPECT_NE(parse_error("\"\xED\xA0\x80\"").find("UTF-8"), std::string::npos);  // encoded surrogate
+  EXPECT_NE(parse_error("\"\xC3\x28\"").find("UTF-8"), std::string::npos);          // bad continuation
+  EXPECT_NE(parse_error("\"\xC0\xAF\"").find("UTF-8"), std::string::npos);          // overlong '/'
+  EXPECT_NE(parse_error("\"\xED\xA0\x80\"").find("UTF-8"), std::string::npos);      // encoded surrogate
   EXPECT_NE(parse_error("\"\xF4\x90\x80\x80\"").find("UTF-8"), std::string::npos);  // > U+10FFFF
   // The message names the document and the byte offset.
   EXPECT_NE(parse_error("[1, 2, @]").find("doc: unexpected character at byte 7"), std::string::npos);

@@ -201,7 +201,9 @@ TEST(Layout, UnsupportedModelTypesAreNamed) {
   Error e = error_of([] { lo::model_info(json::parse(R"({"model_type": "gpt2"})")); });
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   EXPECT_NE(std::string(e.what()).find("\"gpt2\""), std::string::npos);
-  e = error_of([] { lo::model_info(json::parse(R"({"model_type": "qwen3_5_moe", "text_config": {"model_type": "qwen3_5_moe_text"}})")); });
+  e = error_of([] {
+    lo::model_info(json::parse(R"({"model_type": "qwen3_5_moe", "text_config": {"model_type": "qwen3_5_moe_text"}})"));
+  });
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos);
 }
@@ -209,11 +211,14 @@ TEST(Layout, UnsupportedModelTypesAreNamed) {
 // Issue #15: what livetrain cannot map is refused with the architecture named and what is supported.
 TEST(Layout, QuantizedCheckpointsAndUnknownWrappersNameTheArchitecture) {
   // kQwen35 with fields added at the top level.
-  auto qwen35_with = [](const std::string& fields) { return json::parse("{" + fields + ", " + std::string(kQwen35).substr(1)); };
+  auto qwen35_with = [](const std::string& fields) {
+    return json::parse("{" + fields + ", " + std::string(kQwen35).substr(1));
+  };
   json::Value c = qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"])");
   EXPECT_EQ(lo::model_info(c).family, "qwen3_5");
   Error e = error_of([&] {
-    lo::model_info(qwen35_with(R"("architectures": ["Qwen3_5ForConditionalGeneration"], "quantization_config": {"quant_method": "fp8"})"));
+    lo::model_info(qwen35_with(
+        R"("architectures": ["Qwen3_5ForConditionalGeneration"], "quantization_config": {"quant_method": "fp8"})"));
   });
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   EXPECT_NE(std::string(e.what()).find("Qwen3_5ForConditionalGeneration"), std::string::npos) << e.what();
@@ -222,9 +227,8 @@ TEST(Layout, QuantizedCheckpointsAndUnknownWrappersNameTheArchitecture) {
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   EXPECT_NE(std::string(e.what()).find("architecture InternVLChatModel"), std::string::npos) << e.what();
   EXPECT_NE(std::string(e.what()).find("LlavaForConditionalGeneration"), std::string::npos) << e.what();
-  e = error_of([] {
-    lo::model_info(json::parse(R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]})"));
-  });
+  e = error_of(
+      [] { lo::model_info(json::parse(R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]})")); });
   EXPECT_NE(std::string(e.what()).find("Qwen3MoeForCausalLM"), std::string::npos) << e.what();
   // The text model's tensors, and what lies outside it (not served).
   lo::ModelInfo info = lo::model_info(c);
@@ -245,16 +249,19 @@ TEST(Layout, CheckTrainableRefusesMixtureOfExpertsByTypeArchitectureOrExpertCoun
     EXPECT_NE(std::string(e.what()).find("supported: llama"), std::string::npos) << e.what();
     return std::string(e.what());
   };
-  EXPECT_NE(refused(R"({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]})").find("architecture OlmoeForCausalLM"),
+  EXPECT_NE(refused(R"({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]})")
+                .find("architecture OlmoeForCausalLM"),
             std::string::npos);
-  EXPECT_NE(refused(R"({"model_type": "deepseek_v3", "n_routed_experts": 256})").find("(256 experts)"), std::string::npos);
+  EXPECT_NE(refused(R"({"model_type": "deepseek_v3", "n_routed_experts": 256})").find("(256 experts)"),
+            std::string::npos);
   EXPECT_NE(refused(R"({"model_type": "llama", "num_local_experts": 8})").find("\"llama\""), std::string::npos);
   refused(R"({"model_type": "qwen3_5", "text_config": {"model_type": "qwen3_5_moe_text", "num_experts": 256}})");
   // Dense: no expert count, or zero experts.
   lo::check_trainable(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})"));
   lo::check_trainable(json::parse(R"({"model_type": "llama", "num_experts": 0})"));
   lo::check_trainable(json::parse(kLlama));
-  Error e = error_of([] { lo::model_info(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})")); });
+  Error e =
+      error_of([] { lo::model_info(json::parse(R"({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})")); });
   EXPECT_NE(std::string(e.what()).find("has no layout"), std::string::npos) << e.what();
   EXPECT_NE(std::string(e.what()).find("GPT2LMHeadModel"), std::string::npos) << e.what();
   // Qwen3-Next names its MoE layers one by one: the layout refuses the first, naming the architecture.
@@ -265,7 +272,8 @@ TEST(Layout, CheckTrainableRefusesMixtureOfExpertsByTypeArchitectureOrExpertCoun
   lo::check_trainable(json::parse(next));
   e = error_of([&] { lo::model_info(json::parse(next)); });
   EXPECT_NE(std::string(e.what()).find("(architecture Qwen3NextForCausalLM): layer 0 is a mixture-of-experts layer"),
-            std::string::npos) << e.what();
+            std::string::npos)
+      << e.what();
 }
 
 TEST(Layout, EngineMismatchesAreNamed) {

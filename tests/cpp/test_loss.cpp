@@ -20,8 +20,8 @@
 #endif
 
 namespace loss = livetrain::loss;
-using livetrain::DType;
 using livetrain::bf16_to_f32;
+using livetrain::DType;
 using livetrain::f32_to_bf16_nearest;
 
 namespace {
@@ -123,7 +123,9 @@ TEST(LossCpu, SoftmaxGradMatchesDirectAndLeavesPaddingAlone) {
           ASSERT_NEAR(b.get(i, j), want, tol) << s.rows << "x" << s.cols << " at " << i << "," << j;
         }
         for (int64_t j = s.cols; j < b.ld; ++j)  // the row's padding is not touched
-          ASSERT_EQ(std::memcmp(&b.bytes[(i * b.ld + j) * b.esize()], &before.bytes[(i * b.ld + j) * b.esize()], b.esize()), 0);
+          ASSERT_EQ(
+              std::memcmp(&b.bytes[(i * b.ld + j) * b.esize()], &before.bytes[(i * b.ld + j) * b.esize()], b.esize()),
+              0);
       }
     }
   }
@@ -134,7 +136,7 @@ TEST(LossCpu, NonFiniteLogits) {
   b.set(0, 4, NAN);
   b.set(1, 8, INFINITY);
   for (int64_t j = 0; j < 9; ++j) b.set(2, j, -INFINITY);  // row 2: all −Inf
-  b.set(3, 1, -INFINITY);                                   // row 3: one −Inf
+  b.set(3, 1, -INFINITY);                                  // row 3: one −Inf
   std::vector<float> lse(4, -INFINITY);
   loss::logsumexp_rows_cpu(b.view(), lse.data());
   EXPECT_TRUE(std::isnan(lse[0]));
@@ -238,7 +240,8 @@ TEST(LossCuda, MatchesCpu) {
         }
         for (int64_t j = s.cols; j < cpu.ld; ++j)
           ASSERT_EQ(std::memcmp(&gpu.bytes[(i * cpu.ld + j) * cpu.esize()], &cpu.bytes[(i * cpu.ld + j) * cpu.esize()],
-                                cpu.esize()), 0);
+                                cpu.esize()),
+                    0);
       }
     }
   }

@@ -122,9 +122,7 @@ void expect_rejected(const std::string& from, const std::string& to, const std::
 
 }  // namespace
 
-TEST(Manifest, GoldenBytes) {
-  EXPECT_EQ(sh::manifest_serialize(sample()), kGolden);
-}
+TEST(Manifest, GoldenBytes) { EXPECT_EQ(sh::manifest_serialize(sample()), kGolden); }
 
 TEST(Manifest, RoundTrip) {
   sh::Manifest m = sh::manifest_parse(kGolden);
@@ -220,7 +218,8 @@ TEST(Manifest, TensorsLieInsideTheirBuffers) {
   expect_rejected("\"strides\": [\n        1\n      ]", "\"strides\": []", "tensors[0].strides");
   expect_rejected("\"shape\": [\n        8\n      ]", "\"shape\": [\n        18446744073709551615\n      ]",
                   "overflows", ErrorCode::kFormat);
-  expect_rejected("\"lm_head.weight\"", "\"model.norm.weight\"", "tensors[1].name: \"model.norm.weight\" appears twice");
+  expect_rejected("\"lm_head.weight\"", "\"model.norm.weight\"",
+                  "tensors[1].name: \"model.norm.weight\" appears twice");
 }
 
 TEST(Manifest, EmptyTensorHasNoExtent) {
@@ -228,7 +227,7 @@ TEST(Manifest, EmptyTensorHasNoExtent) {
   EXPECT_EQ(sh::tensor_extent_bytes(t), 0u);
   sh::Manifest m = sample();
   m.tensors.push_back(t);
-  EXPECT_NO_THROW(sh::manifest_validate(m));  // offset == size is fine for zero bytes
+  EXPECT_NO_THROW(sh::manifest_validate(m));                       // offset == size is fine for zero bytes
   sh::TensorDesc strided{"s", DType::kF16, {3, 4}, {1, 3}, 0, 0};  // a transposed view
   EXPECT_EQ(sh::tensor_extent_bytes(strided), 24u);
   EXPECT_EQ(sh::contiguous_strides({2, 3, 4}), (std::vector<uint64_t>{12, 4, 1}));

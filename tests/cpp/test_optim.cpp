@@ -8,9 +8,9 @@
 #include <random>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/optim.hpp"
-#include "common/bf16.hpp"
 #include "optim/common.hpp"
 
 namespace opt = livetrain::optim;
@@ -52,7 +52,8 @@ TEST(Optim, Bf16Rounding) {
   // Over all offsets, the mean of the two outcomes is the input (unbiased).
   float x = 1.0f + 0.3f * std::ldexp(1.0f, -7);
   double sum = 0;
-  for (uint32_t o = 0; o < 65536; ++o) sum += livetrain::bf16_to_f32(livetrain::f32_to_bf16_stochastic(x, static_cast<uint16_t>(o)));
+  for (uint32_t o = 0; o < 65536; ++o)
+    sum += livetrain::bf16_to_f32(livetrain::f32_to_bf16_stochastic(x, static_cast<uint16_t>(o)));
   EXPECT_NEAR(sum / 65536, x, 1e-6);
 }
 

@@ -76,7 +76,8 @@ TEST(Model, RejectsBadIndexesWithClearErrors) {
   };
   EXPECT_NE(index_with(R"({"w":"s1.safetensors"})").find("accepted"), std::string::npos);
   EXPECT_NE(index_with(R"({"w":"missing.safetensors"})").find("missing.safetensors: no such file"), std::string::npos);
-  EXPECT_NE(index_with(R"({"v":"s1.safetensors"})").find("tensor \"v\" is mapped to s1.safetensors, which does not contain it"),
+  EXPECT_NE(index_with(R"({"v":"s1.safetensors"})")
+                .find("tensor \"v\" is mapped to s1.safetensors, which does not contain it"),
             std::string::npos);
   EXPECT_NE(index_with(R"({"w":"../s1.safetensors"})").find("not a file name inside the model directory"),
             std::string::npos);

@@ -34,11 +34,10 @@ std::string tensor(const std::string& name, const std::string& dtype, const std:
 // "attn.0" of shape [1, 2, 3] holding 0..5.
 TEST(SafetensorsRead, ParsesReferenceGoldenFile) {
   const unsigned char golden[] = {
-      64,  0,   0,   0,   0,   0,   0,   0,   123, 34,  97,  116, 116, 110, 46,  48,  34,  58,  123, 34,  100,
-      116, 121, 112, 101, 34,  58,  34,  70,  51,  50,  34,  44,  34,  115, 104, 97,  112, 101, 34,  58,  91,
-      49,  44,  50,  44,  51,  93,  44,  34,  100, 97,  116, 97,  95,  111, 102, 102, 115, 101, 116, 115, 34,
-      58,  91,  48,  44,  50,  52,  93,  125, 125, 0,   0,   0,   0,   0,   0,   128, 63,  0,   0,   0,   64,
-      0,   0,   64,  64,  0,   0,   128, 64,  0,   0,   160, 64};
+      64,  0,  0,   0,  0,   0,  0,   0,   123, 34,  97,  116, 116, 110, 46,  48, 34, 58, 123, 34, 100, 116, 121, 112,
+      101, 34, 58,  34, 70,  51, 50,  34,  44,  34,  115, 104, 97,  112, 101, 34, 58, 91, 49,  44, 50,  44,  51,  93,
+      44,  34, 100, 97, 116, 97, 95,  111, 102, 102, 115, 101, 116, 115, 34,  58, 91, 48, 44,  50, 52,  93,  125, 125,
+      0,   0,  0,   0,  0,   0,  128, 63,  0,   0,   0,   64,  0,   0,   64,  64, 0,  0,  128, 64, 0,   0,   160, 64};
   st::Header h = st::parse_header(golden, sizeof(golden), "golden");
   ASSERT_EQ(h.tensors.size(), 1u);
   const st::TensorInfo& t = h.tensors[0];
@@ -72,9 +71,9 @@ TEST(SafetensorsRead, AcceptsEmptyZeroDAndSubByteTensorsAndMetadata) {
 }
 
 TEST(SafetensorsRead, AcceptsEveryReferenceDType) {
-  const char* names[] = {"BOOL", "F4",  "F6_E2M3", "F6_E3M2", "U8",          "I8",          "F8_E5M2", "F8_E4M3",
-                         "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32",
-                         "U32", "F32", "C64", "F64", "I64", "U64"};
+  const char* names[] = {"BOOL",    "F4",          "F6_E2M3",     "F6_E3M2", "U8",  "I8",  "F8_E5M2", "F8_E4M3",
+                         "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16",     "U16", "F16", "BF16",    "I32",
+                         "U32",     "F32",         "C64",         "F64",     "I64", "U64"};
   for (const char* name : names) {
     auto dt = livetrain::dtype_from_name(name);
     ASSERT_TRUE(dt.has_value()) << name;
@@ -119,14 +118,16 @@ TEST(SafetensorsRead, RejectsMalformedCorpus) {
       {"missing shape", raw_file("{\"w\":{\"dtype\":\"U8\",\"data_offsets\":[0,1]}}", "x"), "missing field \"shape\""},
       {"missing dtype", raw_file("{\"w\":{\"shape\":[1],\"data_offsets\":[0,1]}}", "x"), "missing field \"dtype\""},
       {"missing offsets", raw_file("{\"w\":{\"dtype\":\"U8\",\"shape\":[1]}}", "x"), "missing field \"data_offsets\""},
-      {"negative dim", raw_file("{" + tensor("w", "U8", "[-1]", 0, 1) + "}", "x"), "shape[0] is not a non-negative integer"},
+      {"negative dim", raw_file("{" + tensor("w", "U8", "[-1]", 0, 1) + "}", "x"),
+       "shape[0] is not a non-negative integer"},
       {"float dim", raw_file("{" + tensor("w", "U8", "[1.0]", 0, 1) + "}", "x"), "shape[0]"},
       {"three offsets", raw_file("{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1,1]}}", "x"),
        "not an array of 2 integers"},
       {"tensor not object", raw_file("{\"w\":[1]}"), "tensor \"w\": expected an object"},
       {"non-string metadata", raw_file("{\"__metadata__\":{\"a\":1}}"), "__metadata__ value of \"a\" is a number"},
       {"metadata not object", raw_file("{\"__metadata__\":[\"a\"]}"), "__metadata__ is not an object"},
-      {"duplicate tensor", raw_file("{" + tensor("w", "U8", "[1]", 0, 1) + "," + tensor("w", "U8", "[1]", 0, 1) + "}", "x"),
+      {"duplicate tensor",
+       raw_file("{" + tensor("w", "U8", "[1]", 0, 1) + "," + tensor("w", "U8", "[1]", 0, 1) + "}", "x"),
        "lists \"w\" twice"},
       {"hole", raw_file("{" + tensor("a", "U8", "[1]", 0, 1) + "," + tensor("b", "U8", "[1]", 2, 3) + "}", "xxx"),
        "tensor \"b\": data_offsets [2, 3] do not continue the previous tensor's end at 1"},
@@ -141,9 +142,11 @@ TEST(SafetensorsRead, RejectsMalformedCorpus) {
        "overflows 64 bits", ErrorCode::kOverflow},
       {"size overflow", raw_file("{" + tensor("w", "U64", "[4611686018427387904]", 0, 8) + "}", std::string(8, 'x')),
        "overflows 64 bits", ErrorCode::kOverflow},
-      {"offset overflow", raw_file("{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,18446744073709551616]}}", "x"),
+      {"offset overflow",
+       raw_file("{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,18446744073709551616]}}", "x"),
        "data_offsets are not non-negative integers that fit in 64 bits"},
-      {"sub-byte misaligned", raw_file("{" + tensor("w", "F4", "[3]", 0, 2) + "}", "xx"), "does not end on a byte boundary"},
+      {"sub-byte misaligned", raw_file("{" + tensor("w", "F4", "[3]", 0, 2) + "}", "xx"),
+       "does not end on a byte boundary"},
   };
   for (const BadCase& c : cases) {
     try {

@@ -411,7 +411,6 @@ TEST(Cuda, FailsCleanlyWithoutAGpu) {
   if (!livetrain::cuda::devices().empty()) GTEST_SKIP() << "a GPU is visible; the GPU tests cover this path";
   sh::Export exp;
   EXPECT_THROW(exp.add_cuda_tensor("x", DType::kF32, {4}, {1}, 0x100000), Error);
-  EXPECT_THROW(sh::CudaIpcMapping::open(std::string(128, '0'), "GPU-01234567-89ab-cdef-0123-456789abcdef", 16),
-               Error);
+  EXPECT_THROW(sh::CudaIpcMapping::open(std::string(128, '0'), "GPU-01234567-89ab-cdef-0123-456789abcdef", 16), Error);
   EXPECT_EQ(exp.buffers().size(), 0u);
 }

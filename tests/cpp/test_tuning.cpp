@@ -98,9 +98,12 @@ TEST(Tuning, EnvironmentVariable) {
   EXPECT_EXIT(run("apollo.batch=8,checkpoint.pipeline=0"), ::testing::ExitedWithCode(0), "batch=8 pipeline=0");
   EXPECT_EXIT(run(""), ::testing::ExitedWithCode(0), "batch=64 pipeline=1");
   EXPECT_EXIT(run("apollo.batch=8,,"), ::testing::ExitedWithCode(0), "batch=8 pipeline=1");
-  EXPECT_EXIT(run("apollo.batch"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: \"apollo.batch\" is not name=value");
-  EXPECT_EXIT(run("apollo.batch=eight"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: value of apollo.batch");
-  EXPECT_EXIT(run("apollo.batch=0"), ::testing::ExitedWithCode(0), "error: LIVETRAIN_TUNING: tuning knob apollo.batch = 0");
+  EXPECT_EXIT(run("apollo.batch"), ::testing::ExitedWithCode(0),
+              "error: LIVETRAIN_TUNING: \"apollo.batch\" is not name=value");
+  EXPECT_EXIT(run("apollo.batch=eight"), ::testing::ExitedWithCode(0),
+              "error: LIVETRAIN_TUNING: value of apollo.batch");
+  EXPECT_EXIT(run("apollo.batch=0"), ::testing::ExitedWithCode(0),
+              "error: LIVETRAIN_TUNING: tuning knob apollo.batch = 0");
   EXPECT_EXIT(run("apollo.bach=8"), ::testing::ExitedWithCode(0), "error: tuning: unknown knob \"apollo.bach\"");
   unsetenv("LIVETRAIN_TUNING");
 }
@@ -119,7 +122,9 @@ struct Dev {
   ~Dev() { cudaFree(p); }
   Dev(const Dev&) = delete;
   Dev& operator=(const Dev&) = delete;
-  void put(const std::vector<T>& v) { EXPECT_EQ(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice), cudaSuccess); }
+  void put(const std::vector<T>& v) {
+    EXPECT_EQ(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  }
   std::vector<T> get() const {
     std::vector<T> v(n);
     EXPECT_EQ(cudaMemcpy(v.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -150,8 +155,9 @@ struct Matrix {
 // partial warps, row chunks and column strips; 70 matrices, so that a batch of 64 is followed by another;
 // some get a NaN gradient in their second step.
 std::vector<Matrix> matrices(int steps) {
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{769, 5125}, {5125, 769}, {4096, 96}, {96, 4096}, {300, 1031},
-                                                           {1000, 1},   {1, 1000},   {257, 2048}, {2048, 264}, {4100, 512}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{769, 5125}, {5125, 769}, {4096, 96}, {96, 4096},
+                                                           {300, 1031}, {1000, 1},   {1, 1000},  {257, 2048},
+                                                           {2048, 264}, {4100, 512}};
   std::mt19937_64 rng(5);
   std::normal_distribution<float> n01(0.0f, 1.0f);
   std::vector<Matrix> out;
@@ -341,13 +347,20 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
   }
   using Settings = std::vector<std::pair<std::string, int64_t>>;
   const std::vector<Settings> summation_order = {
-      {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 2}}, {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 4}},
-      {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 8}}, {{"apollo.tall_rows", 2}, {"apollo.tall_loads", 2}},
-      {{"apollo.tall_rows", 2}, {"apollo.tall_loads", 8}}, {{"apollo.tall_rows", 4}, {"apollo.tall_loads", 2}},
-      {{"apollo.tall_rows", 4}, {"apollo.tall_loads", 4}}, {{"apollo.tall_threads", 128}},
-      {{"apollo.tall_threads", 512}},                      {{"apollo.wide_loads", 2}},
-      {{"apollo.wide_loads", 8}},                          {{"apollo.wide_blocks", 16}},
-      {{"apollo.wide_blocks", 256}},                       {{"apollo.moments_blocks_per_sm", 1}},
+      {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 2}},
+      {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 4}},
+      {{"apollo.tall_rows", 1}, {"apollo.tall_loads", 8}},
+      {{"apollo.tall_rows", 2}, {"apollo.tall_loads", 2}},
+      {{"apollo.tall_rows", 2}, {"apollo.tall_loads", 8}},
+      {{"apollo.tall_rows", 4}, {"apollo.tall_loads", 2}},
+      {{"apollo.tall_rows", 4}, {"apollo.tall_loads", 4}},
+      {{"apollo.tall_threads", 128}},
+      {{"apollo.tall_threads", 512}},
+      {{"apollo.wide_loads", 2}},
+      {{"apollo.wide_loads", 8}},
+      {{"apollo.wide_blocks", 16}},
+      {{"apollo.wide_blocks", 256}},
+      {{"apollo.moments_blocks_per_sm", 1}},
       // The H100-tuned shapes that shipped before the H200 sweep (one fused projection kernel).
       {{"apollo.split_projection", 0}, {"apollo.tall_loads", 4}, {"apollo.wide_loads", 4}},
   };
@@ -368,10 +381,15 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
     EXPECT_TRUE(same(run_cuda(ms, steps, true), fused)) << "apollo.fused_step=1 fixes its own launch shapes";
   }
   const std::vector<Settings> bit_identical = {
-      {{"apollo.split_projection", 1}},   {{"apollo.update_unroll", 2}},      {{"apollo.update_unroll", 4}},
+      {{"apollo.split_projection", 1}},
+      {{"apollo.update_unroll", 2}},
+      {{"apollo.update_unroll", 4}},
       {{"apollo.update_threads", 128}},
-      {{"apollo.update_threads", 512}},  {{"apollo.update_blocks_per_sm", 1}}, {{"apollo.batch", 1}},
-      {{"apollo.batch", 7}},              {{"apollo.streams", 2}},
+      {{"apollo.update_threads", 512}},
+      {{"apollo.update_blocks_per_sm", 1}},
+      {{"apollo.batch", 1}},
+      {{"apollo.batch", 7}},
+      {{"apollo.streams", 2}},
       {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_unroll", 4}, {"apollo.update_threads", 512}},
   };
   for (const Settings& s : bit_identical) {

@@ -35,7 +35,7 @@ struct Part {
   std::optional<uint64_t> bytes;  // its size (unset in generations read from a version-1 COMMIT)
   uint64_t hash = 0;              // its XXH64 checksum trailer (= XXH64 of everything before it)
   uint64_t changed = 0;
-  std::string optimizer_state;    // file name in the store, or empty
+  std::string optimizer_state;  // file name in the store, or empty
   std::optional<uint64_t> optimizer_bytes;
   std::optional<uint64_t> optimizer_hash;  // "xxh64-4k" content hash (unset when read from version 1)
 };
@@ -45,9 +45,9 @@ struct Generation {
   uint64_t parent = 0;
   int64_t time_ms = 0;  // Unix time of the save, milliseconds
   uint64_t weight_version = 0;
-  uint64_t bytes = 0;    // delta files + optimizer state files
-  uint64_t changed = 0;  // elements, over all parts
-  uint32_t ranks = 1;    // the tensor-parallel size that wrote it
+  uint64_t bytes = 0;       // delta files + optimizer state files
+  uint64_t changed = 0;     // elements, over all parts
+  uint32_t ranks = 1;       // the tensor-parallel size that wrote it
   std::vector<Part> parts;  // one per rank, by rank; empty for the oldest generation (the base)
 
   // The part of `rank`, or null.

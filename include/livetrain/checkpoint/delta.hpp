@@ -59,7 +59,7 @@ struct DeltaRecord {
   uint64_t changed = 0;
   std::string_view positions;  // for kBlocks: the whole coded payload
   std::string_view values;     // empty for kBlocks
-  Region region;  // empty `start`: the whole tensor; else `units` is the region's element count
+  Region region;               // empty `start`: the whole tensor; else `units` is the region's element count
 };
 
 struct DeltaHeader {
@@ -67,7 +67,7 @@ struct DeltaHeader {
   uint64_t generation = 0;
   uint64_t parent = 0;
   uint32_t records = 0;
-  uint32_t rank = 0;   // version 3: the tensor-parallel rank that wrote this part, of `ranks`
+  uint32_t rank = 0;  // version 3: the tensor-parallel rank that wrote this part, of `ranks`
   uint32_t ranks = 1;
 };
 

@@ -27,7 +27,10 @@ struct HostBytes {
   void (*release)(uint8_t*) = nullptr;
 
   HostBytes() = default;
-  HostBytes(HostBytes&& o) noexcept : data(o.data), size(o.size), release(o.release) { o.data = nullptr; o.size = 0; }
+  HostBytes(HostBytes&& o) noexcept : data(o.data), size(o.size), release(o.release) {
+    o.data = nullptr;
+    o.size = 0;
+  }
   HostBytes& operator=(HostBytes&& o) noexcept {
     if (this != &o) {
       reset();

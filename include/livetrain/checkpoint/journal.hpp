@@ -35,6 +35,7 @@ void journal_finish(std::string& journal);
 // Parses a whole journal held in memory (no file I/O), checking magic, version, every checksum, reserved
 // fields, and that every entry lies inside the model file it names (`file_sizes[file]` bytes). Errors are
 // kFormat naming `what` and the entry index.
-Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what, const std::vector<uint64_t>& file_sizes);
+Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
+                      const std::vector<uint64_t>& file_sizes);
 
 }  // namespace livetrain::checkpoint

@@ -79,7 +79,7 @@ struct HeldRegion {
 using Progress = std::function<void(std::string_view what, uint64_t done, uint64_t total)>;
 
 struct OpenOptions {
-  uint32_t rank = 0;   // this process's tensor-parallel rank, of `ranks`
+  uint32_t rank = 0;  // this process's tensor-parallel rank, of `ranks`
   uint32_t ranks = 1;
   // The regions this process keeps a head copy of, and so may save. Unset: every tensor, whole (a
   // single-process store). Empty: none, and no host copy of the weights (a process that only restores,
@@ -91,10 +91,10 @@ struct OpenOptions {
 };
 
 struct SaveOptions {
-  uint64_t weight_version = 0;  // save(); for parts, commit_parts takes it
-  std::string optimizer_state;  // a file to copy into the store with this generation (or part), or empty
+  uint64_t weight_version = 0;     // save(); for parts, commit_parts takes it
+  std::string optimizer_state;     // a file to copy into the store with this generation (or part), or empty
   bool save_if_unchanged = false;  // save(): write a generation even when no element changed
-  Progress progress;  // called from the save's encoding thread too
+  Progress progress;               // called from the save's encoding thread too
 };
 
 // What save_part wrote: rank 0 passes every rank's descriptor to commit_parts, which commits `part` as it
@@ -104,8 +104,8 @@ struct PartDescriptor {
   uint64_t parent = 0;
   uint32_t ranks = 1;
   std::string group;
-  Part part;  // rank, file, bytes, hash (the file's XXH64 trailer), changed, optimizer state, size and hash
-  uint64_t elements = 0;     // elements this rank diffed
+  Part part;              // rank, file, bytes, hash (the file's XXH64 trailer), changed, optimizer state, size and hash
+  uint64_t elements = 0;  // elements this rank diffed
   uint64_t model_bytes = 0;  // their bytes
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
 };
@@ -219,7 +219,7 @@ class Store {
   };
   // The diff of a save, encoded and written; the head copy holds its state until moved back.
   struct Written {
-    std::vector<size_t> held;        // held index of each diffed tensor
+    std::vector<size_t> held;  // held index of each diffed tensor
     std::vector<DiffTensor> diff;
     DiffOutput out;
     bool head_moved = false;
@@ -251,7 +251,7 @@ class Store {
     struct Record {
       size_t tensor = 0;
       DeltaRecord record;
-      Region region;  // normalized
+      Region region;     // normalized
       std::string what;  // the file
     };
     std::vector<fs::Mapping> maps;
@@ -284,7 +284,7 @@ class Store {
   Commit commit_;
   uint32_t rank_ = 0, ranks_ = 1;
   std::string group_;
-  std::vector<Held> held_;  // in head copy order
+  std::vector<Held> held_;        // in head copy order
   uint64_t head_generation_ = 0;  // the generation the head copy holds
   bool head_valid_ = false;       // false while open() fills it
   std::optional<Pending> pending_;
@@ -313,7 +313,7 @@ class Store {
 
   HeadCopy head_;
   DiffWorkspace diff_workspace_;  // for GPU saves: the diff's page-locked outputs, reused
-  bool broken_ = false;  // a commit step failed after the point where memory and disk may disagree
+  bool broken_ = false;           // a commit step failed after the point where memory and disk may disagree
 };
 
 // Test hook: when the environment variable LIVETRAIN_CHECKPOINT_CRASH_AT equals `point`, the process kills
