@@ -40,7 +40,7 @@ std::string support_summary();
 
 // Why a build without CUDA has no devices (the reason devices() gives there).
 inline constexpr const char* kNoCudaSupport =
-    "livetrain was built without CUDA support (nvcc was not found when its core was compiled)";
+    "livetrain was built without CUDA support (its core was compiled without nvcc, or with LIVETRAIN_CUDA=OFF)";
 
 // Which of `compiled` runs on a device of compute capability major.minor, by CUDA's compatibility rules:
 // machine code sm_XY runs on X.Z for Z >= Y, and sm_XYa (architecture-specific) only on X.Y, the newest such

@@ -34,7 +34,7 @@ def test_cpu_and_malformed_values():
 @pytest.mark.parametrize(
     "problem",
     [
-        "livetrain was built without CUDA support (nvcc was not found when its core was compiled)",
+        "livetrain was built without CUDA support (its core was compiled without nvcc, or with LIVETRAIN_CUDA=OFF)",
         "no CUDA device: the NVIDIA driver supports CUDA 12.8, older than the CUDA 13.0 runtime",
         V100_PROBLEM,
     ],

@@ -139,7 +139,9 @@ def test_a_core_that_cannot_run_on_the_gpu_is_refused_before_anything_is_touched
     make_model_dir(tmp_path / "model")
     weight = SimpleNamespace(device=torch.device("cuda", 1))  # only its device is read before the refusal
     asked = []
-    problem = "livetrain was built without CUDA support (nvcc was not found when its core was compiled)"
+    problem = (
+        "livetrain was built without CUDA support (its core was compiled without nvcc, or with LIVETRAIN_CUDA=OFF)"
+    )
     monkeypatch.setattr(_core, "cuda_device_problem", lambda ordinal: asked.append(ordinal) or problem)
     module = SimpleNamespace(named_parameters=lambda: iter([("model.embed_tokens.weight", weight)]))
     w = plain_worker(tmp_path / "model", module)
