@@ -33,6 +33,8 @@ import urllib.request
 PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
 sys.path.insert(0, PYTHON_DIR)
 
+from livetrain.engines import options as engine_options  # noqa: E402
+from livetrain.serve import engine_command  # noqa: E402
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
 
 WORDS = (
@@ -76,31 +78,15 @@ class Engine:
         self.url = f"http://127.0.0.1:{self.port}"
         run = tempfile.mkdtemp(prefix=f"engine-b{batch}-", dir=tmp)
         self.log = open(os.path.join(run, "engine.log"), "w")
+        # The engine's command line as `livetrain serve` builds it (serve.engine_command), without a store.
+        parser = argparse.ArgumentParser()
+        engine_options.add_options(parser)
+        ns = parser.parse_args(["--max-batch", str(batch), "--batch-attention", attention, "--max-queue", "256"])
+        ns.model, ns.device, ns.dtype, ns.host, ns.port = a.model, a.device, a.dtype, "127.0.0.1", self.port
+        ns.no_store, ns.store = True, None
+        cmd = engine_command(ns, os.path.join(run, "engine.manifest.json"), os.path.join(run, "trainer.sock"))
         self.p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "livetrain.engines.reference",
-                "--model",
-                a.model,
-                "--manifest",
-                os.path.join(run, "engine.manifest.json"),
-                "--trainer-socket",
-                os.path.join(run, "trainer.sock"),
-                "--device",
-                a.device,
-                "--dtype",
-                a.dtype,
-                "--port",
-                str(self.port),
-                "--no-store",
-                "--max-batch",
-                str(batch),
-                "--batch-attention",
-                attention,
-                "--max-queue",
-                "256",
-            ],
+            cmd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             # The repo's python/ before the caller's path, which may hold uvicorn/fastapi (the GPU machine's
