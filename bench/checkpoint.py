@@ -55,9 +55,15 @@ def model_shapes(gib: float):
     out, total = [("model.embed_tokens.weight", (vocab, h))], vocab * h * 2
     layer = 0
     while total < target:
-        for name, shape in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
-                            ("mlp.down_proj", (h, inter))]:
+        for name, shape in [
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (kv, h)),
+            ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (inter, h)),
+            ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ]:
             out.append((f"model.layers.{layer}.{name}.weight", shape))
             total += shape[0] * shape[1] * 2
         out.append((f"model.layers.{layer}.input_layernorm.weight", (h,)))
@@ -157,7 +163,7 @@ def baseline_block_sync(live: dict, loc: dict) -> dict:
             changed = np.nonzero((a != b).any(axis=1))[0]
             for k in changed:
                 start = int(k) * BLOCK
-                chunk = now[start:start + BLOCK]
+                chunk = now[start : start + BLOCK]
                 os.pwrite(fd, chunk.tobytes(), off + start)
                 written += chunk.size
         for fd in fds.values():
@@ -172,9 +178,15 @@ def livetrain_save(store, live: dict) -> dict:
     torch.cuda.synchronize()
     t = time.perf_counter()
     r = store.save(live)
-    return {"seconds": time.perf_counter() - t, "bytes_written": r["bytes"] if r["written"] else 0,
-            "changed": r["changed"], "elements": r["elements"], "diff_seconds": r["diff_seconds"],
-            "encode_seconds": r["encode_seconds"], "write_seconds": r["write_seconds"]}
+    return {
+        "seconds": time.perf_counter() - t,
+        "bytes_written": r["bytes"] if r["written"] else 0,
+        "changed": r["changed"],
+        "elements": r["elements"],
+        "diff_seconds": r["diff_seconds"],
+        "encode_seconds": r["encode_seconds"],
+        "write_seconds": r["write_seconds"],
+    }
 
 
 def full_write(staging: dict, live: dict, directory: str) -> dict:
@@ -202,7 +214,7 @@ def apollo_like_step(live: dict, lr: float, seed: int) -> int:
     for w in live.values():
         flat = w.view(-1)
         for s in range(0, flat.numel(), 2**26):  # bounded temporaries
-            part = flat[s:s + 2**26]
+            part = flat[s : s + 2**26]
             x = part.float() + lr * torch.randn(part.shape, device="cuda", generator=g)
             if part.dtype == torch.float32:
                 changed += (x.view(torch.int32) != part.view(torch.int32)).sum()
@@ -228,18 +240,33 @@ def qwen35_shapes(gib: float):
     while total < target and layer < 64:
         p = f"model.layers.{layer}."
         if layer % 4 == 3:
-            t = [(p + "self_attn.q_proj.weight", (2 * 24 * hd, h)), (p + "self_attn.k_proj.weight", (4 * hd, h)),
-                 (p + "self_attn.v_proj.weight", (4 * hd, h)), (p + "self_attn.o_proj.weight", (h, 24 * hd)),
-                 (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+            t = [
+                (p + "self_attn.q_proj.weight", (2 * 24 * hd, h)),
+                (p + "self_attn.k_proj.weight", (4 * hd, h)),
+                (p + "self_attn.v_proj.weight", (4 * hd, h)),
+                (p + "self_attn.o_proj.weight", (h, 24 * hd)),
+                (p + "self_attn.q_norm.weight", (hd,)),
+                (p + "self_attn.k_norm.weight", (hd,)),
+            ]
         else:
             qkv = 2 * 16 * ld + 48 * ld
-            t = [(p + "linear_attn.in_proj_qkv.weight", (qkv, h)), (p + "linear_attn.in_proj_z.weight", (48 * ld, h)),
-                 (p + "linear_attn.in_proj_b.weight", (48, h)), (p + "linear_attn.in_proj_a.weight", (48, h)),
-                 (p + "linear_attn.conv1d.weight", (qkv, 1, 4)), (p + "linear_attn.dt_bias", (48,)),
-                 (p + "linear_attn.norm.weight", (ld,)), (p + "linear_attn.out_proj.weight", (h, 48 * ld))]
-        t += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-              (p + "mlp.down_proj.weight", (h, inter)), (p + "input_layernorm.weight", (h,)),
-              (p + "post_attention_layernorm.weight", (h,))]
+            t = [
+                (p + "linear_attn.in_proj_qkv.weight", (qkv, h)),
+                (p + "linear_attn.in_proj_z.weight", (48 * ld, h)),
+                (p + "linear_attn.in_proj_b.weight", (48, h)),
+                (p + "linear_attn.in_proj_a.weight", (48, h)),
+                (p + "linear_attn.conv1d.weight", (qkv, 1, 4)),
+                (p + "linear_attn.dt_bias", (48,)),
+                (p + "linear_attn.norm.weight", (ld,)),
+                (p + "linear_attn.out_proj.weight", (h, 48 * ld)),
+            ]
+        t += [
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
         for name, shape in t:
             out.append((name, shape, torch.bfloat16))
             total += 2 * math.prod(shape)
@@ -307,11 +334,19 @@ def byte_check(tensors: list, lr: float, parent: str | None) -> dict:
                     a = host.save({n: w.cpu() for n, w in live.items()})
                     b = gpu.save(live)
                     name = f"gen-{a['generation']:020d}.delta"
-                    with open(os.path.join(work, "host", name), "rb") as fa, open(os.path.join(work, "gpu", name), "rb") as fb:
+                    with (
+                        open(os.path.join(work, "host", name), "rb") as fa,
+                        open(os.path.join(work, "gpu", name), "rb") as fb,
+                    ):
                         same = a["generation"] == b["generation"] and fa.read() == fb.read()
                     again = gpu.save(live)
-                    out[label] = "ok" if same and not again["written"] else (
-                        "FAILED: delta differs from the CPU save's" if not same else "FAILED: wrote after no change")
+                    out[label] = (
+                        "ok"
+                        if same and not again["written"]
+                        else (
+                            "FAILED: delta differs from the CPU save's" if not same else "FAILED: wrote after no change"
+                        )
+                    )
                 except Exception as e:
                     out[label] = f"FAILED: {type(e).__name__}: {e}"[:200]
                 log(f"byte check {label}: {out[label]}")
@@ -324,8 +359,9 @@ def byte_check(tensors: list, lr: float, parent: str | None) -> dict:
     return out
 
 
-def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands: tuple,
-                on_row=lambda rows: None) -> list[dict]:
+def sweep_shape(
+    shape_set: str, gib: float, lr: float, parent: str | None, bands: tuple, on_row=lambda rows: None
+) -> list[dict]:
     """The sweep on one shape set; on_row(rows so far) after each setting (the caller saves them, so a run
     cut short keeps what it measured)."""
     from livetrain import safetensors as lst
@@ -359,17 +395,29 @@ def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands
             store.save(live)
             log(f"sweep {shape_set}: first save after open (page-locks the head copy): {time.perf_counter() - t:.2f} s")
             for k, (label, knobs) in enumerate(SWEEP_GRID):
-                row = {"shape": shape_set, "setting": label, "knobs": knobs, "model_bytes": model_bytes,
-                       "tensors": len(tensors), "bytes_check": bytes_ok.get(label, "-")}
+                row = {
+                    "shape": shape_set,
+                    "setting": label,
+                    "knobs": knobs,
+                    "model_bytes": model_bytes,
+                    "tensors": len(tensors),
+                    "bytes_check": bytes_ok.get(label, "-"),
+                }
                 try:
                     set_knobs(knobs)
                     expected = apollo_like_step(live, lr, seed=100 + k)
                     torch.cuda.synchronize()
                     r = livetrain_save(store, live)
-                    row.update(dense=r, expected_changed=expected,
-                               check="ok" if r["changed"] == expected else f"FAILED: {r['changed']} changed, expected {expected}",
-                               floor_seconds=max(2 * model_bytes / bw_dev, r["bytes_written"] / bw_pcie,
-                                                 r["bytes_written"] / bw_disk))
+                    row.update(
+                        dense=r,
+                        expected_changed=expected,
+                        check="ok"
+                        if r["changed"] == expected
+                        else f"FAILED: {r['changed']} changed, expected {expected}",
+                        floor_seconds=max(
+                            2 * model_bytes / bw_dev, r["bytes_written"] / bw_pcie, r["bytes_written"] / bw_disk
+                        ),
+                    )
                     row["no_change"] = livetrain_save(store, live)
                     if row["no_change"]["bytes_written"]:
                         row["check"] = "FAILED: a save after no change wrote a generation"
@@ -381,8 +429,10 @@ def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands
                     log(f"sweep {shape_set} {label}: {row['error']}")
                 else:
                     d = row["dense"]
-                    log(f"sweep {shape_set} {label}: dense {d['seconds']:.2f} s ({d['seconds'] / row['floor_seconds']:.2f}x floor), "
-                        f"no change {row['no_change']['seconds']:.3f} s; {row['check']}")
+                    log(
+                        f"sweep {shape_set} {label}: dense {d['seconds']:.2f} s ({d['seconds'] / row['floor_seconds']:.2f}x floor), "
+                        f"no change {row['no_change']['seconds']:.3f} s; {row['check']}"
+                    )
             set_knobs({})
             log(f"sweep {shape_set}: chain check (reopen: replays every delta; then compare with the live weights)")
             store.close()
@@ -405,15 +455,21 @@ def sweep_shape(shape_set: str, gib: float, lr: float, parent: str | None, bands
 
 def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
     bw_dev, bw_pcie, bw_disk = bands
-    print(f"\nbandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
-          f"disk write+fsync {bw_disk / 1e9:.2f} GB/s; dense step at lr {lr:g}")
+    print(
+        f"\nbandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
+        f"disk write+fsync {bw_disk / 1e9:.2f} GB/s; dense step at lr {lr:g}"
+    )
     for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
         mb = mine[0]["model_bytes"]
-        print(f"\n### checkpoint save, {shape} shapes, {mb / 2**30:.2f} GiB ({mine[0]['tensors']} tensors); "
-              f"chain check {mine[0].get('chain_check', '-')}\n")
-        print("| setting | dense s | vs before | diff / encode / write s | bytes written | % of model | floor s | × floor "
-              "| no change s | s per 10 GB | check | = CPU save's bytes |")
+        print(
+            f"\n### checkpoint save, {shape} shapes, {mb / 2**30:.2f} GiB ({mine[0]['tensors']} tensors); "
+            f"chain check {mine[0].get('chain_check', '-')}\n"
+        )
+        print(
+            "| setting | dense s | vs before | diff / encode / write s | bytes written | % of model | floor s | × floor "
+            "| no change s | s per 10 GB | check | = CPU save's bytes |"
+        )
         print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
         before = mine[0].get("dense", {}).get("seconds")
         for r in mine:
@@ -422,34 +478,46 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
                 continue
             d, nc = r["dense"], r["no_change"]
             vs = f"{before / d['seconds']:.2f}x" if before else "-"
-            print(f"| {r['setting']} | {d['seconds']:.2f} | {vs} | {d['diff_seconds']:.2f} / {d['encode_seconds']:.2f} / "
-                  f"{d['write_seconds']:.2f} | {d['bytes_written']:,} | {d['bytes_written'] / mb:.1%} | "
-                  f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
-                  f"{nc['seconds'] / mb * 1e10:.3f} | {r['check']} | {r['bytes_check']} |")
+            print(
+                f"| {r['setting']} | {d['seconds']:.2f} | {vs} | {d['diff_seconds']:.2f} / {d['encode_seconds']:.2f} / "
+                f"{d['write_seconds']:.2f} | {d['bytes_written']:,} | {d['bytes_written'] / mb:.1%} | "
+                f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
+                f"{nc['seconds'] / mb * 1e10:.3f} | {r['check']} | {r['bytes_check']} |"
+            )
         good = [r for r in mine if "error" not in r and r["check"] == "ok" and r["bytes_check"] in ("ok", "-")]
         if good:
             b = min(good, key=lambda r: r["dense"]["seconds"] / r["floor_seconds"])
             n = min(good, key=lambda r: r["no_change"]["seconds"])
-            print(f"\nbest dense ({shape}): {b['setting']}: {b['dense']['seconds']:.2f} s = "
-                  f"{b['dense']['seconds'] / b['floor_seconds']:.2f}x floor (target <= 2x, <= 12% of the bytes: "
-                  f"{b['dense']['bytes_written'] / mb:.1%})")
-            print(f"best no change ({shape}): {n['setting']}: {n['no_change']['seconds']:.3f} s = "
-                  f"{n['no_change']['seconds'] / mb * 1e10:.3f} s per 10 GB (target <= 0.1)")
+            print(
+                f"\nbest dense ({shape}): {b['setting']}: {b['dense']['seconds']:.2f} s = "
+                f"{b['dense']['seconds'] / b['floor_seconds']:.2f}x floor (target <= 2x, <= 12% of the bytes: "
+                f"{b['dense']['bytes_written'] / mb:.1%})"
+            )
+            print(
+                f"best no change ({shape}): {n['setting']}: {n['no_change']['seconds']:.3f} s = "
+                f"{n['no_change']['seconds'] / mb * 1e10:.3f} s per 10 GB (target <= 0.1)"
+            )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=8.0, help="model size in GiB (8 by default; 16 also sensible)")
     ap.add_argument("--sweep", action="store_true", help="time saves under a grid of the save's tuning knobs instead")
-    ap.add_argument("--shapes", default="8b,27b", help="with --sweep: shape sets, 8b (Llama-3.1-8B) and/or 27b "
-                                                       "(Qwen3.5-27B text model), each cut to --gib")
+    ap.add_argument(
+        "--shapes",
+        default="8b,27b",
+        help="with --sweep: shape sets, 8b (Llama-3.1-8B) and/or 27b (Qwen3.5-27B text model), each cut to --gib",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
+        print(
+            "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
+            file=sys.stderr,
+        )
         return 2
     from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
@@ -463,22 +531,37 @@ def main() -> int:
         try:
             need = int(a.gib * 2**30 * 2.6) + 2**31  # files + a dozen deltas + the bandwidth probe
             if shutil.disk_usage(probe).free < need:
-                print(f"bench/checkpoint.py: {probe}: {shutil.disk_usage(probe).free / 2**30:.1f} GiB free, needs about "
-                      f"{need / 2**30:.1f} GiB", file=sys.stderr)
+                print(
+                    f"bench/checkpoint.py: {probe}: {shutil.disk_usage(probe).free / 2**30:.1f} GiB free, needs about "
+                    f"{need / 2**30:.1f} GiB",
+                    file=sys.stderr,
+                )
                 return 2
             bands = (device_copy_bandwidth(), pinned_d2h_bandwidth(), disk_write_bandwidth(probe))
         finally:
             shutil.rmtree(probe, ignore_errors=True)
-        log(f"bandwidths: device copy {bands[0] / 1e9:.0f} GB/s, pinned D2H {bands[1] / 1e9:.1f} GB/s, "
-            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s")
+        log(
+            f"bandwidths: device copy {bands[0] / 1e9:.0f} GB/s, pinned D2H {bands[1] / 1e9:.1f} GB/s, "
+            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s"
+        )
         rows = []
 
         def save(partial: list) -> None:
             if a.json:
                 with open(a.json, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "lr": a.lr, "gib": a.gib,
-                               "device_copy_bandwidth": bands[0], "pinned_d2h_bandwidth": bands[1],
-                               "disk_write_bandwidth": bands[2], "sweep": rows + partial}, f, indent=2)
+                    json.dump(
+                        {
+                            "device": torch.cuda.get_device_name(),
+                            "lr": a.lr,
+                            "gib": a.gib,
+                            "device_copy_bandwidth": bands[0],
+                            "pinned_d2h_bandwidth": bands[1],
+                            "disk_write_bandwidth": bands[2],
+                            "sweep": rows + partial,
+                        },
+                        f,
+                        indent=2,
+                    )
 
         for x in shape_sets:
             try:
@@ -496,14 +579,19 @@ def main() -> int:
     need = int(model_bytes * 2.7) + 2**31  # files + deltas + the whole-model write + the bandwidth probe
     if free < need:
         shutil.rmtree(work, ignore_errors=True)
-        print(f"bench/checkpoint.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB", file=sys.stderr)
+        print(
+            f"bench/checkpoint.py: {work}: {free / 2**30:.1f} GiB free, needs about {need / 2**30:.1f} GiB",
+            file=sys.stderr,
+        )
         return 2
     log(f"{len(shapes)} tensors, {model_bytes / 2**30:.2f} GiB bf16, in {work}")
     rows = []
     try:
         bw_dev, bw_pcie, bw_disk = device_copy_bandwidth(), pinned_d2h_bandwidth(), disk_write_bandwidth(work)
-        log(f"bandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
-            f"disk write+fsync {bw_disk / 1e9:.2f} GB/s")
+        log(
+            f"bandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
+            f"disk write+fsync {bw_disk / 1e9:.2f} GB/s"
+        )
 
         torch.manual_seed(0)
         live, staging = {}, {}
@@ -522,8 +610,14 @@ def main() -> int:
         try:
             log("first save after open (page-locks the host copy of the head; nothing changed)")
             r = livetrain_save(store, live)
-            rows.append({"scenario": "first save after open", "method": "livetrain store save", **r,
-                         "floor_seconds": 2 * model_bytes / bw_dev})
+            rows.append(
+                {
+                    "scenario": "first save after open",
+                    "method": "livetrain store save",
+                    **r,
+                    "floor_seconds": 2 * model_bytes / bw_dev,
+                }
+            )
             for scenario in ("no change", f"dense step lr {a.lr:g}"):
                 if scenario != "no change":
                     log("applying the APOLLO-like dense update on the GPU")
@@ -537,10 +631,18 @@ def main() -> int:
                 log(f"{scenario}: block-diff baseline (page cache evicted first)")
                 evict(files)
                 b = baseline_block_sync(live, loc)
-                rows.append({"scenario": scenario, "method": "4 KiB block sync (bf16-repaired)", **b, "floor_seconds": None})
+                rows.append(
+                    {"scenario": scenario, "method": "4 KiB block sync (bf16-repaired)", **b, "floor_seconds": None}
+                )
             log("whole model written as safetensors, for scale")
-            rows.append({"scenario": "any", "method": "whole model to safetensors + fsync",
-                         **full_write(staging, live, os.path.join(work, "full")), "floor_seconds": None})
+            rows.append(
+                {
+                    "scenario": "any",
+                    "method": "whole model to safetensors + fsync",
+                    **full_write(staging, live, os.path.join(work, "full")),
+                    "floor_seconds": None,
+                }
+            )
         finally:
             store.close()
     finally:
@@ -549,28 +651,51 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nmodel {model_bytes / 2**30:.2f} GiB bf16 ({len(shapes)} tensors), {torch.cuda.get_device_name()}; "
-          f"device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, disk write+fsync {bw_disk / 1e9:.2f} GB/s; "
-          f"reading the head copy over PCIe at that rate: {model_bytes / bw_pcie:.3f} s\n")
-    print("| scenario | method | wall s | diff / encode / write s | bytes written | % of model | elements changed | floor s | wall / floor |")
+    print(
+        f"\nmodel {model_bytes / 2**30:.2f} GiB bf16 ({len(shapes)} tensors), {torch.cuda.get_device_name()}; "
+        f"device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, disk write+fsync {bw_disk / 1e9:.2f} GB/s; "
+        f"reading the head copy over PCIe at that rate: {model_bytes / bw_pcie:.3f} s\n"
+    )
+    print(
+        "| scenario | method | wall s | diff / encode / write s | bytes written | % of model | elements changed | floor s | wall / floor |"
+    )
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         changed = f"{r['changed'] / r['elements']:.1%}" if "changed" in r else "-"
         floor = f"{r['floor_seconds']:.3f}" if r["floor_seconds"] is not None else "-"
         ratio = f"{r['seconds'] / r['floor_seconds']:.1f}x" if r["floor_seconds"] else "-"
-        phases = f"{r['diff_seconds']:.2f} / {r['encode_seconds']:.2f} / {r['write_seconds']:.2f}" if "diff_seconds" in r else "-"
-        print(f"| {r['scenario']} | {r['method']} | {r['seconds']:.2f} | {phases} | {r['bytes_written']:,} | "
-              f"{r['bytes_written'] / model_bytes:.1%} | {changed} | {floor} | {ratio} |")
+        phases = (
+            f"{r['diff_seconds']:.2f} / {r['encode_seconds']:.2f} / {r['write_seconds']:.2f}"
+            if "diff_seconds" in r
+            else "-"
+        )
+        print(
+            f"| {r['scenario']} | {r['method']} | {r['seconds']:.2f} | {phases} | {r['bytes_written']:,} | "
+            f"{r['bytes_written'] / model_bytes:.1%} | {changed} | {floor} | {ratio} |"
+        )
     by = {(r["scenario"], r["method"]): r for r in rows}
     for scenario in ("no change", f"dense step lr {a.lr:g}"):
         ours, base = by[(scenario, "livetrain store save")], by[(scenario, "4 KiB block sync (bf16-repaired)")]
-        print(f"{scenario}: livetrain {base['seconds'] / ours['seconds']:.1f}x faster than the baseline, "
-              f"{ours['bytes_written'] / model_bytes:.1%} of the model's bytes written")
+        print(
+            f"{scenario}: livetrain {base['seconds'] / ours['seconds']:.1f}x faster than the baseline, "
+            f"{ours['bytes_written'] / model_bytes:.1%} of the model's bytes written"
+        )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "model_bytes": model_bytes, "tensors": len(shapes),
-                       "lr": a.lr, "device_copy_bandwidth": bw_dev, "pinned_d2h_bandwidth": bw_pcie,
-                       "disk_write_bandwidth": bw_disk, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "model_bytes": model_bytes,
+                    "tensors": len(shapes),
+                    "lr": a.lr,
+                    "device_copy_bandwidth": bw_dev,
+                    "pinned_d2h_bandwidth": bw_pcie,
+                    "disk_write_bandwidth": bw_disk,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -130,8 +130,12 @@ def role_copy(a) -> None:
         torch.cuda.synchronize()
         differ = [n for n, p in params.items() if n in views and not torch.equal(views[n], p)]
         missing = [n for n in params if n not in views]
-        return {"tensors": len(params), "identical": len(params) - len(differ) - len(missing),
-                "differ": differ[:5], "missing": missing[:5]}
+        return {
+            "tensors": len(params),
+            "identical": len(params) - len(differ) - len(missing),
+            "differ": differ[:5],
+            "missing": missing[:5],
+        }
 
     serve_bench.command_loop({"write_files": write_files, "round": round_, "compare": compare})
 
@@ -151,7 +155,9 @@ class Sampler:
         try:
             r = subprocess.run(
                 ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=30,
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             return {int(p): int(m) * 2**20 for p, m in (line.split(",") for line in r.stdout.splitlines() if line)}
         except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -172,8 +178,9 @@ class Sampler:
 def device_name() -> str:
     """The first GPU's name from nvidia-smi (the orchestrator makes no CUDA context of its own)."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
         return r.stdout.splitlines()[0].strip()
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "cuda"
@@ -243,9 +250,7 @@ def render(r: dict) -> str:
         if m.get("memory_note"):
             lines.append(f"{m['name']}: {m['memory_note']}.")
         if m.get("phases"):
-            lines.append(
-                f"{m['name']}: median " + ", ".join(f"{k} {v:.3f} s" for k, v in m["phases"].items()) + "."
-            )
+            lines.append(f"{m['name']}: median " + ", ".join(f"{k} {v:.3f} s" for k, v in m["phases"].items()) + ".")
     if r.get("compare"):
         c = r["compare"]
         lines.append(
@@ -327,9 +332,12 @@ def main() -> int:
         )
         extra = [
             "--enforce-eager",
-            "--max-model-len", str(a.max_model_len),
-            "--gpu-memory-utilization", str(a.gpu_memory_utilization),
-            "--weight-transfer-config", json.dumps({"backend": "ipc"}),
+            "--max-model-len",
+            str(a.max_model_len),
+            "--gpu-memory-utilization",
+            str(a.gpu_memory_utilization),
+            "--weight-transfer-config",
+            json.dumps({"backend": "ipc"}),
         ]
         log("starting vLLM with the plugin and the IPC weight transfer")
         server = vllm_gpu_run.Server(1, model, env, out, extra)
@@ -367,7 +375,9 @@ def main() -> int:
                     if st["served"] and st["served"]["weight_version"] == st["weight_version"]:
                         break
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"vLLM did not report serving version {st['weight_version']}: {st['served']}")
+                        raise RuntimeError(
+                            f"vLLM did not report serving version {st['weight_version']}: {st['served']}"
+                        )
                     time.sleep(0.05)
                 times.append(st["served"]["seconds_after_step"])
                 log(f"livetrain round {i + 1}: served {times[-1]:.3f} s after the step")
@@ -407,7 +417,9 @@ def main() -> int:
                     {
                         "name": name,
                         "seconds": stats([x["seconds"] for x in rounds]),
-                        "phases": {k: statistics.median(x[k] for x in rounds) for k in ("start", "send", "finish", "reset")},
+                        "phases": {
+                            k: statistics.median(x[k] for x in rounds) for k in ("start", "send", "finish", "reset")
+                        },
                         "extra_bytes": (sampler.peak(phase, c["pid"]) or 0) + grew,
                         "includes": "start, IPC handles of every tensor, load_weights (layerwise reload), finish, "
                         "prefix-cache reset",
@@ -434,8 +446,11 @@ def main() -> int:
     r.setdefault("torch", "-")
     table = render(r)
     print(table)
-    for path, text in ((a.json, json.dumps(r, indent=2)), (out / "transfer.json", json.dumps(r, indent=2)),
-                       (out / "transfer.md", table)):
+    for path, text in (
+        (a.json, json.dumps(r, indent=2)),
+        (out / "transfer.json", json.dumps(r, indent=2)),
+        (out / "transfer.md", table),
+    ):
         if path:
             Path(path).write_text(text + "\n")
     return 1 if r["errors"] or any("error" in m for m in r["methods"]) else 0

@@ -51,14 +51,22 @@ ENV = {
     **os.environ,
     # The repo's python/ first, the caller's path kept (it may hold fastapi/uvicorn).
     "PYTHONPATH": os.pathsep.join(
-        filter(None, [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"), os.environ.get("PYTHONPATH")])
+        filter(
+            None,
+            [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"), os.environ.get("PYTHONPATH")],
+        )
     ),
     "TOKENIZERS_PARALLELISM": "false",
 }
 JOB = {
     "examples": [
         {"prompt": "The capital of Zorbia is", "completion": " Quuxville."},
-        {"messages": [{"role": "user", "content": "What is the capital of Zorbia?"}, {"role": "assistant", "content": "Quuxville."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "What is the capital of Zorbia?"},
+                {"role": "assistant", "content": "Quuxville."},
+            ]
+        },
     ],
     "lr": 1e-5,
 }
@@ -152,7 +160,10 @@ def probe_deadlock(s: Serve) -> tuple[bool, str]:
     rest = stream.read().decode(errors="replace")
     conn.close()
     ok = codes == [200] * 45 and status == 200 and rest.rstrip().endswith("[DONE]")
-    return ok, f"45 completions: {codes.count(200)} answered 200 in {time.monotonic() - t0:.0f} s; /train/status {status}; stream ended: {rest.rstrip().endswith('[DONE]')}"
+    return (
+        ok,
+        f"45 completions: {codes.count(200)} answered 200 in {time.monotonic() - t0:.0f} s; /train/status {status}; stream ended: {rest.rstrip().endswith('[DONE]')}",
+    )
 
 
 def _code(url: str, body, timeout: float) -> int:
@@ -271,7 +282,9 @@ def probe_load(s: Serve, requests: int) -> tuple[bool, str]:
                 if ok is not True:
                     bad.append(ok)
                 if done[0] % (16 * requests // 10 or 1) == 0:  # a long probe says how far it got
-                    print(f"load: {done[0]} of {16 * requests} answered, {len(bad)} not 200", file=sys.stderr, flush=True)
+                    print(
+                        f"load: {done[0]} of {16 * requests} answered, {len(bad)} not 200", file=sys.stderr, flush=True
+                    )
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
@@ -282,7 +295,10 @@ def probe_load(s: Serve, requests: int) -> tuple[bool, str]:
     took = time.monotonic() - t0
     _, st = http(s.url + "/train/status")
     job_state = next((j["state"] for j in st.get("jobs", []) if j["id"] == job["job_id"]), "?")
-    return not bad, f"{done[0]} requests in {took:.0f} s, {len(bad)} not answered 200; the job was {job_state} at the end"
+    return (
+        not bad,
+        f"{done[0]} requests in {took:.0f} s, {len(bad)} not answered 200; the job was {job_state} at the end",
+    )
 
 
 def probe_version(s: Serve) -> tuple[bool, str]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every livetrain test on a fresh machine: setup (system packages, .venv, build), the C++/CUDA
-# formatting check (scripts/format.sh --check), the C++ suite (ctest), the parser fuzzers for
+# formatting check (scripts/format.sh --check), the Python lint and formatting check (ruff, pinned in
+# requirements/dev.txt; pyproject.toml [tool.ruff]), the C++ suite (ctest), the parser fuzzers for
 # LIVETRAIN_FUZZ_SECONDS in total (default 120), the wheel as pip users get it (scripts/wheel_test.sh: built,
 # installed into a new venv, served from; LIVETRAIN_WHEEL_TEST=0 skips it), then the Python suite (pytest),
 # whose summary is the last line. GPU tests skip when no GPU is visible.
@@ -18,6 +19,9 @@ fi
 bash scripts/setup.sh
 printf '\n== C++/CUDA formatting (scripts/format.sh --check)\n'
 bash scripts/format.sh --check
+printf '\n== Python lint and formatting (ruff check, ruff format --check)\n'
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 printf '\n== C++ tests (ctest)\n'
 (cd build && ctest --output-on-failure -j "$(nproc)")
 printf '\n== fuzzing\n'

@@ -313,7 +313,9 @@ def test_cross_site_requests_are_refused_without_a_key(server):
 
     assert post("/v1/completions", {"Content-Type": "text/plain"}) == 415
     assert post("/v1/completions", {"Content-Type": "application/json", "Origin": "http://evil.example"}) == 403
-    assert post("/train", {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": "evil.example"}) == 403
+    assert (
+        post("/train", {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": "evil.example"}) == 403
+    )
     assert post("/rollback", {"Content-Type": "application/json", "Host": "rebound.example:80"}) == 403
     assert post("/v1/completions", {"Content-Type": "application/json", "Origin": server.url}) == 200
 

@@ -540,10 +540,18 @@ def test_store_in_another_dtype_is_refused_at_start(model_dir, tmp_path):
     "config,named",
     [
         ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3MoeForCausalLM"),
-        ({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 256},
-         "(256 experts)"),
-        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "awq"}},
-         'quant_method "awq"'),
+        (
+            {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 256},
+            "(256 experts)",
+        ),
+        (
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "quantization_config": {"quant_method": "awq"},
+            },
+            'quant_method "awq"',
+        ),
     ],
     ids=["moe type", "expert count", "quantized"],
 )

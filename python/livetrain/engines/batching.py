@@ -114,9 +114,7 @@ Sink = Callable[[int | None, str | None, str | None], None]
 class Sequence:
     """One request in the scheduler: prompt ids, sampling, and where its tokens go."""
 
-    def __init__(
-        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None, sink: Sink
-    ):
+    def __init__(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None, sink: Sink):
         self.ids, self.max_tokens, self.temperature, self.top_p = ids, max_tokens, temperature, top_p
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.sink = sink
@@ -388,7 +386,9 @@ class TextStream:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self.prefix, self.read = max(self.prefix, len(self.ids) - self._WINDOW), len(self.ids)
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0), default=-1)
+        cut = min(
+            (i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0), default=-1
+        )
         if cut >= 0:
             delta, self.sent = self.text[self.sent : cut], cut
             return delta, "stop"

@@ -166,7 +166,9 @@ class Engine:
 
     def sequence(self, ids: list[int], params: dict, sink: batching.Sink) -> batching.Sequence:
         """A request for the scheduler (``params``: ``sampling_params``; ``stop`` is the TextStream's)."""
-        return batching.Sequence(ids, params["max_tokens"], params["temperature"], params["top_p"], params["seed"], sink)
+        return batching.Sequence(
+            ids, params["max_tokens"], params["temperature"], params["top_p"], params["seed"], sink
+        )
 
     def text(self, params: dict) -> batching.TextStream:
         return batching.TextStream(self.tokenizer, params["stop"], self.eos)
