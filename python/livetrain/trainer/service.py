@@ -139,6 +139,11 @@ class Trainer:
 
         from livetrain import checkpoint, kernels, optim, safetensors, sharing
 
+        t_start = time.monotonic()
+
+        def progress(what: str) -> None:  # the start's phases in the log: /train answers 503 until the end
+            print(f"livetrain trainer: {what} ({time.monotonic() - t_start:.1f} s)", file=sys.stderr, flush=True)
+
         deadline = time.monotonic() + wait_s
         while True:  # the engine writes the manifest once its weights are shared
             try:
@@ -150,6 +155,7 @@ class Trainer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        progress(f"attached to {manifest}; building the model on the shared weights")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         # Tensor parallelism (trainer.ranks): this rank's model on its engine rank's shards; None at TP 1.
         self.ranks, self.rank_model, self.vocab = ranks, None, None
@@ -163,6 +169,7 @@ class Trainer:
         self.model.train()
         self.device = next(self.model.parameters()).device
         # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
+        progress("model built; checking the model's kernels (the first run of fused kernels compiles them)")
         for warning in kernels.prepare(self.model, self.device, backward=True):
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
         self.kernels = kernels.report(self.model)
@@ -193,6 +200,7 @@ class Trainer:
             self.not_trained = []
         self.opt.param_names = self.names
         self.opt.attach_hooks()
+        progress(f"optimizer ready over {len(self.names)} parameters")
         self.release_cached = release_cached
         self._released = False  # in this step's backward (see step)
         embeddings_module = self.model.get_input_embeddings()
