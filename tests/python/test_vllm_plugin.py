@@ -524,12 +524,15 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
                     "examples": [{"prompt": "the capital of zorbia is", "completion": "quuxville"}],
                     "steps": 3,
                     "lr": 0.01,
+                    # The plugin's mechanics, not the forgetting guard: lr 0.01 on the tiny model moves its
+                    # retention answers past the guard's KL threshold, which would roll the job back.
+                    "guard": False,
                 },
             )
             assert r.status_code == 202 and r.json()["steps"] == 3, r.text
             while time.monotonic() < deadline:
                 st = c.get("/train/status", headers=auth).json()
-                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed"):
+                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed", "rolled_back", "cancelled"):
                     break
                 time.sleep(0.2)
             assert st["jobs"][-1]["state"] == "done" and st["weight_version"] == 3, st
@@ -617,7 +620,7 @@ def test_plugin_at_tp2_starts_one_trainer_rank_per_worker(tmp_path, monkeypatch)
             assert r.status_code == 202, r.text
             while time.monotonic() < deadline:
                 st = c.get("/train/status", headers=auth).json()
-                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed"):
+                if st["jobs"] and st["jobs"][-1]["state"] in ("done", "failed", "rolled_back", "cancelled"):
                     break
                 time.sleep(0.2)
             assert st["jobs"][-1]["state"] == "done" and st["weight_version"] == 2, st
