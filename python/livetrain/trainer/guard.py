@@ -303,7 +303,7 @@ class Retention:
         return self._examples(0)
 
     def held_out(self) -> list[tuple[list[int], list[bool], float]]:
-        """The held-out half, as the same kind of examples, for the retention loss."""
+        """The held-out half, as the same kind of examples, for the guard's measures (KL to the starting model, answers kept)."""
         return self._examples(1)
 
     def describe(self) -> dict:
