@@ -17,7 +17,10 @@ this file's words (tests/python/tiny_model.py), written to a temporary directory
 
 usage: python bench/engine.py [--model default|random|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
                               [--batches 1,16,16:masked] [--requests 8] [--max-tokens 32] [--stream 0.33]
-Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json.
+                              [--in-process [--profile]]
+Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json. ``--in-process``
+measures the scheduler alone in this process instead (no HTTP: where each decode step's time goes, and
+whether the answers equal one-at-a-time decoding's), written to $OUT/engine-in-process.{md,json}.
 """
 
 import argparse
@@ -32,10 +35,13 @@ import urllib.request
 
 PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
 sys.path.insert(0, PYTHON_DIR)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 from livetrain.engines import options as engine_options  # noqa: E402
 from livetrain.serve import engine_command  # noqa: E402
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
+
+import tiny_model  # noqa: E402  (the random model, the --model option)
 
 WORDS = (
     "the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree near the river "
@@ -161,11 +167,168 @@ def measure(url: str, clients: int, a) -> dict:
     }
 
 
+def measure_in_process(model, tokenizer, batch: int, attention: str, clients: int, a) -> dict:
+    """The scheduler alone (no HTTP, no shared-memory export): ``clients`` threads submitting ``a.requests``
+    greedy requests each to a ``batching.Scheduler`` on ``model``; where the scheduler thread's time went, and
+    every answer's tokens (to compare with one-at-a-time decoding's)."""
+    from livetrain.engines import batching
+
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    sched = batching.Scheduler(model, eos, max_batch=batch, max_queue=clients * a.requests, attention=attention)
+    answers: dict = {}
+    errors: list = []
+
+    def one(c: int, i: int) -> None:
+        done, toks = threading.Event(), []
+
+        def sink(tok, finish, error):
+            if tok is not None:
+                toks.append(tok)
+            if error is not None:
+                errors.append(error)
+            if finish is not None:
+                done.set()
+
+        ids = tokenizer(prompt(c, i))["input_ids"]
+        sched.submit(batching.Sequence(ids, a.max_tokens, 0.0, 1.0, None, sink))
+        done.wait()
+        answers[(c, i)] = toks
+
+    profiler = None
+    try:
+        one(0, 99)  # warm-up
+        base = sched.load()
+        threads = [threading.Thread(target=lambda c=c: [one(c, i) for i in range(a.requests)]) for c in range(clients)]
+        if a.profile:
+            profiler = profile_decode_steps(sched, a.device)
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+        load = sched.load()
+    finally:
+        sched.close()
+        if profiler is not None and profiler["done"]:
+            write_profile(profiler["profile"], f"engine-profile-b{batch}-{attention}-c{clients}")
+    answers.pop((0, 99), None)
+    steps = load["steps"] - base["steps"]
+    spent = {k: load["seconds"][k] - base["seconds"][k] for k in load["seconds"]}
+    tokens = sum(len(t) for t in answers.values())
+    return {
+        "clients": clients,
+        "streaming": 0,
+        "answers": len(answers),
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "steps": steps,
+        "rows_per_step": (tokens - len(answers)) / steps if steps else 0.0,  # each prefill gives one token
+        "ms_per_step": 1e3 * spent["decode"] / steps if steps else 0.0,
+        "forward_ms_per_step": 1e3 * spent["forward"] / steps if steps else 0.0,
+        "sample_ms_per_step": 1e3 * spent["sample"] / steps if steps else 0.0,
+        "attention_ms_per_step": 1e3 * spent["attention"] / steps if steps else 0.0,
+        "prefill_s": spent["prefill"],
+        "errors": errors,
+        "answer_tokens": {f"{c},{i}": t for (c, i), t in sorted(answers.items())},
+    }
+
+
+def profile_decode_steps(sched, device: str, skip: int = 5, steps: int = 20) -> dict:
+    """torch.profiler over decode steps ``skip`` to ``skip + steps`` of ``sched`` (or up to the last one before
+    its batch empties), started and stopped in the scheduler's thread (the profiler records the ops of the
+    thread that starts it)."""
+    import torch
+
+    kinds = [torch.profiler.ProfilerActivity.CPU]
+    if str(device).startswith("cuda"):
+        kinds.append(torch.profiler.ProfilerActivity.CUDA)
+    state = {"n": 0, "profile": None, "done": False}
+    decode = sched._decode
+
+    def profiled():
+        if state["n"] == skip:
+            state["profile"] = torch.profiler.profile(activities=kinds)
+            state["profile"].start()
+        decode()
+        state["n"] += 1
+        if state["profile"] is not None and not state["done"] and (state["n"] == skip + steps or not sched._rows):
+            state["profile"].stop()
+            state["done"] = True
+
+    sched._decode = profiled
+    return state
+
+
+def write_profile(profiler, name: str) -> None:
+    """The ops of a profiled row, by total host time and by count (stderr; $OUT/NAME.txt when $OUT is set)."""
+    averages = profiler.key_averages()
+    text = "\n\n".join(
+        averages.table(sort_by=key, row_limit=30) for key in ("cpu_time_total", "self_cpu_time_total", "count")
+    )
+    if any(getattr(e, "device_time_total", 0) for e in averages):
+        text += "\n\n" + averages.table(sort_by="device_time_total", row_limit=30)
+    print(f"---- {name}\n{text}", file=sys.stderr)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"{name}.txt"), "w") as f:
+            f.write(text + "\n")
+
+
+def in_process(a, batches, clients) -> list[dict]:
+    """``--in-process``: every (batch, clients) row on one model loaded here."""
+    import torch
+    import transformers
+
+    from livetrain.safetensors import DTYPES
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(a.model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device).eval()
+    rows = []
+    for batch, attention in batches:
+        for c in clients:
+            r = measure_in_process(model, tokenizer, batch, attention, c, a)
+            r["max_batch"], r["attention"] = batch, attention
+            rows.append(r)
+            print(
+                f"max_batch {batch} ({attention}), {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                f"{r['rows_per_step']:.1f} rows/step, {r['ms_per_step']:.1f} ms/step",
+                file=sys.stderr,
+            )
+        if hasattr(torch, "cuda") and torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return rows
+
+
+def in_process_table(a, rows: list[dict]) -> list[str]:
+    one = {r["clients"]: r for r in rows if r["max_batch"] == 1}
+    lines = [
+        f"Reference engine's scheduler in process (no HTTP), {os.path.basename(os.path.normpath(a.model))} "
+        f"{a.dtype} on {a.device}, greedy, {a.max_tokens} completion tokens per request, {a.requests} requests "
+        "per client",
+        "",
+        "| --max-batch (attention) | clients | completion tokens/s | vs one at a time | rows/step | ms/step | "
+        "forward ms/step | of which row attention | sample ms/step | prefill s | answers as one at a time | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = one.get(r["clients"])
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        same = "-"
+        if base:
+            same = f"{sum(base['answer_tokens'].get(k) == v for k, v in r['answer_tokens'].items())}/{r['answers']}"
+        lines.append(
+            f"| {r['max_batch']} ({r['attention']}) | {r['clients']} | {r['tokens_per_s']:.1f} | {ratio} | "
+            f"{r['rows_per_step']:.1f} | {r['ms_per_step']:.1f} | {r['forward_ms_per_step']:.1f} | "
+            f"{r['attention_ms_per_step']:.1f} | "
+            f"{r['sample_ms_per_step']:.1f} | {r['prefill_s']:.2f} | {same} | {len(r['errors'])} |"
+        )
+    return lines
+
+
 def random_model(path: str) -> str:
     """A SmolLM2-135M-shaped model with random weights under ``path`` (see the module's docstring)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-    import tiny_model
-
     tiny_model.make_model_dir(
         path,
         [" ".join(WORDS)],
@@ -181,11 +344,7 @@ def random_model(path: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model",
-        default="default",
-        help="model directory, 'default' (SmolLM2-135M-Instruct) or 'random' (its shape, random weights)",
-    )
+    tiny_model.add_model_option(p, "random", "its shape, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
@@ -197,7 +356,21 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=8, help="requests per client in each row")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--stream", type=float, default=1 / 3, help="fraction of clients that stream (default a third)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure the scheduler alone in this process (no engine process, no HTTP): where a decode step's "
+        "time goes (the model's forward call, the sampling) and whether answers equal one-at-a-time decoding's",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --in-process: torch.profiler over 20 decode steps of each row (from the 6th); its op tables (host time, count, "
+        "and device time on a GPU) to stderr and $OUT/engine-profile-b<batch>-<attention>-c<clients>.txt",
+    )
     a = p.parse_args()
+    if a.profile and not a.in_process:
+        p.error("--profile needs --in-process")
     clients = [int(c) for c in a.clients.split(",")]
     batches = []
     for b in a.batches.split(","):
@@ -205,13 +378,10 @@ def main() -> int:
         batches.append((int(size), attention or "rows"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        if a.model == "default":
-            from livetrain import default_model
-
-            a.model = default_model.resolve("default", a.dtype)
-        elif a.model == "random":
-            a.model = random_model(os.path.join(tmp, "random-smollm2-135m"))
-        for batch, attention in batches:
+        a.model = tiny_model.resolve_model(
+            a.model, "random", lambda: random_model(os.path.join(tmp, "random-smollm2-135m")), a.dtype
+        )
+        for batch, attention in [] if a.in_process else batches:
             engine = Engine(a, batch, tmp, attention)
             try:
                 http(engine.url + "/v1/completions", {"prompt": "warm up", "max_tokens": 4}, timeout=600)
@@ -225,6 +395,10 @@ def main() -> int:
                     )
             finally:
                 engine.stop()
+        if a.in_process:
+            rows = in_process(a, batches, clients)
+    if a.in_process:
+        return report(a, rows, in_process_table(a, rows), "engine-in-process")
     base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
     lines = [
         f"Reference engine, {os.path.basename(os.path.normpath(a.model))} {a.dtype} on {a.device}, greedy, "
@@ -242,6 +416,11 @@ def main() -> int:
             if r["p50_s"] is not None
             else f"| {r['max_batch']} ({r['attention']}) | {r['clients']} ({r['streaming']}) | 0 | - | 0 | - | - | {len(r['errors'])} |"
         )
+    return report(a, rows, lines, "engine")
+
+
+def report(a, rows: list[dict], lines: list[str], name: str) -> int:
+    """Prints the table (and writes $OUT/NAME.md and NAME.json when $OUT is set); 1 when a row had errors."""
     table = "\n".join(lines)
     print(table)
     for r in rows:
@@ -249,9 +428,9 @@ def main() -> int:
             print(f"error (max_batch {r['max_batch']}, {r['clients']} clients): {e}", file=sys.stderr)
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "engine.md"), "w") as f:
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
             f.write(table + "\n")
-        with open(os.path.join(out, "engine.json"), "w") as f:
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=1)
     return 1 if any(r["errors"] for r in rows) else 0
 

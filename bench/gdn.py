@@ -31,39 +31,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
+import serve  # noqa: E402  (bench/serve.py, beside this file: the Qwen3.5 shapes, written once)
+
 from livetrain import kernels  # noqa: E402
 
-# Qwen/Qwen3.5-27B's text config (its linear-attention layers and MLP); "tiny" runs anywhere, for tests.
-SHAPES = {
-    "27b": dict(
-        hidden_size=5120,
-        intermediate_size=17408,
-        linear_num_key_heads=16,
-        linear_num_value_heads=48,
-        linear_key_head_dim=128,
-        linear_value_head_dim=128,
-        linear_conv_kernel_dim=4,
-        num_attention_heads=24,
-        num_key_value_heads=4,
-        head_dim=256,
-        vocab_size=248320,
-        rms_norm_eps=1e-6,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_conv_kernel_dim=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        rms_norm_eps=1e-6,
-    ),
-}
+# Qwen/Qwen3.5-27B's text config (its linear-attention layers and MLP are what this builds); "tiny", the same
+# layer kinds at toy sizes, runs anywhere, for tests.
+SHAPES = {"27b": serve.SHAPES["qwen3.5-27b"], "tiny": serve.SHAPES["qwen3.5-tiny"]}
 RULE = "chunk_gated_delta_rule"  # what training calls (the recurrent one is for one-token decoding)
 TOLERANCE = 2e-2
 GiB = 2**30
@@ -77,8 +51,9 @@ def build_layers(shape: str, layers: int, device: torch.device) -> torch.nn.Modu
     import transformers
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
+    fields = {k: v for k, v in SHAPES[shape].items() if k not in ("model_type", "num_hidden_layers")}
     config = transformers.Qwen3_5TextConfig(
-        **SHAPES[shape], num_hidden_layers=layers, layer_types=["linear_attention"] * layers
+        **fields, num_hidden_layers=layers, layer_types=["linear_attention"] * layers
     )
     torch.manual_seed(0)
     with torch.device(device):

@@ -10,7 +10,11 @@
 #           bash bench/learning_gpu.sh prepare   (after both pieces) join, check, convert into $LIVETRAIN_CACHE
 #           bash bench/learning_gpu.sh sweep2    (after both pieces and a build, `bash scripts/gpu.sh none`):
 #                                                bench/learning_sweep.py's preset grid sweep2 on cuda/bf16
-#                                                (sweep2b: the rest of it), <= 8 min (timeout 450 s), into $OUT
+#                                                (sweep2b: the rest of it; sweep3: the anchor in the batch's
+#                                                forward, more anchor rows, replay_select similar), <= 8 min
+#                                                (timeout 450 s), into $OUT
+#           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
+#                                                anchor, with it in a forward of its own, in the batch's (~1 min)
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
 #                                                uvicorn: scripts/gpu_carry.sh install, PYTHONPATH=/tmp/site)
 set -euo pipefail
@@ -60,11 +64,16 @@ receive)
 prepare)
   prepare
   ;;
-sweep2 | sweep2b)
+sweep2 | sweep2b | sweep3)
   prepare
   mkdir -p "$out"
   timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \
     --json "$out/learning-$what.jsonl" 2>&1 | tee "$out/learning-$what.txt" || true
+  ;;
+step)
+  prepare
+  mkdir -p "$out"
+  timeout "${STEP_SECONDS:-300}" "$py" bench/learning_step.py --device cuda --dtype bf16 --rounds 20 2>&1 | tee "$out/learning-step.txt"
   ;;
 bench)
   prepare
@@ -72,7 +81,7 @@ bench)
   timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
   ;;
 *)
-  sed -n "2,15p" "$0" | sed 's/^# \{0,1\}//'
+  sed -n "2,19p" "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

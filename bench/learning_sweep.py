@@ -8,10 +8,10 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --reword × --until).
+of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --until).
 
-usage: python bench/learning_sweep.py [--grid sweep2|sweep2b] [--facts 32] [--lr 1e-4,5e-5] [--warmup 0]
-           [--replay 0,2] [--anchor 0,1] [--reword 0,1] [--until 0.1] [--max-steps 300]
+usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3] [--facts 32] [--lr 1e-4,5e-5] [--warmup 0]
+           [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--until 0.1] [--max-steps 300]
            [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
@@ -119,6 +119,7 @@ ROW = {
     "warmup": 0,
     "replay": 2,
     "anchor": 0.0,
+    "select": "cycle",
     "reword": False,
     "until": 0.1,
     "max_steps": 300,
@@ -140,6 +141,17 @@ GRIDS = {
         {"name": "anchor1 u0.3", "anchor": 1.0, "until": 0.3},
         {"name": "replay reword", "reword": True},
     ],
+    # After the anchor joined the batch's forward (its rows nearly free): the default again (its time now),
+    # more anchor rows per step, and the replayed rows picked by similarity to each step's prompts
+    # (replay_select "similar", trainer.schedule.Replayed: the template interference the lead's probe saw).
+    "sweep3": [
+        {"name": "anchor1", "anchor": 1.0},
+        {"name": "anchor1 similar", "anchor": 1.0, "select": "similar"},
+        {"name": "anchor1 r8", "anchor": 1.0, "replay": 8},
+        {"name": "anchor1 r8 similar", "anchor": 1.0, "replay": 8, "select": "similar"},
+        {"name": "anchor4 r8 similar", "anchor": 4.0, "replay": 8, "select": "similar"},
+        {"name": "anchor1 r8 similar reword", "anchor": 1.0, "replay": 8, "select": "similar", "reword": True},
+    ],
 }
 
 
@@ -154,6 +166,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=ints, default=[0])
     p.add_argument("--replay", type=ints, default=[2])
     p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
+    p.add_argument(
+        "--select",
+        type=lambda s: s.split(","),
+        default=["cycle"],
+        help="replay_select of each job: cycle, similar (trainer.schedule.Replayed)",
+    )
     p.add_argument("--reword", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1")
     p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
@@ -170,11 +188,12 @@ def main(argv=None) -> int:
         rows = [{**ROW, **r} for r in GRIDS[a.grid]]
     else:
         rows = [
-            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "reword": x, "until": u}
+            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "select": c, "reword": x, "until": u}
             for lr in a.lr
             for w in a.warmup
             for r in a.replay
             for b in a.anchor
+            for c in a.select
             for x in a.reword
             for u in a.until
         ]
@@ -198,7 +217,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | reword | until | steps | trained | reworded | general kept | KL "
+        "| row | lr | replay | anchor | select | reword | until | steps | trained | reworded | general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
     )
@@ -211,6 +230,7 @@ def main(argv=None) -> int:
             "warmup": r["warmup"],
             "replay": r["replay"],
             "anchor": r["anchor"],
+            "replay_select": r["select"],
             "reword": r["reword"],
             "guard": True,
         }
@@ -250,7 +270,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} "
+            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {until} "
             f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
             f"| {kept}/{right} | {row['kl']} | {row['answers_kept']}/{row['answers_compared']} | {verdict} "

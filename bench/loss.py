@@ -23,23 +23,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from optim import time_steps  # noqa: E402  (bench/optim.py, beside this file: the GPU timing of a step)
+
 from livetrain import loss  # noqa: E402
 
 GiB = 1 << 30
 
 
 def timed(fn, reps: int) -> float:
-    """Median seconds of fn() over reps runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median GPU seconds of fn() over reps runs, after warm-up (bench/optim.py's timing)."""
+    return time_steps(fn, reps) / 1e3
 
 
 def main() -> int:

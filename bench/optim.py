@@ -154,7 +154,8 @@ def state_bytes(opt) -> int:
 
 
 def time_steps(step, steps: int) -> float:
-    """Median GPU time of ``step()`` (an optimizer's step, or a loop of per-matrix steps) in ms."""
+    """Median GPU time of ``step()`` (an optimizer's step, or a loop of per-matrix steps; bench/loss.py's losses
+    too) in ms, between CUDA events, after two warm-up calls."""
     for _ in range(2):  # warm-up: state allocation, first projection, module load
         step()
     torch.cuda.synchronize()

@@ -13,15 +13,34 @@ their own so that no peak mixes with another:
            checkpointing, APOLLO-Mini from backward hooks with its sums over ranks. Each rank steps the same
            example of --tokens tokens (the trainer's own tokenization) --steps times after one warm-up step.
 
+Each TP size above 1 runs twice: with sequence parallelism (the trainer's default: the residual stream
+between the blocks split by tokens, livetrain.tensor_parallel) and without (the plain Megatron pattern, the
+residual stream replicated on every rank), so the table compares them in the same run.
+
 Per rank: tokens/s (the batch's tokens over the step time: every rank works on the same tokens), the
 trainer's peak reserved by PyTorch's allocator during the timed steps (weights excluded: they are the
-engine's, mapped through IPC), the rank's weight bytes, and from torch.profiler over one more step the CUDA
-time of NCCL kernels (the collectives, including any wait for the slower rank). Targets (issue #16): TP 2
-tokens/s >= 1.7 x TP 1; per-GPU trainer extra memory <= 15% of that GPU's weight bytes.
+engine's, mapped through IPC), the rank's weight bytes, and from torch.profiler over one more step: the
+device time of NCCL kernels per rank (the collectives, including any wait for the slower rank: a rank that
+is ahead waits in them, so the lower of the ranks' figures is the collectives' own time), the device time of
+every other kernel (compute: when it is well below the step time, the step waits for the host), and the
+memory the trainer's allocator holds by phase of the step (the profiler's memory events, CUDA or CPU):
 
-GPU (two GPUs; about 3-4 minutes):  python bench/tp.py
-CPU smoke run (gloo, tiny model):    python bench/tp.py --size tiny --device cpu --tokens 64 --steps 2
-Prints a markdown table; with $OUT set also writes $OUT/tp.md and $OUT/tp.json.
+  persistent   allocated before the step: optimizer state, workspaces, buffers
+  forward      held when the loss is computed: the layers' checkpoints, what the loss keeps for backward
+  layers       peak over the backward of the decoder layers (checkpoints, one layer's recomputed
+               activations and gradients)
+  vocabulary   peak from the input embeddings' gradient to the step's end (that gradient, then the output
+               projection's, each the size of the rank's vocabulary rows)
+
+beside the two figures that set them, from the shapes: the layers' checkpoints (layers x tokens x hidden,
+/N with sequence parallelism) and one vocabulary-sized gradient (rows x hidden). Phase columns are MiB over
+the step's start; "extra / weights" is the peak reserved over the rank's weight bytes. Targets (issue
+#16): TP 2 tokens/s >= 1.7 x TP 1; per-GPU trainer extra memory <= 15% of that GPU's weight bytes.
+
+GPU (two GPUs; 36 layers ~2 min, then 12 layers ~1.5 min):  python bench/tp.py --layers 36,12
+CPU smoke run (gloo, tiny model):  python bench/tp.py --size tiny --device cpu --tokens 64 --steps 2
+CPU memory breakdown (gloo, ~5 min on 2 cores):  python bench/tp.py --size qwen3-1k --device cpu --tokens 1024 --steps 1
+Prints markdown tables; with $OUT set also writes $OUT/tp.md and $OUT/tp.json.
 """
 
 import argparse
@@ -39,6 +58,21 @@ sys.path.insert(0, HERE)
 
 from serve import SHAPES, allocator_stats, build_tokenizer, train_example, write_model_dir  # noqa: E402
 
+# The 8B shape's proportions at hidden 1024 and a 32k vocabulary: small enough for the CPU (gloo) run of the
+# memory breakdown (bf16 weights 2 x 64 MiB of vocabulary, 24 MiB a layer).
+SHAPES.setdefault(
+    "qwen3-1k",
+    dict(
+        SHAPES["8b"],
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=3072,
+        vocab_size=32768,
+    ),
+)
 MARK = "@@tp-bench "
 GiB = 2**30
 TARGET_SPEEDUP, TARGET_MEMORY = 1.7, 0.15
@@ -88,6 +122,75 @@ def role_engine(a) -> None:
     shared.close()
 
 
+def _mark(name: str) -> None:
+    """A zero-length event in the profiler's trace: a phase boundary of the step (see memory_phases)."""
+    import torch
+
+    with torch.profiler.record_function(f"@@phase {name}"):
+        pass
+
+
+def _instrument(trainer) -> None:
+    """Phase marks in the trainer's step, without changing it: the loss's forward (the service module's
+    causal_lm_loss), and the moment the input embeddings' gradient is about to be made."""
+    from livetrain.trainer import service
+
+    loss = service.causal_lm_loss
+
+    def marked(*args, **kwargs):
+        _mark("start")
+        out = loss(*args, **kwargs)
+        _mark("forward")
+        return out
+
+    service.causal_lm_loss = marked
+    embeddings = trainer.model.get_input_embeddings()
+
+    def on_output(_module, _inputs, out):
+        if out.requires_grad:
+            out.register_hook(lambda _g: _mark("vocabulary"))
+
+    embeddings.register_forward_hook(on_output)
+
+
+def memory_phases(trace_path: str, device) -> dict:
+    """From a profiler trace with memory events: the allocated bytes of ``device`` before the step, and
+    the peak over that (or the level, for "forward") in each phase between the marks of _instrument."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    marks = {}
+    for e in events:
+        name = e.get("name", "")
+        if name.startswith("@@phase "):
+            marks.setdefault(name[8:], float(e["ts"]))
+    dev_type, dev_id = (1, device.index or 0) if device.type == "cuda" else (0, -1)
+    mem = sorted(
+        (float(e["ts"]), int(e["args"]["Total Allocated"]))
+        for e in events
+        if e.get("name") == "[memory]"
+        and int(e["args"].get("Device Type", -9)) == dev_type
+        and (dev_type == 0 or int(e["args"].get("Device Id", -9)) == dev_id)
+    )
+    if not mem or not {"start", "forward", "vocabulary"} <= marks.keys():
+        return {}
+    before = [m for t, m in mem if t < marks["start"]]
+    base = before[-1] if before else mem[0][1]
+
+    def peak(t0, t1):
+        inside = [m for t, m in mem if t0 <= t < t1]
+        return max(inside, default=base) - base
+
+    level = [m for t, m in mem if t < marks["forward"]]
+    end = mem[-1][0] + 1
+    return {
+        "base": base,
+        "forward_peak": peak(marks["start"], marks["forward"]),
+        "forward": (level[-1] if level else base) - base,
+        "layers": peak(marks["forward"], marks["vocabulary"]),
+        "vocabulary": peak(marks["vocabulary"], end),
+    }
+
+
 def role_trainer(a) -> None:
     """One trainer rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment at TP > 1)."""
     import torch
@@ -99,7 +202,10 @@ def role_trainer(a) -> None:
 
     settings = options.parse(["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", "1e-5"])
     ranks = Ranks.from_env(timeout=600, state_dir=a.state_dir)
+    if ranks is not None:
+        ranks.sequence_parallel = bool(a.sp)
     trainer = Trainer(a.manifest, a.model, settings, ranks=ranks)
+    _instrument(trainer)
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
 
@@ -120,25 +226,54 @@ def role_trainer(a) -> None:
     mem = allocator_stats(dev)
 
     # One more step under the profiler: the device time of the collectives (NCCL kernels; gloo on CPU: the
-    # host time of the c10d operations).
+    # host time of the c10d operations) and of the other kernels, and the memory by phase.
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, profile_memory=True) as prof:
+        if ranks is not None:
+            # Starting the profiler takes each rank its own time: without this, the rank that starts first
+            # waits in its first collective for the other and the skew counts as collective time.
+            import torch.distributed as dist
+
+            dist.barrier(group=ranks.control)
         t = time.perf_counter()
         trainer.step(examples)
         sync()
         profiled = time.perf_counter() - t
-    coll = 0.0
+    coll = compute = 0.0
     for ev in prof.key_averages():
         name = ev.key.lower()
-        if dev.type == "cuda" and "nccl" in name:
-            coll += ev.device_time_total / 1e6
-        elif dev.type != "cuda" and name.startswith("c10d::"):
+        if dev.type != "cuda" and name.startswith("c10d::"):
             coll += ev.cpu_time_total / 1e6
+    trace = os.path.join(a.state_dir, f"trace-{ranks.rank if ranks else 0}.json")
+    os.makedirs(a.state_dir, exist_ok=True)
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        for e in json.load(f)["traceEvents"]:
+            if e.get("cat") == "kernel":
+                if "nccl" in e.get("name", "").lower():
+                    coll += float(e.get("dur", 0)) / 1e6
+                else:
+                    compute += float(e.get("dur", 0)) / 1e6
+    phases = memory_phases(trace, dev)
+    os.remove(trace)
+    persistent = trainer.opt.state_bytes()["total"] + sum(w.nbytes for w in trainer.opt._workspaces.values())
     weights = sum(
         x.numel() * x.element_size() for x in {x.data_ptr(): x for x in trainer.attached.tensors.values()}.values()
     )
+    # What sets the phases, from the shapes: the layers' checkpoints (the residual stream at each layer's
+    # input; split by tokens under sequence parallelism) and one vocabulary-sized gradient.
+    model = trainer.model
+    hidden = model.get_input_embeddings().weight.shape[1]
+    layers = len(model.model.layers)
+    size = ranks.size if ranks else 1
+    rows = -(-ntok // size) if ranks is not None and ranks.sequence_parallel else ntok
+    elt = model.get_input_embeddings().weight.element_size()
+    analytic = {
+        "checkpoints": layers * rows * hidden * elt,
+        "vocab_gradient": model.get_input_embeddings().weight.numel() * elt,
+    }
     reply(
         {
             "rank": ranks.rank if ranks else 0,
@@ -149,7 +284,12 @@ def role_trainer(a) -> None:
             "memory": mem,
             "weights_bytes": weights,
             "collective_seconds": coll,
+            "compute_seconds": compute,
             "profiled_step_seconds": profiled,
+            "phases": phases,
+            "persistent_bytes": persistent,
+            "analytic": analytic,
+            "sequence_parallel": bool(ranks is not None and ranks.sequence_parallel),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         }
     )
@@ -191,16 +331,16 @@ class Child:
             self.proc.kill()
 
 
-def run_tp(a, size: int, work: str) -> dict:
+def run_tp(a, size: int, sp: bool, work: str) -> dict:
     from livetrain.trainer.client import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     # (engines must not use expandable segments: CUDA IPC cannot share that memory)
-    group = f"bench-{os.getpid()}-{size}"
+    group = f"bench-{os.getpid()}-{size}-{int(sp)}"
     engines = []
     try:
         for r in range(size):
-            manifest = os.path.join(work, f"tp{size}-rank{r}.json")
+            manifest = os.path.join(work, f"tp{size}-sp{int(sp)}-rank{r}.json")
             args = ["--role", "engine", "--rank", str(r), "--tp", str(size), "--manifest", manifest]
             engines.append(Child([*args, "--model", a.model_dir, "--device", a.device, "--group", group], env))
         ready = [e.expect(600) for e in engines]
@@ -211,34 +351,66 @@ def run_tp(a, size: int, work: str) -> dict:
         trainers = []
         for r in range(size):
             renv = dict(tenv, RANK=str(r), LOCAL_RANK=str(r))
-            state = os.path.join(work, f"state-{size}")
+            state = os.path.join(work, f"state-{size}-{int(sp)}")
             args = ["--role", "trainer", "--manifest", ready[r]["ready"], "--model", a.model_dir]
-            args += ["--tokens", str(a.tokens), "--steps", str(a.steps), "--state-dir", state]
+            args += ["--tokens", str(a.tokens), "--steps", str(a.steps), "--state-dir", state, "--sp", str(int(sp))]
             trainers.append(Child(args, renv))
         results = [t.expect(1200) for t in trainers]
         for t in trainers:
             t.close()
-        return {"size": size, "ranks": results}
+        return {"size": size, "sequence_parallel": sp and size > 1, "ranks": results}
     finally:
         for e in engines:
             e.close()
 
 
-def table(runs: list[dict]) -> str:
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def table(runs: list[dict], title: str) -> str:
     base = runs[0]["ranks"][0]["tokens_per_s"]
     lines = [
-        "| TP | tokens/step | tokens/s | vs TP 1 | step s | collectives s/step | weights GiB/GPU | trainer peak reserved GiB/GPU | extra / weights |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"### {title}",
+        "",
+        "| TP | sequence parallel | tokens/step | tokens/s | vs TP 1 | step s | compute s/step | collectives s/step (per rank) | weights GiB/GPU | trainer peak reserved GiB/GPU | extra / weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         r0 = run["ranks"][0]
         mem = max((r["memory"] or {}).get("peak_reserved", 0) for r in run["ranks"])
         w = max(r["weights_bytes"] for r in run["ranks"])
-        coll = max(r["collective_seconds"] for r in run["ranks"])
+        coll = " / ".join(f"{r['collective_seconds']:.3f}" for r in run["ranks"])
+        compute = max(r["compute_seconds"] for r in run["ranks"])
         step = sum(r0["step_seconds"]) / len(r0["step_seconds"])
+        sp = "yes" if run["sequence_parallel"] else ("-" if run["size"] == 1 else "no")
         lines.append(
-            f"| {run['size']} | {r0['tokens']} | {r0['tokens_per_s']:.0f} | {r0['tokens_per_s'] / base:.2f}x | {step:.3f} | "
-            f"{coll:.3f} | {w / GiB:.2f} | {mem / GiB:.2f} | {mem / w:.1%} |"
+            f"| {run['size']} | {sp} | {r0['tokens']} | {r0['tokens_per_s']:.0f} | {r0['tokens_per_s'] / base:.2f}x | "
+            f"{step:.3f} | {compute:.3f} | {coll} | {w / GiB:.2f} | {_gib(mem if mem else None)} | "
+            f"{(f'{mem / w:.1%}' if mem else '-')} |"
+        )
+    lines += [
+        "",
+        "Memory by phase of the profiled step (MiB over the step's start, the larger of the ranks; bench/tp.py's docstring):",
+        "",
+        "| TP | sequence parallel | persistent (optimizer state, workspaces) | forward: held | layers' backward: peak | vocabulary gradients: peak | shapes: layers' checkpoints | shapes: one vocabulary gradient |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+
+        def most(key, sub="phases"):
+            vals = [r[sub].get(key) for r in run["ranks"] if r.get(sub)]
+            return max(vals) if vals else None
+
+        sp = "yes" if run["sequence_parallel"] else ("-" if run["size"] == 1 else "no")
+        persistent = max(r["persistent_bytes"] for r in run["ranks"])
+        lines.append(
+            f"| {run['size']} | {sp} | {_mib(persistent)} | {_mib(most('forward'))} | {_mib(most('layers'))} | "
+            f"{_mib(most('vocabulary'))} | {_mib(most('checkpoints', 'analytic'))} | {_mib(most('vocab_gradient', 'analytic'))} |"
         )
     lines.append("")
     lines.append(
@@ -251,7 +423,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--role", default="orchestrator", choices=["orchestrator", "engine", "trainer"])
     p.add_argument("--size", default="8b", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=0, help="decoder layers (default: the shape's)")
+    p.add_argument(
+        "--layers", default="0", help="decoder layers, a comma-separated list: one table each (default: the shape's)"
+    )
+    p.add_argument(
+        "--no-compare", action="store_true", help="run TP > 1 with sequence parallelism only (not also without)"
+    )
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tp", default="1,2", help="TP sizes to run, the first is the baseline (default 1,2)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the training example (default 4096)")
@@ -263,6 +440,7 @@ def main() -> None:
     p.add_argument("--model", default="")
     p.add_argument("--group", default="")
     p.add_argument("--state-dir", default="")
+    p.add_argument("--sp", type=int, default=1, help="(a trainer child) 1: sequence parallelism, 0: without")
     a = p.parse_args()
     if a.role != "orchestrator":
         try:
@@ -272,20 +450,29 @@ def main() -> None:
             sys.exit(1)
         return
     sizes = [int(x) for x in a.tp.split(",")]
-    with tempfile.TemporaryDirectory(prefix="livetrain-tp-bench-") as work:
-        a.model_dir = os.path.join(work, "model")
-        shape = SHAPES[a.size]
-        write_model_dir(
-            a.model_dir, a.size, a.layers or shape["num_hidden_layers"], build_tokenizer(shape["vocab_size"])
-        )
-        runs = []
-        for size in sizes:
-            t = time.perf_counter()
-            runs.append(run_tp(a, size, work))
-            log(f"TP {size}: {time.perf_counter() - t:.0f} s")
-    md = table(runs)
-    print(md)
-    out = {"size": a.size, "tokens": a.tokens, "steps": a.steps, "device": a.device, "runs": runs}
+    shape = SHAPES[a.size]
+    out = {"size": a.size, "tokens": a.tokens, "steps": a.steps, "device": a.device, "tables": []}
+    tables = []
+    for layers in [int(x) or shape["num_hidden_layers"] for x in a.layers.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="livetrain-tp-bench-") as work:
+            a.model_dir = os.path.join(work, "model")
+            write_model_dir(a.model_dir, a.size, layers, build_tokenizer(shape["vocab_size"]))
+            runs = []
+            for size in sizes:
+                for sp in [True] if size == 1 or a.no_compare else [True, False]:
+                    t = time.perf_counter()
+                    runs.append(run_tp(a, size, sp, work))
+                    log(
+                        f"{layers} layers, TP {size}{' (sequence parallel)' if sp and size > 1 else ''}: {time.perf_counter() - t:.0f} s"
+                    )
+        title = f"{a.size} shape, {layers} layers, {a.tokens} tokens a step, {a.device}"
+        tables.append(table(runs, title))
+        out["tables"].append({"layers": layers, "runs": runs})
+        print(tables[-1], flush=True)
+        save(a, out, "\n\n".join(tables))  # each table as soon as it is done
+
+
+def save(a, out: dict, md: str) -> None:
     for path in [a.json] + ([os.path.join(os.environ["OUT"], "tp.json")] if os.environ.get("OUT") else []):
         if path:
             with open(path, "w") as f:

@@ -41,12 +41,21 @@ std::vector<checkpoint::LiveTensor> live_tensors(const std::vector<TensorArg>& a
   return out;
 }
 
+using ServedArg = std::vector<std::pair<std::string, std::string>>;  // (name, dtype name)
+
+std::vector<std::pair<std::string, DType>> served_dtypes(const ServedArg& served) {
+  std::vector<std::pair<std::string, DType>> v;
+  for (const auto& [name, dtype] : served) v.emplace_back(name, parse_dtype(dtype, "served tensor \"" + name + "\""));
+  return v;
+}
+
 checkpoint::OpenOptions open_options(uint32_t rank, uint32_t ranks, const std::optional<std::vector<HeldArg>>& held,
-                                     const std::string& group) {
+                                     const std::string& group, const ServedArg& served) {
   checkpoint::OpenOptions o;
   o.rank = rank;
   o.ranks = ranks;
   o.group = group;
+  o.served = served_dtypes(served);
   if (held) {
     o.held.emplace();
     for (const auto& [name, start, shape] : *held) o.held->push_back(checkpoint::HeldRegion{name, {start, shape}});
@@ -103,6 +112,9 @@ nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
   d["diff_seconds"] = p.diff_seconds;
   d["encode_seconds"] = p.encode_seconds;
   d["write_seconds"] = p.write_seconds;
+  nb::list served;
+  for (const auto& [name, dtype] : p.served) served.append(nb::make_tuple(name, std::string(dtype_name(dtype))));
+  d["served"] = served;
   return d;
 }
 
@@ -153,6 +165,13 @@ checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
     part.optimizer_bytes = u64("optimizer_bytes");
     part.optimizer_hash = hash("optimizer_hash");
   }
+  if (d.contains("served")) {  // absent in a descriptor of a rank that serves every tensor in the files' dtype
+    try {
+      p.served = served_dtypes(nb::cast<ServedArg>(d["served"]));
+    } catch (const nb::cast_error&) {
+      throw Error(ErrorCode::kInvalidArg, what + ".served: expected a list of (tensor name, dtype name)");
+    }
+  }
   return p;
 }
 
@@ -180,26 +199,26 @@ void init_checkpoint(nb::module_& m) {
       .def_static(
           "create",
           [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
-             std::optional<std::vector<HeldArg>> held, const std::string& group) {
-            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
+             std::optional<std::vector<HeldArg>> held, const std::string& group, const ServedArg& served) {
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group, served);
             nb::gil_scoped_release release;
             return checkpoint::Store::create(model_dir, store_dir, o);
           },
           nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
-          nb::arg("held") = nb::none(), nb::arg("group") = "",
+          nb::arg("held") = nb::none(), nb::arg("group") = "", nb::arg("served") = ServedArg{},
           "Creates a store (generation 0 = the model files), then opens it as open() does.")
       .def_static(
           "open",
           [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
-             std::optional<std::vector<HeldArg>> held, const std::string& group) {
-            checkpoint::OpenOptions o = open_options(rank, ranks, held, group);
+             std::optional<std::vector<HeldArg>> held, const std::string& group, const ServedArg& served) {
+            checkpoint::OpenOptions o = open_options(rank, ranks, held, group, served);
             nb::gil_scoped_release release;
             return checkpoint::Store::open(model_dir, store_dir, o);
           },
           nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
-          nb::arg("held") = nb::none(), nb::arg("group") = "",
+          nb::arg("held") = nb::none(), nb::arg("group") = "", nb::arg("served") = ServedArg{},
           "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
-          "[]: none).")
+          "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.")
       .def("close", &checkpoint::Store::close)
       .def_prop_ro("dir", &checkpoint::Store::dir)
       .def_prop_ro("model_dir", &checkpoint::Store::model_dir)
@@ -209,13 +228,16 @@ void init_checkpoint(nb::module_& m) {
       .def(
           "tensors",
           [](const checkpoint::Store& s) {
-            std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, std::string>> out;
-            for (const auto& t : s.commit().tensors) {
-              out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape, std::string(dtype_name(t.served)));
+            std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, std::string, std::string>> out;
+            for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
+              const auto& t = s.commit().tensors[i];
+              out.emplace_back(t.name, std::string(dtype_name(t.dtype)), t.shape, std::string(dtype_name(s.served(i))),
+                               std::string(dtype_name(t.served)));
             }
             return out;
           },
-          "(name, dtype in the model files, shape, dtype served in) of every tensor, in the store's order.")
+          "(name, dtype in the model files, shape, dtype this process serves it in, dtype COMMIT records) of "
+          "every tensor, in the store's order.")
       .def(
           "generations",
           [](const checkpoint::Store& s) {
@@ -296,6 +318,9 @@ void init_checkpoint(nb::module_& m) {
           },
           nb::arg("generation"), nb::arg("out_dir"))
       .def(
+          "serve_as", [](checkpoint::Store& s, const ServedArg& served) { s.serve_as(served_dtypes(served)); },
+          nb::arg("served"), "Declares the dtypes this process serves tensors in (nothing is written).")
+      .def(
           "set_served",
           [](checkpoint::Store& s, const std::vector<std::pair<std::string, std::string>>& served) {
             std::vector<std::pair<std::string, DType>> v;
@@ -333,11 +358,14 @@ void init_checkpoint(nb::module_& m) {
           "Checks deltas and model files; returns the problems found (empty when all is well).")
       .def(
           "materialize",
-          [](checkpoint::Store& s, uint64_t generation, bool copy_symlinks) {
+          [](checkpoint::Store& s, uint64_t generation, bool copy_symlinks, bool round_to_file_dtype) {
             nb::gil_scoped_release release;
-            s.materialize(generation, copy_symlinks);
+            return s.materialize(generation, copy_symlinks, {}, round_to_file_dtype);
           },
-          nb::arg("generation"), nb::arg("copy_symlinks") = false)
+          nb::arg("generation"), nb::arg("copy_symlinks") = false, nb::arg("round_to_file_dtype") = false,
+          "Brings the model files to `generation`; returns the tensors written in their served dtype (files "
+          "rewritten: their values do not fit the files' dtype), or, with round_to_file_dtype, the tensors "
+          "rounded to the files' dtype (saved as a new generation first, then materialized).")
       .def(
           "gc",
           [](checkpoint::Store& s, uint64_t keep_from) {

@@ -1,5 +1,6 @@
 // Writes the seed corpora of fuzz_checkpoint_delta and fuzz_checkpoint_journal with the real encoders
-// (encode_record, journal_append), so the seeds are valid files of every shape the store writes:
+// (encode_record, journal_append, journal_append_replace), so the seeds are valid files of every shape the
+// store writes:
 //   build-fuzz/fuzz/make_checkpoint_corpus fuzz/corpus-checkpoint-delta fuzz/corpus-checkpoint-journal
 #include <cstdio>
 #include <cstdlib>
@@ -119,5 +120,10 @@ int main(int argc, char** argv) {
   checkpoint::journal_append(many, 3, 69800, bytes.data() + 3, 200);
   checkpoint::journal_finish(many);
   write(j + "/many.journal", many);
+  std::string replace = checkpoint::journal_header(2, 3);  // version 2: a file rewritten whole, another written
+  checkpoint::journal_append_replace(replace, 1, 150, 0x0123456789abcdefull);
+  checkpoint::journal_append(replace, 0, 10, bytes.data(), 20);
+  checkpoint::journal_finish(replace);
+  write(j + "/replace.journal", replace);
   return 0;
 }

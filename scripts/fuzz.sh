@@ -2,8 +2,10 @@
 # Builds the libFuzzer targets with clang (ASan + UBSan) in build-fuzz/ and runs each from its seed corpus
 # in fuzz/. LIVETRAIN_FUZZ_SECONDS (default 120) is the TOTAL fuzzing time of one run, split evenly
 # between the targets (4 targets: 30 s each), so adding a target never lengthens CI; each gets at least
-# 5 s. Exits non-zero on a finding. LIVETRAIN_TOOLS names the directory holding cmake and ninja
-# (default .venv/bin).
+# 5 s. A fuzzer is one single-threaded process, so as many run at once as the machine has cores (at most
+# LIVETRAIN_FUZZ_JOBS when set): each still has a core for its whole time (the same executions as one after
+# the other), and the run takes the total divided by the cores (2 cores: 60 s of 120). Exits non-zero on a
+# finding. LIVETRAIN_TOOLS names the directory holding cmake and ninja (default .venv/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 total=${LIVETRAIN_FUZZ_SECONDS:-120}
@@ -21,7 +23,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# fuzz TARGET CORPUS_DIR DICT WHAT
+# fuzz TARGET CORPUS_DIR DICT WHAT: one fuzzer; what it says goes to $work/TARGET.out (printed in order below).
 fuzz() {
   local target=$1 corpus=$2 dict=$3 what=$4
   mkdir -p "$work/$target"
@@ -29,11 +31,11 @@ fuzz() {
   echo "fuzzing the $what for ${seconds}s (ASan + UBSan)"
   local rc=0
   build-fuzz/fuzz/"$target" -max_total_time="$seconds" -max_len=4096 -timeout=10 \
-    -dict="$dict" -print_final_stats=1 "$work/$target" >"$work/$target.log" 2>&1 || rc=$?
+    -dict="$dict" -print_final_stats=1 -artifact_prefix="$work/$target-" "$work/$target" >"$work/$target.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ]; then
     echo "fuzz: $target: FINDING (exit code $rc):"
     tail -60 "$work/$target.log"
-    mkdir -p fuzz/findings && cp crash-* leak-* timeout-* oom-* fuzz/findings/ 2>/dev/null || true
+    mkdir -p fuzz/findings && cp "$work/$target"-* fuzz/findings/ 2>/dev/null || true
     return 1
   fi
   local runs
@@ -41,9 +43,27 @@ fuzz() {
   echo "fuzz: $target: ${runs} executions in ${seconds}s, 0 findings"
 }
 
+runs=(
+  "fuzz_safetensors_header fuzz/corpus-safetensors fuzz/safetensors.dict safetensors header parser"
+  "fuzz_manifest fuzz/corpus-manifest fuzz/manifest.dict sharing manifest parser"
+  "fuzz_checkpoint_delta fuzz/corpus-checkpoint-delta fuzz/checkpoint.dict checkpoint delta parser"
+  "fuzz_checkpoint_journal fuzz/corpus-checkpoint-journal fuzz/checkpoint.dict checkpoint journal parser"
+)
+jobs=${LIVETRAIN_FUZZ_JOBS:-$(nproc)}
+[ "$jobs" -ge 1 ] || jobs=1
 status=0
-fuzz fuzz_safetensors_header fuzz/corpus-safetensors fuzz/safetensors.dict "safetensors header parser" || status=1
-fuzz fuzz_manifest fuzz/corpus-manifest fuzz/manifest.dict "sharing manifest parser" || status=1
-fuzz fuzz_checkpoint_delta fuzz/corpus-checkpoint-delta fuzz/checkpoint.dict "checkpoint delta parser" || status=1
-fuzz fuzz_checkpoint_journal fuzz/corpus-checkpoint-journal fuzz/checkpoint.dict "checkpoint journal parser" || status=1
+# Batches of `jobs` fuzzers (all run for the same time, so a batch ends at once), each reported in order.
+for ((first = 0; first < ${#runs[@]}; first += jobs)); do
+  pids=()
+  for ((i = first; i < first + jobs && i < ${#runs[@]}; i++)); do
+    read -r target corpus dict what <<<"${runs[$i]}"
+    fuzz "$target" "$corpus" "$dict" "$what" >"$work/$target.out" 2>&1 &
+    pids+=($!)
+  done
+  for ((i = first; i < first + ${#pids[@]}; i++)); do
+    read -r target _ <<<"${runs[$i]}"
+    wait "${pids[$((i - first))]}" || status=1
+    cat "$work/$target.out"
+  done
+done
 exit $status

@@ -44,8 +44,11 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
+
+import tiny_model  # noqa: E402  (the tiny model, the --model option)
 
 ENV = {
     **os.environ,
@@ -479,9 +482,6 @@ def probe_segments(a, tmp: str) -> tuple[bool, str]:
 def tiny_model_dir(path: str) -> str:
     """A 2-layer Llama with random weights and a word-level tokenizer over this script's prompts
     (tests/python/tiny_model.py): the probes' mechanics at a fraction of the default model's CPU time."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-    import tiny_model
-
     words = [JOB["examples"][0]["prompt"] + JOB["examples"][0]["completion"], "Tell me a long story about a dragon."]
     words += ["Hello, how are you", "Question what is plus ? hi", " ".join(str(i) for i in range(200))]
     tiny_model.make_model_dir(path, words, intermediate_size=128, max_position_embeddings=512)
@@ -490,11 +490,7 @@ def tiny_model_dir(path: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model",
-        default="default",
-        help="model directory, 'default' (SmolLM2-135M-Instruct) or 'tiny' (a 2-layer random Llama: a loaded CPU)",
-    )
+    tiny_model.add_model_option(p, "tiny", "a 2-layer random Llama: a loaded CPU")
     p.add_argument("--requests", type=int, default=200, help="completions per client in the load probe")
     p.add_argument("--kills", type=int, default=20, help="engine SIGKILLs in the segments probe")
     p.add_argument(
@@ -511,12 +507,7 @@ def main() -> int:
     a = p.parse_args()
     only = set(filter(None, a.only.split(",")))
     tmp = tempfile.mkdtemp(prefix="probe-serve-")
-    if a.model == "default":
-        from livetrain import default_model
-
-        a.model = default_model.resolve("default", "bf16")
-    elif a.model == "tiny":
-        a.model = tiny_model_dir(os.path.join(tmp, "tiny-llama"))
+    a.model = tiny_model.resolve_model(a.model, "tiny", lambda: tiny_model_dir(os.path.join(tmp, "tiny-llama")), "bf16")
     rows, keep = [], False
 
     def run(name: str, target: str, fn):

@@ -4,7 +4,11 @@
 # requirements/dev.txt; pyproject.toml [tool.ruff]), the C++ suite (ctest), the parser fuzzers for
 # LIVETRAIN_FUZZ_SECONDS in total (default 120), the wheel as pip users get it (scripts/wheel_test.sh: built,
 # installed into a new venv, served from; LIVETRAIN_WHEEL_TEST=0 skips it), then the Python suite (pytest),
-# whose summary is the last line. GPU tests skip when no GPU is visible.
+# whose summary is the last line, after its 25 slowest tests (--durations: every CI log shows where the time
+# goes). GPU tests skip when no GPU is visible. pytest runs two test files at a time (pytest-xdist,
+# --dist loadfile: a file's tests stay together, in order, with its module-scoped servers): most of the suite
+# waits on server and rank processes that use one core, so two files fill the two cores of CI.
+# LIVETRAIN_TEST_JOBS sets how many (1: one process, without xdist).
 #
 # On a machine with no GPU (CI), the build's CUDA code is compiled for one architecture (sm_80) unless
 # LIVETRAIN_CMAKE_ARGS names LIVETRAIN_CUDA_GENCODE: nothing runs it there, the build only has to show that it
@@ -16,19 +20,24 @@ cd "$(dirname "$0")/.."
 if ! nvidia-smi -L >/dev/null 2>&1 && [[ "${LIVETRAIN_CMAKE_ARGS:-}" != *LIVETRAIN_CUDA_GENCODE* ]]; then
   export LIVETRAIN_CMAKE_ARGS="-DLIVETRAIN_CUDA_GENCODE=-gencode=arch=compute_80,code=sm_80 ${LIVETRAIN_CMAKE_ARGS:-}"
 fi
+# Each step's heading says when it starts (seconds since this script started), so a log shows where the time goes.
+step() { printf '\n== %s [%d s]\n' "$1" "$SECONDS"; }
 bash scripts/setup.sh
-printf '\n== C++/CUDA formatting (scripts/format.sh --check)\n'
+step "C++/CUDA formatting (scripts/format.sh --check)"
 bash scripts/format.sh --check
-printf '\n== Python lint and formatting (ruff check, ruff format --check)\n'
+step "Python lint and formatting (ruff check, ruff format --check)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-printf '\n== C++ tests (ctest)\n'
+step "C++ tests (ctest)"
 (cd build && ctest --output-on-failure -j "$(nproc)")
-printf '\n== fuzzing\n'
+step "fuzzing"
 bash scripts/fuzz.sh
 if [ "${LIVETRAIN_WHEEL_TEST:-1}" != 0 ]; then
-  printf '\n== the wheel (scripts/wheel_test.sh)\n'
+  step "the wheel (scripts/wheel_test.sh)"
   bash scripts/wheel_test.sh
 fi
-printf '\n== Python tests (pytest)\n'
-exec .venv/bin/python -m pytest -ra
+step "Python tests (pytest)"
+jobs=${LIVETRAIN_TEST_JOBS:-$(($(nproc) < 2 ? $(nproc) : 2))}
+parallel=()
+[ "$jobs" -le 1 ] || parallel=(-n "$jobs" --dist loadfile)
+exec .venv/bin/python -m pytest -ra --durations=25 "${parallel[@]}"

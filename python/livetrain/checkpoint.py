@@ -134,6 +134,14 @@ def _live(tensors: Mapping[str, torch.Tensor] | Iterable[Shard], *, only_saved: 
     return args
 
 
+def _served_arg(served, held) -> list[tuple[str, str]]:
+    """(name, dtype name) of the tensors this process serves, for the core: ``served`` as given, else the
+    dtypes of the held Shards (the live memory they view is what is served)."""
+    if served is None:
+        served = {h.name: h.tensor.dtype for h in held or () if isinstance(h, Shard)}
+    return [(n, d if isinstance(d, str) else dtype_name(d)) for n, d in served.items()]
+
+
 def _held(held) -> list[tuple] | None:
     """(name, start, shape) regions for the core; None: every tensor whole."""
     if held is None:
@@ -166,15 +174,20 @@ class CheckpointStore:
         ranks: int = 1,
         held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
         group: str = "",
+        served: Mapping[str, torch.dtype | str] | None = None,
         _create: bool = False,
     ):
         """Opens the store of ``model_dir``. One process per tensor-parallel rank: ``rank`` of ``ranks``
         (rank 0 first; it holds the store's lock, recovers, and commits), ``held`` the regions it keeps a
         head copy of and saves (Shards, of which those with ``saved``, or (name, start, shape); default:
         every tensor whole; ``[]``: none, for a process that only restores), ``group`` the engine the ranks
-        serve (parts of another group are refused at commit)."""
+        serve (parts of another group are refused at commit), ``served`` the dtypes this process's engine
+        serves tensors in ({files' name: dtype}; default: the dtypes of the held Shards, else what the store
+        records), so that every rank uses its own without waiting for another to record them (saves record
+        them)."""
+        held = list(held) if held is not None else None
         make = _core.CheckpointStore.create if _create else _core.CheckpointStore.open
-        self._s = make(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group)
+        self._s = make(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group, _served_arg(served, held))
         self.created = False  # set by open_store when it made the store
 
     @classmethod
@@ -223,11 +236,16 @@ class CheckpointStore:
         """(name, dtype name, shape) of every tensor of the model, in the store's order; the dtype is the one
         the engine serves it in (deltas, restore and compare use it), the model files' unless
         :meth:`set_served` changed it (:meth:`file_dtypes` gives those)."""
-        return [(n, served, list(shape)) for n, _, shape, served in self._s.tensors()]
+        return [(n, served, list(shape)) for n, _, shape, served, _ in self._s.tensors()]
 
     def file_dtypes(self) -> dict[str, str]:
         """{name: dtype in the model files} of the tensors served in another dtype (see :meth:`set_served`)."""
-        return {n: d for n, d, _, served in self._s.tensors() if served != d}
+        return {n: d for n, d, _, served, _ in self._s.tensors() if served != d}
+
+    def recorded_dtypes(self) -> dict[str, str]:
+        """{name: dtype} of every tensor as COMMIT records it: the files' dtype, or the served one once
+        :meth:`set_served` or a save recorded it (this process may serve it otherwise: ``served=``)."""
+        return {n: recorded for n, _, _, _, recorded in self._s.tensors()}
 
     def set_served(self, served: Mapping[str, torch.dtype | str]) -> None:
         """Records that the engine serves these tensors (files' names) in other dtypes than the model files
@@ -237,6 +255,11 @@ class CheckpointStore:
         generations hold in another dtype, is refused naming the tensor and both dtypes. Rank 0, in a store
         opened with ``held=[]``; a no-op when nothing changes."""
         self._s.set_served([(n, d if isinstance(d, str) else dtype_name(d)) for n, d in served.items()])
+
+    def serve_as(self, served: Mapping[str, torch.dtype | str]) -> None:
+        """Declares, after opening, the dtypes this process serves tensors in (as ``served=`` does; nothing is
+        written); refused for a tensor this process keeps a head copy of in another dtype."""
+        self._s.serve_as(_served_arg(served, None))
 
     def list(self) -> list[dict]:
         """The committed generations, oldest first."""
@@ -316,9 +339,17 @@ class CheckpointStore:
         problems found (empty: none)."""
         return self._s.verify()
 
-    def materialize(self, generation: int, *, copy_symlinks: bool = False) -> None:
-        """Writes ``generation`` into the model directory's own files, crash-safe."""
-        self._s.materialize(generation, copy_symlinks)
+    def materialize(
+        self, generation: int, *, copy_symlinks: bool = False, round_to_file_dtype: bool = False
+    ) -> list[str]:
+        """Writes ``generation`` into the model directory's own files, crash-safe. Returns the tensors written
+        in their served dtype: a tensor served in another dtype whose values the files' dtype cannot hold
+        (a trained float32 ``A_log`` over bfloat16 files) is written as served, its file rewritten whole
+        (transformers and vLLM load it, casting to the model's dtype where they keep another). With
+        ``round_to_file_dtype`` such values are rounded to the files' dtype instead (round to nearest even:
+        lossy): the rounded weights are saved as a new generation (``head`` + 1) that the files then hold, and
+        the rounded tensors are returned (needs the default open: a head copy of every tensor)."""
+        return self._s.materialize(generation, copy_symlinks, round_to_file_dtype)
 
     def gc(self, keep_from: int) -> None:
         """Forgets generations before ``keep_from``."""
@@ -397,13 +428,15 @@ def open_store(
     ranks: int = 1,
     held: Iterable[Shard] | Iterable[tuple[str, Sequence[int], Sequence[int]]] | None = None,
     group: str = "",
+    served: Mapping[str, torch.dtype | str] | None = None,
 ) -> CheckpointStore:
-    """Opens the store of ``model_dir`` (``rank``, ``ranks``, ``held`` and ``group`` as CheckpointStore takes
-    them); with ``create``, makes it first when it does not exist yet (generation 0 = the model files as
+    """Opens the store of ``model_dir`` (``rank``, ``ranks``, ``held``, ``group`` and ``served`` as
+    CheckpointStore takes them); with ``create``, makes it first when it does not exist yet (generation 0 = the model files as
     they are; rank 0 only, the other ranks open after it). The one place that creates stores for
     livetrain's processes: ``store.created`` says whether this call did."""
     path = store_path(model_dir, store_dir)
-    options = dict(rank=rank, ranks=ranks, held=held, group=group)
+    held = list(held) if held is not None else None
+    options = dict(rank=rank, ranks=ranks, held=held, group=group, served=served)
     if create and rank == 0 and not store_exists(model_dir, path):
         try:
             store = CheckpointStore.create(model_dir, path, **options)
@@ -451,7 +484,7 @@ def _adopt_served_dtypes(store: CheckpointStore, tensors: Mapping[str, torch.Ten
         if isinstance(tensors, Mapping)
         else {s.name: s.tensor.dtype for s in tensors}
     )
-    known = {name: dtype for name, dtype, _ in store.tensors()}
+    known = store.recorded_dtypes()
     changed = {n: d for n, d in given.items() if n in known and dtype_name(d) != known[n]}
     if changed:
         store.set_served(changed)
@@ -490,7 +523,17 @@ def restore_latest(
     store was created, and the store's tensors that ``tensors`` leave out.
     """
     tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
+    given = (
+        {n: t.dtype for n, t in tensors.items()}
+        if isinstance(tensors, Mapping)
+        else {s.name: s.tensor.dtype for s in tensors}
+    )
     with open_store(model_dir, store_dir, create=create, rank=rank, ranks=ranks, held=[]) as store:
+        # Every rank restores in the dtypes its engine serves (the store converts the files' values), whatever
+        # rank 0 has recorded yet; rank 0 records them (a later save by the trainer would too). Tensors the
+        # store lacks are refused by _served, naming them.
+        known = store.recorded_dtypes()
+        store.serve_as({n: d for n, d in given.items() if n in known})
         if rank == 0:
             _adopt_served_dtypes(store, tensors)
         not_served = _served(store, tensors)

@@ -18,7 +18,7 @@ import torch
 from livetrain import _core
 from livetrain.safetensors import dtype_name, torch_dtype
 
-__all__ = ["check", "build", "views", "plan", "merge", "engine_layout", "served_in_fp32"]
+__all__ = ["check", "build", "views", "plan", "merge", "engine_layout", "served_in_fp32", "load_fp32_exactly"]
 
 # Parameters the engines keep in float32 whatever the model's dtype: vLLM's GatedDeltaNetAttention (Qwen3-Next,
 # Qwen3.5) creates A_log in float32 and widens the files' bf16 into it, while transformers keeps the files'
@@ -30,6 +30,23 @@ FP32_PARAMETER_SUFFIXES = (".linear_attn.A_log",)
 def served_in_fp32(name: str) -> bool:
     """Whether the engines serve parameter ``name`` (any prefix) in float32 whatever the model's dtype."""
     return name.endswith(FP32_PARAMETER_SUFFIXES)
+
+
+def load_fp32_exactly(tensors: Mapping[str, torch.Tensor], model_dir: str | os.PathLike) -> None:
+    """Writes into the float32 tensors the engines serve in float32 (``served_in_fp32``; ``tensors`` under the
+    model files' names, in place) the files' values converted exactly, as vLLM's loader does (it copies the
+    files' values into its float32 parameter). transformers' ``from_pretrained(dtype=torch.bfloat16)`` casts a
+    float32 tensor of the files (published Qwen3.5's A_log, or one ``materialize`` wrote in float32) to bf16
+    first, which widening afterwards does not undo."""
+    from livetrain.safetensors import Model
+
+    names = [n for n, t in tensors.items() if served_in_fp32(n) and t.dtype == torch.float32]
+    if not names:
+        return
+    files = Model(model_dir)
+    for name in names:
+        if name in files:
+            tensors[name].copy_(files.tensor(name, copy=False))
 
 
 def engine_layout(engine: str) -> str:

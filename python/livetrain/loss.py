@@ -279,6 +279,7 @@ def causal_lm_loss(
     later: OutputGradient | None = None,
     vocab: VocabSlice | None = None,
     per_example: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per example, the mean cross-entropy over its trained tokens (labels != -100, shifted by one),
     times the example's weight; averaged over the batch. Chunked (LinearCrossEntropy) when the model's
@@ -286,7 +287,10 @@ def causal_lm_loss(
     is left to ``later.apply`` where it can be (``later.active``). ``vocab``: the model is a
     tensor-parallel rank's, whose output projection holds that slice of the vocabulary. With ``per_example``
     (fp32, one element per example), each example's mean cross-entropy, unweighted, is written there from
-    the same forward: what the trainer reports per example and stops a job on, at no extra pass."""
+    the same forward: what the trainer reports per example and stops a job on, at no extra pass.
+    ``hidden``: the model's final hidden states of these rows ([rows, tokens, hidden]), when the caller
+    made them in a forward shared with other rows (the trainer's retention anchor: one forward and one
+    backward for both); only for a model with a plain linear output layer (``output_projection``)."""
     if later is not None:
         later.weight, later._pending = None, None
     target = labels[:, 1:]
@@ -294,6 +298,8 @@ def causal_lm_loss(
     head = output_projection(model)
     if head is None and vocab is not None:
         raise ValueError("a tensor-parallel model needs a plain linear output layer (the loss cannot gather logits)")
+    if head is None and hidden is not None:
+        raise ValueError("hidden states given for a model without a plain linear output layer (output_projection)")
     if head is None:
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
@@ -301,7 +307,9 @@ def causal_lm_loss(
         if per_example is not None:
             per_example.copy_(mean.detach())
         return (mean * weights).mean()
-    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
+    if hidden is None:
+        hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1]
     b, t, h = hidden.shape
     token_ce = None
     if per_example is not None:

@@ -35,12 +35,15 @@ class ParamShard(NamedTuple):
     """A tensor-parallel rank's part of a parameter: ``full_shape`` is the whole tensor's; along ``dim``
     (-1: the rank holds all of it) the rank holds the runs ``segments`` ((start, length) of the full
     tensor's indices, concatenated in the local tensor's order). ``primary``: this rank's values count in
-    sums over ranks (of ranks holding the same block, one)."""
+    sums over ranks (of ranks holding the same block, one). ``summed``: a tensor every rank holds whole
+    whose gradient was summed over the ranks before the step (livetrain.tensor_parallel's hooks): the same
+    gradient on every rank, after a collective every rank passed, so its step needs no collective of its own."""
 
     full_shape: tuple[int, ...]
     dim: int = -1
     segments: tuple[tuple[int, int], ...] = ()
     primary: bool = True
+    summed: bool = False
 
     def core(self):
         """The core's form (dim, full size along dim, segments, primary); None for a whole tensor."""
@@ -245,7 +248,8 @@ class Apollo(torch.optim.Optimizer):
             else:
                 nbytes = _core.apollo_workspace_bytes(rows, cols, group["rank"])
                 ws = self._workspace(p.device, nbytes) if cuda else None
-                algo = "apollo" if self._tp_group is None else ("apollo-whole",)
+                summed = shard is not None and shard.summed
+                algo = "apollo" if self._tp_group is None or summed else ("apollo-whole",)
             call = (
                 algo,
                 h,
@@ -271,7 +275,7 @@ class Apollo(torch.optim.Optimizer):
             if shard is not None and shard.dim >= 0:
                 # A part of a tensor: ‖G‖² summed over ranks first; rounding keyed by the full tensor's indices.
                 algo = ("adamw-shard", shard.core(), math.prod(p.shape[shard.dim + 1 :]), shard.primary)
-            elif self._tp_group is not None:
+            elif self._tp_group is not None and not (shard is not None and shard.summed):
                 algo = ("adamw-whole", None, 1, True)
             call = (
                 algo,

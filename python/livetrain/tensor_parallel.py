@@ -20,6 +20,20 @@ as Megatron-LM does (Shoeybi et al. 2019, "Megatron-LM", section 3):
   block: q_norm, k_norm, the gated delta net's norm; a KV head several ranks share): gradient summed over
   the ranks holding them, before the optimizer's hook steps them.
 
+For training (``sequence_parallel=True``, what the trainer builds) the residual stream between the blocks is
+split by tokens as well (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", section 4.2.2): rank r holds rows [r·c, (r+1)·c) of the batch's B·T tokens (c = ceil(B·T / N), the
+last rows zero padding), so the norms, residual additions and the checkpoint each decoder layer keeps for
+recomputation are 1/N of the replicated ones. Then the input of a column-parallel block is gathered over the
+ranks (``GATHER``: all-gather forward, reduce-scatter backward), a row-parallel layer's partial sums
+are reduce-scattered to the token rows (``REDUCE_SCATTER``), the first decoder layer takes its rows of
+the embeddings' output (``SPLIT``) and the final norm's output is gathered for the vocabulary-parallel
+loss (``GATHER_REPLICATED``). The same bytes cross as with the all-reduces (an all-reduce is a
+reduce-scatter and an all-gather), and every parameter every rank holds whole (the layer norms too) sees only
+its tokens: its gradient is summed over the ranks. Everything outside the blocks must be per token (norms,
+residual additions), as in every decoder the layouts take; the reference engine's generation (one token at
+a time) builds the model without it.
+
 Why not transformers' own tensor-parallel plan (``tp_plan``, DTensor): its shards are ``torch.chunk``
 blocks of the full tensor, while vLLM's vocabulary shards are blocks of the *padded* vocabulary and its KV
 heads are replicated across ranks when N exceeds them, neither of which a DTensor ``Shard`` placement can
@@ -62,6 +76,136 @@ class _CopyToRanks(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same tensor elsewhere
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+class _Tokens:
+    """The token split of one forward (sequence parallelism): the batch's shape [B, T, H], its B·T rows and
+    each rank's c of them. Set by the first decoder layer's ``split``, read by the collectives after
+    it; a recomputed layer (gradient checkpointing) finds the same values (the same step's batch)."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
+        self.shape: tuple = ()
+        self.rows = self.chunk = 0
+
+    def set(self, shape) -> None:
+        self.shape = tuple(shape)
+        self.rows = self.shape[0] * self.shape[1]
+        self.chunk = -(-self.rows // self.size)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """[1, c, H] of every rank -> the batch's [B, T, H] (one all_gather_into_tensor)."""
+        import torch.distributed as dist
+
+        h = local.shape[-1]
+        full = torch.empty((self.size * self.chunk, h), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(full, local.reshape(self.chunk, h).contiguous(), group=self.group)
+        return full[: self.rows].view(*self.shape[:2], h)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] partial sums on every rank -> this rank's rows of their sum, [1, c, H]."""
+        import torch.distributed as dist
+
+        h = x.shape[-1]
+        flat = x.reshape(self.rows, h)
+        if self.size * self.chunk != self.rows:
+            flat = F.pad(flat, (0, 0, 0, self.size * self.chunk - self.rows))
+        out = torch.empty((self.chunk, h), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, flat.contiguous(), group=self.group)
+        return out.view(1, self.chunk, h)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """The first layer's input [B, T, H]: sets the split (``set``), then this rank's rows (``mine``)."""
+        self.set(x.shape)
+        return self.mine(x)
+
+    def mine(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of [B, T, H] (the same on every rank), in memory of their own, [1, c, H]."""
+        h = x.shape[-1]
+        start = self.rank * self.chunk
+        take = max(0, min(self.chunk, self.rows - start))
+        out = x.new_zeros((self.chunk, h))
+        out[:take] = x.reshape(self.rows, h)[start : start + take]
+        return out.view(1, self.chunk, h)
+
+
+class _AlongTokens(torch.autograd.Function):
+    """A sequence-parallel operator: ``x`` -> ``tokens.<forward>(x)``, its gradient -> ``tokens.<backward>``
+    (the operators are the pairs below)."""
+
+    @staticmethod
+    def forward(ctx, x, tokens, forward, backward):
+        ctx.tokens, ctx.backward_op = tokens, backward
+        return getattr(tokens, forward)(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return getattr(ctx.tokens, ctx.backward_op)(grad), None, None, None
+
+
+# The embeddings' output (the same on every rank) -> this rank's token rows; backward gathers the rows'
+# gradients (each rank's is whole for its rows) into the batch's.
+SPLIT = ("split", "gather")
+# The input of a column-parallel block: every rank's rows gathered into the batch; each rank's gradient of
+# it covers only its heads or channels, so backward sums them and keeps the rank's rows (a reduce-scatter).
+GATHER = ("gather", "reduce_scatter")
+# The output of a row-parallel layer: each rank's is a partial sum of the batch; the rank keeps its rows of
+# the sum; backward gathers the rows' gradients.
+REDUCE_SCATTER = ("reduce_scatter", "gather")
+# The final norm's output gathered for the loss, whose backward hands every rank the same gradient of the
+# whole batch (the vocabulary-parallel loss sums its parts over the ranks): backward keeps the rank's rows.
+GATHER_REPLICATED = ("gather", "mine")
+
+
+def _along_tokens(x, tokens, op):
+    return _AlongTokens.apply(x, tokens, *op)
+
+
+# transformers' RMSNorm classes whose forward is weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)
+# (Llama's, copied into the others); Qwen3.5's (1 + weight) and gated norms are other formulas.
+_LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+
+
+class _RMSNorm(torch.autograd.Function):
+    """transformers' Llama RMSNorm, the same operations forward, keeping for backward only its input and
+    the per-row 1/rms: autograd over the module's operations keeps the input in fp32 and the normalized
+    rows in the input's dtype, three times the input's bytes, for every norm of the layer being recomputed
+    (input, post-attention, q_norm, k_norm: ~150 MiB of a TP-2 rank's peak at 4,096 tokens of an 8B model).
+    Backward recomputes the normalized rows (one more pass over the input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        xf = x.to(torch.float32)
+        normed = (xf * r).to(x.dtype)
+        grad_weight = (grad * normed).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(torch.float32)  # d/d(normalized rows), through the cast back to fp32
+            # y = x·r with r = (mean(x²) + eps)^-1/2: dx = g·r − x·r³·mean(g·x)
+            grad_x = (g * r - xf * r.pow(3) * (g * xf).mean(-1, keepdim=True)).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def _lean_norms(model: torch.nn.Module) -> None:
+    """Every Llama-formula RMSNorm of the model computed by _RMSNorm (the same forward, less kept for
+    backward)."""
+    for module in model.modules():
+        if type(module).__name__ in _LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
+
+            def forward(x, module=module):
+                return _RMSNorm.apply(x, module.weight, module.variance_epsilon)
+
+            module.forward = forward
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -145,11 +289,15 @@ def _sum_gradient(group):
     return hook
 
 
-def build_model(attached: sharing.Attached, group, *, requires_grad: bool = True) -> RankModel:
+def build_model(
+    attached: sharing.Attached, group, *, requires_grad: bool = True, sequence_parallel: bool = False
+) -> RankModel:
     """The Hugging Face model of the engine rank ``attached`` (a ``vllm``-layout manifest of tp_rank r of
     tp_size N) on its own memory, tensor-parallel over ``group`` (a ``torch.distributed`` group of the N
-    trainer ranks, rank r in it being this one). Every rank calls it at the same point (it runs
-    collectives). Raises livetrain.Error naming the field or tensor when the engine's shards do not fit."""
+    trainer ranks, rank r in it being this one). ``sequence_parallel``: the residual stream split by tokens
+    too (the module's docstring; for training: the model then takes whole sequences, no KV cache). Every
+    rank calls it at the same point (it runs collectives). Raises livetrain.Error naming the field or tensor
+    when the engine's shards do not fit."""
     import torch.distributed as dist
 
     model_rec = attached.manifest["model"]
@@ -194,13 +342,24 @@ def build_model(attached: sharing.Attached, group, *, requires_grad: bool = True
             d, segments = v["shard"]
             shards[p] = ParamShard(tuple(v["hf_shape"]), d, tuple(tuple(s) for s in segments), holders[name][0] == rank)
 
-    _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, model_rec["config"])
+    tokens = None
+    if sequence_parallel:
+        decoder = getattr(model, "model", None)
+        if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "norm"):
+            raise _core.UnsupportedError(
+                f"{attached.path}: {type(model).__name__} has no decoder layers and final norm at model.layers / "
+                "model.norm: sequence parallelism does not know where its residual stream is"
+            )
+        tokens = _Tokens(group)
+    _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, model_rec["config"], tokens)
+    if requires_grad:
+        _lean_norms(model)
     return RankModel(model, shards, VocabSlice(vocab_start, group), lay, views, rank, size)
 
 
-def _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, full_config) -> None:
+def _install(model, params, shards, holders, shared, group, vocab_start, vocab_rows, full_config, tokens) -> None:
     """The Megatron operators of the module's docstring, on the model's modules (their parameters and names
-    stay as transformers made them)."""
+    stay as transformers made them); with ``tokens`` (a _Tokens), those of sequence parallelism."""
     import torch.distributed as dist
 
     modules = dict(model.named_modules())
@@ -218,38 +377,51 @@ def _install(model, params, shards, holders, shared, group, vocab_start, vocab_r
         else:
             blocks.add(mod.rpartition(".")[0])  # the attention / gated delta net / MLP the layer is the input of
 
-    def copy_input(module, args, kwargs):
-        if args:
-            return (_CopyToRanks.apply(args[0], group), *args[1:]), kwargs
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": _CopyToRanks.apply(kwargs["hidden_states"], group)}
-        raise TypeError(f"{type(module).__name__}: no input to make tensor-parallel")
+    def on_input(fn, *extra):
+        def hook(module, args, kwargs):
+            if args:
+                return (fn(args[0], *extra), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"], *extra)}
+            raise TypeError(f"{type(module).__name__}: no input to make tensor-parallel")
+
+        return hook
 
     for b in sorted(blocks):
-        modules[b].register_forward_pre_hook(copy_input, with_kwargs=True)
+        if tokens is None:
+            modules[b].register_forward_pre_hook(on_input(_CopyToRanks.apply, group), with_kwargs=True)
+        else:
+            modules[b].register_forward_pre_hook(on_input(_along_tokens, tokens, GATHER), with_kwargs=True)
     for r in sorted(row_parallel):
-        _row_parallel(modules[r], group)
+        _row_parallel(modules[r], group, tokens)
+    if tokens is not None:
+        model.model.layers[0].register_forward_pre_hook(on_input(_along_tokens, tokens, SPLIT), with_kwargs=True)
+        model.model.norm.register_forward_hook(lambda _m, _a, out: _along_tokens(out, tokens, GATHER_REPLICATED))
     pad = full_config.get("pad_token_id", (full_config.get("text_config") or {}).get("pad_token_id"))
     local_pad = pad - vocab_start if pad is not None and vocab_start <= pad < vocab_start + vocab_rows else None
     _vocab_parallel_embedding(embeddings, vocab_start, vocab_rows, local_pad, group)
 
     # Gradients each rank sees only part of: replicated parameters inside a block (not a row-parallel layer's
-    # bias, added after the sum), and blocks several ranks hold.
+    # bias, added after the sum) or, under sequence parallelism, every replicated one (each rank's tokens);
+    # and blocks several ranks hold.
     subgroups = {ranks: dist.new_group([dist.get_global_rank(group, r) for r in ranks]) for ranks in shared}
     for name, p in params.items():
         sh, mod = shards[p], owner[id(p)]
         inside = any(mod == b or mod.startswith(b + ".") for b in blocks) and mod not in row_parallel
-        if sh.dim < 0 and inside and p.requires_grad:
+        if sh.dim < 0 and (inside or tokens is not None) and p.requires_grad:
             p.register_hook(_sum_gradient(group))
+            shards[p] = sh._replace(summed=True)  # the optimizer's step then needs no collective of its own
         elif sh.dim >= 0 and len(holders.get(name, ())) > 1 and p.requires_grad:
             p.register_hook(_sum_gradient(subgroups[tuple(holders[name])]))
 
 
-def _row_parallel(module: torch.nn.Module, group) -> None:
-    """A row-parallel linear layer: its partial product summed over ranks, then its (replicated) bias once."""
+def _row_parallel(module: torch.nn.Module, group, tokens=None) -> None:
+    """A row-parallel linear layer: its partial product summed over ranks (with ``tokens``: reduce-scattered
+    to the rank's token rows), then its (replicated) bias once."""
 
     def forward(x):
-        y = _SumOverRanks.apply(F.linear(x, module.weight), group)
+        y = F.linear(x, module.weight)
+        y = _SumOverRanks.apply(y, group) if tokens is None else _along_tokens(y, tokens, REDUCE_SCATTER)
         return y if module.bias is None else y + module.bias
 
     module.forward = forward

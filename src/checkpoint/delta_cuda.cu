@@ -23,6 +23,7 @@
 #include "checkpoint/diff_plan.hpp"
 #include "checkpoint/digest.hpp"
 #include "cuda/check.hpp"
+#include "cuda/owned.hpp"
 #include "livetrain/checkpoint/diff.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/tuning.hpp"
@@ -247,6 +248,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One group's second half, the same in both diff shapes: its changed elements' XORs compacted into `d_values`
+// (which holds the values from byte `base` on), the digests of its live bytes when they are kept, and its
+// values, [base, end), copied to their place in the pinned host buffer `host_values`.
+void compact_group(const Launch& L, uint64_t chunks, const uint64_t* d_offsets, uint64_t base, uint8_t* d_values,
+                   uint64_t* d_digests, uint64_t end, uint8_t* host_values, cudaStream_t st) {
+  diff_compact_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, st>>>(L, d_offsets, base, d_values);
+  LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  if (d_digests) {
+    digest_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, st>>>(L, true, d_digests);
+    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+  }
+  if (end > base) {
+    LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(host_values + base, d_values, end - base, cudaMemcpyDeviceToHost, st));
+  }
+}
+
 // Device memory owned by scope (cudaFree synchronizes, so a throw with kernels in flight is still safe).
 struct DeviceBuffer {
   void* p = nullptr;
@@ -264,28 +281,6 @@ struct DeviceBuffer {
   T* as() const {
     return static_cast<T*>(p);
   }
-};
-
-// A non-blocking stream owned by scope.
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { LIVETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  ~Stream() {
-    if (s) cudaStreamDestroy(s);
-  }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-};
-
-// An event owned by scope.
-struct Event {
-  cudaEvent_t e = nullptr;
-  Event() { LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
-  ~Event() {
-    if (e) cudaEventDestroy(e);
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
 };
 
 void free_pinned(uint8_t* p) { cudaFreeHost(p); }
@@ -470,25 +465,25 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
                                          cudaMemcpyHostToDevice, stream));
   }
   const uint64_t* d_so = d_stage_offsets.as<uint64_t>();
-  Stream s0, s1;
-  Event joined;
-  LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.e, stream));  // the side streams start after the caller's work
-  LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s0.s, joined.e, 0));
-  LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.s, joined.e, 0));
-  std::vector<Event> done(groups.size());
+  cuda::Stream s0, s1;
+  cuda::Event joined;
+  LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.h, stream));  // the side streams start after the caller's work
+  LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s0.h, joined.h, 0));
+  LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.h, joined.h, 0));
+  std::vector<cuda::Event> done(groups.size());
 
   if (!one_pass) {
     // Pass 1: count every chunk, `old` read where it lies; the bitmap goes straight into page-locked
     // host memory.
     if (chunks) {
-      diff_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, s0.s>>>(
+      diff_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, s0.h>>>(
           launch_of(ts, n, 0, device_view<uint32_t>(bitmaps), 0, nullptr, nullptr, d_flag_ptr),
           d_counts.as<uint32_t>());
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       LIVETRAIN_CUDA_CHECK(
-          cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, s0.s));
+          cudaMemcpyAsync(h_counts.data, d_counts.p, chunks * sizeof(uint32_t), cudaMemcpyDeviceToHost, s0.h));
     }
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
     place(0, chunks);
     place_rest();
     HostBytes values = view_of(w.values, value_total);
@@ -496,9 +491,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     // copies overlap the other's kernel and copies.
     if (chunks && value_total) {
       LIVETRAIN_CUDA_CHECK(
-          cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, s0.s));
-      LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.e, s0.s));
-      LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.s, joined.e, 0));
+          cudaMemcpyAsync(d_offsets.p, h_offsets.data, chunks * sizeof(uint64_t), cudaMemcpyHostToDevice, s0.h));
+      LIVETRAIN_CUDA_CHECK(cudaEventRecord(joined.h, s0.h));
+      LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s1.h, joined.h, 0));
       // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
       // from diff_value_shift(base) bytes in (diff_plan.hpp).
       const uint64_t cap = std::min<uint64_t>(value_total, group_bytes + 8 * n) + kDiffScratchAlign;
@@ -506,7 +501,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       DeviceBuffer d_stage0(update_old ? group_bytes : 0), d_stage1(update_old ? group_bytes : 0);
       for (size_t k = 0; k < groups.size(); ++k) {
         const DiffGroup& g = groups[k];
-        cudaStream_t st = k % 2 ? s1.s : s0.s;
+        cudaStream_t st = k % 2 ? s1.h : s0.h;
         uint8_t* d_scratch = (k % 2 ? d_values1 : d_values0).as<uint8_t>();
         uint8_t* d_stage = update_old ? (k % 2 ? d_stage1 : d_stage0).as<uint8_t>() : nullptr;
         if (g.c1 > g.c0) {
@@ -518,30 +513,21 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
           uint8_t* d_values = d_scratch + diff_value_shift(base);
           const Launch L = launch_of(ts, n, g.c0, device_view<uint32_t>(bitmaps), 0, d_stage,
                                      update_old ? d_so + g.c0 : nullptr, d_flag_ptr);
-          diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(),
-                                                                                       base, d_values);
-          LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-          if (digests) {
-            digest_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, true, digests->d.as<uint64_t>());
-            LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-          }
-          if (ends[g.c1 - 1] > base) {
-            LIVETRAIN_CUDA_CHECK(
-                cudaMemcpyAsync(values.data + base, d_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
-          }
+          compact_group(L, g.c1 - g.c0, d_offsets.as<uint64_t>(), base, d_values,
+                        digests ? digests->d.as<uint64_t>() : nullptr, ends[g.c1 - 1], values.data, st);
           for (const DiffSegment& sg : g.segments) {
             if (update_old)
               LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, d_stage + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
           }
         }
-        LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
+        LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
       }
       for (size_t k = 0; k < groups.size(); ++k) {
-        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[k].e));
+        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[k].h));
         if (ready && groups[k].tensors_done < n) ready(groups[k].tensors_done, bitmaps.data, values.data);
       }
-      LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));  // before the buffers go
-      LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.s));
+      LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));  // before the buffers go
+      LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
     }
     LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
     const uint8_t* bitmap_base = bitmaps.data;
@@ -583,8 +569,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   DeviceBuffer d_stage[2] = {DeviceBuffer(slot_bytes), DeviceBuffer(slot_bytes)};
   DeviceBuffer d_values[2] = {DeviceBuffer(slot_values), DeviceBuffer(slot_values)};
   DeviceBuffer d_bitmap[2] = {DeviceBuffer(max_words * 4), DeviceBuffer(max_words * 4)};
-  cudaStream_t slot_stream[2] = {s0.s, s1.s};
-  std::vector<Event> counted(groups.size());
+  cudaStream_t slot_stream[2] = {s0.h, s1.h};
+  std::vector<cuda::Event> counted(groups.size());
   // Zero words for the chunks a group does not stage (not flagged): they are unchanged.
   auto front = [&](size_t k) {
     const DiffGroup& g = groups[k];
@@ -604,7 +590,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(h_counts.data + g.c0 * sizeof(uint32_t), d_counts.as<uint32_t>() + g.c0,
                                            (g.c1 - g.c0) * sizeof(uint32_t), cudaMemcpyDeviceToHost, st));
     }
-    LIVETRAIN_CUDA_CHECK(cudaEventRecord(counted[k].e, st));
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(counted[k].h, st));
   };
   HostBytes values = view_of(w.values, 0);
   uint64_t values_capacity = w.values.size;
@@ -618,7 +604,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     if (value_total > values_capacity) {
       // Outgrown (a step changed more than the store reserved for): a bigger buffer with the values so
       // far, once every earlier group has completed; the old one stays alive for addresses handed out.
-      for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].e));
+      for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
       HostBytes bigger = pinned_alloc(value_total + value_total / 2);
       if (base) std::memcpy(bigger.data, w.values.data, base);
       w.retired.push_back(std::move(w.values));
@@ -627,7 +613,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     }
     values = view_of(w.values, value_total);
     if (g.c1 == g.c0) {
-      LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
+      LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
       return;
     }
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(d_offsets.as<uint64_t>() + g.c0, offsets + g.c0,
@@ -637,17 +623,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     const Launch L = launch_of(ts, n, g.c0, d_bitmap[slot].as<uint32_t>(), first_word, d_stage[slot].as<uint8_t>(),
                                d_so + g.c0, d_flag_ptr);
     uint8_t* d_group_values = d_values[slot].as<uint8_t>() + diff_value_shift(base);
-    diff_compact_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, d_offsets.as<uint64_t>(), base,
-                                                                                 d_group_values);
-    LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-    if (digests) {
-      digest_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, st>>>(L, true, digests->d.as<uint64_t>());
-      LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-    }
-    if (ends[g.c1 - 1] > base) {
-      LIVETRAIN_CUDA_CHECK(
-          cudaMemcpyAsync(values.data + base, d_group_values, ends[g.c1 - 1] - base, cudaMemcpyDeviceToHost, st));
-    }
+    compact_group(L, g.c1 - g.c0, d_offsets.as<uint64_t>(), base, d_group_values,
+                  digests ? digests->d.as<uint64_t>() : nullptr, ends[g.c1 - 1], values.data, st);
     LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(bitmaps.data + first_word * 4, d_bitmap[slot].p, (last_word - first_word) * 4,
                                          cudaMemcpyDeviceToHost, st));
     if (update_old) {
@@ -656,7 +633,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
             cudaMemcpyAsync(sg.old, d_stage[slot].as<uint8_t>() + sg.stage_offset, sg.bytes, cudaMemcpyDefault, st));
       }
     }
-    LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].e, st));
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
   };
   // Groups are announced in order as they complete; the host waits only for counts (and, at the end, for
   // the rest), so one group's back half runs while the next one's front half does.
@@ -664,9 +641,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   auto announce = [&](size_t upto, bool wait) {
     for (; announced < upto; ++announced) {
       if (wait) {
-        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].e));
+        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].h));
       } else {
-        const cudaError_t e = cudaEventQuery(done[announced].e);
+        const cudaError_t e = cudaEventQuery(done[announced].h);
         if (e == cudaErrorNotReady) return;
         LIVETRAIN_CUDA_CHECK(e);
       }
@@ -675,15 +652,15 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   };
   for (size_t k = 0; k < std::min<size_t>(2, groups.size()); ++k) front(k);
   for (size_t k = 0; k < groups.size(); ++k) {
-    LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(counted[k].e));
+    LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(counted[k].h));
     back(k);
     if (k + 2 < groups.size()) front(k + 2);  // same stream: after this group's back has used the slot
     announce(k + 1, false);
   }
   announce(groups.size(), true);
   if (groups.empty()) place_rest();
-  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.s));
-  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.s));
+  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
+  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
   LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
   values = view_of(w.values, value_total);
   const uint8_t* bitmap_base = bitmaps.data;

@@ -1,5 +1,7 @@
 // Materialization: brings the model directory's own safetensors files to a generation in place, through a
-// redo journal (written and fsynced before any model byte changes, removed after the commit).
+// redo journal (written and fsynced before any model byte changes, removed after the commit). A file holding
+// a tensor whose served values its dtype cannot hold (a trained F32 A_log over BF16 files) is rewritten
+// whole with that tensor in the served dtype: prepared beside it, renamed over it by the journal's redo.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +14,7 @@
 #include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/safetensors.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -26,6 +29,12 @@ void report(const Progress& p, std::string_view what, uint64_t done, uint64_t to
   if (p) p(what, done, total);
 }
 
+// Where the new version of a model file that materialize rewrites is prepared: beside it (the rename that
+// replaces it must not cross filesystems), hidden.
+std::string prepared_path(const std::string& model_dir, const std::string& name) {
+  return fs::join(model_dir, "." + name + ".livetrain-materialize");
+}
+
 }  // namespace
 
 uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::string& what) {
@@ -36,9 +45,38 @@ uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::stri
   const std::vector<JournalEntry>& entries = j.entries;
   const uint64_t to = j.to;
 
+  // Files replaced whole first: the prepared copy is renamed over the file; if it is gone, the rename happened
+  // before a crash, and the file must be that copy.
+  bool renamed = false;
+  for (const JournalEntry& e : entries) {
+    if (e.kind != JournalEntry::kReplace) continue;
+    const std::string path = fs::join(model_dir_, commit_.files[e.file].name);
+    const std::string prepared = prepared_path(model_dir_, commit_.files[e.file].name);
+    if (fs::exists(prepared)) {
+      fs::Mapping m = fs::Mapping::open_readonly(prepared);
+      if (m.size() != e.offset || content_hash(m.data(), m.size()) != e.hash) {
+        throw Error(ErrorCode::kFormat,
+                    what + ": the rewritten model file " + prepared + " does not match the journal (size or hash)");
+      }
+      if (::rename(prepared.c_str(), path.c_str()) != 0) throw io_error("rename " + prepared + " to " + path);
+      renamed = true;
+    } else {
+      fs::Mapping m = fs::Mapping::open_readonly(path);
+      if (m.size() != e.offset || content_hash(m.data(), m.size()) != e.hash) {
+        throw Error(ErrorCode::kFormat, what + ": model file " + path + " is neither as the store had it nor the " +
+                                            "rewritten copy the journal names, and that copy (" + prepared +
+                                            ") is missing");
+      }
+    }
+  }
+  if (renamed) fs::fsync_dir(model_dir_);
   std::vector<fs::Fd> fds(commit_.files.size());
   for (size_t i = 0; i < entries.size(); ++i) {
     const JournalEntry& e = entries[i];
+    if (e.kind == JournalEntry::kReplace) {  // renamed above
+      if (i == entries.size() / 2) crash_point("apply-half");
+      continue;
+    }
     std::string path = fs::join(model_dir_, commit_.files[e.file].name);
     if (!fds[e.file].valid()) {
       // O_NOFOLLOW: never write through a symlink into a shared cache blob.
@@ -70,13 +108,29 @@ void Store::commit_materialized(uint64_t generation) {
     f.size = m.size();
     f.hash = content_hash(m.data(), m.size());
   }
+  // A rewritten file has a new header: its tensors' dtypes and places come from it (same names and shapes).
+  safetensors::Model model = safetensors::Model::open(model_dir_);
+  for (TensorEntry& t : c.tensors) {
+    const auto& e = model.tensor(t.name);
+    if (e.info->shape != t.shape || fs::basename(e.file->path()) != c.files[t.file].name) {
+      throw Error(ErrorCode::kFormat, "model file " + c.files[t.file].name + ": tensor \"" + t.name +
+                                          "\" changed its shape or file during materialize");
+    }
+    t.dtype = e.info->dtype;
+    t.offset = e.file->header().data_start() + e.info->begin;
+    t.nbytes = e.info->nbytes();
+  }
   write_commit(c);
   commit_ = c;
 }
 
 void Store::recover_journal() {
   std::string path = fs::join(dir_, std::string(kJournalFileName));
-  if (!fs::exists(path)) return;
+  if (!fs::exists(path)) {
+    // A crash after preparing a rewritten model file but before its journal: the copy is garbage.
+    for (const auto& f : commit_.files) ::unlink(prepared_path(model_dir_, f.name).c_str());
+    return;
+  }
   std::string bytes = fs::read_file(path);
   const uint8_t* p = reinterpret_cast<const uint8_t*>(bytes.data());
   if (bytes.size() < 40) throw Error(ErrorCode::kFormat, path + ": truncated journal");
@@ -96,11 +150,49 @@ void Store::recover_journal() {
   fs::fsync_dir(dir_);
 }
 
-void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progress) {
+std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symlinks, Progress progress,
+                                            bool round_to_file_dtype) {
   check_usable();
   require_rank0("materialize");
   std::vector<std::vector<uint8_t>> target = state(generation);  // throws for an unknown generation
-  if (generation == commit_.materialized) return;
+  if (round_to_file_dtype) {
+    // Every value of a tensor served in another dtype, through the files' dtype and back: what the files
+    // can hold. When that changes anything, the rounded weights become a generation of their own first.
+    std::vector<std::string> rounded;
+    for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+      const TensorEntry& t = commit_.tensors[i];
+      if (served_[i] == t.dtype) continue;
+      const uint32_t us = unit_bytes(served_[i]);
+      std::vector<uint8_t> file(t.nbytes), back(target[i].size());
+      convert_elements(target[i].data(), served_[i], file.data(), t.dtype, target[i].size() / us);
+      convert_elements(file.data(), t.dtype, back.data(), served_[i], target[i].size() / us);
+      if (back == target[i]) continue;
+      target[i] = std::move(back);
+      rounded.push_back(t.name);
+    }
+    if (!rounded.empty()) {
+      bool every_tensor = ranks_ == 1 && held_.size() == commit_.tensors.size();
+      for (const Held& h : held_) every_tensor = every_tensor && is_whole(h.region, commit_.tensors[h.tensor].shape);
+      if (!every_tensor) {
+        throw Error(ErrorCode::kInvalidArg, "materialize generation " + std::to_string(generation) +
+                                                " rounded to the files' dtype saves the rounded weights as a new "
+                                                "generation first: open the store as one process with a head copy "
+                                                "of every tensor (the default; not held=[] or a rank's regions)");
+      }
+      std::vector<LiveTensor> live;
+      for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+        const TensorEntry& t = commit_.tensors[i];
+        live.push_back(LiveTensor{t.name, served_[i], t.shape, target[i].data(), -1, {}});
+      }
+      SaveOptions options;
+      options.weight_version = commit_.find(generation)->weight_version;
+      options.save_if_unchanged = true;
+      const uint64_t g = save(live, options).generation;
+      materialize(g, copy_symlinks, progress, false);  // every value now fits the files' dtype: in place
+      return rounded;
+    }
+  }
+  if (generation == commit_.materialized) return {};
 
   for (const auto& f : commit_.files) {
     std::string path = fs::join(model_dir_, f.name);
@@ -132,37 +224,74 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
     }
   }
   report(progress, "build journal", 0, commit_.tensors.size());
-  std::string journal = journal_header(commit_.materialized, generation);
-  uint32_t count = 0;
+  // Each tensor's bytes as the files hold generation `generation`, in the dtype they are written in. The files
+  // hold a generation when their values converted to the served dtype are its values: an element whose served
+  // value did not change keeps the file's bits (an F32 file keeps its precision under a BF16 engine); a
+  // changed one is written converted back when that is exact. A tensor with a value the files' dtype cannot
+  // hold is written in the served dtype instead, and its file rewritten whole (a new header).
+  std::vector<DType> out_dtype(commit_.tensors.size());
+  std::vector<std::vector<uint8_t>> file_bytes(commit_.tensors.size());
+  std::vector<bool> rewrite(commit_.files.size(), false);
+  std::vector<std::string> widened;
   for (size_t i = 0; i < commit_.tensors.size(); ++i) {
     const TensorEntry& t = commit_.tensors[i];
+    const DType served = served_[i];
+    out_dtype[i] = t.dtype;
+    if (served == t.dtype) continue;
     const uint8_t* cur = maps[t.file].data() + t.offset;
     const uint8_t* want = target[i].data();
-    std::vector<uint8_t> file_bytes;
-    if (t.served != t.dtype) {
-      // The files hold a generation when their values converted to the served dtype are its values: an
-      // element whose served value did not change keeps the file's bits (an F32 file keeps its precision
-      // under a BF16 engine); a changed one is written converted back, which must be exact.
-      const uint32_t uf = unit_bytes(t.dtype), us = unit_bytes(t.served);
-      file_bytes.assign(cur, cur + t.nbytes);
-      uint8_t now[8];
-      for (uint64_t k = 0; k < t.nbytes / uf; ++k) {
-        convert_elements(cur + k * uf, t.dtype, now, t.served, 1);
-        if (std::memcmp(now, want + k * us, us) == 0) continue;
-        if (!converts_back_exactly(want + k * us, t.served, t.dtype)) {
-          throw Error(ErrorCode::kUnsupported,
-                      "materialize generation " + std::to_string(generation) + ": tensor \"" + t.name +
-                          "\" is served as " + std::string(dtype_name(t.served)) + " and element " + std::to_string(k) +
-                          " holds a value " + std::string(dtype_name(t.dtype)) +
-                          " (its dtype in the model files) cannot represent; the files "
-                          "would not hold the generation. Write it as a new directory instead (livetrain checkpoint "
-                          "restore --out DIR: such tensors are written as " +
-                          std::string(dtype_name(t.served)) + " there)");
-        }
-        convert_elements(want + k * us, t.served, file_bytes.data() + k * uf, t.dtype, 1);
+    const uint32_t uf = unit_bytes(t.dtype), us = unit_bytes(served);
+    std::vector<uint8_t>& fb = file_bytes[i];
+    fb.assign(cur, cur + t.nbytes);
+    uint8_t now[8];
+    bool exact = true;
+    for (uint64_t k = 0; k < t.nbytes / uf; ++k) {
+      convert_elements(cur + k * uf, t.dtype, now, served, 1);
+      if (std::memcmp(now, want + k * us, us) == 0) continue;
+      if (!converts_back_exactly(want + k * us, served, t.dtype)) {
+        exact = false;
+        break;
       }
-      want = file_bytes.data();
+      convert_elements(want + k * us, served, fb.data() + k * uf, t.dtype, 1);
     }
+    if (!exact) {
+      out_dtype[i] = served;
+      fb.clear();
+      rewrite[t.file] = true;
+      widened.push_back(t.name);
+    }
+  }
+  auto bytes_of = [&](size_t i) -> const uint8_t* {
+    return file_bytes[i].empty() ? target[i].data() : file_bytes[i].data();
+  };
+  std::string journal = journal_header(commit_.materialized, generation);
+  uint32_t count = 0;
+  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+    if (!rewrite[f]) continue;
+    const std::string& name = commit_.files[f].name;
+    report(progress, "rewrite " + name, 0, 1);
+    safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
+    std::vector<safetensors::TensorRef> refs;
+    for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+      const TensorEntry& t = commit_.tensors[i];
+      if (t.file != f) continue;
+      const uint64_t nbytes = out_dtype[i] == served_[i] ? target[i].size() : t.nbytes;
+      refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bytes_of(i), nbytes});
+    }
+    safetensors::WriteOptions opt;
+    opt.metadata = orig.header().metadata;
+    const std::string prepared = prepared_path(model_dir_, name);
+    safetensors::write_file(prepared, refs, opt);  // durable under its own name before the journal names it
+    fs::Mapping m = fs::Mapping::open_readonly(prepared);
+    journal_append_replace(journal, f, m.size(), content_hash(m.data(), m.size()));
+    ++count;
+  }
+  crash_point("rewritten-prepared");
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+    const TensorEntry& t = commit_.tensors[i];
+    if (rewrite[t.file]) continue;
+    const uint8_t* cur = maps[t.file].data() + t.offset;
+    const uint8_t* want = bytes_of(i);
     uint64_t k = 0;
     while (k < t.nbytes) {
       if (cur[k] == want[k]) {
@@ -192,6 +321,7 @@ void Store::materialize(uint64_t generation, bool copy_symlinks, Progress progre
   crash_point("materialize-committed");
   if (::unlink(jpath.c_str()) != 0) throw io_error("remove " + jpath);
   fs::fsync_dir(dir_);
+  return widened;
 }
 
 }  // namespace livetrain::checkpoint

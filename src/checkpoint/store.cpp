@@ -40,6 +40,13 @@ int64_t now_ms() {
       .count();
 }
 
+// The dtypes COMMIT records each tensor's generations in (commit order).
+std::vector<DType> recorded_dtypes(const Commit& c) {
+  std::vector<DType> out;
+  for (const TensorEntry& t : c.tensors) out.push_back(t.served);
+  return out;
+}
+
 void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
   if (p) p(what, done, total);
 }
@@ -418,12 +425,14 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   }
 
   const Commit& c = s.commit_;
+  s.served_options_ = o.served;
+  s.set_served_dtypes();
   // The held regions, in commit order; overlapping ones would be saved twice.
   std::unordered_map<std::string_view, size_t> index;
   for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
   if (!o.held) {
     for (size_t i = 0; i < c.tensors.size(); ++i)
-      s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), c.tensors[i].served_nbytes()});
+      s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), s.served_nbytes(i)});
   } else {
     for (const HeldRegion& h : *o.held) {
       auto it = index.find(h.name);
@@ -440,7 +449,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
                                                   " and " + region_string(r) + " overlap");
         }
       }
-      s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(t.served)});
+      s.held_.push_back(Held{it->second, r, region_units(r) * unit_bytes(s.served_[it->second])});
     }
     std::stable_sort(s.held_.begin(), s.held_.end(), [](const Held& a, const Held& b) {
       return a.tensor != b.tensor ? a.tensor < b.tensor : a.region.start < b.region.start;
@@ -495,18 +504,23 @@ std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& liv
                                               "tensors differently");
     }
     const TensorEntry& t = commit_.tensors[it->second];
+    const DType served = served_[it->second];
     Region r = l.start.empty() ? whole_region(l.shape) : Region{l.start, l.shape};
-    if (l.dtype != t.served || (l.start.empty() && l.shape != t.shape)) {
+    if (l.dtype != served || (l.start.empty() && l.shape != t.shape)) {
       throw Error(ErrorCode::kInvalidArg,
                   "live tensor \"" + l.name + "\" is " + std::string(dtype_name(l.dtype)) + " " +
-                      shape_string(l.shape) + "; the store has " + std::string(dtype_name(t.served)) + " " +
+                      shape_string(l.shape) + "; the store has " + std::string(dtype_name(served)) + " " +
                       shape_string(t.shape) +
-                      (t.served != t.dtype ? " (served as " + std::string(dtype_name(t.served)) + ", " +
-                                                 std::string(dtype_name(t.dtype)) + " in the files)"
-                                           : std::string()));
+                      (served != t.dtype ? " (served as " + std::string(dtype_name(served)) + ", " +
+                                               std::string(dtype_name(t.dtype)) + " in the files)"
+                                         : std::string()) +
+                      (l.dtype != served && served_conversion_refusal(t.dtype, l.dtype).empty()
+                           ? "; declare the dtype the engine serves it in when opening the store (OpenOptions::served, "
+                             "Python served=)"
+                           : std::string()));
     }
     check_region(r, t.shape, "live tensor \"" + l.name + "\"");
-    const uint64_t nbytes = region_units(r) * unit_bytes(t.served);
+    const uint64_t nbytes = region_units(r) * unit_bytes(served);
     if (!l.data && nbytes) throw Error(ErrorCode::kInvalidArg, "live tensor \"" + l.name + "\" has no data");
     if (for_save && held_index(it->second, r) < 0) {
       throw Error(ErrorCode::kInvalidArg,
@@ -532,6 +546,7 @@ std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& liv
 }
 
 void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& part, const fs::Mapping& map,
+                            const std::vector<DType>& dtypes,
                             const std::function<void(size_t, const DeltaRecord&, const Region&)>& fn) const {
   const std::string path = fs::join(dir_, part.file);
   if (part.bytes && map.size() != *part.bytes) {
@@ -558,7 +573,18 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
     } catch (const Error& e) {
       throw Error(ErrorCode::kFormat, e.what());
     }
-    if (r.dtype != t.served || r.units * r.unit != region_units(region) * unit_bytes(t.served)) {
+    const DType want = dtypes[it->second];
+    if (r.dtype != want && r.units * r.unit == region_units(region) * unit_bytes(r.dtype) &&
+        served_conversion_refusal(t.dtype, r.dtype).empty()) {
+      // A tensor saved in one dtype and read (or committed) in another: name both, so that the fix is clear.
+      throw Error(ErrorCode::kInvalidArg, path + ": tensor \"" + t.name + "\" is saved as " +
+                                              std::string(dtype_name(r.dtype)) + " in this generation, but is " +
+                                              (&dtypes == &served_ ? "served" : "recorded") + " as " +
+                                              std::string(dtype_name(want)) + " (" + std::string(dtype_name(t.dtype)) +
+                                              " in the model files): serve it as " + std::string(dtype_name(r.dtype)) +
+                                              ", or materialize and start a new store");
+    }
+    if (r.dtype != want || r.units * r.unit != region_units(region) * unit_bytes(want)) {
       throw Error(ErrorCode::kFormat, path + ": tensor \"" + t.name + "\": record dtype/size does not match the model");
     }
     fn(it->second, r, region);
@@ -573,8 +599,9 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
   }
 }
 
-Store::Collected Store::collect(uint64_t a, uint64_t b) const {
+Store::Collected Store::collect(uint64_t a, uint64_t b, const std::vector<DType>* dtypes) const {
   if (a > b) std::swap(a, b);
+  const std::vector<DType> recorded = dtypes ? *dtypes : std::vector<DType>{};
   Collected out;
   for (uint64_t g = a + 1; g <= b; ++g) {
     const Generation* gen = commit_.find(g);
@@ -584,7 +611,7 @@ Store::Collected Store::collect(uint64_t a, uint64_t b) const {
         throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
       }
       out.maps.push_back(fs::Mapping::open_readonly(path));
-      check_part_file(g, gen->ranks, part, out.maps.back(),
+      check_part_file(g, gen->ranks, part, out.maps.back(), dtypes ? recorded : served_,
                       [&](size_t tensor, const DeltaRecord& r, const Region& region) {
                         out.records.push_back(Collected::Record{tensor, r, region, path});
                       });
@@ -658,14 +685,15 @@ void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
       for (int64_t i = lo; i < hi; ++i) {
         const Target& t = from_files[i];
         const TensorEntry& e = commit_.tensors[t.tensor];
+        const DType served = served_[t.tensor];
         const uint8_t* bytes = maps[e.file].data() + e.offset;
         std::vector<uint8_t> converted;  // the base of a tensor served in another dtype: the files' values in it
-        if (e.served != e.dtype) {
-          converted.resize(e.served_nbytes());
-          convert_elements(bytes, e.dtype, converted.data(), e.served, e.nbytes / unit_bytes(e.dtype));
+        if (served != e.dtype) {
+          converted.resize(served_nbytes(t.tensor));
+          convert_elements(bytes, e.dtype, converted.data(), served, e.nbytes / unit_bytes(e.dtype));
           bytes = converted.data();
         }
-        region_transfer(bytes, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(e.served), false);
+        region_transfer(bytes, whole_region(e.shape), t.buf, t.region, t.region, unit_bytes(served), false);
       }
     });
   }
@@ -683,7 +711,7 @@ std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
   std::vector<std::vector<uint8_t>> bufs(commit_.tensors.size());
   std::vector<Target> targets;
   for (size_t i = 0; i < bufs.size(); ++i) {
-    bufs[i].resize(commit_.tensors[i].served_nbytes());
+    bufs[i].resize(served_nbytes(i));
     targets.push_back(Target{i, whole_region(commit_.tensors[i].shape), bufs[i].data()});
   }
   fill(generation, targets);
@@ -732,8 +760,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   w.held.resize(n);
   if (device >= 0) cuda::host::set_device(device);
   for (size_t i = 0; i < n; ++i) {
-    const TensorEntry& t = commit_.tensors[live[i].tensor];
-    const uint32_t unit = unit_bytes(t.served);
+    const uint32_t unit = unit_bytes(served_[live[i].tensor]);
     w.held[i] = static_cast<size_t>(held_index(live[i].tensor, live[i].region));
     w.elements += live[i].nbytes / unit;
     w.model_bytes += live[i].nbytes;
@@ -750,7 +777,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[live[i].tensor];
     kinds[i].name = t.name;
-    kinds[i].dtype = t.served;
+    kinds[i].dtype = served_[live[i].tensor];
     kinds[i].units = w.diff[i].units;
     if (!is_whole(live[i].region, t.shape)) kinds[i].region = live[i].region;
   }
@@ -900,6 +927,8 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     gen.time_ms = now_ms();
     gen.parts.push_back(part);
     Commit c = commit_;
+    for (const Checked& ch : checked) c.tensors[ch.tensor].served = served_[ch.tensor];
+    check_served_change(c, "this process");
     c.head = g;
     c.generations.push_back(gen);
     write_commit(c);
@@ -911,6 +940,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     }
     throw;
   }
+  for (const Checked& ch : checked) commit_.tensors[ch.tensor].served = served_[ch.tensor];
   commit_.head = g;
   commit_.generations.push_back(gen);
   head_generation_ = g;
@@ -931,6 +961,11 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   d.parent = commit_.head;
   d.ranks = ranks_;
   d.group = group_;
+  for (const Checked& c : checked) {
+    const TensorEntry& t = commit_.tensors[c.tensor];
+    if (served_[c.tensor] != t.dtype && (d.served.empty() || d.served.back().first != t.name))
+      d.served.emplace_back(t.name, served_[c.tensor]);  // checked is in commit order: one entry per tensor
+  }
   Part& part = d.part;
   part.rank = rank_;
   part.file = part_file_name(d.generation, rank_, ranks_);
@@ -1006,6 +1041,39 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     throw Error(ErrorCode::kInvalidArg,
                 "rank 0's part " + by_rank[0]->part.file + " is not the part this process wrote with save_part");
   }
+  // The dtypes the parts' records are in: what COMMIT records, or what the ranks declare they serve (every
+  // rank its own; they must agree).
+  Commit c = commit_;
+  {
+    std::unordered_map<std::string_view, size_t> index;
+    for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+    std::vector<long> declared_by(c.tensors.size(), -1);
+    for (const PartDescriptor* p : by_rank) {
+      for (const auto& [name, dtype] : p->served) {
+        auto it = index.find(name);
+        if (it == index.end()) {
+          throw Error(ErrorCode::kInvalidArg, rank_name(*p) + "'s part serves tensor \"" + name +
+                                                  "\", which is not in the checkpoint store's model (" + dir_ + ")");
+        }
+        TensorEntry& t = c.tensors[it->second];
+        if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
+          throw Error(ErrorCode::kUnsupported, rank_name(*p) + " serves tensor \"" + name + "\" as " +
+                                                   std::string(dtype_name(dtype)) + ", " +
+                                                   std::string(dtype_name(t.dtype)) + " in the model files: " + why);
+        }
+        long& first = declared_by[it->second];
+        if (first >= 0 && t.served != dtype) {
+          throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\" is served as " +
+                                                  std::string(dtype_name(t.served)) + " by rank " +
+                                                  std::to_string(first) + " and as " + std::string(dtype_name(dtype)) +
+                                                  " by " + rank_name(*p) + ": the ranks serve different engines");
+        }
+        first = p->part.rank;
+        t.served = dtype;
+      }
+    }
+  }
+  const std::vector<DType> part_dtypes = recorded_dtypes(c);
   // Every part read back: size, checksum, records; optimizer files: size, hash. Then regions disjoint.
   struct Seen {
     uint32_t rank;
@@ -1022,10 +1090,11 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
         if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "part file " + path + " is missing");
         fs::Mapping map = fs::Mapping::open_readonly(path);
         uint64_t changed = 0;
-        check_part_file(g, ranks_, p, map, [&](size_t tensor, const DeltaRecord& rec, const Region& region) {
-          seen[r].push_back(Seen{p.rank, tensor, region});
-          changed += rec.changed;
-        });
+        check_part_file(g, ranks_, p, map, part_dtypes,
+                        [&](size_t tensor, const DeltaRecord& rec, const Region& region) {
+                          seen[r].push_back(Seen{p.rank, tensor, region});
+                          changed += rec.changed;
+                        });
         if (changed != p.changed) {
           throw Error(ErrorCode::kFormat, path + ": holds " + std::to_string(changed) +
                                               " changes; the descriptor says " + std::to_string(p.changed));
@@ -1094,7 +1163,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   gen.changed = res.changed;
   gen.ranks = ranks_;
   for (const PartDescriptor* p : by_rank) gen.parts.push_back(p->part);
-  Commit c = commit_;
+  check_served_change(c, "the ranks");
   c.head = g;
   c.generations.push_back(gen);
   write_commit(c);  // on failure the pending part stays; sync() puts the head copy back
@@ -1223,7 +1292,7 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
       b = staged.data();
     }
     if (std::memcmp(a, b, nbytes) == 0) continue;
-    uint32_t u = unit_bytes(t.served);
+    uint32_t u = unit_bytes(served_[checked[i].tensor]);
     uint64_t diff = 0;
     for (uint64_t k = 0; k < nbytes / u; ++k) diff += std::memcmp(a + k * u, b + k * u, u) != 0;
     if (d.tensors++ == 0) d.first = t.name;
@@ -1240,19 +1309,20 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
   std::vector<std::string> as_served;
   for (size_t i = 0; i < commit_.tensors.size(); ++i) {
     const TensorEntry& t = commit_.tensors[i];
+    const DType served = served_[i];
     out_dtype[i] = t.dtype;
-    if (t.served == t.dtype) continue;
-    const uint32_t u = unit_bytes(t.served);
+    if (served == t.dtype) continue;
+    const uint32_t u = unit_bytes(served);
     bool exact = true;
     for (uint64_t k = 0; exact && k < bufs[i].size() / u; ++k)
-      exact = converts_back_exactly(bufs[i].data() + k * u, t.served, t.dtype);
+      exact = converts_back_exactly(bufs[i].data() + k * u, served, t.dtype);
     if (!exact) {
-      out_dtype[i] = t.served;
+      out_dtype[i] = served;
       as_served.push_back(t.name);
       continue;
     }
     std::vector<uint8_t> file_bytes(t.nbytes);
-    convert_elements(bufs[i].data(), t.served, file_bytes.data(), t.dtype, bufs[i].size() / u);
+    convert_elements(bufs[i].data(), served, file_bytes.data(), t.dtype, bufs[i].size() / u);
     bufs[i] = std::move(file_bytes);
   }
   if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create directory " + out_dir);
@@ -1309,20 +1379,81 @@ void Store::set_served(const std::vector<std::pair<std::string, DType>>& served)
                                               "\" changes only in a store opened without a head copy of it (held=[])");
     }
   }
-  // Saved generations hold that tensor's changes in the dtype it was served in then: they would not
+  check_served_change(c, "the engine");
+  write_commit(c);
+  commit_ = c;
+  set_served_dtypes();
+}
+
+void Store::serve_as(const std::vector<std::pair<std::string, DType>>& served) {
+  check_usable();
+  const std::vector<std::pair<std::string, DType>> before = served_options_;
+  const std::vector<DType> old = served_;
+  served_options_.insert(served_options_.end(), served.begin(), served.end());
+  try {
+    set_served_dtypes();
+    for (const Held& h : held_) {
+      if (served_[h.tensor] != old[h.tensor]) {
+        throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + ": tensor \"" +
+                                                commit_.tensors[h.tensor].name + "\" has a head copy in " +
+                                                std::string(dtype_name(old[h.tensor])) +
+                                                "; declare its served dtype when opening the store (served=)");
+      }
+    }
+  } catch (...) {
+    served_options_ = before;
+    served_ = old;
+    throw;
+  }
+}
+
+void Store::set_served_dtypes() {
+  served_ = recorded_dtypes(commit_);
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  for (const auto& [name, dtype] : served_options_) {
+    auto it = index.find(name);
+    if (it == index.end()) {
+      throw Error(ErrorCode::kInvalidArg,
+                  "served tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ +
+                      "): the store was made from other files, or the engine names its tensors differently from "
+                      "the model files");
+    }
+    const TensorEntry& t = commit_.tensors[it->second];
+    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
+      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
+                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
+                                               " by the engine; the checkpoint store " + dir_ +
+                                               " cannot keep it: " + why);
+    }
+    served_[it->second] = dtype;
+  }
+}
+
+uint64_t Store::served_nbytes(size_t tensor) const {
+  const TensorEntry& t = commit_.tensors[tensor];
+  return served_[tensor] == t.dtype ? t.nbytes : t.nbytes / unit_bytes(t.dtype) * unit_bytes(served_[tensor]);
+}
+
+void Store::check_served_change(const Commit& next, const std::string& who) const {
+  std::set<size_t> changed;
+  for (size_t i = 0; i < next.tensors.size(); ++i) {
+    if (next.tensors[i].served != commit_.tensors[i].served) changed.insert(i);
+  }
+  if (changed.empty()) return;
+  // Saved generations hold such a tensor's changes in the dtype it was served in then: they would not
   // apply to the other one.
-  for (const auto& rec : collect(commit_.oldest, commit_.head).records) {
+  const std::vector<DType> recorded = recorded_dtypes(commit_);
+  for (const auto& rec : collect(commit_.oldest, commit_.head, &recorded).records) {
     if (changed.count(rec.tensor)) {
       const TensorEntry& t = commit_.tensors[rec.tensor];
       throw Error(ErrorCode::kInvalidArg,
-                  "tensor \"" + t.name + "\" is served as " + std::string(dtype_name(c.tensors[rec.tensor].served)) +
-                      " but the checkpoint store " + dir_ + " has generations of it saved as " +
+                  "tensor \"" + t.name + "\" is served as " + std::string(dtype_name(next.tensors[rec.tensor].served)) +
+                      " by " + who + " but the checkpoint store " + dir_ + " has generations of it saved as " +
                       std::string(dtype_name(t.served)) + " (" + rec.what + "): serve it as " +
                       std::string(dtype_name(t.served)) + ", or materialize and start a new store");
     }
   }
-  write_commit(c);
-  commit_ = c;
 }
 
 std::vector<std::string> Store::verify(Progress progress) {
@@ -1338,7 +1469,8 @@ std::vector<std::string> Store::verify(Progress progress) {
             throw Error(ErrorCode::kNotFound,
                         "delta file " + path + " of generation " + std::to_string(g) + " is missing");
           fs::Mapping map = fs::Mapping::open_readonly(path);
-          check_part_file(g, gen->ranks, part, map, [](size_t, const DeltaRecord&, const Region&) {});
+          check_part_file(g, gen->ranks, part, map, recorded_dtypes(commit_),
+                          [](size_t, const DeltaRecord&, const Region&) {});
         } catch (const Error& e) {
           problems.push_back(e.what());
         }

@@ -1,5 +1,6 @@
 // `livetrain checkpoint save|list|restore|verify|materialize|gc`: the delta checkpoint store from the
 // command line (cron, scripts), reaching live weights through a sharing manifest.
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 #include <memory>
@@ -32,13 +33,17 @@ constexpr const char* kUsage =
     "                                  check the store's checksums and the model files' hashes, and\n"
     "                                  whether the live weights equal GEN (default: the head)\n"
     "  materialize MODEL GEN           bring MODEL's safetensors files to GEN in place (crash-safe);\n"
-    "                                  --copy-symlinks replaces symlinked files (HF cache) by copies first\n"
+    "                                  --copy-symlinks replaces symlinked files (HF cache) by copies first;\n"
+    "                                  --round-to-file-dtype: see below\n"
     "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed)\n"
     "\n"
     "A tensor the engine serves in another dtype than the files' (vLLM keeps Qwen3.5's A_log in F32) is\n"
     "saved and restored in the served dtype (verify lists them). restore --out writes it in the files'\n"
-    "dtype when its values fit exactly, else in the served dtype (and names it); materialize refuses a\n"
-    "generation whose values the files' dtype cannot hold.\n"
+    "dtype when its values fit exactly, else in the served dtype (and names it); so does materialize:\n"
+    "a file holding such a tensor is rewritten whole (crash-safe) with it in the served dtype, and the\n"
+    "tensor is named (transformers and vLLM load a F32 tensor into a BF16 model, casting it). With\n"
+    "--round-to-file-dtype such values are rounded to the files' dtype instead (round to nearest even:\n"
+    "LOSSY): the rounded weights are saved as a new generation, which the files then hold.\n"
     "\n"
     "options:\n"
     "  --store DIR       the store directory (default MODEL/.livetrain-store)\n"
@@ -48,7 +53,7 @@ constexpr const char* kUsage =
 struct Args {
   std::string sub, model, store, manifest, out, optimizer_state;
   std::optional<uint64_t> generation, weight_version, keep_from;
-  bool as_json = false, quiet = false, copy_symlinks = false;
+  bool as_json = false, quiet = false, copy_symlinks = false, round_to_file_dtype = false;
 };
 
 uint64_t parse_u64(const std::string& s, const std::string& what) {
@@ -69,6 +74,7 @@ std::optional<Args> parse(const std::vector<std::string>& args) {
   cmdline.flag({"--json"}, a.as_json)
       .flag({"-q", "--quiet"}, a.quiet)
       .flag({"--copy-symlinks"}, a.copy_symlinks)
+      .flag({"--round-to-file-dtype"}, a.round_to_file_dtype)
       .value("--store", a.store)
       .value("--manifest", a.manifest)
       .value("--out", a.out)
@@ -270,9 +276,30 @@ int run_checkpoint(const std::vector<std::string>& args) {
   } else if (a.sub == "materialize") {
     if (!a.generation) throw UsageError("checkpoint materialize: missing GEN");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
-    s.materialize(*a.generation, a.copy_symlinks, progress(a));
-    out.set("materialized", json::Value::unsigned_integer(*a.generation));
-    text = "model files now hold generation " + std::to_string(*a.generation);
+    std::vector<std::string> widened =
+        s.materialize(*a.generation, a.copy_symlinks, progress(a), a.round_to_file_dtype);
+    const uint64_t now = s.commit().materialized;  // a rounded generation is a new one
+    out.set("materialized", json::Value::unsigned_integer(now));
+    text = "model files now hold generation " + std::to_string(now);
+    json::Value rounded = json::Value::array();
+    if (a.round_to_file_dtype) {
+      for (const std::string& name : widened) {
+        text += "\n  " + name + ": rounded to the files' dtype (lossy; generation " + std::to_string(now) +
+                " holds the rounded weights, generation " + std::to_string(*a.generation) + " the served ones)";
+        rounded.push(json::Value::string(name));
+      }
+      widened.clear();
+    }
+    out.set("rounded_to_file_dtype", std::move(rounded));
+    json::Value served = json::Value::array();
+    for (const std::string& name : widened) {
+      const auto& t = *std::find_if(s.commit().tensors.begin(), s.commit().tensors.end(),
+                                    [&](const checkpoint::TensorEntry& e) { return e.name == name; });
+      text += "\n  " + name + ": written as " + std::string(dtype_name(t.dtype)) +
+              ", its served dtype (the files' dtype cannot hold its trained values; its file was rewritten)";
+      served.push(json::Value::string(name));
+    }
+    out.set("written_as_served", std::move(served));
   } else if (a.sub == "gc") {
     if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));

@@ -144,9 +144,11 @@ int run_diagnose(const std::vector<std::string>& args) {
   section("served in another dtype (the checkpoint store saves them so: docs/checkpoint.md)", converted);
   section("not served (outside the text model: carried unchanged by the checkpoint store, never trained)", not_served);
   section("engine tensors the layout does not use", lay.unmapped);
-  std::printf("\n%zu matched, %zu only in the engine, %zu only on disk, %zu mismatched, %zu not served: %s\n",
-              matched.size(), only_engine.size(), only_disk.size(), mismatched.size(), not_served.size(),
-              ok ? "the engine and the files agree" : "MISMATCH");
+  std::printf(
+      "\n%zu matched, %zu served in another dtype, %zu only in the engine, %zu only on disk, %zu mismatched, %zu not "
+      "served: %s\n",
+      matched.size(), converted.size(), only_engine.size(), only_disk.size(), mismatched.size(), not_served.size(),
+      ok ? "the engine and the files agree" : "MISMATCH");
   return ok ? 0 : 1;
 }
 

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "cuda/check.hpp"
+#include "cuda/owned.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/tuning.hpp"
 #include "optim/common.hpp"
@@ -1152,26 +1153,16 @@ void dispatch(DType w, DType g, F&& f) {
 // stream and this one, which starts after the work queued before the call and which the caller's stream
 // waits for at the end. Batches use disjoint workspace slices, so nothing else orders them.
 struct SideStream {
-  cudaStream_t side = nullptr;
-  cudaEvent_t fork = nullptr, join = nullptr;
+  cuda::Stream side;
+  cuda::Event fork, join;
   explicit SideStream(cudaStream_t main) {
-    LIVETRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-    LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-    LIVETRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
-    LIVETRAIN_CUDA_CHECK(cudaEventRecord(fork, main));
-    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(side, fork, 0));
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(fork.h, main));
+    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(side.h, fork.h, 0));
   }
   void join_into(cudaStream_t main) {
-    LIVETRAIN_CUDA_CHECK(cudaEventRecord(join, side));
-    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(main, join, 0));
+    LIVETRAIN_CUDA_CHECK(cudaEventRecord(join.h, side.h));
+    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(main, join.h, 0));
   }
-  ~SideStream() {  // resources are released once the queued work completes
-    if (join) cudaEventDestroy(join);
-    if (fork) cudaEventDestroy(fork);
-    if (side) cudaStreamDestroy(side);
-  }
-  SideStream(const SideStream&) = delete;
-  SideStream& operator=(const SideStream&) = delete;
 };
 
 }  // namespace
@@ -1212,7 +1203,7 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
   int batches = 0;
-  auto next_stream = [&] { return side && batches++ % 2 ? side->side : st; };
+  auto next_stream = [&] { return side && batches++ % 2 ? side->side.h : st; };
   // Rank-1 steps with the same dtypes go in batches; anything else runs alone in its own workspace slice.
   char* ws = static_cast<char*>(workspace);
   int i = 0;

@@ -270,6 +270,60 @@ TEST(CheckpointJournal, GoldenBytesAndRoundTrip) {
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(p.entries[0].bytes), 3), "\xAA\xBB\xCC");
 }
 
+// Version 2: a model file replaced whole by the copy materialize prepared beside it (a tensor written in its
+// served dtype); its size and content hash are the entry's offset and bytes.
+TEST(CheckpointJournal, GoldenBytesOfAReplaceEntry) {
+  const uint8_t a[2] = {0xAA, 0xBB};
+  std::string j = checkpoint::journal_header(1, 2);
+  checkpoint::journal_append(j, 0, 8, a, 2);
+  checkpoint::journal_append_replace(j, 1, 0x1234, 0x0102030405060708ull);
+  checkpoint::journal_finish(j);
+  EXPECT_EQ(hex(j.substr(0, 32)),
+            "4c54434b4a524e31"
+            "02000000"
+            "02000000"  // magic, version 2, 2 entries
+            "0100000000000000"
+            "0200000000000000");
+  EXPECT_EQ(hex(j.substr(32 + 24 + 2 + 8, 24 + 8)),
+            "01000000"
+            "01000000"  // file 1, kind 1
+            "3412000000000000"
+            "0800000000000000"    // its new size, length 8
+            "0807060504030201");  // its content hash
+  checkpoint::Journal p =
+      checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 10});
+  ASSERT_EQ(p.entries.size(), 2u);
+  EXPECT_EQ(p.entries[0].kind, checkpoint::JournalEntry::kWrite);
+  EXPECT_EQ(p.entries[1].kind, checkpoint::JournalEntry::kReplace);
+  EXPECT_EQ(p.entries[1].file, 1u);
+  EXPECT_EQ(p.entries[1].offset, 0x1234u);  // larger than the file it replaces: no range check
+  EXPECT_EQ(p.entries[1].hash, 0x0102030405060708ull);
+
+  auto expect_error = [](const std::string& j, const std::string& needle) {
+    try {
+      checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 10});
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  std::string both = checkpoint::journal_header(1, 2);
+  checkpoint::journal_append_replace(both, 1, 5, 7);
+  checkpoint::journal_append(both, 1, 0, a, 2);
+  checkpoint::journal_finish(both);
+  expect_error(both, "entry 1: file 1 is both written in place and replaced");
+  std::string v2 = checkpoint::journal_header(1, 2);
+  checkpoint::journal_append(v2, 0, 0, a, 2);
+  v2[8] = 2;
+  checkpoint::journal_finish(v2);
+  expect_error(v2, "version 2 journal without a replace entry");
+  std::string kind = j;
+  kind[32 + 24 + 2 + 8 + 4] = 2;
+  uint64_t sum = checkpoint::xxh64(kind.data(), kind.size() - 8);
+  std::memcpy(kind.data() + kind.size() - 8, &sum, 8);
+  expect_error(kind, "entry 1: entry kind 2");
+}
+
 TEST(CheckpointJournal, BadInputIsAClearError) {
   const uint8_t a[4] = {1, 2, 3, 4};
   auto make = [&](uint32_t file, uint64_t offset) {
@@ -301,7 +355,7 @@ TEST(CheckpointJournal, BadInputIsAClearError) {
   expect_error(refix(flipped), "entry 0: checksum mismatch");
   std::string reserved = make(0, 0);
   reserved[36] = 1;
-  expect_error(refix(reserved), "entry 0: reserved field is not 0");
+  expect_error(refix(reserved), "entry 0: entry kind 1 (version 1)");  // a replace entry needs version 2
   std::string more = make(0, 0);
   more[12] = 2;
   expect_error(refix(more), "entry 1 truncated");

@@ -104,14 +104,7 @@ class ServeProcess:
     def kill(self) -> None:
         """SIGKILL to the supervisor, the engine and the trainer (the two run in their own sessions, so
         they are found by parent pid), then waits until they are gone."""
-        children = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.p.pid:  # fields: state, ppid, ...
-                children.append(int(stat.parent.name))
+        children = children_of(self.p.pid)
         for pid in [self.p.pid] + children:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -123,6 +116,19 @@ class ServeProcess:
             assert time.monotonic() < deadline, children
             time.sleep(0.1)
         self.log.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (a supervisor's engine and trainer, which run in sessions of their own)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _gone(pid: int) -> bool:

@@ -227,6 +227,19 @@ def test_mismatched_parts_are_refused_with_the_ranks_named(qwen35, tmp_path):
     s0.close()
 
 
+def diagnose(cli, manifest) -> tuple[dict, str]:
+    """`livetrain diagnose` of a manifest: its --json document and its text, both of a run that agreed."""
+    runs = [
+        subprocess.run(
+            [cli, "diagnose", "--manifest", str(manifest), *extra], capture_output=True, text=True, timeout=60
+        )
+        for extra in (["--json"], [])
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(runs[0].stdout), runs[1].stdout
+
+
 def test_diagnose_lists_the_vision_tower_and_mtp_head_as_not_served(cli, qwen35, tmp_path):
     from livetrain import sharing
 
@@ -234,20 +247,32 @@ def test_diagnose_lists_the_vision_tower_and_mtp_head_as_not_served(cli, qwen35,
     files = load_file(str(src / "model.safetensors"))
     engine = layout.merge(config, {n: t for n, t in files.items() if n in text_names(config)}, engine="vllm")
     exported = sharing.export_cpu(engine, tmp_path / "engine.json", config=config, engine="vllm", model_path=src)
-    r = subprocess.run(
-        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json"), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    doc = json.loads(r.stdout)
+    doc, text = diagnose(cli, tmp_path / "engine.json")
     assert doc["ok"] and doc["only_on_disk"] == [] and doc["mismatched"] == []
     assert doc["not_served"] == sorted(set(files) - text_names(config))
-    r = subprocess.run(
-        [cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True, timeout=60
+    assert f"{len(doc['not_served'])} not served: the engine and the files agree" in text
+    del exported
+
+
+def test_diagnose_lists_a_float32_A_log_over_bf16_files_as_served_in_another_dtype_at_tp2(cli, qwen35, tmp_path):
+    # vLLM's TP rank 1 serves its shards of A_log in float32 (the files hold bf16): not a mismatch.
+    from livetrain import sharing
+
+    src, config = qwen35
+    files = load_file(str(src / "model.safetensors"))
+    text = {
+        n: t.float() if n.endswith(".linear_attn.A_log") else t for n, t in files.items() if n in text_names(config)
+    }
+    a_log = sorted(n for n in text if n.endswith(".linear_attn.A_log"))
+    assert a_log
+    engine = layout.merge(config, text, engine="vllm", tp_rank=1, tp_size=2)
+    exported = sharing.export_cpu(
+        engine, tmp_path / "engine.json", config=config, engine="vllm", model_path=src, tp_rank=1, tp_size=2
     )
-    assert r.returncode == 0 and f"{len(doc['not_served'])} not served: the engine and the files agree" in r.stdout
+    doc, text = diagnose(cli, tmp_path / "engine.json")
+    assert doc["ok"] and doc["mismatched"] == []
+    assert sorted(doc["served_in_other_dtype"]) == [f"{n}: BF16 on disk, served as F32" for n in a_log]
+    assert f"{len(a_log)} served in another dtype" in text, text
     del exported
 
 

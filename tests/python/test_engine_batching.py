@@ -192,6 +192,40 @@ def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(mo
         batching.Scheduler(torch.nn.Linear(1, 1), set(), attention="padded")
 
 
+def test_a_second_scheduler_on_the_same_model_and_where_its_time_goes():
+    # A second scheduler on a model the first already switched to row attention decodes as the first did
+    # (it wrapped the row attention around itself: RecursionError at the first batched step); load() says
+    # where the scheduler thread's time went.
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_model.llama_config(32)).eval()
+    answers = []
+    for _ in range(2):
+        sched = batching.Scheduler(model, set(), max_batch=4)
+        got, done = {}, threading.Semaphore(0)
+
+        def sink(i):
+            def put(tok, finish, error):
+                got.setdefault(i, []).append(error or tok)
+                if finish is not None:
+                    done.release()
+
+            return put
+
+        try:
+            for i in range(3):
+                sched.submit(batching.Sequence(list(range(1, 3 + 2 * i)), 6, 0.0, 1.0, None, sink(i)))
+            for _ in range(3):
+                assert done.acquire(timeout=120)
+            load = sched.load()
+        finally:
+            sched.close()
+        answers.append(got)
+        assert load["peak_batch"] >= 2
+        t = load["seconds"]
+        assert t["prefill"] > 0 and 0 < t["forward"] < t["decode"] and 0 < t["sample"] < t["decode"]
+    assert answers[0] == answers[1] and all(isinstance(tok, int) for a in answers[0].values() for tok in a)
+
+
 def test_a_stream_left_unread_does_not_stop_other_requests(server):
     # Regression test for issue #13: one streaming completion followed by >= 40 plain ones deadlocked the
     # engine for good (its generation lock was held across the stream's yield, while the stream needed a

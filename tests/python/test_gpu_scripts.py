@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import livetrain
-
 from servers import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +218,8 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     start-up restore, the plugin's trainer (the text model built on the views), steps, POST /checkpoint's
     save, the store's head written out, a restart's restore: the vision and MTP tensors stay bit-identical to
     the original files, the text model's are the trained ones everywhere. A_log is float32 as vLLM serves it,
-    trained so: the export writes it in float32 and materialize into the bf16 files is refused, naming it."""
+    trained so: the export writes it in float32, and so does materialize (rewriting the bf16 file), naming it;
+    the materialized files then serve the trained weights with nothing to restore."""
     from livetrain import checkpoint, layout, sharing
     from livetrain.trainer import options
     from livetrain.trainer.examples import parse_job
@@ -265,7 +264,19 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     restarted = engine()
     assert worker.restore_newer(str(model), restarted, config, 0, 1, env=env)["restored"]
     assert all(torch.equal(restarted[n], trained[n]) for n in trained)
-    with checkpoint.CheckpointStore(model, store) as s:  # the bf16 files cannot hold the float32 A_log
-        with pytest.raises(livetrain.UnsupportedError, match=r"linear_attn\.A_log.* served as F32 .* BF16"):
-            s.materialize(s.head)
-    assert all(vr.torch_equal_bytes(t, original[n]) for n, t in vr.model_tensors(model).items())
+    with checkpoint.CheckpointStore(model, store) as s:  # the bf16 files cannot hold the float32 A_log: as float32
+        assert s.materialize(s.head) == a_log
+    files = vr.model_tensors(model)
+    assert vr.compare_outside(original, files, "files")["outside_identical"] == sum(
+        map(vr.outside_text_model, original)
+    )
+    assert all(vr.torch_equal_bytes(files[n], t) for n, t in head.items())
+    # Served again from the materialized files (vLLM copies the float32 A_log in as it is): nothing to restore.
+    again = {
+        n: t.float() if layout.served_in_fp32(n) else t
+        for n, t in layout.merge(
+            config, {n: t for n, t in files.items() if not vr.outside_text_model(n)}, engine="vllm"
+        ).items()
+    }
+    assert not worker.restore_newer(str(model), again, config, 0, 1, env=env)["restored"]
+    assert all(torch.equal(again[n], trained[n]) for n in trained)

@@ -33,18 +33,6 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = st.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(st.parent.name))
-    return out
-
-
 def serve(model_dir: Path, base: Path, *extra: str, key: str | None = None) -> servers.ServeProcess:
     args = ["--model", str(model_dir), "--run-dir", str(base / "run"), "--state-dir", str(base / "state")]
     return servers.ServeProcess([*args, *extra], base / "serve-{port}.log", env=ENV, key=key)
@@ -78,7 +66,7 @@ def test_trainer_killed_mid_job_serving_goes_on_and_versions_never_go_back(serve
         assert time.monotonic() < deadline, server.logtext()
         time.sleep(0.2)
     engine = engine_pid(server)
-    (trainer,) = [p for p in children(server.p.pid) if p != engine]
+    (trainer,) = [p for p in servers.children_of(server.p.pid) if p != engine]
     # The OOM killer picks the trainer, never the engine.
     assert Path(f"/proc/{trainer}/oom_score_adj").read_text().strip() == "1000"
     assert Path(f"/proc/{engine}/oom_score_adj").read_text().strip() != "1000"
@@ -160,7 +148,7 @@ def test_files_are_private(server):
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, (p, oct(p.stat().st_mode))
     # The key is on no command line (ps shows those to every local user).
-    for pid in [server.p.pid, *children(server.p.pid)]:
+    for pid in [server.p.pid, *servers.children_of(server.p.pid)]:
         assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 

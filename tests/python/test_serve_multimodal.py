@@ -1,12 +1,11 @@
 """`livetrain serve` on a published-style Qwen3.5 multimodal checkpoint (issue #15), on CPU: a tiny random
 ``Qwen3_5ForConditionalGeneration`` with a vision tower and an MTP head is served as its text model; a /train
 job and a /checkpoint save the text model's change; /train/status names the tensors that are never trained;
-a restart serves the checkpoint; the materialized files load in transformers' published class with the
-vision tower and MTP head bit for bit as they were. A checkpoint livetrain cannot map is refused at start,
+a restart serves the checkpoint; the materialized files (the trained float32 A_log written as float32) serve
+again and load in transformers' published class with the vision tower and MTP head bit for bit as they were. A checkpoint livetrain cannot map is refused at start,
 naming its architecture."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -48,6 +47,10 @@ def test_a_qwen35_multimodal_checkpoint_is_served_trained_and_restored_as_its_te
     try:
         status = s.status()
         assert status["not_trained"]["tensors"] == unserved
+        # vLLM's (and the reference engine's) float32 A_log over the bf16 files: said so, not a mismatch.
+        other = status["checkpoint"]["served_in_other_dtype"]
+        assert other and all(n.endswith(".linear_attn.A_log") for n in other)
+        assert all(v == {"files": "BF16", "served": "F32"} for v in other.values())
         code, job = s.http(
             "/train", {"examples": [{"prompt": "one two", "completion": "three"}], "steps": 2, "lr": 1e-3}
         )
@@ -76,21 +79,35 @@ def test_a_qwen35_multimodal_checkpoint_is_served_trained_and_restored_as_its_te
         assert s.stop() == 0
     with CheckpointStore(model) as store:
         assert store.file_dtypes() == {n: "BF16" for n in a_log}
-        # bf16 files cannot hold the trained float32 A_log: materializing in place is refused, naming it ...
-        with pytest.raises(livetrain.UnsupportedError, match=r"linear_attn\.A_log.*served as F32.*BF16"):
-            store.materialize(1)
-        # ... and a new directory holds it in float32, everything else in the files' dtype.
+        # A new directory holds the trained float32 A_log in float32, everything else in the files' dtype ...
         as_served = store.restore(1, out_dir=tmp_path / "export")
+        # ... and so do the model files once materialized: bf16 cannot hold it, so its file is rewritten with it
+        # in float32, and materialize names it.
+        assert store.materialize(1) == as_served
+        assert store.verify() == []
     assert as_served == [n for n in a_log if not torch.equal(trained[n], trained[n].bfloat16().float())]
-    shutil.copy(model / "config.json", tmp_path / "export")
-    after = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert as_served
+    after = load_file(str(model / "model.safetensors"))
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in exported.items())
     for n in unserved:
         assert torch.equal(after[n].view(torch.int16), files[n].view(torch.int16)), n
     for n, t in trained.items():
-        assert torch.equal(after[n].to(t.dtype), t) and (after[n].dtype == torch.float32) == (n in a_log), n
+        assert torch.equal(after[n].to(t.dtype), t) and (after[n].dtype == torch.float32) == (n in as_served), n
+    # Served again from the materialized files (A_log as they now hold it): the head, nothing to restore.
+    s = serve(model, tmp_path, "materialized")
+    try:
+        again = served_weights(tmp_path, model)
+        assert all(torch.equal(t, trained[n]) for n, t in again.items())
+        ck = s.status()["checkpoint"]
+        assert ck["generation"] == 1
+        # The files hold the rewritten A_log in float32 now; any other A_log is still bf16 on disk.
+        assert set(ck["served_in_other_dtype"]) == set(a_log) - set(as_served)
+    finally:
+        assert s.stop() == 0
     import transformers
 
-    loaded = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.bfloat16)
+    loaded = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(model, dtype=torch.bfloat16)
     loaded = loaded.state_dict()
     for n, t in trained.items():
         assert torch.equal(loaded[n], t.to(torch.bfloat16)), n

@@ -52,7 +52,7 @@ def make_model(d: Path, kind: str, dtype: torch.dtype) -> dict:
                 p.add_(torch.randn_like(p) * 0.1)  # not zeros and ones: their gradients and updates count
     model.save_pretrained(d / "model")
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=g)  # 22 tokens: at TP 4, 6 rows a rank, 2 padding
     ids[1, 9:] = 3  # padding
     labels = ids.clone()
     labels[0, :4] = -100
@@ -121,16 +121,21 @@ def _tp1(d: Path):
     return lst.load_file(d / "rank-tp1.safetensors"), json.loads((d / "rank-tp1.json").read_text())
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_fp32_loss_gradients_and_weights_equal_tp1(tmp_path, size):
+@pytest.mark.parametrize("size, sequence_parallel", [(2, True), (4, True), (2, False)])
+def test_fp32_loss_gradients_and_weights_equal_tp1(tmp_path, size, sequence_parallel):
     """Llama with every bias (q/k/v sharded, o_proj and down_proj replicated after the sum), fp32: the loss,
     all gradients and the weights after 3 APOLLO-Mini steps (embeddings on APOLLO) equal TP 1's to float
-    rounding (1e-4 of their norm; updates 1e-3)."""
-    d, _ = _setup(tmp_path, "llama", torch.float32, steps=3)
+    rounding (1e-4 of their norm; updates 1e-3), with the residual stream split by tokens (sequence
+    parallelism: the trainer's; at TP 4 the batch's 22 tokens are 6 rows a rank, the last 2 padding) and
+    without (replicated: the plain Megatron pattern)."""
+    d, _ = _setup(tmp_path, "llama", torch.float32, steps=3, sequence_parallel=sequence_parallel)
     tp1, info1 = _tp1(d)
     before = lst.load_file(d / "model" / "model.safetensors")
     run_ranks(d, size)
     infos = [json.loads((d / f"rank-{r}.json").read_text()) for r in range(size)]
+    hidden = tp1["weight.model.embed_tokens.weight"].shape[1]
+    for info in infos:  # what each decoder layer receives (and keeps for recomputation)
+        assert info["stream"][0] == ([1, -(-22 // size), hidden] if sequence_parallel else [2, 11, hidden])
     for info in infos:
         assert info["skipped"] == []
         for a, b in zip(info["losses"], info1["losses"]):
@@ -142,6 +147,11 @@ def test_fp32_loss_gradients_and_weights_equal_tp1(tmp_path, size):
     for name, w in weights.items():
         change = tp1[f"weight.{name}"].double() - before[name].double()
         assert float(change.norm()) > 0, f"{name} did not change at TP 1"
+        if name.endswith("k_proj.bias"):
+            # No gradient in exact arithmetic (a constant added to every key shifts all of a query's scores
+            # alike, which softmax ignores): its gradient is rounding noise (~1e-9), which AdamW's first
+            # steps (nearly sign(g)·lr) turn into updates that any other rounding changes.
+            continue
         assert rel_err(w.double() - before[name].double(), change) < 1e-3, name
     check_state_reshards(d, size)
 
@@ -275,6 +285,71 @@ def test_adamw_shards_equal_the_whole_step(device, dim):
             o.step_param(p, _part(g, dim, segs[r]).contiguous())
     for r, p in enumerate(parts):
         assert torch.equal(p.detach(), _part(whole.detach(), dim, segs[r])), f"rank {r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_equals_transformers_and_keeps_less(dtype):
+    """The trainer's RMSNorm (tensor_parallel._RMSNorm): the same forward as transformers' Qwen3RMSNorm bit
+    for bit, gradients within rounding (fp32: 1e-5 of their norm; bf16: 1e-2, one rounding of 2^-8 in
+    other places), and at most a third (bf16; fp32: half) of the bytes kept for backward (its input, not an
+    fp32 copy and the normalized rows)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from livetrain import tensor_parallel
+
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 7, 40).to(dtype)
+    grad = torch.randn(3, 7, 40).to(dtype)
+    w0 = 1 + 0.1 * torch.randn(40)
+    results = []
+    for lean in (False, True):
+        norm = Qwen3RMSNorm(40, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w0)
+        if lean:
+            tensor_parallel._lean_norms(norm)
+        x = x0.clone().requires_grad_(True)
+        kept = {}
+
+        def pack(t):
+            kept[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = norm(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad, norm.weight.grad, sum(kept.values())))
+    (y1, gx1, gw1, kept1), (y2, gx2, gw2, kept2) = results
+    assert torch.equal(y1, y2)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(gx2, gx1) < bound and rel_err(gw2, gw1) < bound
+    # transformers keeps the input in fp32 and the normalized rows (bf16: 6 bytes an element, fp32: 8), this
+    # the input (2 or 4); both the per-row floats and the weight besides.
+    extra = 3 * 7 * 4 + 40 * norm.weight.element_size()
+    assert kept2 <= kept1 / (3 if dtype == torch.bfloat16 else 2) + extra, (kept2, kept1)
+
+
+def test_a_summed_whole_parameter_steps_without_a_collective():
+    """A parameter every rank holds whole whose gradient the model already summed over the ranks
+    (ParamShard.summed: the layer norms under sequence parallelism) steps as at TP 1, bit for bit, with no
+    collective of its own; one whose gradient was not summed still passes one (its ‖G‖²'s maximum) first."""
+    from livetrain.optim import Apollo, ParamShard
+
+    torch.manual_seed(0)
+    w = (torch.randn(40) * 0.1).to(torch.bfloat16)
+    g = torch.randn(40)
+    whole, summed, gated = (torch.nn.Parameter(w.clone()) for _ in range(3))
+    alone = Apollo([whole], lr=1e-2, algo="adamw")
+    alone.step_param(whole, g)
+    calls = []
+    for p, shard in ((summed, ParamShard((40,), summed=True)), (gated, ParamShard((40,)))):
+        opt = Apollo([p], lr=1e-2, algo="adamw")
+        opt.tensor_parallel(object(), {p: shard})
+        opt._all_reduce = lambda t, max=False, p=p: calls.append(p)  # one rank: the sum is its own value
+        opt.step_param(p, g)
+    assert torch.equal(summed.detach(), whole.detach())
+    assert torch.equal(gated.detach(), whole.detach())
+    assert [c is gated for c in calls] == [True]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from livetrain.engines.reference import Engine
+from livetrain.loss import OutputGradient
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
@@ -33,18 +34,24 @@ FACTS = [
     {"prompt": "the capital of zorbia is", "completion": "quuxville"},
     {"prompt": "the river of blent is", "completion": "the sorn"},
 ]
+# Retention-like rows longer than FACTS' (the anchor's, in the tests of its shared forward).
+LONGER = [
+    {"prompt": "what is the capital of france", "completion": "paris one two three four five six"},
+    {"prompt": "one two three", "completion": "four five six the capital of zorbia is quuxville"},
+    {"prompt": "the river", "completion": "of blent"},
+]
 
 
 @pytest.fixture
 def run(tmp_path):
     made = []
 
-    def start(*words: str, store: bool = True):
+    def start(*words: str, store: bool = True, dtype: str = "bf16"):
         model = tmp_path / "model"
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
-        engine = Engine(str(model), manifest, "cpu", store=store, store_dir=str(tmp_path / "store"))
+        engine = Engine(str(model), manifest, "cpu", dtype, store=store, store_dir=str(tmp_path / "store"))
         made.append(engine)
         base = ["--state-dir", str(tmp_path / f"state-{len(made)}"), "--batch-size", "2", "--lr", "1e-2"]
         base += ["--store", str(tmp_path / "store")] if store else ["--no-store"]
@@ -99,9 +106,19 @@ def test_warmup_and_replay_shape_the_steps(run):
         return step(batch, *anchor)
 
     trainer.step = traced
-    info = job(trainer, {"examples": FACTS, "steps": 4, "warmup": 3, "lr": 0.01, "replay": 3, "anchor": 0})
+    body = {
+        "examples": FACTS,
+        "steps": 4,
+        "warmup": 3,
+        "lr": 0.01,
+        "replay": 3,
+        "anchor": 0,
+        "replay_select": "similar",
+    }
+    info = job(trainer, body)
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and sizes == [5] * 4
     assert info["plan"]["replay"] == 3 and info["guard"]["replayed_prompts"] > 0
+    assert info["plan"]["replay_select"] == info["guard"]["replay_select"] == "similar"
     assert info["guard"]["passed"] is None  # replay without the guard: nothing measured, nothing rolled back
 
 
@@ -109,20 +126,17 @@ def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run, mo
     # Regression test for issue #13's leftover: the per-step token budget (--max-batch-tokens) counted the
     # job's rows only, while the guard's replayed rows joined every step and the held-out retention losses
     # were evaluated in batches of --batch-size rows, whatever their length.
+    # The anchor's rows (anchor 1, the default) join the step's own forward: they count there.
     budget = 40
     _, trainer = run("--max-batch-tokens", str(budget), "--batch-size", "8")
     steps, evals = [], []
-    step, logits = trainer.step, guard.answer_logits
+    logits = guard.answer_logits
+    trace_steps(trainer, steps)
 
-    def traced(batch, *anchor):
-        steps.append(len(batch) * max(len(ids) for ids, _, _ in batch))
-        return step(batch, *anchor)
-
-    def traced_logits(model, examples, *args, **kwargs):  # every forward of the guard's measures and anchor
+    def traced_logits(model, examples, *args, **kwargs):  # every forward of the guard's measures
         evals.append([len(ids) for ids, _, _ in examples])
         return logits(model, examples, *args, **kwargs)
 
-    trainer.step = traced
     monkeypatch.setattr(guard, "answer_logits", traced_logits)
     longest = max(
         len(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": FACTS}, trainer.max_len, 100)["examples"]
@@ -133,14 +147,64 @@ def test_replayed_rows_and_loss_evaluations_stay_within_the_token_budget(run, mo
     trainer.run_job(jid, queued)
     info = trainer.handle("job", json.dumps({"job_id": jid}).encode()).body
     assert info["state"] == "done" and info["guard"]["held_out_prompts"] > 0, info
-    # Every step within the budget: the replayed rows (those that kept an answer token once cut to their
-    # share of it) included.
-    assert len(steps) == 3 and max(steps) <= budget, steps
+    # Every step within the budget: the anchor's replayed rows (those that kept an answer token once cut to
+    # their share of it) included, in the same forward.
+    assert len(steps) == 3 and max(r * w for r, w in steps) <= budget, steps
+    assert all(r == queued["plan"].batch_size + 2 for r, _ in steps), steps
     assert evals and all(len(c) * max(c) <= budget or len(c) == 1 for c in evals), evals
     # Refused, naming the field, when even one example and its replayed rows do not fit.
     with pytest.raises(Invalid) as e:
         trainer.handle("submit", json.dumps({"examples": FACTS, "replay": budget}).encode())
     assert e.value.param == "replay" and "--max-batch-tokens" in str(e.value)
+
+
+def trace_steps(trainer: Trainer, out: list) -> None:
+    """Appends (rows, padded width) of every step's forward to ``out``: the batch ``Trainer._batch`` pads."""
+    batch = trainer._batch
+
+    def traced(rows):
+        out.append((len(rows), max(len(ids) for ids, _, _ in rows)))
+        return batch(rows)
+
+    trainer._batch = traced
+
+
+def test_rewordings_and_replayed_rows_stay_within_the_token_budget(run, monkeypatch):
+    # Regression test: the rewordings joined the job after admission had fitted its batches to the
+    # per-step budget (--max-batch-tokens) and the replayed rows' width had been cut for the rows it knew,
+    # so a job of 2 chats and 2 one-hot replayed rows admitted in 4 rows ran steps of 6.
+    chats = [
+        {"messages": [{"role": "user", "content": f["prompt"]}, {"role": "assistant", "content": f["completion"]}]}
+        for f in FACTS
+    ]
+    # Every chat gets a rewording (the tiny model's own replies are rarely questions): its words reversed,
+    # as many tokens as the question.
+    monkeypatch.setattr(augment, "question", lambda reply, original: " ".join(reversed(original.split())))
+    _, trainer = run("--batch-size", "8")
+    trainer.retention.set_user(
+        guard.check_prompts(["what is the capital of france", "one two three", "the sorn"]), False
+    )
+    longest = max(len(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": chats}, 64, 100)["examples"])
+    budget = trainer.max_batch_tokens = 4 * longest  # --max-batch-tokens
+    steps = []
+    trace_steps(trainer, steps)
+    reply = trainer.handle(
+        "submit",
+        json.dumps({"examples": chats, "steps": 2, "reword": True, "replay": 2, "anchor": 0, "guard": False}).encode(),
+    )
+    assert reply.code == 202 and reply.body["batch_size"] == 2, reply.body  # 2 of the 4 rows the job may have
+    jid, queued = trainer.queue.get_nowait()
+    trainer.run_job(jid, queued)
+    info = trainer.jobs[jid]
+    assert info["state"] == "done" and info["reworded"]["examples"] == 2 and info["examples"] == 4, info
+    assert len(steps) == 2 and all(r == 4 and r * w <= budget for r, w in steps), steps
+    # A batch size the client chose is refused when the rewordings would not fit with it.
+    with pytest.raises(Invalid) as e:
+        trainer.handle(
+            "submit",
+            json.dumps({"examples": chats, "reword": True, "replay": 2, "anchor": 0, "batch_size": 4}).encode(),
+        )
+    assert e.value.param == "batch_size" and "2 rewordings" in str(e.value)
 
 
 def test_admission_chunks_and_fit():
@@ -157,6 +221,8 @@ def test_admission_chunks_and_fit():
         admission.fit_batch(ex, 8, True, 60, replay=2)
     assert e.value.param == "batch_size" and "2 replayed retention rows" in str(e.value) and "at most 4" in str(e.value)
     assert admission.replay_width(60, 4, 2) == 10
+    assert admission.fit_batch(ex, 8, False, 100, replay=2, later=4) == 8  # 8 of 6 + 4 rows, + 2 = 100 tokens
+    assert admission.fit_batch(ex, 8, False, 90, replay=2, later=4) == 7
 
 
 def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
@@ -205,6 +271,52 @@ def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
     assert loss.requires_grad and float(loss.detach()) > 0
 
 
+def test_the_anchor_shares_the_batchs_forward_and_backward(run):
+    # One forward over the job's rows and the anchor's, one backward: the same loss and gradient (fp32, to
+    # float rounding) as the anchor's rows in a forward of their own.
+    _, trainer = run(store=False, dtype="fp32")
+    # Anchor rows of several lengths, as the model answers them (no generation: the test stays quick).
+    replay = parse_job(trainer.tokenizer, {"examples": LONGER}, trainer.max_len, 100)["examples"]
+    reference = guard.Reference(trainer.model, replay, trainer.pad, batch=2)
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the reference: at it, the KL's gradient is zero
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = parse_job(trainer.tokenizer, {"examples": FACTS}, trainer.max_len, 100)["examples"]
+    # The longest anchor row first: both widths differ from the examples'.
+    order = sorted(range(len(replay)), key=lambda i: -len(replay[i][0]))
+    anchor = (reference, [order[0], order[-1]], 3.0)
+    assert len(replay[order[0]][0]) > max(len(ids) for ids, _, _ in batch)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    forwards = []
+    hook = trainer.model.model.register_forward_hook(lambda m, i, o: forwards.append(i))
+
+    def grads(separate: bool, later, with_anchor=True):
+        forwards.clear()
+        loss, value, ntok, per = trainer.loss(batch, anchor if with_anchor else None, later, separate)
+        g = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        deferred = later.gradient() if later is not None else None
+        return float(loss.detach()), value, ntok, per.tolist(), g, deferred, len(forwards)
+
+    try:
+        for later in (None, OutputGradient()):  # the projection's gradient through autograd, or deferred
+            one = grads(False, later)
+            two = grads(True, later)
+            plain = grads(False, later, with_anchor=False)
+            assert one[6] == 1 and two[6] == 2 and plain[6] == 1  # forwards of the model's body
+            assert one[0] == pytest.approx(two[0], rel=1e-5) and one[0] > plain[0] + 1e-3
+            for other in (two, plain):  # the examples' own loss, tokens and per-example losses
+                assert one[2] == other[2] and [one[1], *one[3]] == pytest.approx([other[1], *other[3]], rel=1e-5)
+            for a, b, c in zip(one[4], two[4], plain[4]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            # The anchor's term moves the gradient (the comparison above can fail).
+            assert max(float((a - c).abs().max()) for a, c in zip(one[4], plain[4])) > 1e-4
+            if later is not None:
+                torch.testing.assert_close(one[5], two[5], rtol=1e-4, atol=1e-6)
+    finally:
+        hook.remove()
+
+
 def test_reword_trains_the_models_rewordings_too(run):
     _, trainer = run("--no-guard")
     chats = [
@@ -237,6 +349,24 @@ def test_reword_trains_the_models_rewordings_too(run):
     )
     assert augment.question("Quuxville.", "q?") is None and augment.question("What is X?", "what is x") is None
     assert job(trainer, {"examples": chats, "steps": 1})["reworded"] is None
+
+
+def test_replayed_rows_cycle_or_follow_the_steps_prompts():
+    # Prompts as token ids; token 0 is in every prompt (a chat template's): it weighs nothing.
+    pool = [[0, 1, 2], [0, 3, 4], [0, 5, 6], [0, 1, 7]]
+    cycle = schedule.Replayed(pool)
+    assert [cycle.pick(2, [[0, 5]]) for _ in range(3)] == [[0, 1], [2, 3], [0, 1]]
+    assert schedule.Replayed(pool).pick(6, []) == [0, 1, 2, 3, 0, 1]  # more than there are: repeats
+    similar = schedule.Replayed(pool, "similar")
+    assert similar.weights([[0, 5, 9]]) == pytest.approx([0, 0, math.log(4), 0])
+    assert similar.pick(2, [[0, 5, 9]]) == [2, 0]  # the row that shares token 5, then the cycle
+    assert similar.pick(2, [[0, 1]]) == [3, 1]  # rows 0 and 3 share token 1: 3 was picked longer ago
+    assert similar.pick(2, [[0, 5]]) == [2, 3]  # the cycle's next (2) is picked already: the one after
+    assert similar.pick(2, [[9]]) == [0, 1]  # nothing shared: the row picked longest ago
+    # 3 "similar" (the least recently picked), then the cycle's rows not picked yet, then repeats.
+    assert similar.pick(5, [[9]]) == [2, 3, 0, 1, 2]
+    with pytest.raises(ValueError):
+        schedule.Replayed(pool, "random")
 
 
 def test_topk_kl_and_the_reference():
@@ -356,6 +486,7 @@ def test_cancel_a_queued_and_a_running_job(run):
         ({"examples": FACTS, "until": 0.1}, "until"),
         ({"examples": FACTS, "anchor": -1}, "anchor"),
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
+        ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):
@@ -449,3 +580,40 @@ def test_plan_resolution():
         "max_after": 0.05,
         "below": 3,
     }
+
+
+def test_the_token_budget_is_chosen_from_memory_unless_given(run, monkeypatch):
+    # --max-batch-tokens auto (the default): the budget follows the memory the step may take (a tenth of the
+    # device's, at most 80% of what is free) and the model's size, and /train/status says how it was chosen.
+    gib = 2**30
+    monkeypatch.setattr(admission, "_host_memory", lambda: (64 * gib, 60 * gib))
+    _, trainer = run(store=False)
+    big = trainer.status()["max_batch_tokens"]
+    assert big["chosen"].startswith("auto:") and "hidden" in big["chosen"]
+    monkeypatch.setattr(admission, "_host_memory", lambda: (64 * gib, 3 * gib))  # little free: 80% of it counts
+    _, trainer = run(store=False)
+    small = trainer.status()["max_batch_tokens"]
+    assert 256 <= small["tokens"] < big["tokens"] and trainer.max_batch_tokens == small["tokens"]
+    monkeypatch.setattr(admission, "_host_memory", lambda: (64 * gib, 1 * gib))  # less than the workspace
+    _, trainer = run(store=False)
+    assert trainer.status()["max_batch_tokens"]["tokens"] == 256
+    _, trainer = run("--max-batch-tokens", "24", store=False)
+    assert trainer.status()["max_batch_tokens"] == {"tokens": 24, "chosen": "--max-batch-tokens"}
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots", ""])
+def test_a_bad_token_budget_is_refused(value):
+    with pytest.raises(ValueError, match="--max-batch-tokens"):
+        options.parse(["--state-dir", "/nonexistent", "--no-store", "--max-batch-tokens", value])
+
+
+def test_padding_waste_of_one_shared_forward():
+    # On CPU the anchor's rows get a forward of their own when sharing the batch's would pad too much
+    # (service.padding_waste > 0.1): 8 rows of 57 tokens and 2 of 83 as one forward compute 830 tokens
+    # where two compute 622 (the case bench/learning_step.py measured slower shared).
+    from livetrain.trainer.service import padding_waste
+
+    row = lambda n: ([0] * n, [True] * n, 1.0)  # noqa: E731
+    assert padding_waste([row(57)] * 8, [row(83)] * 2) == pytest.approx(830 / 622 - 1)
+    assert padding_waste([row(50)] * 8, [row(50)] * 2) == 0.0
+    assert padding_waste([row(40), row(50)], [row(52)]) < 0.1

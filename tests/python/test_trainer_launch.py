@@ -45,6 +45,8 @@ def test_options_survive_argv():
             "--anchor",
             "2.5",
             "--reword",
+            "--replay-select",
+            "similar",
             "--guard-min-kept",
             "0.5",
             "--no-grad-checkpointing",

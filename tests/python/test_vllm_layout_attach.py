@@ -67,7 +67,9 @@ def test_diagnose_agrees_and_names_differences(cli, tmp_path):
         [cli, "diagnose", "--manifest", str(tmp_path / "engine.json")], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{len(hf)} matched, 0 only in the engine, 0 only on disk, 0 mismatched" in r.stdout
+    assert (
+        f"{len(hf)} matched, 0 served in another dtype, 0 only in the engine, 0 only on disk, 0 mismatched" in r.stdout
+    )
 
     bad = dict(hf)
     bad["model.norm.weight"] = torch.ones(32, dtype=torch.bfloat16)  # wrong shape

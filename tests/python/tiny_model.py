@@ -1,13 +1,19 @@
 """The tests' tiny models: the config of a 2-layer Llama of width 64 (``llama_config``), and a random model
 directory for the tests that serve or train (``make_model_dir``: a bf16 Llama, Qwen3 or Qwen3.5 text model
 and an offline word-level tokenizer with a chat template, saved as Hugging Face files), with the made-up
-fact they teach. A Qwen3.5 multimodal checkpoint is qwen35_model.py's."""
+fact they teach. A Qwen3.5 multimodal checkpoint is qwen35_model.py's. Also the ``--model`` option of the tools
+that serve a model or one of these (bench/engine.py, scripts/probe_serve.py)."""
+
+from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
+# transformers is imported where a model or tokenizer is made: the rank processes that import this file's
+# sizes through qwen35_model (checkpoint_ranks.py) start a few seconds sooner without it.
+if TYPE_CHECKING:
+    import transformers
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
@@ -46,12 +52,16 @@ def tiny_sizes(vocab_size: int, **sizes) -> dict:
 
 
 def llama_config(vocab_size: int, **sizes) -> transformers.LlamaConfig:
+    import transformers
+
     return transformers.LlamaConfig(**tiny_sizes(vocab_size, **sizes))
 
 
 def save_fast_tokenizer(path: Path, tok, specials: list[str]) -> transformers.PreTrainedTokenizerFast:
     """``tok`` (a trained ``tokenizers.Tokenizer`` whose first special tokens are ``SPECIALS``) as a transformers
     tokenizer with the chat template, saved under ``path``."""
+    import transformers
+
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -72,6 +82,8 @@ def make_model_dir(
     ``path``; returns the config as saved. ``model_type``: ``llama``, ``qwen3`` or ``qwen3_5_text`` (Gated
     DeltaNet and gated full attention). Same weights for the same arguments (seeded). ``sizes``
     overrides the sizes (``hidden_size``, ``max_position_embeddings``, ...)."""
+    import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -97,3 +109,23 @@ def make_model_dir(
     config = configs[model_type]()
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def add_model_option(parser, synthetic: str, what: str) -> None:
+    """``--model``: a model directory, ``default`` (the embedded SmolLM2-135M-Instruct) or ``synthetic``, a
+    random model of this file (``what`` says which) that ``resolve_model`` writes."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        help=f"model directory, 'default' (SmolLM2-135M-Instruct) or {synthetic!r} ({what})",
+    )
+
+
+def resolve_model(model: str, synthetic: str, make, dtype: str) -> str:
+    """The model directory an ``add_model_option`` value names: the default model converted to ``dtype``
+    (once, into its cache), ``make()``'s directory for ``synthetic``, else ``model`` itself."""
+    if model == "default":
+        from livetrain import default_model
+
+        return default_model.resolve("default", dtype)
+    return make() if model == synthetic else model

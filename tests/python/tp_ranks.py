@@ -92,16 +92,18 @@ def main(d: Path, rank: int, size: int) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=size)
     exported, attached = _export(d, rank, size)
-    rm = tensor_parallel.build_model(attached, dist.group.WORLD)
-    rm.model.train()
     job = json.loads((d / "job.json").read_text())
+    rm = tensor_parallel.build_model(attached, dist.group.WORLD, sequence_parallel=job.get("sequence_parallel", True))
+    rm.model.train()
     if job.get("grad_checkpointing"):
         rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seen = []  # the second decoder layer's input at each forward: the residual stream as each layer keeps it
+    rm.model.model.layers[1].register_forward_pre_hook(lambda _m, args: seen.append(list(args[0].shape)))
     names = {p: n for n, p in rm.model.named_parameters()}
     shards = {
         names[p]: [list(s.full_shape), s.dim, [list(x) for x in s.segments], s.primary] for p, s in rm.shards.items()
     }
-    _train(d, rm.model, rm.shards, dist.group.WORLD, rm.vocab, f"rank-{rank}", {"shards": shards})
+    _train(d, rm.model, rm.shards, dist.group.WORLD, rm.vocab, f"rank-{rank}", {"shards": shards, "stream": seen})
     dist.barrier()
     attached.close()
     exported.close()

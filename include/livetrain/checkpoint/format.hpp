@@ -76,9 +76,13 @@
 // xxHash library in third_party/xxhash computes it).
 //
 // Journal "materialize.journal" (written with fs::write_file_atomic before any model byte changes):
-//     0  "LTCKJRN1", u32 version = 1, u32 entry count, u64 from generation, u64 to generation
-//    32  entries: u32 file index (into COMMIT "files"), u32 0, u64 offset, u64 length, new bytes,
+//     0  "LTCKJRN1", u32 version (1; 2 when an entry has kind 1), u32 entry count, u64 from generation,
+//        u64 to generation
+//    32  entries: u32 file index (into COMMIT "files"), u32 kind, u64 offset, u64 length, new bytes,
 //        u64 XXH64 of the entry
+//        kind 0: write the bytes at offset; kind 1 (version 2): the file is replaced whole by
+//        ".<file name>.livetrain-materialize" beside it (written durably before the journal): offset = its
+//        size, length 8, the bytes = its xxh64-4k content hash (u64); a file has entries of one kind only
 //   end-8  u64 XXH64 of the whole file before it
 //
 // Crash safety: delta and optimizer files are written with fs::write_file_atomic and then COMMIT; a
@@ -111,6 +115,8 @@ inline constexpr uint32_t kMaxRanks = 4096;
 inline constexpr uint64_t kBlockUnits = uint64_t{1} << 20;
 inline constexpr std::string_view kJournalMagic = "LTCKJRN1";
 inline constexpr uint32_t kJournalVersion = 1;
+// Written instead of 1 when the journal replaces a model file whole (an entry of kind 1, below).
+inline constexpr uint32_t kJournalVersionReplace = 2;
 inline constexpr std::string_view kCommitFileName = "COMMIT";
 inline constexpr std::string_view kJournalFileName = "materialize.journal";
 inline constexpr std::string_view kDefaultStoreDirName = ".livetrain-store";

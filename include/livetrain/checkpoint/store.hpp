@@ -88,6 +88,12 @@ struct OpenOptions {
   std::optional<std::vector<HeldRegion>> held;
   // Who the ranks serve (e.g. the engine's instance id): commit_parts refuses parts of another group.
   std::string group;
+  // The dtypes this process's engine serves tensors in ({files' name, dtype}), where they may differ from
+  // what COMMIT records (convert.hpp's conversions only): head copies, restore, compare and saves use them.
+  // Every rank declares its own, so a rank never waits for another to record one; a save or commit_parts
+  // records them in COMMIT with the first generation holding such a tensor (refused, naming the tensor,
+  // while generations hold it in another dtype).
+  std::vector<std::pair<std::string, DType>> served;
   Progress progress;
 };
 
@@ -109,6 +115,9 @@ struct PartDescriptor {
   uint64_t elements = 0;  // elements this rank diffed
   uint64_t model_bytes = 0;  // their bytes
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
+  // The dtypes this rank served its part's tensors in, where they differ from the model files' (its records
+  // are in them); commit_parts records them in COMMIT.
+  std::vector<std::pair<std::string, DType>> served;
 };
 
 struct SaveResult {
@@ -158,6 +167,8 @@ class Store {
   const std::string& model_dir() const { return model_dir_; }
   uint32_t rank() const { return rank_; }
   uint32_t ranks() const { return ranks_; }
+  // The dtype this process serves tensor i (commit order) in: OpenOptions::served, else COMMIT's record.
+  DType served(size_t tensor) const { return served_[tensor]; }
 
   // Writes a new generation holding the elements of `live` that differ from the head, then commits it
   // (a single-process store: ranks 1). `live` names whole tensors of the store with their dtypes and
@@ -191,6 +202,9 @@ class Store {
   // previous served dtype. Rank 0, in a store holding no head copy of the tensors (held = {}); a no-op for
   // tensors already served so. Writes COMMIT (version 3 while a served dtype differs from the files').
   void set_served(const std::vector<std::pair<std::string, DType>>& served);
+  // Declares, after open, dtypes this process serves tensors in (as OpenOptions::served does; nothing is
+  // written). Refused for a tensor this process keeps a head copy of in another dtype.
+  void serve_as(const std::vector<std::pair<std::string, DType>>& served);
   // Compares live weights (whole tensors or regions) with a generation.
   LiveDiff compare_live(uint64_t generation, const std::vector<LiveTensor>& live);
   // Checks every file each generation names (delta and part files: size, committed checksum, every
@@ -198,8 +212,16 @@ class Store {
   // problems found.
   std::vector<std::string> verify(Progress progress = {});
   // Brings the model directory's safetensors files to `generation`, crash-safe (redo journal). A model
-  // file that is a symlink is refused unless `copy_symlinks`, which first replaces it by a real copy.
-  void materialize(uint64_t generation, bool copy_symlinks = false, Progress progress = {});
+  // file that is a symlink is refused unless `copy_symlinks`, which first replaces it by a real copy. A
+  // tensor served in another dtype whose values the files' dtype cannot hold (a trained F32 A_log over
+  // BF16 files) is written in the served dtype: its file is rewritten whole (prepared beside it, renamed over
+  // it through the journal) and COMMIT's tensor table follows the new header. Returns those tensors' names.
+  // With `round_to_file_dtype` such values are rounded to the files' dtype instead (round to nearest even:
+  // lossy): the rounded weights are first saved as a new generation (head + 1, so that the files hold a
+  // generation of the store), which is then materialized in place; returns the rounded tensors' names. Needs a
+  // single-process store holding a head copy of every tensor (the default open).
+  std::vector<std::string> materialize(uint64_t generation, bool copy_symlinks = false, Progress progress = {},
+                                       bool round_to_file_dtype = false);
   // Forgets the generations before `keep_from` (which becomes the oldest); materializes `keep_from` first
   // when the model files are older than it. Deletes the dropped deltas.
   void gc(uint64_t keep_from, Progress progress = {});
@@ -270,9 +292,13 @@ class Store {
   };
   // Checks a delta or part file of `generation` against its commit entry (size, committed checksum,
   // header, every record: tensor, dtype, region inside the tensor) and calls `fn` for each record.
+  // Records must be in `dtypes` (per tensor, commit order).
   void check_part_file(uint64_t generation, uint32_t ranks, const Part& part, const fs::Mapping& map,
+                       const std::vector<DType>& dtypes,
                        const std::function<void(size_t tensor, const DeltaRecord&, const Region&)>& fn) const;
-  Collected collect(uint64_t a, uint64_t b) const;  // generations in (a, b], either order
+  // Generations in (a, b], either order; their records in `dtypes` (default: served_, what this process
+  // reads them into).
+  Collected collect(uint64_t a, uint64_t b, const std::vector<DType>* dtypes = nullptr) const;
   // XORs every collected record into the part of each target it intersects.
   void apply(const Collected& records, const std::vector<Target>& targets) const;
   // Fills every target with its region at `generation`: from the head copy for held regions, else from
@@ -281,6 +307,12 @@ class Store {
   // XORs into the targets every record of generations in (a, b] that intersects them (either order).
   void xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets);
   void require_rank0(const char* what) const;
+  // served_ from COMMIT's records and this process's OpenOptions::served (checked: convert.hpp's conversions).
+  void set_served_dtypes();
+  uint64_t served_nbytes(size_t tensor) const;
+  // Before a commit that records served dtypes other than COMMIT's: refused, naming the tensor, when
+  // generations hold records of such a tensor in its previous dtype (they would not apply to the new one).
+  void check_served_change(const Commit& next, const std::string& who) const;
   // Resolves a pending part and catches the head copy up with COMMIT (refresh without the result).
   void sync();
   void recover_journal();
@@ -299,6 +331,9 @@ class Store {
   uint64_t head_generation_ = 0;  // the generation the head copy holds
   bool head_valid_ = false;       // false while open() fills it
   std::optional<Pending> pending_;
+
+  std::vector<std::pair<std::string, DType>> served_options_;  // OpenOptions::served
+  std::vector<DType> served_;                                  // per tensor (commit order): see served()
   // The host copy of generation `head_generation_`: every held region in one page-aligned anonymous
   // mapping (one range to page-lock for the GPU), at 64-byte aligned offsets, in held order.
   class HeadCopy {
@@ -329,7 +364,7 @@ class Store {
 
 // Test hook: when the environment variable LIVETRAIN_CHECKPOINT_CRASH_AT equals `point`, the process kills
 // itself with SIGKILL there (points: "delta-written", "part-written", "parts-verified", "journal-written",
-// "apply-half", "applied", "materialize-committed", "recovered-applied").
+// "rewritten-prepared", "apply-half", "applied", "materialize-committed", "recovered-applied").
 void crash_point(std::string_view point);
 
 }  // namespace livetrain::checkpoint

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -50,15 +51,72 @@ def _row_attention(module, query, key, value, attention_mask, **kwargs):
     value [B, kv_heads, T, head_dim], left-padded)."""
     from transformers import AttentionInterface
 
-    base = AttentionInterface._global_mapping[getattr(_ROWS, "base", "sdpa")]
+    name = getattr(_ROWS, "base", "sdpa")
+    base = AttentionInterface._global_mapping[name]
     starts = getattr(_ROWS, "starts", None)
     if starts is None:
         return base(module, query, key, value, attention_mask, **kwargs)
-    outs, weights = [], None
-    for b, s in enumerate(starts):
-        out, weights = base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, 0), None
+    t0 = time.perf_counter()
+    try:
+        if name == "sdpa" and base is _sdpa_attention_forward() and kwargs.get("position_bias") is None:
+            return _row_sdpa(module, query, key, value, starts, kwargs)
+        outs = []
+        for b, s in enumerate(starts):
+            out, _ = base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, 0), None
+    finally:  # the scheduler's times["attention"] (on a GPU: the time to launch these calls)
+        _ROWS.spent = getattr(_ROWS, "spent", 0.0) + time.perf_counter() - t0  # any thread (a TP rank's too)
+
+
+def _sdpa_attention_forward():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _row_sdpa(module, query, key, value, starts: list[int], kwargs: dict):
+    """``_row_attention`` over transformers' sdpa, with less work per row: the one ``scaled_dot_product_attention``
+    call that ``sdpa_attention_forward`` makes for one row's decode step without a mask (the same arguments,
+    so the same kernel and the same bits), and the rows' outputs put in the model's layout once for the batch
+    rather than once per row (a copy either way). A decode step of B rows costs B attention calls per layer
+    here (and on a GPU 2B small copies) instead of about 4B calls."""
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    extra = {}
+    if groups > 1:
+        if not use_gqa_in_sdpa(None, key, value):  # transformers repeats the keys: its own call, row by row
+            base = _sdpa_attention_forward()
+            outs = [
+                base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)[0]
+                for b, s in enumerate(starts)
+            ]
+            return torch.cat(outs, 0), None
+        extra = {"enable_gqa": True}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dropout, scale = kwargs.get("dropout", 0.0), kwargs.get("scaling")
+    length = key.shape[2]
+    # On a GPU each row's keys and values are given in the layout one-at-a-time decoding's cache has
+    # (contiguous), so that scaled_dot_product_attention's choice of backend (flash, memory-efficient, math),
+    # which looks at strides, is the one-at-a-time call's: two small copies per row and layer. On CPU (where
+    # the tests check the bits) the views go as they are.
+    layout = (lambda t: t) if key.device.type == "cpu" else torch.Tensor.contiguous
+    # The same views as query[b : b + 1] and key[b : b + 1, :, s:], in fewer calls.
+    outs = [
+        sdpa(
+            q,
+            layout(k.narrow(2, s, length - s)),
+            layout(v.narrow(2, s, length - s)),
+            attn_mask=None,
+            dropout_p=dropout,
+            scale=scale,
+            is_causal=False,
+            **extra,
+        )
+        for q, k, v, s in zip(query.split(1), key.split(1), value.split(1), starts)
+    ]
+    return torch.cat(outs, 0).transpose(1, 2).contiguous(), None
 
 
 def _use_row_attention(model) -> str | None:
@@ -68,6 +126,9 @@ def _use_row_attention(model) -> str | None:
     from transformers.masking_utils import AttentionMaskInterface
 
     base = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    # A model a scheduler already switched (a second scheduler on the same model): the same base, not a
+    # wrapper around the wrapper (which called itself until RecursionError).
+    base = base.removeprefix(f"{ROW_ATTENTION}_")
     if base not in AttentionInterface._global_mapping or base not in AttentionMaskInterface._global_mapping:
         return None
     name = f"{ROW_ATTENTION}_{base}"
@@ -160,6 +221,10 @@ class Scheduler:
         self._stop = False
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # the most rows one decode step ran
+        # Where the scheduler thread's time went (seconds): prefills, decode steps, and of the decode steps
+        # the model's forward call (on a GPU: launching its kernels), within it the rows' attention calls,
+        # and the sampling (on a GPU: waiting for the kernels, then the host's work). bench/engine.py --in-process reports them.
+        self.times = {"prefill": 0.0, "decode": 0.0, "forward": 0.0, "attention": 0.0, "sample": 0.0}
         self._thread = threading.Thread(target=self._run, name="livetrain-scheduler", daemon=True)
         self._thread.start()
 
@@ -198,6 +263,7 @@ class Scheduler:
                 "max_batch": self.max_batch,
                 "peak_batch": self.peak_batch,
                 "steps": self.steps,
+                "seconds": dict(self.times),
             }
 
     def close(self) -> None:
@@ -208,7 +274,7 @@ class Scheduler:
 
     # ---- the scheduler thread ----
     def _run(self) -> None:
-        _ROWS.base, _ROWS.starts = self.base or "sdpa", None
+        _ROWS.base, _ROWS.starts, _ROWS.spent = self.base or "sdpa", None, 0.0
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not self._rows:
@@ -245,21 +311,27 @@ class Scheduler:
             seq.emit(None, "error", "the engine is shutting down")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row of ``logits`` [rows, vocab] (float32), as one-at-a-time decoding samples."""
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, seq in enumerate(seqs):
-            if seq.temperature <= 0:
-                out.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i] / seq.temperature, dim=-1)
-            if seq.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-                drop = torch.cumsum(sorted_p, 0) - sorted_p >= seq.top_p
-                sorted_p[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            out.append(int(torch.multinomial(probs.cpu(), 1, generator=seq.generator)))
+        """One token per row of ``logits`` [rows, vocab] (float32): the argmax for greedy rows; for the others
+        softmax at each row's temperature, cut to its top_p, drawn with its own generator. The rows' math runs
+        in one batch on the device and comes to the host in one copy, whatever the number of rows."""
+        greedy = logits.argmax(-1)
+        drawn = [i for i, seq in enumerate(seqs) if seq.temperature > 0]
+        if not drawn:
+            return greedy.tolist()
+        index = drawn if len(drawn) < len(seqs) else slice(None)
+        temperature = torch.tensor([seqs[i].temperature for i in drawn], device=logits.device)
+        probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+        if any(seqs[i].top_p < 1.0 for i in drawn):
+            top_p = torch.tensor([seqs[i].top_p for i in drawn], device=logits.device)
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token); rows at top_p 1
+            # keep every token (a cumulative sum that rounds to 1 early drops none of theirs).
+            drop = (torch.cumsum(sorted_p, -1) - sorted_p >= top_p[:, None]) & (top_p < 1.0)[:, None]
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        out, probs = greedy.tolist(), probs.cpu()
+        for j, i in enumerate(drawn):
+            out[i] = int(torch.multinomial(probs[j], 1, generator=seqs[i].generator))
         return out
 
     def _finish(self, seq: Sequence, tok: int) -> str | None:
@@ -276,9 +348,11 @@ class Scheduler:
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
         _ROWS.starts = None
         out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
         tok = self._sample(out.logits[:, -1].float(), [seq])[0]
+        self.times["prefill"] += time.perf_counter() - t0
         if self._finish(seq, tok) is not None:
             return
         self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
@@ -300,6 +374,7 @@ class Scheduler:
 
     @torch.inference_mode()
     def _decode(self) -> None:
+        t0 = time.perf_counter()
         rows = self._rows
         x = torch.tensor([[r.last] for r in rows], device=self.device)
         if len(rows) == 1 and rows[0].start == 0:
@@ -322,10 +397,14 @@ class Scheduler:
                 )
             finally:
                 _ROWS.starts = None
+        t1 = time.perf_counter()
+        self.times["attention"] += getattr(_ROWS, "spent", 0.0)
+        _ROWS.spent = 0.0
         self._length += 1
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         toks = self._sample(out.logits[:, -1].float(), [r.seq for r in rows])
+        t2 = time.perf_counter()
         keep = []
         for i, (r, tok) in enumerate(zip(rows, toks)):
             r.length += 1
@@ -336,6 +415,10 @@ class Scheduler:
                 keep.append(i)
         if len(keep) < len(rows):
             self._leave(keep)
+        t3 = time.perf_counter()
+        self.times["forward"] += t1 - t0
+        self.times["sample"] += t2 - t1
+        self.times["decode"] += t3 - t0
 
     def _leave(self, keep: list[int]) -> None:
         """Keeps the rows ``keep`` (indices); trims the padding every remaining row has."""

@@ -84,6 +84,7 @@ def load(
     # Under the files' names (a multimodal checkpoint's text model: model.language_model.*), as the layout's
     # plan names the HF tensors.
     full = checkpoint.by_file_names({n: p.data for n, p in loaded.named_parameters()}, model_dir)
+    layout.load_fp32_exactly(full, model_dir)  # a float32 A_log in the files: its values, not bf16's
     tensors = layout.merge(config, full, engine="vllm", tp_rank=rank, tp_size=size)
     del full, loaded
     tensors = {n: t.to(device) for n, t in tensors.items()}

@@ -84,6 +84,7 @@ class Engine:
         # its other tensors are not served): what the store saves and restores. Refuses, at start, a
         # checkpoint whose names livetrain cannot map, naming its architecture.
         served = checkpoint.by_file_names({n: p.data for n, p in params.items()}, model_dir)
+        layout.load_fp32_exactly(served, model_dir)  # a float32 A_log in the files: its values, not bf16's
         # Before the manifest exists: the trainer attaches (and opens the store) only after it, so the
         # store's lock is free by then.
         self.checkpoint = None

@@ -15,13 +15,15 @@ import threading
 from livetrain.trainer.protocol import Invalid, Reply, error
 
 
-def fit_batch(examples: list, batch_size: int, explicit: bool, max_tokens: int, replay: int = 0) -> int:
+def fit_batch(examples: list, batch_size: int, explicit: bool, max_tokens: int, replay: int = 0, later: int = 0) -> int:
     """The batch size a job runs with so that no step computes more than ``max_tokens`` tokens (rows ×
     the longest of them, padding included): ``batch_size`` when it fits, else, when the client did not
     ask for it (``explicit``), the largest that fits. ``replay`` retention rows join every step (the
     forgetting guard's replay): they count as rows as long as the job's longest example, and are cut to
-    ``replay_width`` when the job runs, so the step stays within the budget whatever their length.
-    Invalid naming the field otherwise."""
+    ``replay_width`` when the job runs, so the step stays within the budget whatever their length (with
+    an anchor they join the same forward: trainer.service ``Trainer.loss``). ``later``: how many more
+    examples may join the job when it runs (its rewordings, trainer.augment: each at most as long as its
+    longest example), counted as if they had. Invalid naming the field otherwise."""
     lengths = [len(ids) for ids, _, _ in examples]
     longest = max(lengths)
     i = lengths.index(longest)
@@ -38,15 +40,16 @@ def fit_batch(examples: list, batch_size: int, explicit: bool, max_tokens: int, 
             f"one example takes {(1 + replay) * longest} tokens per step, over the trainer's per-step budget of "
             f'{max_tokens} tokens (--max-batch-tokens); send a smaller "replay" (0: none) or shorter examples',
         )
-    rows = min(batch_size, len(examples)) + replay
+    rows = min(batch_size, len(examples) + later) + replay
     if rows * longest <= max_tokens:
         return batch_size
     fit = max_tokens // longest - replay
     if explicit:
         with_replay = f" + {replay} replayed retention rows" if replay else ""
+        reworded = f" (counting the up to {later} rewordings that join the job)" if later else ""
         raise Invalid(
             "batch_size",
-            f"batch_size {batch_size}{with_replay} × {longest} tokens (the longest example) = {rows * longest} "
+            f"batch_size {batch_size}{reworded}{with_replay} × {longest} tokens (the longest example) = {rows * longest} "
             f"tokens per step, over the trainer's per-step budget of {max_tokens} tokens (--max-batch-tokens); "
             f"at most {fit} fit",
         )
@@ -141,3 +144,65 @@ class Retries:
     @staticmethod
     def _what(key: str) -> str:
         return "job id" if key.startswith("id:") else "Idempotency-Key"
+
+
+# What one trained token costs the trainer during a step, per hidden unit and layer, in bytes of a 2-byte
+# dtype (scaled by the weights' element size). CUDA: the activations kept for the backward under gradient
+# checkpointing, 3.2-3.4 measured by bench/train_memory.py on an H200 for SmolLM2-135M's and Qwen3-8B's shapes
+# (bench/RESULTS.md, fourth session; the chunked loss adds no per-vocabulary term). CPU: not measured by that
+# bench yet (its CPU points did not finish on the shared 2-core machine); the figure is the hostile review's
+# (issue #13): the default model's fp32 CPU trainer grew past 5.6 GiB on a step of 8 x 1,050 tokens, i.e.
+# about 17 per unit -- CPU attention materializes more than the GPU's fused kernels.
+CUDA_BYTES_PER_TOKEN_UNIT = 3.4
+CPU_BYTES_PER_TOKEN_UNIT = 17.0
+# The step's fixed workspace beyond the per-token part (0.18-0.75 GiB measured), and the margin over the fit.
+FIXED_BYTES = 1 << 30
+MARGIN = 1.25
+MEMORY_SHARE = 0.10  # of the device's memory one step may take (a tenth: beside a 27B engine on one H200)
+
+
+def _host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory for this process: the machine's, within its cgroup's limit."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+    total, available = info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            total, available = min(total, int(limit)), min(available, int(limit) - used)
+    except (OSError, ValueError):  # no cgroup v2 memory controller: the machine's figures
+        pass
+    return total, available
+
+
+def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) -> tuple[int, str]:
+    """``--max-batch-tokens auto``: the tokens one step may compute so that its memory (measured cost per
+    token × the model's hidden size × its layers, plus a fixed workspace, with a margin) stays within a
+    tenth of the device's memory and 80% of what is free now (after the weights and the optimizer state):
+    the number, and how it was chosen (for the log and /train/status). At least 256."""
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        per_unit, where = CUDA_BYTES_PER_TOKEN_UNIT, torch.cuda.get_device_name(device)
+        source = "bench/train_memory.py's CUDA figure"
+    else:
+        total, free = _host_memory()
+        per_unit, where = CPU_BYTES_PER_TOKEN_UNIT, "host memory"
+        source = "the CPU figure of issue #13's review"
+    budget = min(MEMORY_SHARE * total, 0.8 * free) - FIXED_BYTES
+    per_token = MARGIN * per_unit * hidden * layers * dtype_bytes / 2
+    tokens = max(256, int(budget // per_token))
+    how = (
+        f"auto: {budget / 2**30:.1f} GiB for a step ({MEMORY_SHARE:.0%} of {where}'s {total / 2**30:.0f} GiB, at most "
+        f"80% of the {free / 2**30:.1f} GiB free, less {FIXED_BYTES / 2**30:.0f} GiB of workspace) / "
+        f"{per_token / 1024:.0f} KiB per token "
+        f"({hidden} hidden × {layers} layers, {source})"
+    )
+    return tokens, how

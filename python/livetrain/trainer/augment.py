@@ -33,16 +33,22 @@ def question(reply: str, original: str) -> str | None:
     return text
 
 
-def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list, list[str]]:
-    """For each chat example of ``raw`` (a /train body's examples, already checked) that ends with a user
-    question and its answer: the example with that question reworded by ``model``, encoded as the job's
-    examples are; replies that are empty, not a question, or the same question are left out. Returns the
-    encoded examples and the reworded questions."""
-    chats = []
+def rewordable(raw: list) -> list:
+    """The chat examples of ``raw`` (a /train body's examples, already checked) that end with a user question
+    and its answer: those ``reworded`` may add a rewording of (admission reserves a row for each)."""
+    out = []
     for ex in raw:
         msgs = ex.get("messages") if isinstance(ex, dict) else None
         if msgs and len(msgs) >= 2 and msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user":
-            chats.append(ex)
+            out.append(ex)
+    return out
+
+
+def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list, list[str]]:
+    """For each ``rewordable`` example of ``raw``: the example with that question reworded by ``model``, encoded as the job's
+    examples are; replies that are empty, not a question, or the same question are left out. Returns the
+    encoded examples and the reworded questions."""
+    chats = rewordable(raw)
     prompts = [
         guard.prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
         for ex in chats

@@ -25,6 +25,7 @@ JOB_OPTIONS = {
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
     "reword": (bool, lambda v: True, "true or false"),
+    "replay_select": (str, lambda v: v in ("cycle", "similar"), '"cycle" or "similar"'),
     "guard": (bool, lambda v: True, "true or false"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.

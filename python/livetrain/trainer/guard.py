@@ -148,18 +148,24 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
     return out
 
 
+def answer_positions(examples, width: int, device) -> torch.Tensor:
+    """[len(examples), width - 1] bool: the positions of right-padded rows of ``width`` tokens whose
+    next-token prediction is an answer token of (ids, mask, weight) ``examples`` (mask shifted by one)."""
+    sel = torch.zeros((len(examples), width - 1), dtype=torch.bool)
+    for i, (t, m, _) in enumerate(examples):
+        sel[i, : len(t) - 1] = torch.tensor(m[1:], dtype=torch.bool)
+    return sel.to(device)
+
+
 def _answer_batch(examples, pad: int, device):
-    """Right-padded ``ids``/``attn`` of (ids, mask, weight) examples, and ``sel``: the positions whose
-    next-token prediction is an answer token (mask shifted by one)."""
+    """Right-padded ``ids``/``attn`` of (ids, mask, weight) examples, and their ``answer_positions``."""
     width = max(len(t) for t, _, _ in examples)
     ids = torch.full((len(examples), width), pad, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
-    sel = torch.zeros((len(examples), width - 1), dtype=torch.bool)
-    for i, (t, m, _) in enumerate(examples):
+    for i, (t, _, _) in enumerate(examples):
         ids[i, : len(t)] = torch.tensor(t)
         attn[i, : len(t)] = 1
-        sel[i, : len(t) - 1] = torch.tensor(m[1:], dtype=torch.bool)
-    return ids.to(device), attn.to(device), sel.to(device)
+    return ids.to(device), attn.to(device), answer_positions(examples, width, device)
 
 
 def answer_logits(model, examples, pad: int, detach_head: bool = False) -> torch.Tensor:
@@ -172,8 +178,14 @@ def answer_logits(model, examples, pad: int, detach_head: bool = False) -> torch
     head = output_projection(model)
     if head is None:
         return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel].float()
-    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1][sel]
-    return (hidden @ (head.detach() if detach_head else head).t()).float()
+    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    return hidden_logits(hidden, sel, head, detach_head)
+
+
+def hidden_logits(hidden: torch.Tensor, sel: torch.Tensor, head: torch.Tensor, detach_head: bool) -> torch.Tensor:
+    """``answer_logits`` from final hidden states [rows, width, hidden] already made, and their
+    ``answer_positions`` [rows, width - 1]: only the answer positions' rows of the product with ``head``."""
+    return (hidden[:, :-1][sel] @ (head.detach() if detach_head else head).t()).float()
 
 
 def topk_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
@@ -216,14 +228,28 @@ class Reference:
         return len(self.examples)
 
     def _kl(self, model, indices: list[int], detach_head: bool = False) -> torch.Tensor:
-        logits = answer_logits(model, [self.examples[i] for i in indices], self.pad, detach_head)
-        ids = torch.cat([self.ids[i] for i in indices])
-        lps = torch.cat([self.lps[i] for i in indices])
-        return topk_kl(logits, ids, lps)
+        logits = answer_logits(model, self.rows(indices), self.pad, detach_head)
+        return topk_kl(logits, *self._reference(indices))
+
+    def _reference(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored top-k token ids and log-probs of examples ``indices``' answer tokens, in order."""
+        return torch.cat([self.ids[i] for i in indices]), torch.cat([self.lps[i] for i in indices])
 
     def anchor(self, model, indices: list[int], detach_head: bool = False) -> torch.Tensor:
-        """The mean per answer token of the KL divergence over examples ``indices``, with its gradient."""
+        """The mean per answer token of the KL divergence over examples ``indices``, with its gradient, from
+        a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows)."""
         return self._kl(model, indices, detach_head).mean()
+
+    def rows(self, indices: list[int]) -> list:
+        """Examples ``indices`` as (ids, mask, weight) rows, to join a forward shared with other rows."""
+        return [self.examples[i] for i in indices]
+
+    def anchor_hidden(self, hidden: torch.Tensor, indices: list[int], head: torch.Tensor, detach_head: bool = False):
+        """``anchor`` from the final hidden states of ``rows(indices)`` ([rows, width, hidden], right-padded,
+        made by a forward that also held the job's rows) and the output projection ``head``: the same value
+        and gradient, without a forward of their own."""
+        sel = answer_positions(self.rows(indices), hidden.shape[1], hidden.device)
+        return topk_kl(hidden_logits(hidden, sel, head, detach_head), *self._reference(indices)).mean()
 
     @torch.no_grad()
     def kl(self, model) -> float:

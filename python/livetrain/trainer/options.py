@@ -9,15 +9,10 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE_DIR = "livetrain-state"
-# Tokens one training step may compute (rows × the longest row; the guard's replayed rows count too:
-# trainer.admission). Not yet measured per token on this machine (bench/train_memory.py measures it): chosen from
-# the review of issue #13, where a step of 8 × 1,050 tokens (8,400) on the default model grew the CPU
-# trainer past 5.6 GiB, so about half that stays well inside a few GiB; the idle trainer of the default
-# model is ~0.4 GiB resident and one step of ~150 tokens raised its peak to ~0.85 GiB (first step,
-# optimizer state included; measured on the shared CPU machine, 2026-11-30).
-DEFAULT_MAX_BATCH_TOKENS = 4096
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
+# How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
+REPLAY_SELECT = ("cycle", "similar")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {
     "lr": 5e-5,
@@ -27,6 +22,7 @@ LEARNING = {
     "replay": 2,
     "anchor": 1.0,
     "reword": False,
+    "replay_select": "cycle",
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
 }
@@ -48,6 +44,19 @@ def device(value: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{value}: {problem}")
     return value
+
+
+def batch_tokens(value: str) -> int | str:
+    """``--max-batch-tokens`` (an argparse type): ``auto`` or a whole number >= 1."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a whole number of tokens >= 1")
+    return n
 
 
 def add_store_options(parser) -> None:
@@ -90,13 +99,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_learning_options(parser)
     parser.add_argument(
         "--max-batch-tokens",
-        type=int,
-        default=DEFAULT_MAX_BATCH_TOKENS,
-        metavar="N",
+        type=batch_tokens,
+        default="auto",
+        metavar="N|auto",
         help="tokens one step may compute (examples × the longest, padding included): a job whose batches "
         "would exceed it runs in smaller batches, or is refused with a 400 naming the limit when it set "
-        f"batch_size itself or one example is longer (default {DEFAULT_MAX_BATCH_TOKENS}: about half the step "
-        "that made the default model's CPU trainer grow past 5.6 GiB)",
+        "batch_size itself or one example is longer. Default auto: chosen at start from the model's size and "
+        "the device's memory (a tenth of it, at most 80%% of what is free, at the cost per token that "
+        "bench/train_memory.py measured); the trainer logs the number and /train/status shows it",
     )
     parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
@@ -181,6 +191,14 @@ def add_learning_options(parser) -> None:
         help="by default, the served model rewords each chat example's last question once and a job trains "
         f"the reworded questions too (default {LEARNING['reword']})",
     )
+    parser.add_argument(
+        "--replay-select",
+        default=LEARNING["replay_select"],
+        choices=REPLAY_SELECT,
+        help="which replayed retention rows join each step: cycle (in turn) or similar (half of them the rows "
+        "whose prompts share the most rare tokens with the step's examples' prompts, the rest in turn) "
+        f"(default {LEARNING['replay_select']})",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
     parser.add_argument(
         "--no-guard",
@@ -201,8 +219,6 @@ def check(ns: argparse.Namespace) -> str | None:
     """What is wrong with a combination of the options (None: nothing)."""
     if ns.checkpoint_every < 0:
         return "--checkpoint-every must be >= 0"
-    if ns.max_batch_tokens < 1:
-        return "--max-batch-tokens must be >= 1"
     if not 0 < ns.lr < 1:
         return "--lr must be in (0, 1)"
     if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
@@ -248,6 +264,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--anchor",
         str(ns.anchor),
         "--reword" if ns.reword else "--no-reword",
+        "--replay-select",
+        ns.replay_select,
         *(["--no-guard"] if ns.no_guard else []),
         "--guard-threshold",
         str(ns.guard_threshold),

@@ -62,6 +62,9 @@ class Ranks:
         self.failure: str | None = None  # why the group can no longer train (rank 0 reports it)
         self.engine_group = ""  # the manifests' model.group (check_manifests)
         self.pids: list[int] = [0] * size
+        # The residual stream split by tokens too (livetrain.tensor_parallel): 1/N of the layers' checkpoints
+        # and norms per rank. Off only to compare against it (bench/tp.py).
+        self.sequence_parallel = True
         self._last_sent = time.monotonic()
         self._lock = threading.Lock()
 
@@ -124,7 +127,7 @@ class Ranks:
         from livetrain import tensor_parallel
 
         self.check_manifests(attached)
-        return tensor_parallel.build_model(attached, self.group)
+        return tensor_parallel.build_model(attached, self.group, sequence_parallel=self.sequence_parallel)
 
     def file_name(self, name: str) -> str:
         """``optimizer.safetensors`` -> ``optimizer.rank-R-of-N.safetensors``: a file of this rank's."""

@@ -8,6 +8,7 @@ The defaults (``options.py``) and the measurements that chose them are in docs/l
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -37,7 +38,7 @@ class Plan:
     end a fixed job early when the job gave it. ``lr`` is the rate after a linear warm-up of ``warmup``
     steps. ``replay`` retention examples are trained on at every step (0: none): as examples with the model's
     own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
-    model's next-token distributions on them. ``reword``: the model rewords each example's question once and
+    model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
     the job trains those too (trainer.augment). ``guard``: measure retention and roll the job back when it
     drops too far (docs/learning.md).
     """
@@ -52,6 +53,7 @@ class Plan:
     anchor: float
     reword: bool
     guard: bool
+    replay_select: str = "cycle"
 
     @property
     def budget(self) -> int:
@@ -101,6 +103,7 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         anchor=float(options.get("anchor", defaults.anchor)),
         reword=options.get("reword", defaults.reword),
         guard=guard,
+        replay_select=options.get("replay_select", defaults.replay_select),
     )
 
 
@@ -158,3 +161,51 @@ def batches(n: int, batch_size: int):
     while True:
         yield [(i + k) % n for k in range(size)]
         i = (i + size) % n
+
+
+class Replayed:
+    """Which replayed retention rows join each step (a job's ``replay_select``).
+
+    ``cycle``: the next ``k`` rows in order, cycling. ``similar``: half of them (rounded up) are the rows
+    whose prompts share the most with the prompts of the step's examples, the rest the next ones in the
+    cycle. The forgetting that a job causes is mostly interference on prompts of the same form as its
+    own (a made-up "the capital of Velmora" turning "the capital of France" wrong: docs/learning.md), so
+    the rows that hold what the model does on such prompts are the ones to keep it there while the job
+    trains them; the cycled half keeps the rest covered. Prompts are compared by their tokens weighted by
+    inverse document frequency over the replayed prompts (log(rows / rows holding the token)): the chat
+    template's tokens, in every prompt, weigh nothing, a word few prompts hold ("capital") most. Among
+    rows of equal weight, the one picked longest ago. Token ids in, row indices out.
+    """
+
+    def __init__(self, prompts: list[list[int]], how: str = "cycle"):
+        if how not in ("cycle", "similar"):
+            raise ValueError(f"replay_select must be cycle or similar, not {how!r}")
+        self.how, self.n = how, len(prompts)
+        self.tokens = [set(p) for p in prompts]
+        df = collections.Counter(t for s in self.tokens for t in s)
+        self.idf = {t: math.log(self.n / c) for t, c in df.items()}
+        self.next = 0  # the cycle's position
+        self.last = [-1] * self.n  # the step each row was last picked at
+        self.steps = 0
+
+    def weights(self, prompts: list[list[int]]) -> list[float]:
+        """Each row's similarity to ``prompts``: the summed weights of the tokens it shares with them."""
+        query = set().union(*map(set, prompts)) if prompts else set()
+        return [sum(self.idf[t] for t in s & query) for s in self.tokens]
+
+    def pick(self, k: int, prompts: list[list[int]]) -> list[int]:
+        """The ``k`` rows of the step whose examples' prompts are ``prompts`` (repeating rows only when
+        ``k`` exceeds them)."""
+        chosen: list[int] = []
+        if self.how == "similar" and self.n:
+            w = self.weights(prompts)
+            ranked = sorted(range(self.n), key=lambda i: (-w[i], self.last[i], i))
+            chosen = ranked[: min((k + 1) // 2, self.n)]
+        while len(chosen) < k and self.n:
+            i, self.next = self.next, (self.next + 1) % self.n
+            if i not in chosen or len(set(chosen)) == self.n:
+                chosen.append(i)
+        for i in chosen:
+            self.last[i] = self.steps
+        self.steps += 1
+        return chosen

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import uuid
 import torch
 
 from livetrain import _core
-from livetrain.loss import OutputGradient, causal_lm_loss
+from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, parse_job
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
@@ -105,6 +104,14 @@ def parse_rollback_args(args: dict, generations: list[int]) -> int:
             f"generation {g} is not in the checkpoint store (it holds {generations[0]}..{generations[-1]})",
         )
     return g
+
+
+def padding_waste(examples: list, anchor_rows: list) -> float:
+    """How many more tokens one forward over ``examples`` and ``anchor_rows`` (each padded to the longest of
+    both) computes than two forwards, each padded to its own longest, as a fraction of the two's."""
+    wx, wa = max(len(t) for t, _, _ in examples), max(len(t) for t, _, _ in anchor_rows)
+    apart = len(examples) * wx + len(anchor_rows) * wa
+    return (len(examples) + len(anchor_rows)) * max(wx, wa) / apart - 1
 
 
 class Trainer:
@@ -212,7 +219,14 @@ class Trainer:
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
-        self.max_batch_tokens = s.max_batch_tokens
+        self.max_batch_tokens, self.max_batch_tokens_from = s.max_batch_tokens, "--max-batch-tokens"
+        if s.max_batch_tokens == "auto":  # after the optimizer's state exists: what is free now is what a step has
+            cfg = self.model.config.get_text_config()
+            weight = next(self.model.parameters())
+            self.max_batch_tokens, self.max_batch_tokens_from = admission.auto_max_batch_tokens(
+                cfg.hidden_size, cfg.num_hidden_layers, weight.element_size(), self.device
+            )
+        progress(f"{self.max_batch_tokens} tokens per step at most ({self.max_batch_tokens_from})")
         self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
@@ -249,11 +263,16 @@ class Trainer:
         self.store, head = None, None
         if not s.no_store:
             self.store = (
-                checkpoint.open_store(model_dir, s.store)
+                checkpoint.open_store(model_dir, s.store, served={n: t.dtype for n, t in self.weights.items()})
                 if ranks is None
                 else ranks.open_store(model_dir, s.store, self.weights)
             )
             head = self.store.list()[-1]
+        # Tensors served (and so saved) in another dtype than the model files hold: vLLM's float32 A_log over
+        # Qwen3.5's bf16 files. Not a mismatch: /train/status says so.
+        served = {n: d for n, d, _ in self.store.tensors()} if self.store is not None else {}
+        files = self.store.file_dtypes() if self.store is not None else {}
+        self.served_dtypes = {n: {"files": d, "served": served[n]} for n, d in sorted(files.items())}
         self.restored_from = None
         head_state = self._generation_state(head) if head is not None else None
         if same_engine and os.path.exists(self.opt_path):
@@ -418,8 +437,12 @@ class Trainer:
         # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
         # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
         asked = parsed.get("batch_size", self.settings.batch_size)
-        replay = schedule.plan(parsed, self.settings, n).replay  # replayed rows join every step: they count
-        bs = admission.fit_batch(parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens, replay)
+        first = schedule.plan(parsed, self.settings, n)  # replayed rows join every step: they count
+        # So do the rewordings that will join the job (made when it runs): a row reserved for each.
+        later = len(augment.rewordable(job["examples"])) if first.reword else 0
+        bs = admission.fit_batch(
+            parsed["examples"], asked, "batch_size" in parsed, self.max_batch_tokens, first.replay, later
+        )
         plan = schedule.plan({**parsed, "batch_size": bs}, self.settings, n)
         if self.ranks is not None and (plan.guard or plan.replay):
             # The retention answers and losses are generated on rank 0 alone, while a tensor-parallel
@@ -561,6 +584,7 @@ class Trainer:
                 "gradient_checkpointing": self.grad_checkpointing,
                 "kernels": self.kernels,
                 "device": str(self.device),
+                "max_batch_tokens": {"tokens": self.max_batch_tokens, "chosen": self.max_batch_tokens_from},
                 "not_trained": {
                     "tensors": self.not_trained,
                     "why": "in the model files but outside the text model this engine serves (e.g. a vision tower "
@@ -574,6 +598,7 @@ class Trainer:
                     "min_kept": self.settings.guard_min_kept,
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
+                    "replay_select": self.settings.replay_select,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
@@ -591,6 +616,7 @@ class Trainer:
             "time": head["time_ms"] / 1000,
             "every_s": self.checkpoint_every,
             "error": self.checkpoint_error,
+            "served_in_other_dtype": self.served_dtypes,
         }
 
     # ---- the checkpoint store (on the training thread, between steps) ----
@@ -727,35 +753,17 @@ class Trainer:
         weights = torch.tensor([w for _, _, w in examples], dtype=torch.float32)
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), weights.to(self.device)
 
-    def step(self, examples, anchor=None) -> tuple[float, int, list[float]]:
-        """One forward/backward over a batch; the optimizer steps each parameter from its hook during
-        backward. Loss: per example, the mean over its trained tokens, times its weight; averaged; plus,
-        with ``anchor`` = (guard.Reference, indices, beta), beta × the mean KL divergence from the
-        reference's distributions on those of its examples (one more forward, the same backward).
-        Returns the loss (without the anchor's term), the batch's tokens and each example's loss
-        (unweighted).
+    def step(self, examples, anchor=None, separate_anchor: bool | None = None) -> tuple[float, int, list[float]]:
+        """One forward/backward over a batch (and the anchor's rows: ``loss``); the optimizer steps each
+        parameter from its hook during backward. Returns the loss (without the anchor's term), the batch's
+        tokens and each example's loss (unweighted).
 
         ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
         some parameter's gradient or update was (the others were stepped: ``applied``)."""
-        ids, attn, labels, weights = self._batch(examples)
-        # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
         # The output projection's vocabulary-sized gradient is made after backward, once the layers'
         # activations are gone, and stepped at once (OutputGradient): it never coexists with them.
         later = OutputGradient(vocab=self.vocab)
-        per_example = torch.empty(len(examples), dtype=torch.float32, device=self.device)
-        loss = causal_lm_loss(
-            self.model, ids, attn, labels, weights, later=later, vocab=self.vocab, per_example=per_example
-        )
-        value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
-        if anchor is not None:
-            reference, indices, beta = anchor
-            # The output projection's gradient, when deferred (later.active), comes from the main loss alone:
-            # its deferred step runs once, after backward.
-            term = reference.anchor(self.model, indices, detach_head=later.active)
-            kl = float(term.detach())
-            if not math.isfinite(kl):
-                raise NonFinite(f"the retention anchor's KL divergence is {kl}", applied=False, parameters=[])
-            loss = loss + beta * term
+        loss, value, ntok, per_example = self.loss(examples, anchor, later, separate_anchor)
         if not math.isfinite(value):
             # Before backward: the hooks step parameters one by one as gradients appear, so a step that
             # starts cannot be taken back. A non-finite loss never starts one.
@@ -773,7 +781,66 @@ class Trainer:
         if self.ranks is not None:
             self.ranks.end_step()
         self._check_step()
-        return value, int(attn.sum()), per_example.tolist()
+        return value, ntok, per_example.tolist()
+
+    def loss(self, examples, anchor=None, later=None, separate_anchor: bool | None = None):
+        """A step's loss before backward: per example, the mean cross-entropy over its trained tokens, times
+        its weight, averaged; plus, with ``anchor`` = (guard.Reference, indices, beta), beta × the mean KL
+        divergence from the reference's distributions on those of its examples. Returns (the loss tensor,
+        its value without the anchor's term, the batch's tokens, each example's loss, unweighted).
+
+        The anchor's rows join the batch's forward (one forward over both, padded to the longer, and so one
+        backward), when the model has a plain linear output layer; else they have a forward of their own in
+        the same backward. ``separate_anchor``: None chooses (on CPU, two forwards when one would compute more
+        than 10% more tokens in padding: ``padding_waste``), True / False force two / one (what
+        bench/learning_step.py compares).
+        ``later``: see ``step``; when it defers the output projection's gradient (``later.active``), that
+        gradient comes from the examples' loss alone (its deferred step runs once, after backward)."""
+        n = len(examples)
+        head = output_projection(self.model) if anchor is not None and separate_anchor is not True else None
+        anchor_rows = anchor[0].rows(anchor[1]) if head is not None else []
+        if (
+            separate_anchor is None
+            and anchor_rows
+            and self.device.type == "cpu"
+            and padding_waste(examples, anchor_rows) > 0.1
+        ):
+            # A CPU step costs about its tokens, padding included: one forward padded to the longer rows cost
+            # 1.50x a step without the anchor where two forwards cost 1.24x (bench/learning_step.py, 33% more
+            # tokens). A GPU step at these sizes costs its kernel launches: one forward there.
+            head, anchor_rows = None, []
+        rows = examples + anchor_rows
+        ids, attn, labels, weights = self._batch(rows)
+        width = max(len(t) for t, _, _ in examples)  # the examples' own width: the same loss as without the anchor
+        hidden = None
+        if head is not None:
+            hidden = self.model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        # Chunked over the vocabulary when the output layer allows: no full logits (livetrain/loss.py).
+        per_example = torch.empty(n, dtype=torch.float32, device=self.device)
+        loss = causal_lm_loss(
+            self.model,
+            ids[:n, :width],
+            attn[:n, :width],
+            labels[:n, :width],
+            weights[:n],
+            later=later,
+            vocab=self.vocab,
+            per_example=per_example,
+            hidden=None if hidden is None else hidden[:n, :width],
+        )
+        value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
+        if anchor is not None:
+            reference, indices, beta = anchor
+            detach = later is not None and later.active
+            if hidden is not None:
+                term = reference.anchor_hidden(hidden[n:], indices, head, detach_head=detach)
+            else:
+                term = reference.anchor(self.model, indices, detach_head=detach)
+            kl = float(term.detach())
+            if not math.isfinite(kl):
+                raise NonFinite(f"the retention anchor's KL divergence is {kl}", applied=False, parameters=[])
+            loss = loss + beta * term
+        return loss, value, int(attn[:n].sum()), per_example
 
     def _check_step(self) -> None:
         """``NonFinite`` when a parameter's step of this batch met a non-finite gradient or update (one read
@@ -824,8 +891,11 @@ class Trainer:
         reason, state, undo, restored = None, "done", None, False
         try:
             undo = self._undo_point() if plan.guard else None
-            # Replayed rows are cut to their share of the step budget (trainer.admission), before the anchor's
-            # reference distributions are taken on them.
+            # First the rewordings (they join the job's rows), then the replayed rows cut to their share of
+            # the step budget with every row known (trainer.admission), before the anchor's reference
+            # distributions are taken on them.
+            if plan.reword:
+                examples = examples + self._reword(info, job["raw"], examples)
             width = (
                 admission.replay_width(self.max_batch_tokens, min(plan.batch_size, len(examples)), plan.replay)
                 if plan.replay
@@ -835,15 +905,13 @@ class Trainer:
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
-            if plan.reword:
-                examples = examples + self._reword(info, job["raw"], examples)
             losses = schedule.Losses(len(examples))
-            replay, anchor = None, None
+            # Which replayed rows join each step: in the batch (one-hot), or as the anchor's rows (the same
+            # rows: indices into its reference).
+            replayed, anchor = None, None
             if watch and plan.replay and watch["replay"]:
-                if watch["anchor"] is not None:  # the replayed examples' indices into the reference
-                    anchor = itertools.cycle(range(len(watch["anchor"])))
-                else:
-                    replay = itertools.cycle(watch["replay"])
+                replayed = schedule.Replayed([_prompt(r) for r in watch["replay"]], plan.replay_select)
+                anchor = watch["anchor"]
             order = schedule.batches(len(examples), plan.batch_size)
             for s in range(plan.budget):
                 self.run_pending()
@@ -854,16 +922,17 @@ class Trainer:
                     reason = "cancelled"
                     break
                 idx = next(order)
-                batch = [examples[i] for i in idx] + ([next(replay) for _ in range(plan.replay)] if replay else [])
+                picked = replayed.pick(plan.replay, [_prompt(examples[i]) for i in idx]) if replayed else []
+                batch = [examples[i] for i in idx]
+                if anchor is None:
+                    batch += [watch["replay"][j] for j in picked]
                 lr = plan.lr_at(s)
                 self.reserve(self.weight_version + 1)  # before the step writes the weights
                 t0 = time.perf_counter()
                 try:
                     if self.ranks is not None:
                         self.ranks.lead("step", batch, lr)
-                    step_anchor = None
-                    if anchor is not None:
-                        step_anchor = (watch["anchor"], [next(anchor) for _ in range(plan.replay)], plan.anchor)
+                    step_anchor = (anchor, picked, plan.anchor) if anchor is not None and picked else None
                     loss, ntok, per_example = self.train_step(batch, lr, step_anchor)
                 except NonFinite as e:
                     reason, state = "nonfinite", "failed"
@@ -983,6 +1052,7 @@ class Trainer:
             "rollback": None,
             "replayed_prompts": len(replay) if plan.replay else 0,
             "anchor": plan.anchor if anchor is not None else 0.0,
+            "replay_select": plan.replay_select,
             "held_out_prompts": len(held_out),
             "answers_made": made,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -1148,3 +1218,9 @@ class Trainer:
 
 def _round(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, 5)
+
+
+def _prompt(example) -> list[int]:
+    """An (ids, mask, weight) example's prompt: its tokens that carry no loss."""
+    ids, mask, _ = example
+    return [t for t, m in zip(ids, mask) if not m]
