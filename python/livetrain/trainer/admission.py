@@ -149,12 +149,12 @@ class Retries:
 # What one trained token costs the trainer during a step, per hidden unit and layer, in bytes of a 2-byte
 # dtype (scaled by the weights' element size). CUDA: the activations kept for the backward under gradient
 # checkpointing, 3.2-3.4 measured by bench/train_memory.py on an H200 for SmolLM2-135M's and Qwen3-8B's shapes
-# (bench/RESULTS.md, fourth session; the chunked loss adds no per-vocabulary term). CPU: not measured by that
-# bench yet (its CPU points did not finish on the shared 2-core machine); the figure is the hostile review's
-# (issue #13): the default model's fp32 CPU trainer grew past 5.6 GiB on a step of 8 x 1,050 tokens, i.e.
-# about 17 per unit -- CPU attention materializes more than the GPU's fused kernels.
+# (bench/RESULTS.md, fourth session; the chunked loss adds no per-vocabulary term). CPU: 4.8, the largest of
+# bench/train_memory.py's CPU points for the default model in fp32 (162.8 KiB per token at 8 rows x 512 tokens;
+# 155.8 KiB per token fitted over 512-4,096 tokens in 1 and 8 rows; bench/RESULTS.md, 2026-12-01): the process's
+# peak resident memory, so the CPU allocator's slack is in it.
 CUDA_BYTES_PER_TOKEN_UNIT = 3.4
-CPU_BYTES_PER_TOKEN_UNIT = 17.0
+CPU_BYTES_PER_TOKEN_UNIT = 4.8
 # The step's fixed workspace beyond the per-token part (0.18-0.75 GiB measured), and the margin over the fit.
 FIXED_BYTES = 1 << 30
 MARGIN = 1.25
@@ -195,7 +195,7 @@ def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) ->
     else:
         total, free = _host_memory()
         per_unit, where = CPU_BYTES_PER_TOKEN_UNIT, "host memory"
-        source = "the CPU figure of issue #13's review"
+        source = "bench/train_memory.py's CPU figure"
     budget = min(MEMORY_SHARE * total, 0.8 * free) - FIXED_BYTES
     per_token = MARGIN * per_unit * hidden * layers * dtype_bytes / 2
     tokens = max(256, int(budget // per_token))
