@@ -9,7 +9,6 @@ usage: python bench/attach.py [--size 8b] [--json out.json]
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 sys.path.insert(0, os.path.dirname(__file__))
+from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
 
 SIZES = {"1b": (2048, 8192, 16, 512, 128256), "8b": (4096, 14336, 32, 1024, 128256)}
 
@@ -137,20 +137,16 @@ def main() -> None:
     print("|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {ms / attach_ms:.1f} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(
-                {
-                    "device": torch.cuda.get_device_name(),
-                    "bytes": nbytes,
-                    "tensors": len(tensors),
-                    "allocations": handles,
-                    "write_seen_by_engine": seen == 1024.0,
-                    "rows": [{"method": n, "ms": ms} for n, ms in rows],
-                },
-                f,
-                indent=2,
-            )
+    write_result(
+        a.json,
+        {
+            "bytes": nbytes,
+            "tensors": len(tensors),
+            "allocations": handles,
+            "write_seen_by_engine": seen == 1024.0,
+            "rows": [{"method": n, "ms": ms} for n, ms in rows],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
 
 BLOCK = 4096
 
@@ -547,21 +548,17 @@ def main() -> int:
         rows = []
 
         def save(partial: list) -> None:
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(
-                        {
-                            "device": torch.cuda.get_device_name(),
-                            "lr": a.lr,
-                            "gib": a.gib,
-                            "device_copy_bandwidth": bands[0],
-                            "pinned_d2h_bandwidth": bands[1],
-                            "disk_write_bandwidth": bands[2],
-                            "sweep": rows + partial,
-                        },
-                        f,
-                        indent=2,
-                    )
+            write_result(
+                a.json,
+                {
+                    "lr": a.lr,
+                    "gib": a.gib,
+                    "device_copy_bandwidth": bands[0],
+                    "pinned_d2h_bandwidth": bands[1],
+                    "disk_write_bandwidth": bands[2],
+                    "sweep": rows + partial,
+                },
+            )
 
         for x in shape_sets:
             try:
@@ -680,22 +677,18 @@ def main() -> int:
             f"{scenario}: livetrain {base['seconds'] / ours['seconds']:.1f}x faster than the baseline, "
             f"{ours['bytes_written'] / model_bytes:.1%} of the model's bytes written"
         )
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(
-                {
-                    "device": torch.cuda.get_device_name(),
-                    "model_bytes": model_bytes,
-                    "tensors": len(shapes),
-                    "lr": a.lr,
-                    "device_copy_bandwidth": bw_dev,
-                    "pinned_d2h_bandwidth": bw_pcie,
-                    "disk_write_bandwidth": bw_disk,
-                    "rows": rows,
-                },
-                f,
-                indent=2,
-            )
+    write_result(
+        a.json,
+        {
+            "model_bytes": model_bytes,
+            "tensors": len(shapes),
+            "lr": a.lr,
+            "device_copy_bandwidth": bw_dev,
+            "pinned_d2h_bandwidth": bw_pcie,
+            "disk_write_bandwidth": bw_disk,
+            "rows": rows,
+        },
+    )
     return 0
 
 

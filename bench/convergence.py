@@ -7,7 +7,6 @@ usage: python bench/convergence.py [--steps 400] [--lr 1e-3] [--json out.json]
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,6 +14,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
+
 from livetrain.optim import Apollo, ApolloMini, param_groups  # noqa: E402
 
 VOCAB, SEQ, BATCH = 512, 256, 32
@@ -106,9 +107,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['final_loss']:.4f} | {r['final_loss'] / base:.3f} | {r['ms_per_step']:.1f} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "steps": a.steps, "lr": lr, "rows": rows}, f, indent=2)
+    write_result(a.json, {"steps": a.steps, "lr": lr, "rows": rows})
 
 
 if __name__ == "__main__":

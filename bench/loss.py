@@ -16,7 +16,6 @@ usage: python bench/loss.py [--tokens 2048] [--hidden 4096] [--vocab 151936] [--
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from optim import time_steps  # noqa: E402  (bench/optim.py, beside this file: the GPU timing of a step)
+from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
 
 from livetrain import loss  # noqa: E402
 
@@ -130,21 +130,19 @@ def main() -> int:
         f"\nchunked+later takes {base['chunked+later']['seconds'] / base['chunked']['seconds']:.2f}x the time of "
         f"chunked and {base['chunked+later']['seconds'] / base['full logits']['seconds']:.2f}x that of full logits."
     )
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(
-                {
-                    "device": torch.cuda.get_device_name(dev),
-                    "torch": torch.__version__,
-                    "tokens": a.tokens,
-                    "hidden": a.hidden,
-                    "vocab": a.vocab,
-                    "product_seconds": product,
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+    write_result(
+        a.json,
+        {
+            "torch": torch.__version__,
+            "tokens": a.tokens,
+            "hidden": a.hidden,
+            "vocab": a.vocab,
+            "product_seconds": product,
+            "rows": rows,
+        },
+        dev,
+        indent=1,
+    )
     return 0
 
 

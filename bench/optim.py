@@ -18,7 +18,6 @@ usage: python bench/optim.py [--sizes 1b,8b] [--steps 10] [--json out.json]
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
+
 from livetrain.optim import Apollo, ApolloMini  # noqa: E402
 
 # (hidden, intermediate, layers, kv_dim, vocab): Llama-3.2-1B and Llama-3.1-8B.
@@ -491,13 +492,7 @@ def main() -> None:
         rows = []
 
         def save(partial: list) -> None:
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(
-                        {"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "sweep": rows + partial},
-                        f,
-                        indent=2,
-                    )
+            write_result(a.json, {"copy_bandwidth": bw, "sweep": rows + partial})
 
         for size in sizes:
             rows += sweep_set(size, steps, bw, a.embeddings, on_row=save)
@@ -518,9 +513,7 @@ def main() -> None:
             f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['method']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
             f"{r['x_floor']:.2f} | {r['state_bytes'] / 2**20:.1f} | {ratio} | {r['peak_extra_bytes'] / 2**20:.0f} |"
         )
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
+    write_result(a.json, {"copy_bandwidth": bw, "rows": rows})
 
 
 if __name__ == "__main__":

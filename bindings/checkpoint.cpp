@@ -189,37 +189,37 @@ nb::dict save_result_dict(const checkpoint::SaveResult& r) {
   return d;
 }
 
+using StoreFactory = checkpoint::Store (*)(const std::string&, const std::string&, const checkpoint::OpenOptions&);
+
+// CheckpointStore.create and .open: Store::create or Store::open (`make`) with the options of Python's
+// arguments, without the GIL.
+template <StoreFactory make>
+void def_store_factory(nb::class_<checkpoint::Store>& c, const char* name, const char* doc) {
+  c.def_static(
+      name,
+      [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
+         std::optional<std::vector<HeldArg>> held, const std::string& group, const ServedArg& served) {
+        checkpoint::OpenOptions o = open_options(rank, ranks, held, group, served);
+        nb::gil_scoped_release release;
+        return make(model_dir, store_dir, o);
+      },
+      nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
+      nb::arg("held") = nb::none(), nb::arg("group") = "", nb::arg("served") = ServedArg{}, doc);
+}
+
 }  // namespace
 
 void init_checkpoint(nb::module_& m) {
-  nb::class_<checkpoint::Store>(
-      m, "CheckpointStore",
-      "The delta checkpoint store of a model directory (docs/checkpoint.md). Holds the store's "
-      "lock and a host copy of the head generation until close().")
-      .def_static(
-          "create",
-          [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
-             std::optional<std::vector<HeldArg>> held, const std::string& group, const ServedArg& served) {
-            checkpoint::OpenOptions o = open_options(rank, ranks, held, group, served);
-            nb::gil_scoped_release release;
-            return checkpoint::Store::create(model_dir, store_dir, o);
-          },
-          nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
-          nb::arg("held") = nb::none(), nb::arg("group") = "", nb::arg("served") = ServedArg{},
-          "Creates a store (generation 0 = the model files), then opens it as open() does.")
-      .def_static(
-          "open",
-          [](const std::string& model_dir, const std::string& store_dir, uint32_t rank, uint32_t ranks,
-             std::optional<std::vector<HeldArg>> held, const std::string& group, const ServedArg& served) {
-            checkpoint::OpenOptions o = open_options(rank, ranks, held, group, served);
-            nb::gil_scoped_release release;
-            return checkpoint::Store::open(model_dir, store_dir, o);
-          },
-          nb::arg("model_dir"), nb::arg("store_dir") = "", nb::arg("rank") = 0, nb::arg("ranks") = 1,
-          nb::arg("held") = nb::none(), nb::arg("group") = "", nb::arg("served") = ServedArg{},
-          "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
-          "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.")
-      .def("close", &checkpoint::Store::close)
+  nb::class_<checkpoint::Store> store(m, "CheckpointStore",
+                                      "The delta checkpoint store of a model directory (docs/checkpoint.md). Holds "
+                                      "the store's lock and a host copy of the head generation until close().");
+  def_store_factory<&checkpoint::Store::create>(
+      store, "create", "Creates a store (generation 0 = the model files), then opens it as open() does.");
+  def_store_factory<&checkpoint::Store::open>(
+      store, "open",
+      "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
+      "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.");
+  store.def("close", &checkpoint::Store::close)
       .def_prop_ro("dir", &checkpoint::Store::dir)
       .def_prop_ro("model_dir", &checkpoint::Store::model_dir)
       .def_prop_ro("head", [](const checkpoint::Store& s) { return s.commit().head; })

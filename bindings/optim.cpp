@@ -70,6 +70,19 @@ optim::Shard shard_of(const ShardArg& arg) {
   return sh;
 }
 
+// The hyperparameters APOLLO and AdamW share, bound under the same names.
+template <typename H>
+nb::class_<H>& def_common_hyper(nb::class_<H>& c) {
+  return c.def(nb::init<>())
+      .def_rw("lr", &H::lr)
+      .def_rw("beta1", &H::beta1)
+      .def_rw("beta2", &H::beta2)
+      .def_rw("eps", &H::eps)
+      .def_rw("weight_decay", &H::weight_decay)
+      .def_rw("max_grad_norm", &H::max_grad_norm)
+      .def_rw("rounding", &H::rounding);
+}
+
 }  // namespace
 
 void init_optim(nb::module_& m) {
@@ -80,30 +93,16 @@ void init_optim(nb::module_& m) {
       .value("channel", optim::Scaling::kChannel)
       .value("tensor", optim::Scaling::kTensor);
 
-  nb::class_<optim::ApolloHyper>(m, "ApolloHyper", "Hyperparameters of an APOLLO step (see docs/optim.md).")
-      .def(nb::init<>())
-      .def_rw("lr", &optim::ApolloHyper::lr)
-      .def_rw("beta1", &optim::ApolloHyper::beta1)
-      .def_rw("beta2", &optim::ApolloHyper::beta2)
-      .def_rw("eps", &optim::ApolloHyper::eps)
-      .def_rw("weight_decay", &optim::ApolloHyper::weight_decay)
+  nb::class_<optim::ApolloHyper> apollo(m, "ApolloHyper", "Hyperparameters of an APOLLO step (see docs/optim.md).");
+  def_common_hyper(apollo)
       .def_rw("rank", &optim::ApolloHyper::rank)
       .def_rw("update_proj_gap", &optim::ApolloHyper::update_proj_gap)
       .def_rw("scale", &optim::ApolloHyper::scale)
       .def_rw("scaling", &optim::ApolloHyper::scaling)
-      .def_rw("limiter", &optim::ApolloHyper::limiter)
-      .def_rw("max_grad_norm", &optim::ApolloHyper::max_grad_norm)
-      .def_rw("rounding", &optim::ApolloHyper::rounding);
+      .def_rw("limiter", &optim::ApolloHyper::limiter);
 
-  nb::class_<optim::AdamWHyper>(m, "AdamWHyper", "Hyperparameters of an AdamW step.")
-      .def(nb::init<>())
-      .def_rw("lr", &optim::AdamWHyper::lr)
-      .def_rw("beta1", &optim::AdamWHyper::beta1)
-      .def_rw("beta2", &optim::AdamWHyper::beta2)
-      .def_rw("eps", &optim::AdamWHyper::eps)
-      .def_rw("weight_decay", &optim::AdamWHyper::weight_decay)
-      .def_rw("max_grad_norm", &optim::AdamWHyper::max_grad_norm)
-      .def_rw("rounding", &optim::AdamWHyper::rounding);
+  nb::class_<optim::AdamWHyper> adamw(m, "AdamWHyper", "Hyperparameters of an AdamW step.");
+  def_common_hyper(adamw);
 
   m.def("apollo_workspace_bytes", &optim::apollo_workspace_bytes, nb::arg("rows"), nb::arg("cols"), nb::arg("rank"));
   m.def("adamw_workspace_bytes", &optim::adamw_workspace_bytes, nb::arg("numel"));

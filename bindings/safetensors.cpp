@@ -84,17 +84,18 @@ std::vector<PyTensor> from_tuples(
   return out;
 }
 
+// File.open and Model.open, without the GIL; shared, so that arrays viewing the mapping keep it alive.
+template <typename T>
+std::shared_ptr<T> open_shared(const std::string& path) {
+  nb::gil_scoped_release release;
+  return std::make_shared<T>(T::open(path));
+}
+
 }  // namespace
 
 void init_safetensors(nb::module_& m) {
   nb::class_<st::File>(m, "SafetensorsFile", "A validated, memory-mapped safetensors file.")
-      .def_static(
-          "open",
-          [](const std::string& path) {
-            nb::gil_scoped_release release;
-            return std::make_shared<st::File>(st::File::open(path));
-          },
-          nb::arg("path"))
+      .def_static("open", &open_shared<st::File>, nb::arg("path"))
       .def_prop_ro("path", &st::File::path)
       .def_prop_ro("file_size", &st::File::file_size)
       .def_prop_ro("metadata", [](const st::File& f) { return metadata_dict(f.header().metadata); })
@@ -115,13 +116,7 @@ void init_safetensors(nb::module_& m) {
           nb::arg("name"), "The tensor's bytes as a read-only uint8 array sharing the file mapping.");
 
   nb::class_<st::Model>(m, "Model", "A safetensors file or model directory (single file or sharded).")
-      .def_static(
-          "open",
-          [](const std::string& path) {
-            nb::gil_scoped_release release;
-            return std::make_shared<st::Model>(st::Model::open(path));
-          },
-          nb::arg("path"))
+      .def_static("open", &open_shared<st::Model>, nb::arg("path"))
       .def_prop_ro("path", &st::Model::path)
       .def_prop_ro("sharded", &st::Model::sharded)
       .def_prop_ro("total_bytes", &st::Model::total_bytes)

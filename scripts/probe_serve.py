@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 from livetrain.trainer.client import free_port, http, wait_ready  # noqa: E402
+from livetrain.trainer.process import stop_process  # noqa: E402
 
 import tiny_model  # noqa: E402  (the tiny model, the --model option)
 
@@ -127,13 +128,7 @@ class Serve:
     def stop(self, sig: int | None = signal.SIGTERM) -> None:
         """Sends ``sig`` to the supervisor (None: nothing, it is stopping already), waits 120 s for it to
         exit, then kills its whole session."""
-        if sig is not None and self.p.poll() is None:
-            self.p.send_signal(sig)
-        try:
-            self.p.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.p.pid, signal.SIGKILL)
-            self.p.wait()
+        stop_process(self.p, sig, 120, session=True)
         self.log.close()
 
 

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))  # tiny_model: the tiny model the tests serve too
 
 from livetrain.trainer.client import free_port, http, wait_job  # noqa: E402
+from livetrain.trainer.process import stop_process  # noqa: E402
 
 import qwen35_model  # noqa: E402
 import tiny_model  # noqa: E402
@@ -220,15 +221,10 @@ class Server:
         return body
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # as Ctrl-C: vLLM shuts down, the trainer gets SIGTERM
-            try:
-                self.proc.wait(180)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        # SIGINT as Ctrl-C: vLLM shuts down, the trainer gets SIGTERM.
+        code = stop_process(self.proc, signal.SIGINT, 180, session=True)
         self.log.close()
-        return self.proc.returncode
+        return code
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

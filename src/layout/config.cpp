@@ -107,6 +107,11 @@ std::string supported_list() {
   return out;
 }
 
+uint64_t require_positive(const char* key, uint64_t v) {
+  if (v == 0) throw Error(ErrorCode::kFormat, std::string("config.json: field \"") + key + "\" must be > 0");
+  return v;
+}
+
 // Field lookup: the text config first, then the top level (multimodal configs keep e.g.
 // tie_word_embeddings at the top).
 class Fields {
@@ -130,6 +135,12 @@ class Fields {
   uint64_t u64_or(const char* key, uint64_t fallback) const {
     const json::Value* v = find(key);
     return v == nullptr ? fallback : checked_u64(key, *v);
+  }
+
+  // A size: present (or `fallback`) and > 0.
+  uint64_t positive(const char* key) const { return require_positive(key, u64(key)); }
+  uint64_t positive_or(const char* key, uint64_t fallback) const {
+    return require_positive(key, u64_or(key, fallback));
   }
 
   bool boolean_or(const char* key, bool fallback) const {
@@ -157,10 +168,6 @@ class Fields {
   const json::Value* text_;
 };
 
-void require_positive(const char* key, uint64_t v) {
-  if (v == 0) throw Error(ErrorCode::kFormat, std::string("config.json: field \"") + key + "\" must be > 0");
-}
-
 std::vector<std::string> hybrid_layer_types(const Fields& f, uint64_t num_layers) {
   std::vector<std::string> out;
   if (const json::Value* lt = f.find("layer_types")) {
@@ -181,8 +188,7 @@ std::vector<std::string> hybrid_layer_types(const Fields& f, uint64_t num_layers
     return out;
   }
   // transformers' Qwen3NextConfig / Qwen3_5TextConfig: every interval-th layer is full attention.
-  uint64_t interval = f.u64_or("full_attention_interval", 4);
-  require_positive("full_attention_interval", interval);
+  uint64_t interval = f.positive_or("full_attention_interval", 4);
   for (uint64_t i = 0; i < num_layers; ++i) {
     out.push_back((i + 1) % interval != 0 ? "linear_attention" : "full_attention");
   }
@@ -278,32 +284,26 @@ ModelInfo model_info(const json::Value& config) {
   m.family = fam->family;
   m.model_type = type;
   m.multimodal = text != nullptr;
-  m.hidden_size = f.u64("hidden_size");
+  m.hidden_size = f.positive("hidden_size");
   m.num_layers = f.u64("num_hidden_layers");
-  m.vocab_size = f.u64("vocab_size");
-  m.intermediate_size = f.u64("intermediate_size");
-  m.num_heads = f.u64("num_attention_heads");
-  m.num_kv_heads = f.u64_or("num_key_value_heads", m.num_heads);
-  require_positive("hidden_size", m.hidden_size);
-  require_positive("vocab_size", m.vocab_size);
-  require_positive("intermediate_size", m.intermediate_size);
-  require_positive("num_attention_heads", m.num_heads);
-  require_positive("num_key_value_heads", m.num_kv_heads);
+  m.vocab_size = f.positive("vocab_size");
+  m.intermediate_size = f.positive("intermediate_size");
+  m.num_heads = f.positive("num_attention_heads");
+  m.num_kv_heads = f.positive_or("num_key_value_heads", m.num_heads);
   if (m.num_heads % m.num_kv_heads != 0) {
     throw Error(ErrorCode::kFormat, "config.json: num_attention_heads " + std::to_string(m.num_heads) +
                                         " is not a multiple of num_key_value_heads " + std::to_string(m.num_kv_heads));
   }
   if (f.find("head_dim") != nullptr) {
-    m.head_dim = f.u64("head_dim");
+    m.head_dim = f.positive("head_dim");
   } else {
     if (m.hidden_size % m.num_heads != 0) {
       throw Error(ErrorCode::kFormat,
                   "config.json: no \"head_dim\", and hidden_size is not a multiple of "
                   "num_attention_heads");
     }
-    m.head_dim = m.hidden_size / m.num_heads;
+    m.head_dim = m.hidden_size / m.num_heads;  // > 0: hidden_size is a positive multiple of num_heads
   }
-  require_positive("head_dim", m.head_dim);
 
   bool attention_bias = f.boolean_or("attention_bias", false);
   m.qkv_bias = fam->qkv_bias == Bias::kAlways || (fam->qkv_bias == Bias::kFromConfig && attention_bias);
@@ -315,16 +315,11 @@ ModelInfo model_info(const json::Value& config) {
   if (fam->hybrid) {
     // vLLM Qwen3NextAttention: getattr(config, "attn_output_gate", True).
     m.gated_q = f.boolean_or("attn_output_gate", true);
-    m.linear_num_key_heads = f.u64("linear_num_key_heads");
-    m.linear_num_value_heads = f.u64("linear_num_value_heads");
-    m.linear_key_head_dim = f.u64("linear_key_head_dim");
-    m.linear_value_head_dim = f.u64("linear_value_head_dim");
-    m.linear_conv_kernel = f.u64("linear_conv_kernel_dim");
-    require_positive("linear_num_key_heads", m.linear_num_key_heads);
-    require_positive("linear_num_value_heads", m.linear_num_value_heads);
-    require_positive("linear_key_head_dim", m.linear_key_head_dim);
-    require_positive("linear_value_head_dim", m.linear_value_head_dim);
-    require_positive("linear_conv_kernel_dim", m.linear_conv_kernel);
+    m.linear_num_key_heads = f.positive("linear_num_key_heads");
+    m.linear_num_value_heads = f.positive("linear_num_value_heads");
+    m.linear_key_head_dim = f.positive("linear_key_head_dim");
+    m.linear_value_head_dim = f.positive("linear_value_head_dim");
+    m.linear_conv_kernel = f.positive("linear_conv_kernel_dim");
     if (m.linear_num_value_heads % m.linear_num_key_heads != 0) {
       throw Error(ErrorCode::kFormat,
                   "config.json: linear_num_value_heads is not a multiple of "

@@ -1,6 +1,7 @@
 // Helpers of the checkpoint tests: a small random bf16 model directory, live copies of it, and changes.
 #pragma once
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -77,6 +78,17 @@ inline void perturb(LiveModel& m, uint64_t seed, double fraction) {
 inline void write_model_dir(const std::string& dir, const LiveModel& m) {
   std::filesystem::create_directories(dir);
   safetensors::write_model(dir, m.refs(), 16 * 1024);
+}
+
+// Every tensor of `want` at generation g of the store. The store's tensor order is sorted by name, LiveModel's
+// is make_live's: they are compared by name.
+inline void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want) {
+  auto bufs = s.state(g);
+  for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
+    const auto& name = s.commit().tensors[i].name;
+    size_t k = std::find(want.names.begin(), want.names.end(), name) - want.names.begin();
+    ASSERT_EQ(bufs[i], want.data[k]) << "generation " << g << " tensor " << name;
+  }
 }
 
 // Runs `body` under every tuning of a GPU save (docs/tuning.md): checkpoint.pipeline, .diff and .digests

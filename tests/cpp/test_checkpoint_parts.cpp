@@ -31,6 +31,7 @@ using livetrain::DType;
 using livetrain::Error;
 using livetrain::ErrorCode;
 using livetrain::testing::expect_error;
+using livetrain::testing::expect_state;
 using livetrain::testing::hex;
 using livetrain::testing::LiveModel;
 using livetrain::testing::RankShard;
@@ -58,16 +59,6 @@ checkpoint::Store open_rank(const std::string& model, uint32_t rank, uint32_t ra
   o.held = shard.held();
   o.group = group;
   return checkpoint::Store::open(model, "", o);
-}
-
-// Every tensor of `m` at generation g of the store, by name.
-void expect_generation(checkpoint::Store& s, uint64_t g, const LiveModel& m) {
-  auto bufs = s.state(g);
-  for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
-    const auto& name = s.commit().tensors[i].name;
-    size_t k = std::find(m.names.begin(), m.names.end(), name) - m.names.begin();
-    ASSERT_EQ(bufs[i], m.data[k]) << "generation " << g << " tensor " << name;
-  }
 }
 
 // Saves generation `m` at TP `ranks` through every rank's store (parts, then rank 0 commits, then refresh).
@@ -272,7 +263,7 @@ TEST(CheckpointStore, TensorsNoSaveNamesStayBitExact) {
   LiveModel want = m;
   want.data[norm] = first.data[norm];
   EXPECT_TRUE(s.save(served).written);
-  expect_generation(s, 1, want);
+  expect_state(s, 1, want);
   s.materialize(1);
   livetrain::safetensors::Model files = livetrain::safetensors::Model::open(model);
   const auto& e = files.tensor("model.norm.weight");
@@ -381,15 +372,15 @@ TEST(CheckpointStore, AVersion1StoreIsReadAndExtended) {
   root.set("generations", std::move(gens));
   livetrain::fs::write_file_atomic(dir + "/COMMIT", root.dump_pretty() + "\n");
   checkpoint::Store s = checkpoint::Store::open(model);
-  for (uint64_t g = 0; g <= 2; ++g) expect_generation(s, g, states[g]);
+  for (uint64_t g = 0; g <= 2; ++g) expect_state(s, g, states[g]);
   EXPECT_TRUE(s.verify().empty());
   livetrain::testing::perturb(m, 30, 0.05);
   s.save(m.views());
   s.close();
   s = checkpoint::Store::open(model);
   EXPECT_EQ(s.commit().head, 3u);
-  expect_generation(s, 3, m);
-  expect_generation(s, 1, states[1]);
+  expect_state(s, 3, m);
+  expect_state(s, 1, states[1]);
 }
 
 TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
@@ -430,7 +421,7 @@ TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
   // TP 1 reads the TP 2 store whole, bit for bit, and keeps saving.
   {
     checkpoint::Store s = checkpoint::Store::open(model);
-    for (uint64_t g = 0; g <= 3; ++g) expect_generation(s, g, states[g]);
+    for (uint64_t g = 0; g <= 3; ++g) expect_state(s, g, states[g]);
     EXPECT_EQ(s.compare_live(3, m.views()).tensors, 0u);
     livetrain::testing::perturb(m, 50, 0.02);
     s.save(m.views());
@@ -464,7 +455,7 @@ TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
     states.push_back(states[1]);
   }
   checkpoint::Store s = checkpoint::Store::open(model);
-  for (uint64_t g = 0; g < states.size(); ++g) expect_generation(s, g, states[g]);
+  for (uint64_t g = 0; g < states.size(); ++g) expect_state(s, g, states[g]);
   // Materialized files equal what TP 1 writes, whatever TP size wrote the generations.
   s.materialize(5);
   livetrain::safetensors::Model files = livetrain::safetensors::Model::open(model);
@@ -473,7 +464,7 @@ TEST(CheckpointParts, Tp2GenerationsRestoreAtTp1AndTp3AndMaterializeLikeTp1) {
     EXPECT_EQ(0, std::memcmp(e.file->data(*e.info), states[5].data[i].data(), states[5].data[i].size())) << m.names[i];
   }
   s.gc(4);
-  expect_generation(s, 6, states[6]);
+  expect_state(s, 6, states[6]);
   EXPECT_TRUE(s.verify().empty());
 }
 
@@ -557,8 +548,8 @@ TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
   stores[0].close();
   stores[1].close();
   checkpoint::Store s = checkpoint::Store::open(model);
-  expect_generation(s, 2, m);
-  expect_generation(s, 1, before);
+  expect_state(s, 2, m);
+  expect_state(s, 1, before);
 }
 
 #ifdef LIVETRAIN_WITH_CUDA

@@ -27,6 +27,7 @@ using livetrain::DType;
 using livetrain::Error;
 using livetrain::ErrorCode;
 using livetrain::testing::expect_error;
+using livetrain::testing::expect_state;
 using livetrain::testing::LiveModel;
 using livetrain::testing::TempDir;
 
@@ -45,16 +46,6 @@ std::vector<std::vector<uint8_t>> read_dir(const std::string& dir, const LiveMod
     out.emplace_back(p, p + e.info->nbytes());
   }
   return out;
-}
-
-// The store's tensor order is sorted by name; LiveModel's order is what make_live gives. Compare by name.
-void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want) {
-  auto bufs = s.state(g);
-  for (size_t i = 0; i < s.commit().tensors.size(); ++i) {
-    const auto& name = s.commit().tensors[i].name;
-    size_t k = std::find(want.names.begin(), want.names.end(), name) - want.names.begin();
-    ASSERT_EQ(bufs[i], want.data[k]) << "generation " << g << " tensor " << name;
-  }
 }
 
 struct Fixture {

@@ -317,6 +317,21 @@ TEST(Layout, ConfigAndTpErrorsNameTheField) {
   EXPECT_THROW(lo::engine_from_name("trt"), Error);
 }
 
+TEST(Layout, ZeroSizesAreRefusedByName) {
+  for (const std::string key :
+       {"hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+        "linear_conv_kernel_dim", "full_attention_interval"}) {
+    std::string config = kQwen35, field = "\"" + key + "\": ";
+    size_t at = config.find(field);
+    ASSERT_NE(at, std::string::npos) << key;
+    config.replace(at, config.find_first_of(",}", at) - at, field + "0");
+    Error e = error_of([&] { lo::model_info(json::parse(config)); });
+    EXPECT_EQ(e.code(), ErrorCode::kFormat) << key;
+    EXPECT_NE(std::string(e.what()).find("\"" + key + "\" must be > 0"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Layout, EngineOfManifest) {
   // vLLM's tensors are merged and padded; every engine livetrain runs itself shares HF names and shapes.
   EXPECT_EQ(lo::engine_of_manifest("vllm"), lo::Engine::kVllm);

@@ -88,6 +88,30 @@ struct Engine {
   }
 };
 
+// An Engine whose manifest is written at `manifest` in a temporary directory.
+struct Exported {
+  livetrain::testing::TempDir dir;
+  std::string manifest = dir.file("m.json");
+  Engine engine;
+  Exported() { engine.exp.write_manifest(manifest, tiny_model()); }
+};
+
+// Runs `f` in a child process: 0 when it throws livetrain::Error with `code`, 1 when it returns, 2 on another
+// error; and the error's message.
+template <typename F>
+std::pair<int, std::string> refused_in_child(ErrorCode code, F f) {
+  return in_child([&](std::string& out) {
+    try {
+      f();
+      out = "not refused";
+      return 1;
+    } catch (const Error& e) {
+      out = e.what();
+      return e.code() == code ? 0 : 2;
+    }
+  });
+}
+
 bool has_text(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
 }  // namespace
@@ -146,25 +170,14 @@ TEST(Owner, StartTimeParsesOddProcessNames) {
 }
 
 TEST(Lease, SecondTrainerIsRefusedWithTheHolderPid) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
   sh::Manifest m = sh::manifest_read(manifest);
   sh::Lease lease = sh::Lease::acquire(m, manifest);
   ASSERT_TRUE(lease.held());
-  EXPECT_EQ(lease.object(), engine.exp.shm(0).name());  // keyed on the segment itself
+  EXPECT_EQ(lease.object(), x.engine.exp.shm(0).name());  // keyed on the segment itself
   EXPECT_EQ(sh::lease_holder(manifest), static_cast<uint64_t>(::getpid()));
-  auto [rc, msg] = in_child([&](std::string& out) {
-    try {
-      sh::Lease::acquire(m, manifest);
-      out = "acquired";
-      return 1;
-    } catch (const Error& e) {
-      out = e.what();
-      return e.code() == ErrorCode::kBusy ? 0 : 2;
-    }
-  });
+  auto [rc, msg] = refused_in_child(ErrorCode::kBusy, [&] { sh::Lease::acquire(m, manifest); });
   EXPECT_EQ(rc, 0) << msg;
   EXPECT_TRUE(has_text(msg, "(pid " + std::to_string(::getpid()) + ",")) << msg;
   lease.release();
@@ -174,10 +187,8 @@ TEST(Lease, SecondTrainerIsRefusedWithTheHolderPid) {
 }
 
 TEST(Lease, HolderThatDiesReleasesIt) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
   sh::Manifest m = sh::manifest_read(manifest);
   // The child takes the lease and exits without releasing it (as a crash would).
   auto [rc, msg] = in_child([&](std::string&) {
@@ -207,15 +218,7 @@ TEST(Lease, CudaLeaseIsAnObjectNamedAfterTheHandle) {
   EXPECT_NE(sh::lease_object(other), object);
   {
     sh::Lease lease = sh::Lease::acquire(m, manifest);
-    auto [rc, msg] = in_child([&](std::string& out) {
-      try {
-        sh::Lease::acquire(m, dir.file("copy.json"));
-        return 1;
-      } catch (const Error& e) {
-        out = e.what();
-        return e.code() == ErrorCode::kBusy ? 0 : 2;
-      }
-    });
+    auto [rc, msg] = refused_in_child(ErrorCode::kBusy, [&] { sh::Lease::acquire(m, dir.file("copy.json")); });
     EXPECT_EQ(rc, 0) << msg;
   }
   EXPECT_FALSE(std::filesystem::exists("/dev/shm" + object));  // removed with the lease
@@ -223,10 +226,9 @@ TEST(Lease, CudaLeaseIsAnObjectNamedAfterTheHandle) {
 }
 
 TEST(Shm, ExportAttachAcrossProcessesSharesMemory) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
+  Engine& engine = x.engine;
 
   // The trainer: attaches, checks what the engine wrote, updates in place.
   auto [rc, msg] = in_child([&](std::string& out) {
@@ -260,22 +262,12 @@ TEST(Shm, ExportAttachAcrossProcessesSharesMemory) {
 // Attaches to `manifest` in a child process: 0 when that is refused as busy (the lease is held), 1 when
 // it attaches, 2 on another error; and the error's message.
 static std::pair<int, std::string> attach_in_child_expecting_busy(const std::string& manifest) {
-  return in_child([&](std::string& out) {
-    try {
-      sh::Attachment::open(manifest);
-      return 1;
-    } catch (const Error& e) {
-      out = e.what();
-      return e.code() == ErrorCode::kBusy ? 0 : 2;
-    }
-  });
+  return refused_in_child(ErrorCode::kBusy, [&] { sh::Attachment::open(manifest); });
 }
 
 TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
   auto first = sh::Attachment::open(manifest);
   auto [rc, msg] = attach_in_child_expecting_busy(manifest);
   EXPECT_EQ(rc, 0) << msg;
@@ -288,10 +280,9 @@ TEST(Shm, SecondTrainerIsRefusedWhileTheFirstIsAttached) {
 TEST(Shm, CopiedManifestDoesNotBypassTheLease) {
   // Regression test for issue #13: a byte-identical copy of the manifest at another path had a lease
   // file of its own, and let a second trainer write the same weights.
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json"), copy = dir.file("elsewhere.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
+  std::string copy = x.dir.file("elsewhere.json");
   livetrain::fs::write_file_atomic(copy, livetrain::fs::read_file(manifest));
   auto first = sh::Attachment::open(manifest);
   auto [rc, msg] = attach_in_child_expecting_busy(copy);
@@ -315,15 +306,7 @@ TEST(Shm, ManifestWhoseOwnerDoesNotMapTheSegmentIsRefused) {
   m.buffers.push_back(sh::BufferDesc{sh::BufferKind::kShm, name, "", "", 4096});
   m.tensors.push_back(sh::TensorDesc{"w", DType::kF32, {4}, {1}, 0, 0});
   sh::manifest_write(manifest, m);
-  auto [rc, msg] = in_child([&](std::string& out) {
-    try {
-      sh::Attachment::open(manifest);
-      return 1;
-    } catch (const Error& e) {
-      out = e.what();
-      return e.code() == ErrorCode::kStale ? 0 : 2;
-    }
-  });
+  auto [rc, msg] = refused_in_child(ErrorCode::kStale, [&] { sh::Attachment::open(manifest); });
   ::shm_unlink(name.c_str());
   EXPECT_EQ(rc, 0) << msg;
   EXPECT_TRUE(has_text(msg, "does not map shared memory " + name)) << msg;
@@ -331,10 +314,8 @@ TEST(Shm, ManifestWhoseOwnerDoesNotMapTheSegmentIsRefused) {
 
 TEST(Shm, AnotherUsersEngineOrSegmentIsRefused) {
   // Regression test for issue #13: a segment owned by another user was attached read-write.
-  livetrain::testing::TempDir dir;
-  std::string manifest = dir.file("m.json");
-  Engine engine;
-  engine.exp.write_manifest(manifest, tiny_model());
+  Exported x;
+  const std::string& manifest = x.manifest;
   uint32_t other = static_cast<uint32_t>(::getuid()) + 1;
   sh::AttachOptions expect_other;
   expect_other.owner_uid = other;
@@ -353,7 +334,7 @@ TEST(Shm, AnotherUsersEngineOrSegmentIsRefused) {
     EXPECT_TRUE(has_text(e.what(), "belongs to uid " + std::to_string(::getuid()))) << e.what();
   }
   if (::geteuid() != 0) GTEST_SKIP() << "chown of a segment to another user needs root";
-  std::string path = "/dev/shm" + engine.exp.shm(0).name();
+  std::string path = "/dev/shm" + x.engine.exp.shm(0).name();
   ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0);
   try {
     sh::Attachment::open(manifest);

@@ -49,23 +49,29 @@ def safetensors_bytes(header: str, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
-def test_malformed_safetensors_header_is_a_format_error(tmp_path):
+# A bad header's code: its message names the file or the tensor.
+BAD_HEADERS = {
+    "malformed_is_a_format_error": ('{"a":', _core.FormatError, "bad.safetensors"),
+    "shape_overflowing_64_bits_is_a_size_overflow": (
+        '{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}',
+        _core.SizeOverflowError,
+        '"a"',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_bad_safetensors_header_raises_its_code(tmp_path, case):
+    header, error, match = BAD_HEADERS[case]
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(safetensors_bytes('{"a":'))
-    with pytest.raises(_core.FormatError, match="bad.safetensors"):
+    bad.write_bytes(safetensors_bytes(header))
+    with pytest.raises(error, match=match):
         _core.SafetensorsFile.open(str(bad))
 
 
 def test_missing_file_is_not_found(tmp_path):
     with pytest.raises(_core.NotFoundError, match="no such file"):
         _core.SafetensorsFile.open(str(tmp_path / "absent.safetensors"))
-
-
-def test_shape_overflowing_64_bits_is_a_size_overflow(tmp_path):
-    bad = tmp_path / "huge.safetensors"
-    bad.write_bytes(safetensors_bytes('{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'))
-    with pytest.raises(_core.SizeOverflowError, match='"a"'):
-        _core.SafetensorsFile.open(str(bad))
 
 
 def test_unknown_dtype_is_an_invalid_argument(tmp_path):

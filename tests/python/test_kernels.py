@@ -200,8 +200,9 @@ class Refused(torch.autograd.Function):
         raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results (see #640).")
 
 
-def test_verify_replaces_a_kernel_whose_backward_raises_and_the_layers_run_the_torch_path(monkeypatch):
-    holder = {}
+def fla_kernel(holder, output=lambda out: out):
+    """A stand-in for fla's ``chunk_gated_delta_rule``, with its signature: transformers' torch delta rule
+    (``holder["reference"]``, set from make_kernel_module's result), its output passed through ``output``."""
 
     def kernel(
         q,
@@ -218,8 +219,14 @@ def test_verify_replaces_a_kernel_whose_backward_raises_and_the_layers_run_the_t
         out, state = holder["reference"](
             q, k, v, g, beta, 64, initial_state, output_final_state, use_qk_l2norm_in_kernel
         )
-        return Refused.apply(out), state
+        return output(out), state
 
+    return kernel
+
+
+def test_verify_replaces_a_kernel_whose_backward_raises_and_the_layers_run_the_torch_path(monkeypatch):
+    holder = {}
+    kernel = fla_kernel(holder, Refused.apply)
     model, modeling, holder["reference"] = make_kernel_module(monkeypatch, kernel)
     assert kernels.report(model) == {"chunk_gated_delta_rule": "fla 9.9.2"}
     # The engine decodes without a backward pass: the kernel's forward is right, so it is kept there.
@@ -248,37 +255,15 @@ def test_verify_replaces_a_kernel_whose_backward_raises_and_the_layers_run_the_t
 
 def test_verify_keeps_a_kernel_that_agrees_and_replaces_one_that_differs(monkeypatch):
     holder = {}
-
-    def agrees(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=None,
-        initial_state=None,
-        output_final_state=False,
-        use_qk_l2norm_in_kernel=False,
-        cu_seqlens=None,
-    ):
-        return holder["reference"](q, k, v, g, beta, 64, initial_state, output_final_state, use_qk_l2norm_in_kernel)
-
-    model, _, holder["reference"] = make_kernel_module(monkeypatch, agrees)
+    model, _, holder["reference"] = make_kernel_module(monkeypatch, fla_kernel(holder))
     assert kernels.verify(model, torch.device("cpu")) == []
     assert kernels.report(model) == {"chunk_gated_delta_rule": "fla 9.9.2"}
 
-    def differs(*args, **kw):
-        out, state = agrees(*args, **kw)
-        return out * 1.5, state
-
-    model, _, holder["reference"] = make_kernel_module(monkeypatch, differs)
+    model, _, holder["reference"] = make_kernel_module(monkeypatch, fla_kernel(holder, lambda out: out * 1.5))
     messages = kernels.verify(model, torch.device("cpu"))
     assert len(messages) == 1 and "differs from the torch path (relative error 1.25 > 0.05)" in messages[0]
 
-    def gives_nan(*args, **kw):
-        out, state = agrees(*args, **kw)
-        return out * float("nan"), state
-
+    gives_nan = fla_kernel(holder, lambda out: out * float("nan"))
     model, _, holder["reference"] = make_kernel_module(monkeypatch, gives_nan)
     assert "differs from the torch path (relative error nan" in kernels.verify(model, torch.device("cpu"))[0]
     assert kernels.prepare(model, torch.device("cpu")) == []  # on CPU nothing is probed or said

@@ -48,6 +48,24 @@ def trainer_command(manifest: str, model_dir: str, socket: str, ns: argparse.Nam
     ]
 
 
+def stop_process(
+    proc: subprocess.Popen, sig: int | None = signal.SIGTERM, timeout: float = 60.0, *, session: bool = False
+) -> int:
+    """Sends ``sig`` to ``proc`` while it runs (None: nothing, it is stopping already), waits ``timeout``
+    seconds for it to exit, then SIGKILL: to its whole session when ``session`` (a child started in a
+    session of its own, whose children must not outlive it), else to it alone. Its exit status."""
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if session:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    return proc.wait()
+
+
 class Process:
     """A child in its own session. ``tied``: its life is bound to this process's: ``stop`` runs when this
     process exits normally (atexit), and if it dies, the kernel sends the child SIGTERM. The kernel's
@@ -72,13 +90,7 @@ class Process:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
     def __str__(self) -> str:
         return shlex.join(self.cmd)
