@@ -304,7 +304,10 @@ def in_process(a, batches, clients) -> list[dict]:
 
 
 def in_process_table(a, rows: list[dict]) -> list[str]:
-    one = {r["clients"]: r for r in rows if r["max_batch"] == 1}
+    one: dict = {}  # the first --max-batch 1 row of each client count: one at a time, as the engine was
+    for r in rows:
+        if r["max_batch"] == 1:
+            one.setdefault(r["clients"], r)
     lines = [
         f"Reference engine's scheduler in process (no HTTP), {os.path.basename(os.path.normpath(a.model))} "
         f"{a.dtype} on {a.device}, greedy, {a.max_tokens} completion tokens per request, {a.requests} requests "
@@ -402,7 +405,10 @@ def main() -> int:
             rows = in_process(a, batches, clients)
     if a.in_process:
         return report(a, rows, in_process_table(a, rows), "engine-in-process")
-    base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
+    base: dict = {}  # the first --max-batch 1 row of each client count
+    for r in rows:
+        if r["max_batch"] == 1:
+            base.setdefault(r["clients"], r["tokens_per_s"])
     lines = [
         f"Reference engine, {os.path.basename(os.path.normpath(a.model))} {a.dtype} on {a.device}, greedy, "
         f"{a.max_tokens} completion tokens per request, {a.requests} requests per client, a fraction "

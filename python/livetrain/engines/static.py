@@ -129,6 +129,10 @@ class Decoder:
 
     def capture(self) -> None:
         """Captures every bucket's step (the largest first, one memory pool for all)."""
+        with torch.cuda.device(self.device):  # the scheduler's thread starts on GPU 0
+            self._capture()
+
+    def _capture(self) -> None:
         self.graphs, self._pool = {}, None
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
