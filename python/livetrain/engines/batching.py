@@ -146,6 +146,31 @@ def _use_row_attention(model) -> str | None:
     return base
 
 
+# transformers' RMSNorm classes whose forward is exactly: to float32, x * rsqrt(mean(x^2) + eps), back to the
+# input dtype, times the weight.
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` with the normalisation in torch's fused ``rms_norm`` (one kernel on a GPU
+    instead of pow, mean, add, rsqrt and mul: 8 launches per norm become 4, 61 norms a step for a 30-layer
+    model); the same float32 math, the same casts and the same product with the weight."""
+    x = hidden_states.to(torch.float32)
+    x = torch.nn.functional.rms_norm(x, x.shape[-1:], eps=self.variance_epsilon)
+    return self.weight * x.to(hidden_states.dtype)
+
+
+def fuse_rms_norms(model) -> int:
+    """Switches ``model``'s plain RMSNorm layers (``_PLAIN_RMS_NORMS``) to ``_rms_norm_forward``; returns
+    how many. Fewer kernel launches per forward, which is what an eager step on a GPU is made of."""
+    n = 0
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        if type(module).__name__ in _PLAIN_RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = _rms_norm_forward.__get__(module)
+            n += 1
+    return n
+
+
 # How a batched decode step computes attention (see the module's docstring).
 ATTENTION = ("rows", "masked", "static")
 
@@ -228,6 +253,7 @@ class Scheduler:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
         self.model, self.eos, self.attention = model, eos, attention
         self.device = next(model.parameters()).device
+        fuse_rms_norms(model)  # every path's forward (one at a time too): the same math, fewer launches
         wrap = (max_batch > 1 or attention == "static") and self._plain_kv_cache()
         self.base = _use_row_attention(model) if wrap else None
         self.batchable = self.base is not None
