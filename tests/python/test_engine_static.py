@@ -70,6 +70,11 @@ def test_a_request_longer_than_the_static_cache_is_refused_by_name():
     assert len(got[1]) == 9 and all(isinstance(t, int) for t in got[1])
 
 
+def test_a_cache_that_does_not_fit_is_refused_with_its_size():
+    with pytest.raises(static.CacheTooLarge, match=r"1048576 slots x 1048576 positions needs \d+ MiB on cpu"):
+        static.Decoder(llama(), 1 << 20, 1 << 20, graphs=False)
+
+
 def test_a_replaced_weight_makes_the_next_step_capture_again(monkeypatch):
     # A captured graph reads the weights by address: a parameter replaced (not updated in place) must not
     # leave the graphs on the old memory. The capture is counted here (CPU has no graphs); the GPU test

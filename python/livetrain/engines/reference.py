@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             static_cache_len=a.static_cache_len,
             ranks=ranks,
         )
-    except Error as e:  # a bad model directory or checkpoint store: the message names it
+    except (Error, batching.static.CacheTooLarge) as e:  # a bad model directory or store, a cache too large
         sys.exit(f"livetrain engine: {e}")
     if engine.checkpoint is not None:
         c = engine.checkpoint

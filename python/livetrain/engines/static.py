@@ -25,7 +25,7 @@ old memory, so every step first compares the model's tensors' addresses with tho
 again when any changed (``Decoder.captures`` counts captures).
 
 Memory: ``bytes`` = 2 x layers x slots x length x key/value heads x head_dim x element size (SmolLM2-135M in
-bf16: 23 KiB per position, 16 slots x 2048 positions = 720 MiB), plus the graphs' activations (one pool
+bf16: 22.5 KiB per position, 16 slots x 2048 positions = 720 MiB), plus the graphs' activations (one pool
 shared by every bucket). A request whose prompt and max_tokens do not fit in ``length`` is refused.
 """
 
@@ -40,6 +40,10 @@ DEFAULT_LENGTH = 2048
 # Set in the thread running a static decode step: the attention wrapper (livetrain.engines.batching) then
 # calls ``attention``.
 STEP = threading.local()
+
+
+class CacheTooLarge(ValueError):
+    """The static cache does not fit in the device's free memory (the message says how much it needs)."""
 
 
 def buckets(slots: int) -> list[int]:
@@ -97,8 +101,14 @@ class Decoder:
         param = next(model.parameters())
         self.model, self.slots, self.length, self.device = model, slots, length, param.device
         dtype = model.get_input_embeddings().weight.dtype
-        self.cache = Cache(config.num_hidden_layers, slots, kv_heads, length, head_dim, dtype, self.device)
         self.bytes = 2 * config.num_hidden_layers * slots * kv_heads * length * head_dim * dtype.itemsize
+        try:
+            self.cache = Cache(config.num_hidden_layers, slots, kv_heads, length, head_dim, dtype, self.device)
+        except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, RuntimeError on CPU
+            raise CacheTooLarge(
+                f"the static KV cache of {slots} slots x {length} positions needs {self.bytes / 2**20:.0f} MiB on "
+                f"{self.device}, which is not free: lower --max-batch or --static-cache-len"
+            ) from e
         self.buckets = buckets(slots)
         self.inputs = torch.zeros((slots, 2), dtype=torch.long, device=self.device)  # [slots, (token, position)]
         self.arange = torch.arange(length, device=self.device)
