@@ -54,7 +54,10 @@ def test_buckets():
     )
 
 
-def test_static_cache_greedy_answers_equal_one_at_a_time_decoding():
+@pytest.mark.parametrize("shortest", [128, 8])
+def test_static_cache_greedy_answers_equal_one_at_a_time_decoding(monkeypatch, shortest):
+    # shortest 8: the steps attend over spans of 8, 16, 32 and 64 positions as the rows grow.
+    monkeypatch.setattr(static, "SHORTEST", shortest)
     model = llama()
     want, _ = answers(model, max_batch=1)
     got, load = answers(model, max_batch=4, attention="static", static_length=64)
@@ -114,7 +117,8 @@ def test_static_attention_is_refused_under_tensor_parallelism():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_cuda_graphs_answer_as_the_eager_static_steps_and_see_weight_updates():
+def test_cuda_graphs_answer_as_the_eager_static_steps_and_see_weight_updates(monkeypatch):
+    monkeypatch.setattr(static, "SHORTEST", 16)  # graphs of spans 16, 32 and 64 positions
     model = llama("cuda", torch.bfloat16)
     eager, _ = answers(model, max_batch=4, attention="static", static_length=64, graphs=False)
     graphs, _ = answers(model, max_batch=4, attention="static", static_length=64)

@@ -12,12 +12,14 @@ cache needs no concatenation: each row owns a slot and writes its next key and v
   into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: a leaving row's slot is filled
   with the last row's (``compact``).
 - A decode step of ``rows`` rows runs the smallest bucket >= rows; the bucket's extra rows are dead (token
-  0 at position 0, their output ignored). Its inputs are two small tensors (each row's last token and its
-  position), copied into the graph's static inputs; the attention mask (position <= the row's) is computed
-  inside the step. Attention is one masked ``scaled_dot_product_attention`` call per layer over the whole
-  slot, the query heads of a key/value head given as that head's queries (no copy of the keys per group).
-- Greedy answers equal the eager paths' up to the order of sums (the masked attention runs over the whole
-  slot): in fp32 the tokens are the same (tests/python/test_engine_static.py).
+  0 at position 0, their output ignored). It attends over the shortest span (128, 256, ... positions, up
+  to the slot's length) that holds every row's position: one graph per bucket and span. Its inputs are
+  two small tensors (each row's last token and its position), copied into the graph's static inputs; the
+  attention mask (position <= the row's) is computed inside the step. Attention is one masked
+  ``scaled_dot_product_attention`` call per layer over the span, the query heads of a key/value head given
+  as that head's queries (no copy of the keys per group).
+- Greedy answers equal the eager paths' up to the order of sums (the masked attention runs over the
+  span): in fp32 the tokens are the same (tests/python/test_engine_static.py).
 
 A captured graph reads the weights by address: the trainer's in-place updates are seen at the next step.
 Anything that replaced a parameter or buffer tensor instead (``p.data = ...``) would leave the graph on the
@@ -26,7 +28,7 @@ again when any changed (``Decoder.captures`` counts captures).
 
 Memory: ``bytes`` = 2 x layers x slots x length x key/value heads x head_dim x element size (SmolLM2-135M in
 bf16: 22.5 KiB per position, 16 slots x 2048 positions = 720 MiB), plus the graphs' activations (one pool
-shared by every bucket). A request whose prompt and max_tokens do not fit in ``length`` is refused.
+shared by every graph). A request whose prompt and max_tokens do not fit in ``length`` is refused.
 """
 
 from __future__ import annotations
@@ -46,13 +48,18 @@ class CacheTooLarge(ValueError):
     """The static cache does not fit in the device's free memory (the message says how much it needs)."""
 
 
-def buckets(slots: int) -> list[int]:
-    """The batch sizes a decode step runs at: powers of two below ``slots``, and ``slots``."""
-    out, b = [], 1
-    while b < slots:
+def buckets(top: int, first: int = 1) -> list[int]:
+    """The sizes a decode step runs at: ``first`` and its doublings below ``top``, and ``top``."""
+    out, b = [], first
+    while b < top:
         out.append(b)
         b *= 2
-    return out + [slots]
+    return out + [top]
+
+
+# The shortest attention span of a step (positions): steps attend over the smallest span in
+# buckets(length, SHORTEST) that holds every row's position, not over the whole slot.
+SHORTEST = 128
 
 
 def attention(module, query, key, value, mask, scaling):
@@ -78,13 +85,14 @@ class Cache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.index = None  # [B, kv_heads, 1, head_dim]: each row's position, set by the step
+        self.span = length  # the positions the step attends over, set by the step
 
     def update(self, key, value, layer_idx: int, cache_kwargs=None):
         b = key.shape[0]
         k, v = self.keys[layer_idx][:b], self.values[layer_idx][:b]
         k.scatter_(2, self.index, key)
         v.scatter_(2, self.index, value)
-        return k, v
+        return k[:, :, : self.span], v[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are given per row (position_ids); transformers asks only when they are not
@@ -110,20 +118,23 @@ class Decoder:
                 f"{self.device}, which is not free: lower --max-batch or --static-cache-len"
             ) from e
         self.buckets = buckets(slots)
+        self.spans = buckets(length, min(SHORTEST, length))
         self.inputs = torch.zeros((slots, 2), dtype=torch.long, device=self.device)  # [slots, (token, position)]
         self.arange = torch.arange(length, device=self.device)
         self.graphs_wanted = graphs and self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (rows, span)
         self.captures = 0
         self._pool = None
         self._addresses: tuple = ()
 
-    def _forward(self, b: int) -> torch.Tensor:
-        """The decode step of bucket ``b`` on the static inputs: logits [b, vocab] in float32."""
+    def _forward(self, b: int, span: int) -> torch.Tensor:
+        """The decode step of ``b`` rows attending over positions 0..span-1, on the static inputs: logits
+        [b, vocab] in float32."""
         ids, pos = self.inputs[:b, :1], self.inputs[:b, 1:]
         _, kv_heads, _, head_dim = self.cache.keys[0].shape
         self.cache.index = pos.view(b, 1, 1, 1).expand(b, kv_heads, 1, head_dim)
-        mask = (self.arange <= pos).view(b, 1, 1, self.length)
+        self.cache.span = span
+        mask = (self.arange[:span] <= pos).view(b, 1, 1, span)
         STEP.on = True
         try:
             out = self.model(
@@ -138,7 +149,7 @@ class Decoder:
         return tuple(t.data_ptr() for t in self.model.parameters()) + tuple(t.data_ptr() for t in self.model.buffers())
 
     def capture(self) -> None:
-        """Captures every bucket's step (the largest first, one memory pool for all)."""
+        """Captures the step of every bucket and span (the largest first, one memory pool for all)."""
         with torch.cuda.device(self.device):  # the scheduler's thread starts on GPU 0
             self._capture()
 
@@ -148,15 +159,18 @@ class Decoder:
         self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisations, autotuning)
-            for b in self.buckets:
-                self._forward(b)
+        shapes = [(b, n) for b in reversed(self.buckets) for n in reversed(self.spans)]
+        # Warm-up outside the capture (lazy initialisations, autotuning). It writes a running row's key and
+        # value at its position, which its next step writes again before reading them.
+        with torch.cuda.stream(side):
+            for b, n in shapes:
+                self._forward(b, n)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        for b in reversed(self.buckets):
+        for b, n in shapes:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._forward(b)
-            self.graphs[b] = (g, out)
+                out = self._forward(b, n)
+            self.graphs[b, n] = (g, out)
         torch.cuda.synchronize(self.device)
         self._addresses = self.addresses()
         self.captures += 1
@@ -190,6 +204,7 @@ class Decoder:
         """Each row's next-token logits [rows, vocab] (float32): row r's token ``tokens[r]`` at ``positions[r]``."""
         rows = len(tokens)
         b = next(x for x in self.buckets if x >= rows)
+        span = next(x for x in self.spans if x > max(positions))
         # Every slot's inputs, the free ones' token 0 at position 0: a capture's warm-up runs every bucket,
         # and must write only what this step writes (the free slots' position 0 is never read).
         host = torch.zeros((self.slots, 2), dtype=torch.long)
@@ -198,8 +213,8 @@ class Decoder:
         self.inputs.copy_(host)
         if self.graphs_wanted and self.addresses() != self._addresses:
             self.warm()  # not captured yet, or a weight was replaced rather than updated in place
-        if b in self.graphs:
-            g, out = self.graphs[b]
+        if (b, span) in self.graphs:
+            g, out = self.graphs[b, span]
             g.replay()
             return out[:rows]
-        return self._forward(b)[:rows]
+        return self._forward(b, span)[:rows]
