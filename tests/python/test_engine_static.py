@@ -114,6 +114,10 @@ def test_static_attention_is_refused_under_tensor_parallelism():
     options.add_options(p)
     ns = p.parse_args(["--batch-attention", "static", "--tensor-parallel", "2"])
     assert options.check(ns) == "--batch-attention static is not supported with --tensor-parallel > 1"
+    # livetrain serve passes the static cache's options on to the engine process.
+    ns = p.parse_args(["--batch-attention", "static", "--static-cache-len", "512"])
+    assert options.check(ns) is None and vars(p.parse_args(options.argv(ns))) == vars(ns)
+    assert options.check(p.parse_args(["--static-cache-len", "0"])) == "--static-cache-len must be >= 1"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
