@@ -25,9 +25,11 @@ def llama(device: str = "cpu", dtype=torch.float32) -> torch.nn.Module:
 PROMPTS = [[(7 * i + 3 * j) % 45 + 2 for j in range(2 + 3 * i)] for i in range(7)]
 
 
-def answers(model, prompts=PROMPTS, **kw) -> tuple[dict, dict]:
-    """Each prompt's greedy tokens (or error) from a Scheduler on ``model``, all submitted at once; and its load()."""
+def answers(model, prompts=PROMPTS, max_tokens=None, **kw) -> tuple[dict, dict]:
+    """Each prompt's greedy tokens (or error) from a Scheduler on ``model``, all submitted while its thread
+    waits (so that they are admitted together, up to max_batch); and its load()."""
     sched = batching.Scheduler(model, set(), **kw)
+    max_tokens = max_tokens or [6 + 3 * (i % 3) for i in range(len(prompts))]
     got, done = {}, threading.Semaphore(0)
 
     def sink(i):
@@ -39,8 +41,9 @@ def answers(model, prompts=PROMPTS, **kw) -> tuple[dict, dict]:
         return put
 
     try:
-        for i, p in enumerate(prompts):
-            sched.submit(batching.Sequence(p, 6 + 3 * (i % 3), 0.0, 1.0, None, sink(i)))
+        with sched._cond:  # a reentrant lock: submit() takes it again
+            for i, p in enumerate(prompts):
+                sched.submit(batching.Sequence(p, max_tokens[i], 0.0, 1.0, None, sink(i)))
         for _ in prompts:
             assert done.acquire(timeout=120)
         return got, sched.load()
@@ -63,6 +66,29 @@ def test_static_cache_greedy_answers_equal_one_at_a_time_decoding(monkeypatch, s
     got, load = answers(model, max_batch=4, attention="static", static_length=64)
     assert got == want and load["peak_batch"] == 4
     assert all(isinstance(t, int) for a in got.values() for t in a)
+
+
+def test_requests_admitted_together_are_prefilled_in_one_forward(monkeypatch):
+    # The static cache's prefill of requests admitted together: one forward of the right-padded prompts;
+    # a request too long for the cache fails alone, rows that end at their first token leave at once (the
+    # others' slots compacted), and every answer equals one-at-a-time decoding's.
+    monkeypatch.setattr(static, "SHORTEST", 8)
+    model = llama()
+    prompts = [PROMPTS[3], PROMPTS[0], list(range(2, 40)), PROMPTS[5], PROMPTS[1], PROMPTS[6]]
+    max_tokens = [7, 1, 30, 9, 1, 5]
+    want, _ = answers(model, prompts, max_tokens, max_batch=1)
+    calls = []
+    together = batching.Scheduler._prefill_together
+    monkeypatch.setattr(
+        batching.Scheduler, "_prefill_together", lambda self, seqs: calls.append(len(seqs)) or together(self, seqs)
+    )
+    got, load = answers(model, prompts, max_tokens, max_batch=4, attention="static", static_length=64)
+    assert calls[0] == 4 and load["peak_batch"] >= 3
+    assert got[2] == [
+        "ValueError: prompt (38 tokens) + max_tokens (30) exceeds the static KV cache of 64 positions (--static-cache-len)"
+    ]
+    assert len(got[1]) == len(got[4]) == 1
+    assert {i: a for i, a in got.items() if i != 2} == {i: a for i, a in want.items() if i != 2}
 
 
 def test_a_request_longer_than_the_static_cache_is_refused_by_name():

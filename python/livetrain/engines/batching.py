@@ -342,6 +342,13 @@ class Scheduler:
                 while self._waiting and len(self._rows) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
                 self._admitting = len(admit)
+            if self.decoder is not None and len(admit) > 1:
+                try:
+                    self._prefill_together(admit)
+                finally:
+                    with self._cond:
+                        self._admitting -= len(admit)
+                admit = []
             for seq in admit:
                 try:
                     if seq.cancelled:
@@ -403,10 +410,7 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> None:
         if self.decoder is not None and len(seq.ids) + seq.max_tokens > self.decoder.length:
-            raise ValueError(
-                f"prompt ({len(seq.ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the static KV cache of "
-                f"{self.decoder.length} positions (--static-cache-len)"
-            )
+            raise ValueError(self._too_long(seq))
         t0 = time.perf_counter()
         _ROWS.starts = None
         out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
@@ -415,6 +419,57 @@ class Scheduler:
         if self._finish(seq, tok) is not None:
             return
         self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
+
+    @torch.inference_mode()
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """The static cache's prefill of requests admitted together: one forward of their prompts, right-padded
+        (causal attention: a prompt's positions never see the padding after it), copied into the next slots
+        at once (each slot gets the padding's keys too, after the prompt's: a position is written by the
+        step that first attends to it); rows that end at their first token leave at once. A request that
+        cannot be served fails alone; an error of the forward fails them all."""
+        ok = []
+        for seq in seqs:
+            if seq.cancelled:
+                seq.emit(None, "cancelled")
+            elif len(seq.ids) + seq.max_tokens > self.decoder.length:
+                seq.emit(None, "error", f"ValueError: {self._too_long(seq)}")
+            else:
+                ok.append(seq)
+        if not ok:
+            return
+        try:
+            t0 = time.perf_counter()
+            _ROWS.starts = None
+            lengths = [len(seq.ids) for seq in ok]
+            width = max(lengths)
+            x = torch.tensor([seq.ids + [seq.ids[-1]] * (width - len(seq.ids)) for seq in ok], device=self.device)
+            last = sorted(set(n - 1 for n in lengths))  # logits at each prompt's last position only
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=torch.tensor(last, device=self.device))
+            pick = torch.tensor([last.index(n - 1) for n in lengths], device=self.device)
+            logits = out.logits[torch.arange(len(ok), device=self.device), pick].float()
+            toks = self._sample(logits, ok)
+            first = len(self._rows)
+            self.decoder.put_rows(first, out.past_key_values)
+            self.times["prefill"] += time.perf_counter() - t0
+        except Exception as e:
+            for seq in ok:
+                seq.emit(None, "error", f"{type(e).__name__}: {e}")
+            return
+        rows, keep = [], []
+        for i, (seq, n, tok) in enumerate(zip(ok, lengths, toks)):
+            if self._finish(seq, tok) is None:
+                rows.append(_Row(seq, 0, n, tok))
+                keep.append(first + i)
+        if len(keep) < len(ok):
+            self.decoder.compact(list(range(first)) + keep, [r.length for r in self._rows + rows])
+        with self._cond:
+            self._rows = self._rows + rows
+
+    def _too_long(self, seq: Sequence) -> str:
+        return (
+            f"prompt ({len(seq.ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the static KV cache of "
+            f"{self.decoder.length} positions (--static-cache-len)"
+        )
 
     def _join(self, row: _Row, cache) -> None:
         """Merges a prefilled row's cache into the batch's, left-padding the shorter side (or copies it into

@@ -8,8 +8,9 @@ per row (cache concatenations and copies). A replayed graph launches the whole s
 cache needs no concatenation: each row owns a slot and writes its next key and value at its own position
 (vLLM's scheme, without pages: a slot is contiguous).
 
-- A request is prefilled eagerly, alone (as one-at-a-time decoding does); its keys and values are copied
-  into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: a leaving row's slot is filled
+- A request is prefilled eagerly, alone (as one-at-a-time decoding does) or with the others admitted at
+  the same step boundary (one forward of their right-padded prompts: livetrain.engines.batching); its keys
+  and values are copied into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: a leaving row's slot is filled
   with the last row's (``compact``).
 - A decode step of ``rows`` rows runs the smallest bucket >= rows; the bucket's extra rows are dead (token
   0 at position 0, their output ignored). It attends over the shortest span (128, 256, ... positions, up
@@ -191,6 +192,14 @@ class Decoder:
             n = layer.keys.shape[2]
             k[slot, :, :n].copy_(layer.keys[0])
             v[slot, :, :n].copy_(layer.values[0])
+
+    def put_rows(self, first: int, cache) -> None:
+        """Copies the rows of a prefilled batch's cache (DynamicCache [rows, kv_heads, n, head_dim] per layer)
+        into slots ``first``.. on: one copy per layer and tensor."""
+        for layer, k, v in zip(cache.layers, self.cache.keys, self.cache.values):
+            rows, _, n, _ = layer.keys.shape
+            k[first : first + rows, :, :n].copy_(layer.keys)
+            v[first : first + rows, :, :n].copy_(layer.values)
 
     def compact(self, keep: list[int], lengths: list[int]) -> None:
         """Moves the rows in slots ``keep`` (ascending) to slots 0..len(keep)-1; ``lengths``: their positions
