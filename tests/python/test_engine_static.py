@@ -185,9 +185,25 @@ def test_cuda_graphs_answer_as_the_eager_static_steps_and_see_weight_updates(mon
 
 def test_fused_rms_norms_give_the_same_outputs():
     # The scheduler switches transformers' plain RMSNorm layers to torch's fused rms_norm (fewer launches per
-    # step); the math is the same: the outputs equal the original forward's, here bit for bit on CPU.
+    # step); the math is the same: the outputs equal the original forward's, here bit for bit on CPU (on a
+    # GPU within a bf16 rounding).
     model = llama(dtype=torch.bfloat16)
     x = torch.tensor([[3, 9, 27, 5, 44]])
+    norm = model.model.norm
+    h = torch.randn(3, 7, norm.weight.shape[0], dtype=torch.bfloat16) * 4
+    with torch.inference_mode():
+        want = norm(h)
+        norm.forward = batching._rms_norm_forward.__get__(norm)
+        assert torch.equal(norm(h), want)
+        del norm.forward
+    if torch.cuda.is_available():
+        norm = norm.cuda()
+        with torch.inference_mode():
+            want = norm(h.cuda())
+            norm.forward = batching._rms_norm_forward.__get__(norm)
+            torch.testing.assert_close(norm(h.cuda()), want, rtol=2**-7, atol=0)
+            del norm.forward
+        norm.cpu()
     with torch.inference_mode():
         want = model(input_ids=x).logits
         assert batching.fuse_rms_norms(model) == 2 * 2 + 1
