@@ -274,8 +274,10 @@ class Scheduler:
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # the most rows one decode step ran
         # Where the scheduler thread's time went (seconds): prefills, decode steps, and of the decode steps
-        # the model's forward call (on a GPU: launching its kernels), within it the rows' attention calls,
-        # and the sampling (on a GPU: waiting for the kernels, then the host's work). bench/engine.py --in-process reports them.
+        # the model's forward call (on a GPU: launching its kernels; a replayed CUDA graph's time includes its
+        # kernels' device time), within it the rows' attention calls, and the sampling (on a GPU, after an
+        # eager forward: waiting for its kernels, then the host's work). bench/engine.py --in-process
+        # reports them.
         self.times = {"prefill": 0.0, "decode": 0.0, "forward": 0.0, "attention": 0.0, "sample": 0.0}
         self._thread = threading.Thread(target=self._run, name="livetrain-scheduler", daemon=True)
         self._thread.start()
