@@ -201,7 +201,7 @@ def test_fused_rms_norms_give_the_same_outputs():
         with torch.inference_mode():
             want = norm(h.cuda())
             norm.forward = batching._rms_norm_forward.__get__(norm)
-            torch.testing.assert_close(norm(h.cuda()), want, rtol=2**-7, atol=0)
+            torch.testing.assert_close(norm(h.cuda()), want, rtol=2**-6, atol=0)
             del norm.forward
         norm.cpu()
     with torch.inference_mode():

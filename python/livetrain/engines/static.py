@@ -65,8 +65,7 @@ SHORTEST = 128
 
 def attention(module, query, key, value, mask, scaling):
     """One decode step's attention over the static cache: query [B, heads, 1, head_dim], key and value
-    [B, kv_heads, span, head_dim] (the slots), mask [B, 1, 1, span] (additive: 0 at the row's positions so
-    far, -inf after).
+    [B, kv_heads, span, head_dim] (the slots), mask [B, 1, 1, span] (bool: the row's positions so far).
     The ``heads // kv_heads`` query heads of a key/value head attend as that head's queries, so grouped
     attention needs neither a copy of the keys nor ``enable_gqa`` (which sdpa's masked kernels lack).
     Returns [B, 1, heads, head_dim], the layout of the model's attention output."""
@@ -136,10 +135,7 @@ class Decoder:
         _, kv_heads, _, head_dim = self.cache.keys[0].shape
         self.cache.index = pos.view(b, 1, 1, 1).expand(b, kv_heads, 1, head_dim)
         self.cache.span = span
-        # An additive mask, made once per step (a boolean one is made into this by every layer's attention).
-        hidden = ~(self.arange[:span] <= pos).view(b, 1, 1, span)
-        mask = torch.zeros((b, 1, 1, span), dtype=self.cache.keys[0].dtype, device=self.device)
-        mask.masked_fill_(hidden, float("-inf"))
+        mask = (self.arange[:span] <= pos).view(b, 1, 1, span)
         STEP.on = True
         try:
             out = self.model(
