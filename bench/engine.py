@@ -2,7 +2,9 @@
 continuous batching (``--max-batch 16``, the default) against one request at a time (``--max-batch 1``,
 what the engine did before batching: one request decoded alone, the next waiting), at 1, 4 and 16 clients;
 batches written ``16:masked`` run with ``--batch-attention masked`` (one attention call per layer over the
-padded batch instead of one per request: engines/batching.py).
+padded batch instead of one per request: engines/batching.py), ``16:static`` with ``--batch-attention static``
+(a preallocated KV cache, decode steps replayed from CUDA graphs on a GPU, eager on CPU: engines/static.py):
+the default runs all four, one at a time and three batched decodes, in the same run.
 
 Each variant is a real engine process (``python -m livetrain.engines.reference``: the shared-memory or
 CUDA IPC export, the HTTP app, the scheduler) on the same model; clients are threads of this process,
@@ -16,7 +18,7 @@ stream their answers (SSE), the rest do not.
 this file's words (tests/python/tiny_model.py), written to a temporary directory.
 
 usage: python bench/engine.py [--model default|random|DIR] [--device cpu|cuda] [--dtype bf16] [--clients 1,4,16]
-                              [--batches 1,16,16:masked] [--requests 8] [--max-tokens 32] [--stream 0.33]
+                              [--batches 1,16,16:masked,16:static] [--requests 8] [--max-tokens 32] [--stream 0.33]
                               [--in-process [--profile]]
 Prints a markdown table; with $OUT set also writes $OUT/engine.md and $OUT/engine.json. ``--in-process``
 measures the scheduler alone in this process instead (no HTTP: where each decode step's time goes, and
@@ -302,7 +304,10 @@ def in_process(a, batches, clients) -> list[dict]:
 
 
 def in_process_table(a, rows: list[dict]) -> list[str]:
-    one = {r["clients"]: r for r in rows if r["max_batch"] == 1}
+    one: dict = {}  # the first --max-batch 1 row of each client count: one at a time, as the engine was
+    for r in rows:
+        if r["max_batch"] == 1:
+            one.setdefault(r["clients"], r)
     lines = [
         f"Reference engine's scheduler in process (no HTTP), {os.path.basename(os.path.normpath(a.model))} "
         f"{a.dtype} on {a.device}, greedy, {a.max_tokens} completion tokens per request, {a.requests} requests "
@@ -350,8 +355,9 @@ def main() -> int:
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     p.add_argument(
         "--batches",
-        default="1,16,16:masked",
-        help="comma-separated --max-batch values (1: one at a time), each with ':masked' for --batch-attention masked",
+        default="1,16,16:masked,16:static",
+        help="comma-separated --max-batch values (1: one at a time), each with ':masked' or ':static' for that "
+        "--batch-attention",
     )
     p.add_argument("--requests", type=int, default=8, help="requests per client in each row")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
@@ -399,7 +405,10 @@ def main() -> int:
             rows = in_process(a, batches, clients)
     if a.in_process:
         return report(a, rows, in_process_table(a, rows), "engine-in-process")
-    base = {r["clients"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
+    base: dict = {}  # the first --max-batch 1 row of each client count
+    for r in rows:
+        if r["max_batch"] == 1:
+            base.setdefault(r["clients"], r["tokens_per_s"])
     lines = [
         f"Reference engine, {os.path.basename(os.path.normpath(a.model))} {a.dtype} on {a.device}, greedy, "
         f"{a.max_tokens} completion tokens per request, {a.requests} requests per client, a fraction "

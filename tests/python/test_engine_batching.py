@@ -192,6 +192,34 @@ def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(mo
         batching.Scheduler(torch.nn.Linear(1, 1), set(), attention="padded")
 
 
+def test_static_cache_engine_answers_as_one_at_a_time_and_refuses_what_does_not_fit(model_dir, tmp_path):
+    # --batch-attention static (livetrain.engines.static: a preallocated cache, CUDA graphs on a GPU, eager
+    # here): in fp32 the greedy answers of requests decoded together equal one-at-a-time decoding's; a
+    # completion longer than the cache's slot is a 400 naming it.
+    want, got, peak = alone_and_together(model_dir, tmp_path, "cpu", "fp32", "static")
+    assert got == want and peak >= 4
+    engine = Engine(
+        str(model_dir),
+        str(tmp_path / "s.json"),
+        "cpu",
+        "fp32",
+        store=False,
+        max_batch=2,
+        batch_attention="static",
+        static_cache_len=24,
+    )
+    s = Server(engine, tmp_path)
+    try:
+        code, body = http(s.url + "/v1/completions", {"prompt": "the cat sat", "max_tokens": 40})
+        assert code == 400 and body["error"]["param"] == "max_tokens"
+        assert "exceeds the engine's context of 24 tokens" in body["error"]["message"]
+        assert "--static-cache-len" in body["error"]["message"]
+        code, body = http(s.url + "/v1/completions", {"prompt": "the cat sat", "max_tokens": 4, "temperature": 0})
+        assert code == 200 and body["usage"]["completion_tokens"] >= 1
+    finally:
+        s.close()
+
+
 def test_a_second_scheduler_on_the_same_model_and_where_its_time_goes():
     # A second scheduler on a model the first already switched to row attention decodes as the first did
     # (it wrapped the row attention around itself: RecursionError at the first batched step); load() says
@@ -355,7 +383,7 @@ def test_cross_site_requests_are_refused_without_a_key(server):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize("attention,dtype", [("rows", "bf16"), ("masked", "fp32")])
+@pytest.mark.parametrize("attention,dtype", [("rows", "bf16"), ("masked", "fp32"), ("static", "fp32")])
 def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, tmp_path, attention, dtype):
     # The same scheduler on the GPU (CUDA IPC export): greedy answers decoded together equal each answer
     # decoded alone by the same engine with --max-batch 1 (bit for bit per row; the masked batch in fp32,

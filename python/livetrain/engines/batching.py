@@ -22,6 +22,10 @@ scheduler calls the model's own forward and cache (``DynamicCache``):
 - finished, stopped and cancelled rows leave between two steps; the cache's leading padding shared by
   every remaining row is trimmed.
 
+``attention="static"`` decodes on a preallocated cache instead, each row in a slot of its own, in steps of
+a fixed shape that are CUDA graphs on a GPU (livetrain.engines.static: no per-step cache copies and one
+launch per step; answers as ``masked``'s, and requests must fit in the cache's length).
+
 Models whose cache holds anything but plain full-attention layers (sliding windows, linear attention)
 are served one request at a time by the same loop (``Scheduler.batchable`` is False).
 
@@ -39,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from livetrain.engines import static
+
 # The scheduler thread's decode step: each row's first real cache position (its left padding). None
 # outside a batched decode step: the attention is then the model's own.
 _ROWS = threading.local()
@@ -53,6 +59,8 @@ def _row_attention(module, query, key, value, attention_mask, **kwargs):
 
     name = getattr(_ROWS, "base", "sdpa")
     base = AttentionInterface._global_mapping[name]
+    if getattr(static.STEP, "on", False):  # a static-cache decode step (its cache gave every slot's keys)
+        return static.attention(module, query, key, value, attention_mask, kwargs.get("scaling")), None
     starts = getattr(_ROWS, "starts", None)
     if starts is None:
         return base(module, query, key, value, attention_mask, **kwargs)
@@ -138,8 +146,35 @@ def _use_row_attention(model) -> str | None:
     return base
 
 
+# transformers' RMSNorm classes whose forward is exactly: to float32, x * rsqrt(mean(x^2) + eps), back to the
+# input dtype, times the weight.
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` with the normalisation in torch's fused ``rms_norm`` (one kernel on a GPU
+    instead of pow, mean, add, rsqrt and mul: 8 launches per norm become 4, 61 norms a step for a 30-layer
+    model); the same float32 math, the same casts and the same product with the weight. (``rms_norm`` on the
+    bf16 input itself would save the two casts too, and gives the same bits on CPU, but its rounding on a
+    GPU was not measured.)"""
+    x = hidden_states.to(torch.float32)
+    x = torch.nn.functional.rms_norm(x, x.shape[-1:], eps=self.variance_epsilon)
+    return self.weight * x.to(hidden_states.dtype)
+
+
+def fuse_rms_norms(model) -> int:
+    """Switches ``model``'s plain RMSNorm layers (``_PLAIN_RMS_NORMS``) to ``_rms_norm_forward``; returns
+    how many. Fewer kernel launches per forward, which is what an eager step on a GPU is made of."""
+    n = 0
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        if type(module).__name__ in _PLAIN_RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = _rms_norm_forward.__get__(module)
+            n += 1
+    return n
+
+
 # How a batched decode step computes attention (see the module's docstring).
-ATTENTION = ("rows", "masked")
+ATTENTION = ("rows", "masked", "static")
 
 
 def merge_cache(mine, theirs, grow: int, start: int) -> None:
@@ -199,18 +234,36 @@ class _Row:
 class Scheduler:
     """The model's one thread: admits requests, prefills them, and decodes every running row in one
     forward per step. ``max_batch`` rows at most (1: one request at a time, as the engine did before
-    batching); ``max_queue`` requests may wait for a row."""
+    batching); ``max_queue`` requests may wait for a row. With ``attention="static"``: a static cache of
+    ``max_batch`` slots x ``static_length`` positions (at most the model's context), its steps CUDA graphs
+    on a GPU unless ``graphs`` is False."""
 
-    def __init__(self, model, eos: set[int], *, max_batch: int = 16, max_queue: int = 64, attention: str = "rows"):
+    def __init__(
+        self,
+        model,
+        eos: set[int],
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        attention: str = "rows",
+        static_length: int = static.DEFAULT_LENGTH,
+        graphs: bool = True,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
         self.model, self.eos, self.attention = model, eos, attention
         self.device = next(model.parameters()).device
-        self.base = _use_row_attention(model) if max_batch > 1 and self._plain_kv_cache() else None
+        fuse_rms_norms(model)  # every path's forward (one at a time too): the same math, fewer launches
+        wrap = (max_batch > 1 or attention == "static") and self._plain_kv_cache()
+        self.base = _use_row_attention(model) if wrap else None
         self.batchable = self.base is not None
         self.max_batch = max_batch if self.batchable else 1
+        self.decoder = None  # static.Decoder with attention="static" (a model it can serve)
+        if self.batchable and attention == "static":
+            context = int(getattr(model.config, "max_position_embeddings", 0) or static_length)
+            self.decoder = static.Decoder(model, self.max_batch, min(static_length, context), graphs)
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -222,8 +275,10 @@ class Scheduler:
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # the most rows one decode step ran
         # Where the scheduler thread's time went (seconds): prefills, decode steps, and of the decode steps
-        # the model's forward call (on a GPU: launching its kernels), within it the rows' attention calls,
-        # and the sampling (on a GPU: waiting for the kernels, then the host's work). bench/engine.py --in-process reports them.
+        # the model's forward call (on a GPU: launching its kernels; a replayed CUDA graph's time includes its
+        # kernels' device time), within it the rows' attention calls, and the sampling (on a GPU, after an
+        # eager forward: waiting for its kernels, then the host's work). bench/engine.py --in-process
+        # reports them.
         self.times = {"prefill": 0.0, "decode": 0.0, "forward": 0.0, "attention": 0.0, "sample": 0.0}
         self._thread = threading.Thread(target=self._run, name="livetrain-scheduler", daemon=True)
         self._thread.start()
@@ -275,6 +330,9 @@ class Scheduler:
     # ---- the scheduler thread ----
     def _run(self) -> None:
         _ROWS.base, _ROWS.starts, _ROWS.spent = self.base or "sdpa", None, 0.0
+        if self.decoder is not None:
+            with torch.inference_mode():
+                self.decoder.warm()  # the graphs, before the first request
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not self._rows:
@@ -288,6 +346,13 @@ class Scheduler:
                 while self._waiting and len(self._rows) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
                 self._admitting = len(admit)
+            if self.decoder is not None and len(admit) > 1:
+                try:
+                    self._prefill_together(admit)
+                finally:
+                    with self._cond:
+                        self._admitting -= len(admit)
+                admit = []
             for seq in admit:
                 try:
                     if seq.cancelled:
@@ -348,6 +413,8 @@ class Scheduler:
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> None:
+        if self.decoder is not None and len(seq.ids) + seq.max_tokens > self.decoder.length:
+            raise ValueError(self._too_long(seq))
         t0 = time.perf_counter()
         _ROWS.starts = None
         out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
@@ -357,8 +424,65 @@ class Scheduler:
             return
         self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
 
+    @torch.inference_mode()
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """The static cache's prefill of requests admitted together: one forward of their prompts, right-padded
+        (causal attention: a prompt's positions never see the padding after it), copied into the next slots
+        at once (each slot gets the padding's keys too, after the prompt's: a position is written by the
+        step that first attends to it); rows that end at their first token leave at once. A request that
+        cannot be served fails alone; an error of the forward fails them all."""
+        ok = []
+        for seq in seqs:
+            if seq.cancelled:
+                seq.emit(None, "cancelled")
+            elif len(seq.ids) + seq.max_tokens > self.decoder.length:
+                seq.emit(None, "error", f"ValueError: {self._too_long(seq)}")
+            else:
+                ok.append(seq)
+        if not ok:
+            return
+        try:
+            t0 = time.perf_counter()
+            _ROWS.starts = None
+            lengths = [len(seq.ids) for seq in ok]
+            width = max(lengths)
+            x = torch.tensor([seq.ids + [seq.ids[-1]] * (width - len(seq.ids)) for seq in ok], device=self.device)
+            last = sorted(set(n - 1 for n in lengths))  # logits at each prompt's last position only
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=torch.tensor(last, device=self.device))
+            pick = torch.tensor([last.index(n - 1) for n in lengths], device=self.device)
+            logits = out.logits[torch.arange(len(ok), device=self.device), pick].float()
+            toks = self._sample(logits, ok)
+            first = len(self._rows)
+            self.decoder.put_rows(first, out.past_key_values)
+            self.times["prefill"] += time.perf_counter() - t0
+        except Exception as e:
+            for seq in ok:
+                seq.emit(None, "error", f"{type(e).__name__}: {e}")
+            return
+        rows, keep = [], []
+        for i, (seq, n, tok) in enumerate(zip(ok, lengths, toks)):
+            if self._finish(seq, tok) is None:
+                rows.append(_Row(seq, 0, n, tok))
+                keep.append(first + i)
+        if len(keep) < len(ok):
+            self.decoder.compact(list(range(first)) + keep, [r.length for r in self._rows + rows])
+        with self._cond:
+            self._rows = self._rows + rows
+
+    def _too_long(self, seq: Sequence) -> str:
+        return (
+            f"prompt ({len(seq.ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the static KV cache of "
+            f"{self.decoder.length} positions (--static-cache-len)"
+        )
+
     def _join(self, row: _Row, cache) -> None:
-        """Merges a prefilled row's cache into the batch's, left-padding the shorter side."""
+        """Merges a prefilled row's cache into the batch's, left-padding the shorter side (or copies it into
+        the next static slot)."""
+        if self.decoder is not None:
+            self.decoder.put(len(self._rows), cache)
+            with self._cond:
+                self._rows.append(row)
+            return
         if not self._rows:
             with self._cond:
                 self._cache, self._length, self._rows = cache, row.length, [row]
@@ -376,6 +500,35 @@ class Scheduler:
     def _decode(self) -> None:
         t0 = time.perf_counter()
         rows = self._rows
+        if self.decoder is not None:
+            logits = self.decoder.step([r.last for r in rows], [r.length for r in rows])
+        else:
+            logits = self._eager_step(rows)
+        t1 = time.perf_counter()
+        self.times["attention"] += getattr(_ROWS, "spent", 0.0)
+        _ROWS.spent = 0.0
+        self._length += 1
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        toks = self._sample(logits, [r.seq for r in rows])
+        t2 = time.perf_counter()
+        keep = []
+        for i, (r, tok) in enumerate(zip(rows, toks)):
+            r.length += 1
+            r.last = tok
+            if r.seq.cancelled:
+                r.seq.emit(None, "cancelled")
+            elif self._finish(r.seq, tok) is None:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._leave(keep)
+        t3 = time.perf_counter()
+        self.times["forward"] += t1 - t0
+        self.times["sample"] += t2 - t1
+        self.times["decode"] += t3 - t0
+
+    def _eager_step(self, rows: list[_Row]) -> torch.Tensor:
+        """The next-token logits [rows, vocab] (float32) of a decode step on the batch's DynamicCache."""
         x = torch.tensor([[r.last] for r in rows], device=self.device)
         if len(rows) == 1 and rows[0].start == 0:
             # One row without padding: the call one-at-a-time decoding makes.
@@ -397,32 +550,17 @@ class Scheduler:
                 )
             finally:
                 _ROWS.starts = None
-        t1 = time.perf_counter()
-        self.times["attention"] += getattr(_ROWS, "spent", 0.0)
-        _ROWS.spent = 0.0
-        self._length += 1
-        self.steps += 1
-        self.peak_batch = max(self.peak_batch, len(rows))
-        toks = self._sample(out.logits[:, -1].float(), [r.seq for r in rows])
-        t2 = time.perf_counter()
-        keep = []
-        for i, (r, tok) in enumerate(zip(rows, toks)):
-            r.length += 1
-            r.last = tok
-            if r.seq.cancelled:
-                r.seq.emit(None, "cancelled")
-            elif self._finish(r.seq, tok) is None:
-                keep.append(i)
-        if len(keep) < len(rows):
-            self._leave(keep)
-        t3 = time.perf_counter()
-        self.times["forward"] += t1 - t0
-        self.times["sample"] += t2 - t1
-        self.times["decode"] += t3 - t0
+        return out.logits[:, -1].float()
 
     def _leave(self, keep: list[int]) -> None:
-        """Keeps the rows ``keep`` (indices); trims the padding every remaining row has."""
+        """Keeps the rows ``keep`` (indices); trims the padding every remaining row has (or moves the static
+        slots of the rows kept to the first slots)."""
         rows = [self._rows[i] for i in keep]
+        if self.decoder is not None:
+            self.decoder.compact(keep, [r.length for r in rows])
+            with self._cond:
+                self._rows = rows
+            return
         if not rows:
             with self._cond:
                 self._rows, self._cache, self._length = [], None, 0

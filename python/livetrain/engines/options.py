@@ -12,8 +12,9 @@ from livetrain.trainer import protocol, security
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 64
 # engines.batching.ATTENTION (not imported: batching imports torch).
-BATCH_ATTENTION = ("rows", "masked")
+BATCH_ATTENTION = ("rows", "masked", "static")
 DEFAULT_BATCH_ATTENTION = "rows"
+DEFAULT_STATIC_CACHE_LEN = 2048  # engines.static.DEFAULT_LENGTH
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +32,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_BATCH_ATTENTION,
         choices=BATCH_ATTENTION,
         help="attention of a batched decode step: 'rows' (each request on its own keys: greedy answers equal "
-        "one-at-a-time decoding bit for bit) or 'masked' (one call per layer over the padded batch: fewer "
-        f"kernel launches; answers may differ in the last bits) (default {DEFAULT_BATCH_ATTENTION})",
+        "one-at-a-time decoding bit for bit), 'masked' (one call per layer over the padded batch: fewer "
+        "kernel launches; answers may differ in the last bits) or 'static' (a preallocated KV cache, see "
+        "--static-cache-len, and on a GPU decode steps replayed from CUDA graphs; answers as 'masked') "
+        f"(default {DEFAULT_BATCH_ATTENTION})",
+    )
+    g.add_argument(
+        "--static-cache-len",
+        type=int,
+        default=DEFAULT_STATIC_CACHE_LEN,
+        metavar="N",
+        help="with --batch-attention static: positions per request in the static KV cache (--max-batch x N "
+        "positions per layer, allocated at start; at most the model's context). A request whose prompt "
+        f"plus max_tokens exceeds it is refused (400) (default {DEFAULT_STATIC_CACHE_LEN})",
     )
     g.add_argument(
         "--max-queue",
@@ -72,6 +84,10 @@ def check(ns: argparse.Namespace) -> str | None:
         )
     if ns.max_batch < 1:
         return "--max-batch must be >= 1"
+    if ns.static_cache_len < 1:
+        return "--static-cache-len must be >= 1"
+    if ns.batch_attention == "static" and ns.tensor_parallel > 1:
+        return "--batch-attention static is not supported with --tensor-parallel > 1"
     if ns.max_queue < 0:
         return "--max-queue must be >= 0"
     if not 1 <= ns.max_body_mib <= protocol.MAX_BODY >> 20:
@@ -86,6 +102,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.max_batch),
         "--batch-attention",
         ns.batch_attention,
+        "--static-cache-len",
+        str(ns.static_cache_len),
         "--max-queue",
         str(ns.max_queue),
         "--max-body-mib",

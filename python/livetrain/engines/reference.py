@@ -52,6 +52,7 @@ class Engine:
         max_batch: int = engine_options.DEFAULT_MAX_BATCH,
         max_queue: int = engine_options.DEFAULT_MAX_QUEUE,
         batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
+        static_cache_len: int = engine_options.DEFAULT_STATIC_CACHE_LEN,
         ranks=None,
     ):
         import transformers
@@ -99,8 +100,22 @@ class Engine:
             self.exported = sharing.export_cuda(params, manifest, model_path=model_dir, config=config)
         self._set_eos()
         self.scheduler = batching.Scheduler(
-            self.model, self.eos, max_batch=max_batch, max_queue=max_queue, attention=batch_attention
+            self.model,
+            self.eos,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            attention=batch_attention,
+            static_length=static_cache_len,
         )
+        decoder = self.scheduler.decoder
+        if decoder is not None:  # requests longer than the static cache are refused (400) at the route
+            self.max_len = min(self.max_len, decoder.length)
+            print(
+                f"livetrain engine: static KV cache {decoder.slots} x {decoder.length} positions: "
+                f"{decoder.bytes / 2**20:.0f} MiB, CUDA graphs {'on' if decoder.graphs_wanted else 'off'}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _init_tensor_parallel(
         self, ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention
@@ -155,7 +170,7 @@ class Engine:
         # tokens than the whole text has.
         probe = 16 * min(self.max_len, 1 << 20) + 64
         if len(text) > probe and len(self.tokenizer(text[:probe], **kw)["input_ids"]) > self.max_len + 16:
-            raise Invalid(field, f"{field} is longer than the model's context of {self.max_len} tokens")
+            raise Invalid(field, f"{field} is longer than the engine's context of {self.max_len} tokens")
         return self.tokenizer(text, **kw)["input_ids"]
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -297,7 +312,8 @@ def build_app(
             raise Invalid(
                 "max_tokens",
                 f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) "
-                f"exceeds the model's context of {engine.max_len} tokens",
+                f"exceeds the engine's context of {engine.max_len} tokens"
+                + (" (the static KV cache's length, --static-cache-len)" if engine.scheduler.decoder else ""),
             )
         if engine.failure is not None:  # a tensor-parallel engine's rank died: no generation until a restart
             return routes.json_response(protocol.error(503, f"the engine cannot generate: {engine.failure}"))
@@ -453,9 +469,10 @@ def main(argv: list[str] | None = None) -> None:
             max_batch=a.max_batch,
             max_queue=a.max_queue,
             batch_attention=a.batch_attention,
+            static_cache_len=a.static_cache_len,
             ranks=ranks,
         )
-    except Error as e:  # a bad model directory or checkpoint store: the message names it
+    except (Error, batching.static.CacheTooLarge) as e:  # a bad model directory or store, a cache too large
         sys.exit(f"livetrain engine: {e}")
     if engine.checkpoint is not None:
         c = engine.checkpoint
