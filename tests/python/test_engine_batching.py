@@ -188,7 +188,7 @@ def test_masked_batch_attention_decodes_together_with_the_same_greedy_answers(mo
     want, got, peak = alone_and_together(model_dir, tmp_path, "cpu", "fp32", "masked")
     assert got == want and peak >= 4
     assert any(rows > 1 for rows, _ in calls) and all(starts is None for _, starts in calls)
-    with pytest.raises(ValueError, match="attention must be one of rows, masked"):
+    with pytest.raises(ValueError, match="attention must be one of auto, rows, masked, static"):
         batching.Scheduler(torch.nn.Linear(1, 1), set(), attention="padded")
 
 

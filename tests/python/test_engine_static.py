@@ -102,6 +102,48 @@ def test_a_request_longer_than_the_static_cache_is_refused_by_name():
 def test_a_cache_that_does_not_fit_is_refused_with_its_size():
     with pytest.raises(static.CacheTooLarge, match=r"1048576 slots x 1048576 positions needs \d+ MiB on cpu"):
         static.Decoder(llama(), 1 << 20, 1 << 20, graphs=False)
+    # A limit (what --batch-attention auto gives the cache) refuses before allocating; at the size it passes.
+    size = static.Decoder(llama(), 2, 32, graphs=False).bytes
+    with pytest.raises(static.CacheTooLarge, match=r"more than the 0 MiB it may take"):
+        static.Decoder(llama(), 2, 32, graphs=False, max_bytes=size - 1)
+    assert static.Decoder(llama(), 2, 32, graphs=False, max_bytes=size).bytes == size
+
+
+def test_auto_attention_is_static_on_a_gpu_and_rows_where_static_cannot_serve(monkeypatch, capsys):
+    # --batch-attention auto (the engine's default): rows on CPU; static where auto picks it (a GPU), and
+    # rows with a warning when the static cache does not fit; an explicit static that does not fit is refused.
+    assert batching.auto_attention(torch.device("cpu"), True) == "rows"
+    assert batching.auto_attention(torch.device("cuda", 0), True) == "static"
+    assert batching.auto_attention(torch.device("cuda", 0), False) == "rows"
+    sched = batching.Scheduler(llama(), set(), max_batch=2, attention="auto")
+    try:
+        assert sched.attention == "rows" and sched.decoder is None and sched.max_batch == 2
+    finally:
+        sched.close()
+    monkeypatch.setattr(batching, "auto_attention", lambda device, graphs: "static")
+    sched = batching.Scheduler(llama(), set(), max_batch=2, attention="auto", graphs=False)
+    try:
+        assert sched.attention == "static" and sched.decoder is not None
+    finally:
+        sched.close()
+
+    def too_large(*a, **kw):
+        raise static.CacheTooLarge(
+            "the static KV cache of 2 slots x 32 positions needs 1 MiB on cpu, which is not free"
+        )
+
+    monkeypatch.setattr(static, "Decoder", too_large)
+    sched = batching.Scheduler(llama(), set(), max_batch=2, attention="auto", static_length=32)
+    try:
+        assert sched.attention == "rows" and sched.decoder is None and sched.max_batch == 2
+    finally:
+        sched.close()
+    assert "which is not free; --batch-attention auto uses rows" in capsys.readouterr().err
+    with pytest.raises(static.CacheTooLarge):
+        batching.Scheduler(llama(), set(), max_batch=2, attention="static", static_length=32)
+    got, _ = answers(llama(), max_batch=3, attention="auto")
+    want, _ = answers(llama(), max_batch=1, attention="rows")
+    assert got == want
 
 
 def test_a_replaced_weight_makes_the_next_step_capture_again(monkeypatch):
@@ -143,6 +185,9 @@ def test_static_attention_is_refused_under_tensor_parallelism():
     # livetrain serve passes the static cache's options on to the engine process.
     ns = p.parse_args(["--batch-attention", "static", "--static-cache-len", "512"])
     assert options.check(ns) is None and vars(p.parse_args(options.argv(ns))) == vars(ns)
+    # auto (the default) is accepted at any TP: the TP scheduler runs rows.
+    ns = p.parse_args(["--tensor-parallel", "2"])
+    assert ns.batch_attention == "auto" and options.check(ns) is None
     assert options.check(p.parse_args(["--static-cache-len", "0"])) == "--static-cache-len must be >= 1"
 
 

@@ -11,7 +11,7 @@ scheduler calls the model's own forward and cache (``DynamicCache``):
 - a new request is prefilled alone (no padding: exactly today's one-at-a-time prefill), then its KV cache
   is merged into the batch's, left-padded to the longest row;
 - each decode step runs every row's next token in one forward; the attention of each row is computed on
-  its own, unpadded slice of the cache (``_row_attention``, ``attention="rows"``, the default), so a row's
+  its own, unpadded slice of the cache (``_row_attention``, ``attention="rows"``), so a row's
   logits do not depend on its batch-mates and greedy answers equal one-at-a-time decoding (bit for bit in
   bf16, tests/python/test_engine_batching.py), while the weight matrices are read once per step for the
   whole batch. That costs one attention call per row and layer; ``attention="masked"`` makes one call per
@@ -24,7 +24,9 @@ scheduler calls the model's own forward and cache (``DynamicCache``):
 
 ``attention="static"`` decodes on a preallocated cache instead, each row in a slot of its own, in steps of
 a fixed shape that are CUDA graphs on a GPU (livetrain.engines.static: no per-step cache copies and one
-launch per step; answers as ``masked``'s, and requests must fit in the cache's length).
+launch per step; answers as ``masked``'s, and requests must fit in the cache's length). ``attention="auto"``
+(the engine's default, ``--batch-attention auto``) is ``static`` on a GPU and ``rows`` elsewhere, and
+``rows`` where the static cache cannot serve (a model it cannot hold, a cache larger than a quarter of the GPU's free memory: a warning).
 
 Models whose cache holds anything but plain full-attention layers (sliding windows, linear attention)
 are served one request at a time by the same loop (``Scheduler.batchable`` is False).
@@ -37,6 +39,7 @@ the engine answers with 503 and Retry-After); tokens go to each request's ``sink
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from typing import Callable
@@ -174,7 +177,17 @@ def fuse_rms_norms(model) -> int:
 
 
 # How a batched decode step computes attention (see the module's docstring).
-ATTENTION = ("rows", "masked", "static")
+ATTENTION = ("auto", "rows", "masked", "static")
+
+
+AUTO_CACHE_SHARE = 0.25  # of the GPU's free memory at start, the most attention="auto" gives the static cache
+
+
+def auto_attention(device: torch.device, graphs: bool) -> str:
+    """What ``attention="auto"`` runs on ``device``: ``static`` where its decode steps are replayed CUDA graphs
+    (a GPU: a small model's eager step is bound by kernel launches, bench/RESULTS.md), else ``rows`` (on CPU
+    the eager paths batch as well as static's eager steps do)."""
+    return "static" if device.type == "cuda" and graphs else "rows"
 
 
 def merge_cache(mine, theirs, grow: int, start: int) -> None:
@@ -253,8 +266,11 @@ class Scheduler:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
-        self.model, self.eos, self.attention = model, eos, attention
         self.device = next(model.parameters()).device
+        auto = attention == "auto"
+        if auto:  # static falls back to rows below where it cannot serve
+            attention = auto_attention(self.device, graphs)
+        self.model, self.eos, self.attention = model, eos, attention
         fuse_rms_norms(model)  # every path's forward (one at a time too): the same math, fewer launches
         wrap = (max_batch > 1 or attention == "static") and self._plain_kv_cache()
         self.base = _use_row_attention(model) if wrap else None
@@ -263,7 +279,21 @@ class Scheduler:
         self.decoder = None  # static.Decoder with attention="static" (a model it can serve)
         if self.batchable and attention == "static":
             context = int(getattr(model.config, "max_position_embeddings", 0) or static_length)
-            self.decoder = static.Decoder(model, self.max_batch, min(static_length, context), graphs)
+            # auto takes at most a quarter of the GPU's free memory for the cache (an explicit static takes
+            # what it needs, or is refused when that is not free).
+            limit = (
+                int(AUTO_CACHE_SHARE * torch.cuda.mem_get_info(self.device)[0])
+                if auto and self.device.type == "cuda"
+                else None
+            )
+            try:
+                self.decoder = static.Decoder(model, self.max_batch, min(static_length, context), graphs, limit)
+            except static.CacheTooLarge as e:
+                if not auto:
+                    raise
+                print(f"livetrain engine: warning: {e}; --batch-attention auto uses rows", file=sys.stderr, flush=True)
+        if auto and self.decoder is None:
+            self.attention = "rows"
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()

@@ -12,8 +12,8 @@ from livetrain.trainer import protocol, security
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 64
 # engines.batching.ATTENTION (not imported: batching imports torch).
-BATCH_ATTENTION = ("rows", "masked", "static")
-DEFAULT_BATCH_ATTENTION = "rows"
+BATCH_ATTENTION = ("auto", "rows", "masked", "static")
+DEFAULT_BATCH_ATTENTION = "auto"
 DEFAULT_STATIC_CACHE_LEN = 2048  # engines.static.DEFAULT_LENGTH
 
 
@@ -31,7 +31,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--batch-attention",
         default=DEFAULT_BATCH_ATTENTION,
         choices=BATCH_ATTENTION,
-        help="attention of a batched decode step: 'rows' (each request on its own keys: greedy answers equal "
+        help="attention of a batched decode step: 'auto' ('static' on a GPU, where replayed CUDA graphs remove "
+        "the launch overhead that bounds a decode step, when the model's cache is plain attention and the static "
+        "cache takes at most a quarter of the GPU's free memory, else 'rows'; 'rows' at --tensor-parallel > 1), "
+        "'rows' (each request on its own keys: greedy answers equal "
         "one-at-a-time decoding bit for bit), 'masked' (one call per layer over the padded batch: fewer "
         "kernel launches; answers may differ in the last bits) or 'static' (a preallocated KV cache, see "
         "--static-cache-len, and on a GPU decode steps replayed from CUDA graphs; answers as 'masked') "

@@ -202,6 +202,8 @@ class TPScheduler(batching.Scheduler):
     def __init__(self, model: Driven, eos: set[int], **kw):
         if kw.get("attention") == "static":  # its cache is one process's (options.check refuses it first)
             raise ValueError("attention 'static' is not supported with tensor parallelism")
+        if kw.get("attention", "auto") == "auto":  # auto at TP N: rows (static is one process's)
+            kw["attention"] = "rows"
         super().__init__(model, eos, **kw)
         model.command("setup", self.base)  # the others' attention: rows of a batch as rank 0's
 

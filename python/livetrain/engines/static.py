@@ -102,7 +102,7 @@ class Cache:
 class Decoder:
     """The static cache of ``model`` and its decode steps (replayed graphs when ``graphs``)."""
 
-    def __init__(self, model, slots: int, length: int, graphs: bool):
+    def __init__(self, model, slots: int, length: int, graphs: bool, max_bytes: int | None = None):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -111,6 +111,11 @@ class Decoder:
         self.model, self.slots, self.length, self.device = model, slots, length, param.device
         dtype = model.get_input_embeddings().weight.dtype
         self.bytes = 2 * config.num_hidden_layers * slots * kv_heads * length * head_dim * dtype.itemsize
+        if max_bytes is not None and self.bytes > max_bytes:
+            raise CacheTooLarge(
+                f"the static KV cache of {slots} slots x {length} positions needs {self.bytes / 2**20:.0f} MiB on "
+                f"{self.device}, more than the {max_bytes / 2**20:.0f} MiB it may take"
+            )
         try:
             self.cache = Cache(config.num_hidden_layers, slots, kv_heads, length, head_dim, dtype, self.device)
         except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, RuntimeError on CPU
