@@ -23,7 +23,7 @@ count is checked against the step's own count, and at the end the store is reope
 delta) and compared with the live weights.
 
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
-       python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--json out.json]
+       python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
 """
 
 import argparse
@@ -278,12 +278,14 @@ def qwen35_shapes(gib: float):
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests), the last repeats them (the run's noise). Only
-# what that sweep left undecided is here (docs/tuning.md has its numbers).
-BEFORE = {"checkpoint.pipeline": 0, "checkpoint.diff": 0, "checkpoint.digests": 0}
+# shipped defaults (pipelined one-pass diff with digests, early writeback of the delta), the last repeats
+# them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md has its numbers).
+BEFORE = {"checkpoint.pipeline": 0, "checkpoint.diff": 0, "checkpoint.digests": 0, "checkpoint.writeback_mib": 0}
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
+    ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
     ("shipped without digests", {"checkpoint.digests": 0}),
     ("shipped, 64 MiB groups", {"checkpoint.group_mib": 64}),
     ("shipped, encode batch 2", {"checkpoint.encode_batch": 2}),
@@ -508,6 +510,11 @@ def main() -> int:
         default="8b,27b",
         help="with --sweep: shape sets, 8b (Llama-3.1-8B) and/or 27b (Qwen3.5-27B text model), each cut to --gib",
     )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="with --sweep: only these rows of the grid, their labels separated by '|' (default: every row)",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
@@ -523,6 +530,13 @@ def main() -> int:
     from livetrain.checkpoint import CheckpointStore
 
     if a.sweep:
+        if a.settings:
+            labels = [x.strip() for x in a.settings.split("|")]
+            known = [label for label, _ in SWEEP_GRID]
+            for x in labels:
+                if x not in known:
+                    ap.error(f"--settings: unknown row {x!r} (one of: {'; '.join(known)})")
+            SWEEP_GRID[:] = [row for row in SWEEP_GRID if row[0] in labels]
         shape_sets = a.shapes.split(",")
         for x in shape_sets:
             if x not in ("8b", "27b"):

@@ -831,6 +831,9 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     // parallel over its blocks), this thread appends each finished record to the temporary file and
     // hashes it.
     fs::write_file_atomic(path, [&](fs::Writer& fw) {
+      // The disk starts on the records as they come instead of at the fsync, so writing overlaps the
+      // encoding still under way (checkpoint.writeback_mib).
+      fw.set_writeback(static_cast<uint64_t>(tuning::get(tuning::kCheckpointWritebackMib)) << 20);
       Xxh64Stream hash;
       try {
         const std::string head = header(count);
