@@ -826,6 +826,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   // The head copy follows the delta being written: the same bitmaps and values the file is encoded
   // from. It is updated by the GPU diff, or (CPU path) once encoded, and XORed back (deltas are
   // self-inverse) if the file is not written.
+  clock::time_point filled;
   try {
     // Encoding and writing overlap: the encoder's thread encodes the records in order (each batch in
     // parallel over its blocks), this thread appends each finished record to the temporary file and
@@ -857,6 +858,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       w.hash = hash.digest();
       fw.write(&w.hash, 8);
       w.bytes = fw.bytes_written();
+      filled = clock::now();
     });
   } catch (...) {
     encoder.reset();
@@ -864,6 +866,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     throw;
   }
   w.write_seconds = seconds_since(t0);
+  w.sync_seconds = seconds_since(filled);
   return true;
 }
 
@@ -949,6 +952,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   head_generation_ = g;
   res.encode_seconds = w.encode_seconds;
   res.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  res.sync_seconds = w.sync_seconds;
   res.written = true;
   res.generation = g;
   res.bytes = gen.bytes;
@@ -998,6 +1002,7 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   d.diff_seconds = w.diff_seconds;
   d.encode_seconds = w.encode_seconds;
   d.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  d.sync_seconds = w.sync_seconds;
   pending_ = Pending{d, std::move(w)};
   return d;
 }
@@ -1143,6 +1148,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     res.diff_seconds = std::max(res.diff_seconds, p->diff_seconds);
     res.encode_seconds = std::max(res.encode_seconds, p->encode_seconds);
     res.write_seconds = std::max(res.write_seconds, p->write_seconds);
+    res.sync_seconds = std::max(res.sync_seconds, p->sync_seconds);
   }
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).
