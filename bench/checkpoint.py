@@ -23,7 +23,8 @@ count is checked against the step's own count, and at the end the store is reope
 delta) and compared with the live weights.
 
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
-       python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--json out.json]
+       python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
+       python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
 """
 
 import argparse
@@ -176,7 +177,8 @@ def baseline_block_sync(live: dict, loc: dict) -> dict:
 
 
 def livetrain_save(store, live: dict) -> dict:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t = time.perf_counter()
     r = store.save(live)
     return {
@@ -187,6 +189,7 @@ def livetrain_save(store, live: dict) -> dict:
         "diff_seconds": r["diff_seconds"],
         "encode_seconds": r["encode_seconds"],
         "write_seconds": r["write_seconds"],
+        "sync_seconds": r.get("sync_seconds", 0.0),
     }
 
 
@@ -210,23 +213,87 @@ def full_write(staging: dict, live: dict, directory: str) -> dict:
 def apollo_like_step(live: dict, lr: float, seed: int) -> int:
     """w += lr * N(0,1) per element, fp32, stochastically rounded to bf16 (the optimizer's rounding); fp32
     tensors exactly. Returns how many elements changed bits."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    changed = torch.zeros((), dtype=torch.int64, device="cuda")
+    dev = next(iter(live.values())).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    changed = torch.zeros((), dtype=torch.int64, device=dev)
     for w in live.values():
         flat = w.view(-1)
         for s in range(0, flat.numel(), 2**26):  # bounded temporaries
             part = flat[s : s + 2**26]
-            x = part.float() + lr * torch.randn(part.shape, device="cuda", generator=g)
+            x = part.float() + lr * torch.randn(part.shape, device=dev, generator=g)
             if part.dtype == torch.float32:
                 changed += (x.view(torch.int32) != part.view(torch.int32)).sum()
                 part.copy_(x)
                 continue
             bits = x.view(torch.int32)
-            noise = torch.randint(0, 1 << 16, part.shape, device="cuda", dtype=torch.int32, generator=g)
+            noise = torch.randint(0, 1 << 16, part.shape, device=dev, dtype=torch.int32, generator=g)
             rounded = ((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)  # exact after masking
             changed += (rounded.view(torch.int16) != part.view(torch.int16)).sum()
             part.copy_(rounded)
     return int(changed)
+
+
+# ---- --writeback-host: checkpoint.writeback_mib on a save from host memory (no GPU needed) ----
+def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
+    """Saves of host tensors after a dense step, alternating checkpoint.writeback_mib 0 and its default, in
+    one run on the same model: the CPU diff and encode (the GPU save's encode and writer are the same code),
+    then the writer's tail, and of it the delta file's fsync (what the knob shortens; on this path the tail
+    also XORs the head copy). Prints one row per setting (medians) and the disk's own write + fsync rate."""
+    from livetrain import _core
+    from livetrain import safetensors as lst
+    from livetrain.checkpoint import CheckpointStore
+
+    default = _core.tuning()["checkpoint.writeback_mib"]["default"]
+    work = tempfile.mkdtemp(prefix="livetrain-checkpoint-writeback-", dir=parent)
+    try:
+        bw_disk = disk_write_bandwidth(work, 2**29)
+        torch.manual_seed(0)
+        live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+        model_bytes = sum(w.numel() * 2 for w in live.values())
+        model_dir = os.path.join(work, "model")
+        os.mkdir(model_dir)
+        lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+        store = CheckpointStore.create(model_dir)
+        rows = {0: [], default: []}
+        try:
+            store.save(live)  # the first save after open builds the head copy; nothing changed, nothing written
+            for k in range(repeats):
+                for mib in (0, default) if k % 2 == 0 else (default, 0):
+                    _core.tuning_reset()
+                    _core.tuning_set("checkpoint.writeback_mib", mib)
+                    apollo_like_step(live, lr, seed=1000 + 2 * k + (mib != 0))
+                    r = livetrain_save(store, live)
+                    rows[mib].append(r)
+                    log(
+                        f"writeback {mib} MiB: {r['seconds']:.2f} s, write tail {r['write_seconds']:.3f} s, "
+                        f"of it the delta's fsync {r['sync_seconds']:.3f} s"
+                    )
+        finally:
+            _core.tuning_reset()
+            store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    print(
+        f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB, {repeats} saves per setting "
+        f"(medians), disk write + fsync {bw_disk / 1e9:.2f} GB/s\n"
+    )
+    print(
+        "| checkpoint.writeback_mib | save s | diff / encode / write s | of write: the delta's fsync s "
+        "| bytes written | the delta at the disk's rate s |"
+    )
+    print("|---|---:|---|---:|---:|---:|")
+    for mib, rs in rows.items():
+        b = med([r["bytes_written"] for r in rs])
+        print(
+            f"| {mib} | {med([r['seconds'] for r in rs]):.2f} | {med([r['diff_seconds'] for r in rs]):.2f} / "
+            f"{med([r['encode_seconds'] for r in rs]):.2f} / {med([r['write_seconds'] for r in rs]):.3f} | "
+            f"{med([r['sync_seconds'] for r in rs]):.3f} | {b:,} | {b / bw_disk:.3f} |"
+        )
+    return 0
 
 
 # ---- --sweep: the store's save under its internal tuning knobs ----
@@ -279,12 +346,14 @@ def qwen35_shapes(gib: float):
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests), the last repeats them (the run's noise). Only
-# what that sweep left undecided is here (docs/tuning.md has its numbers).
-BEFORE = {"checkpoint.pipeline": 0, "checkpoint.diff": 0, "checkpoint.digests": 0}
+# shipped defaults (pipelined one-pass diff with digests, early writeback of the delta), the last repeats
+# them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md has its numbers).
+BEFORE = {"checkpoint.pipeline": 0, "checkpoint.diff": 0, "checkpoint.digests": 0, "checkpoint.writeback_mib": 0}
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
+    ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
     ("shipped without digests", {"checkpoint.digests": 0}),
     ("shipped, 64 MiB groups", {"checkpoint.group_mib": 64}),
     ("shipped, encode batch 2", {"checkpoint.encode_batch": 2}),
@@ -509,11 +578,25 @@ def main() -> int:
         default="8b,27b",
         help="with --sweep: shape sets, 8b (Llama-3.1-8B) and/or 27b (Qwen3.5-27B text model), each cut to --gib",
     )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="with --sweep: only these rows of the grid, their labels separated by '|' (default: every row)",
+    )
+    ap.add_argument(
+        "--writeback-host",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N saves of host tensors per setting of checkpoint.writeback_mib (0, the default); no GPU",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
+    if a.writeback_host:
+        return writeback_host(a.gib, a.lr, a.dir, a.writeback_host)
     if not torch.cuda.is_available():
         print(
             "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
@@ -524,6 +607,13 @@ def main() -> int:
     from livetrain.checkpoint import CheckpointStore
 
     if a.sweep:
+        if a.settings:
+            labels = [x.strip() for x in a.settings.split("|")]
+            known = [label for label, _ in SWEEP_GRID]
+            for x in labels:
+                if x not in known:
+                    ap.error(f"--settings: unknown row {x!r} (one of: {'; '.join(known)})")
+            SWEEP_GRID[:] = [row for row in SWEEP_GRID if row[0] in labels]
         shape_sets = a.shapes.split(",")
         for x in shape_sets:
             if x not in ("8b", "27b"):

@@ -112,6 +112,7 @@ nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
   d["diff_seconds"] = p.diff_seconds;
   d["encode_seconds"] = p.encode_seconds;
   d["write_seconds"] = p.write_seconds;
+  d["sync_seconds"] = p.sync_seconds;
   nb::list served;
   for (const auto& [name, dtype] : p.served) served.append(nb::make_tuple(name, std::string(dtype_name(dtype))));
   d["served"] = served;
@@ -186,6 +187,7 @@ nb::dict save_result_dict(const checkpoint::SaveResult& r) {
   d["diff_seconds"] = r.diff_seconds;
   d["encode_seconds"] = r.encode_seconds;
   d["write_seconds"] = r.write_seconds;
+  d["sync_seconds"] = r.sync_seconds;
   return d;
 }
 

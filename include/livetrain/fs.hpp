@@ -66,11 +66,19 @@ class Writer {
   void write_zeros(size_t size);
   uint64_t bytes_written() const { return written_; }
   const std::string& path() const { return path_; }
+  // Starts the disk writing each further `bytes` written as soon as they are written (Linux:
+  // sync_file_range(SYNC_FILE_RANGE_WRITE), which does not wait), instead of leaving them dirty in the page
+  // cache until the final fsync; 0 turns it off. A hint for a file written while its producer is still busy (a
+  // checkpoint's delta): the fsync that makes the file durable then has only the tail left to wait for.
+  // Durability is unchanged: only that fsync reports errors and makes the bytes durable.
+  void set_writeback(uint64_t bytes) { writeback_ = bytes; }
 
  private:
   int fd_;
   std::string path_;
   uint64_t written_ = 0;
+  uint64_t writeback_ = 0;  // 0: off
+  uint64_t flushed_ = 0;    // bytes [0, flushed_) have had their writeback started
 };
 
 // Replaces `path` by a file whose bytes `fill` writes, so that after a crash at any instant `path` is

@@ -39,6 +39,7 @@ enum Knob : int {
   kCheckpointGroupMib,     // device scratch per group of the GPU diff, MiB
   kCheckpointDigests,      // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
   kCheckpointEncodeBatch,  // blocks of records encoded per batch, per CPU thread
+  kCheckpointWritebackMib,  // the delta's disk writes start every this many MiB written (0: all at the final fsync)
   kNumKnobs
 };
 

@@ -826,11 +826,15 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   // The head copy follows the delta being written: the same bitmaps and values the file is encoded
   // from. It is updated by the GPU diff, or (CPU path) once encoded, and XORed back (deltas are
   // self-inverse) if the file is not written.
+  clock::time_point filled;
   try {
     // Encoding and writing overlap: the encoder's thread encodes the records in order (each batch in
     // parallel over its blocks), this thread appends each finished record to the temporary file and
     // hashes it.
     fs::write_file_atomic(path, [&](fs::Writer& fw) {
+      // The disk starts on the records as they come instead of at the fsync, so writing overlaps the
+      // encoding still under way (checkpoint.writeback_mib).
+      fw.set_writeback(static_cast<uint64_t>(tuning::get(tuning::kCheckpointWritebackMib)) << 20);
       Xxh64Stream hash;
       try {
         const std::string head = header(count);
@@ -854,6 +858,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       w.hash = hash.digest();
       fw.write(&w.hash, 8);
       w.bytes = fw.bytes_written();
+      filled = clock::now();
     });
   } catch (...) {
     encoder.reset();
@@ -861,6 +866,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     throw;
   }
   w.write_seconds = seconds_since(t0);
+  w.sync_seconds = seconds_since(filled);
   return true;
 }
 
@@ -946,6 +952,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   head_generation_ = g;
   res.encode_seconds = w.encode_seconds;
   res.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  res.sync_seconds = w.sync_seconds;
   res.written = true;
   res.generation = g;
   res.bytes = gen.bytes;
@@ -995,6 +1002,7 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   d.diff_seconds = w.diff_seconds;
   d.encode_seconds = w.encode_seconds;
   d.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  d.sync_seconds = w.sync_seconds;
   pending_ = Pending{d, std::move(w)};
   return d;
 }
@@ -1140,6 +1148,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     res.diff_seconds = std::max(res.diff_seconds, p->diff_seconds);
     res.encode_seconds = std::max(res.encode_seconds, p->encode_seconds);
     res.write_seconds = std::max(res.write_seconds, p->write_seconds);
+    res.sync_seconds = std::max(res.sync_seconds, p->sync_seconds);
   }
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).

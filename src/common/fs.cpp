@@ -84,6 +84,14 @@ void Writer::write(const void* data, size_t size) {
     size -= static_cast<size_t>(n);
     written_ += static_cast<uint64_t>(n);
   }
+#ifdef __linux__
+  if (writeback_ && written_ - flushed_ >= writeback_) {
+    // Errors are not lost by ignoring them here: the final fsync reports any write-back error.
+    (void)::sync_file_range(fd_, static_cast<off64_t>(flushed_), static_cast<off64_t>(written_ - flushed_),
+                            SYNC_FILE_RANGE_WRITE);
+    flushed_ = written_;
+  }
+#endif
 }
 
 void Writer::write_zeros(size_t size) {

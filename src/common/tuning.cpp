@@ -75,6 +75,12 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        "1: skip chunks whose device-resident 64-bit digest matches the head copy's"},
       {"checkpoint.encode_batch", 8, {}, 1, 256, "blocks of records per encode batch, per CPU thread"},
+      {"checkpoint.writeback_mib",
+       16,
+       {},
+       0,
+       1024,
+       "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
   }};
   return s;
 }

@@ -571,7 +571,7 @@ __device__ __forceinline__ float updated(float w, float base, float sc, float g,
 // Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
 // loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
 // result does not depend on kUnroll or the grid. ----
-template <typename TW, typename TG, int kUnroll>
+template <typename TW, typename TG, int kUnroll, bool kIncremental = true>
 __device__ void update_body(const Item& it, int block, int nblocks) {
   if (*it.status != kStatusOk) return;
   TW* W = static_cast<TW*>(it.W);
@@ -585,10 +585,37 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   const uint64_t step = *it.step - 1;  // the moments stage advanced it
   const int64_t gpr = (cols + 7) / 8;
   const int64_t groups = rows * gpr;
+  if (groups == 0) return;
   const int64_t stride = static_cast<int64_t>(nblocks) * blockDim.x;
   const bool sharded = it.phases && it.shard.dim >= 0;
   bool bad = false;
-  for (int64_t g0 = block * static_cast<int64_t>(blockDim.x) + threadIdx.x; g0 < groups; g0 += stride * kUnroll) {
+  // Each group's row and group within the row, advanced without a division (kIncremental): a 64-bit
+  // division per group costs tens of instructions, a large share of what a group may issue at the H200's
+  // bandwidth. The one-kernel step divides: its 64-register cap spills the incremental indices.
+  const int64_t first = block * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t advance = stride * kUnroll, advance_rows = advance / gpr, advance_groups = advance % gpr;
+  int64_t row[kUnroll], in_row[kUnroll];
+  auto locate = [&](int64_t g0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      row[u] = (g0 + u * stride) / gpr;
+      in_row[u] = (g0 + u * stride) % gpr;
+    }
+  };
+  locate(first);
+  auto next = [&](int64_t g0) {
+    if constexpr (!kIncremental) {
+      locate(g0);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        row[u] += advance_rows;
+        in_row[u] += advance_groups;
+        if (in_row[u] >= gpr) in_row[u] -= gpr, ++row[u];
+      }
+    }
+  };
+  for (int64_t g0 = first; g0 < groups; g0 += advance, next(g0)) {
     // kUnroll > 1: every group's loads are issued before the rounding bits of the first are computed
     // (kept packed); kUnroll == 1 is the shipped order (bits, then the loads), at 32 registers.
     Raw<TG> gr[kUnroll];
@@ -597,7 +624,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t gi = g0 + u * stride;
-        const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
+        const int64_t i = row[u], j0 = in_row[u] * 8;
         if (gi < groups && it.wvec && j0 + 8 <= cols) {
           gr[u].load(G + i * cols + j0);
           wr[u].load(W + i * it.ldw + j0);
@@ -608,7 +635,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t gi = g0 + u * stride;
       if (gi >= groups) break;
-      const int64_t i = gi / gpr, j0 = (gi % gpr) * 8;
+      const int64_t i = row[u], j0 = in_row[u] * 8;
       // A shard's elements take the offsets the full tensor's step gives them: its 8 elements are one
       // group of the full tensor when its columns start at a multiple of 8, else each finds its own.
       uint64_t group = static_cast<uint64_t>(gi);
@@ -639,12 +666,30 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
           ld8(g, gv);
           ld8(w, wv);
         }
+        // The group-wide choices (scaling, rounding mode, own groups) are taken once per group, outside the
+        // elements: taken per element, each element's few instructions sat between divergence barriers of
+        // branches never taken (and the address arithmetic of predicated-off loads of per-channel scales),
+        // and the update issued more instructions than the H200 moves its bytes in.
+        float sc[8];
+        if (tensor_scaling) {  // APOLLO-Mini
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-          const float nw = updated(wv[e], base, sc, gv[e], decay);
-          out[e] = to_weight(nw, wv[e], TW{}, rounding, offset(e), ok);
+          for (int e = 0; e < 8; ++e) sc[e] = tensor_s;
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sc[e] = it.scale[it.tall ? i : j0 + e];
         }
+        auto apply = [&](auto stochastic, auto offset_of) {
+          constexpr Rounding kMode = decltype(stochastic)::value ? Rounding::kStochastic : Rounding::kNearest;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float nw = updated(wv[e], base, sc[e], gv[e], decay);
+            out[e] = to_weight(nw, wv[e], TW{}, kMode, offset_of(e), ok);
+          }
+        };
+        auto group_offset = [&](int e) { return rounding_offset(bits, e); };
+        if (rounding != Rounding::kStochastic) apply(std::false_type{}, group_offset);  // offsets unused
+        else if (!own_groups) apply(std::true_type{}, group_offset);
+        else apply(std::true_type{}, offset);
         st8(w, out);
       } else {
         for (int e = 0; e < 8 && j0 + e < cols; ++e) {
@@ -743,7 +788,7 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_ker
   grid.sync();
   for (int b = blockIdx.x; b < it.mom_blocks; b += gridDim.x) moments_body(it, b, it.mom_blocks);
   grid.sync();
-  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x) update_body<TW, TG, 1>(it, b, it.upd_blocks);
+  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x) update_body<TW, TG, 1, false>(it, b, it.upd_blocks);
 }
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----

@@ -115,6 +115,7 @@ struct PartDescriptor {
   uint64_t elements = 0;  // elements this rank diffed
   uint64_t model_bytes = 0;  // their bytes
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
+  double sync_seconds = 0;  // of write_seconds: the delta file's fsync, rename and directory fsync
   // The dtypes this rank served its part's tensors in, where they differ from the model files' (its records
   // are in them); commit_parts records them in COMMIT.
   std::vector<std::pair<std::string, DType>> served;
@@ -129,8 +130,10 @@ struct SaveResult {
   uint64_t model_bytes = 0;  // their bytes
   // Time of the phases: the diff (wall time, GPU or CPU, with the copy of bitmaps and values to the host),
   // the encoding (time the encoder spent; with checkpoint.pipeline it overlaps the diff), and from the
-  // last encoded record to the commit (the writes still queued, fsync, commit, updating the head copy).
-  double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
+  // last encoded record to the commit (the writes still queued, fsync, commit, updating the head copy);
+  // sync_seconds, part of the last: the wait for the delta file to be durable (its fsync, rename and
+  // directory fsync), what checkpoint.writeback_mib shortens.
+  double diff_seconds = 0, encode_seconds = 0, write_seconds = 0, sync_seconds = 0;
 };
 
 struct LiveDiff {
@@ -257,7 +260,7 @@ class Store {
     DiffOutput out;
     bool head_moved = false;
     uint64_t changed = 0, elements = 0, model_bytes = 0, bytes = 0, hash = 0;
-    double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
+    double diff_seconds = 0, encode_seconds = 0, write_seconds = 0, sync_seconds = 0;
   };
   // This rank's part written by save_part and not yet confirmed in COMMIT.
   struct Pending {
