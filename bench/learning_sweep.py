@@ -68,7 +68,10 @@ class InProcess:
         else:
             self.engine = Engine(model_dir, manifest, device, dtype, store=False)
         settings = options.parse(
+            # --guard-prepare job: each job's guard measures everything on its own path (this process has no
+            # idle training thread), so that every row reports its answers kept.
             ["--no-store", "--state-dir", os.path.join(self.dir, "state"), "--batch-size", str(batch_size)]
+            + ["--guard-prepare", "job"]
         )
         self.trainer = Trainer(manifest, model_dir, settings)
         self.start = {n: w.detach().clone() for n, w in self.trainer.weights.items()}

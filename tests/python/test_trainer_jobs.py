@@ -231,8 +231,20 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
     assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
-    assert 0 <= g["kl"] < g["threshold"] and g["answers_compared"] == g["held_out_prompts"] >= g["answers_kept"]
-    assert g["answers_made"] and g["seconds"] > 0
+    assert 0 <= g["kl"] < g["threshold"] and g["answers_made"] and g["seconds"] > 0
+    assert g["prepared"]["at_job_start"] == ["kept", "answers", "reference", "anchor"]  # no idle moment before
+    # --guard-min-kept 0: the answers kept decide nothing, and are measured after the verdict, off the job's
+    # path: at the training thread's next idle moment, as the first measure of the new weights.
+    assert g["answers_kept"] is None and g["answers_kept_when"].startswith("pending"), g
+    trainer._idle()
+    g = trainer.jobs[info["id"]]["guard"]
+    assert g["answers_compared"] == g["held_out_prompts"] >= g["answers_kept"] >= 0, g
+    assert g["answers_kept_when"].startswith("after the verdict") and trainer.kept_pending is None
+    while trainer.status()["guard"]["prepared"]["made"] != ["kept", "answers", "reference", "anchor"]:
+        trainer._idle()  # one measure per call, the rest of them: the next job finds them made
+    ok = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})["guard"]
+    assert ok["passed"] and not ok["answers_made"] and ok["prepared"]["at_job_start"] == [], ok
+    assert ok["prepared"]["seconds_idle"] > 0 and ok["prepared"]["weight_version"] == trainer.weight_version - 1
 
     before, version = weights(engine), trainer.weight_version
     gens = len(trainer.generations)
@@ -240,6 +252,7 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = bad["guard"]
     assert bad["state"] == "rolled_back" and not g["passed"] and g["rolled_back"], bad
     assert g["kl"] is None or g["kl"] > g["threshold"] or g["answers_kept"] < g["min_kept"] * g["answers_compared"]
+    assert g["answers_kept_when"] == "before the verdict" and g["answers_compared"] == g["held_out_prompts"]
     # The undo point (the weights changed since the head: saved at the job's start as a new generation),
     # restored bit for bit; it is the head, so the rollback has nothing new to commit.
     assert len(trainer.generations) == gens + 1 and g["rollback"]["rolled_back_to"] == gens
@@ -247,6 +260,10 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     assert trainer.weight_version == version + 3 + 1 == g["rollback"]["weight_version"]
     assert trainer.metrics()["counts"]["guard_rollbacks"] == 1
     assert trainer.metrics()["jobs"]["rolled_back"] == 1
+    # The weights are those the job started from, bit for bit: so are the guard's measures of them, which
+    # the next job reuses (nothing made again at its start).
+    again = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})["guard"]
+    assert again["passed"] and again["prepared"]["at_job_start"] == [] and not again["answers_made"], again
 
 
 def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
