@@ -231,7 +231,7 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
     assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
-    assert 0 <= g["kl"] < g["threshold"] and g["answers_made"] and g["seconds"] > 0
+    assert 0 <= g["kl"] < g["threshold"] and g["kl_se"] >= 0 and g["answers_made"] and g["seconds"] > 0
     assert g["prepared"]["at_job_start"] == ["kept", "answers", "reference", "anchor"]  # no idle moment before
     # --guard-min-kept 0: the answers kept decide nothing, and are measured after the verdict, off the job's
     # path: at the training thread's next idle moment, as the first measure of the new weights.
@@ -286,6 +286,16 @@ def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
     # After the job's steps the replayed sequences' KL is above zero, and the term carries a gradient.
     loss = reference.anchor(trainer.model, [0, 1])
     assert loss.requires_grad and float(loss.detach()) > 0
+    # The KL's standard error as a sample of prompts (a ratio estimator over the examples' token sums).
+    with torch.no_grad():
+        per = [reference._kl(trainer.model, [i]).double() for i in range(len(reference))]
+    sums, counts = torch.stack([x.sum() for x in per]), torch.tensor([x.numel() for x in per], dtype=torch.double)
+    m = float(sums.sum() / counts.sum())
+    k = len(per)
+    se = math.sqrt(k / (k - 1) * float(((sums - m * counts) ** 2).sum())) / float(counts.sum())
+    got_m, got_se = reference.kl_spread(trainer.model)
+    assert got_m == pytest.approx(m, rel=1e-4) and got_se == pytest.approx(se, rel=1e-3) and got_se > 0
+    assert reference.kl(trainer.model) == got_m
 
 
 def test_the_anchor_shares_the_batchs_forward_and_backward(run):

@@ -254,12 +254,28 @@ class Reference:
     @torch.no_grad()
     def kl(self, model) -> float:
         """The mean per answer token of the KL divergence over every example (eval mode, no gradient)."""
-        total, n = 0.0, 0
+        return self.kl_spread(model)[0]
+
+    @torch.no_grad()
+    def kl_spread(self, model) -> tuple[float, float]:
+        """``kl`` and its standard error as a sample of prompts: the examples' answers are clusters of
+        tokens, so the error of the per-token mean m = sum(s_i) / sum(n_i) (s_i, n_i: example i's KL sum
+        and tokens) is that of a ratio estimator, sqrt(k / (k - 1) * sum((s_i - m n_i)^2)) / sum(n_i) over
+        the k examples (nan for fewer than two)."""
+        sums, counts = [], []
         with _eval(model):
             for b, e in self.chunks:
-                per_token = self._kl(model, list(range(b, e)))
-                total, n = total + float(per_token.double().sum()), n + per_token.numel()
-        return total / n if n else math.nan
+                per_token = self._kl(model, list(range(b, e))).double()
+                n = [len(self.ids[i]) for i in range(b, e)]
+                sums += [float(x.sum()) for x in per_token.split(n)]
+                counts += n
+        total, k = sum(counts), len(counts)
+        if not total:
+            return math.nan, math.nan
+        m = sum(sums) / total
+        if k < 2:
+            return m, math.nan
+        return m, math.sqrt(k / (k - 1) * sum((s - m * n) ** 2 for s, n in zip(sums, counts))) / total
 
 
 class _eval:

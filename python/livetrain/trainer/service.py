@@ -1236,8 +1236,8 @@ class Trainer:
         if watch["reference"] is None:
             report["passed"] = True
         else:
-            kl = watch["reference"].kl(self.model)
-            report["kl"] = _round(kl)
+            kl, kl_se = watch["reference"].kl_spread(self.model)
+            report["kl"], report["kl_se"] = _round(kl), _round(kl_se)
             kl_ok = math.isfinite(kl) and kl <= self.settings.guard_threshold
             if not kl_ok or self.settings.guard_min_kept > 0 or self.settings.guard_prepare == "job":
                 after = self._kept_answers()
