@@ -17,7 +17,8 @@ earlier version is reused. Prints a markdown table of the median seconds: the jo
 time on its path (``/train/status`` ``guard.seconds``) and its share of the job, the guard's time off the
 path, and the job's time against ``plain``'s (the anchor's extra training included).
 
-usage: python bench/guard_cost.py [--facts 4] [--steps 2] [--rounds 2] [--threads 0] [--device cuda --dtype bf16]
+usage: python bench/guard_cost.py [--facts 4] [--steps 2] [--rounds 2] [--threads 0] [--retention-prompts N]
+           [--device cuda --dtype bf16]
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--retention-prompts",
+        type=int,
+        default=0,
+        help="the first N built-in retention prompts only (0: all of them; fewer measure faster on a busy CPU, "
+        "and the guard's time scales with them)",
+    )
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -56,16 +64,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ip = InProcess(a.dtype, a.device, a.batch_size)
     t = ip.trainer
+    if a.retention_prompts:
+        t.retention.builtin = t.retention.builtin[: a.retention_prompts]
     print(
-        f"# loaded in {time.perf_counter() - t0:.0f} s; {len(examples)} examples, {a.steps} steps per job", flush=True
+        f"# loaded in {time.perf_counter() - t0:.0f} s; {len(examples)} examples, {a.steps} steps per job, "
+        f"{len(t.retention.prompts)} retention prompts",
+        flush=True,
     )
     rows: dict[str, list[dict]] = {w: [] for w in WAYS}
     fresh = t.weight_version + 1000  # weight versions no measure was made at
     for r in range(a.rounds):
         for way in WAYS:
             ip.reset()
-            fresh += 1
-            t.weight_version = fresh  # the weights "changed" since any measure (a previous job)
+            # A version above every one used so far (each job's steps made new ones): the weights "changed"
+            # since any measure (a previous job), and no measure of trained weights is taken for these.
+            fresh = max(fresh, t.weight_version) + 1
+            t.weight_version = fresh
             t.settings.guard_prepare = "idle" if way == "idle" else "job"
             off = 0.0
             if way == "idle":
