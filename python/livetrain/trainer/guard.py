@@ -2,13 +2,13 @@
 
 The retention set is a list of chat prompts (the built-in general ones in ``retention.json``, plus the
 user's own: ``--retention FILE`` or ``PUT /train/retention``) with the model's own greedy answers, made by
-the trainer on the live weights at the start of a guarded job (and reused while the weights have not
-changed since). The prompts alternate between two halves:
+the trainer on the live weights once per weight version: between jobs, or at the start of a guarded job
+that finds them not made (trainer.service ``Trainer._prepare``). The prompts alternate between two halves:
 
 - the *replay* half (even positions) is trained on during the job, so that training keeps what the model
   does there: either as ordinary examples (prompt + the model's own answer, one-hot cross-entropy), or,
   with an ``anchor`` weight, by a KL divergence to the starting model's next-token distributions
-  (``Reference``: its top-``TOP_K`` log-probs at each answer token, stored at the job's start);
+  (``Reference``: its top-``TOP_K`` log-probs at each answer token, stored once per weight version: between jobs or at the job's start);
 - the *held-out* half (odd positions) is never trained on. After the job two measures say whether the
   model still does what it did there: the **KL divergence** (nats per answer token) from the starting
   model's next-token distributions to the new ones (one forward pass), and the share of **answers kept**
@@ -202,7 +202,7 @@ def topk_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_lp: torch.Tensor) -
 
 class Reference:
     """The starting model's top-``k`` next-token log-probs at every answer token of some retention
-    examples (made once, at the start of a job), and the KL divergence of the live model from them:
+    examples (made once per weight version of the starting model: between jobs or at a job's start), and the KL divergence of the live model from them:
     measured (``kl``, the guard) or as a loss term with its gradient (``anchor``, training)."""
 
     def __init__(
