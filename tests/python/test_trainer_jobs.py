@@ -266,6 +266,28 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     assert again["passed"] and again["prepared"]["at_job_start"] == [] and not again["answers_made"], again
 
 
+def test_the_measures_between_jobs_give_way_to_a_job(run):
+    _, trainer = run()
+    reply = trainer.handle("submit", json.dumps({"examples": FACTS, "steps": 1, "guard": False}).encode())
+    assert reply.code == 202
+    trainer._idle()  # a job waits: the measure is given up before its first token, and nothing is kept
+    assert trainer.status()["guard"]["prepared"]["made"] == [] and trainer.prepare_failed is None
+    # Asked after each new token: a measure between jobs stops within a token of a job's arrival.
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        return len(calls) > 3
+
+    ids = [guard.prompt_ids(trainer.tokenizer, [{"role": "user", "content": "one two"}])]
+    with pytest.raises(guard.Interrupted):
+        guard.greedy(trainer.model, ids, 30, [], trainer.pad, interrupt=interrupt)
+    assert 4 <= len(calls) <= 6, len(calls)
+    jid, queued = trainer.queue.get_nowait()
+    trainer.run_job(jid, queued)
+    assert trainer.jobs[jid]["state"] == "done"
+
+
 def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
     _, trainer = run()
     anchors = []

@@ -50,6 +50,16 @@ KEPT_TOKENS = 16
 MAX_PROMPTS = 1000
 
 
+class Interrupted(Exception):
+    """A measure made between jobs given up because a job or a request arrived (``interrupt``): the job's
+    start makes it again when it needs it."""
+
+
+def _check(interrupt) -> None:
+    if interrupt is not None and interrupt():
+        raise Interrupted()
+
+
 def check_prompt(item, where: str) -> list[dict]:
     """One retention prompt, a string (one user message) or ``{"messages": [...]}`` ending with a user
     message, as a message list; ``Invalid`` naming ``where`` (``prompts[2].messages``)."""
@@ -111,10 +121,19 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16):
+def greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16, interrupt=None
+):
     """Each prompt's greedy continuation (token ids, ending with the stop token when one was made) by
     ``model`` (transformers ``generate``, left-padded batches of ``batch``), in eval mode; the model's mode
-    is restored afterwards."""
+    is restored afterwards. ``interrupt``: a function asked before each batch and after each new token;
+    ``Interrupted`` when it says true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Asked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(interrupt()), dtype=torch.bool, device=input_ids.device)
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -130,6 +149,7 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
             for r, i in enumerate(idx):
                 ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attn[r, width - len(prompts[i]) :] = 1
+            _check(interrupt)
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=attn.to(device),
@@ -137,7 +157,9 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
                 do_sample=False,
                 eos_token_id=stop or None,
                 pad_token_id=pad,
+                **({"stopping_criteria": StoppingCriteriaList([Asked()])} if interrupt is not None else {}),
             )
+            _check(interrupt)  # stopped early by it: the batch's answers are cut
             for r, i in enumerate(idx):
                 toks = gen[r, width:].tolist()
                 cut = next((k + 1 for k, t in enumerate(toks) if t in stop), len(toks))
@@ -206,7 +228,14 @@ class Reference:
     measured (``kl``, the guard) or as a loss term with its gradient (``anchor``, training)."""
 
     def __init__(
-        self, model, examples: list, pad: int, k: int = TOP_K, batch: int = BATCH, max_tokens: int | None = None
+        self,
+        model,
+        examples: list,
+        pad: int,
+        k: int = TOP_K,
+        batch: int = BATCH,
+        max_tokens: int | None = None,
+        interrupt=None,
     ):
         self.examples, self.pad = list(examples), pad
         # Forwards of at most ``batch`` rows and ``max_tokens`` padded tokens (the trainer's step budget; a
@@ -217,6 +246,7 @@ class Reference:
         self.lps: list[torch.Tensor] = []  # per example, [answer tokens, k] fp32
         with torch.no_grad(), _eval(model):
             for b, e in self.chunks:
+                _check(interrupt)  # ``Interrupted`` between two forwards when it says true
                 chunk = self.examples[b:e]
                 logits = answer_logits(model, chunk, pad)
                 lp, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)
@@ -320,15 +350,17 @@ class Retention:
         self.builtin = builtin_prompts() if builtin else []
         self.version, self.answers = None, []
 
-    def refresh(self, model, version: int, pad: int, batch: int = 16) -> bool:
-        """Makes the answers on ``model`` unless they were made at ``version``; True when it made them."""
+    def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:
+        """Makes the answers on ``model`` unless they were made at ``version``; True when it made them.
+        ``interrupt``: as ``greedy`` takes it (nothing kept when it interrupts)."""
         import time
 
         if self.version == version and len(self.answers) == len(self.prompts):
             return False
         t0 = time.perf_counter()
         ids = [prompt_ids(self.tokenizer, p) for p in self.prompts]
-        self.answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch)
+        answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch, interrupt)
+        self.answers = answers
         self.version, self.seconds = version, time.perf_counter() - t0
         return True
 

@@ -1117,18 +1117,23 @@ class Trainer:
         if anchor is not None and anchor not in p["anchors"]:
             todo.append("anchor")
         made = []
+        # Between jobs, each measure is given up (guard.Interrupted) as soon as a job or a request arrives:
+        # they wait for one new token or one forward at most, not for a whole measure.
+        interrupt = self._arrived if idle else None
         for what in todo[:1] if idle else todo:
             t0 = time.perf_counter()
             if what == "kept":
-                p["kept"] = self._kept_answers()
+                p["kept"] = self._kept_answers(interrupt)
                 self._kept_measured(p["kept"])
             elif what == "answers":
-                self.retention.refresh(self.model, self.weight_version, self.pad)
+                self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
             elif what == "reference":
                 held_out = self._fit(self.retention.held_out())
                 # Its forwards within the step budget.
                 ref = (
-                    guard.Reference(self.model, held_out, self.pad, max_tokens=self.max_batch_tokens)
+                    guard.Reference(
+                        self.model, held_out, self.pad, max_tokens=self.max_batch_tokens, interrupt=interrupt
+                    )
                     if held_out
                     else None
                 )
@@ -1138,11 +1143,16 @@ class Trainer:
                 replay = self._fit(self.retention.replay(), width)
                 p["anchors"][anchor] = (
                     replay,
-                    guard.Reference(self.model, replay, self.pad, batch=rows) if replay else None,
+                    guard.Reference(self.model, replay, self.pad, batch=rows, interrupt=interrupt) if replay else None,
                 )
             p["idle_s" if idle else "job_s"] += time.perf_counter() - t0
             made.append(what)
         return p, made
+
+    def _arrived(self) -> bool:
+        """A job queued, a request waiting for the training thread, or a shutdown: what ends a measure made
+        between jobs."""
+        return not self.queue.empty() or bool(self.pending) or self.stopping.is_set()
 
     def _entry(self) -> dict:
         """``prepared`` for the live weights: a fresh entry when they changed since it was made."""
@@ -1177,6 +1187,8 @@ class Trainer:
             anchor = (admission.replay_width(self.max_batch_tokens, s.batch_size, s.replay), s.replay)
         try:
             self._prepare(idle=True, anchor=anchor)
+        except guard.Interrupted:
+            pass  # made again at the next idle moment, or by the job's start
         except Exception as e:  # a job's start makes it again, and fails there with the reason
             self.prepare_failed = self.weight_version
             print(f"livetrain trainer: the guard's measures between jobs failed: {self._failed(e)}", flush=True)
@@ -1207,12 +1219,11 @@ class Trainer:
             with self.lock:
                 info["guard"] = {**info["guard"], "answers_kept_when": f"not measured: {why}"}
 
-    def _kept_answers(self) -> list[list[int]]:
+    def _kept_answers(self, interrupt=None) -> list[list[int]]:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
         prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.prompts[1::2]]
-        return guard.greedy(
-            self.model, prompts, guard.KEPT_TOKENS, guard.stop_ids(self.tokenizer, self.model), self.pad
-        )
+        stop = guard.stop_ids(self.tokenizer, self.model)
+        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
 
     def _fit(self, examples: list, limit: int | None = None) -> list:
         """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
