@@ -201,6 +201,14 @@ def main(argv=None) -> int:
                 steps_of_defaults = info["step"]
             answers = ask(server, questions, a.max_tokens, a.clients)
             got = lq.score(asked, answers, facts, general)
+            # With --guard-prepare idle the answers kept of a job the KL let through are measured after its
+            # verdict, at the trainer's next idle moment: wait for them (the job's wall time excludes them).
+            deadline = time.monotonic() + 600
+            while str((info.get("guard") or {}).get("answers_kept_when")).startswith("pending"):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+                info = server.call(f"/train/{job['job_id']}")
             kept, right = lq.kept(base["general"], got["general"])
             g = info.get("guard") or {}
             row = {

@@ -68,7 +68,10 @@ class InProcess:
         else:
             self.engine = Engine(model_dir, manifest, device, dtype, store=False)
         settings = options.parse(
+            # --guard-prepare job: each job's guard measures everything on its own path (this process has no
+            # idle training thread), so that every row reports its answers kept.
             ["--no-store", "--state-dir", os.path.join(self.dir, "state"), "--batch-size", str(batch_size)]
+            + ["--guard-prepare", "job"]
         )
         self.trainer = Trainer(manifest, model_dir, settings)
         self.start = {n: w.detach().clone() for n, w in self.trainer.weights.items()}
@@ -141,16 +144,18 @@ GRIDS = {
         {"name": "anchor1 u0.3", "anchor": 1.0, "until": 0.3},
         {"name": "replay reword", "reword": True},
     ],
-    # After the anchor joined the batch's forward (its rows nearly free): the default again (its time now),
-    # more anchor rows per step, and the replayed rows picked by similarity to each step's prompts
-    # (replay_select "similar", trainer.schedule.Replayed: the template interference the lead's probe saw).
+    # After the anchor joined the batch's forward (its rows nearly free): more anchor rows per step, picked by
+    # similarity to each step's prompts (replay_select "similar", trainer.schedule.Replayed: the template
+    # interference the lead's probe saw), a stronger anchor over them (sweep2's anchor 4 and 16 were never
+    # reached), the default again (its time with the shared forward), and rewording. Ordered by what is most
+    # likely to raise "general kept" first: the call's timeout (450 s) may cut the last rows.
     "sweep3": [
-        {"name": "anchor1", "anchor": 1.0},
-        {"name": "anchor1 similar", "anchor": 1.0, "select": "similar"},
-        {"name": "anchor1 r8", "anchor": 1.0, "replay": 8},
-        {"name": "anchor1 r8 similar", "anchor": 1.0, "replay": 8, "select": "similar"},
         {"name": "anchor4 r8 similar", "anchor": 4.0, "replay": 8, "select": "similar"},
-        {"name": "anchor1 r8 similar reword", "anchor": 1.0, "replay": 8, "select": "similar", "reword": True},
+        {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
+        {"name": "anchor1 r8 similar", "anchor": 1.0, "replay": 8, "select": "similar"},
+        {"name": "anchor1", "anchor": 1.0},
+        {"name": "anchor1 r8", "anchor": 1.0, "replay": 8},
+        {"name": "anchor4 r8 similar reword", "anchor": 4.0, "replay": 8, "select": "similar", "reword": True},
     ],
 }
 

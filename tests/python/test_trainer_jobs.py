@@ -231,8 +231,20 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
     assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
-    assert 0 <= g["kl"] < g["threshold"] and g["answers_compared"] == g["held_out_prompts"] >= g["answers_kept"]
-    assert g["answers_made"] and g["seconds"] > 0
+    assert 0 <= g["kl"] < g["threshold"] and g["kl_se"] >= 0 and g["answers_made"] and g["seconds"] > 0
+    assert g["prepared"]["at_job_start"] == ["kept", "answers", "reference", "anchor"]  # no idle moment before
+    # --guard-min-kept 0: the answers kept decide nothing, and are measured after the verdict, off the job's
+    # path: at the training thread's next idle moment, as the first measure of the new weights.
+    assert g["answers_kept"] is None and g["answers_kept_when"].startswith("pending"), g
+    trainer._idle()
+    g = trainer.jobs[info["id"]]["guard"]
+    assert g["answers_compared"] == g["held_out_prompts"] >= g["answers_kept"] >= 0, g
+    assert g["answers_kept_when"].startswith("after the verdict") and trainer.kept_pending is None
+    while trainer.status()["guard"]["prepared"]["made"] != ["kept", "answers", "reference", "anchor"]:
+        trainer._idle()  # one measure per call, the rest of them: the next job finds them made
+    ok = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})["guard"]
+    assert ok["passed"] and not ok["answers_made"] and ok["prepared"]["at_job_start"] == [], ok
+    assert ok["prepared"]["seconds_idle"] > 0 and ok["prepared"]["weight_version"] == trainer.weight_version - 1
 
     before, version = weights(engine), trainer.weight_version
     gens = len(trainer.generations)
@@ -240,6 +252,7 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     g = bad["guard"]
     assert bad["state"] == "rolled_back" and not g["passed"] and g["rolled_back"], bad
     assert g["kl"] is None or g["kl"] > g["threshold"] or g["answers_kept"] < g["min_kept"] * g["answers_compared"]
+    assert g["answers_kept_when"] == "before the verdict" and g["answers_compared"] == g["held_out_prompts"]
     # The undo point (the weights changed since the head: saved at the job's start as a new generation),
     # restored bit for bit; it is the head, so the rollback has nothing new to commit.
     assert len(trainer.generations) == gens + 1 and g["rollback"]["rolled_back_to"] == gens
@@ -247,6 +260,32 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     assert trainer.weight_version == version + 3 + 1 == g["rollback"]["weight_version"]
     assert trainer.metrics()["counts"]["guard_rollbacks"] == 1
     assert trainer.metrics()["jobs"]["rolled_back"] == 1
+    # The weights are those the job started from, bit for bit: so are the guard's measures of them, which
+    # the next job reuses (nothing made again at its start).
+    again = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})["guard"]
+    assert again["passed"] and again["prepared"]["at_job_start"] == [] and not again["answers_made"], again
+
+
+def test_the_measures_between_jobs_give_way_to_a_job(run):
+    _, trainer = run()
+    reply = trainer.handle("submit", json.dumps({"examples": FACTS, "steps": 1, "guard": False}).encode())
+    assert reply.code == 202
+    trainer._idle()  # a job waits: the measure is given up before its first token, and nothing is kept
+    assert trainer.status()["guard"]["prepared"]["made"] == [] and trainer.prepare_failed is None
+    # Asked after each new token: a measure between jobs stops within a token of a job's arrival.
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        return len(calls) > 3
+
+    ids = [guard.prompt_ids(trainer.tokenizer, [{"role": "user", "content": "one two"}])]
+    with pytest.raises(guard.Interrupted):
+        guard.greedy(trainer.model, ids, 30, [], trainer.pad, interrupt=interrupt)
+    assert 4 <= len(calls) <= 6, len(calls)
+    jid, queued = trainer.queue.get_nowait()
+    trainer.run_job(jid, queued)
+    assert trainer.jobs[jid]["state"] == "done"
 
 
 def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
@@ -269,6 +308,16 @@ def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
     # After the job's steps the replayed sequences' KL is above zero, and the term carries a gradient.
     loss = reference.anchor(trainer.model, [0, 1])
     assert loss.requires_grad and float(loss.detach()) > 0
+    # The KL's standard error as a sample of prompts (a ratio estimator over the examples' token sums).
+    with torch.no_grad():
+        per = [reference._kl(trainer.model, [i]).double() for i in range(len(reference))]
+    sums, counts = torch.stack([x.sum() for x in per]), torch.tensor([x.numel() for x in per], dtype=torch.double)
+    m = float(sums.sum() / counts.sum())
+    k = len(per)
+    se = math.sqrt(k / (k - 1) * float(((sums - m * counts) ** 2).sum())) / float(counts.sum())
+    got_m, got_se = reference.kl_spread(trainer.model)
+    assert got_m == pytest.approx(m, rel=1e-4) and got_se == pytest.approx(se, rel=1e-3) and got_se > 0
+    assert reference.kl(trainer.model) == got_m
 
 
 def test_the_anchor_shares_the_batchs_forward_and_backward(run):

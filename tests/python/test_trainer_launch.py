@@ -49,6 +49,8 @@ def test_options_survive_argv():
             "similar",
             "--guard-min-kept",
             "0.5",
+            "--guard-prepare",
+            "job",
             "--no-grad-checkpointing",
             "--state-dir",
             "st",

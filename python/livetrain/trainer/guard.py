@@ -2,13 +2,13 @@
 
 The retention set is a list of chat prompts (the built-in general ones in ``retention.json``, plus the
 user's own: ``--retention FILE`` or ``PUT /train/retention``) with the model's own greedy answers, made by
-the trainer on the live weights at the start of a guarded job (and reused while the weights have not
-changed since). The prompts alternate between two halves:
+the trainer on the live weights once per weight version: between jobs, or at the start of a guarded job
+that finds them not made (trainer.service ``Trainer._prepare``). The prompts alternate between two halves:
 
 - the *replay* half (even positions) is trained on during the job, so that training keeps what the model
   does there: either as ordinary examples (prompt + the model's own answer, one-hot cross-entropy), or,
   with an ``anchor`` weight, by a KL divergence to the starting model's next-token distributions
-  (``Reference``: its top-``TOP_K`` log-probs at each answer token, stored at the job's start);
+  (``Reference``: its top-``TOP_K`` log-probs at each answer token, stored once per weight version: between jobs or at the job's start);
 - the *held-out* half (odd positions) is never trained on. After the job two measures say whether the
   model still does what it did there: the **KL divergence** (nats per answer token) from the starting
   model's next-token distributions to the new ones (one forward pass), and the share of **answers kept**
@@ -48,6 +48,16 @@ BATCH = 8  # rows per forward of the reference's measures, at most
 KEPT_TOKENS = 16
 # Most prompts a retention set may hold (built-in + the user's).
 MAX_PROMPTS = 1000
+
+
+class Interrupted(Exception):
+    """A measure made between jobs given up because a job or a request arrived (``interrupt``): the job's
+    start makes it again when it needs it."""
+
+
+def _check(interrupt) -> None:
+    if interrupt is not None and interrupt():
+        raise Interrupted()
 
 
 def check_prompt(item, where: str) -> list[dict]:
@@ -111,10 +121,19 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16):
+def greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16, interrupt=None
+):
     """Each prompt's greedy continuation (token ids, ending with the stop token when one was made) by
     ``model`` (transformers ``generate``, left-padded batches of ``batch``), in eval mode; the model's mode
-    is restored afterwards."""
+    is restored afterwards. ``interrupt``: a function asked before each batch and after each new token;
+    ``Interrupted`` when it says true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Asked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(interrupt()), dtype=torch.bool, device=input_ids.device)
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -130,6 +149,7 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
             for r, i in enumerate(idx):
                 ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attn[r, width - len(prompts[i]) :] = 1
+            _check(interrupt)
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=attn.to(device),
@@ -137,7 +157,9 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
                 do_sample=False,
                 eos_token_id=stop or None,
                 pad_token_id=pad,
+                **({"stopping_criteria": StoppingCriteriaList([Asked()])} if interrupt is not None else {}),
             )
+            _check(interrupt)  # stopped early by it: the batch's answers are cut
             for r, i in enumerate(idx):
                 toks = gen[r, width:].tolist()
                 cut = next((k + 1 for k, t in enumerate(toks) if t in stop), len(toks))
@@ -202,11 +224,18 @@ def topk_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_lp: torch.Tensor) -
 
 class Reference:
     """The starting model's top-``k`` next-token log-probs at every answer token of some retention
-    examples (made once, at the start of a job), and the KL divergence of the live model from them:
+    examples (made once per weight version of the starting model: between jobs or at a job's start), and the KL divergence of the live model from them:
     measured (``kl``, the guard) or as a loss term with its gradient (``anchor``, training)."""
 
     def __init__(
-        self, model, examples: list, pad: int, k: int = TOP_K, batch: int = BATCH, max_tokens: int | None = None
+        self,
+        model,
+        examples: list,
+        pad: int,
+        k: int = TOP_K,
+        batch: int = BATCH,
+        max_tokens: int | None = None,
+        interrupt=None,
     ):
         self.examples, self.pad = list(examples), pad
         # Forwards of at most ``batch`` rows and ``max_tokens`` padded tokens (the trainer's step budget; a
@@ -217,6 +246,7 @@ class Reference:
         self.lps: list[torch.Tensor] = []  # per example, [answer tokens, k] fp32
         with torch.no_grad(), _eval(model):
             for b, e in self.chunks:
+                _check(interrupt)  # ``Interrupted`` between two forwards when it says true
                 chunk = self.examples[b:e]
                 logits = answer_logits(model, chunk, pad)
                 lp, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)
@@ -254,12 +284,28 @@ class Reference:
     @torch.no_grad()
     def kl(self, model) -> float:
         """The mean per answer token of the KL divergence over every example (eval mode, no gradient)."""
-        total, n = 0.0, 0
+        return self.kl_spread(model)[0]
+
+    @torch.no_grad()
+    def kl_spread(self, model) -> tuple[float, float]:
+        """``kl`` and its standard error as a sample of prompts: the examples' answers are clusters of
+        tokens, so the error of the per-token mean m = sum(s_i) / sum(n_i) (s_i, n_i: example i's KL sum
+        and tokens) is that of a ratio estimator, sqrt(k / (k - 1) * sum((s_i - m n_i)^2)) / sum(n_i) over
+        the k examples (nan for fewer than two)."""
+        sums, counts = [], []
         with _eval(model):
             for b, e in self.chunks:
-                per_token = self._kl(model, list(range(b, e)))
-                total, n = total + float(per_token.double().sum()), n + per_token.numel()
-        return total / n if n else math.nan
+                per_token = self._kl(model, list(range(b, e))).double()
+                n = [len(self.ids[i]) for i in range(b, e)]
+                sums += [float(x.sum()) for x in per_token.split(n)]
+                counts += n
+        total, k = sum(counts), len(counts)
+        if not total:
+            return math.nan, math.nan
+        m = sum(sums) / total
+        if k < 2:
+            return m, math.nan
+        return m, math.sqrt(k / (k - 1) * sum((s - m * n) ** 2 for s, n in zip(sums, counts))) / total
 
 
 class _eval:
@@ -304,15 +350,17 @@ class Retention:
         self.builtin = builtin_prompts() if builtin else []
         self.version, self.answers = None, []
 
-    def refresh(self, model, version: int, pad: int, batch: int = 16) -> bool:
-        """Makes the answers on ``model`` unless they were made at ``version``; True when it made them."""
+    def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:
+        """Makes the answers on ``model`` unless they were made at ``version``; True when it made them.
+        ``interrupt``: as ``greedy`` takes it (nothing kept when it interrupts)."""
         import time
 
         if self.version == version and len(self.answers) == len(self.prompts):
             return False
         t0 = time.perf_counter()
         ids = [prompt_ids(self.tokenizer, p) for p in self.prompts]
-        self.answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch)
+        answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch, interrupt)
+        self.answers = answers
         self.version, self.seconds = version, time.perf_counter() - t0
         return True
 

@@ -13,6 +13,7 @@ DEFAULT_STATE_DIR = "livetrain-state"
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
 REPLAY_SELECT = ("cycle", "similar")
+GUARD_PREPARE = ("idle", "job")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {
     "lr": 5e-5,
@@ -207,6 +208,15 @@ def add_learning_options(parser) -> None:
         '(a job can still ask for "guard": true)',
     )
     parser.add_argument(
+        "--guard-prepare",
+        default="idle",
+        choices=GUARD_PREPARE,
+        help="when the guard makes its measures of the weights a job starts from (the retention answers, the "
+        "held-out reference distributions and answers): idle (between jobs, as soon as the weights change, "
+        "so that the next job finds them made) or job (at each guarded job's start, on its path) "
+        "(default idle; docs/learning.md)",
+    )
+    parser.add_argument(
         "--retention",
         default=None,
         metavar="FILE",
@@ -271,6 +281,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.guard_threshold),
         "--guard-min-kept",
         str(ns.guard_min_kept),
+        "--guard-prepare",
+        ns.guard_prepare,
         *(["--retention", ns.retention] if ns.retention else []),
         "--max-seq-len",
         str(ns.max_seq_len),

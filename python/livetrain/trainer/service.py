@@ -326,6 +326,13 @@ class Trainer:
         # Requests that must run between two steps (checkpoint, rollback): [function, done, reply].
         self.pending: collections.deque = collections.deque()
         self.closed = False  # set when the training thread takes no more of them
+        # The guard's measures of the weights a job starts from, made once per weight version (``_prepare``):
+        # between jobs (--guard-prepare idle) or at a guarded job's start.
+        self.prepared: dict | None = None
+        # The last guarded job whose answers kept are measured after its verdict, off its path: at the next
+        # idle moment or the next guarded job's start, whichever comes first (``_kept_measured``).
+        self.kept_pending: dict | None = None
+        self.prepare_failed: int | None = None  # the weight version whose measures between jobs failed
 
     # ---- requests (trainer.protocol); an Invalid raised here is answered 400 naming its field ----
     def handle(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
@@ -546,6 +553,8 @@ class Trainer:
 
     def set_retention(self, prompts: list, builtin: bool) -> Reply:
         self.retention.set_user(prompts, builtin)
+        self.prepared = None  # measured on other prompts (this runs on the training thread)
+        self._kept_not_measured("the retention prompts changed before they were measured")
         return Reply(200, self.retention.describe())
 
     def metrics(self) -> dict:
@@ -602,8 +611,27 @@ class Trainer:
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
+                    "prepare": self.settings.guard_prepare,
+                    "prepared": self._prepared_status(),
                 },
             }
+
+    def _prepared_status(self) -> dict | None:
+        """Which of the guard's measures of the starting weights are made (``_prepare``), and at what weight
+        version: those of the live version are what the next guarded job starts from without making them."""
+        p = self.prepared
+        if p is None:
+            return None
+        made = [k for k in ("kept", "reference") if p[k] is not None] + ["anchor"] * bool(p["anchors"])
+        if self.retention.version == p["version"]:
+            made.insert(1, "answers")
+        return {
+            "weight_version": p["version"],
+            "current": p["version"] == self.weight_version,
+            "made": made,
+            "seconds_idle": round(p["idle_s"], 3),
+            "seconds_at_job_start": round(p["job_s"], 3),
+        }
 
     def _checkpoint_status(self) -> dict | None:
         if self.store is None:
@@ -1021,31 +1049,27 @@ class Trainer:
         return self.generations[-1]
 
     def _guard_start(self, plan: schedule.Plan, replay_width: int | None = None) -> dict:
-        """Before a guarded job (or one that replays): the retention answers on the live weights (made again
-        only when the weights changed since), the replay and held-out examples, and the starting model's
-        next-token distributions on the held-out answers (the guard's KL) and, with an anchor, on the
-        replayed ones (guard.Reference)."""
+        """Before a guarded job (or one that replays): the retention answers on the live weights, the replay
+        and held-out examples, the starting model's next-token distributions on the held-out answers (the
+        guard's KL) and, with an anchor, on the replayed ones (guard.Reference), and the held-out answers'
+        first tokens (``_prepare``: made once per weight version, most often between jobs already)."""
         t0 = time.perf_counter()
-        made = self.retention.refresh(self.model, self.weight_version, self.pad)
+        key = (replay_width, plan.replay) if plan.anchor > 0 and plan.replay else None
+        p, made = self._prepare(idle=False, guarded=plan.guard, anchor=key)
         replay = self._fit(self.retention.replay(), replay_width)
-        held_out = self._fit(self.retention.held_out())
-        reference = None
-        if plan.guard and held_out:  # its forwards within the step budget
-            reference = guard.Reference(self.model, held_out, self.pad, max_tokens=self.max_batch_tokens)
-        kept_before = None
-        if reference is not None:
-            # The held-out answers' first tokens, made exactly as they are made again after the job (the same
-            # prompts in the same batches): batched greedy decoding is not bit-stable across batch shapes, and
-            # a near-tie that flips for that reason alone is not forgetting.
-            kept_before = self._kept_answers()
-        anchor = None
-        if plan.anchor > 0 and plan.replay and replay:  # measured in the steps' own shape: plan.replay rows
-            anchor = guard.Reference(self.model, replay, self.pad, batch=plan.replay)
+        held_out = p["held_out"] if plan.guard else self._fit(self.retention.held_out())
+        reference = p["reference"] if plan.guard else None
+        # The held-out answers' first tokens were made exactly as they are made again after the job (the
+        # same prompts in the same batches): batched greedy decoding is not bit-stable across batch shapes,
+        # and a near-tie that flips for that reason alone is not forgetting.
+        kept_before = p["kept"] if reference is not None else None
+        anchor = p["anchors"][key][1] if key is not None and replay else None
         report = {
             "kl": None,
             "threshold": self.settings.guard_threshold,
             "answers_kept": None,
             "answers_compared": None,
+            "answers_kept_when": None,
             "min_kept": self.settings.guard_min_kept,
             "passed": None,
             "rolled_back": False,
@@ -1054,23 +1078,152 @@ class Trainer:
             "anchor": plan.anchor if anchor is not None else 0.0,
             "replay_select": plan.replay_select,
             "held_out_prompts": len(held_out),
-            "answers_made": made,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "answers_made": "answers" in made,
+            # Where the measures of the starting weights were made: between jobs (off the job's path) or at
+            # its start (on it), and their seconds in each place.
+            "prepared": {
+                "weight_version": p["version"],
+                "at_job_start": made,
+                "seconds_idle": round(p["idle_s"], 3),
+                "seconds_at_job_start": round(time.perf_counter() - t0, 3),
+            },
+            "seconds": round(time.perf_counter() - t0, 3),  # the guard's time on the job's path
         }
         return {
             "replay": replay,
             "anchor": anchor,
             "reference": reference,
             "kept_before": kept_before,
+            "prepared": p,
             "report": report,
         }
 
-    def _kept_answers(self) -> list[list[int]]:
+    def _prepare(self, idle: bool, guarded: bool = True, anchor: tuple | None = None) -> tuple[dict, list[str]]:
+        """The guard's measures of the live weights, each made once per weight version and kept until the
+        weights (or the retention prompts) change: the held-out answers' first guard.KEPT_TOKENS tokens
+        (``kept``), the retention answers (``Retention.refresh``), the held-out examples' reference
+        distributions (``reference``), and the replayed ones' for an anchor of ``anchor`` = (replay width,
+        rows per step) (``anchors``). ``guarded``: the first and the third too. ``idle``: between jobs,
+        one missing measure per call (the training thread looks at its queue and requests between them).
+        Returns the entry and the names of the measures made by this call."""
+        p = self._entry()
+        todo = []
+        if guarded and p["kept"] is None:
+            todo.append("kept")  # first: it is also the answers kept after the previous job (kept_pending)
+        if self.retention.version != self.weight_version or len(self.retention.answers) != len(self.retention.prompts):
+            todo.append("answers")
+        if guarded and p["held_out"] is None:
+            todo.append("reference")
+        if anchor is not None and anchor not in p["anchors"]:
+            todo.append("anchor")
+        made = []
+        # Between jobs, each measure is given up (guard.Interrupted) as soon as a job or a request arrives:
+        # they wait for one new token or one forward at most, not for a whole measure.
+        interrupt = self._arrived if idle else None
+        for what in todo[:1] if idle else todo:
+            t0 = time.perf_counter()
+            if what == "kept":
+                p["kept"] = self._kept_answers(interrupt)
+                self._kept_measured(p["kept"])
+            elif what == "answers":
+                self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
+            elif what == "reference":
+                held_out = self._fit(self.retention.held_out())
+                # Its forwards within the step budget.
+                ref = (
+                    guard.Reference(
+                        self.model, held_out, self.pad, max_tokens=self.max_batch_tokens, interrupt=interrupt
+                    )
+                    if held_out
+                    else None
+                )
+                p["held_out"], p["reference"] = held_out, ref
+            else:  # measured in the steps' own shape: ``rows`` rows per forward
+                width, rows = anchor
+                replay = self._fit(self.retention.replay(), width)
+                p["anchors"][anchor] = (
+                    replay,
+                    guard.Reference(self.model, replay, self.pad, batch=rows, interrupt=interrupt) if replay else None,
+                )
+            p["idle_s" if idle else "job_s"] += time.perf_counter() - t0
+            made.append(what)
+        return p, made
+
+    def _arrived(self) -> bool:
+        """A job queued, a request waiting for the training thread, or a shutdown: what ends a measure made
+        between jobs."""
+        return not self.queue.empty() or bool(self.pending) or self.stopping.is_set()
+
+    def _entry(self) -> dict:
+        """``prepared`` for the live weights: a fresh entry when they changed since it was made."""
+        p = self.prepared
+        if p is None or p["version"] != self.weight_version:
+            if self.kept_pending is not None and self.kept_pending["version"] != self.weight_version:
+                self._kept_not_measured("the weights changed before they were measured")
+            p = self.prepared = {
+                "version": self.weight_version,
+                "kept": None,
+                "held_out": None,
+                "reference": None,
+                "anchors": {},
+                "idle_s": 0.0,
+                "job_s": 0.0,
+            }
+        return p
+
+    def _idle(self) -> None:
+        """The training thread with nothing queued: the next missing measure of ``_prepare`` for a job with
+        the default plan (--guard-prepare idle; not under tensor parallelism, where the guard is off)."""
+        s = self.settings
+        if (
+            s.no_guard
+            or s.guard_prepare != "idle"
+            or self.ranks is not None
+            or self.prepare_failed == self.weight_version
+        ):
+            return
+        anchor = None
+        if s.anchor > 0 and s.replay:
+            anchor = (admission.replay_width(self.max_batch_tokens, s.batch_size, s.replay), s.replay)
+        try:
+            self._prepare(idle=True, anchor=anchor)
+        except guard.Interrupted:
+            pass  # made again at the next idle moment, or by the job's start
+        except Exception as e:  # a job's start makes it again, and fails there with the reason
+            self.prepare_failed = self.weight_version
+            print(f"livetrain trainer: the guard's measures between jobs failed: {self._failed(e)}", flush=True)
+
+    def _kept_report(self, report: dict, before: list, after: list, when: str) -> None:
+        """The answers kept (``after`` against ``before``) into a guard ``report``, and when they were measured."""
+        same = guard.kept(before, after)
+        report["answers_kept"], report["answers_compared"] = sum(same), len(same)
+        # The same count over shorter beginnings: how much of the change is in the wording further on.
+        report["answers_kept_at"] = {str(k): sum(guard.kept(before, after, k)) for k in (4, 8, guard.KEPT_TOKENS)}
+        report["answers_kept_when"] = when
+
+    def _kept_measured(self, after: list) -> None:
+        """The held-out answers' first tokens made at the current weight version: the answers kept of the
+        last guarded job, when it ended at this version and its report waits for them."""
+        pending = self.kept_pending
+        if pending is None or pending["version"] != self.weight_version:
+            return
+        self.kept_pending = None
+        report = dict(pending["info"]["guard"])
+        self._kept_report(report, pending["before"], after, "after the verdict (the next idle moment or job start)")
+        with self.lock:
+            pending["info"]["guard"] = report
+
+    def _kept_not_measured(self, why: str) -> None:
+        if self.kept_pending is not None:
+            info, self.kept_pending = self.kept_pending["info"], None
+            with self.lock:
+                info["guard"] = {**info["guard"], "answers_kept_when": f"not measured: {why}"}
+
+    def _kept_answers(self, interrupt=None) -> list[list[int]]:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
         prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.prompts[1::2]]
-        return guard.greedy(
-            self.model, prompts, guard.KEPT_TOKENS, guard.stop_ids(self.tokenizer, self.model), self.pad
-        )
+        stop = guard.stop_ids(self.tokenizer, self.model)
+        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
 
     def _fit(self, examples: list, limit: int | None = None) -> list:
         """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
@@ -1086,32 +1239,36 @@ class Trainer:
 
     def _guard_end(self, jid: str, info: dict, watch: dict, undo: dict | None, state: str) -> str:
         """After a guarded job: the KL divergence on the held-out answers and the answers kept; either past
-        its threshold rolls the weights back to ``undo`` (bit for bit, through the store). Returns the job's
-        final state."""
+        its threshold rolls the weights back to ``undo`` (bit for bit, through the store). The answers kept
+        decide nothing while --guard-min-kept is 0: for a job within the KL threshold they are then
+        measured after the verdict, off the job's path (``kept_pending``). Returns the job's final state."""
         t0 = time.perf_counter()
         report = dict(watch["report"])
         if watch["reference"] is None:
             report["passed"] = True
         else:
-            kl = watch["reference"].kl(self.model)
-            after = self._kept_answers()
-            same = guard.kept(watch["kept_before"], after)
-            report["kl"] = _round(kl)
-            report["answers_kept"], report["answers_compared"] = sum(same), len(same)
-            # The same count over shorter beginnings: how much of the change is in the wording further on.
-            report["answers_kept_at"] = {
-                str(k): sum(guard.kept(watch["kept_before"], after, k)) for k in (4, 8, guard.KEPT_TOKENS)
-            }
-            report["passed"] = (
-                math.isfinite(kl)
-                and kl <= self.settings.guard_threshold
-                and sum(same) >= self.settings.guard_min_kept * len(same)
-            )
+            kl, kl_se = watch["reference"].kl_spread(self.model)
+            report["kl"], report["kl_se"] = _round(kl), _round(kl_se)
+            kl_ok = math.isfinite(kl) and kl <= self.settings.guard_threshold
+            if not kl_ok or self.settings.guard_min_kept > 0 or self.settings.guard_prepare == "job":
+                after = self._kept_answers()
+                self._kept_report(report, watch["kept_before"], after, "before the verdict")
+                report["passed"] = kl_ok and report["answers_kept"] >= self.settings.guard_min_kept * len(after)
+                if report["passed"]:  # the next job starts from these weights: its answers are made
+                    self._entry()["kept"] = after
+            else:
+                report["passed"] = True
+                report["answers_kept_when"] = "pending: measured after the verdict, off the job's path"
+                self.kept_pending = {"version": self.weight_version, "info": info, "before": watch["kept_before"]}
         if not report["passed"]:
             if undo is None:
                 report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
             else:
                 r = self.rollback(undo["generation"]).body
+                p = watch["prepared"]
+                if self.prepared is p and p["version"] == self.retention.version:
+                    # The weights are those the job started from, bit for bit: so are its measures of them.
+                    p["version"] = self.retention.version = self.weight_version
                 report["rolled_back"] = True  # also after a non-finite stop: the state says where the weights are
                 report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
                 state = "rolled_back"
@@ -1201,6 +1358,8 @@ class Trainer:
             except queue.Empty:
                 if self.ranks is not None:
                     self.ranks.heartbeat()
+                else:
+                    self._idle()
                 continue
             self.run_job(jid, job)
         with self.lock:
