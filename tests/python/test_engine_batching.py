@@ -26,6 +26,7 @@ from livetrain.engines.reference import Engine, build_app  # noqa: E402
 from livetrain.trainer.client import free_port, http  # noqa: E402
 
 import tiny_model  # noqa: E402
+from scheduler_answers import answers  # noqa: E402
 
 CORPUS = [
     "the capital of zorbia is quuxville",
@@ -226,32 +227,14 @@ def test_a_second_scheduler_on_the_same_model_and_where_its_time_goes():
     # where the scheduler thread's time went.
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(tiny_model.llama_config(32)).eval()
-    answers = []
+    runs = []
     for _ in range(2):
-        sched = batching.Scheduler(model, set(), max_batch=4)
-        got, done = {}, threading.Semaphore(0)
-
-        def sink(i):
-            def put(tok, finish, error):
-                got.setdefault(i, []).append(error or tok)
-                if finish is not None:
-                    done.release()
-
-            return put
-
-        try:
-            for i in range(3):
-                sched.submit(batching.Sequence(list(range(1, 3 + 2 * i)), 6, 0.0, 1.0, None, sink(i)))
-            for _ in range(3):
-                assert done.acquire(timeout=120)
-            load = sched.load()
-        finally:
-            sched.close()
-        answers.append(got)
+        got, load = answers(model, [list(range(1, 3 + 2 * i)) for i in range(3)], [6] * 3, max_batch=4)
+        runs.append(got)
         assert load["peak_batch"] >= 2
         t = load["seconds"]
         assert t["prefill"] > 0 and 0 < t["forward"] < t["decode"] and 0 < t["sample"] < t["decode"]
-    assert answers[0] == answers[1] and all(isinstance(tok, int) for a in answers[0].values() for tok in a)
+    assert runs[0] == runs[1] and all(isinstance(tok, int) for a in runs[0].values() for tok in a)
 
 
 def test_a_stream_left_unread_does_not_stop_other_requests(server):

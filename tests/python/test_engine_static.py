@@ -4,8 +4,6 @@ compacted), a request longer than the cache is refused by name, and a replaced w
 next step capture again; on a GPU the replayed CUDA graphs give the eager steps' answers bit for bit and
 see in-place weight updates."""
 
-import threading
-
 import pytest
 import torch
 import transformers
@@ -13,6 +11,7 @@ import transformers
 from livetrain.engines import batching, static
 
 import tiny_model
+from scheduler_answers import answers
 
 
 def llama(device: str = "cpu", dtype=torch.float32) -> torch.nn.Module:
@@ -23,32 +22,6 @@ def llama(device: str = "cpu", dtype=torch.float32) -> torch.nn.Module:
 # Prompts of different lengths and answers of different lengths: rows join a running batch and leave it
 # in another order than they came (their slots are compacted), more requests than slots.
 PROMPTS = [[(7 * i + 3 * j) % 45 + 2 for j in range(2 + 3 * i)] for i in range(7)]
-
-
-def answers(model, prompts=PROMPTS, max_tokens=None, **kw) -> tuple[dict, dict]:
-    """Each prompt's greedy tokens (or error) from a Scheduler on ``model``, all submitted while its thread
-    waits (so that they are admitted together, up to max_batch); and its load()."""
-    sched = batching.Scheduler(model, set(), **kw)
-    max_tokens = max_tokens or [6 + 3 * (i % 3) for i in range(len(prompts))]
-    got, done = {}, threading.Semaphore(0)
-
-    def sink(i):
-        def put(tok, finish, error):
-            got.setdefault(i, []).append(error or tok)
-            if finish is not None:
-                done.release()
-
-        return put
-
-    try:
-        with sched._cond:  # a reentrant lock: submit() takes it again
-            for i, p in enumerate(prompts):
-                sched.submit(batching.Sequence(p, max_tokens[i], 0.0, 1.0, None, sink(i)))
-        for _ in prompts:
-            assert done.acquire(timeout=120)
-        return got, sched.load()
-    finally:
-        sched.close()
 
 
 def test_buckets():
@@ -62,8 +35,8 @@ def test_static_cache_greedy_answers_equal_one_at_a_time_decoding(monkeypatch, s
     # shortest 8: the steps attend over spans of 8, 16, 32 and 64 positions as the rows grow.
     monkeypatch.setattr(static, "SHORTEST", shortest)
     model = llama()
-    want, _ = answers(model, max_batch=1)
-    got, load = answers(model, max_batch=4, attention="static", static_length=64)
+    want, _ = answers(model, PROMPTS, max_batch=1)
+    got, load = answers(model, PROMPTS, max_batch=4, attention="static", static_length=64)
     assert got == want and load["peak_batch"] == 4
     assert all(isinstance(t, int) for a in got.values() for t in a)
 
@@ -141,8 +114,8 @@ def test_auto_attention_is_static_on_a_gpu_and_rows_where_static_cannot_serve(mo
     assert "which is not free; --batch-attention auto uses rows" in capsys.readouterr().err
     with pytest.raises(static.CacheTooLarge):
         batching.Scheduler(llama(), set(), max_batch=2, attention="static", static_length=32)
-    got, _ = answers(llama(), max_batch=3, attention="auto")
-    want, _ = answers(llama(), max_batch=1, attention="rows")
+    got, _ = answers(llama(), PROMPTS, max_batch=3, attention="auto")
+    want, _ = answers(llama(), PROMPTS, max_batch=1, attention="rows")
     assert got == want
 
 
@@ -195,12 +168,12 @@ def test_static_attention_is_refused_under_tensor_parallelism():
 def test_cuda_graphs_answer_as_the_eager_static_steps_and_see_weight_updates(monkeypatch):
     monkeypatch.setattr(static, "SHORTEST", 16)  # graphs of spans 16, 32 and 64 positions
     model = llama("cuda", torch.bfloat16)
-    eager, _ = answers(model, max_batch=4, attention="static", static_length=64, graphs=False)
-    graphs, _ = answers(model, max_batch=4, attention="static", static_length=64)
+    eager, _ = answers(model, PROMPTS, max_batch=4, attention="static", static_length=64, graphs=False)
+    graphs, _ = answers(model, PROMPTS, max_batch=4, attention="static", static_length=64)
     assert graphs == eager  # the same kernels, replayed: bit for bit
     fp32 = llama("cuda")
-    want, _ = answers(fp32, max_batch=1)
-    got, _ = answers(fp32, max_batch=4, attention="static", static_length=64)
+    want, _ = answers(fp32, PROMPTS, max_batch=1)
+    got, _ = answers(fp32, PROMPTS, max_batch=4, attention="static", static_length=64)
     assert got == want
 
     decoder = static.Decoder(model, 4, 32, graphs=True)
