@@ -20,6 +20,7 @@ import urllib.request
 from typing import Any, Callable
 
 from livetrain.trainer.examples import JOB_OPTIONS
+from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.routes import API_KEY_ENV
 from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor", type=float, help="> 0: train the replayed ones by KL to the model before the job")
     p.add_argument(
         "--replay-select",
-        choices=("cycle", "similar"),
+        choices=REPLAY_SELECT,
         help="which replayed rows join each step: in turn, or half of them those most like the step's prompts",
     )
     p.add_argument(

@@ -10,6 +10,7 @@ import json
 import math
 import re
 
+from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
@@ -25,7 +26,7 @@ JOB_OPTIONS = {
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
     "reword": (bool, lambda v: True, "true or false"),
-    "replay_select": (str, lambda v: v in ("cycle", "similar"), '"cycle" or "similar"'),
+    "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
     "guard": (bool, lambda v: True, "true or false"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import math
 
+from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
 # A job's states; the last four are final.
@@ -178,7 +179,7 @@ class Replayed:
     """
 
     def __init__(self, prompts: list[list[int]], how: str = "cycle"):
-        if how not in ("cycle", "similar"):
+        if how not in REPLAY_SELECT:
             raise ValueError(f"replay_select must be cycle or similar, not {how!r}")
         self.how, self.n = how, len(prompts)
         self.tokens = [set(p) for p in prompts]

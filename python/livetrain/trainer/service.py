@@ -1054,9 +1054,12 @@ class Trainer:
         guard's KL) and, with an anchor, on the replayed ones (guard.Reference), and the held-out answers'
         first tokens (``_prepare``: made once per weight version, most often between jobs already)."""
         t0 = time.perf_counter()
-        key = (replay_width, plan.replay) if plan.anchor > 0 and plan.replay else None
-        p, made = self._prepare(idle=False, guarded=plan.guard, anchor=key)
-        replay = self._fit(self.retention.replay(), replay_width)
+        anchored = plan.anchor > 0 and plan.replay
+        p, made = self._prepare(
+            idle=False, guarded=plan.guard, anchor=(replay_width, plan.replay) if anchored else None
+        )
+        key = self._anchor_key(replay_width, plan.replay) if anchored else None  # the retention answers are fresh now
+        replay = p["anchors"][key][0] if key is not None else self._fit(self.retention.replay(), replay_width)
         held_out = p["held_out"] if plan.guard else self._fit(self.retention.held_out())
         reference = p["reference"] if plan.guard else None
         # The held-out answers' first tokens were made exactly as they are made again after the job (the
@@ -1114,7 +1117,7 @@ class Trainer:
             todo.append("answers")
         if guarded and p["held_out"] is None:
             todo.append("reference")
-        if anchor is not None and anchor not in p["anchors"]:
+        if anchor is not None and ("answers" in todo or self._anchor_key(*anchor) not in p["anchors"]):
             todo.append("anchor")
         made = []
         # Between jobs, each measure is given up (guard.Interrupted) as soon as a job or a request arrives:
@@ -1139,9 +1142,9 @@ class Trainer:
                 )
                 p["held_out"], p["reference"] = held_out, ref
             else:  # measured in the steps' own shape: ``rows`` rows per forward
-                width, rows = anchor
+                width, rows = key = self._anchor_key(*anchor)
                 replay = self._fit(self.retention.replay(), width)
-                p["anchors"][anchor] = (
+                p["anchors"][key] = (
                     replay,
                     guard.Reference(self.model, replay, self.pad, batch=rows, interrupt=interrupt) if replay else None,
                 )
@@ -1170,6 +1173,14 @@ class Trainer:
                 "job_s": 0.0,
             }
         return p
+
+    def _anchor_key(self, width: int | None, rows: int) -> tuple[int, int]:
+        """Where ``prepared["anchors"]`` keeps the anchor's measure of the replayed rows cut to ``width``
+        tokens, ``rows`` per forward: under the width that binds (``_fit`` gives the same rows for every width
+        at least as long as the longest replayed row), so that the measure made between jobs for the default
+        plan serves a job of fewer examples, whose replay rows get a wider share of the step budget."""
+        longest = max((len(ids) for ids, _, _ in self.retention.replay()), default=0)
+        return min(width or self.max_len, self.max_len, longest), rows
 
     def _idle(self) -> None:
         """The training thread with nothing queued: the next missing measure of ``_prepare`` for a job with
