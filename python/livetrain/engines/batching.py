@@ -157,7 +157,9 @@ _PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSN
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward`` with the normalisation in torch's fused ``rms_norm`` (one kernel on a GPU
     instead of pow, mean, add, rsqrt and mul: 8 launches per norm become 4, 61 norms a step for a 30-layer
-    model); the same float32 math, the same casts and the same product with the weight. (``rms_norm`` on the
+    model); the same float32 formula, the same casts and the same product with the weight: equal bit for bit
+    on CPU; on a GPU the fused kernel sums in another order, within a bf16 rounding of the unfused output
+    (tests/python/test_engine_static.py). (``rms_norm`` on the
     bf16 input itself would save the two casts too, and gives the same bits on CPU, but its rounding on a
     GPU was not measured.)"""
     x = hidden_states.to(torch.float32)
@@ -271,7 +273,7 @@ class Scheduler:
         if auto:  # static falls back to rows below where it cannot serve
             attention = auto_attention(self.device, graphs)
         self.model, self.eos, self.attention = model, eos, attention
-        fuse_rms_norms(model)  # every path's forward (one at a time too): the same math, fewer launches
+        fuse_rms_norms(model)  # every path's forward (one at a time too): fewer launches, see _rms_norm_forward
         wrap = (max_batch > 1 or attention == "static") and self._plain_kv_cache()
         self.base = _use_row_attention(model) if wrap else None
         self.batchable = self.base is not None

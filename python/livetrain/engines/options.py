@@ -14,7 +14,7 @@ DEFAULT_MAX_QUEUE = 64
 # engines.batching.ATTENTION (not imported: batching imports torch).
 BATCH_ATTENTION = ("auto", "rows", "masked", "static")
 DEFAULT_BATCH_ATTENTION = "auto"
-DEFAULT_STATIC_CACHE_LEN = 2048  # engines.static.DEFAULT_LENGTH
+DEFAULT_STATIC_CACHE_LEN = 2048
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ cache needs no concatenation: each row owns a slot and writes its next key and v
 
 - A request is prefilled eagerly, alone (as one-at-a-time decoding does) or with the others admitted at
   the same step boundary (one forward of their right-padded prompts: livetrain.engines.batching); its keys
-  and values are copied into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: a leaving row's slot is filled
-  with the last row's (``compact``).
+  and values are copied into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: when rows leave, the kept rows after
+  a gap move down, in their order (``compact``).
 - A decode step of ``rows`` rows runs the smallest bucket >= rows; the bucket's extra rows are dead (token
   0 at position 0, their output ignored). It attends over the shortest span (128, 256, ... positions, up
   to the slot's length) that holds every row's position: one graph per bucket and span. Its inputs are
@@ -39,7 +39,9 @@ import threading
 
 import torch
 
-DEFAULT_LENGTH = 2048
+from livetrain.engines import options
+
+DEFAULT_LENGTH = options.DEFAULT_STATIC_CACHE_LEN  # --static-cache-len's default
 # Set in the thread running a static decode step: the attention wrapper (livetrain.engines.batching) then
 # calls ``attention``.
 STEP = threading.local()
