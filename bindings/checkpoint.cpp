@@ -324,13 +324,8 @@ void init_checkpoint(nb::module_& m) {
           nb::arg("served"), "Declares the dtypes this process serves tensors in (nothing is written).")
       .def(
           "set_served",
-          [](checkpoint::Store& s, const std::vector<std::pair<std::string, std::string>>& served) {
-            std::vector<std::pair<std::string, DType>> v;
-            for (const auto& [name, dtype] : served) {
-              auto d = dtype_from_name(dtype);
-              if (!d) throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\": unknown dtype " + dtype);
-              v.emplace_back(name, *d);
-            }
+          [](checkpoint::Store& s, const ServedArg& served) {
+            auto v = served_dtypes(served);
             nb::gil_scoped_release release;
             s.set_served(v);
           },

@@ -234,8 +234,9 @@ class CheckpointStore:
 
     def tensors(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype name, shape) of every tensor of the model, in the store's order; the dtype is the one
-        the engine serves it in (deltas, restore and compare use it), the model files' unless
-        :meth:`set_served` changed it (:meth:`file_dtypes` gives those)."""
+        this process serves it in (deltas, restore and compare use it): ``served=`` at open, :meth:`serve_as`,
+        or the dtypes of the held Shards, else the one COMMIT records (the files', unless :meth:`set_served`
+        or a save recorded another); :meth:`file_dtypes` gives the files'."""
         return [(n, served, list(shape)) for n, _, shape, served, _ in self._s.tensors()]
 
     def file_dtypes(self) -> dict[str, str]:
@@ -254,7 +255,7 @@ class CheckpointStore:
         from fp32 to bf16/fp16) and their deltas are in it. Any other conversion, or a tensor that saved
         generations hold in another dtype, is refused naming the tensor and both dtypes. Rank 0, in a store
         opened with ``held=[]``; a no-op when nothing changes."""
-        self._s.set_served([(n, d if isinstance(d, str) else dtype_name(d)) for n, d in served.items()])
+        self._s.set_served(_served_arg(served, None))
 
     def serve_as(self, served: Mapping[str, torch.dtype | str]) -> None:
         """Declares, after opening, the dtypes this process serves tensors in (as ``served=`` does; nothing is
@@ -476,14 +477,16 @@ def _served(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterab
     return sorted(set(known) - set(given))
 
 
-def _adopt_served_dtypes(store: CheckpointStore, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> None:
-    """Start-up, rank 0: records the dtypes the engine serves tensors in where they differ from the store's
-    (CheckpointStore.set_served decides what it accepts and says why not)."""
-    given = (
-        {n: t.dtype for n, t in tensors.items()}
-        if isinstance(tensors, Mapping)
-        else {s.name: s.tensor.dtype for s in tensors}
-    )
+def _given_dtypes(tensors: Mapping[str, torch.Tensor] | list[Shard]) -> dict[str, torch.dtype]:
+    """{name: dtype} of the tensors an engine serves (``{name: tensor}`` or one rank's Shards)."""
+    if isinstance(tensors, Mapping):
+        return {n: t.dtype for n, t in tensors.items()}
+    return {s.name: s.tensor.dtype for s in tensors}
+
+
+def _adopt_served_dtypes(store: CheckpointStore, given: Mapping[str, torch.dtype]) -> None:
+    """Start-up, rank 0: records the dtypes the engine serves tensors in (``given``, see _given_dtypes) where
+    they differ from the store's (CheckpointStore.set_served decides what it accepts and says why not)."""
     known = store.recorded_dtypes()
     changed = {n: d for n, d in given.items() if n in known and dtype_name(d) != known[n]}
     if changed:
@@ -523,11 +526,7 @@ def restore_latest(
     store was created, and the store's tensors that ``tensors`` leave out.
     """
     tensors = tensors if isinstance(tensors, Mapping) else list(tensors)
-    given = (
-        {n: t.dtype for n, t in tensors.items()}
-        if isinstance(tensors, Mapping)
-        else {s.name: s.tensor.dtype for s in tensors}
-    )
+    given = _given_dtypes(tensors)
     with open_store(model_dir, store_dir, create=create, rank=rank, ranks=ranks, held=[]) as store:
         # Every rank restores in the dtypes its engine serves (the store converts the files' values), whatever
         # rank 0 has recorded yet; rank 0 records them (a later save by the trainer would too). Tensors the
@@ -535,7 +534,7 @@ def restore_latest(
         known = store.recorded_dtypes()
         store.serve_as({n: d for n, d in given.items() if n in known})
         if rank == 0:
-            _adopt_served_dtypes(store, tensors)
+            _adopt_served_dtypes(store, given)
         not_served = _served(store, tensors)
         restored = restore_head(store, tensors)
         return {

@@ -601,7 +601,7 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
 
 Store::Collected Store::collect(uint64_t a, uint64_t b, const std::vector<DType>* dtypes) const {
   if (a > b) std::swap(a, b);
-  const std::vector<DType> recorded = dtypes ? *dtypes : std::vector<DType>{};
+  const std::vector<DType>& want = dtypes ? *dtypes : served_;
   Collected out;
   for (uint64_t g = a + 1; g <= b; ++g) {
     const Generation* gen = commit_.find(g);
@@ -611,7 +611,7 @@ Store::Collected Store::collect(uint64_t a, uint64_t b, const std::vector<DType>
         throw Error(ErrorCode::kNotFound, "delta file " + path + " of generation " + std::to_string(g) + " is missing");
       }
       out.maps.push_back(fs::Mapping::open_readonly(path));
-      check_part_file(g, gen->ranks, part, out.maps.back(), dtypes ? recorded : served_,
+      check_part_file(g, gen->ranks, part, out.maps.back(), want,
                       [&](size_t tensor, const DeltaRecord& r, const Region& region) {
                         out.records.push_back(Collected::Record{tensor, r, region, path});
                       });
@@ -1467,6 +1467,7 @@ void Store::check_served_change(const Commit& next, const std::string& who) cons
 
 std::vector<std::string> Store::verify(Progress progress) {
   std::vector<std::string> problems;
+  const std::vector<DType> recorded = recorded_dtypes(commit_);
   for (uint64_t g = commit_.oldest; g <= commit_.head; ++g) {
     report(progress, "check deltas", g - commit_.oldest, commit_.head - commit_.oldest);
     const Generation* gen = commit_.find(g);
@@ -1478,8 +1479,7 @@ std::vector<std::string> Store::verify(Progress progress) {
             throw Error(ErrorCode::kNotFound,
                         "delta file " + path + " of generation " + std::to_string(g) + " is missing");
           fs::Mapping map = fs::Mapping::open_readonly(path);
-          check_part_file(g, gen->ranks, part, map, recorded_dtypes(commit_),
-                          [](size_t, const DeltaRecord&, const Region&) {});
+          check_part_file(g, gen->ranks, part, map, recorded, [](size_t, const DeltaRecord&, const Region&) {});
         } catch (const Error& e) {
           problems.push_back(e.what());
         }
