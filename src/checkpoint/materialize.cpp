@@ -155,10 +155,10 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
   check_usable();
   require_rank0("materialize");
   std::vector<std::vector<uint8_t>> target = state(generation);  // throws for an unknown generation
+  std::vector<std::string> rounded;
   if (round_to_file_dtype) {
     // Every value of a tensor served in another dtype, through the files' dtype and back: what the files
     // can hold. When that changes anything, the rounded weights become a generation of their own first.
-    std::vector<std::string> rounded;
     for (size_t i = 0; i < commit_.tensors.size(); ++i) {
       const TensorEntry& t = commit_.tensors[i];
       if (served_[i] == t.dtype) continue;
@@ -187,9 +187,9 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
       SaveOptions options;
       options.weight_version = commit_.find(generation)->weight_version;
       options.save_if_unchanged = true;
-      const uint64_t g = save(live, options).generation;
-      materialize(g, copy_symlinks, progress, false);  // every value now fits the files' dtype: in place
-      return rounded;
+      // `target` is now that generation's state, every value of which fits the files' dtype: materialized
+      // in place below.
+      generation = save(live, options).generation;
     }
   }
   if (generation == commit_.materialized) return {};
@@ -321,7 +321,7 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
   crash_point("materialize-committed");
   if (::unlink(jpath.c_str()) != 0) throw io_error("remove " + jpath);
   fs::fsync_dir(dir_);
-  return widened;
+  return rounded.empty() ? widened : rounded;  // nothing is widened when the values were rounded first
 }
 
 }  // namespace livetrain::checkpoint
