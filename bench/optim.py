@@ -233,8 +233,19 @@ def profile(size: str) -> None:
         opt.step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         opt.step()
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        span_ms = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+        print(
+            f"profile {size}: {len(kernels)} kernels, GPU busy {busy_ms:.2f} ms over a span of {span_ms:.2f} ms "
+            "(first kernel start to last kernel end: the rest is the GPU waiting for launches), step wall "
+            f"{wall_ms:.2f} ms under the profiler"
+        )
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
