@@ -11,6 +11,7 @@
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -100,10 +101,13 @@ struct EncodedBlock {
   uint64_t inner_gap_bytes = 0;  // varint bytes of the gaps between this block's own positions
 };
 
-// Encodes block b (`k` changed elements, values starting at `values`); with `gaps`, also measures what
-// the gap encoding of its positions would take.
+using StreamCoder = void (*)(const uint8_t*, size_t, std::string&, size_t);
+
+// Encodes block b (`k` changed elements, values starting at `values`) with `coder` (entropy::encode or
+// its reference: the same bytes); with `gaps`, also measures what the gap encoding of its positions would
+// take.
 void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, uint64_t k, const uint8_t* bitmap,
-                  const uint8_t* values, bool gaps) {
+                  const uint8_t* values, bool gaps, StreamCoder coder) {
   const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
   const uint8_t* bits = bitmap + begin / 8;
   const uint64_t nbytes = (len + 7) / 8;
@@ -120,10 +124,16 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
     }
     out.last = prev;
   }
+  if (k == 0) {
+    put<uint64_t>(out.bytes, k);
+    return;
+  }
+  // Room for the largest outcome (every stream raw) and the coder's 8 bytes of slack, so that the block's
+  // streams are appended without a reallocation.
+  out.bytes.reserve(8 + (1 + unit) * 9 + nbytes + k * unit + 8);
   put<uint64_t>(out.bytes, k);
-  if (k == 0) return;
-  entropy::encode(bits, nbytes, out.bytes);
-  for (uint32_t p = 0; p < unit; ++p) entropy::encode(values + p, k, out.bytes, unit);
+  coder(bits, nbytes, out.bytes, 1);
+  for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
 }
 
 // Appends record `r` from its encoded blocks, in the smallest of the three encodings.
@@ -256,6 +266,8 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
                                               std::to_string(records[r].changed));
     }
   }
+  const StreamCoder coder =
+      tuning::get(tuning::kCheckpointEntropyCoder) == 1 ? &entropy::encode : &entropy::encode_reference;
   std::vector<EncodedBlock> blocks(tasks.size());
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -264,7 +276,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
       // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8)
       // bytes when no more elements than that changed, so their size is only measured then.
       encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
-                   r.changed <= (r.units + 7) / 8);
+                   r.changed <= (r.units + 7) / 8, coder);
     }
   });
   outs.assign(records.size(), std::string());

@@ -81,6 +81,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
+      {"checkpoint.entropy_coder",
+       1,
+       {0, 1},
+       0,
+       0,
+       "1: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush; 0: the coder before "
+       "(same bytes)"},
   }};
   return s;
 }
