@@ -25,6 +25,7 @@ delta) and compared with the live weights.
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
        python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
        python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
+       python bench/checkpoint.py --coder-host N [--gib 1] [--lr 1e-5]        # no GPU: entropy_coder 0 vs 1
 """
 
 import argparse
@@ -294,6 +295,80 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
             f"{med([r['sync_seconds'] for r in rs]):.3f} | {b:,} | {b / bw_disk:.3f} |"
         )
     return 0
+
+
+# ---- --coder-host: checkpoint.entropy_coder on a save from host memory (no GPU needed) ----
+def coder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
+    """The encode phase of host-tensor saves under checkpoint.entropy_coder 0 (the coder before) and 1 (the
+    default), on the same data in one run: two stores of one model, each saving the same tensors after each
+    dense step (which store goes first alternates), so both encode the same diff; their delta files must be
+    identical. Prints the medians of the encode phase and its input (bitmaps + values) per second and thread."""
+    from livetrain import _core
+    from livetrain import safetensors as lst
+    from livetrain.checkpoint import CheckpointStore
+
+    threads = int(os.environ.get("LIVETRAIN_NUM_THREADS") or 0) or os.cpu_count()
+    work = tempfile.mkdtemp(prefix="livetrain-checkpoint-coder-", dir=parent)
+    rows = {0: [], 1: []}
+    same = []
+    try:
+        torch.manual_seed(0)
+        live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+        model_bytes = sum(w.numel() * 2 for w in live.values())
+        model_dir = os.path.join(work, "model")
+        os.mkdir(model_dir)
+        lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+        stores = {c: CheckpointStore.create(model_dir, os.path.join(work, f"store-{c}")) for c in (0, 1)}
+        try:
+            for store in stores.values():
+                store.save(live)  # the first save after open builds the head copy; nothing changed, nothing written
+            for k in range(repeats):
+                apollo_like_step(live, lr, seed=2000 + k)
+                gen = None
+                for c in (0, 1) if k % 2 == 0 else (1, 0):
+                    _core.tuning_reset()
+                    _core.tuning_set("checkpoint.entropy_coder", c)
+                    r = livetrain_save(stores[c], live)
+                    r["coded_input"] = r["elements"] // 8 + 2 * r["changed"]  # bitmaps + bf16 values
+                    rows[c].append(r)
+                    gen = stores[c].head
+                    log(f"entropy_coder {c}: save {r['seconds']:.2f} s, encode {r['encode_seconds']:.3f} s")
+                name = f"gen-{gen:020d}.delta"
+                with (
+                    open(os.path.join(work, "store-0", name), "rb") as f0,
+                    open(os.path.join(work, "store-1", name), "rb") as f1,
+                ):
+                    same.append(f0.read() == f1.read())
+        finally:
+            _core.tuning_reset()
+            for store in stores.values():
+                store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    print(
+        f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB bf16, {repeats} saves per setting "
+        f"on the same diffs (medians), {threads} threads; delta files identical: {'yes' if all(same) else 'NO'}\n"
+    )
+    print(
+        "| checkpoint.entropy_coder | save s | diff / encode / write s | encode input MB/s per thread | bytes written |"
+    )
+    print("|---|---:|---|---:|---:|")
+    enc = {}
+    for c, label in ((0, "0 (the coder before)"), (1, "1 (default)")):
+        rs = rows[c]
+        enc[c] = med([r["encode_seconds"] for r in rs])
+        rate = med([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
+        print(
+            f"| {label} | {med([r['seconds'] for r in rs]):.2f} | {med([r['diff_seconds'] for r in rs]):.2f} / "
+            f"{enc[c]:.3f} / {med([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
+            f"{med([r['bytes_written'] for r in rs]):,} |"
+        )
+    print(f"\nencode phase: coder 1 takes {enc[1] / enc[0]:.2f}x the time of coder 0")
+    return 0 if all(same) else 1
 
 
 # ---- --sweep: the store's save under its internal tuning knobs ----
@@ -590,6 +665,13 @@ def main() -> int:
         metavar="N",
         help="instead: N saves of host tensors per setting of checkpoint.writeback_mib (0, the default); no GPU",
     )
+    ap.add_argument(
+        "--coder-host",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N dense steps, each saved from host tensors under checkpoint.entropy_coder 0 and 1; no GPU",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
@@ -597,6 +679,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.writeback_host:
         return writeback_host(a.gib, a.lr, a.dir, a.writeback_host)
+    if a.coder_host:
+        return coder_host(a.gib, a.lr, a.dir, a.coder_host)
     if not torch.cuda.is_available():
         print(
             "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",

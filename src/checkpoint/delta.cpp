@@ -136,8 +136,16 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
   for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
 }
 
-// Appends record `r` from its encoded blocks, in the smallest of the three encodings.
-void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps) {
+// Block strings shorter than this join the piece before them instead of being a piece of their own (a
+// block with no change is its 8-byte count).
+constexpr size_t kMinPiece = 4096;
+
+// Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
+// concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
+// delta) instead of copying them into one string.
+void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps) {
+  pieces.assign(1, std::string());
+  std::string& out = pieces[0];
   const uint32_t unit = unit_bytes(r.dtype);
   const uint64_t bitmap_bytes = (r.units + 7) / 8;
   uint64_t gap_bytes = 0, blocks_bytes = 8, prev = 0;
@@ -155,9 +163,8 @@ void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>&
   if (gaps && gap_bytes + raw_values <= best) enc = PositionEncoding::kGaps, best = gap_bytes + raw_values;
   if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
 
-  size_t start = out.size();
   const size_t ndim = r.region.start.size();
-  out.reserve(start + best + r.name.size() + 64 + 16 * ndim);
+  out.reserve((enc == PositionEncoding::kBlocks ? 0 : best) + r.name.size() + 64 + 16 * ndim);
   put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
   out.append(r.name);
   out.push_back(static_cast<char>(r.dtype));
@@ -195,12 +202,18 @@ void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>&
       put<uint64_t>(out, blocks_bytes);
       put<uint64_t>(out, kBlockUnits);
       for (auto& blk : blocks) {
-        out += blk.bytes;
-        std::string().swap(blk.bytes);
+        if (blk.bytes.size() < kMinPiece) {
+          pieces.back() += blk.bytes;
+          std::string().swap(blk.bytes);
+        } else {
+          pieces.push_back(std::move(blk.bytes));
+        }
       }
       break;
   }
-  put<uint64_t>(out, xxh64(out.data() + start, out.size() - start));
+  Xxh64Stream sum;
+  for (const std::string& p : pieces) sum.update(p.data(), p.size());
+  put<uint64_t>(pieces.back(), sum.digest());
 }
 
 // The changes in block b of a bitmap (popcount of its bytes, eight at a time).
@@ -226,7 +239,7 @@ std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) 
 
 }  // namespace
 
-void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs) {
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::vector<std::string>>& outs) {
   for (const RecordParts& r : records) {
     if (r.region.start.size() != r.region.shape.size() || r.region.start.size() > kMaxRegionDims ||
         (!r.region.start.empty() && region_units(r.region) != r.units)) {
@@ -279,7 +292,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
                    r.changed <= (r.units + 7) / 8, coder);
     }
   });
-  outs.assign(records.size(), std::string());
+  outs.assign(records.size(), {});
   parallel_for(static_cast<int64_t>(records.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       if (records[r].changed == 0) continue;
@@ -316,9 +329,9 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
-  std::vector<std::string> outs;
+  std::vector<std::vector<std::string>> outs;
   encode_records({RecordParts{name, dtype, units, changed, bitmap, values, {}}}, outs);
-  out += outs[0];
+  for (const std::string& piece : outs[0]) out += piece;
 }
 
 namespace {

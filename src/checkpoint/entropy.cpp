@@ -125,13 +125,18 @@ Histogram histogram_bytewise(const uint8_t* in, size_t n, size_t stride) {
 }
 
 // The same histogram from 8-byte loads for strides 1, 2 and 4 (a plane of 1-, 2- or 4-byte values): 8, 4
-// or 2 symbols per load. A load never reaches past the last symbol's byte.
-using Tables = std::array<std::array<uint32_t, 256>, 4>;
+// or 2 symbols per load, two loads per step. A load never reaches past the last symbol's byte.
+// Eight tables: a plane that is mostly one value (the high bytes of XOR deltas) increments one counter
+// per table only every eighth symbol, so the increments' store-to-load chains overlap.
+constexpr size_t kTables = 8;
+using Tables = std::array<std::array<uint32_t, 256>, kTables>;
 
-// Counts the symbols K of one load (the byte at 8·S·K bits), each in table K mod 4; unrolled.
+// Counts the symbols K of two loads (the byte at 8·S·K bits of the K·S/8-th), symbol K in table K mod 8;
+// unrolled.
 template <size_t S, size_t... K>
-inline void count_word(uint64_t w, Tables& h, std::index_sequence<K...>) {
-  ((h[K & 3][(w >> (8 * S * K)) & 0xFF]++), ...);
+inline void count_words(uint64_t w0, uint64_t w1, Tables& h, std::index_sequence<K...>) {
+  constexpr size_t per = 8 / S;
+  ((h[K % kTables][((K < per ? w0 : w1) >> (8 * S * (K % per))) & 0xFF]++), ...);
 }
 
 template <size_t S>
@@ -141,15 +146,18 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   Tables h{};
   size_t i = 0;
   if (n > 0) {
-    for (; i * S + 8 <= (n - 1) * S + 1; i += per) {
-      uint64_t w;
-      std::memcpy(&w, in + i * S, 8);
-      count_word<S>(w, h, std::make_index_sequence<per>{});
+    for (; i * S + 16 <= (n - 1) * S + 1; i += 2 * per) {
+      uint64_t w0, w1;
+      std::memcpy(&w0, in + i * S, 8);
+      std::memcpy(&w1, in + i * S + 8, 8);
+      count_words<S>(w0, w1, h, std::make_index_sequence<2 * per>{});
     }
   }
-  for (; i < n; ++i) h[0][in[i * S]]++;
+  for (; i < n; ++i) h[i % kTables][in[i * S]]++;
   Histogram freq{};
-  for (int s = 0; s < 256; ++s) freq[s] = uint64_t{h[0][s]} + h[1][s] + h[2][s] + h[3][s];
+  for (const auto& t : h) {
+    for (int s = 0; s < 256; ++s) freq[s] += t[s];
+  }
   return freq;
 }
 

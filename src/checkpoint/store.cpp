@@ -186,9 +186,11 @@ class RecordEncoder {
       }
       if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
         report(progress_, "encode and write", i + 1, kinds_.size());
-        std::vector<std::string> recs;
+        std::vector<std::vector<std::string>> recs;
         encode_records(batch, recs);
-        for (auto& rec : recs) records.push(std::move(rec));
+        for (auto& rec : recs) {
+          for (auto& piece : rec) records.push(std::move(piece));
+        }
         batch.clear();
         blocks = 0;
       }
