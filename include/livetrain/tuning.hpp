@@ -40,7 +40,8 @@ enum Knob : int {
   kCheckpointDigests,      // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
   kCheckpointEncodeBatch,  // blocks of records encoded per batch, per CPU thread
   kCheckpointWritebackMib,  // the delta's disk writes start every this many MiB written (0: all at the final fsync)
-  kCheckpointEntropyCoder,  // 1: the Huffman coder's word-wise histograms and branch-free bit writer; 0: the one before
+  kCheckpointEncoder,  // 2: the word-wise Huffman coder, records handed on as pieces; 1: that coder, records copied
+                       // whole; 0: the coder before, records copied whole (same bytes)
   kNumKnobs
 };
 

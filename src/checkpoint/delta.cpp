@@ -279,8 +279,10 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
                                               std::to_string(records[r].changed));
     }
   }
-  const StreamCoder coder =
-      tuning::get(tuning::kCheckpointEntropyCoder) == 1 ? &entropy::encode : &entropy::encode_reference;
+  // checkpoint.encoder: 0 and 1 are the encoder before each of its two changes (same bytes), for same-run
+  // comparisons.
+  const int64_t encoder = tuning::get(tuning::kCheckpointEncoder);
+  const StreamCoder coder = encoder >= 1 ? &entropy::encode : &entropy::encode_reference;
   std::vector<EncodedBlock> blocks(tasks.size());
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -299,6 +301,11 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
                                      std::make_move_iterator(blocks.begin() + first_task[r + 1]));
       assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8);
+      if (encoder < 2) {  // as before: the record in one string
+        std::string whole;
+        for (const std::string& piece : outs[r]) whole += piece;
+        outs[r].assign(1, std::move(whole));
+      }
     }
   });
 }

@@ -30,7 +30,7 @@ enum class Mode : uint8_t { kRaw = 0, kConstant = 1, kHuffman = 2 };
 // stride reads one byte plane of interleaved values without gathering it first).
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // The same bytes as encode, by the coder it replaced (one symbol per histogram load, codes flushed 32 bits
-// at a time behind a branch): what tests check encode against and what checkpoint.entropy_coder=0 selects,
+// at a time behind a branch): what tests check encode against and what checkpoint.encoder=0 selects,
 // so that a benchmark compares the two in one run.
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 

@@ -81,13 +81,14 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
-      {"checkpoint.entropy_coder",
-       1,
-       {0, 1},
+      {"checkpoint.encoder",
+       2,
+       {0, 1, 2},
        0,
        0,
-       "1: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush; 0: the coder before "
-       "(same bytes)"},
+       "2: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
+       "handed to the writer as they are; 1: that coder, each record copied into one string; 0: the coder before, "
+       "records copied (all: the same bytes)"},
   }};
   return s;
 }

@@ -203,7 +203,7 @@ TEST(CheckpointEntropy, MalformedStreamsAreRejected) {
 // of random, odd sizes (0-5 bytes, up to 70,000), strides 1-4 with other bytes between the symbols, and
 // distributions from one symbol to all 256 (flat, 2^-s tails that hit the 11-bit limit, bf16 XOR planes,
 // bitmap bytes), digested. The digest is that of the coder before the word-wise histograms and the
-// branch-free bit writer (checkpoint.entropy_coder=0, encode_reference), taken from its build.
+// branch-free bit writer (encode_reference; checkpoint.encoder=0), taken from its build.
 TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   std::string fast, reference;
   encode_pinned_cases(
