@@ -17,24 +17,16 @@ namespace {
 
 using Lengths = std::array<uint8_t, 256>;
 
-// Optimal code lengths for `freq` (two-queue Huffman). Symbols with frequency 0 get length 0. Needs at
-// least two used symbols.
-int huffman_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
+// Optimal code lengths (two-queue Huffman) for the `nleaves` >= 2 used symbols in `keys`, each
+// frequency · 256 + symbol, in ascending order (by frequency, then by symbol). Unused symbols get length
+// 0. Returns the deepest length.
+int huffman_lengths(const uint64_t* keys, int nleaves, Lengths& len) {
   struct Node {
     uint64_t weight;
     int parent;
   };
-  // By frequency, then by symbol: one integer compare on freq · 256 + symbol (freq < 2^32, see encode).
-  std::array<uint64_t, 256> keys{};
-  int nleaves = 0;
-  for (int s = 0; s < 256; ++s) {
-    if (freq[s]) keys[nleaves++] = freq[s] << 8 | static_cast<uint64_t>(s);
-  }
-  std::sort(keys.begin(), keys.begin() + nleaves);
-  std::array<int, 256> leaves{};
-  for (int i = 0; i < nleaves; ++i) leaves[i] = static_cast<int>(keys[i] & 0xFF);
   std::array<Node, 511> nodes{};  // leaves first (in sorted order), then internal nodes in creation order
-  for (int i = 0; i < nleaves; ++i) nodes[i] = Node{freq[leaves[i]], -1};
+  for (int i = 0; i < nleaves; ++i) nodes[i] = Node{keys[i] >> 8, -1};
   int next_leaf = 0, next_internal = nleaves, count = nleaves;
   auto take = [&]() {
     // The lighter of the next leaf and the next internal node (internal nodes are created in order of weight).
@@ -53,19 +45,32 @@ int huffman_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
   std::array<int, 511> depth{};
   for (int i = count - 2; i >= 0; --i) depth[i] = depth[nodes[i].parent] + 1;  // parents come after children
   for (int i = 0; i < nleaves; ++i) {
-    len[leaves[i]] = static_cast<uint8_t>(depth[i]);
+    len[keys[i] & 0xFF] = static_cast<uint8_t>(depth[i]);
     max_len = std::max(max_len, depth[i]);
   }
   return max_len;
 }
 
-// Lengths limited to kMaxCodeBits: while the optimal code is too deep, halve the frequencies (keeping
-// every used symbol at least 1) and rebuild. Flattens the distribution a little; with 256 symbols it ends
-// by depth 8 at worst.
-void limited_lengths(std::array<uint64_t, 256> freq, Lengths& len) {
-  while (huffman_lengths(freq, len) > kMaxCodeBits) {
-    for (auto& f : freq) {
-      if (f) f = std::max<uint64_t>(1, f >> 1);
+// Lengths limited to kMaxCodeBits for `freq` (at least two used symbols; each at most 2^31, so
+// frequency · 256 + symbol fits 64 bits): while the optimal code is too deep, halve the frequencies
+// (keeping every used symbol at least 1) and rebuild. Flattens the distribution a little; with 256 symbols
+// it ends by depth 8 at worst.
+void limited_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
+  std::array<uint64_t, 256> keys{};
+  int n = 0;
+  for (int s = 0; s < 256; ++s) {
+    if (freq[s]) keys[n++] = freq[s] << 8 | static_cast<uint64_t>(s);
+  }
+  std::sort(keys.begin(), keys.begin() + n);
+  while (huffman_lengths(keys.data(), n, len) > kMaxCodeBits) {
+    // Halving keeps unequal frequencies in order; those it makes equal are neighbours and go back into symbol
+    // order: an insertion sort of an almost sorted array instead of a sort.
+    for (int i = 0; i < n; ++i) keys[i] = std::max<uint64_t>(1, keys[i] >> 9) << 8 | (keys[i] & 0xFF);
+    for (int i = 1; i < n; ++i) {
+      const uint64_t k = keys[i];
+      int j = i;
+      for (; j > 0 && keys[j - 1] > k; --j) keys[j] = keys[j - 1];
+      keys[j] = k;
     }
   }
 }
