@@ -30,8 +30,8 @@ enum class Mode : uint8_t { kRaw = 0, kConstant = 1, kHuffman = 2 };
 // stride reads one byte plane of interleaved values without gathering it first).
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // The same bytes as encode, by the coder it replaced (one symbol per histogram load, codes flushed 32 bits
-// at a time behind a branch): what tests check encode against and what checkpoint.encoder=0 selects,
-// so that a benchmark compares the two in one run.
+// at a time behind a branch; the code lengths come from the same builder as encode's): what tests check
+// encode against and what checkpoint.encoder=0 selects, so that a benchmark compares the two in one run.
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 
 // Reads one stream from `*p` (at most `end`), decoding exactly `n` bytes into `out`; advances `*p` past
