@@ -447,6 +447,7 @@ SWEEP_GRID = [
     ("shipped, the encoder before (checkpoint.encoder=0)", {"checkpoint.encoder": 0}),
     ("shipped, word-wise coder, records copied (checkpoint.encoder=1)", {"checkpoint.encoder": 1}),
     ("shipped (again)", {}),
+    ("shipped, early writer (checkpoint.early_writer=1)", {"checkpoint.early_writer": 1}),
 ]
 
 

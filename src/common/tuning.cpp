@@ -81,6 +81,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
+      {"checkpoint.early_writer",
+       0,
+       {0, 1},
+       0,
+       0,
+       "1: a thread writes the delta from the first encoded record on (the header's record count last) instead of "
+       "once the diff is over"},
       {"checkpoint.encoder",
        2,
        {0, 1, 2},

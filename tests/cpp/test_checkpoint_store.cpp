@@ -299,6 +299,43 @@ TEST(CheckpointStore, EarlyWritebackWritesTheSameBytes) {
   EXPECT_EQ(on.compare_live(on.commit().head, live.views()).elements, 0u);
 }
 
+// checkpoint.early_writer writes the delta on its own thread from the first encoded record on, the header
+// (its record count) last: the same files as the writer after the diff, for dense, sparse and no changes
+// (no file then, nor a temporary one left).
+TEST(CheckpointStore, EarlyWriterWritesTheSameBytes) {
+  struct Reset {
+    ~Reset() { livetrain::tuning::reset(); }
+  } reset;
+  TempDir tmp;
+  const std::string model = tmp.file("model");
+  LiveModel live = livetrain::testing::make_live(3, 1000);
+  livetrain::testing::write_model_dir(model, live);
+  checkpoint::Store after = checkpoint::Store::create(model, tmp.file("store-after"));
+  checkpoint::Store early = checkpoint::Store::create(model, tmp.file("store-early"));
+  const double fractions[] = {1.0, 0.01, 0.0, 0.3};
+  for (int step = 0; step < 4; ++step) {
+    livetrain::testing::perturb(live, 400 + step, fractions[step]);
+    livetrain::tuning::set("checkpoint.early_writer", 0);
+    const checkpoint::SaveResult a = after.save(live.views());
+    livetrain::tuning::set("checkpoint.early_writer", 1);
+    const checkpoint::SaveResult b = early.save(live.views());
+    ASSERT_EQ(a.written, b.written) << "step " << step;
+    ASSERT_EQ(a.written, fractions[step] > 0) << "step " << step;
+    ASSERT_EQ(a.generation, b.generation);
+    EXPECT_EQ(a.bytes, b.bytes);
+    if (!a.written) continue;
+    const std::string name = checkpoint::delta_file_name(a.generation);
+    EXPECT_EQ(livetrain::fs::read_file(tmp.file("store-after/" + name)),
+              livetrain::fs::read_file(tmp.file("store-early/" + name)))
+        << "step " << step;
+  }
+  EXPECT_TRUE(early.verify().empty());
+  EXPECT_EQ(early.compare_live(early.commit().head, live.views()).elements, 0u);
+  for (const auto& e : std::filesystem::directory_iterator(early.dir())) {
+    EXPECT_EQ(e.path().filename().string().find(".livetrain-tmp."), std::string::npos) << "left behind: " << e.path();
+  }
+}
+
 #ifdef LIVETRAIN_WITH_CUDA
 // A save from GPU weights writes the same delta file as a save of the same bytes from host memory, under
 // every tuning of the GPU save (the pipeline, the one-pass diff, digests, small groups), for sparse,
