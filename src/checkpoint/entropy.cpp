@@ -136,6 +136,12 @@ Histogram histogram_bytewise(const uint8_t* in, size_t n, size_t stride) {
 constexpr size_t kTables = 8;
 using Tables = std::array<std::array<uint32_t, 256>, kTables>;
 
+// The bits of an 8-byte load that hold symbols of a plane of stride S (its bytes 0, S, 2S, ...).
+template <size_t S>
+constexpr uint64_t plane_mask() {
+  return S == 1 ? ~uint64_t{0} : S == 2 ? 0x00FF00FF00FF00FFull : 0x000000FF000000FFull;
+}
+
 // Counts the symbols K of two loads (the byte at 8·S·K bits of the K·S/8-th), symbol K in table K mod 8;
 // unrolled.
 template <size_t S, size_t... K>
@@ -149,12 +155,17 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   static_assert(S == 1 || S == 2 || S == 4);
   constexpr size_t per = 8 / S;
   Tables h{};
+  uint64_t zeros = 0;  // symbols counted a step at a time, where all of a step's were 0
   size_t i = 0;
   if (n > 0) {
     for (; i * S + 16 <= (n - 1) * S + 1; i += 2 * per) {
       uint64_t w0, w1;
       std::memcpy(&w0, in + i * S, 8);
       std::memcpy(&w1, in + i * S + 8, 8);
+      if (((w0 | w1) & plane_mask<S>()) == 0) {
+        zeros += 2 * per;
+        continue;
+      }
       count_words<S>(w0, w1, h, std::make_index_sequence<2 * per>{});
     }
   }
@@ -163,6 +174,7 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   for (const auto& t : h) {
     for (int s = 0; s < 256; ++s) freq[s] += t[s];
   }
+  freq[0] += zeros;
   return freq;
 }
 
@@ -232,28 +244,63 @@ uint8_t* put_huffman_head(const Plan& p, std::string& out, std::array<uint32_t, 
   return reinterpret_cast<uint8_t*>(out.data()) + start;
 }
 
-// The codes of in[0], in[stride], ... written four symbols per flush: four codes (at most 44 bits) join
-// the < 8 pending bits, the accumulator is stored whole (8 bytes, its bits above the pending ones 0) and
-// moves on by the bytes it completed. No branch depends on the data, and the bits are the same as one
-// symbol at a time.
+// Symbols i .. i + 3 into the accumulator (fewer than 8 bits pending before and after): four codes (at most
+// 44 bits) join the pending bits, the accumulator is stored whole (8 bytes, its bits above the pending ones
+// 0) and moves on by the bytes it completed. No branch depends on the data.
+inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::array<uint32_t, 256>& code, uint64_t& acc,
+                     unsigned& nbits, uint8_t*& dst) {
+  const uint32_t c0 = code[in[i * stride]], c1 = code[in[(i + 1) * stride]];
+  const uint32_t c2 = code[in[(i + 2) * stride]], c3 = code[in[(i + 3) * stride]];
+  const unsigned l0 = c0 >> 16, l1 = c1 >> 16, l2 = c2 >> 16, l3 = c3 >> 16;
+  const uint64_t lo = (c0 & 0xFFFF) | static_cast<uint64_t>(c1 & 0xFFFF) << l0;
+  const uint64_t hi = (c2 & 0xFFFF) | static_cast<uint64_t>(c3 & 0xFFFF) << l2;
+  acc |= (lo | hi << (l0 + l1)) << nbits;
+  nbits += l0 + l1 + l2 + l3;
+  std::memcpy(dst, &acc, 8);  // little-endian host (bytes.hpp): the low bits go first
+  dst += nbits >> 3;
+  acc >>= nbits & ~7u;
+  nbits &= 7;
+}
+
+// The codes of in[0], in[stride], ..., four symbols per flush; the bits are the same as one symbol at a
+// time. S is the stride when it is 1, 2 or 4 (a plane of values of that size), 0 for any (`stride`).
+template <size_t S>
 void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
   static_assert(4 * kMaxCodeBits + 7 <= 64);
+  if constexpr (S != 0) stride = S;
   uint64_t acc = 0;
   unsigned nbits = 0;
   size_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const uint32_t c0 = code[in[i * stride]], c1 = code[in[(i + 1) * stride]];
-    const uint32_t c2 = code[in[(i + 2) * stride]], c3 = code[in[(i + 3) * stride]];
-    const unsigned l0 = c0 >> 16, l1 = c1 >> 16, l2 = c2 >> 16, l3 = c3 >> 16;
-    const uint64_t lo = (c0 & 0xFFFF) | static_cast<uint64_t>(c1 & 0xFFFF) << l0;
-    const uint64_t hi = (c2 & 0xFFFF) | static_cast<uint64_t>(c3 & 0xFFFF) << l2;
-    acc |= (lo | hi << (l0 + l1)) << nbits;
-    nbits += l0 + l1 + l2 + l3;
-    std::memcpy(dst, &acc, 8);  // little-endian host (bytes.hpp): the low bits go first
-    dst += nbits >> 3;
-    acc >>= nbits & ~7u;
-    nbits &= 7;
+  // Where 0 has a code of at most 4 bits (a plane that is mostly 0: the high bytes of XOR deltas, the bitmap
+  // of a sparse step), eight 0s in a row, seen in one or two loads, go in as one 8-fold code.
+  const unsigned zero_len = code[0] >> 16;
+  if constexpr (S != 0) {
+    if (zero_len >= 1 && zero_len <= 4 && n > 0) {
+      uint64_t zeros8 = 0;
+      for (unsigned k = 0; k < 8; ++k) zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+      constexpr size_t words = S;  // 8 symbols: 8·S bytes
+      while (i * S + 8 * S <= (n - 1) * S + 1) {
+        uint64_t any = 0;
+        for (size_t k = 0; k < words; ++k) {
+          uint64_t w;
+          std::memcpy(&w, in + i * S + 8 * k, 8);
+          any |= w;
+        }
+        if ((any & plane_mask<S>()) == 0) {
+          acc |= zeros8 << nbits;
+          nbits += 8 * zero_len;
+          std::memcpy(dst, &acc, 8);
+          dst += nbits >> 3;
+          acc >>= nbits & ~7u;
+          nbits &= 7;
+          i += 8;
+          continue;
+        }
+        for (size_t end = i + 8; i < end; i += 4) put_four(in, i, stride, code, acc, nbits, dst);
+      }
+    }
   }
+  for (; i + 4 <= n; i += 4) put_four(in, i, stride, code, acc, nbits, dst);
   for (; i < n; ++i) {
     const uint32_t c = code[in[i * stride]];
     acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
@@ -315,7 +362,12 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
   if (put_simple(p, in, n, out, stride)) return;
   std::array<uint32_t, 256> code{};
   uint8_t* dst = put_huffman_head(p, out, code);
-  put_codes(in, n, stride, code, dst);
+  switch (stride) {
+    case 1: put_codes<1>(in, n, stride, code, dst); break;
+    case 2: put_codes<2>(in, n, stride, code, dst); break;
+    case 4: put_codes<4>(in, n, stride, code, dst); break;
+    default: put_codes<0>(in, n, stride, code, dst); break;
+  }
   out.resize(out.size() - 8);
 }
 
