@@ -964,7 +964,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       w.sync_seconds = seconds_since(early->filled_at);
       return true;
     }
-    // No record came: nothing changed (the head copy did not move).
+    // No record came: nothing changed. A part is written all the same (a header and no record).
     if (!write_if_unchanged) return false;
     fs::write_file_atomic(path, [&](fs::Writer& fw) {
       const std::string head = header(0);

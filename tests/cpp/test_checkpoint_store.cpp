@@ -301,7 +301,7 @@ TEST(CheckpointStore, EarlyWritebackWritesTheSameBytes) {
 
 // checkpoint.early_writer writes the delta on its own thread from the first encoded record on, the header
 // (its record count) last: the same files as the writer after the diff, for dense, sparse and no changes
-// (no file then, nor a temporary one left).
+// (no file then, nor a temporary one left; with save_if_unchanged a file of no record).
 TEST(CheckpointStore, EarlyWriterWritesTheSameBytes) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -329,6 +329,17 @@ TEST(CheckpointStore, EarlyWriterWritesTheSameBytes) {
               livetrain::fs::read_file(tmp.file("store-early/" + name)))
         << "step " << step;
   }
+  checkpoint::SaveOptions always;
+  always.save_if_unchanged = true;
+  livetrain::tuning::set("checkpoint.early_writer", 0);
+  const checkpoint::SaveResult a = after.save(live.views(), always);
+  livetrain::tuning::set("checkpoint.early_writer", 1);
+  const checkpoint::SaveResult b = early.save(live.views(), always);
+  ASSERT_TRUE(a.written && b.written);
+  ASSERT_EQ(a.generation, b.generation);
+  EXPECT_EQ(b.changed, 0u);
+  EXPECT_EQ(livetrain::fs::read_file(tmp.file("store-after/" + checkpoint::delta_file_name(a.generation))),
+            livetrain::fs::read_file(tmp.file("store-early/" + checkpoint::delta_file_name(b.generation))));
   EXPECT_TRUE(early.verify().empty());
   EXPECT_EQ(early.compare_live(early.commit().head, live.views()).elements, 0u);
   for (const auto& e : std::filesystem::directory_iterator(early.dir())) {
