@@ -301,7 +301,7 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
 ENCODERS = {
     0: "0: the coder before, records copied",
     1: "1: word-wise coder, records copied",
-    2: "2 (default): word-wise coder, records as pieces",
+    2: "2 (default): word-wise coder, records as pieces, checksums by the writer",
 }
 
 

@@ -143,7 +143,8 @@ constexpr size_t kMinPiece = 4096;
 // Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
 // concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
 // delta) instead of copying them into one string.
-void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps) {
+void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps,
+              bool checksum) {
   pieces.assign(1, std::string());
   std::string& out = pieces[0];
   const uint32_t unit = unit_bytes(r.dtype);
@@ -211,6 +212,7 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
       }
       break;
   }
+  if (!checksum) return;
   Xxh64Stream sum;
   for (const std::string& p : pieces) sum.update(p.data(), p.size());
   put<uint64_t>(pieces.back(), sum.digest());
@@ -239,7 +241,8 @@ std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) 
 
 }  // namespace
 
-void encode_records(const std::vector<RecordParts>& records, std::vector<std::vector<std::string>>& outs) {
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::vector<std::string>>& outs,
+                    bool checksums) {
   for (const RecordParts& r : records) {
     if (r.region.start.size() != r.region.shape.size() || r.region.start.size() > kMaxRegionDims ||
         (!r.region.start.empty() && region_units(r.region) != r.units)) {
@@ -300,7 +303,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       if (records[r].changed == 0) continue;
       std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
                                      std::make_move_iterator(blocks.begin() + first_task[r + 1]));
-      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8);
+      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, checksums);
       if (encoder < 2) {  // as before: the record in one string
         std::string whole;
         for (const std::string& piece : outs[r]) whole += piece;

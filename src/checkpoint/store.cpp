@@ -100,7 +100,8 @@ class PartQueue {
 class RecordEncoder {
  public:
   RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
-      : kinds_(std::move(kinds)),
+      : sums_in_writer(tuning::get(tuning::kCheckpointEncoder) == 2),
+        kinds_(std::move(kinds)),
         d_(d),
         progress_(progress),
         batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
@@ -144,6 +145,10 @@ class RecordEncoder {
 
   PartQueue records;
   std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
+  // checkpoint.encoder=2: the records come without their checksums, each followed by an empty part where
+  // the writer puts it (RecordSums): it hashes every byte anyway, on its own thread, while this one goes on
+  // with the next batch instead of hashing each record with one thread per record.
+  const bool sums_in_writer;
 
  private:
   void run() {
@@ -188,9 +193,10 @@ class RecordEncoder {
       if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
         report(progress_, "encode and write", i + 1, kinds_.size());
         std::vector<std::vector<std::string>> recs;
-        encode_records(batch, recs);
+        encode_records(batch, recs, !sums_in_writer);
         for (auto& rec : recs) {
           for (auto& piece : rec) records.push(std::move(piece));
+          if (sums_in_writer && !rec.empty()) records.push(std::string());
         }
         batch.clear();
         blocks = 0;
@@ -211,6 +217,27 @@ class RecordEncoder {
   std::exception_ptr error_;
   double busy_seconds_ = 0;
   std::thread thread_;  // last: starts once everything above is initialized
+};
+
+// The bytes a writer appends for each part of the encoder's: the part itself, or in place of an end-of-record
+// mark (an empty part, RecordEncoder::sums_in_writer) the record's checksum, the XXH64 of its parts.
+class RecordSums {
+ public:
+  explicit RecordSums(bool active) : active_(active) {}
+  std::string bytes(std::string part) {
+    if (!active_) return part;
+    if (!part.empty()) {
+      sum_.update(part.data(), part.size());
+      return part;
+    }
+    const uint64_t s = sum_.digest();
+    sum_ = Xxh64Stream();
+    return std::string(reinterpret_cast<const char*>(&s), 8);  // little-endian host (bytes.hpp)
+  }
+
+ private:
+  const bool active_;
+  Xxh64Stream sum_;
 };
 
 // checkpoint.early_writer: writes a save's delta file on its own thread from the first encoded record on,
@@ -298,8 +325,9 @@ class EarlyWriter {
             sum.update(part.data(), part.size());
           }
         };
-        take(std::move(*first));
-        while (std::optional<std::string> part = encoder.records.pop()) take(std::move(*part));
+        RecordSums sums(encoder.sums_in_writer);
+        take(sums.bytes(std::move(*first)));
+        while (std::optional<std::string> part = encoder.records.pop()) take(sums.bytes(std::move(*part)));
         verdict_.get();  // the encoding's error, if any: the file is abandoned
         if (head.empty()) hash_from_head(count_.get());
         fw.write_at(0, head.data(), head.size());
@@ -1003,9 +1031,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
         const std::string head = header(count);
         hash.update(head.data(), head.size());
         fw.write(head);
+        RecordSums sums(encoder->sums_in_writer);
         while (std::optional<std::string> part = encoder->records.pop()) {
-          hash.update(part->data(), part->size());
-          fw.write(*part);
+          const std::string bytes = sums.bytes(std::move(*part));
+          hash.update(bytes.data(), bytes.size());
+          fw.write(bytes);
         }
       } catch (...) {
         encoder->abort();

@@ -94,8 +94,8 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        0,
        "2: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
-       "handed to the writer as they are; 1: that coder, each record copied into one string; 0: the coder before, "
-       "records copied (all: the same bytes)"},
+       "handed to the writer as they are, its checksum the writer's; 1: that coder, each record copied into one "
+       "string and hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
   }};
   return s;
 }

@@ -460,4 +460,19 @@ TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
         });
     EXPECT_EQ(records, 3u);
   }
+  // Without checksums (a writer appends them): the records less their last 8 bytes, which are the XXH64 of
+  // the rest.
+  const std::string without = encode_dense_records([&](const std::vector<checkpoint::RecordParts>& recs) {
+    std::vector<std::vector<std::string>> outs;
+    checkpoint::encode_records(recs, outs, false);
+    std::string joined;
+    for (const auto& rec : outs) {
+      std::string record;
+      for (const std::string& p : rec) record += p;
+      const uint64_t sum = checkpoint::xxh64(record.data(), record.size());
+      joined += record + std::string(reinterpret_cast<const char*>(&sum), 8);
+    }
+    return joined;
+  });
+  EXPECT_EQ(checkpoint::xxh64(without.data(), without.size()), 0xfac91567e444f8ceull);
 }
