@@ -129,8 +129,6 @@ Histogram histogram_bytewise(const uint8_t* in, size_t n, size_t stride) {
   return freq;
 }
 
-// The same histogram from 8-byte loads for strides 1, 2 and 4 (a plane of 1-, 2- or 4-byte values): 8, 4
-// or 2 symbols per load, two loads per step. A load never reaches past the last symbol's byte.
 // Eight tables: a plane that is mostly one value (the high bytes of XOR deltas) increments one counter
 // per table only every eighth symbol, so the increments' store-to-load chains overlap.
 constexpr size_t kTables = 8;
@@ -150,6 +148,9 @@ inline void count_words(uint64_t w0, uint64_t w1, Tables& h, std::index_sequence
   ((h[K % kTables][((K < per ? w0 : w1) >> (8 * S * (K % per))) & 0xFF]++), ...);
 }
 
+// The same histogram from 8-byte loads for strides 1, 2 and 4 (a plane of 1-, 2- or 4-byte values): 8, 4
+// or 2 symbols per load, two loads per step. A load never reaches past the last symbol's byte. A step whose
+// symbols are all 0 is counted at once.
 template <size_t S>
 Histogram histogram_words(const uint8_t* in, size_t n) {
   static_assert(S == 1 || S == 2 || S == 4);
