@@ -84,6 +84,26 @@ TEST(AtomicWrite, ReplacesContentAndSetsMode) {
   EXPECT_EQ(count_temps(dir.path(), false), 0);
 }
 
+// Writer::write_at rewrites bytes already written (a header whose content is known last) and refuses a range
+// past them.
+TEST(AtomicWrite, WriteAtRewritesWhatWasWritten) {
+  livetrain::testing::TempDir dir;
+  std::string path = dir.file("f");
+  fs::write_file_atomic(path, [](fs::Writer& w) {
+    w.write(std::string("abcdef"));
+    w.write_at(2, "XY", 2);
+    EXPECT_EQ(w.bytes_written(), 6u);
+    try {
+      w.write_at(5, "ZZ", 2);
+      ADD_FAILURE() << "write_at past the end was accepted";
+    } catch (const livetrain::Error& e) {
+      EXPECT_EQ(e.code(), livetrain::ErrorCode::kInvalidArg);
+    }
+    w.write(std::string("g"));
+  });
+  EXPECT_EQ(fs::read_file(path), "abXYefg");
+}
+
 TEST(AtomicWrite, ModeIsLessTheUmask) {
   // Regression test for issue #13: the store's and the trainer's files were 0644 although livetrain's
   // processes set umask 077 (fchmod does not apply the umask; open(2) does).
