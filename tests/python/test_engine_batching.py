@@ -373,3 +373,28 @@ def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, 
     # where only the order of its sums differs).
     want, got, peak = alone_and_together(model_dir, tmp_path, "cuda", dtype, attention)
     assert got == want and peak >= 2
+
+
+def test_row_attention_without_enable_gqa_makes_transformers_own_call_row_by_row(monkeypatch):
+    # Where transformers repeats a grouped model's keys instead of passing enable_gqa (an older torch, or a
+    # device where it does not use it), the row attention makes transformers' own sdpa call row by row: the
+    # greedy answers are still one-at-a-time decoding's, and no row went through _row_sdpa's own call.
+    from transformers.integrations import sdpa_attention
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_model.llama_config(32)).eval()
+    assert model.model.layers[0].self_attn.num_key_value_groups > 1
+    prompts = [list(range(1, 3 + 2 * i)) for i in range(3)]
+    want, _ = answers(model, prompts, [6] * 3, max_batch=1)
+    sdpa = []
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda *a, **kw: False)
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        sdpa.append(kwargs.get("enable_gqa", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    got, load = answers(model, prompts, [6] * 3, max_batch=4, attention="rows")
+    assert got == want and load["peak_batch"] == 3
+    assert sdpa and not any(sdpa)  # the keys repeated by transformers, never enable_gqa
