@@ -291,6 +291,34 @@ def test_a_full_admission_queue_is_503_with_retry_after(model_dir, tmp_path):
         s.close()
 
 
+def test_a_failed_step_is_a_500_with_its_reason_and_a_stopped_scheduler_a_503(model_dir, tmp_path):
+    # A decode step that fails answers its requests with a 500 naming the error, and the next request is
+    # served; once the scheduler serves no more (closed, or its loop failed) a request is a 503 with the
+    # reason (it was an unhandled RuntimeError: a bare 500 without a JSON body).
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path)
+    try:
+        sched, failed = s.engine.scheduler, []
+        real = sched._decode
+
+        def decode():
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("the step broke")
+            real()
+
+        sched._decode = decode  # the scheduler's thread looks it up at each step
+        body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        code, out = http(s.url + "/v1/completions", body)
+        assert failed, out  # the request reached a decode step
+        assert code == 500 and out["error"]["message"] == "generation failed: RuntimeError: the step broke", out
+        assert http(s.url + "/v1/completions", body)[0] == 200
+        sched.close()
+        code, out = http(s.url + "/v1/completions", body)
+        assert code == 503 and out["error"]["message"] == "the engine cannot generate: the engine is shutting down"
+    finally:
+        s.close()
+
+
 def test_bodies_over_the_limit_and_huge_prompts(server, model_dir, tmp_path):
     # Regression test for issue #13: a 20 MiB prompt took 53 s and 1.7 GiB and stalled every route; a
     # /train body over 64 MiB was a 503 "Broken pipe".
