@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from livetrain.engines import static
+from livetrain.engines import options, static
 
 # The scheduler thread's decode step: each row's first real cache position (its left padding). None
 # outside a batched decode step: the attention is then the model's own.
@@ -176,8 +176,8 @@ def fuse_rms_norms(model) -> int:
     return n
 
 
-# How a batched decode step computes attention (see the module's docstring).
-ATTENTION = ("auto", "rows", "masked", "static")
+# How a batched decode step computes attention (see the module's docstring): --batch-attention's choices.
+ATTENTION = options.BATCH_ATTENTION
 
 
 AUTO_CACHE_SHARE = 0.25  # of the GPU's free memory at start, the most attention="auto" gives the static cache
