@@ -77,7 +77,7 @@ CASES = [
     # A row that ends in a decode step leaves: the compaction fails after it was answered (it was answered
     # twice: "length", then the error).
     ("static", "compact", [2, 6, 6], {1, 2}),
-    ("static", "put_rows", [5, 3, 5], {0, 1, 2}),
+    ("static", "put_rows", [5, 3, 5], set()),  # the requests of a failed prefill are prefilled again, each alone
     ("static", "step", [5, 3, 5], {0, 1, 2}),
     ("rows", "_eager_step", [5, 3, 5], {0, 1, 2}),
     ("rows", "select_rows", [2, 6, 6], {1, 2}),  # the rows leaving fail after the first was answered
@@ -137,3 +137,20 @@ def test_a_failure_of_the_scheduler_loop_answers_everyone_and_refuses_new_reques
         assert f"livetrain engine: error: {reason}" in capsys.readouterr().err
     finally:
         sched.close()
+
+
+def test_a_bad_request_admitted_with_others_fails_alone_in_the_static_prefill(monkeypatch):
+    # The static prefill of requests admitted together is one forward: when it fails, each request is
+    # prefilled alone, so a bad one (a token the model has no embedding for) fails alone; before, every
+    # request admitted with it failed too.
+    model = llama()
+    want, _ = answers(model, PROMPTS, [5, 3, 5], max_batch=1)
+    sched = batching.Scheduler(model, set(), max_batch=4, attention="static", static_length=32)
+    try:
+        got = run(sched, [PROMPTS[0], [5, 1000, 3], PROMPTS[1], PROMPTS[2]], [5, 4, 3, 5])
+    finally:
+        sched.close()
+    assert [len(finishes(e)) for e in got] == [1] * 4
+    (_, finish, error), *_ = got[1]
+    assert finish == "error" and error.startswith("IndexError: ")
+    assert [[t for t, _, _ in got[i]] for i in (0, 2, 3)] == [want[0], want[1], want[2]]

@@ -496,8 +496,8 @@ class Scheduler:
         their prompts, right-padded (causal attention: a prompt's positions never see the padding after it),
         copied into the next slots at once (each slot gets the padding's keys too, after the prompt's: a
         position is written by the step that first attends to it); rows that end at their first token leave
-        at once. A request that cannot be served fails alone; an error of the forward fails them all (the
-        running rows' slots are not touched until it succeeded)."""
+        at once. A request that cannot be served fails alone: after an error of the forward of several, each
+        is prefilled alone (the running rows' slots are not touched until a forward succeeded)."""
         ok = []
         for seq in seqs:
             if seq.cancelled:
@@ -523,8 +523,13 @@ class Scheduler:
             self.decoder.put_rows(first, out.past_key_values)
             self.times["prefill"] += time.perf_counter() - t0
         except Exception as e:
+            if len(ok) == 1:
+                ok[0].fail(e)
+                return
+            # One of them may be what failed (a bad request) or their batch too large: each alone, so that
+            # only what cannot be served fails.
             for seq in ok:
-                seq.fail(e)
+                self._prefill_slots([seq])
             return
         new = [
             _Row(seq, 0, n, tok) if self._finish(seq, tok) is None else None for seq, n, tok in zip(ok, lengths, toks)
