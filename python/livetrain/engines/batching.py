@@ -34,6 +34,9 @@ are served one request at a time by the same loop (``Scheduler.batchable`` is Fa
 One thread runs the model. Requests wait in a bounded admission queue (``QueueFull`` beyond it, which
 the engine answers with 503 and Retry-After); tokens go to each request's ``sink`` from that thread.
 ``TextStream`` turns a request's tokens into text deltas (stop strings, EOS) on the consumer's side.
+Every request gets one final event: an error inside the thread fails the requests it touched and the
+thread goes on (``Scheduler._serve``); if the thread itself stops, everyone is told and ``submit`` raises
+``Stopped``.
 """
 
 from __future__ import annotations
