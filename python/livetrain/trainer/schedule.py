@@ -40,7 +40,8 @@ class Plan:
     steps. ``replay`` retention examples are trained on at every step (0: none): as examples with the model's
     own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
-    the job trains those too (trainer.augment). ``guard``: measure retention and roll the job back when it
+    the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
+    plain text (trainer.augment.restated). ``guard``: measure retention and roll the job back when it
     drops too far (docs/learning.md).
     """
 
@@ -55,6 +56,7 @@ class Plan:
     reword: bool
     guard: bool
     replay_select: str = "cycle"
+    restate: bool = False
 
     @property
     def budget(self) -> int:
@@ -105,6 +107,7 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         reword=options.get("reword", defaults.reword),
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
+        restate=options.get("restate", defaults.restate),
     )
 
 
@@ -199,9 +202,15 @@ class Replayed:
         ``k`` exceeds them)."""
         chosen: list[int] = []
         if self.how == "similar" and self.n:
-            w = self.weights(prompts)
-            ranked = sorted(range(self.n), key=lambda i: (-w[i], self.last[i], i))
-            chosen = ranked[: min((k + 1) // 2, self.n)]
+            # Greedy cover: each pick the row whose tokens weigh most among those of the step's prompts that
+            # no row picked before holds, so that a step of several forms ("the capital of", "who invented")
+            # gets a row of each rather than all of the likeliest one.
+            query = set().union(*map(set, prompts)) if prompts else set()
+            while len(chosen) < min((k + 1) // 2, self.n):
+                w = [sum(self.idf[t] for t in s & query) for s in self.tokens]
+                best = min((i for i in range(self.n) if i not in chosen), key=lambda i: (-w[i], self.last[i], i))
+                chosen.append(best)
+                query -= self.tokens[best]
         while len(chosen) < k and self.n:
             i, self.next = self.next, (self.next + 1) % self.n
             if i not in chosen or len(set(chosen)) == self.n:

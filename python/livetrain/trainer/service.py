@@ -440,6 +440,12 @@ class Trainer:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
         per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        # Each chat example's answer as plain text too (trainer.augment.restated): made here, no model run,
+        # so they are the job's examples from the start (admission, epochs, until_loss count them).
+        restated = []
+        if parsed.get("restate", self.settings.restate):
+            restated = augment.restated(self.tokenizer, job["examples"], self.max_len)
+            parsed["examples"] = parsed["examples"] + restated
         n = len(parsed["examples"])
         # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
         # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
@@ -480,6 +486,7 @@ class Trainer:
             "losses": None,
             "stop_reason": None,
             "reworded": None,
+            "restated": len(restated) if plan.restate else None,
             "guard": None,
             "error": None,
             "submitted": time.time(),
