@@ -230,7 +230,8 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
-    assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
+    assert g["held_out_prompts"] == len(trainer.retention.held_out()) == len(trainer.retention.builtin) // 2
+    assert g["replayed_prompts"] > len(trainer.retention.builtin) // 2  # the replay-only prompts too
     assert 0 <= g["kl"] < g["threshold"] and g["kl_se"] >= 0 and g["answers_made"] and g["seconds"] > 0
     assert g["prepared"]["at_job_start"] == ["kept", "answers", "reference", "anchor"]  # no idle moment before
     # --guard-min-kept 0: the answers kept decide nothing, and are measured after the verdict, off the job's

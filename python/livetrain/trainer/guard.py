@@ -363,6 +363,10 @@ class Retention:
             alternating[: len(self.builtin)] + ["replay"] * len(self.builtin_replay) + alternating[len(self.builtin) :]
         )
 
+    def held_out_prompts(self) -> list[list[dict]]:
+        """The held-out half's prompts, in order."""
+        return [p for p, u in zip(self.prompts, self.uses()) if u == "held_out"]
+
     def set_user(self, prompts: list[list[dict]], builtin: bool = True) -> None:
         """Replaces the user's prompts (and keeps or drops the built-in ones); the answers are made again
         at the next guarded job. At least two prompts in all (the caller checks)."""

@@ -1239,7 +1239,7 @@ class Trainer:
 
     def _kept_answers(self, interrupt=None) -> list[list[int]]:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
-        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.prompts[1::2]]
+        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
         stop = guard.stop_ids(self.tokenizer, self.model)
         return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
 
