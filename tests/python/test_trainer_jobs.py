@@ -430,6 +430,10 @@ def test_restate_trains_each_answer_as_plain_text_too(run):
         assert ids == tok(f["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert all(mask) and weight == 1.0
     assert job(trainer, {"examples": chats, "steps": 1})["restated"] is None
+    # A job that trains until learned waits for its own examples only: the restated rows are in its batches
+    # but not in its stop (nor its losses' summary).
+    info = job(trainer, {"examples": chats, "restate": True, "until_loss": 50.0, "batch_size": 8})
+    assert info["stop_reason"] == "until_loss" and info["step"] == 1 and info["losses"]["counted"] == len(chats)
     assert augment.restated(tok, chats, max_len=1) == []  # longer than the trainer's rows: left out
 
 
@@ -673,7 +677,14 @@ def test_plan_resolution():
         "after": pytest.approx(0.02667, abs=1e-5),
         "max_after": 0.05,
         "below": 3,
+        "counted": 3,
     }
+    # Examples aside (restated answers) are trained but neither waited for nor summarized.
+    aside = schedule.Losses(3, aside=[1])
+    aside.record([0, 1], [0.05, 3.0])
+    assert not aside.learned(0.1)  # example 2 not seen yet
+    aside.record([2], [0.07])
+    assert aside.learned(0.1) and aside.summary(0.1)["max_after"] == 0.07 and aside.summary(0.1)["counted"] == 2
 
 
 def test_the_token_budget_is_chosen_from_memory_unless_given(run, monkeypatch):

@@ -114,11 +114,16 @@ def plan(options: dict, defaults, examples: int) -> Plan:
 class Losses:
     """Each example's mean loss over its trained tokens, from the forward of the steps that trained it:
     the first value (``before``: measured before that step's update, so before any update for the examples
-    of the first batch) and the latest (``after``: measured before the latest update of that example)."""
+    of the first batch) and the latest (``after``: measured before the latest update of that example).
 
-    def __init__(self, n: int):
+    ``aside``: indices of examples trained but neither waited for nor summarized (a job's restated answers,
+    trainer.augment.restated: plain text whose first tokens no context predicts, so its loss need not fall
+    below a job's ``until_loss``)."""
+
+    def __init__(self, n: int, aside=()):
         self.first: list[float | None] = [None] * n
         self.last: list[float | None] = [None] * n
+        self.counted = [i for i in range(n) if i not in set(aside)]
 
     def record(self, indices: list[int], losses: list[float]) -> None:
         for i, v in zip(indices, losses):
@@ -127,15 +132,15 @@ class Losses:
             self.last[i] = v
 
     def seen_all(self) -> bool:
-        return all(v is not None for v in self.last)
+        return all(self.last[i] is not None for i in self.counted)
 
     def below(self, target: float) -> int:
         """How many examples' latest loss is below ``target``."""
-        return sum(1 for v in self.last if v is not None and v < target)
+        return sum(1 for i in self.counted if self.last[i] is not None and self.last[i] < target)
 
     def learned(self, target: float | None) -> bool:
         """Whether every example has been trained and its latest loss is below ``target``."""
-        return target is not None and self.seen_all() and self.below(target) == len(self.last)
+        return target is not None and self.seen_all() and self.below(target) == len(self.counted)
 
     def summary(self, target: float | None) -> dict:
         """``{"before", "after", "max_after", "below"}``: the mean of the first and of the latest losses,
@@ -145,12 +150,14 @@ class Losses:
             xs = [x for x in xs if x is not None]
             return sum(xs) / len(xs) if xs else None
 
-        seen = [x for x in self.last if x is not None]
+        first, last = [self.first[i] for i in self.counted], [self.last[i] for i in self.counted]
+        seen = [x for x in last if x is not None]
         return {
-            "before": _round(mean(self.first)),
-            "after": _round(mean(self.last)),
+            "before": _round(mean(first)),
+            "after": _round(mean(last)),
             "max_after": _round(max(seen)) if seen else None,
             "below": None if target is None else self.below(target),
+            "counted": len(self.counted),
         }
 
 

@@ -498,7 +498,12 @@ class Trainer:
             if jid in self.jobs:
                 return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
-                queued = {"examples": parsed["examples"], "plan": plan}
+                queued = {
+                    "examples": parsed["examples"],
+                    "plan": plan,
+                    "examples_own": n - len(restated),
+                    "restated": len(restated),
+                }
                 if plan.reword:
                     queued["raw"] = job["examples"]  # the chat text the model rewords (trainer.augment)
                 self.queue.put_nowait((jid, queued))
@@ -940,7 +945,10 @@ class Trainer:
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
-            losses = schedule.Losses(len(examples))
+            # The restated answers (trainer.augment.restated, after the job's own examples) are trained but not
+            # waited for: their first tokens have no context to be predicted from.
+            aside = range(job["examples_own"], job["examples_own"] + job["restated"])
+            losses = schedule.Losses(len(examples), aside)
             # Which replayed rows join each step: in the batch (one-hot), or as the anchor's rows (the same
             # rows: indices into its reference).
             replayed, anchor = None, None
@@ -992,7 +1000,11 @@ class Trainer:
                 print(
                     f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
                     f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
-                    + (f", {summary['below']}/{len(examples)} below {plan.until_loss:g}" if plan.until_loss else "")
+                    + (
+                        f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}"
+                        if plan.until_loss
+                        else ""
+                    )
                     + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
                     f"weight version {self.weight_version}",
                     flush=True,
