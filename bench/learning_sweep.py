@@ -182,18 +182,22 @@ GRIDS = {
         {"name": "anchor4 r8 similar reword", "anchor": 4.0, "replay": 8, "select": "similar", "reword": True},
     ],
     # sweep3 never ran. With the built-in replay-only prompts (many question forms, guard.builtin_replay) and
-    # "similar" as a greedy cover of the step's forms: the anchor over 8 rows per step, half of them of the
-    # step's own forms (template interference: docs/learning.md), at 4 and 16; then what may raise the reworded
-    # recall on top of it (each answer also trained as plain text; the model's rewordings), whether the new
-    # prompts are what helps (the 80 of before), and the default as it stands. Most informative first: the
-    # call's timeout cuts the last rows. The rows with more examples (restate) get a larger step budget.
+    # "similar" as a greedy cover of the step's forms: the anchor at 4 over 8 rows per step, half of them of the
+    # step's own forms (template interference: docs/learning.md); the same with a warm-up of 30 steps (on the
+    # CPU one step at lr 5e-5 without replay already lost 7 of 26 general answers, and the anchor's gradient is
+    # zero at the first step: the warm-up makes the first steps small), then with each answer also trained as
+    # plain text (restate: the reworded recall); the anchor at 16; the model's rewordings; the 80 prompts of
+    # before (whether the new ones are what helps). Rows 1-2 and 2-3 differ in one setting each. Most
+    # informative first: the call's timeout cuts the last rows. The rows with more examples get a larger budget.
     "sweep4": [
         {"name": "anchor4 r8 similar", "anchor": 4.0, "replay": 8, "select": "similar"},
+        {"name": "anchor4 r8 similar warmup30", "anchor": 4.0, "replay": 8, "select": "similar", "warmup": 30},
         {
-            "name": "anchor4 r8 similar restate",
+            "name": "anchor4 r8 similar warmup30 restate",
             "anchor": 4.0,
             "replay": 8,
             "select": "similar",
+            "warmup": 30,
             "restate": True,
             "max_steps": 400,
         },
@@ -206,7 +210,6 @@ GRIDS = {
             "reword": True,
             "max_steps": 400,
         },
-        {"name": "anchor1 (default)", "anchor": 1.0},
         {"name": "anchor4 r8 similar core", "anchor": 4.0, "replay": 8, "select": "similar", "retention": "core"},
     ],
 }
