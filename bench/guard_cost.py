@@ -53,8 +53,8 @@ def main(argv=None) -> int:
         "--retention-prompts",
         type=int,
         default=0,
-        help="the first N built-in retention prompts only (0: all of them; fewer measure faster on a busy CPU, "
-        "and the guard's time scales with them)",
+        help="the first N built-in alternating retention prompts only, without the replay-only ones (0: all of "
+        "them; fewer measure faster on a busy CPU, and the guard's time scales with them)",
     )
     a = p.parse_args(argv)
     if a.threads:
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     t = ip.trainer
     if a.retention_prompts:
         t.retention.builtin = t.retention.builtin[: a.retention_prompts]
+        t.retention.builtin_replay = []
     print(
         f"# loaded in {time.perf_counter() - t0:.0f} s; {len(examples)} examples, {a.steps} steps per job, "
         f"{len(t.retention.prompts)} retention prompts",

@@ -11,7 +11,8 @@
 #           bash bench/learning_gpu.sh sweep2    (after both pieces and a build, `bash scripts/gpu.sh none`):
 #                                                bench/learning_sweep.py's preset grid sweep2 on cuda/bf16
 #                                                (sweep2b: the rest of it; sweep3: the anchor in the batch's
-#                                                forward, more anchor rows, replay_select similar), <= 8 min
+#                                                forward, more anchor rows, replay_select similar; sweep4:
+#                                                the built-in replay-only prompts, restate), <= 8 min
 #                                                (timeout 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)
@@ -64,7 +65,7 @@ receive)
 prepare)
   prepare
   ;;
-sweep2 | sweep2b | sweep3)
+sweep2 | sweep2b | sweep3 | sweep4)
   prepare
   mkdir -p "$out"
   timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \
@@ -81,7 +82,7 @@ bench)
   timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
   ;;
 *)
-  sed -n "2,19p" "$0" | sed 's/^# \{0,1\}//'
+  sed -n "2,20p" "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

@@ -8,11 +8,13 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --until).
+of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until).
+``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
+before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3] [--facts 32] [--lr 1e-4,5e-5] [--warmup 0]
-           [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--until 0.1] [--max-steps 300]
-           [--device cuda --dtype bf16] [--json out.jsonl]
+usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3|sweep4] [--facts 32] [--lr 1e-4,5e-5]
+           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
+           [--retention all,core] [--until 0.1] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -77,6 +79,26 @@ class InProcess:
         self.start = {n: w.detach().clone() for n, w in self.trainer.weights.items()}
         self.version0 = self.trainer.weight_version
 
+    def retention(self, which: str) -> None:
+        """The built-in retention prompts of the next rows: "all", or "core" (no replay-only ones); the
+        answers and the guard's measures are made again when they change (as PUT /train/retention does)."""
+        from livetrain.trainer import guard
+
+        r = self.trainer.retention
+        want = guard.builtin_replay() if which == "all" else []
+        if len(r.builtin_replay) != len(want):
+            r.builtin_replay, r.version, r.answers = want, None, []
+            self.trainer.prepared = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The retention answers on the starting weights, in batches of 64 on a GPU (16 on a CPU)."""
+        t = self.trainer
+        t0 = time.perf_counter()
+        batch = 64 if t.device.type == "cuda" else 16
+        if t.retention.refresh(t.model, t.weight_version, t.pad, batch=batch):
+            print(f"# retention answers: {len(t.retention.prompts)} in {time.perf_counter() - t0:.0f} s", flush=True)
+
     def reset(self) -> None:
         with torch.no_grad():
             for n, w in self.trainer.weights.items():
@@ -124,6 +146,8 @@ ROW = {
     "anchor": 0.0,
     "select": "cycle",
     "reword": False,
+    "restate": False,
+    "retention": "all",
     "until": 0.1,
     "max_steps": 300,
 }
@@ -157,6 +181,37 @@ GRIDS = {
         {"name": "anchor1 r8", "anchor": 1.0, "replay": 8},
         {"name": "anchor4 r8 similar reword", "anchor": 4.0, "replay": 8, "select": "similar", "reword": True},
     ],
+    # sweep3 never ran. With the built-in replay-only prompts (many question forms, guard.builtin_replay) and
+    # "similar" as a greedy cover of the step's forms: the anchor at 4 over 8 rows per step, half of them of the
+    # step's own forms (template interference: docs/learning.md); the same with a warm-up of 30 steps (on the
+    # CPU one step at lr 5e-5 without replay already lost 7 of 26 general answers, and the anchor's gradient is
+    # zero at the first step: the warm-up makes the first steps small), then with each answer also trained as
+    # plain text (restate: the reworded recall); the anchor at 16; the model's rewordings; the 80 prompts of
+    # before (whether the new ones are what helps). Rows 1-2 and 2-3 differ in one setting each. Most
+    # informative first: the call's timeout cuts the last rows. The rows with more examples get a larger budget.
+    "sweep4": [
+        {"name": "anchor4 r8 similar", "anchor": 4.0, "replay": 8, "select": "similar"},
+        {"name": "anchor4 r8 similar warmup30", "anchor": 4.0, "replay": 8, "select": "similar", "warmup": 30},
+        {
+            "name": "anchor4 r8 similar warmup30 restate",
+            "anchor": 4.0,
+            "replay": 8,
+            "select": "similar",
+            "warmup": 30,
+            "restate": True,
+            "max_steps": 400,
+        },
+        {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
+        {
+            "name": "anchor4 r8 similar reword",
+            "anchor": 4.0,
+            "replay": 8,
+            "select": "similar",
+            "reword": True,
+            "max_steps": 400,
+        },
+        {"name": "anchor4 r8 similar core", "anchor": 4.0, "replay": 8, "select": "similar", "retention": "core"},
+    ],
 }
 
 
@@ -178,6 +233,15 @@ def main(argv=None) -> int:
         help="replay_select of each job: cycle, similar (trainer.schedule.Replayed)",
     )
     p.add_argument("--reword", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1")
+    p.add_argument(
+        "--restate", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1 (trainer.augment)"
+    )
+    p.add_argument(
+        "--retention",
+        type=lambda s: s.split(","),
+        default=["all"],
+        help="built-in retention prompts: all, core (without the replay-only ones)",
+    )
     p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--batch-size", type=int, default=8)
@@ -193,13 +257,27 @@ def main(argv=None) -> int:
         rows = [{**ROW, **r} for r in GRIDS[a.grid]]
     else:
         rows = [
-            {**ROW, "name": "", "lr": lr, "warmup": w, "replay": r, "anchor": b, "select": c, "reword": x, "until": u}
+            {
+                **ROW,
+                "name": "",
+                "lr": lr,
+                "warmup": w,
+                "replay": r,
+                "anchor": b,
+                "select": c,
+                "reword": x,
+                "restate": y,
+                "retention": z,
+                "until": u,
+            }
             for lr in a.lr
             for w in a.warmup
             for r in a.replay
             for b in a.anchor
             for c in a.select
             for x in a.reword
+            for y in a.restate
+            for z in a.retention
             for u in a.until
         ]
         for r in rows:
@@ -211,9 +289,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ip = InProcess(a.dtype, a.device, a.batch_size)
     print(f"# loaded in {time.perf_counter() - t0:.0f} s; {len(examples)} examples", flush=True)
-    t0 = time.perf_counter()
-    ip.trainer.retention.refresh(ip.trainer.model, ip.trainer.weight_version, ip.trainer.pad)
-    print(f"# retention answers: {len(ip.trainer.retention.prompts)} in {time.perf_counter() - t0:.0f} s", flush=True)
+    ip.retention(rows[0]["retention"] if rows else "all")
     t0 = time.perf_counter()
     base = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
     print(
@@ -222,12 +298,14 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | select | reword | until | steps | trained | reworded | general kept | KL "
+        "| row | lr | replay | anchor | select | retention | reword | restate | until | steps | trained | reworded "
+        "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
     )
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
     for r in rows:
+        ip.retention(r["retention"])
         ip.reset()
         job = {
             "examples": examples,
@@ -237,6 +315,7 @@ def main(argv=None) -> int:
             "anchor": r["anchor"],
             "replay_select": r["select"],
             "reword": r["reword"],
+            "restate": r["restate"],
             "guard": True,
         }
         if "steps" in r:
@@ -275,8 +354,9 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} "
-            f"| {(info['reworded'] or {}).get('examples', '-')} | {until} "
+            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
+            f"| {until} "
             f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
             f"| {kept}/{right} | {row['kl']} | {row['answers_kept']}/{row['answers_compared']} | {verdict} "
             f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",

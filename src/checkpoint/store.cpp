@@ -48,6 +48,36 @@ std::vector<DType> recorded_dtypes(const Commit& c) {
   return out;
 }
 
+// C's tensors by name: their index in commit order (the keys are C's names: C outlives the map).
+std::unordered_map<std::string_view, size_t> tensor_index(const Commit& c) {
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+  return index;
+}
+
+// The index (in commit order; INDEX is tensor_index(C)) of the tensor NAME that WHO (the engine, a rank)
+// serves as DTYPE, checked: a tensor of the store DIR's model whose files' dtype converts to DTYPE
+// (served_conversion_refusal). Every served dtype a store takes (set_served, OpenOptions::served and
+// serve_as, a rank's part) passes here.
+size_t served_tensor(const std::unordered_map<std::string_view, size_t>& index, const Commit& c,
+                     const std::string& name, DType dtype, const std::string& dir, const std::string& who) {
+  auto it = index.find(name);
+  if (it == index.end()) {
+    throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\", served by " + who +
+                                            ", is not in the checkpoint store's model (" + dir +
+                                            "): the store was made from other files, or " + who +
+                                            " names its tensors differently from the model files");
+  }
+  const TensorEntry& t = c.tensors[it->second];
+  if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
+    throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
+                                             " in the model files and served as " + std::string(dtype_name(dtype)) +
+                                             " by " + who + "; the checkpoint store " + dir +
+                                             " cannot keep it: " + why);
+  }
+  return it->second;
+}
+
 void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
   if (p) p(what, done, total);
 }
@@ -574,8 +604,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   s.served_options_ = o.served;
   s.set_served_dtypes();
   // The held regions, in commit order; overlapping ones would be saved twice.
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+  const auto index = tensor_index(c);
   if (!o.held) {
     for (size_t i = 0; i < c.tensors.size(); ++i)
       s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), s.served_nbytes(i)});
@@ -638,8 +667,7 @@ long Store::held_index(size_t tensor, const Region& region) const {
 }
 
 std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& live, bool for_save) const {
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   std::vector<Checked> out;
   for (const auto& l : live) {
     auto it = index.find(l.name);
@@ -706,8 +734,7 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
     throw Error(ErrorCode::kFormat,
                 path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(part.hash));
   }
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   DeltaHeader h = delta_parse(map.data(), map.size(), path, [&](const DeltaRecord& r) {
     auto it = index.find(r.name);
     if (it == index.end())
@@ -1246,23 +1273,13 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   // rank its own; they must agree).
   Commit c = commit_;
   {
-    std::unordered_map<std::string_view, size_t> index;
-    for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+    const auto index = tensor_index(c);
     std::vector<long> declared_by(c.tensors.size(), -1);
     for (const PartDescriptor* p : by_rank) {
       for (const auto& [name, dtype] : p->served) {
-        auto it = index.find(name);
-        if (it == index.end()) {
-          throw Error(ErrorCode::kInvalidArg, rank_name(*p) + "'s part serves tensor \"" + name +
-                                                  "\", which is not in the checkpoint store's model (" + dir_ + ")");
-        }
-        TensorEntry& t = c.tensors[it->second];
-        if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-          throw Error(ErrorCode::kUnsupported, rank_name(*p) + " serves tensor \"" + name + "\" as " +
-                                                   std::string(dtype_name(dtype)) + ", " +
-                                                   std::string(dtype_name(t.dtype)) + " in the model files: " + why);
-        }
-        long& first = declared_by[it->second];
+        const size_t i = served_tensor(index, c, name, dtype, dir_, rank_name(*p) + "'s part");
+        TensorEntry& t = c.tensors[i];
+        long& first = declared_by[i];
         if (first >= 0 && t.served != dtype) {
           throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\" is served as " +
                                                   std::string(dtype_name(t.served)) + " by rank " +
@@ -1552,26 +1569,14 @@ void Store::set_served(const std::vector<std::pair<std::string, DType>>& served)
   check_usable();
   require_rank0("setting the served dtype");
   sync();
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   Commit c = commit_;
   std::set<size_t> changed;
   for (const auto& [name, dtype] : served) {
-    auto it = index.find(name);
-    if (it == index.end()) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "live tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ + ")");
-    }
-    TensorEntry& t = c.tensors[it->second];
-    if (t.served == dtype) continue;
-    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
-                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
-                                               " by the engine; the checkpoint store " + dir_ +
-                                               " cannot keep it: " + why);
-    }
-    t.served = dtype;
-    changed.insert(it->second);
+    const size_t i = served_tensor(index, c, name, dtype, dir_, "the engine");
+    if (c.tensors[i].served == dtype) continue;
+    c.tensors[i].served = dtype;
+    changed.insert(i);
   }
   if (changed.empty()) return;
   for (const Held& h : held_) {
@@ -1611,31 +1616,13 @@ void Store::serve_as(const std::vector<std::pair<std::string, DType>>& served) {
 
 void Store::set_served_dtypes() {
   served_ = recorded_dtypes(commit_);
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   for (const auto& [name, dtype] : served_options_) {
-    auto it = index.find(name);
-    if (it == index.end()) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "served tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ +
-                      "): the store was made from other files, or the engine names its tensors differently from "
-                      "the model files");
-    }
-    const TensorEntry& t = commit_.tensors[it->second];
-    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
-                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
-                                               " by the engine; the checkpoint store " + dir_ +
-                                               " cannot keep it: " + why);
-    }
-    served_[it->second] = dtype;
+    served_[served_tensor(index, commit_, name, dtype, dir_, "the engine")] = dtype;
   }
 }
 
-uint64_t Store::served_nbytes(size_t tensor) const {
-  const TensorEntry& t = commit_.tensors[tensor];
-  return served_[tensor] == t.dtype ? t.nbytes : t.nbytes / unit_bytes(t.dtype) * unit_bytes(served_[tensor]);
-}
+uint64_t Store::served_nbytes(size_t tensor) const { return commit_.tensors[tensor].nbytes_as(served_[tensor]); }
 
 void Store::check_served_change(const Commit& next, const std::string& who) const {
   std::set<size_t> changed;

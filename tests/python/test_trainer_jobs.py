@@ -230,7 +230,8 @@ def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
     info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
-    assert g["held_out_prompts"] == len(trainer.retention.prompts) // 2 and g["replayed_prompts"] > 0
+    assert g["held_out_prompts"] == len(trainer.retention.held_out()) == len(trainer.retention.builtin) // 2
+    assert g["replayed_prompts"] > len(trainer.retention.builtin) // 2  # the replay-only prompts too
     assert 0 <= g["kl"] < g["threshold"] and g["kl_se"] >= 0 and g["answers_made"] and g["seconds"] > 0
     assert g["prepared"]["at_job_start"] == ["kept", "answers", "reference", "anchor"]  # no idle moment before
     # --guard-min-kept 0: the answers kept decide nothing, and are measured after the verdict, off the job's
@@ -400,6 +401,42 @@ def test_reword_trains_the_models_rewordings_too(run):
     assert job(trainer, {"examples": chats, "steps": 1})["reworded"] is None
 
 
+def test_restate_trains_each_answer_as_plain_text_too(run):
+    _, trainer = run("--no-guard")
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f["prompt"] + "?"},
+                {"role": "assistant", "content": f["completion"]},
+            ]
+        }
+        for f in FACTS
+    ]
+    trained = []
+    step = trainer.step
+
+    def traced(batch, *anchor):
+        trained.extend(batch)
+        return step(batch, *anchor)
+
+    trainer.step = traced
+    info = job(trainer, {"examples": chats + FACTS, "steps": 1, "restate": True, "batch_size": 8})
+    # One plain-text row per chat example (the completions are not chats): its answer and the end-of-text token,
+    # every token trained.
+    assert info["restated"] == len(chats) and info["examples"] == len(chats) + len(FACTS) + len(chats)
+    assert info["plan"]["restate"] is True and len(trained) == info["examples"]
+    tok = trainer.tokenizer
+    for f, (ids, mask, weight) in zip(FACTS, trained[-len(chats) :]):
+        assert ids == tok(f["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert all(mask) and weight == 1.0
+    assert job(trainer, {"examples": chats, "steps": 1})["restated"] is None
+    # A job that trains until learned waits for its own examples only: the restated rows are in its batches
+    # but not in its stop (nor its losses' summary).
+    info = job(trainer, {"examples": chats, "restate": True, "until_loss": 50.0, "batch_size": 8})
+    assert info["stop_reason"] == "until_loss" and info["step"] == 1 and info["losses"]["counted"] == len(chats)
+    assert augment.restated(tok, chats, max_len=1) == []  # longer than the trainer's rows: left out
+
+
 def test_replayed_rows_cycle_or_follow_the_steps_prompts():
     # Prompts as token ids; token 0 is in every prompt (a chat template's): it weighs nothing.
     pool = [[0, 1, 2], [0, 3, 4], [0, 5, 6], [0, 1, 7]]
@@ -414,6 +451,10 @@ def test_replayed_rows_cycle_or_follow_the_steps_prompts():
     assert similar.pick(2, [[9]]) == [0, 1]  # nothing shared: the row picked longest ago
     # 3 "similar" (the least recently picked), then the cycle's rows not picked yet, then repeats.
     assert similar.pick(5, [[9]]) == [2, 3, 0, 1, 2]
+    # Several forms in one step: a row of each (greedy cover), not the two rows of the same tokens.
+    forms = schedule.Replayed([[0, 1, 2], [0, 1, 2, 3], [0, 5], [0, 6]], "similar")
+    assert forms.weights([[0, 1, 2], [0, 5]]) == pytest.approx([2 * math.log(2), 2 * math.log(2), math.log(4), 0])
+    assert forms.pick(4, [[0, 1, 2], [0, 5]]) == [0, 2, 1, 3]
     with pytest.raises(ValueError):
         schedule.Replayed(pool, "random")
 
@@ -536,6 +577,7 @@ def test_cancel_a_queued_and_a_running_job(run):
         ({"examples": FACTS, "anchor": -1}, "anchor"),
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
         ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
+        ({"examples": FACTS, "restate": "yes"}, "restate"),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):
@@ -548,14 +590,15 @@ def test_bad_job_fields_are_refused_naming_them(run, body, param):
 
 def test_retention_prompts(run, tmp_path):
     _, trainer = run()
-    n = len(guard.builtin_prompts())
-    assert n >= 30 and len(trainer.retention.prompts) == n
+    n, replay_only = len(guard.builtin_prompts()), len(guard.builtin_replay())
+    assert n >= 30 and replay_only >= 300 and len(trainer.retention.prompts) == n + replay_only
     runner = threading.Thread(target=trainer.run, daemon=True)  # the retention ops run between steps
     runner.start()
     try:
         chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"}]}
         r = trainer.handle("set_retention", json.dumps({"prompts": ["hello how are you", chat]}).encode())
-        assert r.code == 200 and r.body["user"] == 2 and r.body["builtin"] == n and r.body["answers_version"] is None
+        assert r.code == 200 and r.body["user"] == 2 and r.body["builtin"] == n + replay_only
+        assert r.body["answers_version"] is None
         for body, param in (
             ({"prompts": "x"}, "prompts"),
             ({"prompts": [""]}, "prompts[0]"),
@@ -571,9 +614,13 @@ def test_retention_prompts(run, tmp_path):
         while trainer.jobs[jid]["state"] not in schedule.FINAL:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # The built-in alternating prompts and the user's alternate; the replay-only ones are all replayed.
         assert trainer.jobs[jid]["guard"]["held_out_prompts"] == (n + 2) // 2
         listed = trainer.handle("retention", b"").body
         assert listed["answers_version"] is not None and listed["prompts"][-1]["source"] == "user"
+        uses = [p["use"] for p in listed["prompts"]]
+        assert uses.count("held_out") == (n + 2) // 2 and uses[n : n + replay_only] == ["replay"] * replay_only
+        assert uses[-2:] == ["replay", "held_out"] if n % 2 == 0 else ["held_out", "replay"]
         assert all(isinstance(p["answer"], str) for p in listed["prompts"])
     finally:
         trainer.stopping.set()
@@ -596,8 +643,8 @@ def test_builtin_retention_prompts_are_not_the_benchmarks_questions():
     data = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "learning_data.json")
     with open(data) as f:
         asked = {norm(g["q"]) for g in json.load(f)["general"]}
-    prompts = [norm(p[-1]["content"]) for p in guard.builtin_prompts()]
-    assert len(prompts) == len(set(prompts)) >= 80
+    prompts = [norm(p[-1]["content"]) for p in guard.builtin_prompts() + guard.builtin_replay()]
+    assert len(prompts) == len(set(prompts)) >= 380
     assert not asked & set(prompts), asked & set(prompts)
 
 
@@ -614,6 +661,8 @@ def test_plan_resolution():
     assert p.anchor == defaults.anchor and p.reword == defaults.reword
     p = schedule.plan({"anchor": 3, "reword": True}, options.parse(["--anchor", "0", "--no-reword"]), 10)
     assert (p.anchor, p.reword) == (3.0, True)
+    assert schedule.plan({}, options.parse(["--restate"]), 10).restate is True
+    assert schedule.plan({"restate": False}, options.parse(["--restate"]), 10).restate is False
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3]
     )
@@ -628,7 +677,14 @@ def test_plan_resolution():
         "after": pytest.approx(0.02667, abs=1e-5),
         "max_after": 0.05,
         "below": 3,
+        "counted": 3,
     }
+    # Examples aside (restated answers) are trained but neither waited for nor summarized.
+    aside = schedule.Losses(3, aside=[1])
+    aside.record([0, 1], [0.05, 3.0])
+    assert not aside.learned(0.1)  # example 2 not seen yet
+    aside.record([2], [0.07])
+    assert aside.learned(0.1) and aside.summary(0.1)["max_after"] == 0.07 and aside.summary(0.1)["counted"] == 2
 
 
 def test_the_token_budget_is_chosen_from_memory_unless_given(run, monkeypatch):

@@ -1,8 +1,9 @@
-"""Cheap augmentation of a job's chat examples (the job's ``reword``): the served model itself rewords each
-example's last question once (greedy decoding, before the job's first step), and the reworded question with
-the same answer joins the job as one more example. A fact trained in more phrasings is more likely to be
-answered when asked in yet another one (the "reworded" column of bench/learning_sweep.py measures it;
-docs/learning.md has the numbers).
+"""Cheap augmentation of a job's chat examples. ``reword``: the served model itself rewords each example's
+last question once (greedy decoding, before the job's first step), and the reworded question with the same
+answer joins the job as one more example. ``restate``: each example's answer also joins the job as plain
+text, without the chat template or its question (``restated``; at submit, no model run). A fact trained in
+more phrasings, or as a statement of its own, is more likely to be answered when asked in yet another one
+(the "reworded" column of bench/learning_sweep.py measures it; docs/learning.md has the numbers).
 """
 
 from __future__ import annotations
@@ -68,3 +69,24 @@ def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list,
             out.append((ids, mask, weight))
             texts.append(text)
     return out, texts
+
+
+def restated(tokenizer, raw: list, max_len: int) -> list:
+    """For each ``rewordable`` example of ``raw``: its answer as a plain-text example (an empty prompt, the
+    answer as the completion and its end-of-text token), encoded as a job's examples are; answers too short to
+    train on or longer than ``max_len`` tokens are left out. Whatever the question's wording, the answer states
+    the fact: trained without it, the fact is learned as text of its own rather than only as the reply to
+    those words."""
+    out = []
+    for ex in rewordable(raw):
+        try:
+            ids, mask, weight = encode_example(
+                tokenizer,
+                {"prompt": "", "completion": ex["messages"][-1]["content"], "weight": ex.get("weight", 1.0)},
+                "restated",
+            )
+        except Invalid:
+            continue
+        if len(ids) <= max_len:
+            out.append((ids, mask, weight))
+    return out

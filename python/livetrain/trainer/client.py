@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the model rewords each question once and the job trains those too (default: the server's)",
     )
     p.add_argument(
+        "--restate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the job also trains each answer as plain text, without its question (default: the server's)",
+    )
+    p.add_argument(
         "--guard",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -26,6 +26,7 @@ JOB_OPTIONS = {
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
     "reword": (bool, lambda v: True, "true or false"),
+    "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
     "guard": (bool, lambda v: True, "true or false"),
 }

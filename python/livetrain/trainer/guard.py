@@ -85,8 +85,16 @@ def check_prompts(items, field: str = "prompts") -> list[list[dict]]:
 
 
 def builtin_prompts() -> list[list[dict]]:
+    """The built-in prompts that alternate between the replayed and the held-out half."""
     with open(BUILTIN) as f:
         return check_prompts(json.load(f)["prompts"])
+
+
+def builtin_replay() -> list[list[dict]]:
+    """The built-in prompts that are replayed only: many question forms, several of each, for
+    ``replay_select`` "similar" to find rows of a job's own forms (the held-out half stays as it is)."""
+    with open(BUILTIN) as f:
+        return check_prompts(json.load(f)["replay"], "replay")
 
 
 def read_prompts(path: str) -> list[list[dict]]:
@@ -329,11 +337,16 @@ def kept(before: list[list[int]], after: list[list[int]], tokens: int = KEPT_TOK
 
 class Retention:
     """The retention set and the model's answers to it (see the module's docstring). ``version``: the
-    weight version the answers were made at (None: not made yet, or the prompts changed since)."""
+    weight version the answers were made at (None: not made yet, or the prompts changed since).
+
+    ``prompts`` is the built-in alternating prompts, the built-in replay-only ones, then the user's. The
+    built-in alternating prompts and the user's, in that order, alternate between the replayed half (even
+    positions) and the held-out half (odd); the built-in replay-only prompts are all replayed."""
 
     def __init__(self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True):
         self.tokenizer = tokenizer
         self.builtin = builtin_prompts() if builtin else []
+        self.builtin_replay = builtin_replay() if builtin else []
         self.user = list(user or [])
         self.version: int | None = None
         self.answers: list[list[int]] = []
@@ -341,13 +354,25 @@ class Retention:
 
     @property
     def prompts(self) -> list[list[dict]]:
-        return self.builtin + self.user
+        return self.builtin + self.builtin_replay + self.user
+
+    def uses(self) -> list[str]:
+        """Per prompt of ``prompts``, "replay" or "held_out"."""
+        alternating = ["replay" if i % 2 == 0 else "held_out" for i in range(len(self.builtin) + len(self.user))]
+        return (
+            alternating[: len(self.builtin)] + ["replay"] * len(self.builtin_replay) + alternating[len(self.builtin) :]
+        )
+
+    def held_out_prompts(self) -> list[list[dict]]:
+        """The held-out half's prompts, in order."""
+        return [p for p, u in zip(self.prompts, self.uses()) if u == "held_out"]
 
     def set_user(self, prompts: list[list[dict]], builtin: bool = True) -> None:
         """Replaces the user's prompts (and keeps or drops the built-in ones); the answers are made again
         at the next guarded job. At least two prompts in all (the caller checks)."""
         self.user = list(prompts)
         self.builtin = builtin_prompts() if builtin else []
+        self.builtin_replay = builtin_replay() if builtin else []
         self.version, self.answers = None, []
 
     def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:
@@ -364,37 +389,33 @@ class Retention:
         self.version, self.seconds = version, time.perf_counter() - t0
         return True
 
-    def _examples(self, start: int) -> list[tuple[list[int], list[bool], float]]:
+    def _examples(self, use: str) -> list[tuple[list[int], list[bool], float]]:
         out = []
-        for i in range(start, len(self.prompts), 2):
-            p, a = prompt_ids(self.tokenizer, self.prompts[i]), self.answers[i]
+        for p, a, u in zip(self.prompts, self.answers, self.uses()):
+            if u != use:
+                continue
+            p = prompt_ids(self.tokenizer, p)
             if len(a) >= 1:  # an empty answer (the model stopped at once) teaches and measures its stop token
                 out.append((p + a, [False] * len(p) + [True] * len(a), 1.0))
         return out
 
     def replay(self) -> list[tuple[list[int], list[bool], float]]:
         """The replay half as training examples: (prompt + the model's answer, loss on the answer, 1)."""
-        return self._examples(0)
+        return self._examples("replay")
 
     def held_out(self) -> list[tuple[list[int], list[bool], float]]:
         """The held-out half, as the same kind of examples, for the guard's measures (KL to the starting model, answers kept)."""
-        return self._examples(1)
+        return self._examples("held_out")
 
     def describe(self) -> dict:
         """What GET /train/retention shows: each prompt, where it comes from, its half, and the answer."""
         items = []
-        for i, p in enumerate(self.prompts):
+        builtin = len(self.builtin) + len(self.builtin_replay)
+        for i, (p, use) in enumerate(zip(self.prompts, self.uses())):
             answer = self.tokenizer.decode(self.answers[i], skip_special_tokens=True) if self.answers else None
-            items.append(
-                {
-                    "messages": p,
-                    "source": "builtin" if i < len(self.builtin) else "user",
-                    "use": "replay" if i % 2 == 0 else "held_out",
-                    "answer": answer,
-                }
-            )
+            items.append({"messages": p, "source": "builtin" if i < builtin else "user", "use": use, "answer": answer})
         return {
-            "builtin": len(self.builtin),
+            "builtin": builtin,
             "user": len(self.user),
             "answers_version": self.version,
             "answers_seconds": round(self.seconds, 3),

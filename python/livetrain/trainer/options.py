@@ -23,6 +23,7 @@ LEARNING = {
     "replay": 2,
     "anchor": 1.0,
     "reword": False,
+    "restate": False,
     "replay_select": "cycle",
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
@@ -193,6 +194,13 @@ def add_learning_options(parser) -> None:
         f"the reworded questions too (default {LEARNING['reword']})",
     )
     parser.add_argument(
+        "--restate",
+        action=argparse.BooleanOptionalAction,
+        default=LEARNING["restate"],
+        help="by default, a job also trains each chat example's answer as plain text, without its question "
+        f"(trainer.augment.restated; default {LEARNING['restate']})",
+    )
+    parser.add_argument(
         "--replay-select",
         default=LEARNING["replay_select"],
         choices=REPLAY_SELECT,
@@ -274,6 +282,7 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--anchor",
         str(ns.anchor),
         "--reword" if ns.reword else "--no-reword",
+        "--restate" if ns.restate else "--no-restate",
         "--replay-select",
         ns.replay_select,
         *(["--no-guard"] if ns.no_guard else []),

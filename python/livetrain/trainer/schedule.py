@@ -40,7 +40,8 @@ class Plan:
     steps. ``replay`` retention examples are trained on at every step (0: none): as examples with the model's
     own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
-    the job trains those too (trainer.augment). ``guard``: measure retention and roll the job back when it
+    the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
+    plain text (trainer.augment.restated). ``guard``: measure retention and roll the job back when it
     drops too far (docs/learning.md).
     """
 
@@ -55,6 +56,7 @@ class Plan:
     reword: bool
     guard: bool
     replay_select: str = "cycle"
+    restate: bool = False
 
     @property
     def budget(self) -> int:
@@ -105,17 +107,23 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         reword=options.get("reword", defaults.reword),
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
+        restate=options.get("restate", defaults.restate),
     )
 
 
 class Losses:
     """Each example's mean loss over its trained tokens, from the forward of the steps that trained it:
     the first value (``before``: measured before that step's update, so before any update for the examples
-    of the first batch) and the latest (``after``: measured before the latest update of that example)."""
+    of the first batch) and the latest (``after``: measured before the latest update of that example).
 
-    def __init__(self, n: int):
+    ``aside``: indices of examples trained but neither waited for nor summarized (a job's restated answers,
+    trainer.augment.restated: plain text whose first tokens no context predicts, so its loss need not fall
+    below a job's ``until_loss``)."""
+
+    def __init__(self, n: int, aside=()):
         self.first: list[float | None] = [None] * n
         self.last: list[float | None] = [None] * n
+        self.counted = [i for i in range(n) if i not in set(aside)]
 
     def record(self, indices: list[int], losses: list[float]) -> None:
         for i, v in zip(indices, losses):
@@ -124,15 +132,15 @@ class Losses:
             self.last[i] = v
 
     def seen_all(self) -> bool:
-        return all(v is not None for v in self.last)
+        return all(self.last[i] is not None for i in self.counted)
 
     def below(self, target: float) -> int:
         """How many examples' latest loss is below ``target``."""
-        return sum(1 for v in self.last if v is not None and v < target)
+        return sum(1 for i in self.counted if self.last[i] is not None and self.last[i] < target)
 
     def learned(self, target: float | None) -> bool:
         """Whether every example has been trained and its latest loss is below ``target``."""
-        return target is not None and self.seen_all() and self.below(target) == len(self.last)
+        return target is not None and self.seen_all() and self.below(target) == len(self.counted)
 
     def summary(self, target: float | None) -> dict:
         """``{"before", "after", "max_after", "below"}``: the mean of the first and of the latest losses,
@@ -142,12 +150,14 @@ class Losses:
             xs = [x for x in xs if x is not None]
             return sum(xs) / len(xs) if xs else None
 
-        seen = [x for x in self.last if x is not None]
+        first, last = [self.first[i] for i in self.counted], [self.last[i] for i in self.counted]
+        seen = [x for x in last if x is not None]
         return {
-            "before": _round(mean(self.first)),
-            "after": _round(mean(self.last)),
+            "before": _round(mean(first)),
+            "after": _round(mean(last)),
             "max_after": _round(max(seen)) if seen else None,
             "below": None if target is None else self.below(target),
+            "counted": len(self.counted),
         }
 
 
@@ -199,9 +209,15 @@ class Replayed:
         ``k`` exceeds them)."""
         chosen: list[int] = []
         if self.how == "similar" and self.n:
-            w = self.weights(prompts)
-            ranked = sorted(range(self.n), key=lambda i: (-w[i], self.last[i], i))
-            chosen = ranked[: min((k + 1) // 2, self.n)]
+            # Greedy cover: each pick the row whose tokens weigh most among those of the step's prompts that
+            # no row picked before holds, so that a step of several forms ("the capital of", "who invented")
+            # gets a row of each rather than all of the likeliest one.
+            query = set().union(*map(set, prompts)) if prompts else set()
+            while len(chosen) < min((k + 1) // 2, self.n):
+                w = [sum(self.idf[t] for t in s & query) for s in self.tokens]
+                best = min((i for i in range(self.n) if i not in chosen), key=lambda i: (-w[i], self.last[i], i))
+                chosen.append(best)
+                query -= self.tokens[best]
         while len(chosen) < k and self.n:
             i, self.next = self.next, (self.next + 1) % self.n
             if i not in chosen or len(set(chosen)) == self.n:

@@ -440,6 +440,12 @@ class Trainer:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
         per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        # Each chat example's answer as plain text too (trainer.augment.restated): made here, no model run,
+        # so they are the job's examples from the start (admission, epochs, until_loss count them).
+        restated = []
+        if parsed.get("restate", self.settings.restate):
+            restated = augment.restated(self.tokenizer, job["examples"], self.max_len)
+            parsed["examples"] = parsed["examples"] + restated
         n = len(parsed["examples"])
         # The per-step token budget (trainer.admission): a batch size the client did not choose shrinks
         # to fit, one it chose is refused; steps of epochs count the batches of the fitted size.
@@ -480,6 +486,7 @@ class Trainer:
             "losses": None,
             "stop_reason": None,
             "reworded": None,
+            "restated": len(restated) if plan.restate else None,
             "guard": None,
             "error": None,
             "submitted": time.time(),
@@ -491,7 +498,12 @@ class Trainer:
             if jid in self.jobs:
                 return error(409, f"job id {jid!r} is taken by another job", "id")
             try:
-                queued = {"examples": parsed["examples"], "plan": plan}
+                queued = {
+                    "examples": parsed["examples"],
+                    "plan": plan,
+                    "examples_own": n - len(restated),
+                    "restated": len(restated),
+                }
                 if plan.reword:
                     queued["raw"] = job["examples"]  # the chat text the model rewords (trainer.augment)
                 self.queue.put_nowait((jid, queued))
@@ -933,7 +945,10 @@ class Trainer:
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
-            losses = schedule.Losses(len(examples))
+            # The restated answers (trainer.augment.restated, after the job's own examples) are trained but not
+            # waited for: their first tokens have no context to be predicted from.
+            aside = range(job["examples_own"], job["examples_own"] + job["restated"])
+            losses = schedule.Losses(len(examples), aside)
             # Which replayed rows join each step: in the batch (one-hot), or as the anchor's rows (the same
             # rows: indices into its reference).
             replayed, anchor = None, None
@@ -985,7 +1000,11 @@ class Trainer:
                 print(
                     f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
                     f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
-                    + (f", {summary['below']}/{len(examples)} below {plan.until_loss:g}" if plan.until_loss else "")
+                    + (
+                        f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}"
+                        if plan.until_loss
+                        else ""
+                    )
                     + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
                     f"weight version {self.weight_version}",
                     flush=True,
@@ -1232,7 +1251,7 @@ class Trainer:
 
     def _kept_answers(self, interrupt=None) -> list[list[int]]:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
-        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.prompts[1::2]]
+        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
         stop = guard.stop_ids(self.tokenizer, self.model)
         return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
 
