@@ -234,6 +234,24 @@ def apollo_like_step(live: dict, lr: float, seed: int) -> int:
     return int(changed)
 
 
+# ---- saves from host memory (no GPU needed): the model both host modes save ----
+def host_model(gib: float, work: str):
+    """Random bf16 Llama-shaped tensors of `gib` GiB on the host and their model directory in `work`:
+    (live tensors, model bytes, model directory)."""
+    from livetrain import safetensors as lst
+
+    torch.manual_seed(0)
+    live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+    model_dir = os.path.join(work, "model")
+    os.mkdir(model_dir)
+    lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+    return live, sum(w.numel() * 2 for w in live.values()), model_dir
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
 # ---- --writeback-host: checkpoint.writeback_mib on a save from host memory (no GPU needed) ----
 def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
     """Saves of host tensors after a dense step, alternating checkpoint.writeback_mib 0 and its default, in
@@ -241,19 +259,13 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
     then the writer's tail, and of it the delta file's fsync (what the knob shortens; on this path the tail
     also XORs the head copy). Prints one row per setting (medians) and the disk's own write + fsync rate."""
     from livetrain import _core
-    from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
 
     default = _core.tuning()["checkpoint.writeback_mib"]["default"]
     work = tempfile.mkdtemp(prefix="livetrain-checkpoint-writeback-", dir=parent)
     try:
         bw_disk = disk_write_bandwidth(work, 2**29)
-        torch.manual_seed(0)
-        live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
-        model_bytes = sum(w.numel() * 2 for w in live.values())
-        model_dir = os.path.join(work, "model")
-        os.mkdir(model_dir)
-        lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+        live, model_bytes, model_dir = host_model(gib, work)
         store = CheckpointStore.create(model_dir)
         rows = {0: [], default: []}
         try:
@@ -275,9 +287,6 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(xs):
-        return sorted(xs)[len(xs) // 2]
-
     print(
         f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB, {repeats} saves per setting "
         f"(medians), disk write + fsync {bw_disk / 1e9:.2f} GB/s\n"
@@ -288,11 +297,11 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
     )
     print("|---|---:|---|---:|---:|---:|")
     for mib, rs in rows.items():
-        b = med([r["bytes_written"] for r in rs])
+        b = median([r["bytes_written"] for r in rs])
         print(
-            f"| {mib} | {med([r['seconds'] for r in rs]):.2f} | {med([r['diff_seconds'] for r in rs]):.2f} / "
-            f"{med([r['encode_seconds'] for r in rs]):.2f} / {med([r['write_seconds'] for r in rs]):.3f} | "
-            f"{med([r['sync_seconds'] for r in rs]):.3f} | {b:,} | {b / bw_disk:.3f} |"
+            f"| {mib} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
+            f"{median([r['encode_seconds'] for r in rs]):.2f} / {median([r['write_seconds'] for r in rs]):.3f} | "
+            f"{median([r['sync_seconds'] for r in rs]):.3f} | {b:,} | {b / bw_disk:.3f} |"
         )
     return 0
 
@@ -311,7 +320,6 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     order of the stores rotates), so all encode the same diff; their delta files must be identical. Prints
     the medians of the encode phase and of its input (bitmaps + values) per second and thread."""
     from livetrain import _core
-    from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
 
     threads = int(os.environ.get("LIVETRAIN_NUM_THREADS") or 0) or os.cpu_count()
@@ -319,12 +327,7 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     rows = {c: [] for c in ENCODERS}
     same = []
     try:
-        torch.manual_seed(0)
-        live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
-        model_bytes = sum(w.numel() * 2 for w in live.values())
-        model_dir = os.path.join(work, "model")
-        os.mkdir(model_dir)
-        lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+        live, model_bytes, model_dir = host_model(gib, work)
         stores = {c: CheckpointStore.create(model_dir, os.path.join(work, f"store-{c}")) for c in ENCODERS}
         try:
             for store in stores.values():
@@ -350,9 +353,6 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(xs):
-        return sorted(xs)[len(xs) // 2]
-
     print(
         f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB bf16, {repeats} saves per setting "
         f"on the same diffs (medians), {threads} threads; delta files identical: {'yes' if all(same) else 'NO'}\n"
@@ -362,12 +362,12 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     enc = {}
     for c, label in ENCODERS.items():
         rs = rows[c]
-        enc[c] = med([r["encode_seconds"] for r in rs])
-        rate = med([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
+        enc[c] = median([r["encode_seconds"] for r in rs])
+        rate = median([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
         print(
-            f"| {label} | {med([r['seconds'] for r in rs]):.2f} | {med([r['diff_seconds'] for r in rs]):.2f} / "
-            f"{enc[c]:.3f} / {med([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
-            f"{med([r['bytes_written'] for r in rs]):,} |"
+            f"| {label} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
+            f"{enc[c]:.3f} / {median([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
+            f"{median([r['bytes_written'] for r in rs]):,} |"
         )
     print(
         f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x"

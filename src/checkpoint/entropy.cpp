@@ -350,36 +350,37 @@ void put_codes_pairwise(const uint8_t* in, size_t n, size_t stride, const std::a
   std::memcpy(dst, &acc, 8);
 }
 
-void check_size(size_t n) {
-  if (n > (size_t{1} << 31))
-    throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
-}
-
-}  // namespace
-
-void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
-  check_size(n);
-  const Plan p = plan(histogram(in, n, stride), n);
-  if (put_simple(p, in, n, out, stride)) return;
-  std::array<uint32_t, 256> code{};
-  uint8_t* dst = put_huffman_head(p, out, code);
+// The word-wise coder's codes, its loads specialized for strides 1, 2 and 4.
+void put_codes_any(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
   switch (stride) {
     case 1: put_codes<1>(in, n, stride, code, dst); break;
     case 2: put_codes<2>(in, n, stride, code, dst); break;
     case 4: put_codes<4>(in, n, stride, code, dst); break;
     default: put_codes<0>(in, n, stride, code, dst); break;
   }
-  out.resize(out.size() - 8);
 }
 
-void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride) {
-  check_size(n);
-  const Plan p = plan(histogram_bytewise(in, n, stride), n);
+// One stream, its histogram from `count` and its Huffman codes from `put` (the two coders differ only there).
+template <typename Count, typename Put>
+void encode_with(const uint8_t* in, size_t n, std::string& out, size_t stride, Count count, Put put) {
+  if (n > (size_t{1} << 31))
+    throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
+  const Plan p = plan(count(in, n, stride), n);
   if (put_simple(p, in, n, out, stride)) return;
   std::array<uint32_t, 256> code{};
   uint8_t* dst = put_huffman_head(p, out, code);
-  put_codes_pairwise(in, n, stride, code, dst);
-  out.resize(out.size() - 8);
+  put(in, n, stride, code, dst);
+  out.resize(out.size() - 8);  // the codes' slack
+}
+
+}  // namespace
+
+void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  encode_with(in, n, out, stride, histogram, put_codes_any);
+}
+
+void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  encode_with(in, n, out, stride, histogram_bytewise, put_codes_pairwise);
 }
 
 void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std::string_view where) {
