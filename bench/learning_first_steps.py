@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,15 +39,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|", flush=True)
     for run in a.runs.split(","):
         lr, steps, warmup = float(run.split(":")[0]), int(run.split(":")[1]), int(run.split(":")[2])
-        ip.reset()
-        t0 = time.perf_counter()
-        info = ip.job({"examples": examples, "steps": steps, "lr": lr, "warmup": warmup, "guard": False})
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], 24), facts, general)
+        body = {"examples": examples, "steps": steps, "lr": lr, "warmup": warmup, "guard": False}
+        info, got, seconds = ip.taught(body, asked, facts, general)
         kept, right = lq.kept(base["general"], got["general"])
         moved = max((ip.trainer.weights[n] - ip.start[n]).abs().max().item() for n in ip.start)
         print(
-            f"| {lr:g} | {steps} | {warmup} | {info['loss_after']} | {kept}/{right} | {moved:.2e} "
-            f"| {time.perf_counter() - t0:.0f} |",
+            f"| {lr:g} | {steps} | {warmup} | {info['loss_after']} | {kept}/{right} | {moved:.2e} | {seconds:.0f} |",
             flush=True,
         )
     return 0
