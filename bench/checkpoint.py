@@ -25,6 +25,7 @@ delta) and compared with the live weights.
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
        python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
        python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
+       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0, 1, 2
 """
 
 import argparse
@@ -296,6 +297,84 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
     return 0
 
 
+# ---- --encoder-host: checkpoint.encoder on a save from host memory (no GPU needed) ----
+ENCODERS = {
+    0: "0: the coder before, records copied",
+    1: "1: word-wise coder, records copied",
+    2: "2 (default): word-wise coder, records as pieces, checksums by the writer",
+}
+
+
+def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
+    """The encode phase of host-tensor saves under each checkpoint.encoder setting, on the same data in one
+    run: one store per setting, all of one model, each saving the same tensors after each dense step (the
+    order of the stores rotates), so all encode the same diff; their delta files must be identical. Prints
+    the medians of the encode phase and of its input (bitmaps + values) per second and thread."""
+    from livetrain import _core
+    from livetrain import safetensors as lst
+    from livetrain.checkpoint import CheckpointStore
+
+    threads = int(os.environ.get("LIVETRAIN_NUM_THREADS") or 0) or os.cpu_count()
+    work = tempfile.mkdtemp(prefix="livetrain-checkpoint-encoder-", dir=parent)
+    rows = {c: [] for c in ENCODERS}
+    same = []
+    try:
+        torch.manual_seed(0)
+        live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+        model_bytes = sum(w.numel() * 2 for w in live.values())
+        model_dir = os.path.join(work, "model")
+        os.mkdir(model_dir)
+        lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
+        stores = {c: CheckpointStore.create(model_dir, os.path.join(work, f"store-{c}")) for c in ENCODERS}
+        try:
+            for store in stores.values():
+                store.save(live)  # the first save after open builds the head copy; nothing changed, nothing written
+            order = list(ENCODERS)
+            for k in range(repeats):
+                apollo_like_step(live, lr, seed=2000 + k)
+                files = []
+                for c in order[k % len(order) :] + order[: k % len(order)]:
+                    _core.tuning_reset()
+                    _core.tuning_set("checkpoint.encoder", c)
+                    r = livetrain_save(stores[c], live)
+                    r["coded_input"] = r["elements"] // 8 + 2 * r["changed"]  # bitmaps + bf16 values
+                    rows[c].append(r)
+                    log(f"encoder {c}: save {r['seconds']:.2f} s, encode {r['encode_seconds']:.3f} s")
+                    with open(os.path.join(work, f"store-{c}", f"gen-{stores[c].head:020d}.delta"), "rb") as f:
+                        files.append(f.read())
+                same.append(all(f == files[0] for f in files))
+        finally:
+            _core.tuning_reset()
+            for store in stores.values():
+                store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    print(
+        f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB bf16, {repeats} saves per setting "
+        f"on the same diffs (medians), {threads} threads; delta files identical: {'yes' if all(same) else 'NO'}\n"
+    )
+    print("| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written |")
+    print("|---|---:|---|---:|---:|")
+    enc = {}
+    for c, label in ENCODERS.items():
+        rs = rows[c]
+        enc[c] = med([r["encode_seconds"] for r in rs])
+        rate = med([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
+        print(
+            f"| {label} | {med([r['seconds'] for r in rs]):.2f} | {med([r['diff_seconds'] for r in rs]):.2f} / "
+            f"{enc[c]:.3f} / {med([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
+            f"{med([r['bytes_written'] for r in rs]):,} |"
+        )
+    print(
+        f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x"
+    )
+    return 0 if all(same) else 1
+
+
 # ---- --sweep: the store's save under its internal tuning knobs ----
 def qwen35_shapes(gib: float):
     """Qwen3.5-27B's text-model tensors (Qwen/Qwen3.5-27B config.json: hidden 5120, 64 layers, every 4th
@@ -346,9 +425,16 @@ def qwen35_shapes(gib: float):
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests, early writeback of the delta), the last repeats
-# them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md has its numbers).
-BEFORE = {"checkpoint.pipeline": 0, "checkpoint.diff": 0, "checkpoint.digests": 0, "checkpoint.writeback_mib": 0}
+# shipped defaults (pipelined one-pass diff with digests, early writeback of the delta, the word-wise entropy
+# coder with records handed on as pieces), the last repeats them (the run's noise). Only what that sweep left
+# undecided is here (docs/tuning.md has its numbers), and the encoder before its two changes (same bytes).
+BEFORE = {
+    "checkpoint.pipeline": 0,
+    "checkpoint.diff": 0,
+    "checkpoint.digests": 0,
+    "checkpoint.writeback_mib": 0,
+    "checkpoint.encoder": 0,
+}
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
@@ -358,7 +444,10 @@ SWEEP_GRID = [
     ("shipped, 64 MiB groups", {"checkpoint.group_mib": 64}),
     ("shipped, encode batch 2", {"checkpoint.encode_batch": 2}),
     ("shipped, encode batch 32", {"checkpoint.encode_batch": 32}),
+    ("shipped, the encoder before (checkpoint.encoder=0)", {"checkpoint.encoder": 0}),
+    ("shipped, word-wise coder, records copied (checkpoint.encoder=1)", {"checkpoint.encoder": 1}),
     ("shipped (again)", {}),
+    ("shipped, early writer (checkpoint.early_writer=1)", {"checkpoint.early_writer": 1}),
 ]
 
 
@@ -590,6 +679,13 @@ def main() -> int:
         metavar="N",
         help="instead: N saves of host tensors per setting of checkpoint.writeback_mib (0, the default); no GPU",
     )
+    ap.add_argument(
+        "--encoder-host",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N dense steps, each saved from host tensors under every checkpoint.encoder setting; no GPU",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
@@ -597,6 +693,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.writeback_host:
         return writeback_host(a.gib, a.lr, a.dir, a.writeback_host)
+    if a.encoder_host:
+        return encoder_host(a.gib, a.lr, a.dir, a.encoder_host)
     if not torch.cuda.is_available():
         print(
             "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",

@@ -60,9 +60,11 @@ std::string region_record(std::mt19937_64& rng, const std::string& name, DType d
       ++changed;
     }
   }
-  std::vector<std::string> outs;
+  std::vector<std::vector<std::string>> outs;
   checkpoint::encode_records({{name, dtype, units, changed, bitmap.data(), values.data(), region}}, outs);
-  return outs[0];
+  std::string record;
+  for (const std::string& piece : outs[0]) record += piece;
+  return record;
 }
 
 std::string delta(uint64_t generation, const std::vector<std::string>& records, int rank = -1, uint32_t ranks = 1) {

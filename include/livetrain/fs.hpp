@@ -64,6 +64,8 @@ class Writer {
   void write(const void* data, size_t size);
   void write(std::string_view s) { write(s.data(), s.size()); }
   void write_zeros(size_t size);
+  // Writes `size` bytes at `offset`, inside what was written already (a header whose content is known last).
+  void write_at(uint64_t offset, const void* data, size_t size);
   uint64_t bytes_written() const { return written_; }
   const std::string& path() const { return path_; }
   // Starts the disk writing each further `bytes` written as soon as they are written (Linux:

@@ -11,6 +11,7 @@
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -100,10 +101,13 @@ struct EncodedBlock {
   uint64_t inner_gap_bytes = 0;  // varint bytes of the gaps between this block's own positions
 };
 
-// Encodes block b (`k` changed elements, values starting at `values`); with `gaps`, also measures what
-// the gap encoding of its positions would take.
+using StreamCoder = void (*)(const uint8_t*, size_t, std::string&, size_t);
+
+// Encodes block b (`k` changed elements, values starting at `values`) with `coder` (entropy::encode or
+// its reference: the same bytes); with `gaps`, also measures what the gap encoding of its positions would
+// take.
 void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, uint64_t k, const uint8_t* bitmap,
-                  const uint8_t* values, bool gaps) {
+                  const uint8_t* values, bool gaps, StreamCoder coder) {
   const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
   const uint8_t* bits = bitmap + begin / 8;
   const uint64_t nbytes = (len + 7) / 8;
@@ -120,14 +124,29 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
     }
     out.last = prev;
   }
+  if (k == 0) {
+    put<uint64_t>(out.bytes, k);
+    return;
+  }
+  // Room for the largest outcome (every stream raw) and the coder's 8 bytes of slack, so that the block's
+  // streams are appended without a reallocation.
+  out.bytes.reserve(8 + (1 + unit) * 9 + nbytes + k * unit + 8);
   put<uint64_t>(out.bytes, k);
-  if (k == 0) return;
-  entropy::encode(bits, nbytes, out.bytes);
-  for (uint32_t p = 0; p < unit; ++p) entropy::encode(values + p, k, out.bytes, unit);
+  coder(bits, nbytes, out.bytes, 1);
+  for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
 }
 
-// Appends record `r` from its encoded blocks, in the smallest of the three encodings.
-void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps) {
+// Block strings shorter than this join the piece before them instead of being a piece of their own (a
+// block with no change is its 8-byte count).
+constexpr size_t kMinPiece = 4096;
+
+// Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
+// concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
+// delta) instead of copying them into one string.
+void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps,
+              bool checksum) {
+  pieces.assign(1, std::string());
+  std::string& out = pieces[0];
   const uint32_t unit = unit_bytes(r.dtype);
   const uint64_t bitmap_bytes = (r.units + 7) / 8;
   uint64_t gap_bytes = 0, blocks_bytes = 8, prev = 0;
@@ -145,9 +164,8 @@ void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>&
   if (gaps && gap_bytes + raw_values <= best) enc = PositionEncoding::kGaps, best = gap_bytes + raw_values;
   if (blocks_bytes < best) enc = PositionEncoding::kBlocks, best = blocks_bytes;
 
-  size_t start = out.size();
   const size_t ndim = r.region.start.size();
-  out.reserve(start + best + r.name.size() + 64 + 16 * ndim);
+  out.reserve((enc == PositionEncoding::kBlocks ? 0 : best) + r.name.size() + 64 + 16 * ndim);
   put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
   out.append(r.name);
   out.push_back(static_cast<char>(r.dtype));
@@ -185,12 +203,19 @@ void assemble(std::string& out, const RecordParts& r, std::vector<EncodedBlock>&
       put<uint64_t>(out, blocks_bytes);
       put<uint64_t>(out, kBlockUnits);
       for (auto& blk : blocks) {
-        out += blk.bytes;
-        std::string().swap(blk.bytes);
+        if (blk.bytes.size() < kMinPiece) {
+          pieces.back() += blk.bytes;
+          std::string().swap(blk.bytes);
+        } else {
+          pieces.push_back(std::move(blk.bytes));
+        }
       }
       break;
   }
-  put<uint64_t>(out, xxh64(out.data() + start, out.size() - start));
+  if (!checksum) return;
+  Xxh64Stream sum;
+  for (const std::string& p : pieces) sum.update(p.data(), p.size());
+  put<uint64_t>(pieces.back(), sum.digest());
 }
 
 // The changes in block b of a bitmap (popcount of its bytes, eight at a time).
@@ -216,7 +241,8 @@ std::vector<uint64_t> block_value_starts(uint64_t units, const uint8_t* bitmap) 
 
 }  // namespace
 
-void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs) {
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::vector<std::string>>& outs,
+                    bool checksums) {
   for (const RecordParts& r : records) {
     if (r.region.start.size() != r.region.shape.size() || r.region.start.size() > kMaxRegionDims ||
         (!r.region.start.empty() && region_units(r.region) != r.units)) {
@@ -256,6 +282,10 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
                                               std::to_string(records[r].changed));
     }
   }
+  // checkpoint.encoder: 0 and 1 are the encoder before each of its two changes (same bytes), for same-run
+  // comparisons.
+  const int64_t encoder = tuning::get(tuning::kCheckpointEncoder);
+  const StreamCoder coder = encoder >= 1 ? &entropy::encode : &entropy::encode_reference;
   std::vector<EncodedBlock> blocks(tasks.size());
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -264,16 +294,21 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::st
       // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8)
       // bytes when no more elements than that changed, so their size is only measured then.
       encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
-                   r.changed <= (r.units + 7) / 8);
+                   r.changed <= (r.units + 7) / 8, coder);
     }
   });
-  outs.assign(records.size(), std::string());
+  outs.assign(records.size(), {});
   parallel_for(static_cast<int64_t>(records.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       if (records[r].changed == 0) continue;
       std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
                                      std::make_move_iterator(blocks.begin() + first_task[r + 1]));
-      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8);
+      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, checksums);
+      if (encoder < 2) {  // as before: the record in one string
+        std::string whole;
+        for (const std::string& piece : outs[r]) whole += piece;
+        outs[r].assign(1, std::move(whole));
+      }
     }
   });
 }
@@ -304,9 +339,9 @@ uint64_t encode_record(std::string& out, std::string_view name, DType dtype, uin
 void encode_record_parts(std::string& out, std::string_view name, DType dtype, uint64_t units, uint64_t changed,
                          const uint8_t* bitmap, const uint8_t* values) {
   if (changed == 0) return;
-  std::vector<std::string> outs;
+  std::vector<std::vector<std::string>> outs;
   encode_records({RecordParts{name, dtype, units, changed, bitmap, values, {}}}, outs);
-  out += outs[0];
+  for (const std::string& piece : outs[0]) out += piece;
 }
 
 namespace {

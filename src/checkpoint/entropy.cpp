@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <utility>
 
 #include "checkpoint/bytes.hpp"
 #include "livetrain/error.hpp"
@@ -16,22 +17,16 @@ namespace {
 
 using Lengths = std::array<uint8_t, 256>;
 
-// Optimal code lengths for `freq` (two-queue Huffman). Symbols with frequency 0 get length 0. Needs at
-// least two used symbols.
-int huffman_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
+// Optimal code lengths (two-queue Huffman) for the `nleaves` >= 2 used symbols in `keys`, each
+// frequency · 256 + symbol, in ascending order (by frequency, then by symbol). Unused symbols get length
+// 0. Returns the deepest length.
+int huffman_lengths(const uint64_t* keys, int nleaves, Lengths& len) {
   struct Node {
     uint64_t weight;
     int parent;
   };
-  std::array<int, 256> leaves{};
-  int nleaves = 0;
-  for (int s = 0; s < 256; ++s) {
-    if (freq[s]) leaves[nleaves++] = s;
-  }
-  std::sort(leaves.begin(), leaves.begin() + nleaves,
-            [&](int a, int b) { return freq[a] != freq[b] ? freq[a] < freq[b] : a < b; });
   std::array<Node, 511> nodes{};  // leaves first (in sorted order), then internal nodes in creation order
-  for (int i = 0; i < nleaves; ++i) nodes[i] = Node{freq[leaves[i]], -1};
+  for (int i = 0; i < nleaves; ++i) nodes[i] = Node{keys[i] >> 8, -1};
   int next_leaf = 0, next_internal = nleaves, count = nleaves;
   auto take = [&]() {
     // The lighter of the next leaf and the next internal node (internal nodes are created in order of weight).
@@ -50,19 +45,32 @@ int huffman_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
   std::array<int, 511> depth{};
   for (int i = count - 2; i >= 0; --i) depth[i] = depth[nodes[i].parent] + 1;  // parents come after children
   for (int i = 0; i < nleaves; ++i) {
-    len[leaves[i]] = static_cast<uint8_t>(depth[i]);
+    len[keys[i] & 0xFF] = static_cast<uint8_t>(depth[i]);
     max_len = std::max(max_len, depth[i]);
   }
   return max_len;
 }
 
-// Lengths limited to kMaxCodeBits: while the optimal code is too deep, halve the frequencies (keeping
-// every used symbol at least 1) and rebuild. Flattens the distribution a little; with 256 symbols it ends
-// by depth 8 at worst.
-void limited_lengths(std::array<uint64_t, 256> freq, Lengths& len) {
-  while (huffman_lengths(freq, len) > kMaxCodeBits) {
-    for (auto& f : freq) {
-      if (f) f = std::max<uint64_t>(1, f >> 1);
+// Lengths limited to kMaxCodeBits for `freq` (at least two used symbols; each at most 2^31, so
+// frequency · 256 + symbol fits 64 bits): while the optimal code is too deep, halve the frequencies
+// (keeping every used symbol at least 1) and rebuild. Flattens the distribution a little; with 256 symbols
+// it ends by depth 8 at worst.
+void limited_lengths(const std::array<uint64_t, 256>& freq, Lengths& len) {
+  std::array<uint64_t, 256> keys{};
+  int n = 0;
+  for (int s = 0; s < 256; ++s) {
+    if (freq[s]) keys[n++] = freq[s] << 8 | static_cast<uint64_t>(s);
+  }
+  std::sort(keys.begin(), keys.begin() + n);
+  while (huffman_lengths(keys.data(), n, len) > kMaxCodeBits) {
+    // Halving keeps unequal frequencies in order; those it makes equal are neighbours and go back into symbol
+    // order: an insertion sort of an almost sorted array instead of a sort.
+    for (int i = 0; i < n; ++i) keys[i] = std::max<uint64_t>(1, keys[i] >> 9) << 8 | (keys[i] & 0xFF);
+    for (int i = 1; i < n; ++i) {
+      const uint64_t k = keys[i];
+      int j = i;
+      for (; j > 0 && keys[j - 1] > k; --j) keys[j] = keys[j - 1];
+      keys[j] = k;
     }
   }
 }
@@ -99,59 +107,217 @@ Error bad(std::string_view where, const std::string& msg) {
 
 }  // namespace
 
-void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
-  if (n > (size_t{1} << 31))
-    throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
-  std::array<uint64_t, 256> freq{};
-  {
-    // Four histograms break the store-to-load dependency on runs of one value.
-    std::array<std::array<uint32_t, 256>, 4> h{};
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      h[0][in[i * stride]]++;
-      h[1][in[(i + 1) * stride]]++;
-      h[2][in[(i + 2) * stride]]++;
-      h[3][in[(i + 3) * stride]]++;
-    }
-    for (; i < n; ++i) h[0][in[i * stride]]++;
-    for (int s = 0; s < 256; ++s) freq[s] = h[0][s] + h[1][s] + h[2][s] + h[3][s];
+namespace {
+
+using Histogram = std::array<uint64_t, 256>;
+
+// The byte histogram of in[0], in[stride], ..., in[(n - 1) · stride], one symbol per load (the
+// reference coder's).
+Histogram histogram_bytewise(const uint8_t* in, size_t n, size_t stride) {
+  Histogram freq{};
+  // Four histograms break the store-to-load dependency on runs of one value.
+  std::array<std::array<uint32_t, 256>, 4> h{};
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    h[0][in[i * stride]]++;
+    h[1][in[(i + 1) * stride]]++;
+    h[2][in[(i + 2) * stride]]++;
+    h[3][in[(i + 3) * stride]]++;
   }
+  for (; i < n; ++i) h[0][in[i * stride]]++;
+  for (int s = 0; s < 256; ++s) freq[s] = h[0][s] + h[1][s] + h[2][s] + h[3][s];
+  return freq;
+}
+
+// The same histogram from 8-byte loads for strides 1, 2 and 4 (a plane of 1-, 2- or 4-byte values): 8, 4
+// or 2 symbols per load, two loads per step. A load never reaches past the last symbol's byte.
+// Eight tables: a plane that is mostly one value (the high bytes of XOR deltas) increments one counter
+// per table only every eighth symbol, so the increments' store-to-load chains overlap.
+constexpr size_t kTables = 8;
+using Tables = std::array<std::array<uint32_t, 256>, kTables>;
+
+// The bits of an 8-byte load that hold symbols of a plane of stride S (its bytes 0, S, 2S, ...).
+template <size_t S>
+constexpr uint64_t plane_mask() {
+  return S == 1 ? ~uint64_t{0} : S == 2 ? 0x00FF00FF00FF00FFull : 0x000000FF000000FFull;
+}
+
+// Counts the symbols K of two loads (the byte at 8·S·K bits of the K·S/8-th), symbol K in table K mod 8;
+// unrolled.
+template <size_t S, size_t... K>
+inline void count_words(uint64_t w0, uint64_t w1, Tables& h, std::index_sequence<K...>) {
+  constexpr size_t per = 8 / S;
+  ((h[K % kTables][((K < per ? w0 : w1) >> (8 * S * (K % per))) & 0xFF]++), ...);
+}
+
+template <size_t S>
+Histogram histogram_words(const uint8_t* in, size_t n) {
+  static_assert(S == 1 || S == 2 || S == 4);
+  constexpr size_t per = 8 / S;
+  Tables h{};
+  uint64_t zeros = 0;  // symbols counted a step at a time, where all of a step's were 0
+  size_t i = 0;
+  if (n > 0) {
+    for (; i * S + 16 <= (n - 1) * S + 1; i += 2 * per) {
+      uint64_t w0, w1;
+      std::memcpy(&w0, in + i * S, 8);
+      std::memcpy(&w1, in + i * S + 8, 8);
+      if (((w0 | w1) & plane_mask<S>()) == 0) {
+        zeros += 2 * per;
+        continue;
+      }
+      count_words<S>(w0, w1, h, std::make_index_sequence<2 * per>{});
+    }
+  }
+  for (; i < n; ++i) h[i % kTables][in[i * S]]++;
+  Histogram freq{};
+  for (const auto& t : h) {
+    for (int s = 0; s < 256; ++s) freq[s] += t[s];
+  }
+  freq[0] += zeros;
+  return freq;
+}
+
+Histogram histogram(const uint8_t* in, size_t n, size_t stride) {
+  switch (stride) {
+    case 1: return histogram_words<1>(in, n);
+    case 2: return histogram_words<2>(in, n);
+    case 4: return histogram_words<4>(in, n);
+    default: return histogram_bytewise(in, n, stride);
+  }
+}
+
+// What the stream of a histogram is: its mode, and for Huffman the code lengths and the coded bits.
+struct Plan {
+  Mode mode = Mode::kRaw;
+  Lengths len{};
+  uint64_t bits = 0;
+};
+
+// The smallest of the three modes (raw on a tie with Huffman).
+Plan plan(const Histogram& freq, size_t n) {
+  Plan p;
   int used = 0;
   for (auto f : freq) used += f != 0;
   if (n > 0 && used == 1) {
+    p.mode = Mode::kConstant;
+    return p;
+  }
+  if (used >= 2) {
+    limited_lengths(freq, p.len);
+    for (int s = 0; s < 256; ++s) p.bits += freq[s] * p.len[s];
+  }
+  if (used >= 2 && kTableBytes + (p.bits + 7) / 8 < n) p.mode = Mode::kHuffman;
+  return p;
+}
+
+// Writes the stream of a non-Huffman plan; false for a Huffman one (nothing written).
+bool put_simple(const Plan& p, const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  if (p.mode == Mode::kConstant) {
     put_header(out, Mode::kConstant, 1);
     out.push_back(static_cast<char>(in[0]));
-    return;
+    return true;
   }
-  Lengths len{};
-  uint64_t bits = 0;
-  if (used >= 2) {
-    limited_lengths(freq, len);
-    for (int s = 0; s < 256; ++s) bits += freq[s] * len[s];
+  if (p.mode != Mode::kRaw) return false;
+  put_header(out, Mode::kRaw, n);
+  if (stride == 1) {
+    out.append(reinterpret_cast<const char*>(in), n);
+  } else {
+    const size_t start = out.size();
+    out.resize(start + n);
+    for (size_t i = 0; i < n; ++i) out[start + i] = static_cast<char>(in[i * stride]);
   }
-  const uint64_t huff_bytes = kTableBytes + (bits + 7) / 8;
-  if (used < 2 || huff_bytes >= n) {
-    put_header(out, Mode::kRaw, n);
-    if (stride == 1) {
-      out.append(reinterpret_cast<const char*>(in), n);
-    } else {
-      const size_t start = out.size();
-      out.resize(start + n);
-      for (size_t i = 0; i < n; ++i) out[start + i] = static_cast<char>(in[i * stride]);
-    }
-    return;
-  }
-  put_header(out, Mode::kHuffman, huff_bytes);
-  for (int s = 0; s < 256; s += 2) out.push_back(static_cast<char>(len[s] | (len[s + 1] << 4)));
+  return true;
+}
+
+// Writes a Huffman plan's header and table, makes room for its codes (plus 8 bytes of slack for the
+// 64-bit stores, trimmed by the caller) and returns where they go; `code` gets each symbol's reversed
+// code | length << 16 (one load per symbol).
+uint8_t* put_huffman_head(const Plan& p, std::string& out, std::array<uint32_t, 256>& code) {
+  put_header(out, Mode::kHuffman, kTableBytes + (p.bits + 7) / 8);
+  for (int s = 0; s < 256; s += 2) out.push_back(static_cast<char>(p.len[s] | (p.len[s + 1] << 4)));
   std::array<uint16_t, 256> rev{};
-  canonical_codes(len, rev);
+  canonical_codes(p.len, rev);
+  for (int s = 0; s < 256; ++s) code[s] = rev[s] | (static_cast<uint32_t>(p.len[s]) << 16);
   const size_t start = out.size();
-  out.resize(start + (bits + 7) / 8 + 8);  // 8 bytes of slack for the 64-bit stores; trimmed below
-  uint8_t* dst = reinterpret_cast<uint8_t*>(out.data()) + start;
+  out.resize(start + (p.bits + 7) / 8 + 8);
+  return reinterpret_cast<uint8_t*>(out.data()) + start;
+}
+
+// Symbols i .. i + 3 into the accumulator (fewer than 8 bits pending before and after): four codes (at most
+// 44 bits) join the pending bits, the accumulator is stored whole (8 bytes, its bits above the pending ones
+// 0) and moves on by the bytes it completed. No branch depends on the data.
+inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::array<uint32_t, 256>& code, uint64_t& acc,
+                     unsigned& nbits, uint8_t*& dst) {
+  const uint32_t c0 = code[in[i * stride]], c1 = code[in[(i + 1) * stride]];
+  const uint32_t c2 = code[in[(i + 2) * stride]], c3 = code[in[(i + 3) * stride]];
+  const unsigned l0 = c0 >> 16, l1 = c1 >> 16, l2 = c2 >> 16, l3 = c3 >> 16;
+  const uint64_t lo = (c0 & 0xFFFF) | static_cast<uint64_t>(c1 & 0xFFFF) << l0;
+  const uint64_t hi = (c2 & 0xFFFF) | static_cast<uint64_t>(c3 & 0xFFFF) << l2;
+  acc |= (lo | hi << (l0 + l1)) << nbits;
+  nbits += l0 + l1 + l2 + l3;
+  std::memcpy(dst, &acc, 8);  // little-endian host (bytes.hpp): the low bits go first
+  dst += nbits >> 3;
+  acc >>= nbits & ~7u;
+  nbits &= 7;
+}
+
+// The codes of in[0], in[stride], ..., four symbols per flush; the bits are the same as one symbol at a
+// time. S is the stride when it is 1, 2 or 4 (a plane of values of that size), 0 for any (`stride`).
+template <size_t S>
+void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
+  static_assert(4 * kMaxCodeBits + 7 <= 64);
+  if constexpr (S != 0) stride = S;
+  uint64_t acc = 0;
+  unsigned nbits = 0;
+  size_t i = 0;
+  // Where 0 has a code of at most 4 bits (a plane that is mostly 0: the high bytes of XOR deltas, the bitmap
+  // of a sparse step), eight 0s in a row, seen in one or two loads, go in as one 8-fold code.
+  const unsigned zero_len = code[0] >> 16;
+  if constexpr (S != 0) {
+    if (zero_len >= 1 && zero_len <= 4 && n > 0) {
+      uint64_t zeros8 = 0;
+      for (unsigned k = 0; k < 8; ++k) zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+      constexpr size_t words = S;  // 8 symbols: 8·S bytes
+      while (i * S + 8 * S <= (n - 1) * S + 1) {
+        uint64_t any = 0;
+        for (size_t k = 0; k < words; ++k) {
+          uint64_t w;
+          std::memcpy(&w, in + i * S + 8 * k, 8);
+          any |= w;
+        }
+        if ((any & plane_mask<S>()) == 0) {
+          acc |= zeros8 << nbits;
+          nbits += 8 * zero_len;
+          std::memcpy(dst, &acc, 8);
+          dst += nbits >> 3;
+          acc >>= nbits & ~7u;
+          nbits &= 7;
+          i += 8;
+          continue;
+        }
+        for (size_t end = i + 8; i < end; i += 4) put_four(in, i, stride, code, acc, nbits, dst);
+      }
+    }
+  }
+  for (; i + 4 <= n; i += 4) put_four(in, i, stride, code, acc, nbits, dst);
+  for (; i < n; ++i) {
+    const uint32_t c = code[in[i * stride]];
+    acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
+    nbits += c >> 16;
+    std::memcpy(dst, &acc, 8);
+    dst += nbits >> 3;
+    acc >>= nbits & ~7u;
+    nbits &= 7;
+  }
+  std::memcpy(dst, &acc, 8);
+}
+
+// The codes as the coder of 2026-11 wrote them: two symbols per step, 32 bits flushed when they are there.
+void put_codes_pairwise(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code,
+                        uint8_t* dst) {
   uint64_t acc = 0;
   int nbits = 0;
-  std::array<uint32_t, 256> code{};  // reversed code | length << 16: one load per symbol
-  for (int s = 0; s < 256; ++s) code[s] = rev[s] | (static_cast<uint32_t>(len[s]) << 16);
   // Two symbols per iteration, joined before they meet the accumulator: the loop-carried chain (shift by
   // nbits, add to nbits, flush) runs once per pair. Codes are at most kMaxCodeBits (11), so a pair adds at
   // most 22 bits to the < 32 pending ones: 64 bits hold them. The bits are the same as one at a time.
@@ -181,7 +347,38 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
     }
   }
   std::memcpy(dst, &acc, 8);
-  out.resize(start + (bits + 7) / 8);
+}
+
+void check_size(size_t n) {
+  if (n > (size_t{1} << 31))
+    throw Error(ErrorCode::kInvalidArg, "entropy::encode: stream of " + std::to_string(n) + " bytes (at most 2^31)");
+}
+
+}  // namespace
+
+void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  check_size(n);
+  const Plan p = plan(histogram(in, n, stride), n);
+  if (put_simple(p, in, n, out, stride)) return;
+  std::array<uint32_t, 256> code{};
+  uint8_t* dst = put_huffman_head(p, out, code);
+  switch (stride) {
+    case 1: put_codes<1>(in, n, stride, code, dst); break;
+    case 2: put_codes<2>(in, n, stride, code, dst); break;
+    case 4: put_codes<4>(in, n, stride, code, dst); break;
+    default: put_codes<0>(in, n, stride, code, dst); break;
+  }
+  out.resize(out.size() - 8);
+}
+
+void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride) {
+  check_size(n);
+  const Plan p = plan(histogram_bytewise(in, n, stride), n);
+  if (put_simple(p, in, n, out, stride)) return;
+  std::array<uint32_t, 256> code{};
+  uint8_t* dst = put_huffman_head(p, out, code);
+  put_codes_pairwise(in, n, stride, code, dst);
+  out.resize(out.size() - 8);
 }
 
 void decode(const uint8_t** pp, const uint8_t* end, uint8_t* out, size_t n, std::string_view where) {

@@ -29,6 +29,10 @@ enum class Mode : uint8_t { kRaw = 0, kConstant = 1, kHuffman = 2 };
 // Appends the coded stream of the `n` (at most 2^31) bytes in[0], in[stride], ..., in[(n - 1) · stride] to `out` (a
 // stride reads one byte plane of interleaved values without gathering it first).
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
+// The same bytes as encode, by the coder it replaced (one symbol per histogram load, codes flushed 32 bits
+// at a time behind a branch; the code lengths come from the same builder as encode's): what tests check
+// encode against and what checkpoint.encoder=0 selects, so that a benchmark compares the two in one run.
+void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 
 // Reads one stream from `*p` (at most `end`), decoding exactly `n` bytes into `out`; advances `*p` past
 // it. Throws Error(kFormat) with `where` on anything malformed.

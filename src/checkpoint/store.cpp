@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -45,6 +46,36 @@ std::vector<DType> recorded_dtypes(const Commit& c) {
   std::vector<DType> out;
   for (const TensorEntry& t : c.tensors) out.push_back(t.served);
   return out;
+}
+
+// C's tensors by name: their index in commit order (the keys are C's names: C outlives the map).
+std::unordered_map<std::string_view, size_t> tensor_index(const Commit& c) {
+  std::unordered_map<std::string_view, size_t> index;
+  for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+  return index;
+}
+
+// The index (in commit order; INDEX is tensor_index(C)) of the tensor NAME that WHO (the engine, a rank)
+// serves as DTYPE, checked: a tensor of the store DIR's model whose files' dtype converts to DTYPE
+// (served_conversion_refusal). Every served dtype a store takes (set_served, OpenOptions::served and
+// serve_as, a rank's part) passes here.
+size_t served_tensor(const std::unordered_map<std::string_view, size_t>& index, const Commit& c,
+                     const std::string& name, DType dtype, const std::string& dir, const std::string& who) {
+  auto it = index.find(name);
+  if (it == index.end()) {
+    throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\", served by " + who +
+                                            ", is not in the checkpoint store's model (" + dir +
+                                            "): the store was made from other files, or " + who +
+                                            " names its tensors differently from the model files");
+  }
+  const TensorEntry& t = c.tensors[it->second];
+  if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
+    throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
+                                             " in the model files and served as " + std::string(dtype_name(dtype)) +
+                                             " by " + who + "; the checkpoint store " + dir +
+                                             " cannot keep it: " + why);
+  }
+  return it->second;
 }
 
 void report(const Progress& p, std::string_view what, uint64_t done, uint64_t total) {
@@ -99,7 +130,8 @@ class PartQueue {
 class RecordEncoder {
  public:
   RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
-      : kinds_(std::move(kinds)),
+      : sums_in_writer(tuning::get(tuning::kCheckpointEncoder) == 2),
+        kinds_(std::move(kinds)),
         d_(d),
         progress_(progress),
         batch_blocks_(static_cast<uint64_t>(tuning::get(tuning::kCheckpointEncodeBatch)) * num_threads()),
@@ -143,6 +175,10 @@ class RecordEncoder {
 
   PartQueue records;
   std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
+  // checkpoint.encoder=2: the records come without their checksums, each followed by an empty part where
+  // the writer puts it (RecordSums): it hashes every byte anyway, on its own thread, while this one goes on
+  // with the next batch instead of hashing each record with one thread per record.
+  const bool sums_in_writer;
 
  private:
   void run() {
@@ -186,9 +222,12 @@ class RecordEncoder {
       }
       if (!batch.empty() && (blocks >= batch_blocks_ || i + 1 == end)) {
         report(progress_, "encode and write", i + 1, kinds_.size());
-        std::vector<std::string> recs;
-        encode_records(batch, recs);
-        for (auto& rec : recs) records.push(std::move(rec));
+        std::vector<std::vector<std::string>> recs;
+        encode_records(batch, recs, !sums_in_writer);
+        for (auto& rec : recs) {
+          for (auto& piece : rec) records.push(std::move(piece));
+          if (sums_in_writer && !rec.empty()) records.push(std::string());
+        }
         batch.clear();
         blocks = 0;
       }
@@ -208,6 +247,143 @@ class RecordEncoder {
   std::exception_ptr error_;
   double busy_seconds_ = 0;
   std::thread thread_;  // last: starts once everything above is initialized
+};
+
+// The bytes a writer appends for each part of the encoder's: the part itself, or in place of an end-of-record
+// mark (an empty part, RecordEncoder::sums_in_writer) the record's checksum, the XXH64 of its parts.
+class RecordSums {
+ public:
+  explicit RecordSums(bool active) : active_(active) {}
+  std::string bytes(std::string part) {
+    if (!active_) return part;
+    if (!part.empty()) {
+      sum_.update(part.data(), part.size());
+      return part;
+    }
+    const uint64_t s = sum_.digest();
+    sum_ = Xxh64Stream();
+    return std::string(reinterpret_cast<const char*>(&s), 8);  // little-endian host (bytes.hpp)
+  }
+
+ private:
+  const bool active_;
+  Xxh64Stream sum_;
+};
+
+// checkpoint.early_writer: writes a save's delta file on its own thread from the first encoded record on,
+// while the diff may still run. The records go to the file as they come; the file's hash starts with the
+// header and so with the record count, which the diff gives only when it is over: the records written
+// before are held (the encoder made them anyway) and hashed once the count is known, the later ones as they
+// come. The header is written last over a placeholder of its size. No record at all: no file.
+class EarlyWriter {
+ public:
+  EarlyWriter(std::string path, const std::function<std::string(uint32_t)>& header)
+      : path_(std::move(path)),
+        header_(header),
+        count_(count_promise_.get_future().share()),
+        verdict_(verdict_promise_.get_future().share()) {}
+  ~EarlyWriter() {
+    if (thread_.joinable())
+      cancel(encoder_, std::make_exception_ptr(Error(ErrorCode::kIo, "checkpoint: save abandoned")));
+  }
+  EarlyWriter(const EarlyWriter&) = delete;
+  EarlyWriter& operator=(const EarlyWriter&) = delete;
+
+  void start(RecordEncoder& encoder) {
+    encoder_ = &encoder;
+    thread_ = std::thread([this, &encoder] { run(encoder); });
+  }
+  // The diff is over with `count` records: waits for the encoder, then for the file (durable on return
+  // when wrote()). Rethrows the encoding's error, else the writer's.
+  void finish(RecordEncoder& encoder, uint32_t count) {
+    count_promise_.set_value(count);
+    count_set_ = true;
+    try {
+      encode_seconds = encoder.join();
+      encoded_at = encoder.finished_at;
+    } catch (...) {
+      settle(std::current_exception());
+      thread_.join();
+      throw;
+    }
+    verdict_promise_.set_value();
+    verdict_set_ = true;
+    thread_.join();
+    if (error_) std::rethrow_exception(error_);
+  }
+  // The diff failed: stops the encoder (when there is one) and the writer, whose temporary file goes.
+  void cancel(RecordEncoder* encoder, std::exception_ptr why) {
+    if (encoder) encoder->abort();
+    settle(why);
+    if (thread_.joinable()) thread_.join();
+  }
+  bool wrote() const { return wrote_; }
+
+  uint64_t hash = 0, bytes = 0;
+  double encode_seconds = 0;
+  std::chrono::steady_clock::time_point encoded_at, filled_at;
+
+ private:
+  void settle(std::exception_ptr why) {
+    if (!count_set_) count_promise_.set_exception(why);
+    if (!verdict_set_) verdict_promise_.set_exception(why);
+    count_set_ = verdict_set_ = true;
+  }
+  void run(RecordEncoder& encoder) {
+    try {
+      std::optional<std::string> first = encoder.records.pop();
+      if (!first) return;  // nothing changed, or the save failed before any record
+      fs::write_file_atomic(path_, [&](fs::Writer& fw) {
+        fw.set_writeback(static_cast<uint64_t>(tuning::get(tuning::kCheckpointWritebackMib)) << 20);
+        fw.write_zeros(header_(0).size());  // the header's size does not depend on the count
+        Xxh64Stream sum;
+        std::string head;
+        std::vector<std::string> held;
+        auto hash_from_head = [&](uint32_t count) {
+          head = header_(count);
+          sum.update(head.data(), head.size());
+          for (const std::string& p : held) sum.update(p.data(), p.size());
+          held.clear();
+        };
+        auto take = [&](std::string part) {
+          fw.write(part);
+          if (head.empty() && count_.wait_for(std::chrono::seconds(0)) == std::future_status::ready)
+            hash_from_head(count_.get());
+          if (head.empty()) {
+            held.push_back(std::move(part));
+          } else {
+            sum.update(part.data(), part.size());
+          }
+        };
+        RecordSums sums(encoder.sums_in_writer);
+        take(sums.bytes(std::move(*first)));
+        while (std::optional<std::string> part = encoder.records.pop()) take(sums.bytes(std::move(*part)));
+        verdict_.get();  // the encoding's error, if any: the file is abandoned
+        if (head.empty()) hash_from_head(count_.get());
+        fw.write_at(0, head.data(), head.size());
+        hash = sum.digest();
+        fw.write(&hash, 8);
+        bytes = fw.bytes_written();
+        filled_at = std::chrono::steady_clock::now();
+      });
+      wrote_ = true;
+    } catch (...) {
+      error_ = std::current_exception();
+      encoder.abort();  // no one takes its records any more
+    }
+  }
+
+  const std::string path_;
+  const std::function<std::string(uint32_t)>& header_;
+  std::promise<uint32_t> count_promise_;
+  std::promise<void> verdict_promise_;
+  std::shared_future<uint32_t> count_;
+  std::shared_future<void> verdict_;
+  bool count_set_ = false, verdict_set_ = false;  // the calling thread's
+  bool wrote_ = false;
+  std::exception_ptr error_;
+  RecordEncoder* encoder_ = nullptr;
+  std::thread thread_;
 };
 
 }  // namespace
@@ -428,8 +604,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   s.served_options_ = o.served;
   s.set_served_dtypes();
   // The held regions, in commit order; overlapping ones would be saved twice.
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+  const auto index = tensor_index(c);
   if (!o.held) {
     for (size_t i = 0; i < c.tensors.size(); ++i)
       s.held_.push_back(Held{i, whole_region(c.tensors[i].shape), s.served_nbytes(i)});
@@ -492,8 +667,7 @@ long Store::held_index(size_t tensor, const Region& region) const {
 }
 
 std::vector<Store::Checked> Store::check_live(const std::vector<LiveTensor>& live, bool for_save) const {
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   std::vector<Checked> out;
   for (const auto& l : live) {
     auto it = index.find(l.name);
@@ -560,8 +734,7 @@ void Store::check_part_file(uint64_t generation, uint32_t ranks, const Part& par
     throw Error(ErrorCode::kFormat,
                 path + ": checksum " + hash_hex(trailer) + " is not the committed " + hash_hex(part.hash));
   }
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   DeltaHeader h = delta_parse(map.data(), map.size(), path, [&](const DeltaRecord& r) {
     auto it = index.find(r.name);
     if (it == index.end())
@@ -784,34 +957,79 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   const bool pipeline = device >= 0 && tuning::get(tuning::kCheckpointPipeline) == 1;
   std::optional<RecordEncoder> encoder;
   if (pipeline) encoder.emplace(kinds, w.out, progress);
-  if (device >= 0) {
-    if (!diff_workspace_.bitmaps.data) {
-      // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
-      uint64_t bitmap_bytes = 0;
-      for (const auto& t : w.diff) bitmap_bytes += (t.units + 31) / 32 * 4;
-      diff_workspace_reserve(diff_workspace_, bitmap_bytes, w.model_bytes / 4);
+  // checkpoint.early_writer: the file is written from the first encoded record on, by its own thread, instead
+  // of once the diff is over (its header holds the record count, known only then).
+  std::optional<EarlyWriter> early;
+  if (tuning::get(tuning::kCheckpointEarlyWriter) == 1) early.emplace(path, header);
+  if (early && encoder) early->start(*encoder);
+  try {
+    if (device >= 0) {
+      if (!diff_workspace_.bitmaps.data) {
+        // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
+        uint64_t bitmap_bytes = 0;
+        for (const auto& t : w.diff) bitmap_bytes += (t.units + 31) / 32 * 4;
+        diff_workspace_reserve(diff_workspace_, bitmap_bytes, w.model_bytes / 4);
+      }
+      // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
+      try {
+        delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true,
+                        [&](size_t done, const uint8_t* b, const uint8_t* v) {
+                          if (encoder) encoder->ready(done, b, v);
+                        });
+      } catch (...) {
+        // Part of the head copy may have moved: it matches no generation any more.
+        broken_ = true;
+        diff_workspace_.digests.reset();
+        throw;
+      }
+      w.head_moved = true;
+    } else {
+      delta_diff_cpu(w.diff, w.out);
     }
-    // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
-    try {
-      delta_diff_cuda(w.diff, w.out, nullptr, &diff_workspace_, true,
-                      [&](size_t done, const uint8_t* b, const uint8_t* v) {
-                        if (encoder) encoder->ready(done, b, v);
-                      });
-    } catch (...) {
-      // Part of the head copy may have moved: it matches no generation any more.
-      broken_ = true;
-      diff_workspace_.digests.reset();
-      throw;
-    }
-    w.head_moved = true;
-  } else {
-    delta_diff_cpu(w.diff, w.out);
+  } catch (...) {
+    if (early) early->cancel(encoder ? &*encoder : nullptr, std::current_exception());
+    throw;
   }
   w.diff_seconds = seconds_since(t0);
   uint32_t count = 0;
   for (size_t i = 0; i < n; ++i) {
     w.changed += w.out.changed[i];
     count += w.out.changed[i] ? 1 : 0;
+  }
+  if (early) {
+    if (!encoder) {
+      encoder.emplace(std::move(kinds), w.out, progress);
+      encoder->ready(n, w.out.bitmaps.data, w.out.values.data);
+      early->start(*encoder);
+    }
+    encoder->end_of_input();
+    t0 = clock::now();
+    try {
+      early->finish(*encoder, count);
+    } catch (...) {
+      if (w.head_moved) move_head(w);  // the GPU diff moved it: back to the recorded state
+      throw;
+    }
+    w.encode_seconds = early->encode_seconds;
+    if (early->wrote()) {
+      if (!w.head_moved) move_head(w);
+      w.hash = early->hash;
+      w.bytes = early->bytes;
+      w.write_seconds = seconds_since(early->encoded_at);
+      w.sync_seconds = seconds_since(early->filled_at);
+      return true;
+    }
+    // No record came: nothing changed. A part is written all the same (a header and no record).
+    if (!write_if_unchanged) return false;
+    fs::write_file_atomic(path, [&](fs::Writer& fw) {
+      const std::string head = header(0);
+      fw.write(head);
+      w.hash = xxh64(head.data(), head.size());
+      fw.write(&w.hash, 8);
+      w.bytes = fw.bytes_written();
+    });
+    w.write_seconds = seconds_since(t0);
+    return true;
   }
   if (w.changed == 0 && !write_if_unchanged) {
     if (encoder) w.encode_seconds = encoder->join();  // it had nothing to encode
@@ -840,9 +1058,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
         const std::string head = header(count);
         hash.update(head.data(), head.size());
         fw.write(head);
+        RecordSums sums(encoder->sums_in_writer);
         while (std::optional<std::string> part = encoder->records.pop()) {
-          hash.update(part->data(), part->size());
-          fw.write(*part);
+          const std::string bytes = sums.bytes(std::move(*part));
+          hash.update(bytes.data(), bytes.size());
+          fw.write(bytes);
         }
       } catch (...) {
         encoder->abort();
@@ -1053,23 +1273,13 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   // rank its own; they must agree).
   Commit c = commit_;
   {
-    std::unordered_map<std::string_view, size_t> index;
-    for (size_t i = 0; i < c.tensors.size(); ++i) index[c.tensors[i].name] = i;
+    const auto index = tensor_index(c);
     std::vector<long> declared_by(c.tensors.size(), -1);
     for (const PartDescriptor* p : by_rank) {
       for (const auto& [name, dtype] : p->served) {
-        auto it = index.find(name);
-        if (it == index.end()) {
-          throw Error(ErrorCode::kInvalidArg, rank_name(*p) + "'s part serves tensor \"" + name +
-                                                  "\", which is not in the checkpoint store's model (" + dir_ + ")");
-        }
-        TensorEntry& t = c.tensors[it->second];
-        if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-          throw Error(ErrorCode::kUnsupported, rank_name(*p) + " serves tensor \"" + name + "\" as " +
-                                                   std::string(dtype_name(dtype)) + ", " +
-                                                   std::string(dtype_name(t.dtype)) + " in the model files: " + why);
-        }
-        long& first = declared_by[it->second];
+        const size_t i = served_tensor(index, c, name, dtype, dir_, rank_name(*p) + "'s part");
+        TensorEntry& t = c.tensors[i];
+        long& first = declared_by[i];
         if (first >= 0 && t.served != dtype) {
           throw Error(ErrorCode::kInvalidArg, "tensor \"" + name + "\" is served as " +
                                                   std::string(dtype_name(t.served)) + " by rank " +
@@ -1359,26 +1569,14 @@ void Store::set_served(const std::vector<std::pair<std::string, DType>>& served)
   check_usable();
   require_rank0("setting the served dtype");
   sync();
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   Commit c = commit_;
   std::set<size_t> changed;
   for (const auto& [name, dtype] : served) {
-    auto it = index.find(name);
-    if (it == index.end()) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "live tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ + ")");
-    }
-    TensorEntry& t = c.tensors[it->second];
-    if (t.served == dtype) continue;
-    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
-                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
-                                               " by the engine; the checkpoint store " + dir_ +
-                                               " cannot keep it: " + why);
-    }
-    t.served = dtype;
-    changed.insert(it->second);
+    const size_t i = served_tensor(index, c, name, dtype, dir_, "the engine");
+    if (c.tensors[i].served == dtype) continue;
+    c.tensors[i].served = dtype;
+    changed.insert(i);
   }
   if (changed.empty()) return;
   for (const Held& h : held_) {
@@ -1418,31 +1616,13 @@ void Store::serve_as(const std::vector<std::pair<std::string, DType>>& served) {
 
 void Store::set_served_dtypes() {
   served_ = recorded_dtypes(commit_);
-  std::unordered_map<std::string_view, size_t> index;
-  for (size_t i = 0; i < commit_.tensors.size(); ++i) index[commit_.tensors[i].name] = i;
+  const auto index = tensor_index(commit_);
   for (const auto& [name, dtype] : served_options_) {
-    auto it = index.find(name);
-    if (it == index.end()) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "served tensor \"" + name + "\" is not in the checkpoint store's model (" + dir_ +
-                      "): the store was made from other files, or the engine names its tensors differently from "
-                      "the model files");
-    }
-    const TensorEntry& t = commit_.tensors[it->second];
-    if (std::string why = served_conversion_refusal(t.dtype, dtype); !why.empty()) {
-      throw Error(ErrorCode::kUnsupported, "tensor \"" + name + "\" is " + std::string(dtype_name(t.dtype)) +
-                                               " in the model files and served as " + std::string(dtype_name(dtype)) +
-                                               " by the engine; the checkpoint store " + dir_ +
-                                               " cannot keep it: " + why);
-    }
-    served_[it->second] = dtype;
+    served_[served_tensor(index, commit_, name, dtype, dir_, "the engine")] = dtype;
   }
 }
 
-uint64_t Store::served_nbytes(size_t tensor) const {
-  const TensorEntry& t = commit_.tensors[tensor];
-  return served_[tensor] == t.dtype ? t.nbytes : t.nbytes / unit_bytes(t.dtype) * unit_bytes(served_[tensor]);
-}
+uint64_t Store::served_nbytes(size_t tensor) const { return commit_.tensors[tensor].nbytes_as(served_[tensor]); }
 
 void Store::check_served_change(const Commit& next, const std::string& who) const {
   std::set<size_t> changed;

@@ -94,6 +94,23 @@ void Writer::write(const void* data, size_t size) {
 #endif
 }
 
+void Writer::write_at(uint64_t offset, const void* data, size_t size) {
+  if (offset > written_ || size > written_ - offset)
+    throw Error(ErrorCode::kInvalidArg, "write_at past what was written to " + path_);
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw io_error("cannot write " + path_);
+    }
+    if (n == 0) throw Error(ErrorCode::kIo, "cannot write " + path_ + ": pwrite returned 0");
+    p += n;
+    offset += static_cast<uint64_t>(n);
+    size -= static_cast<size_t>(n);
+  }
+}
+
 void Writer::write_zeros(size_t size) {
   static const char kZeros[4096] = {};
   while (size > 0) {

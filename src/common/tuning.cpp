@@ -81,6 +81,21 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
+      {"checkpoint.early_writer",
+       0,
+       {0, 1},
+       0,
+       0,
+       "1: a thread writes the delta from the first encoded record on (the header's record count last) instead of "
+       "once the diff is over"},
+      {"checkpoint.encoder",
+       2,
+       {0, 1, 2},
+       0,
+       0,
+       "2: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
+       "handed to the writer as they are, its checksum the writer's; 1: that coder, each record copied into one "
+       "string and hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
   }};
   return s;
 }

@@ -103,14 +103,17 @@ void for_each_gpu_save_tuning(Body body) {
   for (int pipeline : {0, 1}) {
     for (int diff : {0, 1}) {
       for (int digests : {0, 1}) {
-        const int mib = combo++ % 2 ? 1 : 256;
+        const int mib = combo % 2 ? 1 : 256, early = combo / 2 % 2;
+        ++combo;
         SCOPED_TRACE("pipeline=" + std::to_string(pipeline) + " diff=" + std::to_string(diff) +
-                     " digests=" + std::to_string(digests) + " group_mib=" + std::to_string(mib));
+                     " digests=" + std::to_string(digests) + " group_mib=" + std::to_string(mib) +
+                     " early_writer=" + std::to_string(early));
         tuning::reset();
         tuning::set("checkpoint.pipeline", pipeline);
         tuning::set("checkpoint.diff", diff);
         tuning::set("checkpoint.digests", digests);
         tuning::set("checkpoint.group_mib", mib);
+        tuning::set("checkpoint.early_writer", early);
         body();
       }
     }

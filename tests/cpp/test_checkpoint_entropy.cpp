@@ -3,12 +3,15 @@
 // rejection of malformed streams.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <bit>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "checkpoint/entropy.hpp"
+#include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/error.hpp"
 
 namespace entropy = livetrain::checkpoint::entropy;
@@ -47,6 +50,36 @@ void expect_format_error(const std::string& s, size_t n, const char* why) {
     ADD_FAILURE() << "accepted: " << why;
   } catch (const livetrain::Error& e) {
     EXPECT_EQ(e.code(), livetrain::ErrorCode::kFormat) << why;
+  }
+}
+
+// Appends the coded streams of 600 inputs to `all` with `coder` (shared by the golden digest test).
+template <typename Coder>
+void encode_pinned_cases(Coder coder, std::string& all) {
+  std::mt19937_64 rng(23);  // raw draws only: std distributions differ between standard libraries
+  for (int t = 0; t < 600; ++t) {
+    const size_t n = t < 6 ? static_cast<size_t>(t) : t % 50 == 0 ? 40000 + rng() % 30000 : rng() % 5000;
+    const size_t stride = 1 + rng() % 4, off = rng() % 4;
+    std::vector<uint8_t> buf(off + n * stride + 3);
+    for (auto& b : buf) b = static_cast<uint8_t>(rng());  // filler between the symbols
+    const int kind = t % 6;
+    const unsigned k = 1 + static_cast<unsigned>(rng() % 256), p = 1 + static_cast<unsigned>(rng() % 60);
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t r = rng();
+      uint8_t s = 0;
+      switch (kind) {
+        case 0: s = static_cast<uint8_t>(r % k); break;                                             // flat over k
+        case 1: s = static_cast<uint8_t>(std::min(std::countr_zero(r | (1ull << 50)), 40)); break;  // 2^-s: deep
+        case 2: s = static_cast<uint8_t>((1u << std::min(std::countr_one(r) + 1, 8)) - 1); break;   // bf16 low XOR
+        case 3: s = r % 100 < 97 ? 0 : static_cast<uint8_t>(r >> 32) % 16; break;                   // high XOR
+        case 4:                                                                                     // bitmap bytes
+          for (int b = 0; b < 8; ++b) s |= static_cast<uint8_t>(((r >> (8 * b)) & 0xFF) * 100 / 256 < p) << b;
+          break;
+        default: s = static_cast<uint8_t>(k + (r % 3 == 0)); break;  // one or two symbols
+      }
+      buf[off + i * stride] = s;
+    }
+    coder(buf.data() + off, n, all, stride);
   }
 }
 
@@ -163,4 +196,47 @@ TEST(CheckpointEntropy, MalformedStreamsAreRejected) {
   EXPECT_EQ(decode(pad, 3), (std::vector<uint8_t>{0, 1, 0}));
   pad.back() = static_cast<char>(0x02 | 0x80);
   expect_format_error(pad, 3, "set padding bits");
+}
+
+// Every stream the store has written must come out of the encoder byte for byte the same (a save of the
+// same diff is compared with the CPU save's file, and the format has one encoding per input): 600 inputs
+// of random, odd sizes (0-5 bytes, up to 70,000), strides 1-4 with other bytes between the symbols, and
+// distributions from one symbol to all 256 (flat, 2^-s tails that hit the 11-bit limit, bf16 XOR planes,
+// bitmap bytes), digested. The digest is that of the coder before the word-wise histograms and the
+// branch-free bit writer (encode_reference; checkpoint.encoder=0), taken from its build.
+TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
+  std::string fast, reference;
+  encode_pinned_cases(
+      [](const uint8_t* in, size_t n, std::string& out, size_t stride) { entropy::encode(in, n, out, stride); }, fast);
+  encode_pinned_cases(entropy::encode_reference, reference);
+  EXPECT_EQ(fast.size(), 950644u);
+  EXPECT_EQ(livetrain::checkpoint::xxh64(fast.data(), fast.size()), 0x13c565c936be60b2ull);
+  EXPECT_TRUE(fast == reference) << "encode and encode_reference differ";
+  // What the cases cover: each mode, and Huffman codes at the 11-bit limit.
+  int modes[3] = {0, 0, 0}, at_limit = 0;
+  std::string again;
+  encode_pinned_cases(
+      [&](const uint8_t* in, size_t n, std::string& out, size_t stride) {
+        const size_t start = out.size();
+        entropy::encode(in, n, out, stride);
+        const auto mode = static_cast<uint8_t>(out[start]);
+        ASSERT_LT(mode, 3);
+        ++modes[mode];
+        if (mode == 2) {
+          int deepest = 0;
+          for (size_t k = 0; k < entropy::kTableBytes; ++k) {
+            const auto b = static_cast<uint8_t>(out[start + 9 + k]);
+            deepest = std::max({deepest, b & 15, b >> 4});
+          }
+          at_limit += deepest == entropy::kMaxCodeBits;
+        }
+        std::vector<uint8_t> plane(n);
+        for (size_t i = 0; i < n; ++i) plane[i] = in[i * stride];
+        EXPECT_EQ(decode(out.substr(start), n), plane);
+      },
+      again);
+  EXPECT_GT(modes[0], 10);
+  EXPECT_GT(modes[1], 2);
+  EXPECT_GT(modes[2], 100);
+  EXPECT_GT(at_limit, 10);
 }

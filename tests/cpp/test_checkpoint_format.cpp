@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <random>
 
@@ -11,6 +12,7 @@
 #include "livetrain/checkpoint/hash.hpp"
 #include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/tuning.hpp"
 
 namespace checkpoint = livetrain::checkpoint;
 using livetrain::DType;
@@ -33,6 +35,43 @@ std::string make_file(const std::string& records, uint32_t count) {
   return f;
 }
 
+// Three records as a save encodes them: a dense bf16 step over three blocks (the last one partial; about
+// a fifth of the elements changed by XORs of the low mantissa bits), a sparser fp32 tensor over two
+// blocks, and a sparse u8 one (gaps); returns them concatenated, in order.
+template <typename Encode>
+std::string encode_dense_records(Encode encode) {
+  std::mt19937_64 rng(15);  // raw draws only
+  struct T {
+    const char* name;
+    DType dtype;
+    uint32_t unit;
+    uint64_t units, per_mille;
+  };
+  const T ts[] = {{"dense.bf16", DType::kBF16, 2, 2621441, 200},
+                  {"fp32", DType::kF32, 4, 1500000, 50},
+                  {"sparse.u8", DType::kU8, 1, 70001, 3}};
+  std::vector<std::vector<uint8_t>> bitmaps, values;
+  std::vector<checkpoint::RecordParts> recs;
+  for (const T& t : ts) {
+    std::vector<uint8_t> bitmap((t.units + 7) / 8), vals;
+    uint64_t changed = 0;
+    for (uint64_t i = 0; i < t.units; ++i) {
+      const uint64_t r = rng();
+      if (r % 1000 >= t.per_mille) continue;
+      bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+      ++changed;
+      for (uint32_t b = 0; b < t.unit; ++b) {
+        const unsigned run = static_cast<unsigned>(std::countr_one(r >> (16 + 8 * b)));
+        vals.push_back(b == 0 ? static_cast<uint8_t>((1u << std::min(run + 1, 8u)) - 1)
+                              : static_cast<uint8_t>((r >> 60) == 0 ? (r >> (8 * b)) & 0xFF : 0));
+      }
+    }
+    bitmaps.push_back(std::move(bitmap));
+    values.push_back(std::move(vals));
+    recs.push_back({t.name, t.dtype, t.units, changed, bitmaps.back().data(), values.back().data(), {}});
+  }
+  return encode(recs);
+}
 }  // namespace
 
 TEST(CheckpointHash, Xxh64MatchesPublishedVectors) {
@@ -381,4 +420,59 @@ TEST(CheckpointDelta, UnitsOverflowIsRefused) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("units overflow"), std::string::npos) << e.what();
   }
+}
+
+// A save's records are the same bytes whatever the encoder's inner workings: pinned to the digest of the
+// encoder before the records were handed on as pieces and before the word-wise entropy coder (its build),
+// under every checkpoint.encoder setting. With the default the dense record comes as several pieces (its
+// blocks' own strings), before as one; the pieces of every record join into a record that parses.
+TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
+  for (int coder : {2, 1, 0}) {
+    livetrain::tuning::set("checkpoint.encoder", coder);
+    std::vector<size_t> pieces;
+    const std::string all = encode_dense_records([&](const std::vector<checkpoint::RecordParts>& recs) {
+      std::vector<std::vector<std::string>> outs;
+      checkpoint::encode_records(recs, outs);
+      std::string joined;
+      for (const auto& rec : outs) {
+        pieces.push_back(rec.size());
+        for (const std::string& p : rec) joined += p;
+      }
+      return joined;
+    });
+    livetrain::tuning::reset();
+    EXPECT_EQ(all.size(), 590760u) << "coder " << coder;
+    EXPECT_EQ(checkpoint::xxh64(all.data(), all.size()), 0xfac91567e444f8ceull) << "coder " << coder;
+    ASSERT_EQ(pieces.size(), 3u);
+    if (coder == 2) {
+      EXPECT_GT(pieces[0], 2u) << "the dense record's blocks are pieces of their own";
+    } else {
+      EXPECT_EQ(pieces[0], 1u) << "coder " << coder;
+    }
+    uint32_t records = 0;
+    const std::string file = make_file(all, 3);
+    checkpoint::delta_parse(
+        reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta", [&](const checkpoint::DeltaRecord& r) {
+          ++records;
+          EXPECT_EQ(r.encoding,
+                    records == 3 ? checkpoint::PositionEncoding::kGaps : checkpoint::PositionEncoding::kBlocks)
+              << r.name;
+        });
+    EXPECT_EQ(records, 3u);
+  }
+  // Without checksums (a writer appends them): the records less their last 8 bytes, which are the XXH64 of
+  // the rest.
+  const std::string without = encode_dense_records([&](const std::vector<checkpoint::RecordParts>& recs) {
+    std::vector<std::vector<std::string>> outs;
+    checkpoint::encode_records(recs, outs, false);
+    std::string joined;
+    for (const auto& rec : outs) {
+      std::string record;
+      for (const std::string& p : rec) record += p;
+      const uint64_t sum = checkpoint::xxh64(record.data(), record.size());
+      joined += record + std::string(reinterpret_cast<const char*>(&sum), 8);
+    }
+    return joined;
+  });
+  EXPECT_EQ(checkpoint::xxh64(without.data(), without.size()), 0xfac91567e444f8ceull);
 }

@@ -127,9 +127,10 @@ TEST(CheckpointDelta, GoldenBytesOfAPartWithARegion) {
   std::vector<checkpoint::RecordParts> recs = {{"w", DType::kBF16, 6, 1, bitmap.data(),
                                                 reinterpret_cast<const uint8_t*>(values.data()),
                                                 Region{{2, 0}, {2, 3}}}};
-  std::vector<std::string> outs;
+  std::vector<std::vector<std::string>> outs;
   checkpoint::encode_records(recs, outs);
-  const std::string& rec = outs[0];
+  ASSERT_EQ(outs[0].size(), 1u);
+  const std::string& rec = outs[0][0];
   EXPECT_EQ(hex(rec.substr(0, rec.size() - 8)),
             "01000000"
             "77"  // name

@@ -299,6 +299,68 @@ TEST(CheckpointStore, EarlyWritebackWritesTheSameBytes) {
   EXPECT_EQ(on.compare_live(on.commit().head, live.views()).elements, 0u);
 }
 
+// checkpoint.early_writer writes the delta on its own thread from the first encoded record on, the header
+// (its record count) last; checkpoint.encoder=2 leaves the records' checksums to the writer. Every
+// combination writes the files of the encoder before with the writer after the diff (encoder 0, early_writer
+// 0), for dense, sparse and no changes (no file then, nor a temporary one left; with save_if_unchanged a
+// file of no record).
+TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
+  struct Reset {
+    ~Reset() { livetrain::tuning::reset(); }
+  } reset;
+  TempDir tmp;
+  const std::string model = tmp.file("model");
+  LiveModel live = livetrain::testing::make_live(3, 1000);
+  livetrain::testing::write_model_dir(model, live);
+  struct Setting {
+    int encoder, early;
+  };
+  const Setting settings[] = {{0, 0}, {2, 0}, {2, 1}, {0, 1}, {1, 1}};
+  std::vector<checkpoint::Store> stores;
+  for (const Setting& c : settings) {
+    stores.push_back(checkpoint::Store::create(
+        model, tmp.file("store-" + std::to_string(c.encoder) + "-" + std::to_string(c.early))));
+  }
+  auto save_all = [&](const checkpoint::SaveOptions& options, const std::string& what) -> checkpoint::SaveResult {
+    std::vector<checkpoint::SaveResult> r;
+    for (size_t k = 0; k < stores.size(); ++k) {
+      livetrain::tuning::set("checkpoint.encoder", settings[k].encoder);
+      livetrain::tuning::set("checkpoint.early_writer", settings[k].early);
+      r.push_back(stores[k].save(live.views(), options));
+    }
+    livetrain::tuning::reset();
+    for (size_t k = 1; k < stores.size(); ++k) {
+      SCOPED_TRACE(what + ", encoder " + std::to_string(settings[k].encoder) + ", early_writer " +
+                   std::to_string(settings[k].early));
+      EXPECT_EQ(r[k].written, r[0].written);
+      EXPECT_EQ(r[k].generation, r[0].generation);
+      EXPECT_EQ(r[k].bytes, r[0].bytes);
+      if (!r[0].written || !r[k].written || r[k].generation != r[0].generation) continue;
+      const std::string name = checkpoint::delta_file_name(r[0].generation);
+      EXPECT_EQ(livetrain::fs::read_file(stores[0].dir() + "/" + name),
+                livetrain::fs::read_file(stores[k].dir() + "/" + name));
+    }
+    return r[0];
+  };
+  const double fractions[] = {1.0, 0.01, 0.0, 0.3};
+  for (int step = 0; step < 4; ++step) {
+    livetrain::testing::perturb(live, 400 + step, fractions[step]);
+    EXPECT_EQ(save_all({}, "step " + std::to_string(step)).written, fractions[step] > 0) << "step " << step;
+  }
+  checkpoint::SaveOptions always;
+  always.save_if_unchanged = true;
+  const checkpoint::SaveResult r = save_all(always, "no change, save_if_unchanged");
+  EXPECT_TRUE(r.written);
+  EXPECT_EQ(r.changed, 0u);
+  for (checkpoint::Store& s : stores) {
+    EXPECT_TRUE(s.verify().empty());
+    EXPECT_EQ(s.compare_live(s.commit().head, live.views()).elements, 0u);
+    for (const auto& e : std::filesystem::directory_iterator(s.dir())) {
+      EXPECT_EQ(e.path().filename().string().find(".livetrain-tmp."), std::string::npos) << "left behind: " << e.path();
+    }
+  }
+}
+
 #ifdef LIVETRAIN_WITH_CUDA
 // A save from GPU weights writes the same delta file as a save of the same bytes from host memory, under
 // every tuning of the GPU save (the pipeline, the one-pass diff, digests, small groups), for sparse,

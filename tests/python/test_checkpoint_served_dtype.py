@@ -450,3 +450,37 @@ def test_materialize_rounded_to_the_files_dtype_saves_the_rounded_weights_as_a_g
     with CheckpointStore(model, held=[]) as store:
         with pytest.raises(livetrain.InvalidArgumentError, match="head copy of every tensor"):
             store.materialize(1, round_to_file_dtype=True)
+
+
+def test_every_served_dtype_a_store_takes_is_checked_with_the_same_words(tmp_path):
+    # The engine's set_served, its served= (and serve_as) and a rank's part at commit: one check of the
+    # name and of the conversion, saying who serves the tensor (the part's message was its own before).
+    model, files = tp_model(tmp_path)
+    with CheckpointStore.create(model, held=[]) as store:
+        with pytest.raises(livetrain.InvalidArgumentError, match=r'tensor "nope", served by the engine, is not in'):
+            store.set_served({"nope": torch.float32})
+        with pytest.raises(livetrain.InvalidArgumentError, match=r'tensor "nope", served by the engine, is not in'):
+            store.serve_as({"nope": torch.float32})
+    with pytest.raises(livetrain.InvalidArgumentError, match=r'tensor "nope", served by the engine, is not in'):
+        CheckpointStore(model, held=[], served={"nope": torch.float32})
+    ranks = [rank_shards(served(files), r, 2) for r in range(2)]
+    stores = [CheckpointStore(model, rank=r, ranks=2, held=ranks[r]) for r in range(2)]
+    try:
+        parts = [stores[r].save_part(ranks[r]) for r in range(2)]
+        refused = {
+            "nope": (
+                livetrain.InvalidArgumentError,
+                r'tensor "nope", served by rank 1\'s part, is not in the checkpoint',
+            ),
+            A_LOG: (
+                livetrain.UnsupportedError,
+                f'tensor "{A_LOG}" is BF16 in the model files and served as F16 by rank 1\'s part; the checkpoint store',
+            ),
+        }
+        for name, (error, message) in refused.items():
+            with pytest.raises(error, match=message):
+                stores[0].commit(1, [parts[0], {**parts[1], "served": [(name, "F16")]}])
+        assert stores[0].head == 0
+    finally:
+        for s in stores:
+            s.close()

@@ -200,7 +200,13 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 @pytest.mark.parametrize(
-    "knobs", [{}, {"checkpoint.diff": 1}, {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1}]
+    "knobs",
+    [
+        {},
+        {"checkpoint.diff": 1},
+        {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1},
+        {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1, "checkpoint.early_writer": 1},
+    ],
 )
 def test_cuda_save_of_odd_sized_mixed_dtypes_in_small_groups(tmp_path, knobs):
     """Regression test for issue #15's cudaErrorMisalignedAddress on the Qwen3.5-27B shapes: a bf16 tensor

@@ -291,6 +291,34 @@ def test_a_full_admission_queue_is_503_with_retry_after(model_dir, tmp_path):
         s.close()
 
 
+def test_a_failed_step_is_a_500_with_its_reason_and_a_stopped_scheduler_a_503(model_dir, tmp_path):
+    # A decode step that fails answers its requests with a 500 naming the error, and the next request is
+    # served; once the scheduler serves no more (closed, or its loop failed) a request is a 503 with the
+    # reason (it was an unhandled RuntimeError: a bare 500 without a JSON body).
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path)
+    try:
+        sched, failed = s.engine.scheduler, []
+        real = sched._decode
+
+        def decode():
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("the step broke")
+            real()
+
+        sched._decode = decode  # the scheduler's thread looks it up at each step
+        body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        code, out = http(s.url + "/v1/completions", body)
+        assert failed, out  # the request reached a decode step
+        assert code == 500 and out["error"]["message"] == "generation failed: RuntimeError: the step broke", out
+        assert http(s.url + "/v1/completions", body)[0] == 200
+        sched.close()
+        code, out = http(s.url + "/v1/completions", body)
+        assert code == 503 and out["error"]["message"] == "the engine cannot generate: the engine is shutting down"
+    finally:
+        s.close()
+
+
 def test_bodies_over_the_limit_and_huge_prompts(server, model_dir, tmp_path):
     # Regression test for issue #13: a 20 MiB prompt took 53 s and 1.7 GiB and stalled every route; a
     # /train body over 64 MiB was a 503 "Broken pipe".
@@ -373,3 +401,28 @@ def test_batched_greedy_answers_on_cuda_equal_one_at_a_time_decoding(model_dir, 
     # where only the order of its sums differs).
     want, got, peak = alone_and_together(model_dir, tmp_path, "cuda", dtype, attention)
     assert got == want and peak >= 2
+
+
+def test_row_attention_without_enable_gqa_makes_transformers_own_call_row_by_row(monkeypatch):
+    # Where transformers repeats a grouped model's keys instead of passing enable_gqa (an older torch, or a
+    # device where it does not use it), the row attention makes transformers' own sdpa call row by row: the
+    # greedy answers are still one-at-a-time decoding's, and no row went through _row_sdpa's own call.
+    from transformers.integrations import sdpa_attention
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_model.llama_config(32)).eval()
+    assert model.model.layers[0].self_attn.num_key_value_groups > 1
+    prompts = [list(range(1, 3 + 2 * i)) for i in range(3)]
+    want, _ = answers(model, prompts, [6] * 3, max_batch=1)
+    sdpa = []
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda *a, **kw: False)
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        sdpa.append(kwargs.get("enable_gqa", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    got, load = answers(model, prompts, [6] * 3, max_batch=4, attention="rows")
+    assert got == want and load["peak_batch"] == 3
+    assert sdpa and not any(sdpa)  # the keys repeated by transformers, never enable_gqa

@@ -51,9 +51,9 @@ def test_requests_admitted_together_are_prefilled_in_one_forward(monkeypatch):
     max_tokens = [7, 1, 30, 9, 1, 5]
     want, _ = answers(model, prompts, max_tokens, max_batch=1)
     calls = []
-    together = batching.Scheduler._prefill_together
+    together = batching.Scheduler._prefill_slots
     monkeypatch.setattr(
-        batching.Scheduler, "_prefill_together", lambda self, seqs: calls.append(len(seqs)) or together(self, seqs)
+        batching.Scheduler, "_prefill_slots", lambda self, seqs: calls.append(len(seqs)) or together(self, seqs)
     )
     got, load = answers(model, prompts, max_tokens, max_batch=4, attention="static", static_length=64)
     assert calls[0] == 4 and load["peak_batch"] >= 3
@@ -227,3 +227,33 @@ def test_fused_rms_norms_give_the_same_outputs():
         assert batching.fuse_rms_norms(model) == 2 * 2 + 1
         got = model(input_ids=x).logits
     assert torch.equal(got, want)
+
+
+def test_compact_moves_only_the_rows_above_the_new_count_into_the_gaps():
+    # Slots 0..5 in use; the rows of slots 0 and 3 leave. The rows of slots 4 and 5 move into the freed slots
+    # (two moves), not every row after the first gap (five moves before); the rows below stay where they are.
+    decoder = static.Decoder(llama(), 6, 8, graphs=False)
+    for t in decoder.cache.keys + decoder.cache.values:
+        for s in range(6):
+            t[s].fill_(s)  # each slot's positions hold its number
+    before = [t.clone() for t in decoder.cache.keys + decoder.cache.values]
+    copies = []
+    real = torch.Tensor.copy_
+
+    def counted(self, *args, **kwargs):
+        copies.append(1)
+        return real(self, *args, **kwargs)
+
+    keep, lengths = [1, 2, 4, 5], [3, 8, 5, 2]
+    torch.Tensor.copy_ = counted
+    try:
+        order = decoder.compact(keep, lengths)
+    finally:
+        torch.Tensor.copy_ = real
+    assert order == [4, 1, 2, 5]
+    assert len(copies) == 2 * len(before)  # two rows moved, one copy per layer and tensor each
+    for t, b in zip(decoder.cache.keys + decoder.cache.values, before):
+        for j, s in enumerate(order):
+            n = lengths[keep.index(s)]
+            assert torch.equal(t[j, :, :n], b[s, :, :n])  # the positions in use came along
+    assert decoder.compact([0, 1, 2], [1, 1, 1]) == [0, 1, 2]  # nothing left: nothing moves

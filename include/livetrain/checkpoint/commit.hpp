@@ -28,7 +28,10 @@ struct TensorEntry {
   // The dtype the engine serves the tensor in (convert.hpp): deltas, head copies and restored bytes are in
   // it, and the files' bytes converted to it are the base. Equal to `dtype` unless set_served changed it.
   DType served = DType::kU8;
-  uint64_t served_nbytes() const { return served == dtype ? nbytes : nbytes / unit_bytes(dtype) * unit_bytes(served); }
+  // The tensor's size in dtype `as` (its size in the files, in units of `as`): served_nbytes in `served`, and a
+  // store's own served dtype (Store::served).
+  uint64_t nbytes_as(DType as) const { return as == dtype ? nbytes : nbytes / unit_bytes(dtype) * unit_bytes(as); }
+  uint64_t served_nbytes() const { return nbytes_as(served); }
 };
 
 // One file of a generation's delta: the whole delta of a single-process save (rank 0 of 1), or the part

@@ -42,8 +42,12 @@ struct RecordParts {
 };
 
 // Encodes several records, each as encode_record_parts would, with one parallel region over all their
-// blocks; outs[i] receives record i (empty when its changed == 0).
-void encode_records(const std::vector<RecordParts>& records, std::vector<std::string>& outs);
+// blocks; outs[i] receives record i as pieces whose concatenation is the record (no piece when its
+// changed == 0): a blocks-encoded record keeps its blocks' strings, so a writer takes them without a copy.
+// Without `checksums` each record lacks its last 8 bytes, the XXH64 of the rest, for the caller to append (a
+// writer that hashes the bytes anyway, on its own thread).
+void encode_records(const std::vector<RecordParts>& records, std::vector<std::vector<std::string>>& outs,
+                    bool checksums = true);
 
 // XORs a diff's `values` (changed × unit bytes, position order) into `buf` at the positions `bitmap` marks
 // (ceil(units/8) bytes, LSB first); parallel over blocks. The inverse of itself.

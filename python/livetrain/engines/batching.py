@@ -34,6 +34,9 @@ are served one request at a time by the same loop (``Scheduler.batchable`` is Fa
 One thread runs the model. Requests wait in a bounded admission queue (``QueueFull`` beyond it, which
 the engine answers with 503 and Retry-After); tokens go to each request's ``sink`` from that thread.
 ``TextStream`` turns a request's tokens into text deltas (stop strings, EOS) on the consumer's side.
+Every request gets one final event: an error inside the thread fails the requests it touched and the
+thread goes on (``Scheduler._serve``); if the thread itself stops, everyone is told and ``submit`` raises
+``Stopped``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from livetrain.engines import static
+from livetrain.engines import options, static
 
 # The scheduler thread's decode step: each row's first real cache position (its left padding). None
 # outside a batched decode step: the attention is then the model's own.
@@ -70,7 +73,9 @@ def _row_attention(module, query, key, value, attention_mask, **kwargs):
     t0 = time.perf_counter()
     try:
         if name == "sdpa" and base is _sdpa_attention_forward() and kwargs.get("position_bias") is None:
-            return _row_sdpa(module, query, key, value, starts, kwargs)
+            out = _row_sdpa(module, query, key, value, starts, kwargs)
+            if out is not None:
+                return out
         outs = []
         for b, s in enumerate(starts):
             out, _ = base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)
@@ -91,19 +96,15 @@ def _row_sdpa(module, query, key, value, starts: list[int], kwargs: dict):
     call that ``sdpa_attention_forward`` makes for one row's decode step without a mask (the same arguments,
     so the same kernel and the same bits), and the rows' outputs put in the model's layout once for the batch
     rather than once per row (a copy either way). A decode step of B rows costs B attention calls per layer
-    here (and on a GPU 2B small copies) instead of about 4B calls."""
+    here (and on a GPU 2B small copies) instead of about 4B calls. None where that call is not the one
+    transformers makes (grouped keys that it repeats rather than give with ``enable_gqa``): the caller then
+    makes transformers' own call row by row."""
     from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 
-    groups = getattr(module, "num_key_value_groups", 1)
     extra = {}
-    if groups > 1:
-        if not use_gqa_in_sdpa(None, key, value):  # transformers repeats the keys: its own call, row by row
-            base = _sdpa_attention_forward()
-            outs = [
-                base(module, query[b : b + 1], key[b : b + 1, :, s:], value[b : b + 1, :, s:], None, **kwargs)[0]
-                for b, s in enumerate(starts)
-            ]
-            return torch.cat(outs, 0), None
+    if getattr(module, "num_key_value_groups", 1) > 1:
+        if not use_gqa_in_sdpa(None, key, value):
+            return None
         extra = {"enable_gqa": True}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     dropout, scale = kwargs.get("dropout", 0.0), kwargs.get("scaling")
@@ -178,8 +179,8 @@ def fuse_rms_norms(model) -> int:
     return n
 
 
-# How a batched decode step computes attention (see the module's docstring).
-ATTENTION = ("auto", "rows", "masked", "static")
+# How a batched decode step computes attention (see the module's docstring): --batch-attention's choices.
+ATTENTION = options.BATCH_ATTENTION
 
 
 AUTO_CACHE_SHARE = 0.25  # of the GPU's free memory at start, the most attention="auto" gives the static cache
@@ -217,6 +218,10 @@ class QueueFull(RuntimeError):
         self.retry_after = 1
 
 
+class Stopped(RuntimeError):
+    """The scheduler serves no more requests (closed, or its thread failed: the message says why): 503."""
+
+
 # What a sink receives: (token or None, finish reason or None, error message or None). Finish reasons:
 # "stop" (an EOS token, which is the token passed), "length", "cancelled", "error".
 Sink = Callable[[int | None, str | None, str | None], None]
@@ -231,12 +236,20 @@ class Sequence:
         self.sink = sink
         self.generated = 0
         self.cancelled = False  # set by any thread; read by the scheduler between two steps
+        self.finished = False  # its last event (a finish reason) was sent: nothing more goes to the sink
 
     def emit(self, tok: int | None, finish: str | None, error: str | None = None) -> None:
+        if self.finished:  # one answer per request: a failure after its end is not a second one
+            return
+        self.finished = finish is not None
         try:
             self.sink(tok, finish, error)
         except Exception:  # the consumer is gone (its event loop closed): nobody to tell
             self.cancelled = True
+
+    def fail(self, e: BaseException) -> None:
+        """Ends the request with the error ``e`` (unless it ended already)."""
+        self.emit(None, "error", f"{type(e).__name__}: {e}")
 
 
 class _Row:
@@ -301,9 +314,11 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[_Row] = []
         self._admitting = 0  # taken from the queue, being prefilled: neither waiting nor a row yet
+        self._admitted: list[Sequence] = []  # those of this turn of the loop (told if the loop fails)
         self._cache = None
         self._length = 0  # the cache's sequence length (the longest row plus the padding of the others)
         self._stop = False
+        self.stopped: str | None = None  # why the scheduler's thread ended (close(), or a failure of its loop)
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # the most rows one decode step ran
         # Where the scheduler thread's time went (seconds): prefills, decode steps, and of the decode steps
@@ -329,7 +344,7 @@ class Scheduler:
         """Queues ``seq``; QueueFull when ``max_batch`` requests run and ``max_queue`` more already wait."""
         with self._cond:
             if self._stop:
-                raise RuntimeError("the engine is shutting down")
+                raise Stopped(self.stopped or "the engine is shutting down")
             if len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_queue:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(seq)
@@ -362,50 +377,73 @@ class Scheduler:
     # ---- the scheduler thread ----
     def _run(self) -> None:
         _ROWS.base, _ROWS.starts, _ROWS.spent = self.base or "sdpa", None, 0.0
-        if self.decoder is not None:
-            with torch.inference_mode():
-                self.decoder.warm()  # the graphs, before the first request
-        while True:
+        reason = "the engine is shutting down"
+        try:
+            if self.decoder is not None:
+                with torch.inference_mode():
+                    self.decoder.warm()  # the graphs, before the first request
+            while self._serve():
+                pass
+        except BaseException as e:  # the loop itself failed: it serves no more, and says so to everyone
+            reason = f"the engine's scheduler stopped: {type(e).__name__}: {e}"
+            print(f"livetrain engine: error: {reason}", file=sys.stderr, flush=True)
+        finally:
             with self._cond:
-                while not self._stop and not self._waiting and not self._rows:
-                    self._cond.wait()
-                if self._stop:
-                    left = list(self._waiting) + [r.seq for r in self._rows]
-                    self._waiting.clear()
-                    self._rows = []
-                    break
-                admit = []
-                while self._waiting and len(self._rows) + len(admit) < self.max_batch:
-                    admit.append(self._waiting.popleft())
-                self._admitting = len(admit)
-            if self.decoder is not None and len(admit) > 1:
-                try:
-                    self._prefill_together(admit)
-                finally:
-                    with self._cond:
-                        self._admitting -= len(admit)
-                admit = []
-            for seq in admit:
-                try:
-                    if seq.cancelled:
-                        seq.emit(None, "cancelled")
-                    else:
-                        self._prefill(seq)
-                except Exception as e:  # this request alone: the batch goes on
-                    seq.emit(None, "error", f"{type(e).__name__}: {e}")
-                finally:
-                    with self._cond:
-                        self._admitting -= 1
+                self._stop, self.stopped = True, reason
+                left = self._admitted + list(self._waiting) + [r.seq for r in self._rows]
+                self._waiting.clear()
+                self._rows, self._cache = [], None
+            for seq in left:
+                seq.emit(None, "error", reason)
+
+    def _serve(self) -> bool:
+        """One turn of the scheduler's loop: admits what fits, then one decode step. An error there that is
+        not one request's alone (a decode step, a static prefill's compaction) may leave the batch's cache
+        half changed: every request admitted or running fails with it, and the next ones start afresh.
+        False when the scheduler is to stop."""
+        with self._cond:
+            while not self._stop and not self._waiting and not self._rows:
+                self._cond.wait()
+            if self._stop:
+                return False
+            admit = []
+            while self._waiting and len(self._rows) + len(admit) < self.max_batch:
+                admit.append(self._waiting.popleft())
+            self._admitting, self._admitted = len(admit), admit
+        try:
+            self._admit(admit)
             if self._rows:
-                try:
-                    self._decode()
-                except Exception as e:  # every running row fails; the next requests start afresh
-                    for r in self._rows:
-                        r.seq.emit(None, "error", f"{type(e).__name__}: {e}")
-                    with self._cond:
-                        self._rows, self._cache, self._length = [], None, 0
-        for seq in left:
-            seq.emit(None, "error", "the engine is shutting down")
+                self._decode()
+        except Exception as e:
+            for seq in admit + [r.seq for r in self._rows]:
+                seq.fail(e)  # once: a request that ended already is not told again
+            with self._cond:
+                self._rows, self._cache, self._length = [], None, 0
+        with self._cond:
+            self._admitting, self._admitted = 0, []
+        return True
+
+    def _admit(self, seqs: list[Sequence]) -> None:
+        """Prefills the requests taken from the queue: into the static cache's slots all in one forward
+        (``_prefill_slots``), else one by one, a request that fails failing alone."""
+        if self.decoder is not None:
+            try:
+                self._prefill_slots(seqs)
+            finally:
+                with self._cond:
+                    self._admitting = 0
+            return
+        for seq in seqs:
+            try:
+                if seq.cancelled:
+                    seq.emit(None, "cancelled")
+                else:
+                    self._prefill(seq)
+            except Exception as e:  # this request alone: the batch goes on
+                seq.fail(e)
+            finally:
+                with self._cond:
+                    self._admitting -= 1
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One token per row of ``logits`` [rows, vocab] (float32): the argmax for greedy rows; for the others
@@ -445,8 +483,7 @@ class Scheduler:
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> None:
-        if self.decoder is not None and len(seq.ids) + seq.max_tokens > self.decoder.length:
-            raise ValueError(self._too_long(seq))
+        """One request's prefill, alone (no padding: one-at-a-time decoding's call), joining the batch's cache."""
         t0 = time.perf_counter()
         _ROWS.starts = None
         out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
@@ -457,22 +494,24 @@ class Scheduler:
         self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
 
     @torch.inference_mode()
-    def _prefill_together(self, seqs: list[Sequence]) -> None:
-        """The static cache's prefill of requests admitted together: one forward of their prompts, right-padded
-        (causal attention: a prompt's positions never see the padding after it), copied into the next slots
-        at once (each slot gets the padding's keys too, after the prompt's: a position is written by the
-        step that first attends to it); rows that end at their first token leave at once. A request that
-        cannot be served fails alone; an error of the forward fails them all."""
+    def _prefill_slots(self, seqs: list[Sequence]) -> None:
+        """The static cache's prefill of the requests admitted at a step boundary (one or more): one forward of
+        their prompts, right-padded (causal attention: a prompt's positions never see the padding after it),
+        copied into the next slots at once (each slot gets the padding's keys too, after the prompt's: a
+        position is written by the step that first attends to it); rows that end at their first token leave
+        at once. A request that cannot be served fails alone: after an error of the forward of several, each
+        is prefilled alone (the running rows' slots are not touched until a forward succeeded)."""
         ok = []
         for seq in seqs:
             if seq.cancelled:
                 seq.emit(None, "cancelled")
             elif len(seq.ids) + seq.max_tokens > self.decoder.length:
-                seq.emit(None, "error", f"ValueError: {self._too_long(seq)}")
+                seq.fail(ValueError(self._too_long(seq)))
             else:
                 ok.append(seq)
         if not ok:
             return
+        first = len(self._rows)
         try:
             t0 = time.perf_counter()
             _ROWS.starts = None
@@ -484,22 +523,29 @@ class Scheduler:
             pick = torch.tensor([last.index(n - 1) for n in lengths], device=self.device)
             logits = out.logits[torch.arange(len(ok), device=self.device), pick].float()
             toks = self._sample(logits, ok)
-            first = len(self._rows)
             self.decoder.put_rows(first, out.past_key_values)
             self.times["prefill"] += time.perf_counter() - t0
         except Exception as e:
+            if len(ok) == 1:
+                ok[0].fail(e)
+                return
+            # One of them may be what failed (a bad request) or their batch too large: each alone, so that
+            # only what cannot be served fails.
             for seq in ok:
-                seq.emit(None, "error", f"{type(e).__name__}: {e}")
+                self._prefill_slots([seq])
             return
-        rows, keep = [], []
-        for i, (seq, n, tok) in enumerate(zip(ok, lengths, toks)):
-            if self._finish(seq, tok) is None:
-                rows.append(_Row(seq, 0, n, tok))
-                keep.append(first + i)
-        if len(keep) < len(ok):
-            self.decoder.compact(list(range(first)) + keep, [r.length for r in self._rows + rows])
+        new = [
+            _Row(seq, 0, n, tok) if self._finish(seq, tok) is None else None for seq, n, tok in zip(ok, lengths, toks)
+        ]
+        self._keep_slots(self._rows + new)
+
+    def _keep_slots(self, by_slot: list[_Row | None]) -> None:
+        """The static cache's batch after rows left: ``by_slot`` holds each slot's row, None where it left. The
+        rows kept move into the first slots (``Decoder.compact``, which says which row ends in which slot)."""
+        keep = [s for s, r in enumerate(by_slot) if r is not None]
+        order = self.decoder.compact(keep, [by_slot[s].length for s in keep]) if len(keep) < len(by_slot) else keep
         with self._cond:
-            self._rows = self._rows + rows
+            self._rows = [by_slot[s] for s in order]
 
     def _too_long(self, seq: Sequence) -> str:
         return (
@@ -508,13 +554,7 @@ class Scheduler:
         )
 
     def _join(self, row: _Row, cache) -> None:
-        """Merges a prefilled row's cache into the batch's, left-padding the shorter side (or copies it into
-        the next static slot)."""
-        if self.decoder is not None:
-            self.decoder.put(len(self._rows), cache)
-            with self._cond:
-                self._rows.append(row)
-            return
+        """Merges a prefilled row's cache into the batch's, left-padding the shorter side."""
         if not self._rows:
             with self._cond:
                 self._cache, self._length, self._rows = cache, row.length, [row]
@@ -586,13 +626,12 @@ class Scheduler:
 
     def _leave(self, keep: list[int]) -> None:
         """Keeps the rows ``keep`` (indices); trims the padding every remaining row has (or moves the static
-        slots of the rows kept to the first slots)."""
-        rows = [self._rows[i] for i in keep]
+        slots of the rows kept into the first slots)."""
         if self.decoder is not None:
-            self.decoder.compact(keep, [r.length for r in rows])
-            with self._cond:
-                self._rows = rows
+            kept = set(keep)
+            self._keep_slots([r if i in kept else None for i, r in enumerate(self._rows)])
             return
+        rows = [self._rows[i] for i in keep]
         if not rows:
             with self._cond:
                 self._rows, self._cache, self._length = [], None, 0

@@ -11,7 +11,7 @@ from livetrain.trainer import protocol, security
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 64
-# engines.batching.ATTENTION (not imported: batching imports torch).
+# How a batched decode step computes attention (engines.batching.ATTENTION: defined here, where no torch is).
 BATCH_ATTENTION = ("auto", "rows", "masked", "static")
 DEFAULT_BATCH_ATTENTION = "auto"
 DEFAULT_STATIC_CACHE_LEN = 2048

@@ -328,6 +328,8 @@ def build_app(
         except batching.QueueFull as e:
             r = protocol.error(503, str(e))
             return JSONResponse(r.body, status_code=r.code, headers={"Retry-After": str(e.retry_after)})
+        except batching.Stopped as e:  # shutting down, or the scheduler's thread failed
+            return routes.json_response(protocol.error(503, f"the engine cannot generate: {e}"))
 
         async def pieces():
             """(text delta, finish reason) as the scheduler decodes; the request leaves the batch when

@@ -8,10 +8,10 @@ per row (cache concatenations and copies). A replayed graph launches the whole s
 cache needs no concatenation: each row owns a slot and writes its next key and value at its own position
 (vLLM's scheme, without pages: a slot is contiguous).
 
-- A request is prefilled eagerly, alone (as one-at-a-time decoding does) or with the others admitted at
-  the same step boundary (one forward of their right-padded prompts: livetrain.engines.batching); its keys
-  and values are copied into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: when rows leave, the kept rows after
-  a gap move down, in their order (``compact``).
+- A request is prefilled eagerly with the others admitted at the same step boundary (one forward of their
+  right-padded prompts, livetrain.engines.batching; one admitted alone has no padding); its keys
+  and values are copied into a free slot, positions 0..n-1. Slots in use are always 0..rows-1: when rows
+  leave, each kept row above the new count moves into a slot a leaving row freed (``compact``).
 - A decode step of ``rows`` rows runs the smallest bucket >= rows; the bucket's extra rows are dead (token
   0 at position 0, their output ignored). It attends over the shortest span (128, 256, ... positions, up
   to the slot's length) that holds every row's position: one graph per bucket and span. Its inputs are
@@ -193,13 +193,6 @@ class Decoder:
             self.graphs, self._pool, self.graphs_wanted = {}, None, False
             print(f"livetrain engine: warning: CUDA graphs off ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
-    def put(self, slot: int, cache) -> None:
-        """Copies a prefilled row's cache (transformers' DynamicCache, one row) into ``slot``."""
-        for layer, k, v in zip(cache.layers, self.cache.keys, self.cache.values):
-            n = layer.keys.shape[2]
-            k[slot, :, :n].copy_(layer.keys[0])
-            v[slot, :, :n].copy_(layer.values[0])
-
     def put_rows(self, first: int, cache) -> None:
         """Copies the rows of a prefilled batch's cache (DynamicCache [rows, kv_heads, n, head_dim] per layer)
         into slots ``first``.. on: one copy per layer and tensor."""
@@ -208,13 +201,22 @@ class Decoder:
             k[first : first + rows, :, :n].copy_(layer.keys)
             v[first : first + rows, :, :n].copy_(layer.values)
 
-    def compact(self, keep: list[int], lengths: list[int]) -> None:
-        """Moves the rows in slots ``keep`` (ascending) to slots 0..len(keep)-1; ``lengths``: their positions
-        in use. A slot is overwritten only after it was read (keep[j] >= j)."""
-        for j, (i, n) in enumerate(zip(keep, lengths)):
-            if i != j:
-                for k in self.cache.keys + self.cache.values:
-                    k[j, :, :n].copy_(k[i, :, :n])
+    def compact(self, keep: list[int], lengths: list[int]) -> list[int]:
+        """Puts the rows in slots ``keep`` (ascending; ``lengths``: their positions in use) in slots
+        0..len(keep)-1, and returns which row each of those slots then holds (its slot before). A row
+        already below len(keep) stays; each one above moves into a slot below that a leaving row freed
+        (so as many rows move as there are such gaps, not every row after the first gap). Nothing depends on
+        the rows' order: a step computes each row on its own. A slot written is free, and one read is never
+        written."""
+        n = len(keep)
+        order = {s: s for s in keep if s < n}
+        gaps = [s for s in range(n) if s not in order]
+        above = [(s, length) for s, length in zip(keep, lengths) if s >= n]
+        for gap, (s, length) in zip(gaps, above):
+            for t in self.cache.keys + self.cache.values:
+                t[gap, :, :length].copy_(t[s, :, :length])
+            order[gap] = s
+        return [order[j] for j in range(n)]
 
     def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Each row's next-token logits [rows, vocab] (float32): row r's token ``tokens[r]`` at ``positions[r]``."""
