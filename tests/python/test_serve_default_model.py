@@ -250,7 +250,7 @@ def wait_prepared(s: Serve, timeout: float) -> None:
 @pytest.mark.skipif(
     os.environ.get("LIVETRAIN_LEARNING_TEST") != "1",
     reason="LIVETRAIN_LEARNING_TEST=1 runs it: up to 20 min on a 2-core CPU, and the H200 learning sweep "
-    "(docs/learning.md) measured general answers 27 -> 19 kept at the defaults: short of the issue's 95%",
+    "(docs/learning.md) measured general answers 27 -> 23 kept at the defaults (sweep4): short of the issue's 95%",
 )
 def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
     s = Serve(tmp_path, "serve-defaults.log", batch_size=None)
