@@ -18,8 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import learning_questions as lq  # noqa: E402
-import torch  # noqa: E402
-from learning_sweep import InProcess  # noqa: E402
+from learning_sweep import cpu_probe  # noqa: E402
 
 
 def main() -> int:
@@ -28,10 +27,7 @@ def main() -> int:
     p.add_argument("--runs", default="1e-6:1:0,5e-5:1:0,5e-5:3:0,5e-5:3:20,5e-5:10:20,5e-5:10:0")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    facts, general = lq.load(facts=a.facts)
-    examples = lq.examples(facts)
-    ip = InProcess("fp32", "cpu", 8)
+    ip, facts, general, examples = cpu_probe(a)
     asked = [("general", g["q"], i) for i, g in enumerate(general)]
     base = lq.score(asked, ip.ask([q for _, q, _ in asked], 24), facts, general)
     print(f"# {len(examples)} examples; before: {sum(base['general'])}/{len(general)} general answers right")

@@ -19,9 +19,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import learning_questions as lq  # noqa: E402
 import torch  # noqa: E402
-from learning_sweep import InProcess  # noqa: E402
+from learning_sweep import cpu_probe  # noqa: E402
 
 
 def main() -> int:
@@ -32,12 +31,9 @@ def main() -> int:
     p.add_argument("--ways", default="plain,restate,dup")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     from livetrain.trainer import guard
 
-    facts, general = lq.load(facts=a.facts)
-    examples = lq.examples(facts)
-    ip = InProcess("fp32", "cpu", 64)
+    ip, facts, general, examples = cpu_probe(a)
     t = ip.trainer
 
     def nll(pairs) -> float:

@@ -132,6 +132,14 @@ class InProcess:
         return [t.tokenizer.decode(a, skip_special_tokens=True) for a in out]
 
 
+def cpu_probe(a) -> tuple[InProcess, list, list, list]:
+    """What the CPU probes (learning_first_steps.py, learning_restate.py) start from: torch on ``a.threads``
+    threads, the first ``a.facts`` facts, their examples and the trainer in process (fp32, batches of 64)."""
+    torch.set_num_threads(a.threads)
+    facts, general = lq.load(facts=a.facts)
+    return InProcess("fp32", "cpu", 64), facts, general, lq.examples(facts)
+
+
 def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:
     """The engine's weights on the GPU, exported for the trainer in the parent; lives until stdin closes."""
     from livetrain.engines.reference import Engine
