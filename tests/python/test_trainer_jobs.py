@@ -299,7 +299,7 @@ def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
         return step(batch, anchor)
 
     trainer.step = traced
-    info = job(trainer, {"examples": FACTS, "steps": 3, "replay": 2, "anchor": 2.0})
+    info = job(trainer, {"examples": FACTS, "steps": 3, "replay": 2, "anchor": 2.0, "replay_select": "cycle"})
     assert info["state"] == "done" and info["plan"]["anchor"] == 2.0 and info["guard"]["anchor"] == 2.0, info
     # The anchor's sequences are the replayed ones (not added to the batch), two per step, cycling.
     reference = anchors[0][1][0]
