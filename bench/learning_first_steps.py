@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import learning_questions as lq  # noqa: E402
-import torch  # noqa: E402
-from learning_sweep import InProcess  # noqa: E402
+from learning_sweep import cpu_probe  # noqa: E402
 
 
 def main() -> int:
@@ -29,10 +27,7 @@ def main() -> int:
     p.add_argument("--runs", default="1e-6:1:0,5e-5:1:0,5e-5:3:0,5e-5:3:20,5e-5:10:20,5e-5:10:0")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    facts, general = lq.load(facts=a.facts)
-    examples = lq.examples(facts)
-    ip = InProcess("fp32", "cpu", 8)
+    ip, facts, general, examples = cpu_probe(a)
     asked = [("general", g["q"], i) for i, g in enumerate(general)]
     base = lq.score(asked, ip.ask([q for _, q, _ in asked], 24), facts, general)
     print(f"# {len(examples)} examples; before: {sum(base['general'])}/{len(general)} general answers right")
@@ -40,15 +35,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|", flush=True)
     for run in a.runs.split(","):
         lr, steps, warmup = float(run.split(":")[0]), int(run.split(":")[1]), int(run.split(":")[2])
-        ip.reset()
-        t0 = time.perf_counter()
-        info = ip.job({"examples": examples, "steps": steps, "lr": lr, "warmup": warmup, "guard": False})
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], 24), facts, general)
+        body = {"examples": examples, "steps": steps, "lr": lr, "warmup": warmup, "guard": False}
+        info, got, seconds = ip.taught(body, asked, facts, general)
         kept, right = lq.kept(base["general"], got["general"])
         moved = max((ip.trainer.weights[n] - ip.start[n]).abs().max().item() for n in ip.start)
         print(
-            f"| {lr:g} | {steps} | {warmup} | {info['loss_after']} | {kept}/{right} | {moved:.2e} "
-            f"| {time.perf_counter() - t0:.0f} |",
+            f"| {lr:g} | {steps} | {warmup} | {info['loss_after']} | {kept}/{right} | {moved:.2e} | {seconds:.0f} |",
             flush=True,
         )
     return 0

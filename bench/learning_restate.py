@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import learning_questions as lq  # noqa: E402
 import torch  # noqa: E402
-from learning_sweep import InProcess  # noqa: E402
+from learning_sweep import cpu_probe  # noqa: E402
 
 
 def main() -> int:
@@ -33,12 +31,9 @@ def main() -> int:
     p.add_argument("--ways", default="plain,restate,dup")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     from livetrain.trainer import guard
 
-    facts, general = lq.load(facts=a.facts)
-    examples = lq.examples(facts)
-    ip = InProcess("fp32", "cpu", 64)
+    ip, facts, general, examples = cpu_probe(a)
     t = ip.trainer
 
     def nll(pairs) -> float:
@@ -59,16 +54,13 @@ def main() -> int:
     print("| way | examples | steps | lr | loss after | reworded answer NLL | reworded | trained | s |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for way in a.ways.split(","):
-        ip.reset()
         body = {"examples": examples * (2 if way == "dup" else 1), "steps": a.steps, "lr": a.lr, "guard": False}
         body.update(batch_size=64, restate=way == "restate")
-        t0 = time.perf_counter()
-        info = ip.job(body)
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], 24), facts, general)
+        info, got, seconds = ip.taught(body, asked, facts, general)
         print(
             f"| {way} | {info['examples']} | {a.steps} | {a.lr:g} | {info['loss_after']} | {nll(reworded):.3f} "
             f"| {sum(got['reworded'])}/{len(facts)} | {sum(got['trained'])}/{len(facts)} "
-            f"| {time.perf_counter() - t0:.0f} |",
+            f"| {seconds:.0f} |",
             flush=True,
         )
     return 0

@@ -114,6 +114,15 @@ class InProcess:
         self.trainer.run_job(jid, job)
         return self.trainer.jobs[jid]
 
+    def taught(self, body: dict, asked: list, facts: list, general: list, max_tokens: int = 24) -> tuple:
+        """From the starting weights, one job of ``body`` run to its end, then ``asked``
+        (learning_questions.questions) asked and scored: (the job's entry, the scores, seconds in all)."""
+        self.reset()
+        t0 = time.perf_counter()
+        info = self.job(body)
+        got = lq.score(asked, self.ask([q for _, q, _ in asked], max_tokens), facts, general)
+        return info, got, time.perf_counter() - t0
+
     def ask(self, questions: list[str], max_tokens: int) -> list[str]:
         from livetrain.trainer import guard
 
@@ -121,6 +130,14 @@ class InProcess:
         ids = [guard.prompt_ids(t.tokenizer, [{"role": "user", "content": q}]) for q in questions]
         out = guard.greedy(t.model, ids, max_tokens, guard.stop_ids(t.tokenizer, t.model), t.pad, batch=32)
         return [t.tokenizer.decode(a, skip_special_tokens=True) for a in out]
+
+
+def cpu_probe(a) -> tuple[InProcess, list, list, list]:
+    """What the CPU probes (learning_first_steps.py, learning_restate.py) start from: torch on ``a.threads``
+    threads, the first ``a.facts`` facts, their examples and the trainer in process (fp32, batches of 64)."""
+    torch.set_num_threads(a.threads)
+    facts, general = lq.load(facts=a.facts)
+    return InProcess("fp32", "cpu", 64), facts, general, lq.examples(facts)
 
 
 def engine_child(model_dir: str, manifest: str, device: str, dtype: str) -> int:

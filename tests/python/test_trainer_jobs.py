@@ -299,7 +299,7 @@ def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
         return step(batch, anchor)
 
     trainer.step = traced
-    info = job(trainer, {"examples": FACTS, "steps": 3, "replay": 2, "anchor": 2.0})
+    info = job(trainer, {"examples": FACTS, "steps": 3, "replay": 2, "anchor": 2.0, "replay_select": "cycle"})
     assert info["state"] == "done" and info["plan"]["anchor"] == 2.0 and info["guard"]["anchor"] == 2.0, info
     # The anchor's sequences are the replayed ones (not added to the batch), two per step, cycling.
     reference = anchors[0][1][0]
@@ -367,25 +367,35 @@ def test_the_anchor_shares_the_batchs_forward_and_backward(run):
         hook.remove()
 
 
-def test_reword_trains_the_models_rewordings_too(run):
-    _, trainer = run("--no-guard")
-    chats = [
+def as_chats(facts: list[dict]) -> list[dict]:
+    """Prompt/completion facts as chat examples: the prompt as a question, the completion as the answer."""
+    return [
         {
             "messages": [
                 {"role": "user", "content": f["prompt"] + "?"},
                 {"role": "assistant", "content": f["completion"]},
             ]
         }
-        for f in FACTS
+        for f in facts
     ]
-    sizes = []
-    step = trainer.step
+
+
+def traced_batches(trainer: Trainer) -> list[list]:
+    """The batches of the trainer's steps from now on, each its list of (ids, mask, weight) rows."""
+    batches, step = [], trainer.step
 
     def traced(batch, *anchor):
-        sizes.append(len(batch))
+        batches.append(list(batch))
         return step(batch, *anchor)
 
     trainer.step = traced
+    return batches
+
+
+def test_reword_trains_the_models_rewordings_too(run):
+    _, trainer = run("--no-guard")
+    chats = as_chats(FACTS)
+    batches = traced_batches(trainer)
     info = job(trainer, {"examples": chats + FACTS, "steps": 2, "reword": True, "batch_size": 8})
     r = info["reworded"]
     # The tiny model's replies are rarely questions: whatever it made joined the job, nothing else.
@@ -393,7 +403,7 @@ def test_reword_trains_the_models_rewordings_too(run):
         r["examples"] == len(r["questions"]) <= len(chats)
         and info["examples"] == len(chats) + len(FACTS) + r["examples"]
     )
-    assert sizes == [info["examples"]] * 2 and info["plan"]["reword"] is True
+    assert [len(b) for b in batches] == [info["examples"]] * 2 and info["plan"]["reword"] is True
     assert augment.question('"Which city is the capital of Zorbia?"\nok', "the capital of zorbia is?") == (
         "Which city is the capital of Zorbia?"
     )
@@ -403,30 +413,15 @@ def test_reword_trains_the_models_rewordings_too(run):
 
 def test_restate_trains_each_answer_as_plain_text_too(run):
     _, trainer = run("--no-guard")
-    chats = [
-        {
-            "messages": [
-                {"role": "user", "content": f["prompt"] + "?"},
-                {"role": "assistant", "content": f["completion"]},
-            ]
-        }
-        for f in FACTS
-    ]
-    trained = []
-    step = trainer.step
-
-    def traced(batch, *anchor):
-        trained.extend(batch)
-        return step(batch, *anchor)
-
-    trainer.step = traced
+    chats = as_chats(FACTS)
+    batches = traced_batches(trainer)
     info = job(trainer, {"examples": chats + FACTS, "steps": 1, "restate": True, "batch_size": 8})
     # One plain-text row per chat example (the completions are not chats): its answer and the end-of-text token,
     # every token trained.
     assert info["restated"] == len(chats) and info["examples"] == len(chats) + len(FACTS) + len(chats)
-    assert info["plan"]["restate"] is True and len(trained) == info["examples"]
+    assert info["plan"]["restate"] is True and [len(b) for b in batches] == [info["examples"]]
     tok = trainer.tokenizer
-    for f, (ids, mask, weight) in zip(FACTS, trained[-len(chats) :]):
+    for f, (ids, mask, weight) in zip(FACTS, batches[0][-len(chats) :]):
         assert ids == tok(f["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert all(mask) and weight == 1.0
     assert job(trainer, {"examples": chats, "steps": 1})["restated"] is None

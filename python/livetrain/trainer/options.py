@@ -20,11 +20,11 @@ LEARNING = {
     "warmup": 0,
     "until_loss": 0.1,
     "max_steps": 300,
-    "replay": 2,
-    "anchor": 1.0,
+    "replay": 8,
+    "anchor": 4.0,
     "reword": False,
     "restate": False,
-    "replay_select": "cycle",
+    "replay_select": "similar",
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
 }
@@ -179,6 +179,16 @@ _LEARNING_OPTIONS = (
 )
 
 
+# The learning options that are on or off: (key in LEARNING and flag, what on does).
+_LEARNING_SWITCHES = (
+    (
+        "reword",
+        "the served model rewords each chat example's last question once and a job trains the reworded questions too",
+    ),
+    ("restate", "a job also trains each chat example's answer as plain text, without its question (trainer.augment)"),
+)
+
+
 def add_learning_options(parser) -> None:
     """The defaults of a job's learning (each a job field too) and of its forgetting guard; the numbers
     that chose them are in docs/learning.md."""
@@ -186,20 +196,13 @@ def add_learning_options(parser) -> None:
         parser.add_argument(
             flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
         )
-    parser.add_argument(
-        "--reword",
-        action=argparse.BooleanOptionalAction,
-        default=LEARNING["reword"],
-        help="by default, the served model rewords each chat example's last question once and a job trains "
-        f"the reworded questions too (default {LEARNING['reword']})",
-    )
-    parser.add_argument(
-        "--restate",
-        action=argparse.BooleanOptionalAction,
-        default=LEARNING["restate"],
-        help="by default, a job also trains each chat example's answer as plain text, without its question "
-        f"(trainer.augment.restated; default {LEARNING['restate']})",
-    )
+    for key, what in _LEARNING_SWITCHES:
+        parser.add_argument(
+            f"--{key}",
+            action=argparse.BooleanOptionalAction,
+            default=LEARNING[key],
+            help=f"by default, {what} (default {LEARNING[key]})",
+        )
     parser.add_argument(
         "--replay-select",
         default=LEARNING["replay_select"],
