@@ -110,10 +110,15 @@ def main() -> int:
             f"POST /train: job {jid}, {len(TEACH)} examples (the fact in {len(TEACH)} phrasings), "
             f"{a.steps} steps, lr {a.lr}"
         )
-        seen = 0
+        seen, waiting_for = 0, None
 
         def show(st: dict, info: dict) -> None:
-            nonlocal seen
+            nonlocal seen, waiting_for
+            # Before the first step: the forgetting guard's measures of the starting weights (on a CPU, minutes).
+            making = ((st.get("guard") or {}).get("prepared") or {}).get("making")
+            if info["step"] == 0 and making and making["what"] != waiting_for:
+                waiting_for = making["what"]
+                say(f"  /train/status: step 0, the forgetting guard is measuring the starting weights: {waiting_for}")
             if info["step"] > seen:
                 seen = info["step"]
                 say(

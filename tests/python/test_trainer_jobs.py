@@ -289,6 +289,27 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
     assert trainer.jobs[jid]["state"] == "done"
 
 
+def test_the_status_names_the_guards_measure_being_made(run, monkeypatch, capfd):
+    """A job at step 0 may wait minutes for the guard's measures (a CPU, the 393 retention answers): /train/status
+    names the one being made and since when, and the log has a line before and after each."""
+    _, trainer = run()
+    seen = []
+    refresh = trainer.retention.refresh
+
+    def watched(*a, **k):
+        seen.append(trainer.status()["guard"]["prepared"]["making"])
+        return refresh(*a, **k)
+
+    monkeypatch.setattr(trainer.retention, "refresh", watched)
+    info = job(trainer, {"examples": FACTS, "steps": 1})
+    assert info["state"] == "done", info
+    assert len(seen) == 1 and seen[0]["what"] == "answers" and seen[0]["where"] == "at the job's start", seen
+    assert seen[0]["seconds"] >= 0
+    assert trainer.status()["guard"]["prepared"]["making"] is None  # nothing being made once the job ran
+    err = capfd.readouterr().err
+    assert "guard: making the model's answers to the retention prompts" in err and "guard: answers made in" in err
+
+
 def test_an_anchor_joins_each_step_with_the_replayed_sequences(run):
     _, trainer = run()
     anchors = []

@@ -329,6 +329,7 @@ class Trainer:
         # The guard's measures of the weights a job starts from, made once per weight version (``_prepare``):
         # between jobs (--guard-prepare idle) or at a guarded job's start.
         self.prepared: dict | None = None
+        self.making: dict | None = None  # the guard's measure being made now (_prepare), for /train/status
         # The last guarded job whose answers kept are measured after its verdict, off its path: at the next
         # idle moment or the next guarded job's start, whichever comes first (``_kept_measured``).
         self.kept_pending: dict | None = None
@@ -634,6 +635,7 @@ class Trainer:
         p = self.prepared
         if p is None:
             return None
+        m = self.making
         made = [k for k in ("kept", "reference") if p[k] is not None] + ["anchor"] * bool(p["anchors"])
         if self.retention.version == p["version"]:
             made.insert(1, "answers")
@@ -643,6 +645,8 @@ class Trainer:
             "made": made,
             "seconds_idle": round(p["idle_s"], 3),
             "seconds_at_job_start": round(p["job_s"], 3),
+            # The measure being made now (None: none): what a job waiting at step 0 is waiting for.
+            "making": None if m is None else {**m, "seconds": round(time.time() - m["since"], 1)},
         }
 
     def _checkpoint_status(self) -> dict | None:
@@ -1144,32 +1148,54 @@ class Trainer:
         interrupt = self._arrived if idle else None
         for what in todo[:1] if idle else todo:
             t0 = time.perf_counter()
-            if what == "kept":
-                p["kept"] = self._kept_answers(interrupt)
-                self._kept_measured(p["kept"])
-            elif what == "answers":
-                self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
-            elif what == "reference":
-                held_out = self._fit(self.retention.held_out())
-                # Its forwards within the step budget.
-                ref = (
-                    guard.Reference(
-                        self.model, held_out, self.pad, max_tokens=self.max_batch_tokens, interrupt=interrupt
+            where = "between jobs" if idle else "at the job's start"
+            self.making = {"what": what, "where": where, "since": time.time()}
+            print(f"livetrain trainer: guard: making {self._measure_text(what)} {where}", file=sys.stderr, flush=True)
+            try:
+                if what == "kept":
+                    p["kept"] = self._kept_answers(interrupt)
+                    self._kept_measured(p["kept"])
+                elif what == "answers":
+                    self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
+                elif what == "reference":
+                    held_out = self._fit(self.retention.held_out())
+                    # Its forwards within the step budget.
+                    ref = (
+                        guard.Reference(
+                            self.model, held_out, self.pad, max_tokens=self.max_batch_tokens, interrupt=interrupt
+                        )
+                        if held_out
+                        else None
                     )
-                    if held_out
-                    else None
-                )
-                p["held_out"], p["reference"] = held_out, ref
-            else:  # measured in the steps' own shape: ``rows`` rows per forward
-                width, rows = key = self._anchor_key(*anchor)
-                replay = self._fit(self.retention.replay(), width)
-                p["anchors"][key] = (
-                    replay,
-                    guard.Reference(self.model, replay, self.pad, batch=rows, interrupt=interrupt) if replay else None,
-                )
+                    p["held_out"], p["reference"] = held_out, ref
+                else:  # measured in the steps' own shape: ``rows`` rows per forward
+                    width, rows = key = self._anchor_key(*anchor)
+                    replay = self._fit(self.retention.replay(), width)
+                    p["anchors"][key] = (
+                        replay,
+                        guard.Reference(self.model, replay, self.pad, batch=rows, interrupt=interrupt)
+                        if replay
+                        else None,
+                    )
+            finally:
+                self.making = None
             p["idle_s" if idle else "job_s"] += time.perf_counter() - t0
+            print(
+                f"livetrain trainer: guard: {what} made in {time.perf_counter() - t0:.1f} s {where}",
+                file=sys.stderr,
+                flush=True,
+            )
             made.append(what)
         return p, made
+
+    def _measure_text(self, what: str) -> str:
+        """One of ``_prepare``'s measures in words, for the log."""
+        return {
+            "kept": f"the held-out answers' first tokens ({len(self.retention.held_out_prompts())} prompts)",
+            "answers": f"the model's answers to the retention prompts ({len(self.retention.prompts)})",
+            "reference": "the held-out answers' reference distributions",
+            "anchor": "the replayed answers' reference distributions (the anchor)",
+        }[what]
 
     def _arrived(self) -> bool:
         """A job queued, a request waiting for the training thread, or a shutdown: what ends a measure made
