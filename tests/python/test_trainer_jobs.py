@@ -226,7 +226,7 @@ def test_admission_chunks_and_fit():
 
 
 def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
-    engine, trainer = run()
+    engine, trainer = run("--builtin-retention", "all")
     info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})
     g = info["guard"]
     assert info["state"] == "done" and g["passed"] and not g["rolled_back"], g
@@ -604,8 +604,22 @@ def test_bad_job_fields_are_refused_naming_them(run, body, param):
     assert trainer.queue.empty() and not trainer.jobs
 
 
+def test_builtin_retention_is_the_core_set_on_a_cpu_unless_asked(run):
+    """--builtin-retention auto (default): the 313 replay-only prompts on a GPU only; on a CPU their answers
+    take minutes before a job's first step (docs/learning.md), so the 80 alone."""
+    n, replay_only = len(guard.builtin_prompts()), len(guard.builtin_replay())
+    for words, want, name in (((), n, "core"), (("--builtin-retention", "all"), n + replay_only, "all")):
+        _, trainer = run(*words, store=False)  # two trainers: one store takes one
+        st = trainer.status()["guard"]
+        assert len(trainer.retention.prompts) == st["retention_prompts"] == want and st["builtin_retention"] == name
+        trainer.retention.set_user([[{"role": "user", "content": "one two"}]] * 2)  # kept by PUT /train/retention
+        assert len(trainer.retention.prompts) == want + 2
+    with pytest.raises(ValueError, match="--builtin-retention"):
+        options.parse(["--builtin-retention", "some"])
+
+
 def test_retention_prompts(run, tmp_path):
-    _, trainer = run()
+    _, trainer = run("--builtin-retention", "all")
     n, replay_only = len(guard.builtin_prompts()), len(guard.builtin_replay())
     assert n >= 30 and replay_only >= 300 and len(trainer.retention.prompts) == n + replay_only
     runner = threading.Thread(target=trainer.run, daemon=True)  # the retention ops run between steps

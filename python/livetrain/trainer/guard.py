@@ -343,10 +343,11 @@ class Retention:
     built-in alternating prompts and the user's, in that order, alternate between the replayed half (even
     positions) and the held-out half (odd); the built-in replay-only prompts are all replayed."""
 
-    def __init__(self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True):
+    def __init__(self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True, replay_only: bool = True):
         self.tokenizer = tokenizer
+        self.replay_only = replay_only  # the built-in replay-only prompts too (--builtin-retention)
         self.builtin = builtin_prompts() if builtin else []
-        self.builtin_replay = builtin_replay() if builtin else []
+        self.builtin_replay = builtin_replay() if builtin and replay_only else []
         self.user = list(user or [])
         self.version: int | None = None
         self.answers: list[list[int]] = []
@@ -372,7 +373,7 @@ class Retention:
         at the next guarded job. At least two prompts in all (the caller checks)."""
         self.user = list(prompts)
         self.builtin = builtin_prompts() if builtin else []
-        self.builtin_replay = builtin_replay() if builtin else []
+        self.builtin_replay = builtin_replay() if builtin and self.replay_only else []
         self.version, self.answers = None, []
 
     def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:

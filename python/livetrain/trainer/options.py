@@ -14,6 +14,8 @@ EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
 REPLAY_SELECT = ("cycle", "similar")
 GUARD_PREPARE = ("idle", "job")
+# Which built-in retention prompts the guard uses (trainer.guard.Retention): auto picks by device.
+BUILTIN_RETENTION = ("auto", "all", "core")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {
     "lr": 5e-5,
@@ -228,6 +230,15 @@ def add_learning_options(parser) -> None:
         "(default idle; docs/learning.md)",
     )
     parser.add_argument(
+        "--builtin-retention",
+        default="auto",
+        choices=BUILTIN_RETENTION,
+        help="the built-in retention prompts: all (the 80 alternating between replay and held out, and 313 "
+        "replayed only, of many question forms, for replay_select similar), core (the 80 alone) or auto: all on "
+        "a GPU, core on a CPU, where the model's answers to the 393 take minutes (about 5x the 80's; "
+        "docs/learning.md) (default auto)",
+    )
+    parser.add_argument(
         "--retention",
         default=None,
         metavar="FILE",
@@ -295,6 +306,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.guard_min_kept),
         "--guard-prepare",
         ns.guard_prepare,
+        "--builtin-retention",
+        ns.builtin_retention,
         *(["--retention", ns.retention] if ns.retention else []),
         "--max-seq-len",
         str(ns.max_seq_len),
