@@ -44,7 +44,8 @@ def server(model_dir, tmp_path_factory):
     key_file = base / "key"
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
-    s = serve(model_dir, base, "--api-key-file", str(key_file), "--max-batch-tokens", "24", key=KEY)
+    # A budget of 24 tokens per step, and 2 replayed retention rows per step (the default, 8, would not fit it).
+    s = serve(model_dir, base, "--api-key-file", str(key_file), "--max-batch-tokens", "24", "--replay", "2", key=KEY)
     s.base = base
     yield s
     s.stop()
@@ -102,7 +103,7 @@ def test_a_job_over_the_token_budget_is_split_or_refused(server):
     code, body = server.http("/train", {"examples": [six] * 4, "steps": 1, "replay": 0})
     assert code == 202 and body["batch_size"] == 3 and "--max-batch-tokens" in body["split"], body
     server.wait_job(body["job_id"])
-    # The guard's replayed rows (2 by default) join every step: they count (then 1 example fits), and a
+    # The guard's replayed rows (2 per step on this server) join every step: they count (then 1 example fits), and a
     # job whose one example and replayed rows do not fit is refused naming "replay".
     code, body = server.http("/train", {"examples": [six] * 4, "batch_size": 4})
     assert code == 400 and "2 replayed retention rows" in body["error"]["message"] and "at most 1 fit" in str(body)
