@@ -343,11 +343,13 @@ class Retention:
     built-in alternating prompts and the user's, in that order, alternate between the replayed half (even
     positions) and the held-out half (odd); the built-in replay-only prompts are all replayed."""
 
-    def __init__(self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True, replay_only: bool = True):
+    def __init__(
+        self, tokenizer, user: list[list[dict]] | None = None, builtin: bool = True, with_replay_only: bool = True
+    ):
         self.tokenizer = tokenizer
-        self.replay_only = replay_only  # the built-in replay-only prompts too (--builtin-retention)
+        self.with_replay_only = with_replay_only  # the built-in replay-only prompts too (--builtin-retention)
         self.builtin = builtin_prompts() if builtin else []
-        self.builtin_replay = builtin_replay() if builtin and replay_only else []
+        self.builtin_replay = builtin_replay() if builtin and with_replay_only else []
         self.user = list(user or [])
         self.version: int | None = None
         self.answers: list[list[int]] = []
@@ -373,7 +375,7 @@ class Retention:
         at the next guarded job. At least two prompts in all (the caller checks)."""
         self.user = list(prompts)
         self.builtin = builtin_prompts() if builtin else []
-        self.builtin_replay = builtin_replay() if builtin and self.replay_only else []
+        self.builtin_replay = builtin_replay() if builtin and self.with_replay_only else []
         self.version, self.answers = None, []
 
     def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:

@@ -236,7 +236,7 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise _core.InvalidArgumentError(f"--retention: {e}") from None
         every = {"all": True, "core": False}.get(s.builtin_retention, self.device.type != "cpu")
-        self.retention = guard.Retention(self.tokenizer, user, replay_only=every)
+        self.retention = guard.Retention(self.tokenizer, user, with_replay_only=every)
 
         self.state_dir = s.state_dir
         os.makedirs(s.state_dir, exist_ok=True)
@@ -625,7 +625,7 @@ class Trainer:
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
-                    "builtin_retention": "all" if self.retention.replay_only else "core",
+                    "builtin_retention": "all" if self.retention.with_replay_only else "core",
                     "prepare": self.settings.guard_prepare,
                     "prepared": self._prepared_status(),
                 },
