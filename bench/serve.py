@@ -179,6 +179,10 @@ def write_model_dir(path: str, size: str, layers: int, tokenizer) -> None:
     shape = dict(SHAPES[size], num_hidden_layers=layers)
     model_type = shape.pop("model_type", "qwen3")
     config = transformers.AutoConfig.for_model(model_type, **shape, eos_token_id=tokenizer.eos_token_id)
+    # Named as the published checkpoints name it: without `architectures`, vLLM takes a config for its base
+    # model class and serves it as an embedding model (no generate task, so the livetrain endpoint plugin
+    # is skipped and /train is 404).
+    config.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -397,10 +401,15 @@ def optim_step_times(trainer, reps: int) -> dict:
     import torch
 
     params = [p for g in trainer.opt.param_groups for p in g["params"] if p.requires_grad]
-    grad = torch.randn(max(p.numel() for p in params), device=trainer.device, dtype=torch.bfloat16) * 1e-3
+    # A gradient has its parameter's dtype (PyTorch refuses another): Qwen3.5's Gated DeltaNet A_log is
+    # served in fp32 beside bf16 weights, so there is one buffer per dtype.
+    grads = {
+        dt: torch.randn(max(p.numel() for p in params if p.dtype == dt), device=trainer.device, dtype=dt) * 1e-3
+        for dt in {p.dtype for p in params}
+    }
 
     def views():
-        return [(p, grad[: p.numel()].view_as(p)) for p in params]
+        return [(p, grads[p.dtype][: p.numel()].view_as(p)) for p in params]
 
     def batched():
         for p, g in views():

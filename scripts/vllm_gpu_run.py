@@ -199,12 +199,18 @@ class Server:
         raise Failed(f"timed out after {timeout} s waiting for {what}; see {self.log_path}")
 
     def ready(self) -> dict:
-        return {
-            "health_s": self.wait("/health", lambda: http(self.url + "/health", timeout=5)[0] == 200, 900),
-            "trainer_s": self.wait(
-                "the trainer", lambda: http(self.url + "/train/status", key=KEY, timeout=5)[0] == 200, 600
-            ),
-        }
+        health_s = self.wait("/health", lambda: http(self.url + "/health", timeout=5)[0] == 200, 900)
+        return {"health_s": health_s, "trainer_s": self.wait("the trainer", self.trainer_ready, 600)}
+
+    def trainer_ready(self) -> bool:
+        """/train/status answers 200; fails at once where vLLM said it left livetrain's routes out (it does
+        for a model it serves without the generate task, e.g. a config without `architectures`)."""
+        if http(self.url + "/train/status", key=KEY, timeout=5)[0] == 200:
+            return True
+        skipped = [line for line in self.log_text().splitlines() if "Skipping endpoint plugin livetrain" in line]
+        if skipped:
+            raise Failed(f"vLLM left out livetrain's routes: {skipped[0].strip()}")
+        return False
 
     def complete(self, prompt: str = FACT_PROMPT) -> str:
         code, body = http(

@@ -280,3 +280,70 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     }
     assert not worker.restore_newer(str(model), again, config, 0, 1, env=env)["restored"]
     assert all(torch.equal(again[n], trained[n]) for n in trained)
+
+
+def test_serve_bench_times_the_optimizer_over_parameters_of_two_dtypes():
+    """bench/serve.py's APOLLO-Mini timing gives each parameter a gradient of its own dtype: Qwen3.5's A_log is
+    served in fp32 beside bf16 weights, and PyTorch refuses a bf16 gradient on an fp32 parameter (the H200 run
+    of --shape qwen3.5-27b failed there)."""
+    from types import SimpleNamespace
+
+    from livetrain.optim import ApolloMini
+
+    serve_bench = load(ROOT / "bench" / "serve.py", "serve_bench_dtypes")
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(16, 24, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.randn(4, dtype=torch.float32)),
+        torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16)),
+    ]
+    before = [p.detach().clone() for p in params]
+    trainer = SimpleNamespace(opt=ApolloMini(params, lr=1e-2), device=torch.device("cpu"))
+    out = serve_bench.optim_step_times(trainer, 1)
+    assert out["tensors"] == 3 and out["params"] == 16 * 24 + 4 + 8 * 16
+    assert out["batched_seconds"] > 0 and out["per_parameter_seconds"] > 0
+    assert all(p.grad is None for p in params)
+    assert not torch.equal(params[0], before[0])  # the steps ran
+
+
+def test_vllm_run_fails_at_once_where_vllm_left_out_livetrains_routes(tmp_path):
+    """scripts/vllm_gpu_run.py's wait for the trainer: /train/status 404 and vLLM's log saying it skipped the
+    livetrain endpoint plugin (a model served without the generate task) is a failure naming that line, not a
+    600-second wait (the H200 run of bench/vllm_transfer.py waited out its time so)."""
+    import http.server
+    import threading
+
+    vr = load(ROOT / "scripts" / "vllm_gpu_run.py", "vllm_gpu_run_skip")
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = object.__new__(vr.Server)
+        server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        server.log_path = tmp_path / "vllm-1.log"
+        server.log_path.write_text("INFO starting\n")
+        assert server.trainer_ready() is False  # not up yet: keep waiting
+        line = "Skipping endpoint plugin livetrain: requires one of tasks ('generate',), server supports ('embed',)"
+        server.log_path.write_text(f"INFO starting\n(APIServer pid=1) INFO 12-01 [__init__.py:146] {line}\n")
+        with pytest.raises(vr.Failed, match="left out livetrain's routes: .*Skipping endpoint plugin livetrain"):
+            server.trainer_ready()
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.parametrize("shape, arch", [("tiny", "Qwen3ForCausalLM"), ("qwen3.5-tiny", "Qwen3_5ForCausalLM")])
+def test_bench_model_dirs_name_their_architecture(tmp_path, shape, arch):
+    """The benches' model directories name the causal-LM class as published checkpoints do: vLLM serves a
+    config without `architectures` as an embedding model (no /train: the H200 run of bench/vllm_transfer.py)."""
+    serve_bench = load(ROOT / "bench" / "serve.py", "serve_bench_arch")
+    vocab = serve_bench.SHAPES[shape]["vocab_size"]
+    serve_bench.write_model_dir(str(tmp_path), shape, 1, serve_bench.build_tokenizer(vocab))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [arch]
