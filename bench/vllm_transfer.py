@@ -16,8 +16,9 @@ timed) with the livetrain plugin and vLLM's CUDA-IPC weight transfer (``--weight
               of every tensor to /update_weights; the worker opens them and runs the model's load_weights
               through vLLM's layerwise reload); POST /finish_weight_update; POST /reset_prefix_cache. Timed
               from the step's end to the last reply; unpacked (all tensors in one request, the default) and
-              packed (bounded chunks). Extra memory: that process's GPU memory (its copy and context) plus
-              what vLLM's engine process grows by during the updates. After the first round the served
+              packed (bounded chunks: vLLM's default 1 GiB, or the largest tensor where that is larger). Extra
+              memory: that process's GPU memory (its copy and context) plus what vLLM's engine process grows by
+              during the updates. After the first round the served
               weights are compared with the copy through livetrain's manifest (layout views of vLLM's own
               tensors): every tensor must be identical.
 
@@ -99,6 +100,12 @@ def role_copy(a) -> None:
     def post(url: str) -> None:
         requests.post(url, timeout=600).raise_for_status()
 
+    def packed_buffer_bytes() -> int:
+        from vllm.distributed.weight_transfer import ipc_engine
+
+        largest = max(p.numel() * p.element_size() for p in params.values())
+        return max(ipc_engine.DEFAULT_PACKED_BUFFER_SIZE_BYTES, largest)
+
     @torch.no_grad()
     def round_(url: str, packed: bool, seed: int) -> dict:
         from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
@@ -110,9 +117,10 @@ def role_copy(a) -> None:
         t0 = time.perf_counter()
         post(url + "/start_weight_update")
         t1 = time.perf_counter()
-        IPCWeightTransferEngine.trainer_send_weights(
-            iter(params.items()), {"send_mode": "http", "url": url, "packed": packed}
-        )
+        args = {"send_mode": "http", "url": url, "packed": packed}
+        if packed:  # vLLM's chunk (1 GiB by default) must hold the largest tensor: the 8B embedding is 1.24 GB
+            args["packed_buffer_size_bytes"] = packed_buffer_bytes()
+        IPCWeightTransferEngine.trainer_send_weights(iter(params.items()), args)
         t2 = time.perf_counter()
         post(url + "/finish_weight_update")
         t3 = time.perf_counter()
