@@ -68,6 +68,15 @@ def test_serve_bench_takes_shape_and_its_earlier_name_size():
         assert "qwen3.5-27b" in r.stderr and "qwen3.5-tiny" in r.stderr
 
 
+def test_serve_bench_qwen35_runs_without_model_files(tmp_path):
+    """Without --checkpoint no files are written: the engine's exact float32 load of A_log has nothing to read
+    (the H200 run of --shape qwen3.5-27b without --checkpoint stopped there)."""
+    args = ["--shape", "qwen3.5-tiny", "--device", "cpu", "--tokens", "32", "--steps", "1", "--gen-seconds", "0"]
+    r = run([sys.executable, "bench/serve.py", *args, "--no-adamw", "--dir", str(tmp_path)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 32 |" in r.stdout
+
+
 def test_serve_bench_qwen35_steps_each_length_and_times_the_checkpoint_saves(tmp_path):
     r = run(
         [
