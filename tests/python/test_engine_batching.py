@@ -319,6 +319,35 @@ def test_a_failed_step_is_a_500_with_its_reason_and_a_stopped_scheduler_a_503(mo
         s.close()
 
 
+class LoopFailure(BaseException):
+    """Not an Exception: what a request's handling does not catch (the scheduler's loop itself fails)."""
+
+
+def test_health_is_200_while_the_engine_generates_and_503_naming_why_once_its_scheduler_stopped(model_dir, tmp_path):
+    # A scheduler whose loop died refused every request with 503, but nothing told a load balancer or a
+    # liveness probe: the engine had no /health (vLLM's answers non-200 once its engine is dead).
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path)
+    try:
+        code, out = http(s.url + "/health")
+        assert code == 200, out
+        body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        assert http(s.url + "/v1/completions", body)[0] == 200
+        assert http(s.url + "/health")[0] == 200  # after a request, too
+
+        def broken(seqs):
+            raise LoopFailure("the loop broke")
+
+        s.engine.scheduler._admit = broken  # the scheduler's thread looks it up at each turn of its loop
+        reason = "the engine's scheduler stopped: LoopFailure: the loop broke"
+        code, out = http(s.url + "/v1/completions", body)  # the request the loop died with: answered, 503
+        assert code == 503 and out["error"]["message"] == f"generation failed: {reason}", out
+        for path, request in (("/health", None), ("/v1/completions", body)):
+            code, out = http(s.url + path, request)
+            assert code == 503 and out["error"]["message"] == f"the engine cannot generate: {reason}", (path, out)
+    finally:
+        s.close()
+
+
 def test_bodies_over_the_limit_and_huge_prompts(server, model_dir, tmp_path):
     # Regression test for issue #13: a 20 MiB prompt took 53 s and 1.7 GiB and stalled every route; a
     # /train body over 64 MiB was a 503 "Broken pipe".

@@ -344,11 +344,21 @@ class Scheduler:
         """Queues ``seq``; QueueFull when ``max_batch`` requests run and ``max_queue`` more already wait."""
         with self._cond:
             if self._stop:
-                raise Stopped(self.stopped or "the engine is shutting down")
+                raise Stopped(self._stopped_reason())
             if len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_queue:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(seq)
             self._cond.notify()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler serves no more requests (``Stopped``'s reason: closed, or its loop failed), else None."""
+        with self._cond:
+            return self._stopped_reason() if self._stop else None
+
+    def _stopped_reason(self) -> str:
+        # close() asks the thread to stop; it says why (stopped) once it has.
+        return self.stopped or "the engine is shutting down"
 
     def cancel(self, seq: Sequence) -> None:
         """Stops generating for ``seq`` at the next step boundary (a client that went away)."""
