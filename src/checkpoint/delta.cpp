@@ -128,9 +128,10 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
     put<uint64_t>(out.bytes, k);
     return;
   }
-  // Room for the largest outcome (every stream raw) and the coder's 8 bytes of slack, so that the block's
-  // streams are appended without a reallocation.
-  out.bytes.reserve(8 + (1 + unit) * 9 + nbytes + k * unit + 8);
+  // Room for the largest outcome (every stream raw) and the coder's slack, so that the block's streams are
+  // appended without a reallocation.
+  out.bytes.reserve(8 + entropy::max_encoded_bytes(nbytes) + unit * entropy::max_encoded_bytes(k) +
+                    entropy::kEncodeSlack);
   put<uint64_t>(out.bytes, k);
   coder(bits, nbytes, out.bytes, 1);
   for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
