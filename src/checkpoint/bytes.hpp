@@ -1,4 +1,5 @@
-// Internal: the little-endian integer encoding of every checkpoint file (delta, journal), written once.
+// Internal: the little-endian integer encoding of every checkpoint file (delta, journal), written once, and
+// the bit count of a positions bitmap.
 #pragma once
 
 #include <bit>
@@ -22,5 +23,9 @@ T get(const uint8_t* p) {
   std::memcpy(&v, p, sizeof(T));
   return v;
 }
+
+// The set bits of p[0], ..., p[n - 1] (a positions bitmap's changes), eight bytes at a time. On x86-64 with
+// the POPCNT instruction when the CPU has it, chosen once at load (delta.cpp).
+uint64_t count_bits(const uint8_t* p, uint64_t n);
 
 }  // namespace livetrain::checkpoint::bytes

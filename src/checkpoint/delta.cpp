@@ -15,6 +15,25 @@
 
 namespace livetrain::checkpoint {
 
+// The build targets baseline x86-64, which has no POPCNT: there std::popcount is a call into libgcc
+// (__popcountdi2) per word, 3.7x the time of the POPCNT clone (bench/bitmap_count.cpp), which the CPU
+// picks once, at load (an ifunc), where it has the instruction (every x86-64-v2 CPU).
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define LIVETRAIN_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#endif
+#endif
+#ifndef LIVETRAIN_POPCNT_CLONES
+#define LIVETRAIN_POPCNT_CLONES
+#endif
+
+LIVETRAIN_POPCNT_CLONES uint64_t bytes::count_bits(const uint8_t* p, uint64_t n) {
+  uint64_t c = 0, i = 0;
+  for (; i + 8 <= n; i += 8) c += static_cast<uint64_t>(std::popcount(bytes::get<uint64_t>(p + i)));
+  for (; i < n; ++i) c += static_cast<uint64_t>(std::popcount(p[i]));
+  return c;
+}
+
 namespace {
 
 using bytes::put;
@@ -128,9 +147,10 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
     put<uint64_t>(out.bytes, k);
     return;
   }
-  // Room for the largest outcome (every stream raw) and the coder's 8 bytes of slack, so that the block's
-  // streams are appended without a reallocation.
-  out.bytes.reserve(8 + (1 + unit) * 9 + nbytes + k * unit + 8);
+  // Room for the largest outcome (every stream raw) and the coder's slack, so that the block's streams are
+  // appended without a reallocation.
+  out.bytes.reserve(8 + entropy::max_encoded_bytes(nbytes) + unit * entropy::max_encoded_bytes(k) +
+                    entropy::kEncodeSlack);
   put<uint64_t>(out.bytes, k);
   coder(bits, nbytes, out.bytes, 1);
   for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
@@ -218,14 +238,9 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
   put<uint64_t>(pieces.back(), sum.digest());
 }
 
-// The changes in block b of a bitmap (popcount of its bytes, eight at a time).
+// The changes in block b of a bitmap.
 uint64_t block_count(const uint8_t* bitmap, uint64_t units, uint64_t b) {
-  const uint8_t* bits = bitmap + b * kBlockUnits / 8;
-  const uint64_t nbytes = (block_len(units, kBlockUnits, b) + 7) / 8;
-  uint64_t c = 0, i = 0;
-  for (; i + 8 <= nbytes; i += 8) c += static_cast<uint64_t>(std::popcount(bytes::get<uint64_t>(bits + i)));
-  for (; i < nbytes; ++i) c += static_cast<uint64_t>(std::popcount(bits[i]));
-  return c;
+  return bytes::count_bits(bitmap + b * kBlockUnits / 8, (block_len(units, kBlockUnits, b) + 7) / 8);
 }
 
 // value_start[b]: the rank of block b's first change; value_start[nblocks] is the total.
@@ -536,8 +551,7 @@ void apply_blocks(const DeltaRecord& rec, uint8_t* buf, const std::string& where
       const uint8_t* q = d.streams;
       d.bitmap.resize(nbytes);
       entropy::decode(&q, end, d.bitmap.data(), nbytes, at);
-      uint64_t count = 0;
-      for (uint8_t v : d.bitmap) count += static_cast<uint64_t>(std::popcount(v));
+      const uint64_t count = bytes::count_bits(d.bitmap.data(), nbytes);
       if (len % 8 && (d.bitmap.back() >> (len % 8))) throw Error(ErrorCode::kFormat, at + "bitmap bits past the end");
       if (count != d.changed) throw Error(ErrorCode::kFormat, at + "bitmap count does not match");
       d.values.resize(d.changed * unit);
@@ -578,8 +592,7 @@ void apply_record(const DeltaRecord& rec, uint8_t* buf, std::string_view what) {
     if (rec.positions.size() != rec.units / 8 + (rec.units % 8 != 0))
       throw Error(ErrorCode::kFormat, where + "bitmap size mismatch");
     // Validate fully before writing, so a bad record changes nothing.
-    uint64_t count = 0;
-    for (const uint8_t* q = p; q < end; ++q) count += static_cast<uint64_t>(std::popcount(*q));
+    const uint64_t count = bytes::count_bits(p, rec.positions.size());
     if (rec.units % 8 && (end[-1] >> (rec.units % 8)))
       throw Error(ErrorCode::kFormat, where + "bitmap bits past the end");
     if (count != rec.changed) throw Error(ErrorCode::kFormat, where + "bitmap count does not match");

@@ -26,6 +26,15 @@ inline constexpr size_t kTableBytes = 128;
 
 enum class Mode : uint8_t { kRaw = 0, kConstant = 1, kHuffman = 2 };
 
+// The most bytes encode appends for n bytes: a raw stream's (the header, then the n bytes), since the
+// encoder picks a constant stream (1 byte) or a Huffman one only when it is smaller than n.
+inline constexpr size_t max_encoded_bytes(size_t n) { return 9 + n; }
+// While it writes a Huffman stream, encode holds up to this many bytes more than max_encoded_bytes(n) (its
+// 64-bit stores' slack, trimmed before it returns): its codes take 8 bytes of room past the L <= n - 1
+// bytes of the stream. A string with room for every stream's max_encoded_bytes and this, once, never
+// grows while the streams are appended (tests/cpp/test_checkpoint_entropy.cpp, at the worst case).
+inline constexpr size_t kEncodeSlack = 7;
+
 // Appends the coded stream of the `n` (at most 2^31) bytes in[0], in[stride], ..., in[(n - 1) · stride] to `out` (a
 // stride reads one byte plane of interleaved values without gathering it first).
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);

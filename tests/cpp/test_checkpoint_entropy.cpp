@@ -240,3 +240,48 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   EXPECT_GT(modes[2], 100);
   EXPECT_GT(at_limit, 10);
 }
+
+// The room a block of the delta's blocks encoding reserves for its streams (delta.cpp, encode_block) is
+// max_encoded_bytes per stream plus kEncodeSlack once: at the worst cases, incompressible bytes (a raw stream,
+// the largest outcome) and the largest Huffman stream (n - 1 bytes, while its codes are written 8 bytes more),
+// the string does not grow; with one byte less room it does, so the bound is exact.
+TEST(CheckpointEntropy, ReservedRoomIsExactAtTheWorstCase) {
+  using Encoder = void (*)(const uint8_t*, size_t, std::string&, size_t);
+  // Whether encoding `in` into a string with `room` bytes reserved keeps it where it is; the stream's mode and L.
+  auto fits = [](Encoder coder, const std::vector<uint8_t>& in, size_t room, int& mode, uint64_t& length) {
+    std::string out;
+    out.reserve(room);
+    const size_t capacity = out.capacity();
+    const char* data = out.data();
+    coder(in.data(), in.size(), out, 1);
+    mode = static_cast<uint8_t>(out[0]);
+    std::memcpy(&length, out.data() + 1, 8);
+    EXPECT_LE(out.size(), entropy::max_encoded_bytes(in.size()));
+    return out.capacity() == capacity && out.data() == data;
+  };
+  for (Encoder coder : {&entropy::encode, &entropy::encode_reference}) {
+    std::mt19937_64 rng(3);
+    std::vector<uint8_t> random(4096);
+    for (auto& b : random) b = static_cast<uint8_t>(rng());
+    int mode = -1;
+    uint64_t length = 0;
+    EXPECT_TRUE(fits(coder, random, entropy::max_encoded_bytes(random.size()), mode, length));
+    EXPECT_EQ(mode, 0);  // raw: exactly max_encoded_bytes
+    // Every byte value equally often (8-bit codes: raw wins), then more and more zeros until Huffman wins:
+    // the first stream it wins is n - 1 bytes long.
+    std::vector<uint8_t> skewed;
+    for (int r = 0; r < 4; ++r) {
+      for (int s = 0; s < 256; ++s) skewed.push_back(static_cast<uint8_t>(s));
+    }
+    while (true) {
+      ASSERT_TRUE(fits(coder, skewed, entropy::max_encoded_bytes(skewed.size()) + entropy::kEncodeSlack, mode, length));
+      if (mode != 0) break;
+      skewed.push_back(0);
+    }
+    ASSERT_EQ(mode, 2);
+    ASSERT_EQ(length, skewed.size() - 1);
+    const size_t n = skewed.size();
+    EXPECT_TRUE(fits(coder, skewed, entropy::max_encoded_bytes(n) + entropy::kEncodeSlack, mode, length));
+    EXPECT_FALSE(fits(coder, skewed, entropy::max_encoded_bytes(n) + entropy::kEncodeSlack - 1, mode, length));
+  }
+}

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 
+#include "checkpoint/bytes.hpp"
 #include "helpers.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/hash.hpp"
@@ -475,4 +476,20 @@ TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
     return joined;
   });
   EXPECT_EQ(checkpoint::xxh64(without.data(), without.size()), 0xfac91567e444f8ceull);
+}
+
+// bytes::count_bits (the clone this CPU runs: POPCNT on x86-64 where it has it) counts every bit of every
+// length and alignment, words and the tail, as one std::popcount per byte does.
+TEST(CheckpointDelta, BitmapCountsAreThoseOfAByteAtATime) {
+  std::mt19937_64 rng(11);
+  std::vector<uint8_t> bits(200);
+  for (auto& b : bits) b = static_cast<uint8_t>(rng());
+  bits[3] = 0xFF;
+  for (size_t start = 0; start < 9; ++start) {
+    for (size_t n = 0; start + n <= bits.size(); ++n) {
+      uint64_t want = 0;
+      for (size_t i = start; i < start + n; ++i) want += static_cast<uint64_t>(std::popcount(bits[i]));
+      ASSERT_EQ(livetrain::checkpoint::bytes::count_bits(bits.data() + start, n), want) << start << " " << n;
+    }
+  }
 }

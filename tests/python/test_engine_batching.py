@@ -4,6 +4,7 @@ answers decoded in a batch equal one-at-a-time decoding; a stream left unread ne
 413 and a huge prompt is refused without stalling other routes; hostile bodies are 400s; cross-site
 requests are refused when no key is set."""
 
+import copy
 import http.client as httpclient
 import json
 import threading
@@ -237,6 +238,50 @@ def test_a_second_scheduler_on_the_same_model_and_where_its_time_goes():
     assert runs[0] == runs[1] and all(isinstance(tok, int) for a in runs[0].values() for tok in a)
 
 
+def test_two_schedulers_in_one_process_each_run_their_models_own_attention(monkeypatch):
+    # The row attention's per-step state is its thread's (each scheduler's own thread), but which attention a
+    # switched model wraps was thread state too (batching._ROWS.base, set by the scheduler's thread): called
+    # from any other thread, a model served with an attention other than sdpa ran sdpa's. Two schedulers in
+    # one process, on sdpa and on an attention the user registered, decode at the same time with
+    # one-at-a-time decoding's answers, each model through its own attention, whichever thread calls it.
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    sdpa, calls = AttentionInterface._global_mapping["sdpa"], []
+
+    def mine(module, query, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "livetrain_test_mine", mine)
+    masks = AttentionMaskInterface._global_mapping
+    monkeypatch.setitem(masks, "livetrain_test_mine", masks["sdpa"])
+    torch.manual_seed(0)
+    plain = transformers.LlamaForCausalLM(tiny_model.llama_config(32)).eval()
+    other = copy.deepcopy(plain)
+    other.set_attn_implementation("livetrain_test_mine")
+    prompts = [list(range(1, 3 + 2 * i)) for i in range(3)]
+    want, _ = answers(plain, prompts, [6] * 3, max_batch=1)
+    results = {}
+
+    def run(name, model):
+        results[name] = answers(model, prompts, [6] * 3, max_batch=4, attention="rows")
+
+    threads = [threading.Thread(target=run, args=item) for item in (("plain", plain), ("mine", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for name in ("plain", "mine"):
+        got, load = results[name]
+        assert got == want and load["peak_batch"] == 3, name
+    assert calls and set(calls) == {"livetrain-scheduler"}
+    calls.clear()
+    with torch.inference_mode():  # from this thread, which runs no scheduler: still the model's own attention
+        other(input_ids=torch.tensor([prompts[2]]))
+    assert calls == [threading.current_thread().name] * other.config.num_hidden_layers
+
+
 def test_a_stream_left_unread_does_not_stop_other_requests(server):
     # Regression test for issue #13: one streaming completion followed by >= 40 plain ones deadlocked the
     # engine for good (its generation lock was held across the stream's yield, while the stream needed a
@@ -315,6 +360,35 @@ def test_a_failed_step_is_a_500_with_its_reason_and_a_stopped_scheduler_a_503(mo
         sched.close()
         code, out = http(s.url + "/v1/completions", body)
         assert code == 503 and out["error"]["message"] == "the engine cannot generate: the engine is shutting down"
+    finally:
+        s.close()
+
+
+class LoopFailure(BaseException):
+    """Not an Exception: what a request's handling does not catch (the scheduler's loop itself fails)."""
+
+
+def test_health_is_200_while_the_engine_generates_and_503_naming_why_once_its_scheduler_stopped(model_dir, tmp_path):
+    # A scheduler whose loop died refused every request with 503, but nothing told a load balancer or a
+    # liveness probe: the engine had no /health (vLLM's answers non-200 once its engine is dead).
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path)
+    try:
+        code, out = http(s.url + "/health")
+        assert code == 200, out
+        body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        assert http(s.url + "/v1/completions", body)[0] == 200
+        assert http(s.url + "/health")[0] == 200  # after a request, too
+
+        def broken(seqs):
+            raise LoopFailure("the loop broke")
+
+        s.engine.scheduler._admit = broken  # the scheduler's thread looks it up at each turn of its loop
+        reason = "the engine's scheduler stopped: LoopFailure: the loop broke"
+        code, out = http(s.url + "/v1/completions", body)  # the request the loop died with: answered, 503
+        assert code == 503 and out["error"]["message"] == f"generation failed: {reason}", out
+        for path, request in (("/health", None), ("/v1/completions", body)):
+            code, out = http(s.url + path, request)
+            assert code == 503 and out["error"]["message"] == f"the engine cannot generate: {reason}", (path, out)
     finally:
         s.close()
 

@@ -129,8 +129,10 @@ def test_a_failure_of_the_scheduler_loop_answers_everyone_and_refuses_new_reques
     )
     sched = batching.Scheduler(llama(), set(), max_batch=2, max_queue=4)
     try:
+        assert sched.failure is None
         got = run(sched, PROMPTS, [4, 4, 4])
         reason = "the engine's scheduler stopped: LoopFailure: the loop broke"
+        assert sched.failure == reason  # what the engine's /health answers (503)
         assert [finishes(e) for e in got] == [[("error", reason)]] * len(PROMPTS)
         with pytest.raises(batching.Stopped, match=reason):
             sched.submit(batching.Sequence([5], 4, 0.0, 1.0, None, lambda *e: None))

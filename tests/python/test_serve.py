@@ -192,6 +192,7 @@ def test_every_route_needs_the_api_key(server):
         ("/train", {"examples": []}),
         ("/train/status", None),
         ("/v1/models", None),
+        ("/health", None),
         ("/checkpoint", {}),
         ("/checkpoints", None),
         ("/rollback", {"generation": 0}),

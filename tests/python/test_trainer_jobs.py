@@ -661,6 +661,27 @@ def test_retention_prompts(run, tmp_path):
         guard.read_prompts(str(path))
 
 
+def test_at_most_max_prompts_of_the_users_retention_prompts_the_builtin_ones_not_counted(tmp_path):
+    # guard.MAX_PROMPTS's comment said "built-in + the user's" and the docs "at most 1000 in all", but only
+    # the user's prompts were counted (and the refusal did not say which): the limit is the user's alone.
+    n = guard.MAX_PROMPTS
+    prompts = [f"question {i}" for i in range(n + 1)]
+    assert len(guard.check_prompts(prompts[:n])) == n
+    with pytest.raises(Invalid) as e:
+        guard.check_prompts(prompts)
+    assert e.value.param == "prompts"
+    assert str(e.value) == f"prompts has {n + 1} prompts; at most {n} (the built-in retention prompts are not counted)"
+    path = tmp_path / "retention.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts[:n]))
+    assert len(guard.read_prompts(str(path))) == n
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    with pytest.raises(ValueError, match=rf"retention.jsonl: {n + 1} prompts; at most {n} \(the built-in"):
+        guard.read_prompts(str(path))
+    # The built-in ones come on top: a set of the user's n prompts holds more than n in all.
+    retention = guard.Retention(None, guard.check_prompts(prompts[:n]))
+    assert len(retention.prompts) == n + len(guard.builtin_prompts()) + len(guard.builtin_replay()) > n
+
+
 def test_builtin_retention_prompts_are_not_the_benchmarks_questions():
     # bench/learning.py and bench/learning_sweep.py count general answers kept on their own questions: a
     # retention prompt among them would be trained on (replay) or be the guard's own measure.

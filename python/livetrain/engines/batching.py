@@ -42,6 +42,7 @@ thread goes on (``Scheduler._serve``); if the thread itself stops, everyone is t
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import threading
 import time
@@ -51,19 +52,20 @@ import torch
 
 from livetrain.engines import options, static
 
-# The scheduler thread's decode step: each row's first real cache position (its left padding). None
-# outside a batched decode step: the attention is then the model's own.
+# The decode step of the thread running it (each scheduler's own thread, so that two engines in one process
+# never see each other's): ``starts``, each row's first real cache position (its left padding), None outside
+# a batched decode step (the attention is then the model's own); ``spent``, the seconds its attention took.
 _ROWS = threading.local()
 ROW_ATTENTION = "livetrain_rows"
 
 
-def _row_attention(module, query, key, value, attention_mask, **kwargs):
+def _row_attention(name: str, module, query, key, value, attention_mask, **kwargs):
     """Attention of a batched decode step, row by row on each row's unpadded keys and values: the same
     call, with the same shapes, as one-at-a-time decoding makes (query [B, heads, 1, head_dim]; key and
-    value [B, kv_heads, T, head_dim], left-padded)."""
+    value [B, kv_heads, T, head_dim], left-padded), of the model's own attention implementation ``name``
+    (bound when ``_use_row_attention`` registers it: the model's, whichever thread calls it)."""
     from transformers import AttentionInterface
 
-    name = getattr(_ROWS, "base", "sdpa")
     base = AttentionInterface._global_mapping[name]
     if getattr(static.STEP, "on", False):  # a static-cache decode step (its cache gave every slot's keys)
         return static.attention(module, query, key, value, attention_mask, kwargs.get("scaling")), None
@@ -144,7 +146,7 @@ def _use_row_attention(model) -> str | None:
     if base not in AttentionInterface._global_mapping or base not in AttentionMaskInterface._global_mapping:
         return None
     name = f"{ROW_ATTENTION}_{base}"
-    AttentionInterface.register(name, _row_attention)
+    AttentionInterface.register(name, functools.partial(_row_attention, base))
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
     model.set_attn_implementation(name)
     return base
@@ -344,11 +346,21 @@ class Scheduler:
         """Queues ``seq``; QueueFull when ``max_batch`` requests run and ``max_queue`` more already wait."""
         with self._cond:
             if self._stop:
-                raise Stopped(self.stopped or "the engine is shutting down")
+                raise Stopped(self._stopped_reason())
             if len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_queue:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(seq)
             self._cond.notify()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler serves no more requests (``Stopped``'s reason: closed, or its loop failed), else None."""
+        with self._cond:
+            return self._stopped_reason() if self._stop else None
+
+    def _stopped_reason(self) -> str:
+        # close() asks the thread to stop; it says why (stopped) once it has.
+        return self.stopped or "the engine is shutting down"
 
     def cancel(self, seq: Sequence) -> None:
         """Stops generating for ``seq`` at the next step boundary (a client that went away)."""
@@ -376,7 +388,7 @@ class Scheduler:
 
     # ---- the scheduler thread ----
     def _run(self) -> None:
-        _ROWS.base, _ROWS.starts, _ROWS.spent = self.base or "sdpa", None, 0.0
+        _ROWS.starts, _ROWS.spent = None, 0.0
         reason = "the engine is shutting down"
         try:
             if self.decoder is not None:

@@ -242,7 +242,6 @@ def follow(ranks: Ranks, model, device: torch.device, rows: list[int]) -> None:
     def setup(base: str | None) -> None:
         if base is not None:
             batching._use_row_attention(model)
-        batching._ROWS.base = base or "sdpa"
 
     @torch.inference_mode()
     def join(grow: int | None, start: int | None) -> None:

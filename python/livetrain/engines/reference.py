@@ -153,8 +153,11 @@ class Engine:
 
     @property
     def failure(self) -> str | None:
-        """Why a tensor-parallel engine can no longer generate (a rank died or failed), else None."""
-        return self.ranks.failure if self.ranks is not None else None
+        """Why the engine can no longer generate until a restart, else None: a tensor-parallel engine's rank
+        died or failed, or the scheduler serves no more (its loop failed, or it was closed)."""
+        if self.ranks is not None and self.ranks.failure is not None:
+            return self.ranks.failure
+        return self.scheduler.failure
 
     def close(self) -> None:
         """Stops the scheduler (waiting requests get an error), the other ranks, and the sharing."""
@@ -283,7 +286,7 @@ def build_app(
     scheduler: no route waits for another."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     app = FastAPI(title="livetrain reference engine")
 
@@ -315,7 +318,7 @@ def build_app(
                 f"exceeds the engine's context of {engine.max_len} tokens"
                 + (" (the static KV cache's length, --static-cache-len)" if engine.scheduler.decoder else ""),
             )
-        if engine.failure is not None:  # a tensor-parallel engine's rank died: no generation until a restart
+        if engine.failure is not None:  # a rank died, the scheduler stopped: no generation until a restart
             return routes.json_response(protocol.error(503, f"the engine cannot generate: {engine.failure}"))
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}
@@ -376,7 +379,7 @@ def build_app(
         try:
             async for delta, finish in pieces():
                 parts.append(delta)
-        except RuntimeError as e:  # 503 when a tensor-parallel engine's rank died: nothing generates until a restart
+        except RuntimeError as e:  # 503 when a rank died or the scheduler stopped: nothing generates until a restart
             return routes.json_response(protocol.error(503 if engine.failure else 500, f"generation failed: {e}"))
         return JSONResponse(
             {
@@ -404,6 +407,15 @@ def build_app(
         ids = await run_in_threadpool(engine.encode_chat, messages)
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
         return await completion("chat", ids, params, stream)
+
+    @app.get("/health")
+    async def health():
+        """200 (empty) while the engine can generate; else 503 naming why, which stays until a restart (as vLLM's
+        /health: what load balancers and liveness probes read)."""
+        failure = engine.failure
+        if failure is not None:
+            return routes.json_response(protocol.error(503, f"the engine cannot generate: {failure}"))
+        return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models():

@@ -46,8 +46,10 @@ BATCH = 8  # rows per forward of the reference's measures, at most
 # factual answer says what it says ("The capital of Spain is Madrid."), without counting changes of
 # wording late in a long answer.
 KEPT_TOKENS = 16
-# Most prompts a retention set may hold (built-in + the user's).
+# Most retention prompts a user may give (PUT /train/retention, --retention FILE), besides the built-in ones
+# (retention.json), which are a fixed number: a user's limit that does not move with --builtin-retention.
 MAX_PROMPTS = 1000
+TOO_MANY = f"at most {MAX_PROMPTS} (the built-in retention prompts are not counted)"
 
 
 class Interrupted(Exception):
@@ -80,7 +82,7 @@ def check_prompts(items, field: str = "prompts") -> list[list[dict]]:
     if not isinstance(items, list):
         raise Invalid(field, f"{field} must be a list of strings or {{messages}} objects")
     if len(items) > MAX_PROMPTS:
-        raise Invalid(field, f"{field} has {len(items)} items; at most {MAX_PROMPTS}")
+        raise Invalid(field, f"{field} has {len(items)} prompts; {TOO_MANY}")
     return [check_prompt(item, f"{field}[{i}]") for i, item in enumerate(items)]
 
 
@@ -110,7 +112,7 @@ def read_prompts(path: str) -> list[list[dict]]:
             except ValueError as e:  # not JSON, or Invalid (a ValueError) naming the line
                 raise ValueError(str(e) if isinstance(e, Invalid) else f"{path}:{n}: not JSON: {e}") from None
     if len(out) > MAX_PROMPTS:
-        raise ValueError(f"{path}: {len(out)} prompts; at most {MAX_PROMPTS}")
+        raise ValueError(f"{path}: {len(out)} prompts; {TOO_MANY}")
     return out
 
 

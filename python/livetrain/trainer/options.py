@@ -243,7 +243,7 @@ def add_learning_options(parser) -> None:
         default=None,
         metavar="FILE",
         help="the user's own retention prompts, added to the built-in ones: JSON lines, each a string "
-        '(a user message) or {"messages": [...]} ending with a user message (also PUT /train/retention)',
+        '(a user message) or {"messages": [...]} ending with a user message; at most 1000 (also PUT /train/retention)',
     )
 
 

@@ -1,0 +1,36 @@
+# ctest FuzzCorpus.IsTheMakersOutput: runs MAKER (make_checkpoint_corpus) into OUT and compares its files, names
+# and bytes, with SOURCE/fuzz/corpus-checkpoint-delta and -journal. A drift (a changed encoder, a seed added to
+# the maker but not written, a file edited by hand) fails here, naming the file and the command that writes the
+# corpora again.
+set(regenerate "build/make_checkpoint_corpus fuzz/corpus-checkpoint-delta fuzz/corpus-checkpoint-journal")
+file(REMOVE_RECURSE "${OUT}")
+file(MAKE_DIRECTORY "${OUT}/delta" "${OUT}/journal")
+execute_process(COMMAND "${MAKER}" "${OUT}/delta" "${OUT}/journal" RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "make_checkpoint_corpus failed (${rc})")
+endif()
+set(drift "")
+foreach(kind delta journal)
+  set(kept_dir "${SOURCE}/fuzz/corpus-checkpoint-${kind}")
+  file(GLOB made RELATIVE "${OUT}/${kind}" "${OUT}/${kind}/*")
+  file(GLOB kept RELATIVE "${kept_dir}" "${kept_dir}/*")
+  list(SORT made)
+  list(SORT kept)
+  if(NOT made STREQUAL kept)
+    list(APPEND drift "fuzz/corpus-checkpoint-${kind} holds [${kept}], the maker writes [${made}]")
+  endif()
+  foreach(name IN LISTS made)
+    if(EXISTS "${kept_dir}/${name}")
+      execute_process(COMMAND "${CMAKE_COMMAND}" -E compare_files "${OUT}/${kind}/${name}" "${kept_dir}/${name}"
+                      RESULT_VARIABLE differ)
+      if(NOT differ EQUAL 0)
+        list(APPEND drift "fuzz/corpus-checkpoint-${kind}/${name} is not what the maker writes")
+      endif()
+    endif()
+  endforeach()
+endforeach()
+if(drift)
+  list(JOIN drift "\n  " lines)
+  message(FATAL_ERROR "the fuzz corpora drifted from fuzz/make_checkpoint_corpus.cpp:\n  ${lines}\n"
+                      "write them again (after the build): ${regenerate}")
+endif()
