@@ -393,6 +393,21 @@ def test_health_is_200_while_the_engine_generates_and_503_naming_why_once_its_sc
         s.close()
 
 
+def test_health_gives_the_reason_of_a_503_only_with_the_api_key(model_dir, tmp_path):
+    # /health answers a probe without the key; what broke is the key holder's to read.
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path, api_key="k")
+    try:
+        assert http(s.url + "/health")[0] == 200
+        s.engine.scheduler.close()
+        code, out = http(s.url + "/health")
+        assert code == 503 and out["error"]["message"] == "the engine cannot generate (the reason: with the API key)"
+        code, out = http(s.url + "/health", key="k")
+        assert code == 503 and out["error"]["message"].startswith("the engine cannot generate: "), out
+        assert len(out["error"]["message"]) > len("the engine cannot generate: ")
+    finally:
+        s.close()
+
+
 def test_bodies_over_the_limit_and_huge_prompts(server, model_dir, tmp_path):
     # Regression test for issue #13: a 20 MiB prompt took 53 s and 1.7 GiB and stalled every route; a
     # /train body over 64 MiB was a 503 "Broken pipe".

@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 from livetrain import sharing  # noqa: E402
 from livetrain.checkpoint import CheckpointStore  # noqa: E402
 from livetrain.safetensors import load_file  # noqa: E402
+from livetrain.trainer.client import http  # noqa: E402
 from livetrain.trainer.examples import encode_example  # noqa: E402
 from livetrain.trainer.protocol import Invalid  # noqa: E402
 
@@ -192,7 +193,6 @@ def test_every_route_needs_the_api_key(server):
         ("/train", {"examples": []}),
         ("/train/status", None),
         ("/v1/models", None),
-        ("/health", None),
         ("/checkpoint", {}),
         ("/checkpoints", None),
         ("/rollback", {"generation": 0}),
@@ -200,6 +200,15 @@ def test_every_route_needs_the_api_key(server):
         for key in (None, "wrong"):
             code, out = server.http(path, body, key=key)
             assert code == 401 and "API key" in out["error"]["message"], (path, key, out)
+
+
+def test_health_answers_a_probe_without_the_api_key(server):
+    # A liveness probe carries no secret (vLLM's /health needs no key); the reason of a 503 stays the key's
+    # holder's (tests/python/test_engine_batching.py: the 503 itself).
+    for key in (None, "wrong", server.key):
+        assert server.http("/health", None, key=key)[0] == 200, key
+    assert http(server.url + "/health", key=None, method="HEAD")[0] == 200
+    assert server.http("/health", {}, key=None)[0] == 401  # only GET/HEAD are the probe's
 
 
 def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):

@@ -292,7 +292,10 @@ def build_app(
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if not routes.authorized(request.headers.get("authorization"), api_key):
+        # GET /health answers without the key (as vLLM's: a probe carries no secret); only its status code
+        # is public, the reason of a 503 is the key holder's.
+        probe = request.url.path == "/health" and request.method in ("GET", "HEAD")
+        if not probe and not routes.authorized(request.headers.get("authorization"), api_key):
             return routes.json_response(protocol.error(401, routes.MISSING_KEY))
         refused = None if api_key else security.cross_site(request.method, request.headers)
         if refused is not None:
@@ -408,14 +411,18 @@ def build_app(
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
         return await completion("chat", ids, params, stream)
 
-    @app.get("/health")
-    async def health():
-        """200 (empty) while the engine can generate; else 503 naming why, which stays until a restart (as vLLM's
-        /health: what load balancers and liveness probes read)."""
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request):
+        """200 (empty) while the engine can generate; else 503, which stays until a restart (as vLLM's /health:
+        what load balancers and liveness probes read). No key needed; the 503 names why to a caller with it."""
         failure = engine.failure
-        if failure is not None:
-            return routes.json_response(protocol.error(503, f"the engine cannot generate: {failure}"))
-        return Response(status_code=200)
+        if failure is None:
+            return Response(status_code=200)
+        if not routes.authorized(request.headers.get("authorization"), api_key):
+            return routes.json_response(
+                protocol.error(503, "the engine cannot generate (the reason: with the API key)")
+            )
+        return routes.json_response(protocol.error(503, f"the engine cannot generate: {failure}"))
 
     @app.get("/v1/models")
     async def models():
