@@ -621,6 +621,8 @@ def test_a_model_without_a_chat_template_trains_with_the_guard_and_refuses_chat_
     assert trainer.queue.empty() and not trainer.jobs
     # Rewording asks the model through the same rendering; a chat example it would add is not trainable here.
     assert augment.reworded(trainer.model, tok, [body["examples"][1]], trainer.pad, 40) == ([], [])
+    # PUT /train/retention's chat prompts are accepted: rendered as plain text too.
+    assert trainer.set_retention(*trainer.parse_retention({"prompts": ["three four", {"messages": chat}]})).code == 200
 
     info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})
     g = info["guard"]
@@ -628,6 +630,7 @@ def test_a_model_without_a_chat_template_trains_with_the_guard_and_refuses_chat_
     assert g["held_out_prompts"] == len(trainer.retention.held_out()) > 0 and g["replayed_prompts"] > 0
     assert g["kl"] is not None and 0 <= g["kl"] < g["threshold"], g
     assert info["plan"]["anchor"] > 0 and info["plan"]["replay"] > 0, info["plan"]
+    assert [isinstance(p["answer"], str) for p in trainer.retention.describe()["prompts"][-2:]] == [True, True]
     first = trainer.retention.prompts[0]
     assert (
         trainer.retention.replay()[0][0][: len(examples.prompt_ids(tok, first))]
