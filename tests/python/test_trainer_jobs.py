@@ -651,6 +651,24 @@ def test_a_chat_prompt_with_a_template_is_the_templates_text(tmp_path):
     assert examples.prompt_ids(tok, chat) == tok(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_plain_chat_prompt_is_tokenized_as_a_completion_prompt():
+    """Without a chat template, a chat prompt's plain text takes the special tokens the tokenizer adds to a
+    /v1/completions prompt (here a BOS), as the engine's answers to that text were made from."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=tiny_model.SPECIALS))
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", unk_token="<unk>")
+    chat = [{"role": "system", "content": "one two"}, {"role": "user", "content": "three four"}]
+    assert examples.plain_text(chat) == "one two\nthree four\n"
+    ids = examples.prompt_ids(tok, chat)
+    assert ids == tok("one two\nthree four\n")["input_ids"] and ids[0] == bos and len(ids) == 5
+
+
 def test_builtin_retention_is_the_core_set_on_a_cpu_unless_asked(run):
     """--builtin-retention auto (default): the 313 replay-only prompts on a GPU only; on a CPU their answers
     take minutes before a job's first step (docs/learning.md), so the 80 alone."""
