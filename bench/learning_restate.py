@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     from livetrain.trainer import guard
+    from livetrain.trainer.examples import prompt_ids
 
     ip, facts, general, examples = cpu_probe(a)
     t = ip.trainer
@@ -39,7 +40,7 @@ def main() -> int:
     def nll(pairs) -> float:
         rows = []
         for q, answer in pairs:
-            prompt = guard.prompt_ids(t.tokenizer, [{"role": "user", "content": q}])
+            prompt = prompt_ids(t.tokenizer, [{"role": "user", "content": q}])
             c = t.tokenizer(answer, add_special_tokens=False)["input_ids"] + [t.tokenizer.eos_token_id]
             rows.append((prompt + c, [False] * len(prompt) + [True] * len(c), 1.0))
         with torch.no_grad():

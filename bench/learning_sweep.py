@@ -125,9 +125,10 @@ class InProcess:
 
     def ask(self, questions: list[str], max_tokens: int) -> list[str]:
         from livetrain.trainer import guard
+        from livetrain.trainer.examples import prompt_ids
 
         t = self.trainer
-        ids = [guard.prompt_ids(t.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+        ids = [prompt_ids(t.tokenizer, [{"role": "user", "content": q}]) for q in questions]
         out = guard.greedy(t.model, ids, max_tokens, guard.stop_ids(t.tokenizer, t.model), t.pad, batch=32)
         return [t.tokenizer.decode(a, skip_special_tokens=True) for a in out]
 

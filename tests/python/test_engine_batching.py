@@ -1,8 +1,8 @@
 """The reference engine under load and hostile input (issue #13), in process on a tiny random Llama: greedy
 answers decoded in a batch equal one-at-a-time decoding; a stream left unread never stops other requests
 (the deadlock of issue #13); a full admission queue is 503 with Retry-After; bodies over the limit are
-413 and a huge prompt is refused without stalling other routes; hostile bodies are 400s; cross-site
-requests are refused when no key is set."""
+413 and a huge prompt is refused without stalling other routes; hostile bodies are 400s, and so is chat on
+a model without a chat template; cross-site requests are refused when no key is set."""
 
 import copy
 import http.client as httpclient
@@ -460,6 +460,22 @@ def test_hostile_completion_bodies_are_400(server, raw, param):
     # Regression test for issue #13: deeply nested JSON, seed >= 2^64 and a lone UTF-16 surrogate were 500s.
     code, body = http(server.url + "/v1/completions", raw=raw, timeout=60)
     assert code == 400 and body["error"]["param"] == param, body
+
+
+def test_chat_on_a_model_without_a_chat_template_is_400_naming_messages(tmp_path):
+    # A base model's tokenizer has no chat template: transformers' ValueError was a 500.
+    model = tmp_path / "base-model"
+    tiny_model.make_model_dir(model, CORPUS, intermediate_size=128, chat_template=False)
+    s = Server(Engine(str(model), str(tmp_path / "m.json"), "cpu", store=False), tmp_path)
+    try:
+        chat = {"messages": [{"role": "user", "content": "hello how"}], "max_tokens": 2}
+        code, body = http(s.url + "/v1/chat/completions", chat)
+        assert code == 400 and body["error"]["param"] == "messages", body
+        assert "no chat template" in body["error"]["message"], body
+        code, body = http(s.url + "/v1/completions", {"prompt": "hello how", "max_tokens": 2})
+        assert code == 200, body
+    finally:
+        s.close()
 
 
 def test_cross_site_requests_are_refused_without_a_key(server):

@@ -4,7 +4,7 @@ example's loss is below until_loss and reports its losses before and after; fixe
 forgetting guard measures the KL divergence and the answers kept, keeps a harmless job and rolls a destructive one back bit for
 bit through the checkpoint store (and says it cannot without one); a non-finite loss stops the job before
 backward with nothing applied, a step half applied by a non-finite gradient is undone; cancel, the job's
-own entry, the metrics snapshot, retention prompts and bad job fields."""
+own entry, the metrics snapshot, retention prompts and bad job fields; a model without a chat template."""
 
 import json
 import math
@@ -16,7 +16,7 @@ import torch
 
 from livetrain.engines.reference import Engine
 from livetrain.loss import OutputGradient
-from livetrain.trainer import admission, augment, guard, options, schedule
+from livetrain.trainer import admission, augment, examples, guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.service import Trainer
@@ -46,10 +46,10 @@ LONGER = [
 def run(tmp_path):
     made = []
 
-    def start(*words: str, store: bool = True, dtype: str = "bf16"):
-        model = tmp_path / "model"
+    def start(*words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True):
+        model = tmp_path / ("model" if chat_template else "base-model")
         if not model.exists():
-            tiny_model.make_model_dir(model, CORPUS)
+            tiny_model.make_model_dir(model, CORPUS, chat_template=chat_template)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
         engine = Engine(str(model), manifest, "cpu", dtype, store=store, store_dir=str(tmp_path / "store"))
         made.append(engine)
@@ -280,7 +280,7 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
         calls.append(1)
         return len(calls) > 3
 
-    ids = [guard.prompt_ids(trainer.tokenizer, [{"role": "user", "content": "one two"}])]
+    ids = [examples.prompt_ids(trainer.tokenizer, [{"role": "user", "content": "one two"}])]
     with pytest.raises(guard.Interrupted):
         guard.greedy(trainer.model, ids, 30, [], trainer.pad, interrupt=interrupt)
     assert 4 <= len(calls) <= 6, len(calls)
@@ -602,6 +602,71 @@ def test_bad_job_fields_are_refused_naming_them(run, body, param):
         trainer.handle("submit", json.dumps(body).encode())
     assert e.value.param == param and param in str(e.value)
     assert trainer.queue.empty() and not trainer.jobs
+
+
+def test_a_model_without_a_chat_template_trains_with_the_guard_and_refuses_chat_examples(run):
+    """A base model's tokenizer has no chat template: the guard's retention prompts are rendered as plain
+    text (examples.prompt_ids) and a prompt/completion job trains with the guard's replay, anchor and
+    measures; a job with chat examples is refused naming the field, nothing queued. (The guard's answers
+    failed the job at once with transformers' "tokenizer.chat_template is not set".)"""
+    _, trainer = run(chat_template=False)
+    tok = trainer.tokenizer
+    assert not tok.chat_template
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"}]
+    assert examples.prompt_ids(tok, chat) == tok("be brief\none two\n")["input_ids"]
+    body = {"examples": [FACTS[0], {"messages": [*chat, {"role": "assistant", "content": "three"}]}], "steps": 1}
+    with pytest.raises(Invalid) as e:
+        trainer.handle("submit", json.dumps(body).encode())
+    assert e.value.param == "examples[1].messages" and "no chat template" in str(e.value), e.value
+    assert trainer.queue.empty() and not trainer.jobs
+    # Rewording asks the model through the same rendering; a chat example it would add is not trainable here.
+    assert augment.reworded(trainer.model, tok, [body["examples"][1]], trainer.pad, 40) == ([], [])
+    # PUT /train/retention's chat prompts are accepted: rendered as plain text too.
+    assert trainer.set_retention(*trainer.parse_retention({"prompts": ["three four", {"messages": chat}]})).code == 200
+
+    info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-6})
+    g = info["guard"]
+    assert info["state"] == "done" and g["passed"] and g["answers_made"], info
+    assert g["held_out_prompts"] == len(trainer.retention.held_out()) > 0 and g["replayed_prompts"] > 0
+    assert g["kl"] is not None and 0 <= g["kl"] < g["threshold"], g
+    assert info["plan"]["anchor"] > 0 and info["plan"]["replay"] > 0, info["plan"]
+    assert [isinstance(p["answer"], str) for p in trainer.retention.describe()["prompts"][-2:]] == [True, True]
+    first = trainer.retention.prompts[0]
+    assert (
+        trainer.retention.replay()[0][0][: len(examples.prompt_ids(tok, first))]
+        == tok("\n".join(m["content"] for m in first) + "\n")["input_ids"]
+    )
+
+
+def test_a_chat_prompt_with_a_template_is_the_templates_text(tmp_path):
+    """With a chat template, a chat prompt's ids are the template's text with the generation prompt, without
+    added special tokens: what the engines tokenize for a chat request (unchanged by the plain rendering)."""
+    import transformers
+
+    tiny_model.make_model_dir(tmp_path, CORPUS)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "system", "content": "one two"}, {"role": "user", "content": "three four"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "<|system|> one two <|user|> three four <|assistant|> "
+    assert examples.prompt_ids(tok, chat) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_plain_chat_prompt_is_tokenized_as_a_completion_prompt():
+    """Without a chat template, a chat prompt's plain text takes the special tokens the tokenizer adds to a
+    /v1/completions prompt (here a BOS), as the engine's answers to that text were made from."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=tiny_model.SPECIALS))
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", unk_token="<unk>")
+    chat = [{"role": "system", "content": "one two"}, {"role": "user", "content": "three four"}]
+    assert examples.plain_text(chat) == "one two\nthree four\n"
+    ids = examples.prompt_ids(tok, chat)
+    assert ids == tok("one two\nthree four\n")["input_ids"] and ids[0] == bos and len(ids) == 5
 
 
 def test_builtin_retention_is_the_core_set_on_a_cpu_unless_asked(run):

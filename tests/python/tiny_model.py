@@ -1,8 +1,8 @@
 """The tests' tiny models: the config of a 2-layer Llama of width 64 (``llama_config``), and a random model
 directory for the tests that serve or train (``make_model_dir``: a bf16 Llama, Qwen3 or Qwen3.5 text model
-and an offline word-level tokenizer with a chat template, saved as Hugging Face files), with the made-up
-fact they teach. A Qwen3.5 multimodal checkpoint is qwen35_model.py's. Also the ``--model`` option of the tools
-that serve a model or one of these (bench/engine.py, scripts/probe_serve.py)."""
+and an offline word-level tokenizer with a chat template, or without one as a base model's, saved as Hugging
+Face files), with the made-up fact they teach. A Qwen3.5 multimodal checkpoint is qwen35_model.py's. Also the
+``--model`` option of the tools that serve a model or one of these (bench/engine.py, scripts/probe_serve.py)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def llama_config(vocab_size: int, **sizes) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(**tiny_sizes(vocab_size, **sizes))
 
 
-def save_fast_tokenizer(path: Path, tok, specials: list[str]) -> transformers.PreTrainedTokenizerFast:
+def save_fast_tokenizer(
+    path: Path, tok, specials: list[str], chat_template: bool = True
+) -> transformers.PreTrainedTokenizerFast:
     """``tok`` (a trained ``tokenizers.Tokenizer`` whose first special tokens are ``SPECIALS``) as a transformers
-    tokenizer with the chat template, saved under ``path``."""
+    tokenizer with the chat template (``chat_template``: else none, as a base model's), saved under ``path``."""
     import transformers
 
     fast = transformers.PreTrainedTokenizerFast(
@@ -70,18 +72,24 @@ def save_fast_tokenizer(path: Path, tok, specials: list[str]) -> transformers.Pr
         eos_token="</s>",
         additional_special_tokens=specials[4:],
     )
-    fast.chat_template = TEMPLATE
+    fast.chat_template = TEMPLATE if chat_template else None
     fast.save_pretrained(path)
     return fast
 
 
 def make_model_dir(
-    path: Path, corpus: list[str], model_type: str = "llama", tied: bool = False, intermediate_size: int = 96, **sizes
+    path: Path,
+    corpus: list[str],
+    model_type: str = "llama",
+    tied: bool = False,
+    intermediate_size: int = 96,
+    chat_template: bool = True,
+    **sizes,
 ) -> dict:
     """Writes the model and tokenizer (vocabulary: the special tokens and the corpus's words) under
     ``path``; returns the config as saved. ``model_type``: ``llama``, ``qwen3`` or ``qwen3_5_text`` (Gated
-    DeltaNet and gated full attention). Same weights for the same arguments (seeded). ``sizes``
-    overrides the sizes (``hidden_size``, ``max_position_embeddings``, ...)."""
+    DeltaNet and gated full attention). Same weights for the same arguments (seeded). ``chat_template``:
+    False for a tokenizer without one (a base model's). ``sizes`` overrides the sizes (``hidden_size``, ``max_position_embeddings``, ...)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,7 +98,7 @@ def make_model_dir(
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins words with spaces
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    fast = save_fast_tokenizer(path, tok, SPECIALS)
+    fast = save_fast_tokenizer(path, tok, SPECIALS, chat_template)
     torch.manual_seed(0)
     fields = tiny_sizes(
         len(fast),

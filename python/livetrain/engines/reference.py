@@ -32,7 +32,7 @@ from livetrain.engines import batching
 from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
 from livetrain.trainer import options, protocol, routes, security
-from livetrain.trainer.examples import check_messages
+from livetrain.trainer.examples import chat_text, check_messages
 from livetrain.trainer.protocol import Invalid
 
 
@@ -180,7 +180,8 @@ class Engine:
         return self._encode(prompt, "prompt")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """``messages`` as the chat template renders them; ``Invalid`` naming ``messages`` without one."""
+        text = chat_text(self.tokenizer, messages, "messages", instead="send a prompt to /v1/completions")
         return self._encode(text, "messages", add_special_tokens=False)
 
     def sequence(self, ids: list[int], params: dict, sink: batching.Sink) -> batching.Sequence:

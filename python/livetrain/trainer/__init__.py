@@ -1,6 +1,7 @@
 """livetrain's trainer service: the process that attaches to an engine's weights and trains them in place.
 
-- ``examples``  what a /train job says, checked and tokenized (and the chat messages check engines share)
+- ``examples``  what a /train job says, checked and tokenized (and the chat messages check and chat
+                rendering engines, the guard and rewording share: ``prompt_ids``, plain text without a template)
 - ``service``   the Trainer: the model on the engine's memory, the job queue, checkpoints and rollbacks
 - ``protocol``  the Unix-socket protocol between the routes and the trainer, and the one error reply
 - ``routes``    the HTTP training routes every engine mounts, forwarding request bodies as bytes

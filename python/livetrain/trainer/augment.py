@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from livetrain.trainer import guard
-from livetrain.trainer.examples import encode_example
+from livetrain.trainer.examples import encode_example, prompt_ids
 from livetrain.trainer.protocol import Invalid
 
 # What the model is asked; its reply's first line is the reworded question.
@@ -51,7 +51,7 @@ def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list,
     encoded examples and the reworded questions."""
     chats = rewordable(raw)
     prompts = [
-        guard.prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
+        prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
         for ex in chats
     ]
     replies = guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad) if prompts else []

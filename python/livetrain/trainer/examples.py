@@ -1,6 +1,8 @@
 """What a /train job says, checked and tokenized: chat ``messages`` or ``prompt``/``completion`` examples
 become token ids with the mask of the tokens that carry loss, tokenized exactly as the engine tokenizes a
-request. The chat messages check lives here once; the reference engine uses it for its chat route too.
+request. The chat messages check and a chat prompt's token ids (``prompt_ids``: the chat template's, or a
+plain-text rendering for a tokenizer without one, a base model's) live here once; the reference engine uses
+them for its chat route too, the forgetting guard and rewording for their prompts.
 Every error is a ``protocol.Invalid`` naming the field (``examples[3].messages[1].role``).
 """
 
@@ -14,6 +16,8 @@ from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
+# What to send instead of chat examples to a model whose tokenizer has no chat template.
+PLAIN_EXAMPLES = 'send prompt/completion examples (an empty "prompt" trains plain text)'
 # A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
 JOB_OPTIONS = {
     "lr": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
@@ -57,6 +61,38 @@ def check_messages(messages, where: str = "") -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` has a chat template (a base model's tokenizer most often has none)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_text(
+    tokenizer, messages: list[dict], field: str, generation_prompt: bool = True, instead: str = PLAIN_EXAMPLES
+) -> str:
+    """``messages`` rendered by the tokenizer's chat template (with the generation prompt when asked);
+    ``Invalid`` naming ``field`` when the tokenizer has none (chat examples and chat requests need it),
+    saying what to send ``instead``."""
+    if not has_chat_template(tokenizer):
+        raise Invalid(field, f"{field}: the served model's tokenizer has no chat template: {instead}")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def plain_text(messages: list[dict]) -> str:
+    """A chat prompt for a model without a chat template: its messages' contents one per line, with a final
+    newline (the roles are left out: a base model was never taught their markers)."""
+    return "".join(m["content"] + "\n" for m in messages)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat prompt's token ids, the one rendering of the forgetting guard's retention prompts and of
+    rewording's instruction. With a chat template: its text with the generation prompt, without added
+    special tokens, as the engines tokenize a chat request. Without one: ``plain_text``, tokenized as the
+    engines tokenize a completion prompt (with them)."""
+    if not has_chat_template(tokenizer):
+        return tokenizer(plain_text(messages))["input_ids"]
+    return tokenizer(chat_text(tokenizer, messages, "messages"), add_special_tokens=False)["input_ids"]
+
+
 def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, trained) pieces: each assistant message is what the
     template adds after the generation prompt of the conversation before it."""
@@ -65,7 +101,7 @@ def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
 
     def render(ms: list[dict], gen: bool) -> str:
-        return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+        return chat_text(tokenizer, ms, f"{where}.messages", gen)
 
     pieces, done = [], ""
     for j, m in enumerate(msgs):

@@ -1,7 +1,8 @@
 """The forgetting guard: what the served model already does, kept while a job teaches it something new.
 
 The retention set is a list of chat prompts (the built-in general ones in ``retention.json``, plus the
-user's own: ``--retention FILE`` or ``PUT /train/retention``) with the model's own greedy answers, made by
+user's own: ``--retention FILE`` or ``PUT /train/retention``; rendered by ``examples.prompt_ids``: the chat
+template's, or plain text for a model without one) with the model's own greedy answers, made by
 the trainer on the live weights once per weight version: between jobs, or at the start of a guarded job
 that finds them not made (trainer.service ``Trainer._prepare``). The prompts alternate between two halves:
 
@@ -30,7 +31,7 @@ import torch
 
 from livetrain.loss import output_projection
 from livetrain.trainer import admission
-from livetrain.trainer.examples import check_messages
+from livetrain.trainer.examples import check_messages, prompt_ids
 from livetrain.trainer.protocol import Invalid
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention.json")
@@ -114,12 +115,6 @@ def read_prompts(path: str) -> list[list[dict]]:
     if len(out) > MAX_PROMPTS:
         raise ValueError(f"{path}: {len(out)} prompts; {TOO_MANY}")
     return out
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """A chat prompt's token ids with the generation prompt, as the engines tokenize a chat request."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def stop_ids(tokenizer, model) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
-from livetrain.trainer.examples import job_id, parse_job
+from livetrain.trainer.examples import job_id, parse_job, prompt_ids
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -1279,7 +1279,7 @@ class Trainer:
 
     def _kept_answers(self, interrupt=None) -> list[list[int]]:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
-        prompts = [guard.prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
+        prompts = [prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
         stop = guard.stop_ids(self.tokenizer, self.model)
         return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
 
