@@ -484,6 +484,8 @@ def print_sweep(rows: list[dict]) -> None:
 PROBE_GRID = [
     ("shipped", "shipped update (Philox4x32-10 per 8 weights)", {}, {}),
     ("probe", "2-read-1-write probe: W += G bitwise, the update's loads and stores", {"apollo.update_probe": 1}, {}),
+    ("probe", "probe at 4 blocks/SM (32 warps: the shipped update's occupancy)", {"apollo.update_probe": 1, "apollo.update_resident": 4}, {}),
+    ("probe", "probe at 2 blocks/SM (16 warps)", {"apollo.update_probe": 1, "apollo.update_resident": 2}, {}),
     ("probe", "torch w.add_(g) over the same matrices (torch's elementwise kernel)", None, {}),
     ("rng", "nearest rounding (no Philox)", {}, {"rounding": "nearest"}),
     ("rng", "Philox4x32-7 (other rounding bits)", {"apollo.update_rounds": 7}, {}),
@@ -496,7 +498,9 @@ PROBE_GRID = [
     ("regs", "at most 32 registers (64 warps/SM)", {"apollo.update_max_regs": 32}, {}),
     ("block", "128 threads per block", {"apollo.update_threads": 128}, {}),
     ("block", "32 blocks/SM per matrix", {"apollo.update_blocks_per_sm": 32}, {}),
+    ("block", "at most 2 blocks/SM resident (16 warps)", {"apollo.update_resident": 2}, {}),
     ("mini", "APOLLO-Mini's kernel (38 registers, 48 warps/SM)", {"apollo.update_mini": 1}, {}),
+    ("mini", "Mini's kernel at 4 blocks/SM (32 warps, as shipped)", {"apollo.update_mini": 1, "apollo.update_resident": 4}, {}),
     ("mini", "Mini's kernel, 128 threads per block", {"apollo.update_mini": 1, "apollo.update_threads": 128}, {}),
     ("mini", "Mini's kernel, loads first", {"apollo.update_mini": 1, "apollo.update_loads_first": 1}, {}),
     ("mini", "Mini's kernel, .cs", {"apollo.update_mini": 1, "apollo.update_cache": 1}, {}),

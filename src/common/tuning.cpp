@@ -102,6 +102,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        "1: a batch of APOLLO-Mini steps of bf16 weights and gradients updates in a kernel with Mini's choices (tensor "
        "scaling, stochastic rounding, whole tensors) compiled in (same bits)"},
+      {"apollo.update_resident",
+       0,
+       {0, 2, 3, 4, 5, 6, 8},
+       0,
+       0,
+       "at most this many blocks of the batched update per multiprocessor, through unused dynamic shared memory, so "
+       "that variants compare at one occupancy (0: what registers allow)"},
       {"checkpoint.pipeline", 1, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
       {"checkpoint.diff",
        1,

@@ -959,12 +959,29 @@ int sm_count() {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// apollo.update_resident: the dynamic shared memory (unused) that lets at most `blocks` blocks of `kernel` reside
+// on a multiprocessor, so that variants compare at the same occupancy whatever their registers allow; 0: none.
+int resident_limit_smem(const void* kernel, int blocks) {
+  if (blocks <= 0) return 0;
+  static const auto limits = [] {
+    int dev = 0, per_sm = 0, reserved = 0;
+    LIVETRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+    LIVETRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    LIVETRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+    return std::pair<int, int>(per_sm, reserved);
+  }();
+  // n blocks of per_sm / n bytes (their reservation included) fit; n + 1 do not.
+  const int smem = limits.first / blocks - limits.second;
+  LIVETRAIN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  return smem;
+}
+
 // Launch shapes of a step, read from the tuning knobs once per call (docs/tuning.md); the defaults are the
 // shapes measured best on the H200 (the H100's: apollo.split_projection=0, tall_loads=4, wide_loads=4).
 struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
-  int update_rounds, update_cache, update_max_regs;  // apollo.update_*: variants of the update
+  int update_rounds, update_cache, update_max_regs, update_resident;  // apollo.update_*: variants of the update
   bool update_loads_first, update_probe, update_mini;
   bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
   bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
@@ -984,6 +1001,7 @@ struct Shape {
             static_cast<int>(get(tuning::kApolloUpdateRounds)),
             static_cast<int>(get(tuning::kApolloUpdateCache)),
             static_cast<int>(get(tuning::kApolloUpdateMaxRegs)),
+            static_cast<int>(get(tuning::kApolloUpdateResident)),
             get(tuning::kApolloUpdateLoadsFirst) == 1,
             get(tuning::kApolloUpdateProbe) == 1,
             get(tuning::kApolloUpdateMini) == 1,
@@ -1295,9 +1313,12 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   for (int i = 0; i < n; ++i)
     mini = mini && b.items[i].h.scaling == Scaling::kTensor && b.items[i].h.rounding == Rounding::kStochastic;
   update_many_variant<TW, TG>(shape, mini, [&](auto unroll, auto variant, auto regs) {
-    if constexpr (regs() == 0)
-      update_many_kernel<TW, TG, unroll(), variant()><<<u, shape.update_threads, 0, stream>>>(b);
-    else update_many_capped_kernel<TW, TG, unroll(), variant(), regs()><<<u, shape.update_threads, 0, stream>>>(b);
+    auto kernel = [&] {
+      if constexpr (regs() == 0) return update_many_kernel<TW, TG, unroll(), variant()>;
+      else return update_many_capped_kernel<TW, TG, unroll(), variant(), regs()>;
+    }();
+    const int smem = resident_limit_smem(reinterpret_cast<const void*>(kernel), shape.update_resident);
+    kernel<<<u, shape.update_threads, smem, stream>>>(b);
   });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }

@@ -693,6 +693,8 @@ SAME_BITS_VARIANTS = [
     {"apollo.update_mini": 1, "apollo.update_unroll": 4},
     {"apollo.update_mini": 1, "apollo.update_max_regs": 32},
     {"apollo.update_mini": 1, "apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
+    {"apollo.update_resident": 4},
+    {"apollo.update_mini": 1, "apollo.update_resident": 2},
 ]
 
 
