@@ -1094,34 +1094,42 @@ bool update_variant_table(int unroll, int v, int max_regs, F& f, std::index_sequ
   return (try_update_variant<TW, TG, I>(unroll, v, max_regs, f) || ...);
 }
 
-// f(Int<unroll>, Int<variant>, Int<max_regs>) for the batched update, from the knobs; `mini`: every step of the
-// batch is APOLLO-Mini's (tensor scaling, stochastic rounding), so apollo.update_mini may take its kernel. Other
-// dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
+// The batched update's variant bits from the knobs; `mini`: every step of the batch is APOLLO-Mini's (tensor
+// scaling, stochastic rounding), so apollo.update_mini may take its kernel.
+int update_variant_bits(const Shape& shape, bool mini) {
+  return shape.update_cache | (shape.update_loads_first ? kLoadsFirst : 0) |
+         (shape.update_probe ? kProbe | kLoadsFirst : 0) | (shape.update_rounds == 7 ? kSevenRounds : 0) |
+         (shape.update_mini && mini && !shape.update_probe ? kMini : 0);
+}
+
+// Refuses a combination of apollo.update_* knobs that is not compiled, before any stage of a step is launched.
+void check_update_variant(const Shape& shape) {
+  const int v = update_variant_bits(shape, true);
+  if (update_compiled(shape.update_unroll, v, shape.update_max_regs) &&
+      update_compiled(shape.update_unroll, v & ~kMini, shape.update_max_regs) &&
+      (shape.update_max_regs == 0 || shape.update_threads <= 256))
+    return;
+  throw Error(ErrorCode::kInvalidArg,
+              "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_cache " +
+                  std::to_string(shape.update_cache) + ", update_loads_first " +
+                  std::to_string(shape.update_loads_first) + ", update_max_regs " +
+                  std::to_string(shape.update_max_regs) + ", update_threads " + std::to_string(shape.update_threads) +
+                  ", update_probe " + std::to_string(shape.update_probe) +
+                  " is not a compiled variant of the APOLLO update (loads first and register caps at unroll 1; caps "
+                  "without cache hints and with at most 256 threads; unroll 4 without cache hints; the probe alone)");
+}
+
+// f(Int<unroll>, Int<variant>, Int<max_regs>) for the batched update, from the knobs (check_update_variant
+// first). Other dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
 template <typename TW, typename TG, typename F>
 void update_many_variant(const Shape& shape, bool mini, F&& f) {
   if constexpr (!(std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>)) {
     unroll_variant(shape.update_unroll,
                    [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v, Int<0>{}); }); });
   } else {
-    const int v = shape.update_cache | (shape.update_loads_first ? kLoadsFirst : 0) |
-                  (shape.update_probe ? kProbe | kLoadsFirst : 0) | (shape.update_rounds == 7 ? kSevenRounds : 0) |
-                  (shape.update_mini && mini && !shape.update_probe ? kMini : 0);
-    if (shape.update_max_regs != 0 && shape.update_threads > 256) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "tuning: apollo.update_max_regs " + std::to_string(shape.update_max_regs) +
-                      " with apollo.update_threads " + std::to_string(shape.update_threads) +
-                      " is not a compiled variant of the APOLLO update (a cap: <= 256 threads)");
-    }
-    if (!update_variant_table<TW, TG>(shape.update_unroll, v, shape.update_max_regs, f,
-                                      std::make_index_sequence<3 * kNumVariants * 4>{})) {
-      throw Error(ErrorCode::kInvalidArg,
-                  "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_cache " +
-                      std::to_string(shape.update_cache) + ", update_loads_first " +
-                      std::to_string(shape.update_loads_first) + ", update_max_regs " +
-                      std::to_string(shape.update_max_regs) + ", update_probe " + std::to_string(shape.update_probe) +
-                      " is not a compiled variant of the APOLLO update (loads first and register caps at unroll 1; "
-                      "caps without cache hints; unroll 4 without cache hints; the probe alone)");
-    }
+    check_update_variant(shape);
+    update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(shape, mini), shape.update_max_regs, f,
+                                 std::make_index_sequence<3 * kNumVariants * 4>{});
   }
 }
 
@@ -1457,6 +1465,7 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
   if (n && !aligned16(workspace))
     throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
+  check_update_variant(shape);  // before any launch: a refused combination leaves every step undone
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
   int batches = 0;

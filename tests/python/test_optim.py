@@ -766,14 +766,24 @@ def test_cuda_update_probe_moves_every_byte_of_the_update():
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_cuda_update_variant_not_compiled_is_an_error():
+    # Refused before any stage is launched: no step counter advanced, no weight written.
     params, grads = _mini_set()
     for settings in (
         {"apollo.update_max_regs": 40, "apollo.update_unroll": 2},
         {"apollo.update_max_regs": 32, "apollo.update_threads": 512},
         {"apollo.update_probe": 1, "apollo.update_cache": 1},
     ):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = ApolloMini(ps, lr=1e-2, seed=4)
+        for p, g in zip(ps, grads):
+            p.grad = g
         with knobs(settings), pytest.raises(livetrain.InvalidArgumentError, match="not a compiled variant"):
-            _mini_steps(params, grads, steps=1)
+            opt.step()
+        torch.cuda.synchronize()
+        for p, w in zip(ps, params):
+            assert torch.equal(p.detach(), w)
+            if "step" in opt.state[p]:  # the state exists once a step was attempted
+                assert int(opt.state[p]["step"]) == 0
 
 
 def test_seven_rounds_change_the_cpu_rounding_not_its_mean():
