@@ -651,7 +651,7 @@ class knobs:
 
 def _mini_steps(params, grads, steps=2, **kwargs):
     """``steps`` batched APOLLO-Mini steps of copies of ``params`` with ``grads``: the weights after them."""
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    ps = [_copy(p) for p in params]
     opt = ApolloMini(ps, lr=1e-2, weight_decay=0.01, seed=4, **kwargs)
     for _ in range(steps):
         for p, g in zip(ps, grads):
@@ -660,6 +660,16 @@ def _mini_steps(params, grads, steps=2, **kwargs):
     torch.cuda.synchronize()
     assert opt.report()["ok"] == len(ps)
     return [p.detach().clone() for p in ps]
+
+
+def _copy(p):
+    """A parameter holding p's values with p's row stride (a strided view stays a view of a wider tensor)."""
+    if p.is_contiguous():
+        return torch.nn.Parameter(p.clone())
+    base = torch.zeros(p.shape[0], p.stride(0), dtype=p.dtype, device=p.device)
+    view = base[:, 8 : 8 + p.shape[1]]
+    view.copy_(p)
+    return torch.nn.Parameter(view)
 
 
 def _mini_set():
@@ -733,7 +743,7 @@ def test_cuda_seven_rounds_batched_equals_one_by_one_and_moves_other_bits():
     # sums in another order than the batched step's, so only the weights' change is compared with that).
     def fused(rounds):
         with knobs({"apollo.update_rounds": rounds, "apollo.fused_step": 1}):
-            ps = [torch.nn.Parameter(p.clone()) for p in params]
+            ps = [_copy(p) for p in params]
             opt = ApolloMini(ps, lr=1e-2, weight_decay=0.01, seed=4)
             for _ in range(2):
                 for p, g in zip(ps, grads):
@@ -773,7 +783,7 @@ def test_cuda_update_variant_not_compiled_is_an_error():
         {"apollo.update_max_regs": 32, "apollo.update_threads": 512},
         {"apollo.update_probe": 1, "apollo.update_cache": 1},
     ):
-        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        ps = [_copy(p) for p in params]
         opt = ApolloMini(ps, lr=1e-2, seed=4)
         for p, g in zip(ps, grads):
             p.grad = g
