@@ -1128,8 +1128,10 @@ void update_many_variant(const Shape& shape, bool mini, F&& f) {
                    [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v, Int<0>{}); }); });
   } else {
     check_update_variant(shape);
-    update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(shape, mini), shape.update_max_regs, f,
-                                 std::make_index_sequence<3 * kNumVariants * 4>{});
+    // The table holds every combination update_compiled accepts, so a checked one always launches.
+    if (!update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(shape, mini), shape.update_max_regs, f,
+                                      std::make_index_sequence<3 * kNumVariants * 4>{}))
+      throw Error(ErrorCode::kUnsupported, "optimizer step: the APOLLO update variant has no kernel (a livetrain bug)");
   }
 }
 
