@@ -13,8 +13,18 @@ setting checked against those on a smaller set of the same shapes (bit-identical
 difference of the weights' change), then the settings that won combined, and the one-by-one path the
 trainer's backward hooks take (with the host time it spends per matrix), including the one-kernel step.
 
+--probe instead asks what bounds the update stage (6 bytes per parameter: read G and W, write W): per set, the
+update kernels' GPU time per step (torch.profiler) under variants of the update (the apollo.update_* knobs,
+docs/tuning.md), as bandwidth against the copy bandwidth of the same run: a 2-read-1-write probe with the
+update's exact access pattern and no math (its ceiling), torch's w.add_(g) over the same matrices (the same
+bytes through torch's elementwise kernel), nearest rounding (no Philox: the cost of the random bits), fewer
+Philox rounds, cache hints, loads in flight and register caps. Every variant's weights are checked against
+the shipped step on a smaller set of the same shapes (bit-identical, or the relative difference where the
+variant changes the numerics).
+
 usage: python bench/optim.py [--sizes 1b,8b] [--steps 10] [--json out.json]
        python bench/optim.py --sweep [--sizes 8b,27b] [--steps 5] [--json out.json]
+       python bench/optim.py --probe [--sizes 8b,27b] [--steps 5] [--rows LABEL|LABEL] [--json out.json]
 """
 
 import argparse
@@ -311,10 +321,10 @@ class SweepCheck:
         self.w0 = [p.detach().clone() for p in self.params]
         self.reference = None
 
-    def run(self, one_by_one: bool = False):
+    def run(self, one_by_one: bool = False, **opt_kwargs):
         for p, w in zip(self.params, self.w0):
             p.data.copy_(w)
-        opt = ApolloMini(self.params, lr=1e-3, seed=3)
+        opt = ApolloMini(self.params, lr=1e-3, seed=3, **opt_kwargs)
         for _ in range(2):
             if one_by_one:
                 for p in self.params:
@@ -469,6 +479,140 @@ def print_sweep(rows: list[dict]) -> None:
             )
 
 
+# ---- --probe: what bounds the update stage ----
+# (family, label, knobs, ApolloMini keyword arguments). "shipped" first: the reference of every check.
+PROBE_GRID = [
+    ("shipped", "shipped update (Philox4x32-10 per 8 weights)", {}, {}),
+    ("probe", "2-read-1-write probe: W += G bitwise, the update's loads and stores", {"apollo.update_probe": 1}, {}),
+    ("probe", "probe at 4 blocks/SM (32 warps: the shipped update's occupancy)", {"apollo.update_probe": 1, "apollo.update_resident": 4}, {}),
+    ("probe", "probe at 2 blocks/SM (16 warps)", {"apollo.update_probe": 1, "apollo.update_resident": 2}, {}),
+    ("probe", "torch w.add_(g) over the same matrices (torch's elementwise kernel)", None, {}),
+    ("rng", "nearest rounding (no Philox)", {}, {"rounding": "nearest"}),
+    ("rng", "Philox4x32-7 (other rounding bits)", {"apollo.update_rounds": 7}, {}),
+    ("cache", "ld/st.global.cs", {"apollo.update_cache": 1}, {}),
+    ("cache", "L1::no_allocate, G non-coherent", {"apollo.update_cache": 2}, {}),
+    ("flight", "loads before the rounding bits", {"apollo.update_loads_first": 1}, {}),
+    ("flight", "unroll 2 (loads of 2 groups first)", {"apollo.update_unroll": 2}, {}),
+    ("flight", "unroll 4", {"apollo.update_unroll": 4}, {}),
+    ("regs", "at most 48 registers (40 warps/SM)", {"apollo.update_max_regs": 48}, {}),
+    ("regs", "at most 32 registers (64 warps/SM)", {"apollo.update_max_regs": 32}, {}),
+    ("block", "128 threads per block", {"apollo.update_threads": 128}, {}),
+    ("block", "32 blocks/SM per matrix", {"apollo.update_blocks_per_sm": 32}, {}),
+    ("block", "at most 2 blocks/SM resident (16 warps)", {"apollo.update_resident": 2}, {}),
+    ("mini", "APOLLO-Mini's kernel (38 registers, 48 warps/SM)", {"apollo.update_mini": 1}, {}),
+    ("mini", "Mini's kernel at 4 blocks/SM (32 warps, as shipped)", {"apollo.update_mini": 1, "apollo.update_resident": 4}, {}),
+    ("mini", "Mini's kernel, 128 threads per block", {"apollo.update_mini": 1, "apollo.update_threads": 128}, {}),
+    ("mini", "Mini's kernel, loads first", {"apollo.update_mini": 1, "apollo.update_loads_first": 1}, {}),
+    ("mini", "Mini's kernel, .cs", {"apollo.update_mini": 1, "apollo.update_cache": 1}, {}),
+    ("mini", "Mini's kernel, unroll 2", {"apollo.update_mini": 1, "apollo.update_unroll": 2}, {}),
+    ("mini", "Mini's kernel, at most 32 registers", {"apollo.update_mini": 1, "apollo.update_max_regs": 32}, {}),
+    ("mini", "Mini's kernel, 32 registers, loads first", {"apollo.update_mini": 1, "apollo.update_max_regs": 32, "apollo.update_loads_first": 1}, {}),
+    ("mini", "Mini's kernel, Philox4x32-7", {"apollo.update_mini": 1, "apollo.update_rounds": 7}, {}),
+    ("mini", "Mini's kernel, Philox4x32-7, loads first", {"apollo.update_mini": 1, "apollo.update_rounds": 7, "apollo.update_loads_first": 1}, {}),
+    ("mini", "Mini's kernel, Philox4x32-7, unroll 2", {"apollo.update_mini": 1, "apollo.update_rounds": 7, "apollo.update_unroll": 2}, {}),
+    ("shipped", "shipped update (again: drift within the run)", {}, {}),
+]  # fmt: skip
+
+
+def kernel_ms(fn, steps: int) -> dict:
+    """GPU time per call of fn() by kernel kind, from torch.profiler: the update, the projection, everything."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    out = {"update": 0.0, "project": 0.0, "all": 0.0}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()
+        out["all"] += us
+        if "update_many" in e.name or "update_kernel" in e.name:  # update_many_(capped_)kernel, update_kernel
+            out["update"] += us
+        elif "project_" in e.name:
+            out["project"] += us
+    return {k: v / 1e3 / steps for k, v in out.items()}
+
+
+def probe_set(size: str, steps: int, bw: float, labels, on_row=lambda rows: None) -> list[dict]:
+    shape_list = shapes(size, False)
+    params = make_params(shape_list, seed=0)
+    n = sum(p.numel() for p in params)
+    check = SweepCheck(shape_list)
+    print(f"\n== probe {size}: {len(params)} matrices, {n / 1e9:.2f}B parameters, update floor "
+          f"{6 * n / bw * 1e3:.2f} ms (6 bytes per parameter at the copy bandwidth)", flush=True)  # fmt: skip
+    rows = []
+    for family, label, knobs, kwargs in PROBE_GRID:
+        if labels and label not in labels and family != "shipped":
+            continue
+        row = {"size": size, "params": n, "family": family, "setting": label, "knobs": knobs, "opt": kwargs}
+        try:
+            if knobs is None:  # torch's elementwise add over the same bytes
+                set_knobs({})
+                row["check"] = "not a step"
+
+                def add():
+                    for p in params:
+                        p.data.add_(p.grad)
+
+                k = kernel_ms(add, steps)
+                row.update(step_ms=time_steps(add, steps), update_ms=k["all"], project_ms=None)
+            else:
+                set_knobs(knobs)
+                probe = knobs.get("apollo.update_probe") == 1
+                row["check"] = "not a step" if probe else check.compare(check.run(**kwargs))
+                opt = ApolloMini(params, lr=1e-3, **kwargs)
+                k = kernel_ms(opt.step, steps)
+                row.update(step_ms=time_steps(opt.step, steps), update_ms=k["update"], project_ms=k["project"])
+                opt = None
+            row["update_tbs"] = 6 * n / (row["update_ms"] / 1e3) / 1e12
+            row["of_copy"] = row["update_tbs"] * 1e12 / bw
+        except Exception as e:  # a failing variant is reported and the probe goes on
+            row.update(step_ms=None, update_ms=None, error=f"{type(e).__name__}: {e}"[:200])
+        finally:
+            if knobs is None or (knobs or {}).get("apollo.update_probe") == 1:
+                with torch.no_grad():  # the probe and the add leave arbitrary bits: fresh weights
+                    for p in params:
+                        p.normal_(0, 0.02)
+            set_knobs({})
+            torch.cuda.empty_cache()
+        if row.get("update_ms"):
+            print(f"  {size} {label}: update {row['update_ms']:.2f} ms = {row['update_tbs']:.2f} TB/s "
+                  f"({row['of_copy']:.0%} of copy), step {row['step_ms']:.2f} ms; {row['check']}", flush=True)  # fmt: skip
+        else:
+            print(f"  {size} {label}: {row.get('error')}", flush=True)
+        rows.append(row)
+        on_row(rows)
+    params.clear()
+    check = None
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_probe(rows: list[dict], bw: float) -> None:
+    for size in dict.fromkeys(r["size"] for r in rows):
+        mine = [r for r in rows if r["size"] == size]
+        n = mine[0]["params"]
+        shipped = next((r for r in mine if r["family"] == "shipped" and r.get("update_ms")), None)
+        print(f"\n### APOLLO-Mini update stage, {size} ({n / 1e9:.2f}B parameters): update floor "
+              f"{6 * n / bw * 1e3:.2f} ms at the copy bandwidth {bw / 1e12:.2f} TB/s, step floor {8 * n / bw * 1e3:.2f} ms\n")  # fmt: skip
+        print("| variant | knobs | update ms | TB/s | of copy | vs shipped update | step ms | × step floor | check |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in mine:
+            knobs = "torch" if r["knobs"] is None else knob_text(r["knobs"])
+            if r["opt"]:
+                knobs += " " + ",".join(f"{k}={v}" for k, v in r["opt"].items())
+            if not r.get("update_ms"):
+                print(f"| {r['setting']} | {knobs} | - | - | - | - | - | - | {r.get('error', 'failed')} |")
+                continue
+            vs = f"{shipped['update_ms'] / r['update_ms']:.2f}x" if shipped else "-"
+            print(
+                f"| {r['setting']} | {knobs} | {r['update_ms']:.2f} | {r['update_tbs']:.2f} | {r['of_copy']:.0%} | {vs} | "
+                f"{r['step_ms']:.2f} | {r['step_ms'] / (8 * n / bw * 1e3):.2f} | {r['check']} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=None, help="matrix sets: 1b, 8b, 27b (default 1b,8b; with --sweep 8b,27b)")
@@ -477,6 +621,14 @@ def main() -> None:
         "--sweep",
         action="store_true",
         help="time livetrain APOLLO-Mini under a grid of launch settings (internal tuning knobs) instead",
+    )
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="what bounds the update stage: its GPU time under variants (apollo.update_* knobs) and a bandwidth probe",
+    )
+    ap.add_argument(
+        "--rows", default="", help="--probe: only these variants (labels separated by |), the shipped rows always"
     )
     ap.add_argument("--embeddings", action="store_true", help="include the embedding and output matrices in the sets")
     ap.add_argument("--json")
@@ -490,15 +642,32 @@ def main() -> None:
         default="livetrain APOLLO-Mini,livetrain APOLLO r256,PyTorch APOLLO-Mini (official style),torch AdamW fused",
     )
     a = ap.parse_args()
-    sizes = (a.sizes or ("8b,27b" if a.sweep else "1b,8b")).split(",")
+    sizes = (a.sizes or ("8b,27b" if a.sweep or a.probe else "1b,8b")).split(",")
     for size in sizes:
         if size not in SIZES and size != "27b":
             ap.error(f"--sizes: unknown set {size!r} (1b, 8b, 27b)")
-    steps = a.steps or (5 if a.sweep else 10)
+    steps = a.steps or (5 if a.sweep or a.probe else 10)
     if not torch.cuda.is_available():
         sys.exit("bench/optim.py needs a CUDA GPU")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
+    if a.probe:
+        labels = {x for x in a.rows.split("|") if x}
+        unknown = labels - {g[1] for g in PROBE_GRID}
+        if unknown:
+            ap.error(f"--rows: unknown variants {sorted(unknown)}")
+        rows = []
+        for size in sizes:
+            rows += probe_set(
+                size,
+                steps,
+                bw,
+                labels,
+                on_row=lambda part: write_result(a.json, {"copy_bandwidth": bw, "probe": rows + part}),
+            )
+        write_result(a.json, {"copy_bandwidth": bw, "probe": rows})
+        print_probe(rows, bw)
+        return
     if a.sweep:
         rows = []
 

@@ -33,6 +33,14 @@ enum Knob : int {
   kApolloUpdateUnroll,        // groups of 8 elements per thread and iteration of the update (loads in flight)
   kApolloFusedStep,  // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between
                      // stages
+  kApolloUpdateRounds,  // Philox rounds of the APOLLO update's stochastic-rounding offsets, CPU and CUDA (10 or 7:
+                        // 7 changes the rounded bits, not their distribution)
+  kApolloUpdateCache,   // cache hints of the batched bf16 update's loads and stores (0 none, 1 .cs, 2 L1::no_allocate)
+  kApolloUpdateLoadsFirst,  // 1: the batched bf16 update at unroll 1 issues a group's loads before its rounding bits
+  kApolloUpdateMaxRegs,     // register cap of the batched bf16 update (0: the compiler's choice; 48, 40, 32)
+  kApolloUpdateProbe,       // 1: the batched bf16 update writes W + G bitwise, no step math: a bandwidth probe only
+  kApolloUpdateMini,        // 1: batches of APOLLO-Mini steps (bf16) update in a kernel compiled for Mini's choices
+  kApolloUpdateResident,    // at most this many blocks of the batched update per multiprocessor (0: no limit)
   // checkpoint save (src/checkpoint/)
   kCheckpointPipeline,     // 1: records are encoded while the GPU diff runs, tensor group by group
   kCheckpointDiff,         // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups

@@ -12,6 +12,7 @@
 
 #include "livetrain/error.hpp"
 #include "livetrain/parallel.hpp"
+#include "livetrain/tuning.hpp"
 #include "optim/common.hpp"
 #include "optim/workspace.hpp"
 
@@ -212,6 +213,8 @@ void update(const ApolloStep& s, const Parts& p) {
   }
 
   const float decay = h.lr * h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
+  // The rounding offsets' Philox rounds, as the CUDA update takes them (apollo.update_rounds, docs/tuning.md).
+  const bool seven_rounds = tuning::get(tuning::kApolloUpdateRounds) == 7;
   std::atomic<int> bad{0};
   parallel_for(s.rows, 8, [&](int64_t b, int64_t e) {
     bool any_bad = false;
@@ -222,7 +225,7 @@ void update(const ApolloStep& s, const Parts& p) {
         const RoundingSlot slot = matrix_rounding_slot(s.shard, g.cols_full, i, j);
         if (slot.group != group) {
           group = slot.group;
-          bits = rounding_bits(s.seed, t, group);
+          bits = seven_rounds ? rounding_bits<7>(s.seed, t, group) : rounding_bits(s.seed, t, group);
         }
         const float sc = h.scaling == Scaling::kTensor ? tensor_scale : p.scale[g.tall ? i : j];
         const float coef = tail.step_size * tail.multiplier * sc;

@@ -30,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/check.hpp"
 #include "cuda/owned.hpp"
@@ -271,6 +272,56 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
   }
 }
 
+// ---- variants of the update (tuning knobs apollo.update_*, docs/tuning.md): bits of one template argument ----
+constexpr int kCacheStreaming = 1;   // apollo.update_cache 1: ld.global.cs / st.global.cs (evict first, L1 and L2)
+constexpr int kCacheNoAllocate = 2;  // apollo.update_cache 2: L1::no_allocate; G through the non-coherent path
+constexpr int kCacheMask = 3;
+constexpr int kLoadsFirst = 4;    // apollo.update_loads_first: at unroll 1, the loads before the rounding bits
+constexpr int kProbe = 8;         // apollo.update_probe: W ← W + G bitwise, no step (a bandwidth probe)
+constexpr int kSevenRounds = 16;  // apollo.update_rounds 7: Philox4x32-7 rounding offsets (other bits)
+constexpr int kMini = 32;  // apollo.update_mini: APOLLO-Mini's choices (tensor scaling, stochastic rounding, whole
+                           // tensors) compiled in; the host picks it for batches of such steps only
+constexpr int kNumVariants = 64;
+
+// A 16-byte load of G (kGrad) or W under a cache variant. G is read-only during the update; W is read, then
+// written by the same thread.
+template <int kCache, bool kGrad>
+__device__ __forceinline__ uint4 ld16(const void* p) {
+  const uint4* q = static_cast<const uint4*>(p);
+  if constexpr (kCache == kCacheStreaming) {
+    return __ldcs(q);
+  } else if constexpr (kCache == kCacheNoAllocate) {
+    // Not volatile, no memory clobber: the compiler may schedule them freely. The only store to the address
+    // of a W load is the one that uses its value, so no reordering can make it read a written value.
+    uint4 u;
+    if constexpr (kGrad) {
+      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+          : "l"(q));
+    } else {
+      asm("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+          : "l"(q));
+    }
+    return u;
+  } else {
+    return *q;
+  }
+}
+
+template <int kCache>
+__device__ __forceinline__ void st16(void* p, uint4 u) {
+  uint4* q = static_cast<uint4*>(p);
+  if constexpr (kCache == kCacheStreaming) {
+    __stcs(q, u);
+  } else if constexpr (kCache == kCacheNoAllocate) {
+    asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(q), "r"(u.x), "r"(u.y), "r"(u.z),
+                 "r"(u.w));
+  } else {
+    *q = u;
+  }
+}
+
 // ---- stage 2, rank 1 ----
 // Sixteen bytes of G as loaded (8 bf16 or 4 fp32 values per word): kept packed until used, so that many
 // loads can be in flight without holding 8 floats each.
@@ -281,6 +332,12 @@ struct Raw {
   __device__ __forceinline__ void load(const TG* p) {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  // The update's loads, under a cache variant (ld16).
+  template <int kCache, bool kGrad>
+  __device__ __forceinline__ void load_as(const TG* p) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = ld16<kCache, kGrad>(reinterpret_cast<const uint4*>(p) + i);
   }
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -542,14 +599,16 @@ __device__ __forceinline__ float to_weight(float nw, float old, float, Rounding,
   return nw;
 }
 
+template <int kCache = 0>
 __device__ __forceinline__ void st8(uint16_t* p, const uint16_t (&v)[8]) {
   uint4 u;
   u.x = v[0] | (static_cast<uint32_t>(v[1]) << 16);
   u.y = v[2] | (static_cast<uint32_t>(v[3]) << 16);
   u.z = v[4] | (static_cast<uint32_t>(v[5]) << 16);
   u.w = v[6] | (static_cast<uint32_t>(v[7]) << 16);
-  *reinterpret_cast<uint4*>(p) = u;
+  st16<kCache>(p, u);
 }
+template <int kCache = 0>
 __device__ __forceinline__ void st8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
@@ -570,24 +629,33 @@ __device__ __forceinline__ float updated(float w, float base, float sc, float g,
 // ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
 // Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
 // loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
-// result does not depend on kUnroll or the grid. ----
-template <typename TW, typename TG, int kUnroll, bool kIncremental = true>
+// result does not depend on kUnroll, the grid or kVariant's cache hints, loads-first order and register cap;
+// kSevenRounds changes the rounding offsets (as the CPU step does under the same knob), kProbe the whole
+// result (a bandwidth probe). ----
+template <typename TW, typename TG, int kUnroll, int kVariant = 0, bool kIncremental = true>
 __device__ void update_body(const Item& it, int block, int nblocks) {
+  constexpr int kCache = kVariant & kCacheMask;
+  constexpr bool kPrefetch = kUnroll > 1 || (kVariant & kLoadsFirst);
+  constexpr bool kProbeOnly = (kVariant & kProbe) != 0;
+  constexpr int kRounds = (kVariant & kSevenRounds) ? 7 : 10;
+  constexpr bool kMiniOnly = (kVariant & kMini) != 0;
+  static_assert(!kProbeOnly || (kPrefetch && std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>),
+                "the probe is a variant of the bf16 update with its loads first");
   if (*it.status != kStatusOk) return;
   TW* W = static_cast<TW*>(it.W);
   const TG* G = static_cast<const TG*>(it.G);
   const int64_t rows = it.rows, cols = it.cols;
   const float base = it.scalars[kStepSize] * it.scalars[kMultiplier];
   const float tensor_s = it.scalars[kTensorScale];
-  const bool tensor_scaling = it.h.scaling == Scaling::kTensor;
+  const bool tensor_scaling = kMiniOnly || it.h.scaling == Scaling::kTensor;
   const float decay = it.h.lr * it.h.weight_decay;  // W ← u − (lr·wd)·u: rounding 1 − lr·wd would drift
-  const Rounding rounding = it.h.rounding;
+  const Rounding rounding = kMiniOnly ? Rounding::kStochastic : it.h.rounding;
   const uint64_t step = *it.step - 1;  // the moments stage advanced it
   const int64_t gpr = (cols + 7) / 8;
   const int64_t groups = rows * gpr;
   if (groups == 0) return;
   const int64_t stride = static_cast<int64_t>(nblocks) * blockDim.x;
-  const bool sharded = it.phases && it.shard.dim >= 0;
+  const bool sharded = !kMiniOnly && it.phases && it.shard.dim >= 0;
   bool bad = false;
   // Each group's row and group within the row, advanced without a division (kIncremental): a 64-bit
   // division per group costs tens of instructions, a large share of what a group may issue at the H200's
@@ -616,18 +684,18 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
     }
   };
   for (int64_t g0 = first; g0 < groups; g0 += advance, next(g0)) {
-    // kUnroll > 1: every group's loads are issued before the rounding bits of the first are computed
-    // (kept packed); kUnroll == 1 is the shipped order (bits, then the loads), at 32 registers.
+    // kPrefetch (kUnroll > 1, or kLoadsFirst): every group's loads are issued before the rounding bits of the
+    // first are computed (kept packed); else the shipped order (bits, then the loads).
     Raw<TG> gr[kUnroll];
     Raw<TW> wr[kUnroll];
-    if constexpr (kUnroll > 1) {
+    if constexpr (kPrefetch) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t gi = g0 + u * stride;
         const int64_t i = row[u], j0 = in_row[u] * 8;
         if (gi < groups && it.wvec && j0 + 8 <= cols) {
-          gr[u].load(G + i * cols + j0);
-          wr[u].load(W + i * it.ldw + j0);
+          gr[u].template load_as<kCache, true>(G + i * cols + j0);
+          wr[u].template load_as<kCache, false>(W + i * it.ldw + j0);
         }
       }
     }
@@ -636,6 +704,15 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
       const int64_t gi = g0 + u * stride;
       if (gi >= groups) break;
       const int64_t i = row[u], j0 = in_row[u] * 8;
+      if constexpr (kProbeOnly) {  // the same loads and stores, no step: W's words + G's words
+        if (it.wvec && j0 + 8 <= cols) {
+          const uint4 a = wr[u].w[0], b = gr[u].w[0];
+          // One 16-byte store, as st8's: written as a uint4 assignment, the compiler split some into four.
+          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(W + i * it.ldw + j0), "r"(a.x + b.x),
+                       "r"(a.y + b.y), "r"(a.z + b.z), "r"(a.w + b.w));
+        }
+        continue;
+      }
       // A shard's elements take the offsets the full tensor's step gives them: its 8 elements are one
       // group of the full tensor when its columns start at a multiple of 8, else each finds its own.
       uint64_t group = static_cast<uint64_t>(gi);
@@ -647,11 +724,11 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         group = a.group;
         own_groups = a.lane != 0 || b.group != a.group || b.lane != last - j0;
       }
-      const U32x4 bits = rounding_bits(it.seed, step, group);
+      const U32x4 bits = rounding_bits<kRounds>(it.seed, step, group);
       auto offset = [&](int e) -> uint16_t {
         if (!own_groups) return rounding_offset(bits, e);
         const RoundingSlot sl = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0 + e);
-        return rounding_offset(rounding_bits(it.seed, step, sl.group), sl.lane);
+        return rounding_offset(rounding_bits<kRounds>(it.seed, step, sl.group), sl.lane);
       };
       const TG* g = G + i * cols + j0;
       TW* w = W + i * it.ldw + j0;
@@ -659,7 +736,12 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
       if (it.wvec && j0 + 8 <= cols) {
         float gv[8], wv[8];
         TW out[8];
-        if constexpr (kUnroll > 1) {
+        if constexpr (kPrefetch) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
+        } else if constexpr (kCache != 0) {
+          gr[u].template load_as<kCache, true>(g);
+          wr[u].template load_as<kCache, false>(w);
 #pragma unroll
           for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
         } else {
@@ -690,7 +772,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         if (rounding != Rounding::kStochastic) apply(std::false_type{}, group_offset);  // offsets unused
         else if (!own_groups) apply(std::true_type{}, group_offset);
         else apply(std::true_type{}, offset);
-        st8(w, out);
+        st8<kCache>(w, out);
       } else {
         for (int e = 0; e < 8 && j0 + e < cols; ++e) {
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
@@ -732,9 +814,9 @@ __global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const
 
 __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
 
-template <typename TW, typename TG, int kUnroll>
+template <typename TW, typename TG, int kUnroll, int kVariant>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) {
-  update_body<TW, TG, kUnroll>(it, blockIdx.x, gridDim.x);
+  update_body<TW, TG, kUnroll, kVariant>(it, blockIdx.x, gridDim.x);
 }
 
 // ---- kernels of a step in phases ----
@@ -775,7 +857,7 @@ __global__ void tail_kernel(const Item it) {
 constexpr int kFusedThreads = kWideColsPerBlock / 8;  // the wide projection's block; every stage runs at it
 constexpr int kFusedMinBlocks = 8;                    // per SM: <= 64 registers, 32 warps resident
 
-template <typename TW, typename TG>
+template <typename TW, typename TG, int kVariant>
 __global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_kernel(const Item it) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
@@ -788,7 +870,8 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_ker
   grid.sync();
   for (int b = blockIdx.x; b < it.mom_blocks; b += gridDim.x) moments_body(it, b, it.mom_blocks);
   grid.sync();
-  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x) update_body<TW, TG, 1, false>(it, b, it.upd_blocks);
+  for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x)
+    update_body<TW, TG, 1, kVariant, false>(it, b, it.upd_blocks);
 }
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----
@@ -846,10 +929,22 @@ __global__ void moments_many_kernel(const __grid_constant__ Batch b) {
   moments_body(b.items[i], local, b.items[i].mom_blocks);
 }
 
-template <typename TW, typename TG, int kUnroll>
+template <typename TW, typename TG, int kUnroll, int kVariant>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kUpdate, blockIdx.x, &local);
-  update_body<TW, TG, kUnroll>(b.items[i], local, b.items[i].upd_blocks);
+  update_body<TW, TG, kUnroll, kVariant>(b.items[i], local, b.items[i].upd_blocks);
+}
+
+// apollo.update_max_regs: the batched update under a register cap (kMaxRegs 48, 40, 32: 5, 6, 8 resident blocks of
+// 256 threads, 40-64 warps per SM; the uncapped kernel has 64 registers, 32 warps). A kernel of its own: naming
+// a minimum of 1 block in update_many_kernel's launch bounds moved ptxas from 64 registers to 90.
+constexpr int update_min_blocks(int max_regs) { return max_regs == 48 ? 5 : max_regs == 40 ? 6 : 8; }
+
+template <typename TW, typename TG, int kUnroll, int kVariant, int kMaxRegs>
+__global__ void __launch_bounds__(256, update_min_blocks(kMaxRegs))
+    update_many_capped_kernel(const __grid_constant__ Batch b) {
+  int local, i = find_item(b, kUpdate, blockIdx.x, &local);
+  update_body<TW, TG, kUnroll, kVariant>(b.items[i], local, b.items[i].upd_blocks);
 }
 
 int sm_count() {
@@ -864,11 +959,30 @@ int sm_count() {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// apollo.update_resident: the dynamic shared memory (unused) that lets at most `blocks` blocks of `kernel` reside
+// on a multiprocessor, so that variants compare at the same occupancy whatever their registers allow; 0: none.
+int resident_limit_smem(const void* kernel, int blocks) {
+  if (blocks <= 0) return 0;
+  static const auto limits = [] {
+    int dev = 0, per_sm = 0, reserved = 0;
+    LIVETRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+    LIVETRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    LIVETRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+    return std::pair<int, int>(per_sm, reserved);
+  }();
+  // n blocks of per_sm / n bytes (their reservation included) fit; n + 1 do not.
+  const int smem = limits.first / blocks - limits.second;
+  LIVETRAIN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  return smem;
+}
+
 // Launch shapes of a step, read from the tuning knobs once per call (docs/tuning.md); the defaults are the
 // shapes measured best on the H200 (the H100's: apollo.split_projection=0, tall_loads=4, wide_loads=4).
 struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
+  int update_rounds, update_cache, update_max_regs, update_resident;  // apollo.update_*: variants of the update
+  bool update_loads_first, update_probe, update_mini;
   bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
   bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
   static Shape current() {
@@ -884,6 +998,13 @@ struct Shape {
             static_cast<int>(get(tuning::kApolloUpdateUnroll)),
             static_cast<int>(get(tuning::kApolloBatch)),
             static_cast<int>(get(tuning::kApolloStreams)),
+            static_cast<int>(get(tuning::kApolloUpdateRounds)),
+            static_cast<int>(get(tuning::kApolloUpdateCache)),
+            static_cast<int>(get(tuning::kApolloUpdateMaxRegs)),
+            static_cast<int>(get(tuning::kApolloUpdateResident)),
+            get(tuning::kApolloUpdateLoadsFirst) == 1,
+            get(tuning::kApolloUpdateProbe) == 1,
+            get(tuning::kApolloUpdateMini) == 1,
             get(tuning::kApolloSplitProjection) == 1,
             get(tuning::kApolloFusedStep) == 1};
     s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
@@ -926,6 +1047,92 @@ void unroll_variant(int unroll, F&& f) {  // 1, 2 or 4 (the knob's choices)
   if (unroll == 2) f(Int<2>{});
   else if (unroll == 4) f(Int<4>{});
   else f(Int<1>{});
+}
+
+// f(Int<variant>) for an update of one step or the one-kernel step: only the rounds apply there (they must
+// everywhere, so that every path rounds as the CPU step does); the other apollo.update_* knobs choose among
+// variants of the batched update of bf16 weights and gradients (update_many_variant).
+template <typename TW, typename F>
+void rounds_variant(const Shape& shape, F&& f) {
+  if constexpr (std::is_same_v<TW, uint16_t>) {
+    if (shape.update_rounds == 7) return f(Int<kSevenRounds>{});
+  }
+  f(Int<0>{});
+}
+
+// The compiled variants of the batched update of bf16 weights and gradients (update_many_kernel's kUnroll and
+// kVariant, update_many_capped_kernel's kMaxRegs): unroll 1 × every cache hint × loads first or not, unroll 2 × every
+// cache hint, unroll 4 without hints; each with 10 or 7 rounds and generic or APOLLO-Mini's; the register caps at
+// unroll 1 without cache hints; the probe alone (unroll 1, loads first, nothing else).
+constexpr bool update_compiled(int unroll, int v, int max_regs) {
+  const int cache = v & kCacheMask;
+  if (cache == 3) return false;
+  if (v & kProbe) return unroll == 1 && max_regs == 0 && v == (kProbe | kLoadsFirst);
+  if ((v & kLoadsFirst) && unroll != 1) return false;
+  if (max_regs != 0 && (unroll != 1 || cache != 0)) return false;
+  if (unroll == 4 && cache != 0) return false;
+  return true;
+}
+constexpr int kUnrolls[] = {1, 2, 4};
+constexpr int kMaxRegsChoices[] = {0, 48, 40, 32};
+
+template <typename TW, typename TG, size_t I, typename F>
+bool try_update_variant(int unroll, int v, int max_regs, F& f) {
+  constexpr int kU = kUnrolls[I / (kNumVariants * 4)], kV = static_cast<int>(I / 4 % kNumVariants),
+                kG = kMaxRegsChoices[I % 4];
+  if constexpr (!update_compiled(kU, kV, kG)) {
+    return false;
+  } else {
+    if (unroll != kU || v != kV || max_regs != kG) return false;
+    f(Int<kU>{}, Int<kV>{}, Int<kG>{});
+    return true;
+  }
+}
+
+template <typename TW, typename TG, typename F, size_t... I>
+bool update_variant_table(int unroll, int v, int max_regs, F& f, std::index_sequence<I...>) {
+  return (try_update_variant<TW, TG, I>(unroll, v, max_regs, f) || ...);
+}
+
+// The batched update's variant bits from the knobs; `mini`: every step of the batch is APOLLO-Mini's (tensor
+// scaling, stochastic rounding), so apollo.update_mini may take its kernel.
+int update_variant_bits(const Shape& shape, bool mini) {
+  return shape.update_cache | (shape.update_loads_first ? kLoadsFirst : 0) |
+         (shape.update_probe ? kProbe | kLoadsFirst : 0) | (shape.update_rounds == 7 ? kSevenRounds : 0) |
+         (shape.update_mini && mini && !shape.update_probe ? kMini : 0);
+}
+
+// Refuses a combination of apollo.update_* knobs that is not compiled, before any stage of a step is launched.
+void check_update_variant(const Shape& shape) {
+  const int v = update_variant_bits(shape, true);
+  if (update_compiled(shape.update_unroll, v, shape.update_max_regs) &&
+      update_compiled(shape.update_unroll, v & ~kMini, shape.update_max_regs) &&
+      (shape.update_max_regs == 0 || shape.update_threads <= 256))
+    return;
+  throw Error(ErrorCode::kInvalidArg,
+              "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_cache " +
+                  std::to_string(shape.update_cache) + ", update_loads_first " +
+                  std::to_string(shape.update_loads_first) + ", update_max_regs " +
+                  std::to_string(shape.update_max_regs) + ", update_threads " + std::to_string(shape.update_threads) +
+                  ", update_probe " + std::to_string(shape.update_probe) +
+                  " is not a compiled variant of the APOLLO update (loads first and register caps at unroll 1; caps "
+                  "without cache hints and with at most 256 threads; unroll 4 without cache hints; the probe alone)");
+}
+
+// f(Int<unroll>, Int<variant>, Int<max_regs>) for the batched update, from the knobs (check_update_variant
+// first). Other dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
+template <typename TW, typename TG, typename F>
+void update_many_variant(const Shape& shape, bool mini, F&& f) {
+  if constexpr (!(std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>)) {
+    unroll_variant(shape.update_unroll,
+                   [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v, Int<0>{}); }); });
+  } else {
+    check_update_variant(shape);
+    // The table holds every combination update_compiled accepts, so a checked one always launches.
+    if (!update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(shape, mini), shape.update_max_regs, f,
+                                      std::make_index_sequence<3 * kNumVariants * 4>{}))
+      throw Error(ErrorCode::kUnsupported, "optimizer step: the APOLLO update variant has no kernel (a livetrain bug)");
+  }
 }
 
 // The kernels' view of one step, its workspace carved per ApolloWorkspace, and each stage's grid. `phases`:
@@ -1001,14 +1208,14 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape, bool ph
   return it;
 }
 
-// The resident blocks of step_fused_kernel<TW, TG> on this device (cooperative launches need them all
+// The resident blocks of step_fused_kernel<TW, TG, kVariant> on this device (cooperative launches need them all
 // resident at once).
-template <typename TW, typename TG>
+template <typename TW, typename TG, int kVariant>
 int fused_blocks() {
   static const int n = [] {
     int per_sm = 0;
     LIVETRAIN_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG>, kFusedThreads, 0));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_fused_kernel<TW, TG, kVariant>, kFusedThreads, 0));
     if (per_sm < 1)
       throw Error(ErrorCode::kUnsupported,
                   "optimizer step: apollo.fused_step: its kernel cannot be resident on this device");
@@ -1026,10 +1233,12 @@ void launch_fused(const ApolloStep& s, Shape shape, cudaStream_t stream) {
   shape.update_unroll = 1;
   Item it = make_item(s, s.workspace, shape);
   const int want = std::max(std::max(it.gen_blocks, it.proj_blocks), std::max(it.mom_blocks, it.upd_blocks));
-  const int grid = std::max(1, std::min(want, fused_blocks<TW, TG>()));
   void* args[] = {&it};
-  LIVETRAIN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(step_fused_kernel<TW, TG>), dim3(grid),
-                                                   dim3(kFusedThreads), args, 0, stream));
+  rounds_variant<TW>(shape, [&](auto v) {
+    const int grid = std::max(1, std::min(want, fused_blocks<TW, TG, v()>()));
+    LIVETRAIN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(step_fused_kernel<TW, TG, v()>),
+                                                     dim3(grid), dim3(kFusedThreads), args, 0, stream));
+  });
 }
 
 template <typename TW, typename TG>
@@ -1064,7 +1273,9 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   moments_kernel<<<it.mom_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   unroll_variant(shape.update_unroll, [&](auto unroll) {
-    update_kernel<TW, TG, unroll()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+    rounds_variant<TW>(shape, [&](auto v) {
+      update_kernel<TW, TG, unroll(), v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+    });
   });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
@@ -1108,8 +1319,17 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   }
   moments_many_kernel<<<m, 256, 0, stream>>>(b);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  unroll_variant(shape.update_unroll,
-                 [&](auto unroll) { update_many_kernel<TW, TG, unroll()><<<u, shape.update_threads, 0, stream>>>(b); });
+  bool mini = true;  // apollo.update_mini's kernel compiles APOLLO-Mini's choices in
+  for (int i = 0; i < n; ++i)
+    mini = mini && b.items[i].h.scaling == Scaling::kTensor && b.items[i].h.rounding == Rounding::kStochastic;
+  update_many_variant<TW, TG>(shape, mini, [&](auto unroll, auto variant, auto regs) {
+    auto kernel = [&] {
+      if constexpr (regs() == 0) return update_many_kernel<TW, TG, unroll(), variant()>;
+      else return update_many_capped_kernel<TW, TG, unroll(), variant(), regs()>;
+    }();
+    const int smem = resident_limit_smem(reinterpret_cast<const void*>(kernel), shape.update_resident);
+    kernel<<<u, shape.update_threads, smem, stream>>>(b);
+  });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1177,7 +1397,9 @@ void launch_phase(const ApolloStep& s, ApolloPhase phase, cudaStream_t stream) {
       tail_kernel<<<1, 32, 0, stream>>>(it);
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       unroll_variant(shape.update_unroll, [&](auto unroll) {
-        update_kernel<TW, TG, unroll()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+        rounds_variant<TW>(shape, [&](auto v) {
+          update_kernel<TW, TG, unroll(), v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
+        });
       });
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       return;
@@ -1245,6 +1467,7 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
   if (n && !aligned16(workspace))
     throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
+  check_update_variant(shape);  // before any launch: a refused combination leaves every step undone
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
   int batches = 0;

@@ -32,8 +32,11 @@ LT_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
+// kRounds 10 is Philox4x32-10, everywhere but where apollo.update_rounds asks 7 for the APOLLO update's rounding
+// offsets (7 is the fewest rounds the paper's authors found to pass BigCrush; docs/optim.md).
+template <int kRounds = 10>
 LT_HD U32x4 philox(U32x4 c, uint32_t k0, uint32_t k1) {
-  for (int i = 0; i < 10; ++i) {
+  for (int i = 0; i < kRounds; ++i) {
     uint32_t hi0, hi1;
     uint32_t lo0 = mulhilo(0xD2511F53u, c.x, &hi0);
     uint32_t lo1 = mulhilo(0xCD9E8D57u, c.z, &hi1);
@@ -76,10 +79,11 @@ LT_HD float projection_entry(uint64_t key, uint64_t e, float inv_sqrt_rank) {
 }
 
 // Eight 16-bit rounding offsets for elements [8g, 8g + 8) of a step.
+template <int kRounds = 10>
 LT_HD U32x4 rounding_bits(uint64_t seed, uint64_t step, uint64_t group) {
   uint64_t key = mix64(seed ^ mix64(step ^ 0x5EEDull));
-  return philox(U32x4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), kTagRounding, 0},
-                static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+  return philox<kRounds>(U32x4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), kTagRounding, 0},
+                         static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
 }
 
 LT_HD uint16_t rounding_offset(const U32x4& bits, int lane) {  // lane in [0, 8)

@@ -35,6 +35,25 @@ TEST(Optim, PhiloxKnownAnswers) {
   EXPECT_EQ(c.w, 0x24126ea1u);
 }
 
+// Philox4x32-7 (apollo.update_rounds=7: the APOLLO update's rounding offsets), Random123's kat_vectors.
+TEST(Optim, PhiloxSevenRoundsKnownAnswers) {
+  d::U32x4 a = d::philox<7>({0, 0, 0, 0}, 0, 0);
+  EXPECT_EQ(a.x, 0x5f6fb709u);
+  EXPECT_EQ(a.y, 0x0d893f64u);
+  EXPECT_EQ(a.z, 0x4f121f81u);
+  EXPECT_EQ(a.w, 0x4f730a48u);
+  d::U32x4 b = d::philox<7>({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, 0xffffffffu, 0xffffffffu);
+  EXPECT_EQ(b.x, 0x5207ddc2u);
+  EXPECT_EQ(b.y, 0x45165e59u);
+  EXPECT_EQ(b.z, 0x4d8ee751u);
+  EXPECT_EQ(b.w, 0x8c52f662u);
+  d::U32x4 c = d::philox<7>({0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, 0xa4093822u, 0x299f31d0u);
+  EXPECT_EQ(c.x, 0x4dfccabau);
+  EXPECT_EQ(c.y, 0x190a87f0u);
+  EXPECT_EQ(c.z, 0xc47362bau);
+  EXPECT_EQ(c.w, 0xb6b5242au);
+}
+
 TEST(Optim, Bf16Rounding) {
   // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): nearest-even gives 1.
   float mid = 1.0f + std::ldexp(1.0f, -8);

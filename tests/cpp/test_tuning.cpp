@@ -391,6 +391,12 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
       {{"apollo.batch", 7}},
       {{"apollo.streams", 2}},
       {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_unroll", 4}, {"apollo.update_threads", 512}},
+      // Variants of the batched bf16 update (cache hints, loads first, register caps).
+      {{"apollo.update_cache", 1}},
+      {{"apollo.update_cache", 2}, {"apollo.update_unroll", 2}},
+      {{"apollo.update_loads_first", 1}},
+      {{"apollo.update_max_regs", 40}, {"apollo.update_loads_first", 1}},
+      {{"apollo.update_max_regs", 32}, {"apollo.update_threads", 128}},
   };
   for (const Settings& s : bit_identical) {
     Knobs k(s);
@@ -400,6 +406,9 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
   }
   Knobs k({{"apollo.tall_rows", 4}, {"apollo.tall_loads", 8}});
   std::string e = error_of([&] { run_cuda(ms, 1, false); });
+  EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
+  Knobs k2({{"apollo.update_max_regs", 40}, {"apollo.update_unroll", 2}});
+  e = error_of([&] { run_cuda(ms, 1, false); });
   EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
 }
 #endif

@@ -591,11 +591,18 @@ def _phase(phase, st, grad, h, shard, cuda):
 @pytest.mark.parametrize(
     "scaling,rounding", [("tensor", "stochastic"), ("channel", "stochastic"), ("tensor", "nearest")]
 )
-def test_cuda_update_is_the_cpu_update_bit_for_bit(rows, cols, shard, scaling, rounding):
+@pytest.mark.parametrize("rounds", [10, 7])
+def test_cuda_update_is_the_cpu_update_bit_for_bit(rows, cols, shard, scaling, rounding, rounds):
     """The update stage alone, from the same state: the CUDA update (its rounding offsets, scaling factors and
     the order of every rounding) and the CPU reference's write the same bf16 bits. The projection and moments
     run on the GPU; their workspace, moments and counters are copied to the host, then both devices update.
-    At the first step the limiter leaves the step's scalars independent of the summation order."""
+    At the first step the limiter leaves the step's scalars independent of the summation order. Under both
+    Philox round counts of the rounding offsets (apollo.update_rounds), which the CPU step follows too."""
+    with knobs({"apollo.update_rounds": rounds}):
+        _update_cuda_and_cpu(rows, cols, shard, scaling, rounding)
+
+
+def _update_cuda_and_cpu(rows, cols, shard, scaling, rounding):
     torch.manual_seed(rows * cols)
     h = _core.ApolloHyper()
     h.rank, h.lr, h.weight_decay = 1, 1e-2, 0.01
@@ -625,3 +632,190 @@ def test_cuda_update_is_the_cpu_update_bit_for_bit(rows, cols, shard, scaling, r
     moved = (cpu["w"].view(torch.int16) != W.view(torch.int16)).float().mean()
     assert moved > 0.05, "the step must move the weights for the comparison to mean anything"
     assert torch.equal(gpu["w"].cpu().view(torch.int16), cpu["w"].view(torch.int16))
+
+
+class knobs:
+    """Internal tuning knobs (docs/tuning.md) set for a block, every knob back to its default after it."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def __enter__(self):
+        _core.tuning_reset()
+        for name, value in self.settings.items():
+            _core.tuning_set(name, value)
+
+    def __exit__(self, *exc):
+        _core.tuning_reset()
+
+
+def _mini_steps(params, grads, steps=2, **kwargs):
+    """``steps`` batched APOLLO-Mini steps of copies of ``params`` with ``grads``: the weights after them."""
+    ps = [_copy(p) for p in params]
+    opt = ApolloMini(ps, lr=1e-2, weight_decay=0.01, seed=4, **kwargs)
+    for _ in range(steps):
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opt.step()
+    torch.cuda.synchronize()
+    assert opt.report()["ok"] == len(ps)
+    return [p.detach().clone() for p in ps]
+
+
+def _copy(p):
+    """A parameter holding p's values with p's row stride (a strided view stays a view of a wider tensor)."""
+    if p.is_contiguous():
+        return torch.nn.Parameter(p.clone())
+    base = torch.zeros(p.shape[0], p.stride(0), dtype=p.dtype, device=p.device)
+    view = base[:, 8 : 8 + p.shape[1]]
+    view.copy_(p)
+    return torch.nn.Parameter(view)
+
+
+def _mini_set():
+    """bf16 matrices of the batched update's kinds: tall, wide, columns not a multiple of 8, a strided view,
+    enough groups that every thread of a grid-capped launch takes several."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(1031, 264), (264, 1031), (77, 203), (4096, 96), (96, 4096), (513, 40)]
+    params = [(torch.randn(r, c, generator=gen) * 0.1).to(torch.bfloat16).cuda() for r, c in shapes]
+    base = (torch.randn(300, 1040, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+    params.append(base[:, 8:1032])  # ld 1040 > cols 1024, 16-byte aligned
+    grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16).cuda() for p in params]
+    return params, grads
+
+
+# Variants of the batched update that must not change a bit (docs/tuning.md: apollo.update_*).
+SAME_BITS_VARIANTS = [
+    {"apollo.update_cache": 1},
+    {"apollo.update_cache": 2},
+    {"apollo.update_loads_first": 1},
+    {"apollo.update_loads_first": 1, "apollo.update_cache": 1},
+    {"apollo.update_unroll": 2, "apollo.update_cache": 1},
+    {"apollo.update_unroll": 4, "apollo.update_cache": 2},
+    {"apollo.update_max_regs": 48},
+    {"apollo.update_max_regs": 40},
+    {"apollo.update_max_regs": 32},
+    {"apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
+    {"apollo.update_max_regs": 32, "apollo.update_threads": 128},
+    {"apollo.update_mini": 1},
+    {"apollo.update_mini": 1, "apollo.update_loads_first": 1, "apollo.update_cache": 2},
+    {"apollo.update_mini": 1, "apollo.update_unroll": 2, "apollo.update_cache": 1},
+    {"apollo.update_mini": 1, "apollo.update_unroll": 4},
+    {"apollo.update_mini": 1, "apollo.update_max_regs": 32},
+    {"apollo.update_mini": 1, "apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
+    {"apollo.update_resident": 4},
+    {"apollo.update_mini": 1, "apollo.update_resident": 2},
+]
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("variant", SAME_BITS_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_cuda_update_variants_write_the_shipped_bits(variant):
+    # The cache hints, the loads-first order, the register caps: the weights of the shipped batched update
+    # (pinned against the CPU step by test_cuda_update_is_the_cpu_update_bit_for_bit and the batched step
+    # against the one-by-one step), bit for bit, stochastic and nearest rounding; under 7 rounds too.
+    params, grads = _mini_set()
+    for rounds in (10, 7):
+        for rounding in ("stochastic", "nearest"):
+            with knobs({"apollo.update_rounds": rounds}):
+                shipped = _mini_steps(params, grads, rounding=rounding)
+            with knobs({"apollo.update_rounds": rounds, **variant}):
+                got = _mini_steps(params, grads, rounding=rounding)
+            for i, (a, b) in enumerate(zip(got, shipped)):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (rounds, rounding, i)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_seven_rounds_batched_equals_one_by_one_and_moves_other_bits():
+    # apollo.update_rounds=7 reaches every CUDA path: the batched step equals stepping each parameter alone
+    # (the one-kernel step included), and the rounding bits differ from Philox4x32-10's.
+    params, grads = _mini_set()
+    ten = _mini_steps(params, grads)
+    with knobs({"apollo.update_rounds": 7}):
+        oa, ob, pa, pb = batched_and_one_by_one()
+        for i, (x, y) in enumerate(zip(pa, pb)):
+            assert torch.equal(x.detach(), y.detach()), i
+        seven = _mini_steps(params, grads)
+    differ = sum(int((a.view(torch.int16) != b.view(torch.int16)).sum()) for a, b in zip(seven, ten))
+    assert differ > 1000, "7 rounds must change the rounding offsets"
+
+    # The one-kernel step (apollo.fused_step) takes the knob too: its result moves with it (its projection
+    # sums in another order than the batched step's, so only the weights' change is compared with that).
+    def fused(rounds):
+        with knobs({"apollo.update_rounds": rounds, "apollo.fused_step": 1}):
+            ps = [_copy(p) for p in params]
+            opt = ApolloMini(ps, lr=1e-2, weight_decay=0.01, seed=4)
+            for _ in range(2):
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                    opt.step_param(p)
+            torch.cuda.synchronize()
+            return [p.detach().clone() for p in ps]
+
+    f7, f10 = fused(7), fused(10)
+    assert any(not torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(f7, f10))
+    for a, b, w0 in zip(f7, seven, params):
+        da, db = a.float() - w0.float(), b.float() - w0.float()
+        assert float((da - db).norm() / db.norm()) < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_update_probe_moves_every_byte_of_the_update():
+    # apollo.update_probe=1 (bench/optim.py --probe): the batched bf16 update writes W + G as 32-bit words,
+    # so its loads and stores cover every group the update's do, and nothing else changes W.
+    params, grads = _mini_set()
+    params = [p for p in params if p.shape[1] % 8 == 0 and p.is_contiguous()]  # the probe's vector path
+    grads = [torch.randn(p.shape, device="cuda").to(torch.bfloat16) for p in params]
+    with knobs({"apollo.update_probe": 1}):
+        got = _mini_steps(params, grads, steps=1)
+    for w, g, out in zip(params, grads, got):
+        expect = w.contiguous().view(torch.int32).to(torch.int64) + g.view(torch.int32).to(torch.int64)
+        expect = ((expect + 2**31) % 2**32 - 2**31).to(torch.int32)
+        assert torch.equal(out.contiguous().view(torch.int32), expect)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_update_variant_not_compiled_is_an_error():
+    # Refused before any stage is launched: no step counter advanced, no weight written.
+    params, grads = _mini_set()
+    for settings in (
+        {"apollo.update_max_regs": 40, "apollo.update_unroll": 2},
+        {"apollo.update_max_regs": 32, "apollo.update_threads": 512},
+        {"apollo.update_probe": 1, "apollo.update_cache": 1},
+    ):
+        ps = [_copy(p) for p in params]
+        opt = ApolloMini(ps, lr=1e-2, seed=4)
+        for p, g in zip(ps, grads):
+            p.grad = g
+        with knobs(settings), pytest.raises(livetrain.InvalidArgumentError, match="not a compiled variant"):
+            opt.step()
+        torch.cuda.synchronize()
+        for p, w in zip(ps, params):
+            assert torch.equal(p.detach(), w)
+            if "step" in opt.state[p]:  # the state exists once a step was attempted
+                assert int(opt.state[p]["step"]) == 0
+
+
+def test_seven_rounds_change_the_cpu_rounding_not_its_mean():
+    # apollo.update_rounds=7 on the CPU step (the reference the CUDA update is pinned to): other bits than
+    # Philox4x32-10's, still unbiased stochastic rounding (any uniform 16-bit offset is).
+    w0 = torch.randn(64, 32).to(torch.bfloat16)
+    g = torch.randn(64, 32).to(torch.bfloat16)
+
+    def stepped(seed):
+        p = torch.nn.Parameter(w0.clone())
+        opt = ApolloMini([p], lr=1e-2, seed=seed)
+        p.grad = g
+        opt.step()
+        return p.detach()
+
+    ten = stepped(1)
+    with knobs({"apollo.update_rounds": 7}):
+        seven = [stepped(seed) for seed in range(1, 201)]
+    assert int((seven[0].view(torch.int16) != ten.view(torch.int16)).sum()) > 50
+    with knobs({}):
+        tens = [stepped(seed) for seed in range(1, 201)]
+    # The mean over seeds of either stream is the same value within the rounding noise: both unbiased.
+    m7, m10 = torch.stack(seven).float().mean(0), torch.stack(tens).float().mean(0)
+    z = (m7 - m10).abs() / (bf16_ulp(m10) / 2 / math.sqrt(100))
+    assert float(z.mean()) < 1.5
