@@ -26,7 +26,8 @@ import sys
 from collections import defaultdict
 
 KERNEL = re.compile(r"(update_many(?:_capped)?_kernel)IttLi(\d+)ELi(\d+)E(?:Li(\d+)E)?")
-VARIANT_BITS = {1: ".cs", 2: "L1::no_allocate", 4: "loads first", 8: "probe", 16: "Philox4x32-7", 32: "Mini's"}
+VARIANT_BITS = {1: ".cs", 2: "L1::no_allocate", 4: "loads first", 8: "probe", 16: "Philox4x32-7", 32: "Mini's",
+                64: "short rounding"}  # fmt: skip
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:

@@ -41,6 +41,7 @@ enum Knob : int {
   kApolloUpdateProbe,       // 1: the batched bf16 update writes W + G bitwise, no step math: a bandwidth probe only
   kApolloUpdateMini,        // 1: batches of APOLLO-Mini steps (bf16) update in a kernel compiled for Mini's choices
   kApolloUpdateResident,    // at most this many blocks of the batched update per multiprocessor (0: no limit)
+  kApolloUpdateFastRound,   // 1: with update_mini, a group's rounding skips the per-element guards unless needed
   // checkpoint save (src/checkpoint/)
   kCheckpointPipeline,     // 1: records are encoded while the GPU diff runs, tensor group by group
   kCheckpointDiff,         // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups

@@ -109,6 +109,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        "at most this many blocks of the batched update per multiprocessor, through unused dynamic shared memory, so "
        "that variants compare at one occupancy (0: what registers allow)"},
+      {"apollo.update_fast_round",
+       0,
+       {0, 1},
+       0,
+       0,
+       "with apollo.update_mini: a group of 8 weights is rounded as (bits + offset) >> 16 unless one value is not "
+       "finite or >= 2^127 in magnitude, which takes the full path (same bits)"},
       {"checkpoint.pipeline", 1, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
       {"checkpoint.diff",
        1,

@@ -279,9 +279,11 @@ constexpr int kCacheMask = 3;
 constexpr int kLoadsFirst = 4;    // apollo.update_loads_first: at unroll 1, the loads before the rounding bits
 constexpr int kProbe = 8;         // apollo.update_probe: W ← W + G bitwise, no step (a bandwidth probe)
 constexpr int kSevenRounds = 16;  // apollo.update_rounds 7: Philox4x32-7 rounding offsets (other bits)
-constexpr int kMini = 32;  // apollo.update_mini: APOLLO-Mini's choices (tensor scaling, stochastic rounding, whole
-                           // tensors) compiled in; the host picks it for batches of such steps only
-constexpr int kNumVariants = 64;
+constexpr int kMini = 32;       // apollo.update_mini: APOLLO-Mini's choices (tensor scaling, stochastic rounding, whole
+                                // tensors) compiled in; the host picks it for batches of such steps only
+constexpr int kFastRound = 64;  // apollo.update_fast_round (with kMini): a group's stochastic rounding without the
+                                // per-element guards unless one of its 8 values needs them
+constexpr int kNumVariants = 128;
 
 // A 16-byte load of G (kGrad) or W under a cache variant. G is read-only during the update; W is read, then
 // written by the same thread.
@@ -639,6 +641,8 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   constexpr bool kProbeOnly = (kVariant & kProbe) != 0;
   constexpr int kRounds = (kVariant & kSevenRounds) ? 7 : 10;
   constexpr bool kMiniOnly = (kVariant & kMini) != 0;
+  constexpr bool kFast = (kVariant & kFastRound) != 0;
+  static_assert(!kFast || (kMiniOnly && std::is_same_v<TW, uint16_t>), "the short rounding path is Mini's, bf16's");
   static_assert(!kProbeOnly || (kPrefetch && std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>),
                 "the probe is a variant of the bf16 update with its loads first");
   if (*it.status != kStatusOk) return;
@@ -769,9 +773,26 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
           }
         };
         auto group_offset = [&](int e) { return rounding_offset(bits, e); };
-        if (rounding != Rounding::kStochastic) apply(std::false_type{}, group_offset);  // offsets unused
-        else if (!own_groups) apply(std::true_type{}, group_offset);
-        else apply(std::true_type{}, offset);
+        if constexpr (kFast) {
+          // f32_to_bf16_stochastic and to_weight reduce to (u + offset) >> 16 unless a value is not finite or
+          // the rounding may carry into the exponent's all-ones (Inf): both need |value| >= 2^127, exponent field
+          // >= 0xFE. Such a group takes the full path (apply), so every bit is the same; a finite value below
+          // 2^127 can neither overflow bf16 nor be refused.
+          uint32_t big = 0;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const uint32_t u = f32_bits(updated(wv[e], base, sc[e], gv[e], decay));
+            big |= static_cast<uint32_t>((u & 0x7F800000u) >= 0x7F000000u);
+            out[e] = static_cast<TW>((u + group_offset(e)) >> 16);
+          }
+          if (big) apply(std::true_type{}, group_offset);
+        } else if (rounding != Rounding::kStochastic) {
+          apply(std::false_type{}, group_offset);  // offsets unused
+        } else if (!own_groups) {
+          apply(std::true_type{}, group_offset);
+        } else {
+          apply(std::true_type{}, offset);
+        }
         st8<kCache>(w, out);
       } else {
         for (int e = 0; e < 8 && j0 + e < cols; ++e) {
@@ -982,7 +1003,7 @@ struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
   int update_rounds, update_cache, update_max_regs, update_resident;  // apollo.update_*: variants of the update
-  bool update_loads_first, update_probe, update_mini;
+  bool update_loads_first, update_probe, update_mini, update_fast_round;
   bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
   bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
   static Shape current() {
@@ -1005,6 +1026,7 @@ struct Shape {
             get(tuning::kApolloUpdateLoadsFirst) == 1,
             get(tuning::kApolloUpdateProbe) == 1,
             get(tuning::kApolloUpdateMini) == 1,
+            get(tuning::kApolloUpdateFastRound) == 1,
             get(tuning::kApolloSplitProjection) == 1,
             get(tuning::kApolloFusedStep) == 1};
     s.split = s.split || s.tall_rows != 2 || s.tall_loads != 4 || s.wide_loads != 4;
@@ -1071,6 +1093,7 @@ constexpr bool update_compiled(int unroll, int v, int max_regs) {
   if ((v & kLoadsFirst) && unroll != 1) return false;
   if (max_regs != 0 && (unroll != 1 || cache != 0)) return false;
   if (unroll == 4 && cache != 0) return false;
+  if ((v & kFastRound) && !(v & kMini)) return false;
   return true;
 }
 constexpr int kUnrolls[] = {1, 2, 4};
@@ -1099,14 +1122,14 @@ bool update_variant_table(int unroll, int v, int max_regs, F& f, std::index_sequ
 int update_variant_bits(const Shape& shape, bool mini) {
   return shape.update_cache | (shape.update_loads_first ? kLoadsFirst : 0) |
          (shape.update_probe ? kProbe | kLoadsFirst : 0) | (shape.update_rounds == 7 ? kSevenRounds : 0) |
-         (shape.update_mini && mini && !shape.update_probe ? kMini : 0);
+         (shape.update_mini && mini && !shape.update_probe ? kMini | (shape.update_fast_round ? kFastRound : 0) : 0);
 }
 
 // Refuses a combination of apollo.update_* knobs that is not compiled, before any stage of a step is launched.
 void check_update_variant(const Shape& shape) {
   const int v = update_variant_bits(shape, true);
   if (update_compiled(shape.update_unroll, v, shape.update_max_regs) &&
-      update_compiled(shape.update_unroll, v & ~kMini, shape.update_max_regs) &&
+      update_compiled(shape.update_unroll, v & ~(kMini | kFastRound), shape.update_max_regs) &&
       (shape.update_max_regs == 0 || shape.update_threads <= 256))
     return;
   throw Error(ErrorCode::kInvalidArg,

@@ -54,6 +54,31 @@ TEST(Optim, PhiloxSevenRoundsKnownAnswers) {
   EXPECT_EQ(c.w, 0xb6b5242au);
 }
 
+// apollo.update_fast_round rounds a group as (bits + offset) >> 16 when every value's exponent field is below 0xFE:
+// there the stochastic rounding can neither reach Inf (and fall back to nearest) nor give a value the update
+// refuses (exponent all ones). Every exponent, both signs, mantissas and offsets at and between their extremes.
+TEST(Optim, StochasticRoundingBelowTwoTo127IsAddAndShift) {
+  std::mt19937 rng(7);
+  const uint32_t mantissas[] = {0, 1, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFF, 0x7F0000, 0x7FFF00};
+  const uint16_t offsets[] = {0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF};
+  for (uint32_t exponent = 0; exponent < 0xFE; ++exponent) {
+    for (uint32_t sign : {0u, 0x80000000u}) {
+      for (int k = 0; k < 24; ++k) {
+        const uint32_t mantissa = k < 9 ? mantissas[k] : rng() & 0x7FFFFFu;
+        const uint32_t u = sign | exponent << 23 | mantissa;
+        for (int j = 0; j < 8; ++j) {
+          const uint16_t offset = j < 6 ? offsets[j] : static_cast<uint16_t>(rng());
+          const uint16_t out = livetrain::f32_to_bf16_stochastic(livetrain::bits_f32(u), offset);
+          ASSERT_EQ(out, static_cast<uint16_t>((u + offset) >> 16)) << std::hex << u << " + " << offset;
+          ASSERT_NE(out & 0x7F80u, 0x7F80u) << std::hex << u << " + " << offset;
+        }
+      }
+    }
+  }
+  // At 0xFE the add can carry into Inf, which the full path rounds to nearest instead.
+  EXPECT_NE(livetrain::f32_to_bf16_stochastic(livetrain::bits_f32(0x7F7F7FFFu), 0xFFFF), (0x7F7F7FFFu + 0xFFFFu) >> 16);
+}
+
 TEST(Optim, Bf16Rounding) {
   // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): nearest-even gives 1.
   float mid = 1.0f + std::ldexp(1.0f, -8);

@@ -705,6 +705,10 @@ SAME_BITS_VARIANTS = [
     {"apollo.update_mini": 1, "apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
     {"apollo.update_resident": 4},
     {"apollo.update_mini": 1, "apollo.update_resident": 2},
+    {"apollo.update_mini": 1, "apollo.update_fast_round": 1},
+    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_loads_first": 1},
+    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_unroll": 2, "apollo.update_cache": 1},
+    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_max_regs": 32},
 ]
 
 
@@ -723,6 +727,39 @@ def test_cuda_update_variants_write_the_shipped_bits(variant):
                 got = _mini_steps(params, grads, rounding=rounding)
             for i, (a, b) in enumerate(zip(got, shipped)):
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (rounds, rounding, i)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("variant", [{}, {"apollo.update_loads_first": 1}, {"apollo.update_rounds": 7}])
+def test_cuda_fast_round_takes_the_full_path_for_huge_and_nonfinite_weights(variant):
+    # apollo.update_fast_round rounds a group as (bits + offset) >> 16 unless a value is not finite or >= 2^127;
+    # weights there (Inf, NaN, +-2e38, bf16's largest) must come out as the full path writes them (kept, or
+    # rounded to nearest at the top of the range), and the groups around them too; the status alike.
+    params, grads = _mini_set()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 2e38, -3e38, 3.3895e38, 1.7e38, -1.8e38])
+    gen = torch.Generator().manual_seed(3)
+    for p in params:
+        flat = p.view(-1) if p.is_contiguous() else p[0]
+        at = torch.randint(0, flat.numel(), (24,), generator=gen).to(flat.device)
+        flat[at] = special.repeat(3).to(flat.dtype).to(flat.device)
+
+    def run(settings):
+        with knobs({"apollo.update_mini": 1, **variant, **settings}):
+            ps = [_copy(p) for p in params]
+            opt = ApolloMini(ps, lr=1e-2, weight_decay=0.01, seed=4)
+            for _ in range(2):
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                opt.step()
+            torch.cuda.synchronize()
+            return [p.detach().clone() for p in ps], opt.report()
+
+    full, full_report = run({})
+    fast, fast_report = run({"apollo.update_fast_round": 1})
+    assert full_report["nonfinite_update"], "the Inf and NaN weights must reach the update's guard"
+    assert fast_report == full_report
+    for i, (a, b) in enumerate(zip(fast, full)):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), i
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
