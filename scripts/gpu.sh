@@ -24,7 +24,7 @@
 # vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
 # vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
 #                               checkpoint served text-only, vision/MTP kept)
-# vllm-transfer   7 min         bench/vllm_transfer.py: livetrain in place vs vLLM's   transfer.{md,json}
+# vllm-transfer   4 min         bench/vllm_transfer.py: livetrain in place vs vLLM's   transfer.{md,json}
 #                               IPC weight transfer, same vLLM server, 8B shape
 # checks          2 min         the CUDA tests of the tuned code: the GPU diff on odd  checks.log
 #                               sizes and unaligned offsets under every checkpoint
