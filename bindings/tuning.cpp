@@ -31,6 +31,19 @@ void init_tuning(nb::module_& m) {
   m.def("tuning_set", &tuning::set, nb::arg("name"), nb::arg("value"),
         "Sets an internal performance knob for the following steps and saves (benchmarks only).");
   m.def("tuning_reset", &tuning::reset, "Every internal performance knob back to its default.");
+  m.def(
+      "apollo_update_variants",
+      []() {
+        nb::list out;
+        for (const auto& setting : tuning::apollo_update_variants()) {
+          nb::dict d;
+          for (const auto& [name, value] : setting) d[name.c_str()] = value;
+          out.append(d);
+        }
+        return out;
+      },
+      "The compiled variants of the batched APOLLO update of bf16 weights: one {knob: value} setting of the "
+      "apollo.update_* knobs per distinct choice of kernels (docs/tuning.md), for the tests.");
 }
 
 }  // namespace livetrain::bindings

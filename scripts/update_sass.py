@@ -1,5 +1,5 @@
 """Instructions per group of 8 weights on the hot path of each compiled variant of the batched APOLLO update
-(update_many_kernel / update_many_capped_kernel for bf16 weights and gradients, src/optim/apollo.cu), from the
+(update_many_kernel for bf16 weights and gradients, src/optim/apollo.cu), from the
 machine code of an sm_90a build, without a GPU. Prints a table (docs/tuning.md, Phase 4, has the numbers).
 
     nvcc -DLIVETRAIN_WITH_CUDA=1 -Iinclude -Isrc -Ithird_party -O3 -DNDEBUG -std=c++20 \\
@@ -24,10 +24,15 @@ import shutil
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
-KERNEL = re.compile(r"(update_many(?:_capped)?_kernel)IttLi(\d+)ELi(\d+)E(?:Li(\d+)E)?")
-VARIANT_BITS = {1: ".cs", 2: "L1::no_allocate", 4: "loads first", 8: "probe", 16: "Philox4x32-7", 32: "Mini's",
-                64: "short rounding"}  # fmt: skip
+KERNEL = re.compile(r"update_many_kernelIttLi(\d+)ELi(\d+)E")
+# The variant bits, read from the header that defines them (src/optim/apollo_update.hpp), so they cannot drift.
+HEADER = Path(__file__).resolve().parent.parent / "src" / "optim" / "apollo_update.hpp"
+NAMES = {"kLoadsFirst": "loads first", "kProbe": "probe", "kSevenRounds": "Philox4x32-7", "kMini": "Mini's",
+         "kFastRound": "short rounding"}  # fmt: skip
+BITS = {name: int(v) for name, v in re.findall(r"constexpr int (k\w+) = (\d+);", HEADER.read_text()) if name in NAMES}
+VARIANT_BITS = {BITS[name]: text for name, text in NAMES.items()}
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
@@ -112,15 +117,15 @@ def main() -> None:
         m = KERNEL.search(name)
         if not m:
             continue
-        unroll, variant, cap = int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)
-        n = hot_path(ins, unroll) if not variant & 8 else None
-        rows.append((variant, unroll, cap, regs.get(name, "?"), n))
-    print("| variant | unroll | register cap | registers | instructions per group |")
-    print("|---|---:|---:|---:|---:|")
-    for variant, unroll, cap, reg, n in sorted(rows):
-        what = ", ".join(v for bit, v in VARIANT_BITS.items() if variant & bit) or "shipped"
+        unroll, variant = int(m.group(1)), int(m.group(2))
+        n = hot_path(ins, unroll) if not variant & BITS["kProbe"] else None
+        rows.append((variant, unroll, regs.get(name, "?"), n))
+    print("| variant | unroll | registers | instructions per group |")
+    print("|---|---:|---:|---:|")
+    for variant, unroll, reg, n in sorted(rows):
+        what = ", ".join(v for bit, v in VARIANT_BITS.items() if variant & bit) or "generic"
         per = f"{n / unroll:.0f}" if n else "-"
-        print(f"| {what} | {unroll} | {cap or '-'} | {reg} | {per} |")
+        print(f"| {what} | {unroll} | {reg} | {per} |")
 
 
 if __name__ == "__main__":

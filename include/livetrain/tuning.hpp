@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace livetrain::tuning {
@@ -33,11 +34,9 @@ enum Knob : int {
   kApolloUpdateUnroll,        // groups of 8 elements per thread and iteration of the update (loads in flight)
   kApolloFusedStep,  // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between
                      // stages
-  kApolloUpdateRounds,  // Philox rounds of the APOLLO update's stochastic-rounding offsets, CPU and CUDA (10 or 7:
-                        // 7 changes the rounded bits, not their distribution)
-  kApolloUpdateCache,   // cache hints of the batched bf16 update's loads and stores (0 none, 1 .cs, 2 L1::no_allocate)
+  kApolloUpdateRounds,      // Philox rounds of the APOLLO update's stochastic-rounding offsets, CPU and CUDA (10 or 7:
+                            // 7 changes the rounded bits, not their distribution)
   kApolloUpdateLoadsFirst,  // 1: the batched bf16 update at unroll 1 issues a group's loads before its rounding bits
-  kApolloUpdateMaxRegs,     // register cap of the batched bf16 update (0: the compiler's choice; 48, 40, 32)
   kApolloUpdateProbe,       // 1: the batched bf16 update writes W + G bitwise, no step math: a bandwidth probe only
   kApolloUpdateMini,        // 1: batches of APOLLO-Mini steps (bf16) update in a kernel compiled for Mini's choices
   kApolloUpdateResident,    // at most this many blocks of the batched update per multiprocessor (0: no limit)
@@ -72,5 +71,11 @@ void set(std::string_view name, int64_t value);
 // Every knob back to its default (the environment is not read again).
 void reset();
 std::vector<KnobInfo> list();
+
+// One setting of the knobs that choose the batched APOLLO update's kernel (apollo.update_unroll, _loads_first,
+// _probe, _rounds, _mini, _fast_round) per distinct pair of kernels it launches (for a batch of APOLLO-Mini steps,
+// for any other batch), simplest first: from the table of compiled kernels that the CUDA dispatcher uses, so
+// that tests cover every kernel and name none that is missing. Settings not listed are refused by a step.
+std::vector<std::vector<std::pair<std::string, int64_t>>> apollo_update_variants();
 
 }  // namespace livetrain::tuning

@@ -6,8 +6,11 @@
 #include <atomic>
 #include <charconv>
 #include <cstdlib>
+#include <set>
+#include <tuple>
 
 #include "livetrain/error.hpp"
+#include "optim/apollo_update.hpp"
 
 namespace livetrain::tuning {
 
@@ -24,7 +27,8 @@ struct Spec {
 // Defaults are what ships, the best of the first H200 sweep (docs/tuning.md): for APOLLO split projections
 // with two loads in flight (bit-identical to the H100-tuned shapes before them), for the checkpoint the
 // pipelined one-pass diff with digests (byte-identical files; the only setting under 0.1 s per 10 GB after
-// no change).
+// no change); for the APOLLO update the best of the H200 update probe (docs/tuning.md, Phase 4): APOLLO-Mini's
+// kernel for Mini's batches, 128 threads per block (bit-identical).
 const std::array<Spec, kNumKnobs>& specs() {
   static const std::array<Spec, kNumKnobs> s = {{
       {"apollo.batch", 64, {}, 1, 64, "rank-1 matrices per batched launch"},
@@ -51,7 +55,7 @@ const std::array<Spec, kNumKnobs>& specs() {
        "target blocks per wide matrix (chunks x strips; chunks stay within the workspace's)"},
       {"apollo.wide_loads", 2, {2, 4, 8}, 0, 0, "rows in flight per thread, wide projection"},
       {"apollo.moments_blocks_per_sm", 4, {}, 1, 32, "moments grid cap per multiprocessor"},
-      {"apollo.update_threads", 256, {128, 256, 512}, 0, 0, "threads per block, update"},
+      {"apollo.update_threads", 128, {128, 256, 512}, 0, 0, "threads per block, update"},
       {"apollo.update_blocks_per_sm", 16, {}, 1, 64, "update grid cap per matrix and multiprocessor"},
       {"apollo.update_unroll", 1, {1, 2, 4}, 0, 0, "groups of 8 elements per thread and iteration, update"},
       {"apollo.fused_step",
@@ -68,26 +72,12 @@ const std::array<Spec, kNumKnobs>& specs() {
        "Philox rounds of the APOLLO update's stochastic-rounding offsets on CPU and CUDA alike (7: other bits, the "
        "same "
        "distribution)"},
-      {"apollo.update_cache",
-       0,
-       {0, 1, 2},
-       0,
-       0,
-       "batched update of bf16 weights and gradients: 0 plain loads and stores, 1 ld/st.global.cs (evict first), "
-       "2 L1::no_allocate (gradient through the non-coherent path)"},
       {"apollo.update_loads_first",
        0,
        {0, 1},
        0,
        0,
        "batched update of bf16 weights and gradients at unroll 1: 1 issues a group's loads before its rounding bits"},
-      {"apollo.update_max_regs",
-       0,
-       {0, 48, 40, 32},
-       0,
-       0,
-       "batched update of bf16 weights and gradients: register cap (0 the compiler's choice; a cap needs "
-       "apollo.update_threads <= 256)"},
       {"apollo.update_probe",
        0,
        {0, 1},
@@ -96,12 +86,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        "1: the batched update of bf16 weights and gradients writes W + G bitwise instead of the step: a bandwidth "
        "probe for bench/optim.py --probe, the weights are garbage"},
       {"apollo.update_mini",
-       0,
+       1,
        {0, 1},
        0,
        0,
        "1: a batch of APOLLO-Mini steps of bf16 weights and gradients updates in a kernel with Mini's choices (tensor "
-       "scaling, stochastic rounding, whole tensors) compiled in (same bits)"},
+       "scaling, stochastic rounding, whole tensors) compiled in, at unroll 1 (same bits); other batches, and 0: the "
+       "generic kernel"},
       {"apollo.update_resident",
        0,
        {0, 2, 3, 4, 5, 6, 8},
@@ -247,6 +238,31 @@ std::vector<KnobInfo> list() {
     const Spec& s = specs()[k];
     out.push_back(KnobInfo{s.name, get(static_cast<Knob>(k)), s.def, s.choices, s.min, s.max, s.help});
   }
+  return out;
+}
+
+std::vector<std::vector<std::pair<std::string, int64_t>>> apollo_update_variants() {
+  using optim::detail::UpdateKnobs;
+  std::vector<std::vector<std::pair<std::string, int64_t>>> out;
+  std::set<std::tuple<int, int, int>> seen;
+  for (int unroll : optim::detail::kUpdateUnrolls)
+    for (int probe = 0; probe < 2; ++probe)
+      for (int rounds : {10, 7})
+        for (int mini = 1; mini >= 0; --mini)
+          for (int loads_first = 0; loads_first < 2; ++loads_first)
+            for (int fast = 0; fast < 2; ++fast) {
+              const UpdateKnobs k{unroll, loads_first == 1, probe == 1, rounds, mini == 1, fast == 1};
+              if (!optim::detail::update_knobs_compiled(k)) continue;
+              const int a = optim::detail::update_variant_bits(k, true),
+                        b = optim::detail::update_variant_bits(k, false);
+              if (!seen.insert({unroll, a, b}).second) continue;
+              out.push_back({{"apollo.update_unroll", unroll},
+                             {"apollo.update_loads_first", loads_first},
+                             {"apollo.update_probe", probe},
+                             {"apollo.update_rounds", rounds},
+                             {"apollo.update_mini", mini},
+                             {"apollo.update_fast_round", fast}});
+            }
   return out;
 }
 

@@ -36,6 +36,7 @@
 #include "cuda/owned.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/tuning.hpp"
+#include "optim/apollo_update.hpp"
 #include "optim/common.hpp"
 #include "optim/workspace.hpp"
 
@@ -272,58 +273,6 @@ __device__ void gen_body(const Item& it, int block, int nblocks) {
   }
 }
 
-// ---- variants of the update (tuning knobs apollo.update_*, docs/tuning.md): bits of one template argument ----
-constexpr int kCacheStreaming = 1;   // apollo.update_cache 1: ld.global.cs / st.global.cs (evict first, L1 and L2)
-constexpr int kCacheNoAllocate = 2;  // apollo.update_cache 2: L1::no_allocate; G through the non-coherent path
-constexpr int kCacheMask = 3;
-constexpr int kLoadsFirst = 4;    // apollo.update_loads_first: at unroll 1, the loads before the rounding bits
-constexpr int kProbe = 8;         // apollo.update_probe: W ← W + G bitwise, no step (a bandwidth probe)
-constexpr int kSevenRounds = 16;  // apollo.update_rounds 7: Philox4x32-7 rounding offsets (other bits)
-constexpr int kMini = 32;       // apollo.update_mini: APOLLO-Mini's choices (tensor scaling, stochastic rounding, whole
-                                // tensors) compiled in; the host picks it for batches of such steps only
-constexpr int kFastRound = 64;  // apollo.update_fast_round (with kMini): a group's stochastic rounding without the
-                                // per-element guards unless one of its 8 values needs them
-constexpr int kNumVariants = 128;
-
-// A 16-byte load of G (kGrad) or W under a cache variant. G is read-only during the update; W is read, then
-// written by the same thread.
-template <int kCache, bool kGrad>
-__device__ __forceinline__ uint4 ld16(const void* p) {
-  const uint4* q = static_cast<const uint4*>(p);
-  if constexpr (kCache == kCacheStreaming) {
-    return __ldcs(q);
-  } else if constexpr (kCache == kCacheNoAllocate) {
-    // Not volatile, no memory clobber: the compiler may schedule them freely. The only store to the address
-    // of a W load is the one that uses its value, so no reordering can make it read a written value.
-    uint4 u;
-    if constexpr (kGrad) {
-      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-          : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-          : "l"(q));
-    } else {
-      asm("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-          : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-          : "l"(q));
-    }
-    return u;
-  } else {
-    return *q;
-  }
-}
-
-template <int kCache>
-__device__ __forceinline__ void st16(void* p, uint4 u) {
-  uint4* q = static_cast<uint4*>(p);
-  if constexpr (kCache == kCacheStreaming) {
-    __stcs(q, u);
-  } else if constexpr (kCache == kCacheNoAllocate) {
-    asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(q), "r"(u.x), "r"(u.y), "r"(u.z),
-                 "r"(u.w));
-  } else {
-    *q = u;
-  }
-}
-
 // ---- stage 2, rank 1 ----
 // Sixteen bytes of G as loaded (8 bf16 or 4 fp32 values per word): kept packed until used, so that many
 // loads can be in flight without holding 8 floats each.
@@ -334,12 +283,6 @@ struct Raw {
   __device__ __forceinline__ void load(const TG* p) {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
-  }
-  // The update's loads, under a cache variant (ld16).
-  template <int kCache, bool kGrad>
-  __device__ __forceinline__ void load_as(const TG* p) {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) w[i] = ld16<kCache, kGrad>(reinterpret_cast<const uint4*>(p) + i);
   }
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -601,16 +544,14 @@ __device__ __forceinline__ float to_weight(float nw, float old, float, Rounding,
   return nw;
 }
 
-template <int kCache = 0>
 __device__ __forceinline__ void st8(uint16_t* p, const uint16_t (&v)[8]) {
   uint4 u;
   u.x = v[0] | (static_cast<uint32_t>(v[1]) << 16);
   u.y = v[2] | (static_cast<uint32_t>(v[3]) << 16);
   u.z = v[4] | (static_cast<uint32_t>(v[5]) << 16);
   u.w = v[6] | (static_cast<uint32_t>(v[7]) << 16);
-  st16<kCache>(p, u);
+  *reinterpret_cast<uint4*>(p) = u;
 }
-template <int kCache = 0>
 __device__ __forceinline__ void st8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
@@ -631,12 +572,11 @@ __device__ __forceinline__ float updated(float w, float base, float sc, float g,
 // ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
 // Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
 // loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
-// result does not depend on kUnroll, the grid or kVariant's cache hints, loads-first order and register cap;
+// result does not depend on kUnroll, the grid, the block size or kVariant's loads-first order and Mini kernel;
 // kSevenRounds changes the rounding offsets (as the CPU step does under the same knob), kProbe the whole
 // result (a bandwidth probe). ----
 template <typename TW, typename TG, int kUnroll, int kVariant = 0, bool kIncremental = true>
 __device__ void update_body(const Item& it, int block, int nblocks) {
-  constexpr int kCache = kVariant & kCacheMask;
   constexpr bool kPrefetch = kUnroll > 1 || (kVariant & kLoadsFirst);
   constexpr bool kProbeOnly = (kVariant & kProbe) != 0;
   constexpr int kRounds = (kVariant & kSevenRounds) ? 7 : 10;
@@ -698,8 +638,8 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         const int64_t gi = g0 + u * stride;
         const int64_t i = row[u], j0 = in_row[u] * 8;
         if (gi < groups && it.wvec && j0 + 8 <= cols) {
-          gr[u].template load_as<kCache, true>(G + i * cols + j0);
-          wr[u].template load_as<kCache, false>(W + i * it.ldw + j0);
+          gr[u].load(G + i * cols + j0);
+          wr[u].load(W + i * it.ldw + j0);
         }
       }
     }
@@ -741,11 +681,6 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         float gv[8], wv[8];
         TW out[8];
         if constexpr (kPrefetch) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
-        } else if constexpr (kCache != 0) {
-          gr[u].template load_as<kCache, true>(g);
-          wr[u].template load_as<kCache, false>(w);
 #pragma unroll
           for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
         } else {
@@ -793,7 +728,7 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
         } else {
           apply(std::true_type{}, offset);
         }
-        st8<kCache>(w, out);
+        st8(w, out);
       } else {
         for (int e = 0; e < 8 && j0 + e < cols; ++e) {
           float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
@@ -956,18 +891,6 @@ __global__ void __launch_bounds__(kMaxVariantThreads) update_many_kernel(const _
   update_body<TW, TG, kUnroll, kVariant>(b.items[i], local, b.items[i].upd_blocks);
 }
 
-// apollo.update_max_regs: the batched update under a register cap (kMaxRegs 48, 40, 32: 5, 6, 8 resident blocks of
-// 256 threads, 40-64 warps per SM; the uncapped kernel has 64 registers, 32 warps). A kernel of its own: naming
-// a minimum of 1 block in update_many_kernel's launch bounds moved ptxas from 64 registers to 90.
-constexpr int update_min_blocks(int max_regs) { return max_regs == 48 ? 5 : max_regs == 40 ? 6 : 8; }
-
-template <typename TW, typename TG, int kUnroll, int kVariant, int kMaxRegs>
-__global__ void __launch_bounds__(256, update_min_blocks(kMaxRegs))
-    update_many_capped_kernel(const __grid_constant__ Batch b) {
-  int local, i = find_item(b, kUpdate, blockIdx.x, &local);
-  update_body<TW, TG, kUnroll, kVariant>(b.items[i], local, b.items[i].upd_blocks);
-}
-
 int sm_count() {
   static int n = [] {
     int dev = 0, count = 0;
@@ -1002,7 +925,7 @@ int resident_limit_smem(const void* kernel, int blocks) {
 struct Shape {
   int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
       update_unroll, batch, streams;
-  int update_rounds, update_cache, update_max_regs, update_resident;  // apollo.update_*: variants of the update
+  int update_rounds, update_resident;  // apollo.update_*: variants of the update
   bool update_loads_first, update_probe, update_mini, update_fast_round;
   bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
   bool fused;  // a single rank-1 step as one cooperative kernel (apollo.fused_step)
@@ -1020,8 +943,6 @@ struct Shape {
             static_cast<int>(get(tuning::kApolloBatch)),
             static_cast<int>(get(tuning::kApolloStreams)),
             static_cast<int>(get(tuning::kApolloUpdateRounds)),
-            static_cast<int>(get(tuning::kApolloUpdateCache)),
-            static_cast<int>(get(tuning::kApolloUpdateMaxRegs)),
             static_cast<int>(get(tuning::kApolloUpdateResident)),
             get(tuning::kApolloUpdateLoadsFirst) == 1,
             get(tuning::kApolloUpdateProbe) == 1,
@@ -1082,78 +1003,50 @@ void rounds_variant(const Shape& shape, F&& f) {
   f(Int<0>{});
 }
 
-// The compiled variants of the batched update of bf16 weights and gradients (update_many_kernel's kUnroll and
-// kVariant, update_many_capped_kernel's kMaxRegs): unroll 1 × every cache hint × loads first or not, unroll 2 × every
-// cache hint, unroll 4 without hints; each with 10 or 7 rounds and generic or APOLLO-Mini's; the register caps at
-// unroll 1 without cache hints; the probe alone (unroll 1, loads first, nothing else).
-constexpr bool update_compiled(int unroll, int v, int max_regs) {
-  const int cache = v & kCacheMask;
-  if (cache == 3) return false;
-  if (v & kProbe) return unroll == 1 && max_regs == 0 && v == (kProbe | kLoadsFirst);
-  if ((v & kLoadsFirst) && unroll != 1) return false;
-  if (max_regs != 0 && (unroll != 1 || cache != 0)) return false;
-  if (unroll == 4 && cache != 0) return false;
-  if ((v & kFastRound) && !(v & kMini)) return false;
-  return true;
-}
-constexpr int kUnrolls[] = {1, 2, 4};
-constexpr int kMaxRegsChoices[] = {0, 48, 40, 32};
-
+// f(Int<unroll>, Int<variant>) for one compiled variant of the batched update of bf16 weights and gradients
+// (update_many_kernel's kUnroll and kVariant; apollo_update.hpp: update_compiled says which exist).
 template <typename TW, typename TG, size_t I, typename F>
-bool try_update_variant(int unroll, int v, int max_regs, F& f) {
-  constexpr int kU = kUnrolls[I / (kNumVariants * 4)], kV = static_cast<int>(I / 4 % kNumVariants),
-                kG = kMaxRegsChoices[I % 4];
-  if constexpr (!update_compiled(kU, kV, kG)) {
+bool try_update_variant(int unroll, int v, F& f) {
+  constexpr int kU = kUpdateUnrolls[I / kNumUpdateVariants], kV = static_cast<int>(I % kNumUpdateVariants);
+  if constexpr (!update_compiled(kU, kV)) {
     return false;
   } else {
-    if (unroll != kU || v != kV || max_regs != kG) return false;
-    f(Int<kU>{}, Int<kV>{}, Int<kG>{});
+    if (unroll != kU || v != kV) return false;
+    f(Int<kU>{}, Int<kV>{});
     return true;
   }
 }
 
 template <typename TW, typename TG, typename F, size_t... I>
-bool update_variant_table(int unroll, int v, int max_regs, F& f, std::index_sequence<I...>) {
-  return (try_update_variant<TW, TG, I>(unroll, v, max_regs, f) || ...);
+bool update_variant_table(int unroll, int v, F& f, std::index_sequence<I...>) {
+  return (try_update_variant<TW, TG, I>(unroll, v, f) || ...);
 }
 
-// The batched update's variant bits from the knobs; `mini`: every step of the batch is APOLLO-Mini's (tensor
-// scaling, stochastic rounding), so apollo.update_mini may take its kernel.
-int update_variant_bits(const Shape& shape, bool mini) {
-  return shape.update_cache | (shape.update_loads_first ? kLoadsFirst : 0) |
-         (shape.update_probe ? kProbe | kLoadsFirst : 0) | (shape.update_rounds == 7 ? kSevenRounds : 0) |
-         (shape.update_mini && mini && !shape.update_probe ? kMini | (shape.update_fast_round ? kFastRound : 0) : 0);
+UpdateKnobs update_knobs(const Shape& shape) {
+  return UpdateKnobs{shape.update_unroll, shape.update_loads_first, shape.update_probe,
+                     shape.update_rounds, shape.update_mini,        shape.update_fast_round};
 }
 
 // Refuses a combination of apollo.update_* knobs that is not compiled, before any stage of a step is launched.
 void check_update_variant(const Shape& shape) {
-  const int v = update_variant_bits(shape, true);
-  if (update_compiled(shape.update_unroll, v, shape.update_max_regs) &&
-      update_compiled(shape.update_unroll, v & ~(kMini | kFastRound), shape.update_max_regs) &&
-      (shape.update_max_regs == 0 || shape.update_threads <= 256))
-    return;
+  if (update_knobs_compiled(update_knobs(shape))) return;
   throw Error(ErrorCode::kInvalidArg,
-              "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_cache " +
-                  std::to_string(shape.update_cache) + ", update_loads_first " +
-                  std::to_string(shape.update_loads_first) + ", update_max_regs " +
-                  std::to_string(shape.update_max_regs) + ", update_threads " + std::to_string(shape.update_threads) +
-                  ", update_probe " + std::to_string(shape.update_probe) +
-                  " is not a compiled variant of the APOLLO update (loads first and register caps at unroll 1; caps "
-                  "without cache hints and with at most 256 threads; unroll 4 without cache hints; the probe alone)");
+              "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_loads_first " +
+                  std::to_string(shape.update_loads_first) + ", update_probe " + std::to_string(shape.update_probe) +
+                  " is not a compiled variant of the APOLLO update (loads first and the probe at unroll 1)");
 }
 
-// f(Int<unroll>, Int<variant>, Int<max_regs>) for the batched update, from the knobs (check_update_variant
-// first). Other dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
+// f(Int<unroll>, Int<variant>) for the batched update, from the knobs (check_update_variant first). Other
+// dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
 template <typename TW, typename TG, typename F>
 void update_many_variant(const Shape& shape, bool mini, F&& f) {
   if constexpr (!(std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>)) {
-    unroll_variant(shape.update_unroll,
-                   [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v, Int<0>{}); }); });
+    unroll_variant(shape.update_unroll, [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v); }); });
   } else {
     check_update_variant(shape);
     // The table holds every combination update_compiled accepts, so a checked one always launches.
-    if (!update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(shape, mini), shape.update_max_regs, f,
-                                      std::make_index_sequence<3 * kNumVariants * 4>{}))
+    if (!update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(update_knobs(shape), mini), f,
+                                      std::make_index_sequence<3 * kNumUpdateVariants>{}))
       throw Error(ErrorCode::kUnsupported, "optimizer step: the APOLLO update variant has no kernel (a livetrain bug)");
   }
 }
@@ -1345,11 +1238,8 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   bool mini = true;  // apollo.update_mini's kernel compiles APOLLO-Mini's choices in
   for (int i = 0; i < n; ++i)
     mini = mini && b.items[i].h.scaling == Scaling::kTensor && b.items[i].h.rounding == Rounding::kStochastic;
-  update_many_variant<TW, TG>(shape, mini, [&](auto unroll, auto variant, auto regs) {
-    auto kernel = [&] {
-      if constexpr (regs() == 0) return update_many_kernel<TW, TG, unroll(), variant()>;
-      else return update_many_capped_kernel<TW, TG, unroll(), variant(), regs()>;
-    }();
+  update_many_variant<TW, TG>(shape, mini, [&](auto unroll, auto variant) {
+    auto kernel = update_many_kernel<TW, TG, unroll(), variant()>;
     const int smem = resident_limit_smem(reinterpret_cast<const void*>(kernel), shape.update_resident);
     kernel<<<u, shape.update_threads, smem, stream>>>(b);
   });
@@ -1484,7 +1374,14 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
                                             std::to_string(apollo_many_workspace_bytes(steps, n)) + " bytes, got " +
                                             std::to_string(workspace_bytes));
   }
-  for (int i = 0; i < n; ++i) validate(steps[i]);
+  for (int i = 0; i < n; ++i) {
+    validate(steps[i]);
+    // The batched kernels step whole tensors (their items are not in phases): a shard would be stepped as if
+    // it were the whole tensor, with the wrong projection, norms and rounding offsets.
+    if (steps[i].shard.dim >= 0)
+      throw Error(ErrorCode::kInvalidArg, "optimizer step: step " + std::to_string(i) +
+                                              " is a shard of a tensor, which steps in phases (apollo_phase_cuda)");
+  }
   // Each step's slice is a whole number of 256-byte regions from here (optim/workspace.hpp), so this
   // keeps every slice's 16-byte vector loads of P aligned.
   if (n && !aligned16(workspace))

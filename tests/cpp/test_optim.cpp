@@ -181,6 +181,20 @@ TEST(Optim, RejectsBadArguments) {
   } catch (const livetrain::Error& e) {
     EXPECT_NE(std::string(e.what()).find("workspace is not 16-byte aligned"), std::string::npos) << e.what();
   }
+  // A shard in the batched step, whose kernels (the generic and APOLLO-Mini's) step whole tensors: refused
+  // before any launch (it stepped as if whole before); a shard steps in phases.
+  opt::ApolloStep sh = s;
+  sh.shard.dim = 0;
+  sh.shard.full = 6;
+  sh.shard.segments = 1;
+  sh.shard.segment[0] = {3, 3};
+  try {
+    opt::apollo_step_many_cuda(&sh, 1, ws, opt::apollo_many_workspace_bytes(&sh, 1), nullptr);
+    ADD_FAILURE() << "a shard accepted by the batched step";
+  } catch (const livetrain::Error& e) {
+    EXPECT_EQ(e.code(), livetrain::ErrorCode::kInvalidArg);
+    EXPECT_NE(std::string(e.what()).find("step 0 is a shard of a tensor"), std::string::npos) << e.what();
+  }
 #endif
 }
 

@@ -17,6 +17,7 @@
 #include "livetrain/error.hpp"
 #include "livetrain/optim.hpp"
 #include "livetrain/tuning.hpp"
+#include "optim/apollo_update.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -79,6 +80,73 @@ TEST(Tuning, BadNamesAndValuesAreClearErrors) {
   EXPECT_NE(e.find("unknown knob \"apollo.no_such_knob\""), std::string::npos) << e;
   EXPECT_NE(e.find("apollo.batch"), std::string::npos) << "lists the knobs: " << e;
   EXPECT_EQ(tuning::get(tuning::kApolloTallRows), 2) << "a refused value changes nothing";
+}
+
+// Which kernel the batched bf16 update launches (optim/apollo_update.hpp, the dispatcher's table): Mini's kernel
+// only for a batch of APOLLO-Mini steps at unroll 1; every other batch, and every other unroll, the generic one.
+TEST(Tuning, ApolloUpdateKernelChoice) {
+  namespace d = livetrain::optim::detail;
+  Knobs k;
+  const d::UpdateKnobs shipped{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
+                               tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
+                               tuning::get(tuning::kApolloUpdateProbe) == 1,
+                               static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
+                               tuning::get(tuning::kApolloUpdateMini) == 1,
+                               tuning::get(tuning::kApolloUpdateFastRound) == 1};
+  EXPECT_TRUE(d::update_knobs_compiled(shipped));
+  EXPECT_EQ(d::update_variant_bits(shipped, true), d::kMini) << "the default: Mini's kernel for Mini's batches";
+  EXPECT_EQ(d::update_variant_bits(shipped, false), 0) << "the generic kernel for any other batch";
+  d::UpdateKnobs u = shipped;
+  u.unroll = 2;
+  EXPECT_TRUE(d::update_knobs_compiled(u)) << "update_unroll 2 falls back to the generic kernel";
+  EXPECT_EQ(d::update_variant_bits(u, true), 0);
+  u.loads_first = true;
+  EXPECT_FALSE(d::update_knobs_compiled(u)) << "loads first only at unroll 1";
+  d::UpdateKnobs f = shipped;
+  f.fast_round = true;
+  f.rounds = 7;
+  EXPECT_EQ(d::update_variant_bits(f, true), d::kMini | d::kFastRound | d::kSevenRounds);
+  EXPECT_EQ(d::update_variant_bits(f, false), d::kSevenRounds) << "no fast rounding outside Mini's kernel";
+  f.mini = false;
+  EXPECT_EQ(d::update_variant_bits(f, true), d::kSevenRounds);
+  d::UpdateKnobs p = shipped;
+  p.probe = true;
+  EXPECT_EQ(d::update_variant_bits(p, true), d::kProbe | d::kLoadsFirst);
+  p.unroll = 4;
+  EXPECT_FALSE(d::update_knobs_compiled(p));
+
+  // The list the Python tests take their variants from: each setting compiled and a step accepts it, the probe
+  // once, Mini's kernel only at unroll 1, and every compiled (unroll, bits) reached by some setting.
+  const auto variants = tuning::apollo_update_variants();
+  int probes = 0;
+  bool reached[3][d::kNumUpdateVariants] = {};
+  for (const auto& setting : variants) {
+    Knobs set(setting);
+    const d::UpdateKnobs v{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
+                           tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
+                           tuning::get(tuning::kApolloUpdateProbe) == 1,
+                           static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
+                           tuning::get(tuning::kApolloUpdateMini) == 1,
+                           tuning::get(tuning::kApolloUpdateFastRound) == 1};
+    ASSERT_TRUE(d::update_knobs_compiled(v));
+    probes += v.probe;
+    const int ui = v.unroll == 1 ? 0 : v.unroll == 2 ? 1 : 2;
+    reached[ui][d::update_variant_bits(v, true)] = reached[ui][d::update_variant_bits(v, false)] = true;
+    if (v.unroll != 1) {
+      EXPECT_EQ(d::update_variant_bits(v, true) & d::kMini, 0);
+    }
+  }
+  EXPECT_EQ(probes, 1);
+  int compiled = 0;
+  for (int ui = 0; ui < 3; ++ui) {
+    for (int bits = 0; bits < d::kNumUpdateVariants; ++bits) {
+      if (!d::update_compiled(d::kUpdateUnrolls[ui], bits)) continue;
+      ++compiled;
+      EXPECT_TRUE(reached[ui][bits]) << "unroll " << d::kUpdateUnrolls[ui] << ", bits " << bits;
+    }
+  }
+  EXPECT_EQ(compiled, 17) << "unroll 1: 2 loads orders x 2 round counts x (generic, Mini, Mini fast) + the probe; "
+                             "unroll 2 and 4: generic x 2 round counts";
 }
 
 // LIVETRAIN_TUNING is read once per process, on first use: each case runs in a fresh process (a death test
@@ -391,12 +459,12 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
       {{"apollo.batch", 7}},
       {{"apollo.streams", 2}},
       {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_unroll", 4}, {"apollo.update_threads", 512}},
-      // Variants of the batched bf16 update (cache hints, loads first, register caps).
-      {{"apollo.update_cache", 1}},
-      {{"apollo.update_cache", 2}, {"apollo.update_unroll", 2}},
+      // Variants of the batched bf16 update (the generic kernel, loads first, Mini's kernel's short rounding).
+      {{"apollo.update_mini", 0}},
+      {{"apollo.update_mini", 0}, {"apollo.update_threads", 256}},
       {{"apollo.update_loads_first", 1}},
-      {{"apollo.update_max_regs", 40}, {"apollo.update_loads_first", 1}},
-      {{"apollo.update_max_regs", 32}, {"apollo.update_threads", 128}},
+      {{"apollo.update_loads_first", 1}, {"apollo.update_mini", 0}},
+      {{"apollo.update_fast_round", 1}},
   };
   for (const Settings& s : bit_identical) {
     Knobs k(s);
@@ -407,7 +475,7 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
   Knobs k({{"apollo.tall_rows", 4}, {"apollo.tall_loads", 8}});
   std::string e = error_of([&] { run_cuda(ms, 1, false); });
   EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
-  Knobs k2({{"apollo.update_max_regs", 40}, {"apollo.update_unroll", 2}});
+  Knobs k2({{"apollo.update_loads_first", 1}, {"apollo.update_unroll", 2}});
   e = error_of([&] { run_cuda(ms, 1, false); });
   EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
 }

@@ -684,49 +684,51 @@ def _mini_set():
     return params, grads
 
 
-# Variants of the batched update that must not change a bit (docs/tuning.md: apollo.update_*).
-SAME_BITS_VARIANTS = [
-    {"apollo.update_cache": 1},
-    {"apollo.update_cache": 2},
-    {"apollo.update_loads_first": 1},
-    {"apollo.update_loads_first": 1, "apollo.update_cache": 1},
-    {"apollo.update_unroll": 2, "apollo.update_cache": 1},
-    {"apollo.update_unroll": 4, "apollo.update_cache": 2},
-    {"apollo.update_max_regs": 48},
-    {"apollo.update_max_regs": 40},
-    {"apollo.update_max_regs": 32},
-    {"apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
-    {"apollo.update_max_regs": 32, "apollo.update_threads": 128},
-    {"apollo.update_mini": 1},
-    {"apollo.update_mini": 1, "apollo.update_loads_first": 1, "apollo.update_cache": 2},
-    {"apollo.update_mini": 1, "apollo.update_unroll": 2, "apollo.update_cache": 1},
-    {"apollo.update_mini": 1, "apollo.update_unroll": 4},
-    {"apollo.update_mini": 1, "apollo.update_max_regs": 32},
-    {"apollo.update_mini": 1, "apollo.update_max_regs": 40, "apollo.update_loads_first": 1},
+# Variants of the batched update that must not change a bit (docs/tuning.md: apollo.update_*): one setting per
+# compiled kernel, from the table the CUDA dispatcher launches from (so none can name a missing kernel), then
+# launch shapes. Each is compared with the generic kernel at 256 threads per block and the same Philox rounds.
+GENERIC_UPDATE = {"apollo.update_mini": 0, "apollo.update_threads": 256}
+SAME_BITS_VARIANTS = [v for v in _core.apollo_update_variants() if not v["apollo.update_probe"]] + [
+    {"apollo.update_threads": 256},
+    {"apollo.update_threads": 512},
     {"apollo.update_resident": 4},
-    {"apollo.update_mini": 1, "apollo.update_resident": 2},
-    {"apollo.update_mini": 1, "apollo.update_fast_round": 1},
-    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_loads_first": 1},
-    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_unroll": 2, "apollo.update_cache": 1},
-    {"apollo.update_mini": 1, "apollo.update_fast_round": 1, "apollo.update_max_regs": 32},
+    {"apollo.update_mini": 0, "apollo.update_resident": 4},
+    {"apollo.update_resident": 2, "apollo.update_threads": 256},
 ]
 
 
+def _variant_id(v):
+    return ",".join(f"{k.removeprefix('apollo.update_')}={x}" for k, x in v.items())
+
+
+def test_update_variants_are_listed_from_the_compiled_table():
+    # The list the GPU tests run: the shipped setting among them, the probe once, Mini's kernel at unroll 1 only.
+    variants = _core.apollo_update_variants()
+    knobs = _core.tuning()
+    shipped = {name: knobs[name]["default"] for name in variants[0]}
+    assert shipped in variants
+    assert sum(v["apollo.update_probe"] for v in variants) == 1
+    assert {v["apollo.update_unroll"] for v in variants} == set(knobs["apollo.update_unroll"]["choices"])
+    for unroll in (2, 4):  # the generic kernel alone: one setting per Philox round count, whatever update_mini says
+        assert sorted(v["apollo.update_rounds"] for v in variants if v["apollo.update_unroll"] == unroll) == [7, 10]
+    assert any(v["apollo.update_fast_round"] and v["apollo.update_mini"] for v in variants)
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("variant", SAME_BITS_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("variant", SAME_BITS_VARIANTS, ids=_variant_id)
 def test_cuda_update_variants_write_the_shipped_bits(variant):
-    # The cache hints, the loads-first order, the register caps: the weights of the shipped batched update
-    # (pinned against the CPU step by test_cuda_update_is_the_cpu_update_bit_for_bit and the batched step
-    # against the one-by-one step), bit for bit, stochastic and nearest rounding; under 7 rounds too.
+    # Every kernel and launch shape of the batched update writes the generic kernel's weights (pinned against the
+    # CPU step by test_cuda_update_is_the_cpu_update_bit_for_bit, the batched step against the one-by-one step),
+    # bit for bit, stochastic and nearest rounding (where Mini's kernel does not apply).
     params, grads = _mini_set()
-    for rounds in (10, 7):
-        for rounding in ("stochastic", "nearest"):
-            with knobs({"apollo.update_rounds": rounds}):
-                shipped = _mini_steps(params, grads, rounding=rounding)
-            with knobs({"apollo.update_rounds": rounds, **variant}):
-                got = _mini_steps(params, grads, rounding=rounding)
-            for i, (a, b) in enumerate(zip(got, shipped)):
-                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (rounds, rounding, i)
+    rounds = {"apollo.update_rounds": variant.get("apollo.update_rounds", 10)}
+    for rounding in ("stochastic", "nearest"):
+        with knobs({**GENERIC_UPDATE, **rounds}):
+            generic = _mini_steps(params, grads, rounding=rounding)
+        with knobs(variant):
+            got = _mini_steps(params, grads, rounding=rounding)
+        for i, (a, b) in enumerate(zip(got, generic)):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (rounding, i)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -816,9 +818,8 @@ def test_cuda_update_variant_not_compiled_is_an_error():
     # Refused before any stage is launched: no step counter advanced, no weight written.
     params, grads = _mini_set()
     for settings in (
-        {"apollo.update_max_regs": 40, "apollo.update_unroll": 2},
-        {"apollo.update_max_regs": 32, "apollo.update_threads": 512},
-        {"apollo.update_probe": 1, "apollo.update_cache": 1},
+        {"apollo.update_loads_first": 1, "apollo.update_unroll": 2},
+        {"apollo.update_probe": 1, "apollo.update_unroll": 4},
     ):
         ps = [_copy(p) for p in params]
         opt = ApolloMini(ps, lr=1e-2, seed=4)
