@@ -18,11 +18,12 @@
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (timeout $BENCH_SECONDS,
-#                                                default 480 s, then up to 40 s to stop the server; needs fastapi, uvicorn and prometheus_client:
-#                                                scripts/gpu_carry.sh install puts them in $SITE, default
-#                                                /tmp/site, which this script puts on PYTHONPATH), rows as
-#                                                they finish (learning.txt, learning.json), the server
-#                                                log's last 64 kB (learning-serve.log)
+#                                                default 500 s, then up to 35 s to stop the server; needs
+#                                                fastapi, uvicorn and prometheus_client: scripts/gpu_carry.sh
+#                                                install puts them in $SITE, default /tmp/site, which this
+#                                                script puts on PYTHONPATH), rows as they finish
+#                                                (learning.txt, learning.json), the server log's last 64 kB
+#                                                (learning-serve.log); ~7 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
@@ -93,10 +94,13 @@ bench)
   }
   log=$(mktemp /tmp/learning-serve.XXXXXX.log)
   status=0
-  # On timeout, SIGTERM: learning.py stops its server and keeps its rows; SIGKILL 40 s later if it has not.
-  timeout -k 40 "${BENCH_SECONDS:-480}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" \
-    --server-log "$log" 2>&1 | tee "$out/learning.txt" || status=$?
-  tail -c 65536 "$log" > "$out/learning-serve.log"
+  # --clients 1: every question alone, so that each answer is decoded in the same batch shape every time (bf16
+  # batched decoding is not bit-stable across batch shapes): the destructive case's "every answer as before"
+  # then says whether the weights came back, not how the engine's batches fell. ~15 s per 136 questions.
+  # On timeout, SIGTERM: learning.py stops its server and keeps its rows; SIGKILL 35 s later if it has not.
+  timeout -k 35 "${BENCH_SECONDS:-500}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" \
+    --server-log "$log" --prepared-timeout "${PREPARED_SECONDS:-150}" --clients 1 2>&1 | tee "$out/learning.txt" || status=$?
+  tail -c 65536 "$log" > "$out/learning-serve.log" && rm -f "$log"
   exit $status
   ;;
 *)
