@@ -11,12 +11,17 @@ rolls the weights back to where they started (POST /rollback to the first genera
   back, and the model must then give every answer it gave before, on weights equal bit for bit to the
   starting ones (read through the engine's shared-weights manifest).
 
-Prints one table row per case: trained-question recall (both phrasings), reworded recall, general answers
-kept (of those right before), steps, why the job stopped, the guard's measures on its held-out retention
-prompts (KL divergence from the starting model, answers kept) and whether it rolled back, the guard's own seconds, the job's seconds. bench/RESULTS.md records the runs.
+Before each guarded job it waits until the server's guard has made its measures of the live weights between
+jobs (``--guard-prepare idle``, the default), as on a server idle a while, and reports their seconds apart
+from the job's. Prints one table row per case as it ends: trained-question recall (both phrasings), reworded
+recall, general answers kept (of those right before), steps, why the job stopped, the guard's measures on
+its held-out retention prompts (KL divergence from the starting model, answers kept) and whether it rolled
+back, the guard's own seconds on the job's path, the job's seconds; ``--json`` is rewritten after each row,
+and SIGTERM stops the server and keeps what was measured. bench/RESULTS.md records the runs.
 
 usage: python bench/learning.py [--device cpu|cuda] [--dtype fp32|bf16] [--model default|DIR]
-           [--cases defaults,plain,destructive] [--facts N] [--json out.json] [--url URL]
+           [--cases defaults,plain,destructive] [--facts N] [--general M] [--clients 8] [--json out.json]
+           [--server-log FILE] [--url URL]
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class Server:
         except (RuntimeError, TimeoutError) as e:
             self.stop()
             raise SystemExit(f"learning: the server did not start ({e}); its log:\n{self.logtext()}") from None
+        except BaseException:  # SIGTERM (sys.exit) while it starts: not left running
+            self.stop()
+            raise
 
     def logtext(self) -> str:
         with open(self.log_path) as f:
