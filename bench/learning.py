@@ -21,7 +21,7 @@ and SIGTERM stops the server and keeps what was measured. bench/RESULTS.md recor
 
 usage: python bench/learning.py [--device cpu|cuda] [--dtype fp32|bf16] [--model default|DIR]
            [--cases defaults,plain,destructive] [--facts N] [--general M] [--clients 8] [--json out.json]
-           [--server-log FILE] [--url URL]
+           [--server-log FILE] [--serve-arg=ARG ...] [--url URL]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Server:
         cmd = [sys.executable, "-m", "livetrain.serve", "--model", a.model, "--dtype", a.dtype]
         cmd += ["--device", a.device, "--port", str(port), "--run-dir", run]
         cmd += ["--store", os.path.join(self.dir, "store"), "--state-dir", os.path.join(self.dir, "state")]
+        cmd += a.serve_arg
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")]))}
         self.log_path = a.server_log or os.path.join(self.dir, "serve.log")
         self.log = open(self.log_path, "w")
@@ -197,6 +198,13 @@ def main(argv=None) -> int:
         "--plain-steps", type=int, default=0, help="steps of the plain case (default: those the defaults case took)"
     )
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument of `livetrain serve` (repeat it; e.g. --serve-arg=--builtin-retention=all)",
+    )
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument(
         "--prepared-timeout",
