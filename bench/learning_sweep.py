@@ -219,7 +219,6 @@ GRIDS = {
             "max_steps": 400,
         },
         {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
-        {"name": "lr1e-4 anchor4 r8 similar", "lr": 1e-4, "anchor": 4.0, "replay": 8, "select": "similar"},
         {
             "name": "anchor4 r8 similar reword",
             "anchor": 4.0,
@@ -232,13 +231,14 @@ GRIDS = {
     ],
     # sweep4's rows that never ran (its call's timeout cut the fourth at step 139), and lr 1e-4: each differs
     # from the defaults (sweep4's first row: 300 steps, the budget; 32/32 trained, 17/32 reworded, 23/27
-    # general kept) in one setting. A stronger anchor (general kept); the model's own rewordings of the
-    # questions trained too (reworded recall; budget 400: twice the examples); lr 1e-4 (every default job
-    # ran out of its 300 steps with the worst example's loss at 0.17: a larger step reaches until_loss,
-    # and a fact learned more firmly may be recalled under other words too); the 80 prompts of before
-    # (whether the 313 replay-only ones are what kept 23 rather than 19). About 80-110 s a row on the H200.
+    # general kept) in one setting, in this order: a stronger anchor (general kept); lr 1e-4 (every default
+    # job ran out of its 300 steps with the worst example's loss at 0.17: a larger step reaches until_loss,
+    # and a fact learned more firmly may be recalled under other words too); the model's own rewordings of
+    # the questions trained too (reworded recall; budget 400: twice the examples); the 80 prompts of before
+    # (whether the 313 replay-only ones are what kept 23 rather than 19). About 80-120 s a row on the H200.
     "sweep5": [
         {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
+        {"name": "lr1e-4 anchor4 r8 similar", "lr": 1e-4, "anchor": 4.0, "replay": 8, "select": "similar"},
         {
             "name": "anchor4 r8 similar reword",
             "anchor": 4.0,

@@ -68,6 +68,21 @@ def test_sweep_rows_keep_the_retention_answers_of_the_starting_weights(monkeypat
 
 def test_sweep5_rows_differ_from_the_defaults_in_one_setting():
     sweep = load_sweep()
+    # The order of the GPU request (the call's timeout cuts the last); sweep4 as it ran on the H200.
+    assert [r["name"] for r in sweep.GRIDS["sweep5"]] == [
+        "anchor16 r8 similar",
+        "lr1e-4 anchor4 r8 similar",
+        "anchor4 r8 similar reword",
+        "anchor4 r8 similar core",
+    ]
+    assert [r["name"] for r in sweep.GRIDS["sweep4"]] == [
+        "anchor4 r8 similar",
+        "anchor4 r8 similar warmup30",
+        "anchor4 r8 similar warmup30 restate",
+        "anchor16 r8 similar",
+        "anchor4 r8 similar reword",
+        "anchor4 r8 similar core",
+    ]
     from livetrain.trainer import options
 
     d = options.LEARNING
