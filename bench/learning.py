@@ -11,12 +11,17 @@ rolls the weights back to where they started (POST /rollback to the first genera
   back, and the model must then give every answer it gave before, on weights equal bit for bit to the
   starting ones (read through the engine's shared-weights manifest).
 
-Prints one table row per case: trained-question recall (both phrasings), reworded recall, general answers
-kept (of those right before), steps, why the job stopped, the guard's measures on its held-out retention
-prompts (KL divergence from the starting model, answers kept) and whether it rolled back, the guard's own seconds, the job's seconds. bench/RESULTS.md records the runs.
+Before each guarded job it waits until the server's guard has made its measures of the live weights between
+jobs (``--guard-prepare idle``, the default), as on a server idle a while, and reports their seconds apart
+from the job's. Prints one table row per case as it ends: trained-question recall (both phrasings), reworded
+recall, general answers kept (of those right before), steps, why the job stopped, the guard's measures on
+its held-out retention prompts (KL divergence from the starting model, answers kept) and whether it rolled
+back, the guard's own seconds on the job's path, the job's seconds; ``--json`` is rewritten after each row,
+and SIGTERM stops the server and keeps what was measured. bench/RESULTS.md records the runs.
 
 usage: python bench/learning.py [--device cpu|cuda] [--dtype fp32|bf16] [--model default|DIR]
-           [--cases defaults,plain,destructive] [--facts N] [--json out.json] [--url URL]
+           [--cases defaults,plain,destructive] [--facts N] [--general M] [--clients 8] [--json out.json]
+           [--server-log FILE] [--serve-arg=ARG ...] [--url URL]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -35,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import learning_questions as lq  # noqa: E402
 
-from livetrain.trainer.client import error_text, free_port, http, wait_job, wait_ready  # noqa: E402
+from livetrain.trainer.client import error_text, free_port, http, wait_ready  # noqa: E402
 
 CASES = ("defaults", "plain", "destructive")
 # The destructive case: a learning rate far above any useful one, enough steps to break the model.
@@ -61,8 +67,9 @@ class Server:
         cmd = [sys.executable, "-m", "livetrain.serve", "--model", a.model, "--dtype", a.dtype]
         cmd += ["--device", a.device, "--port", str(port), "--run-dir", run]
         cmd += ["--store", os.path.join(self.dir, "store"), "--state-dir", os.path.join(self.dir, "state")]
+        cmd += a.serve_arg
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")]))}
-        self.log_path = os.path.join(self.dir, "serve.log")
+        self.log_path = a.server_log or os.path.join(self.dir, "serve.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
@@ -70,6 +77,9 @@ class Server:
         except (RuntimeError, TimeoutError) as e:
             self.stop()
             raise SystemExit(f"learning: the server did not start ({e}); its log:\n{self.logtext()}") from None
+        except BaseException:  # SIGTERM (sys.exit) while it starts: not left running
+            self.stop()
+            raise
 
     def logtext(self) -> str:
         with open(self.log_path) as f:
@@ -80,6 +90,52 @@ class Server:
         if code >= 300:
             raise SystemExit(f"learning: {path}: {error_text(code, reply)}")
         return reply
+
+    def read(self, path: str, timeout: float = 600) -> dict:
+        """GET ``path``, asked again while it answers 503: the trainer's routes wait 30 s for the trainer
+        process, which a loaded CPU (a step of tens of seconds, other work on its cores) can starve that long."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code, reply = http(self.url + path, timeout=120)
+            if code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if code >= 300:
+            raise SystemExit(f"learning: {path}: {error_text(code, reply)}")
+        return reply
+
+    def wait_job(self, jid: str, timeout: float) -> dict:
+        """The job's entry once it has ended (trainer.schedule.FINAL)."""
+        from livetrain.trainer.schedule import FINAL
+
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.read(f"/train/{jid}")
+            if info["state"] in FINAL:
+                return info
+            if time.monotonic() > deadline:
+                raise SystemExit(f"learning: job {jid} did not end in {timeout:.0f} s: {info}")
+            time.sleep(0.5)
+
+    def wait_prepared(self, timeout: float) -> float:
+        """Until the guard's measures of the live weights are made between jobs (``--guard-prepare idle``,
+        the server's default: docs/learning.md), as on a server idle a while before a job arrives; the seconds
+        waited. Returns at once when the server's guard is off or makes them at each job's start."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        while True:
+            g = self.read("/train/status")["guard"]
+            p = g.get("prepared")
+            if (
+                not g["default"]
+                or g.get("prepare") != "idle"
+                or (p and p["current"] and {"kept", "answers", "reference", "anchor"} <= set(p["made"]))
+            ):
+                return time.perf_counter() - t0
+            if time.monotonic() > deadline:
+                print(f"# the guard's measures were not all made between jobs in {timeout:.0f} s: {p}", flush=True)
+                return time.perf_counter() - t0
+            time.sleep(1.0)
 
     def weights(self) -> dict | None:
         """The served weights, copied to the CPU (None for a server this script did not start)."""
@@ -92,11 +148,12 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            print(f"# stopping the server (its log: {self.log_path})", flush=True)
             import signal
 
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(120)
+                self.proc.wait(30)
             except Exception:
                 self.proc.kill()
 
@@ -141,8 +198,22 @@ def main(argv=None) -> int:
         "--plain-steps", type=int, default=0, help="steps of the plain case (default: those the defaults case took)"
     )
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument of `livetrain serve` (repeat it; e.g. --serve-arg=--builtin-retention=all)",
+    )
     p.add_argument("--ready-timeout", type=float, default=600)
-    p.add_argument("--json", default=None, help="write the rows and every answer here")
+    p.add_argument(
+        "--prepared-timeout",
+        type=float,
+        default=1800,
+        help="seconds to wait before a guarded job for the guard's measures made between jobs (default 1800)",
+    )
+    p.add_argument("--json", default=None, help="write the rows and every answer here (again after each row)")
+    p.add_argument("--server-log", default=None, help="the server's log (default: in its temporary directory)")
     a = p.parse_args(argv)
     a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "bf16")
     cases = [c for c in a.cases.split(",") if c]
@@ -160,12 +231,23 @@ def main(argv=None) -> int:
     examples = lq.examples(facts)
     asked = lq.questions(facts, general)
     questions = [q for _, q, _ in asked]
+    # `timeout` (bench/learning_gpu.sh) ends this process with SIGTERM: stop the server, keep the rows.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("learning: stopped by SIGTERM"))
+    out: dict = {"model": a.model, "device": a.device, "dtype": a.dtype, "facts": len(facts), "rows": []}
+
+    def save() -> None:  # after each row too: a run cut short keeps what it measured
+        if a.json:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(a.json + ".tmp", a.json)
+
     t0 = time.perf_counter()
     server = Server(a)
-    out: dict = {"model": a.model, "device": a.device, "dtype": a.dtype, "facts": len(facts), "rows": []}
     try:
-        status = server.call("/train/status")
+        status = server.read("/train/status")
         out["ready_s"] = round(time.perf_counter() - t0, 1)
+        out["builtin_retention"] = status["guard"].get("builtin_retention")
+        out["retention_prompts"] = status["guard"].get("retention_prompts")
         start_gen = status["checkpoint"]["generation"] if status.get("checkpoint") else None
         start_weights = server.weights()
         t0 = time.perf_counter()
@@ -177,9 +259,11 @@ def main(argv=None) -> int:
             f"# {a.model} on {a.device} ({a.dtype}), ready in {out['ready_s']} s; {len(examples)} examples; "
             f"before: trained {sum(base['trained'])}/{len(base['trained'])}, reworded "
             f"{sum(base['reworded'])}/{len(facts)}, general {sum(base['general'])}/{len(general)} right "
-            f"({len(questions)} questions in {time.perf_counter() - t0:.0f} s)",
+            f"({len(questions)} questions in {time.perf_counter() - t0:.0f} s); retention: "
+            f"{out['retention_prompts']} prompts (built-in: {out['builtin_retention']})",
             flush=True,
         )
+        save()
         header = (
             "| case | steps | stopped | trained | reworded | general kept | guard KL | answers kept | rolled back "
             "| guard s | job s | guard / job |"
@@ -195,8 +279,11 @@ def main(argv=None) -> int:
                 body.update(steps=steps, guard=False, reword=False)
             elif case == "destructive":
                 body.update(destructive)
+            # A guarded job starts from the guard's measures made between jobs, as on a server that was idle
+            # a while (they are made once per weight version: the rollback before this case changed it).
+            waited = server.wait_prepared(a.prepared_timeout) if case != "plain" else 0.0
             job = server.call("/train", body)
-            info = wait_job(server.url, job["job_id"], timeout=3600, interval=0.5)
+            info = server.wait_job(job["job_id"], timeout=3600)
             if case == "defaults":
                 steps_of_defaults = info["step"]
             answers = ask(server, questions, a.max_tokens, a.clients)
@@ -208,13 +295,14 @@ def main(argv=None) -> int:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-                info = server.call(f"/train/{job['job_id']}")
+                info = server.read(f"/train/{job['job_id']}")
             kept, right = lq.kept(base["general"], got["general"])
             g = info.get("guard") or {}
             row = {
                 "case": case,
                 "job": body | {"examples": len(examples)},
                 "state": info["state"],
+                "error": info.get("error"),
                 "steps": info["step"],
                 "stop_reason": info["stop_reason"],
                 "trained": sum(got["trained"]),
@@ -225,11 +313,17 @@ def main(argv=None) -> int:
                 "guard_kl": g.get("kl"),
                 "answers_kept": g.get("answers_kept"),
                 "answers_compared": g.get("answers_compared"),
+                "answers_kept_at": g.get("answers_kept_at"),
                 "rolled_back": bool(g.get("rolled_back")),
                 "guard_s": g.get("seconds"),
+                # The guard's measures of the starting weights: which the job's start made, and the seconds
+                # of those made between jobs (off its path) while this script waited for them.
+                "prepared": g.get("prepared"),
+                "prepared_wait_s": round(waited, 1),
                 "job_s": info["seconds"],
                 "loss_before": info["loss_before"],
                 "loss_after": info["loss_after"],
+                "losses": info.get("losses"),
                 "answers": answers,
             }
             if case == "destructive" or row["rolled_back"]:
@@ -240,6 +334,7 @@ def main(argv=None) -> int:
                         same_bits(now[k], start_weights[k]) for k in now
                     )
             out["rows"].append(row)
+            save()
             guard_s, job_s = row["guard_s"], row["job_s"]
             answers_kept = "-" if row["answers_kept"] is None else f"{row['answers_kept']}/{row['answers_compared']}"
             print(
@@ -251,6 +346,15 @@ def main(argv=None) -> int:
                 f"| {'-' if guard_s is None or not job_s else format(guard_s / job_s, '.0%')} |",
                 flush=True,
             )
+            if row["prepared"]:
+                pr = row["prepared"]
+                print(
+                    f"#   {case}: the guard's measures made at the job's start: {pr['at_job_start'] or 'none'}; "
+                    f"made between jobs: {pr['seconds_idle']} s (waited {row['prepared_wait_s']} s for them)",
+                    flush=True,
+                )
+            if row["error"]:
+                print(f"#   {case}: {row['state']}: {row['error']}", flush=True)
             if "answers_as_before" in row:
                 print(
                     f"#   {case}: every answer as before: {row['answers_as_before']}; weights bit-exact: "
@@ -265,14 +369,17 @@ def main(argv=None) -> int:
             out["guard_extra"] = round(d / pl - 1, 3)
             print(
                 f"# the guard's extra wall time (defaults' job against plain fine-tuning at the same steps, "
-                f"replay and retention measures included): {d:.1f} s against {pl:.1f} s, {d / pl - 1:+.0%}",
+                f"replay, anchor and the guard's measures on the job's path included): {d:.1f} s against "
+                f"{pl:.1f} s, {d / pl - 1:+.0%}",
                 flush=True,
             )
+    except BaseException:
+        if server.proc is not None:
+            print(f"# the server's log, last lines:\n{server.logtext()}", flush=True)
+        raise
     finally:
+        save()
         server.stop()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
     return 0
 
 

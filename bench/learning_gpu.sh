@@ -12,18 +12,25 @@
 #                                                bench/learning_sweep.py's preset grid sweep2 on cuda/bf16
 #                                                (sweep2b: the rest of it; sweep3: the anchor in the batch's
 #                                                forward, more anchor rows, replay_select similar; sweep4:
-#                                                the built-in replay-only prompts, restate), <= 8 min
-#                                                (timeout 450 s), into $OUT
+#                                                the built-in replay-only prompts, restate; sweep5:
+#                                                sweep4's rows that never ran, lr 1e-4), <= 8 min
+#                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)
-#           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (needs fastapi and
-#                                                uvicorn: scripts/gpu_carry.sh install, PYTHONPATH=/tmp/site)
+#           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (timeout $BENCH_SECONDS,
+#                                                default 500 s, then up to 35 s to stop the server; needs
+#                                                fastapi, uvicorn and prometheus_client: scripts/gpu_carry.sh
+#                                                install puts them in $SITE, default /tmp/site, which this
+#                                                script puts on PYTHONPATH), rows as they finish
+#                                                (learning.txt, learning.json), the server log's last 64 kB
+#                                                (learning-serve.log); ~7 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
 home=${MODEL_CARRY_HOME:-/root/livetrain-model}
 out=${OUT:-gpu-out}
 py=${PYTHON:-python3}
+site=${SITE:-/tmp/site}
 export LIVETRAIN_CACHE=${LIVETRAIN_CACHE:-/root/livetrain-cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 prepare() {  # joins the pieces, checks them, converts the model into $LIVETRAIN_CACHE (once)
@@ -65,7 +72,7 @@ receive)
 prepare)
   prepare
   ;;
-sweep2 | sweep2b | sweep3 | sweep4)
+sweep2 | sweep2b | sweep3 | sweep4 | sweep5)
   prepare
   mkdir -p "$out"
   timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \
@@ -79,10 +86,25 @@ step)
 bench)
   prepare
   mkdir -p "$out"
-  timeout "${BENCH_SECONDS:-540}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" 2>&1 | tee "$out/learning.txt"
+  if [ -d "$site" ]; then export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"; fi
+  # Fail here, at once, rather than after the server's start: `livetrain serve` needs these.
+  "$py" -c "import fastapi, uvicorn, prometheus_client" || {
+    echo "learning_gpu: fastapi/uvicorn/prometheus_client missing: bash scripts/gpu_carry.sh install ($site)" >&2
+    exit 1
+  }
+  log=$(mktemp /tmp/learning-serve.XXXXXX.log)
+  status=0
+  # --clients 1: every question alone, so that each answer is decoded in the same batch shape every time (bf16
+  # batched decoding is not bit-stable across batch shapes): the destructive case's "every answer as before"
+  # then says whether the weights came back, not how the engine's batches fell. ~15 s per 136 questions.
+  # On timeout, SIGTERM: learning.py stops its server and keeps its rows; SIGKILL 35 s later if it has not.
+  timeout -k 35 "${BENCH_SECONDS:-500}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" \
+    --server-log "$log" --prepared-timeout "${PREPARED_SECONDS:-150}" --clients 1 2>&1 | tee "$out/learning.txt" || status=$?
+  tail -c 65536 "$log" > "$out/learning-serve.log" && rm -f "$log"
+  exit $status
   ;;
 *)
-  sed -n "2,20p" "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

@@ -249,7 +249,7 @@ def wait_prepared(s: Serve, timeout: float) -> None:
 
 @pytest.mark.skipif(
     os.environ.get("LIVETRAIN_LEARNING_TEST") != "1",
-    reason="LIVETRAIN_LEARNING_TEST=1 runs it: up to 20 min on a 2-core CPU, and the H200 learning sweep "
+    reason="LIVETRAIN_LEARNING_TEST=1 runs it: 30 min and more on a loaded 2-core CPU, and the H200 learning sweep "
     "(docs/learning.md) measured general answers 27 -> 23 kept at the defaults (sweep4): short of the issue's 95%",
 )
 def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
@@ -270,7 +270,10 @@ def test_defaults_learn_facts_and_keep_general_answers(tmp_path):
             },
         )
         assert code == 202 and job["until_loss"] > 0, job
-        info = wait_patiently(s, job["job_id"], timeout=1200)
+        # What this test checks is what the job learned and kept, not how fast: on this 2-core machine under
+        # other sessions' load (6-8) its steps took 40-80 s, and a 1,200 s wait ended it at step 22 (5 of its
+        # 6 examples below until_loss).
+        info = wait_patiently(s, job["job_id"], timeout=3600)
         assert info["state"] == "done" and info["stop_reason"] == "until_loss", info
         assert info["losses"]["max_after"] < info["until_loss"] < info["loss_before"], info
         guard = info["guard"]

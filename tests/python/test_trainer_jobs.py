@@ -432,6 +432,25 @@ def test_reword_trains_the_models_rewordings_too(run):
     assert job(trainer, {"examples": chats, "steps": 1})["reworded"] is None
 
 
+def test_reword_with_the_anchor_and_the_guard(run, monkeypatch):
+    # bench/learning_sweep.py's sweep5 row "anchor4 r8 similar reword" on the GPU: the rewordings join a guarded
+    # job whose replayed rows are the anchor's, picked by similarity (no GPU row has run this combination).
+    # Every chat gets a rewording (the tiny model's own replies are rarely questions): its words reversed.
+    monkeypatch.setattr(augment, "question", lambda reply, original: " ".join(reversed(original.split())))
+    _, trainer = run("--guard-prepare", "job", store=False)
+    chats = as_chats(FACTS)
+    batches = traced_batches(trainer)
+    body = {"examples": chats, "reword": True, "anchor": 4, "replay": 8, "replay_select": "similar"}
+    info = job(trainer, body | {"until_loss": 0.1, "max_steps": 2})
+    g, r = info["guard"], info["reworded"]
+    assert info["state"] == "done" and info["stop_reason"] in ("until_loss", "max_steps"), info
+    assert r["examples"] == len(chats) and info["examples"] == 2 * len(chats), info
+    assert g["anchor"] == 4.0 and g["replay_select"] == "similar" and g["replayed_prompts"] > 0, g
+    assert g["kl"] is not None and g["passed"] is not None and g["answers_kept"] is not None, g
+    # The anchor's rows join the step's forward, not its batch: every step's batch holds the job's rows only.
+    assert [len(b) for b in batches] == [min(info["plan"]["batch_size"], info["examples"])] * info["step"]
+
+
 def test_restate_trains_each_answer_as_plain_text_too(run):
     _, trainer = run("--no-guard")
     chats = as_chats(FACTS)
