@@ -169,6 +169,18 @@ ROW = {
     "until": 0.1,
     "max_steps": 300,
 }
+# Rows of sweep4 that its call's timeout cut, run again in sweep5.
+_ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
+_REWORD = {
+    "name": "anchor4 r8 similar reword",
+    "anchor": 4.0,
+    "replay": 8,
+    "select": "similar",
+    "reword": True,
+    "max_steps": 400,
+}
+_CORE = {"name": "anchor4 r8 similar core", "anchor": 4.0, "replay": 8, "select": "similar", "retention": "core"}
+
 GRIDS = {
     "sweep2": [
         {"name": "anchor1", "anchor": 1.0},
@@ -219,16 +231,9 @@ GRIDS = {
             "restate": True,
             "max_steps": 400,
         },
-        {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
-        {
-            "name": "anchor4 r8 similar reword",
-            "anchor": 4.0,
-            "replay": 8,
-            "select": "similar",
-            "reword": True,
-            "max_steps": 400,
-        },
-        {"name": "anchor4 r8 similar core", "anchor": 4.0, "replay": 8, "select": "similar", "retention": "core"},
+        _ANCHOR16,
+        _REWORD,
+        _CORE,
     ],
     # sweep4's rows that never ran (its call's timeout cut the fourth at step 139), and lr 1e-4: each differs
     # from the defaults (sweep4's first row: 300 steps, the budget; 32/32 trained, 17/32 reworded, 23/27
@@ -238,17 +243,10 @@ GRIDS = {
     # the questions trained too (reworded recall; budget 400: twice the examples); the 80 prompts of before
     # (whether the 313 replay-only ones are what kept 23 rather than 19). About 80-120 s a row on the H200.
     "sweep5": [
-        {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"},
+        _ANCHOR16,
         {"name": "lr1e-4 anchor4 r8 similar", "lr": 1e-4, "anchor": 4.0, "replay": 8, "select": "similar"},
-        {
-            "name": "anchor4 r8 similar reword",
-            "anchor": 4.0,
-            "replay": 8,
-            "select": "similar",
-            "reword": True,
-            "max_steps": 400,
-        },
-        {"name": "anchor4 r8 similar core", "anchor": 4.0, "replay": 8, "select": "similar", "retention": "core"},
+        _REWORD,
+        _CORE,
     ],
 }
 
