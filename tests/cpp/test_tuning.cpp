@@ -87,12 +87,15 @@ TEST(Tuning, BadNamesAndValuesAreClearErrors) {
 TEST(Tuning, ApolloUpdateKernelChoice) {
   namespace d = livetrain::optim::detail;
   Knobs k;
-  const d::UpdateKnobs shipped{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
-                               tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
-                               tuning::get(tuning::kApolloUpdateProbe) == 1,
-                               static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
-                               tuning::get(tuning::kApolloUpdateMini) == 1,
-                               tuning::get(tuning::kApolloUpdateFastRound) == 1};
+  auto current = [] {  // the update's knobs as set now
+    return d::UpdateKnobs{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
+                          tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
+                          tuning::get(tuning::kApolloUpdateProbe) == 1,
+                          static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
+                          tuning::get(tuning::kApolloUpdateMini) == 1,
+                          tuning::get(tuning::kApolloUpdateFastRound) == 1};
+  };
+  const d::UpdateKnobs shipped = current();
   EXPECT_TRUE(d::update_knobs_compiled(shipped));
   EXPECT_EQ(d::update_variant_bits(shipped, true), d::kMini) << "the default: Mini's kernel for Mini's batches";
   EXPECT_EQ(d::update_variant_bits(shipped, false), 0) << "the generic kernel for any other batch";
@@ -122,12 +125,7 @@ TEST(Tuning, ApolloUpdateKernelChoice) {
   bool reached[3][d::kNumUpdateVariants] = {};
   for (const auto& setting : variants) {
     Knobs set(setting);
-    const d::UpdateKnobs v{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
-                           tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
-                           tuning::get(tuning::kApolloUpdateProbe) == 1,
-                           static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
-                           tuning::get(tuning::kApolloUpdateMini) == 1,
-                           tuning::get(tuning::kApolloUpdateFastRound) == 1};
+    const d::UpdateKnobs v = current();
     ASSERT_TRUE(d::update_knobs_compiled(v));
     probes += v.probe;
     const int ui = v.unroll == 1 ? 0 : v.unroll == 2 ? 1 : 2;
