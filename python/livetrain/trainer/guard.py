@@ -23,6 +23,7 @@ measurements behind the defaults.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -87,17 +88,23 @@ def check_prompts(items, field: str = "prompts") -> list[list[dict]]:
     return [check_prompt(item, f"{field}[{i}]") for i, item in enumerate(items)]
 
 
+@functools.cache
+def _builtin() -> dict[str, list[list[dict]]]:
+    """retention.json's two lists, read and checked once per process."""
+    with open(BUILTIN) as f:
+        data = json.load(f)
+    return {key: check_prompts(data[key], key) for key in ("prompts", "replay")}
+
+
 def builtin_prompts() -> list[list[dict]]:
     """The built-in prompts that alternate between the replayed and the held-out half."""
-    with open(BUILTIN) as f:
-        return check_prompts(json.load(f)["prompts"])
+    return list(_builtin()["prompts"])
 
 
 def builtin_replay() -> list[list[dict]]:
     """The built-in prompts that are replayed only: many question forms, several of each, for
     ``replay_select`` "similar" to find rows of a job's own forms (the held-out half stays as it is)."""
-    with open(BUILTIN) as f:
-        return check_prompts(json.load(f)["replay"], "replay")
+    return list(_builtin()["replay"])
 
 
 def read_prompts(path: str) -> list[list[dict]]:
@@ -345,8 +352,7 @@ class Retention:
     ):
         self.tokenizer = tokenizer
         self.with_replay_only = with_replay_only  # the built-in replay-only prompts too (--builtin-retention)
-        self.builtin = builtin_prompts() if builtin else []
-        self.builtin_replay = builtin_replay() if builtin and with_replay_only else []
+        self._use_builtin(builtin)
         self.user = list(user or [])
         self.version: int | None = None
         self.answers: list[list[int]] = []
@@ -371,9 +377,12 @@ class Retention:
         """Replaces the user's prompts (and keeps or drops the built-in ones); the answers are made again
         at the next guarded job. At least two prompts in all (the caller checks)."""
         self.user = list(prompts)
+        self._use_builtin(builtin)
+        self.version, self.answers = None, []
+
+    def _use_builtin(self, builtin: bool) -> None:
         self.builtin = builtin_prompts() if builtin else []
         self.builtin_replay = builtin_replay() if builtin and self.with_replay_only else []
-        self.version, self.answers = None, []
 
     def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:
         """Makes the answers on ``model`` unless they were made at ``version``; True when it made them.

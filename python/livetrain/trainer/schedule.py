@@ -123,7 +123,8 @@ class Losses:
     def __init__(self, n: int, aside=()):
         self.first: list[float | None] = [None] * n
         self.last: list[float | None] = [None] * n
-        self.counted = [i for i in range(n) if i not in set(aside)]
+        aside = set(aside)
+        self.counted = [i for i in range(n) if i not in aside]
 
     def record(self, indices: list[int], losses: list[float]) -> None:
         for i, v in zip(indices, losses):
