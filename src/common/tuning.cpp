@@ -69,9 +69,8 @@ const std::array<Spec, kNumKnobs>& specs() {
        {10, 7},
        0,
        0,
-       "Philox rounds of the APOLLO update's stochastic-rounding offsets on CPU and CUDA alike (7: other bits, the "
-       "same "
-       "distribution)"},
+       "Philox rounds of the APOLLO update's stochastic-rounding offsets, CPU and CUDA alike "
+       "(7: other bits, the same distribution)"},
       {"apollo.update_loads_first",
        0,
        {0, 1},
