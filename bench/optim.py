@@ -636,6 +636,7 @@ FULL_GRID = [
     ("before", "before: full rounding path, AdamW tensors one at a time", {"apollo.update_fast_round": 0}, "adamw one at a time", "all"),
     ("change", "full rounding path only (apollo.update_fast_round=0)", {"apollo.update_fast_round": 0}, "step", "all"),
     ("change", "AdamW tensors one at a time only", {}, "adamw one at a time", "all"),
+    ("change", "loads first too (off: within drift in the probe)", {"apollo.update_loads_first": 1}, "step", "all"),
     ("part", "matrices only (the probe's kind of set)", {}, "step", "matrices"),
     ("part", "embedding and lm_head only", {}, "step", "embeddings"),
     ("part", "AdamW tensors only (norms, biases, conv1d, A_log, dt_bias), batched", {}, "step", "adamw"),
@@ -856,6 +857,8 @@ def main() -> None:
                 on_row=lambda part: write_result(a.json, {"copy_bandwidth": bw, "full": rows + part}),
                 device=a.device,
             )
+            if a.device == "cuda":
+                torch.cuda.empty_cache()  # the set's tensors, now free, go back before the next set's (27b: ~108 GB)
         if a.device == "cuda":
             write_result(a.json, {"copy_bandwidth": bw, "full": rows})
         print_full(rows, bw)
