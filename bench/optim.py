@@ -22,9 +22,17 @@ Philox rounds, loads in flight, block sizes, the generic kernel against APOLLO-M
 are checked against the shipped step on a smaller set of the same shapes: bit-identical, or labelled as
 differing by design where the variant rounds otherwise (nearest, Philox4x32-7).
 
+--full instead times the step over EVERY trained parameter of a model (bench/serve.py's shapes: 8b = Qwen3-8B,
+qwen3.5-27b), grouped as the trainer groups them (matrices, embedding and lm_head on APOLLO-Mini; norms, biases,
+conv1d weights, A_log in fp32, dt_bias on AdamW), each with a gradient of its own, against the floor of 8 bytes per
+parameter at the copy bandwidth of the same run: the shipped step, the step as it was before (the full rounding
+path, the AdamW tensors one at a time), each change alone, each part alone and the one-at-a-time path, with the
+host time of each call. Weights and gradients of qwen3.5-27b take ~108 GB.
+
 usage: python bench/optim.py [--sizes 1b,8b] [--steps 10] [--json out.json]
        python bench/optim.py --sweep [--sizes 8b,27b] [--steps 5] [--json out.json]
        python bench/optim.py --probe [--sizes 8b,27b] [--steps 5] [--rows LABEL|LABEL] [--json out.json]
+       python bench/optim.py --full [--shapes 8b,qwen3.5-27b] [--steps 5] [--device cuda|cpu] [--json out.json]
 """
 
 import argparse
@@ -35,7 +43,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+sys.path.insert(0, HERE)  # result_json and serve beside this file, also when it is loaded as a module
 from result_json import write_result  # noqa: E402  (bench/result_json.py, beside this file)
 
 from livetrain.optim import Apollo, ApolloMini  # noqa: E402
@@ -491,21 +501,20 @@ def print_sweep(rows: list[dict]) -> None:
 # that round otherwise by design (nearest rounding, Philox4x32-7) are labelled so in the check column
 # (differs_by_design); any other row must be bit-identical.
 PROBE_GRID = [
-    ("shipped", "shipped update (APOLLO-Mini's kernel, 128 threads per block)", {}, {}),
-    ("before", "generic kernel, 256 threads per block (shipped before)", {"apollo.update_mini": 0, "apollo.update_threads": 256}, {}),
+    ("shipped", "shipped update (APOLLO-Mini's kernel, its short rounding path, 128 threads per block)", {}, {}),
+    ("before", "full rounding path (shipped before)", {"apollo.update_fast_round": 0}, {}),
+    ("before", "generic kernel, 256 threads per block (shipped before that)", {"apollo.update_mini": 0, "apollo.update_threads": 256}, {}),
     ("probe", "2-read-1-write probe: W += G bitwise, the update's loads and stores", {"apollo.update_probe": 1}, {}),
     ("probe", "probe at 4 blocks/SM (32 warps: the generic update's occupancy at 256 threads)", {"apollo.update_probe": 1, "apollo.update_resident": 4, "apollo.update_threads": 256}, {}),
     ("probe", "torch w.add_(g) over the same matrices (torch's elementwise kernel)", None, {}),
     ("rng", "nearest rounding (no Philox; the generic kernel)", {}, {"rounding": "nearest"}),
     ("rng", "Philox4x32-7 (other rounding bits)", {"apollo.update_rounds": 7}, {}),
     ("flight", "loads before the rounding bits", {"apollo.update_loads_first": 1}, {}),
-    ("flight", "generic kernel, unroll 2 (loads of 2 groups first)", {"apollo.update_unroll": 2}, {}),
     ("block", "Mini's kernel, 256 threads per block", {"apollo.update_threads": 256}, {}),
     ("block", "generic kernel, 128 threads per block", {"apollo.update_mini": 0}, {}),
     ("block", "at most 4 blocks/SM resident", {"apollo.update_resident": 4}, {}),
-    ("mini", "short rounding path", {"apollo.update_fast_round": 1}, {}),
-    ("mini", "short rounding, loads first", {"apollo.update_fast_round": 1, "apollo.update_loads_first": 1}, {}),
-    ("mini", "short rounding, Philox4x32-7", {"apollo.update_fast_round": 1, "apollo.update_rounds": 7}, {}),
+    ("mini", "full rounding path, loads first", {"apollo.update_fast_round": 0, "apollo.update_loads_first": 1}, {}),
+    ("mini", "full rounding path, Philox4x32-7", {"apollo.update_fast_round": 0, "apollo.update_rounds": 7}, {}),
     ("mini", "Philox4x32-7, loads first", {"apollo.update_rounds": 7, "apollo.update_loads_first": 1}, {}),
     ("shipped", "shipped update (again: drift within the run)", {}, {}),
 ]  # fmt: skip
@@ -617,6 +626,172 @@ def print_probe(rows: list[dict], bw: float) -> None:
             )
 
 
+# ---- --full: the step over every trained parameter of a model, against its floor (issue #15's measure) ----
+# (family, label, knobs, how): "shipped" first; "before" is the step as it was before the short rounding path
+# became the default and the AdamW tensors were batched; the other rows take one change or one part at a time.
+# how: "step" (step()), "adamw one at a time" (the AdamW tensors by step_param, then step(), as step() did
+# before), "each" (every parameter by step_param: the backward hooks' path). A row's "part" limits the set.
+FULL_GRID = [
+    ("shipped", "shipped: step() over every trained parameter", {}, "step", "all"),
+    ("before", "before: full rounding path, AdamW tensors one at a time", {"apollo.update_fast_round": 0}, "adamw one at a time", "all"),
+    ("change", "full rounding path only (apollo.update_fast_round=0)", {"apollo.update_fast_round": 0}, "step", "all"),
+    ("change", "AdamW tensors one at a time only", {}, "adamw one at a time", "all"),
+    ("change", "loads first too (off: within drift in the probe)", {"apollo.update_loads_first": 1}, "step", "all"),
+    ("part", "matrices only (the probe's kind of set)", {}, "step", "matrices"),
+    ("part", "embedding and lm_head only", {}, "step", "embeddings"),
+    ("part", "AdamW tensors only (norms, biases, conv1d, A_log, dt_bias), batched", {}, "step", "adamw"),
+    ("part", "AdamW tensors only, one at a time", {}, "adamw one at a time", "adamw"),
+    ("hooks", "one at a time (step_param for every parameter: the backward hooks' path)", {}, "each", "all"),
+]  # fmt: skip
+
+
+def full_set(shape: str) -> list[tuple[str, dict, list]]:
+    """The trained parameters of bench/serve.py's model `shape` (its SHAPES, built on the meta device by
+    transformers), grouped as the trainer groups them (livetrain.optim.param_groups, embeddings on APOLLO), in
+    the dtypes the engines serve (livetrain.layout: Qwen3.5's A_log in fp32): [(part, group options, [(name,
+    shape, dtype)])], part "matrices", "embeddings" or "adamw"."""
+    import serve  # bench/serve.py, beside this file: the model shapes, written once
+    import transformers
+
+    from livetrain import layout, optim
+
+    cfg = dict(serve.SHAPES[shape])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type", "qwen3"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in optim.param_groups(model, embeddings="apollo"):
+        params = [(names[id(p)], tuple(p.shape), torch.float32 if layout.served_in_fp32(names[id(p)]) else p.dtype)
+                  for p in g["params"]]  # fmt: skip
+        embeddings = any(n.endswith(("embed_tokens.weight", "lm_head.weight")) for n, _, _ in params)
+        part = "adamw" if g["algo"] == "adamw" else "embeddings" if embeddings else "matrices"
+        out.append((part, {k: v for k, v in g.items() if k != "params"}, params))
+    return out
+
+
+def step_and_host_ms(fn, steps: int, device: str = "cuda") -> tuple[float, float]:
+    """As time_steps (median GPU time between CUDA events, after two warm-up calls), with the median host
+    time of the call itself (Python, bindings, launches): near the step's time, the GPU waits for the host.
+    On the CPU (--device cpu: the code paths, not a measure) both are the call's time."""
+    for _ in range(2):
+        fn()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(steps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+        t = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t) * 1e3)
+        if cuda:
+            e.record()
+            e.synchronize()
+        gpu.append(s.elapsed_time(e) if cuda else host[-1])
+    return sorted(gpu)[len(gpu) // 2], sorted(host)[len(host) // 2]
+
+
+def full_run(shape: str, steps: int, bw: float, on_row=lambda rows: None, device: str = "cuda") -> list[dict]:
+    groups = full_set(shape)
+    torch.manual_seed(0)
+    made = []  # (part, options, [parameters]), each with a bf16 (or fp32) gradient of its own
+    for part, options, params in groups:
+        ps = []
+        for _, shape_, dt in params:
+            p = torch.nn.Parameter(torch.empty(shape_, device=device, dtype=dt).normal_(0, 0.02))
+            p.grad = torch.empty_like(p).normal_(0, 1e-3)
+            ps.append(p)
+        made.append((part, options, ps))
+    count = {part: (len(ps), sum(p.numel() for p in ps)) for part, _, ps in made}
+    total = sum(n for _, n in count.values())
+    print(f"\n== full {shape}: {total / 1e9:.2f}B parameters in {sum(t for t, _ in count.values())} tensors ("
+          + ", ".join(f"{part} {t} tensors {n / 1e9:.3f}B" for part, (t, n) in count.items())
+          + f"), floor {8 * total / bw * 1e3:.2f} ms (8 bytes per parameter at the copy bandwidth)", flush=True)  # fmt: skip
+    rows = []
+    for family, label, knobs, how, part in FULL_GRID:
+        chosen = [(pt, o, ps) for pt, o, ps in made if part == "all" or pt == part]
+        params = [p for _, _, ps in chosen for p in ps]
+        n = sum(p.numel() for p in params)
+        row = {"shape": shape, "family": family, "setting": label, "knobs": knobs, "how": how, "part": part,
+               "tensors": len(params), "params": n, "floor_ms": 8 * n / bw * 1e3}  # fmt: skip
+        adamw = [p for pt, _, ps in chosen if pt == "adamw" for p in ps]
+        held = {}
+        try:
+            set_knobs(knobs)
+            opt = ApolloMini([{**o, "params": ps} for _, o, ps in chosen], lr=1e-3)
+            if how == "each":
+
+                def fn():
+                    for p in params:
+                        opt.step_param(p)
+
+            elif how == "adamw one at a time":  # as step() did before: AdamW by step_param, the batches after
+                held = {p: p.grad for p in adamw}
+                for p in adamw:
+                    p.grad = None
+
+                def fn():
+                    for p, g in held.items():
+                        opt.step_param(p, g)
+                    opt.step()
+
+            else:
+                fn = opt.step
+            ms, host = step_and_host_ms(fn, steps, device)
+            row.update(step_ms=ms, host_ms=host, x_floor=ms / row["floor_ms"])
+        except Exception as e:  # a failing row is reported and the run goes on
+            row.update(step_ms=None, error=f"{type(e).__name__}: {e}"[:200])
+        finally:
+            for p, g in held.items():
+                p.grad = g
+            opt = fn = None
+            set_knobs({})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if row.get("step_ms"):
+            print(f"  {shape} {label}: {row['step_ms']:.2f} ms = {row['x_floor']:.2f}x its floor, host "
+                  f"{row['host_ms']:.2f} ms", flush=True)  # fmt: skip
+        else:
+            print(f"  {shape} {label}: {row.get('error')}", flush=True)
+        rows.append(row)
+        on_row(rows)
+    made.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_full(rows: list[dict], bw: float) -> None:
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        first = mine[0]
+        before = next((r for r in mine if r["family"] == "before" and r.get("step_ms")), None)
+        print(f"\n### APOLLO-Mini step over every trained parameter, {shape} ({first['params'] / 1e9:.2f}B in "
+              f"{first['tensors']} tensors; bench/serve.py's shape): floor 8 bytes per parameter at the copy bandwidth "
+              f"{bw / 1e12:.2f} TB/s\n")  # fmt: skip
+        print("| step | knobs | part | tensors | params | step ms | floor ms | × floor | host ms | vs before |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in mine:
+            head = (
+                f"| {r['setting']} | {knob_text(r['knobs'])} | {r['part']} | {r['tensors']} | {r['params'] / 1e9:.3f}B"
+            )
+            if not r.get("step_ms"):
+                print(f"{head} | - | {r['floor_ms']:.2f} | - | - | - | {r.get('error', 'failed')} |")
+                continue
+            vs = f"{before['step_ms'] / r['step_ms']:.2f}x" if before and r["part"] == "all" else "-"
+            print(
+                f"{head} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | {r['host_ms']:.2f} | {vs} |"
+            )
+        shipped = next((r for r in mine if r["family"] == "shipped" and r.get("step_ms")), None)
+        if shipped:
+            print(f"\n{shape}: shipped step {shipped['step_ms']:.2f} ms = {shipped['x_floor']:.2f}x its floor "
+                  f"(target <= 1.3x: {'met' if shipped['x_floor'] <= 1.3 else 'not met'})"
+                  + (f"; before {before['step_ms']:.2f} ms = {before['x_floor']:.2f}x" if before else ""))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=None, help="matrix sets: 1b, 8b, 27b (default 1b,8b; with --sweep 8b,27b)")
@@ -635,6 +810,16 @@ def main() -> None:
         "--rows", default="", help="--probe: only these variants (labels separated by |), the shipped rows always"
     )
     ap.add_argument("--embeddings", action="store_true", help="include the embedding and output matrices in the sets")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="time the step over every trained parameter of bench/serve.py's model shapes (--shapes) against the 8 "
+        "bytes per parameter floor: shipped, before, each change and each part",
+    )
+    ap.add_argument("--shapes", default="8b,qwen3.5-27b", help="--full: bench/serve.py shapes (default 8b,qwen3.5-27b)")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="--full: cpu runs its code paths, timing nothing"
+    )
     ap.add_argument("--json")
     ap.add_argument(
         "--profile",
@@ -651,6 +836,33 @@ def main() -> None:
         if size not in SIZES and size != "27b":
             ap.error(f"--sizes: unknown set {size!r} (1b, 8b, 27b)")
     steps = a.steps or (5 if a.sweep or a.probe else 10)
+    if a.full:
+        import serve  # bench/serve.py, beside this file: the model shapes
+
+        shapes_ = a.shapes.split(",")
+        unknown = [x for x in shapes_ if x not in serve.SHAPES]
+        if unknown:
+            ap.error(f"--shapes: unknown {unknown} (bench/serve.py has {sorted(serve.SHAPES)})")
+        if a.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("bench/optim.py --full needs a CUDA GPU (or --device cpu for its code paths)")
+        bw = copy_bandwidth() if a.device == "cuda" else 1e10  # the CPU run times nothing: any floor will do
+        if a.device == "cuda":
+            print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
+        rows = []
+        for shape in shapes_:
+            rows += full_run(
+                shape,
+                steps,
+                bw,
+                on_row=lambda part: write_result(a.json, {"copy_bandwidth": bw, "full": rows + part}),
+                device=a.device,
+            )
+            if a.device == "cuda":
+                torch.cuda.empty_cache()  # the set's tensors, now free, go back before the next set's (27b: ~108 GB)
+        if a.device == "cuda":
+            write_result(a.json, {"copy_bandwidth": bw, "full": rows})
+        print_full(rows, bw)
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/optim.py needs a CUDA GPU")
     bw = copy_bandwidth()

@@ -227,6 +227,44 @@ void init_optim(nb::module_& m) {
       "total_sq, the address of ‖G‖² summed over the ranks).");
 
   m.def(
+      "adamw_step_many",
+      [](const std::vector<std::tuple<uintptr_t, std::string, std::string, int64_t, uintptr_t, uintptr_t, uintptr_t,
+                                      uintptr_t, uint64_t, const optim::AdamWHyper*>>& items,
+         const std::vector<uintptr_t>& grads, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        if (items.size() != grads.size()) throw Error(ErrorCode::kInvalidArg, "adamw_step_many: one gradient per item");
+        std::vector<optim::AdamWStep> steps(items.size());
+        for (size_t i = 0; i < items.size(); ++i) {
+          const auto& [weight, wdt, gdt, numel, m_, v_, status, step, seed, h] = items[i];
+          optim::AdamWStep& s = steps[i];
+          s.weight = ptr<void>(weight);
+          s.weight_dtype = parse_dtype(wdt);
+          s.grad = ptr<const void>(grads[i]);
+          s.grad_dtype = parse_dtype(gdt);
+          s.numel = numel;
+          s.m = ptr<float>(m_);
+          s.v = ptr<float>(v_);
+          s.status = ptr<int32_t>(status);
+          s.step = ptr<uint64_t>(step);
+          s.seed = seed;
+          s.hyper = *h;
+        }
+        nb::gil_scoped_release release;
+        optim::adamw_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace), workspace_bytes,
+                                    reinterpret_cast<void*>(stream));
+      },
+      "AdamW steps of many contiguous parameters on CUDA, batched (items: weight, weight dtype, grad dtype, numel, "
+      "m, v, status, step, seed, hyper; grads: their gradients' addresses).");
+
+  m.def(
+      "adamw_many_workspace_bytes",
+      [](const std::vector<int64_t>& numels) {
+        std::vector<optim::AdamWStep> steps(numels.size());
+        for (size_t i = 0; i < numels.size(); ++i) steps[i].numel = numels[i];
+        return optim::adamw_many_workspace_bytes(steps.data(), static_cast<int>(steps.size()));
+      },
+      "Workspace bytes of adamw_step_many for parameters of these sizes.");
+
+  m.def(
       "adamw_sumsq",
       [](uintptr_t grad, const std::string& grad_dtype, int64_t numel, uintptr_t out, uintptr_t workspace, bool cuda,
          uintptr_t stream) {

@@ -28,8 +28,7 @@ CONFIGS = [
     ("defaults", {}),
     ("batch=1", {"apollo.batch": 1}),
     ("streams=2", {"apollo.streams": 2}),
-    ("update_unroll=2", {"apollo.update_unroll": 2}),
-    ("update_unroll=4", {"apollo.update_unroll": 4}),
+    ("update_fast_round=0", {"apollo.update_fast_round": 0}),
     ("split_projection=0", {"apollo.split_projection": 0}),
 ]
 

@@ -9,7 +9,7 @@ machine code of an sm_90a build, without a GPU. Prints a table (docs/tuning.md, 
 
 The hot path is APOLLO-Mini's: tensor scaling, stochastic rounding, a row of whole 16-byte groups. It is counted
 as the cheapest path through the kernel's loop (from the target of its back-edge to the back-edge) that passes,
-for each of the kUnroll groups of an iteration, a block with the stochastic rounding's offset extraction
+for the iteration's group of 8 weights, a block with the stochastic rounding's offset extraction
 ("LOP3.LUT ..., 0xffff, RZ, 0xc0") and a block with the group's 16-byte store, and that avoids the scalar
 fallback (16-bit loads) and the per-channel scale loads (32-bit loads); a block's cost is its instruction count.
 A heuristic read of the control flow, not a profile: it is exact where the path is straight-line (the Mini
@@ -26,7 +26,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-KERNEL = re.compile(r"update_many_kernelIttLi(\d+)ELi(\d+)E")
+KERNEL = re.compile(r"update_many_kernelIttLi(\d+)E")
 # The variant bits, read from the header that defines them (src/optim/apollo_update.hpp), so they cannot drift.
 HEADER = Path(__file__).resolve().parent.parent / "src" / "optim" / "apollo_update.hpp"
 NAMES = {"kLoadsFirst": "loads first", "kProbe": "probe", "kSevenRounds": "Philox4x32-7", "kMini": "Mini's",
@@ -49,7 +49,7 @@ def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def hot_path(ins: list[tuple[int, str]], groups: int) -> int | None:
+def hot_path(ins: list[tuple[int, str]]) -> int | None:
     addrs = [a for a, _ in ins]
     target, leaders = {}, {addrs[0]}
     for i, (a, t) in enumerate(ins):
@@ -78,9 +78,9 @@ def hot_path(ins: list[tuple[int, str]], groups: int) -> int | None:
     def avoided(s):
         return has(s, r"LDG\.E\.U16") or has(s, r"^(@!?P\d )?LDG\.E R")
 
-    stages = [r"0xffff, RZ, 0xc0", r"STG\.E(\.\w+)*\.128"] * groups
+    stages = [r"0xffff, RZ, 0xc0", r"STG\.E(\.\w+)*\.128"]
 
-    def advance(s, k):  # at most one group's two stages per block
+    def advance(s, k):  # both stages may be in one block
         for _ in range(2):
             if k < len(stages) and has(s, stages[k]):
                 k += 1
@@ -117,15 +117,14 @@ def main() -> None:
         m = KERNEL.search(name)
         if not m:
             continue
-        unroll, variant = int(m.group(1)), int(m.group(2))
-        n = hot_path(ins, unroll) if not variant & BITS["kProbe"] else None
-        rows.append((variant, unroll, regs.get(name, "?"), n))
-    print("| variant | unroll | registers | instructions per group |")
-    print("|---|---:|---:|---:|")
-    for variant, unroll, reg, n in sorted(rows):
+        variant = int(m.group(1))
+        n = hot_path(ins) if not variant & BITS["kProbe"] else None
+        rows.append((variant, regs.get(name, "?"), n))
+    print("| variant | registers | instructions per group |")
+    print("|---|---:|---:|")
+    for variant, reg, n in sorted(rows):
         what = ", ".join(v for bit, v in VARIANT_BITS.items() if variant & bit) or "generic"
-        per = f"{n / unroll:.0f}" if n else "-"
-        print(f"| {what} | {unroll} | {reg} | {per} |")
+        print(f"| {what} | {reg} | {n or '-'} |")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,14 @@ void adamw_step_cuda(const AdamWStep& s, void* stream);
 size_t apollo_many_workspace_bytes(const ApolloStep* steps, int n);
 void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream);
 
+// Many AdamW steps at once (an optimizer's norms, biases and other small tensors): steps with the same dtypes
+// are launched together, two launches per batch of up to 64 parameters instead of two per parameter, with the
+// same result as stepping each alone. Each step gets its own slice of `workspace` (adamw_many_workspace_bytes;
+// zero-filled before first use); the steps' own `workspace` fields are ignored. Tensor-parallel parts (shard,
+// total_sq) are refused: they step alone, after their sums over ranks.
+size_t adamw_many_workspace_bytes(const AdamWStep* steps, int n);
+void adamw_step_many_cuda(const AdamWStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream);
+
 // Checks a step's arguments (dtypes, sizes, non-null pointers); throws Error(kInvalidArg) naming the field.
 void validate(const ApolloStep& s);
 void validate(const AdamWStep& s);

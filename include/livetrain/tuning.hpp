@@ -31,12 +31,11 @@ enum Knob : int {
   kApolloMomentsBlocksPerSm,  // cap of the moments stage's grid, per multiprocessor
   kApolloUpdateThreads,       // threads per block of the update
   kApolloUpdateBlocksPerSm,   // cap of the update's grid (per matrix), per multiprocessor
-  kApolloUpdateUnroll,        // groups of 8 elements per thread and iteration of the update (loads in flight)
   kApolloFusedStep,  // 1: a single rank-1 step (apollo_step_cuda) as one cooperative kernel, grid-wide barriers between
                      // stages
   kApolloUpdateRounds,      // Philox rounds of the APOLLO update's stochastic-rounding offsets, CPU and CUDA (10 or 7:
                             // 7 changes the rounded bits, not their distribution)
-  kApolloUpdateLoadsFirst,  // 1: the batched bf16 update at unroll 1 issues a group's loads before its rounding bits
+  kApolloUpdateLoadsFirst,  // 1: the batched bf16 update issues a group's loads before its rounding bits
   kApolloUpdateProbe,       // 1: the batched bf16 update writes W + G bitwise, no step math: a bandwidth probe only
   kApolloUpdateMini,        // 1: batches of APOLLO-Mini steps (bf16) update in a kernel compiled for Mini's choices
   kApolloUpdateResident,    // at most this many blocks of the batched update per multiprocessor (0: no limit)
@@ -72,10 +71,11 @@ void set(std::string_view name, int64_t value);
 void reset();
 std::vector<KnobInfo> list();
 
-// One setting of the knobs that choose the batched APOLLO update's kernel (apollo.update_unroll, _loads_first,
-// _probe, _rounds, _mini, _fast_round) per distinct pair of kernels it launches (for a batch of APOLLO-Mini steps,
-// for any other batch), simplest first: from the table of compiled kernels that the CUDA dispatcher uses, so
-// that tests cover every kernel and name none that is missing. Settings not listed are refused by a step.
+// One setting of the knobs that choose the batched APOLLO update's kernel (apollo.update_loads_first, _probe,
+// _rounds, _mini, _fast_round) per distinct pair of kernels it launches (for a batch of APOLLO-Mini steps,
+// for any other batch), the defaults first: from the table of compiled kernels that the CUDA dispatcher uses, so
+// that tests cover every kernel and name none that is missing. A setting not listed launches the kernels of one
+// that is.
 std::vector<std::vector<std::pair<std::string, int64_t>>> apollo_update_variants();
 
 }  // namespace livetrain::tuning

@@ -119,6 +119,7 @@ class Apollo(torch.optim.Optimizer):
         self._groups_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._batch_workspaces: dict = {}  # per device: the workspace of batched steps (see step)
+        self._adamw_workspaces: dict = {}  # per device: the workspace of batched AdamW steps (see step)
         self._batches: dict = {}  # per (device, parameters): cached batch items
         self._hook_batch_bytes = 0  # attach_hooks(batch_bytes=...)
         self._ready: dict = {}  # per device: parameters whose gradients wait for a batched step (step_ready)
@@ -416,13 +417,15 @@ class Apollo(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Step every parameter that has a gradient. On CUDA, the rank-1 APOLLO steps (APOLLO-Mini) of each
-        device are launched together (the core batches up to 64 matrices per launch)."""
+        device are launched together (the core batches up to 64 matrices per launch), and so are the AdamW
+        steps (norms, biases: two launches per 64 tensors instead of two per tensor); same bits as one by one."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         streams: dict = {}
         batches: dict = {}
+        adamw: dict = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -437,10 +440,44 @@ class Apollo(torch.optim.Optimizer):
                     if alone and state["algo"] == "apollo" and group["rank"] == 1 and p.grad.dtype in _DTYPES:
                         batches.setdefault(p.device, []).append((p, group, state))
                         continue
+                    if alone and state["algo"] == "adamw" and p.grad.dtype in _DTYPES:
+                        adamw.setdefault(p.device, []).append((p, group, state))
+                        continue
                 self.step_param(p, stream=stream)
+        for device, entries in adamw.items():
+            self._step_adamw_batch(device, entries, streams[device])
         for device, entries in batches.items():
             self._step_batch(device, entries, streams[device])
         return loss
+
+    def _step_adamw_batch(self, device: torch.device, entries: list, stream: int) -> None:
+        # As _step_batch: the items are built once per set of parameters; per step only the gradients' addresses,
+        # their dtypes and the learning rates change.
+        key = ("adamw", device, tuple(id(p) for p, _, _ in entries))
+        cached = self._batches.get(key)
+        if cached is None:
+            items = []
+            for p, group, state in entries:
+                _, h, (numel,), (m, v, status, step), _, _ = self._call(p, group, state)
+                items.append([p.data_ptr(), _DTYPES[p.dtype], None, numel, m, v, status, step, state["seed"], h])
+            cached = self._batches[key] = (items, _core.adamw_many_workspace_bytes([it[3] for it in items]))
+        items, nbytes = cached
+        grads, keep = [], []
+        for (p, group, _), item in zip(entries, items):
+            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            keep.append(g)
+            grads.append(g.data_ptr())
+            item[2] = _DTYPES[g.dtype]
+            h = item[9]
+            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
+        ws = self._adamw_workspaces.get(device)
+        if ws is None or ws.numel() < nbytes:
+            # Zero-filled once: the steps keep their counters at zero between uses. Its own, not the APOLLO
+            # batches': their slices lie elsewhere and would leave floats where these steps keep counters.
+            ws = self._adamw_workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        if torch.cuda.current_device() != device.index:
+            torch.cuda.set_device(device)
+        _core.adamw_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
 
     def _step_batch(self, device: torch.device, entries: list, stream: int) -> None:
         # The items (addresses of weights and state, sizes, hyperparameters) are built once per set of

@@ -7,7 +7,6 @@
 #include <charconv>
 #include <cstdlib>
 #include <set>
-#include <tuple>
 
 #include "livetrain/error.hpp"
 #include "optim/apollo_update.hpp"
@@ -57,7 +56,6 @@ const std::array<Spec, kNumKnobs>& specs() {
       {"apollo.moments_blocks_per_sm", 4, {}, 1, 32, "moments grid cap per multiprocessor"},
       {"apollo.update_threads", 128, {128, 256, 512}, 0, 0, "threads per block, update"},
       {"apollo.update_blocks_per_sm", 16, {}, 1, 64, "update grid cap per matrix and multiprocessor"},
-      {"apollo.update_unroll", 1, {1, 2, 4}, 0, 0, "groups of 8 elements per thread and iteration, update"},
       {"apollo.fused_step",
        0,
        {0, 1},
@@ -76,7 +74,7 @@ const std::array<Spec, kNumKnobs>& specs() {
        {0, 1},
        0,
        0,
-       "batched update of bf16 weights and gradients at unroll 1: 1 issues a group's loads before its rounding bits"},
+       "batched update of bf16 weights and gradients: 1 issues a group's loads before its rounding bits"},
       {"apollo.update_probe",
        0,
        {0, 1},
@@ -90,8 +88,8 @@ const std::array<Spec, kNumKnobs>& specs() {
        0,
        0,
        "1: a batch of APOLLO-Mini steps of bf16 weights and gradients updates in a kernel with Mini's choices (tensor "
-       "scaling, stochastic rounding, whole tensors) compiled in, at unroll 1 (same bits); other batches, and 0: the "
-       "generic kernel"},
+       "scaling, stochastic rounding, whole tensors) compiled in (same bits); other batches, and 0: the generic "
+       "kernel"},
       {"apollo.update_resident",
        0,
        {0, 2, 3, 4, 5, 6, 8},
@@ -100,12 +98,12 @@ const std::array<Spec, kNumKnobs>& specs() {
        "at most this many blocks of the batched update per multiprocessor, through unused dynamic shared memory, so "
        "that variants compare at one occupancy (0: what registers allow)"},
       {"apollo.update_fast_round",
-       0,
+       1,
        {0, 1},
        0,
        0,
-       "with apollo.update_mini: a group of 8 weights is rounded as (bits + offset) >> 16 unless one value is not "
-       "finite or >= 2^127 in magnitude, which takes the full path (same bits)"},
+       "with apollo.update_mini: 1 rounds a group of 8 weights as (bits + offset) >> 16 unless one value is not "
+       "finite or >= 2^127 in magnitude, which takes the full path; 0: every group the full path (same bits)"},
       {"checkpoint.pipeline", 1, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
       {"checkpoint.diff",
        1,
@@ -243,25 +241,21 @@ std::vector<KnobInfo> list() {
 std::vector<std::vector<std::pair<std::string, int64_t>>> apollo_update_variants() {
   using optim::detail::UpdateKnobs;
   std::vector<std::vector<std::pair<std::string, int64_t>>> out;
-  std::set<std::tuple<int, int, int>> seen;
-  for (int unroll : optim::detail::kUpdateUnrolls)
-    for (int probe = 0; probe < 2; ++probe)
-      for (int rounds : {10, 7})
-        for (int mini = 1; mini >= 0; --mini)
-          for (int loads_first = 0; loads_first < 2; ++loads_first)
-            for (int fast = 0; fast < 2; ++fast) {
-              const UpdateKnobs k{unroll, loads_first == 1, probe == 1, rounds, mini == 1, fast == 1};
-              if (!optim::detail::update_knobs_compiled(k)) continue;
-              const int a = optim::detail::update_variant_bits(k, true),
-                        b = optim::detail::update_variant_bits(k, false);
-              if (!seen.insert({unroll, a, b}).second) continue;
-              out.push_back({{"apollo.update_unroll", unroll},
-                             {"apollo.update_loads_first", loads_first},
-                             {"apollo.update_probe", probe},
-                             {"apollo.update_rounds", rounds},
-                             {"apollo.update_mini", mini},
-                             {"apollo.update_fast_round", fast}});
-            }
+  std::set<std::pair<int, int>> seen;
+  for (int probe = 0; probe < 2; ++probe)
+    for (int rounds : {10, 7})
+      for (int mini = 1; mini >= 0; --mini)
+        for (int loads_first = 0; loads_first < 2; ++loads_first)
+          for (int fast = 1; fast >= 0; --fast) {
+            const UpdateKnobs k{loads_first == 1, probe == 1, rounds, mini == 1, fast == 1};
+            const int a = optim::detail::update_variant_bits(k, true), b = optim::detail::update_variant_bits(k, false);
+            if (!seen.insert({a, b}).second) continue;
+            out.push_back({{"apollo.update_loads_first", loads_first},
+                           {"apollo.update_probe", probe},
+                           {"apollo.update_rounds", rounds},
+                           {"apollo.update_mini", mini},
+                           {"apollo.update_fast_round", fast}});
+          }
   return out;
 }
 

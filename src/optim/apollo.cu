@@ -570,14 +570,13 @@ __device__ __forceinline__ float updated(float w, float base, float sc, float g,
 }
 
 // ---- stage 4: W ← (W − η·mult·s_c·G) − lr·wd·(…), one thread per 8 adjacent elements of a row (one
-// Philox block of rounding bits). Skipped entirely unless the moments stage reported success. A thread
-// loads kUnroll groups (grid-stride apart) before it computes any (shipped: 1, apollo.update_unroll); the
-// result does not depend on kUnroll, the grid, the block size or kVariant's loads-first order and Mini kernel;
-// kSevenRounds changes the rounding offsets (as the CPU step does under the same knob), kProbe the whole
-// result (a bandwidth probe). ----
-template <typename TW, typename TG, int kUnroll, int kVariant = 0, bool kIncremental = true>
+// Philox block of rounding bits), grid-stride. Skipped entirely unless the moments stage reported success. The
+// result does not depend on the grid, the block size or kVariant's loads-first order, Mini kernel and short
+// rounding; kSevenRounds changes the rounding offsets (as the CPU step does under the same knob), kProbe the
+// whole result (a bandwidth probe). ----
+template <typename TW, typename TG, int kVariant = 0, bool kIncremental = true>
 __device__ void update_body(const Item& it, int block, int nblocks) {
-  constexpr bool kPrefetch = kUnroll > 1 || (kVariant & kLoadsFirst);
+  constexpr bool kPrefetch = (kVariant & kLoadsFirst) != 0;
   constexpr bool kProbeOnly = (kVariant & kProbe) != 0;
   constexpr int kRounds = (kVariant & kSevenRounds) ? 7 : 10;
   constexpr bool kMiniOnly = (kVariant & kMini) != 0;
@@ -605,140 +604,120 @@ __device__ void update_body(const Item& it, int block, int nblocks) {
   // division per group costs tens of instructions, a large share of what a group may issue at the H200's
   // bandwidth. The one-kernel step divides: its 64-register cap spills the incremental indices.
   const int64_t first = block * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t advance = stride * kUnroll, advance_rows = advance / gpr, advance_groups = advance % gpr;
-  int64_t row[kUnroll], in_row[kUnroll];
-  auto locate = [&](int64_t g0) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      row[u] = (g0 + u * stride) / gpr;
-      in_row[u] = (g0 + u * stride) % gpr;
-    }
-  };
-  locate(first);
+  const int64_t advance_rows = stride / gpr, advance_groups = stride % gpr;
+  int64_t row = first / gpr, in_row = first % gpr;
   auto next = [&](int64_t g0) {
     if constexpr (!kIncremental) {
-      locate(g0);
+      row = g0 / gpr;
+      in_row = g0 % gpr;
     } else {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        row[u] += advance_rows;
-        in_row[u] += advance_groups;
-        if (in_row[u] >= gpr) in_row[u] -= gpr, ++row[u];
-      }
+      row += advance_rows;
+      in_row += advance_groups;
+      if (in_row >= gpr) in_row -= gpr, ++row;
     }
   };
-  for (int64_t g0 = first; g0 < groups; g0 += advance, next(g0)) {
-    // kPrefetch (kUnroll > 1, or kLoadsFirst): every group's loads are issued before the rounding bits of the
-    // first are computed (kept packed); else the shipped order (bits, then the loads).
-    Raw<TG> gr[kUnroll];
-    Raw<TW> wr[kUnroll];
+  for (int64_t g0 = first; g0 < groups; g0 += stride, next(g0)) {
+    // kPrefetch (kLoadsFirst): the group's loads are issued before its rounding bits are computed (kept packed);
+    // else the shipped order (bits, then the loads).
+    Raw<TG> gr;
+    Raw<TW> wr;
+    const int64_t i = row, j0 = in_row * 8;
     if constexpr (kPrefetch) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t gi = g0 + u * stride;
-        const int64_t i = row[u], j0 = in_row[u] * 8;
-        if (gi < groups && it.wvec && j0 + 8 <= cols) {
-          gr[u].load(G + i * cols + j0);
-          wr[u].load(W + i * it.ldw + j0);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * stride;
-      if (gi >= groups) break;
-      const int64_t i = row[u], j0 = in_row[u] * 8;
-      if constexpr (kProbeOnly) {  // the same loads and stores, no step: W's words + G's words
-        if (it.wvec && j0 + 8 <= cols) {
-          const uint4 a = wr[u].w[0], b = gr[u].w[0];
-          // One 16-byte store, as st8's: written as a uint4 assignment, the compiler split some into four.
-          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(W + i * it.ldw + j0), "r"(a.x + b.x),
-                       "r"(a.y + b.y), "r"(a.z + b.z), "r"(a.w + b.w));
-        }
-        continue;
-      }
-      // A shard's elements take the offsets the full tensor's step gives them: its 8 elements are one
-      // group of the full tensor when its columns start at a multiple of 8, else each finds its own.
-      uint64_t group = static_cast<uint64_t>(gi);
-      bool own_groups = false;
-      if (sharded) {
-        const int64_t last = min(j0 + 7, cols - 1);
-        const RoundingSlot a = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0);
-        const RoundingSlot b = matrix_rounding_slot(it.shard, it.geo.cols_full, i, last);
-        group = a.group;
-        own_groups = a.lane != 0 || b.group != a.group || b.lane != last - j0;
-      }
-      const U32x4 bits = rounding_bits<kRounds>(it.seed, step, group);
-      auto offset = [&](int e) -> uint16_t {
-        if (!own_groups) return rounding_offset(bits, e);
-        const RoundingSlot sl = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0 + e);
-        return rounding_offset(rounding_bits<kRounds>(it.seed, step, sl.group), sl.lane);
-      };
-      const TG* g = G + i * cols + j0;
-      TW* w = W + i * it.ldw + j0;
-      bool ok = true;
       if (it.wvec && j0 + 8 <= cols) {
-        float gv[8], wv[8];
-        TW out[8];
-        if constexpr (kPrefetch) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) gv[e] = gr[u].at(e), wv[e] = wr[u].at(e);
-        } else {
-          ld8(g, gv);
-          ld8(w, wv);
-        }
-        // The group-wide choices (scaling, rounding mode, own groups) are taken once per group, outside the
-        // elements: taken per element, each element's few instructions sat between divergence barriers of
-        // branches never taken (and the address arithmetic of predicated-off loads of per-channel scales),
-        // and the update issued more instructions than the H200 moves its bytes in.
-        float sc[8];
-        if (tensor_scaling) {  // APOLLO-Mini
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sc[e] = tensor_s;
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sc[e] = it.scale[it.tall ? i : j0 + e];
-        }
-        auto apply = [&](auto stochastic, auto offset_of) {
-          constexpr Rounding kMode = decltype(stochastic)::value ? Rounding::kStochastic : Rounding::kNearest;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float nw = updated(wv[e], base, sc[e], gv[e], decay);
-            out[e] = to_weight(nw, wv[e], TW{}, kMode, offset_of(e), ok);
-          }
-        };
-        auto group_offset = [&](int e) { return rounding_offset(bits, e); };
-        if constexpr (kFast) {
-          // f32_to_bf16_stochastic and to_weight reduce to (u + offset) >> 16 unless a value is not finite or
-          // the rounding may carry into the exponent's all-ones (Inf): both need |value| >= 2^127, exponent field
-          // >= 0xFE. Such a group takes the full path (apply), so every bit is the same; a finite value below
-          // 2^127 can neither overflow bf16 nor be refused.
-          uint32_t big = 0;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const uint32_t u = f32_bits(updated(wv[e], base, sc[e], gv[e], decay));
-            big |= static_cast<uint32_t>((u & 0x7F800000u) >= 0x7F000000u);
-            out[e] = static_cast<TW>((u + group_offset(e)) >> 16);
-          }
-          if (big) apply(std::true_type{}, group_offset);
-        } else if (rounding != Rounding::kStochastic) {
-          apply(std::false_type{}, group_offset);  // offsets unused
-        } else if (!own_groups) {
-          apply(std::true_type{}, group_offset);
-        } else {
-          apply(std::true_type{}, offset);
-        }
-        st8(w, out);
-      } else {
-        for (int e = 0; e < 8 && j0 + e < cols; ++e) {
-          float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
-          float old = ld(w, e);
-          const float nw = updated(old, base, sc, ld(g, e), decay);
-          w[e] = to_weight(nw, old, TW{}, rounding, offset(e), ok);
-        }
+        gr.load(G + i * cols + j0);
+        wr.load(W + i * it.ldw + j0);
       }
-      bad |= !ok;
     }
+    if constexpr (kProbeOnly) {  // the same loads and stores, no step: W's words + G's words
+      if (it.wvec && j0 + 8 <= cols) {
+        const uint4 a = wr.w[0], b = gr.w[0];
+        // One 16-byte store, as st8's: written as a uint4 assignment, the compiler split some into four.
+        asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(W + i * it.ldw + j0), "r"(a.x + b.x),
+                     "r"(a.y + b.y), "r"(a.z + b.z), "r"(a.w + b.w));
+      }
+      continue;
+    }
+    // A shard's elements take the offsets the full tensor's step gives them: its 8 elements are one
+    // group of the full tensor when its columns start at a multiple of 8, else each finds its own.
+    uint64_t group = static_cast<uint64_t>(g0);
+    bool own_groups = false;
+    if (sharded) {
+      const int64_t last = min(j0 + 7, cols - 1);
+      const RoundingSlot a = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0);
+      const RoundingSlot b = matrix_rounding_slot(it.shard, it.geo.cols_full, i, last);
+      group = a.group;
+      own_groups = a.lane != 0 || b.group != a.group || b.lane != last - j0;
+    }
+    const U32x4 bits = rounding_bits<kRounds>(it.seed, step, group);
+    auto offset = [&](int e) -> uint16_t {
+      if (!own_groups) return rounding_offset(bits, e);
+      const RoundingSlot sl = matrix_rounding_slot(it.shard, it.geo.cols_full, i, j0 + e);
+      return rounding_offset(rounding_bits<kRounds>(it.seed, step, sl.group), sl.lane);
+    };
+    const TG* g = G + i * cols + j0;
+    TW* w = W + i * it.ldw + j0;
+    bool ok = true;
+    if (it.wvec && j0 + 8 <= cols) {
+      float gv[8], wv[8];
+      TW out[8];
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) gv[e] = gr.at(e), wv[e] = wr.at(e);
+      } else {
+        ld8(g, gv);
+        ld8(w, wv);
+      }
+      // The group-wide choices (scaling, rounding mode, own groups) are taken once per group, outside the
+      // elements: taken per element, each element's few instructions sat between divergence barriers of
+      // branches never taken (and the address arithmetic of predicated-off loads of per-channel scales),
+      // and the update issued more instructions than the H200 moves its bytes in.
+      float sc[8];
+      if (tensor_scaling) {  // APOLLO-Mini
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sc[e] = tensor_s;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sc[e] = it.scale[it.tall ? i : j0 + e];
+      }
+      auto apply = [&](auto stochastic, auto offset_of) {
+        constexpr Rounding kMode = decltype(stochastic)::value ? Rounding::kStochastic : Rounding::kNearest;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float nw = updated(wv[e], base, sc[e], gv[e], decay);
+          out[e] = to_weight(nw, wv[e], TW{}, kMode, offset_of(e), ok);
+        }
+      };
+      auto group_offset = [&](int e) { return rounding_offset(bits, e); };
+      if constexpr (kFast) {
+        // f32_to_bf16_stochastic and to_weight reduce to (u + offset) >> 16 unless a value is not finite or
+        // the rounding may carry into the exponent's all-ones (Inf): both need |value| >= 2^127, exponent field
+        // >= 0xFE. Such a group takes the full path (apply), so every bit is the same; a finite value below
+        // 2^127 can neither overflow bf16 nor be refused.
+        uint32_t big = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const uint32_t u = f32_bits(updated(wv[e], base, sc[e], gv[e], decay));
+          big |= static_cast<uint32_t>((u & 0x7F800000u) >= 0x7F000000u);
+          out[e] = static_cast<TW>((u + group_offset(e)) >> 16);
+        }
+        if (big) apply(std::true_type{}, group_offset);
+      } else if (rounding != Rounding::kStochastic) {
+        apply(std::false_type{}, group_offset);  // offsets unused
+      } else if (!own_groups) {
+        apply(std::true_type{}, group_offset);
+      } else {
+        apply(std::true_type{}, offset);
+      }
+      st8(w, out);
+    } else {
+      for (int e = 0; e < 8 && j0 + e < cols; ++e) {
+        float sc = tensor_scaling ? tensor_s : it.scale[it.tall ? i : j0 + e];
+        float old = ld(w, e);
+        const float nw = updated(old, base, sc, ld(g, e), decay);
+        w[e] = to_weight(nw, old, TW{}, rounding, offset(e), ok);
+      }
+    }
+    bad |= !ok;
   }
   if (bad) atomicMax(it.status, static_cast<int32_t>(kStatusNonFiniteUpdate));
 }
@@ -770,9 +749,9 @@ __global__ void __launch_bounds__(kMaxVariantThreads) project_fused_kernel(const
 
 __global__ void moments_kernel(const Item it) { moments_body(it, blockIdx.x, gridDim.x); }
 
-template <typename TW, typename TG, int kUnroll, int kVariant>
+template <typename TW, typename TG, int kVariant>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_kernel(const Item it) {
-  update_body<TW, TG, kUnroll, kVariant>(it, blockIdx.x, gridDim.x);
+  update_body<TW, TG, kVariant>(it, blockIdx.x, gridDim.x);
 }
 
 // ---- kernels of a step in phases ----
@@ -809,7 +788,7 @@ __global__ void tail_kernel(const Item it) {
 // blocks of each stage's grid (sized by make_item for kFusedThreads per block) round-robin, with a
 // grid-wide barrier between stages where the separate kernels have a launch boundary; the stage bodies,
 // their partial sums and last-block reductions are the separate kernels' own. The projection variants are
-// the defaults (tall rows 2 × loads 2, wide loads 2); the update is unroll 1.
+// the defaults (tall rows 2 × loads 2, wide loads 2).
 constexpr int kFusedThreads = kWideColsPerBlock / 8;  // the wide projection's block; every stage runs at it
 constexpr int kFusedMinBlocks = 8;                    // per SM: <= 64 registers, 32 warps resident
 
@@ -827,7 +806,7 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedMinBlocks) step_fused_ker
   for (int b = blockIdx.x; b < it.mom_blocks; b += gridDim.x) moments_body(it, b, it.mom_blocks);
   grid.sync();
   for (int b = blockIdx.x; b < it.upd_blocks; b += gridDim.x)
-    update_body<TW, TG, 1, kVariant, false>(it, b, it.upd_blocks);
+    update_body<TW, TG, kVariant, false>(it, b, it.upd_blocks);
 }
 
 // ---- kernels: many rank-1 parameters, each with its own run of blocks ----
@@ -885,10 +864,10 @@ __global__ void moments_many_kernel(const __grid_constant__ Batch b) {
   moments_body(b.items[i], local, b.items[i].mom_blocks);
 }
 
-template <typename TW, typename TG, int kUnroll, int kVariant>
+template <typename TW, typename TG, int kVariant>
 __global__ void __launch_bounds__(kMaxVariantThreads) update_many_kernel(const __grid_constant__ Batch b) {
   int local, i = find_item(b, kUpdate, blockIdx.x, &local);
-  update_body<TW, TG, kUnroll, kVariant>(b.items[i], local, b.items[i].upd_blocks);
+  update_body<TW, TG, kVariant>(b.items[i], local, b.items[i].upd_blocks);
 }
 
 int sm_count() {
@@ -923,8 +902,8 @@ int resident_limit_smem(const void* kernel, int blocks) {
 // Launch shapes of a step, read from the tuning knobs once per call (docs/tuning.md); the defaults are the
 // shapes measured best on the H200 (the H100's: apollo.split_projection=0, tall_loads=4, wide_loads=4).
 struct Shape {
-  int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps,
-      update_unroll, batch, streams;
+  int tall_threads, tall_rows, tall_loads, wide_blocks, wide_loads, moments_bps, update_threads, update_bps, batch,
+      streams;
   int update_rounds, update_resident;  // apollo.update_*: variants of the update
   bool update_loads_first, update_probe, update_mini, update_fast_round;
   bool split;  // tall and wide projections as separate kernels (any variant but the one-kernel projection's)
@@ -939,7 +918,6 @@ struct Shape {
             static_cast<int>(get(tuning::kApolloMomentsBlocksPerSm)),
             static_cast<int>(get(tuning::kApolloUpdateThreads)),
             static_cast<int>(get(tuning::kApolloUpdateBlocksPerSm)),
-            static_cast<int>(get(tuning::kApolloUpdateUnroll)),
             static_cast<int>(get(tuning::kApolloBatch)),
             static_cast<int>(get(tuning::kApolloStreams)),
             static_cast<int>(get(tuning::kApolloUpdateRounds)),
@@ -985,13 +963,6 @@ void loads_variant(int loads, F&& f) {  // 2, 4 or 8 (the knob's choices)
   else f(Int<4>{});
 }
 
-template <typename F>
-void unroll_variant(int unroll, F&& f) {  // 1, 2 or 4 (the knob's choices)
-  if (unroll == 2) f(Int<2>{});
-  else if (unroll == 4) f(Int<4>{});
-  else f(Int<1>{});
-}
-
 // f(Int<variant>) for an update of one step or the one-kernel step: only the rounds apply there (they must
 // everywhere, so that every path rounds as the CPU step does); the other apollo.update_* knobs choose among
 // variants of the batched update of bf16 weights and gradients (update_many_variant).
@@ -1003,50 +974,39 @@ void rounds_variant(const Shape& shape, F&& f) {
   f(Int<0>{});
 }
 
-// f(Int<unroll>, Int<variant>) for one compiled variant of the batched update of bf16 weights and gradients
-// (update_many_kernel's kUnroll and kVariant; apollo_update.hpp: update_compiled says which exist).
-template <typename TW, typename TG, size_t I, typename F>
-bool try_update_variant(int unroll, int v, F& f) {
-  constexpr int kU = kUpdateUnrolls[I / kNumUpdateVariants], kV = static_cast<int>(I % kNumUpdateVariants);
-  if constexpr (!update_compiled(kU, kV)) {
+// f(Int<variant>) for one compiled variant of the batched update of bf16 weights and gradients
+// (update_many_kernel's kVariant; apollo_update.hpp: update_compiled says which exist).
+template <typename TW, typename TG, int V, typename F>
+bool try_update_variant(int v, F& f) {
+  if constexpr (!update_compiled(V)) {
     return false;
   } else {
-    if (unroll != kU || v != kV) return false;
-    f(Int<kU>{}, Int<kV>{});
+    if (v != V) return false;
+    f(Int<V>{});
     return true;
   }
 }
 
-template <typename TW, typename TG, typename F, size_t... I>
-bool update_variant_table(int unroll, int v, F& f, std::index_sequence<I...>) {
-  return (try_update_variant<TW, TG, I>(unroll, v, f) || ...);
+template <typename TW, typename TG, typename F, int... V>
+bool update_variant_table(int v, F& f, std::integer_sequence<int, V...>) {
+  return (try_update_variant<TW, TG, V>(v, f) || ...);
 }
 
 UpdateKnobs update_knobs(const Shape& shape) {
-  return UpdateKnobs{shape.update_unroll, shape.update_loads_first, shape.update_probe,
-                     shape.update_rounds, shape.update_mini,        shape.update_fast_round};
+  return UpdateKnobs{shape.update_loads_first, shape.update_probe, shape.update_rounds, shape.update_mini,
+                     shape.update_fast_round};
 }
 
-// Refuses a combination of apollo.update_* knobs that is not compiled, before any stage of a step is launched.
-void check_update_variant(const Shape& shape) {
-  if (update_knobs_compiled(update_knobs(shape))) return;
-  throw Error(ErrorCode::kInvalidArg,
-              "tuning: apollo.update_unroll " + std::to_string(shape.update_unroll) + ", update_loads_first " +
-                  std::to_string(shape.update_loads_first) + ", update_probe " + std::to_string(shape.update_probe) +
-                  " is not a compiled variant of the APOLLO update (loads first and the probe at unroll 1)");
-}
-
-// f(Int<unroll>, Int<variant>) for the batched update, from the knobs (check_update_variant first). Other
-// dtypes than bf16 weights and gradients: unroll × rounds, the other apollo.update_* knobs ignored.
+// f(Int<variant>) for the batched update, from the knobs. Other dtypes than bf16 weights and gradients: the
+// rounds, the other apollo.update_* knobs ignored.
 template <typename TW, typename TG, typename F>
 void update_many_variant(const Shape& shape, bool mini, F&& f) {
   if constexpr (!(std::is_same_v<TW, uint16_t> && std::is_same_v<TG, uint16_t>)) {
-    unroll_variant(shape.update_unroll, [&](auto unroll) { rounds_variant<TW>(shape, [&](auto v) { f(unroll, v); }); });
+    rounds_variant<TW>(shape, f);
   } else {
-    check_update_variant(shape);
-    // The table holds every combination update_compiled accepts, so a checked one always launches.
-    if (!update_variant_table<TW, TG>(shape.update_unroll, update_variant_bits(update_knobs(shape), mini), f,
-                                      std::make_index_sequence<3 * kNumUpdateVariants>{}))
+    // The table holds every combination update_compiled accepts, and every setting of the knobs names one.
+    if (!update_variant_table<TW, TG>(update_variant_bits(update_knobs(shape), mini), f,
+                                      std::make_integer_sequence<int, kNumUpdateVariants>{}))
       throw Error(ErrorCode::kUnsupported, "optimizer step: the APOLLO update variant has no kernel (a livetrain bug)");
   }
 }
@@ -1118,7 +1078,7 @@ Item make_item(const ApolloStep& s, void* workspace, const Shape& shape, bool ph
   it.mom_blocks = static_cast<int32_t>(std::min<int64_t>(
       (ws.K + per_block - 1) / per_block, std::min<int64_t>(kMaxBlocks, int64_t{sms} * shape.moments_bps)));
   const int64_t groups = s.rows * ((s.cols + 7) / 8);
-  const int64_t per_update_block = int64_t{shape.update_threads} * shape.update_unroll;
+  const int64_t per_update_block = shape.update_threads;
   it.upd_blocks = static_cast<int32_t>(
       std::min<int64_t>((groups + per_update_block - 1) / per_update_block, int64_t{sms} * shape.update_bps));
   return it;
@@ -1146,7 +1106,6 @@ void launch_fused(const ApolloStep& s, Shape shape, cudaStream_t stream) {
   // separate kernels' would at that block size.
   shape.tall_threads = shape.update_threads = kFusedThreads;
   shape.tall_rows = 2;  // the compiled variants (step_fused_kernel)
-  shape.update_unroll = 1;
   Item it = make_item(s, s.workspace, shape);
   const int want = std::max(std::max(it.gen_blocks, it.proj_blocks), std::max(it.mom_blocks, it.upd_blocks));
   void* args[] = {&it};
@@ -1188,11 +1147,8 @@ void launch(const ApolloStep& s, cudaStream_t stream) {
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
   moments_kernel<<<it.mom_blocks, 256, 0, stream>>>(it);
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-  unroll_variant(shape.update_unroll, [&](auto unroll) {
-    rounds_variant<TW>(shape, [&](auto v) {
-      update_kernel<TW, TG, unroll(), v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
-    });
-  });
+  rounds_variant<TW>(
+      shape, [&](auto v) { update_kernel<TW, TG, v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it); });
   LIVETRAIN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1238,8 +1194,8 @@ void launch_many(const ApolloStep* steps, int n, void* workspace, const Shape& s
   bool mini = true;  // apollo.update_mini's kernel compiles APOLLO-Mini's choices in
   for (int i = 0; i < n; ++i)
     mini = mini && b.items[i].h.scaling == Scaling::kTensor && b.items[i].h.rounding == Rounding::kStochastic;
-  update_many_variant<TW, TG>(shape, mini, [&](auto unroll, auto variant) {
-    auto kernel = update_many_kernel<TW, TG, unroll(), variant()>;
+  update_many_variant<TW, TG>(shape, mini, [&](auto variant) {
+    auto kernel = update_many_kernel<TW, TG, variant()>;
     const int smem = resident_limit_smem(reinterpret_cast<const void*>(kernel), shape.update_resident);
     kernel<<<u, shape.update_threads, smem, stream>>>(b);
   });
@@ -1309,11 +1265,8 @@ void launch_phase(const ApolloStep& s, ApolloPhase phase, cudaStream_t stream) {
     case ApolloPhase::kUpdate: {
       tail_kernel<<<1, 32, 0, stream>>>(it);
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
-      unroll_variant(shape.update_unroll, [&](auto unroll) {
-        rounds_variant<TW>(shape, [&](auto v) {
-          update_kernel<TW, TG, unroll(), v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it);
-        });
-      });
+      rounds_variant<TW>(
+          shape, [&](auto v) { update_kernel<TW, TG, v()><<<it.upd_blocks, shape.update_threads, 0, stream>>>(it); });
       LIVETRAIN_CUDA_CHECK(cudaGetLastError());
       return;
     }
@@ -1387,7 +1340,6 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
   if (n && !aligned16(workspace))
     throw Error(ErrorCode::kInvalidArg, "optimizer step: workspace is not 16-byte aligned");
   const Shape shape = Shape::current();
-  check_update_variant(shape);  // before any launch: a refused combination leaves every step undone
   std::optional<SideStream> side;
   if (shape.streams == 2) side.emplace(st);
   int batches = 0;

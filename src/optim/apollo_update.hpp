@@ -1,12 +1,12 @@
 // Internal: the compiled variants of the batched APOLLO update of bf16 weights and gradients (tuning knobs
-// apollo.update_*, docs/tuning.md): the bits of the update kernels' kVariant and which unroll × bits have a
-// kernel. One table for the CUDA dispatcher (apollo.cu) and the binding that lists the variants for the tests
+// apollo.update_*, docs/tuning.md): the bits of the update kernels' kVariant and which of them have a kernel.
+// One table for the CUDA dispatcher (apollo.cu) and the binding that lists the variants for the tests
 // (_core.apollo_update_variants), so that a test cannot name a combination that has no kernel.
 #pragma once
 
 namespace livetrain::optim::detail {
 
-constexpr int kLoadsFirst = 1;   // apollo.update_loads_first: at unroll 1, a group's loads before its rounding bits
+constexpr int kLoadsFirst = 1;   // apollo.update_loads_first: a group's loads before its rounding bits
 constexpr int kProbe = 2;        // apollo.update_probe: W ← W + G bitwise, no step (a bandwidth probe)
 constexpr int kSevenRounds = 4;  // apollo.update_rounds 7: Philox4x32-7 rounding offsets (other bits)
 constexpr int kMini = 8;         // apollo.update_mini: APOLLO-Mini's choices (tensor scaling, stochastic rounding,
@@ -14,42 +14,34 @@ constexpr int kMini = 8;         // apollo.update_mini: APOLLO-Mini's choices (t
 constexpr int kFastRound = 16;   // apollo.update_fast_round (with kMini): a group's stochastic rounding without the
                                  // per-element guards unless one of its 8 values needs them
 constexpr int kNumUpdateVariants = 32;
-constexpr int kUpdateUnrolls[] = {1, 2, 4};  // apollo.update_unroll's choices
 
-// Unroll 1: every combination (the fast rounding only in Mini's kernel, the probe alone, with its loads
-// first); unroll 2 and 4: the generic kernel, 10 or 7 rounds. Mini's kernel at unroll > 1 and the cache hints
-// and register caps measured slower on the H200 (bench/RESULTS.md, third session of 2026-12-01) and are gone.
-constexpr bool update_compiled(int unroll, int v) {
+// Every combination but the probe's (alone, with its loads first) and the short rounding outside Mini's kernel.
+// Loads of several groups per thread (apollo.update_unroll 2 and 4: 0.80x on the 8b set and 0.81x on 27b in
+// the probe of the fourth session of 2026-12-01), Mini's kernel at unroll > 1, the cache hints and the register
+// caps measured slower on the H200 (bench/RESULTS.md) and are gone.
+constexpr bool update_compiled(int v) {
   if (v < 0 || v >= kNumUpdateVariants) return false;
-  if (v & kProbe) return unroll == 1 && v == (kProbe | kLoadsFirst);
-  if ((v & kFastRound) && !(v & kMini)) return false;
-  if (unroll != 1) return (unroll == 2 || unroll == 4) && !(v & (kLoadsFirst | kMini));
-  return true;
+  if (v & kProbe) return v == (kProbe | kLoadsFirst);
+  return !(v & kFastRound) || (v & kMini);
 }
 
 // The apollo.update_* knobs that choose the batched update's kernel (read once per step).
 struct UpdateKnobs {
-  int unroll = 1;  // apollo.update_unroll
   bool loads_first = false, probe = false;
   int rounds = 10;  // apollo.update_rounds
-  bool mini = true, fast_round = false;
+  bool mini = true, fast_round = true;
 };
 
 // The batched update's variant bits. `mini_batch`: every step of the batch is APOLLO-Mini's (tensor scaling,
-// stochastic rounding; the batched path steps whole tensors, apollo_step_many_cuda refuses shards); only then,
-// and at unroll 1 (its only compiled unroll), does apollo.update_mini take Mini's kernel: any other batch runs
-// the generic kernel, which reads the scaling and rounding of each step. The probe ignores the other knobs.
+// stochastic rounding; the batched path steps whole tensors, apollo_step_many_cuda refuses shards); only then
+// does apollo.update_mini take Mini's kernel (and apollo.update_fast_round its short rounding): any other batch
+// runs the generic kernel, which reads the scaling and rounding of each step. The probe ignores the other knobs.
+// Every setting of the knobs names a compiled kernel (update_compiled) for either kind of batch.
 constexpr int update_variant_bits(const UpdateKnobs& k, bool mini_batch) {
   if (k.probe) return kProbe | kLoadsFirst;
-  const bool mini_kernel = k.mini && mini_batch && k.unroll == 1;
+  const bool mini_kernel = k.mini && mini_batch;
   return (k.loads_first ? kLoadsFirst : 0) | (k.rounds == 7 ? kSevenRounds : 0) |
          (mini_kernel ? kMini | (k.fast_round ? kFastRound : 0) : 0);
-}
-
-// Whether the knobs name a compiled kernel whatever the batch turns out to be (Mini's steps or others).
-constexpr bool update_knobs_compiled(const UpdateKnobs& k) {
-  return update_compiled(k.unroll, update_variant_bits(k, true)) &&
-         update_compiled(k.unroll, update_variant_bits(k, false));
 }
 
 }  // namespace livetrain::optim::detail

@@ -122,6 +122,12 @@ size_t apollo_many_workspace_bytes(const ApolloStep* steps, int n) {
   return total;
 }
 
+size_t adamw_many_workspace_bytes(const AdamWStep* steps, int n) {
+  size_t total = 0;
+  for (int i = 0; i < n; ++i) total += AdamWWorkspace(steps[i].numel).bytes;
+  return total;
+}
+
 #ifndef LIVETRAIN_WITH_CUDA
 void apollo_step_cuda(const ApolloStep&, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
@@ -136,6 +142,9 @@ void apollo_phase_cuda(const ApolloStep&, ApolloPhase, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
 }
 void adamw_sumsq_cuda(const void*, DType, int64_t, float*, void*, void*) {
+  throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
+}
+void adamw_step_many_cuda(const AdamWStep*, int, void*, size_t, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");
 }
 #endif

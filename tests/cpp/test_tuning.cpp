@@ -83,68 +83,62 @@ TEST(Tuning, BadNamesAndValuesAreClearErrors) {
 }
 
 // Which kernel the batched bf16 update launches (optim/apollo_update.hpp, the dispatcher's table): Mini's kernel
-// only for a batch of APOLLO-Mini steps at unroll 1; every other batch, and every other unroll, the generic one.
+// (with its short rounding by default) only for a batch of APOLLO-Mini steps; every other batch the generic one.
 TEST(Tuning, ApolloUpdateKernelChoice) {
   namespace d = livetrain::optim::detail;
   Knobs k;
   auto current = [] {  // the update's knobs as set now
-    return d::UpdateKnobs{static_cast<int>(tuning::get(tuning::kApolloUpdateUnroll)),
-                          tuning::get(tuning::kApolloUpdateLoadsFirst) == 1,
-                          tuning::get(tuning::kApolloUpdateProbe) == 1,
-                          static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)),
-                          tuning::get(tuning::kApolloUpdateMini) == 1,
-                          tuning::get(tuning::kApolloUpdateFastRound) == 1};
+    return d::UpdateKnobs{
+        tuning::get(tuning::kApolloUpdateLoadsFirst) == 1, tuning::get(tuning::kApolloUpdateProbe) == 1,
+        static_cast<int>(tuning::get(tuning::kApolloUpdateRounds)), tuning::get(tuning::kApolloUpdateMini) == 1,
+        tuning::get(tuning::kApolloUpdateFastRound) == 1};
   };
   const d::UpdateKnobs shipped = current();
-  EXPECT_TRUE(d::update_knobs_compiled(shipped));
-  EXPECT_EQ(d::update_variant_bits(shipped, true), d::kMini) << "the default: Mini's kernel for Mini's batches";
+  EXPECT_EQ(d::update_variant_bits(shipped, true), d::kMini | d::kFastRound)
+      << "the default: Mini's kernel with its short rounding for Mini's batches";
   EXPECT_EQ(d::update_variant_bits(shipped, false), 0) << "the generic kernel for any other batch";
-  d::UpdateKnobs u = shipped;
-  u.unroll = 2;
-  EXPECT_TRUE(d::update_knobs_compiled(u)) << "update_unroll 2 falls back to the generic kernel";
-  EXPECT_EQ(d::update_variant_bits(u, true), 0);
-  u.loads_first = true;
-  EXPECT_FALSE(d::update_knobs_compiled(u)) << "loads first only at unroll 1";
   d::UpdateKnobs f = shipped;
-  f.fast_round = true;
   f.rounds = 7;
   EXPECT_EQ(d::update_variant_bits(f, true), d::kMini | d::kFastRound | d::kSevenRounds);
   EXPECT_EQ(d::update_variant_bits(f, false), d::kSevenRounds) << "no fast rounding outside Mini's kernel";
+  f.fast_round = false;
+  EXPECT_EQ(d::update_variant_bits(f, true), d::kMini | d::kSevenRounds) << "the full rounding path (before)";
   f.mini = false;
+  f.fast_round = true;
   EXPECT_EQ(d::update_variant_bits(f, true), d::kSevenRounds);
   d::UpdateKnobs p = shipped;
   p.probe = true;
   EXPECT_EQ(d::update_variant_bits(p, true), d::kProbe | d::kLoadsFirst);
-  p.unroll = 4;
-  EXPECT_FALSE(d::update_knobs_compiled(p));
 
-  // The list the Python tests take their variants from: each setting compiled and a step accepts it, the probe
-  // once, Mini's kernel only at unroll 1, and every compiled (unroll, bits) reached by some setting.
+  // The list the Python tests take their variants from: the defaults first, each setting's kernels compiled,
+  // the probe once, and every compiled variant reached by some setting.
   const auto variants = tuning::apollo_update_variants();
+  ASSERT_FALSE(variants.empty());
+  {
+    Knobs first(variants.front());
+    const d::UpdateKnobs v = current();
+    EXPECT_EQ(d::update_variant_bits(v, true), d::update_variant_bits(shipped, true));
+    EXPECT_EQ(d::update_variant_bits(v, false), d::update_variant_bits(shipped, false));
+  }
   int probes = 0;
-  bool reached[3][d::kNumUpdateVariants] = {};
+  bool reached[d::kNumUpdateVariants] = {};
   for (const auto& setting : variants) {
     Knobs set(setting);
     const d::UpdateKnobs v = current();
-    ASSERT_TRUE(d::update_knobs_compiled(v));
     probes += v.probe;
-    const int ui = v.unroll == 1 ? 0 : v.unroll == 2 ? 1 : 2;
-    reached[ui][d::update_variant_bits(v, true)] = reached[ui][d::update_variant_bits(v, false)] = true;
-    if (v.unroll != 1) {
-      EXPECT_EQ(d::update_variant_bits(v, true) & d::kMini, 0);
+    for (bool mini_batch : {true, false}) {
+      ASSERT_TRUE(d::update_compiled(d::update_variant_bits(v, mini_batch)));
+      reached[d::update_variant_bits(v, mini_batch)] = true;
     }
   }
   EXPECT_EQ(probes, 1);
   int compiled = 0;
-  for (int ui = 0; ui < 3; ++ui) {
-    for (int bits = 0; bits < d::kNumUpdateVariants; ++bits) {
-      if (!d::update_compiled(d::kUpdateUnrolls[ui], bits)) continue;
-      ++compiled;
-      EXPECT_TRUE(reached[ui][bits]) << "unroll " << d::kUpdateUnrolls[ui] << ", bits " << bits;
-    }
+  for (int bits = 0; bits < d::kNumUpdateVariants; ++bits) {
+    if (!d::update_compiled(bits)) continue;
+    ++compiled;
+    EXPECT_TRUE(reached[bits]) << "bits " << bits;
   }
-  EXPECT_EQ(compiled, 17) << "unroll 1: 2 loads orders x 2 round counts x (generic, Mini, Mini fast) + the probe; "
-                             "unroll 2 and 4: generic x 2 round counts";
+  EXPECT_EQ(compiled, 13) << "2 loads orders x 2 round counts x (generic, Mini, Mini fast) + the probe";
 }
 
 // LIVETRAIN_TUNING is read once per process, on first use: each case runs in a fresh process (a death test
@@ -443,26 +437,25 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
     const Result fused = run_cuda(ms, steps, true);
     expect_close(fused, cpu, ms, "apollo.fused_step=1");
     EXPECT_TRUE(same(run_cuda(ms, steps, true), fused)) << "apollo.fused_step=1 is deterministic";
-    Knobs k2({{"apollo.fused_step", 1}, {"apollo.update_unroll", 4}, {"apollo.tall_threads", 512}});
+    Knobs k2({{"apollo.fused_step", 1}, {"apollo.update_threads", 512}, {"apollo.tall_threads", 512}});
     EXPECT_TRUE(same(run_cuda(ms, steps, true), fused)) << "apollo.fused_step=1 fixes its own launch shapes";
   }
   const std::vector<Settings> bit_identical = {
       {{"apollo.split_projection", 1}},
-      {{"apollo.update_unroll", 2}},
-      {{"apollo.update_unroll", 4}},
       {{"apollo.update_threads", 128}},
       {{"apollo.update_threads", 512}},
       {{"apollo.update_blocks_per_sm", 1}},
       {{"apollo.batch", 1}},
       {{"apollo.batch", 7}},
       {{"apollo.streams", 2}},
-      {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_unroll", 4}, {"apollo.update_threads", 512}},
-      // Variants of the batched bf16 update (the generic kernel, loads first, Mini's kernel's short rounding).
+      {{"apollo.streams", 2}, {"apollo.batch", 5}, {"apollo.update_threads", 512}},
+      // Variants of the batched bf16 update (the generic kernel, loads first, Mini's kernel's full rounding path).
       {{"apollo.update_mini", 0}},
       {{"apollo.update_mini", 0}, {"apollo.update_threads", 256}},
       {{"apollo.update_loads_first", 1}},
       {{"apollo.update_loads_first", 1}, {"apollo.update_mini", 0}},
-      {{"apollo.update_fast_round", 1}},
+      {{"apollo.update_fast_round", 0}},
+      {{"apollo.update_fast_round", 0}, {"apollo.update_loads_first", 1}},
   };
   for (const Settings& s : bit_identical) {
     Knobs k(s);
@@ -472,9 +465,6 @@ TEST(TuningCuda, ApolloVariantsMatchTheCpuStep) {
   }
   Knobs k({{"apollo.tall_rows", 4}, {"apollo.tall_loads", 8}});
   std::string e = error_of([&] { run_cuda(ms, 1, false); });
-  EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
-  Knobs k2({{"apollo.update_loads_first", 1}, {"apollo.update_unroll", 2}});
-  e = error_of([&] { run_cuda(ms, 1, false); });
   EXPECT_NE(e.find("not a compiled variant"), std::string::npos) << e;
 }
 #endif

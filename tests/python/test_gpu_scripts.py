@@ -5,6 +5,7 @@ bench/vllm_transfer.py's Ray stand-in and table, and scripts/gpu.sh's steps."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,32 @@ def test_bench_model_dirs_name_their_architecture(tmp_path, shape, arch):
     vocab = serve_bench.SHAPES[shape]["vocab_size"]
     serve_bench.write_model_dir(str(tmp_path), shape, 1, serve_bench.build_tokenizer(vocab))
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [arch]
+
+
+def test_optim_bench_full_set_is_every_trained_parameter_of_the_serve_shape():
+    """bench/optim.py --full times the step over what bench/serve.py's trainer steps (issue #15's measure): for
+    qwen3.5-27b, 851 tensors and 26.90B parameters, as the trainer groups them, A_log in fp32 as served."""
+    optim_bench = load(ROOT / "bench" / "optim.py", "optim_bench_full_set")
+    groups = optim_bench.full_set("qwen3.5-27b")
+    parts = {part: params for part, _, params in groups}
+    assert sorted(parts) == ["adamw", "embeddings", "matrices"]
+    assert (len(parts["matrices"]), len(parts["embeddings"]), len(parts["adamw"])) == (496, 2, 353)
+    count = sum(math.prod(shape) for _, _, params in groups for _, shape, _ in params)
+    assert abs(count - 26.896e9) < 1e6
+    assert {name.rsplit(".", 1)[0] for name, _, _ in parts["embeddings"]} == {"model.embed_tokens", "lm_head"}
+    fp32 = {name for _, _, params in groups for name, _, dt in params if dt == torch.float32}
+    assert len(fp32) == 48 and all(name.endswith(".linear_attn.A_log") for name in fp32)
+
+
+def test_optim_bench_full_runs_every_row_on_the_cpu():
+    """bench/optim.py --full --device cpu: every row of the table steps (their code paths before the one GPU run)."""
+    r = run([sys.executable, "bench/optim.py", "--full", "--device", "cpu", "--shapes", "qwen3.5-tiny", "--steps", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    optim_bench = load(ROOT / "bench" / "optim.py", "optim_bench_full_rows")
+    for _, label, _, _, _ in optim_bench.FULL_GRID:
+        line = next((x for x in r.stdout.splitlines() if x.startswith(f"| {label} |")), None)
+        assert line is not None, (label, r.stdout[-3000:])
+        float(line.strip("|").split("|")[5])  # its step ms: the row stepped
+    assert "qwen3.5-tiny: shipped step" in r.stdout
+    bad = run([sys.executable, "bench/optim.py", "--full", "--device", "cpu", "--shapes", "70b"])
+    assert bad.returncode == 2 and "unknown ['70b']" in bad.stderr
