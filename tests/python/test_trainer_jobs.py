@@ -561,6 +561,13 @@ def test_a_half_applied_step_is_undone(run):
     assert info["skipped_nonfinite"] == ["model.layers.0.mlp.up_proj.weight"]
     assert "rolled back to generation" in info["error"]
     assert same_bits(weights(engine), before)
+    # One field says the weights were put back, as after the guard's verdict; the rollbacks count it.
+    g = info["guard"]
+    assert g["rolled_back"] is True and g["passed"] is None, g
+    assert g["rollback"]["rolled_back_to"] == int(info["error"].split("generation ")[1].split(",")[0])
+    assert g["rollback"]["weight_version"] == trainer.weight_version
+    assert trainer.status()["guard"]["rollbacks"] == trainer.metrics()["counts"]["guard_rollbacks"] == 1
+    assert trainer.metrics()["counts"]["nonfinite_stops"] == 1
 
 
 def test_cancel_a_queued_and_a_running_job(run):

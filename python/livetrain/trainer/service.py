@@ -985,7 +985,7 @@ class Trainer:
                     loss, ntok, per_example = self.train_step(batch, lr, step_anchor)
                 except NonFinite as e:
                     reason, state = "nonfinite", "failed"
-                    restored = self._nonfinite_stop(info, e, undo)
+                    restored = self._nonfinite_stop(info, e, undo, watch)
                     break
                 dt = time.perf_counter() - t0
                 losses.record(idx, per_example[: len(idx)])
@@ -1322,16 +1322,8 @@ class Trainer:
             if undo is None:
                 report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
             else:
-                r = self.rollback(undo["generation"]).body
-                p = watch["prepared"]
-                if self.prepared is p and p["version"] == self.retention.version:
-                    # The weights are those the job started from, bit for bit: so are its measures of them.
-                    p["version"] = self.retention.version = self.weight_version
-                report["rolled_back"] = True  # also after a non-finite stop: the state says where the weights are
-                report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+                self._roll_back(undo, watch, report)
                 state = "rolled_back"
-                with self.lock:
-                    self.counts["guard_rollbacks"] += 1
         report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
         with self.lock:
             info["guard"] = report
@@ -1346,13 +1338,31 @@ class Trainer:
         )
         return state
 
-    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None) -> bool:
+    def _roll_back(self, undo: dict, watch: dict | None, report: dict) -> int:
+        """Puts the weights back to a guarded job's undo point (bit for bit, through the store) and says so
+        where a user or a monitor looks, whatever the cause (the guard's verdict, a half-applied non-finite
+        step): the job's guard report ``report`` (``rolled_back``, ``rollback``), /train/status
+        ``guard.rollbacks`` and ``livetrain_guard_rollbacks_total``. The generation rolled back to."""
+        r = self.rollback(undo["generation"]).body
+        p = watch["prepared"] if watch is not None else None
+        if p is not None and self.prepared is p and p["version"] == self.retention.version:
+            # The weights are those the job started from, bit for bit: so are its measures of them.
+            p["version"] = self.retention.version = self.weight_version
+        with self.lock:
+            report["rolled_back"] = True
+            report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+            self.counts["guard_rollbacks"] += 1
+        return r["rolled_back_to"]
+
+    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None, watch: dict | None) -> bool:
         """A job stopped by a non-finite loss or gradient: the weights as they were before that step. When
-        the step was half applied (some parameters stepped), that means the job's undo point. True when the
-        weights were rolled back to it."""
+        the step was half applied (some parameters stepped), that means the job's undo point (its guard
+        report then says ``rolled_back`` as after the guard's verdict; ``passed`` stays null: the guard did
+        not judge). True when the weights were rolled back to it."""
         restored = None
         if e.applied and undo is not None:
-            restored = self.rollback(undo["generation"]).body["rolled_back_to"]
+            # A guarded job's undo point: its guard report exists (info["guard"] is watch["report"]).
+            restored = self._roll_back(undo, watch, info["guard"])
         with self.lock:
             self.counts["nonfinite_stops"] += 1
             info["skipped_nonfinite"] = e.parameters
