@@ -46,15 +46,27 @@ LONGER = [
 def run(tmp_path):
     made = []
 
-    def start(*words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True):
+    def start(
+        *words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True, given: str | None = None
+    ):
+        """An engine and its trainer; ``given``: a --chat-template for both, as `livetrain serve` passes it."""
         model = tmp_path / ("model" if chat_template else "base-model")
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS, chat_template=chat_template)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
-        engine = Engine(str(model), manifest, "cpu", dtype, store=store, store_dir=str(tmp_path / "store"))
+        engine = Engine(
+            str(model),
+            manifest,
+            "cpu",
+            dtype,
+            store=store,
+            store_dir=str(tmp_path / "store"),
+            chat_template=examples.load_chat_template(given) if given else None,
+        )
         made.append(engine)
         base = ["--state-dir", str(tmp_path / f"state-{len(made)}"), "--batch-size", "2", "--lr", "1e-2"]
         base += ["--store", str(tmp_path / "store")] if store else ["--no-store"]
+        base += ["--chat-template", given] if given else []
         trainer = Trainer(manifest, str(model), options.parse(base + list(words)))
         made.append(trainer)
         return engine, trainer
@@ -662,6 +674,60 @@ def test_a_model_without_a_chat_template_trains_with_the_guard_and_refuses_chat_
         trainer.retention.replay()[0][0][: len(examples.prompt_ids(tok, first))]
         == tok("\n".join(m["content"] for m in first) + "\n")["input_ids"]
     )
+
+
+# Another template than tiny_model.TEMPLATE: what a user gives with --chat-template.
+GIVEN = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.mark.parametrize("files_have_one", [False, True])
+def test_a_given_chat_template_is_what_the_trainer_and_the_engine_render_with(run, tmp_path, files_have_one):
+    """--chat-template (a file, as vLLM's: the plugin passes vLLM's on): chat examples, the guard's prompts and
+    the engine's chat requests are rendered with it, on a base model (whose chat examples were refused) and on
+    a model whose files have another template (training rendered with the files' while serving used the
+    given one)."""
+    path = tmp_path / "given.jinja"
+    path.write_text(GIVEN)
+    engine, trainer = run(chat_template=files_have_one, given=str(path))
+    tok = trainer.tokenizer
+    chat = [{"role": "user", "content": "one two"}]
+    text = "[user] one two [assistant] "
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert examples.prompt_ids(tok, chat) == ids == engine.encode_chat(chat)
+    body = {"examples": [{"messages": [*chat, {"role": "assistant", "content": "three"}]}], "steps": 1}
+    reply = trainer.handle("submit", json.dumps(body).encode())
+    assert reply.code == 202, reply.body
+    jid, queued = trainer.queue.get_nowait()
+    (got, mask, _), *_ = queued["examples"]
+    assert got == tok(text + "three </s> ", add_special_tokens=False)["input_ids"]
+    assert [t for t, m in zip(got, mask) if m] == got[len(ids) :]  # the assistant's tokens, from the template
+    # The guard's retention prompts too (rendered as chat now, not as a base model's plain text).
+    first = trainer.retention.prompts[0]
+    rendered = "".join(f"[{m['role']}] {m['content']} " for m in first) + "[assistant] "
+    assert examples.prompt_ids(tok, first) == tok(rendered, add_special_tokens=False)["input_ids"]
+    trainer.run_job(jid, queued)
+    assert trainer.jobs[jid]["state"] == "done", trainer.jobs[jid]
+
+
+def test_chat_template_values_are_files_or_templates(tmp_path):
+    """A --chat-template value is a file's text, or the template itself when it has a brace or a newline (vLLM's
+    rule); a path-like value that is no file is refused at parse time, naming it."""
+    path = tmp_path / "t.jinja"
+    path.write_text(GIVEN)
+    assert examples.load_chat_template(str(path)) == GIVEN
+    assert examples.load_chat_template(GIVEN) == GIVEN
+    with pytest.raises(ValueError, match="nowhere.jinja.*looks like a file's path"):
+        examples.load_chat_template(str(tmp_path / "nowhere.jinja"))
+    with pytest.raises(ValueError, match="--chat-template: .*nowhere.jinja"):
+        options.parse(["--chat-template", str(tmp_path / "nowhere.jinja")])
+    ns = options.parse(["--chat-template", GIVEN])
+    assert options.argv(ns)[options.argv(ns).index("--chat-template") + 1] == GIVEN
+    assert "--chat-template" not in options.argv(options.parse([]))
 
 
 def test_a_chat_prompt_with_a_template_is_the_templates_text(tmp_path):
