@@ -224,13 +224,25 @@ class Trainer:
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
         self.max_batch_tokens, self.max_batch_tokens_from = s.max_batch_tokens, "--max-batch-tokens"
+        cfg, esize = self.model.config.get_text_config(), next(self.model.parameters()).element_size()
         if s.max_batch_tokens == "auto":  # after the optimizer's state exists: what is free now is what a step has
-            cfg = self.model.config.get_text_config()
-            weight = next(self.model.parameters())
             self.max_batch_tokens, self.max_batch_tokens_from = admission.auto_max_batch_tokens(
-                cfg.hidden_size, cfg.num_hidden_layers, weight.element_size(), self.device
+                cfg.hidden_size, cfg.num_hidden_layers, esize, self.device
             )
         progress(f"{self.max_batch_tokens} tokens per step at most ({self.max_batch_tokens_from})")
+        # The guard's and rewording's greedy answers run outside the steps, in the memory a step may take: half
+        # of it for their batches' caches, the rest for the prompts' forward (a layer's activations at a time).
+        self.greedy = {
+            "batch": guard.GREEDY_ROWS["cuda" if self.device.type == "cuda" else "cpu"],
+            "memory": admission.step_memory(
+                self.max_batch_tokens, cfg.hidden_size, cfg.num_hidden_layers, esize, self.device.type
+            )
+            / 2,
+        }
+        progress(
+            f"greedy answers (the guard's, rewording's) in batches of at most {self.greedy['batch']} rows and "
+            f"{self.greedy['memory'] / 2**30:.2f} GiB of cache (half of a step's memory)"
+        )
         self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
@@ -1057,7 +1069,9 @@ class Trainer:
         as its longest example (its batches were fitted to the token budget at submit)."""
         t0 = time.perf_counter()
         longest = max(len(ids) for ids, _, _ in examples)
-        extra, texts = augment.reworded(self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest))
+        extra, texts = augment.reworded(
+            self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest), **self.greedy
+        )
         with self.lock:
             info["examples"] = len(examples) + len(extra)
             info["reworded"] = {
@@ -1162,7 +1176,9 @@ class Trainer:
                     p["kept"] = self._kept_answers(interrupt)
                     self._kept_measured(p["kept"])
                 elif what == "answers":
-                    self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
+                    self.retention.refresh(
+                        self.model, self.weight_version, self.pad, interrupt=interrupt, **self.greedy
+                    )
                 elif what == "reference":
                     held_out = self._fit(self.retention.held_out())
                     # Its forwards within the step budget.
@@ -1285,7 +1301,7 @@ class Trainer:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
         prompts = [prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
         stop = guard.stop_ids(self.tokenizer, self.model)
-        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
+        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt, **self.greedy)
 
     def _fit(self, examples: list, limit: int | None = None) -> list:
         """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
