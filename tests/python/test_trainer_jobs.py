@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,37 +242,31 @@ def test_greedy_batches_are_sized_from_a_steps_memory(monkeypatch):
     """guard.greedy's batches (the retention answers, the answers kept, rewording) are at most
     guard.GREEDY_ROWS rows (64 on a GPU, as bench/learning_sweep.py; the server made them in 16s) and at
     most half of the memory a step may take in cache: on Qwen3.5-27B's text model beside its engine on one
-    H200, its Gated DeltaNet state (~148 MiB a row) bounds them below 64 rows, while a small model gets 64."""
+    H200, its Gated DeltaNet state (~148 MiB a row) bounds them below 64 rows, while Qwen3-8B gets 64."""
+    import importlib.util
+
     import transformers
 
-    gib = 2**30
-    q27 = transformers.Qwen3_5TextConfig(  # Qwen/Qwen3.5-27B's text model (as bench/checkpoint.py's shapes)
-        hidden_size=5120,
-        num_hidden_layers=64,
-        num_attention_heads=24,
-        num_key_value_heads=4,
-        head_dim=256,
-        linear_num_key_heads=16,
-        linear_num_value_heads=48,
-        linear_key_head_dim=128,
-        linear_value_head_dim=128,
-        linear_conv_kernel_dim=4,
-        intermediate_size=17408,
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", Path(__file__).resolve().parents[2] / "bench" / "serve.py"
     )
+    bench_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_serve)  # its model shapes: Qwen3.5-27B's text model and Qwen3-8B's
+    shape = {k: v for k, v in bench_serve.SHAPES["qwen3.5-27b"].items() if k != "model_type"}
+    q27 = transformers.AutoConfig.for_model("qwen3_5_text", **shape)
+    q8 = transformers.AutoConfig.for_model("qwen3", **bench_serve.SHAPES["8b"])
+    gib = 2**30
     per_token, per_row = admission.cache_bytes(q27, 2)
     assert per_token == 16 * 2 * 4 * 256 * 2  # the 16 full-attention layers' keys and values, bf16
     assert per_row == 48 * (48 * 128 * 128 * 4 + (2 * 16 * 128 + 48 * 128) * 4 * 2)  # fp32 state, conv window
-    smol = transformers.LlamaConfig(  # SmolLM2-135M's shape
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
-    )
-    assert admission.cache_bytes(smol, 2) == (30 * 2 * 3 * 64 * 2, 0)
+    assert admission.cache_bytes(q8, 2) == (36 * 2 * 8 * 128 * 2, 0)
 
     # One H200 (139.8 GiB) beside vLLM at --gpu-memory-utilization 0.9: ~12 GiB free for the trainer.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * gib, int(139.8 * gib)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
     lengths = [20 + (7 * i) % 61 for i in range(393)]  # the built-in retention prompts: 20 to 80 tokens
     rows = {}
-    for name, cfg in (("27b", q27), ("small", smol)):
+    for name, cfg in (("27b", q27), ("8b", q8)):
         tokens, _ = admission.auto_max_batch_tokens(cfg.hidden_size, cfg.num_hidden_layers, 2, torch.device("cuda"))
         memory = admission.step_memory(tokens, cfg.hidden_size, cfg.num_hidden_layers, 2, "cuda") / 2
         t, r = admission.cache_bytes(cfg, 2)
@@ -282,7 +277,7 @@ def test_greedy_batches_are_sized_from_a_steps_memory(monkeypatch):
             assert len(b) <= guard.GREEDY_ROWS["cuda"] and len(b) * (r + (longest + guard.ANSWER_TOKENS) * t) <= memory
             assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
         rows[name] = max(len(b) for b in batches)
-    assert 16 < rows["27b"] < guard.GREEDY_ROWS["cuda"] == rows["small"] == 64, rows
+    assert 16 < rows["27b"] < guard.GREEDY_ROWS["cuda"] == rows["8b"] == 64, rows
     # Without a memory bound: rows alone, in order of length (what greedy did before, in batches of 16).
     assert admission.generation_batches([5, 1, 3], 4, 2, math.inf, 10, 0) == [[1, 2], [0]]
     assert admission.generation_batches([5, 1, 3], 4, 8, 100, 10, 0) == [[1], [2], [0]]  # 2 rows of 7 = 140
