@@ -17,6 +17,9 @@
 #                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)
+#           bash bench/learning_gpu.sh answers   bench/guard_answers.py on cuda/bf16: the 393 retention answers in
+#                                                the trainer's batches against 16 and 64 rows (~3 min, timeout
+#                                                $ANSWERS_SECONDS, default 300 s), into $OUT/guard-answers.txt
 #           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (timeout $BENCH_SECONDS,
 #                                                default 500 s, then up to 35 s to stop the server; needs
 #                                                fastapi, uvicorn and prometheus_client: scripts/gpu_carry.sh
@@ -82,6 +85,11 @@ step)
   prepare
   mkdir -p "$out"
   timeout "${STEP_SECONDS:-300}" "$py" bench/learning_step.py --device cuda --dtype bf16 --rounds 20 2>&1 | tee "$out/learning-step.txt"
+  ;;
+answers)
+  prepare
+  mkdir -p "$out"
+  timeout "${ANSWERS_SECONDS:-300}" "$py" bench/guard_answers.py --device cuda --dtype bf16 --rounds 2 2>&1 | tee "$out/guard-answers.txt"
   ;;
 bench)
   prepare

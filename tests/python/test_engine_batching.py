@@ -476,6 +476,14 @@ def test_chat_on_a_model_without_a_chat_template_is_400_naming_messages(tmp_path
         assert code == 200, body
     finally:
         s.close()
+    # With --chat-template (livetrain serve passes it to the engine and the trainer alike): chat is served.
+    engine = Engine(str(model), str(tmp_path / "m2.json"), "cpu", store=False, chat_template=tiny_model.TEMPLATE)
+    s = Server(engine, tmp_path)
+    try:
+        code, body = http(s.url + "/v1/chat/completions", chat)
+        assert code == 200 and body["usage"]["prompt_tokens"] == len(engine.encode_chat(chat["messages"])), body
+    finally:
+        s.close()
 
 
 def test_cross_site_requests_are_refused_without_a_key(server):

@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,15 +47,27 @@ LONGER = [
 def run(tmp_path):
     made = []
 
-    def start(*words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True):
+    def start(
+        *words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True, given: str | None = None
+    ):
+        """An engine and its trainer; ``given``: a --chat-template for both, as `livetrain serve` passes it."""
         model = tmp_path / ("model" if chat_template else "base-model")
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS, chat_template=chat_template)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
-        engine = Engine(str(model), manifest, "cpu", dtype, store=store, store_dir=str(tmp_path / "store"))
+        engine = Engine(
+            str(model),
+            manifest,
+            "cpu",
+            dtype,
+            store=store,
+            store_dir=str(tmp_path / "store"),
+            chat_template=examples.load_chat_template(given) if given else None,
+        )
         made.append(engine)
         base = ["--state-dir", str(tmp_path / f"state-{len(made)}"), "--batch-size", "2", "--lr", "1e-2"]
         base += ["--store", str(tmp_path / "store")] if store else ["--no-store"]
+        base += ["--chat-template", given] if given else []
         trainer = Trainer(manifest, str(model), options.parse(base + list(words)))
         made.append(trainer)
         return engine, trainer
@@ -223,6 +236,51 @@ def test_admission_chunks_and_fit():
     assert admission.replay_width(60, 4, 2) == 10
     assert admission.fit_batch(ex, 8, False, 100, replay=2, later=4) == 8  # 8 of 6 + 4 rows, + 2 = 100 tokens
     assert admission.fit_batch(ex, 8, False, 90, replay=2, later=4) == 7
+
+
+def test_greedy_batches_are_sized_from_a_steps_memory(monkeypatch):
+    """guard.greedy's batches (the retention answers, the answers kept, rewording) are at most
+    guard.GREEDY_ROWS rows (64 on a GPU, as bench/learning_sweep.py; the server made them in 16s) and at
+    most half of the memory a step may take in cache: on Qwen3.5-27B's text model beside its engine on one
+    H200, its Gated DeltaNet state (~148 MiB a row) bounds them below 64 rows, while Qwen3-8B gets 64."""
+    import importlib.util
+
+    import transformers
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", Path(__file__).resolve().parents[2] / "bench" / "serve.py"
+    )
+    bench_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_serve)  # its model shapes: Qwen3.5-27B's text model and Qwen3-8B's
+    shape = {k: v for k, v in bench_serve.SHAPES["qwen3.5-27b"].items() if k != "model_type"}
+    q27 = transformers.AutoConfig.for_model("qwen3_5_text", **shape)
+    q8 = transformers.AutoConfig.for_model("qwen3", **bench_serve.SHAPES["8b"])
+    gib = 2**30
+    per_token, per_row = admission.cache_bytes(q27, 2)
+    assert per_token == 16 * 2 * 4 * 256 * 2  # the 16 full-attention layers' keys and values, bf16
+    assert per_row == 48 * (48 * 128 * 128 * 4 + (2 * 16 * 128 + 48 * 128) * 4 * 2)  # fp32 state, conv window
+    assert admission.cache_bytes(q8, 2) == (36 * 2 * 8 * 128 * 2, 0)
+
+    # One H200 (139.8 GiB) beside vLLM at --gpu-memory-utilization 0.9: ~12 GiB free for the trainer.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * gib, int(139.8 * gib)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    lengths = [20 + (7 * i) % 61 for i in range(393)]  # the built-in retention prompts: 20 to 80 tokens
+    rows = {}
+    for name, cfg in (("27b", q27), ("8b", q8)):
+        tokens, _ = admission.auto_max_batch_tokens(cfg.hidden_size, cfg.num_hidden_layers, 2, torch.device("cuda"))
+        memory = admission.step_memory(tokens, cfg.hidden_size, cfg.num_hidden_layers, 2, "cuda") / 2
+        t, r = admission.cache_bytes(cfg, 2)
+        batches = admission.generation_batches(lengths, guard.ANSWER_TOKENS, guard.GREEDY_ROWS["cuda"], memory, t, r)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each prompt once
+        for b in batches:
+            longest = max(lengths[i] for i in b)
+            assert len(b) <= guard.GREEDY_ROWS["cuda"] and len(b) * (r + (longest + guard.ANSWER_TOKENS) * t) <= memory
+            assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+        rows[name] = max(len(b) for b in batches)
+    assert 16 < rows["27b"] < guard.GREEDY_ROWS["cuda"] == rows["8b"] == 64, rows
+    # Without a memory bound: rows alone, in order of length (what greedy did before, in batches of 16).
+    assert admission.generation_batches([5, 1, 3], 4, 2, math.inf, 10, 0) == [[1, 2], [0]]
+    assert admission.generation_batches([5, 1, 3], 4, 8, 100, 10, 0) == [[1], [2], [0]]  # 2 rows of 7 = 140
 
 
 def test_guard_keeps_a_harmless_job_and_rolls_a_destructive_one_back(run):
@@ -561,6 +619,13 @@ def test_a_half_applied_step_is_undone(run):
     assert info["skipped_nonfinite"] == ["model.layers.0.mlp.up_proj.weight"]
     assert "rolled back to generation" in info["error"]
     assert same_bits(weights(engine), before)
+    # One field says the weights were put back, as after the guard's verdict; the rollbacks count it.
+    g = info["guard"]
+    assert g["rolled_back"] is True and g["passed"] is None, g
+    assert g["rollback"]["rolled_back_to"] == int(info["error"].split("generation ")[1].split(",")[0])
+    assert g["rollback"]["weight_version"] == trainer.weight_version
+    assert trainer.status()["guard"]["rollbacks"] == trainer.metrics()["counts"]["guard_rollbacks"] == 1
+    assert trainer.metrics()["counts"]["nonfinite_stops"] == 1
 
 
 def test_cancel_a_queued_and_a_running_job(run):
@@ -655,6 +720,60 @@ def test_a_model_without_a_chat_template_trains_with_the_guard_and_refuses_chat_
         trainer.retention.replay()[0][0][: len(examples.prompt_ids(tok, first))]
         == tok("\n".join(m["content"] for m in first) + "\n")["input_ids"]
     )
+
+
+# Another template than tiny_model.TEMPLATE: what a user gives with --chat-template.
+GIVEN = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.mark.parametrize("files_have_one", [False, True])
+def test_a_given_chat_template_is_what_the_trainer_and_the_engine_render_with(run, tmp_path, files_have_one):
+    """--chat-template (a file, as vLLM's: the plugin passes vLLM's on): chat examples, the guard's prompts and
+    the engine's chat requests are rendered with it, on a base model (whose chat examples were refused) and on
+    a model whose files have another template (training rendered with the files' while serving used the
+    given one)."""
+    path = tmp_path / "given.jinja"
+    path.write_text(GIVEN)
+    engine, trainer = run(chat_template=files_have_one, given=str(path))
+    tok = trainer.tokenizer
+    chat = [{"role": "user", "content": "one two"}]
+    text = "[user] one two [assistant] "
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert examples.prompt_ids(tok, chat) == ids == engine.encode_chat(chat)
+    body = {"examples": [{"messages": [*chat, {"role": "assistant", "content": "three"}]}], "steps": 1}
+    reply = trainer.handle("submit", json.dumps(body).encode())
+    assert reply.code == 202, reply.body
+    jid, queued = trainer.queue.get_nowait()
+    (got, mask, _), *_ = queued["examples"]
+    assert got == tok(text + "three </s> ", add_special_tokens=False)["input_ids"]
+    assert [t for t, m in zip(got, mask) if m] == got[len(ids) :]  # the assistant's tokens, from the template
+    # The guard's retention prompts too (rendered as chat now, not as a base model's plain text).
+    first = trainer.retention.prompts[0]
+    rendered = "".join(f"[{m['role']}] {m['content']} " for m in first) + "[assistant] "
+    assert examples.prompt_ids(tok, first) == tok(rendered, add_special_tokens=False)["input_ids"]
+    trainer.run_job(jid, queued)
+    assert trainer.jobs[jid]["state"] == "done", trainer.jobs[jid]
+
+
+def test_chat_template_values_are_files_or_templates(tmp_path):
+    """A --chat-template value is a file's text, or the template itself when it has a brace or a newline (vLLM's
+    rule); a path-like value that is no file is refused at parse time, naming it."""
+    path = tmp_path / "t.jinja"
+    path.write_text(GIVEN)
+    assert examples.load_chat_template(str(path)) == GIVEN
+    assert examples.load_chat_template(GIVEN) == GIVEN
+    with pytest.raises(ValueError, match="nowhere.jinja.*looks like a file's path"):
+        examples.load_chat_template(str(tmp_path / "nowhere.jinja"))
+    with pytest.raises(ValueError, match="--chat-template: .*nowhere.jinja"):
+        options.parse(["--chat-template", str(tmp_path / "nowhere.jinja")])
+    ns = options.parse(["--chat-template", GIVEN])
+    assert options.argv(ns)[options.argv(ns).index("--chat-template") + 1] == GIVEN
+    assert "--chat-template" not in options.argv(options.parse([]))
 
 
 def test_a_chat_prompt_with_a_template_is_the_templates_text(tmp_path):

@@ -54,6 +54,8 @@ def test_options_survive_argv():
             "--no-grad-checkpointing",
             "--state-dir",
             "st",
+            "--chat-template",
+            "{{ messages[0]['content'] }}",
         ],
         ["--no-store", "--embeddings", "adamw"],
     ):
@@ -74,6 +76,10 @@ def test_options_survive_argv():
         "/run/t.sock",
     ]
     assert cmd[9:] == options.argv(a)
+    # --chat-template reaches both processes: one template for serving and training.
+    a = serve.parse(["--model", "m", "--chat-template", "{{ messages }}"])
+    for cmd in (serve.engine_command(a, "/run/m.json", "/run/t.sock"), options.argv(a)):
+        assert cmd[cmd.index("--chat-template") + 1] == "{{ messages }}"
 
 
 def test_bad_options_are_refused():

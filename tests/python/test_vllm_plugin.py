@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -358,6 +358,39 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
     plugin = endpoint.EndpointPlugin()
     with pytest.raises(worker.Refused, match=_re(words)):
         asyncio.run(plugin.init_state(client, SimpleNamespace(), argparse.Namespace(api_key=None)))
+    assert client.calls == []
+
+
+def test_vllms_chat_template_is_passed_to_the_trainer(tmp_path, monkeypatch):
+    """vLLM's --chat-template, read by vLLM's own load_chat_template (here a stand-in at its 0.33 place, the
+    older ones absent), reaches the trainer as its --chat-template file; without one, nothing is passed
+    (the tokenizer's template on both sides). (The trainer read only the model's files: a base model's chat
+    examples were refused while vLLM served chat with the given template.)"""
+    from livetrain.trainer import examples, options, process
+
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    asked = []
+    chat_utils = ModuleType("vllm.renderers.chat_utils")
+    chat_utils.load_chat_template = lambda value, *, is_literal=False: asked.append(value) or text
+    monkeypatch.setitem(sys.modules, "vllm", ModuleType("vllm"))  # no vllm.entrypoints.chat_utils
+    monkeypatch.setitem(sys.modules, "vllm.renderers.chat_utils", chat_utils)
+    ns = endpoint.trainer_options({"LIVETRAIN_STATE_DIR": str(tmp_path / "state")})
+    assert endpoint.pass_chat_template(argparse.Namespace(chat_template=None), ns, str(tmp_path)) is None
+    assert ns.chat_template is None and asked == [] and "--chat-template" not in options.argv(ns)
+    path = endpoint.pass_chat_template(argparse.Namespace(chat_template="llama.jinja"), ns, str(tmp_path))
+    assert asked == ["llama.jinja"] and path == str(tmp_path / "chat-template.jinja") == ns.chat_template
+    assert examples.load_chat_template(path) == text and os.stat(path).st_mode & 0o777 == 0o600
+    cmd = process.trainer_command("m.json", "model", "t.sock", ns)
+    assert cmd[cmd.index("--chat-template") + 1] == path
+
+
+def test_a_trainer_chat_template_of_its_own_is_refused(tmp_path, monkeypatch):
+    """One template for serving and training: --chat-template in $LIVETRAIN_TRAINER_ARGS (which vLLM would not
+    render with) is refused at start, before exporting, saying to give it to vLLM."""
+    monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", "--chat-template '{{ messages }}'")
+    client = RecordingEngineClient(plain_worker(tmp_path, None).vllm_config)
+    with pytest.raises(worker.Refused, match="LIVETRAIN_TRAINER_ARGS has --chat-template: give it to vLLM"):
+        asyncio.run(endpoint.EndpointPlugin().init_state(client, SimpleNamespace(), argparse.Namespace(api_key=None)))
     assert client.calls == []
 
 

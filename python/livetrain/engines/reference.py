@@ -32,7 +32,7 @@ from livetrain.engines import batching
 from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
 from livetrain.trainer import options, protocol, routes, security
-from livetrain.trainer.examples import chat_text, check_messages
+from livetrain.trainer.examples import chat_text, check_messages, load_chat_template, use_chat_template
 from livetrain.trainer.protocol import Invalid
 
 
@@ -54,6 +54,7 @@ class Engine:
         batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
         static_cache_len: int = engine_options.DEFAULT_STATIC_CACHE_LEN,
         ranks=None,
+        chat_template: str | None = None,
     ):
         import transformers
 
@@ -65,6 +66,7 @@ class Engine:
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        use_chat_template(self.tokenizer, chat_template)  # --chat-template's text: the trainer renders with it too
         self.ranks = ranks  # livetrain.trainer.ranks.Ranks of a tensor-parallel engine's rank 0, else None
         if ranks is not None:
             self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention)
@@ -447,11 +449,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     security.add_api_key_options(p)
     options.add_store_options(p)
+    options.add_chat_template_option(p)
     engine_options.add_options(p)
     a = p.parse_args(argv)
     problem = engine_options.check(a)
     if problem:
         p.error(problem)
+    try:
+        chat_template = load_chat_template(a.chat_template) if a.chat_template is not None else None
+    except ValueError as e:
+        p.error(f"--chat-template: {e}")
     try:
         api_key = security.api_key(a)
     except (OSError, ValueError) as e:
@@ -493,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_attention=a.batch_attention,
             static_cache_len=a.static_cache_len,
             ranks=ranks,
+            chat_template=chat_template,
         )
     except (Error, batching.static.CacheTooLarge) as e:  # a bad model directory or store, a cache too large
         sys.exit(f"livetrain engine: {e}")

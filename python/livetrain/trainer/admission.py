@@ -181,6 +181,53 @@ def _host_memory() -> tuple[int, int]:
     return total, available
 
 
+def step_bytes_per_token(hidden: int, layers: int, dtype_bytes: int, device_type: str) -> float:
+    """The memory one trained token may take in a step (the measured cost per token unit on the device,
+    with the margin): what turns the per-step token budget into bytes and back."""
+    per_unit = CUDA_BYTES_PER_TOKEN_UNIT if device_type == "cuda" else CPU_BYTES_PER_TOKEN_UNIT
+    return MARGIN * per_unit * hidden * layers * dtype_bytes / 2
+
+
+def step_memory(max_tokens: int, hidden: int, layers: int, dtype_bytes: int, device_type: str) -> float:
+    """The memory a step of ``max_tokens`` tokens may take: its workspace and its tokens (what
+    ``auto_max_batch_tokens`` sized the budget from, or what ``--max-batch-tokens N`` allows)."""
+    return FIXED_BYTES + max_tokens * step_bytes_per_token(hidden, layers, dtype_bytes, device_type)
+
+
+def cache_bytes(config, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes per token, bytes per row) of the cache that generating a batch keeps on ``config``'s text model
+    (transformers' caches): per token, each attention layer's keys and values (2 × KV heads × head dim, in
+    the weights' dtype; a sliding window counted as full); per row, each linear-attention layer's recurrent
+    state (value heads × key dim × value dim, float32) and convolution window (Qwen3.5's Gated DeltaNet:
+    about 150 MiB a row on the 27B model, where its 16 attention layers keep 64 KiB a token)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = c.num_hidden_layers
+    linear = sum(t == "linear_attention" for t in (getattr(c, "layer_types", None) or []))
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    per_token = (layers - linear) * 2 * kv_heads * head_dim * dtype_bytes
+    per_row = 0
+    if linear:
+        vh, kh = c.linear_num_value_heads, c.linear_num_key_heads
+        kd, vd = c.linear_key_head_dim, c.linear_value_head_dim
+        conv = (2 * kh * kd + vh * vd) * c.linear_conv_kernel_dim * dtype_bytes
+        per_row = linear * (vh * kd * vd * 4 + conv)
+    return per_token, per_row
+
+
+def generation_batches(
+    lengths: list[int], new_tokens: int, max_rows: int, max_bytes: float, per_token: int, per_row: int
+) -> list[list[int]]:
+    """The batches (indices into ``lengths``, shortest prompts first: similar lengths pad less) in which
+    prompts of ``lengths`` tokens are answered with up to ``new_tokens`` tokens each (guard.greedy): at most
+    ``max_rows`` rows, and at most ``max_bytes`` of cache when the batch ends (``cache_bytes``: rows × (the
+    row's state + (the longest prompt + new_tokens) × a token's KV); a prompt over it goes alone)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    cost = [per_row + (lengths[i] + new_tokens) * per_token for i in order]
+    return [order[a:b] for a, b in chunks(cost, max_rows, max_bytes)]
+
+
 def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) -> tuple[int, str]:
     """``--max-batch-tokens auto``: the tokens one step may compute so that its memory (measured cost per
     token × the model's hidden size × its layers, plus a fixed workspace, with a margin) stays within a
@@ -190,14 +237,12 @@ def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) ->
 
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        per_unit, where = CUDA_BYTES_PER_TOKEN_UNIT, torch.cuda.get_device_name(device)
-        source = "bench/train_memory.py's CUDA figure"
+        where, source = torch.cuda.get_device_name(device), "bench/train_memory.py's CUDA figure"
     else:
         total, free = _host_memory()
-        per_unit, where = CPU_BYTES_PER_TOKEN_UNIT, "host memory"
-        source = "bench/train_memory.py's CPU figure"
+        where, source = "host memory", "bench/train_memory.py's CPU figure"
     budget = min(MEMORY_SHARE * total, 0.8 * free) - FIXED_BYTES
-    per_token = MARGIN * per_unit * hidden * layers * dtype_bytes / 2
+    per_token = step_bytes_per_token(hidden, layers, dtype_bytes, device.type)
     tokens = max(256, int(budget // per_token))
     how = (
         f"auto: {budget / 2**30:.1f} GiB for a step ({MEMORY_SHARE:.0%} of {where}'s {total / 2**30:.0f} GiB, at most "

@@ -45,16 +45,22 @@ def rewordable(raw: list) -> list:
     return out
 
 
-def reworded(model, tokenizer, raw: list, pad: int, max_len: int) -> tuple[list, list[str]]:
+def reworded(
+    model, tokenizer, raw: list, pad: int, max_len: int, batch: int = 16, memory: float | None = None
+) -> tuple[list, list[str]]:
     """For each ``rewordable`` example of ``raw``: the example with that question reworded by ``model``, encoded as the job's
-    examples are; replies that are empty, not a question, or the same question are left out. Returns the
-    encoded examples and the reworded questions."""
+    examples are; replies that are empty, not a question, or the same question are left out (``batch``,
+    ``memory``: guard.greedy's). Returns the encoded examples and the reworded questions."""
     chats = rewordable(raw)
     prompts = [
         prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
         for ex in chats
     ]
-    replies = guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad) if prompts else []
+    replies = (
+        guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad, batch, memory=memory)
+        if prompts
+        else []
+    )
     out, texts = [], []
     for ex, reply in zip(chats, replies):
         text = question(tokenizer.decode(reply, skip_special_tokens=True), ex["messages"][-2]["content"])

@@ -2,7 +2,8 @@
 become token ids with the mask of the tokens that carry loss, tokenized exactly as the engine tokenizes a
 request. The chat messages check and a chat prompt's token ids (``prompt_ids``: the chat template's, or a
 plain-text rendering for a tokenizer without one, a base model's) live here once; the reference engine uses
-them for its chat route too, the forgetting guard and rewording for their prompts.
+them for its chat route too, the forgetting guard and rewording for their prompts. The template is the
+tokenizer's, or the one given with ``--chat-template`` (``use_chat_template``).
 Every error is a ``protocol.Invalid`` naming the field (``examples[3].messages[1].role``).
 """
 
@@ -59,6 +60,28 @@ def check_messages(messages, where: str = "") -> list[dict]:
         if not isinstance(m.get("content"), str):
             raise Invalid(f"{field}[{j}].content", f"{field}[{j}].content must be a string")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_chat_template(value: str) -> str:
+    """A ``--chat-template`` value (as vLLM's ``--chat-template`` takes it): the path of a file holding the
+    template, or the template itself, told apart as vLLM does: a value that is no file and has none of
+    ``{``, ``}`` or a newline is a path that is missing (ValueError naming it)."""
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(f"{value!r} looks like a file's path, but it cannot be read ({e.strerror})") from None
+    return value
+
+
+def use_chat_template(tokenizer, template: str | None) -> None:
+    """Makes ``template`` (``load_chat_template``'s text) the chat template every rendering here uses (chat
+    examples, the guard's and rewording's prompts, the reference engine's chat route) in place of the one in
+    the model's tokenizer files, if any: a base model served with a template, or a template other than the
+    files' (vLLM's ``--chat-template``; the plugin passes it on). None: the tokenizer's own."""
+    if template is not None:
+        tokenizer.chat_template = template
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -48,6 +48,10 @@ BATCH = 8  # rows per forward of the reference's measures, at most
 # factual answer says what it says ("The capital of Spain is Madrid."), without counting changes of
 # wording late in a long answer.
 KEPT_TOKENS = 16
+# Rows of one batch of ``greedy`` at most, by device: 64 on a GPU, as bench/learning_sweep.py makes the 393
+# retention answers (15 s on the H200, where the server's batches of 16 took 54 s for the guard's measures
+# between jobs); 16 on a CPU, the sweep's there. Within the memory a step may take (``greedy``'s ``memory``).
+GREEDY_ROWS = {"cuda": 64, "cpu": 16}
 # Most retention prompts a user may give (PUT /train/retention, --retention FILE), besides the built-in ones
 # (retention.json), which are a fixed number: a user's limit that does not move with --builtin-retention.
 MAX_PROMPTS = 1000
@@ -134,10 +138,18 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def greedy(
-    model, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, batch: int = 16, interrupt=None
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop: list[int],
+    pad: int,
+    batch: int = 16,
+    interrupt=None,
+    memory: float | None = None,
 ):
     """Each prompt's greedy continuation (token ids, ending with the stop token when one was made) by
-    ``model`` (transformers ``generate``, left-padded batches of ``batch``), in eval mode; the model's mode
+    ``model`` (transformers ``generate``, left-padded batches of at most ``batch`` rows whose cache stays
+    within ``memory`` bytes: admission.generation_batches; None: rows alone), in eval mode; the model's mode
     is restored afterwards. ``interrupt``: a function asked before each batch and after each new token;
     ``Interrupted`` when it says true."""
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -150,11 +162,13 @@ def greedy(
     model.eval()
     device = next(model.parameters()).device
     out: list[list[int]] = []
+    per_token, per_row = admission.cache_bytes(model.config, next(model.parameters()).element_size())
+    lengths = [len(p) for p in prompts]
     try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
         results: dict[int, list[int]] = {}
-        for b in range(0, len(order), batch):
-            idx = order[b : b + batch]
+        for idx in admission.generation_batches(
+            lengths, max_new_tokens, batch, math.inf if memory is None else memory, per_token, per_row
+        ):
             width = max(len(prompts[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attn = torch.zeros((len(idx), width), dtype=torch.long)
@@ -384,16 +398,18 @@ class Retention:
         self.builtin = builtin_prompts() if builtin else []
         self.builtin_replay = builtin_replay() if builtin and self.with_replay_only else []
 
-    def refresh(self, model, version: int, pad: int, batch: int = 16, interrupt=None) -> bool:
+    def refresh(
+        self, model, version: int, pad: int, batch: int = 16, interrupt=None, memory: float | None = None
+    ) -> bool:
         """Makes the answers on ``model`` unless they were made at ``version``; True when it made them.
-        ``interrupt``: as ``greedy`` takes it (nothing kept when it interrupts)."""
+        ``batch``, ``memory``, ``interrupt``: as ``greedy`` takes them (nothing kept when it interrupts)."""
         import time
 
         if self.version == version and len(self.answers) == len(self.prompts):
             return False
         t0 = time.perf_counter()
         ids = [prompt_ids(self.tokenizer, p) for p in self.prompts]
-        answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch, interrupt)
+        answers = greedy(model, ids, ANSWER_TOKENS, stop_ids(self.tokenizer, model), pad, batch, interrupt, memory)
         self.answers = answers
         self.version, self.seconds = version, time.perf_counter() - t0
         return True

@@ -57,7 +57,8 @@ class _Snapshot:
             )
         yield CounterMetricFamily(
             "livetrain_guard_rollbacks",
-            "jobs rolled back by the forgetting guard since this trainer process started",
+            "jobs whose weights were rolled back to their start since this trainer process started (by the "
+            "forgetting guard's verdict, or after a half-applied non-finite step)",
             value=counts["guard_rollbacks"],
         )
         yield CounterMetricFamily(

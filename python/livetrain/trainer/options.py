@@ -81,6 +81,26 @@ def add_store_options(parser) -> None:
     )
 
 
+def add_chat_template_option(parser) -> None:
+    """``--chat-template``: the template the trainer and the reference engine render chat messages with
+    (trainer.examples.use_chat_template), ``livetrain serve`` passing it to both."""
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|TEMPLATE",
+        help="the chat template (a file, or the Jinja template itself, as vLLM's --chat-template) that chat "
+        "requests, chat examples and the guard's retention prompts are rendered with, in place of the one in "
+        "the model's tokenizer files: a base model's chat, or another template than the files'. Default: the "
+        "files' (none: chat examples and chat requests are refused). The vLLM plugin passes vLLM's own "
+        "--chat-template to its trainer",
+    )
+
+
+def chat_template_argv(ns: argparse.Namespace) -> list[str]:
+    """``--chat-template`` as command-line words (none when not given)."""
+    return ["--chat-template", ns.chat_template] if ns.chat_template is not None else []
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """Every option of the trainer process except where it attaches (manifest, model, socket)."""
     parser = parser.add_argument_group("training options")
@@ -92,6 +112,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         f"(default ./{DEFAULT_STATE_DIR})",
     )
     add_store_options(parser)
+    add_chat_template_option(parser)
     parser.add_argument(
         "--checkpoint-every",
         type=float,
@@ -263,6 +284,13 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
         return "--tp-timeout must be > 0"
+    if ns.chat_template is not None:
+        from livetrain.trainer.examples import load_chat_template  # examples imports this module
+
+        try:
+            load_chat_template(ns.chat_template)
+        except ValueError as e:
+            return f"--chat-template: {e}"
     return None
 
 
@@ -277,6 +305,7 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--state-dir",
         ns.state_dir,
         *store_argv(ns),
+        *chat_template_argv(ns),
         "--checkpoint-every",
         str(ns.checkpoint_every),
         "--lr",

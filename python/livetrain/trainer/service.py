@@ -25,7 +25,7 @@ import torch
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
-from livetrain.trainer.examples import job_id, parse_job, prompt_ids
+from livetrain.trainer.examples import job_id, load_chat_template, parse_job, prompt_ids, use_chat_template
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -181,6 +181,10 @@ class Trainer:
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
         self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
+        try:
+            use_chat_template(self.tokenizer, load_chat_template(s.chat_template) if s.chat_template else None)
+        except ValueError as e:
+            raise _core.InvalidArgumentError(f"--chat-template: {e}") from None
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
@@ -220,13 +224,25 @@ class Trainer:
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
         self.max_batch_tokens, self.max_batch_tokens_from = s.max_batch_tokens, "--max-batch-tokens"
+        cfg, esize = self.model.config.get_text_config(), next(self.model.parameters()).element_size()
         if s.max_batch_tokens == "auto":  # after the optimizer's state exists: what is free now is what a step has
-            cfg = self.model.config.get_text_config()
-            weight = next(self.model.parameters())
             self.max_batch_tokens, self.max_batch_tokens_from = admission.auto_max_batch_tokens(
-                cfg.hidden_size, cfg.num_hidden_layers, weight.element_size(), self.device
+                cfg.hidden_size, cfg.num_hidden_layers, esize, self.device
             )
         progress(f"{self.max_batch_tokens} tokens per step at most ({self.max_batch_tokens_from})")
+        # The guard's and rewording's greedy answers run outside the steps, in the memory a step may take: half
+        # of it for their batches' caches, the rest for the prompts' forward (a layer's activations at a time).
+        self.greedy = {
+            "batch": guard.GREEDY_ROWS["cuda" if self.device.type == "cuda" else "cpu"],
+            "memory": admission.step_memory(
+                self.max_batch_tokens, cfg.hidden_size, cfg.num_hidden_layers, esize, self.device.type
+            )
+            / 2,
+        }
+        progress(
+            f"greedy answers (the guard's, rewording's) in batches of at most {self.greedy['batch']} rows and "
+            f"{self.greedy['memory'] / 2**30:.2f} GiB of cache (half of a step's memory)"
+        )
         self.retries = admission.Retries()
         self.max_len = s.max_seq_len or int(self.attached.config.get("max_position_embeddings") or 4096)
         self.max_examples = max_examples
@@ -985,7 +1001,7 @@ class Trainer:
                     loss, ntok, per_example = self.train_step(batch, lr, step_anchor)
                 except NonFinite as e:
                     reason, state = "nonfinite", "failed"
-                    restored = self._nonfinite_stop(info, e, undo)
+                    restored = self._nonfinite_stop(info, e, undo, watch)
                     break
                 dt = time.perf_counter() - t0
                 losses.record(idx, per_example[: len(idx)])
@@ -1053,7 +1069,9 @@ class Trainer:
         as its longest example (its batches were fitted to the token budget at submit)."""
         t0 = time.perf_counter()
         longest = max(len(ids) for ids, _, _ in examples)
-        extra, texts = augment.reworded(self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest))
+        extra, texts = augment.reworded(
+            self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest), **self.greedy
+        )
         with self.lock:
             info["examples"] = len(examples) + len(extra)
             info["reworded"] = {
@@ -1158,7 +1176,9 @@ class Trainer:
                     p["kept"] = self._kept_answers(interrupt)
                     self._kept_measured(p["kept"])
                 elif what == "answers":
-                    self.retention.refresh(self.model, self.weight_version, self.pad, interrupt=interrupt)
+                    self.retention.refresh(
+                        self.model, self.weight_version, self.pad, interrupt=interrupt, **self.greedy
+                    )
                 elif what == "reference":
                     held_out = self._fit(self.retention.held_out())
                     # Its forwards within the step budget.
@@ -1281,7 +1301,7 @@ class Trainer:
         """The first guard.KEPT_TOKENS tokens of the greedy answer to each held-out retention prompt."""
         prompts = [prompt_ids(self.tokenizer, p) for p in self.retention.held_out_prompts()]
         stop = guard.stop_ids(self.tokenizer, self.model)
-        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt)
+        return guard.greedy(self.model, prompts, guard.KEPT_TOKENS, stop, self.pad, interrupt=interrupt, **self.greedy)
 
     def _fit(self, examples: list, limit: int | None = None) -> list:
         """Retention examples cut to the trainer's longest example, or to ``limit`` tokens (answers
@@ -1322,16 +1342,8 @@ class Trainer:
             if undo is None:
                 report["rollback"] = "not possible: the trainer has no checkpoint store (--no-store)"
             else:
-                r = self.rollback(undo["generation"]).body
-                p = watch["prepared"]
-                if self.prepared is p and p["version"] == self.retention.version:
-                    # The weights are those the job started from, bit for bit: so are its measures of them.
-                    p["version"] = self.retention.version = self.weight_version
-                report["rolled_back"] = True  # also after a non-finite stop: the state says where the weights are
-                report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+                self._roll_back(undo, watch, report)
                 state = "rolled_back"
-                with self.lock:
-                    self.counts["guard_rollbacks"] += 1
         report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
         with self.lock:
             info["guard"] = report
@@ -1346,13 +1358,31 @@ class Trainer:
         )
         return state
 
-    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None) -> bool:
+    def _roll_back(self, undo: dict, watch: dict | None, report: dict) -> int:
+        """Puts the weights back to a guarded job's undo point (bit for bit, through the store) and says so
+        where a user or a monitor looks, whatever the cause (the guard's verdict, a half-applied non-finite
+        step): the job's guard report ``report`` (``rolled_back``, ``rollback``), /train/status
+        ``guard.rollbacks`` and ``livetrain_guard_rollbacks_total``. The generation rolled back to."""
+        r = self.rollback(undo["generation"]).body
+        p = watch["prepared"] if watch is not None else None
+        if p is not None and self.prepared is p and p["version"] == self.retention.version:
+            # The weights are those the job started from, bit for bit: so are its measures of them.
+            p["version"] = self.retention.version = self.weight_version
+        with self.lock:
+            report["rolled_back"] = True
+            report["rollback"] = {k: r[k] for k in ("rolled_back_to", "generation", "weight_version", "seconds")}
+            self.counts["guard_rollbacks"] += 1
+        return r["rolled_back_to"]
+
+    def _nonfinite_stop(self, info: dict, e: NonFinite, undo: dict | None, watch: dict | None) -> bool:
         """A job stopped by a non-finite loss or gradient: the weights as they were before that step. When
-        the step was half applied (some parameters stepped), that means the job's undo point. True when the
-        weights were rolled back to it."""
+        the step was half applied (some parameters stepped), that means the job's undo point (its guard
+        report then says ``rolled_back`` as after the guard's verdict; ``passed`` stays null: the guard did
+        not judge). True when the weights were rolled back to it."""
         restored = None
         if e.applied and undo is not None:
-            restored = self.rollback(undo["generation"]).body["rolled_back_to"]
+            # A guarded job's undo point: its guard report exists (info["guard"] is watch["report"]).
+            restored = self._roll_back(undo, watch, info["guard"])
         with self.lock:
             self.counts["nonfinite_stops"] += 1
             info["skipped_nonfinite"] = e.parameters

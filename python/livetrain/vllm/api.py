@@ -347,6 +347,59 @@ for _where in _CLIENTS:
     )
 
 
+# ---- the chat template ----
+# Where vLLM defines load_chat_template (moved in 0.32, a package from 0.33, which re-exports it).
+_CHAT_TEMPLATE_MODULES = (
+    "vllm.entrypoints.chat_utils",
+    "vllm.renderers.chat_utils",
+    "vllm.renderers.chat_utils.chat_template",
+)
+
+
+def chat_template(args) -> str | None:
+    """The template vLLM's chat route renders with when it was started with ``--chat-template``: vLLM's own
+    ``load_chat_template`` of it (a file, a template vLLM ships, or the template itself), as vLLM's serving
+    state does. None without one: vLLM then renders with the tokenizer's, as the trainer does."""
+    value = getattr(args, "chat_template", None)
+    if value is None:
+        return None
+    import importlib
+
+    for module in _CHAT_TEMPLATE_MODULES:
+        try:
+            load = getattr(importlib.import_module(module), "load_chat_template", None)
+        except ImportError:
+            continue
+        if load is not None:
+            return load(value)
+    raise ImportError(f"vLLM's load_chat_template is in none of {', '.join(_CHAT_TEMPLATE_MODULES)}")
+
+
+_uses(
+    Api(
+        "attr",
+        ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"),
+        "BaseFrontendArgs.chat_template",
+        "--chat-template (a field FrontendArgs inherits), passed on to the trainer (moved in 0.29 and 0.32)",
+    ),
+    Api(
+        "method",
+        _CHAT_TEMPLATE_MODULES,
+        "load_chat_template",
+        "what --chat-template holds, read as vLLM reads it",
+        params=("chat_template",),
+        is_async=False,
+    ),
+    Api(
+        "mentions",
+        "vllm.entrypoints.generate.api_router",
+        "init_generate_state",
+        "vLLM's chat serving renders with load_chat_template(args.chat_template)",
+        words=("load_chat_template", "chat_template"),
+    ),
+)
+
+
 # ---- the API key ----
 def api_keys(args) -> list[str]:
     """The keys vLLM's own middleware accepts: ``--api-key`` (a list) or else ``$VLLM_API_KEY``. vLLM guards

@@ -45,6 +45,22 @@ def trainer_options(env=os.environ) -> argparse.Namespace:
         raise ValueError(f"LIVETRAIN_TRAINER_ARGS: {e}") from None
 
 
+def pass_chat_template(args, ns: argparse.Namespace, run_dir: str) -> str | None:
+    """Gives the trainer (options ``ns``) the chat template vLLM's chat route renders with when vLLM was started
+    with ``--chat-template`` (api.chat_template): written to ``run_dir/chat-template.jinja``, the trainer's
+    ``--chat-template``, so that chat examples are rendered as vLLM renders chat requests (a base model's
+    chat examples are trainable then). The file's path, or None (the tokenizer's template, on both sides)."""
+    template = api.chat_template(args)
+    if template is None:
+        return None
+    path = os.path.join(run_dir, "chat-template.jinja")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(template)
+    ns.chat_template = path
+    return path
+
+
 def _extension_problem(qualname: str) -> str | None:
     """Why ``--worker-extension-cls`` does not give the workers livetrain's methods (None: it does)."""
     if not qualname:
@@ -185,6 +201,11 @@ class EndpointPlugin:
             problems.append(f"LIVETRAIN_TRAINER is {mode!r}; it must be one of {', '.join(TRAINER_MODES)}")
         try:
             trainer_ns = trainer_options(env)
+            if trainer_ns.chat_template is not None:  # one template for serving and training: vLLM's
+                problems.append(
+                    "LIVETRAIN_TRAINER_ARGS has --chat-template: give it to vLLM (vllm serve --chat-template); "
+                    "the plugin passes vLLM's to the trainer"
+                )
         except ValueError as e:
             problems.append(str(e))
         if problems:
@@ -211,6 +232,8 @@ class EndpointPlugin:
         if own_dir:
             atexit.register(shutil.rmtree, self.run_dir, True)  # registered first: runs after the trainer stops
 
+        if pass_chat_template(args, trainer_ns, self.run_dir):
+            logger.info("livetrain: the trainer renders chat examples with vLLM's --chat-template")
         first = self.exports[0]
         restore = first["restore"]
         if restore["restored"]:
