@@ -18,7 +18,7 @@ GUARD_PREPARE = ("idle", "job")
 BUILTIN_RETENTION = ("auto", "all", "core")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {
-    "lr": 5e-5,
+    "lr": 1e-4,
     "warmup": 0,
     "until_loss": 0.1,
     "max_steps": 300,
