@@ -18,10 +18,10 @@ GUARD_PREPARE = ("idle", "job")
 BUILTIN_RETENTION = ("auto", "all", "core")
 # The learning defaults; docs/learning.md "How the defaults were chosen" says which rest on a measurement.
 LEARNING = {
-    "lr": 1e-4,
+    "lr": 5e-5,
     "warmup": 0,
     "until_loss": 0.1,
-    "max_steps": 300,
+    "max_steps": 400,
     "replay": 8,
     "anchor": 4.0,
     "reword": False,
