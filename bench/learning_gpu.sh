@@ -20,7 +20,8 @@
 #           bash bench/learning_gpu.sh answers   bench/guard_answers.py on cuda/bf16: the 393 retention answers in
 #                                                the trainer's batches against 16 and 64 rows (~3 min, timeout
 #                                                $ANSWERS_SECONDS, default 300 s), into $OUT/guard-answers.txt
-#           bash bench/learning_gpu.sh bench     bench/learning.py on cuda/bf16 into $OUT (timeout $BENCH_SECONDS,
+#           bash bench/learning_gpu.sh bench [ARG...]  bench/learning.py on cuda/bf16 (and ARGs, e.g.
+#                                                --serve-arg=--lr=1e-4) into $OUT (timeout $BENCH_SECONDS,
 #                                                default 500 s, then up to 35 s to stop the server; needs
 #                                                fastapi, uvicorn and prometheus_client: scripts/gpu_carry.sh
 #                                                install puts them in $SITE, default /tmp/site, which this
@@ -107,7 +108,7 @@ bench)
   # then says whether the weights came back, not how the engine's batches fell. ~15 s per 136 questions.
   # On timeout, SIGTERM: learning.py stops its server and keeps its rows; SIGKILL 35 s later if it has not.
   timeout -k 35 "${BENCH_SECONDS:-500}" "$py" bench/learning.py --device cuda --dtype bf16 --json "$out/learning.json" \
-    --server-log "$log" --prepared-timeout "${PREPARED_SECONDS:-150}" --clients 1 2>&1 | tee "$out/learning.txt" || status=$?
+    --server-log "$log" --prepared-timeout "${PREPARED_SECONDS:-150}" --clients 1 "${@:2}" 2>&1 | tee "$out/learning.txt" || status=$?
   tail -c 65536 "$log" > "$out/learning-serve.log" && rm -f "$log"
   exit $status
   ;;

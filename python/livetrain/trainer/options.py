@@ -21,7 +21,7 @@ LEARNING = {
     "lr": 5e-5,
     "warmup": 0,
     "until_loss": 0.1,
-    "max_steps": 300,
+    "max_steps": 400,
     "replay": 8,
     "anchor": 4.0,
     "reword": False,
