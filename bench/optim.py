@@ -53,33 +53,33 @@ from livetrain.optim import Apollo, ApolloMini  # noqa: E402
 # (hidden, intermediate, layers, kv_dim, vocab): Llama-3.2-1B and Llama-3.1-8B.
 SIZES = {"1b": (2048, 8192, 16, 512, 128256), "8b": (4096, 14336, 32, 1024, 128256)}
 
-# Qwen3.5-27B's text model (Qwen/Qwen3.5-27B config.json, text_config): hidden 5120, 64 layers, every 4th
-# full attention (24 heads of 256 with an output gate, 4 KV heads), the others Gated DeltaNet (16 key and
-# 48 value heads of 128), MLP 17408, vocabulary 248320, untied.
-QWEN35_27B = dict(hidden=5120, layers=64, interval=4, heads=24, kv_heads=4, head_dim=256, lin_k_heads=16,
-                  lin_v_heads=48, lin_head_dim=128, inter=17408, vocab=248320)  # fmt: skip
-
 
 def qwen35_27b_shapes(embeddings: bool):
-    """The 2-D weights of Qwen3.5-27B's text model, in model order (APOLLO's matrices)."""
-    c = QWEN35_27B
-    h, hd, ld = c["hidden"], c["head_dim"], c["lin_head_dim"]
-    out = [(c["vocab"], h)] if embeddings else []
-    for layer in range(c["layers"]):
-        if layer % c["interval"] == c["interval"] - 1:  # full attention
-            out += [(2 * c["heads"] * hd, h), (c["kv_heads"] * hd, h), (c["kv_heads"] * hd, h), (h, c["heads"] * hd)]
-        else:  # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
-            qkv = 2 * c["lin_k_heads"] * ld + c["lin_v_heads"] * ld
+    """The 2-D weights of Qwen3.5-27B's text model (bench/serve.py's "qwen3.5-27b" shape), in model order
+    (APOLLO's matrices): every 4th layer full attention (query with its output gate, keys, values, output), the
+    others Gated DeltaNet (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj), each with its MLP."""
+    import serve  # bench/serve.py, beside this file: the model shapes, written once
+
+    c = serve.SHAPES["qwen3.5-27b"]
+    h, hd, ld = c["hidden_size"], c["head_dim"], c["linear_key_head_dim"]
+    heads, kv, interval = c["num_attention_heads"], c["num_key_value_heads"], c["full_attention_interval"]
+    k_heads, v_heads, vd = c["linear_num_key_heads"], c["linear_num_value_heads"], c["linear_value_head_dim"]
+    inter, vocab = c["intermediate_size"], c["vocab_size"]
+    out = [(vocab, h)] if embeddings else []
+    for layer in range(c["num_hidden_layers"]):
+        if layer % interval == interval - 1:  # full attention
+            out += [(2 * heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd)]
+        else:  # Gated DeltaNet
             out += [
-                (qkv, h),
-                (c["lin_v_heads"] * ld, h),
-                (c["lin_v_heads"], h),
-                (c["lin_v_heads"], h),
-                (h, c["lin_v_heads"] * ld),
+                (2 * k_heads * ld + v_heads * vd, h),
+                (v_heads * vd, h),
+                (v_heads, h),
+                (v_heads, h),
+                (h, v_heads * vd),
             ]
-        out += [(c["inter"], h), (c["inter"], h), (h, c["inter"])]
+        out += [(inter, h), (inter, h), (h, inter)]
     if embeddings:
-        out.append((c["vocab"], h))
+        out.append((vocab, h))
     return out
 
 
