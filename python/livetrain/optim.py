@@ -465,22 +465,9 @@ class Apollo(torch.optim.Optimizer):
                 items.append([p.data_ptr(), _DTYPES[p.dtype], None, numel, m, v, status, step, state["seed"], h])
             cached = self._batches[key] = (items, _core.adamw_many_workspace_bytes([it[3] for it in items]))
         items, nbytes = cached
-        grads, keep = [], []
-        for (p, group, _), item in zip(entries, items):
-            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            keep.append(g)
-            grads.append(g.data_ptr())
-            item[2] = _DTYPES[g.dtype]
-            h = item[9]
-            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
-        ws = self._adamw_workspaces.get(device)
-        if ws is None or ws.numel() < nbytes:
-            # Zero-filled once: the steps keep their counters at zero between uses. Its own, not the APOLLO
-            # batches': their slices lie elsewhere and would leave floats where these steps keep counters.
-            ws = self._adamw_workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        if torch.cuda.current_device() != device.index:
-            torch.cuda.set_device(device)
-        _core.adamw_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
+        # Its own workspace, not the APOLLO batches': their slices lie elsewhere and would leave floats where
+        # these steps keep counters.
+        self._launch_many(_core.adamw_step_many, entries, items, 2, self._adamw_workspaces, nbytes, device, stream)
 
     def _step_batch(self, device: torch.device, entries: list, stream: int) -> None:
         # The items (addresses of weights and state, sizes, hyperparameters) are built once per set of
@@ -497,20 +484,31 @@ class Apollo(torch.optim.Optimizer):
                 shapes.append((rows, cols, 1))
             cached = self._batches[key] = (items, _core.apollo_many_workspace_bytes(shapes))
         items, nbytes = cached
+        self._launch_many(_core.apollo_step_many, entries, items, 3, self._batch_workspaces, nbytes, device, stream)
+
+    @staticmethod
+    def _launch_many(
+        launch, entries: list, items: list, grad_dtype_at: int, workspaces: dict, nbytes: int, device, stream
+    ):
+        """The per-step part of a batched launch (``_step_batch``, ``_step_adamw_batch``): each gradient's
+        address and dtype (at ``grad_dtype_at`` in its item) and its group's learning rate and weight decay (the
+        hyperparameters, last in each item) into the cached items; the device's workspace of at least ``nbytes``
+        from ``workspaces`` (zero-filled once: the steps keep their counters at zero between uses); then
+        ``launch`` on ``stream``."""
         grads, keep = [], []
         for (p, group, _), item in zip(entries, items):
             g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            keep.append(g)
+            keep.append(g)  # a contiguous copy lives until its step is launched
             grads.append(g.data_ptr())
-            item[3] = _DTYPES[g.dtype]
-            h = item[12]
+            item[grad_dtype_at] = _DTYPES[g.dtype]
+            h = item[-1]
             h.lr, h.weight_decay = group["lr"], group["weight_decay"]
-        ws = self._batch_workspaces.get(device)
+        ws = workspaces.get(device)
         if ws is None or ws.numel() < nbytes:
-            ws = self._batch_workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            ws = workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         if torch.cuda.current_device() != device.index:
             torch.cuda.set_device(device)
-        _core.apollo_step_many([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
+        launch([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
 
     def attach_hooks(self, params: Iterable[torch.Tensor] | None = None, batch_bytes: int = 0) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
