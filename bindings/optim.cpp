@@ -83,6 +83,25 @@ nb::class_<H>& def_common_hyper(nb::class_<H>& c) {
       .def_rw("rounding", &H::rounding);
 }
 
+// The AdamWStep of one contiguous parameter from the bindings' arguments (adamw_step, adamw_step_many).
+optim::AdamWStep adamw_step_of(uintptr_t weight, const std::string& weight_dtype, uintptr_t grad,
+                               const std::string& grad_dtype, int64_t numel, uintptr_t m, uintptr_t v, uintptr_t status,
+                               uintptr_t step, uint64_t seed, const optim::AdamWHyper& h) {
+  optim::AdamWStep s;
+  s.weight = ptr<void>(weight);
+  s.weight_dtype = parse_dtype(weight_dtype);
+  s.grad = ptr<const void>(grad);
+  s.grad_dtype = parse_dtype(grad_dtype);
+  s.numel = numel;
+  s.m = ptr<float>(m);
+  s.v = ptr<float>(v);
+  s.status = ptr<int32_t>(status);
+  s.step = ptr<uint64_t>(step);
+  s.seed = seed;
+  s.hyper = h;
+  return s;
+}
+
 }  // namespace
 
 void init_optim(nb::module_& m) {
@@ -199,19 +218,9 @@ void init_optim(nb::module_& m) {
          int64_t numel, uintptr_t m_, uintptr_t v_, uintptr_t status, uintptr_t step, uint64_t seed,
          uintptr_t workspace, const optim::AdamWHyper& h, bool cuda, uintptr_t stream, const ShardArg& shard,
          int64_t inner, uintptr_t total_sq) {
-        optim::AdamWStep s;
-        s.weight = ptr<void>(weight);
-        s.weight_dtype = parse_dtype(weight_dtype);
-        s.grad = ptr<const void>(grad);
-        s.grad_dtype = parse_dtype(grad_dtype);
-        s.numel = numel;
-        s.m = ptr<float>(m_);
-        s.v = ptr<float>(v_);
-        s.status = ptr<int32_t>(status);
-        s.step = ptr<uint64_t>(step);
-        s.seed = seed;
+        optim::AdamWStep s =
+            adamw_step_of(weight, weight_dtype, grad, grad_dtype, numel, m_, v_, status, step, seed, h);
         s.workspace = ptr<void>(workspace);
-        s.hyper = h;
         s.shard = shard_of(shard);
         s.inner = inner;
         s.total_sq = ptr<const float>(total_sq);
@@ -235,18 +244,7 @@ void init_optim(nb::module_& m) {
         std::vector<optim::AdamWStep> steps(items.size());
         for (size_t i = 0; i < items.size(); ++i) {
           const auto& [weight, wdt, gdt, numel, m_, v_, status, step, seed, h] = items[i];
-          optim::AdamWStep& s = steps[i];
-          s.weight = ptr<void>(weight);
-          s.weight_dtype = parse_dtype(wdt);
-          s.grad = ptr<const void>(grads[i]);
-          s.grad_dtype = parse_dtype(gdt);
-          s.numel = numel;
-          s.m = ptr<float>(m_);
-          s.v = ptr<float>(v_);
-          s.status = ptr<int32_t>(status);
-          s.step = ptr<uint64_t>(step);
-          s.seed = seed;
-          s.hyper = *h;
+          steps[i] = adamw_step_of(weight, wdt, grads[i], gdt, numel, m_, v_, status, step, seed, *h);
         }
         nb::gil_scoped_release release;
         optim::adamw_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace), workspace_bytes,
