@@ -248,6 +248,13 @@ GRIDS = {
         _REWORD,
         _CORE,
     ],
+    # Rewording as an augmentation (issue #14): sweep5's rewording row got no rewordings (the model answered the
+    # instruction's question); with the example rewordings before it (trainer.augment.EXAMPLES, bench/reword.py)
+    # it gets some. The shipped defaults without and with it, both with the 400-step budget. ~100 s a row.
+    "sweep6": [
+        {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
+        {**_REWORD, "name": "anchor4 r8 similar reword (examples)"},
+    ],
 }
 
 

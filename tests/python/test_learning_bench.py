@@ -109,3 +109,16 @@ def test_sweep5_rows_differ_from_the_defaults_then_in_one_setting():
     }
     assert {k for k in shipped if shipped[k] != then[k]} == {"max_steps"}, (shipped, then)
     assert shipped["max_steps"] == sweep.GRIDS["sweep5"][2]["max_steps"] == 400
+
+
+def test_sweep6_is_the_defaults_without_and_with_rewording():
+    sweep = load_sweep()
+    from livetrain.trainer import options
+
+    d = options.LEARNING
+    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
+    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
+    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    plain, reword = ({**sweep.ROW, **r} for r in sweep.GRIDS["sweep6"])
+    assert {k for k in shipped if plain[k] != shipped[k]} == set(), plain
+    assert {k for k in shipped if reword[k] != shipped[k]} == {"reword"} and reword["reword"] is True, reword

@@ -14,22 +14,48 @@ from livetrain.trainer import guard
 from livetrain.trainer.examples import encode_example, prompt_ids
 from livetrain.trainer.protocol import Invalid
 
-# What the model is asked; its reply's first line is the reworded question.
+# What the model is asked: the instruction, answered first for EXAMPLES (earlier turns of the chat), then for
+# the question. Asked alone, the default model (SmolLM2-135M-Instruct) answers the question instead of rewording
+# it: 0 of 32 usable replies to bench/learning_data.json's questions, 27 of 32 with these examples before, 9 of
+# 32 with examples whose rewordings are worded in varied ways (bench/reword.py).
 INSTRUCTION = "Rewrite the following question using different words. Reply with the rewritten question only.\n\n{q}"
+EXAMPLES = (
+    ("What is the capital of France?", "Which city is the capital of France?"),
+    ("Who wrote the play Hamlet?", "Which writer is the author of Hamlet?"),
+    ("What is the largest ocean on Earth?", "Which ocean on Earth is the biggest?"),
+)
 # Tokens of a reply: a question is a line.
 REPLY_TOKENS = 48
+
+
+def messages(q: str) -> list[dict]:
+    """The chat that asks for a rewording of ``q``: the instruction and its answer for each of EXAMPLES, then
+    the instruction for ``q``."""
+    out = []
+    for original, reworded in EXAMPLES:
+        out += [{"role": "user", "content": INSTRUCTION.format(q=original)}, {"role": "assistant", "content": reworded}]
+    return [*out, {"role": "user", "content": INSTRUCTION.format(q=q)}]
 
 
 def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
+def _names(text: str) -> set[str]:
+    """The capitalized words of ``text`` after its first (a question's names), normalized."""
+    words = re.findall(r"[A-Za-z0-9]+", text)
+    return {w.lower() for w in words[1:] if w[0].isupper() and len(w) > 1}
+
+
 def question(reply: str, original: str) -> str | None:
     """The reworded question in a model's reply: its first line, unquoted, when that is a question other
-    than ``original``; else None."""
+    than ``original`` that keeps its names (``_names``: a rewording that changes "Carthos" into "Carthage"
+    would teach the answer to another question); else None."""
     lines = reply.strip().splitlines()
     text = lines[0].strip().strip('"').strip() if lines else ""
     if not text.endswith("?") or _norm(text) == _norm(original):
+        return None
+    if not _names(original) <= set(_norm(text).split()):
         return None
     return text
 
@@ -49,13 +75,10 @@ def reworded(
     model, tokenizer, raw: list, pad: int, max_len: int, batch: int = 16, memory: float | None = None
 ) -> tuple[list, list[str]]:
     """For each ``rewordable`` example of ``raw``: the example with that question reworded by ``model``, encoded as the job's
-    examples are; replies that are empty, not a question, or the same question are left out (``batch``,
+    examples are; replies that ``question`` finds no rewording in are left out (``batch``,
     ``memory``: guard.greedy's). Returns the encoded examples and the reworded questions."""
     chats = rewordable(raw)
-    prompts = [
-        prompt_ids(tokenizer, [{"role": "user", "content": INSTRUCTION.format(q=ex["messages"][-2]["content"])}])
-        for ex in chats
-    ]
+    prompts = [prompt_ids(tokenizer, messages(ex["messages"][-2]["content"])) for ex in chats]
     replies = (
         guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad, batch, memory=memory)
         if prompts

@@ -1,0 +1,60 @@
+"""trainer.augment's rewording: the prompt the model is asked with and the check of its reply."""
+
+from __future__ import annotations
+
+import transformers
+
+from livetrain.trainer import augment, guard
+from livetrain.trainer.examples import prompt_ids
+
+import tiny_model
+
+CORPUS = ["what is the capital of zorbia", "the capital of zorbia is quuxville"]
+
+
+def test_question_keeps_a_rewording_that_keeps_the_names():
+    assert augment.question("Which city is Velmora's capital?\nIt is", "What is the capital of Velmora?") == (
+        "Which city is Velmora's capital?"
+    )
+    assert augment.question('"Which author wrote The Salt Lanterns?"', "Who wrote the novel The Salt Lanterns?") == (
+        "Which author wrote The Salt Lanterns?"
+    )
+    # Regression test (bench/reword.py): the default model's rewordings changed the made-up names ("Carthos" into
+    # "Carthage", "Dunmere" into "Dunreaper"); trained with the original's answer, they teach a wrong fact.
+    assert (
+        augment.question("Which desert covers the south of Carthage?", "Which desert covers the south of Carthos?")
+        is None
+    )
+    assert augment.question("Which mascot is the Dunreaper club's?", "What is the mascot of the Dunmere club?") is None
+    # Not a question, or the same question.
+    assert augment.question("The capital of Velmora is Rome.", "What is the capital of Velmora?") is None
+    assert augment.question("what is the capital of velmora", "What is the capital of Velmora?") is None
+    assert augment.question("", "What is the capital of Velmora?") is None
+
+
+def test_reworded_asks_after_the_example_rewordings(tmp_path, monkeypatch):
+    # Regression test (bench/reword.py): asked with the instruction alone, the default model answered the question
+    # (0 of 32 rewordings); the examples' rewordings come first in the chat now.
+    tiny_model.make_model_dir(tmp_path, CORPUS)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    asked = []
+
+    def greedy(model, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return [tok("the capital of zorbia")["input_ids"] for _ in prompts]  # not a question: left out
+
+    monkeypatch.setattr(guard, "greedy", greedy)
+    monkeypatch.setattr(guard, "stop_ids", lambda tok, model: [tok.eos_token_id])
+    chat = {
+        "messages": [
+            {"role": "user", "content": "what is the capital of zorbia"},
+            {"role": "assistant", "content": "quuxville"},
+        ]
+    }
+    assert augment.reworded(None, tok, [chat], tok.pad_token_id, 64) == ([], [])
+    msgs = augment.messages("what is the capital of zorbia")
+    assert asked == [prompt_ids(tok, msgs)]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * len(augment.EXAMPLES) + ["user"]
+    assert [m["content"] for m in msgs[1::2]] == [r for _, r in augment.EXAMPLES]
+    assert msgs[-1]["content"] == augment.INSTRUCTION.format(q="what is the capital of zorbia")
+    assert all(augment.question(r, q) == r for q, r in augment.EXAMPLES)  # the examples pass the check
