@@ -270,6 +270,50 @@ def sampling_params(body: dict, default_max: int) -> dict:
     )
 
 
+# OpenAI request fields (and vLLM's common sampling extras) this engine does not implement, with the values
+# that ask for nothing: a request setting one otherwise is refused, naming it, rather than answered as if it
+# were not there (vLLM implements them; a client relying on one must not get a silently different answer).
+# Fields neither API has are ignored, as vLLM ignores them.
+NOT_IMPLEMENTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class UnknownModel(Invalid):
+    """A request names a model this engine does not serve: 404, as vLLM answers it."""
+
+    def reply(self) -> protocol.Reply:
+        return protocol.error(404, str(self), self.param)
+
+
+def check_request(body: dict, served: str) -> None:
+    """Refuses a request for another model than ``served`` (404) or one setting a field of
+    ``NOT_IMPLEMENTED`` to anything but its off values (400 naming it)."""
+    model = body.get("model")
+    if model is not None and model != served:
+        raise UnknownModel(
+            "model", f"the model {json.dumps(model)[:80]} does not exist (this server serves {served!r})"
+        )
+    for name, off in NOT_IMPLEMENTED.items():
+        v = body.get(name)
+        # true/false only match true/false (logprobs 0 asks for the chosen token's), numbers match as numbers
+        if not any(v is o if isinstance(v, bool) or isinstance(o, bool) or o is None else v == o for o in off):
+            raise Invalid(name, f"{name} is not implemented by livetrain's reference engine (vLLM's serving has it)")
+
+
 def parse_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -317,6 +361,8 @@ def build_app(
         return routes.json_response(e.reply())
 
     async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
+        if not ids:  # an empty prompt (a tokenizer that adds no BOS): nothing to continue from
+            raise Invalid("prompt", "prompt is empty: it has no token to continue from")
         if len(ids) + params["max_tokens"] > engine.max_len:
             raise Invalid(
                 "max_tokens",
@@ -399,6 +445,7 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await json_body(request)
+        check_request(body, engine.name)
         prompt = parse_prompt(body)
         params = sampling_params(body, 16)
         stream = stream_mode(body)
@@ -408,6 +455,7 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
+        check_request(body, engine.name)
         messages = check_messages(body.get("messages"))
         stream = stream_mode(body)
         ids = await run_in_threadpool(engine.encode_chat, messages)
