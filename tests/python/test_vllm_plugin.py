@@ -583,7 +583,9 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     auth = {"Authorization": "Bearer sk"}
     try:
         with TestClient(app) as c:
-            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            c.portal.call(
+                plugin.init_state, client, app.state, vllm_args(api_key=["sk"], chat_template_content_format="string")
+            )
             assert client.calls == [("collective_rpc", worker.EXPORT_METHOD, (str(run_dir),))]
             assert plugin.trainer is not None and plugin.socket == str(run_dir / "trainer.sock")
             deadline = time.monotonic() + 180
@@ -681,7 +683,9 @@ def test_plugin_at_tp2_starts_one_trainer_rank_per_worker(tmp_path, monkeypatch)
     auth = {"Authorization": "Bearer sk"}
     try:
         with TestClient(app) as c:
-            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            c.portal.call(
+                plugin.init_state, client, app.state, vllm_args(api_key=["sk"], chat_template_content_format="string")
+            )
             assert checkpoint.store_exists(model_dir)  # made before the workers' export (endpoint.ensure_store)
             assert len(plugin.trainer.pids) == 2
             deadline = time.monotonic() + 240

@@ -182,8 +182,8 @@ def add_chat_options(parser) -> None:
         help="the chat template (a file, or the Jinja template itself, as vLLM's --chat-template) that chat "
         "requests, chat examples and the guard's retention prompts are rendered with, in place of the one in "
         "the model's tokenizer files: a base model's chat, or another template than the files'. Default: the "
-        "files' (none: chat examples and chat requests are refused). The vLLM plugin passes vLLM's own "
-        "--chat-template to its trainer",
+        "files' (none: chat examples and chat requests are refused). Read at start: a missing file or a template "
+        "that does not compile stops the start. The vLLM plugin passes vLLM's own --chat-template to its trainer",
     )
     parser.add_argument(
         "--default-chat-template-kwargs",
