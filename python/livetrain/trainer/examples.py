@@ -194,8 +194,8 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
         if k in unknown:
             raise Invalid(
                 k,
-                f"{k}: a job's chat examples are rendered as a chat request without one of its own is (the "
-                "server's --chat-template and --default-chat-template-kwargs): the weights serve every request",
+                f"{k}: a job cannot bring its own; its chat examples render as a chat request without one does "
+                "(the server's --chat-template and --default-chat-template-kwargs): the weights serve every request",
             )
     if unknown:
         raise Invalid(
