@@ -25,7 +25,7 @@ import torch
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
-from livetrain.trainer.examples import job_id, load_chat_template, parse_job, prompt_ids, use_chat_template
+from livetrain.trainer.examples import job_id, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -181,10 +181,7 @@ class Trainer:
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
         self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
-        try:
-            use_chat_template(self.tokenizer, load_chat_template(s.chat_template) if s.chat_template else None)
-        except ValueError as e:
-            raise _core.InvalidArgumentError(f"--chat-template: {e}") from None
+        use_chat(self.tokenizer, options.chat(s))  # read and checked when the options were parsed
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
