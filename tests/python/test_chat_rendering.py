@@ -156,3 +156,26 @@ def test_a_job_cannot_bring_its_own_template(model_dir):
         with pytest.raises(Invalid, match="the weights serve every request") as e:
             examples.parse_job(tok, {"examples": [{"messages": CONVERSATION}], field: {}}, 64, 10)
         assert e.value.param == field
+
+
+def test_text_content_parts_render_as_their_joined_string(model_dir):
+    """OpenAI's content parts (a list of {"type": "text"}) are taken wherever messages are (a chat request, a
+    /train example) and render as the parts' texts joined with newlines, as vLLM renders them for a "string"
+    template; a part that is not text is a 400 naming it (the model is served text-only)."""
+    tok = tokenizer(model_dir)
+    split = [{"type": "text", "text": "what is the capital"}, {"type": "text", "text": "of zorbia"}]
+    joined = [{"role": "user", "content": "what is the capital\nof zorbia"}, CONVERSATION[2]]
+    parts = [{"role": "user", "content": split}, CONVERSATION[2]]
+    assert examples.encode_example(tok, {"messages": parts}, "e") == examples.encode_example(
+        tok, {"messages": joined}, "e"
+    )
+    assert served(tok).encode_chat(examples.check_messages(parts[:1])) == served(tok).encode_chat(joined[:1])
+    for content, field in (
+        ([{"type": "image_url", "image_url": {"url": "x"}}], "messages[0].content[0]"),
+        ([{"type": "text", "text": 3}], "messages[0].content[0]"),
+        ([], "messages[0].content"),
+        (None, "messages[0].content"),
+    ):
+        with pytest.raises(Invalid) as e:
+            examples.check_messages([{"role": "user", "content": content}])
+        assert e.value.param == field and field in str(e.value), e.value

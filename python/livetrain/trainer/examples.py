@@ -54,17 +54,36 @@ def job_id(job: dict) -> str | None:
     return v
 
 
+def _content(content, field: str) -> str:
+    """A message's content as one string: a string, or OpenAI's list of text parts (``{"type": "text", "text":
+    ...}``) joined with newlines, as vLLM joins them for a template of the "string" content format."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise Invalid(field, f"{field} must be a string or a non-empty list of text parts")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise Invalid(
+                f"{field}[{k}]",
+                f'{field}[{k}] must be a text part {{"type": "text", "text": "..."}} (the model is served text-only)',
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def check_messages(messages, where: str = "") -> list[dict]:
-    """``messages`` as ``[{"role", "content"}]`` (other keys dropped); ``where`` prefixes the field names."""
+    """``messages`` as ``[{"role", "content"}]`` with string contents (other keys dropped; a list of text parts
+    joined); ``where`` prefixes the field names."""
     field = f"{where}.messages" if where else "messages"
     if not isinstance(messages, list) or not messages:
         raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
+    out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise Invalid(f"{field}[{j}].content", f"{field}[{j}].content must be a string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out.append({"role": m["role"], "content": _content(m.get("content"), f"{field}[{j}].content")})
+    return out
 
 
 def use_chat(tokenizer, chat: Chat) -> None:
