@@ -667,6 +667,52 @@ def test_cancel_a_queued_and_a_running_job(run):
         runner.join(60)
 
 
+@pytest.mark.parametrize("reword", [False, True])
+def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monkeypatch, reword):
+    """Regression: a job cancelled (or the trainer stopped) while the guard made its measures at the job's
+    start, or while the model reworded its questions, went on with them (minutes on a CPU) before it ended."""
+    _, trainer = run()
+    jid = None
+    real = guard.greedy
+
+    finished = []
+
+    def slow(model, prompts, *a, **kw):  # the cancel arrives during the first measure at the job's start
+        trainer.jobs[jid]["cancel"] = True
+        out = real(model, prompts, *a, **kw)
+        finished.append(len(prompts))  # the measure went on to its end
+        return out
+
+    monkeypatch.setattr(guard, "greedy", slow)
+    monkeypatch.setattr(augment.guard, "greedy", slow)
+    body = {
+        "examples": [
+            {
+                "messages": [
+                    {"role": "user", "content": "what is the capital of zorbia"},
+                    {"role": "assistant", "content": "quuxville"},
+                ]
+            }
+        ],
+        "reword": reword,
+    }
+    reply = trainer.handle("submit", json.dumps(body).encode())
+    jid, queued = trainer.queue.get_nowait()
+    version = trainer.weight_version
+    trainer.run_job(jid, queued)
+    info = trainer.jobs[jid]
+    assert info["state"] == "cancelled" and info["stop_reason"] == "cancelled" and info["step"] == 0, info
+    assert trainer.weight_version == version and reply.code == 202 and finished == [], finished
+    # A shutdown ends them the same way: the job fails, "stopped by shutdown", nothing trained.
+    monkeypatch.setattr(guard, "greedy", lambda *a, **kw: (trainer.stopping.set(), real(*a, **kw), finished.append(1)))
+    monkeypatch.setattr(trainer, "prepared", None)
+    jid = trainer.handle("submit", json.dumps({"examples": FACTS}).encode()).body["job_id"]
+    trainer.run_job(*trainer.queue.get_nowait())
+    info = trainer.jobs[jid]
+    assert info["stop_reason"] == "shutdown" and info["error"] == "stopped by shutdown" and info["step"] == 0, info
+    assert finished == []
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
