@@ -469,10 +469,11 @@ class Apollo(torch.optim.Optimizer):
         parameters (_core.ApolloBatch, _core.AdamWBatch); per step only the gradients' addresses and the groups'
         learning rates and weight decays go to the core, in one call. On the CPU the core steps them one by one."""
         key = (kind, device, tuple(id(p) for p, _, _ in entries))
+        weights = [p.data_ptr() for p, _, _ in entries]  # a parameter given other memory (p.data = ...) rebuilds
         cached = self._batches.get(key)
-        if cached is None:
-            cached = self._batches[key] = self._make_batch(kind, entries)
-        batch, nbytes = cached
+        if cached is None or cached[2] != weights:
+            cached = self._batches[key] = (*self._make_batch(kind, entries), weights)
+        batch, nbytes, _ = cached
         grads = [p.grad for p, _, _ in entries]
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # each lives until its step is queued
         lr = [group["lr"] for group in self.param_groups]

@@ -357,6 +357,18 @@ def test_step_now_and_step_are_step_params_bits(device):
     same_weights_and_state(o1, m1, o2, m2)
     same_weights_and_state(o1, m1, o3, m3)
     assert o2._batches and o3._batches and not o3._ready
+    # A parameter given other memory (p.data = ..., as engines do when they load) is stepped there, not where
+    # the batch's cached arguments pointed.
+    for m, o in ((m1, o1), (m2, o2)):
+        m[0].weight.data = m[0].weight.data.clone()
+        m[0].bias.data = m[0].bias.data.clone()
+        m(x).float().square().mean().backward()
+    for p in m1.parameters():
+        o1.step_param(p)
+    o2.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    same_weights_and_state(o1, m1, o2, m2)
 
 
 def test_step_batches_check_their_arguments():
