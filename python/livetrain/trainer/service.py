@@ -1,6 +1,6 @@
 """The trainer: attaches to an engine's weights through its manifest, builds the Hugging Face model on
-them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter from backward hooks,
-so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
+them, and runs training jobs from a queue with APOLLO-Mini steps applied from backward hooks as gradients
+are made (in batches of --step-batch-mib of gradients), so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
 trainer.protocol); checkpoint and rollback requests run on the training thread between two steps, writing
 to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.trainer`` runs it as a process.
 Under tensor parallelism one Trainer runs per engine rank (trainer.ranks): rank 0 as described, the others
@@ -829,7 +829,7 @@ class Trainer:
 
     def step(self, examples, anchor=None, separate_anchor: bool | None = None) -> tuple[float, int, list[float]]:
         """One forward/backward over a batch (and the anchor's rows: ``loss``); the optimizer steps each
-        parameter from its hook during backward. Returns the loss (without the anchor's term), the batch's
+        parameter from its hook during backward (batched: see __init__'s attach_hooks). Returns the loss (without the anchor's term), the batch's
         tokens and each example's loss (unweighted).
 
         ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
