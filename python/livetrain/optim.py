@@ -566,19 +566,32 @@ class Apollo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_now(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """Step ``p`` with ``grad`` at once and free it, as the hooks would (with attach_hooks' ``batch_bytes``,
-        a batch of one: on CUDA APOLLO-Mini's batched kernels, faster than step_param's single launch; same bits).
+        """Step ``p`` with ``grad`` at once, as the hooks would (with attach_hooks' ``batch_bytes``, a batch of one:
+        on CUDA APOLLO-Mini's batched kernels, faster than step_param's single launch; same bits; else step_param).
         What the trainer does with the output projection's gradient, which it makes after backward."""
-        p.grad = grad
-        self.step_ready(p)
-        if p.device in self._ready:
-            self._flush_device(p.device)
+        if self._hook_batch_bytes > 0:
+            entry, kind = self._batch_entry(p)
+            if kind is not None:
+                p.grad = grad
+                self._step_batch(kind, p.device, [entry])
+                p.grad = None
+                return
+        self.step_param(p, grad)
 
     @torch.no_grad()
     def flush_ready(self) -> None:
         """Steps every parameter that step_ready queued, and frees their gradients."""
         for device in list(self._ready):
             self._flush_device(device)
+
+    def drop_ready(self) -> None:
+        """Forgets the steps that wait (step_ready) and frees their gradients, unstepped: after a backward pass
+        that failed, whose end never came. Else the next pass would add its gradients to theirs and step them
+        twice."""
+        for ready in self._ready.values():
+            for p, _, _ in ready["apollo"] + ready["adamw"]:
+                p.grad = None
+        self._ready.clear()
 
     def _flush_device(self, device: torch.device) -> None:
         self._flush_kind(device, "apollo")

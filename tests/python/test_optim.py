@@ -329,6 +329,32 @@ def test_batched_hooks_let_small_adamw_gradients_wait_for_the_end():
     assert not o._ready
 
 
+def test_a_failed_backward_leaves_no_waiting_step_behind():
+    """A backward pass that fails midway never reaches its end, where the waiting steps would run: drop_ready
+    forgets them and frees their gradients, so the next pass steps each parameter once, with its own gradient
+    (not added to the failed pass's): the bits of one good pass with per-parameter hooks."""
+    x = torch.randn(8, 96)
+    m1, o1 = mini_model_and_opt()
+    m2, o2 = mini_model_and_opt()
+    o1.attach_hooks()
+    o2.attach_hooks(batch_bytes=1 << 30)
+
+    def fail(_grad):
+        raise RuntimeError("backward failed")
+
+    h = m2[3](m2[2](m2[1](m2[0](x))))
+    h.register_hook(fail)  # after the last layers' gradients, before the first's
+    with pytest.raises(RuntimeError, match="backward failed"):
+        m2[5](m2[4](h)).square().mean().backward()
+    assert o2._ready and m2[5].weight.grad is not None  # waiting when the pass failed
+    o2.drop_ready()
+    assert not o2._ready and all(p.grad is None for p in m2.parameters())
+    for m in (m1, m2):
+        m(x).square().mean().backward()
+    same_weights_and_state(o1, m1, o2, m2)
+    assert int(o2.state[m2[5].weight]["step"]) == 1
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))])
 def test_step_now_and_step_are_step_params_bits(device):
     """step_now (the trainer's step of its deferred output projection: a batch of one) and step() (batched by

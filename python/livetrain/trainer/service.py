@@ -217,7 +217,7 @@ class Trainer:
         self.step_batch_bytes = (
             0 if ranks is not None else admission.step_batch_bytes(s.step_batch_mib, trained, self.device.type)
         )
-        self.opt.attach_hooks(batch_bytes=self.step_batch_bytes)
+        self.hooks = self.opt.attach_hooks(batch_bytes=self.step_batch_bytes)
         progress(
             f"optimizer ready over {len(self.names)} parameters; the backward hooks step them in batches of "
             f"{self.step_batch_bytes / 2**20:.0f} MiB of gradients"
@@ -846,7 +846,14 @@ class Trainer:
         if statuses:
             torch._foreach_zero_(statuses)  # each parameter's step writes its outcome there (optim.Status)
         self._released = False
-        loss.backward()
+        try:
+            loss.backward()
+        except BaseException:
+            # Gradients that waited for a batched step, or that a failing hook left, from a pass that did not end:
+            # the next pass would add its own to them.
+            self.opt.drop_ready()
+            self.opt.zero_grad(set_to_none=True)
+            raise
         # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
         # its place: release only when that did not happen (embeddings tied or frozen).
         if later.active and self.release_cached and not self._released:
