@@ -678,6 +678,8 @@ def test_cancel_a_queued_and_a_running_job(run):
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
         ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
         ({"examples": FACTS, "restate": "yes"}, "restate"),
+        ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
+        ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):

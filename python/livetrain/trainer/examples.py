@@ -17,6 +17,8 @@ from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
+# The fields of one example: chat ``messages``, or ``prompt`` and ``completion``; ``weight`` with either.
+EXAMPLE_FIELDS = ("messages", "prompt", "completion", "weight")
 # What to send instead of chat examples to a model whose tokenizer has no chat template.
 PLAIN_EXAMPLES = 'send prompt/completion examples (an empty "prompt" trains plain text)'
 # A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
@@ -150,6 +152,11 @@ def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], fl
     tokenizes a request (chat: template text without added specials; prompt: with them)."""
     if not isinstance(ex, dict):
         raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
+    for k in ex:
+        if k not in EXAMPLE_FIELDS:  # a misspelt "weight" or "completion" is not silently dropped
+            raise Invalid(f"{where}.{k}", f"unknown field '{where}.{k}' (allowed: {', '.join(EXAMPLE_FIELDS)})")
+    if "messages" in ex and ("prompt" in ex or "completion" in ex):
+        raise Invalid(where, f"{where} has both messages and prompt/completion: send one of the two forms")
     weight = ex.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
         raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
