@@ -198,9 +198,10 @@ def step_memory(
 
 
 # --step-batch-mib auto: the share of the trained weights' bytes whose gradients may wait for a batched step, and
-# its cap. A batch costs a few launches whatever its size (bench/optim.py --full's hooks rows: one parameter at a
-# time 1.70-1.93x the HBM floor on the H200, against 1.18-1.31x for step()'s batches of 64); a sixteenth keeps the
-# model's matrices in about 16 batches, and the cap keeps 27B's within its memory target (docs/tuning.md).
+# its cap. A batch costs a few launches whatever its size; a sixteenth keeps the model's matrices in about 16
+# batches, and the cap keeps 27B's within its memory target. On the H200 (bench/optim.py --full's hooks rows,
+# bench/RESULTS.md, fifth session): 1.20x the HBM floor at 8B and 1.14x at 27B, against 1.93x / 1.70x one
+# parameter at a time; 256 MiB 1.30x / 1.25x, 4096 MiB 1.35x / 1.11x (docs/tuning.md).
 STEP_BATCH_SHARE = 1 / 16
 STEP_BATCH_CAP = 1 << 30
 
