@@ -147,7 +147,7 @@ def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
         ({"prompt": "a", "completion": ""}, "x.completion"),
         ({"prompt": "a", "completion": "b", "weight": -1}, "x.weight"),
         ({"text": "a"}, "x.text"),  # not a field of an example
-            ({"weight": 1}, "x"),  # neither form
+        ({"weight": 1}, "x"),  # neither form
     ):
         with pytest.raises(Invalid) as e:
             encode_example(tok, bad, "x")
