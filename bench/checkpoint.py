@@ -25,7 +25,8 @@ delta) and compared with the live weights.
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
        python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
        python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
-       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0, 1, 2
+       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0-3
+       python bench/checkpoint.py --encoder-host N --host-shapes qwen3.5-27b [--row-scale 64] [--lr 1.3e-6]
 """
 
 import argparse
@@ -235,17 +236,19 @@ def apollo_like_step(live: dict, lr: float, seed: int) -> int:
 
 
 # ---- saves from host memory (no GPU needed): the model both host modes save ----
-def host_model(gib: float, work: str):
-    """Random bf16 Llama-shaped tensors of `gib` GiB on the host and their model directory in `work`:
-    (live tensors, model bytes, model directory)."""
+def host_model(gib: float, work: str, tensors=None):
+    """Random tensors (N(0, 0.02)) on the host and their model directory in `work`: bf16 Llama-shaped ones of
+    `gib` GiB, or `tensors` [(name, shape, dtype)]. Returns (live tensors, model bytes, model directory)."""
     from livetrain import safetensors as lst
 
+    if tensors is None:
+        tensors = [(name, shape, torch.bfloat16) for name, shape in model_shapes(gib)]
     torch.manual_seed(0)
-    live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+    live = {name: (torch.randn(shape) * 0.02).to(dt) for name, shape, dt in tensors}
     model_dir = os.path.join(work, "model")
     os.mkdir(model_dir)
     lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
-    return live, sum(w.numel() * 2 for w in live.values()), model_dir
+    return live, sum(w.numel() * w.element_size() for w in live.values()), model_dir
 
 
 def median(xs):
@@ -310,15 +313,22 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
 ENCODERS = {
     0: "0: the coder before, records copied",
     1: "1: word-wise coder, records copied",
-    2: "2 (default): word-wise coder, records as pieces, checksums by the writer",
+    2: "2: word-wise coder, records as pieces, checksums by the writer, gap sizes measured per block",
+    3: "3 (default): as 2, gap sizes measured only where they could win",
 }
+WHOLE_27B_ELEMENTS = 26_895_998_464  # the elements of qwen35_shapes(64), the whole text model (851 tensors)
 
 
-def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
+def encoder_host(
+    gib: float, lr: float, parent: str | None, repeats: int, shape_set: str = "8b", row_scale: int = 1
+) -> int:
     """The encode phase of host-tensor saves under each checkpoint.encoder setting, on the same data in one
     run: one store per setting, all of one model, each saving the same tensors after each dense step (the
     order of the stores rotates), so all encode the same diff; their delta files must be identical. Prints
-    the medians of the encode phase and of its input (bitmaps + values) per second and thread."""
+    the medians of the encode phase and of its input (bitmaps + values) per second and thread. The model:
+    the Llama-8B shapes cut to `gib` ("8b"), or Qwen3.5-27B's whole text model with every tensor's rows
+    divided by `row_scale` ("qwen3.5-27b"); for the latter also what the encode would take on the whole
+    model's bytes at 16 threads, if the time per element and thread stayed what it is here."""
     from livetrain import _core
     from livetrain.checkpoint import CheckpointStore
 
@@ -326,8 +336,9 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     work = tempfile.mkdtemp(prefix="livetrain-checkpoint-encoder-", dir=parent)
     rows = {c: [] for c in ENCODERS}
     same = []
+    tensors = qwen35_shapes(1000, row_scale) if shape_set == "qwen3.5-27b" else None
     try:
-        live, model_bytes, model_dir = host_model(gib, work)
+        live, model_bytes, model_dir = host_model(gib, work, tensors)
         stores = {c: CheckpointStore.create(model_dir, os.path.join(work, f"store-{c}")) for c in ENCODERS}
         try:
             for store in stores.values():
@@ -353,33 +364,52 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    elements = sum(w.numel() for w in live.values())
+    whole = shape_set == "qwen3.5-27b"
+    what = f"Qwen3.5-27B's {len(live)} text-model tensors, rows / {row_scale}" if whole else "Llama-8B shapes"
+    changed = median([r["changed"] / r["elements"] for r in rows[2]])
     print(
-        f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB bf16, {repeats} saves per setting "
-        f"on the same diffs (medians), {threads} threads; delta files identical: {'yes' if all(same) else 'NO'}\n"
+        f"\nhost save after a dense step (lr {lr:g}, {changed:.1%} of the elements changed), {what}, "
+        f"{model_bytes / 2**30:.2f} GiB, {repeats} saves per setting on the same diffs (medians), {threads} threads; "
+        f"delta files identical: {'yes' if all(same) else 'NO'}\n"
     )
-    print("| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written |")
-    print("|---|---:|---|---:|---:|")
+    scaled = " | the whole model's encode at 16 threads s" if whole else ""
+    print(
+        f"| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written{scaled} |"
+    )
+    print("|---|---:|---|---:|---:|" + ("---:|" if whole else ""))
     enc = {}
     for c, label in ENCODERS.items():
         rs = rows[c]
         enc[c] = median([r["encode_seconds"] for r in rs])
         rate = median([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
+        extra = f" | {enc[c] * WHOLE_27B_ELEMENTS / elements * threads / 16:.2f}" if whole else ""
         print(
             f"| {label} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
             f"{enc[c]:.3f} / {median([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
-            f"{median([r['bytes_written'] for r in rs]):,} |"
+            f"{median([r['bytes_written'] for r in rs]):,}{extra} |"
         )
     print(
-        f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x"
+        f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x, "
+        f"setting 3 {enc[0] / enc[3]:.2f}x; setting 3 against 2: {enc[2] / enc[3]:.2f}x"
     )
     return 0 if all(same) else 1
 
 
 # ---- --sweep: the store's save under its internal tuning knobs ----
-def qwen35_shapes(gib: float):
+def qwen35_shapes(gib: float, row_scale: int = 1):
     """Qwen3.5-27B's text-model tensors (Qwen/Qwen3.5-27B config.json: hidden 5120, 64 layers, every 4th
     full attention with an output gate, Gated DeltaNet otherwise, MLP 17408, vocabulary 248320) in model
-    order until `gib` GiB: (name, shape, dtype)."""
+    order until `gib` GiB, with the final norm and the untied lm_head once all 64 layers are in (the whole
+    model: 851 tensors, 50.10 GiB, bench/serve.py's qwen3.5-27b): (name, shape, dtype). `row_scale` > 1
+    divides every tensor's first dimension by it (rounded up): the same tensors and proportions, smaller."""
+    out = _qwen35_full_shapes(gib)
+    if row_scale > 1:
+        out = [(n, (-(-s[0] // row_scale),) + tuple(s[1:]), dt) for n, s, dt in out]
+    return out
+
+
+def _qwen35_full_shapes(gib: float):
     h, inter, vocab, hd, ld = 5120, 17408, 248320, 256, 128
     target = int(gib * 2**30)
     out, total = [("model.embed_tokens.weight", (vocab, h), torch.bfloat16)], vocab * h * 2
@@ -421,6 +451,8 @@ def qwen35_shapes(gib: float):
             out.append((p + "linear_attn.A_log", (48,), torch.float32))  # kept in fp32, as published
             total += 4 * 48
         layer += 1
+    if layer == 64:
+        out += [("model.norm.weight", (h,), torch.bfloat16), ("lm_head.weight", (vocab, h), torch.bfloat16)]
     return out
 
 
@@ -686,6 +718,13 @@ def main() -> int:
         metavar="N",
         help="instead: N dense steps, each saved from host tensors under every checkpoint.encoder setting; no GPU",
     )
+    ap.add_argument(
+        "--host-shapes",
+        default="8b",
+        choices=["8b", "qwen3.5-27b"],
+        help="--encoder-host: the Llama-8B shapes cut to --gib, or Qwen3.5-27B's whole text model, rows / --row-scale",
+    )
+    ap.add_argument("--row-scale", type=int, default=64, help="--host-shapes qwen3.5-27b: every tensor's rows / this")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
@@ -694,7 +733,7 @@ def main() -> int:
     if a.writeback_host:
         return writeback_host(a.gib, a.lr, a.dir, a.writeback_host)
     if a.encoder_host:
-        return encoder_host(a.gib, a.lr, a.dir, a.encoder_host)
+        return encoder_host(a.gib, a.lr, a.dir, a.encoder_host, a.host_shapes, a.row_scale)
     if not torch.cuda.is_available():
         print(
             "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",

@@ -130,7 +130,7 @@ class PartQueue {
 class RecordEncoder {
  public:
   RecordEncoder(std::vector<RecordParts> kinds, const DiffOutput& d, const Progress& progress)
-      : sums_in_writer(tuning::get(tuning::kCheckpointEncoder) == 2),
+      : sums_in_writer(tuning::get(tuning::kCheckpointEncoder) >= 2),
         kinds_(std::move(kinds)),
         d_(d),
         progress_(progress),
@@ -175,7 +175,7 @@ class RecordEncoder {
 
   PartQueue records;
   std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
-  // checkpoint.encoder=2: the records come without their checksums, each followed by an empty part where
+  // checkpoint.encoder >= 2: the records come without their checksums, each followed by an empty part where
   // the writer puts it (RecordSums): it hashes every byte anyway, on its own thread, while this one goes on
   // with the next batch instead of hashing each record with one thread per record.
   const bool sums_in_writer;

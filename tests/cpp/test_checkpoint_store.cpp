@@ -272,10 +272,11 @@ TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
 // The writer's knobs write the same bytes: checkpoint.writeback_mib starts the delta's disk writes while it is
 // still being written (fs::Writer's set_writeback; 1 MiB, its smallest step, at least once per delta here:
 // dense changes of a 12 MiB embedding); checkpoint.early_writer writes the delta on its own thread from the
-// first encoded record on, the header (its record count) last; checkpoint.encoder=2 leaves the records'
-// checksums to the writer. Every combination writes the files of the encoder before with the writer after the
-// diff and no early writeback (encoder 0, early_writer 0, writeback_mib 0), for dense, sparse and no changes
-// (no file then, nor a temporary one left; with save_if_unchanged a file of no record), and they verify.
+// first encoded record on, the header (its record count) last; checkpoint.encoder >= 2 leaves the records'
+// checksums to the writer (3 also measures the gap sizes only where they could win). Every combination writes the files
+// of the encoder before with the writer after the diff and no early writeback (encoder 0, early_writer 0, writeback_mib
+// 0), for dense, sparse and no changes (no file then, nor a temporary one left; with save_if_unchanged a file of no
+// record), and they verify.
 TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -287,7 +288,8 @@ TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Setting {
     int encoder, early, writeback_mib;
   };
-  const Setting settings[] = {{0, 0, 0}, {2, 0, 16}, {2, 0, 1}, {2, 1, 1}, {0, 1, 0}, {1, 1, 16}};
+  const Setting settings[] = {{0, 0, 0}, {3, 0, 16}, {2, 0, 16}, {3, 0, 1},
+                              {3, 1, 1}, {2, 1, 1},  {0, 1, 0},  {1, 1, 16}};
   std::vector<checkpoint::Store> stores;
   for (size_t k = 0; k < std::size(settings); ++k) {
     stores.push_back(checkpoint::Store::create(model, tmp.file("store-" + std::to_string(k))));
