@@ -471,6 +471,7 @@ BEFORE = {
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("gap sizes measured per block, as before (checkpoint.encoder=2)", {"checkpoint.encoder": 2}),
     ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
     ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
     ("shipped without digests", {"checkpoint.digests": 0}),
@@ -481,7 +482,6 @@ SWEEP_GRID = [
     ("shipped, word-wise coder, records copied (checkpoint.encoder=1)", {"checkpoint.encoder": 1}),
     ("shipped (again)", {}),
     ("shipped, early writer (checkpoint.early_writer=1)", {"checkpoint.early_writer": 1}),
-    ("gap sizes measured per block, as before (checkpoint.encoder=2)", {"checkpoint.encoder": 2}),
     ("checkpoint.encoder=2, early writer", {"checkpoint.encoder": 2, "checkpoint.early_writer": 1}),
 ]
 
