@@ -553,6 +553,56 @@ def byte_check(tensors: list, lr: float, parent: str | None) -> dict:
     return out
 
 
+def gpu_loop_ms(until) -> list[float]:
+    """Milliseconds of each step of a GPU loop (a 4096² bf16 matmul, synchronized), run until `until()`."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    out = []
+    while not until():
+        t = time.perf_counter()
+        a @ a
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def prepare_gpu_probe(model_dir: str, store_dir: str, live: dict, first_before: float, shape_set: str) -> dict:
+    """A second store of the same model (nothing changed yet): prepare_gpu page-locks its head copy on the store's
+    thread while this one runs a GPU loop (does the page-locking hold up other GPU work?), then its first save,
+    against the first save of the sweep's store, which page-locked in the save (`first_before`, same run)."""
+    from livetrain.checkpoint import CheckpointStore
+
+    row = {"shape": shape_set, "setting": "prepare_gpu probe", "first_save_before": first_before}
+    t = time.perf_counter()
+    b = CheckpointStore.create(model_dir, store_dir)
+    row["create_seconds"] = time.perf_counter() - t
+    try:
+        t0 = time.perf_counter()
+        alone = gpu_loop_ms(lambda: time.perf_counter() - t0 > 1.0)
+        t = time.perf_counter()
+        b.prepare_gpu(0)
+        row["prepare_call_seconds"] = time.perf_counter() - t
+        during = gpu_loop_ms(lambda: b.gpu_prepared or time.perf_counter() - t > 60)
+        row["prepare_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        r = b.save(live)
+        row["first_save_after"] = time.perf_counter() - t
+        row["first_save_wrote"] = r["written"]
+        for k, ms in (("alone", alone), ("during", during)):
+            ms = sorted(ms) or [0.0]
+            row[f"loop_{k}"] = {"steps": len(ms), "median_ms": ms[len(ms) // 2], "max_ms": ms[-1]}
+    finally:
+        t = time.perf_counter()
+        b.close()
+        row["close_seconds"] = time.perf_counter() - t
+    log(
+        f"sweep {shape_set}: prepare_gpu probe: first save {first_before:.2f} s before, "
+        f"{row['first_save_after']:.2f} s after prepare_gpu ({row['prepare_seconds']:.2f} s on its thread, the call "
+        f"{row['prepare_call_seconds'] * 1e3:.1f} ms); GPU loop alone {row['loop_alone']}, during {row['loop_during']}; "
+        f"store create {row['create_seconds']:.1f} s, close {row['close_seconds']:.1f} s"
+    )
+    return row
+
+
 def sweep_shape(
     shape_set: str,
     gib: float,
@@ -561,6 +611,7 @@ def sweep_shape(
     bands: tuple,
     on_row=lambda rows: None,
     chain_check: bool = True,
+    prepare_probe: bool = False,
 ) -> list[dict]:
     """The sweep on one shape set; on_row(rows so far) after each setting (the caller saves them, so a run
     cut short keeps what it measured). Without `chain_check` the store is not reopened and compared at the
@@ -594,7 +645,14 @@ def sweep_shape(
             set_knobs({})
             t = time.perf_counter()
             store.save(live)
-            log(f"sweep {shape_set}: first save after open (page-locks the head copy): {time.perf_counter() - t:.2f} s")
+            first = time.perf_counter() - t
+            log(f"sweep {shape_set}: first save after open (page-locks the head copy): {first:.2f} s")
+            probe = None
+            if prepare_probe:
+                try:
+                    probe = prepare_gpu_probe(model_dir, os.path.join(work, "prepared"), live, first, shape_set)
+                except Exception as e:  # reported; the rows still run
+                    log(f"sweep {shape_set}: prepare_gpu probe failed: {type(e).__name__}: {e}")
             for k, (label, knobs) in enumerate(SWEEP_GRID):
                 row = {
                     "shape": shape_set,
@@ -648,6 +706,8 @@ def sweep_shape(
                 chain = "not run (--no-chain-check)"
             for row in rows:
                 row["chain_check"] = chain
+                if probe:
+                    row["prepare_probe"] = probe
         finally:
             store.close()
     finally:
@@ -688,6 +748,16 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
                 f"{d['bytes_written'] / mb:.1%} | "
                 f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
                 f"{nc['seconds'] / mb * 1e10:.3f} | {r['check']} | {r['bytes_check']} |"
+            )
+        p = mine[0].get("prepare_probe")
+        if p:
+            print(
+                f"\nfirst save after open: {p['first_save_before']:.2f} s page-locking in the save (the sweep's store); "
+                f"a second store of the set: {p['first_save_after']:.2f} s after prepare_gpu, which took "
+                f"{p['prepare_seconds']:.2f} s on the store's thread (the call {p['prepare_call_seconds'] * 1e3:.1f} ms); "
+                f"a 4096² bf16 matmul meanwhile: median {p['loop_during']['median_ms']:.2f} ms, max "
+                f"{p['loop_during']['max_ms']:.1f} ms over {p['loop_during']['steps']} steps (alone: median "
+                f"{p['loop_alone']['median_ms']:.2f} ms, max {p['loop_alone']['max_ms']:.1f} ms)"
             )
         good = [r for r in mine if "error" not in r and r["check"] == "ok" and r["bytes_check"] in ("ok", "-")]
         if good:
@@ -744,6 +814,11 @@ def main() -> int:
         dest="chain_check",
         action="store_false",
         help="--sweep: skip the reopen-and-compare at the end of each set (slow at tens of GiB; the byte check stays)",
+    )
+    ap.add_argument(
+        "--prepare-probe",
+        action="store_true",
+        help="--sweep: also open a second store of the set and time its first save after prepare_gpu (see the log)",
     )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
@@ -811,7 +886,9 @@ def main() -> int:
 
         for x in shape_sets:
             try:
-                rows += sweep_shape(x, a.gib, a.lr, a.dir, bands, on_row=save, chain_check=a.chain_check)
+                rows += sweep_shape(
+                    x, a.gib, a.lr, a.dir, bands, on_row=save, chain_check=a.chain_check, prepare_probe=a.prepare_probe
+                )
             except Exception as e:  # a shape that cannot even be set up is reported; the next one runs
                 log(f"sweep {x}: {type(e).__name__}: {e}")
         save([])

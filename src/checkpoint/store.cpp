@@ -402,8 +402,14 @@ Store::HeadCopy::HeadCopy(const std::vector<uint64_t>& sizes) {
   base_ = static_cast<uint8_t*>(p);
 }
 
+// A move carries a pin_async thread along: it works on the mapping, whose address does not move.
 Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
-    : base_(o.base_), size_(o.size_), offsets_(std::move(o.offsets_)), gpu_base_(o.gpu_base_) {
+    : base_(o.base_),
+      size_(o.size_),
+      offsets_(std::move(o.offsets_)),
+      gpu_base_(o.gpu_base_),
+      pinning_(std::move(o.pinning_)),
+      reserved_(std::move(o.reserved_)) {
   o.base_ = o.gpu_base_ = nullptr;
   o.size_ = 0;
 }
@@ -415,6 +421,8 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     size_ = o.size_;
     offsets_ = std::move(o.offsets_);
     gpu_base_ = o.gpu_base_;
+    pinning_ = std::move(o.pinning_);
+    reserved_ = std::move(o.reserved_);
     o.base_ = o.gpu_base_ = nullptr;
     o.size_ = 0;
   }
@@ -423,14 +431,44 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
 
 Store::HeadCopy::~HeadCopy() { release(); }
 
+void Store::HeadCopy::settle() noexcept {
+  if (!pinning_.valid()) return;
+  try {
+    Pinned p = pinning_.get();
+    gpu_base_ = p.gpu_base;
+    reserved_ = std::move(p.reserved);
+  } catch (...) {  // nothing page-locked: gpu_tensor does it (and reports what fails)
+  }
+}
+
 void Store::HeadCopy::release() noexcept {
+  settle();  // before the copy it page-locks goes
+  reserved_ = DiffWorkspace();
   if (gpu_base_) cuda::host::unpin(base_);
   if (base_) ::munmap(base_, size_);
   base_ = gpu_base_ = nullptr;
   size_ = 0;
 }
 
+void Store::HeadCopy::pin_async(int device, size_t bitmap_bytes, size_t value_bytes) {
+  if (gpu_base_ || pinning_.valid() || !base_) return;
+  uint8_t* const base = base_;
+  const size_t size = size_;
+  pinning_ = std::async(std::launch::async, [=] {
+    cuda::host::set_device(device);
+    Pinned p;
+    p.gpu_base = static_cast<uint8_t*>(cuda::host::pin(base, size));
+    try {
+      diff_workspace_reserve(p.reserved, bitmap_bytes, value_bytes);
+    } catch (...) {  // the copy stays page-locked; the save reserves its outputs itself
+      p.reserved = DiffWorkspace();
+    }
+    return p;
+  });
+}
+
 const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
+  settle();
   if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda::host::pin(base_, size_));
   return (gpu_base_ ? gpu_base_ : base_) + offsets_[i];
 }
@@ -641,6 +679,20 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   s.head_generation_ = c.head;
   s.head_valid_ = true;
   return s;
+}
+
+void Store::prepare_gpu(int device) {
+  if (device < 0)
+    throw Error(ErrorCode::kInvalidArg, "checkpoint: prepare_gpu: no CUDA device " + std::to_string(device));
+  // The sizes the first GPU save reserves (write_delta): the bitmaps of every held tensor in 32-bit words, a
+  // quarter of the bytes for values.
+  uint64_t bitmap_bytes = 0, model_bytes = 0;
+  for (const Held& h : held_) {
+    const uint64_t units = h.nbytes / unit_bytes(served_[h.tensor]);
+    bitmap_bytes += (units + 31) / 32 * 4;
+    model_bytes += h.nbytes;
+  }
+  head_.pin_async(device, bitmap_bytes, model_bytes / 4);
 }
 
 void Store::close() {
@@ -964,6 +1016,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   if (early && encoder) early->start(*encoder);
   try {
     if (device >= 0) {
+      if (!diff_workspace_.bitmaps.data) {
+        DiffWorkspace reserved = head_.take_reserved();  // prepare_gpu's, when it ran
+        diff_workspace_.bitmaps = std::move(reserved.bitmaps);
+        diff_workspace_.values = std::move(reserved.values);
+      }
       if (!diff_workspace_.bitmaps.data) {
         // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
         uint64_t bitmap_bytes = 0;

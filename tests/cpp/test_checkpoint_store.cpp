@@ -382,3 +382,34 @@ TEST(CheckpointStoreCuda, EveryTuningWritesTheCpuSavesBytes) {
   });
 }
 #endif
+
+// prepare_gpu page-locks the head copy on a thread of its own (where there is a CUDA device; here, without
+// one, that thread fails and the failure is left to a GPU save). Either way the store works on: host saves
+// write the bytes of a store that never called it, a move of the store and close wait for the thread, a
+// second call is a no-op, and a device below 0 is refused.
+TEST(CheckpointStore, PrepareGpuLeavesSavesAsTheyWere) {
+  TempDir tmp;
+  const std::string model = tmp.file("model");
+  LiveModel live = livetrain::testing::make_live(5, 100);
+  livetrain::testing::write_model_dir(model, live);
+  checkpoint::Store plain = checkpoint::Store::create(model, tmp.file("plain"));
+  checkpoint::Store prepared = checkpoint::Store::create(model, tmp.file("prepared"));
+  prepared.prepare_gpu(0);
+  prepared.prepare_gpu(0);
+  EXPECT_THROW(prepared.prepare_gpu(-1), Error);
+  checkpoint::Store moved = std::move(prepared);
+  for (int step = 0; step < 2; ++step) {
+    livetrain::testing::perturb(live, 500 + step, 0.1);
+    const checkpoint::SaveResult a = plain.save(live.views()), b = moved.save(live.views());
+    ASSERT_TRUE(a.written && b.written);
+    EXPECT_EQ(a.generation, b.generation);
+    const std::string name = checkpoint::delta_file_name(a.generation);
+    EXPECT_EQ(livetrain::fs::read_file(plain.dir() + "/" + name), livetrain::fs::read_file(moved.dir() + "/" + name));
+  }
+  plain.close();
+  checkpoint::Store fresh = checkpoint::Store::open(model, tmp.file("plain"));
+  EXPECT_TRUE(fresh.gpu_prepared());  // nothing started
+  fresh.prepare_gpu(0);
+  fresh.close();  // waits for the thread
+  EXPECT_TRUE(fresh.gpu_prepared());
+}

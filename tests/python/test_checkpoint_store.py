@@ -199,6 +199,35 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
+    """prepare_gpu page-locks the head copy and the diff's outputs on a thread of its own; the saves after it
+    (the first may still wait for it) write the CPU save's bytes, and close waits for it."""
+    import shutil
+
+    torch.manual_seed(2)
+    live = {
+        "model.embed_tokens.weight": (torch.randn(1100, 1024) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(65),
+    }
+    a, b = tmp_path / "cpu", tmp_path / "gpu"
+    a.mkdir()
+    lst.save_model(a, live, max_shard_bytes=1 << 20)
+    shutil.copytree(a, b)
+    with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
+        gpu_store.prepare_gpu("cuda")
+        gpu_store.prepare_gpu(torch.cuda.current_device())  # once per open: a no-op
+        for g, fraction in enumerate([0.2, 0.05], start=1):
+            perturb(live, fraction, 20 + g)
+            rc, rg = cpu_store.save(live), gpu_store.save({k: v.cuda() for k, v in live.items()})
+            assert rc["generation"] == rg["generation"] == g and rc["changed"] == rg["changed"] > 0
+            assert gpu_store.gpu_prepared  # the save waited for it
+            name = f"gen-{g:020d}.delta"
+            assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes()
+    with CheckpointStore.create(tmp_path / "gpu", tmp_path / "other") as fresh:
+        fresh.prepare_gpu(0)  # closed while it may still run: close waits for it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 @pytest.mark.parametrize(
     "knobs",
     [
