@@ -106,6 +106,26 @@ def pinned_d2h_bandwidth() -> float:
     return 5 * a.numel() / (time.perf_counter() - t)
 
 
+def pinned_both_ways_bandwidth() -> float:
+    """Host-to-device and device-to-host copies of pinned memory at once, on two streams: bytes moved (both
+    directions together) per second. The GPU diff moves the head copy both ways (staged in, written back)."""
+    n = 2**30
+    d_in, d_out = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    h_in, h_out = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    d_in.copy_(h_in)
+    h_out.copy_(d_out)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            d_in.copy_(h_in, non_blocking=True)
+        with torch.cuda.stream(s2):
+            h_out.copy_(d_out, non_blocking=True)
+    torch.cuda.synchronize()
+    return 2 * 3 * n / (time.perf_counter() - t)
+
+
 def disk_write_bandwidth(directory: str, nbytes: int = 2**30) -> float:
     """Sequential write + fsync of one new file, bytes per second."""
     path = os.path.join(directory, "bw.tmp")
@@ -865,9 +885,11 @@ def main() -> int:
             bands = (device_copy_bandwidth(), pinned_d2h_bandwidth(), disk_write_bandwidth(probe))
         finally:
             shutil.rmtree(probe, ignore_errors=True)
+        both = pinned_both_ways_bandwidth()
         log(
             f"bandwidths: device copy {bands[0] / 1e9:.0f} GB/s, pinned D2H {bands[1] / 1e9:.1f} GB/s, "
-            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s"
+            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s; pinned H2D and D2H at once {both / 1e9:.1f} GB/s "
+            f"(both directions together; the diff moves the head copy both ways)"
         )
         rows = []
 
