@@ -872,9 +872,10 @@ def main() -> int:
                 ap.error(f"--shapes: unknown set {x!r} (8b, 27b)")
         probe = tempfile.mkdtemp(prefix="livetrain-checkpoint-bw-", dir=a.dir)
         try:
-            # Per set: the files, the rows' deltas (at most ~10% of the bytes each, the bench's step at lr 1e-5),
-            # the bandwidth probe and the byte check's small model.
-            need = int(a.gib * 2**30 * (1 + 0.11 * len(SWEEP_GRID))) + 2**31
+            # Per set: the files, the rows' deltas (~10% of the bytes each after the bench's step at lr 1e-5, ~3%
+            # at 1.3e-6), the bandwidth probe and the byte check's small model.
+            share = 0.11 if a.lr >= 5e-6 else 0.04
+            need = int(a.gib * 2**30 * (1 + share * len(SWEEP_GRID))) + 2**31
             if shutil.disk_usage(probe).free < need:
                 print(
                     f"bench/checkpoint.py: {probe}: {shutil.disk_usage(probe).free / 2**30:.1f} GiB free, needs about "
