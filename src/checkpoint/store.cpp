@@ -408,6 +408,7 @@ Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
       size_(o.size_),
       offsets_(std::move(o.offsets_)),
       gpu_base_(o.gpu_base_),
+      chunks_(std::move(o.chunks_)),
       pinning_(std::move(o.pinning_)),
       reserved_(std::move(o.reserved_)) {
   o.base_ = o.gpu_base_ = nullptr;
@@ -421,6 +422,7 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     size_ = o.size_;
     offsets_ = std::move(o.offsets_);
     gpu_base_ = o.gpu_base_;
+    chunks_ = std::move(o.chunks_);
     pinning_ = std::move(o.pinning_);
     reserved_ = std::move(o.reserved_);
     o.base_ = o.gpu_base_ = nullptr;
@@ -436,6 +438,7 @@ void Store::HeadCopy::settle() noexcept {
   try {
     Pinned p = pinning_.get();
     gpu_base_ = p.gpu_base;
+    chunks_ = std::move(p.chunks);
     reserved_ = std::move(p.reserved);
   } catch (...) {  // nothing page-locked: gpu_tensor does it (and reports what fails)
   }
@@ -444,7 +447,12 @@ void Store::HeadCopy::settle() noexcept {
 void Store::HeadCopy::release() noexcept {
   settle();  // before the copy it page-locks goes
   reserved_ = DiffWorkspace();
-  if (gpu_base_) cuda::host::unpin(base_);
+  if (!chunks_.empty()) {
+    for (void* c : chunks_) cuda::host::unpin(c);
+  } else if (gpu_base_) {
+    cuda::host::unpin(base_);
+  }
+  chunks_.clear();
   if (base_) ::munmap(base_, size_);
   base_ = gpu_base_ = nullptr;
   size_ = 0;
@@ -454,10 +462,12 @@ void Store::HeadCopy::pin_async(int device, size_t bitmap_bytes, size_t value_by
   if (gpu_base_ || pinning_.valid() || !base_) return;
   uint8_t* const base = base_;
   const size_t size = size_;
+  const size_t chunk = static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20;
   pinning_ = std::async(std::launch::async, [=] {
     cuda::host::set_device(device);
     Pinned p;
-    p.gpu_base = static_cast<uint8_t*>(cuda::host::pin(base, size));
+    p.chunks = cuda::host::pin_chunks(base, size, chunk);
+    p.gpu_base = base;  // pin_chunks: the device address of every chunk is its host address
     try {
       diff_workspace_reserve(p.reserved, bitmap_bytes, value_bytes);
     } catch (...) {  // the copy stays page-locked; the save reserves its outputs itself

@@ -142,6 +142,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        "handed to the writer as they are, its checksum the writer's, the gap sizes measured per block for every "
        "record with at most 1/8 of its elements changed; 1: that coder, each record copied into one string and "
        "hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
+      {"checkpoint.pin_chunk_mib",
+       1024,
+       {},
+       2,
+       1048576,
+       "prepare_gpu page-locks the head copy in cudaHostRegister calls of this many MiB (each holds the "
+       "driver's lock for less time than one call over the whole copy)"},
   }};
   return s;
 }

@@ -1,6 +1,10 @@
 // Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
 #include "cuda/host.hpp"
 
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+
 #include "livetrain/error.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
@@ -24,6 +28,30 @@ void* pin(void* p, size_t n) {
 
 void unpin(void* p) noexcept { cudaHostUnregister(p); }
 
+std::vector<void*> pin_chunks(void* p, size_t n, size_t chunk) {
+  std::vector<void*> done;
+  uint8_t* const base = static_cast<uint8_t*>(p);
+  try {
+    for (size_t off = 0; off < n; off += chunk) {
+      uint8_t* const at = base + off;
+      LIVETRAIN_CUDA_CHECK(
+          cudaHostRegister(at, std::min(chunk, n - off), cudaHostRegisterPortable | cudaHostRegisterMapped));
+      done.push_back(at);
+      void* dev = nullptr;
+      LIVETRAIN_CUDA_CHECK(cudaHostGetDevicePointer(&dev, at, 0));
+      if (dev != at) {
+        throw Error(ErrorCode::kUnsupported, "page-locked host memory has another address on the device");
+      }
+      std::this_thread::yield();
+    }
+  } catch (...) {
+    for (void* q : done) cudaHostUnregister(q);
+    (void)cudaGetLastError();  // nothing left pending on this thread
+    throw;
+  }
+  return done;
+}
+
 void to_device(void* dst, const void* src, size_t n) {
   LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
 }
@@ -46,6 +74,7 @@ namespace {
 void set_device(int) { no_cuda(); }
 void* pin(void*, size_t) { no_cuda(); }
 void unpin(void*) noexcept {}
+std::vector<void*> pin_chunks(void*, size_t, size_t) { no_cuda(); }
 void to_device(void*, const void*, size_t) { no_cuda(); }
 void to_host(void*, const void*, size_t) { no_cuda(); }
 

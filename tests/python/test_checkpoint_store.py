@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import livetrain
+from livetrain import _core
 from livetrain import safetensors as lst
 from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_path
 
@@ -200,8 +201,9 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
-    """prepare_gpu page-locks the head copy and the diff's outputs on a thread of its own; the saves after it
-    (the first may still wait for it) write the CPU save's bytes, and close waits for it."""
+    """prepare_gpu page-locks the head copy (here in two registrations: checkpoint.pin_chunk_mib 2 over a
+    2.2 MB copy) and the diff's outputs on a thread of its own; the saves after it (the first may still wait
+    for it) write the CPU save's bytes, and close waits for it."""
     import shutil
 
     torch.manual_seed(2)
@@ -214,8 +216,12 @@ def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
     lst.save_model(a, live, max_shard_bytes=1 << 20)
     shutil.copytree(a, b)
     with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
-        gpu_store.prepare_gpu("cuda")
-        gpu_store.prepare_gpu(torch.cuda.current_device())  # once per open: a no-op
+        _core.tuning_set("checkpoint.pin_chunk_mib", 2)
+        try:
+            gpu_store.prepare_gpu("cuda")
+            gpu_store.prepare_gpu(torch.cuda.current_device())  # once per open: a no-op
+        finally:
+            _core.tuning_reset()
         for g, fraction in enumerate([0.2, 0.05], start=1):
             perturb(live, fraction, 20 + g)
             rc, rg = cpu_store.save(live), gpu_store.save({k: v.cuda() for k, v in live.items()})

@@ -373,6 +373,7 @@ class Store {
    private:
     struct Pinned {
       uint8_t* gpu_base = nullptr;
+      std::vector<void*> chunks;  // pin_async's registrations (checkpoint.pin_chunk_mib each)
       DiffWorkspace reserved;
     };
     void settle() noexcept;  // waits for pin_async's thread; keeps what it did, drops a failure
@@ -381,6 +382,7 @@ class Store {
     size_t size_ = 0;
     std::vector<size_t> offsets_;
     uint8_t* gpu_base_ = nullptr;  // set once page-locked
+    std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
     std::future<Pinned> pinning_;  // pin_async's, until settled
     DiffWorkspace reserved_;
   };
