@@ -51,7 +51,7 @@ enum Knob : int {
   kCheckpointEncoder,       // 3: as 2, gap sizes measured only where gaps could win; 2: the word-wise Huffman coder,
                             // records handed on as pieces, checksummed by the writer, gap sizes measured per block;
                             // 1: that coder, records copied whole; 0: the coder before, records copied (same bytes)
-  kCheckpointPinChunkMib,   // Store::prepare_gpu page-locks the head copy in registrations of this many MiB
+  kCheckpointPinChunkMib,  // Store::prepare_gpu page-locks the head copy in registrations of whole tensors, >= this MiB
   kNumKnobs
 };
 

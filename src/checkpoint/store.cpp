@@ -389,8 +389,11 @@ class EarlyWriter {
 }  // namespace
 
 Store::HeadCopy::HeadCopy(const std::vector<uint64_t>& sizes) {
+  // Each entry starts on a page, so that prepare_gpu can page-lock the copy in registrations of whole entries
+  // (a DMA copy of the GPU diff lies in one entry, and so in one registration).
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   for (uint64_t n : sizes) {
-    size_ = (size_ + 63) / 64 * 64;
+    size_ = (size_ + page - 1) / page * page;
     offsets_.push_back(size_);
     size_ += n;
   }
@@ -462,12 +465,22 @@ void Store::HeadCopy::pin_async(int device, size_t bitmap_bytes, size_t value_by
   if (gpu_base_ || pinning_.valid() || !base_) return;
   uint8_t* const base = base_;
   const size_t size = size_;
+  // Registrations of whole entries, each of at least checkpoint.pin_chunk_mib unless it is the last.
   const size_t chunk = static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20;
+  std::vector<std::pair<void*, size_t>> ranges;
+  size_t start = 0;
+  for (size_t i = 1; i <= offsets_.size(); ++i) {
+    const size_t end = i < offsets_.size() ? offsets_[i] : size_;
+    if (end - start >= chunk || i == offsets_.size()) {
+      if (end > start) ranges.emplace_back(base + start, end - start);
+      start = end;
+    }
+  }
   pinning_ = std::async(std::launch::async, [=] {
     cuda::host::set_device(device);
     Pinned p;
-    p.chunks = cuda::host::pin_chunks(base, size, chunk);
-    p.gpu_base = base;  // pin_chunks: the device address of every chunk is its host address
+    p.chunks = cuda::host::pin_ranges(ranges);
+    p.gpu_base = base;  // pin_ranges: the device address of every range is its host address
     try {
       diff_workspace_reserve(p.reserved, bitmap_bytes, value_bytes);
     } catch (...) {  // the copy stays page-locked; the save reserves its outputs itself

@@ -147,8 +147,8 @@ const std::array<Spec, kNumKnobs>& specs() {
        {},
        2,
        1048576,
-       "prepare_gpu page-locks the head copy in cudaHostRegister calls of this many MiB (each holds the "
-       "driver's lock for less time than one call over the whole copy)"},
+       "prepare_gpu page-locks the head copy in cudaHostRegister calls of whole tensors of at least this many "
+       "MiB (each holds the driver's lock for less time than one call over the whole copy)"},
   }};
   return s;
 }

@@ -1,8 +1,6 @@
 // Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
 #include "cuda/host.hpp"
 
-#include <algorithm>
-#include <cstdint>
 #include <thread>
 
 #include "livetrain/error.hpp"
@@ -28,14 +26,11 @@ void* pin(void* p, size_t n) {
 
 void unpin(void* p) noexcept { cudaHostUnregister(p); }
 
-std::vector<void*> pin_chunks(void* p, size_t n, size_t chunk) {
+std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>& ranges) {
   std::vector<void*> done;
-  uint8_t* const base = static_cast<uint8_t*>(p);
   try {
-    for (size_t off = 0; off < n; off += chunk) {
-      uint8_t* const at = base + off;
-      LIVETRAIN_CUDA_CHECK(
-          cudaHostRegister(at, std::min(chunk, n - off), cudaHostRegisterPortable | cudaHostRegisterMapped));
+    for (const auto& [at, bytes] : ranges) {
+      LIVETRAIN_CUDA_CHECK(cudaHostRegister(at, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
       done.push_back(at);
       void* dev = nullptr;
       LIVETRAIN_CUDA_CHECK(cudaHostGetDevicePointer(&dev, at, 0));
@@ -74,7 +69,7 @@ namespace {
 void set_device(int) { no_cuda(); }
 void* pin(void*, size_t) { no_cuda(); }
 void unpin(void*) noexcept {}
-std::vector<void*> pin_chunks(void*, size_t, size_t) { no_cuda(); }
+std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>&) { no_cuda(); }
 void to_device(void*, const void*, size_t) { no_cuda(); }
 void to_host(void*, const void*, size_t) { no_cuda(); }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 namespace livetrain::cuda::host {
@@ -15,12 +16,13 @@ void set_device(int device);
 void* pin(void* p, size_t n);
 // Undoes pin(); never throws (called from destructors).
 void unpin(void* p) noexcept;
-// Page-locks [p, p + n) as registrations of at most `chunk` bytes each (p and chunk page multiples), for
-// kernels that address the range as one: returns the registrations' starts (each to unpin), or throws,
-// registering nothing, when a registration fails or the device address of a chunk is not its host address
-// (without unified addressing the chunks would not form one device range). A registration holds the
-// driver's lock while it runs; chunks let other threads' CUDA calls in between.
-std::vector<void*> pin_chunks(void* p, size_t n, size_t chunk);
+// Page-locks consecutive ranges {start, bytes} (page-aligned starts, none overlapping another's pages) as one
+// registration each, for kernels that address them as one range: returns their starts (each to unpin), or
+// throws, registering nothing, when a registration fails or the device address of a range is not its host
+// address (without unified addressing the ranges would not form one device range). A registration holds
+// the driver's lock while it runs; several let other threads' CUDA calls in between. A copy must not span
+// two registrations: callers make each copy's source or destination lie in one range.
+std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>& ranges);
 // Synchronous copies between host memory and device memory of the current device.
 void to_device(void* dst, const void* src, size_t n);
 void to_host(void* dst, const void* src, size_t n);

@@ -348,7 +348,8 @@ class Store {
   std::vector<std::pair<std::string, DType>> served_options_;  // OpenOptions::served
   std::vector<DType> served_;                                  // per tensor (commit order): see served()
   // The host copy of generation `head_generation_`: every held region in one page-aligned anonymous
-  // mapping (one range to page-lock for the GPU), at 64-byte aligned offsets, in held order.
+  // mapping (one range to page-lock for the GPU, or several of whole regions: prepare_gpu), each region
+  // starting on a page, in held order.
   class HeadCopy {
    public:
     HeadCopy() = default;
@@ -373,7 +374,7 @@ class Store {
    private:
     struct Pinned {
       uint8_t* gpu_base = nullptr;
-      std::vector<void*> chunks;  // pin_async's registrations (checkpoint.pin_chunk_mib each)
+      std::vector<void*> chunks;  // pin_async's registrations (whole entries, checkpoint.pin_chunk_mib or more)
       DiffWorkspace reserved;
     };
     void settle() noexcept;  // waits for pin_async's thread; keeps what it did, drops a failure
