@@ -223,7 +223,7 @@ void init_checkpoint(nb::module_& m) {
       "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.");
   store.def("close", &checkpoint::Store::close)
       .def("prepare_gpu", &checkpoint::Store::prepare_gpu, nb::arg("device"),
-           "Page-locks the head copy (and the GPU diff's outputs) for saves from CUDA device `device` on a "
+           "Page-locks the head copy for saves from CUDA device `device`, in registrations of whole tensors, on a "
            "thread of its own; returns at once, a save waits for it.")
       .def_prop_ro("gpu_prepared", &checkpoint::Store::gpu_prepared,
                    "Whether nothing of prepare_gpu's is left running.")

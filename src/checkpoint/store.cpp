@@ -412,8 +412,7 @@ Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
       offsets_(std::move(o.offsets_)),
       gpu_base_(o.gpu_base_),
       chunks_(std::move(o.chunks_)),
-      pinning_(std::move(o.pinning_)),
-      reserved_(std::move(o.reserved_)) {
+      pinning_(std::move(o.pinning_)) {
   o.base_ = o.gpu_base_ = nullptr;
   o.size_ = 0;
 }
@@ -427,7 +426,6 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     gpu_base_ = o.gpu_base_;
     chunks_ = std::move(o.chunks_);
     pinning_ = std::move(o.pinning_);
-    reserved_ = std::move(o.reserved_);
     o.base_ = o.gpu_base_ = nullptr;
     o.size_ = 0;
   }
@@ -442,14 +440,12 @@ void Store::HeadCopy::settle() noexcept {
     Pinned p = pinning_.get();
     gpu_base_ = p.gpu_base;
     chunks_ = std::move(p.chunks);
-    reserved_ = std::move(p.reserved);
   } catch (...) {  // nothing page-locked: gpu_tensor does it (and reports what fails)
   }
 }
 
 void Store::HeadCopy::release() noexcept {
   settle();  // before the copy it page-locks goes
-  reserved_ = DiffWorkspace();
   if (!chunks_.empty()) {
     for (void* c : chunks_) cuda::host::unpin(c);
   } else if (gpu_base_) {
@@ -461,12 +457,10 @@ void Store::HeadCopy::release() noexcept {
   size_ = 0;
 }
 
-void Store::HeadCopy::pin_async(int device, size_t bitmap_bytes, size_t value_bytes) {
+void Store::HeadCopy::pin_async(int device, size_t chunk) {
   if (gpu_base_ || pinning_.valid() || !base_) return;
   uint8_t* const base = base_;
-  const size_t size = size_;
-  // Registrations of whole entries, each of at least checkpoint.pin_chunk_mib unless it is the last.
-  const size_t chunk = static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20;
+  // Registrations of whole entries, each of at least `chunk` bytes unless it is the last.
   std::vector<std::pair<void*, size_t>> ranges;
   size_t start = 0;
   for (size_t i = 1; i <= offsets_.size(); ++i) {
@@ -481,11 +475,6 @@ void Store::HeadCopy::pin_async(int device, size_t bitmap_bytes, size_t value_by
     Pinned p;
     p.chunks = cuda::host::pin_ranges(ranges);
     p.gpu_base = base;  // pin_ranges: the device address of every range is its host address
-    try {
-      diff_workspace_reserve(p.reserved, bitmap_bytes, value_bytes);
-    } catch (...) {  // the copy stays page-locked; the save reserves its outputs itself
-      p.reserved = DiffWorkspace();
-    }
     return p;
   });
 }
@@ -707,15 +696,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
 void Store::prepare_gpu(int device) {
   if (device < 0)
     throw Error(ErrorCode::kInvalidArg, "checkpoint: prepare_gpu: no CUDA device " + std::to_string(device));
-  // The sizes the first GPU save reserves (write_delta): the bitmaps of every held tensor in 32-bit words, a
-  // quarter of the bytes for values.
-  uint64_t bitmap_bytes = 0, model_bytes = 0;
-  for (const Held& h : held_) {
-    const uint64_t units = h.nbytes / unit_bytes(served_[h.tensor]);
-    bitmap_bytes += (units + 31) / 32 * 4;
-    model_bytes += h.nbytes;
-  }
-  head_.pin_async(device, bitmap_bytes, model_bytes / 4);
+  head_.pin_async(device, static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20);
 }
 
 void Store::close() {
@@ -1039,11 +1020,6 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   if (early && encoder) early->start(*encoder);
   try {
     if (device >= 0) {
-      if (!diff_workspace_.bitmaps.data) {
-        DiffWorkspace reserved = head_.take_reserved();  // prepare_gpu's, when it ran
-        diff_workspace_.bitmaps = std::move(reserved.bitmaps);
-        diff_workspace_.values = std::move(reserved.values);
-      }
       if (!diff_workspace_.bitmaps.data) {
         // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
         uint64_t bitmap_bytes = 0;

@@ -126,7 +126,7 @@ const std::array<Spec, kNumKnobs>& specs() {
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
       {"checkpoint.early_writer",
-       0,
+       1,
        {0, 1},
        0,
        0,
@@ -143,7 +143,7 @@ const std::array<Spec, kNumKnobs>& specs() {
        "record with at most 1/8 of its elements changed; 1: that coder, each record copied into one string and "
        "hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
       {"checkpoint.pin_chunk_mib",
-       1024,
+       256,
        {},
        2,
        1048576,

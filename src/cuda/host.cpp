@@ -1,6 +1,7 @@
 // Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
 #include "cuda/host.hpp"
 
+#include <chrono>
 #include <thread>
 
 #include "livetrain/error.hpp"
@@ -37,7 +38,8 @@ std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>& range
       if (dev != at) {
         throw Error(ErrorCode::kUnsupported, "page-locked host memory has another address on the device");
       }
-      std::this_thread::yield();
+      // The registration held up every CUDA call of the process; let them in before the next one.
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
   } catch (...) {
     for (void* q : done) cudaHostUnregister(q);

@@ -205,9 +205,9 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
-    """prepare_gpu page-locks the head copy (here in two registrations of whole tensors: checkpoint.pin_chunk_mib
-    2, an embedding of 2.25 MB, then the norm) and the diff's outputs on a thread of its own; the saves after
-    it (the first may still wait for it) write the CPU save's bytes, and close waits for it."""
+    """prepare_gpu page-locks the head copy on a thread of its own (here in two registrations of whole tensors:
+    checkpoint.pin_chunk_mib 2, an embedding of 2.25 MB, then the norm); the saves after it (the first may
+    still wait for it) write the CPU save's bytes, and close waits for it."""
     torch.manual_seed(2)
     live = {
         "model.embed_tokens.weight": (torch.randn(1100, 1024) * 0.02).to(torch.bfloat16),
