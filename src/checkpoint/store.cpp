@@ -273,13 +273,17 @@ class RecordSums {
 // checkpoint.early_writer: writes a save's delta file on its own thread from the first encoded record on,
 // while the diff may still run. The records go to the file as they come; the file's hash starts with the
 // header and so with the record count, which the diff gives only when it is over: the records written
-// before are held (the encoder made them anyway) and hashed once the count is known, the later ones as they
-// come. The header is written last over a placeholder of its size. No record at all: no file.
+// before are held (the encoder made them anyway) and hashed as they come behind the header of a guessed
+// count, `guess` (every tensor changed: a dense step); if the count turns out to be another, they are hashed
+// again behind the right header once it is known (what all of them took before the guess: the whole delta,
+// ~0.06 s per 700 MB on one thread, after the diff). The later ones are hashed as they come. The header is
+// written last over a placeholder of its size. No record at all: no file.
 class EarlyWriter {
  public:
-  EarlyWriter(std::string path, const std::function<std::string(uint32_t)>& header)
+  EarlyWriter(std::string path, const std::function<std::string(uint32_t)>& header, uint32_t guess)
       : path_(std::move(path)),
         header_(header),
+        guess_(guess),
         count_(count_promise_.get_future().share()),
         verdict_(verdict_promise_.get_future().share()) {}
   ~EarlyWriter() {
@@ -336,13 +340,19 @@ class EarlyWriter {
       fs::write_file_atomic(path_, [&](fs::Writer& fw) {
         fw.set_writeback(static_cast<uint64_t>(tuning::get(tuning::kCheckpointWritebackMib)) << 20);
         fw.write_zeros(header_(0).size());  // the header's size does not depend on the count
-        Xxh64Stream sum;
+        Xxh64Stream sum, guessed;           // the file's hash once the count is known; the hash were it `guess_`
+        const std::string guessed_head = header_(guess_);
+        guessed.update(guessed_head.data(), guessed_head.size());
         std::string head;
         std::vector<std::string> held;
         auto hash_from_head = [&](uint32_t count) {
           head = header_(count);
-          sum.update(head.data(), head.size());
-          for (const std::string& p : held) sum.update(p.data(), p.size());
+          if (count == guess_) {
+            sum = guessed;
+          } else {
+            sum.update(head.data(), head.size());
+            for (const std::string& p : held) sum.update(p.data(), p.size());
+          }
           held.clear();
         };
         auto take = [&](std::string part) {
@@ -350,6 +360,7 @@ class EarlyWriter {
           if (head.empty() && count_.wait_for(std::chrono::seconds(0)) == std::future_status::ready)
             hash_from_head(count_.get());
           if (head.empty()) {
+            guessed.update(part.data(), part.size());
             held.push_back(std::move(part));
           } else {
             sum.update(part.data(), part.size());
@@ -375,6 +386,7 @@ class EarlyWriter {
 
   const std::string path_;
   const std::function<std::string(uint32_t)>& header_;
+  const uint32_t guess_;
   std::promise<uint32_t> count_promise_;
   std::promise<void> verdict_promise_;
   std::shared_future<uint32_t> count_;
@@ -1016,7 +1028,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   // checkpoint.early_writer: the file is written from the first encoded record on, by its own thread, instead
   // of once the diff is over (its header holds the record count, known only then).
   std::optional<EarlyWriter> early;
-  if (tuning::get(tuning::kCheckpointEarlyWriter) == 1) early.emplace(path, header);
+  if (tuning::get(tuning::kCheckpointEarlyWriter) == 1) early.emplace(path, header, static_cast<uint32_t>(n));
   if (early && encoder) early->start(*encoder);
   try {
     if (device >= 0) {

@@ -272,11 +272,12 @@ TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
 // The writer's knobs write the same bytes: checkpoint.writeback_mib starts the delta's disk writes while it is
 // still being written (fs::Writer's set_writeback; 1 MiB, its smallest step, at least once per delta here:
 // dense changes of a 12 MiB embedding); checkpoint.early_writer writes the delta on its own thread from the
-// first encoded record on, the header (its record count) last; checkpoint.encoder >= 2 leaves the records'
-// checksums to the writer (3 also measures the gap sizes only where they could win). Every combination writes the files
-// of the encoder before with the writer after the diff and no early writeback (encoder 0, early_writer 0, writeback_mib
-// 0), for dense, sparse and no changes (no file then, nor a temporary one left; with save_if_unchanged a file of no
-// record), and they verify.
+// first encoded record on, the header (its record count) last, hashing behind the header of a guessed count
+// (every tensor: right after a dense step, wrong after one tensor changed); checkpoint.encoder >= 2 leaves the
+// records' checksums to the writer (3 also measures the gap sizes only where they could win). Every
+// combination writes the files of the encoder before with the writer after the diff and no early writeback
+// (encoder 0, early_writer 0, writeback_mib 0), for dense, sparse and no changes (no file then, nor a
+// temporary one left; with save_if_unchanged a file of no record), and they verify.
 TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -325,6 +326,10 @@ TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
       EXPECT_GT(r.bytes, uint64_t{1} << 20) << "the dense delta must span several writeback steps";
     }
   }
+  // One tensor of four changed: a record count below the early writer's guess (every tensor).
+  livetrain::testing::perturb(live, 404, 0.0);
+  live.data[1][6] ^= 1;
+  EXPECT_TRUE(save_all({}, "one tensor changed").written);
   checkpoint::SaveOptions always;
   always.save_if_unchanged = true;
   const checkpoint::SaveResult r = save_all(always, "no change, save_if_unchanged");
