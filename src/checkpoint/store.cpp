@@ -424,7 +424,8 @@ Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
       offsets_(std::move(o.offsets_)),
       gpu_base_(o.gpu_base_),
       chunks_(std::move(o.chunks_)),
-      pinning_(std::move(o.pinning_)) {
+      pinning_(std::move(o.pinning_)),
+      reserved_(std::move(o.reserved_)) {
   o.base_ = o.gpu_base_ = nullptr;
   o.size_ = 0;
 }
@@ -438,6 +439,7 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     gpu_base_ = o.gpu_base_;
     chunks_ = std::move(o.chunks_);
     pinning_ = std::move(o.pinning_);
+    reserved_ = std::move(o.reserved_);
     o.base_ = o.gpu_base_ = nullptr;
     o.size_ = 0;
   }
@@ -452,12 +454,14 @@ void Store::HeadCopy::settle() noexcept {
     Pinned p = pinning_.get();
     gpu_base_ = p.gpu_base;
     chunks_ = std::move(p.chunks);
+    reserved_ = std::move(p.reserved);
   } catch (...) {  // nothing page-locked: gpu_tensor does it (and reports what fails)
   }
 }
 
 void Store::HeadCopy::release() noexcept {
   settle();  // before the copy it page-locks goes
+  reserved_ = DiffWorkspace();
   if (!chunks_.empty()) {
     for (void* c : chunks_) cuda::host::unpin(c);
   } else if (gpu_base_) {
@@ -469,7 +473,7 @@ void Store::HeadCopy::release() noexcept {
   size_ = 0;
 }
 
-void Store::HeadCopy::pin_async(int device, size_t chunk) {
+void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes) {
   if (gpu_base_ || pinning_.valid() || !base_) return;
   uint8_t* const base = base_;
   // Registrations of whole entries, each of at least `chunk` bytes unless it is the last.
@@ -487,6 +491,11 @@ void Store::HeadCopy::pin_async(int device, size_t chunk) {
     Pinned p;
     p.chunks = cuda::host::pin_ranges(ranges);
     p.gpu_base = base;  // pin_ranges: the device address of every range is its host address
+    try {
+      diff_workspace_reserve_registered(p.reserved, bitmap_bytes, value_bytes);
+    } catch (...) {  // the copy stays page-locked; the first save reserves the outputs itself
+      p.reserved = DiffWorkspace();
+    }
     return p;
   });
 }
@@ -708,7 +717,15 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
 void Store::prepare_gpu(int device) {
   if (device < 0)
     throw Error(ErrorCode::kInvalidArg, "checkpoint: prepare_gpu: no CUDA device " + std::to_string(device));
-  head_.pin_async(device, static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20);
+  // The outputs' sizes the first GPU save reserves (write_delta): every held tensor's bitmap in 32-bit words,
+  // a quarter of the bytes for values.
+  uint64_t bitmap_bytes = 0, model_bytes = 0;
+  for (const Held& h : held_) {
+    bitmap_bytes += (h.nbytes / unit_bytes(served_[h.tensor]) + 31) / 32 * 4;
+    model_bytes += h.nbytes;
+  }
+  head_.pin_async(device, static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20, bitmap_bytes,
+                  model_bytes / 4);
 }
 
 void Store::close() {
@@ -1032,6 +1049,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   if (early && encoder) early->start(*encoder);
   try {
     if (device >= 0) {
+      if (!diff_workspace_.bitmaps.data) {
+        DiffWorkspace reserved = head_.take_reserved();  // prepare_gpu's, when it ran
+        diff_workspace_.bitmaps = std::move(reserved.bitmaps);
+        diff_workspace_.values = std::move(reserved.values);
+      }
       if (!diff_workspace_.bitmaps.data) {
         // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
         uint64_t bitmap_bytes = 0;

@@ -172,8 +172,9 @@ class Store {
   // with a pause between them: a registration holds up every CUDA call of the process while it runs (one of
   // 24 GiB stalled a GPU loop for 10.6 s on the H200). Returns at once; a save (and close) waits for what is
   // still running. A failure there is not reported here: the save then page-locks as before (and reports
-  // what fails). The diff's page-locked outputs are still reserved by the first save. Once per open; a no-op
-  // when the copy is page-locked already or there is none.
+  // what fails). Then the diff's page-locked outputs, from pages written first and one registration each
+  // (cudaHostAlloc of them held the process's CUDA calls up ~5 s at 24 GiB). Once per open; a no-op when the
+  // copy is page-locked already or there is none.
   void prepare_gpu(int device);
   // Whether nothing of prepare_gpu's is left running (it finished, failed, or never started).
   bool gpu_prepared() const { return head_.pin_finished(); }
@@ -366,16 +367,20 @@ class Store {
     // The address GPU kernels read entry i at; page-locks the copy on first use (or waits for pin_async's).
     const uint8_t* gpu_tensor(size_t i);
     // Page-locks the copy on a thread of its own for device `device`, in registrations of whole entries of
-    // at least `chunk` bytes. Nothing when pinned or pinning.
-    void pin_async(int device, size_t chunk);
+    // at least `chunk` bytes, then reserves page-locked diff outputs of these sizes (a workspace the first
+    // save takes: take_reserved). Nothing when pinned or pinning.
+    void pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes);
     bool pin_finished() const {
       return !pinning_.valid() || pinning_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
     }
+    // The workspace pin_async reserved, once (after gpu_tensor waited for it); empty buffers otherwise.
+    DiffWorkspace take_reserved() { return std::move(reserved_); }
 
    private:
     struct Pinned {
       uint8_t* gpu_base = nullptr;
       std::vector<void*> chunks;  // pin_async's registrations
+      DiffWorkspace reserved;
     };
     void settle() noexcept;  // waits for pin_async's thread; keeps what it did, drops a failure
     void release() noexcept;
@@ -385,6 +390,7 @@ class Store {
     uint8_t* gpu_base_ = nullptr;  // set once page-locked
     std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
     std::future<Pinned> pinning_;  // pin_async's, until settled
+    DiffWorkspace reserved_;
   };
 
   HeadCopy head_;
