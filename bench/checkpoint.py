@@ -24,8 +24,10 @@ delta) and compared with the live weights.
 
 usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [--json out.json] [--keep]
        python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
+                                  [--no-chain-check]
        python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
-       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0, 1, 2
+       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0-3
+       python bench/checkpoint.py --encoder-host N --host-shapes qwen3.5-27b [--row-scale 64] [--lr 1.3e-6]
 """
 
 import argparse
@@ -102,6 +104,26 @@ def pinned_d2h_bandwidth() -> float:
         h.copy_(a, non_blocking=True)
     torch.cuda.synchronize()
     return 5 * a.numel() / (time.perf_counter() - t)
+
+
+def pinned_both_ways_bandwidth() -> float:
+    """Host-to-device and device-to-host copies of pinned memory at once, on two streams: bytes moved (both
+    directions together) per second. The GPU diff moves the head copy both ways (staged in, written back)."""
+    n = 2**30
+    d_in, d_out = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    h_in, h_out = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    d_in.copy_(h_in)
+    h_out.copy_(d_out)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            d_in.copy_(h_in, non_blocking=True)
+        with torch.cuda.stream(s2):
+            h_out.copy_(d_out, non_blocking=True)
+    torch.cuda.synchronize()
+    return 2 * 3 * n / (time.perf_counter() - t)
 
 
 def disk_write_bandwidth(directory: str, nbytes: int = 2**30) -> float:
@@ -235,17 +257,19 @@ def apollo_like_step(live: dict, lr: float, seed: int) -> int:
 
 
 # ---- saves from host memory (no GPU needed): the model both host modes save ----
-def host_model(gib: float, work: str):
-    """Random bf16 Llama-shaped tensors of `gib` GiB on the host and their model directory in `work`:
-    (live tensors, model bytes, model directory)."""
+def host_model(gib: float, work: str, tensors=None):
+    """Random tensors (N(0, 0.02)) on the host and their model directory in `work`: bf16 Llama-shaped ones of
+    `gib` GiB, or `tensors` [(name, shape, dtype)]. Returns (live tensors, model bytes, model directory)."""
     from livetrain import safetensors as lst
 
+    if tensors is None:
+        tensors = [(name, shape, torch.bfloat16) for name, shape in model_shapes(gib)]
     torch.manual_seed(0)
-    live = {name: (torch.randn(shape) * 0.02).to(torch.bfloat16) for name, shape in model_shapes(gib)}
+    live = {name: (torch.randn(shape) * 0.02).to(dt) for name, shape, dt in tensors}
     model_dir = os.path.join(work, "model")
     os.mkdir(model_dir)
     lst.save_model(model_dir, live, max_shard_bytes=5 * 2**30)
-    return live, sum(w.numel() * 2 for w in live.values()), model_dir
+    return live, sum(w.numel() * w.element_size() for w in live.values()), model_dir
 
 
 def median(xs):
@@ -310,15 +334,22 @@ def writeback_host(gib: float, lr: float, parent: str | None, repeats: int) -> i
 ENCODERS = {
     0: "0: the coder before, records copied",
     1: "1: word-wise coder, records copied",
-    2: "2 (default): word-wise coder, records as pieces, checksums by the writer",
+    2: "2: word-wise coder, records as pieces, checksums by the writer, gap sizes measured per block",
+    3: "3 (default): as 2, gap sizes measured only where they could win",
 }
+WHOLE_27B_ELEMENTS = 26_895_998_464  # the elements of qwen35_shapes(64), the whole text model (851 tensors)
 
 
-def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int:
+def encoder_host(
+    gib: float, lr: float, parent: str | None, repeats: int, shape_set: str = "8b", row_scale: int = 1
+) -> int:
     """The encode phase of host-tensor saves under each checkpoint.encoder setting, on the same data in one
     run: one store per setting, all of one model, each saving the same tensors after each dense step (the
     order of the stores rotates), so all encode the same diff; their delta files must be identical. Prints
-    the medians of the encode phase and of its input (bitmaps + values) per second and thread."""
+    the medians of the encode phase and of its input (bitmaps + values) per second and thread. The model:
+    the Llama-8B shapes cut to `gib` ("8b"), or Qwen3.5-27B's whole text model with every tensor's rows
+    divided by `row_scale` ("qwen3.5-27b"); for the latter also what the encode would take on the whole
+    model's bytes at 16 threads, if the time per element and thread stayed what it is here."""
     from livetrain import _core
     from livetrain.checkpoint import CheckpointStore
 
@@ -326,8 +357,9 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     work = tempfile.mkdtemp(prefix="livetrain-checkpoint-encoder-", dir=parent)
     rows = {c: [] for c in ENCODERS}
     same = []
+    tensors = qwen35_shapes(1000, row_scale) if shape_set == "qwen3.5-27b" else None
     try:
-        live, model_bytes, model_dir = host_model(gib, work)
+        live, model_bytes, model_dir = host_model(gib, work, tensors)
         stores = {c: CheckpointStore.create(model_dir, os.path.join(work, f"store-{c}")) for c in ENCODERS}
         try:
             for store in stores.values():
@@ -353,33 +385,52 @@ def encoder_host(gib: float, lr: float, parent: str | None, repeats: int) -> int
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    elements = sum(w.numel() for w in live.values())
+    whole = shape_set == "qwen3.5-27b"
+    what = f"Qwen3.5-27B's {len(live)} text-model tensors, rows / {row_scale}" if whole else "Llama-8B shapes"
+    changed = median([r["changed"] / r["elements"] for r in rows[2]])
     print(
-        f"\nhost save after a dense step (lr {lr:g}), {model_bytes / 2**30:.2f} GiB bf16, {repeats} saves per setting "
-        f"on the same diffs (medians), {threads} threads; delta files identical: {'yes' if all(same) else 'NO'}\n"
+        f"\nhost save after a dense step (lr {lr:g}, {changed:.1%} of the elements changed), {what}, "
+        f"{model_bytes / 2**30:.2f} GiB, {repeats} saves per setting on the same diffs (medians), {threads} threads; "
+        f"delta files identical: {'yes' if all(same) else 'NO'}\n"
     )
-    print("| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written |")
-    print("|---|---:|---|---:|---:|")
+    scaled = " | the whole model's encode at 16 threads s" if whole else ""
+    print(
+        f"| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written{scaled} |"
+    )
+    print("|---|---:|---|---:|---:|" + ("---:|" if whole else ""))
     enc = {}
     for c, label in ENCODERS.items():
         rs = rows[c]
         enc[c] = median([r["encode_seconds"] for r in rs])
         rate = median([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
+        extra = f" | {enc[c] * WHOLE_27B_ELEMENTS / elements * threads / 16:.2f}" if whole else ""
         print(
             f"| {label} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
             f"{enc[c]:.3f} / {median([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
-            f"{median([r['bytes_written'] for r in rs]):,} |"
+            f"{median([r['bytes_written'] for r in rs]):,}{extra} |"
         )
     print(
-        f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x"
+        f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x, "
+        f"setting 3 {enc[0] / enc[3]:.2f}x; setting 3 against 2: {enc[2] / enc[3]:.2f}x"
     )
     return 0 if all(same) else 1
 
 
 # ---- --sweep: the store's save under its internal tuning knobs ----
-def qwen35_shapes(gib: float):
+def qwen35_shapes(gib: float, row_scale: int = 1):
     """Qwen3.5-27B's text-model tensors (Qwen/Qwen3.5-27B config.json: hidden 5120, 64 layers, every 4th
     full attention with an output gate, Gated DeltaNet otherwise, MLP 17408, vocabulary 248320) in model
-    order until `gib` GiB: (name, shape, dtype)."""
+    order until `gib` GiB, with the final norm and the untied lm_head once all 64 layers are in (the whole
+    model: 851 tensors, 50.10 GiB, bench/serve.py's qwen3.5-27b): (name, shape, dtype). `row_scale` > 1
+    divides every tensor's first dimension by it (rounded up): the same tensors and proportions, smaller."""
+    out = _qwen35_full_shapes(gib)
+    if row_scale > 1:
+        out = [(n, (-(-s[0] // row_scale),) + tuple(s[1:]), dt) for n, s, dt in out]
+    return out
+
+
+def _qwen35_full_shapes(gib: float):
     h, inter, vocab, hd, ld = 5120, 17408, 248320, 256, 128
     target = int(gib * 2**30)
     out, total = [("model.embed_tokens.weight", (vocab, h), torch.bfloat16)], vocab * h * 2
@@ -421,23 +472,28 @@ def qwen35_shapes(gib: float):
             out.append((p + "linear_attn.A_log", (48,), torch.float32))  # kept in fp32, as published
             total += 4 * 48
         layer += 1
+    if layer == 64:
+        out += [("model.norm.weight", (h,), torch.bfloat16), ("lm_head.weight", (vocab, h), torch.bfloat16)]
     return out
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests, early writeback of the delta, the word-wise entropy
-# coder with records handed on as pieces), the last repeats them (the run's noise). Only what that sweep left
-# undecided is here (docs/tuning.md has its numbers), and the encoder before its two changes (same bytes).
+# shipped defaults (pipelined one-pass diff with digests, the delta written from the first record on with early
+# writeback, the word-wise entropy coder with records handed on as pieces, gap sizes only where they could
+# win), "(again)" repeats them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md
+# has its numbers), and the encoder before its changes (same bytes).
 BEFORE = {
     "checkpoint.pipeline": 0,
     "checkpoint.diff": 0,
     "checkpoint.digests": 0,
     "checkpoint.writeback_mib": 0,
     "checkpoint.encoder": 0,
+    "checkpoint.early_writer": 0,
 }
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("gap sizes measured per block, as before (checkpoint.encoder=2)", {"checkpoint.encoder": 2}),
     ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
     ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
     ("shipped without digests", {"checkpoint.digests": 0}),
@@ -447,7 +503,7 @@ SWEEP_GRID = [
     ("shipped, the encoder before (checkpoint.encoder=0)", {"checkpoint.encoder": 0}),
     ("shipped, word-wise coder, records copied (checkpoint.encoder=1)", {"checkpoint.encoder": 1}),
     ("shipped (again)", {}),
-    ("shipped, early writer (checkpoint.early_writer=1)", {"checkpoint.early_writer": 1}),
+    ("shipped without the early writer (checkpoint.early_writer=0)", {"checkpoint.early_writer": 0}),
 ]
 
 
@@ -518,11 +574,69 @@ def byte_check(tensors: list, lr: float, parent: str | None) -> dict:
     return out
 
 
+def gpu_loop_ms(until) -> list[float]:
+    """Milliseconds of each step of a GPU loop (a 4096² bf16 matmul, synchronized), run until `until()`."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    out = []
+    while not until():
+        t = time.perf_counter()
+        a @ a
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def prepare_gpu_probe(model_dir: str, store_dir: str, live: dict, first_before: float, shape_set: str) -> dict:
+    """A second store of the same model (nothing changed yet): prepare_gpu page-locks its head copy on the store's
+    thread while this one runs a GPU loop (does the page-locking hold up other GPU work?), then its first save,
+    against the first save of the sweep's store, which page-locked in the save (`first_before`, same run)."""
+    from livetrain.checkpoint import CheckpointStore
+
+    row = {"shape": shape_set, "setting": "prepare_gpu probe", "first_save_before": first_before}
+    t = time.perf_counter()
+    b = CheckpointStore.create(model_dir, store_dir)
+    row["create_seconds"] = time.perf_counter() - t
+    try:
+        t0 = time.perf_counter()
+        alone = gpu_loop_ms(lambda: time.perf_counter() - t0 > 1.0)
+        t = time.perf_counter()
+        b.prepare_gpu(0)
+        row["prepare_call_seconds"] = time.perf_counter() - t
+        during = gpu_loop_ms(lambda: b.gpu_prepared or time.perf_counter() - t > 60)
+        row["prepare_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        r = b.save(live)
+        row["first_save_after"] = time.perf_counter() - t
+        row["first_save_wrote"] = r["written"]
+        for k, ms in (("alone", alone), ("during", during)):
+            ms = sorted(ms) or [0.0]
+            row[f"loop_{k}"] = {"steps": len(ms), "median_ms": ms[len(ms) // 2], "max_ms": ms[-1]}
+    finally:
+        t = time.perf_counter()
+        b.close()
+        row["close_seconds"] = time.perf_counter() - t
+    log(
+        f"sweep {shape_set}: prepare_gpu probe: first save {first_before:.2f} s before, "
+        f"{row['first_save_after']:.2f} s after prepare_gpu ({row['prepare_seconds']:.2f} s on its thread, the call "
+        f"{row['prepare_call_seconds'] * 1e3:.1f} ms); GPU loop alone {row['loop_alone']}, during {row['loop_during']}; "
+        f"store create {row['create_seconds']:.1f} s, close {row['close_seconds']:.1f} s"
+    )
+    return row
+
+
 def sweep_shape(
-    shape_set: str, gib: float, lr: float, parent: str | None, bands: tuple, on_row=lambda rows: None
+    shape_set: str,
+    gib: float,
+    lr: float,
+    parent: str | None,
+    bands: tuple,
+    on_row=lambda rows: None,
+    chain_check: bool = True,
+    prepare_probe: bool = False,
 ) -> list[dict]:
     """The sweep on one shape set; on_row(rows so far) after each setting (the caller saves them, so a run
-    cut short keeps what it measured)."""
+    cut short keeps what it measured). Without `chain_check` the store is not reopened and compared at the
+    end (at tens of GiB that takes longer than the rows: reading the files, decoding every delta)."""
     from livetrain import safetensors as lst
     from livetrain.checkpoint import CheckpointStore
 
@@ -552,7 +666,14 @@ def sweep_shape(
             set_knobs({})
             t = time.perf_counter()
             store.save(live)
-            log(f"sweep {shape_set}: first save after open (page-locks the head copy): {time.perf_counter() - t:.2f} s")
+            first = time.perf_counter() - t
+            log(f"sweep {shape_set}: first save after open (page-locks the head copy): {first:.2f} s")
+            probe = None
+            if prepare_probe:
+                try:
+                    probe = prepare_gpu_probe(model_dir, os.path.join(work, "prepared"), live, first, shape_set)
+                except Exception as e:  # reported; the rows still run
+                    log(f"sweep {shape_set}: prepare_gpu probe failed: {type(e).__name__}: {e}")
             for k, (label, knobs) in enumerate(SWEEP_GRID):
                 row = {
                     "shape": shape_set,
@@ -593,16 +714,21 @@ def sweep_shape(
                         f"no change {row['no_change']['seconds']:.3f} s; {row['check']}"
                     )
             set_knobs({})
-            log(f"sweep {shape_set}: chain check (reopen: replays every delta; then compare with the live weights)")
-            store.close()
-            t = time.perf_counter()
-            store = CheckpointStore(model_dir)
-            diff = store.compare(store.head, live)
-            problems = store.verify()
-            chain = "ok" if diff["elements"] == 0 and not problems else f"FAILED: {diff}, {problems[:3]}"
-            log(f"sweep {shape_set}: chain check {chain} ({time.perf_counter() - t:.1f} s)")
+            if chain_check:
+                log(f"sweep {shape_set}: chain check (reopen: replays every delta; then compare with the live weights)")
+                store.close()
+                t = time.perf_counter()
+                store = CheckpointStore(model_dir)
+                diff = store.compare(store.head, live)
+                problems = store.verify()
+                chain = "ok" if diff["elements"] == 0 and not problems else f"FAILED: {diff}, {problems[:3]}"
+                log(f"sweep {shape_set}: chain check {chain} ({time.perf_counter() - t:.1f} s)")
+            else:
+                chain = "not run (--no-chain-check)"
             for row in rows:
                 row["chain_check"] = chain
+                if probe:
+                    row["prepare_probe"] = probe
         finally:
             store.close()
     finally:
@@ -626,22 +752,33 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
             f"chain check {mine[0].get('chain_check', '-')}\n"
         )
         print(
-            "| setting | dense s | vs before | diff / encode / write s | bytes written | % of model | floor s | × floor "
-            "| no change s | s per 10 GB | check | = CPU save's bytes |"
+            "| setting | dense s | vs before | diff / encode / write s | changed | bytes written | % of model | floor s "
+            "| × floor | no change s | s per 10 GB | check | = CPU save's bytes |"
         )
-        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
         before = mine[0].get("dense", {}).get("seconds")
         for r in mine:
             if "error" in r:
-                print(f"| {r['setting']} | - | - | - | - | - | - | - | - | - | {r['error']} | {r['bytes_check']} |")
+                print(f"| {r['setting']} | - | - | - | - | - | - | - | - | - | - | {r['error']} | {r['bytes_check']} |")
                 continue
             d, nc = r["dense"], r["no_change"]
             vs = f"{before / d['seconds']:.2f}x" if before else "-"
             print(
                 f"| {r['setting']} | {d['seconds']:.2f} | {vs} | {d['diff_seconds']:.2f} / {d['encode_seconds']:.2f} / "
-                f"{d['write_seconds']:.2f} | {d['bytes_written']:,} | {d['bytes_written'] / mb:.1%} | "
+                f"{d['write_seconds']:.2f} | {d['changed'] / max(d['elements'], 1):.1%} | {d['bytes_written']:,} | "
+                f"{d['bytes_written'] / mb:.1%} | "
                 f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
                 f"{nc['seconds'] / mb * 1e10:.3f} | {r['check']} | {r['bytes_check']} |"
+            )
+        p = mine[0].get("prepare_probe")
+        if p:
+            print(
+                f"\nfirst save after open: {p['first_save_before']:.2f} s page-locking in the save (the sweep's store); "
+                f"a second store of the set: {p['first_save_after']:.2f} s after prepare_gpu, which took "
+                f"{p['prepare_seconds']:.2f} s on the store's thread (the call {p['prepare_call_seconds'] * 1e3:.1f} ms); "
+                f"a 4096² bf16 matmul meanwhile: median {p['loop_during']['median_ms']:.2f} ms, max "
+                f"{p['loop_during']['max_ms']:.1f} ms over {p['loop_during']['steps']} steps (alone: median "
+                f"{p['loop_alone']['median_ms']:.2f} ms, max {p['loop_alone']['max_ms']:.1f} ms)"
             )
         good = [r for r in mine if "error" not in r and r["check"] == "ok" and r["bytes_check"] in ("ok", "-")]
         if good:
@@ -686,6 +823,24 @@ def main() -> int:
         metavar="N",
         help="instead: N dense steps, each saved from host tensors under every checkpoint.encoder setting; no GPU",
     )
+    ap.add_argument(
+        "--host-shapes",
+        default="8b",
+        choices=["8b", "qwen3.5-27b"],
+        help="--encoder-host: the Llama-8B shapes cut to --gib, or Qwen3.5-27B's whole text model, rows / --row-scale",
+    )
+    ap.add_argument("--row-scale", type=int, default=64, help="--host-shapes qwen3.5-27b: every tensor's rows / this")
+    ap.add_argument(
+        "--no-chain-check",
+        dest="chain_check",
+        action="store_false",
+        help="--sweep: skip the reopen-and-compare at the end of each set (slow at tens of GiB; the byte check stays)",
+    )
+    ap.add_argument(
+        "--prepare-probe",
+        action="store_true",
+        help="--sweep: also open a second store of the set and time its first save after prepare_gpu (see the log)",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (local disk; default $TMPDIR)")
     ap.add_argument("--json")
@@ -694,7 +849,7 @@ def main() -> int:
     if a.writeback_host:
         return writeback_host(a.gib, a.lr, a.dir, a.writeback_host)
     if a.encoder_host:
-        return encoder_host(a.gib, a.lr, a.dir, a.encoder_host)
+        return encoder_host(a.gib, a.lr, a.dir, a.encoder_host, a.host_shapes, a.row_scale)
     if not torch.cuda.is_available():
         print(
             "bench/checkpoint.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
@@ -718,7 +873,10 @@ def main() -> int:
                 ap.error(f"--shapes: unknown set {x!r} (8b, 27b)")
         probe = tempfile.mkdtemp(prefix="livetrain-checkpoint-bw-", dir=a.dir)
         try:
-            need = int(a.gib * 2**30 * 2.6) + 2**31  # files + a dozen deltas + the bandwidth probe
+            # Per set: the files, the rows' deltas (~10% of the bytes each after the bench's step at lr 1e-5, ~3%
+            # at 1.3e-6), the bandwidth probe and the byte check's small model.
+            share = 0.11 if a.lr >= 5e-6 else 0.04
+            need = int(a.gib * 2**30 * (1 + share * len(SWEEP_GRID))) + 2**31
             if shutil.disk_usage(probe).free < need:
                 print(
                     f"bench/checkpoint.py: {probe}: {shutil.disk_usage(probe).free / 2**30:.1f} GiB free, needs about "
@@ -729,9 +887,11 @@ def main() -> int:
             bands = (device_copy_bandwidth(), pinned_d2h_bandwidth(), disk_write_bandwidth(probe))
         finally:
             shutil.rmtree(probe, ignore_errors=True)
+        both = pinned_both_ways_bandwidth()
         log(
             f"bandwidths: device copy {bands[0] / 1e9:.0f} GB/s, pinned D2H {bands[1] / 1e9:.1f} GB/s, "
-            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s"
+            f"disk write+fsync {bands[2] / 1e9:.2f} GB/s; pinned H2D and D2H at once {both / 1e9:.1f} GB/s "
+            f"(both directions together; the diff moves the head copy both ways)"
         )
         rows = []
 
@@ -750,7 +910,9 @@ def main() -> int:
 
         for x in shape_sets:
             try:
-                rows += sweep_shape(x, a.gib, a.lr, a.dir, bands, on_row=save)
+                rows += sweep_shape(
+                    x, a.gib, a.lr, a.dir, bands, on_row=save, chain_check=a.chain_check, prepare_probe=a.prepare_probe
+                )
             except Exception as e:  # a shape that cannot even be set up is reported; the next one runs
                 log(f"sweep {x}: {type(e).__name__}: {e}")
         save([])

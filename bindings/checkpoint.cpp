@@ -222,6 +222,11 @@ void init_checkpoint(nb::module_& m) {
       "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
       "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.");
   store.def("close", &checkpoint::Store::close)
+      .def("prepare_gpu", &checkpoint::Store::prepare_gpu, nb::arg("device"),
+           "Page-locks the head copy for saves from CUDA device `device`, in registrations of whole tensors, on a "
+           "thread of its own; returns at once, a save waits for it.")
+      .def_prop_ro("gpu_prepared", &checkpoint::Store::gpu_prepared,
+                   "Whether nothing of prepare_gpu's is left running.")
       .def_prop_ro("dir", &checkpoint::Store::dir)
       .def_prop_ro("model_dir", &checkpoint::Store::model_dir)
       .def_prop_ro("head", [](const checkpoint::Store& s) { return s.commit().head; })

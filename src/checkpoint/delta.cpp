@@ -124,7 +124,9 @@ using StreamCoder = void (*)(const uint8_t*, size_t, std::string&, size_t);
 
 // Encodes block b (`k` changed elements, values starting at `values`) with `coder` (entropy::encode or
 // its reference: the same bytes); with `gaps`, also measures what the gap encoding of its positions would
-// take.
+// take (checkpoint.encoder <= 2: for every record with at most 1/8 of its elements changed; it cost more
+// than the block's coding, bench/encode_kinds.cpp; setting 3 measures them in `assemble`, only when they
+// could win).
 void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, uint64_t k, const uint8_t* bitmap,
                   const uint8_t* values, bool gaps, StreamCoder coder) {
   const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
@@ -156,15 +158,37 @@ void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, 
   for (uint32_t p = 0; p < unit; ++p) coder(values + p, k, out.bytes, unit);
 }
 
+// The varint bytes of the gap encoding of a record's positions (bitmap of `units` elements, as its
+// bytes hold them: bits past the end included, as encode_block's count saw them), a word at a time.
+uint64_t gap_sizes(const uint8_t* bitmap, uint64_t units) {
+  const uint64_t nbytes = (units + 7) / 8;
+  uint64_t total = 0, prev = 0;
+  bool first = true;
+  for (uint64_t at = 0; at < nbytes; at += 8) {
+    uint64_t w = 0;
+    std::memcpy(&w, bitmap + at, std::min<uint64_t>(8, nbytes - at));  // little-endian host (bytes.hpp)
+    for (; w; w &= w - 1) {
+      const uint64_t i = at * 8 + static_cast<uint64_t>(std::countr_zero(w));
+      total += varint_size(first ? i : i - prev - 1);
+      prev = i;
+      first = false;
+    }
+  }
+  return total;
+}
+
 // Block strings shorter than this join the piece before them instead of being a piece of their own (a
 // block with no change is its 8-byte count).
 constexpr size_t kMinPiece = 4096;
 
 // Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
 // concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
-// delta) instead of copying them into one string.
+// delta) instead of copying them into one string. `measured`: the blocks carry their gap sizes (encoder
+// <= 2); else, where gaps are considered, they are measured here only when the blocks encoding could lose to
+// them (a gap takes at least a byte, so a blocks encoding smaller than `changed` + the raw values and than
+// the bitmap encoding wins whatever the gaps take): the same choice either way.
 void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps,
-              bool checksum) {
+              bool measured, bool checksum) {
   pieces.assign(1, std::string());
   std::string& out = pieces[0];
   const uint32_t unit = unit_bytes(r.dtype);
@@ -179,6 +203,10 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
     first = false;
   }
   const uint64_t raw_values = r.changed * unit;
+  if (gaps && !measured) {
+    if (blocks_bytes < std::min(bitmap_bytes, r.changed) + raw_values) gaps = false;  // blocks win anyway
+    else gap_bytes = gap_sizes(r.bitmap, r.units);
+  }
   PositionEncoding enc = PositionEncoding::kBitmap;
   uint64_t best = bitmap_bytes + raw_values;
   if (gaps && gap_bytes + raw_values <= best) enc = PositionEncoding::kGaps, best = gap_bytes + raw_values;
@@ -301,6 +329,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
   // comparisons.
   const int64_t encoder = tuning::get(tuning::kCheckpointEncoder);
   const StreamCoder coder = encoder >= 1 ? &entropy::encode : &entropy::encode_reference;
+  const bool measured = encoder <= 2;  // the gap sizes measured per block, for every record that may take them
   std::vector<EncodedBlock> blocks(tasks.size());
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -309,7 +338,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       // Gaps take at least a byte per change: they can only match or beat the bitmap's ceil(units / 8)
       // bytes when no more elements than that changed, so their size is only measured then.
       encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
-                   r.changed <= (r.units + 7) / 8, coder);
+                   measured && r.changed <= (r.units + 7) / 8, coder);
     }
   });
   outs.assign(records.size(), {});
@@ -318,7 +347,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       if (records[r].changed == 0) continue;
       std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
                                      std::make_move_iterator(blocks.begin() + first_task[r + 1]));
-      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, checksums);
+      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, measured, checksums);
       if (encoder < 2) {  // as before: the record in one string
         std::string whole;
         for (const std::string& piece : outs[r]) whole += piece;

@@ -144,6 +144,10 @@ void chunk_digests_cuda(const std::vector<DiffTensor>&, bool, std::vector<uint64
 void diff_workspace_reserve(DiffWorkspace&, size_t, size_t) {
   throw Error(ErrorCode::kUnsupported, "delta diff on CUDA: this build of livetrain has no CUDA code");
 }
+
+void diff_workspace_reserve_registered(DiffWorkspace&, size_t, size_t) {
+  throw Error(ErrorCode::kUnsupported, "delta diff on CUDA: this build of livetrain has no CUDA code");
+}
 #endif
 
 }  // namespace livetrain::checkpoint

@@ -126,20 +126,29 @@ const std::array<Spec, kNumKnobs>& specs() {
        1024,
        "start the delta's disk writes every this many MiB written (0: leave them all to the final fsync)"},
       {"checkpoint.early_writer",
-       0,
+       1,
        {0, 1},
        0,
        0,
        "1: a thread writes the delta from the first encoded record on (the header's record count last) instead of "
        "once the diff is over"},
       {"checkpoint.encoder",
+       3,
+       {0, 1, 2, 3},
+       0,
+       0,
+       "3: as 2, the gap encoding's size measured only for a record it could win (a gap takes a byte or more); 2: "
+       "byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
+       "handed to the writer as they are, its checksum the writer's, the gap sizes measured per block for every "
+       "record with at most 1/8 of its elements changed; 1: that coder, each record copied into one string and "
+       "hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
+      {"checkpoint.pin_chunk_mib",
+       256,
+       {},
        2,
-       {0, 1, 2},
-       0,
-       0,
-       "2: byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
-       "handed to the writer as they are, its checksum the writer's; 1: that coder, each record copied into one "
-       "string and hashed by the encoder; 0: the coder before, records copied and hashed (all: the same bytes)"},
+       1048576,
+       "prepare_gpu page-locks the head copy in cudaHostRegister calls of whole tensors of at least this many "
+       "MiB (each holds the driver's lock for less time than one call over the whole copy)"},
   }};
   return s;
 }

@@ -1,6 +1,9 @@
 // Host-side CUDA runtime calls for code that must also build without CUDA (host.hpp).
 #include "cuda/host.hpp"
 
+#include <chrono>
+#include <thread>
+
 #include "livetrain/error.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
@@ -24,6 +27,28 @@ void* pin(void* p, size_t n) {
 
 void unpin(void* p) noexcept { cudaHostUnregister(p); }
 
+std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>& ranges) {
+  std::vector<void*> done;
+  try {
+    for (const auto& [at, bytes] : ranges) {
+      LIVETRAIN_CUDA_CHECK(cudaHostRegister(at, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
+      done.push_back(at);
+      void* dev = nullptr;
+      LIVETRAIN_CUDA_CHECK(cudaHostGetDevicePointer(&dev, at, 0));
+      if (dev != at) {
+        throw Error(ErrorCode::kUnsupported, "page-locked host memory has another address on the device");
+      }
+      // The registration held up every CUDA call of the process; let them in before the next one.
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  } catch (...) {
+    for (void* q : done) cudaHostUnregister(q);
+    (void)cudaGetLastError();  // nothing left pending on this thread
+    throw;
+  }
+  return done;
+}
+
 void to_device(void* dst, const void* src, size_t n) {
   LIVETRAIN_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
 }
@@ -46,6 +71,7 @@ namespace {
 void set_device(int) { no_cuda(); }
 void* pin(void*, size_t) { no_cuda(); }
 void unpin(void*) noexcept {}
+std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>&) { no_cuda(); }
 void to_device(void*, const void*, size_t) { no_cuda(); }
 void to_host(void*, const void*, size_t) { no_cuda(); }
 

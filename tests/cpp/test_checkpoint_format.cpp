@@ -428,7 +428,7 @@ TEST(CheckpointDelta, UnitsOverflowIsRefused) {
 // under every checkpoint.encoder setting. With the default the dense record comes as several pieces (its
 // blocks' own strings), before as one; the pieces of every record join into a record that parses.
 TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
-  for (int coder : {2, 1, 0}) {
+  for (int coder : {3, 2, 1, 0}) {
     livetrain::tuning::set("checkpoint.encoder", coder);
     std::vector<size_t> pieces;
     const std::string all = encode_dense_records([&](const std::vector<checkpoint::RecordParts>& recs) {
@@ -445,7 +445,7 @@ TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
     EXPECT_EQ(all.size(), 590760u) << "coder " << coder;
     EXPECT_EQ(checkpoint::xxh64(all.data(), all.size()), 0xfac91567e444f8ceull) << "coder " << coder;
     ASSERT_EQ(pieces.size(), 3u);
-    if (coder == 2) {
+    if (coder >= 2) {
       EXPECT_GT(pieces[0], 2u) << "the dense record's blocks are pieces of their own";
     } else {
       EXPECT_EQ(pieces[0], 1u) << "coder " << coder;
@@ -492,4 +492,76 @@ TEST(CheckpointDelta, BitmapCountsAreThoseOfAByteAtATime) {
       ASSERT_EQ(livetrain::checkpoint::bytes::count_bits(bits.data() + start, n), want) << start << " " << n;
     }
   }
+}
+
+// checkpoint.encoder=3 measures the gap encoding's size only where it could beat the blocks encoding (a gap
+// takes at least one byte); 2 measures it per block for every record with at most 1/8 of its elements
+// changed. Over records of every element size, odd lengths, densities from one change to all changed, and
+// values from XORs of low mantissa bits to random bytes, both choose the same encoding and write the same
+// bytes; among them records of each encoding, and blocks records no smaller than changed + the raw values
+// (where 3 measures the gaps and the blocks still win).
+TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
+  struct Reset {
+    ~Reset() { livetrain::tuning::reset(); }
+  } reset;
+  std::mt19937_64 rng(26);
+  int chosen[3] = {0, 0, 0}, blocks_past_bound = 0, records = 0, with_changes = 0;
+  const uint64_t lengths[] = {1, 63, 1000, 70001, (uint64_t{2} << 20) + 77};
+  const uint64_t per_million[] = {0, 30, 300, 3000, 20000, 60000, 110000, 124000, 126000, 300000, 1000000};
+  for (uint32_t unit : {1u, 2u, 4u}) {
+    const DType dtype = unit == 1 ? DType::kU8 : unit == 2 ? DType::kBF16 : DType::kF32;
+    for (uint64_t units : lengths) {
+      for (uint64_t density : per_million) {
+        for (int kind = 0; kind < 3; ++kind) {  // low mantissa bits, random bytes, one repeated value
+          std::vector<uint8_t> bitmap((units + 7) / 8, 0), values;
+          uint64_t changed = 0;
+          for (uint64_t i = 0; i < units; ++i) {
+            const uint64_t r = rng();
+            if (r % 1000000 >= density && !(density == 0 && i == units / 2)) continue;  // 0: one change
+            bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+            ++changed;
+            for (uint32_t b = 0; b < unit; ++b) {
+              const uint64_t v = rng();
+              values.push_back(kind == 1   ? static_cast<uint8_t>(v)
+                               : kind == 2 ? uint8_t{0x5A}
+                               : b == 0    ? static_cast<uint8_t>((2u << (v % 3)) - 1)
+                                           : uint8_t{0});
+            }
+          }
+          const checkpoint::RecordParts rec{"t", dtype, units, changed, bitmap.data(), values.data(), {}};
+          std::string out[2];
+          for (int k = 0; k < 2; ++k) {
+            livetrain::tuning::set("checkpoint.encoder", k == 0 ? 2 : 3);
+            std::vector<std::vector<std::string>> outs;
+            checkpoint::encode_records({rec}, outs);
+            for (const std::string& p : outs[0]) out[k] += p;
+          }
+          livetrain::tuning::reset();
+          ASSERT_EQ(out[0], out[1]) << "unit " << unit << ", units " << units << ", density " << density << "e-6, kind "
+                                    << kind;
+          if (changed == 0) {  // no record
+            EXPECT_TRUE(out[1].empty());
+            continue;
+          }
+          ++with_changes;
+          const std::string file = make_file(out[1], 1);
+          checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
+                                  [&](const checkpoint::DeltaRecord& r) {
+                                    ++records;
+                                    ++chosen[static_cast<int>(r.encoding)];
+                                    if (r.encoding == checkpoint::PositionEncoding::kBlocks &&
+                                        changed <= (units + 7) / 8 &&
+                                        r.positions.size() >= std::min((units + 7) / 8, changed) + changed * unit) {
+                                      ++blocks_past_bound;
+                                    }
+                                  });
+        }
+      }
+    }
+  }
+  EXPECT_EQ(records, with_changes);
+  EXPECT_GT(chosen[0], 0) << "gaps";
+  EXPECT_GT(chosen[1], 0) << "bitmap";
+  EXPECT_GT(chosen[2], 0) << "blocks";
+  EXPECT_GT(blocks_past_bound, 0) << "no blocks record where the gaps had to be measured";
 }

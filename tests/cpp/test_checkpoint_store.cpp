@@ -272,10 +272,12 @@ TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
 // The writer's knobs write the same bytes: checkpoint.writeback_mib starts the delta's disk writes while it is
 // still being written (fs::Writer's set_writeback; 1 MiB, its smallest step, at least once per delta here:
 // dense changes of a 12 MiB embedding); checkpoint.early_writer writes the delta on its own thread from the
-// first encoded record on, the header (its record count) last; checkpoint.encoder=2 leaves the records'
-// checksums to the writer. Every combination writes the files of the encoder before with the writer after the
-// diff and no early writeback (encoder 0, early_writer 0, writeback_mib 0), for dense, sparse and no changes
-// (no file then, nor a temporary one left; with save_if_unchanged a file of no record), and they verify.
+// first encoded record on, the header (its record count) last, hashing behind the header of a guessed count
+// (every tensor: right after a dense step, wrong after one tensor changed); checkpoint.encoder >= 2 leaves the
+// records' checksums to the writer (3 also measures the gap sizes only where they could win). Every
+// combination writes the files of the encoder before with the writer after the diff and no early writeback
+// (encoder 0, early_writer 0, writeback_mib 0), for dense, sparse and no changes (no file then, nor a
+// temporary one left; with save_if_unchanged a file of no record), and they verify.
 TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -287,7 +289,8 @@ TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Setting {
     int encoder, early, writeback_mib;
   };
-  const Setting settings[] = {{0, 0, 0}, {2, 0, 16}, {2, 0, 1}, {2, 1, 1}, {0, 1, 0}, {1, 1, 16}};
+  const Setting settings[] = {{0, 0, 0}, {3, 0, 16}, {2, 0, 16}, {3, 0, 1},
+                              {3, 1, 1}, {2, 1, 1},  {0, 1, 0},  {1, 1, 16}};
   std::vector<checkpoint::Store> stores;
   for (size_t k = 0; k < std::size(settings); ++k) {
     stores.push_back(checkpoint::Store::create(model, tmp.file("store-" + std::to_string(k))));
@@ -323,6 +326,10 @@ TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
       EXPECT_GT(r.bytes, uint64_t{1} << 20) << "the dense delta must span several writeback steps";
     }
   }
+  // One tensor of four changed: a record count below the early writer's guess (every tensor).
+  livetrain::testing::perturb(live, 404, 0.0);
+  live.data[1][6] ^= 1;
+  EXPECT_TRUE(save_all({}, "one tensor changed").written);
   checkpoint::SaveOptions always;
   always.save_if_unchanged = true;
   const checkpoint::SaveResult r = save_all(always, "no change, save_if_unchanged");
@@ -380,3 +387,34 @@ TEST(CheckpointStoreCuda, EveryTuningWritesTheCpuSavesBytes) {
   });
 }
 #endif
+
+// prepare_gpu page-locks the head copy on a thread of its own (where there is a CUDA device; here, without
+// one, that thread fails and the failure is left to a GPU save). Either way the store works on: host saves
+// write the bytes of a store that never called it, a move of the store and close wait for the thread, a
+// second call is a no-op, and a device below 0 is refused.
+TEST(CheckpointStore, PrepareGpuLeavesSavesAsTheyWere) {
+  TempDir tmp;
+  const std::string model = tmp.file("model");
+  LiveModel live = livetrain::testing::make_live(5, 100);
+  livetrain::testing::write_model_dir(model, live);
+  checkpoint::Store plain = checkpoint::Store::create(model, tmp.file("plain"));
+  checkpoint::Store prepared = checkpoint::Store::create(model, tmp.file("prepared"));
+  prepared.prepare_gpu(0);
+  prepared.prepare_gpu(0);
+  EXPECT_THROW(prepared.prepare_gpu(-1), Error);
+  checkpoint::Store moved = std::move(prepared);
+  for (int step = 0; step < 2; ++step) {
+    livetrain::testing::perturb(live, 500 + step, 0.1);
+    const checkpoint::SaveResult a = plain.save(live.views()), b = moved.save(live.views());
+    ASSERT_TRUE(a.written && b.written);
+    EXPECT_EQ(a.generation, b.generation);
+    const std::string name = checkpoint::delta_file_name(a.generation);
+    EXPECT_EQ(livetrain::fs::read_file(plain.dir() + "/" + name), livetrain::fs::read_file(moved.dir() + "/" + name));
+  }
+  plain.close();
+  checkpoint::Store fresh = checkpoint::Store::open(model, tmp.file("plain"));
+  EXPECT_TRUE(fresh.gpu_prepared());  // nothing started
+  fresh.prepare_gpu(0);
+  fresh.close();  // waits for the thread
+  EXPECT_TRUE(fresh.gpu_prepared());
+}

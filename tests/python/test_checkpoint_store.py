@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import livetrain
+from livetrain import _core
 from livetrain import safetensors as lst
 from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_path
 
@@ -151,23 +152,27 @@ def test_create_opens_with_the_given_options(sharded_model):
             store.save(live)
 
 
+def _twin_model_dirs(tmp_path, live):
+    """The same model files in tmp_path/cpu and tmp_path/gpu (1 MiB shards): one store each."""
+    a, b = tmp_path / "cpu", tmp_path / "gpu"
+    a.mkdir()
+    lst.save_model(a, live, max_shard_bytes=1 << 20)
+    shutil.copytree(a, b)
+    return a, b
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
     """Saves from CUDA tensors (diffed on the GPU against the page-locked head) write the same delta bytes
     as saves from the same weights on the CPU, over several generations and a tensor of several blocks;
     every generation restores bit-exact, into a directory and into the CUDA tensors."""
-    import shutil
-
     torch.manual_seed(1)
     live = {
         "model.embed_tokens.weight": (torch.randn(1100, 1024) * 0.02).to(torch.bfloat16),  # 1.1M: 2 blocks
         "model.layers.0.mlp.up_proj.weight": (torch.randn(112, 64) * 0.02).to(torch.bfloat16),
         "model.norm.weight": torch.ones(65),
     }
-    a, b = tmp_path / "cpu", tmp_path / "gpu"
-    a.mkdir()
-    lst.save_model(a, live, max_shard_bytes=1 << 20)
-    shutil.copytree(a, b)
+    a, b = _twin_model_dirs(tmp_path, live)
     cuda = {k: v.cuda() for k, v in live.items()}
     snaps = [snapshot(live)]
     with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
@@ -196,6 +201,35 @@ def test_cuda_save_matches_cpu_save_and_round_trips(tmp_path):
     with CheckpointStore(b) as reopened:
         assert reopened.head == 3
         assert reopened.compare(3, {k: v.cuda() for k, v in snaps[3].items()})["elements"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
+    """prepare_gpu page-locks the head copy on a thread of its own (here in two registrations of whole tensors:
+    checkpoint.pin_chunk_mib 2, an embedding of 2.25 MB, then the norm); the saves after it (the first may
+    still wait for it) write the CPU save's bytes, and close waits for it."""
+    torch.manual_seed(2)
+    live = {
+        "model.embed_tokens.weight": (torch.randn(1100, 1024) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(65),
+    }
+    a, b = _twin_model_dirs(tmp_path, live)
+    with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
+        _core.tuning_set("checkpoint.pin_chunk_mib", 2)
+        try:
+            gpu_store.prepare_gpu("cuda")
+            gpu_store.prepare_gpu(torch.cuda.current_device())  # once per open: a no-op
+        finally:
+            _core.tuning_reset()
+        for g, fraction in enumerate([0.2, 0.05], start=1):
+            perturb(live, fraction, 20 + g)
+            rc, rg = cpu_store.save(live), gpu_store.save({k: v.cuda() for k, v in live.items()})
+            assert rc["generation"] == rg["generation"] == g and rc["changed"] == rg["changed"] > 0
+            assert gpu_store.gpu_prepared  # the save waited for it
+            name = f"gen-{g:020d}.delta"
+            assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes()
+    with CheckpointStore.create(tmp_path / "gpu", tmp_path / "other") as fresh:
+        fresh.prepare_gpu(0)  # closed while it may still run: close waits for it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")

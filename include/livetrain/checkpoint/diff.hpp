@@ -78,6 +78,9 @@ struct DiffWorkspace {
 };
 // Sizes a workspace ahead of time (page-locking is slow: a store does it on its first GPU save).
 void diff_workspace_reserve(DiffWorkspace& ws, size_t bitmap_bytes, size_t value_bytes);
+// The same for a workspace whose buffers are unset, by writing fresh pages and registering them
+// (cudaHostRegister, one call per buffer) instead of cudaHostAlloc: Store::prepare_gpu's, on its own thread.
+void diff_workspace_reserve_registered(DiffWorkspace& ws, size_t bitmap_bytes, size_t value_bytes);
 
 // The same result computed on the current CUDA device: a count pass (per-warp ballots give the bitmap,
 // per-block counts), a prefix sum over the block counts, then a compaction pass that places each

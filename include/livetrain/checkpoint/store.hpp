@@ -39,9 +39,11 @@
 // TP size restores at another: each record's region is XORed into the part of it a target region holds.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -164,6 +166,18 @@ class Store {
 
   // Releases the lock and the host copy; the object is unusable afterwards (reopen to continue).
   void close();
+  // Starts, on a thread of its own, what the first save of GPU weights on CUDA device `device` would
+  // otherwise do first: page-locking the head copy (cudaHostRegister; most of the 15.7 s first save of the
+  // 27B model's 50 GiB on the H200), in registrations of whole entries of at least checkpoint.pin_chunk_mib
+  // with a pause between them: a registration holds up every CUDA call of the process while it runs (one of
+  // 24 GiB stalled a GPU loop for 10.6 s on the H200). Returns at once; a save (and close) waits for what is
+  // still running. A failure there is not reported here: the save then page-locks as before (and reports
+  // what fails). Then the diff's page-locked outputs, from pages written first and one registration each
+  // (cudaHostAlloc of them held the process's CUDA calls up ~5 s at 24 GiB). Once per open; a no-op when the
+  // copy is page-locked already or there is none.
+  void prepare_gpu(int device);
+  // Whether nothing of prepare_gpu's is left running (it finished, failed, or never started).
+  bool gpu_prepared() const { return head_.pin_finished(); }
 
   const Commit& commit() const { return commit_; }
   const std::string& dir() const { return dir_; }
@@ -338,7 +352,8 @@ class Store {
   std::vector<std::pair<std::string, DType>> served_options_;  // OpenOptions::served
   std::vector<DType> served_;                                  // per tensor (commit order): see served()
   // The host copy of generation `head_generation_`: every held region in one page-aligned anonymous
-  // mapping (one range to page-lock for the GPU), at 64-byte aligned offsets, in held order.
+  // mapping (one range to page-lock for the GPU, or several of whole regions: prepare_gpu), each region
+  // starting on a page, in held order.
   class HeadCopy {
    public:
     HeadCopy() = default;
@@ -349,15 +364,33 @@ class Store {
     HeadCopy& operator=(const HeadCopy&) = delete;
     ~HeadCopy();
     uint8_t* tensor(size_t i) const { return base_ + offsets_[i]; }
-    // The address GPU kernels read entry i at; page-locks the copy on first use.
+    // The address GPU kernels read entry i at; page-locks the copy on first use (or waits for pin_async's).
     const uint8_t* gpu_tensor(size_t i);
+    // Page-locks the copy on a thread of its own for device `device`, in registrations of whole entries of
+    // at least `chunk` bytes, then reserves page-locked diff outputs of these sizes (a workspace the first
+    // save takes: take_reserved). Nothing when pinned or pinning.
+    void pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes);
+    bool pin_finished() const {
+      return !pinning_.valid() || pinning_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+    }
+    // The workspace pin_async reserved, once (after gpu_tensor waited for it); empty buffers otherwise.
+    DiffWorkspace take_reserved() { return std::move(reserved_); }
 
    private:
+    struct Pinned {
+      uint8_t* gpu_base = nullptr;
+      std::vector<void*> chunks;  // pin_async's registrations
+      DiffWorkspace reserved;
+    };
+    void settle() noexcept;  // waits for pin_async's thread; keeps what it did, drops a failure
     void release() noexcept;
     uint8_t* base_ = nullptr;
     size_t size_ = 0;
     std::vector<size_t> offsets_;
     uint8_t* gpu_base_ = nullptr;  // set once page-locked
+    std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
+    std::future<Pinned> pinning_;  // pin_async's, until settled
+    DiffWorkspace reserved_;
   };
 
   HeadCopy head_;
