@@ -212,7 +212,7 @@ def test_health_answers_a_probe_without_the_api_key(server):
     assert server.http("/health", {}, key=None)[0] == 401  # only GET/HEAD are the probe's
 
 
-def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
+def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server, model_dir):
     before, answer = server.status(), server.complete(FACT_PROMPT, 5)["choices"][0]["text"]
     cases = [
         ("/train", None, b"{not json", "body"),
@@ -242,6 +242,9 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1000}, None, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, None, "messages[0].content"),
         ("/v1/completions", {"prompt": ""}, None, "prompt"),  # was a 500 (no token to start from)
+        ("/v1/completions", {"prompt": [1, 10**9]}, None, "prompt"),  # a token id outside the vocabulary
+        ("/v1/completions", {"prompt": [1, True]}, None, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, None, "prompt"),  # one prompt per request
         # Fields vLLM implements and this engine does not: refused, not answered as if absent.
         ("/v1/completions", {"prompt": "hi", "logprobs": 0}, None, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, None, "presence_penalty"),
@@ -251,6 +254,11 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         code, out = server.http(path, body, raw=raw)
         assert code == 400 and out["error"]["param"] == param, (path, body, raw, out)
         assert param.split("[")[0].split(".")[0] in out["error"]["message"] or param == "body", out
+    # Token ids are a prompt too (as in vLLM): the same greedy answer as the text they encode.
+    ids = transformers.AutoTokenizer.from_pretrained(model_dir)(FACT_PROMPT)["input_ids"]
+    for prompt in (ids, [ids]):
+        code, out = server.http("/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0})
+        assert code == 200 and out["choices"][0]["text"] == answer and out["usage"]["prompt_tokens"] == len(ids)
     code, out = server.http("/v1/completions", {"prompt": "hi", "model": "another-model"})
     assert code == 404 and out["error"]["param"] == "model" and "another-model" in out["error"]["message"]
     name = server.http("/v1/models")[1]["data"][0]["id"]

@@ -77,6 +77,8 @@ class Engine:
             if layout.served_in_fp32(name):
                 p.data = p.data.float()
         self.model = model.to(self.device).eval()
+        # Token ids a prompt may hold: the embedding's rows (the text config's vocab_size).
+        self.vocab = int(getattr(model.config, "vocab_size", 0) or len(self.tokenizer))
         # Generation runs the same layers as training: the fused kernels they got, or the torch path.
         for warning in kernels.prepare(self.model, self.device, backward=False):
             print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
@@ -335,13 +337,20 @@ def parse_chat_template_kwargs(body: dict) -> dict:
         raise Invalid("chat_template_kwargs", f"chat_template_kwargs: {e}") from None
 
 
-def parse_prompt(body: dict) -> str:
+def parse_prompt(body: dict, vocab: int) -> str | list[int]:
+    """A completion's ``prompt``: a string, or token ids (a list of integers, as vLLM and OpenAI take them),
+    each in ``[0, vocab)``; either alone or as the one item of a list (one prompt per request)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise Invalid("prompt", "prompt must be a string (or a list of one string)")
-    return prompt
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise Invalid("prompt", f"prompt: token id {bad} is not in the model's vocabulary [0, {vocab})")
+        return prompt
+    raise Invalid("prompt", "prompt must be a string or a non-empty list of token ids (one prompt per request)")
 
 
 def build_app(
@@ -467,10 +476,10 @@ def build_app(
     async def completions(request: Request):
         body = await json_body(request)
         check_request(body, engine.name)
-        prompt = parse_prompt(body)
+        prompt = parse_prompt(body, engine.vocab)
         params = sampling_params(body, 16)
         stream = stream_mode(body)
-        ids = await run_in_threadpool(engine.encode_prompt, prompt)
+        ids = prompt if isinstance(prompt, list) else await run_in_threadpool(engine.encode_prompt, prompt)
         return await completion("text", ids, params, stream)
 
     @app.post("/v1/chat/completions")
