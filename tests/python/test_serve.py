@@ -164,6 +164,11 @@ def test_completions_chat_and_streaming(server):
         {"messages": [{"role": "user", "content": "hello how are you"}], "max_tokens": 4, "temperature": 0},
     )
     assert code == 200 and chat["choices"][0]["message"]["role"] == "assistant"
+    code, short = server.http(  # OpenAI's newer name for max_tokens
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hello how are you"}], "max_completion_tokens": 2, "temperature": 0},
+    )
+    assert code == 200 and short["usage"]["completion_tokens"] <= 2
     assert isinstance(chat["choices"][0]["message"]["content"], str)
     code, sampled = server.http(
         "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9, "top_p": 0.5, "seed": 3}

@@ -267,7 +267,15 @@ def sampling_params(body: dict, default_max: int) -> dict:
     n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
     del n
     return dict(
-        max_tokens=_field(body, "max_tokens", int, default_max, lambda v: v >= 1, "an integer >= 1"),
+        # OpenAI's newer name for it (chat), preferred when both are given, as vLLM does.
+        max_tokens=_field(
+            body,
+            "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens",
+            int,
+            default_max,
+            lambda v: v >= 1,
+            "an integer >= 1",
+        ),
         temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
         top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         stop=stop,
