@@ -372,7 +372,8 @@ def main(argv=None) -> int:
         info = ip.job(job)
         g = info["guard"] or {}
         t0 = time.perf_counter()
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
+        answers = ip.ask([q for _, q, _ in asked], a.max_tokens)
+        got = lq.score(asked, answers, facts, general)
         ask_s = time.perf_counter() - t0
         kept, right = lq.kept(base["general"], got["general"])
         guard_s = g.get("seconds") or 0.0
@@ -396,6 +397,16 @@ def main(argv=None) -> int:
             "train_s": round(info["seconds"] - guard_s, 1),
             "guard_s": round(guard_s, 2),
             "ask_s": round(ask_s, 1),
+            # Per question, which general answers right before are lost and which were gained, with the
+            # answers (bench/learning_forgetting.py's analysis across runs).
+            "general_lost": {
+                i: answers[n]
+                for n, (kind, _, i) in enumerate(asked)
+                if kind == "general" and base["general"][i] and not got["general"][i]
+            },
+            "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
+            "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
+            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
         }
         stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
