@@ -8,13 +8,14 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until).
+of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
+--train).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
 usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3|sweep4|sweep5] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
-           [--retention all,core] [--until 0.1] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
+           [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ ROW = {
     "retention": "all",
     "until": 0.1,
     "max_steps": 300,
+    "train": "all",
 }
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
@@ -286,6 +288,12 @@ def main(argv=None) -> int:
         help="built-in retention prompts: all, core (without the replay-only ones)",
     )
     p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
+    p.add_argument(
+        "--train",
+        type=lambda s: s.split(","),
+        default=["all"],
+        help="which parameters each job trains: all, layers, mlp",
+    )
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
@@ -312,6 +320,7 @@ def main(argv=None) -> int:
                 "restate": y,
                 "retention": z,
                 "until": u,
+                "train": tr,
             }
             for lr in a.lr
             for w in a.warmup
@@ -322,6 +331,7 @@ def main(argv=None) -> int:
             for y in a.restate
             for z in a.retention
             for u in a.until
+            for tr in a.train
         ]
         for r in rows:
             r["max_steps"] = a.max_steps
@@ -341,7 +351,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | select | retention | reword | restate | until | steps | trained | reworded "
+        "| row | lr | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
         "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
@@ -363,6 +373,7 @@ def main(argv=None) -> int:
             "replay_select": r["select"],
             "reword": r["reword"],
             "restate": r["restate"],
+            "train": r["train"],
             "guard": True,
         }
         if "steps" in r:
@@ -413,6 +424,7 @@ def main(argv=None) -> int:
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
             f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "
             f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "
