@@ -13,7 +13,7 @@ of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword �
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3|sweep4|sweep5] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3|sweep4|sweep5|sweep6|sweep7] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
            [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
@@ -256,6 +256,18 @@ GRIDS = {
     "sweep6": [
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "anchor4 r8 similar reword (examples)"},
+    ],
+    # Which parameters a job trains (job option "train"): every general answer lost on the H200 and the CPU
+    # (bench/learning_forgetting.py, docs/learning.md "Which parameters a job trains") against the defaults
+    # (budget 400) in the same run: the layers' MLPs alone (knowledge-editing work finds facts in mid-layer MLPs;
+    # attention and the embeddings carry the "capital of X is ..." form every general question of that form
+    # shares), then the same at lr 1e-4 (fewer parameters move: the budget may run out first at 5e-5). Each
+    # row names the general answers it lost (the jsonl's general_lost). ~100 s a row; the call's timeout (300 s)
+    # may cut the third.
+    "sweep7": [
+        {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
+        {**_REWORD, "name": "anchor4 r8 similar train mlp", "reword": False, "train": "mlp"},
+        {**_REWORD, "name": "anchor4 r8 similar train mlp lr1e-4", "reword": False, "train": "mlp", "lr": 1e-4},
     ],
 }
 

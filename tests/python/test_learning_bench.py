@@ -122,3 +122,18 @@ def test_sweep6_is_the_defaults_without_and_with_rewording():
     plain, reword = ({**sweep.ROW, **r} for r in sweep.GRIDS["sweep6"])
     assert {k for k in shipped if plain[k] != shipped[k]} == set(), plain
     assert {k for k in shipped if reword[k] != shipped[k]} == {"reword"} and reword["reword"] is True, reword
+
+
+def test_sweep7_is_the_defaults_against_training_the_mlps_alone():
+    sweep = load_sweep()
+    from livetrain.trainer import options
+
+    d = options.LEARNING
+    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
+    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
+    keys |= {"train": "train"}
+    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep7"]]
+    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
+    assert differ == [set(), {"train"}, {"train", "lr"}], differ
+    assert [r["train"] for r in rows] == ["all", "mlp", "mlp"] and rows[2]["lr"] == 1e-4
