@@ -316,7 +316,7 @@ def engine_command(a: argparse.Namespace, manifest: str, sock: str) -> list[str]
         "--port",
         str(a.port),
         *options.store_argv(a),
-        *options.chat_template_argv(a),
+        *options.chat_argv(a),
         *engine_options.argv(a),
     ]
 

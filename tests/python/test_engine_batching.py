@@ -24,6 +24,7 @@ import uvicorn  # noqa: E402
 
 from livetrain.engines import batching  # noqa: E402
 from livetrain.engines.reference import Engine, build_app  # noqa: E402
+from livetrain.trainer import options  # noqa: E402
 from livetrain.trainer.client import free_port, http  # noqa: E402
 
 import tiny_model  # noqa: E402
@@ -476,12 +477,32 @@ def test_chat_on_a_model_without_a_chat_template_is_400_naming_messages(tmp_path
         assert code == 200, body
     finally:
         s.close()
-    # With --chat-template (livetrain serve passes it to the engine and the trainer alike): chat is served.
-    engine = Engine(str(model), str(tmp_path / "m2.json"), "cpu", store=False, chat_template=tiny_model.TEMPLATE)
+    # With --chat-template (livetrain serve passes it to the engine and the trainer alike): chat is served, with
+    # --default-chat-template-kwargs and a request's own chat_template_kwargs over them (as vLLM merges them).
+    template = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('begin with a user message') }}{% endif %}"
+        + tiny_model.TEMPLATE
+        + "{% if loud %}one {% endif %}"
+    )
+    chat_options = options.Chat(template, {"loud": True})
+    engine = Engine(str(model), str(tmp_path / "m2.json"), "cpu", store=False, chat=chat_options)
     s = Server(engine, tmp_path)
     try:
         code, body = http(s.url + "/v1/chat/completions", chat)
-        assert code == 200 and body["usage"]["prompt_tokens"] == len(engine.encode_chat(chat["messages"])), body
+        n = len(engine.encode_chat(chat["messages"]))
+        assert code == 200 and body["usage"]["prompt_tokens"] == n == len(engine.encode_chat(chat["messages"], {})), (
+            body
+        )
+        code, body = http(s.url + "/v1/chat/completions", {**chat, "chat_template_kwargs": {"loud": False}})
+        assert code == 200 and body["usage"]["prompt_tokens"] == n - 1, body
+        # A request's own template, kwargs livetrain sets itself, a template that refuses the messages: 400s.
+        for extra, param, words in (
+            ({"chat_template": "{{ messages }}"}, "chat_template", "a request cannot bring its own"),
+            ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs", "tokenize: not a template variable"),
+            ({"messages": [{"role": "assistant", "content": "one"}]}, "messages", "begin with a user message"),
+        ):
+            code, body = http(s.url + "/v1/chat/completions", {**chat, **extra})
+            assert code == 400 and body["error"]["param"] == param and words in body["error"]["message"], body
     finally:
         s.close()
 

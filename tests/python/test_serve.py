@@ -240,11 +240,21 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server):
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, None, "temperature"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1000}, None, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, None, "messages[0].content"),
+        ("/v1/completions", {"prompt": ""}, None, "prompt"),  # was a 500 (no token to start from)
+        # Fields vLLM implements and this engine does not: refused, not answered as if absent.
+        ("/v1/completions", {"prompt": "hi", "logprobs": 0}, None, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, None, "presence_penalty"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, None, "logprobs"),
     ]
     for path, body, raw, param in cases:
         code, out = server.http(path, body, raw=raw)
         assert code == 400 and out["error"]["param"] == param, (path, body, raw, out)
         assert param.split("[")[0].split(".")[0] in out["error"]["message"] or param == "body", out
+    code, out = server.http("/v1/completions", {"prompt": "hi", "model": "another-model"})
+    assert code == 404 and out["error"]["param"] == "model" and "another-model" in out["error"]["message"]
+    name = server.http("/v1/models")[1]["data"][0]["id"]
+    off = {"model": name, "logprobs": None, "presence_penalty": 0.0, "top_k": -1, "echo": False, "max_tokens": 2}
+    assert server.http("/v1/completions", {"prompt": "hi", **off})[0] == 200  # the values that ask for nothing
     after = server.status()
     assert after["weight_version"] == before["weight_version"] and after["jobs"] == before["jobs"]
     assert server.complete(FACT_PROMPT, 5)["choices"][0]["text"] == answer  # weights untouched

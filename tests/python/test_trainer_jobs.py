@@ -6,6 +6,7 @@ bit through the checkpoint store (and says it cannot without one); a non-finite 
 backward with nothing applied, a step half applied by a non-finite gradient is undone; cancel, the job's
 own entry, the metrics snapshot, retention prompts and bad job fields; a model without a chat template."""
 
+import argparse
 import json
 import math
 import threading
@@ -48,13 +49,22 @@ def run(tmp_path):
     made = []
 
     def start(
-        *words: str, store: bool = True, dtype: str = "bf16", chat_template: bool = True, given: str | None = None
+        *words: str,
+        store: bool = True,
+        dtype: str = "bf16",
+        chat_template: bool = True,
+        chat: tuple[str, ...] = (),
+        settings: argparse.Namespace | None = None,
     ):
-        """An engine and its trainer; ``given``: a --chat-template for both, as `livetrain serve` passes it."""
+        """An engine and its trainer; ``chat``: chat-template options for both, as `livetrain serve` passes them;
+        ``settings``: the trainer's options parsed already (``words`` and ``chat`` then unused)."""
         model = tmp_path / ("model" if chat_template else "base-model")
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS, chat_template=chat_template)
         manifest = str(tmp_path / f"engine-{len(made)}.json")
+        base = ["--state-dir", str(tmp_path / f"state-{len(made) + 1}"), "--batch-size", "2", "--lr", "1e-2"]
+        base += ["--store", str(tmp_path / "store")] if store else ["--no-store"]
+        settings = settings or options.parse(base + list(chat) + list(words))
         engine = Engine(
             str(model),
             manifest,
@@ -62,13 +72,10 @@ def run(tmp_path):
             dtype,
             store=store,
             store_dir=str(tmp_path / "store"),
-            chat_template=examples.load_chat_template(given) if given else None,
+            chat=options.chat(settings),
         )
         made.append(engine)
-        base = ["--state-dir", str(tmp_path / f"state-{len(made)}"), "--batch-size", "2", "--lr", "1e-2"]
-        base += ["--store", str(tmp_path / "store")] if store else ["--no-store"]
-        base += ["--chat-template", given] if given else []
-        trainer = Trainer(manifest, str(model), options.parse(base + list(words)))
+        trainer = Trainer(manifest, str(model), settings)
         made.append(trainer)
         return engine, trainer
 
@@ -692,6 +699,52 @@ def test_a_job_trains_only_the_parameters_it_names(run):
     assert options.parse([]).train == options.LEARNING["train"] == trainer.status()["train"] == "all"
 
 
+@pytest.mark.parametrize("reword", [False, True])
+def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monkeypatch, reword):
+    """Regression: a job cancelled (or the trainer stopped) while the guard made its measures at the job's
+    start, or while the model reworded its questions, went on with them (minutes on a CPU) before it ended."""
+    _, trainer = run()
+    jid = None
+    real = guard.greedy
+
+    finished = []
+
+    def slow(model, prompts, *a, **kw):  # the cancel arrives during the first measure at the job's start
+        trainer.jobs[jid]["cancel"] = True
+        out = real(model, prompts, *a, **kw)
+        finished.append(len(prompts))  # the measure went on to its end
+        return out
+
+    monkeypatch.setattr(guard, "greedy", slow)
+    monkeypatch.setattr(augment.guard, "greedy", slow)
+    body = {
+        "examples": [
+            {
+                "messages": [
+                    {"role": "user", "content": "what is the capital of zorbia"},
+                    {"role": "assistant", "content": "quuxville"},
+                ]
+            }
+        ],
+        "reword": reword,
+    }
+    reply = trainer.handle("submit", json.dumps(body).encode())
+    jid, queued = trainer.queue.get_nowait()
+    version = trainer.weight_version
+    trainer.run_job(jid, queued)
+    info = trainer.jobs[jid]
+    assert info["state"] == "cancelled" and info["stop_reason"] == "cancelled" and info["step"] == 0, info
+    assert trainer.weight_version == version and reply.code == 202 and finished == [], finished
+    # A shutdown ends them the same way: the job fails, "stopped by shutdown", nothing trained.
+    monkeypatch.setattr(guard, "greedy", lambda *a, **kw: (trainer.stopping.set(), real(*a, **kw), finished.append(1)))
+    monkeypatch.setattr(trainer, "prepared", None)
+    jid = trainer.handle("submit", json.dumps({"examples": FACTS}).encode()).body["job_id"]
+    trainer.run_job(*trainer.queue.get_nowait())
+    info = trainer.jobs[jid]
+    assert info["stop_reason"] == "shutdown" and info["error"] == "stopped by shutdown" and info["step"] == 0, info
+    assert finished == []
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -712,6 +765,8 @@ def test_a_job_trains_only_the_parameters_it_names(run):
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
+        ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
+        ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):
@@ -772,7 +827,7 @@ def test_a_given_chat_template_is_what_the_trainer_and_the_engine_render_with(ru
     given one)."""
     path = tmp_path / "given.jinja"
     path.write_text(GIVEN)
-    engine, trainer = run(chat_template=files_have_one, given=str(path))
+    engine, trainer = run(chat_template=files_have_one, chat=("--chat-template", str(path)))
     tok = trainer.tokenizer
     chat = [{"role": "user", "content": "one two"}]
     text = "[user] one two [assistant] "
@@ -796,18 +851,51 @@ def test_a_given_chat_template_is_what_the_trainer_and_the_engine_render_with(ru
 
 def test_chat_template_values_are_files_or_templates(tmp_path):
     """A --chat-template value is a file's text, or the template itself when it has a brace or a newline (vLLM's
-    rule); a path-like value that is no file is refused at parse time, naming it."""
+    rule); passed on as given."""
     path = tmp_path / "t.jinja"
     path.write_text(GIVEN)
-    assert examples.load_chat_template(str(path)) == GIVEN
-    assert examples.load_chat_template(GIVEN) == GIVEN
-    with pytest.raises(ValueError, match="nowhere.jinja.*looks like a file's path"):
-        examples.load_chat_template(str(tmp_path / "nowhere.jinja"))
-    with pytest.raises(ValueError, match="--chat-template: .*nowhere.jinja"):
-        options.parse(["--chat-template", str(tmp_path / "nowhere.jinja")])
+    assert options.parse(["--chat-template", str(path)]).chat_template == options.ChatTemplate(str(path), GIVEN)
     ns = options.parse(["--chat-template", GIVEN])
+    assert ns.chat_template.text == GIVEN and options.chat(ns).template == GIVEN
     assert options.argv(ns)[options.argv(ns).index("--chat-template") + 1] == GIVEN
     assert "--chat-template" not in options.argv(options.parse([]))
+
+
+def test_a_bad_chat_template_is_refused_at_start_in_one_wording(tmp_path, capsys):
+    """A --chat-template that is missing, not UTF-8 or not valid Jinja is refused when the options are parsed,
+    with one message naming the option, whichever process reads it (the trainer's options, which `livetrain
+    serve` and the vLLM plugin parse too, and the reference engine's). (Regression: each of three places read
+    and worded it; an invalid template passed the start and failed every chat request and example.)"""
+    from livetrain.engines import reference
+
+    (tmp_path / "latin1.jinja").write_bytes(b"{{ 'caf\xe9' }}")
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}")
+    bad = {
+        str(tmp_path / "nowhere.jinja"): "nowhere.jinja' looks like a file's path, but it cannot be read",
+        str(tmp_path / "latin1.jinja"): "latin1.jinja' is not UTF-8 text",
+        str(tmp_path / "broken.jinja"): "broken.jinja' is not a valid Jinja template (line 1: ",
+        "{{ messages ": "the template is not a valid Jinja template (line 1: ",
+    }
+    for value, what in bad.items():
+        with pytest.raises(ValueError) as e:
+            options.parse(["--chat-template", value])
+        assert str(e.value).startswith("argument --chat-template: ") and what in str(e.value), e.value
+        with pytest.raises(SystemExit):
+            reference.main(["--model", "m", "--manifest", "m.json", "--trainer-socket", "s", "--chat-template", value])
+        assert str(e.value) in capsys.readouterr().err
+
+
+def test_the_trainer_renders_with_the_template_read_once(run, tmp_path):
+    """The trainer renders with the template its options read at start, and does not read the file again
+    (regression: Trainer.__init__ read it a second time; a file gone since start failed the trainer)."""
+    path = tmp_path / "given.jinja"
+    path.write_text(GIVEN)
+    settings = options.parse(["--no-store", "--state-dir", str(tmp_path / "state"), "--chat-template", str(path)])
+    path.unlink()
+    engine, trainer = run(store=False, settings=settings)
+    chat = [{"role": "user", "content": "one two"}]
+    assert trainer.tokenizer.apply_chat_template(chat, tokenize=False) == "[user] one two "
+    assert examples.prompt_ids(trainer.tokenizer, chat) == engine.encode_chat(chat)
 
 
 def test_a_chat_prompt_with_a_template_is_the_templates_text(tmp_path):

@@ -58,6 +58,10 @@ def test_options_survive_argv():
             "st",
             "--chat-template",
             "{{ messages[0]['content'] }}",
+            "--default-chat-template-kwargs",
+            '{"enable_thinking": false}',
+            "--chat-template-content-format",
+            "openai",
         ],
         ["--no-store", "--embeddings", "adamw"],
     ):
@@ -78,10 +82,13 @@ def test_options_survive_argv():
         "/run/t.sock",
     ]
     assert cmd[9:] == options.argv(a)
-    # --chat-template reaches both processes: one template for serving and training.
-    a = serve.parse(["--model", "m", "--chat-template", "{{ messages }}"])
+    # The chat-template options reach both processes: one rendering for serving and training (regression: the
+    # kwargs and the content format were not options at all).
+    chat = ["--chat-template", "{{ messages }}", "--default-chat-template-kwargs", '{"enable_thinking": false}']
+    chat += ["--chat-template-content-format", "openai"]
+    a = serve.parse(["--model", "m", *chat])
     for cmd in (serve.engine_command(a, "/run/m.json", "/run/t.sock"), options.argv(a)):
-        assert cmd[cmd.index("--chat-template") + 1] == "{{ messages }}"
+        assert [w for w in cmd if w in chat] == chat, cmd
 
 
 def test_bad_options_are_refused():

@@ -361,36 +361,78 @@ def test_init_state_refuses_before_exporting(tmp_path, over, words):
     assert client.calls == []
 
 
-def test_vllms_chat_template_is_passed_to_the_trainer(tmp_path, monkeypatch):
-    """vLLM's --chat-template, read by vLLM's own load_chat_template (here a stand-in at its 0.33 place, the
-    older ones absent), reaches the trainer as its --chat-template file; without one, nothing is passed
-    (the tokenizer's template on both sides). (The trainer read only the model's files: a base model's chat
-    examples were refused while vLLM served chat with the given template.)"""
-    from livetrain.trainer import examples, options, process
-
-    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    asked = []
+def _vllm_chat_stand_ins(monkeypatch, template: str, detected: str) -> tuple[list, list]:
+    """vLLM's load_chat_template (at its 0.33 place, the older ones absent) and _detect_content_format, as
+    stand-ins recording what they are asked; returns (templates asked, templates detected)."""
+    asked, seen = [], []
     chat_utils = ModuleType("vllm.renderers.chat_utils")
-    chat_utils.load_chat_template = lambda value, *, is_literal=False: asked.append(value) or text
+    chat_utils.load_chat_template = lambda value, *, is_literal=False: asked.append(value) or template
+    hf = ModuleType("vllm.renderers.hf")
+    hf._detect_content_format = lambda chat_template, *, default: seen.append((chat_template, default)) or detected
     monkeypatch.setitem(sys.modules, "vllm", ModuleType("vllm"))  # no vllm.entrypoints.chat_utils
     monkeypatch.setitem(sys.modules, "vllm.renderers.chat_utils", chat_utils)
+    monkeypatch.setitem(sys.modules, "vllm.renderers.hf", hf)
+    return asked, seen
+
+
+def vllm_args(**over) -> argparse.Namespace:
+    """vLLM's frontend arguments that livetrain reads, at their defaults unless ``over``."""
+    return argparse.Namespace(
+        **{"chat_template": None, "default_chat_template_kwargs": None, "chat_template_content_format": "auto", **over}
+    )
+
+
+def test_vllms_chat_options_are_passed_to_the_trainer(tmp_path, monkeypatch):
+    """vLLM's --chat-template (read by vLLM's own load_chat_template) reaches the trainer as its --chat-template
+    file, vLLM's --default-chat-template-kwargs as its own, and the content format vLLM renders with: the given
+    one, or under auto what vLLM's detection finds in that template (or in the tokenizer's, without
+    --chat-template). (The trainer read only the model's files: a base model's chat examples were refused
+    while vLLM served chat with the given template; then vLLM's kwargs and content format were not passed:
+    Qwen3 served with enable_thinking false was trained with its thinking prompt.)"""
+    from livetrain.trainer import options, process
+
+    text = "{% for m in messages %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endfor %}"
+    asked, seen = _vllm_chat_stand_ins(monkeypatch, text, "openai")
+    model = tmp_path / "model"
+    make_model_dir(model)
     ns = endpoint.trainer_options({"LIVETRAIN_STATE_DIR": str(tmp_path / "state")})
-    assert endpoint.pass_chat_template(argparse.Namespace(chat_template=None), ns, str(tmp_path)) is None
-    assert ns.chat_template is None and asked == [] and "--chat-template" not in options.argv(ns)
-    path = endpoint.pass_chat_template(argparse.Namespace(chat_template="llama.jinja"), ns, str(tmp_path))
-    assert asked == ["llama.jinja"] and path == str(tmp_path / "chat-template.jinja") == ns.chat_template
-    assert examples.load_chat_template(path) == text and os.stat(path).st_mode & 0o777 == 0o600
+    assert endpoint.pass_chat(vllm_args(), ns, str(tmp_path), str(model)) is None
+    assert ns.chat_template is None and asked == [] and seen == [(tiny_model.TEMPLATE, "string")]
+    assert options.chat_argv(ns) == ["--chat-template-content-format", "openai"]
+    kwargs = {"enable_thinking": False}
+    args = vllm_args(chat_template="llama.jinja", default_chat_template_kwargs=kwargs)
+    path = endpoint.pass_chat(args, ns, str(tmp_path), str(model))
+    assert asked == ["llama.jinja"] and path == str(tmp_path / "chat-template.jinja") == ns.chat_template.value
+    assert ns.chat_template.text == text and os.stat(path).st_mode & 0o777 == 0o600
+    assert seen[-1] == (text, "string") and options.chat(ns) == options.Chat(text, kwargs, "openai")
     cmd = process.trainer_command("m.json", "model", "t.sock", ns)
     assert cmd[cmd.index("--chat-template") + 1] == path
+    assert json.loads(cmd[cmd.index("--default-chat-template-kwargs") + 1]) == kwargs
+    endpoint.pass_chat(vllm_args(chat_template_content_format="string"), ns, str(tmp_path), str(model))
+    assert len(seen) == 2 and options.chat(ns) == options.Chat(content_format="string")  # given: not detected
 
 
-def test_a_trainer_chat_template_of_its_own_is_refused(tmp_path, monkeypatch):
-    """One template for serving and training: --chat-template in $LIVETRAIN_TRAINER_ARGS (which vLLM would not
-    render with) is refused at start, before exporting, saying to give it to vLLM."""
-    monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", "--chat-template '{{ messages }}'")
+@pytest.mark.parametrize(
+    "words, args, message",
+    [
+        ("--chat-template '{{ messages }}'", {}, "LIVETRAIN_TRAINER_ARGS has --chat-template: give it to vLLM"),
+        ("--default-chat-template-kwargs '{}'", {}, None),
+        ("--chat-template-content-format openai", {}, "LIVETRAIN_TRAINER_ARGS has --chat-template-content-format"),
+        ("", {"default_chat_template_kwargs": {"tokenize": True}}, "--default-chat-template-kwargs: tokenize: not a"),
+    ],
+)
+def test_chat_options_of_the_trainers_own_or_unusable_are_refused(tmp_path, monkeypatch, words, args, message):
+    """One rendering for serving and training: chat-template options in $LIVETRAIN_TRAINER_ARGS (which vLLM
+    would not render with) are refused at start, before exporting, saying to give them to vLLM; so are vLLM
+    kwargs that name apply_chat_template's own parameters (the trainer cannot render with them)."""
+    monkeypatch.setenv("LIVETRAIN_TRAINER_ARGS", words)
     client = RecordingEngineClient(plain_worker(tmp_path, None).vllm_config)
-    with pytest.raises(worker.Refused, match="LIVETRAIN_TRAINER_ARGS has --chat-template: give it to vLLM"):
-        asyncio.run(endpoint.EndpointPlugin().init_state(client, SimpleNamespace(), argparse.Namespace(api_key=None)))
+    if message is None:  # {} is the default: nothing of the trainer's own
+        assert endpoint.trainer_chat_problem(endpoint.trainer_options(), vllm_args()) is None
+        return
+    with pytest.raises(worker.Refused, match=_re(message)):
+        plugin = endpoint.EndpointPlugin()
+        asyncio.run(plugin.init_state(client, SimpleNamespace(), argparse.Namespace(api_key=None, **args)))
     assert client.calls == []
 
 
@@ -541,7 +583,9 @@ def test_plugin_starts_the_trainer_and_trains_the_served_weights(tmp_path, monke
     auth = {"Authorization": "Bearer sk"}
     try:
         with TestClient(app) as c:
-            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            c.portal.call(
+                plugin.init_state, client, app.state, vllm_args(api_key=["sk"], chat_template_content_format="string")
+            )
             assert client.calls == [("collective_rpc", worker.EXPORT_METHOD, (str(run_dir),))]
             assert plugin.trainer is not None and plugin.socket == str(run_dir / "trainer.sock")
             deadline = time.monotonic() + 180
@@ -639,7 +683,9 @@ def test_plugin_at_tp2_starts_one_trainer_rank_per_worker(tmp_path, monkeypatch)
     auth = {"Authorization": "Bearer sk"}
     try:
         with TestClient(app) as c:
-            c.portal.call(plugin.init_state, client, app.state, argparse.Namespace(api_key=["sk"]))
+            c.portal.call(
+                plugin.init_state, client, app.state, vllm_args(api_key=["sk"], chat_template_content_format="string")
+            )
             assert checkpoint.store_exists(model_dir)  # made before the workers' export (endpoint.ensure_store)
             assert len(plugin.trainer.pids) == 2
             deadline = time.monotonic() + 240

@@ -32,7 +32,7 @@ from livetrain.engines import batching
 from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
 from livetrain.trainer import options, protocol, routes, security
-from livetrain.trainer.examples import chat_text, check_messages, load_chat_template, use_chat_template
+from livetrain.trainer.examples import chat_text, check_messages, use_chat
 from livetrain.trainer.protocol import Invalid
 
 
@@ -54,7 +54,7 @@ class Engine:
         batch_attention: str = engine_options.DEFAULT_BATCH_ATTENTION,
         static_cache_len: int = engine_options.DEFAULT_STATIC_CACHE_LEN,
         ranks=None,
-        chat_template: str | None = None,
+        chat: options.Chat | None = None,
     ):
         import transformers
 
@@ -66,7 +66,7 @@ class Engine:
         self.model_dir, self.device = model_dir, torch.device(device)
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        use_chat_template(self.tokenizer, chat_template)  # --chat-template's text: the trainer renders with it too
+        use_chat(self.tokenizer, chat or options.Chat())  # the chat-template options: the trainer renders with them too
         self.ranks = ranks  # livetrain.trainer.ranks.Ranks of a tensor-parallel engine's rank 0, else None
         if ranks is not None:
             self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention)
@@ -181,9 +181,12 @@ class Engine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self._encode(prompt, "prompt")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """``messages`` as the chat template renders them; ``Invalid`` naming ``messages`` without one."""
-        text = chat_text(self.tokenizer, messages, "messages", instead="send a prompt to /v1/completions")
+    def encode_chat(self, messages: list[dict], kwargs: dict | None = None) -> list[int]:
+        """``messages`` as the chat template renders them (``kwargs``: the request's own template variables,
+        over the defaults); ``Invalid`` naming ``messages`` without one."""
+        text = chat_text(
+            self.tokenizer, messages, "messages", instead="send a prompt to /v1/completions", kwargs=kwargs
+        )
         return self._encode(text, "messages", add_special_tokens=False)
 
     def sequence(self, ids: list[int], params: dict, sink: batching.Sink) -> batching.Sequence:
@@ -270,6 +273,68 @@ def sampling_params(body: dict, default_max: int) -> dict:
     )
 
 
+# OpenAI request fields (and vLLM's common sampling extras) this engine does not implement, with the values
+# that ask for nothing: a request setting one otherwise is refused, naming it, rather than answered as if it
+# were not there (vLLM implements them; a client relying on one must not get a silently different answer).
+# Fields neither API has are ignored, as vLLM ignores them.
+NOT_IMPLEMENTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class UnknownModel(Invalid):
+    """A request names a model this engine does not serve: 404, as vLLM answers it."""
+
+    def reply(self) -> protocol.Reply:
+        return protocol.error(404, str(self), self.param)
+
+
+def check_request(body: dict, served: str) -> None:
+    """Refuses a request for another model than ``served`` (404) or one setting a field of
+    ``NOT_IMPLEMENTED`` to anything but its off values (400 naming it)."""
+    model = body.get("model")
+    if model is not None and model != served:
+        raise UnknownModel(
+            "model", f"the model {json.dumps(model)[:80]} does not exist (this server serves {served!r})"
+        )
+    for name, off in NOT_IMPLEMENTED.items():
+        v = body.get(name)
+        # true/false only match true/false (logprobs 0 asks for the chosen token's), numbers match as numbers
+        if not any(v is o if isinstance(v, bool) or isinstance(o, bool) or o is None else v == o for o in off):
+            raise Invalid(name, f"{name} is not implemented by livetrain's reference engine (vLLM's serving has it)")
+
+
+def parse_chat_template_kwargs(body: dict) -> dict:
+    """A chat request's own ``chat_template_kwargs`` (an object of template variables, over
+    ``--default-chat-template-kwargs``: vLLM merges them so). A request's own ``chat_template`` is refused: the
+    engine renders with the template it was started with, the one the trainer trains with (vLLM refuses it
+    too unless started with ``--trust-request-chat-template``)."""
+    if body.get("chat_template") is not None:
+        raise Invalid(
+            "chat_template", "chat_template: a request cannot bring its own; the engine renders with --chat-template's"
+        )
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    try:
+        return options.chat_template_kwargs(value)
+    except argparse.ArgumentTypeError as e:
+        raise Invalid("chat_template_kwargs", f"chat_template_kwargs: {e}") from None
+
+
 def parse_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -317,6 +382,8 @@ def build_app(
         return routes.json_response(e.reply())
 
     async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
+        if not ids:  # an empty prompt (a tokenizer that adds no BOS): nothing to continue from
+            raise Invalid("prompt", "prompt is empty: it has no token to continue from")
         if len(ids) + params["max_tokens"] > engine.max_len:
             raise Invalid(
                 "max_tokens",
@@ -399,6 +466,7 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await json_body(request)
+        check_request(body, engine.name)
         prompt = parse_prompt(body)
         params = sampling_params(body, 16)
         stream = stream_mode(body)
@@ -408,9 +476,11 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
+        check_request(body, engine.name)
         messages = check_messages(body.get("messages"))
+        kwargs = parse_chat_template_kwargs(body)
         stream = stream_mode(body)
-        ids = await run_in_threadpool(engine.encode_chat, messages)
+        ids = await run_in_threadpool(engine.encode_chat, messages, kwargs)
         params = sampling_params(body, max(1, engine.max_len - len(ids)))
         return await completion("chat", ids, params, stream)
 
@@ -449,16 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     security.add_api_key_options(p)
     options.add_store_options(p)
-    options.add_chat_template_option(p)
+    options.add_chat_options(p)
     engine_options.add_options(p)
     a = p.parse_args(argv)
     problem = engine_options.check(a)
     if problem:
         p.error(problem)
-    try:
-        chat_template = load_chat_template(a.chat_template) if a.chat_template is not None else None
-    except ValueError as e:
-        p.error(f"--chat-template: {e}")
     try:
         api_key = security.api_key(a)
     except (OSError, ValueError) as e:
@@ -500,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_attention=a.batch_attention,
             static_cache_len=a.static_cache_len,
             ranks=ranks,
-            chat_template=chat_template,
+            chat=options.chat(a),
         )
     except (Error, batching.static.CacheTooLarge) as e:  # a bad model directory or store, a cache too large
         sys.exit(f"livetrain engine: {e}")

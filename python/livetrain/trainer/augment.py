@@ -72,15 +72,22 @@ def rewordable(raw: list) -> list:
 
 
 def reworded(
-    model, tokenizer, raw: list, pad: int, max_len: int, batch: int = 16, memory: float | None = None
+    model,
+    tokenizer,
+    raw: list,
+    pad: int,
+    max_len: int,
+    batch: int = 16,
+    memory: float | None = None,
+    interrupt=None,
 ) -> tuple[list, list[str]]:
     """For each ``rewordable`` example of ``raw``: the example with that question reworded by ``model``, encoded as the job's
-    examples are; replies that ``question`` finds no rewording in are left out (``batch``,
-    ``memory``: guard.greedy's). Returns the encoded examples and the reworded questions."""
+    examples are; replies that ``question`` finds no rewording in are left out (``batch``, ``memory``,
+    ``interrupt``: guard.greedy's). Returns the encoded examples and the reworded questions."""
     chats = rewordable(raw)
     prompts = [prompt_ids(tokenizer, messages(ex["messages"][-2]["content"])) for ex in chats]
     replies = (
-        guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad, batch, memory=memory)
+        guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad, batch, interrupt, memory)
         if prompts
         else []
     )

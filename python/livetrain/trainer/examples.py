@@ -3,7 +3,8 @@ become token ids with the mask of the tokens that carry loss, tokenized exactly 
 request. The chat messages check and a chat prompt's token ids (``prompt_ids``: the chat template's, or a
 plain-text rendering for a tokenizer without one, a base model's) live here once; the reference engine uses
 them for its chat route too, the forgetting guard and rewording for their prompts. The template is the
-tokenizer's, or the one given with ``--chat-template`` (``use_chat_template``).
+tokenizer's, or the one given with ``--chat-template``, rendered with ``--default-chat-template-kwargs`` and
+``--chat-template-content-format`` (``use_chat``), as vLLM renders a chat request with the same options.
 Every error is a ``protocol.Invalid`` naming the field (``examples[3].messages[1].role``).
 """
 
@@ -13,10 +14,14 @@ import json
 import math
 import re
 
-from livetrain.trainer.options import REPLAY_SELECT, TRAIN
+import jinja2
+
+from livetrain.trainer.options import REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
+# The fields of one example: chat ``messages``, or ``prompt`` and ``completion``; ``weight`` with either.
+EXAMPLE_FIELDS = ("messages", "prompt", "completion", "weight")
 # What to send instead of chat examples to a model whose tokenizer has no chat template.
 PLAIN_EXAMPLES = 'send prompt/completion examples (an empty "prompt" trains plain text)'
 # A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
@@ -50,39 +55,47 @@ def job_id(job: dict) -> str | None:
     return v
 
 
+def _content(content, field: str) -> str:
+    """A message's content as one string: a string, or OpenAI's list of text parts (``{"type": "text", "text":
+    ...}``) joined with newlines, as vLLM joins them for a template of the "string" content format."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise Invalid(field, f"{field} must be a string or a non-empty list of text parts")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise Invalid(
+                f"{field}[{k}]",
+                f'{field}[{k}] must be a text part {{"type": "text", "text": "..."}} (the model is served text-only)',
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def check_messages(messages, where: str = "") -> list[dict]:
-    """``messages`` as ``[{"role", "content"}]`` (other keys dropped); ``where`` prefixes the field names."""
+    """``messages`` as ``[{"role", "content"}]`` with string contents (other keys dropped; a list of text parts
+    joined); ``where`` prefixes the field names."""
     field = f"{where}.messages" if where else "messages"
     if not isinstance(messages, list) or not messages:
         raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
+    out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise Invalid(f"{field}[{j}].content", f"{field}[{j}].content must be a string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out.append({"role": m["role"], "content": _content(m.get("content"), f"{field}[{j}].content")})
+    return out
 
 
-def load_chat_template(value: str) -> str:
-    """A ``--chat-template`` value (as vLLM's ``--chat-template`` takes it): the path of a file holding the
-    template, or the template itself, told apart as vLLM does: a value that is no file and has none of
-    ``{``, ``}`` or a newline is a path that is missing (ValueError naming it)."""
-    try:
-        with open(value, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        if not any(c in value for c in "{}\n"):
-            raise ValueError(f"{value!r} looks like a file's path, but it cannot be read ({e.strerror})") from None
-    return value
-
-
-def use_chat_template(tokenizer, template: str | None) -> None:
-    """Makes ``template`` (``load_chat_template``'s text) the chat template every rendering here uses (chat
-    examples, the guard's and rewording's prompts, the reference engine's chat route) in place of the one in
-    the model's tokenizer files, if any: a base model served with a template, or a template other than the
-    files' (vLLM's ``--chat-template``; the plugin passes it on). None: the tokenizer's own."""
-    if template is not None:
-        tokenizer.chat_template = template
+def use_chat(tokenizer, chat: Chat) -> None:
+    """Makes ``chat`` (the chat-template options, ``options.chat``) how every rendering here renders with
+    ``tokenizer`` (chat examples, the guard's and rewording's prompts, the reference engine's chat route): its
+    template in place of the one in the model's tokenizer files, if any (a base model served with a template,
+    or a template other than the files'), its variables and its content format, as vLLM renders a chat request
+    with the same options (the plugin passes vLLM's on)."""
+    if chat.template is not None:
+        tokenizer.chat_template = chat.template
+    tokenizer.livetrain_chat = chat
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -91,14 +104,29 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def chat_text(
-    tokenizer, messages: list[dict], field: str, generation_prompt: bool = True, instead: str = PLAIN_EXAMPLES
+    tokenizer,
+    messages: list[dict],
+    field: str,
+    generation_prompt: bool = True,
+    instead: str = PLAIN_EXAMPLES,
+    kwargs: dict | None = None,
 ) -> str:
-    """``messages`` rendered by the tokenizer's chat template (with the generation prompt when asked);
+    """``messages`` rendered by the tokenizer's chat template (with the generation prompt when asked) as
+    ``use_chat`` set it up, ``kwargs`` (a chat request's own ``chat_template_kwargs``) over its variables;
     ``Invalid`` naming ``field`` when the tokenizer has none (chat examples and chat requests need it),
     saying what to send ``instead``."""
     if not has_chat_template(tokenizer):
         raise Invalid(field, f"{field}: the served model's tokenizer has no chat template: {instead}")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    chat = getattr(tokenizer, "livetrain_chat", None) or Chat()
+    if chat.content_format == "openai":  # each string content as vLLM passes it: a list of one text part
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    variables = {**chat.kwargs, **(kwargs or {})}
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **variables
+        )
+    except jinja2.TemplateError as e:  # the template's raise_exception (roles out of order, ...) or its mistake
+        raise Invalid(field, f"{field}: the chat template cannot render them ({e})") from None
 
 
 def plain_text(messages: list[dict]) -> str:
@@ -151,6 +179,11 @@ def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], fl
     tokenizes a request (chat: template text without added specials; prompt: with them)."""
     if not isinstance(ex, dict):
         raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
+    for k in ex:
+        if k not in EXAMPLE_FIELDS:  # a misspelt "weight" or "completion" is not silently dropped
+            raise Invalid(f"{where}.{k}", f"unknown field '{where}.{k}' (allowed: {', '.join(EXAMPLE_FIELDS)})")
+    if "messages" in ex and ("prompt" in ex or "completion" in ex):
+        raise Invalid(where, f"{where} has both messages and prompt/completion: send one of the two forms")
     weight = ex.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
         raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
@@ -184,6 +217,13 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
     if not isinstance(job, dict):
         raise Invalid("body", "request body must be a JSON object")
     unknown = set(job) - set(JOB_OPTIONS) - {"examples", "id"}
+    for k in ("chat_template", "chat_template_kwargs"):  # a chat request may bring them; a job may not
+        if k in unknown:
+            raise Invalid(
+                k,
+                f"{k}: a job cannot bring its own; its chat examples render as a chat request without one does "
+                "(the server's --chat-template and --default-chat-template-kwargs): the weights serve every request",
+            )
     if unknown:
         raise Invalid(
             sorted(unknown)[0],

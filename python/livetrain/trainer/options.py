@@ -7,6 +7,8 @@ the parsed values back into the words that start a trainer with them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 
 DEFAULT_STATE_DIR = "livetrain-state"
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
@@ -86,24 +88,135 @@ def add_store_options(parser) -> None:
     )
 
 
-def add_chat_template_option(parser) -> None:
-    """``--chat-template``: the template the trainer and the reference engine render chat messages with
-    (trainer.examples.use_chat_template), ``livetrain serve`` passing it to both."""
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A ``--chat-template`` value as given (``value``: what ``chat_argv`` passes on) and the template it holds."""
+
+    value: str
+    text: str
+
+
+def chat_template(value: str) -> ChatTemplate:
+    """``--chat-template`` (an argparse type, the one reader of the option: the trainer, ``livetrain serve``, the
+    reference engine and the vLLM plugin's trainer all read it here): the path of a file holding the template,
+    or the template itself, told apart as vLLM does: a value that is no file and has none of ``{``, ``}`` or a
+    newline is a path that is missing. The template must compile as transformers compiles a chat template:
+    a mistake is refused at start, naming the option, rather than at the first chat request or example."""
+    try:
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        if not any(c in value for c in "{}\n"):
+            raise argparse.ArgumentTypeError(
+                f"{value!r} looks like a file's path, but it cannot be read ({e.strerror})"
+            )
+        text = value
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    import jinja2
+    from transformers.utils import chat_template_utils
+
+    try:
+        chat_template_utils._compile_jinja_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        where = "the template" if text is value else repr(value)
+        raise argparse.ArgumentTypeError(f"{where} is not a valid Jinja template (line {e.lineno}: {e.message})")
+    return ChatTemplate(value, text)
+
+
+# vLLM's --chat-template-content-format: how a message's string content reaches the template (string: as is;
+# openai: a list of one {"type": "text", "text": ...} part). auto: vLLM detects it from the template; livetrain
+# renders string (the vLLM plugin passes the format vLLM detected).
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def chat_template_kwargs(value: str | dict) -> dict:
+    """``--default-chat-template-kwargs`` (an argparse type; also the check of vLLM's, a dict): a JSON object of
+    variables for the chat template (Qwen3's ``{"enable_thinking": false}``), passed to every rendering as
+    vLLM passes its defaults. Refused: anything but an object, and the names of ``apply_chat_template``'s
+    own parameters (``tokenize``, ``add_generation_prompt``, ...), which livetrain sets itself."""
+    kwargs = value
+    if isinstance(value, str):
+        try:
+            kwargs = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(kwargs, dict):
+        raise argparse.ArgumentTypeError(f"{json.dumps(kwargs)[:80]} is not a JSON object of template variables")
+    if kwargs:
+        import inspect
+
+        from transformers import PreTrainedTokenizerBase
+
+        own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {"messages"}
+        taken = sorted(own & set(kwargs))
+        if taken:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(taken)}: not a template variable (apply_chat_template's own; livetrain sets it)"
+            )
+    return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """How chat messages are rendered (trainer.examples.use_chat): the chat-template options' values."""
+
+    template: str | None = None  # None: the tokenizer's own
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    content_format: str = "auto"
+
+
+def chat(ns: argparse.Namespace) -> Chat:
+    """The chat-template options of ``ns`` as one value."""
+    return Chat(
+        ns.chat_template.text if ns.chat_template is not None else None,
+        dict(ns.default_chat_template_kwargs or {}),
+        ns.chat_template_content_format,
+    )
+
+
+def add_chat_options(parser) -> None:
+    """``--chat-template``, ``--default-chat-template-kwargs``, ``--chat-template-content-format`` (vLLM's
+    names and meanings): how the trainer and the reference engine render chat messages
+    (trainer.examples.use_chat), ``livetrain serve`` passing them to both."""
     parser.add_argument(
         "--chat-template",
+        type=chat_template,
         default=None,
         metavar="FILE|TEMPLATE",
         help="the chat template (a file, or the Jinja template itself, as vLLM's --chat-template) that chat "
         "requests, chat examples and the guard's retention prompts are rendered with, in place of the one in "
         "the model's tokenizer files: a base model's chat, or another template than the files'. Default: the "
-        "files' (none: chat examples and chat requests are refused). The vLLM plugin passes vLLM's own "
-        "--chat-template to its trainer",
+        "files' (none: chat examples and chat requests are refused). Read at start: a missing file or a template "
+        "that does not compile stops the start. The vLLM plugin passes vLLM's own --chat-template to its trainer",
+    )
+    parser.add_argument(
+        "--default-chat-template-kwargs",
+        type=chat_template_kwargs,
+        default=None,
+        metavar="JSON",
+        help="a JSON object of variables for the chat template, given to every rendering (as vLLM's option; "
+        "a chat request's own chat_template_kwargs override them on the engine, a /train job renders with "
+        "these), e.g. '{\"enable_thinking\": false}' for Qwen3. The vLLM plugin passes vLLM's own",
+    )
+    parser.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=CONTENT_FORMATS,
+        help="how a message's content reaches the chat template (as vLLM's option): string, or openai (a list "
+        "of one text part, for templates that loop over a message's content parts). auto: string (vLLM "
+        "detects it from the template: the vLLM plugin passes the format vLLM uses) (default auto)",
     )
 
 
-def chat_template_argv(ns: argparse.Namespace) -> list[str]:
-    """``--chat-template`` as command-line words (none when not given)."""
-    return ["--chat-template", ns.chat_template] if ns.chat_template is not None else []
+def chat_argv(ns: argparse.Namespace) -> list[str]:
+    """The chat-template options as command-line words (none of those left at their defaults)."""
+    words = ["--chat-template", ns.chat_template.value] if ns.chat_template is not None else []
+    if ns.default_chat_template_kwargs:
+        words += ["--default-chat-template-kwargs", json.dumps(ns.default_chat_template_kwargs)]
+    if ns.chat_template_content_format != "auto":
+        words += ["--chat-template-content-format", ns.chat_template_content_format]
+    return words
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +230,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         f"(default ./{DEFAULT_STATE_DIR})",
     )
     add_store_options(parser)
-    add_chat_template_option(parser)
+    add_chat_options(parser)
     parser.add_argument(
         "--checkpoint-every",
         type=float,
@@ -296,13 +409,6 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
         return "--tp-timeout must be > 0"
-    if ns.chat_template is not None:
-        from livetrain.trainer.examples import load_chat_template  # examples imports this module
-
-        try:
-            load_chat_template(ns.chat_template)
-        except ValueError as e:
-            return f"--chat-template: {e}"
     return None
 
 
@@ -317,7 +423,7 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--state-dir",
         ns.state_dir,
         *store_argv(ns),
-        *chat_template_argv(ns),
+        *chat_argv(ns),
         "--checkpoint-every",
         str(ns.checkpoint_every),
         "--lr",

@@ -25,7 +25,7 @@ import torch
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
-from livetrain.trainer.examples import job_id, load_chat_template, parse_job, prompt_ids, use_chat_template
+from livetrain.trainer.examples import job_id, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -181,10 +181,7 @@ class Trainer:
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
         self.kernels = kernels.report(self.model)
         s = settings or options.parse([])
-        try:
-            use_chat_template(self.tokenizer, load_chat_template(s.chat_template) if s.chat_template else None)
-        except ValueError as e:
-            raise _core.InvalidArgumentError(f"--chat-template: {e}") from None
+        use_chat(self.tokenizer, options.chat(s))  # read and checked when the options were parsed
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
         )
@@ -956,6 +953,12 @@ class Trainer:
         t_job = time.perf_counter()
         reason, state, undo, restored = None, "done", None, False
         frozen: list = []
+
+        def given_up() -> bool:
+            """A cancel or a shutdown: what ends the guard's measures and the rewording before the first step
+            (each waits for one forward or one new token at most, as between jobs)."""
+            return self.stopping.is_set() or bool(info.get("cancel"))
+
         try:
             undo = self._undo_point() if plan.guard else None
             # What the job trains (plan.train): the rest is frozen for the job's steps alone (no gradient, no
@@ -975,13 +978,13 @@ class Trainer:
             # the step budget with every row known (trainer.admission), before the anchor's reference
             # distributions are taken on them.
             if plan.reword:
-                examples = examples + self._reword(info, job["raw"], examples)
+                examples = examples + self._reword(info, job["raw"], examples, given_up)
             width = (
                 admission.replay_width(self.max_batch_tokens, min(plan.batch_size, len(examples)), plan.replay)
                 if plan.replay
                 else None
             )
-            watch = self._guard_start(plan, width) if plan.guard or plan.replay else None
+            watch = self._guard_start(plan, width, given_up) if plan.guard or plan.replay else None
             if watch is not None:
                 with self.lock:
                     info["guard"] = watch["report"]
@@ -1059,6 +1062,9 @@ class Trainer:
             # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
             if watch is not None and plan.guard and info["step"] > 0 and reason != "shutdown" and not restored:
                 state = self._guard_end(jid, info, watch, undo, state)
+        except guard.Interrupted:  # before the first step: nothing trained
+            reason = "shutdown" if self.stopping.is_set() else "cancelled"
+            state = "cancelled" if reason == "cancelled" else state
         except Exception as e:
             reason, state = "error", "failed"
             message = f"{type(e).__name__}: {e}"
@@ -1102,13 +1108,13 @@ class Trainer:
             return [p for p in live if id(p) not in tables]
         return [p for p in live if id(p) not in tables and ".mlp." in f".{self.names[p]}"]
 
-    def _reword(self, info: dict, raw: list, examples: list) -> list:
+    def _reword(self, info: dict, raw: list, examples: list, interrupt=None) -> list:
         """The job's examples with their questions reworded by the model (trainer.augment), at most as long
         as its longest example (its batches were fitted to the token budget at submit)."""
         t0 = time.perf_counter()
         longest = max(len(ids) for ids, _, _ in examples)
         extra, texts = augment.reworded(
-            self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest), **self.greedy
+            self.model, self.tokenizer, raw, self.pad, min(self.max_len, longest), interrupt=interrupt, **self.greedy
         )
         with self.lock:
             info["examples"] = len(examples) + len(extra)
@@ -1129,15 +1135,19 @@ class Trainer:
             self._commit()
         return self.generations[-1]
 
-    def _guard_start(self, plan: schedule.Plan, replay_width: int | None = None) -> dict:
+    def _guard_start(self, plan: schedule.Plan, replay_width: int | None = None, interrupt=None) -> dict:
         """Before a guarded job (or one that replays): the retention answers on the live weights, the replay
         and held-out examples, the starting model's next-token distributions on the held-out answers (the
         guard's KL) and, with an anchor, on the replayed ones (guard.Reference), and the held-out answers'
-        first tokens (``_prepare``: made once per weight version, most often between jobs already)."""
+        first tokens (``_prepare``: made once per weight version, most often between jobs already).
+        ``interrupt``: asked as ``_prepare`` asks it at a job's start."""
         t0 = time.perf_counter()
         anchored = plan.anchor > 0 and plan.replay
         p, made = self._prepare(
-            idle=False, guarded=plan.guard, anchor=(replay_width, plan.replay) if anchored else None
+            idle=False,
+            guarded=plan.guard,
+            anchor=(replay_width, plan.replay) if anchored else None,
+            interrupt=interrupt,
         )
         key = self._anchor_key(replay_width, plan.replay) if anchored else None  # the retention answers are fresh now
         replay = p["anchors"][key][0] if key is not None else self._fit(self.retention.replay(), replay_width)
@@ -1182,7 +1192,9 @@ class Trainer:
             "report": report,
         }
 
-    def _prepare(self, idle: bool, guarded: bool = True, anchor: tuple | None = None) -> tuple[dict, list[str]]:
+    def _prepare(
+        self, idle: bool, guarded: bool = True, anchor: tuple | None = None, interrupt=None
+    ) -> tuple[dict, list[str]]:
         """The guard's measures of the live weights, each made once per weight version and kept until the
         weights (or the retention prompts) change: the held-out answers' first guard.KEPT_TOKENS tokens
         (``kept``), the retention answers (``Retention.refresh``), the held-out examples' reference
@@ -1203,7 +1215,8 @@ class Trainer:
         made = []
         # Between jobs, each measure is given up (guard.Interrupted) as soon as a job or a request arrives:
         # they wait for one new token or one forward at most, not for a whole measure.
-        interrupt = self._arrived if idle else None
+        # At a job's start, ``interrupt`` (the job's cancel or a shutdown) gives them up the same way.
+        interrupt = self._arrived if idle else interrupt
         for what in todo[:1] if idle else todo:
             t0 = time.perf_counter()
             where = "between jobs" if idle else "at the job's start"

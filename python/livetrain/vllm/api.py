@@ -400,6 +400,67 @@ _uses(
 )
 
 
+def default_chat_template_kwargs(args) -> dict:
+    """vLLM's ``--default-chat-template-kwargs`` (a dict, vLLM parsed the JSON): the variables every chat
+    request's rendering gets unless the request sets its own."""
+    return dict(getattr(args, "default_chat_template_kwargs", None) or {})
+
+
+_CONTENT_FORMAT_MODULE = "vllm.renderers.hf"
+
+
+def content_format(args, template: str | None) -> str:
+    """How vLLM passes a message's string content to ``template`` (the one its chat route renders with):
+    ``--chat-template-content-format`` when it is ``string`` or ``openai``; for ``auto`` (the default) what
+    vLLM's own detection finds in the template (``openai`` when it loops over a message's content parts)."""
+    given = getattr(args, "chat_template_content_format", None) or "auto"
+    if given != "auto" or template is None:
+        return "string" if given == "auto" else given
+    import importlib
+
+    return importlib.import_module(_CONTENT_FORMAT_MODULE)._detect_content_format(template, default="string")
+
+
+_uses(
+    *(
+        Api(
+            "attr",
+            (
+                "vllm.entrypoints.common.cli_args",
+                "vllm.entrypoints.launchers.cli_args",
+                "vllm.entrypoints.openai.cli_args",
+            ),
+            f"BaseFrontendArgs.{name}",
+            f"--{name.replace('_', '-')}, passed on to the trainer (moved in 0.29 and 0.32)",
+        )
+        for name in ("default_chat_template_kwargs", "chat_template_content_format")
+    ),
+    Api(
+        "mentions",
+        ("vllm.entrypoints.generate.api_router",),
+        "init_generate_state",
+        "vLLM's chat serving renders with both options",
+        words=("default_chat_template_kwargs", "chat_template_content_format"),
+    ),
+    Api(
+        "method",
+        _CONTENT_FORMAT_MODULE,
+        "_detect_content_format",
+        "the content format vLLM renders with under auto, detected from the template",
+        params=("chat_template",),
+        keywords=("default",),
+        is_async=False,
+    ),
+    Api(
+        "mentions",
+        _CONTENT_FORMAT_MODULE,
+        "_resolve_chat_template_content_format",
+        "auto is resolved by _detect_content_format on the template",
+        words=("_detect_content_format",),
+    ),
+)
+
+
 # ---- the API key ----
 def api_keys(args) -> list[str]:
     """The keys vLLM's own middleware accepts: ``--api-key`` (a list) or else ``$VLLM_API_KEY``. vLLM guards

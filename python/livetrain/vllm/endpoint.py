@@ -45,19 +45,54 @@ def trainer_options(env=os.environ) -> argparse.Namespace:
         raise ValueError(f"LIVETRAIN_TRAINER_ARGS: {e}") from None
 
 
-def pass_chat_template(args, ns: argparse.Namespace, run_dir: str) -> str | None:
-    """Gives the trainer (options ``ns``) the chat template vLLM's chat route renders with when vLLM was started
-    with ``--chat-template`` (api.chat_template): written to ``run_dir/chat-template.jinja``, the trainer's
-    ``--chat-template``, so that chat examples are rendered as vLLM renders chat requests (a base model's
-    chat examples are trainable then). The file's path, or None (the tokenizer's template, on both sides)."""
-    template = api.chat_template(args)
-    if template is None:
-        return None
-    path = os.path.join(run_dir, "chat-template.jinja")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(template)
-    ns.chat_template = path
+# The chat-template options are vLLM's: the trainer gets vLLM's values, never its own (trainer_chat_problem).
+CHAT_OPTIONS = ("--chat-template", "--default-chat-template-kwargs", "--chat-template-content-format")
+
+
+def trainer_chat_problem(ns: argparse.Namespace, args) -> str | None:
+    """Why the chat options cannot be passed on (None: they can): one set in ``$LIVETRAIN_TRAINER_ARGS`` (vLLM
+    would not render with it), or vLLM's ``--default-chat-template-kwargs`` naming one of
+    ``apply_chat_template``'s own parameters (options.chat_template_kwargs)."""
+    if options.chat_argv(ns):
+        return (
+            f"LIVETRAIN_TRAINER_ARGS has {options.chat_argv(ns)[0]}: give it to vLLM (vllm serve "
+            f"{' / '.join(CHAT_OPTIONS)}); the plugin passes vLLM's to the trainer"
+        )
+    try:
+        options.chat_template_kwargs(api.default_chat_template_kwargs(args))
+    except argparse.ArgumentTypeError as e:
+        return f"--default-chat-template-kwargs: {e}"
+    return None
+
+
+def tokenizer_template(model_dir: str) -> str | None:
+    """The chat template of the model directory's tokenizer (its default one when it has several), which
+    vLLM renders with when it has no --chat-template."""
+    import transformers
+
+    template = transformers.AutoTokenizer.from_pretrained(model_dir).chat_template
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def pass_chat(args, ns: argparse.Namespace, run_dir: str, model_dir: str) -> str | None:
+    """Gives the trainer (options ``ns``) how vLLM's chat route renders, so that chat examples, the guard's
+    prompts and rewording are rendered as vLLM renders a chat request without options of its own: vLLM's
+    ``--chat-template`` (api.chat_template; written to ``run_dir/chat-template.jinja``, the trainer's
+    ``--chat-template``: a base model's chat examples are trainable then), ``--default-chat-template-kwargs``,
+    and the content format vLLM uses (``--chat-template-content-format``, or under ``auto`` what vLLM detects
+    in the template it renders with). The template file's path, or None (the tokenizer's, on both sides)."""
+    template, path = api.chat_template(args), None
+    ns.chat_template = None
+    if template is not None:
+        path = os.path.join(run_dir, "chat-template.jinja")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(template)
+        ns.chat_template = options.chat_template(path)
+    ns.default_chat_template_kwargs = api.default_chat_template_kwargs(args)
+    if getattr(args, "chat_template_content_format", None) in (None, "auto") and template is None:
+        template = tokenizer_template(model_dir)
+    ns.chat_template_content_format = api.content_format(args, template)
     return path
 
 
@@ -201,11 +236,9 @@ class EndpointPlugin:
             problems.append(f"LIVETRAIN_TRAINER is {mode!r}; it must be one of {', '.join(TRAINER_MODES)}")
         try:
             trainer_ns = trainer_options(env)
-            if trainer_ns.chat_template is not None:  # one template for serving and training: vLLM's
-                problems.append(
-                    "LIVETRAIN_TRAINER_ARGS has --chat-template: give it to vLLM (vllm serve --chat-template); "
-                    "the plugin passes vLLM's to the trainer"
-                )
+            chat_problem = trainer_chat_problem(trainer_ns, args)  # one rendering for serving and training: vLLM's
+            if chat_problem:
+                problems.append(chat_problem)
         except ValueError as e:
             problems.append(str(e))
         if problems:
@@ -232,9 +265,12 @@ class EndpointPlugin:
         if own_dir:
             atexit.register(shutil.rmtree, self.run_dir, True)  # registered first: runs after the trainer stops
 
-        if pass_chat_template(args, trainer_ns, self.run_dir):
-            logger.info("livetrain: the trainer renders chat examples with vLLM's --chat-template")
         first = self.exports[0]
+        pass_chat(args, trainer_ns, self.run_dir, first["model_dir"])
+        logger.info(
+            "livetrain: the trainer renders chat examples as vLLM does: %s",
+            shlex.join(options.chat_argv(trainer_ns)) or "the tokenizer's template",
+        )
         restore = first["restore"]
         if restore["restored"]:
             logger.info("livetrain: serving checkpoint generation %d from %s", restore["generation"], restore["store"])
