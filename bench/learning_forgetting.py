@@ -189,6 +189,11 @@ def main(argv=None) -> int:
         info = ip.job(body)
         job_s = time.perf_counter() - t0
         after, ok = ask()
+        # The facts: each trained phrasing and the reworded question.
+        fq = [(q, f) for f in facts for q, _ in f["train"]] + [(f["reworded"], f) for f in facts]
+        fa = ip.ask([q for q, _ in fq], a.max_tokens)
+        fok = [lq.fact_ok(x, f) for x, (_, f) in zip(fa, fq)]
+        n_tr = 2 * len(facts)
         trained = {n: w.detach().clone() for n, w in t.weights.items()}
         norms = {}
         for k, names in grp.items():
@@ -221,6 +226,10 @@ def main(argv=None) -> int:
             "stop_reason": info["stop_reason"],
             "kl": g.get("kl"),
             "job_s": round(job_s, 1),
+            "trains": info.get("trains"),
+            "facts_trained": sum(fok[:n_tr]),
+            "facts_reworded": sum(fok[n_tr:]),
+            "fact_answers": fa,
             "after": after,
             "right": ok,
             "margins_after": after_m,
@@ -230,7 +239,9 @@ def main(argv=None) -> int:
         lost = [i for i in held if not ok[i]]
         flipped = [i for i in held if after_m[i] <= 0]
         print(
-            f"# {name}: {info['step']} steps ({info['stop_reason']}), {job_s:.0f} s, KL {g.get('kl')}; "
+            f"# {name}: {info['step']} steps ({info['stop_reason']}), {job_s:.0f} s, KL {g.get('kl')}; trained "
+            f"{sum(fok[:n_tr])}/{n_tr}, reworded {sum(fok[n_tr:])}/{len(facts)}; examples' loss "
+            f"{info['loss_before']} -> {info['loss_after']}; "
             f"kept {len(held) - len(lost)}/{len(held)}; lost {lost}; starting answer no longer greedy up to its "
             f"keyword: {len(flipped)} {flipped}",
             flush=True,
