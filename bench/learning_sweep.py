@@ -170,6 +170,7 @@ ROW = {
     "until": 0.1,
     "max_steps": 300,
     "train": "all",
+    "batch": None,  # the job's batch_size (None: the trainer's --batch-size, 8)
 }
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
@@ -257,17 +258,19 @@ GRIDS = {
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "anchor4 r8 similar reword (examples)"},
     ],
-    # Which parameters a job trains (job option "train"): every general answer lost on the H200 and the CPU
-    # (bench/learning_forgetting.py, docs/learning.md "Which parameters a job trains") against the defaults
-    # (budget 400) in the same run: the layers' MLPs alone (knowledge-editing work finds facts in mid-layer MLPs;
-    # attention and the embeddings carry the "capital of X is ..." form every general question of that form
-    # shares), then the same at lr 1e-4 (fewer parameters move: the budget may run out first at 5e-5). Each
-    # row names the general answers it lost (the jsonl's general_lost). ~100 s a row; the call's timeout (300 s)
-    # may cut the third.
+    # Fewer, larger steps (issue #14, bench/learning_forgetting.py): APOLLO-Mini moves every tensor by about the
+    # same amount at each step, whatever the batch, so what a job costs the general answers grows with its
+    # steps: the defaults' job of 64 examples in batches of 8 took 367 steps (sweep6: each example trained
+    # ~46 times, most of them long after its loss was under until_loss), where the CPU's 8 examples in one
+    # batch took 29. Against the defaults in the same run: every example in every step (batch 64), the same
+    # with rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and with 32 anchor rows
+    # a step (fewer steps: as many anchored rows in all as the defaults' job). The larger rows take far fewer
+    # steps (~20-40 s each); the jsonl names each row's general answers lost.
     "sweep7": [
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
-        {**_REWORD, "name": "anchor4 r8 similar train mlp", "reword": False, "train": "mlp"},
-        {**_REWORD, "name": "anchor4 r8 similar train mlp lr1e-4", "reword": False, "train": "mlp", "lr": 1e-4},
+        {**_REWORD, "name": "batch 64", "reword": False, "batch": 64},
+        {**_REWORD, "name": "batch 64 reword", "batch": 64},
+        {**_REWORD, "name": "batch 64 r32", "reword": False, "batch": 64, "replay": 32},
     ],
 }
 
@@ -363,7 +366,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
+        "| row | lr | batch | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
         "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
@@ -388,6 +391,8 @@ def main(argv=None) -> int:
             "train": r["train"],
             "guard": True,
         }
+        if r.get("batch"):
+            job["batch_size"] = r["batch"]
         if "steps" in r:
             job["steps"] = r["steps"]
         else:
@@ -403,6 +408,7 @@ def main(argv=None) -> int:
         row = {
             **r,
             "reason": info["stop_reason"],
+            "batch_size": info.get("batch_size"),
             "steps": info["step"],
             "trained": sum(got["trained"]),
             "reworded": sum(got["reworded"]),
@@ -435,7 +441,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
             f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "

@@ -124,7 +124,7 @@ def test_sweep6_is_the_defaults_without_and_with_rewording():
     assert {k for k in shipped if reword[k] != shipped[k]} == {"reword"} and reword["reword"] is True, reword
 
 
-def test_sweep7_is_the_defaults_against_training_the_mlps_alone():
+def test_sweep7_is_the_defaults_against_fewer_larger_steps():
     sweep = load_sweep()
     from livetrain.trainer import options
 
@@ -135,5 +135,6 @@ def test_sweep7_is_the_defaults_against_training_the_mlps_alone():
     shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep7"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [set(), {"train"}, {"train", "lr"}], differ
-    assert [r["train"] for r in rows] == ["all", "mlp", "mlp"] and rows[2]["lr"] == 1e-4
+    assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "replay"}], differ
+    assert shipped["batch"] is None and [r["batch"] for r in rows[1:]] == [64, 64, 64]
+    assert sweep.ROW["batch"] is None  # the other grids' rows: the trainer's --batch-size
