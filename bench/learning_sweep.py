@@ -258,14 +258,14 @@ GRIDS = {
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "anchor4 r8 similar reword (examples)"},
     ],
-    # Fewer, larger steps (issue #14, bench/learning_forgetting.py): APOLLO-Mini moves every tensor by about the
-    # same amount at each step, whatever the batch, so what a job costs the general answers grows with its
-    # steps: the defaults' job of 64 examples in batches of 8 took 367 steps (sweep6: each example trained
-    # ~46 times, most of them long after its loss was under until_loss), where the CPU's 8 examples in one
-    # batch took 29. Against the defaults in the same run: every example in every step (batch 64), the same
-    # with rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and with 32 anchor rows
-    # a step (fewer steps: as many anchored rows in all as the defaults' job). The larger rows take far fewer
-    # steps (~20-40 s each); the jsonl names each row's general answers lost.
+    # Every example in every step (issue #14, bench/learning_forgetting.py, docs/learning.md "What a job loses"):
+    # on the CPU a job whose steps each held a quarter of its examples (batches of 2 of 8) lost 16 of 26 general
+    # answers where one batch of all 8 lost 8, for about the same update size (with 8 facts, halves against the
+    # whole batch: 6 against 8 lost, no gain); the defaults' job on the H200 gives each step an eighth of its 64
+    # examples and takes 367 steps (sweep6). Against the defaults in the same run: batches of 64, the same with
+    # rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and with 32 anchor rows a
+    # step. The larger rows should take far fewer steps (~20-60 s each); the jsonl names each row's general
+    # answers lost.
     "sweep7": [
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "batch 64", "reword": False, "batch": 64},
