@@ -15,7 +15,7 @@
 #                                                the built-in replay-only prompts, restate; sweep5:
 #                                                sweep4's rows that never ran, lr 1e-4; sweep6: the
 #                                                defaults without and with rewording; sweep7: the
-#                                                defaults against fewer, larger steps), <= 8 min
+#                                                defaults against every example in every step), <= 8 min
 #                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)

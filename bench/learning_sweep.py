@@ -263,14 +263,15 @@ GRIDS = {
     # answers where one batch of all 8 lost 8, for about the same update size (with 8 facts, halves against the
     # whole batch: 6 against 8 lost, no gain); the defaults' job on the H200 gives each step an eighth of its 64
     # examples and takes 367 steps (sweep6). Against the defaults in the same run: batches of 64, the same with
-    # rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and with 32 anchor rows a
-    # step. The larger rows should take far fewer steps (~20-60 s each); the jsonl names each row's general
-    # answers lost.
+    # rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and training the MLPs alone
+    # (the CPU's anchored default job: its attention put back brought 7 of its 10 flipped general answers back,
+    # its MLPs 4, the embeddings none; plain jobs of the MLPs alone kept no more). The larger rows should take
+    # far fewer steps (~20-60 s each); the jsonl names each row's general answers lost.
     "sweep7": [
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "batch 64", "reword": False, "batch": 64},
         {**_REWORD, "name": "batch 64 reword", "batch": 64},
-        {**_REWORD, "name": "batch 64 r32", "reword": False, "batch": 64, "replay": 32},
+        {**_REWORD, "name": "batch 64 train mlp", "reword": False, "batch": 64, "train": "mlp"},
     ],
 }
 

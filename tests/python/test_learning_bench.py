@@ -138,7 +138,7 @@ def test_sweep7_is_the_defaults_against_fewer_larger_steps():
     shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep7"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "replay"}], differ
+    assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "train"}], differ
     assert shipped["batch"] is None and [r["batch"] for r in rows[1:]] == [64, 64, 64]
     assert sweep.ROW["batch"] is None  # the other grids' rows: the trainer's --batch-size
 
@@ -151,6 +151,8 @@ def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monke
     monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
     assert sweep.main(["--grid", "sweep7", "--json", str(tmp_path / "rows.jsonl")]) == 0
     assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, 64, 64, 64]
-    assert [b["replay"] for b in FakeInProcess.bodies] == [8, 8, 8, 32] and FakeInProcess.bodies[2]["reword"]
+    assert [b["train"] for b in FakeInProcess.bodies] == ["all", "all", "all", "mlp"] and FakeInProcess.bodies[2][
+        "reword"
+    ]
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["general_lost"] for r in rows] == [{"0": "Lyon"}] * 4 and rows[0]["general_right_before_idx"] == [0]
