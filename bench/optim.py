@@ -26,13 +26,16 @@ differing by design where the variant rounds otherwise (nearest, Philox4x32-7).
 qwen3.5-27b), grouped as the trainer groups them (matrices, embedding and lm_head on APOLLO-Mini; norms, biases,
 conv1d weights, A_log in fp32, dt_bias on AdamW), each with a gradient of its own, against the floor of 8 bytes per
 parameter at the copy bandwidth of the same run: the shipped step, the step as it was before (the full rounding
-path, the AdamW tensors one at a time), each change alone, each part alone and the one-at-a-time path, with the
-host time of each call. Weights and gradients of qwen3.5-27b take ~108 GB.
+path, the AdamW tensors one at a time), each change alone, each part alone, and the trainer's own path: its
+backward hooks played in backward order, one parameter at a time (step_param) and batched by bytes of waiting
+gradients (the trainer's default, --step-batch-mib auto, and other sizes), with the host time of each call.
+--families picks rows. Weights and gradients of qwen3.5-27b take ~108 GB.
 
 usage: python bench/optim.py [--sizes 1b,8b] [--steps 10] [--json out.json]
        python bench/optim.py --sweep [--sizes 8b,27b] [--steps 5] [--json out.json]
        python bench/optim.py --probe [--sizes 8b,27b] [--steps 5] [--rows LABEL|LABEL] [--json out.json]
-       python bench/optim.py --full [--shapes 8b,qwen3.5-27b] [--steps 5] [--device cuda|cpu] [--json out.json]
+       python bench/optim.py --full [--shapes 8b,qwen3.5-27b] [--steps 5] [--device cuda|cpu] [--families F,..]
+                             [--json out.json]
 """
 
 import argparse
@@ -641,8 +644,17 @@ FULL_GRID = [
     ("part", "embedding and lm_head only", {}, "step", "embeddings"),
     ("part", "AdamW tensors only (norms, biases, conv1d, A_log, dt_bias), batched", {}, "step", "adamw"),
     ("part", "AdamW tensors only, one at a time", {}, "adamw one at a time", "adamw"),
-    ("hooks", "one at a time (step_param for every parameter: the backward hooks' path)", {}, "each", "all"),
+    ("hooks", "backward hooks, one parameter at a time (step_param: the trainer before)", {}, "each", "all"),
+    ("trainer", "backward hooks batched, the trainer's default (--step-batch-mib auto)", {}, "hooks:auto", "all"),
+    ("hooks", "backward hooks batched by 256 MiB", {}, "hooks:256", "all"),
+    ("hooks", "backward hooks batched by 512 MiB", {}, "hooks:512", "all"),
+    ("hooks", "backward hooks batched by 2048 MiB", {}, "hooks:2048", "all"),
+    ("hooks", "backward hooks batched by 4096 MiB", {}, "hooks:4096", "all"),
 ]  # fmt: skip
+# The hooks rows play the trainer's backward pass (livetrain.trainer.service: Trainer.step) without the model:
+# each parameter's gradient arrives in the reverse of the model's order (Apollo.step_ready, as its hook would
+# call it; the batches step when their gradients hold the batch's bytes, the rest at the end, flush_ready),
+# then the output projection, whose gradient the trainer makes after backward (Apollo.step_now).
 
 
 def full_set(shape: str) -> list[tuple[str, dict, list]]:
@@ -694,17 +706,42 @@ def step_and_host_ms(fn, steps: int, device: str = "cuda") -> tuple[float, float
     return sorted(gpu)[len(gpu) // 2], sorted(host)[len(host) // 2]
 
 
-def full_run(shape: str, steps: int, bw: float, on_row=lambda rows: None, device: str = "cuda") -> list[dict]:
+def model_order(shape: str) -> list[str]:
+    """The names of bench/serve.py's model `shape`'s parameters in the model's order (meta device)."""
+    import serve  # bench/serve.py, beside this file: the model shapes, written once
+    import transformers
+
+    cfg = dict(serve.SHAPES[shape])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type", "qwen3"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return [n for n, _ in model.named_parameters()]
+
+
+def full_run(
+    shape: str, steps: int, bw: float, on_row=lambda rows: None, device: str = "cuda", families=None
+) -> list[dict]:
+    from livetrain.trainer import admission
+
     groups = full_set(shape)
     torch.manual_seed(0)
     made = []  # (part, options, [parameters]), each with a bf16 (or fp32) gradient of its own
+    by_name = {}
     for part, options, params in groups:
         ps = []
-        for _, shape_, dt in params:
+        for name, shape_, dt in params:
             p = torch.nn.Parameter(torch.empty(shape_, device=device, dtype=dt).normal_(0, 0.02))
             p.grad = torch.empty_like(p).normal_(0, 1e-3)
             ps.append(p)
+            by_name[name] = p
         made.append((part, options, ps))
+    # The trainer's order: backward's (the model's, reversed), the output projection after it.
+    names = [n for n in reversed(model_order(shape)) if n in by_name]
+    names.sort(key=lambda n: n == "lm_head.weight")
+    backward = [by_name[n] for n in names]
+    head = by_name.get("lm_head.weight")
+    trained_bytes = sum(p.numel() * p.element_size() for p in by_name.values())
+    auto_bytes = admission.step_batch_bytes("auto", trained_bytes, "cuda")
     count = {part: (len(ps), sum(p.numel() for p in ps)) for part, _, ps in made}
     total = sum(n for _, n in count.values())
     print(f"\n== full {shape}: {total / 1e9:.2f}B parameters in {sum(t for t, _ in count.values())} tensors ("
@@ -712,21 +749,40 @@ def full_run(shape: str, steps: int, bw: float, on_row=lambda rows: None, device
           + f"), floor {8 * total / bw * 1e3:.2f} ms (8 bytes per parameter at the copy bandwidth)", flush=True)  # fmt: skip
     rows = []
     for family, label, knobs, how, part in FULL_GRID:
+        if families and family not in families:
+            continue
         chosen = [(pt, o, ps) for pt, o, ps in made if part == "all" or pt == part]
         params = [p for _, _, ps in chosen for p in ps]
         n = sum(p.numel() for p in params)
         row = {"shape": shape, "family": family, "setting": label, "knobs": knobs, "how": how, "part": part,
                "tensors": len(params), "params": n, "floor_ms": 8 * n / bw * 1e3}  # fmt: skip
+        if how.startswith("hooks:"):
+            mib = how.split(":")[1]
+            row["batch_mib"] = auto_bytes / 2**20 if mib == "auto" else int(mib)
         adamw = [p for pt, _, ps in chosen if pt == "adamw" for p in ps]
         held = {}
         try:
             set_knobs(knobs)
             opt = ApolloMini([{**o, "params": ps} for _, o, ps in chosen], lr=1e-3)
-            if how == "each":
+            if how == "each":  # the backward hooks without batches: step_param as each gradient arrives
 
                 def fn():
-                    for p in params:
+                    for p in backward:
                         opt.step_param(p)
+
+            elif how.startswith("hooks:"):
+                mib = how.split(":")[1]
+                opt.attach_hooks(params=[], batch_bytes=auto_bytes if mib == "auto" else int(mib) << 20)
+                held = {p: p.grad for p in params}  # the hooks free each gradient: put back for the next step
+                order = [p for p in backward if p in held and p is not head]
+
+                def fn():
+                    for p in order:
+                        p.grad = held[p]
+                        opt.step_ready(p)
+                    opt.flush_ready()
+                    if head is not None and head in held:
+                        opt.step_now(head, held[head])
 
             elif how == "adamw one at a time":  # as step() did before: AdamW by step_param, the batches after
                 held = {p: p.grad for p in adamw}
@@ -759,6 +815,9 @@ def full_run(shape: str, steps: int, bw: float, on_row=lambda rows: None, device
         rows.append(row)
         on_row(rows)
     made.clear()
+    by_name.clear()
+    backward.clear()
+    head = None
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -790,6 +849,14 @@ def print_full(rows: list[dict], bw: float) -> None:
             print(f"\n{shape}: shipped step {shipped['step_ms']:.2f} ms = {shipped['x_floor']:.2f}x its floor "
                   f"(target <= 1.3x: {'met' if shipped['x_floor'] <= 1.3 else 'not met'})"
                   + (f"; before {before['step_ms']:.2f} ms = {before['x_floor']:.2f}x" if before else ""))  # fmt: skip
+        trainer = next((r for r in mine if r["family"] == "trainer" and r.get("step_ms")), None)
+        alone = next((r for r in mine if r["how"] == "each" and r.get("step_ms")), None)
+        if trainer:
+            print(f"{shape}: the trainer's step (backward hooks batched by {trainer['batch_mib']:.0f} MiB, its default) "
+                  f"{trainer['step_ms']:.2f} ms = "
+                  f"{trainer['x_floor']:.2f}x its floor (target <= 1.3x: "
+                  f"{'met' if trainer['x_floor'] <= 1.3 else 'not met'})"
+                  + (f"; one parameter at a time {alone['step_ms']:.2f} ms = {alone['x_floor']:.2f}x" if alone else ""))  # fmt: skip
 
 
 def main() -> None:
@@ -817,6 +884,11 @@ def main() -> None:
         "bytes per parameter floor: shipped, before, each change and each part",
     )
     ap.add_argument("--shapes", default="8b,qwen3.5-27b", help="--full: bench/serve.py shapes (default 8b,qwen3.5-27b)")
+    ap.add_argument(
+        "--families",
+        default="",
+        help="--full: only the rows of these families, comma-separated (shipped, trainer, hooks, before, change, part)",
+    )
     ap.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"], help="--full: cpu runs its code paths, timing nothing"
     )
@@ -856,6 +928,7 @@ def main() -> None:
                 bw,
                 on_row=lambda part: write_result(a.json, {"copy_bandwidth": bw, "full": rows + part}),
                 device=a.device,
+                families={x for x in a.families.split(",") if x},
             )
             if a.device == "cuda":
                 torch.cuda.empty_cache()  # the set's tensors, now free, go back before the next set's (27b: ~108 GB)

@@ -422,11 +422,33 @@ def optim_step_times(trainer, reps: int) -> dict:
         for p, g in views:
             trainer.opt.step_param(p, g)
 
-    out = {"params": sum(p.numel() for p in params), "tensors": len(params)}
+    # The trainer's own path (Trainer.step): its backward hooks in backward's order (the model's, reversed),
+    # batched by its --step-batch-mib, then the output projection, whose gradient it makes after backward.
+    from livetrain.loss import output_projection
+
+    model = getattr(trainer, "model", None)
+    head = output_projection(model) if model is not None else None
+    view_of = dict(views)
+    backward = [p for p in reversed(list(model.parameters()) if model is not None else params) if p in view_of]
+    backward = [p for p in backward if p is not head]
+
+    def hooks():
+        for p in backward:
+            p.grad = view_of[p]
+            trainer.opt.step_ready(p)
+        trainer.opt.flush_ready()
+        if head is not None and head in view_of:
+            trainer.opt.step_now(head, view_of[head])
+
+    out = {
+        "params": sum(p.numel() for p in params),
+        "tensors": len(params),
+        "hooks_batch_bytes": getattr(trainer, "step_batch_bytes", 0),
+    }
     for p, g in views:
         p.grad = g
-    try:
-        for name, fn in (("batched_seconds", batched), ("per_parameter_seconds", each)):
+    try:  # hooks last: it leaves every gradient freed, as the trainer's backward does
+        for name, fn in (("batched_seconds", batched), ("per_parameter_seconds", each), ("hooks_seconds", hooks)):
             best = float("inf")
             for _ in range(1 + reps):
                 sync(trainer.device)
@@ -1013,6 +1035,12 @@ def render_floors(results: dict) -> list[str]:
                 f"| per parameter (`step_param`, as from backward hooks) | {1e3 * o['per_parameter_seconds']:.1f} | "
                 f"{1e3 * floor:.1f} | {o['per_parameter_seconds'] / floor:.2f} |",
             ]
+            if o.get("hooks_seconds"):
+                lines.append(
+                    f"| the trainer's backward hooks, batched by {o['hooks_batch_bytes'] / 2**20:.0f} MiB "
+                    f"(`--step-batch-mib`) | {1e3 * o['hooks_seconds']:.1f} | {1e3 * floor:.1f} | "
+                    f"{o['hooks_seconds'] / floor:.2f} |"
+                )
     return lines
 
 

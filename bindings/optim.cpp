@@ -102,6 +102,92 @@ optim::AdamWStep adamw_step_of(uintptr_t weight, const std::string& weight_dtype
   return s;
 }
 
+// The steps of a batch whose parameters stay the same from one optimizer step to the next (step() over the
+// same parameters, the backward hooks' batches): converted from Python once, so that a step passes only what
+// changes, the gradients' addresses and each hyperparameter group's learning rate and weight decay. Steps of
+// many small tensors then cost one call, not microseconds of Python and conversion per tensor.
+template <typename Step>
+struct StepBatch {
+  std::vector<Step> steps;
+  std::vector<size_t> groups;  // each step's hyperparameter group: its index into run()'s lr and weight_decay
+
+  // The per-step arguments into the steps, checked before anything runs.
+  void refresh(const std::vector<uintptr_t>& grads, const std::vector<float>& lr,
+               const std::vector<float>& weight_decay) {
+    if (grads.size() != steps.size())
+      throw Error(ErrorCode::kInvalidArg, "optimizer batch: " + std::to_string(steps.size()) + " steps, got " +
+                                              std::to_string(grads.size()) + " gradients");
+    if (lr.size() != weight_decay.size())
+      throw Error(ErrorCode::kInvalidArg, "optimizer batch: one learning rate and one weight decay per group");
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (groups[i] >= lr.size())
+        throw Error(ErrorCode::kInvalidArg, "optimizer batch: step " + std::to_string(i) + " is in group " +
+                                                std::to_string(groups[i]) + ", got " + std::to_string(lr.size()) +
+                                                " groups' learning rates");
+      steps[i].grad = ptr<const void>(grads[i]);
+      steps[i].hyper.lr = lr[groups[i]];
+      steps[i].hyper.weight_decay = weight_decay[groups[i]];
+    }
+  }
+};
+
+using ApolloItem = std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t, uintptr_t,
+                              uintptr_t, uintptr_t, uintptr_t, uint64_t, const optim::ApolloHyper*>;
+using AdamWItem = std::tuple<uintptr_t, std::string, std::string, int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                             uint64_t, const optim::AdamWHyper*>;
+
+optim::ApolloStep apollo_item_step(const ApolloItem& item, uintptr_t grad) {
+  const auto& [weight, wdt, ld, gdt, rows, cols, m_, v_, prev, status, step, seed, h] = item;
+  if (!h) throw Error(ErrorCode::kInvalidArg, "optimizer step: an item has no hyperparameters");
+  return apollo_step_of(weight, wdt, ld, grad, gdt, rows, cols, m_, v_, prev, status, step, seed, *h);
+}
+
+optim::AdamWStep adamw_item_step(const AdamWItem& item, uintptr_t grad) {
+  const auto& [weight, wdt, gdt, numel, m_, v_, status, step, seed, h] = item;
+  if (!h) throw Error(ErrorCode::kInvalidArg, "optimizer step: an item has no hyperparameters");
+  return adamw_step_of(weight, wdt, grad, gdt, numel, m_, v_, status, step, seed, *h);
+}
+
+// A StepBatch bound as `name`: built from apollo_step_many's or adamw_step_many's items and each item's group,
+// run on CUDA (the batched launches) or on the CPU (each step alone, the reference).
+template <typename Step, typename Item>
+void def_step_batch(nb::module_& m, const char* name, Step (*of)(const Item&, uintptr_t),
+                    void (*cuda)(const Step*, int, void*, size_t, void*), void (*cpu)(const Step*, int),
+                    const char* doc) {
+  using Batch = StepBatch<Step>;
+  nb::class_<Batch>(m, name, doc)
+      .def(
+          "__init__",
+          [of](Batch* self, const std::vector<Item>& items, const std::vector<size_t>& groups) {
+            if (groups.size() != items.size())
+              throw Error(ErrorCode::kInvalidArg, "optimizer batch: one group per item");
+            Batch batch;  // built whole before the object exists: a bad item leaves nothing half-made
+            batch.steps.reserve(items.size());
+            for (const Item& item : items) batch.steps.push_back(of(item, 0));
+            batch.groups = groups;
+            new (self) Batch(std::move(batch));
+          },
+          nb::arg("items"), nb::arg("groups"))
+      .def("__len__", [](const Batch& self) { return self.steps.size(); })
+      .def(
+          "run",
+          [cuda, cpu](Batch& self, const std::vector<uintptr_t>& grads, const std::vector<float>& lr,
+                      const std::vector<float>& weight_decay, uintptr_t workspace, size_t workspace_bytes, bool on_cuda,
+                      uintptr_t stream) {
+            self.refresh(grads, lr, weight_decay);
+            nb::gil_scoped_release release;
+            if (on_cuda)
+              cuda(self.steps.data(), static_cast<int>(self.steps.size()), ptr<void>(workspace), workspace_bytes,
+                   reinterpret_cast<void*>(stream));
+            else cpu(self.steps.data(), static_cast<int>(self.steps.size()));
+          },
+          nb::arg("grads"), nb::arg("lr"), nb::arg("weight_decay"), nb::arg("workspace"), nb::arg("workspace_bytes"),
+          nb::arg("cuda"), nb::arg("stream"),
+          "One step of every parameter of the batch: their gradients' addresses (in the items' order), each "
+          "group's learning rate and weight decay; on CUDA in the workspace (zero-filled before first use) on "
+          "`stream`, else on the CPU.");
+}
+
 }  // namespace
 
 void init_optim(nb::module_& m) {
@@ -185,17 +271,12 @@ void init_optim(nb::module_& m) {
 
   m.def(
       "apollo_step_many",
-      [](const std::vector<std::tuple<uintptr_t, std::string, int64_t, std::string, int64_t, int64_t, uintptr_t,
-                                      uintptr_t, uintptr_t, uintptr_t, uintptr_t, uint64_t, const optim::ApolloHyper*>>&
-             items,
-         const std::vector<uintptr_t>& grads, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+      [](const std::vector<ApolloItem>& items, const std::vector<uintptr_t>& grads, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
         if (items.size() != grads.size())
           throw Error(ErrorCode::kInvalidArg, "apollo_step_many: one gradient per item");
         std::vector<optim::ApolloStep> steps(items.size());
-        for (size_t i = 0; i < items.size(); ++i) {
-          const auto& [weight, wdt, ld, gdt, rows, cols, m_, v_, prev, status, step, seed, h] = items[i];
-          steps[i] = apollo_step_of(weight, wdt, ld, grads[i], gdt, rows, cols, m_, v_, prev, status, step, seed, *h);
-        }
+        for (size_t i = 0; i < items.size(); ++i) steps[i] = apollo_item_step(items[i], grads[i]);
         nb::gil_scoped_release release;
         optim::apollo_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace),
                                      workspace_bytes, reinterpret_cast<void*>(stream));
@@ -237,15 +318,11 @@ void init_optim(nb::module_& m) {
 
   m.def(
       "adamw_step_many",
-      [](const std::vector<std::tuple<uintptr_t, std::string, std::string, int64_t, uintptr_t, uintptr_t, uintptr_t,
-                                      uintptr_t, uint64_t, const optim::AdamWHyper*>>& items,
-         const std::vector<uintptr_t>& grads, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+      [](const std::vector<AdamWItem>& items, const std::vector<uintptr_t>& grads, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
         if (items.size() != grads.size()) throw Error(ErrorCode::kInvalidArg, "adamw_step_many: one gradient per item");
         std::vector<optim::AdamWStep> steps(items.size());
-        for (size_t i = 0; i < items.size(); ++i) {
-          const auto& [weight, wdt, gdt, numel, m_, v_, status, step, seed, h] = items[i];
-          steps[i] = adamw_step_of(weight, wdt, grads[i], gdt, numel, m_, v_, status, step, seed, *h);
-        }
+        for (size_t i = 0; i < items.size(); ++i) steps[i] = adamw_item_step(items[i], grads[i]);
         nb::gil_scoped_release release;
         optim::adamw_step_many_cuda(steps.data(), static_cast<int>(steps.size()), ptr<void>(workspace), workspace_bytes,
                                     reinterpret_cast<void*>(stream));
@@ -261,6 +338,16 @@ void init_optim(nb::module_& m) {
         return optim::adamw_many_workspace_bytes(steps.data(), static_cast<int>(steps.size()));
       },
       "Workspace bytes of adamw_step_many for parameters of these sizes.");
+
+  def_step_batch<optim::ApolloStep, ApolloItem>(
+      m, "ApolloBatch", apollo_item_step, optim::apollo_step_many_cuda, optim::apollo_step_many_cpu,
+      "The APOLLO steps of a fixed set of matrices (items as apollo_step_many's, each with its group's index), "
+      "converted once: run() takes the gradients' addresses and the groups' learning rates and weight decays.");
+  def_step_batch<optim::AdamWStep, AdamWItem>(
+      m, "AdamWBatch", adamw_item_step, optim::adamw_step_many_cuda, optim::adamw_step_many_cpu,
+      "The AdamW steps of a fixed set of contiguous tensors (items as adamw_step_many's, each with its group's "
+      "index), converted once: run() takes the gradients' addresses and the groups' learning rates and weight "
+      "decays.");
 
   m.def(
       "adamw_sumsq",

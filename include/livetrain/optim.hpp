@@ -182,6 +182,8 @@ void adamw_step_cuda(const AdamWStep& s, void* stream);
 // first use); the steps' own `workspace` fields are ignored.
 size_t apollo_many_workspace_bytes(const ApolloStep* steps, int n);
 void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream);
+// The CPU reference: each step alone (apollo_step_cpu), in order; the steps' workspaces are not used.
+void apollo_step_many_cpu(const ApolloStep* steps, int n);
 
 // Many AdamW steps at once (an optimizer's norms, biases and other small tensors): steps with the same dtypes
 // are launched together, two launches per batch of up to 64 parameters instead of two per parameter, with the
@@ -190,6 +192,8 @@ void apollo_step_many_cuda(const ApolloStep* steps, int n, void* workspace, size
 // total_sq) are refused: they step alone, after their sums over ranks.
 size_t adamw_many_workspace_bytes(const AdamWStep* steps, int n);
 void adamw_step_many_cuda(const AdamWStep* steps, int n, void* workspace, size_t workspace_bytes, void* stream);
+// The CPU reference: each step alone (adamw_step_cpu), in order.
+void adamw_step_many_cpu(const AdamWStep* steps, int n);
 
 // Checks a step's arguments (dtypes, sizes, non-null pointers); throws Error(kInvalidArg) naming the field.
 void validate(const ApolloStep& s);

@@ -120,10 +120,10 @@ class Apollo(torch.optim.Optimizer):
         self._calls: dict[int, tuple] = {}  # per parameter: the step's fixed arguments (see _call)
         self._batch_workspaces: dict = {}  # per device: the workspace of batched steps (see step)
         self._adamw_workspaces: dict = {}  # per device: the workspace of batched AdamW steps (see step)
-        self._batches: dict = {}  # per (device, parameters): cached batch items
+        self._batches: dict = {}  # per (kind, device, parameters): the core's batch of their steps (_step_batch)
+        self._routes: dict = {}  # per set of parameters with gradients: how step() steps them (_route)
         self._hook_batch_bytes = 0  # attach_hooks(batch_bytes=...)
-        self._ready: dict = {}  # per device: parameters whose gradients wait for a batched step (step_ready)
-        self._ready_bytes: dict = {}  # per device: their gradients' bytes
+        self._ready: dict = {}  # per device: parameters whose gradients wait for a batched step, per kind (step_ready)
         self._seed = seed
         self._workspaces: dict[torch.device, torch.Tensor] = {}
         self._shards: dict[int, ParamShard] = {}  # tensor parallelism: id(param) -> its shard (tensor_parallel)
@@ -151,6 +151,7 @@ class Apollo(torch.optim.Optimizer):
             self._shards[id(p)] = sh
         self._tp_group = group
         self._calls.clear()
+        self._routes.clear()
 
     @staticmethod
     def _local_shape(sh: ParamShard, p: torch.Tensor) -> tuple[int, ...]:
@@ -416,109 +417,115 @@ class Apollo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Step every parameter that has a gradient. On CUDA, the rank-1 APOLLO steps (APOLLO-Mini) of each
-        device are launched together (the core batches up to 64 matrices per launch), and so are the AdamW
-        steps (norms, biases: two launches per 64 tensors instead of two per tensor); same bits as one by one."""
+        """Step every parameter that has a gradient. The rank-1 APOLLO steps (APOLLO-Mini) of each device are
+        launched together (on CUDA the core batches up to 64 matrices per launch), and so are the AdamW steps
+        (norms, biases: on CUDA two launches per 64 tensors instead of two per tensor); same bits as one by one."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        streams: dict = {}
-        batches: dict = {}
-        adamw: dict = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                stream = None
-                if p.device.type == "cuda":
-                    stream = streams.get(p.device)
-                    if stream is None:
-                        stream = streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream
-                    state = self.state[p] if p in self.state else self._state(p, group)
-                    alone = self._tp_group is None  # under TP each step waits for its sums over ranks
-                    if alone and state["algo"] == "apollo" and group["rank"] == 1 and p.grad.dtype in _DTYPES:
-                        batches.setdefault(p.device, []).append((p, group, state))
-                        continue
-                    if alone and state["algo"] == "adamw" and p.grad.dtype in _DTYPES:
-                        adamw.setdefault(p.device, []).append((p, group, state))
-                        continue
-                self.step_param(p, stream=stream)
-        # The matrices first: while the GPU works through them, the host prepares the AdamW batch (about 7 us of
-        # Python per tensor, most of its time: bench/optim.py --full's "AdamW tensors only" rows), which the GPU
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # Which parameters step alone and which in which batch: decided once per set of parameters with gradients.
+        key = tuple(map(id, params))
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = self._route(params)
+        alone, apollo, adamw = route
+        for p in alone:
+            self.step_param(p)
+        # The matrices first: while the GPU works through them, the host prepares the AdamW batch, which the GPU
         # would otherwise wait for. Separate tensors: the order changes no bit.
-        for device, entries in batches.items():
-            self._step_batch(device, entries, streams[device])
+        for device, entries in apollo.items():
+            self._step_batch("apollo", device, entries)
         for device, entries in adamw.items():
-            self._step_adamw_batch(device, entries, streams[device])
+            self._step_batch("adamw", device, entries)
         return loss
 
-    def _step_adamw_batch(self, device: torch.device, entries: list, stream: int) -> None:
-        # As _step_batch: the items are built once per set of parameters; per step only the gradients' addresses,
-        # their dtypes and the learning rates change.
-        key = ("adamw", device, tuple(id(p) for p, _, _ in entries))
-        cached = self._batches.get(key)
-        if cached is None:
-            items = []
-            for p, group, state in entries:
-                _, h, (numel,), (m, v, status, step), _, _ = self._call(p, group, state)
-                items.append([p.data_ptr(), _DTYPES[p.dtype], None, numel, m, v, status, step, state["seed"], h])
-            cached = self._batches[key] = (items, _core.adamw_many_workspace_bytes([it[3] for it in items]))
-        items, nbytes = cached
-        # Its own workspace, not the APOLLO batches': their slices lie elsewhere and would leave floats where
-        # these steps keep counters.
-        self._launch_many(_core.adamw_step_many, entries, items, 2, self._adamw_workspaces, nbytes, device, stream)
+    def _route(self, params: list) -> tuple[list, dict, dict]:
+        """(parameters that step alone, per device the APOLLO batch's entries, per device the AdamW batch's)."""
+        alone, batches = [], {"apollo": {}, "adamw": {}}
+        for p in params:
+            entry, kind = self._batch_entry(p)
+            if kind is None:
+                alone.append(p)
+            else:
+                batches[kind].setdefault(p.device, []).append(entry)
+        return alone, batches["apollo"], batches["adamw"]
 
-    def _step_batch(self, device: torch.device, entries: list, stream: int) -> None:
-        # The items (addresses of weights and state, sizes, hyperparameters) are built once per set of
-        # parameters and reused: per step only the gradients' addresses and the learning rates change.
-        key = (device, tuple(id(p) for p, _, _ in entries))
-        cached = self._batches.get(key)
-        if cached is None:
-            items, shapes = [], []
-            for p, group, state in entries:
-                _, h, (rows, cols, ld), (m, v, prev, status, step), _, _ = self._call(p, group, state)
-                items.append(
-                    [p.data_ptr(), _DTYPES[p.dtype], ld, None, rows, cols, m, v, prev, status, step, state["seed"], h]
-                )
-                shapes.append((rows, cols, 1))
-            cached = self._batches[key] = (items, _core.apollo_many_workspace_bytes(shapes))
-        items, nbytes = cached
-        self._launch_many(_core.apollo_step_many, entries, items, 3, self._batch_workspaces, nbytes, device, stream)
+    def _batch_entry(self, p: torch.Tensor) -> tuple[tuple, str | None]:
+        """((p, group, state), the batch ``p`` steps in): "apollo" (rank-1 APOLLO), "adamw", or None (it steps
+        alone: APOLLO at rank > 1, and every step under tensor parallelism, which waits for its sums over ranks)."""
+        group = self._groups_by_id.get(id(p)) or self._group_of(p)
+        state = self.state[p] if p in self.state else self._state(p, group)
+        if self._tp_group is not None or p.dtype not in _DTYPES:
+            return (p, group, state), None
+        if state["algo"] == "apollo":
+            return (p, group, state), "apollo" if group["rank"] == 1 else None
+        return (p, group, state), "adamw"
 
-    @staticmethod
-    def _launch_many(
-        launch, entries: list, items: list, grad_dtype_at: int, workspaces: dict, nbytes: int, device, stream
-    ):
-        """The per-step part of a batched launch (``_step_batch``, ``_step_adamw_batch``): each gradient's
-        address and dtype (at ``grad_dtype_at`` in its item) and its group's learning rate and weight decay (the
-        hyperparameters, last in each item) into the cached items; the device's workspace of at least ``nbytes``
-        from ``workspaces`` (zero-filled once: the steps keep their counters at zero between uses); then
-        ``launch`` on ``stream``."""
-        grads, keep = [], []
-        for (p, group, _), item in zip(entries, items):
-            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            keep.append(g)  # a contiguous copy lives until its step is launched
-            grads.append(g.data_ptr())
-            item[grad_dtype_at] = _DTYPES[g.dtype]
-            h = item[-1]
-            h.lr, h.weight_decay = group["lr"], group["weight_decay"]
-        ws = workspaces.get(device)
-        if ws is None or ws.numel() < nbytes:
-            ws = workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        if torch.cuda.current_device() != device.index:
-            torch.cuda.set_device(device)
-        launch([tuple(it) for it in items], grads, ws.data_ptr(), ws.numel(), stream)
+    def _step_batch(self, kind: str, device: torch.device, entries: list) -> None:
+        """One batched step of ``entries`` (the "apollo" or "adamw" kind) on ``device``'s current stream. Its
+        arguments (addresses of weights and state, sizes, hyperparameters) are converted once per set of
+        parameters (_core.ApolloBatch, _core.AdamWBatch); per step only the gradients' addresses and the groups'
+        learning rates and weight decays go to the core, in one call. On the CPU the core steps them one by one."""
+        # The Python here is a few list passes over the parameters (about 1 us a tensor on the developer machine).
+        params = [p for p, _, _ in entries]
+        key = (kind, device, tuple(map(id, params)))
+        weights = list(map(torch.Tensor.data_ptr, params))  # a parameter given other memory (p.data = ...) rebuilds
+        cached = self._batches.get(key)
+        if cached is None or cached[2] != weights:
+            cached = self._batches[key] = (*self._make_batch(kind, entries), weights)
+        batch, nbytes, _ = cached
+        grads = [p.grad for p in params]
+        if not all(map(torch.Tensor.is_contiguous, grads)):
+            grads = [g.contiguous() for g in grads]  # each lives until its step is queued
+        lr = [group["lr"] for group in self.param_groups]
+        wd = [group["weight_decay"] for group in self.param_groups]
+        cuda = device.type == "cuda"
+        ws, stream = 0, 0
+        if cuda:
+            # Each kind its own workspace: the slices of one lie elsewhere in the other and would leave floats
+            # where these steps keep counters. Zero-filled once: the steps keep their counters at zero between uses.
+            workspaces = self._batch_workspaces if kind == "apollo" else self._adamw_workspaces
+            buf = workspaces.get(device)
+            if buf is None or buf.numel() < nbytes:
+                buf = workspaces[device] = torch.zeros(max(nbytes, 256), dtype=torch.uint8, device=device)
+            ws, nbytes = buf.data_ptr(), buf.numel()
+            if torch.cuda.current_device() != device.index:
+                torch.cuda.set_device(device)
+            stream = torch.cuda.current_stream(device).cuda_stream
+        batch.run(list(map(torch.Tensor.data_ptr, grads)), lr, wd, ws, nbytes, cuda, stream)
+
+    def _make_batch(self, kind: str, entries: list) -> tuple:
+        """(the core's batch of ``entries``, its workspace bytes on CUDA)."""
+        position = {id(group): i for i, group in enumerate(self.param_groups)}
+        items, groups = [], []
+        for p, group, state in entries:
+            call = self._call(p, group, state)
+            h, sizes, ptrs = call[1], call[2], call[3]
+            groups.append(position[id(group)])
+            dt = _DTYPES[p.dtype]  # a parameter's gradient has its dtype (torch checks every assignment)
+            if kind == "apollo":
+                (rows, cols, ld), (m, v, prev, status, step) = sizes, ptrs
+                items.append((p.data_ptr(), dt, ld, dt, rows, cols, m, v, prev, status, step, state["seed"], h))
+            else:
+                (numel,), (m, v, status, step) = sizes, ptrs
+                items.append((p.data_ptr(), dt, dt, numel, m, v, status, step, state["seed"], h))
+        if kind == "apollo":
+            nbytes = _core.apollo_many_workspace_bytes([(it[4], it[5], 1) for it in items])
+            return _core.ApolloBatch(items, groups), nbytes
+        return _core.AdamWBatch(items, groups), _core.adamw_many_workspace_bytes([it[3] for it in items])
 
     def attach_hooks(self, params: Iterable[torch.Tensor] | None = None, batch_bytes: int = 0) -> list:
         """Step each parameter as soon as its gradient is accumulated, then free the gradient. Call
         ``backward()`` as usual and do not call ``step()``; returns the hook handles.
 
-        ``batch_bytes`` > 0 batches the rank-1 APOLLO steps on CUDA (APOLLO-Mini): parameters whose
-        gradients are ready wait and step together, in one batched launch as ``step()`` does, once their
-        gradients hold ``batch_bytes``; the rest step when the backward pass ends. Their gradients live
-        until then: up to ``batch_bytes`` (plus the last gradient) more memory at the peak. The result is
-        the same bits as stepping one at a time. Other parameters step at once."""
+        ``batch_bytes`` > 0 batches the steps as ``step()`` does (the rank-1 APOLLO steps of APOLLO-Mini, and
+        the AdamW steps): parameters whose gradients are ready wait, and step together once the waiting
+        gradients hold ``batch_bytes`` (the matrices, and the AdamW tensors too once theirs hold half of it);
+        the rest step when the backward pass ends. Their gradients live until then: up to ``batch_bytes`` (plus
+        the last gradient) more memory at the peak. The result is the same bits as stepping one at a time.
+        Under tensor parallelism every parameter steps at once, alone."""
         if batch_bytes < 0:
             raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
         self._hook_batch_bytes = int(batch_bytes)
@@ -538,21 +545,41 @@ class Apollo(torch.optim.Optimizer):
         if p.grad is None:
             return
         limit = self._hook_batch_bytes
-        if limit > 0 and p.device.type == "cuda" and p.grad.dtype in _DTYPES:
-            group = self._groups_by_id.get(id(p)) or self._group_of(p)
-            state = self.state[p] if p in self.state else self._state(p, group)
-            if state["algo"] == "apollo" and group["rank"] == 1:
-                self._ready.setdefault(p.device, []).append((p, group, state))
-                self._ready_bytes[p.device] = self._ready_bytes.get(p.device, 0) + p.grad.nbytes
+        if limit > 0:
+            entry, kind = self._batch_entry(p)
+            if kind is not None:
+                ready = self._ready.get(p.device)
+                if ready is None:
+                    ready = self._ready[p.device] = {"apollo": [], "adamw": [], "apollo_bytes": 0, "adamw_bytes": 0}
+                ready[kind].append(entry)
+                ready[kind + "_bytes"] += p.grad.nbytes
                 try:  # once per queued parameter: a pass that fails before its end leaves no stale flag
                     torch.autograd.Variable._execution_engine.queue_callback(self.flush_ready)
                 except RuntimeError:  # not inside a backward pass: the caller flushes
                     pass
-                if self._ready_bytes[p.device] >= limit:
-                    self._flush_device(p.device)
+                if ready["apollo_bytes"] + ready["adamw_bytes"] >= limit:
+                    self._flush_kind(p.device, "apollo")
+                    # The AdamW tensors (norms, biases: a few KiB each) wait for the end of the pass, in one batch,
+                    # unless their gradients are large (embeddings on AdamW).
+                    if ready["adamw_bytes"] >= limit // 2:
+                        self._flush_kind(p.device, "adamw")
                 return
         self.step_param(p)
         p.grad = None
+
+    @torch.no_grad()
+    def step_now(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Step ``p`` with ``grad`` at once, as the hooks would (with attach_hooks' ``batch_bytes``, a batch of one:
+        on CUDA APOLLO-Mini's batched kernels, faster than step_param's single launch; same bits; else step_param).
+        What the trainer does with the output projection's gradient, which it makes after backward."""
+        if self._hook_batch_bytes > 0:
+            entry, kind = self._batch_entry(p)
+            if kind is not None:
+                p.grad = grad
+                self._step_batch(kind, p.device, [entry])
+                p.grad = None
+                return
+        self.step_param(p, grad)
 
     @torch.no_grad()
     def flush_ready(self) -> None:
@@ -560,12 +587,26 @@ class Apollo(torch.optim.Optimizer):
         for device in list(self._ready):
             self._flush_device(device)
 
+    def drop_ready(self) -> None:
+        """Forgets the steps that wait (step_ready) and frees their gradients, unstepped: after a backward pass
+        that failed, whose end never came. Else the next pass would add its gradients to theirs and step them
+        twice."""
+        for ready in self._ready.values():
+            for p, _, _ in ready["apollo"] + ready["adamw"]:
+                p.grad = None
+        self._ready.clear()
+
     def _flush_device(self, device: torch.device) -> None:
-        entries = self._ready.pop(device, [])
-        self._ready_bytes.pop(device, None)
-        if not entries:
+        self._flush_kind(device, "apollo")
+        self._flush_kind(device, "adamw")
+        self._ready.pop(device, None)
+
+    def _flush_kind(self, device: torch.device, kind: str) -> None:
+        ready = self._ready.get(device)
+        if ready is None or not ready[kind]:
             return
-        self._step_batch(device, entries, torch.cuda.current_stream(device).cuda_stream)
+        entries, ready[kind], ready[kind + "_bytes"] = ready[kind], [], 0
+        self._step_batch(kind, device, entries)
         for p, _, _ in entries:
             p.grad = None
 
@@ -752,6 +793,7 @@ class Apollo(torch.optim.Optimizer):
         self.state.clear()
         self._calls.clear()
         self._batches.clear()
+        self._routes.clear()
 
 
 class ApolloMini(Apollo):

@@ -128,6 +128,14 @@ size_t adamw_many_workspace_bytes(const AdamWStep* steps, int n) {
   return total;
 }
 
+void apollo_step_many_cpu(const ApolloStep* steps, int n) {
+  for (int i = 0; i < n; ++i) apollo_step_cpu(steps[i]);
+}
+
+void adamw_step_many_cpu(const AdamWStep* steps, int n) {
+  for (int i = 0; i < n; ++i) adamw_step_cpu(steps[i]);
+}
+
 #ifndef LIVETRAIN_WITH_CUDA
 void apollo_step_cuda(const ApolloStep&, void*) {
   throw Error(ErrorCode::kUnsupported, "optimizer step on CUDA: this build of livetrain has no CUDA code");

@@ -311,9 +311,14 @@ def test_serve_bench_times_the_optimizer_over_parameters_of_two_dtypes():
     trainer = SimpleNamespace(opt=ApolloMini(params, lr=1e-2), device=torch.device("cpu"))
     out = serve_bench.optim_step_times(trainer, 1)
     assert out["tensors"] == 3 and out["params"] == 16 * 24 + 4 + 8 * 16
-    assert out["batched_seconds"] > 0 and out["per_parameter_seconds"] > 0
+    assert out["batched_seconds"] > 0 and out["per_parameter_seconds"] > 0 and out["hooks_seconds"] > 0
     assert all(p.grad is None for p in params)
     assert not torch.equal(params[0], before[0])  # the steps ran
+    # The trainer's hooks path batched (its --step-batch-mib): every gradient freed, nothing left waiting.
+    trainer.opt.attach_hooks(params=[], batch_bytes=1 << 20)
+    out = serve_bench.optim_step_times(trainer, 1)
+    assert out["hooks_seconds"] > 0 and not trainer.opt._ready and trainer.opt._batches
+    assert all(p.grad is None for p in params)
 
 
 def test_vllm_run_fails_at_once_where_vllm_left_out_livetrains_routes(tmp_path):

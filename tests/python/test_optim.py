@@ -247,7 +247,7 @@ def test_hooks_free_gradients_and_match_step():
         assert all(p.grad is None for p in m2.parameters())
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
-    # Batching only applies to CUDA parameters: on the CPU the hooks step at once, as without it.
+    # Batched hooks (the bias vectors' AdamW steps here; rank 4 steps alone): the same bits, every gradient freed.
     m3, o3 = model_and_opt()
     o3.attach_hooks(batch_bytes=1 << 20)
     for _ in range(3):
@@ -257,6 +257,170 @@ def test_hooks_free_gradients_and_match_step():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="batch_bytes must be >= 0"):
         o3.attach_hooks(batch_bytes=-1)
+
+
+def mini_model_and_opt(device="cpu", dtype=torch.float32, lr=1e-2):
+    """Matrices (APOLLO-Mini, tall and wide), biases and a LayerNorm (AdamW, two groups: decay on the
+    matrices only), in model order."""
+    torch.manual_seed(0)
+    layers = [
+        torch.nn.Linear(96, 257),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(257),
+        torch.nn.Linear(257, 64),
+        torch.nn.GELU(),
+        torch.nn.Linear(64, 10),
+    ]
+    m = torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
+    return m, ApolloMini(param_groups(m, weight_decay=0.1), lr=lr, seed=4)
+
+
+def same_weights_and_state(o1, m1, o2, m2):
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), name
+        for k in ("m", "v", "step", "status", "prev_norm"):
+            if k in o1.state[a]:
+                assert torch.equal(o1.state[a][k], o2.state[b][k]), (name, k)
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 40_000, 1 << 30])
+def test_batched_hooks_equal_one_at_a_time_on_the_cpu(batch_bytes):
+    """attach_hooks(batch_bytes) on the CPU: the same queueing, batches and core batch objects as on CUDA (the
+    core then steps each alone, the CPU reference), so the same bits as per-parameter hooks, across changes
+    of the learning rate (the batches' cached arguments take each step's), every gradient freed."""
+    x = torch.randn(32, 96)
+    m1, o1 = mini_model_and_opt()
+    m2, o2 = mini_model_and_opt()
+    o1.attach_hooks()
+    o2.attach_hooks(batch_bytes=batch_bytes)
+    for step in range(3):
+        for o in (o1, o2):
+            o.param_groups[0]["lr"] = 1e-2 / (step + 1)
+        for m in (m1, m2):
+            m(x).square().mean().backward()
+            assert all(p.grad is None for p in m.parameters())
+    same_weights_and_state(o1, m1, o2, m2)
+    assert not o2._ready and o2._batches, "the batched path ran"
+    assert {kind for kind, _, _ in o2._batches} == {"apollo", "adamw"}
+
+
+def test_batched_hooks_let_small_adamw_gradients_wait_for_the_end():
+    """The flush rule of step_ready: once the waiting gradients hold batch_bytes, the matrices step; the AdamW
+    tensors' small gradients wait (for the end of the pass, flush_ready) unless they hold half of it."""
+    m, o = mini_model_and_opt()
+    w0, b0, ln_w = m[0].weight, m[0].bias, m[2].weight
+    limit = w0.numel() * 4 + b0.numel() * 4  # the first matrix and its bias
+    o.attach_hooks(params=[], batch_bytes=limit)
+    for p in (b0, ln_w):
+        p.grad = torch.randn_like(p)
+        o.step_ready(p)
+    assert b0.grad is not None and ln_w.grad is not None  # waiting
+    w0.grad = torch.randn_like(w0)
+    o.step_ready(w0)  # over the limit: the matrix steps, the small AdamW gradients still wait
+    assert w0.grad is None and b0.grad is not None and ln_w.grad is not None
+    o.flush_ready()
+    assert b0.grad is None and ln_w.grad is None and not o._ready
+    # AdamW gradients holding half the limit or more step at once too (embeddings on AdamW).
+    o.attach_hooks(params=[], batch_bytes=b0.numel() * 4)
+    b0.grad = torch.randn_like(b0)
+    o.step_ready(b0)
+    assert b0.grad is None
+    o.flush_ready()
+    assert not o._ready
+
+
+def test_a_failed_backward_leaves_no_waiting_step_behind():
+    """A backward pass that fails midway never reaches its end, where the waiting steps would run: drop_ready
+    forgets them and frees their gradients, so the next pass steps each parameter once, with its own gradient
+    (not added to the failed pass's): the bits of one good pass with per-parameter hooks."""
+    x = torch.randn(8, 96)
+    m1, o1 = mini_model_and_opt()
+    m2, o2 = mini_model_and_opt()
+    o1.attach_hooks()
+    o2.attach_hooks(batch_bytes=1 << 30)
+
+    def fail(_grad):
+        raise RuntimeError("backward failed")
+
+    h = m2[3](m2[2](m2[1](m2[0](x))))
+    h.register_hook(fail)  # after the last layers' gradients, before the first's
+    with pytest.raises(RuntimeError, match="backward failed"):
+        m2[5](m2[4](h)).square().mean().backward()
+    assert o2._ready and m2[5].weight.grad is not None  # waiting when the pass failed
+    o2.drop_ready()
+    assert not o2._ready and all(p.grad is None for p in m2.parameters())
+    for m in (m1, m2):
+        m(x).square().mean().backward()
+    same_weights_and_state(o1, m1, o2, m2)
+    assert int(o2.state[m2[5].weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))])
+def test_step_now_and_step_are_step_params_bits(device):
+    """step_now (the trainer's step of its deferred output projection: a batch of one) and step() (batched by
+    kind, with lr and weight decay per group taken at each step) give step_param's bits."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(16, 96, device=device, dtype=dtype)
+    m1, o1 = mini_model_and_opt(device, dtype)
+    m2, o2 = mini_model_and_opt(device, dtype)
+    m3, o3 = mini_model_and_opt(device, dtype)
+    o3.attach_hooks(params=[], batch_bytes=1 << 30)
+    for step in range(3):
+        for o in (o1, o2, o3):
+            o.param_groups[1]["lr"] = 3e-3 * (step + 1)
+        for m in (m1, m2, m3):
+            m(x).float().square().mean().backward()
+        for p in m1.parameters():
+            o1.step_param(p)
+            p.grad = None
+        g = m2[0].weight.grad
+        m2[0].weight.grad = g.t().contiguous().t()  # the same values in other strides: stepped from a copy
+        assert not m2[0].weight.grad.is_contiguous()
+        o2.step()
+        o2.zero_grad()
+        for p in m3.parameters():
+            o3.step_now(p, p.grad)
+            assert p.grad is None
+    if device == "cuda":
+        torch.cuda.synchronize()
+    same_weights_and_state(o1, m1, o2, m2)
+    same_weights_and_state(o1, m1, o3, m3)
+    assert o2._batches and o3._batches and not o3._ready
+    # A parameter given other memory (p.data = ..., as engines do when they load) is stepped there, not where
+    # the batch's cached arguments pointed.
+    for m, o in ((m1, o1), (m2, o2)):
+        m[0].weight.data = m[0].weight.data.clone()
+        m[0].bias.data = m[0].bias.data.clone()
+        m(x).float().square().mean().backward()
+    for p in m1.parameters():
+        o1.step_param(p)
+    o2.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    same_weights_and_state(o1, m1, o2, m2)
+
+
+def test_step_batches_check_their_arguments():
+    h = _core.AdamWHyper()
+    item = (0, "BF16", "BF16", 8, 0, 0, 0, 0, 0, h)
+    with pytest.raises(livetrain.InvalidArgumentError, match="one group per item"):
+        _core.AdamWBatch([item], [])
+    with pytest.raises(livetrain.InvalidArgumentError, match="no hyperparameters"):
+        _core.AdamWBatch([(*item[:-1], None)], [0])
+    with pytest.raises(livetrain.InvalidArgumentError, match="unknown dtype|dtype"):
+        _core.AdamWBatch([(0, "F16X", "BF16", 8, 0, 0, 0, 0, 0, h)], [0])
+    batch = _core.AdamWBatch([item], [1])
+    assert len(batch) == 1
+    with pytest.raises(livetrain.InvalidArgumentError, match="1 steps, got 0 gradients"):
+        batch.run([], [1e-3], [0.0], 0, 0, False, 0)
+    with pytest.raises(livetrain.InvalidArgumentError, match="step 0 is in group 1, got 1 groups"):
+        batch.run([0], [1e-3], [0.0], 0, 0, False, 0)
+    with pytest.raises(livetrain.InvalidArgumentError, match="one learning rate and one weight decay per group"):
+        batch.run([0], [1e-3, 1e-3], [0.0], 0, 0, False, 0)
+    a = _core.ApolloHyper()
+    apollo = _core.ApolloBatch([(0, "BF16", 8, "BF16", 8, 8, 0, 0, 0, 0, 0, 0, a)], [0])
+    with pytest.raises(livetrain.InvalidArgumentError, match="a required pointer is null"):
+        apollo.run([0], [1e-3], [0.0], 0, 0, False, 0)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")

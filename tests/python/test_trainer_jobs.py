@@ -1082,6 +1082,46 @@ def test_the_token_budget_is_chosen_from_memory_unless_given(run, monkeypatch):
     assert trainer.status()["max_batch_tokens"] == {"tokens": 24, "chosen": "--max-batch-tokens"}
 
 
+def test_the_hooks_batched_steps_train_the_same_bits(run):
+    """--step-batch-mib N: the backward hooks' optimizer steps wait in batches of gradients (and the output
+    projection's deferred gradient steps as a batch of one, Apollo.step_now); the weights are those of stepping
+    each parameter alone as its gradient arrives (0, the CPU's default)."""
+    engine0, alone = run("--no-guard", store=False)
+    engine1, batched = run("--no-guard", "--step-batch-mib", "1", store=False)
+    assert alone.step_batch_bytes == 0 and batched.step_batch_bytes == 1 << 20
+    for trainer in (alone, batched):
+        info = job(trainer, {"examples": FACTS, "steps": 3})
+        assert info["state"] == "done" and info["step"] == 3, info
+    assert same_bits(weights(engine0), weights(engine1))
+    assert {kind for kind, _, _ in batched.opt._batches} == {"apollo", "adamw"} and not alone.opt._batches
+    assert all(p.grad is None for p in batched.model.parameters())
+
+
+def test_the_gradients_waiting_for_a_batched_step_count_in_a_steps_memory(monkeypatch):
+    """--step-batch-mib: auto is a sixteenth of the trained weights' bytes, at most 1 GiB, on a GPU, 0 on the CPU;
+    the waiting gradients' bytes join a step's memory and come out of the auto token budget."""
+    gib = 2**30
+    assert admission.step_batch_bytes("auto", 15 * gib, "cuda") == 15 * gib // 16  # 8B: 15.3 GiB of weights
+    assert admission.step_batch_bytes("auto", 54 * gib, "cuda") == gib  # 27B: the cap
+    assert admission.step_batch_bytes("auto", 2 * gib, "cuda") == gib // 8
+    assert admission.step_batch_bytes("auto", 54 * gib, "cpu") == 0
+    assert admission.step_batch_bytes(3, 54 * gib, "cpu") == 3 << 20
+    assert (
+        admission.step_memory(100, 64, 2, 2, "cuda", batch_bytes=gib)
+        == admission.step_memory(100, 64, 2, 2, "cuda") + gib
+    )
+    monkeypatch.setattr(admission, "_host_memory", lambda: (640 * gib, 600 * gib))
+    device = torch.device("cpu")
+    tokens, how = admission.auto_max_batch_tokens(4096, 32, 2, device)
+    fewer, how_fewer = admission.auto_max_batch_tokens(4096, 32, 2, device, batch_bytes=8 * gib)
+    per_token = admission.step_bytes_per_token(4096, 32, 2, "cpu")
+    assert abs((tokens - fewer) - 8 * gib / per_token) <= 1
+    assert "8.00 GiB of gradients waiting for a batched step" in how_fewer and "waiting" not in how
+    for bad in ("-1", "1.5", "lots"):
+        with pytest.raises(ValueError, match="--step-batch-mib"):
+            options.parse(["--state-dir", "/nonexistent", "--no-store", "--step-batch-mib", bad])
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots", ""])
 def test_a_bad_token_budget_is_refused(value):
     with pytest.raises(ValueError, match="--max-batch-tokens"):

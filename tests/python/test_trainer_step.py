@@ -21,7 +21,7 @@ CORPUS = ["the capital of zorbia is quuxville", "hello how are you today", "one 
 def run(tmp_path):
     made = []
 
-    def start(tied: bool = False, embeddings: str = "apollo", **kw):
+    def start(tied: bool = False, embeddings: str = "apollo", words: tuple = (), **kw):
         model = tmp_path / f"model-{tied}"
         if not model.exists():
             tiny_model.make_model_dir(model, CORPUS, tied=tied)
@@ -37,6 +37,7 @@ def run(tmp_path):
                 "--no-store",
                 "--embeddings",
                 embeddings,
+                *words,
             ]
         )
         trainer = Trainer(manifest, str(model), settings, **kw)
@@ -87,6 +88,51 @@ def test_untied_head_is_stepped_after_backward_and_every_parameter_once(run):
     after = served(engine)
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"):
         assert not torch.equal(before[name], after[name]), f"{name} did not change in the engine's memory"
+
+
+def test_batched_hooks_step_every_parameter_once_the_head_after_backward(run):
+    """--step-batch-mib: the hooks' steps wait in batches (the CPU runs them one by one in the core); every
+    trainable parameter is still stepped exactly once, every gradient freed, the untied head after backward as a
+    batch of one (Apollo.step_now), never through step_param."""
+    engine, trainer = run(words=("--step-batch-mib", "1"))
+    before = served(engine)
+    log = one_step(trainer)
+    assert log == ["release"]
+    report = trainer.opt.report()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert report["ok"] == len(trainable) and set(report["steps"].values()) == {1}
+    assert all(p.grad is None for p in trainable) and not trainer.opt._ready
+    head = trainer.model.get_output_embeddings().weight
+    assert any(ids == (id(head),) for kind, _, ids in trainer.opt._batches)  # its batch of one
+    after = served(engine)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_a_failed_backward_leaves_no_batched_step_waiting(run):
+    """A backward pass that fails after some gradients queued for a batched step (here: the third hook raises)
+    drops them (Apollo.drop_ready): nothing stepped, every gradient freed; the next step steps each parameter
+    once, with its own gradient."""
+    _, trainer = run(words=("--step-batch-mib", "1"))
+    step_ready, calls = trainer.opt.step_ready, []
+
+    def failing(p):
+        calls.append(p)
+        if len(calls) == 3:
+            raise RuntimeError("backward failed")
+        step_ready(p)
+
+    trainer.opt.step_ready = failing
+    for h in trainer.hooks:
+        h.remove()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.hooks = [p.register_post_accumulate_grad_hook(trainer.opt.step_ready) for p in trainable]
+    with pytest.raises(RuntimeError, match="backward failed"):
+        one_step(trainer)
+    assert not trainer.opt._ready and all(p.grad is None for p in trainable)
+    assert set(trainer.opt.report()["steps"].values()) <= {0}  # nothing stepped: every step waited, was dropped
+    calls.append("past")  # the hooks pass through from here
+    one_step(trainer)
+    assert set(trainer.opt.report()["steps"].values()) == {1}
 
 
 def test_tied_head_stays_with_autograd(run):

@@ -188,10 +188,33 @@ def step_bytes_per_token(hidden: int, layers: int, dtype_bytes: int, device_type
     return MARGIN * per_unit * hidden * layers * dtype_bytes / 2
 
 
-def step_memory(max_tokens: int, hidden: int, layers: int, dtype_bytes: int, device_type: str) -> float:
-    """The memory a step of ``max_tokens`` tokens may take: its workspace and its tokens (what
+def step_memory(
+    max_tokens: int, hidden: int, layers: int, dtype_bytes: int, device_type: str, batch_bytes: int = 0
+) -> float:
+    """The memory a step of ``max_tokens`` tokens may take: its workspace, the gradients that wait for a
+    batched optimizer step (``batch_bytes``: ``step_batch_bytes``) and its tokens (what
     ``auto_max_batch_tokens`` sized the budget from, or what ``--max-batch-tokens N`` allows)."""
-    return FIXED_BYTES + max_tokens * step_bytes_per_token(hidden, layers, dtype_bytes, device_type)
+    return FIXED_BYTES + batch_bytes + max_tokens * step_bytes_per_token(hidden, layers, dtype_bytes, device_type)
+
+
+# --step-batch-mib auto: the share of the trained weights' bytes whose gradients may wait for a batched step, and
+# its cap. A batch costs a few launches whatever its size; a sixteenth keeps the model's matrices in about 16
+# batches, and the cap keeps 27B's within its memory target. On the H200 (bench/optim.py --full's hooks rows,
+# bench/RESULTS.md, fifth session): 1.20x the HBM floor at 8B and 1.14x at 27B, against 1.93x / 1.70x one
+# parameter at a time; 256 MiB 1.30x / 1.25x, 4096 MiB 1.35x / 1.11x (docs/tuning.md).
+STEP_BATCH_SHARE = 1 / 16
+STEP_BATCH_CAP = 1 << 30
+
+
+def step_batch_bytes(setting: int | str, trained_bytes: int, device_type: str) -> int:
+    """The gradient bytes the backward hooks let wait for a batched step (``Apollo.attach_hooks(batch_bytes=...)``)
+    under ``--step-batch-mib`` ``setting``: N MiB, or auto (STEP_BATCH_SHARE of the trained weights' bytes, at
+    most STEP_BATCH_CAP, on CUDA; 0 on the CPU, whose steps have no launches to save)."""
+    if setting != "auto":
+        return int(setting) << 20
+    if device_type != "cuda":
+        return 0
+    return min(STEP_BATCH_CAP, int(trained_bytes * STEP_BATCH_SHARE))
 
 
 def cache_bytes(config, dtype_bytes: int) -> tuple[int, int]:
@@ -228,11 +251,12 @@ def generation_batches(
     return [order[a:b] for a, b in chunks(cost, max_rows, max_bytes)]
 
 
-def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) -> tuple[int, str]:
+def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device, batch_bytes: int = 0) -> tuple[int, str]:
     """``--max-batch-tokens auto``: the tokens one step may compute so that its memory (measured cost per
-    token × the model's hidden size × its layers, plus a fixed workspace, with a margin) stays within a
-    tenth of the device's memory and 80% of what is free now (after the weights and the optimizer state):
-    the number, and how it was chosen (for the log and /train/status). At least 256."""
+    token × the model's hidden size × its layers, plus a fixed workspace and the gradients that wait for a
+    batched optimizer step, ``batch_bytes``, with a margin) stays within a tenth of the device's memory and
+    80% of what is free now (after the weights and the optimizer state): the number, and how it was chosen
+    (for the log and /train/status). At least 256."""
     import torch
 
     if device.type == "cuda":
@@ -241,12 +265,13 @@ def auto_max_batch_tokens(hidden: int, layers: int, dtype_bytes: int, device) ->
     else:
         total, free = _host_memory()
         where, source = "host memory", "bench/train_memory.py's CPU figure"
-    budget = min(MEMORY_SHARE * total, 0.8 * free) - FIXED_BYTES
+    budget = min(MEMORY_SHARE * total, 0.8 * free) - FIXED_BYTES - batch_bytes
     per_token = step_bytes_per_token(hidden, layers, dtype_bytes, device.type)
     tokens = max(256, int(budget // per_token))
+    waiting = f" and {batch_bytes / 2**30:.2f} GiB of gradients waiting for a batched step" if batch_bytes else ""
     how = (
         f"auto: {budget / 2**30:.1f} GiB for a step ({MEMORY_SHARE:.0%} of {where}'s {total / 2**30:.0f} GiB, at most "
-        f"80% of the {free / 2**30:.1f} GiB free, less {FIXED_BYTES / 2**30:.0f} GiB of workspace) / "
+        f"80% of the {free / 2**30:.1f} GiB free, less {FIXED_BYTES / 2**30:.0f} GiB of workspace{waiting}) / "
         f"{per_token / 1024:.0f} KiB per token "
         f"({hidden} hidden × {layers} layers, {source})"
     )

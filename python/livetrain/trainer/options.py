@@ -70,6 +70,19 @@ def batch_tokens(value: str) -> int | str:
     return n
 
 
+def step_batch_mib(value: str) -> int | str:
+    """``--step-batch-mib`` (an argparse type): ``auto`` or a whole number >= 0."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a whole number of MiB >= 0")
+    return n
+
+
 def add_store_options(parser) -> None:
     """``--store DIR`` / ``--no-store``: which checkpoint store the engine and the trainer use."""
     parser.add_argument(
@@ -250,6 +263,17 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "batch_size itself or one example is longer. Default auto: chosen at start from the model's size and "
         "the device's memory (a tenth of it, at most 80%% of what is free, at the cost per token that "
         "bench/train_memory.py measured); the trainer logs the number and /train/status shows it",
+    )
+    parser.add_argument(
+        "--step-batch-mib",
+        type=step_batch_mib,
+        default="auto",
+        metavar="N|auto",
+        help="the backward hooks' optimizer steps wait until the waiting gradients hold N MiB and then step "
+        "together in one batched launch (fewer launches; the same bits): up to N MiB more memory in a step, "
+        "which the step's memory budget counts. 0: each parameter steps alone as its gradient arrives. "
+        "Default auto: 1/16 of the trained weights' bytes, at most 1024 MiB, on a GPU; 0 on the CPU, where a "
+        "batch saves nothing (docs/tuning.md)",
     )
     parser.add_argument(
         "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
@@ -458,6 +482,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--builtin-retention",
         ns.builtin_retention,
         *(["--retention", ns.retention] if ns.retention else []),
+        "--step-batch-mib",
+        str(ns.step_batch_mib),
         "--max-seq-len",
         str(ns.max_seq_len),
         "--queue-size",

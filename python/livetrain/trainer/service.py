@@ -1,6 +1,6 @@
 """The trainer: attaches to an engine's weights through its manifest, builds the Hugging Face model on
-them, and runs training jobs from a queue with APOLLO-Mini steps applied per parameter from backward hooks,
-so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
+them, and runs training jobs from a queue with APOLLO-Mini steps applied from backward hooks as gradients
+are made (in batches of --step-batch-mib of gradients), so the served weights change in place. Requests arrive through ``handle`` (the socket protocol,
 trainer.protocol); checkpoint and rollback requests run on the training thread between two steps, writing
 to the model's checkpoint store (livetrain.checkpoint). ``python -m livetrain.trainer`` runs it as a process.
 Under tensor parallelism one Trainer runs per engine rank (trainer.ranks): rank 0 as described, the others
@@ -207,8 +207,20 @@ class Trainer:
         except _core.NotFoundError:  # no model files (an engine with random weights, --no-store): none to list
             self.not_trained = []
         self.opt.param_names = self.names
-        self.opt.attach_hooks()
-        progress(f"optimizer ready over {len(self.names)} parameters")
+        # The hooks' steps wait in batches of this many gradient bytes (--step-batch-mib): the batched launches of
+        # step(), with those gradients' memory counted in a step's (admission.step_memory). Under tensor
+        # parallelism every step waits for its sums over ranks, alone.
+        trained = sum(p.numel() * p.element_size() for p in self.names if p.requires_grad)
+        self.step_batch_bytes = (
+            0 if ranks is not None else admission.step_batch_bytes(s.step_batch_mib, trained, self.device.type)
+        )
+        self.hooks = self.opt.attach_hooks(batch_bytes=self.step_batch_bytes)
+        progress(
+            f"optimizer ready over {len(self.names)} parameters; the backward hooks step them in batches of "
+            f"{self.step_batch_bytes / 2**20:.0f} MiB of gradients"
+            if self.step_batch_bytes
+            else f"optimizer ready over {len(self.names)} parameters; the backward hooks step each alone"
+        )
         self.release_cached = release_cached
         self._released = False  # in this step's backward (see step)
         embeddings_module = self.model.get_input_embeddings()
@@ -224,7 +236,7 @@ class Trainer:
         cfg, esize = self.model.config.get_text_config(), next(self.model.parameters()).element_size()
         if s.max_batch_tokens == "auto":  # after the optimizer's state exists: what is free now is what a step has
             self.max_batch_tokens, self.max_batch_tokens_from = admission.auto_max_batch_tokens(
-                cfg.hidden_size, cfg.num_hidden_layers, esize, self.device
+                cfg.hidden_size, cfg.num_hidden_layers, esize, self.device, self.step_batch_bytes
             )
         progress(f"{self.max_batch_tokens} tokens per step at most ({self.max_batch_tokens_from})")
         # The guard's and rewording's greedy answers run outside the steps, in the memory a step may take: half
@@ -234,7 +246,7 @@ class Trainer:
             "memory": admission.step_memory(
                 self.max_batch_tokens, cfg.hidden_size, cfg.num_hidden_layers, esize, self.device.type
             )
-            / 2,
+            / 2,  # outside the steps: no gradients wait then
         }
         progress(
             f"greedy answers (the guard's, rewording's) in batches of at most {self.greedy['batch']} rows and "
@@ -818,7 +830,7 @@ class Trainer:
 
     def step(self, examples, anchor=None, separate_anchor: bool | None = None) -> tuple[float, int, list[float]]:
         """One forward/backward over a batch (and the anchor's rows: ``loss``); the optimizer steps each
-        parameter from its hook during backward. Returns the loss (without the anchor's term), the batch's
+        parameter from its hook during backward (batched: see __init__'s attach_hooks). Returns the loss (without the anchor's term), the batch's
         tokens and each example's loss (unweighted).
 
         ``NonFinite`` when the loss is not finite (nothing was stepped: backward does not run), or when
@@ -835,12 +847,19 @@ class Trainer:
         if statuses:
             torch._foreach_zero_(statuses)  # each parameter's step writes its outcome there (optim.Status)
         self._released = False
-        loss.backward()
+        try:
+            loss.backward()
+        except BaseException:
+            # Gradients that waited for a batched step, or that a failing hook left, from a pass that did not end:
+            # the next pass would add its own to them.
+            self.opt.drop_ready()
+            self.opt.zero_grad(set_to_none=True)
+            raise
         # Once the embeddings' gradient has been made and freed, the projection's (the same size) takes
         # its place: release only when that did not happen (embeddings tied or frozen).
         if later.active and self.release_cached and not self._released:
             self._release()
-        later.apply(self.opt.step_param)
+        later.apply(self.opt.step_now)  # a batch of one with --step-batch-mib (APOLLO-Mini's batched kernels)
         if self.ranks is not None:
             self.ranks.end_step()
         self._check_step()
