@@ -141,6 +141,7 @@ def test_sweep7_is_the_defaults_against_fewer_larger_steps():
     assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "train"}], differ
     assert shipped["batch"] is None and [r["batch"] for r in rows[1:]] == [64, 64, 64]
     assert sweep.ROW["batch"] is None  # the other grids' rows: the trainer's --batch-size
+    assert sweep.GRIDS["sweep7b"] == sweep.GRIDS["sweep7"][2:]  # the rows its H200 call did not hold
 
 
 def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monkeypatch, tmp_path):
