@@ -14,7 +14,9 @@
 #                                                forward, more anchor rows, replay_select similar; sweep4:
 #                                                the built-in replay-only prompts, restate; sweep5:
 #                                                sweep4's rows that never ran, lr 1e-4; sweep6: the
-#                                                defaults without and with rewording), <= 8 min
+#                                                defaults without and with rewording; sweep7: the
+#                                                defaults against every example in every step; sweep7b:
+#                                                its last two rows), <= 8 min
 #                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
 #                                                anchor, with it in a forward of its own, in the batch's (~1 min)
@@ -77,7 +79,7 @@ receive)
 prepare)
   prepare
   ;;
-sweep2 | sweep2b | sweep3 | sweep4 | sweep5 | sweep6)
+sweep2 | sweep2b | sweep3 | sweep4 | sweep5 | sweep6 | sweep7 | sweep7b)
   prepare
   mkdir -p "$out"
   timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \

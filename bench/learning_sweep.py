@@ -8,13 +8,14 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until).
+of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
+--train).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|sweep2b|sweep3|sweep4|sweep5] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
-           [--retention all,core] [--until 0.1] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
+           [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ ROW = {
     "retention": "all",
     "until": 0.1,
     "max_steps": 300,
+    "train": "all",
+    "batch": None,  # the job's batch_size (None: the trainer's --batch-size, 8)
 }
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
@@ -255,7 +258,25 @@ GRIDS = {
         {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
         {**_REWORD, "name": "anchor4 r8 similar reword (examples)"},
     ],
+    # Every example in every step (issue #14, bench/learning_forgetting.py, docs/learning.md "What a job loses"):
+    # on the CPU a job whose steps each held a quarter of its examples (batches of 2 of 8) lost 16 of 26 general
+    # answers where one batch of all 8 lost 8, for about the same update size (with 8 facts, halves against the
+    # whole batch: 6 against 8 lost, no gain); the defaults' job on the H200 gives each step an eighth of its 64
+    # examples and takes 367 steps (sweep6). Against the defaults in the same run: batches of 64, the same with
+    # rewording (sweep6: 16 -> 23 of 32 reworded, but out of its 400-step budget), and training the MLPs alone
+    # (the CPU's anchored default job: its attention put back brought 7 of its 10 flipped general answers back,
+    # its MLPs 4, the embeddings none; plain jobs of the MLPs alone kept no more). The jsonl names each row's general
+    # answers lost. On the H200 (17:07, at 19ee000) its 300 s held rows 1-2 (batch 64: 239 steps, 61 s of
+    # training against the defaults' 367 and 96 s) and cut row 3 at step 230; sweep7b is rows 3-4.
+    "sweep7": [
+        {**_REWORD, "name": "anchor4 r8 similar (defaults)", "reword": False},
+        {**_REWORD, "name": "batch 64", "reword": False, "batch": 64},
+        {**_REWORD, "name": "batch 64 reword", "batch": 64},
+        {**_REWORD, "name": "batch 64 train mlp", "reword": False, "batch": 64, "train": "mlp"},
+    ],
 }
+# sweep7's rows that the 300 s of its H200 call did not hold (~4 minutes).
+GRIDS["sweep7b"] = GRIDS["sweep7"][2:]
 
 
 def main(argv=None) -> int:
@@ -286,6 +307,12 @@ def main(argv=None) -> int:
         help="built-in retention prompts: all, core (without the replay-only ones)",
     )
     p.add_argument("--until", type=floats, default=[0.1], help="until_loss of each job")
+    p.add_argument(
+        "--train",
+        type=lambda s: s.split(","),
+        default=["all"],
+        help="which parameters each job trains: all, layers, mlp",
+    )
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
@@ -312,6 +339,7 @@ def main(argv=None) -> int:
                 "restate": y,
                 "retention": z,
                 "until": u,
+                "train": tr,
             }
             for lr in a.lr
             for w in a.warmup
@@ -322,6 +350,7 @@ def main(argv=None) -> int:
             for y in a.restate
             for z in a.retention
             for u in a.until
+            for tr in a.train
         ]
         for r in rows:
             r["max_steps"] = a.max_steps
@@ -341,7 +370,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | replay | anchor | select | retention | reword | restate | until | steps | trained | reworded "
+        "| row | lr | batch | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
         "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
@@ -363,8 +392,11 @@ def main(argv=None) -> int:
             "replay_select": r["select"],
             "reword": r["reword"],
             "restate": r["restate"],
+            "train": r["train"],
             "guard": True,
         }
+        if r.get("batch"):
+            job["batch_size"] = r["batch"]
         if "steps" in r:
             job["steps"] = r["steps"]
         else:
@@ -372,13 +404,15 @@ def main(argv=None) -> int:
         info = ip.job(job)
         g = info["guard"] or {}
         t0 = time.perf_counter()
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
+        answers = ip.ask([q for _, q, _ in asked], a.max_tokens)
+        got = lq.score(asked, answers, facts, general)
         ask_s = time.perf_counter() - t0
         kept, right = lq.kept(base["general"], got["general"])
         guard_s = g.get("seconds") or 0.0
         row = {
             **r,
             "reason": info["stop_reason"],
+            "batch_size": info.get("batch_size"),
             "steps": info["step"],
             "trained": sum(got["trained"]),
             "reworded": sum(got["reworded"]),
@@ -396,12 +430,23 @@ def main(argv=None) -> int:
             "train_s": round(info["seconds"] - guard_s, 1),
             "guard_s": round(guard_s, 2),
             "ask_s": round(ask_s, 1),
+            # Per question, which general answers right before are lost and which were gained, with the
+            # answers (bench/learning_forgetting.py's analysis across runs).
+            "general_lost": {
+                i: answers[n]
+                for n, (kind, _, i) in enumerate(asked)
+                if kind == "general" and base["general"][i] and not got["general"][i]
+            },
+            "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
+            "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
+            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
         }
         stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "
             f"| {row['steps']}{stop} | {row['trained']}/{len(facts)} | {row['reworded']}/{len(facts)} "

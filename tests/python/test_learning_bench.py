@@ -2,6 +2,7 @@
 row starts from."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -22,10 +23,11 @@ class FakeInProcess:
     version on, ``reset`` puts back the starting weights and their version."""
 
     made: list = []
+    bodies: list = []
 
     def __init__(self, dtype, device, batch_size):
         self.version, self.answers_at, self.which = 0, None, None
-        FakeInProcess.made = []
+        FakeInProcess.made, FakeInProcess.bodies = [], []
 
     def retention(self, which):
         if self.answers_at != self.version or self.which != which:
@@ -40,6 +42,7 @@ class FakeInProcess:
 
     def job(self, body):
         assert self.answers_at == self.version == 0  # the row's job starts from the starting weights' answers
+        FakeInProcess.bodies.append({k: v for k, v in body.items() if k != "examples"})
         self.version += 5
         return {
             "guard": {"seconds": 0.5, "kl": 0.01, "answers_kept": 1, "answers_compared": 1, "passed": True},
@@ -122,3 +125,35 @@ def test_sweep6_is_the_defaults_without_and_with_rewording():
     plain, reword = ({**sweep.ROW, **r} for r in sweep.GRIDS["sweep6"])
     assert {k for k in shipped if plain[k] != shipped[k]} == set(), plain
     assert {k for k in shipped if reword[k] != shipped[k]} == {"reword"} and reword["reword"] is True, reword
+
+
+def test_sweep7_is_the_defaults_against_fewer_larger_steps():
+    sweep = load_sweep()
+    from livetrain.trainer import options
+
+    d = options.LEARNING
+    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
+    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
+    keys |= {"train": "train"}
+    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep7"]]
+    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
+    assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "train"}], differ
+    assert shipped["batch"] is None and [r["batch"] for r in rows[1:]] == [64, 64, 64]
+    assert sweep.ROW["batch"] is None  # the other grids' rows: the trainer's --batch-size
+    assert sweep.GRIDS["sweep7b"] == sweep.GRIDS["sweep7"][2:]  # the rows its H200 call did not hold
+
+
+def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monkeypatch, tmp_path):
+    sweep = load_sweep()
+    monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
+    answers = iter(["Paris"] + ["Lyon"] * 4)  # before: right; after each job: wrong
+    monkeypatch.setattr(FakeInProcess, "ask", lambda self, q, n: [next(answers)] * len(q))
+    monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
+    assert sweep.main(["--grid", "sweep7", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, 64, 64, 64]
+    assert [b["train"] for b in FakeInProcess.bodies] == ["all", "all", "all", "mlp"] and FakeInProcess.bodies[2][
+        "reword"
+    ]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["general_lost"] for r in rows] == [{"0": "Lyon"}] * 4 and rows[0]["general_right_before_idx"] == [0]

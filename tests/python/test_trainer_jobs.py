@@ -667,6 +667,38 @@ def test_cancel_a_queued_and_a_running_job(run):
         runner.join(60)
 
 
+def test_a_job_trains_only_the_parameters_it_names(run):
+    # "train": "mlp" / "layers" (options.TRAIN): the other parameters keep their bits, for that job alone; the
+    # job says what it trained. The tiny model's output projection is untied (its gradient deferred otherwise).
+    engine, trainer = run("--no-guard")
+    names = [n for n, p in engine.model.named_parameters()]
+    tables = {n for n in names if "embed" in n or "lm_head" in n}
+    assert any("lm_head" in n for n in tables) and any(".mlp." in n for n in names)
+    for train, changes in (
+        ("mlp", lambda n: ".mlp." in n),
+        ("layers", lambda n: n not in tables),
+        ("all", lambda n: True),
+    ):
+        before = weights(engine)
+        info = job(trainer, {"examples": FACTS, "steps": 2, "train": train})
+        after = weights(engine)
+        changed = {n for n in names if not same_bits({n: before[n]}, {n: after[n]})}
+        assert changed and all(changes(n) for n in changed), (train, sorted(changed))
+        if train != "all":
+            assert not any(n in changed for n in tables)
+        want = [p for p in trainer.names if changes(trainer.names[p])]
+        assert info["plan"]["train"] == train and info["trains"] == {
+            "train": train,
+            "tensors": len(want),
+            "parameters": sum(p.numel() for p in want),
+        }, info["trains"]
+    # Every parameter trains again after a job that froze some: the last job ("all") changed the embeddings.
+    assert any(n in changed for n in tables) and all(p.requires_grad for p in trainer.names)
+    assert schedule.plan({}, options.parse(["--train", "mlp"]), 2).train == "mlp"
+    assert schedule.plan({"train": "all"}, options.parse(["--train", "mlp"]), 2).train == "all"
+    assert options.parse([]).train == options.LEARNING["train"] == trainer.status()["train"] == "all"
+
+
 @pytest.mark.parametrize("reword", [False, True])
 def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monkeypatch, reword):
     """Regression: a job cancelled (or the trainer stopped) while the guard made its measures at the job's
@@ -731,6 +763,8 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
         ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
         ({"examples": FACTS, "restate": "yes"}, "restate"),
+        ({"examples": FACTS, "train": "attention"}, "train"),
+        ({"examples": FACTS, "train": ["mlp"]}, "train"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
     ],

@@ -47,6 +47,8 @@ def test_options_survive_argv():
             "--reword",
             "--replay-select",
             "similar",
+            "--train",
+            "mlp",
             "--guard-min-kept",
             "0.5",
             "--guard-prepare",

@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any, Callable
 
 from livetrain.trainer.examples import JOB_OPTIONS
-from livetrain.trainer.options import REPLAY_SELECT
+from livetrain.trainer.options import REPLAY_SELECT, TRAIN
 from livetrain.trainer.routes import API_KEY_ENV
 from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         "--replay-select",
         choices=REPLAY_SELECT,
         help="which replayed rows join each step: in turn, or half of them those most like the step's prompts",
+    )
+    p.add_argument(
+        "--train",
+        choices=TRAIN,
+        help="which parameters the job trains: all, layers (not the embeddings nor the output projection) or "
+        "mlp (the layers' MLPs alone) (default: the server's)",
     )
     p.add_argument(
         "--reword",

@@ -16,7 +16,7 @@ import re
 
 import jinja2
 
-from livetrain.trainer.options import REPLAY_SELECT, Chat
+from livetrain.trainer.options import REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
@@ -38,6 +38,7 @@ JOB_OPTIONS = {
     "reword": (bool, lambda v: True, "true or false"),
     "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
+    "train": (str, lambda v: v in TRAIN, " or ".join(f'"{v}"' for v in TRAIN)),
     "guard": (bool, lambda v: True, "true or false"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.

@@ -15,6 +15,10 @@ DEFAULT_STATE_DIR = "livetrain-state"
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
 REPLAY_SELECT = ("cycle", "similar")
+# Which of the model's parameters a job trains (the rest stay as they are for that job; trainer.service
+# ``Trainer.trained_parameters``): all of them, the layers' (not the embeddings nor the output projection),
+# or the layers' MLP matrices alone.
+TRAIN = ("all", "layers", "mlp")
 GUARD_PREPARE = ("idle", "job")
 # Which built-in retention prompts the guard uses (trainer.guard.Retention): auto picks by device.
 BUILTIN_RETENTION = ("auto", "all", "core")
@@ -29,6 +33,7 @@ LEARNING = {
     "reword": False,
     "restate": False,
     "replay_select": "similar",
+    "train": "all",
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
 }
@@ -371,6 +376,13 @@ def add_learning_options(parser) -> None:
         "whose prompts share the most rare tokens with the step's examples' prompts, the rest in turn) "
         f"(default {LEARNING['replay_select']})",
     )
+    parser.add_argument(
+        "--train",
+        default=LEARNING["train"],
+        choices=TRAIN,
+        help="which parameters a job trains by default: all, layers (not the embeddings nor the output "
+        f"projection) or mlp (the layers' MLP matrices alone) (default {LEARNING['train']})",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
     parser.add_argument(
         "--no-guard",
@@ -458,6 +470,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--restate" if ns.restate else "--no-restate",
         "--replay-select",
         ns.replay_select,
+        "--train",
+        ns.train,
         *(["--no-guard"] if ns.no_guard else []),
         "--guard-threshold",
         str(ns.guard_threshold),

@@ -41,7 +41,7 @@ class Plan:
     own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
     the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
-    plain text (trainer.augment.restated). ``guard``: measure retention and roll the job back when it
+    plain text (trainer.augment.restated). ``train``: which parameters the job trains (options.TRAIN). ``guard``: measure retention and roll the job back when it
     drops too far (docs/learning.md).
     """
 
@@ -57,6 +57,7 @@ class Plan:
     guard: bool
     replay_select: str = "cycle"
     restate: bool = False
+    train: str = "all"
 
     @property
     def budget(self) -> int:
@@ -108,6 +109,7 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
+        train=options.get("train", defaults.train),
     )
 
 

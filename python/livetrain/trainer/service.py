@@ -497,6 +497,8 @@ class Trainer:
                 "the forgetting guard and retention replay do not run under tensor parallelism yet; send "
                 '"guard": false and "replay": 0 (the defaults under tensor parallelism)',
             )
+        if self.ranks is not None and plan.train != "all":
+            raise Invalid("train", 'under tensor parallelism a job trains every parameter: send "train": "all"')
         if self.ranks is not None and plan.reword:
             raise Invalid("reword", "rewording runs the model on rank 0 alone: not under tensor parallelism yet")
         if self.stopping.is_set():
@@ -519,6 +521,7 @@ class Trainer:
             "stop_reason": None,
             "reworded": None,
             "restated": len(restated) if plan.restate else None,
+            "trains": None,
             "guard": None,
             "error": None,
             "submitted": time.time(),
@@ -635,6 +638,7 @@ class Trainer:
                     "steps": self.opt_steps,
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
+                "train": self.settings.train,
                 "kernels": self.kernels,
                 "device": str(self.device),
                 "max_batch_tokens": {"tokens": self.max_batch_tokens, "chosen": self.max_batch_tokens_from},
@@ -972,6 +976,7 @@ class Trainer:
             info["state"], info["started"], self.current = "running", time.time(), jid
         t_job = time.perf_counter()
         reason, state, undo, restored = None, "done", None, False
+        frozen: list = []
 
         def given_up() -> bool:
             """A cancel or a shutdown: what ends the guard's measures and the rewording before the first step
@@ -980,6 +985,19 @@ class Trainer:
 
         try:
             undo = self._undo_point() if plan.guard else None
+            # What the job trains (plan.train): the rest is frozen for the job's steps alone (no gradient, no
+            # update, the optimizer's state of it untouched).
+            trained = self.trained_parameters(plan.train)
+            keep = {id(p) for p in trained}
+            frozen = [p for p in self.names if p.requires_grad and id(p) not in keep]
+            for p in frozen:
+                p.requires_grad_(False)
+            with self.lock:
+                info["trains"] = {
+                    "train": plan.train,
+                    "tensors": len(trained),
+                    "parameters": sum(p.numel() for p in trained),
+                }
             # First the rewordings (they join the job's rows), then the replayed rows cut to their share of
             # the step budget with every row known (trainer.admission), before the anchor's reference
             # distributions are taken on them.
@@ -1079,6 +1097,8 @@ class Trainer:
             with self.lock:
                 info["error"] = message
         finally:
+            for p in frozen:
+                p.requires_grad_(True)
             with self.lock:
                 if reason == "shutdown":
                     state, info["error"] = "failed", "stopped by shutdown"
@@ -1093,6 +1113,24 @@ class Trainer:
                 flush=True,
             )
             self.save()
+
+    def trained_parameters(self, train: str) -> list:
+        """The parameters a job of ``train`` (options.TRAIN) trains, of those the trainer trains at all
+        (``--embeddings frozen`` leaves out the embeddings and output projection): "all"; "layers", all but
+        the input embeddings and the output projection; "mlp", the parameters of the layers' MLPs alone (the
+        ``mlp`` modules of the transformers model: their gate, up and down projections, or their experts)."""
+        live = [p for p in self.names if p.requires_grad]
+        if train == "all":
+            return live
+        if train not in options.TRAIN:
+            raise ValueError(f"train must be one of {', '.join(options.TRAIN)}, not {train!r}")
+        tables = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        out = self.model.get_output_embeddings()
+        if out is not None:
+            tables.add(id(out.weight))
+        if train == "layers":
+            return [p for p in live if id(p) not in tables]
+        return [p for p in live if id(p) not in tables and ".mlp." in f".{self.names[p]}"]
 
     def _reword(self, info: dict, raw: list, examples: list, interrupt=None) -> list:
         """The job's examples with their questions reworded by the model (trainer.augment), at most as long
