@@ -67,6 +67,9 @@ class Engine:
         self.name = os.path.basename(os.path.normpath(model_dir))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         use_chat(self.tokenizer, chat or options.Chat())  # the chat-template options: the trainer renders with them too
+        # Token ids a prompt may hold: the embedding's rows (the text config's vocab_size), at any TP size.
+        text_config = transformers.AutoConfig.from_pretrained(model_dir).get_text_config()
+        self.vocab = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
         self.ranks = ranks  # livetrain.trainer.ranks.Ranks of a tensor-parallel engine's rank 0, else None
         if ranks is not None:
             self._init_tensor_parallel(ranks, dtype, store, store_dir, manifest, max_batch, max_queue, batch_attention)
@@ -77,8 +80,6 @@ class Engine:
             if layout.served_in_fp32(name):
                 p.data = p.data.float()
         self.model = model.to(self.device).eval()
-        # Token ids a prompt may hold: the embedding's rows (the text config's vocab_size).
-        self.vocab = int(getattr(model.config, "vocab_size", 0) or len(self.tokenizer))
         # Generation runs the same layers as training: the fused kernels they got, or the torch path.
         for warning in kernels.prepare(self.model, self.device, backward=False):
             print(f"livetrain engine: warning: {warning}", file=sys.stderr, flush=True)
