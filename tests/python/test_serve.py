@@ -183,6 +183,21 @@ def test_completions_chat_and_streaming(server):
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == a["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] is not None
+    # A streamed chat answer as vLLM streams it: the role in a first chunk of its own, then the text.
+    code, chat_text = server.http(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hello how are you"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
+    events = [line[len("data: ") :] for line in chat_text.splitlines() if line.startswith("data: ")]
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert code == 200 and events[-1] == "[DONE]" and deltas[0] == {"role": "assistant", "content": ""}
+    assert all("role" not in d for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas) == chat["choices"][0]["message"]["content"]
     # A stop string cuts the text before it.
     words = a["choices"][0]["text"].split()
     if len(words) >= 2:
