@@ -616,6 +616,7 @@ class Trainer:
                 "tokens_per_s": self.tokens_per_s,
                 "jobs": {state: states.get(state, 0) for state in schedule.STATES},
                 "checkpoint_time": self.generations[-1]["time_ms"] / 1000 if self.store is not None else None,
+                "checkpoint_weight_version": self.generations[-1]["weight_version"] if self.store is not None else None,
                 "running": self.current,
             }
 
