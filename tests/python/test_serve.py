@@ -123,7 +123,7 @@ def server(model_dir, tmp_path_factory):
 # ---- tokenization and loss masks (no server) ----
 def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids, mask, w = encode_example(
+    [(ids, mask, w)] = encode_example(
         tok,
         {
             "messages": [
@@ -138,7 +138,7 @@ def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     )
     learned = [tok.decode([t]) for t, m in zip(ids, mask) if m]
     assert learned == ["i", "am", "fine", "</s>", "thank", "you", "</s>"] and w == 2.0
-    ids, mask, _ = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
+    [(ids, mask, _)] = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
     assert [tok.decode([t]) for t, m in zip(ids, mask) if m] == [FACT, "</s>"]
     assert ids[: sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
     for bad, param in (
