@@ -589,6 +589,15 @@ std::string first_differing_tensor(const std::string& model_dir, const Commit& c
 
 std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
 
+// The number of the generation a save writes after `c`'s head.
+uint64_t next_generation(const Commit& c, const std::string& dir) {
+  if (c.head >= kMaxGeneration) {
+    throw Error(ErrorCode::kOverflow, "checkpoint store " + dir + ": its head is generation " + std::to_string(c.head) +
+                                          ", the largest there can be; nothing more can be saved");
+  }
+  return c.head + 1;
+}
+
 // Region `r` of a tensor of `shape`, normalized (an empty start means the whole tensor).
 Region normalized(const Region& r, const std::vector<uint64_t>& shape) {
   return r.start.empty() && r.shape.empty() ? whole_region(shape) : r;
@@ -1203,7 +1212,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     }
   }
   SaveResult res;
-  const uint64_t g = commit_.head + 1, parent = commit_.head;
+  const uint64_t g = next_generation(commit_, dir_), parent = commit_.head;
   Generation gen;
   gen.generation = g;
   gen.parent = parent;
@@ -1274,7 +1283,7 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   sync();  // a part of an earlier generation is confirmed or put back first
   std::vector<Checked> checked = check_live(live, true);
   PartDescriptor d;
-  d.generation = commit_.head + 1;
+  d.generation = next_generation(commit_, dir_);
   d.parent = commit_.head;
   d.ranks = ranks_;
   d.group = group_;
@@ -1325,7 +1334,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                 "checkpoint store " + dir_ + ": rank " + std::to_string(rank_) +
                     " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
   }
-  const uint64_t g = commit_.head + 1;
+  const uint64_t g = next_generation(commit_, dir_);
   auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.part.rank); };
   std::vector<const PartDescriptor*> by_rank(ranks_, nullptr);
   for (const PartDescriptor& p : parts) {

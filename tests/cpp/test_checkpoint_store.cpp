@@ -1,6 +1,8 @@
 // The checkpoint store: generations of sparse and dense bf16 changes restored bit-exactly, rollback after
 // materializing a newer state, restore into a new directory, gc, symlink refusal, EFBIG mid-save, and
-// clear errors (no partial write) for a wrong model, a missing or changed base and corrupt deltas.
+// clear errors (no partial write) for a wrong model, a missing or changed base, corrupt deltas, store
+// files replaced by a device or a FIFO, an existing output directory, a create racing another process
+// and the last generation number.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -15,6 +17,7 @@
 #include "helpers.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/tuning.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
@@ -209,6 +212,72 @@ TEST(CheckpointStore, MissingOrChangedBaseAndCorruptDeltas) {
   EXPECT_EQ(livetrain::testing::read_bytes(shard), orig) << "no partial write";
   checkpoint::Store s = checkpoint::Store::open(f.model);
   EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
+}
+
+// A store file replaced by a device, a FIFO or a directory is refused naming it: a COMMIT symlinked to
+// /dev/zero was read until memory ran out (an endless read; std::bad_alloc), a FIFO blocked the open forever.
+TEST(CheckpointStore, AFileReplacedByADeviceOrFifoIsRefusedWithoutBlocking) {
+  Fixture f;
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model);
+    livetrain::testing::perturb(f.live, 3, 0.05);
+    s.save(f.live.views());
+  }
+  const std::string dir = checkpoint::default_store_dir(f.model);
+  const std::string commit = dir + "/COMMIT", delta = dir + "/" + checkpoint::delta_file_name(1);
+  const std::string commit_bytes = livetrain::testing::read_bytes(commit),
+                    delta_bytes = livetrain::testing::read_bytes(delta);
+  auto refused = [&](const std::string& path) {
+    // In a child, so that a blocked open fails the test instead of hanging it.
+    pid_t pid = fork();
+    if (pid == 0) {
+      alarm(20);
+      try {
+        checkpoint::Store::open(f.model);
+      } catch (const Error& e) {
+        _exit(std::string(e.what()).find(path + ": not a regular file") != std::string::npos ? 0 : 2);
+      } catch (...) {
+        _exit(3);
+      }
+      _exit(4);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+  };
+  for (const std::string& path : {commit, delta}) {
+    std::filesystem::remove(path);
+    std::filesystem::create_symlink("/dev/zero", path);
+    EXPECT_EQ(refused(path), 0) << path << " -> /dev/zero";
+    std::filesystem::remove(path);
+    ASSERT_EQ(mkfifo(path.c_str(), 0600), 0);
+    EXPECT_EQ(refused(path), 0) << path << " a FIFO";  // SIGALRM (114) when the open blocks
+    std::filesystem::remove(path);
+    livetrain::testing::write_bytes(path, path == commit ? commit_bytes : delta_bytes);
+  }
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
+}
+
+// The largest generation number is the last: a save after it is refused, and the store still opens.
+TEST(CheckpointStore, NoSaveAfterTheLargestGeneration) {
+  Fixture f;
+  std::string dir;
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model);
+    dir = s.dir();
+  }
+  checkpoint::Commit c = checkpoint::commit_read(dir);
+  c.head = c.oldest = c.materialized = c.generations[0].generation = checkpoint::kMaxGeneration;
+  livetrain::fs::write_file_atomic(dir + "/COMMIT", checkpoint::commit_serialize(c));
+  const std::string before = livetrain::fs::read_file(dir + "/COMMIT");
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  livetrain::testing::perturb(f.live, 5, 0.1);
+  std::string msg = expect_error([&] { s.save(f.live.views()); }, ErrorCode::kOverflow);
+  EXPECT_NE(msg.find("the largest there can be"), std::string::npos) << msg;
+  EXPECT_EQ(livetrain::fs::read_file(dir + "/COMMIT"), before);
+  s.close();
+  EXPECT_EQ(checkpoint::Store::open(f.model).commit().head, checkpoint::kMaxGeneration);
 }
 
 TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {

@@ -4,6 +4,7 @@ killed at random instants during materialize (every model file must then load wi
 package to the committed state), and one clear error line for bad input."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -173,3 +174,26 @@ def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
     copy.write_bytes(copy.read_bytes()[:-100])
     r = run(cli, "checkpoint", "verify", str(model))
     assert r.returncode == 1 and copy.name in r.stdout and "truncated" in r.stdout, r.stdout
+
+
+# A store file (or a manifest) that is a device or a FIFO: COMMIT symlinked to /dev/zero made every command
+# read without end (until memory ran out), `manifest inspect /dev/zero` died with std::bad_alloc (exit 3).
+def test_a_device_or_fifo_in_a_files_place_is_refused(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 5)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    commit = model / ".livetrain-store" / "COMMIT"
+    text = commit.read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in ("/dev/zero", str(fifo)):
+        commit.unlink()
+        commit.symlink_to(target)
+        for args in (["list", str(model)], ["verify", str(model), "-q"]):
+            r = run(cli, "checkpoint", *args)
+            assert r.returncode == 1 and f"{commit}: not a regular file" in r.stderr, (target, r.stderr)
+        r = run(cli, "manifest", "inspect", target)
+        assert r.returncode == 1 and f"{target}: not a regular file" in r.stderr, r.stderr
+    commit.unlink()
+    commit.write_bytes(text)
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
