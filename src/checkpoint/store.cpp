@@ -13,10 +13,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <future>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -1620,6 +1622,15 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
 }
 
 std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+  // Into a new directory only: an existing one may be the model's own (whose files the store names: they
+  // would be replaced behind its back, and every later open refused), the store, or another model's.
+  std::string final_dir = out_dir;
+  while (final_dir.size() > 1 && final_dir.back() == '/') final_dir.pop_back();
+  if (final_dir.empty()) throw Error(ErrorCode::kInvalidArg, "restore: no output directory given");
+  if (fs::exists(final_dir)) {
+    throw Error(ErrorCode::kInvalidArg, "cannot write generation " + std::to_string(generation) + " to " + out_dir +
+                                            ": it already exists (the output must be a new directory)");
+  }
   std::vector<std::vector<uint8_t>> bufs = state(generation);
   // A tensor served in another dtype goes out in the files' dtype when every value converts back exactly
   // (always when the served dtype is the narrower), else in the served dtype: nothing is rounded.
@@ -1643,24 +1654,38 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
     convert_elements(bufs[i].data(), served, file_bytes.data(), t.dtype, bufs[i].size() / u);
     bufs[i] = std::move(file_bytes);
   }
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create directory " + out_dir);
-  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
-    const std::string& name = commit_.files[f].name;
-    safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
-    std::vector<safetensors::TensorRef> refs;
-    for (size_t i = 0; i < commit_.tensors.size(); ++i) {
-      const TensorEntry& t = commit_.tensors[i];
-      if (t.file == f)
-        refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bufs[i].data(), bufs[i].size()});
+  // Filled under a temporary name beside it, then published whole: after a failure or a crash the
+  // directory is complete or absent.
+  const std::string tmp =
+      fs::join(fs::dirname(final_dir), "." + fs::basename(final_dir) + ".livetrain-tmp." + std::to_string(::getpid()));
+  if (::mkdir(tmp.c_str(), 0755) != 0) throw io_error("create directory " + tmp);
+  try {
+    for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+      const std::string& name = commit_.files[f].name;
+      safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
+      std::vector<safetensors::TensorRef> refs;
+      for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+        const TensorEntry& t = commit_.tensors[i];
+        if (t.file == f)
+          refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bufs[i].data(), bufs[i].size()});
+      }
+      safetensors::WriteOptions opt;
+      opt.metadata = orig.header().metadata;
+      safetensors::write_file(fs::join(tmp, name), refs, opt);
     }
-    safetensors::WriteOptions opt;
-    opt.metadata = orig.header().metadata;
-    safetensors::write_file(fs::join(out_dir, name), refs, opt);
+    std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
+    if (fs::exists(index))
+      fs::write_file_atomic(fs::join(tmp, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+    fs::publish_directory(tmp, final_dir);
+  } catch (const Error& e) {
+    std::error_code ignored;
+    std::filesystem::remove_all(tmp, ignored);
+    throw Error(e.code(), "writing generation " + std::to_string(generation) + " to " + out_dir + ": " + e.what());
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove_all(tmp, ignored);
+    throw;
   }
-  // The index (if any) last: it commits the set, as in safetensors::write_model.
-  std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
-  if (fs::exists(index))
-    fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
   return as_served;
 }
 

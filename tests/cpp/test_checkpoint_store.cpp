@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -257,6 +258,36 @@ TEST(CheckpointStore, AFileReplacedByADeviceOrFifoIsRefusedWithoutBlocking) {
   }
   checkpoint::Store s = checkpoint::Store::open(f.model);
   EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
+}
+
+// restore_to_dir writes a new directory only. Into the model's own directory it replaced the files the
+// store names by the generation's (every later open then refused the store: "changed outside
+// livetrain"); into another existing one it mixed its files with what was there.
+TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
+  Fixture f;
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  livetrain::testing::perturb(f.live, 4, 0.3);
+  s.save(f.live.views());
+  f.states.push_back(f.live);
+  const std::string files_before = livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name);
+  ASSERT_EQ(mkdir(f.tmp.file("empty").c_str(), 0755), 0);
+  for (const std::string& out : {f.model, f.model + "/", s.dir(), f.tmp.file("empty")}) {
+    std::string msg = expect_error([&] { s.restore_to_dir(1, out); }, ErrorCode::kInvalidArg);
+    EXPECT_NE(msg.find(out + ": it already exists"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name) == files_before)
+      << "a model file the store names was replaced";
+  EXPECT_TRUE(std::filesystem::is_empty(f.tmp.file("empty")));
+  s.restore_to_dir(1, f.tmp.file("new") + "/");
+  EXPECT_EQ(read_dir(f.tmp.file("new"), f.live), f.states[1].data);
+  // Nothing but the directory is left beside it (the temporary it was filled under is gone).
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(f.tmp.path())) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"empty", "model", "new"}));
+  s.close();
+  checkpoint::Store again = checkpoint::Store::open(f.model);  // the store still opens
+  expect_state(again, 1, f.states[1]);
 }
 
 // The largest generation number is the last: a save after it is refused, and the store still opens.

@@ -176,6 +176,22 @@ def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
     assert r.returncode == 1 and copy.name in r.stdout and "truncated" in r.stdout, r.stdout
 
 
+# `restore MODEL GEN --out MODEL` replaced the model files the store names by the generation's: every
+# later command then refused the store ("changed outside livetrain"). Any existing directory is refused.
+def test_restore_out_refuses_an_existing_directory(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 4)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
+    (tmp_path / "empty").mkdir()
+    for out in (model, model / ".livetrain-store", tmp_path / "empty"):
+        r = run(cli, "checkpoint", "restore", str(model), "1", "--out", str(out), "-q")
+        assert r.returncode == 1 and f"{out}: it already exists" in r.stderr, r.stderr
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", str(manifest))["ok"]
+
+
 # A store file (or a manifest) that is a device or a FIFO: COMMIT symlinked to /dev/zero made every command
 # read without end (until memory ran out), `manifest inspect /dev/zero` died with std::bad_alloc (exit 3).
 def test_a_device_or_fifo_in_a_files_place_is_refused(cli, live, tmp_path):
