@@ -521,6 +521,28 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir) 
   return create(model_dir, store_dir, OpenOptions{});
 }
 
+namespace {
+
+std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
+
+// The store's lock file for `rank`, flock()ed exclusively: held by whoever writes the store (rank 0's LOCK
+// also while the store is created), so that one process at a time does.
+fs::Fd lock_store(const std::string& dir, uint32_t rank) {
+  std::string lock_path = fs::join(dir, lock_file_name(rank));
+  fs::Fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!lock.valid()) throw io_error("open " + lock_path);
+  if (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      throw Error(ErrorCode::kBusy, "checkpoint store " + dir + " is in use by another process" +
+                                        (rank ? " as rank " + std::to_string(rank) : std::string()));
+    }
+    throw io_error("lock " + lock_path);
+  }
+  return lock;
+}
+
+}  // namespace
+
 Store Store::create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options) {
   std::string dir = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
   if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
@@ -550,7 +572,15 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir, 
   c.generations.push_back(g0);
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create store directory " + dir);
   fs::fsync_dir(fs::dirname(dir));
-  fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
+  {
+    // Under the LOCK: of two processes creating the store at once (two first saves), one writes COMMIT and
+    // the other finds it there, instead of replacing a COMMIT that may already name generation 1.
+    fs::Fd lock = lock_store(dir, 0);
+    if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
+      throw Error(ErrorCode::kInvalidArg, "a checkpoint store already exists at " + dir);
+    }
+    fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
+  }  // released: open takes it again (a lock of another open file, which this one's would block)
   return open(model_dir, dir, options);
 }
 
@@ -589,8 +619,6 @@ std::string first_differing_tensor(const std::string& model_dir, const Commit& c
   return "";
 }
 
-std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
-
 // The number of the generation a save writes after `c`'s head.
 uint64_t next_generation(const Commit& c, const std::string& dir) {
   if (c.head >= kMaxGeneration) {
@@ -626,16 +654,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   s.ranks_ = o.ranks;
   s.group_ = o.group;
   s.commit_ = commit_read(s.dir_);  // before the lock file is created: a missing store stays missing
-  std::string lock_path = fs::join(s.dir_, lock_file_name(o.rank));
-  s.lock_ = fs::Fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
-  if (!s.lock_.valid()) throw io_error("open " + lock_path);
-  if (::flock(s.lock_.get(), LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK) {
-      throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + " is in use by another process" +
-                                        (o.rank ? " as rank " + std::to_string(o.rank) : std::string()));
-    }
-    throw io_error("lock " + lock_path);
-  }
+  s.lock_ = lock_store(s.dir_, o.rank);
   const std::string journal = fs::join(s.dir_, std::string(kJournalFileName));
   // Generation `materialized` from the model files, checked against the commit's hashes. Rank 0 owns
   // recovery; another rank waits until no journal is left, and rereads COMMIT if it changed meanwhile.

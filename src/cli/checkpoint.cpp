@@ -11,6 +11,7 @@
 #include "cli/commands.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
 
@@ -121,6 +122,19 @@ checkpoint::Progress progress(const Args& a) {
 
 std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
 
+// The store, created on first use. When another process creates it at the same moment, this one opens it.
+checkpoint::Store open_or_create(const Args& a) {
+  const std::string commit = fs::join(store_dir(a), std::string(checkpoint::kCommitFileName));
+  if (!fs::exists(commit)) {
+    try {
+      return checkpoint::Store::create(a.model, a.store);
+    } catch (const Error&) {
+      if (!fs::exists(commit)) throw;
+    }
+  }
+  return checkpoint::Store::open(a.model, a.store, progress(a));
+}
+
 json::Value generation_json(const checkpoint::Generation& g) {
   json::Value o = json::Value::object();
   o.set("generation", json::Value::unsigned_integer(g.generation));
@@ -195,9 +209,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
-    checkpoint::Store s = fs::exists(fs::join(store_dir(a), std::string(checkpoint::kCommitFileName)))
-                              ? checkpoint::Store::open(a.model, a.store, progress(a))
-                              : checkpoint::Store::create(a.model, a.store);
+    checkpoint::Store s = open_or_create(a);
     checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;

@@ -3,8 +3,10 @@
 // clear errors (no partial write) for a wrong model, a missing or changed base, corrupt deltas, store
 // files replaced by a device or a FIFO, an existing output directory, a create racing another process
 // and the last generation number.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -288,6 +290,35 @@ TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
   s.close();
   checkpoint::Store again = checkpoint::Store::open(f.model);  // the store still opens
   expect_state(again, 1, f.states[1]);
+}
+
+// Store::create writes COMMIT under the LOCK: while another process holds it (its own create, or a store
+// it has open), create writes nothing. It wrote COMMIT first and then failed to lock, so two first saves at
+// once could each write a COMMIT, the second replacing one the first had already moved to generation 1.
+TEST(CheckpointStore, CreateWritesNothingWhileAnotherProcessHoldsTheLock) {
+  Fixture f;
+  const std::string dir = checkpoint::default_store_dir(f.model);
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t holder = fork();
+  if (holder == 0) {
+    int lock = ::open((dir + "/LOCK").c_str(), O_RDWR | O_CREAT, 0644);
+    char c = flock(lock, LOCK_EX) == 0 ? 'y' : 'n';
+    if (write(fds[1], &c, 1) != 1) _exit(1);
+    pause();
+    _exit(0);
+  }
+  char c = 0;
+  ASSERT_EQ(read(fds[0], &c, 1), 1);
+  ASSERT_EQ(c, 'y');
+  std::string msg = expect_error([&] { checkpoint::Store::create(f.model); }, ErrorCode::kBusy);
+  EXPECT_NE(msg.find("in use by another process"), std::string::npos) << msg;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/COMMIT"));
+  kill(holder, SIGKILL);
+  waitpid(holder, nullptr, 0);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  EXPECT_EQ(s.commit().head, 0u);
 }
 
 // The largest generation number is the last: a save after it is refused, and the store still opens.
