@@ -176,6 +176,35 @@ def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
     assert r.returncode == 1 and copy.name in r.stdout and "truncated" in r.stdout, r.stdout
 
 
+# Arguments a subcommand does not take were ignored: `checkpoint gc MODEL 2` said nothing of the 2 (only that
+# --keep-from was missing), `checkpoint save MODEL 7` saved generation 1, `list MODEL --keep-from 3` listed
+# everything, `verify MODEL --generation 1` without a manifest checked nothing of generation 1; "-1" was
+# "an unknown option". Each is now an error naming the argument, exit code 2, nothing done.
+def test_arguments_a_subcommand_does_not_take_are_refused(cli, live):
+    model, manifest, tensors = live
+    perturb(tensors, 0.1, 3)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    commit = (model / ".livetrain-store" / "COMMIT").read_bytes()
+    for args, named in (
+        (["save", str(model), "7", "--manifest", str(manifest)], "unexpected argument '7'"),
+        (["list", str(model), "5"], "unexpected argument '5'"),
+        (["gc", str(model), "1"], "unexpected argument '1' (the generation to keep from is --keep-from GEN)"),
+        (["verify", str(model), "1"], "unexpected argument '1' (the generation to compare with is --generation GEN)"),
+        (["list", str(model), "--keep-from", "1"], "--keep-from does not apply"),
+        (["materialize", str(model), "1", "--manifest", str(manifest)], "--manifest does not apply"),
+        (["save", str(model), "--manifest", str(manifest), "--out", "x"], "--out does not apply"),
+        (["gc", str(model), "--keep-from", "1", "--copy-symlinks"], "--copy-symlinks does not apply"),
+        (["verify", str(model), "--generation", "1"], "--generation GEN compares the live weights"),
+        (["restore", str(model), "-1", "--out", "x"], "GEN must be a non-negative integer, not '-1'"),
+        (["materialize", str(model), "99999999999999999999"], "GEN '99999999999999999999' is too large"),
+        (["save", str(model), "--manifest", str(manifest), "--weight-version", str(2**64)], f"'{2**64}' is too large"),
+    ):
+        r = run(cli, "checkpoint", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, (args, r.stderr)
+    assert (model / ".livetrain-store" / "COMMIT").read_bytes() == commit
+    assert ok_json(cli, "checkpoint", "list", str(model))["head"] == 1
+
+
 # `restore MODEL GEN --out MODEL` replaced the model files the store names by the generation's: every
 # later command then refused the store ("changed outside livetrain"). Any existing directory is refused.
 def test_restore_out_refuses_an_existing_directory(cli, live, tmp_path):
