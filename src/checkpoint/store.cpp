@@ -1847,6 +1847,31 @@ std::vector<std::string> Store::verify(Progress progress) {
   return problems;
 }
 
+namespace {
+
+// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
+// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
+// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
+bool generation_file_name(std::string_view name) {
+  auto digits = [&name](size_t min, size_t max) {
+    size_t n = 0;
+    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
+    if (n < min) return false;
+    name.remove_prefix(n);
+    return true;
+  };
+  auto literal = [&name](std::string_view s) {
+    if (name.substr(0, s.size()) != s) return false;
+    name.remove_prefix(s.size());
+    return true;
+  };
+  if (!literal("gen-") || !digits(20, 20)) return false;
+  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
+  return name == ".delta" || name == ".optim";
+}
+
+}  // namespace
+
 void Store::remove_uncommitted() {
   std::set<std::string> named = {std::string(kCommitFileName), std::string(kJournalFileName)};
   for (const auto& g : commit_.generations) {
@@ -1860,7 +1885,7 @@ void Store::remove_uncommitted() {
   std::vector<std::string> doomed;
   while (dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    bool ours = fs::is_atomic_temp_name(name) || name.rfind("gen-", 0) == 0;
+    bool ours = fs::is_atomic_temp_name(name) || generation_file_name(name);
     if (ours && !named.count(name)) doomed.push_back(name);
   }
   ::closedir(d);

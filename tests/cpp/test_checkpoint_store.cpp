@@ -342,6 +342,25 @@ TEST(CheckpointStore, NoSaveAfterTheLargestGeneration) {
   EXPECT_EQ(checkpoint::Store::open(f.model).commit().head, checkpoint::kMaxGeneration);
 }
 
+// Opening removes the files of generations COMMIT does not name, and only those: with the store in a
+// directory of the user's (--store DIR) it removed every file whose name began with "gen-".
+TEST(CheckpointStore, OpenRemovesOnlyTheStoresOwnUncommittedFiles) {
+  Fixture f;
+  const std::string dir = f.tmp.file("mine");
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  const std::vector<std::string> users = {"gen-notes.txt", "generated.csv", "gen-1.delta",
+                                          "gen-00000000000000000001.delta.bak",
+                                          "gen-00000000000000000001.rank-1.delta"};
+  const std::vector<std::string> uncommitted = {checkpoint::delta_file_name(7), checkpoint::part_file_name(7, 1, 2),
+                                                checkpoint::optimizer_file_name(checkpoint::delta_file_name(7)),
+                                                "." + checkpoint::delta_file_name(7) + ".livetrain-tmp.1.0"};
+  for (const auto& name : users) livetrain::testing::write_bytes(dir + "/" + name, "mine");
+  for (const auto& name : uncommitted) livetrain::testing::write_bytes(dir + "/" + name, "left by a crash");
+  checkpoint::Store s = checkpoint::Store::create(f.model, dir);
+  for (const auto& name : users) EXPECT_TRUE(std::filesystem::exists(dir + "/" + name)) << name << " was removed";
+  for (const auto& name : uncommitted) EXPECT_FALSE(std::filesystem::exists(dir + "/" + name)) << name << " was kept";
+}
+
 TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   Fixture f;
   // A Hugging Face-style snapshot: the model file is a link to a blob.
