@@ -287,6 +287,7 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
     ++count;
   }
   crash_point("rewritten-prepared");
+  std::vector<bool> written(commit_.files.size(), false);  // files the journal writes in place
   for (size_t i = 0; i < commit_.tensors.size(); ++i) {
     const TensorEntry& t = commit_.tensors[i];
     if (rewrite[t.file]) continue;
@@ -303,12 +304,21 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
         if (cur[k] != want[k]) last = k;
       }
       journal_append(journal, t.file, t.offset + start, want + start, last + 1 - start);
+      written[t.file] = true;
       ++count;
       k = last + 1;
     }
   }
   journal_finish(journal);
   maps.clear();
+  // Every file written in place must open for writing before the journal exists: a journal that cannot be
+  // applied (a read-only model directory) would be redone, and fail, on every later open of the store.
+  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+    if (!written[f]) continue;
+    const std::string path = fs::join(model_dir_, commit_.files[f].name);
+    if (!fs::Fd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC)).valid())
+      throw io_error("materialize writes the model files in place; cannot open " + path + " for writing");
+  }
 
   std::string jpath = fs::join(dir_, std::string(kJournalFileName));
   report(progress, "write journal", 0, journal.size());

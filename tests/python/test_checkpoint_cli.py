@@ -6,9 +6,12 @@ package to the committed state), and one clear error line for bad input."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +245,53 @@ def test_a_device_or_fifo_in_a_files_place_is_refused(cli, live, tmp_path):
     commit.unlink()
     commit.write_bytes(text)
     assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+
+
+def _as_nobody():
+    """preexec_fn: root ignores file modes; the test's checks need them to apply."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+# `materialize` with model files it cannot write (a read-only model directory, another user's files) wrote
+# its journal first and then failed: the journal stayed, and every later command (save, restore, verify)
+# redid it on open and failed the same way until the files became writable. Now it fails before the journal.
+def test_materialize_of_files_it_cannot_write_leaves_no_journal(cli, sharded_model):
+    model_src, tensors = sharded_model
+    top = Path(tempfile.mkdtemp())  # not under pytest's 0700 directory: the other user must reach it
+    try:
+        model = top / "model"
+        shutil.copytree(model_src, model)
+        exported = livetrain.export_cpu(tensors, top / "m.json", model_path=str(model))
+        perturb(exported.tensors, 0.2, 6)
+        ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(top / "m.json"))
+        exported.close()
+        if os.geteuid() == 0:
+            for p in [top, *top.rglob("*")]:
+                os.chown(p, 65534, 65534)
+        files = sorted(model.glob("*.safetensors"))
+        before = {f.name: f.read_bytes() for f in files}
+        for f in files:
+            f.chmod(0o444)
+        r = subprocess.run(
+            [cli, "checkpoint", "materialize", str(model), "1", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody,
+        )
+        assert r.returncode == 1, r.stderr
+        assert not (model / ".livetrain-store" / "materialize.journal").exists()
+        assert "materialize writes the model files in place; cannot open" in r.stderr, r.stderr
+        assert {f.name: f.read_bytes() for f in files} == before
+        r = subprocess.run(
+            [cli, "checkpoint", "verify", str(model), "--json", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody,
+        )
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stderr
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
