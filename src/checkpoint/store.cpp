@@ -530,6 +530,13 @@ std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-ra
 fs::Fd lock_store(const std::string& dir, uint32_t rank) {
   std::string lock_path = fs::join(dir, lock_file_name(rank));
   fs::Fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!lock.valid() && (errno == EROFS || errno == EACCES)) {
+    // A store this process may only read (read-only media, another user's): its LOCK, when there, still
+    // keeps a writer out (flock needs no write access); whatever would write fails later, naming its file.
+    const int err = errno;
+    lock = fs::Fd(::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!lock.valid()) throw io_error("open " + lock_path, err);
+  }
   if (!lock.valid()) throw io_error("open " + lock_path);
   if (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK) {

@@ -295,3 +295,40 @@ def test_materialize_of_files_it_cannot_write_leaves_no_journal(cli, sharded_mod
         assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stderr
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+# A store this user may read but not write (another user's, read-only media): `verify` and `restore --out`
+# failed with "open .../LOCK: Permission denied", though they write nothing in it. They work now (the LOCK
+# opened for reading still keeps a writer out), and the store is left as it was.
+def test_a_store_this_user_cannot_write_is_verified_and_restored_from(cli, live):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 8)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    generation_1 = snapshot(tensors)
+    top = Path(tempfile.mkdtemp())
+    try:
+        shutil.copytree(model, top / "model")
+        store = top / "model" / ".livetrain-store"
+        for p in [top, *top.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        store.chmod(0o555)
+        (store / "LOCK").chmod(0o444)
+        out = top / "out"
+        out.mkdir()
+        if os.geteuid() == 0:
+            os.chown(out, 65534, 65534)
+        before = {p.name: p.read_bytes() for p in store.iterdir()}
+        for args in (["verify", str(top / "model")], ["restore", str(top / "model"), "1", "--out", str(out / "g1")]):
+            r = subprocess.run(
+                [cli, "checkpoint", *args, "--json", "-q"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_as_nobody,
+            )
+            assert r.returncode == 0, (args, r.stderr)
+        assert same_bits(load_dir(out / "g1"), generation_1)
+        assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    finally:
+        store.chmod(0o755)
+        shutil.rmtree(top, ignore_errors=True)
