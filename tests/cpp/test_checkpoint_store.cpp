@@ -386,6 +386,30 @@ TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   EXPECT_EQ(read_dir(f.model, f.live), f.live.data);
 }
 
+// The same for a hard link (a model directory copied with `cp -al`): materialize wrote through it, changing
+// the original directory's file as well.
+TEST(CheckpointStore, HardLinkedModelFilesAreNeverWrittenThrough) {
+  Fixture f;
+  std::string name;
+  for (const auto& e : std::filesystem::directory_iterator(f.model)) {
+    if (e.path().filename().string().rfind("model-00001-of-", 0) == 0) name = e.path().filename().string();
+  }
+  const std::string original = f.tmp.file("original");
+  std::filesystem::create_hard_link(f.model + "/" + name, original);
+  const std::string bytes = livetrain::testing::read_bytes(original);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  livetrain::testing::perturb(f.live, 5, 1.0);
+  s.save(f.live.views());
+  std::string msg = expect_error([&] { s.materialize(1); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find(name + " has 2 hard links"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--copy-symlinks"), std::string::npos) << msg;
+  EXPECT_TRUE(livetrain::testing::read_bytes(original) == bytes) << "the other name's file changed";
+  s.materialize(1, /*copy_symlinks=*/true);
+  EXPECT_EQ(std::filesystem::hard_link_count(f.model + "/" + name), 1u);
+  EXPECT_TRUE(livetrain::testing::read_bytes(original) == bytes) << "the other name's file changed";
+  EXPECT_EQ(read_dir(f.model, f.live), f.live.data);
+}
+
 // A full disk mid-save (RLIMIT_FSIZE → EFBIG, as in test04): a clear error, the previous generation intact.
 TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
   Fixture f;
