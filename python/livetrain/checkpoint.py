@@ -374,9 +374,10 @@ class CheckpointStore:
         the rounded tensors are returned (needs the default open: a head copy of every tensor)."""
         return self._s.materialize(generation, copy_symlinks, round_to_file_dtype)
 
-    def gc(self, keep_from: int) -> None:
-        """Forgets generations before ``keep_from``."""
-        self._s.gc(keep_from)
+    def gc(self, keep_from: int, *, copy_symlinks: bool = False) -> None:
+        """Forgets generations before ``keep_from``, materializing it first when the files are older
+        (``copy_symlinks`` as for ``materialize``)."""
+        self._s.gc(keep_from, copy_symlinks)
 
 
 def save_distributed(

@@ -1907,13 +1907,13 @@ void Store::require_rank0(const char* what) const {
   }
 }
 
-void Store::gc(uint64_t keep_from, Progress progress) {
+void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
   check_usable();
   require_rank0("gc");
   sync();
   if (!commit_.find(keep_from)) (void)state(keep_from);  // throws the not-found error
   if (keep_from == commit_.oldest) return;
-  if (commit_.materialized < keep_from) materialize(keep_from, false, progress);
+  if (commit_.materialized < keep_from) materialize(keep_from, copy_symlinks, progress);
   Commit c = commit_;
   std::vector<std::string> dropped;
   for (const auto& g : c.generations) {

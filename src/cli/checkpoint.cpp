@@ -41,7 +41,8 @@ constexpr const char* kUsage =
     "                                  --copy-symlinks replaces symlinked (HF cache) or hard-linked files\n"
     "                                  by copies first;\n"
     "                                  --round-to-file-dtype: see below\n"
-    "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed)\n"
+    "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed;\n"
+    "                                  --copy-symlinks as for materialize)\n"
     "\n"
     "A tensor the engine serves in another dtype than the files' (vLLM keeps Qwen3.5's A_log in F32) is\n"
     "saved and restored in the served dtype (verify lists them). restore --out writes it in the files'\n"
@@ -89,7 +90,7 @@ const Takes kTakes[] = {
     {"restore", true, {"--manifest", "--out"}},
     {"verify", false, {"--manifest", "--generation"}},
     {"materialize", true, {"--copy-symlinks", "--round-to-file-dtype"}},
-    {"gc", false, {"--keep-from"}},
+    {"gc", false, {"--keep-from", "--copy-symlinks"}},
 };
 
 // The arguments, or nullopt when -h/--help was given (the usage is then printed).
@@ -379,7 +380,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   } else {  // gc
     if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
-    s.gc(*a.keep_from, progress(a));
+    s.gc(*a.keep_from, progress(a), a.copy_symlinks);
     out.set("oldest", json::Value::unsigned_integer(s.commit().oldest));
     text = "generations before " + std::to_string(*a.keep_from) + " removed";
   }

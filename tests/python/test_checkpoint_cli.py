@@ -196,7 +196,7 @@ def test_arguments_a_subcommand_does_not_take_are_refused(cli, live):
         (["list", str(model), "--keep-from", "1"], "--keep-from does not apply"),
         (["materialize", str(model), "1", "--manifest", str(manifest)], "--manifest does not apply"),
         (["save", str(model), "--manifest", str(manifest), "--out", "x"], "--out does not apply"),
-        (["gc", str(model), "--keep-from", "1", "--copy-symlinks"], "--copy-symlinks does not apply"),
+        (["gc", str(model), "--keep-from", "1", "--round-to-file-dtype"], "--round-to-file-dtype does not apply"),
         (["verify", str(model), "--generation", "1"], "--generation GEN compares the live weights"),
         (["restore", str(model), "-1", "--out", "x"], "GEN must be a non-negative integer, not '-1'"),
         (["materialize", str(model), "99999999999999999999"], "GEN '99999999999999999999' is too large"),
@@ -332,3 +332,22 @@ def test_a_store_this_user_cannot_write_is_verified_and_restored_from(cli, live)
     finally:
         store.chmod(0o755)
         shutil.rmtree(top, ignore_errors=True)
+
+
+# gc materializes its generation first when the files are older; with linked model files that refusal said
+# "use --copy-symlinks", which gc ignored (and then refused) while the same refusal came back.
+def test_gc_takes_copy_symlinks_for_the_materialize_it_needs(cli, live, tmp_path):
+    model, manifest, tensors = live
+    for g in (1, 2):
+        perturb(tensors, 0.2, 10 + g)
+        ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    head = snapshot(tensors)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    other = tmp_path / "other-name"
+    os.link(shard, other)
+    original = other.read_bytes()
+    r = run(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "-q")
+    assert r.returncode == 1 and "hard links" in r.stderr and "--copy-symlinks" in r.stderr, r.stderr
+    assert ok_json(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "--copy-symlinks")["oldest"] == 2
+    assert other.read_bytes() == original
+    assert same_bits(load_dir(model), head)

@@ -241,8 +241,8 @@ class Store {
   std::vector<std::string> materialize(uint64_t generation, bool copy_symlinks = false, Progress progress = {},
                                        bool round_to_file_dtype = false);
   // Forgets the generations before `keep_from` (which becomes the oldest); materializes `keep_from` first
-  // when the model files are older than it. Deletes the dropped deltas.
-  void gc(uint64_t keep_from, Progress progress = {});
+  // when the model files are older than it (`copy_symlinks` as for materialize). Deletes the dropped deltas.
+  void gc(uint64_t keep_from, Progress progress = {}, bool copy_symlinks = false);
 
   // Every tensor's bytes at `generation` (commit order), for tests and restore.
   std::vector<std::vector<uint8_t>> state(uint64_t generation);
