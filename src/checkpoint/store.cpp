@@ -1684,8 +1684,8 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
   // directory is complete or absent.
   const std::string tmp =
       fs::join(fs::dirname(final_dir), "." + fs::basename(final_dir) + ".livetrain-tmp." + std::to_string(::getpid()));
-  if (::mkdir(tmp.c_str(), 0755) != 0) throw io_error("create directory " + tmp);
   try {
+    if (::mkdir(tmp.c_str(), 0755) != 0) throw io_error("create directory " + tmp);
     for (uint32_t f = 0; f < commit_.files.size(); ++f) {
       const std::string& name = commit_.files[f].name;
       safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));

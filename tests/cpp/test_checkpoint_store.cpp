@@ -280,6 +280,9 @@ TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
   EXPECT_TRUE(livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name) == files_before)
       << "a model file the store names was replaced";
   EXPECT_TRUE(std::filesystem::is_empty(f.tmp.file("empty")));
+  // A parent that does not exist: the error names the generation and the directory asked for.
+  std::string msg = expect_error([&] { s.restore_to_dir(1, f.tmp.file("no/such")); }, ErrorCode::kIo);
+  EXPECT_NE(msg.find("writing generation 1 to " + f.tmp.file("no/such") + ": "), std::string::npos) << msg;
   s.restore_to_dir(1, f.tmp.file("new") + "/");
   EXPECT_EQ(read_dir(f.tmp.file("new"), f.live), f.states[1].data);
   // Nothing but the directory is left beside it (the temporary it was filled under is gone).
