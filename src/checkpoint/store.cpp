@@ -1648,14 +1648,19 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
 }
 
 std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
-  // Into a new directory only: an existing one may be the model's own (whose files the store names: they
-  // would be replaced behind its back, and every later open refused), the store, or another model's.
+  // Into a new (or empty) directory only: another may be the model's own (whose files the store names:
+  // they would be replaced behind its back, and every later open refused), the store, or another model's.
   std::string final_dir = out_dir;
   while (final_dir.size() > 1 && final_dir.back() == '/') final_dir.pop_back();
   if (final_dir.empty()) throw Error(ErrorCode::kInvalidArg, "restore: no output directory given");
+  bool empty_dir = false;
   if (fs::exists(final_dir)) {
-    throw Error(ErrorCode::kInvalidArg, "cannot write generation " + std::to_string(generation) + " to " + out_dir +
-                                            ": it already exists (the output must be a new directory)");
+    std::error_code ec;
+    empty_dir = fs::is_directory(final_dir) && std::filesystem::is_empty(final_dir, ec) && !ec;
+    if (!empty_dir) {
+      throw Error(ErrorCode::kInvalidArg, "cannot write generation " + std::to_string(generation) + " to " + out_dir +
+                                              ": it already exists (the output must be a new or empty directory)");
+    }
   }
   std::vector<std::vector<uint8_t>> bufs = state(generation);
   // A tensor served in another dtype goes out in the files' dtype when every value converts back exactly
@@ -1702,6 +1707,8 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
     std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
     if (fs::exists(index))
       fs::write_file_atomic(fs::join(tmp, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+    // An empty directory given (tempfile.mkdtemp) makes way; publish refuses whatever appears there meanwhile.
+    if (empty_dir && ::rmdir(final_dir.c_str()) != 0) throw io_error("remove the empty directory " + final_dir);
     fs::publish_directory(tmp, final_dir);
   } catch (const Error& e) {
     std::error_code ignored;

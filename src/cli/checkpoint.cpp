@@ -33,7 +33,7 @@ constexpr const char* kUsage =
     "                                  store on first use); --weight-version N, --optimizer-state FILE\n"
     "  list MODEL                      the committed generations\n"
     "  restore MODEL GEN --manifest FILE   set the live weights to generation GEN\n"
-    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR must not exist)\n"
+    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty)\n"
     "  verify MODEL [--manifest FILE [--generation GEN]]\n"
     "                                  check the store's checksums and the model files' hashes, and\n"
     "                                  whether the live weights equal GEN (default: the head)\n"

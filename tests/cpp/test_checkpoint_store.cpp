@@ -272,24 +272,28 @@ TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
   s.save(f.live.views());
   f.states.push_back(f.live);
   const std::string files_before = livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name);
-  ASSERT_EQ(mkdir(f.tmp.file("empty").c_str(), 0755), 0);
-  for (const std::string& out : {f.model, f.model + "/", s.dir(), f.tmp.file("empty")}) {
+  ASSERT_EQ(mkdir(f.tmp.file("other").c_str(), 0755), 0);
+  livetrain::testing::write_bytes(f.tmp.file("other/model.safetensors"), "another model's");
+  for (const std::string& out : {f.model, f.model + "/", s.dir(), f.tmp.file("other")}) {
     std::string msg = expect_error([&] { s.restore_to_dir(1, out); }, ErrorCode::kInvalidArg);
     EXPECT_NE(msg.find(out + ": it already exists"), std::string::npos) << msg;
   }
   EXPECT_TRUE(livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name) == files_before)
       << "a model file the store names was replaced";
-  EXPECT_TRUE(std::filesystem::is_empty(f.tmp.file("empty")));
+  EXPECT_EQ(livetrain::testing::read_bytes(f.tmp.file("other/model.safetensors")), "another model's");
   // A parent that does not exist: the error names the generation and the directory asked for.
   std::string msg = expect_error([&] { s.restore_to_dir(1, f.tmp.file("no/such")); }, ErrorCode::kIo);
   EXPECT_NE(msg.find("writing generation 1 to " + f.tmp.file("no/such") + ": "), std::string::npos) << msg;
   s.restore_to_dir(1, f.tmp.file("new") + "/");
   EXPECT_EQ(read_dir(f.tmp.file("new"), f.live), f.states[1].data);
+  ASSERT_EQ(mkdir(f.tmp.file("empty").c_str(), 0755), 0);  // as tempfile.mkdtemp makes one: taken
+  s.restore_to_dir(1, f.tmp.file("empty"));
+  EXPECT_EQ(read_dir(f.tmp.file("empty"), f.live), f.states[1].data);
   // Nothing but the directory is left beside it (the temporary it was filled under is gone).
   std::vector<std::string> names;
   for (const auto& e : std::filesystem::directory_iterator(f.tmp.path())) names.push_back(e.path().filename());
   std::sort(names.begin(), names.end());
-  EXPECT_EQ(names, (std::vector<std::string>{"empty", "model", "new"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"empty", "model", "new", "other"}));
   s.close();
   checkpoint::Store again = checkpoint::Store::open(f.model);  // the store still opens
   expect_state(again, 1, f.states[1]);

@@ -215,12 +215,18 @@ def test_restore_out_refuses_an_existing_directory(cli, live, tmp_path):
     perturb(tensors, 0.2, 4)
     ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
     before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
-    (tmp_path / "empty").mkdir()
-    for out in (model, model / ".livetrain-store", tmp_path / "empty"):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for out in (model, model / ".livetrain-store", tmp_path / "other"):
         r = run(cli, "checkpoint", "restore", str(model), "1", "--out", str(out), "-q")
         assert r.returncode == 1 and f"{out}: it already exists" in r.stderr, r.stderr
     assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
-    assert list((tmp_path / "empty").iterdir()) == []
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()  # an empty directory (tempfile.mkdtemp) is taken
+    ok_json(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "empty"))
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(
+        p.name for p in model.glob("*.safetensors*")
+    )
     assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", str(manifest))["ok"]
 
 
