@@ -478,9 +478,9 @@ def _qwen35_full_shapes(gib: float):
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests, the delta written from the first record on with early
-# writeback, the word-wise entropy coder with records handed on as pieces, gap sizes only where they could
-# win), "(again)" repeats them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md
+# shipped defaults (pipelined one-pass diff with digests, its copies in and out overlapped, the delta written
+# from the first record on with early writeback, the word-wise entropy coder with records handed on as pieces,
+# gap sizes only where they could win), "(again)" repeats them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md
 # has its numbers), and the encoder before its changes (same bytes).
 BEFORE = {
     "checkpoint.pipeline": 0,
@@ -489,10 +489,17 @@ BEFORE = {
     "checkpoint.writeback_mib": 0,
     "checkpoint.encoder": 0,
     "checkpoint.early_writer": 0,
+    "checkpoint.group_mib": 256,
 }
+# The GPU diff as it shipped before its copies in and out overlapped (seventh session of 2026-12-01): two
+# groups of 256 MiB alternating over two streams, each stream's copies one direction at a time.
+DIFF_ONE_WAY = {"checkpoint.diff": 1, "checkpoint.group_mib": 256}
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("shipped, the diff's copies one way at a time (checkpoint.diff=1)", DIFF_ONE_WAY),
+    ("shipped, 3 diff slots of 256 MiB", {"checkpoint.diff_slots": 3, "checkpoint.group_mib": 256}),
+    ("shipped, 8 diff slots of 64 MiB", {"checkpoint.diff_slots": 8, "checkpoint.group_mib": 64}),
     ("gap sizes measured per block, as before (checkpoint.encoder=2)", {"checkpoint.encoder": 2}),
     ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
     ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
