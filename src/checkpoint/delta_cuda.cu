@@ -493,8 +493,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   const uint8_t* d_flag_ptr = digests ? d_flags.as<uint8_t>() : nullptr;
   auto use = [&](uint64_t c) { return flags.empty() || flags[c]; };
 
-  DeviceBuffer d_counts(chunks * sizeof(uint32_t));
-  DeviceBuffer d_offsets(chunks * sizeof(uint64_t));
+  // The counts and offsets on the device (checkpoint.diff 2 takes both through the mapped host buffers).
+  DeviceBuffer d_counts(overlapped ? 0 : chunks * sizeof(uint32_t));
+  DeviceBuffer d_offsets(overlapped ? 0 : chunks * sizeof(uint64_t));
   HostBytes h_counts = pinned_alloc(chunks * sizeof(uint32_t));
   HostBytes h_offsets = pinned_alloc(chunks * sizeof(uint64_t));
   const auto* counts = reinterpret_cast<const uint32_t*>(h_counts.data);
