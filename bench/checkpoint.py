@@ -491,7 +491,7 @@ BEFORE = {
     "checkpoint.early_writer": 0,
     "checkpoint.group_mib": 256,
 }
-# The GPU diff as it shipped before its copies in and out overlapped (seventh session of 2026-12-01): two
+# The GPU diff as it shipped before its copies in and out overlapped (sixth session of 2026-12-01): two
 # groups of 256 MiB alternating over two streams, each stream's copies one direction at a time.
 DIFF_ONE_WAY = {"checkpoint.diff": 1, "checkpoint.group_mib": 256}
 SWEEP_GRID = [
