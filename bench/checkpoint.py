@@ -745,7 +745,7 @@ def sweep_shape(
     return rows
 
 
-def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
+def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | None = None) -> None:
     bw_dev, bw_pcie, bw_disk = bands
     print(
         f"\nbandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
@@ -800,6 +800,16 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
                 f"best no change ({shape}): {n['setting']}: {n['no_change']['seconds']:.3f} s = "
                 f"{n['no_change']['seconds'] / mb * 1e10:.3f} s per 10 GB (target <= 0.1)"
             )
+        # After a dense step every chunk of the head copy is staged in and written back: the diff's bytes
+        # over PCIe are twice the model's, against pinned copies both ways at once in the same run.
+        rates = [
+            f"{r['setting']}: {2 * mb / r['dense']['diff_seconds'] / 1e9:.1f}"
+            for r in mine
+            if "error" not in r and r["dense"]["diff_seconds"] > 0
+        ]
+        if rates:
+            ref = f" (pinned H2D and D2H at once: {both_ways / 1e9:.1f} GB/s)" if both_ways else ""
+            print(f"GPU diff of the dense step, head copy in and out, GB/s in all{ref}: " + "; ".join(rates))
 
 
 def main() -> int:
@@ -911,6 +921,7 @@ def main() -> int:
                     "device_copy_bandwidth": bands[0],
                     "pinned_d2h_bandwidth": bands[1],
                     "disk_write_bandwidth": bands[2],
+                    "pinned_both_ways_bandwidth": both,
                     "sweep": rows + partial,
                 },
             )
@@ -923,7 +934,7 @@ def main() -> int:
             except Exception as e:  # a shape that cannot even be set up is reported; the next one runs
                 log(f"sweep {x}: {type(e).__name__}: {e}")
         save([])
-        print_sweep(rows, bands, a.lr)
+        print_sweep(rows, bands, a.lr, both)
         return 0
 
     shapes = model_shapes(a.gib)
