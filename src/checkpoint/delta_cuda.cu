@@ -12,7 +12,8 @@
 //      the H200: the copies ran one direction at a time).
 //   2  (shipped) the same pass with each direction's copies on a stream of their own and the kernels on a
 //      third, checkpoint.diff_slots groups in flight, so the copies in of later groups run while earlier
-//      groups' copies out do (both directions of PCIe at once).
+//      groups' copies out do (both directions of PCIe at once: 76-78 GB/s in all on the H200 against 59 for
+//      shape 1, pinned copies both ways 98-102 GB/s).
 // With digests (checkpoint.digests, src/checkpoint/digest.hpp), chunks whose digest of the live bytes
 // equals the stored digest of `old` are neither read nor staged; after no change nothing crosses PCIe.
 #include <cuda_runtime.h>
