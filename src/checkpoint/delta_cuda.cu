@@ -306,6 +306,18 @@ HostBytes pinned_alloc(size_t bytes) {
   return b;
 }
 
+// The values outgrew their buffer (a step changed more than the store reserved for): a bigger one with the
+// `kept` bytes so far, once the groups before group `k` have completed; the old one stays alive (retired) for
+// the addresses handed out. Returns the new capacity.
+uint64_t grow_values(DiffWorkspace& w, uint64_t kept, uint64_t needed, const std::vector<cuda::Event>& done, size_t k) {
+  for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
+  HostBytes bigger = pinned_alloc(needed + needed / 2);
+  if (kept) std::memcpy(bigger.data, w.values.data, kept);
+  w.retired.push_back(std::move(w.values));
+  w.values = std::move(bigger);
+  return w.values.size;
+}
+
 // A buffer of at least `bytes`: `owned` grows (by a quarter more, so that sizes creeping up do not
 // reallocate every time) and the result is a non-owning view of it.
 HostBytes view_of(HostBytes& owned, size_t bytes) {
@@ -672,16 +684,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       const uint64_t base = value_total;
       place(g.c0, g.c1);
       if (k + 1 == G) place_rest();
-      if (value_total > values_capacity) {
-        // Outgrown, as in the two-slot shape: a bigger buffer with the values so far, once every earlier
-        // group has left; the old one stays alive for the addresses handed out.
-        for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
-        HostBytes bigger = pinned_alloc(value_total + value_total / 2);
-        if (base) std::memcpy(bigger.data, w.values.data, base);
-        w.retired.push_back(std::move(w.values));
-        w.values = std::move(bigger);
-        values_capacity = w.values.size;
-      }
+      if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
       values = view_of(w.values, value_total);
       if (g.c1 > g.c0) {
         const Launch L = launch(k);
@@ -795,16 +798,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     const uint64_t base = value_total;
     place(g.c0, g.c1);
     if (k + 1 == groups.size()) place_rest();
-    if (value_total > values_capacity) {
-      // Outgrown (a step changed more than the store reserved for): a bigger buffer with the values so
-      // far, once every earlier group has completed; the old one stays alive for addresses handed out.
-      for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
-      HostBytes bigger = pinned_alloc(value_total + value_total / 2);
-      if (base) std::memcpy(bigger.data, w.values.data, base);
-      w.retired.push_back(std::move(w.values));
-      w.values = std::move(bigger);
-      values_capacity = w.values.size;
-    }
+    if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
     values = view_of(w.values, value_total);
     if (g.c1 == g.c0) {
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
