@@ -38,6 +38,43 @@ namespace livetrain::checkpoint {
 
 namespace {
 
+// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
+// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
+// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
+bool generation_file_name(std::string_view name) {
+  auto digits = [&name](size_t min, size_t max) {
+    size_t n = 0;
+    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
+    if (n < min) return false;
+    name.remove_prefix(n);
+    return true;
+  };
+  auto literal = [&name](std::string_view s) {
+    if (name.substr(0, s.size()) != s) return false;
+    name.remove_prefix(s.size());
+    return true;
+  };
+  if (!literal("gen-") || !digits(20, 20)) return false;
+  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
+  return name == ".delta" || name == ".optim";
+}
+
+// Files leave the store (gc, uncommitted files, parts not committed) only by remove_generation_file, and only
+// under names the store writes for generations or its temporaries: anything else (COMMIT, LOCK, a model file,
+// a user's file beside a --store DIR) is refused naming it, whatever COMMIT or a descriptor says.
+void check_removable(const std::string& dir, const std::string& name) {
+  if (!generation_file_name(name) && !fs::is_atomic_temp_name(name)) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir + ": refusing to remove \"" + name +
+                                            "\": not a file the store writes (gen-<20 digits>[.rank-<r>-of-<n>]" +
+                                            ".delta or .optim)");
+  }
+}
+
+void remove_generation_file(const std::string& dir, const std::string& name) {
+  check_removable(dir, name);
+  ::unlink(fs::join(dir, name).c_str());
+}
+
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -1381,6 +1418,13 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                                               " (parent " + std::to_string(p.parent) + "); the next generation is " +
                                               std::to_string(g) + " (parent " + std::to_string(commit_.head) + ")");
     }
+    const std::string want = part_file_name(g, p.part.rank, ranks_);
+    if (p.part.file != want ||
+        (!p.part.optimizer_state.empty() && p.part.optimizer_state != optimizer_file_name(want))) {
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part names the files \"" + p.part.file + "\" and \"" +
+                                              p.part.optimizer_state + "\"; the store gives them \"" + want +
+                                              "\" and \"" + optimizer_file_name(want) + "\"");
+    }
     by_rank[p.part.rank] = &p;
   }
   std::string missing;
@@ -1490,8 +1534,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).
     for (const PartDescriptor* p : by_rank) {
-      ::unlink(fs::join(dir_, p->part.file).c_str());
-      if (!p->part.optimizer_state.empty()) ::unlink(fs::join(dir_, p->part.optimizer_state).c_str());
+      remove_generation_file(dir_, p->part.file);
+      if (!p->part.optimizer_state.empty()) remove_generation_file(dir_, p->part.optimizer_state);
     }
     move_head(pending_->written);
     pending_.reset();
@@ -1861,31 +1905,6 @@ std::vector<std::string> Store::verify(Progress progress) {
   return problems;
 }
 
-namespace {
-
-// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
-// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
-// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
-bool generation_file_name(std::string_view name) {
-  auto digits = [&name](size_t min, size_t max) {
-    size_t n = 0;
-    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
-    if (n < min) return false;
-    name.remove_prefix(n);
-    return true;
-  };
-  auto literal = [&name](std::string_view s) {
-    if (name.substr(0, s.size()) != s) return false;
-    name.remove_prefix(s.size());
-    return true;
-  };
-  if (!literal("gen-") || !digits(20, 20)) return false;
-  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
-  return name == ".delta" || name == ".optim";
-}
-
-}  // namespace
-
 void Store::remove_uncommitted() {
   std::set<std::string> named = {std::string(kCommitFileName), std::string(kJournalFileName)};
   for (const auto& g : commit_.generations) {
@@ -1903,7 +1922,7 @@ void Store::remove_uncommitted() {
     if (ours && !named.count(name)) doomed.push_back(name);
   }
   ::closedir(d);
-  for (const auto& name : doomed) ::unlink(fs::join(dir_, name).c_str());
+  for (const auto& name : doomed) remove_generation_file(dir_, name);
   if (!doomed.empty()) fs::fsync_dir(dir_);
 }
 
@@ -1929,6 +1948,7 @@ void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
       if (g.generation < keep_from && !p.optimizer_state.empty()) dropped.push_back(p.optimizer_state);
     }
   }
+  for (const auto& name : dropped) check_removable(dir_, name);  // before COMMIT changes (commit_parse admits no other)
   c.generations.erase(c.generations.begin(), c.generations.begin() + static_cast<long>(keep_from - c.oldest));
   // The new base is reached through the model files, not deltas; its optimizer states stay.
   Generation& base = c.generations.front();
@@ -1944,7 +1964,7 @@ void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
   c.oldest = keep_from;
   write_commit(c);
   commit_ = c;
-  for (const auto& name : dropped) ::unlink(fs::join(dir_, name).c_str());
+  for (const auto& name : dropped) remove_generation_file(dir_, name);
   fs::fsync_dir(dir_);
 }
 
