@@ -13,6 +13,7 @@
 
 #include "cli/command_line.hpp"
 #include "cli/commands.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
@@ -231,8 +232,52 @@ void print_json(const json::Value& v) {
   std::fputs("\n", stdout);
 }
 
+// A materialize that was interrupted: its journal is still in the store (list reads COMMIT only and leaves it;
+// whatever opens the store finishes it). Empty when there is none.
+struct Pending {
+  bool pending = false;
+  std::optional<checkpoint::Journal> journal;  // unset: the journal cannot be read
+  std::string path, problem;
+};
+
+Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c) {
+  Pending p;
+  p.path = fs::join(dir, std::string(checkpoint::kJournalFileName));
+  if (!fs::exists(p.path)) return p;
+  p.pending = true;
+  std::vector<uint64_t> sizes;
+  for (const auto& f : c.files) sizes.push_back(f.size);
+  try {
+    std::string bytes = fs::read_file(p.path);
+    checkpoint::Journal j =
+        checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), p.path, sizes);
+    j.entries.clear();  // they point into `bytes`
+    p.journal = j;
+  } catch (const Error& e) {
+    p.problem = e.what();
+  }
+  return p;
+}
+
 int run_list(const Args& a) {
   checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
+  const Pending pending = pending_materialize(store_dir(a), c);
+  std::string pending_text;
+  if (pending.journal && pending.journal->to == c.materialized) {
+    pending_text = "a materialize to generation " + std::to_string(c.materialized) +
+                   " was committed; its journal is removed when the store is next opened";
+  } else if (pending.journal && pending.journal->from == c.materialized) {
+    pending_text = "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
+                   std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
+                   "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
+                   "; any command that opens the store finishes it (livetrain checkpoint verify " + a.model +
+                   (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
+                   std::to_string(pending.journal->from) + " undoes it";
+  } else if (pending.pending) {
+    pending_text = "a materialize journal is pending that cannot be redone (" +
+                   (pending.problem.empty() ? pending.path + ": not for this COMMIT's generations" : pending.problem) +
+                   "); opening the store reports what state the model files are in";
+  }
   if (a.as_json) {
     json::Value root = json::Value::object();
     root.set("store", json::Value::string(store_dir(a)));
@@ -242,12 +287,22 @@ int run_list(const Args& a) {
     json::Value gens = json::Value::array();
     for (const auto& g : c.generations) gens.push(generation_json(g));
     root.set("generations", std::move(gens));
+    json::Value jr = json::Value::null();
+    if (pending.pending) {
+      jr = json::Value::object();
+      jr.set("journal", json::Value::string(pending.path));
+      jr.set("from", pending.journal ? json::Value::unsigned_integer(pending.journal->from) : json::Value::null());
+      jr.set("to", pending.journal ? json::Value::unsigned_integer(pending.journal->to) : json::Value::null());
+      jr.set("what", json::Value::string(pending_text));
+    }
+    root.set("pending_materialize", std::move(jr));
     print_json(root);
     return 0;
   }
   std::printf("store %s: generations %llu..%llu, head %llu, model files at %llu\n", store_dir(a).c_str(),
               static_cast<unsigned long long>(c.oldest), static_cast<unsigned long long>(c.head),
               static_cast<unsigned long long>(c.head), static_cast<unsigned long long>(c.materialized));
+  if (!pending_text.empty()) std::printf("note: %s\n", pending_text.c_str());
   std::printf("%10s  %-19s  %14s  %12s  %10s  %5s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes",
               "ranks");
   for (const auto& g : c.generations) {

@@ -357,3 +357,48 @@ def test_gc_takes_copy_symlinks_for_the_materialize_it_needs(cli, live, tmp_path
     assert ok_json(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "--copy-symlinks")["oldest"] == 2
     assert other.read_bytes() == original
     assert same_bits(load_dir(model), head)
+
+
+# A materialize interrupted (review27): `list` did not say that a journal was pending, and a journal that
+# cannot be redone gave no advice. `list` now names it and the command that finishes it; the error says what
+# state the model files are in and what to do.
+@pytest.mark.parametrize("point", ["journal-written", "apply-half"])
+def test_an_interrupted_materialize_is_listed_and_a_bad_journal_explained(cli, live, point):
+    model, manifest, tensors = live
+    states = [snapshot(tensors)]
+    perturb(tensors, 0.5, 21)
+    states.append(snapshot(tensors))
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    journal = model / ".livetrain-store" / "materialize.journal"
+
+    def interrupt():
+        env = dict(os.environ, LIVETRAIN_CHECKPOINT_CRASH_AT=point)
+        p = subprocess.run([cli, "checkpoint", "materialize", str(model), "1", "-q"], env=env, timeout=60)
+        assert p.returncode == -signal.SIGKILL and journal.exists()
+
+    interrupt()
+    r = run(cli, "checkpoint", "list", str(model))
+    assert r.returncode == 0 and "a materialize of generation 0 to 1 was interrupted" in r.stdout, r.stdout
+    assert f"livetrain checkpoint verify {model}" in r.stdout and "materialize 0 undoes it" in r.stdout
+    pending = ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"]
+    assert (pending["from"], pending["to"], pending["journal"]) == (0, 1, str(journal))
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]  # opening finishes it
+    assert ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"] is None
+    assert same_bits(load_dir(model), states[1])
+    ok_json(cli, "checkpoint", "materialize", str(model), "0")
+
+    # A journal that cannot be read: whether the files were written decides the advice.
+    interrupt()
+    data = bytearray(journal.read_bytes())
+    data[-1] ^= 1
+    journal.write_bytes(bytes(data))
+    assert "cannot be redone" in run(cli, "checkpoint", "list", str(model)).stdout
+    r = run(cli, "checkpoint", "verify", str(model), "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "checksum" in r.stderr, r.stderr
+    if point == "journal-written":
+        assert "the model files still hold generation 0" in r.stderr and f"remove {journal}" in r.stderr, r.stderr
+        journal.unlink()
+        assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+        assert same_bits(load_dir(model), states[0])
+    else:
+        assert "no longer holds generation 0" in r.stderr and "put back a copy of them" in r.stderr, r.stderr

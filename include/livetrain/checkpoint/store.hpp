@@ -333,6 +333,8 @@ class Store {
   void check_served_change(const Commit& next, const std::string& who) const;
   // Resolves a pending part and catches the head copy up with COMMIT (refresh without the result).
   void sync();
+  // What to do about a journal that cannot be redone (corrupt, or not this COMMIT's), given the model files.
+  std::string unusable_journal_advice(const std::string& path) const;
   void recover_journal();
   void remove_uncommitted();
   // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
