@@ -810,6 +810,20 @@ void Store::close() {
   broken_ = true;
 }
 
+void Store::discard_new(bool remove_dir) {
+  require_rank0("discard_new");
+  if (commit_.head != 0 || commit_.oldest != 0 || !commit_.generations[0].parts.empty()) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + " holds generations up to " +
+                                            std::to_string(commit_.head) + ": it is not removed");
+  }
+  const std::string commit = fs::join(dir_, std::string(kCommitFileName));
+  if (::unlink(commit.c_str()) != 0) throw io_error("remove " + commit);
+  fs::fsync_dir(dir_);
+  ::unlink(fs::join(dir_, lock_file_name(0)).c_str());
+  close();
+  if (remove_dir) ::rmdir(dir_.c_str());  // fails, keeping it, when anything else is in it
+}
+
 void Store::check_usable() const {
   if (broken_) {
     throw Error(ErrorCode::kIo, "checkpoint store " + dir_ + ": an earlier commit failed part-way; reopen the store");

@@ -189,11 +189,16 @@ checkpoint::Progress progress(const Args& a) {
 std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
 
 // The store, created on first use. When another process creates it at the same moment, this one opens it.
-checkpoint::Store open_or_create(const Args& a) {
+// `created`: this call created it (in a directory that did not exist, when `new_dir`).
+checkpoint::Store open_or_create(const Args& a, bool& created, bool& new_dir) {
   const std::string commit = fs::join(store_dir(a), std::string(checkpoint::kCommitFileName));
+  created = new_dir = false;
   if (!fs::exists(commit)) {
+    new_dir = !fs::exists(store_dir(a));
     try {
-      return checkpoint::Store::create(a.model, a.store);
+      checkpoint::Store s = checkpoint::Store::create(a.model, a.store);
+      created = true;
+      return s;
     } catch (const Error&) {
       if (!fs::exists(commit)) throw;
     }
@@ -329,12 +334,26 @@ int run_checkpoint(const std::vector<std::string>& args) {
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
-    checkpoint::Store s = open_or_create(a);
+    bool created = false, new_dir = false;
+    checkpoint::Store s = open_or_create(a, created, new_dir);
     checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
     o.progress = progress(a);
-    checkpoint::SaveResult r = s.save(live.tensors, o);
+    checkpoint::SaveResult r;
+    try {
+      r = s.save(live.tensors, o);
+    } catch (const Error&) {
+      // A first save that failed (another model's manifest, a missing optimizer state) leaves no store: one
+      // would tie the model files to a store nobody saved in, and refuse them once changed.
+      if (created) {
+        try {
+          s.discard_new(new_dir);
+        } catch (const Error&) {  // the save's error is the one to report
+        }
+      }
+      throw;
+    }
     out.set("written", json::Value::boolean(r.written));
     out.set("generation", json::Value::unsigned_integer(r.generation));
     out.set("bytes", json::Value::unsigned_integer(r.bytes));

@@ -166,6 +166,11 @@ class Store {
 
   // Releases the lock and the host copy; the object is unusable afterwards (reopen to continue).
   void close();
+  // Removes a store that holds nothing but generation 0 (what a first save that failed leaves, so that the
+  // model files are not tied to a store nobody saved in): COMMIT first (no store from then on), its LOCK,
+  // and the directory when `remove_dir` and nothing else is in it; then closes. Rank 0; refused (kInvalidArg)
+  // once any generation was saved.
+  void discard_new(bool remove_dir);
   // Starts, on a thread of its own, what the first save of GPU weights on CUDA device `device` would
   // otherwise do first: page-locking the head copy (cudaHostRegister; most of the 15.7 s first save of the
   // 27B model's 50 GiB on the H200), in registrations of whole entries of at least checkpoint.pin_chunk_mib
