@@ -1705,7 +1705,38 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
   return d;
 }
 
-std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+namespace {
+
+// Whether a file of a model directory holds weights in another format than the store's safetensors files
+// (what restore --out leaves out: they hold the weights as they were, not as the generation has them).
+bool other_weights_file(std::string_view name) {
+  for (std::string_view ext :
+       {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz"}) {
+    if (name.size() >= ext.size() && name.substr(name.size() - ext.size()) == ext) return true;
+  }
+  return false;
+}
+
+// The model directory's top-level files that restore --out copies: regular files (or symlinks to one, as in
+// a Hugging Face cache snapshot), not hidden, not the index (written from the generation's files), not weights.
+std::vector<std::string> non_weight_files(const std::string& model_dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(model_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name[0] == '.' || name == safetensors::kIndexFileName || other_weights_file(name)) continue;
+    std::error_code ec2;
+    if (std::filesystem::is_regular_file(e.path(), ec2)) names.push_back(name);
+  }
+  if (ec) throw Error(ErrorCode::kIo, "cannot list " + model_dir + ": " + ec.message());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir,
+                                               std::vector<std::string>* copied) {
   // Into a new (or empty) directory only: another may be the model's own (whose files the store names:
   // they would be replaced behind its back, and every later open refused), the store, or another model's.
   std::string final_dir = out_dir;
@@ -1765,9 +1796,14 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
     std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
     if (fs::exists(index))
       fs::write_file_atomic(fs::join(tmp, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+    // Without config.json and the tokenizer's files the directory would not load as a model.
+    const std::vector<std::string> others = non_weight_files(model_dir_);
+    for (const std::string& name : others)
+      fs::write_file_atomic(fs::join(tmp, name), fs::read_file(fs::join(model_dir_, name)));
     // An empty directory given (tempfile.mkdtemp) makes way; publish refuses whatever appears there meanwhile.
     if (empty_dir && ::rmdir(final_dir.c_str()) != 0) throw io_error("remove the empty directory " + final_dir);
     fs::publish_directory(tmp, final_dir);
+    if (copied) *copied = others;
   } catch (const Error& e) {
     std::error_code ignored;
     std::filesystem::remove_all(tmp, ignored);

@@ -34,7 +34,10 @@ constexpr const char* kUsage =
     "                                  store on first use); --weight-version N, --optimizer-state FILE\n"
     "  list MODEL                      the committed generations\n"
     "  restore MODEL GEN --manifest FILE   set the live weights to generation GEN\n"
-    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty)\n"
+    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty):\n"
+    "                                  its safetensors files and index, and MODEL's other top-level files\n"
+    "                                  as they are now (config.json, tokenizer and generation config files;\n"
+    "                                  not hidden files, subdirectories or other weight formats: .bin, .pt, ...)\n"
     "  verify MODEL [--manifest FILE [--generation GEN]]\n"
     "                                  check the store's checksums and the model files' hashes, and\n"
     "                                  whether the live weights equal GEN (default: the head)\n"
@@ -373,8 +376,18 @@ int run_checkpoint(const std::vector<std::string>& args) {
       s.restore_live(*a.generation, live.tensors);
       text = "live weights set to generation " + std::to_string(*a.generation);
     } else {
-      std::vector<std::string> as_served = s.restore_to_dir(*a.generation, a.out);
+      std::vector<std::string> copied;
+      std::vector<std::string> as_served = s.restore_to_dir(*a.generation, a.out, &copied);
       text = "generation " + std::to_string(*a.generation) + " written to " + a.out;
+      json::Value files = json::Value::array();
+      std::string list;
+      for (const std::string& name : copied) {
+        list += (list.empty() ? "" : ", ") + name;
+        files.push(json::Value::string(name));
+      }
+      text += copied.empty() ? " (no other files in " + a.model + " to copy)"
+                             : "; copied from " + a.model + " as they are: " + list;
+      out.set("copied", std::move(files));
       json::Value served = json::Value::array();
       for (const std::string& name : as_served) {
         text += "\n  " + name + ": written in its served dtype (the files' dtype cannot hold its values)";

@@ -479,3 +479,109 @@ def test_an_interrupted_materialize_is_listed_and_a_bad_journal_explained(cli, l
         assert same_bits(load_dir(model), states[0])
     else:
         assert "no longer holds generation 0" in r.stderr and "put back a copy of them" in r.stderr, r.stderr
+
+
+# A first save that failed (review27: another model's live weights) created the store all the same: the model
+# files were then tied to a store nobody saved in ("list" showed generation 0; once the files changed, every
+# command refused them as "changed outside livetrain"). It now leaves nothing behind.
+def test_a_first_save_that_fails_leaves_no_store(cli, live, tmp_path):
+    model, manifest, tensors = live
+    other = {n: torch.zeros(3, dtype=t.dtype) for n, t in tensors.items()}  # same names, other shapes
+    exported = livetrain.export_cpu(other, tmp_path / "other.json")
+    try:
+        (tmp_path / "mine").mkdir()
+        for extra in ([], ["--store", str(tmp_path / "new")], ["--store", str(tmp_path / "mine")]):
+            r = run(cli, "checkpoint", "save", str(model), "--manifest", str(tmp_path / "other.json"), *extra, "-q")
+            assert r.returncode == 1 and "model.embed_tokens.weight" in r.stderr, r.stderr
+            r = run(cli, "checkpoint", "list", str(model), *extra)
+            assert r.returncode == 1 and "no checkpoint store" in r.stderr, r.stderr
+        assert not (model / ".livetrain-store").exists() and not (tmp_path / "new").exists()
+        assert list((tmp_path / "mine").iterdir()) == []  # the user's directory stays, empty
+    finally:
+        exported.close()
+    perturb(tensors, 0.1, 20)
+    r = run(cli, "checkpoint", "save", str(model), "--manifest", str(manifest), "--optimizer-state", "/no/such")
+    assert r.returncode == 1 and "/no/such" in r.stderr and not (model / ".livetrain-store").exists()
+    assert ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))["generation"] == 1
+    # A store that holds a generation stays when a later save fails.
+    exported = livetrain.export_cpu(other, tmp_path / "other.json")
+    try:
+        r = run(cli, "checkpoint", "save", str(model), "--manifest", str(tmp_path / "other.json"), "-q")
+        assert r.returncode == 1
+    finally:
+        exported.close()
+    assert ok_json(cli, "checkpoint", "list", str(model))["head"] == 1
+
+
+# A materialize interrupted (review27): `list` did not say that a journal was pending, and a journal that
+# cannot be redone gave no advice. `list` now names it and the command that finishes it; the error says what
+# state the model files are in and what to do.
+@pytest.mark.parametrize("point", ["journal-written", "apply-half"])
+def test_an_interrupted_materialize_is_listed_and_a_bad_journal_explained(cli, live, point):
+    model, manifest, tensors = live
+    states = [snapshot(tensors)]
+    perturb(tensors, 0.5, 21)
+    states.append(snapshot(tensors))
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    journal = model / ".livetrain-store" / "materialize.journal"
+
+    def interrupt():
+        env = dict(os.environ, LIVETRAIN_CHECKPOINT_CRASH_AT=point)
+        p = subprocess.run([cli, "checkpoint", "materialize", str(model), "1", "-q"], env=env, timeout=60)
+        assert p.returncode == -signal.SIGKILL and journal.exists()
+
+    interrupt()
+    r = run(cli, "checkpoint", "list", str(model))
+    assert r.returncode == 0 and "a materialize of generation 0 to 1 was interrupted" in r.stdout, r.stdout
+    assert f"livetrain checkpoint verify {model}" in r.stdout and "materialize 0 undoes it" in r.stdout
+    pending = ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"]
+    assert (pending["from"], pending["to"], pending["journal"]) == (0, 1, str(journal))
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]  # opening finishes it
+    assert ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"] is None
+    assert same_bits(load_dir(model), states[1])
+    ok_json(cli, "checkpoint", "materialize", str(model), "0")
+
+    # A journal that cannot be read: whether the files were written decides the advice.
+    interrupt()
+    data = bytearray(journal.read_bytes())
+    data[-1] ^= 1
+    journal.write_bytes(bytes(data))
+    assert "cannot be redone" in run(cli, "checkpoint", "list", str(model)).stdout
+    r = run(cli, "checkpoint", "verify", str(model), "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "checksum" in r.stderr, r.stderr
+    if point == "journal-written":
+        assert "the model files still hold generation 0" in r.stderr and f"remove {journal}" in r.stderr, r.stderr
+        journal.unlink()
+        assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+        assert same_bits(load_dir(model), states[0])
+    else:
+        assert "no longer holds generation 0" in r.stderr and "put back a copy of them" in r.stderr, r.stderr
+
+
+# `restore --out` wrote the safetensors files and the index only: no config.json, no tokenizer, so the
+# directory did not load as a model (test_serve_default_model copied them by hand). The other top-level files
+# are copied as they are; hidden files, subdirectories and other weight formats are not.
+def test_restore_out_copies_the_model_directorys_other_files(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 22)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    small = {"config.json": '{"model_type": "llama"}', "tokenizer.json": "{}", "generation_config.json": "{}"}
+    for name, text in small.items():
+        (model / name).write_text(text)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    os.symlink(tmp_path / "chat_template.jinja", model / "chat_template.jinja")  # as in a Hugging Face cache
+    for name in ("pytorch_model.bin", "consolidated.pth", ".gitattributes"):
+        (model / name).write_bytes(b"old")
+    (model / "original").mkdir()
+    (model / "original" / "params.json").write_text("{}")
+    r = ok_json(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "out"))
+    assert r["copied"] == sorted([*small, "chat_template.jinja"])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*small, "chat_template.jinja", *(p.name for p in model.glob("*.safetensors*"))]
+    )
+    assert all((out / name).read_text() == text for name, text in small.items())
+    assert not (out / "chat_template.jinja").is_symlink()
+    assert same_bits(load_dir(out), snapshot(tensors))
+    r = run(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "out2"))
+    assert r.returncode == 0 and "copied from" in r.stdout and "config.json" in r.stdout, r.stdout

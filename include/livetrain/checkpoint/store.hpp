@@ -212,10 +212,15 @@ class Store {
   // `generation` (any in [oldest, head]); the head does not change. GPU weights are staged through
   // host memory (a second copy of their bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
-  // Writes `generation` as a new model directory (same file names and tensor split; index copied). A
+  // Writes `generation` as a new model directory (same file names and tensor split; index copied) that
+  // loads as the model does: the model directory's other top-level files (config.json, tokenizer files,
+  // generation_config.json, ...: a generation changes only weights) are copied as they are now, except hidden
+  // files and files of other weight formats (.bin, .pt, .pth, .ckpt, .gguf, .h5, .msgpack, .onnx, .npz and
+  // safetensors files the store does not name: they hold other weights); their names go to `copied`. A
   // tensor served in another dtype than its files' is written in the files' dtype when all its values
   // convert back exactly, else in the served dtype; returns the names of those written in the served dtype.
-  std::vector<std::string> restore_to_dir(uint64_t generation, const std::string& out_dir);
+  std::vector<std::string> restore_to_dir(uint64_t generation, const std::string& out_dir,
+                                          std::vector<std::string>* copied = nullptr);
   // Records the dtype the engine serves tensors in ({files' name, dtype}), where it differs from the model
   // files' (vLLM keeps Qwen3.5's A_log in F32; an engine may load F32 files as BF16): from then on deltas,
   // head copies, restore and compare use it, and the base is the files' values converted to it
