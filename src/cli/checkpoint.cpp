@@ -163,15 +163,63 @@ std::optional<Args> parse(const std::vector<std::string>& args) {
   return a;
 }
 
+// config.json's fields that fix the model's architecture (the text config's, in a multimodal wrapper), as far
+// as both configs state them: an engine's config may add defaults or omit what it does not use, and a copy of
+// the model elsewhere has the same ones.
+constexpr const char* kArchitectureKeys[] = {"model_type",           "hidden_size",
+                                             "num_hidden_layers",    "vocab_size",
+                                             "intermediate_size",    "num_attention_heads",
+                                             "num_key_value_heads",  "head_dim",
+                                             "linear_num_key_heads", "linear_num_value_heads",
+                                             "linear_key_head_dim",  "linear_value_head_dim"};
+
+const json::Value& text_config(const json::Value& config) {
+  const json::Value* text = config.find("text_config");
+  return text != nullptr && text->is_object() ? *text : config;
+}
+
+// The live weights must be MODEL's: a manifest of an engine serving another model (same tensor names and
+// shapes, say a fine-tune of another size's sibling) would otherwise be saved as a generation of MODEL, or
+// be overwritten with MODEL's generation. Compared by the manifest's config against MODEL/config.json, when
+// both exist (the engine may serve a copy of MODEL at another path); names both.
+void check_same_model(const Args& a, const sharing::Manifest& m) {
+  const json::Value& engine = text_config(m.model.config);
+  const std::string path = fs::join(a.model, "config.json");
+  if (!engine.is_object() || !fs::exists(path)) return;
+  json::Value files;
+  try {
+    files = json::parse(fs::read_file(path), path);
+  } catch (const Error&) {
+    return;  // the store does not need config.json; nothing to compare with
+  }
+  if (!files.is_object()) return;
+  const json::Value& mine = text_config(files);
+  std::string theirs_text, mine_text;
+  for (const char* key : kArchitectureKeys) {
+    const json::Value *x = engine.find(key), *y = mine.find(key);
+    if (x == nullptr || y == nullptr || x->dump() == y->dump()) continue;
+    theirs_text += (theirs_text.empty() ? "" : ", ") + std::string(key) + " " + x->dump();
+    mine_text += (mine_text.empty() ? "" : ", ") + std::string(key) + " " + y->dump();
+  }
+  if (theirs_text.empty()) return;
+  throw Error(ErrorCode::kInvalidArg, "checkpoint " + a.sub + ": the manifest " + a.manifest +
+                                          " is of another model than " + a.model + ": its engine serves " +
+                                          (m.model.path.empty() ? "a model" : m.model.path) + " with " + theirs_text +
+                                          ", " + path + " has " + mine_text +
+                                          "; give the manifest of an engine serving " + a.model + " (or a copy of it)");
+}
+
 // The live weights behind a manifest: host tensors (shared memory) or GPU tensors (CUDA IPC), in place.
 struct Live {
   std::shared_ptr<sharing::Attachment> attachment;
   std::vector<checkpoint::LiveTensor> tensors;
 };
 
-Live attach(const std::string& manifest) {
+Live attach(const Args& a) {
+  const std::string& manifest = a.manifest;
   Live l;
   l.attachment = sharing::Attachment::open(manifest);
+  check_same_model(a, l.attachment->manifest());
   for (const auto& v : l.attachment->views()) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
@@ -336,7 +384,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   std::string text;
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
-    Live live = attach(a.manifest);
+    Live live = attach(a);
     bool created = false, new_dir = false;
     checkpoint::Store s = open_or_create(a, created, new_dir);
     checkpoint::SaveOptions o;
@@ -372,7 +420,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
       throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     if (!a.manifest.empty()) {
-      Live live = attach(a.manifest);
+      Live live = attach(a);
       s.restore_live(*a.generation, live.tensors);
       text = "live weights set to generation " + std::to_string(*a.generation);
     } else {
@@ -420,7 +468,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     }
     out.set("served_in_other_dtype", std::move(served));
     if (!a.manifest.empty()) {
-      Live live = attach(a.manifest);
+      Live live = attach(a);
       uint64_t g = a.generation.value_or(s.commit().head);
       checkpoint::LiveDiff d = s.compare_live(g, live.tensors);
       out.set("generation", json::Value::unsigned_integer(g));
