@@ -1,7 +1,7 @@
 // libFuzzer target: the checkpoint store's COMMIT parser (commit_parse, and the JSON reader under it) on
 // arbitrary bytes. Every input must either be rejected with livetrain::Error or parse into a commit every
 // reader can walk without a further check: one generation per number oldest..head (at most kMaxGeneration,
-// so loops over them end), each found by Commit::find, parts listed by rank with plain file names, tensors
+// so loops over them end), each found by Commit::find, parts listed by rank with the store's file names, tensors
 // inside their files whose shape holds exactly their nbytes, names unique; and it serializes back to text
 // parsing to the same commit. Anything else is a finding (a COMMIT with head 2^64 - 1 and no generations
 // was read past the end of its list before this target existed).
@@ -28,8 +28,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (!gen || gen->generation != g) std::abort();
       for (size_t r = 0; r < gen->parts.size(); ++r) {
         const checkpoint::Part& p = gen->parts[r];
-        if (p.rank != r || gen->part(p.rank) != &p) std::abort();
-        if (p.file.find('/') != std::string::npos || p.optimizer_state.find('/') != std::string::npos) std::abort();
+        // The base keeps some ranks' optimizer states (after gc): ranks increasing, no delta.
+        const bool base = g == c.oldest;
+        if (base ? p.rank >= gen->ranks || (r > 0 && p.rank <= gen->parts[r - 1].rank) || !p.file.empty() : p.rank != r)
+          std::abort();
+        if (gen->part(p.rank) != &p) std::abort();
+        // Only the names the store gives its files (gc deletes what COMMIT names).
+        const std::string want = checkpoint::part_file_name(g, p.rank, gen->ranks);
+        const std::string single = checkpoint::delta_file_name(g);
+        const bool own = p.file == want || (gen->ranks == 1 && p.file == single);
+        if (!base && !own) std::abort();
+        if (!p.optimizer_state.empty() && p.optimizer_state != checkpoint::optimizer_file_name(want) &&
+            !(gen->ranks == 1 && p.optimizer_state == checkpoint::optimizer_file_name(single)))
+          std::abort();
       }
     }
     std::set<std::string> names;

@@ -342,7 +342,9 @@ class CheckpointStore:
     ) -> list[str] | None:
         """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
         ``generation``, or writes it as a new model directory ``out_dir`` (which must not exist or be empty:
-        it is filled under a temporary name and renamed into place). Tensors not given are untouched.
+        it is filled under a temporary name and renamed into place; the model directory's other top-level files,
+        config.json and the tokenizer's among them, are copied as they are, except hidden files and other
+        weight formats: docs/checkpoint.md). Tensors not given are untouched.
         With ``out_dir``, returns the tensors written in their served dtype: a tensor served in another dtype
         than the files' is written in the files' dtype when all its values convert back exactly, else in the
         served dtype (nothing is rounded)."""

@@ -1,4 +1,5 @@
 // The commit record (COMMIT): serialization and strict parsing; it alone says what the store holds.
+#include <algorithm>
 #include <cstdio>
 #include <set>
 
@@ -61,6 +62,12 @@ struct Reader {
 // A file name inside the store or model directory: no separators, no `..`, not hidden tricks.
 bool plain_name(const std::string& s) {
   return !s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos && s.find('\0') == std::string::npos;
+}
+
+// The refusal of a file name in COMMIT that is not the one the store gives that file.
+std::string not_store_name(const std::string& name, const std::string& want) {
+  return "\"" + name + "\" is not the name the store gives this file (\"" + want +
+         "\"); the store only names and removes files of its own";
 }
 
 }  // namespace
@@ -129,7 +136,7 @@ std::string commit_serialize(const Commit& c) {
     for (const auto& p : g.parts) {
       Value q = Value::object();
       q.set("rank", u64(p.rank));
-      q.set("file", str(p.file));
+      q.set("file", str_or_null(p.file));  // null: a base part that only keeps its optimizer state
       q.set("bytes", p.bytes ? u64(*p.bytes) : Value::null());
       q.set("hash", str(hash_hex(p.hash)));
       q.set("changed", u64(p.changed));
@@ -205,10 +212,13 @@ Commit commit_parse(std::string_view text, std::string_view what) {
       std::string delta = r.get_str(gens[i], f, "delta", true);
       uint64_t delta_hash = r.get_hash(gens[i], f, "delta_hash");
       std::string optim = r.get_str(gens[i], f, "optimizer_state", true);
-      if (i > 0 && (delta.empty() || !plain_name(delta))) r.fail(f + ".delta", "expected a delta file name");
-      if (!optim.empty() && !plain_name(optim)) r.fail(f + ".optimizer_state", "not a plain file name");
-      if (i > 0)
-        g.parts.push_back(Part{0, delta, std::nullopt, delta_hash, g.changed, optim, std::nullopt, std::nullopt});
+      if (i > 0 && delta != delta_file_name(g.generation))
+        r.fail(f + ".delta", not_store_name(delta, delta_file_name(g.generation)));
+      if (!optim.empty() && optim != optimizer_file_name(delta_file_name(g.generation)))
+        r.fail(f + ".optimizer_state", not_store_name(optim, optimizer_file_name(delta_file_name(g.generation))));
+      if (i > 0 || !optim.empty())
+        g.parts.push_back(
+            Part{0, i > 0 ? delta : "", std::nullopt, delta_hash, g.changed, optim, std::nullopt, std::nullopt});
       c.generations.push_back(std::move(g));
       continue;
     }
@@ -218,20 +228,36 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     const auto& parts = r.get_array(gens[i], f, "parts");
     if (i > 0 && parts.size() != g.ranks)
       r.fail(f + ".parts", "expected one part per rank (" + std::to_string(g.ranks) + ")");
-    if (i == 0 && !parts.empty()) r.fail(f + ".parts", "the oldest generation is the base: it has no parts");
+    // The base (oldest) has no parts, or after gc parts without a delta (file null) that keep only the
+    // optimizer states of the ranks that had one: listed by rank too, but some ranks may be absent.
+    if (i == 0 && parts.size() > g.ranks)
+      r.fail(f + ".parts", "more parts than ranks (" + std::to_string(g.ranks) + ")");
     for (size_t k = 0; k < parts.size(); ++k) {
       std::string pf = f + ".parts[" + std::to_string(k) + "]";
       Part p;
-      p.rank = static_cast<uint32_t>(r.get_u64(parts[k], pf, "rank"));
-      if (p.rank != k) r.fail(pf + ".rank", "expected " + std::to_string(k) + " (parts are listed by rank)");
-      p.file = r.get_str(parts[k], pf, "file");
-      if (!plain_name(p.file)) r.fail(pf + ".file", "not a plain file name");
+      p.rank = static_cast<uint32_t>(std::min<uint64_t>(r.get_u64(parts[k], pf, "rank"), UINT32_MAX));
+      if (i > 0 && p.rank != k) r.fail(pf + ".rank", "expected " + std::to_string(k) + " (parts are listed by rank)");
+      if (i == 0 && (p.rank >= g.ranks || (k > 0 && p.rank <= g.parts.back().rank)))
+        r.fail(pf + ".rank", "expected a rank below " + std::to_string(g.ranks) + ", after the previous part's");
+      // Only the names the store gives a part's files: gc and cleanup delete what COMMIT names, so a COMMIT
+      // edited to name another file (COMMIT itself, a model file, a user's file beside a --store DIR) is refused.
+      const std::string want = part_file_name(g.generation, p.rank, g.ranks);
+      p.file = r.get_str(parts[k], pf, "file", i == 0);
+      if (i == 0 && !p.file.empty()) r.fail(pf + ".file", "the base generation's parts have no delta (expected null)");
+      if (i > 0 && p.file != want && !(g.ranks == 1 && p.file == delta_file_name(g.generation)))
+        r.fail(pf + ".file", not_store_name(p.file, g.ranks == 1 ? delta_file_name(g.generation) : want));
       if (!r.member(parts[k], pf, "bytes").is_null()) p.bytes = r.get_u64(parts[k], pf, "bytes");
       p.hash = r.get_hash(parts[k], pf, "hash");
       p.changed = r.get_u64(parts[k], pf, "changed");
       p.optimizer_state = r.get_str(parts[k], pf, "optimizer_state", true);
-      if (!p.optimizer_state.empty() && !plain_name(p.optimizer_state))
-        r.fail(pf + ".optimizer_state", "not a plain file name");
+      if (i == 0 && p.optimizer_state.empty())
+        r.fail(pf + ".optimizer_state", "a part of the base generation keeps an optimizer state (expected a name)");
+      if (!p.optimizer_state.empty() && p.optimizer_state != optimizer_file_name(want) &&
+          !(g.ranks == 1 && p.optimizer_state == optimizer_file_name(delta_file_name(g.generation)))) {
+        r.fail(pf + ".optimizer_state",
+               not_store_name(p.optimizer_state,
+                              p.file.empty() ? optimizer_file_name(want) : optimizer_file_name(p.file)));
+      }
       if (!r.member(parts[k], pf, "optimizer_bytes").is_null())
         p.optimizer_bytes = r.get_u64(parts[k], pf, "optimizer_bytes");
       if (!r.member(parts[k], pf, "optimizer_hash").is_null())

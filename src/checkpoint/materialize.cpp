@@ -133,21 +133,58 @@ void Store::recover_journal() {
   }
   std::string bytes = fs::read_file(path);
   const uint8_t* p = reinterpret_cast<const uint8_t*>(bytes.data());
-  if (bytes.size() < 40) throw Error(ErrorCode::kFormat, path + ": truncated journal");
-  uint64_t from = get<uint64_t>(p + 16), to = get<uint64_t>(p + 24);
-  if (to == commit_.materialized) {
+  std::vector<uint64_t> sizes;
+  for (const auto& f : commit_.files) sizes.push_back(f.size);
+  Journal j;
+  try {
+    j = journal_parse(p, bytes.size(), path, sizes);
+    if (j.to != commit_.materialized && j.from != commit_.materialized) {
+      throw Error(ErrorCode::kFormat,
+                  path + ": journal from generation " + std::to_string(j.from) + " to " + std::to_string(j.to) +
+                      " does not fit the committed materialized generation " + std::to_string(commit_.materialized));
+    }
+  } catch (const Error& e) {
+    throw Error(e.code(), std::string(e.what()) + "; " + unusable_journal_advice(path));
+  }
+  if (j.to == commit_.materialized) {
     // The commit happened; only the journal's removal was lost.
-  } else if (from == commit_.materialized) {
-    apply_journal(p, bytes.size(), path);  // redo: idempotent, whatever part was applied before the crash
-    crash_point("recovered-applied");
-    commit_materialized(to);
   } else {
-    throw Error(ErrorCode::kFormat, path + ": journal from generation " + std::to_string(from) + " to " +
-                                        std::to_string(to) + " does not fit the committed materialized generation " +
-                                        std::to_string(commit_.materialized));
+    try {
+      apply_journal(p, bytes.size(), path);  // redo: idempotent, whatever part was applied before the crash
+    } catch (const Error& e) {
+      throw Error(e.code(), "finishing the interrupted materialize of generation " + std::to_string(j.from) + " to " +
+                                std::to_string(j.to) + " failed: " + e.what() + "; the model files in " + model_dir_ +
+                                " may be partly at generation " + std::to_string(j.to) +
+                                " (every file loadable): every open of the store tries again (e.g. " +
+                                "`livetrain checkpoint verify " + model_dir_ + "`), so fix the cause and open it");
+    }
+    crash_point("recovered-applied");
+    commit_materialized(j.to);
   }
   if (::unlink(path.c_str()) != 0) throw io_error("remove " + path);
   fs::fsync_dir(dir_);
+}
+
+std::string Store::unusable_journal_advice(const std::string& path) const {
+  // Whether materialize had written anything: the model files against COMMIT's sizes and hashes.
+  for (const auto& f : commit_.files) {
+    const std::string file = fs::join(model_dir_, f.name);
+    bool same = false;
+    try {
+      fs::Mapping m = fs::Mapping::open_readonly(file);
+      same = m.size() == f.size && content_hash(m.data(), m.size()) == f.hash;
+    } catch (const Error&) {
+    }
+    if (!same) {
+      return "the model file " + file + " no longer holds generation " + std::to_string(commit_.materialized) +
+             " (the materialize had written it) and this journal cannot finish it; the store's deltas need the " +
+             "model files of generation " + std::to_string(commit_.materialized) +
+             " as their base: put back a copy of them, then remove " + path;
+    }
+  }
+  return "the model files still hold generation " + std::to_string(commit_.materialized) +
+         " (their sizes and hashes match COMMIT: the materialize had not written them), so nothing is lost: " +
+         "remove " + path + " to use the store again";
 }
 
 std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symlinks, Progress progress,

@@ -38,6 +38,43 @@ namespace livetrain::checkpoint {
 
 namespace {
 
+// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
+// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
+// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
+bool generation_file_name(std::string_view name) {
+  auto digits = [&name](size_t min, size_t max) {
+    size_t n = 0;
+    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
+    if (n < min) return false;
+    name.remove_prefix(n);
+    return true;
+  };
+  auto literal = [&name](std::string_view s) {
+    if (name.substr(0, s.size()) != s) return false;
+    name.remove_prefix(s.size());
+    return true;
+  };
+  if (!literal("gen-") || !digits(20, 20)) return false;
+  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
+  return name == ".delta" || name == ".optim";
+}
+
+// Files leave the store (gc, uncommitted files, parts not committed) only by remove_generation_file, and only
+// under names the store writes for generations or its temporaries: anything else (COMMIT, LOCK, a model file,
+// a user's file beside a --store DIR) is refused naming it, whatever COMMIT or a descriptor says.
+void check_removable(const std::string& dir, const std::string& name) {
+  if (!generation_file_name(name) && !fs::is_atomic_temp_name(name)) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir + ": refusing to remove \"" + name +
+                                            "\": not a file the store writes (gen-<20 digits>[.rank-<r>-of-<n>]" +
+                                            ".delta or .optim)");
+  }
+}
+
+void remove_generation_file(const std::string& dir, const std::string& name) {
+  check_removable(dir, name);
+  ::unlink(fs::join(dir, name).c_str());
+}
+
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -773,6 +810,20 @@ void Store::close() {
   broken_ = true;
 }
 
+void Store::discard_new(bool remove_dir) {
+  require_rank0("discard_new");
+  if (commit_.head != 0 || commit_.oldest != 0 || !commit_.generations[0].parts.empty()) {
+    throw Error(ErrorCode::kInvalidArg, "checkpoint store " + dir_ + " holds generations up to " +
+                                            std::to_string(commit_.head) + ": it is not removed");
+  }
+  const std::string commit = fs::join(dir_, std::string(kCommitFileName));
+  if (::unlink(commit.c_str()) != 0) throw io_error("remove " + commit);
+  fs::fsync_dir(dir_);
+  ::unlink(fs::join(dir_, lock_file_name(0)).c_str());
+  close();
+  if (remove_dir) ::rmdir(dir_.c_str());  // fails, keeping it, when anything else is in it
+}
+
 void Store::check_usable() const {
   if (broken_) {
     throw Error(ErrorCode::kIo, "checkpoint store " + dir_ + ": an earlier commit failed part-way; reopen the store");
@@ -1381,6 +1432,13 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                                               " (parent " + std::to_string(p.parent) + "); the next generation is " +
                                               std::to_string(g) + " (parent " + std::to_string(commit_.head) + ")");
     }
+    const std::string want = part_file_name(g, p.part.rank, ranks_);
+    if (p.part.file != want ||
+        (!p.part.optimizer_state.empty() && p.part.optimizer_state != optimizer_file_name(want))) {
+      throw Error(ErrorCode::kInvalidArg, rank_name(p) + "'s part names the files \"" + p.part.file + "\" and \"" +
+                                              p.part.optimizer_state + "\"; the store gives them \"" + want +
+                                              "\" and \"" + optimizer_file_name(want) + "\"");
+    }
     by_rank[p.part.rank] = &p;
   }
   std::string missing;
@@ -1490,8 +1548,8 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).
     for (const PartDescriptor* p : by_rank) {
-      ::unlink(fs::join(dir_, p->part.file).c_str());
-      if (!p->part.optimizer_state.empty()) ::unlink(fs::join(dir_, p->part.optimizer_state).c_str());
+      remove_generation_file(dir_, p->part.file);
+      if (!p->part.optimizer_state.empty()) remove_generation_file(dir_, p->part.optimizer_state);
     }
     move_head(pending_->written);
     pending_.reset();
@@ -1647,7 +1705,38 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
   return d;
 }
 
-std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+namespace {
+
+// Whether a file of a model directory holds weights in another format than the store's safetensors files
+// (what restore --out leaves out: they hold the weights as they were, not as the generation has them).
+bool other_weights_file(std::string_view name) {
+  for (std::string_view ext :
+       {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz"}) {
+    if (name.size() >= ext.size() && name.substr(name.size() - ext.size()) == ext) return true;
+  }
+  return false;
+}
+
+// The model directory's top-level files that restore --out copies: regular files (or symlinks to one, as in
+// a Hugging Face cache snapshot), not hidden, not the index (written from the generation's files), not weights.
+std::vector<std::string> non_weight_files(const std::string& model_dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(model_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name[0] == '.' || name == safetensors::kIndexFileName || other_weights_file(name)) continue;
+    std::error_code ec2;
+    if (std::filesystem::is_regular_file(e.path(), ec2)) names.push_back(name);
+  }
+  if (ec) throw Error(ErrorCode::kIo, "cannot list " + model_dir + ": " + ec.message());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir,
+                                               std::vector<std::string>* copied) {
   // Into a new (or empty) directory only: another may be the model's own (whose files the store names:
   // they would be replaced behind its back, and every later open refused), the store, or another model's.
   std::string final_dir = out_dir;
@@ -1707,9 +1796,14 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
     std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
     if (fs::exists(index))
       fs::write_file_atomic(fs::join(tmp, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+    // Without config.json and the tokenizer's files the directory would not load as a model.
+    const std::vector<std::string> others = non_weight_files(model_dir_);
+    for (const std::string& name : others)
+      fs::write_file_atomic(fs::join(tmp, name), fs::read_file(fs::join(model_dir_, name)));
     // An empty directory given (tempfile.mkdtemp) makes way; publish refuses whatever appears there meanwhile.
     if (empty_dir && ::rmdir(final_dir.c_str()) != 0) throw io_error("remove the empty directory " + final_dir);
     fs::publish_directory(tmp, final_dir);
+    if (copied) *copied = others;
   } catch (const Error& e) {
     std::error_code ignored;
     std::filesystem::remove_all(tmp, ignored);
@@ -1861,31 +1955,6 @@ std::vector<std::string> Store::verify(Progress progress) {
   return problems;
 }
 
-namespace {
-
-// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
-// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
-// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
-bool generation_file_name(std::string_view name) {
-  auto digits = [&name](size_t min, size_t max) {
-    size_t n = 0;
-    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
-    if (n < min) return false;
-    name.remove_prefix(n);
-    return true;
-  };
-  auto literal = [&name](std::string_view s) {
-    if (name.substr(0, s.size()) != s) return false;
-    name.remove_prefix(s.size());
-    return true;
-  };
-  if (!literal("gen-") || !digits(20, 20)) return false;
-  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
-  return name == ".delta" || name == ".optim";
-}
-
-}  // namespace
-
 void Store::remove_uncommitted() {
   std::set<std::string> named = {std::string(kCommitFileName), std::string(kJournalFileName)};
   for (const auto& g : commit_.generations) {
@@ -1903,7 +1972,7 @@ void Store::remove_uncommitted() {
     if (ours && !named.count(name)) doomed.push_back(name);
   }
   ::closedir(d);
-  for (const auto& name : doomed) ::unlink(fs::join(dir_, name).c_str());
+  for (const auto& name : doomed) remove_generation_file(dir_, name);
   if (!doomed.empty()) fs::fsync_dir(dir_);
 }
 
@@ -1929,6 +1998,7 @@ void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
       if (g.generation < keep_from && !p.optimizer_state.empty()) dropped.push_back(p.optimizer_state);
     }
   }
+  for (const auto& name : dropped) check_removable(dir_, name);  // before COMMIT changes (commit_parse admits no other)
   c.generations.erase(c.generations.begin(), c.generations.begin() + static_cast<long>(keep_from - c.oldest));
   // The new base is reached through the model files, not deltas; its optimizer states stay.
   Generation& base = c.generations.front();
@@ -1944,7 +2014,7 @@ void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
   c.oldest = keep_from;
   write_commit(c);
   commit_ = c;
-  for (const auto& name : dropped) ::unlink(fs::join(dir_, name).c_str());
+  for (const auto& name : dropped) remove_generation_file(dir_, name);
   fs::fsync_dir(dir_);
 }
 

@@ -13,6 +13,7 @@
 
 #include "cli/command_line.hpp"
 #include "cli/commands.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
 #include "livetrain/fs.hpp"
@@ -33,7 +34,10 @@ constexpr const char* kUsage =
     "                                  store on first use); --weight-version N, --optimizer-state FILE\n"
     "  list MODEL                      the committed generations\n"
     "  restore MODEL GEN --manifest FILE   set the live weights to generation GEN\n"
-    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty)\n"
+    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty):\n"
+    "                                  its safetensors files and index, and MODEL's other top-level files\n"
+    "                                  as they are now (config.json, tokenizer and generation config files;\n"
+    "                                  not hidden files, subdirectories or other weight formats: .bin, .pt, ...)\n"
     "  verify MODEL [--manifest FILE [--generation GEN]]\n"
     "                                  check the store's checksums and the model files' hashes, and\n"
     "                                  whether the live weights equal GEN (default: the head)\n"
@@ -159,15 +163,63 @@ std::optional<Args> parse(const std::vector<std::string>& args) {
   return a;
 }
 
+// config.json's fields that fix the model's architecture (the text config's, in a multimodal wrapper), as far
+// as both configs state them: an engine's config may add defaults or omit what it does not use, and a copy of
+// the model elsewhere has the same ones.
+constexpr const char* kArchitectureKeys[] = {"model_type",           "hidden_size",
+                                             "num_hidden_layers",    "vocab_size",
+                                             "intermediate_size",    "num_attention_heads",
+                                             "num_key_value_heads",  "head_dim",
+                                             "linear_num_key_heads", "linear_num_value_heads",
+                                             "linear_key_head_dim",  "linear_value_head_dim"};
+
+const json::Value& text_config(const json::Value& config) {
+  const json::Value* text = config.find("text_config");
+  return text != nullptr && text->is_object() ? *text : config;
+}
+
+// The live weights must be MODEL's: a manifest of an engine serving another model (same tensor names and
+// shapes, say a fine-tune of another size's sibling) would otherwise be saved as a generation of MODEL, or
+// be overwritten with MODEL's generation. Compared by the manifest's config against MODEL/config.json, when
+// both exist (the engine may serve a copy of MODEL at another path); names both.
+void check_same_model(const Args& a, const sharing::Manifest& m) {
+  const json::Value& engine = text_config(m.model.config);
+  const std::string path = fs::join(a.model, "config.json");
+  if (!engine.is_object() || !fs::exists(path)) return;
+  json::Value files;
+  try {
+    files = json::parse(fs::read_file(path), path);
+  } catch (const Error&) {
+    return;  // the store does not need config.json; nothing to compare with
+  }
+  if (!files.is_object()) return;
+  const json::Value& mine = text_config(files);
+  std::string theirs_text, mine_text;
+  for (const char* key : kArchitectureKeys) {
+    const json::Value *x = engine.find(key), *y = mine.find(key);
+    if (x == nullptr || y == nullptr || x->dump() == y->dump()) continue;
+    theirs_text += (theirs_text.empty() ? "" : ", ") + std::string(key) + " " + x->dump();
+    mine_text += (mine_text.empty() ? "" : ", ") + std::string(key) + " " + y->dump();
+  }
+  if (theirs_text.empty()) return;
+  throw Error(ErrorCode::kInvalidArg, "checkpoint " + a.sub + ": the manifest " + a.manifest +
+                                          " is of another model than " + a.model + ": its engine serves " +
+                                          (m.model.path.empty() ? "a model" : m.model.path) + " with " + theirs_text +
+                                          ", " + path + " has " + mine_text +
+                                          "; give the manifest of an engine serving " + a.model + " (or a copy of it)");
+}
+
 // The live weights behind a manifest: host tensors (shared memory) or GPU tensors (CUDA IPC), in place.
 struct Live {
   std::shared_ptr<sharing::Attachment> attachment;
   std::vector<checkpoint::LiveTensor> tensors;
 };
 
-Live attach(const std::string& manifest) {
+Live attach(const Args& a) {
+  const std::string& manifest = a.manifest;
   Live l;
   l.attachment = sharing::Attachment::open(manifest);
+  check_same_model(a, l.attachment->manifest());
   for (const auto& v : l.attachment->views()) {
     if (v.desc->strides != sharing::contiguous_strides(v.desc->shape)) {
       throw Error(ErrorCode::kUnsupported, manifest + ": tensor \"" + v.desc->name + "\" is not contiguous");
@@ -188,11 +240,16 @@ checkpoint::Progress progress(const Args& a) {
 std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
 
 // The store, created on first use. When another process creates it at the same moment, this one opens it.
-checkpoint::Store open_or_create(const Args& a) {
+// `created`: this call created it (in a directory that did not exist, when `new_dir`).
+checkpoint::Store open_or_create(const Args& a, bool& created, bool& new_dir) {
   const std::string commit = fs::join(store_dir(a), std::string(checkpoint::kCommitFileName));
+  created = new_dir = false;
   if (!fs::exists(commit)) {
+    new_dir = !fs::exists(store_dir(a));
     try {
-      return checkpoint::Store::create(a.model, a.store);
+      checkpoint::Store s = checkpoint::Store::create(a.model, a.store);
+      created = true;
+      return s;
     } catch (const Error&) {
       if (!fs::exists(commit)) throw;
     }
@@ -231,8 +288,52 @@ void print_json(const json::Value& v) {
   std::fputs("\n", stdout);
 }
 
+// A materialize that was interrupted: its journal is still in the store (list reads COMMIT only and leaves it;
+// whatever opens the store finishes it). Empty when there is none.
+struct Pending {
+  bool pending = false;
+  std::optional<checkpoint::Journal> journal;  // unset: the journal cannot be read
+  std::string path, problem;
+};
+
+Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c) {
+  Pending p;
+  p.path = fs::join(dir, std::string(checkpoint::kJournalFileName));
+  if (!fs::exists(p.path)) return p;
+  p.pending = true;
+  std::vector<uint64_t> sizes;
+  for (const auto& f : c.files) sizes.push_back(f.size);
+  try {
+    std::string bytes = fs::read_file(p.path);
+    checkpoint::Journal j =
+        checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), p.path, sizes);
+    j.entries.clear();  // they point into `bytes`
+    p.journal = j;
+  } catch (const Error& e) {
+    p.problem = e.what();
+  }
+  return p;
+}
+
 int run_list(const Args& a) {
   checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
+  const Pending pending = pending_materialize(store_dir(a), c);
+  std::string pending_text;
+  if (pending.journal && pending.journal->to == c.materialized) {
+    pending_text = "a materialize to generation " + std::to_string(c.materialized) +
+                   " was committed; its journal is removed when the store is next opened";
+  } else if (pending.journal && pending.journal->from == c.materialized) {
+    pending_text = "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
+                   std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
+                   "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
+                   "; any command that opens the store finishes it (livetrain checkpoint verify " + a.model +
+                   (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
+                   std::to_string(pending.journal->from) + " undoes it";
+  } else if (pending.pending) {
+    pending_text = "a materialize journal is pending that cannot be redone (" +
+                   (pending.problem.empty() ? pending.path + ": not for this COMMIT's generations" : pending.problem) +
+                   "); opening the store reports what state the model files are in";
+  }
   if (a.as_json) {
     json::Value root = json::Value::object();
     root.set("store", json::Value::string(store_dir(a)));
@@ -242,12 +343,22 @@ int run_list(const Args& a) {
     json::Value gens = json::Value::array();
     for (const auto& g : c.generations) gens.push(generation_json(g));
     root.set("generations", std::move(gens));
+    json::Value jr = json::Value::null();
+    if (pending.pending) {
+      jr = json::Value::object();
+      jr.set("journal", json::Value::string(pending.path));
+      jr.set("from", pending.journal ? json::Value::unsigned_integer(pending.journal->from) : json::Value::null());
+      jr.set("to", pending.journal ? json::Value::unsigned_integer(pending.journal->to) : json::Value::null());
+      jr.set("what", json::Value::string(pending_text));
+    }
+    root.set("pending_materialize", std::move(jr));
     print_json(root);
     return 0;
   }
   std::printf("store %s: generations %llu..%llu, head %llu, model files at %llu\n", store_dir(a).c_str(),
               static_cast<unsigned long long>(c.oldest), static_cast<unsigned long long>(c.head),
               static_cast<unsigned long long>(c.head), static_cast<unsigned long long>(c.materialized));
+  if (!pending_text.empty()) std::printf("note: %s\n", pending_text.c_str());
   std::printf("%10s  %-19s  %14s  %12s  %10s  %5s\n", "generation", "time (UTC)", "weight_version", "changed", "bytes",
               "ranks");
   for (const auto& g : c.generations) {
@@ -273,13 +384,27 @@ int run_checkpoint(const std::vector<std::string>& args) {
   std::string text;
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
-    Live live = attach(a.manifest);
-    checkpoint::Store s = open_or_create(a);
+    Live live = attach(a);
+    bool created = false, new_dir = false;
+    checkpoint::Store s = open_or_create(a, created, new_dir);
     checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
     o.progress = progress(a);
-    checkpoint::SaveResult r = s.save(live.tensors, o);
+    checkpoint::SaveResult r;
+    try {
+      r = s.save(live.tensors, o);
+    } catch (const Error&) {
+      // A first save that failed (another model's manifest, a missing optimizer state) leaves no store: one
+      // would tie the model files to a store nobody saved in, and refuse them once changed.
+      if (created) {
+        try {
+          s.discard_new(new_dir);
+        } catch (const Error&) {  // the save's error is the one to report
+        }
+      }
+      throw;
+    }
     out.set("written", json::Value::boolean(r.written));
     out.set("generation", json::Value::unsigned_integer(r.generation));
     out.set("bytes", json::Value::unsigned_integer(r.bytes));
@@ -295,12 +420,22 @@ int run_checkpoint(const std::vector<std::string>& args) {
       throw UsageError("checkpoint restore: give exactly one of --manifest FILE and --out DIR");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
     if (!a.manifest.empty()) {
-      Live live = attach(a.manifest);
+      Live live = attach(a);
       s.restore_live(*a.generation, live.tensors);
       text = "live weights set to generation " + std::to_string(*a.generation);
     } else {
-      std::vector<std::string> as_served = s.restore_to_dir(*a.generation, a.out);
+      std::vector<std::string> copied;
+      std::vector<std::string> as_served = s.restore_to_dir(*a.generation, a.out, &copied);
       text = "generation " + std::to_string(*a.generation) + " written to " + a.out;
+      json::Value files = json::Value::array();
+      std::string list;
+      for (const std::string& name : copied) {
+        list += (list.empty() ? "" : ", ") + name;
+        files.push(json::Value::string(name));
+      }
+      text += copied.empty() ? " (no other files in " + a.model + " to copy)"
+                             : "; copied from " + a.model + " as they are: " + list;
+      out.set("copied", std::move(files));
       json::Value served = json::Value::array();
       for (const std::string& name : as_served) {
         text += "\n  " + name + ": written in its served dtype (the files' dtype cannot hold its values)";
@@ -333,7 +468,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
     }
     out.set("served_in_other_dtype", std::move(served));
     if (!a.manifest.empty()) {
-      Live live = attach(a.manifest);
+      Live live = attach(a);
       uint64_t g = a.generation.value_or(s.commit().head);
       checkpoint::LiveDiff d = s.compare_live(g, live.tensors);
       out.set("generation", json::Value::unsigned_integer(g));

@@ -561,6 +561,20 @@ TEST(CheckpointParts, MismatchedPartsAreRefusedWithTheRanksNamed) {
   msg = expect_error([&] { stores[0].commit_parts({p0, bad}); }, ErrorCode::kFormat);
   EXPECT_NE(msg.find("rank 1's part"), std::string::npos) << msg;
   EXPECT_NE(msg.find(p1.part.file), std::string::npos) << msg;
+  // A descriptor naming another file (commit_parts removes the parts' files when nothing changed).
+  for (const char* name : {"COMMIT", "model.safetensors"}) {
+    bad = p1;
+    bad.part.optimizer_state = name;
+    msg = expect_error([&] { stores[0].commit_parts({p0, bad}); }, ErrorCode::kInvalidArg);
+    EXPECT_NE(msg.find(std::string("rank 1's part names the files \"") + p1.part.file + "\" and \"" + name),
+              std::string::npos)
+        << msg;
+    bad = p1;
+    bad.part.file = name;
+    msg = expect_error([&] { stores[0].commit_parts({p0, bad}); }, ErrorCode::kInvalidArg);
+    EXPECT_NE(msg.find("the store gives them \"" + p1.part.file + "\""), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(std::filesystem::exists(stores[0].dir() + "/COMMIT"));
   msg = expect_error([&] { stores[1].commit_parts({p0, p1}); }, ErrorCode::kInvalidArg);
   EXPECT_NE(msg.find("rank 1 cannot commit"), std::string::npos) << msg;
   EXPECT_EQ(livetrain::fs::read_file(stores[0].dir() + "/COMMIT"), commit_before) << "nothing committed";

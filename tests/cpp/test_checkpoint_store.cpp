@@ -368,6 +368,70 @@ TEST(CheckpointStore, OpenRemovesOnlyTheStoresOwnUncommittedFiles) {
   for (const auto& name : uncommitted) EXPECT_FALSE(std::filesystem::exists(dir + "/" + name)) << name << " was kept";
 }
 
+// A COMMIT edited to name another file as a generation's delta or optimizer state (COMMIT itself, the
+// LOCK, a model file, a user's file beside the store, another generation's state): gc deleted it (COMMIT
+// too: the store was gone). Now refused at open naming the field, nothing removed.
+TEST(CheckpointStore, ACommitNamingAnotherFileIsRefusedAndNothingIsRemoved) {
+  Fixture f;
+  const std::string optim = f.tmp.file("optim.bin");
+  livetrain::testing::write_bytes(optim, std::string(1000, 'o'));
+  const std::string dir = f.tmp.file("store");
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model, dir);
+    checkpoint::SaveOptions o;
+    o.optimizer_state = optim;
+    for (int g = 1; g <= 3; ++g) {
+      livetrain::testing::perturb(f.live, g, 0.1);
+      s.save(f.live.views(), o);
+    }
+  }
+  livetrain::testing::write_bytes(dir + "/notes.txt", "mine");
+  const std::string good = livetrain::fs::read_file(dir + "/COMMIT");
+  const std::string model_file = std::filesystem::directory_iterator(f.model)->path().filename().string();
+  const std::string optim1 = checkpoint::optimizer_file_name(checkpoint::delta_file_name(1));
+  const std::string delta1 = checkpoint::delta_file_name(1);
+  for (const std::string& what : {optim1, delta1}) {
+    for (const std::string& name :
+         {std::string("COMMIT"), std::string("LOCK"), model_file, std::string("notes.txt"),
+          checkpoint::optimizer_file_name(checkpoint::delta_file_name(3)), checkpoint::delta_file_name(2)}) {
+      std::string bad = good;
+      bad.replace(bad.find("\"" + what + "\""), what.size() + 2, "\"" + name + "\"");
+      livetrain::fs::write_file_atomic(dir + "/COMMIT", bad);
+      std::string msg = expect_error(
+          [&] {
+            checkpoint::Store s = checkpoint::Store::open(f.model, dir);
+            s.gc(2);
+          },
+          ErrorCode::kFormat);
+      EXPECT_NE(msg.find("generations[1].parts[0]"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("\"" + name + "\" is not the name the store gives"), std::string::npos) << msg;
+      EXPECT_EQ(livetrain::fs::read_file(dir + "/COMMIT"), bad) << name;
+      EXPECT_TRUE(std::filesystem::exists(dir + "/notes.txt"));
+      EXPECT_TRUE(std::filesystem::exists(dir + "/LOCK"));
+      EXPECT_TRUE(std::filesystem::exists(f.model + "/" + model_file));
+    }
+  }
+  livetrain::fs::write_file_atomic(dir + "/COMMIT", good);
+  // The untouched COMMIT: gc removes generation 1's files only, and keeps generation 2's optimizer state with
+  // the new base (a base part without a delta; COMMIT with one was refused at the next open before).
+  {
+    checkpoint::Store s = checkpoint::Store::open(f.model, dir);
+    s.gc(2);
+  }
+  checkpoint::Store s = checkpoint::Store::open(f.model, dir);
+  EXPECT_EQ(s.commit().oldest, 2u);
+  ASSERT_EQ(s.commit().generations[0].parts.size(), 1u);
+  EXPECT_EQ(s.commit().generations[0].parts[0].file, "");
+  EXPECT_EQ(s.commit().generations[0].parts[0].optimizer_state,
+            checkpoint::optimizer_file_name(checkpoint::delta_file_name(2)));
+  EXPECT_TRUE(s.verify().empty());
+  EXPECT_FALSE(std::filesystem::exists(dir + "/" + optim1));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/" + delta1));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/" + checkpoint::optimizer_file_name(checkpoint::delta_file_name(2))));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/notes.txt"));
+  expect_state(s, 3, f.live);
+}
+
 TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   Fixture f;
   // A Hugging Face-style snapshot: the model file is a link to a blob.

@@ -357,3 +357,138 @@ def test_gc_takes_copy_symlinks_for_the_materialize_it_needs(cli, live, tmp_path
     assert ok_json(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "--copy-symlinks")["oldest"] == 2
     assert other.read_bytes() == original
     assert same_bits(load_dir(model), head)
+
+
+# A first save that failed (review27: another model's live weights) created the store all the same: the model
+# files were then tied to a store nobody saved in ("list" showed generation 0; once the files changed, every
+# command refused them as "changed outside livetrain"). It now leaves nothing behind.
+def test_a_first_save_that_fails_leaves_no_store(cli, live, tmp_path):
+    model, manifest, tensors = live
+    other = {n: torch.zeros(3, dtype=t.dtype) for n, t in tensors.items()}  # same names, other shapes
+    exported = livetrain.export_cpu(other, tmp_path / "other.json")
+    try:
+        (tmp_path / "mine").mkdir()
+        for extra in ([], ["--store", str(tmp_path / "new")], ["--store", str(tmp_path / "mine")]):
+            r = run(cli, "checkpoint", "save", str(model), "--manifest", str(tmp_path / "other.json"), *extra, "-q")
+            assert r.returncode == 1 and "model.embed_tokens.weight" in r.stderr, r.stderr
+            r = run(cli, "checkpoint", "list", str(model), *extra)
+            assert r.returncode == 1 and "no checkpoint store" in r.stderr, r.stderr
+        assert not (model / ".livetrain-store").exists() and not (tmp_path / "new").exists()
+        assert list((tmp_path / "mine").iterdir()) == []  # the user's directory stays, empty
+    finally:
+        exported.close()
+    perturb(tensors, 0.1, 20)
+    r = run(cli, "checkpoint", "save", str(model), "--manifest", str(manifest), "--optimizer-state", "/no/such")
+    assert r.returncode == 1 and "/no/such" in r.stderr and not (model / ".livetrain-store").exists()
+    assert ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))["generation"] == 1
+    # A store that holds a generation stays when a later save fails.
+    exported = livetrain.export_cpu(other, tmp_path / "other.json")
+    try:
+        r = run(cli, "checkpoint", "save", str(model), "--manifest", str(tmp_path / "other.json"), "-q")
+        assert r.returncode == 1
+    finally:
+        exported.close()
+    assert ok_json(cli, "checkpoint", "list", str(model))["head"] == 1
+
+
+# A materialize interrupted (review27): `list` did not say that a journal was pending, and a journal that
+# cannot be redone gave no advice. `list` now names it and the command that finishes it; the error says what
+# state the model files are in and what to do.
+@pytest.mark.parametrize("point", ["journal-written", "apply-half"])
+def test_an_interrupted_materialize_is_listed_and_a_bad_journal_explained(cli, live, point):
+    model, manifest, tensors = live
+    states = [snapshot(tensors)]
+    perturb(tensors, 0.5, 21)
+    states.append(snapshot(tensors))
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    journal = model / ".livetrain-store" / "materialize.journal"
+
+    def interrupt():
+        env = dict(os.environ, LIVETRAIN_CHECKPOINT_CRASH_AT=point)
+        p = subprocess.run([cli, "checkpoint", "materialize", str(model), "1", "-q"], env=env, timeout=60)
+        assert p.returncode == -signal.SIGKILL and journal.exists()
+
+    interrupt()
+    r = run(cli, "checkpoint", "list", str(model))
+    assert r.returncode == 0 and "a materialize of generation 0 to 1 was interrupted" in r.stdout, r.stdout
+    assert f"livetrain checkpoint verify {model}" in r.stdout and "materialize 0 undoes it" in r.stdout
+    pending = ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"]
+    assert (pending["from"], pending["to"], pending["journal"]) == (0, 1, str(journal))
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]  # opening finishes it
+    assert ok_json(cli, "checkpoint", "list", str(model))["pending_materialize"] is None
+    assert same_bits(load_dir(model), states[1])
+    ok_json(cli, "checkpoint", "materialize", str(model), "0")
+
+    # A journal that cannot be read: whether the files were written decides the advice.
+    interrupt()
+    data = bytearray(journal.read_bytes())
+    data[-1] ^= 1
+    journal.write_bytes(bytes(data))
+    assert "cannot be redone" in run(cli, "checkpoint", "list", str(model)).stdout
+    r = run(cli, "checkpoint", "verify", str(model), "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "checksum" in r.stderr, r.stderr
+    if point == "journal-written":
+        assert "the model files still hold generation 0" in r.stderr and f"remove {journal}" in r.stderr, r.stderr
+        journal.unlink()
+        assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+        assert same_bits(load_dir(model), states[0])
+    else:
+        assert "no longer holds generation 0" in r.stderr and "put back a copy of them" in r.stderr, r.stderr
+
+
+# `restore --out` wrote the safetensors files and the index only: no config.json, no tokenizer, so the
+# directory did not load as a model (test_serve_default_model copied them by hand). The other top-level files
+# are copied as they are; hidden files, subdirectories and other weight formats are not.
+def test_restore_out_copies_the_model_directorys_other_files(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 22)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    small = {"config.json": '{"model_type": "llama"}', "tokenizer.json": "{}", "generation_config.json": "{}"}
+    for name, text in small.items():
+        (model / name).write_text(text)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    os.symlink(tmp_path / "chat_template.jinja", model / "chat_template.jinja")  # as in a Hugging Face cache
+    for name in ("pytorch_model.bin", "consolidated.pth", ".gitattributes"):
+        (model / name).write_bytes(b"old")
+    (model / "original").mkdir()
+    (model / "original" / "params.json").write_text("{}")
+    r = ok_json(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "out"))
+    assert r["copied"] == sorted([*small, "chat_template.jinja"])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*small, "chat_template.jinja", *(p.name for p in model.glob("*.safetensors*"))]
+    )
+    assert all((out / name).read_text() == text for name, text in small.items())
+    assert not (out / "chat_template.jinja").is_symlink()
+    assert same_bits(load_dir(out), snapshot(tensors))
+    r = run(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "out2"))
+    assert r.returncode == 0 and "copied from" in r.stdout and "config.json" in r.stdout, r.stdout
+
+
+# `save A --manifest M` where M's engine serves another model B: nothing compared the two, so B's weights,
+# when their names and shapes fit, became a generation of A (and `restore --manifest` overwrote B's live
+# weights with A's). The manifest's config is compared with A's config.json; a copy of A elsewhere passes.
+def test_a_manifest_of_another_model_is_refused_naming_both(cli, live, tmp_path):
+    model, manifest, tensors = live
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 257}
+    (model / "config.json").write_text(json.dumps(config))
+    perturb(tensors, 0.2, 23)
+    other = dict(config, num_hidden_layers=2, torch_dtype="bfloat16")
+    b = livetrain.export_cpu(tensors, tmp_path / "b.json", model_path="/models/b", config=other)
+    # A copy of the model at another path, its config as an engine writes it (defaults added): accepted.
+    served = dict(config, transformers_version="4.57.0", rope_theta=10000.0, use_cache=True)
+    copy = livetrain.export_cpu(tensors, tmp_path / "copy.json", model_path="/elsewhere/a", config=served)
+    try:
+        for args in (["save"], ["save", "--manifest", str(tmp_path / "copy.json")], ["restore", "1"], ["verify"]):
+            if args[1:2] == ["--manifest"]:
+                assert ok_json(cli, "checkpoint", "save", str(model), *args[1:])["generation"] == 1
+                continue
+            r = run(cli, "checkpoint", args[0], str(model), *args[1:], "--manifest", str(tmp_path / "b.json"), "-q")
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert f"is of another model than {model}" in r.stderr and "/models/b" in r.stderr, r.stderr
+            assert "num_hidden_layers 2" in r.stderr and "num_hidden_layers 1" in r.stderr, r.stderr
+            assert (model / ".livetrain-store").exists() == (args[0] != "save")
+    finally:
+        b.close()
+        copy.close()
+    assert ok_json(cli, "checkpoint", "list", str(model))["head"] == 1

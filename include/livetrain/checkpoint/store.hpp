@@ -166,6 +166,11 @@ class Store {
 
   // Releases the lock and the host copy; the object is unusable afterwards (reopen to continue).
   void close();
+  // Removes a store that holds nothing but generation 0 (what a first save that failed leaves, so that the
+  // model files are not tied to a store nobody saved in): COMMIT first (no store from then on), its LOCK,
+  // and the directory when `remove_dir` and nothing else is in it; then closes. Rank 0; refused (kInvalidArg)
+  // once any generation was saved.
+  void discard_new(bool remove_dir);
   // Starts, on a thread of its own, what the first save of GPU weights on CUDA device `device` would
   // otherwise do first: page-locking the head copy (cudaHostRegister; most of the 15.7 s first save of the
   // 27B model's 50 GiB on the H200), in registrations of whole entries of at least checkpoint.pin_chunk_mib
@@ -207,10 +212,15 @@ class Store {
   // `generation` (any in [oldest, head]); the head does not change. GPU weights are staged through
   // host memory (a second copy of their bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
-  // Writes `generation` as a new model directory (same file names and tensor split; index copied). A
+  // Writes `generation` as a new model directory (same file names and tensor split; index copied) that
+  // loads as the model does: the model directory's other top-level files (config.json, tokenizer files,
+  // generation_config.json, ...: a generation changes only weights) are copied as they are now, except hidden
+  // files and files of other weight formats (.bin, .pt, .pth, .ckpt, .gguf, .h5, .msgpack, .onnx, .npz and
+  // safetensors files the store does not name: they hold other weights); their names go to `copied`. A
   // tensor served in another dtype than its files' is written in the files' dtype when all its values
   // convert back exactly, else in the served dtype; returns the names of those written in the served dtype.
-  std::vector<std::string> restore_to_dir(uint64_t generation, const std::string& out_dir);
+  std::vector<std::string> restore_to_dir(uint64_t generation, const std::string& out_dir,
+                                          std::vector<std::string>* copied = nullptr);
   // Records the dtype the engine serves tensors in ({files' name, dtype}), where it differs from the model
   // files' (vLLM keeps Qwen3.5's A_log in F32; an engine may load F32 files as BF16): from then on deltas,
   // head copies, restore and compare use it, and the base is the files' values converted to it
@@ -333,6 +343,8 @@ class Store {
   void check_served_change(const Commit& next, const std::string& who) const;
   // Resolves a pending part and catches the head copy up with COMMIT (refresh without the result).
   void sync();
+  // What to do about a journal that cannot be redone (corrupt, or not this COMMIT's), given the model files.
+  std::string unusable_journal_advice(const std::string& path) const;
   void recover_journal();
   void remove_uncommitted();
   // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
