@@ -699,47 +699,6 @@ def test_a_job_trains_only_the_parameters_it_names(run):
     assert options.parse([]).train == options.LEARNING["train"] == trainer.status()["train"] == "all"
 
 
-def test_mix_sets_the_weights_between_the_jobs_start_and_end(run):
-    # "mix": a (options.LEARNING "mix", 1: off): after the job, start + a × (end − start), the start read back
-    # from the store's undo point one tensor at a time; the job's "mix" entry has its examples' losses there.
-    engine, trainer = run("--no-guard")
-    start = weights(engine)
-    gen = trainer._undo_point()["generation"]
-    plain = job(trainer, {"examples": FACTS, "steps": 2})
-    assert plain["mix"] is None and plain["plan"]["mix"] == 1.0 == trainer.status()["mix"]
-    end = weights(engine)
-    assert trainer.rollback(gen).code == 200 and same_bits(weights(engine), start)
-    version = trainer.weight_version
-    info = job(trainer, {"examples": FACTS, "steps": 2, "mix": 0.25})
-    m = info["mix"]
-    assert info["state"] == "done" and info["plan"]["mix"] == 0.25 and m["a"] == 0.25, info
-    assert m["from_generation"] == len(trainer.generations) - 1 and m["weight_version"] == version + 3
-    assert trainer.weight_version == version + 3 and m["seconds"] > 0  # two steps and the mix
-    mixed = weights(engine)
-    # The same two steps (from the same weights and a fresh optimizer state), then lerp toward the start: the bits.
-    want = {n: end[n].clone().lerp_(start[n], 0.75) for n in start}
-    assert same_bits(mixed, want)
-    assert not same_bits(mixed, start) and not same_bits(mixed, end)
-    assert m["losses"]["counted"] == len(FACTS) and m["loss_after"] == m["losses"]["after"] > 0
-    assert m["losses"]["max_after"] >= m["losses"]["after"] and m["losses"]["below"] is None  # fixed steps
-    # A guarded job is measured on the mixed weights; a cancelled one is not mixed.
-    guarded = job(trainer, {"examples": FACTS, "until_loss": 0.5, "mix": 0.5, "lr": 1e-3, "guard": True})
-    assert guarded["mix"]["a"] == 0.5 and guarded["guard"]["passed"] is not None
-    assert guarded["mix"]["weight_version"] == trainer.weight_version
-    assert guarded["mix"]["losses"]["below"] is not None
-    assert schedule.plan({}, options.parse(["--mix", "0.5"]), 2).mix == 0.5
-    for bad in (["--mix", "0.5", "--no-store"], ["--mix", "0"], ["--mix", "1.5"]):
-        with pytest.raises(ValueError, match="--mix"):
-            options.parse(bad)
-
-
-def test_mix_needs_the_store(run):
-    _, trainer = run("--no-guard", store=False)
-    with pytest.raises(Invalid) as e:
-        trainer.handle("submit", json.dumps({"examples": FACTS, "mix": 0.5}).encode())
-    assert e.value.param == "mix" and "--no-store" in str(e.value) and trainer.queue.empty()
-
-
 @pytest.mark.parametrize("reword", [False, True])
 def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monkeypatch, reword):
     """Regression: a job cancelled (or the trainer stopped) while the guard made its measures at the job's
@@ -806,9 +765,6 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
-        ({"examples": FACTS, "mix": 0}, "mix"),
-        ({"examples": FACTS, "mix": 1.5}, "mix"),
-        ({"examples": FACTS, "mix": "0.5"}, "mix"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
     ],

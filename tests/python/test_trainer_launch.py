@@ -49,8 +49,6 @@ def test_options_survive_argv():
             "similar",
             "--train",
             "mlp",
-            "--mix",
-            "0.7",
             "--guard-min-kept",
             "0.5",
             "--guard-prepare",

@@ -150,11 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         "mlp (the layers' MLPs alone) (default: the server's)",
     )
     p.add_argument(
-        "--mix",
-        type=float,
-        help="after the job, set its weights to start + MIX x (end - start), in (0, 1] (default: the server's)",
-    )
-    p.add_argument(
         "--reword",
         action=argparse.BooleanOptionalAction,
         default=None,

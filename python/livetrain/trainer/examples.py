@@ -39,7 +39,6 @@ JOB_OPTIONS = {
     "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
     "train": (str, lambda v: v in TRAIN, " or ".join(f'"{v}"' for v in TRAIN)),
-    "mix": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "guard": (bool, lambda v: True, "true or false"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.

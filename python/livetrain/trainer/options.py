@@ -34,7 +34,6 @@ LEARNING = {
     "restate": False,
     "replay_select": "similar",
     "train": "all",
-    "mix": 1.0,
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
 }
@@ -311,14 +310,6 @@ _LEARNING_OPTIONS = (
     ),
     ("--max-steps", "max_steps", int, "N", "... or until it has taken N steps"),
     (
-        "--mix",
-        "mix",
-        float,
-        "A",
-        "after a job, its weights are set to start + A x (end - start), the start read back from the checkpoint "
-        "store (weight-space interpolation, WiSE-FT): 1 keeps them as trained",
-    ),
-    (
         "--replay",
         "replay",
         int,
@@ -436,10 +427,6 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
     if not ns.until_loss > 0 or not ns.guard_threshold > 0:
         return "--until-loss and --guard-threshold must be > 0"
-    if not 0 < ns.mix <= 1:
-        return "--mix must be in (0, 1]"
-    if ns.mix < 1 and ns.no_store:
-        return "--mix below 1 reads the weights a job started from back from the checkpoint store: not with --no-store"
     if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
         return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
     if ns.no_store and (ns.store or ns.checkpoint_every):
@@ -475,8 +462,6 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.until_loss),
         "--max-steps",
         str(ns.max_steps),
-        "--mix",
-        str(ns.mix),
         "--replay",
         str(ns.replay),
         "--anchor",

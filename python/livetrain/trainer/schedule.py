@@ -41,9 +41,8 @@ class Plan:
     own answers (``anchor`` 0), or, with ``anchor`` > 0, as ``anchor`` × the KL divergence from the starting
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
     the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
-    plain text (trainer.augment.restated). ``train``: which parameters the job trains (options.TRAIN). ``mix``:
-    after the job, its weights are set to start + mix × (end − start) (1: as trained). ``guard``: measure retention
-    and roll the job back when it drops too far (docs/learning.md).
+    plain text (trainer.augment.restated). ``train``: which parameters the job trains (options.TRAIN). ``guard``: measure retention and roll the job back when it
+    drops too far (docs/learning.md).
     """
 
     batch_size: int
@@ -59,7 +58,6 @@ class Plan:
     replay_select: str = "cycle"
     restate: bool = False
     train: str = "all"
-    mix: float = 1.0
 
     @property
     def budget(self) -> int:
@@ -112,7 +110,6 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
-        mix=float(options.get("mix", defaults.mix)),
     )
 
 

@@ -499,12 +499,6 @@ class Trainer:
             )
         if self.ranks is not None and plan.train != "all":
             raise Invalid("train", 'under tensor parallelism a job trains every parameter: send "train": "all"')
-        if plan.mix < 1 and (self.store is None or self.ranks is not None):
-            raise Invalid(
-                "mix",
-                "mix reads the weights the job started from back from the checkpoint store, tensor by tensor: "
-                + ("this trainer has none (--no-store)" if self.store is None else "not under tensor parallelism yet"),
-            )
         if self.ranks is not None and plan.reword:
             raise Invalid("reword", "rewording runs the model on rank 0 alone: not under tensor parallelism yet")
         if self.stopping.is_set():
@@ -528,7 +522,6 @@ class Trainer:
             "reworded": None,
             "restated": len(restated) if plan.restate else None,
             "trains": None,
-            "mix": None,
             "guard": None,
             "error": None,
             "submitted": time.time(),
@@ -646,7 +639,6 @@ class Trainer:
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
                 "train": self.settings.train,
-                "mix": self.settings.mix,
                 "kernels": self.kernels,
                 "device": str(self.device),
                 "max_batch_tokens": {"tokens": self.max_batch_tokens, "chosen": self.max_batch_tokens_from},
@@ -993,8 +985,6 @@ class Trainer:
 
         try:
             undo = self._undo_point() if plan.guard else None
-            # The weights the job starts from, in the store (for mix): a guarded job's undo point.
-            begin = undo if plan.guard else self._undo_point() if plan.mix < 1 else None
             # What the job trains (plan.train): the rest is frozen for the job's steps alone (no gradient, no
             # update, the optimizer's state of it untouched).
             trained = self.trained_parameters(plan.train)
@@ -1093,8 +1083,6 @@ class Trainer:
                 reason = "steps" if plan.steps is not None else "max_steps"
             if reason == "cancelled":
                 state = "cancelled"
-            elif plan.mix < 1 and info["step"] > 0 and reason in ("until_loss", "max_steps", "steps"):
-                self._mix(info, plan, begin, examples, job["examples_own"])
             # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
             if watch is not None and plan.guard and info["step"] > 0 and reason != "shutdown" and not restored:
                 state = self._guard_end(jid, info, watch, undo, state)
@@ -1125,48 +1113,6 @@ class Trainer:
                 flush=True,
             )
             self.save()
-
-    def _mix(self, info: dict, plan: schedule.Plan, begin: dict, examples: list, own: int) -> None:
-        """After a job's last step: the weights set to start + ``plan.mix`` × (end − start) (weight-space
-        interpolation: WiSE-FT, Wortsman et al. 2022), the start read back from the store's generation ``begin``
-        one tensor at a time (no second copy of the weights: one tensor's worth at most), as a new weight
-        version; then each of the job's own examples' loss on the mixed weights (one forward per batch, no
-        gradient), in the job's ``mix`` entry with the seconds it took. The guard measures the mixed weights."""
-        t0 = time.perf_counter()
-        self.reserve(self.weight_version + 1)  # before the weights change, as a step
-        with torch.no_grad():
-            for name, w in self.weights.items():
-                start = torch.empty_like(w)
-                self.store.restore(begin["generation"], {name: start})
-                w.lerp_(start, 1.0 - plan.mix)  # w + (1 - mix) (start - w) = start + mix (w - start)
-                del start
-        with self.lock:
-            self._new_version()
-        mixed = schedule.Losses(own)
-        with torch.no_grad():
-            for i in range(0, own, plan.batch_size):
-                idx = list(range(i, min(own, i + plan.batch_size)))
-                *_, per_example = self.loss([examples[j] for j in idx])
-                mixed.record(idx, per_example.tolist())
-        summary = mixed.summary(plan.until_loss)
-        report = {
-            "a": plan.mix,
-            "from_generation": begin["generation"],
-            "weight_version": self.weight_version,
-            "loss_after": summary["after"],
-            "losses": {k: summary[k] for k in ("after", "max_after", "below", "counted")},
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        with self.lock:
-            info["mix"] = report
-        print(
-            f"livetrain trainer: {info['id']} weights mixed back toward the job's start (generation "
-            f"{begin['generation']}) at a = {plan.mix:g}: examples' loss mean {summary['after']:.4f}, max "
-            f"{summary['max_after']:.4f}"
-            + (f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}" if plan.until_loss else "")
-            + f" ({report['seconds']:.1f} s)",
-            flush=True,
-        )
 
     def trained_parameters(self, train: str) -> list:
         """The parameters a job of ``train`` (options.TRAIN) trains, of those the trainer trains at all
