@@ -160,8 +160,8 @@ def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monke
 
 
 def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_path):
-    """sweep8: batch 64 with and without rewording (as in sweep7), then each job's weights set to start + a × (end
-    − start) for each a, a row of its own with everything asked again; the next row's job starts from the start."""
+    """sweep8: the defaults and batch 64 (each as in sweep7), then each job's weights set to start + a × (end −
+    start) for each a, a row of its own with everything asked again; the next row's job starts from the start."""
     import torch
 
     sweep = load_sweep()
@@ -173,10 +173,8 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
     keys |= {"train": "train"}
     shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep8"]]
-    assert [{k for k in shipped if row[k] != shipped[k]} for row in rows] == [{"batch", "reword"}, {"batch"}]
-    assert rows[0]["batch"] == rows[1]["batch"] == 64 and rows[0]["reword"] is True
-    assert rows[0]["alphas"] == sweep.ALPHAS and rows[1]["alphas"] == sweep.ALPHAS[1:]
-    assert all(0 < min(r["alphas"]) and max(r["alphas"]) < 1 for r in rows)
+    assert [{k for k in shipped if row[k] != shipped[k]} for row in rows] == [{"batch"}, set()]
+    assert all(r["alphas"] == sweep.ALPHAS and 0 < min(r["alphas"]) and max(r["alphas"]) < 1 for r in rows)
 
     class Mixing(FakeInProcess):
         def __init__(self, *a):
@@ -207,11 +205,12 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
     monkeypatch.setattr(Mixing, "ask", lambda self, q, n: ["Paris"] * len(q))
     assert sweep.main(["--grid", "sweep8", "--json", str(tmp_path / "rows.jsonl")]) == 0
     out = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    n, alphas = len(sweep.ALPHAS), sweep.ALPHAS + sweep.ALPHAS[1:]
-    names = ["batch 64 reword"] + [f"batch 64 reword a={a:g}" for a in sweep.ALPHAS]
-    assert [r["name"] for r in out] == names + ["batch 64"] + [f"batch 64 a={a:g}" for a in sweep.ALPHAS[1:]]
+    n = len(sweep.ALPHAS)
+    assert [r["name"] for r in out] == ["batch 64"] + [f"batch 64 a={a:g}" for a in sweep.ALPHAS] + ["defaults"] + [
+        f"defaults a={a:g}" for a in sweep.ALPHAS
+    ]
     mixed = out[1 : 1 + n] + out[2 + n :]
-    assert [r["kl"] for r in mixed] == [round(a, 5) for a in alphas]  # the weights at each a
+    assert [r["kl"] for r in mixed] == [round(a, 5) for a in sweep.ALPHAS] * 2  # the weights at each a
     # The examples' loss at each a (the stand-in's 1 − w): below until_loss 0.1 at none of these a.
-    assert [r["loss_max"] for r in mixed] == [round(1 - a, 4) for a in alphas]
+    assert [r["loss_max"] for r in mixed] == [round(1 - a, 4) for a in sweep.ALPHAS] * 2
     assert all(r["general_kept"] == 1 and r["below_until"] == 0 and r["examples"] == 1 for r in mixed)
