@@ -7,7 +7,11 @@ of ``--alphas`` the weights set to that mix and asked everything (each trained p
 per fact, the general questions), and each training example's loss (the mean cross-entropy over its trained
 tokens, as ``until_loss`` reads it) measured teacher-forced. A measurement, not a feature.
 
+``--noise R,...`` instead: no job, the starting weights moved by a random direction of relative size R in each
+tensor, the general answers kept (the floor under "general kept" for a move of that size).
+
 usage: python bench/learning_interp.py [--facts 4] [--alphas 1,0.8,0.6,0.5] [--job JSON] [--json FILE]
+       python bench/learning_interp.py --noise 1e-4,3e-4,1e-3 [--seeds 2]
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ import learning_sweep as ls  # noqa: E402
 import torch  # noqa: E402
 
 
+def noise(ip: ls.InProcess, a, asked, before, facts, general) -> int:
+    """The floor under "general kept": the starting weights moved by a random direction of each relative size, in
+    each tensor (Gaussian, scaled to R × the tensor's norm), and the general questions asked again."""
+    rows = []
+    print("| relative move R | seed | general kept | lost |")
+    print("|---|---|---|---|")
+    for r in [float(x) for x in a.noise.split(",")]:
+        for seed in range(a.seeds):
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for n, w in ip.trainer.weights.items():
+                    w0 = ip.start[n].float()
+                    d = torch.randn(w0.shape, generator=gen)
+                    w.copy_(w0 + d * (r * w0.norm() / d.norm().clamp_min(1e-30)))
+            got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
+            kept, right = lq.kept(before["general"], got["general"])
+            lost = [i for i, ok in enumerate(before["general"]) if ok and not got["general"][i]]
+            rows.append({"r": r, "seed": seed, "kept": kept, "right_before": right, "lost": lost})
+            print(f"| {r:g} | {seed} | {kept}/{right} | {lost} |", flush=True)
+    ip.reset()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"noise": rows}, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--facts", type=int, default=4)
@@ -37,6 +67,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--retention", default="", help="all or core: the built-in retention prompts (default: the trainer's)"
     )
+    p.add_argument(
+        "--noise",
+        default="",
+        help="R,R,...: no job; instead the weights moved by a random direction of relative size R in each tensor "
+        "(|delta| = R |w|), --seeds directions each: how many general answers any small move costs",
+    )
+    p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="write everything here")
     a = p.parse_args(argv)
@@ -57,6 +94,8 @@ def main(argv=None) -> int:
         f"{sum(before['reworded'])}/{len(facts)}, general {sum(before['general'])}/{len(general)} right",
         flush=True,
     )
+    if a.noise:
+        return noise(ip, a, asked, before, facts, general)
     body = {"examples": examples, **json.loads(a.job)}
     ip.reset()
     if body.get("guard", True):
