@@ -478,9 +478,9 @@ def _qwen35_full_shapes(gib: float):
 
 
 # (label, knobs); the first is the save path that shipped before the first H200 sweep, the second the
-# shipped defaults (pipelined one-pass diff with digests, the delta written from the first record on with early
-# writeback, the word-wise entropy coder with records handed on as pieces, gap sizes only where they could
-# win), "(again)" repeats them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md
+# shipped defaults (pipelined one-pass diff with digests, its copies in and out overlapped, the delta written
+# from the first record on with early writeback, the word-wise entropy coder with records handed on as pieces,
+# gap sizes only where they could win), "(again)" repeats them (the run's noise). Only what that sweep left undecided is here (docs/tuning.md
 # has its numbers), and the encoder before its changes (same bytes).
 BEFORE = {
     "checkpoint.pipeline": 0,
@@ -489,10 +489,20 @@ BEFORE = {
     "checkpoint.writeback_mib": 0,
     "checkpoint.encoder": 0,
     "checkpoint.early_writer": 0,
+    "checkpoint.group_mib": 256,
 }
+# The GPU diff as it shipped before its copies in and out overlapped (sixth session of 2026-12-01): two
+# groups of 256 MiB alternating over two streams, each stream's copies one direction at a time.
+DIFF_ONE_WAY = {"checkpoint.diff": 1, "checkpoint.group_mib": 256}
 SWEEP_GRID = [
     ("before: two-pass diff, then encode", BEFORE),
     ("shipped", {}),
+    ("shipped, the diff's copies one way at a time (checkpoint.diff=1)", DIFF_ONE_WAY),
+    ("shipped, 3 diff slots of 256 MiB", {"checkpoint.diff_slots": 3, "checkpoint.group_mib": 256}),
+    ("shipped, 8 diff slots of 64 MiB", {"checkpoint.diff_slots": 8, "checkpoint.group_mib": 64}),
+    # The overlapped diff reached three quarters of the pinned both-ways rate with the encoder beside it; here
+    # the encoder waits for the diff's end, so the diff has the host's cores (and memory) to itself.
+    ("shipped, encode after the diff (checkpoint.pipeline=0)", {"checkpoint.pipeline": 0}),
     ("gap sizes measured per block, as before (checkpoint.encoder=2)", {"checkpoint.encoder": 2}),
     ("shipped without early writeback", {"checkpoint.writeback_mib": 0}),
     ("shipped, writeback every 64 MiB", {"checkpoint.writeback_mib": 64}),
@@ -738,7 +748,7 @@ def sweep_shape(
     return rows
 
 
-def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
+def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | None = None) -> None:
     bw_dev, bw_pcie, bw_disk = bands
     print(
         f"\nbandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
@@ -793,6 +803,16 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float) -> None:
                 f"best no change ({shape}): {n['setting']}: {n['no_change']['seconds']:.3f} s = "
                 f"{n['no_change']['seconds'] / mb * 1e10:.3f} s per 10 GB (target <= 0.1)"
             )
+        # After a dense step every chunk of the head copy is staged in and written back: the diff's bytes
+        # over PCIe are twice the model's, against pinned copies both ways at once in the same run.
+        rates = [
+            f"{r['setting']}: {2 * mb / r['dense']['diff_seconds'] / 1e9:.1f}"
+            for r in mine
+            if "error" not in r and r["dense"]["diff_seconds"] > 0
+        ]
+        if rates:
+            ref = f" (pinned H2D and D2H at once: {both_ways / 1e9:.1f} GB/s)" if both_ways else ""
+            print(f"GPU diff of the dense step, head copy in and out, GB/s in all{ref}: " + "; ".join(rates))
 
 
 def main() -> int:
@@ -904,6 +924,7 @@ def main() -> int:
                     "device_copy_bandwidth": bands[0],
                     "pinned_d2h_bandwidth": bands[1],
                     "disk_write_bandwidth": bands[2],
+                    "pinned_both_ways_bandwidth": both,
                     "sweep": rows + partial,
                 },
             )
@@ -916,7 +937,7 @@ def main() -> int:
             except Exception as e:  # a shape that cannot even be set up is reported; the next one runs
                 log(f"sweep {x}: {type(e).__name__}: {e}")
         save([])
-        print_sweep(rows, bands, a.lr)
+        print_sweep(rows, bands, a.lr, both)
         return 0
 
     shapes = model_shapes(a.gib)

@@ -633,7 +633,7 @@ def role_adamw(a) -> None:
 
     device = torch.device(a.device)
     tok = transformers.AutoTokenizer.from_pretrained(a.model)
-    ids, mask, _ = encode_example(tok, train_example(a.tokens), "example")
+    [(ids, mask, _)] = encode_example(tok, train_example(a.tokens), "example")
     result: dict = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     phase, times, losses = "model", [], []
 

@@ -370,11 +370,11 @@ void init_checkpoint(nb::module_& m) {
           "rounded to the files' dtype (saved as a new generation first, then materialized).")
       .def(
           "gc",
-          [](checkpoint::Store& s, uint64_t keep_from) {
+          [](checkpoint::Store& s, uint64_t keep_from, bool copy_symlinks) {
             nb::gil_scoped_release release;
-            s.gc(keep_from);
+            s.gc(keep_from, {}, copy_symlinks);
           },
-          nb::arg("keep_from"));
+          nb::arg("keep_from"), nb::arg("copy_symlinks") = false);
 }
 
 }  // namespace livetrain::bindings

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (ASan + UBSan) in build-fuzz/ and runs each from its seed corpus
 # in fuzz/. LIVETRAIN_FUZZ_SECONDS (default 120) is the TOTAL fuzzing time of one run, split evenly
-# between the targets (4 targets: 30 s each), so adding a target never lengthens CI; each gets at least
+# between the targets (5 targets: 24 s each), so adding a target never lengthens CI; each gets at least
 # 5 s. A fuzzer is one single-threaded process, so as many run at once as the machine has cores (at most
 # LIVETRAIN_FUZZ_JOBS when set): each still has a core for its whole time (the same executions as one after
 # the other), and the run takes the total divided by the cores (2 cores: 60 s of 120). Exits non-zero on a
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 total=${LIVETRAIN_FUZZ_SECONDS:-120}
 tools=${LIVETRAIN_TOOLS:-.venv/bin}
 tools=$(cd "$tools" && pwd)
-targets=(fuzz_safetensors_header fuzz_manifest fuzz_checkpoint_delta fuzz_checkpoint_journal)
+targets=(fuzz_safetensors_header fuzz_manifest fuzz_checkpoint_delta fuzz_checkpoint_journal fuzz_checkpoint_commit)
 seconds=$((total / ${#targets[@]}))
 [ "$seconds" -ge 5 ] || seconds=5
 if [ ! -f build-fuzz/CMakeCache.txt ]; then
@@ -48,6 +48,7 @@ runs=(
   "fuzz_manifest fuzz/corpus-manifest fuzz/manifest.dict sharing manifest parser"
   "fuzz_checkpoint_delta fuzz/corpus-checkpoint-delta fuzz/checkpoint.dict checkpoint delta parser"
   "fuzz_checkpoint_journal fuzz/corpus-checkpoint-journal fuzz/checkpoint.dict checkpoint journal parser"
+  "fuzz_checkpoint_commit fuzz/corpus-checkpoint-commit fuzz/commit.dict checkpoint COMMIT parser"
 )
 jobs=${LIVETRAIN_FUZZ_JOBS:-$(nproc)}
 [ "$jobs" -ge 1 ] || jobs=1

@@ -106,7 +106,8 @@ void fsync_dir(const std::string& dir);
 // on one filesystem.
 void publish_directory(const std::string& tmp_dir, const std::string& final_dir);
 
-// The whole content of a (small) regular file.
+// The whole content of a (small) regular file; anything else (a directory, a FIFO, a device such as
+// /dev/zero, or a symlink to one) is refused with kIo "PATH: not a regular file", without blocking.
 std::string read_file(const std::string& path);
 
 bool exists(const std::string& path);

@@ -41,17 +41,19 @@ enum Knob : int {
   kApolloUpdateResident,    // at most this many blocks of the batched update per multiprocessor (0: no limit)
   kApolloUpdateFastRound,   // 1: with update_mini, a group's rounding skips the per-element guards unless needed
   // checkpoint save (src/checkpoint/)
-  kCheckpointPipeline,     // 1: records are encoded while the GPU diff runs, tensor group by group
-  kCheckpointDiff,         // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups
-  kCheckpointGroupMib,     // device scratch per group of the GPU diff, MiB
-  kCheckpointDigests,      // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
-  kCheckpointEncodeBatch,  // blocks of records encoded per batch, per CPU thread
+  kCheckpointPipeline,  // 1: records are encoded while the GPU diff runs, tensor group by group
+  kCheckpointDiff,      // 0: two passes over the head copy in mapped host memory; 1: one pass over DMA-staged groups,
+                        // two streams; 2: one pass, copies in, kernels and copies out on three streams (overlapped)
+  kCheckpointGroupMib,  // device scratch per group of the GPU diff, MiB
+  kCheckpointDigests,   // 1: chunks whose device-resident digest matches the head copy's are not read over PCIe
+  kCheckpointEncodeBatch,   // blocks of records encoded per batch, per CPU thread
   kCheckpointWritebackMib,  // the delta's disk writes start every this many MiB written (0: all at the final fsync)
   kCheckpointEarlyWriter,   // 1: the delta file is written from the first encoded record on, during the GPU diff
   kCheckpointEncoder,       // 3: as 2, gap sizes measured only where gaps could win; 2: the word-wise Huffman coder,
                             // records handed on as pieces, checksummed by the writer, gap sizes measured per block;
                             // 1: that coder, records copied whole; 0: the coder before, records copied (same bytes)
   kCheckpointPinChunkMib,  // Store::prepare_gpu page-locks the head copy in registrations of whole tensors, >= this MiB
+  kCheckpointDiffSlots,    // checkpoint.diff 2: groups in flight (each a stage, values and bitmap buffer of group_mib)
   kNumKnobs
 };
 

@@ -341,7 +341,8 @@ class CheckpointStore:
         out_dir: str | os.PathLike | None = None,
     ) -> list[str] | None:
         """Sets ``tensors`` (whole tensors by name, or Shards of any rank at any TP size; in place) to
-        ``generation``, or writes it as a new model directory ``out_dir``. Tensors not given are untouched.
+        ``generation``, or writes it as a new model directory ``out_dir`` (which must not exist or be empty:
+        it is filled under a temporary name and renamed into place). Tensors not given are untouched.
         With ``out_dir``, returns the tensors written in their served dtype: a tensor served in another dtype
         than the files' is written in the files' dtype when all its values convert back exactly, else in the
         served dtype (nothing is rounded)."""
@@ -373,9 +374,10 @@ class CheckpointStore:
         the rounded tensors are returned (needs the default open: a head copy of every tensor)."""
         return self._s.materialize(generation, copy_symlinks, round_to_file_dtype)
 
-    def gc(self, keep_from: int) -> None:
-        """Forgets generations before ``keep_from``."""
-        self._s.gc(keep_from)
+    def gc(self, keep_from: int, *, copy_symlinks: bool = False) -> None:
+        """Forgets generations before ``keep_from``, materializing it first when the files are older
+        (``copy_symlinks`` as for ``materialize``)."""
+        self._s.gc(keep_from, copy_symlinks)
 
 
 def save_distributed(

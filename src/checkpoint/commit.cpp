@@ -1,5 +1,6 @@
 // The commit record (COMMIT): serialization and strict parsing; it alone says what the store holds.
 #include <cstdio>
+#include <set>
 
 #include "livetrain/checkpoint/commit.hpp"
 #include "livetrain/checkpoint/convert.hpp"
@@ -175,6 +176,7 @@ Commit commit_parse(std::string_view text, std::string_view what) {
   c.head = r.get_u64(root, "(root)", "head");
   c.oldest = r.get_u64(root, "(root)", "oldest");
   c.materialized = r.get_u64(root, "(root)", "materialized");
+  if (c.head > kMaxGeneration) r.fail("head", "beyond the largest generation number " + std::to_string(kMaxGeneration));
   if (c.oldest > c.head || c.materialized < c.oldest || c.materialized > c.head) {
     r.fail("materialized", "generations out of order (need oldest <= materialized <= head)");
   }
@@ -186,7 +188,8 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     c.files.push_back(std::move(m));
   }
   const auto& gens = r.get_array(root, "(root)", "generations");
-  if (gens.size() != c.head - c.oldest + 1) r.fail("generations", "expected one entry per generation oldest..head");
+  if (gens.empty() || gens.size() - 1 != c.head - c.oldest)
+    r.fail("generations", "expected one entry per generation oldest..head");
   for (size_t i = 0; i < gens.size(); ++i) {
     std::string f = "generations[" + std::to_string(i) + "]";
     Generation g;
@@ -238,10 +241,12 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     c.generations.push_back(std::move(g));
   }
   const auto& tensors = r.get_array(root, "(root)", "tensors");
+  std::set<std::string> names;
   for (size_t i = 0; i < tensors.size(); ++i) {
     std::string f = "tensors[" + std::to_string(i) + "]";
     TensorEntry t;
     t.name = r.get_str(tensors[i], f, "name");
+    if (!names.insert(t.name).second) r.fail(f + ".name", "\"" + t.name + "\" is listed twice");
     auto dt = dtype_from_name(r.get_str(tensors[i], f, "dtype"));
     if (!dt) r.fail(f + ".dtype", "unknown dtype");
     t.dtype = *dt;
@@ -257,6 +262,15 @@ Commit commit_parse(std::string_view text, std::string_view what) {
     if (t.nbytes > c.files[t.file].size || t.offset > c.files[t.file].size - t.nbytes)
       r.fail(f, "extends past its file");
     if (t.nbytes % unit_bytes(t.dtype)) r.fail(f + ".nbytes", "not a whole number of elements");
+    // Every reader sizes the tensor from its shape: the two must agree, as in the safetensors header.
+    uint64_t bits = dtype_bits(t.dtype);
+    for (uint64_t d : t.shape) {
+      if (__builtin_mul_overflow(bits, d, &bits)) r.fail(f + ".shape", shape_string(t.shape) + " overflows 64 bits");
+    }
+    if (bits % 8 != 0 || bits / 8 != t.nbytes) {
+      r.fail(f + ".shape", std::string(dtype_name(t.dtype)) + " " + shape_string(t.shape) + " does not hold nbytes " +
+                               std::to_string(t.nbytes));
+    }
     t.served = t.dtype;
     if (version == kCommitVersionServed && tensors[i].find("served")) {
       auto sd = dtype_from_name(r.get_str(tensors[i], f, "served"));

@@ -3,13 +3,17 @@
 // chunk counts into prefix sums (value offsets), a compaction pass writes each changed element's XOR at
 // its rank, and only the bitmaps and the compacted values are copied to pinned host memory.
 //
-// Two shapes of the same computation (knob checkpoint.diff, docs/tuning.md):
+// Three shapes of the same computation (knob checkpoint.diff, docs/tuning.md):
 //   0  the count pass over every chunk reads `old` where it lies (page-locked host memory over
 //      PCIe), then the compaction runs in groups of chunks whose `old` bytes are staged in device memory
 //      by DMA; `old` crosses PCIe twice.
-//   1  (shipped) one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
-//      written back; `old` crosses PCIe once each way, and groups on two streams overlap copies in both
-//      directions with the kernels.
+//   1  one pass: each group's `old` bytes are staged first, counted and compacted in device memory, and
+//      written back; `old` crosses PCIe once each way, groups alternating over two streams (measured on
+//      the H200: the copies ran one direction at a time).
+//   2  (shipped) the same pass with each direction's copies on a stream of their own and the kernels on a
+//      third, checkpoint.diff_slots groups in flight, so the copies in of later groups run while earlier
+//      groups' copies out do (both directions of PCIe at once: 76-78 GB/s in all on the H200 against 59 for
+//      shape 1, pinned copies both ways 98-102 GB/s).
 // With digests (checkpoint.digests, src/checkpoint/digest.hpp), chunks whose digest of the live bytes
 // equals the stored digest of `old` are neither read nor staged; after no change nothing crosses PCIe.
 #include <cuda_runtime.h>
@@ -160,17 +164,23 @@ __global__ void __launch_bounds__(kThreads) diff_count_kernel(const Launch L, ui
 // its XOR at its rank. `values` holds the bytes from offset `value_base` on; chunk_offsets is indexed by
 // the global chunk. With a stage, the recorded new bits are written into it (the host copies them back
 // with DMA: the GPU writing rows of page-locked host memory directly runs at a fraction of PCIe speed).
+// chunk_offsets may be device memory or mapped page-locked host memory (checkpoint.diff 2).
 __global__ void __launch_bounds__(kThreads) diff_compact_kernel(const Launch L,
                                                                 const uint64_t* __restrict__ chunk_offsets,  // bytes
                                                                 uint64_t value_base, uint8_t* __restrict__ values) {
   const Chunk k = chunk_of(L);
   if (k.skip) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  uint8_t* out = values + (chunk_offsets[k.c] - value_base);
+  // The chunk's offset, read once per block and not cached (ld.cv): with checkpoint.diff 2 the offsets lie in
+  // mapped host memory (each read crosses PCIe), where the host writes a group's offsets after an earlier
+  // compaction may have read (and cached) the same line for its own chunks.
+  __shared__ uint64_t chunk_offset;
+  if (threadIdx.x == 0) chunk_offset = __ldcv(chunk_offsets + k.c);
   __shared__ uint32_t words[kChunkWords];  // the chunk's bitmap, read once, coalesced
   const uint64_t nwords = (k.end - k.begin + 31) / 32;
   for (uint64_t j = threadIdx.x; j < nwords; j += kThreads) words[j] = k.words[j];
   __syncthreads();
+  uint8_t* out = values + (chunk_offset - value_base);
   __shared__ unsigned warp_counts[kWarps];
   uint64_t written = 0;  // elements this chunk placed in earlier iterations (the same in every thread)
   for (uint64_t i0 = k.begin; i0 < k.end; i0 += kThreads) {
@@ -296,6 +306,18 @@ HostBytes pinned_alloc(size_t bytes) {
   return b;
 }
 
+// The values outgrew their buffer (a step changed more than the store reserved for): a bigger one with the
+// `kept` bytes so far, once the groups before group `k` have completed; the old one stays alive (retired) for
+// the addresses handed out. Returns the new capacity.
+uint64_t grow_values(DiffWorkspace& w, uint64_t kept, uint64_t needed, const std::vector<cuda::Event>& done, size_t k) {
+  for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
+  HostBytes bigger = pinned_alloc(needed + needed / 2);
+  if (kept) std::memcpy(bigger.data, w.values.data, kept);
+  w.retired.push_back(std::move(w.values));
+  w.values = std::move(bigger);
+  return w.values.size;
+}
+
 // A buffer of at least `bytes`: `owned` grows (by a quarter more, so that sizes creeping up do not
 // reallocate every time) and the result is a non-owning view of it.
 HostBytes view_of(HostBytes& owned, size_t bytes) {
@@ -408,7 +430,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   if (n > static_cast<size_t>(INT32_MAX)) throw Error(ErrorCode::kInvalidArg, "delta diff: too many tensors");
   uint64_t chunks = 0, words = 0;
   const std::vector<DiffChunkTensor> table = diff_chunk_table(tensors, chunks, words);
-  const bool one_pass = tuning::get(tuning::kCheckpointDiff) == 1;
+  const int64_t diff_shape = tuning::get(tuning::kCheckpointDiff);
+  const bool one_pass = diff_shape >= 1, overlapped = diff_shape == 2;
   const uint64_t group_bytes = static_cast<uint64_t>(tuning::get(tuning::kCheckpointGroupMib)) << 20;
   const bool use_digests = ws && update_old && tuning::get(tuning::kCheckpointDigests) == 1;
 
@@ -483,8 +506,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   const uint8_t* d_flag_ptr = digests ? d_flags.as<uint8_t>() : nullptr;
   auto use = [&](uint64_t c) { return flags.empty() || flags[c]; };
 
-  DeviceBuffer d_counts(chunks * sizeof(uint32_t));
-  DeviceBuffer d_offsets(chunks * sizeof(uint64_t));
+  // The counts and offsets on the device (checkpoint.diff 2 takes both through the mapped host buffers).
+  DeviceBuffer d_counts(overlapped ? 0 : chunks * sizeof(uint32_t));
+  DeviceBuffer d_offsets(overlapped ? 0 : chunks * sizeof(uint64_t));
   HostBytes h_counts = pinned_alloc(chunks * sizeof(uint32_t));
   HostBytes h_offsets = pinned_alloc(chunks * sizeof(uint64_t));
   const auto* counts = reinterpret_cast<const uint32_t*>(h_counts.data);
@@ -574,10 +598,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     return;
   }
 
-  // One pass over staged groups, two slots (buffers and a stream each); group k uses slot k % 2, so its
-  // buffers are free once the stream has finished group k - 2. Per group: front (stage `old`, count,
-  // counts to the host), then, once the host has placed the values, back (compact, values and bitmap to
-  // the host, `old` moved along).
+  // One pass over staged groups (checkpoint.diff 1 and 2). Per group: stage `old`, count, counts to the
+  // host; then, once the host has placed the values: compact, values and bitmap to the host, `old` moved
+  // along.
   uint64_t max_words = 0;
   // Bitmap words of a group: from its first chunk's first word to its last chunk's last.
   auto word_range = [&](const DiffGroup& g, uint64_t& first, uint64_t& last) {
@@ -604,6 +627,142 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
   // from diff_value_shift(base) bytes in (diff_plan.hpp).
   const uint64_t slot_values = slot_bytes + 8 * n + kDiffScratchAlign;
+  if (overlapped) {
+    // checkpoint.diff = 2: the copies in both directions at once. Each direction's copies go on one stream of
+    // their own (`in`: every group's `old` bytes; `out`: its values, bitmap and moved-along `old`), the
+    // kernels on a third (`work`), ordered by events. The two-slot shape below moved `old` at ~55 GB/s in
+    // all on the H200, one direction's rate, where pinned copies both ways at once reach ~97 GB/s; there a
+    // slot's copy in waits behind its previous group's copy out on the same stream, and each group's small
+    // copies (counts out, offsets in) can queue behind the other slot's large ones on the copy engine of
+    // their direction, which lets the two slots fall into step. Here nothing small crosses by copy: the
+    // count kernel writes the counts into mapped page-locked host memory and the compaction reads the value
+    // offsets from there (one 8-byte read per chunk). Group k uses slot k % S (checkpoint.diff_slots); its
+    // copy in waits only for group k - S to have left, so up to S groups are staged ahead while earlier ones
+    // are copied out.
+    const size_t S = static_cast<size_t>(tuning::get(tuning::kCheckpointDiffSlots));
+    const size_t G = groups.size();
+    std::vector<DeviceBuffer> stage, scratch, bits;
+    for (size_t s = 0; s < std::min(S, G); ++s) {
+      stage.emplace_back(slot_bytes);
+      scratch.emplace_back(slot_values);
+      bits.emplace_back(max_words * 4);
+    }
+    cuda::Stream s2;
+    LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(s2.h, joined.h, 0));
+    cudaStream_t in = s0.h, work = s1.h, out_stream = s2.h;
+    std::vector<cuda::Event> staged(G), counted(G), computed(G);
+    uint32_t* counts_mapped = device_view<uint32_t>(h_counts);
+    const uint64_t* offsets_mapped = device_view<uint64_t>(h_offsets);
+    auto launch = [&](size_t k) {
+      uint64_t first_word, last_word;
+      word_range(groups[k], first_word, last_word);
+      const size_t slot = k % S;
+      return launch_of(ts, n, groups[k].c0, bits[slot].as<uint32_t>(), first_word, stage[slot].as<uint8_t>(),
+                       d_so + groups[k].c0, d_flag_ptr);
+    };
+    auto copy_in = [&](size_t k) {
+      if (k >= S) LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(in, done[k - S].h, 0));  // the slot is free
+      for (const DiffSegment& sg : groups[k].segments) {
+        LIVETRAIN_CUDA_CHECK(
+            cudaMemcpyAsync(stage[k % S].as<uint8_t>() + sg.stage_offset, sg.old, sg.bytes, cudaMemcpyDefault, in));
+      }
+      LIVETRAIN_CUDA_CHECK(cudaEventRecord(staged[k].h, in));
+    };
+    auto count = [&](size_t k) {
+      const DiffGroup& g = groups[k];
+      LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(work, staged[k].h, 0));
+      if (g.c1 > g.c0) {
+        diff_count_kernel<<<static_cast<unsigned>(g.c1 - g.c0), kThreads, 0, work>>>(launch(k), counts_mapped);
+        LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+      }
+      LIVETRAIN_CUDA_CHECK(cudaEventRecord(counted[k].h, work));
+    };
+    HostBytes values = view_of(w.values, 0);
+    uint64_t values_capacity = w.values.size;
+    auto compact_and_copy_out = [&](size_t k) {
+      const DiffGroup& g = groups[k];
+      const uint64_t base = value_total;
+      place(g.c0, g.c1);
+      if (k + 1 == G) place_rest();
+      if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
+      values = view_of(w.values, value_total);
+      if (g.c1 > g.c0) {
+        const Launch L = launch(k);
+        uint8_t* d_group_values = scratch[k % S].as<uint8_t>() + diff_value_shift(base);
+        const unsigned blocks = static_cast<unsigned>(g.c1 - g.c0);
+        diff_compact_kernel<<<blocks, kThreads, 0, work>>>(L, offsets_mapped, base, d_group_values);
+        LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+        if (digests) {
+          digest_kernel<<<blocks, kThreads, 0, work>>>(L, true, digests->d.as<uint64_t>());
+          LIVETRAIN_CUDA_CHECK(cudaGetLastError());
+        }
+        LIVETRAIN_CUDA_CHECK(cudaEventRecord(computed[k].h, work));
+        LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(out_stream, computed[k].h, 0));
+        const uint64_t end = ends[g.c1 - 1];
+        if (end > base) {
+          LIVETRAIN_CUDA_CHECK(
+              cudaMemcpyAsync(values.data + base, d_group_values, end - base, cudaMemcpyDeviceToHost, out_stream));
+        }
+        uint64_t first_word, last_word;
+        word_range(g, first_word, last_word);
+        LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(bitmaps.data + first_word * 4, bits[k % S].p, (last_word - first_word) * 4,
+                                             cudaMemcpyDeviceToHost, out_stream));
+        if (update_old) {
+          for (const DiffSegment& sg : g.segments) {
+            LIVETRAIN_CUDA_CHECK(cudaMemcpyAsync(sg.old, stage[k % S].as<uint8_t>() + sg.stage_offset, sg.bytes,
+                                                 cudaMemcpyDefault, out_stream));
+          }
+        }
+      } else {
+        LIVETRAIN_CUDA_CHECK(cudaEventRecord(computed[k].h, work));
+        LIVETRAIN_CUDA_CHECK(cudaStreamWaitEvent(out_stream, computed[k].h, 0));
+      }
+      LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, out_stream));
+    };
+    size_t announced = 0;
+    auto announce = [&](size_t upto, bool wait) {
+      for (; announced < upto; ++announced) {
+        if (wait) {
+          LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].h));
+        } else {
+          const cudaError_t e = cudaEventQuery(done[announced].h);
+          if (e == cudaErrorNotReady) return;
+          LIVETRAIN_CUDA_CHECK(e);
+        }
+        if (ready && groups[announced].tensors_done < n)
+          ready(groups[announced].tensors_done, bitmaps.data, values.data);
+      }
+    };
+    // Copies in are queued as far ahead as free slots allow: group j's needs group j - S's `done` recorded,
+    // which it is once the loop has passed j - S. The work stream takes group k + 1's count only after group
+    // k's compaction, which the host releases as soon as group k's counts are in.
+    size_t issued = 0;
+    auto copy_in_upto = [&](size_t upto) {
+      for (; issued < std::min(upto, G); ++issued) copy_in(issued);
+    };
+    copy_in_upto(S);
+    if (G) count(0);
+    for (size_t k = 0; k < G; ++k) {
+      LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(counted[k].h));
+      compact_and_copy_out(k);
+      copy_in_upto(k + 1 + S);
+      if (k + 1 < G) count(k + 1);
+      announce(k + 1, false);
+    }
+    announce(G, true);
+    if (groups.empty()) place_rest();
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s2.h));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+    values = view_of(w.values, value_total);
+    const uint8_t* bitmap_base = bitmaps.data;
+    finish(std::move(values), value_total);
+    if (ready) ready(n, bitmap_base, out.values.data);
+    return;
+  }
+  // checkpoint.diff = 1: two slots (buffers and a stream each); group k uses slot k % 2, so its buffers are
+  // free once the stream has finished group k - 2: front (stage, count, counts out), back (compact, copies out).
   DeviceBuffer d_stage[2] = {DeviceBuffer(slot_bytes), DeviceBuffer(slot_bytes)};
   DeviceBuffer d_values[2] = {DeviceBuffer(slot_values), DeviceBuffer(slot_values)};
   DeviceBuffer d_bitmap[2] = {DeviceBuffer(max_words * 4), DeviceBuffer(max_words * 4)};
@@ -639,16 +798,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     const uint64_t base = value_total;
     place(g.c0, g.c1);
     if (k + 1 == groups.size()) place_rest();
-    if (value_total > values_capacity) {
-      // Outgrown (a step changed more than the store reserved for): a bigger buffer with the values so
-      // far, once every earlier group has completed; the old one stays alive for addresses handed out.
-      for (size_t j = 0; j < k; ++j) LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[j].h));
-      HostBytes bigger = pinned_alloc(value_total + value_total / 2);
-      if (base) std::memcpy(bigger.data, w.values.data, base);
-      w.retired.push_back(std::move(w.values));
-      w.values = std::move(bigger);
-      values_capacity = w.values.size;
-    }
+    if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
     values = view_of(w.values, value_total);
     if (g.c1 == g.c0) {
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));

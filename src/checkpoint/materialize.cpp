@@ -198,7 +198,16 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
     std::string path = fs::join(model_dir_, f.name);
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) throw io_error("stat " + path);
-    if (!S_ISLNK(st.st_mode)) continue;
+    // A hard link is the same hazard as a symlink: writing in place changes the file under its other names
+    // too (a copy made with `cp -l`, a deduplicating backup or cache).
+    const bool hard_link = S_ISREG(st.st_mode) && st.st_nlink > 1;
+    if (!S_ISLNK(st.st_mode) && !hard_link) continue;
+    if (!copy_symlinks && hard_link) {
+      throw Error(ErrorCode::kInvalidArg,
+                  "model file " + path + " has " + std::to_string(st.st_nlink) +
+                      " hard links: materializing in place would change it under its other names too; use "
+                      "--copy-symlinks to replace it by a real copy first");
+    }
     if (!copy_symlinks) {
       char target_buf[4096] = {};
       ssize_t n = ::readlink(path.c_str(), target_buf, sizeof target_buf - 1);
@@ -208,8 +217,9 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
                       ": materializing would write into the file it points at (a Hugging Face cache blob is shared "
                       "by every snapshot); use --copy-symlinks to replace the link by a real copy first");
     }
-    // The copy has the same bytes, so this step is safe at any instant (write_file_atomic replaces links).
-    report(progress, "copy symlinked file", 0, f.size);
+    // The copy has the same bytes, so this step is safe at any instant (write_file_atomic replaces links,
+    // and a hard link's name by a file of its own).
+    report(progress, "copy linked file", 0, f.size);
     fs::Mapping m = fs::Mapping::open_readonly(path);
     fs::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(m.data()), m.size()));
   }
@@ -287,6 +297,7 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
     ++count;
   }
   crash_point("rewritten-prepared");
+  std::vector<bool> written(commit_.files.size(), false);  // files the journal writes in place
   for (size_t i = 0; i < commit_.tensors.size(); ++i) {
     const TensorEntry& t = commit_.tensors[i];
     if (rewrite[t.file]) continue;
@@ -303,12 +314,21 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
         if (cur[k] != want[k]) last = k;
       }
       journal_append(journal, t.file, t.offset + start, want + start, last + 1 - start);
+      written[t.file] = true;
       ++count;
       k = last + 1;
     }
   }
   journal_finish(journal);
   maps.clear();
+  // Every file written in place must open for writing before the journal exists: a journal that cannot be
+  // applied (a read-only model directory) would be redone, and fail, on every later open of the store.
+  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+    if (!written[f]) continue;
+    const std::string path = fs::join(model_dir_, commit_.files[f].name);
+    if (!fs::Fd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC)).valid())
+      throw io_error("materialize writes the model files in place; cannot open " + path + " for writing");
+  }
 
   std::string jpath = fs::join(dir_, std::string(kJournalFileName));
   report(progress, "write journal", 0, journal.size());

@@ -13,10 +13,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <future>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -519,6 +521,35 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir) 
   return create(model_dir, store_dir, OpenOptions{});
 }
 
+namespace {
+
+std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
+
+// The store's lock file for `rank`, flock()ed exclusively: held by whoever writes the store (rank 0's LOCK
+// also while the store is created), so that one process at a time does.
+fs::Fd lock_store(const std::string& dir, uint32_t rank) {
+  std::string lock_path = fs::join(dir, lock_file_name(rank));
+  fs::Fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!lock.valid() && (errno == EROFS || errno == EACCES)) {
+    // A store this process may only read (read-only media, another user's): its LOCK, when there, still
+    // keeps a writer out (flock needs no write access); whatever would write fails later, naming its file.
+    const int err = errno;
+    lock = fs::Fd(::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!lock.valid()) throw io_error("open " + lock_path, err);
+  }
+  if (!lock.valid()) throw io_error("open " + lock_path);
+  if (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      throw Error(ErrorCode::kBusy, "checkpoint store " + dir + " is in use by another process" +
+                                        (rank ? " as rank " + std::to_string(rank) : std::string()));
+    }
+    throw io_error("lock " + lock_path);
+  }
+  return lock;
+}
+
+}  // namespace
+
 Store Store::create(const std::string& model_dir, const std::string& store_dir, const OpenOptions& options) {
   std::string dir = store_dir.empty() ? default_store_dir(model_dir) : store_dir;
   if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
@@ -548,7 +579,15 @@ Store Store::create(const std::string& model_dir, const std::string& store_dir, 
   c.generations.push_back(g0);
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create store directory " + dir);
   fs::fsync_dir(fs::dirname(dir));
-  fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
+  {
+    // Under the LOCK: of two processes creating the store at once (two first saves), one writes COMMIT and
+    // the other finds it there, instead of replacing a COMMIT that may already name generation 1.
+    fs::Fd lock = lock_store(dir, 0);
+    if (fs::exists(fs::join(dir, std::string(kCommitFileName)))) {
+      throw Error(ErrorCode::kInvalidArg, "a checkpoint store already exists at " + dir);
+    }
+    fs::write_file_atomic(fs::join(dir, std::string(kCommitFileName)), commit_serialize(c));
+  }  // released: open takes it again (a lock of another open file, which this one's would block)
   return open(model_dir, dir, options);
 }
 
@@ -587,7 +626,14 @@ std::string first_differing_tensor(const std::string& model_dir, const Commit& c
   return "";
 }
 
-std::string lock_file_name(uint32_t rank) { return rank == 0 ? "LOCK" : "LOCK-rank-" + std::to_string(rank); }
+// The number of the generation a save writes after `c`'s head.
+uint64_t next_generation(const Commit& c, const std::string& dir) {
+  if (c.head >= kMaxGeneration) {
+    throw Error(ErrorCode::kOverflow, "checkpoint store " + dir + ": its head is generation " + std::to_string(c.head) +
+                                          ", the largest there can be; nothing more can be saved");
+  }
+  return c.head + 1;
+}
 
 // Region `r` of a tensor of `shape`, normalized (an empty start means the whole tensor).
 Region normalized(const Region& r, const std::vector<uint64_t>& shape) {
@@ -615,16 +661,7 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
   s.ranks_ = o.ranks;
   s.group_ = o.group;
   s.commit_ = commit_read(s.dir_);  // before the lock file is created: a missing store stays missing
-  std::string lock_path = fs::join(s.dir_, lock_file_name(o.rank));
-  s.lock_ = fs::Fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
-  if (!s.lock_.valid()) throw io_error("open " + lock_path);
-  if (::flock(s.lock_.get(), LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK) {
-      throw Error(ErrorCode::kBusy, "checkpoint store " + s.dir_ + " is in use by another process" +
-                                        (o.rank ? " as rank " + std::to_string(o.rank) : std::string()));
-    }
-    throw io_error("lock " + lock_path);
-  }
+  s.lock_ = lock_store(s.dir_, o.rank);
   const std::string journal = fs::join(s.dir_, std::string(kJournalFileName));
   // Generation `materialized` from the model files, checked against the commit's hashes. Rank 0 owns
   // recovery; another rank waits until no journal is left, and rereads COMMIT if it changed meanwhile.
@@ -1203,7 +1240,7 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
     }
   }
   SaveResult res;
-  const uint64_t g = commit_.head + 1, parent = commit_.head;
+  const uint64_t g = next_generation(commit_, dir_), parent = commit_.head;
   Generation gen;
   gen.generation = g;
   gen.parent = parent;
@@ -1274,7 +1311,7 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   sync();  // a part of an earlier generation is confirmed or put back first
   std::vector<Checked> checked = check_live(live, true);
   PartDescriptor d;
-  d.generation = commit_.head + 1;
+  d.generation = next_generation(commit_, dir_);
   d.parent = commit_.head;
   d.ranks = ranks_;
   d.group = group_;
@@ -1325,7 +1362,7 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
                 "checkpoint store " + dir_ + ": rank " + std::to_string(rank_) +
                     " cannot commit; rank 0 (which holds the store's LOCK) commits every rank's part");
   }
-  const uint64_t g = commit_.head + 1;
+  const uint64_t g = next_generation(commit_, dir_);
   auto rank_name = [](const PartDescriptor& p) { return "rank " + std::to_string(p.part.rank); };
   std::vector<const PartDescriptor*> by_rank(ranks_, nullptr);
   for (const PartDescriptor& p : parts) {
@@ -1611,6 +1648,20 @@ LiveDiff Store::compare_live(uint64_t generation, const std::vector<LiveTensor>&
 }
 
 std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::string& out_dir) {
+  // Into a new (or empty) directory only: another may be the model's own (whose files the store names:
+  // they would be replaced behind its back, and every later open refused), the store, or another model's.
+  std::string final_dir = out_dir;
+  while (final_dir.size() > 1 && final_dir.back() == '/') final_dir.pop_back();
+  if (final_dir.empty()) throw Error(ErrorCode::kInvalidArg, "restore: no output directory given");
+  bool empty_dir = false;
+  if (fs::exists(final_dir)) {
+    std::error_code ec;
+    empty_dir = fs::is_directory(final_dir) && std::filesystem::is_empty(final_dir, ec) && !ec;
+    if (!empty_dir) {
+      throw Error(ErrorCode::kInvalidArg, "cannot write generation " + std::to_string(generation) + " to " + out_dir +
+                                              ": it already exists (the output must be a new or empty directory)");
+    }
+  }
   std::vector<std::vector<uint8_t>> bufs = state(generation);
   // A tensor served in another dtype goes out in the files' dtype when every value converts back exactly
   // (always when the served dtype is the narrower), else in the served dtype: nothing is rounded.
@@ -1634,24 +1685,40 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
     convert_elements(bufs[i].data(), served, file_bytes.data(), t.dtype, bufs[i].size() / u);
     bufs[i] = std::move(file_bytes);
   }
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) throw io_error("create directory " + out_dir);
-  for (uint32_t f = 0; f < commit_.files.size(); ++f) {
-    const std::string& name = commit_.files[f].name;
-    safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
-    std::vector<safetensors::TensorRef> refs;
-    for (size_t i = 0; i < commit_.tensors.size(); ++i) {
-      const TensorEntry& t = commit_.tensors[i];
-      if (t.file == f)
-        refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bufs[i].data(), bufs[i].size()});
+  // Filled under a temporary name beside it, then published whole: after a failure or a crash the
+  // directory is complete or absent.
+  const std::string tmp =
+      fs::join(fs::dirname(final_dir), "." + fs::basename(final_dir) + ".livetrain-tmp." + std::to_string(::getpid()));
+  try {
+    if (::mkdir(tmp.c_str(), 0755) != 0) throw io_error("create directory " + tmp);
+    for (uint32_t f = 0; f < commit_.files.size(); ++f) {
+      const std::string& name = commit_.files[f].name;
+      safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));
+      std::vector<safetensors::TensorRef> refs;
+      for (size_t i = 0; i < commit_.tensors.size(); ++i) {
+        const TensorEntry& t = commit_.tensors[i];
+        if (t.file == f)
+          refs.push_back(safetensors::TensorRef{t.name, out_dtype[i], t.shape, bufs[i].data(), bufs[i].size()});
+      }
+      safetensors::WriteOptions opt;
+      opt.metadata = orig.header().metadata;
+      safetensors::write_file(fs::join(tmp, name), refs, opt);
     }
-    safetensors::WriteOptions opt;
-    opt.metadata = orig.header().metadata;
-    safetensors::write_file(fs::join(out_dir, name), refs, opt);
+    std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
+    if (fs::exists(index))
+      fs::write_file_atomic(fs::join(tmp, std::string(safetensors::kIndexFileName)), fs::read_file(index));
+    // An empty directory given (tempfile.mkdtemp) makes way; publish refuses whatever appears there meanwhile.
+    if (empty_dir && ::rmdir(final_dir.c_str()) != 0) throw io_error("remove the empty directory " + final_dir);
+    fs::publish_directory(tmp, final_dir);
+  } catch (const Error& e) {
+    std::error_code ignored;
+    std::filesystem::remove_all(tmp, ignored);
+    throw Error(e.code(), "writing generation " + std::to_string(generation) + " to " + out_dir + ": " + e.what());
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove_all(tmp, ignored);
+    throw;
   }
-  // The index (if any) last: it commits the set, as in safetensors::write_model.
-  std::string index = fs::join(model_dir_, std::string(safetensors::kIndexFileName));
-  if (fs::exists(index))
-    fs::write_file_atomic(fs::join(out_dir, std::string(safetensors::kIndexFileName)), fs::read_file(index));
   return as_served;
 }
 
@@ -1794,6 +1861,31 @@ std::vector<std::string> Store::verify(Progress progress) {
   return problems;
 }
 
+namespace {
+
+// Whether `name` is one the store writes for a generation: gen-<20 digits>.delta or .optim, or
+// gen-<20 digits>.rank-<r>-of-<n>.delta or .optim. Only those (and livetrain's temporaries) are removed as
+// uncommitted: a store opened in a directory that holds other files (--store DIR) leaves them alone.
+bool generation_file_name(std::string_view name) {
+  auto digits = [&name](size_t min, size_t max) {
+    size_t n = 0;
+    while (n < name.size() && n < max && name[n] >= '0' && name[n] <= '9') ++n;
+    if (n < min) return false;
+    name.remove_prefix(n);
+    return true;
+  };
+  auto literal = [&name](std::string_view s) {
+    if (name.substr(0, s.size()) != s) return false;
+    name.remove_prefix(s.size());
+    return true;
+  };
+  if (!literal("gen-") || !digits(20, 20)) return false;
+  if (literal(".rank-") && !(digits(1, 10) && literal("-of-") && digits(1, 10))) return false;
+  return name == ".delta" || name == ".optim";
+}
+
+}  // namespace
+
 void Store::remove_uncommitted() {
   std::set<std::string> named = {std::string(kCommitFileName), std::string(kJournalFileName)};
   for (const auto& g : commit_.generations) {
@@ -1807,7 +1899,7 @@ void Store::remove_uncommitted() {
   std::vector<std::string> doomed;
   while (dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    bool ours = fs::is_atomic_temp_name(name) || name.rfind("gen-", 0) == 0;
+    bool ours = fs::is_atomic_temp_name(name) || generation_file_name(name);
     if (ours && !named.count(name)) doomed.push_back(name);
   }
   ::closedir(d);
@@ -1822,13 +1914,13 @@ void Store::require_rank0(const char* what) const {
   }
 }
 
-void Store::gc(uint64_t keep_from, Progress progress) {
+void Store::gc(uint64_t keep_from, Progress progress, bool copy_symlinks) {
   check_usable();
   require_rank0("gc");
   sync();
   if (!commit_.find(keep_from)) (void)state(keep_from);  // throws the not-found error
   if (keep_from == commit_.oldest) return;
-  if (commit_.materialized < keep_from) materialize(keep_from, false, progress);
+  if (commit_.materialized < keep_from) materialize(keep_from, copy_symlinks, progress);
   Commit c = commit_;
   std::vector<std::string> dropped;
   for (const auto& g : c.generations) {

@@ -1,16 +1,21 @@
 // `livetrain checkpoint save|list|restore|verify|materialize|gc`: the delta checkpoint store from the
 // command line (cron, scripts), reaching live weights through a sharing manifest.
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "cli/command_line.hpp"
 #include "cli/commands.hpp"
 #include "livetrain/checkpoint/store.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/json.hpp"
 #include "livetrain/sharing.hpp"
 
@@ -28,14 +33,16 @@ constexpr const char* kUsage =
     "                                  store on first use); --weight-version N, --optimizer-state FILE\n"
     "  list MODEL                      the committed generations\n"
     "  restore MODEL GEN --manifest FILE   set the live weights to generation GEN\n"
-    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory\n"
+    "  restore MODEL GEN --out DIR     write generation GEN as a new model directory (DIR new or empty)\n"
     "  verify MODEL [--manifest FILE [--generation GEN]]\n"
     "                                  check the store's checksums and the model files' hashes, and\n"
     "                                  whether the live weights equal GEN (default: the head)\n"
     "  materialize MODEL GEN           bring MODEL's safetensors files to GEN in place (crash-safe);\n"
-    "                                  --copy-symlinks replaces symlinked files (HF cache) by copies first;\n"
+    "                                  --copy-symlinks replaces symlinked (HF cache) or hard-linked files\n"
+    "                                  by copies first;\n"
     "                                  --round-to-file-dtype: see below\n"
-    "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed)\n"
+    "  gc MODEL --keep-from GEN        forget generations before GEN (materializes GEN first if needed;\n"
+    "                                  --copy-symlinks as for materialize)\n"
     "\n"
     "A tensor the engine serves in another dtype than the files' (vLLM keeps Qwen3.5's A_log in F32) is\n"
     "saved and restored in the served dtype (verify lists them). restore --out writes it in the files'\n"
@@ -54,42 +61,101 @@ struct Args {
   std::string sub, model, store, manifest, out, optimizer_state;
   std::optional<uint64_t> generation, weight_version, keep_from;
   bool as_json = false, quiet = false, copy_symlinks = false, round_to_file_dtype = false;
+  std::set<std::string> given;  // the options given, by name
 };
 
-uint64_t parse_u64(const std::string& s, const std::string& what) {
-  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos || s.size() > 19) {
+// A generation number (at most checkpoint::kMaxGeneration) or, with `max`, another unsigned number.
+uint64_t parse_u64(const std::string& s, const std::string& what, uint64_t max = checkpoint::kMaxGeneration) {
+  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos) {
     throw UsageError("checkpoint: " + what + " must be a non-negative integer, not '" + s + "'");
   }
-  return std::stoull(s);
+  errno = 0;
+  const unsigned long long v = std::strtoull(s.c_str(), nullptr, 10);
+  if (errno == ERANGE || v > max) {
+    throw UsageError("checkpoint: " + what + " '" + s + "' is too large (at most " + std::to_string(max) + ")");
+  }
+  return v;
 }
+
+// What each subcommand takes beyond MODEL and the options every one takes (--store, --json, -q): GEN as
+// its third word, and its own options. Anything else is an error naming it, never silently ignored.
+struct Takes {
+  const char* sub;
+  bool gen;
+  std::set<std::string> options;
+};
+const Takes kTakes[] = {
+    {"save", false, {"--manifest", "--weight-version", "--optimizer-state"}},
+    {"list", false, {}},
+    {"restore", true, {"--manifest", "--out"}},
+    {"verify", false, {"--manifest", "--generation"}},
+    {"materialize", true, {"--copy-symlinks", "--round-to-file-dtype"}},
+    {"gc", false, {"--keep-from", "--copy-symlinks"}},
+};
 
 // The arguments, or nullopt when -h/--help was given (the usage is then printed).
 std::optional<Args> parse(const std::vector<std::string>& args) {
   Args a;
   std::vector<std::string> pos;
-  auto number = [](std::optional<uint64_t>& out, const char* name) {
-    return [&out, name](const std::string& v) { out = parse_u64(v, name); };
+  auto number = [&a](std::optional<uint64_t>& out, const char* name) {
+    return [&a, &out, name](const std::string& v) {
+      out = parse_u64(v, name);
+      a.given.insert(name);
+    };
   };
+  auto text = [&a](std::string& out, const char* name) {
+    return [&a, &out, name](const std::string& v) {
+      out = v;
+      a.given.insert(name);
+    };
+  };
+  bool copy_symlinks = false, round_to_file_dtype = false;
   CommandLine cmdline("checkpoint", kUsage);
   cmdline.flag({"--json"}, a.as_json)
       .flag({"-q", "--quiet"}, a.quiet)
-      .flag({"--copy-symlinks"}, a.copy_symlinks)
-      .flag({"--round-to-file-dtype"}, a.round_to_file_dtype)
+      .flag({"--copy-symlinks"}, copy_symlinks)
+      .flag({"--round-to-file-dtype"}, round_to_file_dtype)
       .value("--store", a.store)
-      .value("--manifest", a.manifest)
-      .value("--out", a.out)
-      .value("--optimizer-state", a.optimizer_state)
-      .value("--weight-version", number(a.weight_version, "--weight-version"))
+      .value("--manifest", text(a.manifest, "--manifest"))
+      .value("--out", text(a.out, "--out"))
+      .value("--optimizer-state", text(a.optimizer_state, "--optimizer-state"))
+      .value("--weight-version",
+             [&a](const std::string& v) {
+               a.weight_version = parse_u64(v, "--weight-version", UINT64_MAX);
+               a.given.insert("--weight-version");
+             })
       .value("--generation", number(a.generation, "--generation"))
       .value("--keep-from", number(a.keep_from, "--keep-from"))
       .positional(pos);
   if (!cmdline.parse(args)) return std::nullopt;
+  if (copy_symlinks) a.given.insert("--copy-symlinks");
+  if (round_to_file_dtype) a.given.insert("--round-to-file-dtype");
+  a.copy_symlinks = copy_symlinks;
+  a.round_to_file_dtype = round_to_file_dtype;
   if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
   a.sub = pos[0];
+  const Takes* takes = nullptr;
+  for (const Takes& t : kTakes) takes = a.sub == t.sub ? &t : takes;
+  if (!takes) throw UsageError("checkpoint: unknown subcommand '" + a.sub + "' (see livetrain checkpoint --help)");
   if (pos.size() < 2) throw UsageError("checkpoint " + a.sub + ": missing MODEL (see livetrain checkpoint --help)");
   a.model = pos[1];
+  if (pos.size() >= 3 && !takes->gen) {
+    throw UsageError("checkpoint " + a.sub + ": unexpected argument '" + pos[2] + "'" +
+                     (a.sub == "gc"       ? " (the generation to keep from is --keep-from GEN)"
+                      : a.sub == "verify" ? " (the generation to compare with is --generation GEN)"
+                                          : ""));
+  }
   if (pos.size() >= 3) a.generation = parse_u64(pos[2], "GEN");
   if (pos.size() > 3) throw UsageError("checkpoint " + a.sub + ": unexpected argument '" + pos[3] + "'");
+  for (const std::string& o : a.given) {
+    if (!takes->options.count(o)) {
+      throw UsageError("checkpoint " + a.sub + ": " + o + " does not apply here (see livetrain checkpoint --help)");
+    }
+  }
+  if (a.sub == "verify" && a.generation && a.manifest.empty()) {
+    throw UsageError(
+        "checkpoint verify: --generation GEN compares the live weights with GEN: it needs --manifest FILE");
+  }
   return a;
 }
 
@@ -120,6 +186,19 @@ checkpoint::Progress progress(const Args& a) {
 }
 
 std::string store_dir(const Args& a) { return a.store.empty() ? checkpoint::default_store_dir(a.model) : a.store; }
+
+// The store, created on first use. When another process creates it at the same moment, this one opens it.
+checkpoint::Store open_or_create(const Args& a) {
+  const std::string commit = fs::join(store_dir(a), std::string(checkpoint::kCommitFileName));
+  if (!fs::exists(commit)) {
+    try {
+      return checkpoint::Store::create(a.model, a.store);
+    } catch (const Error&) {
+      if (!fs::exists(commit)) throw;
+    }
+  }
+  return checkpoint::Store::open(a.model, a.store, progress(a));
+}
 
 json::Value generation_json(const checkpoint::Generation& g) {
   json::Value o = json::Value::object();
@@ -195,9 +274,7 @@ int run_checkpoint(const std::vector<std::string>& args) {
   if (a.sub == "save") {
     if (a.manifest.empty()) throw UsageError("checkpoint save: --manifest FILE is required");
     Live live = attach(a.manifest);
-    checkpoint::Store s = fs::exists(fs::join(store_dir(a), std::string(checkpoint::kCommitFileName)))
-                              ? checkpoint::Store::open(a.model, a.store, progress(a))
-                              : checkpoint::Store::create(a.model, a.store);
+    checkpoint::Store s = open_or_create(a);
     checkpoint::SaveOptions o;
     o.weight_version = a.weight_version.value_or(0);
     o.optimizer_state = a.optimizer_state;
@@ -300,14 +377,12 @@ int run_checkpoint(const std::vector<std::string>& args) {
       served.push(json::Value::string(name));
     }
     out.set("written_as_served", std::move(served));
-  } else if (a.sub == "gc") {
+  } else {  // gc
     if (!a.keep_from) throw UsageError("checkpoint gc: --keep-from GEN is required");
     checkpoint::Store s = checkpoint::Store::open(a.model, a.store, progress(a));
-    s.gc(*a.keep_from, progress(a));
+    s.gc(*a.keep_from, progress(a), a.copy_symlinks);
     out.set("oldest", json::Value::unsigned_integer(s.commit().oldest));
     text = "generations before " + std::to_string(*a.keep_from) + " removed";
-  } else {
-    throw UsageError("checkpoint: unknown subcommand '" + a.sub + "' (see livetrain checkpoint --help)");
   }
   if (a.as_json) print_json(out);
   else std::printf("%s\n", text.c_str());

@@ -1,6 +1,7 @@
 // The command-line reader of the `livetrain` subcommands (command_line.hpp).
 #include "cli/command_line.hpp"
 
+#include <cctype>
 #include <cstdio>
 
 #include "cli/commands.hpp"
@@ -54,7 +55,8 @@ bool CommandLine::parse(const std::vector<std::string>& args) const {
       }
     } else if (!positional_) {
       throw UsageError(command_ + ": unknown argument '" + a + "' (see livetrain " + command_ + " --help)");
-    } else if (!a.empty() && a[0] == '-') {
+    } else if (a.size() > 1 && a[0] == '-' && !std::isdigit(static_cast<unsigned char>(a[1]))) {
+      // "-1" is a (negative) number given where a positional argument goes: its reader names the problem.
       throw UsageError(command_ + ": unknown option '" + a + "'");
     } else if (positional_->size() >= max_positional_) {
       throw UsageError(command_ + ": " + too_many_);

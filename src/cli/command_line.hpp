@@ -1,7 +1,8 @@
 // Internal: the command-line reader every `livetrain` subcommand uses, so that they share one set of
 // conventions: arguments are read left to right; -h/--help prints the command's usage on stdout; an
 // option's value is the next argument, whatever it looks like; anything else starting with '-' is an
-// error; the first error ends the command with a UsageError (exit code 2, one line).
+// error, except a number ("-1" goes where a positional argument would, for its reader to refuse); the
+// first error ends the command with a UsageError (exit code 2, one line).
 #pragma once
 
 #include <cstddef>

@@ -61,6 +61,12 @@ int run_diagnose(const std::vector<std::string>& args) {
   if (model_dir.empty()) {
     throw UsageError("diagnose: the manifest records no model path; give --model-dir DIR");
   }
+  if (m.model.config.members().empty()) {
+    // Else the layout's own error ("config.json: missing ...") sends the user to the model's config.json.
+    throw Error(ErrorCode::kFormat, manifest_path +
+                                        ": the engine recorded no config.json in it (model.config is {}); the "
+                                        "layout of its tensors comes from there");
+  }
   std::vector<layout::EngineTensor> engine_tensors;
   for (const auto& t : m.tensors) engine_tensors.push_back({t.name, t.dtype, t.shape});
   layout::Options options;

@@ -29,16 +29,29 @@ Fd::~Fd() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-Mapping Mapping::open_readonly(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+namespace {
+
+// `path` opened for reading, refused unless it is a regular file: O_NONBLOCK so that a FIFO put in a
+// file's place (or a symlink to one) is refused instead of blocking the open until a writer comes, and
+// the check so that a device (a symlink to /dev/zero) is never read without end. O_NONBLOCK does nothing
+// to a regular file's reads.
+Fd open_regular(const std::string& path, struct stat& st) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (!fd.valid()) {
     int err = errno;
     if (err == ENOENT) throw Error(ErrorCode::kNotFound, path + ": no such file");
     throw io_error("cannot open " + path, err);
   }
-  struct stat st {};
   if (::fstat(fd.get(), &st) != 0) throw io_error("cannot stat " + path);
   if (!S_ISREG(st.st_mode)) throw Error(ErrorCode::kIo, path + ": not a regular file");
+  return fd;
+}
+
+}  // namespace
+
+Mapping Mapping::open_readonly(const std::string& path) {
+  struct stat st {};
+  Fd fd = open_regular(path, st);
   Mapping m;
   m.path_ = path;
   m.size_ = static_cast<size_t>(st.st_size);
@@ -273,12 +286,8 @@ void write_file_atomic(const std::string& path, std::string_view content, mode_t
 }
 
 std::string read_file(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) {
-    int err = errno;
-    if (err == ENOENT) throw Error(ErrorCode::kNotFound, path + ": no such file");
-    throw io_error("cannot open " + path, err);
-  }
+  struct stat st {};
+  Fd fd = open_regular(path, st);
   std::string out;
   char buf[65536];
   while (true) {

@@ -106,12 +106,14 @@ const std::array<Spec, kNumKnobs>& specs() {
        "finite or >= 2^127 in magnitude, which takes the full path; 0: every group the full path (same bits)"},
       {"checkpoint.pipeline", 1, {0, 1}, 0, 0, "1: encode records while the GPU diff runs, group by group"},
       {"checkpoint.diff",
-       1,
-       {0, 1},
+       2,
+       {0, 1, 2},
        0,
        0,
-       "GPU diff: 0 two passes reading the head copy in mapped memory, 1 one pass over DMA-staged groups"},
-      {"checkpoint.group_mib", 256, {}, 1, 2048, "device scratch per group of the GPU diff, MiB"},
+       "GPU diff: 0 two passes reading the head copy in mapped memory; 1 one pass over DMA-staged groups on two "
+       "streams (each stream's copies in and out one after the other); 2 one pass, the copies in on one stream, the "
+       "kernels on a second, the copies out on a third (both directions at once)"},
+      {"checkpoint.group_mib", 128, {}, 1, 2048, "device scratch per group of the GPU diff, MiB"},
       {"checkpoint.digests",
        1,
        {0, 1},
@@ -149,6 +151,12 @@ const std::array<Spec, kNumKnobs>& specs() {
        1048576,
        "prepare_gpu page-locks the head copy in cudaHostRegister calls of whole tensors of at least this many "
        "MiB (each holds the driver's lock for less time than one call over the whole copy)"},
+      {"checkpoint.diff_slots",
+       4,
+       {},
+       2,
+       16,
+       "with checkpoint.diff 2: groups in flight, each with its own device stage, values and bitmap buffers"},
   }};
   return s;
 }

@@ -91,8 +91,8 @@ inline void expect_state(checkpoint::Store& s, uint64_t g, const LiveModel& want
   }
 }
 
-// Runs `body` under every tuning of a GPU save (docs/tuning.md): checkpoint.pipeline, .diff and .digests
-// each 0 and 1, checkpoint.group_mib alternately 256 and 1 (1 MiB: several groups per large tensor); the
+// Runs `body` under every tuning of a GPU save (docs/tuning.md): checkpoint.pipeline and .digests each 0 and
+// 1, .diff 0, 1 and 2, checkpoint.group_mib alternately 256 and 1 (1 MiB: several groups per large tensor); the
 // combination is in the failure messages, and every knob is back at its default afterwards.
 template <class Body>
 void for_each_gpu_save_tuning(Body body) {
@@ -101,7 +101,7 @@ void for_each_gpu_save_tuning(Body body) {
   } reset_after;
   int combo = 0;
   for (int pipeline : {0, 1}) {
-    for (int diff : {0, 1}) {
+    for (int diff : {0, 1, 2}) {
       for (int digests : {0, 1}) {
         const int mib = combo % 2 ? 1 : 256, early = combo / 2 % 2;
         ++combo;

@@ -429,17 +429,23 @@ namespace {
 
 // Knob settings of the GPU diff; each must give the CPU's output.
 struct Variant {
-  int diff, digests, group_mib;
+  int diff, digests, group_mib, slots;
 };
 std::string name_of(const Variant& v) {
   return "diff=" + std::to_string(v.diff) + " digests=" + std::to_string(v.digests) +
-         " group_mib=" + std::to_string(v.group_mib);
+         " group_mib=" + std::to_string(v.group_mib) + " diff_slots=" + std::to_string(v.slots);
 }
+// checkpoint.diff 2 with 1 MiB groups also under 2 and 3 slots (more groups than slots: each slot's buffers
+// are reused while other groups are in flight), with 256 MiB groups under the default 4 (fewer groups than
+// slots).
 std::vector<Variant> variants() {
   std::vector<Variant> out;
-  for (int diff : {0, 1}) {
+  for (int diff : {0, 1, 2}) {
     for (int digests : {0, 1}) {
-      for (int mib : {1, 256}) out.push_back({diff, digests, mib});
+      for (int mib : {1, 256}) {
+        out.push_back({diff, digests, mib, 4});
+        if (diff == 2 && mib == 1) out.push_back({diff, digests, mib, 2 + digests});
+      }
     }
   }
   return out;
@@ -451,6 +457,7 @@ struct KnobScope {
     livetrain::tuning::set("checkpoint.diff", v.diff);
     livetrain::tuning::set("checkpoint.digests", v.digests);
     livetrain::tuning::set("checkpoint.group_mib", v.group_mib);
+    livetrain::tuning::set("checkpoint.diff_slots", v.slots);
   }
   ~KnobScope() { livetrain::tuning::reset(); }
 };

@@ -249,6 +249,64 @@ TEST(CheckpointCommit, AServedDtypeIsWrittenAsVersion3AndConversionsAreChecked) 
   EXPECT_NE(checkpoint::commit_serialize(c).find("\"version\": 2"), std::string::npos);
 }
 
+// A COMMIT edited by hand or by an attacker is refused naming the field, never read past its end: head
+// 2^64 - 1 with no generations passed the count check (head - oldest + 1 wrapped to 0) and every later
+// lookup read outside the list (SIGSEGV), and a head of 2^64 - 1 made every loop over oldest..head
+// endless; a shape that does not hold nbytes, or a name listed twice, were blamed on a delta file.
+TEST(CheckpointCommit, GenerationNumbersShapesAndNamesFromOutsideAreChecked) {
+  const std::string good = R"({"magic": "livetrain-checkpoint", "version": 2, "head": 0, "oldest": 0,
+    "materialized": 0, "hash": "xxh64-4k", "files": [{"name": "model.safetensors", "size": 100,
+    "hash": "0000000000000001"}], "generations": [{"generation": 0, "parent": 0, "time_ms": 1,
+    "weight_version": 0, "bytes": 0, "changed": 0, "ranks": 1, "parts": []}],
+    "tensors": [{"name": "w", "dtype": "BF16", "shape": [2, 3], "file": 0, "offset": 8, "nbytes": 12},
+                {"name": "v", "dtype": "F4", "shape": [4], "file": 0, "offset": 20, "nbytes": 2}]})";
+  checkpoint::Commit c = checkpoint::commit_parse(good, "COMMIT");
+  EXPECT_EQ(c.head, 0u);
+  ASSERT_EQ(c.tensors.size(), 2u);
+  auto edited = [&](const std::string& from, const std::string& to) {
+    std::string t = good;
+    size_t at = t.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return t.replace(at, from.size(), to);
+  };
+  auto no_generations = [&](const std::string& head) {
+    std::string t = edited(R"("head": 0)", head);
+    const std::string g0 = R"([{"generation": 0, "parent": 0, "time_ms": 1,
+    "weight_version": 0, "bytes": 0, "changed": 0, "ranks": 1, "parts": []}])";
+    return t.replace(t.find(g0), g0.size(), "[]");
+  };
+  const std::string kMax = std::to_string(checkpoint::kMaxGeneration);
+  const struct {
+    std::string text, field;
+  } bad[] = {
+      {no_generations(R"("head": 18446744073709551615)"), "head"},  // the SIGSEGV
+      {no_generations(R"("head": 0)"), "generations"},
+      {edited(R"("shape": [2, 3])", R"("shape": [2, 4])"), "tensors[0].shape"},
+      {edited(R"("shape": [2, 3])", R"("shape": [4294967296, 4294967297])"), "tensors[0].shape"},
+      {edited(R"("shape": [4])", R"("shape": [3])"), "tensors[1].shape"},  // 12 bits: no whole byte
+      {edited(R"("name": "v")", R"("name": "w")"), "tensors[1].name"},
+  };
+  for (const auto& b : bad) {
+    std::string msg = expect_error([&] { checkpoint::commit_parse(b.text, "COMMIT"); }, ErrorCode::kFormat);
+    EXPECT_NE(msg.find("COMMIT: " + b.field), std::string::npos) << msg;
+  }
+  // head = oldest = materialized = 2^64 - 1, with its one generation: beyond the largest generation number.
+  std::string top = good;
+  for (const char* key : {R"("head": 0)", R"("oldest": 0)", R"("materialized": 0)", R"("generation": 0)"}) {
+    std::string k = key;
+    top.replace(top.find(k), k.size(), k.substr(0, k.size() - 1) + "18446744073709551615");
+  }
+  std::string msg = expect_error([&] { checkpoint::commit_parse(top, "COMMIT"); }, ErrorCode::kFormat);
+  EXPECT_NE(msg.find("COMMIT: head: beyond the largest generation number " + kMax), std::string::npos) << msg;
+  // The largest itself is read (a save after it is refused: CheckpointStore.NoSaveAfterTheLargestGeneration).
+  std::string last = good;
+  for (const char* key : {R"("head": 0)", R"("oldest": 0)", R"("materialized": 0)", R"("generation": 0)"}) {
+    std::string k = key;
+    last.replace(last.find(k), k.size(), k.substr(0, k.size() - 1) + kMax);
+  }
+  EXPECT_EQ(checkpoint::commit_parse(last, "COMMIT").head, checkpoint::kMaxGeneration);
+}
+
 // Issue #15: a multimodal checkpoint's engine serves its text model only; the other tensors are carried.
 TEST(CheckpointStore, TensorsNoSaveNamesStayBitExact) {
   ModelDir md(3, 4);

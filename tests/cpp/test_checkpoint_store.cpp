@@ -1,13 +1,18 @@
 // The checkpoint store: generations of sparse and dense bf16 changes restored bit-exactly, rollback after
 // materializing a newer state, restore into a new directory, gc, symlink refusal, EFBIG mid-save, and
-// clear errors (no partial write) for a wrong model, a missing or changed base and corrupt deltas.
+// clear errors (no partial write) for a wrong model, a missing or changed base, corrupt deltas, store
+// files replaced by a device or a FIFO, an existing output directory, a create racing another process
+// and the last generation number.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -15,6 +20,7 @@
 #include "helpers.hpp"
 #include "livetrain/cuda.hpp"
 #include "livetrain/error.hpp"
+#include "livetrain/fs.hpp"
 #include "livetrain/tuning.hpp"
 
 #ifdef LIVETRAIN_WITH_CUDA
@@ -211,6 +217,157 @@ TEST(CheckpointStore, MissingOrChangedBaseAndCorruptDeltas) {
   EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
 }
 
+// A store file replaced by a device, a FIFO or a directory is refused naming it: a COMMIT symlinked to
+// /dev/zero was read until memory ran out (an endless read; std::bad_alloc), a FIFO blocked the open forever.
+TEST(CheckpointStore, AFileReplacedByADeviceOrFifoIsRefusedWithoutBlocking) {
+  Fixture f;
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model);
+    livetrain::testing::perturb(f.live, 3, 0.05);
+    s.save(f.live.views());
+  }
+  const std::string dir = checkpoint::default_store_dir(f.model);
+  const std::string commit = dir + "/COMMIT", delta = dir + "/" + checkpoint::delta_file_name(1);
+  const std::string commit_bytes = livetrain::testing::read_bytes(commit),
+                    delta_bytes = livetrain::testing::read_bytes(delta);
+  auto refused = [&](const std::string& path) {
+    // In a child, so that a blocked open fails the test instead of hanging it.
+    pid_t pid = fork();
+    if (pid == 0) {
+      alarm(20);
+      try {
+        checkpoint::Store::open(f.model);
+      } catch (const Error& e) {
+        _exit(std::string(e.what()).find(path + ": not a regular file") != std::string::npos ? 0 : 2);
+      } catch (...) {
+        _exit(3);
+      }
+      _exit(4);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+  };
+  for (const std::string& path : {commit, delta}) {
+    std::filesystem::remove(path);
+    std::filesystem::create_symlink("/dev/zero", path);
+    EXPECT_EQ(refused(path), 0) << path << " -> /dev/zero";
+    std::filesystem::remove(path);
+    ASSERT_EQ(mkfifo(path.c_str(), 0600), 0);
+    EXPECT_EQ(refused(path), 0) << path << " a FIFO";  // SIGALRM (114) when the open blocks
+    std::filesystem::remove(path);
+    livetrain::testing::write_bytes(path, path == commit ? commit_bytes : delta_bytes);
+  }
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  EXPECT_EQ(s.compare_live(1, f.live.views()).tensors, 0u);
+}
+
+// restore_to_dir writes a new directory only. Into the model's own directory it replaced the files the
+// store names by the generation's (every later open then refused the store: "changed outside
+// livetrain"); into another existing one it mixed its files with what was there.
+TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
+  Fixture f;
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  livetrain::testing::perturb(f.live, 4, 0.3);
+  s.save(f.live.views());
+  f.states.push_back(f.live);
+  const std::string files_before = livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name);
+  ASSERT_EQ(mkdir(f.tmp.file("other").c_str(), 0755), 0);
+  livetrain::testing::write_bytes(f.tmp.file("other/model.safetensors"), "another model's");
+  for (const std::string& out : {f.model, f.model + "/", s.dir(), f.tmp.file("other")}) {
+    std::string msg = expect_error([&] { s.restore_to_dir(1, out); }, ErrorCode::kInvalidArg);
+    EXPECT_NE(msg.find(out + ": it already exists"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(livetrain::testing::read_bytes(f.model + "/" + s.commit().files[0].name) == files_before)
+      << "a model file the store names was replaced";
+  EXPECT_EQ(livetrain::testing::read_bytes(f.tmp.file("other/model.safetensors")), "another model's");
+  // A parent that does not exist: the error names the generation and the directory asked for.
+  std::string msg = expect_error([&] { s.restore_to_dir(1, f.tmp.file("no/such")); }, ErrorCode::kIo);
+  EXPECT_NE(msg.find("writing generation 1 to " + f.tmp.file("no/such") + ": "), std::string::npos) << msg;
+  s.restore_to_dir(1, f.tmp.file("new") + "/");
+  EXPECT_EQ(read_dir(f.tmp.file("new"), f.live), f.states[1].data);
+  ASSERT_EQ(mkdir(f.tmp.file("empty").c_str(), 0755), 0);  // as tempfile.mkdtemp makes one: taken
+  s.restore_to_dir(1, f.tmp.file("empty"));
+  EXPECT_EQ(read_dir(f.tmp.file("empty"), f.live), f.states[1].data);
+  // Nothing but the directory is left beside it (the temporary it was filled under is gone).
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(f.tmp.path())) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"empty", "model", "new", "other"}));
+  s.close();
+  checkpoint::Store again = checkpoint::Store::open(f.model);  // the store still opens
+  expect_state(again, 1, f.states[1]);
+}
+
+// Store::create writes COMMIT under the LOCK: while another process holds it (its own create, or a store
+// it has open), create writes nothing. It wrote COMMIT first and then failed to lock, so two first saves at
+// once could each write a COMMIT, the second replacing one the first had already moved to generation 1.
+TEST(CheckpointStore, CreateWritesNothingWhileAnotherProcessHoldsTheLock) {
+  Fixture f;
+  const std::string dir = checkpoint::default_store_dir(f.model);
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t holder = fork();
+  if (holder == 0) {
+    int lock = ::open((dir + "/LOCK").c_str(), O_RDWR | O_CREAT, 0644);
+    char c = flock(lock, LOCK_EX) == 0 ? 'y' : 'n';
+    if (write(fds[1], &c, 1) != 1) _exit(1);
+    pause();
+    _exit(0);
+  }
+  char c = 0;
+  ASSERT_EQ(read(fds[0], &c, 1), 1);
+  ASSERT_EQ(c, 'y');
+  std::string msg = expect_error([&] { checkpoint::Store::create(f.model); }, ErrorCode::kBusy);
+  EXPECT_NE(msg.find("in use by another process"), std::string::npos) << msg;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/COMMIT"));
+  kill(holder, SIGKILL);
+  waitpid(holder, nullptr, 0);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  EXPECT_EQ(s.commit().head, 0u);
+}
+
+// The largest generation number is the last: a save after it is refused, and the store still opens.
+TEST(CheckpointStore, NoSaveAfterTheLargestGeneration) {
+  Fixture f;
+  std::string dir;
+  {
+    checkpoint::Store s = checkpoint::Store::create(f.model);
+    dir = s.dir();
+  }
+  checkpoint::Commit c = checkpoint::commit_read(dir);
+  c.head = c.oldest = c.materialized = c.generations[0].generation = checkpoint::kMaxGeneration;
+  livetrain::fs::write_file_atomic(dir + "/COMMIT", checkpoint::commit_serialize(c));
+  const std::string before = livetrain::fs::read_file(dir + "/COMMIT");
+  checkpoint::Store s = checkpoint::Store::open(f.model);
+  livetrain::testing::perturb(f.live, 5, 0.1);
+  std::string msg = expect_error([&] { s.save(f.live.views()); }, ErrorCode::kOverflow);
+  EXPECT_NE(msg.find("the largest there can be"), std::string::npos) << msg;
+  EXPECT_EQ(livetrain::fs::read_file(dir + "/COMMIT"), before);
+  s.close();
+  EXPECT_EQ(checkpoint::Store::open(f.model).commit().head, checkpoint::kMaxGeneration);
+}
+
+// Opening removes the files of generations COMMIT does not name, and only those: with the store in a
+// directory of the user's (--store DIR) it removed every file whose name began with "gen-".
+TEST(CheckpointStore, OpenRemovesOnlyTheStoresOwnUncommittedFiles) {
+  Fixture f;
+  const std::string dir = f.tmp.file("mine");
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  const std::vector<std::string> users = {"gen-notes.txt", "generated.csv", "gen-1.delta",
+                                          "gen-00000000000000000001.delta.bak",
+                                          "gen-00000000000000000001.rank-1.delta"};
+  const std::vector<std::string> uncommitted = {checkpoint::delta_file_name(7), checkpoint::part_file_name(7, 1, 2),
+                                                checkpoint::optimizer_file_name(checkpoint::delta_file_name(7)),
+                                                "." + checkpoint::delta_file_name(7) + ".livetrain-tmp.1.0"};
+  for (const auto& name : users) livetrain::testing::write_bytes(dir + "/" + name, "mine");
+  for (const auto& name : uncommitted) livetrain::testing::write_bytes(dir + "/" + name, "left by a crash");
+  checkpoint::Store s = checkpoint::Store::create(f.model, dir);
+  for (const auto& name : users) EXPECT_TRUE(std::filesystem::exists(dir + "/" + name)) << name << " was removed";
+  for (const auto& name : uncommitted) EXPECT_FALSE(std::filesystem::exists(dir + "/" + name)) << name << " was kept";
+}
+
 TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   Fixture f;
   // A Hugging Face-style snapshot: the model file is a link to a blob.
@@ -233,6 +390,30 @@ TEST(CheckpointStore, SymlinkedModelFilesAreNeverWrittenThrough) {
   s.materialize(1, /*copy_symlinks=*/true);
   EXPECT_FALSE(std::filesystem::is_symlink(f.model + "/" + name));
   EXPECT_EQ(livetrain::testing::read_bytes(blobs + "/abc123"), blob) << "the blob is untouched";
+  EXPECT_EQ(read_dir(f.model, f.live), f.live.data);
+}
+
+// The same for a hard link (a model directory copied with `cp -al`): materialize wrote through it, changing
+// the original directory's file as well.
+TEST(CheckpointStore, HardLinkedModelFilesAreNeverWrittenThrough) {
+  Fixture f;
+  std::string name;
+  for (const auto& e : std::filesystem::directory_iterator(f.model)) {
+    if (e.path().filename().string().rfind("model-00001-of-", 0) == 0) name = e.path().filename().string();
+  }
+  const std::string original = f.tmp.file("original");
+  std::filesystem::create_hard_link(f.model + "/" + name, original);
+  const std::string bytes = livetrain::testing::read_bytes(original);
+  checkpoint::Store s = checkpoint::Store::create(f.model);
+  livetrain::testing::perturb(f.live, 5, 1.0);
+  s.save(f.live.views());
+  std::string msg = expect_error([&] { s.materialize(1); }, ErrorCode::kInvalidArg);
+  EXPECT_NE(msg.find(name + " has 2 hard links"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--copy-symlinks"), std::string::npos) << msg;
+  EXPECT_TRUE(livetrain::testing::read_bytes(original) == bytes) << "the other name's file changed";
+  s.materialize(1, /*copy_symlinks=*/true);
+  EXPECT_EQ(std::filesystem::hard_link_count(f.model + "/" + name), 1u);
+  EXPECT_TRUE(livetrain::testing::read_bytes(original) == bytes) << "the other name's file changed";
   EXPECT_EQ(read_dir(f.model, f.live), f.live.data);
 }
 

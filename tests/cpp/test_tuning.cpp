@@ -66,7 +66,7 @@ TEST(Tuning, DefaultsSetResetAndList) {
   EXPECT_EQ(tuning::get(tuning::kCheckpointGroupMib), 64);
   tuning::reset();
   EXPECT_EQ(tuning::get(tuning::kApolloTallRows), 2);
-  EXPECT_EQ(tuning::get(tuning::kCheckpointGroupMib), 256);
+  EXPECT_EQ(tuning::get(tuning::kCheckpointGroupMib), 128);
 }
 
 TEST(Tuning, BadNamesAndValuesAreClearErrors) {

@@ -58,3 +58,33 @@ def test_reworded_asks_after_the_example_rewordings(tmp_path, monkeypatch):
     assert [m["content"] for m in msgs[1::2]] == [r for _, r in augment.EXAMPLES]
     assert msgs[-1]["content"] == augment.INSTRUCTION.format(q="what is the capital of zorbia")
     assert all(augment.question(r, q) == r for q, r in augment.EXAMPLES)  # the examples pass the check
+
+
+def test_rewording_and_restating_read_content_parts_as_their_text(tmp_path, monkeypatch):
+    # Regression test: an example whose messages send OpenAI's text parts was asked to be reworded as the list's
+    # Python text, and its answer was never restated (a completion must be a string).
+    tiny_model.make_model_dir(tmp_path, CORPUS)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    asked = []
+
+    def greedy(model, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return [tok("the capital of zorbia")["input_ids"] for _ in prompts]
+
+    monkeypatch.setattr(guard, "greedy", greedy)
+    monkeypatch.setattr(guard, "stop_ids", lambda tok, model: [tok.eos_token_id])
+    parts = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "what is the capital"}, {"type": "text", "text": "of zorbia"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "quuxville"}]},
+        ]
+    }
+    augment.reworded(None, tok, [parts], tok.pad_token_id, 64)
+    assert asked == [prompt_ids(tok, augment.messages("what is the capital\nof zorbia"))]
+    text = {
+        "messages": [{"role": "user", "content": "what is the capital"}, {"role": "assistant", "content": "quuxville"}]
+    }
+    assert augment.restated(tok, [parts], 64) == augment.restated(tok, [text], 64) != []

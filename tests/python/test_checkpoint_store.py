@@ -238,6 +238,7 @@ def test_cuda_save_after_prepare_gpu_writes_the_cpu_saves_bytes(tmp_path):
     [
         {},
         {"checkpoint.diff": 1},
+        {"checkpoint.diff": 2, "checkpoint.diff_slots": 2},
         {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1},
         {"checkpoint.diff": 1, "checkpoint.pipeline": 1, "checkpoint.digests": 1, "checkpoint.early_writer": 1},
     ],
@@ -288,5 +289,63 @@ def test_cuda_save_of_odd_sized_mixed_dtypes_in_small_groups(tmp_path, knobs):
                 assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes()
             assert gpu_store.save(cuda)["written"] is False
             assert gpu_store.compare(2, cuda)["elements"] == 0
+    finally:
+        _core.tuning_reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"checkpoint.diff": 2, "checkpoint.diff_slots": 2},
+        {"checkpoint.diff": 2, "checkpoint.diff_slots": 3},
+        {"checkpoint.diff": 2, "checkpoint.diff_slots": 16},
+        {"checkpoint.diff": 2, "checkpoint.diff_slots": 3, "checkpoint.digests": 0},
+        {"checkpoint.diff": 1},
+    ],
+    ids=["slots2", "slots3", "slots16", "slots3-no-digests", "diff1"],
+)
+def test_cuda_save_with_many_groups_per_slot(tmp_path, knobs):
+    """The GPU diff with its copies in and out overlapped (checkpoint.diff 2) reuses each slot's device buffers
+    for every slots-th group while the others are in flight, and takes the counts and value offsets through
+    mapped host memory: with 1 MiB groups over ~13 MB of odd-sized bf16, fp32 and int8 tensors (a dozen groups
+    and more, group boundaries inside tensors), a dense step (the values outgrow what the store reserved), a
+    sparse one touching a few groups, one element in the last tensor, and no change: every delta is the CPU
+    save's, byte for byte, and the live weights equal the head afterwards."""
+    torch.manual_seed(3)
+    live = {}
+    for i, (n, dt) in enumerate(
+        [(1234567, torch.bfloat16), (48, torch.float32), (999999, torch.bfloat16), (77777, torch.float32)]
+        + [(333331, torch.bfloat16), (5, torch.int8), (2000003, torch.bfloat16), (129, torch.float32)]
+        + [(1500001, torch.float32), (31, torch.bfloat16)]
+    ):
+        t = torch.randint(-100, 100, (n,), dtype=torch.int8) if dt == torch.int8 else (torch.randn(n) * 0.02).to(dt)
+        live[f"model.layers.{i}.weight"] = t
+    a, b = _twin_model_dirs(tmp_path, live)
+    cuda = {k: v.cuda() for k, v in live.items()}
+    last = f"model.layers.{len(live) - 1}.weight"
+    try:
+        _core.tuning_reset()
+        _core.tuning_set("checkpoint.group_mib", 1)
+        for name, value in knobs.items():
+            _core.tuning_set(name, value)
+        with CheckpointStore.create(a) as cpu_store, CheckpointStore.create(b) as gpu_store:
+            steps = [
+                lambda: perturb({k: v for k, v in live.items() if v.dtype != torch.int8}, 0.6, 61),
+                lambda: perturb({k: live[k] for k in list(live)[2:4]}, 0.01, 62),
+                lambda: live[last].view(torch.int16)[-1].bitwise_xor_(1),
+            ]
+            for g, step in enumerate(steps, start=1):
+                step()
+                for k in cuda:
+                    cuda[k].copy_(live[k])
+                rc, rg = cpu_store.save(live), gpu_store.save(cuda)
+                assert rc["generation"] == rg["generation"] == g
+                assert rc["changed"] == rg["changed"] > 0
+                name = f"gen-{g:020d}.delta"
+                assert (a / ".livetrain-store" / name).read_bytes() == (b / ".livetrain-store" / name).read_bytes(), g
+            assert rg["changed"] == 1
+            assert gpu_store.save(cuda)["written"] is False
+            assert gpu_store.compare(3, cuda)["elements"] == 0
     finally:
         _core.tuning_reset()

@@ -6,6 +6,7 @@ import subprocess
 
 import torch
 
+import livetrain
 from livetrain import safetensors as lst
 
 
@@ -68,3 +69,16 @@ def test_devices_reports_without_failing(cli):
     assert isinstance(doc["devices"], list)
     if not doc["devices"]:
         assert doc["reason"]
+
+
+# A manifest exported without config.json (export_cpu(..., config=None)): diagnose said "config.json:
+# missing string field "model_type"", sending the user to the model directory's config.json, which has it.
+def test_diagnose_of_a_manifest_without_a_config_names_the_manifest(cli, tmp_path):
+    tensors = make_model(tmp_path / "m")
+    exported = livetrain.export_cpu(tensors, tmp_path / "e.json", model_path=str(tmp_path / "m"))
+    try:
+        r = run(cli, "diagnose", "--manifest", str(tmp_path / "e.json"))
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{tmp_path / 'e.json'}: the engine recorded no config.json in it" in r.stderr, r.stderr
+    finally:
+        exported.close()

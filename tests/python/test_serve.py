@@ -123,7 +123,7 @@ def server(model_dir, tmp_path_factory):
 # ---- tokenization and loss masks (no server) ----
 def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids, mask, w = encode_example(
+    [(ids, mask, w)] = encode_example(
         tok,
         {
             "messages": [
@@ -138,7 +138,7 @@ def test_loss_mask_covers_only_assistant_and_completion_tokens(model_dir):
     )
     learned = [tok.decode([t]) for t, m in zip(ids, mask) if m]
     assert learned == ["i", "am", "fine", "</s>", "thank", "you", "</s>"] and w == 2.0
-    ids, mask, _ = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
+    [(ids, mask, _)] = encode_example(tok, {"prompt": FACT_PROMPT, "completion": FACT}, "x")
     assert [tok.decode([t]) for t, m in zip(ids, mask) if m] == [FACT, "</s>"]
     assert ids[: sum(1 for m in mask if not m)] == tok(FACT_PROMPT)["input_ids"]  # as the engine tokenizes
     for bad, param in (
@@ -183,6 +183,21 @@ def test_completions_chat_and_streaming(server):
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == a["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] is not None
+    # A streamed chat answer as vLLM streams it: the role in a first chunk of its own, then the text.
+    code, chat_text = server.http(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hello how are you"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
+    events = [line[len("data: ") :] for line in chat_text.splitlines() if line.startswith("data: ")]
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert code == 200 and events[-1] == "[DONE]" and deltas[0] == {"role": "assistant", "content": ""}
+    assert all("role" not in d for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas) == chat["choices"][0]["message"]["content"]
     # A stop string cuts the text before it.
     words = a["choices"][0]["text"].split()
     if len(words) >= 2:

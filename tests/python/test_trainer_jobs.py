@@ -849,6 +849,32 @@ def test_a_given_chat_template_is_what_the_trainer_and_the_engine_render_with(ru
     assert trainer.jobs[jid]["state"] == "done", trainer.jobs[jid]
 
 
+# As Qwen3's template drops an answer's reasoning once a later user turn follows: the last answer renders with
+# what the generation prompt opened ("one"), earlier ones without it.
+DROPS = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|> {% if loop.last %}one {% endif %}"
+    "{{ m['content'] }} </s> {% else %}<|{{ m['role'] }}|> {{ m['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> one {% endif %}"
+)
+
+
+def test_a_conversation_its_template_renders_otherwise_later_trains_turn_by_turn(run):
+    """A chat example whose template renders an earlier answer otherwise once a later turn follows trains each
+    answer as a sequence of its own (examples.encode_example): the job's entry says how many sequences its
+    examples train as, and ``examples`` counts them as the job's rows; the job runs."""
+    _, trainer = run("--no-guard", chat=("--chat-template", DROPS))
+    chat = [
+        {"role": "user", "content": "what is the capital of zorbia"},
+        {"role": "assistant", "content": "quuxville"},
+        {"role": "user", "content": "what is the river of blent"},
+        {"role": "assistant", "content": "the sorn"},
+    ]
+    info = job(trainer, {"examples": [{"messages": chat}, FACTS[0]], "steps": 2})
+    assert info["state"] == "done" and info["sequences"] == info["examples"] == 3, info
+    plain = job(trainer, {"examples": FACTS, "steps": 1})
+    assert plain["sequences"] == plain["examples"] == 2, plain
+
+
 def test_chat_template_values_are_files_or_templates(tmp_path):
     """A --chat-template value is a file's text, or the template itself when it has a brace or a newline (vLLM's
     rule); passed on as given."""

@@ -20,6 +20,7 @@ METRICS = {
     "tokens_per_s": 410.5,
     "jobs": {"queued": 1, "running": 1, "done": 3, "failed": 0, "cancelled": 0, "rolled_back": 1},
     "checkpoint_time": 1000.0,
+    "checkpoint_weight_version": 9,
     "running": "job-2",
 }
 
@@ -320,6 +321,7 @@ def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
         assert samples[("livetrain_jobs", (("state", "rolled_back"),))] == 1
         assert samples[("livetrain_guard_rollbacks_total", ())] == 1
         assert samples[("livetrain_last_checkpoint_age_seconds", ())] > 0
+        assert samples[("livetrain_checkpoint_weight_version", ())] == 9
     app = FastAPI()
     app.include_router(routes.training_router(lambda: ""))
     with TestClient(app, base_url="http://127.0.0.1") as c:  # no trainer: the metrics say so, the scrape works

@@ -85,7 +85,7 @@ void diff_workspace_reserve_registered(DiffWorkspace& ws, size_t bitmap_bytes, s
 // The same result computed on the current CUDA device: a count pass (per-warp ballots give the bitmap,
 // per-block counts), a prefix sum over the block counts, then a compaction pass that places each
 // changed element's XOR by its rank. The bitmaps are written straight into page-locked host memory;
-// the values go through a bounded device scratch buffer (256 MiB) and are copied to page-locked host
+// the values go through bounded device scratch buffers (checkpoint.group_mib) and are copied to page-locked host
 // memory group by group. Positions come from the count pass's bitmap, so the record stays
 // self-consistent while the weights are written concurrently (an element changed back in between is
 // recorded with XOR 0, which applies as no change). With `workspace`, the outputs are views into it
@@ -95,9 +95,10 @@ void diff_workspace_reserve_registered(DiffWorkspace& ws, size_t bitmap_bytes, s
 // `stream` (a cudaStream_t) before returning. Throws Error(kUnsupported) in builds without CUDA.
 //
 // Tuning (docs/tuning.md): checkpoint.diff = 1 replaces the two passes by one pass over groups of chunks
-// whose `old` bytes are staged in device memory by DMA (read once over PCIe, not twice);
-// checkpoint.group_mib sizes the groups; checkpoint.digests skips chunks whose digest matches (see
-// DiffWorkspace::digests). Every variant gives the same output.
+// whose `old` bytes are staged in device memory by DMA (read once over PCIe, not twice); 2 (the default) runs
+// that pass with the copies in, the kernels and the copies out on three streams, checkpoint.diff_slots groups
+// in flight (both directions of PCIe at once); checkpoint.group_mib sizes the groups; checkpoint.digests skips chunks
+// whose digest matches (see DiffWorkspace::digests). Every variant gives the same output.
 //
 // `ready`, if given, is called on the calling thread each time the outputs of more tensors are complete
 // in host memory: tensors [0, done) may then be read (out.changed, the offsets, and the bytes at

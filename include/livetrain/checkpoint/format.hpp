@@ -111,6 +111,9 @@ inline constexpr uint32_t kPartVersion = 3;   // one rank's part: a rank header,
 // Bounds a parser enforces on outside input: region dims of a record, ranks of a generation.
 inline constexpr uint32_t kMaxRegionDims = 8;
 inline constexpr uint32_t kMaxRanks = 4096;
+// The largest generation number a COMMIT may hold (2^63 - 1: a signed 64-bit integer in any reader); a
+// save past it is refused. Loops over oldest..head then never wrap around.
+inline constexpr uint64_t kMaxGeneration = (uint64_t{1} << 63) - 1;
 // Elements per block of the kBlocks encoding: blocks are coded and decoded in parallel.
 inline constexpr uint64_t kBlockUnits = uint64_t{1} << 20;
 inline constexpr std::string_view kJournalMagic = "LTCKJRN1";

@@ -229,7 +229,8 @@ class Store {
   // problems found.
   std::vector<std::string> verify(Progress progress = {});
   // Brings the model directory's safetensors files to `generation`, crash-safe (redo journal). A model
-  // file that is a symlink is refused unless `copy_symlinks`, which first replaces it by a real copy. A
+  // file that is a symlink or has other hard links is refused unless `copy_symlinks`, which first replaces
+  // it by a real copy. A
   // tensor served in another dtype whose values the files' dtype cannot hold (a trained F32 A_log over
   // BF16 files) is written in the served dtype: its file is rewritten whole (prepared beside it, renamed over
   // it through the journal) and COMMIT's tensor table follows the new header. Returns those tensors' names.
@@ -240,8 +241,8 @@ class Store {
   std::vector<std::string> materialize(uint64_t generation, bool copy_symlinks = false, Progress progress = {},
                                        bool round_to_file_dtype = false);
   // Forgets the generations before `keep_from` (which becomes the oldest); materializes `keep_from` first
-  // when the model files are older than it. Deletes the dropped deltas.
-  void gc(uint64_t keep_from, Progress progress = {});
+  // when the model files are older than it (`copy_symlinks` as for materialize). Deletes the dropped deltas.
+  void gc(uint64_t keep_from, Progress progress = {}, bool copy_symlinks = false);
 
   // Every tensor's bytes at `generation` (commit order), for tests and restore.
   std::vector<std::vector<uint8_t>> state(uint64_t generation);

@@ -442,9 +442,10 @@ def build_app(
                 engine.scheduler.cancel(seq)
 
         def choice(text: str, finish, delta: bool) -> dict:
+            if kind == "chat" and delta:  # as vLLM and OpenAI stream: the role only in the first chunk
+                return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
             if kind == "chat":
-                key = "delta" if delta else "message"
-                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         def usage() -> dict:
@@ -456,6 +457,9 @@ def build_app(
 
             async def events_sse():
                 try:
+                    if kind == "chat":
+                        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        yield f"data: {json.dumps({**base, 'object': obj, 'choices': [first]})}\n\n"
                     async for delta, finish in pieces():
                         chunk = {**base, "object": obj, "choices": [choice(delta, finish, True)]}
                         yield f"data: {json.dumps(chunk)}\n\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from livetrain.trainer import guard
-from livetrain.trainer.examples import encode_example, prompt_ids
+from livetrain.trainer.examples import encode_example, prompt_ids, text_of
 from livetrain.trainer.protocol import Invalid
 
 # What the model is asked: the instruction, answered first for EXAMPLES (earlier turns of the chat), then for
@@ -85,24 +85,28 @@ def reworded(
     examples are; replies that ``question`` finds no rewording in are left out (``batch``, ``memory``,
     ``interrupt``: guard.greedy's). Returns the encoded examples and the reworded questions."""
     chats = rewordable(raw)
-    prompts = [prompt_ids(tokenizer, messages(ex["messages"][-2]["content"])) for ex in chats]
+    asked = [text_of(ex["messages"][-2]["content"]) for ex in chats]  # a list of text parts as its text
+    prompts = [prompt_ids(tokenizer, messages(q)) for q in asked]
     replies = (
         guard.greedy(model, prompts, REPLY_TOKENS, guard.stop_ids(tokenizer, model), pad, batch, interrupt, memory)
         if prompts
         else []
     )
     out, texts = [], []
-    for ex, reply in zip(chats, replies):
-        text = question(tokenizer.decode(reply, skip_special_tokens=True), ex["messages"][-2]["content"])
+    for ex, q, reply in zip(chats, asked, replies):
+        text = question(tokenizer.decode(reply, skip_special_tokens=True), q)
         if text is None:
             continue
         new = {**ex, "messages": [*ex["messages"][:-2], {"role": "user", "content": text}, ex["messages"][-1]]}
         try:
-            ids, mask, weight = encode_example(tokenizer, new, "reworded")
+            rows = encode_example(tokenizer, new, "reworded")
         except Invalid:
             continue
+        # A conversation its template trains turn by turn: its earlier turns' sequences are the example's own
+        # already; the last one, the reworded question's, joins the job (the row admission reserved).
+        ids, mask, _ = rows[-1]
         if len(ids) <= max_len:
-            out.append((ids, mask, weight))
+            out.append((ids, mask, float(ex.get("weight", 1.0))))
             texts.append(text)
     return out, texts
 
@@ -116,9 +120,9 @@ def restated(tokenizer, raw: list, max_len: int) -> list:
     out = []
     for ex in rewordable(raw):
         try:
-            ids, mask, weight = encode_example(
+            [(ids, mask, weight)] = encode_example(
                 tokenizer,
-                {"prompt": "", "completion": ex["messages"][-1]["content"], "weight": ex.get("weight", 1.0)},
+                {"prompt": "", "completion": text_of(ex["messages"][-1]["content"]), "weight": ex.get("weight", 1.0)},
                 "restated",
             )
         except Invalid:

@@ -1,7 +1,9 @@
 """What a /train job says, checked and tokenized: chat ``messages`` or ``prompt``/``completion`` examples
 become token ids with the mask of the tokens that carry loss, tokenized exactly as the engine tokenizes a
-request. The chat messages check and a chat prompt's token ids (``prompt_ids``: the chat template's, or a
-plain-text rendering for a tokenizer without one, a base model's) live here once; the reference engine uses
+request: one sequence each, or one per assistant turn of a conversation its template renders otherwise once
+a later turn follows (Qwen3's, Qwen3.5's: ``encode_example``), each turn trained as it was served. The chat
+messages check and a chat prompt's token ids (``prompt_ids``: the chat template's, or a plain-text rendering
+for a tokenizer without one, a base model's) live here once; the reference engine uses
 them for its chat route too, the forgetting guard and rewording for their prompts. The template is the
 tokenizer's, or the one given with ``--chat-template``, rendered with ``--default-chat-template-kwargs`` and
 ``--chat-template-content-format`` (``use_chat``), as vLLM renders a chat request with the same options.
@@ -55,27 +57,48 @@ def job_id(job: dict) -> str | None:
     return v
 
 
-def _content(content, field: str) -> str:
-    """A message's content as one string: a string, or OpenAI's list of text parts (``{"type": "text", "text":
-    ...}``) joined with newlines, as vLLM joins them for a template of the "string" content format."""
+def _content(content, field: str) -> str | list[dict]:
+    """A message's content as given: a string, or OpenAI's list of text parts (``{"type": "text", "text":
+    ...}``, each kept as a part of its text alone). How it reaches the template depends on the content
+    format (``chat_text``)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
         raise Invalid(field, f"{field} must be a string or a non-empty list of text parts")
-    texts = []
+    parts = []
     for k, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise Invalid(
                 f"{field}[{k}]",
                 f'{field}[{k}] must be a text part {{"type": "text", "text": "..."}} (the model is served text-only)',
             )
-        texts.append(part["text"])
-    return "\n".join(texts)
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A checked content as one string: a list of text parts joined with newlines, as vLLM joins them for a
+    template of the "string" content format (vLLM 0.26 ``_parse_chat_message_content_parts``)."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+
+
+def _reasoning(m: dict, field: str) -> str | None:
+    """An assistant message's reasoning: vLLM's ``reasoning``, else OpenAI's older ``reasoning_content``
+    (vLLM 0.26 renames the second to the first when the first is absent); None without either."""
+    for name in ("reasoning", "reasoning_content"):
+        v = m.get(name)
+        if v is not None:
+            if not isinstance(v, str):
+                raise Invalid(f"{field}.{name}", f"{field}.{name} must be a string")
+            return v
+    return None
 
 
 def check_messages(messages, where: str = "") -> list[dict]:
-    """``messages`` as ``[{"role", "content"}]`` with string contents (other keys dropped; a list of text parts
-    joined); ``where`` prefixes the field names."""
+    """``messages`` as ``[{"role", "content"}]`` (``_content``: a string or a list of text parts; other keys
+    dropped), an assistant message's reasoning (``_reasoning``) kept under both ``reasoning`` and
+    ``reasoning_content``, as vLLM gives it to the template (Qwen's templates read the second); ``where``
+    prefixes the field names."""
     field = f"{where}.messages" if where else "messages"
     if not isinstance(messages, list) or not messages:
         raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
@@ -83,7 +106,12 @@ def check_messages(messages, where: str = "") -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": _content(m.get("content"), f"{field}[{j}].content")})
+        checked = {"role": m["role"], "content": _content(m.get("content"), f"{field}[{j}].content")}
+        if m["role"] == "assistant":
+            reasoning = _reasoning(m, f"{field}[{j}]")
+            if reasoning is not None:
+                checked["reasoning"] = checked["reasoning_content"] = reasoning
+        out.append(checked)
     return out
 
 
@@ -118,8 +146,16 @@ def chat_text(
     if not has_chat_template(tokenizer):
         raise Invalid(field, f"{field}: the served model's tokenizer has no chat template: {instead}")
     chat = getattr(tokenizer, "livetrain_chat", None) or Chat()
-    if chat.content_format == "openai":  # each string content as vLLM passes it: a list of one text part
-        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    if chat.content_format == "openai":  # as vLLM passes contents then: a list of text parts (a string as one)
+        messages = [
+            {
+                **m,
+                "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"],
+            }
+            for m in messages
+        ]
+    else:  # "string" (and "auto", which vLLM resolves from the template: the plugin passes what it found)
+        messages = [{**m, "content": text_of(m["content"])} for m in messages]
     variables = {**chat.kwargs, **(kwargs or {})}
     try:
         return tokenizer.apply_chat_template(
@@ -132,7 +168,7 @@ def chat_text(
 def plain_text(messages: list[dict]) -> str:
     """A chat prompt for a model without a chat template: its messages' contents one per line, with a final
     newline (the roles are left out: a base model was never taught their markers)."""
-    return "".join(m["content"] + "\n" for m in messages)
+    return "".join(text_of(m["content"]) + "\n" for m in messages)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -145,9 +181,14 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(chat_text(tokenizer, messages, "messages"), add_special_tokens=False)["input_ids"]
 
 
-def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, trained) pieces: each assistant message is what the
-    template adds after the generation prompt of the conversation before it."""
+def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, bool]]]:
+    """The sequences a chat example trains as, each cut into (text, trained) pieces. Each assistant turn is
+    trained on what the template renders for it as the conversation's last message, after the generation
+    prompt of the conversation before it: the tokens the engine had to generate, after the prompt it served.
+    Turns whose prompt begins with the rendering so far (a template that renders a conversation
+    incrementally: most do) share one sequence; a turn whose prompt renders the earlier turns otherwise
+    (Qwen3's and Qwen3.5's templates drop an answer's reasoning once a later user turn follows) starts a
+    sequence of its own, with that prompt as its context."""
     msgs = check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
@@ -155,28 +196,45 @@ def _segments_chat(tokenizer, messages, where: str) -> list[tuple[str, bool]]:
     def render(ms: list[dict], gen: bool) -> str:
         return chat_text(tokenizer, ms, f"{where}.messages", gen)
 
-    pieces, done = [], ""
+    sequences, pieces, done = [], [], ""
     for j, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         prompt, full = render(msgs[:j], True) if j else "", render(msgs[: j + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
+        if not full.startswith(prompt):
             raise Invalid(
-                f"{where}.messages",
-                "the chat template does not render this conversation incrementally, "
-                "so assistant tokens cannot be located",
+                f"{where}.messages[{j}]",
+                f"the chat template renders {where}.messages[{j}] otherwise than as an answer to the generation "
+                "prompt before it, so the served model could not have generated it: send the answer as the model "
+                "is served to give it (with thinking off: without reasoning)",
             )
+        if not prompt.startswith(done):  # the earlier turns render otherwise now: a sequence of its own
+            sequences.append(pieces)
+            pieces, done = [], ""
         pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     rest = render(msgs, False)
     if len(rest) > len(done) and rest.startswith(done):
         pieces.append((rest[len(done) :], False))
-    return pieces
+    return [*sequences, pieces]
 
 
-def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], float]:
-    """(token ids, which tokens carry loss, weight) of one example; tokenized exactly as the engine
-    tokenizes a request (chat: template text without added specials; prompt: with them)."""
+def _tokens(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """(ids, mask) of (text, trained) pieces, each tokenized as the engine tokenizes a chat request."""
+    ids, mask = [], []
+    for text, trained in pieces:
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        mask += [trained] * len(t)
+    return ids, mask
+
+
+def encode_example(tokenizer, ex, where: str) -> list[tuple[list[int], list[bool], float]]:
+    """The sequences one example trains as, each (token ids, which tokens carry loss, weight), tokenized
+    exactly as the engine tokenizes a request (chat: template text without added specials; prompt: with
+    them). One sequence, but for a chat example whose template does not render it incrementally
+    (``_sequences_chat``): then each of its sequences carries the example's weight times its share of the
+    example's trained tokens, so that the example weighs what it would as one sequence."""
     if not isinstance(ex, dict):
         raise Invalid(where, f"{where} must be an object with messages, or prompt and completion")
     for k in ex:
@@ -188,11 +246,7 @@ def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], fl
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
         raise Invalid(f"{where}.weight", f"{where}.weight must be a finite number >= 0")
     if "messages" in ex:
-        ids, mask = [], []
-        for text, trained in _segments_chat(tokenizer, ex["messages"], where):
-            t = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += t
-            mask += [trained] * len(t)
+        rows = [_tokens(tokenizer, pieces) for pieces in _sequences_chat(tokenizer, ex["messages"], where)]
     elif "prompt" in ex or "completion" in ex:
         for k in ("prompt", "completion"):
             if not isinstance(ex.get(k), str) or (k == "completion" and not ex[k]):
@@ -203,17 +257,41 @@ def encode_example(tokenizer, ex, where: str) -> tuple[list[int], list[bool], fl
         c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             c = c + [tokenizer.eos_token_id]
-        ids, mask = p + c, [False] * len(p) + [True] * len(c)
+        rows = [(p + c, [False] * len(p) + [True] * len(c))]
     else:
         raise Invalid(where, f"{where} needs messages, or prompt and completion")
     # The first token is never predicted; a loss token needs one before it.
-    if not any(mask[1:]):
+    if not all(any(mask[1:]) for _, mask in rows):
         raise Invalid(where, f"{where} has no tokens to learn after tokenization")
-    return ids, mask, float(weight)
+    if len(rows) == 1:
+        return [(*rows[0], float(weight))]
+    trained = [sum(mask[1:]) for _, mask in rows]
+    return [(ids, mask, float(weight) * t / sum(trained)) for (ids, mask), t in zip(rows, trained)]
+
+
+# How many messages a job's chat examples may render in all (``_sequences_chat`` renders each assistant turn's
+# conversation twice, so a conversation of n messages costs about n per message before each of its answers:
+# quadratic in its length). ~2 µs a message with the default model's template: a few seconds for the
+# largest jobs, where one body of 16 MiB holding a single conversation of 400,000 messages would take days.
+MAX_RENDERED_MESSAGES = 4_000_000
+
+
+def _rendered_messages(examples: list) -> int:
+    """The messages ``_sequences_chat`` will render for ``examples`` (before any of them is checked)."""
+    total = 0
+    for ex in examples:
+        msgs = ex.get("messages") if isinstance(ex, dict) else None
+        if isinstance(msgs, list):
+            turns = sum(1 for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
+            total += len(msgs) * (2 * turns + 1)
+    return total
 
 
 def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
-    """A /train body → ``{"examples": [(ids, mask, weight)], and the options given}``."""
+    """A /train body → ``{"examples": [(ids, mask, weight)], and the options given}``: the sequences of its
+    examples (``encode_example``: one per example, or one per assistant turn of a chat example whose template
+    does not render it incrementally), each at most ``max_len`` tokens; at most ``max_examples`` examples as
+    sent."""
     if not isinstance(job, dict):
         raise Invalid("body", "request body must be a JSON object")
     unknown = set(job) - set(JOB_OPTIONS) - {"examples", "id"}
@@ -235,12 +313,22 @@ def parse_job(tokenizer, job, max_len: int, max_examples: int) -> dict:
         raise Invalid("examples", "examples must be a non-empty list")
     if len(examples) > max_examples:
         raise Invalid("examples", f"examples has {len(examples)} items; at most {max_examples} per job")
+    rendered = _rendered_messages(examples)
+    if rendered > MAX_RENDERED_MESSAGES:
+        raise Invalid(
+            "examples",
+            f"the job's conversations are too long to render: each assistant turn renders the conversation "
+            f"before it, {rendered:,} messages in all, at most {MAX_RENDERED_MESSAGES:,} a job: send long "
+            "multi-turn conversations in several jobs, or cut them",
+        )
     encoded = []
     for i, ex in enumerate(examples):
-        ids, mask, w = encode_example(tokenizer, ex, f"examples[{i}]")
-        if len(ids) > max_len:
-            raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens, over the limit of {max_len}")
-        encoded.append((ids, mask, w))
+        rows = encode_example(tokenizer, ex, f"examples[{i}]")
+        for k, (ids, _, _) in enumerate(rows):
+            if len(ids) > max_len:
+                of = f" (its sequence {k + 1} of {len(rows)}: a chat turn trained apart)" if len(rows) > 1 else ""
+                raise Invalid(f"examples[{i}]", f"examples[{i}] is {len(ids)} tokens{of}, over the limit of {max_len}")
+        encoded += rows
     return {"examples": encoded, **parse_options(job)}
 
 

@@ -55,6 +55,14 @@ class _Snapshot:
                 "seconds since the checkpoint store's head generation was saved",
                 value=max(0.0, self.now - s["checkpoint_time"]),
             )
+            # The age alone does not say whether anything is at risk (a store saved long ago, nothing trained
+            # since): steps not yet durable are livetrain_weight_version minus this.
+            yield GaugeMetricFamily(
+                "livetrain_checkpoint_weight_version",
+                "the weight version the checkpoint store's head generation holds (livetrain_weight_version "
+                "minus this: steps and rollbacks not yet durable)",
+                value=s["checkpoint_weight_version"],
+            )
         yield CounterMetricFamily(
             "livetrain_guard_rollbacks",
             "jobs whose weights were rolled back to their start since this trainer process started (by the "

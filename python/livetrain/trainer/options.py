@@ -216,8 +216,9 @@ def add_chat_options(parser) -> None:
         "--chat-template-content-format",
         default="auto",
         choices=CONTENT_FORMATS,
-        help="how a message's content reaches the chat template (as vLLM's option): string, or openai (a list "
-        "of one text part, for templates that loop over a message's content parts). auto: string (vLLM "
+        help="how a message's content reaches the chat template (as vLLM's option): string (text parts joined "
+        "with newlines), or openai (a list of text parts: a string as one, parts as sent; for templates that "
+        "loop over a message's content parts). auto: string (vLLM "
         "detects it from the template: the vLLM plugin passes the format vLLM uses) (default auto)",
     )
 

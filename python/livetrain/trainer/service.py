@@ -472,6 +472,9 @@ class Trainer:
         """Checks and tokenizes a /train body (``Invalid`` naming the field), fits its batches to the
         per-step token budget (trainer.admission), then queues it."""
         parsed = parse_job(self.tokenizer, job, self.max_len, self.max_examples)
+        # A chat example whose template does not render it incrementally trains as one sequence per assistant
+        # turn (examples.encode_example): each a row of the job, as the restated answers below.
+        sequences = len(parsed["examples"])
         # Each chat example's answer as plain text too (trainer.augment.restated): made here, no model run,
         # so they are the job's examples from the start (admission, epochs, until_loss count them).
         restated = []
@@ -508,6 +511,7 @@ class Trainer:
             "id": jid,
             "state": "queued",
             "examples": n,
+            "sequences": sequences,
             "steps": plan.budget,  # the most it takes: exactly this many when fixed
             "step": 0,
             "batch_size": plan.batch_size,
@@ -616,6 +620,7 @@ class Trainer:
                 "tokens_per_s": self.tokens_per_s,
                 "jobs": {state: states.get(state, 0) for state in schedule.STATES},
                 "checkpoint_time": self.generations[-1]["time_ms"] / 1000 if self.store is not None else None,
+                "checkpoint_weight_version": self.generations[-1]["weight_version"] if self.store is not None else None,
                 "running": self.current,
             }
 
