@@ -108,7 +108,23 @@ class InProcess:
         self.trainer.weight_version = self.version0  # the retention answers made at it stay valid
 
     def job(self, body: dict) -> dict:
-        """Runs one /train job to its end on this thread; its /train/status entry."""
+        """Runs one /train job to its end on this thread; its /train/status entry. The guard's reference
+        distributions of the starting weights (its KL's) are kept in ``self.reference`` (None: unguarded)."""
+        t = self.trainer
+        end = t._guard_end
+        self.reference = None
+
+        def keep_reference(jid, info, watch, undo, state):
+            self.reference = watch["reference"]
+            return end(jid, info, watch, undo, state)
+
+        t._guard_end = keep_reference
+        try:
+            return self._job(body)
+        finally:
+            t._guard_end = end
+
+    def _job(self, body: dict) -> dict:
         reply = self.trainer.submit(body)
         assert reply.code == 202, reply.body
         jid, job = self.trainer.queue.get_nowait()
@@ -123,6 +139,33 @@ class InProcess:
         info = self.job(body)
         got = lq.score(asked, self.ask([q for _, q, _ in asked], max_tokens), facts, general)
         return info, got, time.perf_counter() - t0
+
+    def mix(self, trained: dict, alpha: float) -> None:
+        """The live weights to start + ``alpha`` × (``trained`` − start) (WiSE-FT, Wortsman et al. 2022): 1 is
+        the job's end, 0 its start."""
+        with torch.no_grad():
+            for n, w in self.trainer.weights.items():
+                w.copy_(self.start[n].float().lerp(trained[n].float(), alpha))
+
+    def losses(self, examples: list[dict]) -> list[float]:
+        """Each example's mean cross-entropy over its trained tokens on the live weights (nats per token, as
+        ``until_loss`` reads it; one forward each, teacher-forced)."""
+        from livetrain.trainer.examples import encode_example
+
+        t = self.trainer
+        out = []
+        was = t.model.training
+        t.model.eval()
+        with torch.no_grad():
+            for i, ex in enumerate(examples):
+                ids, mask, _ = encode_example(t.tokenizer, ex, f"examples[{i}]")
+                lp = torch.log_softmax(
+                    t.model(input_ids=torch.tensor([ids], device=t.device)).logits[0, :-1].float(), -1
+                )
+                nll = -lp.gather(1, torch.tensor(ids[1:], device=t.device)[:, None])[:, 0]
+                out.append(float(nll[torch.tensor(mask[1:], device=t.device)].mean()))
+        t.model.train(was)
+        return out
 
     def ask(self, questions: list[str], max_tokens: int) -> list[str]:
         from livetrain.trainer import guard
@@ -277,6 +320,18 @@ GRIDS = {
 }
 # sweep7's rows that the 300 s of its H200 call did not hold (~4 minutes).
 GRIDS["sweep7b"] = GRIDS["sweep7"][2:]
+# Weight-space interpolation after the job (WiSE-FT, Wortsman et al. 2022; task vectors, Ilharco et al. 2023):
+# each row's job once, then its weights mixed back toward the start, start + a × (end − start), at each a of
+# "alphas", everything asked again at each (bench/learning_interp.py on the CPU). Every example in every step
+# (sweep7: 24 against 22 of 27 kept), then the defaults. The in-process GPU job is deterministic: each row's own
+# line repeated sweep7's. On the H200 (lead, 19:13, 290 s held both rows): no gain: a = 0.8 kept one general answer
+# more and lost 5-6 reworded and a trained one; below it the facts go; at a = 0.5 (nothing learned) 3-5 of 27
+# general answers were still lost (docs/learning.md "Mixing back").
+ALPHAS = [0.8, 0.7, 0.6, 0.5]
+GRIDS["sweep8"] = [
+    {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
+    {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
+]
 
 
 def main(argv=None) -> int:
@@ -460,7 +515,55 @@ def main(argv=None) -> int:
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if r.get("alphas"):
+            mixed(ip, r, row, examples, asked, base, facts, general, a)
     return 0
+
+
+def mixed(ip: InProcess, r: dict, row: dict, examples, asked, base, facts, general, a) -> None:
+    """After a row's job: the weights mixed back toward the start, start + alpha × (end − start), for each alpha
+    of ``r["alphas"]``, each asked everything again (a row of its own, "a=ALPHA"), with the guard's KL from the
+    starting weights and the examples' largest loss."""
+    trained = {n: w.detach().clone() for n, w in ip.trainer.weights.items()}
+    for alpha in r["alphas"]:
+        ip.mix(trained, alpha)
+        t0 = time.perf_counter()
+        answers = ip.ask([q for _, q, _ in asked], a.max_tokens)
+        got = lq.score(asked, answers, facts, general)
+        kept, right = lq.kept(base["general"], got["general"])
+        losses = ip.losses(examples)
+        kl = round(ip.reference.kl(ip.trainer.model), 5) if ip.reference is not None else None
+        sub = {
+            "name": f"{r['name']} a={alpha:g}",
+            "alpha": alpha,
+            "of": r["name"],
+            "steps": row["steps"],
+            "trained": sum(got["trained"]),
+            "reworded": sum(got["reworded"]),
+            "facts": len(facts),
+            "general_kept": kept,
+            "general_right_before": right,
+            "kl": kl,
+            "loss_max": round(max(losses), 4),
+            "below_until": sum(1 for x in losses if x < r["until"]),
+            "examples": len(losses),
+            "general_lost": {
+                i: answers[n]
+                for n, (kind, _, i) in enumerate(asked)
+                if kind == "general" and base["general"][i] and not got["general"][i]
+            },
+            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
+            "ask_s": round(time.perf_counter() - t0, 1),
+        }
+        print(
+            f"| {sub['name']} | | | | | | | | | | | {row['steps']} | {sub['trained']}/{len(facts)} "
+            f"| {sub['reworded']}/{len(facts)} | {kept}/{right} | {kl} | (examples below {r['until']:g}: "
+            f"{sub['below_until']}/{len(losses)}, worst {sub['loss_max']}) | | | | {sub['ask_s']} |",
+            flush=True,
+        )
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(sub) + "\n")
 
 
 if __name__ == "__main__":

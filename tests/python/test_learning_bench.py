@@ -157,3 +157,60 @@ def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monke
     ]
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["general_lost"] for r in rows] == [{"0": "Lyon"}] * 4 and rows[0]["general_right_before_idx"] == [0]
+
+
+def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_path):
+    """sweep8: the defaults and batch 64 (each as in sweep7), then each job's weights set to start + a × (end −
+    start) for each a, a row of its own with everything asked again; the next row's job starts from the start."""
+    import torch
+
+    sweep = load_sweep()
+    from livetrain.trainer import options
+
+    d = options.LEARNING
+    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
+    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
+    keys |= {"train": "train"}
+    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep8"]]
+    assert [{k for k in shipped if row[k] != shipped[k]} for row in rows] == [{"batch"}, set()]
+    assert all(r["alphas"] == sweep.ALPHAS and 0 < min(r["alphas"]) and max(r["alphas"]) < 1 for r in rows)
+
+    class Mixing(FakeInProcess):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.start = {"w": torch.zeros(2)}
+            self.trainer = type("T", (), {"weights": {"w": torch.zeros(2)}, "model": None})()
+            self.reference = type("R", (), {"kl": lambda _, model: float(self.trainer.weights["w"][0])})()
+            self.seen = []
+
+        mix = sweep.InProcess.mix
+
+        def reset(self):
+            super().reset()
+            self.trainer.weights["w"].copy_(self.start["w"])
+
+        def job(self, body):
+            assert float(self.trainer.weights["w"][0]) == 0.0  # from the start, not the last row's mix
+            self.trainer.weights["w"].fill_(1.0)
+            return super().job(body)
+
+        def losses(self, examples):
+            return [1.0 - float(self.trainer.weights["w"][0])] * len(examples)
+
+    monkeypatch.setattr(sweep, "InProcess", Mixing)
+    fact = {"train": [["Where is Velmora?", "In Drostane."]], "reworded": "Velmora lies where?", "keyword": "Drostane"}
+    general = [{"q": "capital of France?", "keywords": ["Paris"]}]
+    monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([fact], general))
+    monkeypatch.setattr(Mixing, "ask", lambda self, q, n: ["Paris"] * len(q))
+    assert sweep.main(["--grid", "sweep8", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    n = len(sweep.ALPHAS)
+    assert [r["name"] for r in out] == ["batch 64"] + [f"batch 64 a={a:g}" for a in sweep.ALPHAS] + ["defaults"] + [
+        f"defaults a={a:g}" for a in sweep.ALPHAS
+    ]
+    mixed = out[1 : 1 + n] + out[2 + n :]
+    assert [r["kl"] for r in mixed] == [round(a, 5) for a in sweep.ALPHAS] * 2  # the weights at each a
+    # The examples' loss at each a (the stand-in's 1 − w): below until_loss 0.1 at none of these a.
+    assert [r["loss_max"] for r in mixed] == [round(1 - a, 4) for a in sweep.ALPHAS] * 2
+    assert all(r["general_kept"] == 1 and r["below_until"] == 0 and r["examples"] == 1 for r in mixed)
