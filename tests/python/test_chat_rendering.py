@@ -385,3 +385,48 @@ def test_a_job_of_conversations_too_long_to_render_is_refused_before_rendering(m
     # A long but reasonable conversation still trains: 100 answers.
     assert examples.parse_job(tok, {"examples": [{"messages": msgs[:200]}]}, 1 << 20, 10)["examples"]
     assert renders
+
+
+# As each template is served and how the trainer's own generations render their prompts then: the generation
+# prompt's end for a chat request as served, and for the trainer's own (thinking off where the template has the switch).
+OWN = {
+    "qwen3": ("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "qwen3-no-thinking": ("<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n"),
+    "qwen3.5-thinking": ("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "qwen3.5-no-thinking": ("<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n"),
+}
+
+
+@pytest.mark.parametrize("served_as", sorted(OWN))
+def test_the_trainers_own_generations_render_their_prompts_with_thinking_off(default_model_dir, served_as):
+    """Regression test: served thinking (Qwen3.5-27B's template by default, Qwen3's), the prompts of the
+    trainer's own generations (the guard's retention answers, replay, rewording: ``prompt_ids``) ended with
+    the served generation prompt, ``<think>\\n``: every greedy answer began with reasoning, so the guard's first
+    tokens measured nothing, replay trained on reasoning and rewording returned reasoning. They render with
+    ``enable_thinking: false`` now, found by rendering (the template's generation prompt with it differs from
+    the served one); chat requests still render as served."""
+    tok = tokenizer(default_model_dir, "--chat-template", *map(str, SERVED[served_as]))
+    question = [{"role": "user", "content": "what is the capital of zorbia"}]
+    as_served, own = OWN[served_as]
+    assert tok.decode(served(tok).encode_chat(question)).endswith(as_served)
+    assert tok.decode(examples.prompt_ids(tok, question)).endswith(own)
+    changes = served_as in ("qwen3", "qwen3.5-thinking")
+    assert examples.own_kwargs(tok) == ({"enable_thinking": False} if changes else {})
+    # The template's own default (no --default-chat-template-kwargs): Qwen3.5-27B's thinks.
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN35))
+    assert tok.decode(served(tok).encode_chat(question)).endswith("<think>\n")
+    assert tok.decode(examples.prompt_ids(tok, question)).endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_template_without_a_thinking_switch_renders_the_trainers_prompts_as_served(model_dir, default_model_dir):
+    """SmolLM2's template, or one with a variable of another name, has no thinking switch: the trainer's own
+    prompts are the served ones, token for token; so is a tokenizer's plain-text rendering without a template."""
+    question = [{"role": "user", "content": "what is the capital of zorbia"}]
+    for tok in (tokenizer(default_model_dir), tokenizer(model_dir, "--chat-template", VARIABLE)):
+        assert examples.own_kwargs(tok) == {}
+        assert examples.prompt_ids(tok, question) == served(tok).encode_chat(question)
+    # Set up again (another --chat-template): found again, not kept from before.
+    tok = tokenizer(default_model_dir)
+    assert examples.own_kwargs(tok) == {}
+    examples.use_chat(tok, options.chat(options.parse(["--chat-template", str(QWEN35)])))
+    assert examples.own_kwargs(tok) == {"enable_thinking": False}

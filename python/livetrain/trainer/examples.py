@@ -165,6 +165,53 @@ def chat_text(
         raise Invalid(field, f"{field}: the chat template cannot render them ({e})") from None
 
 
+# The template variable that turns a thinking model's reasoning off, as Qwen3's and Qwen3.5's templates (and vLLM's
+# chat_template_kwargs for them) name it.
+THINKING_OFF = {"enable_thinking": False}
+# What ``own_kwargs`` renders to find whether the template has that switch: any template renders a user question.
+_PROBE = [{"role": "user", "content": "?"}]
+
+
+def own_kwargs(tokenizer) -> dict:
+    """The template variables, over the served ones, that the trainer's own generations render their prompts
+    with (``prompt_ids``: the guard's retention answers, rewording): ``THINKING_OFF`` when the template's
+    generation prompt renders otherwise with it than as served (a thinking model served thinking, as
+    Qwen3.5-27B's template does by default), else none. Served thinking, every greedy answer begins with
+    reasoning: the guard's first tokens would be the same think tokens before and after a job, replay would
+    train on fragments of reasoning, and a rewording would be reasoning rather than a question. Found by
+    rendering, never by the model's name; kept per ``use_chat``."""
+    if not has_chat_template(tokenizer):
+        return {}
+    chat = getattr(tokenizer, "livetrain_chat", None)
+    found = getattr(tokenizer, "livetrain_own", None)
+    if found is not None and found[0] is chat:
+        return found[1]
+    try:
+        switch = chat_text(tokenizer, _PROBE, "messages") != chat_text(
+            tokenizer, _PROBE, "messages", kwargs=THINKING_OFF
+        )
+    except Invalid:  # a template that cannot render the probe, or not with the variable: rendered as served
+        switch = False
+    kwargs = dict(THINKING_OFF) if switch else {}
+    tokenizer.livetrain_own = (chat, kwargs)
+    return kwargs
+
+
+def own_rendering(tokenizer) -> dict:
+    """How the trainer's own generations render their prompts (``own_kwargs``), as /train/status and GET
+    /train/retention say it: the template variables over the served ones, and why."""
+    if not has_chat_template(tokenizer):
+        return {"chat_template_kwargs": {}, "why": "plain text: the served model's tokenizer has no chat template"}
+    kwargs = own_kwargs(tokenizer)
+    why = (
+        "thinking off: the chat template renders a thinking generation prompt as served, where every greedy "
+        "answer would begin with reasoning"
+        if kwargs
+        else "as chat requests are served (the template renders the same generation prompt with enable_thinking false)"
+    )
+    return {"chat_template_kwargs": kwargs, "why": why}
+
+
 def plain_text(messages: list[dict]) -> str:
     """A chat prompt for a model without a chat template: its messages' contents one per line, with a final
     newline (the roles are left out: a base model was never taught their markers)."""
@@ -172,13 +219,15 @@ def plain_text(messages: list[dict]) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """A chat prompt's token ids, the one rendering of the forgetting guard's retention prompts and of
-    rewording's instruction. With a chat template: its text with the generation prompt, without added
-    special tokens, as the engines tokenize a chat request. Without one: ``plain_text``, tokenized as the
-    engines tokenize a completion prompt (with them)."""
+    """A chat prompt's token ids, the one rendering of the trainer's own generations: the forgetting guard's
+    retention prompts and rewording's instruction. With a chat template: its text with the generation prompt
+    (with thinking off where the template has the switch: ``own_kwargs``), without added special tokens, as
+    the engines tokenize a chat request. Without one: ``plain_text``, tokenized as the engines tokenize a
+    completion prompt (with them)."""
     if not has_chat_template(tokenizer):
         return tokenizer(plain_text(messages))["input_ids"]
-    return tokenizer(chat_text(tokenizer, messages, "messages"), add_special_tokens=False)["input_ids"]
+    text = chat_text(tokenizer, messages, "messages", kwargs=own_kwargs(tokenizer))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, bool]]]:
