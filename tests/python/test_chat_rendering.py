@@ -57,7 +57,7 @@ def trains_as_served(tok, conversation: list[dict]) -> list[int]:
     turns = [j for j, m in enumerate(conversation) if m["role"] == "assistant"]
     assert len(starts) == len(turns), (starts, turns)
     for start, j in zip(starts, turns):
-        prompt = engine.encode_chat(conversation[:j])
+        prompt = engine.encode_chat(examples.check_messages(conversation[:j]))  # checked, as its chat route does
         assert ids[: len(prompt)] == prompt and start == len(prompt), (j, ids, prompt)
     return ids
 
@@ -174,12 +174,71 @@ def test_text_content_parts_render_as_their_joined_string(model_dir):
     for content, field in (
         ([{"type": "image_url", "image_url": {"url": "x"}}], "messages[0].content[0]"),
         ([{"type": "text", "text": 3}], "messages[0].content[0]"),
-        ([], "messages[0].content"),
-        (None, "messages[0].content"),
+        (3, "messages[0].content"),
     ):
         with pytest.raises(Invalid) as e:
             examples.check_messages([{"role": "user", "content": content}])
         assert e.value.param == field and field in str(e.value), e.value
+
+
+@pytest.mark.parametrize("content_format", ["string", "openai"])
+def test_contents_render_as_vllm_takes_them_for_a_text_only_model(model_dir, content_format):
+    """Regression test (turns27 left them 400s): contents vLLM 0.26 takes (entrypoints/chat_utils.py
+    ``_parse_chat_message_content``) are taken wherever messages are (a chat request, a /train example) and
+    render as vLLM renders them: ``null`` or a missing content as an empty one; the text-like part types
+    (``input_text``, ``output_text``: their ``text``; ``refusal``, ``thinking``: their own field) and a plain
+    string in the list as text parts; a ``text`` or ``refusal`` part without its text skipped. A part for a
+    multimodal model (an image, audio) is a 400 naming the part and its type: the model is served text-only."""
+    template = PARTS if content_format == "openai" else None
+    tok = tokenizer(
+        model_dir,
+        "--chat-template-content-format",
+        content_format,
+        *(("--chat-template", template) if template else ()),
+    )
+    split = [{"type": "text", "text": "what is the capital"}, {"type": "text", "text": "of zorbia"}]
+    for alike in (
+        [{"type": "input_text", "text": "what is the capital"}, "of zorbia"],
+        [
+            {"type": "text"},
+            {"type": "text", "text": "what is the capital"},
+            {"type": "output_text", "text": "of zorbia"},
+        ],
+        [
+            {"type": "thinking", "thinking": "what is the capital", "closed": True},
+            {"type": "refusal", "refusal": "of zorbia"},
+        ],
+        [{"type": "refusal", "refusal": None}, *split],
+    ):
+        msgs = [{"role": "user", "content": alike}, CONVERSATION[2]]
+        assert examples.check_messages(msgs) == examples.check_messages(
+            [{"role": "user", "content": split}, CONVERSATION[2]]
+        )
+        trains_as_served(tok, msgs)
+    # null and missing: an empty content (vLLM: an empty list of parts), in a chat request and an example alike.
+    # (Under openai an empty string is one empty part, which a template may render otherwise: as vLLM does.)
+    empty = {"role": "user", "content": "" if content_format == "string" else []}
+    for m in ({"role": "user", "content": None}, {"role": "user"}, {"role": "user", "content": []}):
+        assert examples.chat_text(tok, examples.check_messages([m]), "m") == examples.chat_text(
+            tok, examples.check_messages([empty]), "m"
+        )
+        assert served(tok).encode_chat(examples.check_messages([m])) == served(tok).encode_chat(
+            examples.check_messages([empty])
+        )
+        trains_as_served(tok, [CONVERSATION[1], {"role": "assistant", "content": None}, m, CONVERSATION[2]])
+    for part, named in (
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}, '"image_url"'),
+        ({"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}, '"input_audio"'),
+        ({"image_url": {"url": "x"}}, "a part is not text"),
+        ({"type": "input_text"}, ".text must be a string"),
+        (3, "a part is not text"),
+    ):
+        with pytest.raises(Invalid) as e:
+            examples.parse_job(
+                tok, {"examples": [{"messages": [{"role": "user", "content": ["a", part]}, CONVERSATION[2]]}]}, 512, 10
+            )
+        assert e.value.param == "examples[0].messages[0].content[1]" and named in str(e.value), e.value
+        assert "text-only" in str(e.value) or "must be a string" in str(e.value)
 
 
 # ---- templates that render as the users' own do, Qwen3's and Qwen3.5-27B's (livetrain's own, written to behave

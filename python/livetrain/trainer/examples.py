@@ -57,22 +57,45 @@ def job_id(job: dict) -> str | None:
     return v
 
 
+# The content parts vLLM (0.26, entrypoints/chat_utils.py ``_parse_chat_message_content_part``) takes as text,
+# each with the field that holds its text; besides these, a plain string in the list is a text part. A part of
+# type "text" or "refusal" without its text (missing or null) is skipped, as vLLM skips it. Every other part
+# (images, audio, video, embeddings) is for a multimodal model: refused, the model is served text-only.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"}
+SKIPPED_WITHOUT_TEXT = ("text", "refusal")
+
+
 def _content(content, field: str) -> str | list[dict]:
-    """A message's content as given: a string, or OpenAI's list of text parts (``{"type": "text", "text":
-    ...}``, each kept as a part of its text alone). How it reaches the template depends on the content
-    format (``chat_text``)."""
+    """A message's content as vLLM takes it for a text-only model: a string, or a list of text parts (each
+    kept as ``{"type": "text", "text": ...}``: ``TEXT_PARTS``, a string in the list), ``null`` or missing as
+    an empty list (vLLM's empty content). How it reaches the template depends on the content format
+    (``chat_text``)."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list) or not content:
-        raise Invalid(field, f"{field} must be a string or a non-empty list of text parts")
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise Invalid(field, f"{field} must be a string, a list of text parts or null")
     parts = []
     for k, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        where = f"{field}[{k}]"
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            named = f'of type "{kind}" ' if isinstance(kind, str) else ""
             raise Invalid(
-                f"{field}[{k}]",
-                f'{field}[{k}] must be a text part {{"type": "text", "text": "..."}} (the model is served text-only)',
+                where,
+                f"{where}: a part {named}is not text; the model is served text-only: a part is a string or has "
+                f"type {', '.join(TEXT_PARTS)}",
             )
-        parts.append({"type": "text", "text": part["text"]})
+        text = part.get(TEXT_PARTS[kind])
+        if text is None and kind in SKIPPED_WITHOUT_TEXT:
+            continue
+        if not isinstance(text, str):
+            raise Invalid(where, f'{where}.{TEXT_PARTS[kind]} must be a string (a part of type "{kind}")')
+        parts.append({"type": "text", "text": text})
     return parts
 
 
