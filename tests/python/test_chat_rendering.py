@@ -477,6 +477,26 @@ def test_the_trainers_own_generations_render_their_prompts_with_thinking_off(def
     assert tok.decode(examples.prompt_ids(tok, question)).endswith("<think>\n\n</think>\n\n")
 
 
+def test_the_guards_rows_and_rewordings_prompts_end_thinking_off_on_a_thinking_template(default_model_dir, monkeypatch):
+    """On the Qwen3.5-like template served thinking (its default, as Qwen3.5-27B's): every retention row the
+    guard replays or measures (``Retention.replay``, ``held_out``: prompt, then the model's answer) and every
+    prompt rewording asks with have the thinking-off generation prompt right before the answer."""
+    from livetrain.trainer import augment, guard
+
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN35))
+    retention = guard.Retention(tok)
+    retention.answers = [tok("Paris.", add_special_tokens=False)["input_ids"]] * len(retention.prompts)
+    rows = retention.replay() + retention.held_out()
+    assert len(rows) == len(retention.prompts)
+    for ids, mask, _ in rows:
+        assert tok.decode(ids[: mask.index(True)]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    asked = []
+    monkeypatch.setattr(guard, "greedy", lambda model, prompts, *a, **k: asked.extend(prompts) or [[]] * len(prompts))
+    monkeypatch.setattr(guard, "stop_ids", lambda tok, model: [tok.eos_token_id])
+    augment.reworded(None, tok, [{"messages": TURNS[1:3]}], tok.pad_token_id or 0, 512)
+    assert len(asked) == 1 and tok.decode(asked[0]).endswith("<think>\n\n</think>\n\n")
+
+
 def test_a_template_without_a_thinking_switch_renders_the_trainers_prompts_as_served(model_dir, default_model_dir):
     """SmolLM2's template, or one with a variable of another name, has no thinking switch: the trainer's own
     prompts are the served ones, token for token; so is a tokenizer's plain-text rendering without a template."""
