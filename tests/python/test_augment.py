@@ -88,3 +88,26 @@ def test_rewording_and_restating_read_content_parts_as_their_text(tmp_path, monk
         "messages": [{"role": "user", "content": "what is the capital"}, {"role": "assistant", "content": "quuxville"}]
     }
     assert augment.restated(tok, [parts], 64) == augment.restated(tok, [text], 64) != []
+
+
+def test_restating_trains_the_answer_without_its_reasoning(tmp_path):
+    # Regression test: an answer sent with its think block, as a thinking model (Qwen3.5-27B served thinking)
+    # writes it, was restated with "<think>...</think>" in the plain text; reasoning sent apart
+    # (reasoning_content, reasoning) never was. Both restate the answer alone now.
+    tiny_model.make_model_dir(tmp_path, CORPUS)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    user = {"role": "user", "content": "what is the capital of zorbia"}
+    plain = augment.restated(tok, [{"messages": [user, {"role": "assistant", "content": "quuxville"}]}], 64)
+    assert plain != []
+    thought = "<think>\nthe capital of zorbia\n</think>\n\nquuxville"
+    assert augment.restated(tok, [{"messages": [user, {"role": "assistant", "content": thought}]}], 64) == plain
+    apart = {"role": "assistant", "content": "quuxville", "reasoning_content": "the capital of zorbia"}
+    assert augment.restated(tok, [{"messages": [user, apart]}], 64) == plain
+    assert augment.answer_of("no reasoning </b> here") == "no reasoning </b> here"
+
+
+def test_a_rewording_after_a_think_block_is_the_question():
+    # A thinking model's reply may hold a think block (empty with thinking off, as Qwen3's): the question follows it.
+    reply = "<think>\n\n</think>\n\nWhich city is Velmora's capital?"
+    assert augment.question(reply, "What is the capital of Velmora?") == "Which city is Velmora's capital?"
+    assert augment.question("<think>\nThe user wants a rewording of", "What is the capital of Velmora?") is None

@@ -57,7 +57,7 @@ def trains_as_served(tok, conversation: list[dict]) -> list[int]:
     turns = [j for j, m in enumerate(conversation) if m["role"] == "assistant"]
     assert len(starts) == len(turns), (starts, turns)
     for start, j in zip(starts, turns):
-        prompt = engine.encode_chat(conversation[:j])
+        prompt = engine.encode_chat(examples.check_messages(conversation[:j]))  # checked, as its chat route does
         assert ids[: len(prompt)] == prompt and start == len(prompt), (j, ids, prompt)
     return ids
 
@@ -174,12 +174,71 @@ def test_text_content_parts_render_as_their_joined_string(model_dir):
     for content, field in (
         ([{"type": "image_url", "image_url": {"url": "x"}}], "messages[0].content[0]"),
         ([{"type": "text", "text": 3}], "messages[0].content[0]"),
-        ([], "messages[0].content"),
-        (None, "messages[0].content"),
+        (3, "messages[0].content"),
     ):
         with pytest.raises(Invalid) as e:
             examples.check_messages([{"role": "user", "content": content}])
         assert e.value.param == field and field in str(e.value), e.value
+
+
+@pytest.mark.parametrize("content_format", ["string", "openai"])
+def test_contents_render_as_vllm_takes_them_for_a_text_only_model(model_dir, content_format):
+    """Regression test (turns27 left them 400s): contents vLLM 0.26 takes (entrypoints/chat_utils.py
+    ``_parse_chat_message_content``) are taken wherever messages are (a chat request, a /train example) and
+    render as vLLM renders them: ``null`` or a missing content as an empty one; the text-like part types
+    (``input_text``, ``output_text``: their ``text``; ``refusal``, ``thinking``: their own field) and a plain
+    string in the list as text parts; a ``text`` or ``refusal`` part without its text skipped. A part for a
+    multimodal model (an image, audio) is a 400 naming the part and its type: the model is served text-only."""
+    template = PARTS if content_format == "openai" else None
+    tok = tokenizer(
+        model_dir,
+        "--chat-template-content-format",
+        content_format,
+        *(("--chat-template", template) if template else ()),
+    )
+    split = [{"type": "text", "text": "what is the capital"}, {"type": "text", "text": "of zorbia"}]
+    for alike in (
+        [{"type": "input_text", "text": "what is the capital"}, "of zorbia"],
+        [
+            {"type": "text"},
+            {"type": "text", "text": "what is the capital"},
+            {"type": "output_text", "text": "of zorbia"},
+        ],
+        [
+            {"type": "thinking", "thinking": "what is the capital", "closed": True},
+            {"type": "refusal", "refusal": "of zorbia"},
+        ],
+        [{"type": "refusal", "refusal": None}, *split],
+    ):
+        msgs = [{"role": "user", "content": alike}, CONVERSATION[2]]
+        assert examples.check_messages(msgs) == examples.check_messages(
+            [{"role": "user", "content": split}, CONVERSATION[2]]
+        )
+        trains_as_served(tok, msgs)
+    # null and missing: an empty content (vLLM: an empty list of parts), in a chat request and an example alike.
+    # (Under openai an empty string is one empty part, which a template may render otherwise: as vLLM does.)
+    empty = {"role": "user", "content": "" if content_format == "string" else []}
+    for m in ({"role": "user", "content": None}, {"role": "user"}, {"role": "user", "content": []}):
+        assert examples.chat_text(tok, examples.check_messages([m]), "m") == examples.chat_text(
+            tok, examples.check_messages([empty]), "m"
+        )
+        assert served(tok).encode_chat(examples.check_messages([m])) == served(tok).encode_chat(
+            examples.check_messages([empty])
+        )
+        trains_as_served(tok, [CONVERSATION[1], {"role": "assistant", "content": None}, m, CONVERSATION[2]])
+    for part, named in (
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}, '"image_url"'),
+        ({"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}, '"input_audio"'),
+        ({"image_url": {"url": "x"}}, "a part is not text"),
+        ({"type": "input_text"}, ".text must be a string"),
+        (3, "a part is not text"),
+    ):
+        with pytest.raises(Invalid) as e:
+            examples.parse_job(
+                tok, {"examples": [{"messages": [{"role": "user", "content": ["a", part]}, CONVERSATION[2]]}]}, 512, 10
+            )
+        assert e.value.param == "examples[0].messages[0].content[1]" and named in str(e.value), e.value
+        assert "text-only" in str(e.value) or "must be a string" in str(e.value)
 
 
 # ---- templates that render as the users' own do, Qwen3's and Qwen3.5-27B's (livetrain's own, written to behave
@@ -385,3 +444,68 @@ def test_a_job_of_conversations_too_long_to_render_is_refused_before_rendering(m
     # A long but reasonable conversation still trains: 100 answers.
     assert examples.parse_job(tok, {"examples": [{"messages": msgs[:200]}]}, 1 << 20, 10)["examples"]
     assert renders
+
+
+# As each template is served and how the trainer's own generations render their prompts then: the generation
+# prompt's end for a chat request as served, and for the trainer's own (thinking off where the template has the switch).
+OWN = {
+    "qwen3": ("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "qwen3-no-thinking": ("<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n"),
+    "qwen3.5-thinking": ("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "qwen3.5-no-thinking": ("<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n"),
+}
+
+
+@pytest.mark.parametrize("served_as", sorted(OWN))
+def test_the_trainers_own_generations_render_their_prompts_with_thinking_off(default_model_dir, served_as):
+    """Regression test: served thinking (Qwen3.5-27B's template by default, Qwen3's), the prompts of the
+    trainer's own generations (the guard's retention answers, replay, rewording: ``prompt_ids``) ended with
+    the served generation prompt, ``<think>\\n``: every greedy answer began with reasoning, so the guard's first
+    tokens measured nothing, replay trained on reasoning and rewording returned reasoning. They render with
+    ``enable_thinking: false`` now, found by rendering (the template's generation prompt with it differs from
+    the served one); chat requests still render as served."""
+    tok = tokenizer(default_model_dir, "--chat-template", *map(str, SERVED[served_as]))
+    question = [{"role": "user", "content": "what is the capital of zorbia"}]
+    as_served, own = OWN[served_as]
+    assert tok.decode(served(tok).encode_chat(question)).endswith(as_served)
+    assert tok.decode(examples.prompt_ids(tok, question)).endswith(own)
+    changes = served_as in ("qwen3", "qwen3.5-thinking")
+    assert examples.own_kwargs(tok) == ({"enable_thinking": False} if changes else {})
+    # The template's own default (no --default-chat-template-kwargs): Qwen3.5-27B's thinks.
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN35))
+    assert tok.decode(served(tok).encode_chat(question)).endswith("<think>\n")
+    assert tok.decode(examples.prompt_ids(tok, question)).endswith("<think>\n\n</think>\n\n")
+
+
+def test_the_guards_rows_and_rewordings_prompts_end_thinking_off_on_a_thinking_template(default_model_dir, monkeypatch):
+    """On the Qwen3.5-like template served thinking (its default, as Qwen3.5-27B's): every retention row the
+    guard replays or measures (``Retention.replay``, ``held_out``: prompt, then the model's answer) and every
+    prompt rewording asks with have the thinking-off generation prompt right before the answer."""
+    from livetrain.trainer import augment, guard
+
+    tok = tokenizer(default_model_dir, "--chat-template", str(QWEN35))
+    retention = guard.Retention(tok)
+    retention.answers = [tok("Paris.", add_special_tokens=False)["input_ids"]] * len(retention.prompts)
+    rows = retention.replay() + retention.held_out()
+    assert len(rows) == len(retention.prompts)
+    for ids, mask, _ in rows:
+        assert tok.decode(ids[: mask.index(True)]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    asked = []
+    monkeypatch.setattr(guard, "greedy", lambda model, prompts, *a, **k: asked.extend(prompts) or [[]] * len(prompts))
+    monkeypatch.setattr(guard, "stop_ids", lambda tok, model: [tok.eos_token_id])
+    augment.reworded(None, tok, [{"messages": TURNS[1:3]}], tok.pad_token_id or 0, 512)
+    assert len(asked) == 1 and tok.decode(asked[0]).endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_template_without_a_thinking_switch_renders_the_trainers_prompts_as_served(model_dir, default_model_dir):
+    """SmolLM2's template, or one with a variable of another name, has no thinking switch: the trainer's own
+    prompts are the served ones, token for token; so is a tokenizer's plain-text rendering without a template."""
+    question = [{"role": "user", "content": "what is the capital of zorbia"}]
+    for tok in (tokenizer(default_model_dir), tokenizer(model_dir, "--chat-template", VARIABLE)):
+        assert examples.own_kwargs(tok) == {}
+        assert examples.prompt_ids(tok, question) == served(tok).encode_chat(question)
+    # Set up again (another --chat-template): found again, not kept from before.
+    tok = tokenizer(default_model_dir)
+    assert examples.own_kwargs(tok) == {}
+    examples.use_chat(tok, options.chat(options.parse(["--chat-template", str(QWEN35)])))
+    assert examples.own_kwargs(tok) == {"enable_thinking": False}

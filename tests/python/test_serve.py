@@ -169,6 +169,19 @@ def test_completions_chat_and_streaming(server):
         {"messages": [{"role": "user", "content": "hello how are you"}], "max_completion_tokens": 2, "temperature": 0},
     )
     assert code == 200 and short["usage"]["completion_tokens"] <= 2
+    # Contents as vLLM takes them for a text-only model: null (an empty content), text-like parts, a string part.
+    code, parts = server.http(
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "system", "content": None},
+                {"role": "user", "content": [{"type": "input_text", "text": "hello how"}, "are you"]},
+            ],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
+    assert code == 200 and isinstance(parts["choices"][0]["message"]["content"], str), parts
     assert isinstance(chat["choices"][0]["message"]["content"], str)
     code, sampled = server.http(
         "/v1/completions", {"prompt": "the cat", "max_tokens": 4, "temperature": 0.9, "top_p": 0.5, "seed": 3}
@@ -232,6 +245,9 @@ def test_health_answers_a_probe_without_the_api_key(server):
     assert server.http("/health", {}, key=None)[0] == 401  # only GET/HEAD are the probe's
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+
+
 def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server, model_dir):
     before, answer = server.status(), server.complete(FACT_PROMPT, 5)["choices"][0]["text"]
     cases = [
@@ -260,7 +276,20 @@ def test_bad_payloads_are_4xx_naming_the_field_and_change_nothing(server, model_
         ("/v1/completions", {"prompt": 3}, None, "prompt"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, None, "temperature"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1000}, None, "max_tokens"),
-        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, None, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, None, "messages[0].content"),
+        # A part for a multimodal model: the model is served text-only (vLLM takes null and text-like parts).
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": ["hi", IMAGE]}]},
+            None,
+            "messages[0].content[1]",
+        ),
+        (
+            "/train",
+            {"examples": [{"messages": [{"role": "user", "content": [IMAGE]}, {"role": "assistant", "content": "x"}]}]},
+            None,
+            "examples[0].messages[0].content[0]",
+        ),
         ("/v1/completions", {"prompt": ""}, None, "prompt"),  # was a 500 (no token to start from)
         ("/v1/completions", {"prompt": [1, 10**9]}, None, "prompt"),  # a token id outside the vocabulary
         ("/v1/completions", {"prompt": [1, True]}, None, "prompt"),

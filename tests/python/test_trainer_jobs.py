@@ -969,6 +969,18 @@ def test_builtin_retention_is_the_core_set_on_a_cpu_unless_asked(run):
         options.parse(["--builtin-retention", "some"])
 
 
+def test_status_says_how_the_trainers_own_generations_render_their_prompts(run):
+    """/train/status's guard entry and GET /train/retention say how the retention answers' prompts render
+    (and rewording's): thinking off under a template that renders a thinking generation prompt as served (the
+    Qwen3.5-like one, as Qwen3.5-27B's by default), as served under one without the switch (the tiny model's)."""
+    qwen35 = Path(__file__).parent / "data" / "qwen3.5-like-chat-template.jinja"
+    for chat, want in (((), {}), (("--chat-template", str(qwen35)), {"enable_thinking": False})):
+        _, trainer = run(store=False, chat=chat)
+        rendering = trainer.status()["guard"]["rendering"]
+        assert rendering["chat_template_kwargs"] == want and rendering["why"].startswith("thinking off") == bool(want)
+        assert trainer.retention.describe()["rendering"] == rendering  # GET /train/retention's body
+
+
 def test_retention_prompts(run, tmp_path):
     _, trainer = run("--builtin-retention", "all")
     n, replay_only = len(guard.builtin_prompts()), len(guard.builtin_replay())

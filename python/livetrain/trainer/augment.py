@@ -3,7 +3,9 @@ last question once (greedy decoding, before the job's first step), and the rewor
 answer joins the job as one more example. ``restate``: each example's answer also joins the job as plain
 text, without the chat template or its question (``restated``; at submit, no model run). A fact trained in
 more phrasings, or as a statement of its own, is more likely to be answered when asked in yet another one
-(the "reworded" column of bench/learning_sweep.py measures it; docs/learning.md has the numbers).
+(the "reworded" column of bench/learning_sweep.py measures it; docs/learning.md has the numbers). A thinking
+model is asked to reword with thinking off (``examples.own_kwargs``) and restates its answers without their
+reasoning (``answer_of``).
 """
 
 from __future__ import annotations
@@ -47,11 +49,18 @@ def _names(text: str) -> set[str]:
     return {w.lower() for w in words[1:] if w[0].isupper() and len(w) > 1}
 
 
+def answer_of(text: str) -> str:
+    """An answer without its reasoning: what follows the last ``</think>`` (leading newlines dropped), as the
+    chat templates of thinking models (Qwen3's, Qwen3.5's) take an answer written with its think block; the
+    text itself without one. (A reasoning sent apart, as ``reasoning_content``, is never in the content.)"""
+    return text.rsplit("</think>", 1)[1].lstrip("\n") if "</think>" in text else text
+
+
 def question(reply: str, original: str) -> str | None:
-    """The reworded question in a model's reply: its first line, unquoted, when that is a question other
-    than ``original`` that keeps its names (``_names``: a rewording that changes "Carthos" into "Carthage"
-    would teach the answer to another question); else None."""
-    lines = reply.strip().splitlines()
+    """The reworded question in a model's reply (after its reasoning, if any: ``answer_of``): its first line,
+    unquoted, when that is a question other than ``original`` that keeps its names (``_names``: a rewording
+    that changes "Carthos" into "Carthage" would teach the answer to another question); else None."""
+    lines = answer_of(reply).strip().splitlines()
     text = lines[0].strip().strip('"').strip() if lines else ""
     if not text.endswith("?") or _norm(text) == _norm(original):
         return None
@@ -113,7 +122,8 @@ def reworded(
 
 def restated(tokenizer, raw: list, max_len: int) -> list:
     """For each ``rewordable`` example of ``raw``: its answer as a plain-text example (an empty prompt, the
-    answer as the completion and its end-of-text token), encoded as a job's examples are; answers too short to
+    answer without its reasoning (``answer_of``; ``reasoning_content`` is apart already) as the completion
+    and its end-of-text token), encoded as a job's examples are; answers too short to
     train on or longer than ``max_len`` tokens are left out. Whatever the question's wording, the answer states
     the fact: trained without it, the fact is learned as text of its own rather than only as the reply to
     those words."""
@@ -122,7 +132,11 @@ def restated(tokenizer, raw: list, max_len: int) -> list:
         try:
             [(ids, mask, weight)] = encode_example(
                 tokenizer,
-                {"prompt": "", "completion": text_of(ex["messages"][-1]["content"]), "weight": ex.get("weight", 1.0)},
+                {
+                    "prompt": "",
+                    "completion": answer_of(text_of(ex["messages"][-1]["content"])),
+                    "weight": ex.get("weight", 1.0),
+                },
                 "restated",
             )
         except Invalid:

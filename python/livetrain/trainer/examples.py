@@ -57,22 +57,45 @@ def job_id(job: dict) -> str | None:
     return v
 
 
+# The content parts vLLM (0.26, entrypoints/chat_utils.py ``_parse_chat_message_content_part``) takes as text,
+# each with the field that holds its text; besides these, a plain string in the list is a text part. A part of
+# type "text" or "refusal" without its text (missing or null) is skipped, as vLLM skips it. Every other part
+# (images, audio, video, embeddings) is for a multimodal model: refused, the model is served text-only.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"}
+SKIPPED_WITHOUT_TEXT = ("text", "refusal")
+
+
 def _content(content, field: str) -> str | list[dict]:
-    """A message's content as given: a string, or OpenAI's list of text parts (``{"type": "text", "text":
-    ...}``, each kept as a part of its text alone). How it reaches the template depends on the content
-    format (``chat_text``)."""
+    """A message's content as vLLM takes it for a text-only model: a string, or a list of text parts (each
+    kept as ``{"type": "text", "text": ...}``: ``TEXT_PARTS``, a string in the list), ``null`` or missing as
+    an empty list (vLLM's empty content). How it reaches the template depends on the content format
+    (``chat_text``)."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list) or not content:
-        raise Invalid(field, f"{field} must be a string or a non-empty list of text parts")
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise Invalid(field, f"{field} must be a string, a list of text parts or null")
     parts = []
     for k, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        where = f"{field}[{k}]"
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            named = f'of type "{kind}" ' if isinstance(kind, str) else ""
             raise Invalid(
-                f"{field}[{k}]",
-                f'{field}[{k}] must be a text part {{"type": "text", "text": "..."}} (the model is served text-only)',
+                where,
+                f"{where}: a part {named}is not text; the model is served text-only: a part is a string or has "
+                f"type {', '.join(TEXT_PARTS)}",
             )
-        parts.append({"type": "text", "text": part["text"]})
+        text = part.get(TEXT_PARTS[kind])
+        if text is None and kind in SKIPPED_WITHOUT_TEXT:
+            continue
+        if not isinstance(text, str):
+            raise Invalid(where, f'{where}.{TEXT_PARTS[kind]} must be a string (a part of type "{kind}")')
+        parts.append({"type": "text", "text": text})
     return parts
 
 
@@ -165,6 +188,53 @@ def chat_text(
         raise Invalid(field, f"{field}: the chat template cannot render them ({e})") from None
 
 
+# The template variable that turns a thinking model's reasoning off, as Qwen3's and Qwen3.5's templates (and vLLM's
+# chat_template_kwargs for them) name it.
+THINKING_OFF = {"enable_thinking": False}
+# What ``own_kwargs`` renders to find whether the template has that switch: any template renders a user question.
+_PROBE = [{"role": "user", "content": "?"}]
+
+
+def own_kwargs(tokenizer) -> dict:
+    """The template variables, over the served ones, that the trainer's own generations render their prompts
+    with (``prompt_ids``: the guard's retention answers, rewording): ``THINKING_OFF`` when the template's
+    generation prompt renders otherwise with it than as served (a thinking model served thinking, as
+    Qwen3.5-27B's template does by default), else none. Served thinking, every greedy answer begins with
+    reasoning: the guard's first tokens would be the same think tokens before and after a job, replay would
+    train on fragments of reasoning, and a rewording would be reasoning rather than a question. Found by
+    rendering, never by the model's name; kept per ``use_chat``."""
+    if not has_chat_template(tokenizer):
+        return {}
+    chat = getattr(tokenizer, "livetrain_chat", None)
+    found = getattr(tokenizer, "livetrain_own", None)
+    if found is not None and found[0] is chat:
+        return found[1]
+    try:
+        switch = chat_text(tokenizer, _PROBE, "messages") != chat_text(
+            tokenizer, _PROBE, "messages", kwargs=THINKING_OFF
+        )
+    except Invalid:  # a template that cannot render the probe, or not with the variable: rendered as served
+        switch = False
+    kwargs = dict(THINKING_OFF) if switch else {}
+    tokenizer.livetrain_own = (chat, kwargs)
+    return kwargs
+
+
+def own_rendering(tokenizer) -> dict:
+    """How the trainer's own generations render their prompts (``own_kwargs``), as /train/status and GET
+    /train/retention say it: the template variables over the served ones, and why."""
+    if not has_chat_template(tokenizer):
+        return {"chat_template_kwargs": {}, "why": "plain text: the served model's tokenizer has no chat template"}
+    kwargs = own_kwargs(tokenizer)
+    why = (
+        "thinking off: the chat template renders a thinking generation prompt as served, where every greedy "
+        "answer would begin with reasoning"
+        if kwargs
+        else "as chat requests are served (the template renders the same generation prompt with enable_thinking false)"
+    )
+    return {"chat_template_kwargs": kwargs, "why": why}
+
+
 def plain_text(messages: list[dict]) -> str:
     """A chat prompt for a model without a chat template: its messages' contents one per line, with a final
     newline (the roles are left out: a base model was never taught their markers)."""
@@ -172,13 +242,15 @@ def plain_text(messages: list[dict]) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """A chat prompt's token ids, the one rendering of the forgetting guard's retention prompts and of
-    rewording's instruction. With a chat template: its text with the generation prompt, without added
-    special tokens, as the engines tokenize a chat request. Without one: ``plain_text``, tokenized as the
-    engines tokenize a completion prompt (with them)."""
+    """A chat prompt's token ids, the one rendering of the trainer's own generations: the forgetting guard's
+    retention prompts and rewording's instruction. With a chat template: its text with the generation prompt
+    (with thinking off where the template has the switch: ``own_kwargs``), without added special tokens, as
+    the engines tokenize a chat request. Without one: ``plain_text``, tokenized as the engines tokenize a
+    completion prompt (with them)."""
     if not has_chat_template(tokenizer):
         return tokenizer(plain_text(messages))["input_ids"]
-    return tokenizer(chat_text(tokenizer, messages, "messages"), add_special_tokens=False)["input_ids"]
+    text = chat_text(tokenizer, messages, "messages", kwargs=own_kwargs(tokenizer))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, bool]]]:

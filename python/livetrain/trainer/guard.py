@@ -2,7 +2,8 @@
 
 The retention set is a list of chat prompts (the built-in general ones in ``retention.json``, plus the
 user's own: ``--retention FILE`` or ``PUT /train/retention``; rendered by ``examples.prompt_ids``: the chat
-template's, or plain text for a model without one) with the model's own greedy answers, made by
+template's, with thinking off where it has the switch, or plain text for a model without one) with the model's
+own greedy answers, made by
 the trainer on the live weights once per weight version: between jobs, or at the start of a guarded job
 that finds them not made (trainer.service ``Trainer._prepare``). The prompts alternate between two halves:
 
@@ -32,7 +33,7 @@ import torch
 
 from livetrain.loss import output_projection
 from livetrain.trainer import admission
-from livetrain.trainer.examples import check_messages, prompt_ids
+from livetrain.trainer.examples import check_messages, own_rendering, prompt_ids
 from livetrain.trainer.protocol import Invalid
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention.json")
@@ -444,5 +445,6 @@ class Retention:
             "user": len(self.user),
             "answers_version": self.version,
             "answers_seconds": round(self.seconds, 3),
+            "rendering": own_rendering(self.tokenizer),
             "prompts": items,
         }

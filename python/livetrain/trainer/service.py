@@ -25,7 +25,7 @@ import torch
 from livetrain import _core
 from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
-from livetrain.trainer.examples import job_id, parse_job, prompt_ids, use_chat
+from livetrain.trainer.examples import job_id, own_rendering, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
 
 ROLLBACK_FIELDS = {"generation"}
@@ -664,6 +664,8 @@ class Trainer:
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
+                    # How the retention answers' prompts render (and rewording's): thinking off where the template has it.
+                    "rendering": own_rendering(self.tokenizer),
                     "builtin_retention": "all" if self.retention.with_replay_only else "core",
                     "prepare": self.settings.guard_prepare,
                     "prepared": self._prepared_status(),
