@@ -225,7 +225,22 @@ def test_contents_render_as_vllm_takes_them_for_a_text_only_model(model_dir, con
         assert served(tok).encode_chat(examples.check_messages([m])) == served(tok).encode_chat(
             examples.check_messages([empty])
         )
-        trains_as_served(tok, [CONVERSATION[1], {"role": "assistant", "content": None}, m, CONVERSATION[2]])
+        trains_as_served(tok, [CONVERSATION[1], CONVERSATION[2], m, CONVERSATION[2]])
+    # An assistant message with no text is taken in a chat request, but a job would teach the model to answer
+    # with nothing: a 400 naming it (null, missing, empty parts, whitespace, an empty part).
+    for m in (
+        {"role": "assistant", "content": None},
+        {"role": "assistant"},
+        {"role": "assistant", "content": []},
+        {"role": "assistant", "content": " \n"},
+        {"role": "assistant", "content": [{"type": "text", "text": ""}], "reasoning_content": "thought"},
+    ):
+        assert examples.chat_text(tok, examples.check_messages([CONVERSATION[1], m]), "m")
+        with pytest.raises(Invalid) as e:
+            examples.parse_job(
+                tok, {"examples": [{"messages": [CONVERSATION[1], m, CONVERSATION[1], CONVERSATION[2]]}]}, 512, 10
+            )
+        assert e.value.param == "examples[0].messages[1].content" and "no text" in str(e.value), (m, e.value)
     for part, named in (
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}, '"image_url"'),
         ({"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}, '"input_audio"'),

@@ -264,6 +264,15 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
     msgs = check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
+    for j, m in enumerate(msgs):
+        # A chat request may carry an empty answer (vLLM takes null content); a job would teach the model
+        # to answer that question with nothing, as a client that lost the text would never mean.
+        if m["role"] == "assistant" and not text_of(m["content"]).strip():
+            raise Invalid(
+                f"{where}.messages[{j}].content",
+                f"{where}.messages[{j}] is an assistant message with no text: training on it teaches the model "
+                "to answer with nothing; give the answer's text",
+            )
 
     def render(ms: list[dict], gen: bool) -> str:
         return chat_text(tokenizer, ms, f"{where}.messages", gen)
