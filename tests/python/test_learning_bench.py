@@ -17,6 +17,17 @@ def load_sweep():
     return module
 
 
+def shipped_row(sweep) -> dict:
+    """A sweep row (bench/learning_sweep.py's ROW keys) with the trainer's shipped learning defaults."""
+    from livetrain.trainer import options
+
+    d = options.LEARNING
+    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
+    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
+    keys |= {"train": "train"}
+    return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+
+
 class FakeInProcess:
     """What the sweep's loop sees of bench/learning_sweep.InProcess: the retention answers are made again
     only when they were made at another weight version (guard.Retention.refresh), a job moves the weight
@@ -95,33 +106,14 @@ def test_sweep5_rows_differ_from_the_defaults_then_in_one_setting():
         assert len(differ) == 1, (r["name"], differ)
     # The shipped defaults are that row with the budget of sweep5's rewording row, which got no rewordings and
     # so measured it (docs/learning.md, "Shipped defaults": lr 1e-4 is not taken).
-    from livetrain.trainer import options
-
-    d = options.LEARNING
-    shipped = {
-        **sweep.ROW,
-        "lr": d["lr"],
-        "warmup": d["warmup"],
-        "anchor": d["anchor"],
-        "replay": d["replay"],
-        "select": d["replay_select"],
-        "reword": d["reword"],
-        "restate": d["restate"],
-        "max_steps": d["max_steps"],
-        "until": d["until_loss"],
-    }
+    shipped = shipped_row(sweep)
     assert {k for k in shipped if shipped[k] != then[k]} == {"max_steps"}, (shipped, then)
     assert shipped["max_steps"] == sweep.GRIDS["sweep5"][2]["max_steps"] == 400
 
 
 def test_sweep6_is_the_defaults_without_and_with_rewording():
     sweep = load_sweep()
-    from livetrain.trainer import options
-
-    d = options.LEARNING
-    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
-    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    shipped = shipped_row(sweep)
     plain, reword = ({**sweep.ROW, **r} for r in sweep.GRIDS["sweep6"])
     assert {k for k in shipped if plain[k] != shipped[k]} == set(), plain
     assert {k for k in shipped if reword[k] != shipped[k]} == {"reword"} and reword["reword"] is True, reword
@@ -129,13 +121,7 @@ def test_sweep6_is_the_defaults_without_and_with_rewording():
 
 def test_sweep7_is_the_defaults_against_fewer_larger_steps():
     sweep = load_sweep()
-    from livetrain.trainer import options
-
-    d = options.LEARNING
-    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
-    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train"}
-    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    shipped = shipped_row(sweep)
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep7"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
     assert differ == [set(), {"batch"}, {"batch", "reword"}, {"batch", "train"}], differ
@@ -165,13 +151,7 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
     import torch
 
     sweep = load_sweep()
-    from livetrain.trainer import options
-
-    d = options.LEARNING
-    keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
-    keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train"}
-    shipped = {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
+    shipped = shipped_row(sweep)
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep8"]]
     assert [{k for k in shipped if row[k] != shipped[k]} for row in rows] == [{"batch"}, set()]
     assert all(r["alphas"] == sweep.ALPHAS and 0 < min(r["alphas"]) and max(r["alphas"]) < 1 for r in rows)
