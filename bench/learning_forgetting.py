@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     print(f"# before: {sum(right)}/{len(general)} right", flush=True)
 
     # 2. Jobs, and the groups put back.
-    start = {n: w.detach().clone() for n, w in t.weights.items()}
+    start = ip.start  # the weights before any job (InProcess keeps them; nothing has moved them yet)
     layers = int(t.attached.config.get("num_hidden_layers") or 0)
     grp = groups(list(t.weights), layers)
     want = []

@@ -41,7 +41,7 @@ def noise(ip: ls.InProcess, a, asked, before, facts, general) -> int:
             with torch.no_grad():
                 for n, w in ip.trainer.weights.items():
                     w0 = ip.start[n].float()
-                    d = torch.randn(w0.shape, generator=gen)
+                    d = torch.randn(w0.shape, generator=gen).to(w0.device)  # the same draws on any device
                     w.copy_(w0 + d * (r * w0.norm() / d.norm().clamp_min(1e-30)))
             got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
             kept, right = lq.kept(before["general"], got["general"])

@@ -13,7 +13,7 @@ of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword �
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
            [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
@@ -148,23 +148,22 @@ class InProcess:
                 w.copy_(self.start[n].float().lerp(trained[n].float(), alpha))
 
     def losses(self, examples: list[dict]) -> list[float]:
-        """Each example's mean cross-entropy over its trained tokens on the live weights (nats per token, as
-        ``until_loss`` reads it; one forward each, teacher-forced)."""
+        """Each example's sequences' mean cross-entropy over their trained tokens on the live weights (nats per
+        token, one per sequence, as ``until_loss`` reads them: one for most examples, one per assistant turn
+        of a chat its template renders turn by turn; one forward each, teacher-forced)."""
+        from livetrain.trainer import guard
         from livetrain.trainer.examples import encode_example
 
         t = self.trainer
         out = []
-        was = t.model.training
-        t.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), guard._eval(t.model):
             for i, ex in enumerate(examples):
-                ids, mask, _ = encode_example(t.tokenizer, ex, f"examples[{i}]")
-                lp = torch.log_softmax(
-                    t.model(input_ids=torch.tensor([ids], device=t.device)).logits[0, :-1].float(), -1
-                )
-                nll = -lp.gather(1, torch.tensor(ids[1:], device=t.device)[:, None])[:, 0]
-                out.append(float(nll[torch.tensor(mask[1:], device=t.device)].mean()))
-        t.model.train(was)
+                for ids, mask, _ in encode_example(t.tokenizer, ex, f"examples[{i}]"):
+                    lp = torch.log_softmax(
+                        t.model(input_ids=torch.tensor([ids], device=t.device)).logits[0, :-1].float(), -1
+                    )
+                    nll = -lp.gather(1, torch.tensor(ids[1:], device=t.device)[:, None])[:, 0]
+                    out.append(float(nll[torch.tensor(mask[1:], device=t.device)].mean()))
         return out
 
     def ask(self, questions: list[str], max_tokens: int) -> list[str]:

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -194,3 +196,32 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
     # The examples' loss at each a (the stand-in's 1 − w): below until_loss 0.1 at none of these a.
     assert [r["loss_max"] for r in mixed] == [round(1 - a, 4) for a in sweep.ALPHAS] * 2
     assert all(r["general_kept"] == 1 and r["below_until"] == 0 and r["examples"] == 1 for r in mixed)
+
+
+def test_in_process_losses_are_one_per_sequence_of_each_example(tmp_path):
+    """InProcess.losses (sweep8's and bench/learning_interp.py's examples' losses) on a real tiny model: one
+    loss per sequence the trainer trains (encode_example returns a list of them), each the mean over its
+    trained tokens (it unpacked one tuple and failed on every example)."""
+    import types
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    from livetrain.trainer.examples import encode_example
+
+    import tiny_model
+
+    tiny_model.make_model_dir(tmp_path, ["what is the capital of zorbia", "the capital of zorbia is quuxville"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    sweep = load_sweep()
+    fake = types.SimpleNamespace(trainer=types.SimpleNamespace(tokenizer=tok, model=model, device=torch.device("cpu")))
+    ex = {"prompt": "what is the capital of zorbia", "completion": "quuxville"}
+    [got] = sweep.InProcess.losses(fake, [ex])
+    [(ids, mask, _)] = encode_example(tok, ex, "x")
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    nll = -lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert got == pytest.approx(float(nll[torch.tensor(mask[1:])].mean()), rel=1e-5)
+    assert model.training  # its mode as it was
