@@ -221,7 +221,14 @@ void init_checkpoint(nb::module_& m) {
       store, "open",
       "Opens a store; `held`: (name, start, shape) regions to keep a head copy of (None: every tensor whole, "
       "[]: none); `served`: (name, dtype) of tensors this process serves in another dtype than the files'.");
-  store.def("close", &checkpoint::Store::close)
+  store
+      .def(
+          "close",
+          [](checkpoint::Store& s) {
+            nb::gil_scoped_release release;  // waits for prepare_gpu's thread: seconds at 27B
+            s.close();
+          },
+          "Closes the store (waits for a prepare_gpu still page-locking).")
       .def("prepare_gpu", &checkpoint::Store::prepare_gpu, nb::arg("device"),
            "Page-locks the head copy for saves from CUDA device `device`, in registrations of whole tensors, on a "
            "thread of its own; returns at once, a save waits for it.")

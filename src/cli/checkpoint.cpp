@@ -304,9 +304,9 @@ Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c)
   std::vector<uint64_t> sizes;
   for (const auto& f : c.files) sizes.push_back(f.size);
   try {
-    std::string bytes = fs::read_file(p.path);
-    checkpoint::Journal j =
-        checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), p.path, sizes);
+    // Mapped, not read: a journal holds every changed byte (about the model's size after a dense step).
+    const fs::Mapping bytes = fs::Mapping::open_readonly(p.path);
+    checkpoint::Journal j = checkpoint::journal_parse(bytes.data(), bytes.size(), p.path, sizes);
     j.entries.clear();  // they point into `bytes`
     p.journal = j;
   } catch (const Error& e) {
