@@ -197,7 +197,7 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
   bool first = true;
   for (const auto& blk : blocks) {
     blocks_bytes += blk.bytes.size();
-    if (!blk.changed) continue;
+    if (!blk.changed || !measured) continue;  // unmeasured blocks carry no positions (measured below if needed)
     gap_bytes += varint_size(first ? blk.first : blk.first - prev - 1) + blk.inner_gap_bytes;
     prev = blk.last;
     first = false;
