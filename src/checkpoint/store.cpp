@@ -437,6 +437,11 @@ class EarlyWriter {
   std::thread thread_;
 };
 
+// The GPU diff's page-locked outputs, as the first GPU save reserves them (prepare_gpu ahead of it, or the save
+// itself): a tensor's bitmap in 32-bit words, and values for a step that changes a quarter of the bytes.
+uint64_t diff_bitmap_bytes(uint64_t units) { return (units + 31) / 32 * 4; }
+uint64_t diff_values_bytes(uint64_t model_bytes) { return model_bytes / 4; }
+
 }  // namespace
 
 Store::HeadCopy::HeadCopy(const std::vector<uint64_t>& sizes) {
@@ -791,15 +796,14 @@ Store Store::open(const std::string& model_dir, const std::string& store_dir, co
 void Store::prepare_gpu(int device) {
   if (device < 0)
     throw Error(ErrorCode::kInvalidArg, "checkpoint: prepare_gpu: no CUDA device " + std::to_string(device));
-  // The outputs' sizes the first GPU save reserves (write_delta): every held tensor's bitmap in 32-bit words,
-  // a quarter of the bytes for values.
+  // The outputs the first GPU save would reserve (write_delta), for every held tensor.
   uint64_t bitmap_bytes = 0, model_bytes = 0;
   for (const Held& h : held_) {
-    bitmap_bytes += (h.nbytes / unit_bytes(served_[h.tensor]) + 31) / 32 * 4;
+    bitmap_bytes += diff_bitmap_bytes(h.nbytes / unit_bytes(served_[h.tensor]));
     model_bytes += h.nbytes;
   }
   head_.pin_async(device, static_cast<size_t>(tuning::get(tuning::kCheckpointPinChunkMib)) << 20, bitmap_bytes,
-                  model_bytes / 4);
+                  diff_values_bytes(model_bytes));
 }
 
 void Store::close() {
@@ -1143,10 +1147,10 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
         diff_workspace_.values = std::move(reserved.values);
       }
       if (!diff_workspace_.bitmaps.data) {
-        // Page-lock the diff's outputs once, sized for a step that changes a quarter of the bytes.
+        // Page-lock the diff's outputs once (prepare_gpu did not).
         uint64_t bitmap_bytes = 0;
-        for (const auto& t : w.diff) bitmap_bytes += (t.units + 31) / 32 * 4;
-        diff_workspace_reserve(diff_workspace_, bitmap_bytes, w.model_bytes / 4);
+        for (const auto& t : w.diff) bitmap_bytes += diff_bitmap_bytes(t.units);
+        diff_workspace_reserve(diff_workspace_, bitmap_bytes, diff_values_bytes(w.model_bytes));
       }
       // The kernel also moves the head copy to the recorded state (whole rows over PCIe, no CPU pass).
       try {
