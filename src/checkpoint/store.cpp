@@ -1782,8 +1782,13 @@ std::vector<std::string> Store::restore_to_dir(uint64_t generation, const std::s
   // directory is complete or absent.
   const std::string tmp =
       fs::join(fs::dirname(final_dir), "." + fs::basename(final_dir) + ".livetrain-tmp." + std::to_string(::getpid()));
+  // Created before the try: a directory of that name already there (another thread's, a crashed run's) is
+  // never this call's to remove.
+  if (::mkdir(tmp.c_str(), 0755) != 0) {
+    const Error e = io_error("create directory " + tmp);
+    throw Error(e.code(), "writing generation " + std::to_string(generation) + " to " + out_dir + ": " + e.what());
+  }
   try {
-    if (::mkdir(tmp.c_str(), 0755) != 0) throw io_error("create directory " + tmp);
     for (uint32_t f = 0; f < commit_.files.size(); ++f) {
       const std::string& name = commit_.files[f].name;
       safetensors::File orig = safetensors::File::open(fs::join(model_dir_, name));

@@ -289,6 +289,15 @@ TEST(CheckpointStore, RestoreToDirWritesANewDirectoryOnly) {
   ASSERT_EQ(mkdir(f.tmp.file("empty").c_str(), 0755), 0);  // as tempfile.mkdtemp makes one: taken
   s.restore_to_dir(1, f.tmp.file("empty"));
   EXPECT_EQ(read_dir(f.tmp.file("empty"), f.live), f.states[1].data);
+  // A directory by the temporary's name already there (another writer's, a crashed run's) is not this call's:
+  // the restore fails and leaves it as it was (it was removed with whatever it held).
+  const std::string busy = f.tmp.file(".busy.livetrain-tmp." + std::to_string(::getpid()));
+  ASSERT_EQ(mkdir(busy.c_str(), 0755), 0);
+  livetrain::testing::write_bytes(busy + "/part", "another writer's");
+  msg = expect_error([&] { s.restore_to_dir(1, f.tmp.file("busy")); }, ErrorCode::kIo);
+  EXPECT_NE(msg.find("writing generation 1 to " + f.tmp.file("busy") + ": "), std::string::npos) << msg;
+  EXPECT_EQ(livetrain::testing::read_bytes(busy + "/part"), "another writer's");
+  std::filesystem::remove_all(busy);
   // Nothing but the directory is left beside it (the temporary it was filled under is gone).
   std::vector<std::string> names;
   for (const auto& e : std::filesystem::directory_iterator(f.tmp.path())) names.push_back(e.path().filename());
