@@ -469,6 +469,7 @@ Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
       gpu_base_(o.gpu_base_),
       chunks_(std::move(o.chunks_)),
       pinning_(std::move(o.pinning_)),
+      pin_running_(std::move(o.pin_running_)),
       reserved_(std::move(o.reserved_)) {
   o.base_ = o.gpu_base_ = nullptr;
   o.size_ = 0;
@@ -483,6 +484,7 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     gpu_base_ = o.gpu_base_;
     chunks_ = std::move(o.chunks_);
     pinning_ = std::move(o.pinning_);
+    pin_running_ = std::move(o.pin_running_);
     reserved_ = std::move(o.reserved_);
     o.base_ = o.gpu_base_ = nullptr;
     o.size_ = 0;
@@ -530,7 +532,12 @@ void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, s
       start = end;
     }
   }
+  auto running = std::make_shared<std::atomic<bool>>(true);
   pinning_ = std::async(std::launch::async, [=] {
+    struct Ended {  // however the thread ends
+      std::atomic<bool>& running;
+      ~Ended() { running.store(false, std::memory_order_release); }
+    } ended{*running};
     cuda::host::set_device(device);
     Pinned p;
     p.chunks = cuda::host::pin_ranges(ranges);
@@ -542,6 +549,7 @@ void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, s
     }
     return p;
   });
+  pin_running_ = std::move(running);  // not before: a thread that did not start would never clear it
 }
 
 const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {

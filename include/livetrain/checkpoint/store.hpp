@@ -39,11 +39,12 @@
 // TP size restores at another: each record's region is XORed into the part of it a target region holds.
 #pragma once
 
-#include <chrono>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -383,9 +384,9 @@ class Store {
     // at least `chunk` bytes, then reserves page-locked diff outputs of these sizes (a workspace the first
     // save takes: take_reserved). Nothing when pinned or pinning.
     void pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes);
-    bool pin_finished() const {
-      return !pinning_.valid() || pinning_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
-    }
+    // Polled from any thread, also while a save waits for that thread on another (settle): reads only the
+    // flag pin_async's thread clears as it ends, never the future, whose get() is not safe alongside.
+    bool pin_finished() const { return !pin_running_ || !pin_running_->load(std::memory_order_acquire); }
     // The workspace pin_async reserved, once (after gpu_tensor waited for it); empty buffers otherwise.
     DiffWorkspace take_reserved() { return std::move(reserved_); }
 
@@ -403,6 +404,8 @@ class Store {
     uint8_t* gpu_base_ = nullptr;  // set once page-locked
     std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
     std::future<Pinned> pinning_;  // pin_async's, until settled
+    // pin_async's thread is running; shared with that thread (a move of the copy carries the thread along).
+    std::shared_ptr<std::atomic<bool>> pin_running_;
     DiffWorkspace reserved_;
   };
 
