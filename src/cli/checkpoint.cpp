@@ -288,27 +288,25 @@ void print_json(const json::Value& v) {
   std::fputs("\n", stdout);
 }
 
-// A materialize that was interrupted: its journal is still in the store (list reads COMMIT only and leaves it;
-// whatever opens the store finishes it). Empty when there is none.
+// A materialize that was interrupted: its journal is still in the store (list reads COMMIT and the journal's
+// header only, and leaves it; whatever opens the store checks its entries and finishes it). Empty when there
+// is none.
 struct Pending {
   bool pending = false;
-  std::optional<checkpoint::Journal> journal;  // unset: the journal cannot be read
+  std::optional<checkpoint::Journal> journal;  // its header; unset: the header cannot be read
   std::string path, problem;
 };
 
-Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c) {
+Pending pending_materialize(const std::string& dir) {
   Pending p;
   p.path = fs::join(dir, std::string(checkpoint::kJournalFileName));
   if (!fs::exists(p.path)) return p;
   p.pending = true;
-  std::vector<uint64_t> sizes;
-  for (const auto& f : c.files) sizes.push_back(f.size);
   try {
-    // Mapped, not read: a journal holds every changed byte (about the model's size after a dense step).
+    // The header only: the entries and their checksums hold every changed byte (about the model's size after a
+    // dense step: a minute of reading at 27B), and whatever opens the store checks them before the redo.
     const fs::Mapping bytes = fs::Mapping::open_readonly(p.path);
-    checkpoint::Journal j = checkpoint::journal_parse(bytes.data(), bytes.size(), p.path, sizes);
-    j.entries.clear();  // they point into `bytes`
-    p.journal = j;
+    p.journal = checkpoint::journal_parse_header(bytes.data(), bytes.size(), p.path);
   } catch (const Error& e) {
     p.problem = e.what();
   }
@@ -317,18 +315,19 @@ Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c)
 
 int run_list(const Args& a) {
   checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
-  const Pending pending = pending_materialize(store_dir(a), c);
+  const Pending pending = pending_materialize(store_dir(a));
   std::string pending_text;
   if (pending.journal && pending.journal->to == c.materialized) {
     pending_text = "a materialize to generation " + std::to_string(c.materialized) +
                    " was committed; its journal is removed when the store is next opened";
   } else if (pending.journal && pending.journal->from == c.materialized) {
-    pending_text = "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
-                   std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
-                   "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
-                   "; any command that opens the store finishes it (livetrain checkpoint verify " + a.model +
-                   (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
-                   std::to_string(pending.journal->from) + " undoes it";
+    pending_text =
+        "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
+        std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
+        "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
+        "; any command that opens the store checks the journal and finishes it (livetrain checkpoint verify " +
+        a.model + (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
+        std::to_string(pending.journal->from) + " undoes it";
   } else if (pending.pending) {
     pending_text = "a materialize journal is pending that cannot be redone (" +
                    (pending.problem.empty() ? pending.path + ": not for this COMMIT's generations" : pending.problem) +
