@@ -54,6 +54,7 @@
 #include "livetrain/checkpoint/commit.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/region.hpp"
 #include "livetrain/dtype.hpp"
 #include "livetrain/fs.hpp"
@@ -348,8 +349,10 @@ class Store {
   std::string unusable_journal_advice(const std::string& path) const;
   void recover_journal();
   void remove_uncommitted();
-  // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
-  uint64_t apply_journal(const uint8_t* bytes, size_t size, const std::string& what);
+  // Parses and checks a journal against COMMIT's model files (journal_parse with their sizes).
+  Journal parse_journal(const uint8_t* bytes, size_t size, const std::string& what) const;
+  // Writes a parsed journal's entries into the model files and fsyncs them.
+  void apply_journal(const Journal& j, const std::string& what);
   void commit_materialized(uint64_t generation);
 
   std::string model_dir_;
