@@ -101,9 +101,16 @@ const Takes kTakes[] = {
 std::optional<Args> parse(const std::vector<std::string>& args) {
   Args a;
   std::vector<std::string> pos;
-  auto number = [&a](std::optional<uint64_t>& out, const char* name) {
-    return [&a, &out, name](const std::string& v) {
-      out = parse_u64(v, name);
+  // A subcommand's own options: each notes that it was given (checked against kTakes below).
+  auto flag = [&a](bool& out, const char* name) {
+    return [&a, &out, name] {
+      out = true;
+      a.given.insert(name);
+    };
+  };
+  auto number = [&a](std::optional<uint64_t>& out, const char* name, uint64_t max = checkpoint::kMaxGeneration) {
+    return [&a, &out, name, max](const std::string& v) {
+      out = parse_u64(v, name, max);
       a.given.insert(name);
     };
   };
@@ -113,29 +120,20 @@ std::optional<Args> parse(const std::vector<std::string>& args) {
       a.given.insert(name);
     };
   };
-  bool copy_symlinks = false, round_to_file_dtype = false;
   CommandLine cmdline("checkpoint", kUsage);
   cmdline.flag({"--json"}, a.as_json)
       .flag({"-q", "--quiet"}, a.quiet)
-      .flag({"--copy-symlinks"}, copy_symlinks)
-      .flag({"--round-to-file-dtype"}, round_to_file_dtype)
+      .flag({"--copy-symlinks"}, flag(a.copy_symlinks, "--copy-symlinks"))
+      .flag({"--round-to-file-dtype"}, flag(a.round_to_file_dtype, "--round-to-file-dtype"))
       .value("--store", a.store)
       .value("--manifest", text(a.manifest, "--manifest"))
       .value("--out", text(a.out, "--out"))
       .value("--optimizer-state", text(a.optimizer_state, "--optimizer-state"))
-      .value("--weight-version",
-             [&a](const std::string& v) {
-               a.weight_version = parse_u64(v, "--weight-version", UINT64_MAX);
-               a.given.insert("--weight-version");
-             })
+      .value("--weight-version", number(a.weight_version, "--weight-version", UINT64_MAX))
       .value("--generation", number(a.generation, "--generation"))
       .value("--keep-from", number(a.keep_from, "--keep-from"))
       .positional(pos);
   if (!cmdline.parse(args)) return std::nullopt;
-  if (copy_symlinks) a.given.insert("--copy-symlinks");
-  if (round_to_file_dtype) a.given.insert("--round-to-file-dtype");
-  a.copy_symlinks = copy_symlinks;
-  a.round_to_file_dtype = round_to_file_dtype;
   if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
   a.sub = pos[0];
   const Takes* takes = nullptr;
