@@ -395,7 +395,6 @@ class Store {
 
    private:
     struct Pinned {
-      uint8_t* gpu_base = nullptr;
       std::vector<void*> chunks;  // pin_async's registrations
       DiffWorkspace reserved;
     };
@@ -404,8 +403,9 @@ class Store {
     uint8_t* base_ = nullptr;
     size_t size_ = 0;
     std::vector<size_t> offsets_;
-    uint8_t* gpu_base_ = nullptr;  // set once page-locked
-    std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
+    // The registrations that page-lock the copy (pin_async's, or gpu_tensor's one of it all); empty: not
+    // page-locked. Kernels read the copy at its host address (pin_ranges checks that they can).
+    std::vector<void*> chunks_;
     std::future<Pinned> pinning_;  // pin_async's, until settled
     // pin_async's thread is running; shared with that thread (a move of the copy carries the thread along).
     std::shared_ptr<std::atomic<bool>> pin_running_;
