@@ -131,10 +131,11 @@ void Store::recover_journal() {
     for (const auto& f : commit_.files) ::unlink(prepared_path(model_dir_, f.name).c_str());
     return;
   }
-  std::string bytes = fs::read_file(path);
+  // Mapped, not read onto the heap: a journal holds every changed byte (about the model's size after a dense step).
+  const fs::Mapping bytes = fs::Mapping::open_readonly(path);
   Journal j;  // its entries point into `bytes`
   try {
-    j = parse_journal(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
+    j = parse_journal(bytes.data(), bytes.size(), path);
     if (j.to != commit_.materialized && j.from != commit_.materialized) {
       throw Error(ErrorCode::kFormat,
                   path + ": journal from generation " + std::to_string(j.from) + " to " + std::to_string(j.to) +
