@@ -337,7 +337,6 @@ ENCODERS = {
     2: "2: word-wise coder, records as pieces, checksums by the writer, gap sizes measured per block",
     3: "3 (default): as 2, gap sizes measured only where they could win",
 }
-WHOLE_27B_ELEMENTS = 26_895_998_464  # the elements of qwen35_shapes(64), the whole text model (851 tensors)
 
 
 def encoder_host(
@@ -394,6 +393,7 @@ def encoder_host(
         f"{model_bytes / 2**30:.2f} GiB, {repeats} saves per setting on the same diffs (medians), {threads} threads; "
         f"delta files identical: {'yes' if all(same) else 'NO'}\n"
     )
+    whole_elements = sum(math.prod(shape) for _, shape, _ in qwen35_shapes(1000)) if whole else 0  # 851 tensors
     scaled = " | the whole model's encode at 16 threads s" if whole else ""
     print(
         f"| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written{scaled} |"
@@ -404,7 +404,7 @@ def encoder_host(
         rs = rows[c]
         enc[c] = median([r["encode_seconds"] for r in rs])
         rate = median([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
-        extra = f" | {enc[c] * WHOLE_27B_ELEMENTS / elements * threads / 16:.2f}" if whole else ""
+        extra = f" | {enc[c] * whole_elements / elements * threads / 16:.2f}" if whole else ""
         print(
             f"| {label} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
             f"{enc[c]:.3f} / {median([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
