@@ -13,9 +13,10 @@ namespace livetrain {
 int num_threads();
 
 // The CPUs this process may run on: the hardware's, fewer when its affinity mask (a container's cpuset,
-// taskset) or a cgroup v2 CPU quota (cpu.max, rounded up) allows fewer. std::thread::hardware_concurrency
-// alone counts every online CPU of the host, so a process given 16 of a 128-CPU host would run 128 threads
-// on 16 CPUs, and every parallel region would wait for descheduled ones.
+// taskset) or a cgroup CPU quota (v2's cpu.max or v1's cpu.cfs_quota_us, of its cgroup or one above, rounded
+// up) allows fewer. std::thread::hardware_concurrency alone counts every online CPU of the host, so a process
+// given 16 of a 128-CPU host would run 128 threads on 16 CPUs, and every parallel region would wait for
+// descheduled ones.
 int available_cpus();
 
 // The CPUs a cgroup v2 `cpu.max` text ("QUOTA PERIOD", or "max PERIOD": no quota) allows, rounded up; 0 for
