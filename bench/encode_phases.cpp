@@ -1,7 +1,7 @@
 // Where a dense save's encode time goes, phase by phase, against memcpy of the same bytes: one bf16 tensor of
-// --blocks blocks (2^20 elements each) after a step that stochastically rounds w + lr·N(0,1) (w ~ N(0, 0.02),
+// `blocks` blocks (2^20 elements each) after a step that stochastically rounds w + lr·N(0,1) (w ~ N(0, 0.02),
 // bench/checkpoint.py's random model and step; lr 1.3e-6 changes 4.1% of the elements, the real APOLLO-Mini
-// step's density at 27B, bench/RESULTS.md). Per block, on one thread (best of --reps):
+// step's density at 27B, bench/RESULTS.md). Per block, on one thread (best of 5):
 //   - memcpy of the block's input (its bitmap bytes and its values): the physical reference;
 //   - the phases of encode_records (src/checkpoint/delta.cpp): the bit count, the bitmap stream (its
 //     histogram alone, then the whole stream), each byte plane of the values, and encode_records of the whole
@@ -11,12 +11,14 @@
 //   - "as a save": encode_records of the whole tensor 32 times (a save's worth of blocks) with the output held
 //     until all is hashed and written, then freed (the early writer holds the records it writes until the
 //     diff is over), with the minor page faults it took (getrusage).
-// Then encode_records of the whole tensor at --threads threads (input MB/s per thread, as the save's encoder
-// uses them). Prints one table. Results: bench/RESULTS.md, "Seventh session of 2026-12-01".
+// With `threads` > 1, then encode_records of the whole tensor at that many threads (input MB/s per thread, as the
+// save's encoder uses them). Prints one table. Results: bench/RESULTS.md, "Seventh session of 2026-12-01".
 //
 // build (after the CMake build in build/):
 //   g++ -O2 -std=c++20 -Iinclude -Isrc bench/encode_phases.cpp build/liblivetrain_core.a -lpthread \
-//     -o /tmp/encode_phases && /tmp/encode_phases [blocks] [lr] [threads]
+//     -o /tmp/encode_phases && /tmp/encode_phases [blocks=16] [lr=1.3e-6] [threads=1]
+// or without a CMake build: the same line with, instead of the library,
+//   -Ithird_party src/checkpoint/{delta,entropy,hash,region}.cpp src/common/{parallel,tuning,error,dtype}.cpp
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
