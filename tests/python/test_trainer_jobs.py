@@ -9,6 +9,7 @@ own entry, the metrics snapshot, retention prompts and bad job fields; a model w
 import argparse
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -665,6 +666,20 @@ def test_cancel_a_queued_and_a_running_job(run):
     finally:
         trainer.stopping.set()
         runner.join(60)
+
+
+def test_a_save_that_fails_after_a_job_is_reported_not_raised(run):
+    """The optimizer state every job saves at its end cannot be written (a full disk; here a directory in
+    its place): the job stays done, /train/status says why, the next job trains and saves (the error went
+    out of the training thread and ended the trainer, with the job it had just finished)."""
+    _, trainer = run("--no-guard")
+    os.makedirs(trainer.opt_path)
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+    err = trainer.status()["optimizer"]["save_error"]
+    assert err and trainer.opt_path in err, err
+    os.rmdir(trainer.opt_path)
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+    assert trainer.status()["optimizer"]["save_error"] is None and os.path.isfile(trainer.opt_path)
 
 
 def test_a_job_trains_only_the_parameters_it_names(run):

@@ -27,6 +27,7 @@ from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, own_rendering, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
+from livetrain.trainer.ranks import RankFailure
 
 ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
@@ -333,6 +334,7 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
         self.checkpoint_error: str | None = None
+        self.save_error: str | None = None  # of the last save() (optimizer state, weight version), else None
 
         # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
         # the training thread mutates.
@@ -441,7 +443,9 @@ class Trainer:
             try:
                 item[2] = item[0]()
             except Exception as e:
-                item[2] = error(500, self._failed(e))
+                message = self._failed(e)
+                # A broken group answers 503 from now on (handle): this request the same, not a 500.
+                item[2] = error(503 if self.ranks is not None and self.ranks.failure else 500, message)
             item[1].set()
         if timer and self.checkpoint_due():
             try:
@@ -641,6 +645,7 @@ class Trainer:
                     "restored": self.restored,
                     "restored_from": self.restored_from,
                     "steps": self.opt_steps,
+                    "save_error": self.save_error,
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
                 "train": self.settings.train,
@@ -1484,14 +1489,29 @@ class Trainer:
 
     def save(self) -> None:
         """Optimizer state (every rank's, under tensor parallelism) and weight version, each replaced
-        crash-safely by the core (temp file, fsync, rename, fsync of the directory)."""
-        if self.ranks is not None and not self.ranks.failure:
-            try:
-                self.ranks.lead("save", self.weight_version)
-            except Exception:  # the group broke (recorded in ranks.failure): this rank's state still counts
-                self._save_files(self.weight_version)
-                return
-        self.save_rank(self.weight_version)
+        crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
+        shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
+        /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
+        the trainer with the job it just finished."""
+        try:
+            if self.ranks is not None and not self.ranks.failure:
+                try:
+                    self.ranks.lead("save", self.weight_version)
+                    self.save_rank(self.weight_version)
+                    return self._saved(None)
+                except Exception as e:
+                    if not self.ranks.broken(e):
+                        raise
+                    self.ranks.fail(e)  # this rank's state still counts: saved alone below
+            self._save_files(self.weight_version)
+            self._saved(None)
+        except Exception as e:
+            self._saved(f"{type(e).__name__}: {e}")
+            print(f"livetrain trainer: saving the optimizer state failed: {self.save_error}", flush=True)
+
+    def _saved(self, err: str | None) -> None:
+        with self.lock:
+            self.save_error = err
 
     def save_rank(self, weight_version: int) -> None:
         """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
@@ -1537,7 +1557,10 @@ class Trainer:
         self.run_pending(timer=False)  # requests that arrived before the shutdown are still answered
         self.save()
         if self.ranks is not None and not self.ranks.failure:
-            self.ranks.lead("stop")
+            try:
+                self.ranks.lead("stop")
+            except RankFailure:  # a rank died since: nothing is left to stop (the failure is recorded)
+                pass
 
     def close(self) -> None:
         """Releases the checkpoint store (its lock and host copy)."""
