@@ -365,3 +365,50 @@ def test_a_rank_killed_inside_a_checkpoint_is_503_naming_it(tmp_path, engine):
         assert group.poll() is None
     finally:
         group.stop(10)
+
+
+def state_steps(path) -> dict[str, float]:
+    """Each parameter's optimizer step count in a state file (what a save at any size records)."""
+    return {n: t.float().max().item() for n, t in lst.load_file(path).items() if n.endswith(".step")}
+
+
+def test_the_optimizer_state_follows_the_state_dir_across_tp_sizes(tmp_path, engine):
+    """One --state-dir and store, TP 2 then TP 1 then TP 2: each trainer restores the optimizer state the
+    last save wrote, whatever its size (TP 1 started fresh beside the TP-2 rank files, and TP 2 after TP 1
+    took its own older rank files, left from before TP 1's steps: trainer.json now names the files)."""
+    from livetrain import checkpoint
+    from livetrain.engines.reference import Engine as Reference
+    from livetrain.trainer.service import Trainer
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    state = tmp_path / "state"
+    group, sock = start(tmp_path, model, e.manifests, store=True)
+    try:
+        wait_ready(group, sock)
+        assert run_job(sock, JOB)["state"] == "done"  # 3 steps
+        assert call(sock, "checkpoint", {})[0] == 200
+    finally:
+        assert group.stop(60) == 0
+
+    manifest = str(tmp_path / "whole.manifest.json")
+    ref = Reference(str(model), manifest, "cpu", "bf16")  # serves the store's head, whole tensors
+    try:
+        trainer = Trainer(manifest, str(model), options.parse(["--state-dir", str(state), "--no-guard"]))
+        try:
+            assert (trainer.restored_from, trainer.opt_steps) == ("state-dir", 3)
+            reply = trainer.handle("submit", json.dumps({**JOB, "steps": 1}).encode())
+            trainer.run_job(*trainer.queue.get_nowait())  # saves the state (at TP 1) when it ends
+            assert trainer.jobs[reply.body["job_id"]]["state"] == "done"
+        finally:
+            trainer.close()
+    finally:
+        ref.exported.close()
+    assert set(state_steps(state / "optimizer.safetensors").values()) == {4.0}
+
+    group, sock = start(tmp_path, model, e.manifests, store=True)
+    try:
+        wait_ready(group, sock)
+        assert call(sock, "status")[1]["optimizer"]["steps"] == 4
+    finally:
+        group.stop(60)

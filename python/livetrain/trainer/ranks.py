@@ -191,6 +191,14 @@ class Ranks:
             raise RuntimeError(f"{what} failed: " + "; ".join(errors))
         return result
 
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank (every rank calls it at once): a decision they must share."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
     # ---- commands, rank 0 -> the others ----
     def lead(self, op: str, *args) -> None:
         """Rank 0: the others run ``op`` with it (they are waiting in ``follow``). Raises RankFailure once

@@ -273,17 +273,30 @@ class Trainer:
         # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
         # step may have used (written before the step: versions never repeat, whatever crashes when), and
         # the engine the weights were trained on.
-        saved_version, reserved, engine = None, 0, None
+        saved_version, reserved, engine, saved_files = None, 0, None, None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
                 meta = json.load(f)
             saved_version = int(meta.get("weight_version", 0))
             reserved, engine = int(meta.get("reserved", 0)), meta.get("engine")
+            saved_files = meta.get("files")
+        # The state dir's optimizer state: the files its last save wrote (trainer.json names them), at
+        # whatever tensor-parallel size that was (resharded on load). A file of this size left by an older
+        # run at it is not that state: a TP-1 save after a TP-2 one leaves the TP-2 rank files behind.
+        self.state_files = self._state_files(self.ranks.size if ranks else 1)
+        if saved_files is None:  # saved before trainer.json named them: this size's file, if any
+            saved_files = [os.path.basename(self.opt_path)] if os.path.exists(self.opt_path) else []
+        dir_state = [os.path.join(s.state_dir, f) for f in saved_files]
+        if not dir_state or not all(os.path.exists(f) for f in dir_state):
+            dir_state = None
         self.engine = dict(self.attached.manifest["owner"])
         # The same engine still runs: only the trainer restarted (it died, and its launcher started it
         # again). The engine serves the weights as the last trainer left them, not the store's head, and
         # the state dir's optimizer state is the newest one of them.
         same_engine = engine == self.engine
+        if ranks is not None:
+            # trainer.json names rank 0's engine: every rank takes rank 0's answer, and so the same state.
+            same_engine = ranks.agree(same_engine)
         # The engine serves the store's head generation (it restored it before exporting), so the optimizer
         # state recorded with that generation belongs to these weights; the state dir's is newer (training
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
@@ -307,14 +320,14 @@ class Trainer:
         self.served_dtypes = {n: {"files": d, "served": served[n]} for n, d in sorted(files.items())}
         self.restored_from = None
         head_state = self._generation_state(head) if head is not None else None
-        if same_engine and os.path.exists(self.opt_path):
-            self._load_state([self.opt_path])
+        if same_engine and dir_state:
+            self._load_state(dir_state)
             self.restored_from = "state-dir"
-        elif not same_engine and head_state and saved_version != head["weight_version"]:
+        elif not same_engine and head_state and (saved_version != head["weight_version"] or not dir_state):
             self._load_state(head_state)
             self.restored_from = f"generation {head['generation']}"
-        elif os.path.exists(self.opt_path):
-            self._load_state([self.opt_path])
+        elif dir_state:
+            self._load_state(dir_state)
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
@@ -810,6 +823,12 @@ class Trainer:
         if not files or not all(files):
             return None
         return [os.path.join(self.store.dir, f) for f in files]
+
+    def _state_files(self, size: int) -> list[str]:
+        """The optimizer-state files a save at tensor-parallel size ``size`` writes in the state dir."""
+        if size == 1:
+            return ["optimizer.safetensors"]
+        return [f"optimizer.rank-{r}-of-{size}.safetensors" for r in range(size)]
 
     def _load_state(self, files: list[str]) -> None:
         """The optimizer state from its files: this rank's own, or (saved at another tensor-parallel size)
@@ -1536,7 +1555,12 @@ class Trainer:
     def _write_meta(self) -> None:
         if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
             return
-        meta = {"weight_version": self.state_version, "reserved": self.reserved, "engine": self.engine}
+        meta = {
+            "weight_version": self.state_version,
+            "reserved": self.reserved,
+            "engine": self.engine,
+            "files": self.state_files,
+        }
         _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
 
     def run(self) -> None:
