@@ -769,6 +769,7 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "max_steps": 0}, "max_steps"),
         ({"examples": FACTS, "max_steps": 2.5}, "max_steps"),
         ({"examples": FACTS, "steps": 3, "max_steps": 5}, "max_steps"),
+        ({"examples": FACTS * 51, "epochs": 1000, "batch_size": 1}, "epochs"),  # 102,000 steps: over steps' bound
         ({"examples": FACTS, "guard": "yes"}, "guard"),
         ({"examples": FACTS, "guard": 1}, "guard"),
         ({"examples": FACTS, "warmup": -1}, "warmup"),
