@@ -682,6 +682,26 @@ def test_a_save_that_fails_after_a_job_is_reported_not_raised(run):
     assert trainer.status()["optimizer"]["save_error"] is None and os.path.isfile(trainer.opt_path)
 
 
+def test_a_rollback_whose_optimizer_state_cannot_be_read_changes_nothing(run):
+    """The generation's optimizer-state file is damaged: the rollback fails before it writes the weights (it
+    wrote them, reset the optimizer, then failed reading the state: the weights were the generation's under
+    the old weight version, the optimizer's moments lost, nothing committed); the next job trains."""
+    from livetrain import _core
+
+    engine, trainer = run("--no-guard")
+    job(trainer, {"examples": FACTS, "steps": 2})
+    assert trainer.checkpoint().code == 200
+    job(trainer, {"examples": FACTS, "steps": 2})
+    before, steps = weights(engine), trainer._optimizer_steps()
+    gen = trainer.generations[-1]
+    with open(os.path.join(trainer.store.dir, gen["optimizer_state"]), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(_core.FormatError):
+        trainer.rollback(gen["generation"])
+    assert same_bits(weights(engine), before) and trainer._optimizer_steps() == steps
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+
+
 def test_a_job_trains_only_the_parameters_it_names(run):
     # "train": "mlp" / "layers" (options.TRAIN): the other parameters keep their bits, for that job alone; the
     # job says what it trained. The tiny model's output projection is untied (its gradient deferred otherwise).

@@ -780,7 +780,15 @@ class Trainer:
         self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
-        self.rollback_rank(generation)
+        try:
+            self.rollback_rank(generation)
+        except Exception:
+            # Some weights may be generation's now (a rank whose part failed after another's was written, a
+            # read error in the middle): a new version, so that no number names two states of the weights
+            # (the vLLM plugin resets its prefix cache on a new one).
+            with self.lock:
+                self._new_version()
+            raise
         steps = self._optimizer_steps()
         with self.lock:
             self._new_version()
@@ -804,9 +812,11 @@ class Trainer:
 
         def restore():
             gen = next(g for g in self.store.list() if g["generation"] == generation)
+            files = self._generation_state(gen)
+            if files:  # read before the weights change: an unreadable state fails the rollback with nothing changed
+                self.opt.check_state(files)
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
-            files = self._generation_state(gen)
             if files:
                 self._load_state(files)
 
