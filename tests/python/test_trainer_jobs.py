@@ -702,6 +702,20 @@ def test_a_rollback_whose_optimizer_state_cannot_be_read_changes_nothing(run):
     assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
 
 
+def test_a_failed_job_says_why_in_the_log(run, monkeypatch, capfd):
+    """The job's line in the server's log carries its error (it said "an error (see error)" and no more)."""
+    _, trainer = run("--no-guard")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the step broke here")
+
+    monkeypatch.setattr(trainer, "train_step", fails)
+    info = job(trainer, {"examples": FACTS, "steps": 1})
+    assert info["state"] == "failed" and "the step broke here" in info["error"]
+    line = next(x for x in capfd.readouterr().out.splitlines() if f"{info['id']} failed" in x)
+    assert "RuntimeError: the step broke here" in line, line
+
+
 def test_a_job_trains_only_the_parameters_it_names(run):
     # "train": "mlp" / "layers" (options.TRAIN): the other parameters keep their bits, for that job alone; the
     # job says what it trained. The tiny model's output projection is untied (its gradient deferred otherwise).

@@ -1147,9 +1147,10 @@ class Trainer:
                 info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
                 info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
+            why = info["error"] if reason == "error" and info.get("error") else schedule.STOP_REASONS.get(reason, "")
             print(
                 f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
-                f"{schedule.STOP_REASONS.get(reason, '')}); examples' loss {info['loss_before']} -> "
+                f"{why}); examples' loss {info['loss_before']} -> "
                 f"{info['loss_after']}; {info['seconds']} s",
                 flush=True,
             )
