@@ -671,6 +671,13 @@ class Apollo(torch.optim.Optimizer):
             },
         )
 
+    def check_state(self, paths) -> None:
+        """Reads the state files ``paths`` (one path or a list) as ``load_state`` would, applying nothing: an
+        unreadable or foreign file raises here, before a caller changes what must go with it (a rollback's
+        weights)."""
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
+            self._read_state(path)
+
     @staticmethod
     def _read_state(path) -> tuple[dict, dict]:
         meta = lst.read_metadata(path) or {}

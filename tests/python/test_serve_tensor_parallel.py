@@ -241,6 +241,16 @@ def test_train_checkpoint_sigkill_restart(server, model_dir, device):
 
 def test_a_killed_trainer_rank_is_503_with_the_reason(server):
     s = server["server"]
+    # A step after the head generation: the state dir's optimizer state is newer than the head's.
+    code, job = s.http("/train", {"examples": tiny_model.FACT_EXAMPLES, "steps": 1, "lr": 1e-4})
+    assert code == 202 and s.wait_job(job["job_id"])["state"] == "done"
+    rank1_file = server["base"] / "state" / f"optimizer.rank-1-of-{SIZE}.safetensors"
+    deadline = time.monotonic() + 30
+    while (steps := state_steps(rank1_file)) != state_steps(
+        rank1_file.with_name(f"optimizer.rank-0-of-{SIZE}.safetensors")
+    ):
+        assert time.monotonic() < deadline, "the job's state was not saved"  # saved after the job is done
+        time.sleep(0.1)
     rank1 = s.status()["tensor_parallel"]["pids"][1]
     os.kill(rank1, signal.SIGKILL)
     deadline, reply = time.monotonic() + 60, None
@@ -254,6 +264,16 @@ def test_a_killed_trainer_rank_is_503_with_the_reason(server):
     assert str(rank1) in reply["error"]["message"], reply
     assert s.http("/v1/completions", {"prompt": "hello", "max_tokens": 2, "temperature": 0})[0] == 200
     s.wait_trainer()  # the supervisor restarts the group
+    # Every rank restored the state dir's state, as rank 0 did (rank 1 took the head generation's, older:
+    # trainer.json names rank 0's engine, so rank 1 never saw "the same engine"); a checkpoint saves it again.
+    assert s.status()["optimizer"]["restored_from"] == "state-dir"
+    assert s.http("/checkpoint", {})[0] == 200
+    assert state_steps(rank1_file) == steps
+
+
+def state_steps(path) -> dict[str, float]:
+    """Each parameter's optimizer step count in a state file."""
+    return {n: t.float().max().item() for n, t in lst.load_file(path).items() if n.endswith(".step")}
 
 
 def test_a_killed_engine_rank_is_503_and_stops_the_server(server):

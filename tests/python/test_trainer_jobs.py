@@ -9,6 +9,7 @@ own entry, the metrics snapshot, retention prompts and bad job fields; a model w
 import argparse
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -667,6 +668,54 @@ def test_cancel_a_queued_and_a_running_job(run):
         runner.join(60)
 
 
+def test_a_save_that_fails_after_a_job_is_reported_not_raised(run):
+    """The optimizer state every job saves at its end cannot be written (a full disk; here a directory in
+    its place): the job stays done, /train/status says why, the next job trains and saves (the error went
+    out of the training thread and ended the trainer, with the job it had just finished)."""
+    _, trainer = run("--no-guard")
+    os.makedirs(trainer.opt_path)
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+    err = trainer.status()["optimizer"]["save_error"]
+    assert err and trainer.opt_path in err, err
+    os.rmdir(trainer.opt_path)
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+    assert trainer.status()["optimizer"]["save_error"] is None and os.path.isfile(trainer.opt_path)
+
+
+def test_a_rollback_whose_optimizer_state_cannot_be_read_changes_nothing(run):
+    """The generation's optimizer-state file is damaged: the rollback fails before it writes the weights (it
+    wrote them, reset the optimizer, then failed reading the state: the weights were the generation's under
+    the old weight version, the optimizer's moments lost, nothing committed); the next job trains."""
+    from livetrain import _core
+
+    engine, trainer = run("--no-guard")
+    job(trainer, {"examples": FACTS, "steps": 2})
+    assert trainer.checkpoint().code == 200
+    job(trainer, {"examples": FACTS, "steps": 2})
+    before, steps = weights(engine), trainer._optimizer_steps()
+    gen = trainer.generations[-1]
+    with open(os.path.join(trainer.store.dir, gen["optimizer_state"]), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(_core.FormatError):
+        trainer.rollback(gen["generation"])
+    assert same_bits(weights(engine), before) and trainer._optimizer_steps() == steps
+    assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+
+
+def test_a_failed_job_says_why_in_the_log(run, monkeypatch, capfd):
+    """The job's line in the server's log carries its error (it said "an error (see error)" and no more)."""
+    _, trainer = run("--no-guard")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the step broke here")
+
+    monkeypatch.setattr(trainer, "train_step", fails)
+    info = job(trainer, {"examples": FACTS, "steps": 1})
+    assert info["state"] == "failed" and "the step broke here" in info["error"]
+    line = next(x for x in capfd.readouterr().out.splitlines() if f"{info['id']} failed" in x)
+    assert "RuntimeError: the step broke here" in line, line
+
+
 def test_a_job_trains_only_the_parameters_it_names(run):
     # "train": "mlp" / "layers" (options.TRAIN): the other parameters keep their bits, for that job alone; the
     # job says what it trained. The tiny model's output projection is untied (its gradient deferred otherwise).
@@ -754,6 +803,7 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "max_steps": 0}, "max_steps"),
         ({"examples": FACTS, "max_steps": 2.5}, "max_steps"),
         ({"examples": FACTS, "steps": 3, "max_steps": 5}, "max_steps"),
+        ({"examples": FACTS * 51, "epochs": 1000, "batch_size": 1}, "epochs"),  # 102,000 steps: over steps' bound
         ({"examples": FACTS, "guard": "yes"}, "guard"),
         ({"examples": FACTS, "guard": 1}, "guard"),
         ({"examples": FACTS, "warmup": -1}, "warmup"),

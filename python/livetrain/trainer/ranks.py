@@ -180,11 +180,24 @@ class Ranks:
         except Exception as e:
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
         every: list = [None] * self.size
-        dist.all_gather_object(every, err, group=self.control)
+        try:
+            dist.all_gather_object(every, err, group=self.control)
+        except Exception as e:  # a rank died or timed out in the middle: the group is broken, not the work
+            if self.rank == 0:
+                raise self.fail(e) from e
+            raise RankFailure(f"{what}: lost a rank: {type(e).__name__}: {e}") from e
         errors = [e for e in every if e]
         if errors:
             raise RuntimeError(f"{what} failed: " + "; ".join(errors))
         return result
+
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank (every rank calls it at once): a decision they must share."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
 
     # ---- commands, rank 0 -> the others ----
     def lead(self, op: str, *args) -> None:
@@ -244,7 +257,7 @@ class Ranks:
             except Exception as e:
                 # A step that failed on this rank leaves the others inside its collectives: the group is done.
                 # Checkpoint, rollback and save fail on every rank alike (``together``) and the group goes on.
-                if op in fatal or isinstance(e, dist.DistError):
+                if op in fatal or isinstance(e, (dist.DistError, RankFailure)):
                     self._record(f"{op}: {type(e).__name__}: {e}")
                     raise SystemExit(1) from None
                 print(
@@ -305,7 +318,12 @@ class Ranks:
 
         if self.failure or isinstance(error, (dist.DistError, RankFailure)):
             return True
-        return any(not _alive(p) or os.path.exists(self.failure_path(r)) for r, p in enumerate(self.pids) if r)
+
+        def gone() -> bool:
+            return any(not _alive(p) or os.path.exists(self.failure_path(r)) for r, p in enumerate(self.pids) if r)
+
+        # A killed rank's sockets close before its process turns zombie: gloo's error can come first.
+        return gone() or (isinstance(error, RuntimeError) and (time.sleep(0.5) or gone()))
 
     def abort(self) -> None:
         """Tear the process groups down: ranks waiting in a collective with this one get an error."""

@@ -15,6 +15,8 @@ import math
 from livetrain.trainer.options import REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
+# The most steps a job may take, whether given as steps or max_steps (trainer.examples) or as epochs (plan).
+MAX_STEPS = 100_000
 # A job's states; the last four are final.
 STATES = ("queued", "running", "done", "failed", "cancelled", "rolled_back")
 FINAL = ("done", "failed", "cancelled", "rolled_back")
@@ -85,6 +87,12 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         fixed = options["steps"]
     elif "epochs" in options:
         fixed = options["epochs"] * math.ceil(examples / bs)
+        if fixed > MAX_STEPS:  # as many as steps may give: 1000 epochs of 10,000 rows one a step were 10 million
+            raise Invalid(
+                "epochs",
+                f"epochs {options['epochs']} × ⌈{examples} rows / batch size {bs}⌉ = {fixed:,} steps, over the "
+                f"{MAX_STEPS:,} a job may take: fewer epochs or a larger batch_size",
+            )
     if fixed is not None and "max_steps" in options:
         raise Invalid(
             "max_steps",

@@ -27,6 +27,7 @@ from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, own_rendering, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
+from livetrain.trainer.ranks import RankFailure
 
 ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
@@ -272,17 +273,30 @@ class Trainer:
         # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
         # step may have used (written before the step: versions never repeat, whatever crashes when), and
         # the engine the weights were trained on.
-        saved_version, reserved, engine = None, 0, None
+        saved_version, reserved, engine, saved_files = None, 0, None, None
         if os.path.exists(self.meta_path):
             with open(self.meta_path) as f:
                 meta = json.load(f)
             saved_version = int(meta.get("weight_version", 0))
             reserved, engine = int(meta.get("reserved", 0)), meta.get("engine")
+            saved_files = meta.get("files")
+        # The state dir's optimizer state: the files its last save wrote (trainer.json names them), at
+        # whatever tensor-parallel size that was (resharded on load). A file of this size left by an older
+        # run at it is not that state: a TP-1 save after a TP-2 one leaves the TP-2 rank files behind.
+        self.state_files = self._state_files(self.ranks.size if ranks else 1)
+        if saved_files is None:  # saved before trainer.json named them: this size's file, if any
+            saved_files = [os.path.basename(self.opt_path)] if os.path.exists(self.opt_path) else []
+        dir_state = [os.path.join(s.state_dir, f) for f in saved_files]
+        if not dir_state or not all(os.path.exists(f) for f in dir_state):
+            dir_state = None
         self.engine = dict(self.attached.manifest["owner"])
         # The same engine still runs: only the trainer restarted (it died, and its launcher started it
         # again). The engine serves the weights as the last trainer left them, not the store's head, and
         # the state dir's optimizer state is the newest one of them.
         same_engine = engine == self.engine
+        if ranks is not None:
+            # trainer.json names rank 0's engine: every rank takes rank 0's answer, and so the same state.
+            same_engine = ranks.agree(same_engine)
         # The engine serves the store's head generation (it restored it before exporting), so the optimizer
         # state recorded with that generation belongs to these weights; the state dir's is newer (training
         # after the checkpoint, lost) or older, unless it was saved at the same weight version.
@@ -306,14 +320,14 @@ class Trainer:
         self.served_dtypes = {n: {"files": d, "served": served[n]} for n, d in sorted(files.items())}
         self.restored_from = None
         head_state = self._generation_state(head) if head is not None else None
-        if same_engine and os.path.exists(self.opt_path):
-            self._load_state([self.opt_path])
+        if same_engine and dir_state:
+            self._load_state(dir_state)
             self.restored_from = "state-dir"
-        elif not same_engine and head_state and saved_version != head["weight_version"]:
+        elif not same_engine and head_state and (saved_version != head["weight_version"] or not dir_state):
             self._load_state(head_state)
             self.restored_from = f"generation {head['generation']}"
-        elif os.path.exists(self.opt_path):
-            self._load_state([self.opt_path])
+        elif dir_state:
+            self._load_state(dir_state)
             self.restored_from = "state-dir"
         self.restored = self.restored_from is not None
         # Versions never go back: training after the head generation was lost, so the weights (the head's)
@@ -333,6 +347,7 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
         self.checkpoint_error: str | None = None
+        self.save_error: str | None = None  # of the last save() (optimizer state, weight version), else None
 
         # Read by status() from the socket threads: kept here, never computed from self.opt.state, which
         # the training thread mutates.
@@ -441,7 +456,9 @@ class Trainer:
             try:
                 item[2] = item[0]()
             except Exception as e:
-                item[2] = error(500, self._failed(e))
+                message = self._failed(e)
+                # A broken group answers 503 from now on (handle): this request the same, not a 500.
+                item[2] = error(503 if self.ranks is not None and self.ranks.failure else 500, message)
             item[1].set()
         if timer and self.checkpoint_due():
             try:
@@ -641,6 +658,7 @@ class Trainer:
                     "restored": self.restored,
                     "restored_from": self.restored_from,
                     "steps": self.opt_steps,
+                    "save_error": self.save_error,
                 },
                 "gradient_checkpointing": self.grad_checkpointing,
                 "train": self.settings.train,
@@ -762,7 +780,15 @@ class Trainer:
         self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
-        self.rollback_rank(generation)
+        try:
+            self.rollback_rank(generation)
+        except Exception:
+            # Some weights may be generation's now (a rank whose part failed after another's was written, a
+            # read error in the middle): a new version, so that no number names two states of the weights
+            # (the vLLM plugin resets its prefix cache on a new one).
+            with self.lock:
+                self._new_version()
+            raise
         steps = self._optimizer_steps()
         with self.lock:
             self._new_version()
@@ -786,9 +812,11 @@ class Trainer:
 
         def restore():
             gen = next(g for g in self.store.list() if g["generation"] == generation)
+            files = self._generation_state(gen)
+            if files:  # read before the weights change: an unreadable state fails the rollback with nothing changed
+                self.opt.check_state(files)
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
-            files = self._generation_state(gen)
             if files:
                 self._load_state(files)
 
@@ -805,6 +833,12 @@ class Trainer:
         if not files or not all(files):
             return None
         return [os.path.join(self.store.dir, f) for f in files]
+
+    def _state_files(self, size: int) -> list[str]:
+        """The optimizer-state files a save at tensor-parallel size ``size`` writes in the state dir."""
+        if size == 1:
+            return ["optimizer.safetensors"]
+        return [f"optimizer.rank-{r}-of-{size}.safetensors" for r in range(size)]
 
     def _load_state(self, files: list[str]) -> None:
         """The optimizer state from its files: this rank's own, or (saved at another tensor-parallel size)
@@ -1113,9 +1147,10 @@ class Trainer:
                 info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
                 info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
+            why = info["error"] if reason == "error" and info.get("error") else schedule.STOP_REASONS.get(reason, "")
             print(
                 f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
-                f"{schedule.STOP_REASONS.get(reason, '')}); examples' loss {info['loss_before']} -> "
+                f"{why}); examples' loss {info['loss_before']} -> "
                 f"{info['loss_after']}; {info['seconds']} s",
                 flush=True,
             )
@@ -1484,14 +1519,29 @@ class Trainer:
 
     def save(self) -> None:
         """Optimizer state (every rank's, under tensor parallelism) and weight version, each replaced
-        crash-safely by the core (temp file, fsync, rename, fsync of the directory)."""
-        if self.ranks is not None and not self.ranks.failure:
-            try:
-                self.ranks.lead("save", self.weight_version)
-            except Exception:  # the group broke (recorded in ranks.failure): this rank's state still counts
-                self._save_files(self.weight_version)
-                return
-        self.save_rank(self.weight_version)
+        crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
+        shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
+        /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
+        the trainer with the job it just finished."""
+        try:
+            if self.ranks is not None and not self.ranks.failure:
+                try:
+                    self.ranks.lead("save", self.weight_version)
+                    self.save_rank(self.weight_version)
+                    return self._saved(None)
+                except Exception as e:
+                    if not self.ranks.broken(e):
+                        raise
+                    self.ranks.fail(e)  # this rank's state still counts: saved alone below
+            self._save_files(self.weight_version)
+            self._saved(None)
+        except Exception as e:
+            self._saved(f"{type(e).__name__}: {e}")
+            print(f"livetrain trainer: saving the optimizer state failed: {self.save_error}", flush=True)
+
+    def _saved(self, err: str | None) -> None:
+        with self.lock:
+            self.save_error = err
 
     def save_rank(self, weight_version: int) -> None:
         """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
@@ -1516,7 +1566,12 @@ class Trainer:
     def _write_meta(self) -> None:
         if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
             return
-        meta = {"weight_version": self.state_version, "reserved": self.reserved, "engine": self.engine}
+        meta = {
+            "weight_version": self.state_version,
+            "reserved": self.reserved,
+            "engine": self.engine,
+            "files": self.state_files,
+        }
         _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
 
     def run(self) -> None:
@@ -1537,7 +1592,10 @@ class Trainer:
         self.run_pending(timer=False)  # requests that arrived before the shutdown are still answered
         self.save()
         if self.ranks is not None and not self.ranks.failure:
-            self.ranks.lead("stop")
+            try:
+                self.ranks.lead("stop")
+            except RankFailure:  # a rank died since: nothing is left to stop (the failure is recorded)
+                pass
 
     def close(self) -> None:
         """Releases the checkpoint store (its lock and host copy)."""
