@@ -9,6 +9,10 @@
 #include <memory>
 #include <utility>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "checkpoint/bytes.hpp"
 #include "livetrain/error.hpp"
 
@@ -180,9 +184,102 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   return freq;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LIVETRAIN_ENTROPY_X86 1
+
+// What the CPU has beyond the baseline x86-64 the build targets (GCC, clang): the coder's hot loops are
+// compiled for it too (target attributes) and chosen at run time.
+bool has_bmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();  // a static initializer may run before libgcc's
+    return __builtin_cpu_supports("bmi2") != 0;
+  }();
+  return has;
+}
+bool has_avx512_vbmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return has;
+}
+
+// The histogram of a plane of stride S (1, 2, 4) with AVX-512: each 64-byte load's plane bytes that are not 0
+// are compressed (vpcompressb) into a buffer and the 0s only counted, so that the buffer's bytes alone go
+// through the tables, eight symbols per 8-byte load. A plane that is mostly 0 (a sparse step's bitmap, the
+// high bytes of bf16 XORs) skips most increments; any plane of stride 2 or 4 has its bytes gathered. A load
+// never reaches past the last symbol's byte.
+template <size_t S>
+[[gnu::target("avx512f,avx512bw,avx512vbmi2")]] Histogram histogram_compressed(const uint8_t* in, size_t n) {
+  static_assert(S == 1 || S == 2 || S == 4);
+  constexpr uint64_t plane = S == 1 ? ~uint64_t{0} : S == 2 ? 0x5555555555555555ull : 0x1111111111111111ull;
+  constexpr size_t kBuffer = 4096;
+  alignas(64) uint8_t buffer[kBuffer + 64];
+  Tables h{};
+  uint64_t zeros = 0;
+  size_t fill = 0;
+  auto count_buffer = [&] {
+    size_t j = 0;
+    for (; j + 16 <= fill; j += 16) {
+      uint64_t w0, w1;
+      std::memcpy(&w0, buffer + j, 8);
+      std::memcpy(&w1, buffer + j + 8, 8);
+      count_words<1>(w0, w1, h, std::make_index_sequence<16>{});
+    }
+    for (; j < fill; ++j) h[j % kTables][buffer[j]]++;
+    fill = 0;
+  };
+  size_t i = 0;
+  if (n > 0) {
+    for (; i * S + 64 <= (n - 1) * S + 1; i += 64 / S) {
+      const __m512i v = _mm512_loadu_si512(in + i * S);
+      const __mmask64 keep = _mm512_test_epi8_mask(v, v) & plane;
+      const auto k = static_cast<size_t>(__builtin_popcountll(keep));
+      zeros += 64 / S - k;
+      _mm512_storeu_si512(buffer + fill, _mm512_maskz_compress_epi8(keep, v));
+      fill += k;
+      if (fill > kBuffer - 64) count_buffer();
+    }
+  }
+  count_buffer();
+  for (; i < n; ++i) h[i % kTables][in[i * S]]++;
+  Histogram freq{};
+  for (const auto& t : h) {
+    for (int s = 0; s < 256; ++s) freq[s] += t[s];
+  }
+  freq[0] += zeros;
+  return freq;
+}
+#endif
+
+}  // namespace
+
+namespace {
+
+// Whether at least a quarter of the first 64 symbols are 0: a plane where histogram_compressed, which pays
+// for gathering every byte that is not 0, saves more than that (the bitmap of a sparse step, the high bytes
+// of bf16 XORs; not their low bytes).
+bool starts_mostly_zero(const uint8_t* in, size_t n, size_t stride) {
+  const size_t m = std::min<size_t>(n, 64);
+  size_t zeros = 0;
+  for (size_t i = 0; i < m; ++i) zeros += in[i * stride] == 0;
+  return 4 * zeros >= m && m > 0;
+}
+
 }  // namespace
 
 std::array<uint64_t, 256> histogram(const uint8_t* in, size_t n, size_t stride) {
+#ifdef LIVETRAIN_ENTROPY_X86
+  if (has_avx512_vbmi2() && starts_mostly_zero(in, n, stride)) {
+    switch (stride) {
+      case 1: return histogram_compressed<1>(in, n);
+      case 2: return histogram_compressed<2>(in, n);
+      case 4: return histogram_compressed<4>(in, n);
+      default: break;
+    }
+  }
+#endif
   switch (stride) {
     case 1: return histogram_words<1>(in, n);
     case 2: return histogram_words<2>(in, n);
@@ -442,7 +539,7 @@ void put_codes_stride(const uint8_t* in, size_t n, size_t stride, const std::arr
   put_codes<S>(in, n, stride, code, dst);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef LIVETRAIN_ENTROPY_X86
 // The same compiled for BMI2 where the CPU has it (the build targets baseline x86-64): every call inlined, so
 // that the codes' variable shifts are one-uop shlx/shrx instead of three-uop shifts by cl (GCC, clang).
 template <size_t S>
@@ -450,17 +547,10 @@ template <size_t S>
                                                           const std::array<uint32_t, 256>& code, uint8_t* dst) {
   put_codes<S>(in, n, stride, code, dst);
 }
-bool has_bmi2() {
-  static const bool has = [] {
-    __builtin_cpu_init();  // a static initializer may run before libgcc's
-    return __builtin_cpu_supports("bmi2") != 0;
-  }();
-  return has;
-}
 #endif
 
 void put_codes_any(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef LIVETRAIN_ENTROPY_X86
   if (has_bmi2()) {
     switch (stride) {
       case 1: return put_codes_bmi2<1>(in, n, stride, code, dst);

@@ -243,8 +243,9 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
 
 // encode and encode_reference write the same bytes on random inputs beyond the pinned ones: odd sizes up to
 // 300,000 (past the pair table's threshold, kPairBytesPerSymbol bytes per used symbol, at stride 1), strides
-// 1-5 with random bytes between the symbols, one symbol, two, all 256, and sparse bitmaps whose zero bytes
-// come in runs of eight and more or not; each stream decodes back. Counts that the pair table's streams and
+// 1-5 with random bytes between the symbols, one symbol, two, all 256 (flat, or after a run of 0s: the
+// histogram that skips 0s), and sparse bitmaps whose zero bytes come in runs of eight and more or not; each
+// stream decodes back. Counts that the pair table's streams and
 // its 8-zero runs were among them.
 TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
   std::mt19937_64 rng(28);
@@ -254,7 +255,7 @@ TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
     const size_t stride = t % 2 == 0 ? 1 : 1 + rng() % 5, off = rng() % 8;
     std::vector<uint8_t> buf(off + n * stride + 7);
     for (auto& b : buf) b = static_cast<uint8_t>(rng());
-    const int kind = t % 5;
+    const int kind = t % 6;
     const unsigned a = static_cast<unsigned>(rng() % 256), density = 1 + static_cast<unsigned>(rng() % 400);
     for (size_t i = 0; i < n; ++i) {
       const uint64_t r = rng();
@@ -266,7 +267,8 @@ TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
         case 3:  // bitmap bytes, each bit set with probability density / 4096
           for (int b = 0; b < 8; ++b) s |= static_cast<uint8_t>(((r >> (8 * b)) & 0xFFF) < density) << b;
           break;
-        default: s = static_cast<uint8_t>(std::min(std::countr_zero(r | (1ull << 40)), 20)); break;  // deep
+        case 4: s = static_cast<uint8_t>(std::min(std::countr_zero(r | (1ull << 40)), 20)); break;  // deep
+        default: s = i < 100 ? 0 : static_cast<uint8_t>(r); break;  // 0s, then all 256 (histograms that skip 0s)
       }
       buf[off + i * stride] = s;
     }
