@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <utility>
@@ -189,12 +190,15 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
 
 // What the CPU has beyond the baseline x86-64 the build targets (GCC, clang): the coder's hot loops are
 // compiled for it too (target attributes) and chosen at run time.
+// use_cpu_extensions turns them off for tests.
+std::atomic<bool> extensions_on{true};
+
 bool has_bmi2() {
   static const bool has = [] {
     __builtin_cpu_init();  // a static initializer may run before libgcc's
     return __builtin_cpu_supports("bmi2") != 0;
   }();
-  return has;
+  return has && extensions_on.load(std::memory_order_relaxed);
 }
 bool has_avx512_vbmi2() {
   static const bool has = [] {
@@ -202,7 +206,7 @@ bool has_avx512_vbmi2() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vbmi2");
   }();
-  return has;
+  return has && extensions_on.load(std::memory_order_relaxed);
 }
 
 // The histogram of a plane of stride S (1, 2, 4) with AVX-512: each 64-byte load's plane bytes that are not 0
@@ -585,6 +589,15 @@ void encode_with(const uint8_t* in, size_t n, std::string& out, size_t stride, C
 
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
   encode_with(in, n, out, stride, histogram, put_codes_any);
+}
+
+bool use_cpu_extensions(bool on) {
+#ifdef LIVETRAIN_ENTROPY_X86
+  return extensions_on.exchange(on);
+#else
+  (void)on;
+  return false;
+#endif
 }
 
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride) {

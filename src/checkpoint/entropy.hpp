@@ -48,6 +48,11 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // encode against and what checkpoint.encoder=0 selects, so that a benchmark compares the two in one run.
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 
+// Whether encode and histogram run the code compiled for the CPU's extensions beyond baseline x86-64 where it
+// has them (BMI2 for the code writer, AVX-512 VBMI2 for histograms; on by default): `on`, returning the
+// setting before (false where the build has none). The output is the same either way; tests check both.
+bool use_cpu_extensions(bool on);
+
 // The byte histogram of in[0], in[stride], ..., in[(n - 1) · stride]: encode's first pass (declared for
 // bench/encode_phases.cpp, which times it alone).
 std::array<uint64_t, 256> histogram(const uint8_t* in, size_t n, size_t stride);

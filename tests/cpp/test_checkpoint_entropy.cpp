@@ -212,6 +212,13 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   EXPECT_EQ(fast.size(), 950644u);
   EXPECT_EQ(livetrain::checkpoint::xxh64(fast.data(), fast.size()), 0x13c565c936be60b2ull);
   EXPECT_TRUE(fast == reference) << "encode and encode_reference differ";
+  std::string baseline;  // without the CPU's extensions (entropy::use_cpu_extensions)
+  const bool was = entropy::use_cpu_extensions(false);
+  encode_pinned_cases(
+      [](const uint8_t* in, size_t n, std::string& out, size_t stride) { entropy::encode(in, n, out, stride); },
+      baseline);
+  entropy::use_cpu_extensions(was);
+  EXPECT_TRUE(baseline == reference) << "encode without the CPU's extensions and encode_reference differ";
   // What the cases cover: each mode, and Huffman codes at the 11-bit limit.
   int modes[3] = {0, 0, 0}, at_limit = 0;
   std::string again;
@@ -241,13 +248,14 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   EXPECT_GT(at_limit, 10);
 }
 
+namespace {
+
 // encode and encode_reference write the same bytes on random inputs beyond the pinned ones: odd sizes up to
 // 300,000 (past the pair table's threshold, kPairBytesPerSymbol bytes per used symbol, at stride 1), strides
 // 1-5 with random bytes between the symbols, one symbol, two, all 256 (flat, or after a run of 0s: the
 // histogram that skips 0s), and sparse bitmaps whose zero bytes come in runs of eight and more or not; each
-// stream decodes back. Counts that the pair table's streams and
-// its 8-zero runs were among them.
-TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
+// stream decodes back. Counts that the pair table's streams and its 8-zero runs were among them.
+void encode_equals_reference_on_random_inputs() {
   std::mt19937_64 rng(28);
   int paired = 0, paired_runs = 0, huffman = 0;
   for (int t = 0; t < 300; ++t) {
@@ -295,6 +303,17 @@ TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
   EXPECT_GT(huffman, 100);
   EXPECT_GT(paired, 10);
   EXPECT_GT(paired_runs, 3);
+}
+
+}  // namespace
+
+// The same with the code compiled for the CPU's extensions and, where it has them, with the baseline x86-64 code.
+TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
+  encode_equals_reference_on_random_inputs();
+  // The baseline x86-64 code too, where the CPU's extensions are used.
+  const bool was = entropy::use_cpu_extensions(false);
+  encode_equals_reference_on_random_inputs();
+  entropy::use_cpu_extensions(was);
 }
 
 // The room a block of the delta's blocks encoding reserves for its streams (delta.cpp, encode_block) is
