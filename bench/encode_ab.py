@@ -1,6 +1,8 @@
-"""bench/encode_phases.cpp built twice, with the entropy coder of a base revision and with the working tree's,
-run in turns in one invocation: per phase, the best of the rounds of each and their ratio (base / tree; > 1:
-the tree is faster). Everything but src/checkpoint/entropy.{hpp,cpp} is the working tree's in both builds.
+"""bench/encode_phases.cpp built with the entropy coder of a base revision and with the working tree's (twice:
+as built, and with -DLIVETRAIN_ENTROPY_BASELINE, its baseline x86-64 code alone, what a CPU without BMI2 and
+AVX-512 VBMI2 runs), run in turns in one invocation: per phase, the best of the rounds of each and the ratios
+(base / tree; > 1: the tree is faster). Everything but src/checkpoint/entropy.{hpp,cpp} is the working tree's
+in all builds.
 
     .venv/bin/python bench/encode_ab.py [--base main] [--rounds 5] [--threads 1 2] [--blocks 16] [--lr 1.3e-6]
 
@@ -39,8 +41,11 @@ def compile_one(args: tuple[list[str], str, str]) -> None:
     subprocess.run(["g++", *flags, "-c", src, "-o", obj], check=True)
 
 
+VARIANTS = ("base", "tree", "tree-baseline")
+
+
 def build(tmp: Path, base: str) -> dict[str, Path]:
-    """The two binaries: 'base' (entropy.{hpp,cpp} at `base`) and 'tree'."""
+    """The binaries: 'base' (entropy.{hpp,cpp} at `base`), 'tree' and 'tree-baseline'."""
     overlay = tmp / "base_include" / "checkpoint"
     overlay.mkdir(parents=True)
     for name in ("entropy.hpp", "entropy.cpp"):
@@ -56,14 +61,18 @@ def build(tmp: Path, base: str) -> dict[str, Path]:
         (tmp / variant).mkdir()
         for src in SOURCES:
             jobs.append((flags, str(ROOT / src), str(tmp / variant / (Path(src).stem + ".o"))))
+    (tmp / "tree-baseline").mkdir()
     jobs.append((base_flags, str(overlay / "entropy.cpp"), str(tmp / "base" / "entropy.o")))
-    jobs.append((tree_flags, str(ROOT / "src/checkpoint/entropy.cpp"), str(tmp / "tree" / "entropy.o")))
+    tree_entropy = str(ROOT / "src/checkpoint/entropy.cpp")
+    jobs.append((tree_flags, tree_entropy, str(tmp / "tree" / "entropy.o")))
+    jobs.append(([*tree_flags, "-DLIVETRAIN_ENTROPY_BASELINE"], tree_entropy, str(tmp / "tree-baseline" / "entropy.o")))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(compile_one, jobs))
     out = {}
-    for variant in ("base", "tree"):
+    for variant in VARIANTS:
         exe = tmp / variant / "encode_phases"
-        objs = sorted(str(p) for p in (tmp / variant).glob("*.o"))
+        objs = [str(tmp / "tree" / (Path(src).stem + ".o")) for src in SOURCES] if variant == "tree-baseline" else []
+        objs = sorted(objs + [str(p) for p in (tmp / variant).glob("*.o")])
         subprocess.run(["g++", *objs, "-lpthread", "-o", str(exe)], check=True)
         out[variant] = exe
     return out
@@ -92,25 +101,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="encode-ab-") as tmp_name:
         exes = build(Path(tmp_name), a.base)
         for threads in a.threads:
-            best: dict[str, dict[str, float]] = {"base": {}, "tree": {}}
+            best: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
             order: list[str] = []
             for r in range(a.rounds):
-                for variant in ("base", "tree") if r % 2 == 0 else ("tree", "base"):
+                for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                     for phase, us in run(exes[variant], a.blocks, a.lr, threads).items():
                         if phase not in order:
                             order.append(phase)
                         best[variant][phase] = min(us, best[variant].get(phase, float("inf")))
             print(
                 f"\n--threads {threads}, {a.blocks} blocks, lr {a.lr}: us per block, best of {a.rounds} runs each "
-                f"(base {a.base} and the working tree in turns)\n"
+                f"(base {a.base}, the working tree, the tree's baseline x86-64 code, in turns)\n"
             )
-            print(f"| phase | base {a.base} | working tree | base / tree |")
-            print("|---|---:|---:|---:|")
+            print(f"| phase | base {a.base} | tree | tree, baseline x86-64 | base / tree | base / tree baseline |")
+            print("|---|---:|---:|---:|---:|---:|")
             for phase in order:
-                b, t = best["base"].get(phase), best["tree"].get(phase)
-                if b is None or t is None:
+                b, t, tb = (best[v].get(phase) for v in VARIANTS)
+                if b is None or t is None or tb is None:
                     continue
-                print(f"| {phase} | {b:.1f} | {t:.1f} | {b / t:.2f} |")
+                print(f"| {phase} | {b:.1f} | {t:.1f} | {tb:.1f} | {b / t:.2f} | {b / tb:.2f} |")
     return 0
 
 

@@ -10,7 +10,8 @@
 #include <memory>
 #include <utility>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// LIVETRAIN_ENTROPY_BASELINE builds the baseline x86-64 code alone (bench/encode_ab.py compares it).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LIVETRAIN_ENTROPY_BASELINE)
 #include <immintrin.h>
 #endif
 
@@ -185,7 +186,7 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   return freq;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LIVETRAIN_ENTROPY_BASELINE)
 #define LIVETRAIN_ENTROPY_X86 1
 
 // What the CPU has beyond the baseline x86-64 the build targets (GCC, clang): the coder's hot loops are
