@@ -375,21 +375,25 @@ inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::arra
 // than the loads and shifts it saves on the stream's n / 2 pairs.
 
 // The pair table of `code`: entry a | b << 8 holds the codes of a then b (a's bits first, at most 22) |
-// their length << 24, for every used b (the other entries are never read: a stream holds only used symbols).
+// their length << 24, for every used a and b (the other entries are never read: a stream holds only used
+// symbols).
 // One per thread, on the heap (256 KiB: too big for the stack, and thread_local arrays of that size take a
 // loaded library's static TLS), reused.
 const uint32_t* pair_table(const std::array<uint32_t, 256>& code) {
   thread_local std::unique_ptr<uint32_t[]> table;
   if (!table) table = std::make_unique<uint32_t[]>(size_t{1} << 16);
   uint32_t* t = table.get();
-  for (int b = 0; b < 256; ++b) {
-    const uint32_t lb = code[b] >> 16;
-    if (!lb) continue;
-    const uint32_t cb = code[b] & 0xFFFF;
-    uint32_t* row = t + (b << 8);
-    for (int a = 0; a < 256; ++a) {
-      const uint32_t la = code[a] >> 16;
-      row[a] = ((code[a] & 0xFFFF) | cb << la) | (la + lb) << 24;
+  std::array<uint8_t, 256> used{};
+  int nused = 0;
+  for (int s = 0; s < 256; ++s) {
+    if (code[s] >> 16) used[nused++] = static_cast<uint8_t>(s);
+  }
+  for (int j = 0; j < nused; ++j) {
+    const uint32_t cb = code[used[j]] & 0xFFFF, lb = code[used[j]] >> 16;
+    uint32_t* row = t + (used[j] << 8);
+    for (int i = 0; i < nused; ++i) {
+      const uint32_t ca = code[used[i]] & 0xFFFF, la = code[used[i]] >> 16;
+      row[used[i]] = (ca | cb << la) | (la + lb) << 24;
     }
   }
   return t;
