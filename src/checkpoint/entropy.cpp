@@ -5,8 +5,15 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <utility>
+
+// LIVETRAIN_ENTROPY_BASELINE builds the baseline x86-64 code alone (bench/encode_ab.py compares it).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LIVETRAIN_ENTROPY_BASELINE)
+#include <immintrin.h>
+#endif
 
 #include "checkpoint/bytes.hpp"
 #include "livetrain/error.hpp"
@@ -179,9 +186,105 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   return freq;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LIVETRAIN_ENTROPY_BASELINE)
+#define LIVETRAIN_ENTROPY_X86 1
+
+// What the CPU has beyond the baseline x86-64 the build targets (GCC, clang): the coder's hot loops are
+// compiled for it too (target attributes) and chosen at run time.
+// use_cpu_extensions turns them off for tests.
+std::atomic<bool> extensions_on{true};
+
+bool has_bmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();  // a static initializer may run before libgcc's
+    return __builtin_cpu_supports("bmi2") != 0;
+  }();
+  return has && extensions_on.load(std::memory_order_relaxed);
+}
+bool has_avx512_vbmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return has && extensions_on.load(std::memory_order_relaxed);
+}
+
+// The histogram of a plane of stride S (1, 2, 4) with AVX-512: each 64-byte load's plane bytes that are not 0
+// are compressed (vpcompressb) into a buffer and the 0s only counted, so that the buffer's bytes alone go
+// through the tables, eight symbols per 8-byte load. A plane that is mostly 0 (a sparse step's bitmap, the
+// high bytes of bf16 XORs) skips most increments; any plane of stride 2 or 4 has its bytes gathered. A load
+// never reaches past the last symbol's byte.
+template <size_t S>
+[[gnu::target("avx512f,avx512bw,avx512vbmi2")]] Histogram histogram_compressed(const uint8_t* in, size_t n) {
+  static_assert(S == 1 || S == 2 || S == 4);
+  constexpr uint64_t plane = S == 1 ? ~uint64_t{0} : S == 2 ? 0x5555555555555555ull : 0x1111111111111111ull;
+  constexpr size_t kBuffer = 4096;
+  alignas(64) uint8_t buffer[kBuffer + 64];
+  Tables h{};
+  uint64_t zeros = 0;
+  size_t fill = 0;
+  auto count_buffer = [&] {
+    size_t j = 0;
+    for (; j + 16 <= fill; j += 16) {
+      uint64_t w0, w1;
+      std::memcpy(&w0, buffer + j, 8);
+      std::memcpy(&w1, buffer + j + 8, 8);
+      count_words<1>(w0, w1, h, std::make_index_sequence<16>{});
+    }
+    for (; j < fill; ++j) h[j % kTables][buffer[j]]++;
+    fill = 0;
+  };
+  size_t i = 0;
+  if (n > 0) {
+    for (; i * S + 64 <= (n - 1) * S + 1; i += 64 / S) {
+      const __m512i v = _mm512_loadu_si512(in + i * S);
+      const __mmask64 keep = _mm512_test_epi8_mask(v, v) & plane;
+      const auto k = static_cast<size_t>(__builtin_popcountll(keep));
+      zeros += 64 / S - k;
+      _mm512_storeu_si512(buffer + fill, _mm512_maskz_compress_epi8(keep, v));
+      fill += k;
+      if (fill > kBuffer - 64) count_buffer();
+    }
+  }
+  count_buffer();
+  for (; i < n; ++i) h[i % kTables][in[i * S]]++;
+  Histogram freq{};
+  for (const auto& t : h) {
+    for (int s = 0; s < 256; ++s) freq[s] += t[s];
+  }
+  freq[0] += zeros;
+  return freq;
+}
+#endif
+
+}  // namespace
+
+namespace {
+
+// Whether at least a quarter of the first 64 symbols are 0: a plane where histogram_compressed, which pays
+// for gathering every byte that is not 0, saves more than that (the bitmap of a sparse step, the high bytes
+// of bf16 XORs; not their low bytes).
+bool starts_mostly_zero(const uint8_t* in, size_t n, size_t stride) {
+  const size_t m = std::min<size_t>(n, 64);
+  size_t zeros = 0;
+  for (size_t i = 0; i < m; ++i) zeros += in[i * stride] == 0;
+  return 4 * zeros >= m && m > 0;
+}
+
 }  // namespace
 
 std::array<uint64_t, 256> histogram(const uint8_t* in, size_t n, size_t stride) {
+#ifdef LIVETRAIN_ENTROPY_X86
+  if (has_avx512_vbmi2() && starts_mostly_zero(in, n, stride)) {
+    switch (stride) {
+      case 1: return histogram_compressed<1>(in, n);
+      case 2: return histogram_compressed<2>(in, n);
+      case 4: return histogram_compressed<4>(in, n);
+      default: break;
+    }
+  }
+#endif
   switch (stride) {
     case 1: return histogram_words<1>(in, n);
     case 2: return histogram_words<2>(in, n);
@@ -267,11 +370,96 @@ inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::arra
   nbits &= 7;
 }
 
+// A stride-1 stream of at least kPairBytesPerSymbol bytes per used symbol takes its codes two symbols per
+// load of a pair table (put_codes_pairs): filling the table's 256 entries per used second symbol costs less
+// than the loads and shifts it saves on the stream's n / 2 pairs.
+
+// The pair table of `code`: entry a | b << 8 holds the codes of a then b (a's bits first, at most 22) |
+// their length << 24, for every used a and b (the other entries are never read: a stream holds only used
+// symbols).
+// One per thread, on the heap (256 KiB: too big for the stack, and thread_local arrays of that size take a
+// loaded library's static TLS), reused.
+const uint32_t* pair_table(const std::array<uint32_t, 256>& code) {
+  thread_local std::unique_ptr<uint32_t[]> table;
+  if (!table) table = std::make_unique<uint32_t[]>(size_t{1} << 16);
+  uint32_t* t = table.get();
+  std::array<uint8_t, 256> used{};
+  int nused = 0;
+  for (int s = 0; s < 256; ++s) {
+    if (code[s] >> 16) used[nused++] = static_cast<uint8_t>(s);
+  }
+  for (int j = 0; j < nused; ++j) {
+    const uint32_t cb = code[used[j]] & 0xFFFF, lb = code[used[j]] >> 16;
+    uint32_t* row = t + (used[j] << 8);
+    for (int i = 0; i < nused; ++i) {
+      const uint32_t ca = code[used[i]] & 0xFFFF, la = code[used[i]] >> 16;
+      row[used[i]] = (ca | cb << la) | (la + lb) << 24;
+    }
+  }
+  return t;
+}
+
+// Four symbols given as a little-endian 32-bit word into the accumulator, as put_four: two pair-table loads.
+inline void put_four_pairs(uint32_t w, const uint32_t* pair, uint64_t& acc, unsigned& nbits, uint8_t*& dst) {
+  const uint32_t p0 = pair[w & 0xFFFF], p1 = pair[w >> 16];
+  const unsigned l0 = p0 >> 24;
+  acc |= (static_cast<uint64_t>(p0 & 0xFFFFFF) | static_cast<uint64_t>(p1 & 0xFFFFFF) << l0) << nbits;
+  nbits += l0 + (p1 >> 24);
+  std::memcpy(dst, &acc, 8);
+  dst += nbits >> 3;
+  acc >>= nbits & ~7u;
+  nbits &= 7;
+}
+
+// put_codes for stride 1 by pairs, eight symbols per load; where 0 has a code of at most 4 bits, eight 0s
+// go in as one 8-fold code (as put_codes). Same bits.
+void put_codes_pairs(const uint8_t* in, size_t n, const std::array<uint32_t, 256>& code, uint8_t* dst) {
+  static_assert(4 * kMaxCodeBits + 7 <= 64 && 8 * 4 + 7 <= 64);
+  const uint32_t* pair = pair_table(code);
+  const unsigned zero_len = code[0] >> 16;
+  const bool zeros_at_once = zero_len >= 1 && zero_len <= 4;
+  uint64_t zeros8 = 0;
+  for (unsigned k = 0; zeros_at_once && k < 8; ++k) zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+  uint64_t acc = 0;
+  unsigned nbits = 0;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, in + i, 8);
+    if (w == 0 && zeros_at_once) {
+      acc |= zeros8 << nbits;
+      nbits += 8 * zero_len;
+      std::memcpy(dst, &acc, 8);
+      dst += nbits >> 3;
+      acc >>= nbits & ~7u;
+      nbits &= 7;
+      continue;
+    }
+    put_four_pairs(static_cast<uint32_t>(w), pair, acc, nbits, dst);
+    put_four_pairs(static_cast<uint32_t>(w >> 32), pair, acc, nbits, dst);
+  }
+  for (; i < n; ++i) {
+    const uint32_t c = code[in[i]];
+    acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
+    nbits += c >> 16;
+    std::memcpy(dst, &acc, 8);
+    dst += nbits >> 3;
+    acc >>= nbits & ~7u;
+    nbits &= 7;
+  }
+  std::memcpy(dst, &acc, 8);
+}
+
 // The codes of in[0], in[stride], ..., four symbols per flush; the bits are the same as one symbol at a
 // time. S is the stride when it is 1, 2 or 4 (a plane of values of that size), 0 for any (`stride`).
 template <size_t S>
 void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
   static_assert(4 * kMaxCodeBits + 7 <= 64);
+  if constexpr (S == 1) {
+    size_t used = 0;
+    for (uint32_t c : code) used += c != 0;
+    if (n >= kPairBytesPerSymbol * used) return put_codes_pairs(in, n, code, dst);
+  }
   if constexpr (S != 0) stride = S;
   uint64_t acc = 0;
   unsigned nbits = 0;
@@ -355,12 +543,37 @@ void put_codes_pairwise(const uint8_t* in, size_t n, size_t stride, const std::a
 }
 
 // The word-wise coder's codes, its loads specialized for strides 1, 2 and 4.
+template <size_t S>
+void put_codes_stride(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
+  put_codes<S>(in, n, stride, code, dst);
+}
+
+#ifdef LIVETRAIN_ENTROPY_X86
+// The same compiled for BMI2 where the CPU has it (the build targets baseline x86-64): every call inlined, so
+// that the codes' variable shifts are one-uop shlx/shrx instead of three-uop shifts by cl (GCC, clang).
+template <size_t S>
+[[gnu::target("bmi2"), gnu::flatten]] void put_codes_bmi2(const uint8_t* in, size_t n, size_t stride,
+                                                          const std::array<uint32_t, 256>& code, uint8_t* dst) {
+  put_codes<S>(in, n, stride, code, dst);
+}
+#endif
+
 void put_codes_any(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
+#ifdef LIVETRAIN_ENTROPY_X86
+  if (has_bmi2()) {
+    switch (stride) {
+      case 1: return put_codes_bmi2<1>(in, n, stride, code, dst);
+      case 2: return put_codes_bmi2<2>(in, n, stride, code, dst);
+      case 4: return put_codes_bmi2<4>(in, n, stride, code, dst);
+      default: return put_codes_bmi2<0>(in, n, stride, code, dst);
+    }
+  }
+#endif
   switch (stride) {
-    case 1: put_codes<1>(in, n, stride, code, dst); break;
-    case 2: put_codes<2>(in, n, stride, code, dst); break;
-    case 4: put_codes<4>(in, n, stride, code, dst); break;
-    default: put_codes<0>(in, n, stride, code, dst); break;
+    case 1: return put_codes_stride<1>(in, n, stride, code, dst);
+    case 2: return put_codes_stride<2>(in, n, stride, code, dst);
+    case 4: return put_codes_stride<4>(in, n, stride, code, dst);
+    default: return put_codes_stride<0>(in, n, stride, code, dst);
   }
 }
 
@@ -381,6 +594,15 @@ void encode_with(const uint8_t* in, size_t n, std::string& out, size_t stride, C
 
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride) {
   encode_with(in, n, out, stride, histogram, put_codes_any);
+}
+
+bool use_cpu_extensions(bool on) {
+#ifdef LIVETRAIN_ENTROPY_X86
+  return extensions_on.exchange(on);
+#else
+  (void)on;
+  return false;
+#endif
 }
 
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride) {

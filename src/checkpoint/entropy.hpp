@@ -36,6 +36,10 @@ inline constexpr size_t max_encoded_bytes(size_t n) { return 9 + n; }
 // grows while the streams are appended (tests/cpp/test_checkpoint_entropy.cpp, at the worst case).
 inline constexpr size_t kEncodeSlack = 7;
 
+// A stride-1 Huffman stream of at least this many bytes per used symbol takes its codes from a table of symbol
+// pairs (entropy.cpp, put_codes_pairs; a sparse step's bitmap does): named here for the tests that cover it.
+inline constexpr size_t kPairBytesPerSymbol = 512;
+
 // Appends the coded stream of the `n` (at most 2^31) bytes in[0], in[stride], ..., in[(n - 1) · stride] to `out` (a
 // stride reads one byte plane of interleaved values without gathering it first).
 void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
@@ -43,6 +47,11 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // at a time behind a branch; the code lengths come from the same builder as encode's): what tests check
 // encode against and what checkpoint.encoder=0 selects, so that a benchmark compares the two in one run.
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
+
+// Whether encode and histogram run the code compiled for the CPU's extensions beyond baseline x86-64 where it
+// has them (BMI2 for the code writer, AVX-512 VBMI2 for histograms; on by default): `on`, returning the
+// setting before (false where the build has none). The output is the same either way; tests check both.
+bool use_cpu_extensions(bool on);
 
 // The byte histogram of in[0], in[stride], ..., in[(n - 1) · stride]: encode's first pass (declared for
 // bench/encode_phases.cpp, which times it alone).

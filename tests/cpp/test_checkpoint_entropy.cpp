@@ -212,6 +212,13 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   EXPECT_EQ(fast.size(), 950644u);
   EXPECT_EQ(livetrain::checkpoint::xxh64(fast.data(), fast.size()), 0x13c565c936be60b2ull);
   EXPECT_TRUE(fast == reference) << "encode and encode_reference differ";
+  std::string baseline;  // without the CPU's extensions (entropy::use_cpu_extensions)
+  const bool was = entropy::use_cpu_extensions(false);
+  encode_pinned_cases(
+      [](const uint8_t* in, size_t n, std::string& out, size_t stride) { entropy::encode(in, n, out, stride); },
+      baseline);
+  entropy::use_cpu_extensions(was);
+  EXPECT_TRUE(baseline == reference) << "encode without the CPU's extensions and encode_reference differ";
   // What the cases cover: each mode, and Huffman codes at the 11-bit limit.
   int modes[3] = {0, 0, 0}, at_limit = 0;
   std::string again;
@@ -239,6 +246,74 @@ TEST(CheckpointEntropy, EncoderBytesAreThoseOfTheCoderBefore) {
   EXPECT_GT(modes[1], 2);
   EXPECT_GT(modes[2], 100);
   EXPECT_GT(at_limit, 10);
+}
+
+namespace {
+
+// encode and encode_reference write the same bytes on random inputs beyond the pinned ones: odd sizes up to
+// 300,000 (past the pair table's threshold, kPairBytesPerSymbol bytes per used symbol, at stride 1), strides
+// 1-5 with random bytes between the symbols, one symbol, two, all 256 (flat, or after a run of 0s: the
+// histogram that skips 0s), and sparse bitmaps whose zero bytes come in runs of eight and more or not; each
+// stream decodes back. Counts that the pair table's streams and its 8-zero runs were among them.
+void encode_equals_reference_on_random_inputs() {
+  std::mt19937_64 rng(28);
+  int paired = 0, paired_runs = 0, huffman = 0;
+  for (int t = 0; t < 300; ++t) {
+    const size_t n = t < 10 ? static_cast<size_t>(t) : t % 3 == 0 ? 50000 + rng() % 250000 : rng() % 9000;
+    const size_t stride = t % 2 == 0 ? 1 : 1 + rng() % 5, off = rng() % 8;
+    std::vector<uint8_t> buf(off + n * stride + 7);
+    for (auto& b : buf) b = static_cast<uint8_t>(rng());
+    const int kind = t % 6;
+    const unsigned a = static_cast<unsigned>(rng() % 256), density = 1 + static_cast<unsigned>(rng() % 400);
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t r = rng();
+      uint8_t s = 0;
+      switch (kind) {
+        case 0: s = static_cast<uint8_t>(a); break;                       // one symbol
+        case 1: s = static_cast<uint8_t>(r % 5 == 0 ? a : a + 1); break;  // two
+        case 2: s = static_cast<uint8_t>(r); break;                       // all 256, flat
+        case 3:  // bitmap bytes, each bit set with probability density / 4096
+          for (int b = 0; b < 8; ++b) s |= static_cast<uint8_t>(((r >> (8 * b)) & 0xFFF) < density) << b;
+          break;
+        case 4: s = static_cast<uint8_t>(std::min(std::countr_zero(r | (1ull << 40)), 20)); break;  // deep
+        default: s = i < 100 ? 0 : static_cast<uint8_t>(r); break;  // 0s, then all 256 (histograms that skip 0s)
+      }
+      buf[off + i * stride] = s;
+    }
+    std::string fast, reference;
+    entropy::encode(buf.data() + off, n, fast, stride);
+    entropy::encode_reference(buf.data() + off, n, reference, stride);
+    ASSERT_EQ(fast, reference) << "case " << t << ": n " << n << ", stride " << stride << ", kind " << kind;
+    std::vector<uint8_t> plane(n);
+    for (size_t i = 0; i < n; ++i) plane[i] = buf[off + i * stride];
+    ASSERT_EQ(decode(fast, n), plane) << "case " << t;
+    if (static_cast<uint8_t>(fast[0]) != 2) continue;
+    ++huffman;
+    int used = 0;
+    for (size_t k = 0; k < entropy::kTableBytes; ++k) {
+      const auto b = static_cast<uint8_t>(fast[9 + k]);
+      used += (b & 15) != 0;
+      used += (b >> 4) != 0;
+    }
+    if (stride == 1 && n >= entropy::kPairBytesPerSymbol * static_cast<size_t>(used)) {
+      ++paired;
+      paired_runs += kind == 3 && (static_cast<uint8_t>(fast[9]) & 15) <= 4;  // 0's code: at most 4 bits
+    }
+  }
+  EXPECT_GT(huffman, 100);
+  EXPECT_GT(paired, 10);
+  EXPECT_GT(paired_runs, 3);
+}
+
+}  // namespace
+
+// The same with the code compiled for the CPU's extensions and, where it has them, with the baseline x86-64 code.
+TEST(CheckpointEntropy, EncodeEqualsReferenceOnRandomInputs) {
+  encode_equals_reference_on_random_inputs();
+  // The baseline x86-64 code too, where the CPU's extensions are used.
+  const bool was = entropy::use_cpu_extensions(false);
+  encode_equals_reference_on_random_inputs();
+  entropy::use_cpu_extensions(was);
 }
 
 // The room a block of the delta's blocks encoding reserves for its streams (delta.cpp, encode_block) is
