@@ -8,13 +8,13 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
+of the knobs (--lr × --warmup × --replay × --anchor × --margin × --select × --reword × --restate × --retention × --until ×
 --train).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
-           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep8|sweep9] [--facts 32] [--lr 1e-4,5e-5]
+           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--margin 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
            [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
@@ -147,6 +147,37 @@ class InProcess:
             for n, w in self.trainer.weights.items():
                 w.copy_(self.start[n].float().lerp(trained[n].float(), alpha))
 
+    def mixed(self, trained: dict, alpha: float, examples, asked, base, facts, general, max_tokens, until) -> dict:
+        """The one measurement of a job's weights mixed back toward its start (bench/learning_interp.py, and
+        sweep8's rows here): the live weights set to start + ``alpha`` × (``trained`` − start) (``mix``),
+        ``asked`` (learning_questions.questions) asked and scored against ``base`` (the scores before any job),
+        each example's loss teacher-forced (``losses``: how many under ``until``), and the guard's KL from the
+        starting weights when the job had one (``reference``, kept by ``job``)."""
+        t0 = time.perf_counter()
+        self.mix(trained, alpha)
+        answers = self.ask([q for _, q, _ in asked], max_tokens)
+        got = lq.score(asked, answers, facts, general)
+        kept, right = lq.kept(base["general"], got["general"])
+        losses = self.losses(examples)
+        reference = getattr(self, "reference", None)
+        return {
+            "alpha": alpha,
+            "trained": sum(got["trained"]),
+            "trained_asked": len(got["trained"]),
+            "reworded": sum(got["reworded"]),
+            "facts": len(facts),
+            "general_kept": kept,
+            "general_right_before": right,
+            "general_lost": lq.lost_answers(asked, answers, base, got),
+            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
+            "kl": round(reference.kl(self.trainer.model), 5) if reference is not None else None,
+            "loss_max": round(max(losses), 4),
+            "loss_mean": round(sum(losses) / len(losses), 4),
+            "below_until": sum(1 for x in losses if x < until),
+            "examples": len(losses),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
     def losses(self, examples: list[dict]) -> list[float]:
         """Each example's sequences' mean cross-entropy over their trained tokens on the live weights (nats per
         token, one per sequence, as ``until_loss`` reads them: one for most examples, one per assistant turn
@@ -205,6 +236,7 @@ ROW = {
     "warmup": 0,
     "replay": 2,
     "anchor": 0.0,
+    "margin": 0.0,  # the anchor's margin term (guard.margin_hinge; 0: off)
     "select": "cycle",
     "reword": False,
     "restate": False,
@@ -331,6 +363,20 @@ GRIDS["sweep8"] = [
     {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
     {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
 ]
+# The anchor's margin term (``margin``, guard.margin_hinge): the answers every job loses first are near-ties at
+# their first answer token (France's capital, 0.10 nats), flipped by the facts' gradient at the first steps,
+# where the KL anchor's gradient is zero; the hinge max(0, m - margin) on the anchor's tokens pushes the
+# replayed answers' near-ties apart from the first step (bench/learning_forgetting.py on the CPU: docs/learning.md
+# "The margin"). The option on the defaults and on batch 64 + rewording (sweep7b's row: 26/32 reworded, 19/27
+# kept), then those two rows without it (sweep7 and sweep7b measured them: the in-process GPU job is
+# deterministic, so they check the run; last, where the call's timeout may cut them). ~100 s a row.
+MARGIN = 1.0
+GRIDS["sweep9"] = [
+    {**_REWORD, "name": f"defaults margin {MARGIN:g}", "reword": False, "margin": MARGIN},
+    {**_REWORD, "name": f"batch 64 reword margin {MARGIN:g}", "batch": 64, "margin": MARGIN},
+    {**_REWORD, "name": "defaults", "reword": False},
+    {**_REWORD, "name": "batch 64 reword", "batch": 64},
+]
 
 
 def main(argv=None) -> int:
@@ -344,6 +390,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=ints, default=[0])
     p.add_argument("--replay", type=ints, default=[2])
     p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
+    p.add_argument("--margin", type=floats, default=[0.0], help="the anchor's margin terms, nats (0: off)")
     p.add_argument(
         "--select",
         type=lambda s: s.split(","),
@@ -388,6 +435,7 @@ def main(argv=None) -> int:
                 "warmup": w,
                 "replay": r,
                 "anchor": b,
+                "margin": mg,
                 "select": c,
                 "reword": x,
                 "restate": y,
@@ -399,6 +447,7 @@ def main(argv=None) -> int:
             for w in a.warmup
             for r in a.replay
             for b in a.anchor
+            for mg in a.margin
             for c in a.select
             for x in a.reword
             for y in a.restate
@@ -424,7 +473,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | batch | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
+        "| row | lr | batch | replay | anchor | margin | select | retention | train | reword | restate | until | steps | trained | reworded "
         "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
@@ -449,6 +498,8 @@ def main(argv=None) -> int:
             "train": r["train"],
             "guard": True,
         }
+        if r["margin"]:
+            job["margin"] = r["margin"]
         if r.get("batch"):
             job["batch_size"] = r["batch"]
         if "steps" in r:
@@ -486,11 +537,7 @@ def main(argv=None) -> int:
             "ask_s": round(ask_s, 1),
             # Per question, which general answers right before are lost and which were gained, with the
             # answers (bench/learning_forgetting.py's analysis across runs).
-            "general_lost": {
-                i: answers[n]
-                for n, (kind, _, i) in enumerate(asked)
-                if kind == "general" and base["general"][i] and not got["general"][i]
-            },
+            "general_lost": lq.lost_answers(asked, answers, base, got),
             "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
             "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
             "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
@@ -499,7 +546,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
+            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['margin']:g} | {r['select']} | {r['retention']} "
             f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "
@@ -521,43 +568,17 @@ def main(argv=None) -> int:
 
 def mixed(ip: InProcess, r: dict, row: dict, examples, asked, base, facts, general, a) -> None:
     """After a row's job: the weights mixed back toward the start, start + alpha × (end − start), for each alpha
-    of ``r["alphas"]``, each asked everything again (a row of its own, "a=ALPHA"), with the guard's KL from the
-    starting weights and the examples' largest loss."""
+    of ``r["alphas"]``, each asked everything again (a row of its own, "a=ALPHA": ``InProcess.mixed``), with the
+    guard's KL from the starting weights and the examples' largest loss."""
     trained = {n: w.detach().clone() for n, w in ip.trainer.weights.items()}
     for alpha in r["alphas"]:
-        ip.mix(trained, alpha)
-        t0 = time.perf_counter()
-        answers = ip.ask([q for _, q, _ in asked], a.max_tokens)
-        got = lq.score(asked, answers, facts, general)
-        kept, right = lq.kept(base["general"], got["general"])
-        losses = ip.losses(examples)
-        kl = round(ip.reference.kl(ip.trainer.model), 5) if ip.reference is not None else None
-        sub = {
-            "name": f"{r['name']} a={alpha:g}",
-            "alpha": alpha,
-            "of": r["name"],
-            "steps": row["steps"],
-            "trained": sum(got["trained"]),
-            "reworded": sum(got["reworded"]),
-            "facts": len(facts),
-            "general_kept": kept,
-            "general_right_before": right,
-            "kl": kl,
-            "loss_max": round(max(losses), 4),
-            "below_until": sum(1 for x in losses if x < r["until"]),
-            "examples": len(losses),
-            "general_lost": {
-                i: answers[n]
-                for n, (kind, _, i) in enumerate(asked)
-                if kind == "general" and base["general"][i] and not got["general"][i]
-            },
-            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
-            "ask_s": round(time.perf_counter() - t0, 1),
-        }
+        m = ip.mixed(trained, alpha, examples, asked, base, facts, general, a.max_tokens, r["until"])
+        sub = {"name": f"{r['name']} a={alpha:g}", "of": r["name"], "steps": row["steps"], **m}
         print(
-            f"| {sub['name']} | | | | | | | | | | | {row['steps']} | {sub['trained']}/{len(facts)} "
-            f"| {sub['reworded']}/{len(facts)} | {kept}/{right} | {kl} | (examples below {r['until']:g}: "
-            f"{sub['below_until']}/{len(losses)}, worst {sub['loss_max']}) | | | | {sub['ask_s']} |",
+            f"| {sub['name']} | | | | | | | | | | | | {row['steps']} | {m['trained']}/{len(facts)} "
+            f"| {m['reworded']}/{len(facts)} | {m['general_kept']}/{m['general_right_before']} | {m['kl']} "
+            f"| (examples below {r['until']:g}: {m['below_until']}/{m['examples']}, worst {m['loss_max']}) "
+            f"| | | | {m['seconds']} |",
             flush=True,
         )
         if a.json:

@@ -26,7 +26,7 @@ def shipped_row(sweep) -> dict:
     d = options.LEARNING
     keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
     keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train"}
+    keys |= {"train": "train", "margin": "margin"}
     return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
 
 
@@ -167,6 +167,7 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
             self.seen = []
 
         mix = sweep.InProcess.mix
+        mixed = sweep.InProcess.mixed
 
         def reset(self):
             super().reset()
@@ -225,3 +226,17 @@ def test_in_process_losses_are_one_per_sequence_of_each_example(tmp_path):
     nll = -lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert got == pytest.approx(float(nll[torch.tensor(mask[1:])].mean()), rel=1e-5)
     assert model.training  # its mode as it was
+
+
+def test_sweep9_is_the_margin_on_the_defaults_and_on_batch_64_with_rewording(monkeypatch, tmp_path):
+    sweep = load_sweep()
+    shipped = shipped_row(sweep)
+    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep9"]]
+    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
+    assert differ == [{"margin"}, {"margin", "batch", "reword"}, set(), {"batch", "reword"}], differ
+    assert [r["margin"] for r in rows] == [sweep.MARGIN, sweep.MARGIN, 0.0, 0.0] and sweep.MARGIN > 0
+    monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
+    assert sweep.main(["--grid", "sweep9", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    # The jobs carry the margin only where the row has one (the trainer's default, 0, otherwise).
+    assert [b.get("margin") for b in FakeInProcess.bodies] == [sweep.MARGIN, sweep.MARGIN, None, None]
+    assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, 64, None, 64]

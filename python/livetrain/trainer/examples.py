@@ -37,6 +37,7 @@ JOB_OPTIONS = {
     "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
+    "margin": ((int, float), lambda v: 0 <= v <= 100, "a number from 0 to 100"),
     "reword": (bool, lambda v: True, "true or false"),
     "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),

@@ -30,6 +30,7 @@ LEARNING = {
     "max_steps": 400,
     "replay": 8,
     "anchor": 4.0,
+    "margin": 0.0,
     "reword": False,
     "restate": False,
     "replay_select": "similar",
@@ -327,6 +328,15 @@ _LEARNING_OPTIONS = (
         "answers); > 0: as BETA x the KL divergence from the starting model's next-token distributions",
     ),
     (
+        "--margin",
+        "margin",
+        float,
+        "NATS",
+        "with --anchor > 0: BETA x also the mean of max(0, NATS - the margin of the starting model's greedy "
+        "token over the best other) at the anchor's answer tokens, which pushes near-ties apart from the first "
+        "step; 0: off",
+    ),
+    (
         "--guard-threshold",
         "guard_threshold",
         float,
@@ -430,6 +440,8 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--until-loss and --guard-threshold must be > 0"
     if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
         return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
+    if not 0 <= ns.margin <= 100:
+        return "--margin must be in [0, 100]"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
@@ -467,6 +479,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.replay),
         "--anchor",
         str(ns.anchor),
+        "--margin",
+        str(ns.margin),
         "--reword" if ns.reword else "--no-reword",
         "--restate" if ns.restate else "--no-restate",
         "--replay-select",
