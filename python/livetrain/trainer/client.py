@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, help="retention examples trained on at every step")
     p.add_argument("--anchor", type=float, help="> 0: train the replayed ones by KL to the model before the job")
     p.add_argument(
+        "--margin",
+        type=float,
+        help="> 0 (nats, with --anchor > 0): also push the replayed answers' near-ties apart from the first step",
+    )
+    p.add_argument(
         "--replay-select",
         choices=REPLAY_SELECT,
         help="which replayed rows join each step: in turn, or half of them those most like the step's prompts",
