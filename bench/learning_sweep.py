@@ -237,6 +237,7 @@ ROW = {
     "replay": 2,
     "anchor": 0.0,
     "margin": 0.0,  # the anchor's margin term (guard.margin_hinge; 0: off)
+    "margin_at": "first",  # where it acts: each replayed answer's first token, or all its tokens
     "select": "cycle",
     "reword": False,
     "restate": False,
@@ -365,15 +366,17 @@ GRIDS["sweep8"] = [
 ]
 # The anchor's margin term (``margin``, guard.margin_hinge): the answers every job loses first are near-ties at
 # their first answer token (France's capital, 0.10 nats), flipped by the facts' gradient at the first steps,
-# where the KL anchor's gradient is zero; the hinge max(0, m - margin) on the anchor's tokens pushes the
-# replayed answers' near-ties apart from the first step (bench/learning_forgetting.py on the CPU: docs/learning.md
-# "The margin"). The option on the defaults and on batch 64 + rewording (sweep7b's row: 26/32 reworded, 19/27
-# kept), then those two rows without it (sweep7 and sweep7b measured them: the in-process GPU job is
-# deterministic, so they check the run; last, where the call's timeout may cut them). ~100 s a row.
+# where the KL anchor's gradient is zero; the hinge max(0, m - margin) pushes the replayed answers' near-ties apart
+# from the first step. At each replayed answer's first token (``margin_at`` "first"): at every token (CPU, 4 facts,
+# bench/learning_forgetting.py) the defaults' job had not learned its 8 examples after 74 steps against 29 without
+# (docs/learning.md "The margin"), which on the H200 would run the 400-step budget out. The option on the defaults
+# and on batch 64 + rewording (sweep7b's row: 26/32 reworded, 19/27 kept), then those two rows without it (sweep7
+# and sweep7b measured them: the in-process GPU job is deterministic, so they check the run; last, where the
+# call's timeout may cut them). ~100 s a row.
 MARGIN = 1.0
 GRIDS["sweep9"] = [
-    {**_REWORD, "name": f"defaults margin {MARGIN:g}", "reword": False, "margin": MARGIN},
-    {**_REWORD, "name": f"batch 64 reword margin {MARGIN:g}", "batch": 64, "margin": MARGIN},
+    {**_REWORD, "name": f"defaults margin {MARGIN:g} first", "reword": False, "margin": MARGIN},
+    {**_REWORD, "name": f"batch 64 reword margin {MARGIN:g} first", "batch": 64, "margin": MARGIN},
     {**_REWORD, "name": "defaults", "reword": False},
     {**_REWORD, "name": "batch 64 reword", "batch": 64},
 ]
@@ -391,6 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=ints, default=[2])
     p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
     p.add_argument("--margin", type=floats, default=[0.0], help="the anchor's margin terms, nats (0: off)")
+    p.add_argument(
+        "--margin-at", type=lambda s: s.split(","), default=["first"], help="where the margin acts: first, all"
+    )
     p.add_argument(
         "--select",
         type=lambda s: s.split(","),
@@ -436,6 +442,7 @@ def main(argv=None) -> int:
                 "replay": r,
                 "anchor": b,
                 "margin": mg,
+                "margin_at": ma,
                 "select": c,
                 "reword": x,
                 "restate": y,
@@ -448,6 +455,7 @@ def main(argv=None) -> int:
             for r in a.replay
             for b in a.anchor
             for mg in a.margin
+            for ma in a.margin_at
             for c in a.select
             for x in a.reword
             for y in a.restate
@@ -499,7 +507,7 @@ def main(argv=None) -> int:
             "guard": True,
         }
         if r["margin"]:
-            job["margin"] = r["margin"]
+            job.update(margin=r["margin"], margin_at=r["margin_at"])
         if r.get("batch"):
             job["batch_size"] = r["batch"]
         if "steps" in r:
@@ -546,7 +554,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['margin']:g} | {r['select']} | {r['retention']} "
+            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['margin']:g}{'' if not r['margin'] else ' ' + r['margin_at']} | {r['select']} | {r['retention']} "
             f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "

@@ -26,7 +26,7 @@ def shipped_row(sweep) -> dict:
     d = options.LEARNING
     keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
     keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train", "margin": "margin"}
+    keys |= {"train": "train", "margin": "margin", "margin_at": "margin_at"}
     return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
 
 
@@ -239,4 +239,5 @@ def test_sweep9_is_the_margin_on_the_defaults_and_on_batch_64_with_rewording(mon
     assert sweep.main(["--grid", "sweep9", "--json", str(tmp_path / "rows.jsonl")]) == 0
     # The jobs carry the margin only where the row has one (the trainer's default, 0, otherwise).
     assert [b.get("margin") for b in FakeInProcess.bodies] == [sweep.MARGIN, sweep.MARGIN, None, None]
+    assert [b.get("margin_at") for b in FakeInProcess.bodies] == ["first", "first", None, None]
     assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, 64, None, 64]

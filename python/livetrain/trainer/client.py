@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any, Callable
 
 from livetrain.trainer.examples import JOB_OPTIONS
-from livetrain.trainer.options import REPLAY_SELECT, TRAIN
+from livetrain.trainer.options import MARGIN_AT, REPLAY_SELECT, TRAIN
 from livetrain.trainer.routes import API_KEY_ENV
 from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="> 0 (nats, with --anchor > 0): also push the replayed answers' near-ties apart from the first step",
     )
+    p.add_argument("--margin-at", choices=MARGIN_AT, help="where --margin acts: first answer token or all")
     p.add_argument(
         "--replay-select",
         choices=REPLAY_SELECT,

@@ -266,12 +266,13 @@ def margin_hinge(logits: torch.Tensor, ref_ids: torch.Tensor, margin: float) -> 
 class Anchor(NamedTuple):
     """A step's anchor (trainer.service ``Trainer.loss``): ``beta`` × (the mean KL divergence from
     ``reference``'s distributions + with ``margin`` > 0 the mean ``margin_hinge``) over its examples
-    ``indices``."""
+    ``indices``; the hinge at every answer token (``margin_at`` "all") or at each example's first ("first")."""
 
     reference: "Reference"
     indices: list
     beta: float
     margin: float = 0.0
+    margin_at: str = "first"
 
 
 class Reference:
@@ -317,17 +318,28 @@ class Reference:
         """The stored top-k token ids and log-probs of examples ``indices``' answer tokens, in order."""
         return torch.cat([self.ids[i] for i in indices]), torch.cat([self.lps[i] for i in indices])
 
-    def anchor(self, model, indices: list[int], detach_head: bool = False, margin: float = 0.0) -> torch.Tensor:
+    def anchor(
+        self, model, indices: list[int], detach_head: bool = False, margin: float = 0.0, margin_at: str = "first"
+    ) -> torch.Tensor:
         """The mean per answer token of the KL divergence over examples ``indices``, with its gradient, from
         a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows); with ``margin``
-        > 0, plus the mean ``margin_hinge`` of the same tokens."""
+        > 0, plus the mean ``margin_hinge`` at the same tokens (``margin_at`` "all") or at each example's first
+        answer token ("first")."""
         logits = answer_logits(model, self.rows(indices), self.pad, detach_head)
-        return self._term(logits, indices, margin)
+        return self._term(logits, indices, margin, margin_at)
 
-    def _term(self, logits: torch.Tensor, indices: list[int], margin: float) -> torch.Tensor:
+    def _term(self, logits: torch.Tensor, indices: list[int], margin: float, margin_at: str) -> torch.Tensor:
         ids, lps = self._reference(indices)
         term = topk_kl(logits, ids, lps).mean()
-        return term + margin_hinge(logits, ids, margin).mean() if margin > 0 else term
+        if not margin > 0:
+            return term
+        if margin_at == "first":  # each example's first answer token: the rows where its answer starts
+            starts = [0]
+            for i in indices[:-1]:
+                starts.append(starts[-1] + len(self.ids[i]))
+            at = torch.tensor(starts, device=logits.device)
+            logits, ids = logits[at], ids[at]
+        return term + margin_hinge(logits, ids, margin).mean()
 
     def rows(self, indices: list[int]) -> list:
         """Examples ``indices`` as (ids, mask, weight) rows, to join a forward shared with other rows."""
@@ -340,12 +352,13 @@ class Reference:
         head: torch.Tensor,
         detach_head: bool = False,
         margin: float = 0.0,
+        margin_at: str = "first",
     ):
         """``anchor`` from the final hidden states of ``rows(indices)`` ([rows, width, hidden], right-padded,
         made by a forward that also held the job's rows) and the output projection ``head``: the same value
         and gradient, without a forward of their own."""
         sel = answer_positions(self.rows(indices), hidden.shape[1], hidden.device)
-        return self._term(hidden_logits(hidden, sel, head, detach_head), indices, margin)
+        return self._term(hidden_logits(hidden, sel, head, detach_head), indices, margin, margin_at)
 
     @torch.no_grad()
     def kl(self, model) -> float:

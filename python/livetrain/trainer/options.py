@@ -15,6 +15,8 @@ DEFAULT_STATE_DIR = "livetrain-state"
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
 REPLAY_SELECT = ("cycle", "similar")
+# Where the anchor's margin term acts (trainer.guard.Anchor): each replayed answer's first token, or every token.
+MARGIN_AT = ("first", "all")
 # Which of the model's parameters a job trains (the rest stay as they are for that job; trainer.service
 # ``Trainer.trained_parameters``): all of them, the layers' (not the embeddings nor the output projection),
 # or the layers' MLP matrices alone.
@@ -31,6 +33,7 @@ LEARNING = {
     "replay": 8,
     "anchor": 4.0,
     "margin": 0.0,
+    "margin_at": "first",
     "reword": False,
     "restate": False,
     "replay_select": "similar",
@@ -388,6 +391,13 @@ def add_learning_options(parser) -> None:
         f"(default {LEARNING['replay_select']})",
     )
     parser.add_argument(
+        "--margin-at",
+        default=LEARNING["margin_at"],
+        choices=MARGIN_AT,
+        help="where --margin acts: each replayed answer's first token (where a near-tie changes the whole "
+        f"answer) or every answer token (default {LEARNING['margin_at']})",
+    )
+    parser.add_argument(
         "--train",
         default=LEARNING["train"],
         choices=TRAIN,
@@ -485,6 +495,8 @@ def argv(ns: argparse.Namespace) -> list[str]:
         "--restate" if ns.restate else "--no-restate",
         "--replay-select",
         ns.replay_select,
+        "--margin-at",
+        ns.margin_at,
         "--train",
         ns.train,
         *(["--no-guard"] if ns.no_guard else []),

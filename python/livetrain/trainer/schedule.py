@@ -59,6 +59,7 @@ class Plan:
     restate: bool = False
     train: str = "all"
     margin: float = 0.0
+    margin_at: str = "first"
 
     @property
     def budget(self) -> int:
@@ -117,6 +118,7 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
         margin=margin,
+        margin_at=options.get("margin_at", defaults.margin_at),
     )
 
 

@@ -663,6 +663,7 @@ class Trainer:
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
                     "margin": self.settings.margin,
+                    "margin_at": self.settings.margin_at,
                     "replay_select": self.settings.replay_select,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
@@ -927,12 +928,12 @@ class Trainer:
         )
         value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
         if anchor is not None:
-            reference, indices, beta, margin = guard.Anchor(*anchor)
+            reference, indices, beta, margin, margin_at = guard.Anchor(*anchor)
             detach = later is not None and later.active
             if hidden is not None:
-                term = reference.anchor_hidden(hidden[n:], indices, head, detach_head=detach, margin=margin)
+                term = reference.anchor_hidden(hidden[n:], indices, head, detach, margin, margin_at)
             else:
-                term = reference.anchor(self.model, indices, detach_head=detach, margin=margin)
+                term = reference.anchor(self.model, indices, detach, margin, margin_at)
             kl = float(term.detach())
             if not math.isfinite(kl):
                 raise NonFinite(f"the retention anchor's KL divergence is {kl}", applied=False, parameters=[])
@@ -1053,7 +1054,7 @@ class Trainer:
                     if self.ranks is not None:
                         self.ranks.lead("step", batch, lr)
                     step_anchor = (
-                        guard.Anchor(anchor, picked, plan.anchor, plan.margin)
+                        guard.Anchor(anchor, picked, plan.anchor, plan.margin, plan.margin_at)
                         if anchor is not None and picked
                         else None
                     )
@@ -1209,6 +1210,7 @@ class Trainer:
             "replayed_prompts": len(replay) if plan.replay else 0,
             "anchor": plan.anchor if anchor is not None else 0.0,
             "margin": plan.margin if anchor is not None else 0.0,
+            "margin_at": plan.margin_at,
             "replay_select": plan.replay_select,
             "held_out_prompts": len(held_out),
             "answers_made": "answers" in made,
