@@ -367,18 +367,20 @@ GRIDS["sweep8"] = [
 # The anchor's margin term (``margin``, guard.margin_hinge): the answers every job loses first are near-ties at
 # their first answer token (France's capital, 0.10 nats), flipped by the facts' gradient at the first steps,
 # where the KL anchor's gradient is zero; the hinge max(0, m - margin) pushes the replayed answers' near-ties apart
-# from the first step. At each replayed answer's first token (``margin_at`` "first"): at every token (CPU, 4 facts,
-# bench/learning_forgetting.py) the defaults' job had not learned its 8 examples after 74 steps against 29 without
-# (docs/learning.md "The margin"), which on the H200 would run the 400-step budget out. The option on the defaults
-# and on batch 64 + rewording (sweep7b's row: 26/32 reworded, 19/27 kept), then those two rows without it (sweep7
-# and sweep7b measured them: the in-process GPU job is deterministic, so they check the run; last, where the
-# call's timeout may cut them). ~100 s a row.
-MARGIN = 1.0
+# from the first step, at each replayed answer's first token (``margin_at`` "first"). On the CPU (4 facts,
+# bench/learning_forgetting.py; docs/learning.md "The margin") m = 1 slowed the defaults' job: at every token not
+# learned after 74 steps (max loss 0.158), at the first token 0.46 at step 32, against 29 steps to 0.097 without
+# it; how many general answers it keeps was not measured by the request's deadline. So a smaller m first, then
+# m = 1, then m = 0.5 on batch 64 + rewording (sweep7b's row without it: 26/32 reworded, 19/27 kept), then the
+# defaults without it (sweep7 and sweep8 measured it, 22/27, 16/32, 367 steps: the in-process GPU job is
+# deterministic, so it checks the run; last, where the call's timeout may cut it). A slowed job stops at its
+# 400-step budget: ~100-110 s a row.
+MARGINS = [0.5, 1.0]
 GRIDS["sweep9"] = [
-    {**_REWORD, "name": f"defaults margin {MARGIN:g} first", "reword": False, "margin": MARGIN},
-    {**_REWORD, "name": f"batch 64 reword margin {MARGIN:g} first", "batch": 64, "margin": MARGIN},
+    {**_REWORD, "name": f"defaults margin {MARGINS[0]:g} first", "reword": False, "margin": MARGINS[0]},
+    {**_REWORD, "name": f"defaults margin {MARGINS[1]:g} first", "reword": False, "margin": MARGINS[1]},
+    {**_REWORD, "name": f"batch 64 reword margin {MARGINS[0]:g} first", "batch": 64, "margin": MARGINS[0]},
     {**_REWORD, "name": "defaults", "reword": False},
-    {**_REWORD, "name": "batch 64 reword", "batch": 64},
 ]
 
 

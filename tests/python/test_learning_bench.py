@@ -233,11 +233,12 @@ def test_sweep9_is_the_margin_on_the_defaults_and_on_batch_64_with_rewording(mon
     shipped = shipped_row(sweep)
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep9"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"margin"}, {"margin", "batch", "reword"}, set(), {"batch", "reword"}], differ
-    assert [r["margin"] for r in rows] == [sweep.MARGIN, sweep.MARGIN, 0.0, 0.0] and sweep.MARGIN > 0
+    assert differ == [{"margin"}, {"margin"}, {"margin", "batch", "reword"}, set()], differ
+    m = sweep.MARGINS
+    assert [r["margin"] for r in rows] == [m[0], m[1], m[0], 0.0] and 0 < m[0] < m[1]
     monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
     assert sweep.main(["--grid", "sweep9", "--json", str(tmp_path / "rows.jsonl")]) == 0
     # The jobs carry the margin only where the row has one (the trainer's default, 0, otherwise).
-    assert [b.get("margin") for b in FakeInProcess.bodies] == [sweep.MARGIN, sweep.MARGIN, None, None]
-    assert [b.get("margin_at") for b in FakeInProcess.bodies] == ["first", "first", None, None]
-    assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, 64, None, 64]
+    assert [b.get("margin") for b in FakeInProcess.bodies] == [m[0], m[1], m[0], None]
+    assert [b.get("margin_at") for b in FakeInProcess.bodies] == ["first", "first", "first", None]
+    assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, None, 64, None]
