@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import struct
 import sys
@@ -199,13 +200,30 @@ def baseline_block_sync(live: dict, loc: dict) -> dict:
     return {"seconds": time.perf_counter() - t, "bytes_written": written}
 
 
+def cpu_threads() -> str:
+    """The core's CPU threads against what Python sees: every online CPU, and the ones this process may use."""
+    from livetrain import _core
+
+    return (
+        f"CPU threads of the core {_core.num_threads()} (CPUs online {os.cpu_count()}, "
+        f"in this process's affinity mask {len(os.sched_getaffinity(0))})"
+    )
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (getrusage): each a page touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def livetrain_save(store, live: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    f = minor_faults()
     t = time.perf_counter()
     r = store.save(live)
     return {
         "seconds": time.perf_counter() - t,
+        "minor_faults": minor_faults() - f,
         "bytes_written": r["bytes"] if r["written"] else 0,
         "changed": r["changed"],
         "elements": r["elements"],
@@ -337,7 +355,6 @@ ENCODERS = {
     2: "2: word-wise coder, records as pieces, checksums by the writer, gap sizes measured per block",
     3: "3 (default): as 2, gap sizes measured only where they could win",
 }
-WHOLE_27B_ELEMENTS = 26_895_998_464  # the elements of qwen35_shapes(64), the whole text model (851 tensors)
 
 
 def encoder_host(
@@ -349,11 +366,12 @@ def encoder_host(
     the medians of the encode phase and of its input (bitmaps + values) per second and thread. The model:
     the Llama-8B shapes cut to `gib` ("8b"), or Qwen3.5-27B's whole text model with every tensor's rows
     divided by `row_scale` ("qwen3.5-27b"); for the latter also what the encode would take on the whole
-    model's bytes at 16 threads, if the time per element and thread stayed what it is here."""
+    model's bytes at 16 threads, if the time per element and thread stayed what it is here. Also the minor page
+    faults of each save (getrusage: pages the process touched for the first time)."""
     from livetrain import _core
     from livetrain.checkpoint import CheckpointStore
 
-    threads = int(os.environ.get("LIVETRAIN_NUM_THREADS") or 0) or os.cpu_count()
+    threads = _core.num_threads()
     work = tempfile.mkdtemp(prefix="livetrain-checkpoint-encoder-", dir=parent)
     rows = {c: [] for c in ENCODERS}
     same = []
@@ -391,24 +409,26 @@ def encoder_host(
     changed = median([r["changed"] / r["elements"] for r in rows[2]])
     print(
         f"\nhost save after a dense step (lr {lr:g}, {changed:.1%} of the elements changed), {what}, "
-        f"{model_bytes / 2**30:.2f} GiB, {repeats} saves per setting on the same diffs (medians), {threads} threads; "
+        f"{model_bytes / 2**30:.2f} GiB, {repeats} saves per setting on the same diffs (medians); {cpu_threads()}; "
         f"delta files identical: {'yes' if all(same) else 'NO'}\n"
     )
+    whole_elements = sum(math.prod(shape) for _, shape, _ in qwen35_shapes(1000)) if whole else 0  # 851 tensors
     scaled = " | the whole model's encode at 16 threads s" if whole else ""
     print(
-        f"| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written{scaled} |"
+        f"| checkpoint.encoder | save s | diff / encode / write s | encode input MB/s per thread | bytes written "
+        f"| minor faults{scaled} |"
     )
-    print("|---|---:|---|---:|---:|" + ("---:|" if whole else ""))
+    print("|---|---:|---|---:|---:|---:|" + ("---:|" if whole else ""))
     enc = {}
     for c, label in ENCODERS.items():
         rs = rows[c]
         enc[c] = median([r["encode_seconds"] for r in rs])
         rate = median([r["coded_input"] / r["encode_seconds"] / threads for r in rs])
-        extra = f" | {enc[c] * WHOLE_27B_ELEMENTS / elements * threads / 16:.2f}" if whole else ""
+        extra = f" | {enc[c] * whole_elements / elements * threads / 16:.2f}" if whole else ""
         print(
             f"| {label} | {median([r['seconds'] for r in rs]):.2f} | {median([r['diff_seconds'] for r in rs]):.2f} / "
             f"{enc[c]:.3f} / {median([r['write_seconds'] for r in rs]):.3f} | {rate / 1e6:.0f} | "
-            f"{median([r['bytes_written'] for r in rs]):,}{extra} |"
+            f"{median([r['bytes_written'] for r in rs]):,} | {median([r['minor_faults'] for r in rs]):,}{extra} |"
         )
     print(
         f"\nencode phase against setting 0: setting 1 {enc[0] / enc[1]:.2f}x as fast, setting 2 {enc[0] / enc[2]:.2f}x, "
@@ -752,7 +772,7 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | No
     bw_dev, bw_pcie, bw_disk = bands
     print(
         f"\nbandwidths: device copy {bw_dev / 1e9:.0f} GB/s, pinned D2H {bw_pcie / 1e9:.1f} GB/s, "
-        f"disk write+fsync {bw_disk / 1e9:.2f} GB/s; dense step at lr {lr:g}"
+        f"disk write+fsync {bw_disk / 1e9:.2f} GB/s; dense step at lr {lr:g}; {cpu_threads()}"
     )
     for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
@@ -763,13 +783,15 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | No
         )
         print(
             "| setting | dense s | vs before | diff / encode / write s | changed | bytes written | % of model | floor s "
-            "| × floor | no change s | s per 10 GB | check | = CPU save's bytes |"
+            "| × floor | no change s | s per 10 GB | minor faults | check | = CPU save's bytes |"
         )
-        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         before = mine[0].get("dense", {}).get("seconds")
         for r in mine:
             if "error" in r:
-                print(f"| {r['setting']} | - | - | - | - | - | - | - | - | - | - | {r['error']} | {r['bytes_check']} |")
+                print(
+                    f"| {r['setting']} | - | - | - | - | - | - | - | - | - | - | - | {r['error']} | {r['bytes_check']} |"
+                )
                 continue
             d, nc = r["dense"], r["no_change"]
             vs = f"{before / d['seconds']:.2f}x" if before else "-"
@@ -778,7 +800,7 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | No
                 f"{d['write_seconds']:.2f} | {d['changed'] / max(d['elements'], 1):.1%} | {d['bytes_written']:,} | "
                 f"{d['bytes_written'] / mb:.1%} | "
                 f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
-                f"{nc['seconds'] / mb * 1e10:.3f} | {r['check']} | {r['bytes_check']} |"
+                f"{nc['seconds'] / mb * 1e10:.3f} | {d.get('minor_faults', 0):,} | {r['check']} | {r['bytes_check']} |"
             )
         p = mine[0].get("prepare_probe")
         if p:

@@ -229,6 +229,15 @@ void init_checkpoint(nb::module_& m) {
             s.close();
           },
           "Closes the store (waits for a prepare_gpu still page-locking).")
+      .def(
+          "discard_new",
+          [](checkpoint::Store& s, bool remove_dir) {
+            nb::gil_scoped_release release;  // it closes: waits for prepare_gpu's thread as close does
+            s.discard_new(remove_dir);
+          },
+          nb::arg("remove_dir"),
+          "Removes a store that holds nothing but generation 0 (what a failed first save leaves): COMMIT, its LOCK "
+          "and, with remove_dir, the directory when nothing else is in it; then closes it.")
       .def("prepare_gpu", &checkpoint::Store::prepare_gpu, nb::arg("device"),
            "Page-locks the head copy for saves from CUDA device `device`, in registrations of whole tensors, on a "
            "thread of its own; returns at once, a save waits for it.")

@@ -1,9 +1,11 @@
-// Bindings: the internal performance knobs (include/livetrain/tuning.hpp), for the benchmarks' sweeps.
+// Bindings: the internal performance knobs (include/livetrain/tuning.hpp) and the CPU threads the core uses,
+// for the benchmarks' sweeps.
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/vector.h>
 
 #include "bindings.hpp"
+#include "livetrain/parallel.hpp"
 #include "livetrain/tuning.hpp"
 
 namespace nb = nanobind;
@@ -31,6 +33,9 @@ void init_tuning(nb::module_& m) {
   m.def("tuning_set", &tuning::set, nb::arg("name"), nb::arg("value"),
         "Sets an internal performance knob for the following steps and saves (benchmarks only).");
   m.def("tuning_reset", &tuning::reset, "Every internal performance knob back to its default.");
+  m.def("num_threads", &num_threads,
+        "The CPU threads of the core's parallel regions (LIVETRAIN_NUM_THREADS, else the CPUs this process may run "
+        "on: its affinity mask and cgroup CPU quota), for the benchmarks' reports.");
   m.def(
       "apollo_update_variants",
       []() {

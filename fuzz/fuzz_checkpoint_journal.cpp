@@ -1,6 +1,8 @@
 // libFuzzer target: the materialize journal parser (journal_parse) on arbitrary bytes. Every input must
 // either be rejected with livetrain::Error or parse into entries that lie inside the input and inside the
-// model files they name, and that re-encode to exactly the input (the format has one encoding).
+// model files they name, and that re-encode to exactly the input (the format has one encoding). The header's
+// parser (journal_parse_header, `checkpoint list`'s) must accept whatever journal_parse accepts, with the
+// same generations.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,8 +47,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string input(reinterpret_cast<const char*>(data), size);
   fix_checksums(input);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(input.data());
+  checkpoint::Journal header;
+  bool header_read = false;
+  try {
+    header = checkpoint::journal_parse_header(bytes, input.size(), "fuzz");
+    header_read = true;
+  } catch (const livetrain::Error&) {
+  }
   try {
     checkpoint::Journal j = checkpoint::journal_parse(bytes, input.size(), "fuzz", kFileSizes);
+    if (!header_read || header.from != j.from || header.to != j.to || !header.entries.empty()) std::abort();
     std::string again = checkpoint::journal_header(j.from, j.to);
     std::vector<std::vector<uint8_t>> files;
     for (uint64_t s : kFileSizes) files.emplace_back(s, 0);

@@ -189,6 +189,8 @@ class CheckpointStore:
         make = _core.CheckpointStore.create if _create else _core.CheckpointStore.open
         self._s = make(str(model_dir), str(store_dir or ""), rank, ranks, _held(held), group, _served_arg(served, held))
         self.created = False  # set by open_store when it made the store
+        # open_store made the store and nothing was saved in it yet: whether it made the directory too.
+        self._first_save_of_new: bool | None = None
 
     @classmethod
     def create(
@@ -298,14 +300,25 @@ class CheckpointStore:
         """Commits the elements of ``tensors`` that differ from the head as a new generation.
 
         Returns ``{"written", "generation", "bytes", "changed", "elements", "model_bytes"}``; nothing is
-        written when nothing changed (unless ``save_if_unchanged``).
+        written when nothing changed (unless ``save_if_unchanged``). When the first save of a store that
+        :func:`open_store` has just created fails, the store is removed (and closed), as ``livetrain
+        checkpoint save`` does: it would tie the model files to a store nobody saved in.
         """
-        return self._s.save(
-            _live(tensors),
-            weight_version=weight_version,
-            optimizer_state=str(optimizer_state or ""),
-            save_if_unchanged=save_if_unchanged,
-        )
+        new_dir, self._first_save_of_new = self._first_save_of_new, None
+        try:
+            return self._s.save(
+                _live(tensors),
+                weight_version=weight_version,
+                optimizer_state=str(optimizer_state or ""),
+                save_if_unchanged=save_if_unchanged,
+            )
+        except Exception:
+            if new_dir is not None:
+                try:
+                    self._s.discard_new(new_dir)
+                except _core.Error:  # the save's error is the one to report
+                    pass
+            raise
 
     def save_part(
         self, tensors: Iterable[Shard] | Mapping[str, torch.Tensor], *, optimizer_state: str | os.PathLike | None = None
@@ -459,14 +472,16 @@ def open_store(
     """Opens the store of ``model_dir`` (``rank``, ``ranks``, ``held``, ``group`` and ``served`` as
     CheckpointStore takes them); with ``create``, makes it first when it does not exist yet (generation 0 = the model files as
     they are; rank 0 only, the other ranks open after it). The one place that creates stores for
-    livetrain's processes: ``store.created`` says whether this call did."""
+    livetrain's processes: ``store.created`` says whether this call did; if so and its first ``save`` fails,
+    the store is removed again."""
     path = store_path(model_dir, store_dir)
     held = list(held) if held is not None else None
     options = dict(rank=rank, ranks=ranks, held=held, group=group, served=served)
     if create and rank == 0 and not store_exists(model_dir, path):
+        new_dir = not os.path.exists(path)
         try:
             store = CheckpointStore.create(model_dir, path, **options)
-            store.created = True
+            store.created, store._first_save_of_new = True, new_dir
             return store
         except _core.Error:
             if not store_exists(model_dir, path):

@@ -1,6 +1,7 @@
 // The delta codec: encodes a tensor's changed elements (positions as LEB128 gaps or a bitmap, values as
 // XOR with the old bits), and parses/validates delta files record by record.
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstring>
 #include <limits>
@@ -331,6 +332,22 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
   const StreamCoder coder = encoder >= 1 ? &entropy::encode : &entropy::encode_reference;
   const bool measured = encoder <= 2;  // the gap sizes measured per block, for every record that may take them
   std::vector<EncodedBlock> blocks(tasks.size());
+  outs.assign(records.size(), {});
+  auto assemble_record = [&](size_t r) {
+    std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
+                                   std::make_move_iterator(blocks.begin() + first_task[r + 1]));
+    assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, measured, checksums);
+    if (encoder < 2) {  // as before: the record in one string
+      std::string whole;
+      for (const std::string& piece : outs[r]) whole += piece;
+      outs[r].assign(1, std::move(whole));
+    }
+  };
+  // A record is assembled by the thread that encodes its last block, inside the blocks' parallel region:
+  // no second region, whose end waits for its slowest thread, per batch. Its blocks' strings are visible to
+  // that thread through the count's acquire-release.
+  std::vector<std::atomic<uint64_t>> left(records.size());
+  for (size_t r = 0; r < records.size(); ++r) left[r].store(first_task[r + 1] - first_task[r]);
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const RecordParts& r = records[tasks[t].record];
@@ -339,20 +356,7 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       // bytes when no more elements than that changed, so their size is only measured then.
       encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
                    measured && r.changed <= (r.units + 7) / 8, coder);
-    }
-  });
-  outs.assign(records.size(), {});
-  parallel_for(static_cast<int64_t>(records.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      if (records[r].changed == 0) continue;
-      std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
-                                     std::make_move_iterator(blocks.begin() + first_task[r + 1]));
-      assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, measured, checksums);
-      if (encoder < 2) {  // as before: the record in one string
-        std::string whole;
-        for (const std::string& piece : outs[r]) whole += piece;
-        outs[r].assign(1, std::move(whole));
-      }
+      if (left[tasks[t].record].fetch_sub(1, std::memory_order_acq_rel) == 1) assemble_record(tasks[t].record);
     }
   });
 }

@@ -179,7 +179,9 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
   return freq;
 }
 
-Histogram histogram(const uint8_t* in, size_t n, size_t stride) {
+}  // namespace
+
+std::array<uint64_t, 256> histogram(const uint8_t* in, size_t n, size_t stride) {
   switch (stride) {
     case 1: return histogram_words<1>(in, n);
     case 2: return histogram_words<2>(in, n);
@@ -187,6 +189,8 @@ Histogram histogram(const uint8_t* in, size_t n, size_t stride) {
     default: return histogram_bytewise(in, n, stride);
   }
 }
+
+namespace {
 
 // What the stream of a histogram is: its mode, and for Huffman the code lengths and the coded bits.
 struct Plan {

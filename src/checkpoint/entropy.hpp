@@ -14,6 +14,7 @@
 // 1), a stream that ends early, or bytes or set bits left over is kFormat.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -42,6 +43,10 @@ void encode(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
 // at a time behind a branch; the code lengths come from the same builder as encode's): what tests check
 // encode against and what checkpoint.encoder=0 selects, so that a benchmark compares the two in one run.
 void encode_reference(const uint8_t* in, size_t n, std::string& out, size_t stride = 1);
+
+// The byte histogram of in[0], in[stride], ..., in[(n - 1) · stride]: encode's first pass (declared for
+// bench/encode_phases.cpp, which times it alone).
+std::array<uint64_t, 256> histogram(const uint8_t* in, size_t n, size_t stride);
 
 // Reads one stream from `*p` (at most `end`), decoding exactly `n` bytes into `out`; advances `*p` past
 // it. Throws Error(kFormat) with `where` on anything malformed.

@@ -66,8 +66,7 @@ void journal_finish(std::string& journal) {
   put<uint64_t>(journal, sum);
 }
 
-Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
-                      const std::vector<uint64_t>& file_sizes) {
+Journal journal_parse_header(const uint8_t* bytes, size_t size, std::string_view what) {
   auto bad = [&](const std::string& msg) { return Error(ErrorCode::kFormat, std::string(what) + ": " + msg); };
   if (size < kHeaderBytes + 8) throw bad("truncated journal (" + std::to_string(size) + " bytes)");
   if (std::memcmp(bytes, kJournalMagic.data(), 8) != 0) throw bad("not a livetrain journal (bad magic)");
@@ -77,13 +76,21 @@ Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
                                              " (this build reads versions " + std::to_string(kJournalVersion) +
                                              " and " + std::to_string(kJournalVersionReplace) + ")");
   }
+  Journal j;
+  j.from = get<uint64_t>(bytes + 16);
+  j.to = get<uint64_t>(bytes + 24);
+  return j;
+}
+
+Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
+                      const std::vector<uint64_t>& file_sizes) {
+  auto bad = [&](const std::string& msg) { return Error(ErrorCode::kFormat, std::string(what) + ": " + msg); };
+  Journal j = journal_parse_header(bytes, size, what);
+  const uint32_t version = get<uint32_t>(bytes + 8);
   // The whole-file checksum first: a torn journal is reported as such, not as a bad field.
   if (xxh64(bytes, size - 8) != get<uint64_t>(bytes + size - 8))
     throw bad("journal checksum mismatch (corrupt or truncated)");
-  Journal j;
   uint32_t count = get<uint32_t>(bytes + 12);
-  j.from = get<uint64_t>(bytes + 16);
-  j.to = get<uint64_t>(bytes + 24);
   // Not reserve(count): the count is outside input, and a short file cannot hold that many entries.
   size_t pos = kHeaderBytes;
   const size_t end = size - 8;

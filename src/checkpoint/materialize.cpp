@@ -37,13 +37,14 @@ std::string prepared_path(const std::string& model_dir, const std::string& name)
 
 }  // namespace
 
-uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::string& what) {
-  // Check every entry before writing anything.
+Journal Store::parse_journal(const uint8_t* bytes, size_t size, const std::string& what) const {
   std::vector<uint64_t> sizes;
   for (const auto& f : commit_.files) sizes.push_back(f.size);
-  Journal j = journal_parse(bytes, size, what, sizes);
+  return journal_parse(bytes, size, what, sizes);
+}
+
+void Store::apply_journal(const Journal& j, const std::string& what) {
   const std::vector<JournalEntry>& entries = j.entries;
-  const uint64_t to = j.to;
 
   // Files replaced whole first: the prepared copy is renamed over the file; if it is gone, the rename happened
   // before a crash, and the file must be that copy.
@@ -97,7 +98,6 @@ uint64_t Store::apply_journal(const uint8_t* bytes, size_t size, const std::stri
     if (fds[f].valid() && ::fsync(fds[f].get()) != 0)
       throw io_error("fsync " + fs::join(model_dir_, commit_.files[f].name));
   }
-  return to;
 }
 
 void Store::commit_materialized(uint64_t generation) {
@@ -131,13 +131,11 @@ void Store::recover_journal() {
     for (const auto& f : commit_.files) ::unlink(prepared_path(model_dir_, f.name).c_str());
     return;
   }
-  std::string bytes = fs::read_file(path);
-  const uint8_t* p = reinterpret_cast<const uint8_t*>(bytes.data());
-  std::vector<uint64_t> sizes;
-  for (const auto& f : commit_.files) sizes.push_back(f.size);
-  Journal j;
+  // Mapped, not read onto the heap: a journal holds every changed byte (about the model's size after a dense step).
+  const fs::Mapping bytes = fs::Mapping::open_readonly(path);
+  Journal j;  // its entries point into `bytes`
   try {
-    j = journal_parse(p, bytes.size(), path, sizes);
+    j = parse_journal(bytes.data(), bytes.size(), path);
     if (j.to != commit_.materialized && j.from != commit_.materialized) {
       throw Error(ErrorCode::kFormat,
                   path + ": journal from generation " + std::to_string(j.from) + " to " + std::to_string(j.to) +
@@ -150,7 +148,7 @@ void Store::recover_journal() {
     // The commit happened; only the journal's removal was lost.
   } else {
     try {
-      apply_journal(p, bytes.size(), path);  // redo: idempotent, whatever part was applied before the crash
+      apply_journal(j, path);  // redo: idempotent, whatever part was applied before the crash
     } catch (const Error& e) {
       throw Error(e.code(), "finishing the interrupted materialize of generation " + std::to_string(j.from) + " to " +
                                 std::to_string(j.to) + " failed: " + e.what() + "; the model files in " + model_dir_ +
@@ -372,7 +370,8 @@ std::vector<std::string> Store::materialize(uint64_t generation, bool copy_symli
   fs::write_file_atomic(jpath, journal);
   crash_point("journal-written");
   report(progress, "apply", 0, count);
-  apply_journal(reinterpret_cast<const uint8_t*>(journal.data()), journal.size(), jpath);
+  // Parsed back, so that every entry is checked before anything is written.
+  apply_journal(parse_journal(reinterpret_cast<const uint8_t*>(journal.data()), journal.size(), jpath), jpath);
   crash_point("applied");
   commit_materialized(generation);
   crash_point("materialize-committed");

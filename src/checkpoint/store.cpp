@@ -466,11 +466,11 @@ Store::HeadCopy::HeadCopy(HeadCopy&& o) noexcept
     : base_(o.base_),
       size_(o.size_),
       offsets_(std::move(o.offsets_)),
-      gpu_base_(o.gpu_base_),
       chunks_(std::move(o.chunks_)),
       pinning_(std::move(o.pinning_)),
+      pin_running_(std::move(o.pin_running_)),
       reserved_(std::move(o.reserved_)) {
-  o.base_ = o.gpu_base_ = nullptr;
+  o.base_ = nullptr;
   o.size_ = 0;
 }
 
@@ -480,11 +480,11 @@ Store::HeadCopy& Store::HeadCopy::operator=(HeadCopy&& o) noexcept {
     base_ = o.base_;
     size_ = o.size_;
     offsets_ = std::move(o.offsets_);
-    gpu_base_ = o.gpu_base_;
     chunks_ = std::move(o.chunks_);
     pinning_ = std::move(o.pinning_);
+    pin_running_ = std::move(o.pin_running_);
     reserved_ = std::move(o.reserved_);
-    o.base_ = o.gpu_base_ = nullptr;
+    o.base_ = nullptr;
     o.size_ = 0;
   }
   return *this;
@@ -496,7 +496,6 @@ void Store::HeadCopy::settle() noexcept {
   if (!pinning_.valid()) return;
   try {
     Pinned p = pinning_.get();
-    gpu_base_ = p.gpu_base;
     chunks_ = std::move(p.chunks);
     reserved_ = std::move(p.reserved);
   } catch (...) {  // nothing page-locked: gpu_tensor does it (and reports what fails)
@@ -506,19 +505,15 @@ void Store::HeadCopy::settle() noexcept {
 void Store::HeadCopy::release() noexcept {
   settle();  // before the copy it page-locks goes
   reserved_ = DiffWorkspace();
-  if (!chunks_.empty()) {
-    for (void* c : chunks_) cuda::host::unpin(c);
-  } else if (gpu_base_) {
-    cuda::host::unpin(base_);
-  }
+  for (void* c : chunks_) cuda::host::unpin(c);
   chunks_.clear();
   if (base_) ::munmap(base_, size_);
-  base_ = gpu_base_ = nullptr;
+  base_ = nullptr;
   size_ = 0;
 }
 
 void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes) {
-  if (gpu_base_ || pinning_.valid() || !base_) return;
+  if (!chunks_.empty() || pinning_.valid() || !base_) return;
   uint8_t* const base = base_;
   // Registrations of whole entries, each of at least `chunk` bytes unless it is the last.
   std::vector<std::pair<void*, size_t>> ranges;
@@ -530,11 +525,15 @@ void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, s
       start = end;
     }
   }
+  auto running = std::make_shared<std::atomic<bool>>(true);
   pinning_ = std::async(std::launch::async, [=] {
+    struct Ended {  // however the thread ends
+      std::atomic<bool>& running;
+      ~Ended() { running.store(false, std::memory_order_release); }
+    } ended{*running};
     cuda::host::set_device(device);
     Pinned p;
     p.chunks = cuda::host::pin_ranges(ranges);
-    p.gpu_base = base;  // pin_ranges: the device address of every range is its host address
     try {
       diff_workspace_reserve_registered(p.reserved, bitmap_bytes, value_bytes);
     } catch (...) {  // the copy stays page-locked; the first save reserves the outputs itself
@@ -542,12 +541,13 @@ void Store::HeadCopy::pin_async(int device, size_t chunk, size_t bitmap_bytes, s
     }
     return p;
   });
+  pin_running_ = std::move(running);  // not before: a thread that did not start would never clear it
 }
 
 const uint8_t* Store::HeadCopy::gpu_tensor(size_t i) {
   settle();
-  if (!gpu_base_ && base_) gpu_base_ = static_cast<uint8_t*>(cuda::host::pin(base_, size_));
-  return (gpu_base_ ? gpu_base_ : base_) + offsets_[i];
+  if (chunks_.empty() && base_) chunks_ = cuda::host::pin_ranges({{base_, size_}});
+  return base_ + offsets_[i];
 }
 
 void crash_point(std::string_view point) {

@@ -101,9 +101,16 @@ const Takes kTakes[] = {
 std::optional<Args> parse(const std::vector<std::string>& args) {
   Args a;
   std::vector<std::string> pos;
-  auto number = [&a](std::optional<uint64_t>& out, const char* name) {
-    return [&a, &out, name](const std::string& v) {
-      out = parse_u64(v, name);
+  // A subcommand's own options: each notes that it was given (checked against kTakes below).
+  auto flag = [&a](bool& out, const char* name) {
+    return [&a, &out, name] {
+      out = true;
+      a.given.insert(name);
+    };
+  };
+  auto number = [&a](std::optional<uint64_t>& out, const char* name, uint64_t max = checkpoint::kMaxGeneration) {
+    return [&a, &out, name, max](const std::string& v) {
+      out = parse_u64(v, name, max);
       a.given.insert(name);
     };
   };
@@ -113,29 +120,20 @@ std::optional<Args> parse(const std::vector<std::string>& args) {
       a.given.insert(name);
     };
   };
-  bool copy_symlinks = false, round_to_file_dtype = false;
   CommandLine cmdline("checkpoint", kUsage);
   cmdline.flag({"--json"}, a.as_json)
       .flag({"-q", "--quiet"}, a.quiet)
-      .flag({"--copy-symlinks"}, copy_symlinks)
-      .flag({"--round-to-file-dtype"}, round_to_file_dtype)
+      .flag({"--copy-symlinks"}, flag(a.copy_symlinks, "--copy-symlinks"))
+      .flag({"--round-to-file-dtype"}, flag(a.round_to_file_dtype, "--round-to-file-dtype"))
       .value("--store", a.store)
       .value("--manifest", text(a.manifest, "--manifest"))
       .value("--out", text(a.out, "--out"))
       .value("--optimizer-state", text(a.optimizer_state, "--optimizer-state"))
-      .value("--weight-version",
-             [&a](const std::string& v) {
-               a.weight_version = parse_u64(v, "--weight-version", UINT64_MAX);
-               a.given.insert("--weight-version");
-             })
+      .value("--weight-version", number(a.weight_version, "--weight-version", UINT64_MAX))
       .value("--generation", number(a.generation, "--generation"))
       .value("--keep-from", number(a.keep_from, "--keep-from"))
       .positional(pos);
   if (!cmdline.parse(args)) return std::nullopt;
-  if (copy_symlinks) a.given.insert("--copy-symlinks");
-  if (round_to_file_dtype) a.given.insert("--round-to-file-dtype");
-  a.copy_symlinks = copy_symlinks;
-  a.round_to_file_dtype = round_to_file_dtype;
   if (pos.empty()) throw UsageError("checkpoint: missing subcommand (see livetrain checkpoint --help)");
   a.sub = pos[0];
   const Takes* takes = nullptr;
@@ -288,27 +286,25 @@ void print_json(const json::Value& v) {
   std::fputs("\n", stdout);
 }
 
-// A materialize that was interrupted: its journal is still in the store (list reads COMMIT only and leaves it;
-// whatever opens the store finishes it). Empty when there is none.
+// A materialize that was interrupted: its journal is still in the store (list reads COMMIT and the journal's
+// header only, and leaves it; whatever opens the store checks its entries and finishes it). Empty when there
+// is none.
 struct Pending {
   bool pending = false;
-  std::optional<checkpoint::Journal> journal;  // unset: the journal cannot be read
+  std::optional<checkpoint::Journal> journal;  // its header; unset: the header cannot be read
   std::string path, problem;
 };
 
-Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c) {
+Pending pending_materialize(const std::string& dir) {
   Pending p;
   p.path = fs::join(dir, std::string(checkpoint::kJournalFileName));
   if (!fs::exists(p.path)) return p;
   p.pending = true;
-  std::vector<uint64_t> sizes;
-  for (const auto& f : c.files) sizes.push_back(f.size);
   try {
-    // Mapped, not read: a journal holds every changed byte (about the model's size after a dense step).
+    // The header only: the entries and their checksums hold every changed byte (about the model's size after a
+    // dense step: a minute of reading at 27B), and whatever opens the store checks them before the redo.
     const fs::Mapping bytes = fs::Mapping::open_readonly(p.path);
-    checkpoint::Journal j = checkpoint::journal_parse(bytes.data(), bytes.size(), p.path, sizes);
-    j.entries.clear();  // they point into `bytes`
-    p.journal = j;
+    p.journal = checkpoint::journal_parse_header(bytes.data(), bytes.size(), p.path);
   } catch (const Error& e) {
     p.problem = e.what();
   }
@@ -317,18 +313,19 @@ Pending pending_materialize(const std::string& dir, const checkpoint::Commit& c)
 
 int run_list(const Args& a) {
   checkpoint::Commit c = checkpoint::commit_read(store_dir(a));
-  const Pending pending = pending_materialize(store_dir(a), c);
+  const Pending pending = pending_materialize(store_dir(a));
   std::string pending_text;
   if (pending.journal && pending.journal->to == c.materialized) {
     pending_text = "a materialize to generation " + std::to_string(c.materialized) +
                    " was committed; its journal is removed when the store is next opened";
   } else if (pending.journal && pending.journal->from == c.materialized) {
-    pending_text = "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
-                   std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
-                   "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
-                   "; any command that opens the store finishes it (livetrain checkpoint verify " + a.model +
-                   (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
-                   std::to_string(pending.journal->from) + " undoes it";
+    pending_text =
+        "a materialize of generation " + std::to_string(pending.journal->from) + " to " +
+        std::to_string(pending.journal->to) + " was interrupted (" + pending.path +
+        "): the model files may be partly at generation " + std::to_string(pending.journal->to) +
+        "; any command that opens the store checks the journal and finishes it (livetrain checkpoint verify " +
+        a.model + (a.store.empty() ? "" : " --store " + a.store) + "), then materialize " +
+        std::to_string(pending.journal->from) + " undoes it";
   } else if (pending.pending) {
     pending_text = "a materialize journal is pending that cannot be redone (" +
                    (pending.problem.empty() ? pending.path + ": not for this COMMIT's generations" : pending.problem) +

@@ -9,7 +9,11 @@
 namespace livetrain::cli {
 
 CommandLine& CommandLine::flag(std::initializer_list<std::string_view> names, bool& out) {
-  specs_.push_back({names, false, [&out](const std::string&) { out = true; }});
+  return flag(names, [&out] { out = true; });
+}
+
+CommandLine& CommandLine::flag(std::initializer_list<std::string_view> names, std::function<void()> set) {
+  specs_.push_back({names, false, [set = std::move(set)](const std::string&) { set(); }});
   return *this;
 }
 

@@ -21,8 +21,9 @@ class CommandLine {
   // `command` starts every error message ("checkpoint: ..."); `usage` is what -h/--help prints.
   CommandLine(std::string command, const char* usage) : command_(std::move(command)), usage_(usage) {}
 
-  // An option without a value, under any of `names` (e.g. {"-q", "--quiet"}).
+  // An option without a value, under any of `names` (e.g. {"-q", "--quiet"}): sets `out`, or calls `set`.
   CommandLine& flag(std::initializer_list<std::string_view> names, bool& out);
+  CommandLine& flag(std::initializer_list<std::string_view> names, std::function<void()> set);
   // An option taking the next argument as its value; a later occurrence replaces an earlier one.
   CommandLine& value(std::string_view name, std::string& out);
   CommandLine& value(std::string_view name, std::function<void(const std::string&)> set);

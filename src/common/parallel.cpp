@@ -1,13 +1,19 @@
 // The worker pool behind parallel_for: threads start on first use and live until exit.
 #include "livetrain/parallel.hpp"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <memory>
 #include <mutex>
+#include <sstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -103,13 +109,94 @@ Pool& pool() {
 
 }  // namespace
 
+int cpu_quota_cpus(std::string_view cpu_max) {
+  // "max PERIOD" (no quota) or "QUOTA PERIOD", both in microseconds.
+  const size_t space = cpu_max.find(' ');
+  if (space == std::string_view::npos) return 0;
+  const std::string_view quota = cpu_max.substr(0, space);
+  std::string_view period = cpu_max.substr(space + 1);
+  while (!period.empty() && (period.back() == '\n' || period.back() == ' ')) period.remove_suffix(1);
+  auto number = [](std::string_view v, uint64_t& out) {
+    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+    return ec == std::errc() && end == v.data() + v.size() && out > 0;
+  };
+  uint64_t q = 0, p = 0;
+  if (!number(quota, q) || !number(period, p)) return 0;
+  return static_cast<int>(std::min<uint64_t>((q + p - 1) / p, 1 << 20));
+}
+
+namespace {
+
+std::string read_small_file(const std::string& path) {
+  std::ifstream f(path);
+  std::string text;
+  std::getline(f, text, '\0');
+  return text;
+}
+
+// The fewest CPUs a CPU quota of this process's cgroup or of one above it allows: cgroup v2's cpu.max, or v1's
+// cpu.cfs_quota_us and cpu.cfs_period_us of the cpu controller; 0 when none is set or none can be read.
+int cgroup_quota_cpus() {
+  std::string v2, v1, v1_mount;
+  {
+    std::istringstream lines(read_small_file("/proc/self/cgroup"));
+    for (std::string line; std::getline(lines, line);) {
+      // "ID:CONTROLLERS:PATH"; the unified (v2) hierarchy has ID 0 and no controllers.
+      const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+      if (b == std::string::npos) continue;
+      const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+      if (line.rfind("0::", 0) == 0) v2 = path;
+      std::istringstream names(controllers);
+      for (std::string name; std::getline(names, name, ',');) {
+        if (name == "cpu") v1 = path, v1_mount = "/sys/fs/cgroup/" + controllers;
+      }
+    }
+  }
+  int fewest = 0;
+  auto each_level = [&](std::string path, const std::function<int(const std::string&)>& cpus) {
+    if (path.empty() || path[0] != '/') return;
+    while (true) {
+      const int n = cpus(path == "/" ? std::string() : path);
+      if (n > 0 && (fewest == 0 || n < fewest)) fewest = n;
+      if (path == "/") return;
+      const size_t slash = path.rfind('/');
+      path = slash == 0 ? "/" : path.substr(0, slash);
+    }
+  };
+  each_level(
+      v2, [](const std::string& dir) { return cpu_quota_cpus(read_small_file("/sys/fs/cgroup" + dir + "/cpu.max")); });
+  for (const std::string& mount : {v1_mount, std::string("/sys/fs/cgroup/cpu")}) {
+    if (v1_mount.empty()) break;
+    each_level(v1, [&](const std::string& dir) {
+      std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
+                  period = read_small_file(mount + dir + "/cpu.cfs_period_us");
+      while (!quota.empty() && quota.back() == '\n') quota.pop_back();
+      return cpu_quota_cpus(quota + " " + period);  // a quota of -1 (none) is no number: 0
+    });
+  }
+  return fewest;
+}
+
+}  // namespace
+
+int available_cpus() {
+  int n = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) n = std::min(n, CPU_COUNT(&set));
+#endif
+  if (const int quota = cgroup_quota_cpus(); quota > 0) n = std::min(n, quota);
+  return n;
+}
+
 int num_threads() {
   static int n = [] {
     if (const char* env = std::getenv("LIVETRAIN_NUM_THREADS")) {
       int v = std::atoi(env);
       if (v > 0) return v;
     }
-    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    return available_cpus();
   }();
   return n;
 }

@@ -15,16 +15,6 @@ namespace livetrain::cuda::host {
 
 void set_device(int device) { LIVETRAIN_CUDA_CHECK(cudaSetDevice(device)); }
 
-void* pin(void* p, size_t n) {
-  LIVETRAIN_CUDA_CHECK(cudaHostRegister(p, n, cudaHostRegisterPortable | cudaHostRegisterMapped));
-  void* dev = nullptr;
-  if (cudaError_t e = cudaHostGetDevicePointer(&dev, p, 0); e != cudaSuccess) {
-    cudaHostUnregister(p);
-    LIVETRAIN_CUDA_CHECK(e);
-  }
-  return dev;
-}
-
 void unpin(void* p) noexcept { cudaHostUnregister(p); }
 
 std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>& ranges) {
@@ -69,7 +59,6 @@ namespace {
 }  // namespace
 
 void set_device(int) { no_cuda(); }
-void* pin(void*, size_t) { no_cuda(); }
 void unpin(void*) noexcept {}
 std::vector<void*> pin_ranges(const std::vector<std::pair<void*, size_t>>&) { no_cuda(); }
 void to_device(void*, const void*, size_t) { no_cuda(); }

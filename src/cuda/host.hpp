@@ -11,13 +11,11 @@ namespace livetrain::cuda::host {
 
 // Makes `device` current for this thread.
 void set_device(int device);
-// Page-locks [p, p + n) and maps it for the GPU (cudaHostRegister, portable + mapped); returns the
-// address kernels use for it.
-void* pin(void* p, size_t n);
-// Undoes pin(); never throws (called from destructors).
+// Undoes a registration of pin_ranges; never throws (called from destructors).
 void unpin(void* p) noexcept;
-// Page-locks consecutive ranges {start, bytes} (page-aligned starts, none overlapping another's pages) as one
-// registration each, for kernels that address them as one range: returns their starts (each to unpin), or
+// Page-locks consecutive ranges {start, bytes} (page-aligned starts, none overlapping another's pages) and maps
+// them for the GPU (cudaHostRegister, portable + mapped) as one registration each, for kernels that address
+// them as one range at their host addresses: returns their starts (each to unpin), or
 // throws, registering nothing, when a registration fails or the device address of a range is not its host
 // address (without unified addressing the ranges would not form one device range). A registration holds
 // every CUDA call of the process up while it runs (measured on the H200: a GPU loop on another thread

@@ -304,6 +304,16 @@ TEST(CheckpointJournal, GoldenBytesAndRoundTrip) {
       checkpoint::journal_parse(reinterpret_cast<const uint8_t*>(j.data()), j.size(), "m.journal", {100, 100});
   EXPECT_EQ(p.from, 4u);
   EXPECT_EQ(p.to, 5u);
+  // The header alone (`checkpoint list`): the generations, nothing of the entries, whatever they hold.
+  std::string torn = j;
+  torn[40] ^= 1;
+  const checkpoint::Journal h =
+      checkpoint::journal_parse_header(reinterpret_cast<const uint8_t*>(torn.data()), torn.size(), "m.journal");
+  EXPECT_EQ(h.from, 4u);
+  EXPECT_EQ(h.to, 5u);
+  EXPECT_TRUE(h.entries.empty());
+  EXPECT_THROW(checkpoint::journal_parse_header(reinterpret_cast<const uint8_t*>(torn.data()), 39, "m.journal"),
+               livetrain::Error);
   ASSERT_EQ(p.entries.size(), 1u);
   EXPECT_EQ(p.entries[0].file, 1u);
   EXPECT_EQ(p.entries[0].offset, 0x10u);

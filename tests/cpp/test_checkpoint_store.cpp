@@ -13,8 +13,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <thread>
 
 #include "checkpoint_helpers.hpp"
 #include "helpers.hpp"
@@ -657,6 +659,12 @@ TEST(CheckpointStore, PrepareGpuLeavesSavesAsTheyWere) {
   prepared.prepare_gpu(0);
   EXPECT_THROW(prepared.prepare_gpu(-1), Error);
   checkpoint::Store moved = std::move(prepared);
+  // Polled, it ends, however its thread does (here it fails at once without a CUDA device), also after a move:
+  // gpu_prepared reads the flag the thread clears on every way out, not the future a save may be waiting on.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!moved.gpu_prepared() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_TRUE(moved.gpu_prepared());
   for (int step = 0; step < 2; ++step) {
     livetrain::testing::perturb(live, 500 + step, 0.1);
     const checkpoint::SaveResult a = plain.save(live.views()), b = moved.save(live.views());

@@ -419,12 +419,19 @@ def test_an_interrupted_materialize_is_listed_and_a_bad_journal_explained(cli, l
     assert same_bits(load_dir(model), states[1])
     ok_json(cli, "checkpoint", "materialize", str(model), "0")
 
-    # A journal that cannot be read: whether the files were written decides the advice.
+    # A journal that cannot be read: whether the files were written decides the advice. `list` reads its header
+    # only (the entries hold every changed byte, about the model's size): a header it cannot read is named...
     interrupt()
     data = bytearray(journal.read_bytes())
+    journal.write_bytes(b"X" + bytes(data[1:]))
+    r = run(cli, "checkpoint", "list", str(model))
+    assert "cannot be redone" in r.stdout and "bad magic" in r.stdout, r.stdout
+    # ...a bad checksum past it is the opening's to find (it checks the journal before the redo).
     data[-1] ^= 1
     journal.write_bytes(bytes(data))
-    assert "cannot be redone" in run(cli, "checkpoint", "list", str(model)).stdout
+    r = run(cli, "checkpoint", "list", str(model))
+    assert "a materialize of generation 0 to 1 was interrupted" in r.stdout, r.stdout
+    assert "checks the journal and finishes it" in r.stdout, r.stdout
     r = run(cli, "checkpoint", "verify", str(model), "-q")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "checksum" in r.stderr, r.stderr
     if point == "journal-written":

@@ -1,6 +1,7 @@
 """livetrain.checkpoint: the store from Python on torch tensors (save, list, restore, verify, errors), and
 restore_latest, which engines call at start-up."""
 
+import os
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import livetrain
 from livetrain import _core
 from livetrain import safetensors as lst
-from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_path
+from livetrain.checkpoint import CheckpointStore, open_store, restore_latest, store_exists, store_path
 
 from weights import load_dir, perturb, same_bits, snapshot
 
@@ -150,6 +151,37 @@ def test_create_opens_with_the_given_options(sharded_model):
         assert store.created
         with pytest.raises(livetrain.Error, match="model.embed_tokens.weight"):
             store.save(live)
+
+
+# A first save that failed left the store open_store(create=True) had made (`livetrain checkpoint save` removes
+# it since store27): it tied the model files to a store nobody saved in, which refuses them once they change.
+def test_a_failed_first_save_of_a_store_open_store_created_leaves_no_store(sharded_model, tmp_path):
+    d, live = sharded_model
+    wrong = {**live, "model.norm.weight": torch.ones(64)}
+    with open_store(d, create=True) as store:
+        assert store.created
+        with pytest.raises(livetrain.Error, match="model.norm.weight"):
+            store.save(wrong)
+    assert not os.path.exists(store_path(d))
+    # A directory given that was there before stays, without the store's files.
+    given = tmp_path / "given"
+    given.mkdir()
+    with open_store(d, given, create=True) as store:
+        with pytest.raises(ValueError, match="not contiguous"):
+            store.save({**live, "model.layers.0.mlp.up_proj.weight": live["model.layers.0.mlp.up_proj.weight"].t()})
+    assert list(given.iterdir()) == []
+    # Only the first save: one that succeeded (here writing nothing) keeps the store through later failures...
+    with open_store(d, create=True) as store:
+        assert store.save(live)["written"] is False
+        with pytest.raises(livetrain.Error, match="model.norm.weight"):
+            store.save(wrong)
+    assert store_exists(d)
+    # ...and a store open_store opened, not created, stays whatever fails.
+    with open_store(d, create=True) as store:
+        assert not store.created
+        with pytest.raises(livetrain.Error, match="model.norm.weight"):
+            store.save(wrong)
+    assert store_exists(d)
 
 
 def _twin_model_dirs(tmp_path, live):

@@ -46,5 +46,8 @@ void journal_finish(std::string& journal);
 // kFormat naming `what` and the entry index.
 Journal journal_parse(const uint8_t* bytes, size_t size, std::string_view what,
                       const std::vector<uint64_t>& file_sizes);
+// The header only (size, magic, version; `from` and `to`), no entries: what a journal is for, without reading
+// its entries and checksums (they hold every changed byte: about the model's size after a dense step).
+Journal journal_parse_header(const uint8_t* bytes, size_t size, std::string_view what);
 
 }  // namespace livetrain::checkpoint

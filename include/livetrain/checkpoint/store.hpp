@@ -39,11 +39,12 @@
 // TP size restores at another: each record's region is XORed into the part of it a target region holds.
 #pragma once
 
-#include <chrono>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -53,6 +54,7 @@
 #include "livetrain/checkpoint/commit.hpp"
 #include "livetrain/checkpoint/delta.hpp"
 #include "livetrain/checkpoint/diff.hpp"
+#include "livetrain/checkpoint/journal.hpp"
 #include "livetrain/checkpoint/region.hpp"
 #include "livetrain/dtype.hpp"
 #include "livetrain/fs.hpp"
@@ -347,8 +349,10 @@ class Store {
   std::string unusable_journal_advice(const std::string& path) const;
   void recover_journal();
   void remove_uncommitted();
-  // Parses and checks a journal, writes its entries into the model files and fsyncs them; returns `to`.
-  uint64_t apply_journal(const uint8_t* bytes, size_t size, const std::string& what);
+  // Parses and checks a journal against COMMIT's model files (journal_parse with their sizes).
+  Journal parse_journal(const uint8_t* bytes, size_t size, const std::string& what) const;
+  // Writes a parsed journal's entries into the model files and fsyncs them.
+  void apply_journal(const Journal& j, const std::string& what);
   void commit_materialized(uint64_t generation);
 
   std::string model_dir_;
@@ -383,15 +387,14 @@ class Store {
     // at least `chunk` bytes, then reserves page-locked diff outputs of these sizes (a workspace the first
     // save takes: take_reserved). Nothing when pinned or pinning.
     void pin_async(int device, size_t chunk, size_t bitmap_bytes, size_t value_bytes);
-    bool pin_finished() const {
-      return !pinning_.valid() || pinning_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
-    }
+    // Polled from any thread, also while a save waits for that thread on another (settle): reads only the
+    // flag pin_async's thread clears as it ends, never the future, whose get() is not safe alongside.
+    bool pin_finished() const { return !pin_running_ || !pin_running_->load(std::memory_order_acquire); }
     // The workspace pin_async reserved, once (after gpu_tensor waited for it); empty buffers otherwise.
     DiffWorkspace take_reserved() { return std::move(reserved_); }
 
    private:
     struct Pinned {
-      uint8_t* gpu_base = nullptr;
       std::vector<void*> chunks;  // pin_async's registrations
       DiffWorkspace reserved;
     };
@@ -400,9 +403,12 @@ class Store {
     uint8_t* base_ = nullptr;
     size_t size_ = 0;
     std::vector<size_t> offsets_;
-    uint8_t* gpu_base_ = nullptr;  // set once page-locked
-    std::vector<void*> chunks_;    // when pin_async page-locked it: its registrations, else one of base_
+    // The registrations that page-lock the copy (pin_async's, or gpu_tensor's one of it all); empty: not
+    // page-locked. Kernels read the copy at its host address (pin_ranges checks that they can).
+    std::vector<void*> chunks_;
     std::future<Pinned> pinning_;  // pin_async's, until settled
+    // pin_async's thread is running; shared with that thread (a move of the copy carries the thread along).
+    std::shared_ptr<std::atomic<bool>> pin_running_;
     DiffWorkspace reserved_;
   };
 

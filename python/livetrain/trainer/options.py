@@ -61,30 +61,27 @@ def device(value: str) -> str:
     return value
 
 
-def batch_tokens(value: str) -> int | str:
-    """``--max-batch-tokens`` (an argparse type): ``auto`` or a whole number >= 1."""
+def _auto_or_at_least(value: str, least: int, unit: str) -> int | str:
+    """An argparse type's value: ``auto``, or a whole number of ``unit`` >= ``least``."""
     if value == "auto":
         return value
     try:
         n = int(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a whole number of tokens >= 1")
+        n = least - 1
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a whole number of {unit} >= {least}")
     return n
+
+
+def batch_tokens(value: str) -> int | str:
+    """``--max-batch-tokens`` (an argparse type): ``auto`` or a whole number >= 1."""
+    return _auto_or_at_least(value, 1, "tokens")
 
 
 def step_batch_mib(value: str) -> int | str:
     """``--step-batch-mib`` (an argparse type): ``auto`` or a whole number >= 0."""
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a whole number of MiB >= 0")
-    return n
+    return _auto_or_at_least(value, 0, "MiB")
 
 
 def add_store_options(parser) -> None:
