@@ -8,13 +8,13 @@ retention prompts (KL divergence from the starting model, answers kept) and its 
 and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
-of the knobs (--lr × --warmup × --replay × --anchor × --margin × --select × --reword × --restate × --retention × --until ×
+of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
 --train).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep8|sweep9] [--facts 32] [--lr 1e-4,5e-5]
-           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--margin 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
+           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
            [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
@@ -236,8 +236,6 @@ ROW = {
     "warmup": 0,
     "replay": 2,
     "anchor": 0.0,
-    "margin": 0.0,  # the anchor's margin term (guard.margin_hinge; 0: off)
-    "margin_at": "first",  # where it acts: each replayed answer's first token, or all its tokens
     "select": "cycle",
     "reword": False,
     "restate": False,
@@ -364,24 +362,10 @@ GRIDS["sweep8"] = [
     {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
     {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
 ]
-# The anchor's margin term (``margin``, guard.margin_hinge): the answers every job loses first are near-ties at
-# their first answer token (France's capital, 0.10 nats), flipped by the facts' gradient at the first steps,
-# where the KL anchor's gradient is zero; the hinge max(0, m - margin) pushes the replayed answers' near-ties apart
-# from the first step, at each replayed answer's first token (``margin_at`` "first"). On the CPU (4 facts,
-# bench/learning_forgetting.py; docs/learning.md "The margin") m = 1 slowed the defaults' job: at every token not
-# learned after 74 steps (max loss 0.158), at the first token 0.46 at step 32, against 29 steps to 0.097 without
-# it; how many general answers it keeps was not measured by the request's deadline. So a smaller m first, then
-# m = 1, then m = 0.5 on batch 64 + rewording (sweep7b's row without it: 26/32 reworded, 19/27 kept), then the
-# defaults without it (sweep7 and sweep8 measured it, 22/27, 16/32, 367 steps: the in-process GPU job is
-# deterministic, so it checks the run; last, where the call's timeout may cut it). A slowed job stops at its
-# 400-step budget: ~100-110 s a row.
-MARGINS = [0.5, 1.0]
-GRIDS["sweep9"] = [
-    {**_REWORD, "name": f"defaults margin {MARGINS[0]:g} first", "reword": False, "margin": MARGINS[0]},
-    {**_REWORD, "name": f"defaults margin {MARGINS[1]:g} first", "reword": False, "margin": MARGINS[1]},
-    {**_REWORD, "name": f"batch 64 reword margin {MARGINS[0]:g} first", "batch": 64, "margin": MARGINS[0]},
-    {**_REWORD, "name": "defaults", "reword": False},
-]
+# sweep9 (learn28 at f94bf15, H200, the lead's run at 22:43; withdrawn since): the anchor's margin term, beta x the
+# mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
+# "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
+# reworded, 22/27 kept; and 32/32, 23/32, 20/27: no gain (docs/learning.md "The margin").
 
 
 def main(argv=None) -> int:
@@ -395,10 +379,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=ints, default=[0])
     p.add_argument("--replay", type=ints, default=[2])
     p.add_argument("--anchor", type=floats, default=[0.0], help="KL anchor weights (0: one-hot replay)")
-    p.add_argument("--margin", type=floats, default=[0.0], help="the anchor's margin terms, nats (0: off)")
-    p.add_argument(
-        "--margin-at", type=lambda s: s.split(","), default=["first"], help="where the margin acts: first, all"
-    )
     p.add_argument(
         "--select",
         type=lambda s: s.split(","),
@@ -443,8 +423,6 @@ def main(argv=None) -> int:
                 "warmup": w,
                 "replay": r,
                 "anchor": b,
-                "margin": mg,
-                "margin_at": ma,
                 "select": c,
                 "reword": x,
                 "restate": y,
@@ -456,8 +434,6 @@ def main(argv=None) -> int:
             for w in a.warmup
             for r in a.replay
             for b in a.anchor
-            for mg in a.margin
-            for ma in a.margin_at
             for c in a.select
             for x in a.reword
             for y in a.restate
@@ -483,7 +459,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     header = (
-        "| row | lr | batch | replay | anchor | margin | select | retention | train | reword | restate | until | steps | trained | reworded "
+        "| row | lr | batch | replay | anchor | select | retention | train | reword | restate | until | steps | trained | reworded "
         "| general kept | KL "
         "| answers kept "
         "| guard | train s | guard s | ask s |"
@@ -508,8 +484,6 @@ def main(argv=None) -> int:
             "train": r["train"],
             "guard": True,
         }
-        if r["margin"]:
-            job.update(margin=r["margin"], margin_at=r["margin_at"])
         if r.get("batch"):
             job["batch_size"] = r["batch"]
         if "steps" in r:
@@ -556,7 +530,7 @@ def main(argv=None) -> int:
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
         until = f"{r['until']:g}" if "steps" not in r else f"{r['steps']} steps"
         print(
-            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['margin']:g}{'' if not r['margin'] else ' ' + r['margin_at']} | {r['select']} | {r['retention']} "
+            f"| {r['name']} | {r['lr']:g} | {info.get('batch_size', '-')} | {r['replay']} | {r['anchor']:g} | {r['select']} | {r['retention']} "
             f"| {r['train']} "
             f"| {(info['reworded'] or {}).get('examples', '-')} | {info['restated'] if info['restated'] is not None else '-'} "
             f"| {until} "
@@ -585,7 +559,7 @@ def mixed(ip: InProcess, r: dict, row: dict, examples, asked, base, facts, gener
         m = ip.mixed(trained, alpha, examples, asked, base, facts, general, a.max_tokens, r["until"])
         sub = {"name": f"{r['name']} a={alpha:g}", "of": r["name"], "steps": row["steps"], **m}
         print(
-            f"| {sub['name']} | | | | | | | | | | | | {row['steps']} | {m['trained']}/{len(facts)} "
+            f"| {sub['name']} | | | | | | | | | | | {row['steps']} | {m['trained']}/{len(facts)} "
             f"| {m['reworded']}/{len(facts)} | {m['general_kept']}/{m['general_right_before']} | {m['kl']} "
             f"| (examples below {r['until']:g}: {m['below_until']}/{m['examples']}, worst {m['loss_max']}) "
             f"| | | | {m['seconds']} |",

@@ -26,7 +26,7 @@ def shipped_row(sweep) -> dict:
     d = options.LEARNING
     keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
     keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train", "margin": "margin", "margin_at": "margin_at"}
+    keys |= {"train": "train"}
     return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
 
 
@@ -228,17 +228,12 @@ def test_in_process_losses_are_one_per_sequence_of_each_example(tmp_path):
     assert model.training  # its mode as it was
 
 
-def test_sweep9_is_the_margin_on_the_defaults_and_on_batch_64_with_rewording(monkeypatch, tmp_path):
-    sweep = load_sweep()
-    shipped = shipped_row(sweep)
-    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep9"]]
-    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"margin"}, {"margin"}, {"margin", "batch", "reword"}, set()], differ
-    m = sweep.MARGINS
-    assert [r["margin"] for r in rows] == [m[0], m[1], m[0], 0.0] and 0 < m[0] < m[1]
-    monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
-    assert sweep.main(["--grid", "sweep9", "--json", str(tmp_path / "rows.jsonl")]) == 0
-    # The jobs carry the margin only where the row has one (the trainer's default, 0, otherwise).
-    assert [b.get("margin") for b in FakeInProcess.bodies] == [m[0], m[1], m[0], None]
-    assert [b.get("margin_at") for b in FakeInProcess.bodies] == ["first", "first", "first", None]
-    assert [b.get("batch_size") for b in FakeInProcess.bodies] == [None, None, 64, None]
+def test_the_lost_answers_are_those_right_before_and_wrong_after():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning_questions as lq
+
+    assert lq.lost([True, True, False, True], [True, False, False, False]) == [1, 3]
+    asked = [("trained", "q", 0), ("general", "a", 0), ("general", "b", 1), ("general", "c", 2)]
+    before = {"general": [True, True, False]}
+    after = {"general": [False, True, False]}
+    assert lq.lost_answers(asked, ["x", "Lyon", "Paris", "y"], before, after) == {0: "Lyon"}

@@ -453,69 +453,6 @@ def test_the_anchor_shares_the_batchs_forward_and_backward(run):
         hook.remove()
 
 
-def test_margin_hinge():
-    # Row 0: the reference's likeliest token (2) leads the best other (0) by 0.5: 1.5 short of a margin of 2.
-    # Row 1: it leads by 3: nothing. Row 2: another token leads it by 1: 3 short.
-    logits = torch.tensor([[1.0, -5.0, 1.5, 0.0], [0.0, 3.0, -1.0, -2.0], [2.0, 1.0, 0.0, 0.5]])
-    ids = torch.tensor([[2, 0], [1, 0], [1, 0]], dtype=torch.int32)
-    assert guard.margin_hinge(logits, ids, 2.0).tolist() == pytest.approx([1.5, 0.0, 3.0])
-    assert guard.margin_hinge(logits, ids, 0.0).tolist() == pytest.approx([0.0, 0.0, 1.0])
-
-
-@pytest.mark.parametrize("margin_at", ["first", "all"])
-def test_the_margin_pushes_near_ties_apart_from_the_first_step(run, margin_at):
-    # At the starting weights the anchor's KL is at its minimum, so its gradient is zero: it cannot hold a
-    # near-tie that the job's first steps flip. The margin term has a gradient there, on the anchor's tokens
-    # whose greedy token leads by less than the margin (docs/learning.md "The margin"), and none where every
-    # token leads by more.
-    _, trainer = run(store=False, dtype="fp32")
-    replay = parse_job(trainer.tokenizer, {"examples": LONGER}, trainer.max_len, 100)["examples"]
-    reference = guard.Reference(trainer.model, replay, trainer.pad, batch=2)
-    batch = parse_job(trainer.tokenizer, {"examples": FACTS}, trainer.max_len, 100)["examples"]
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    indices = list(range(len(replay)))
-    # The tokens the hinge looks at: each answer's first, or every one.
-    lp = torch.cat([x[:1] for x in reference.lps] if margin_at == "first" else reference.lps)
-    lead = float((lp[:, 0] - lp[:, 1]).min())  # the smallest margin of the reference's likeliest tokens there
-
-    def anchor_grad(margin: float, separate: bool):
-        a = guard.Anchor(reference, indices, 2.0, margin, margin_at)
-        with_anchor = trainer.loss(batch, a, None, separate)[0]
-        without = trainer.loss(batch, None, None, separate)[0]
-        g = torch.autograd.grad(with_anchor - without, params, allow_unused=True, materialize_grads=True)
-        return float((with_anchor - without).detach()), max(float(x.abs().max()) for x in g)
-
-    for separate in (False, True):
-        kl, g_kl = anchor_grad(0.0, separate)
-        assert abs(kl) < 1e-5 and g_kl < 1e-4, (kl, g_kl)  # the KL alone: no pull at the start
-        term, g = anchor_grad(lead + 1.0, separate)  # at least one token short of the margin by 1 nat
-        assert term > 2.0 / len(lp) and g > 100 * max(g_kl, 1e-6), (term, g)
-        none, g_none = anchor_grad(max(lead - 0.01, 0.0), separate)  # every token leads by more than that
-        assert abs(none) < 1e-5 and g_none < 1e-4, (none, g_none)
-
-
-def test_a_job_with_a_margin_reports_it(run):
-    _, trainer = run("--margin", "0.5", "--margin-at", "all")
-    seen = []
-    step = trainer.step
-
-    def traced(batch, anchor=None):
-        seen.append(anchor)
-        return step(batch, anchor)
-
-    trainer.step = traced
-    assert trainer.status()["guard"]["margin"] == 0.5 and trainer.status()["guard"]["margin_at"] == "all"
-    info = job(trainer, {"examples": FACTS, "steps": 2, "replay": 2, "anchor": 2.0})
-    assert info["plan"]["margin"] == 0.5 and info["guard"]["margin"] == 0.5, info
-    assert info["plan"]["margin_at"] == info["guard"]["margin_at"] == "all"
-    assert [a.margin for a in seen] == [0.5, 0.5] and [a.beta for a in seen] == [2.0, 2.0]
-    assert [a.margin_at for a in seen] == ["all", "all"]
-    info = job(trainer, {"examples": FACTS, "steps": 1, "replay": 2, "anchor": 2.0, "margin_at": "first"})
-    assert info["plan"]["margin_at"] == "first" and seen[-1].margin_at == "first"
-    info = job(trainer, {"examples": FACTS, "steps": 1, "replay": 2, "anchor": 2.0, "margin": 0})
-    assert info["plan"]["margin"] == 0 and seen[-1].margin == 0
-
-
 def as_chats(facts: list[dict]) -> list[dict]:
     """Prompt/completion facts as chat examples: the prompt as a question, the completion as the answer."""
     return [
@@ -824,12 +761,6 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "until": 0.1}, "until"),
         ({"examples": FACTS, "anchor": -1}, "anchor"),
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
-        ({"examples": FACTS, "margin": -1}, "margin"),
-        ({"examples": FACTS, "margin": "1"}, "margin"),
-        ({"examples": FACTS, "margin": 1, "anchor": 0}, "margin"),
-        ({"examples": FACTS, "margin": 1, "replay": 0}, "margin"),
-        ({"examples": FACTS, "margin": 1, "guard": False}, "margin"),
-        ({"examples": FACTS, "margin_at": "last"}, "margin_at"),
         ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
@@ -1144,10 +1075,6 @@ def test_plan_resolution():
     assert p.anchor == defaults.anchor and p.reword == defaults.reword
     p = schedule.plan({"anchor": 3, "reword": True}, options.parse(["--anchor", "0", "--no-reword"]), 10)
     assert (p.anchor, p.reword) == (3.0, True)
-    assert p.margin == defaults.margin == 0 and schedule.plan({}, options.parse(["--margin", "1.5"]), 10).margin == 1.5
-    assert schedule.plan({"margin": 2}, defaults, 10).margin == 2.0
-    assert schedule.plan({}, defaults, 10).margin_at == "first" == options.LEARNING["margin_at"]
-    assert schedule.plan({"margin_at": "all"}, defaults, 10).margin_at == "all"
     assert schedule.plan({}, options.parse(["--restate"]), 10).restate is True
     assert schedule.plan({"restate": False}, options.parse(["--restate"]), 10).restate is False
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(

@@ -44,10 +44,6 @@ def test_options_survive_argv():
             "frozen",
             "--anchor",
             "2.5",
-            "--margin",
-            "0.75",
-            "--margin-at",
-            "all",
             "--reword",
             "--replay-select",
             "similar",
@@ -104,8 +100,6 @@ def test_bad_options_are_refused():
         (["--lr", "x"], "invalid float value"),
         (["--frob"], "unrecognized"),
         (["--checkpoint-every", "-2"], ">= 0"),
-        (["--margin", "-1"], "--margin"),
-        (["--margin-at", "last"], "invalid choice"),
     ):
         with pytest.raises(ValueError, match=words_in_error):
             options.parse(words)

@@ -330,8 +330,8 @@ def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
 
 
 def test_the_train_client_has_a_flag_for_every_job_option(monkeypatch, tmp_path):
-    # The client reads a flag for each job option (examples.JOB_OPTIONS) and sends those given: an option
-    # without a flag (margin, before) was an AttributeError at every `livetrain train`.
+    # The client reads a flag for each job option (examples.JOB_OPTIONS) and sends those given: a job option added
+    # without a flag there is an AttributeError at every `livetrain train` (learn28's margin was, before its fix).
     from livetrain.trainer import client, examples
 
     sent = []
@@ -340,6 +340,6 @@ def test_the_train_client_has_a_flag_for_every_job_option(monkeypatch, tmp_path)
     )
     path = tmp_path / "ex.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    assert client.main([str(path), "--no-wait", "--margin", "1.5", "--anchor", "4"]) == 0
-    assert sent[0]["margin"] == 1.5 and sent[0]["anchor"] == 4.0 and "lr" not in sent[0]
+    assert client.main([str(path), "--no-wait", "--anchor", "4", "--replay-select", "similar"]) == 0
+    assert sent[0]["anchor"] == 4.0 and sent[0]["replay_select"] == "similar" and "lr" not in sent[0]
     assert set(sent[0]) <= {"examples", *examples.JOB_OPTIONS}

@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any, Callable
 
 from livetrain.trainer.examples import JOB_OPTIONS
-from livetrain.trainer.options import MARGIN_AT, REPLAY_SELECT, TRAIN
+from livetrain.trainer.options import REPLAY_SELECT, TRAIN
 from livetrain.trainer.routes import API_KEY_ENV
 from livetrain.trainer.schedule import FINAL, STOP_REASONS
 
@@ -138,12 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
     p.add_argument("--replay", type=int, help="retention examples trained on at every step")
     p.add_argument("--anchor", type=float, help="> 0: train the replayed ones by KL to the model before the job")
-    p.add_argument(
-        "--margin",
-        type=float,
-        help="> 0 (nats, with --anchor > 0): also push the replayed answers' near-ties apart from the first step",
-    )
-    p.add_argument("--margin-at", choices=MARGIN_AT, help="where --margin acts: first answer token or all")
     p.add_argument(
         "--replay-select",
         choices=REPLAY_SELECT,

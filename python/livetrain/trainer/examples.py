@@ -18,7 +18,7 @@ import re
 
 import jinja2
 
-from livetrain.trainer.options import MARGIN_AT, REPLAY_SELECT, TRAIN, Chat
+from livetrain.trainer.options import REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
 
 ROLES = ("system", "user", "assistant")
@@ -37,8 +37,6 @@ JOB_OPTIONS = {
     "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
     "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
-    "margin": ((int, float), lambda v: 0 <= v <= 100, "a number from 0 to 100"),
-    "margin_at": (str, lambda v: v in MARGIN_AT, " or ".join(f'"{v}"' for v in MARGIN_AT)),
     "reword": (bool, lambda v: True, "true or false"),
     "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),

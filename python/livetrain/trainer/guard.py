@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -250,31 +249,6 @@ def topk_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_lp: torch.Tensor) -
     return (p_ref * (ref_lp - now)).sum(1) + rest_ref * (rest_ref.log() - rest_now.log())
 
 
-def margin_hinge(logits: torch.Tensor, ref_ids: torch.Tensor, margin: float) -> torch.Tensor:
-    """Per row, max(0, ``margin`` - (logit of the reference's likeliest token - the best other logit)): how far
-    the starting model's greedy token is from leading by ``margin`` nats (a log-prob margin: the logits'
-    difference). Unlike the KL divergence, whose gradient is zero at the starting weights, it pushes near-ties
-    apart from the first step, before a job's own gradient flips them (docs/learning.md "The margin").
-    ``logits`` [n, vocab]; ``ref_ids`` [n, k]: the reference's token ids, likeliest first."""
-    logits = logits.float()
-    top = ref_ids[:, :1].long()
-    chosen = logits.gather(1, top)[:, 0]
-    other = logits.scatter(1, top, float("-inf")).max(1).values
-    return (margin - (chosen - other)).clamp_min(0)
-
-
-class Anchor(NamedTuple):
-    """A step's anchor (trainer.service ``Trainer.loss``): ``beta`` × (the mean KL divergence from
-    ``reference``'s distributions + with ``margin`` > 0 the mean ``margin_hinge``) over its examples
-    ``indices``; the hinge at every answer token (``margin_at`` "all") or at each example's first ("first")."""
-
-    reference: "Reference"
-    indices: list
-    beta: float
-    margin: float = 0.0
-    margin_at: str = "first"
-
-
 class Reference:
     """The starting model's top-``k`` next-token log-probs at every answer token of some retention
     examples (made once per weight version of the starting model: between jobs or at a job's start), and the KL divergence of the live model from them:
@@ -318,47 +292,21 @@ class Reference:
         """The stored top-k token ids and log-probs of examples ``indices``' answer tokens, in order."""
         return torch.cat([self.ids[i] for i in indices]), torch.cat([self.lps[i] for i in indices])
 
-    def anchor(
-        self, model, indices: list[int], detach_head: bool = False, margin: float = 0.0, margin_at: str = "first"
-    ) -> torch.Tensor:
+    def anchor(self, model, indices: list[int], detach_head: bool = False) -> torch.Tensor:
         """The mean per answer token of the KL divergence over examples ``indices``, with its gradient, from
-        a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows); with ``margin``
-        > 0, plus the mean ``margin_hinge`` at the same tokens (``margin_at`` "all") or at each example's first
-        answer token ("first")."""
-        logits = answer_logits(model, self.rows(indices), self.pad, detach_head)
-        return self._term(logits, indices, margin, margin_at)
-
-    def _term(self, logits: torch.Tensor, indices: list[int], margin: float, margin_at: str) -> torch.Tensor:
-        ids, lps = self._reference(indices)
-        term = topk_kl(logits, ids, lps).mean()
-        if not margin > 0:
-            return term
-        if margin_at == "first":  # each example's first answer token: the rows where its answer starts
-            starts = [0]
-            for i in indices[:-1]:
-                starts.append(starts[-1] + len(self.ids[i]))
-            at = torch.tensor(starts, device=logits.device)
-            logits, ids = logits[at], ids[at]
-        return term + margin_hinge(logits, ids, margin).mean()
+        a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows)."""
+        return self._kl(model, indices, detach_head).mean()
 
     def rows(self, indices: list[int]) -> list:
         """Examples ``indices`` as (ids, mask, weight) rows, to join a forward shared with other rows."""
         return [self.examples[i] for i in indices]
 
-    def anchor_hidden(
-        self,
-        hidden: torch.Tensor,
-        indices: list[int],
-        head: torch.Tensor,
-        detach_head: bool = False,
-        margin: float = 0.0,
-        margin_at: str = "first",
-    ):
+    def anchor_hidden(self, hidden: torch.Tensor, indices: list[int], head: torch.Tensor, detach_head: bool = False):
         """``anchor`` from the final hidden states of ``rows(indices)`` ([rows, width, hidden], right-padded,
         made by a forward that also held the job's rows) and the output projection ``head``: the same value
         and gradient, without a forward of their own."""
         sel = answer_positions(self.rows(indices), hidden.shape[1], hidden.device)
-        return self._term(hidden_logits(hidden, sel, head, detach_head), indices, margin, margin_at)
+        return topk_kl(hidden_logits(hidden, sel, head, detach_head), *self._reference(indices)).mean()
 
     @torch.no_grad()
     def kl(self, model) -> float:

@@ -15,8 +15,6 @@ DEFAULT_STATE_DIR = "livetrain-state"
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
 REPLAY_SELECT = ("cycle", "similar")
-# Where the anchor's margin term acts (trainer.guard.Anchor): each replayed answer's first token, or every token.
-MARGIN_AT = ("first", "all")
 # Which of the model's parameters a job trains (the rest stay as they are for that job; trainer.service
 # ``Trainer.trained_parameters``): all of them, the layers' (not the embeddings nor the output projection),
 # or the layers' MLP matrices alone.
@@ -32,8 +30,6 @@ LEARNING = {
     "max_steps": 400,
     "replay": 8,
     "anchor": 4.0,
-    "margin": 0.0,
-    "margin_at": "first",
     "reword": False,
     "restate": False,
     "replay_select": "similar",
@@ -328,15 +324,6 @@ _LEARNING_OPTIONS = (
         "answers); > 0: as BETA x the KL divergence from the starting model's next-token distributions",
     ),
     (
-        "--margin",
-        "margin",
-        float,
-        "NATS",
-        "with --anchor > 0: BETA x also the mean of max(0, NATS - the margin of the starting model's greedy "
-        "token over the best other) at the anchor's answer tokens, which pushes near-ties apart from the first "
-        "step; 0: off",
-    ),
-    (
         "--guard-threshold",
         "guard_threshold",
         float,
@@ -386,13 +373,6 @@ def add_learning_options(parser) -> None:
         help="which replayed retention rows join each step: cycle (in turn) or similar (half of them the rows "
         "whose prompts share the most rare tokens with the step's examples' prompts, the rest in turn) "
         f"(default {LEARNING['replay_select']})",
-    )
-    parser.add_argument(
-        "--margin-at",
-        default=LEARNING["margin_at"],
-        choices=MARGIN_AT,
-        help="where --margin acts: each replayed answer's first token (where a near-tie changes the whole "
-        f"answer) or every answer token (default {LEARNING['margin_at']})",
     )
     parser.add_argument(
         "--train",
@@ -447,8 +427,6 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--until-loss and --guard-threshold must be > 0"
     if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
         return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
-    if not 0 <= ns.margin <= 100:
-        return "--margin must be in [0, 100]"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:
@@ -486,14 +464,10 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.replay),
         "--anchor",
         str(ns.anchor),
-        "--margin",
-        str(ns.margin),
         "--reword" if ns.reword else "--no-reword",
         "--restate" if ns.restate else "--no-restate",
         "--replay-select",
         ns.replay_select,
-        "--margin-at",
-        ns.margin_at,
         "--train",
         ns.train,
         *(["--no-guard"] if ns.no_guard else []),

@@ -58,8 +58,6 @@ class Plan:
     replay_select: str = "cycle"
     restate: bool = False
     train: str = "all"
-    margin: float = 0.0
-    margin_at: str = "first"
 
     @property
     def budget(self) -> int:
@@ -98,11 +96,6 @@ def plan(options: dict, defaults, examples: int) -> Plan:
     else:
         until = options.get("until_loss")  # a fixed job stops early only when asked to
     guard = options.get("guard", not defaults.no_guard)
-    anchor = float(options.get("anchor", defaults.anchor))
-    replay = options.get("replay", defaults.replay if guard else 0)
-    margin = float(options.get("margin", defaults.margin))
-    if options.get("margin", 0) > 0 and not (anchor > 0 and replay > 0):
-        raise Invalid("margin", "margin acts on the anchor's replayed rows: it needs anchor > 0 and replay > 0")
     return Plan(
         batch_size=bs,
         lr=options.get("lr", defaults.lr),
@@ -110,15 +103,13 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         steps=fixed,
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
-        replay=replay,
-        anchor=anchor,
+        replay=options.get("replay", defaults.replay if guard else 0),
+        anchor=float(options.get("anchor", defaults.anchor)),
         reword=options.get("reword", defaults.reword),
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
-        margin=margin,
-        margin_at=options.get("margin_at", defaults.margin_at),
     )
 
 

@@ -228,9 +228,7 @@ class Trainer:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         if ranks is not None and not s.no_guard:
             # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
-            s = argparse.Namespace(
-                **{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "margin": 0.0, "reword": False}
-            )
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False})
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
@@ -662,8 +660,6 @@ class Trainer:
                     "min_kept": self.settings.guard_min_kept,
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
-                    "margin": self.settings.margin,
-                    "margin_at": self.settings.margin_at,
                     "replay_select": self.settings.replay_select,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
@@ -928,12 +924,12 @@ class Trainer:
         )
         value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
         if anchor is not None:
-            reference, indices, beta, margin, margin_at = guard.Anchor(*anchor)
+            reference, indices, beta = anchor
             detach = later is not None and later.active
             if hidden is not None:
-                term = reference.anchor_hidden(hidden[n:], indices, head, detach, margin, margin_at)
+                term = reference.anchor_hidden(hidden[n:], indices, head, detach_head=detach)
             else:
-                term = reference.anchor(self.model, indices, detach, margin, margin_at)
+                term = reference.anchor(self.model, indices, detach_head=detach)
             kl = float(term.detach())
             if not math.isfinite(kl):
                 raise NonFinite(f"the retention anchor's KL divergence is {kl}", applied=False, parameters=[])
@@ -1053,11 +1049,7 @@ class Trainer:
                 try:
                     if self.ranks is not None:
                         self.ranks.lead("step", batch, lr)
-                    step_anchor = (
-                        guard.Anchor(anchor, picked, plan.anchor, plan.margin, plan.margin_at)
-                        if anchor is not None and picked
-                        else None
-                    )
+                    step_anchor = (anchor, picked, plan.anchor) if anchor is not None and picked else None
                     loss, ntok, per_example = self.train_step(batch, lr, step_anchor)
                 except NonFinite as e:
                     reason, state = "nonfinite", "failed"
@@ -1209,8 +1201,6 @@ class Trainer:
             "rollback": None,
             "replayed_prompts": len(replay) if plan.replay else 0,
             "anchor": plan.anchor if anchor is not None else 0.0,
-            "margin": plan.margin if anchor is not None else 0.0,
-            "margin_at": plan.margin_at,
             "replay_select": plan.replay_select,
             "held_out_prompts": len(held_out),
             "answers_made": "answers" in made,
