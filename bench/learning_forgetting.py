@@ -237,7 +237,7 @@ def main(argv=None) -> int:
             "update_norm": norms,
             "restored": restored,
         }
-        lost = [i for i in held if not ok[i]]
+        lost = lq.lost(right, ok)
         flipped = [i for i in held if after_m[i] <= 0]
         print(
             f"# {name}: {info['step']} steps ({info['stop_reason']}), {job_s:.0f} s, KL {g.get('kl')}; trained "

@@ -45,7 +45,7 @@ def noise(ip: ls.InProcess, a, asked, before, facts, general) -> int:
                     w.copy_(w0 + d * (r * w0.norm() / d.norm().clamp_min(1e-30)))
             got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
             kept, right = lq.kept(before["general"], got["general"])
-            lost = [i for i, ok in enumerate(before["general"]) if ok and not got["general"][i]]
+            lost = lq.lost(before["general"], got["general"])
             rows.append({"r": r, "seed": seed, "kept": kept, "right_before": right, "lost": lost})
             print(f"| {r:g} | {seed} | {kept}/{right} | {lost} |", flush=True)
     ip.reset()
@@ -111,32 +111,17 @@ def main(argv=None) -> int:
     )
     trained = {n: w.detach().clone() for n, w in t.weights.items()}
     rows = []
-    print("| a | trained | reworded | general kept | lost | examples' loss max / mean | under until_loss | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| a | trained | reworded | general kept | lost | examples' loss max / mean | under until_loss | KL | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     until = info.get("until_loss") or 0.1
     for alpha in [float(x) for x in a.alphas.split(",")]:
-        t1 = time.perf_counter()
-        ip.mix(trained, alpha)
-        losses = ip.losses(examples)
-        got = lq.score(asked, ip.ask([q for _, q, _ in asked], a.max_tokens), facts, general)
-        kept, right = lq.kept(before["general"], got["general"])
-        lost = [i for i, ok in enumerate(before["general"]) if ok and not got["general"][i]]
-        row = {
-            "a": alpha,
-            "trained": sum(got["trained"]),
-            "reworded": sum(got["reworded"]),
-            "kept": kept,
-            "right_before": right,
-            "lost": lost,
-            "loss_max": round(max(losses), 4),
-            "loss_mean": round(sum(losses) / len(losses), 4),
-            "under": sum(1 for x in losses if x < until),
-            "seconds": round(time.perf_counter() - t1, 1),
-        }
+        row = ip.mixed(trained, alpha, examples, asked, before, facts, general, a.max_tokens, until)
         rows.append(row)
         print(
-            f"| {alpha} | {row['trained']}/{len(got['trained'])} | {row['reworded']}/{len(facts)} | {kept}/{right} | "
-            f"{lost} | {row['loss_max']} / {row['loss_mean']} | {row['under']}/{len(examples)} | {row['seconds']} |",
+            f"| {alpha} | {row['trained']}/{row['trained_asked']} | {row['reworded']}/{len(facts)} "
+            f"| {row['general_kept']}/{row['general_right_before']} | {sorted(row['general_lost'])} "
+            f"| {row['loss_max']} / {row['loss_mean']} | {row['below_until']}/{row['examples']} | {row['kl']} "
+            f"| {row['seconds']} |",
             flush=True,
         )
     if a.json:

@@ -60,3 +60,15 @@ def kept(before: list[bool], after: list[bool]) -> tuple[int, int]:
     """(how many answers right before are still right, how many were right before)."""
     right = [i for i, ok in enumerate(before) if ok]
     return sum(1 for i in right if after[i]), len(right)
+
+
+def lost(before: list[bool], after: list[bool]) -> list[int]:
+    """The indices of the answers right before and wrong after: what a job lost."""
+    return [i for i, ok in enumerate(before) if ok and not after[i]]
+
+
+def lost_answers(asked: list[tuple[str, str, int]], answers: list[str], before: dict, after: dict) -> dict[int, str]:
+    """The general answers lost (``lost`` of the ``score`` dicts ``before`` and ``after``), each general question's
+    index with what it answered after (``answers`` in the order of ``asked``)."""
+    general = {i: a for (kind, _, i), a in zip(asked, answers) if kind == "general"}
+    return {i: general[i] for i in lost(before["general"], after["general"])}

@@ -147,6 +147,37 @@ class InProcess:
             for n, w in self.trainer.weights.items():
                 w.copy_(self.start[n].float().lerp(trained[n].float(), alpha))
 
+    def mixed(self, trained: dict, alpha: float, examples, asked, base, facts, general, max_tokens, until) -> dict:
+        """The one measurement of a job's weights mixed back toward its start (bench/learning_interp.py, and
+        sweep8's rows here): the live weights set to start + ``alpha`` × (``trained`` − start) (``mix``),
+        ``asked`` (learning_questions.questions) asked and scored against ``base`` (the scores before any job),
+        each example's loss teacher-forced (``losses``: how many under ``until``), and the guard's KL from the
+        starting weights when the job had one (``reference``, kept by ``job``)."""
+        t0 = time.perf_counter()
+        self.mix(trained, alpha)
+        answers = self.ask([q for _, q, _ in asked], max_tokens)
+        got = lq.score(asked, answers, facts, general)
+        kept, right = lq.kept(base["general"], got["general"])
+        losses = self.losses(examples)
+        reference = getattr(self, "reference", None)
+        return {
+            "alpha": alpha,
+            "trained": sum(got["trained"]),
+            "trained_asked": len(got["trained"]),
+            "reworded": sum(got["reworded"]),
+            "facts": len(facts),
+            "general_kept": kept,
+            "general_right_before": right,
+            "general_lost": lq.lost_answers(asked, answers, base, got),
+            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
+            "kl": round(reference.kl(self.trainer.model), 5) if reference is not None else None,
+            "loss_max": round(max(losses), 4),
+            "loss_mean": round(sum(losses) / len(losses), 4),
+            "below_until": sum(1 for x in losses if x < until),
+            "examples": len(losses),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
     def losses(self, examples: list[dict]) -> list[float]:
         """Each example's sequences' mean cross-entropy over their trained tokens on the live weights (nats per
         token, one per sequence, as ``until_loss`` reads them: one for most examples, one per assistant turn
@@ -331,6 +362,10 @@ GRIDS["sweep8"] = [
     {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
     {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
 ]
+# sweep9 (learn28 at f94bf15, H200, the lead's run at 22:43; withdrawn since): the anchor's margin term, beta x the
+# mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
+# "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
+# reworded, 22/27 kept; and 32/32, 23/32, 20/27: no gain (docs/learning.md "The margin").
 
 
 def main(argv=None) -> int:
@@ -486,11 +521,7 @@ def main(argv=None) -> int:
             "ask_s": round(ask_s, 1),
             # Per question, which general answers right before are lost and which were gained, with the
             # answers (bench/learning_forgetting.py's analysis across runs).
-            "general_lost": {
-                i: answers[n]
-                for n, (kind, _, i) in enumerate(asked)
-                if kind == "general" and base["general"][i] and not got["general"][i]
-            },
+            "general_lost": lq.lost_answers(asked, answers, base, got),
             "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
             "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
             "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
@@ -521,43 +552,17 @@ def main(argv=None) -> int:
 
 def mixed(ip: InProcess, r: dict, row: dict, examples, asked, base, facts, general, a) -> None:
     """After a row's job: the weights mixed back toward the start, start + alpha × (end − start), for each alpha
-    of ``r["alphas"]``, each asked everything again (a row of its own, "a=ALPHA"), with the guard's KL from the
-    starting weights and the examples' largest loss."""
+    of ``r["alphas"]``, each asked everything again (a row of its own, "a=ALPHA": ``InProcess.mixed``), with the
+    guard's KL from the starting weights and the examples' largest loss."""
     trained = {n: w.detach().clone() for n, w in ip.trainer.weights.items()}
     for alpha in r["alphas"]:
-        ip.mix(trained, alpha)
-        t0 = time.perf_counter()
-        answers = ip.ask([q for _, q, _ in asked], a.max_tokens)
-        got = lq.score(asked, answers, facts, general)
-        kept, right = lq.kept(base["general"], got["general"])
-        losses = ip.losses(examples)
-        kl = round(ip.reference.kl(ip.trainer.model), 5) if ip.reference is not None else None
-        sub = {
-            "name": f"{r['name']} a={alpha:g}",
-            "alpha": alpha,
-            "of": r["name"],
-            "steps": row["steps"],
-            "trained": sum(got["trained"]),
-            "reworded": sum(got["reworded"]),
-            "facts": len(facts),
-            "general_kept": kept,
-            "general_right_before": right,
-            "kl": kl,
-            "loss_max": round(max(losses), 4),
-            "below_until": sum(1 for x in losses if x < r["until"]),
-            "examples": len(losses),
-            "general_lost": {
-                i: answers[n]
-                for n, (kind, _, i) in enumerate(asked)
-                if kind == "general" and base["general"][i] and not got["general"][i]
-            },
-            "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
-            "ask_s": round(time.perf_counter() - t0, 1),
-        }
+        m = ip.mixed(trained, alpha, examples, asked, base, facts, general, a.max_tokens, r["until"])
+        sub = {"name": f"{r['name']} a={alpha:g}", "of": r["name"], "steps": row["steps"], **m}
         print(
-            f"| {sub['name']} | | | | | | | | | | | {row['steps']} | {sub['trained']}/{len(facts)} "
-            f"| {sub['reworded']}/{len(facts)} | {kept}/{right} | {kl} | (examples below {r['until']:g}: "
-            f"{sub['below_until']}/{len(losses)}, worst {sub['loss_max']}) | | | | {sub['ask_s']} |",
+            f"| {sub['name']} | | | | | | | | | | | {row['steps']} | {m['trained']}/{len(facts)} "
+            f"| {m['reworded']}/{len(facts)} | {m['general_kept']}/{m['general_right_before']} | {m['kl']} "
+            f"| (examples below {r['until']:g}: {m['below_until']}/{m['examples']}, worst {m['loss_max']}) "
+            f"| | | | {m['seconds']} |",
             flush=True,
         )
         if a.json:

@@ -167,6 +167,7 @@ def test_sweep8_mixes_each_jobs_weights_back_toward_the_start(monkeypatch, tmp_p
             self.seen = []
 
         mix = sweep.InProcess.mix
+        mixed = sweep.InProcess.mixed
 
         def reset(self):
             super().reset()
@@ -225,3 +226,14 @@ def test_in_process_losses_are_one_per_sequence_of_each_example(tmp_path):
     nll = -lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert got == pytest.approx(float(nll[torch.tensor(mask[1:])].mean()), rel=1e-5)
     assert model.training  # its mode as it was
+
+
+def test_the_lost_answers_are_those_right_before_and_wrong_after():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning_questions as lq
+
+    assert lq.lost([True, True, False, True], [True, False, False, False]) == [1, 3]
+    asked = [("trained", "q", 0), ("general", "a", 0), ("general", "b", 1), ("general", "c", 2)]
+    before = {"general": [True, True, False]}
+    after = {"general": [False, True, False]}
+    assert lq.lost_answers(asked, ["x", "Lyon", "Paris", "y"], before, after) == {0: "Lyon"}

@@ -327,3 +327,19 @@ def test_job_routes_send_the_id_and_metrics_are_prometheus_text(trainer):
     with TestClient(app, base_url="http://127.0.0.1") as c:  # no trainer: the metrics say so, the scrape works
         r = c.get("/metrics")
         assert r.status_code == 200 and "livetrain_trainer_up 0.0" in r.text and "livetrain_steps" not in r.text
+
+
+def test_the_train_client_has_a_flag_for_every_job_option(monkeypatch, tmp_path):
+    # The client reads a flag for each job option (examples.JOB_OPTIONS) and sends those given: a job option added
+    # without a flag there is an AttributeError at every `livetrain train` (learn28's margin was, before its fix).
+    from livetrain.trainer import client, examples
+
+    sent = []
+    monkeypatch.setattr(
+        client, "http", lambda url, body, **kw: sent.append(body) or (202, {"job_id": "j", "examples": 1, "steps": 3})
+    )
+    path = tmp_path / "ex.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert client.main([str(path), "--no-wait", "--anchor", "4", "--replay-select", "similar"]) == 0
+    assert sent[0]["anchor"] == 4.0 and sent[0]["replay_select"] == "similar" and "lr" not in sent[0]
+    assert set(sent[0]) <= {"examples", *examples.JOB_OPTIONS}
