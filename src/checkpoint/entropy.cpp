@@ -352,9 +352,19 @@ uint8_t* put_huffman_head(const Plan& p, std::string& out, std::array<uint32_t, 
   return reinterpret_cast<uint8_t*>(out.data()) + start;
 }
 
-// Symbols i .. i + 3 into the accumulator (fewer than 8 bits pending before and after): four codes (at most
-// 44 bits) join the pending bits, the accumulator is stored whole (8 bytes, its bits above the pending ones
-// 0) and moves on by the bytes it completed. No branch depends on the data.
+// Appends `len` bits (the low bits of `bits`, at most 57 - pending) to the accumulator holding `nbits` < 8
+// pending bits: the accumulator is stored whole (8 bytes, its bits above the pending ones 0) and moves on by
+// the bytes it completed. No branch depends on the data.
+inline void put_bits(uint64_t bits, unsigned len, uint64_t& acc, unsigned& nbits, uint8_t*& dst) {
+  acc |= bits << nbits;
+  nbits += len;
+  std::memcpy(dst, &acc, 8);  // little-endian host (bytes.hpp): the low bits go first
+  dst += nbits >> 3;
+  acc >>= nbits & ~7u;
+  nbits &= 7;
+}
+
+// Symbols i .. i + 3 into the accumulator: their four codes (at most 44 bits) in one put_bits.
 inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::array<uint32_t, 256>& code, uint64_t& acc,
                      unsigned& nbits, uint8_t*& dst) {
   const uint32_t c0 = code[in[i * stride]], c1 = code[in[(i + 1) * stride]];
@@ -362,12 +372,7 @@ inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::arra
   const unsigned l0 = c0 >> 16, l1 = c1 >> 16, l2 = c2 >> 16, l3 = c3 >> 16;
   const uint64_t lo = (c0 & 0xFFFF) | static_cast<uint64_t>(c1 & 0xFFFF) << l0;
   const uint64_t hi = (c2 & 0xFFFF) | static_cast<uint64_t>(c3 & 0xFFFF) << l2;
-  acc |= (lo | hi << (l0 + l1)) << nbits;
-  nbits += l0 + l1 + l2 + l3;
-  std::memcpy(dst, &acc, 8);  // little-endian host (bytes.hpp): the low bits go first
-  dst += nbits >> 3;
-  acc >>= nbits & ~7u;
-  nbits &= 7;
+  put_bits(lo | hi << (l0 + l1), l0 + l1 + l2 + l3, acc, nbits, dst);
 }
 
 // A stride-1 stream of at least kPairBytesPerSymbol bytes per used symbol takes its codes two symbols per
@@ -403,12 +408,8 @@ const uint32_t* pair_table(const std::array<uint32_t, 256>& code) {
 inline void put_four_pairs(uint32_t w, const uint32_t* pair, uint64_t& acc, unsigned& nbits, uint8_t*& dst) {
   const uint32_t p0 = pair[w & 0xFFFF], p1 = pair[w >> 16];
   const unsigned l0 = p0 >> 24;
-  acc |= (static_cast<uint64_t>(p0 & 0xFFFFFF) | static_cast<uint64_t>(p1 & 0xFFFFFF) << l0) << nbits;
-  nbits += l0 + (p1 >> 24);
-  std::memcpy(dst, &acc, 8);
-  dst += nbits >> 3;
-  acc >>= nbits & ~7u;
-  nbits &= 7;
+  put_bits(static_cast<uint64_t>(p0 & 0xFFFFFF) | static_cast<uint64_t>(p1 & 0xFFFFFF) << l0, l0 + (p1 >> 24), acc,
+           nbits, dst);
 }
 
 // put_codes for stride 1 by pairs, eight symbols per load; where 0 has a code of at most 4 bits, eight 0s
@@ -427,12 +428,7 @@ void put_codes_pairs(const uint8_t* in, size_t n, const std::array<uint32_t, 256
     uint64_t w;
     std::memcpy(&w, in + i, 8);
     if (w == 0 && zeros_at_once) {
-      acc |= zeros8 << nbits;
-      nbits += 8 * zero_len;
-      std::memcpy(dst, &acc, 8);
-      dst += nbits >> 3;
-      acc >>= nbits & ~7u;
-      nbits &= 7;
+      put_bits(zeros8, 8 * zero_len, acc, nbits, dst);
       continue;
     }
     put_four_pairs(static_cast<uint32_t>(w), pair, acc, nbits, dst);
@@ -440,12 +436,7 @@ void put_codes_pairs(const uint8_t* in, size_t n, const std::array<uint32_t, 256
   }
   for (; i < n; ++i) {
     const uint32_t c = code[in[i]];
-    acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
-    nbits += c >> 16;
-    std::memcpy(dst, &acc, 8);
-    dst += nbits >> 3;
-    acc >>= nbits & ~7u;
-    nbits &= 7;
+    put_bits(static_cast<uint64_t>(c & 0xFFFF), c >> 16, acc, nbits, dst);
   }
   std::memcpy(dst, &acc, 8);
 }
@@ -480,12 +471,7 @@ void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint
           any |= w;
         }
         if ((any & plane_mask<S>()) == 0) {
-          acc |= zeros8 << nbits;
-          nbits += 8 * zero_len;
-          std::memcpy(dst, &acc, 8);
-          dst += nbits >> 3;
-          acc >>= nbits & ~7u;
-          nbits &= 7;
+          put_bits(zeros8, 8 * zero_len, acc, nbits, dst);
           i += 8;
           continue;
         }
@@ -496,12 +482,7 @@ void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint
   for (; i + 4 <= n; i += 4) put_four(in, i, stride, code, acc, nbits, dst);
   for (; i < n; ++i) {
     const uint32_t c = code[in[i * stride]];
-    acc |= static_cast<uint64_t>(c & 0xFFFF) << nbits;
-    nbits += c >> 16;
-    std::memcpy(dst, &acc, 8);
-    dst += nbits >> 3;
-    acc >>= nbits & ~7u;
-    nbits &= 7;
+    put_bits(static_cast<uint64_t>(c & 0xFFFF), c >> 16, acc, nbits, dst);
   }
   std::memcpy(dst, &acc, 8);
 }
