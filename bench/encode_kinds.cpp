@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_diff.hpp"
 #include "checkpoint/bytes.hpp"
 #include "checkpoint/entropy.hpp"
 #include "livetrain/checkpoint/delta.hpp"
@@ -35,45 +36,8 @@ namespace {
 namespace checkpoint = livetrain::checkpoint;
 using checkpoint::kBlockUnits;
 
-uint16_t to_bf16_sr(float x, uint32_t noise16) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return static_cast<uint16_t>((b + noise16) >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  uint32_t b = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-struct Diff {
-  uint64_t units = 0, changed = 0;
-  std::vector<uint8_t> bitmap, values;
-};
-
-Diff make_diff(uint64_t units, double lr, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n01(0.0f, 1.0f);
-  Diff d;
-  d.units = units;
-  d.bitmap.assign((units + 7) / 8, 0);
-  d.values.reserve(units / 4);
-  for (uint64_t i = 0; i < units; ++i) {
-    const uint64_t r = rng();
-    const uint16_t old = to_bf16_sr(0.02f * n01(rng), 0x8000);  // round to nearest (as torch's .to(bf16))
-    const uint16_t now = to_bf16_sr(from_bf16(old) + static_cast<float>(lr) * n01(rng), r & 0xFFFF);
-    const uint16_t x = old ^ now;
-    if (x) {
-      d.bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
-      d.values.push_back(static_cast<uint8_t>(x & 0xFF));
-      d.values.push_back(static_cast<uint8_t>(x >> 8));
-      ++d.changed;
-    }
-  }
-  return d;
-}
+using bench::Diff;
+using bench::make_diff;
 
 // encode_block's gap measurement (delta.cpp), over one block's bitmap bytes.
 __attribute__((noinline)) uint64_t gap_bytes(const uint8_t* bits, uint64_t nbytes, uint64_t begin) {
