@@ -663,6 +663,11 @@ def test_cancel_a_queued_and_a_running_job(run):
         for op in ("job", "cancel"):
             r = trainer.handle(op, json.dumps({"job_id": "job-nope"}).encode())
             assert r.code == 404 and r.body["error"]["param"] == "job_id"
+            # what a user after a trainer restart reads: the list is this process's, not a lost job
+            assert (
+                "since it started" in r.body["error"]["message"]
+                and "earlier trainer process" in r.body["error"]["message"]
+            )
     finally:
         trainer.stopping.set()
         runner.join(60)

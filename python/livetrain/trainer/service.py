@@ -33,6 +33,8 @@ ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
 # The longest a ``version`` request may wait for a new version (the plugin's watcher asks again after it).
 MAX_VERSION_WAIT_S = 30.0
+# The jobs /train/status and GET /train/{job_id} list: the oldest finished ones are forgotten past this.
+KEPT_JOBS = 100
 
 
 def parse_job_id(args: dict) -> str:
@@ -363,6 +365,7 @@ class Trainer:
         self.made_at: collections.OrderedDict[int, float] = collections.OrderedDict()
         self.served: dict | None = None
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.started = time.time()  # when this trainer process started: the jobs it lists are its own (unknown_job)
         self.current: str | None = None
         self.losses: collections.deque = collections.deque(maxlen=200)
         self.tokens_per_s = 0.0
@@ -566,7 +569,7 @@ class Trainer:
             except queue.Full:
                 return error(429, f"the training queue is full ({self.queue.maxsize} jobs); retry later")
             self.jobs[jid] = info
-            while len(self.jobs) > 100:  # forget the oldest finished jobs
+            while len(self.jobs) > KEPT_JOBS:  # forget the oldest finished jobs
                 old = next((k for k, v in self.jobs.items() if v["state"] in schedule.FINAL), None)
                 if old is None:
                     break
@@ -581,12 +584,23 @@ class Trainer:
             )
         return Reply(202, reply)
 
+    def unknown_job(self, jid: str) -> Reply:
+        """404 for a job id this trainer process does not list: never submitted, among the oldest finished ones
+        past ``KEPT_JOBS``, or a job of an earlier trainer process (a restart keeps the weights, not the list)."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return error(
+            404,
+            f"no job {jid!r}: this trainer lists the last {KEPT_JOBS} jobs submitted to it since it started "
+            f"({since}); jobs of an earlier trainer process are not kept",
+            "job_id",
+        )
+
     def job(self, jid: str) -> Reply:
         """GET /train/{job_id}: the job's entry, as /train/status lists it."""
         with self.lock:
             info = self.jobs.get(jid)
             if info is None:
-                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+                return self.unknown_job(jid)
             return Reply(200, dict(info))
 
     def cancel(self, jid: str) -> Reply:
@@ -594,7 +608,7 @@ class Trainer:
         with self.lock:
             info = self.jobs.get(jid)
             if info is None:
-                return error(404, f"no job {jid!r} (the trainer keeps the last 100)", "job_id")
+                return self.unknown_job(jid)
             if info["state"] in schedule.FINAL:
                 return error(409, f"job {jid} has already ended ({info['state']})", "job_id")
             info["cancel"] = True
