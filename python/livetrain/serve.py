@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     for r, manifest in enumerate(manifests):
         rank_env = dict(env, **ranks_env, RANK=str(r), LOCAL_RANK=str(r)) if size > 1 else env
         engines.append(process.Process(engine_command(a, manifest, sock), rank_env, tied=True))
-    trainer, started, next_start, deaths, segments, down = None, 0.0, 0.0, 0, [], False
+    # down: the reason the trainer is down (the routes answer 503 with it), None while it is up
+    trainer, started, next_start, deaths, segments, down = None, 0.0, 0.0, 0, [], None
     rank_gone = None  # when a trainer rank > 0 was first seen exited (TP > 1)
     pids = ", ".join(str(e.pid) for e in engines)
     print(
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     trainer = process.start_trainer_group(manifests, a.model, sock, a, env, tied=True)
                 started, rank_gone = time.monotonic(), None
+                if down:  # the reason stays; what the routes say now is that it is loading, since when
+                    since = time.strftime("%H:%M:%S UTC", time.gmtime())
+                    protocol.write_down(
+                        sock, f"{down}; the trainer is starting again since {since} (it answers once it has loaded)"
+                    )
                 print(
                     f"livetrain serve: trainer pid{'s' if size > 1 else ''} "
                     f"{', '.join(map(str, getattr(trainer, 'pids', [trainer.pid])))}; http://{a.host}:{a.port}",
@@ -274,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"livetrain serve: {why}; restarting it in {delay} s", file=sys.stderr, flush=True)
                 if os.path.exists(sock):
                     os.unlink(sock)  # the dead trainer's: the next one's appears when it listens
-                trainer, next_start, down = None, time.monotonic() + delay, True
+                trainer, next_start, down = None, time.monotonic() + delay, why
             elif down and trainer is not None and os.path.exists(sock):
                 protocol.write_down(sock, None)  # listening again
-                down = False
+                down = None
             time.sleep(0.1)
     finally:
         if trainer is not None:

@@ -81,14 +81,18 @@ def test_trainer_killed_mid_job_serving_goes_on_and_versions_never_go_back(serve
     assert code == 503 and "killed by SIGKILL" in body["error"]["message"], body
     code, done = server.http("/v1/completions", {"prompt": "one two", "max_tokens": 2, "temperature": 0})
     assert code == 200 and server.p.poll() is None, done  # serving goes on
+    said = []
     while True:  # restarted after a back-off of 1 s
         code, st = server.http("/train/status")
         if code == 200:
             break
+        said.append(st["error"]["message"])
         assert time.monotonic() - t0 < 120, server.logtext()
         time.sleep(0.3)
     assert st["weight_version"] > before, (before, st["weight_version"])
     assert "restarting it in 1 s" in server.logtext()
+    # while the new trainer loads (seconds: it imports torch), the 503 says so and keeps the reason
+    assert any("killed by SIGKILL" in m and "starting again since" in m for m in said), said
 
 
 def test_a_job_over_the_token_budget_is_split_or_refused(server):
