@@ -397,9 +397,16 @@ def test_the_optimizer_state_follows_the_state_dir_across_tp_sizes(tmp_path, eng
         trainer = Trainer(manifest, str(model), options.parse(["--state-dir", str(state), "--no-guard"]))
         try:
             assert (trainer.restored_from, trainer.opt_steps) == ("state-dir", 3)
+            tp2 = [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+            # A job's start records its weight version (reserve) before any save of this run: trainer.json must
+            # go on naming the TP-2 files, the state that goes with its weight version (it named this run's
+            # optimizer.safetensors, not written yet: a trainer killed then restarted with a fresh optimizer).
+            trainer.reserve(trainer.reserved + 1)
+            assert json.loads((state / "trainer.json").read_text())["files"] == tp2
             reply = trainer.handle("submit", json.dumps({**JOB, "steps": 1}).encode())
             trainer.run_job(*trainer.queue.get_nowait())  # saves the state (at TP 1) when it ends
             assert trainer.jobs[reply.body["job_id"]]["state"] == "done"
+            assert json.loads((state / "trainer.json").read_text())["files"] == ["optimizer.safetensors"]
         finally:
             trainer.close()
     finally:

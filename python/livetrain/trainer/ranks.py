@@ -129,11 +129,6 @@ class Ranks:
         self.check_manifests(attached)
         return tensor_parallel.build_model(attached, self.group, sequence_parallel=self.sequence_parallel)
 
-    def file_name(self, name: str) -> str:
-        """``optimizer.safetensors`` -> ``optimizer.rank-R-of-N.safetensors``: a file of this rank's."""
-        stem, dot, ext = name.rpartition(".")
-        return f"{stem}.rank-{self.rank}-of-{self.size}{dot}{ext}"
-
     # ---- the checkpoint store: each rank saves its regions, rank 0 commits (docs/checkpoint.md) ----
     def regions(self, rank_model):
         """The regions of the Hugging Face tensors this rank holds, as the checkpoint store saves and

@@ -269,7 +269,7 @@ class Trainer:
         self.state_dir = s.state_dir
         os.makedirs(s.state_dir, exist_ok=True)
         self.opt_path = os.path.join(
-            s.state_dir, ranks.file_name("optimizer.safetensors") if ranks else "optimizer.safetensors"
+            s.state_dir, self._state_files(ranks.size if ranks else 1)[ranks.rank if ranks else 0]
         )
         self.meta_path = os.path.join(s.state_dir, "trainer.json")
         # trainer.json: the weight version the saved optimizer state belongs to, the highest version a
@@ -285,12 +285,15 @@ class Trainer:
         # The state dir's optimizer state: the files its last save wrote (trainer.json names them), at
         # whatever tensor-parallel size that was (resharded on load). A file of this size left by an older
         # run at it is not that state: a TP-1 save after a TP-2 one leaves the TP-2 rank files behind.
-        self.state_files = self._state_files(self.ranks.size if ranks else 1)
         if saved_files is None:  # saved before trainer.json named them: this size's file, if any
             saved_files = [os.path.basename(self.opt_path)] if os.path.exists(self.opt_path) else []
         dir_state = [os.path.join(s.state_dir, f) for f in saved_files]
         if not dir_state or not all(os.path.exists(f) for f in dir_state):
             dir_state = None
+        # What trainer.json names until this run saves (``_save_files``): the files that go with state_version,
+        # whatever this run's size (a trainer.json written before then, by ``reserve``, must not name files
+        # this run has not written yet).
+        self.state_files = saved_files if dir_state else []
         self.engine = dict(self.attached.manifest["owner"])
         # The same engine still runs: only the trainer restarted (it died, and its launcher started it
         # again). The engine serves the weights as the last trainer left them, not the store's head, and
@@ -1567,6 +1570,7 @@ class Trainer:
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
         self.state_version = weight_version
+        self.state_files = self._state_files(self.ranks.size if self.ranks is not None else 1)
         self._write_meta()
 
     def reserve(self, version: int) -> None:
