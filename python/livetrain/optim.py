@@ -672,18 +672,25 @@ class Apollo(torch.optim.Optimizer):
         )
 
     def check_state(self, paths) -> None:
-        """Reads the state files ``paths`` (one path or a list) as ``load_state`` would, applying nothing: an
-        unreadable or foreign file raises here, before a caller changes what must go with it (a rollback's
-        weights)."""
+        """Checks the state files ``paths`` (one path or a list) as ``load_state`` opens them, reading no tensor
+        and applying nothing: a missing, truncated or foreign file raises here, before a caller changes what
+        must go with it (a rollback's weights). Opening a file checks its header and that every tensor's bytes
+        lie within it; safetensors holds no checksum, so a byte flipped inside a tensor passes (as it would
+        pass ``load_state``)."""
         for path in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
-            self._read_state(path)
+            self._state_params(path)
 
     @staticmethod
-    def _read_state(path) -> tuple[dict, dict]:
+    def _state_params(path) -> dict:
+        """A state file's parameter table (its metadata), once the file is known to be a livetrain optimizer state."""
         meta = lst.read_metadata(path) or {}
         if meta.get("livetrain.optimizer") != "apollo/1":
             raise _core.FormatError(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
-        return json.loads(meta["params"]), lst.load_file(path)
+        return json.loads(meta["params"])
+
+    @classmethod
+    def _read_state(cls, path) -> tuple[dict, dict]:
+        return cls._state_params(path), lst.load_file(path)
 
     def load_state(self, path, names: dict | None = None) -> None:
         """Restore what save_state wrote (same parameters, same names or order). ``path`` may also be a list

@@ -697,13 +697,14 @@ def test_a_rollback_whose_optimizer_state_cannot_be_read_changes_nothing(run):
     job(trainer, {"examples": FACTS, "steps": 2})
     assert trainer.checkpoint().code == 200
     job(trainer, {"examples": FACTS, "steps": 2})
-    before, steps = weights(engine), trainer._optimizer_steps()
+    before, steps, version = weights(engine), trainer._optimizer_steps(), trainer.weight_version
     gen = trainer.generations[-1]
     with open(os.path.join(trainer.store.dir, gen["optimizer_state"]), "r+b") as f:
         f.truncate(100)
     with pytest.raises(_core.FormatError):
         trainer.rollback(gen["generation"])
     assert same_bits(weights(engine), before) and trainer._optimizer_steps() == steps
+    assert trainer.weight_version == version  # nothing changed: not even the version (docs/serve.md)
     assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
 
 

@@ -794,6 +794,9 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
+        files = self._generation_state(gen)
+        if files:  # checked before anything changes: an unreadable state fails the rollback with nothing changed
+            self.opt.check_state(files)  # (every rank's file, in the store's directory that all ranks share)
         self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
@@ -829,9 +832,7 @@ class Trainer:
 
         def restore():
             gen = next(g for g in self.store.list() if g["generation"] == generation)
-            files = self._generation_state(gen)
-            if files:  # read before the weights change: an unreadable state fails the rollback with nothing changed
-                self.opt.check_state(files)
+            files = self._generation_state(gen)  # checked by rank 0 before it led the rollback (``rollback``)
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
