@@ -6,7 +6,8 @@ in all builds.
 
     .venv/bin/python bench/encode_ab.py [--base main] [--rounds 5] [--threads 1 2] [--blocks 16] [--lr 1.3e-6]
 
-Needs g++ (C++20); builds from the sources into a temporary directory (no CMake build). Prints one markdown
+Needs g++ (C++20); builds from the sources into a temporary directory (no CMake build). The base must be a
+revision whose entropy.hpp declares entropy::histogram (7090a83 on: the phase bench times it), e.g. 8550f09. Prints one markdown
 table per thread count. Results: bench/RESULTS.md, "Seventh session of 2026-12-01", huff28.
 """
 

@@ -15,8 +15,9 @@
 // save's encoder uses them). Prints one table. Results: bench/RESULTS.md, "Seventh session of 2026-12-01".
 //
 // build (after the CMake build in build/):
-//   g++ -O2 -std=c++20 -Iinclude -Isrc bench/encode_phases.cpp build/liblivetrain_core.a -lpthread \
+//   g++ -O2 -std=c++20 -Iinclude -Isrc bench/encode_phases.cpp build/liblivetrain_core.a -lpthread
 //     -o /tmp/encode_phases && /tmp/encode_phases [blocks=16] [lr=1.3e-6] [threads=1]
+// (one line)
 // or without a CMake build: the same line with, instead of the library,
 //   -Ithird_party src/checkpoint/{delta,entropy,hash,region}.cpp src/common/{parallel,tuning,error,dtype}.cpp
 #include <fcntl.h>
@@ -133,6 +134,7 @@ int main(int argc, char** argv) {
                     })});
   }
   std::vector<std::vector<std::string>> outs;
+  const size_t whole_row = rows.size();  // its one-thread time, against the threads' below
   rows.push_back({"encode_records, the whole tensor", input,
                   best_of(reps, [&] { alone([&] { checkpoint::encode_records({rec}, outs, false); }); })});
   double encoded = 0;
@@ -210,7 +212,7 @@ int main(int argc, char** argv) {
     std::printf(
         "\nencode_records of the whole tensor at %d threads: %.1f us per block, input %.0f MB/s in all, %.0f MB/s "
         "per thread (one thread: %.0f)\n",
-        threads, t * per, input / t / 1e6, input / t / 1e6 / threads, input / rows[6].seconds / 1e6);
+        threads, t * per, input / t / 1e6, input / t / 1e6 / threads, input / rows[whole_row].seconds / 1e6);
   }
   return 0;
 }

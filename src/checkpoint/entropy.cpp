@@ -256,11 +256,6 @@ template <size_t S>
   freq[0] += zeros;
   return freq;
 }
-#endif
-
-}  // namespace
-
-namespace {
 
 // Whether at least a quarter of the first 64 symbols are 0: a plane where histogram_compressed, which pays
 // for gathering every byte that is not 0, saves more than that (the bitmap of a sparse step, the high bytes
@@ -271,6 +266,7 @@ bool starts_mostly_zero(const uint8_t* in, size_t n, size_t stride) {
   for (size_t i = 0; i < m; ++i) zeros += in[i * stride] == 0;
   return 4 * zeros >= m && m > 0;
 }
+#endif
 
 }  // namespace
 
@@ -364,6 +360,16 @@ inline void put_bits(uint64_t bits, unsigned len, uint64_t& acc, unsigned& nbits
   nbits &= 7;
 }
 
+// Eight 0s as one code (0's code repeated eight times) where 0's code has 1 to 4 bits, so that the writers take
+// a run of eight 0s in one put_bits; 0 otherwise (not used then).
+inline uint64_t eight_zeros(const std::array<uint32_t, 256>& code) {
+  const unsigned zero_len = code[0] >> 16;
+  uint64_t zeros8 = 0;
+  for (unsigned k = 0; zero_len >= 1 && zero_len <= 4 && k < 8; ++k)
+    zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+  return zeros8;
+}
+
 // Symbols i .. i + 3 into the accumulator: their four codes (at most 44 bits) in one put_bits.
 inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::array<uint32_t, 256>& code, uint64_t& acc,
                      unsigned& nbits, uint8_t*& dst) {
@@ -376,8 +382,8 @@ inline void put_four(const uint8_t* in, size_t i, size_t stride, const std::arra
 }
 
 // A stride-1 stream of at least kPairBytesPerSymbol bytes per used symbol takes its codes two symbols per
-// load of a pair table (put_codes_pairs): filling the table's 256 entries per used second symbol costs less
-// than the loads and shifts it saves on the stream's n / 2 pairs.
+// load of a pair table (put_codes_pairs): filling the table's used × used entries costs less than the loads
+// and shifts it saves on the stream's n / 2 pairs.
 
 // The pair table of `code`: entry a | b << 8 holds the codes of a then b (a's bits first, at most 22) |
 // their length << 24, for every used a and b (the other entries are never read: a stream holds only used
@@ -419,8 +425,7 @@ void put_codes_pairs(const uint8_t* in, size_t n, const std::array<uint32_t, 256
   const uint32_t* pair = pair_table(code);
   const unsigned zero_len = code[0] >> 16;
   const bool zeros_at_once = zero_len >= 1 && zero_len <= 4;
-  uint64_t zeros8 = 0;
-  for (unsigned k = 0; zeros_at_once && k < 8; ++k) zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+  const uint64_t zeros8 = eight_zeros(code);
   uint64_t acc = 0;
   unsigned nbits = 0;
   size_t i = 0;
@@ -460,8 +465,7 @@ void put_codes(const uint8_t* in, size_t n, size_t stride, const std::array<uint
   const unsigned zero_len = code[0] >> 16;
   if constexpr (S != 0) {
     if (zero_len >= 1 && zero_len <= 4 && n > 0) {
-      uint64_t zeros8 = 0;
-      for (unsigned k = 0; k < 8; ++k) zeros8 |= static_cast<uint64_t>(code[0] & 0xFFFF) << (k * zero_len);
+      const uint64_t zeros8 = eight_zeros(code);
       constexpr size_t words = S;  // 8 symbols: 8·S bytes
       while (i * S + 8 * S <= (n - 1) * S + 1) {
         uint64_t any = 0;
@@ -523,12 +527,6 @@ void put_codes_pairwise(const uint8_t* in, size_t n, size_t stride, const std::a
   std::memcpy(dst, &acc, 8);
 }
 
-// The word-wise coder's codes, its loads specialized for strides 1, 2 and 4.
-template <size_t S>
-void put_codes_stride(const uint8_t* in, size_t n, size_t stride, const std::array<uint32_t, 256>& code, uint8_t* dst) {
-  put_codes<S>(in, n, stride, code, dst);
-}
-
 #ifdef LIVETRAIN_ENTROPY_X86
 // The same compiled for BMI2 where the CPU has it (the build targets baseline x86-64): every call inlined, so
 // that the codes' variable shifts are one-uop shlx/shrx instead of three-uop shifts by cl (GCC, clang).
@@ -551,10 +549,10 @@ void put_codes_any(const uint8_t* in, size_t n, size_t stride, const std::array<
   }
 #endif
   switch (stride) {
-    case 1: return put_codes_stride<1>(in, n, stride, code, dst);
-    case 2: return put_codes_stride<2>(in, n, stride, code, dst);
-    case 4: return put_codes_stride<4>(in, n, stride, code, dst);
-    default: return put_codes_stride<0>(in, n, stride, code, dst);
+    case 1: return put_codes<1>(in, n, stride, code, dst);
+    case 2: return put_codes<2>(in, n, stride, code, dst);
+    case 4: return put_codes<4>(in, n, stride, code, dst);
+    default: return put_codes<0>(in, n, stride, code, dst);
   }
 }
 
