@@ -53,6 +53,7 @@ class InProcess:
         from livetrain.trainer.service import Trainer
 
         self.dir = tempfile.mkdtemp(prefix="livetrain-sweep-")
+        self.reference = None  # the guard's reference of the last job that had one (``job``), for ``mixed``
         model_dir = default_model.ensure(dtype=dtype)
         manifest = os.path.join(self.dir, "engine.manifest.json")
         self.child = None
@@ -159,7 +160,7 @@ class InProcess:
         got = lq.score(asked, answers, facts, general)
         kept, right = lq.kept(base["general"], got["general"])
         losses = self.losses(examples)
-        reference = getattr(self, "reference", None)
+        reference = self.reference
         return {
             "alpha": alpha,
             "trained": sum(got["trained"]),

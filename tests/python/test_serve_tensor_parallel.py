@@ -31,6 +31,7 @@ from livetrain import safetensors as lst  # noqa: E402
 import servers  # noqa: E402
 import tiny_model  # noqa: E402
 from tiny_model import FACT, FACT_PROMPT  # noqa: E402
+from weights import state_steps  # noqa: E402
 
 ENV = {**servers.ENV, "OMP_NUM_THREADS": "1"}
 CORPUS = [
@@ -269,11 +270,6 @@ def test_a_killed_trainer_rank_is_503_with_the_reason(server):
     assert s.status()["optimizer"]["restored_from"] == "state-dir"
     assert s.http("/checkpoint", {})[0] == 200
     assert state_steps(rank1_file) == steps
-
-
-def state_steps(path) -> dict[str, float]:
-    """Each parameter's optimizer step count in a state file."""
-    return {n: t.float().max().item() for n, t in lst.load_file(path).items() if n.endswith(".step")}
 
 
 def test_a_killed_engine_rank_is_503_and_stops_the_server(server):

@@ -28,3 +28,8 @@ def load_dir(path: Path) -> dict:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def state_steps(path) -> dict[str, float]:
+    """Each parameter's optimizer step count in an optimizer-state file (what a save at any TP size records)."""
+    return {n: t.float().max().item() for n, t in load_file(str(path)).items() if n.endswith(".step")}

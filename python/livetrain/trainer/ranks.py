@@ -317,8 +317,12 @@ class Ranks:
         def gone() -> bool:
             return any(not _alive(p) or os.path.exists(self.failure_path(r)) for r, p in enumerate(self.pids) if r)
 
-        # A killed rank's sockets close before its process turns zombie: gloo's error can come first.
-        return gone() or (isinstance(error, RuntimeError) and (time.sleep(0.5) or gone()))
+        if gone():
+            return True
+        if isinstance(error, RuntimeError):  # a killed rank's sockets close before its process turns zombie:
+            time.sleep(0.5)  # gloo's error can come first; give the process a moment to be seen gone
+            return gone()
+        return False
 
     def abort(self) -> None:
         """Tear the process groups down: ranks waiting in a collective with this one get an error."""
