@@ -1,10 +1,14 @@
-// The benches' synthetic dense step (bench/encode_kinds.cpp, bench/encode_phases.cpp): a bf16 tensor w ~ N(0, 0.02)
-// rounded to nearest, then w + lr·N(0,1) stochastically rounded (as bench/checkpoint.py's random model and step),
-// as the diff gives it to the encoder: the bitmap of changed elements and their XORs (low byte, high byte).
+// What bench/encode_kinds.cpp and bench/encode_phases.cpp share: their synthetic dense step (make_diff: a bf16
+// tensor w ~ N(0, 0.02) rounded to nearest, then w + lr·N(0,1) stochastically rounded, as bench/checkpoint.py's
+// random model and step, as the diff gives it to the encoder: the bitmap of changed elements and their XORs, low
+// byte then high byte) and their timer (best_of).
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -48,6 +52,17 @@ inline Diff make_diff(uint64_t units, double lr, uint64_t seed) {
     }
   }
   return d;
+}
+
+// The shortest of `reps` runs of fn, in seconds.
+inline double best_of(int reps, const std::function<void()>& fn) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
 }
 
 }  // namespace bench

@@ -10,8 +10,8 @@
 // bench/RESULTS.md, "Fifth session of 2026-12-01".
 //
 // build (after the CMake build in build/):
-//   g++ -O2 -std=c++20 -Iinclude -Isrc bench/encode_kinds.cpp build/liblivetrain_core.a -lpthread \
-//     -o /tmp/encode_kinds && /tmp/encode_kinds [blocks] [lr,lr,...]
+//   g++ -O2 -std=c++20 -Iinclude -Isrc bench/encode_kinds.cpp build/liblivetrain_core.a -lpthread
+//     -o /tmp/encode_kinds && /tmp/encode_kinds [blocks] [lr,lr,...]   (one line)
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -36,6 +36,7 @@ namespace {
 namespace checkpoint = livetrain::checkpoint;
 using checkpoint::kBlockUnits;
 
+using bench::best_of;
 using bench::Diff;
 using bench::make_diff;
 
@@ -51,16 +52,6 @@ __attribute__((noinline)) uint64_t gap_bytes(const uint8_t* bits, uint64_t nbyte
     }
   }
   return inner + first + prev;
-}
-
-double best_of(int reps, const std::function<void()>& fn) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
 }
 
 }  // namespace

@@ -48,18 +48,9 @@ namespace {
 namespace checkpoint = livetrain::checkpoint;
 using checkpoint::kBlockUnits;
 
+using bench::best_of;
 using bench::Diff;
 using bench::make_diff;
-
-double best_of(int reps, const std::function<void()>& fn) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
-}
 
 uint64_t minor_faults() {
   rusage u{};
