@@ -7,7 +7,9 @@ in all builds.
     .venv/bin/python bench/encode_ab.py [--base main] [--rounds 5] [--threads 1 2] [--blocks 16] [--lr 1.3e-6]
 
 Needs g++ (C++20); builds from the sources into a temporary directory (no CMake build). The base must be a
-revision whose entropy.hpp declares entropy::histogram (7090a83 on: the phase bench times it), e.g. 8550f09. Prints one markdown
+revision whose entropy.hpp declares entropy::histogram (7090a83 on: the phase bench times it), e.g. 8550f09; on
+a machine without the git history (a device machine) give a directory holding that revision's two files
+(`git show 8550f09:src/checkpoint/entropy.cpp > DIR/entropy.cpp`, the same for entropy.hpp). Prints one markdown
 table per thread count. Results: bench/RESULTS.md, "Seventh session of 2026-12-01", huff28.
 """
 
@@ -50,9 +52,12 @@ def build(tmp: Path, base: str) -> dict[str, Path]:
     overlay = tmp / "base_include" / "checkpoint"
     overlay.mkdir(parents=True)
     for name in ("entropy.hpp", "entropy.cpp"):
-        text = subprocess.run(
-            ["git", "show", f"{base}:src/checkpoint/{name}"], cwd=ROOT, check=True, capture_output=True, text=True
-        ).stdout
+        if Path(base).is_dir():  # a copy of the base's two files (a machine without the git history)
+            text = (Path(base) / name).read_text()
+        else:
+            text = subprocess.run(
+                ["git", "show", f"{base}:src/checkpoint/{name}"], cwd=ROOT, check=True, capture_output=True, text=True
+            ).stdout
         (overlay / name).write_text(text)
     common = ["-O2", "-std=c++20", f"-I{ROOT / 'include'}", f"-I{ROOT / 'third_party'}"]
     tree_flags = [*common, f"-I{ROOT / 'src'}"]
@@ -93,7 +98,12 @@ def run(exe: Path, blocks: int, lr: float, threads: int) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="main", help="the revision whose entropy coder is the base (default main)")
+    ap.add_argument(
+        "--base",
+        default="main",
+        help="the revision whose entropy coder is the base (default main), or a directory holding that "
+        "revision's entropy.hpp and entropy.cpp (where the checkout has no git history, e.g. a device machine)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--blocks", type=int, default=16)
