@@ -216,14 +216,17 @@ def minor_faults() -> int:
 
 
 def livetrain_save(store, live: dict) -> dict:
+    import save_usage  # beside this script
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     f = minor_faults()
-    t = time.perf_counter()
-    r = store.save(live)
+    r, seconds, host = save_usage.timed_save(lambda: store.save(live))
     return {
-        "seconds": time.perf_counter() - t,
+        "seconds": seconds,
         "minor_faults": minor_faults() - f,
+        "usage": r.get("usage"),
+        "host": host,
         "bytes_written": r["bytes"] if r["written"] else 0,
         "changed": r["changed"],
         "elements": r["elements"],
@@ -802,6 +805,15 @@ def print_sweep(rows: list[dict], bands: tuple, lr: float, both_ways: float | No
                 f"{r['floor_seconds']:.3f} | {d['seconds'] / r['floor_seconds']:.2f} | {nc['seconds']:.3f} | "
                 f"{nc['seconds'] / mb * 1e10:.3f} | {d.get('minor_faults', 0):,} | {r['check']} | {r['bytes_check']} |"
             )
+        used = [r for r in mine if "error" not in r and r["dense"].get("usage")]
+        if used:
+            import save_usage
+
+            print(f"\nWhere the dense saves' time went ({shape}): {save_usage.LEGEND}\n")
+            print(save_usage.HEADER)
+            for r in used:
+                d = r["dense"]
+                print(save_usage.row(r["setting"], d["seconds"], d, d["host"]))
         p = mine[0].get("prepare_probe")
         if p:
             print(

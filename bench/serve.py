@@ -465,12 +465,92 @@ def optim_step_times(trainer, reps: int) -> dict:
 
 def checkpoint_save(trainer, scenario: str) -> dict:
     """One save of the live weights into the trainer's checkpoint store, timed (weights only: the
-    optimizer state that POST /checkpoint adds is not part of the floor)."""
+    optimizer state that POST /checkpoint adds is not part of the floor), with where its time went
+    (bench/save_usage.py: the store's usage, the host's CPUs and reclaim, the engine process's CPU time)."""
+    import save_usage  # beside this script
+
     sync(trainer.device)
-    t = time.perf_counter()
-    r = trainer.store.save(trainer.weights, weight_version=trainer.weight_version)
-    keys = ("written", "bytes", "changed", "elements", "model_bytes", "diff_seconds", "encode_seconds", "write_seconds")
-    return {"scenario": scenario, "seconds": time.perf_counter() - t, **{k: r.get(k) for k in keys}}
+    pids = {"engine": trainer.engine["pid"]} if trainer.engine.get("pid") else {}
+    r, seconds, host = save_usage.timed_save(
+        lambda: trainer.store.save(trainer.weights, weight_version=trainer.weight_version), pids
+    )
+    keys = (
+        "written",
+        "bytes",
+        "changed",
+        "elements",
+        "model_bytes",
+        "diff_seconds",
+        "encode_seconds",
+        "write_seconds",
+        "usage",
+    )
+    return {"scenario": scenario, "seconds": seconds, **{k: r.get(k) for k in keys}, "host": host}
+
+
+def save_probes(trainer, examples, model_dir: str) -> list[dict]:
+    """--save-probe: more saves after the first step's, each of which changes one thing, to tell apart why the
+    trainer's save encodes slower than bench/checkpoint.py's sweep: another step of the same example (the
+    same conditions again); a step, with the engine process stopped (SIGSTOP) during the save (its threads off
+    the CPUs); the sweep's synthetic step (bench/checkpoint.py's apollo_like_step at lr 1.3e-6, the same 4.1%
+    of the elements changed) instead of a training step (the input); a step after the model files' pages were
+    dropped from the page cache (posix_fadvise DONTNEED: the host's free memory); and a step after that.
+    A probe that fails is logged and the others run."""
+    import signal
+
+    import checkpoint as ck  # bench/checkpoint.py (this script's directory is on sys.path)
+
+    out = []
+    pid = trainer.engine.get("pid")
+
+    def step() -> None:
+        trainer.step(examples)
+        sync(trainer.device)
+
+    def stopped_engine() -> dict:
+        step()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            return checkpoint_save(trainer, "probe: after a step, the engine process stopped (SIGSTOP)")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def synthetic() -> dict:
+        ck.apollo_like_step(trainer.weights, 1.3e-6, seed=7)
+        sync(trainer.device)
+        return checkpoint_save(trainer, "probe: after bench/checkpoint.py's synthetic step (lr 1.3e-6), no training")
+
+    def page_cache_dropped() -> dict:
+        step()
+        dropped = 0
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                fd = os.open(os.path.join(model_dir, name), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    dropped += os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+        return checkpoint_save(
+            trainer, f"probe: after a step, the model files ({dropped / 1e9:.0f} GB) dropped from the page cache first"
+        )
+
+    def stepped(label: str):
+        return lambda: (step(), checkpoint_save(trainer, label))[1]
+
+    probes = [stepped("probe: after a second step")]
+    probes += [stopped_engine] if pid else []
+    probes += [synthetic, page_cache_dropped, stepped("probe: after a step, again")]
+    for probe in probes:
+        try:
+            out.append(probe())
+            log(
+                f"save probe: {out[-1]['scenario']}: {out[-1]['seconds']:.2f} s, encode {out[-1]['encode_seconds']:.2f} s"
+            )
+        except Exception as e:  # logged; the other probes still run
+            log(f"save probe {getattr(probe, '__name__', '')} failed: {type(e).__name__}: {e}")
+    return out
 
 
 def role_trainer(a) -> None:
@@ -520,6 +600,8 @@ def role_trainer(a) -> None:
             losses.append(loss)
             if k == 0 and i == 0 and trainer.store is not None:
                 saves.append(checkpoint_save(trainer, "after one step"))
+                if a.save_probe:
+                    saves += save_probes(trainer, examples, a.model)
         timed = times[1:]
         runs.append(
             {
@@ -917,6 +999,7 @@ def child_args(a, model: str) -> list[str]:
         + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
         + (["--keep-cache"] if a.keep_cache else [])
         + (["--checkpoint"] if a.checkpoint else [])
+        + (["--save-probe"] if a.save_probe else [])
     )
 
 
@@ -1016,8 +1099,19 @@ def render_floors(results: dict) -> list[str]:
                 share = f"{r['changed'] / r['elements']:.1%}" if r.get("elements") else "-"
                 lines.append(
                     f"| {r['scenario']} | {r['seconds']:.2f} | {phases} | {delta:,} | {delta / model:.1%} | {share} | "
-                    f"{floor:.3f} | {r['seconds'] / floor:.1f}x |"
+                    f"{floor:.3f} | {r['seconds'] / floor:.2f}x |"
                 )
+        used = [r for r in saves if r.get("usage") and r.get("written")]
+        if used:
+            import save_usage  # beside this script
+
+            lines += [
+                "",
+                f"Where the trainer's saves' time went ({s['layers']} layers): {save_usage.LEGEND}",
+                "",
+                save_usage.HEADER,
+            ]
+            lines += [save_usage.row(r["scenario"], r["seconds"], r, r["host"]) for r in used]
         o = f.get("optim")
         if o:
             floor = o["floor_seconds"]
@@ -1204,6 +1298,13 @@ def main() -> int:
         action="store_true",
         help="write the random weights as the model's files, let the engine create its checkpoint store, and "
         "time the trainer's saves: the first after opening the store, and after one step (against its floor)",
+    )
+    ap.add_argument(
+        "--save-probe",
+        action="store_true",
+        help="with --checkpoint: after the first step's save, saves that each change one thing (another step, the "
+        "engine process stopped, the checkpoint sweep's synthetic step, the model files out of the page cache), "
+        "each with where its time went (bench/save_usage.py); their steps are not timed",
     )
     ap.add_argument("--dir", default=None, help="work directory (model files with --checkpoint; default: a temp dir)")
     ap.add_argument(
