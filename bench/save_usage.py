@@ -8,7 +8,16 @@ import os
 import time
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-VMSTAT = ("pgscan_direct", "pgsteal_direct", "pgscan_kswapd", "allocstall", "compact_stall", "pgmajfault")
+VMSTAT = (
+    "pgscan_direct",
+    "pgsteal_direct",
+    "pgscan_kswapd",
+    "allocstall",
+    "compact_stall",
+    "pgmajfault",
+    "thp_fault_alloc",
+    "thp_fault_fallback",
+)
 
 
 def _read(path: str) -> str:
@@ -39,6 +48,24 @@ def process_cpu(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15 of proc(5))
 
 
+def threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of process `pid`'s threads, summed by thread name (/proc/PID/task/TID/stat: the
+    core names its threads lt-pool, lt-encode, lt-write; a thread's name is its process's unless set)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        text = _read(f"/proc/{pid}/task/{tid}/stat")
+        if not text:
+            continue  # the thread ended
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 def vmstat() -> dict:
     out = dict.fromkeys(VMSTAT, 0)
     for line in _read("/proc/vmstat").splitlines():
@@ -65,6 +92,7 @@ def snapshot(pids: dict[str, int] | None = None) -> dict:
         "vm": vmstat(),
         "pids": {k: process_cpu(p) for k, p in (pids or {}).items()},
         "self": process_cpu(os.getpid()),
+        "threads": {"self": threads_cpu(os.getpid()), **{k: threads_cpu(p) for k, p in (pids or {}).items()}},
     }
 
 
@@ -77,7 +105,13 @@ def host_delta(before: dict, after: dict, mem: dict) -> dict:
         k: (after["pids"][k] - v if v is not None and after["pids"].get(k) is not None else None)
         for k, v in before["pids"].items()
     }
+    threads = {}
+    for who, now in after["threads"].items():
+        was = before["threads"].get(who, {})
+        d = {name: t - was.get(name, 0.0) for name, t in now.items()}  # a thread started meanwhile: all of it
+        threads[who] = dict(sorted(((n, t) for n, t in d.items() if t > 0), key=lambda x: -x[1]))
     return {
+        "threads_cpu_seconds": threads,  # {"self" | name in pids: {thread name: CPU seconds over the save}}
         "host_busy_seconds": cpu["busy"],
         "host_steal_seconds": cpu["steal"],
         "self_cpu_seconds": own,
@@ -101,9 +135,9 @@ def timed_save(save, pids: dict[str, int] | None = None) -> tuple[dict, float, d
 HEADER = (
     "| save | wall s | encode busy / waiting s | encoder threads | encoder CPU s (user / sys) | CPU / thread time | "
     "encoder faults | encoder switches (vol. / invol.) | process CPU s (user / sys) | process faults (minor / major) | "
-    "other processes' CPU s | host steal s | direct reclaim (stalls / pages scanned) | kswapd pages scanned | "
-    "free / available GB before |\n"
-    "|---|---:|---|---:|---|---:|---:|---|---|---|---|---:|---|---:|---|"
+    "other processes' CPU s | host steal s | direct reclaim (stalls / pages scanned / compaction stalls) | kswapd pages scanned | "
+    "free / available GB before | CPU s by thread name (this process; others) |\n"
+    "|---|---:|---|---:|---|---:|---:|---|---|---|---|---:|---|---:|---|---|"
 )
 
 
@@ -127,14 +161,19 @@ def row(label: str, seconds: float, r: dict, host: dict, named: str = "") -> str
         if "MemFree" in mem and "MemAvailable" in mem
         else "-"
     )
+    by_thread = []
+    for who, names in (host.get("threads_cpu_seconds") or {}).items():
+        top = ", ".join(f"{n} {t:.2f}" for n, t in list(names.items())[:4])
+        by_thread.append(f"{who}: {top or '-'}")
     return (
         f"| {label} | {seconds:.2f} | {busy:.2f} / {u.get('encode_wait_seconds', 0.0):.2f} | {threads} | "
         f"{e.get('user_seconds', 0.0):.2f} / {e.get('system_seconds', 0.0):.2f} | {share} | "
         f"{e.get('minor_faults', 0):,} | {e.get('voluntary_switches', 0):,} / {e.get('involuntary_switches', 0):,} | "
         f"{p.get('user_seconds', 0.0):.2f} / {p.get('system_seconds', 0.0):.2f} | "
         f"{p.get('minor_faults', 0):,} / {p.get('major_faults', 0):,} | {others} | "
-        f"{host.get('host_steal_seconds', 0.0):.2f} | {vm.get('allocstall', 0):,} / {vm.get('pgscan_direct', 0):,} | "
-        f"{vm.get('pgscan_kswapd', 0):,} | {free} |"
+        f"{host.get('host_steal_seconds', 0.0):.2f} | {vm.get('allocstall', 0):,} / {vm.get('pgscan_direct', 0):,} / "
+        f"{vm.get('compact_stall', 0):,} | "
+        f"{vm.get('pgscan_kswapd', 0):,} | {free} | {'; '.join(by_thread)} |"
     )
 
 
@@ -144,5 +183,7 @@ LEGEND = (
     "CPU / thread time: the CPU time those threads got while running its chunks (below 1: off their CPUs, "
     "descheduled or blocked); process: getrusage over the diff, encode and write, every thread; other processes: "
     "the host's busy CPU time (/proc/stat) less this process's over the save; direct reclaim: /proc/vmstat "
-    "allocstall and pgscan_direct (page allocations that had to free memory first, in the faulting thread)."
+    "allocstall and pgscan_direct (page allocations that had to free memory first, in the faulting thread), and "
+    "compact_stall (that had to compact memory for a huge page); CPU by thread name: /proc/PID/task over the save, "
+    "the four busiest names of this process and of the named others (the core's: lt-pool, lt-encode, lt-write)."
 )

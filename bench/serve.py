@@ -488,6 +488,15 @@ def checkpoint_save(trainer, scenario: str) -> dict:
     return {"scenario": scenario, "seconds": seconds, **{k: r.get(k) for k in keys}, "host": host}
 
 
+def core_settings() -> dict:
+    """The core's thread count and the tuning knobs this process runs with other than their defaults
+    (LIVETRAIN_TUNING, tuning_set): what its saves ran under."""
+    from livetrain import _core
+
+    knobs = {k: v["value"] for k, v in _core.tuning().items() if v["value"] != v["default"]}
+    return {"threads": _core.num_threads(), "knobs": knobs, "env": os.environ.get("LIVETRAIN_TUNING", "")}
+
+
 def save_probes(trainer, examples, model_dir: str) -> list[dict]:
     """--save-probe: more saves after the first step's, each of which changes one thing, to tell apart why the
     trainer's save encodes slower than bench/checkpoint.py's sweep: another step of the same example (the
@@ -631,6 +640,7 @@ def role_trainer(a) -> None:
             "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
             "kernels": trainer.kernels,
             "checkpoint": saves,
+            "core": core_settings(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         }
     )
@@ -920,6 +930,7 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                     "skipped_nonfinite",
                     "kernels",
                     "checkpoint",
+                    "core",
                 )
             },
             "memory": t["runs"][0]["memory"],
@@ -1105,9 +1116,12 @@ def render_floors(results: dict) -> list[str]:
         if used:
             import save_usage  # beside this script
 
+            core = lt.get("core") or {}
+            knobs = ", ".join(f"{k}={v}" for k, v in (core.get("knobs") or {}).items()) or "none (the shipped defaults)"
             lines += [
                 "",
-                f"Where the trainer's saves' time went ({s['layers']} layers): {save_usage.LEGEND}",
+                f"Where the trainer's saves' time went ({s['layers']} layers; the trainer's core: "
+                f"{core.get('threads', '?')} threads, knobs set: {knobs}): {save_usage.LEGEND}",
                 "",
                 save_usage.HEADER,
             ]

@@ -24,6 +24,11 @@ int available_cpus();
 // no quota or text that is not of that form.
 int cpu_quota_cpus(std::string_view cpu_max);
 
+// Names the calling thread (at most 15 characters on Linux; a no-op elsewhere), so that per-thread CPU time
+// (/proc/PID/task, top -H, bench/save_usage.py) tells the core's threads apart: "lt-pool" (parallel_for's
+// workers), "lt-encode" and "lt-write" (a checkpoint save's encoder and early writer).
+void name_this_thread(const char* name);
+
 // Calls fn(begin, end) over disjoint chunks covering [0, n), at least `grain` items each.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 

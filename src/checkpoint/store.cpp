@@ -224,6 +224,7 @@ class RecordEncoder {
 
  private:
   void run() {
+    name_this_thread("lt-encode");
     const auto started = std::chrono::steady_clock::now();
     UsageScope scope(&account_);
     try {
@@ -341,7 +342,10 @@ class EarlyWriter {
 
   void start(RecordEncoder& encoder) {
     encoder_ = &encoder;
-    thread_ = std::thread([this, &encoder] { run(encoder); });
+    thread_ = std::thread([this, &encoder] {
+      name_this_thread("lt-write");
+      run(encoder);
+    });
   }
   // The diff is over with `count` records: waits for the encoder, then for the file (durable on return
   // when wrote()). Rethrows the encoding's error, else the writer's.

@@ -1,6 +1,7 @@
 // The worker pool behind parallel_for: threads start on first use and live until exit.
 #include "livetrain/parallel.hpp"
 
+#include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
 
@@ -83,6 +84,7 @@ class Pool {
   }
 
   void loop() {
+    name_this_thread("lt-pool");
     std::shared_ptr<Job> last;
     while (true) {
       std::shared_ptr<Job> job;
@@ -201,6 +203,14 @@ int num_threads() {
     return available_cpus();
   }();
   return n;
+}
+
+void name_this_thread(const char* name) {
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), name);
+#else
+  (void)name;
+#endif
 }
 
 Usage& Usage::operator+=(const Usage& o) {
