@@ -485,7 +485,10 @@ def checkpoint_save(trainer, scenario: str) -> dict:
         "write_seconds",
         "usage",
     )
-    return {"scenario": scenario, "seconds": seconds, **{k: r.get(k) for k in keys}, "host": host}
+    out = {"scenario": scenario, "seconds": seconds, **{k: r.get(k) for k in keys}, "host": host}
+    if r.get("written"):  # the row as the table will print it, now: a run cut short keeps it in its log
+        log("save row " + save_usage.row(scenario, seconds, out, host))
+    return out
 
 
 def core_settings() -> dict:
@@ -503,8 +506,9 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
     same conditions again); a step, with the engine process stopped (SIGSTOP) during the save (its threads off
     the CPUs); the sweep's synthetic step (bench/checkpoint.py's apollo_like_step at lr 1.3e-6, the same 4.1%
     of the elements changed) instead of a training step (the input); a step after the model files' pages were
-    dropped from the page cache (posix_fadvise DONTNEED: the host's free memory); and a step after that.
-    A probe that fails is logged and the others run."""
+    dropped from the page cache (posix_fadvise DONTNEED: the host's free memory). The reference is the second
+    step's save (the first real save of a process may differ by being the first). A probe that fails is logged
+    and the others run."""
     import signal
 
     import checkpoint as ck  # bench/checkpoint.py (this script's directory is on sys.path)
@@ -550,13 +554,10 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
 
     probes = [stepped("probe: after a second step")]
     probes += [stopped_engine] if pid else []
-    probes += [synthetic, page_cache_dropped, stepped("probe: after a step, again")]
+    probes += [synthetic, page_cache_dropped]
     for probe in probes:
         try:
             out.append(probe())
-            log(
-                f"save probe: {out[-1]['scenario']}: {out[-1]['seconds']:.2f} s, encode {out[-1]['encode_seconds']:.2f} s"
-            )
         except Exception as e:  # logged; the other probes still run
             log(f"save probe {getattr(probe, '__name__', '')} failed: {type(e).__name__}: {e}")
     return out
