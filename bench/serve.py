@@ -500,6 +500,34 @@ def core_settings() -> dict:
     return {"threads": _core.num_threads(), "knobs": knobs, "env": os.environ.get("LIVETRAIN_TUNING", "")}
 
 
+DENSITY_BINS = (0.001, 0.01, 0.03, 0.06, 0.12, 1.0)  # upper bounds of a tensor's changed fraction
+
+
+def change_profile(before: dict, after: dict) -> dict:
+    """How a step's changes lie (what the encoder's cost depends on besides their count): the elements in tensors
+    whose changed fraction falls in each of DENSITY_BINS, and the share of the bitmaps' bytes (8 elements each)
+    that are not zero (the bitmap coder's histogram skips zero bytes)."""
+    import torch
+
+    per_bin = [0] * len(DENSITY_BINS)
+    elements = changed = nonzero = nbytes = 0
+    for name, a in after.items():
+        b = before[name]
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        m = a.reshape(-1).view(bits) != b.reshape(-1).view(bits)
+        n, c = m.numel(), int(m.sum())
+        pad = (-n) % 8
+        nz = int(torch.nn.functional.pad(m, (0, pad)).view(-1, 8).any(1).sum())
+        elements, changed, nonzero, nbytes = elements + n, changed + c, nonzero + nz, nbytes + (n + pad) // 8
+        per_bin[next(i for i, hi in enumerate(DENSITY_BINS) if c / max(n, 1) <= hi)] += n
+    return {
+        "elements": elements,
+        "changed": changed,
+        "bitmap_bytes_nonzero": nonzero / max(nbytes, 1),
+        "elements_by_density": dict(zip([str(x) for x in DENSITY_BINS], [x / max(elements, 1) for x in per_bin])),
+    }
+
+
 def save_probes(trainer, examples, model_dir: str) -> list[dict]:
     """--save-probe: more saves after the first step's, each of which changes one thing, to tell apart why the
     trainer's save encodes slower than bench/checkpoint.py's sweep: another step of the same example (the
@@ -528,10 +556,32 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
         finally:
             os.kill(pid, signal.SIGCONT)
 
-    def synthetic() -> dict:
-        ck.apollo_like_step(trainer.weights, 1.3e-6, seed=7)
+    def profiled(change, label: str) -> dict:
+        """change() with a copy of the weights beside it (GPU memory for one more model, freed after): the save's
+        row gets change_profile."""
+        before = {n: t.clone() for n, t in trainer.weights.items()}
+        change()
         sync(trainer.device)
-        return checkpoint_save(trainer, "probe: after bench/checkpoint.py's synthetic step (lr 1.3e-6), no training")
+        profile = change_profile(before, trainer.weights)
+        del before
+        if trainer.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        r = checkpoint_save(trainer, label)
+        r["change_profile"] = profile
+        p = profile["elements_by_density"]
+        log(
+            f"{label}: bitmap bytes not zero {profile['bitmap_bytes_nonzero']:.1%}; elements in tensors by changed "
+            "fraction " + ", ".join(f"<= {float(k):.1%}: {v:.1%}" for k, v in p.items())
+        )
+        return r
+
+    def synthetic() -> dict:
+        return profiled(
+            lambda: ck.apollo_like_step(trainer.weights, 1.3e-6, seed=7),
+            "probe: after bench/checkpoint.py's synthetic step (lr 1.3e-6), no training",
+        )
 
     def page_cache_dropped() -> dict:
         step()
@@ -549,10 +599,7 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
             trainer, f"probe: after a step, the model files ({dropped / 1e9:.0f} GB) dropped from the page cache first"
         )
 
-    def stepped(label: str):
-        return lambda: (step(), checkpoint_save(trainer, label))[1]
-
-    probes = [stepped("probe: after a second step")]
+    probes = [lambda: profiled(step, "probe: after a second step")]
     probes += [stopped_engine] if pid else []
     probes += [synthetic, page_cache_dropped]
     for probe in probes:
@@ -1127,6 +1174,15 @@ def render_floors(results: dict) -> list[str]:
                 save_usage.HEADER,
             ]
             lines += [save_usage.row(r["scenario"], r["seconds"], r, r["host"]) for r in used]
+            for r in used:
+                p = r.get("change_profile")
+                if p:
+                    bins = ", ".join(f"<= {float(k):.1%}: {v:.1%}" for k, v in p["elements_by_density"].items())
+                    lines.append(
+                        f"\n{r['scenario']}: {p['changed'] / max(p['elements'], 1):.2%} of the elements changed; bitmap "
+                        f"bytes not zero {p['bitmap_bytes_nonzero']:.1%}; the elements in tensors by their changed "
+                        f"fraction: {bins}."
+                    )
         o = f.get("optim")
         if o:
             floor = o["floor_seconds"]
