@@ -533,6 +533,7 @@ SWEEP_GRID = [
     ("shipped, 64 MiB groups", {"checkpoint.group_mib": 64}),
     ("shipped, encode batch 2", {"checkpoint.encode_batch": 2}),
     ("shipped, encode batch 32", {"checkpoint.encode_batch": 32}),
+    ("shipped, a record's gaps by one thread (checkpoint.encoder=3)", {"checkpoint.encoder": 3}),
     ("shipped, the encoder before (checkpoint.encoder=0)", {"checkpoint.encoder": 0}),
     ("shipped, word-wise coder, records copied (checkpoint.encoder=1)", {"checkpoint.encoder": 1}),
     ("shipped (again)", {}),

@@ -531,7 +531,7 @@ def change_profile(before: dict, after: dict) -> dict:
 def save_probes(trainer, examples, model_dir: str) -> list[dict]:
     """--save-probe: more saves after the first step's, each of which changes one thing, to tell apart why the
     trainer's save encodes slower than bench/checkpoint.py's sweep: another step of the same example (the
-    same conditions again); a step, with the engine process stopped (SIGSTOP) during the save (its threads off
+    same conditions again); a step saved with the encoder before save29 (checkpoint.encoder=3); a step, with the engine process stopped (SIGSTOP) during the save (its threads off
     the CPUs); the sweep's synthetic step (bench/checkpoint.py's apollo_like_step at lr 1.3e-6, the same 4.1%
     of the elements changed) instead of a training step (the input); a step after the model files' pages were
     dropped from the page cache (posix_fadvise DONTNEED: the host's free memory). The reference is the second
@@ -599,7 +599,17 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
             trainer, f"probe: after a step, the model files ({dropped / 1e9:.0f} GB) dropped from the page cache first"
         )
 
-    probes = [lambda: profiled(step, "probe: after a second step")]
+    def encoder_before() -> dict:
+        from livetrain import _core
+
+        step()
+        _core.tuning_set("checkpoint.encoder", 3)
+        try:
+            return checkpoint_save(trainer, "probe: after a step, a record's gaps by one thread (checkpoint.encoder=3)")
+        finally:
+            _core.tuning_reset()
+
+    probes = [lambda: profiled(step, "probe: after a second step"), encoder_before]
     probes += [stopped_engine] if pid else []
     probes += [synthetic, page_cache_dropped]
     for probe in probes:
