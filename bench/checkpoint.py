@@ -26,7 +26,7 @@ usage: python bench/checkpoint.py [--gib 8|16] [--lr 1e-5] [--dir /local/tmp] [-
        python bench/checkpoint.py --sweep [--shapes 8b,27b] [--gib 8] [--lr 1e-5] [--settings 'A|B'] [--json out.json]
                                   [--no-chain-check]
        python bench/checkpoint.py --writeback-host N [--gib 1] [--lr 1e-5]     # no GPU: writeback_mib 0 vs default
-       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0-3
+       python bench/checkpoint.py --encoder-host N [--gib 1] [--lr 1e-5]      # no GPU: checkpoint.encoder 0-4
        python bench/checkpoint.py --encoder-host N --host-shapes qwen3.5-27b [--row-scale 64] [--lr 1.3e-6]
 """
 
@@ -356,7 +356,8 @@ ENCODERS = {
     0: "0: the coder before, records copied",
     1: "1: word-wise coder, records copied",
     2: "2: word-wise coder, records as pieces, checksums by the writer, gap sizes measured per block",
-    3: "3 (default): as 2, gap sizes measured only where they could win",
+    3: "3: as 2, gap sizes measured only where they could win (by the thread assembling the record)",
+    4: "4 (default): as 3, a record's gaps measured and written block by block on the pool's threads",
 }
 
 

@@ -506,10 +506,10 @@ TEST(CheckpointDelta, BitmapCountsAreThoseOfAByteAtATime) {
 
 // checkpoint.encoder=3 measures the gap encoding's size only where it could beat the blocks encoding (a gap
 // takes at least one byte); 2 measures it per block for every record with at most 1/8 of its elements
-// changed; 4 (the default) measures and writes them as 3 does, block by block on the pool's threads. Over records of every element size, odd lengths, densities from one change to all changed, and
-// values from XORs of low mantissa bits to random bytes, both choose the same encoding and write the same
-// bytes; among them records of each encoding, and blocks records no smaller than changed + the raw values
-// (where 3 measures the gaps and the blocks still win).
+// changed; 4 (the default) measures and writes them as 3 does, block by block on the pool's threads. Over records of
+// every element size, odd lengths, densities from one change to all changed, and values from XORs of low mantissa bits
+// to random bytes, both choose the same encoding and write the same bytes; among them records of each encoding, and
+// blocks records no smaller than changed + the raw values (where 3 measures the gaps and the blocks still win).
 TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -604,8 +604,8 @@ TEST(CheckpointDelta, GapsWrittenPerBlockAreTheBytesOfOneThread) {
     values.push_back(static_cast<uint8_t>((2u << (rng() % 3)) - 1));
     values.push_back(0);
   }
-  const checkpoint::RecordParts rec{"model.embed_tokens.weight", DType::kBF16, units, changed, bitmap.data(),
-                                    values.data(), {}};
+  const checkpoint::RecordParts rec{
+      "model.embed_tokens.weight", DType::kBF16, units, changed, bitmap.data(), values.data(), {}};
   for (bool checksums : {true, false}) {
     std::string out[2];
     size_t pieces[2] = {0, 0};
