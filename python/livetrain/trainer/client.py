@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replay-select",
         choices=REPLAY_SELECT,
-        help="which replayed rows join each step: in turn, or half of them those most like the step's prompts",
+        help="which replayed rows join each step: in turn, half of them those most like the step's prompts, or "
+        "half of them those the job has moved most (damaged)",
     )
     p.add_argument(
         "--train",
