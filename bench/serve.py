@@ -1016,7 +1016,7 @@ def render_floors(results: dict) -> list[str]:
                 share = f"{r['changed'] / r['elements']:.1%}" if r.get("elements") else "-"
                 lines.append(
                     f"| {r['scenario']} | {r['seconds']:.2f} | {phases} | {delta:,} | {delta / model:.1%} | {share} | "
-                    f"{floor:.3f} | {r['seconds'] / floor:.1f}x |"
+                    f"{floor:.3f} | {r['seconds'] / floor:.2f}x |"
                 )
         o = f.get("optim")
         if o:
