@@ -226,7 +226,6 @@ def main(argv=None) -> int:
             "steps": info["step"],
             "stop_reason": info["stop_reason"],
             "kl": g.get("kl"),
-            "damage": g.get("damage"),  # replay_select damaged: its measures (count, seconds)
             "job_s": round(job_s, 1),
             "trains": info.get("trains"),
             "facts_trained": sum(fok[:n_tr]),
@@ -241,9 +240,7 @@ def main(argv=None) -> int:
         lost = lq.lost(right, ok)
         flipped = [i for i in held if after_m[i] <= 0]
         print(
-            f"# {name}: {info['step']} steps ({info['stop_reason']}), {job_s:.0f} s, KL {g.get('kl')}; "
-            + (f"damage measured {g['damage']['measures']}x in {g['damage']['seconds']} s; " if g.get("damage") else "")
-            + "trained "
+            f"# {name}: {info['step']} steps ({info['stop_reason']}), {job_s:.0f} s, KL {g.get('kl')}; trained "
             f"{sum(fok[:n_tr])}/{n_tr}, reworded {sum(fok[n_tr:])}/{len(facts)}; examples' loss "
             f"{info['loss_before']} -> {info['loss_after']}; "
             f"kept {len(held) - len(lost)}/{len(held)}; lost {lost}; starting answer no longer greedy up to its "
