@@ -7,15 +7,11 @@ three ways, interleaved round by round so that a busy machine slows each alike:
   before the anchor joined the batch's forward; still its path for a model without a plain output layer);
 - ``shared``: the anchor's rows in the batch's own forward (``Trainer.loss``: what a step does now).
 
-and, with ``--damage``, a fourth row: replay_select "damaged"'s measure of every replayed row (``Trainer.damage``:
-a forward of all of them without gradient, made before step 1 and every ``schedule.DAMAGE_EVERY`` steps), with
-its share of a ``shared`` step at that rate.
-
 Prints a markdown table: the median step seconds of each way, and each one's ratio to ``none``. The
 anchor's rows are the retention replay rows as a guarded job prepares them (``Trainer._guard_start``:
 the model's own answers, cut to their share of the step's token budget), ``--replay`` of them per step.
 
-usage: python bench/learning_step.py [--facts 4] [--replay 2] [--rounds 6] [--damage] [--retention all|core] [--device cuda --dtype bf16]
+usage: python bench/learning_step.py [--facts 4] [--replay 2] [--rounds 6] [--device cuda --dtype bf16]
 """
 
 from __future__ import annotations
@@ -44,8 +40,6 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=int, default=2, help="anchor rows per step (the job's replay)")
     p.add_argument("--rounds", type=int, default=6, help="timed steps of each way (after one untimed)")
     p.add_argument("--lr", type=float, default=1e-6, help="the steps' learning rate (small: the weights barely move)")
-    p.add_argument("--retention", choices=("all", "core"), help="built-in retention prompts (default: the device's)")
-    p.add_argument("--damage", action="store_true", help="also time replay_select damaged's measure of every row")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -59,8 +53,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ip = InProcess(a.dtype, a.device, batch_size=2 * a.facts)
     t = ip.trainer
-    if a.retention:
-        ip.retention(a.retention)
     batch = parse_job(t.tokenizer, {"examples": lq.examples(facts)}, t.max_len, 10_000)["examples"]
     plan = schedule.plan({"replay": a.replay, "anchor": 1.0, "guard": False}, t.settings, len(batch))
     width = admission.replay_width(t.max_batch_tokens, len(batch), a.replay)
@@ -75,30 +67,26 @@ def main(argv=None) -> int:
     for group in t.opt.param_groups:
         group["lr"] = a.lr
     cycle = itertools.cycle(range(len(reference)))
-    ways = WAYS + (("damage",) if a.damage else ())
-    times: dict[str, list[float]] = {w: [] for w in ways}
+    times: dict[str, list[float]] = {w: [] for w in WAYS}
 
     def step(way: str) -> float:
-        anchor = None if way in ("none", "damage") else (reference, [next(cycle) for _ in range(a.replay)], 1.0)
+        anchor = None if way == "none" else (reference, [next(cycle) for _ in range(a.replay)], 1.0)
         if t.device.type == "cuda":
             torch.cuda.synchronize(t.device)
         s = time.perf_counter()
-        if way == "damage":
-            t.damage(reference)
-        else:
-            t.step(batch, anchor, separate_anchor={"separate": True, "shared": False}.get(way))
+        t.step(batch, anchor, separate_anchor={"separate": True, "shared": False}.get(way))
         if t.device.type == "cuda":
             torch.cuda.synchronize(t.device)
         return time.perf_counter() - s
 
-    for way in ways:  # untimed: first-call costs
+    for way in WAYS:  # untimed: first-call costs
         step(way)
     for r in range(a.rounds):
-        for way in ways[r % len(ways) :] + ways[: r % len(ways)]:  # each way first in turn
+        for way in WAYS[r % 3 :] + WAYS[: r % 3]:  # each way first in turn
             times[way].append(step(way))
     base = statistics.median(times["none"])
     print("| way | step s (median) | min | max | vs none |\n|---|---|---|---|---|")
-    for way in ways:
+    for way in WAYS:
         m = statistics.median(times[way])
         print(f"| {way} | {m:.3f} | {min(times[way]):.3f} | {max(times[way]):.3f} | {m / base:.2f}x |")
     sep, shared = statistics.median(times["separate"]), statistics.median(times["shared"])
@@ -108,15 +96,6 @@ def main(argv=None) -> int:
         if sep > base
         else "# separate was not slower than none here: the machine's noise exceeds the anchor's cost"
     )
-    if a.damage:
-        from livetrain.trainer.schedule import DAMAGE_EVERY
-
-        d = statistics.median(times["damage"])
-        print(
-            f"# replay_select damaged: a measure of all {len(reference)} replayed rows takes {d:.3f} s, "
-            f"{d / shared:.2f} shared steps; once every {DAMAGE_EVERY} steps: +{d / DAMAGE_EVERY / shared:.0%} "
-            "per shared step"
-        )
     return 0
 
 

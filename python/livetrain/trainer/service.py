@@ -1176,19 +1176,15 @@ class Trainer:
             )
             self.save()
 
-    def damage(self, reference: guard.Reference) -> list[float]:
-        """Each of ``reference``'s rows' damage on the live weights (replay_select "damaged"): its mean KL
-        divergence from the starting model's distributions, a forward of every row without gradient, in batches
-        of at most the retention answers' rows (``greedy``) whose vocabulary-sized fp32 log-probs (two copies)
-        take at most the memory those answers may (half a step's), within the step's token budget."""
-        tokens = int(self.greedy["memory"] // (8 * self.model.config.vocab_size))
-        return reference.damage(self.model, self.greedy["batch"], max(1, min(self.max_batch_tokens, tokens)))
-
     def _score_damage(self, replayed: schedule.Replayed, anchor: guard.Reference, info: dict) -> None:
-        """The replayed rows' ``damage`` given to ``replayed``; its count and time go to the job's
-        ``guard.damage``."""
+        """Each replayed row's damage on the live weights (replay_select "damaged"): its mean KL divergence
+        from the starting model's distributions, a forward of every replayed row without gradient, in
+        batches of at most the retention answers' rows (``greedy``) whose vocabulary-sized fp32 log-probs (two
+        copies) take at most the memory those answers may (half a step's), within the step's token budget.
+        Its count and time go to the job's ``guard.damage``."""
         t0 = time.perf_counter()
-        replayed.score(self.damage(anchor))
+        tokens = int(self.greedy["memory"] // (8 * self.model.config.vocab_size))
+        replayed.score(anchor.damage(self.model, self.greedy["batch"], max(1, min(self.max_batch_tokens, tokens))))
         with self.lock:
             d = info["guard"].setdefault("damage", {"every": schedule.DAMAGE_EVERY, "measures": 0, "seconds": 0.0})
             d["measures"] = replayed.scored
