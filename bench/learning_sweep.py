@@ -13,8 +13,8 @@ of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword �
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep8|sweep10] [--facts 32] [--lr 1e-4,5e-5]
-           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar,damaged] [--reword 0,1] [--restate 0,1]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
+           [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
            [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
@@ -367,17 +367,6 @@ GRIDS["sweep8"] = [
 # mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
 # "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
 # reworded, 22/27 kept; and 32/32, 23/32, 20/27: no gain (docs/learning.md "The margin").
-# Replaying the rows the job is damaging (issue #14; replay_select "damaged", trainer.schedule.Replayed, after
-# Maximally Interfered Retrieval, Aljundi et al. 2019): half of each step's 8 anchored rows those whose KL from the
-# starting model is largest, measured over all 353 replayed rows before step 1 and every 5 steps, the rest as
-# "similar". Against the defaults (sweep7/8/9's row, deterministic: 367 steps, 32/32, 16/32, 22/27, KL 0.02634; last,
-# as the check the timeout may cut) and with every example in every step and rewording (sweep7b: 26/32 reworded,
-# 19/27 kept). About 110 s a row on the H200.
-GRIDS["sweep10"] = [
-    {**_REWORD, "name": "damaged", "reword": False, "select": "damaged"},
-    {**_REWORD, "name": "damaged batch 64 reword", "select": "damaged", "batch": 64},
-    {**_REWORD, "name": "defaults", "reword": False},
-]
 
 
 def main(argv=None) -> int:
@@ -395,7 +384,7 @@ def main(argv=None) -> int:
         "--select",
         type=lambda s: s.split(","),
         default=["cycle"],
-        help="replay_select of each job: cycle, similar, damaged (trainer.schedule.Replayed)",
+        help="replay_select of each job: cycle, similar (trainer.schedule.Replayed)",
     )
     p.add_argument("--reword", type=lambda s: [x == "1" for x in s.split(",")], default=[False], help="0,1")
     p.add_argument(
@@ -537,8 +526,6 @@ def main(argv=None) -> int:
             "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
             "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
             "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
-            # replay_select "damaged": its measures of the replayed rows (count, seconds: part of train s).
-            "damage": g.get("damage"),
         }
         stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
@@ -553,11 +540,6 @@ def main(argv=None) -> int:
             f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",
             flush=True,
         )
-        if row["damage"]:
-            d = row["damage"]
-            print(
-                f"#   {r['name']}: damage measured {d['measures']} times in {d['seconds']} s (of train s)", flush=True
-            )
         if info["error"]:
             row["error"] = info["error"]
             print(f"#   {r['name']}: {info['state']}: {info['error']}", flush=True)

@@ -132,15 +132,6 @@ def test_sweep7_is_the_defaults_against_fewer_larger_steps():
     assert sweep.GRIDS["sweep7b"] == sweep.GRIDS["sweep7"][2:]  # the rows its H200 call did not hold
 
 
-def test_sweep10_is_damaged_against_the_defaults_and_batch_64_with_rewording():
-    sweep = load_sweep()
-    shipped = shipped_row(sweep)
-    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep10"]]
-    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"select"}, {"select", "batch", "reword"}, set()], differ
-    assert rows[0]["select"] == rows[1]["select"] == "damaged" and rows[1]["batch"] == 64 and rows[1]["reword"]
-
-
 def test_sweep7_jobs_carry_their_batch_size_and_rows_name_the_answers_lost(monkeypatch, tmp_path):
     sweep = load_sweep()
     monkeypatch.setattr(sweep, "InProcess", FakeInProcess)

@@ -1178,13 +1178,11 @@ class Trainer:
 
     def _score_damage(self, replayed: schedule.Replayed, anchor: guard.Reference, info: dict) -> None:
         """Each replayed row's damage on the live weights (replay_select "damaged"): its mean KL divergence
-        from the starting model's distributions, a forward of every replayed row without gradient, in
-        batches of at most the retention answers' rows (``greedy``) whose vocabulary-sized fp32 log-probs (two
-        copies) take at most the memory those answers may (half a step's), within the step's token budget.
-        Its count and time go to the job's ``guard.damage``."""
+        from the starting model's distributions, a forward of every replayed row without gradient, in the
+        batches of the retention answers (``greedy``'s rows) within the step budget. Its count and time go
+        to the job's ``guard.damage``."""
         t0 = time.perf_counter()
-        tokens = int(self.greedy["memory"] // (8 * self.model.config.vocab_size))
-        replayed.score(anchor.damage(self.model, self.greedy["batch"], max(1, min(self.max_batch_tokens, tokens))))
+        replayed.score(anchor.damage(self.model, self.greedy["batch"], self.max_batch_tokens))
         with self.lock:
             d = info["guard"].setdefault("damage", {"every": schedule.DAMAGE_EVERY, "measures": 0, "seconds": 0.0})
             d["measures"] = replayed.scored
