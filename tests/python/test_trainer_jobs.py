@@ -560,69 +560,6 @@ def test_replayed_rows_cycle_or_follow_the_steps_prompts():
         schedule.Replayed(pool, "random")
 
 
-def test_damaged_replays_the_rows_moved_most_then_similar_then_the_cycle():
-    # replay_select "damaged" (MIR-style): half of the rows (rounded up) are those with the largest damage at the
-    # last measure, the next quarter the step's similar ones, the rest the cycle; before any measure, "similar".
-    pool = [[0, 1, 2], [0, 3, 4], [0, 5, 6], [0, 1, 7], [0, 8], [0, 9]]
-    damaged = schedule.Replayed(pool, "damaged")
-    assert damaged.pick(4, [[0, 5]]) == schedule.Replayed(pool, "similar").pick(4, [[0, 5]]) == [2, 0, 1, 3]
-    damaged.score([0.0, 0.2, 0.0, 0.0, 0.9, 0.5])
-    # 4 and 5 (the most damaged), 2 (shares token 5), then the cycle (at 4 after the first pick; 4, 5 taken).
-    assert damaged.pick(4, [[0, 5]]) == [4, 5, 2, 0]
-    # Equal damage: the row picked longest ago (1 at the first step, 0 at the second), then the similar one.
-    damaged.score([0.3, 0.3, 0.0, 0.0, 0.0, 0.0])
-    assert damaged.pick(2, [[9]]) == [1, 5]
-    assert damaged.scored == 2
-    # Measured before step 1 (after the first update), then every DAMAGE_EVERY steps; never for the others.
-    every = schedule.DAMAGE_EVERY
-    assert [s for s in range(3 * every) if damaged.due(s)] == [1, 1 + every, 1 + 2 * every]
-    assert not any(schedule.Replayed(pool, "similar").due(s) for s in range(3 * every))
-    with pytest.raises(ValueError):
-        damaged.score([0.0])
-
-
-def test_damaged_measures_every_replayed_row_and_anchors_the_most_moved(run, monkeypatch):
-    # replay_select "damaged" in a job: before step 1 and every DAMAGE_EVERY steps after it, every replayed row's
-    # mean KL from the starting model (guard.Reference.damage, the anchor's own term, row by row), and the steps
-    # from there anchor the most damaged rows first; /train/status shows the measures and their time.
-    _, trainer = run(store=False, dtype="fp32")
-    measured = []
-    damage = guard.Reference.damage
-
-    def traced_damage(self, model, *args):
-        measured.append((len(anchors), damage(self, model, *args)))
-        return measured[-1][1]
-
-    monkeypatch.setattr(guard.Reference, "damage", traced_damage)
-    anchors, step = [], trainer.step
-
-    def traced(batch, anchor=None):
-        anchors.append(anchor)
-        return step(batch, anchor)
-
-    trainer.step = traced
-    every = schedule.DAMAGE_EVERY
-    body = {"examples": FACTS, "steps": every + 2, "replay": 4, "anchor": 2.0, "replay_select": "damaged"}
-    info = job(trainer, body)
-    g = info["guard"]
-    assert info["state"] == "done" and g["replay_select"] == info["plan"]["replay_select"] == "damaged", info
-    assert [at for at, _ in measured] == [1, 1 + every] and g["damage"]["measures"] == 2, g
-    assert g["damage"]["every"] == every and g["damage"]["seconds"] >= 0
-    reference = anchors[0][0]
-    for at, values in measured:
-        assert len(values) == len(reference) and max(values) > 0  # the weights moved: some row's KL is above 0
-        picked = anchors[at][1]
-        top = sorted(range(len(values)), key=lambda i: -values[i])[:2]  # half of the 4 rows
-        assert sorted(picked[:2]) == sorted(top) and values[picked[0]] == max(values), (picked, values)
-    assert g["damage"]["largest"][0] == pytest.approx(max(measured[-1][1]), abs=1e-5)
-    # The measure is the anchor's KL of each row alone (in batches: the same to float rounding).
-    with torch.no_grad():
-        alone = [float(reference._kl(trainer.model, [i]).mean()) for i in range(len(reference))]
-    assert damage(reference, trainer.model, 3) == pytest.approx(alone, rel=1e-4, abs=1e-7)
-    with pytest.raises(ValueError, match="--anchor"):
-        options.parse(["--replay-select", "damaged", "--anchor", "0"])
-
-
 def test_topk_kl_and_the_reference():
     torch.manual_seed(0)
     ref = torch.randn(5, 50)
@@ -881,7 +818,6 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "anchor": -1}, "anchor"),
         ({"examples": FACTS, "anchor": "1"}, "anchor"),
         ({"examples": FACTS, "replay_select": "random"}, "replay_select"),
-        ({"examples": FACTS, "replay_select": "damaged", "replay": 2, "anchor": 0}, "replay_select"),  # no KL
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
         ({"examples": FACTS, "train": ["mlp"]}, "train"),

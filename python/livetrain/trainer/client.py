@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replay-select",
         choices=REPLAY_SELECT,
-        help="which replayed rows join each step: in turn, half of them those most like the step's prompts, or "
-        "half of them those the job has moved most (damaged)",
+        help="which replayed rows join each step: in turn, or half of them those most like the step's prompts",
     )
     p.add_argument(
         "--train",

@@ -309,19 +309,6 @@ class Reference:
         return topk_kl(hidden_logits(hidden, sel, head, detach_head), *self._reference(indices)).mean()
 
     @torch.no_grad()
-    def damage(self, model, batch: int = BATCH, max_tokens: int | None = None) -> list[float]:
-        """Each example's mean KL divergence per answer token of the live model from the reference (eval mode,
-        no gradient), in forwards of at most ``batch`` rows and ``max_tokens`` padded tokens: which rows a job
-        has moved most (replay_select "damaged", trainer.schedule.Replayed)."""
-        lengths = [len(ids) for ids, _, _ in self.examples]
-        out: list[float] = []
-        with _eval(model):
-            for b, e in admission.chunks(lengths, batch, max_tokens or max(lengths, default=0) * batch):
-                per_token = self._kl(model, list(range(b, e)))
-                out += [float(x.mean()) for x in per_token.split([len(self.ids[i]) for i in range(b, e)])]
-        return out
-
-    @torch.no_grad()
     def kl(self, model) -> float:
         """The mean per answer token of the KL divergence over every example (eval mode, no gradient)."""
         return self.kl_spread(model)[0]

@@ -14,7 +14,7 @@ DEFAULT_STATE_DIR = "livetrain-state"
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
 EMBEDDINGS = ("apollo", "adamw", "frozen")
 # How a job picks the replayed retention rows of each step (trainer.schedule.Replayed).
-REPLAY_SELECT = ("cycle", "similar", "damaged")
+REPLAY_SELECT = ("cycle", "similar")
 # Which of the model's parameters a job trains (the rest stay as they are for that job; trainer.service
 # ``Trainer.trained_parameters``): all of them, the layers' (not the embeddings nor the output projection),
 # or the layers' MLP matrices alone.
@@ -370,10 +370,8 @@ def add_learning_options(parser) -> None:
         "--replay-select",
         default=LEARNING["replay_select"],
         choices=REPLAY_SELECT,
-        help="which replayed retention rows join each step: cycle (in turn), similar (half of them the rows "
-        "whose prompts share the most rare tokens with the step's examples' prompts, the rest in turn) or damaged "
-        "(half of them the rows the job has moved furthest from the starting model, measured every few steps; "
-        "the rest as similar; needs --anchor > 0) "
+        help="which replayed retention rows join each step: cycle (in turn) or similar (half of them the rows "
+        "whose prompts share the most rare tokens with the step's examples' prompts, the rest in turn) "
         f"(default {LEARNING['replay_select']})",
     )
     parser.add_argument(
@@ -429,8 +427,6 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--until-loss and --guard-threshold must be > 0"
     if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
         return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
-    if ns.replay_select == "damaged" and ns.replay and not ns.anchor > 0:
-        return "--replay-select damaged ranks the replayed rows by the anchor's KL divergence: it needs --anchor > 0"
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
     if ns.tp_timeout <= 0:

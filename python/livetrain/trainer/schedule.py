@@ -104,15 +104,6 @@ def plan(options: dict, defaults, examples: int) -> Plan:
     else:
         until = options.get("until_loss")  # a fixed job stops early only when asked to
     guard = options.get("guard", not defaults.no_guard)
-    replay = options.get("replay", defaults.replay if guard else 0)
-    anchor = float(options.get("anchor", defaults.anchor))
-    select = options.get("replay_select", defaults.replay_select)
-    if select == "damaged" and replay and not anchor > 0:
-        raise Invalid(
-            "replay_select",
-            'replay_select "damaged" ranks the replayed rows by their KL divergence from the starting model, the '
-            'anchor\'s measure: it needs "anchor" > 0',
-        )
     return Plan(
         batch_size=bs,
         lr=options.get("lr", defaults.lr),
@@ -120,11 +111,11 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         steps=fixed,
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
-        replay=replay,
-        anchor=anchor,
+        replay=options.get("replay", defaults.replay if guard else 0),
+        anchor=float(options.get("anchor", defaults.anchor)),
         reword=options.get("reword", defaults.reword),
         guard=guard,
-        replay_select=select,
+        replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
     )
@@ -194,12 +185,6 @@ def batches(n: int, batch_size: int):
         i = (i + size) % n
 
 
-# How often a job of replay_select "damaged" measures every replayed row's damage (``Replayed.due``): before
-# step 1 (after the first update, the largest of an APOLLO-Mini job: docs/learning.md "The first steps") and
-# every DAMAGE_EVERY steps after it. Each measure is a forward, without gradient, of all the replayed rows.
-DAMAGE_EVERY = 5
-
-
 class Replayed:
     """Which replayed retention rows join each step (a job's ``replay_select``).
 
@@ -212,18 +197,11 @@ class Replayed:
     inverse document frequency over the replayed prompts (log(rows / rows holding the token)): the chat
     template's tokens, in every prompt, weigh nothing, a word few prompts hold ("capital") most. Among
     rows of equal weight, the one picked longest ago. Token ids in, row indices out.
-
-    ``damaged``: half of them (rounded up) are the rows with the largest damage measured last (``score``:
-    the trainer gives each row's KL divergence from the starting model, the anchor's own term), the rest
-    picked as ``similar`` picks that many. The interference is measured instead of guessed from the
-    prompts' words (Maximally Interfered Retrieval, Aljundi et al. 2019: replay the samples whose loss the
-    job's updates raise most; here the anchor's loss, 0 at the start, is that rise). Until the first
-    measure, ``similar``.
     """
 
     def __init__(self, prompts: list[list[int]], how: str = "cycle"):
         if how not in REPLAY_SELECT:
-            raise ValueError(f"replay_select must be one of {', '.join(REPLAY_SELECT)}, not {how!r}")
+            raise ValueError(f"replay_select must be cycle or similar, not {how!r}")
         self.how, self.n = how, len(prompts)
         self.tokens = [set(p) for p in prompts]
         df = collections.Counter(t for s in self.tokens for t in s)
@@ -231,39 +209,22 @@ class Replayed:
         self.next = 0  # the cycle's position
         self.last = [-1] * self.n  # the step each row was last picked at
         self.steps = 0
-        self.damage: list[float] | None = None  # each row's damage at the last measure (``damaged``)
-        self.scored = 0  # how many measures
 
     def weights(self, prompts: list[list[int]]) -> list[float]:
         """Each row's similarity to ``prompts``: the summed weights of the tokens it shares with them."""
         query = set().union(*map(set, prompts)) if prompts else set()
         return [sum(self.idf[t] for t in s & query) for s in self.tokens]
 
-    def due(self, step: int) -> bool:
-        """Whether ``damaged`` wants the rows' damage measured before step ``step`` (0-based): before step 1,
-        then every DAMAGE_EVERY steps."""
-        return self.how == "damaged" and self.n > 0 and step >= 1 and (step - 1) % DAMAGE_EVERY == 0
-
-    def score(self, damage: list[float]) -> None:
-        """Each row's damage now (larger: moved further from the starting model), in the rows' order."""
-        if len(damage) != self.n:
-            raise ValueError(f"{len(damage)} damage values for {self.n} replayed rows")
-        self.damage, self.scored = list(damage), self.scored + 1
-
     def pick(self, k: int, prompts: list[list[int]]) -> list[int]:
         """The ``k`` rows of the step whose examples' prompts are ``prompts`` (repeating rows only when
         ``k`` exceeds them)."""
         chosen: list[int] = []
-        if self.how == "damaged" and self.damage is not None:
-            by = sorted(range(self.n), key=lambda i: (-self.damage[i], self.last[i], i))
-            chosen = by[: min((k + 1) // 2, self.n)]
-        if self.how in ("similar", "damaged") and self.n:
+        if self.how == "similar" and self.n:
             # Greedy cover: each pick the row whose tokens weigh most among those of the step's prompts that
             # no row picked before holds, so that a step of several forms ("the capital of", "who invented")
             # gets a row of each rather than all of the likeliest one.
             query = set().union(*map(set, prompts)) if prompts else set()
-            want = min(len(chosen) + (k - len(chosen) + 1) // 2, self.n)
-            while len(chosen) < want:
+            while len(chosen) < min((k + 1) // 2, self.n):
                 w = [sum(self.idf[t] for t in s & query) for s in self.tokens]
                 best = min((i for i in range(self.n) if i not in chosen), key=lambda i: (-w[i], self.last[i], i))
                 chosen.append(best)

@@ -1091,8 +1091,6 @@ class Trainer:
                     reason = "cancelled"
                     break
                 idx = next(order)
-                if replayed is not None and replayed.due(s):
-                    self._score_damage(replayed, anchor, info)
                 picked = replayed.pick(plan.replay, [_prompt(examples[i]) for i in idx]) if replayed else []
                 batch = [examples[i] for i in idx]
                 if anchor is None:
@@ -1175,20 +1173,6 @@ class Trainer:
                 flush=True,
             )
             self.save()
-
-    def _score_damage(self, replayed: schedule.Replayed, anchor: guard.Reference, info: dict) -> None:
-        """Each replayed row's damage on the live weights (replay_select "damaged"): its mean KL divergence
-        from the starting model's distributions, a forward of every replayed row without gradient, in the
-        batches of the retention answers (``greedy``'s rows) within the step budget. Its count and time go
-        to the job's ``guard.damage``."""
-        t0 = time.perf_counter()
-        replayed.score(anchor.damage(self.model, self.greedy["batch"], self.max_batch_tokens))
-        with self.lock:
-            d = info["guard"].setdefault("damage", {"every": schedule.DAMAGE_EVERY, "measures": 0, "seconds": 0.0})
-            d["measures"] = replayed.scored
-            d["seconds"] = round(d["seconds"] + time.perf_counter() - t0, 3)
-            top = sorted(range(replayed.n), key=lambda i: -replayed.damage[i])[:3]
-            d["largest"] = [round(replayed.damage[i], 5) for i in top]
 
     def trained_parameters(self, train: str) -> list:
         """The parameters a job of ``train`` (options.TRAIN) trains, of those the trainer trains at all
