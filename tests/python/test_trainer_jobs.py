@@ -823,6 +823,16 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
+        # OpenAI allows a null content only for an assistant message with tool calls (it was taken as empty)
+        (
+            {
+                "examples": [
+                    FACTS[0],
+                    {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+                ]
+            },
+            "examples[1].messages[0].content",
+        ),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):
