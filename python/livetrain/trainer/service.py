@@ -27,7 +27,7 @@ from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, own_rendering, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
-from livetrain.trainer.ranks import RankFailure
+from livetrain.trainer.ranks import RankFailure, RanksFailed
 
 ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
@@ -43,6 +43,15 @@ def parse_job_id(args: dict) -> str:
     if not isinstance(jid, str) or not jid:
         raise Invalid("job_id", "job_id must be a job id string (POST /train answers it)")
     return jid
+
+
+class RollbackRefused(RuntimeError):
+    """A rollback that a rank's check refused (``Trainer.rollback_rank``): nothing was written on any rank."""
+
+
+class RollbackIncomplete(RuntimeError):
+    """A rollback that failed while writing, after every rank's check had passed: the message says which
+    ranks hold the generation's weights and which hold a mix (docs/serve.md, "Checkpoints")."""
 
 
 class NonFinite(Exception):
@@ -115,6 +124,10 @@ def padding_waste(examples: list, anchor_rows: list) -> float:
     wx, wa = max(len(t) for t, _, _ in examples), max(len(t) for t, _, _ in anchor_rows)
     apart = len(examples) * wx + len(anchor_rows) * wa
     return (len(examples) + len(anchor_rows)) * max(wx, wa) / apart - 1
+
+
+def _join(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 class Trainer:
@@ -802,10 +815,12 @@ class Trainer:
             self.ranks.lead("rollback", generation)
         try:
             self.rollback_rank(generation)
+        except RollbackRefused:
+            raise  # a rank's check failed: nothing was written anywhere, the weights keep their version
         except Exception:
-            # Some weights may be generation's now (a rank whose part failed after another's was written, a
-            # read error in the middle): a new version, so that no number names two states of the weights
-            # (the vLLM plugin resets its prefix cache on a new one).
+            # Some weights may be generation's now (a write that failed after every check passed: a read
+            # error in the middle, a rank lost): a new version, so that no number names two states of the
+            # weights (the vLLM plugin resets its prefix cache on a new one).
             with self.lock:
                 self._new_version()
             raise
@@ -828,17 +843,50 @@ class Trainer:
         )
 
     def rollback_rank(self, generation: int) -> None:
-        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``."""
+        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``.
+        Every rank first checks all it will read (``CheckpointStore.check_restore``: the deltas on the way, the
+        optimizer-state files it loads, by size and hash), and no rank writes before every rank's check
+        passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
+        ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
+        weights and their previous ones) and those that completed (they hold the generation's)."""
+        gen = next(g for g in self.store.list() if g["generation"] == generation)
+        files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
+
+        def check():
+            self.store.check_restore(generation, self.weights)
 
         def restore():
-            gen = next(g for g in self.store.list() if g["generation"] == generation)
-            files = self._generation_state(gen)  # checked by rank 0 before it led the rollback (``rollback``)
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
                 self._load_state(files)
 
-        self._together("rollback", restore)
+        try:
+            self._together("rollback check", check)
+        except RankFailure:
+            raise
+        except Exception as e:
+            raise RollbackRefused(f"rollback to generation {generation} refused, nothing written: {e}") from e
+        try:
+            self._together("rollback", restore)
+        except RankFailure:
+            raise
+        except Exception as e:
+            size = 1 if self.ranks is None else self.ranks.size
+            failed = e.ranks if isinstance(e, RanksFailed) else [0 if self.ranks is None else self.ranks.rank]
+            done = [r for r in range(size) if r not in failed]
+            where = "" if self.ranks is None else f" on rank{'s' if len(failed) > 1 else ''} {_join(failed)}"
+            held = (
+                f"; rank{'s' if len(done) > 1 else ''} {_join(done)} hold{'' if len(done) > 1 else 's'} "
+                f"generation {generation}'s weights and optimizer state"
+                if done
+                else ""
+            )
+            raise RollbackIncomplete(
+                f"rollback to generation {generation} failed while writing{where}, after every check had passed: "
+                f"{e}. The weights there are partly generation {generation}'s and partly as before (optimizer "
+                f"state reset or partly loaded){held}; they are served as a new weight version: roll back again"
+            ) from e
 
     def _together(self, what: str, fn, *args):
         """``fn`` on this rank; under tensor parallelism, an error on any rank is raised on every rank."""
