@@ -230,6 +230,11 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
         code, reply = call(sock, "submit", JOB)
         assert code == 503 and "rank 1" in reply["error"]["message"]
         assert group.poll() is None  # rank 0 keeps answering
+        # Rank 0 alone saves no state after the failed job: trainer.json named both ranks' files, rank 1's
+        # of an older save than rank 0's (a restart mixed them).
+        status = saved(sock, lambda err: err is not None)
+        assert "no optimizer state saved" in status["optimizer"]["save_error"], status["optimizer"]
+        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
     finally:
         group.stop(10)
 
@@ -333,10 +338,16 @@ def test_a_save_that_fails_on_a_rank_after_a_job_is_reported_not_raised(tmp_path
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
         status = saved(sock, lambda err: err is not None)  # the job is done before its state is saved
         assert "rank 1" in status["optimizer"]["save_error"] and status["tensor_parallel"]["state"] == "ok", status
+        # Rank 0's file is this save's, rank 1's is not: trainer.json names neither (it named both: a restart
+        # would have taken the two ranks' states of different saves).
+        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
         blocked.rmdir()
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
         saved(sock, lambda err: err is None)
         assert blocked.is_file() and group.poll() is None
+        meta = json.loads((tmp_path / "state" / "trainer.json").read_text())
+        assert meta["files"] == [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        assert meta["weight_version"] == call(sock, "status")[1]["weight_version"] == 2
     finally:
         group.stop(10)
 

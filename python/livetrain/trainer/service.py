@@ -303,7 +303,7 @@ class Trainer:
         dir_state = [os.path.join(s.state_dir, f) for f in saved_files]
         if not dir_state or not all(os.path.exists(f) for f in dir_state):
             dir_state = None
-        # What trainer.json names until this run saves (``_save_files``): the files that go with state_version,
+        # What trainer.json names until this run saves (``_name_state``): the files that go with state_version,
         # whatever this run's size (a trainer.json written before then, by ``reserve``, must not name files
         # this run has not written yet).
         self.state_files = saved_files if dir_state else []
@@ -1588,7 +1588,9 @@ class Trainer:
         crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
         shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
         /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
-        the trainer with the job it just finished."""
+        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved
+        and trainer.json names no file: rank 0's state alone is no state a restart could take, and beside
+        the other ranks' older files it would be a mix of two saves."""
         try:
             if self.ranks is not None and not self.ranks.failure:
                 try:
@@ -1598,7 +1600,10 @@ class Trainer:
                 except Exception as e:
                     if not self.ranks.broken(e):
                         raise
-                    self.ranks.fail(e)  # this rank's state still counts: saved alone below
+                    self.ranks.fail(e)
+            if self.ranks is not None:
+                self._name_state(self.state_version, [])
+                raise RankFailure(f"{self.ranks.failure}; no optimizer state saved (trainer.json names none)")
             self._save_files(self.weight_version)
             self._saved(None)
         except Exception as e:
@@ -1610,17 +1615,26 @@ class Trainer:
             self.save_error = err
 
     def save_rank(self, weight_version: int) -> None:
-        """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
-        if self.ranks is None or self.ranks.failure:
+        """This rank's part of ``save`` (every rank at once under tensor parallelism). trainer.json names
+        the files of one save only: under tensor parallelism none while the ranks replace theirs (a save
+        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written."""
+        if self.ranks is None:
             self._save_files(weight_version)
-        else:
-            self.ranks.together("save", self._save_files, weight_version)
+            return
+        self._name_state(self.state_version, [])
+        self.ranks.together("save", lambda: self.opt.save_state(self.opt_path, names=self.names))
+        self._name_state(weight_version, self._state_files(self.ranks.size))
 
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
-        self.state_version = weight_version
-        self.state_files = self._state_files(self.ranks.size if self.ranks is not None else 1)
-        self._write_meta()
+        self._name_state(weight_version, self._state_files(1))
+
+    def _name_state(self, weight_version: int, files: list[str]) -> None:
+        """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
+        ``weight_version`` (unchanged: not rewritten)."""
+        if (weight_version, files) != (self.state_version, self.state_files):
+            self.state_version, self.state_files = weight_version, files
+            self._write_meta()
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
