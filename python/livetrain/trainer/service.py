@@ -364,6 +364,11 @@ class Trainer:
         self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
+        # Generations saved in the middle of a job (a periodic or requested checkpoint between its steps), by
+        # number: {job, step, guarded, verdict} (``_mark_mid_job``), kept in STATE_DIR/generations.json by
+        # rank 0 so that /checkpoints still tells them apart after a restart.
+        self.mid_job_path = os.path.join(s.state_dir, "generations.json")
+        self.mid_job = self._read_mid_job()
         self.checkpoint_error: str | None = None
         self.save_error: str | None = None  # of the last save() (optimizer state, weight version), else None
 
@@ -757,7 +762,7 @@ class Trainer:
     # ---- the checkpoint store (on the training thread, between steps) ----
     def checkpoints(self) -> dict:
         with self.lock:
-            gens = [dict(g) for g in self.generations]
+            gens = [{**g, "mid_job": self.mid_job.get(g["generation"])} for g in self.generations]
         return {
             "store": self.store.dir,
             "head": gens[-1]["generation"],
@@ -786,8 +791,14 @@ class Trainer:
         return self.ranks.commit(self.store, self.weights, weight_version, self.opt_path)
 
     def checkpoint(self) -> Reply:
+        """/checkpoint, and the periodic one (``run_pending``): between two steps, possibly of a job (then
+        marked as taken in its middle: ``_mark_mid_job``)."""
         t0 = time.perf_counter()
         r = self._commit()
+        with self.lock:
+            info = self.jobs.get(self.current) if self.current is not None else None
+        if r["written"] and info is not None and info["step"] > 0:
+            self._mark_mid_job(r["generation"], info)
         head = self.generations[-1]
         return Reply(
             200,
@@ -891,6 +902,54 @@ class Trainer:
     def _together(self, what: str, fn, *args):
         """``fn`` on this rank; under tensor parallelism, an error on any rank is raised on every rank."""
         return fn(*args) if self.ranks is None else self.ranks.together(what, fn, *args)
+
+    # ---- generations saved in the middle of a job ----
+    VERDICT_PENDING = "pending"  # a guarded job's generation before the guard's verdict
+
+    def _read_mid_job(self) -> dict[int, dict]:
+        """generations.json (rank 0), the generations the store still holds; a verdict still pending was
+        never given: the trainer stopped (or died) before it."""
+        if (self.ranks is not None and self.ranks.rank != 0) or not os.path.exists(self.mid_job_path):
+            return {}
+        with open(self.mid_job_path) as f:
+            marks = {int(g): m for g, m in json.load(f).items()}
+        held = {g["generation"] for g in self.generations}
+        for m in marks.values():
+            if m["verdict"] == self.VERDICT_PENDING:
+                m["verdict"] = "none: the trainer stopped before the job's verdict"
+        return {g: m for g, m in marks.items() if g in held}
+
+    def _write_mid_job(self) -> None:
+        if self.ranks is not None and self.ranks.rank != 0:
+            return
+        held = {g["generation"] for g in self.generations}
+        with self.lock:
+            marks = {str(g): m for g, m in self.mid_job.items() if g in held}
+        _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+
+    def _mark_mid_job(self, generation: int, info: dict) -> None:
+        """Generation ``generation`` holds the weights of a job in the middle of it (``info``'s steps so far):
+        /checkpoints says so, and for a guarded job that the guard has not judged them (``verdict``: pending,
+        then the job's verdict: ``_judge_mid_job``)."""
+        guarded = bool(info["plan"].get("guard"))
+        with self.lock:
+            self.mid_job[generation] = {
+                "job": info["id"],
+                "step": info["step"],
+                "guarded": guarded,
+                "verdict": self.VERDICT_PENDING if guarded else None,
+            }
+        self._write_mid_job()
+
+    def _judge_mid_job(self, jid: str, verdict: str) -> None:
+        """The verdict of guarded job ``jid`` on the generations saved in its middle: "kept" (the guard passed
+        it), "rolled back" (the weights went back to the job's start), or "none: ..." (it was never judged)."""
+        with self.lock:
+            marks = [m for m in self.mid_job.values() if m["job"] == jid and m["verdict"] == self.VERDICT_PENDING]
+            for m in marks:
+                m["verdict"] = verdict
+        if marks:
+            self._write_mid_job()
 
     def _generation_state(self, gen: dict) -> list[str] | None:
         """The optimizer-state files a generation records, one per rank that wrote it (None: it has none)."""
@@ -1206,14 +1265,44 @@ class Trainer:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+            report = info.get("guard") if plan.guard else None
             with self.lock:
                 if reason == "shutdown":
                     state, info["error"] = "failed", "stopped by shutdown"
+                    if report is not None and info["step"] > 0 and report["passed"] is None:
+                        # The guard's measures need the model, which the shutdown stops: no verdict, the
+                        # weights keep the job's steps unjudged (a restart serves them once checkpointed).
+                        undone = f"generation {undo['generation']}" if undo else None
+                        report["rollback"] = "not judged: stopped by shutdown before the guard's verdict"
+                        info["error"] = (
+                            f"stopped by shutdown after {info['step']} steps, before the guard's verdict: the "
+                            "weights keep the job's steps, not judged"
+                            + (
+                                f" ({undone} holds them as before the job: /rollback to it undoes the job)"
+                                if undone
+                                else ""
+                            )
+                        )
                 info["state"], info["stop_reason"] = state, reason or "error"
                 info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
                 info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
-            why = info["error"] if reason == "error" and info.get("error") else schedule.STOP_REASONS.get(reason, "")
+            if plan.guard:
+                passed = report.get("passed") if report else None
+                rolled = bool(report and report.get("rolled_back"))
+                self._judge_mid_job(
+                    jid,
+                    "rolled back"
+                    if rolled
+                    else "kept"
+                    if passed
+                    else f"none: {info.get('error') or schedule.STOP_REASONS.get(reason, 'no verdict')}",
+                )
+            why = (
+                info["error"]
+                if reason in ("error", "shutdown") and info.get("error")
+                else schedule.STOP_REASONS.get(reason, "")
+            )
             print(
                 f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
                 f"{why}); examples' loss {info['loss_before']} -> "
