@@ -872,15 +872,16 @@ class Trainer:
             if files:
                 self._load_state(files)
 
+        lost = (RankFailure, torch.distributed.DistError)  # the group broke: trainer.ranks reports it
         try:
             self._together("rollback check", check)
-        except RankFailure:
+        except lost:
             raise
         except Exception as e:
             raise RollbackRefused(f"rollback to generation {generation} refused, nothing written: {e}") from e
         try:
             self._together("rollback", restore)
-        except RankFailure:
+        except lost:
             raise
         except Exception as e:
             size = 1 if self.ranks is None else self.ranks.size
@@ -895,8 +896,9 @@ class Trainer:
             )
             raise RollbackIncomplete(
                 f"rollback to generation {generation} failed while writing{where}, after every check had passed: "
-                f"{e}. The weights there are partly generation {generation}'s and partly as before (optimizer "
-                f"state reset or partly loaded){held}; they are served as a new weight version: roll back again"
+                f"{e}. The weights{' there' if where else ''} are partly generation {generation}'s and partly as "
+                f"before (optimizer state reset or partly loaded){held}; they are served as a new weight version: "
+                "roll back again"
             ) from e
 
     def _together(self, what: str, fn, *args):
