@@ -2,6 +2,7 @@
 #include "livetrain/parallel.hpp"
 
 #include <sched.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -165,15 +166,17 @@ int cgroup_quota_cpus() {
   };
   each_level(
       v2, [](const std::string& dir) { return cpu_quota_cpus(read_small_file("/sys/fs/cgroup" + dir + "/cpu.max")); });
-  for (const std::string& mount : {v1_mount, std::string("/sys/fs/cgroup/cpu")}) {
-    if (v1_mount.empty()) break;
-    each_level(v1, [&](const std::string& dir) {
-      std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
-                  period = read_small_file(mount + dir + "/cpu.cfs_period_us");
-      while (!quota.empty() && quota.back() == '\n') quota.pop_back();
-      return cpu_quota_cpus(quota + " " + period);  // a quota of -1 (none) is no number: 0
-    });
-  }
+  if (v1_mount.empty()) return fewest;
+  // The cpu controller's hierarchy where /proc/self/cgroup's controller list names it, else at the usual
+  // name (the same directory, most often, through a symlink: read once).
+  struct stat st;
+  const std::string mount = ::stat(v1_mount.c_str(), &st) == 0 ? v1_mount : std::string("/sys/fs/cgroup/cpu");
+  each_level(v1, [&](const std::string& dir) {
+    std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
+                period = read_small_file(mount + dir + "/cpu.cfs_period_us");
+    while (!quota.empty() && quota.back() == '\n') quota.pop_back();
+    return cpu_quota_cpus(quota + " " + period);  // a quota of -1 (none) is no number: 0
+  });
   return fewest;
 }
 
