@@ -1692,6 +1692,7 @@ void Store::check_restore(uint64_t generation, const std::vector<LiveTensor>& li
   check_usable();
   sync();
   std::vector<Checked> checked = check_live(live, false);
+  (void)live_device(live);  // restore_live's own refusal: tensors on different devices
   const Generation* gen = commit_.find(generation);
   if (!gen) (void)state(generation);  // throws the not-found error
   std::vector<Target> targets;        // no buffers: prepare_fill reads and checks, nothing is written

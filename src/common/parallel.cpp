@@ -2,7 +2,6 @@
 #include "livetrain/parallel.hpp"
 
 #include <sched.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +16,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "livetrain/fs.hpp"
 
 namespace livetrain {
 
@@ -169,8 +170,7 @@ int cgroup_quota_cpus() {
   if (v1_mount.empty()) return fewest;
   // The cpu controller's hierarchy where /proc/self/cgroup's controller list names it, else at the usual
   // name (the same directory, most often, through a symlink: read once).
-  struct stat st;
-  const std::string mount = ::stat(v1_mount.c_str(), &st) == 0 ? v1_mount : std::string("/sys/fs/cgroup/cpu");
+  const std::string mount = fs::is_directory(v1_mount) ? v1_mount : std::string("/sys/fs/cgroup/cpu");
   each_level(v1, [&](const std::string& dir) {
     std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
                 period = read_small_file(mount + dir + "/cpu.cfs_period_us");
