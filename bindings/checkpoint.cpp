@@ -357,6 +357,15 @@ void init_checkpoint(nb::module_& m) {
           },
           nb::arg("generation"), nb::arg("tensors"))
       .def(
+          "check_restore",
+          [](checkpoint::Store& s, uint64_t generation, const std::vector<TensorArg>& tensors) {
+            std::vector<checkpoint::LiveTensor> live = live_tensors(tensors);
+            nb::gil_scoped_release release;
+            s.check_restore(generation, live);
+          },
+          nb::arg("generation"), nb::arg("tensors"),
+          "Checks what restore_live and the generation's optimizer state would read; writes nothing.")
+      .def(
           "restore_to_dir",
           [](checkpoint::Store& s, uint64_t generation, const std::string& out_dir) {
             nb::gil_scoped_release release;

@@ -367,6 +367,14 @@ class CheckpointStore:
             return self._s.restore_to_dir(generation, str(out_dir))
         self._s.restore_live(generation, _live(tensors))
 
+    def check_restore(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> None:
+        """Checks, writing nothing, what ``restore(generation, tensors)`` reads (the tensors against the store,
+        every delta file on the way: size, checksums, header) and the optimizer-state files of ``generation``
+        this rank would load (size and hash against the commit: its own part's at the store's TP size, else
+        every part's); raises what restore would. A rollback under tensor parallelism has every rank check
+        before any rank writes."""
+        self._s.check_restore(generation, _live(tensors))
+
     def compare(self, generation: int, tensors: Mapping[str, torch.Tensor] | Iterable[Shard]) -> dict:
         """How ``tensors`` differ from ``generation``: ``{"tensors", "elements", "first"}``."""
         return self._s.compare_live(generation, _live(tensors))

@@ -141,6 +141,16 @@ Histogram histogram_bytewise(const uint8_t* in, size_t n, size_t stride) {
 constexpr size_t kTables = 8;
 using Tables = std::array<std::array<uint32_t, 256>, kTables>;
 
+// The histogram the tables add up to, with `zeros` more 0s (those counted a step or a load at a time).
+Histogram merged(const Tables& h, uint64_t zeros) {
+  Histogram freq{};
+  for (const auto& t : h) {
+    for (int s = 0; s < 256; ++s) freq[s] += t[s];
+  }
+  freq[0] += zeros;
+  return freq;
+}
+
 // The bits of an 8-byte load that hold symbols of a plane of stride S (its bytes 0, S, 2S, ...).
 template <size_t S>
 constexpr uint64_t plane_mask() {
@@ -178,12 +188,7 @@ Histogram histogram_words(const uint8_t* in, size_t n) {
     }
   }
   for (; i < n; ++i) h[i % kTables][in[i * S]]++;
-  Histogram freq{};
-  for (const auto& t : h) {
-    for (int s = 0; s < 256; ++s) freq[s] += t[s];
-  }
-  freq[0] += zeros;
-  return freq;
+  return merged(h, zeros);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(LIVETRAIN_ENTROPY_BASELINE)
@@ -249,12 +254,7 @@ template <size_t S>
   }
   count_buffer();
   for (; i < n; ++i) h[i % kTables][in[i * S]]++;
-  Histogram freq{};
-  for (const auto& t : h) {
-    for (int s = 0; s < 256; ++s) freq[s] += t[s];
-  }
-  freq[0] += zeros;
-  return freq;
+  return merged(h, zeros);
 }
 
 // Whether at least a quarter of the first 64 symbols are 0: a plane where histogram_compressed, which pays

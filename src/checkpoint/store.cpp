@@ -1014,40 +1014,43 @@ void Store::xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& t
   apply(collect(a, b), targets);
 }
 
-void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
-  std::vector<Target> from_head, from_files;
-  std::vector<long> head_index;
+Store::Filling Store::prepare_fill(uint64_t generation, const std::vector<Target>& targets) const {
+  Filling f;
   for (const Target& t : targets) {
     long h = head_valid_ ? held_index(t.tensor, t.region) : -1;
     if (h >= 0) {
-      from_head.push_back(t);
-      head_index.push_back(h);
+      f.from_head.push_back(t);
+      f.head_index.push_back(h);
     } else {
-      from_files.push_back(t);
+      f.from_files.push_back(t);
     }
   }
-  // Every delta on the way is parsed and checked before any target is written.
-  Collected head_records, file_records;
-  if (!from_head.empty()) head_records = collect(generation, head_generation_);
-  if (!from_files.empty()) file_records = collect(generation, commit_.materialized);
-  for (size_t i = 0; i < from_head.size(); ++i) {
-    std::memcpy(from_head[i].buf, head_.tensor(static_cast<size_t>(head_index[i])), held_[head_index[i]].nbytes);
-  }
-  if (!from_files.empty()) {
-    std::vector<fs::Mapping> maps;
-    for (const auto& f : commit_.files) {
-      std::string path = fs::join(model_dir_, f.name);
-      maps.push_back(fs::Mapping::open_readonly(path));
-      if (maps.back().size() != f.size) {
+  if (!f.from_head.empty()) f.head_records = collect(generation, head_generation_);
+  if (!f.from_files.empty()) {
+    f.file_records = collect(generation, commit_.materialized);
+    for (const auto& file : commit_.files) {
+      std::string path = fs::join(model_dir_, file.name);
+      f.model_files.push_back(fs::Mapping::open_readonly(path));
+      if (f.model_files.back().size() != file.size) {
         throw Error(ErrorCode::kFormat, "model file " + path + " changed since the checkpoint store was opened");
       }
     }
-    parallel_for(static_cast<int64_t>(from_files.size()), 1, [&](int64_t lo, int64_t hi) {
+  }
+  return f;
+}
+
+void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
+  const Filling f = prepare_fill(generation, targets);  // every check before any target is written
+  for (size_t i = 0; i < f.from_head.size(); ++i) {
+    std::memcpy(f.from_head[i].buf, head_.tensor(static_cast<size_t>(f.head_index[i])), held_[f.head_index[i]].nbytes);
+  }
+  if (!f.from_files.empty()) {
+    parallel_for(static_cast<int64_t>(f.from_files.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const Target& t = from_files[i];
+        const Target& t = f.from_files[i];
         const TensorEntry& e = commit_.tensors[t.tensor];
         const DType served = served_[t.tensor];
-        const uint8_t* bytes = maps[e.file].data() + e.offset;
+        const uint8_t* bytes = f.model_files[e.file].data() + e.offset;
         std::vector<uint8_t> converted;  // the base of a tensor served in another dtype: the files' values in it
         if (served != e.dtype) {
           converted.resize(served_nbytes(t.tensor));
@@ -1058,8 +1061,8 @@ void Store::fill(uint64_t generation, const std::vector<Target>& targets) {
       }
     });
   }
-  apply(head_records, from_head);
-  apply(file_records, from_files);
+  apply(f.head_records, f.from_head);
+  apply(f.file_records, f.from_files);
 }
 
 std::vector<std::vector<uint8_t>> Store::state(uint64_t generation) {
@@ -1657,6 +1660,26 @@ uint64_t Store::refresh() {
 
 namespace {
 
+// A part's optimizer-state file against COMMIT: there, its size and content hash (what verify and a
+// rollback's check_restore read).
+void check_optimizer_state(const std::string& dir, const Part& part) {
+  const std::string path = fs::join(dir, part.optimizer_state);
+  if (!fs::exists(path)) throw Error(ErrorCode::kNotFound, "optimizer state " + path + " is missing");
+  fs::Mapping m = fs::Mapping::open_readonly(path);
+  if (part.optimizer_bytes && m.size() != *part.optimizer_bytes) {
+    throw Error(ErrorCode::kFormat, "optimizer state " + path + " has " + std::to_string(m.size()) +
+                                        " bytes; the commit says " + std::to_string(*part.optimizer_bytes) +
+                                        " (truncated or replaced)");
+  }
+  if (part.optimizer_hash) {
+    const uint64_t h = content_hash(m.data(), m.size());
+    if (h != *part.optimizer_hash) {
+      throw Error(ErrorCode::kFormat, "optimizer state " + path + " has hash " + hash_hex(h) + "; the commit says " +
+                                          hash_hex(*part.optimizer_hash) + " (corrupt or replaced)");
+    }
+  }
+}
+
 // Live tensors on a GPU: their memory staged through host buffers.
 int live_device(const std::vector<LiveTensor>& live) {
   int device = live.empty() ? -1 : live.front().device;
@@ -1692,6 +1715,23 @@ void Store::restore_live(uint64_t generation, const std::vector<LiveTensor>& liv
     cuda::host::set_device(device);
     for (size_t i = 0; i < checked.size(); ++i)
       cuda::host::to_device(checked[i].live->data, staged[i].data(), staged[i].size());
+  }
+}
+
+void Store::check_restore(uint64_t generation, const std::vector<LiveTensor>& live) {
+  check_usable();
+  sync();
+  std::vector<Checked> checked = check_live(live, false);
+  (void)live_device(live);  // restore_live's own refusal: tensors on different devices
+  const Generation* gen = commit_.find(generation);
+  if (!gen) (void)state(generation);  // throws the not-found error
+  std::vector<Target> targets;        // no buffers: prepare_fill reads and checks, nothing is written
+  for (const Checked& c : checked) targets.push_back(Target{c.tensor, c.region, nullptr});
+  (void)prepare_fill(generation, targets);
+  // The optimizer state this rank loads with the generation: its own part's at this TP size, else every part's.
+  for (const Part& p : gen->parts) {
+    if (p.optimizer_state.empty() || (gen->ranks == ranks_ && ranks_ > 1 && p.rank != rank_)) continue;
+    check_optimizer_state(dir_, p);
   }
 }
 
@@ -1955,23 +1995,8 @@ std::vector<std::string> Store::verify(Progress progress) {
         }
       }
       if (part.optimizer_state.empty()) continue;
-      std::string opath = fs::join(dir_, part.optimizer_state);
       try {
-        if (!fs::exists(opath)) throw Error(ErrorCode::kNotFound, "optimizer state " + opath + " is missing");
-        fs::Mapping m = fs::Mapping::open_readonly(opath);
-        if (part.optimizer_bytes && m.size() != *part.optimizer_bytes) {
-          throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has " + std::to_string(m.size()) +
-                                              " bytes; the commit says " + std::to_string(*part.optimizer_bytes) +
-                                              " (truncated or replaced)");
-        }
-        if (part.optimizer_hash) {
-          uint64_t h = content_hash(m.data(), m.size());
-          if (h != *part.optimizer_hash) {
-            throw Error(ErrorCode::kFormat, "optimizer state " + opath + " has hash " + hash_hex(h) +
-                                                "; the commit says " + hash_hex(*part.optimizer_hash) +
-                                                " (corrupt or replaced)");
-          }
-        }
+        check_optimizer_state(dir_, part);
       } catch (const Error& e) {
         problems.push_back(e.what());
       }

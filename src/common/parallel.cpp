@@ -20,6 +20,8 @@
 #include <thread>
 #include <vector>
 
+#include "livetrain/fs.hpp"
+
 namespace livetrain {
 
 namespace {
@@ -169,15 +171,16 @@ int cgroup_quota_cpus() {
   };
   each_level(
       v2, [](const std::string& dir) { return cpu_quota_cpus(read_small_file("/sys/fs/cgroup" + dir + "/cpu.max")); });
-  for (const std::string& mount : {v1_mount, std::string("/sys/fs/cgroup/cpu")}) {
-    if (v1_mount.empty()) break;
-    each_level(v1, [&](const std::string& dir) {
-      std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
-                  period = read_small_file(mount + dir + "/cpu.cfs_period_us");
-      while (!quota.empty() && quota.back() == '\n') quota.pop_back();
-      return cpu_quota_cpus(quota + " " + period);  // a quota of -1 (none) is no number: 0
-    });
-  }
+  if (v1_mount.empty()) return fewest;
+  // The cpu controller's hierarchy where /proc/self/cgroup's controller list names it, else at the usual
+  // name (the same directory, most often, through a symlink: read once).
+  const std::string mount = fs::is_directory(v1_mount) ? v1_mount : std::string("/sys/fs/cgroup/cpu");
+  each_level(v1, [&](const std::string& dir) {
+    std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
+                period = read_small_file(mount + dir + "/cpu.cfs_period_us");
+    while (!quota.empty() && quota.back() == '\n') quota.pop_back();
+    return cpu_quota_cpus(quota + " " + period);  // a quota of -1 (none) is no number: 0
+  });
   return fewest;
 }
 

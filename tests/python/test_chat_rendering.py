@@ -215,8 +215,9 @@ def test_contents_render_as_vllm_takes_them_for_a_text_only_model(model_dir, con
             [{"role": "user", "content": split}, CONVERSATION[2]]
         )
         trains_as_served(tok, msgs)
-    # null and missing: an empty content (vLLM: an empty list of parts), in a chat request and an example alike.
-    # (Under openai an empty string is one empty part, which a template may render otherwise: as vLLM does.)
+    # null and missing: an empty content (vLLM: an empty list of parts) in a chat request; an empty list in an
+    # example too. (Under openai an empty string is one empty part, which a template may render otherwise: as
+    # vLLM does.)
     empty = {"role": "user", "content": "" if content_format == "string" else []}
     for m in ({"role": "user", "content": None}, {"role": "user"}, {"role": "user", "content": []}):
         assert examples.chat_text(tok, examples.check_messages([m]), "m") == examples.chat_text(
@@ -225,7 +226,15 @@ def test_contents_render_as_vllm_takes_them_for_a_text_only_model(model_dir, con
         assert served(tok).encode_chat(examples.check_messages([m])) == served(tok).encode_chat(
             examples.check_messages([empty])
         )
-        trains_as_served(tok, [CONVERSATION[1], CONVERSATION[2], m, CONVERSATION[2]])
+    trains_as_served(tok, [CONVERSATION[1], CONVERSATION[2], {"role": "user", "content": []}, CONVERSATION[2]])
+    # In an example, OpenAI's rule: a null (or missing) content only for an assistant message with tool calls
+    # (which examples do not carry; an assistant's is refused below for having no text): a 400 naming it.
+    for m in ({"role": "user", "content": None}, {"role": "user"}, {"role": "system", "content": None}):
+        with pytest.raises(Invalid) as e:
+            examples.parse_job(
+                tok, {"examples": [{"messages": [CONVERSATION[1], CONVERSATION[2], m, CONVERSATION[2]]}]}, 512, 10
+            )
+        assert e.value.param == "examples[0].messages[2].content" and "null or missing" in str(e.value), (m, e.value)
     # An assistant message with no text is taken in a chat request, but a job would teach the model to answer
     # with nothing: a 400 naming it (null, missing, empty parts, whitespace, an empty part).
     for m in (

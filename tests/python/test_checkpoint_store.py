@@ -90,6 +90,44 @@ def test_save_reports_what_its_threads_used(tmp_path, early_writer):
         _core.tuning_reset()
 
 
+def test_check_restore_reads_what_restore_would_and_writes_nothing(sharded_model, tmp_path):
+    """check_restore passes where restore would succeed and raises what it would (a delta on the way flipped
+    inside, an optimizer state replaced) with the live weights untouched, from the head copy and from the
+    model files alike (held=[]: every region from the files)."""
+    d, live = sharded_model
+    state = tmp_path / "optimizer.safetensors"
+    state.write_bytes(b"state one")
+    with CheckpointStore.create(d) as store:
+        perturb(live, 0.05, 4)
+        store.save(live, optimizer_state=state)
+        perturb(live, 0.05, 5)
+        store.save(live)
+        now = snapshot(live)
+        for g in (0, 1, 2):
+            store.check_restore(g, live)
+        gens = store.list()
+        delta = os.path.join(store.dir, gens[1]["delta"])
+        good = open(delta, "rb").read()
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x10  # a byte inside generation 1's delta, not its size: only checksums tell
+        open(delta, "wb").write(bad)
+        with pytest.raises(livetrain.FormatError, match="checksum"):
+            store.check_restore(0, live)  # from the head copy: back through 2 and 1
+        store.check_restore(1, live)  # back through 2 alone
+        assert same_bits(live, now)
+    with CheckpointStore(d, held=[]) as store:
+        with pytest.raises(livetrain.FormatError, match="checksum"):
+            store.check_restore(1, live)  # from the files: 1's delta on the way
+        store.check_restore(0, live)
+        open(delta, "wb").write(good)
+        store.check_restore(1, live)
+        with open(os.path.join(store.dir, gens[1]["optimizer_state"]), "wb") as f:
+            f.write(b"state two")  # the same size, another content
+        with pytest.raises(livetrain.FormatError, match="optimizer state .* has hash"):
+            store.check_restore(1, live)
+    assert same_bits(live, now)
+
+
 def test_save_after_rollback_and_materialize(sharded_model):
     d, live = sharded_model
     with CheckpointStore.create(d) as store:

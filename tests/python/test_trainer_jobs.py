@@ -800,6 +800,44 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
     assert finished == []
 
 
+def test_a_shutdown_in_a_guarded_job_says_it_was_not_judged_and_marks_its_generations(run, monkeypatch):
+    """A guarded job stopped by a shutdown after 2 steps, with a periodic checkpoint between its steps: the
+    job says it stopped before the guard's verdict (its weights unjudged, the undo point named), and
+    /checkpoints marks the generations taken in its middle (job, step, guarded, verdict: none), in
+    STATE_DIR/generations.json too; one left pending by a trainer that died reads as never judged. (The job
+    said only "stopped by shutdown", and a mid-job generation was listed like any other.)"""
+    _, trainer = run()
+    trainer.checkpoint_every = 1e-9  # due as soon as the weights changed: before every step after the first
+    real, steps = trainer.train_step, []
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            trainer.stopping.set()
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    info = job(trainer, {"examples": FACTS, "steps": 5, "lr": 1e-6})
+    g = info["guard"]
+    assert (info["state"], info["stop_reason"], info["step"], g["passed"]) == ("failed", "shutdown", 2, None), info
+    listed = {x["generation"]: x["mid_job"] for x in trainer.checkpoints()["generations"]}
+    marked = {gen: m for gen, m in listed.items() if m}
+    undo = max(gen for gen, m in listed.items() if m is None)  # the job's start: here the model files'
+    assert [m["step"] for m in marked.values()] == [1, 2] and undo == 0 and min(marked) > undo, listed
+    assert "before the guard's verdict" in info["error"] and f"generation {undo} holds them" in info["error"], info
+    assert g["rollback"].startswith("not judged: stopped by shutdown") and not g["rolled_back"], g
+    for m in marked.values():
+        assert m["job"] == info["id"] and m["guarded"] and m["verdict"].startswith("none: stopped by shutdown"), m
+    saved = json.loads(Path(trainer.mid_job_path).read_text())
+    assert {int(k): v for k, v in saved.items()} == marked
+    # A trainer that died before the verdict left it pending: read back, it was never given.
+    first = min(marked)
+    saved[str(first)]["verdict"] = "pending"
+    Path(trainer.mid_job_path).write_text(json.dumps(saved))
+    assert trainer._read_mid_job()[first]["verdict"] == "none: the trainer stopped before the job's verdict"
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -823,6 +861,16 @@ def test_a_cancel_or_shutdown_ends_the_measures_before_the_first_step(run, monke
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
+        # OpenAI allows a null content only for an assistant message with tool calls (it was taken as empty)
+        (
+            {
+                "examples": [
+                    FACTS[0],
+                    {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+                ]
+            },
+            "examples[1].messages[0].content",
+        ),
     ],
 )
 def test_bad_job_fields_are_refused_naming_them(run, body, param):

@@ -77,11 +77,11 @@ def engine(tmp_path):
 TP_TIMEOUT = 120  # --tp-timeout of the groups here: a collective a dead rank never answers fails by then
 
 
-def start(tmp_path, model, manifests, *extra, store: bool = False):
+def start(tmp_path, model, manifests, *extra, store: bool = False, env: dict | None = None):
     args = ["--state-dir", str(tmp_path / "state"), "--tp-timeout", str(TP_TIMEOUT), *extra]
     ns = options.parse(args if store else ["--no-store", *args])
     sock = str(tmp_path / "trainer.sock")
-    env = dict(ENV, OMP_NUM_THREADS="1")
+    env = dict(env or ENV, OMP_NUM_THREADS="1")
     return process.start_trainer_group(manifests, str(model), sock, ns, env), sock
 
 
@@ -230,6 +230,11 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
         code, reply = call(sock, "submit", JOB)
         assert code == 503 and "rank 1" in reply["error"]["message"]
         assert group.poll() is None  # rank 0 keeps answering
+        # Rank 0 alone saves no state after the failed job: trainer.json named both ranks' files, rank 1's
+        # of an older save than rank 0's (a restart mixed them).
+        status = saved(sock, lambda err: err is not None)
+        assert "no optimizer state saved" in status["optimizer"]["save_error"], status["optimizer"]
+        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
     finally:
         group.stop(10)
 
@@ -333,10 +338,16 @@ def test_a_save_that_fails_on_a_rank_after_a_job_is_reported_not_raised(tmp_path
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
         status = saved(sock, lambda err: err is not None)  # the job is done before its state is saved
         assert "rank 1" in status["optimizer"]["save_error"] and status["tensor_parallel"]["state"] == "ok", status
+        # Rank 0's file is this save's, rank 1's is not: trainer.json names neither (it named both: a restart
+        # would have taken the two ranks' states of different saves).
+        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
         blocked.rmdir()
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
         saved(sock, lambda err: err is None)
         assert blocked.is_file() and group.poll() is None
+        meta = json.loads((tmp_path / "state" / "trainer.json").read_text())
+        assert meta["files"] == [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        assert meta["weight_version"] == call(sock, "status")[1]["weight_version"] == 2
     finally:
         group.stop(10)
 
@@ -414,3 +425,97 @@ def test_the_optimizer_state_follows_the_state_dir_across_tp_sizes(tmp_path, eng
         assert call(sock, "status")[1]["optimizer"]["steps"] == 4
     finally:
         group.stop(60)
+
+
+def checkpointed_then_trained(tmp_path, sock) -> int:
+    """A job, a checkpoint (the generation returned), and one more step: the weights differ from it."""
+    assert run_job(sock, JOB)["state"] == "done"
+    code, reply = call(sock, "checkpoint", {})
+    assert code == 200, reply
+    assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
+    return reply["generation"]
+
+
+def test_a_rollback_one_rank_refuses_writes_nothing_on_any_rank(tmp_path, engine):
+    """Rank 1's optimizer state of the generation was replaced by another well-formed state (its header
+    passes rank 0's check; loading it fails on rank 1 alone): every rank checks before any writes, so the
+    rollback is a 500 naming rank 1 and the file, and neither rank's weights nor the weight version changed
+    (rank 0 had written its part, and rank 1 its weights, before rank 1's load failed: two states served)."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    group, sock = start(tmp_path, model, e.manifests, store=True)
+    try:
+        wait_ready(group, sock)
+        gen = checkpointed_then_trained(tmp_path, sock)
+        parts = next(g for g in call(sock, "checkpoints")[1]["generations"] if g["generation"] == gen)["parts"]
+        path = model / ".livetrain-store" / parts[1]["optimizer_state"]
+        meta = lst.read_metadata(path)
+        params = json.loads(meta["params"])
+        key = next(k for k, v in params.items() if v["algo"] != "adamw")
+        params[key]["algo"] = "adamw"  # a state its parameter cannot take: load_state refuses it
+        lst.save_file(lst.load_file(path), path, metadata={**meta, "params": json.dumps(params)})
+        before, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+
+        code, reply = call(sock, "rollback", {"generation": gen})
+        message = reply["error"]["message"]
+        assert code == 500 and "rank 1" in message and "nothing written" in message, (code, reply)
+        assert parts[1]["optimizer_state"] in message and "rank 0" not in message, message
+        for r in range(2):
+            for n, t in e.views[r].items():
+                assert torch.equal(t, before[r][n]), f"rank {r} {n} written by a refused rollback"
+        status = call(sock, "status")[1]
+        assert status["weight_version"] == version and status["tensor_parallel"]["state"] == "ok", status
+        assert call(sock, "checkpoints")[1]["head"] == gen
+    finally:
+        group.stop(30)
+
+
+def test_a_rollback_that_fails_writing_on_one_rank_names_what_each_rank_holds(tmp_path, engine):
+    """Every check passed, then rank 1's write failed (an I/O error, injected into rank 1's process): the
+    500 names rank 1 and says rank 0 holds the generation's weights and optimizer state, rank 0's weights
+    are the generation's and rank 1's as they were, the weights have a new version, and rolling back again
+    (rank 1 able to write by then) puts both ranks on the generation."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    site = tmp_path / "site"
+    site.mkdir()
+    flag = tmp_path / "fail-rank-1"
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import livetrain.checkpoint as c\n"
+        "    restore = c.CheckpointStore.restore\n"
+        "    def failing(self, *args, **kwargs):\n"
+        f"        if os.path.exists({str(flag)!r}):\n"
+        "            raise OSError(5, 'Input/output error (injected by the test)')\n"
+        "        return restore(self, *args, **kwargs)\n"
+        "    c.CheckpointStore.restore = failing\n"
+    )
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(site), ENV["PYTHONPATH"]]))
+    group, sock = start(tmp_path, model, e.manifests, store=True, env=env)
+    try:
+        wait_ready(group, sock)
+        gen = checkpointed_then_trained(tmp_path, sock)
+        trained, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+        flag.touch()
+        code, reply = call(sock, "rollback", {"generation": gen})
+        message = reply["error"]["message"]
+        assert code == 500 and "while writing on rank 1" in message and "injected" in message, (code, reply)
+        assert f"rank 0 holds generation {gen}'s weights and optimizer state" in message, message
+        assert call(sock, "status")[1]["weight_version"] == version + 1
+        assert any(not torch.equal(t, trained[0][n]) for n, t in e.views[0].items())  # rank 0 rolled back
+        assert all(torch.equal(t, trained[1][n]) for n, t in e.views[1].items())  # rank 1 as it was
+        flag.unlink()
+        code, reply = call(sock, "rollback", {"generation": gen})
+        assert code == 200, reply
+    finally:
+        group.stop(30)
+    config = json.loads((model / "config.json").read_text())
+    with checkpoint.CheckpointStore(model, held=[]) as store:
+        for r in range(2):
+            lay = layout.build(config, e.exports[r].tensors, engine="vllm", tp_rank=r, tp_size=2)
+            assert store.compare(gen, checkpoint.shards(lay, e.views[r], r))["tensors"] == 0, r

@@ -231,6 +231,13 @@ class Store {
   // `generation` (any in [oldest, head]); the head does not change. GPU weights are staged through
   // host memory (a second copy of their bytes while it runs).
   void restore_live(uint64_t generation, const std::vector<LiveTensor>& live);
+  // Checks, writing nothing, what restore_live(generation, live) reads: the live tensors against the
+  // store, every delta file on the way (size, committed checksum, header, every record's checksum), the
+  // model files' sizes where a region comes from them, and the optimizer-state files this rank would
+  // load (size and hash against COMMIT: its own part's at the store's TP size, else every part's). Throws
+  // what restore_live (or the state's load) would; a rollback under tensor parallelism has every rank
+  // check before any rank writes.
+  void check_restore(uint64_t generation, const std::vector<LiveTensor>& live);
   // Writes `generation` as a new model directory (same file names and tensor split; index copied) that
   // loads as the model does: the model directory's other top-level files (config.json, tokenizer files,
   // generation_config.json, ...: a generation changes only weights) are copied as they are now, except hidden
@@ -349,8 +356,18 @@ class Store {
   Collected collect(uint64_t a, uint64_t b, const std::vector<DType>* dtypes = nullptr) const;
   // XORs every collected record into the part of each target it intersects.
   void apply(const Collected& records, const std::vector<Target>& targets) const;
+  // What fill reads, checked: the targets split into held regions (from the head copy) and the others
+  // (from the model files), the deltas from each to `generation`, and the model files mapped.
+  struct Filling {
+    std::vector<Target> from_head, from_files;
+    std::vector<long> head_index;
+    Collected head_records, file_records;
+    std::vector<fs::Mapping> model_files;
+  };
+  Filling prepare_fill(uint64_t generation, const std::vector<Target>& targets) const;
   // Fills every target with its region at `generation`: from the head copy for held regions, else from
-  // the model files; every delta on the way is checked before any target is written.
+  // the model files; every delta on the way and the model files' sizes are checked before any target is
+  // written (prepare_fill).
   void fill(uint64_t generation, const std::vector<Target>& targets);
   // XORs into the targets every record of generations in (a, b] that intersects them (either order).
   void xor_generations(uint64_t a, uint64_t b, const std::vector<Target>& targets);

@@ -266,6 +266,14 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
     for j, m in enumerate(msgs):
+        # OpenAI allows a null (or missing) content only for an assistant message with tool calls, which an
+        # example cannot carry; a chat request takes it (vLLM: an empty content), an example says what it means.
+        if m["role"] != "assistant" and messages[j].get("content") is None:
+            raise Invalid(
+                f"{where}.messages[{j}].content",
+                f"{where}.messages[{j}].content is null or missing: a {m['role']} message needs a content (a "
+                'string, or a list of text parts; "" or [] for an empty one)',
+            )
         # A chat request may carry an empty answer (vLLM takes null content); a job would teach the model
         # to answer that question with nothing, as a client that lost the text would never mean.
         if m["role"] == "assistant" and not text_of(m["content"]).strip():

@@ -37,6 +37,15 @@ class RankFailure(RuntimeError):
     """The tensor-parallel group can no longer train: a rank died or failed (the message says which)."""
 
 
+class RanksFailed(RuntimeError):
+    """Work the ranks did together (``Ranks.together``) failed on ``ranks`` (the others completed it); the
+    message names each failed rank and its error."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
@@ -164,7 +173,7 @@ class Ranks:
 
     def together(self, what: str, fn, *args):
         """Runs ``fn`` on this rank (every rank at once); if it failed on any rank, raises the same error on
-        every rank, the ranks named, so that they all go on in step."""
+        every rank (``RanksFailed``, the ranks named), so that they all go on in step."""
         import torch.distributed as dist
 
         result, err = None, None
@@ -183,7 +192,7 @@ class Ranks:
             raise RankFailure(f"{what}: lost a rank: {type(e).__name__}: {e}") from e
         errors = [e for e in every if e]
         if errors:
-            raise RuntimeError(f"{what} failed: " + "; ".join(errors))
+            raise RanksFailed(f"{what} failed: " + "; ".join(errors), [r for r, e in enumerate(every) if e])
         return result
 
     def agree(self, value):

@@ -27,7 +27,7 @@ from livetrain.loss import OutputGradient, causal_lm_loss, output_projection
 from livetrain.trainer import admission, augment, guard, options, schedule
 from livetrain.trainer.examples import job_id, own_rendering, parse_job, prompt_ids, use_chat
 from livetrain.trainer.protocol import Invalid, Reply, error, parse_body
-from livetrain.trainer.ranks import RankFailure
+from livetrain.trainer.ranks import RankFailure, RanksFailed
 
 ROLLBACK_FIELDS = {"generation"}
 RETENTION_FIELDS = {"prompts", "builtin"}
@@ -43,6 +43,15 @@ def parse_job_id(args: dict) -> str:
     if not isinstance(jid, str) or not jid:
         raise Invalid("job_id", "job_id must be a job id string (POST /train answers it)")
     return jid
+
+
+class RollbackRefused(RuntimeError):
+    """A rollback that a rank's check refused (``Trainer.rollback_rank``): nothing was written on any rank."""
+
+
+class RollbackIncomplete(RuntimeError):
+    """A rollback that failed while writing, after every rank's check had passed: the message says which
+    ranks hold the generation's weights and which hold a mix (docs/serve.md, "Checkpoints")."""
 
 
 class NonFinite(Exception):
@@ -115,6 +124,10 @@ def padding_waste(examples: list, anchor_rows: list) -> float:
     wx, wa = max(len(t) for t, _, _ in examples), max(len(t) for t, _, _ in anchor_rows)
     apart = len(examples) * wx + len(anchor_rows) * wa
     return (len(examples) + len(anchor_rows)) * max(wx, wa) / apart - 1
+
+
+def _join(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 class Trainer:
@@ -290,7 +303,7 @@ class Trainer:
         dir_state = [os.path.join(s.state_dir, f) for f in saved_files]
         if not dir_state or not all(os.path.exists(f) for f in dir_state):
             dir_state = None
-        # What trainer.json names until this run saves (``_save_files``): the files that go with state_version,
+        # What trainer.json names until this run saves (``_name_state``): the files that go with state_version,
         # whatever this run's size (a trainer.json written before then, by ``reserve``, must not name files
         # this run has not written yet).
         self.state_files = saved_files if dir_state else []
@@ -351,6 +364,11 @@ class Trainer:
         self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
+        # Generations saved in the middle of a job (a periodic or requested checkpoint between its steps), by
+        # number: {job, step, guarded, verdict} (``_mark_mid_job``), kept in STATE_DIR/generations.json by
+        # rank 0 so that /checkpoints still tells them apart after a restart.
+        self.mid_job_path = os.path.join(s.state_dir, "generations.json")
+        self.mid_job = self._read_mid_job()
         self.checkpoint_error: str | None = None
         self.save_error: str | None = None  # of the last save() (optimizer state, weight version), else None
 
@@ -744,7 +762,7 @@ class Trainer:
     # ---- the checkpoint store (on the training thread, between steps) ----
     def checkpoints(self) -> dict:
         with self.lock:
-            gens = [dict(g) for g in self.generations]
+            gens = [{**g, "mid_job": self.mid_job.get(g["generation"])} for g in self.generations]
         return {
             "store": self.store.dir,
             "head": gens[-1]["generation"],
@@ -773,8 +791,14 @@ class Trainer:
         return self.ranks.commit(self.store, self.weights, weight_version, self.opt_path)
 
     def checkpoint(self) -> Reply:
+        """/checkpoint, and the periodic one (``run_pending``): between two steps, possibly of a job (then
+        marked as taken in its middle: ``_mark_mid_job``)."""
         t0 = time.perf_counter()
         r = self._commit()
+        with self.lock:
+            info = self.jobs.get(self.current) if self.current is not None else None
+        if r["written"] and info is not None and info["step"] > 0:
+            self._mark_mid_job(r["generation"], info)
         head = self.generations[-1]
         return Reply(
             200,
@@ -805,10 +829,12 @@ class Trainer:
             self.ranks.lead("rollback", generation)
         try:
             self.rollback_rank(generation)
+        except RollbackRefused:
+            raise  # a rank's check failed: nothing was written anywhere, the weights keep their version
         except Exception:
-            # Some weights may be generation's now (a rank whose part failed after another's was written, a
-            # read error in the middle): a new version, so that no number names two states of the weights
-            # (the vLLM plugin resets its prefix cache on a new one).
+            # Some weights may be generation's now (a write that failed after every check passed: a read
+            # error in the middle, a rank lost): a new version, so that no number names two states of the
+            # weights (the vLLM plugin resets its prefix cache on a new one).
             with self.lock:
                 self._new_version()
             raise
@@ -831,21 +857,104 @@ class Trainer:
         )
 
     def rollback_rank(self, generation: int) -> None:
-        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``."""
+        """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``.
+        Every rank first checks all it will read (``CheckpointStore.check_restore``: the deltas on the way, the
+        optimizer-state files it loads, by size and hash), and no rank writes before every rank's check
+        passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
+        ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
+        weights and their previous ones) and those that completed (they hold the generation's)."""
+        gen = next(g for g in self.store.list() if g["generation"] == generation)
+        files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
+
+        def check():
+            self.store.check_restore(generation, self.weights)
 
         def restore():
-            gen = next(g for g in self.store.list() if g["generation"] == generation)
-            files = self._generation_state(gen)  # checked by rank 0 before it led the rollback (``rollback``)
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
                 self._load_state(files)
 
-        self._together("rollback", restore)
+        lost = (RankFailure, torch.distributed.DistError)  # the group broke: trainer.ranks reports it
+        try:
+            self._together("rollback check", check)
+        except lost:
+            raise
+        except Exception as e:
+            raise RollbackRefused(f"rollback to generation {generation} refused, nothing written: {e}") from e
+        try:
+            self._together("rollback", restore)
+        except lost:
+            raise
+        except Exception as e:
+            size = 1 if self.ranks is None else self.ranks.size
+            failed = e.ranks if isinstance(e, RanksFailed) else [0 if self.ranks is None else self.ranks.rank]
+            done = [r for r in range(size) if r not in failed]
+            where = "" if self.ranks is None else f" on rank{'s' if len(failed) > 1 else ''} {_join(failed)}"
+            held = (
+                f"; rank{'s' if len(done) > 1 else ''} {_join(done)} hold{'' if len(done) > 1 else 's'} "
+                f"generation {generation}'s weights and optimizer state"
+                if done
+                else ""
+            )
+            raise RollbackIncomplete(
+                f"rollback to generation {generation} failed while writing{where}, after every check had passed: "
+                f"{e}. The weights{' there' if where else ''} are partly generation {generation}'s and partly as "
+                f"before (optimizer state reset or partly loaded){held}; they are served as a new weight version: "
+                "roll back again"
+            ) from e
 
     def _together(self, what: str, fn, *args):
         """``fn`` on this rank; under tensor parallelism, an error on any rank is raised on every rank."""
         return fn(*args) if self.ranks is None else self.ranks.together(what, fn, *args)
+
+    # ---- generations saved in the middle of a job ----
+    VERDICT_PENDING = "pending"  # a guarded job's generation before the guard's verdict
+
+    def _read_mid_job(self) -> dict[int, dict]:
+        """generations.json (rank 0), the generations the store still holds; a verdict still pending was
+        never given: the trainer stopped (or died) before it."""
+        if (self.ranks is not None and self.ranks.rank != 0) or not os.path.exists(self.mid_job_path):
+            return {}
+        with open(self.mid_job_path) as f:
+            marks = {int(g): m for g, m in json.load(f).items()}
+        held = {g["generation"] for g in self.generations}
+        for m in marks.values():
+            if m["verdict"] == self.VERDICT_PENDING:
+                m["verdict"] = "none: the trainer stopped before the job's verdict"
+        return {g: m for g, m in marks.items() if g in held}
+
+    def _write_mid_job(self) -> None:
+        if self.ranks is not None and self.ranks.rank != 0:
+            return
+        held = {g["generation"] for g in self.generations}
+        with self.lock:
+            marks = {str(g): m for g, m in self.mid_job.items() if g in held}
+        _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+
+    def _mark_mid_job(self, generation: int, info: dict) -> None:
+        """Generation ``generation`` holds the weights of a job in the middle of it (``info``'s steps so far):
+        /checkpoints says so, and for a guarded job that the guard has not judged them (``verdict``: pending,
+        then the job's verdict: ``_judge_mid_job``)."""
+        guarded = bool(info["plan"].get("guard"))
+        with self.lock:
+            self.mid_job[generation] = {
+                "job": info["id"],
+                "step": info["step"],
+                "guarded": guarded,
+                "verdict": self.VERDICT_PENDING if guarded else None,
+            }
+        self._write_mid_job()
+
+    def _judge_mid_job(self, jid: str, verdict: str) -> None:
+        """The verdict of guarded job ``jid`` on the generations saved in its middle: "kept" (the guard passed
+        it), "rolled back" (the weights went back to the job's start), or "none: ..." (it was never judged)."""
+        with self.lock:
+            marks = [m for m in self.mid_job.values() if m["job"] == jid and m["verdict"] == self.VERDICT_PENDING]
+            for m in marks:
+                m["verdict"] = verdict
+        if marks:
+            self._write_mid_job()
 
     def _generation_state(self, gen: dict) -> list[str] | None:
         """The optimizer-state files a generation records, one per rank that wrote it (None: it has none)."""
@@ -1161,14 +1270,44 @@ class Trainer:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+            report = info.get("guard") if plan.guard else None
             with self.lock:
                 if reason == "shutdown":
                     state, info["error"] = "failed", "stopped by shutdown"
+                    if report is not None and info["step"] > 0 and report["passed"] is None:
+                        # The guard's measures need the model, which the shutdown stops: no verdict, the
+                        # weights keep the job's steps unjudged (a restart serves them once checkpointed).
+                        undone = f"generation {undo['generation']}" if undo else None
+                        report["rollback"] = "not judged: stopped by shutdown before the guard's verdict"
+                        info["error"] = (
+                            f"stopped by shutdown after {info['step']} steps, before the guard's verdict: the "
+                            "weights keep the job's steps, not judged"
+                            + (
+                                f" ({undone} holds them as before the job: /rollback to it undoes the job)"
+                                if undone
+                                else ""
+                            )
+                        )
                 info["state"], info["stop_reason"] = state, reason or "error"
                 info["finished"], info["seconds"] = time.time(), round(time.perf_counter() - t_job, 3)
                 info["skipped_nonfinite"] = info.get("skipped_nonfinite", [])
                 self.current = None
-            why = info["error"] if reason == "error" and info.get("error") else schedule.STOP_REASONS.get(reason, "")
+            if plan.guard:
+                passed = report.get("passed") if report else None
+                rolled = bool(report and report.get("rolled_back"))
+                self._judge_mid_job(
+                    jid,
+                    "rolled back"
+                    if rolled
+                    else "kept"
+                    if passed
+                    else f"none: {info.get('error') or schedule.STOP_REASONS.get(reason, 'no verdict')}",
+                )
+            why = (
+                info["error"]
+                if reason in ("error", "shutdown") and info.get("error")
+                else schedule.STOP_REASONS.get(reason, "")
+            )
             print(
                 f"livetrain trainer: {jid} {state} after {info['step']} steps ({reason}: "
                 f"{why}); examples' loss {info['loss_before']} -> "
@@ -1543,7 +1682,9 @@ class Trainer:
         crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
         shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
         /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
-        the trainer with the job it just finished."""
+        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved
+        and trainer.json names no file: rank 0's state alone is no state a restart could take, and beside
+        the other ranks' older files it would be a mix of two saves."""
         try:
             if self.ranks is not None and not self.ranks.failure:
                 try:
@@ -1553,7 +1694,10 @@ class Trainer:
                 except Exception as e:
                     if not self.ranks.broken(e):
                         raise
-                    self.ranks.fail(e)  # this rank's state still counts: saved alone below
+                    self.ranks.fail(e)
+            if self.ranks is not None:
+                self._name_state(self.state_version, [])
+                raise RankFailure(f"{self.ranks.failure}; no optimizer state saved (trainer.json names none)")
             self._save_files(self.weight_version)
             self._saved(None)
         except Exception as e:
@@ -1565,17 +1709,26 @@ class Trainer:
             self.save_error = err
 
     def save_rank(self, weight_version: int) -> None:
-        """This rank's part of ``save`` (every rank at once under tensor parallelism, unless the group broke)."""
-        if self.ranks is None or self.ranks.failure:
+        """This rank's part of ``save`` (every rank at once under tensor parallelism). trainer.json names
+        the files of one save only: under tensor parallelism none while the ranks replace theirs (a save
+        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written."""
+        if self.ranks is None:
             self._save_files(weight_version)
-        else:
-            self.ranks.together("save", self._save_files, weight_version)
+            return
+        self._name_state(self.state_version, [])
+        self.ranks.together("save", lambda: self.opt.save_state(self.opt_path, names=self.names))
+        self._name_state(weight_version, self._state_files(self.ranks.size))
 
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
-        self.state_version = weight_version
-        self.state_files = self._state_files(self.ranks.size if self.ranks is not None else 1)
-        self._write_meta()
+        self._name_state(weight_version, self._state_files(1))
+
+    def _name_state(self, weight_version: int, files: list[str]) -> None:
+        """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
+        ``weight_version`` (unchanged: not rewritten)."""
+        if (weight_version, files) != (self.state_version, self.state_files):
+            self.state_version, self.state_files = weight_version, files
+            self._write_meta()
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
