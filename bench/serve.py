@@ -465,12 +465,159 @@ def optim_step_times(trainer, reps: int) -> dict:
 
 def checkpoint_save(trainer, scenario: str) -> dict:
     """One save of the live weights into the trainer's checkpoint store, timed (weights only: the
-    optimizer state that POST /checkpoint adds is not part of the floor)."""
+    optimizer state that POST /checkpoint adds is not part of the floor), with where its time went
+    (bench/save_usage.py: the store's usage, the host's CPUs and reclaim, the engine process's CPU time)."""
+    import save_usage  # beside this script
+
     sync(trainer.device)
-    t = time.perf_counter()
-    r = trainer.store.save(trainer.weights, weight_version=trainer.weight_version)
-    keys = ("written", "bytes", "changed", "elements", "model_bytes", "diff_seconds", "encode_seconds", "write_seconds")
-    return {"scenario": scenario, "seconds": time.perf_counter() - t, **{k: r.get(k) for k in keys}}
+    pids = {"engine": trainer.engine["pid"]} if trainer.engine.get("pid") else {}
+    r, seconds, host = save_usage.timed_save(
+        lambda: trainer.store.save(trainer.weights, weight_version=trainer.weight_version), pids
+    )
+    keys = (
+        "written",
+        "bytes",
+        "changed",
+        "elements",
+        "model_bytes",
+        "diff_seconds",
+        "encode_seconds",
+        "write_seconds",
+        "usage",
+    )
+    out = {"scenario": scenario, "seconds": seconds, **{k: r.get(k) for k in keys}, "host": host}
+    if r.get("written"):  # the row as the table will print it, now: a run cut short keeps it in its log
+        log("save row " + save_usage.row(scenario, seconds, out, host))
+    return out
+
+
+def core_settings() -> dict:
+    """The core's thread count and the tuning knobs this process runs with other than their defaults
+    (LIVETRAIN_TUNING, tuning_set): what its saves ran under."""
+    from livetrain import _core
+
+    knobs = {k: v["value"] for k, v in _core.tuning().items() if v["value"] != v["default"]}
+    return {"threads": _core.num_threads(), "knobs": knobs, "env": os.environ.get("LIVETRAIN_TUNING", "")}
+
+
+DENSITY_BINS = (0.001, 0.01, 0.03, 0.06, 0.12, 1.0)  # upper bounds of a tensor's changed fraction
+
+
+def change_profile(before: dict, after: dict) -> dict:
+    """How a step's changes lie (what the encoder's cost depends on besides their count): the elements in tensors
+    whose changed fraction falls in each of DENSITY_BINS, and the share of the bitmaps' bytes (8 elements each)
+    that are not zero (the bitmap coder's histogram skips zero bytes)."""
+    import torch
+
+    per_bin = [0] * len(DENSITY_BINS)
+    elements = changed = nonzero = nbytes = 0
+    for name, a in after.items():
+        b = before[name]
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        m = a.reshape(-1).view(bits) != b.reshape(-1).view(bits)
+        n, c = m.numel(), int(m.sum())
+        pad = (-n) % 8
+        nz = int(torch.nn.functional.pad(m, (0, pad)).view(-1, 8).any(1).sum())
+        elements, changed, nonzero, nbytes = elements + n, changed + c, nonzero + nz, nbytes + (n + pad) // 8
+        per_bin[next(i for i, hi in enumerate(DENSITY_BINS) if c / max(n, 1) <= hi)] += n
+    return {
+        "elements": elements,
+        "changed": changed,
+        "bitmap_bytes_nonzero": nonzero / max(nbytes, 1),
+        "elements_by_density": dict(zip([str(x) for x in DENSITY_BINS], [x / max(elements, 1) for x in per_bin])),
+    }
+
+
+def save_probes(trainer, examples, model_dir: str) -> list[dict]:
+    """--save-probe: more saves after the first step's, each of which changes one thing, to tell apart why the
+    trainer's save encodes slower than bench/checkpoint.py's sweep: another step of the same example (the
+    same conditions again); a step saved with the encoder before save29 (checkpoint.encoder=3); a step, with the engine process stopped (SIGSTOP) during the save (its threads off
+    the CPUs); the sweep's synthetic step (bench/checkpoint.py's apollo_like_step at lr 1.3e-6, the same 4.1%
+    of the elements changed) instead of a training step (the input); a step after the model files' pages were
+    dropped from the page cache (posix_fadvise DONTNEED: the host's free memory). The reference is the second
+    step's save (the first real save of a process may differ by being the first). A probe that fails is logged
+    and the others run."""
+    import signal
+
+    import checkpoint as ck  # bench/checkpoint.py (this script's directory is on sys.path)
+
+    out = []
+    pid = trainer.engine.get("pid")
+
+    def step() -> None:
+        trainer.step(examples)
+        sync(trainer.device)
+
+    def stopped_engine() -> dict:
+        step()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            return checkpoint_save(trainer, "probe: after a step, the engine process stopped (SIGSTOP)")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def profiled(change, label: str) -> dict:
+        """change() with a copy of the weights beside it (GPU memory for one more model, freed after): the save's
+        row gets change_profile."""
+        before = {n: t.clone() for n, t in trainer.weights.items()}
+        change()
+        sync(trainer.device)
+        profile = change_profile(before, trainer.weights)
+        del before
+        if trainer.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        r = checkpoint_save(trainer, label)
+        r["change_profile"] = profile
+        p = profile["elements_by_density"]
+        log(
+            f"{label}: bitmap bytes not zero {profile['bitmap_bytes_nonzero']:.1%}; elements in tensors by changed "
+            "fraction " + ", ".join(f"<= {float(k):.1%}: {v:.1%}" for k, v in p.items())
+        )
+        return r
+
+    def synthetic() -> dict:
+        return profiled(
+            lambda: ck.apollo_like_step(trainer.weights, 1.3e-6, seed=7),
+            "probe: after bench/checkpoint.py's synthetic step (lr 1.3e-6), no training",
+        )
+
+    def page_cache_dropped() -> dict:
+        step()
+        dropped = 0
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                fd = os.open(os.path.join(model_dir, name), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    dropped += os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+        return checkpoint_save(
+            trainer, f"probe: after a step, the model files ({dropped / 1e9:.0f} GB) dropped from the page cache first"
+        )
+
+    def encoder_before() -> dict:
+        from livetrain import _core
+
+        step()
+        _core.tuning_set("checkpoint.encoder", 3)
+        try:
+            return checkpoint_save(trainer, "probe: after a step, a record's gaps by one thread (checkpoint.encoder=3)")
+        finally:
+            _core.tuning_reset()
+
+    probes = [lambda: profiled(step, "probe: after a second step"), encoder_before]
+    probes += [stopped_engine] if pid else []
+    probes += [synthetic, page_cache_dropped]
+    for probe in probes:
+        try:
+            out.append(probe())
+        except Exception as e:  # logged; the other probes still run
+            log(f"save probe {getattr(probe, '__name__', '')} failed: {type(e).__name__}: {e}")
+    return out
 
 
 def role_trainer(a) -> None:
@@ -520,6 +667,8 @@ def role_trainer(a) -> None:
             losses.append(loss)
             if k == 0 and i == 0 and trainer.store is not None:
                 saves.append(checkpoint_save(trainer, "after one step"))
+                if a.save_probe:
+                    saves += save_probes(trainer, examples, a.model)
         timed = times[1:]
         runs.append(
             {
@@ -549,6 +698,7 @@ def role_trainer(a) -> None:
             "skipped_nonfinite": len(report["skipped_nonfinite_grad"]) + len(report["nonfinite_update"]),
             "kernels": trainer.kernels,
             "checkpoint": saves,
+            "core": core_settings(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         }
     )
@@ -838,6 +988,7 @@ def run_livetrain(a, res: dict, main_set: bool, work: str, tokenizer, env: dict,
                     "skipped_nonfinite",
                     "kernels",
                     "checkpoint",
+                    "core",
                 )
             },
             "memory": t["runs"][0]["memory"],
@@ -917,6 +1068,7 @@ def child_args(a, model: str) -> list[str]:
         + (["--simulate-oom", a.simulate_oom] if a.simulate_oom else [])
         + (["--keep-cache"] if a.keep_cache else [])
         + (["--checkpoint"] if a.checkpoint else [])
+        + (["--save-probe"] if a.save_probe else [])
     )
 
 
@@ -1018,6 +1170,29 @@ def render_floors(results: dict) -> list[str]:
                     f"| {r['scenario']} | {r['seconds']:.2f} | {phases} | {delta:,} | {delta / model:.1%} | {share} | "
                     f"{floor:.3f} | {r['seconds'] / floor:.2f}x |"
                 )
+        used = [r for r in saves if r.get("usage") and r.get("written")]
+        if used:
+            import save_usage  # beside this script
+
+            core = lt.get("core") or {}
+            knobs = ", ".join(f"{k}={v}" for k, v in (core.get("knobs") or {}).items()) or "none (the shipped defaults)"
+            lines += [
+                "",
+                f"Where the trainer's saves' time went ({s['layers']} layers; the trainer's core: "
+                f"{core.get('threads', '?')} threads, knobs set: {knobs}): {save_usage.LEGEND}",
+                "",
+                save_usage.HEADER,
+            ]
+            lines += [save_usage.row(r["scenario"], r["seconds"], r, r["host"]) for r in used]
+            for r in used:
+                p = r.get("change_profile")
+                if p:
+                    bins = ", ".join(f"<= {float(k):.1%}: {v:.1%}" for k, v in p["elements_by_density"].items())
+                    lines.append(
+                        f"\n{r['scenario']}: {p['changed'] / max(p['elements'], 1):.2%} of the elements changed; bitmap "
+                        f"bytes not zero {p['bitmap_bytes_nonzero']:.1%}; the elements in tensors by their changed "
+                        f"fraction: {bins}."
+                    )
         o = f.get("optim")
         if o:
             floor = o["floor_seconds"]
@@ -1204,6 +1379,13 @@ def main() -> int:
         action="store_true",
         help="write the random weights as the model's files, let the engine create its checkpoint store, and "
         "time the trainer's saves: the first after opening the store, and after one step (against its floor)",
+    )
+    ap.add_argument(
+        "--save-probe",
+        action="store_true",
+        help="with --checkpoint: after the first step's save, saves that each change one thing (another step, the "
+        "engine process stopped, the checkpoint sweep's synthetic step, the model files out of the page cache), "
+        "each with where its time went (bench/save_usage.py); their steps are not timed",
     )
     ap.add_argument("--dir", default=None, help="work directory (model files with --checkpoint; default: a temp dir)")
     ap.add_argument(

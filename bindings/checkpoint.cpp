@@ -100,6 +100,27 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   return d;
 }
 
+nb::dict usage_dict(const Usage& u) {
+  nb::dict d;
+  d["wall_seconds"] = u.wall_seconds;
+  d["user_seconds"] = u.user_seconds;
+  d["system_seconds"] = u.system_seconds;
+  d["minor_faults"] = u.minor_faults;
+  d["major_faults"] = u.major_faults;
+  d["voluntary_switches"] = u.voluntary_switches;
+  d["involuntary_switches"] = u.involuntary_switches;
+  return d;
+}
+
+// A save's SaveUsage: {"encode_wait_seconds", "encode": {...}, "process": {...}}.
+nb::dict save_usage_dict(const checkpoint::SaveUsage& u) {
+  nb::dict d;
+  d["encode_wait_seconds"] = u.encode_wait_seconds;
+  d["encode"] = usage_dict(u.encode);
+  d["process"] = usage_dict(u.process);
+  return d;
+}
+
 // save_part's descriptor: the part's fields, and the generation, TP size, group and timings.
 nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
   nb::dict d = part_dict(p.part);
@@ -113,6 +134,7 @@ nb::dict descriptor_dict(const checkpoint::PartDescriptor& p) {
   d["encode_seconds"] = p.encode_seconds;
   d["write_seconds"] = p.write_seconds;
   d["sync_seconds"] = p.sync_seconds;
+  d["usage"] = save_usage_dict(p.usage);
   nb::list served;
   for (const auto& [name, dtype] : p.served) served.append(nb::make_tuple(name, std::string(dtype_name(dtype))));
   d["served"] = served;
@@ -188,6 +210,7 @@ nb::dict save_result_dict(const checkpoint::SaveResult& r) {
   d["encode_seconds"] = r.encode_seconds;
   d["write_seconds"] = r.write_seconds;
   d["sync_seconds"] = r.sync_seconds;
+  d["usage"] = save_usage_dict(r.usage);
   return d;
 }
 

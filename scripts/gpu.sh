@@ -21,6 +21,11 @@
 #                               baselines, completions alone / during a job)
 # bench-serve27b  8 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
 #                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
+# save27b         4.5 min       why the trainer's save is slower than the sweep's:     serve.{md,json},
+#                               bench/serve.py --shape qwen3.5-27b --checkpoint        serve-log.txt
+#                               --save-probe at 2,048 tokens, 1 timed step, no
+#                               completions: saves that each change one thing, and
+#                               where their time went (SAVE_SERVE_S, default 270 s)
 # vllm-llama      4 min         scripts/vllm_gpu_run.sh --arch llama                   vllm-run.json, vllm-*.log
 # vllm-qwen35     5 min         scripts/vllm_gpu_run.sh --arch qwen3_5 (multimodal     vllm-run.json, vllm-*.log
 #                               checkpoint served text-only, vision/MTP kept)
@@ -60,12 +65,14 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
 known=(build wheel checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+# Steps run only when named (not by "all").
+extra=(sweep save27b)
 steps=("$@")
 if [ ${#steps[@]} = 0 ]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; fi
 if [ "${steps[0]}" = all ]; then steps=("${known[@]}"); fi
 for s in "${steps[@]}"; do
-  if [[ " ${known[*]} sweep " != *" $s "* ]]; then
-    echo "gpu.sh: unknown step $s (steps: ${known[*]}, sweep, all)" >&2
+  if [[ " ${known[*]} ${extra[*]} " != *" $s "* ]]; then
+    echo "gpu.sh: unknown step $s (steps: ${known[*]}, ${extra[*]}, all)" >&2
     exit 2
   fi
 done
@@ -157,6 +164,14 @@ run_step() {
   vllm-transfer)
     bash scripts/vllm_gpu_run.sh bench/vllm_transfer.py 2>&1 | tee "$out/transfer-log.txt" | tail -30
     rc=${PIPESTATUS[0]}
+    ;;
+  save27b)
+    # One time limit for the whole; the log holds each save's row as it ends (a run cut short keeps them).
+    echo "== bench/serve.py --shape qwen3.5-27b --checkpoint --save-probe (limit ${SAVE_SERVE_S:-270} s)"
+    timeout "${SAVE_SERVE_S:-270}" "$py" bench/serve.py --shape qwen3.5-27b --checkpoint --save-probe --tokens 2048 \
+      --steps 1 --gen-seconds 0 > "$out/serve-log.txt" 2>&1 || rc=$?
+    rm -rf "${TMPDIR:-/tmp}"/livetrain-serve-bench-*  # left by a run cut short
+    grep -A10 "Where the trainer" "$out/serve.md" 2>/dev/null || grep "save row" "$out/serve-log.txt"
     ;;
   sweep)
     echo "== bench/optim.py --sweep (8b, 27b; limit ${SWEEP_OPTIM_S:-150} s)"

@@ -49,7 +49,8 @@ enum Knob : int {
   kCheckpointEncodeBatch,   // blocks of records encoded per batch, per CPU thread
   kCheckpointWritebackMib,  // the delta's disk writes start every this many MiB written (0: all at the final fsync)
   kCheckpointEarlyWriter,   // 1: the delta file is written from the first encoded record on, during the GPU diff
-  kCheckpointEncoder,       // 3: as 2, gap sizes measured only where gaps could win; 2: the word-wise Huffman coder,
+  kCheckpointEncoder,       // 4: as 3, a record's gaps measured and written per block on the pool; 3: as 2, gap sizes
+                            // measured only where gaps could win, by one thread; 2: the word-wise Huffman coder,
                             // records handed on as pieces, checksummed by the writer, gap sizes measured per block;
                             // 1: that coder, records copied whole; 0: the coder before, records copied (same bytes)
   kCheckpointPinChunkMib,  // Store::prepare_gpu page-locks the head copy in registrations of whole tensors, >= this MiB

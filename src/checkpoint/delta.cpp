@@ -182,14 +182,49 @@ uint64_t gap_sizes(const uint8_t* bitmap, uint64_t units) {
 // block with no change is its 8-byte count).
 constexpr size_t kMinPiece = 4096;
 
+// One block's share of its record's gap encoding (checkpoint.encoder 4): its first and last changed position
+// and the varints of the gaps between its own positions, written on the block's thread. The gap from the
+// block before (that block's last position to this one's first) is the record's to write. Before, the
+// thread that assembled the record wrote every gap, scanning the record's whole bitmap alone (159 MB for a
+// 1.27B-element embedding whose few changed rows make gaps the smallest encoding): serial work that left the
+// pool idle (bench/RESULTS.md, first session of 2026-12-02, save29).
+struct GapBlock {
+  uint64_t first = 0, last = 0;
+  std::string inner;
+};
+
+// Block b's GapBlock, a word of the bitmap at a time (bits past the record's end included, as gap_sizes).
+void gap_block(GapBlock& out, const uint8_t* bitmap, uint64_t units, uint64_t b) {
+  const uint64_t begin = b * kBlockUnits / 8, nbytes = (block_len(units, kBlockUnits, b) + 7) / 8;
+  bool first = true;
+  uint64_t prev = 0;
+  for (uint64_t at = 0; at < nbytes; at += 8) {
+    uint64_t w = 0;
+    std::memcpy(&w, bitmap + begin + at, std::min<uint64_t>(8, nbytes - at));  // little-endian host (bytes.hpp)
+    for (; w; w &= w - 1) {
+      const uint64_t i = (begin + at) * 8 + static_cast<uint64_t>(std::countr_zero(w));
+      if (first) {
+        out.first = i;
+        first = false;
+      } else {
+        put_varint(out.inner, i - prev - 1);
+      }
+      prev = i;
+    }
+  }
+  out.last = prev;
+}
+
 // Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
 // concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
 // delta) instead of copying them into one string. `measured`: the blocks carry their gap sizes (encoder
 // <= 2); else, where gaps are considered, they are measured here only when the blocks encoding could lose to
 // them (a gap takes at least a byte, so a blocks encoding smaller than `changed` + the raw values and than
 // the bitmap encoding wins whatever the gaps take): the same choice either way.
+// `gap_blocks`, when given: every block's GapBlock (those of blocks without a change unused), from which the
+// gaps are measured and written instead of from the bitmap (the same bytes).
 void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vector<EncodedBlock>& blocks, bool gaps,
-              bool measured, bool checksum) {
+              bool measured, bool checksum, std::vector<GapBlock>* gap_blocks = nullptr) {
   pieces.assign(1, std::string());
   std::string& out = pieces[0];
   const uint32_t unit = unit_bytes(r.dtype);
@@ -205,8 +240,20 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
   }
   const uint64_t raw_values = r.changed * unit;
   if (gaps && !measured) {
-    if (blocks_bytes < std::min(bitmap_bytes, r.changed) + raw_values) gaps = false;  // blocks win anyway
-    else gap_bytes = gap_sizes(r.bitmap, r.units);
+    if (blocks_bytes < std::min(bitmap_bytes, r.changed) + raw_values) {
+      gaps = false;  // blocks win anyway
+    } else if (gap_blocks) {
+      first = true;
+      for (size_t b = 0; b < blocks.size(); ++b) {
+        if (!blocks[b].changed) continue;
+        const GapBlock& g = (*gap_blocks)[b];
+        gap_bytes += varint_size(first ? g.first : g.first - prev - 1) + g.inner.size();
+        prev = g.last;
+        first = false;
+      }
+    } else {
+      gap_bytes = gap_sizes(r.bitmap, r.units);
+    }
   }
   PositionEncoding enc = PositionEncoding::kBitmap;
   uint64_t best = bitmap_bytes + raw_values;
@@ -233,6 +280,29 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
       break;
     case PositionEncoding::kGaps: {
       put<uint64_t>(out, gap_bytes);
+      if (gap_blocks) {  // each block's gaps as they were written on its thread; pieces as the blocks encoding's
+        uint64_t written = 0;
+        first = true;
+        for (size_t b = 0; b < blocks.size(); ++b) {
+          if (!blocks[b].changed) continue;
+          GapBlock& g = (*gap_blocks)[b];
+          std::string& last = pieces.back();
+          const size_t before = last.size();
+          put_varint(last, first ? g.first : g.first - prev - 1);
+          written += last.size() - before + g.inner.size();
+          if (g.inner.size() < kMinPiece) {
+            last += g.inner;
+          } else {
+            pieces.push_back(std::move(g.inner));
+            pieces.emplace_back();
+          }
+          prev = g.last;
+          first = false;
+        }
+        if (written != gap_bytes) throw Error(ErrorCode::kInvalidArg, "checkpoint: gap size mismatch");
+        pieces.back().append(reinterpret_cast<const char*>(r.values), raw_values);
+        break;
+      }
       size_t pos_start = out.size();
       prev = 0;
       first = true;
@@ -333,10 +403,19 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
   const bool measured = encoder <= 2;  // the gap sizes measured per block, for every record that may take them
   std::vector<EncodedBlock> blocks(tasks.size());
   outs.assign(records.size(), {});
+  // checkpoint.encoder 4: a record whose gaps must be measured (they could be its smallest encoding) is
+  // assembled in a second region, where every block writes its own gaps (GapBlock), instead of by one thread
+  // scanning the record's whole bitmap.
+  // (3, as before: by the thread that assembles the record.)
+  const bool gaps_per_block = encoder >= 4;
+  std::vector<std::vector<GapBlock>> gap_blocks(records.size());
+  std::vector<char> gaps_pending(records.size(), 0);
+  auto gap_candidate = [&](size_t r) { return records[r].changed <= (records[r].units + 7) / 8; };
   auto assemble_record = [&](size_t r) {
     std::vector<EncodedBlock> mine(std::make_move_iterator(blocks.begin() + first_task[r]),
                                    std::make_move_iterator(blocks.begin() + first_task[r + 1]));
-    assemble(outs[r], records[r], mine, records[r].changed <= (records[r].units + 7) / 8, measured, checksums);
+    assemble(outs[r], records[r], mine, gap_candidate(r), measured, checksums,
+             gap_blocks[r].empty() ? nullptr : &gap_blocks[r]);
     if (encoder < 2) {  // as before: the record in one string
       std::string whole;
       for (const std::string& piece : outs[r]) whole += piece;
@@ -356,7 +435,38 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       // bytes when no more elements than that changed, so their size is only measured then.
       encode_block(blocks[t], r.units, unit, tasks[t].block, count[t], r.bitmap, r.values + rank[t] * unit,
                    measured && r.changed <= (r.units + 7) / 8, coder);
-      if (left[tasks[t].record].fetch_sub(1, std::memory_order_acq_rel) == 1) assemble_record(tasks[t].record);
+      if (left[tasks[t].record].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+      const size_t rec = tasks[t].record;
+      if (gaps_per_block && gap_candidate(rec)) {
+        // assemble's test: the blocks encoding wins whatever the gaps take (each takes at least a byte)
+        uint64_t blocks_bytes = 8;
+        for (size_t k = first_task[rec]; k < first_task[rec + 1]; ++k) blocks_bytes += blocks[k].bytes.size();
+        if (blocks_bytes >= std::min<uint64_t>((r.units + 7) / 8, r.changed) + r.changed * unit) {
+          gaps_pending[rec] = 1;  // read after the region
+          continue;
+        }
+      }
+      assemble_record(rec);
+    }
+  });
+  // The records whose gaps are measured: each changed block's gaps on its own thread, the record assembled by
+  // the thread that does its last block.
+  std::vector<Task> gap_tasks;
+  for (size_t r = 0; r < records.size(); ++r) {
+    if (!gaps_pending[r]) continue;
+    gap_blocks[r].resize(first_task[r + 1] - first_task[r]);
+    uint64_t n = 0;
+    for (size_t t = first_task[r]; t < first_task[r + 1]; ++t) {
+      if (count[t]) gap_tasks.push_back(tasks[t]), ++n;
+    }
+    left[r].store(n);
+  }
+  if (gap_tasks.empty()) return;
+  parallel_for(static_cast<int64_t>(gap_tasks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const size_t rec = gap_tasks[t].record;
+      gap_block(gap_blocks[rec][gap_tasks[t].block], records[rec].bitmap, records[rec].units, gap_tasks[t].block);
+      if (left[rec].fetch_sub(1, std::memory_order_acq_rel) == 1) assemble_record(rec);
     }
   });
 }

@@ -211,6 +211,9 @@ class RecordEncoder {
     if (error_) std::rethrow_exception(error_);
     return busy_seconds_;
   }
+  // After join: the time the thread waited for the diff's tensors, and what its chunks used.
+  double wait_seconds() const { return wait_seconds_; }
+  Usage usage() const { return account_.total(); }
 
   PartQueue records;
   std::chrono::steady_clock::time_point finished_at;  // when the last record was encoded (valid after join)
@@ -221,6 +224,9 @@ class RecordEncoder {
 
  private:
   void run() {
+    name_this_thread("lt-encode");
+    const auto started = std::chrono::steady_clock::now();
+    UsageScope scope(&account_);
     try {
       size_t next = 0;
       while (true) {
@@ -240,6 +246,7 @@ class RecordEncoder {
         next = done;
       }
       finished_at = std::chrono::steady_clock::now();
+      wait_seconds_ = std::chrono::duration<double>(finished_at - started).count() - busy_seconds_;
       records.close();
     } catch (...) {
       error_ = std::current_exception();
@@ -284,7 +291,8 @@ class RecordEncoder {
   const uint8_t* values_ = nullptr;
   bool input_over_ = false, aborted_ = false;
   std::exception_ptr error_;
-  double busy_seconds_ = 0;
+  double busy_seconds_ = 0, wait_seconds_ = 0;
+  UsageAccount account_;
   std::thread thread_;  // last: starts once everything above is initialized
 };
 
@@ -334,7 +342,10 @@ class EarlyWriter {
 
   void start(RecordEncoder& encoder) {
     encoder_ = &encoder;
-    thread_ = std::thread([this, &encoder] { run(encoder); });
+    thread_ = std::thread([this, &encoder] {
+      name_this_thread("lt-write");
+      run(encoder);
+    });
   }
   // The diff is over with `count` records: waits for the encoder, then for the file (durable on return
   // when wrote()). Rethrows the encoding's error, else the writer's.
@@ -1126,6 +1137,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
   using clock = std::chrono::steady_clock;
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   auto t0 = clock::now();
+  // Once the encoder is joined: what it used (SaveUsage; the process's is the caller's to take).
+  auto account = [&](const RecordEncoder& e) {
+    w.usage.encode_wait_seconds = e.wait_seconds();
+    w.usage.encode = e.usage();
+  };
   std::vector<RecordParts> kinds(n);
   for (size_t i = 0; i < n; ++i) {
     const TensorEntry& t = commit_.tensors[live[i].tensor];
@@ -1196,6 +1212,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       throw;
     }
     w.encode_seconds = early->encode_seconds;
+    account(*encoder);
     if (early->wrote()) {
       if (!w.head_moved) move_head(w);
       w.hash = early->hash;
@@ -1217,8 +1234,11 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
     return true;
   }
   if (w.changed == 0 && !write_if_unchanged) {
-    if (encoder) w.encode_seconds = encoder->join();  // it had nothing to encode
-    return false;                                     // nothing changed: the head copy was not touched either
+    if (encoder) {
+      w.encode_seconds = encoder->join();  // it had nothing to encode
+      account(*encoder);
+    }
+    return false;  // nothing changed: the head copy was not touched either
   }
   if (!encoder) {
     encoder.emplace(std::move(kinds), w.out, progress);
@@ -1259,6 +1279,7 @@ bool Store::write_delta(const std::vector<Checked>& live, const std::string& pat
       }
       w.encode_seconds = encoder->join();  // rethrows an encoding error (the records stopped early)
       t0 = encoder->finished_at;
+      account(*encoder);
       if (!w.head_moved) move_head(w);
       w.hash = hash.digest();
       fw.write(&w.hash, 8);
@@ -1307,13 +1328,16 @@ SaveResult Store::save(const std::vector<LiveTensor>& live, const SaveOptions& o
   part.file = delta_file_name(g);
   const std::string delta_path = fs::join(dir_, part.file);
   Written w;
+  const Usage before = usage_now(true);
   const bool written = write_delta(
       checked, delta_path, [&](uint32_t count) { return delta_file_header(g, parent, count); },
       options.save_if_unchanged, options.progress, w);
+  w.usage.process = usage_now(true) - before;
   res.elements = w.elements;
   res.model_bytes = w.model_bytes;
   res.changed = w.changed;
   res.diff_seconds = w.diff_seconds;
+  res.usage = w.usage;
   if (!written) {
     res.generation = commit_.head;
     return res;
@@ -1383,9 +1407,11 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   part.file = part_file_name(d.generation, rank_, ranks_);
   const std::string path = fs::join(dir_, part.file);
   Written w;
+  const Usage before = usage_now(true);
   write_delta(
       checked, path, [&](uint32_t count) { return part_file_header(d.generation, d.parent, count, rank_, ranks_); },
       true, options.progress, w);
+  w.usage.process = usage_now(true) - before;
   auto t0 = std::chrono::steady_clock::now();
   if (!options.optimizer_state.empty()) {
     part.optimizer_state = optimizer_file_name(part.file);
@@ -1408,6 +1434,7 @@ PartDescriptor Store::save_part(const std::vector<LiveTensor>& live, const SaveO
   d.encode_seconds = w.encode_seconds;
   d.write_seconds = w.write_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   d.sync_seconds = w.sync_seconds;
+  d.usage = w.usage;
   pending_ = Pending{d, std::move(w)};
   return d;
 }
@@ -1551,6 +1578,9 @@ SaveResult Store::commit_parts(const std::vector<PartDescriptor>& parts, uint64_
     res.encode_seconds = std::max(res.encode_seconds, p->encode_seconds);
     res.write_seconds = std::max(res.write_seconds, p->write_seconds);
     res.sync_seconds = std::max(res.sync_seconds, p->sync_seconds);
+    res.usage.encode_wait_seconds = std::max(res.usage.encode_wait_seconds, p->usage.encode_wait_seconds);
+    res.usage.encode += p->usage.encode;
+    res.usage.process += p->usage.process;
   }
   if (res.changed == 0 && !save_if_unchanged) {
     // Nothing to commit: the parts are garbage (each rank's refresh puts its head copy back, a no-op).

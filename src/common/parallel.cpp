@@ -1,11 +1,14 @@
 // The worker pool behind parallel_for: threads start on first use and live until exit.
 #include "livetrain/parallel.hpp"
 
+#include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
 #include <charconv>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -83,6 +86,7 @@ class Pool {
   }
 
   void loop() {
+    name_this_thread("lt-pool");
     std::shared_ptr<Job> last;
     while (true) {
       std::shared_ptr<Job> job;
@@ -204,15 +208,84 @@ int num_threads() {
   return n;
 }
 
+void name_this_thread(const char* name) {
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), name);
+#else
+  (void)name;
+#endif
+}
+
+Usage& Usage::operator+=(const Usage& o) {
+  wall_seconds += o.wall_seconds;
+  user_seconds += o.user_seconds;
+  system_seconds += o.system_seconds;
+  minor_faults += o.minor_faults;
+  major_faults += o.major_faults;
+  voluntary_switches += o.voluntary_switches;
+  involuntary_switches += o.involuntary_switches;
+  return *this;
+}
+
+Usage Usage::operator-(const Usage& o) const {
+  Usage d;
+  d.wall_seconds = wall_seconds - o.wall_seconds;
+  d.user_seconds = user_seconds - o.user_seconds;
+  d.system_seconds = system_seconds - o.system_seconds;
+  d.minor_faults = minor_faults - o.minor_faults;
+  d.major_faults = major_faults - o.major_faults;
+  d.voluntary_switches = voluntary_switches - o.voluntary_switches;
+  d.involuntary_switches = involuntary_switches - o.involuntary_switches;
+  return d;
+}
+
+Usage usage_now(bool process) {
+  Usage u;
+  u.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  struct rusage r {};
+#ifdef RUSAGE_THREAD
+  const int who = process ? RUSAGE_SELF : RUSAGE_THREAD;
+#else
+  const int who = RUSAGE_SELF;
+#endif
+  if (::getrusage(who, &r) != 0) return u;
+  u.user_seconds = static_cast<double>(r.ru_utime.tv_sec) + static_cast<double>(r.ru_utime.tv_usec) * 1e-6;
+  u.system_seconds = static_cast<double>(r.ru_stime.tv_sec) + static_cast<double>(r.ru_stime.tv_usec) * 1e-6;
+  u.minor_faults = static_cast<uint64_t>(r.ru_minflt);
+  u.major_faults = static_cast<uint64_t>(r.ru_majflt);
+  u.voluntary_switches = static_cast<uint64_t>(r.ru_nvcsw);
+  u.involuntary_switches = static_cast<uint64_t>(r.ru_nivcsw);
+  return u;
+}
+
 // Set while this thread runs a chunk: a nested parallel_for then runs serially instead of deadlocking.
 thread_local bool t_in_parallel = false;
+// The account of this thread's parallel_for calls (UsageScope), or none.
+thread_local UsageAccount* t_account = nullptr;
+
+UsageScope::UsageScope(UsageAccount* account) : outer_(t_account) { t_account = account; }
+UsageScope::~UsageScope() { t_account = outer_; }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, static_cast<int64_t>(num_threads()) * 4);
+  // Two getrusage calls per chunk (a microsecond or so) where an account asks for them; chunks are at most
+  // 4 per thread and region.
+  UsageAccount* const account = t_in_parallel ? nullptr : t_account;
+  auto counted = [account](const std::function<void()>& run) {
+    if (!account) return run();
+    const Usage before = usage_now();
+    try {
+      run();
+    } catch (...) {
+      account->add(usage_now() - before);
+      throw;
+    }
+    account->add(usage_now() - before);
+  };
   if (chunks <= 1 || t_in_parallel) {
-    fn(0, n);
+    counted([&] { fn(0, n); });
     return;
   }
   int64_t per = (n + chunks - 1) / chunks;
@@ -221,7 +294,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     bool outer = t_in_parallel;
     t_in_parallel = true;
     try {
-      if (b < e) fn(b, e);
+      if (b < e) counted([&] { fn(b, e); });
     } catch (...) {
       t_in_parallel = outer;
       throw;

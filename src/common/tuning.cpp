@@ -135,11 +135,13 @@ const std::array<Spec, kNumKnobs>& specs() {
        "1: a thread writes the delta from the first encoded record on (the header's record count last) instead of "
        "once the diff is over"},
       {"checkpoint.encoder",
-       3,
-       {0, 1, 2, 3},
+       4,
+       {0, 1, 2, 3, 4},
        0,
        0,
-       "3: as 2, the gap encoding's size measured only for a record it could win (a gap takes a byte or more); 2: "
+       "4: as 3, a record's gaps (where measured) measured and written block by block on the pool's threads; 3: as "
+       "2, the gap encoding's size measured only for a record it could win (a gap takes a byte or more), and its "
+       "gaps written, by the one thread that assembles the record; 2: "
        "byte planes histogrammed 8 bytes per load and coded 4 symbols per branch-free flush, a record's blocks "
        "handed to the writer as they are, its checksum the writer's, the gap sizes measured per block for every "
        "record with at most 1/8 of its elements changed; 1: that coder, each record copied into one string and "

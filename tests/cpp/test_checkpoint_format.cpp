@@ -506,10 +506,10 @@ TEST(CheckpointDelta, BitmapCountsAreThoseOfAByteAtATime) {
 
 // checkpoint.encoder=3 measures the gap encoding's size only where it could beat the blocks encoding (a gap
 // takes at least one byte); 2 measures it per block for every record with at most 1/8 of its elements
-// changed. Over records of every element size, odd lengths, densities from one change to all changed, and
-// values from XORs of low mantissa bits to random bytes, both choose the same encoding and write the same
-// bytes; among them records of each encoding, and blocks records no smaller than changed + the raw values
-// (where 3 measures the gaps and the blocks still win).
+// changed; 4 (the default) measures and writes them as 3 does, block by block on the pool's threads. Over records of
+// every element size, odd lengths, densities from one change to all changed, and values from XORs of low mantissa bits
+// to random bytes, both choose the same encoding and write the same bytes; among them records of each encoding, and
+// blocks records no smaller than changed + the raw values (where 3 measures the gaps and the blocks still win).
 TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
   struct Reset {
     ~Reset() { livetrain::tuning::reset(); }
@@ -539,9 +539,9 @@ TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
             }
           }
           const checkpoint::RecordParts rec{"t", dtype, units, changed, bitmap.data(), values.data(), {}};
-          std::string out[2];
-          for (int k = 0; k < 2; ++k) {
-            livetrain::tuning::set("checkpoint.encoder", k == 0 ? 2 : 3);
+          std::string out[3];
+          for (int k = 0; k < 3; ++k) {
+            livetrain::tuning::set("checkpoint.encoder", 2 + k);
             std::vector<std::vector<std::string>> outs;
             checkpoint::encode_records({rec}, outs);
             for (const std::string& p : outs[0]) out[k] += p;
@@ -549,6 +549,8 @@ TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
           livetrain::tuning::reset();
           ASSERT_EQ(out[0], out[1]) << "unit " << unit << ", units " << units << ", density " << density << "e-6, kind "
                                     << kind;
+          ASSERT_EQ(out[2], out[1]) << "encoder 4: unit " << unit << ", units " << units << ", density " << density
+                                    << "e-6, kind " << kind;
           if (changed == 0) {  // no record
             EXPECT_TRUE(out[1].empty());
             continue;
@@ -574,4 +576,59 @@ TEST(CheckpointDelta, GapSizesMeasuredOnlyWhereTheyCouldWinChooseTheSame) {
   EXPECT_GT(chosen[1], 0) << "bitmap";
   EXPECT_GT(chosen[2], 0) << "blocks";
   EXPECT_GT(blocks_past_bound, 0) << "no blocks record where the gaps had to be measured";
+}
+
+// checkpoint.encoder=4 writes a record's gaps block by block on the pool's threads and assembles the record from
+// them: the bytes of 3 (one thread over the whole bitmap), with or without checksums, for a record of many blocks
+// whose changes lie in a few (a real step's sparse embedding): blocks without a change between, a block with more
+// than a piece's worth of gaps (handed on as a piece of its own), a short last block whose last element changed.
+TEST(CheckpointDelta, GapsWrittenPerBlockAreTheBytesOfOneThread) {
+  struct Reset {
+    ~Reset() { livetrain::tuning::reset(); }
+  } reset;
+  const uint64_t units = 9 * checkpoint::kBlockUnits + 12345;
+  std::vector<uint8_t> bitmap((units + 7) / 8, 0), values;
+  std::mt19937_64 rng(29);
+  uint64_t changed = 0;
+  auto mark = [&](uint64_t i) {
+    if (bitmap[i / 8] & (1u << (i % 8))) return;
+    bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+    ++changed;
+  };
+  for (int i = 0; i < 3; ++i) mark(checkpoint::kBlockUnits + rng() % checkpoint::kBlockUnits);
+  for (int i = 0; i < 20000; ++i) mark(2 * checkpoint::kBlockUnits + rng() % checkpoint::kBlockUnits);
+  mark(5 * checkpoint::kBlockUnits + 17);
+  for (int i = 0; i < 6; ++i) mark(9 * checkpoint::kBlockUnits + rng() % 12345);
+  mark(units - 1);
+  for (uint64_t i = 0; i < changed; ++i) {
+    values.push_back(static_cast<uint8_t>((2u << (rng() % 3)) - 1));
+    values.push_back(0);
+  }
+  const checkpoint::RecordParts rec{
+      "model.embed_tokens.weight", DType::kBF16, units, changed, bitmap.data(), values.data(), {}};
+  for (bool checksums : {true, false}) {
+    std::string out[2];
+    size_t pieces[2] = {0, 0};
+    for (int k = 0; k < 2; ++k) {
+      livetrain::tuning::set("checkpoint.encoder", 3 + k);
+      std::vector<std::vector<std::string>> outs;
+      checkpoint::encode_records({rec}, outs, checksums);
+      pieces[k] = outs[0].size();
+      for (const std::string& p : outs[0]) {
+        EXPECT_FALSE(p.empty()) << "an empty piece marks a record's end for the writer";
+        out[k] += p;
+      }
+    }
+    ASSERT_EQ(out[1], out[0]) << "checksums " << checksums;
+    EXPECT_GT(pieces[1], 1u) << "the dense block's gaps are a piece of their own";
+    if (!checksums) continue;
+    int records = 0;
+    const std::string file = make_file(out[1], 1);
+    checkpoint::delta_parse(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t.delta",
+                            [&](const checkpoint::DeltaRecord& r) {
+                              ++records;
+                              EXPECT_EQ(r.encoding, checkpoint::PositionEncoding::kGaps);
+                            });
+    EXPECT_EQ(records, 1);
+  }
 }

@@ -530,7 +530,8 @@ TEST(CheckpointStore, FileTooLargeDuringSaveKeepsThePreviousGeneration) {
 // dense changes of a 12 MiB embedding); checkpoint.early_writer writes the delta on its own thread from the
 // first encoded record on, the header (its record count) last, hashing behind the header of a guessed count
 // (every tensor: right after a dense step, wrong after one tensor changed); checkpoint.encoder >= 2 leaves the
-// records' checksums to the writer (3 also measures the gap sizes only where they could win). Every
+// records' checksums to the writer (3 also measures the gap sizes only where they could win, 4 writes them per
+// block on the pool's threads). Every
 // combination writes the files of the encoder before with the writer after the diff and no early writeback
 // (encoder 0, early_writer 0, writeback_mib 0), for dense, sparse and no changes (no file then, nor a
 // temporary one left; with save_if_unchanged a file of no record), and they verify.
@@ -545,8 +546,8 @@ TEST(CheckpointStore, EveryEncoderAndWriterWritesTheSameBytes) {
   struct Setting {
     int encoder, early, writeback_mib;
   };
-  const Setting settings[] = {{0, 0, 0}, {3, 0, 16}, {2, 0, 16}, {3, 0, 1},
-                              {3, 1, 1}, {2, 1, 1},  {0, 1, 0},  {1, 1, 16}};
+  const Setting settings[] = {{0, 0, 0}, {3, 0, 16}, {2, 0, 16}, {3, 0, 1},  {3, 1, 1},
+                              {2, 1, 1}, {0, 1, 0},  {1, 1, 16}, {4, 0, 16}, {4, 1, 1}};
   std::vector<checkpoint::Store> stores;
   for (size_t k = 0; k < std::size(settings); ++k) {
     stores.push_back(checkpoint::Store::create(model, tmp.file("store-" + std::to_string(k))));

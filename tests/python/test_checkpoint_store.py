@@ -47,6 +47,49 @@ def test_save_list_restore_verify(sharded_model, tmp_path):
         assert store.compare(2, g2)["elements"] == 0
 
 
+USAGE_KEYS = {
+    "wall_seconds",
+    "user_seconds",
+    "system_seconds",
+    "minor_faults",
+    "major_faults",
+    "voluntary_switches",
+    "involuntary_switches",
+}
+
+
+@pytest.mark.parametrize("early_writer", [1, 0])
+def test_save_reports_what_its_threads_used(tmp_path, early_writer):
+    """A save's "usage": the encoder's chunks (thread time against the CPU time they got) and the process over
+    the save, on both writers' paths; a save after no change encoded nothing. 24 MiB of bf16, so that the
+    encode takes CPU time getrusage can see (tens of milliseconds)."""
+    torch.manual_seed(0)
+    live = {
+        f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(1024, 4096) * 0.02).to(torch.bfloat16) for i in range(3)
+    }
+    d = tmp_path / "model"
+    d.mkdir()
+    lst.save_model(d, live)
+    _core.tuning_set("checkpoint.early_writer", early_writer)
+    try:
+        with CheckpointStore.create(d) as store:
+            perturb(live, 0.3, 3)
+            r = store.save(live)
+            u = r["usage"]
+            enc, proc = u["encode"], u["process"]
+            assert set(enc) == USAGE_KEYS and set(proc) == USAGE_KEYS
+            assert enc["wall_seconds"] > 0 and enc["user_seconds"] + enc["system_seconds"] > 0
+            assert proc["wall_seconds"] >= r["encode_seconds"] > 0
+            # every thread of the process, the encoder's among them (getrusage's times are rescaled: a margin)
+            cpu = proc["user_seconds"] + proc["system_seconds"]
+            assert cpu >= enc["user_seconds"] + enc["system_seconds"] - 0.05
+            assert u["encode_wait_seconds"] >= -1e-6
+            again = store.save(live)
+            assert again["written"] is False and again["usage"]["encode"]["wall_seconds"] == 0
+    finally:
+        _core.tuning_reset()
+
+
 def test_check_restore_reads_what_restore_would_and_writes_nothing(sharded_model, tmp_path):
     """check_restore passes where restore would succeed and raises what it would (a delta on the way flipped
     inside, an optimizer state replaced) with the live weights untouched, from the head copy and from the

@@ -447,6 +447,11 @@ def test_checkpoint_and_rollback(server, model_dir):
     code, c1 = server.http("/checkpoint", raw=b"")  # an empty body is {}
     assert code == 200 and c1["written"] and c1["generation"] == 1, c1
     assert c1["weight_version"] == st["weight_version"] and c1["bytes"] > 0 and c1["changed"] > 0 and c1["seconds"] >= 0
+    assert (
+        c1["encode_seconds"] > 0
+        and c1["usage"]["encode"]["wall_seconds"] > 0
+        and c1["usage"]["process"]["wall_seconds"] > 0
+    )
     w1 = server.live_weights()
     code, again = server.http("/checkpoint", {})
     assert code == 200 and not again["written"] and again["generation"] == 1 and again["changed"] == 0

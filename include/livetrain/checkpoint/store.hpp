@@ -58,6 +58,7 @@
 #include "livetrain/checkpoint/region.hpp"
 #include "livetrain/dtype.hpp"
 #include "livetrain/fs.hpp"
+#include "livetrain/parallel.hpp"
 
 namespace livetrain::checkpoint {
 
@@ -101,6 +102,20 @@ struct OpenOptions {
   Progress progress;
 };
 
+// What a save's threads used (getrusage), to tell where its time went: the encoder's chunks on every thread
+// of parallel_for's pool, and the whole process over the save (the diff's, encoder's and writer's threads,
+// and whatever else the process ran meanwhile).
+struct SaveUsage {
+  // The encoder's thread waiting for the diff's next tensors (checkpoint.pipeline), between its start and
+  // its last record: encode_seconds is the rest.
+  double encode_wait_seconds = 0;
+  // The encoder's chunks: wall_seconds summed over the threads that ran them, against the CPU time they got
+  // (user + system; less means descheduled or blocked), their page faults and involuntary switches.
+  Usage encode;
+  // RUSAGE_SELF over the save's diff, encode and write (wall_seconds: that span's wall time).
+  Usage process;
+};
+
 struct SaveOptions {
   uint64_t weight_version = 0;     // save(); for parts, commit_parts takes it
   std::string optimizer_state;     // a file to copy into the store with this generation (or part), or empty
@@ -120,6 +135,7 @@ struct PartDescriptor {
   uint64_t model_bytes = 0;  // their bytes
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0;
   double sync_seconds = 0;  // of write_seconds: the delta file's fsync, rename and directory fsync
+  SaveUsage usage;          // this rank's process
   // The dtypes this rank served its part's tensors in, where they differ from the model files' (its records
   // are in them); commit_parts records them in COMMIT.
   std::vector<std::pair<std::string, DType>> served;
@@ -138,6 +154,7 @@ struct SaveResult {
   // sync_seconds, part of the last: the wait for the delta file to be durable (its fsync, rename and
   // directory fsync), what checkpoint.writeback_mib shortens.
   double diff_seconds = 0, encode_seconds = 0, write_seconds = 0, sync_seconds = 0;
+  SaveUsage usage;  // commit_parts: summed over the parts (encode_wait_seconds: the longest)
 };
 
 struct LiveDiff {
@@ -295,6 +312,7 @@ class Store {
     bool head_moved = false;
     uint64_t changed = 0, elements = 0, model_bytes = 0, bytes = 0, hash = 0;
     double diff_seconds = 0, encode_seconds = 0, write_seconds = 0, sync_seconds = 0;
+    SaveUsage usage;
   };
   // This rank's part written by save_part and not yet confirmed in COMMIT.
   struct Pending {

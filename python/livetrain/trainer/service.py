@@ -809,6 +809,9 @@ class Trainer:
                 "changed": r["changed"],
                 "seconds": round(time.perf_counter() - t0, 3),
                 "weight_version": head["weight_version"],
+                # Where the save's time went (docs/checkpoint.md, "What a save reports"): its phases, and what the
+                # encoder's threads and the process used.
+                **{k: r.get(k) for k in ("diff_seconds", "encode_seconds", "write_seconds", "usage")},
             },
         )
 
