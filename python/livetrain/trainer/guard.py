@@ -341,16 +341,22 @@ class Reference:
 
 @torch.no_grad()
 def still_greedy(
-    model, rows: list, pad: int, start: list[list[int]], tokens: int = KEPT_TOKENS, max_tokens: int | None = None
+    model,
+    rows: list,
+    pad: int,
+    start: list[list[int]],
+    tokens: int = KEPT_TOKENS,
+    max_tokens: int | None = None,
+    batch: int = 4 * BATCH,
 ) -> list[bool]:
     """Per (ids, mask, weight) retention row, whether the live model, teacher-forced on the row, still makes
     ``start``'s tokens its likeliest at the first ``tokens`` answer positions (``start``: per row, the starting
     model's likeliest token at each answer position, ``Reference.top1``, or the answer itself): one forward over
-    the rows, in batches of at most ``BATCH`` rows and ``max_tokens`` padded tokens (eval mode)."""
+    the rows, in batches of at most ``batch`` rows and ``max_tokens`` padded tokens (eval mode)."""
     lengths = [len(ids) for ids, _, _ in rows]
     out: list[bool] = []
     with _eval(model):
-        for b, e in admission.chunks(lengths, BATCH, max_tokens or max(lengths, default=0) * BATCH):
+        for b, e in admission.chunks(lengths, batch, max_tokens or max(lengths, default=0) * batch):
             chunk = rows[b:e]
             now = answer_logits(model, chunk, pad).argmax(-1).tolist()
             k = 0
