@@ -420,7 +420,7 @@ def test_a_repair_phase_trains_the_damaged_retention_rows_back(run, monkeypatch)
     assert trained and sum(answer_nll(trainer, trained)) < sum(before)
     # The guard judged the weights after the repair.
     assert info["guard"]["passed"] is not None and info["guard"]["kl"] is not None
-    assert trainer.status()["jobs"][-1]["repair"] == r
+    assert trainer.status()["jobs"][-1]["repair"] == r and trainer.status()["guard"]["repair"] == 0
 
 
 def test_a_repair_phase_finds_nothing_to_repair_when_nothing_changed(run):

@@ -699,6 +699,7 @@ class Trainer:
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
                     "replay_select": self.settings.replay_select,
+                    "repair": self.settings.repair,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
