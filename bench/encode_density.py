@@ -54,11 +54,12 @@ def sparse_embedding(a) -> int:
                 part = live[emb][rows]
                 ck.apollo_like_step({"e": part}, 1.3e-6, seed=10 * k + enc)
                 live[emb][rows] = part
+                was = _core.tuning()["checkpoint.encoder"]["value"]
                 _core.tuning_set("checkpoint.encoder", enc)
                 try:
                     d = ck.livetrain_save(store, live)
                 finally:
-                    _core.tuning_reset()
+                    _core.tuning_set("checkpoint.encoder", was)  # not tuning_reset: LIVETRAIN_TUNING's other knobs stay
                 e = d["usage"]["encode"]
                 threads[enc].append(e["wall_seconds"] / max(d["encode_seconds"], 1e-9))
                 print(

@@ -603,11 +603,12 @@ def save_probes(trainer, examples, model_dir: str) -> list[dict]:
         from livetrain import _core
 
         step()
+        was = _core.tuning()["checkpoint.encoder"]["value"]  # the run's own setting (LIVETRAIN_TUNING included)
         _core.tuning_set("checkpoint.encoder", 3)
         try:
             return checkpoint_save(trainer, "probe: after a step, a record's gaps by one thread (checkpoint.encoder=3)")
         finally:
-            _core.tuning_reset()
+            _core.tuning_set("checkpoint.encoder", was)
 
     probes = [lambda: profiled(step, "probe: after a second step"), encoder_before]
     probes += [stopped_engine] if pid else []
@@ -1384,7 +1385,8 @@ def main() -> int:
         "--save-probe",
         action="store_true",
         help="with --checkpoint: after the first step's save, saves that each change one thing (another step, the "
-        "engine process stopped, the checkpoint sweep's synthetic step, the model files out of the page cache), "
+        "encoder of before (checkpoint.encoder=3), the engine process stopped, the checkpoint sweep's synthetic step, "
+        "the model files out of the page cache), "
         "each with where its time went (bench/save_usage.py); their steps are not timed",
     )
     ap.add_argument("--dir", default=None, help="work directory (model files with --checkpoint; default: a temp dir)")

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -187,6 +188,40 @@ checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
   if (!part.optimizer_state.empty()) {
     part.optimizer_bytes = u64("optimizer_bytes");
     part.optimizer_hash = hash("optimizer_hash");
+  }
+  // The timings and usage (informational: commit_parts sums them into the generation's answer); optional, so
+  // that a descriptor from an older build still commits.
+  auto number = [&](const nb::dict& from, const char* key, const std::string& where, auto& out) {
+    if (!from.contains(key)) return;
+    try {
+      out = nb::cast<std::remove_reference_t<decltype(out)>>(from[key]);
+    } catch (const nb::cast_error&) {
+      throw Error(ErrorCode::kInvalidArg, where + "." + key + ": expected a number");
+    }
+  };
+  number(d, "diff_seconds", what, p.diff_seconds);
+  number(d, "encode_seconds", what, p.encode_seconds);
+  number(d, "write_seconds", what, p.write_seconds);
+  number(d, "sync_seconds", what, p.sync_seconds);
+  if (d.contains("usage")) {
+    if (!nb::isinstance<nb::dict>(d["usage"])) throw Error(ErrorCode::kInvalidArg, what + ".usage: expected a dict");
+    nb::dict u = nb::borrow<nb::dict>(d["usage"]);
+    number(u, "encode_wait_seconds", what + ".usage", p.usage.encode_wait_seconds);
+    for (auto [key, into] :
+         {std::pair<const char*, Usage*>{"encode", &p.usage.encode}, {"process", &p.usage.process}}) {
+      if (!u.contains(key)) continue;
+      if (!nb::isinstance<nb::dict>(u[key]))
+        throw Error(ErrorCode::kInvalidArg, what + ".usage." + key + ": expected a dict");
+      nb::dict x = nb::borrow<nb::dict>(u[key]);
+      const std::string where = what + ".usage." + key;
+      number(x, "wall_seconds", where, into->wall_seconds);
+      number(x, "user_seconds", where, into->user_seconds);
+      number(x, "system_seconds", where, into->system_seconds);
+      number(x, "minor_faults", where, into->minor_faults);
+      number(x, "major_faults", where, into->major_faults);
+      number(x, "voluntary_switches", where, into->voluntary_switches);
+      number(x, "involuntary_switches", where, into->involuntary_switches);
+    }
   }
   if (d.contains("served")) {  // absent in a descriptor of a rank that serves every tensor in the files' dtype
     try {

@@ -126,8 +126,8 @@ using StreamCoder = void (*)(const uint8_t*, size_t, std::string&, size_t);
 // Encodes block b (`k` changed elements, values starting at `values`) with `coder` (entropy::encode or
 // its reference: the same bytes); with `gaps`, also measures what the gap encoding of its positions would
 // take (checkpoint.encoder <= 2: for every record with at most 1/8 of its elements changed; it cost more
-// than the block's coding, bench/encode_kinds.cpp; setting 3 measures them in `assemble`, only when they
-// could win).
+// than the block's coding, bench/encode_kinds.cpp; settings 3 and 4 measure them only when they could win: 3 in
+// `assemble` over the record's whole bitmap, 4 block by block in `gap_block` on the pool's threads).
 void encode_block(EncodedBlock& out, uint64_t units, uint32_t unit, uint64_t b, uint64_t k, const uint8_t* bitmap,
                   const uint8_t* values, bool gaps, StreamCoder coder) {
   const uint64_t begin = b * kBlockUnits, len = block_len(units, kBlockUnits, b);
@@ -215,6 +215,13 @@ void gap_block(GapBlock& out, const uint8_t* bitmap, uint64_t units, uint64_t b)
   out.last = prev;
 }
 
+// The blocks encoding of a record wins whatever its gaps would take: a gap takes at least a byte, so blocks
+// (`blocks_bytes` in all) smaller than `changed` + the raw values and than the bitmap encoding beat the gaps.
+// assemble's test, and encode_records' (encoder 4) before it measures a record's gaps block by block.
+bool blocks_win_anyway(uint64_t blocks_bytes, const RecordParts& r, uint32_t unit) {
+  return blocks_bytes < std::min<uint64_t>((r.units + 7) / 8, r.changed) + r.changed * unit;
+}
+
 // Record `r` from its encoded blocks, in the smallest of the three encodings, as pieces whose
 // concatenation is the record: the blocks encoding hands on the blocks' own strings (the bulk of a dense
 // delta) instead of copying them into one string. `measured`: the blocks carry their gap sizes (encoder
@@ -240,8 +247,8 @@ void assemble(std::vector<std::string>& pieces, const RecordParts& r, std::vecto
   }
   const uint64_t raw_values = r.changed * unit;
   if (gaps && !measured) {
-    if (blocks_bytes < std::min(bitmap_bytes, r.changed) + raw_values) {
-      gaps = false;  // blocks win anyway
+    if (blocks_win_anyway(blocks_bytes, r, unit)) {
+      gaps = false;
     } else if (gap_blocks) {
       first = true;
       for (size_t b = 0; b < blocks.size(); ++b) {
@@ -422,9 +429,9 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       outs[r].assign(1, std::move(whole));
     }
   };
-  // A record is assembled by the thread that encodes its last block, inside the blocks' parallel region:
-  // no second region, whose end waits for its slowest thread, per batch. Its blocks' strings are visible to
-  // that thread through the count's acquire-release.
+  // A record is assembled by the thread that encodes its last block, inside the blocks' parallel region (no
+  // second region per batch, whose end waits for its slowest thread, but for encoder 4's records whose gaps
+  // must be measured: below). Its blocks' strings are visible to that thread through the count's acquire-release.
   std::vector<std::atomic<uint64_t>> left(records.size());
   for (size_t r = 0; r < records.size(); ++r) left[r].store(first_task[r + 1] - first_task[r]);
   parallel_for(static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -438,10 +445,10 @@ void encode_records(const std::vector<RecordParts>& records, std::vector<std::ve
       if (left[tasks[t].record].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
       const size_t rec = tasks[t].record;
       if (gaps_per_block && gap_candidate(rec)) {
-        // assemble's test: the blocks encoding wins whatever the gaps take (each takes at least a byte)
+        // assemble's test (blocks_win_anyway): where it cannot tell, the record's gaps are measured block by block
         uint64_t blocks_bytes = 8;
         for (size_t k = first_task[rec]; k < first_task[rec + 1]; ++k) blocks_bytes += blocks[k].bytes.size();
-        if (blocks_bytes >= std::min<uint64_t>((r.units + 7) / 8, r.changed) + r.changed * unit) {
+        if (!blocks_win_anyway(blocks_bytes, r, unit)) {
           gaps_pending[rec] = 1;  // read after the region
           continue;
         }

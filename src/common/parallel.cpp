@@ -273,7 +273,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   // Two getrusage calls per chunk (a microsecond or so) where an account asks for them; chunks are at most
   // 4 per thread and region.
   UsageAccount* const account = t_in_parallel ? nullptr : t_account;
-  auto counted = [account](const std::function<void()>& run) {
+  auto counted = [account](auto&& run) {  // a template: no std::function (a heap allocation) per chunk
     if (!account) return run();
     const Usage before = usage_now();
     try {

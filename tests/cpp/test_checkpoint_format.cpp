@@ -438,7 +438,7 @@ TEST(CheckpointDelta, UnitsOverflowIsRefused) {
 // under every checkpoint.encoder setting. With the default the dense record comes as several pieces (its
 // blocks' own strings), before as one; the pieces of every record join into a record that parses.
 TEST(CheckpointDelta, DenseRecordsAreTheBytesOfTheEncoderBefore) {
-  for (int coder : {3, 2, 1, 0}) {
+  for (int coder : {4, 3, 2, 1, 0}) {
     livetrain::tuning::set("checkpoint.encoder", coder);
     std::vector<size_t> pieces;
     const std::string all = encode_dense_records([&](const std::vector<checkpoint::RecordParts>& recs) {

@@ -213,7 +213,13 @@ def test_mismatched_parts_are_refused_with_the_ranks_named(qwen35, tmp_path):
         s0.commit(1, [p0, {k: v for k, v in p1.items() if k != "hash"}])
     with pytest.raises(livetrain.Error, match="next generation is 1"):
         s0.commit(2, [p0, p1])
-    assert s0.commit(1, [p0, p1])["written"]
+    with pytest.raises(livetrain.Error, match=r"parts\[1\]\.usage\.encode: expected a dict"):
+        s0.commit(1, [p0, {**p1, "usage": {**p1["usage"], "encode": 3}}])
+    done = s0.commit(1, [p0, p1])
+    assert done["written"]
+    # The parts' timings and usage reach the generation's answer, summed (they crossed as dicts, as between ranks).
+    assert done["encode_seconds"] >= max(p0["encode_seconds"], p1["encode_seconds"]) > 0
+    assert done["usage"]["process"]["wall_seconds"] >= p1["usage"]["process"]["wall_seconds"] > 0
     assert s1.refresh() == 1
     # Shards of another TP size than the held ones cannot be saved by this rank; any shard can be restored.
     engine1 = layout.merge(config, full, engine="vllm")
