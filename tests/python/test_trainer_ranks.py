@@ -352,6 +352,33 @@ def test_a_save_that_fails_on_a_rank_after_a_job_is_reported_not_raised(tmp_path
         group.stop(10)
 
 
+def test_a_checkpoint_whose_trainer_json_fails_is_a_500_and_the_group_goes_on(tmp_path, engine):
+    """Rank 0 cannot write trainer.json inside /checkpoint's save (a full disk; here a directory in its
+    place): the reply is a 500 naming it, and the next /checkpoint (trainer.json writable again) is a 200
+    (rank 0 raised alone, outside the collective: rank 1 went on into the commit's collectives, and the next
+    /checkpoint hung for --tp-timeout, then broke the group)."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    group, sock = start(tmp_path, model, e.manifests, "--tp-timeout", "30", store=True)
+    try:
+        wait_ready(group, sock)
+        meta = tmp_path / "state" / "trainer.json"
+        meta.unlink(missing_ok=True)
+        meta.mkdir()
+        code, reply = call(sock, "checkpoint", {})
+        assert code == 500 and "trainer.json: Is a directory" in reply["error"]["message"], (code, reply)
+        meta.rmdir()
+        code, reply = call(sock, "checkpoint", {})
+        assert code == 200, (code, reply)
+        assert call(sock, "status")[1]["tensor_parallel"]["state"] == "ok"
+        assert json.loads(meta.read_text())["files"] == [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        assert group.poll() is None
+    finally:
+        group.stop(30)
+
+
 def test_a_rank_killed_inside_a_checkpoint_is_503_naming_it(tmp_path, engine):
     """Rank 1 dies inside /checkpoint's collectives: the reply is 503 naming the rank and its pid, as every
     later /checkpoint's (it was a 500, at times with gloo's raw message), nothing is committed, rank 0

@@ -1711,13 +1711,16 @@ class Trainer:
     def save_rank(self, weight_version: int) -> None:
         """This rank's part of ``save`` (every rank at once under tensor parallelism). trainer.json names
         the files of one save only: under tensor parallelism none while the ranks replace theirs (a save
-        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written."""
+        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written.
+        Rank 0 writes trainer.json inside the collective too: a failure there (a full disk) is raised on
+        every rank, which then go on in step (raised on rank 0 alone, it left the others in the collectives
+        that follow, and the next command hung for --tp-timeout, then broke the group)."""
         if self.ranks is None:
             self._save_files(weight_version)
             return
-        self._name_state(self.state_version, [])
+        self.ranks.together("save (trainer.json)", self._name_state, self.state_version, [])
         self.ranks.together("save", lambda: self.opt.save_state(self.opt_path, names=self.names))
-        self._name_state(weight_version, self._state_files(self.ranks.size))
+        self.ranks.together("save (trainer.json)", self._name_state, weight_version, self._state_files(self.ranks.size))
 
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
@@ -1725,10 +1728,16 @@ class Trainer:
 
     def _name_state(self, weight_version: int, files: list[str]) -> None:
         """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
-        ``weight_version`` (unchanged: not rewritten)."""
+        ``weight_version`` (unchanged: not rewritten). A write that fails leaves both as they were, so that
+        the next save writes trainer.json again."""
         if (weight_version, files) != (self.state_version, self.state_files):
+            before = self.state_version, self.state_files
             self.state_version, self.state_files = weight_version, files
-            self._write_meta()
+            try:
+                self._write_meta()
+            except BaseException:
+                self.state_version, self.state_files = before
+                raise
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
