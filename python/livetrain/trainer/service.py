@@ -863,13 +863,14 @@ class Trainer:
         passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
         ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
         weights and their previous ones) and those that completed (they hold the generation's)."""
-        gen = next(g for g in self.store.list() if g["generation"] == generation)
-        files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
 
         def check():
             self.store.check_restore(generation, self.weights)
 
         def restore():
+            # Inside the collective: a rank whose store lists no such generation fails it on every rank.
+            gen = next(g for g in self.store.list() if g["generation"] == generation)
+            files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
