@@ -926,12 +926,18 @@ class Trainer:
         return {g: m for g, m in marks.items() if g in held}
 
     def _write_mid_job(self) -> None:
+        """generations.json (rank 0). It only informs (/checkpoints keeps the marks in memory): a write that
+        fails (a full disk) is logged, never raised, which would end the training thread in a job's end
+        (run_job's finally: no log line, no save) or make a committed checkpoint a 500."""
         if self.ranks is not None and self.ranks.rank != 0:
             return
         held = {g["generation"] for g in self.generations}
         with self.lock:
             marks = {str(g): m for g, m in self.mid_job.items() if g in held}
-        _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+        try:
+            _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+        except (OSError, _core.Error) as e:
+            print(f"livetrain trainer: writing {self.mid_job_path} failed: {type(e).__name__}: {e}", flush=True)
 
     def _mark_mid_job(self, generation: int, info: dict) -> None:
         """Generation ``generation`` holds the weights of a job in the middle of it (``info``'s steps so far):
