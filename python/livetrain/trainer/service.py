@@ -889,7 +889,7 @@ class Trainer:
             raise
         except Exception as e:
             size = 1 if self.ranks is None else self.ranks.size
-            failed = e.ranks if isinstance(e, RanksFailed) else [0 if self.ranks is None else self.ranks.rank]
+            failed = e.ranks if isinstance(e, RanksFailed) else [0]  # under TP together raises RanksFailed
             done = [r for r in range(size) if r not in failed]
             where = "" if self.ranks is None else f" on rank{'s' if len(failed) > 1 else ''} {_join(failed)}"
             held = (
