@@ -214,6 +214,12 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
     try:
         wait_ready(group, sock)
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
+        files = [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        meta_path = tmp_path / "state" / "trainer.json"
+        deadline = time.monotonic() + 60  # the job is done before its state is saved: wait for the save
+        while json.loads(meta_path.read_text())["files"] != files:
+            assert time.monotonic() < deadline, meta_path.read_text()
+            time.sleep(0.1)
         before = e.snapshot()
         os.kill(group.pids[1], signal.SIGKILL)
         time.sleep(0.5)
@@ -230,11 +236,13 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
         code, reply = call(sock, "submit", JOB)
         assert code == 503 and "rank 1" in reply["error"]["message"]
         assert group.poll() is None  # rank 0 keeps answering
-        # Rank 0 alone saves no state after the failed job: trainer.json named both ranks' files, rank 1's
-        # of an older save than rank 0's (a restart mixed them).
+        # Rank 0 alone saves no state after the failed job (trainer.json named both ranks' files, rank 1's of
+        # an older save than rank 0's: a restart mixed them), and trainer.json still names the first job's
+        # save, both ranks' files, which match the weights (the failed job wrote none): it named none.
         status = saved(sock, lambda err: err is not None)
         assert "no optimizer state saved" in status["optimizer"]["save_error"], status["optimizer"]
-        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
+        meta = json.loads(meta_path.read_text())
+        assert meta["files"] == files and meta["weight_version"] == 1, meta
     finally:
         group.stop(10)
 

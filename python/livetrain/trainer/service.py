@@ -1689,9 +1689,10 @@ class Trainer:
         crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
         shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
         /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
-        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved
-        and trainer.json names no file: rank 0's state alone is no state a restart could take, and beside
-        the other ranks' older files it would be a mix of two saves."""
+        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved:
+        rank 0's state alone is no state a restart could take, and beside the other ranks' older files it
+        would be a mix of two saves. trainer.json stays as it is: it names the last save that every rank
+        completed (consistent), or none when the group broke inside a save (``save_rank`` emptied it first)."""
         try:
             if self.ranks is not None and not self.ranks.failure:
                 try:
@@ -1703,8 +1704,10 @@ class Trainer:
                         raise
                     self.ranks.fail(e)
             if self.ranks is not None:
-                self._name_state(self.state_version, [])
-                raise RankFailure(f"{self.ranks.failure}; no optimizer state saved (trainer.json names none)")
+                raise RankFailure(
+                    f"{self.ranks.failure}; no optimizer state saved (trainer.json names the last save every rank "
+                    "completed, if any)"
+                )
             self._save_files(self.weight_version)
             self._saved(None)
         except Exception as e:
