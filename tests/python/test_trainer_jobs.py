@@ -838,6 +838,27 @@ def test_a_shutdown_in_a_guarded_job_says_it_was_not_judged_and_marks_its_genera
     assert trainer._read_mid_job()[first]["verdict"] == "none: the trainer stopped before the job's verdict"
 
 
+def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_nor_the_job(run, capsys):
+    """STATE_DIR/generations.json cannot be written (a full disk; here a directory in its place): the periodic
+    checkpoints in a guarded job's middle are taken and marked in /checkpoints, and the job ends with its
+    verdict, logged, its optimizer state saved. (The error made each such checkpoint a failed one though its
+    generation was committed, and escaped run_job's finally at the verdict: no log line, no save, the training
+    thread ended.)"""
+    _, trainer = run()
+    trainer.checkpoint_every = 1e-9  # due as soon as the weights changed: before every step after the first
+    os.mkdir(trainer.mid_job_path)
+    info = job(trainer, {"examples": FACTS, "steps": 3, "lr": 1e-6})
+    g = info["guard"]
+    assert info["state"] == "done" and g["passed"] is not None, info
+    verdict = "rolled back" if g["rolled_back"] else "kept" if g["passed"] else None
+    marks = [x["mid_job"] for x in trainer.checkpoints()["generations"] if x["mid_job"]]
+    assert [m["step"] for m in marks] == [1, 2] and all(m["verdict"] == verdict for m in marks), (marks, g)
+    assert trainer.checkpoint_error is None and trainer.status()["optimizer"]["save_error"] is None
+    out = capsys.readouterr().out
+    assert "generations.json failed" in out and f"{info['id']} done after" in out, out
+    assert os.path.isdir(trainer.mid_job_path) and os.path.isfile(trainer.opt_path)
+
+
 @pytest.mark.parametrize(
     "body,param",
     [

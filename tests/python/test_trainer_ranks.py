@@ -214,6 +214,12 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
     try:
         wait_ready(group, sock)
         assert run_job(sock, {**JOB, "steps": 1})["state"] == "done"
+        files = [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        meta_path = tmp_path / "state" / "trainer.json"
+        deadline = time.monotonic() + 60  # the job is done before its state is saved: wait for the save
+        while json.loads(meta_path.read_text())["files"] != files:
+            assert time.monotonic() < deadline, meta_path.read_text()
+            time.sleep(0.1)
         before = e.snapshot()
         os.kill(group.pids[1], signal.SIGKILL)
         time.sleep(0.5)
@@ -230,11 +236,13 @@ def test_a_dead_rank_fails_the_job_and_status_names_it(tmp_path, engine):
         code, reply = call(sock, "submit", JOB)
         assert code == 503 and "rank 1" in reply["error"]["message"]
         assert group.poll() is None  # rank 0 keeps answering
-        # Rank 0 alone saves no state after the failed job: trainer.json named both ranks' files, rank 1's
-        # of an older save than rank 0's (a restart mixed them).
+        # Rank 0 alone saves no state after the failed job (trainer.json named both ranks' files, rank 1's of
+        # an older save than rank 0's: a restart mixed them), and trainer.json still names the first job's
+        # save, both ranks' files, which match the weights (the failed job wrote none): it named none.
         status = saved(sock, lambda err: err is not None)
         assert "no optimizer state saved" in status["optimizer"]["save_error"], status["optimizer"]
-        assert json.loads((tmp_path / "state" / "trainer.json").read_text())["files"] == []
+        meta = json.loads(meta_path.read_text())
+        assert meta["files"] == files and meta["weight_version"] == 1, meta
     finally:
         group.stop(10)
 
@@ -350,6 +358,33 @@ def test_a_save_that_fails_on_a_rank_after_a_job_is_reported_not_raised(tmp_path
         assert meta["weight_version"] == call(sock, "status")[1]["weight_version"] == 2
     finally:
         group.stop(10)
+
+
+def test_a_checkpoint_whose_trainer_json_fails_is_a_500_and_the_group_goes_on(tmp_path, engine):
+    """Rank 0 cannot write trainer.json inside /checkpoint's save (a full disk; here a directory in its
+    place): the reply is a 500 naming it, and the next /checkpoint (trainer.json writable again) is a 200
+    (rank 0 raised alone, outside the collective: rank 1 went on into the commit's collectives, and the next
+    /checkpoint hung for --tp-timeout, then broke the group)."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    group, sock = start(tmp_path, model, e.manifests, "--tp-timeout", "30", store=True)
+    try:
+        wait_ready(group, sock)
+        meta = tmp_path / "state" / "trainer.json"
+        meta.unlink(missing_ok=True)
+        meta.mkdir()
+        code, reply = call(sock, "checkpoint", {})
+        assert code == 500 and "trainer.json: Is a directory" in reply["error"]["message"], (code, reply)
+        meta.rmdir()
+        code, reply = call(sock, "checkpoint", {})
+        assert code == 200, (code, reply)
+        assert call(sock, "status")[1]["tensor_parallel"]["state"] == "ok"
+        assert json.loads(meta.read_text())["files"] == [f"optimizer.rank-{r}-of-2.safetensors" for r in range(2)]
+        assert group.poll() is None
+    finally:
+        group.stop(30)
 
 
 def test_a_rank_killed_inside_a_checkpoint_is_503_naming_it(tmp_path, engine):

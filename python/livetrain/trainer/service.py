@@ -863,13 +863,14 @@ class Trainer:
         passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
         ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
         weights and their previous ones) and those that completed (they hold the generation's)."""
-        gen = next(g for g in self.store.list() if g["generation"] == generation)
-        files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
 
         def check():
             self.store.check_restore(generation, self.weights)
 
         def restore():
+            # Inside the collective: a rank whose store lists no such generation fails it on every rank.
+            gen = next(g for g in self.store.list() if g["generation"] == generation)
+            files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
@@ -888,7 +889,7 @@ class Trainer:
             raise
         except Exception as e:
             size = 1 if self.ranks is None else self.ranks.size
-            failed = e.ranks if isinstance(e, RanksFailed) else [0 if self.ranks is None else self.ranks.rank]
+            failed = e.ranks if isinstance(e, RanksFailed) else [0]  # under TP together raises RanksFailed
             done = [r for r in range(size) if r not in failed]
             where = "" if self.ranks is None else f" on rank{'s' if len(failed) > 1 else ''} {_join(failed)}"
             held = (
@@ -925,12 +926,18 @@ class Trainer:
         return {g: m for g, m in marks.items() if g in held}
 
     def _write_mid_job(self) -> None:
+        """generations.json (rank 0). It only informs (/checkpoints keeps the marks in memory): a write that
+        fails (a full disk) is logged, never raised, which would end the training thread in a job's end
+        (run_job's finally: no log line, no save) or make a committed checkpoint a 500."""
         if self.ranks is not None and self.ranks.rank != 0:
             return
         held = {g["generation"] for g in self.generations}
         with self.lock:
             marks = {str(g): m for g, m in self.mid_job.items() if g in held}
-        _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+        try:
+            _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
+        except (OSError, _core.Error) as e:
+            print(f"livetrain trainer: writing {self.mid_job_path} failed: {type(e).__name__}: {e}", flush=True)
 
     def _mark_mid_job(self, generation: int, info: dict) -> None:
         """Generation ``generation`` holds the weights of a job in the middle of it (``info``'s steps so far):
@@ -1682,9 +1689,10 @@ class Trainer:
         crash-safely by the core (temp file, fsync, rename, fsync of the directory). After every job and at
         shutdown: a failure (a full disk, a rank that died in the middle) is logged and reported in
         /train/status (``optimizer.save_error``), never raised out of the training thread, which would end
-        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved
-        and trainer.json names no file: rank 0's state alone is no state a restart could take, and beside
-        the other ranks' older files it would be a mix of two saves."""
+        the trainer with the job it just finished. Once the tensor-parallel group is broken nothing is saved:
+        rank 0's state alone is no state a restart could take, and beside the other ranks' older files it
+        would be a mix of two saves. trainer.json stays as it is: it names the last save that every rank
+        completed (consistent), or none when the group broke inside a save (``save_rank`` emptied it first)."""
         try:
             if self.ranks is not None and not self.ranks.failure:
                 try:
@@ -1696,8 +1704,10 @@ class Trainer:
                         raise
                     self.ranks.fail(e)
             if self.ranks is not None:
-                self._name_state(self.state_version, [])
-                raise RankFailure(f"{self.ranks.failure}; no optimizer state saved (trainer.json names none)")
+                raise RankFailure(
+                    f"{self.ranks.failure}; no optimizer state saved (trainer.json names the last save every rank "
+                    "completed, if any)"
+                )
             self._save_files(self.weight_version)
             self._saved(None)
         except Exception as e:
@@ -1711,13 +1721,16 @@ class Trainer:
     def save_rank(self, weight_version: int) -> None:
         """This rank's part of ``save`` (every rank at once under tensor parallelism). trainer.json names
         the files of one save only: under tensor parallelism none while the ranks replace theirs (a save
-        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written."""
+        that fails on a rank, or a rank lost in the middle, leaves it so), every rank's once all are written.
+        Rank 0 writes trainer.json inside the collective too: a failure there (a full disk) is raised on
+        every rank, which then go on in step (raised on rank 0 alone, it left the others in the collectives
+        that follow, and the next command hung for --tp-timeout, then broke the group)."""
         if self.ranks is None:
             self._save_files(weight_version)
             return
-        self._name_state(self.state_version, [])
+        self.ranks.together("save (trainer.json)", self._name_state, self.state_version, [])
         self.ranks.together("save", lambda: self.opt.save_state(self.opt_path, names=self.names))
-        self._name_state(weight_version, self._state_files(self.ranks.size))
+        self.ranks.together("save (trainer.json)", self._name_state, weight_version, self._state_files(self.ranks.size))
 
     def _save_files(self, weight_version: int) -> None:
         self.opt.save_state(self.opt_path, names=self.names)
@@ -1725,10 +1738,16 @@ class Trainer:
 
     def _name_state(self, weight_version: int, files: list[str]) -> None:
         """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
-        ``weight_version`` (unchanged: not rewritten)."""
+        ``weight_version`` (unchanged: not rewritten). A write that fails leaves both as they were, so that
+        the next save writes trainer.json again."""
         if (weight_version, files) != (self.state_version, self.state_files):
+            before = self.state_version, self.state_files
             self.state_version, self.state_files = weight_version, files
-            self._write_meta()
+            try:
+                self._write_meta()
+            except BaseException:
+                self.state_version, self.state_files = before
+                raise
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
