@@ -1301,3 +1301,23 @@ def test_padding_waste_of_one_shared_forward():
     assert padding_waste([row(57)] * 8, [row(83)] * 2) == pytest.approx(830 / 622 - 1)
     assert padding_waste([row(50)] * 8, [row(50)] * 2) == 0.0
     assert padding_waste([row(40), row(50)], [row(52)]) < 0.1
+
+
+def test_a_reservation_whose_write_fails_is_written_again_by_the_next():
+    """Trainer.reserve records a weight version durably before it is used: when trainer.json cannot be written
+    the reservation is not counted as made, so that the next one (the same version, retried) writes it."""
+    from types import SimpleNamespace
+
+    writes = []
+
+    def write_meta():
+        writes.append(t.reserved)
+        if len(writes) == 1:
+            raise OSError("No space left on device")
+
+    t = SimpleNamespace(reserved=3, _write_meta=write_meta)
+    with pytest.raises(OSError):
+        Trainer.reserve(t, 4)
+    assert t.reserved == 3
+    Trainer.reserve(t, 4)
+    assert t.reserved == 4 and writes == [4, 4]

@@ -1752,10 +1752,15 @@ class Trainer:
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
         killed at any instant restarts above every version it handed out (issue #13: after a SIGKILL
-        mid-job the version went from 10 back to 8)."""
+        mid-job the version went from 10 back to 8). A write that fails leaves ``reserved`` as it was, so that
+        the next reservation writes it again."""
         if version > self.reserved:
-            self.reserved = version
-            self._write_meta()
+            before, self.reserved = self.reserved, version
+            try:
+                self._write_meta()
+            except BaseException:
+                self.reserved = before
+                raise
 
     def _write_meta(self) -> None:
         if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
