@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,8 +20,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include "livetrain/fs.hpp"
 
 namespace livetrain {
 
@@ -174,7 +173,9 @@ int cgroup_quota_cpus() {
   if (v1_mount.empty()) return fewest;
   // The cpu controller's hierarchy where /proc/self/cgroup's controller list names it, else at the usual
   // name (the same directory, most often, through a symlink: read once).
-  const std::string mount = fs::is_directory(v1_mount) ? v1_mount : std::string("/sys/fs/cgroup/cpu");
+  // (A plain stat, not fs::is_directory: the pool is below the file layer; the fuzz targets link it without.)
+  struct stat st;
+  const std::string mount = ::stat(v1_mount.c_str(), &st) == 0 ? v1_mount : std::string("/sys/fs/cgroup/cpu");
   each_level(v1, [&](const std::string& dir) {
     std::string quota = read_small_file(mount + dir + "/cpu.cfs_quota_us"),
                 period = read_small_file(mount + dir + "/cpu.cfs_period_us");
