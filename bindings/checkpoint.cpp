@@ -101,15 +101,21 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   return d;
 }
 
+// Usage's fields by their names in Python, for both directions (usage_dict, descriptor_from).
+template <typename U, typename F>
+void each_usage_field(U& u, F&& f) {
+  f("wall_seconds", u.wall_seconds);
+  f("user_seconds", u.user_seconds);
+  f("system_seconds", u.system_seconds);
+  f("minor_faults", u.minor_faults);
+  f("major_faults", u.major_faults);
+  f("voluntary_switches", u.voluntary_switches);
+  f("involuntary_switches", u.involuntary_switches);
+}
+
 nb::dict usage_dict(const Usage& u) {
   nb::dict d;
-  d["wall_seconds"] = u.wall_seconds;
-  d["user_seconds"] = u.user_seconds;
-  d["system_seconds"] = u.system_seconds;
-  d["minor_faults"] = u.minor_faults;
-  d["major_faults"] = u.major_faults;
-  d["voluntary_switches"] = u.voluntary_switches;
-  d["involuntary_switches"] = u.involuntary_switches;
+  each_usage_field(u, [&](const char* key, const auto& value) { d[key] = value; });
   return d;
 }
 
@@ -214,13 +220,7 @@ checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
         throw Error(ErrorCode::kInvalidArg, what + ".usage." + key + ": expected a dict");
       nb::dict x = nb::borrow<nb::dict>(u[key]);
       const std::string where = what + ".usage." + key;
-      number(x, "wall_seconds", where, into->wall_seconds);
-      number(x, "user_seconds", where, into->user_seconds);
-      number(x, "system_seconds", where, into->system_seconds);
-      number(x, "minor_faults", where, into->minor_faults);
-      number(x, "major_faults", where, into->major_faults);
-      number(x, "voluntary_switches", where, into->voluntary_switches);
-      number(x, "involuntary_switches", where, into->involuntary_switches);
+      each_usage_field(*into, [&](const char* field, auto& value) { number(x, field, where, value); });
     }
   }
   if (d.contains("served")) {  // absent in a descriptor of a rank that serves every tensor in the files' dtype
