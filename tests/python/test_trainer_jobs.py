@@ -836,6 +836,10 @@ def test_a_shutdown_in_a_guarded_job_says_it_was_not_judged_and_marks_its_genera
     saved[str(first)]["verdict"] = "pending"
     Path(trainer.mid_job_path).write_text(json.dumps(saved))
     assert trainer._read_mid_job()[first]["verdict"] == "none: the trainer stopped before the job's verdict"
+    # The file only informs: one that cannot be read (edited by hand) gives no marks, not a trainer that fails.
+    for text in ("{not json", '{"1": 5}', "[]"):
+        Path(trainer.mid_job_path).write_text(text)
+        assert trainer._read_mid_job() == {}, text
 
 
 def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_nor_the_job(run, capsys):

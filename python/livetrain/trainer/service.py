@@ -917,8 +917,14 @@ class Trainer:
         never given: the trainer stopped (or died) before it."""
         if (self.ranks is not None and self.ranks.rank != 0) or not os.path.exists(self.mid_job_path):
             return {}
-        with open(self.mid_job_path) as f:
-            marks = {int(g): m for g, m in json.load(f).items()}
+        try:  # informational: a file that cannot be read (edited by hand, say) loses its marks, never the start
+            with open(self.mid_job_path) as f:
+                marks = {int(g): m for g, m in json.load(f).items()}
+            if not all(isinstance(m, dict) and "verdict" in m for m in marks.values()):
+                raise ValueError("a mark without a verdict")
+        except (OSError, ValueError, AttributeError) as e:
+            print(f"livetrain trainer: {self.mid_job_path} not read ({type(e).__name__}: {e}): no marks", flush=True)
+            return {}
         held = {g["generation"] for g in self.generations}
         for m in marks.values():
             if m["verdict"] == self.VERDICT_PENDING:
@@ -932,8 +938,9 @@ class Trainer:
         if self.ranks is not None and self.ranks.rank != 0:
             return
         held = {g["generation"] for g in self.generations}
-        with self.lock:
-            marks = {str(g): m for g, m in self.mid_job.items() if g in held}
+        with self.lock:  # the marks of generations the store no longer holds go (in memory too: bounded)
+            self.mid_job = {g: m for g, m in self.mid_job.items() if g in held}
+            marks = {str(g): m for g, m in self.mid_job.items()}
         try:
             _core.write_file_atomic(self.mid_job_path, json.dumps(marks).encode())
         except (OSError, _core.Error) as e:
