@@ -9,13 +9,13 @@ and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
 of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
---train).
+--train × --repair).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep8|sweep11] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
-           [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
+           [--retention all,core] [--until 0.1] [--train all,mlp] [--repair 0,40] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -245,6 +245,7 @@ ROW = {
     "max_steps": 300,
     "train": "all",
     "batch": None,  # the job's batch_size (None: the trainer's --batch-size, 8)
+    "repair": 0,  # the job's repair steps at most (0: no repair phase; trainer.service Trainer._repair)
 }
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
@@ -363,6 +364,20 @@ GRIDS["sweep8"] = [
     {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
     {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
 ]
+# A repair phase after the job (repair29, job option "repair"): once the job has learned its examples, the replayed
+# retention rows whose starting answers it changed (teacher-forced, the first 16 answer tokens) are trained on those
+# answers beside the job's own examples until they are back, at most 40 steps; then the guard's verdict. Whether
+# repairing the retention rows of a form (the "capital of" rows of the replay list) brings the held-out general
+# answers back. The defaults (sweep7's row 1: 367 steps, 22/27 kept, 16/32 reworded), the same with repair, and batch
+# 64 + rewording (sweep7b: 339 steps, 19/27, 26/32) with repair. ~100-110 s a row on the H200.
+_DEFAULTS = {**_REWORD, "name": "defaults", "reword": False}
+# The defaults' row last: the in-process GPU job is deterministic (sweep5-8 repeated it to the digit), so the call's
+# timeout may cut it at the least cost.
+GRIDS["sweep11"] = [
+    {**_DEFAULTS, "name": "defaults repair40", "repair": 40},
+    {**_REWORD, "name": "batch 64 reword repair40", "batch": 64, "repair": 40},
+    _DEFAULTS,
+]
 # sweep9 (learn28 at f94bf15, H200, the lead's run at 22:43; withdrawn since): the anchor's margin term, beta x the
 # mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
 # "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
@@ -404,6 +419,7 @@ def main(argv=None) -> int:
         help="which parameters each job trains: all, layers, mlp",
     )
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
+    p.add_argument("--repair", type=ints, default=[0], help="repair steps of each job at most (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
     p.add_argument("--dtype", default="fp32")
@@ -430,6 +446,7 @@ def main(argv=None) -> int:
                 "retention": z,
                 "until": u,
                 "train": tr,
+                "repair": rp,
             }
             for lr in a.lr
             for w in a.warmup
@@ -441,6 +458,7 @@ def main(argv=None) -> int:
             for z in a.retention
             for u in a.until
             for tr in a.train
+            for rp in a.repair
         ]
         for r in rows:
             r["max_steps"] = a.max_steps
@@ -487,6 +505,8 @@ def main(argv=None) -> int:
         }
         if r.get("batch"):
             job["batch_size"] = r["batch"]
+        if r.get("repair"):
+            job["repair"] = r["repair"]
         if "steps" in r:
             job["steps"] = r["steps"]
         else:
@@ -526,6 +546,7 @@ def main(argv=None) -> int:
             "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
             "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
             "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
+            "repair": info.get("repair"),
         }
         stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
@@ -540,6 +561,14 @@ def main(argv=None) -> int:
             f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",
             flush=True,
         )
+        if info.get("repair"):
+            rp = info["repair"]
+            print(
+                f"#   {r['name']}: repair: {rp['damaged']} of {rp['rows']} replayed rows damaged, {rp['left']} left "
+                f"after {rp['steps']} repair steps ({rp['stopped']}; {rp['checks']} checks, {rp['seconds']} s); "
+                f"examples learned after it: {rp['examples_learned']}",
+                flush=True,
+            )
         if info["error"]:
             row["error"] = info["error"]
             print(f"#   {r['name']}: {info['state']}: {info['error']}", flush=True)

@@ -26,7 +26,7 @@ def shipped_row(sweep) -> dict:
     d = options.LEARNING
     keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
     keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train"}
+    keys |= {"train": "train", "repair": "repair"}
     return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
 
 
@@ -237,3 +237,17 @@ def test_the_lost_answers_are_those_right_before_and_wrong_after():
     before = {"general": [True, True, False]}
     after = {"general": [False, True, False]}
     assert lq.lost_answers(asked, ["x", "Lyon", "Paris", "y"], before, after) == {0: "Lyon"}
+
+
+def test_sweep11_is_the_defaults_and_batch_64_with_rewording_with_a_repair_phase(monkeypatch, tmp_path):
+    sweep = load_sweep()
+    shipped = shipped_row(sweep)
+    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep11"]]
+    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
+    assert differ == [{"repair"}, {"batch", "reword", "repair"}, set()], differ
+    assert [r["repair"] for r in rows] == [40, 40, 0] and rows[1]["batch"] == 64
+    monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
+    monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
+    assert sweep.main(["--grid", "sweep11", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    # The job's body carries the repair cap only where the row has one (the trainer's default, 0, otherwise).
+    assert [b.get("repair") for b in FakeInProcess.bodies] == [40, 40, None]

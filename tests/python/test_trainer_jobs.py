@@ -355,6 +355,83 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
     assert trainer.jobs[jid]["state"] == "done"
 
 
+def answer_nll(trainer: Trainer, rows: list) -> list[float]:
+    """Each (ids, mask, weight) row's mean negative log-likelihood of its answer tokens, teacher-forced."""
+    out = []
+    with torch.no_grad():
+        for ids, mask, _ in rows:
+            lp = torch.log_softmax(trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+            nll = -lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            out.append(float(nll[torch.tensor(mask[1:])].mean()))
+    return out
+
+
+def test_a_repair_phase_trains_the_damaged_retention_rows_back(run, monkeypatch):
+    """After a job's steps, the replayed retention rows whose starting answers it changed (teacher-forced) are
+    trained on those answers beside the job's own examples until they are back or the phase's step cap; then
+    the guard's verdict. The steps' batches hold the damaged rows, their answers' likelihood rises, and the
+    job's entry says what was done."""
+    _, trainer = run(store=False, dtype="fp32")
+    batches, checks = [], []
+    step, still = trainer.step, guard.still_greedy
+
+    def traced(batch, anchor=None):
+        batches.append((list(batch), anchor))
+        return step(batch, anchor)
+
+    def checked(model, rows, *a, **k):
+        ok = still(model, rows, *a, **k)
+        checks.append((rows, ok, answer_nll(trainer, rows) if not checks else None))
+        return ok
+
+    trainer.step = traced
+    monkeypatch.setattr(guard, "still_greedy", checked)
+    body = {
+        "examples": FACTS,
+        "steps": 3,
+        "lr": 2e-3,
+        "replay": 4,
+        "anchor": 1.0,
+        "replay_select": "cycle",
+        "repair": 6,
+    }
+    info = job(trainer, body)
+    r = info["repair"]
+    assert info["state"] == "done" and info["plan"]["repair"] == 6 and info["stop_reason"] == "steps", info
+    rows = trainer.retention.replay()
+    assert r["rows"] == len(rows) == len(checks[0][0]) and r["damaged"] == checks[0][1].count(False) > 0, r
+    assert r["damaged_during"] >= r["damaged"] and r["checks"] == len(checks) >= 2 and r["seconds"] > 0
+    assert 1 <= r["steps"] <= 6 and info["step"] == 3 + r["steps"] and len(batches) == 3 + r["steps"]
+    assert r["stopped"] in ("repaired", "max_steps") and (r["left"] == 0) == (r["stopped"] == "repaired"), r
+    # The job's steps hold its examples alone (the replayed rows are the anchor's); a repair step holds the
+    # job's next batch and up to `replay` damaged rows, trained one-hot on their starting answers, the rest of
+    # the replay's share anchored as before.
+    damaged = [row for row, ok in zip(checks[0][0], checks[0][1]) if not ok]
+    assert all(len(b) == len(FACTS) for b, _ in batches[:3])
+    encoded = {tuple(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": FACTS}, 999, 10)["examples"]}
+    for b, anchor in batches[3:]:
+        assert {tuple(ids) for ids, _, _ in b[: len(FACTS)]} == encoded
+        extra = b[len(FACTS) :]
+        assert 1 <= len(extra) <= 4 and len(extra) + (len(anchor[1]) if anchor else 0) == 4
+        assert all(any(row[0] == ids for ids, _, _ in damaged) for row in extra)
+    # What the repair trained comes back: the likelihood of the rows it trained on their starting answers rose.
+    trained = [row for row in damaged if any(row[0] == x[0] for b, _ in batches[3:] for x in b[len(FACTS) :])]
+    before = [nll for row, ok, nll in zip(checks[0][0], checks[0][1], checks[0][2]) if row in trained]
+    assert trained and sum(answer_nll(trainer, trained)) < sum(before)
+    # The guard judged the weights after the repair.
+    assert info["guard"]["passed"] is not None and info["guard"]["kl"] is not None
+    assert trainer.status()["jobs"][-1]["repair"] == r and trainer.status()["guard"]["repair"] == 0
+
+
+def test_a_repair_phase_finds_nothing_to_repair_when_nothing_changed(run):
+    _, trainer = run(store=False, dtype="fp32")
+    info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12, "repair": 5})
+    r = info["repair"]
+    assert r["damaged"] == r["left"] == r["steps"] == 0 and r["stopped"] == "repaired" and info["step"] == 1, r
+    plain = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12})
+    assert plain["repair"] is None and plain["plan"]["repair"] == 0
+
+
 def test_the_status_names_the_guards_measure_being_made(run, monkeypatch, capfd):
     """A job at step 0 may wait minutes for the guard's measures (a CPU, the 393 retention answers): /train/status
     names the one being made and since when, and the log has a line before and after each."""
@@ -884,6 +961,10 @@ def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_no
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
+        ({"examples": FACTS, "repair": -1}, "repair"),
+        ({"examples": FACTS, "repair": 2.5}, "repair"),
+        ({"examples": FACTS, "repair": 3, "guard": False}, "repair"),
+        ({"examples": FACTS, "repair": 3, "replay": 0}, "repair"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
         # OpenAI allows a null content only for an assistant message with tool calls (it was taken as empty)
@@ -1206,6 +1287,10 @@ def test_plan_resolution():
     assert (p.anchor, p.reword) == (3.0, True)
     assert schedule.plan({}, options.parse(["--restate"]), 10).restate is True
     assert schedule.plan({"restate": False}, options.parse(["--restate"]), 10).restate is False
+    assert p.repair == defaults.repair == 0 and schedule.plan({"repair": 7}, defaults, 10).repair == 7
+    assert schedule.plan({}, options.parse(["--repair", "5"]), 10).repair == 5
+    assert schedule.plan({"guard": False}, options.parse(["--repair", "5"]), 10).repair == 0  # as replay
+    assert schedule.plan({"replay": 0}, options.parse(["--repair", "5"]), 10).repair == 0
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3]
     )

@@ -43,6 +43,7 @@ JOB_OPTIONS = {
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
     "train": (str, lambda v: v in TRAIN, " or ".join(f'"{v}"' for v in TRAIN)),
     "guard": (bool, lambda v: True, "true or false"),
+    "repair": (int, lambda v: 0 <= v <= MAX_STEPS, f"an integer from 0 to {MAX_STEPS}"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.
 JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")

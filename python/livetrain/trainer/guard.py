@@ -297,6 +297,10 @@ class Reference:
         a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows)."""
         return self._kl(model, indices, detach_head).mean()
 
+    def top1(self) -> list[list[int]]:
+        """Per example, the starting model's likeliest token at each answer position (teacher-forced)."""
+        return [ids[:, 0].tolist() for ids in self.ids]
+
     def rows(self, indices: list[int]) -> list:
         """Examples ``indices`` as (ids, mask, weight) rows, to join a forward shared with other rows."""
         return [self.examples[i] for i in indices]
@@ -333,6 +337,39 @@ class Reference:
         if k < 2:
             return m, math.nan
         return m, math.sqrt(k / (k - 1) * sum((s - m * n) ** 2 for s, n in zip(sums, counts))) / total
+
+
+@torch.no_grad()
+def still_greedy(
+    model,
+    rows: list,
+    pad: int,
+    start: list[list[int]],
+    tokens: int = KEPT_TOKENS,
+    max_tokens: int | None = None,
+    batch: int = 4 * BATCH,
+) -> list[bool]:
+    """Per (ids, mask, weight) retention row, whether the live model, teacher-forced on the row, still makes
+    ``start``'s tokens its likeliest at the first ``tokens`` answer positions (``start``: per row, the starting
+    model's likeliest token at each answer position, ``Reference.top1``, or the answer itself): one forward over
+    the rows, in batches of at most ``batch`` rows and ``max_tokens`` padded tokens (eval mode)."""
+    lengths = [len(ids) for ids, _, _ in rows]
+    out: list[bool] = []
+    with _eval(model):
+        for b, e in admission.chunks(lengths, batch, max_tokens or max(lengths, default=0) * batch):
+            chunk = rows[b:e]
+            now = answer_logits(model, chunk, pad).argmax(-1).tolist()
+            k = 0
+            for (_, m, _), want in zip(chunk, start[b:e]):
+                n = sum(m[1:])
+                out.append(now[k : k + n][:tokens] == list(want[:n])[:tokens])
+                k += n
+    return out
+
+
+def answer_tokens(rows: list) -> list[list[int]]:
+    """Per (ids, mask, weight) row, its answer's tokens (those its loss trains)."""
+    return [[t for t, keep in zip(ids[1:], m[1:]) if keep] for ids, m, _ in rows]
 
 
 class _eval:

@@ -44,7 +44,8 @@ class Plan:
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
     the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
     plain text (trainer.augment.restated). ``train``: which parameters the job trains (options.TRAIN). ``guard``: measure retention and roll the job back when it
-    drops too far (docs/learning.md).
+    drops too far (docs/learning.md). ``repair``: after the job's steps, at most this many repair steps on the
+    replayed retention rows whose starting answers the job changed (0: none; trainer.service ``Trainer._repair``).
     """
 
     batch_size: int
@@ -60,6 +61,7 @@ class Plan:
     replay_select: str = "cycle"
     restate: bool = False
     train: str = "all"
+    repair: int = 0
 
     @property
     def budget(self) -> int:
@@ -104,6 +106,14 @@ def plan(options: dict, defaults, examples: int) -> Plan:
     else:
         until = options.get("until_loss")  # a fixed job stops early only when asked to
     guard = options.get("guard", not defaults.no_guard)
+    replay = options.get("replay", defaults.replay if guard else 0)
+    repair = options.get("repair", defaults.repair if guard and replay else 0)
+    if repair and not (guard and replay):
+        raise Invalid(
+            "repair",
+            "repair trains the replayed retention rows in the replay's share of a step: it needs the guard and "
+            "replay >= 1",
+        )
     return Plan(
         batch_size=bs,
         lr=options.get("lr", defaults.lr),
@@ -111,13 +121,14 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         steps=fixed,
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
-        replay=options.get("replay", defaults.replay if guard else 0),
+        replay=replay,
         anchor=float(options.get("anchor", defaults.anchor)),
         reword=options.get("reword", defaults.reword),
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
+        repair=repair,
     )
 
 

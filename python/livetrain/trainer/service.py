@@ -244,7 +244,9 @@ class Trainer:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         if ranks is not None and not s.no_guard:
             # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
-            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False})
+            s = argparse.Namespace(
+                **{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False, "repair": 0}
+            )
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
@@ -568,6 +570,7 @@ class Trainer:
             "restated": len(restated) if plan.restate else None,
             "trains": None,
             "guard": None,
+            "repair": None,
             "error": None,
             "submitted": time.time(),
             "started": None,
@@ -714,6 +717,7 @@ class Trainer:
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
                     "replay_select": self.settings.replay_select,
+                    "repair": self.settings.repair,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
@@ -1235,37 +1239,18 @@ class Trainer:
                     break
                 dt = time.perf_counter() - t0
                 losses.record(idx, per_example[: len(idx)])
-                summary = losses.summary(plan.until_loss)
-                with self.lock:
-                    self._new_version()
-                    self.opt_steps += 1
-                    self.counts["steps"] += 1
-                    self.counts["tokens"] += ntok
-                    info["step"], info["loss"] = s + 1, loss
-                    info["loss_before"], info["loss_after"], info["losses"] = (
-                        summary["before"],
-                        summary["after"],
-                        summary,
-                    )
-                    self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
-                    self.tokens_per_s = ntok / dt if dt > 0 else 0.0
-                print(
-                    f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
-                    f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
-                    + (
-                        f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}"
-                        if plan.until_loss
-                        else ""
-                    )
-                    + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
-                    f"weight version {self.weight_version}",
-                    flush=True,
-                )
+                self._stepped(jid, info, plan, losses, loss, ntok, dt, lr, f"step {s + 1}/{plan.budget}")
                 if losses.learned(plan.until_loss):
                     reason = "until_loss"
                     break
             else:
                 reason = "steps" if plan.steps is not None else "max_steps"
+            if plan.repair and watch is not None and watch["replay"] and reason in ("until_loss", "max_steps", "steps"):
+                try:
+                    reason = self._repair(jid, info, plan, watch, examples, order, losses, replayed) or reason
+                except NonFinite as e:
+                    reason, state = "nonfinite", "failed"
+                    restored = self._nonfinite_stop(info, e, undo, watch)
             if reason == "cancelled":
                 state = "cancelled"
             # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
@@ -1329,6 +1314,125 @@ class Trainer:
                 flush=True,
             )
             self.save()
+
+    def _stepped(self, jid: str, info: dict, plan, losses, loss: float, ntok: int, dt: float, lr: float, what: str):
+        """A job's step taken (its examples' losses recorded in ``losses``): the new weight version, the
+        counts, the job's entry, and the step's progress line in the log (``what``: "step 3/400")."""
+        summary = losses.summary(plan.until_loss)
+        with self.lock:
+            self._new_version()
+            self.opt_steps += 1
+            self.counts["steps"] += 1
+            self.counts["tokens"] += ntok
+            info["step"], info["loss"] = info["step"] + 1, loss
+            info["loss_before"], info["loss_after"], info["losses"] = summary["before"], summary["after"], summary
+            self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
+            self.tokens_per_s = ntok / dt if dt > 0 else 0.0
+        print(
+            f"livetrain trainer: {jid} {what} loss {loss:.4f} (examples: mean "
+            f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
+            + (f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}" if plan.until_loss else "")
+            + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
+            f"weight version {self.weight_version}",
+            flush=True,
+        )
+
+    def _repair(self, jid: str, info: dict, plan, watch: dict, examples: list, order, losses, replayed) -> str | None:
+        """A job's repair phase (``plan.repair`` steps at most), after its own steps: the replayed retention
+        rows whose starting answers the job changed (teacher-forced, the first guard.KEPT_TOKENS answer
+        tokens no longer the starting model's likeliest: ``guard.still_greedy``, one forward over the rows)
+        are trained on those answers (one-hot), up to ``plan.replay`` of them a step in the replayed rows'
+        share of the step (the rest of that share replayed as usual), beside the job's next batch of its own
+        examples so that they stay learned. After each step the damaged rows are checked again; when none
+        is left, every row is (a repair step may change others), and the phase ends when that finds none,
+        or at its step cap. Reported as the job's ``repair``; the guard's verdict comes after it. Returns
+        "cancelled" or "shutdown" when one ended it, else None; ``NonFinite`` from a step."""
+        t0 = time.perf_counter()
+        rows, anchor = watch["replay"], watch["anchor"]
+        start = anchor.top1() if anchor is not None else guard.answer_tokens(rows)
+        everything = list(range(len(rows)))
+
+        def damaged_of(which: list[int]) -> list[int]:
+            ok = guard.still_greedy(
+                self.model,
+                [rows[i] for i in which],
+                self.pad,
+                [start[i] for i in which],
+                max_tokens=self.max_batch_tokens,
+            )
+            return [i for i, good in zip(which, ok) if not good]
+
+        damaged = damaged_of(everything)
+        ever, full = set(damaged), True
+        report = {
+            "max_steps": plan.repair,
+            "steps": 0,
+            "rows": len(rows),
+            "damaged": len(damaged),  # at the phase's start
+            "damaged_during": len(damaged),  # found damaged at any check
+            "left": len(damaged),
+            "checks": 1,
+            "stopped": None,
+            "examples_learned": None,
+            "seconds": None,
+        }
+        with self.lock:
+            info["repair"] = report
+        ended, turn = None, 0
+        while damaged and report["steps"] < plan.repair:
+            self.run_pending()
+            if self.stopping.is_set() or info.get("cancel"):
+                ended = "shutdown" if self.stopping.is_set() else "cancelled"
+                break
+            idx = next(order)
+            take = [damaged[(turn + k) % len(damaged)] for k in range(min(plan.replay, len(damaged)))]
+            turn += len(take)
+            rest = plan.replay - len(take)
+            picked = replayed.pick(rest, [_prompt(examples[i]) for i in idx]) if replayed and rest else []
+            batch = [examples[i] for i in idx] + [rows[j] for j in take]
+            if anchor is None:
+                batch += [rows[j] for j in picked]
+            step_anchor = (anchor, picked, plan.anchor) if anchor is not None and picked else None
+            self.reserve(self.weight_version + 1)
+            t1 = time.perf_counter()
+            if self.ranks is not None:
+                self.ranks.lead("step", batch, plan.lr)
+            loss, ntok, per_example = self.train_step(batch, plan.lr, step_anchor)
+            losses.record(idx, per_example[: len(idx)])
+            report["steps"] += 1
+            self._stepped(
+                jid,
+                info,
+                plan,
+                losses,
+                loss,
+                ntok,
+                time.perf_counter() - t1,
+                plan.lr,
+                f"repair step {report['steps']}/{plan.repair} ({len(take)} of {len(damaged)} damaged rows)",
+            )
+            damaged, full = damaged_of(damaged), False
+            if not damaged:
+                damaged, full = damaged_of(everything), True
+                report["checks"] += 1
+            ever |= set(damaged)
+            report["checks"] += 1
+        if not full and ended is None:  # the cap ended it: how many rows are left, of them all
+            damaged = damaged_of(everything)
+            report["checks"] += 1
+            ever |= set(damaged)
+        with self.lock:
+            report["left"], report["damaged_during"] = len(damaged), len(ever)
+            report["stopped"] = ended or ("repaired" if not damaged else "max_steps")
+            report["examples_learned"] = losses.learned(plan.until_loss) if plan.until_loss else None
+            report["seconds"] = round(time.perf_counter() - t0, 3)
+        print(
+            f"livetrain trainer: {jid} repair: {report['damaged']} of {report['rows']} replayed retention rows damaged "
+            f"after the job, {report['left']} left after {report['steps']} repair steps ({report['stopped']}); "
+            f"{report['seconds']} s",
+            flush=True,
+        )
+        return ended
 
     def trained_parameters(self, train: str) -> list:
         """The parameters a job of ``train`` (options.TRAIN) trains, of those the trainer trains at all
