@@ -13,9 +13,10 @@ of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword �
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep8|sweep11] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep11|sweep13] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
-           [--retention all,core] [--until 0.1] [--train all,mlp] [--repair 0,40] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
+           [--retention all,core] [--until 0.1] [--train all,mlp] [--repair 0,40] [--repair-tokens 4] [--repair-rows 4] [--repair-lr 0.5]
+           [--repair-beta 16] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -246,7 +247,13 @@ ROW = {
     "train": "all",
     "batch": None,  # the job's batch_size (None: the trainer's --batch-size, 8)
     "repair": 0,  # the job's repair steps at most (0: no repair phase; trainer.service Trainer._repair)
+    # The repair phase's settings (trainer.schedule.REPAIR: left out of the job when None, the trainer's then).
+    "repair_tokens": None,
+    "repair_rows": None,
+    "repair_lr": None,
+    "repair_beta": None,
 }
+REPAIR_KEYS = ("repair_tokens", "repair_rows", "repair_lr", "repair_beta")
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
 _REWORD = {
@@ -378,6 +385,22 @@ GRIDS["sweep11"] = [
     {**_REWORD, "name": "batch 64 reword repair40", "batch": 64, "repair": 40},
     _DEFAULTS,
 ]
+# sweep13 (repair31): a gentle repair phase. repair29's (sweep12 on the H200: the defaults + repair40 at 20/27 kept,
+# 14/32 reworded, KL 0.207) called a row damaged when any of its first 16 answer tokens changed (202 of 353 rows) and
+# trained 8 whole answers a step one-hot at the job's lr. Here (trainer.schedule.REPAIR) a row is damaged when one of
+# its first 4 answer tokens changed, 4 rows a step are trained back on those 4 tokens alone by 16 x the anchor's KL
+# from the starting model's distributions there, at half the job's lr, beside the job's own batch; at most 40 steps.
+# Most decisive first (the call's timeout cuts the last row): the defaults with it (known without: 22/27 kept, 16/32
+# reworded, 367 steps, deterministic), batch 64 + rewording with it (known without: 19/27, 26/32, 339 steps), and
+# the defaults with the check on the first answer token alone and one-hot on it (the narrowest variant). The repair
+# line of each row says how many of the 353 replayed rows changed within their first 1/2/4/8/16 answer tokens after
+# the job and at the end. ~110-125 s a row on the H200.
+_GENTLE = {"repair": 40}
+GRIDS["sweep13"] = [
+    {**_DEFAULTS, **_GENTLE, "name": "defaults gentle-repair40"},
+    {**_REWORD, **_GENTLE, "name": "batch 64 reword gentle-repair40", "batch": 64},
+    {**_DEFAULTS, **_GENTLE, "name": "defaults repair40 first-token one-hot", "repair_tokens": 1, "repair_beta": 0.0},
+]
 # sweep9 (learn28 at f94bf15, H200, the lead's run at 22:43; withdrawn since): the anchor's margin term, beta x the
 # mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
 # "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
@@ -420,6 +443,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
     p.add_argument("--repair", type=ints, default=[0], help="repair steps of each job at most (0: none)")
+    p.add_argument("--repair-tokens", type=int, help="a repair's check: the first N answer tokens (trainer default)")
+    p.add_argument("--repair-rows", type=int, help="damaged rows a repair step (trainer default)")
+    p.add_argument("--repair-lr", type=float, help="a repair step's lr, times the job's (trainer default)")
+    p.add_argument("--repair-beta", type=float, help="the repair's KL weight; 0: one-hot (trainer default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
     p.add_argument("--dtype", default="fp32")
@@ -447,6 +474,7 @@ def main(argv=None) -> int:
                 "until": u,
                 "train": tr,
                 "repair": rp,
+                **{k: getattr(a, k) for k in REPAIR_KEYS},
             }
             for lr in a.lr
             for w in a.warmup
@@ -507,6 +535,7 @@ def main(argv=None) -> int:
             job["batch_size"] = r["batch"]
         if r.get("repair"):
             job["repair"] = r["repair"]
+            job.update({k: r[k] for k in REPAIR_KEYS if r.get(k) is not None})
         if "steps" in r:
             job["steps"] = r["steps"]
         else:
@@ -561,12 +590,18 @@ def main(argv=None) -> int:
             f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",
             flush=True,
         )
+        print(f"#   {r['name']}: general lost (indices): {sorted(row['general_lost']) or '-'}", flush=True)
         if info.get("repair"):
             rp = info["repair"]
+            ch = rp["changed"]
             print(
-                f"#   {r['name']}: repair: {rp['damaged']} of {rp['rows']} replayed rows damaged, {rp['left']} left "
-                f"after {rp['steps']} repair steps ({rp['stopped']}; {rp['checks']} checks, {rp['seconds']} s); "
-                f"examples learned after it: {rp['examples_learned']}",
+                f"#   {r['name']}: repair ({rp['by']}, first {rp['tokens']} tokens, {rp['rows_per_step']} rows a step, "
+                f"lr {rp['lr']:.2e}): {rp['damaged']} of {rp['rows']} replayed rows damaged, found "
+                f"{rp['damaged_during']} at any check, {rp['left']} left after {rp['steps']} repair steps "
+                f"({rp['stopped']}; {rp['checks']} checks, {rp['seconds']} s); examples learned after it: "
+                f"{rp['examples_learned']}; rows changed within 1/2/4/8/16 tokens after the job "
+                f"{'/'.join(map(str, ch['after_job'].values()))}, at the end "
+                f"{'/'.join(map(str, (ch['at_end'] or {}).values())) or '-'}",
                 flush=True,
             )
         if info["error"]:

@@ -366,26 +366,33 @@ def answer_nll(trainer: Trainer, rows: list) -> list[float]:
     return out
 
 
-def test_a_repair_phase_trains_the_damaged_retention_rows_back(run, monkeypatch):
-    """After a job's steps, the replayed retention rows whose starting answers it changed (teacher-forced) are
-    trained on those answers beside the job's own examples until they are back or the phase's step cap; then
-    the guard's verdict. The steps' batches hold the damaged rows, their answers' likelihood rises, and the
-    job's entry says what was done."""
+def test_a_repair_phase_trains_the_damaged_retention_rows_back_by_the_anchors_kl(run, monkeypatch):
+    """After a job's steps, the replayed retention rows whose starting answers it changed within their first
+    ``repair_tokens`` answer tokens (teacher-forced) are trained back by the anchor's KL divergence on those tokens
+    alone, ``repair_rows`` a step at ``repair_lr`` x the job's lr, beside the job's own examples, until they are back
+    or the phase's step cap; then the guard's verdict. The steps' anchors hold the damaged rows cut after those
+    tokens, their KL there falls, and the job's entry says what was done."""
     _, trainer = run(store=False, dtype="fp32")
-    batches, checks = [], []
-    step, still = trainer.step, guard.still_greedy
+    steps, checks = [], []
+    step, first = trainer.step, guard.first_change
+
+    kl = {}
 
     def traced(batch, anchor=None):
-        batches.append((list(batch), anchor))
+        steps.append((list(batch), anchor, trainer.opt.param_groups[0]["lr"]))
+        if isinstance(anchor, list) and not kl:  # the first repair step: the damaged rows' KL before it
+            kl["narrow"], kl["rows"] = anchor[-1][0], guard.damaged(checks[0][1], 2)
+            with torch.no_grad():
+                kl["before"] = float(kl["narrow"].anchor(trainer.model, kl["rows"]))
         return step(batch, anchor)
 
     def checked(model, rows, *a, **k):
-        ok = still(model, rows, *a, **k)
-        checks.append((rows, ok, answer_nll(trainer, rows) if not checks else None))
-        return ok
+        out = first(model, rows, *a, **k)
+        checks.append((rows, out))
+        return out
 
     trainer.step = traced
-    monkeypatch.setattr(guard, "still_greedy", checked)
+    monkeypatch.setattr(guard, "first_change", checked)
     body = {
         "examples": FACTS,
         "steps": 3,
@@ -394,30 +401,39 @@ def test_a_repair_phase_trains_the_damaged_retention_rows_back(run, monkeypatch)
         "anchor": 1.0,
         "replay_select": "cycle",
         "repair": 6,
+        "repair_tokens": 2,
+        "repair_rows": 2,
+        "repair_lr": 0.5,
+        "repair_beta": 8,
     }
     info = job(trainer, body)
     r = info["repair"]
     assert info["state"] == "done" and info["plan"]["repair"] == 6 and info["stop_reason"] == "steps", info
+    assert (r["tokens"], r["rows_per_step"], r["by"], r["lr"]) == (2, 2, "kl x 8", 1e-3), r
     rows = trainer.retention.replay()
-    assert r["rows"] == len(rows) == len(checks[0][0]) and r["damaged"] == checks[0][1].count(False) > 0, r
+    changes = checks[0][1]
+    assert r["rows"] == len(rows) == len(checks[0][0]) and r["damaged"] == len(guard.damaged(changes, 2)) > 0, r
+    assert r["changed"]["after_job"] == {str(k): len(guard.damaged(changes, k)) for k in (1, 2, 4, 8, 16)}
     assert r["damaged_during"] >= r["damaged"] and r["checks"] == len(checks) >= 2 and r["seconds"] > 0
-    assert 1 <= r["steps"] <= 6 and info["step"] == 3 + r["steps"] and len(batches) == 3 + r["steps"]
+    assert 1 <= r["steps"] <= 6 and info["step"] == 3 + r["steps"] and len(steps) == 3 + r["steps"]
     assert r["stopped"] in ("repaired", "max_steps") and (r["left"] == 0) == (r["stopped"] == "repaired"), r
-    # The job's steps hold its examples alone (the replayed rows are the anchor's); a repair step holds the
-    # job's next batch and up to `replay` damaged rows, trained one-hot on their starting answers, the rest of
-    # the replay's share anchored as before.
-    damaged = [row for row, ok in zip(checks[0][0], checks[0][1]) if not ok]
-    assert all(len(b) == len(FACTS) for b, _ in batches[:3])
-    encoded = {tuple(ids) for ids, _, _ in parse_job(trainer.tokenizer, {"examples": FACTS}, 999, 10)["examples"]}
-    for b, anchor in batches[3:]:
-        assert {tuple(ids) for ids, _, _ in b[: len(FACTS)]} == encoded
-        extra = b[len(FACTS) :]
-        assert 1 <= len(extra) <= 4 and len(extra) + (len(anchor[1]) if anchor else 0) == 4
-        assert all(any(row[0] == ids for ids, _, _ in damaged) for row in extra)
-    # What the repair trained comes back: the likelihood of the rows it trained on their starting answers rose.
-    trained = [row for row in damaged if any(row[0] == x[0] for b, _ in batches[3:] for x in b[len(FACTS) :])]
-    before = [nll for row, ok, nll in zip(checks[0][0], checks[0][1], checks[0][2]) if row in trained]
-    assert trained and sum(answer_nll(trainer, trained)) < sum(before)
+    assert r["changed"]["at_end"] is not None and r["left"] == r["changed"]["at_end"]["2"]
+    # The job's steps hold its examples alone at the job's lr (the replayed rows are the anchor's); a repair step
+    # holds the job's next batch at half of it, the anchor's rows as before (4 - the damaged rows taken), and the
+    # damaged rows cut after their first 2 answer tokens as an anchor of their own at beta 8.
+    damaged = [tuple(rows[i][0]) for i in guard.damaged(changes, 2)]
+    assert all(len(b) == len(FACTS) and lr == 2e-3 for b, _, lr in steps[:3])
+    for b, anchor, lr in steps[3:]:
+        assert len(b) == len(FACTS) and lr == 1e-3 and isinstance(anchor, list), anchor
+        narrow, take, beta = anchor[-1]
+        assert beta == 8 and 1 <= len(take) <= 2 and sum(len(a[1]) for a in anchor) == 4
+        for row in narrow.rows(take):
+            assert sum(row[1][1:]) <= 2 and any(tuple(row[0]) == full[: len(row[0])] for full in damaged)
+        assert set(take) <= set(guard.damaged(changes, 2)) or r["damaged_during"] > r["damaged"]
+    # What the repair trained comes back: the KL divergence of those tokens from the starting model fell.
+    with torch.no_grad():
+        after = float(kl["narrow"].anchor(trainer.model, kl["rows"]))
+    assert after < kl["before"], (after, kl["before"])
     # The guard judged the weights after the repair.
     assert info["guard"]["passed"] is not None and info["guard"]["kl"] is not None
     assert trainer.status()["jobs"][-1]["repair"] == r and trainer.status()["guard"]["repair"] == 0

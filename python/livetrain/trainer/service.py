@@ -1062,7 +1062,8 @@ class Trainer:
     def loss(self, examples, anchor=None, later=None, separate_anchor: bool | None = None):
         """A step's loss before backward: per example, the mean cross-entropy over its trained tokens, times
         its weight, averaged; plus, with ``anchor`` = (guard.Reference, indices, beta), beta × the mean KL
-        divergence from the reference's distributions on those of its examples. Returns (the loss tensor,
+        divergence from the reference's distributions on those of its examples (a list of such: the sum of their
+        terms, each its own mean). Returns (the loss tensor,
         its value without the anchor's term, the batch's tokens, each example's loss, unweighted).
 
         The anchor's rows join the batch's forward (one forward over both, padded to the longer, and so one
@@ -1073,8 +1074,11 @@ class Trainer:
         ``later``: see ``step``; when it defers the output projection's gradient (``later.active``), that
         gradient comes from the examples' loss alone (its deferred step runs once, after backward)."""
         n = len(examples)
+        # Several anchors' rows (a repair step's: trainer.service ``_repair``) share the forward as one.
+        anchors = anchor if isinstance(anchor, list) else [] if anchor is None else [anchor]
+        anchor = anchors or None
         head = output_projection(self.model) if anchor is not None and separate_anchor is not True else None
-        anchor_rows = anchor[0].rows(anchor[1]) if head is not None else []
+        anchor_rows = [row for a in anchors for row in a[0].rows(a[1])] if head is not None else []
         if (
             separate_anchor is None
             and anchor_rows
@@ -1105,11 +1109,12 @@ class Trainer:
             hidden=None if hidden is None else hidden[:n, :width],
         )
         value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
-        if anchor is not None:
-            reference, indices, beta = anchor
+        at = n
+        for reference, indices, beta in anchors:
             detach = later is not None and later.active
-            if hidden is not None:
-                term = reference.anchor_hidden(hidden[n:], indices, head, detach_head=detach)
+            if hidden is not None and anchor_rows:
+                term = reference.anchor_hidden(hidden[at : at + len(indices)], indices, head, detach_head=detach)
+                at += len(indices)
             else:
                 term = reference.anchor(self.model, indices, detach_head=detach)
             kl = float(term.detach())
@@ -1338,39 +1343,55 @@ class Trainer:
         )
 
     def _repair(self, jid: str, info: dict, plan, watch: dict, examples: list, order, losses, replayed) -> str | None:
-        """A job's repair phase (``plan.repair`` steps at most), after its own steps: the replayed retention
-        rows whose starting answers the job changed (teacher-forced, the first guard.KEPT_TOKENS answer
-        tokens no longer the starting model's likeliest: ``guard.still_greedy``, one forward over the rows)
-        are trained on those answers (one-hot), up to ``plan.replay`` of them a step in the replayed rows'
-        share of the step (the rest of that share replayed as usual), beside the job's next batch of its own
-        examples so that they stay learned. After each step the damaged rows are checked again; when none
-        is left, every row is (a repair step may change others), and the phase ends when that finds none,
-        or at its step cap. Reported as the job's ``repair``; the guard's verdict comes after it. Returns
+        """A job's repair phase (``plan.repair`` steps at most), after its own steps. A replayed retention row is
+        damaged when one of its first ``plan.repair_tokens`` answer tokens, teacher-forced, is no longer the
+        starting model's likeliest (``guard.first_change``, one forward over the rows). Up to
+        ``plan.repair_rows`` damaged rows a step (in turn), cut after those tokens (``guard.narrowed``), are
+        trained back on them: by the anchor's KL divergence from the starting model's distributions there at
+        ``plan.repair_beta`` (its own term beside the anchor's), or one-hot on the starting answer's tokens where
+        ``repair_beta`` is 0 or the job has no anchor; in the replayed rows' share of the step (the rest of it
+        replayed as usual), beside the job's next batch of its own examples so that they stay learned, at
+        ``plan.repair_lr`` × the job's lr. After each step the damaged rows are checked again; when none is left,
+        every row is (a repair step may change others), and the phase ends when that finds none, or at its step
+        cap. Reported as the job's ``repair`` (``changed``: per k of 1, 2, 4, 8, 16, the rows changed within
+        their first k answer tokens, after the job and at the end); the guard's verdict comes after it. Returns
         "cancelled" or "shutdown" when one ended it, else None; ``NonFinite`` from a step."""
         t0 = time.perf_counter()
         rows, anchor = watch["replay"], watch["anchor"]
         start = anchor.top1() if anchor is not None else guard.answer_tokens(rows)
+        kl = anchor is not None and plan.repair_beta > 0
+        narrow = anchor.narrowed(plan.repair_tokens) if kl else None
+        cut = [guard.narrowed(r, plan.repair_tokens) for r in rows]
         everything = list(range(len(rows)))
+        spans = (1, 2, 4, 8, guard.KEPT_TOKENS)
 
-        def damaged_of(which: list[int]) -> list[int]:
-            ok = guard.still_greedy(
+        def damaged_of(which: list[int]) -> tuple[list[int], list[int | None]]:
+            changes = guard.first_change(
                 self.model,
                 [rows[i] for i in which],
                 self.pad,
                 [start[i] for i in which],
                 max_tokens=self.max_batch_tokens,
             )
-            return [i for i, good in zip(which, ok) if not good]
+            return [which[i] for i in guard.damaged(changes, plan.repair_tokens)], changes
 
-        damaged = damaged_of(everything)
+        def changed(changes: list[int | None]) -> dict[str, int]:
+            return {str(k): len(guard.damaged(changes, k)) for k in spans}
+
+        damaged, changes = damaged_of(everything)
         ever, full = set(damaged), True
         report = {
             "max_steps": plan.repair,
+            "tokens": plan.repair_tokens,
+            "by": f"kl x {plan.repair_beta:g}" if kl else "one-hot",
+            "rows_per_step": plan.repair_rows,
+            "lr": plan.lr * plan.repair_lr,
             "steps": 0,
             "rows": len(rows),
             "damaged": len(damaged),  # at the phase's start
             "damaged_during": len(damaged),  # found damaged at any check
             "left": len(damaged),
+            "changed": {"after_job": changed(changes), "at_end": None},
             "checks": 1,
             "stopped": None,
             "examples_learned": None,
@@ -1378,26 +1399,30 @@ class Trainer:
         }
         with self.lock:
             info["repair"] = report
-        ended, turn = None, 0
+        ended, turn, lr = None, 0, plan.lr * plan.repair_lr
         while damaged and report["steps"] < plan.repair:
             self.run_pending()
             if self.stopping.is_set() or info.get("cancel"):
                 ended = "shutdown" if self.stopping.is_set() else "cancelled"
                 break
             idx = next(order)
-            take = [damaged[(turn + k) % len(damaged)] for k in range(min(plan.replay, len(damaged)))]
+            take = [damaged[(turn + k) % len(damaged)] for k in range(min(plan.repair_rows, len(damaged)))]
             turn += len(take)
-            rest = plan.replay - len(take)
+            rest = max(0, plan.replay - len(take))
             picked = replayed.pick(rest, [_prompt(examples[i]) for i in idx]) if replayed and rest else []
-            batch = [examples[i] for i in idx] + [rows[j] for j in take]
+            batch = [examples[i] for i in idx]
+            if not kl:
+                batch += [cut[j] for j in take]
             if anchor is None:
                 batch += [rows[j] for j in picked]
-            step_anchor = (anchor, picked, plan.anchor) if anchor is not None and picked else None
+            step_anchor = [(anchor, picked, plan.anchor)] if anchor is not None and picked else []
+            if kl:
+                step_anchor.append((narrow, take, plan.repair_beta))
             self.reserve(self.weight_version + 1)
             t1 = time.perf_counter()
             if self.ranks is not None:
-                self.ranks.lead("step", batch, plan.lr)
-            loss, ntok, per_example = self.train_step(batch, plan.lr, step_anchor)
+                self.ranks.lead("step", batch, lr)
+            loss, ntok, per_example = self.train_step(batch, lr, step_anchor or None)
             losses.record(idx, per_example[: len(idx)])
             report["steps"] += 1
             self._stepped(
@@ -1408,28 +1433,32 @@ class Trainer:
                 loss,
                 ntok,
                 time.perf_counter() - t1,
-                plan.lr,
+                lr,
                 f"repair step {report['steps']}/{plan.repair} ({len(take)} of {len(damaged)} damaged rows)",
             )
-            damaged, full = damaged_of(damaged), False
+            damaged, full = damaged_of(damaged)[0], False
             if not damaged:
-                damaged, full = damaged_of(everything), True
+                damaged, changes = damaged_of(everything)
+                full = True
                 report["checks"] += 1
             ever |= set(damaged)
             report["checks"] += 1
         if not full and ended is None:  # the cap ended it: how many rows are left, of them all
-            damaged = damaged_of(everything)
+            damaged, changes = damaged_of(everything)
+            full = True
             report["checks"] += 1
             ever |= set(damaged)
         with self.lock:
             report["left"], report["damaged_during"] = len(damaged), len(ever)
+            report["changed"]["at_end"] = changed(changes) if full else None
             report["stopped"] = ended or ("repaired" if not damaged else "max_steps")
             report["examples_learned"] = losses.learned(plan.until_loss) if plan.until_loss else None
             report["seconds"] = round(time.perf_counter() - t0, 3)
         print(
             f"livetrain trainer: {jid} repair: {report['damaged']} of {report['rows']} replayed retention rows damaged "
-            f"after the job, {report['left']} left after {report['steps']} repair steps ({report['stopped']}); "
-            f"{report['seconds']} s",
+            f"after the job (changed within 1/2/4/8/16 tokens: "
+            f"{'/'.join(str(v) for v in report['changed']['after_job'].values())}), {report['left']} left after "
+            f"{report['steps']} repair steps ({report['stopped']}); {report['seconds']} s",
             flush=True,
         )
         return ended
