@@ -429,7 +429,8 @@ def test_a_repair_phase_trains_the_damaged_retention_rows_back_by_the_anchors_kl
         assert beta == 8 and 1 <= len(take) <= 2 and sum(len(a[1]) for a in anchor) == 4
         for row in narrow.rows(take):
             assert sum(row[1][1:]) <= 2 and any(tuple(row[0]) == full[: len(row[0])] for full in damaged)
-        assert set(take) <= set(guard.damaged(changes, 2)) or r["damaged_during"] > r["damaged"]
+    # The first repair step takes the rows damaged after the job.
+    assert set(steps[3][1][-1][1]) <= set(guard.damaged(changes, 2))
     # What the repair trained comes back: the KL divergence of those tokens from the starting model fell.
     with torch.no_grad():
         after = float(kl["narrow"].anchor(trainer.model, kl["rows"]))
@@ -437,6 +438,71 @@ def test_a_repair_phase_trains_the_damaged_retention_rows_back_by_the_anchors_kl
     # The guard judged the weights after the repair.
     assert info["guard"]["passed"] is not None and info["guard"]["kl"] is not None
     assert trainer.status()["jobs"][-1]["repair"] == r and trainer.status()["guard"]["repair"] == 0
+
+
+def test_a_one_hot_repair_trains_the_checked_tokens_alone_and_stops_when_none_is_left(run, monkeypatch):
+    """repair_beta 0: the damaged rows join the batch cut after their checked tokens (one-hot on them alone); the
+    phase ends as soon as a check of every row finds none left, before its cap."""
+    _, trainer = run(store=False, dtype="fp32")
+    steps, calls = [], []
+    step, first = trainer.step, guard.first_change
+
+    def traced(batch, anchor=None):
+        steps.append((list(batch), anchor))
+        return step(batch, anchor)
+
+    def checked(model, rows, *a, **k):
+        out = first(model, rows, *a, **k)
+        calls.append(len(rows))
+        # After the first repair step every row reads as repaired: the phase must stop there.
+        return out if len(calls) == 1 else [None] * len(rows)
+
+    trainer.step = traced
+    monkeypatch.setattr(guard, "first_change", checked)
+    body = {"examples": FACTS, "steps": 3, "lr": 2e-3, "replay": 4, "anchor": 1.0, "repair": 30}
+    info = job(trainer, {**body, "replay_select": "cycle", "repair_tokens": 1, "repair_beta": 0, "repair_rows": 3})
+    r = info["repair"]
+    assert r["by"] == "one-hot" and r["damaged"] > 0 and r["steps"] == 1 and r["stopped"] == "repaired", r
+    assert r["left"] == 0 and info["step"] == 4 and len(steps) == 4 and r["changed"]["at_end"]["1"] == 0, r
+    # After the step a check of the damaged rows, then one of every row: three checks in all.
+    rows = trainer.retention.replay()
+    assert calls == [len(rows), r["damaged"], len(rows)] and r["checks"] == 3, calls
+    b, anchor = steps[3]
+    extra = b[len(FACTS) :]
+    ((_, picked, beta),) = anchor  # the anchor's usual rows alone: the damaged ones are one-hot in the batch
+    assert 1 <= len(extra) <= 3 and len(extra) + len(picked) == 4 and beta == 1.0
+    for ids, m, _ in extra:  # each a replayed row cut after its first answer token
+        assert sum(m[1:]) == 1 and m[-1] and any(list(full[: len(ids)]) == list(ids) for full, _, _ in rows)
+
+
+def test_the_repair_check_is_narrow(run):
+    """A row is damaged at k tokens when one of its first k answer tokens is no longer the starting one's
+    likeliest: a change at the third answer token is damage at 4 tokens, not at 1 or 2."""
+    _, trainer = run(store=False, dtype="fp32")
+    job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12})  # makes the retention answers
+    rows = [r for r in trainer.retention.replay() if sum(r[1][1:]) >= 4][:6]
+    assert len(rows) == 6
+    own = top1(trainer, rows)  # the model's own likeliest tokens: nothing changed
+    assert guard.first_change(trainer.model, rows, trainer.pad, own) == [None] * len(rows)
+    moved = [list(t) for t in own]
+    moved[1][2] = moved[1][2] + 1  # row 1 "changed" at its third answer token, row 4 at its first
+    moved[4][0] = moved[4][0] + 1
+    changes = guard.first_change(trainer.model, rows, trainer.pad, moved)
+    assert changes == [None, 2, None, None, 0, None]
+    assert guard.damaged(changes, 1) == guard.damaged(changes, 2) == [4] and guard.damaged(changes, 4) == [1, 4]
+    assert guard.first_change(trainer.model, rows, trainer.pad, moved, tokens=2) == [None, None, None, None, 0, None]
+    cut = guard.narrowed(rows[1], 2)
+    assert sum(cut[1][1:]) == 2 and cut[0] == rows[1][0][: len(cut[0])] and cut[1][-1]
+
+
+def top1(trainer, rows) -> list[list[int]]:
+    """Each row's answer positions' likeliest tokens under the live model, teacher-forced."""
+    out = []
+    with torch.no_grad():
+        for ids, m, _ in rows:
+            logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            out.append([int(t) for t, keep in zip(logits.argmax(-1), m[1:]) if keep])
+    return out
 
 
 def test_a_repair_phase_finds_nothing_to_repair_when_nothing_changed(run):
@@ -981,6 +1047,15 @@ def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_no
         ({"examples": FACTS, "repair": 2.5}, "repair"),
         ({"examples": FACTS, "repair": 3, "guard": False}, "repair"),
         ({"examples": FACTS, "repair": 3, "replay": 0}, "repair"),
+        ({"examples": FACTS, "repair": 3, "repair_tokens": 0}, "repair_tokens"),
+        ({"examples": FACTS, "repair": 3, "repair_tokens": 17}, "repair_tokens"),
+        ({"examples": FACTS, "repair_tokens": 2}, "repair_tokens"),  # without a repair phase
+        ({"examples": FACTS, "repair": 3, "repair_rows": 0}, "repair_rows"),
+        ({"examples": FACTS, "repair": 3, "repair_lr": 0}, "repair_lr"),
+        ({"examples": FACTS, "repair": 3, "repair_lr": 1.5}, "repair_lr"),
+        ({"examples": FACTS, "repair": 3, "repair_beta": -1}, "repair_beta"),
+        ({"examples": FACTS, "repair": 3, "repair_beta": True}, "repair_beta"),
+        ({"examples": FACTS, "guard": True, "repair": 3, "anchor": 0, "repair_beta": 4}, "repair_beta"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
         # OpenAI allows a null content only for an assistant message with tool calls (it was taken as empty)
@@ -1307,6 +1382,14 @@ def test_plan_resolution():
     assert schedule.plan({}, options.parse(["--repair", "5"]), 10).repair == 5
     assert schedule.plan({"guard": False}, options.parse(["--repair", "5"]), 10).repair == 0  # as replay
     assert schedule.plan({"replay": 0}, options.parse(["--repair", "5"]), 10).repair == 0
+    # The repair phase's settings: schedule.REPAIR unless the job gives them; without an anchor, one-hot.
+    gentle = schedule.plan({"repair": 7}, defaults, 10)
+    assert (gentle.repair_tokens, gentle.repair_rows, gentle.repair_lr, gentle.repair_beta) == (4, 4, 0.5, 16.0)
+    assert schedule.plan({"repair": 7, "anchor": 0}, defaults, 10).repair_beta == 0.0
+    tuned = schedule.plan(
+        {"repair": 7, "repair_tokens": 1, "repair_rows": 2, "repair_lr": 1, "repair_beta": 0}, defaults, 10
+    )
+    assert (tuned.repair_tokens, tuned.repair_rows, tuned.repair_lr, tuned.repair_beta) == (1, 2, 1.0, 0.0)
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3]
     )
