@@ -21,7 +21,7 @@
 #                                                sweep11: the defaults without and with a repair phase,
 #                                                batch 64 + rewording with it; sweep13: a gentle
 #                                                repair on the defaults and on batch 64 + rewording,
-#                                                a first-token one-hot repair on the defaults),
+#                                                the defaults with it one-hot),
 #                                                <= 8 min
 #                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the

@@ -284,19 +284,19 @@ def test_sweep13_is_a_gentle_repair_on_the_defaults_and_on_batch_64_with_rewordi
     shipped = shipped_row(sweep)
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep13"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"repair"}, {"batch", "reword", "repair"}, {"repair", "repair_tokens", "repair_beta"}], differ
+    assert differ == [{"repair"}, {"batch", "reword", "repair"}, {"repair", "repair_beta"}], differ
     assert [r["repair"] for r in rows] == [40, 40, 40] and rows[1]["batch"] == 64
     monkeypatch.setattr(sweep, "InProcess", RepairingInProcess)
     monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
     assert sweep.main(["--grid", "sweep13", "--json", str(tmp_path / "rows.jsonl")]) == 0
     # The repair's settings reach the job only where the row sets them (the trainer's defaults otherwise).
     tuned = [{k: b[k] for k in sweep.REPAIR_KEYS if k in b} for b in FakeInProcess.bodies]
-    assert tuned == [{}, {}, {"repair_tokens": 1, "repair_beta": 0.0}], tuned
+    assert tuned == [{}, {}, {"repair_beta": 0.0}], tuned
     out = capsys.readouterr().out
     # Each row prints its general answers lost by index and, with a repair, the phase's rows found / left / steps.
     assert out.count("general lost (indices): -") == 3
     lines = [line for line in out.splitlines() if ": repair (" in line]
-    assert len(lines) == 3 and "(one-hot, first 1 tokens" in lines[2] and "(kl x 16, first 4 tokens" in lines[0]
+    assert len(lines) == 3 and "(one-hot, first 4 tokens" in lines[2] and "(kl x 16, first 4 tokens" in lines[0]
     assert "9 of 353 replayed rows damaged, found 12 at any check, 2 left after 40 repair steps" in lines[0]
     assert "within 1/2/4/8/16 tokens after the job 3/5/9/20/40, at the end 3/5/2/20/40" in lines[0]
     saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]

@@ -330,8 +330,8 @@ _LEARNING_OPTIONS = (
         int,
         "STEPS",
         "after a guarded job's steps, at most STEPS repair steps: the replayed retention rows whose starting "
-        "answers the job changed (teacher-forced, their first 16 tokens) trained on those answers beside the "
-        "job's own examples until they are back; 0: none",
+        "answers the job changed (teacher-forced, within their first repair_tokens tokens, a job field: 4) trained "
+        "back on those tokens beside the job's own examples until they are back; 0: none",
     ),
     (
         "--guard-threshold",
