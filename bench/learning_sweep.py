@@ -393,8 +393,9 @@ GRIDS["sweep11"] = [
 # Most decisive first (the call's timeout cuts the last row): the defaults with it (known without: 22/27 kept, 16/32
 # reworded, 367 steps, deterministic), batch 64 + rewording with it (known without: 19/27, 26/32, 339 steps), and
 # the defaults with the same phase one-hot on the checked tokens instead of the KL: on the CPU pilot (the defaults'
-# 4-fact job) the KL put 4 of the 5 damaged rows back in 3 steps and left the fifth changed for the rest of the 40
-# (a near-tie: where the two distributions are close the KL's gradient is small, as the anchor's is). The repair
+# 4-fact job, 40 replayed rows) the KL put 4 of the 5 damaged rows back in 3 steps and left the fifth changed from
+# step 4 to the cap (likely a near-tie: where the two distributions are close the KL's gradient is small, as the
+# anchor's is), and 3 others changed unseen (every row is checked every 5 steps since). The repair
 # line of each row says how many of the 353 replayed rows changed within their first 1/2/4/8/16 answer tokens after
 # the job and at the end. ~110-125 s a row on the H200.
 _GENTLE = {"repair": 40}

@@ -19,7 +19,7 @@ import torch
 
 from livetrain.engines.reference import Engine
 from livetrain.loss import OutputGradient
-from livetrain.trainer import admission, augment, examples, guard, options, schedule
+from livetrain.trainer import admission, augment, examples, guard, options, schedule, service
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.service import Trainer
@@ -473,6 +473,28 @@ def test_a_one_hot_repair_trains_the_checked_tokens_alone_and_stops_when_none_is
     assert 1 <= len(extra) <= 3 and len(extra) + len(picked) == 4 and beta == 1.0
     for ids, m, _ in extra:  # each a replayed row cut after its first answer token
         assert sum(m[1:]) == 1 and m[-1] and any(list(full[: len(ids)]) == list(ids) for full, _, _ in rows)
+
+
+def test_a_repair_phase_checks_every_row_every_few_steps_and_stops_at_its_cap(run, monkeypatch):
+    """A row that stays damaged holds the phase to its cap; every REPAIR_FULL_CHECK-th step (and at the cap) every
+    replayed row is checked, the damaged ones alone after the other steps."""
+    _, trainer = run(store=False, dtype="fp32")
+    calls = []
+    stuck = []
+
+    def checked(model, rows, *a, **k):
+        calls.append(len(rows))
+        if not stuck:
+            stuck.append(rows[0])
+        return [0 if row is stuck[0] else None for row in rows]
+
+    monkeypatch.setattr(guard, "first_change", checked)
+    monkeypatch.setattr(service, "REPAIR_FULL_CHECK", 3)
+    body = {"examples": FACTS, "steps": 1, "lr": 1e-12, "replay": 4, "anchor": 1.0, "repair": 7}
+    r = job(trainer, body)["repair"]
+    n = len(trainer.retention.replay())
+    assert calls == [n, 1, 1, n, 1, 1, n, 1, n], calls
+    assert (r["damaged"], r["left"], r["steps"], r["stopped"], r["checks"]) == (1, 1, 7, "max_steps", 9), r
 
 
 def test_the_repair_check_is_narrow(run):
