@@ -380,9 +380,12 @@ GRIDS["sweep8"] = [
 _DEFAULTS = {**_REWORD, "name": "defaults", "reword": False}
 # The defaults' row last: the in-process GPU job is deterministic (sweep5-8 repeated it to the digit), so the call's
 # timeout may cut it at the least cost.
+# repair29's settings, as near as the phase has them since repair31 (which trains the checked tokens alone: repair29
+# trained the whole 40-token answers; and checks every row every 5 steps).
+_REPAIR29 = {"repair": 40, "repair_tokens": 16, "repair_rows": 8, "repair_lr": 1.0, "repair_beta": 0.0}
 GRIDS["sweep11"] = [
-    {**_DEFAULTS, "name": "defaults repair40", "repair": 40},
-    {**_REWORD, "name": "batch 64 reword repair40", "batch": 64, "repair": 40},
+    {**_DEFAULTS, **_REPAIR29, "name": "defaults repair40"},
+    {**_REWORD, **_REPAIR29, "name": "batch 64 reword repair40", "batch": 64},
     _DEFAULTS,
 ]
 # sweep13 (repair31): a gentle repair phase. repair29's (sweep12 on the H200: the defaults + repair40 at 20/27 kept,

@@ -244,7 +244,8 @@ def test_sweep11_is_the_defaults_and_batch_64_with_rewording_with_a_repair_phase
     shipped = shipped_row(sweep)
     rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep11"]]
     differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"repair"}, {"batch", "reword", "repair"}, set()], differ
+    tuned = {"repair", "repair_tokens", "repair_rows", "repair_lr", "repair_beta"}
+    assert differ == [tuned, {"batch", "reword"} | tuned, set()], differ
     assert [r["repair"] for r in rows] == [40, 40, 0] and rows[1]["batch"] == 64
     monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
     monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
