@@ -17,11 +17,7 @@
 #                                                defaults without and with rewording; sweep7: the
 #                                                defaults against every example in every step; sweep7b:
 #                                                its last two rows; sweep8: batch 64 and the defaults,
-#                                                each job's weights then mixed back toward the start;
-#                                                sweep11: the defaults without and with a repair phase,
-#                                                batch 64 + rewording with it; sweep13: a gentle
-#                                                repair on the defaults and on batch 64 + rewording,
-#                                                the defaults with it one-hot),
+#                                                each job's weights then mixed back toward the start),
 #                                                <= 8 min
 #                                                (timeout $SWEEP_SECONDS, default 450 s), into $OUT
 #           bash bench/learning_gpu.sh step      bench/learning_step.py on cuda/bf16: a step's time without the
@@ -85,7 +81,7 @@ receive)
 prepare)
   prepare
   ;;
-sweep2 | sweep2b | sweep3 | sweep4 | sweep5 | sweep6 | sweep7 | sweep7b | sweep8 | sweep11 | sweep13)
+sweep2 | sweep2b | sweep3 | sweep4 | sweep5 | sweep6 | sweep7 | sweep7b | sweep8)
   prepare
   mkdir -p "$out"
   timeout "${SWEEP_SECONDS:-450}" "$py" bench/learning_sweep.py --device cuda --dtype bf16 --grid "$what" \

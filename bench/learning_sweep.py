@@ -9,14 +9,13 @@ and guard seconds; ``--json`` appends each row as a JSON line.
 
 The rows are a named grid (``--grid sweep2``: the candidates of issue #14, docs/learning.md) or the product
 of the knobs (--lr × --warmup × --replay × --anchor × --select × --reword × --restate × --retention × --until ×
---train × --repair).
+--train).
 ``retention`` "core" keeps only the built-in prompts that alternate between replay and held out (the 80 of
 before), "all" adds the built-in replay-only ones (guard.builtin_replay); the held-out half is the same.
 
-usage: python bench/learning_sweep.py [--grid sweep2|...|sweep11|sweep13] [--facts 32] [--lr 1e-4,5e-5]
+usage: python bench/learning_sweep.py [--grid sweep2|...|sweep7|sweep7b|sweep8] [--facts 32] [--lr 1e-4,5e-5]
            [--warmup 0] [--replay 0,2] [--anchor 0,1] [--select cycle,similar] [--reword 0,1] [--restate 0,1]
-           [--retention all,core] [--until 0.1] [--train all,mlp] [--repair 0,40] [--repair-tokens 4] [--repair-rows 4] [--repair-lr 0.5]
-           [--repair-beta 16] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
+           [--retention all,core] [--until 0.1] [--train all,mlp] [--max-steps 300] [--device cuda --dtype bf16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -246,14 +245,7 @@ ROW = {
     "max_steps": 300,
     "train": "all",
     "batch": None,  # the job's batch_size (None: the trainer's --batch-size, 8)
-    "repair": 0,  # the job's repair steps at most (0: no repair phase; trainer.service Trainer._repair)
-    # The repair phase's settings (trainer.schedule.REPAIR: left out of the job when None, the trainer's then).
-    "repair_tokens": None,
-    "repair_rows": None,
-    "repair_lr": None,
-    "repair_beta": None,
 }
-REPAIR_KEYS = ("repair_tokens", "repair_rows", "repair_lr", "repair_beta")
 # Rows of sweep4 that its call's timeout cut, run again in sweep5.
 _ANCHOR16 = {"name": "anchor16 r8 similar", "anchor": 16.0, "replay": 8, "select": "similar"}
 _REWORD = {
@@ -371,42 +363,6 @@ GRIDS["sweep8"] = [
     {**_REWORD, "name": "batch 64", "reword": False, "batch": 64, "alphas": ALPHAS},
     {**_REWORD, "name": "defaults", "reword": False, "alphas": ALPHAS},
 ]
-# A repair phase after the job (repair29, job option "repair"): once the job has learned its examples, the replayed
-# retention rows whose starting answers it changed (teacher-forced, the first 16 answer tokens) are trained on those
-# answers beside the job's own examples until they are back, at most 40 steps; then the guard's verdict. Whether
-# repairing the retention rows of a form (the "capital of" rows of the replay list) brings the held-out general
-# answers back. The defaults (sweep7's row 1: 367 steps, 22/27 kept, 16/32 reworded), the same with repair, and batch
-# 64 + rewording (sweep7b: 339 steps, 19/27, 26/32) with repair. ~100-110 s a row on the H200.
-_DEFAULTS = {**_REWORD, "name": "defaults", "reword": False}
-# The defaults' row last: the in-process GPU job is deterministic (sweep5-8 repeated it to the digit), so the call's
-# timeout may cut it at the least cost.
-# repair29's settings, as near as the phase has them since repair31 (which trains the checked tokens alone: repair29
-# trained the whole 40-token answers; and checks every row every 5 steps).
-_REPAIR29 = {"repair": 40, "repair_tokens": 16, "repair_rows": 8, "repair_lr": 1.0, "repair_beta": 0.0}
-GRIDS["sweep11"] = [
-    {**_DEFAULTS, **_REPAIR29, "name": "defaults repair40"},
-    {**_REWORD, **_REPAIR29, "name": "batch 64 reword repair40", "batch": 64},
-    _DEFAULTS,
-]
-# sweep13 (repair31): a gentle repair phase. repair29's (sweep12 on the H200: the defaults + repair40 at 20/27 kept,
-# 14/32 reworded, KL 0.207) called a row damaged when any of its first 16 answer tokens changed (202 of 353 rows) and
-# trained 8 whole answers a step one-hot at the job's lr. Here (trainer.schedule.REPAIR) a row is damaged when one of
-# its first 4 answer tokens changed, 4 rows a step are trained back on those 4 tokens alone by 16 x the anchor's KL
-# from the starting model's distributions there, at half the job's lr, beside the job's own batch; at most 40 steps.
-# Most decisive first (the call's timeout cuts the last row): the defaults with it (known without: 22/27 kept, 16/32
-# reworded, 367 steps, deterministic), batch 64 + rewording with it (known without: 19/27, 26/32, 339 steps), and
-# the defaults with the same phase one-hot on the checked tokens instead of the KL: on the CPU pilot (the defaults'
-# 4-fact job, 40 replayed rows) the KL put 4 of the 5 damaged rows back in 3 steps and left the fifth changed from
-# step 4 to the cap (likely a near-tie: where the two distributions are close the KL's gradient is small, as the
-# anchor's is), and 3 others changed unseen (every row is checked every 5 steps since). The repair
-# line of each row says how many of the 353 replayed rows changed within their first 1/2/4/8/16 answer tokens after
-# the job and at the end. ~110-125 s a row on the H200.
-_GENTLE = {"repair": 40}
-GRIDS["sweep13"] = [
-    {**_DEFAULTS, **_GENTLE, "name": "defaults gentle-repair40"},
-    {**_REWORD, **_GENTLE, "name": "batch 64 reword gentle-repair40", "batch": 64},
-    {**_DEFAULTS, **_GENTLE, "name": "defaults gentle-repair40 one-hot", "repair_beta": 0.0},
-]
 # sweep9 (learn28 at f94bf15, H200, the lead's run at 22:43; withdrawn since): the anchor's margin term, beta x the
 # mean of max(0, m - the starting greedy token's logit lead) at each replayed answer's first token (job option
 # "margin"), m = 1 on the defaults and on batch 64 + rewording: 400 steps (the budget) with 27/32 trained, 14/32
@@ -448,11 +404,6 @@ def main(argv=None) -> int:
         help="which parameters each job trains: all, layers, mlp",
     )
     p.add_argument("--max-steps", type=int, default=300, help="budget of each job")
-    p.add_argument("--repair", type=ints, default=[0], help="repair steps of each job at most (0: none)")
-    p.add_argument("--repair-tokens", type=int, help="a repair's check: the first N answer tokens (trainer default)")
-    p.add_argument("--repair-rows", type=int, help="damaged rows a repair step (trainer default)")
-    p.add_argument("--repair-lr", type=float, help="a repair step's lr, times the job's (trainer default)")
-    p.add_argument("--repair-beta", type=float, help="the repair's KL weight; 0: one-hot (trainer default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer asked")
     p.add_argument("--dtype", default="fp32")
@@ -479,8 +430,6 @@ def main(argv=None) -> int:
                 "retention": z,
                 "until": u,
                 "train": tr,
-                "repair": rp,
-                **{k: getattr(a, k) for k in REPAIR_KEYS},
             }
             for lr in a.lr
             for w in a.warmup
@@ -492,7 +441,6 @@ def main(argv=None) -> int:
             for z in a.retention
             for u in a.until
             for tr in a.train
-            for rp in a.repair
         ]
         for r in rows:
             r["max_steps"] = a.max_steps
@@ -539,9 +487,6 @@ def main(argv=None) -> int:
         }
         if r.get("batch"):
             job["batch_size"] = r["batch"]
-        if r.get("repair"):
-            job["repair"] = r["repair"]
-            job.update({k: r[k] for k in REPAIR_KEYS if r.get(k) is not None})
         if "steps" in r:
             job["steps"] = r["steps"]
         else:
@@ -581,7 +526,6 @@ def main(argv=None) -> int:
             "general_right_before_idx": [i for i, ok in enumerate(base["general"]) if ok],
             "general_gained": [i for i, (b, g) in enumerate(zip(base["general"], got["general"])) if g and not b],
             "reworded_right": [i for i, ok in enumerate(got["reworded"]) if ok],
-            "repair": info.get("repair"),
         }
         stop = "" if row["reason"] in ("until_loss", "steps") else f" ({row['reason']})"
         verdict = {True: "keep", False: "roll back", None: "-"}[row["guard_passed"]]
@@ -596,20 +540,6 @@ def main(argv=None) -> int:
             f"| {row['train_s']} | {row['guard_s']} | {row['ask_s']} |",
             flush=True,
         )
-        print(f"#   {r['name']}: general lost (indices): {sorted(row['general_lost']) or '-'}", flush=True)
-        if info.get("repair"):
-            rp = info["repair"]
-            ch = rp["changed"]
-            print(
-                f"#   {r['name']}: repair ({rp['by']}, first {rp['tokens']} tokens, {rp['rows_per_step']} rows a step, "
-                f"lr {rp['lr']:.2e}): {rp['damaged']} of {rp['rows']} replayed rows damaged, found "
-                f"{rp['damaged_during']} at any check, {rp['left']} left after {rp['steps']} repair steps "
-                f"({rp['stopped']}; {rp['checks']} checks, {rp['seconds']} s); examples learned after it: "
-                f"{rp['examples_learned']}; rows changed within 1/2/4/8/16 tokens after the job "
-                f"{'/'.join(map(str, ch['after_job'].values()))}, at the end "
-                f"{'/'.join(map(str, (ch['at_end'] or {}).values())) or '-'}",
-                flush=True,
-            )
         if info["error"]:
             row["error"] = info["error"]
             print(f"#   {r['name']}: {info['state']}: {info['error']}", flush=True)

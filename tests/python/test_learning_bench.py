@@ -26,7 +26,7 @@ def shipped_row(sweep) -> dict:
     d = options.LEARNING
     keys = {"lr": "lr", "warmup": "warmup", "anchor": "anchor", "replay": "replay", "select": "replay_select"}
     keys |= {"reword": "reword", "restate": "restate", "max_steps": "max_steps", "until": "until_loss"}
-    keys |= {"train": "train", "repair": "repair"}
+    keys |= {"train": "train"}
     return {**sweep.ROW, **{k: d[v] for k, v in keys.items()}}
 
 
@@ -237,68 +237,3 @@ def test_the_lost_answers_are_those_right_before_and_wrong_after():
     before = {"general": [True, True, False]}
     after = {"general": [False, True, False]}
     assert lq.lost_answers(asked, ["x", "Lyon", "Paris", "y"], before, after) == {0: "Lyon"}
-
-
-def test_sweep11_is_the_defaults_and_batch_64_with_rewording_with_a_repair_phase(monkeypatch, tmp_path):
-    sweep = load_sweep()
-    shipped = shipped_row(sweep)
-    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep11"]]
-    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    tuned = {"repair", "repair_tokens", "repair_rows", "repair_lr", "repair_beta"}
-    assert differ == [tuned, {"batch", "reword"} | tuned, set()], differ
-    assert [r["repair"] for r in rows] == [40, 40, 0] and rows[1]["batch"] == 64
-    monkeypatch.setattr(sweep, "InProcess", FakeInProcess)
-    monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
-    assert sweep.main(["--grid", "sweep11", "--json", str(tmp_path / "rows.jsonl")]) == 0
-    # The job's body carries the repair cap only where the row has one (the trainer's default, 0, otherwise).
-    assert [b.get("repair") for b in FakeInProcess.bodies] == [40, 40, None]
-
-
-class RepairingInProcess(FakeInProcess):
-    """FakeInProcess whose jobs with a repair phase report one, as trainer.service ``_repair`` does."""
-
-    def job(self, body):
-        info = super().job(body)
-        if body.get("repair"):
-            changed = {"1": 3, "2": 5, "4": 9, "8": 20, "16": 40}
-            info["repair"] = {
-                "by": "kl x 16" if body.get("repair_beta", 16) else "one-hot",
-                "tokens": body.get("repair_tokens", 4),
-                "rows_per_step": 4,
-                "lr": 2.5e-5,
-                "rows": 353,
-                "damaged": 9,
-                "damaged_during": 12,
-                "left": 2,
-                "steps": 40,
-                "stopped": "max_steps",
-                "checks": 44,
-                "seconds": 12.5,
-                "examples_learned": True,
-                "changed": {"after_job": changed, "at_end": {**changed, "4": 2}},
-            }
-        return info
-
-
-def test_sweep13_is_a_gentle_repair_on_the_defaults_and_on_batch_64_with_rewording(monkeypatch, tmp_path, capsys):
-    sweep = load_sweep()
-    shipped = shipped_row(sweep)
-    rows = [{**sweep.ROW, **r} for r in sweep.GRIDS["sweep13"]]
-    differ = [{k for k in shipped if row[k] != shipped[k]} for row in rows]
-    assert differ == [{"repair"}, {"batch", "reword", "repair"}, {"repair", "repair_beta"}], differ
-    assert [r["repair"] for r in rows] == [40, 40, 40] and rows[1]["batch"] == 64
-    monkeypatch.setattr(sweep, "InProcess", RepairingInProcess)
-    monkeypatch.setattr(sweep.lq, "load", lambda facts=None: ([], [{"q": "capital of France?", "keywords": ["Paris"]}]))
-    assert sweep.main(["--grid", "sweep13", "--json", str(tmp_path / "rows.jsonl")]) == 0
-    # The repair's settings reach the job only where the row sets them (the trainer's defaults otherwise).
-    tuned = [{k: b[k] for k in sweep.REPAIR_KEYS if k in b} for b in FakeInProcess.bodies]
-    assert tuned == [{}, {}, {"repair_beta": 0.0}], tuned
-    out = capsys.readouterr().out
-    # Each row prints its general answers lost by index and, with a repair, the phase's rows found / left / steps.
-    assert out.count("general lost (indices): -") == 3
-    lines = [line for line in out.splitlines() if ": repair (" in line]
-    assert len(lines) == 3 and "(one-hot, first 4 tokens" in lines[2] and "(kl x 16, first 4 tokens" in lines[0]
-    assert "9 of 353 replayed rows damaged, found 12 at any check, 2 left after 40 repair steps" in lines[0]
-    assert "within 1/2/4/8/16 tokens after the job 3/5/9/20/40, at the end 3/5/2/20/40" in lines[0]
-    saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert [s["repair"]["left"] for s in saved] == [2, 2, 2]

@@ -19,7 +19,7 @@ import torch
 
 from livetrain.engines.reference import Engine
 from livetrain.loss import OutputGradient
-from livetrain.trainer import admission, augment, examples, guard, options, schedule, service
+from livetrain.trainer import admission, augment, examples, guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.service import Trainer
@@ -353,187 +353,6 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
     jid, queued = trainer.queue.get_nowait()
     trainer.run_job(jid, queued)
     assert trainer.jobs[jid]["state"] == "done"
-
-
-def answer_nll(trainer: Trainer, rows: list) -> list[float]:
-    """Each (ids, mask, weight) row's mean negative log-likelihood of its answer tokens, teacher-forced."""
-    out = []
-    with torch.no_grad():
-        for ids, mask, _ in rows:
-            lp = torch.log_softmax(trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
-            nll = -lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-            out.append(float(nll[torch.tensor(mask[1:])].mean()))
-    return out
-
-
-def test_a_repair_phase_trains_the_damaged_retention_rows_back_by_the_anchors_kl(run, monkeypatch):
-    """After a job's steps, the replayed retention rows whose starting answers it changed within their first
-    ``repair_tokens`` answer tokens (teacher-forced) are trained back by the anchor's KL divergence on those tokens
-    alone, ``repair_rows`` a step at ``repair_lr`` x the job's lr, beside the job's own examples, until they are back
-    or the phase's step cap; then the guard's verdict. The steps' anchors hold the damaged rows cut after those
-    tokens, their KL there falls, and the job's entry says what was done."""
-    _, trainer = run(store=False, dtype="fp32")
-    steps, checks = [], []
-    step, first = trainer.step, guard.first_change
-
-    kl = {}
-
-    def traced(batch, anchor=None):
-        steps.append((list(batch), anchor, trainer.opt.param_groups[0]["lr"]))
-        if isinstance(anchor, list) and not kl:  # the first repair step: the damaged rows' KL before it
-            kl["narrow"], kl["rows"] = anchor[-1][0], guard.damaged(checks[0][1], 2)
-            with torch.no_grad():
-                kl["before"] = float(kl["narrow"].anchor(trainer.model, kl["rows"]))
-        return step(batch, anchor)
-
-    def checked(model, rows, *a, **k):
-        out = first(model, rows, *a, **k)
-        checks.append((rows, out))
-        return out
-
-    trainer.step = traced
-    monkeypatch.setattr(guard, "first_change", checked)
-    body = {
-        "examples": FACTS,
-        "steps": 3,
-        "lr": 2e-3,
-        "replay": 4,
-        "anchor": 1.0,
-        "replay_select": "cycle",
-        "repair": 6,
-        "repair_tokens": 2,
-        "repair_rows": 2,
-        "repair_lr": 0.5,
-        "repair_beta": 8,
-    }
-    info = job(trainer, body)
-    r = info["repair"]
-    assert info["state"] == "done" and info["plan"]["repair"] == 6 and info["stop_reason"] == "steps", info
-    assert (r["tokens"], r["rows_per_step"], r["by"], r["lr"]) == (2, 2, "kl x 8", 1e-3), r
-    rows = trainer.retention.replay()
-    changes = checks[0][1]
-    assert r["rows"] == len(rows) == len(checks[0][0]) and r["damaged"] == len(guard.damaged(changes, 2)) > 0, r
-    assert r["changed"]["after_job"] == {str(k): len(guard.damaged(changes, k)) for k in (1, 2, 4, 8, 16)}
-    assert r["damaged_during"] >= r["damaged"] and r["checks"] == len(checks) >= 2 and r["seconds"] > 0
-    assert 1 <= r["steps"] <= 6 and info["step"] == 3 + r["steps"] and len(steps) == 3 + r["steps"]
-    assert r["stopped"] in ("repaired", "max_steps") and (r["left"] == 0) == (r["stopped"] == "repaired"), r
-    assert r["changed"]["at_end"] is not None and r["left"] == r["changed"]["at_end"]["2"]
-    # The job's steps hold its examples alone at the job's lr (the replayed rows are the anchor's); a repair step
-    # holds the job's next batch at half of it, the anchor's rows as before (4 - the damaged rows taken), and the
-    # damaged rows cut after their first 2 answer tokens as an anchor of their own at beta 8.
-    damaged = [tuple(rows[i][0]) for i in guard.damaged(changes, 2)]
-    assert all(len(b) == len(FACTS) and lr == 2e-3 for b, _, lr in steps[:3])
-    for b, anchor, lr in steps[3:]:
-        assert len(b) == len(FACTS) and lr == 1e-3 and isinstance(anchor, list), anchor
-        narrow, take, beta = anchor[-1]
-        assert beta == 8 and 1 <= len(take) <= 2 and sum(len(a[1]) for a in anchor) == 4
-        for row in narrow.rows(take):
-            assert sum(row[1][1:]) <= 2 and any(tuple(row[0]) == full[: len(row[0])] for full in damaged)
-    # The first repair step takes the rows damaged after the job.
-    assert set(steps[3][1][-1][1]) <= set(guard.damaged(changes, 2))
-    # What the repair trained comes back: the KL divergence of those tokens from the starting model fell.
-    with torch.no_grad():
-        after = float(kl["narrow"].anchor(trainer.model, kl["rows"]))
-    assert after < kl["before"], (after, kl["before"])
-    # The guard judged the weights after the repair.
-    assert info["guard"]["passed"] is not None and info["guard"]["kl"] is not None
-    assert trainer.status()["jobs"][-1]["repair"] == r and trainer.status()["guard"]["repair"] == 0
-
-
-def test_a_one_hot_repair_trains_the_checked_tokens_alone_and_stops_when_none_is_left(run, monkeypatch):
-    """repair_beta 0: the damaged rows join the batch cut after their checked tokens (one-hot on them alone); the
-    phase ends as soon as a check of every row finds none left, before its cap."""
-    _, trainer = run(store=False, dtype="fp32")
-    steps, calls = [], []
-    step, first = trainer.step, guard.first_change
-
-    def traced(batch, anchor=None):
-        steps.append((list(batch), anchor))
-        return step(batch, anchor)
-
-    def checked(model, rows, *a, **k):
-        out = first(model, rows, *a, **k)
-        calls.append(len(rows))
-        # After the first repair step every row reads as repaired: the phase must stop there.
-        return out if len(calls) == 1 else [None] * len(rows)
-
-    trainer.step = traced
-    monkeypatch.setattr(guard, "first_change", checked)
-    body = {"examples": FACTS, "steps": 3, "lr": 2e-3, "replay": 4, "anchor": 1.0, "repair": 30}
-    info = job(trainer, {**body, "replay_select": "cycle", "repair_tokens": 1, "repair_beta": 0, "repair_rows": 3})
-    r = info["repair"]
-    assert r["by"] == "one-hot" and r["damaged"] > 0 and r["steps"] == 1 and r["stopped"] == "repaired", r
-    assert r["left"] == 0 and info["step"] == 4 and len(steps) == 4 and r["changed"]["at_end"]["1"] == 0, r
-    # After the step a check of the damaged rows, then one of every row: three checks in all.
-    rows = trainer.retention.replay()
-    assert calls == [len(rows), r["damaged"], len(rows)] and r["checks"] == 3, calls
-    b, anchor = steps[3]
-    extra = b[len(FACTS) :]
-    ((_, picked, beta),) = anchor  # the anchor's usual rows alone: the damaged ones are one-hot in the batch
-    assert 1 <= len(extra) <= 3 and len(extra) + len(picked) == 4 and beta == 1.0
-    for ids, m, _ in extra:  # each a replayed row cut after its first answer token
-        assert sum(m[1:]) == 1 and m[-1] and any(list(full[: len(ids)]) == list(ids) for full, _, _ in rows)
-
-
-def test_a_repair_phase_checks_every_row_every_few_steps_and_stops_at_its_cap(run, monkeypatch):
-    """A row that stays damaged holds the phase to its cap; every REPAIR_FULL_CHECK-th step (and at the cap) every
-    replayed row is checked, the damaged ones alone after the other steps."""
-    _, trainer = run(store=False, dtype="fp32")
-    calls = []
-    stuck = []
-
-    def checked(model, rows, *a, **k):
-        calls.append(len(rows))
-        if not stuck:
-            stuck.append(rows[0])
-        return [0 if row is stuck[0] else None for row in rows]
-
-    monkeypatch.setattr(guard, "first_change", checked)
-    monkeypatch.setattr(service, "REPAIR_FULL_CHECK", 3)
-    body = {"examples": FACTS, "steps": 1, "lr": 1e-12, "replay": 4, "anchor": 1.0, "repair": 7}
-    r = job(trainer, body)["repair"]
-    n = len(trainer.retention.replay())
-    assert calls == [n, 1, 1, n, 1, 1, n, 1, n], calls
-    assert (r["damaged"], r["left"], r["steps"], r["stopped"], r["checks"]) == (1, 1, 7, "max_steps", 9), r
-
-
-def test_the_repair_check_is_narrow(run):
-    """A row is damaged at k tokens when one of its first k answer tokens is no longer the starting one's
-    likeliest: a change at the third answer token is damage at 4 tokens, not at 1 or 2."""
-    _, trainer = run(store=False, dtype="fp32")
-    job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12})  # makes the retention answers
-    rows = [r for r in trainer.retention.replay() if sum(r[1][1:]) >= 4][:6]
-    assert len(rows) == 6
-    own = top1(trainer, rows)  # the model's own likeliest tokens: nothing changed
-    assert guard.first_change(trainer.model, rows, trainer.pad, own) == [None] * len(rows)
-    moved = [list(t) for t in own]
-    moved[1][2] = moved[1][2] + 1  # row 1 "changed" at its third answer token, row 4 at its first
-    moved[4][0] = moved[4][0] + 1
-    changes = guard.first_change(trainer.model, rows, trainer.pad, moved)
-    assert changes == [None, 2, None, None, 0, None]
-    assert guard.damaged(changes, 1) == guard.damaged(changes, 2) == [4] and guard.damaged(changes, 4) == [1, 4]
-    assert guard.first_change(trainer.model, rows, trainer.pad, moved, tokens=2) == [None, None, None, None, 0, None]
-    cut = guard.narrowed(rows[1], 2)
-    assert sum(cut[1][1:]) == 2 and cut[0] == rows[1][0][: len(cut[0])] and cut[1][-1]
-
-
-def top1(trainer, rows) -> list[list[int]]:
-    """Each row's answer positions' likeliest tokens under the live model, teacher-forced."""
-    out = []
-    with torch.no_grad():
-        for ids, m, _ in rows:
-            logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1]
-            out.append([int(t) for t, keep in zip(logits.argmax(-1), m[1:]) if keep])
-    return out
-
-
-def test_a_repair_phase_finds_nothing_to_repair_when_nothing_changed(run):
-    _, trainer = run(store=False, dtype="fp32")
-    info = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12, "repair": 5})
-    r = info["repair"]
-    assert r["damaged"] == r["left"] == r["steps"] == 0 and r["stopped"] == "repaired" and info["step"] == 1, r
-    plain = job(trainer, {"examples": FACTS, "steps": 1, "lr": 1e-12})
-    assert plain["repair"] is None and plain["plan"]["repair"] == 0
 
 
 def test_the_status_names_the_guards_measure_being_made(run, monkeypatch, capfd):
@@ -1065,19 +884,6 @@ def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_no
         ({"examples": FACTS, "restate": "yes"}, "restate"),
         ({"examples": FACTS, "train": "attention"}, "train"),
         ({"examples": FACTS, "train": ["mlp"]}, "train"),
-        ({"examples": FACTS, "repair": -1}, "repair"),
-        ({"examples": FACTS, "repair": 2.5}, "repair"),
-        ({"examples": FACTS, "repair": 3, "guard": False}, "repair"),
-        ({"examples": FACTS, "repair": 3, "replay": 0}, "repair"),
-        ({"examples": FACTS, "repair": 3, "repair_tokens": 0}, "repair_tokens"),
-        ({"examples": FACTS, "repair": 3, "repair_tokens": 17}, "repair_tokens"),
-        ({"examples": FACTS, "repair_tokens": 2}, "repair_tokens"),  # without a repair phase
-        ({"examples": FACTS, "repair": 3, "repair_rows": 0}, "repair_rows"),
-        ({"examples": FACTS, "repair": 3, "repair_lr": 0}, "repair_lr"),
-        ({"examples": FACTS, "repair": 3, "repair_lr": 1.5}, "repair_lr"),
-        ({"examples": FACTS, "repair": 3, "repair_beta": -1}, "repair_beta"),
-        ({"examples": FACTS, "repair": 3, "repair_beta": True}, "repair_beta"),
-        ({"examples": FACTS, "guard": True, "repair": 3, "anchor": 0, "repair_beta": 4}, "repair_beta"),
         ({"examples": [{**FACTS[0], "wieght": 2}]}, "examples[0].wieght"),  # not silently dropped
         ({"examples": [FACTS[0], {**FACTS[1], "messages": [{"role": "user", "content": "a"}]}]}, "examples[1]"),
         # OpenAI allows a null content only for an assistant message with tool calls (it was taken as empty)
@@ -1400,18 +1206,6 @@ def test_plan_resolution():
     assert (p.anchor, p.reword) == (3.0, True)
     assert schedule.plan({}, options.parse(["--restate"]), 10).restate is True
     assert schedule.plan({"restate": False}, options.parse(["--restate"]), 10).restate is False
-    assert p.repair == defaults.repair == 0 and schedule.plan({"repair": 7}, defaults, 10).repair == 7
-    assert schedule.plan({}, options.parse(["--repair", "5"]), 10).repair == 5
-    assert schedule.plan({"guard": False}, options.parse(["--repair", "5"]), 10).repair == 0  # as replay
-    assert schedule.plan({"replay": 0}, options.parse(["--repair", "5"]), 10).repair == 0
-    # The repair phase's settings: schedule.REPAIR unless the job gives them; without an anchor, one-hot.
-    gentle = schedule.plan({"repair": 7}, defaults, 10)
-    assert (gentle.repair_tokens, gentle.repair_rows, gentle.repair_lr, gentle.repair_beta) == (4, 4, 0.5, 16.0)
-    assert schedule.plan({"repair": 7, "anchor": 0}, defaults, 10).repair_beta == 0.0
-    tuned = schedule.plan(
-        {"repair": 7, "repair_tokens": 1, "repair_rows": 2, "repair_lr": 1, "repair_beta": 0}, defaults, 10
-    )
-    assert (tuned.repair_tokens, tuned.repair_rows, tuned.repair_lr, tuned.repair_beta) == (1, 2, 1.0, 0.0)
     assert [schedule.plan({"warmup": 2, "lr": 0.3}, defaults, 1).lr_at(s) for s in range(4)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3]
     )

@@ -44,8 +44,6 @@ def test_options_survive_argv():
             "frozen",
             "--anchor",
             "2.5",
-            "--repair",
-            "12",
             "--reword",
             "--replay-select",
             "similar",

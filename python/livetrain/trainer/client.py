@@ -167,11 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="measure what the model already does and roll the job back when it drops (default: the server's)",
     )
-    p.add_argument("--repair", type=int, help="after the job's steps, at most this many repair steps (0: none)")
-    p.add_argument("--repair-tokens", type=int, help="a replayed row is damaged when one of its first N tokens changed")
-    p.add_argument("--repair-rows", type=int, help="damaged rows a repair step")
-    p.add_argument("--repair-lr", type=float, help="a repair step's learning rate, times the job's")
-    p.add_argument("--repair-beta", type=float, help="the repair's KL weight (0: one-hot on the checked tokens)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     a = p.parse_args(argv)
 

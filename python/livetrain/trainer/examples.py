@@ -20,7 +20,7 @@ import jinja2
 
 from livetrain.trainer.options import REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
-from livetrain.trainer.schedule import MAX_STEPS, REPAIR_TOKENS
+from livetrain.trainer.schedule import MAX_STEPS
 
 ROLES = ("system", "user", "assistant")
 # The fields of one example: chat ``messages``, or ``prompt`` and ``completion``; ``weight`` with either.
@@ -43,11 +43,6 @@ JOB_OPTIONS = {
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),
     "train": (str, lambda v: v in TRAIN, " or ".join(f'"{v}"' for v in TRAIN)),
     "guard": (bool, lambda v: True, "true or false"),
-    "repair": (int, lambda v: 0 <= v <= MAX_STEPS, f"an integer from 0 to {MAX_STEPS}"),
-    "repair_tokens": (int, lambda v: 1 <= v <= REPAIR_TOKENS, f"an integer from 1 to {REPAIR_TOKENS}"),
-    "repair_rows": (int, lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
-    "repair_lr": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "repair_beta": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
 }
 # A job id a client chooses (``"id"``): retries with the same id get the same job.
 JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")

@@ -297,19 +297,6 @@ class Reference:
         a forward of their own (``anchor_hidden`` takes a forward shared with the job's rows)."""
         return self._kl(model, indices, detach_head).mean()
 
-    def narrowed(self, tokens: int) -> "Reference":
-        """The same reference on each example's first ``tokens`` answer tokens alone (``guard.narrowed``): no
-        forward, its stored distributions cut."""
-        out = object.__new__(Reference)
-        out.examples, out.pad = [narrowed(r, tokens) for r in self.examples], self.pad
-        out.chunks = self.chunks
-        out.ids, out.lps = [x[:tokens] for x in self.ids], [x[:tokens] for x in self.lps]
-        return out
-
-    def top1(self) -> list[list[int]]:
-        """Per example, the starting model's likeliest token at each answer position (teacher-forced)."""
-        return [ids[:, 0].tolist() for ids in self.ids]
-
     def rows(self, indices: list[int]) -> list:
         """Examples ``indices`` as (ids, mask, weight) rows, to join a forward shared with other rows."""
         return [self.examples[i] for i in indices]
@@ -346,55 +333,6 @@ class Reference:
         if k < 2:
             return m, math.nan
         return m, math.sqrt(k / (k - 1) * sum((s - m * n) ** 2 for s, n in zip(sums, counts))) / total
-
-
-@torch.no_grad()
-def first_change(
-    model,
-    rows: list,
-    pad: int,
-    start: list[list[int]],
-    tokens: int = KEPT_TOKENS,
-    max_tokens: int | None = None,
-    batch: int = 4 * BATCH,
-) -> list[int | None]:
-    """Per (ids, mask, weight) retention row, the first of its first ``tokens`` answer positions where the live
-    model, teacher-forced on the row, no longer makes ``start``'s token its likeliest (0: the first answer token),
-    or None where it still does at all of them (``start``: per row, the starting model's likeliest token at each
-    answer position, ``Reference.top1``, or the answer itself): one forward over the rows, in batches of at most
-    ``batch`` rows and ``max_tokens`` padded tokens (eval mode). A row is damaged at ``k`` tokens when its value
-    is below ``k`` (``damaged``)."""
-    lengths = [len(ids) for ids, _, _ in rows]
-    out: list[int | None] = []
-    with _eval(model):
-        for b, e in admission.chunks(lengths, batch, max_tokens or max(lengths, default=0) * batch):
-            chunk = rows[b:e]
-            now = answer_logits(model, chunk, pad).argmax(-1).tolist()
-            k = 0
-            for (_, m, _), want in zip(chunk, start[b:e]):
-                n = sum(m[1:])
-                got, want = now[k : k + n][:tokens], list(want[:n])[:tokens]
-                out.append(next((t for t, (a, w) in enumerate(zip(got, want)) if a != w), None))
-                k += n
-    return out
-
-
-def damaged(changes: list[int | None], tokens: int) -> list[int]:
-    """The indices of the rows whose ``first_change`` is within their first ``tokens`` answer tokens."""
-    return [i for i, c in enumerate(changes) if c is not None and c < tokens]
-
-
-def narrowed(row, tokens: int):
-    """An (ids, mask, weight) row cut after its ``tokens``-th answer token: its loss trains those alone."""
-    ids, m, w = row
-    at = [p for p in range(1, len(ids)) if m[p]]
-    cut = at[tokens - 1] + 1 if len(at) > tokens else len(ids)
-    return ids[:cut], m[:cut], w
-
-
-def answer_tokens(rows: list) -> list[list[int]]:
-    """Per (ids, mask, weight) row, its answer's tokens (those its loss trains)."""
-    return [[t for t, keep in zip(ids[1:], m[1:]) if keep] for ids, m, _ in rows]
 
 
 class _eval:

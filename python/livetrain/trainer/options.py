@@ -36,7 +36,6 @@ LEARNING = {
     "train": "all",
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
-    "repair": 0,
 }
 
 
@@ -325,15 +324,6 @@ _LEARNING_OPTIONS = (
         "answers); > 0: as BETA x the KL divergence from the starting model's next-token distributions",
     ),
     (
-        "--repair",
-        "repair",
-        int,
-        "STEPS",
-        "after a guarded job's steps, at most STEPS repair steps: the replayed retention rows whose starting "
-        "answers the job changed (teacher-forced, within their first repair_tokens tokens, a job field: 4) trained "
-        "back on those tokens beside the job's own examples until they are back; 0: none",
-    ),
-    (
         "--guard-threshold",
         "guard_threshold",
         float,
@@ -431,8 +421,8 @@ def check(ns: argparse.Namespace) -> str | None:
         return "--checkpoint-every must be >= 0"
     if not 0 < ns.lr < 1:
         return "--lr must be in (0, 1)"
-    if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0 or ns.repair < 0:
-        return "--warmup, --replay and --repair must be >= 0, --batch-size and --max-steps >= 1"
+    if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
+        return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
     if not ns.until_loss > 0 or not ns.guard_threshold > 0:
         return "--until-loss and --guard-threshold must be > 0"
     if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
@@ -474,8 +464,6 @@ def argv(ns: argparse.Namespace) -> list[str]:
         str(ns.replay),
         "--anchor",
         str(ns.anchor),
-        "--repair",
-        str(ns.repair),
         "--reword" if ns.reword else "--no-reword",
         "--restate" if ns.restate else "--no-restate",
         "--replay-select",

@@ -18,13 +18,6 @@ from livetrain.trainer.protocol import Invalid
 # The most steps a job may take, whether given as steps or max_steps (trainer.examples) or as epochs (plan).
 MAX_STEPS = 100_000
 # A job's states; the last four are final.
-# The repair phase's settings when a job with ``repair`` leaves them out (trainer.service ``Trainer._repair``,
-# docs/learning.md "The repair phase"): a row is damaged when one of its first ``repair_tokens`` answer tokens is
-# no longer the starting model's likeliest; ``repair_rows`` of them a step, at ``repair_lr`` × the job's lr, trained
-# by ``repair_beta`` × the anchor's KL divergence on those tokens (0: one-hot on them).
-REPAIR = {"repair_tokens": 4, "repair_rows": 4, "repair_lr": 0.5, "repair_beta": 16.0}
-REPAIR_OPTIONS = tuple(REPAIR)
-REPAIR_TOKENS = 16  # repair_tokens at most: guard.KEPT_TOKENS, the tokens an answer is kept by
 STATES = ("queued", "running", "done", "failed", "cancelled", "rolled_back")
 FINAL = ("done", "failed", "cancelled", "rolled_back")
 # Why a job stopped (``stop_reason`` in /train/status).
@@ -51,9 +44,7 @@ class Plan:
     model's next-token distributions on them; ``replay_select`` says which (``Replayed``). ``reword``: the model rewords each example's question once and
     the job trains those too (trainer.augment). ``restate``: each chat example's answer is also trained as
     plain text (trainer.augment.restated). ``train``: which parameters the job trains (options.TRAIN). ``guard``: measure retention and roll the job back when it
-    drops too far (docs/learning.md). ``repair``: after the job's steps, at most this many repair steps on the
-    replayed retention rows whose starting answers the job changed (0: none; trainer.service ``Trainer._repair``),
-    with ``repair_tokens``, ``repair_rows``, ``repair_lr`` and ``repair_beta`` (``REPAIR``).
+    drops too far (docs/learning.md).
     """
 
     batch_size: int
@@ -69,11 +60,6 @@ class Plan:
     replay_select: str = "cycle"
     restate: bool = False
     train: str = "all"
-    repair: int = 0
-    repair_tokens: int = REPAIR["repair_tokens"]
-    repair_rows: int = REPAIR["repair_rows"]
-    repair_lr: float = REPAIR["repair_lr"]
-    repair_beta: float = REPAIR["repair_beta"]
 
     @property
     def budget(self) -> int:
@@ -118,20 +104,6 @@ def plan(options: dict, defaults, examples: int) -> Plan:
     else:
         until = options.get("until_loss")  # a fixed job stops early only when asked to
     guard = options.get("guard", not defaults.no_guard)
-    replay = options.get("replay", defaults.replay if guard else 0)
-    repair = options.get("repair", defaults.repair if guard and replay else 0)
-    if repair and not (guard and replay):
-        raise Invalid(
-            "repair",
-            "repair trains the replayed retention rows in the replay's share of a step: it needs the guard and "
-            "replay >= 1",
-        )
-    anchor = float(options.get("anchor", defaults.anchor))
-    tuning = [k for k in REPAIR_OPTIONS if k in options]
-    if tuning and not repair:
-        raise Invalid(tuning[0], f"{tuning[0]} tunes the repair phase: it needs repair >= 1")
-    if options.get("repair_beta", 0) > 0 and not (anchor > 0):
-        raise Invalid("repair_beta", "repair_beta > 0 repairs by the anchor's KL divergence: it needs anchor > 0")
     return Plan(
         batch_size=bs,
         lr=options.get("lr", defaults.lr),
@@ -139,18 +111,13 @@ def plan(options: dict, defaults, examples: int) -> Plan:
         steps=fixed,
         max_steps=options.get("max_steps", defaults.max_steps),
         until_loss=until,
-        replay=replay,
-        anchor=anchor,
+        replay=options.get("replay", defaults.replay if guard else 0),
+        anchor=float(options.get("anchor", defaults.anchor)),
         reword=options.get("reword", defaults.reword),
         guard=guard,
         replay_select=options.get("replay_select", defaults.replay_select),
         restate=options.get("restate", defaults.restate),
         train=options.get("train", defaults.train),
-        repair=repair,
-        repair_tokens=options.get("repair_tokens", REPAIR["repair_tokens"]),
-        repair_rows=options.get("repair_rows", REPAIR["repair_rows"]),
-        repair_lr=float(options.get("repair_lr", REPAIR["repair_lr"])),
-        repair_beta=float(options.get("repair_beta", REPAIR["repair_beta"] if anchor > 0 else 0.0)),
     )
 
 

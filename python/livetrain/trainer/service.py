@@ -35,11 +35,6 @@ RETENTION_FIELDS = {"prompts", "builtin"}
 MAX_VERSION_WAIT_S = 30.0
 # The jobs /train/status and GET /train/{job_id} list: the oldest finished ones are forgotten past this.
 KEPT_JOBS = 100
-# A repair phase checks every replayed row after every REPAIR_FULL_CHECK-th repair step, besides the damaged ones
-# after each (Trainer._repair): a step may change rows it does not hold (in the CPU pilot of repair31, checking
-# the damaged rows alone, 3 rows changed unseen while one row stayed damaged for 37 steps). 353 rows: 0.26 s on the
-# H200 (interf29's measure), about one step.
-REPAIR_FULL_CHECK = 5
 
 
 def parse_job_id(args: dict) -> str:
@@ -249,9 +244,7 @@ class Trainer:
             embeddings_module.register_forward_hook(self._embeddings_forward)
         if ranks is not None and not s.no_guard:
             # The guard's retention answers are generated on rank 0 alone (see submit): off by default here.
-            s = argparse.Namespace(
-                **{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False, "repair": 0}
-            )
+            s = argparse.Namespace(**{**vars(s), "no_guard": True, "replay": 0, "anchor": 0.0, "reword": False})
             print("livetrain trainer: the forgetting guard is off under tensor parallelism", file=sys.stderr)
         self.settings = s  # the defaults of a job's plan (trainer.schedule.plan)
         self.lr, self.batch_size = s.lr, s.batch_size
@@ -575,7 +568,6 @@ class Trainer:
             "restated": len(restated) if plan.restate else None,
             "trains": None,
             "guard": None,
-            "repair": None,
             "error": None,
             "submitted": time.time(),
             "started": None,
@@ -722,7 +714,6 @@ class Trainer:
                     "replay": self.settings.replay,
                     "anchor": self.settings.anchor,
                     "replay_select": self.settings.replay_select,
-                    "repair": self.settings.repair,
                     "rollbacks": self.counts["guard_rollbacks"],
                     "can_roll_back": self.store is not None,
                     "retention_prompts": len(self.retention.prompts),
@@ -1067,8 +1058,7 @@ class Trainer:
     def loss(self, examples, anchor=None, later=None, separate_anchor: bool | None = None):
         """A step's loss before backward: per example, the mean cross-entropy over its trained tokens, times
         its weight, averaged; plus, with ``anchor`` = (guard.Reference, indices, beta), beta × the mean KL
-        divergence from the reference's distributions on those of its examples (a list of such: the sum of their
-        terms, each its own mean). Returns (the loss tensor,
+        divergence from the reference's distributions on those of its examples. Returns (the loss tensor,
         its value without the anchor's term, the batch's tokens, each example's loss, unweighted).
 
         The anchor's rows join the batch's forward (one forward over both, padded to the longer, and so one
@@ -1079,11 +1069,8 @@ class Trainer:
         ``later``: see ``step``; when it defers the output projection's gradient (``later.active``), that
         gradient comes from the examples' loss alone (its deferred step runs once, after backward)."""
         n = len(examples)
-        # Several anchors' rows (a repair step's: trainer.service ``_repair``) share the forward as one.
-        anchors = anchor if isinstance(anchor, list) else [] if anchor is None else [anchor]
-        anchor = anchors or None
         head = output_projection(self.model) if anchor is not None and separate_anchor is not True else None
-        anchor_rows = [row for a in anchors for row in a[0].rows(a[1])] if head is not None else []
+        anchor_rows = anchor[0].rows(anchor[1]) if head is not None else []
         if (
             separate_anchor is None
             and anchor_rows
@@ -1114,12 +1101,11 @@ class Trainer:
             hidden=None if hidden is None else hidden[:n, :width],
         )
         value = float(loss.detach())  # the same on every rank: the vocabulary-parallel loss is gathered
-        at = n
-        for reference, indices, beta in anchors:
+        if anchor is not None:
+            reference, indices, beta = anchor
             detach = later is not None and later.active
-            if hidden is not None and anchor_rows:
-                term = reference.anchor_hidden(hidden[at : at + len(indices)], indices, head, detach_head=detach)
-                at += len(indices)
+            if hidden is not None:
+                term = reference.anchor_hidden(hidden[n:], indices, head, detach_head=detach)
             else:
                 term = reference.anchor(self.model, indices, detach_head=detach)
             kl = float(term.detach())
@@ -1249,18 +1235,37 @@ class Trainer:
                     break
                 dt = time.perf_counter() - t0
                 losses.record(idx, per_example[: len(idx)])
-                self._stepped(jid, info, plan, losses, loss, ntok, dt, lr, f"step {s + 1}/{plan.budget}")
+                summary = losses.summary(plan.until_loss)
+                with self.lock:
+                    self._new_version()
+                    self.opt_steps += 1
+                    self.counts["steps"] += 1
+                    self.counts["tokens"] += ntok
+                    info["step"], info["loss"] = s + 1, loss
+                    info["loss_before"], info["loss_after"], info["losses"] = (
+                        summary["before"],
+                        summary["after"],
+                        summary,
+                    )
+                    self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
+                    self.tokens_per_s = ntok / dt if dt > 0 else 0.0
+                print(
+                    f"livetrain trainer: {jid} step {s + 1}/{plan.budget} loss {loss:.4f} (examples: mean "
+                    f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
+                    + (
+                        f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}"
+                        if plan.until_loss
+                        else ""
+                    )
+                    + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
+                    f"weight version {self.weight_version}",
+                    flush=True,
+                )
                 if losses.learned(plan.until_loss):
                     reason = "until_loss"
                     break
             else:
                 reason = "steps" if plan.steps is not None else "max_steps"
-            if plan.repair and watch is not None and watch["replay"] and reason in ("until_loss", "max_steps", "steps"):
-                try:
-                    reason = self._repair(jid, info, plan, watch, examples, order, losses, replayed) or reason
-                except NonFinite as e:
-                    reason, state = "nonfinite", "failed"
-                    restored = self._nonfinite_stop(info, e, undo, watch)
             if reason == "cancelled":
                 state = "cancelled"
             # After a non-finite stop too: the steps before it may have done the damage (a huge lr).
@@ -1324,153 +1329,6 @@ class Trainer:
                 flush=True,
             )
             self.save()
-
-    def _stepped(self, jid: str, info: dict, plan, losses, loss: float, ntok: int, dt: float, lr: float, what: str):
-        """A job's step taken (its examples' losses recorded in ``losses``): the new weight version, the
-        counts, the job's entry, and the step's progress line in the log (``what``: "step 3/400")."""
-        summary = losses.summary(plan.until_loss)
-        with self.lock:
-            self._new_version()
-            self.opt_steps += 1
-            self.counts["steps"] += 1
-            self.counts["tokens"] += ntok
-            info["step"], info["loss"] = info["step"] + 1, loss
-            info["loss_before"], info["loss_after"], info["losses"] = summary["before"], summary["after"], summary
-            self.losses.append({"version": self.weight_version, "job": jid, "loss": loss})
-            self.tokens_per_s = ntok / dt if dt > 0 else 0.0
-        print(
-            f"livetrain trainer: {jid} {what} loss {loss:.4f} (examples: mean "
-            f"{summary['after']:.4f}, max {summary['max_after']:.4f}"
-            + (f", {summary['below']}/{summary['counted']} below {plan.until_loss:g}" if plan.until_loss else "")
-            + f") lr {lr:.2e} {ntok / dt if dt > 0 else 0:.0f} tok/s {dt:.2f} s "
-            f"weight version {self.weight_version}",
-            flush=True,
-        )
-
-    def _repair(self, jid: str, info: dict, plan, watch: dict, examples: list, order, losses, replayed) -> str | None:
-        """A job's repair phase (``plan.repair`` steps at most), after its own steps. A replayed retention row is
-        damaged when one of its first ``plan.repair_tokens`` answer tokens, teacher-forced, is no longer the
-        starting model's likeliest (``guard.first_change``, one forward over the rows). Up to
-        ``plan.repair_rows`` damaged rows a step (in turn), cut after those tokens (``guard.narrowed``), are
-        trained back on them: by the anchor's KL divergence from the starting model's distributions there at
-        ``plan.repair_beta`` (its own term beside the anchor's), or one-hot on the starting answer's tokens where
-        ``repair_beta`` is 0 or the job has no anchor; in the replayed rows' share of the step (the rest of it
-        replayed as usual), beside the job's next batch of its own examples so that they stay learned, at
-        ``plan.repair_lr`` × the job's lr. After each step the damaged rows are checked again; when none is left,
-        every row is (a repair step may change others), and every row is after every ``REPAIR_FULL_CHECK``-th step
-        too; the phase ends when a check of every row finds none, or at its step cap. Reported as the job's ``repair`` (``changed``: per k of 1, 2, 4, 8, 16, the rows changed within
-        their first k answer tokens, after the job and at the end); the guard's verdict comes after it. Returns
-        "cancelled" or "shutdown" when one ended it, else None; ``NonFinite`` from a step."""
-        t0 = time.perf_counter()
-        rows, anchor = watch["replay"], watch["anchor"]
-        start = anchor.top1() if anchor is not None else guard.answer_tokens(rows)
-        kl = anchor is not None and plan.repair_beta > 0
-        narrow = anchor.narrowed(plan.repair_tokens) if kl else None
-        cut = [guard.narrowed(r, plan.repair_tokens) for r in rows]
-        everything = list(range(len(rows)))
-        spans = (1, 2, 4, 8, guard.KEPT_TOKENS)
-
-        def damaged_of(which: list[int]) -> tuple[list[int], list[int | None]]:
-            changes = guard.first_change(
-                self.model,
-                [rows[i] for i in which],
-                self.pad,
-                [start[i] for i in which],
-                max_tokens=self.max_batch_tokens,
-            )
-            return [which[i] for i in guard.damaged(changes, plan.repair_tokens)], changes
-
-        def changed(changes: list[int | None]) -> dict[str, int]:
-            return {str(k): len(guard.damaged(changes, k)) for k in spans}
-
-        damaged, changes = damaged_of(everything)
-        ever, full = set(damaged), True
-        report = {
-            "max_steps": plan.repair,
-            "tokens": plan.repair_tokens,
-            "by": f"kl x {plan.repair_beta:g}" if kl else "one-hot",
-            "rows_per_step": plan.repair_rows,
-            "lr": plan.lr * plan.repair_lr,
-            "steps": 0,
-            "rows": len(rows),
-            "damaged": len(damaged),  # at the phase's start
-            "damaged_during": len(damaged),  # found damaged at any check
-            "left": len(damaged),
-            "changed": {"after_job": changed(changes), "at_end": None},
-            "checks": 1,
-            "stopped": None,
-            "examples_learned": None,
-            "seconds": None,
-        }
-        with self.lock:
-            info["repair"] = report
-        ended, turn, lr = None, 0, plan.lr * plan.repair_lr
-        while damaged and report["steps"] < plan.repair:
-            self.run_pending()
-            if self.stopping.is_set() or info.get("cancel"):
-                ended = "shutdown" if self.stopping.is_set() else "cancelled"
-                break
-            idx = next(order)
-            take = [damaged[(turn + k) % len(damaged)] for k in range(min(plan.repair_rows, len(damaged)))]
-            turn += len(take)
-            rest = max(0, plan.replay - len(take))
-            picked = replayed.pick(rest, [_prompt(examples[i]) for i in idx]) if replayed and rest else []
-            batch = [examples[i] for i in idx]
-            if not kl:
-                batch += [cut[j] for j in take]
-            if anchor is None:
-                batch += [rows[j] for j in picked]
-            step_anchor = [(anchor, picked, plan.anchor)] if anchor is not None and picked else []
-            if kl:
-                step_anchor.append((narrow, take, plan.repair_beta))
-            self.reserve(self.weight_version + 1)
-            t1 = time.perf_counter()
-            if self.ranks is not None:
-                self.ranks.lead("step", batch, lr)
-            loss, ntok, per_example = self.train_step(batch, lr, step_anchor or None)
-            losses.record(idx, per_example[: len(idx)])
-            report["steps"] += 1
-            self._stepped(
-                jid,
-                info,
-                plan,
-                losses,
-                loss,
-                ntok,
-                time.perf_counter() - t1,
-                lr,
-                f"repair step {report['steps']}/{plan.repair} ({len(take)} of {len(damaged)} damaged rows)",
-            )
-            if report["steps"] % REPAIR_FULL_CHECK == 0:  # a step may change rows the phase does not hold
-                damaged, changes = damaged_of(everything)
-                full = True
-            else:
-                damaged, full = damaged_of(damaged)[0], False
-                if not damaged:
-                    damaged, changes = damaged_of(everything)
-                    full = True
-                    report["checks"] += 1
-            ever |= set(damaged)
-            report["checks"] += 1
-        if not full and ended is None:  # the cap ended it: how many rows are left, of them all
-            damaged, changes = damaged_of(everything)
-            full = True
-            report["checks"] += 1
-            ever |= set(damaged)
-        with self.lock:
-            report["left"], report["damaged_during"] = len(damaged), len(ever)
-            report["changed"]["at_end"] = changed(changes) if full else None
-            report["stopped"] = ended or ("repaired" if not damaged else "max_steps")
-            report["examples_learned"] = losses.learned(plan.until_loss) if plan.until_loss else None
-            report["seconds"] = round(time.perf_counter() - t0, 3)
-        print(
-            f"livetrain trainer: {jid} repair: {report['damaged']} of {report['rows']} replayed retention rows damaged "
-            f"after the job (changed within 1/2/4/8/16 tokens: "
-            f"{'/'.join(str(v) for v in report['changed']['after_job'].values())}), {report['left']} left after "
-            f"{report['steps']} repair steps ({report['stopped']}); {report['seconds']} s",
-            flush=True,
-        )
-        return ended
 
     def trained_parameters(self, train: str) -> list:
         """The parameters a job of ``train`` (options.TRAIN) trains, of those the trainer trains at all
