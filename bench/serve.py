@@ -33,13 +33,17 @@ weights where the process holds them itself (AdamW). The context is the device's
 nvidia-smi while the process is alive and idle, minus memory.used before it started, minus what its
 allocator held at that moment. The target of the issue: the trainer's extra memory <= 15% of the weights.
 
-Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens) for
---gen-seconds after one warm-up request; with training, the window starts after the job's first step and
-training tokens/s counts the steps that ran entirely inside it.
+Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens), each window
+at least --gen-requests requests and --gen-seconds long, each request timed (median, min and max beside the
+window's rate). Three windows in a row: alone, after one warm-up request, once the trainer is idle (it has
+nothing left to make between jobs: the guard's measures of the live weights, which it makes on the GPU after a
+start or a job, are made); with a /train job running, from the job's first step on (training tokens/s counts
+the steps that ran entirely inside it); alone again, after the trainer stopped. The ratio is the job's window
+against the two alone pooled.
 
 usage: python bench/serve.py [--shape 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
                              [--tokens 2048[,8192]] [--checkpoint] [--dir DIR] [--client auto|http|inproc]
-                             [--json out.json]
+                             [--gen-seconds 15] [--gen-requests 6] [--json out.json]
 Prints a markdown table; with $OUT set also writes $OUT/serve.md and $OUT/serve.json.
 """
 
@@ -295,22 +299,34 @@ def command_loop(handlers: dict) -> None:
             reply({"error": f"{op}: {type(e).__name__}: {e}"})
 
 
-def completion_loop(one, seconds: float) -> dict:
-    """Sequential requests: one warm-up, then until `seconds` have passed (at least 2). one(i) -> tokens."""
-    one(0)
+def completion_loop(one, seconds: float, min_requests: int = 2, warmup: bool = True) -> dict:
+    """Sequential requests, timed each: an untimed warm-up (``warmup``), then until at least ``min_requests``
+    have run and ``seconds`` have passed. one(i) -> tokens. The window's rate (its tokens over its wall time)
+    and each request's (its tokens over its own time, prefill included), whose median, min and max show the
+    noise of the mean."""
+    if warmup:
+        one(0)
     spans, i = [], 1
-    while len(spans) < 2 or spans[-1][1] - spans[0][0] < seconds:
+    while len(spans) < max(min_requests, 1) or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
         n = one(i)
         spans.append((t0, time.monotonic(), n))
         i += 1
     tokens = sum(n for _, _, n in spans)
     wall = spans[-1][1] - spans[0][0]
+    each = sorted(n / max(t1 - t0, 1e-9) for t0, t1, n in spans)
+    mid = len(each) // 2
     return {
         "requests": len(spans),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "per_request": [{"seconds": t1 - t0, "tokens": n} for t0, t1, n in spans],
+        "request_tokens_per_s": {
+            "median": each[mid] if len(each) % 2 else (each[mid - 1] + each[mid]) / 2,
+            "min": each[0],
+            "max": each[-1],
+        },
         "start": spans[0][0],
         "end": spans[-1][1],
     }
@@ -380,14 +396,14 @@ def role_engine(a) -> None:
         }
     )
 
-    def generate(max_tokens: int, seconds: float) -> dict:
+    def generate(max_tokens: int, seconds: float, min_requests: int, warmup: bool) -> dict:
         def one(i: int) -> int:
             n = 0
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
                 pass
             return n
 
-        return completion_loop(one, seconds)
+        return completion_loop(one, seconds, min_requests, warmup)
 
     try:
         command_loop({"generate": generate})
@@ -738,6 +754,43 @@ def role_trainer(a) -> None:
         return out
 
     trainer.step = recorded
+
+    # Whether the trainer has anything left to make between jobs (what "completions alone" waits for): the
+    # guard's measures of the live weights (Trainer._prepare, one per idle moment: the held-out answers' first
+    # tokens, the retention answers, the reference distributions, the anchor's) use the GPU for tens of seconds
+    # after a start or a job (at 27B the 393 retention answers alone take ~50 s). An idle call that made none
+    # at the live weight version means there is nothing left; so does a guard that is off or prepares at a
+    # job's start, or measures that failed at this version (not made again until the weights change).
+    prepared = {"version": None, "made": []}  # the version at which an idle call found nothing to make
+    prepare = trainer._prepare
+
+    def watched(idle: bool, *args, **kw):
+        version = trainer.weight_version
+        p, made = prepare(idle, *args, **kw)
+        if idle:
+            prepared["made"] += made
+            if not made:
+                prepared["version"] = version
+        return p, made
+
+    trainer._prepare = watched
+
+    def idle() -> dict:
+        s = trainer.settings
+        why = None
+        if s.no_guard or s.guard_prepare != "idle":
+            why = "the guard makes nothing between jobs"
+        elif trainer.prepare_failed == trainer.weight_version:
+            why = "the guard's measures between jobs failed at this weight version"
+        elif prepared["version"] == trainer.weight_version:
+            why = "the guard's measures of the live weights are made"
+        return {
+            "idle": why is not None and trainer.making is None and trainer.current is None,
+            "why": why,
+            "making": (trainer.making or {}).get("what"),
+            "made": list(prepared["made"]),
+        }
+
     server = protocol.Server(a.socket, trainer.handle)
     server.start()
     runner = threading.Thread(target=trainer.run, name="trainer", daemon=True)
@@ -766,6 +819,7 @@ def role_trainer(a) -> None:
                 "submit": lambda job: trainer.submit(job)._asdict(),
                 "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
                 "window": window,
+                "idle": idle,
                 "stop": stop,
                 "floors": floors_between_jobs,
             }
@@ -1074,11 +1128,22 @@ def child_args(a, model: str) -> list[str]:
 
 
 def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
-    """Completion throughput alone, then while a /train job runs; fills `out` as it goes."""
+    """Completion throughput alone, while a /train job runs, and alone again after the job (the trainer stopped);
+    fills `out` as it goes. "Alone" is the trainer idle: the first window waits until the trainer has nothing
+    left to make between jobs (the guard's measures of the live weights, which would share the GPU with it);
+    the second runs after the trainer stopped. Each window has at least --gen-requests requests and
+    --gen-seconds seconds."""
 
-    def measure() -> dict:
+    def measure(warmup: bool) -> dict:
         if client == "inproc":
-            return engine.ask(a.gen_seconds + a.timeout, "generate", max_tokens=a.gen_tokens, seconds=a.gen_seconds)
+            return engine.ask(
+                a.gen_seconds + a.timeout,
+                "generate",
+                max_tokens=a.gen_tokens,
+                seconds=a.gen_seconds,
+                min_requests=a.gen_requests,
+                warmup=warmup,
+            )
 
         def one(i: int) -> int:
             body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
@@ -1087,12 +1152,31 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
                 raise RuntimeError(f"/v1/completions answered {code}: {body}")
             return body["usage"]["completion_tokens"]
 
-        return completion_loop(one, a.gen_seconds)
+        return completion_loop(one, a.gen_seconds, a.gen_requests, warmup)
 
-    log(f"{layers} layers: completions alone ({client}), {a.gen_seconds:g} s of {a.gen_tokens}-token requests")
-    out["alone"] = measure()
+    def spread(r: dict) -> str:
+        q = r["request_tokens_per_s"]
+        return f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
+
+    log(f"{layers} layers: waiting for the trainer to be idle (the guard's measures between jobs)")
+    t0 = time.monotonic()
+    while True:
+        state = trainer.ask(60, "idle")
+        if state["idle"]:
+            break
+        if time.monotonic() - t0 > a.timeout:
+            raise TimeoutError(f"the trainer was not idle after {a.timeout:.0f} s (making {state['making']})")
+        time.sleep(0.5)
+    out["waited"] = {"seconds": time.monotonic() - t0, "why": state["why"], "made": state["made"]}
     log(
-        f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests"
+        f"{layers} layers: trainer idle after {out['waited']['seconds']:.1f} s ({state['why']}; made meanwhile: "
+        f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
+        f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
+    )
+    out["alone"] = measure(warmup=True)
+    log(
+        f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
+        f"requests, {spread(out['alone'])}"
     )
 
     job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr, "guard": False}
@@ -1110,15 +1194,27 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
             raise TimeoutError("the training job made no step")
         time.sleep(0.1)
     log(f"{layers} layers: completions while the /train job runs")
-    out["training"] = measure()
+    out["training"] = measure(warmup=False)
     out["concurrent_training"] = trainer.ask(60, "window", start=out["training"]["start"], end=out["training"]["end"])
     stopped = trainer.ask(a.timeout, "stop")
     out["training"]["job_steps"] = stopped["steps"]
     ct = out["concurrent_training"]
     log(
-        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s; training meanwhile "
-        f"{rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
+        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s, {spread(out['training'])}; "
+        f"training meanwhile {rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
     )
+    if not stopped["stopped"]:
+        raise RuntimeError("the trainer did not stop: no second window alone")
+    out["alone_after"] = measure(warmup=False)
+    log(
+        f"{layers} layers: alone again (trainer stopped) {rate(out['alone_after']['tokens_per_s'])} tokens/s, "
+        f"{spread(out['alone_after'])}"
+    )
+
+
+def pooled(*windows: dict) -> float:
+    """Tokens per second over several windows together (their tokens over their summed wall time)."""
+    return sum(w["tokens"] for w in windows) / sum(w["seconds"] for w in windows)
 
 
 def count(n: int) -> str:
@@ -1304,24 +1400,42 @@ def render(results: dict) -> str:
         lines += [
             "",
             f"Completions ({via}): "
-            f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each, "
-            f"{results['gen_seconds']:g} s per measurement",
+            f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each; each "
+            f"measurement at least {results.get('gen_requests', 2)} requests and {results['gen_seconds']:g} s, "
+            "in the order of the rows. Alone = the trainer idle: the first window waits until the trainer has "
+            "nothing left to make between jobs (the guard's measures of the live weights), the last runs after "
+            "the trainer stopped. Per request: its tokens over its own time (prefill included).",
             "",
-            "| layers | engine | requests | tokens | completion tokens/s | ms/token | training tokens/s meanwhile |",
-            "|---:|---|---:|---:|---:|---:|---:|",
+            "| layers | engine | requests | tokens | completion tokens/s | per request median (min–max) | ms/token "
+            "| training tokens/s meanwhile |",
+            "|---:|---|---:|---:|---:|---|---:|---:|",
         ]
         for s in gen:
             c = s["completions"]
-            for name, key in (("alone", "alone"), ("with a /train job running", "training")):
+            waited = c.get("waited")
+            first = "alone (trainer idle" + (f": waited {waited['seconds']:.0f} s for it)" if waited else ")")
+            for name, key in (
+                (first, "alone"),
+                ("with a /train job running", "training"),
+                ("alone again (trainer stopped)", "alone_after"),
+            ):
                 r = c.get(key)
                 if r is None:
                     continue
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
+                q = r.get("request_tokens_per_s")
+                each = f"{rate(q['median'])} ({rate(q['min'])}–{rate(q['max'])})" if q else "-"
                 lines.append(
                     f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
-                    f"{1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |"
+                    f"{each} | {1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |"
+                )
+            if waited:
+                made = ", ".join(waited["made"]) or "nothing"
+                lines.append(
+                    f"\n{s['layers']} layers: before the first window alone the trainer made {made} between jobs "
+                    f"({waited['seconds']:.1f} s; then idle: {waited['why']})."
                 )
             if c.get("concurrent_training", {}).get("steps", 2) < 2:
                 lines.append(
@@ -1329,11 +1443,20 @@ def render(results: dict) -> str:
                     "inside the window: lengthen --gen-seconds for a training rate."
                 )
             if "alone" in c and "concurrent_training" in c:
-                share = c["training"]["tokens_per_s"] / c["alone"]["tokens_per_s"]
+                windows = [c[k] for k in ("alone", "alone_after") if k in c]
+                alone = pooled(*windows)
+                share = c["training"]["tokens_per_s"] / alone
+                both = (
+                    f" (the two windows alone: {rate(c['alone']['tokens_per_s'])} and "
+                    f"{rate(c['alone_after']['tokens_per_s'])} tokens/s, pooled {rate(alone)})"
+                    if len(windows) == 2
+                    else ""
+                )
                 lines.append(
-                    f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone "
-                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}); training at "
-                    f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone."
+                    f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone{both} "
+                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}); "
+                    f"training at {ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} "
+                    "its speed alone."
                 )
     lines.append(f"\nTotal run time {results['seconds']:.0f} s.")
     return "\n".join(lines)
@@ -1372,7 +1495,16 @@ def main() -> int:
         choices=["auto", "http", "inproc"],
         help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process",
     )
-    ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
+    ap.add_argument(
+        "--gen-seconds", type=float, default=15.0, help="shortest completion measurement (0: no completions)"
+    )
+    ap.add_argument(
+        "--gen-requests",
+        type=int,
+        default=6,
+        help="fewest timed requests of a completion measurement (each window runs until both this many and "
+        "--gen-seconds)",
+    )
     ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
     ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline (always skipped for 27B)")
     ap.add_argument(
@@ -1419,6 +1551,8 @@ def main() -> int:
     layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.shape]).split(",")]
     if a.steps < 1:
         ap.error("--steps must be >= 1")
+    if a.gen_requests < 1:
+        ap.error("--gen-requests must be >= 1")
     if any(n < 4 or n > SHAPES[a.shape]["max_position_embeddings"] for n in a.token_list):
         ap.error(f"--tokens must be in [4, {SHAPES[a.shape]['max_position_embeddings']}]")
     if a.shape in NO_ADAMW and not a.no_adamw:
@@ -1461,6 +1595,7 @@ def main() -> int:
         "client": client,
         "gen_tokens": a.gen_tokens,
         "gen_seconds": a.gen_seconds,
+        "gen_requests": a.gen_requests,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device_name": a.device,
