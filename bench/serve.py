@@ -33,9 +33,10 @@ weights where the process holds them itself (AdamW). The context is the device's
 nvidia-smi while the process is alive and idle, minus memory.used before it started, minus what its
 allocator held at that moment. The target of the issue: the trainer's extra memory <= 15% of the weights.
 
-Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens), each window
-at least --gen-requests requests and --gen-seconds long, each request timed (median, min and max beside the
-window's rate). Three windows in a row: alone, after one warm-up request, once the trainer is idle (it has
+Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens; over HTTP
+streamed), each window at least --gen-requests requests and --gen-seconds long, each request timed (median, min
+and max beside the window's rate) and split at its first token: the time to it, and the decode's time per token
+after it (what a request that stops early at EOS does not change). Three windows in a row: alone, after one warm-up request, once the trainer is idle (it has
 nothing left to make between jobs: the guard's measures of the live weights, which it makes on the GPU after a
 start or a job, are made); with a /train job running, from the job's first step on (training tokens/s counts
 the steps that ran entirely inside it); alone again, after the trainer stopped. The ratio is the job's window
@@ -299,34 +300,46 @@ def command_loop(handlers: dict) -> None:
             reply({"error": f"{op}: {type(e).__name__}: {e}"})
 
 
+def spread(values: list[float]) -> dict | None:
+    """Median, min and max of ``values`` (None when there are none)."""
+    if not values:
+        return None
+    v, mid = sorted(values), len(values) // 2
+    return {"median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "min": v[0], "max": v[-1]}
+
+
 def completion_loop(one, seconds: float, min_requests: int = 2, warmup: bool = True) -> dict:
     """Sequential requests, timed each: an untimed warm-up (``warmup``), then until at least ``min_requests``
-    have run and ``seconds`` have passed. one(i) -> tokens. The window's rate (its tokens over its wall time)
-    and each request's (its tokens over its own time, prefill included), whose median, min and max show the
-    noise of the mean."""
+    have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
+    The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
+    included), whose median, min and max show the noise of the mean; and, split at the first token, the time
+    to it (prefill and one token) and the decode's time per token after it (which a request's length does not
+    change: a model that learned to stop early makes fewer tokens per prefill, not slower ones)."""
     if warmup:
         one(0)
     spans, i = [], 1
     while len(spans) < max(min_requests, 1) or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
-        n = one(i)
-        spans.append((t0, time.monotonic(), n))
+        n, first = one(i)
+        spans.append((t0, time.monotonic(), n, first))
         i += 1
-    tokens = sum(n for _, _, n in spans)
+    tokens = sum(s[2] for s in spans)
     wall = spans[-1][1] - spans[0][0]
-    each = sorted(n / max(t1 - t0, 1e-9) for t0, t1, n in spans)
-    mid = len(each) // 2
+    decoded = [(t1 - first, n - 1) for _, t1, n, first in spans if first is not None and n >= 2]
     return {
         "requests": len(spans),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
-        "per_request": [{"seconds": t1 - t0, "tokens": n} for t0, t1, n in spans],
-        "request_tokens_per_s": {
-            "median": each[mid] if len(each) % 2 else (each[mid - 1] + each[mid]) / 2,
-            "min": each[0],
-            "max": each[-1],
-        },
+        "per_request": [
+            {"seconds": t1 - t0, "tokens": n, "first_token_seconds": None if first is None else first - t0}
+            for t0, t1, n, first in spans
+        ],
+        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _ in spans]),
+        "first_token_seconds": spread([first - t0 for t0, _, _, first in spans if first is not None]),
+        "decode_seconds_per_token": spread([s / n for s, n in decoded]),
+        # the window's decode: its requests' time after their first token, and the tokens made in it
+        "decode": {"seconds": sum(x for x, _ in decoded), "tokens": sum(n for _, n in decoded)},
         "start": spans[0][0],
         "end": spans[-1][1],
     }
@@ -397,11 +410,12 @@ def role_engine(a) -> None:
     )
 
     def generate(max_tokens: int, seconds: float, min_requests: int, warmup: bool) -> dict:
-        def one(i: int) -> int:
-            n = 0
+        def one(i: int) -> tuple[int, float | None]:
+            n, first = 0, None
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
-                pass
-            return n
+                if first is None and n:
+                    first = time.monotonic()
+            return n, first
 
         return completion_loop(one, seconds, min_requests, warmup)
 
@@ -1145,18 +1159,17 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
                 warmup=warmup,
             )
 
-        def one(i: int) -> int:
-            body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
-            code, body = http(url + "/v1/completions", body, timeout=600)
-            if code != 200:
-                raise RuntimeError(f"/v1/completions answered {code}: {body}")
-            return body["usage"]["completion_tokens"]
+        def one(i: int) -> tuple[int, float | None]:
+            return stream_completion(url, prompt(i), a.gen_tokens)
 
         return completion_loop(one, a.gen_seconds, a.gen_requests, warmup)
 
-    def spread(r: dict) -> str:
-        q = r["request_tokens_per_s"]
-        return f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
+    def noise(r: dict) -> str:
+        q, d = r["request_tokens_per_s"], r["decode_seconds_per_token"]
+        out = f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
+        if d:
+            out += f", decode {1e3 * d['median']:.1f} ms/token ({1e3 * d['min']:.1f}-{1e3 * d['max']:.1f})"
+        return out
 
     log(f"{layers} layers: waiting for the trainer to be idle (the guard's measures between jobs)")
     t0 = time.monotonic()
@@ -1176,7 +1189,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     out["alone"] = measure(warmup=True)
     log(
         f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
-        f"requests, {spread(out['alone'])}"
+        f"requests, {noise(out['alone'])}"
     )
 
     job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr, "guard": False}
@@ -1200,7 +1213,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     out["training"]["job_steps"] = stopped["steps"]
     ct = out["concurrent_training"]
     log(
-        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s, {spread(out['training'])}; "
+        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s, {noise(out['training'])}; "
         f"training meanwhile {rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
     )
     if not stopped["stopped"]:
@@ -1208,8 +1221,35 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     out["alone_after"] = measure(warmup=False)
     log(
         f"{layers} layers: alone again (trainer stopped) {rate(out['alone_after']['tokens_per_s'])} tokens/s, "
-        f"{spread(out['alone_after'])}"
+        f"{noise(out['alone_after'])}"
     )
+
+
+def stream_completion(url: str, text: str, max_tokens: int) -> tuple[int, float | None]:
+    """One greedy /v1/completions request, streamed (server-sent events, the usage in a last chunk): (tokens
+    made, time.monotonic() when the first chunk with text or a finish reason came)."""
+    import urllib.request
+
+    body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    first, usage = None, None
+    with urllib.request.urlopen(req, timeout=600) as r:  # an error status raises HTTPError, with its body
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"/v1/completions failed while streaming: {chunk}")
+            if first is None and any(c.get("text") or c.get("finish_reason") for c in chunk.get("choices", [])):
+                first = time.monotonic()
+            usage = chunk.get("usage") or usage
+    if usage is None:
+        raise RuntimeError("/v1/completions streamed no usage chunk (stream_options.include_usage)")
+    return usage["completion_tokens"], first
 
 
 def pooled(*windows: dict) -> float:
@@ -1404,11 +1444,12 @@ def render(results: dict) -> str:
             f"measurement at least {results.get('gen_requests', 2)} requests and {results['gen_seconds']:g} s, "
             "in the order of the rows. Alone = the trainer idle: the first window waits until the trainer has "
             "nothing left to make between jobs (the guard's measures of the live weights), the last runs after "
-            "the trainer stopped. Per request: its tokens over its own time (prefill included).",
+            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its first "
+            "token (streamed): the time to that token and the decode's time per token after it.",
             "",
-            "| layers | engine | requests | tokens | completion tokens/s | per request median (min–max) | ms/token "
-            "| training tokens/s meanwhile |",
-            "|---:|---|---:|---:|---:|---|---:|---:|",
+            "| layers | engine | requests | tokens | completion tokens/s | per request tokens/s median (min–max) "
+            "| ms/token | decode ms/token median (min–max) | first token ms median | training tokens/s meanwhile |",
+            "|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
         ]
         for s in gen:
             c = s["completions"]
@@ -1425,11 +1466,15 @@ def render(results: dict) -> str:
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
-                q = r.get("request_tokens_per_s")
+                q, d, f = (
+                    r.get(k) for k in ("request_tokens_per_s", "decode_seconds_per_token", "first_token_seconds")
+                )
                 each = f"{rate(q['median'])} ({rate(q['min'])}–{rate(q['max'])})" if q else "-"
+                decode = f"{1e3 * d['median']:.1f} ({1e3 * d['min']:.1f}–{1e3 * d['max']:.1f})" if d else "-"
+                first_ms = f"{1e3 * f['median']:.0f}" if f else "-"
                 lines.append(
                     f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
-                    f"{each} | {1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |"
+                    f"{each} | {1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {decode} | {first_ms} | {train} |"
                 )
             if waited:
                 made = ", ".join(waited["made"]) or "nothing"
@@ -1452,9 +1497,19 @@ def render(results: dict) -> str:
                     if len(windows) == 2
                     else ""
                 )
+                decode = ""
+                solo = [w.get("decode") for w in windows]
+                job = c["training"].get("decode")
+                if job and job["tokens"] and all(x and x["tokens"] for x in solo):
+                    solo = sum(x["seconds"] for x in solo) / sum(x["tokens"] for x in solo)
+                    job = job["seconds"] / job["tokens"]
+                    decode = (
+                        f"; the decode alone {1e3 * solo:.1f} ms/token, during the job {1e3 * job:.1f}: "
+                        f"{solo / job:.2f}x its speed alone"
+                    )
                 lines.append(
                     f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone{both} "
-                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}); "
+                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}){decode}; "
                     f"training at {ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} "
                     "its speed alone."
                 )
