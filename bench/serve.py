@@ -36,11 +36,11 @@ allocator held at that moment. The target of the issue: the trainer's extra memo
 Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens; over HTTP
 streamed), each window at least --gen-requests requests and --gen-seconds long, each request timed (median, min
 and max beside the window's rate) and split at its first token: the time to it, and the decode's time per token
-after it (what a request that stops early at EOS does not change). Three windows in a row: alone, after one warm-up request, once the trainer is idle (it has
-nothing left to make between jobs: the guard's measures of the live weights, which it makes on the GPU after a
-start or a job, are made); with a /train job running, from the job's first step on (training tokens/s counts
-the steps that ran entirely inside it); alone again, after the trainer stopped. The ratio is the job's window
-against the two alone pooled.
+after it (what a request that stops early at EOS does not change). One warm-up request (the engine's first-use
+costs) while the trainer makes what it makes between jobs after its start (the guard's measures of the live
+weights, on the GPU), then three windows in a row: alone, once the trainer is idle (nothing left to make); with
+a /train job running, from the job's first step on (training tokens/s counts the steps that ran entirely inside
+it); alone again, after the trainer stopped. The ratio is the job's window against the two alone pooled.
 
 usage: python bench/serve.py [--shape 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
                              [--tokens 2048[,8192]] [--checkpoint] [--dir DIR] [--client auto|http|inproc]
@@ -1171,8 +1171,15 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
             out += f", decode {1e3 * d['median']:.1f} ms/token ({1e3 * d['min']:.1f}-{1e3 * d['max']:.1f})"
         return out
 
-    log(f"{layers} layers: waiting for the trainer to be idle (the guard's measures between jobs)")
+    # The engine's first request takes its first-use costs (~47 s at 27B on the H200 with the trainer idle): taken
+    # while the trainer makes its measures between jobs, which the windows wait for anyway.
+    log(f"{layers} layers: one warm-up request, then waiting for the trainer to be idle (the guard's measures)")
     t0 = time.monotonic()
+    if client == "inproc":
+        engine.ask(a.timeout, "generate", max_tokens=a.gen_tokens, seconds=0, min_requests=1, warmup=False)
+    else:
+        stream_completion(url, prompt(0), a.gen_tokens)
+    out["warmup_seconds"] = time.monotonic() - t0
     while True:
         state = trainer.ask(60, "idle")
         if state["idle"]:
@@ -1182,11 +1189,12 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
         time.sleep(0.5)
     out["waited"] = {"seconds": time.monotonic() - t0, "why": state["why"], "made": state["made"]}
     log(
-        f"{layers} layers: trainer idle after {out['waited']['seconds']:.1f} s ({state['why']}; made meanwhile: "
+        f"{layers} layers: warm-up request {out['warmup_seconds']:.1f} s; trainer idle after "
+        f"{out['waited']['seconds']:.1f} s ({state['why']}; made meanwhile: "
         f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
         f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
     )
-    out["alone"] = measure(warmup=True)
+    out["alone"] = measure(warmup=False)
     log(
         f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
         f"requests, {noise(out['alone'])}"
@@ -1478,9 +1486,12 @@ def render(results: dict) -> str:
                 )
             if waited:
                 made = ", ".join(waited["made"]) or "nothing"
+                warm = c.get("warmup_seconds")
                 lines.append(
                     f"\n{s['layers']} layers: before the first window alone the trainer made {made} between jobs "
-                    f"({waited['seconds']:.1f} s; then idle: {waited['why']})."
+                    f"({waited['seconds']:.1f} s, the engine's warm-up request "
+                    + (f"{warm:.1f} s of them" if warm is not None else "in them")
+                    + f"; then idle: {waited['why']})."
                 )
             if c.get("concurrent_training", {}).get("steps", 2) < 2:
                 lines.append(

@@ -23,12 +23,14 @@
 # bench-serve27b  5 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
 #                               8,192 tokens, checkpoint and APOLLO-Mini vs floors;
 #                               no completions: bench-gen27b measures them)
-# bench-gen27b    5.5 min       bench/serve.py --shape qwen3.5-27b --tokens 2048       serve.{md,json},
+# bench-gen27b    5 min         bench/serve.py --shape qwen3.5-27b --tokens 2048       serve.{md,json},
 #                               --gen-seconds 30 --gen-requests 6: completions alone   serve-log.txt
 #                               (once the trainer's guard has made its measures
-#                               between jobs: ~75 s), during a /train job, and alone
-#                               again after the trainer stopped, >= 6 requests each;
-#                               no model files, no checkpoint
+#                               between jobs: 62 s, the engine's warm-up request
+#                               meanwhile), during a /train job, and alone again
+#                               after the trainer stopped, >= 6 requests and 30 s
+#                               each; no model files, no checkpoint (310 s at 20 s
+#                               and 5 requests with the warm-up not overlapped)
 # save27b         4.5 min       why the trainer's save is slower than the sweep's:     serve.{md,json},
 #                               bench/serve.py --shape qwen3.5-27b --checkpoint        serve-log.txt
 #                               --save-probe at 2,048 tokens, 1 timed step, no

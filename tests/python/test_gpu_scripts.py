@@ -342,6 +342,7 @@ def test_serve_bench_measures_completions_alone_once_the_trainer_is_idle(tmp_pat
     # The guard is on by default: its measures of the live weights were made before the first window alone.
     assert c["waited"]["made"] == ["kept", "answers", "reference", "anchor"], c["waited"]
     assert c["waited"]["why"] == "the guard's measures of the live weights are made"
+    assert c["warmup_seconds"] > 0  # the engine's warm-up request, taken while the guard made its measures
     assert "anchor made in" in r.stderr.split("trainer idle after")[0]  # logged before the window starts
     # Nothing of the guard's ran during the job's window (the job runs on the training thread: no idle moment).
     during = r.stderr.split("completions while the /train job runs")[1].split("with training")[0]
