@@ -1153,6 +1153,47 @@ def test_retention_prompts(run, tmp_path):
         guard.read_prompts(str(path))
 
 
+def test_retention_prompts_refuse_null_content_and_an_empty_question_as_examples_do(run, tmp_path):
+    # PUT /train/retention and --retention FILE took a system/user message with a null (or missing) content
+    # (measured as an empty one), and a {messages} prompt whose question is empty, which the string form
+    # refuses: a 400 naming the field, nothing stored, as /train's examples refuse them.
+    _, trainer = run()
+    before = list(trainer.retention.prompts)
+    user = {"role": "user", "content": "one two"}
+    runner = threading.Thread(target=trainer.run, daemon=True)  # a prompt set taken is set between steps
+    runner.start()
+    try:
+        for messages, param in (
+            ([{"role": "user", "content": None}], "prompts[1].messages[0].content"),
+            ([{"role": "user"}], "prompts[1].messages[0].content"),
+            ([{"role": "system", "content": None}, user], "prompts[1].messages[0].content"),
+            ([{"role": "system"}, user], "prompts[1].messages[0].content"),
+            ([{"role": "user", "content": " \n"}], "prompts[1].messages[0].content"),
+            ([{"role": "user", "content": []}], "prompts[1].messages[0].content"),
+            (
+                [user, {"role": "assistant", "content": "x"}, {"role": "user", "content": ""}],
+                "prompts[1].messages[2].content",
+            ),
+        ):
+            body = {"prompts": ["a question", {"messages": messages}]}
+            with pytest.raises(Invalid) as e:
+                trainer.handle("set_retention", json.dumps(body).encode())
+            assert e.value.param == param, (messages, e.value.param)
+            assert trainer.retention.prompts == before
+            path = tmp_path / "retention.jsonl"
+            path.write_text('"a question"\n' + json.dumps({"messages": messages}) + "\n")
+            with pytest.raises(ValueError, match=rf"^{path}:2\.messages\[\d\]\.content"):
+                guard.read_prompts(str(path))
+    finally:
+        trainer.stopping.set()
+        runner.join(60)
+    # A chat request's null content stays an empty one (vLLM's), and an assistant's in a prompt's conversation
+    # (OpenAI: with tool calls) too; an empty earlier user turn is context, as in an example.
+    assert examples.check_messages([{"role": "user", "content": None}]) == [{"role": "user", "content": []}]
+    kept = [{"role": "user", "content": ""}, {"role": "assistant", "content": None}, user]
+    assert guard.check_prompts([{"messages": kept}]) == [examples.check_messages(kept)]
+
+
 def test_at_most_max_prompts_of_the_users_retention_prompts_the_builtin_ones_not_counted(tmp_path):
     # guard.MAX_PROMPTS's comment said "built-in + the user's" and the docs "at most 1000 in all", but only
     # the user's prompts were counted (and the refusal did not say which): the limit is the user's alone.
