@@ -507,6 +507,55 @@ def test_a_rollback_one_rank_refuses_writes_nothing_on_any_rank(tmp_path, engine
         group.stop(30)
 
 
+def test_a_rollback_whose_optimizer_state_does_not_fit_a_ranks_optimizer_writes_nothing(tmp_path, engine):
+    """The generation's optimizer-state files are intact (sizes and hashes as committed) but rank 1's does not
+    fit rank 1's optimizer as it is configured now (its matrices configured for AdamW, as another --embeddings
+    would configure the embeddings; injected into rank 1's process): every rank checks its state against its
+    optimizer before any rank writes, so the rollback is a 500 naming rank 1, its file and the misfit, nothing
+    written on either rank, the version unchanged. (The check read sizes and hashes alone: both ranks wrote
+    their weights, then rank 1's load failed while writing.)"""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    site = tmp_path / "site"
+    site.mkdir()
+    flag = tmp_path / "adamw-on-rank-1"
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import livetrain.optim as o\n"
+        "    algorithm = o.Apollo.algorithm\n"
+        "    def configured(self, p, group=None):\n"
+        "        algo = algorithm(self, p, group)\n"
+        f"        return 'adamw' if algo == 'apollo' and os.path.exists({str(flag)!r}) else algo\n"
+        "    o.Apollo.algorithm = configured\n"
+    )
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(site), ENV["PYTHONPATH"]]))
+    group, sock = start(tmp_path, model, e.manifests, store=True, env=env)
+    try:
+        wait_ready(group, sock)
+        gen = checkpointed_then_trained(tmp_path, sock)
+        parts = next(g for g in call(sock, "checkpoints")[1]["generations"] if g["generation"] == gen)["parts"]
+        before, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+        flag.touch()
+        code, reply = call(sock, "rollback", {"generation": gen})
+        message = reply["error"]["message"]
+        assert code == 500 and "rank 1" in message and "nothing written" in message, (code, reply)
+        assert parts[1]["optimizer_state"] in message and "stepped with apollo, now configured for adamw" in message
+        assert "rank 0" not in message, message
+        for r in range(2):
+            for n, t in e.views[r].items():
+                assert torch.equal(t, before[r][n]), f"rank {r} {n} written by a refused rollback"
+        status = call(sock, "status")[1]
+        assert status["weight_version"] == version and status["tensor_parallel"]["state"] == "ok", status
+        assert call(sock, "checkpoints")[1]["head"] == gen
+        flag.unlink()  # rank 1's optimizer as the state was saved: the same rollback goes through
+        assert call(sock, "rollback", {"generation": gen})[0] == 200
+    finally:
+        group.stop(30)
+
+
 def test_a_rollback_that_fails_writing_on_one_rank_names_what_each_rank_holds(tmp_path, engine):
     """Every check passed, then rank 1's write failed (an I/O error, injected into rank 1's process): the
     500 names rank 1 and says rank 0 holds the generation's weights and optimizer state, rank 0's weights
