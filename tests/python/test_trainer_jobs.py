@@ -1348,21 +1348,32 @@ def test_padding_waste_of_one_shared_forward():
     assert padding_waste([row(40), row(50)], [row(52)]) < 0.1
 
 
-def test_a_reservation_whose_write_fails_is_written_again_by_the_next():
-    """Trainer.reserve records a weight version durably before it is used: when trainer.json cannot be written
-    the reservation is not counted as made, so that the next one (the same version, retried) writes it."""
+def test_a_trainer_json_write_that_fails_is_written_again_by_the_next(tmp_path):
+    """Trainer.reserve records a weight version durably before it is used, and _name_state the optimizer
+    state's files after a save: when trainer.json cannot be written (here a directory stands in its place)
+    neither is counted as made, so that the next reservation or save (the same one, retried) writes it.
+    One writer, _write_meta, owns that rule for both."""
     from types import SimpleNamespace
 
-    writes = []
+    from livetrain import _core
 
-    def write_meta():
-        writes.append(t.reserved)
-        if len(writes) == 1:
-            raise OSError("No space left on device")
-
-    t = SimpleNamespace(reserved=3, _write_meta=write_meta)
-    with pytest.raises(OSError):
+    path = tmp_path / "trainer.json"
+    t = SimpleNamespace(reserved=3, state_version=2, state_files=["a"], engine={"pid": 1}, ranks=None)
+    t.meta_path = str(path)
+    t._write_meta = lambda **fields: Trainer._write_meta(t, **fields)
+    path.mkdir()
+    with pytest.raises(_core.IoError):
         Trainer.reserve(t, 4)
-    assert t.reserved == 3
+    with pytest.raises(_core.IoError):
+        Trainer._name_state(t, 5, ["b"])
+    assert (t.reserved, t.state_version, t.state_files) == (3, 2, ["a"])
+    path.rmdir()
     Trainer.reserve(t, 4)
-    assert t.reserved == 4 and writes == [4, 4]
+    assert json.loads(path.read_text()) == {"weight_version": 2, "reserved": 4, "engine": {"pid": 1}, "files": ["a"]}
+    Trainer._name_state(t, 5, ["b"])
+    assert json.loads(path.read_text()) == {"weight_version": 5, "reserved": 4, "engine": {"pid": 1}, "files": ["b"]}
+    # Not rewritten when nothing changes (a directory in its place would fail a write).
+    path.unlink()
+    path.mkdir()
+    Trainer.reserve(t, 4)
+    Trainer._name_state(t, 5, ["b"])

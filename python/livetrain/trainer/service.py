@@ -1755,32 +1755,26 @@ class Trainer:
         self._name_state(weight_version, self._state_files(1))
 
     def _name_state(self, weight_version: int, files: list[str]) -> None:
-        """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
-        ``weight_version`` (unchanged: not rewritten). A write that fails leaves both as they were, so that
-        the next save writes trainer.json again."""
+        """trainer.json: the state dir's optimizer state is ``files``, saved at ``weight_version`` (unchanged:
+        not rewritten; a write that fails is made again by the next save: ``_write_meta``)."""
         if (weight_version, files) != (self.state_version, self.state_files):
-            before = self.state_version, self.state_files
-            self.state_version, self.state_files = weight_version, files
-            try:
-                self._write_meta()
-            except BaseException:
-                self.state_version, self.state_files = before
-                raise
+            self._write_meta(state_version=weight_version, state_files=files)
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
         killed at any instant restarts above every version it handed out (issue #13: after a SIGKILL
-        mid-job the version went from 10 back to 8). A write that fails leaves ``reserved`` as it was, so that
-        the next reservation writes it again."""
+        mid-job the version went from 10 back to 8). A write that fails is made again by the next
+        reservation (``_write_meta``)."""
         if version > self.reserved:
-            before, self.reserved = self.reserved, version
-            try:
-                self._write_meta()
-            except BaseException:
-                self.reserved = before
-                raise
+            self._write_meta(reserved=version)
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, **fields) -> None:
+        """trainer.json (rank 0 writes it; the other ranks keep the fields alone) with ``fields`` (of
+        ``state_version``, ``state_files``, ``reserved``) set to their new values. A write that fails leaves
+        them as they were: not counted as written, so that the next save or reservation writes them again."""
+        before = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
         if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
             return
         meta = {
@@ -1789,7 +1783,12 @@ class Trainer:
             "engine": self.engine,
             "files": self.state_files,
         }
-        _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
+        try:
+            _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
+        except BaseException:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
 
     def run(self) -> None:
         """The training thread (rank 0): jobs from the queue and the requests between them, until stopped."""
