@@ -199,7 +199,8 @@ def chat_text(
 
 
 # The template variable that turns a thinking model's reasoning off, as Qwen3's and Qwen3.5's templates (and vLLM's
-# chat_template_kwargs for them) name it.
+# chat_template_kwargs for them) name it; Qwen3.5's generation prompt is then "<think>\n\n</think>\n\n", else
+# "<think>\n". A switch of another name (DeepSeek-V3.1's `thinking`) is not tried: such a template renders as served.
 THINKING_OFF = {"enable_thinking": False}
 # What ``own_kwargs`` renders to find whether the template has that switch: any template renders a user question.
 _PROBE = [{"role": "user", "content": "?"}]
@@ -284,14 +285,23 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
                 "to answer with nothing; give the answer's text",
             )
 
-    def render(ms: list[dict], gen: bool) -> str:
-        return chat_text(tokenizer, ms, f"{where}.messages", gen)
+    def render(ms: list[dict], gen: bool, kwargs: dict | None = None) -> str:
+        return chat_text(tokenizer, ms, f"{where}.messages", gen, kwargs=kwargs)
 
+    off = own_kwargs(tokenizer)  # thinking off, where the template is served thinking and has the switch
     sequences, pieces, done = [], [], ""
     for j, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         prompt, full = render(msgs[:j], True) if j else "", render(msgs[: j + 1], False)
+        if j and off:
+            # Served thinking, the template writes an answer without reasoning after an empty think block (Qwen3's
+            # and Qwen3.5's): the thinking-off generation prompt. Trained, that block taught the model to close
+            # its reasoning at once, to stop thinking, which no example means; it is the prompt's, as the engine
+            # serves the conversation with thinking off, and the answer alone is trained.
+            quiet = render(msgs[:j], True, off)
+            if len(quiet) > len(prompt) and full.startswith(quiet):
+                prompt = quiet
         if not full.startswith(prompt):
             raise Invalid(
                 f"{where}.messages[{j}]",
