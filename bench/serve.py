@@ -33,13 +33,18 @@ weights where the process holds them itself (AdamW). The context is the device's
 nvidia-smi while the process is alive and idle, minus memory.used before it started, minus what its
 allocator held at that moment. The target of the issue: the trainer's extra memory <= 15% of the weights.
 
-Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens) for
---gen-seconds after one warm-up request; with training, the window starts after the job's first step and
-training tokens/s counts the steps that ran entirely inside it.
+Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens; over HTTP
+streamed), each window at least --gen-requests requests and --gen-seconds long, each request timed (median, min
+and max beside the window's rate) and split at its first token: the time to it, and the decode's time per token
+after it (what a request that stops early at EOS does not change). One warm-up request (the engine's first-use
+costs) while the trainer makes what it makes between jobs after its start (the guard's measures of the live
+weights, on the GPU), then three windows in a row: alone, once the trainer is idle (nothing left to make); with
+a /train job running, from the job's first step on (training tokens/s counts the steps that ran entirely inside
+it); alone again, after the trainer stopped. The ratio is the job's window against the two alone pooled.
 
 usage: python bench/serve.py [--shape 8b|qwen3.5-27b|tiny|qwen3.5-tiny] [--device cuda|cpu] [--layers 36,8]
                              [--tokens 2048[,8192]] [--checkpoint] [--dir DIR] [--client auto|http|inproc]
-                             [--json out.json]
+                             [--gen-seconds 15] [--gen-requests 6] [--json out.json]
 Prints a markdown table; with $OUT set also writes $OUT/serve.md and $OUT/serve.json.
 """
 
@@ -295,22 +300,46 @@ def command_loop(handlers: dict) -> None:
             reply({"error": f"{op}: {type(e).__name__}: {e}"})
 
 
-def completion_loop(one, seconds: float) -> dict:
-    """Sequential requests: one warm-up, then until `seconds` have passed (at least 2). one(i) -> tokens."""
-    one(0)
+def spread(values: list[float]) -> dict | None:
+    """Median, min and max of ``values`` (None when there are none)."""
+    if not values:
+        return None
+    v, mid = sorted(values), len(values) // 2
+    return {"median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "min": v[0], "max": v[-1]}
+
+
+def completion_loop(one, seconds: float, min_requests: int = 2, warmup: bool = True) -> dict:
+    """Sequential requests, timed each: an untimed warm-up (``warmup``), then until at least ``min_requests``
+    have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
+    The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
+    included), whose median, min and max show the noise of the mean; and, split at the first token, the time
+    to it (prefill and one token) and the decode's time per token after it (which a request's length does not
+    change: a model that learned to stop early makes fewer tokens per prefill, not slower ones)."""
+    if warmup:
+        one(0)
     spans, i = [], 1
-    while len(spans) < 2 or spans[-1][1] - spans[0][0] < seconds:
+    while len(spans) < max(min_requests, 1) or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
-        n = one(i)
-        spans.append((t0, time.monotonic(), n))
+        n, first = one(i)
+        spans.append((t0, time.monotonic(), n, first))
         i += 1
-    tokens = sum(n for _, _, n in spans)
+    tokens = sum(s[2] for s in spans)
     wall = spans[-1][1] - spans[0][0]
+    decoded = [(t1 - first, n - 1) for _, t1, n, first in spans if first is not None and n >= 2]
     return {
         "requests": len(spans),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "per_request": [
+            {"seconds": t1 - t0, "tokens": n, "first_token_seconds": None if first is None else first - t0}
+            for t0, t1, n, first in spans
+        ],
+        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _ in spans]),
+        "first_token_seconds": spread([first - t0 for t0, _, _, first in spans if first is not None]),
+        "decode_seconds_per_token": spread([s / n for s, n in decoded]),
+        # the window's decode: its requests' time after their first token, and the tokens made in it
+        "decode": {"seconds": sum(x for x, _ in decoded), "tokens": sum(n for _, n in decoded)},
         "start": spans[0][0],
         "end": spans[-1][1],
     }
@@ -380,14 +409,15 @@ def role_engine(a) -> None:
         }
     )
 
-    def generate(max_tokens: int, seconds: float) -> dict:
-        def one(i: int) -> int:
-            n = 0
+    def generate(max_tokens: int, seconds: float, min_requests: int, warmup: bool) -> dict:
+        def one(i: int) -> tuple[int, float | None]:
+            n, first = 0, None
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
-                pass
-            return n
+                if first is None and n:
+                    first = time.monotonic()
+            return n, first
 
-        return completion_loop(one, seconds)
+        return completion_loop(one, seconds, min_requests, warmup)
 
     try:
         command_loop({"generate": generate})
@@ -738,6 +768,43 @@ def role_trainer(a) -> None:
         return out
 
     trainer.step = recorded
+
+    # Whether the trainer has anything left to make between jobs (what "completions alone" waits for): the
+    # guard's measures of the live weights (Trainer._prepare, one per idle moment: the held-out answers' first
+    # tokens, the retention answers, the reference distributions, the anchor's) use the GPU for tens of seconds
+    # after a start or a job (at 27B the 393 retention answers alone take ~50 s). An idle call that made none
+    # at the live weight version means there is nothing left; so does a guard that is off or prepares at a
+    # job's start, or measures that failed at this version (not made again until the weights change).
+    prepared = {"version": None, "made": []}  # the version at which an idle call found nothing to make
+    prepare = trainer._prepare
+
+    def watched(idle: bool, *args, **kw):
+        version = trainer.weight_version
+        p, made = prepare(idle, *args, **kw)
+        if idle:
+            prepared["made"] += made
+            if not made:
+                prepared["version"] = version
+        return p, made
+
+    trainer._prepare = watched
+
+    def idle() -> dict:
+        s = trainer.settings
+        why = None
+        if s.no_guard or s.guard_prepare != "idle":
+            why = "the guard makes nothing between jobs"
+        elif trainer.prepare_failed == trainer.weight_version:
+            why = "the guard's measures between jobs failed at this weight version"
+        elif prepared["version"] == trainer.weight_version:
+            why = "the guard's measures of the live weights are made"
+        return {
+            "idle": why is not None and trainer.making is None and trainer.current is None,
+            "why": why,
+            "making": (trainer.making or {}).get("what"),
+            "made": list(prepared["made"]),
+        }
+
     server = protocol.Server(a.socket, trainer.handle)
     server.start()
     runner = threading.Thread(target=trainer.run, name="trainer", daemon=True)
@@ -766,6 +833,7 @@ def role_trainer(a) -> None:
                 "submit": lambda job: trainer.submit(job)._asdict(),
                 "status": lambda: {"weight_version": trainer.weight_version, "steps": len(spans)},
                 "window": window,
+                "idle": idle,
                 "stop": stop,
                 "floors": floors_between_jobs,
             }
@@ -1074,25 +1142,62 @@ def child_args(a, model: str) -> list[str]:
 
 
 def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: str, layers: int) -> None:
-    """Completion throughput alone, then while a /train job runs; fills `out` as it goes."""
+    """Completion throughput alone, while a /train job runs, and alone again after the job (the trainer stopped);
+    fills `out` as it goes. "Alone" is the trainer idle: the first window waits until the trainer has nothing
+    left to make between jobs (the guard's measures of the live weights, which would share the GPU with it);
+    the second runs after the trainer stopped. Each window has at least --gen-requests requests and
+    --gen-seconds seconds."""
 
-    def measure() -> dict:
+    def measure(warmup: bool) -> dict:
         if client == "inproc":
-            return engine.ask(a.gen_seconds + a.timeout, "generate", max_tokens=a.gen_tokens, seconds=a.gen_seconds)
+            return engine.ask(
+                a.gen_seconds + a.timeout,
+                "generate",
+                max_tokens=a.gen_tokens,
+                seconds=a.gen_seconds,
+                min_requests=a.gen_requests,
+                warmup=warmup,
+            )
 
-        def one(i: int) -> int:
-            body = {"prompt": prompt(i), "max_tokens": a.gen_tokens, "temperature": 0}
-            code, body = http(url + "/v1/completions", body, timeout=600)
-            if code != 200:
-                raise RuntimeError(f"/v1/completions answered {code}: {body}")
-            return body["usage"]["completion_tokens"]
+        def one(i: int) -> tuple[int, float | None]:
+            return stream_completion(url, prompt(i), a.gen_tokens)
 
-        return completion_loop(one, a.gen_seconds)
+        return completion_loop(one, a.gen_seconds, a.gen_requests, warmup)
 
-    log(f"{layers} layers: completions alone ({client}), {a.gen_seconds:g} s of {a.gen_tokens}-token requests")
-    out["alone"] = measure()
+    def noise(r: dict) -> str:
+        q, d = r["request_tokens_per_s"], r["decode_seconds_per_token"]
+        out = f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
+        if d:
+            out += f", decode {1e3 * d['median']:.1f} ms/token ({1e3 * d['min']:.1f}-{1e3 * d['max']:.1f})"
+        return out
+
+    # The engine's first request takes its first-use costs (~47 s at 27B on the H200 with the trainer idle): taken
+    # while the trainer makes its measures between jobs, which the windows wait for anyway.
+    log(f"{layers} layers: one warm-up request, then waiting for the trainer to be idle (the guard's measures)")
+    t0 = time.monotonic()
+    if client == "inproc":
+        engine.ask(a.timeout, "generate", max_tokens=a.gen_tokens, seconds=0, min_requests=1, warmup=False)
+    else:
+        stream_completion(url, prompt(0), a.gen_tokens)
+    out["warmup_seconds"] = time.monotonic() - t0
+    while True:
+        state = trainer.ask(60, "idle")
+        if state["idle"]:
+            break
+        if time.monotonic() - t0 > a.timeout:
+            raise TimeoutError(f"the trainer was not idle after {a.timeout:.0f} s (making {state['making']})")
+        time.sleep(0.5)
+    out["waited"] = {"seconds": time.monotonic() - t0, "why": state["why"], "made": state["made"]}
     log(
-        f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} requests"
+        f"{layers} layers: warm-up request {out['warmup_seconds']:.1f} s; trainer idle after "
+        f"{out['waited']['seconds']:.1f} s ({state['why']}; made meanwhile: "
+        f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
+        f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
+    )
+    out["alone"] = measure(warmup=False)
+    log(
+        f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
+        f"requests, {noise(out['alone'])}"
     )
 
     job = {"examples": [train_example(a.tokens)], "steps": 100_000, "batch_size": 1, "lr": a.lr, "guard": False}
@@ -1110,15 +1215,54 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
             raise TimeoutError("the training job made no step")
         time.sleep(0.1)
     log(f"{layers} layers: completions while the /train job runs")
-    out["training"] = measure()
+    out["training"] = measure(warmup=False)
     out["concurrent_training"] = trainer.ask(60, "window", start=out["training"]["start"], end=out["training"]["end"])
     stopped = trainer.ask(a.timeout, "stop")
     out["training"]["job_steps"] = stopped["steps"]
     ct = out["concurrent_training"]
     log(
-        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s; training meanwhile "
-        f"{rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
+        f"{layers} layers: with training {rate(out['training']['tokens_per_s'])} tokens/s, {noise(out['training'])}; "
+        f"training meanwhile {rate(ct['tokens_per_s'])} tokens/s ({ct['steps']} steps in the window)"
     )
+    if not stopped["stopped"]:
+        raise RuntimeError("the trainer did not stop: no second window alone")
+    out["alone_after"] = measure(warmup=False)
+    log(
+        f"{layers} layers: alone again (trainer stopped) {rate(out['alone_after']['tokens_per_s'])} tokens/s, "
+        f"{noise(out['alone_after'])}"
+    )
+
+
+def stream_completion(url: str, text: str, max_tokens: int) -> tuple[int, float | None]:
+    """One greedy /v1/completions request, streamed (server-sent events, the usage in a last chunk): (tokens
+    made, time.monotonic() when the first chunk with text or a finish reason came)."""
+    import urllib.request
+
+    body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    first, usage = None, None
+    with urllib.request.urlopen(req, timeout=600) as r:  # an error status raises HTTPError, with its body
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"/v1/completions failed while streaming: {chunk}")
+            if first is None and any(c.get("text") or c.get("finish_reason") for c in chunk.get("choices", [])):
+                first = time.monotonic()
+            usage = chunk.get("usage") or usage
+    if usage is None:
+        raise RuntimeError("/v1/completions streamed no usage chunk (stream_options.include_usage)")
+    return usage["completion_tokens"], first
+
+
+def pooled(*windows: dict) -> float:
+    """Tokens per second over several windows together (their tokens over their summed wall time)."""
+    return sum(w["tokens"] for w in windows) / sum(w["seconds"] for w in windows)
 
 
 def count(n: int) -> str:
@@ -1304,24 +1448,50 @@ def render(results: dict) -> str:
         lines += [
             "",
             f"Completions ({via}): "
-            f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each, "
-            f"{results['gen_seconds']:g} s per measurement",
+            f"sequential greedy requests, ~200-token prompt, {results['gen_tokens']} new tokens each; each "
+            f"measurement at least {results.get('gen_requests', 2)} requests and {results['gen_seconds']:g} s, "
+            "in the order of the rows. Alone = the trainer idle: the first window waits until the trainer has "
+            "nothing left to make between jobs (the guard's measures of the live weights), the last runs after "
+            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its first "
+            "token (streamed): the time to that token and the decode's time per token after it.",
             "",
-            "| layers | engine | requests | tokens | completion tokens/s | ms/token | training tokens/s meanwhile |",
-            "|---:|---|---:|---:|---:|---:|---:|",
+            "| layers | engine | requests | tokens | completion tokens/s | per request tokens/s median (min–max) "
+            "| ms/token | decode ms/token median (min–max) | first token ms median | training tokens/s meanwhile |",
+            "|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
         ]
         for s in gen:
             c = s["completions"]
-            for name, key in (("alone", "alone"), ("with a /train job running", "training")):
+            waited = c.get("waited")
+            first = "alone (trainer idle" + (f": waited {waited['seconds']:.0f} s for it)" if waited else ")")
+            for name, key in (
+                (first, "alone"),
+                ("with a /train job running", "training"),
+                ("alone again (trainer stopped)", "alone_after"),
+            ):
                 r = c.get(key)
                 if r is None:
                     continue
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
+                q, d, f = (
+                    r.get(k) for k in ("request_tokens_per_s", "decode_seconds_per_token", "first_token_seconds")
+                )
+                each = f"{rate(q['median'])} ({rate(q['min'])}–{rate(q['max'])})" if q else "-"
+                decode = f"{1e3 * d['median']:.1f} ({1e3 * d['min']:.1f}–{1e3 * d['max']:.1f})" if d else "-"
+                first_ms = f"{1e3 * f['median']:.0f}" if f else "-"
                 lines.append(
                     f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
-                    f"{1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {train} |"
+                    f"{each} | {1e3 * r['seconds'] / max(r['tokens'], 1):.1f} | {decode} | {first_ms} | {train} |"
+                )
+            if waited:
+                made = ", ".join(waited["made"]) or "nothing"
+                warm = c.get("warmup_seconds")
+                lines.append(
+                    f"\n{s['layers']} layers: before the first window alone the trainer made {made} between jobs "
+                    f"({waited['seconds']:.1f} s, the engine's warm-up request "
+                    + (f"{warm:.1f} s of them" if warm is not None else "in them")
+                    + f"; then idle: {waited['why']})."
                 )
             if c.get("concurrent_training", {}).get("steps", 2) < 2:
                 lines.append(
@@ -1329,11 +1499,30 @@ def render(results: dict) -> str:
                     "inside the window: lengthen --gen-seconds for a training rate."
                 )
             if "alone" in c and "concurrent_training" in c:
-                share = c["training"]["tokens_per_s"] / c["alone"]["tokens_per_s"]
+                windows = [c[k] for k in ("alone", "alone_after") if k in c]
+                alone = pooled(*windows)
+                share = c["training"]["tokens_per_s"] / alone
+                both = (
+                    f" (the two windows alone: {rate(c['alone']['tokens_per_s'])} and "
+                    f"{rate(c['alone_after']['tokens_per_s'])} tokens/s, pooled {rate(alone)})"
+                    if len(windows) == 2
+                    else ""
+                )
+                decode = ""
+                solo = [w.get("decode") for w in windows]
+                job = c["training"].get("decode")
+                if job and job["tokens"] and all(x and x["tokens"] for x in solo):
+                    solo = sum(x["seconds"] for x in solo) / sum(x["tokens"] for x in solo)
+                    job = job["seconds"] / job["tokens"]
+                    decode = (
+                        f"; the decode alone {1e3 * solo:.1f} ms/token, during the job {1e3 * job:.1f}: "
+                        f"{solo / job:.2f}x its speed alone"
+                    )
                 lines.append(
-                    f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone "
-                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}); training at "
-                    f"{ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} its speed alone."
+                    f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone{both} "
+                    f"(target >= {COMPLETIONS_TARGET}x: {'met' if share >= COMPLETIONS_TARGET else 'not met'}){decode}; "
+                    f"training at {ratio(c['concurrent_training']['tokens_per_s'], s['livetrain']['tokens_per_s'])} "
+                    "its speed alone."
                 )
     lines.append(f"\nTotal run time {results['seconds']:.0f} s.")
     return "\n".join(lines)
@@ -1372,7 +1561,16 @@ def main() -> int:
         choices=["auto", "http", "inproc"],
         help="completions over HTTP (needs fastapi and uvicorn) or Engine.generate in the engine process",
     )
-    ap.add_argument("--gen-seconds", type=float, default=15.0, help="length of each completion measurement (0: skip)")
+    ap.add_argument(
+        "--gen-seconds", type=float, default=15.0, help="shortest completion measurement (0: no completions)"
+    )
+    ap.add_argument(
+        "--gen-requests",
+        type=int,
+        default=6,
+        help="fewest timed requests of a completion measurement (each window runs until both this many and "
+        "--gen-seconds)",
+    )
     ap.add_argument("--gen-tokens", type=int, default=64, help="max_tokens of each completion request")
     ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW baseline (always skipped for 27B)")
     ap.add_argument(
@@ -1419,6 +1617,8 @@ def main() -> int:
     layer_sets = [int(x) for x in (a.layers or DEFAULT_LAYERS[a.shape]).split(",")]
     if a.steps < 1:
         ap.error("--steps must be >= 1")
+    if a.gen_requests < 1:
+        ap.error("--gen-requests must be >= 1")
     if any(n < 4 or n > SHAPES[a.shape]["max_position_embeddings"] for n in a.token_list):
         ap.error(f"--tokens must be in [4, {SHAPES[a.shape]['max_position_embeddings']}]")
     if a.shape in NO_ADAMW and not a.no_adamw:
@@ -1461,6 +1661,7 @@ def main() -> int:
         "client": client,
         "gen_tokens": a.gen_tokens,
         "gen_seconds": a.gen_seconds,
+        "gen_requests": a.gen_requests,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device_name": a.device,

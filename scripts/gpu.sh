@@ -17,10 +17,20 @@
 #                               checkpoint.py (8 GiB)
 # bench-gdn       2 min         bench/gdn.py: Gated DeltaNet layers, fused kernels     gdn.{md,json}
 #                               (flash-linear-attention) against the torch path
-# bench-serve8b   5 min         bench/serve.py --shape 8b (engine + trainer, AdamW     serve.{md,json}
-#                               baselines, completions alone / during a job)
-# bench-serve27b  8 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
-#                               8,192 tokens, checkpoint and APOLLO-Mini vs floors)
+# bench-serve8b   5-6 min       bench/serve.py --shape 8b (engine + trainer, AdamW     serve.{md,json}
+#                               baselines, completions alone / during a job / alone
+#                               again)
+# bench-serve27b  5 min         bench/serve.py --shape qwen3.5-27b (54 GB, 2,048 and   serve.{md,json}
+#                               8,192 tokens, checkpoint and APOLLO-Mini vs floors;
+#                               no completions: bench-gen27b measures them)
+# bench-gen27b    5 min         bench/serve.py --shape qwen3.5-27b --tokens 2048       serve.{md,json},
+#                               --gen-seconds 30 --gen-requests 6: completions alone   serve-log.txt
+#                               (once the trainer's guard has made its measures
+#                               between jobs: 62 s, the engine's warm-up request
+#                               meanwhile), during a /train job, and alone again
+#                               after the trainer stopped, >= 6 requests and 30 s
+#                               each; no model files, no checkpoint (310 s at 20 s
+#                               and 5 requests with the warm-up not overlapped)
 # save27b         4.5 min       why the trainer's save is slower than the sweep's:     serve.{md,json},
 #                               bench/serve.py --shape qwen3.5-27b --checkpoint        serve-log.txt
 #                               --save-probe at 2,048 tokens, 1 timed step, no
@@ -64,7 +74,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$site" ]; then export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"; fi
 
-known=(build wheel checks tests bench-core bench-gdn bench-serve8b bench-serve27b vllm-llama vllm-qwen35 vllm-transfer)
+known=(build wheel checks tests bench-core bench-gdn bench-serve8b bench-serve27b bench-gen27b vllm-llama vllm-qwen35 vllm-transfer)
 # Steps run only when named (not by "all").
 extra=(sweep save27b)
 steps=("$@")
@@ -151,7 +161,10 @@ run_step() {
     bench serve-log 30 bench/serve.py --shape 8b --gen-seconds 12 || rc=$?
     ;;
   bench-serve27b)
-    bench serve-log 40 bench/serve.py --shape qwen3.5-27b --checkpoint --gen-seconds 12 || rc=$?
+    bench serve-log 40 bench/serve.py --shape qwen3.5-27b --checkpoint --gen-seconds 0 || rc=$?
+    ;;
+  bench-gen27b)
+    bench serve-log 20 bench/serve.py --shape qwen3.5-27b --tokens 2048 --gen-seconds 30 --gen-requests 6 || rc=$?
     ;;
   vllm-llama)
     bash scripts/vllm_gpu_run.sh --arch llama 2>&1 | tail -25

@@ -31,6 +31,22 @@ _DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 STATUS_OK, STATUS_NONFINITE_GRAD, STATUS_NONFINITE_UPDATE = 0, 1, 2
 
 
+class _Load(NamedTuple):
+    """One parameter's state as ``Apollo.load_state`` takes it (``Apollo._plan_load``): from file ``first`` its
+    step (and prev_norm), and its moments too unless ``parts`` (the files' parts of them: file, shape, dim,
+    segments) make them: the full tensor's, of shape ``whole``, cut along ``cut_dim`` (-1: not cut) to the
+    optimizer's part."""
+
+    p: torch.Tensor
+    group: dict
+    key: str
+    seed: int
+    first: int
+    parts: tuple = ()
+    whole: tuple = ()
+    cut_dim: int = -1
+
+
 class ParamShard(NamedTuple):
     """A tensor-parallel rank's part of a parameter: ``full_shape`` is the whole tensor's; along ``dim``
     (-1: the rank holds all of it) the rank holds the runs ``segments`` ((start, length) of the full
@@ -195,15 +211,17 @@ class Apollo(torch.optim.Optimizer):
             for p in self.param_groups[-1]["params"]:
                 self._groups_by_id[id(p)] = self.param_groups[-1]
 
+    def _moments(self, p: torch.Tensor, group: dict) -> tuple[str, int]:
+        """``p``'s algorithm and how many values each of its moments (m, v) holds: APOLLO's one per channel and
+        rank, AdamW's one per element."""
+        algo = self.algorithm(p, group)
+        return algo, self._channels(p) * group["rank"] if algo == "apollo" else p.numel()
+
     def _state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
-            algo = self.algorithm(p, group)
+            algo, k = self._moments(p, group)
             dev = p.device
-            if algo == "apollo":
-                k = self._channels(p) * group["rank"]
-            else:
-                k = p.numel()
             state["m"] = torch.zeros(k, dtype=torch.float32, device=dev)
             state["v"] = torch.zeros(k, dtype=torch.float32, device=dev)
             state["step"] = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -671,64 +689,64 @@ class Apollo(torch.optim.Optimizer):
             },
         )
 
-    def check_state(self, paths) -> None:
-        """Checks the state files ``paths`` (one path or a list) as ``load_state`` opens them, reading no tensor
-        and applying nothing: a missing, truncated or foreign file raises here, before a caller changes what
-        must go with it (a rollback's weights). Opening a file checks its header and that every tensor's bytes
-        lie within it; safetensors holds no checksum, so a byte flipped inside a tensor passes (as it would
-        pass ``load_state``)."""
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
-            self._state_params(path)
+    def check_state(self, path, names: dict | None = None) -> None:
+        """Checks the state files ``path`` (one path or a list, as ``load_state`` takes them) as ``load_state``
+        would load them into this optimizer, from their headers alone (no tensor read) and changing nothing: it
+        raises what ``load_state`` would. A missing, truncated or foreign file; a parameter stepped with another
+        algorithm than this optimizer's configuration gives it; moments that do not fit the parameter at this
+        optimizer's rank and tensor-parallel part (``tensor_parallel``), or files whose parts do not make one
+        tensor. A parameter's state that this optimizer does not hold (by ``names``: one frozen now) is ignored
+        and one that the files lack starts fresh, in both. Safetensors holds no checksum: a byte flipped inside
+        a tensor passes here and in ``load_state`` (the checkpoint store checks its files' hashes)."""
+        self._plan_load(path, names)
 
     @staticmethod
-    def _state_params(path) -> dict:
-        """A state file's parameter table (its metadata), once the file is known to be a livetrain optimizer state."""
-        meta = lst.read_metadata(path) or {}
+    def _state_header(path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+        """A state file's parameter table (its metadata) and its tensors' shapes, from its header, once the file
+        is known to be a livetrain optimizer state (opening it checks that every tensor's bytes lie within it)."""
+        f = _core.SafetensorsFile.open(os.fspath(path))
+        meta = f.metadata or {}
         if meta.get("livetrain.optimizer") != "apollo/1":
             raise _core.FormatError(f"{path}: not a livetrain optimizer state (metadata livetrain.optimizer missing)")
-        return json.loads(meta["params"])
+        return json.loads(meta["params"]), {t["name"]: tuple(t["shape"]) for t in f.tensors()}
 
-    @classmethod
-    def _read_state(cls, path) -> tuple[dict, dict]:
-        return cls._state_params(path), lst.load_file(path)
+    @staticmethod
+    def _has(path, shapes: dict, name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The shape of tensor ``name`` of a state file (``shape``: the one it must have)."""
+        if name not in shapes:
+            raise _core.FormatError(f"{path}: {name} is missing")
+        if shape is not None and shapes[name] != shape:
+            raise _core.FormatError(f"{path}: {name} has shape {shapes[name]}, expected {shape}")
+        return shapes[name]
+
+    def _fits(self, path, key: str, info: dict, p: torch.Tensor, group: dict) -> tuple[str, int]:
+        """``p``'s algorithm and moments' size (``_moments``), once its saved state ``info`` is of that algorithm."""
+        algo, k = self._moments(p, group)
+        if info["algo"] != algo:
+            raise _core.InvalidArgumentError(
+                f"{path}: {key} was stepped with {info['algo']}, now configured for {algo}"
+            )
+        return algo, k
 
     def load_state(self, path, names: dict | None = None) -> None:
         """Restore what save_state wrote (same parameters, same names or order). ``path`` may also be a list
         of the files that the ranks of a tensor-parallel trainer wrote, at any TP size (one file of a TP-1
         trainer included): each parameter's state is assembled from them and cut to this optimizer's part
-        (``tensor_parallel``)."""
-        if not isinstance(path, (str, os.PathLike)):
-            return self._load_resharded(list(path), names)
-        params, tensors = self._read_state(path)
-        if any(
-            list(p.shape) != params.get(self._key(p, names), {}).get("shape", list(p.shape)) for p in self._params()
-        ):
-            return self._load_resharded([path], names)  # written at another tensor-parallel size
-        for group in self.param_groups:
-            for p in group["params"]:
-                key = self._key(p, names)
-                if key not in params:
-                    continue
-                info = params[key]
-                if list(p.shape) != info["shape"]:
-                    raise _core.FormatError(
-                        f"{path}: state of {key} is for shape {info['shape']}, parameter has {list(p.shape)}"
-                    )
-                state = self._state(p, group)
-                if state["algo"] != info["algo"]:
-                    raise _core.InvalidArgumentError(
-                        f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}"
-                    )
-                for field in ("m", "v", "step", "prev_norm"):
-                    if field in state:
-                        src = tensors[f"{key}.{field}"]
-                        if src.shape != state[field].shape:
-                            raise _core.FormatError(
-                                f"{path}: {key}.{field} has shape {tuple(src.shape)}, expected {tuple(state[field].shape)}"
-                            )
-                        state[field].copy_(src)
-                state["seed"] = info["seed"]
-                self._calls.pop(id(p), None)
+        (``tensor_parallel``). Every check (``check_state``) comes before any state changes."""
+        paths, plan = self._plan_load(path, names)
+        tensors = [lst.load_file(p) for p in paths]
+        for item in plan:
+            state = self._state(item.p, item.group)
+            if item.parts:
+                self._assemble(item, state, tensors)
+            else:
+                for field in ("m", "v"):
+                    state[field].copy_(tensors[item.first][f"{item.key}.{field}"])
+            for field in ("step", "prev_norm"):  # the same on every rank: the ranks step each parameter together
+                if field in state:
+                    state[field].copy_(tensors[item.first][f"{item.key}.{field}"])
+            state["seed"] = item.seed
+            self._calls.pop(id(item.p), None)
         self._batches.clear()  # their items carry the seeds just replaced
 
     def _params(self):
@@ -737,69 +755,126 @@ class Apollo(torch.optim.Optimizer):
     def _key(self, p, names) -> str:
         return (names or {}).get(p) or f"param{self._param_index.get(p, 0)}"
 
-    def _load_resharded(self, paths: list, names: dict | None) -> None:
-        """Each parameter's state from files written by the ranks of another tensor-parallel size: APOLLO's
-        moments are per channel (rows of a tall matrix, columns of a wide one), AdamW's per element, so the
-        full tensor's are put together from the parts the files record and this optimizer's part is cut out."""
-        files = [(p, *self._read_state(p)) for p in paths]
+    def _plan_load(self, path, names: dict | None) -> tuple[list, list[_Load]]:
+        """What ``load_state`` copies into which parameter, from the files' headers alone, with every check it
+        makes (``check_state`` is this alone): the files, and each parameter's ``_Load``."""
+        if isinstance(path, (str, os.PathLike)):
+            params, shapes = self._state_header(path)
+            if all(
+                list(p.shape) == params.get(self._key(p, names), {}).get("shape", list(p.shape)) for p in self._params()
+            ):
+                return [path], self._plan_same(path, params, shapes, names)
+            paths = [path]  # written at another tensor-parallel size
+        else:
+            paths = list(path)
+        return paths, self._plan_resharded([(p, *self._state_header(p)) for p in paths], names)
+
+    def _plan_same(self, path, params: dict, shapes: dict, names: dict | None) -> list[_Load]:
+        """A file of an optimizer that held the same part of every parameter: each state as it is."""
+        plan = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = self._key(p, names)
+                if key not in params:
+                    continue
+                algo, k = self._fits(path, key, params[key], p, group)
+                for field, shape in (("m", (k,)), ("v", (k,)), ("step", (1,)), ("prev_norm", (1,))):
+                    if field != "prev_norm" or algo == "apollo":
+                        self._has(path, shapes, f"{key}.{field}", shape)
+                plan.append(_Load(p, group, key, params[key]["seed"], 0))
+        return plan
+
+    def _plan_resharded(self, files: list[tuple], names: dict | None) -> list[_Load]:
+        """Files written by the ranks of another tensor-parallel size: APOLLO's moments are per channel (rows of
+        a tall matrix, columns of a wide one), AdamW's per element, so the full tensor's are put together from
+        the parts the files record (``_assemble``) and this optimizer's part is cut out. ``files``: (path,
+        parameter table, tensor shapes) each."""
+        plan = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = self._key(p, names)
+                found = [
+                    (i, path, params[key], shapes) for i, (path, params, shapes) in enumerate(files) if key in params
+                ]
+                if not found:
+                    continue
+                full_shape = list(self._shard(p).full_shape)
+                algo, k = self._moments(p, group)
+                c = 0 if algo == "apollo" and full_shape[0] >= full_shape[1] else 1  # APOLLO's channels' dim
+                parts, whole = [], None  # whole: the full tensor's moments, [channels, rank] (APOLLO) or its shape
+                for i, path, info, shapes in found:
+                    self._fits(path, key, info, p, group)
+                    saved_full, dim, segments, _ = info.get("shard") or [info["shape"], -1, [], True]
+                    if list(saved_full) != full_shape:
+                        raise _core.FormatError(f"{path}: state of {key} is for shape {saved_full}, not {full_shape}")
+                    numel = math.prod(self._has(path, shapes, f"{key}.m"))
+                    self._has(path, shapes, f"{key}.v", (numel,))
+                    if algo == "apollo":
+                        rank = numel // max(info["shape"][c], 1)
+                        shape, dim, full = [info["shape"][c], rank], (0 if dim == c else -1), [full_shape[c], rank]
+                    else:
+                        shape, full = list(info["shape"]), full_shape
+                    whole = whole or full
+                    if full != whole:
+                        raise _core.FormatError(
+                            f"{path}: {key}'s moments are of rank {full[1]}; another file's of {whole[1]}"
+                        )
+                    if math.prod(shape) != numel or not self._part_of(shape, dim, segments, whole):
+                        raise _core.FormatError(
+                            f"{path}: {key}'s part ({numel} values, shape {shape}, segments {segments}) is not a "
+                            f"part of its moments' {whole}"
+                        )
+                    parts.append((i, shape, dim, segments))
+                mine = self._shard(p)
+                cut, cut_dim = list(whole), -1  # this optimizer's part of the moments, cut along cut_dim
+                if mine.dim >= 0 and (algo != "apollo" or mine.dim == c):
+                    cut_dim = 0 if algo == "apollo" else mine.dim
+                    cut[cut_dim] = sum(length for _, length in mine.segments)
+                if math.prod(cut) != k:
+                    raise _core.FormatError(
+                        f"{found[0][1]}: {key}'s moments ({whole}, of which this part is {cut}) do not fit this "
+                        f"optimizer's part of the parameter ({k} values)"
+                    )
+                first, path, info, shapes = found[0]
+                self._has(path, shapes, f"{key}.step", (1,))
+                if algo == "apollo":
+                    self._has(path, shapes, f"{key}.prev_norm", (1,))
+                plan.append(_Load(p, group, key, info["seed"], first, tuple(parts), tuple(whole), cut_dim))
+        return plan
+
+    @staticmethod
+    def _part_of(shape: list, dim: int, segments, whole: list) -> bool:
+        """Whether a part of ``shape`` fills runs ``segments`` of ``whole`` along ``dim`` (-1: all of it)."""
+        if dim < 0:
+            return shape == whole
+        return (
+            len(shape) == len(whole)
+            and bool(segments)
+            and sum(length for _, length in segments) == shape[dim]
+            and all(start >= 0 and start + length <= whole[dim] for start, length in segments)
+            and all(shape[d] == whole[d] for d in range(len(whole)) if d != dim)
+        )
+
+    def _assemble(self, item: _Load, state: dict, tensors: list[dict]) -> None:
+        """A resharded parameter's moments (``_plan_resharded``): the full tensor's from the files' parts, then
+        this optimizer's part of them."""
 
         def indices(segments):
             return torch.cat([torch.arange(start, start + length) for start, length in segments])
 
-        for group in self.param_groups:
-            for p in group["params"]:
-                key = self._key(p, names)
-                found = [(path, params[key], tensors) for path, params, tensors in files if key in params]
-                if not found:
-                    continue
-                state = self._state(p, group)
-                full_shape = self._shard(p).full_shape
-                whole = None  # the full tensor's m and v: [channels, rank] (APOLLO) or the tensor's shape (AdamW)
-                for path, info, tensors in found:
-                    if info["algo"] != state["algo"]:
-                        raise _core.InvalidArgumentError(
-                            f"{path}: {key} was stepped with {info['algo']}, now configured for {state['algo']}"
-                        )
-                    saved_full, dim, segments, _ = info.get("shard") or [info["shape"], -1, [], True]
-                    if list(saved_full) != list(full_shape):
-                        raise _core.FormatError(
-                            f"{path}: state of {key} is for shape {saved_full}, not {list(full_shape)}"
-                        )
-                    if state["algo"] == "apollo":
-                        c = 0 if full_shape[0] >= full_shape[1] else 1
-                        rank = tensors[f"{key}.m"].numel() // info["shape"][c]
-                        shape, dim = (info["shape"][c], rank), (0 if dim == c else -1)
-                    else:
-                        shape = info["shape"]
-                    if whole is None:
-                        full = [full_shape[c], rank] if state["algo"] == "apollo" else list(full_shape)
-                        whole = {f: torch.zeros(full, dtype=torch.float32) for f in ("m", "v")}
-                    for f in ("m", "v"):
-                        src = tensors[f"{key}.{f}"].view(shape)
-                        if dim < 0:
-                            whole[f].copy_(src)
-                        else:
-                            whole[f].index_copy_(dim, indices(segments), src)
-                mine = self._shard(p)
-                for f in ("m", "v"):
-                    x = whole[f]
-                    if state["algo"] == "apollo":
-                        c = 0 if full_shape[0] >= full_shape[1] else 1
-                        x = x.index_select(0, indices(mine.segments)) if mine.dim == c else x
-                    elif mine.dim >= 0:
-                        x = x.index_select(mine.dim, indices(mine.segments))
-                    if x.numel() != state[f].numel():
-                        raise _core.FormatError(
-                            f"{paths[0]}: {key}.{f} does not fit this optimizer's part of the parameter"
-                        )
-                    state[f].copy_(x.reshape(-1))
-                first = found[0]
-                for f in ("step", "prev_norm"):  # the same on every rank: the ranks step each parameter together
-                    if f in state:
-                        state[f].copy_(first[2][f"{key}.{f}"])
-                state["seed"] = first[1]["seed"]
-                self._calls.pop(id(p), None)
-        self._batches.clear()
+        whole = {f: torch.zeros(item.whole, dtype=torch.float32) for f in ("m", "v")}
+        for i, shape, dim, segments in item.parts:
+            for f in ("m", "v"):
+                src = tensors[i][f"{item.key}.{f}"].view(shape).float()
+                if dim < 0:
+                    whole[f].copy_(src)
+                else:
+                    whole[f].index_copy_(dim, indices(segments), src)
+        for f in ("m", "v"):
+            x = whole[f]
+            if item.cut_dim >= 0:
+                x = x.index_select(item.cut_dim, indices(self._shard(item.p).segments))
+            state[f].copy_(x.reshape(-1))
 
     def reset_state(self) -> None:
         """Forget every parameter's state (moments, step counts, projection seeds): the next step of each

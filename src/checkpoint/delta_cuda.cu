@@ -627,6 +627,48 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
   // A group's values: at most one XOR per staged element, plus up to 7 bytes of alignment per tensor,
   // from diff_value_shift(base) bytes in (diff_plan.hpp).
   const uint64_t slot_values = slot_bytes + 8 * n + kDiffScratchAlign;
+  // What both shapes below share: the host's value buffer, which grows as groups are placed; the groups
+  // announced in order as they complete (`wait`: until they have); and the ending.
+  HostBytes values = view_of(w.values, 0);
+  uint64_t values_capacity = w.values.size;
+  // Group k's values placed after the earlier groups' (the last group's, then the rest), the host buffer
+  // grown to hold them; returns where they begin.
+  auto place_group = [&](size_t k) {
+    const DiffGroup& g = groups[k];
+    const uint64_t base = value_total;
+    place(g.c0, g.c1);
+    if (k + 1 == groups.size()) place_rest();
+    if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
+    values = view_of(w.values, value_total);
+    return base;
+  };
+  size_t announced = 0;
+  auto announce = [&](size_t upto, bool wait) {
+    for (; announced < upto; ++announced) {
+      if (wait) {
+        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].h));
+      } else {
+        const cudaError_t e = cudaEventQuery(done[announced].h);
+        if (e == cudaErrorNotReady) return;
+        LIVETRAIN_CUDA_CHECK(e);
+      }
+      if (ready && groups[announced].tensors_done < n) ready(groups[announced].tensors_done, bitmaps.data, values.data);
+    }
+  };
+  // Every group announced, the streams drained (`extra`: a shape's own third stream, or null) before the
+  // shape's buffers go, the outputs handed over.
+  auto conclude = [&](cudaStream_t extra) {
+    announce(groups.size(), true);
+    if (groups.empty()) place_rest();
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
+    if (extra) LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(extra));
+    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+    values = view_of(w.values, value_total);
+    const uint8_t* bitmap_base = bitmaps.data;
+    finish(std::move(values), value_total);
+    if (ready) ready(n, bitmap_base, out.values.data);
+  };
   if (overlapped) {
     // checkpoint.diff = 2: the copies in both directions at once. Each direction's copies go on one stream of
     // their own (`in`: every group's `old` bytes; `out`: its values, bitmap and moved-along `old`), the
@@ -677,15 +719,9 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       }
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(counted[k].h, work));
     };
-    HostBytes values = view_of(w.values, 0);
-    uint64_t values_capacity = w.values.size;
     auto compact_and_copy_out = [&](size_t k) {
       const DiffGroup& g = groups[k];
-      const uint64_t base = value_total;
-      place(g.c0, g.c1);
-      if (k + 1 == G) place_rest();
-      if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
-      values = view_of(w.values, value_total);
+      const uint64_t base = place_group(k);
       if (g.c1 > g.c0) {
         const Launch L = launch(k);
         uint8_t* d_group_values = scratch[k % S].as<uint8_t>() + diff_value_shift(base);
@@ -719,20 +755,6 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       }
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, out_stream));
     };
-    size_t announced = 0;
-    auto announce = [&](size_t upto, bool wait) {
-      for (; announced < upto; ++announced) {
-        if (wait) {
-          LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].h));
-        } else {
-          const cudaError_t e = cudaEventQuery(done[announced].h);
-          if (e == cudaErrorNotReady) return;
-          LIVETRAIN_CUDA_CHECK(e);
-        }
-        if (ready && groups[announced].tensors_done < n)
-          ready(groups[announced].tensors_done, bitmaps.data, values.data);
-      }
-    };
     // Copies in are queued as far ahead as free slots allow: group j's needs group j - S's `done` recorded,
     // which it is once the loop has passed j - S. The work stream takes group k + 1's count only after group
     // k's compaction, which the host releases as soon as group k's counts are in.
@@ -749,16 +771,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
       if (k + 1 < G) count(k + 1);
       announce(k + 1, false);
     }
-    announce(G, true);
-    if (groups.empty()) place_rest();
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s2.h));
-    LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
-    values = view_of(w.values, value_total);
-    const uint8_t* bitmap_base = bitmaps.data;
-    finish(std::move(values), value_total);
-    if (ready) ready(n, bitmap_base, out.values.data);
+    conclude(s2.h);
     return;
   }
   // checkpoint.diff = 1: two slots (buffers and a stream each); group k uses slot k % 2, so its buffers are
@@ -789,17 +802,11 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     }
     LIVETRAIN_CUDA_CHECK(cudaEventRecord(counted[k].h, st));
   };
-  HostBytes values = view_of(w.values, 0);
-  uint64_t values_capacity = w.values.size;
   auto back = [&](size_t k) {
     const DiffGroup& g = groups[k];
     const int slot = static_cast<int>(k % 2);
     cudaStream_t st = slot_stream[slot];
-    const uint64_t base = value_total;
-    place(g.c0, g.c1);
-    if (k + 1 == groups.size()) place_rest();
-    if (value_total > values_capacity) values_capacity = grow_values(w, base, value_total, done, k);
-    values = view_of(w.values, value_total);
+    const uint64_t base = place_group(k);
     if (g.c1 == g.c0) {
       LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
       return;
@@ -823,21 +830,8 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     }
     LIVETRAIN_CUDA_CHECK(cudaEventRecord(done[k].h, st));
   };
-  // Groups are announced in order as they complete; the host waits only for counts (and, at the end, for
-  // the rest), so one group's back half runs while the next one's front half does.
-  size_t announced = 0;
-  auto announce = [&](size_t upto, bool wait) {
-    for (; announced < upto; ++announced) {
-      if (wait) {
-        LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(done[announced].h));
-      } else {
-        const cudaError_t e = cudaEventQuery(done[announced].h);
-        if (e == cudaErrorNotReady) return;
-        LIVETRAIN_CUDA_CHECK(e);
-      }
-      if (ready && groups[announced].tensors_done < n) ready(groups[announced].tensors_done, bitmaps.data, values.data);
-    }
-  };
+  // The host waits only for counts (and, at the end, for the rest), so one group's back half runs while the
+  // next one's front half does.
   for (size_t k = 0; k < std::min<size_t>(2, groups.size()); ++k) front(k);
   for (size_t k = 0; k < groups.size(); ++k) {
     LIVETRAIN_CUDA_CHECK(cudaEventSynchronize(counted[k].h));
@@ -845,15 +839,7 @@ void delta_diff_cuda(const std::vector<DiffTensor>& tensors, DiffOutput& out, vo
     if (k + 2 < groups.size()) front(k + 2);  // same stream: after this group's back has used the slot
     announce(k + 1, false);
   }
-  announce(groups.size(), true);
-  if (groups.empty()) place_rest();
-  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s0.h));
-  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(s1.h));
-  LIVETRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
-  values = view_of(w.values, value_total);
-  const uint8_t* bitmap_base = bitmaps.data;
-  finish(std::move(values), value_total);
-  if (ready) ready(n, bitmap_base, out.values.data);
+  conclude(nullptr);
 }
 
 }  // namespace livetrain::checkpoint

@@ -320,20 +320,20 @@ def default_model_dir():
     return default_model.ensure()
 
 
-def served_turns(tok, conversation: list[dict]) -> list[tuple[list[int], list[int]]]:
+def served_turns(tok, conversation: list[dict], kwargs: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """For each assistant turn, what the engine served and what it had to generate: the ids of the chat
-    request of the conversation before it (the engine's own ``encode_chat``), and the ids of what the
-    template renders for that turn as the last one, after that prompt (the messages checked as the engine's
-    chat route checks them)."""
+    request of the conversation before it (the engine's own ``encode_chat``, with the request's own template
+    variables ``kwargs``), and the ids of what the template renders for that turn as the last one, after that
+    prompt (the messages checked as the engine's chat route checks them)."""
     engine, out = served(tok), []
     conversation = examples.check_messages(conversation)
     for j, m in enumerate(conversation):
         if m["role"] == "assistant":
-            prompt = examples.chat_text(tok, conversation[:j], "m")
+            prompt = examples.chat_text(tok, conversation[:j], "m", kwargs=kwargs)
             full = examples.chat_text(tok, conversation[: j + 1], "m", generation_prompt=False)
             assert full.startswith(prompt), (prompt, full)
             answer = tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-            out.append((engine.encode_chat(conversation[:j]), answer))
+            out.append((engine.encode_chat(conversation[:j], kwargs), answer))
     return out
 
 
@@ -365,7 +365,9 @@ def test_the_qwen_templates_train_every_turn_as_it_was_served(default_model_dir,
     generate after the prompt it served for the conversation before it, with that prompt before them.
     Where the template renders the turns incrementally they are one sequence; else each turn is a sequence
     of its own, weighted by its share of the example's trained tokens (the example weighs what it would as
-    one sequence). Served with thinking off, an answer with reasoning is a 400 naming the message."""
+    one sequence). Served with thinking off, an answer with reasoning is a 400 naming the message; served
+    thinking, an answer without reasoning trains as served with thinking off (its empty think block the
+    prompt's: test_an_answer_without_reasoning_does_not_teach_a_thinking_model_to_skip_its_reasoning)."""
     tok = tokenizer(default_model_dir, "--chat-template", *map(str, SERVED[served_as]))
     conversation = (TURNS if thoughts == "none" else with_thoughts(thoughts))[:turns]
     example = {"messages": conversation, "weight": 3}
@@ -375,10 +377,33 @@ def test_the_qwen_templates_train_every_turn_as_it_was_served(default_model_dir,
         assert e.value.param == "examples[0].messages[2]", e.value
         return
     rows = examples.encode_example(tok, example, "examples[0]")
-    assert trained_turns(rows) == served_turns(tok, conversation)
+    assert trained_turns(rows) == served_turns(tok, conversation, examples.THINKING_OFF if thoughts == "none" else None)
     assert (len(rows) == 1) == (turns == 3)  # the first turn's thinking is dropped once a user turn follows
     trained = [sum(m) for _, m, _ in rows]
     assert [w for _, _, w in rows] == pytest.approx([3 * t / sum(trained) for t in trained])
+
+
+@pytest.mark.parametrize("served_as", ["qwen3", "qwen3.5-thinking"])
+def test_an_answer_without_reasoning_does_not_teach_a_thinking_model_to_skip_its_reasoning(
+    default_model_dir, served_as
+):
+    """Regression test: served thinking (Qwen3.5-27B's template by default, Qwen3's), the template writes an empty
+    think block before an answer without reasoning (``<think>\\n\\n</think>\\n\\n``), and the trainer trained it
+    as the answer's first tokens: every such example taught the model to close its reasoning at once, to stop
+    thinking, which no example means (ms-swift's ``ignore_empty_think`` and tinker-cookbook's Qwen3.5 renderer
+    leave the block untrained too). The block is now the prompt's: the answer trains after the prompt the engine
+    serves with thinking off (the same ids), its own tokens alone trained. An answer with reasoning still trains
+    its reasoning and the block's end (the model generated them)."""
+    tok = tokenizer(default_model_dir, "--chat-template", *map(str, SERVED[served_as]))
+    [(ids, mask, _)] = examples.encode_example(tok, {"messages": TURNS[:3]}, "examples[0]")
+    start = mask.index(True)
+    assert ids[:start] == served(tok).encode_chat(examples.check_messages(TURNS[:2]), examples.THINKING_OFF)
+    assert tok.decode(ids[:start]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert all(mask[start:]) and tok.decode(ids[start:]) == "quuxville<|im_end|>\n"
+    [(ids, mask, _)] = examples.encode_example(tok, {"messages": with_thoughts("reasoning")[:3]}, "examples[0]")
+    start = mask.index(True)
+    assert tok.decode(ids[:start]) == examples.chat_text(tok, examples.check_messages(TURNS[:2]), "m")
+    assert tok.decode(ids[start:]).endswith(f"{THOUGHT[0]}\n</think>\n\nquuxville<|im_end|>\n")
 
 
 def test_an_incremental_template_keeps_a_conversation_one_sequence(default_model_dir):

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,7 @@ def test_gpu_sh_lists_its_steps_and_refuses_unknown_ones():
         "bench-gdn",
         "bench-serve8b",
         "bench-serve27b",
+        "bench-gen27b",
         "vllm-llama",
         "vllm-qwen35",
         "vllm-transfer",
@@ -290,6 +292,69 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
     }
     assert not worker.restore_newer(str(model), again, config, 0, 1, env=env)["restored"]
     assert all(torch.equal(again[n], trained[n]) for n in trained)
+
+
+def test_serve_bench_completion_windows_run_until_both_requests_and_seconds():
+    """bench/serve.py's completion window runs until at least --gen-requests requests AND --gen-seconds (the H200
+    27B run measured 2 requests per window, ~7-14 s each: noise), and reports each request's rate beside the
+    window's, and its decode time per token after its first token apart from the time to that token."""
+    serve_bench = load(ROOT / "bench" / "serve.py", "serve_bench_windows")
+    calls = []
+
+    def one(i: int):
+        calls.append(i)
+        time.sleep(0.01)  # the "prefill": before the first token
+        first = time.monotonic()
+        n = [4, 8, 2, 8, 8, 8, 8, 8][len(calls) - 1]
+        time.sleep(0.002 * (n - 1))  # then 2 ms per token
+        return n, (None if i == 3 else first)  # request 3: no first-token time (not streamed)
+
+    r = serve_bench.completion_loop(one, 0.0, 5)
+    assert calls == [0, 1, 2, 3, 4, 5]  # the warm-up (0) is not timed
+    assert r["requests"] == 5 and r["tokens"] == 8 + 2 + 8 + 8 + 8
+    q = r["request_tokens_per_s"]
+    assert q["min"] <= q["median"] <= q["max"] and len(r["per_request"]) == 5
+    assert r["per_request"][2]["first_token_seconds"] is None
+    # decode over requests 1, 2, 4, 5 (3 has no first token): 7 + 1 + 7 + 7 tokens after the first
+    assert r["decode"]["tokens"] == 22
+    d = r["decode_seconds_per_token"]
+    assert 0.0019 < d["min"] <= d["median"] <= d["max"] < 0.05, d
+    assert 0.0099 < r["first_token_seconds"]["min"] < 0.1
+    calls.clear()
+    r = serve_bench.completion_loop(lambda i: (calls.append(i) or time.sleep(0.02) or 3, None), 0.1, 1, warmup=False)
+    assert calls[0] == 1 and r["requests"] >= 5 and r["seconds"] >= 0.1  # the seconds bind: more than 1 request
+    assert r["decode_seconds_per_token"] is None and r["decode"]["tokens"] == 0
+
+
+def test_serve_bench_measures_completions_alone_once_the_trainer_is_idle(tmp_path):
+    """Completions alone are measured once the trainer has nothing left to make between jobs (the H200 27B run's
+    window alone overlapped the guard's 52 s of retention answers), then during a job, then after the trainer
+    stopped; the table says so and shows each window's per-request spread. Over HTTP, as on the GPU machine:
+    each request streamed, timed at its first token."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    args = ["--shape", "tiny", "--device", "cpu", "--layers", "2", "--tokens", "32", "--steps", "1", "--no-adamw"]
+    args += ["--gen-seconds", "0.5", "--gen-requests", "3", "--gen-tokens", "4", "--client", "http"]
+    # No --dir: the trainer socket's path under pytest's tmp_path is too long for AF_UNIX.
+    r = run([sys.executable, "bench/serve.py", *args, "--json", str(tmp_path / "s.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = json.loads((tmp_path / "s.json").read_text())["sets"][0]["completions"]
+    # The guard is on by default: its measures of the live weights were made before the first window alone.
+    assert c["waited"]["made"] == ["kept", "answers", "reference", "anchor"], c["waited"]
+    assert c["waited"]["why"] == "the guard's measures of the live weights are made"
+    assert c["warmup_seconds"] > 0  # the engine's warm-up request, taken while the guard made its measures
+    assert "anchor made in" in r.stderr.split("trainer idle after")[0]  # logged before the window starts
+    # Nothing of the guard's ran during the job's window (the job runs on the training thread: no idle moment).
+    during = r.stderr.split("completions while the /train job runs")[1].split("with training")[0]
+    assert "guard: making" not in during, during
+    for key in ("alone", "training", "alone_after"):
+        assert c[key]["requests"] >= 3 and c[key]["seconds"] >= 0.5, (key, c[key])
+        assert all(0 < r["first_token_seconds"] < r["seconds"] for r in c[key]["per_request"]), c[key]
+    assert c["alone"]["end"] < c["training"]["start"] < c["training"]["end"] < c["alone_after"]["start"]
+    assert c["concurrent_training"]["steps"] >= 1
+    assert "| 2 | alone (trainer idle: waited " in r.stdout and "| 2 | alone again (trainer stopped) |" in r.stdout
+    assert "per request tokens/s median (min–max)" in r.stdout and "the two windows alone: " in r.stdout
+    assert "; the decode alone " in r.stdout
 
 
 def test_serve_bench_times_the_optimizer_over_parameters_of_two_dtypes():

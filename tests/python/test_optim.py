@@ -490,6 +490,57 @@ def test_state_save_restore_continues_identically(tmp_path):
         opt3.load_state(tmp_path / "other.safetensors")
 
 
+def test_a_state_that_does_not_fit_the_optimizer_is_refused_by_check_state_as_by_load_state(tmp_path):
+    # check_state read the files' headers alone: a state stepped with another algorithm, at another APOLLO
+    # rank, or for another tensor-parallel part passed it, then failed load_state (a TP rollback wrote the
+    # weights first). Both now raise the same error, and a load_state that fails changes no state (it loaded
+    # the parameters before the misfit one).
+    from livetrain.optim import ParamShard
+
+    torch.manual_seed(0)
+    b, w = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(50, 30))
+    saved = ApolloMini([b, w], lr=1e-2)  # b on AdamW, w on APOLLO (rank 1, a channel per row)
+    for _ in range(2):
+        b.grad, w.grad = torch.randn(30), torch.randn(50, 30)
+        saved.step()
+    path = tmp_path / "opt.safetensors"
+    saved.save_state(path)
+    ApolloMini([b, w]).check_state(path)
+    ApolloMini([b, w]).check_state([path])  # as one TP-1 file among a list (resharded)
+    part = torch.nn.Parameter(torch.zeros(25, 30))  # rows 25..49 of w: a TP-2 rank's part
+    half = ApolloMini([torch.nn.Parameter(torch.zeros(30)), part])
+    half.tensor_parallel(object(), {part: ParamShard((50, 30), 0, ((25, 25),))})
+    half.check_state(path)
+    half.load_state(path)
+    assert torch.equal(half.state[part]["m"], saved.state[w]["m"][25:])
+
+    def adamw():
+        return Apollo([{"params": [b], "algo": "adamw"}, {"params": [w], "algo": "adamw"}])
+
+    def rank2(params, shards=None):
+        opt = Apollo(params, rank=2)
+        if shards:
+            opt.tensor_parallel(object(), shards)
+        return opt
+
+    part2 = torch.nn.Parameter(torch.zeros(25, 30))
+    for make, error, message in (
+        (adamw, livetrain.InvalidArgumentError, "param2 was stepped with apollo, now configured for adamw"),
+        (lambda: rank2([b, w]), livetrain.FormatError, r"param2.m has shape \(50,\), expected \(100,\)"),
+        (
+            lambda: rank2([b, part2], {part2: ParamShard((50, 30), 0, ((0, 25),))}),
+            livetrain.FormatError,
+            r"param2's moments \(\[50, 1\], of which this part is \[25, 1\]\) do not fit .* \(50 values\)",
+        ),
+    ):
+        with pytest.raises(error, match=message):
+            make().check_state(path)
+        opt = make()
+        with pytest.raises(error, match=message):
+            opt.load_state(path)
+        assert not opt.state, "a load_state that failed changed the state"
+
+
 def test_state_is_tiny_next_to_adamw():
     m = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
     opt = ApolloMini(param_groups(m), lr=1e-3)

@@ -1153,6 +1153,47 @@ def test_retention_prompts(run, tmp_path):
         guard.read_prompts(str(path))
 
 
+def test_retention_prompts_refuse_null_content_and_an_empty_question_as_examples_do(run, tmp_path):
+    # PUT /train/retention and --retention FILE took a system/user message with a null (or missing) content
+    # (measured as an empty one), and a {messages} prompt whose question is empty, which the string form
+    # refuses: a 400 naming the field, nothing stored, as /train's examples refuse them.
+    _, trainer = run()
+    before = list(trainer.retention.prompts)
+    user = {"role": "user", "content": "one two"}
+    runner = threading.Thread(target=trainer.run, daemon=True)  # a prompt set taken is set between steps
+    runner.start()
+    try:
+        for messages, param in (
+            ([{"role": "user", "content": None}], "prompts[1].messages[0].content"),
+            ([{"role": "user"}], "prompts[1].messages[0].content"),
+            ([{"role": "system", "content": None}, user], "prompts[1].messages[0].content"),
+            ([{"role": "system"}, user], "prompts[1].messages[0].content"),
+            ([{"role": "user", "content": " \n"}], "prompts[1].messages[0].content"),
+            ([{"role": "user", "content": []}], "prompts[1].messages[0].content"),
+            (
+                [user, {"role": "assistant", "content": "x"}, {"role": "user", "content": ""}],
+                "prompts[1].messages[2].content",
+            ),
+        ):
+            body = {"prompts": ["a question", {"messages": messages}]}
+            with pytest.raises(Invalid) as e:
+                trainer.handle("set_retention", json.dumps(body).encode())
+            assert e.value.param == param, (messages, e.value.param)
+            assert trainer.retention.prompts == before
+            path = tmp_path / "retention.jsonl"
+            path.write_text('"a question"\n' + json.dumps({"messages": messages}) + "\n")
+            with pytest.raises(ValueError, match=rf"^{path}:2\.messages\[\d\]\.content"):
+                guard.read_prompts(str(path))
+    finally:
+        trainer.stopping.set()
+        runner.join(60)
+    # A chat request's null content stays an empty one (vLLM's), and an assistant's in a prompt's conversation
+    # (OpenAI: with tool calls) too; an empty earlier user turn is context, as in an example.
+    assert examples.check_messages([{"role": "user", "content": None}]) == [{"role": "user", "content": []}]
+    kept = [{"role": "user", "content": ""}, {"role": "assistant", "content": None}, user]
+    assert guard.check_prompts([{"messages": kept}]) == [examples.check_messages(kept)]
+
+
 def test_at_most_max_prompts_of_the_users_retention_prompts_the_builtin_ones_not_counted(tmp_path):
     # guard.MAX_PROMPTS's comment said "built-in + the user's" and the docs "at most 1000 in all", but only
     # the user's prompts were counted (and the refusal did not say which): the limit is the user's alone.
@@ -1307,21 +1348,32 @@ def test_padding_waste_of_one_shared_forward():
     assert padding_waste([row(40), row(50)], [row(52)]) < 0.1
 
 
-def test_a_reservation_whose_write_fails_is_written_again_by_the_next():
-    """Trainer.reserve records a weight version durably before it is used: when trainer.json cannot be written
-    the reservation is not counted as made, so that the next one (the same version, retried) writes it."""
+def test_a_trainer_json_write_that_fails_is_written_again_by_the_next(tmp_path):
+    """Trainer.reserve records a weight version durably before it is used, and _name_state the optimizer
+    state's files after a save: when trainer.json cannot be written (here a directory stands in its place)
+    neither is counted as made, so that the next reservation or save (the same one, retried) writes it.
+    One writer, _write_meta, owns that rule for both."""
     from types import SimpleNamespace
 
-    writes = []
+    from livetrain import _core
 
-    def write_meta():
-        writes.append(t.reserved)
-        if len(writes) == 1:
-            raise OSError("No space left on device")
-
-    t = SimpleNamespace(reserved=3, _write_meta=write_meta)
-    with pytest.raises(OSError):
+    path = tmp_path / "trainer.json"
+    t = SimpleNamespace(reserved=3, state_version=2, state_files=["a"], engine={"pid": 1}, ranks=None)
+    t.meta_path = str(path)
+    t._write_meta = lambda **fields: Trainer._write_meta(t, **fields)
+    path.mkdir()
+    with pytest.raises(_core.IoError):
         Trainer.reserve(t, 4)
-    assert t.reserved == 3
+    with pytest.raises(_core.IoError):
+        Trainer._name_state(t, 5, ["b"])
+    assert (t.reserved, t.state_version, t.state_files) == (3, 2, ["a"])
+    path.rmdir()
     Trainer.reserve(t, 4)
-    assert t.reserved == 4 and writes == [4, 4]
+    assert json.loads(path.read_text()) == {"weight_version": 2, "reserved": 4, "engine": {"pid": 1}, "files": ["a"]}
+    Trainer._name_state(t, 5, ["b"])
+    assert json.loads(path.read_text()) == {"weight_version": 5, "reserved": 4, "engine": {"pid": 1}, "files": ["b"]}
+    # Not rewritten when nothing changes (a directory in its place would fail a write).
+    path.unlink()
+    path.mkdir()
+    Trainer.reserve(t, 4)
+    Trainer._name_state(t, 5, ["b"])

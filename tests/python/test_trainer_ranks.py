@@ -8,6 +8,7 @@ a rank that dies stops the job on the other, leaves its weights as of the last c
 import json
 import os
 import signal
+import textwrap
 import threading
 import time
 
@@ -471,6 +472,40 @@ def checkpointed_then_trained(tmp_path, sock) -> int:
     return reply["generation"]
 
 
+def rollback_refused_on_rank_1(sock, e, gen: int) -> str:
+    """/rollback to ``gen``, refused by rank 1's check: a 500 naming rank 1 alone and "nothing written",
+    neither rank's weights nor the weight version changed, the group ok, the head still ``gen``. Returns the
+    message."""
+    before, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+    code, reply = call(sock, "rollback", {"generation": gen})
+    message = reply["error"]["message"]
+    assert code == 500 and "rank 1" in message and "nothing written" in message, (code, reply)
+    assert "rank 0" not in message, message
+    for r in range(2):
+        for n, t in e.views[r].items():
+            assert torch.equal(t, before[r][n]), f"rank {r} {n} written by a refused rollback"
+    status = call(sock, "status")[1]
+    assert status["weight_version"] == version and status["tensor_parallel"]["state"] == "ok", status
+    assert call(sock, "checkpoints")[1]["head"] == gen
+    return message
+
+
+def start_with_rank_1_patched(tmp_path, engine, patch: str):
+    """The TP-2 group on a store of the engine's model, rank 1's process running ``patch`` (Python source) at
+    start, from a sitecustomize: a fault injected into rank 1 alone."""
+    from livetrain import checkpoint
+
+    model, e = engine
+    checkpoint.CheckpointStore.create(model).close()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('RANK') == '1':\n" + textwrap.indent(patch, "    ")
+    )
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(site), ENV["PYTHONPATH"]]))
+    return start(tmp_path, model, e.manifests, store=True, env=env)
+
+
 def test_a_rollback_one_rank_refuses_writes_nothing_on_any_rank(tmp_path, engine):
     """Rank 1's optimizer state of the generation was replaced by another well-formed state (its header
     passes rank 0's check; loading it fails on rank 1 alone): every rank checks before any writes, so the
@@ -491,18 +526,38 @@ def test_a_rollback_one_rank_refuses_writes_nothing_on_any_rank(tmp_path, engine
         key = next(k for k, v in params.items() if v["algo"] != "adamw")
         params[key]["algo"] = "adamw"  # a state its parameter cannot take: load_state refuses it
         lst.save_file(lst.load_file(path), path, metadata={**meta, "params": json.dumps(params)})
-        before, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+        assert parts[1]["optimizer_state"] in rollback_refused_on_rank_1(sock, e, gen)
+    finally:
+        group.stop(30)
 
-        code, reply = call(sock, "rollback", {"generation": gen})
-        message = reply["error"]["message"]
-        assert code == 500 and "rank 1" in message and "nothing written" in message, (code, reply)
-        assert parts[1]["optimizer_state"] in message and "rank 0" not in message, message
-        for r in range(2):
-            for n, t in e.views[r].items():
-                assert torch.equal(t, before[r][n]), f"rank {r} {n} written by a refused rollback"
-        status = call(sock, "status")[1]
-        assert status["weight_version"] == version and status["tensor_parallel"]["state"] == "ok", status
-        assert call(sock, "checkpoints")[1]["head"] == gen
+
+def test_a_rollback_whose_optimizer_state_does_not_fit_a_ranks_optimizer_writes_nothing(tmp_path, engine):
+    """The generation's optimizer-state files are intact (sizes and hashes as committed) but rank 1's does not
+    fit rank 1's optimizer as it is configured now (its matrices configured for AdamW, as another --embeddings
+    would configure the embeddings; injected into rank 1's process): every rank checks its state against its
+    optimizer before any rank writes, so the rollback is a 500 naming rank 1, its file and the misfit, nothing
+    written on either rank, the version unchanged. (The check read sizes and hashes alone: both ranks wrote
+    their weights, then rank 1's load failed while writing.)"""
+    flag = tmp_path / "adamw-on-rank-1"
+    group, sock = start_with_rank_1_patched(
+        tmp_path,
+        engine,
+        "import livetrain.optim as o\n"
+        "algorithm = o.Apollo.algorithm\n"
+        "def configured(self, p, group=None):\n"
+        "    algo = algorithm(self, p, group)\n"
+        f"    return 'adamw' if algo == 'apollo' and os.path.exists({str(flag)!r}) else algo\n"
+        "o.Apollo.algorithm = configured\n",
+    )
+    try:
+        wait_ready(group, sock)
+        gen = checkpointed_then_trained(tmp_path, sock)
+        parts = next(g for g in call(sock, "checkpoints")[1]["generations"] if g["generation"] == gen)["parts"]
+        flag.touch()
+        message = rollback_refused_on_rank_1(sock, engine[1], gen)
+        assert parts[1]["optimizer_state"] in message and "stepped with apollo, now configured for adamw" in message
+        flag.unlink()  # rank 1's optimizer as the state was saved: the same rollback goes through
+        assert call(sock, "rollback", {"generation": gen})[0] == 200
     finally:
         group.stop(30)
 
@@ -515,23 +570,18 @@ def test_a_rollback_that_fails_writing_on_one_rank_names_what_each_rank_holds(tm
     from livetrain import checkpoint
 
     model, e = engine
-    checkpoint.CheckpointStore.create(model).close()
-    site = tmp_path / "site"
-    site.mkdir()
     flag = tmp_path / "fail-rank-1"
-    (site / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import livetrain.checkpoint as c\n"
-        "    restore = c.CheckpointStore.restore\n"
-        "    def failing(self, *args, **kwargs):\n"
-        f"        if os.path.exists({str(flag)!r}):\n"
-        "            raise OSError(5, 'Input/output error (injected by the test)')\n"
-        "        return restore(self, *args, **kwargs)\n"
-        "    c.CheckpointStore.restore = failing\n"
+    group, sock = start_with_rank_1_patched(
+        tmp_path,
+        engine,
+        "import livetrain.checkpoint as c\n"
+        "restore = c.CheckpointStore.restore\n"
+        "def failing(self, *args, **kwargs):\n"
+        f"    if os.path.exists({str(flag)!r}):\n"
+        "        raise OSError(5, 'Input/output error (injected by the test)')\n"
+        "    return restore(self, *args, **kwargs)\n"
+        "c.CheckpointStore.restore = failing\n",
     )
-    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(site), ENV["PYTHONPATH"]]))
-    group, sock = start(tmp_path, model, e.manifests, store=True, env=env)
     try:
         wait_ready(group, sock)
         gen = checkpointed_then_trained(tmp_path, sock)

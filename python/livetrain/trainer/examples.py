@@ -118,11 +118,14 @@ def _reasoning(m: dict, field: str) -> str | None:
     return None
 
 
-def check_messages(messages, where: str = "") -> list[dict]:
+def check_messages(messages, where: str = "", null_content: bool = True) -> list[dict]:
     """``messages`` as ``[{"role", "content"}]`` (``_content``: a string or a list of text parts; other keys
     dropped), an assistant message's reasoning (``_reasoning``) kept under both ``reasoning`` and
     ``reasoning_content``, as vLLM gives it to the template (Qwen's templates read the second); ``where``
-    prefixes the field names."""
+    prefixes the field names. ``null_content``: a chat request's rule (vLLM takes a null or missing content
+    as an empty one); False for the messages the trainer keeps (a /train example, a retention prompt): OpenAI's
+    rule, a null (or missing) content only for an assistant message (with tool calls, which these cannot
+    carry), so that a client that lost a text is told, not trained or measured on an empty one."""
     field = f"{where}.messages" if where else "messages"
     if not isinstance(messages, list) or not messages:
         raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
@@ -130,6 +133,12 @@ def check_messages(messages, where: str = "") -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
+        if not null_content and m["role"] != "assistant" and m.get("content") is None:
+            raise Invalid(
+                f"{field}[{j}].content",
+                f"{field}[{j}].content is null or missing: a {m['role']} message needs a content (a string, or a "
+                'list of text parts; "" or [] for an empty one)',
+            )
         checked = {"role": m["role"], "content": _content(m.get("content"), f"{field}[{j}].content")}
         if m["role"] == "assistant":
             reasoning = _reasoning(m, f"{field}[{j}]")
@@ -190,7 +199,8 @@ def chat_text(
 
 
 # The template variable that turns a thinking model's reasoning off, as Qwen3's and Qwen3.5's templates (and vLLM's
-# chat_template_kwargs for them) name it.
+# chat_template_kwargs for them) name it; Qwen3.5's generation prompt is then "<think>\n\n</think>\n\n", else
+# "<think>\n". A switch of another name (DeepSeek-V3.1's `thinking`) is not tried: such a template renders as served.
 THINKING_OFF = {"enable_thinking": False}
 # What ``own_kwargs`` renders to find whether the template has that switch: any template renders a user question.
 _PROBE = [{"role": "user", "content": "?"}]
@@ -262,18 +272,10 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
     incrementally: most do) share one sequence; a turn whose prompt renders the earlier turns otherwise
     (Qwen3's and Qwen3.5's templates drop an answer's reasoning once a later user turn follows) starts a
     sequence of its own, with that prompt as its context."""
-    msgs = check_messages(messages, where)
+    msgs = check_messages(messages, where, null_content=False)
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
     for j, m in enumerate(msgs):
-        # OpenAI allows a null (or missing) content only for an assistant message with tool calls, which an
-        # example cannot carry; a chat request takes it (vLLM: an empty content), an example says what it means.
-        if m["role"] != "assistant" and messages[j].get("content") is None:
-            raise Invalid(
-                f"{where}.messages[{j}].content",
-                f"{where}.messages[{j}].content is null or missing: a {m['role']} message needs a content (a "
-                'string, or a list of text parts; "" or [] for an empty one)',
-            )
         # A chat request may carry an empty answer (vLLM takes null content); a job would teach the model
         # to answer that question with nothing, as a client that lost the text would never mean.
         if m["role"] == "assistant" and not text_of(m["content"]).strip():
@@ -283,14 +285,23 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
                 "to answer with nothing; give the answer's text",
             )
 
-    def render(ms: list[dict], gen: bool) -> str:
-        return chat_text(tokenizer, ms, f"{where}.messages", gen)
+    def render(ms: list[dict], gen: bool, kwargs: dict | None = None) -> str:
+        return chat_text(tokenizer, ms, f"{where}.messages", gen, kwargs=kwargs)
 
+    off = own_kwargs(tokenizer)  # thinking off, where the template is served thinking and has the switch
     sequences, pieces, done = [], [], ""
     for j, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         prompt, full = render(msgs[:j], True) if j else "", render(msgs[: j + 1], False)
+        if j and off:
+            # Served thinking, the template writes an answer without reasoning after an empty think block (Qwen3's
+            # and Qwen3.5's): the thinking-off generation prompt. Trained, that block taught the model to close
+            # its reasoning at once, to stop thinking, which no example means; it is the prompt's, as the engine
+            # serves the conversation with thinking off, and the answer alone is trained.
+            quiet = render(msgs[:j], True, off)
+            if len(quiet) > len(prompt) and full.startswith(quiet):
+                prompt = quiet
         if not full.startswith(prompt):
             raise Invalid(
                 f"{where}.messages[{j}]",

@@ -33,7 +33,7 @@ import torch
 
 from livetrain.loss import output_projection
 from livetrain.trainer import admission
-from livetrain.trainer.examples import check_messages, own_rendering, prompt_ids
+from livetrain.trainer.examples import check_messages, own_rendering, prompt_ids, text_of
 from livetrain.trainer.protocol import Invalid
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention.json")
@@ -71,16 +71,21 @@ def _check(interrupt) -> None:
 
 def check_prompt(item, where: str) -> list[dict]:
     """One retention prompt, a string (one user message) or ``{"messages": [...]}`` ending with a user
-    message, as a message list; ``Invalid`` naming ``where`` (``prompts[2].messages``)."""
+    message (checked as an example's: no null content), as a message list; ``Invalid`` naming ``where``
+    (``prompts[2].messages``). Its question, the last message, has text, in either form."""
     if isinstance(item, str):
         if not item.strip():
             raise Invalid(where, f"{where} is an empty prompt")
         return [{"role": "user", "content": item}]
     if not isinstance(item, dict) or set(item) != {"messages"}:
         raise Invalid(where, f"{where} must be a string or an object with messages (and nothing else)")
-    messages = check_messages(item["messages"], where)
-    if messages[-1]["role"] != "user":
+    messages = check_messages(item["messages"], where, null_content=False)
+    last = len(messages) - 1
+    if messages[last]["role"] != "user":
         raise Invalid(f"{where}.messages", f"{where}.messages must end with a user message")
+    if not text_of(messages[last]["content"]).strip():
+        field = f"{where}.messages[{last}].content"
+        raise Invalid(field, f"{field} is empty: a retention prompt ends with a question")
     return messages
 
 

@@ -822,8 +822,9 @@ class Trainer:
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
         files = self._generation_state(gen)
-        if files:  # checked before anything changes: an unreadable state fails the rollback with nothing changed
-            self.opt.check_state(files)  # (every rank's file, in the store's directory that all ranks share)
+        if files:  # checked before anything changes: a state that cannot load fails the rollback with nothing
+            # changed, not even a version reserved (rank 0's part; each rank checks its own in rollback_rank)
+            self.opt.check_state(self._rank_state(files), names=self.names)
         self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
@@ -859,18 +860,24 @@ class Trainer:
     def rollback_rank(self, generation: int) -> None:
         """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``.
         Every rank first checks all it will read (``CheckpointStore.check_restore``: the deltas on the way, the
-        optimizer-state files it loads, by size and hash), and no rank writes before every rank's check
-        passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
+        optimizer-state files it loads, by size and hash; ``check_state``: that state against this rank's
+        optimizer as it is configured, each parameter's algorithm, rank and part), and no rank writes before
+        every rank's check passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
         ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
         weights and their previous ones) and those that completed (they hold the generation's)."""
 
+        def state_files() -> list[str] | None:
+            # Inside the collectives: a rank whose store lists no such generation fails them on every rank.
+            return self._generation_state(next(g for g in self.store.list() if g["generation"] == generation))
+
         def check():
             self.store.check_restore(generation, self.weights)
+            files = state_files()
+            if files:
+                self.opt.check_state(self._rank_state(files), names=self.names)
 
         def restore():
-            # Inside the collective: a rank whose store lists no such generation fails it on every rank.
-            gen = next(g for g in self.store.list() if g["generation"] == generation)
-            files = self._generation_state(gen)  # their headers checked by rank 0 before it led the rollback
+            files = state_files()
             self.store.restore(generation, self.weights)
             self.opt.reset_state()
             if files:
@@ -984,13 +991,17 @@ class Trainer:
             return ["optimizer.safetensors"]
         return [f"optimizer.rank-{r}-of-{size}.safetensors" for r in range(size)]
 
-    def _load_state(self, files: list[str]) -> None:
-        """The optimizer state from its files: this rank's own, or (saved at another tensor-parallel size)
-        each parameter's state assembled from every rank's file and cut to this rank's part."""
-        mine = files[self.ranks.rank] if self.ranks is not None and len(files) == self.ranks.size else None
+    def _rank_state(self, files: list[str]) -> str | list[str]:
+        """What of an optimizer state's files this rank loads: its own (or the one file of a TP-1 save), or
+        (saved at another tensor-parallel size) all of them, each parameter's state assembled from every
+        rank's file and cut to this rank's part."""
         if len(files) == 1:
-            mine = files[0]
-        self.opt.load_state(mine if mine is not None else files, names=self.names)
+            return files[0]
+        return files[self.ranks.rank] if self.ranks is not None and len(files) == self.ranks.size else files
+
+    def _load_state(self, files: list[str]) -> None:
+        """The optimizer state from its files (``_rank_state``)."""
+        self.opt.load_state(self._rank_state(files), names=self.names)
 
     def _new_version(self) -> None:
         """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
@@ -1744,32 +1755,26 @@ class Trainer:
         self._name_state(weight_version, self._state_files(1))
 
     def _name_state(self, weight_version: int, files: list[str]) -> None:
-        """trainer.json (rank 0 writes it): the state dir's optimizer state is ``files``, saved at
-        ``weight_version`` (unchanged: not rewritten). A write that fails leaves both as they were, so that
-        the next save writes trainer.json again."""
+        """trainer.json: the state dir's optimizer state is ``files``, saved at ``weight_version`` (unchanged:
+        not rewritten; a write that fails is made again by the next save: ``_write_meta``)."""
         if (weight_version, files) != (self.state_version, self.state_files):
-            before = self.state_version, self.state_files
-            self.state_version, self.state_files = weight_version, files
-            try:
-                self._write_meta()
-            except BaseException:
-                self.state_version, self.state_files = before
-                raise
+            self._write_meta(state_version=weight_version, state_files=files)
 
     def reserve(self, version: int) -> None:
         """Records durably that weight version ``version`` may be in use, before anything uses it: a trainer
         killed at any instant restarts above every version it handed out (issue #13: after a SIGKILL
-        mid-job the version went from 10 back to 8). A write that fails leaves ``reserved`` as it was, so that
-        the next reservation writes it again."""
+        mid-job the version went from 10 back to 8). A write that fails is made again by the next
+        reservation (``_write_meta``)."""
         if version > self.reserved:
-            before, self.reserved = self.reserved, version
-            try:
-                self._write_meta()
-            except BaseException:
-                self.reserved = before
-                raise
+            self._write_meta(reserved=version)
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, **fields) -> None:
+        """trainer.json (rank 0 writes it; the other ranks keep the fields alone) with ``fields`` (of
+        ``state_version``, ``state_files``, ``reserved``) set to their new values. A write that fails leaves
+        them as they were: not counted as written, so that the next save or reservation writes them again."""
+        before = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
         if self.ranks is not None and self.ranks.rank != 0:  # rank 0 keeps the weight version
             return
         meta = {
@@ -1778,7 +1783,12 @@ class Trainer:
             "engine": self.engine,
             "files": self.state_files,
         }
-        _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
+        try:
+            _core.write_file_atomic(self.meta_path, json.dumps(meta).encode())
+        except BaseException:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
 
     def run(self) -> None:
         """The training thread (rank 0): jobs from the queue and the requests between them, until stopped."""
