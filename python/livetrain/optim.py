@@ -653,8 +653,7 @@ class Apollo(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             b = 0
             for p in group["params"]:
-                algo = self.algorithm(p, group)
-                k = self._channels(p) * group["rank"] if algo == "apollo" else p.numel()
+                algo, k = self._moments(p, group)
                 b += 8 * k + 16 + (4 if algo == "apollo" else 0)
                 adamw += 8 * p.numel()
             groups.append({"group": i, "algo": group["algo"], "bytes": b})
@@ -695,9 +694,10 @@ class Apollo(torch.optim.Optimizer):
         raises what ``load_state`` would. A missing, truncated or foreign file; a parameter stepped with another
         algorithm than this optimizer's configuration gives it; moments that do not fit the parameter at this
         optimizer's rank and tensor-parallel part (``tensor_parallel``), or files whose parts do not make one
-        tensor. A parameter's state that this optimizer does not hold (by ``names``: one frozen now) is ignored
-        and one that the files lack starts fresh, in both. Safetensors holds no checksum: a byte flipped inside
-        a tensor passes here and in ``load_state`` (the checkpoint store checks its files' hashes)."""
+        tensor (a part outside it, or a run of it that no file holds: a rank's file missing). A parameter's
+        state that this optimizer does not hold (by ``names``: one frozen now) is ignored and one that the files
+        lack starts fresh, in both. Safetensors holds no checksum: a byte flipped inside a tensor passes here and
+        in ``load_state`` (the checkpoint store checks its files' hashes)."""
         self._plan_load(path, names)
 
     @staticmethod
@@ -764,10 +764,10 @@ class Apollo(torch.optim.Optimizer):
                 list(p.shape) == params.get(self._key(p, names), {}).get("shape", list(p.shape)) for p in self._params()
             ):
                 return [path], self._plan_same(path, params, shapes, names)
-            paths = [path]  # written at another tensor-parallel size
+            files = [(path, params, shapes)]  # written at another tensor-parallel size
         else:
-            paths = list(path)
-        return paths, self._plan_resharded([(p, *self._state_header(p)) for p in paths], names)
+            files = [(p, *self._state_header(p)) for p in path]
+        return [f[0] for f in files], self._plan_resharded(files, names)
 
     def _plan_same(self, path, params: dict, shapes: dict, names: dict | None) -> list[_Load]:
         """A file of an optimizer that held the same part of every parameter: each state as it is."""
@@ -825,6 +825,7 @@ class Apollo(torch.optim.Optimizer):
                             f"part of its moments' {whole}"
                         )
                     parts.append((i, shape, dim, segments))
+                self._covers(found[0][1], key, parts, whole)
                 mine = self._shard(p)
                 cut, cut_dim = list(whole), -1  # this optimizer's part of the moments, cut along cut_dim
                 if mine.dim >= 0 and (algo != "apollo" or mine.dim == c):
@@ -841,6 +842,28 @@ class Apollo(torch.optim.Optimizer):
                     self._has(path, shapes, f"{key}.prev_norm", (1,))
                 plan.append(_Load(p, group, key, info["seed"], first, tuple(parts), tuple(whole), cut_dim))
         return plan
+
+    @staticmethod
+    def _covers(path, key: str, parts: list, whole: list) -> None:
+        """Raises unless the parts put together make the whole of ``key``'s moments: one part that is the whole,
+        or parts along one dim whose runs leave no gap (runs held by more than one file, as a replicated shard's,
+        may overlap). A gap would be loaded as zeros."""
+        if any(dim < 0 for _, _, dim, _ in parts):
+            return
+        dims = {dim for _, _, dim, _ in parts}
+        if len(dims) > 1:
+            raise _core.FormatError(f"{path}: {key}'s parts are cut along different dims {sorted(dims)}")
+        (dim,) = dims
+        reach = 0
+        for start, length in sorted(run for _, _, _, segments in parts for run in segments):
+            if start > reach:
+                break
+            reach = max(reach, start + length)
+        if reach < whole[dim]:
+            raise _core.FormatError(
+                f"{path}: {key}'s parts do not cover its moments {whole}: no file holds index {reach} along dim "
+                f"{dim} (a rank's file missing?)"
+            )
 
     @staticmethod
     def _part_of(shape: list, dim: int, segments, whole: list) -> bool:

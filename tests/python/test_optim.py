@@ -541,6 +541,40 @@ def test_a_state_that_does_not_fit_the_optimizer_is_refused_by_check_state_as_by
         assert not opt.state, "a load_state that failed changed the state"
 
 
+def test_state_files_that_leave_part_of_a_tensor_out_are_refused(tmp_path):
+    # A TP-2 rank's file alone (or given twice) holds half of a parameter's moments: loaded into a TP-1
+    # optimizer, the other half was zeros without an error. Both ranks' files together load as the whole.
+    from livetrain.optim import ParamShard
+
+    torch.manual_seed(0)
+    b, w = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(50, 30))
+    whole = ApolloMini([b, w], lr=1e-2)
+    for _ in range(2):
+        b.grad, w.grad = torch.randn(30), torch.randn(50, 30)
+        whole.step()
+    path = tmp_path / "tp1.safetensors"
+    whole.save_state(path)
+    files = []
+    for r, rows in enumerate(((0, 25), (25, 25))):
+        part = torch.nn.Parameter(torch.zeros(25, 30))
+        rank = ApolloMini([torch.nn.Parameter(torch.zeros(30)), part])
+        rank.tensor_parallel(object(), {part: ParamShard((50, 30), 0, (rows,))})
+        rank.load_state(path)
+        files.append(tmp_path / f"rank{r}.safetensors")
+        rank.save_state(files[-1])
+    together = ApolloMini([b, w])
+    together.load_state(files)
+    assert torch.equal(together.state[w]["m"], whole.state[w]["m"])
+    for given, first_missing in (([files[1]], 0), ([files[0]], 25), ([files[0], files[0]], 25)):
+        opt = ApolloMini([b, w])
+        message = rf"param2's parts do not cover its moments \[50, 1\]: no file holds index {first_missing}"
+        with pytest.raises(livetrain.FormatError, match=message):
+            opt.check_state(given)
+        with pytest.raises(livetrain.FormatError, match=message):
+            opt.load_state(given)
+        assert not opt.state
+
+
 def test_state_is_tiny_next_to_adamw():
     m = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
     opt = ApolloMini(param_groups(m), lr=1e-3)
