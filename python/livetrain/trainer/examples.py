@@ -208,7 +208,8 @@ _PROBE = [{"role": "user", "content": "?"}]
 
 def own_kwargs(tokenizer) -> dict:
     """The template variables, over the served ones, that the trainer's own generations render their prompts
-    with (``prompt_ids``: the guard's retention answers, rewording): ``THINKING_OFF`` when the template's
+    with (``prompt_ids``: the guard's retention answers, rewording), and that a chat example's answer without
+    reasoning is trained after (``_sequences_chat``): ``THINKING_OFF`` when the template's
     generation prompt renders otherwise with it than as served (a thinking model served thinking, as
     Qwen3.5-27B's template does by default), else none. Served thinking, every greedy answer begins with
     reasoning: the guard's first tokens would be the same think tokens before and after a job, replay would
@@ -271,7 +272,9 @@ def _sequences_chat(tokenizer, messages, where: str) -> list[list[tuple[str, boo
     Turns whose prompt begins with the rendering so far (a template that renders a conversation
     incrementally: most do) share one sequence; a turn whose prompt renders the earlier turns otherwise
     (Qwen3's and Qwen3.5's templates drop an answer's reasoning once a later user turn follows) starts a
-    sequence of its own, with that prompt as its context."""
+    sequence of its own, with that prompt as its context. On a template served thinking, an answer without
+    reasoning is trained after the thinking-off prompt (``own_kwargs``): its empty think block is prompt, not
+    a trained answer."""
     msgs = check_messages(messages, where, null_content=False)
     if not any(m["role"] == "assistant" for m in msgs):
         raise Invalid(f"{where}.messages", f"{where}.messages has no assistant message to learn")
