@@ -308,17 +308,14 @@ def spread(values: list[float]) -> dict | None:
     return {"median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "min": v[0], "max": v[-1]}
 
 
-def completion_loop(one, seconds: float, min_requests: int = 2, warmup: bool = True) -> dict:
-    """Sequential requests, timed each: an untimed warm-up (``warmup``), then until at least ``min_requests``
-    have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
+def completion_loop(one, seconds: float, min_requests: int) -> dict:
+    """Sequential requests, timed each, until at least ``min_requests`` have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
     The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
     included), whose median, min and max show the noise of the mean; and, split at the first token, the time
     to it (prefill and one token) and the decode's time per token after it (which a request's length does not
     change: a model that learned to stop early makes fewer tokens per prefill, not slower ones)."""
-    if warmup:
-        one(0)
-    spans, i = [], 1
-    while len(spans) < max(min_requests, 1) or spans[-1][1] - spans[0][0] < seconds:
+    spans, i = [], 0
+    while len(spans) < min_requests or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
         n, first = one(i)
         spans.append((t0, time.monotonic(), n, first))
@@ -409,7 +406,7 @@ def role_engine(a) -> None:
         }
     )
 
-    def generate(max_tokens: int, seconds: float, min_requests: int, warmup: bool) -> dict:
+    def generate(max_tokens: int, seconds: float, min_requests: int) -> dict:
         def one(i: int) -> tuple[int, float | None]:
             n, first = 0, None
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
@@ -417,7 +414,7 @@ def role_engine(a) -> None:
                     first = time.monotonic()
             return n, first
 
-        return completion_loop(one, seconds, min_requests, warmup)
+        return completion_loop(one, seconds, min_requests)
 
     try:
         command_loop({"generate": generate})
@@ -1148,21 +1145,20 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     the second runs after the trainer stopped. Each window has at least --gen-requests requests and
     --gen-seconds seconds."""
 
-    def measure(warmup: bool) -> dict:
+    def measure(seconds: float, requests: int) -> dict:
         if client == "inproc":
             return engine.ask(
-                a.gen_seconds + a.timeout,
+                seconds + a.timeout,
                 "generate",
                 max_tokens=a.gen_tokens,
-                seconds=a.gen_seconds,
-                min_requests=a.gen_requests,
-                warmup=warmup,
+                seconds=seconds,
+                min_requests=requests,
             )
 
         def one(i: int) -> tuple[int, float | None]:
             return stream_completion(url, prompt(i), a.gen_tokens)
 
-        return completion_loop(one, a.gen_seconds, a.gen_requests, warmup)
+        return completion_loop(one, seconds, requests)
 
     def noise(r: dict) -> str:
         q, d = r["request_tokens_per_s"], r["decode_seconds_per_token"]
@@ -1175,10 +1171,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     # while the trainer makes its measures between jobs, which the windows wait for anyway.
     log(f"{layers} layers: one warm-up request, then waiting for the trainer to be idle (the guard's measures)")
     t0 = time.monotonic()
-    if client == "inproc":
-        engine.ask(a.timeout, "generate", max_tokens=a.gen_tokens, seconds=0, min_requests=1, warmup=False)
-    else:
-        stream_completion(url, prompt(0), a.gen_tokens)
+    measure(0, 1)
     out["warmup_seconds"] = time.monotonic() - t0
     while True:
         state = trainer.ask(60, "idle")
@@ -1194,7 +1187,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
         f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
         f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
     )
-    out["alone"] = measure(warmup=False)
+    out["alone"] = measure(a.gen_seconds, a.gen_requests)
     log(
         f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
         f"requests, {noise(out['alone'])}"
@@ -1215,7 +1208,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
             raise TimeoutError("the training job made no step")
         time.sleep(0.1)
     log(f"{layers} layers: completions while the /train job runs")
-    out["training"] = measure(warmup=False)
+    out["training"] = measure(a.gen_seconds, a.gen_requests)
     out["concurrent_training"] = trainer.ask(60, "window", start=out["training"]["start"], end=out["training"]["end"])
     stopped = trainer.ask(a.timeout, "stop")
     out["training"]["job_steps"] = stopped["steps"]
@@ -1226,7 +1219,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     )
     if not stopped["stopped"]:
         raise RuntimeError("the trainer did not stop: no second window alone")
-    out["alone_after"] = measure(warmup=False)
+    out["alone_after"] = measure(a.gen_seconds, a.gen_requests)
     log(
         f"{layers} layers: alone again (trainer stopped) {rate(out['alone_after']['tokens_per_s'])} tokens/s, "
         f"{noise(out['alone_after'])}"

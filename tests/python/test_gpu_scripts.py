@@ -305,12 +305,12 @@ def test_serve_bench_completion_windows_run_until_both_requests_and_seconds():
         calls.append(i)
         time.sleep(0.01)  # the "prefill": before the first token
         first = time.monotonic()
-        n = [4, 8, 2, 8, 8, 8, 8, 8][len(calls) - 1]
+        n = [8, 2, 8, 8, 8, 8, 8][len(calls) - 1]
         time.sleep(0.002 * (n - 1))  # then 2 ms per token
-        return n, (None if i == 3 else first)  # request 3: no first-token time (not streamed)
+        return n, (None if i == 2 else first)  # request 3: no first-token time (not streamed)
 
     r = serve_bench.completion_loop(one, 0.0, 5)
-    assert calls == [0, 1, 2, 3, 4, 5]  # the warm-up (0) is not timed
+    assert calls == [0, 1, 2, 3, 4]  # the requests bind: 0 s
     assert r["requests"] == 5 and r["tokens"] == 8 + 2 + 8 + 8 + 8
     q = r["request_tokens_per_s"]
     assert q["min"] <= q["median"] <= q["max"] and len(r["per_request"]) == 5
@@ -321,8 +321,8 @@ def test_serve_bench_completion_windows_run_until_both_requests_and_seconds():
     assert 0.0019 < d["min"] <= d["median"] <= d["max"] < 0.05, d
     assert 0.0099 < r["first_token_seconds"]["min"] < 0.1
     calls.clear()
-    r = serve_bench.completion_loop(lambda i: (calls.append(i) or time.sleep(0.02) or 3, None), 0.1, 1, warmup=False)
-    assert calls[0] == 1 and r["requests"] >= 5 and r["seconds"] >= 0.1  # the seconds bind: more than 1 request
+    r = serve_bench.completion_loop(lambda i: (calls.append(i) or time.sleep(0.02) or 3, None), 0.1, 1)
+    assert calls[0] == 0 and r["requests"] >= 5 and r["seconds"] >= 0.1  # the seconds bind: more than 1 request
     assert r["decode_seconds_per_token"] is None and r["decode"]["tokens"] == 0
 
 
