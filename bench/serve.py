@@ -53,6 +53,7 @@ import json
 import os
 import queue
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -304,8 +305,7 @@ def spread(values: list[float]) -> dict | None:
     """Median, min and max of ``values`` (None when there are none)."""
     if not values:
         return None
-    v, mid = sorted(values), len(values) // 2
-    return {"median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "min": v[0], "max": v[-1]}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def completion_loop(one, seconds: float, min_requests: int) -> dict:
