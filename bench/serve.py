@@ -308,6 +308,15 @@ def spread(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def spread_text(s: dict | None, unit) -> str:
+    """A ``spread`` as "median (min–max)", each value through ``unit`` (e.g. rate); "-" for None."""
+    return "-" if s is None else f"{unit(s['median'])} ({unit(s['min'])}–{unit(s['max'])})"
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}"
+
+
 def completion_loop(one, seconds: float, min_requests: int) -> dict:
     """Sequential requests, timed each, until at least ``min_requests`` have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
     The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
@@ -1161,10 +1170,9 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
         return completion_loop(one, seconds, requests)
 
     def noise(r: dict) -> str:
-        q, d = r["request_tokens_per_s"], r["decode_seconds_per_token"]
-        out = f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
-        if d:
-            out += f", decode {1e3 * d['median']:.1f} ms/token ({1e3 * d['min']:.1f}-{1e3 * d['max']:.1f})"
+        out = f"per request tokens/s median (min–max) {spread_text(r['request_tokens_per_s'], rate)}"
+        if r["decode_seconds_per_token"]:
+            out += f", decode ms/token {spread_text(r['decode_seconds_per_token'], ms)}"
         return out
 
     # The engine's first request takes its first-use costs (~47 s at 27B on the H200 with the trainer idle): taken
@@ -1467,11 +1475,9 @@ def render(results: dict) -> str:
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
-                q, d, f = (
-                    r.get(k) for k in ("request_tokens_per_s", "decode_seconds_per_token", "first_token_seconds")
-                )
-                each = f"{rate(q['median'])} ({rate(q['min'])}–{rate(q['max'])})" if q else "-"
-                decode = f"{1e3 * d['median']:.1f} ({1e3 * d['min']:.1f}–{1e3 * d['max']:.1f})" if d else "-"
+                each = spread_text(r.get("request_tokens_per_s"), rate)
+                decode = spread_text(r.get("decode_seconds_per_token"), ms)
+                f = r.get("first_token_seconds")
                 first_ms = f"{1e3 * f['median']:.0f}" if f else "-"
                 lines.append(
                     f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
@@ -1502,14 +1508,14 @@ def render(results: dict) -> str:
                     else ""
                 )
                 decode = ""
-                solo = [w.get("decode") for w in windows]
-                job = c["training"].get("decode")
-                if job and job["tokens"] and all(x and x["tokens"] for x in solo):
-                    solo = sum(x["seconds"] for x in solo) / sum(x["tokens"] for x in solo)
-                    job = job["seconds"] / job["tokens"]
+                decodes_alone = [w.get("decode") for w in windows]
+                decode_job = c["training"].get("decode")
+                if decode_job and decode_job["tokens"] and all(x and x["tokens"] for x in decodes_alone):
+                    alone_s = sum(x["seconds"] for x in decodes_alone) / sum(x["tokens"] for x in decodes_alone)
+                    job_s = decode_job["seconds"] / decode_job["tokens"]
                     decode = (
-                        f"; the decode alone {1e3 * solo:.1f} ms/token, during the job {1e3 * job:.1f}: "
-                        f"{solo / job:.2f}x its speed alone"
+                        f"; the decode alone {ms(alone_s)} ms/token, during the job {ms(job_s)}: "
+                        f"{alone_s / job_s:.2f}x its speed alone"
                     )
                 lines.append(
                     f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone{both} "
