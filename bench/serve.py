@@ -35,7 +35,8 @@ allocator held at that moment. The target of the issue: the trainer's extra memo
 
 Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens; over HTTP
 streamed), each window at least --gen-requests requests and --gen-seconds long, each request timed (median, min
-and max beside the window's rate) and split at its first token: the time to it, and the decode's time per token
+and max beside the window's rate) and split at its first text (inproc: the first event carrying text, with the
+tokens made by then; HTTP: the first text chunk, counted as one token): the time to it, and the decode's time per token
 after it (what a request that stops early at EOS does not change). One warm-up request (the engine's first-use
 costs) while the trainer makes what it makes between jobs after its start (the guard's measures of the live
 weights, on the GPU), then three windows in a row: alone, once the trainer is idle (nothing left to make); with
@@ -318,33 +319,41 @@ def ms(seconds: float) -> str:
 
 
 def completion_loop(one, seconds: float, min_requests: int) -> dict:
-    """Sequential requests, timed each, until at least ``min_requests`` have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
-    The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
-    included), whose median, min and max show the noise of the mean; and, split at the first token, the time
-    to it (prefill and one token) and the decode's time per token after it (which a request's length does not
-    change: a model that learned to stop early makes fewer tokens per prefill, not slower ones)."""
+    """Sequential requests, timed each, until at least ``min_requests`` have run and ``seconds`` have passed.
+    one(i) -> (tokens, the time.monotonic() its first text came or None, the tokens made by then). The first
+    text is the first event that carries text, not the first token: the text stream holds back partial
+    characters and skipped special tokens, so it may come with more than one token made. The window's rate
+    (its tokens over its wall time); each request's (its tokens over its own time, prefill included), whose
+    median, min and max show the noise of the mean; and, split at the first text, the time to it (prefill and
+    its tokens) and the decode's time per token after it (which a request's length does not change: a model
+    that learned to stop early makes fewer tokens per prefill, not slower ones)."""
     spans, i = [], 0
     while len(spans) < min_requests or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
-        n, first = one(i)
-        spans.append((t0, time.monotonic(), n, first))
+        n, first, n_first = one(i)
+        spans.append((t0, time.monotonic(), n, first, n_first))
         i += 1
     tokens = sum(s[2] for s in spans)
     wall = spans[-1][1] - spans[0][0]
-    decoded = [(t1 - first, n - 1) for _, t1, n, first in spans if first is not None and n >= 2]
+    decoded = [(t1 - first, n - k) for _, t1, n, first, k in spans if first is not None and n > k]
     return {
         "requests": len(spans),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
         "per_request": [
-            {"seconds": t1 - t0, "tokens": n, "first_token_seconds": None if first is None else first - t0}
-            for t0, t1, n, first in spans
+            {
+                "seconds": t1 - t0,
+                "tokens": n,
+                "first_token_seconds": None if first is None else first - t0,
+                "first_tokens": None if first is None else k,
+            }
+            for t0, t1, n, first, k in spans
         ],
-        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _ in spans]),
-        "first_token_seconds": spread([first - t0 for t0, _, _, first in spans if first is not None]),
+        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _, _ in spans]),
+        "first_token_seconds": spread([first - t0 for t0, _, _, first, _ in spans if first is not None]),
         "decode_seconds_per_token": spread([s / n for s, n in decoded]),
-        # the window's decode: its requests' time after their first token, and the tokens made in it
+        # the window's decode: its requests' time after their first text, and the tokens made in it
         "decode": {"seconds": sum(x for x, _ in decoded), "tokens": sum(n for _, n in decoded)},
         "start": spans[0][0],
         "end": spans[-1][1],
@@ -416,12 +425,12 @@ def role_engine(a) -> None:
     )
 
     def generate(max_tokens: int, seconds: float, min_requests: int) -> dict:
-        def one(i: int) -> tuple[int, float | None]:
-            n, first = 0, None
+        def one(i: int) -> tuple[int, float | None, int]:
+            n, first, n_first = 0, None, 0
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
                 if first is None and n:
-                    first = time.monotonic()
-            return n, first
+                    first, n_first = time.monotonic(), n  # the first text may come with several tokens
+            return n, first, n_first
 
         return completion_loop(one, seconds, min_requests)
 
@@ -1164,8 +1173,9 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
                 min_requests=requests,
             )
 
-        def one(i: int) -> tuple[int, float | None]:
-            return stream_completion(url, prompt(i), a.gen_tokens)
+        def one(i: int) -> tuple[int, float | None, int]:
+            # The stream does not say how many tokens its first text chunk took: counted as one.
+            return (*stream_completion(url, prompt(i), a.gen_tokens), 1)
 
         return completion_loop(one, seconds, requests)
 
@@ -1446,6 +1456,7 @@ def render(results: dict) -> str:
     gen = [s for s in results["sets"] if s.get("completions")]
     if gen:
         via = "HTTP /v1/completions" if results["client"] == "http" else "Engine.generate in the engine process"
+        first_text = "first text chunk" if results["client"] == "http" else "first text"
         lines += [
             "",
             f"Completions ({via}): "
@@ -1453,11 +1464,19 @@ def render(results: dict) -> str:
             f"measurement at least {results.get('gen_requests', 2)} requests and {results['gen_seconds']:g} s, "
             "in the order of the rows. Alone = the trainer idle: the first window waits until the trainer has "
             "nothing left to make between jobs (the guard's measures of the live weights), the last runs after "
-            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its first "
-            "token (streamed): the time to that token and the decode's time per token after it.",
+            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its "
+            + (
+                "first text chunk (streamed; the text stream holds back partial characters and skipped special "
+                "tokens, so the chunk may take more than one token, counted as one): the time to that chunk and "
+                "the decode's time per token after it."
+                if results["client"] == "http"
+                else "first text (the first event carrying text; the text stream holds back partial characters "
+                "and skipped special tokens): the time to it and the decode's time per token after it, over the "
+                "tokens made after those that came with it."
+            ),
             "",
             "| layers | engine | requests | tokens | completion tokens/s | per request tokens/s median (min–max) "
-            "| ms/token | decode ms/token median (min–max) | first token ms median | training tokens/s meanwhile |",
+            f"| ms/token | decode ms/token median (min–max) | {first_text} ms median | training tokens/s meanwhile |",
             "|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
         ]
         for s in gen:
