@@ -805,12 +805,13 @@ def role_trainer(a) -> None:
     trainer._prepare = watched
 
     def idle() -> dict:
-        s = trainer.settings
         why = None
-        if s.no_guard or s.guard_prepare != "idle":
-            why = "the guard makes nothing between jobs"
-        elif trainer.prepare_failed == trainer.weight_version:
-            why = "the guard's measures between jobs failed at this weight version"
+        if not trainer.prepares_idle():
+            why = (
+                "the guard's measures between jobs failed at this weight version"
+                if trainer.prepare_failed == trainer.weight_version
+                else "the guard makes nothing between jobs"
+            )
         elif prepared["version"] == trainer.weight_version:
             why = "the guard's measures of the live weights are made"
         return {
