@@ -35,7 +35,8 @@ allocator held at that moment. The target of the issue: the trainer's extra memo
 
 Completion throughput: sequential greedy requests (a ~200-token prompt, --gen-tokens new tokens; over HTTP
 streamed), each window at least --gen-requests requests and --gen-seconds long, each request timed (median, min
-and max beside the window's rate) and split at its first token: the time to it, and the decode's time per token
+and max beside the window's rate) and split at its first text (inproc: the first event carrying text, with the
+tokens made by then; HTTP: the first text chunk, counted as one token): the time to it, and the decode's time per token
 after it (what a request that stops early at EOS does not change). One warm-up request (the engine's first-use
 costs) while the trainer makes what it makes between jobs after its start (the guard's measures of the live
 weights, on the GPU), then three windows in a row: alone, once the trainer is idle (nothing left to make); with
@@ -53,6 +54,7 @@ import json
 import os
 import queue
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -304,41 +306,54 @@ def spread(values: list[float]) -> dict | None:
     """Median, min and max of ``values`` (None when there are none)."""
     if not values:
         return None
-    v, mid = sorted(values), len(values) // 2
-    return {"median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "min": v[0], "max": v[-1]}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def completion_loop(one, seconds: float, min_requests: int = 2, warmup: bool = True) -> dict:
-    """Sequential requests, timed each: an untimed warm-up (``warmup``), then until at least ``min_requests``
-    have run and ``seconds`` have passed. one(i) -> (tokens, the time its first token came, time.monotonic()).
-    The window's rate (its tokens over its wall time); each request's (its tokens over its own time, prefill
-    included), whose median, min and max show the noise of the mean; and, split at the first token, the time
-    to it (prefill and one token) and the decode's time per token after it (which a request's length does not
-    change: a model that learned to stop early makes fewer tokens per prefill, not slower ones)."""
-    if warmup:
-        one(0)
-    spans, i = [], 1
-    while len(spans) < max(min_requests, 1) or spans[-1][1] - spans[0][0] < seconds:
+def spread_text(s: dict | None, unit) -> str:
+    """A ``spread`` as "median (min–max)", each value through ``unit`` (e.g. rate); "-" for None."""
+    return "-" if s is None else f"{unit(s['median'])} ({unit(s['min'])}–{unit(s['max'])})"
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}"
+
+
+def completion_loop(one, seconds: float, min_requests: int) -> dict:
+    """Sequential requests, timed each, until at least ``min_requests`` have run and ``seconds`` have passed.
+    one(i) -> (tokens, the time.monotonic() its first text came or None, the tokens made by then). The first
+    text is the first event that carries text, not the first token: the text stream holds back partial
+    characters and skipped special tokens, so it may come with more than one token made. The window's rate
+    (its tokens over its wall time); each request's (its tokens over its own time, prefill included), whose
+    median, min and max show the noise of the mean; and, split at the first text, the time to it (prefill and
+    its tokens) and the decode's time per token after it (which a request's length does not change: a model
+    that learned to stop early makes fewer tokens per prefill, not slower ones)."""
+    spans, i = [], 0
+    while len(spans) < min_requests or spans[-1][1] - spans[0][0] < seconds:
         t0 = time.monotonic()
-        n, first = one(i)
-        spans.append((t0, time.monotonic(), n, first))
+        n, first, n_first = one(i)
+        spans.append((t0, time.monotonic(), n, first, n_first))
         i += 1
     tokens = sum(s[2] for s in spans)
     wall = spans[-1][1] - spans[0][0]
-    decoded = [(t1 - first, n - 1) for _, t1, n, first in spans if first is not None and n >= 2]
+    decoded = [(t1 - first, n - k) for _, t1, n, first, k in spans if first is not None and n > k]
     return {
         "requests": len(spans),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
         "per_request": [
-            {"seconds": t1 - t0, "tokens": n, "first_token_seconds": None if first is None else first - t0}
-            for t0, t1, n, first in spans
+            {
+                "seconds": t1 - t0,
+                "tokens": n,
+                "first_token_seconds": None if first is None else first - t0,
+                "first_tokens": None if first is None else k,
+            }
+            for t0, t1, n, first, k in spans
         ],
-        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _ in spans]),
-        "first_token_seconds": spread([first - t0 for t0, _, _, first in spans if first is not None]),
+        "request_tokens_per_s": spread([n / max(t1 - t0, 1e-9) for t0, t1, n, _, _ in spans]),
+        "first_token_seconds": spread([first - t0 for t0, _, _, first, _ in spans if first is not None]),
         "decode_seconds_per_token": spread([s / n for s, n in decoded]),
-        # the window's decode: its requests' time after their first token, and the tokens made in it
+        # the window's decode: its requests' time after their first text, and the tokens made in it
         "decode": {"seconds": sum(x for x, _ in decoded), "tokens": sum(n for _, n in decoded)},
         "start": spans[0][0],
         "end": spans[-1][1],
@@ -409,15 +424,15 @@ def role_engine(a) -> None:
         }
     )
 
-    def generate(max_tokens: int, seconds: float, min_requests: int, warmup: bool) -> dict:
-        def one(i: int) -> tuple[int, float | None]:
-            n, first = 0, None
+    def generate(max_tokens: int, seconds: float, min_requests: int) -> dict:
+        def one(i: int) -> tuple[int, float | None, int]:
+            n, first, n_first = 0, None, 0
             for _, _, n in engine.generate(engine.encode_prompt(prompt(i)), max_tokens, 0.0, 1.0, []):
                 if first is None and n:
-                    first = time.monotonic()
-            return n, first
+                    first, n_first = time.monotonic(), n  # the first text may come with several tokens
+            return n, first, n_first
 
-        return completion_loop(one, seconds, min_requests, warmup)
+        return completion_loop(one, seconds, min_requests)
 
     try:
         command_loop({"generate": generate})
@@ -790,12 +805,13 @@ def role_trainer(a) -> None:
     trainer._prepare = watched
 
     def idle() -> dict:
-        s = trainer.settings
         why = None
-        if s.no_guard or s.guard_prepare != "idle":
-            why = "the guard makes nothing between jobs"
-        elif trainer.prepare_failed == trainer.weight_version:
-            why = "the guard's measures between jobs failed at this weight version"
+        if not trainer.prepares_idle():
+            why = (
+                "the guard's measures between jobs failed at this weight version"
+                if trainer.prepare_failed == trainer.weight_version
+                else "the guard makes nothing between jobs"
+            )
         elif prepared["version"] == trainer.weight_version:
             why = "the guard's measures of the live weights are made"
         return {
@@ -1148,37 +1164,33 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     the second runs after the trainer stopped. Each window has at least --gen-requests requests and
     --gen-seconds seconds."""
 
-    def measure(warmup: bool) -> dict:
+    def measure(seconds: float, requests: int) -> dict:
         if client == "inproc":
             return engine.ask(
-                a.gen_seconds + a.timeout,
+                seconds + a.timeout,
                 "generate",
                 max_tokens=a.gen_tokens,
-                seconds=a.gen_seconds,
-                min_requests=a.gen_requests,
-                warmup=warmup,
+                seconds=seconds,
+                min_requests=requests,
             )
 
-        def one(i: int) -> tuple[int, float | None]:
-            return stream_completion(url, prompt(i), a.gen_tokens)
+        def one(i: int) -> tuple[int, float | None, int]:
+            # The stream does not say how many tokens its first text chunk took: counted as one.
+            return (*stream_completion(url, prompt(i), a.gen_tokens), 1)
 
-        return completion_loop(one, a.gen_seconds, a.gen_requests, warmup)
+        return completion_loop(one, seconds, requests)
 
     def noise(r: dict) -> str:
-        q, d = r["request_tokens_per_s"], r["decode_seconds_per_token"]
-        out = f"per request median {rate(q['median'])} (min {rate(q['min'])}, max {rate(q['max'])})"
-        if d:
-            out += f", decode {1e3 * d['median']:.1f} ms/token ({1e3 * d['min']:.1f}-{1e3 * d['max']:.1f})"
+        out = f"per request tokens/s median (min–max) {spread_text(r['request_tokens_per_s'], rate)}"
+        if r["decode_seconds_per_token"]:
+            out += f", decode ms/token {spread_text(r['decode_seconds_per_token'], ms)}"
         return out
 
     # The engine's first request takes its first-use costs (~47 s at 27B on the H200 with the trainer idle): taken
     # while the trainer makes its measures between jobs, which the windows wait for anyway.
     log(f"{layers} layers: one warm-up request, then waiting for the trainer to be idle (the guard's measures)")
     t0 = time.monotonic()
-    if client == "inproc":
-        engine.ask(a.timeout, "generate", max_tokens=a.gen_tokens, seconds=0, min_requests=1, warmup=False)
-    else:
-        stream_completion(url, prompt(0), a.gen_tokens)
+    measure(0, 1)
     out["warmup_seconds"] = time.monotonic() - t0
     while True:
         state = trainer.ask(60, "idle")
@@ -1194,7 +1206,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
         f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
         f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
     )
-    out["alone"] = measure(warmup=False)
+    out["alone"] = measure(a.gen_seconds, a.gen_requests)
     log(
         f"{layers} layers: alone {rate(out['alone']['tokens_per_s'])} tokens/s over {out['alone']['requests']} "
         f"requests, {noise(out['alone'])}"
@@ -1215,7 +1227,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
             raise TimeoutError("the training job made no step")
         time.sleep(0.1)
     log(f"{layers} layers: completions while the /train job runs")
-    out["training"] = measure(warmup=False)
+    out["training"] = measure(a.gen_seconds, a.gen_requests)
     out["concurrent_training"] = trainer.ask(60, "window", start=out["training"]["start"], end=out["training"]["end"])
     stopped = trainer.ask(a.timeout, "stop")
     out["training"]["job_steps"] = stopped["steps"]
@@ -1226,7 +1238,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     )
     if not stopped["stopped"]:
         raise RuntimeError("the trainer did not stop: no second window alone")
-    out["alone_after"] = measure(warmup=False)
+    out["alone_after"] = measure(a.gen_seconds, a.gen_requests)
     log(
         f"{layers} layers: alone again (trainer stopped) {rate(out['alone_after']['tokens_per_s'])} tokens/s, "
         f"{noise(out['alone_after'])}"
@@ -1445,6 +1457,7 @@ def render(results: dict) -> str:
     gen = [s for s in results["sets"] if s.get("completions")]
     if gen:
         via = "HTTP /v1/completions" if results["client"] == "http" else "Engine.generate in the engine process"
+        first_text = "first text chunk" if results["client"] == "http" else "first text"
         lines += [
             "",
             f"Completions ({via}): "
@@ -1452,11 +1465,19 @@ def render(results: dict) -> str:
             f"measurement at least {results.get('gen_requests', 2)} requests and {results['gen_seconds']:g} s, "
             "in the order of the rows. Alone = the trainer idle: the first window waits until the trainer has "
             "nothing left to make between jobs (the guard's measures of the live weights), the last runs after "
-            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its first "
-            "token (streamed): the time to that token and the decode's time per token after it.",
+            "the trainer stopped. Per request: its tokens over its own time (prefill included); split at its "
+            + (
+                "first text chunk (streamed; the text stream holds back partial characters and skipped special "
+                "tokens, so the chunk may take more than one token, counted as one): the time to that chunk and "
+                "the decode's time per token after it."
+                if results["client"] == "http"
+                else "first text (the first event carrying text; the text stream holds back partial characters "
+                "and skipped special tokens): the time to it and the decode's time per token after it, over the "
+                "tokens made after those that came with it."
+            ),
             "",
             "| layers | engine | requests | tokens | completion tokens/s | per request tokens/s median (min–max) "
-            "| ms/token | decode ms/token median (min–max) | first token ms median | training tokens/s meanwhile |",
+            f"| ms/token | decode ms/token median (min–max) | {first_text} ms median | training tokens/s meanwhile |",
             "|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
         ]
         for s in gen:
@@ -1474,11 +1495,9 @@ def render(results: dict) -> str:
                 train = "-"
                 if key == "training" and "concurrent_training" in c:
                     train = rate(c["concurrent_training"]["tokens_per_s"])
-                q, d, f = (
-                    r.get(k) for k in ("request_tokens_per_s", "decode_seconds_per_token", "first_token_seconds")
-                )
-                each = f"{rate(q['median'])} ({rate(q['min'])}–{rate(q['max'])})" if q else "-"
-                decode = f"{1e3 * d['median']:.1f} ({1e3 * d['min']:.1f}–{1e3 * d['max']:.1f})" if d else "-"
+                each = spread_text(r.get("request_tokens_per_s"), rate)
+                decode = spread_text(r.get("decode_seconds_per_token"), ms)
+                f = r.get("first_token_seconds")
                 first_ms = f"{1e3 * f['median']:.0f}" if f else "-"
                 lines.append(
                     f"| {s['layers']} | {name} | {r['requests']} | {r['tokens']} | {rate(r['tokens_per_s'])} | "
@@ -1509,14 +1528,14 @@ def render(results: dict) -> str:
                     else ""
                 )
                 decode = ""
-                solo = [w.get("decode") for w in windows]
-                job = c["training"].get("decode")
-                if job and job["tokens"] and all(x and x["tokens"] for x in solo):
-                    solo = sum(x["seconds"] for x in solo) / sum(x["tokens"] for x in solo)
-                    job = job["seconds"] / job["tokens"]
+                decodes_alone = [w.get("decode") for w in windows]
+                decode_job = c["training"].get("decode")
+                if decode_job and decode_job["tokens"] and all(x and x["tokens"] for x in decodes_alone):
+                    alone_s = sum(x["seconds"] for x in decodes_alone) / sum(x["tokens"] for x in decodes_alone)
+                    job_s = decode_job["seconds"] / decode_job["tokens"]
                     decode = (
-                        f"; the decode alone {1e3 * solo:.1f} ms/token, during the job {1e3 * job:.1f}: "
-                        f"{solo / job:.2f}x its speed alone"
+                        f"; the decode alone {ms(alone_s)} ms/token, during the job {ms(job_s)}: "
+                        f"{alone_s / job_s:.2f}x its speed alone"
                     )
                 lines.append(
                     f"\n{s['layers']} layers: with training, completions run at {share:.2f}x their speed alone{both} "

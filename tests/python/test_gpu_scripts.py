@@ -297,7 +297,8 @@ def test_vllm_run_qwen35_steps_without_vllm(tmp_path):
 def test_serve_bench_completion_windows_run_until_both_requests_and_seconds():
     """bench/serve.py's completion window runs until at least --gen-requests requests AND --gen-seconds (the H200
     27B run measured 2 requests per window, ~7-14 s each: noise), and reports each request's rate beside the
-    window's, and its decode time per token after its first token apart from the time to that token."""
+    window's, and its decode time per token after its first text (over the tokens after those it came with) apart
+    from the time to that text."""
     serve_bench = load(ROOT / "bench" / "serve.py", "serve_bench_windows")
     calls = []
 
@@ -305,24 +306,25 @@ def test_serve_bench_completion_windows_run_until_both_requests_and_seconds():
         calls.append(i)
         time.sleep(0.01)  # the "prefill": before the first token
         first = time.monotonic()
-        n = [4, 8, 2, 8, 8, 8, 8, 8][len(calls) - 1]
+        n = [8, 2, 8, 8, 8, 8, 8][len(calls) - 1]
         time.sleep(0.002 * (n - 1))  # then 2 ms per token
-        return n, (None if i == 3 else first)  # request 3: no first-token time (not streamed)
+        # request 3: no first-text time (not streamed); request 4's first text came with 3 tokens
+        return n, (None if i == 2 else first), 3 if i == 3 else 1
 
     r = serve_bench.completion_loop(one, 0.0, 5)
-    assert calls == [0, 1, 2, 3, 4, 5]  # the warm-up (0) is not timed
+    assert calls == [0, 1, 2, 3, 4]  # the requests bind: 0 s
     assert r["requests"] == 5 and r["tokens"] == 8 + 2 + 8 + 8 + 8
     q = r["request_tokens_per_s"]
     assert q["min"] <= q["median"] <= q["max"] and len(r["per_request"]) == 5
     assert r["per_request"][2]["first_token_seconds"] is None
-    # decode over requests 1, 2, 4, 5 (3 has no first token): 7 + 1 + 7 + 7 tokens after the first
-    assert r["decode"]["tokens"] == 22
+    # decode over requests 1, 2, 4, 5 (3 has no first text): 7 + 1 + 5 + 7 tokens after those of the first text
+    assert r["decode"]["tokens"] == 20 and r["per_request"][3]["first_tokens"] == 3
     d = r["decode_seconds_per_token"]
     assert 0.0019 < d["min"] <= d["median"] <= d["max"] < 0.05, d
     assert 0.0099 < r["first_token_seconds"]["min"] < 0.1
     calls.clear()
-    r = serve_bench.completion_loop(lambda i: (calls.append(i) or time.sleep(0.02) or 3, None), 0.1, 1, warmup=False)
-    assert calls[0] == 1 and r["requests"] >= 5 and r["seconds"] >= 0.1  # the seconds bind: more than 1 request
+    r = serve_bench.completion_loop(lambda i: (calls.append(i) or time.sleep(0.02) or 3, None, 0), 0.1, 1)
+    assert calls[0] == 0 and r["requests"] >= 5 and r["seconds"] >= 0.1  # the seconds bind: more than 1 request
     assert r["decode_seconds_per_token"] is None and r["decode"]["tokens"] == 0
 
 
@@ -354,6 +356,7 @@ def test_serve_bench_measures_completions_alone_once_the_trainer_is_idle(tmp_pat
     assert c["concurrent_training"]["steps"] >= 1
     assert "| 2 | alone (trainer idle: waited " in r.stdout and "| 2 | alone again (trainer stopped) |" in r.stdout
     assert "per request tokens/s median (min–max)" in r.stdout and "the two windows alone: " in r.stdout
+    assert "| first text chunk ms median |" in r.stdout  # over HTTP: the first chunk with text, not a token
     assert "; the decode alone " in r.stdout
 
 

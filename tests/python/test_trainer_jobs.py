@@ -355,6 +355,24 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
     assert trainer.jobs[jid]["state"] == "done"
 
 
+def test_the_measures_between_jobs_are_made_only_where_the_trainer_prepares_idle(run):
+    """Trainer.prepares_idle is _idle's gate, and bench/serve.py's: it waits on it for a trainer with nothing left
+    to make (the bench's copy of the gate missed tensor parallelism)."""
+    _, trainer = run()
+    assert trainer.prepares_idle()  # the default plan: the guard on, --guard-prepare idle
+    trainer.ranks = object()  # tensor parallelism: the guard is off
+    assert not trainer.prepares_idle()
+    trainer._idle()
+    trainer.ranks = None
+    assert trainer.status()["guard"]["prepared"] is None  # nothing made under it
+    trainer.prepare_failed = trainer.weight_version
+    assert not trainer.prepares_idle()
+    trainer.prepare_failed = trainer.weight_version - 1  # failed at older weights: made again
+    assert trainer.prepares_idle()
+    trainer._idle()
+    assert trainer.status()["guard"]["prepared"]["made"] == ["kept"]
+
+
 def test_the_status_names_the_guards_measure_being_made(run, monkeypatch, capfd):
     """A job at step 0 may wait minutes for the guard's measures (a CPU, the 393 retention answers): /train/status
     names the one being made and since when, and the log has a line before and after each."""

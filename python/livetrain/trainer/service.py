@@ -1551,17 +1551,24 @@ class Trainer:
         longest = max((len(ids) for ids, _, _ in self.retention.replay()), default=0)
         return min(width or self.max_len, self.max_len, longest), rows
 
-    def _idle(self) -> None:
-        """The training thread with nothing queued: the next missing measure of ``_prepare`` for a job with
-        the default plan (--guard-prepare idle; not under tensor parallelism, where the guard is off)."""
+    def prepares_idle(self) -> bool:
+        """Whether the training thread makes the guard's measures between jobs (``_idle``): the guard on with
+        --guard-prepare idle, not under tensor parallelism (where the guard is off), and those measures not
+        failed at this weight version (bench/serve.py waits on it for a trainer with nothing left to make)."""
         s = self.settings
-        if (
+        return not (
             s.no_guard
             or s.guard_prepare != "idle"
             or self.ranks is not None
             or self.prepare_failed == self.weight_version
-        ):
+        )
+
+    def _idle(self) -> None:
+        """The training thread with nothing queued: the next missing measure of ``_prepare`` for a job with
+        the default plan (see prepares_idle)."""
+        if not self.prepares_idle():
             return
+        s = self.settings
         anchor = None
         if s.anchor > 0 and s.replay:
             anchor = (admission.replay_width(self.max_batch_tokens, s.batch_size, s.replay), s.replay)
