@@ -101,21 +101,9 @@ nb::dict generation_dict(const checkpoint::Generation& g) {
   return d;
 }
 
-// Usage's fields by their names in Python, for both directions (usage_dict, descriptor_from).
-template <typename U, typename F>
-void each_usage_field(U& u, F&& f) {
-  f("wall_seconds", u.wall_seconds);
-  f("user_seconds", u.user_seconds);
-  f("system_seconds", u.system_seconds);
-  f("minor_faults", u.minor_faults);
-  f("major_faults", u.major_faults);
-  f("voluntary_switches", u.voluntary_switches);
-  f("involuntary_switches", u.involuntary_switches);
-}
-
 nb::dict usage_dict(const Usage& u) {
   nb::dict d;
-  each_usage_field(u, [&](const char* key, const auto& value) { d[key] = value; });
+  Usage::each_field([&](const char* key, auto field) { d[key] = u.*field; });
   return d;
 }
 
@@ -220,7 +208,7 @@ checkpoint::PartDescriptor descriptor_from(const nb::handle& obj, size_t i) {
         throw Error(ErrorCode::kInvalidArg, what + ".usage." + key + ": expected a dict");
       nb::dict x = nb::borrow<nb::dict>(u[key]);
       const std::string where = what + ".usage." + key;
-      each_usage_field(*into, [&](const char* field, auto& value) { number(x, field, where, value); });
+      Usage::each_field([&](const char* field, auto member) { number(x, field, where, into->*member); });
     }
   }
   if (d.contains("served")) {  // absent in a descriptor of a rank that serves every tensor in the files' dtype

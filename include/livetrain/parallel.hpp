@@ -44,6 +44,18 @@ struct Usage {
   uint64_t involuntary_switches = 0;  // times the scheduler took the CPU away (another thread was runnable)
   Usage& operator+=(const Usage& o);
   Usage operator-(const Usage& o) const;
+  // Calls f(name, member pointer) for every field above, by its name in Python (the bindings' dicts): the one
+  // list of them, for the arithmetic and the bindings alike.
+  template <typename F>
+  static void each_field(F&& f) {
+    f("wall_seconds", &Usage::wall_seconds);
+    f("user_seconds", &Usage::user_seconds);
+    f("system_seconds", &Usage::system_seconds);
+    f("minor_faults", &Usage::minor_faults);
+    f("major_faults", &Usage::major_faults);
+    f("voluntary_switches", &Usage::voluntary_switches);
+    f("involuntary_switches", &Usage::involuntary_switches);
+  }
 };
 
 // This thread's usage so far (wall_seconds: a steady clock's time), or the process's (every thread) with

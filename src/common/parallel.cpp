@@ -218,25 +218,13 @@ void name_this_thread(const char* name) {
 }
 
 Usage& Usage::operator+=(const Usage& o) {
-  wall_seconds += o.wall_seconds;
-  user_seconds += o.user_seconds;
-  system_seconds += o.system_seconds;
-  minor_faults += o.minor_faults;
-  major_faults += o.major_faults;
-  voluntary_switches += o.voluntary_switches;
-  involuntary_switches += o.involuntary_switches;
+  each_field([&](const char*, auto field) { this->*field += o.*field; });
   return *this;
 }
 
 Usage Usage::operator-(const Usage& o) const {
   Usage d;
-  d.wall_seconds = wall_seconds - o.wall_seconds;
-  d.user_seconds = user_seconds - o.user_seconds;
-  d.system_seconds = system_seconds - o.system_seconds;
-  d.minor_faults = minor_faults - o.minor_faults;
-  d.major_faults = major_faults - o.major_faults;
-  d.voluntary_switches = voluntary_switches - o.voluntary_switches;
-  d.involuntary_switches = involuntary_switches - o.involuntary_switches;
+  each_field([&](const char*, auto field) { d.*field = this->*field - o.*field; });
   return d;
 }
 
