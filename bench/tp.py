@@ -22,8 +22,10 @@ trainer's peak reserved by PyTorch's allocator during the timed steps (weights e
 engine's, mapped through IPC), the rank's weight bytes, and from torch.profiler over one more step: the
 device time of NCCL kernels per rank (the collectives, including any wait for the slower rank: a rank that
 is ahead waits in them, so the lower of the ranks' figures is the collectives' own time), the device time of
-every other kernel (compute: when it is well below the step time, the step waits for the host), and the
-memory the trainer's allocator holds by phase of the step (the profiler's memory events, CUDA or CPU):
+every other kernel (compute: when it is well below the step time, the step waits for the host), the GPU's
+idle time (the profiled step's wall time minus the time some kernel ran on any stream: the step waiting on
+the host, or on a slower rank before a collective's kernel starts), and the memory the trainer's allocator
+holds by phase of the step (the profiler's memory events, CUDA or CPU):
 
   persistent   allocated before the step: optimizer state, workspaces, buffers
   forward      held when the loss is computed: the layers' checkpoints, what the loss keeps for backward
@@ -37,10 +39,18 @@ beside the two figures that set them, from the shapes: the layers' checkpoints (
 the step's start; "extra / weights" is the peak reserved over the rank's weight bytes. Targets (issue
 #16): TP 2 tokens/s >= 1.7 x TP 1; per-GPU trainer extra memory <= 15% of that GPU's weight bytes.
 
-GPU (two GPUs; 36 layers ~2 min, then 12 layers ~1.5 min):  python bench/tp.py --layers 36,12
+With --rank-shape N it also runs TP 1 on a model shaped like one rank of TP N (heads, KV heads, intermediate
+size and vocabulary / N): a TP-N rank's work with no collective, which needs one GPU. Its tokens/s over TP
+1's is the most TP N reaches on the machine; what it lacks of N x is work a step does whatever the shapes
+(host time, per-step fixed costs), which splitting the model does not divide.
+
+GPU (two GPUs; 36 layers ~2 min, then 12 layers ~1.5 min):  python bench/tp.py --layers 36,12 --rank-shape 2
+One GPU (TP 1 and one TP-2 rank's shapes, no collectives):  python bench/tp.py --tp 1 --rank-shape 2 --layers 36
 CPU smoke run (gloo, tiny model):  python bench/tp.py --size tiny --device cpu --tokens 64 --steps 2
 CPU memory breakdown (gloo, ~5 min on 2 cores):  python bench/tp.py --size qwen3-1k --device cpu --tokens 1024 --steps 1
-Prints markdown tables; with $OUT set also writes $OUT/tp.md and $OUT/tp.json.
+Prints markdown tables; with $OUT set also writes $OUT/tp.md, $OUT/tp.json and, per run and rank, the
+profiled step's 25 operations with the most host time and the 25 with the most device time
+($OUT/tp-ops-*.txt).
 """
 
 import argparse
@@ -242,22 +252,29 @@ def role_trainer(a) -> None:
         sync()
         profiled = time.perf_counter() - t
     coll = compute = 0.0
+    spans = []
     for ev in prof.key_averages():
         name = ev.key.lower()
         if dev.type != "cuda" and name.startswith("c10d::"):
             coll += ev.cpu_time_total / 1e6
+    averages = prof.key_averages()
+    top = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    if dev.type == "cuda":
+        top += "\n" + averages.table(sort_by="self_device_time_total", row_limit=25)
     trace = os.path.join(a.state_dir, f"trace-{ranks.rank if ranks else 0}.json")
     os.makedirs(a.state_dir, exist_ok=True)
     prof.export_chrome_trace(trace)
     with open(trace) as f:
         for e in json.load(f)["traceEvents"]:
             if e.get("cat") == "kernel":
+                spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
                 if "nccl" in e.get("name", "").lower():
                     coll += float(e.get("dur", 0)) / 1e6
                 else:
                     compute += float(e.get("dur", 0)) / 1e6
     phases = memory_phases(trace, dev)
     os.remove(trace)
+    busy = covered(spans) / 1e6
     persistent = trainer.opt.state_bytes()["total"] + sum(w.nbytes for w in trainer.opt._workspaces.values())
     weights = sum(
         x.numel() * x.element_size() for x in {x.data_ptr(): x for x in trainer.attached.tensors.values()}.values()
@@ -285,6 +302,8 @@ def role_trainer(a) -> None:
             "weights_bytes": weights,
             "collective_seconds": coll,
             "compute_seconds": compute,
+            "gpu_busy_seconds": busy if dev.type == "cuda" else None,
+            "top_ops": top,
             "profiled_step_seconds": profiled,
             "phases": phases,
             "persistent_bytes": persistent,
@@ -298,6 +317,32 @@ def role_trainer(a) -> None:
 
         dist.barrier(group=ranks.control)
     trainer.close()
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals: the time some kernel ran, whatever the stream."""
+    total, end = 0.0, float("-inf")
+    for t0, t1 in sorted(spans):
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total
+
+
+def rank_shape(size: str, n: int) -> str:
+    """Register (in SHAPES) and name the shape of one rank of TP n: attention and KV heads, intermediate size
+    and vocabulary / n (KV heads at least one, as when ranks share a KV head; the vocabulary at least 512). A TP-1 run on it steps the
+    work of one TP-n rank with no collective: the ceiling of TP n on the machine, measured on one GPU."""
+    name = f"{size}/rank-of-{n}"
+    s = SHAPES[size]
+    SHAPES[name] = dict(
+        s,
+        num_attention_heads=s["num_attention_heads"] // n,
+        num_key_value_heads=max(1, s["num_key_value_heads"] // n),
+        intermediate_size=s["intermediate_size"] // n,
+        vocab_size=max(-(-s["vocab_size"] // n), 512),  # the bench's byte tokenizer needs 259 ids
+    )
+    return name
 
 
 class Child:
@@ -331,18 +376,18 @@ class Child:
             self.proc.kill()
 
 
-def run_tp(a, size: int, sp: bool, work: str) -> dict:
+def run_tp(a, size: int, sp: bool, work: str, model_dir: str) -> dict:
     from livetrain.trainer.client import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     # (engines must not use expandable segments: CUDA IPC cannot share that memory)
-    group = f"bench-{os.getpid()}-{size}-{int(sp)}"
+    group = f"bench-{os.getpid()}-{size}-{int(sp)}-{os.path.basename(model_dir)}"
     engines = []
     try:
         for r in range(size):
-            manifest = os.path.join(work, f"tp{size}-sp{int(sp)}-rank{r}.json")
+            manifest = os.path.join(work, f"{os.path.basename(model_dir)}-tp{size}-sp{int(sp)}-rank{r}.json")
             args = ["--role", "engine", "--rank", str(r), "--tp", str(size), "--manifest", manifest]
-            engines.append(Child([*args, "--model", a.model_dir, "--device", a.device, "--group", group], env))
+            engines.append(Child([*args, "--model", model_dir, "--device", a.device, "--group", group], env))
         ready = [e.expect(600) for e in engines]
         log(f"TP {size}: engines ready, {sum(x['weights_bytes'] for x in ready) / GiB:.2f} GiB of weights")
         tenv = dict(env, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")  # as trainer.process.environment
@@ -351,11 +396,18 @@ def run_tp(a, size: int, sp: bool, work: str) -> dict:
         trainers = []
         for r in range(size):
             renv = dict(tenv, RANK=str(r), LOCAL_RANK=str(r))
-            state = os.path.join(work, f"state-{size}-{int(sp)}")
-            args = ["--role", "trainer", "--manifest", ready[r]["ready"], "--model", a.model_dir]
+            state = os.path.join(work, f"state-{os.path.basename(model_dir)}-{size}-{int(sp)}")
+            args = ["--role", "trainer", "--manifest", ready[r]["ready"], "--model", model_dir]
             args += ["--tokens", str(a.tokens), "--steps", str(a.steps), "--state-dir", state, "--sp", str(int(sp))]
             trainers.append(Child(args, renv))
         results = [t.expect(1200) for t in trainers]
+        if os.environ.get("OUT"):  # the profiled step's busiest operations, per rank (host and device time)
+            for r in results:
+                name = f"tp-ops-{os.path.basename(model_dir)}-tp{size}-sp{int(sp)}-rank{r['rank']}.txt"
+                with open(os.path.join(os.environ["OUT"], name), "w") as f:
+                    f.write(r.pop("top_ops"))
+        for r in results:
+            r.pop("top_ops", None)
         for t in trainers:
             t.close()
         return {"size": size, "sequence_parallel": sp and size > 1, "ranks": results}
@@ -377,20 +429,25 @@ def table(runs: list[dict], title: str) -> str:
     lines = [
         f"### {title}",
         "",
-        "| TP | sequence parallel | tokens/step | tokens/s | vs TP 1 | step s | compute s/step | collectives s/step (per rank) | weights GiB/GPU | trainer peak reserved GiB/GPU | extra / weights |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TP | sequence parallel | tokens/step | tokens/s | vs TP 1 | step s | compute s/step | collectives s/step (per rank) | GPU idle s/step (per rank) | weights GiB/GPU | trainer peak reserved GiB/GPU | extra / weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         r0 = run["ranks"][0]
         mem = max((r["memory"] or {}).get("peak_reserved", 0) for r in run["ranks"])
         w = max(r["weights_bytes"] for r in run["ranks"])
         coll = " / ".join(f"{r['collective_seconds']:.3f}" for r in run["ranks"])
+        idle = " / ".join(
+            "-" if r.get("gpu_busy_seconds") is None else f"{r['profiled_step_seconds'] - r['gpu_busy_seconds']:.3f}"
+            for r in run["ranks"]
+        )
         compute = max(r["compute_seconds"] for r in run["ranks"])
         step = sum(r0["step_seconds"]) / len(r0["step_seconds"])
         sp = "yes" if run["sequence_parallel"] else ("-" if run["size"] == 1 else "no")
+        tp = f"1 on a TP-{run['rank_of']} rank's shapes" if run.get("rank_of") else run["size"]
         lines.append(
-            f"| {run['size']} | {sp} | {r0['tokens']} | {r0['tokens_per_s']:.0f} | {r0['tokens_per_s'] / base:.2f}x | "
-            f"{step:.3f} | {compute:.3f} | {coll} | {w / GiB:.2f} | {_gib(mem if mem else None)} | "
+            f"| {tp} | {sp} | {r0['tokens']} | {r0['tokens_per_s']:.0f} | {r0['tokens_per_s'] / base:.2f}x | "
+            f"{step:.3f} | {compute:.3f} | {coll} | {idle} | {w / GiB:.2f} | {_gib(mem if mem else None)} | "
             f"{(f'{mem / w:.1%}' if mem else '-')} |"
         )
     lines += [
@@ -407,9 +464,10 @@ def table(runs: list[dict], title: str) -> str:
             return max(vals) if vals else None
 
         sp = "yes" if run["sequence_parallel"] else ("-" if run["size"] == 1 else "no")
+        tp = f"1 on a TP-{run['rank_of']} rank's shapes" if run.get("rank_of") else run["size"]
         persistent = max(r["persistent_bytes"] for r in run["ranks"])
         lines.append(
-            f"| {run['size']} | {sp} | {_mib(persistent)} | {_mib(most('forward'))} | {_mib(most('layers'))} | "
+            f"| {tp} | {sp} | {_mib(persistent)} | {_mib(most('forward'))} | {_mib(most('layers'))} | "
             f"{_mib(most('vocabulary'))} | {_mib(most('checkpoints', 'analytic'))} | {_mib(most('vocab_gradient', 'analytic'))} |"
         )
     lines.append("")
@@ -431,6 +489,14 @@ def main() -> None:
     )
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tp", default="1,2", help="TP sizes to run, the first is the baseline (default 1,2)")
+    p.add_argument(
+        "--rank-shape",
+        default="",
+        help="also run TP 1 on a model shaped like one rank of TP N (heads, KV heads, intermediate size and "
+        "vocabulary / N), for each N of this comma-separated list: a TP-N rank's work without collectives, "
+        "on one GPU; its tokens/s over TP 1's is the most TP N can reach on this machine (needs one GPU only "
+        "when --tp is 1)",
+    )
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the training example (default 4096)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -455,16 +521,23 @@ def main() -> None:
     tables = []
     for layers in [int(x) or shape["num_hidden_layers"] for x in a.layers.split(",")]:
         with tempfile.TemporaryDirectory(prefix="livetrain-tp-bench-") as work:
-            a.model_dir = os.path.join(work, "model")
-            write_model_dir(a.model_dir, a.size, layers, build_tokenizer(shape["vocab_size"]))
+            model_dir = os.path.join(work, "model")
+            write_model_dir(model_dir, a.size, layers, build_tokenizer(shape["vocab_size"]))
             runs = []
             for size in sizes:
                 for sp in [True] if size == 1 or a.no_compare else [True, False]:
                     t = time.perf_counter()
-                    runs.append(run_tp(a, size, sp, work))
+                    runs.append(run_tp(a, size, sp, work, model_dir))
                     log(
                         f"{layers} layers, TP {size}{' (sequence parallel)' if sp and size > 1 else ''}: {time.perf_counter() - t:.0f} s"
                     )
+            for n in [int(x) for x in a.rank_shape.split(",") if x.strip()]:
+                proxy = rank_shape(a.size, n)
+                proxy_dir = os.path.join(work, f"rank-of-{n}")
+                write_model_dir(proxy_dir, proxy, layers, build_tokenizer(SHAPES[proxy]["vocab_size"]))
+                t = time.perf_counter()
+                runs.append(dict(run_tp(a, 1, True, work, proxy_dir), rank_of=n))
+                log(f"{layers} layers, TP 1 on a TP-{n} rank's shapes: {time.perf_counter() - t:.0f} s")
         title = f"{a.size} shape, {layers} layers, {a.tokens} tokens a step, {a.device}"
         tables.append(table(runs, title))
         out["tables"].append({"layers": layers, "runs": runs})
