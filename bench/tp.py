@@ -54,6 +54,7 @@ profiled step's 25 operations with the most host time and the 25 with the most d
 """
 
 import argparse
+import bisect
 import json
 import os
 import subprocess
@@ -214,7 +215,7 @@ def role_trainer(a) -> None:
     ranks = Ranks.from_env(timeout=600, state_dir=a.state_dir)
     if ranks is not None:
         ranks.sequence_parallel = bool(a.sp)
-    trainer = Trainer(a.manifest, a.model, settings, ranks=ranks)
+    trainer = Trainer(a.manifest, a.model, settings, ranks=ranks, release_cached=not a.no_release)
     _instrument(trainer)
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]
@@ -265,16 +266,20 @@ def role_trainer(a) -> None:
     os.makedirs(a.state_dir, exist_ok=True)
     prof.export_chrome_trace(trace)
     with open(trace) as f:
-        for e in json.load(f)["traceEvents"]:
-            if e.get("cat") == "kernel":
-                spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
-                if "nccl" in e.get("name", "").lower():
-                    coll += float(e.get("dur", 0)) / 1e6
-                else:
-                    compute += float(e.get("dur", 0)) / 1e6
+        events = json.load(f)["traceEvents"]
+    host = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    for e in events:
+        if e.get("cat") == "kernel":
+            spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
+            if "nccl" in e.get("name", "").lower():
+                coll += float(e.get("dur", 0)) / 1e6
+            else:
+                compute += float(e.get("dur", 0)) / 1e6
     phases = memory_phases(trace, dev)
     os.remove(trace)
     busy = covered(spans) / 1e6
+    if dev.type == "cuda":
+        top += "\n" + gap_table(spans, host)
     persistent = trainer.opt.state_bytes()["total"] + sum(w.nbytes for w in trainer.opt._workspaces.values())
     weights = sum(
         x.numel() * x.element_size() for x in {x.data_ptr(): x for x in trainer.attached.tensors.values()}.values()
@@ -327,6 +332,37 @@ def covered(spans: list[tuple[float, float]]) -> float:
             total += t1 - max(t0, end)
             end = t1
     return total
+
+
+def gap_table(spans: list[tuple[float, float]], host: list[dict], rows: int = 20) -> str:
+    """Where the GPU waited in the profiled step: each gap of at least 0.1 ms between kernels (any stream),
+    named by the innermost host operation that covers half of it or more ("(Python)" when none: the time
+    went to Python between operations), summed by that name."""
+    merged = []
+    for t0, t1 in sorted(spans):
+        if merged and t0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], t1)
+        else:
+            merged.append([t0, t1])
+    # Host operations shorter than 50 ms, by start (the longer ones enclose whole phases and name nothing).
+    window = 50_000.0
+    ops = sorted((e for e in host if e["dur"] < window), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+    by = {}
+    total = 0.0
+    for (_, a), (b, _) in zip(merged, merged[1:]):
+        gap = b - a
+        if gap < 100:
+            continue
+        total += gap
+        near = ops[bisect.bisect_left(starts, a - window) : bisect.bisect_right(starts, b)]
+        cover = [e for e in near if min(b, e["ts"] + e["dur"]) - max(a, e["ts"]) >= 0.5 * gap]
+        name = min(cover, key=lambda e: e["dur"])["name"] if cover else "(Python)"
+        n, t = by.get(name, (0, 0.0))
+        by[name] = (n + 1, t + gap)
+    lines = [f"GPU gaps >= 0.1 ms between kernels: {total / 1e3:.1f} ms in all, by the host operation running", ""]
+    lines += [f"{t / 1e3:9.2f} ms {n:6d} gaps  {name}" for name, (n, t) in sorted(by.items(), key=lambda x: -x[1][1])]
+    return "\n".join(lines[: rows + 2]) + "\n"
 
 
 def rank_shape(size: str, n: int) -> str:
@@ -399,6 +435,7 @@ def run_tp(a, size: int, sp: bool, work: str, model_dir: str) -> dict:
             state = os.path.join(work, f"state-{os.path.basename(model_dir)}-{size}-{int(sp)}")
             args = ["--role", "trainer", "--manifest", ready[r]["ready"], "--model", model_dir]
             args += ["--tokens", str(a.tokens), "--steps", str(a.steps), "--state-dir", state, "--sp", str(int(sp))]
+            args += ["--no-release"] if a.no_release else []
             trainers.append(Child(args, renv))
         results = [t.expect(1200) for t in trainers]
         if os.environ.get("OUT"):  # the profiled step's busiest operations, per rank (host and device time)
@@ -496,6 +533,12 @@ def main() -> None:
         "vocabulary / N), for each N of this comma-separated list: a TP-N rank's work without collectives, "
         "on one GPU; its tokens/s over TP 1's is the most TP N can reach on this machine (needs one GPU only "
         "when --tp is 1)",
+    )
+    p.add_argument(
+        "--no-release",
+        action="store_true",
+        help="trainers without the allocator's release once per step (Trainer.release_cached=False): what the "
+        "release costs in step time and saves in peak memory",
     )
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the training example (default 4096)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
