@@ -211,7 +211,9 @@ def role_trainer(a) -> None:
     from livetrain.trainer.ranks import Ranks
     from livetrain.trainer.service import Trainer
 
-    settings = options.parse(["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", "1e-5"])
+    settings = options.parse(
+        ["--state-dir", a.state_dir, "--no-store", "--batch-size", "1", "--lr", "1e-5", "--fused-ops", a.fused_ops]
+    )
     ranks = Ranks.from_env(timeout=600, state_dir=a.state_dir)
     if ranks is not None:
         ranks.sequence_parallel = bool(a.sp)
@@ -308,6 +310,7 @@ def role_trainer(a) -> None:
             "collective_seconds": coll,
             "compute_seconds": compute,
             "gpu_busy_seconds": busy if dev.type == "cuda" else None,
+            "fused_ops": trainer.fused_ops,
             "top_ops": top,
             "profiled_step_seconds": profiled,
             "phases": phases,
@@ -436,6 +439,7 @@ def run_tp(a, size: int, sp: bool, work: str, model_dir: str) -> dict:
             args = ["--role", "trainer", "--manifest", ready[r]["ready"], "--model", model_dir]
             args += ["--tokens", str(a.tokens), "--steps", str(a.steps), "--state-dir", state, "--sp", str(int(sp))]
             args += ["--no-release"] if a.no_release else []
+            args += ["--fused-ops", a.fused_ops]
             trainers.append(Child(args, renv))
         results = [t.expect(1200) for t in trainers]
         if os.environ.get("OUT"):  # the profiled step's busiest operations, per rank (host and device time)
@@ -540,6 +544,13 @@ def main() -> None:
         help="trainers without the allocator's release once per step (Trainer.release_cached=False): what the "
         "release costs in step time and saves in peak memory",
     )
+    p.add_argument(
+        "--fused-ops",
+        choices=["auto", "off"],
+        default="auto",
+        help="the trainers' --fused-ops (auto: Liger-Kernel's fused norms, rotary embedding and MLP activation "
+        "on a GPU when installed; off: the PyTorch operations); the table's title says what ran",
+    )
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the training example (default 4096)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -581,7 +592,8 @@ def main() -> None:
                 t = time.perf_counter()
                 runs.append(dict(run_tp(a, 1, True, work, proxy_dir), rank_of=n))
                 log(f"{layers} layers, TP 1 on a TP-{n} rank's shapes: {time.perf_counter() - t:.0f} s")
-        title = f"{a.size} shape, {layers} layers, {a.tokens} tokens a step, {a.device}"
+        fused = sorted({f"{k}: {v}" for run in runs for r in run["ranks"] for k, v in r["fused_ops"].items()})
+        title = f"{a.size} shape, {layers} layers, {a.tokens} tokens a step, {a.device}; {'; '.join(fused) or 'no fused ops'}"
         tables.append(table(runs, title))
         out["tables"].append({"layers": layers, "runs": runs})
         print(tables[-1], flush=True)

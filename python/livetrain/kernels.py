@@ -7,6 +7,10 @@ when the modeling module is imported it takes ``func_name`` from the package if 
 (flash-linear-attention's ``fla`` for the delta rule, ``causal_conv1d`` for the short convolution), else
 keeps its own torch function; the choice is frozen in the wrapper's closure. This module reads it from
 there, so what it reports is what the layers call, not a guess from what is installed.
+
+The trainer's fused layer operations (fuse(), below: Liger-Kernel's RMSNorm, rotary embedding and SiLU-gated
+MLP) are chosen here too, and reported apart (fused_report(); /train/status "fused_ops"): the engine runs
+transformers' operations.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import importlib.metadata
 import sys
 from typing import Callable
 
-__all__ = ["PACKAGES", "kernel_functions", "prepare", "report", "verify", "warnings"]
+__all__ = ["PACKAGES", "fuse", "fuse_off", "kernel_functions", "prepare", "report", "verify", "warnings"]
 
 # The packages transformers takes those kernels from: pip's name for each, and what running without it
 # costs on a GPU (bench/gdn.py measures the first). causal-conv1d has no wheel for torch 2.11 / CUDA 13 on
@@ -89,7 +93,7 @@ def _version(package: str) -> str:
 def report(model) -> dict[str, str]:
     """``{func_name: "fla 0.6.0" | "torch (install flash-linear-attention)" | "torch (fla 0.6.0 failed on
     cuda:0: ...)"}`` for every kernel-backed function of ``model``'s layers (empty for models without
-    any, e.g. Llama)."""
+    any, e.g. Llama). The trainer's fused layer operations: fused_report()."""
     out = {}
     for name, f in kernel_functions(model).items():
         if name in _refused:
@@ -205,3 +209,217 @@ def prepare(model, device, backward: bool = True) -> list[str]:
     if getattr(device, "type", str(device)) != "cuda":
         return []
     return verify(model, device, backward) + warnings(model, device)
+
+
+# --- Fused layer operations (Liger-Kernel) -------------------------------------------------------------------
+#
+# On a GPU a training step of a Llama-family model spends much of its device time, and most of its kernel
+# launches, in small element-wise operations around the matrix products: each RMSNorm is ~6 kernels forward
+# and ~12 backward, the rotary embedding ~10 per layer, the SiLU-gated MLP's activation 3; under gradient
+# checkpointing the forward ones run twice. Liger-Kernel (pip: liger-kernel, Triton) has each as one fused
+# kernel forward and one backward, keeping for backward what the lean norms of tensor_parallel keep (the
+# input and each row's 1/rms) and, for the MLP, the two projections without the activation. fuse() puts
+# them on the trainer's model, after checking each against the PyTorch operations on a small input; on CPU,
+# without the package, or when a check fails, the PyTorch operations stay (bench/tp.py compares both:
+# --fused-ops off).
+
+FUSED_PACKAGE = ("liger_kernel", "liger-kernel")
+# transformers' RMSNorm classes whose forward is weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)
+# (Llama's, copied into the others); Qwen3.5's (1 + weight) and gated norms are other formulas.
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+# Modeling modules whose module-level apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) is Llama's
+# rotate-half form over the whole head (Qwen3.5's rotates part of it: not here).
+ROTARY_MODULES = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "qwen3", "mistral"))
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): with a SiLU act_fn, fused.
+SILU_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Qwen3NextMLP", "Qwen3_5MLP")
+FUSED_OPS = ("rms_norm", "rotary", "silu_mul")
+
+# This process's choice per fused operation: "liger_kernel X.Y.Z", or "torch (why)".
+_fused: dict[str, str] = {}
+
+
+def _fused_sites(model) -> dict[str, list]:
+    """Where ``model`` has each operation fuse() can replace: {"rms_norm": [modules], "silu_mul": [MLP
+    modules], "rotary": [modeling modules]} (an operation the model lacks: an empty list)."""
+    norms, mlps, rotary = [], [], set()
+    for m in model.modules():
+        name = type(m).__name__
+        if name in LLAMA_RMS_NORMS and hasattr(m, "variance_epsilon"):
+            norms.append(m)
+        if name in SILU_MLPS and _is_silu(getattr(m, "act_fn", None)):
+            mlps.append(m)
+        if type(m).__module__ in ROTARY_MODULES and name.endswith("Attention"):
+            rotary.add(type(m).__module__)
+    return {"rms_norm": norms, "silu_mul": mlps, "rotary": sorted(rotary)}
+
+
+def _is_silu(fn) -> bool:
+    import torch
+
+    return isinstance(fn, torch.nn.SiLU) or type(fn).__name__ == "SiLUActivation"
+
+
+def _fused_probe(op: str, impl, device, generator):
+    """Outputs and gradients of ``impl`` (the fused or the torch form of ``op``) on a small bf16 input of
+    odd sizes (2 sequences of 7 tokens; 96 channels; 3 heads and 1 KV head of 64)."""
+    import torch
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=generator) * scale
+        return t.to(device=device, dtype=torch.bfloat16).requires_grad_()
+
+    if op == "rms_norm":
+        x, w = rand(2, 7, 96), rand(96, scale=0.5)
+        out = [impl(x, w, 1e-6)]
+        inputs = [x, w]
+    elif op == "silu_mul":
+        a, b = rand(2, 7, 96), rand(2, 7, 96)
+        out = [impl(a, b)]
+        inputs = [a, b]
+    else:
+        q, k = rand(2, 3, 7, 64), rand(2, 1, 7, 64)
+        angle = torch.arange(7.0)[:, None] / (10000.0 ** (torch.arange(0, 64, 2) / 64.0))[None, :]
+        emb = torch.cat([angle, angle], -1)[None].expand(2, 7, 64)
+        cos, sin = (f(emb).to(device=device, dtype=torch.bfloat16) for f in (torch.cos, torch.sin))
+        out = list(impl(q, k, cos, sin))
+        inputs = [q, k]
+    weights = [torch.randn(o.shape, generator=generator).to(device=device, dtype=o.dtype) for o in out]
+    grads = torch.autograd.grad(sum((o * w).float().sum() for o, w in zip(out, weights)), inputs)
+    return [t.detach().float() for t in (*out, *grads)]
+
+
+def _torch_ops():
+    """The PyTorch form of each fused operation, as transformers computes it."""
+    import torch
+
+    def rms_norm(x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def silu_mul(a, b):
+        return torch.nn.functional.silu(a) * b
+
+    def rotary(q, k, cos, sin, unsqueeze_dim=1):
+        def half(x):
+            return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
+
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+    return {"rms_norm": rms_norm, "silu_mul": silu_mul, "rotary": rotary}
+
+
+def _liger_ops():
+    """Liger-Kernel's form of each fused operation (its autograd functions)."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return {
+        # casting "llama": 1/rms in fp32, the normalized rows cast to x's dtype, then times the weight, as
+        # transformers does; not in place (its in-place backward would write into the incoming gradient).
+        "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False),
+        "silu_mul": LigerSiLUMulFunction.apply,
+        "rotary": lambda q, k, cos, sin, unsqueeze_dim=1: LigerRopeFunction.apply(q, k, cos, sin, None, unsqueeze_dim),
+    }
+
+
+def fuse(model, device, tolerance: float = 0.02) -> list[str]:
+    """On a GPU with Liger-Kernel installed, ``model``'s Llama-formula RMSNorms, SiLU-gated MLPs and (for
+    the modeling modules of ROTARY_MODULES, on CUDA tensors) rotary embedding run as its fused kernels; each
+    operation is first run once fused and once as PyTorch operations on a small input, forward and backward,
+    and stays PyTorch when that raises or any output or gradient differs by more than ``tolerance``
+    (relative; bf16 rounding is ~4e-3). Returns one warning per operation left to PyTorch on a GPU for a
+    reason other than "off" (none on CPU: the kernels are Triton). fused_report() then names the choices."""
+    sites = _fused_sites(model)
+    wanted = [op for op in FUSED_OPS if sites[op]]
+    if getattr(device, "type", str(device)) != "cuda":
+        for op in wanted:
+            _fused[op] = "torch (on CPU)"
+        return []
+    try:
+        fused = _liger_ops()
+        version = f"{FUSED_PACKAGE[0]} {importlib.metadata.version(FUSED_PACKAGE[1])}"
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        for op in wanted:
+            _fused[op] = f"torch (install {FUSED_PACKAGE[1]})"
+        return (
+            [
+                f"{FUSED_PACKAGE[1]} is not installed: {', '.join(wanted)} run as PyTorch operations, so a training step "
+                "takes ~1.3x longer (bench/tp.py)"
+            ]
+            if wanted
+            else []
+        )
+    return fuse_with(model, device, fused, version, tolerance)
+
+
+def fuse_with(model, device, fused: dict, version: str, tolerance: float = 0.02) -> list[str]:
+    """fuse()'s check and installation with the given implementations ({op: function}, named ``version``),
+    on any device: each of ``model``'s operations whose implementation agrees with the PyTorch one on the
+    probe input replaces it; the others stay, one message each."""
+    import torch
+
+    reference = _torch_ops()
+    messages = []
+    for op in [op for op in FUSED_OPS if _fused_sites(model)[op]]:
+        try:
+            got = _fused_probe(op, fused[op], device, torch.Generator().manual_seed(0))
+            want = _fused_probe(op, reference[op], device, torch.Generator().manual_seed(0))
+            errors = [_relative_error(a, b) for a, b in zip(got, want)]
+            problem = (
+                None
+                if all(e <= tolerance for e in errors)  # NaN fails it too
+                else f"differs from the PyTorch operations (relative error {max(errors):.3g} > {tolerance})"
+            )
+        except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: do not use it
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if problem is not None:
+            _fused[op] = f"torch ({version} failed on {device}: {problem})"
+            messages.append(f"{op}: {version} failed on {device}: {problem}; the PyTorch operations are used")
+            continue
+        _fused[op] = version
+        _install_fused(op, _fused_sites(model)[op], fused[op])
+    return messages
+
+
+def fuse_off(model) -> list[str]:
+    """``model``'s fusable operations as PyTorch operations, by request (--fused-ops off): recorded for
+    report(), and the rotary embedding of its modeling modules given back its PyTorch function if an earlier
+    model of this process had it fused. Nothing to warn about: returns []."""
+    for op, where in _fused_sites(model).items():
+        if where:
+            _fused[op] = "torch (--fused-ops off)"
+    for name in _fused_sites(model)["rotary"]:
+        mod = sys.modules[name]
+        mod.apply_rotary_pos_emb = getattr(mod.apply_rotary_pos_emb, "__livetrain_torch__", mod.apply_rotary_pos_emb)
+    return []
+
+
+def _install_fused(op: str, where: list, fn) -> None:
+    if op == "rms_norm":
+        for module in where:
+            module.forward = lambda x, module=module: fn(x, module.weight, module.variance_epsilon)
+    elif op == "silu_mul":
+        for module in where:
+            module.forward = lambda x, m=module: m.down_proj(fn(m.gate_proj(x), m.up_proj(x)))
+    else:
+        for name in where:
+            mod = sys.modules[name]
+            original = getattr(mod, "apply_rotary_pos_emb")
+            original = getattr(original, "__livetrain_torch__", original)  # never wrap twice
+
+            def rotary(q, k, cos, sin, *args, original=original, **kwargs):
+                # CUDA tensors only (an engine in the same process may run on CPU); other call forms as before.
+                if q.is_cuda and not args and set(kwargs) <= {"unsqueeze_dim"}:
+                    return fn(q, k, cos, sin, kwargs.get("unsqueeze_dim", 1))
+                return original(q, k, cos, sin, *args, **kwargs)
+
+            rotary.__livetrain_torch__ = original
+            mod.apply_rotary_pos_emb = rotary
+
+
+def fused_report(model) -> dict[str, str]:
+    """``{op: "liger_kernel 0.8.5" | "torch (why)"}`` for the fusable operations ``model`` has and fuse() or
+    fuse_off() decided."""
+    return {op: _fused[op] for op, where in _fused_sites(model).items() if where and op in _fused}

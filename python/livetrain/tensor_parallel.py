@@ -53,7 +53,7 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from livetrain import _core, layout, sharing
+from livetrain import _core, kernels, layout, sharing
 from livetrain.loss import VocabSlice
 from livetrain.optim import ParamShard
 
@@ -163,11 +163,6 @@ def _along_tokens(x, tokens, op):
     return _AlongTokens.apply(x, tokens, *op)
 
 
-# transformers' RMSNorm classes whose forward is weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)
-# (Llama's, copied into the others); Qwen3.5's (1 + weight) and gated norms are other formulas.
-_LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
-
-
 class _RMSNorm(torch.autograd.Function):
     """transformers' Llama RMSNorm, the same operations forward, keeping for backward only its input and
     the per-row 1/rms: autograd over the module's operations keeps the input in fp32 and the normalized
@@ -200,7 +195,7 @@ def _lean_norms(model: torch.nn.Module) -> None:
     """Every Llama-formula RMSNorm of the model computed by _RMSNorm (the same forward, less kept for
     backward)."""
     for module in model.modules():
-        if type(module).__name__ in _LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
+        if type(module).__name__ in kernels.LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
 
             def forward(x, module=module):
                 return _RMSNorm.apply(x, module.weight, module.variance_epsilon)

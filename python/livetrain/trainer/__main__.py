@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 "restored": trainer.restored_from,
                 "weight_version": trainer.weight_version,
                 "kernels": trainer.kernels,
+                "fused_ops": trainer.fused_ops,
                 "checkpoint": trainer.status()["checkpoint"],
             }
         ),

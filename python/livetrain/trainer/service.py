@@ -193,10 +193,14 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         # What the Gated DeltaNet layers (Qwen3-Next, Qwen3.5) run: fused kernels or the slow torch path.
         progress("model built; checking the model's kernels (the first run of fused kernels compiles them)")
-        for warning in kernels.prepare(self.model, self.device, backward=True):
+        s = settings or options.parse([])
+        found = kernels.prepare(self.model, self.device, backward=True)
+        # The norms, rotary embedding and MLP activation as fused kernels (kernels.fuse: checked first).
+        found += kernels.fuse(self.model, self.device) if s.fused_ops == "auto" else kernels.fuse_off(self.model)
+        for warning in found:
             print(f"livetrain trainer: warning: {warning}", file=sys.stderr, flush=True)
         self.kernels = kernels.report(self.model)
-        s = settings or options.parse([])
+        self.fused_ops = kernels.fused_report(self.model)
         use_chat(self.tokenizer, options.chat(s))  # read and checked when the options were parsed
         self.grad_checkpointing = bool(
             not s.no_grad_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False)
@@ -698,6 +702,7 @@ class Trainer:
                 "gradient_checkpointing": self.grad_checkpointing,
                 "train": self.settings.train,
                 "kernels": self.kernels,
+                "fused_ops": self.fused_ops,
                 "device": str(self.device),
                 "max_batch_tokens": {"tokens": self.max_batch_tokens, "chosen": self.max_batch_tokens_from},
                 "not_trained": {
