@@ -459,3 +459,37 @@ def test_optim_bench_full_runs_every_row_on_the_cpu():
     assert "qwen3.5-tiny: shipped step" in r.stdout
     bad = run([sys.executable, "bench/optim.py", "--full", "--device", "cpu", "--shapes", "70b"])
     assert bad.returncode == 2 and "unknown ['70b']" in bad.stderr
+
+
+def test_tp_bench_rank_shape_run_and_its_gap_accounting(tmp_path):
+    """bench/tp.py on CPU: TP 1 and TP 1 on a TP-2 rank's shapes (heads, KV heads, intermediate size and
+    vocabulary halved) in one table, what each trainer's fused operations were; and the GPU-side accounting
+    on made-up intervals: the union of kernels, and each gap named by the innermost host operation covering
+    half of it or more."""
+    tp = load(ROOT / "bench" / "tp.py", "tp_bench")
+    assert tp.covered([(0, 100), (50, 150), (400, 500), (500, 600)]) == 350
+    host = [
+        {"ts": 100, "dur": 300, "name": "aten::item"},
+        {"ts": 0, "dur": 2000, "name": "outer"},
+        {"ts": 600, "dur": 50, "name": "short"},
+    ]
+    text = tp.gap_table([(0, 100), (50, 150), (400, 500), (1000, 1100)], host)
+    assert "0.8 ms in all" in text  # gaps 150-400 and 500-1000; 0.25 + 0.5
+    assert "0.25 ms      1 gaps  aten::item" in text and "0.50 ms      1 gaps  outer" in text
+    name = tp.rank_shape("8b", 2)
+    assert {k: tp.SHAPES[name][k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")} == {
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "intermediate_size": 6144,
+    }
+    assert tp.SHAPES[name]["vocab_size"] == 75968 and tp.SHAPES[name]["hidden_size"] == 4096
+
+    args = ["bench/tp.py", "--size", "tiny", "--device", "cpu", "--tokens", "32", "--steps", "1", "--tp", "1"]
+    r = run([sys.executable, *args, "--rank-shape", "2", "--json", str(tmp_path / "tp.json")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 1 on a TP-2 rank's shapes | - | 32 |" in r.stdout
+    assert "rms_norm: torch (on CPU)" in r.stdout  # the title: what the trainers ran
+    runs = json.loads((tmp_path / "tp.json").read_text())["tables"][0]["runs"]
+    assert [run.get("rank_of") for run in runs] == [None, 2]
+    assert runs[1]["ranks"][0]["fused_ops"]["silu_mul"] == "torch (on CPU)"
+    assert runs[1]["ranks"][0]["weights_bytes"] < runs[0]["ranks"][0]["weights_bytes"]
