@@ -41,8 +41,10 @@ the step's start; "extra / weights" is the peak reserved over the rank's weight 
 
 With --rank-shape N it also runs TP 1 on a model shaped like one rank of TP N (heads, KV heads, intermediate
 size and vocabulary / N): a TP-N rank's work with no collective, which needs one GPU. Its tokens/s over TP
-1's is the most TP N reaches on the machine; what it lacks of N x is work a step does whatever the shapes
-(host time, per-step fixed costs), which splitting the model does not divide.
+1's estimates what TP N reaches on the machine before its collectives cost anything; what it lacks of N x
+is work that splitting the model does not divide (the norms and residual additions over whole hidden rows,
+which sequence parallelism would split by tokens; host time; per-step fixed costs). Not for shapes with
+linear-attention heads (Qwen3.5: refused).
 
 GPU (two GPUs; 36 layers ~2 min, then 12 layers ~1.5 min):  python bench/tp.py --layers 36,12 --rank-shape 2
 One GPU (TP 1 and one TP-2 rank's shapes, no collectives):  python bench/tp.py --tp 1 --rank-shape 2 --layers 36
@@ -256,11 +258,11 @@ def role_trainer(a) -> None:
         profiled = time.perf_counter() - t
     coll = compute = 0.0
     spans = []
-    for ev in prof.key_averages():
+    averages = prof.key_averages()
+    for ev in averages:
         name = ev.key.lower()
         if dev.type != "cuda" and name.startswith("c10d::"):
             coll += ev.cpu_time_total / 1e6
-    averages = prof.key_averages()
     top = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     if dev.type == "cuda":
         top += "\n" + averages.table(sort_by="self_device_time_total", row_limit=25)
@@ -371,9 +373,13 @@ def gap_table(spans: list[tuple[float, float]], host: list[dict], rows: int = 20
 def rank_shape(size: str, n: int) -> str:
     """Register (in SHAPES) and name the shape of one rank of TP n: attention and KV heads, intermediate size
     and vocabulary / n (KV heads at least one, as when ranks share a KV head; the vocabulary at least 512). A TP-1 run on it steps the
-    work of one TP-n rank with no collective: the ceiling of TP n on the machine, measured on one GPU."""
+    work of one TP-n rank with no collective, measured on one GPU: an estimate of what TP n reaches before its
+    collectives cost anything, without sequence parallelism (whose ranks also split the norms' and residual
+    additions' tokens, which this shape does whole)."""
     name = f"{size}/rank-of-{n}"
     s = SHAPES[size]
+    if any(k.startswith("linear_") and k.endswith("_heads") for k in s):
+        raise SystemExit(f"--rank-shape: {size} has linear-attention heads, which this shape does not divide")
     SHAPES[name] = dict(
         s,
         num_attention_heads=s["num_attention_heads"] // n,
@@ -535,8 +541,8 @@ def main() -> None:
         default="",
         help="also run TP 1 on a model shaped like one rank of TP N (heads, KV heads, intermediate size and "
         "vocabulary / N), for each N of this comma-separated list: a TP-N rank's work without collectives, "
-        "on one GPU; its tokens/s over TP 1's is the most TP N can reach on this machine (needs one GPU only "
-        "when --tp is 1)",
+        "on one GPU; its tokens/s over TP 1's estimates TP N before its collectives, without sequence "
+        "parallelism (needs one GPU only when --tp is 1)",
     )
     p.add_argument(
         "--no-release",

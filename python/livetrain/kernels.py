@@ -17,9 +17,21 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+import weakref
 from typing import Callable
 
-__all__ = ["PACKAGES", "fuse", "fuse_off", "kernel_functions", "prepare", "report", "verify", "warnings"]
+__all__ = [
+    "PACKAGES",
+    "fuse",
+    "fuse_off",
+    "fuse_with",
+    "fused_report",
+    "kernel_functions",
+    "prepare",
+    "report",
+    "verify",
+    "warnings",
+]
 
 # The packages transformers takes those kernels from: pip's name for each, and what running without it
 # costs on a GPU (bench/gdn.py measures the first). causal-conv1d has no wheel for torch 2.11 / CUDA 13 on
@@ -233,24 +245,29 @@ ROTARY_MODULES = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("llama"
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): with a SiLU act_fn, fused.
 SILU_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Qwen3NextMLP", "Qwen3_5MLP")
 FUSED_OPS = ("rms_norm", "rotary", "silu_mul")
+# Liger picks other RMSNorm kernels for many narrow rows (q_norm / k_norm over a step's heads x tokens): the
+# check runs that many rows of a norm this narrow, as a step does.
+_NARROW, _MANY_ROWS = 256, 32768
 
-# This process's choice per fused operation: "liger_kernel X.Y.Z", or "torch (why)".
-_fused: dict[str, str] = {}
+# Models whose rotary embedding runs fused (by modeling module): the module's function is given back when
+# the last of them is switched off. The rotary embedding is a module-level function of transformers, so
+# while one model of a process has it fused, every model of that modeling module does on CUDA tensors.
+_rotary_users: dict[str, weakref.WeakSet] = {}
 
 
 def _fused_sites(model) -> dict[str, list]:
     """Where ``model`` has each operation fuse() can replace: {"rms_norm": [modules], "silu_mul": [MLP
-    modules], "rotary": [modeling modules]} (an operation the model lacks: an empty list)."""
-    norms, mlps, rotary = [], [], set()
+    modules], "rotary": [attention modules of ROTARY_MODULES]} (an operation the model lacks: [])."""
+    sites = {op: [] for op in FUSED_OPS}
     for m in model.modules():
         name = type(m).__name__
         if name in LLAMA_RMS_NORMS and hasattr(m, "variance_epsilon"):
-            norms.append(m)
+            sites["rms_norm"].append(m)
         if name in SILU_MLPS and _is_silu(getattr(m, "act_fn", None)):
-            mlps.append(m)
-        if type(m).__module__ in ROTARY_MODULES and name.endswith("Attention"):
-            rotary.add(type(m).__module__)
-    return {"rms_norm": norms, "silu_mul": mlps, "rotary": sorted(rotary)}
+            sites["silu_mul"].append(m)
+        if type(m).__module__ in ROTARY_MODULES and name.endswith("Attention") and hasattr(m, "head_dim"):
+            sites["rotary"].append(m)
+    return sites
 
 
 def _is_silu(fn) -> bool:
@@ -259,32 +276,60 @@ def _is_silu(fn) -> bool:
     return isinstance(fn, torch.nn.SiLU) or type(fn).__name__ == "SiLUActivation"
 
 
-def _fused_probe(op: str, impl, device, generator):
-    """Outputs and gradients of ``impl`` (the fused or the torch form of ``op``) on a small bf16 input of
-    odd sizes (2 sequences of 7 tokens; 96 channels; 3 heads and 1 KV head of 64)."""
+def _probe_shapes(op: str, where: list) -> list[dict]:
+    """The inputs the check runs ``op`` on, from the model's own modules: each distinct width and dtype of
+    its norms (a narrow one over _MANY_ROWS rows), each MLP width, each attention's heads and head size."""
+    shapes = []
+    for m in where:
+        w = next(m.parameters(), None)
+        dtype = w.dtype if w is not None else None
+        if op == "rms_norm":
+            width = m.weight.shape[-1]
+            shape = {"rows": _MANY_ROWS if width <= _NARROW else 14, "width": width, "dtype": dtype}
+        elif op == "silu_mul":
+            shape = {"rows": 14, "width": m.gate_proj.weight.shape[0], "dtype": dtype}
+        else:
+            d = m.head_dim
+            heads = m.q_proj.weight.shape[0] // d
+            kv = m.k_proj.weight.shape[0] // d
+            shape = {"heads": heads, "kv_heads": kv, "head_dim": d, "dtype": dtype}
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def _fused_probe(op: str, impl, device, generator, shape: dict):
+    """Outputs and gradients of ``impl`` (the fused or the torch form of ``op``) on random inputs of
+    ``shape`` (_probe_shapes) as the model makes them: q and k transposed views of a projection's output,
+    cos and sin of batch 1. Raises when ``impl`` wrote into the incoming gradients."""
     import torch
 
-    def rand(*shape, scale=1.0):
-        t = torch.randn(*shape, generator=generator) * scale
-        return t.to(device=device, dtype=torch.bfloat16).requires_grad_()
+    dtype = shape["dtype"]
+
+    def rand(*size, scale=1.0):
+        t = torch.randn(*size, generator=generator) * scale
+        return t.to(device=device, dtype=dtype).requires_grad_()
 
     if op == "rms_norm":
-        x, w = rand(2, 7, 96), rand(96, scale=0.5)
-        out = [impl(x, w, 1e-6)]
-        inputs = [x, w]
+        x, w = rand(shape["rows"], shape["width"]), rand(shape["width"], scale=0.5)
+        out, inputs = [impl(x, w, 1e-6)], [x, w]
     elif op == "silu_mul":
-        a, b = rand(2, 7, 96), rand(2, 7, 96)
-        out = [impl(a, b)]
-        inputs = [a, b]
+        a, b = rand(2, shape["rows"] // 2, shape["width"]), rand(2, shape["rows"] // 2, shape["width"])
+        out, inputs = [impl(a, b)], [a, b]
     else:
-        q, k = rand(2, 3, 7, 64), rand(2, 1, 7, 64)
-        angle = torch.arange(7.0)[:, None] / (10000.0 ** (torch.arange(0, 64, 2) / 64.0))[None, :]
-        emb = torch.cat([angle, angle], -1)[None].expand(2, 7, 64)
-        cos, sin = (f(emb).to(device=device, dtype=torch.bfloat16) for f in (torch.cos, torch.sin))
-        out = list(impl(q, k, cos, sin))
-        inputs = [q, k]
-    weights = [torch.randn(o.shape, generator=generator).to(device=device, dtype=o.dtype) for o in out]
-    grads = torch.autograd.grad(sum((o * w).float().sum() for o, w in zip(out, weights)), inputs)
+        d, t = shape["head_dim"], 7
+        qp, kp = rand(2, t, shape["heads"] * d), rand(2, t, shape["kv_heads"] * d)
+        q = qp.view(2, t, shape["heads"], d).transpose(1, 2)
+        k = kp.view(2, t, shape["kv_heads"], d).transpose(1, 2)
+        angle = torch.arange(float(t))[:, None] / (10000.0 ** (torch.arange(0, d, 2) / d))[None, :]
+        emb = torch.cat([angle, angle], -1)[None]
+        cos, sin = (f(emb).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
+        out, inputs = list(impl(q, k, cos, sin)), [qp, kp]
+    upstream = [torch.randn(o.shape, generator=generator).to(device=device, dtype=o.dtype) for o in out]
+    kept = [g.clone() for g in upstream]
+    grads = torch.autograd.grad(out, inputs, grad_outputs=upstream)
+    if not all(torch.equal(g, c) for g, c in zip(upstream, kept)):
+        raise RuntimeError("its backward wrote into the incoming gradient")
     return [t.detach().float() for t in (*out, *grads)]
 
 
@@ -299,104 +344,125 @@ def _torch_ops():
     def silu_mul(a, b):
         return torch.nn.functional.silu(a) * b
 
-    def rotary(q, k, cos, sin, unsqueeze_dim=1):
+    def rotary(q, k, cos, sin):
         def half(x):
             return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
 
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + half(q) * sin, k * cos + half(k) * sin
 
     return {"rms_norm": rms_norm, "silu_mul": silu_mul, "rotary": rotary}
 
 
 def _liger_ops():
-    """Liger-Kernel's form of each fused operation (its autograd functions)."""
+    """Liger-Kernel's form of each fused operation (its autograd functions), arguments by name."""
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.rope import LigerRopeFunction
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     return {
         # casting "llama": 1/rms in fp32, the normalized rows cast to x's dtype, then times the weight, as
-        # transformers does; not in place (its in-place backward would write into the incoming gradient).
-        "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False),
-        "silu_mul": LigerSiLUMulFunction.apply,
-        "rotary": lambda q, k, cos, sin, unsqueeze_dim=1: LigerRopeFunction.apply(q, k, cos, sin, None, unsqueeze_dim),
+        # transformers does; not in place (its in-place backward would write into the incoming gradient,
+        # which the residual branch shares).
+        "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(
+            x, w, eps, offset=0.0, casting_mode="llama", in_place=False
+        ),
+        "silu_mul": lambda a, b: LigerSiLUMulFunction.apply(a, b),
+        # q, k: [batch, heads, tokens, head_dim]; cos, sin: [batch or 1, tokens, head_dim] (unsqueeze_dim 1).
+        "rotary": lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos, sin),
     }
 
 
 def fuse(model, device, tolerance: float = 0.02) -> list[str]:
     """On a GPU with Liger-Kernel installed, ``model``'s Llama-formula RMSNorms, SiLU-gated MLPs and (for
     the modeling modules of ROTARY_MODULES, on CUDA tensors) rotary embedding run as its fused kernels; each
-    operation is first run once fused and once as PyTorch operations on a small input, forward and backward,
-    and stays PyTorch when that raises or any output or gradient differs by more than ``tolerance``
-    (relative; bf16 rounding is ~4e-3). Returns one warning per operation left to PyTorch on a GPU for a
-    reason other than "off" (none on CPU: the kernels are Triton). fused_report() then names the choices."""
+    operation is first run fused and as PyTorch operations on inputs of the model's own sizes and dtype
+    (_probe_shapes), forward and backward, and stays PyTorch when that raises, writes into the incoming
+    gradient, or any output or gradient differs by more than ``tolerance`` (relative; bf16 rounding is
+    ~4e-3). Returns the warnings: one per operation left to PyTorch on a GPU, or one when the package does
+    not import (none on another device: the kernels are Triton). fused_report() then names the choices."""
     sites = _fused_sites(model)
     wanted = [op for op in FUSED_OPS if sites[op]]
-    if getattr(device, "type", str(device)) != "cuda":
-        for op in wanted:
-            _fused[op] = "torch (on CPU)"
+    kind = getattr(device, "type", str(device))
+    if kind != "cuda":
+        _record(model, {op: f"torch (on {kind})" for op in wanted})
         return []
     try:
         fused = _liger_ops()
         version = f"{FUSED_PACKAGE[0]} {importlib.metadata.version(FUSED_PACKAGE[1])}"
-    except (ImportError, importlib.metadata.PackageNotFoundError):
-        for op in wanted:
-            _fused[op] = f"torch (install {FUSED_PACKAGE[1]})"
-        return (
-            [
-                f"{FUSED_PACKAGE[1]} is not installed: {', '.join(wanted)} run as PyTorch operations, so a training step "
-                "takes ~1.3x longer (bench/tp.py)"
-            ]
-            if wanted
-            else []
+    except Exception as e:  # noqa: BLE001 - not installed, or an import that fails: the PyTorch operations
+        missing = isinstance(e, (ImportError, importlib.metadata.PackageNotFoundError))
+        why = (
+            f"install {FUSED_PACKAGE[1]}"
+            if missing
+            else f"{FUSED_PACKAGE[1]} failed to import: {type(e).__name__}: {e}"[:300]
         )
+        _record(model, {op: f"torch ({why})" for op in wanted})
+        if not wanted:
+            return []
+        first = f"{FUSED_PACKAGE[1]} is not installed" if missing else why
+        return [
+            f"{first}: {', '.join(wanted)} run as PyTorch operations, so a training step takes longer (1.21x at "
+            "8B on the H200 at TP 1, bench/RESULTS.md)"
+        ]
     return fuse_with(model, device, fused, version, tolerance)
 
 
 def fuse_with(model, device, fused: dict, version: str, tolerance: float = 0.02) -> list[str]:
     """fuse()'s check and installation with the given implementations ({op: function}, named ``version``),
-    on any device: each of ``model``'s operations whose implementation agrees with the PyTorch one on the
+    on any device: each of ``model``'s operations whose implementation agrees with the PyTorch one on every
     probe input replaces it; the others stay, one message each."""
     import torch
 
     reference = _torch_ops()
-    messages = []
-    for op in [op for op in FUSED_OPS if _fused_sites(model)[op]]:
+    sites = _fused_sites(model)
+    messages, choices = [], {}
+    for op in [op for op in FUSED_OPS if sites[op]]:
+        problem = None
         try:
-            got = _fused_probe(op, fused[op], device, torch.Generator().manual_seed(0))
-            want = _fused_probe(op, reference[op], device, torch.Generator().manual_seed(0))
-            errors = [_relative_error(a, b) for a, b in zip(got, want)]
-            problem = (
-                None
-                if all(e <= tolerance for e in errors)  # NaN fails it too
-                else f"differs from the PyTorch operations (relative error {max(errors):.3g} > {tolerance})"
-            )
+            for shape in _probe_shapes(op, sites[op]):
+                got = _fused_probe(op, fused[op], device, torch.Generator().manual_seed(0), shape)
+                want = _fused_probe(op, reference[op], device, torch.Generator().manual_seed(0), shape)
+                errors = [_relative_error(a, b) for a, b in zip(got, want)]
+                if not all(e <= tolerance for e in errors):  # NaN fails it too
+                    problem = f"differs from the PyTorch operations (relative error {max(errors):.3g} > {tolerance})"
+                    break
         except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: do not use it
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         if problem is not None:
-            _fused[op] = f"torch ({version} failed on {device}: {problem})"
+            choices[op] = f"torch ({version} failed on {device}: {problem})"
             messages.append(f"{op}: {version} failed on {device}: {problem}; the PyTorch operations are used")
             continue
-        _fused[op] = version
-        _install_fused(op, _fused_sites(model)[op], fused[op])
+        choices[op] = version
+        _install_fused(model, op, sites[op], fused[op])
+    _record(model, choices)
     return messages
 
 
 def fuse_off(model) -> list[str]:
     """``model``'s fusable operations as PyTorch operations, by request (--fused-ops off): recorded for
-    report(), and the rotary embedding of its modeling modules given back its PyTorch function if an earlier
-    model of this process had it fused. Nothing to warn about: returns []."""
-    for op, where in _fused_sites(model).items():
-        if where:
-            _fused[op] = "torch (--fused-ops off)"
-    for name in _fused_sites(model)["rotary"]:
-        mod = sys.modules[name]
-        mod.apply_rotary_pos_emb = getattr(mod.apply_rotary_pos_emb, "__livetrain_torch__", mod.apply_rotary_pos_emb)
+    fused_report(); a rotary embedding this model had fused is given back to its modeling module once no
+    other live model of the process uses it fused. Nothing to warn about: returns []."""
+    sites = _fused_sites(model)
+    _record(model, {op: "torch (--fused-ops off)" for op in FUSED_OPS if sites[op]})
+    for name in sorted({type(m).__module__ for m in sites["rotary"]}):
+        users = _rotary_users.get(name)
+        if users is not None:
+            users.discard(model)
+            if not users:
+                mod = sys.modules[name]
+                mod.apply_rotary_pos_emb = getattr(
+                    mod.apply_rotary_pos_emb, "__livetrain_torch__", mod.apply_rotary_pos_emb
+                )
     return []
 
 
-def _install_fused(op: str, where: list, fn) -> None:
+def _record(model, choices: dict) -> None:
+    """fused_report()'s answer for ``model``: kept on the model itself (each model its own choices)."""
+    model.__dict__["_livetrain_fused_ops"] = dict(choices)
+
+
+def _install_fused(model, op: str, where: list, fn) -> None:
     if op == "rms_norm":
         for module in where:
             module.forward = lambda x, module=module: fn(x, module.weight, module.variance_epsilon)
@@ -404,15 +470,25 @@ def _install_fused(op: str, where: list, fn) -> None:
         for module in where:
             module.forward = lambda x, m=module: m.down_proj(fn(m.gate_proj(x), m.up_proj(x)))
     else:
-        for name in where:
+        for name in sorted({type(m).__module__ for m in where}):
+            _rotary_users.setdefault(name, weakref.WeakSet()).add(model)
             mod = sys.modules[name]
-            original = getattr(mod, "apply_rotary_pos_emb")
-            original = getattr(original, "__livetrain_torch__", original)  # never wrap twice
+            original = getattr(mod.apply_rotary_pos_emb, "__livetrain_torch__", mod.apply_rotary_pos_emb)
 
             def rotary(q, k, cos, sin, *args, original=original, **kwargs):
-                # CUDA tensors only (an engine in the same process may run on CPU); other call forms as before.
-                if q.is_cuda and not args and set(kwargs) <= {"unsqueeze_dim"}:
-                    return fn(q, k, cos, sin, kwargs.get("unsqueeze_dim", 1))
+                # The fused form takes CUDA tensors in transformers' layout (q, k [B, H, T, D], cos and sin
+                # [B or 1, T, D], unsqueeze_dim 1); any other call (an engine on CPU in the same process, another
+                # layout) runs the modeling module's own function.
+                if (
+                    q.is_cuda
+                    and not args
+                    and kwargs.get("unsqueeze_dim", 1) == 1
+                    and set(kwargs) <= {"unsqueeze_dim"}
+                    and q.dim() == 4
+                    and cos.dim() == 3
+                    and cos.shape[-1] == q.shape[-1]
+                ):
+                    return fn(q, k, cos, sin)
                 return original(q, k, cos, sin, *args, **kwargs)
 
             rotary.__livetrain_torch__ = original
@@ -420,6 +496,6 @@ def _install_fused(op: str, where: list, fn) -> None:
 
 
 def fused_report(model) -> dict[str, str]:
-    """``{op: "liger_kernel 0.8.5" | "torch (why)"}`` for the fusable operations ``model`` has and fuse() or
-    fuse_off() decided."""
-    return {op: _fused[op] for op, where in _fused_sites(model).items() if where and op in _fused}
+    """``{op: "liger_kernel 0.8.5" | "torch (why)"}`` for the fusable operations ``model`` has, as fuse() or
+    fuse_off() decided for it ({} before either)."""
+    return dict(model.__dict__.get("_livetrain_fused_ops", {}))

@@ -42,8 +42,8 @@ def counts(model):
 def test_the_operations_each_model_has():
     layers = tiny_model.TINY["num_hidden_layers"]
     # Qwen3: input and post-attention norms, q_norm and k_norm per layer, and the final norm.
-    assert counts(qwen3()) == {"rms_norm": 4 * layers + 1, "silu_mul": layers, "rotary": 1}
-    assert counts(llama()) == {"rms_norm": 2 * layers + 1, "silu_mul": layers, "rotary": 1}
+    assert counts(qwen3()) == {"rms_norm": 4 * layers + 1, "silu_mul": layers, "rotary": layers}
+    assert counts(llama()) == {"rms_norm": 2 * layers + 1, "silu_mul": layers, "rotary": layers}
     # Qwen3.5: (1 + weight) and gated norms, a partial rotary embedding: only its MLPs.
     assert counts(qwen35())["rms_norm"] == 0 and counts(qwen35())["rotary"] == 0
     assert counts(qwen35())["silu_mul"] > 0
@@ -75,7 +75,7 @@ def test_the_pytorch_forms_are_transformers_own():
 def test_on_cpu_nothing_changes():
     model = qwen3()
     assert kernels.fuse(model, torch.device("cpu")) == []
-    assert kernels.fused_report(model) == {op: "torch (on CPU)" for op in kernels.FUSED_OPS}
+    assert kernels.fused_report(model) == {op: "torch (on cpu)" for op in kernels.FUSED_OPS}
     assert not any("forward" in vars(m) for m in model.modules())  # no module's forward replaced
     assert kernels.fuse_off(model) == []
     assert kernels.fused_report(model) == {op: "torch (--fused-ops off)" for op in kernels.FUSED_OPS}
@@ -127,7 +127,13 @@ def test_each_operation_is_checked_before_it_replaces_anything():
         # PyTorch path through it: the model computes what it did.
         assert not any("forward" in vars(m) for m in model.modules())
         assert modeling_qwen3.apply_rotary_pos_emb.__livetrain_torch__ is original
-        kernels.fuse_with(model, torch.device("cpu"), stand_in, "stand-in 1.0")  # again: not wrapped twice
+        other = qwen3()
+        kernels.fuse_with(other, torch.device("cpu"), stand_in, "stand-in 1.0")  # again: not wrapped twice
+        assert modeling_qwen3.apply_rotary_pos_emb.__livetrain_torch__ is original
+        # Each model its own report; the function stays wrapped while one model still uses it fused.
+        kernels.fuse_off(other)
+        assert kernels.fused_report(other)["rotary"] == "torch (--fused-ops off)"
+        assert kernels.fused_report(model)["rotary"] == "stand-in 1.0"
         assert modeling_qwen3.apply_rotary_pos_emb.__livetrain_torch__ is original
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, before)
@@ -146,6 +152,7 @@ def test_each_operation_is_checked_before_it_replaces_anything():
         )
         with torch.no_grad():
             assert torch.equal(exact(input_ids=ids).logits, before)
+        kernels.fuse_off(exact)
     finally:
         kernels.fuse_off(model)
     assert modeling_qwen3.apply_rotary_pos_emb is original  # fuse_off gives the modeling module its function back
@@ -163,11 +170,14 @@ def test_fused_model_equals_transformers_on_a_gpu(make):
     torch.manual_seed(0)
     model = make().to(device="cuda", dtype=torch.bfloat16)
     fused = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 37), device="cuda")  # odd length
+    # transformers' first: the rotary embedding, once fused, is the modeling module's for every model.
+    loss, grads = _loss_and_grads(model, ids)
+    module = __import__(type(model).__module__, fromlist=["x"])
     try:
         assert kernels.fuse(fused, torch.device("cuda")) == []
         assert all(v.startswith("liger_kernel ") for v in kernels.fused_report(fused).values())
-        ids = torch.randint(0, 300, (2, 37), device="cuda")  # odd length
-        loss, grads = _loss_and_grads(model, ids)
+        assert hasattr(module.apply_rotary_pos_emb, "__livetrain_torch__")
         loss_f, grads_f = _loss_and_grads(fused, ids)
         assert torch.isfinite(loss_f) and abs(float(loss_f - loss)) <= 1e-2 * float(loss)
         for name, g in grads.items():
@@ -175,3 +185,28 @@ def test_fused_model_equals_transformers_on_a_gpu(make):
             assert err <= 3e-2, (name, err)  # bf16 activations and gradients: ~1e-2 apart
     finally:
         kernels.fuse_off(fused)
+    assert not hasattr(module.apply_rotary_pos_emb, "__livetrain_torch__")
+
+
+def test_the_trainer_reports_its_choice_and_the_option_travels(tmp_path):
+    """--fused-ops reaches the trainer process's command line (options.argv) and the Trainer: auto on CPU
+    leaves the PyTorch operations (said so in fused_ops), off says it was asked."""
+    from livetrain.engines.reference import Engine
+    from livetrain.trainer import options
+    from livetrain.trainer.service import Trainer
+
+    ns = options.parse(["--state-dir", str(tmp_path / "s"), "--fused-ops", "off"])
+    assert options.parse(options.argv(ns)).fused_ops == "off"
+    assert options.parse(["--state-dir", str(tmp_path / "s")]).fused_ops == "auto"
+    model = tmp_path / "model"
+    tiny_model.make_model_dir(model, ["the capital of zorbia is quuxville", "hello how are you"], "llama")
+    for choice, want in (("auto", "torch (on cpu)"), ("off", "torch (--fused-ops off)")):
+        manifest = str(tmp_path / f"engine-{choice}.json")  # one engine each: a trainer holds its engine's lease
+        engine = Engine(str(model), manifest, "cpu", store=False)
+        try:
+            settings = options.parse(["--state-dir", str(tmp_path / choice), "--no-store", "--fused-ops", choice])
+            trainer = Trainer(manifest, str(model), settings)
+            assert trainer.status()["fused_ops"] == {op: want for op in kernels.FUSED_OPS}
+            trainer.close()
+        finally:
+            engine.close()

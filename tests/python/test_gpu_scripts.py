@@ -483,13 +483,15 @@ def test_tp_bench_rank_shape_run_and_its_gap_accounting(tmp_path):
         "intermediate_size": 6144,
     }
     assert tp.SHAPES[name]["vocab_size"] == 75968 and tp.SHAPES[name]["hidden_size"] == 4096
+    with pytest.raises(SystemExit, match="linear-attention"):
+        tp.rank_shape("qwen3.5-27b", 2)  # its Gated DeltaNet heads are not divided: refused, not mis-shaped
 
     args = ["bench/tp.py", "--size", "tiny", "--device", "cpu", "--tokens", "32", "--steps", "1", "--tp", "1"]
     r = run([sys.executable, *args, "--rank-shape", "2", "--json", str(tmp_path / "tp.json")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 1 on a TP-2 rank's shapes | - | 32 |" in r.stdout
-    assert "rms_norm: torch (on CPU)" in r.stdout  # the title: what the trainers ran
+    assert "rms_norm: torch (on cpu)" in r.stdout  # the title: what the trainers ran
     runs = json.loads((tmp_path / "tp.json").read_text())["tables"][0]["runs"]
     assert [run.get("rank_of") for run in runs] == [None, 2]
-    assert runs[1]["ranks"][0]["fused_ops"]["silu_mul"] == "torch (on CPU)"
+    assert runs[1]["ranks"][0]["fused_ops"]["silu_mul"] == "torch (on cpu)"
     assert runs[1]["ranks"][0]["weights_bytes"] < runs[0]["ranks"][0]["weights_bytes"]

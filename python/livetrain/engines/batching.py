@@ -50,6 +50,7 @@ from typing import Callable
 
 import torch
 
+from livetrain import kernels
 from livetrain.engines import options, static
 
 # The decode step of the thread running it (each scheduler's own thread, so that two engines in one process
@@ -152,11 +153,6 @@ def _use_row_attention(model) -> str | None:
     return base
 
 
-# transformers' RMSNorm classes whose forward is exactly: to float32, x * rsqrt(mean(x^2) + eps), back to the
-# input dtype, times the weight.
-_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-
-
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward`` with the normalisation in torch's fused ``rms_norm`` (one kernel on a GPU
     instead of pow, mean, add, rsqrt and mul: 8 launches per norm become 4, 61 norms a step for a 30-layer
@@ -171,11 +167,11 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_rms_norms(model) -> int:
-    """Switches ``model``'s plain RMSNorm layers (``_PLAIN_RMS_NORMS``) to ``_rms_norm_forward``; returns
+    """Switches ``model``'s plain RMSNorm layers (``kernels.LLAMA_RMS_NORMS``) to ``_rms_norm_forward``; returns
     how many. Fewer kernel launches per forward, which is what an eager step on a GPU is made of."""
     n = 0
     for module in model.modules() if isinstance(model, torch.nn.Module) else ():
-        if type(module).__name__ in _PLAIN_RMS_NORMS and hasattr(module, "variance_epsilon"):
+        if type(module).__name__ in kernels.LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
             module.forward = _rms_norm_forward.__get__(module)
             n += 1
     return n
