@@ -11,6 +11,7 @@ import signal
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -474,9 +475,11 @@ def checkpointed_then_trained(tmp_path, sock) -> int:
 
 def rollback_refused_on_rank_1(sock, e, gen: int) -> str:
     """/rollback to ``gen``, refused by rank 1's check: a 500 naming rank 1 alone and "nothing written",
-    neither rank's weights nor the weight version changed, the group ok, the head still ``gen``. Returns the
-    message."""
+    neither rank's weights nor the weight version changed, none reserved (rank 0's trainer.json), the group
+    ok, the head still ``gen``. Returns the message."""
     before, version = e.snapshot(), call(sock, "status")[1]["weight_version"]
+    meta = Path(sock).parent / "state" / "trainer.json"  # rank 0's (start: --state-dir next to the socket)
+    reserved = json.loads(meta.read_text())["reserved"]
     code, reply = call(sock, "rollback", {"generation": gen})
     message = reply["error"]["message"]
     assert code == 500 and "rank 1" in message and "nothing written" in message, (code, reply)
@@ -487,6 +490,7 @@ def rollback_refused_on_rank_1(sock, e, gen: int) -> str:
     status = call(sock, "status")[1]
     assert status["weight_version"] == version and status["tensor_parallel"]["state"] == "ok", status
     assert call(sock, "checkpoints")[1]["head"] == gen
+    assert json.loads(meta.read_text())["reserved"] == reserved  # no version handed out for it
     return message
 
 

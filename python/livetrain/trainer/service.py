@@ -830,11 +830,12 @@ class Trainer:
         if files:  # checked before anything changes: a state that cannot load fails the rollback with nothing
             # changed, not even a version reserved (rank 0's part; each rank checks its own in rollback_rank)
             self.opt.check_state(self._rank_state(files), names=self.names)
-        self.reserve(self.weight_version + 1)  # before the weights change (rank 0 keeps the versions)
         if self.ranks is not None:
             self.ranks.lead("rollback", generation)
         try:
-            self.rollback_rank(generation)
+            # The version the rolled-back weights get is reserved once every rank's check passed, before any
+            # write (rank 0 keeps the versions): a refused rollback reserves none.
+            self.rollback_rank(generation, reserve=lambda: self.reserve(self.weight_version + 1))
         except RollbackRefused:
             raise  # a rank's check failed: nothing was written anywhere, the weights keep their version
         except Exception:
@@ -862,12 +863,13 @@ class Trainer:
             },
         )
 
-    def rollback_rank(self, generation: int) -> None:
+    def rollback_rank(self, generation: int, reserve=None) -> None:
         """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``.
         Every rank first checks all it will read (``CheckpointStore.check_restore``: the deltas on the way, the
         optimizer-state files it loads, by size and hash; ``check_state``: that state against this rank's
         optimizer as it is configured, each parameter's algorithm, rank and part), and no rank writes before
-        every rank's check passed (``RollbackRefused``: nothing changed anywhere). A failure while writing after that is
+        every rank's check passed (``RollbackRefused``: nothing changed anywhere). Then ``reserve`` (rank 0's:
+        the new weight version recorded) runs, every rank waiting for it; its failure refuses the rollback too. A failure while writing after that is
         ``RollbackIncomplete``, naming the ranks whose writes failed (they hold a mix of the generation's
         weights and their previous ones) and those that completed (they hold the generation's)."""
 
@@ -891,6 +893,12 @@ class Trainer:
         lost = (RankFailure, torch.distributed.DistError)  # the group broke: trainer.ranks reports it
         try:
             self._together("rollback check", check)
+        except lost:
+            raise
+        except Exception as e:
+            raise RollbackRefused(f"rollback to generation {generation} refused, nothing written: {e}") from e
+        try:
+            self._together("rollback's version", reserve or (lambda: None))
         except lost:
             raise
         except Exception as e:
