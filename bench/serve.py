@@ -785,40 +785,23 @@ def role_trainer(a) -> None:
     trainer.step = recorded
 
     # Whether the trainer has anything left to make between jobs (what "completions alone" waits for): the
-    # guard's measures of the live weights (Trainer._prepare, one per idle moment: the held-out answers' first
-    # tokens, the retention answers, the reference distributions, the anchor's) use the GPU for tens of seconds
-    # after a start or a job (at 27B the 393 retention answers alone take ~50 s). An idle call that made none
-    # at the live weight version means there is nothing left; so does a guard that is off or prepares at a
-    # job's start, or measures that failed at this version (not made again until the weights change).
-    prepared = {"version": None, "made": []}  # the version at which an idle call found nothing to make
-    prepare = trainer._prepare
-
-    def watched(idle: bool, *args, **kw):
-        version = trainer.weight_version
-        p, made = prepare(idle, *args, **kw)
-        if idle:
-            prepared["made"] += made
-            if not made:
-                prepared["version"] = version
-        return p, made
-
-    trainer._prepare = watched
+    # guard's measures of the live weights (the held-out answers' first tokens, the retention answers, the
+    # reference distributions, the anchor's) use the GPU for tens of seconds after a start or a job (at 27B the
+    # 393 retention answers alone take ~50 s). /train/status says it: guard.between_jobs (Trainer.between_jobs).
+    whys = {
+        "done": "the guard's measures of the live weights are made",
+        "off": "the guard makes nothing between jobs",
+        "failed": "the guard's measures between jobs failed at this weight version",
+    }
 
     def idle() -> dict:
-        why = None
-        if not trainer.prepares_idle():
-            why = (
-                "the guard's measures between jobs failed at this weight version"
-                if trainer.prepare_failed == trainer.weight_version
-                else "the guard makes nothing between jobs"
-            )
-        elif prepared["version"] == trainer.weight_version:
-            why = "the guard's measures of the live weights are made"
+        g = trainer.status()["guard"]
+        why = whys.get(g["between_jobs"])
         return {
             "idle": why is not None and trainer.making is None and trainer.current is None,
             "why": why,
             "making": (trainer.making or {}).get("what"),
-            "made": list(prepared["made"]),
+            "made": list((g["prepared"] or {}).get("made", [])),
         }
 
     server = protocol.Server(a.socket, trainer.handle)

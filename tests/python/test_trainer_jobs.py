@@ -356,21 +356,43 @@ def test_the_measures_between_jobs_give_way_to_a_job(run):
 
 
 def test_the_measures_between_jobs_are_made_only_where_the_trainer_prepares_idle(run):
-    """Trainer.prepares_idle is _idle's gate, and bench/serve.py's: it waits on it for a trainer with nothing left
-    to make (the bench's copy of the gate missed tensor parallelism)."""
+    """Trainer.prepares_idle is _idle's gate; /train/status guard.between_jobs says off, failed, making or done
+    (bench/serve.py waits on it for a trainer with nothing left to make)."""
     _, trainer = run()
+
+    def between() -> str:
+        return trainer.status()["guard"]["between_jobs"]
+
     assert trainer.prepares_idle()  # the default plan: the guard on, --guard-prepare idle
+    assert between() == "making"  # nothing made yet
     trainer.ranks = object()  # tensor parallelism: the guard is off
-    assert not trainer.prepares_idle()
+    assert not trainer.prepares_idle() and trainer.between_jobs() == "off"
     trainer._idle()
     trainer.ranks = None
     assert trainer.status()["guard"]["prepared"] is None  # nothing made under it
     trainer.prepare_failed = trainer.weight_version
-    assert not trainer.prepares_idle()
+    assert not trainer.prepares_idle() and between() == "failed"
     trainer.prepare_failed = trainer.weight_version - 1  # failed at older weights: made again
     assert trainer.prepares_idle()
     trainer._idle()
     assert trainer.status()["guard"]["prepared"]["made"] == ["kept"]
+    # /train/status says when there is nothing left: an idle call that found every measure made.
+    for _ in range(10):
+        if between() == "done":
+            break
+        assert between() == "making"
+        trainer._idle()
+    assert between() == "done" and trainer.status()["guard"]["prepared"]["made"] == [
+        "kept",
+        "answers",
+        "reference",
+        "anchor",
+    ]
+    trainer.retention.set_user(trainer.retention.user, builtin=True)  # new retention prompts: answers to make
+    assert between() == "making"
+    trainer._idle()
+    trainer._idle()
+    assert between() == "done"
 
 
 def test_the_status_names_the_guards_measure_being_made(run, monkeypatch, capfd):

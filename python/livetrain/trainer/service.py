@@ -408,6 +408,8 @@ class Trainer:
         # idle moment or the next guarded job's start, whichever comes first (``_kept_measured``).
         self.kept_pending: dict | None = None
         self.prepare_failed: int | None = None  # the weight version whose measures between jobs failed
+        # (weight version, retention prompts' version) at which a call between jobs found nothing left to make
+        self.prepared_all: tuple | None = None
 
     # ---- requests (trainer.protocol); an Invalid raised here is answered 400 naming its field ----
     def handle(self, op: str, body: bytes, idempotency_key: str | None = None) -> Reply:
@@ -727,6 +729,7 @@ class Trainer:
                     "builtin_retention": "all" if self.retention.with_replay_only else "core",
                     "prepare": self.settings.guard_prepare,
                     "prepared": self._prepared_status(),
+                    "between_jobs": self.between_jobs(),
                 },
             }
 
@@ -1576,6 +1579,17 @@ class Trainer:
             or self.prepare_failed == self.weight_version
         )
 
+    def between_jobs(self) -> str:
+        """What the training thread has left to make between jobs (/train/status guard.between_jobs): "off"
+        (it makes nothing then: prepares_idle), "failed" (its measures failed at the live weights; a guarded
+        job's start makes them again), "done" (every measure a default job needs is made for the live weights
+        and retention prompts: until a job or a new retention set, the trainer leaves the GPU to the engine),
+        or "making" (some are still to make, or being made)."""
+        if not self.prepares_idle():
+            return "failed" if self.prepare_failed == self.weight_version else "off"
+        done = self.prepared_all == (self.weight_version, self.retention.version) and self.making is None
+        return "done" if done else "making"
+
     def _idle(self) -> None:
         """The training thread with nothing queued: the next missing measure of ``_prepare`` for a job with
         the default plan (see prepares_idle)."""
@@ -1586,7 +1600,9 @@ class Trainer:
         if s.anchor > 0 and s.replay:
             anchor = (admission.replay_width(self.max_batch_tokens, s.batch_size, s.replay), s.replay)
         try:
-            self._prepare(idle=True, anchor=anchor)
+            at = (self.weight_version, self.retention.version)
+            _, made = self._prepare(idle=True, anchor=anchor)
+            self.prepared_all = None if made else at
         except guard.Interrupted:
             pass  # made again at the next idle moment, or by the job's start
         except Exception as e:  # a job's start makes it again, and fails there with the reason
