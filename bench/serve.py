@@ -1185,7 +1185,7 @@ def completions(a, out: dict, engine: Child, trainer: Child, client: str, url: s
     out["waited"] = {"seconds": time.monotonic() - t0, "why": state["why"], "made": state["made"]}
     log(
         f"{layers} layers: warm-up request {out['warmup_seconds']:.1f} s; trainer idle after "
-        f"{out['waited']['seconds']:.1f} s ({state['why']}; made meanwhile: "
+        f"{out['waited']['seconds']:.1f} s ({state['why']}; measures of the live weights: "
         f"{', '.join(state['made']) or 'nothing'}); completions alone ({client}), at least {a.gen_requests} "
         f"requests and {a.gen_seconds:g} s of {a.gen_tokens}-token requests"
     )
