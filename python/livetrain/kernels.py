@@ -230,10 +230,11 @@ def prepare(model, device, backward: bool = True) -> list[str]:
 # and ~12 backward, the rotary embedding ~10 per layer, the SiLU-gated MLP's activation 3; under gradient
 # checkpointing the forward ones run twice. Liger-Kernel (pip: liger-kernel, Triton) has each as one fused
 # kernel forward and one backward, keeping for backward what the lean norms of tensor_parallel keep (the
-# input and each row's 1/rms) and, for the MLP, the two projections without the activation. fuse() puts
-# them on the trainer's model, after checking each against the PyTorch operations on a small input; on CPU,
-# without the package, or when a check fails, the PyTorch operations stay (bench/tp.py compares both:
-# --fused-ops off).
+# input and each row's 1/rms) and, for the MLP, the two projections without the activation (its backward
+# writes their gradients over them: nothing else keeps a projection's output for backward). fuse() puts them
+# on the trainer's model, after checking each against the PyTorch operations on inputs of the model's own
+# sizes; on CPU, without the package, or when a check fails, the PyTorch operations stay (bench/tp.py
+# compares both: --fused-ops off).
 
 FUSED_PACKAGE = ("liger_kernel", "liger-kernel")
 # transformers' RMSNorm classes whose forward is weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)
