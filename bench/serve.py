@@ -679,6 +679,7 @@ def role_trainer(a) -> None:
         ["--state-dir", a.state_dir, *store, "--batch-size", "1", "--lr", str(a.lr), "--embeddings", a.embeddings]
     )
     trainer = Trainer(a.manifest, a.model, settings, release_cached=not a.keep_cache)
+    process.freeze_startup_heap()  # as python -m livetrain.trainer does once its Trainer is made
     setup_s = time.perf_counter() - t
     dev = trainer.device
     sync(dev)

@@ -208,7 +208,7 @@ def role_trainer(a) -> None:
     """One trainer rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment at TP > 1)."""
     import torch
 
-    from livetrain.trainer import options
+    from livetrain.trainer import options, process
     from livetrain.trainer.examples import parse_job
     from livetrain.trainer.ranks import Ranks
     from livetrain.trainer.service import Trainer
@@ -220,6 +220,7 @@ def role_trainer(a) -> None:
     if ranks is not None:
         ranks.sequence_parallel = bool(a.sp)
     trainer = Trainer(a.manifest, a.model, settings, ranks=ranks, release_cached=not a.no_release)
+    process.freeze_startup_heap()  # as python -m livetrain.trainer does once its Trainer is made
     _instrument(trainer)
     dev = trainer.device
     examples = parse_job(trainer.tokenizer, {"examples": [train_example(a.tokens)]}, trainer.max_len, 1)["examples"]

@@ -62,3 +62,24 @@ def test_after_the_timeout_the_session_or_the_child_alone_is_killed():
         assert not gone(child, within=0.5)  # it alone
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_freeze_startup_heap_takes_the_start_s_objects_out_of_the_collector():
+    """What the trainer and the engine call once started: the objects alive then leave the collector's
+    generations (a full collection no longer walks them); objects made later are collected as before."""
+    import gc
+
+    from livetrain.trainer import process
+
+    before = object.__new__(type("Before", (), {}))  # a tracked object made before the freeze
+    gc.collect()
+    assert any(o is before for o in gc.get_objects(2))
+    try:
+        process.freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is before for o in gc.get_objects())  # in the permanent generation now
+        later = [[]]  # a container made after: tracked as usual
+        assert any(o is later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()  # the test process's heap as it was
+    assert any(o is before for o in gc.get_objects())

@@ -31,7 +31,7 @@ import torch
 from livetrain.engines import batching
 from livetrain.engines import options as engine_options
 from livetrain.safetensors import DTYPES
-from livetrain.trainer import options, protocol, routes, security
+from livetrain.trainer import options, process, protocol, routes, security
 from livetrain.trainer.examples import chat_text, check_messages, use_chat
 from livetrain.trainer.protocol import Invalid
 
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             except Exception as e:  # rank 0 says why too when the reason is the model's (it loads the same)
                 sys.exit(f"livetrain engine rank {ranks.rank}: {type(e).__name__}: {e}")
+            process.freeze_startup_heap()
             engine_ranks.serve_rank(ranks, weights, device)
             return
     try:
@@ -609,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if engine.kernels:
         print(f"livetrain engine: kernels {json.dumps(engine.kernels)}", file=sys.stderr, flush=True)
+    process.freeze_startup_heap()  # the start's objects out of the collector's way (no pause mid-request)
     # uvicorn handles SIGTERM, shuts down, then raises the signal again; with the default action the process
     # would die right there, before the finally below unlinks the shared-memory segment (the whole model,
     # left in /dev/shm until reboot).

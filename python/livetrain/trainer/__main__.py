@@ -17,7 +17,7 @@ import json
 import signal
 import sys
 
-from livetrain.trainer import options, protocol, security
+from livetrain.trainer import options, process, protocol, security
 
 
 def sacrifice_first() -> None:
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     except (Error, ValueError) as e:  # a stale manifest, a busy lease or store, a bad state file, ranks that do
         who = f" rank {ranks.rank}" if ranks is not None else ""  # not fit together: the message names it
         sys.exit(f"livetrain trainer{who}: {e}")
+    process.freeze_startup_heap()  # the start's objects out of the collector's way for the process's life
     if ranks is not None and ranks.rank > 0:  # a follower: rank 0 answers the socket and leads
         try:
             ranks.follow(trainer)
