@@ -463,6 +463,83 @@ def test_hostile_completion_bodies_are_400(server, raw, param):
     assert code == 400 and body["error"]["param"] == param, body
 
 
+def test_a_temperature_near_zero_never_fails_its_batch(server):
+    # Regression test: a temperature in (0, ~1e-38] passed the [0, 2] check, the logits divided by it were
+    # inf/NaN, and the multinomial's error failed every request of its decode batch with a 500. It is
+    # sampled at batching.MIN_TEMPERATURE (vLLM's lowest) now.
+    def complete(prompt, temperature):
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": temperature}
+        return http(server.url + "/v1/completions", body, timeout=120)
+
+    args = [(p, 0) for p in PROMPTS[:6]] + [(PROMPTS[0], 1e-39), (PROMPTS[1], 1e-45)]
+    answers = concurrently(complete, args)
+    assert [a[0] for a in answers] == [200] * len(args), answers
+    assert batching.Sequence([1], 1, 1e-39, 1.0, None, print).temperature == batching.MIN_TEMPERATURE
+    assert batching.Sequence([1], 1, 0, 1.0, None, print).temperature == 0.0
+
+
+def test_a_row_whose_probabilities_are_not_finite_fails_alone(server):
+    # One row's non-finite logits (weights trained into NaN) made the multinomial raise, which failed every
+    # row of the batch; now that row's request fails alone, naming why, and the others get their tokens.
+    events = [[] for _ in range(4)]
+    seqs = [
+        batching.Sequence([1], 4, t, top_p, 0, lambda *e, out=out: out.append(e))
+        for (t, top_p), out in zip(((0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.0, 0.5)), events)
+    ]
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 7], logits[3, 2] = float("nan"), float("inf")
+    toks = server.engine.scheduler._sample(logits, seqs)
+    assert toks[0] == int(logits[0].argmax()) and isinstance(toks[2], int) and toks[1] is None and toks[3] is None
+    assert events[0] == events[2] == []
+    for i in (1, 3):
+        ((tok, finish, error),) = events[i]
+        assert tok is None and finish == "error" and "probabilities are not finite" in error, error
+        assert "1 of the model's logits are not finite" in error, error
+
+
+def test_unknown_routes_and_methods_answer_the_error_shape(server):
+    # Regression test: the router's 404 and 405 were FastAPI's {"detail": "Not Found"}, not the documented
+    # {"error": {"message", "type", "param"}}.
+    for method, path, code, allow in (
+        ("GET", "/nope", 404, None),
+        ("GET", "/train", 405, "POST"),
+        ("POST", "/health", 405, "GET, HEAD"),
+        ("GET", "/rollback", 405, "POST"),
+    ):
+        req = urllib.request.Request(server.url + path, b"{}" if method == "POST" else None, method=method)
+        req.add_header("Content-Type", "application/json")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        body = json.loads(e.value.read())
+        assert e.value.code == code and e.value.headers.get("Allow") == allow, (path, e.value.headers)
+        assert (
+            set(body) == {"error"}
+            and body["error"]["type"] == {404: "not_found_error", 405: "invalid_request_error"}[code]
+        )
+        assert body["error"]["message"].startswith(f"{method} {path}: ") and body["error"]["param"] is None, body
+
+
+def test_the_bearer_scheme_is_case_insensitive(model_dir, tmp_path):
+    # Regression test: "Authorization: bearer KEY" was a 401 (RFC 7235: the scheme's name is case-insensitive).
+    s = Server(Engine(str(model_dir), str(tmp_path / "m.json"), "cpu", store=False, max_batch=2), tmp_path, api_key="k")
+    try:
+
+        def status(authorization: str) -> int:
+            req = urllib.request.Request(s.url + "/v1/models", headers={"Authorization": authorization})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            assert status(f"{scheme} k") == 200, scheme
+        for header in ("bearer wrong", "Basic k", "Bearerk", "k", "bearer"):
+            assert status(header) == 401, header
+    finally:
+        s.close()
+
+
 def test_chat_on_a_model_without_a_chat_template_is_400_naming_messages(tmp_path):
     # A base model's tokenizer has no chat template: transformers' ValueError was a 500.
     model = tmp_path / "base-model"

@@ -191,6 +191,26 @@ def test_planted_run_dirs_and_readable_key_files_are_refused(model_dir, tmp_path
     assert r.returncode == 2 and "symbolic link" in r.stderr, r.stderr[-2000:]
 
 
+def test_an_empty_api_key_is_refused_at_start(model_dir, tmp_path):
+    # Regression test: --api-key "" or LIVETRAIN_API_KEY="" turned authentication off without a word (an
+    # empty first line of --api-key-file was refused already). The engine reads its key the same way.
+    for module in ("livetrain.serve", "livetrain.engines.reference"):
+        needed = [] if module == "livetrain.serve" else ["--manifest", "m.json", "--trainer-socket", "t.sock"]
+        for args, env, words in (
+            (["--api-key", ""], ENV, "--api-key is empty"),
+            ([], {**ENV, "LIVETRAIN_API_KEY": ""}, "$LIVETRAIN_API_KEY is set but empty"),
+        ):
+            r = subprocess.run(
+                [sys.executable, "-m", module, "--model", str(model_dir), *needed, *args],
+                env=env,
+                cwd=tmp_path,  # what it writes if it starts anyway (the state directory)
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 2 and words in r.stderr, (module, args, r.stderr[-2000:])
+
+
 def test_an_engine_killed_leaves_no_shared_memory(model_dir, tmp_path):
     # Regression test for issue #13: after a SIGKILL of the engine the supervisor deleted the manifest, and
     # the segment it named (as large as the model) stayed in /dev/shm for good.

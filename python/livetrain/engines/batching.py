@@ -225,10 +225,18 @@ class Stopped(RuntimeError):
 Sink = Callable[[int | None, str | None, str | None], None]
 
 
+# The lowest temperature sampled at: a lower one above 0 is raised to it, as vLLM does (sampling_params.py,
+# _MAX_TEMP). Logits divided by a temperature near 0 (1e-39 passes the [0, 2] check) overflow float32 and
+# make the probabilities inf/NaN.
+MIN_TEMPERATURE = 1e-2
+
+
 class Sequence:
-    """One request in the scheduler: prompt ids, sampling, and where its tokens go."""
+    """One request in the scheduler: prompt ids, sampling, and where its tokens go. ``temperature`` 0 is
+    greedy; one in (0, ``MIN_TEMPERATURE``) is sampled at ``MIN_TEMPERATURE``."""
 
     def __init__(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None, sink: Sink):
+        temperature = max(temperature, MIN_TEMPERATURE) if temperature > 0 else 0.0
         self.ids, self.max_tokens, self.temperature, self.top_p = ids, max_tokens, temperature, top_p
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.sink = sink
@@ -453,10 +461,12 @@ class Scheduler:
                 with self._cond:
                     self._admitting -= 1
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """One token per row of ``logits`` [rows, vocab] (float32): the argmax for greedy rows; for the others
         softmax at each row's temperature, cut to its top_p, drawn with its own generator. The rows' math runs
-        in one batch on the device and comes to the host in one copy, whatever the number of rows."""
+        in one batch on the device and comes to the host in one copy, whatever the number of rows. A drawn
+        row whose probabilities are not finite (non-finite logits) fails its request alone (None in its
+        place): the other rows of the batch get their tokens."""
         greedy = logits.argmax(-1)
         drawn = [i for i, seq in enumerate(seqs) if seq.temperature > 0]
         if not drawn:
@@ -473,7 +483,18 @@ class Scheduler:
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         out, probs = greedy.tolist(), probs.cpu()
+        usable = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
         for j, i in enumerate(drawn):
+            if not usable[j]:
+                seq, bad = seqs[i], int((~torch.isfinite(logits[i])).sum())
+                seq.fail(
+                    ValueError(
+                        f"the next token's probabilities are not finite (temperature {seq.temperature}, top_p "
+                        f"{seq.top_p}; {bad} of the model's logits are not finite)"
+                    )
+                )
+                out[i] = None
+                continue
             out[i] = int(torch.multinomial(probs[j], 1, generator=seqs[i].generator))
         return out
 
@@ -497,7 +518,7 @@ class Scheduler:
         out = self.model(input_ids=torch.tensor([seq.ids], device=self.device), use_cache=True, logits_to_keep=1)
         tok = self._sample(out.logits[:, -1].float(), [seq])[0]
         self.times["prefill"] += time.perf_counter() - t0
-        if self._finish(seq, tok) is not None:
+        if tok is None or self._finish(seq, tok) is not None:  # None: it failed in _sample
             return
         self._join(_Row(seq, 0, len(seq.ids), tok), out.past_key_values)
 
@@ -543,7 +564,8 @@ class Scheduler:
                 self._prefill_slots([seq])
             return
         new = [
-            _Row(seq, 0, n, tok) if self._finish(seq, tok) is None else None for seq, n, tok in zip(ok, lengths, toks)
+            _Row(seq, 0, n, tok) if tok is not None and self._finish(seq, tok) is None else None
+            for seq, n, tok in zip(ok, lengths, toks)
         ]
         self._keep_slots(self._rows + new)
 
@@ -596,6 +618,8 @@ class Scheduler:
         for i, (r, tok) in enumerate(zip(rows, toks)):
             r.length += 1
             r.last = tok
+            if tok is None:  # it failed alone in _sample: it leaves the batch
+                continue
             if r.seq.cancelled:
                 r.seq.emit(None, "cancelled")
             elif self._finish(r.seq, tok) is None:

@@ -373,6 +373,7 @@ def build_app(
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="livetrain reference engine")
 
@@ -398,6 +399,14 @@ def build_app(
     @app.exception_handler(security.TooLarge)
     async def too_large(request: Request, e: security.TooLarge):
         return routes.json_response(e.reply())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, e: StarletteHTTPException):
+        # The router's 404 and 405 (Starlette's {"detail": ...}) in the one error shape, with their Allow header.
+        allow = (e.headers or {}).get("Allow")
+        message = f"{request.method} {request.url.path}: {e.detail}" + (f" (allowed: {allow})" if allow else "")
+        r = protocol.error(e.status_code, message)
+        return JSONResponse(r.body, status_code=r.code, headers=e.headers)
 
     async def completion(kind: str, ids: list[int], params: dict, stream: tuple[bool, bool]):
         if not ids:  # an empty prompt (a tokenizer that adds no BOS): nothing to continue from

@@ -27,6 +27,7 @@ KINDS = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict",
     413: "request_too_large",
     415: "invalid_request_error",

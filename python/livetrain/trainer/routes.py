@@ -53,13 +53,15 @@ Keys = str | Sequence[str] | None
 
 
 def authorized(header: str | None, api_key: Keys) -> bool:
-    """Whether an ``Authorization`` header carries the key, or one of the keys (always true without)."""
+    """Whether an ``Authorization`` header carries the key, or one of the keys (always true without), in the
+    ``Bearer`` scheme, whose name is case-insensitive (RFC 7235: ``bearer KEY`` too)."""
     keys = [k for k in ([api_key] if isinstance(api_key, str) else api_key or ()) if k]
     if not keys:
         return True
-    got = (header or "").encode()
+    scheme, _, token = (header or "").partition(" ")
+    got = token.encode() if scheme.lower() == "bearer" else b""  # b"": no key matches it (keys are not empty)
     # Every key is compared, so the time taken does not tell which one nearly matched.
-    return sum(hmac.compare_digest(got, f"Bearer {k}".encode()) for k in keys) > 0
+    return sum(hmac.compare_digest(got, k.encode()) for k in keys) > 0
 
 
 def json_response(reply: protocol.Reply):

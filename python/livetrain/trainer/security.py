@@ -207,7 +207,10 @@ def add_api_key_options(parser, what: str = "every route") -> None:
 
 def api_key(ns, env=os.environ) -> str | None:
     """The API key from ``--api-key-file``, ``--api-key`` (with a warning) or ``$LIVETRAIN_API_KEY``;
-    ValueError for a key file that others can read or that holds no key."""
+    ValueError for a key file that others can read or that holds no key, and for an empty ``--api-key`` or
+    ``$LIVETRAIN_API_KEY`` (which would otherwise turn authentication off without a word)."""
+    if ns.api_key is not None and not ns.api_key.strip():
+        raise ValueError("--api-key is empty: give a key, or leave the option out to serve without one")
     if ns.api_key_file and ns.api_key:
         raise ValueError("give --api-key-file or --api-key, not both")
     if ns.api_key_file:
@@ -225,7 +228,10 @@ def api_key(ns, env=os.environ) -> str | None:
             flush=True,
         )
         return ns.api_key
-    return env.get(API_KEY_ENV) or None
+    key = env.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError(f"${API_KEY_ENV} is set but empty: set a key, or unset it to serve without one")
+    return key
 
 
 def private_files() -> None:
