@@ -57,7 +57,7 @@ def parse(argv):
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype (default bf16)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=options.port, default=8000, help="TCP port, 0 to 65535 (default 8000)")
     security.add_api_key_options(p)
     p.add_argument(
         "--run-dir",

@@ -92,17 +92,96 @@ def test_options_survive_argv():
 
 
 def test_bad_options_are_refused():
-    assert options.check(trainer_parser().parse_args(["--checkpoint-every", "-1"])) == "--checkpoint-every must be >= 0"
     assert "cannot be combined" in options.check(trainer_parser().parse_args(["--no-store", "--store", "x"]))
     with pytest.raises(SystemExit):
         serve.parse(["--no-store", "--checkpoint-every", "5"])
     for words, words_in_error in (
-        (["--lr", "x"], "invalid float value"),
+        (["--lr", "x"], "--lr: 'x': expected a number in"),
         (["--frob"], "unrecognized"),
         (["--checkpoint-every", "-2"], ">= 0"),
     ):
         with pytest.raises(ValueError, match=words_in_error):
             options.parse(words)
+
+
+# Found by a black-box tester: each of these was accepted when parsed; the trainer then died at start (a
+# traceback, restarted in a loop while /train answered 503), the engine exited with an OverflowError (the
+# port), or the value meant something else than it says (a queue of 0 or -3 jobs is unbounded, NaN seconds
+# never checkpoint). Each is refused when parsed now, naming the option, the value and what it takes.
+@pytest.mark.parametrize(
+    "words, allowed",
+    [
+        (["--port", "-1"], "a TCP port from 0 to 65535"),
+        (["--port", "99999"], "a TCP port from 0 to 65535"),
+        (["--queue-size", "-3"], "an integer >= 1"),
+        (["--queue-size", "0"], "an integer >= 1"),
+        (["--checkpoint-every", "nan"], "a finite number of seconds >= 0"),
+        (["--checkpoint-every", "inf"], "a finite number of seconds >= 0"),
+        (["--until-loss", "inf"], "a finite number > 0"),
+        (["--until-loss", "nan"], "a finite number > 0"),
+        (["--guard-threshold", "inf"], "a finite number > 0"),
+        (["--guard-min-kept", "nan"], "a number from 0 to 1"),
+        (["--tp-timeout", "nan"], "a finite number of seconds > 0"),
+        (["--tp-timeout", "0"], "a finite number of seconds > 0"),
+        (["--max-seq-len", "-1"], "an integer >= 1"),
+        (["--max-seq-len", "0"], "an integer >= 1"),
+        (["--replay", "5000"], "an integer from 0 to 1024"),
+        (["--batch-size", "1025"], "an integer from 1 to 1024"),
+        (["--warmup", "100001"], "an integer from 0 to 100000"),
+        (["--max-steps", "100001"], "an integer from 1 to 100000"),
+        (["--anchor", "nan"], "a number from 0 to 1000"),
+        (["--lr", "nan"], "a number in (0, 1)"),
+    ],
+)
+def test_out_of_range_options_are_refused_when_parsed(words, allowed, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.parse(["--model", "m", *words])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {words[0]}: {words[1]!r}: expected {allowed}" in err, err
+
+
+def test_job_fields_and_options_share_their_ranges():
+    from livetrain.trainer import examples
+
+    # The largest value an option takes is the largest a job's field takes (--replay 5000 was a default that
+    # every job refused: /train's replay is at most 1024).
+    for key in ("lr", "until_loss", "max_steps", "warmup", "replay", "anchor", "batch_size"):
+        assert examples.JOB_OPTIONS[key][1:] == options.RANGES[key], key
+    assert options.parse(["--replay", "1024"]).replay == 1024
+
+
+def test_state_dir_and_retention_are_checked_when_parsed(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    retention = tmp_path / "r.jsonl"
+    retention.write_text('"what is 2+2"\n')
+    for words, error in (
+        (["--state-dir", str(a_file)], f"--state-dir: '{a_file}': it exists and is not a directory"),
+        (["--state-dir", str(a_file / "x")], f"--state-dir: '{a_file / 'x'}': {a_file} exists and is not a"),
+        (["--retention", "/nonexistent"], "--retention: '/nonexistent' cannot be read (No such file or directory)"),
+        (["--retention", str(tmp_path)], "cannot be read (Is a directory)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            options.parse(words)
+        assert error in str(e.value), (words, str(e.value))
+        with pytest.raises(SystemExit) as e:
+            serve.parse(["--model", "m", *words])
+        assert e.value.code == 2 and error in capsys.readouterr().err
+    # A state dir that does not exist yet is the trainer's to make; a readable retention file is the trainer's
+    # to check (trainer.guard.read_prompts).
+    ns = options.parse(["--state-dir", str(tmp_path / "new" / "state"), "--retention", str(retention)])
+    assert (ns.state_dir, ns.retention) == (str(tmp_path / "new" / "state"), str(retention))
+
+
+def test_switch_help_says_the_real_default(capsys):
+    # --help said "by default, the served model rewords ... (default False)": both "by default" and False.
+    with pytest.raises(SystemExit):
+        serve.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("reword", "restate"):
+        assert f'when the job does not set "{key}" itself (default off: --no-{key})' in text
+        assert options.LEARNING[key] is False
+    assert "by default, " not in text
 
 
 def test_the_vllm_plugin_reads_trainer_options_from_the_environment():

@@ -343,3 +343,50 @@ def test_the_train_client_has_a_flag_for_every_job_option(monkeypatch, tmp_path)
     assert client.main([str(path), "--no-wait", "--anchor", "4", "--replay-select", "similar"]) == 0
     assert sent[0]["anchor"] == 4.0 and sent[0]["replay_select"] == "similar" and "lr" not in sent[0]
     assert set(sent[0]) <= {"examples", *examples.JOB_OPTIONS}
+
+
+def test_the_train_client_says_what_is_wrong_in_one_line(monkeypatch, tmp_path, capsys):
+    # Found by a black-box tester: a server that is down, a missing file and --url notaurl were tracebacks
+    # (URLError, FileNotFoundError, ValueError), and an empty file was sent to the server as a job.
+    from livetrain.trainer import client
+
+    sent = []
+    monkeypatch.setattr(client, "http", lambda url, body, **kw: sent.append(body) or (202, {}))
+    good = tmp_path / "ex.jsonl"
+    good.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'"caf\xe9"\n')
+    for args, error in (
+        (
+            [str(tmp_path / "missing.jsonl")],
+            f"{tmp_path / 'missing.jsonl'}: cannot be read (No such file or directory)",
+        ),
+        ([str(tmp_path)], f"{tmp_path}: cannot be read (Is a directory)"),
+        ([str(empty)], f"{empty}: no examples"),
+        ([str(latin)], f"{latin}: not UTF-8 text"),
+        ([str(good), "--url", "notaurl"], "--url 'notaurl': expected http://HOST:PORT"),
+        ([str(good), "--url", "http://127.0.0.1:99999"], "--url 'http://127.0.0.1:99999': Port out of range"),
+    ):
+        assert client.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"livetrain train: {error}"), (args, err)
+    assert sent == []  # nothing reached the server
+
+    # A server that does not answer: exit 1, one line naming the URL.
+    monkeypatch.undo()
+    url = f"http://127.0.0.1:{client.free_port()}"
+    assert client.main([str(good), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"livetrain train: {url} cannot be reached: "), err
+
+
+def test_the_train_client_help_gives_the_exit_statuses(capsys):
+    from livetrain.trainer import client
+
+    with pytest.raises(SystemExit):
+        client.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 the job is done" in text and "; 1 the server cannot be reached" in text
+    assert "; 2 bad input found before anything is sent" in text

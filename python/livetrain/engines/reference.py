@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=options.port, default=8000, help="TCP port, 0 to 65535 (default 8000)")
     security.add_api_key_options(p)
     options.add_store_options(p)
     options.add_chat_options(p)

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
@@ -125,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="livetrain train",
         description="Send a JSON-lines file of training examples to a running `livetrain serve` and follow the job.",
+        epilog="exit status: 0 the job is done (with --no-wait: it was queued); 1 the server cannot be reached, "
+        "refused the job, or the job ended otherwise than done; 2 bad input found before anything is sent "
+        "(an option, a file that cannot be read, a line that is not JSON, no examples)",
     )
     p.add_argument("file", help="JSON lines, one example per line")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default ${API_KEY_ENV}")
     p.add_argument("--lr", type=float, help="learning rate (default: the server's --lr)")
     p.add_argument("--steps", type=int, help="exactly this many steps (default: until the examples are learned)")
@@ -169,21 +173,58 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     a = p.parse_args(argv)
-
-    examples = []
-    with open(a.file) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    examples.append(json.loads(line))
-                except ValueError as e:
-                    print(f"livetrain train: {a.file}:{n}: not JSON: {e}", file=sys.stderr)
-                    return 2
+    try:
+        base = server_url(a.url)
+        examples = read_examples(a.file)
+    except ValueError as e:
+        print(f"livetrain train: {e}", file=sys.stderr)
+        return 2
     job = {"examples": examples}
     for k in JOB_OPTIONS:
         if getattr(a, k) is not None:
             job[k] = getattr(a, k)
-    base = a.url.rstrip("/")
+    try:
+        return _send(base, job, a)
+    except OSError as e:  # URLError, a refused or reset connection, a timeout
+        print(f"livetrain train: {base} cannot be reached: {getattr(e, 'reason', None) or e}", file=sys.stderr)
+        return 1
+
+
+def server_url(url: str) -> str:
+    """``--url`` without its trailing slash; ValueError unless it is http(s)://HOST[:PORT][/PATH]."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- ValueError for a port that is not a number or out of range
+    except ValueError as e:
+        raise ValueError(f"--url {url!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--url {url!r}: expected http://HOST:PORT (or https://)")
+    return url.rstrip("/")
+
+
+def read_examples(path: str) -> list:
+    """The examples of a JSON-lines file, one a line (blank lines skipped); ValueError naming the file (and
+    the line) when it cannot be read, a line is not JSON, or it holds none."""
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        examples.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not examples:
+        raise ValueError(f"{path}: no examples (JSON lines, one example per line)")
+    return examples
+
+
+def _send(base: str, job: dict, a: argparse.Namespace) -> int:
+    """Sends the job and follows it (``main``'s exit status); OSError when the server cannot be reached."""
     code, body = http(base + "/train", job, key=a.api_key, timeout=60)
     if code != 202:
         print(f"livetrain train: {error_text(code, body)}", file=sys.stderr)

@@ -18,9 +18,8 @@ import re
 
 import jinja2
 
-from livetrain.trainer.options import REPLAY_SELECT, TRAIN, Chat
+from livetrain.trainer.options import MAX_STEPS, RANGES, REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
-from livetrain.trainer.schedule import MAX_STEPS
 
 ROLES = ("system", "user", "assistant")
 # The fields of one example: chat ``messages``, or ``prompt`` and ``completion``; ``weight`` with either.
@@ -29,15 +28,15 @@ EXAMPLE_FIELDS = ("messages", "prompt", "completion", "weight")
 PLAIN_EXAMPLES = 'send prompt/completion examples (an empty "prompt" trains plain text)'
 # A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
 JOB_OPTIONS = {
-    "lr": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "lr": ((int, float), *RANGES["lr"]),
     "steps": (int, lambda v: 1 <= v <= MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"),
     "epochs": (int, lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
-    "batch_size": (int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
-    "until_loss": ((int, float), lambda v: 0 < v < math.inf, "a number > 0"),
-    "max_steps": (int, lambda v: 1 <= v <= MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"),
-    "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
-    "replay": (int, lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
-    "anchor": ((int, float), lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
+    "batch_size": (int, *RANGES["batch_size"]),
+    "until_loss": ((int, float), *RANGES["until_loss"]),
+    "max_steps": (int, *RANGES["max_steps"]),
+    "warmup": (int, *RANGES["warmup"]),
+    "replay": (int, *RANGES["replay"]),
+    "anchor": ((int, float), *RANGES["anchor"]),
     "reword": (bool, lambda v: True, "true or false"),
     "restate": (bool, lambda v: True, "true or false"),
     "replay_select": (str, lambda v: v in REPLAY_SELECT, " or ".join(f'"{v}"' for v in REPLAY_SELECT)),

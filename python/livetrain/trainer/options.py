@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 
 DEFAULT_STATE_DIR = "livetrain-state"
 # How embeddings and lm_head are trained: optim.param_groups' choices (named here, where torch is not imported).
@@ -37,6 +39,82 @@ LEARNING = {
     "guard_threshold": 0.3,
     "guard_min_kept": 0.0,
 }
+# The most steps a job may take, whether given as steps or max_steps (trainer.examples) or as epochs
+# (trainer.schedule.plan).
+MAX_STEPS = 100_000
+# The values each numeric training option takes: key -> (check, what a valid value is). The option's argparse
+# type (``ranged``) checks with it, and so does a job's field of the same name (trainer.examples.JOB_OPTIONS):
+# a server default is never one that a job could not give. A check is false for NaN.
+RANGES = {
+    "lr": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "until_loss": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "max_steps": (lambda v: 1 <= v <= MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"),
+    "warmup": (lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
+    "replay": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"),
+    "anchor": (lambda v: 0 <= v <= 1000, "a number from 0 to 1000"),
+    "batch_size": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "guard_threshold": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "guard_min_kept": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "checkpoint_every": (lambda v: 0 <= v < math.inf, "a finite number of seconds >= 0"),
+    "tp_timeout": (lambda v: 0 < v < math.inf, "a finite number of seconds > 0"),
+    "max_seq_len": (lambda v: v >= 1, "an integer >= 1"),
+    "queue_size": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def ranged(key: str, kind: type):
+    """The argparse type of the option ``key``: a ``kind`` (int or float) within ``RANGES[key]``; argparse's
+    error names the option, the value and the range."""
+    check, what = RANGES[key]
+
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected {what}") from None
+        if not check(v):
+            raise argparse.ArgumentTypeError(f"{value!r}: expected {what}")
+        return v
+
+    return parse
+
+
+def port(value: str) -> int:
+    """``--port`` of ``livetrain serve`` and the reference engine (an argparse type): a TCP port, 0 to 65535."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a TCP port from 0 to 65535")
+    return n
+
+
+def state_dir(value: str) -> str:
+    """``--state-dir`` (an argparse type): a directory, or a path where the trainer can make one at start.
+    Refused here when it, or the nearest part of it that exists, is not a directory: the trainer would die
+    at start, and ``livetrain serve`` restart it in a loop."""
+    path = os.path.abspath(value)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "it" if path == os.path.abspath(value) else path
+        raise argparse.ArgumentTypeError(f"{value!r}: {what} exists and is not a directory")
+    return value
+
+
+def retention(value: str) -> str:
+    """``--retention`` (an argparse type): a file that can be read, opened as the trainer opens it. Its prompts
+    are checked by the trainer at start (trainer.guard.read_prompts: torch's side, which ``livetrain serve``
+    does not import)."""
+    try:
+        with open(value) as f:
+            f.read()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not text ({e.reason} at byte {e.start})") from None
+    return value
 
 
 def device(value: str) -> str:
@@ -235,6 +313,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser = parser.add_argument_group("training options")
     parser.add_argument(
         "--state-dir",
+        type=state_dir,
         default=DEFAULT_STATE_DIR,
         metavar="DIR",
         help="optimizer state and weight version, saved after every job and restored at start "
@@ -244,7 +323,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_chat_options(parser)
     parser.add_argument(
         "--checkpoint-every",
-        type=float,
+        type=ranged("checkpoint_every", float),
         default=0.0,
         metavar="SECONDS",
         help="save a generation every SECONDS when the weights changed since the last one "
@@ -274,9 +353,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "batch saves nothing (docs/tuning.md)",
     )
     parser.add_argument(
-        "--max-seq-len", type=int, default=0, help="longest training example in tokens (default: the model's context)"
+        "--max-seq-len",
+        type=ranged("max_seq_len", int),
+        default=None,
+        metavar="N",
+        help="longest training example in tokens (default: the model's context)",
     )
-    parser.add_argument("--queue-size", type=int, default=8, help="queued jobs before /train answers 429")
+    parser.add_argument(
+        "--queue-size",
+        type=ranged("queue_size", int),
+        default=8,
+        metavar="N",
+        help="queued jobs before /train answers 429 (default 8)",
+    )
     parser.add_argument(
         "--embeddings", default="apollo", choices=EMBEDDINGS, help="how embeddings and lm_head are trained"
     )
@@ -296,7 +385,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tp-timeout",
-        type=float,
+        type=ranged("tp_timeout", float),
         default=1800.0,
         metavar="SECONDS",
         help="tensor parallelism: how long a trainer rank waits for the others in one collective before the "
@@ -366,14 +455,19 @@ def add_learning_options(parser) -> None:
     that chose them are in docs/learning.md."""
     for flag, key, kind, metavar, what in _LEARNING_OPTIONS:
         parser.add_argument(
-            flag, type=kind, default=LEARNING[key], metavar=metavar, help=f"{what} (default {LEARNING[key]})"
+            flag,
+            type=ranged(key, kind),
+            default=LEARNING[key],
+            metavar=metavar,
+            help=f"{what} (default {LEARNING[key]})",
         )
     for key, what in _LEARNING_SWITCHES:
         parser.add_argument(
             f"--{key}",
             action=argparse.BooleanOptionalAction,
             default=LEARNING[key],
-            help=f"by default, {what} (default {LEARNING[key]})",
+            help=f'whether {what}, when the job does not set "{key}" itself '
+            f"(default {'on' if LEARNING[key] else 'off'}: --{'' if LEARNING[key] else 'no-'}{key})",
         )
     parser.add_argument(
         "--replay-select",
@@ -390,7 +484,9 @@ def add_learning_options(parser) -> None:
         help="which parameters a job trains by default: all, layers (not the embeddings nor the output "
         f"projection) or mlp (the layers' MLP matrices alone) (default {LEARNING['train']})",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="default examples per step (default 8)")
+    parser.add_argument(
+        "--batch-size", type=ranged("batch_size", int), default=8, help="default examples per step (default 8)"
+    )
     parser.add_argument(
         "--no-guard",
         action="store_true",
@@ -417,6 +513,7 @@ def add_learning_options(parser) -> None:
     )
     parser.add_argument(
         "--retention",
+        type=retention,
         default=None,
         metavar="FILE",
         help="the user's own retention prompts, added to the built-in ones: JSON lines, each a string "
@@ -425,21 +522,10 @@ def add_learning_options(parser) -> None:
 
 
 def check(ns: argparse.Namespace) -> str | None:
-    """What is wrong with a combination of the options (None: nothing)."""
-    if ns.checkpoint_every < 0:
-        return "--checkpoint-every must be >= 0"
-    if not 0 < ns.lr < 1:
-        return "--lr must be in (0, 1)"
-    if ns.warmup < 0 or ns.batch_size < 1 or ns.max_steps < 1 or ns.replay < 0:
-        return "--warmup and --replay must be >= 0, --batch-size and --max-steps >= 1"
-    if not ns.until_loss > 0 or not ns.guard_threshold > 0:
-        return "--until-loss and --guard-threshold must be > 0"
-    if not 0 <= ns.guard_min_kept <= 1 or not 0 <= ns.anchor <= 1000:
-        return "--guard-min-kept must be in [0, 1] and --anchor in [0, 1000]"
+    """What is wrong with a combination of the options (None: nothing); each value alone is checked by its
+    argparse type (``RANGES``)."""
     if ns.no_store and (ns.store or ns.checkpoint_every):
         return "--no-store cannot be combined with --store or --checkpoint-every"
-    if ns.tp_timeout <= 0:
-        return "--tp-timeout must be > 0"
     return None
 
 
@@ -491,8 +577,7 @@ def argv(ns: argparse.Namespace) -> list[str]:
         *(["--retention", ns.retention] if ns.retention else []),
         "--step-batch-mib",
         str(ns.step_batch_mib),
-        "--max-seq-len",
-        str(ns.max_seq_len),
+        *(["--max-seq-len", str(ns.max_seq_len)] if ns.max_seq_len else []),
         "--queue-size",
         str(ns.queue_size),
         "--embeddings",

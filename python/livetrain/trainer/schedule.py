@@ -12,11 +12,9 @@ import collections
 import dataclasses
 import math
 
-from livetrain.trainer.options import REPLAY_SELECT
+from livetrain.trainer.options import MAX_STEPS, REPLAY_SELECT
 from livetrain.trainer.protocol import Invalid
 
-# The most steps a job may take, whether given as steps or max_steps (trainer.examples) or as epochs (plan).
-MAX_STEPS = 100_000
 # A job's states; the last four are final.
 STATES = ("queued", "running", "done", "failed", "cancelled", "rolled_back")
 FINAL = ("done", "failed", "cancelled", "rolled_back")
