@@ -118,6 +118,12 @@ def test_template_variables_render_training_and_serving_alike(model_dir):
         with pytest.raises(Invalid) as e:
             reference.parse_chat_template_kwargs(body)
         assert e.value.param == field, e.value
+    # A string was read as JSON, as the flag's value is ("'x' is not JSON"; '{"brief": false}' was taken): a
+    # request's must be an object.
+    for value in ("x", '{"brief": false}'):
+        with pytest.raises(Invalid) as e:
+            reference.parse_chat_template_kwargs({"chat_template_kwargs": value})
+        assert e.value.param == "chat_template_kwargs" and "must be an object" in str(e.value), e.value
 
 
 def test_the_openai_content_format_renders_content_parts(model_dir):

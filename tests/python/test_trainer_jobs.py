@@ -22,7 +22,7 @@ from livetrain.loss import OutputGradient
 from livetrain.trainer import admission, augment, examples, guard, options, schedule
 from livetrain.trainer.examples import parse_job
 from livetrain.trainer.protocol import Invalid
-from livetrain.trainer.service import Trainer
+from livetrain.trainer.service import NonFinite, Trainer
 
 import tiny_model
 from weights import same_bits, snapshot
@@ -713,6 +713,24 @@ def test_cancel_a_queued_and_a_running_job(run):
         runner.join(60)
 
 
+def test_a_cancelled_queued_job_frees_its_slot_at_once(run):
+    # A cancelled queued job kept its queue slot until the training thread reached it (behind a long job:
+    # /train/status showed queue [] while /train answered 429 "the training queue is full"), and each 202's
+    # "queued" counted it.
+    _, trainer = run("--no-guard", "--queue-size", "2")
+
+    def submit():
+        return trainer.handle("submit", json.dumps({"examples": FACTS, "steps": 1}).encode())
+
+    for _ in range(3):
+        r = submit()
+        assert r.code == 202 and r.body["queued"] == 1, r.body
+        assert trainer.handle("cancel", json.dumps({"job_id": r.body["job_id"]}).encode()).code == 200
+    assert trainer.status()["queue"] == [] and trainer.queue.empty()
+    assert [submit().body["queued"] for _ in range(2)] == [1, 2]
+    assert submit().code == 429  # the two live ones fill it
+
+
 def test_a_save_that_fails_after_a_job_is_reported_not_raised(run):
     """The optimizer state every job saves at its end cannot be written (a full disk; here a directory in
     its place): the job stays done, /train/status says why, the next job trains and saves (the error went
@@ -746,6 +764,43 @@ def test_a_rollback_whose_optimizer_state_cannot_be_read_changes_nothing(run):
     assert same_bits(weights(engine), before) and trainer._optimizer_steps() == steps
     assert trainer.weight_version == version  # nothing changed: not even the version (docs/serve.md)
     assert job(trainer, {"examples": FACTS, "steps": 1})["state"] == "done"
+
+
+def test_a_rollback_to_the_generation_the_weights_already_are_hands_out_no_version(run, monkeypatch):
+    # POST /rollback {"generation": G} twice in a row: the second wrote nothing (written: false) but raised
+    # weight_version by one, which /metrics then counted not yet durable though the weights were the head's.
+    engine, trainer = run("--no-guard")
+    job(trainer, {"examples": FACTS, "steps": 2})
+    assert trainer.checkpoint().code == 200
+    g = trainer.generations[-1]["generation"]
+    job(trainer, {"examples": FACTS, "steps": 2})
+    first = trainer.rollback(g).body
+    assert first["rolled_back_to"] == g and first["weight_version"] == trainer.weight_version
+    before, steps, version, gens = (
+        weights(engine),
+        trainer._optimizer_steps(),
+        trainer.weight_version,
+        trainer.generations,
+    )
+    again = trainer.rollback(g).body
+    assert again["weight_version"] == version == trainer.weight_version and not again["written"], again
+    assert again["rolled_back_to"] == g and again["generation"] == gens[-1]["generation"]
+    assert trainer.generations == gens and same_bits(weights(engine), before) and trainer._optimizer_steps() == steps
+    # A step since, even one that failed (it may have been half applied): the rollback writes again, a new version.
+    job(trainer, {"examples": FACTS, "steps": 1})
+    assert trainer.rollback(g).body["weight_version"] == trainer.weight_version == version + 2
+    assert same_bits(weights(engine), before)
+
+    def half_applied(*args, **kwargs):  # a step that changed a weight, then met a non-finite gradient
+        with torch.no_grad():
+            next(trainer.model.parameters()).add_(1)
+        raise NonFinite("a non-finite gradient", applied=True, parameters=[])
+
+    monkeypatch.setattr(trainer, "step", half_applied)
+    with pytest.raises(NonFinite):
+        trainer.train_step([], 0.0)
+    trainer.rollback(g)
+    assert same_bits(weights(engine), before)
 
 
 def test_a_failed_job_says_why_in_the_log(run, monkeypatch, capfd):
@@ -912,6 +967,13 @@ def test_a_generations_json_that_cannot_be_written_fails_neither_a_checkpoint_no
         ({"examples": FACTS, "max_steps": 0}, "max_steps"),
         ({"examples": FACTS, "max_steps": 2.5}, "max_steps"),
         ({"examples": FACTS, "steps": 3, "max_steps": 5}, "max_steps"),
+        ({"examples": FACTS, "steps": 2, "epochs": 3}, "epochs"),  # was taken as 2 steps, the conflict unsaid
+        # ids that name another route under /train/ (GET /train/status answered the server's status)
+        ({"examples": FACTS, "id": "status"}, "id"),
+        ({"examples": FACTS, "id": "retention"}, "id"),
+        ({"examples": FACTS, "id": ".."}, "id"),
+        # a message that is not an object was "messages[0].role must be one of ..."
+        ({"examples": [{"messages": ["hello", {"role": "assistant", "content": "a"}]}]}, "examples[0].messages[0]"),
         ({"examples": FACTS * 51, "epochs": 1000, "batch_size": 1}, "epochs"),  # 102,000 steps: over steps' bound
         ({"examples": FACTS, "guard": "yes"}, "guard"),
         ({"examples": FACTS, "guard": 1}, "guard"),
@@ -1232,6 +1294,30 @@ def test_retention_prompts_refuse_null_content_and_an_empty_question_as_examples
     assert examples.check_messages([{"role": "user", "content": None}]) == [{"role": "user", "content": []}]
     kept = [{"role": "user", "content": ""}, {"role": "assistant", "content": None}, user]
     assert guard.check_prompts([{"messages": kept}]) == [examples.check_messages(kept)]
+
+
+def test_a_retention_prompt_that_leaves_no_room_for_an_answer_is_refused(run, tmp_path):
+    # PUT /train/retention took a prompt over the trainer's sequence limit (200,000 tokens: every guarded job
+    # then failed making its answer, a 40 GB allocation; a 100-token one over a 64-token context left the set
+    # silently): a 400 naming prompts[i] and the limit, /train's for its examples, as --retention FILE at start.
+    from livetrain import _core
+
+    _, trainer = run()
+    assert trainer.max_len == 64  # the tiny model's context
+    before = list(trainer.retention.prompts)
+    fits = "one two " * 10
+    for prompt in ("zorbia " * 100, {"messages": [{"role": "user", "content": "one " * 64}]}):
+        with pytest.raises(Invalid) as e:
+            trainer.handle("set_retention", json.dumps({"prompts": [fits, prompt], "builtin": False}).encode())
+        assert (
+            e.value.param == "prompts[1]" and "prompts[1] is " in str(e.value) and "limit of 64 tokens" in str(e.value)
+        )
+        assert trainer.retention.prompts == before
+    assert guard.check_prompts([fits], tokenizer=trainer.tokenizer, max_len=64)  # within it: taken
+    path = tmp_path / "retention.jsonl"
+    path.write_text(json.dumps(fits) + "\n" + json.dumps("zorbia " * 100) + "\n")
+    with pytest.raises(_core.InvalidArgumentError, match=rf"^--retention: {path}:2 is \d+ tokens .* limit of 64"):
+        run("--retention", str(path), store=False)
 
 
 def test_at_most_max_prompts_of_the_users_retention_prompts_the_builtin_ones_not_counted(tmp_path):

@@ -340,6 +340,11 @@ def parse_chat_template_kwargs(body: dict) -> dict:
     value = body.get("chat_template_kwargs")
     if value is None:
         return {}
+    if not isinstance(value, dict):  # options.chat_template_kwargs reads a string as JSON: a flag's, not a body's
+        raise Invalid(
+            "chat_template_kwargs",
+            f"chat_template_kwargs must be an object of template variables, got {json.dumps(value)[:40]}",
+        )
     try:
         return options.chat_template_kwargs(value)
     except argparse.ArgumentTypeError as e:

@@ -20,6 +20,7 @@ import jinja2
 
 from livetrain.trainer.options import MAX_STEPS, RANGES, REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
+from livetrain.trainer.routes import JOB_IDS_TAKEN
 
 ROLES = ("system", "user", "assistant")
 # The fields of one example: chat ``messages``, or ``prompt`` and ``completion``; ``weight`` with either.
@@ -54,6 +55,9 @@ def job_id(job: dict) -> str | None:
         return None
     if not isinstance(v, str) or not JOB_ID.fullmatch(v):
         raise Invalid("id", "id must be 1 to 64 characters of A-Z a-z 0-9 . _ : -")
+    if v in JOB_IDS_TAKEN:
+        taken = ", ".join(repr(x) for x in sorted(JOB_IDS_TAKEN))
+        raise Invalid("id", f"id {v!r} cannot be a job's: /train/{v} does not reach a job (taken: {taken})")
     return v
 
 
@@ -130,7 +134,9 @@ def check_messages(messages, where: str = "", null_content: bool = True) -> list
         raise Invalid(field, f"{field} must be a non-empty list of {{role, content}}")
     out = []
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict):
+            raise Invalid(f"{field}[{j}]", f"{field}[{j}] must be an object {{role, content}}")
+        if m.get("role") not in ROLES:
             raise Invalid(f"{field}[{j}].role", f"{field}[{j}].role must be one of {', '.join(ROLES)}")
         if not null_content and m["role"] != "assistant" and m.get("content") is None:
             raise Invalid(

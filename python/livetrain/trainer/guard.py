@@ -69,33 +69,51 @@ def _check(interrupt) -> None:
         raise Interrupted()
 
 
-def check_prompt(item, where: str) -> list[dict]:
+def check_prompt(item, where: str, tokenizer=None, max_len: int | None = None) -> list[dict]:
     """One retention prompt, a string (one user message) or ``{"messages": [...]}`` ending with a user
     message (checked as an example's: no null content), as a message list; ``Invalid`` naming ``where``
-    (``prompts[2].messages``). Its question, the last message, has text, in either form."""
+    (``prompts[2].messages``). Its question, the last message, has text, in either form. With ``tokenizer``,
+    it leaves room for an answer within ``max_len`` tokens (``check_room``)."""
     if isinstance(item, str):
         if not item.strip():
             raise Invalid(where, f"{where} is an empty prompt")
-        return [{"role": "user", "content": item}]
-    if not isinstance(item, dict) or set(item) != {"messages"}:
-        raise Invalid(where, f"{where} must be a string or an object with messages (and nothing else)")
-    messages = check_messages(item["messages"], where, null_content=False)
-    last = len(messages) - 1
-    if messages[last]["role"] != "user":
-        raise Invalid(f"{where}.messages", f"{where}.messages must end with a user message")
-    if not text_of(messages[last]["content"]).strip():
-        field = f"{where}.messages[{last}].content"
-        raise Invalid(field, f"{field} is empty: a retention prompt ends with a question")
+        messages = [{"role": "user", "content": item}]
+    else:
+        if not isinstance(item, dict) or set(item) != {"messages"}:
+            raise Invalid(where, f"{where} must be a string or an object with messages (and nothing else)")
+        messages = check_messages(item["messages"], where, null_content=False)
+        last = len(messages) - 1
+        if messages[last]["role"] != "user":
+            raise Invalid(f"{where}.messages", f"{where}.messages must end with a user message")
+        if not text_of(messages[last]["content"]).strip():
+            field = f"{where}.messages[{last}].content"
+            raise Invalid(field, f"{field} is empty: a retention prompt ends with a question")
+    if tokenizer is not None:
+        check_room(tokenizer, messages, max_len, where)
     return messages
 
 
-def check_prompts(items, field: str = "prompts") -> list[list[dict]]:
+def check_room(tokenizer, messages: list[dict], max_len: int, where: str) -> None:
+    """``Invalid`` naming ``where`` when the prompt, rendered as its answers are made (``prompt_ids``), leaves
+    no room for an answer within ``max_len`` tokens: the trainer's limit of a sequence, /train's for its
+    examples. Such a prompt was taken, and every guarded job then failed generating its answer (a prompt of
+    200,000 tokens: its attention's memory grows with the square of its length), or it left the set silently."""
+    n = len(prompt_ids(tokenizer, messages))
+    if n >= max_len:
+        raise Invalid(
+            where,
+            f"{where} is {n} tokens as the trainer renders it: no room for an answer within the trainer's limit "
+            f"of {max_len} tokens a sequence (--max-seq-len, else the model's context), as for /train's examples",
+        )
+
+
+def check_prompts(items, field: str = "prompts", tokenizer=None, max_len: int | None = None) -> list[list[dict]]:
     """A list of retention prompts (``check_prompt``)."""
     if not isinstance(items, list):
         raise Invalid(field, f"{field} must be a list of strings or {{messages}} objects")
     if len(items) > MAX_PROMPTS:
         raise Invalid(field, f"{field} has {len(items)} prompts; {TOO_MANY}")
-    return [check_prompt(item, f"{field}[{i}]") for i, item in enumerate(items)]
+    return [check_prompt(item, f"{field}[{i}]", tokenizer, max_len) for i, item in enumerate(items)]
 
 
 @functools.cache
@@ -117,16 +135,16 @@ def builtin_replay() -> list[list[dict]]:
     return list(_builtin()["replay"])
 
 
-def read_prompts(path: str) -> list[list[dict]]:
-    """``--retention FILE``: JSON lines, each a prompt as ``check_prompt`` takes it. ValueError naming the
-    file and line."""
+def read_prompts(path: str, tokenizer=None, max_len: int | None = None) -> list[list[dict]]:
+    """``--retention FILE``: JSON lines, each a prompt as ``check_prompt`` takes it (``tokenizer``,
+    ``max_len``: as it takes them). ValueError naming the file and line."""
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(check_prompt(json.loads(line), f"{path}:{n}"))
+                out.append(check_prompt(json.loads(line), f"{path}:{n}", tokenizer, max_len))
             except ValueError as e:  # not JSON, or Invalid (a ValueError) naming the line
                 raise ValueError(str(e) if isinstance(e, Invalid) else f"{path}:{n}: not JSON: {e}") from None
     if len(out) > MAX_PROMPTS:

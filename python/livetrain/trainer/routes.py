@@ -37,6 +37,12 @@ ROUTES = [
     Route("/checkpoints", "GET", "checkpoints", False),
     Route("/rollback", "POST", "rollback", True),
 ]
+# The fixed paths under /train/ (GET /train/status, ...), and the dot segments a client's URL resolution removes:
+# a job of such an id could not be read or cancelled at /train/{job_id} (GET /train/status answered the
+# server's status, DELETE /train/status cancelled the job), so no job may take one (trainer.examples.job_id).
+JOB_IDS_TAKEN = frozenset(
+    {r.path.split("/")[2] for r in ROUTES if r.path.count("/") == 2 and r.path.startswith("/train/")} - {"{job_id}"}
+) | {".", ".."}
 # Where the reference engine serves the trainer's Prometheus metrics; the vLLM plugin, whose server has a
 # /metrics of its own, serves them at VLLM_METRICS_PATH.
 METRICS_PATH = "/metrics"

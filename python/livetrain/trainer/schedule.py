@@ -79,6 +79,8 @@ class Plan:
 def plan(options: dict, defaults, examples: int) -> Plan:
     """The plan of a job whose checked options (``examples.parse_job``) are ``options``, on a trainer whose
     parsed settings (``trainer.options``) are ``defaults``. ``Invalid`` for combinations that contradict."""
+    if "steps" in options and "epochs" in options:
+        raise Invalid("epochs", "steps and epochs both fix the number of steps a job takes: send one of them")
     bs = options.get("batch_size", defaults.batch_size)
     fixed = None
     if "steps" in options:

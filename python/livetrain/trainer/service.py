@@ -45,6 +45,22 @@ def parse_job_id(args: dict) -> str:
     return jid
 
 
+class JobQueue(queue.Queue):
+    """The training queue of (job id, job) items, from which a cancel takes a queued job out at once: its slot
+    is free for the next submission and it is not counted among the jobs queued (it stayed until the
+    training thread reached it: eight cancelled jobs behind a long one filled the queue)."""
+
+    def remove(self, jid: str) -> bool:
+        """Takes job ``jid`` out of the queue; False when it is not there (the training thread took it)."""
+        with self.mutex:  # queue.Queue's own lock, over its deque ``queue``
+            for item in self.queue:
+                if item[0] == jid:
+                    self.queue.remove(item)
+                    self.not_full.notify()
+                    return True
+        return False
+
+
 class RollbackRefused(RuntimeError):
     """A rollback that a rank's check refused (``Trainer.rollback_rank``): nothing was written on any rank."""
 
@@ -277,7 +293,7 @@ class Trainer:
         self.max_examples = max_examples
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         try:
-            user = guard.read_prompts(s.retention) if s.retention else None
+            user = guard.read_prompts(s.retention, self.tokenizer, self.max_len) if s.retention else None
         except (OSError, ValueError) as e:
             raise _core.InvalidArgumentError(f"--retention: {e}") from None
         every = {"all": True, "core": False}.get(s.builtin_retention, self.device.type != "cpu")
@@ -365,6 +381,9 @@ class Trainer:
         self.reserved = self.weight_version
         self.state_version = saved_version or 0  # the version of the optimizer state in --state-dir
         self.saved_version = self.weight_version  # the version the store's head holds (see checkpoint_due)
+        # The generation the live weights and optimizer state are, bit for bit, since a rollback to it with
+        # no new version since (None: not known): a rollback to it again changes nothing (``rollback``).
+        self.live_generation: int | None = None
         self.checkpoint_every = s.checkpoint_every
         self.last_checkpoint = time.monotonic()
         self.generations = self.store.list() if self.store else []
@@ -381,7 +400,7 @@ class Trainer:
         self.opt_steps = self._optimizer_steps()
         self.opt_bytes = self.opt.state_bytes()["total"]
 
-        self.queue: queue.Queue = queue.Queue(maxsize=s.queue_size)
+        self.queue = JobQueue(maxsize=s.queue_size)
         self.lock = threading.Lock()  # guards what status() reads
         # Notified on every new weight version: what a waiting ``version`` request (the plugin) waits on.
         self.version_changed = threading.Condition(self.lock)
@@ -639,7 +658,8 @@ class Trainer:
             if info["state"] in schedule.FINAL:
                 return error(409, f"job {jid} has already ended ({info['state']})", "job_id")
             info["cancel"] = True
-            if info["state"] == "queued":  # the training thread skips it when it reaches it in the queue
+            if info["state"] == "queued":  # out of the queue, or skipped by the training thread that just took it
+                self.queue.remove(jid)
                 info.update(state="cancelled", stop_reason="cancelled", finished=time.time())
                 return Reply(200, dict(info))
             return Reply(202, dict(info))
@@ -655,7 +675,7 @@ class Trainer:
         builtin = args.get("builtin", True)
         if not isinstance(builtin, bool):
             raise Invalid("builtin", "builtin must be true or false")
-        prompts = guard.check_prompts(args["prompts"])
+        prompts = guard.check_prompts(args["prompts"], tokenizer=self.tokenizer, max_len=self.max_len)
         if not builtin and len(prompts) < 2:
             raise Invalid("prompts", "without the built-in prompts, give at least two (one replayed, one held out)")
         return prompts, builtin
@@ -829,6 +849,26 @@ class Trainer:
         that a restart serves the rolled-back weights too."""
         t0 = time.perf_counter()
         gen = next(g for g in self.generations if g["generation"] == generation)
+
+        def reply(head: int, written: bool) -> Reply:
+            return Reply(
+                200,
+                {
+                    "rolled_back_to": generation,
+                    "restored_weight_version": gen["weight_version"],
+                    "optimizer": "restored" if self._generation_state(gen) else "reset",
+                    "generation": head,
+                    "written": written,
+                    "weight_version": self.weight_version,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                },
+            )
+
+        if generation == self.live_generation:
+            # The live weights and optimizer state are the generation's already (rolled back to it, no step
+            # since): nothing to write, and no new version, which would name the same weights twice (/metrics
+            # counted it not yet durable).
+            return reply(self.generations[-1]["generation"], False)
         files = self._generation_state(gen)
         if files:  # checked before anything changes: a state that cannot load fails the rollback with nothing
             # changed, not even a version reserved (rank 0's part; each rank checks its own in rollback_rank)
@@ -852,19 +892,9 @@ class Trainer:
         with self.lock:
             self._new_version()
             self.opt_steps = steps
+            self.live_generation = generation
         r = self._commit()
-        return Reply(
-            200,
-            {
-                "rolled_back_to": generation,
-                "restored_weight_version": gen["weight_version"],
-                "optimizer": "restored" if self._generation_state(gen) else "reset",
-                "generation": r["generation"],
-                "written": r["written"],
-                "weight_version": self.weight_version,
-                "seconds": round(time.perf_counter() - t0, 3),
-            },
-        )
+        return reply(r["generation"], r["written"])
 
     def rollback_rank(self, generation: int, reserve=None) -> None:
         """This rank's part of ``rollback``: its weights (or regions) and optimizer state of ``generation``.
@@ -1023,6 +1053,7 @@ class Trainer:
         """The weights changed (the caller holds ``lock``): a new version, its time, and the waiting
         ``version`` requests woken."""
         self.weight_version += 1
+        self.live_generation = None
         self.made_at[self.weight_version] = time.monotonic()
         while len(self.made_at) > 64:
             self.made_at.popitem(last=False)
@@ -1158,6 +1189,7 @@ class Trainer:
 
     def train_step(self, examples, lr: float, anchor=None) -> tuple[float, int, list[float]]:
         """A training step at ``lr`` (every rank, at once, under tensor parallelism); ``anchor``: see step."""
+        self.live_generation = None  # a step that fails may have changed weights (half applied) with no new version
         for group in self.opt.param_groups:
             group["lr"] = lr
         return self.step(examples, anchor) if anchor is not None else self.step(examples)
