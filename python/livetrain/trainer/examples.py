@@ -18,7 +18,7 @@ import re
 
 import jinja2
 
-from livetrain.trainer.options import MAX_STEPS, RANGES, REPLAY_SELECT, TRAIN, Chat
+from livetrain.trainer.options import RANGES, REPLAY_SELECT, TRAIN, Chat
 from livetrain.trainer.protocol import Invalid
 from livetrain.trainer.routes import JOB_IDS_TAKEN
 
@@ -30,7 +30,7 @@ PLAIN_EXAMPLES = 'send prompt/completion examples (an empty "prompt" trains plai
 # A job's options: name → (JSON types, check, what a valid value is). docs/serve.md and docs/learning.md.
 JOB_OPTIONS = {
     "lr": ((int, float), *RANGES["lr"]),
-    "steps": (int, lambda v: 1 <= v <= MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"),
+    "steps": (int, *RANGES["max_steps"]),  # the same bound as max_steps
     "epochs": (int, lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "batch_size": (int, *RANGES["batch_size"]),
     "until_loss": ((int, float), *RANGES["until_loss"]),
